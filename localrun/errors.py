@@ -1,0 +1,13 @@
+"""User-facing errors: the CLI prints their message as one line and exits non-zero."""
+
+
+class LocalrunError(Exception):
+    """A problem the user can fix (bad path, bad option, unsupported model). Exit code 1."""
+
+    exit_code = 1
+
+
+class UsageError(LocalrunError):
+    """An invalid option value or combination. Exit code 2."""
+
+    exit_code = 2
