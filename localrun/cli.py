@@ -1,0 +1,72 @@
+"""The `localrun` command line: parse, call the library, print. Commands live in localrun/commands/."""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+import typer
+
+from .errors import LocalrunError
+
+app = typer.Typer(
+    name="localrun",
+    help="Run big Mixture-of-Experts language models on one consumer GPU.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+_VERBOSE_FLAGS = ("--verbose", "-v")
+
+
+def _register() -> None:
+    from .commands import registry
+
+    for fn in registry.COMMANDS:
+        app.command(**getattr(fn, "_command_kwargs", {}))(fn)
+
+
+def _quiet_third_party() -> None:
+    # bitsandbytes warns about an optional `kernels` package on CPU; harmless for us.
+    warnings.filterwarnings("ignore", message=".*kernels.*")
+    warnings.filterwarnings("ignore", category=UserWarning, module="bitsandbytes")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = any(a in _VERBOSE_FLAGS for a in argv)
+    argv = [a for a in argv if a not in _VERBOSE_FLAGS]
+    _quiet_third_party()
+    _register()
+    try:
+        app(args=argv, prog_name="localrun", standalone_mode=False)
+    except LocalrunError as e:
+        if verbose:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:  # click usage errors and anything unexpected
+        import click
+
+        if isinstance(e, click.exceptions.Exit):
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            print("interrupted", file=sys.stderr)
+            sys.exit(130)
+        if isinstance(e, click.ClickException):
+            print(f"error: {e.format_message()}", file=sys.stderr)
+            sys.exit(e.exit_code)
+        if verbose:
+            raise
+        print(f"error: {type(e).__name__}: {e} (run with --verbose for the traceback)", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""CLI commands, one module each; `registry.COMMANDS` lists what `localrun` exposes."""

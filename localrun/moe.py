@@ -1,0 +1,73 @@
+"""Routed-expert dispatch shared by every expert backend.
+
+Shape letters: T tokens, K top-k, E experts, H hidden, I expert intermediate.
+An expert backend is any callable `experts(x_TH, ids_TK, w_TK) -> y_TH`; the decoder
+never knows where expert weights live or in which precision.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+    "silu": F.silu,
+}
+
+
+def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    return ACTIVATIONS[name]
+
+
+def group_by_expert(ids_TK: torch.Tensor) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+    """[(expert, token_idx, k_idx)] for every expert hit, tokens sorted by expert (one host sync)."""
+    flat = ids_TK.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    experts, counts = torch.unique_consecutive(flat[order], return_counts=True)
+    k = ids_TK.shape[1]
+    groups, start = [], 0
+    for e, n in zip(experts.tolist(), counts.tolist()):
+        sel = order[start : start + n]
+        groups.append((e, sel // k, sel % k))
+        start += n
+    return groups
+
+
+def dispatch(
+    x_TH: torch.Tensor,
+    ids_TK: torch.Tensor,
+    w_TK: torch.Tensor,
+    expert_fn: Callable[[int, torch.Tensor], torch.Tensor],
+    groups: list[tuple[int, torch.Tensor, torch.Tensor]] | None = None,
+) -> torch.Tensor:
+    """sum_k w[t,k] * expert_{ids[t,k]}(x[t]), calling `expert_fn(e, x_tokens)` once per hit expert."""
+    out = torch.zeros_like(x_TH)
+    for e, tok, k in groups if groups is not None else group_by_expert(ids_TK):
+        y = expert_fn(e, x_TH[tok])
+        out.index_add_(0, tok, (y * w_TK[tok, k, None]).to(out.dtype))
+    return out
+
+
+def expert_ffn(x_TH: torch.Tensor, gate_up_2IH: torch.Tensor, down_HI: torch.Tensor, act) -> torch.Tensor:
+    """One expert on plain weights, laid out as the checkpoint stores them."""
+    gate, up = F.linear(x_TH, gate_up_2IH).chunk(2, dim=-1)
+    return F.linear(act(gate) * up, down_HI)
+
+
+class DenseExperts(torch.nn.Module):
+    """Experts held as the checkpoint's fused 3-D tensors in the compute dtype (`--experts bf16`)."""
+
+    def __init__(self, gate_up_E2IH: torch.Tensor, down_EHI: torch.Tensor, act: str):
+        super().__init__()
+        self.gate_up_proj = torch.nn.Parameter(gate_up_E2IH, requires_grad=gate_up_E2IH.requires_grad)
+        self.down_proj = torch.nn.Parameter(down_EHI, requires_grad=down_EHI.requires_grad)
+        self.act = activation(act)
+
+    def forward(self, x_TH, ids_TK, w_TK):
+        return dispatch(
+            x_TH, ids_TK, w_TK, lambda e, x: expert_ffn(x, self.gate_up_proj[e], self.down_proj[e], self.act)
+        )
