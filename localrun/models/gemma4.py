@@ -6,7 +6,14 @@ K top-k, E experts, I intermediate, L layers, P per-layer-input dim, V vocab.
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
+from torch import nn
+
 from ..config import ModelArgs
+from ..errors import LocalrunError
+from ..kvcache import attention_mask
+from ..moe import DenseExperts, activation
 
 
 def checkpoint_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
@@ -75,3 +82,262 @@ def tensor_group(name: str) -> str:
     if name.startswith(("embed_tokens.", "lm_head.")):
         return "embed"
     return "norms"
+
+
+# The decoder ---------------------------------------------------------------------------------
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """RMSNorm computed in fp32 (Gemma multiplies by the weight itself, not 1 + weight)."""
+    xf = x.float()
+    out = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + eps, -0.5)
+    if weight is not None:
+        out = out * weight.float()
+    return out.type_as(x)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, with_scale: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if with_scale else None
+
+    def forward(self, x):
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rope_inv_freq(params: dict, head_dim: int) -> torch.Tensor:
+    """Inverse frequencies [D/2] for "default" and "proportional" RoPE.
+
+    Proportional (Gemma 4 full layers): only the first int(factor * D / 2) pairs rotate, at
+    frequencies theta^(-2k/D) of the *whole* head dim; the remaining pairs get frequency 0.
+    """
+    theta, kind = params["rope_theta"], params.get("rope_type", "default")
+    if kind == "default":
+        return 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim)
+    if kind == "proportional":
+        angles = int(params.get("partial_rotary_factor", 1.0) * head_dim // 2)
+        rotated = 1.0 / theta ** (torch.arange(0, 2 * angles, 2, dtype=torch.float) / head_dim)
+        inv = torch.cat([rotated, torch.zeros(head_dim // 2 - angles)])
+        return inv / params.get("factor", 1.0)
+    raise LocalrunError(f"unsupported rope_type {kind!r} (supported: default, proportional)")
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x_BTND, cos_TD, sin_TD):
+    cos, sin = cos_TD[:, None, :].to(x_BTND.dtype), sin_TD[:, None, :].to(x_BTND.dtype)
+    return x_BTND * cos + rotate_half(x_BTND) * sin
+
+
+class Attention(nn.Module):
+    """Gemma 4 attention: q/k RMSNorm, weightless v norm, scaling 1.0, GQA, optional K=V.
+
+    With attention_k_eq_v (full layers) there is no v_proj: k_proj's output is both the
+    values (v-normed, no RoPE) and the keys (k-normed, RoPE'd). A KV-shared layer has
+    neither k_proj nor its own cache: it attends over its source layer's keys and values.
+    """
+
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        H, N = args.hidden_size, args.num_attention_heads
+        self.layer = layer
+        self.head_dim = D = args.layer_head_dim(layer)
+        self.kv_heads = KV = args.layer_kv_heads(layer)
+        self.window = args.sliding_window if args.is_sliding(layer) else None
+        self.shares_kv = args.kv_source_layer(layer) != layer
+        self.eps = args.rms_norm_eps
+        bias = args.attention_bias
+        self.q_proj = nn.Linear(H, N * D, bias=bias)
+        self.q_norm = RMSNorm(D, self.eps)
+        self.o_proj = nn.Linear(N * D, H, bias=bias)
+        if not self.shares_kv:
+            self.k_proj = nn.Linear(H, KV * D, bias=bias)
+            self.k_norm = RMSNorm(D, self.eps)
+            self.v_proj = nn.Linear(H, KV * D, bias=bias) if args.has_v_proj(layer) else None
+
+    def forward(self, x_BTH, cos_TD, sin_TD, pos_T, cache, shared: dict):
+        B, T, _ = x_BTH.shape
+        q = apply_rope(self.q_norm(self.q_proj(x_BTH).view(B, T, -1, self.head_dim)), cos_TD, sin_TD)
+        if self.shares_kv:
+            k, v, pos_S = shared[self.window is not None]
+        else:
+            raw = self.k_proj(x_BTH).view(B, T, self.kv_heads, self.head_dim)
+            v = raw if self.v_proj is None else self.v_proj(x_BTH).view(B, T, self.kv_heads, self.head_dim)
+            k = apply_rope(self.k_norm(raw), cos_TD, sin_TD).transpose(1, 2)
+            v = rms_norm(v, None, self.eps).transpose(1, 2)
+            if cache is not None:
+                k, v, pos_S = cache.update(k, v, pos_T)
+            else:
+                pos_S = pos_T
+            shared[self.window is not None] = (k, v, pos_S)  # the last layer of each kind wins
+        mask = attention_mask(pos_T, pos_S, self.window)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k, v, attn_mask=mask, scale=1.0, enable_gqa=k.shape[1] != q.shape[2]
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, intermediate: int, act: str):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.act = activation(act)
+
+    def forward(self, x):
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    """h -> (ids_TK, w_TK): softmax over experts in fp32, top-k renormalized, then per-expert scale."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        H, E = args.hidden_size, args.num_experts
+        self.top_k, self.eps = args.top_k_experts, args.rms_norm_eps
+        self.proj = nn.Linear(H, E, bias=False)
+        self.scale = nn.Parameter(torch.ones(H))
+        self.per_expert_scale = nn.Parameter(torch.ones(E))
+        self.root_size = H**-0.5
+
+    def forward(self, r_TH):
+        h = rms_norm(r_TH, None, self.eps) * self.scale * self.root_size
+        p_TE = torch.softmax(self.proj(h), dim=-1, dtype=torch.float32)
+        w_TK, ids_TK = torch.topk(p_TE, self.top_k, dim=-1)
+        w_TK = w_TK / w_TK.sum(dim=-1, keepdim=True)
+        return ids_TK, w_TK * self.per_expert_scale[ids_TK]
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        H, eps = args.hidden_size, args.rms_norm_eps
+        self.self_attn = Attention(args, layer)
+        self.mlp = MLP(H, args.mlp_intermediate(layer), args.hidden_activation)
+        for name in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                     "post_feedforward_layernorm"):
+            setattr(self, name, RMSNorm(H, eps))
+        self.register_buffer("layer_scalar", torch.ones(1))
+        self.moe = args.enable_moe_block
+        if self.moe:
+            self.router = Router(args)
+            # Any callable (x_TH, ids_TK, w_TK) -> y_TH: the loader swaps in 4-bit or offloaded experts.
+            self.experts = DenseExperts(
+                torch.empty(args.num_experts, 2 * args.moe_intermediate_size, H),
+                torch.empty(args.num_experts, H, args.moe_intermediate_size),
+                args.hidden_activation,
+            )
+            for name in ("pre_feedforward_layernorm_2", "post_feedforward_layernorm_1", "post_feedforward_layernorm_2"):
+                setattr(self, name, RMSNorm(H, eps))
+        self.per_layer = args.hidden_size_per_layer_input
+        if self.per_layer:
+            self.act = activation(args.hidden_activation)
+            self.per_layer_input_gate = nn.Linear(H, self.per_layer, bias=False)
+            self.per_layer_projection = nn.Linear(self.per_layer, H, bias=False)
+            self.post_per_layer_input_norm = RMSNorm(H, eps)
+
+    def forward(self, x_BTH, cos_TD, sin_TD, pos_T, cache, shared, per_layer_BTP=None):
+        r = x_BTH
+        x = self.post_attention_layernorm(
+            self.self_attn(self.input_layernorm(x_BTH), cos_TD, sin_TD, pos_T, cache, shared)) + r
+        r = x
+        h = self.mlp(self.pre_feedforward_layernorm(x))
+        if self.moe:
+            r_TH = r.reshape(-1, r.shape[-1])
+            ids_TK, w_TK = self.router(r_TH)  # the router reads the un-normed residual
+            moe = self.experts(self.pre_feedforward_layernorm_2(r_TH), ids_TK, w_TK).reshape(r.shape)
+            h = self.post_feedforward_layernorm_1(h) + self.post_feedforward_layernorm_2(moe)
+        x = self.post_feedforward_layernorm(h) + r
+        if self.per_layer:
+            g = self.act(self.per_layer_input_gate(x)) * per_layer_BTP
+            x = x + self.post_per_layer_input_norm(self.per_layer_projection(g))
+        return x * self.layer_scalar
+
+
+class Gemma4Model(nn.Module):
+    """The Gemma 4 text decoder. Attribute names follow the checkpoint's keys after the prefix."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        H, L, P = args.hidden_size, args.num_hidden_layers, args.hidden_size_per_layer_input
+        self.embed_tokens = nn.Embedding(args.vocab_size, H)
+        self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(L))
+        self.norm = RMSNorm(H, args.rms_norm_eps)
+        self.lm_head = None if args.tie_word_embeddings else nn.Linear(H, args.vocab_size, bias=False)
+        if P:
+            self.embed_tokens_per_layer = nn.Embedding(args.vocab_size_per_layer_input, L * P)
+            self.per_layer_model_projection = nn.Linear(H, L * P, bias=False)
+            self.per_layer_projection_norm = RMSNorm(P, args.rms_norm_eps)
+        self.init_rope()
+
+    def init_rope(self, device=None) -> None:
+        """(Re)compute the RoPE frequency buffers; the loader calls it after building on the meta device."""
+        args = self.args
+        for kind in set(args.layer_types):
+            D = args.layer_head_dim(args.layer_types.index(kind))
+            inv = rope_inv_freq(args.rope_parameters[kind], D).to(device)
+            self.register_buffer(f"inv_freq_{kind}", inv, persistent=False)
+
+    def _per_layer_inputs(self, ids_BT, x_BTH):
+        """Per-layer embeddings (E2B/E4B): token identity plus a projection of the input embedding."""
+        args = self.args
+        L, P = args.num_hidden_layers, args.hidden_size_per_layer_input
+        emb = self.embed_tokens_per_layer.weight
+        tok = F.embedding(ids_BT, emb) * torch.tensor(P**0.5, dtype=emb.dtype)
+        proj = self.per_layer_model_projection(x_BTH) * args.hidden_size**-0.5
+        proj = self.per_layer_projection_norm(proj.reshape(*x_BTH.shape[:2], L, P))
+        return (proj + tok.reshape(*ids_BT.shape, L, P)) * 2**-0.5
+
+    def _rope(self, pos_T, dtype):
+        out = {}
+        for kind in set(self.args.layer_types):
+            freqs = pos_T[:, None].float() * getattr(self, f"inv_freq_{kind}")[None, :]
+            emb = torch.cat((freqs, freqs), dim=-1)
+            out[kind] = (emb.cos().to(dtype), emb.sin().to(dtype))
+        return out
+
+    def hidden(self, ids_BT: torch.Tensor, cache=None, pos_T: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-normed hidden states [B, T, H] of `ids_BT`, appended to `cache` (positions follow it)."""
+        T = ids_BT.shape[1]
+        if pos_T is None:
+            start = cache.offset if cache is not None else 0
+            pos_T = torch.arange(start, start + T, device=ids_BT.device)
+        w = self.embed_tokens.weight
+        x = F.embedding(ids_BT, w) * torch.tensor(self.args.hidden_size**0.5, dtype=w.dtype)
+        per_layer = self._per_layer_inputs(ids_BT, x) if self.args.hidden_size_per_layer_input else None
+        rope = self._rope(pos_T, x.dtype)
+        shared: dict = {}
+        for i, layer in enumerate(self.layers):
+            cos, sin = rope[self.args.layer_types[i]]
+            layer_cache = cache.layers[i] if cache is not None else None
+            x = layer(x, cos, sin, pos_T, layer_cache, shared, None if per_layer is None else per_layer[:, :, i])
+        if cache is not None:
+            cache.offset += T
+        return self.norm(x)
+
+    def logits(self, h_BTH: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits of hidden states, soft-capped like Gemma does."""
+        w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        logits = F.linear(h_BTH, w)
+        cap = self.args.final_logit_softcapping
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def forward(self, ids_BT, cache=None, last_only: bool = False):
+        h = self.hidden(ids_BT, cache)
+        return self.logits(h[:, -1:] if last_only else h)
+
+
+def sanitize(args: ModelArgs, name: str) -> str | None:
+    """Checkpoint key -> model key, or None for tensors a text decoder never reads (vision, audio)."""
+    if name == "lm_head.weight":
+        return None if args.tie_word_embeddings else name
+    if not name.startswith(args.weight_prefix):
+        return None
+    return name[len(args.weight_prefix):]
