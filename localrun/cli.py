@@ -21,6 +21,11 @@ app = typer.Typer(
 _VERBOSE_FLAGS = ("--verbose", "-v")
 
 
+@app.callback()
+def _root() -> None:
+    """Run big Mixture-of-Experts language models on one consumer GPU."""
+
+
 def _register() -> None:
     from .commands import registry
 
@@ -51,22 +56,28 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
-    except Exception as e:  # click usage errors and anything unexpected
-        import click
+    except Exception as e:  # typer's (vendored click) usage errors and anything unexpected
+        _exit_for(e, verbose)
 
-        if isinstance(e, click.exceptions.Exit):
-            sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
-            print("interrupted", file=sys.stderr)
-            sys.exit(130)
-        if isinstance(e, click.ClickException):
-            print(f"error: {e.format_message()}", file=sys.stderr)
-            sys.exit(e.exit_code)
-        if verbose:
-            raise
-        print(f"error: {type(e).__name__}: {e} (run with --verbose for the traceback)", file=sys.stderr)
-        sys.exit(1)
 
+def _exit_for(e: Exception, verbose: bool) -> None:
+    from typer import _click, exceptions
+
+    if isinstance(e, exceptions.Exit):
+        sys.exit(e.exit_code)
+    if isinstance(e, exceptions.Abort):
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    if isinstance(e, _click.exceptions.NoArgsIsHelpError):
+        e.show()
+        sys.exit(2)
+    if isinstance(e, _click.exceptions.ClickException):
+        print(f"error: {e.format_message()}", file=sys.stderr)
+        sys.exit(2 if isinstance(e, _click.exceptions.UsageError) else 1)
+    if verbose:
+        raise e
+    print(f"error: {type(e).__name__}: {e} (run with --verbose for the traceback)", file=sys.stderr)
+    sys.exit(1)
 
 if __name__ == "__main__":
     main()

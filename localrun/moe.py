@@ -44,12 +44,15 @@ def dispatch(
     expert_fn: Callable[[int, torch.Tensor], torch.Tensor],
     groups: list[tuple[int, torch.Tensor, torch.Tensor]] | None = None,
 ) -> torch.Tensor:
-    """sum_k w[t,k] * expert_{ids[t,k]}(x[t]), calling `expert_fn(e, x_tokens)` once per hit expert."""
-    out = torch.zeros_like(x_TH)
+    """sum_k w[t,k] * expert_{ids[t,k]}(x[t]), calling `expert_fn(e, x_tokens)` once per hit expert.
+
+    The weighted sum over the K experts accumulates in fp32 and rounds once, as transformers does.
+    """
+    out = torch.zeros(x_TH.shape, dtype=torch.float32, device=x_TH.device)
     for e, tok, k in groups if groups is not None else group_by_expert(ids_TK):
         y = expert_fn(e, x_TH[tok])
-        out.index_add_(0, tok, (y * w_TK[tok, k, None]).to(out.dtype))
-    return out
+        out.index_add_(0, tok, y.float() * w_TK[tok, k, None].float())
+    return out.to(x_TH.dtype)
 
 
 def expert_ffn(x_TH: torch.Tensor, gate_up_2IH: torch.Tensor, down_HI: torch.Tensor, act) -> torch.Tensor:

@@ -1,0 +1,83 @@
+"""A loaded model ready to talk: weights, tokenizer, chat template and stop ids in one place.
+
+`run`, `chat` and `bench` all go through an Engine; it returns token streams and text, and
+never prints.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .generate import Step, generate
+from .loader import LoadedModel, load_model
+from .sampling import SamplingParams, make_sampler
+from .text import StreamDecoder, Tokenizer, encode_chat, load_chat_template
+
+DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
+
+
+def generation_eos_ids(model_dir: Path, config_eos: list[int]) -> list[int]:
+    """Stop ids: config.json's eos ids plus generation_config.json's (Gemma 4: 1 and 106)."""
+    ids = list(config_eos)
+    path = model_dir / "generation_config.json"
+    if path.is_file():
+        try:
+            eos = json.loads(path.read_text()).get("eos_token_id")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            eos = None
+        for i in eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else []:
+            if i not in ids:
+                ids.append(i)
+    return ids
+
+
+@dataclass
+class Engine:
+    loaded: LoadedModel
+    tokenizer: Tokenizer
+    template: str
+    eos_ids: list[int]
+
+    @classmethod
+    def load(cls, model_dir: str | Path, **load_kwargs) -> "Engine":
+        """Load weights (see `load_model` for the options), tokenizer and chat template of a model directory."""
+        loaded = load_model(model_dir, **load_kwargs)
+        tokenizer = Tokenizer.from_dir(loaded.model_dir)
+        template = load_chat_template(loaded.model_dir)
+        return cls(loaded, tokenizer, template, generation_eos_ids(loaded.model_dir, loaded.args.eos_ids))
+
+    @property
+    def model(self):
+        return self.loaded.model
+
+    def encode_messages(self, messages: list[dict], *, enable_thinking: bool = False) -> list[int]:
+        return encode_chat(self.tokenizer, self.template, messages, add_generation_prompt=True,
+                           enable_thinking=enable_thinking)
+
+    def encode_prompt(self, prompt: str, *, system: str | None = None, raw: bool = False,
+                      enable_thinking: bool = False) -> list[int]:
+        """Token ids of a one-shot prompt: through the chat template, or exactly as the tokenizer reads it (raw)."""
+        if raw:
+            return self.tokenizer.encode(prompt)
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        return self.encode_messages(messages, enable_thinking=enable_thinking)
+
+    def stream(self, prompt_ids: list[int], params: SamplingParams, *, max_tokens: int,
+               ignore_eos: bool = False) -> Iterator[Step]:
+        sampler = make_sampler(params, device=self.loaded.device)
+        stop = () if ignore_eos else self.eos_ids
+        return generate(self.model, prompt_ids, sampler, max_tokens=max_tokens, stop_ids=stop)
+
+    def stream_text(self, steps: Iterator[Step]) -> Iterator[tuple[str, Step]]:
+        """(new text, step) per step; the stop token itself adds no text."""
+        decoder = StreamDecoder(self.tokenizer)
+        for step in steps:
+            text = "" if step.finish_reason == "stop" else decoder.push(step.token)
+            if step.finish_reason:
+                text += decoder.flush()
+            yield text, step

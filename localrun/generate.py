@@ -1,0 +1,108 @@
+"""Generation: chunked prefill, then one token at a time. Yields token ids and timings; never prints."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from .kvcache import KVCache
+from .sampling import Sampler
+
+PREFILL_CHUNK = 512  # tokens per prefill forward: bounds activation memory, not the result
+
+
+@dataclass
+class Timings:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_s: float = 0.0  # prompt processing, up to the first token's logits
+    ttft_s: float = 0.0  # start to first token sampled
+    decode_s: float = 0.0  # after the first token to the last
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        n = self.generated_tokens - 1
+        return n / self.decode_s if n > 0 and self.decode_s > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "ttft_s": round(self.ttft_s, 6),
+            "prefill_s": round(self.prefill_s, 6),
+            "decode_s": round(self.decode_s, 6),
+            "prefill_tokens_per_s": round(self.prefill_tokens_per_s, 3),
+            "decode_tokens_per_s": round(self.decode_tokens_per_s, 3),
+        }
+
+
+@dataclass
+class Step:
+    """One generated token. `logprob`: under the model's distribution (softcapped, before sampling
+    transforms). `finish_reason` is set on the last step: "stop" (an eos id) or "length"."""
+
+    token: int
+    logprob: float
+    finish_reason: str | None
+    timings: Timings
+
+
+def prefill(model, ids: list[int], cache: KVCache, chunk: int = PREFILL_CHUNK) -> torch.Tensor:
+    """Run the prompt through the model in chunks; fp32 logits [V] of the last position."""
+    device = model.embed_tokens.weight.device
+    h = None
+    for start in range(0, len(ids), chunk):
+        piece = torch.tensor([ids[start : start + chunk]], device=device)
+        h = model.hidden(piece, cache)
+    return model.logits(h[:, -1:])[0, -1].float()
+
+
+def decode_one(model, token: int, cache: KVCache) -> torch.Tensor:
+    device = model.embed_tokens.weight.device
+    h = model.hidden(torch.tensor([[token]], device=device), cache)
+    return model.logits(h)[0, -1].float()
+
+
+@torch.inference_mode()
+def generate(
+    model,
+    prompt_ids: list[int],
+    sampler: Sampler,
+    *,
+    max_tokens: int,
+    stop_ids: list[int] | tuple[int, ...] = (),
+    cache: KVCache | None = None,
+    prefill_chunk: int = PREFILL_CHUNK,
+) -> Iterator[Step]:
+    """Yield generated tokens until an id in `stop_ids` (included, finish "stop") or `max_tokens` ("length")."""
+    if not prompt_ids:
+        raise ValueError("generate needs at least one prompt token")
+    w = model.embed_tokens.weight
+    cache = cache or KVCache(model.args, dtype=w.dtype, device=w.device, reserve=len(prompt_ids) + max_tokens)
+    timings = Timings(prompt_tokens=len(prompt_ids))
+    seen = torch.tensor(prompt_ids, device=w.device)
+    stop = set(stop_ids)
+    start = time.perf_counter()
+    logits = prefill(model, prompt_ids, cache, prefill_chunk)
+    timings.prefill_s = time.perf_counter() - start
+    for n in range(1, max_tokens + 1):
+        token = sampler(logits, seen)
+        logprob = float(torch.log_softmax(logits, dim=-1)[token])
+        now = time.perf_counter()
+        if n == 1:
+            timings.ttft_s = now - start
+            first = now
+        else:
+            timings.decode_s = now - first
+        timings.generated_tokens = n
+        finish = "stop" if token in stop else "length" if n == max_tokens else None
+        yield Step(token, logprob, finish, timings)
+        if finish:
+            return
+        seen = torch.cat([seen, torch.tensor([token], device=w.device)])
+        logits = decode_one(model, token, cache)

@@ -1,0 +1,97 @@
+"""Sampling: small pure logits -> logits functions, composed by `make_sampler`.
+
+Each transform takes fp32 logits [V] and returns logits of the same shape, with removed
+tokens set to -inf. Temperature 0 means argmax (greedy); no randomness is drawn then.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .errors import UsageError
+
+NEG_INF = float("-inf")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    min_p: float = 0.0  # 0: off
+    repetition_penalty: float = 1.0  # 1: off
+    seed: int | None = None
+
+    def __post_init__(self):
+        checks = [
+            (self.temperature >= 0, "temperature must be >= 0"),
+            (self.top_k >= 0, "top_k must be >= 0"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
+            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UsageError(message)
+
+
+def apply_repetition_penalty(logits_V: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL-style, as transformers does it: seen tokens' logits divided by penalty if > 0, else multiplied."""
+    if penalty == 1.0 or seen.numel() == 0:
+        return logits_V
+    picked = logits_V[seen]
+    out = logits_V.clone()
+    out[seen] = torch.where(picked > 0, picked / penalty, picked * penalty)
+    return out
+
+
+def apply_top_k(logits_V: torch.Tensor, k: int) -> torch.Tensor:
+    if k <= 0 or k >= logits_V.shape[-1]:
+        return logits_V
+    kth = torch.topk(logits_V, k).values[-1]
+    return logits_V.masked_fill(logits_V < kth, NEG_INF)
+
+
+def apply_top_p(logits_V: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probability reaches p (at least one)."""
+    if p >= 1.0:
+        return logits_V
+    sorted_logits, order = torch.sort(logits_V, descending=True)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    before = torch.cumsum(probs, dim=-1) - probs  # mass strictly before each token
+    drop_sorted = before >= p
+    drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
+    return logits_V.masked_fill(drop, NEG_INF)
+
+
+def apply_min_p(logits_V: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Drop tokens less likely than min_p times the most likely one."""
+    if min_p <= 0.0:
+        return logits_V
+    probs = torch.softmax(logits_V, dim=-1)
+    return logits_V.masked_fill(probs < min_p * probs.max(), NEG_INF)
+
+
+Sampler = Callable[[torch.Tensor, torch.Tensor], int]
+
+
+def make_sampler(params: SamplingParams, device="cpu") -> Sampler:
+    """sampler(logits_V, seen_ids) -> token id. Greedy at temperature 0, else the filters then a draw."""
+    gen = None
+    if params.temperature > 0:
+        gen = torch.Generator(device=device)
+        gen.manual_seed(params.seed if params.seed is not None else torch.seed())
+
+    def sample(logits_V: torch.Tensor, seen: torch.Tensor) -> int:
+        logits = apply_repetition_penalty(logits_V.float(), seen, params.repetition_penalty)
+        if params.temperature == 0:
+            return int(torch.argmax(logits))
+        logits = logits / params.temperature
+        logits = apply_min_p(apply_top_p(apply_top_k(logits, params.top_k), params.top_p), params.min_p)
+        probs = torch.softmax(logits, dim=-1)
+        return int(torch.multinomial(probs, 1, generator=gen))
+
+    return sample

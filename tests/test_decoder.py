@@ -1,0 +1,91 @@
+"""The decoder against transformers' Gemma 4 (the oracle): logits, greedy tokens, logprobs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from localrun.generate import generate
+from localrun.kvcache import KVCache
+from localrun.loader import load_model
+from localrun.sampling import SamplingParams, make_sampler
+from localrun.tiny import KINDS, LAYOUTS
+
+transformers = pytest.importorskip("transformers")
+transformers.logging.set_verbosity_error()
+
+GEN_TOKENS = 64  # with sliding_window 8: generation is 8x the window
+
+
+def reference(model_dir, layout):
+    cls = transformers.Gemma4ForCausalLM if layout == "text" else transformers.Gemma4ForConditionalGeneration
+    return cls.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+def prompt_ids(n: int = 30, seed: int = 0) -> list[int]:
+    gen = torch.Generator().manual_seed(seed)
+    return [2] + torch.randint(107, 512, (n - 1,), generator=gen).tolist()
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_logits_match_transformers(tiny_checkpoint, kind, layout):
+    model_dir = tiny_checkpoint(kind, layout)
+    ref = reference(model_dir, layout)
+    ours = load_model(model_dir, dtype=torch.float32).model
+    ids = torch.tensor([prompt_ids(40)])
+    with torch.no_grad():
+        expected = ref(ids).logits
+        whole = ours(ids)
+        cache = KVCache(ours.args)  # chunked prefill through the cache, chunks not aligned to the window
+        chunked = torch.cat([ours(ids[:, i : i + 7], cache) for i in range(0, 40, 7)], dim=1)
+    assert (whole - expected).abs().max() < 1e-4
+    assert (chunked - expected).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_greedy_generation_and_logprobs_match_transformers(tiny_checkpoint, kind, layout):
+    model_dir = tiny_checkpoint(kind, layout)
+    ref = reference(model_dir, layout)
+    ours = load_model(model_dir, dtype=torch.float32).model
+    ids = prompt_ids(20, seed=1)
+    steps = list(generate(ours, ids, make_sampler(SamplingParams()), max_tokens=GEN_TOKENS, prefill_chunk=6))
+    tokens = [s.token for s in steps]
+    with torch.no_grad():
+        out = ref.generate(torch.tensor([ids]), max_new_tokens=GEN_TOKENS, do_sample=False,
+                           eos_token_id=None, pad_token_id=0, min_new_tokens=GEN_TOKENS)
+        expected = out[0, len(ids):].tolist()
+        logits = ref(out[:, :-1]).logits[0, len(ids) - 1:]
+    assert len(tokens) == GEN_TOKENS and steps[-1].finish_reason == "length"
+    assert tokens == expected
+    expected_lp = torch.log_softmax(logits.float(), dim=-1).gather(1, out[0, len(ids):, None])[:, 0]
+    assert (torch.tensor([s.logprob for s in steps]) - expected_lp).abs().max() < 1e-4
+
+
+def test_generation_stops_on_eos(tiny_moe):
+    ours = load_model(tiny_moe, dtype=torch.float32).model
+    ids = prompt_ids(12)
+    free = [s.token for s in generate(ours, ids, make_sampler(SamplingParams()), max_tokens=6)]
+    stop = free[3]
+    steps = list(generate(ours, ids, make_sampler(SamplingParams()), max_tokens=6, stop_ids=[stop]))
+    first = free.index(stop)
+    assert [s.token for s in steps] == free[: first + 1]
+    assert steps[-1].finish_reason == "stop" and all(s.finish_reason is None for s in steps[:-1])
+
+
+def test_bf16_matches_transformers_bf16(tiny_moe):
+    ids = torch.tensor([prompt_ids(24)])
+    with torch.no_grad():
+        expected = transformers.Gemma4ForCausalLM.from_pretrained(tiny_moe, dtype=torch.bfloat16)(ids).logits
+        ours = load_model(tiny_moe, dtype=torch.bfloat16).model(ids)
+    assert ours.dtype == torch.bfloat16
+    assert (ours.float() - expected.float()).abs().max() < 1e-2  # same roundings, same order
+
+
+def test_loaded_tensors_are_the_compute_dtype(tiny_moe):
+    model = load_model(tiny_moe, dtype=torch.bfloat16).model
+    floats = [t for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()]
+    rope = {id(b) for n, b in model.named_buffers() if n.startswith("inv_freq")}
+    assert all(t.dtype == torch.bfloat16 for t in floats if id(t) not in rope)
+    assert not any(t.requires_grad for t in model.parameters())
