@@ -1,0 +1,155 @@
+"""`localrun fit MODEL`: will it fit, how many experts stay on the GPU, how long a context, how fast."""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from quant.spec import QuantSpec
+
+from .. import hardware
+from ..config import ModelArgs, load_config
+from ..errors import LocalrunError, UsageError
+from ..hardware import format_size
+from ..models.gemma4 import checkpoint_shapes
+from ..plan import DEVICE, Budget, Plan, make_plan
+
+EXPERT_CHOICES = ("nf4", "fp4", "bf16")
+_MAX_HEADER_BYTES = 100 * hardware.MIB  # a safetensors header beyond this is corrupt, not big
+
+
+@dataclass(frozen=True)
+class Target:
+    """The device budget and what we know of its speed."""
+
+    label: str
+    device_bytes: int
+    bandwidth: float | None
+    pcie_bandwidth: float
+
+
+def resolve_target(vram: str | None, gpu: str | None) -> Target:
+    """--vram SIZE, --gpu NAME, or the free memory of the GPU we find; UsageError when none."""
+    if vram is not None and gpu is not None:
+        raise UsageError("give --vram or --gpu, not both")
+    if gpu is not None:
+        preset = hardware.gpu_preset(gpu)
+        return Target(preset.name, preset.memory_bytes, preset.bandwidth, preset.pcie_bandwidth)
+    if vram is not None:
+        return Target(f"{format_size(hardware.parse_size(vram))} VRAM", hardware.parse_size(vram), None,
+                      hardware.DEFAULT_PCIE_BANDWIDTH)
+    found = hardware.detect_gpu()
+    if found is None:
+        raise UsageError("no GPU found; give the card's memory with --vram SIZE or its name with --gpu NAME")
+    preset = hardware.preset_for_device_name(found.name)
+    return Target(f"{found.name} ({format_size(found.free_bytes)} free)", found.free_bytes,
+                  preset.bandwidth if preset else None,
+                  preset.pcie_bandwidth if preset else hardware.DEFAULT_PCIE_BANDWIDTH)
+
+
+def expert_spec(name: str) -> QuantSpec | str:
+    if name not in EXPERT_CHOICES:
+        raise UsageError(f"--experts must be one of {', '.join(EXPERT_CHOICES)}, not {name!r}")
+    return "bf16" if name == "bf16" else QuantSpec(quant_type=name)
+
+
+def _read_header(path: Path) -> dict:
+    try:
+        with path.open("rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > _MAX_HEADER_BYTES:
+                raise ValueError(f"header of {n} bytes")
+            return json.loads(f.read(n))
+    except (OSError, ValueError, struct.error) as e:
+        raise LocalrunError(f"unreadable safetensors header in {path}: {e}") from None
+
+
+def checkpoint_tensor_shapes(model_dir: Path, args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Text tensor shapes: the config's layout, checked against safetensors headers when there are any.
+
+    Only headers are read (never tensor data). A tensor the headers hold with another shape
+    means config.json and the weights disagree, which is an error; names the headers lack
+    (a pre-quantized layout, or no weights at all) keep the config's shapes.
+    """
+    shapes = checkpoint_shapes(args)
+    for path in sorted(model_dir.glob("*.safetensors")):
+        for full_name, info in _read_header(path).items():
+            if full_name == "__metadata__" or not isinstance(info, dict):
+                continue
+            name = full_name if full_name.startswith("lm_head.") else full_name.removeprefix(args.weight_prefix)
+            if name in shapes and tuple(info.get("shape", ())) != shapes[name]:
+                raise LocalrunError(f"config.json and weights disagree: {full_name} has shape "
+                                    f"{tuple(info.get('shape', ()))}, the config implies {shapes[name]}")
+    return shapes
+
+
+def _where(plan: Plan, tier: str) -> str:
+    if plan.device == "cpu":
+        return "CPU RAM"
+    return "GPU" if tier == DEVICE else "RAM"
+
+
+def _print_report(plan: Plan, target: Target, model: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"localrun fit: {model.name} on {target.label}, context {plan.context}")
+    table.add_column("component")
+    table.add_column("precision")
+    table.add_column("bytes", justify="right")
+    table.add_column("where")
+    for c in plan.breakdown:
+        if c.nbytes:
+            table.add_row(c.name, c.precision, format_size(c.nbytes), _where(plan, c.tier))
+    table.add_section()
+    table.add_row("total on " + _where(plan, DEVICE), "", format_size(plan.device_bytes), _where(plan, DEVICE))
+    if plan.host_bytes:
+        table.add_row("total in host RAM", "", format_size(plan.host_bytes), "RAM")
+    console.print(table)
+    verdict = "[green]" if plan.fits else "[red]"
+    console.print(f"{verdict}{plan.reason}[/]", highlight=False)
+    console.print(f"longest context that fits: {plan.max_context} tokens", highlight=False)
+    if plan.estimated_decode_tokens_per_s is not None:
+        console.print(f"estimated decode speed: ~{plan.estimated_decode_tokens_per_s:.0f} tokens/s "
+                      f"(estimate: memory-bandwidth ceiling, expected expert miss rate "
+                      f"{plan.expected_miss_rate:.0%}; real speed is lower)", highlight=False)
+    elif plan.fits:
+        console.print("estimated decode speed: unknown (give --gpu NAME for a bandwidth-based estimate)",
+                      highlight=False)
+
+
+def fit(
+    model: Path = typer.Argument(..., help="Model directory holding config.json (weights optional)."),
+    vram: Optional[str] = typer.Option(None, "--vram", help="GPU memory, e.g. 16GiB (GB means GiB: cards are sized in binary units)."),
+    gpu: Optional[str] = typer.Option(None, "--gpu", help="A GPU preset, e.g. 'RTX 4090', 4060ti, 5090."),
+    ram: Optional[str] = typer.Option(None, "--ram", help="Host RAM for offloaded experts (default: available RAM)."),
+    context: int = typer.Option(8192, "--context", "-c", help="Context length in tokens to plan for."),
+    experts: str = typer.Option("nf4", "--experts", help="Routed expert precision: nf4, fp4 or bf16."),
+    resident_experts: Optional[float] = typer.Option(None, "--resident-experts", help="Force this fraction (0..1) of each layer's experts onto the GPU."),
+    as_json: bool = typer.Option(False, "--json", help="Print only JSON."),
+) -> None:
+    """Estimate whether a model fits a GPU: memory per component, resident experts, longest context, speed."""
+    args = load_config(model)
+    spec = expert_spec(experts)
+    if context < 1:
+        raise UsageError(f"--context must be at least 1, not {context}")
+    target = resolve_target(vram, gpu)
+    host = hardware.parse_size(ram) if ram is not None else hardware.detect_host_ram()
+    budget = Budget(target.device_bytes, host, context, gpu_bandwidth=target.bandwidth,
+                    pcie_bandwidth=target.pcie_bandwidth)
+    plan = make_plan(args, budget, experts=spec, tensor_shapes=checkpoint_tensor_shapes(model, args),
+                     resident_fraction=resident_experts)
+    if as_json:
+        print(json.dumps({"model": str(model), "target": target.label, **plan.to_dict()}, indent=2))
+    else:
+        _print_report(plan, target, model)
+
+
+command = fit
+fit._command_kwargs = {"name": "fit"}

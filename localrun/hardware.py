@@ -1,0 +1,169 @@
+"""What the machine offers: memory sizes, GPU presets, bandwidth figures, free VRAM/RAM detection.
+
+Sizes are binary. GPU memory and RAM are built in powers of two and sold under decimal
+names: a "24 GB" RTX 4090 holds 24 GiB (nvidia-smi: 24564 MiB). So "16GB", "16G" and
+"16GiB" all mean 16 * 2**30 bytes; a user typing `--vram 16GB` for a 16 GB card gets the
+card's real size, not 7% less.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UsageError
+
+KIB, MIB, GIB, TIB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
+GB_S = 10**9  # bandwidths are quoted in decimal GB/s by vendors; keep them that way
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": KIB, "kb": KIB, "kib": KIB,
+    "m": MIB, "mb": MIB, "mib": MIB,
+    "g": GIB, "gb": GIB, "gib": GIB,
+    "t": TIB, "tb": TIB, "tib": TIB,
+}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*$")
+# A bare number below this is almost surely a forgotten unit ("--vram 16"), not 16 bytes.
+_MIN_BARE_BYTES = MIB
+
+# Practical host->device copy rates from pinned memory (~80% of the link's nominal rate).
+PCIE_GEN4_X16 = 25 * GB_S
+PCIE_GEN4_X8 = 13 * GB_S
+PCIE_GEN5_X8 = 25 * GB_S
+PCIE_GEN5_X16 = 50 * GB_S
+DEFAULT_PCIE_BANDWIDTH = PCIE_GEN4_X16  # what we assume for a card we don't know
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from "16GiB", "16GB", "16G", "24 GiB", "512MiB", "1.5G" or a plain byte count.
+
+    Every unit is binary (see the module docstring). Raises UsageError on anything else.
+    """
+    if isinstance(text, int) and not isinstance(text, bool):
+        value, unit = float(text), ""
+    else:
+        m = _SIZE_RE.match(str(text))
+        if not m or m.group(2).lower() not in _UNITS:
+            raise UsageError(f"invalid size {text!r}: expected a number with a unit, e.g. 16GiB, 24GB or 512MiB")
+        value, unit = float(m.group(1)), m.group(2).lower()
+    nbytes = int(value * _UNITS[unit])
+    if unit in ("", "b") and nbytes < _MIN_BARE_BYTES:
+        raise UsageError(f"size {text!r} is only {nbytes} bytes; add a unit, e.g. {text}GiB")
+    if nbytes <= 0:
+        raise UsageError(f"invalid size {text!r}: must be positive")
+    return nbytes
+
+
+def format_size(nbytes: int | float) -> str:
+    """Human-readable binary size: '16.00 GiB', '512.0 MiB'."""
+    n = float(nbytes)
+    if abs(n) >= GIB:
+        return f"{n / GIB:.2f} GiB"
+    if abs(n) >= MIB:
+        return f"{n / MIB:.1f} MiB"
+    if abs(n) >= KIB:
+        return f"{n / KIB:.1f} KiB"
+    return f"{int(n)} B"
+
+
+# GPU presets --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GpuPreset:
+    name: str
+    memory_bytes: int
+    bandwidth: float  # device memory, bytes/s (vendor spec)
+    pcie_bandwidth: float = DEFAULT_PCIE_BANDWIDTH  # practical host->device bytes/s
+
+
+GPU_PRESETS: tuple[GpuPreset, ...] = (
+    GpuPreset("RTX 3060 12GB", 12 * GIB, 360 * GB_S),
+    GpuPreset("RTX 3080 10GB", 10 * GIB, 760 * GB_S),
+    GpuPreset("RTX 3090", 24 * GIB, 936 * GB_S),
+    GpuPreset("RTX 4060 Ti 16GB", 16 * GIB, 288 * GB_S, PCIE_GEN4_X8),
+    GpuPreset("RTX 4070 Ti Super", 16 * GIB, 672 * GB_S),
+    GpuPreset("RTX 4080", 16 * GIB, 717 * GB_S),
+    GpuPreset("RTX 4090", 24 * GIB, 1008 * GB_S),
+    GpuPreset("RTX 5060 Ti 16GB", 16 * GIB, 448 * GB_S, PCIE_GEN5_X8),
+    GpuPreset("RTX 5080", 16 * GIB, 960 * GB_S, PCIE_GEN5_X16),
+    GpuPreset("RTX 5090", 32 * GIB, 1792 * GB_S, PCIE_GEN5_X16),
+    GpuPreset("RTX A4000", 16 * GIB, 448 * GB_S),
+    GpuPreset("RTX A5000", 24 * GIB, 768 * GB_S),
+    GpuPreset("L4", 24 * GIB, 300 * GB_S),
+)
+
+
+def _norm_name(name: str) -> str:
+    """'NVIDIA GeForce RTX 4060 Ti 16GB' -> '4060ti16gb': lower case, no spaces/dashes/vendor words."""
+    s = re.sub(r"[\s_\-]+", "", name.lower())
+    for word in ("nvidia", "geforce", "rtx"):
+        s = s.replace(word, "")
+    return s
+
+
+def _aliases(preset: GpuPreset) -> set[str]:
+    # "RTX 4060 Ti 16GB" is also "4060ti"; "RTX 3060 12GB" is also "3060" (the memory suffix is optional).
+    return {_norm_name(preset.name), _norm_name(re.sub(r"\s\d+GB$", "", preset.name))}
+
+
+def gpu_preset(name: str) -> GpuPreset:
+    """Look up a preset case/space-insensitively ("4090", "rtx-4090", "RTX 4090"); UsageError if unknown."""
+    key = _norm_name(name)
+    for preset in GPU_PRESETS:
+        if key and key in _aliases(preset):
+            return preset
+    choices = ", ".join(p.name for p in GPU_PRESETS)
+    raise UsageError(f"unknown GPU {name!r}; choose one of: {choices} (or give --vram SIZE)")
+
+
+def preset_for_device_name(device_name: str) -> GpuPreset | None:
+    """The preset matching a CUDA device name such as 'NVIDIA GeForce RTX 4090', or None."""
+    key = _norm_name(device_name)
+    # Longest alias first, so '4060ti' wins over a shorter alias it contains.
+    candidates = sorted(((a, p) for p in GPU_PRESETS for a in _aliases(p)), key=lambda ap: -len(ap[0]))
+    for alias, preset in candidates:
+        if alias and alias in key:
+            return preset
+    return None
+
+
+# Detection ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DetectedGpu:
+    name: str
+    free_bytes: int
+    total_bytes: int
+
+
+def detect_gpu() -> DetectedGpu | None:
+    """Free and total memory of CUDA device 0, or None when there is no usable CUDA GPU.
+
+    torch is imported here, not at module level: `localrun fit --vram` must not pay for it.
+    """
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        free, total = torch.cuda.mem_get_info(0)
+        return DetectedGpu(torch.cuda.get_device_name(0), int(free), int(total))
+    except Exception:  # a broken driver or CUDA runtime means "no GPU we can use"
+        return None
+
+
+def detect_host_ram(meminfo: str | Path = "/proc/meminfo") -> int | None:
+    """Host RAM available to a new process, in bytes (MemAvailable), or None if unknown."""
+    try:
+        for line in Path(meminfo).read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * KIB
+    except (OSError, ValueError, IndexError):
+        pass
+    try:  # macOS and friends: free physical pages is the closest portable figure
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None

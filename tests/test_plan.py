@@ -1,0 +1,307 @@
+"""The placement plan (localrun.plan) and the hardware helpers it is fed with (localrun.hardware)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from localrun.config import FULL, SLIDING, ModelArgs
+from localrun.errors import UsageError
+from localrun.hardware import (GIB, MIB, GPU_PRESETS, detect_gpu, detect_host_ram, gpu_preset, parse_size,
+                               preset_for_device_name)
+from localrun.models.gemma4 import checkpoint_shapes
+from localrun.plan import (DEVICE, HOST, Budget, expert_matrix_name, kv_layer_bytes, make_plan,
+                           estimate_decode_tokens_per_s)
+from localrun.tiny import tiny_config
+from quant.spec import QuantSpec
+
+# Text part of google/gemma-4-26B-A4B-it config.json (see the reference notes), as Google ships it.
+REFERENCE_CONFIG = {
+    "model_type": "gemma4",
+    "architectures": ["Gemma4ForConditionalGeneration"],
+    "eos_token_id": [1, 106],
+    "tie_word_embeddings": True,
+    "text_config": {
+        "model_type": "gemma4_text", "attention_k_eq_v": True, "enable_moe_block": True,
+        "final_logit_softcapping": 30.0, "global_head_dim": 512, "head_dim": 256,
+        "hidden_size": 2816, "hidden_size_per_layer_input": 0, "intermediate_size": 2112,
+        "layer_types": ([SLIDING] * 5 + [FULL]) * 5, "max_position_embeddings": 262144,
+        "moe_intermediate_size": 704, "num_attention_heads": 16, "num_experts": 128,
+        "num_global_key_value_heads": 2, "num_hidden_layers": 30, "num_key_value_heads": 8,
+        "num_kv_shared_layers": 0, "sliding_window": 1024, "top_k_experts": 8,
+        "use_double_wide_mlp": False, "vocab_size": 262144, "tie_word_embeddings": True,
+    },
+}
+NF4 = QuantSpec("nf4")
+HOST_RAM = 64 * GIB
+
+
+@pytest.fixture(scope="module")
+def ref() -> ModelArgs:
+    return ModelArgs.from_dict(REFERENCE_CONFIG)
+
+
+def plan_for(args, vram_gib, context=8192, host=HOST_RAM, **kw):
+    device = None if vram_gib is None else int(vram_gib * GIB)
+    return make_plan(args, Budget(device, host, context), experts=kw.pop("experts", NF4), **kw)
+
+
+def expert_bytes_per_layer(args, spec=NF4):
+    I, H = args.moe_intermediate_size, args.hidden_size
+    return spec.nbytes(2 * I * H) + spec.nbytes(H * I)
+
+
+# Weight totals agree with the reference doc's arithmetic ---------------------------------------
+
+def test_weight_totals_match_reference_doc(ref):
+    plan = plan_for(ref, 24)
+    gib = {c.name: c.nbytes / GIB for c in plan.breakdown}
+    for name, doc in (("embed", 1.38), ("attention", 2.07), ("mlp", 1.00)):
+        assert gib[name] == pytest.approx(doc, rel=0.01), name
+    rest = sum(gib[g] for g in ("embed", "attention", "mlp", "router", "norms"))
+    assert rest == pytest.approx(4.47, rel=0.01)  # "bf16 rest ~4.5 GiB"
+    experts = gib["experts_resident"] + gib["experts_host"]
+    assert experts == pytest.approx(11.96, rel=0.01)  # NF4, fp32 absmax per 64
+    assert rest + experts == pytest.approx(16.4, rel=0.01)
+
+
+def test_bf16_experts_match_reference_doc(ref):
+    plan = plan_for(ref, 80, experts="bf16")
+    assert plan.expert_precision == "bf16"
+    assert plan.component("experts_resident").nbytes / GIB == pytest.approx(42.5, rel=0.01)
+    assert plan.placement[expert_matrix_name(0, 0, "down_proj")].nbytes == 2816 * 704 * 2
+
+
+def test_expert_bytes_come_from_quant_spec(ref):
+    spec = QuantSpec("fp4", blocksize=128)
+    plan = plan_for(ref, 24, experts=spec)
+    assert plan.expert_precision == "fp4"
+    assert plan.placement[expert_matrix_name(3, 17, "gate_up_proj")] == (DEVICE, "fp4", spec.nbytes(1408 * 2816))
+    assert plan.placement[expert_matrix_name(3, 17, "down_proj")].nbytes == spec.nbytes(2816 * 704)
+
+
+def test_placement_covers_every_tensor(ref):
+    plan = plan_for(ref, 16)
+    shapes = checkpoint_shapes(ref)
+    for name in shapes:
+        if ".experts." in name:
+            continue
+        tier, precision, nbytes = plan.placement[name]
+        assert (tier, precision) == (DEVICE, "bf16")  # router included: never quantized
+    n_expert_entries = sum(".experts." in n for n in plan.placement)
+    assert n_expert_entries == 30 * 128 * 2
+    on_device = sum(p.nbytes for p in plan.placement.values() if p.tier == DEVICE)
+    in_host = sum(p.nbytes for p in plan.placement.values() if p.tier == HOST)
+    assert in_host == plan.host_bytes
+    fixed = plan.kv_bytes + plan.workspace_bytes + plan.reserve_bytes + plan.cache_slots * plan.cache_slot_bytes
+    assert on_device + fixed == plan.device_bytes
+
+
+# Budgets ----------------------------------------------------------------------------------------
+
+def test_24gib_at_8k_keeps_every_expert_resident(ref):
+    plan = plan_for(ref, 24)
+    assert plan.fits, plan.reason
+    assert plan.resident_experts_per_layer == 128
+    assert all(ids == list(range(128)) for ids in plan.resident_experts)
+    assert plan.cache_slots == 0 and plan.host_bytes == 0
+    assert plan.device_bytes <= 24 * GIB
+    assert plan.max_context >= 8192
+    assert "fits on the GPU" in plan.reason
+
+
+def test_16gib_keeps_part_of_the_experts_in_host_ram(ref):
+    plan = plan_for(ref, 16)
+    assert plan.fits, plan.reason
+    n = plan.resident_experts_per_layer
+    assert 0 < n < 128
+    assert 0.75 <= n / 128 <= 0.90  # reference doc: a 16 GB card keeps ~15-25% in host RAM
+    assert plan.device_bytes <= 16 * GIB
+    assert plan.host_bytes == (128 - n) * 30 * expert_bytes_per_layer(ref)
+    assert plan.cache_slots == 2 * 8
+    assert f"{n} of 128" in plan.reason
+    # One more resident expert per layer would not have fitted.
+    assert plan.device_bytes + 30 * expert_bytes_per_layer(ref) > 16 * GIB
+
+
+def test_8gib_fits_with_most_experts_in_ram(ref):
+    plan = plan_for(ref, 8)
+    assert plan.fits, plan.reason
+    assert 0 < plan.resident_experts_per_layer < 64
+    assert plan.device_bytes <= 8 * GIB
+
+
+def test_8gib_without_enough_host_ram_says_why(ref):
+    plan = plan_for(ref, 8, host=4 * GIB)
+    assert not plan.fits
+    assert "host RAM" in plan.reason
+
+
+def test_too_small_gpu_does_not_fit(ref):
+    plan = plan_for(ref, 4)
+    assert not plan.fits
+    assert plan.reason.startswith("does not fit")
+    assert plan.max_context == 0  # the non-expert weights alone exceed 4 GiB
+
+
+def test_longer_context_costs_resident_experts(ref):
+    short, long = plan_for(ref, 16, context=4096), plan_for(ref, 16, context=131072)
+    assert long.fits
+    assert long.resident_experts_per_layer < short.resident_experts_per_layer
+    assert long.kv_bytes > short.kv_bytes
+
+
+def test_max_context_is_the_edge_of_the_placement(ref):
+    plan = plan_for(ref, 16)
+    frac = plan.resident_experts_per_layer / 128
+    assert plan.max_context >= 8192
+    assert plan_for(ref, 16, context=plan.max_context, resident_fraction=frac).fits
+    assert not plan_for(ref, 16, context=plan.max_context + 1, resident_fraction=frac).fits
+
+
+def test_context_beyond_the_model_is_a_usage_error(ref):
+    with pytest.raises(UsageError, match="exceeds"):
+        plan_for(ref, 24, context=ref.max_position_embeddings + 1)
+
+
+# KV cache -------------------------------------------------------------------------------------
+
+def test_sliding_kv_stops_growing_at_the_window(ref):
+    sliding, full = 0, 5
+    per_pos = 2 * 8 * 256 * 2  # K and V, 8 heads x 256, bf16
+    assert kv_layer_bytes(ref, sliding, 512, 2) == 512 * per_pos
+    assert kv_layer_bytes(ref, sliding, 1024, 2) == 1024 * per_pos
+    assert kv_layer_bytes(ref, sliding, 100_000, 2) == 1024 * per_pos
+    # k_eq_v full layer: 2 global KV heads x 512, K and V both stored
+    assert kv_layer_bytes(ref, full, 100_000, 2) == 100_000 * 2 * 2 * 512 * 2
+    # reference doc: 200 MiB sliding cap + 20 KiB per token on full layers
+    plan = plan_for(ref, 24, context=131072)
+    assert plan.kv_bytes == 200 * MIB + 131072 * 20 * 1024
+
+
+def test_k_eq_v_layers_use_global_kv_heads():
+    k_eq_v = ModelArgs.from_dict(tiny_config("moe"))
+    with_v = ModelArgs.from_dict(tiny_config("moe_v"))
+    full = 2
+    assert k_eq_v.layer_types[full] == FULL
+    assert kv_layer_bytes(k_eq_v, full, 100, 2) == 2 * 100 * 1 * 32 * 2  # 1 global KV head, K and V
+    assert kv_layer_bytes(with_v, full, 100, 2) == 2 * 100 * 2 * 32 * 2  # num_key_value_heads
+
+
+def test_kv_shared_layers_store_nothing():
+    args = ModelArgs.from_dict(tiny_config("dense_e2b"))  # last 2 of 6 layers share KV
+    plan = make_plan(args, Budget(1 * GIB, None, 100), experts=NF4)
+    assert plan.kv_bytes_per_layer[4:] == [0, 0]
+    assert all(b > 0 for b in plan.kv_bytes_per_layer[:4])
+    assert plan.num_experts == 0 and plan.resident_experts_per_layer == 0 and plan.fits
+
+
+# Forced split, CPU, routing profile -------------------------------------------------------------
+
+def test_resident_fraction_forces_the_split_on_cpu():
+    args = ModelArgs.from_dict(tiny_config("moe"))  # 8 experts, top-2, 6 layers
+    plan = make_plan(args, Budget(None, None, 64), experts=NF4, resident_fraction=0.25)
+    assert plan.device == "cpu" and plan.reserve_bytes == 0
+    assert plan.resident_experts_per_layer == 2
+    assert plan.resident_experts == [[0, 1]] * 6
+    assert plan.cache_slots == 4  # 2 x top_k
+    assert plan.expert_tier(0, 1) == DEVICE and plan.expert_tier(0, 2) == HOST
+    assert plan.placement[expert_matrix_name(5, 7, "down_proj")].tier == HOST
+    assert plan.host_bytes == 6 * 6 * expert_bytes_per_layer(args)
+    assert plan.fits
+
+
+def test_cpu_without_forcing_keeps_every_expert_on_the_compute_tier():
+    args = ModelArgs.from_dict(tiny_config("moe"))
+    plan = make_plan(args, Budget(None, None, 64), experts=NF4)
+    assert plan.resident_experts_per_layer == 8 and plan.cache_slots == 0 and plan.host_bytes == 0
+    assert plan.max_context == args.max_position_embeddings
+
+
+def test_resident_fraction_overrides_the_gpu_choice(ref):
+    plan = plan_for(ref, 24, resident_fraction=0.5)
+    assert plan.resident_experts_per_layer == 64 and plan.cache_slots == 16 and plan.fits
+    forced_too_many = plan_for(ref, 8, resident_fraction=1.0)
+    assert not forced_too_many.fits and "128 of 128" in forced_too_many.reason
+
+
+def test_routing_profile_ranks_residency(ref):
+    counts = [1] * 128
+    counts[100], counts[7], counts[64] = 50, 40, 40
+    plan = plan_for(ref, 24, resident_fraction=3 / 128, routing_profile={"2": counts})
+    assert plan.resident_experts[2] == [7, 64, 100]
+    assert plan.resident_experts[3] == [0, 1, 2]  # no profile for this layer: lowest ids
+    uniform = plan_for(ref, 24, resident_fraction=3 / 128)
+    assert plan.expected_miss_rate < uniform.expected_miss_rate
+    assert uniform.expected_miss_rate == pytest.approx(1 - 3 / 128)
+
+
+# Speed estimate ---------------------------------------------------------------------------------
+
+def test_decode_estimate_matches_the_bandwidth_arithmetic(ref):
+    plan = make_plan(ref, Budget(24 * GIB, HOST_RAM, 8192, gpu_bandwidth=1008e9, pcie_bandwidth=25e9))
+    # reference doc: ~5.2 GiB read per token -> ~180 tok/s on a 4090; the KV read lowers it a little
+    assert (plan.decode_weight_bytes + plan.active_expert_bytes) / GIB == pytest.approx(5.2, rel=0.02)
+    assert 150 < plan.estimated_decode_tokens_per_s < 185
+    slower = estimate_decode_tokens_per_s(plan, 1008e9, 25e9, miss_rate=0.2)
+    assert slower < plan.estimated_decode_tokens_per_s
+
+
+def test_to_dict_is_json(ref):
+    d = json.loads(json.dumps(plan_for(ref, 16).to_dict()))
+    for key in ("fits", "resident_experts_per_layer", "device_bytes", "host_bytes", "max_context",
+                "estimated_decode_tokens_per_s", "breakdown"):
+        assert key in d
+    assert set(d["breakdown"]) >= {"embed", "attention", "mlp", "router", "norms", "experts_resident",
+                                   "experts_host", "expert_cache_slots", "kv_cache", "workspace", "reserve"}
+
+
+# Hardware -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, expected", [
+    ("16GiB", 16 * GIB), ("16GB", 16 * GIB), ("16G", 16 * GIB), ("16g", 16 * GIB), ("24 GiB", 24 * GIB),
+    ("512MiB", 512 * MIB), ("1.5G", 3 * GIB // 2), (str(8 * GIB), 8 * GIB), (8 * GIB, 8 * GIB),
+])
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "abc", "16XB", "-1G", "16", "G", "0GiB", "1e3G"])
+def test_parse_size_rejects(text):
+    with pytest.raises(UsageError):
+        parse_size(text)
+
+
+@pytest.mark.parametrize("name", ["4090", "rtx-4090", "RTX 4090", "rtx4090", "  Rtx_4090 "])
+def test_gpu_preset_lookup(name):
+    preset = gpu_preset(name)
+    assert preset.name == "RTX 4090" and preset.memory_bytes == 24 * GIB and preset.bandwidth == 1008e9
+
+
+def test_gpu_presets_cover_the_common_cards():
+    assert gpu_preset("4060 ti").memory_bytes == 16 * GIB
+    assert gpu_preset("3060").memory_bytes == 12 * GIB
+    assert gpu_preset("a4000").name == "RTX A4000"
+    assert gpu_preset("l4").name == "L4"
+    assert len({p.name for p in GPU_PRESETS}) == 13
+    with pytest.raises(UsageError, match="RTX 5090"):
+        gpu_preset("7090")
+
+
+def test_preset_for_device_name():
+    assert preset_for_device_name("NVIDIA GeForce RTX 4060 Ti").name == "RTX 4060 Ti 16GB"
+    assert preset_for_device_name("NVIDIA GeForce RTX 4090").name == "RTX 4090"
+    assert preset_for_device_name("Tesla T4") is None
+
+
+def test_detect_host_ram(tmp_path):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       65000000 kB\nMemAvailable:   32000000 kB\n")
+    assert detect_host_ram(meminfo) == 32000000 * 1024
+    assert detect_host_ram() is None or detect_host_ram() > 0
+
+
+def test_detect_gpu_never_raises():
+    found = detect_gpu()
+    assert found is None or found.free_bytes > 0
