@@ -1,0 +1,86 @@
+"""Sampling transforms on hand-built distributions."""
+
+from __future__ import annotations
+
+
+import pytest
+import torch
+
+from localrun.errors import UsageError
+from localrun.sampling import (SamplingParams, apply_min_p, apply_repetition_penalty, apply_top_k, apply_top_p,
+                               make_sampler)
+
+NONE = torch.tensor([], dtype=torch.long)
+
+
+def logits_of(probs):
+    return torch.tensor(probs).log()
+
+
+def kept(logits):
+    return torch.isfinite(logits).nonzero()[:, 0].tolist()
+
+
+def test_top_k_keeps_the_k_best():
+    assert kept(apply_top_k(logits_of([0.1, 0.4, 0.2, 0.3]), 2)) == [1, 3]
+    assert kept(apply_top_k(logits_of([0.1, 0.4, 0.2, 0.3]), 0)) == [0, 1, 2, 3]
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = logits_of([0.05, 0.5, 0.15, 0.3])
+    assert kept(apply_top_p(probs, 0.5)) == [1]
+    assert kept(apply_top_p(probs, 0.6)) == [1, 3]
+    assert kept(apply_top_p(probs, 0.81)) == [1, 2, 3]
+    assert kept(apply_top_p(probs, 1.0)) == [0, 1, 2, 3]
+
+
+def test_min_p_is_relative_to_the_top_token():
+    assert kept(apply_min_p(logits_of([0.05, 0.5, 0.15, 0.3]), 0.5)) == [1, 3]
+    assert kept(apply_min_p(logits_of([0.05, 0.5, 0.15, 0.3]), 0.2)) == [1, 2, 3]
+
+
+def test_repetition_penalty_like_transformers():
+    logits = torch.tensor([2.0, -2.0, 1.0])
+    out = apply_repetition_penalty(logits, torch.tensor([0, 1]), 2.0)
+    assert out.tolist() == [1.0, -4.0, 1.0]
+    assert logits.tolist() == [2.0, -2.0, 1.0]  # pure
+
+
+def test_greedy_is_argmax_and_draws_nothing():
+    sample = make_sampler(SamplingParams(temperature=0.0))
+    assert sample(torch.tensor([0.1, 3.0, 2.9]), NONE) == 1
+    assert sample(torch.tensor([0.1, 3.0, 2.9]), torch.tensor([1])) == 1  # penalty off by default
+    penalized = make_sampler(SamplingParams(repetition_penalty=2.0))
+    assert penalized(torch.tensor([0.1, 3.0, 2.9]), torch.tensor([1])) == 2
+
+
+def test_seed_makes_sampling_reproducible_and_matches_the_distribution():
+    logits = logits_of([0.2, 0.5, 0.3])
+    draws = lambda seed: [make_sampler(SamplingParams(temperature=1.0, seed=seed))(logits, NONE) for _ in range(1)]
+    a = make_sampler(SamplingParams(temperature=1.0, seed=7))
+    b = make_sampler(SamplingParams(temperature=1.0, seed=7))
+    seq_a = [a(logits, NONE) for _ in range(50)]
+    assert seq_a == [b(logits, NONE) for _ in range(50)]
+    c = make_sampler(SamplingParams(temperature=1.0, seed=8))
+    assert seq_a != [c(logits, NONE) for _ in range(50)]
+    many = make_sampler(SamplingParams(temperature=1.0, seed=0))
+    counts = torch.bincount(torch.tensor([many(logits, NONE) for _ in range(4000)]), minlength=3) / 4000
+    assert torch.allclose(counts, torch.tensor([0.2, 0.5, 0.3]), atol=0.03)
+    assert draws(1) == draws(1)
+
+
+def test_temperature_sharpens():
+    logits = logits_of([0.2, 0.5, 0.3])
+    cold = make_sampler(SamplingParams(temperature=0.05, seed=0))
+    assert all(cold(logits, NONE) == 1 for _ in range(100))
+    topk1 = make_sampler(SamplingParams(temperature=1.0, top_k=1, seed=0))
+    assert all(topk1(logits, NONE) == 1 for _ in range(100))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p"),
+    ({"min_p": 2}, "min_p"), ({"top_k": -3}, "top_k"), ({"repetition_penalty": 0}, "repetition_penalty"),
+])
+def test_invalid_values_are_usage_errors(kwargs, message):
+    with pytest.raises(UsageError, match=message):
+        SamplingParams(**kwargs)
