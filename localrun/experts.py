@@ -1,0 +1,483 @@
+"""ExpertStore: where routed experts live (device-resident, device cache slots, host RAM) and how a miss is served.
+
+Shape letters: T tokens, K top-k, E experts, H hidden, I expert intermediate.
+
+One `ExpertStore` per model; inside it one `LayerCache` per MoE layer. A layer's experts split into
+- resident: copied to the device once, never evicted (chosen by the plan);
+- host: everything else, kept in host RAM (pinned on CUDA so copies are async DMA);
+- cache slots: at most `slots` host experts live on the device at a time, replaced per a `CachePolicy`.
+On a miss the `CostModel` decides per expert: copy it into a slot, or compute it on the CPU where it lies.
+
+The store never knows the precision: a payload is anything with `.nbytes` and `.to(device, non_blocking)`
+(`quant.nf4.PackedExpert`, or a dataclass of fp32 tensors in tests), and `compute(payload, x_TH) -> y_TH`
+is injected. `store(layer)` is an expert backend for the decoder, `(x_TH, ids_TK, w_TK) -> y_TH`.
+
+Bookkeeping (`LayerCache.plan`) is pure Python and separate from data movement (`ExpertStore`), so the
+cache benchmark replays routing traces through the very code that decides placement, without tensors.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, fields
+from typing import Callable, Collection, Hashable, Iterable, Literal, Mapping, Protocol, Sequence
+
+import torch
+
+from .moe import dispatch, group_by_expert
+
+Source = Literal["resident", "hit", "copy", "cpu"]
+
+
+class Payload(Protocol):
+    """One expert's weights as one movable unit (e.g. `quant.nf4.PackedExpert`)."""
+
+    nbytes: int
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Payload": ...
+
+
+Compute = Callable[[Payload, torch.Tensor], torch.Tensor]  # (payload, x_TH) -> y_TH, on the payload's device
+
+
+# ---------------------------------------------------------------------------------------------- policies
+
+
+class CachePolicy(Protocol):
+    """Chooses which cached expert of one layer to drop. Knows keys only, never payloads."""
+
+    def touch(self, key: Hashable) -> None:
+        """Record an access to `key`, member or not (frequency policies keep history)."""
+
+    def insert(self, key: Hashable) -> None:
+        """Make `key` a member (it was just copied into a slot)."""
+
+    def evict(self) -> Hashable:
+        """Remove and return the member to drop; LookupError if there is none."""
+
+    def __contains__(self, key: Hashable) -> bool: ...
+
+    def __len__(self) -> int: ...
+
+
+class LRUPolicy:
+    """Least recently used: the baseline of mixtral-offloading."""
+
+    def __init__(self) -> None:
+        self._order: OrderedDict[Hashable, None] = OrderedDict()  # oldest first
+
+    def touch(self, key):
+        if key in self._order:
+            self._order.move_to_end(key)
+
+    def insert(self, key):
+        self._order[key] = None
+        self._order.move_to_end(key)
+
+    def evict(self):
+        if not self._order:
+            raise LookupError("no member to evict")
+        return self._order.popitem(last=False)[0]
+
+    def __contains__(self, key):
+        return key in self._order
+
+    def __len__(self):
+        return len(self._order)
+
+
+class LFUPolicy:
+    """Least frequently used with exponential aging; ties go to the least recently used.
+
+    Why frequency: a layer's router has persistent favourites (popularity is skewed and changes slowly
+    with the topic), while 8 fresh experts per token flush an LRU cache that holds a few dozen slots.
+    Counting every access, members or not, lets a popular expert win its slot back quickly; aging with
+    a half-life of `half_life` accesses (default 1024, about 128 decoded tokens at top-8) lets the
+    cache follow a change of topic. Aging is O(1): each access adds 2**(tick/half_life), which equals
+    halving all older counts every half_life ticks; scores are rescaled before they overflow.
+    Trade-off (scripts/bench_cache.py): it beats LRU on skewed independent routing, but loses when
+    consecutive tokens reuse each other's experts, since a fresh expert has the lowest score.
+    """
+
+    def __init__(self, half_life: float = 1024.0) -> None:
+        self.half_life = half_life
+        self._tick = 0
+        self._score: dict[Hashable, float] = {}
+        self._last: dict[Hashable, int] = {}
+        self._members: set[Hashable] = set()
+        self._offset = 0.0  # exponent already folded into the scores by rescaling
+
+    def touch(self, key):
+        self._tick += 1
+        exponent = self._tick / self.half_life - self._offset
+        if exponent > 500.0:  # keep floats finite: divide every score by 2**exponent
+            scale = 2.0**-exponent
+            self._score = {k: s * scale for k, s in self._score.items()}
+            self._offset += exponent
+            exponent = 0.0
+        self._score[key] = self._score.get(key, 0.0) + 2.0**exponent
+        self._last[key] = self._tick
+
+    def insert(self, key):
+        self._members.add(key)
+        self._score.setdefault(key, 0.0)
+        self._last.setdefault(key, self._tick)
+
+    def evict(self):
+        if not self._members:
+            raise LookupError("no member to evict")
+        victim = min(self._members, key=lambda k: (self._score[k], self._last[k]))
+        self._members.remove(victim)
+        return victim
+
+    def __contains__(self, key):
+        return key in self._members
+
+    def __len__(self):
+        return len(self._members)
+
+
+POLICIES: dict[str, Callable[[], CachePolicy]] = {"lru": LRUPolicy, "lfu": LFUPolicy}
+
+
+# -------------------------------------------------------------------------------------------- cost model
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Copy an expert to the device, or compute it on the CPU? Compares seconds for this one call.
+
+    copy: latency + bytes / bandwidth; cpu: overhead + tokens * seconds per token (one expert).
+    A copy also buys later hits, which this deliberately ignores: the policy decides what stays.
+    """
+
+    h2d_bytes_per_s: float = math.inf
+    copy_latency_s: float = 0.0
+    cpu_s_per_token: float = math.inf
+    cpu_overhead_s: float = 0.0
+
+    @classmethod
+    def always_copy(cls) -> "CostModel":
+        """Free copies: what device=cpu means (moving an expert is a no-op there)."""
+        return cls()
+
+    def copy_seconds(self, nbytes: int) -> float:
+        return self.copy_latency_s + nbytes / self.h2d_bytes_per_s
+
+    def cpu_seconds(self, n_tokens: int) -> float:
+        return self.cpu_overhead_s + n_tokens * self.cpu_s_per_token
+
+    def prefer_cpu(self, nbytes: int, n_tokens: int) -> bool:
+        return self.cpu_seconds(n_tokens) < self.copy_seconds(nbytes)
+
+
+def _best_seconds(fn: Callable[[], None], repeats: int) -> float:
+    fn()  # warm-up: allocator, kernels, page faults
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def calibrate(
+    payload: Payload,
+    compute: Compute,
+    device: torch.device | str,
+    hidden_size: int,
+    dtype: torch.dtype = torch.float32,
+    tokens: tuple[int, int] = (1, 16),
+    repeats: int = 3,
+) -> CostModel:
+    """Measure host->device bandwidth and CPU expert throughput on this machine, with a real payload.
+
+    On device=cpu copies are free (bandwidth inf), so the store always "copies" (a no-op move).
+    """
+    device = torch.device(device)
+    host = _to_host(payload.to("cpu"), pin=device.type == "cuda")
+    bandwidth = math.inf
+    if device.type == "cuda":
+        def copy() -> None:
+            host.to(device, non_blocking=True)
+            torch.cuda.synchronize(device)
+
+        bandwidth = host.nbytes / _best_seconds(copy, repeats)
+    t0, t1 = tokens
+    x0_TH, x1_TH = (torch.randn(t, hidden_size).to(dtype) for t in (t0, t1))
+    s0 = _best_seconds(lambda: compute(host, x0_TH), repeats)
+    s1 = _best_seconds(lambda: compute(host, x1_TH), repeats)
+    per_token = max((s1 - s0) / (t1 - t0), 1e-12)
+    return CostModel(
+        h2d_bytes_per_s=bandwidth,
+        cpu_s_per_token=per_token,
+        cpu_overhead_s=max(s0 - t0 * per_token, 0.0),
+    )
+
+
+# ---------------------------------------------------------------------------------------------- counters
+
+
+@dataclass(frozen=True)
+class Counters:
+    """Expert accesses, one per (layer, expert) per call: a prefill call touching an expert with 50
+    tokens counts once. hits include resident_hits; misses = copies + cpu_experts."""
+
+    hits: int = 0
+    misses: int = 0
+    resident_hits: int = 0
+    copies: int = 0
+    bytes_copied: int = 0
+    cpu_experts: int = 0
+
+    def __add__(self, other: "Counters") -> "Counters":
+        return Counters(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
+
+    def __sub__(self, other: "Counters") -> "Counters":
+        return Counters(**{f.name: getattr(self, f.name) - getattr(other, f.name) for f in fields(self)})
+
+    def as_dict(self) -> dict:
+        """Plain numbers plus hit_rate (hits / accesses; 1.0 when nothing was accessed)."""
+        d = asdict(self)
+        accesses = self.hits + self.misses
+        d["hit_rate"] = self.hits / accesses if accesses else 1.0
+        return d
+
+
+# ------------------------------------------------------------------------------------------- bookkeeping
+
+
+@dataclass(frozen=True)
+class Step:
+    """How one expert of one call is served; `victim` is the cached expert a copy replaces."""
+
+    expert: int
+    source: Source
+    n_tokens: int
+    victim: int | None = None
+
+
+class LayerCache:
+    """Placement decisions and counters for one layer. Pure Python: no tensors, no devices."""
+
+    def __init__(
+        self,
+        nbytes_E: Sequence[int],
+        resident: Collection[int] = (),
+        slots: int = 0,
+        policy: CachePolicy | None = None,
+        cost_model: CostModel | None = None,
+    ) -> None:
+        if slots < 0:
+            raise ValueError(f"slots must be >= 0, got {slots}")
+        self.nbytes_E = list(nbytes_E)
+        self.resident = frozenset(resident)
+        self.slots = slots
+        self.policy = policy if policy is not None else LRUPolicy()
+        self.cost_model = cost_model if cost_model is not None else CostModel.always_copy()
+        self._tally = dict.fromkeys((f.name for f in fields(Counters)), 0)  # mutable: plan is a hot loop
+
+    @property
+    def counters(self) -> Counters:
+        """This layer's totals since construction."""
+        return Counters(**self._tally)
+
+    @property
+    def cached(self) -> frozenset[int]:
+        """Experts currently in this layer's device slots (never more than `slots`)."""
+        return frozenset(e for e in range(len(self.nbytes_E)) if e in self.policy)
+
+    def plan(self, experts: Iterable[tuple[int, int]]) -> list[Step]:
+        """Serve order for one call's (expert, n_tokens): on-device experts first, so their compute
+        overlaps the copies of the misses; updates the policy and counters as if executed in order."""
+        experts = list(experts)
+        on_device = [(e, n) for e, n in experts if e in self.resident or e in self.policy]
+        missing = [(e, n) for e, n in experts if not (e in self.resident or e in self.policy)]
+        steps = [self._serve_on_device(e, n) for e, n in on_device]
+        steps += [self._serve_missing(e, n) for e, n in missing]
+        return steps
+
+    def _serve_on_device(self, e: int, n: int) -> Step:
+        if e in self.resident:
+            self._count(hits=1, resident_hits=1)
+            return Step(e, "resident", n)
+        self.policy.touch(e)
+        self._count(hits=1)
+        return Step(e, "hit", n)
+
+    def _serve_missing(self, e: int, n: int) -> Step:
+        self.policy.touch(e)
+        nbytes = self.nbytes_E[e]
+        if self.slots == 0 or self.cost_model.prefer_cpu(nbytes, n):
+            self._count(misses=1, cpu_experts=1)
+            return Step(e, "cpu", n)
+        # The victim may be an expert of this very call (served earlier in the order): the store then
+        # copies only after computing it. The policy alone decides; overlap never overrides it.
+        victim = self.policy.evict() if len(self.policy) >= self.slots else None
+        self.policy.insert(e)
+        self._count(misses=1, copies=1, bytes_copied=nbytes)
+        return Step(e, "copy", n, victim)
+
+    def _count(self, **deltas: int) -> None:
+        for name, n in deltas.items():
+            self._tally[name] += n
+
+
+# -------------------------------------------------------------------------------------------- data moves
+
+
+def _to_host(payload: Payload, pin: bool) -> Payload:
+    """Host copy; pinned when the device is CUDA so `.to(device, non_blocking=True)` is a real async DMA."""
+    host = payload.to("cpu")
+    pin_memory = getattr(host, "pin_memory", None)
+    return pin_memory() if pin and pin_memory is not None else host
+
+
+class _Copier:
+    """Host->device copies. On CUDA they run on a side stream so they overlap compute (the only CUDA code)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def start(self, host: Payload) -> tuple[Payload, object]:
+        if self.stream is None:
+            return host.to(self.device), None
+        # A slot's memory returns to the allocator when its expert is evicted, while kernels queued
+        # on the compute stream may still read it: the copy waits for them before reusing it.
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            payload = host.to(self.device, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        return payload, done
+
+    def ready(self, done: object) -> None:
+        if done is not None:
+            torch.cuda.current_stream(self.device).wait_event(done)
+
+
+class ExpertStore:
+    """All routed experts of one model, placed across the device and host RAM.
+
+    experts: {layer: [payload per expert]} (any device; the store makes its own device/host copies).
+    resident: {layer: expert ids kept on the device}; slots: cache slots per layer (int or {layer: int}).
+    policy: factory of one `CachePolicy` per layer. cost_model: decides copy vs CPU on a miss
+    (default: always copy, right for device=cpu; on CUDA pass `calibrate(...)`).
+    """
+
+    def __init__(
+        self,
+        experts: Mapping[int, Sequence[Payload]],
+        compute: Compute,
+        device: torch.device | str = "cpu",
+        resident: Mapping[int, Collection[int]] | None = None,
+        slots: int | Mapping[int, int] = 0,
+        policy: Callable[[], CachePolicy] = LRUPolicy,
+        cost_model: CostModel | None = None,
+    ) -> None:
+        self.device = torch.device(device)
+        self.compute = compute
+        self.host = torch.device("cpu")
+        self._copier = _Copier(self.device)
+        resident = resident or {}
+        pin = self.device.type == "cuda"
+        self._layers: dict[int, LayerCache] = {}
+        self._resident: dict[int, dict[int, Payload]] = {}
+        self._host: dict[int, dict[int, Payload]] = {}
+        self._slots: dict[int, dict[int, tuple[Payload, object]]] = {}
+        for layer, payloads in experts.items():
+            keep = frozenset(resident.get(layer, ()))
+            if not keep <= set(range(len(payloads))):
+                raise ValueError(f"layer {layer}: resident ids {sorted(keep)} outside 0..{len(payloads) - 1}")
+            n_slots = slots if isinstance(slots, int) else slots.get(layer, 0)
+            self._layers[layer] = LayerCache(
+                [p.nbytes for p in payloads], keep, n_slots, policy(), cost_model
+            )
+            self._resident[layer] = {e: payloads[e].to(self.device) for e in sorted(keep)}
+            self._host[layer] = {e: _to_host(p, pin) for e, p in enumerate(payloads) if e not in keep}
+            self._slots[layer] = {}
+
+    def __call__(self, layer: int) -> "LayerExperts":
+        """The expert backend of `layer`: `(x_TH, ids_TK, w_TK) -> y_TH`."""
+        return LayerExperts(self, layer)
+
+    experts_for_layer = __call__
+
+    def layer(self, layer: int) -> LayerCache:
+        """Bookkeeping of one layer (resident set, cached set, slots, counters)."""
+        return self._layers[layer]
+
+    def device_experts(self, layer: int) -> frozenset[int]:
+        """Experts of `layer` whose payload is in a device cache slot right now."""
+        return frozenset(self._slots[layer])
+
+    def snapshot(self) -> Counters:
+        """Totals so far; `stats(since=snapshot)` gives what happened after it (e.g. one token)."""
+        total = Counters()
+        for cache in self._layers.values():
+            total = total + cache.counters
+        return total
+
+    def stats(self, since: Counters | None = None) -> dict:
+        """Plain dict: hits, misses, resident_hits, copies, bytes_copied, cpu_experts, hit_rate."""
+        now = self.snapshot()
+        return (now - since if since is not None else now).as_dict()
+
+    def run(self, layer: int, x_TH: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
+        """sum_k w[t,k] * expert_{ids[t,k]}(x[t]) for one layer, moving experts as the cache decides."""
+        groups = group_by_expert(ids_TK)
+        steps = self._layers[layer].plan((e, len(tok)) for e, tok, _ in groups)
+        deferred = self._start_copies(layer, steps)
+        tok_of = {e: tok for e, tok, _ in groups}
+        y_of = {}
+        for step in steps:
+            if step in deferred:
+                self._copy(layer, step)
+            y_of[step.expert] = self._compute(layer, step, x_TH[tok_of[step.expert]])
+        # Accumulate in dispatch's own (expert-sorted) order so every placement sums identically.
+        return dispatch(x_TH, ids_TK, w_TK, lambda e, _x: y_of.pop(e), groups=groups)
+
+    def _start_copies(self, layer: int, steps: list[Step]) -> set[Step]:
+        """Start every copy whose slot is free or held by an expert outside this call; return the rest,
+        which must wait until the expert they replace has been computed."""
+        called = {s.expert for s in steps}
+        deferred = set()
+        for step in steps:
+            if step.source != "copy":
+                continue
+            if step.victim is not None and step.victim in called:
+                deferred.add(step)
+            else:
+                self._copy(layer, step)
+        return deferred
+
+    def _copy(self, layer: int, step: Step) -> None:
+        slots = self._slots[layer]
+        if step.victim is not None:
+            del slots[step.victim]
+        slots[step.expert] = self._copier.start(self._host[layer][step.expert])
+        assert len(slots) <= self._layers[layer].slots, "cache slot bound exceeded"
+
+    def _compute(self, layer: int, step: Step, x_TH: torch.Tensor) -> torch.Tensor:
+        if step.source == "resident":
+            return self.compute(self._resident[layer][step.expert], x_TH)
+        if step.source == "cpu":
+            y_TH = self.compute(self._host[layer][step.expert], x_TH.to(self.host))
+            return y_TH.to(x_TH.device)
+        payload, done = self._slots[layer][step.expert]
+        self._copier.ready(done)
+        return self.compute(payload, x_TH)
+
+
+class LayerExperts:
+    """Expert backend bound to one layer of a store: what the decoder's MoE block calls."""
+
+    def __init__(self, store: ExpertStore, layer: int) -> None:
+        self.store = store
+        self.layer = layer
+
+    def __call__(self, x_TH: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
+        return self.store.run(self.layer, x_TH, ids_TK, w_TK)

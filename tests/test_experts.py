@@ -1,0 +1,253 @@
+"""ExpertStore: exact cache bookkeeping on scripted traces, slot bound, copy-vs-CPU, placement-invariant outputs."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from localrun.experts import (
+    CostModel,
+    Counters,
+    ExpertStore,
+    LayerCache,
+    LFUPolicy,
+    LRUPolicy,
+    calibrate,
+)
+from localrun.moe import activation, dispatch, expert_ffn
+
+H, I, E, K = 16, 8, 8, 2
+GELU = activation("gelu_pytorch_tanh")
+
+
+@dataclass
+class FP32Expert:
+    """The simplest payload: the checkpoint's two matrices of one expert, fp32."""
+
+    gate_up_2IH: torch.Tensor
+    down_HI: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.gate_up_2IH, self.down_HI))
+
+    def to(self, device, non_blocking=False) -> "FP32Expert":
+        return FP32Expert(self.gate_up_2IH.to(device, non_blocking=non_blocking), self.down_HI.to(device, non_blocking=non_blocking))
+
+
+def compute(p: FP32Expert, x_TH: torch.Tensor) -> torch.Tensor:
+    return expert_ffn(x_TH, p.gate_up_2IH, p.down_HI, GELU)
+
+
+def make_experts(layers: int = 2, seed: int = 0) -> dict[int, list[FP32Expert]]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        layer: [FP32Expert(torch.randn(2 * I, H, generator=g), torch.randn(H, I, generator=g)) for _ in range(E)]
+        for layer in range(layers)
+    }
+
+
+def reference(experts: list[FP32Expert], x_TH, ids_TK, w_TK) -> torch.Tensor:
+    """All experts resident: plain dispatch on the original weights."""
+    return dispatch(x_TH, ids_TK, w_TK, lambda e, x: compute(experts[e], x))
+
+
+def one_call(ids: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One decoded token routed to `ids`."""
+    x_TH = torch.randn(1, H)
+    return x_TH, torch.tensor([ids]), torch.full((1, len(ids)), 1.0 / len(ids))
+
+
+def check_slots(store: ExpertStore, layer: int) -> None:
+    cache = store.layer(layer)
+    assert len(cache.cached) <= cache.slots
+    assert store.device_experts(layer) == cache.cached
+    assert not cache.cached & cache.resident
+
+
+# ------------------------------------------------------------------------------- scripted traces, exact counts
+
+# Single-expert accesses, 2 slots, nothing resident: expert 1 is popular, the rest are one-offs.
+POPULAR_TRACE = [1, 2, 1, 3, 4, 1, 5, 1]
+
+
+@pytest.mark.parametrize(
+    "policy, hits, misses",
+    [
+        # LRU: 1M [1] 2M [1,2] 1H [2,1] 3M(-2) [1,3] 4M(-1) [3,4] 1M(-3) [4,1] 5M(-4) [1,5] 1H
+        (LRUPolicy, 2, 6),
+        # LFU: 1M 2M 1H(s1=2) 3M(-2, s=1) 4M(-3, s=1) 1H 5M(-4) 1H: the popular expert is never evicted
+        (LFUPolicy, 3, 5),
+    ],
+)
+def test_policy_on_scripted_trace(policy, hits, misses):
+    cache = LayerCache([100] * E, resident=(), slots=2, policy=policy())
+    for e in POPULAR_TRACE:
+        cache.plan([(e, 1)])
+        assert len(cache.cached) <= 2
+    assert cache.counters == Counters(hits=hits, misses=misses, copies=misses, bytes_copied=100 * misses)
+
+
+def test_store_counts_on_scripted_trace_with_resident():
+    # 1 resident expert (0), 2 slots, LRU, top-2; hand-traced cache contents in comments (LRU first).
+    trace = [
+        ([0, 1], dict(hits=1, resident_hits=1, misses=1)),  # [1]
+        ([1, 2], dict(hits=1, misses=1)),  # [1,2]
+        ([3, 0], dict(hits=1, resident_hits=1, misses=1)),  # 3 evicts 1: [2,3]
+        ([1, 2], dict(hits=1, misses=1)),  # 2 hit: [3,2]; 1 evicts 3: [2,1]
+        ([3, 4], dict(misses=2)),  # 3 evicts 2, 4 evicts 1: [3,4]
+        ([2, 3], dict(hits=1, misses=1)),  # 3 hit; 2 evicts 4: [3,2]
+    ]
+    experts = make_experts(layers=1)
+    store = ExpertStore(experts, compute, resident={0: [0]}, slots=2, policy=LRUPolicy)
+    nbytes = experts[0][0].nbytes
+    for ids, want in trace:
+        before = store.snapshot()
+        x_TH, ids_TK, w_TK = one_call(ids)
+        torch.testing.assert_close(store(0)(x_TH, ids_TK, w_TK), reference(experts[0], x_TH, ids_TK, w_TK), rtol=0, atol=0)
+        misses = want.get("misses", 0)
+        assert store.snapshot() - before == Counters(copies=misses, bytes_copied=misses * nbytes, **want)
+        check_slots(store, 0)
+    assert store.layer(0).cached == {3, 2}
+    stats = store.stats()
+    assert (stats["hits"], stats["misses"], stats["bytes_copied"], stats["cpu_experts"]) == (5, 7, 7 * nbytes, 0)
+    assert stats["hit_rate"] == pytest.approx(5 / 12)
+
+
+def test_resident_experts_are_never_misses():
+    store = ExpertStore(make_experts(layers=1), compute, resident={0: range(4)}, slots=1)
+    for _ in range(3):
+        store(0)(*one_call([0, 1]))
+        store(0)(*one_call([2, 3]))
+    assert store.stats()["misses"] == 0
+    assert store.stats()["resident_hits"] == store.stats()["hits"] == 12
+    assert store.layer(0).cached == set()
+
+
+def test_lfu_aging_lets_recent_experts_win():
+    def victim(half_life: float) -> int:
+        p = LFUPolicy(half_life=half_life)
+        for key in ["a", "a", "a", "b", "b"]:
+            p.touch(key)
+        p.insert("a")
+        p.insert("b")
+        return p.evict()
+
+    assert victim(half_life=1e9) == "b"  # plain counts: a=3 > b=2
+    assert victim(half_life=1.0) == "a"  # halving per access: a = 2+4+8 < b = 16+32
+
+
+def test_lfu_rescaling_keeps_order_and_finite_scores():
+    p = LFUPolicy(half_life=1.0)
+    for i in range(3000):  # 2**3000 overflows a float without rescaling
+        p.touch("hot" if i % 3 else "cold")
+    p.insert("hot")
+    p.insert("cold")
+    assert p.evict() == "cold"
+    assert all(math.isfinite(s) for s in p._score.values())
+
+
+def test_policies_evict_members_only():
+    for policy in (LRUPolicy(), LFUPolicy()):
+        policy.touch(9)  # history of a non-member is not membership
+        policy.insert(1)
+        policy.insert(2)
+        assert 9 not in policy and len(policy) == 2
+        assert {policy.evict(), policy.evict()} == {1, 2}
+        with pytest.raises(LookupError):
+            policy.evict()
+
+
+def test_copy_replacing_an_expert_of_the_same_call_waits_for_it():
+    # 1 slot holding 7; a call hits 7 and misses 3, so 3 must replace 7: the copy is deferred until
+    # 7 has been computed, and the output still matches.
+    experts = make_experts(layers=1)
+    store = ExpertStore(experts, compute, slots=1, policy=LFUPolicy)
+    for ids in ([7], [7], [7, 3]):
+        x_TH, ids_TK, w_TK = one_call(ids)
+        torch.testing.assert_close(store(0)(x_TH, ids_TK, w_TK), reference(experts[0], x_TH, ids_TK, w_TK), rtol=0, atol=0)
+        check_slots(store, 0)
+    assert store.stats()["hits"] == 2 and store.layer(0).cached == {3}
+
+
+# ------------------------------------------------------------------------- placement never changes the output
+
+
+@pytest.mark.parametrize("policy", [LRUPolicy, LFUPolicy])
+@pytest.mark.parametrize("resident_fraction", [1.0, 0.25, 0.0])
+def test_outputs_equal_all_resident_dispatch(resident_fraction, policy):
+    experts = make_experts(layers=2)
+    n_resident = int(E * resident_fraction)
+    resident = {layer: range(E - n_resident, E) for layer in experts}
+    store = ExpertStore(experts, compute, resident=resident, slots=2, policy=policy)
+    g = torch.Generator().manual_seed(1)
+    # Prefill (more missing experts than slots: slots are streamed and reused) then decode steps.
+    for T in [12, 1, 1, 3, 1, 1, 12, 1]:
+        x_TH = torch.randn(T, H, generator=g)
+        for layer in experts:
+            ids_TK = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+            w_TK = torch.rand(T, K, generator=g)
+            got = store(layer)(x_TH, ids_TK, w_TK)
+            want = reference(experts[layer], x_TH, ids_TK, w_TK)
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+            check_slots(store, layer)
+    stats = store.stats()
+    if resident_fraction == 1.0:
+        assert stats["misses"] == 0
+    else:
+        assert stats["misses"] > 0 and stats["bytes_copied"] == stats["copies"] * experts[0][0].nbytes
+
+
+# ------------------------------------------------------------------------------------------ copy or compute?
+
+
+def test_expensive_copies_compute_on_cpu():
+    experts = make_experts(layers=1)
+    slow_bus = CostModel(h2d_bytes_per_s=1.0, cpu_s_per_token=1e-6)
+    store = ExpertStore(experts, compute, resident={0: [0]}, slots=4, cost_model=slow_bus)
+    for ids in ([0, 1], [2, 3], [1, 2]):
+        x_TH, ids_TK, w_TK = one_call(ids)
+        torch.testing.assert_close(store(0)(x_TH, ids_TK, w_TK), reference(experts[0], x_TH, ids_TK, w_TK), rtol=0, atol=0)
+    stats = store.stats()
+    assert (stats["hits"], stats["misses"], stats["cpu_experts"], stats["copies"], stats["bytes_copied"]) == (1, 5, 5, 0, 0)
+    assert store.layer(0).cached == set()
+
+
+def test_cheap_copies_fill_slots():
+    experts = make_experts(layers=1)
+    fast_bus = CostModel(h2d_bytes_per_s=1e12, cpu_s_per_token=1.0)
+    store = ExpertStore(experts, compute, slots=4, cost_model=fast_bus)
+    for ids in ([0, 1], [2, 3], [1, 2]):
+        store(0)(*one_call(ids))
+    stats = store.stats()
+    assert (stats["hits"], stats["misses"], stats["cpu_experts"], stats["copies"]) == (2, 4, 0, 4)
+    assert store.layer(0).cached == {0, 1, 2, 3}
+
+
+def test_token_count_flips_the_choice():
+    # A copy costs 1 ms; CPU costs 0.1 ms per token: decode computes on CPU, a 50-token prefill copies.
+    cost = CostModel(h2d_bytes_per_s=1e6, cpu_s_per_token=1e-4)
+    assert cost.prefer_cpu(1000, 1) and not cost.prefer_cpu(1000, 50)
+    cache = LayerCache([1000] * E, slots=2, cost_model=cost)
+    assert [s.source for s in cache.plan([(0, 1), (1, 50)])] == ["cpu", "copy"]
+
+
+def test_zero_slots_compute_everything_missing_on_cpu():
+    store = ExpertStore(make_experts(layers=1), compute, resident={0: [0]}, slots=0)
+    store(0)(*one_call([0, 5]))
+    assert store.stats()["cpu_experts"] == 1 and store.stats()["copies"] == 0
+
+
+def test_calibrate_on_cpu_measures_compute_and_frees_copies():
+    cost = calibrate(make_experts(layers=1)[0][0], compute, "cpu", hidden_size=H, repeats=1)
+    assert cost.h2d_bytes_per_s == math.inf and cost.copy_seconds(10**9) == 0.0
+    assert 0 < cost.cpu_s_per_token < 1.0
+    assert not cost.prefer_cpu(10**9, 1)
+
+
+def test_bad_resident_ids_are_rejected():
+    with pytest.raises(ValueError, match="resident"):
+        ExpertStore(make_experts(layers=1), compute, resident={0: [E]})
