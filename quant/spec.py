@@ -7,6 +7,14 @@ from dataclasses import dataclass
 
 QUANT_TYPES = ("nf4", "fp4")
 NESTED_BLOCKSIZE = 256  # bitsandbytes quantizes the absmax of 256 blocks at a time with double quant
+# Every stored part (codes, absmax, ...) starts on a 16-byte boundary: CUDA 4-bit kernels load
+# the codes as 16-byte vectors, and fp32 statistics must be viewable in place.
+PART_ALIGN = 16
+
+
+def align(nbytes: int, to: int = PART_ALIGN) -> int:
+    """`nbytes` rounded up to a multiple of `to`."""
+    return -(-nbytes // to) * to
 
 
 @dataclass(frozen=True)
@@ -22,10 +30,14 @@ class QuantSpec:
             raise ValueError(f"blocksize must be a power of two in 32..4096, not {self.blocksize}")
 
     def nbytes(self, numel: int) -> int:
-        """Bytes of one quantized tensor of `numel` values: 4-bit codes plus the absmax statistics."""
+        """Bytes stored for one quantized matrix of `numel` values, exactly as quant.nf4 packs it.
+
+        4-bit codes plus the absmax statistics, each part padded to PART_ALIGN. The 16-entry
+        code tables are constants rebuilt from bitsandbytes, so they cost nothing per matrix.
+        """
         blocks = math.ceil(numel / self.blocksize)
-        codes = (numel + 1) // 2
+        codes = align((numel + 1) // 2)
         if not self.double_quant:
-            return codes + 4 * blocks
+            return codes + align(4 * blocks)
         # absmax as uint8 codes, plus an fp32 absmax per 256 of them and one fp32 offset
-        return codes + blocks + 4 * math.ceil(blocks / NESTED_BLOCKSIZE) + 4
+        return codes + align(blocks) + align(4 * math.ceil(blocks / NESTED_BLOCKSIZE)) + align(4)

@@ -1,0 +1,68 @@
+"""The routed-expert FFN on 4-bit weights, and an expert backend built on it.
+
+Shape letters: T tokens, K top-k, E experts, H hidden, I expert intermediate.
+Same math as `localrun.moe.expert_ffn`: gate, up = (x @ gate_up.T).chunk(2);
+y = (act(gate) * up) @ down.T, computed in the dtype of x.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import bitsandbytes as bnb
+import torch
+
+from localrun.moe import activation, dispatch, expert_ffn
+from quant.nf4 import PackedExpert
+
+# Up to this many tokens per expert, bitsandbytes' fused 4-bit matmul (a gemv on GPU for one
+# token) reads the codes directly; beyond it, dequantizing once and running a dense matmul is
+# faster because the dequantized matrix is reused by every token.
+MATMUL_4BIT_MAX_TOKENS = 8
+
+
+def ffn_matmul_4bit(x_TH: torch.Tensor, expert: PackedExpert, act) -> torch.Tensor:
+    """Expert FFN with bitsandbytes matmul_4bit on the packed codes (the decode path)."""
+    gate_up = bnb.matmul_4bit(x_TH, expert.codes("gate_up").t(), expert.quant_state("gate_up", x_TH.dtype))
+    gate, up = gate_up.chunk(2, dim=-1)
+    return bnb.matmul_4bit(act(gate) * up, expert.codes("down").t(), expert.quant_state("down", x_TH.dtype))
+
+
+def ffn_dequantized(x_TH: torch.Tensor, expert: PackedExpert, act) -> torch.Tensor:
+    """Expert FFN by dequantizing both matrices to x's dtype, then dense matmuls (the prefill path)."""
+    gate_up_2IH, down_HI = expert.dequantize(x_TH.dtype)
+    return expert_ffn(x_TH, gate_up_2IH, down_HI, act)
+
+
+def ffn_4bit(x_TH: torch.Tensor, expert: PackedExpert, act) -> torch.Tensor:
+    """One expert on 4-bit weights, picking the path by token count (MATMUL_4BIT_MAX_TOKENS)."""
+    if x_TH.shape[0] <= MATMUL_4BIT_MAX_TOKENS:
+        return ffn_matmul_4bit(x_TH, expert, act)
+    return ffn_dequantized(x_TH, expert, act)
+
+
+class QuantizedExperts:
+    """Expert backend over one layer's PackedExperts: `experts(x_TH, ids_TK, w_TK) -> y_TH`.
+
+    A drop-in for `localrun.moe.DenseExperts`; every expert must already be on x's device.
+    """
+
+    def __init__(self, experts: Sequence[PackedExpert], act: str):
+        experts = list(experts)
+        if not experts:
+            raise ValueError("QuantizedExperts needs at least one expert")
+        if any(e.layout != experts[0].layout for e in experts):
+            raise ValueError("all experts of a layer must share one layout")
+        self.experts = experts
+        self.act_name = act
+        self.act = activation(act)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.nbytes for e in self.experts)
+
+    def __call__(self, x_TH: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
+        return dispatch(x_TH, ids_TK, w_TK, lambda e, x: ffn_4bit(x, self.experts[e], self.act))
+
+    def __repr__(self) -> str:
+        return f"QuantizedExperts({len(self.experts)} x {self.experts[0]!r}, act={self.act_name})"
