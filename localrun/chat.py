@@ -1,0 +1,561 @@
+"""The chat's logic, free of terminal I/O: conversation state, slash commands, context trimming,
+thought/answer splitting and the stats line. `localrun/commands/chat.py` is the thin REPL on top.
+
+Interrupting a reply (Ctrl-C) keeps what was generated so far as the assistant's message, so
+the conversation stays user/assistant alternating and the model sees what the user saw;
+`/retry` replaces it with a fresh reply to the same user message.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Iterator
+
+from .errors import LocalrunError, UsageError
+from .sampling import SamplingParams
+
+THOUGHT, ANSWER = "thought", "answer"
+OPEN_THOUGHT, CLOSE_THOUGHT = "<|channel>", "<channel|>"
+BLOCK = '"""'
+
+
+# Thought / answer splitting --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Piece:
+    kind: str  # THOUGHT or ANSWER
+    text: str
+
+
+def _partial_marker_suffix(text: str, marker: str) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of `marker` (it may complete later)."""
+    for n in range(min(len(text), len(marker) - 1), 0, -1):
+        if marker.startswith(text[-n:]):
+            return n
+    return 0
+
+
+class ThoughtSplitter:
+    """Routes streamed text into thought and answer pieces.
+
+    Gemma 4 thinks as `<|channel>thought\\n...<channel|>` before answering. Markers (and the
+    channel label line) may arrive split over several pieces, so a tail that could be the start
+    of a marker is held back until the next `feed` or `flush` settles it.
+    """
+
+    LABEL_MAX = 32  # a channel label is one short word ("thought"); longer means there is none
+
+    def __init__(self):
+        self.kind = ANSWER
+        self._buf = ""
+        self._in_label = False
+
+    def feed(self, text: str) -> list[Piece]:
+        """Add streamed text; return the pieces that are now certain (possibly none)."""
+        self._buf += text
+        out: list[Piece] = []
+        while self._buf:
+            if self._in_label:
+                if not self._take_label():
+                    break
+                continue
+            marker = CLOSE_THOUGHT if self.kind == THOUGHT else OPEN_THOUGHT
+            at = self._buf.find(marker)
+            if at >= 0:
+                self._emit(out, self._buf[:at])
+                self._buf = self._buf[at + len(marker):]
+                self.kind = ANSWER if self.kind == THOUGHT else THOUGHT
+                self._in_label = self.kind == THOUGHT
+                continue
+            keep = _partial_marker_suffix(self._buf, marker)
+            self._emit(out, self._buf[:len(self._buf) - keep])
+            self._buf = self._buf[len(self._buf) - keep:]
+            break
+        return out
+
+    def flush(self) -> list[Piece]:
+        """End of stream: whatever is held back is text of the current kind."""
+        out: list[Piece] = []
+        self._emit(out, self._buf)
+        self._buf, self._in_label = "", False
+        return out
+
+    def _take_label(self) -> bool:
+        """Drop the channel label line after `<|channel>`; False while it may still be arriving."""
+        newline = self._buf.find("\n")
+        if newline < 0:
+            if len(self._buf) <= self.LABEL_MAX and CLOSE_THOUGHT not in self._buf:
+                return False
+            self._in_label = False  # no label line: it is all thought text
+            return True
+        if newline <= self.LABEL_MAX and " " not in self._buf[:newline]:
+            self._buf = self._buf[newline + 1:]
+        self._in_label = False
+        return True
+
+    def _emit(self, out: list[Piece], text: str) -> None:
+        if not text:
+            return
+        if out and out[-1].kind == self.kind:
+            out[-1] = Piece(self.kind, out[-1].text + text)
+        else:
+            out.append(Piece(self.kind, text))
+
+
+# Settings --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Settings:
+    """What `/set` changes: sampling, reply length, thinking."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repeat_penalty: float = 1.0
+    max_tokens: int = 1024
+    seed: int | None = None
+    think: bool = False
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        if self.max_tokens < 1:
+            raise UsageError("max_tokens must be at least 1")
+        self.sampling()  # validates the sampling values (UsageError)
+
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(self.temperature, self.top_k, self.top_p, self.min_p, self.repeat_penalty, self.seed)
+
+
+SETTABLE = {"temperature": float, "top_p": float, "top_k": int, "min_p": float,
+            "repeat_penalty": float, "max_tokens": int, "seed": int}
+
+
+def apply_setting(settings: Settings, name: str, value: str) -> Settings:
+    """A copy of `settings` with `name` set from the text `value`; UsageError when either is bad."""
+    key = name.replace("-", "_")
+    if key not in SETTABLE:
+        raise UsageError(f"unknown setting {name!r}; one of: {', '.join(SETTABLE)}")
+    if key == "seed" and value.lower() in ("none", "off", "random"):
+        return replace(settings, seed=None)
+    try:
+        parsed = SETTABLE[key](value)
+    except ValueError:
+        kind = "an integer" if SETTABLE[key] is int else "a number"
+        raise UsageError(f"{key} must be {kind}, not {value!r}") from None
+    return replace(settings, **{key: parsed})
+
+
+# Conversation ----------------------------------------------------------------------------------
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class Conversation:
+    """The system prompt and the user/assistant messages after it."""
+
+    system: str | None = None
+    turns: list[dict] = field(default_factory=list)
+
+    def messages(self) -> list[dict]:
+        """What goes through the chat template: [system] + turns, as {role, content} dicts."""
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        return head + [dict(m) for m in self.turns]
+
+    def add(self, role: str, content: str) -> None:
+        self.turns.append({"role": role, "content": content})
+
+    @property
+    def awaiting_reply(self) -> bool:
+        return bool(self.turns) and self.turns[-1]["role"] == "user"
+
+    def undo(self) -> int:
+        """Drop the last exchange (the last user message and the reply after it); number of messages dropped."""
+        for i in range(len(self.turns) - 1, -1, -1):
+            if self.turns[i]["role"] == "user":
+                dropped = len(self.turns) - i
+                del self.turns[i:]
+                return dropped
+        return 0
+
+    def drop_reply(self) -> bool:
+        """For /retry: drop the last assistant reply so the user message before it is answered again."""
+        if self.turns and self.turns[-1]["role"] == "assistant":
+            self.turns.pop()
+        return self.awaiting_reply
+
+    def clear(self) -> None:
+        self.turns.clear()
+
+
+def save_conversation(messages: list[dict], path: str | Path) -> Path:
+    """Write messages as a JSON list, atomically (temp file in the same directory, then rename)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise LocalrunError(f"cannot save to {path}: it is a directory")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(messages, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise LocalrunError(f"cannot save to {path}: {e.strerror or e}") from None
+    return path
+
+
+def load_conversation(path: str | Path) -> Conversation:
+    """Read a saved JSON list of {role, content}; a leading system message becomes the system prompt."""
+    path = Path(path).expanduser()
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise LocalrunError(f"cannot read {path}: {e.strerror or e}") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise LocalrunError(f"cannot load {path}: not valid JSON ({e})") from None
+    if not isinstance(data, list):
+        raise LocalrunError(f"cannot load {path}: expected a JSON list of {{role, content}} messages")
+    for i, m in enumerate(data):
+        if not (isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)):
+            raise LocalrunError(f"cannot load {path}: message {i} is not a {{role, content}} object "
+                                f"with role in {'/'.join(ROLES)}")
+        if m["role"] == "system" and i > 0:
+            raise LocalrunError(f"cannot load {path}: only the first message may be a system message")
+    system = data[0]["content"] if data and data[0]["role"] == "system" else None
+    turns = [{"role": m["role"], "content": m["content"]} for m in data if m["role"] != "system"]
+    return Conversation(system, turns)
+
+
+# Context trimming ------------------------------------------------------------------------------
+
+def trim_to_fit(messages: list[dict], count: Callable[[list[dict]], int], budget: int) -> tuple[list[dict], int]:
+    """Drop the oldest exchanges until `count(messages) <= budget`.
+
+    A system message (first) and the last message are never dropped; a user message takes the
+    reply after it along, so what is left never opens with an assistant turn. Returns the kept
+    messages and how many were dropped; the result may still be over budget.
+    """
+    head = messages[:1] if messages and messages[0]["role"] == "system" else []
+    body = messages[len(head):]
+    dropped = 0
+    while len(body) > 1 and count(head + body) > budget:
+        n = 1
+        while n < len(body) - 1 and body[n]["role"] == "assistant":
+            n += 1
+        body, dropped = body[n:], dropped + n
+    return head + body, dropped
+
+
+# Slash commands --------------------------------------------------------------------------------
+
+COMMANDS = {
+    "/help": "this list",
+    "/system TEXT": "set the system prompt (no TEXT: clear it)",
+    "/clear": "forget the conversation (the system prompt stays)",
+    "/undo": "drop the last exchange",
+    "/retry": "answer the last message again",
+    "/think on|off": "turn Gemma 4 thinking on or off",
+    "/set NAME VALUE": "set " + "|".join(SETTABLE),
+    "/save FILE": "save the conversation as JSON",
+    "/load FILE": "load a conversation saved with /save",
+    "/stats": "settings, context use and the last reply's timings",
+    "/exit": "leave (also Ctrl-D, or Ctrl-C twice)",
+}
+
+
+def help_text() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [f"{name.ljust(width)}  {what}" for name, what in COMMANDS.items()]
+    lines.append(f'{BLOCK.ljust(width)}  start a multi-line message; end it with {BLOCK}')
+    return "\n".join(lines)
+
+
+def parse_command(line: str) -> tuple[str, str] | None:
+    """`/name rest` -> ("name", "rest"); None for an ordinary message."""
+    text = line.strip()
+    if not text.startswith("/") or text == "/" or text.startswith("//"):
+        return None
+    name, _, arg = text[1:].partition(" ")
+    return name.lower(), arg.strip()
+
+
+@dataclass
+class Outcome:
+    """What a command asks the REPL to do: show `text` (as an error?), start a reply, exit."""
+
+    text: str = ""
+    error: bool = False
+    respond: bool = False
+    exit: bool = False
+
+
+def _on_off(arg: str) -> bool | None:
+    return {"on": True, "true": True, "1": True, "off": False, "false": False, "0": False}.get(arg.lower())
+
+
+# Multi-line input ------------------------------------------------------------------------------
+
+class MultilineInput:
+    """Collects one message from input lines: a line starting with \"\"\" opens a block that a line
+    ending with \"\"\" closes (text on those lines counts), so pasted paragraphs stay one message."""
+
+    def __init__(self):
+        self._lines: list[str] | None = None
+
+    @property
+    def open(self) -> bool:
+        return self._lines is not None
+
+    def feed(self, line: str) -> str | None:
+        """The finished message, or None while a block is still open."""
+        if self._lines is None:
+            if not line.lstrip().startswith(BLOCK):
+                return line
+            line = line.lstrip()[len(BLOCK):]
+            self._lines = []
+            if line.rstrip().endswith(BLOCK):  # """one line"""
+                return self._close(line)
+            self._lines.append(line)
+            return None
+        if line.rstrip().endswith(BLOCK):
+            return self._close(line)
+        self._lines.append(line)
+        return None
+
+    def _close(self, line: str) -> str:
+        self._lines.append(line.rstrip()[:-len(BLOCK)])
+        text = "\n".join(self._lines).strip("\n")
+        self._lines = None
+        return text
+
+    def cancel(self) -> None:
+        self._lines = None
+
+
+# Stats -----------------------------------------------------------------------------------------
+
+def rss_bytes() -> int:
+    """Resident memory of this process (peak RSS where the current one can't be read)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
+
+
+def _gb(n: float) -> str:
+    return f"{n / 2**30:.2f} GB" if n >= 2**30 else f"{n / 2**20:.0f} MB"
+
+
+def format_stats(tokens: int, timings, memory: int, extra: dict | None = None, *, interrupted: bool = False) -> str:
+    """The dim line after a reply: tokens, time to first token, decode speed, memory, then `extra` items."""
+    parts = [f"{tokens} tokens", f"ttft {timings.ttft_s:.2f} s", f"{timings.decode_tokens_per_s:.1f} tok/s",
+             f"RSS {_gb(memory)}"]
+    parts += [f"{k} {v}" for k, v in (extra or {}).items()]
+    if interrupted:
+        parts.append("interrupted")
+    return " · ".join(parts)
+
+
+def engine_stats(engine) -> dict:
+    """Optional extra figures an engine may expose (e.g. expert cache hit rate) as `engine.stats() -> dict`."""
+    stats = getattr(engine, "stats", None)
+    if not callable(stats):
+        return {}
+    try:
+        return dict(stats() or {})
+    except Exception:  # a figure is never worth breaking the chat for
+        return {}
+
+
+# The session -----------------------------------------------------------------------------------
+
+@dataclass
+class Reply:
+    """One reply as it streams: iterate for pieces; `answer`, `tokens`, `timings` fill in as it goes."""
+
+    pieces: Iterator[Piece]
+    prompt_tokens: int
+    dropped: int  # messages trimmed from the front to fit the context
+    answer: str = ""
+    thought: str = ""
+    tokens: int = 0
+    timings: object = None
+    finish_reason: str | None = None
+
+    def __iter__(self) -> Iterator[Piece]:
+        return self.pieces
+
+
+class ChatSession:
+    """A conversation with one engine: commands in, outcomes and streamed replies out. Never prints."""
+
+    def __init__(self, engine, settings: Settings, *, system: str | None = None, context: int = 4096):
+        if context < 16:
+            raise UsageError("--context must be at least 16 tokens")
+        self.engine = engine
+        self.settings = settings
+        self.context = context
+        self.conversation = Conversation(system or None)
+        self.last: Reply | None = None
+
+    # Commands
+
+    def command(self, name: str, arg: str) -> Outcome:
+        """Run one slash command (parsed by `parse_command`)."""
+        handler = getattr(self, f"_cmd_{name}", None)
+        if handler is None:
+            return Outcome(f"unknown command /{name} (try /help)", error=True)
+        try:
+            return handler(arg)
+        except LocalrunError as e:  # bad /set value, unreadable file: one line, conversation untouched
+            return Outcome(str(e), error=True)
+
+    def _cmd_help(self, arg: str) -> Outcome:
+        return Outcome(help_text())
+
+    def _cmd_exit(self, arg: str) -> Outcome:
+        return Outcome(exit=True)
+
+    _cmd_quit = _cmd_bye = _cmd_exit
+
+    def _cmd_system(self, arg: str) -> Outcome:
+        self.conversation.system = arg or None
+        return Outcome("system prompt set" if arg else "system prompt cleared")
+
+    def _cmd_clear(self, arg: str) -> Outcome:
+        self.conversation.clear()
+        return Outcome("conversation cleared")
+
+    def _cmd_undo(self, arg: str) -> Outcome:
+        n = self.conversation.undo()
+        return Outcome(f"dropped the last exchange ({n} message{'s' * (n != 1)})" if n else "nothing to undo",
+                       error=not n)
+
+    def _cmd_retry(self, arg: str) -> Outcome:
+        if not self.conversation.drop_reply():
+            return Outcome("nothing to retry", error=True)
+        return Outcome(respond=True)
+
+    def _cmd_think(self, arg: str) -> Outcome:
+        on = _on_off(arg) if arg else not self.settings.think
+        if on is None:
+            return Outcome("usage: /think on|off", error=True)
+        self.settings = replace(self.settings, think=on)
+        return Outcome(f"thinking {'on' if on else 'off'}")
+
+    def _cmd_set(self, arg: str) -> Outcome:
+        name, _, value = arg.partition(" ")
+        if not name or not value.strip():
+            return Outcome(f"usage: /set {'|'.join(SETTABLE)} VALUE", error=True)
+        self.settings = apply_setting(self.settings, name, value.strip())
+        key = name.replace("-", "_")
+        return Outcome(f"{key} = {getattr(self.settings, key)}")
+
+    def _cmd_save(self, arg: str) -> Outcome:
+        if not arg:
+            return Outcome("usage: /save FILE", error=True)
+        path = save_conversation(self.conversation.messages(), arg)
+        return Outcome(f"saved {len(self.conversation.messages())} messages to {path}")
+
+    def _cmd_load(self, arg: str) -> Outcome:
+        if not arg:
+            return Outcome("usage: /load FILE", error=True)
+        self.conversation = load_conversation(arg)
+        return Outcome(f"loaded {len(self.conversation.messages())} messages from {arg}")
+
+    def _cmd_stats(self, arg: str) -> Outcome:
+        s = self.settings
+        used = self.count_tokens(self.conversation.messages()) if self.conversation.turns else 0
+        lines = [
+            f"messages  {len(self.conversation.turns)} (context {used} / {self.context} tokens)",
+            f"sampling  temperature {s.temperature}, top_k {s.top_k}, top_p {s.top_p}, min_p {s.min_p}, "
+            f"repeat_penalty {s.repeat_penalty}, seed {s.seed}",
+            f"reply     max_tokens {s.max_tokens}, thinking {'on' if s.think else 'off'}",
+        ]
+        if self.last is not None and self.last.timings is not None:
+            t = self.last.timings
+            lines.append(f"last      {self.last.prompt_tokens} prompt tokens, prefill {t.prefill_tokens_per_s:.1f} "
+                         f"tok/s, {self.last.tokens} generated, {t.decode_tokens_per_s:.1f} tok/s")
+        lines.append(f"memory    RSS {_gb(rss_bytes())}")
+        lines += [f"{k:<9} {v}" for k, v in engine_stats(self.engine).items()]
+        return Outcome("\n".join(lines))
+
+    # Replies
+
+    def count_tokens(self, messages: list[dict]) -> int:
+        return len(self.engine.encode_messages(messages, enable_thinking=self.settings.think))
+
+    def ask(self, text: str) -> None:
+        """Add a user message; `respond()` answers it."""
+        self.conversation.add("user", text)
+
+    def respond(self) -> Reply:
+        """Start the reply to the last user message, trimming the oldest turns if the context is full.
+
+        Iterate the result for pieces, then call `commit(reply)`, also after an interruption.
+        """
+        s = self.settings
+        reserve = min(s.max_tokens, self.context // 2)  # room kept for the reply itself
+        messages, dropped = trim_to_fit(self.conversation.messages(), self.count_tokens, self.context - reserve)
+        ids = self.engine.encode_messages(messages, enable_thinking=s.think)
+        if len(ids) >= self.context:
+            self.conversation.turns.pop()  # unanswerable as it is: don't let it block the next one
+            raise LocalrunError(f"the message is too long: {len(ids)} tokens, the context holds {self.context} "
+                                "(--context)")
+        if dropped:
+            self.conversation.turns = [m for m in messages if m["role"] != "system"]
+        max_tokens = min(s.max_tokens, self.context - len(ids))
+        steps = self.engine.stream(ids, s.sampling(), max_tokens=max_tokens, ignore_eos=s.ignore_eos)
+        reply = Reply(iter(()), prompt_tokens=len(ids), dropped=dropped)
+        reply.pieces = self._pieces(reply, self.engine.stream_text(steps))
+        return reply
+
+    def _pieces(self, reply: Reply, texts) -> Iterator[Piece]:
+        splitter = ThoughtSplitter()
+        for text, step in texts:
+            reply.tokens, reply.timings, reply.finish_reason = step.timings.generated_tokens, step.timings, \
+                step.finish_reason
+            for piece in splitter.feed(text):
+                yield self._record(reply, piece)
+        for piece in splitter.flush():
+            yield self._record(reply, piece)
+
+    @staticmethod
+    def _record(reply: Reply, piece: Piece) -> Piece:
+        if piece.kind == ANSWER:
+            reply.answer += piece.text
+        else:
+            reply.thought += piece.text
+        return piece
+
+    def commit(self, reply: Reply) -> None:
+        """Keep the reply (whole or interrupted) as the assistant's message."""
+        self.conversation.add("assistant", reply.answer.strip())
+        self.last = reply
+
+
+def history_path() -> Path:
+    """Where input history lives: $LOCALRUN_HOME/history, else $XDG_DATA_HOME or ~/.local/share /localrun/history."""
+    if os.environ.get("LOCALRUN_HOME"):
+        return Path(os.environ["LOCALRUN_HOME"]).expanduser() / "history"
+    data = os.environ.get("XDG_DATA_HOME")
+    base = Path(data).expanduser() if data else Path.home() / ".local" / "share"
+    return base / "localrun" / "history"
+
+
+def default_context(max_position_embeddings: int, requested: int | None) -> int:
+    """--context as given, else 4096 or the model's own limit if smaller; never above the model's limit."""
+    limit = max_position_embeddings or 4096
+    if requested is None:
+        return min(4096, limit)
+    if requested > limit:
+        raise UsageError(f"--context {requested} is more than the model's {limit} positions")
+    return requested
+

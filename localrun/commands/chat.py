@@ -1,0 +1,171 @@
+"""`localrun chat [MODEL]`: an interactive chat in the terminal. The logic lives in localrun/chat.py;
+this module only reads lines (readline, with history) and prints what the session returns."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from ..chat import (THOUGHT, ChatSession, MultilineInput, Reply, Settings, default_context, engine_stats,
+                    format_stats, history_path, parse_command, rss_bytes)
+from ..engine import DTYPES, Engine
+from ..errors import LocalrunError, UsageError
+from ..resolve import resolve_model
+
+PROMPT, MORE = ">>> ", "... "
+
+
+class Terminal:
+    """Prints for the REPL: dim for thoughts and stats, red for errors, nothing styled under NO_COLOR."""
+
+    def __init__(self):
+        self.plain = bool(os.environ.get("NO_COLOR"))
+        self.console = Console(highlight=False, no_color=self.plain)
+
+    def write(self, text: str, style: str | None = None, end: str = "") -> None:
+        self.console.print(text, style=None if self.plain else style, end=end, markup=False, soft_wrap=True)
+
+    def info(self, text: str) -> None:
+        self.write(text, "dim", end="\n")
+
+    def error(self, text: str) -> None:
+        self.write(f"error: {text}", "red", end="\n")
+
+
+def setup_history(path: Path) -> Optional[object]:
+    """Arrow-key editing and history via stdlib readline, persisted at `path`; None where unavailable."""
+    try:
+        import readline
+    except ImportError:  # Windows without pyreadline: plain input() still works
+        return None
+    readline.set_history_length(2000)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(exist_ok=True)
+        readline.read_history_file(path)
+    except OSError:
+        return None  # unwritable home: the chat works, history just isn't kept
+    return readline
+
+
+def remember(readline, path: Path, line: str) -> None:
+    """Add one input line to the history, and to the file at once so a crash loses nothing."""
+    if readline is None or not line.strip():
+        return
+    try:
+        readline.append_history_file(1, path)
+    except OSError:
+        pass
+
+
+def show_reply(session: ChatSession, term: Terminal) -> None:
+    """Stream one reply; Ctrl-C stops it and keeps the partial reply (see localrun/chat.py)."""
+    try:
+        reply = session.respond()
+    except LocalrunError as e:
+        term.error(str(e))
+        return
+    if reply.dropped:
+        term.info(f"(context full: dropped the {reply.dropped} oldest messages; the system prompt is kept)")
+    interrupted, kind = False, None
+    try:
+        for piece in reply:
+            if piece.kind != kind:
+                if piece.kind == THOUGHT:
+                    term.write("thinking...\n", "dim")
+                elif kind == THOUGHT:
+                    term.write("\n\n")  # the answer starts apart from the thought
+                kind = piece.kind
+            term.write(piece.text, "dim italic" if piece.kind == THOUGHT else None)
+    except KeyboardInterrupt:
+        interrupted = True
+        reply.pieces.close()
+    session.commit(reply)
+    term.write("\n")
+    term.info(stats_line(session, reply, interrupted))
+
+
+def stats_line(session: ChatSession, reply: Reply, interrupted: bool) -> str:
+    if reply.timings is None:
+        return "interrupted before the first token"
+    return format_stats(reply.tokens, reply.timings, rss_bytes(), engine_stats(session.engine), interrupted=interrupted)
+
+
+def repl(session: ChatSession, term: Terminal) -> None:
+    """Read messages and commands until /exit, Ctrl-D, or Ctrl-C twice at the prompt."""
+    path = history_path()
+    readline = setup_history(path)
+    block = MultilineInput()
+    term.info('type a message, /help for commands, """ for a multi-line message')
+    ctrl_c = False
+    while True:
+        try:
+            line = input(MORE if block.open else PROMPT)
+        except EOFError:
+            term.write("\n")
+            return
+        except KeyboardInterrupt:
+            term.write("\n")
+            if block.open:
+                block.cancel()
+                term.info("(multi-line message discarded)")
+                continue
+            if ctrl_c:
+                return
+            ctrl_c = True
+            term.info("(Ctrl-C again or Ctrl-D to exit)")
+            continue
+        ctrl_c = False
+        remember(readline, path, line)
+        message = block.feed(line)
+        if message is None or not message.strip():
+            continue
+        command = parse_command(message) if "\n" not in message else None
+        if command is None:
+            session.ask(message)
+            show_reply(session, term)
+            continue
+        outcome = session.command(*command)
+        if outcome.text:
+            (term.error if outcome.error else term.info)(outcome.text)
+        if outcome.exit:
+            return
+        if outcome.respond:
+            show_reply(session, term)
+
+
+def chat(
+    model: str = typer.Argument("demo", help="Model directory, Hugging Face repo id, or 'demo'."),
+    system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
+    max_tokens: int = typer.Option(1024, "--max-tokens", "-n", help="Most tokens per reply."),
+    temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy."),
+    top_k: int = typer.Option(0, "--top-k", help="Keep the k most likely tokens (0 = off)."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass (1 = off)."),
+    min_p: float = typer.Option(0.0, "--min-p", help="Drop tokens below min_p x the top probability (0 = off)."),
+    repeat_penalty: float = typer.Option(1.0, "--repeat-penalty", help="Penalize tokens already seen (1 = off)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for reproducible sampling."),
+    think: bool = typer.Option(False, "--think", help="Enable Gemma 4 thinking (toggle with /think on|off)."),
+    context: Optional[int] = typer.Option(None, "--context", help="Context length in tokens; oldest turns are "
+                                          "dropped beyond it. Default: 4096, or the model's limit if smaller."),
+    ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Don't stop at end-of-turn tokens."),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
+    dtype: str = typer.Option("bfloat16", "--dtype", help="Compute dtype: bfloat16 or float32."),
+    experts: str = typer.Option("bf16", "--experts", help="Routed expert precision: bf16."),
+) -> None:
+    """Chat with a model in the terminal (/help inside for commands)."""
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype must be bfloat16 or float32, not {dtype!r}")
+    settings = Settings(temperature, top_k, top_p, min_p, repeat_penalty, max_tokens, seed, think, ignore_eos)
+    model_dir = resolve_model(model)
+    term = Terminal()
+    term.info(f"loading {model_dir} ...")
+    engine = Engine.load(model_dir, device=device, dtype=DTYPES[dtype], experts=experts)
+    limit = default_context(engine.loaded.args.max_position_embeddings, context)
+    repl(ChatSession(engine, settings, system=system, context=limit), term)
+
+
+command = chat

@@ -1,0 +1,181 @@
+"""Model names -> directories: a path, the built-in `demo`, or a Hugging Face repo id.
+
+A repo id is looked up in the local Hugging Face cache first (the layout `huggingface-cli
+download` writes: models--org--name/refs/main + snapshots/<rev>/), and downloaded with
+huggingface_hub only when missing. huggingface_hub is optional and imported lazily.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .errors import LocalrunError
+
+DEMO_NAME = "demo"
+# The demo checkpoint ships inside the package; a module attribute so tests can point it elsewhere.
+DEMO_DIR = Path(__file__).parent / "data" / "demo"
+# Written by `localrun quantize` beside the weights (for now the only marker we check).
+QUANT_MARKER = "localrun_quant.json"
+# What a model download needs; skips .gguf, original/*.pth and other formats a repo may hold.
+DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*"]
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+
+
+def is_repo_id(name: str) -> bool:
+    """True for `org/name` shaped strings (one slash, Hub-legal characters)."""
+    return bool(_REPO_ID.match(name)) and ".." not in name
+
+
+def hf_cache_dir() -> Path:
+    """The Hugging Face hub cache, resolved from the environment as huggingface_hub does."""
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(var):
+            return Path(os.environ[var]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "huggingface" / "hub"
+
+
+def _repo_folder(repo_id: str, cache: Path) -> Path:
+    return cache / ("models--" + repo_id.replace("/", "--"))
+
+
+def _snapshot(folder: Path) -> Path | None:
+    """The snapshot refs/main points at; without refs/main, the most recently written one."""
+    ref = folder / "refs" / "main"
+    if ref.is_file():
+        snap = folder / "snapshots" / ref.read_text().strip()
+        return snap if snap.is_dir() else None
+    snaps = [p for p in (folder / "snapshots").glob("*") if p.is_dir()]
+    return max(snaps, key=lambda p: p.stat().st_mtime) if snaps else None
+
+
+def has_weights(model_dir: Path) -> bool:
+    """config.json plus every safetensors shard the index names (or at least one shard without an index)."""
+    if not (model_dir / "config.json").is_file():
+        return False
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return False
+        return all((model_dir / s).is_file() for s in shards)
+    return any(model_dir.glob("*.safetensors"))
+
+
+def cached_model(repo_id: str, *, config_only: bool = False, cache: Path | None = None) -> Path | None:
+    """The cached snapshot of `repo_id` if it holds what is asked for (all weights, or just config.json)."""
+    snap = _snapshot(_repo_folder(repo_id, cache or hf_cache_dir()))
+    if snap is None:
+        return None
+    complete = (snap / "config.json").is_file() if config_only else has_weights(snap)
+    return snap if complete else None
+
+
+def download_model(repo_id: str, *, config_only: bool = False) -> Path:
+    """Fetch `repo_id` (or only its config.json) into the Hugging Face cache with huggingface_hub."""
+    try:
+        import huggingface_hub
+    except ImportError:
+        raise LocalrunError(f"{repo_id} is not in the Hugging Face cache and could not be downloaded: "
+                            "huggingface_hub is not installed (pip install huggingface_hub)") from None
+    try:
+        if config_only:
+            return Path(huggingface_hub.hf_hub_download(repo_id, "config.json", cache_dir=hf_cache_dir())).parent
+        return Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=DOWNLOAD_PATTERNS,
+                                                      cache_dir=hf_cache_dir()))
+    except Exception as e:  # offline, gated, no such repo, disk full: all one line to the user
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LocalrunError(f"{repo_id} is not in the Hugging Face cache and could not be downloaded: "
+                            f"{reason}") from None
+
+
+def demo_model() -> Path:
+    """The demo checkpoint shipped in the package."""
+    if not (DEMO_DIR / "config.json").is_file():
+        raise LocalrunError("the demo model is not built: run scripts/train_demo_model.py")
+    return DEMO_DIR
+
+
+def resolve_model(name: str | Path, *, config_only: bool = False) -> Path:
+    """A model name as the user typed it -> a local directory holding it.
+
+    An existing directory wins (so `./demo` is a path), then `demo`, then a Hugging Face repo id
+    (cache first, then a download). `config_only` (for `fit`) needs and fetches only config.json.
+    """
+    text = str(name)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise LocalrunError(f"not a model directory: {path}")
+    if text == DEMO_NAME:
+        return demo_model()
+    if is_repo_id(text):
+        return cached_model(text, config_only=config_only) or download_model(text, config_only=config_only)
+    raise LocalrunError(f"model path not found: {text}")
+
+
+# Listing ---------------------------------------------------------------------------------------
+
+@dataclass
+class LocalModel:
+    name: str
+    path: str
+    size_bytes: int
+    format: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def disk_size(folder: Path) -> int:
+    """Bytes of the files under `folder`, following the cache's symlinks, each blob counted once."""
+    seen, total = set(), 0
+    for p in folder.rglob("*"):
+        try:
+            real = p.resolve()
+            if real.is_file() and real not in seen:
+                seen.add(real)
+                total += real.stat().st_size
+        except OSError:  # a dangling link from an interrupted download
+            continue
+    return total
+
+
+def model_format(model_dir: Path) -> str:
+    """"localrun 4-bit" for a pre-quantized dir, "hf <dtype>" for a checkpoint, "config only" without weights."""
+    if (model_dir / QUANT_MARKER).is_file():
+        return "localrun 4-bit"
+    if not has_weights(model_dir):
+        return "config only" if (model_dir / "config.json").is_file() else "incomplete"
+    try:
+        cfg = json.loads((model_dir / "config.json").read_text())
+    except (ValueError, OSError):
+        cfg = {}
+    text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
+    dtype = cfg.get("dtype") or cfg.get("torch_dtype") or text.get("dtype") or text.get("torch_dtype") or "?"
+    return f"hf {dtype}".replace("bfloat16", "bf16").replace("float32", "fp32")
+
+
+def list_local_models(cache: Path | None = None) -> list[LocalModel]:
+    """Models on this machine: the demo (when built) and every model snapshot in the Hugging Face cache."""
+    found = []
+    if (DEMO_DIR / "config.json").is_file():
+        found.append(LocalModel(DEMO_NAME, str(DEMO_DIR), disk_size(DEMO_DIR), model_format(DEMO_DIR)))
+    cache = cache or hf_cache_dir()
+    for folder in sorted(cache.glob("models--*")) if cache.is_dir() else []:
+        snap = _snapshot(folder)
+        if snap is None:
+            continue
+        repo_id = folder.name.removeprefix("models--").replace("--", "/", 1)
+        found.append(LocalModel(repo_id, str(snap), disk_size(snap), model_format(snap)))
+    return found

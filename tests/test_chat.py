@@ -1,0 +1,371 @@
+"""`localrun chat`: the pure pieces (thought splitting, trimming, commands, save/load) and a real
+session driven through a pseudo-terminal with pexpect on the tiny random checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass
+
+import pytest
+
+from localrun.chat import (ANSWER, THOUGHT, ChatSession, Conversation, MultilineInput, Piece, Settings,
+                           ThoughtSplitter, apply_setting, default_context, format_stats, history_path,
+                           load_conversation, parse_command, save_conversation, trim_to_fit)
+from localrun.errors import LocalrunError, UsageError
+from localrun.generate import Step, Timings
+
+
+# Thought splitter ------------------------------------------------------------------------------
+
+def split_all(chunks: list[str]) -> tuple[str, str, list[str]]:
+    """Feed chunks; (thought text, answer text, kinds in order of appearance)."""
+    s = ThoughtSplitter()
+    pieces = [p for c in chunks for p in s.feed(c)] + s.flush()
+    kinds = [k for i, k in enumerate(p.kind for p in pieces) if i == 0 or pieces[i - 1].kind != k]
+    return ("".join(p.text for p in pieces if p.kind == THOUGHT),
+            "".join(p.text for p in pieces if p.kind == ANSWER), kinds)
+
+
+RAW = "<|channel>thought\nadd 17 and 25 < 50 <channel|>The answer is 42."
+
+
+def test_splitter_routes_thought_and_answer():
+    assert split_all([RAW]) == ("add 17 and 25 < 50 ", "The answer is 42.", [THOUGHT, ANSWER])
+    assert split_all(["plain answer, no thinking"]) == ("", "plain answer, no thinking", [ANSWER])
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 7])
+def test_splitter_markers_split_across_pieces(size):
+    chunks = [RAW[i:i + size] for i in range(0, len(RAW), size)]
+    assert split_all(chunks) == split_all([RAW])
+
+
+def test_splitter_every_two_way_cut():
+    for cut in range(len(RAW) + 1):
+        assert split_all([RAW[:cut], RAW[cut:]]) == split_all([RAW]), cut
+
+
+def test_splitter_holds_back_only_a_possible_marker():
+    s = ThoughtSplitter()
+    assert s.feed("a <|chan") == [Piece(ANSWER, "a ")]  # "<|chan" may become "<|channel>"
+    assert s.feed("ge") == [Piece(ANSWER, "<|change")]  # it did not
+    assert s.feed("x < y") == [Piece(ANSWER, "x < y")]
+
+
+def test_splitter_unterminated_thought_and_no_label():
+    assert split_all(["<|channel>thought\nstill thinking"]) == ("still thinking", "", [THOUGHT])
+    # No label line: the text right after the marker is thought, not dropped.
+    assert split_all(["<|channel>a long thought with spaces\nmore<channel|>ok"]) == \
+        ("a long thought with spaces\nmore", "ok", [THOUGHT, ANSWER])
+
+
+# Context trimming ------------------------------------------------------------------------------
+
+def words(messages):
+    return sum(len(m["content"].split()) for m in messages)
+
+
+def convo(n: int, system: bool = True) -> list[dict]:
+    head = [{"role": "system", "content": "be brief"}] if system else []
+    body = []
+    for i in range(n):
+        body += [{"role": "user", "content": f"question {i} a b"}, {"role": "assistant", "content": f"answer {i} c"}]
+    return head + body + [{"role": "user", "content": "last one"}]
+
+
+def test_trim_keeps_everything_that_fits():
+    msgs = convo(3)
+    assert trim_to_fit(msgs, words, 1000) == (msgs, 0)
+
+
+def test_trim_drops_oldest_exchanges_keeps_system_and_last():
+    msgs = convo(3)  # 2 + 3 * (4 + 3) + 2 = 25 words
+    kept, dropped = trim_to_fit(msgs, words, 12)
+    assert dropped == 4 and kept[0]["role"] == "system" and kept[-1]["content"] == "last one"
+    assert [m["content"] for m in kept[1:]] == ["question 2 a b", "answer 2 c", "last one"]
+    assert words(kept) <= 12
+
+
+def test_trim_never_drops_the_last_message_nor_starts_with_a_reply():
+    kept, dropped = trim_to_fit(convo(2, system=False), words, 1)
+    assert kept == [{"role": "user", "content": "last one"}] and dropped == 4
+    msgs = [{"role": "assistant", "content": "x y z"}, {"role": "user", "content": "q"}]
+    assert trim_to_fit(msgs, words, 1) == ([{"role": "user", "content": "q"}], 1)
+
+
+def test_default_context():
+    assert default_context(131072, None) == 4096
+    assert default_context(2048, None) == 2048
+    assert default_context(131072, 512) == 512
+    with pytest.raises(UsageError):
+        default_context(2048, 4096)
+
+
+# Commands, settings, input ---------------------------------------------------------------------
+
+def test_parse_command():
+    assert parse_command("/set temperature 0.5") == ("set", "temperature 0.5")
+    assert parse_command("  /HELP ") == ("help", "")
+    assert parse_command("/system You are terse.  ") == ("system", "You are terse.")
+    assert parse_command("hello /help") is None
+    assert parse_command("/") is None and parse_command("//not a command") is None
+
+
+def test_apply_setting_validates():
+    s = Settings()
+    assert apply_setting(s, "temperature", "0.5").temperature == 0.5
+    assert apply_setting(s, "top-k", "40").top_k == 40
+    assert apply_setting(apply_setting(s, "seed", "7"), "seed", "none").seed is None
+    for name, value, message in [("temperature", "hot", "must be a number"), ("top_k", "1.5", "must be an integer"),
+                                 ("top_p", "2", "top_p"), ("temperature", "-1", "temperature"),
+                                 ("max_tokens", "0", "max_tokens"), ("colour", "red", "unknown setting")]:
+        with pytest.raises(UsageError, match=message):
+            apply_setting(s, name, value)
+
+
+def test_multiline_block():
+    m = MultilineInput()
+    assert m.feed("just one line") == "just one line"
+    assert m.feed('"""first') is None and m.open
+    assert m.feed("  indented") is None
+    assert m.feed("") is None
+    assert m.feed('last"""') == "first\n  indented\n\nlast" and not m.open
+    assert m.feed('"""one-liner"""') == "one-liner"
+    assert m.feed('"""') is None and m.feed('"""') == "" and not m.open
+
+
+def test_conversation_undo_and_retry():
+    c = Conversation("sys")
+    assert c.undo() == 0 and not c.drop_reply()
+    c.add("user", "a"), c.add("assistant", "A"), c.add("user", "b"), c.add("assistant", "B")
+    assert c.drop_reply() and c.turns[-1] == {"role": "user", "content": "b"}
+    assert c.undo() == 1 and c.undo() == 2 and c.turns == []
+    assert c.messages() == [{"role": "system", "content": "sys"}]
+
+
+def test_format_stats_takes_extra_figures():
+    t = Timings(prompt_tokens=10, generated_tokens=11, ttft_s=0.25, decode_s=2.0)
+    line = format_stats(11, t, 3 * 2**30, {"expert hits": "93%"})
+    assert line == "11 tokens · ttft 0.25 s · 5.0 tok/s · RSS 3.00 GB · expert hits 93%"
+    assert format_stats(1, t, 2**20, interrupted=True).endswith("RSS 1 MB · interrupted")
+
+
+def test_history_path(monkeypatch, tmp_path):
+    monkeypatch.setenv("LOCALRUN_HOME", str(tmp_path))
+    assert history_path() == tmp_path / "history"
+    monkeypatch.delenv("LOCALRUN_HOME")
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    assert history_path() == tmp_path / "xdg" / "localrun" / "history"
+
+
+# Save / load -----------------------------------------------------------------------------------
+
+def test_save_load_round_trip(tmp_path):
+    msgs = [{"role": "system", "content": "sys"}, {"role": "user", "content": "héllo ✨"},
+            {"role": "assistant", "content": "hi"}]
+    path = save_conversation(msgs, tmp_path / "c.json")
+    assert json.loads(path.read_text(encoding="utf-8")) == msgs
+    assert load_conversation(path).messages() == msgs
+    assert [p.name for p in tmp_path.iterdir()] == ["c.json"]  # no temp file left behind
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "not valid JSON"),
+    ('{"role": "user"}', "expected a JSON list"),
+    ('[{"role": "robot", "content": "x"}]', "message 0"),
+    ('[{"role": "user", "content": 3}]', "message 0"),
+    ('[{"role": "user", "content": "x"}, {"role": "system", "content": "y"}]', "only the first"),
+])
+def test_load_rejects_bad_files(tmp_path, content, message):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    with pytest.raises(LocalrunError, match=message):
+        load_conversation(path)
+
+
+def test_load_missing_and_save_failure_leave_state(tmp_path):
+    with pytest.raises(LocalrunError, match="cannot read"):
+        load_conversation(tmp_path / "missing.json")
+    with pytest.raises(LocalrunError, match="cannot save"):
+        save_conversation([], tmp_path / "no-such-dir" / "c.json")
+    with pytest.raises(LocalrunError, match="directory"):
+        save_conversation([], tmp_path)
+
+
+# ChatSession on a fake engine ------------------------------------------------------------------
+
+@dataclass
+class FakeEngine:
+    """One token per word of the rendered conversation; replies with a scripted text, one char a step."""
+
+    reply: str = "<|channel>thought\nhm<channel|>ok"
+
+    def encode_messages(self, messages, enable_thinking=False):
+        return [0] * (2 + sum(len(m["content"].split()) + 2 for m in messages))
+
+    def stream(self, ids, params, *, max_tokens, ignore_eos=False):
+        self.max_tokens = max_tokens
+        t = Timings(prompt_tokens=len(ids))
+        for i, ch in enumerate(self.reply[:max_tokens]):
+            t.generated_tokens = i + 1
+            yield Step(ord(ch), 0.0, "stop" if i == len(self.reply) - 1 else None, t)
+
+    def stream_text(self, steps):
+        return ((chr(s.token), s) for s in steps)
+
+
+def test_session_reply_keeps_answer_only():
+    session = ChatSession(FakeEngine(), Settings(max_tokens=100), system="sys", context=200)
+    session.ask("hi there")
+    reply = session.respond()
+    pieces = list(reply)  # one character a step: streamed as they come
+    assert "".join(p.text for p in pieces if p.kind == THOUGHT) == "hm" == reply.thought
+    assert [p.kind for p in pieces] == [THOUGHT, THOUGHT, ANSWER, ANSWER] and reply.answer == "ok"
+    session.commit(reply)
+    assert session.conversation.turns[-1] == {"role": "assistant", "content": "ok"}
+
+
+def test_session_trims_oldest_turns_to_the_context():
+    session = ChatSession(FakeEngine("ok"), Settings(max_tokens=8), system="be brief", context=40)
+    for i in range(6):
+        session.ask(f"message number {i} with some words")
+        reply = session.respond()
+        list(reply)
+        session.commit(reply)
+        if reply.dropped:
+            break
+    assert reply.dropped and i > 0
+    msgs = session.conversation.messages()
+    assert msgs[0] == {"role": "system", "content": "be brief"} and msgs[1]["role"] == "user"
+    assert msgs[-2]["content"] == f"message number {i} with some words"
+    assert session.count_tokens(msgs[:-1]) <= 40 - 8
+
+
+def test_session_too_long_message_is_an_error_and_dropped():
+    session = ChatSession(FakeEngine(), Settings(max_tokens=8), context=16)
+    session.ask("word " * 50)
+    with pytest.raises(LocalrunError, match="too long"):
+        session.respond()
+    assert session.conversation.turns == []
+
+
+def test_session_commands():
+    session = ChatSession(FakeEngine(), Settings(), context=200)
+    assert session.command("nope", "").error
+    assert session.command("set", "temperature 0.5").text == "temperature = 0.5"
+    bad = session.command("set", "temperature warm")
+    assert bad.error and "must be a number" in bad.text and session.settings.temperature == 0.5
+    assert session.command("think", "on").text == "thinking on" and session.settings.think
+    assert session.command("think", "maybe").error
+    assert session.command("retry", "").error
+    assert session.command("load", "/no/such/file.json").error
+    assert session.command("exit", "").exit
+
+
+# The real thing in a pseudo-terminal -----------------------------------------------------------
+
+pexpect = pytest.importorskip("pexpect")
+
+STATS = r"(\d+) tokens · ttft [\d.]+ s · [\d.]+ tok/s · RSS [\d.]+ [MG]B([^\r\n]*)\r?\n"
+
+
+def spawn_chat(model, home, *args):
+    env = dict(os.environ, NO_COLOR="1", TERM="dumb", LOCALRUN_HOME=str(home),
+               # One thread: on a busy shared CPU, torch's spinning thread pool is ~10x slower.
+               OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    child = pexpect.spawn(sys.executable, ["-m", "localrun.cli", "chat", str(model), "--device", "cpu",
+                                           "--dtype", "float32", *args],
+                          env=env, encoding="utf-8", timeout=60, dimensions=(40, 200))
+    child.expect(">>> ")
+    return child
+
+
+def say(child, line: str) -> str:
+    """Send a line; return what was printed before the next prompt."""
+    child.sendline(line)
+    child.expect(">>> ")
+    return child.before
+
+
+def reply_tokens(out: str) -> tuple[int, str]:
+    m = re.search(STATS, out)
+    assert m, f"no stats line in {out!r}"
+    return int(m.group(1)), m.group(2)
+
+
+def test_chat_session_in_a_pty(tiny_moe, tmp_path):
+    child = spawn_chat(tiny_moe, tmp_path, "--max-tokens", "8", "--ignore-eos", "--system", "be brief")
+    try:
+        out = say(child, "hello")
+        assert reply_tokens(out) == (8, "")
+        assert "temperature = 0.5" in say(child, "/set temperature 0.5")
+        assert "error: temperature must be a number, not 'hot'" in say(child, "/set temperature hot")
+        assert "error: top_p must be in (0, 1]" in say(child, "/set top_p 2")
+        assert "unknown command /bogus" in say(child, "/bogus")
+        reply_tokens(say(child, "second message"))
+        assert "dropped the last exchange (2 messages)" in say(child, "/undo")
+        reply_tokens(say(child, "/retry"))  # answers "hello" again
+        say(child, f"/save {tmp_path / 'one.json'}")
+        one = json.loads((tmp_path / "one.json").read_text())
+        assert [(m["role"], m["content"]) for m in one][:2] == [("system", "be brief"), ("user", "hello")]
+        assert [m["role"] for m in one] == ["system", "user", "assistant"]
+
+        # Ctrl-C mid-reply: generation stops, the chat goes on.
+        say(child, "/set max_tokens 2000")
+        child.sendline("tell me a long story")
+        child.expect("tell me a long story\r\n")
+        child.expect(r"\S")  # the first streamed text
+        child.sendintr()
+        child.expect(">>> ")
+        n, tail = reply_tokens(child.before)
+        assert n < 2000 and "interrupted" in tail
+        say(child, "/set max_tokens 8")
+        assert reply_tokens(say(child, "still there?")) == (8, "")
+
+        say(child, f"/save {tmp_path / 'two.json'}")
+        two = json.loads((tmp_path / "two.json").read_text())
+        assert [m["content"] for m in two if m["role"] == "user"] == ["hello", "tell me a long story", "still there?"]
+        assert [m["role"] for m in two] == ["system"] + ["user", "assistant"] * 3
+
+        assert "loaded 3 messages" in say(child, f"/load {tmp_path / 'one.json'}")
+        (tmp_path / "bad.json").write_text("[1, 2")
+        assert re.search(r"error: cannot load \S+bad.json: not valid JSON[^\r\n]*\r?\n$", say(child, f"/load {tmp_path / 'bad.json'}"))
+        say(child, f"/save {tmp_path / 'three.json'}")
+        assert json.loads((tmp_path / "three.json").read_text()) == one  # round trip; the bad load changed nothing
+
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+    assert "/set temperature 0.5" in (tmp_path / "history").read_text().splitlines()
+
+
+def test_chat_history_recall_and_ctrl_c_exit(tiny_moe, tmp_path):
+    (tmp_path / "history").write_text("/set temperature 0.25\n")
+    child = spawn_chat(tiny_moe, tmp_path)
+    try:
+        child.sendcontrol("p")  # readline: previous history line, from the file of an earlier session
+        child.sendline("")
+        child.expect("temperature = 0.25")
+        child.expect(">>> ")
+        child.sendintr()
+        child.expect("Ctrl-C again")
+        child.sendintr()
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+
+
+def test_chat_missing_demo_is_one_line_error(monkeypatch, tmp_path, capsys):
+    from localrun import cli, resolve
+
+    monkeypatch.setattr(resolve, "DEMO_DIR", tmp_path / "nothing")
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["chat"])
+    assert exit_.value.code == 1
+    assert capsys.readouterr().err == "error: the demo model is not built: run scripts/train_demo_model.py\n"

@@ -1,0 +1,162 @@
+"""Model names -> directories (path, demo, Hugging Face cache, download) and `localrun list`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from localrun import resolve
+from localrun.errors import LocalrunError
+from localrun.resolve import is_repo_id, list_local_models, resolve_model
+
+REPO = "google/gemma-4-26B-A4B-it"
+
+
+@pytest.fixture
+def hf_cache(tmp_path, monkeypatch) -> Path:
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def fake_snapshot(cache: Path, repo_id: str, files: dict[str, str], rev: str = "abc123", ref: bool = True) -> Path:
+    """The huggingface_hub layout: blobs/<hash>, snapshots/<rev>/<file> -> ../../blobs/<hash>, refs/main."""
+    folder = cache / ("models--" + repo_id.replace("/", "--"))
+    snap = folder / "snapshots" / rev
+    snap.mkdir(parents=True)
+    (folder / "blobs").mkdir(exist_ok=True)
+    for i, (name, content) in enumerate(files.items()):
+        blob = folder / "blobs" / f"{rev}-{i}"
+        blob.write_text(content)
+        (snap / name).symlink_to(os.path.relpath(blob, snap))
+    if ref:
+        (folder / "refs").mkdir(exist_ok=True)
+        (folder / "refs" / "main").write_text(rev)
+    return snap
+
+
+FULL = {"config.json": '{"dtype": "bfloat16"}', "model.safetensors.index.json":
+        '{"weight_map": {"a": "model-00001-of-00001.safetensors"}}', "model-00001-of-00001.safetensors": "x" * 100}
+
+
+@pytest.fixture
+def no_download(monkeypatch):
+    """huggingface_hub present but offline: every fetch fails."""
+    calls = []
+
+    def fail(repo_id, *args, **kwargs):
+        calls.append(repo_id)
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.\nCheck your connection.")
+
+    fake = types.SimpleNamespace(snapshot_download=fail, hf_hub_download=fail)
+    monkeypatch.setitem(sys.modules, "huggingface_hub", fake)
+    return calls
+
+
+def test_existing_directory_as_is(tmp_path):
+    assert resolve_model(tmp_path) == tmp_path
+    assert resolve_model(str(tmp_path)) == tmp_path
+
+
+def test_missing_path_and_file(tmp_path):
+    with pytest.raises(LocalrunError, match="model path not found: ./no/such/dir"):
+        resolve_model("./no/such/dir")
+    (tmp_path / "f.txt").write_text("x")
+    with pytest.raises(LocalrunError, match="not a model directory"):
+        resolve_model(tmp_path / "f.txt")
+
+
+def test_demo_missing_then_present(tmp_path, monkeypatch):
+    monkeypatch.setattr(resolve, "DEMO_DIR", tmp_path / "demo")
+    with pytest.raises(LocalrunError, match="the demo model is not built: run scripts/train_demo_model.py"):
+        resolve_model("demo")
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / "config.json").write_text("{}")
+    monkeypatch.chdir(tmp_path / "demo")  # no ./demo here, so the name means the built-in model
+    assert resolve_model("demo") == tmp_path / "demo"
+
+
+def test_repo_id_shape():
+    assert is_repo_id(REPO) and is_repo_id("org/name.v2_x")
+    assert not any(is_repo_id(s) for s in ["demo", "a/b/c", "/abs", "./x", "../x", "a/..", "org/"])
+
+
+def test_repo_id_found_in_cache(hf_cache, no_download):
+    snap = fake_snapshot(hf_cache, REPO, FULL)
+    fake_snapshot(hf_cache, REPO, {"config.json": "{}"}, rev="newer", ref=False)  # refs/main says abc123
+    assert resolve_model(REPO) == snap
+    assert resolve_model(REPO, config_only=True) == snap
+    assert no_download == []
+
+
+def test_hf_home_layout(tmp_path, monkeypatch, no_download):
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    snap = fake_snapshot(tmp_path / "hub", REPO, FULL, ref=False)
+    assert resolve_model(REPO) == snap
+
+
+def test_config_only_snapshot_is_not_a_model(hf_cache, no_download):
+    snap = fake_snapshot(hf_cache, REPO, {"config.json": "{}"})
+    assert resolve_model(REPO, config_only=True) == snap
+    with pytest.raises(LocalrunError):  # the weights are missing: a download is tried, and fails
+        resolve_model(REPO)
+    assert no_download == [REPO]
+
+
+def test_repo_id_missing_download_fails_in_one_line(hf_cache, no_download):
+    with pytest.raises(LocalrunError) as e:
+        resolve_model(REPO)
+    message = str(e.value)
+    assert "\n" not in message and REPO in message and "could not be downloaded" in message
+    assert "couldn't connect" in message
+
+
+def test_repo_id_missing_without_huggingface_hub(hf_cache, monkeypatch):
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import raises ImportError
+    with pytest.raises(LocalrunError, match=f"{REPO} .*could not be downloaded: huggingface_hub is not installed"):
+        resolve_model(REPO, config_only=True)
+
+
+def test_download_result_is_returned(hf_cache, monkeypatch):
+    got = {}
+
+    def snapshot_download(repo_id, allow_patterns, cache_dir):
+        got.update(repo=repo_id, patterns=allow_patterns, cache=cache_dir)
+        return str(hf_cache / "somewhere")
+
+    monkeypatch.setitem(sys.modules, "huggingface_hub", types.SimpleNamespace(snapshot_download=snapshot_download))
+    assert resolve_model(REPO) == hf_cache / "somewhere"
+    assert got["repo"] == REPO and got["cache"] == hf_cache and "*.safetensors" in got["patterns"]
+
+
+def test_list_local_models(hf_cache, tmp_path, monkeypatch):
+    monkeypatch.setattr(resolve, "DEMO_DIR", tmp_path / "no-demo")
+    fake_snapshot(hf_cache, REPO, FULL)
+    fake_snapshot(hf_cache, "me/quantized", {**FULL, "localrun_quant.json": "{}"})
+    fake_snapshot(hf_cache, "org/config-only", {"config.json": "{}"})
+    models = {m.name: m for m in list_local_models()}
+    assert set(models) == {REPO, "me/quantized", "org/config-only"}
+    assert models[REPO].format == "hf bf16"
+    assert models[REPO].size_bytes == sum(len(v) for v in FULL.values())
+    assert models["me/quantized"].format == "localrun 4-bit"
+    assert models["org/config-only"].format == "config only"
+
+
+def test_list_command_json(hf_cache, tmp_path):
+    fake_snapshot(hf_cache, REPO, FULL)
+    env = dict(os.environ, HF_HUB_CACHE=str(hf_cache), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "localrun.cli", "list", "--json"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    listed = {m["name"]: m for m in json.loads(proc.stdout)}
+    assert listed[REPO]["format"] == "hf bf16" and listed[REPO]["path"].endswith("snapshots/abc123")
+    assert set(listed[REPO]) == {"name", "path", "size_bytes", "format"}
