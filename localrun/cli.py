@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import warnings
@@ -35,6 +36,7 @@ def _register() -> None:
 
 def _quiet_third_party() -> None:
     # bitsandbytes warns about an optional `kernels` package on CPU; harmless for us.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # it logs (not warns) the same on CPU
     warnings.filterwarnings("ignore", message=".*kernels.*")
     warnings.filterwarnings("ignore", category=UserWarning, module="bitsandbytes")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

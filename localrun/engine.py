@@ -43,6 +43,11 @@ class Engine:
     template: str
     eos_ids: list[int]
 
+    def stats(self) -> dict:
+        """Figures for a status line: the expert cache hit rate when experts live in host RAM."""
+        cache = self.loaded.expert_stats()
+        return {"expert hit rate": f"{cache['hit_rate']:.0%}"} if cache else {}
+
     @classmethod
     def load(cls, model_dir: str | Path, **load_kwargs) -> "Engine":
         """Load weights (see `load_model` for the options), tokenizer and chat template of a model directory."""

@@ -8,24 +8,33 @@ host memory while loading.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
 
 from .checkpoint import Checkpoint
 from .config import ModelArgs, load_config
-from .errors import LocalrunError
+from .errors import LocalrunError, UsageError
 from .models.gemma4 import Gemma4Model, sanitize
 from .moe import DenseExperts
+from .experts import ExpertStore, calibrate
+from .hardware import detect_gpu
+from .moe import activation
+from .plan import Budget, Plan, make_plan
+from .prequant import is_prequantized, manifest_spec, read_manifest
+from quant.ffn import QuantizedExperts, ffn_4bit
+from quant.io import load_packed_experts
+from quant.nf4 import pack_experts
+from quant.spec import QuantSpec
 
 EXPERT_KEYS = ("experts.gate_up_proj", "experts.down_proj")
-
-# (layer, gate_up_E2IH, down_EHI) -> an expert backend (x_TH, ids_TK, w_TK) -> y_TH
-ExpertBuilder = Callable[[int, torch.Tensor, torch.Tensor], nn.Module]
-
+EXPERT_CHOICES = ("nf4", "fp4", "bf16")
+DEFAULT_EXPERTS = "nf4"
+DEFAULT_CONTEXT = 8192
+ROUTING_PROFILE = "routing_profile.json"
 
 @dataclass
 class LoadedModel:
@@ -35,7 +44,12 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     experts: str
-    extras: dict = field(default_factory=dict)
+    plan: Plan | None = None
+    store: ExpertStore | None = None  # set when some experts live in host RAM
+
+    def expert_stats(self) -> dict | None:
+        """Expert cache counters (hits, misses, bytes_copied, cpu_experts, ...) when a store is in use."""
+        return self.store.stats() if self.store is not None else None
 
 
 def resolve_device(device: str) -> torch.device:
@@ -48,15 +62,6 @@ def resolve_device(device: str) -> torch.device:
         return torch.device(device)
     except RuntimeError:
         raise LocalrunError(f"unknown device {device!r} (expected cpu, cuda or auto)") from None
-
-
-def dense_experts(device, dtype) -> ExpertBuilder:
-    """Experts kept as the checkpoint's 3-D tensors in the compute dtype (`--experts bf16`)."""
-
-    def build(layer: int, gate_up_E2IH: torch.Tensor, down_EHI: torch.Tensor, act: str) -> nn.Module:
-        return DenseExperts(gate_up_E2IH.to(device, dtype), down_EHI.to(device, dtype), act)
-
-    return build
 
 
 def _set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
@@ -78,7 +83,10 @@ def expected_tensors(model: Gemma4Model) -> dict[str, tuple[int, ...]]:
 def load_weights(
     model: Gemma4Model, ckpt: Checkpoint, args: ModelArgs, *, device, dtype, build_experts, progress=None
 ) -> None:
-    """Fill a meta-device skeleton from `ckpt`: plain tensors cast to `dtype`, experts through `build_experts`."""
+    """Fill a meta-device skeleton from `ckpt`: plain tensors cast to `dtype`, experts through `build_experts`.
+
+    build_experts(layer) -> expert backend; it reads what it needs itself (one layer at a time).
+    """
     expected = expected_tensors(model)
     names = {}
     for name in ckpt.tensors:
@@ -96,14 +104,69 @@ def load_weights(
         if progress:
             progress(info.nbytes)
     for i, layer in enumerate(model.layers):
-        if not layer.moe:
-            continue
-        gate_up, down = (ckpt.read(names[f"layers.{i}.{k}"]) for k in EXPERT_KEYS)
-        layer.experts = build_experts(i, gate_up, down, args.hidden_activation)
-        if progress:
-            progress(gate_up.numel() * gate_up.element_size() + down.numel() * down.element_size())
-        del gate_up, down
+        if layer.moe:
+            layer.set_experts(build_experts(i))
     model.init_rope(device)
+
+
+def checkpoint_experts(ckpt: Checkpoint, args: ModelArgs, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's fused expert tensors (gate_up [E, 2I, H], down [E, H, I]) as stored."""
+    names = [f"{args.weight_prefix}layers.{layer}.{k}" for k in EXPERT_KEYS]
+    missing = [n for n in names if n not in ckpt]
+    if missing:
+        raise LocalrunError(f"checkpoint is missing {missing[0]}")
+    return ckpt.read(names[0]), ckpt.read(names[1])
+
+
+def packed_experts_source(model_dir: Path, ckpt: Checkpoint, args: ModelArgs, spec: QuantSpec | None, device):
+    """layer -> [PackedExpert]: read from a pre-quantized directory, or quantized from the checkpoint
+    as it streams (on `device`: the GPU when there is one)."""
+    if spec is None:
+        manifest = read_manifest(model_dir)
+        files = manifest["expert_files"]
+
+        def read(layer: int):
+            if str(layer) not in files:
+                raise LocalrunError(f"pre-quantized model has no experts for layer {layer}")
+            return load_packed_experts(model_dir / files[str(layer)], [layer])[layer]
+
+        return read
+
+    def quantize(layer: int):
+        gate_up, down = checkpoint_experts(ckpt, args, layer)
+        return [e.to("cpu") for e in pack_experts(gate_up.to(device), down.to(device), spec)]
+
+    return quantize
+
+
+def read_routing_profile(model_dir: Path) -> dict | None:
+    """{layer: [count per expert]} from `localrun profile`, if the model directory has one."""
+    path = model_dir / ROUTING_PROFILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        return {int(k): [int(c) for c in v] for k, v in data["layers"].items()}
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError, UnicodeDecodeError) as e:
+        raise LocalrunError(f"invalid {path}: {e}") from None
+
+
+def placement_plan(args: ModelArgs, model_dir: Path, dev: torch.device, experts: str, dtype: torch.dtype, *,
+                   vram: int | None, context: int | None, resident_fraction: float | None) -> Plan:
+    """The plan this load builds: the same `make_plan` that `localrun fit` prints."""
+    device_bytes = vram
+    if device_bytes is None and dev.type == "cuda":
+        gpu = detect_gpu()
+        device_bytes = gpu.free_bytes if gpu else None
+    if dev.type == "cpu":
+        device_bytes = None  # the CPU's "device" tier is host RAM: only resident_fraction splits it
+    spec = "bf16" if experts == "bf16" else QuantSpec(experts)
+    budget = Budget(device_bytes=device_bytes, context=context or min(DEFAULT_CONTEXT, args.max_position_embeddings))
+    plan = make_plan(args, budget, experts=spec, routing_profile=read_routing_profile(model_dir),
+                     dtype=str(dtype).removeprefix("torch."), resident_fraction=resident_fraction)
+    if not plan.fits:
+        raise LocalrunError(f"does not fit: {plan.reason} (see `localrun fit {model_dir}`)")
+    return plan
 
 
 def load_model(
@@ -111,20 +174,63 @@ def load_model(
     *,
     device: str = "cpu",
     dtype: torch.dtype = torch.bfloat16,
-    experts: str = "bf16",
-    build_experts: ExpertBuilder | None = None,
+    experts: str | None = None,
+    vram: int | None = None,
+    context: int | None = None,
+    resident_fraction: float | None = None,
     progress=None,
 ) -> LoadedModel:
-    """Load a Gemma 4 checkpoint directory for inference."""
+    """Load a Gemma 4 checkpoint directory (or a pre-quantized localrun one) for inference.
+
+    experts: "nf4" (default), "fp4" or "bf16" for the routed experts; a pre-quantized
+    directory always uses what it holds. vram / context / resident_fraction shape the
+    placement plan: experts that are not resident live in host RAM behind an ExpertStore.
+    """
+    model_dir = Path(model_dir)
     args = load_config(model_dir)
     ckpt = Checkpoint(model_dir)
     dev = resolve_device(device)
+    prequantized = is_prequantized(model_dir)
+    if prequantized:
+        stored = manifest_spec(read_manifest(model_dir)).quant_type
+        if experts not in (None, stored):
+            raise UsageError(f"{model_dir} is pre-quantized with {stored} experts; --experts {experts} can't apply")
+        experts = stored
+    experts = experts or DEFAULT_EXPERTS
+    if experts not in EXPERT_CHOICES:
+        raise UsageError(f"--experts must be one of {', '.join(EXPERT_CHOICES)}, not {experts!r}")
+    plan = placement_plan(args, model_dir, dev, experts, dtype, vram=vram, context=context,
+                          resident_fraction=resident_fraction)
     with torch.device("meta"):
         model = Gemma4Model(args)
-    if build_experts is None:
-        if experts != "bf16":
-            raise LocalrunError(f"unknown --experts {experts!r}")
-        build_experts = dense_experts(dev, dtype)
-    load_weights(model, ckpt, args, device=dev, dtype=dtype, build_experts=build_experts, progress=progress)
+    store = None
+    moe_layers = [i for i in range(args.num_hidden_layers) if args.enable_moe_block]
+    offload = any(len(plan.resident_experts[i]) < args.num_experts for i in moe_layers)
+    if experts == "bf16":
+        if offload:
+            raise UsageError("experts in host RAM need 4-bit experts (--experts nf4 or fp4), not bf16")
+
+        def build(layer):
+            gate_up, down = checkpoint_experts(ckpt, args, layer)
+            return DenseExperts(gate_up.to(dev, dtype), down.to(dev, dtype), args.hidden_activation)
+    else:
+        source = packed_experts_source(model_dir, ckpt, args, None if prequantized else QuantSpec(experts), dev)
+        if offload:
+            act = activation(args.hidden_activation)
+            compute = lambda payload, x_TH: ffn_4bit(x_TH, payload, act)  # noqa: E731
+            packed = {i: source(i) for i in moe_layers}  # 4-bit, host RAM: the store places them
+            cost = calibrate(packed[moe_layers[0]][0], compute, dev, args.hidden_size, dtype) \
+                if dev.type == "cuda" else None
+            store = ExpertStore(packed, compute, dev, resident={i: plan.resident_experts[i] for i in moe_layers},
+                                slots=plan.cache_slots, cost_model=cost)
+            del packed
+
+            def build(layer):
+                return store(layer)
+        else:
+            def build(layer):
+                return QuantizedExperts([e.to(dev) for e in source(layer)], args.hidden_activation)
+
+    load_weights(model, ckpt, args, device=dev, dtype=dtype, build_experts=build, progress=progress)
     model.eval().requires_grad_(False)
-    return LoadedModel(model, args, Path(model_dir), dev, dtype, experts)
+    return LoadedModel(model, args, model_dir, dev, dtype, experts, plan=plan, store=store)

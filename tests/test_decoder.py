@@ -32,7 +32,7 @@ def prompt_ids(n: int = 30, seed: int = 0) -> list[int]:
 def test_logits_match_transformers(tiny_checkpoint, kind, layout):
     model_dir = tiny_checkpoint(kind, layout)
     ref = reference(model_dir, layout)
-    ours = load_model(model_dir, dtype=torch.float32).model
+    ours = load_model(model_dir, dtype=torch.float32, experts="bf16").model
     ids = torch.tensor([prompt_ids(40)])
     with torch.no_grad():
         expected = ref(ids).logits
@@ -48,7 +48,7 @@ def test_logits_match_transformers(tiny_checkpoint, kind, layout):
 def test_greedy_generation_and_logprobs_match_transformers(tiny_checkpoint, kind, layout):
     model_dir = tiny_checkpoint(kind, layout)
     ref = reference(model_dir, layout)
-    ours = load_model(model_dir, dtype=torch.float32).model
+    ours = load_model(model_dir, dtype=torch.float32, experts="bf16").model
     ids = prompt_ids(20, seed=1)
     steps = list(generate(ours, ids, make_sampler(SamplingParams()), max_tokens=GEN_TOKENS, prefill_chunk=6))
     tokens = [s.token for s in steps]
@@ -64,7 +64,7 @@ def test_greedy_generation_and_logprobs_match_transformers(tiny_checkpoint, kind
 
 
 def test_generation_stops_on_eos(tiny_moe):
-    ours = load_model(tiny_moe, dtype=torch.float32).model
+    ours = load_model(tiny_moe, dtype=torch.float32, experts="bf16").model
     ids = prompt_ids(12)
     free = [s.token for s in generate(ours, ids, make_sampler(SamplingParams()), max_tokens=6)]
     stop = free[3]
@@ -78,13 +78,13 @@ def test_bf16_matches_transformers_bf16(tiny_moe):
     ids = torch.tensor([prompt_ids(24)])
     with torch.no_grad():
         expected = transformers.Gemma4ForCausalLM.from_pretrained(tiny_moe, dtype=torch.bfloat16)(ids).logits
-        ours = load_model(tiny_moe, dtype=torch.bfloat16).model(ids)
+        ours = load_model(tiny_moe, dtype=torch.bfloat16, experts="bf16").model(ids)
     assert ours.dtype == torch.bfloat16
     assert (ours.float() - expected.float()).abs().max() < 1e-2  # same roundings, same order
 
 
 def test_loaded_tensors_are_the_compute_dtype(tiny_moe):
-    model = load_model(tiny_moe, dtype=torch.bfloat16).model
+    model = load_model(tiny_moe, dtype=torch.bfloat16, experts="bf16").model
     floats = [t for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()]
     rope = {id(b) for n, b in model.named_buffers() if n.startswith("inv_freq")}
     assert all(t.dtype == torch.bfloat16 for t in floats if id(t) not in rope)

@@ -14,6 +14,7 @@ from quant.spec import QuantSpec
 
 from .. import hardware
 from ..config import ModelArgs, load_config
+from ..resolve import resolve_model
 from ..errors import LocalrunError, UsageError
 from ..hardware import format_size
 from ..models.gemma4 import checkpoint_shapes
@@ -125,7 +126,7 @@ def _print_report(plan: Plan, target: Target, model: Path) -> None:
 
 
 def fit(
-    model: Path = typer.Argument(..., help="Model directory holding config.json (weights optional)."),
+    model: str = typer.Argument(..., help="Model directory holding config.json (weights optional), HF repo id, or 'demo'."),
     vram: Optional[str] = typer.Option(None, "--vram", help="GPU memory, e.g. 16GiB (GB means GiB: cards are sized in binary units)."),
     gpu: Optional[str] = typer.Option(None, "--gpu", help="A GPU preset, e.g. 'RTX 4090', 4060ti, 5090."),
     ram: Optional[str] = typer.Option(None, "--ram", help="Host RAM for offloaded experts (default: available RAM)."),
@@ -135,6 +136,7 @@ def fit(
     as_json: bool = typer.Option(False, "--json", help="Print only JSON."),
 ) -> None:
     """Estimate whether a model fits a GPU: memory per component, resident experts, longest context, speed."""
+    model = resolve_model(model, config_only=True)
     args = load_config(model)
     spec = expert_spec(experts)
     if context < 1:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 from typing import Optional
 
 import typer
 
 from ..engine import DTYPES, Engine
+from ..hardware import parse_size
+from ..resolve import resolve_model
 from ..errors import UsageError
 from ..sampling import SamplingParams
 
@@ -27,7 +28,7 @@ def read_prompt(prompt: Optional[str]) -> str:
 
 
 def run(
-    model: Path = typer.Argument(..., help="Model directory (Hugging Face checkpoint or localrun pre-quantized)."),
+    model: str = typer.Argument(..., help="Model directory (HF checkpoint or localrun pre-quantized), HF repo id, or 'demo'."),
     prompt: Optional[str] = typer.Argument(None, help="The prompt; '-' or piped stdin reads it from stdin."),
     system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
     raw: bool = typer.Option(False, "--raw", help="Skip the chat template; tokenize the prompt as-is (BOS added)."),
@@ -42,7 +43,11 @@ def run(
     think: bool = typer.Option(False, "--think", help="Enable Gemma 4 thinking (enable_thinking)."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
     dtype: str = typer.Option("bfloat16", "--dtype", help="Compute dtype: bfloat16 or float32."),
-    experts: str = typer.Option("bf16", "--experts", help="Routed expert precision: bf16."),
+    experts: Optional[str] = typer.Option(None, "--experts", help="Routed expert precision: nf4 (default), fp4 or bf16."),
+    vram: Optional[str] = typer.Option(None, "--vram", help="GPU memory budget, e.g. 16GiB (default: free VRAM)."),
+    resident_experts: Optional[float] = typer.Option(
+        None, "--resident-experts", help="Force this fraction (0..1) of each layer's experts resident; the rest in RAM."),
+    context: Optional[int] = typer.Option(None, "--context", help="Context length to plan for (default 8192)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming text."),
     logprobs: bool = typer.Option(False, "--logprobs", help="With --json: log-probability of each token."),
 ) -> None:
@@ -53,7 +58,9 @@ def run(
         raise UsageError(f"--dtype must be bfloat16 or float32, not {dtype!r}")
     params = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, seed)
     text_in = read_prompt(prompt)
-    engine = Engine.load(model, device=device, dtype=DTYPES[dtype], experts=experts)
+    engine = Engine.load(resolve_model(model), device=device, dtype=DTYPES[dtype], experts=experts,
+                         vram=parse_size(vram) if vram else None, context=context,
+                         resident_fraction=resident_experts)
     ids = engine.encode_prompt(text_in, system=system, raw=raw, enable_thinking=think)
     pieces, tokens, lps, last = [], [], [], None
     for text, step in engine.stream_text(engine.stream(ids, params, max_tokens=max_tokens, ignore_eos=ignore_eos)):
@@ -76,6 +83,9 @@ def run(
     }
     if logprobs:
         result["logprobs"] = lps
+    cache = engine.loaded.expert_stats()
+    result["expert_cache"] = cache or {"hits": 0, "misses": 0, "bytes_copied": 0, "cpu_experts": 0,
+                                       "note": "every expert resident on the device"}
     print(json.dumps(result))
 
 

@@ -240,6 +240,11 @@ class DecoderLayer(nn.Module):
             self.per_layer_projection = nn.Linear(self.per_layer, H, bias=False)
             self.post_per_layer_input_norm = RMSNorm(H, eps)
 
+    def set_experts(self, backend) -> None:
+        """Swap the expert backend (a module or any callable (x_TH, ids_TK, w_TK) -> y_TH)."""
+        self._modules.pop("experts", None)
+        self.experts = backend
+
     def forward(self, x_BTH, cos_TD, sin_TD, pos_T, cache, shared, per_layer_BTP=None):
         r = x_BTH
         x = self.post_attention_layernorm(

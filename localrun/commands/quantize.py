@@ -1,0 +1,37 @@
+"""`localrun quantize SRC OUT`: write a pre-quantized checkpoint (4-bit experts, bf16 rest)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from ..errors import UsageError
+from ..prequant import quantize_checkpoint
+from quant.spec import QUANT_TYPES, QuantSpec
+from ._progress import progress_bar
+
+
+def quantize(
+    src: Path = typer.Argument(..., help="Hugging Face checkpoint directory."),
+    out: Path = typer.Argument(..., help="Where to write the pre-quantized model (a new directory)."),
+    experts: str = typer.Option("nf4", "--experts", help="4-bit format of the routed experts: nf4 or fp4."),
+    double_quant: bool = typer.Option(False, "--double-quant", help="Quantize the absmax statistics too."),
+    blocksize: int = typer.Option(64, "--blocksize", help="Values per absmax block."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Quantize a checkpoint's routed experts to 4-bit once, so loading it later is fast."""
+    if experts not in QUANT_TYPES:
+        raise UsageError(f"--experts must be one of {', '.join(QUANT_TYPES)}, not {experts!r}")
+    try:
+        spec = QuantSpec(experts, blocksize, double_quant)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    with progress_bar("quantizing", enabled=not quiet) as update:
+        quantize_checkpoint(src, out, spec, force=force, progress=update)
+    if not quiet:
+        typer.echo(f"wrote {out} ({experts} experts{', double quant' if double_quant else ''})", err=True)
+
+
+command = quantize

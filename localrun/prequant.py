@@ -1,0 +1,190 @@
+"""Pre-quantized localrun checkpoints: `localrun quantize SRC OUT` writes one, the loader reads it.
+
+Layout of OUT (safetensors only):
+    config.json, generation_config.json, tokenizer files, chat_template.jinja   copied from SRC
+    model-0000i-of-0000n.safetensors + model.safetensors.index.json            non-expert tensors, bf16,
+                                                                               named as in SRC (vision dropped)
+    experts-LLL.safetensors                                                    one MoE layer's packed 4-bit experts
+    localrun_quant.json                                                        the manifest, written last
+
+The whole directory is written under a temporary name beside OUT and renamed at the end, so an
+interrupted run (Ctrl-C, kill) leaves no OUT; the next run removes its leftovers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import save_file
+
+from . import __version__
+from .checkpoint import INDEX, Checkpoint
+from .config import load_config
+from .errors import LocalrunError, UsageError
+from .models.gemma4 import sanitize
+from quant.io import save_packed_experts
+from quant.nf4 import pack_experts
+from quant.spec import QuantSpec
+
+MANIFEST = "localrun_quant.json"
+FORMAT = "localrun.quantized"
+FORMAT_VERSION = 1
+SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "chat_template.jinja", "routing_profile.json")
+EXPERT_SUFFIXES = ("experts.gate_up_proj", "experts.down_proj")
+SHARD_BYTES = 1 << 30  # non-expert shards: bounds what is held in memory before a write
+TMP_MARK = ".localrun-tmp-"
+
+
+def is_prequantized(model_dir: str | Path) -> bool:
+    return (Path(model_dir) / MANIFEST).is_file()
+
+
+def read_manifest(model_dir: str | Path) -> dict:
+    path = Path(model_dir) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LocalrunError(f"cannot read {path}: {e}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise LocalrunError(f"{path} is not a localrun quantization manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise LocalrunError(f"{path}: format version {manifest.get('format_version')} is not supported "
+                            f"(this localrun reads version {FORMAT_VERSION}); re-run localrun quantize")
+    return manifest
+
+
+def manifest_spec(manifest: dict) -> QuantSpec:
+    return QuantSpec(manifest["quant_type"], int(manifest["blocksize"]), bool(manifest["double_quant"]))
+
+
+def _tmp_dir(out: Path) -> Path:
+    return out.parent / f".{out.name}{TMP_MARK}{os.getpid()}"
+
+
+def clean_leftovers(out: Path) -> list[Path]:
+    """Remove temporary directories that interrupted runs writing `out` left behind."""
+    removed = []
+    for p in out.parent.glob(f".{out.name}{TMP_MARK}*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+            continue  # another quantize of the same OUT is running right now
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _write_shards(tensors: dict[str, torch.Tensor], out: Path, names: list[str], index: dict) -> None:
+    """Flush `tensors` as the next shard; its file name is fixed up once the count is known."""
+    if not tensors:
+        return
+    name = f"model-{len(names) + 1:05d}.safetensors"
+    save_file(tensors, str(out / name), metadata={"format": "pt"})
+    names.append(name)
+    index.update({k: name for k in tensors})
+    tensors.clear()
+
+
+def quantize_checkpoint(
+    src: str | Path,
+    out: str | Path,
+    spec: QuantSpec,
+    *,
+    force: bool = False,
+    progress: Callable[[str, int, int], None] | None = None,
+    device: str = "cpu",
+) -> Path:
+    """Write a pre-quantized copy of checkpoint `src` at `out` (atomically). Returns `out`.
+
+    progress(stage, done, total) is called as tensors are written (bytes of the source read).
+    """
+    src, out = Path(src), Path(out)
+    args = load_config(src)
+    if out.resolve() == src.resolve():
+        raise UsageError("OUT must differ from SRC")
+    if out.exists() and not force:
+        raise LocalrunError(f"{out} already exists (use --force to replace it)")
+    if not args.enable_moe_block:
+        raise LocalrunError(f"{src} has no routed experts to quantize (enable_moe_block is false)")
+    ckpt = Checkpoint(src)
+    clean_leftovers(out)
+    tmp = _tmp_dir(out)
+    tmp.mkdir(parents=True)
+    try:
+        _write(ckpt, args, src, tmp, spec, progress, torch.device(device))
+        if out.exists():
+            old = out.parent / f".{out.name}{TMP_MARK}old-{os.getpid()}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _write(ckpt: Checkpoint, args, src: Path, tmp: Path, spec: QuantSpec, progress, device) -> None:
+    text = {name: sanitize(args, name) for name in ckpt.tensors}
+    plain = [n for n, key in text.items() if key is not None and not key.endswith(EXPERT_SUFFIXES)]
+    total = sum(ckpt.tensors[n].nbytes for n, key in text.items() if key is not None)
+    done = 0
+    pending, shards, index, held = {}, [], {}, 0
+    for name in plain:
+        t = ckpt.read(name)
+        pending[name] = t.to(torch.bfloat16) if t.is_floating_point() else t
+        held += t.numel() * t.element_size()
+        done += ckpt.tensors[name].nbytes
+        if held >= SHARD_BYTES:
+            _write_shards(pending, tmp, shards, index)
+            held = 0
+        if progress:
+            progress("weights", done, total)
+    _write_shards(pending, tmp, shards, index)
+    final = {}
+    for i, old in enumerate(shards):
+        new = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        os.replace(tmp / old, tmp / new)
+        final[old] = new
+    weight_map = {k: final[v] for k, v in index.items()}
+    (tmp / INDEX).write_text(json.dumps({"metadata": {"format": FORMAT}, "weight_map": weight_map}, indent=2))
+
+    expert_files, original = {}, {}
+    for i in range(args.num_hidden_layers):
+        names = [f"{args.weight_prefix}layers.{i}.{s}" for s in EXPERT_SUFFIXES]
+        gate_up, down = (ckpt.read(n) for n in names)
+        for n, t in zip(EXPERT_SUFFIXES, (gate_up, down)):
+            original[n] = {"shape": list(t.shape[1:]), "dtype": str(t.dtype).removeprefix("torch.")}
+        packed = pack_experts(gate_up.to(device), down.to(device), spec)
+        expert_files[i] = f"experts-{i:03d}.safetensors"
+        save_packed_experts(tmp / expert_files[i], {i: packed})
+        done += sum(ckpt.tensors[n].nbytes for n in names)
+        del gate_up, down, packed
+        if progress:
+            progress("experts", done, total)
+
+    for f in SIDE_FILES:
+        if (src / f).is_file():
+            shutil.copy2(src / f, tmp / f)
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "localrun_version": __version__,
+        "quant_type": spec.quant_type, "blocksize": spec.blocksize, "double_quant": spec.double_quant,
+        "expert_files": {str(i): f for i, f in expert_files.items()}, "original_experts": original,
+        "source": str(src),
+    }
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
