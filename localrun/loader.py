@@ -86,6 +86,7 @@ def load_weights(
     """Fill a meta-device skeleton from `ckpt`: plain tensors cast to `dtype`, experts through `build_experts`.
 
     build_experts(layer) -> expert backend; it reads what it needs itself (one layer at a time).
+    progress(stage, done, total) follows the bytes read.
     """
     expected = expected_tensors(model)
     names = {}
@@ -96,16 +97,21 @@ def load_weights(
     missing = [k for k in expected if k not in names]
     if missing:
         raise LocalrunError(f"checkpoint is missing {len(missing)} tensor(s), e.g. {args.weight_prefix}{missing[0]}")
+    total = sum(info.nbytes for info in ckpt.tensors.values())
+    done = 0
     for key, shape in expected.items():
         info = ckpt.tensors[names[key]]
         if info.shape != shape:
             raise LocalrunError(f"tensor {names[key]} has shape {list(info.shape)}, config says {list(shape)}")
         _set_tensor(model, key, ckpt.read(names[key]).to(device=device, dtype=dtype))
+        done += info.nbytes
         if progress:
-            progress(info.nbytes)
+            progress("weights", done, total)
     for i, layer in enumerate(model.layers):
         if layer.moe:
             layer.set_experts(build_experts(i))
+            if progress:
+                progress("experts", done + (total - done) * (i + 1) // len(model.layers), total)
     model.init_rope(device)
 
 

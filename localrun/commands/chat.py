@@ -12,9 +12,11 @@ from rich.console import Console
 
 from ..chat import (THOUGHT, ChatSession, MultilineInput, Reply, Settings, default_context, engine_stats,
                     format_stats, history_path, parse_command, rss_bytes)
-from ..engine import DTYPES, Engine
+from ..engine import Engine
 from ..errors import LocalrunError, UsageError
 from ..resolve import resolve_model
+from . import _options as opt
+from ._progress import progress_bar
 
 PROMPT, MORE = ">>> ", "... "
 
@@ -140,30 +142,34 @@ def repl(session: ChatSession, term: Terminal) -> None:
 
 def chat(
     model: str = typer.Argument("demo", help="Model directory, Hugging Face repo id, or 'demo'."),
-    system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
+    system: Optional[str] = opt.SYSTEM,
     max_tokens: int = typer.Option(1024, "--max-tokens", "-n", help="Most tokens per reply."),
-    temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy."),
-    top_k: int = typer.Option(0, "--top-k", help="Keep the k most likely tokens (0 = off)."),
-    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass (1 = off)."),
-    min_p: float = typer.Option(0.0, "--min-p", help="Drop tokens below min_p x the top probability (0 = off)."),
-    repeat_penalty: float = typer.Option(1.0, "--repeat-penalty", help="Penalize tokens already seen (1 = off)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for reproducible sampling."),
-    think: bool = typer.Option(False, "--think", help="Enable Gemma 4 thinking (toggle with /think on|off)."),
+    temperature: float = opt.TEMPERATURE,
+    top_k: int = opt.TOP_K,
+    top_p: float = opt.TOP_P,
+    min_p: float = opt.MIN_P,
+    repeat_penalty: float = opt.REPEAT_PENALTY,
+    seed: Optional[int] = opt.SEED,
+    think: bool = opt.THINK,
     context: Optional[int] = typer.Option(None, "--context", help="Context length in tokens; oldest turns are "
                                           "dropped beyond it. Default: 4096, or the model's limit if smaller."),
-    ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Don't stop at end-of-turn tokens."),
-    device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
-    dtype: str = typer.Option("bfloat16", "--dtype", help="Compute dtype: bfloat16 or float32."),
-    experts: str = typer.Option("bf16", "--experts", help="Routed expert precision: bf16."),
+    ignore_eos: bool = opt.IGNORE_EOS,
+    device: str = opt.DEVICE,
+    dtype: str = opt.DTYPE,
+    experts: Optional[str] = opt.EXPERTS,
+    vram: Optional[str] = opt.VRAM,
+    resident_experts: Optional[float] = opt.RESIDENT_EXPERTS,
+    quiet: bool = opt.QUIET,
 ) -> None:
     """Chat with a model in the terminal (/help inside for commands)."""
-    if dtype not in DTYPES:
-        raise UsageError(f"--dtype must be bfloat16 or float32, not {dtype!r}")
+    load = opt.load_kwargs(device, dtype, experts, vram, resident_experts, context)
     settings = Settings(temperature, top_k, top_p, min_p, repeat_penalty, max_tokens, seed, think, ignore_eos)
     model_dir = resolve_model(model)
     term = Terminal()
-    term.info(f"loading {model_dir} ...")
-    engine = Engine.load(model_dir, device=device, dtype=DTYPES[dtype], experts=experts)
+    if not quiet:
+        term.info(f"loading {model_dir} ...")
+    with progress_bar("loading", enabled=not quiet) as update:
+        engine = Engine.load(model_dir, progress=update, **load)
     limit = default_context(engine.loaded.args.max_position_embeddings, context)
     repl(ChatSession(engine, settings, system=system, context=limit), term)
 

@@ -8,9 +8,10 @@ from typing import Optional
 
 import typer
 
-from ..engine import DTYPES, Engine
-from ..hardware import parse_size
+from ..engine import Engine
 from ..resolve import resolve_model
+from . import _options as opt
+from ._progress import progress_bar
 from ..errors import UsageError
 from ..sampling import SamplingParams
 
@@ -30,37 +31,35 @@ def read_prompt(prompt: Optional[str]) -> str:
 def run(
     model: str = typer.Argument(..., help="Model directory (HF checkpoint or localrun pre-quantized), HF repo id, or 'demo'."),
     prompt: Optional[str] = typer.Argument(None, help="The prompt; '-' or piped stdin reads it from stdin."),
-    system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
+    system: Optional[str] = opt.SYSTEM,
     raw: bool = typer.Option(False, "--raw", help="Skip the chat template; tokenize the prompt as-is (BOS added)."),
     max_tokens: int = typer.Option(256, "--max-tokens", "-n", help="Most tokens to generate."),
-    temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy."),
-    top_k: int = typer.Option(0, "--top-k", help="Keep the k most likely tokens (0 = off)."),
-    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass (1 = off)."),
-    min_p: float = typer.Option(0.0, "--min-p", help="Drop tokens below min_p x the top probability (0 = off)."),
-    repeat_penalty: float = typer.Option(1.0, "--repeat-penalty", help="Penalize tokens already seen (1 = off)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for reproducible sampling."),
-    ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Don't stop at end-of-turn tokens."),
-    think: bool = typer.Option(False, "--think", help="Enable Gemma 4 thinking (enable_thinking)."),
-    device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
-    dtype: str = typer.Option("bfloat16", "--dtype", help="Compute dtype: bfloat16 or float32."),
-    experts: Optional[str] = typer.Option(None, "--experts", help="Routed expert precision: nf4 (default), fp4 or bf16."),
-    vram: Optional[str] = typer.Option(None, "--vram", help="GPU memory budget, e.g. 16GiB (default: free VRAM)."),
-    resident_experts: Optional[float] = typer.Option(
-        None, "--resident-experts", help="Force this fraction (0..1) of each layer's experts resident; the rest in RAM."),
+    temperature: float = opt.TEMPERATURE,
+    top_k: int = opt.TOP_K,
+    top_p: float = opt.TOP_P,
+    min_p: float = opt.MIN_P,
+    repeat_penalty: float = opt.REPEAT_PENALTY,
+    seed: Optional[int] = opt.SEED,
+    ignore_eos: bool = opt.IGNORE_EOS,
+    think: bool = opt.THINK,
+    device: str = opt.DEVICE,
+    dtype: str = opt.DTYPE,
+    experts: Optional[str] = opt.EXPERTS,
+    vram: Optional[str] = opt.VRAM,
+    resident_experts: Optional[float] = opt.RESIDENT_EXPERTS,
     context: Optional[int] = typer.Option(None, "--context", help="Context length to plan for (default 8192)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming text."),
     logprobs: bool = typer.Option(False, "--logprobs", help="With --json: log-probability of each token."),
+    quiet: bool = opt.QUIET,
 ) -> None:
     """Generate a reply to one prompt."""
     if max_tokens < 1:
         raise UsageError("--max-tokens must be at least 1")
-    if dtype not in DTYPES:
-        raise UsageError(f"--dtype must be bfloat16 or float32, not {dtype!r}")
+    load = opt.load_kwargs(device, dtype, experts, vram, resident_experts, context)
     params = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, seed)
     text_in = read_prompt(prompt)
-    engine = Engine.load(resolve_model(model), device=device, dtype=DTYPES[dtype], experts=experts,
-                         vram=parse_size(vram) if vram else None, context=context,
-                         resident_fraction=resident_experts)
+    with progress_bar("loading", enabled=not quiet) as update:
+        engine = Engine.load(resolve_model(model), progress=update, **load)
     ids = engine.encode_prompt(text_in, system=system, raw=raw, enable_thinking=think)
     pieces, tokens, lps, last = [], [], [], None
     for text, step in engine.stream_text(engine.stream(ids, params, max_tokens=max_tokens, ignore_eos=ignore_eos)):
