@@ -22,6 +22,7 @@ import math
 import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, fields
+from types import MappingProxyType
 from typing import Callable, Collection, Hashable, Iterable, Literal, Mapping, Protocol, Sequence
 
 import torch
@@ -409,6 +410,14 @@ class ExpertStore:
     def layer(self, layer: int) -> LayerCache:
         """Bookkeeping of one layer (resident set, cached set, slots, counters)."""
         return self._layers[layer]
+
+    def resident_payloads(self, layer: int) -> Mapping[int, Payload]:
+        """Read-only view {expert: payload} of `layer`'s experts kept on the device."""
+        return MappingProxyType(self._resident[layer])
+
+    def host_payloads(self, layer: int) -> Mapping[int, Payload]:
+        """Read-only view {expert: payload} of `layer`'s experts held in host RAM."""
+        return MappingProxyType(self._host[layer])
 
     def device_experts(self, layer: int) -> frozenset[int]:
         """Experts of `layer` whose payload is in a device cache slot right now."""

@@ -20,7 +20,7 @@ from .config import ModelArgs, load_config
 from .errors import LocalrunError, UsageError
 from .models.gemma4 import Gemma4Model, sanitize
 from .moe import DenseExperts
-from .experts import ExpertStore, calibrate
+from .experts import POLICIES, ExpertStore, calibrate
 from .hardware import detect_gpu
 from .moe import activation
 from .plan import Budget, Plan, make_plan
@@ -35,6 +35,7 @@ EXPERT_CHOICES = ("nf4", "fp4", "bf16")
 DEFAULT_EXPERTS = "nf4"
 DEFAULT_CONTEXT = 8192
 ROUTING_PROFILE = "routing_profile.json"
+DEFAULT_CACHE_POLICY = "lru"  # scripts/bench_cache.py compares the policies on recorded routing
 
 @dataclass
 class LoadedModel:
@@ -166,7 +167,12 @@ def placement_plan(args: ModelArgs, model_dir: Path, dev: torch.device, experts:
         device_bytes = gpu.free_bytes if gpu else None
     if dev.type == "cpu":
         device_bytes = None  # the CPU's "device" tier is host RAM: only resident_fraction splits it
-    spec = "bf16" if experts == "bf16" else QuantSpec(experts)
+    if experts == "bf16":
+        spec = "bf16"
+    elif is_prequantized(model_dir):  # its blocksize / double quant set the bytes, not just the 4-bit type
+        spec = manifest_spec(read_manifest(model_dir))
+    else:
+        spec = QuantSpec(experts)
     budget = Budget(device_bytes=device_bytes, context=context or min(DEFAULT_CONTEXT, args.max_position_embeddings))
     plan = make_plan(args, budget, experts=spec, routing_profile=read_routing_profile(model_dir),
                      dtype=str(dtype).removeprefix("torch."), resident_fraction=resident_fraction)
@@ -184,13 +190,15 @@ def load_model(
     vram: int | None = None,
     context: int | None = None,
     resident_fraction: float | None = None,
+    cache_policy: str = DEFAULT_CACHE_POLICY,
     progress=None,
 ) -> LoadedModel:
     """Load a Gemma 4 checkpoint directory (or a pre-quantized localrun one) for inference.
 
     experts: "nf4" (default), "fp4" or "bf16" for the routed experts; a pre-quantized
     directory always uses what it holds. vram / context / resident_fraction shape the
-    placement plan: experts that are not resident live in host RAM behind an ExpertStore.
+    placement plan: experts that are not resident live in host RAM behind an ExpertStore,
+    whose cache slots are replaced per `cache_policy` ("lru" or "lfu").
     """
     model_dir = Path(model_dir)
     args = load_config(model_dir)
@@ -203,6 +211,8 @@ def load_model(
             raise UsageError(f"{model_dir} is pre-quantized with {stored} experts; --experts {experts} can't apply")
         experts = stored
     experts = experts or DEFAULT_EXPERTS
+    if cache_policy not in POLICIES:
+        raise UsageError(f"cache policy must be one of {', '.join(POLICIES)}, not {cache_policy!r}")
     if experts not in EXPERT_CHOICES:
         raise UsageError(f"--experts must be one of {', '.join(EXPERT_CHOICES)}, not {experts!r}")
     plan = placement_plan(args, model_dir, dev, experts, dtype, vram=vram, context=context,
@@ -228,7 +238,7 @@ def load_model(
             cost = calibrate(packed[moe_layers[0]][0], compute, dev, args.hidden_size, dtype) \
                 if dev.type == "cuda" else None
             store = ExpertStore(packed, compute, dev, resident={i: plan.resident_experts[i] for i in moe_layers},
-                                slots=plan.cache_slots, cost_model=cost)
+                                slots=plan.cache_slots, policy=POLICIES[cache_policy], cost_model=cost)
             del packed
 
             def build(layer):

@@ -2,6 +2,14 @@
 
     python scripts/bench_cache.py                    # synthetic Zipf trace + generated "locality" trace
     python scripts/bench_cache.py --trace trace.json # JSON: [token][layer] -> list of expert ids
+                                                     # (`localrun profile MODEL --prompts F --trace OUT`)
+    python scripts/bench_cache.py --record           # + a trace recorded from a tiny 32-expert model,
+                                                     #   and decode tok/s of that model per policy
+
+--record writes a tiny random checkpoint (32 experts, top-4), runs a few prompts greedily through
+`localrun.profile.RoutingRecorder` and replays that trace too; then it times 64 greedy tokens with
+resident_fraction=0.25 under each policy (one CPU thread). The policy kept is the one that moves
+fewer bytes on the recorded trace (summed over the slot counts), else on the generated one.
 
 Decode only (one token per call), nothing resident unless --resident, every miss copied (device=cpu
 cost model); the replay goes through `localrun.experts.LayerCache`, the bookkeeping the store runs.
@@ -13,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -115,7 +124,7 @@ def most_used(trace: Trace, n_experts: int, fraction: float) -> list[set[int]]:
     return out
 
 
-def report(name: str, trace: Trace, slot_fractions: list[float], nbytes: int, resident_frac: float) -> None:
+def report(name: str, trace: Trace, slot_fractions: list[float], nbytes: int, resident_frac: float) -> dict[str, int]:
     n_experts = 1 + max(e for token in trace for ids in token for e in ids)
     layers, tokens, top_k = len(trace[0]), len(trace), len(trace[0][0])
     resident = most_used(trace, n_experts, resident_frac)
@@ -124,17 +133,67 @@ def report(name: str, trace: Trace, slot_fractions: list[float], nbytes: int, re
     print(f"{'slots/layer':>11} | {'hit rate':^23} | {'MiB copied per token':^26} | winner")
     print(f"{'':>11} | {'LRU':>7} {'LFU':>7} {'OPT':>7} | {'LRU':>8} {'LFU':>8} {'OPT':>8} |")
     wins = {"lru": 0, "lfu": 0, "tie": 0}
+    moved = {"lru": 0, "lfu": 0}
     for slots in sorted({max(1, round(frac * n_experts)) for frac in slot_fractions}):
         runs = {p: replay(trace, n_experts, slots, p, nbytes, resident) for p in ("lru", "lfu")}
         runs["opt"] = belady(trace, n_experts, slots, nbytes, resident)
         rate = {p: c.as_dict()["hit_rate"] for p, c in runs.items()}
         mib = {p: c.bytes_copied / tokens / MIB for p, c in runs.items()}
-        winner = "lfu" if rate["lfu"] > rate["lru"] else "lru" if rate["lru"] > rate["lfu"] else "tie"
+        for p in moved:
+            moved[p] += runs[p].bytes_copied
+        winner = "lfu" if mib["lfu"] < mib["lru"] else "lru" if mib["lru"] < mib["lfu"] else "tie"
         wins[winner] += 1
         print(f"{slots:>11} | {rate['lru']:7.1%} {rate['lfu']:7.1%} {rate['opt']:7.1%} | "
               f"{mib['lru']:8.1f} {mib['lfu']:8.1f} {mib['opt']:8.1f} | {winner.upper()}")
-    best = "LFU" if wins["lfu"] > wins["lru"] else "LRU" if wins["lru"] > wins["lfu"] else "neither"
-    print(f"-> {best} wins (slot counts won: LRU {wins['lru']}, LFU {wins['lfu']}, tied {wins['tie']})")
+    best = "LFU" if moved["lfu"] < moved["lru"] else "LRU" if moved["lru"] < moved["lfu"] else "neither"
+    print(f"-> {best} moves fewer bytes (LRU {moved['lru'] / tokens / MIB:.1f}, LFU {moved['lfu'] / tokens / MIB:.1f} "
+          f"MiB/token summed over slot counts; slot counts won: LRU {wins['lru']}, LFU {wins['lfu']}, "
+          f"tied {wins['tie']})")
+    return moved
+
+
+RECORD_PROMPTS = [
+    "What is 17 + 25?",
+    "Write a short story about a cat (and a dog).",
+    "Count: 0, 1, 2, 3, 4, 5, 6, 7, 8, 9.",
+    "Hello! How are you today?",
+    "The quick brown fox jumps over the lazy dog.",
+    "def add(a, b):",
+]
+
+
+def tiny_moe_dir(root: Path) -> Path:
+    """A tiny random Gemma 4 MoE checkpoint with enough experts for a cache to matter."""
+    from localrun.tiny import tiny_config, write_checkpoint
+
+    return write_checkpoint(root / "tiny-moe-32", tiny_config("moe", num_experts=32, top_k_experts=4))
+
+
+def record_trace(model_dir: Path, max_tokens: int) -> Trace:
+    """Routing of RECORD_PROMPTS (greedy, chat template), every token the model saw."""
+    from localrun.engine import Engine
+    from localrun.profile import profile_prompts
+
+    engine = Engine.load(model_dir, device="cpu", dtype=torch.float32)
+    return profile_prompts(engine, RECORD_PROMPTS, max_tokens=max_tokens, trace=True).trace
+
+
+def decode_speed(model_dir: Path, policy: str, tokens: int = 64, resident: float = 0.25, repeats: int = 3) -> tuple[float, dict]:
+    """Best decode tok/s of `tokens` greedy tokens (ignore eos) under `policy`, and that run's cache counters."""
+    from localrun.engine import Engine
+    from localrun.sampling import SamplingParams
+
+    best, stats = 0.0, {}
+    for _ in range(repeats):  # a fresh load per run: every run starts from an empty cache
+        engine = Engine.load(model_dir, device="cpu", dtype=torch.float32, resident_fraction=resident,
+                             cache_policy=policy)
+        ids = engine.encode_prompt(RECORD_PROMPTS[1])
+        last = None
+        for last in engine.stream(ids, SamplingParams(), max_tokens=tokens, ignore_eos=True):
+            pass
+        if last.timings.decode_tokens_per_s > best:
+            best, stats = last.timings.decode_tokens_per_s, engine.loaded.store.stats()
+    return best, stats
 
 
 def main() -> None:
@@ -149,16 +208,38 @@ def main() -> None:
     ap.add_argument("--resident", type=float, default=0.0, help="fraction of each layer's most used experts kept resident")
     ap.add_argument("--expert-mib", type=float, default=3.2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--record", action="store_true", help="also record and replay a tiny 32-expert model's "
+                    "trace, and time its decoding per policy")
+    ap.add_argument("--record-tokens", type=int, default=64, help="tokens generated per prompt when recording")
+    ap.add_argument("--save-trace", type=Path, help="with --record: write the recorded trace here")
     args = ap.parse_args()
+    torch.set_num_threads(1)  # shared CPUs: more threads than cores makes torch far slower
     start = time.perf_counter()
     fractions = [float(f) for f in args.slots.split(",")]
     nbytes = round(args.expert_mib * MIB)
     shape = (args.tokens, args.layers, args.experts, args.top_k, args.zipf, args.seed)
     report(f"(a) synthetic Zipf(s={args.zipf})", zipf_trace(*shape), fractions, nbytes, args.resident)
     if args.trace:
-        report(f"(b) recorded trace {args.trace}", json.loads(args.trace.read_text()), fractions, nbytes, args.resident)
+        deciding = report(f"(b) recorded trace {args.trace}", json.loads(args.trace.read_text()), fractions, nbytes,
+                          args.resident)
     else:
-        report("(b) generated locality trace (no --trace given)", locality_trace(*shape), fractions, nbytes, args.resident)
+        deciding = report("(b) generated locality trace (no --trace given)", locality_trace(*shape), fractions,
+                          nbytes, args.resident)
+    if args.record:
+        with tempfile.TemporaryDirectory() as tmp:
+            model_dir = tiny_moe_dir(Path(tmp))
+            trace = record_trace(model_dir, args.record_tokens)
+            if args.save_trace:
+                args.save_trace.write_text(json.dumps(trace))
+            deciding = report(f"(c) recorded from a tiny random MoE ({len(RECORD_PROMPTS)} prompts, "
+                              f"{args.record_tokens} tokens each)", trace, fractions, nbytes, args.resident)
+            print("\ndecode on the tiny 32-expert model, resident_fraction=0.25, 64 greedy tokens, 1 thread:")
+            for policy in ("lru", "lfu"):
+                tps, stats = decode_speed(model_dir, policy)
+                print(f"  {policy.upper()}: {tps:7.1f} tok/s  hit rate {stats['hit_rate']:.1%}  "
+                      f"copies {stats['copies']}  bytes copied {stats['bytes_copied']}")
+    kept = "lfu" if deciding["lfu"] < deciding["lru"] else "lru"
+    print(f"\npolicy kept (fewer bytes moved on the last trace above): {kept.upper()}")
     print(f"\n{time.perf_counter() - start:.1f} s")
 
 

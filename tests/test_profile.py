@@ -1,0 +1,132 @@
+"""`localrun profile`: routing counts from router hooks, routing_profile.json, and the plan ranking residency by it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter
+
+import pytest
+import torch
+
+from localrun.cli import main
+from localrun.config import load_config
+from localrun.engine import Engine
+from localrun.loader import load_model, read_routing_profile
+from localrun.plan import Budget, make_plan
+from localrun.profile import FORMAT, RoutingProfile, profile_prompts, write_routing_profile
+from localrun.sampling import SamplingParams
+
+torch.set_num_threads(1)
+
+PROMPTS = ["What is 17 + 25?", "Hello! How are you today?"]
+
+
+def cli(capsys, *argv):
+    try:
+        main(list(argv))
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def model_dir(tiny_moe, tmp_path):
+    """A writable copy of the tiny checkpoint (profile writes into the model directory)."""
+    return shutil.copytree(tiny_moe, tmp_path / "m")
+
+
+def hot_profile(args, hottest=(5, 2)) -> RoutingProfile:
+    """Every layer routes mostly to `hottest` (first hottest), a little to the rest."""
+    counts = [1] * args.num_experts
+    for rank, e in enumerate(hottest):
+        counts[e] = 100 - rank
+    return RoutingProfile(args.num_experts, {i: list(counts) for i in range(args.num_hidden_layers)}, tokens=50)
+
+
+def test_profile_command_writes_counts_and_trace(capsys, model_dir, tmp_path):
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps(PROMPTS))
+    trace_path = tmp_path / "trace.json"
+    code, out, err = cli(capsys, "profile", str(model_dir), "--prompts", str(prompts), "--max-tokens", "6",
+                         "--trace", str(trace_path), "--device", "cpu", "--dtype", "float32")
+    assert code == 0, err
+    assert "routing_profile.json" in out
+    data = json.loads((model_dir / "routing_profile.json").read_text())
+    args = load_config(model_dir)
+    assert data["format"] == FORMAT and data["version"] == 1
+    assert sorted(data["layers"], key=int) == [str(i) for i in range(args.num_hidden_layers)]
+    for counts in data["layers"].values():
+        assert len(counts) == args.num_experts
+        assert sum(counts) == data["tokens"] * args.top_k_experts  # every token counted top_k times
+    # The trace holds the same routing, token by token.
+    trace = json.loads(trace_path.read_text())
+    assert len(trace) == data["tokens"]
+    for layer in range(args.num_hidden_layers):
+        hist = Counter(e for token in trace for e in token[layer])
+        assert [hist[e] for e in range(args.num_experts)] == data["layers"][str(layer)]
+    assert all(len(set(token[0])) == args.top_k_experts for token in trace)
+    # What the loader reads back; no temporary file left behind.
+    assert read_routing_profile(model_dir) == {int(k): v for k, v in data["layers"].items()}
+    assert not [p for p in model_dir.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_profile_counts_every_token_the_model_sees(tiny_moe):
+    engine = Engine.load(tiny_moe, dtype=torch.float32)
+    n = 5
+    result = profile_prompts(engine, PROMPTS, max_tokens=n)
+    greedy = SamplingParams()
+    expected = 0
+    for p in PROMPTS:
+        ids = engine.encode_prompt(p)
+        generated = len(list(engine.stream(ids, greedy, max_tokens=n)))
+        expected += len(ids) + generated - 1  # the last sampled token is never fed back
+    assert result.tokens == expected and result.trace is None
+    # Hooks are gone afterwards: running again changes nothing.
+    list(engine.stream(engine.encode_prompt(PROMPTS[0]), greedy, max_tokens=2))
+    assert all(not layer.router._forward_hooks for layer in engine.model.layers)
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "not found"),
+    ("", "has no prompts"),
+    ("\n  \n", "has no prompts"),
+    ("[]", "has no prompts"),
+    ('["ok", 3]', "list of strings"),
+    ("[not json", "does not parse"),
+])
+def test_bad_prompts_file_is_a_one_line_error(capsys, tiny_moe, tmp_path, content, message):
+    path = tmp_path / "prompts.txt"
+    if content is not None:
+        path.write_text(content)
+    code, out, err = cli(capsys, "profile", str(tiny_moe), "--prompts", str(path), "--device", "cpu")
+    assert code == 2 and message in err
+    assert err.count("\n") == 1 and err.startswith("error: ")
+    assert not (tiny_moe / "routing_profile.json").exists()
+
+
+def test_plan_keeps_the_hottest_experts_resident(tiny_moe):
+    args = load_config(tiny_moe)
+    profile = hot_profile(args)
+    plan = make_plan(args, Budget(device_bytes=None, context=512), routing_profile=profile.counts, resident_fraction=0.25)
+    assert plan.resident_experts_per_layer == 2
+    assert all(ids == [2, 5] for ids in plan.resident_experts)
+    # The JSON round trip is what the loader sees.
+    plan_json = make_plan(args, Budget(device_bytes=None, context=512), resident_fraction=0.25,
+                          routing_profile={int(k): v for k, v in profile.to_json()["layers"].items()})
+    assert plan_json.resident_experts == plan.resident_experts
+    # Without a profile: the lowest ids.
+    assert make_plan(args, Budget(device_bytes=None, context=512), resident_fraction=0.25).resident_experts[0] == [0, 1]
+
+
+def test_loader_keeps_the_profiled_experts_resident(model_dir):
+    args = load_config(model_dir)
+    write_routing_profile(model_dir, hot_profile(args))
+    loaded = load_model(model_dir, dtype=torch.float32, resident_fraction=0.25)
+    assert loaded.store is not None
+    for i in range(args.num_hidden_layers):
+        assert loaded.store.layer(i).resident == {2, 5}
+        assert set(loaded.store.resident_payloads(i)) == {2, 5}
+        assert set(loaded.store.host_payloads(i)) == set(range(args.num_experts)) - {2, 5}
