@@ -371,7 +371,7 @@ class ExpertStore:
 
     def __init__(
         self,
-        experts: Mapping[int, Sequence[Payload]],
+        experts: Mapping[int, Sequence[Payload]] | None,
         compute: Compute,
         device: torch.device | str = "cpu",
         resident: Mapping[int, Collection[int]] | None = None,
@@ -383,23 +383,31 @@ class ExpertStore:
         self.compute = compute
         self.host = torch.device("cpu")
         self._copier = _Copier(self.device)
-        resident = resident or {}
-        pin = self.device.type == "cuda"
+        self._slot_counts, self._policy, self._cost_model = slots, policy, cost_model
         self._layers: dict[int, LayerCache] = {}
         self._resident: dict[int, dict[int, Payload]] = {}
         self._host: dict[int, dict[int, Payload]] = {}
         self._slots: dict[int, dict[int, tuple[Payload, object]]] = {}
-        for layer, payloads in experts.items():
-            keep = frozenset(resident.get(layer, ()))
-            if not keep <= set(range(len(payloads))):
-                raise ValueError(f"layer {layer}: resident ids {sorted(keep)} outside 0..{len(payloads) - 1}")
-            n_slots = slots if isinstance(slots, int) else slots.get(layer, 0)
-            self._layers[layer] = LayerCache(
-                [p.nbytes for p in payloads], keep, n_slots, policy(), cost_model
-            )
-            self._resident[layer] = {e: payloads[e].to(self.device) for e in sorted(keep)}
-            self._host[layer] = {e: _to_host(p, pin) for e, p in enumerate(payloads) if e not in keep}
-            self._slots[layer] = {}
+        for layer, payloads in (experts or {}).items():
+            self.add_layer(layer, payloads, (resident or {}).get(layer, ()))
+
+    def add_layer(self, layer: int, payloads: Sequence[Payload], resident: Collection[int] = ()) -> None:
+        """Place one layer's experts: `resident` ids on the device, the rest in host RAM (pinned on CUDA).
+
+        Layers can be added one at a time as they are loaded, so only one layer's payloads are
+        ever held in both places.
+        """
+        keep = frozenset(resident)
+        if not keep <= set(range(len(payloads))):
+            raise ValueError(f"layer {layer}: resident ids {sorted(keep)} outside 0..{len(payloads) - 1}")
+        slots = self._slot_counts
+        n_slots = slots if isinstance(slots, int) else slots.get(layer, 0)
+        self._layers[layer] = LayerCache([p.nbytes for p in payloads], keep, n_slots, self._policy(),
+                                         self._cost_model)
+        self._resident[layer] = {e: payloads[e].to(self.device) for e in sorted(keep)}
+        pin = self.device.type == "cuda"
+        self._host[layer] = {e: _to_host(p, pin) for e, p in enumerate(payloads) if e not in keep}
+        self._slots[layer] = {}
 
     def __call__(self, layer: int) -> "LayerExperts":
         """The expert backend of `layer`: `(x_TH, ids_TK, w_TK) -> y_TH`."""

@@ -158,8 +158,23 @@ def read_routing_profile(model_dir: Path) -> dict | None:
         raise LocalrunError(f"invalid {path}: {e}") from None
 
 
-def placement_plan(args: ModelArgs, model_dir: Path, dev: torch.device, experts: str, dtype: torch.dtype, *,
-                   vram: int | None, context: int | None, resident_fraction: float | None) -> Plan:
+def expert_spec(model_dir: Path, experts: str | None) -> QuantSpec | str:
+    """What the routed experts will be: a pre-quantized model's own QuantSpec (its blocksize and
+    double quant set the bytes, not just the 4-bit type), else `experts` (default nf4) or "bf16"."""
+    if is_prequantized(model_dir):
+        stored = manifest_spec(read_manifest(model_dir))
+        if experts not in (None, stored.quant_type):
+            raise UsageError(f"{model_dir} is pre-quantized with {stored.quant_type} experts; "
+                             f"--experts {experts} can't apply")
+        return stored
+    experts = experts or DEFAULT_EXPERTS
+    if experts not in EXPERT_CHOICES:
+        raise UsageError(f"--experts must be one of {', '.join(EXPERT_CHOICES)}, not {experts!r}")
+    return "bf16" if experts == "bf16" else QuantSpec(experts)
+
+
+def placement_plan(args: ModelArgs, model_dir: Path, dev: torch.device, spec: QuantSpec | str, dtype: torch.dtype,
+                   *, vram: int | None, context: int | None, resident_fraction: float | None) -> Plan:
     """The plan this load builds: the same `make_plan` that `localrun fit` prints."""
     device_bytes = vram
     if device_bytes is None and dev.type == "cuda":
@@ -167,12 +182,6 @@ def placement_plan(args: ModelArgs, model_dir: Path, dev: torch.device, experts:
         device_bytes = gpu.free_bytes if gpu else None
     if dev.type == "cpu":
         device_bytes = None  # the CPU's "device" tier is host RAM: only resident_fraction splits it
-    if experts == "bf16":
-        spec = "bf16"
-    elif is_prequantized(model_dir):  # its blocksize / double quant set the bytes, not just the 4-bit type
-        spec = manifest_spec(read_manifest(model_dir))
-    else:
-        spec = QuantSpec(experts)
     budget = Budget(device_bytes=device_bytes, context=context or min(DEFAULT_CONTEXT, args.max_position_embeddings))
     plan = make_plan(args, budget, experts=spec, routing_profile=read_routing_profile(model_dir),
                      dtype=str(dtype).removeprefix("torch."), resident_fraction=resident_fraction)
@@ -204,18 +213,11 @@ def load_model(
     args = load_config(model_dir)
     ckpt = Checkpoint(model_dir)
     dev = resolve_device(device)
-    prequantized = is_prequantized(model_dir)
-    if prequantized:
-        stored = manifest_spec(read_manifest(model_dir)).quant_type
-        if experts not in (None, stored):
-            raise UsageError(f"{model_dir} is pre-quantized with {stored} experts; --experts {experts} can't apply")
-        experts = stored
-    experts = experts or DEFAULT_EXPERTS
     if cache_policy not in POLICIES:
         raise UsageError(f"cache policy must be one of {', '.join(POLICIES)}, not {cache_policy!r}")
-    if experts not in EXPERT_CHOICES:
-        raise UsageError(f"--experts must be one of {', '.join(EXPERT_CHOICES)}, not {experts!r}")
-    plan = placement_plan(args, model_dir, dev, experts, dtype, vram=vram, context=context,
+    spec = expert_spec(model_dir, experts)
+    experts = spec if spec == "bf16" else spec.quant_type
+    plan = placement_plan(args, model_dir, dev, spec, dtype, vram=vram, context=context,
                           resident_fraction=resident_fraction)
     with torch.device("meta"):
         model = Gemma4Model(args)
@@ -230,18 +232,21 @@ def load_model(
             gate_up, down = checkpoint_experts(ckpt, args, layer)
             return DenseExperts(gate_up.to(dev, dtype), down.to(dev, dtype), args.hidden_activation)
     else:
-        source = packed_experts_source(model_dir, ckpt, args, None if prequantized else QuantSpec(experts), dev)
+        source = packed_experts_source(model_dir, ckpt, args, None if is_prequantized(model_dir) else spec, dev)
         if offload:
             act = activation(args.hidden_activation)
             compute = lambda payload, x_TH: ffn_4bit(x_TH, payload, act)  # noqa: E731
-            packed = {i: source(i) for i in moe_layers}  # 4-bit, host RAM: the store places them
-            cost = calibrate(packed[moe_layers[0]][0], compute, dev, args.hidden_size, dtype) \
+            pending = {moe_layers[0]: source(moe_layers[0])}  # read early: calibration needs a real expert
+            cost = calibrate(pending[moe_layers[0]][0], compute, dev, args.hidden_size, dtype) \
                 if dev.type == "cuda" else None
-            store = ExpertStore(packed, compute, dev, resident={i: plan.resident_experts[i] for i in moe_layers},
-                                slots=plan.cache_slots, policy=POLICIES[cache_policy], cost_model=cost)
-            del packed
+            store = ExpertStore(None, compute, dev, slots=plan.cache_slots, policy=POLICIES[cache_policy],
+                                cost_model=cost)
 
             def build(layer):
+                # one layer of packed experts in flight: the store keeps the resident ones on the
+                # device and the rest (pinned on CUDA) in host RAM
+                payloads = pending.pop(layer) if layer in pending else source(layer)
+                store.add_layer(layer, payloads, plan.resident_experts[layer])
                 return store(layer)
         else:
             def build(layer):

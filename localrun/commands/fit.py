@@ -3,25 +3,22 @@
 from __future__ import annotations
 
 import json
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from quant.spec import QuantSpec
-
 from .. import hardware
+from ..checkpoint import read_header
 from ..config import ModelArgs, load_config
+from ..loader import expert_spec, read_routing_profile
 from ..resolve import resolve_model
 from ..errors import LocalrunError, UsageError
 from ..hardware import format_size
 from ..models.gemma4 import checkpoint_shapes
 from ..plan import DEVICE, Budget, Plan, make_plan
 
-EXPERT_CHOICES = ("nf4", "fp4", "bf16")
-_MAX_HEADER_BYTES = 100 * hardware.MIB  # a safetensors header beyond this is corrupt, not big
 
 
 @dataclass(frozen=True)
@@ -53,23 +50,6 @@ def resolve_target(vram: str | None, gpu: str | None) -> Target:
                   preset.pcie_bandwidth if preset else hardware.DEFAULT_PCIE_BANDWIDTH)
 
 
-def expert_spec(name: str) -> QuantSpec | str:
-    if name not in EXPERT_CHOICES:
-        raise UsageError(f"--experts must be one of {', '.join(EXPERT_CHOICES)}, not {name!r}")
-    return "bf16" if name == "bf16" else QuantSpec(quant_type=name)
-
-
-def _read_header(path: Path) -> dict:
-    try:
-        with path.open("rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > _MAX_HEADER_BYTES:
-                raise ValueError(f"header of {n} bytes")
-            return json.loads(f.read(n))
-    except (OSError, ValueError, struct.error) as e:
-        raise LocalrunError(f"unreadable safetensors header in {path}: {e}") from None
-
-
 def checkpoint_tensor_shapes(model_dir: Path, args: ModelArgs) -> dict[str, tuple[int, ...]]:
     """Text tensor shapes: the config's layout, checked against safetensors headers when there are any.
 
@@ -79,9 +59,7 @@ def checkpoint_tensor_shapes(model_dir: Path, args: ModelArgs) -> dict[str, tupl
     """
     shapes = checkpoint_shapes(args)
     for path in sorted(model_dir.glob("*.safetensors")):
-        for full_name, info in _read_header(path).items():
-            if full_name == "__metadata__" or not isinstance(info, dict):
-                continue
+        for full_name, info in read_header(path)[0].items():
             name = full_name if full_name.startswith("lm_head.") else full_name.removeprefix(args.weight_prefix)
             if name in shapes and tuple(info.get("shape", ())) != shapes[name]:
                 raise LocalrunError(f"config.json and weights disagree: {full_name} has shape "
@@ -131,14 +109,14 @@ def fit(
     gpu: Optional[str] = typer.Option(None, "--gpu", help="A GPU preset, e.g. 'RTX 4090', 4060ti, 5090."),
     ram: Optional[str] = typer.Option(None, "--ram", help="Host RAM for offloaded experts (default: available RAM)."),
     context: int = typer.Option(8192, "--context", "-c", help="Context length in tokens to plan for."),
-    experts: str = typer.Option("nf4", "--experts", help="Routed expert precision: nf4, fp4 or bf16."),
+    experts: Optional[str] = typer.Option(None, "--experts", help="Routed expert precision: nf4 (default), fp4 or bf16."),
     resident_experts: Optional[float] = typer.Option(None, "--resident-experts", help="Force this fraction (0..1) of each layer's experts onto the GPU."),
     as_json: bool = typer.Option(False, "--json", help="Print only JSON."),
 ) -> None:
     """Estimate whether a model fits a GPU: memory per component, resident experts, longest context, speed."""
     model = resolve_model(model, config_only=True)
     args = load_config(model)
-    spec = expert_spec(experts)
+    spec = expert_spec(model, experts)
     if context < 1:
         raise UsageError(f"--context must be at least 1, not {context}")
     target = resolve_target(vram, gpu)
@@ -146,7 +124,7 @@ def fit(
     budget = Budget(target.device_bytes, host, context, gpu_bandwidth=target.bandwidth,
                     pcie_bandwidth=target.pcie_bandwidth)
     plan = make_plan(args, budget, experts=spec, tensor_shapes=checkpoint_tensor_shapes(model, args),
-                     resident_fraction=resident_experts)
+                     routing_profile=read_routing_profile(model), resident_fraction=resident_experts)
     if as_json:
         print(json.dumps({"model": str(model), "target": target.label, **plan.to_dict()}, indent=2))
     else:
