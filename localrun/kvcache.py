@@ -3,6 +3,8 @@
 Shape letters: B batch, N kv heads, S cached positions, T new tokens, D head dim.
 Every layer returns the keys and values it attends over together with their absolute
 positions, so the attention mask is one function of (query positions, key positions).
+For a single new token (decode) every key a cache returns is visible to it, so decode
+attends without a mask.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class RingKV:
         self.k = torch.zeros(B, N, window, D, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
         self.pos = torch.full((window,), -1, dtype=torch.long, device=device)  # -1: empty slot
+        self.filled = 0  # slots [0, filled) hold positions: positions start at 0, slot = pos % window
 
     def _write(self, k_BNTD, v_BNTD, pos_T) -> None:
         keep = min(k_BNTD.shape[2], self.window)
@@ -63,11 +66,13 @@ class RingKV:
         self.k[:, :, slots] = k_BNTD
         self.v[:, :, slots] = v_BNTD
         self.pos[slots] = pos_T
+        self.filled = min(self.window, self.filled + keep)
 
     def update(self, k_BNTD, v_BNTD, pos_T):
         if k_BNTD.shape[2] == 1:  # decode: the slot we overwrite is exactly the one leaving the window
             self._write(k_BNTD, v_BNTD, pos_T)
-            return self.k, self.v, self.pos
+            n = self.filled  # only filled slots: then every returned key is visible (no mask needed)
+            return self.k[:, :, :n], self.v[:, :, :n], self.pos[:n]
         # prefill chunk: queries early in the chunk still need keys the chunk would overwrite
         k = torch.cat([self.k, k_BNTD], dim=2)
         v = torch.cat([self.v, v_BNTD], dim=2)

@@ -25,14 +25,18 @@ def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
 
 def group_by_expert(ids_TK: torch.Tensor) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
     """[(expert, token_idx, k_idx)] for every expert hit, tokens sorted by expert (one host sync)."""
+    T, K = ids_TK.shape
+    if T == 1:  # decode: sorting kernels and per-group slicing would cost more than the experts
+        tok, k_K = torch.zeros(1, dtype=torch.long, device=ids_TK.device), torch.arange(K, device=ids_TK.device)
+        ids = ids_TK[0].tolist()
+        return [(ids[k], tok, k_K[k : k + 1]) for k in sorted(range(K), key=ids.__getitem__)]
     flat = ids_TK.reshape(-1)
     order = torch.argsort(flat, stable=True)
     experts, counts = torch.unique_consecutive(flat[order], return_counts=True)
-    k = ids_TK.shape[1]
     groups, start = [], 0
     for e, n in zip(experts.tolist(), counts.tolist()):
         sel = order[start : start + n]
-        groups.append((e, sel // k, sel % k))
+        groups.append((e, sel // K, sel % K))
         start += n
     return groups
 
@@ -49,6 +53,10 @@ def dispatch(
     The weighted sum over the K experts accumulates in fp32 and rounds once, as transformers does.
     """
     out = torch.zeros(x_TH.shape, dtype=torch.float32, device=x_TH.device)
+    if x_TH.shape[0] == 1:  # decode: plain adds in expert order; index_add_ costs far more at one token
+        for e, w in sorted(zip(ids_TK[0].tolist(), w_TK[0].float().tolist())):
+            out += expert_fn(e, x_TH).float() * w
+        return out.to(x_TH.dtype)
     for e, tok, k in groups if groups is not None else group_by_expert(ids_TK):
         y = expert_fn(e, x_TH[tok])
         out.index_add_(0, tok, y.float() * w_TK[tok, k, None].float())

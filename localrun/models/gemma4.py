@@ -173,7 +173,7 @@ class Attention(nn.Module):
             else:
                 pos_S = pos_T
             shared[self.window is not None] = (k, v, pos_S)  # the last layer of each kind wins
-        mask = attention_mask(pos_T, pos_S, self.window)
+        mask = attention_mask(pos_T, pos_S, self.window) if T > 1 else None  # decode sees every key (kvcache)
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k, v, attn_mask=mask, scale=1.0, enable_gqa=k.shape[1] != q.shape[2]
         )

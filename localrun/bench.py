@@ -1,0 +1,318 @@
+"""Speed measurements: prefill and decode tokens/s, time to first token, peak memory, for
+localrun and (optionally) transformers on the same checkpoint, prompt ids and dtype.
+
+Method, identical for both sides: after a warm-up generation, time greedy generations of 1
+and of N tokens with end-of-sequence disabled (best of `repeat` each, on a fresh cache).
+  time to first token = t(1)             (prefill + one sampling step)
+  prefill tokens/s    = prompt_tokens / t(1)
+  decode tokens/s     = (N - 1) / (t(N) - t(1))
+Returns values; the `bench` command and scripts/bench.py print them.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .tiny import tiny_config, write_checkpoint
+
+BENCH_NAME = "bench"
+BENCH_SEED = 0
+
+
+def bench_config() -> dict:
+    """A ~110M-parameter Gemma 4 MoE with 26B-A4B's proportions (k_eq_v, global head dim 2x,
+    32 experts top-8, 5:1 sliding:full, p-RoPE, intermediate 3/4 and expert width 1/4 of hidden)."""
+    sliding, full = tiny_config()["layer_types"][0], tiny_config()["layer_types"][2]
+    return tiny_config(
+        "moe",
+        vocab_size=16384,
+        hidden_size=512,
+        intermediate_size=384,
+        num_hidden_layers=12,
+        layer_types=([sliding] * 5 + [full]) * 2,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=64,
+        global_head_dim=128,
+        num_global_key_value_heads=1,
+        sliding_window=128,
+        num_experts=32,
+        top_k_experts=8,
+        moe_intermediate_size=128,
+        vocab_size_per_layer_input=16384,
+    )
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "localrun"
+
+
+def bench_model_dir(root: str | Path | None = None) -> Path:
+    """The bench checkpoint, written once (atomically) under `root`; the name hashes its config."""
+    config = bench_config()
+    digest = hashlib.sha256(json.dumps([config, BENCH_SEED], sort_keys=True).encode()).hexdigest()[:12]
+    root = Path(root) if root is not None else cache_root()
+    out = root / f"bench-model-{digest}"
+    if (out / "config.json").is_file():
+        return out
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".bench-model-", dir=root))
+    try:
+        write_checkpoint(tmp, config, seed=BENCH_SEED, max_shard_bytes=None)
+        os.replace(tmp, out)
+    except OSError:
+        if not (out / "config.json").is_file():  # not a concurrent writer winning the rename
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def bench_prompt(n: int, vocab_size: int, seed: int = 0) -> list[int]:
+    """`n` deterministic prompt ids: BOS then ids past Gemma's special tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    return [2] + torch.randint(107, vocab_size, (n - 1,), generator=gen).tolist()
+
+
+# Memory -------------------------------------------------------------------------------------
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark to the current RSS (Linux); False where unsupported."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _cuda(device) -> bool:
+    return torch.device(device).type == "cuda" and torch.cuda.is_available()
+
+
+# Measuring ----------------------------------------------------------------------------------
+
+@dataclass
+class Measurement:
+    engine: str  # "localrun" or "transformers"
+    prompt_tokens: int
+    gen_tokens: int
+    ttft_s: float
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
+    peak_rss_bytes: int | None = None  # process peak since this engine started loading
+    peak_vram_bytes: int | None = None
+    expert_hit_rate: float | None = None  # when the expert backend counts hits
+
+
+@dataclass
+class BenchReport:
+    info: dict
+    measurements: list[Measurement] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"info": self.info, "measurements": [asdict(m) for m in self.measurements]}
+
+
+def best_time(fn: Callable[[], None], repeat: int, sync: Callable[[], None] = lambda: None) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def measure(engine: str, generate_n: Callable[[int], None], prompt_tokens: int, gen_tokens: int,
+            repeat: int, sync: Callable[[], None] = lambda: None) -> Measurement:
+    """Time `generate_n(1)` and `generate_n(gen_tokens)` after a warm-up; see the module docstring."""
+    generate_n(min(gen_tokens, 2))  # warm-up: allocator, kernels, lazy inits
+    t1 = best_time(lambda: generate_n(1), repeat, sync)
+    tn = best_time(lambda: generate_n(gen_tokens), repeat, sync) if gen_tokens > 1 else t1
+    decode = (gen_tokens - 1) / (tn - t1) if gen_tokens > 1 and tn > t1 else 0.0
+    return Measurement(engine, prompt_tokens, gen_tokens, t1, prompt_tokens / t1, decode)
+
+
+def _counters(model) -> tuple[int, int] | None:
+    """(hits, misses) summed over the layers' expert backends that keep counters, else None."""
+    hits = misses = 0
+    found = False
+    for layer in getattr(model, "layers", []):
+        c = getattr(getattr(layer, "experts", None), "counters", None)
+        if c is None:
+            continue
+        c = c() if callable(c) else c
+        hits, misses, found = hits + c.hits, misses + c.misses, True
+    return (hits, misses) if found else None
+
+
+def bench_localrun(model_dir: Path, cases: list[tuple[int, int]], *, device: str, dtype: torch.dtype,
+                   experts: str, repeat: int) -> list[Measurement]:
+    from .engine import Engine
+    from .sampling import SamplingParams
+
+    reset_peak_rss()
+    engine = Engine.load(model_dir, device=device, dtype=dtype, experts=experts)
+    dev = engine.loaded.device
+    if _cuda(dev):
+        torch.cuda.reset_peak_memory_stats(dev)
+    sync = (lambda: torch.cuda.synchronize(dev)) if _cuda(dev) else (lambda: None)
+    out = []
+    for prompt_tokens, gen_tokens in cases:
+        ids = bench_prompt(prompt_tokens, engine.loaded.args.vocab_size)
+
+        def generate_n(n: int) -> None:
+            for _ in engine.stream(ids, SamplingParams(), max_tokens=n, ignore_eos=True):
+                pass
+
+        before = _counters(engine.model)
+        m = measure("localrun", generate_n, prompt_tokens, gen_tokens, repeat, sync)
+        after = _counters(engine.model)
+        if before is not None and after is not None:
+            hits, misses = after[0] - before[0], after[1] - before[1]
+            m.expert_hit_rate = hits / (hits + misses) if hits + misses else 1.0
+        _memory(m, dev)
+        out.append(m)
+    del engine
+    gc.collect()
+    return out
+
+
+def bench_transformers(model_dir: Path, cases: list[tuple[int, int]], *, device: str, dtype: torch.dtype,
+                       repeat: int) -> list[Measurement]:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    multimodal = config.get("model_type") == "gemma4"
+    cls = transformers.Gemma4ForConditionalGeneration if multimodal else transformers.Gemma4ForCausalLM
+    reset_peak_rss()
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       "cpu" if device == "auto" else device)
+    model = cls.from_pretrained(model_dir, dtype=dtype).to(dev).eval()
+    if _cuda(dev):
+        torch.cuda.reset_peak_memory_stats(dev)
+    sync = (lambda: torch.cuda.synchronize(dev)) if _cuda(dev) else (lambda: None)
+    vocab = (config.get("text_config") or config)["vocab_size"]
+    out = []
+    for prompt_tokens, gen_tokens in cases:
+        ids = torch.tensor([bench_prompt(prompt_tokens, vocab)], device=dev)
+
+        @torch.inference_mode()
+        def generate_n(n: int) -> None:
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                           do_sample=False, eos_token_id=None, pad_token_id=0)
+
+        m = measure("transformers", generate_n, prompt_tokens, gen_tokens, repeat, sync)
+        _memory(m, dev)
+        out.append(m)
+    del model
+    gc.collect()
+    return out
+
+
+def _memory(m: Measurement, dev) -> None:
+    m.peak_rss_bytes = peak_rss_bytes()
+    if _cuda(dev):
+        m.peak_vram_bytes = torch.cuda.max_memory_allocated(dev)
+
+
+def run_bench(model_dir: str | Path, cases: list[tuple[int, int]], *, device: str = "cpu",
+              dtype: torch.dtype = torch.float32, experts: str = "bf16", repeat: int = 3,
+              compare: str | None = None) -> BenchReport:
+    """Measure localrun (and `compare`="transformers") on every (prompt_tokens, gen_tokens) case."""
+    if compare not in (None, "transformers"):
+        raise ValueError(f"can only compare with transformers, not {compare!r}")
+    info = {
+        "model": str(model_dir), "device": device, "dtype": str(dtype).removeprefix("torch."),
+        "experts": experts, "repeat": repeat, "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+    }
+    report = BenchReport(info)
+    report.measurements += bench_localrun(Path(model_dir), cases, device=device, dtype=dtype, experts=experts,
+                                          repeat=repeat)
+    if compare == "transformers":
+        import transformers
+
+        info["transformers"] = transformers.__version__
+        report.measurements += bench_transformers(Path(model_dir), cases, device=device, dtype=dtype, repeat=repeat)
+    return report
+
+
+# Rendering ----------------------------------------------------------------------------------
+
+def _mib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**20:.0f}"
+
+
+def markdown(report: BenchReport) -> str:
+    """A markdown table, one row per case; with transformers measured, its numbers and our ratio beside ours."""
+    ours = [m for m in report.measurements if m.engine == "localrun"]
+    theirs = {(m.prompt_tokens, m.gen_tokens): m for m in report.measurements if m.engine == "transformers"}
+    info = report.info
+    lines = [f"model `{info['model']}`, device {info['device']}, dtype {info['dtype']}, experts {info['experts']}, "
+             f"{info['threads']} threads, best of {info['repeat']}"
+             + (f", transformers {info['transformers']}" if "transformers" in info else ""), ""]
+    if theirs:
+        head = ["prompt", "gen", "prefill tok/s (ours / hf)", "x", "decode tok/s (ours / hf)", "x",
+                "TTFT ms (ours / hf)", "peak RSS MiB (ours / hf)"]
+    else:
+        head = ["prompt", "gen", "prefill tok/s", "decode tok/s", "TTFT ms", "peak RSS MiB"]
+    if any(m.peak_vram_bytes is not None for m in report.measurements):
+        head.append("peak VRAM MiB")
+    if any(m.expert_hit_rate is not None for m in ours):
+        head.append("expert hit rate")
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in ours:
+        t = theirs.get((m.prompt_tokens, m.gen_tokens))
+        row = [str(m.prompt_tokens), str(m.gen_tokens)]
+        if theirs:
+            row += [f"{m.prefill_tokens_per_s:.1f} / {t.prefill_tokens_per_s:.1f}",
+                    _ratio(m.prefill_tokens_per_s, t.prefill_tokens_per_s),
+                    f"{_rate(m.decode_tokens_per_s)} / {_rate(t.decode_tokens_per_s)}",
+                    _ratio(m.decode_tokens_per_s, t.decode_tokens_per_s),
+                    f"{m.ttft_s * 1e3:.0f} / {t.ttft_s * 1e3:.0f}",
+                    f"{_mib(m.peak_rss_bytes)} / {_mib(t.peak_rss_bytes)}"]
+        else:
+            row += [f"{m.prefill_tokens_per_s:.1f}", _rate(m.decode_tokens_per_s), f"{m.ttft_s * 1e3:.0f}",
+                    _mib(m.peak_rss_bytes)]
+        if "peak VRAM MiB" in head:
+            row.append(_mib(m.peak_vram_bytes) + (f" / {_mib(t.peak_vram_bytes)}" if t else ""))
+        if "expert hit rate" in head:
+            row.append("-" if m.expert_hit_rate is None else f"{m.expert_hit_rate:.1%}")
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "prefill = prompt / t(1 token); decode = (N-1) / (t(N) - t(1)); TTFT = t(1); "
+                  "greedy, eos off, same prompt ids both sides; peak RSS is the process peak since that "
+                  "engine started loading."]
+    return "\n".join(lines) + "\n"
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if a > 0 and b > 0 else "-"
+
+
+def _rate(r: float) -> str:
+    return f"{r:.1f}" if r > 0 else "-"  # 0: noise made t(N) <= t(1); more --repeat or --gen-tokens

@@ -1,0 +1,60 @@
+"""`localrun bench MODEL`: prefill/decode tokens/s, time to first token and peak memory, optionally
+side by side with transformers on the same checkpoint (see localrun/bench.py for the method)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .. import bench as lbench
+from ..engine import DTYPES
+from ..errors import UsageError
+
+
+def resolve_bench_model(model: str) -> Path:
+    """`bench` -> the generated bench checkpoint (written on first use); anything else is a directory."""
+    if model == lbench.BENCH_NAME:
+        return lbench.bench_model_dir()
+    path = Path(model)
+    if not (path / "config.json").is_file():
+        raise UsageError(f"{model}: not a model directory (no config.json); use 'bench' for the generated bench model")
+    return path
+
+
+def bench(
+    model: str = typer.Argument(..., help="Model directory, or 'bench' for the generated ~100M-parameter bench MoE."),
+    compare: Optional[str] = typer.Option(None, "--compare", help="Also measure 'transformers' in the same run."),
+    prompt_tokens: List[int] = typer.Option([128, 512], "--prompt-tokens", help="Prompt length (repeatable)."),
+    gen_tokens: List[int] = typer.Option([64], "--gen-tokens", help="Tokens to generate (repeatable)."),
+    dtype: str = typer.Option("float32", "--dtype", help="Compute dtype: bfloat16 or float32."),
+    experts: str = typer.Option("bf16", "--experts", help="Routed expert precision (bf16 = the compute dtype)."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto."),
+    repeat: int = typer.Option(3, "--repeat", help="Timed runs per measurement; the best is kept."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch intra-op threads for both sides."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Also write the markdown table to this file."),
+    as_json: bool = typer.Option(False, "--json", help="Print the raw numbers as JSON instead of the table."),
+) -> None:
+    """Measure prefill and decode speed (and compare with transformers)."""
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype must be bfloat16 or float32, not {dtype!r}")
+    if compare not in (None, "transformers"):
+        raise UsageError(f"--compare can only be 'transformers', not {compare!r}")
+    if repeat < 1 or min(prompt_tokens) < 1 or min(gen_tokens) < 1:
+        raise UsageError("--repeat, --prompt-tokens and --gen-tokens must be at least 1")
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    cases = [(p, g) for p in prompt_tokens for g in gen_tokens]
+    report = lbench.run_bench(resolve_bench_model(model), cases, device=device, dtype=DTYPES[dtype],
+                              experts=experts, repeat=repeat, compare=compare)
+    table = lbench.markdown(report)
+    if out is not None:
+        out.write_text(table)
+    print(json.dumps(report.to_dict(), indent=2) if as_json else table, end="" if not as_json else "\n")
+
+
+command = bench

@@ -1,0 +1,56 @@
+"""The bench machinery on the tiny model: result structure, table rendering, the transformers side.
+No timing is asserted: speed is what `localrun bench` reports, not what a unit test checks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from localrun import bench
+from localrun.cli import main
+from localrun.config import ModelArgs
+from localrun.models.gemma4 import checkpoint_shapes
+
+pytest.importorskip("transformers")
+
+
+def test_bench_config_has_26b_a4b_proportions():
+    cfg = bench.bench_config()
+    args = ModelArgs.from_dict(cfg)
+    params = sum(math.prod(s) for s in checkpoint_shapes(args).values())
+    assert 50e6 <= params <= 150e6
+    assert cfg["attention_k_eq_v"] and cfg["global_head_dim"] == 2 * cfg["head_dim"]
+    assert (cfg["num_experts"], cfg["top_k_experts"]) == (32, 8)
+    assert cfg["layer_types"][:6] == ["sliding_attention"] * 5 + ["full_attention"]
+    assert cfg["rope_parameters"]["full_attention"]["rope_type"] == "proportional"
+
+
+def test_run_bench_measures_both_sides_and_renders_a_table(tiny_moe):
+    report = bench.run_bench(tiny_moe, [(8, 3)], dtype=torch.float32, repeat=1, compare="transformers")
+    ours, theirs = report.measurements
+    assert (ours.engine, theirs.engine) == ("localrun", "transformers")
+    for m in (ours, theirs):
+        assert (m.prompt_tokens, m.gen_tokens) == (8, 3)
+        assert m.ttft_s > 0 and m.prefill_tokens_per_s > 0
+        assert m.decode_tokens_per_s >= 0  # 0 when noise made t(N) <= t(1): shown as '-'
+        assert m.peak_vram_bytes is None
+    table = bench.markdown(report)
+    rows = [line for line in table.splitlines() if line.startswith("| 8 | 3 |")]
+    assert len(rows) == 1 and rows[0].count(" / ") >= 3 and len(rows[0].split("|")) == 10
+    assert report.to_dict()["measurements"][1]["engine"] == "transformers"
+
+
+def test_bench_command_writes_the_table(tiny_moe, tmp_path, capsys):
+    out = tmp_path / "bench.md"
+    main(["bench", str(tiny_moe), "--prompt-tokens", "5", "--gen-tokens", "2", "--repeat", "1", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert out.read_text() == printed
+    assert "| 5 | 2 |" in printed and "prefill tok/s" in printed
+
+
+def test_bench_command_rejects_a_non_model(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", str(tmp_path), "--repeat", "1"])
+    assert e.value.code != 0 and "config.json" in capsys.readouterr().err
