@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from .errors import LocalrunError
 
@@ -31,6 +30,7 @@ class TensorInfo:
     file: Path
     dtype: torch.dtype
     shape: tuple[int, ...]
+    offset: int = 0  # of the tensor's first byte in the file
 
     @property
     def nbytes(self) -> int:
@@ -52,6 +52,8 @@ def read_header(path: Path) -> tuple[dict, dict]:
     except (struct.error, ValueError, UnicodeDecodeError) as e:
         raise LocalrunError(f"corrupt safetensors file {path.name}: {e}") from None
     metadata = header.pop("__metadata__", None) or {}
+    for entry in header.values():
+        entry["offset"] = 8 + n + entry["data_offsets"][0]
     end = max((v["data_offsets"][1] for v in header.values()), default=0)
     if 8 + n + end > size:
         raise LocalrunError(f"truncated safetensors file {path.name}: {size} bytes, needs {8 + n + end}")
@@ -71,8 +73,7 @@ class Checkpoint:
             for name, entry in header.items():
                 if entry.get("dtype") not in DTYPES:
                     raise LocalrunError(f"unsupported dtype {entry.get('dtype')} for {name} in {file.name}")
-                self.tensors[name] = TensorInfo(file, DTYPES[entry["dtype"]], tuple(entry["shape"]))
-        self._handles: dict[Path, object] = {}
+                self.tensors[name] = TensorInfo(file, DTYPES[entry["dtype"]], tuple(entry["shape"]), entry["offset"])
 
     def _shard_files(self) -> list[Path]:
         index = self.dir / INDEX
@@ -94,12 +95,24 @@ class Checkpoint:
         return files
 
     def read(self, name: str) -> torch.Tensor:
-        """One tensor, read from its shard (memory-mapped, so only its bytes are touched)."""
+        """One tensor, read from its shard into memory of its own.
+
+        Plain reads, not a memory map: a mapped shard keeps every page it was read through in
+        this process's RSS for as long as it stays mapped, so streaming a 5 GB shard of experts
+        would hold all of it; a read copy is freed as soon as the caller drops it.
+        """
         info = self.tensors[name]
-        handle = self._handles.get(info.file)
-        if handle is None:
-            handle = self._handles[info.file] = safe_open(str(info.file), "pt")
-        return handle.get_tensor(name)
+        out = torch.empty(info.shape, dtype=info.dtype)
+        view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+        with open(info.file, "rb", buffering=0) as f:
+            f.seek(info.offset)
+            done = 0
+            while done < len(view):  # one read() returns at most ~2 GiB
+                n = f.readinto(view[done:])
+                if not n:
+                    raise LocalrunError(f"{info.file.name} ends inside tensor {name}")
+                done += n
+        return out
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     _quiet_third_party()
     _register()
     try:
-        app(args=argv, prog_name="localrun", standalone_mode=False)
+        code = app(args=argv, prog_name="localrun", standalone_mode=False)
     except LocalrunError as e:
         if verbose:
             raise
@@ -60,6 +60,12 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except Exception as e:  # typer's (vendored click) usage errors and anything unexpected
         _exit_for(e, verbose)
+    else:
+        # Without standalone mode typer returns an Exit's code instead of exiting; Ctrl-C is Exit(130).
+        if code == 130:
+            print("interrupted", file=sys.stderr)
+        if isinstance(code, int) and code:
+            sys.exit(code)
 
 
 def _exit_for(e: Exception, verbose: bool) -> None:

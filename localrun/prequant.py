@@ -124,8 +124,8 @@ def quantize_checkpoint(
     ckpt = Checkpoint(src)
     clean_leftovers(out)
     tmp = _tmp_dir(out)
-    tmp.mkdir(parents=True)
     try:
+        tmp.mkdir(parents=True)  # inside the try: a Ctrl-C right after it still cleans up
         _write(ckpt, args, src, tmp, spec, progress, torch.device(device))
         if out.exists():
             old = out.parent / f".{out.name}{TMP_MARK}old-{os.getpid()}"

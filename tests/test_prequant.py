@@ -1,0 +1,281 @@
+"""`localrun quantize SRC OUT`: what it writes, that loading OUT equals quantize-on-load, and that
+an interrupted run (Ctrl-C or kill) never leaves a half-written OUT."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from bitsandbytes import functional as bnbf
+from safetensors import safe_open
+
+import localrun
+import quant.nf4
+from localrun import loader, prequant
+from localrun.checkpoint import Checkpoint
+from localrun.cli import main
+from localrun.errors import LocalrunError, UsageError
+from localrun.generate import generate
+from localrun.loader import load_model
+from localrun.prequant import MANIFEST, TMP_MARK
+from localrun.sampling import SamplingParams, make_sampler
+from localrun.tiny import tiny_config, write_checkpoint
+from quant.ffn import QuantizedExperts
+from quant.spec import QuantSpec
+
+torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parents[1]
+EXPERT_SUFFIXES = ("experts.gate_up_proj", "experts.down_proj")
+SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "chat_template.jinja")
+GEN_TOKENS = 24
+
+
+def cli(*argv) -> int:
+    """Run `localrun ARGV` in-process; its exit code (0 when it returns)."""
+    try:
+        main([str(a) for a in argv])
+    except SystemExit as e:
+        return e.code or 0
+    return 0
+
+
+def quantize(src, out, *flags) -> Path:
+    assert cli("quantize", src, out, "--quiet", *flags) == 0
+    return Path(out)
+
+
+def leftovers(out: Path) -> list[Path]:
+    return sorted(out.parent.glob(f".{out.name}{TMP_MARK}*"))
+
+
+def prompt_ids(n: int = 16, seed: int = 0) -> list[int]:
+    gen = torch.Generator().manual_seed(seed)
+    return [2] + torch.randint(107, 512, (n - 1,), generator=gen).tolist()
+
+
+def greedy(model) -> tuple[list[int], list[float]]:
+    steps = list(generate(model, prompt_ids(), make_sampler(SamplingParams()), max_tokens=GEN_TOKENS))
+    return [s.token for s in steps], [s.logprob for s in steps]
+
+
+@pytest.fixture(scope="module")
+def nf4_out(tiny_moe, tmp_path_factory) -> Path:
+    return quantize(tiny_moe, tmp_path_factory.mktemp("prequant") / "out")
+
+
+# -- loading OUT == quantizing on load --------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["text", "multimodal"])
+def test_loading_out_equals_quantize_on_load_nf4(tiny_checkpoint, tmp_path, layout):
+    src = tiny_checkpoint("moe", layout)
+    out = quantize(src, tmp_path / "out")
+    pre, onload = load_model(out), load_model(src, experts="nf4")
+    assert pre.experts == "nf4"
+    for a, b in zip(pre.model.layers, onload.model.layers):
+        assert all(torch.equal(x.buffer, y.buffer) for x, y in zip(a.experts.experts, b.experts.experts))
+    assert greedy(pre.model) == greedy(onload.model)  # tokens and logprobs, exactly
+
+
+def test_loading_out_equals_quantize_on_load_fp4_double_quant(tiny_moe, tmp_path, monkeypatch):
+    out = quantize(tiny_moe, tmp_path / "out", "--experts", "fp4", "--double-quant")
+    pre = load_model(out)
+    assert pre.experts == "fp4"
+    # load_model has no double-quant switch: make its quantize-on-load spec the same as OUT's
+    monkeypatch.setattr(loader, "QuantSpec", functools.partial(QuantSpec, double_quant=True))
+    onload = load_model(tiny_moe, experts="fp4")
+    spec = QuantSpec("fp4", 64, True)
+    for a, b in zip(pre.model.layers, onload.model.layers):
+        assert all(x.layout.spec == spec and y.layout.spec == spec for x, y in zip(a.experts.experts, b.experts.experts))
+        assert all(torch.equal(x.buffer, y.buffer) for x, y in zip(a.experts.experts, b.experts.experts))
+    assert greedy(pre.model) == greedy(onload.model)
+
+
+def test_loading_out_never_requantizes(nf4_out, monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("loading a pre-quantized checkpoint quantized something")
+
+    for owner, name in ((quant.nf4, "quantize"), (quant.nf4, "pack_experts"), (quant.nf4, "pack_expert"),
+                        (loader, "pack_experts"), (bnbf, "quantize_4bit")):
+        monkeypatch.setattr(owner, name, refuse)
+    for kw in ({}, {"resident_fraction": 0.5}):
+        loaded = load_model(nf4_out, **kw)
+        with torch.no_grad():
+            assert torch.isfinite(loaded.model(torch.tensor([prompt_ids()])).float()).all()
+
+
+# -- what OUT holds ---------------------------------------------------------------------------
+
+
+def test_out_files_and_manifest(tiny_moe, nf4_out):
+    for f in SIDE_FILES:
+        assert (nf4_out / f).read_bytes() == (tiny_moe / f).read_bytes(), f
+    names = {p.name for p in nf4_out.iterdir()}
+    weights = {n for n in names if n not in SIDE_FILES and n not in (MANIFEST, "model.safetensors.index.json")}
+    assert weights and all(n.endswith(".safetensors") for n in weights), weights
+    assert not [n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"))]
+    for n in weights:
+        with safe_open(str(nf4_out / n), framework="pt") as f:  # every weight file is real safetensors
+            assert list(f.keys())
+
+    manifest = json.loads((nf4_out / MANIFEST).read_text())
+    assert manifest["format"] == "localrun.quantized" and manifest["format_version"] == 1
+    assert manifest["localrun_version"] == localrun.__version__
+    assert (manifest["quant_type"], manifest["blocksize"], manifest["double_quant"]) == ("nf4", 64, False)
+    cfg = tiny_config("moe")
+    H, I = cfg["hidden_size"], cfg["moe_intermediate_size"]
+    assert manifest["original_experts"] == {
+        "experts.gate_up_proj": {"shape": [2 * I, H], "dtype": "bfloat16"},
+        "experts.down_proj": {"shape": [H, I], "dtype": "bfloat16"},
+    }
+    files = manifest["expert_files"]
+    assert sorted(files) == [str(i) for i in range(cfg["num_hidden_layers"])]
+    for layer, name in files.items():
+        with safe_open(str(nf4_out / name), framework="pt") as f:
+            meta = f.metadata()
+            assert (meta["quant_type"], meta["blocksize"], meta["double_quant"]) == ("nf4", "64", "false")
+            layout = json.loads(meta[f"model.layers.{layer}.experts.layout"])
+            assert layout["gate_up_shape"] == [2 * I, H] and layout["down_shape"] == [H, I]
+            assert layout["dtype"] == "bfloat16" and layout["num_experts"] == cfg["num_experts"]
+    # the non-expert part: every text tensor of SRC but the experts, in bf16, no vision
+    plain = Checkpoint(nf4_out).tensors
+    assert not any(n.endswith(EXPERT_SUFFIXES) for n in plain)
+    assert all(info.dtype == torch.bfloat16 for info in plain.values() if info.dtype.is_floating_point)
+
+
+def test_out_size_is_4bit_experts_plus_bf16_rest(tmp_path):
+    cfg = tiny_config("moe", hidden_size=256, moe_intermediate_size=128, num_experts=8)
+    src = write_checkpoint(tmp_path / "src", cfg, max_shard_bytes=None)
+    out = quantize(src, tmp_path / "out")
+    expected = 0.0
+    for name, info in Checkpoint(src).tensors.items():
+        n = info.nbytes // info.dtype.itemsize
+        expected += n * (0.5 + 4 / 64) if name.endswith(EXPERT_SUFFIXES) else 2 * n
+    actual = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    assert expected <= actual <= 1.15 * expected, (actual, expected)
+
+
+# -- the command ------------------------------------------------------------------------------
+
+
+def test_existing_out_is_refused_without_force_and_replaced_with_it(tiny_moe, tmp_path, capsys):
+    out = quantize(tiny_moe, tmp_path / "out")
+    before = (out / MANIFEST).read_text()
+    capsys.readouterr()
+    assert cli("quantize", tiny_moe, out, "--quiet", "--experts", "fp4") == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "--force" in err and err.count("\n") == 1
+    assert (out / MANIFEST).read_text() == before
+
+    quantize(tiny_moe, out, "--experts", "fp4", "--force")
+    assert json.loads((out / MANIFEST).read_text())["quant_type"] == "fp4"
+    assert load_model(out).experts == "fp4"
+    assert leftovers(out) == []
+
+
+def test_experts_bf16_on_out_is_a_usage_error(nf4_out, capsys):
+    with pytest.raises(UsageError):
+        load_model(nf4_out, experts="bf16")
+    capsys.readouterr()
+    assert cli("run", nf4_out, "hi", "--raw", "-n", "2", "--experts", "bf16") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "pre-quantized" in err and err.count("\n") == 1
+
+
+def test_bad_quantize_options_are_usage_errors(tiny_moe, tmp_path, capsys):
+    for flags in (["--experts", "bf16"], ["--blocksize", "100"]):
+        assert cli("quantize", tiny_moe, tmp_path / "out", "--quiet", *flags) == 2
+        assert capsys.readouterr().err.count("\n") == 1
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path / "out") == []
+
+
+@pytest.mark.parametrize("manifest", ["{not json", '{"format": "something else"}',
+                                      '{"format": "localrun.quantized", "format_version": 99}'])
+def test_corrupt_manifest_is_a_one_line_error(nf4_out, tmp_path, capsys, manifest):
+    out = tmp_path / "out"
+    out.mkdir()
+    for p in nf4_out.iterdir():
+        (out / p.name).symlink_to(p)
+    (out / MANIFEST).unlink()
+    (out / MANIFEST).write_text(manifest)
+    with pytest.raises(LocalrunError) as e:
+        load_model(out)
+    assert "\n" not in str(e.value) and MANIFEST in str(e.value)
+    capsys.readouterr()
+    assert cli("run", out, "hi", "--raw", "-n", "2") == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+
+
+# -- interrupted runs -------------------------------------------------------------------------
+
+
+def test_ctrl_c_in_process_exits_130_and_cleans_up(tiny_moe, tmp_path, monkeypatch, capsys):
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prequant, "save_packed_experts", interrupt)
+    out = tmp_path / "out"
+    assert cli("quantize", tiny_moe, out, "--quiet") == 130
+    assert capsys.readouterr().err.strip() == "interrupted"
+    assert not out.exists() and leftovers(out) == []
+
+
+@pytest.fixture(scope="module")
+def big_src(tmp_path_factory) -> Path:
+    """A checkpoint that takes a couple of seconds to quantize on one core."""
+    cfg = tiny_config("moe", hidden_size=256, moe_intermediate_size=128, num_experts=32, num_hidden_layers=12,
+                      layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 2)
+    return write_checkpoint(tmp_path_factory.mktemp("big") / "src", cfg, max_shard_bytes=None)
+
+
+def start_quantize(src: Path, out: Path) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    # SIGINT back to its default first: a test run in the background inherits it ignored, and then
+    # Python installs no KeyboardInterrupt handler in the child.
+    return subprocess.Popen([sys.executable, "-m", "localrun.cli", "quantize", str(src), str(out), "--quiet"],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def wait_for_temp_dir(proc: subprocess.Popen, out: Path, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not leftovers(out):
+        assert proc.poll() is None, f"quantize ended before its temp dir was seen: {proc.communicate()}"
+        assert time.monotonic() < deadline, "no temp dir appeared"
+        time.sleep(0.02)
+    time.sleep(0.3)  # let it get some way into writing
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["sigint", "sigkill"])
+def test_interrupted_quantize_leaves_no_out(big_src, tmp_path, sig):
+    out = tmp_path / "out"
+    proc = start_quantize(big_src, out)
+    try:
+        wait_for_temp_dir(proc, out)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode != 0, "quantize finished before the signal; make big_src bigger"
+    assert not out.exists()
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130 and "interrupted" in err
+        assert leftovers(out) == []  # Ctrl-C cleans up after itself
+    else:
+        assert leftovers(out)  # a kill can't: the next run must
+        quantize(big_src, out)
+        assert leftovers(out) == []
+        assert load_model(out).experts == "nf4"
