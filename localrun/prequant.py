@@ -39,6 +39,7 @@ SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokeni
 EXPERT_SUFFIXES = ("experts.gate_up_proj", "experts.down_proj")
 SHARD_BYTES = 1 << 30  # non-expert shards: bounds what is held in memory before a write
 TMP_MARK = ".localrun-tmp-"
+OLD_MARK = ".localrun-old-"
 
 
 def is_prequantized(model_dir: str | Path) -> bool:
@@ -67,13 +68,21 @@ def _tmp_dir(out: Path) -> Path:
     return out.parent / f".{out.name}{TMP_MARK}{os.getpid()}"
 
 
+def _old_dir(out: Path) -> Path:
+    return out.parent / f".{out.name}{OLD_MARK}{os.getpid()}"
+
+
 def clean_leftovers(out: Path) -> list[Path]:
-    """Remove temporary directories that interrupted runs writing `out` left behind."""
+    """Tidy what interrupted runs writing `out` left behind: half-written temporary directories are
+    removed; a previous OUT set aside by `--force` is put back if no OUT replaced it."""
     removed = []
-    for p in out.parent.glob(f".{out.name}{TMP_MARK}*"):
+    for p in sorted(out.parent.glob(f".{out.name}.localrun-*-*")):
         pid = p.name.rsplit("-", 1)[-1]
         if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
             continue  # another quantize of the same OUT is running right now
+        if OLD_MARK in p.name and not out.exists():
+            os.replace(p, out)  # the old OUT is all there is: never lose it
+            continue
         shutil.rmtree(p, ignore_errors=True)
         removed.append(p)
     return removed
@@ -124,18 +133,20 @@ def quantize_checkpoint(
     ckpt = Checkpoint(src)
     clean_leftovers(out)
     tmp = _tmp_dir(out)
+    old = _old_dir(out)
     try:
         tmp.mkdir(parents=True)  # inside the try: a Ctrl-C right after it still cleans up
         _write(ckpt, args, src, tmp, spec, progress, torch.device(device))
         if out.exists():
-            old = out.parent / f".{out.name}{TMP_MARK}old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+            os.replace(out, old)  # a directory can't be replaced in one step: set the old one aside
+        os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists():
+            if out.exists():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(old, out)  # interrupted between the two renames: keep the old OUT
     return out
 
 

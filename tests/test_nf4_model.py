@@ -150,7 +150,7 @@ def test_offloaded_load_keeps_every_payload_4bit(tiny_moe):
     spec = QuantSpec("nf4")
     for i, layer in enumerate(model.layers):
         assert getattr(layer.experts, "store", None) is store and layer.experts.layer == i
-        resident, host = store._resident[i], store._host[i]
+        resident, host = store.resident_payloads(i), store.host_payloads(i)
         assert len(resident) == args.num_experts // 2
         assert not set(resident) & set(host) and set(resident) | set(host) == set(range(args.num_experts))
         for e in list(resident.values()) + list(host.values()):

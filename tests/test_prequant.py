@@ -279,3 +279,37 @@ def test_interrupted_quantize_leaves_no_out(big_src, tmp_path, sig):
         quantize(big_src, out)
         assert leftovers(out) == []
         assert load_model(out).experts == "nf4"
+
+
+def test_force_interrupted_between_renames_keeps_the_old_out(tmp_path, tiny_moe, monkeypatch):
+    """A Ctrl-C after the old OUT is set aside but before the new one is in place loses nothing."""
+    from localrun import prequant
+    from quant.spec import QuantSpec
+
+    out = prequant.quantize_checkpoint(tiny_moe, tmp_path / "out", QuantSpec("nf4"))
+    before = sorted(p.name for p in out.iterdir())
+    real_replace = os.replace
+
+    def interrupt_second_rename(src, dst):
+        if str(src).endswith(f"{prequant.TMP_MARK}{os.getpid()}"):  # the finished new OUT moving in
+            raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(prequant.os, "replace", interrupt_second_rename)
+    with pytest.raises(KeyboardInterrupt):
+        prequant.quantize_checkpoint(tiny_moe, out, QuantSpec("fp4"), force=True)
+    monkeypatch.setattr(prequant.os, "replace", real_replace)
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert prequant.read_manifest(out)["quant_type"] == "nf4"
+    assert not list(tmp_path.glob(".out.localrun-*"))
+
+
+def test_leftover_old_out_is_restored_not_deleted(tmp_path, tiny_moe):
+    from localrun import prequant
+    from quant.spec import QuantSpec
+
+    out = prequant.quantize_checkpoint(tiny_moe, tmp_path / "out", QuantSpec("nf4"))
+    aside = tmp_path / f".out{prequant.OLD_MARK}999999999"  # a killed run's set-aside OUT (no such pid)
+    out.rename(aside)
+    prequant.clean_leftovers(out)
+    assert prequant.read_manifest(out)["quant_type"] == "nf4" and not aside.exists()

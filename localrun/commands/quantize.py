@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from ..errors import UsageError
+from ..loader import resolve_device
 from ..prequant import quantize_checkpoint
 from quant.spec import QUANT_TYPES, QuantSpec
 from ._progress import progress_bar
@@ -19,6 +20,7 @@ def quantize(
     double_quant: bool = typer.Option(False, "--double-quant", help="Quantize the absmax statistics too."),
     blocksize: int = typer.Option(64, "--blocksize", help="Values per absmax block."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    device: str = typer.Option("auto", "--device", help="Where to quantize: cuda (fast), cpu or auto."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Quantize a checkpoint's routed experts to 4-bit once, so loading it later is fast."""
@@ -29,7 +31,7 @@ def quantize(
     except ValueError as e:
         raise UsageError(str(e)) from None
     with progress_bar("quantizing", enabled=not quiet) as update:
-        quantize_checkpoint(src, out, spec, force=force, progress=update)
+        quantize_checkpoint(src, out, spec, force=force, progress=update, device=str(resolve_device(device)))
     if not quiet:
         typer.echo(f"wrote {out} ({experts} experts{', double quant' if double_quant else ''})", err=True)
 
