@@ -12,20 +12,19 @@ import typer
 from .. import bench as lbench
 from ..engine import DTYPES
 from ..errors import UsageError
+from ..resolve import resolve_model
 
 
 def resolve_bench_model(model: str) -> Path:
-    """`bench` -> the generated bench checkpoint (written on first use); anything else is a directory."""
-    if model == lbench.BENCH_NAME:
+    """`bench` -> the generated bench checkpoint (written on first use); anything else as `run` resolves it."""
+    if model == lbench.BENCH_NAME and not Path(model).exists():
         return lbench.bench_model_dir()
-    path = Path(model)
-    if not (path / "config.json").is_file():
-        raise UsageError(f"{model}: not a model directory (no config.json); use 'bench' for the generated bench model")
-    return path
+    return resolve_model(model)
 
 
 def bench(
-    model: str = typer.Argument(..., help="Model directory, or 'bench' for the generated ~100M-parameter bench MoE."),
+    model: str = typer.Argument(..., help="'bench' (a generated ~100M-parameter 26B-A4B-shaped MoE), a model "
+                                "directory, HF repo id, or 'demo'."),
     compare: Optional[str] = typer.Option(None, "--compare", help="Also measure 'transformers' in the same run."),
     prompt_tokens: List[int] = typer.Option([128, 512], "--prompt-tokens", help="Prompt length (repeatable)."),
     gen_tokens: List[int] = typer.Option([64], "--gen-tokens", help="Tokens to generate (repeatable)."),

@@ -18,7 +18,7 @@ def profile(
     prompts: Path = typer.Option(..., "--prompts", help="Prompts file: one per line, or a JSON list of strings."),
     max_tokens: int = typer.Option(64, "--max-tokens", "-n", help="Tokens to generate per prompt (greedy)."),
     trace: Optional[Path] = typer.Option(None, "--trace", help="Also write the per-token routing trace "
-                                         "([token][layer] -> expert ids) for scripts/bench_cache.py."),
+                                         "(per token, per layer: expert ids) for scripts/bench_cache.py."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
     dtype: str = typer.Option("bfloat16", "--dtype", help="Compute dtype: bfloat16 or float32."),
     experts: Optional[str] = typer.Option(None, "--experts", help="Routed expert precision: nf4 (default), fp4 or bf16."),
