@@ -21,7 +21,7 @@ from .errors import LocalrunError, UsageError
 from .models.gemma4 import Gemma4Model, sanitize
 from .moe import DenseExperts
 from .experts import POLICIES, ExpertStore, calibrate
-from .hardware import detect_gpu
+from .hardware import detect_gpu, detect_host_ram
 from .moe import activation
 from .plan import Budget, Plan, make_plan
 from .prequant import is_prequantized, manifest_spec, read_manifest
@@ -158,6 +158,11 @@ def read_routing_profile(model_dir: Path) -> dict | None:
         raise LocalrunError(f"invalid {path}: {e}") from None
 
 
+def default_context(args: ModelArgs, context: int | None) -> int:
+    """The context to plan for: as asked, else 8K or the model's limit if that is shorter."""
+    return context or min(DEFAULT_CONTEXT, args.max_position_embeddings)
+
+
 def expert_spec(model_dir: Path, experts: str | None) -> QuantSpec | str:
     """What the routed experts will be: a pre-quantized model's own QuantSpec (its blocksize and
     double quant set the bytes, not just the 4-bit type), else `experts` (default nf4) or "bf16"."""
@@ -182,7 +187,7 @@ def placement_plan(args: ModelArgs, model_dir: Path, dev: torch.device, spec: Qu
         device_bytes = gpu.free_bytes if gpu else None
     if dev.type == "cpu":
         device_bytes = None  # the CPU's "device" tier is host RAM: only resident_fraction splits it
-    budget = Budget(device_bytes=device_bytes, context=context or min(DEFAULT_CONTEXT, args.max_position_embeddings))
+    budget = Budget(device_bytes=device_bytes, host_bytes=detect_host_ram(), context=default_context(args, context))
     plan = make_plan(args, budget, experts=spec, routing_profile=read_routing_profile(model_dir),
                      dtype=str(dtype).removeprefix("torch."), resident_fraction=resident_fraction)
     if not plan.fits:

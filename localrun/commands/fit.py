@@ -12,7 +12,7 @@ import typer
 from .. import hardware
 from ..checkpoint import read_header
 from ..config import ModelArgs, load_config
-from ..loader import expert_spec, read_routing_profile
+from ..loader import default_context, expert_spec, read_routing_profile
 from ..resolve import resolve_model
 from ..errors import LocalrunError, UsageError
 from ..hardware import format_size
@@ -108,7 +108,8 @@ def fit(
     vram: Optional[str] = typer.Option(None, "--vram", help="GPU memory, e.g. 16GiB (GB means GiB: cards are sized in binary units)."),
     gpu: Optional[str] = typer.Option(None, "--gpu", help="A GPU preset, e.g. 'RTX 4090', 4060ti, 5090."),
     ram: Optional[str] = typer.Option(None, "--ram", help="Host RAM for offloaded experts (default: available RAM)."),
-    context: int = typer.Option(8192, "--context", "-c", help="Context length in tokens to plan for."),
+    context: Optional[int] = typer.Option(None, "--context", "-c",
+                                          help="Context length in tokens to plan for (default 8192, or the model's limit)."),
     experts: Optional[str] = typer.Option(None, "--experts", help="Routed expert precision: nf4 (default), fp4 or bf16."),
     resident_experts: Optional[float] = typer.Option(None, "--resident-experts", help="Force this fraction (0..1) of each layer's experts onto the GPU."),
     as_json: bool = typer.Option(False, "--json", help="Print only JSON."),
@@ -117,8 +118,9 @@ def fit(
     model = resolve_model(model, config_only=True)
     args = load_config(model)
     spec = expert_spec(model, experts)
-    if context < 1:
+    if context is not None and context < 1:
         raise UsageError(f"--context must be at least 1, not {context}")
+    context = default_context(args, context)
     target = resolve_target(vram, gpu)
     host = hardware.parse_size(ram) if ram is not None else hardware.detect_host_ram()
     budget = Budget(target.device_bytes, host, context, gpu_bandwidth=target.bandwidth,
