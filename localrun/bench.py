@@ -156,26 +156,13 @@ def measure(engine: str, generate_n: Callable[[int], None], prompt_tokens: int, 
     return Measurement(engine, prompt_tokens, gen_tokens, t1, prompt_tokens / t1, decode)
 
 
-def _counters(model) -> tuple[int, int] | None:
-    """(hits, misses) summed over the layers' expert backends that keep counters, else None."""
-    hits = misses = 0
-    found = False
-    for layer in getattr(model, "layers", []):
-        c = getattr(getattr(layer, "experts", None), "counters", None)
-        if c is None:
-            continue
-        c = c() if callable(c) else c
-        hits, misses, found = hits + c.hits, misses + c.misses, True
-    return (hits, misses) if found else None
-
-
 def bench_localrun(model_dir: Path, cases: list[tuple[int, int]], *, device: str, dtype: torch.dtype,
-                   experts: str, repeat: int) -> list[Measurement]:
+                   experts: str, repeat: int, resident_fraction: float | None = None) -> list[Measurement]:
     from .engine import Engine
     from .sampling import SamplingParams
 
     reset_peak_rss()
-    engine = Engine.load(model_dir, device=device, dtype=dtype, experts=experts)
+    engine = Engine.load(model_dir, device=device, dtype=dtype, experts=experts, resident_fraction=resident_fraction)
     dev = engine.loaded.device
     if _cuda(dev):
         torch.cuda.reset_peak_memory_stats(dev)
@@ -188,12 +175,11 @@ def bench_localrun(model_dir: Path, cases: list[tuple[int, int]], *, device: str
             for _ in engine.stream(ids, SamplingParams(), max_tokens=n, ignore_eos=True):
                 pass
 
-        before = _counters(engine.model)
+        store = engine.loaded.store  # None when every expert is resident
+        before = store.snapshot() if store else None
         m = measure("localrun", generate_n, prompt_tokens, gen_tokens, repeat, sync)
-        after = _counters(engine.model)
-        if before is not None and after is not None:
-            hits, misses = after[0] - before[0], after[1] - before[1]
-            m.expert_hit_rate = hits / (hits + misses) if hits + misses else 1.0
+        if store:
+            m.expert_hit_rate = store.stats(since=before)["hit_rate"]
         _memory(m, dev)
         out.append(m)
     del engine
@@ -242,18 +228,18 @@ def _memory(m: Measurement, dev) -> None:
 
 def run_bench(model_dir: str | Path, cases: list[tuple[int, int]], *, device: str = "cpu",
               dtype: torch.dtype = torch.float32, experts: str = "bf16", repeat: int = 3,
-              compare: str | None = None) -> BenchReport:
+              compare: str | None = None, resident_fraction: float | None = None) -> BenchReport:
     """Measure localrun (and `compare`="transformers") on every (prompt_tokens, gen_tokens) case."""
     if compare not in (None, "transformers"):
         raise ValueError(f"can only compare with transformers, not {compare!r}")
     info = {
         "model": str(model_dir), "device": device, "dtype": str(dtype).removeprefix("torch."),
-        "experts": experts, "repeat": repeat, "threads": torch.get_num_threads(),
+        "experts": experts, "resident_experts": resident_fraction, "repeat": repeat, "threads": torch.get_num_threads(),
         "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
     }
     report = BenchReport(info)
     report.measurements += bench_localrun(Path(model_dir), cases, device=device, dtype=dtype, experts=experts,
-                                          repeat=repeat)
+                                          repeat=repeat, resident_fraction=resident_fraction)
     if compare == "transformers":
         import transformers
 

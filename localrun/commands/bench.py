@@ -13,6 +13,7 @@ from .. import bench as lbench
 from ..engine import DTYPES
 from ..errors import UsageError
 from ..resolve import resolve_model
+from . import _options as opt
 
 
 def resolve_bench_model(model: str) -> Path:
@@ -31,6 +32,7 @@ def bench(
     dtype: str = typer.Option("float32", "--dtype", help="Compute dtype: bfloat16 or float32."),
     experts: str = typer.Option("bf16", "--experts", help="Routed expert precision (bf16 = the compute dtype)."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto."),
+    resident_experts: Optional[float] = opt.RESIDENT_EXPERTS,
     repeat: int = typer.Option(3, "--repeat", help="Timed runs per measurement; the best is kept."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch intra-op threads for both sides."),
     out: Optional[Path] = typer.Option(None, "--out", help="Also write the markdown table to this file."),
@@ -49,7 +51,7 @@ def bench(
         torch.set_num_threads(threads)
     cases = [(p, g) for p in prompt_tokens for g in gen_tokens]
     report = lbench.run_bench(resolve_bench_model(model), cases, device=device, dtype=DTYPES[dtype],
-                              experts=experts, repeat=repeat, compare=compare)
+                              experts=experts, repeat=repeat, compare=compare, resident_fraction=resident_experts)
     table = lbench.markdown(report)
     if out is not None:
         out.write_text(table)
