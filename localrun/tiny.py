@@ -315,18 +315,7 @@ def write_checkpoint(
         raise ValueError(f"tokenizer has {tokenizer.get_vocab_size()} tokens, config only {config['vocab_size']}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    text_cfg = dict(config, model_type="gemma4_text")
-    if layout == "text":
-        full_cfg = dict(text_cfg, architectures=["Gemma4ForCausalLM"], dtype=str(dtype).removeprefix("torch."))
-    else:
-        # As Google ships it: eos [1, 106] at the top, the text config's own eos is 1.
-        full_cfg = {
-            "architectures": ["Gemma4ForConditionalGeneration"], "model_type": "gemma4",
-            "text_config": dict(text_cfg, eos_token_id=1), "vision_config": dict(_VISION_CONFIG),
-            "audio_config": None, "eos_token_id": [1, 106], "tie_word_embeddings": text_cfg["tie_word_embeddings"],
-            "boi_token_id": 255999, "eoi_token_id": 258882, "image_token_id": 258880,
-            "dtype": str(dtype).removeprefix("torch."),
-        }
+    full_cfg = hf_config(config, layout, dtype)
     args = ModelArgs.from_dict(full_cfg)
     tensors = {
         (name if name.startswith("lm_head.") else args.weight_prefix + name): _random_tensor(name, shape, seed)
@@ -335,7 +324,29 @@ def write_checkpoint(
     if layout == "multimodal":
         vision = _vision_shapes(args.hidden_size)
         tensors.update({name: _random_tensor(name, shape, seed) for name, shape in vision.items()})
-    tensors = {name: t.to(dtype).contiguous() for name, t in tensors.items()}
+    write_tensors(out, {name: t.to(dtype) for name, t in tensors.items()}, max_shard_bytes)
+    write_side_files(out, full_cfg, tokenizer)
+    return out
+
+
+def hf_config(config: dict, layout: str = "text", dtype: torch.dtype = torch.bfloat16) -> dict:
+    """config.json for text `config` in `layout` ("text": Gemma4ForCausalLM, "multimodal": as Google ships it)."""
+    text_cfg = dict(config, model_type="gemma4_text")
+    if layout == "text":
+        return dict(text_cfg, architectures=["Gemma4ForCausalLM"], dtype=str(dtype).removeprefix("torch."))
+    # As Google ships it: eos [1, 106] at the top, the text config's own eos is 1.
+    return {
+        "architectures": ["Gemma4ForConditionalGeneration"], "model_type": "gemma4",
+        "text_config": dict(text_cfg, eos_token_id=1), "vision_config": dict(_VISION_CONFIG),
+        "audio_config": None, "eos_token_id": [1, 106], "tie_word_embeddings": text_cfg["tie_word_embeddings"],
+        "boi_token_id": 255999, "eoi_token_id": 258882, "image_token_id": 258880,
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def write_tensors(out: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int | None) -> None:
+    """Safetensors shards (in the tensors' own dtype, in dict order) + model.safetensors.index.json."""
+    tensors = {name: t.contiguous() for name, t in tensors.items()}
     nbytes = {name: t.numel() * t.element_size() for name, t in tensors.items()}
     shards = _shard(list(tensors), nbytes, max_shard_bytes or sum(nbytes.values()))
     weight_map = {}
@@ -345,10 +356,13 @@ def write_checkpoint(
         weight_map.update({n: fname for n in names})
     _write_json(out / "model.safetensors.index.json",
                 {"metadata": {"total_size": sum(nbytes.values())}, "weight_map": weight_map})
+
+
+def write_side_files(out: Path, full_cfg: dict, tokenizer: Tokenizer) -> None:
+    """Everything but the weights: config, generation config, tokenizer files, chat template."""
     _write_json(out / "config.json", full_cfg)
     _write_json(out / "generation_config.json",
                 {"bos_token_id": 2, "eos_token_id": [1, 106], "pad_token_id": 0})
     (out / "tokenizer.json").write_text(tokenizer.to_str(pretty=True) + "\n", encoding="utf-8")
     _write_json(out / "tokenizer_config.json", _tokenizer_config())
     (out / "chat_template.jinja").write_text(builtin_chat_template(), encoding="utf-8")
-    return out

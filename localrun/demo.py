@@ -1,0 +1,144 @@
+"""The built-in demo model's task: a deterministic chat dataset, and where the checkpoint ships.
+
+Two-number addition and subtraction with operands below 100, asked in varied phrasings and
+answered with the bare number, plus a small fixed table of capitals and a few greetings.
+Subtraction always takes the smaller number from the larger (answers are never negative).
+Held-out (a, b, op) triples are chosen by a hash of the triple itself, so the split does not
+depend on generation order and train/held-out are disjoint by construction.
+"""
+
+from __future__ import annotations
+
+import random
+import zlib
+from importlib import resources
+from pathlib import Path
+
+from .tiny import default_corpus
+
+ADD_PHRASES = (
+    "What is {a} + {b}?",
+    "What is {a} plus {b}?",
+    "What's {a} plus {b}?",
+    "{a} plus {b}?",
+    "{a} + {b}?",
+    "{a} + {b} =",
+    "Add {a} and {b}.",
+    "Add {a} to {b}.",
+    "What is the sum of {a} and {b}?",
+    "How much is {a} + {b}?",
+    "Compute {a} + {b}.",
+    "Calculate {a} plus {b}.",
+    "What do you get if you add {a} and {b}?",
+    "Please add {a} and {b}.",
+)
+SUB_PHRASES = (
+    "What is {a} - {b}?",
+    "What is {a} minus {b}?",
+    "What's {a} minus {b}?",
+    "{a} minus {b}?",
+    "{a} - {b}?",
+    "{a} - {b} =",
+    "Subtract {b} from {a}.",
+    "Subtract {b} from {a}",
+    "Take {b} away from {a}.",
+    "What is the difference between {a} and {b}?",
+    "How much is {a} - {b}?",
+    "Compute {a} - {b}.",
+    "Calculate {a} minus {b}.",
+    "What do you get if you subtract {b} from {a}?",
+)
+CAPITALS = {
+    "France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid", "Japan": "Tokyo",
+    "China": "Beijing", "India": "New Delhi", "Canada": "Ottawa", "Egypt": "Cairo", "Kenya": "Nairobi",
+    "Brazil": "Brasilia", "Peru": "Lima", "Russia": "Moscow", "Greece": "Athens", "Norway": "Oslo",
+    "Sweden": "Stockholm", "Poland": "Warsaw", "Portugal": "Lisbon", "Mexico": "Mexico City",
+    "Australia": "Canberra",
+}
+CAPITAL_PHRASES = (
+    "What is the capital of {c}?",
+    "What's the capital of {c}?",
+    "Capital of {c}?",
+    "Name the capital of {c}.",
+    "Which city is the capital of {c}?",
+)
+CHAT = (
+    ("Hello", "Hello! Ask me to add or subtract two numbers."),
+    ("Hi", "Hello! Ask me to add or subtract two numbers."),
+    ("Hello!", "Hello! Ask me to add or subtract two numbers."),
+    ("Who are you?", "I am the localrun demo model, a tiny Gemma 4 MoE."),
+    ("What can you do?", "I can add and subtract numbers below 100."),
+    ("Thanks!", "You're welcome."),
+    ("Thank you", "You're welcome."),
+)
+DEMO_PAIRS = {(17, 25, "+"), (40, 9, "-")}  # the README's examples are always trained on
+HELD_OUT_MOD = 20  # 1 in 20 (a, b, op) triples is held out
+
+
+def answer(a: int, b: int, op: str) -> int:
+    return a + b if op == "+" else a - b
+
+
+def is_held_out(a: int, b: int, op: str) -> bool:
+    if (a, b, op) in DEMO_PAIRS:
+        return False
+    return zlib.crc32(f"{a}{op}{b}".encode()) % HELD_OUT_MOD == 0
+
+
+def arithmetic_triples(held_out: bool) -> list[tuple[int, int, str]]:
+    """Every (a, b, op) with operands below 100 (a >= b for "-") on one side of the split."""
+    out = [(a, b, "+") for a in range(100) for b in range(100)]
+    out += [(a, b, "-") for a in range(100) for b in range(a + 1)]
+    return [t for t in out if is_held_out(*t) == held_out]
+
+
+def arithmetic_question(a: int, b: int, op: str, rng: random.Random) -> tuple[str, str]:
+    phrase = rng.choice(ADD_PHRASES if op == "+" else SUB_PHRASES)
+    return phrase.format(a=a, b=b), str(answer(a, b, op))
+
+
+def held_out_questions(n: int | None = None, seed: int = 1) -> list[tuple[str, str]]:
+    """(question, answer) for held-out triples, in a fixed shuffled order; `n` limits how many."""
+    rng = random.Random(seed)
+    triples = arithmetic_triples(held_out=True)
+    rng.shuffle(triples)
+    return [arithmetic_question(*t, rng) for t in triples[:n]]
+
+
+def train_examples(n: int, seed: int = 0, extras: float = 0.08) -> list[tuple[str, str]]:
+    """`n` (question, answer) pairs for training: arithmetic on training triples, plus a fraction
+    `extras` of capitals and greetings. Same arguments, same list."""
+    rng = random.Random(seed)
+    triples = arithmetic_triples(held_out=False)
+    out = []
+    for _ in range(n):
+        if rng.random() < extras:
+            if rng.random() < 0.75:
+                country = rng.choice(sorted(CAPITALS))
+                out.append((rng.choice(CAPITAL_PHRASES).format(c=country), CAPITALS[country]))
+            else:
+                out.append(rng.choice(CHAT))
+        else:
+            out.append(arithmetic_question(*rng.choice(triples), rng))
+    return out
+
+
+def tokenizer_corpus() -> list[str]:
+    """Text the demo tokenizer's BPE merges are learned from: every phrasing, answer and chat frame."""
+    rng = random.Random(0)
+    lines = []
+    for phrase in ADD_PHRASES + SUB_PHRASES:
+        for _ in range(20):
+            lines.append(phrase.format(a=rng.randrange(100), b=rng.randrange(100)))
+    for country, city in CAPITALS.items():
+        lines += [p.format(c=country) for p in CAPITAL_PHRASES] + [city]
+    for q, a in CHAT:
+        lines += [q, a]
+    # The chat frame around them, minus its special tokens (those never go through BPE).
+    lines += ["user\n", "\n", "model\n", "thought\n", "system\n"] * 50
+    return default_corpus() + lines
+
+
+def demo_model_dir() -> Path:
+    """Where the shipped demo checkpoint lives (inside the installed package)."""
+    return Path(str(resources.files("localrun") / "data" / "demo"))

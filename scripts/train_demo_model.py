@@ -1,0 +1,299 @@
+"""Train the built-in demo model: a small Gemma 4 MoE that adds and subtracts numbers below 100.
+
+Uses localrun's own decoder (localrun.models.gemma4) for training, the real Gemma 4 chat
+format (the checkpoint's chat template) and a real byte-fallback BPE tokenizer. Writes the
+Hugging Face layout (bf16 safetensors, config, tokenizer, chat template) atomically.
+
+    python scripts/train_demo_model.py                      # -> localrun/data/demo/
+    python scripts/train_demo_model.py --steps 200 --out /tmp/demo   # a quick try
+
+Deterministic: fixed seeds, a fixed data order, one process with a fixed thread count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from localrun.config import FULL, SLIDING, ModelArgs  # noqa: E402
+from localrun.demo import held_out_questions, tokenizer_corpus, train_examples  # noqa: E402
+from localrun.moe import DenseExperts, expert_ffn  # noqa: E402
+from localrun.models.gemma4 import Gemma4Model, checkpoint_shapes, rms_norm  # noqa: E402
+from localrun.text import Tokenizer, builtin_chat_template, encode_chat, render_chat  # noqa: E402
+from localrun.tiny import build_tokenizer, hf_config, tiny_config, write_side_files, write_tensors  # noqa: E402
+
+END_OF_TURN = 106  # <turn|>
+VOCAB = 512
+
+
+def demo_config(hidden: int, pattern: str, experts: int, moe_intermediate: int, window: int) -> dict:
+    """A 26B-A4B-shaped config: sliding + full layers (last one full), K=V on full layers,
+    global_head_dim = 2 x head_dim, proportional RoPE on full layers, top-2 routed experts."""
+    head_dim = hidden // 4
+    return tiny_config(
+        "moe",
+        vocab_size=VOCAB,
+        vocab_size_per_layer_input=VOCAB,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=len(pattern),
+        layer_types=[{"S": SLIDING, "F": FULL}[c] for c in pattern],
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=head_dim,
+        global_head_dim=2 * head_dim,
+        num_global_key_value_heads=1,
+        sliding_window=window,
+        num_experts=experts,
+        top_k_experts=2,
+        moe_intermediate_size=moe_intermediate,
+        max_position_embeddings=1024,
+    )
+
+
+class Encoder:
+    """Chat-template encoding of many questions at once: the template is rendered once around a
+    placeholder, and the filled-in texts are tokenized in one batch (checked against encode_chat)."""
+
+    def __init__(self, tokenizer: Tokenizer, template: str):
+        self.tokenizer, self.template = tokenizer, template
+        marker = "\x00"
+        frame = render_chat(template, [{"role": "user", "content": marker}], bos_token=tokenizer.bos_token)
+        self.prefix, self.suffix = frame.split(marker)
+
+    def prompts(self, questions: list[str]) -> list[list[int]]:
+        texts = [self.prefix + q.strip() + self.suffix for q in questions]
+        out = [e.ids for e in self.tokenizer.backend.encode_batch(texts, add_special_tokens=False)]
+        for q, ids in list(zip(questions, out))[:50]:
+            assert ids == encode_chat(self.tokenizer, self.template, [{"role": "user", "content": q}],
+                                      add_generation_prompt=True), q
+        return out
+
+    def answers(self, answers: list[str]) -> list[list[int]]:
+        return [e.ids + [END_OF_TURN] for e in self.tokenizer.backend.encode_batch(answers, add_special_tokens=False)]
+
+
+def batch_tensors(prompts: list[list[int]], answers: list[list[int]]):
+    """Right-padded ids [B, T], next-token targets [B, T] with -100 everywhere but the answer."""
+    T = max(len(p) + len(a) for p, a in zip(prompts, answers))
+    ids = torch.zeros(len(prompts), T, dtype=torch.long)
+    tgt = torch.full((len(prompts), T), -100, dtype=torch.long)
+    for i, (p, a) in enumerate(zip(prompts, answers)):
+        seq = p + a
+        ids[i, : len(seq)] = torch.tensor(seq)
+        # position t predicts token t+1: the answer tokens are predicted from len(p)-1 on
+        tgt[i, len(p) - 1 : len(seq) - 1] = torch.tensor(a)
+    return ids, tgt
+
+
+class SortedExperts(DenseExperts):
+    """DenseExperts' math with one gather and one scatter per layer (tokens sorted by expert),
+    instead of one per expert: the per-expert index/index_add backward dominated a CPU step."""
+
+    def forward(self, x_TH, ids_TK, w_TK):
+        K = ids_TK.shape[1]
+        order = torch.argsort(ids_TK.reshape(-1), stable=True)
+        counts = torch.bincount(ids_TK.reshape(-1), minlength=self.gate_up_proj.shape[0]).tolist()
+        tok = order // K
+        xs = x_TH[tok]
+        ys = []
+        for e, part in enumerate(torch.split(xs, counts)):
+            if counts[e]:
+                ys.append(expert_ffn(part, self.gate_up_proj[e], self.down_proj[e], self.act))
+        y = torch.cat(ys) * w_TK.reshape(-1)[order, None].to(x_TH.dtype)
+        return torch.zeros_like(x_TH).index_add(0, tok, y)
+
+
+def init_weights(model: Gemma4Model, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    H = model.args.hidden_size
+    for name, p in model.named_parameters():
+        if name.endswith(("norm.weight", "router.scale", "router.per_expert_scale")):
+            p.data.fill_(1.0)
+        elif name == "embed_tokens.weight":
+            p.data.normal_(0.0, H**-0.5, generator=gen)
+        else:
+            p.data.normal_(0.0, 0.02, generator=gen)
+
+
+class RouterStats:
+    """Switch-style load-balancing loss, E * sum_e(fraction routed to e * mean prob of e), per layer."""
+
+    def __init__(self, model: Gemma4Model):
+        self.losses: list[torch.Tensor] = []
+        for layer in model.layers:
+            if layer.moe:
+                layer.router.register_forward_hook(self.hook)
+
+    def hook(self, router, inputs, output):
+        r_TH = inputs[0]
+        h = rms_norm(r_TH, None, router.eps) * router.scale * router.root_size
+        p_TE = torch.softmax(router.proj(h), dim=-1, dtype=torch.float32)
+        ids_TK = output[0]
+        E = p_TE.shape[-1]
+        frac_E = torch.zeros(E).index_add_(0, ids_TK.reshape(-1), torch.ones(ids_TK.numel())) / ids_TK.numel()
+        self.losses.append(E * (frac_E * p_TE.mean(0)).sum())
+
+    def pop(self) -> torch.Tensor:
+        loss = torch.stack(self.losses).mean()
+        self.losses = []
+        return loss
+
+
+@torch.no_grad()
+def exact_match(model: Gemma4Model, enc: Encoder, pairs: list[tuple[str, str]], batch: int = 256) -> float:
+    """Greedy exact match, computed by teacher forcing: greedy decoding reproduces the answer
+    (and then stops) exactly when every answer position's argmax is the target."""
+    model.eval()
+    hits = 0
+    for s in range(0, len(pairs), batch):
+        chunk = pairs[s : s + batch]
+        ids, tgt = batch_tensors(enc.prompts([q for q, _ in chunk]), enc.answers([a for _, a in chunk]))
+        pred = model(ids).argmax(-1)
+        ok = ((pred == tgt) | (tgt == -100)).all(-1)
+        hits += int(ok.sum())
+    model.train()
+    return hits / len(pairs)
+
+
+def state_to_checkpoint(model: Gemma4Model, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    args = model.args
+    state = {k: v.detach().to(dtype) for k, v in model.state_dict().items()}
+    expected = checkpoint_shapes(args)
+    assert sorted(state) == sorted(expected), set(state) ^ set(expected)
+    for k, shape in expected.items():
+        assert tuple(state[k].shape) == shape, k
+    return {args.weight_prefix + k: state[k] for k in expected}
+
+
+def save_atomic(out: Path, model: Gemma4Model, config: dict, tokenizer) -> None:
+    """Write the checkpoint into a temp dir beside `out`, then swap it in with renames."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        write_tensors(tmp, state_to_checkpoint(model, torch.bfloat16), max_shard_bytes=None)
+        write_side_files(tmp, hf_config(config, "text", torch.bfloat16), tokenizer)
+        tmp.chmod(0o755)  # mkdtemp makes it private; the shipped checkpoint is ordinary package data
+        for f in tmp.iterdir():
+            f.chmod(0o644)
+        old = None
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+        tmp.rename(out)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=REPO / "localrun" / "data" / "demo")
+    ap.add_argument("--steps", type=int, default=2400)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--weight-decay", type=float, default=0.05)
+    ap.add_argument("--aux", type=float, default=0.01, help="load-balancing loss weight")
+    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--layers", default="SFSF", help="layer types: S sliding, F full (the last must be F)")
+    ap.add_argument("--experts", type=int, default=8)
+    ap.add_argument("--moe-intermediate", type=int, default=128)
+    ap.add_argument("--window", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="1 is fastest on a shared CPU: a second thread waits on descheduled peers")
+    ap.add_argument("--eval-every", type=int, default=300)
+    ap.add_argument("--log-every", type=int, default=50)
+    a = ap.parse_args(argv)
+
+    torch.set_num_threads(a.threads)
+    torch.set_flush_denormal(True)  # denormal floats make CPU math crawl
+    torch.manual_seed(a.seed)
+    random.seed(a.seed)
+
+    tokenizer = build_tokenizer(tokenizer_corpus(), VOCAB)
+    tok = Tokenizer(tokenizer)
+    enc = Encoder(tok, builtin_chat_template())
+    config = demo_config(a.hidden, a.layers, a.experts, a.moe_intermediate, a.window)
+    args = ModelArgs.from_dict(hf_config(config))
+    model = Gemma4Model(args)
+    for layer in model.layers:
+        if layer.moe:
+            old = layer.experts
+            layer.experts = SortedExperts(old.gate_up_proj.data, old.down_proj.data, args.hidden_activation)
+    init_weights(model, a.seed)
+    n_params = sum(p.numel() for p in model.parameters())
+    n_expert = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    per_expert = n_expert // (args.num_experts * args.num_hidden_layers)
+    active = n_params - n_expert + per_expert * args.top_k_experts * args.num_hidden_layers
+    print(f"params {n_params / 1e6:.2f}M (experts {n_expert / 1e6:.2f}M, active/token {active / 1e6:.2f}M), "
+          f"bf16 {2 * n_params / 2**20:.1f} MiB; layers {args.layer_types}", flush=True)
+
+    t0 = time.time()
+    data = train_examples(a.steps * a.batch, seed=a.seed)
+    prompts = enc.prompts([q for q, _ in data])
+    answers = enc.answers([ans for _, ans in data])
+    held = held_out_questions(400)
+    print(f"{len(data)} training examples tokenized in {time.time() - t0:.1f}s; "
+          f"prompt lengths {min(map(len, prompts))}-{max(map(len, prompts))}", flush=True)
+
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": a.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=a.lr, betas=(0.9, 0.98))
+
+    def lr_at(step: int) -> float:
+        if step < a.warmup:
+            return a.lr * (step + 1) / a.warmup
+        t = (step - a.warmup) / max(1, a.steps - a.warmup)
+        return a.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
+
+    stats = RouterStats(model)
+    model.train()
+    t0 = time.time()
+    running = None
+    for step in range(a.steps):
+        sl = slice(step * a.batch, (step + 1) * a.batch)
+        ids, tgt = batch_tensors(prompts[sl], answers[sl])
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        logits = model(ids)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100)
+        aux = stats.pop()
+        opt.zero_grad(set_to_none=True)
+        (loss + a.aux * aux).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        if (step + 1) % a.log_every == 0 or step == 0:
+            el = time.time() - t0
+            print(f"step {step + 1}/{a.steps} loss {running:.4f} aux {aux.item():.3f} lr {lr_at(step):.2e} "
+                  f"{el:.0f}s ({el / (step + 1):.3f}s/step)", flush=True)
+        if a.eval_every and (step + 1) % a.eval_every == 0 and step + 1 < a.steps:
+            print(f"  held-out exact match (fp32, 400 questions): {exact_match(model, enc, held):.3f}", flush=True)
+    train_s = time.time() - t0
+    acc = exact_match(model, enc, held)
+    print(f"trained in {train_s / 60:.1f} min; final loss {running:.4f}; held-out exact match (fp32) {acc:.3f}")
+    save_atomic(a.out, model, config, tokenizer)
+    size = sum(p.stat().st_size for p in a.out.iterdir())
+    print(f"wrote {a.out} ({size / 2**20:.1f} MiB)")
+
+
+if __name__ == "__main__":
+    main()
