@@ -182,7 +182,7 @@ def main() -> None:
     for name, sec, ready, note, rss in rows:
         print(f"{name:<30}{sec:>13.2f}{ready:>9.2f}  {note:<18}{gib(rss):>10}{gib(bound):>11}  "
               f"{'PASS' if rss <= bound else 'FAIL'}")
-    print(f"\nready = load_model + first touch of every page the model holds (OUT's experts may be memory-mapped)")
+    print("\nready = load_model + first touch of every page the model holds (OUT's experts may be memory-mapped)")
     print(f"bound = final resident {gib(final)} + 1.5 x layer experts {gib(layer_bytes)} + 1 GiB = {gib(bound)}"
           f" (quantize-on-load resident: {gib(ls['resident_bytes'])})")
     print(f"load OUT >= {SPEEDUP_GOAL:.0f}x faster than quantize-on-load (ready): {speedup:.1f}x  "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import sys
 from pathlib import Path
 
 import pytest
@@ -30,3 +32,22 @@ def tiny_checkpoint(tmp_path_factory):
 def tiny_moe(tiny_checkpoint) -> Path:
     """The 26B-A4B-shaped tiny checkpoint, text layout."""
     return tiny_checkpoint("moe", "text")
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """cli(*argv, stdin=None) -> (exit code, stdout, stderr) of `localrun ARGV`, run in-process."""
+    from localrun.cli import main
+
+    def call(*argv, stdin: str | None = None) -> tuple[int, str, str]:
+        if stdin is not None:
+            monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+        try:
+            main([str(a) for a in argv])
+            code = 0
+        except SystemExit as e:
+            code = e.code or 0
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return call

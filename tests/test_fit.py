@@ -1,4 +1,4 @@
-"""`localrun fit`, run in-process through localrun.cli.main."""
+"""`localrun fit`, run in-process (the `cli` fixture)."""
 
 from __future__ import annotations
 
@@ -8,24 +8,17 @@ import shutil
 import pytest
 
 from localrun import hardware
-from localrun.cli import main
 from localrun.hardware import GIB
 
 from test_plan import REFERENCE_CONFIG
 
 
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    try:
-        main(["fit", *map(str, argv)])
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
+def run_cli(cli, *argv) -> tuple[int, str, str]:
+    return cli("fit", *argv)
 
 
-def run_json(capsys, *argv) -> dict:
-    code, out, err = run_cli(capsys, *argv, "--json")
+def run_json(cli, *argv) -> dict:
+    code, out, err = run_cli(cli, *argv, "--json")
     assert code == 0, err
     return json.loads(out)  # stdout holds JSON and nothing else
 
@@ -42,8 +35,8 @@ def no_gpu(monkeypatch):
     monkeypatch.setattr(hardware, "detect_gpu", lambda: None)
 
 
-def test_json_24gib_keeps_every_expert_on_the_gpu(capsys, ref_dir):
-    d = run_json(capsys, ref_dir, "--vram", "24GiB", "--ram", "64GiB", "--context", 8192)
+def test_json_24gib_keeps_every_expert_on_the_gpu(cli, ref_dir):
+    d = run_json(cli, ref_dir, "--vram", "24GiB", "--ram", "64GiB", "--context", 8192)
     assert d["fits"] is True
     assert d["resident_experts_per_layer"] == 128
     assert d["host_bytes"] == 0
@@ -54,67 +47,67 @@ def test_json_24gib_keeps_every_expert_on_the_gpu(capsys, ref_dir):
     assert d["breakdown"]["embed"]["precision"] == "bf16"
 
 
-def test_json_16gb_card_offloads_part_of_the_experts(capsys, ref_dir):
-    d = run_json(capsys, ref_dir, "--vram", "16GB", "--ram", "64GiB")
+def test_json_16gb_card_offloads_part_of_the_experts(cli, ref_dir):
+    d = run_json(cli, ref_dir, "--vram", "16GB", "--ram", "64GiB")
     assert d["fits"] is True
     assert 0 < d["resident_experts_per_layer"] < 128
     assert d["device_bytes"] <= 16 * GIB
     assert d["host_bytes"] > 0 and d["cache_slots"] > 0
 
 
-def test_json_with_a_gpu_preset_estimates_speed(capsys, ref_dir):
-    d = run_json(capsys, ref_dir, "--gpu", "rtx 4090", "--ram", "64GiB")
+def test_json_with_a_gpu_preset_estimates_speed(cli, ref_dir):
+    d = run_json(cli, ref_dir, "--gpu", "rtx 4090", "--ram", "64GiB")
     assert d["target"] == "RTX 4090"
     assert d["device_budget_bytes"] == 24 * GIB
     assert 100 < d["estimated_decode_tokens_per_s"] < 200
 
 
-def test_fp4_and_bf16_experts(capsys, ref_dir):
-    assert run_json(capsys, ref_dir, "--gpu", "4090", "--ram", "64GiB", "--experts", "fp4")["fits"]
-    d = run_json(capsys, ref_dir, "--gpu", "4090", "--ram", "64GiB", "--experts", "bf16")
+def test_fp4_and_bf16_experts(cli, ref_dir):
+    assert run_json(cli, ref_dir, "--gpu", "4090", "--ram", "64GiB", "--experts", "fp4")["fits"]
+    d = run_json(cli, ref_dir, "--gpu", "4090", "--ram", "64GiB", "--experts", "bf16")
     assert d["expert_precision"] == "bf16"
     assert d["resident_experts_per_layer"] < 64  # 42.5 GiB of bf16 experts cannot sit on 24 GiB
 
 
-def test_forced_resident_fraction(capsys, ref_dir):
-    d = run_json(capsys, ref_dir, "--vram", "24GiB", "--ram", "64GiB", "--resident-experts", "0.25")
+def test_forced_resident_fraction(cli, ref_dir):
+    d = run_json(cli, ref_dir, "--vram", "24GiB", "--ram", "64GiB", "--resident-experts", "0.25")
     assert d["resident_experts_per_layer"] == 32
 
 
-def test_table_report(capsys, ref_dir):
-    code, out, err = run_cli(capsys, ref_dir, "--gpu", "4060ti", "--ram", "64GiB")
+def test_table_report(cli, ref_dir):
+    code, out, err = run_cli(cli, ref_dir, "--gpu", "4060ti", "--ram", "64GiB")
     assert code == 0, err
     for text in ("component", "precision", "experts_resident", "experts_host", "kv_cache", "nf4", "RAM",
                  "fits with", "of 128 experts per layer", "longest context that fits", "estimate"):
         assert text in out, text
 
 
-def test_table_says_why_it_does_not_fit(capsys, ref_dir):
-    code, out, err = run_cli(capsys, ref_dir, "--vram", "4GiB", "--ram", "64GiB")
+def test_table_says_why_it_does_not_fit(cli, ref_dir):
+    code, out, err = run_cli(cli, ref_dir, "--vram", "4GiB", "--ram", "64GiB")
     assert code == 0, err  # a verdict, not an error
     assert "does not fit" in out
 
 
-def test_detected_gpu_is_used_without_vram_or_gpu(capsys, ref_dir, monkeypatch):
+def test_detected_gpu_is_used_without_vram_or_gpu(cli, ref_dir, monkeypatch):
     found = hardware.DetectedGpu("NVIDIA GeForce RTX 4090", 20 * GIB, 24 * GIB)
     monkeypatch.setattr(hardware, "detect_gpu", lambda: found)
-    d = run_json(capsys, ref_dir, "--ram", "64GiB")
+    d = run_json(cli, ref_dir, "--ram", "64GiB")
     assert d["device_budget_bytes"] == 20 * GIB
     assert "RTX 4090" in d["target"] and d["estimated_decode_tokens_per_s"] > 0
 
 
-def test_tiny_checkpoint_shapes_from_headers(capsys, tiny_moe):
-    d = run_json(capsys, tiny_moe, "--vram", "1GiB", "--ram", "8GiB", "--context", 64)
+def test_tiny_checkpoint_shapes_from_headers(cli, tiny_moe):
+    d = run_json(cli, tiny_moe, "--vram", "1GiB", "--ram", "8GiB", "--context", 64)
     assert d["fits"] and d["num_experts"] == 8 and d["resident_experts_per_layer"] == 8
 
 
-def test_config_that_disagrees_with_the_weights(capsys, tiny_moe, tmp_path):
+def test_config_that_disagrees_with_the_weights(cli, tiny_moe, tmp_path):
     model = tmp_path / "model"
     shutil.copytree(tiny_moe, model)
     cfg = json.loads((model / "config.json").read_text())
     cfg["moe_intermediate_size"] = 48
     (model / "config.json").write_text(json.dumps(cfg))
-    code, out, err = run_cli(capsys, model, "--vram", "1GiB")
+    code, out, err = run_cli(cli, model, "--vram", "1GiB")
     assert code == 1 and "disagree" in err and "experts" in err
 
 
@@ -129,18 +122,18 @@ def test_config_that_disagrees_with_the_weights(capsys, tiny_moe, tmp_path):
     (["--vram", "16GiB", "--resident-experts", "1.5"], 2, "between 0 and 1"),
     ([], 2, "no GPU found"),
 ])
-def test_usage_errors(capsys, ref_dir, no_gpu, argv, code, message):
-    got, out, err = run_cli(capsys, ref_dir, *argv)
+def test_usage_errors(cli, ref_dir, no_gpu, argv, code, message):
+    got, out, err = run_cli(cli, ref_dir, *argv)
     assert got == code
     assert message in err and err.count("\n") == 1  # one line
     assert out == ""
 
 
-def test_missing_model_dir(capsys, tmp_path):
-    code, out, err = run_cli(capsys, tmp_path / "nope", "--vram", "16GiB")
+def test_missing_model_dir(cli, tmp_path):
+    code, out, err = run_cli(cli, tmp_path / "nope", "--vram", "16GiB")
     assert code == 1 and "not found" in err
 
 
-def test_dir_without_config(capsys, tmp_path):
-    code, out, err = run_cli(capsys, tmp_path, "--vram", "16GiB")
+def test_dir_without_config(cli, tmp_path):
+    code, out, err = run_cli(cli, tmp_path, "--vram", "16GiB")
     assert code == 1 and "no config.json" in err

@@ -8,7 +8,6 @@ import json
 import pytest
 import torch
 
-from localrun.cli import main
 from localrun.config import load_config
 from localrun.engine import Engine
 from localrun.loader import load_model
@@ -20,22 +19,16 @@ from quant.spec import QuantSpec
 torch.set_num_threads(1)
 
 
-def run_json(capsys, model_dir, *extra) -> dict:
-    argv = ["run", str(model_dir), "What is 17 + 25?", "--json", "--logprobs", "--dtype", "float32",
-            "--ignore-eos", "-n", "24", "--device", "cpu", *extra]
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
+def run_json(cli, model_dir, *extra) -> dict:
+    code, out, err = cli("run", model_dir, "What is 17 + 25?", "--json", "--logprobs", "--dtype", "float32",
+                         "--ignore-eos", "-n", "24", "--device", "cpu", *extra)
     assert code == 0, err
     return json.loads(out)
 
 
-def test_same_tokens_and_logprobs_whatever_the_placement(capsys, tiny_moe):
+def test_same_tokens_and_logprobs_whatever_the_placement(cli, tiny_moe):
     args = load_config(tiny_moe)
-    runs = {f: run_json(capsys, tiny_moe, *(["--resident-experts", f] if f else [])) for f in (None, "1.0", "0.25", "0")}
+    runs = {f: run_json(cli, tiny_moe, *(["--resident-experts", f] if f else [])) for f in (None, "1.0", "0.25", "0")}
     base = runs[None]
     assert len(base["tokens"]) == 24
     for f, res in runs.items():

@@ -28,7 +28,6 @@ from localrun.loader import load_model
 from localrun.prequant import MANIFEST, TMP_MARK
 from localrun.sampling import SamplingParams, make_sampler
 from localrun.tiny import tiny_config, write_checkpoint
-from quant.ffn import QuantizedExperts
 from quant.spec import QuantSpec
 
 torch.set_num_threads(1)

@@ -9,7 +9,6 @@ from collections import Counter
 import pytest
 import torch
 
-from localrun.cli import main
 from localrun.config import load_config
 from localrun.engine import Engine
 from localrun.loader import load_model, read_routing_profile
@@ -20,16 +19,6 @@ from localrun.sampling import SamplingParams
 torch.set_num_threads(1)
 
 PROMPTS = ["What is 17 + 25?", "Hello! How are you today?"]
-
-
-def cli(capsys, *argv):
-    try:
-        main(list(argv))
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture
@@ -46,11 +35,11 @@ def hot_profile(args, hottest=(5, 2)) -> RoutingProfile:
     return RoutingProfile(args.num_experts, {i: list(counts) for i in range(args.num_hidden_layers)}, tokens=50)
 
 
-def test_profile_command_writes_counts_and_trace(capsys, model_dir, tmp_path):
+def test_profile_command_writes_counts_and_trace(cli, model_dir, tmp_path):
     prompts = tmp_path / "prompts.json"
     prompts.write_text(json.dumps(PROMPTS))
     trace_path = tmp_path / "trace.json"
-    code, out, err = cli(capsys, "profile", str(model_dir), "--prompts", str(prompts), "--max-tokens", "6",
+    code, out, err = cli("profile", str(model_dir), "--prompts", str(prompts), "--max-tokens", "6",
                          "--trace", str(trace_path), "--device", "cpu", "--dtype", "float32")
     assert code == 0, err
     assert "routing_profile.json" in out
@@ -97,11 +86,11 @@ def test_profile_counts_every_token_the_model_sees(tiny_moe):
     ('["ok", 3]', "list of strings"),
     ("[not json", "does not parse"),
 ])
-def test_bad_prompts_file_is_a_one_line_error(capsys, tiny_moe, tmp_path, content, message):
+def test_bad_prompts_file_is_a_one_line_error(cli, tiny_moe, tmp_path, content, message):
     path = tmp_path / "prompts.txt"
     if content is not None:
         path.write_text(content)
-    code, out, err = cli(capsys, "profile", str(tiny_moe), "--prompts", str(path), "--device", "cpu")
+    code, out, err = cli("profile", str(tiny_moe), "--prompts", str(path), "--device", "cpu")
     assert code == 2 and message in err
     assert err.count("\n") == 1 and err.startswith("error: ")
     assert not (tiny_moe / "routing_profile.json").exists()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 import subprocess
@@ -11,23 +10,10 @@ import sys
 import pytest
 import torch
 
-from localrun.cli import main
 
 
-def cli(capsys, *argv, stdin: str | None = None, monkeypatch=None):
-    if stdin is not None:
-        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
-    try:
-        main(list(argv))
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def run_json(capsys, model_dir, *extra, **kw):
-    code, out, err = cli(capsys, "run", str(model_dir), *extra, "--json", "--device", "cpu", **kw)
+def run_json(cli, model_dir, *extra, stdin=None):
+    code, out, err = cli("run", model_dir, *extra, "--json", "--device", "cpu", stdin=stdin)
     assert code == 0, err
     return json.loads(out)
 
@@ -38,8 +24,8 @@ def broken(tiny_moe, tmp_path):
     return shutil.copytree(tiny_moe, tmp_path / "m")
 
 
-def test_json_output(capsys, tiny_moe):
-    res = run_json(capsys, tiny_moe, "What is 17 + 25?", "-n", "5", "--ignore-eos", "--logprobs", "--dtype", "float32")
+def test_json_output(cli, tiny_moe):
+    res = run_json(cli, tiny_moe, "What is 17 + 25?", "-n", "5", "--ignore-eos", "--logprobs", "--dtype", "float32")
     assert set(res) >= {"text", "tokens", "prompt_tokens", "finish_reason", "timings", "logprobs"}
     assert len(res["tokens"]) == 5 and len(res["logprobs"]) == 5 and res["finish_reason"] == "length"
     assert all(lp <= 0 for lp in res["logprobs"])
@@ -47,31 +33,31 @@ def test_json_output(capsys, tiny_moe):
     assert res["prompt_tokens"] > 10  # went through the chat template
 
 
-def test_raw_tokenizes_like_transformers_and_stdin_reads_the_prompt(capsys, tiny_moe, monkeypatch):
+def test_raw_tokenizes_like_transformers_and_stdin_reads_the_prompt(cli, tiny_moe):
     transformers = pytest.importorskip("transformers")
     text = "The quick brown fox"
-    res = run_json(capsys, tiny_moe, text, "--raw", "-n", "3", "--ignore-eos")
+    res = run_json(cli, tiny_moe, text, "--raw", "-n", "3", "--ignore-eos")
     assert res["prompt_tokens"] == len(transformers.AutoTokenizer.from_pretrained(tiny_moe)(text).input_ids)
-    piped = run_json(capsys, tiny_moe, "-", "--raw", "-n", "3", "--ignore-eos", stdin=text, monkeypatch=monkeypatch)
+    piped = run_json(cli, tiny_moe, "-", "--raw", "-n", "3", "--ignore-eos", stdin=text)
     assert piped["tokens"] == res["tokens"]
-    code, _, err = cli(capsys, "run", str(tiny_moe), "-", stdin="  ", monkeypatch=monkeypatch)
+    code, _, err = cli("run", str(tiny_moe), "-", stdin="  ")
     assert code == 2 and "empty prompt" in err
 
 
-def test_seed_reproduces_sampling(capsys, tiny_moe):
+def test_seed_reproduces_sampling(cli, tiny_moe):
     args = ("hello", "-n", "8", "--ignore-eos", "--temperature", "1.0", "--top-k", "50")
-    a = run_json(capsys, tiny_moe, *args, "--seed", "3")["tokens"]
-    assert a == run_json(capsys, tiny_moe, *args, "--seed", "3")["tokens"]
-    assert a != run_json(capsys, tiny_moe, *args, "--seed", "4")["tokens"]
+    a = run_json(cli, tiny_moe, *args, "--seed", "3")["tokens"]
+    assert a == run_json(cli, tiny_moe, *args, "--seed", "3")["tokens"]
+    assert a != run_json(cli, tiny_moe, *args, "--seed", "4")["tokens"]
 
 
-def test_plain_output_streams_text(capsys, tiny_moe):
-    code, out, err = cli(capsys, "run", str(tiny_moe), "hello", "-n", "4", "--ignore-eos")
+def test_plain_output_streams_text(cli, tiny_moe):
+    code, out, err = cli("run", str(tiny_moe), "hello", "-n", "4", "--ignore-eos")
     assert code == 0 and out.endswith("\n") and len(out) > 1
 
 
-def one_line_error(capsys, *argv, expect_code=1):
-    code, out, err = cli(capsys, *argv)
+def one_line_error(cli, *argv, expect_code=1):
+    code, out, err = cli(*argv)
     assert code == expect_code, (code, err)
     assert out == ""
     lines = err.strip().splitlines()
@@ -80,70 +66,70 @@ def one_line_error(capsys, *argv, expect_code=1):
     return lines[0]
 
 
-def test_missing_path(capsys, tmp_path):
-    assert "not found" in one_line_error(capsys, "run", str(tmp_path / "nope"), "hi")
+def test_missing_path(cli, tmp_path):
+    assert "not found" in one_line_error(cli, "run", str(tmp_path / "nope"), "hi")
 
 
-def test_directory_without_config(capsys, tmp_path):
-    assert "no config.json" in one_line_error(capsys, "run", str(tmp_path), "hi")
+def test_directory_without_config(cli, tmp_path):
+    assert "no config.json" in one_line_error(cli, "run", str(tmp_path), "hi")
 
 
-def test_other_model_type_names_the_supported_ones(capsys, broken):
+def test_other_model_type_names_the_supported_ones(cli, broken):
     (broken / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    line = one_line_error(capsys, "run", str(broken), "hi")
+    line = one_line_error(cli, "run", str(broken), "hi")
     assert "llama" in line and "gemma4" in line and "gemma4_text" in line
 
 
-def test_invalid_json_config(capsys, broken):
+def test_invalid_json_config(cli, broken):
     (broken / "config.json").write_text("{not json")
-    assert "invalid JSON" in one_line_error(capsys, "run", str(broken), "hi")
+    assert "invalid JSON" in one_line_error(cli, "run", str(broken), "hi")
 
 
-def test_missing_shard(capsys, broken):
+def test_missing_shard(cli, broken):
     shard = sorted(broken.glob("model-*.safetensors"))[1]
     shard.unlink()
-    line = one_line_error(capsys, "run", str(broken), "hi")
+    line = one_line_error(cli, "run", str(broken), "hi")
     assert "missing shard" in line and shard.name in line
 
 
-def test_truncated_safetensors(capsys, broken):
+def test_truncated_safetensors(cli, broken):
     shard = sorted(broken.glob("model-*.safetensors"))[0]
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) - 100])
-    line = one_line_error(capsys, "run", str(broken), "hi")
+    line = one_line_error(cli, "run", str(broken), "hi")
     assert "truncated" in line and shard.name in line
 
 
-def test_corrupt_safetensors_header(capsys, broken):
+def test_corrupt_safetensors_header(cli, broken):
     shard = sorted(broken.glob("model-*.safetensors"))[0]
     shard.write_bytes(b"\xff" * 64)
-    assert "corrupt safetensors" in one_line_error(capsys, "run", str(broken), "hi")
+    assert "corrupt safetensors" in one_line_error(cli, "run", str(broken), "hi")
 
 
-def test_pickle_weights_are_never_loaded(capsys, broken):
+def test_pickle_weights_are_never_loaded(cli, broken):
     for f in broken.glob("model*.safetensors*"):
         f.unlink()
     torch.save({"x": torch.zeros(1)}, broken / "pytorch_model.bin")
-    line = one_line_error(capsys, "run", str(broken), "hi")
+    line = one_line_error(cli, "run", str(broken), "hi")
     assert "no safetensors" in line and "pickle" in line
 
 
-def test_missing_tokenizer(capsys, broken):
+def test_missing_tokenizer(cli, broken):
     (broken / "tokenizer.json").unlink()
-    assert "tokenizer.json" in one_line_error(capsys, "run", str(broken), "hi")
+    assert "tokenizer.json" in one_line_error(cli, "run", str(broken), "hi")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_cuda_asked_for_but_absent(capsys, tiny_moe):
-    assert "no CUDA" in one_line_error(capsys, "run", str(tiny_moe), "hi", "--device", "cuda")
+def test_cuda_asked_for_but_absent(cli, tiny_moe):
+    assert "no CUDA" in one_line_error(cli, "run", str(tiny_moe), "hi", "--device", "cuda")
 
 
 @pytest.mark.parametrize("flags, word", [
     (["--top-p", "0"], "top_p"), (["--temperature", "-1"], "temperature"), (["--max-tokens", "0"], "max-tokens"),
     (["--dtype", "int8"], "dtype"), (["--bogus"], "bogus"), (["--top-k", "x"], "top-k"),
 ])
-def test_invalid_options_are_usage_errors(capsys, tiny_moe, flags, word):
-    assert word in one_line_error(capsys, "run", str(tiny_moe), "hi", *flags, expect_code=2)
+def test_invalid_options_are_usage_errors(cli, tiny_moe, flags, word):
+    assert word in one_line_error(cli, "run", str(tiny_moe), "hi", *flags, expect_code=2)
 
 
 def test_no_traceback_from_a_real_process(broken):

@@ -13,7 +13,7 @@ from rich.console import Console
 from ..chat import (THOUGHT, ChatSession, MultilineInput, Reply, Settings, default_context, engine_stats,
                     format_stats, history_path, parse_command, rss_bytes)
 from ..engine import Engine
-from ..errors import LocalrunError, UsageError
+from ..errors import LocalrunError
 from ..resolve import resolve_model
 from . import _options as opt
 from ._progress import progress_bar
