@@ -114,6 +114,7 @@ def load_weights(
             if progress:
                 progress("experts", done + (total - done) * (i + 1) // len(model.layers), total)
     model.init_rope(device)
+    model.fuse_projections()
 
 
 def checkpoint_experts(ckpt: Checkpoint, args: ModelArgs, layer: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -87,12 +87,30 @@ def tensor_group(name: str) -> str:
 # The decoder ---------------------------------------------------------------------------------
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """RMSNorm computed in fp32 (Gemma multiplies by the weight itself, not 1 + weight)."""
-    xf = x.float()
-    out = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + eps, -0.5)
-    if weight is not None:
-        out = out * weight.float()
-    return out.type_as(x)
+    """RMSNorm computed in fp32 (Gemma multiplies by the weight itself, not 1 + weight); one fused kernel."""
+    w = None if weight is None else weight.float()
+    return F.rms_norm(x.float(), x.shape[-1:], w, eps).type_as(x)
+
+
+def input_major(w: torch.Tensor) -> torch.Tensor:
+    """The same [..., out, in] values stored input-major. F.linear then hands MKL a contiguous
+    [in, out] matrix, whose one-token product runs ~1.2-1.7x faster on CPU (measured on AVX-512)."""
+    return w.mT.contiguous().mT
+
+
+def fuse_linears(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One input-major weight (and bias) for several Linears reading the same input; each Linear's
+    parameters become views of it, so state keeps its checkpoint names and no copy stays alive."""
+    w = input_major(torch.cat([lin.weight for lin in linears]))
+    b = None if linears[0].bias is None else torch.cat([lin.bias for lin in linears])
+    start = 0
+    for lin in linears:
+        n = lin.out_features
+        lin.weight = nn.Parameter(w[start : start + n], requires_grad=False)
+        if b is not None:
+            lin.bias = nn.Parameter(b[start : start + n], requires_grad=False)
+        start += n
+    return w, b
 
 
 class RMSNorm(nn.Module):
@@ -122,14 +140,10 @@ def rope_inv_freq(params: dict, head_dim: int) -> torch.Tensor:
     raise LocalrunError(f"unsupported rope_type {kind!r} (supported: default, proportional)")
 
 
-def rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x_BTND, cos_TD, sin_TD):
-    cos, sin = cos_TD[:, None, :].to(x_BTND.dtype), sin_TD[:, None, :].to(x_BTND.dtype)
-    return x_BTND * cos + rotate_half(x_BTND) * sin
+def apply_rope(x_BTND, cos_T1D, sin_T1D):
+    """x * cos + rotate_half(x) * sin, with rotate_half(x) = roll(x, D/2) * sign: the sign lives in
+    `sin_T1D` (its first half negated, see Gemma4Model.rope), so this is two products and a roll."""
+    return x_BTND * cos_T1D + x_BTND.roll(x_BTND.shape[-1] // 2, dims=-1) * sin_T1D
 
 
 class Attention(nn.Module):
@@ -157,15 +171,31 @@ class Attention(nn.Module):
             self.k_proj = nn.Linear(H, KV * D, bias=bias)
             self.k_norm = RMSNorm(D, self.eps)
             self.v_proj = nn.Linear(H, KV * D, bias=bias) if args.has_v_proj(layer) else None
+        self.qkv = None  # (weight, bias) of q/k/v fused into one matmul, set by fuse()
+
+    def fuse(self) -> None:
+        projs = [self.q_proj] + ([] if self.shares_kv else [self.k_proj] + ([self.v_proj] if self.v_proj else []))
+        self.qkv = fuse_linears(*projs)
+        self.qkv_sizes = [p.out_features for p in projs]
+        self.o_proj.weight = nn.Parameter(input_major(self.o_proj.weight), requires_grad=False)
+
+    def project(self, x_BTH):
+        """q, k, v projections (k, v None in a KV-shared layer; v None with K=V)."""
+        if self.qkv is None:
+            k = None if self.shares_kv else self.k_proj(x_BTH)
+            return self.q_proj(x_BTH), k, None if self.shares_kv or self.v_proj is None else self.v_proj(x_BTH)
+        out = F.linear(x_BTH, *self.qkv).split(self.qkv_sizes, dim=-1)
+        return out[0], out[1] if len(out) > 1 else None, out[2] if len(out) > 2 else None
 
     def forward(self, x_BTH, cos_TD, sin_TD, pos_T, cache, shared: dict):
         B, T, _ = x_BTH.shape
-        q = apply_rope(self.q_norm(self.q_proj(x_BTH).view(B, T, -1, self.head_dim)), cos_TD, sin_TD)
+        q, raw, v = self.project(x_BTH)
+        q = apply_rope(self.q_norm(q.view(B, T, -1, self.head_dim)), cos_TD, sin_TD)
         if self.shares_kv:
             k, v, pos_S = shared[self.window is not None]
         else:
-            raw = self.k_proj(x_BTH).view(B, T, self.kv_heads, self.head_dim)
-            v = raw if self.v_proj is None else self.v_proj(x_BTH).view(B, T, self.kv_heads, self.head_dim)
+            raw = raw.view(B, T, self.kv_heads, self.head_dim)
+            v = raw if v is None else v.view(B, T, self.kv_heads, self.head_dim)
             k = apply_rope(self.k_norm(raw), cos_TD, sin_TD).transpose(1, 2)
             v = rms_norm(v, None, self.eps).transpose(1, 2)
             if cache is not None:
@@ -187,9 +217,17 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(hidden, intermediate, bias=False)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
         self.act = activation(act)
+        self.gate_up = None  # (weight, None) of gate/up fused into one matmul, set by fuse()
+
+    def fuse(self) -> None:
+        self.gate_up = fuse_linears(self.gate_proj, self.up_proj)
+        self.down_proj.weight = nn.Parameter(input_major(self.down_proj.weight), requires_grad=False)
 
     def forward(self, x):
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up is None:
+            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = F.linear(x, *self.gate_up).chunk(2, dim=-1)
+        return self.down_proj(self.act(gate) * up)
 
 
 class Router(nn.Module):
@@ -287,6 +325,18 @@ class Gemma4Model(nn.Module):
             D = args.layer_head_dim(args.layer_types.index(kind))
             inv = rope_inv_freq(args.rope_parameters[kind], D).to(device)
             self.register_buffer(f"inv_freq_{kind}", inv, persistent=False)
+        self.rope_table: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # kind -> cos, signed sin [S, 1, D]
+
+    def fuse_projections(self) -> None:
+        """Inference layout, once after loading: q/k/v and the dense MLP's gate/up each become one
+        matmul, and every dense matmul weight is stored input-major (faster one-token products on
+        CPU). Checkpoint-named parameters keep their shapes and values (as views); bytes are unchanged."""
+        for layer in self.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
+        # lm_head (or the tied embedding, whose row lookups work on either layout) is the largest matmul
+        head = self.embed_tokens if self.lm_head is None else self.lm_head
+        head.weight = nn.Parameter(input_major(head.weight), requires_grad=False)
 
     def _per_layer_inputs(self, ids_BT, x_BTH):
         """Per-layer embeddings (E2B/E4B): token identity plus a projection of the input embedding."""
@@ -298,24 +348,34 @@ class Gemma4Model(nn.Module):
         proj = self.per_layer_projection_norm(proj.reshape(*x_BTH.shape[:2], L, P))
         return (proj + tok.reshape(*ids_BT.shape, L, P)) * 2**-0.5
 
-    def _rope(self, pos_T, dtype):
-        out = {}
-        for kind in set(self.args.layer_types):
-            freqs = pos_T[:, None].float() * getattr(self, f"inv_freq_{kind}")[None, :]
-            emb = torch.cat((freqs, freqs), dim=-1)
-            out[kind] = (emb.cos().to(dtype), emb.sin().to(dtype))
-        return out
+    def rope(self, end: int, dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """kind -> (cos, sin) [S >= end, 1, D] for positions 0.., computed once and grown by doubling.
+        sin's first half is negated so that apply_rope needs no rotate_half."""
+        table = self.rope_table
+        have = next(iter(table.values()))[0] if table else None
+        if have is None or have.shape[0] < end or have.dtype != dtype:
+            S = max(end, 256, 2 * have.shape[0] if have is not None else 0)
+            for kind in set(self.args.layer_types):
+                inv = getattr(self, f"inv_freq_{kind}")
+                freqs = torch.arange(S, device=inv.device).float()[:, None] * inv[None, :]
+                emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
+                sin = emb.sin()
+                sin[..., : sin.shape[-1] // 2] *= -1
+                table[kind] = (emb.cos().to(dtype), sin.to(dtype))
+        return table
 
     def hidden(self, ids_BT: torch.Tensor, cache=None, pos_T: torch.Tensor | None = None) -> torch.Tensor:
         """Final-normed hidden states [B, T, H] of `ids_BT`, appended to `cache` (positions follow it)."""
         T = ids_BT.shape[1]
+        w = self.embed_tokens.weight
         if pos_T is None:
             start = cache.offset if cache is not None else 0
             pos_T = torch.arange(start, start + T, device=ids_BT.device)
-        w = self.embed_tokens.weight
+            rope = {k: (c[start : start + T], s[start : start + T]) for k, (c, s) in self.rope(start + T, w.dtype).items()}
+        else:
+            rope = {k: (c[pos_T], s[pos_T]) for k, (c, s) in self.rope(int(pos_T.max()) + 1, w.dtype).items()}
         x = F.embedding(ids_BT, w) * torch.tensor(self.args.hidden_size**0.5, dtype=w.dtype)
         per_layer = self._per_layer_inputs(ids_BT, x) if self.args.hidden_size_per_layer_input else None
-        rope = self._rope(pos_T, x.dtype)
         shared: dict = {}
         for i, layer in enumerate(self.layers):
             cos, sin = rope[self.args.layer_types[i]]
