@@ -62,10 +62,10 @@ def prefill(model, ids: list[int], cache: KVCache, chunk: int = PREFILL_CHUNK) -
     return model.logits(h[:, -1:])[0, -1].float()
 
 
-def decode_one(model, token: int, cache: KVCache) -> torch.Tensor:
-    device = model.embed_tokens.weight.device
-    h = model.hidden(torch.tensor([[token]], device=device), cache)
-    return model.logits(h)[0, -1].float()
+def decode_one(model, token: int | torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """fp32 logits [V] after one token (an int, or a [1, 1] id tensor already on the device)."""
+    ids = token if isinstance(token, torch.Tensor) else torch.tensor([[token]], device=model.embed_tokens.weight.device)
+    return model.logits(model.hidden(ids, cache))[0, -1].float()
 
 
 @torch.inference_mode()
@@ -85,14 +85,16 @@ def generate(
     w = model.embed_tokens.weight
     cache = cache or KVCache(model.args, dtype=w.dtype, device=w.device, reserve=len(prompt_ids) + max_tokens)
     timings = Timings(prompt_tokens=len(prompt_ids))
-    seen = torch.tensor(prompt_ids, device=w.device)
+    seen = torch.empty(len(prompt_ids) + max_tokens, dtype=torch.long, device=w.device)  # prompt, then outputs
+    seen[: len(prompt_ids)] = torch.tensor(prompt_ids)
+    n_seen = len(prompt_ids)
     stop = set(stop_ids)
     start = time.perf_counter()
     logits = prefill(model, prompt_ids, cache, prefill_chunk)
     timings.prefill_s = time.perf_counter() - start
     for n in range(1, max_tokens + 1):
-        token = sampler(logits, seen)
-        logprob = float(torch.log_softmax(logits, dim=-1)[token])
+        token = sampler(logits, seen[:n_seen])
+        logprob = float(logits[token] - torch.logsumexp(logits, dim=-1))  # log_softmax at the token
         now = time.perf_counter()
         if n == 1:
             timings.ttft_s = now - start
@@ -104,5 +106,6 @@ def generate(
         yield Step(token, logprob, finish, timings)
         if finish:
             return
-        seen = torch.cat([seen, torch.tensor([token], device=w.device)])
-        logits = decode_one(model, token, cache)
+        seen[n_seen] = token
+        n_seen += 1
+        logits = decode_one(model, seen[n_seen - 1 : n_seen].view(1, 1), cache)

@@ -21,6 +21,7 @@ class FullKV:
     def __init__(self, B: int, N: int, D: int, dtype, device, reserve: int = 256):
         self.k = torch.empty(B, N, reserve, D, dtype=dtype, device=device)
         self.v = torch.empty_like(self.k)
+        self.pos = torch.arange(reserve, device=device)  # positions of the slots, sliced, not rebuilt per step
         self.length = 0
 
     def _grow(self, need: int) -> None:
@@ -33,6 +34,7 @@ class FullKV:
             new = old.new_empty(*old.shape[:2], new_cap, old.shape[3])
             new[:, :, : self.length] = old[:, :, : self.length]
             setattr(self, name, new)
+        self.pos = torch.arange(new_cap, device=self.pos.device)
 
     def update(self, k_BNTD, v_BNTD, pos_T):
         T = k_BNTD.shape[2]
@@ -41,8 +43,7 @@ class FullKV:
         self.v[:, :, self.length : self.length + T] = v_BNTD
         self.length += T
         end = self.length
-        pos_S = torch.arange(end, device=pos_T.device)
-        return self.k[:, :, :end], self.v[:, :, :end], pos_S
+        return self.k[:, :, :end], self.v[:, :, :end], self.pos[:end]
 
     @property
     def nbytes(self) -> int:
@@ -58,6 +59,7 @@ class RingKV:
         self.v = torch.zeros_like(self.k)
         self.pos = torch.full((window,), -1, dtype=torch.long, device=device)  # -1: empty slot
         self.filled = 0  # slots [0, filled) hold positions: positions start at 0, slot = pos % window
+        self.next = 0  # the next position to write
 
     def _write(self, k_BNTD, v_BNTD, pos_T) -> None:
         keep = min(k_BNTD.shape[2], self.window)
@@ -69,8 +71,13 @@ class RingKV:
         self.filled = min(self.window, self.filled + keep)
 
     def update(self, k_BNTD, v_BNTD, pos_T):
+        self.next += k_BNTD.shape[2]
         if k_BNTD.shape[2] == 1:  # decode: the slot we overwrite is exactly the one leaving the window
-            self._write(k_BNTD, v_BNTD, pos_T)
+            s = (self.next - 1) % self.window  # slices, not index tensors: a plain copy per buffer
+            self.k[:, :, s : s + 1] = k_BNTD
+            self.v[:, :, s : s + 1] = v_BNTD
+            self.pos[s : s + 1] = pos_T
+            self.filled = min(self.window, self.filled + 1)
             n = self.filled  # only filled slots: then every returned key is visible (no mask needed)
             return self.k[:, :, :n], self.v[:, :, :n], self.pos[:n]
         # prefill chunk: queries early in the chunk still need keys the chunk would overwrite

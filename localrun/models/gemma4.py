@@ -87,7 +87,9 @@ def tensor_group(name: str) -> str:
 # The decoder ---------------------------------------------------------------------------------
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """RMSNorm computed in fp32 (Gemma multiplies by the weight itself, not 1 + weight); one fused kernel."""
+    """RMSNorm computed in fp32 (Gemma multiplies by the weight itself, not 1 + weight)."""
+    if x.dtype == torch.float32 and (weight is None or weight.dtype == torch.float32):
+        return F.rms_norm(x, x.shape[-1:], weight, eps)  # decode calls it ~130 times a token: no casts
     w = None if weight is None else weight.float()
     return F.rms_norm(x.float(), x.shape[-1:], w, eps).type_as(x)
 
@@ -334,6 +336,8 @@ class Gemma4Model(nn.Module):
         for layer in self.layers:
             layer.self_attn.fuse()
             layer.mlp.fuse()
+            if layer.moe:
+                layer.router.proj.weight = nn.Parameter(input_major(layer.router.proj.weight), requires_grad=False)
         # lm_head (or the tied embedding, whose row lookups work on either layout) is the largest matmul
         head = self.embed_tokens if self.lm_head is None else self.lm_head
         head.weight = nn.Parameter(input_major(head.weight), requires_grad=False)
