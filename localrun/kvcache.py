@@ -80,10 +80,12 @@ class RingKV:
             self.filled = min(self.window, self.filled + 1)
             n = self.filled  # only filled slots: then every returned key is visible (no mask needed)
             return self.k[:, :, :n], self.v[:, :, :n], self.pos[:n]
-        # prefill chunk: queries early in the chunk still need keys the chunk would overwrite
-        k = torch.cat([self.k, k_BNTD], dim=2)
-        v = torch.cat([self.v, v_BNTD], dim=2)
-        pos = torch.cat([self.pos, pos_T])
+        # prefill chunk: queries early in the chunk still need keys the chunk would overwrite;
+        # only the filled slots: a first chunk attends over its own keys alone, not `window` empty ones
+        n = self.filled
+        k = torch.cat([self.k[:, :, :n], k_BNTD], dim=2)
+        v = torch.cat([self.v[:, :, :n], v_BNTD], dim=2)
+        pos = torch.cat([self.pos[:n], pos_T])
         self._write(k_BNTD, v_BNTD, pos_T)
         return k, v, pos
 
