@@ -332,7 +332,9 @@ class Gemma4Model(nn.Module):
     def fuse_projections(self) -> None:
         """Inference layout, once after loading: q/k/v and the dense MLP's gate/up each become one
         matmul, and every dense matmul weight is stored input-major (faster one-token products on
-        CPU). Checkpoint-named parameters keep their shapes and values (as views); bytes are unchanged."""
+        CPU). Checkpoint-named parameters keep their shapes and values (as views of the fused,
+        possibly non-contiguous, storage); bytes are unchanged. The fused weights are plain attributes,
+        so call this on the final device (the loader does, after load_weights)."""
         for layer in self.layers:
             layer.self_attn.fuse()
             layer.mlp.fuse()
