@@ -228,7 +228,8 @@ def test_quantized_experts_match_dense_experts(tokens):
         want = dense(x_TH, ids_TK, w_TK)
     got = quantized(x_TH, ids_TK, w_TK)
     assert want.abs().max() > 0.1
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # DenseExperts multiply input-major weights (another GEMM than bitsandbytes' path): fp32 summation order
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 # -- safetensors ----------------------------------------------------------------------------
