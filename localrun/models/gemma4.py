@@ -327,7 +327,6 @@ class Gemma4Model(nn.Module):
             D = args.layer_head_dim(args.layer_types.index(kind))
             inv = rope_inv_freq(args.rope_parameters[kind], D).to(device)
             self.register_buffer(f"inv_freq_{kind}", inv, persistent=False)
-        self.rope_table: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # kind -> cos, signed sin [S, 1, D]
 
     def fuse_projections(self) -> None:
         """Inference layout, once after loading: q/k/v and the dense MLP's gate/up each become one
@@ -354,21 +353,18 @@ class Gemma4Model(nn.Module):
         proj = self.per_layer_projection_norm(proj.reshape(*x_BTH.shape[:2], L, P))
         return (proj + tok.reshape(*ids_BT.shape, L, P)) * 2**-0.5
 
-    def rope(self, end: int, dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """kind -> (cos, sin) [S >= end, 1, D] for positions 0.., computed once and grown by doubling.
-        sin's first half is negated so that apply_rope needs no rotate_half."""
-        table = self.rope_table
-        have = next(iter(table.values()))[0] if table else None
-        if have is None or have.shape[0] < end or have.dtype != dtype:
-            S = max(end, 256, 2 * have.shape[0] if have is not None else 0)
-            for kind in set(self.args.layer_types):
-                inv = getattr(self, f"inv_freq_{kind}")
-                freqs = torch.arange(S, device=inv.device).float()[:, None] * inv[None, :]
-                emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
-                sin = emb.sin()
-                sin[..., : sin.shape[-1] // 2] *= -1
-                table[kind] = (emb.cos().to(dtype), sin.to(dtype))
-        return table
+    def rope(self, pos_T: torch.Tensor, dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """kind -> (cos, sin) [T, 1, D] at positions pos_T, sin's first half negated so that apply_rope
+        needs no rotate_half. Computed per call, not tabled: a table for a 128K context would cost
+        hundreds of MiB that the plan does not budget, to save a few small ops per token."""
+        out = {}
+        for kind in set(self.args.layer_types):
+            freqs = pos_T[:, None].float() * getattr(self, f"inv_freq_{kind}")[None, :]
+            emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
+            sin = emb.sin()
+            sin[..., : sin.shape[-1] // 2] *= -1
+            out[kind] = (emb.cos().to(dtype), sin.to(dtype))
+        return out
 
     def hidden(self, ids_BT: torch.Tensor, cache=None, pos_T: torch.Tensor | None = None) -> torch.Tensor:
         """Final-normed hidden states [B, T, H] of `ids_BT`, appended to `cache` (positions follow it)."""
@@ -377,9 +373,7 @@ class Gemma4Model(nn.Module):
         if pos_T is None:
             start = cache.offset if cache is not None else 0
             pos_T = torch.arange(start, start + T, device=ids_BT.device)
-            rope = {k: (c[start : start + T], s[start : start + T]) for k, (c, s) in self.rope(start + T, w.dtype).items()}
-        else:
-            rope = {k: (c[pos_T], s[pos_T]) for k, (c, s) in self.rope(int(pos_T.max()) + 1, w.dtype).items()}
+        rope = self.rope(pos_T, w.dtype)
         x = F.embedding(ids_BT, w) * torch.tensor(self.args.hidden_size**0.5, dtype=w.dtype)
         per_layer = self._per_layer_inputs(ids_BT, x) if self.args.hidden_size_per_layer_input else None
         shared: dict = {}
