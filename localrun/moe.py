@@ -69,17 +69,24 @@ def expert_ffn(x_TH: torch.Tensor, gate_up_2IH: torch.Tensor, down_HI: torch.Ten
     return F.linear(act(gate) * up, down_HI)
 
 
+def input_major(w: torch.Tensor) -> torch.Tensor:
+    """The same [..., out, in] values stored input-major, on CPU: F.linear then hands MKL a contiguous
+    [in, out] matrix, whose one-token product runs ~1.2-1.7x faster (measured on AVX-512). Other
+    devices keep the tensor as is (no transient copy of, say, a 1.4 GiB lm_head on a full GPU)."""
+    return w.mT.contiguous().mT if w.device.type == "cpu" else w
+
+
 class DenseExperts(torch.nn.Module):
     """Experts held as the checkpoint's fused 3-D tensors in the compute dtype (`--experts bf16`).
 
-    Same shapes and values as the checkpoint, but each expert's matrices are stored input-major
-    (still one contiguous block per expert): MKL's one-token product is faster on that layout.
+    Same shapes and values as the checkpoint; on CPU each expert's matrices are stored input-major
+    (still one contiguous block per expert), see `input_major`.
     """
 
     def __init__(self, gate_up_E2IH: torch.Tensor, down_EHI: torch.Tensor, act: str):
         super().__init__()
         with torch.no_grad():
-            gate_up, down = gate_up_E2IH.mT.contiguous().mT, down_EHI.mT.contiguous().mT
+            gate_up, down = input_major(gate_up_E2IH), input_major(down_EHI)
         self.gate_up_proj = torch.nn.Parameter(gate_up, requires_grad=gate_up_E2IH.requires_grad)
         self.down_proj = torch.nn.Parameter(down, requires_grad=down_EHI.requires_grad)
         self.act = activation(act)

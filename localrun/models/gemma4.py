@@ -13,7 +13,7 @@ from torch import nn
 from ..config import ModelArgs
 from ..errors import LocalrunError
 from ..kvcache import attention_mask
-from ..moe import DenseExperts, activation
+from ..moe import DenseExperts, activation, input_major
 
 
 def checkpoint_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
@@ -92,12 +92,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
         return F.rms_norm(x, x.shape[-1:], weight, eps)  # decode calls it ~130 times a token: no casts
     w = None if weight is None else weight.float()
     return F.rms_norm(x.float(), x.shape[-1:], w, eps).type_as(x)
-
-
-def input_major(w: torch.Tensor) -> torch.Tensor:
-    """The same [..., out, in] values stored input-major. F.linear then hands MKL a contiguous
-    [in, out] matrix, whose one-token product runs ~1.2-1.7x faster on CPU (measured on AVX-512)."""
-    return w.mT.contiguous().mT
 
 
 def fuse_linears(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
