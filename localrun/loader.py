@@ -27,7 +27,7 @@ from .plan import Budget, Plan, make_plan
 from .prequant import is_prequantized, manifest_spec, read_manifest
 from quant.ffn import QuantizedExperts, ffn_4bit
 from quant.io import load_packed_experts
-from quant.nf4 import pack_experts
+from quant.nf4 import pack_expert
 from quant.spec import QuantSpec
 
 EXPERT_KEYS = ("experts.gate_up_proj", "experts.down_proj")
@@ -141,8 +141,10 @@ def packed_experts_source(model_dir: Path, ckpt: Checkpoint, args: ModelArgs, sp
         return read
 
     def quantize(layer: int):
+        # one expert at a time on the device: a whole layer in bf16 (1.5 GiB for 26B-A4B) would not
+        # fit beside the resident experts of a full card
         gate_up, down = checkpoint_experts(ckpt, args, layer)
-        return [e.to("cpu") for e in pack_experts(gate_up.to(device), down.to(device), spec)]
+        return [pack_expert(gate_up[e].to(device), down[e].to(device), spec) for e in range(gate_up.shape[0])]
 
     return quantize
 

@@ -105,7 +105,7 @@ def test_loading_out_never_requantizes(nf4_out, monkeypatch):
         raise AssertionError("loading a pre-quantized checkpoint quantized something")
 
     for owner, name in ((quant.nf4, "quantize"), (quant.nf4, "pack_experts"), (quant.nf4, "pack_expert"),
-                        (loader, "pack_experts"), (bnbf, "quantize_4bit")):
+                        (loader, "pack_expert"), (bnbf, "quantize_4bit")):
         monkeypatch.setattr(owner, name, refuse)
     for kw in ({}, {"resident_fraction": 0.5}):
         loaded = load_model(nf4_out, **kw)
