@@ -105,11 +105,19 @@ def held_out_questions(n: int | None = None, seed: int = 1) -> list[tuple[str, s
     return [arithmetic_question(*t, rng) for t in triples[:n]]
 
 
-def train_examples(n: int, seed: int = 0, extras: float = 0.08) -> list[tuple[str, str]]:
+def has_carry(a: int, b: int, op: str) -> bool:
+    """Whether the units digits carry (addition) or borrow (subtraction): the usual mistakes."""
+    return (a % 10 + b % 10 >= 10) if op == "+" else (a % 10 < b % 10)
+
+
+def train_examples(n: int, seed: int = 0, extras: float = 0.08, carry: float = 0.0) -> list[tuple[str, str]]:
     """`n` (question, answer) pairs for training: arithmetic on training triples, plus a fraction
-    `extras` of capitals and greetings. Same arguments, same list."""
+    `extras` of capitals and greetings. A fraction `carry` of the arithmetic is drawn from the
+    training triples with a carry or borrow only (held-out triples are never among them).
+    Same arguments, same list."""
     rng = random.Random(seed)
     triples = arithmetic_triples(held_out=False)
+    hard = [t for t in triples if has_carry(*t)]
     out = []
     for _ in range(n):
         if rng.random() < extras:
@@ -118,6 +126,8 @@ def train_examples(n: int, seed: int = 0, extras: float = 0.08) -> list[tuple[st
                 out.append((rng.choice(CAPITAL_PHRASES).format(c=country), CAPITALS[country]))
             else:
                 out.append(rng.choice(CHAT))
+        elif carry and rng.random() < carry:
+            out.append(arithmetic_question(*rng.choice(hard), rng))
         else:
             out.append(arithmetic_question(*rng.choice(triples), rng))
     return out

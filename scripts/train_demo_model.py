@@ -204,7 +204,7 @@ def save_atomic(out: Path, model: Gemma4Model, config: dict, tokenizer) -> None:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=REPO / "localrun" / "data" / "demo")
-    ap.add_argument("--steps", type=int, default=2400)
+    ap.add_argument("--steps", type=int, default=4000)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--warmup", type=int, default=100)
@@ -215,6 +215,8 @@ def main(argv=None) -> None:
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--moe-intermediate", type=int, default=128)
     ap.add_argument("--window", type=int, default=16)
+    ap.add_argument("--carry", type=float, default=0.5,
+                    help="fraction of the arithmetic drawn from carry/borrow cases only (the usual errors)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1,
                     help="1 is fastest on a shared CPU: a second thread waits on descheduled peers")
@@ -246,7 +248,7 @@ def main(argv=None) -> None:
           f"bf16 {2 * n_params / 2**20:.1f} MiB; layers {args.layer_types}", flush=True)
 
     t0 = time.time()
-    data = train_examples(a.steps * a.batch, seed=a.seed)
+    data = train_examples(a.steps * a.batch, seed=a.seed, carry=a.carry)
     prompts = enc.prompts([q for q, _ in data])
     answers = enc.answers([ans for _, ans in data])
     held = held_out_questions(400)
