@@ -182,8 +182,6 @@ def bench_localrun(model_dir: Path, cases: list[tuple[int, int]], *, device: str
             m.expert_hit_rate = store.stats(since=before)["hit_rate"]
         _memory(m, dev)
         out.append(m)
-    del engine
-    gc.collect()
     return out
 
 
@@ -215,8 +213,6 @@ def bench_transformers(model_dir: Path, cases: list[tuple[int, int]], *, device:
         m = measure("transformers", generate_n, prompt_tokens, gen_tokens, repeat, sync)
         _memory(m, dev)
         out.append(m)
-    del model
-    gc.collect()
     return out
 
 
@@ -240,6 +236,7 @@ def run_bench(model_dir: str | Path, cases: list[tuple[int, int]], *, device: st
     report = BenchReport(info)
     report.measurements += bench_localrun(Path(model_dir), cases, device=device, dtype=dtype, experts=experts,
                                           repeat=repeat, resident_fraction=resident_fraction)
+    gc.collect()  # the engine is gone with bench_localrun's frame: free it before the other side loads
     if compare == "transformers":
         import transformers
 
