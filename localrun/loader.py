@@ -18,11 +18,10 @@ from torch import nn
 from .checkpoint import Checkpoint
 from .config import ModelArgs, load_config
 from .errors import LocalrunError, UsageError
-from .models.gemma4 import Gemma4Model, sanitize
-from .moe import DenseExperts
 from .experts import POLICIES, ExpertStore, calibrate
 from .hardware import detect_gpu, detect_host_ram
-from .moe import activation
+from .models.gemma4 import Gemma4Model, sanitize
+from .moe import DenseExperts, activation
 from .plan import Budget, Plan, make_plan
 from .prequant import is_prequantized, manifest_spec, read_manifest
 from quant.ffn import QuantizedExperts, ffn_4bit
@@ -36,6 +35,7 @@ DEFAULT_EXPERTS = "nf4"
 DEFAULT_CONTEXT = 8192
 ROUTING_PROFILE = "routing_profile.json"
 DEFAULT_CACHE_POLICY = "lru"  # scripts/bench_cache.py compares the policies on recorded routing
+
 
 @dataclass
 class LoadedModel:
