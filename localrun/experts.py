@@ -388,6 +388,7 @@ class ExpertStore:
         self._resident: dict[int, dict[int, Payload]] = {}
         self._host: dict[int, dict[int, Payload]] = {}
         self._slots: dict[int, dict[int, tuple[Payload, object]]] = {}
+        self._pending: dict[int, tuple] = {}  # layer -> (ids_TK, groups, steps, deferred) from prefetch
         for layer, payloads in (experts or {}).items():
             self.add_layer(layer, payloads, (resident or {}).get(layer, ()))
 
@@ -443,11 +444,18 @@ class ExpertStore:
         now = self.snapshot()
         return (now - since if since is not None else now).as_dict()
 
+    def prefetch(self, layer: int, ids_TK: torch.Tensor) -> None:
+        """Decide this call's placement and start its copies now, so they overlap whatever the caller
+        computes before `run` (the decoder: the dense MLP). `run` with the same ids_TK picks it up."""
+        self._pending[layer] = (ids_TK, *self._begin(layer, ids_TK))
+
     def run(self, layer: int, x_TH: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
         """sum_k w[t,k] * expert_{ids[t,k]}(x[t]) for one layer, moving experts as the cache decides."""
-        groups = group_by_expert(ids_TK)
-        steps = self._layers[layer].plan((e, len(tok)) for e, tok, _ in groups)
-        deferred = self._start_copies(layer, steps)
+        pending = self._pending.pop(layer, None)
+        if pending is not None and pending[0] is ids_TK:
+            groups, steps, deferred = pending[1:]
+        else:
+            groups, steps, deferred = self._begin(layer, ids_TK)
         tok_of = {e: tok for e, tok, _ in groups}
         y_of = {}
         for step in steps:
@@ -456,6 +464,13 @@ class ExpertStore:
             y_of[step.expert] = self._compute(layer, step, x_TH[tok_of[step.expert]])
         # Accumulate in dispatch's own (expert-sorted) order so every placement sums identically.
         return dispatch(x_TH, ids_TK, w_TK, lambda e, _x: y_of.pop(e), groups=groups)
+
+    def _begin(self, layer: int, ids_TK: torch.Tensor):
+        """(groups, steps, deferred copies) of one call: tokens grouped by expert, the cache's plan, and
+        every copy that can start now already started."""
+        groups = group_by_expert(ids_TK)
+        steps = self._layers[layer].plan((e, len(tok)) for e, tok, _ in groups)
+        return groups, steps, self._start_copies(layer, steps)
 
     def _start_copies(self, layer: int, steps: list[Step]) -> set[Step]:
         """Start every copy whose slot is free or held by an expert outside this call; return the rest,
@@ -498,3 +513,6 @@ class LayerExperts:
 
     def __call__(self, x_TH: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
         return self.store.run(self.layer, x_TH, ids_TK, w_TK)
+
+    def prefetch(self, ids_TK: torch.Tensor) -> None:
+        self.store.prefetch(self.layer, ids_TK)

@@ -251,3 +251,33 @@ def test_calibrate_on_cpu_measures_compute_and_frees_copies():
 def test_bad_resident_ids_are_rejected():
     with pytest.raises(ValueError, match="resident"):
         ExpertStore(make_experts(layers=1), compute, resident={0: [E]})
+
+
+# ------------------------------------------------------------------------------- prefetch (overlap copies)
+
+
+def test_prefetch_starts_copies_early_and_changes_nothing_else():
+    """prefetch(ids) fills the slots before run(); outputs and counters equal a plain run's."""
+    experts = make_experts(layers=1)
+    early = ExpertStore(experts, compute, resident={0: [0]}, slots=2)
+    plain = ExpertStore(experts, compute, resident={0: [0]}, slots=2)
+    for ids in ([0, 1], [2, 3], [1, 4], [5, 2]):
+        x_TH, ids_TK, w_TK = one_call(ids)
+        early(0).prefetch(ids_TK)
+        missing = {e for e in ids if e != 0}
+        assert missing <= early.device_experts(0)  # copies already started, before run
+        got = early(0)(x_TH, ids_TK, w_TK)
+        torch.testing.assert_close(got, plain(0)(x_TH, ids_TK, w_TK), rtol=0, atol=0)
+        check_slots(early, 0)
+    assert early.stats() == plain.stats()
+
+
+def test_run_with_other_ids_than_prefetched_replans():
+    experts = make_experts(layers=1)
+    store = ExpertStore(experts, compute, slots=2)
+    _, stale_TK, _ = one_call([1, 2])
+    store(0).prefetch(stale_TK)
+    x_TH, ids_TK, w_TK = one_call([3, 4])
+    torch.testing.assert_close(store(0)(x_TH, ids_TK, w_TK), reference(experts[0], x_TH, ids_TK, w_TK),
+                               rtol=0, atol=0)
+    assert store.device_experts(0) == {3, 4}

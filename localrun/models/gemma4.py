@@ -284,10 +284,14 @@ class DecoderLayer(nn.Module):
         x = self.post_attention_layernorm(
             self.self_attn(self.input_layernorm(x_BTH), cos_TD, sin_TD, pos_T, cache, shared)) + r
         r = x
-        h = self.mlp(self.pre_feedforward_layernorm(x))
         if self.moe:
             r_TH = r.reshape(-1, r.shape[-1])
             ids_TK, w_TK = self.router(r_TH)  # the router reads the un-normed residual
+            prefetch = getattr(self.experts, "prefetch", None)
+            if prefetch is not None:  # offloaded experts: start their copies while the dense MLP runs
+                prefetch(ids_TK)
+        h = self.mlp(self.pre_feedforward_layernorm(x))
+        if self.moe:
             moe = self.experts(self.pre_feedforward_layernorm_2(r_TH), ids_TK, w_TK).reshape(r.shape)
             h = self.post_feedforward_layernorm_1(h) + self.post_feedforward_layernorm_2(moe)
         x = self.post_feedforward_layernorm(h) + r
