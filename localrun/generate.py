@@ -12,6 +12,7 @@ from .kvcache import KVCache
 from .sampling import Sampler
 
 PREFILL_CHUNK = 512  # tokens per prefill forward: bounds activation memory, not the result
+KV_RESERVE_MAX = 8192  # a huge --max-tokens must not preallocate KV for positions never reached
 
 
 @dataclass
@@ -83,7 +84,8 @@ def generate(
     if not prompt_ids:
         raise ValueError("generate needs at least one prompt token")
     w = model.embed_tokens.weight
-    cache = cache or KVCache(model.args, dtype=w.dtype, device=w.device, reserve=len(prompt_ids) + max_tokens)
+    reserve = min(len(prompt_ids) + max_tokens, KV_RESERVE_MAX)  # full layers grow by doubling past it
+    cache = cache or KVCache(model.args, dtype=w.dtype, device=w.device, reserve=reserve)
     timings = Timings(prompt_tokens=len(prompt_ids))
     seen = torch.empty(len(prompt_ids) + max_tokens, dtype=torch.long, device=w.device)  # prompt, then outputs
     seen[: len(prompt_ids)] = torch.tensor(prompt_ids)
