@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
+from .atomic import write_text_atomic
 from .errors import LocalrunError, UsageError
 from .sampling import SamplingParams
 
@@ -199,12 +200,9 @@ def save_conversation(messages: list[dict], path: str | Path) -> Path:
     path = Path(path).expanduser()
     if path.is_dir():
         raise LocalrunError(f"cannot save to {path}: it is a directory")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(json.dumps(messages, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        write_text_atomic(path, json.dumps(messages, indent=2, ensure_ascii=False) + "\n")
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise LocalrunError(f"cannot save to {path}: {e.strerror or e}") from None
     return path
 

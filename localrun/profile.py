@@ -11,13 +11,12 @@ Shape letters: T tokens, K top-k.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from .atomic import write_text_atomic
 from .errors import LocalrunError, UsageError
 from .loader import ROUTING_PROFILE
 from .sampling import SamplingParams
@@ -133,26 +132,11 @@ def profile_prompts(engine, prompts: list[str], *, max_tokens: int = 64, trace: 
     return recorder.result()
 
 
-def write_json_atomic(path: str | Path, data) -> None:
-    """Write JSON to `path` via a temporary file in the same directory and a rename: all or nothing."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_routing_profile(model_dir: str | Path, profile: RoutingProfile) -> Path:
     """Write `routing_profile.json` into the model directory (atomically); returns its path."""
     path = Path(model_dir) / ROUTING_PROFILE
     try:
-        write_json_atomic(path, profile.to_json())
+        write_text_atomic(path, json.dumps(profile.to_json()))
     except OSError as e:
         raise LocalrunError(f"cannot write {path}: {e}") from None
     return path
@@ -160,6 +144,6 @@ def write_routing_profile(model_dir: str | Path, profile: RoutingProfile) -> Pat
 
 def write_trace(path: str | Path, trace: Trace) -> None:
     try:
-        write_json_atomic(path, trace)
+        write_text_atomic(path, json.dumps(trace))
     except OSError as e:
         raise LocalrunError(f"cannot write trace {path}: {e}") from None
