@@ -13,6 +13,7 @@ from typing import Iterator
 
 import torch
 
+from .config import load_config
 from .generate import Step, generate
 from .loader import LoadedModel, load_model
 from .sampling import SamplingParams, make_sampler
@@ -51,9 +52,10 @@ class Engine:
     @classmethod
     def load(cls, model_dir: str | Path, **load_kwargs) -> "Engine":
         """Load weights (see `load_model` for the options), tokenizer and chat template of a model directory."""
+        load_config(model_dir)  # a path that is no model fails here, before anything else is read
+        tokenizer = Tokenizer.from_dir(model_dir)  # text first: a missing tokenizer fails before minutes of weights
+        template = load_chat_template(model_dir)
         loaded = load_model(model_dir, **load_kwargs)
-        tokenizer = Tokenizer.from_dir(loaded.model_dir)
-        template = load_chat_template(loaded.model_dir)
         return cls(loaded, tokenizer, template, generation_eos_ids(loaded.model_dir, loaded.args.eos_ids))
 
     @property
