@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,6 +75,11 @@ class Checkpoint:
                 if entry.get("dtype") not in DTYPES:
                     raise LocalrunError(f"unsupported dtype {entry.get('dtype')} for {name} in {file.name}")
                 self.tensors[name] = TensorInfo(file, DTYPES[entry["dtype"]], tuple(entry["shape"]), entry["offset"])
+
+    def matrix_dtype(self) -> torch.dtype | None:
+        """The floating dtype most 2-D+ tensors are stored in (what decides their in-memory dtype)."""
+        counts = Counter(t.dtype for t in self.tensors.values() if len(t.shape) > 1 and t.dtype.is_floating_point)
+        return counts.most_common(1)[0][0] if counts else None
 
     def _shard_files(self) -> list[Path]:
         index = self.dir / INDEX

@@ -85,7 +85,7 @@ def generate(
         raise ValueError("generate needs at least one prompt token")
     w = model.embed_tokens.weight
     reserve = min(len(prompt_ids) + max_tokens, KV_RESERVE_MAX)  # full layers grow by doubling past it
-    cache = cache or KVCache(model.args, dtype=w.dtype, device=w.device, reserve=reserve)
+    cache = cache or KVCache(model.args, dtype=model.compute_dtype, device=w.device, reserve=reserve)
     timings = Timings(prompt_tokens=len(prompt_ids))
     seen = torch.empty(len(prompt_ids) + max_tokens, dtype=torch.long, device=w.device)  # prompt, then outputs
     seen[: len(prompt_ids)] = torch.tensor(prompt_ids)

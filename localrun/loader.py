@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import kernels
 from .checkpoint import Checkpoint
 from .config import ModelArgs, load_config
 from .errors import LocalrunError, UsageError
@@ -104,7 +105,9 @@ def load_weights(
         info = ckpt.tensors[names[key]]
         if info.shape != shape:
             raise LocalrunError(f"tensor {names[key]} has shape {list(info.shape)}, config says {list(shape)}")
-        _set_tensor(model, key, ckpt.read(names[key]).to(device=device, dtype=dtype))
+        tensor = ckpt.read(names[key])
+        stored = kernels.storage_dtype(dtype, device, tensor.dtype) if tensor.ndim > 1 else dtype
+        _set_tensor(model, key, tensor.to(device=device, dtype=stored))
         done += info.nbytes
         if progress:
             progress("weights", done, total)
@@ -182,8 +185,10 @@ def expert_spec(model_dir: Path, experts: str | None) -> QuantSpec | str:
 
 
 def placement_plan(args: ModelArgs, model_dir: Path, dev: torch.device, spec: QuantSpec | str, dtype: torch.dtype,
-                   *, vram: int | None, context: int | None, resident_fraction: float | None) -> Plan:
-    """The plan this load builds: the same `make_plan` that `localrun fit` prints."""
+                   *, vram: int | None, context: int | None, resident_fraction: float | None,
+                   stored_dtype: torch.dtype | None = None) -> Plan:
+    """The plan this load builds: the same `make_plan` that `localrun fit` prints. stored_dtype: the
+    checkpoint's matrix dtype, which decides what they are kept in (kernels.storage_dtype)."""
     device_bytes = vram
     if device_bytes is None and dev.type == "cuda":
         gpu = detect_gpu()
@@ -191,8 +196,10 @@ def placement_plan(args: ModelArgs, model_dir: Path, dev: torch.device, spec: Qu
     if dev.type == "cpu":
         device_bytes = None  # the CPU's "device" tier is host RAM: only resident_fraction splits it
     budget = Budget(device_bytes=device_bytes, host_bytes=detect_host_ram(), context=default_context(args, context))
+    stored = kernels.storage_dtype(dtype, dev, stored_dtype)
     plan = make_plan(args, budget, experts=spec, routing_profile=read_routing_profile(model_dir),
-                     dtype=str(dtype).removeprefix("torch."), resident_fraction=resident_fraction)
+                     dtype=str(dtype).removeprefix("torch."), matrix_dtype=str(stored).removeprefix("torch."),
+                     resident_fraction=resident_fraction)
     if not plan.fits:
         raise LocalrunError(f"does not fit: {plan.reason} (see `localrun fit {model_dir}`)")
     return plan
@@ -226,7 +233,7 @@ def load_model(
     spec = expert_spec(model_dir, experts)
     experts = spec if spec == "bf16" else spec.quant_type
     plan = placement_plan(args, model_dir, dev, spec, dtype, vram=vram, context=context,
-                          resident_fraction=resident_fraction)
+                          resident_fraction=resident_fraction, stored_dtype=ckpt.matrix_dtype())
     with torch.device("meta"):
         model = Gemma4Model(args)
     store = None
@@ -238,7 +245,8 @@ def load_model(
 
         def build(layer):
             gate_up, down = checkpoint_experts(ckpt, args, layer)
-            return DenseExperts(gate_up.to(dev, dtype), down.to(dev, dtype), args.hidden_activation)
+            stored = kernels.storage_dtype(dtype, dev, gate_up.dtype)
+            return DenseExperts(gate_up.to(dev, stored), down.to(dev, stored), args.hidden_activation)
     else:
         source = packed_experts_source(model_dir, ckpt, args, None if is_prequantized(model_dir) else spec, dev)
         if offload:

@@ -325,7 +325,9 @@ class _Weights:
 
 
 def _tally_weights(shapes: dict[str, tuple[int, ...]], dtype_label: str, elem: int,
-                   experts: QuantSpec | str) -> _Weights:
+                   experts: QuantSpec | str, matrix: tuple[str, int] | None = None) -> _Weights:
+    """matrix: (label, bytes) of 2-D+ tensors when they are stored narrower than the compute dtype."""
+    matrix_label, matrix_elem = matrix or (dtype_label, elem)
     placement: dict[str, Placement] = {}
     group_bytes = {g: 0 for g in _WEIGHT_GROUPS}
     expert_bytes: dict[int, dict[str, int]] = {}
@@ -333,12 +335,13 @@ def _tally_weights(shapes: dict[str, tuple[int, ...]], dtype_label: str, elem: i
     for name, shape in shapes.items():
         m = _EXPERT_NAME.match(name)
         if m:
-            layer, matrix = int(m.group(1)), m.group(2)
-            expert_bytes.setdefault(layer, {})[matrix] = expert_matrix_bytes(shape, experts, elem)
+            layer = int(m.group(1))
+            expert_bytes.setdefault(layer, {})[m.group(2)] = expert_matrix_bytes(shape, experts, matrix_elem)
             num_experts = max(num_experts, shape[0])
             continue
-        nbytes = math.prod(shape) * elem
-        placement[name] = Placement(DEVICE, dtype_label, nbytes)
+        label, size = (matrix_label, matrix_elem) if len(shape) > 1 else (dtype_label, elem)
+        nbytes = math.prod(shape) * size
+        placement[name] = Placement(DEVICE, label, nbytes)
         group = tensor_group(name)
         group_bytes[group] = group_bytes.get(group, 0) + nbytes
     return _Weights(placement, group_bytes, expert_bytes, num_experts)
@@ -374,6 +377,7 @@ def make_plan(
     tensor_shapes: dict[str, tuple[int, ...]] | None = None,
     routing_profile: dict | None = None,
     dtype: str = "bfloat16",
+    matrix_dtype: str | None = None,
     resident_fraction: float | None = None,
 ) -> Plan:
     """Place every tensor of `args`' text model for `budget`; see the module docstring for the rules.
@@ -397,8 +401,9 @@ def make_plan(
 
     label, elem = dtype_info(dtype)
     shapes = checkpoint_shapes(args) if tensor_shapes is None else dict(tensor_shapes)
-    weights = _tally_weights(shapes, label, elem, experts)
-    expert_precision = experts.quant_type if isinstance(experts, QuantSpec) else label
+    matrix = dtype_info(matrix_dtype) if matrix_dtype else None
+    weights = _tally_weights(shapes, label, elem, experts, matrix)
+    expert_precision = experts.quant_type if isinstance(experts, QuantSpec) else (matrix or (label,))[0]
     E, L = weights.num_experts, args.num_hidden_layers
     top_k = (args.top_k_experts or 0) if E else 0
     on_gpu = budget.device_bytes is not None

@@ -12,8 +12,9 @@ from torch import nn
 
 from ..config import ModelArgs
 from ..errors import LocalrunError
+from ..kernels import linear
 from ..kvcache import attention_mask
-from ..moe import DenseExperts, activation, input_major
+from ..moe import DenseExperts, activation
 
 
 def checkpoint_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
@@ -94,10 +95,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     return F.rms_norm(x.float(), x.shape[-1:], w, eps).type_as(x)
 
 
+def project(lin: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """lin(x) through `kernels.linear`, which also takes the bf16-stored weights of an fp32 CPU run."""
+    return linear(x, lin.weight, lin.bias)
+
+
 def fuse_linears(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One input-major weight (and bias) for several Linears reading the same input; each Linear's
-    parameters become views of it, so state keeps its checkpoint names and no copy stays alive."""
-    w = input_major(torch.cat([lin.weight for lin in linears]))
+    """One weight (and bias) for several Linears reading the same input; each Linear's parameters
+    become views of it, so state keeps its checkpoint names and no copy stays alive."""
+    w = torch.cat([lin.weight for lin in linears])
     b = None if linears[0].bias is None else torch.cat([lin.bias for lin in linears])
     start = 0
     for lin in linears:
@@ -173,14 +179,14 @@ class Attention(nn.Module):
         projs = [self.q_proj] + ([] if self.shares_kv else [self.k_proj] + ([self.v_proj] if self.v_proj else []))
         self.qkv = fuse_linears(*projs)
         self.qkv_sizes = [p.out_features for p in projs]
-        self.o_proj.weight = nn.Parameter(input_major(self.o_proj.weight), requires_grad=False)
 
     def project(self, x_BTH):
         """q, k, v projections (k, v None in a KV-shared layer; v None with K=V)."""
         if self.qkv is None:
-            k = None if self.shares_kv else self.k_proj(x_BTH)
-            return self.q_proj(x_BTH), k, None if self.shares_kv or self.v_proj is None else self.v_proj(x_BTH)
-        out = F.linear(x_BTH, *self.qkv).split(self.qkv_sizes, dim=-1)
+            k = None if self.shares_kv else project(self.k_proj, x_BTH)
+            v = None if self.shares_kv or self.v_proj is None else project(self.v_proj, x_BTH)
+            return project(self.q_proj, x_BTH), k, v
+        out = linear(x_BTH, *self.qkv).split(self.qkv_sizes, dim=-1)
         return out[0], out[1] if len(out) > 1 else None, out[2] if len(out) > 2 else None
 
     def forward(self, x_BTH, cos_TD, sin_TD, pos_T, cache, shared: dict):
@@ -203,7 +209,7 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k, v, attn_mask=mask, scale=1.0, enable_gqa=k.shape[1] != q.shape[2]
         )
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+        return project(self.o_proj, out.transpose(1, 2).reshape(B, T, -1))
 
 
 class MLP(nn.Module):
@@ -217,13 +223,12 @@ class MLP(nn.Module):
 
     def fuse(self) -> None:
         self.gate_up = fuse_linears(self.gate_proj, self.up_proj)
-        self.down_proj.weight = nn.Parameter(input_major(self.down_proj.weight), requires_grad=False)
 
     def forward(self, x):
         if self.gate_up is None:
-            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
-        gate, up = F.linear(x, *self.gate_up).chunk(2, dim=-1)
-        return self.down_proj(self.act(gate) * up)
+            return project(self.down_proj, self.act(project(self.gate_proj, x)) * project(self.up_proj, x))
+        gate, up = linear(x, *self.gate_up).chunk(2, dim=-1)
+        return project(self.down_proj, self.act(gate) * up)
 
 
 class Router(nn.Module):
@@ -240,7 +245,7 @@ class Router(nn.Module):
 
     def forward(self, r_TH):
         h = rms_norm(r_TH, None, self.eps) * self.scale * self.root_size
-        p_TE = torch.softmax(self.proj(h), dim=-1, dtype=torch.float32)
+        p_TE = torch.softmax(project(self.proj, h), dim=-1, dtype=torch.float32)
         w_TK, ids_TK = torch.topk(p_TE, self.top_k, dim=-1)
         w_TK = w_TK / w_TK.sum(dim=-1, keepdim=True)
         return ids_TK, w_TK * self.per_expert_scale[ids_TK]
@@ -296,8 +301,8 @@ class DecoderLayer(nn.Module):
             h = self.post_feedforward_layernorm_1(h) + self.post_feedforward_layernorm_2(moe)
         x = self.post_feedforward_layernorm(h) + r
         if self.per_layer:
-            g = self.act(self.per_layer_input_gate(x)) * per_layer_BTP
-            x = x + self.post_per_layer_input_norm(self.per_layer_projection(g))
+            g = self.act(project(self.per_layer_input_gate, x)) * per_layer_BTP
+            x = x + self.post_per_layer_input_norm(project(self.per_layer_projection, g))
         return x * self.layer_scalar
 
 
@@ -326,28 +331,27 @@ class Gemma4Model(nn.Module):
             inv = rope_inv_freq(args.rope_parameters[kind], D).to(device)
             self.register_buffer(f"inv_freq_{kind}", inv, persistent=False)
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The activations' dtype: the norms' (matrices may be stored narrower, see kernels.storage_dtype)."""
+        return self.norm.weight.dtype
+
     def fuse_projections(self) -> None:
         """Inference layout, once after loading: q/k/v and the dense MLP's gate/up each become one
-        matmul, and every dense matmul weight is stored input-major (faster one-token products on
-        CPU). Checkpoint-named parameters keep their shapes and values (as views of the fused,
-        possibly non-contiguous, storage); bytes are unchanged. The fused weights are plain attributes,
-        so call this on the final device (the loader does, after load_weights)."""
+        matmul. Checkpoint-named parameters keep their shapes and values (as views of the fused
+        storage); bytes are unchanged. The fused weights are plain attributes, so call this on the
+        final device (the loader does, after load_weights)."""
         for layer in self.layers:
             layer.self_attn.fuse()
             layer.mlp.fuse()
-            if layer.moe:
-                layer.router.proj.weight = nn.Parameter(input_major(layer.router.proj.weight), requires_grad=False)
-        # lm_head (or the tied embedding, whose row lookups work on either layout) is the largest matmul
-        head = self.embed_tokens if self.lm_head is None else self.lm_head
-        head.weight = nn.Parameter(input_major(head.weight), requires_grad=False)
 
     def _per_layer_inputs(self, ids_BT, x_BTH):
         """Per-layer embeddings (E2B/E4B): token identity plus a projection of the input embedding."""
         args = self.args
         L, P = args.num_hidden_layers, args.hidden_size_per_layer_input
-        emb = self.embed_tokens_per_layer.weight
-        tok = F.embedding(ids_BT, emb) * torch.tensor(P**0.5, dtype=emb.dtype)
-        proj = self.per_layer_model_projection(x_BTH) * args.hidden_size**-0.5
+        dtype = self.compute_dtype
+        tok = F.embedding(ids_BT, self.embed_tokens_per_layer.weight).to(dtype) * torch.tensor(P**0.5, dtype=dtype)
+        proj = project(self.per_layer_model_projection, x_BTH) * args.hidden_size**-0.5
         proj = self.per_layer_projection_norm(proj.reshape(*x_BTH.shape[:2], L, P))
         return (proj + tok.reshape(*ids_BT.shape, L, P)) * 2**-0.5
 
@@ -367,12 +371,12 @@ class Gemma4Model(nn.Module):
     def hidden(self, ids_BT: torch.Tensor, cache=None, pos_T: torch.Tensor | None = None) -> torch.Tensor:
         """Final-normed hidden states [B, T, H] of `ids_BT`, appended to `cache` (positions follow it)."""
         T = ids_BT.shape[1]
-        w = self.embed_tokens.weight
+        dtype = self.compute_dtype
         if pos_T is None:
             start = cache.offset if cache is not None else 0
             pos_T = torch.arange(start, start + T, device=ids_BT.device)
-        rope = self.rope(pos_T, w.dtype)
-        x = F.embedding(ids_BT, w) * torch.tensor(self.args.hidden_size**0.5, dtype=w.dtype)
+        rope = self.rope(pos_T, dtype)
+        x = F.embedding(ids_BT, self.embed_tokens.weight).to(dtype) * torch.tensor(self.args.hidden_size**0.5, dtype=dtype)
         per_layer = self._per_layer_inputs(ids_BT, x) if self.args.hidden_size_per_layer_input else None
         shared: dict = {}
         for i, layer in enumerate(self.layers):
@@ -386,7 +390,7 @@ class Gemma4Model(nn.Module):
     def logits(self, h_BTH: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits of hidden states, soft-capped like Gemma does."""
         w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(h_BTH, w)
+        logits = linear(h_BTH, w)
         cap = self.args.final_logit_softcapping
         if cap:
             logits = torch.tanh(logits / cap) * cap

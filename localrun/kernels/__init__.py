@@ -1,0 +1,189 @@
+"""Matmuls for the CPU path: bf16-stored weights computed in fp32, and oneDNN for fp32 GEMMs.
+
+A bf16 checkpoint run in fp32 on the CPU keeps its matrices in bf16: widening bf16 to fp32 is
+exact, so `linear(x_fp32, w_bf16)` computes the very products of an fp32 model (only the order
+of the fp32 sums differs) while reading half the bytes, and one-token decode is bound by those
+bytes. Few tokens go through `cpu_bf16.c` (built once per machine with the system C compiler,
+loaded with ctypes); many tokens widen the weight and run oneDNN's fp32 GEMM, which on AVX-512
+machines is ~2x MKL's (what `F.linear` calls). Without a C compiler (or with
+LOCALRUN_CPU_KERNELS=0) `storage_dtype` keeps fp32 weights and everything is plain torch.
+
+Every function here returns what `F.linear` / the expert FFN would, so callers never branch.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+SOURCE = Path(__file__).with_name("cpu_bf16.c")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+FEW_TOKENS = 8  # at most this many rows go through the C kernel; more amortize widening the weight
+ACTIVATION_CODES = {"gelu_pytorch_tanh": 0, "gelu": 1, "silu": 2}
+_PTR, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+
+_lib: ctypes.CDLL | None = None
+_tried = False
+_lock = threading.Lock()
+_local = threading.local()  # per-thread scratch for the expert kernel
+
+
+def enabled() -> bool:
+    return os.environ.get("LOCALRUN_CPU_KERNELS", "1") not in ("0", "false", "no", "off")
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "localrun" / "kernels"
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on: the CPU's feature flags (a cache shared by several machines
+    must not hand one machine's build to another)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def build(compiler: str | None = None, cache_dir: Path | None = None) -> Path:
+    """Compile cpu_bf16.c for this machine (once; the file name hashes source, flags, compiler and
+    CPU) and return the shared library's path. Raises OSError / CalledProcessError on failure."""
+    cc = compiler or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        raise OSError("no C compiler (cc or gcc) on PATH")
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), cc.encode(),
+                                     _cpu_signature().encode()])).hexdigest()[:16]
+    out_dir = cache_dir or _cache_dir()
+    out = out_dir / f"cpu_bf16-{key}.so"
+    if out.is_file():
+        return out
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".cpu_bf16-", suffix=".so", dir=out_dir)
+    os.close(fd)
+    try:
+        subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], check=True, capture_output=True, timeout=120)
+        os.replace(tmp, out)  # atomic: a concurrent builder or a killed one never leaves half a library
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return out
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    lib.lr_linear.argtypes = [_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64]
+    lib.lr_linear.restype = None
+    lib.lr_moe_one_token.argtypes = [_PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _INT, _PTR, _PTR, _I64]
+    lib.lr_moe_one_token.restype = None
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, or None (disabled, no compiler, build failed); built on first use."""
+    global _lib, _tried
+    if _tried:
+        return _lib
+    with _lock:
+        if not _tried:
+            try:
+                _lib = _load(build()) if enabled() else None
+            except (OSError, subprocess.SubprocessError):
+                _lib = None  # plain torch it is; same results, fp32 weights
+            _tried = True
+    return _lib
+
+
+def reset() -> None:
+    """Forget the loaded library's state so the next call re-reads LOCALRUN_CPU_KERNELS (tests)."""
+    global _lib, _tried
+    with _lock:
+        _lib, _tried = None, False
+
+
+def storage_dtype(compute: torch.dtype, device: torch.device, stored: torch.dtype) -> torch.dtype:
+    """The dtype a matrix stored as `stored` in the checkpoint is kept in, to compute in `compute`.
+
+    bf16 matrices of an fp32 CPU run stay bf16 when the kernels are available (exactly the same
+    values, half the bytes); everything else is converted to the compute dtype as usual.
+    """
+    if (compute == torch.float32 and stored == torch.bfloat16 and torch.device(device).type == "cpu"
+            and library() is not None):
+        return torch.bfloat16
+    return compute
+
+
+def _widen(w: torch.Tensor) -> torch.Tensor:
+    return w.float()
+
+
+def _onednn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    shape = x.shape
+    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, shape[-1]), w, b, "none", [], "")
+    return y.reshape(*shape[:-1], w.shape[0])
+
+
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, w, b), with w possibly bf16 under an fp32 x (see the module docstring)."""
+    if x.device.type != "cpu" or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)):
+        return F.linear(x, w, b)
+    if w.dtype == x.dtype:
+        if x.dtype == torch.float32 and _ONEDNN and w.is_contiguous():
+            return _onednn(x, w, b)
+        return F.linear(x, w, b)
+    if not (x.dtype == torch.float32 and w.dtype == torch.bfloat16):
+        raise TypeError(f"linear: {x.dtype} input with {w.dtype} weight")
+    rows = x.numel() // x.shape[-1]
+    lib = library()
+    if lib is not None and rows <= FEW_TOKENS and w.is_contiguous():
+        x2 = x.contiguous()
+        O, I = w.shape
+        y = torch.empty(*x.shape[:-1], O)
+        bias = None if b is None else b.float().contiguous()
+        lib.lr_linear(x2.data_ptr(), w.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
+                      rows, I, O)
+        return y
+    w32 = _widen(w)
+    return _onednn(x, w32, b) if _ONEDNN else F.linear(x, w32, b)
+
+
+def moe_one_token(x_1H: torch.Tensor, gate_up_E2IH: torch.Tensor, down_EHI: torch.Tensor, ids_1K: torch.Tensor,
+                  w_1K: torch.Tensor, act: str) -> torch.Tensor | None:
+    """One token through its K experts in a single call (fp32 x, bf16 experts), or None when the
+    kernel doesn't apply (other dtypes/devices, no library, unknown activation): the caller then
+    dispatches expert by expert."""
+    lib = library()
+    if (lib is None or x_1H.dtype != torch.float32 or gate_up_E2IH.dtype != torch.bfloat16
+            or x_1H.device.type != "cpu" or act not in ACTIVATION_CODES
+            or not (gate_up_E2IH.is_contiguous() and down_EHI.is_contiguous())):
+        return None
+    E, F2, H = gate_up_E2IH.shape
+    K = ids_1K.shape[-1]
+    x = x_1H.contiguous()
+    ids = ids_1K.reshape(K).to(torch.int64).contiguous()
+    w = w_1K.reshape(K).float().contiguous()
+    per_thread = 2 * H + F2
+    need = torch.get_num_threads() * per_thread
+    scratch = getattr(_local, "scratch", None)
+    if scratch is None or scratch.numel() < need:
+        scratch = _local.scratch = torch.empty(need)
+    out = torch.empty(1, H)
+    lib.lr_moe_one_token(x.data_ptr(), gate_up_E2IH.data_ptr(), down_EHI.data_ptr(), ids.data_ptr(), w.data_ptr(),
+                         K, H, F2 // 2, ACTIVATION_CODES[act], out.data_ptr(), scratch.data_ptr(), scratch.numel())
+    return out

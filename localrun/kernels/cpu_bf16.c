@@ -1,0 +1,157 @@
+/* CPU kernels for bf16-stored weights with fp32 activations and fp32 accumulation.
+ *
+ * A bf16 weight widens to fp32 exactly (its bits shifted left by 16), so these kernels compute the
+ * same products as an fp32 matmul on the widened weights; only the order of the fp32 sums differs.
+ * They read half the bytes of fp32 weights, which is what one-token decode is bound by.
+ *
+ * Threads: OpenMP, linked against the process's libgomp (the one torch loaded), so
+ * torch.set_num_threads() governs these too.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#include <omp.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+enum { ACT_GELU_TANH = 0, ACT_GELU = 1, ACT_SILU = 2 };
+#define ROW_BLOCK 16           /* rows per work item: 16 x 4 KiB of a 2048-wide matrix stay in L1/L2 */
+#define PARALLEL_MIN (1 << 16) /* fewer weights than this run on one thread */
+
+static inline float bf16_to_f32(uint16_t u) {
+    uint32_t bits = (uint32_t)u << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+#if defined(__AVX512F__)
+static inline __m512 load_bf16(const uint16_t *p, __mmask16 m) {
+    __m256i h = _mm256_maskz_loadu_epi16(m, p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+/* y[r] = dot(x, W[r]) for r in [r0, r1); W row-major with I columns. */
+static void dot_rows(const float *x, const uint16_t *W, float *y, int64_t I, int64_t r0, int64_t r1) {
+    const int64_t full = I & ~(int64_t)15;
+    const __mmask16 tail = (__mmask16)((1u << (I - full)) - 1u);
+    int64_t r = r0;
+    for (; r + 4 <= r1; r += 4) {
+        const uint16_t *w0 = W + r * I, *w1 = w0 + I, *w2 = w1 + I, *w3 = w2 + I;
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t i = 0; i < full; i += 16) {
+            __m512 xv = _mm512_loadu_ps(x + i);
+            a0 = _mm512_fmadd_ps(load_bf16(w0 + i, 0xFFFF), xv, a0);
+            a1 = _mm512_fmadd_ps(load_bf16(w1 + i, 0xFFFF), xv, a1);
+            a2 = _mm512_fmadd_ps(load_bf16(w2 + i, 0xFFFF), xv, a2);
+            a3 = _mm512_fmadd_ps(load_bf16(w3 + i, 0xFFFF), xv, a3);
+        }
+        if (tail) {
+            __m512 xv = _mm512_maskz_loadu_ps(tail, x + full);
+            a0 = _mm512_fmadd_ps(load_bf16(w0 + full, tail), xv, a0);
+            a1 = _mm512_fmadd_ps(load_bf16(w1 + full, tail), xv, a1);
+            a2 = _mm512_fmadd_ps(load_bf16(w2 + full, tail), xv, a2);
+            a3 = _mm512_fmadd_ps(load_bf16(w3 + full, tail), xv, a3);
+        }
+        y[r] = _mm512_reduce_add_ps(a0);
+        y[r + 1] = _mm512_reduce_add_ps(a1);
+        y[r + 2] = _mm512_reduce_add_ps(a2);
+        y[r + 3] = _mm512_reduce_add_ps(a3);
+    }
+    for (; r < r1; r++) {
+        const uint16_t *w0 = W + r * I;
+        __m512 a0 = _mm512_setzero_ps();
+        for (int64_t i = 0; i < full; i += 16)
+            a0 = _mm512_fmadd_ps(load_bf16(w0 + i, 0xFFFF), _mm512_loadu_ps(x + i), a0);
+        if (tail)
+            a0 = _mm512_fmadd_ps(load_bf16(w0 + full, tail), _mm512_maskz_loadu_ps(tail, x + full), a0);
+        y[r] = _mm512_reduce_add_ps(a0);
+    }
+}
+#else
+/* Portable version: 16 independent lanes per row, which compilers vectorize without -ffast-math. */
+static void dot_rows(const float *x, const uint16_t *W, float *y, int64_t I, int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; r++) {
+        const uint16_t *w = W + r * I;
+        float lanes[16] = {0};
+        int64_t i = 0;
+        for (; i + 16 <= I; i += 16)
+            for (int j = 0; j < 16; j++)
+                lanes[j] += bf16_to_f32(w[i + j]) * x[i + j];
+        float s = 0.0f;
+        for (; i < I; i++)
+            s += bf16_to_f32(w[i]) * x[i];
+        for (int j = 0; j < 16; j++)
+            s += lanes[j];
+        y[r] = s;
+    }
+}
+#endif
+
+/* y[T, O] = x[T, I] @ W[O, I]^T (+ bias[O] when bias is not NULL). */
+void lr_linear(const float *x, const uint16_t *W, const float *bias, float *y, int64_t T, int64_t I, int64_t O) {
+    const int64_t blocks = (O + ROW_BLOCK - 1) / ROW_BLOCK;
+    const int parallel = omp_get_max_threads() > 1 && I * O >= PARALLEL_MIN;
+#pragma omp parallel for schedule(static) if (parallel)
+    for (int64_t b = 0; b < blocks; b++) {
+        const int64_t r0 = b * ROW_BLOCK, r1 = r0 + ROW_BLOCK < O ? r0 + ROW_BLOCK : O;
+        for (int64_t t = 0; t < T; t++) { /* the block's rows are cache-hot for every token */
+            float *yt = y + t * O;
+            dot_rows(x + t * I, W, yt, I, r0, r1);
+            if (bias)
+                for (int64_t r = r0; r < r1; r++)
+                    yt[r] += bias[r];
+        }
+    }
+}
+
+static inline float activate(float v, int act) {
+    switch (act) {
+    case ACT_GELU_TANH:
+        return 0.5f * v * (1.0f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
+    case ACT_GELU:
+        return 0.5f * v * (1.0f + erff(v * 0.7071067811865476f));
+    default:
+        return v / (1.0f + expf(-v));
+    }
+}
+
+/* One token through K routed experts: out[H] = sum_k w[k] * down[e] @ (act(gate[e] @ x) * (up[e] @ x)),
+ * e = ids[k]; gate_up [E, 2F, H] (gate rows first), down [E, H, F], both bf16.
+ * Threads split the K experts (thread t takes k = t, t + n, ...), each summing into its own fp32
+ * row of `scratch` (at least threads * (2H + 2F) floats); the rows are then added in thread order,
+ * so the result depends only on the thread count. */
+void lr_moe_one_token(const float *x, const uint16_t *gate_up, const uint16_t *down, const int64_t *ids,
+                      const float *w, int64_t K, int64_t H, int64_t F, int act, float *out, float *scratch,
+                      int64_t scratch_floats) {
+    int threads = omp_get_max_threads();
+    if (threads > K)
+        threads = (int)K;
+    if ((int64_t)threads * (2 * H + 2 * F) > scratch_floats)
+        threads = (int)(scratch_floats / (2 * H + 2 * F));
+    if (threads < 1)
+        threads = 1;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        const int t = omp_get_thread_num(), n = omp_get_num_threads();
+        float *acc = scratch + (int64_t)t * (2 * H + 2 * F), *y = acc + H, *h = y + H;
+        memset(acc, 0, sizeof(float) * H);
+        for (int64_t k = t; k < K; k += n) {
+            const int64_t e = ids[k];
+            dot_rows(x, gate_up + e * 2 * F * H, h, H, 0, 2 * F);
+            for (int64_t j = 0; j < F; j++)
+                h[j] = activate(h[j], act) * h[F + j];
+            dot_rows(h, down + e * H * F, y, F, 0, H);
+            const float wk = w[k];
+            for (int64_t j = 0; j < H; j++)
+                acc[j] += wk * y[j];
+        }
+        if (t == 0)
+            threads = n; /* the team OpenMP actually gave us */
+    }
+    memcpy(out, scratch, sizeof(float) * H);
+    for (int i = 1; i < threads; i++)
+        for (int64_t j = 0; j < H; j++)
+            out[j] += scratch[(int64_t)i * (2 * H + 2 * F) + j];
+}
