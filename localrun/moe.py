@@ -83,8 +83,8 @@ class DenseExperts(torch.nn.Module):
         self.act = activation(act)
 
     def forward(self, x_TH, ids_TK, w_TK):
-        if x_TH.shape[0] == 1 and not torch.is_grad_enabled():  # decode: all K experts in one kernel call
-            y = kernels.moe_one_token(x_TH, self.gate_up_proj, self.down_proj, ids_TK, w_TK, self.act_name)
+        if not torch.is_grad_enabled():  # bf16 experts under fp32 on CPU: the whole layer in one kernel call
+            y = kernels.moe(x_TH, self.gate_up_proj, self.down_proj, ids_TK, w_TK, self.act_name)
             if y is not None:
                 return y
         return dispatch(

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 SOURCE = Path(__file__).with_name("cpu_bf16.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
-FEW_TOKENS = 8  # at most this many rows go through the C kernel; more amortize widening the weight
+C_KERNEL_MAX_ROWS = 128  # up to this many rows the C kernel is as fast as widening + oneDNN (measured)
 ACTIVATION_CODES = {"gelu_pytorch_tanh": 0, "gelu": 1, "silu": 2}
 _PTR, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 
@@ -89,6 +89,9 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.lr_linear.restype = None
     lib.lr_moe_one_token.argtypes = [_PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _INT, _PTR, _PTR, _I64]
     lib.lr_moe_one_token.restype = None
+    lib.lr_moe_tokens.argtypes = [_PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _INT, _PTR, _PTR, _PTR,
+                                  _PTR]
+    lib.lr_moe_tokens.restype = None
     return lib
 
 
@@ -126,8 +129,15 @@ def storage_dtype(compute: torch.dtype, device: torch.device, stored: torch.dtyp
     return compute
 
 
-def _widen(w: torch.Tensor) -> torch.Tensor:
-    return w.float()
+def _scratch(name: str, numel: int) -> torch.Tensor:
+    """A per-thread fp32 buffer of at least `numel` elements, reused across calls."""
+    buf = getattr(_local, name, None)
+    if buf is None or buf.numel() < numel:
+        buf = torch.empty(numel)
+        setattr(_local, name, buf)
+    return buf[:numel]
+
+
 
 
 def _onednn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -151,7 +161,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
         raise TypeError(f"linear: {x.dtype} input with {w.dtype} weight")
     rows = x.numel() // x.shape[-1]
     lib = library()
-    if lib is not None and rows <= FEW_TOKENS and w.is_contiguous():
+    if lib is not None and rows <= C_KERNEL_MAX_ROWS and w.is_contiguous():
         x2 = x.contiguous()
         O, I = w.shape
         y = torch.empty(*x.shape[:-1], O)
@@ -159,31 +169,36 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
         lib.lr_linear(x2.data_ptr(), w.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
                       rows, I, O)
         return y
-    w32 = _widen(w)
+    w32 = w.float()
     return _onednn(x, w32, b) if _ONEDNN else F.linear(x, w32, b)
 
 
-def moe_one_token(x_1H: torch.Tensor, gate_up_E2IH: torch.Tensor, down_EHI: torch.Tensor, ids_1K: torch.Tensor,
-                  w_1K: torch.Tensor, act: str) -> torch.Tensor | None:
-    """One token through its K experts in a single call (fp32 x, bf16 experts), or None when the
-    kernel doesn't apply (other dtypes/devices, no library, unknown activation): the caller then
-    dispatches expert by expert."""
+def moe(x_TH: torch.Tensor, gate_up_E2IH: torch.Tensor, down_EHI: torch.Tensor, ids_TK: torch.Tensor,
+        w_TK: torch.Tensor, act: str) -> torch.Tensor | None:
+    """sum_k w[t,k] * expert_{ids[t,k]}(x[t]) in one call (fp32 x, bf16 experts), or None when the
+    kernels don't apply (other dtypes/devices, no library, unknown activation): the caller then
+    dispatches expert by expert. Each token's K contributions are summed in fp32."""
     lib = library()
-    if (lib is None or x_1H.dtype != torch.float32 or gate_up_E2IH.dtype != torch.bfloat16
-            or x_1H.device.type != "cpu" or act not in ACTIVATION_CODES
+    if (lib is None or x_TH.dtype != torch.float32 or gate_up_E2IH.dtype != torch.bfloat16
+            or x_TH.device.type != "cpu" or act not in ACTIVATION_CODES
             or not (gate_up_E2IH.is_contiguous() and down_EHI.is_contiguous())):
         return None
     E, F2, H = gate_up_E2IH.shape
-    K = ids_1K.shape[-1]
-    x = x_1H.contiguous()
-    ids = ids_1K.reshape(K).to(torch.int64).contiguous()
-    w = w_1K.reshape(K).float().contiguous()
-    per_thread = 2 * H + F2
-    need = torch.get_num_threads() * per_thread
-    scratch = getattr(_local, "scratch", None)
-    if scratch is None or scratch.numel() < need:
-        scratch = _local.scratch = torch.empty(need)
-    out = torch.empty(1, H)
-    lib.lr_moe_one_token(x.data_ptr(), gate_up_E2IH.data_ptr(), down_EHI.data_ptr(), ids.data_ptr(), w.data_ptr(),
-                         K, H, F2 // 2, ACTIVATION_CODES[act], out.data_ptr(), scratch.data_ptr(), scratch.numel())
+    T, K = ids_TK.shape
+    x = x_TH.contiguous()
+    ids = ids_TK.to(torch.int64).contiguous()
+    w = w_TK.float().contiguous()
+    out = torch.empty(T, H)
+    if T == 1:  # decode: threads split the K experts
+        scratch = _scratch("moe", torch.get_num_threads() * (2 * H + F2))
+        lib.lr_moe_one_token(x.data_ptr(), gate_up_E2IH.data_ptr(), down_EHI.data_ptr(), ids.data_ptr(),
+                             w.data_ptr(), K, H, F2 // 2, ACTIVATION_CODES[act], out.data_ptr(), scratch.data_ptr(),
+                             scratch.numel())
+        return out
+    scratch = _scratch("moe", T * (2 * H + 3 * F2 // 2))
+    order = torch.empty(T * K, dtype=torch.int64)
+    starts = torch.empty(E + 1, dtype=torch.int64)
+    lib.lr_moe_tokens(x.data_ptr(), gate_up_E2IH.data_ptr(), down_EHI.data_ptr(), ids.data_ptr(), w.data_ptr(),
+                      T, K, E, H, F2 // 2, ACTIVATION_CODES[act], out.data_ptr(), order.data_ptr(), starts.data_ptr(),
+                      scratch.data_ptr())
     return out

@@ -69,6 +69,36 @@ static void dot_rows(const float *x, const uint16_t *W, float *y, int64_t I, int
         y[r] = _mm512_reduce_add_ps(a0);
     }
 }
+
+/* y[t][r] = dot(x[t], W[r]) for 4 tokens t (rows of x with stride I; of y with stride ldy) and rows
+ * r in [r0, r1), r1 - r0 a multiple of 4: 16 accumulators, each weight vector widened once for
+ * four tokens. Same per-output summation order as dot_rows. */
+static void dot_rows_4tokens(const float *x, const uint16_t *W, float *y, int64_t ldy, int64_t I, int64_t r0,
+                             int64_t r1) {
+    const int64_t full = I & ~(int64_t)15;
+    const __mmask16 tail = (__mmask16)((1u << (I - full)) - 1u);
+    const float *x0 = x, *x1 = x + I, *x2 = x + 2 * I, *x3 = x + 3 * I;
+    for (int64_t r = r0; r < r1; r += 4) {
+        __m512 acc[4][4];
+        for (int a = 0; a < 4; a++)
+            for (int b = 0; b < 4; b++)
+                acc[a][b] = _mm512_setzero_ps();
+        for (int64_t i = 0; i < I; i += 16) {
+            const __mmask16 m = i < full ? (__mmask16)0xFFFF : tail;
+            const __m512 xv[4] = {_mm512_maskz_loadu_ps(m, x0 + i), _mm512_maskz_loadu_ps(m, x1 + i),
+                                  _mm512_maskz_loadu_ps(m, x2 + i), _mm512_maskz_loadu_ps(m, x3 + i)};
+            for (int a = 0; a < 4; a++) {
+                const __m512 wv = load_bf16(W + (r + a) * I + i, m);
+                for (int b = 0; b < 4; b++)
+                    acc[a][b] = _mm512_fmadd_ps(wv, xv[b], acc[a][b]);
+            }
+        }
+        for (int a = 0; a < 4; a++)
+            for (int b = 0; b < 4; b++)
+                y[b * ldy + r + a] = _mm512_reduce_add_ps(acc[a][b]);
+    }
+}
+#define HAVE_4TOKENS 1
 #else
 /* Portable version: 16 independent lanes per row, which compilers vectorize without -ffast-math. */
 static void dot_rows(const float *x, const uint16_t *W, float *y, int64_t I, int64_t r0, int64_t r1) {
@@ -89,6 +119,27 @@ static void dot_rows(const float *x, const uint16_t *W, float *y, int64_t I, int
 }
 #endif
 
+/* y[t][r] = dot(x[t], W[r]) (+ bias[r]) for T tokens (x rows contiguous, y rows ldy apart) and
+ * weight rows r in [r0, r1). */
+static void rows_for_tokens(const float *x, int64_t T, const uint16_t *W, const float *bias, float *y, int64_t ldy,
+                            int64_t I, int64_t r0, int64_t r1) {
+    int64_t t = 0;
+#ifdef HAVE_4TOKENS
+    const int64_t r4 = r0 + ((r1 - r0) & ~(int64_t)3);
+    for (; t + 4 <= T; t += 4) { /* the rows are cache-hot for every token */
+        dot_rows_4tokens(x + t * I, W, y + t * ldy, ldy, I, r0, r4);
+        for (int64_t b = 0; b < 4; b++)
+            dot_rows(x + (t + b) * I, W, y + (t + b) * ldy, I, r4, r1);
+    }
+#endif
+    for (; t < T; t++)
+        dot_rows(x + t * I, W, y + t * ldy, I, r0, r1);
+    if (bias)
+        for (t = 0; t < T; t++)
+            for (int64_t r = r0; r < r1; r++)
+                y[t * ldy + r] += bias[r];
+}
+
 /* y[T, O] = x[T, I] @ W[O, I]^T (+ bias[O] when bias is not NULL). */
 void lr_linear(const float *x, const uint16_t *W, const float *bias, float *y, int64_t T, int64_t I, int64_t O) {
     const int64_t blocks = (O + ROW_BLOCK - 1) / ROW_BLOCK;
@@ -96,13 +147,7 @@ void lr_linear(const float *x, const uint16_t *W, const float *bias, float *y, i
 #pragma omp parallel for schedule(static) if (parallel)
     for (int64_t b = 0; b < blocks; b++) {
         const int64_t r0 = b * ROW_BLOCK, r1 = r0 + ROW_BLOCK < O ? r0 + ROW_BLOCK : O;
-        for (int64_t t = 0; t < T; t++) { /* the block's rows are cache-hot for every token */
-            float *yt = y + t * O;
-            dot_rows(x + t * I, W, yt, I, r0, r1);
-            if (bias)
-                for (int64_t r = r0; r < r1; r++)
-                    yt[r] += bias[r];
-        }
+        rows_for_tokens(x, T, W, bias, y, O, I, r0, r1);
     }
 }
 
@@ -154,4 +199,60 @@ void lr_moe_one_token(const float *x, const uint16_t *gate_up, const uint16_t *d
     for (int i = 1; i < threads; i++)
         for (int64_t j = 0; j < H; j++)
             out[j] += scratch[(int64_t)i * (2 * H + 2 * F) + j];
+}
+
+
+/* Many tokens through their experts: out[T, H] = sum_k w[t,k] * expert_{ids[t,k]}(x[t]), same math as
+ * lr_moe_one_token. Experts run one after another in id order, all threads on each (weight rows
+ * split between them), so every token's K contributions are added in expert order whatever the
+ * thread count. `order` (T*K ints) receives the (token, k) pairs grouped by expert; scratch holds
+ * T*(2H + 3F) floats (gathered inputs, gate/up, activations, expert outputs). */
+void lr_moe_tokens(const float *x, const uint16_t *gate_up, const uint16_t *down, const int64_t *ids, const float *w,
+                   int64_t T, int64_t K, int64_t E, int64_t H, int64_t F, int act, float *out, int64_t *order,
+                   int64_t *starts, float *scratch) {
+    /* counting sort of the T*K (token, k) pairs by expert; starts has E + 1 entries */
+    memset(starts, 0, sizeof(int64_t) * (E + 1));
+    for (int64_t j = 0; j < T * K; j++)
+        starts[ids[j] + 1]++;
+    for (int64_t e = 0; e < E; e++)
+        starts[e + 1] += starts[e];
+    for (int64_t j = 0; j < T * K; j++)
+        order[starts[ids[j]]++] = j; /* stable: tokens stay in order within an expert */
+    for (int64_t e = E; e > 0; e--)
+        starts[e] = starts[e - 1];
+    starts[0] = 0;
+    memset(out, 0, sizeof(float) * T * H);
+    float *xe = scratch, *h = xe + T * H, *a = h + T * 2 * F, *y = a + T * F;
+    const int parallel = omp_get_max_threads() > 1 && T * H * F >= PARALLEL_MIN;
+#pragma omp parallel if (parallel)
+    for (int64_t e = 0; e < E; e++) {
+        const int64_t first = starts[e], n = starts[e + 1] - first;
+        if (n == 0)
+            continue;
+        const int64_t *pairs = order + first;
+#pragma omp for schedule(static)
+        for (int64_t j = 0; j < n; j++)
+            memcpy(xe + j * H, x + (pairs[j] / K) * H, sizeof(float) * H);
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < (2 * F + ROW_BLOCK - 1) / ROW_BLOCK; b++) {
+            const int64_t r0 = b * ROW_BLOCK, r1 = r0 + ROW_BLOCK < 2 * F ? r0 + ROW_BLOCK : 2 * F;
+            rows_for_tokens(xe, n, gate_up + e * 2 * F * H, NULL, h, 2 * F, H, r0, r1);
+        }
+#pragma omp for schedule(static)
+        for (int64_t j = 0; j < n; j++)
+            for (int64_t f = 0; f < F; f++)
+                a[j * F + f] = activate(h[j * 2 * F + f], act) * h[j * 2 * F + F + f];
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < (H + ROW_BLOCK - 1) / ROW_BLOCK; b++) {
+            const int64_t r0 = b * ROW_BLOCK, r1 = r0 + ROW_BLOCK < H ? r0 + ROW_BLOCK : H;
+            rows_for_tokens(a, n, down + e * H * F, NULL, y, H, F, r0, r1);
+        }
+#pragma omp for schedule(static)
+        for (int64_t j = 0; j < n; j++) { /* one expert never appears twice for a token: no conflicts */
+            const float wj = w[pairs[j]];
+            float *o = out + (pairs[j] / K) * H;
+            for (int64_t c = 0; c < H; c++)
+                o[c] += wj * y[j * H + c];
+        }
+    }
 }

@@ -148,6 +148,35 @@ def apply_rope(x_BTND, cos_T1D, sin_T1D):
     return x_BTND * cos_T1D + x_BTND.roll(x_BTND.shape[-1] // 2, dims=-1) * sin_T1D
 
 
+QUERY_BLOCK = 128  # prefill attends in blocks of queries, each over the keys it can see
+
+
+def attend(q_BNTD, k_BNSD, v_BNSD, pos_T, pos_S, window: int | None):
+    """Attention (scale 1.0, GQA) of the T new queries over the S keys a cache returned, which are
+    the earlier positions followed by the T new ones (FullKV, RingKV and KV sharing all return that).
+
+    One token sees every key (the caches return only visible ones). Many tokens go in blocks of
+    QUERY_BLOCK queries, each over the contiguous slice of keys that can be visible to it: a
+    sliding layer's block reads ~window + block keys instead of all S, a full layer's block only
+    the keys up to its last query. Masked keys weigh exactly 0, so the result is the same as one
+    masked call over all S keys; the work is not.
+    """
+    T, S = q_BNTD.shape[2], k_BNSD.shape[2]
+    gqa = k_BNSD.shape[1] != q_BNTD.shape[1]
+    if T == 1:
+        return F.scaled_dot_product_attention(q_BNTD, k_BNSD, v_BNSD, scale=1.0, enable_gqa=gqa)
+    old = S - T  # keys before the new ones
+    outs = []
+    for a in range(0, T, QUERY_BLOCK):
+        b = min(a + QUERY_BLOCK, T)
+        first = old + a - window + 1 if window is not None and a - window + 1 >= 0 else 0
+        mask = attention_mask(pos_T[a:b], pos_S[first : old + b], window)
+        outs.append(F.scaled_dot_product_attention(
+            q_BNTD[:, :, a:b], k_BNSD[:, :, first : old + b], v_BNSD[:, :, first : old + b],
+            attn_mask=mask, scale=1.0, enable_gqa=gqa))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+
 class Attention(nn.Module):
     """Gemma 4 attention: q/k RMSNorm, weightless v norm, scaling 1.0, GQA, optional K=V.
 
@@ -205,10 +234,7 @@ class Attention(nn.Module):
             else:
                 pos_S = pos_T
             shared[self.window is not None] = (k, v, pos_S)  # the last layer of each kind wins
-        mask = attention_mask(pos_T, pos_S, self.window) if T > 1 else None  # decode sees every key (kvcache)
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k, v, attn_mask=mask, scale=1.0, enable_gqa=k.shape[1] != q.shape[2]
-        )
+        out = attend(q.transpose(1, 2), k, v, pos_T, pos_S, self.window)
         return project(self.o_proj, out.transpose(1, 2).reshape(B, T, -1))
 
 
