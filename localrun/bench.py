@@ -157,12 +157,15 @@ def measure(engine: str, generate_n: Callable[[int], None], prompt_tokens: int, 
 
 
 def bench_localrun(model_dir: Path, cases: list[tuple[int, int]], *, device: str, dtype: torch.dtype,
-                   experts: str, repeat: int, resident_fraction: float | None = None) -> list[Measurement]:
+                   experts: str, repeat: int, resident_fraction: float | None = None,
+                   info: dict | None = None) -> list[Measurement]:
     from .engine import Engine
     from .sampling import SamplingParams
 
     reset_peak_rss()
     engine = Engine.load(model_dir, device=device, dtype=dtype, experts=experts, resident_fraction=resident_fraction)
+    if info is not None:  # what the matrices are kept in: bf16 under an fp32 CPU run (kernels.storage_dtype)
+        info["matrices"] = str(engine.loaded.model.embed_tokens.weight.dtype).removeprefix("torch.")
     dev = engine.loaded.device
     if _cuda(dev):
         torch.cuda.reset_peak_memory_stats(dev)
@@ -235,7 +238,7 @@ def run_bench(model_dir: str | Path, cases: list[tuple[int, int]], *, device: st
     }
     report = BenchReport(info)
     report.measurements += bench_localrun(Path(model_dir), cases, device=device, dtype=dtype, experts=experts,
-                                          repeat=repeat, resident_fraction=resident_fraction)
+                                          repeat=repeat, resident_fraction=resident_fraction, info=info)
     gc.collect()  # the engine is gone with bench_localrun's frame: free it before the other side loads
     if compare == "transformers":
         import transformers
@@ -256,7 +259,9 @@ def markdown(report: BenchReport) -> str:
     ours = [m for m in report.measurements if m.engine == "localrun"]
     theirs = {(m.prompt_tokens, m.gen_tokens): m for m in report.measurements if m.engine == "transformers"}
     info = report.info
-    lines = [f"model `{info['model']}`, device {info['device']}, dtype {info['dtype']}, experts {info['experts']}, "
+    stored = info.get("matrices")
+    matrices = f" (localrun keeps matrices in {stored})" if stored and stored != info["dtype"] else ""
+    lines = [f"model `{info['model']}`, device {info['device']}, dtype {info['dtype']}{matrices}, experts {info['experts']}, "
              f"{info['threads']} threads, best of {info['repeat']}"
              + (f", transformers {info['transformers']}" if "transformers" in info else ""), ""]
     if theirs:

@@ -92,6 +92,8 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.lr_moe_tokens.argtypes = [_PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _INT, _PTR, _PTR, _PTR,
                                   _PTR]
     lib.lr_moe_tokens.restype = None
+    lib.lr_rms_norm.argtypes = [_PTR, _PTR, _PTR, _I64, _I64, ctypes.c_float]
+    lib.lr_rms_norm.restype = None
     return lib
 
 
@@ -201,4 +203,22 @@ def moe(x_TH: torch.Tensor, gate_up_E2IH: torch.Tensor, down_EHI: torch.Tensor, 
     lib.lr_moe_tokens(x.data_ptr(), gate_up_E2IH.data_ptr(), down_EHI.data_ptr(), ids.data_ptr(), w.data_ptr(),
                       T, K, E, H, F2 // 2, ACTIVATION_CODES[act], out.data_ptr(), order.data_ptr(), starts.data_ptr(),
                       scratch.data_ptr())
+    return out
+
+
+RMS_NORM_MAX_ROWS = 16  # beyond a few rows torch's vectorized op is as fast and parallel
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor | None:
+    """F.rms_norm over the last dim for a few fp32 rows on CPU in one call, or None (use torch)."""
+    lib = library()
+    if (lib is None or x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous()
+            or (weight is not None and (weight.dtype != torch.float32 or not weight.is_contiguous()))):
+        return None
+    H = x.shape[-1]
+    rows = x.numel() // H
+    if rows > RMS_NORM_MAX_ROWS:
+        return None
+    out = torch.empty_like(x)
+    lib.lr_rms_norm(x.data_ptr(), None if weight is None else weight.data_ptr(), out.data_ptr(), rows, H, eps)
     return out

@@ -256,3 +256,30 @@ void lr_moe_tokens(const float *x, const uint16_t *gate_up, const uint16_t *down
         }
     }
 }
+
+/* RMSNorm of `rows` rows of H fp32 values: out = x / sqrt(mean(x^2) + eps) * weight (weight may be
+ * NULL: no scale). Decode calls it ~11 times per layer on a few hundred values each, where torch's
+ * composite op costs more in dispatch than in arithmetic. */
+void lr_rms_norm(const float *x, const float *weight, float *out, int64_t rows, int64_t H, float eps) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * H;
+        float *o = out + r * H;
+        float lanes[16] = {0};
+        int64_t i = 0;
+        for (; i + 16 <= H; i += 16)
+            for (int j = 0; j < 16; j++)
+                lanes[j] += xr[i + j] * xr[i + j];
+        float ss = 0.0f;
+        for (; i < H; i++)
+            ss += xr[i] * xr[i];
+        for (int j = 0; j < 16; j++)
+            ss += lanes[j];
+        const float scale = 1.0f / sqrtf(ss / (float)H + eps);
+        if (weight)
+            for (i = 0; i < H; i++)
+                o[i] = xr[i] * scale * weight[i];
+        else
+            for (i = 0; i < H; i++)
+                o[i] = xr[i] * scale;
+    }
+}
