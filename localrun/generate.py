@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
@@ -48,9 +48,14 @@ class Step:
     transforms). `finish_reason` is set on the last step: "stop" (an eos id) or "length"."""
 
     token: int
-    logprob: float
+    logits: torch.Tensor = field(repr=False)  # fp32 [V] the token was sampled from
     finish_reason: str | None
     timings: Timings
+
+    @property
+    def logprob(self) -> float:
+        """log_softmax at the token, computed when asked (a full-vocabulary reduction per token)."""
+        return float(self.logits[self.token] - torch.logsumexp(self.logits, dim=-1))
 
 
 def prefill(model, ids: list[int], cache: KVCache, chunk: int = PREFILL_CHUNK) -> torch.Tensor:
@@ -96,7 +101,6 @@ def generate(
     timings.prefill_s = time.perf_counter() - start
     for n in range(1, max_tokens + 1):
         token = sampler(logits, seen[:n_seen])
-        logprob = float(logits[token] - torch.logsumexp(logits, dim=-1))  # log_softmax at the token
         now = time.perf_counter()
         if n == 1:
             timings.ttft_s = now - start
@@ -105,7 +109,7 @@ def generate(
             timings.decode_s = now - first
         timings.generated_tokens = n
         finish = "stop" if token in stop else "length" if n == max_tokens else None
-        yield Step(token, logprob, finish, timings)
+        yield Step(token, logits, finish, timings)
         if finish:
             return
         seen[n_seen] = token

@@ -10,6 +10,7 @@ import sys
 from dataclasses import dataclass
 
 import pytest
+import torch
 
 from localrun.chat import (ANSWER, THOUGHT, ChatSession, Conversation, MultilineInput, Piece, Settings,
                            ThoughtSplitter, apply_setting, default_context, format_stats, history_path,
@@ -211,7 +212,7 @@ class FakeEngine:
         t = Timings(prompt_tokens=len(ids))
         for i, ch in enumerate(self.reply[:max_tokens]):
             t.generated_tokens = i + 1
-            yield Step(ord(ch), 0.0, "stop" if i == len(self.reply) - 1 else None, t)
+            yield Step(ord(ch), torch.zeros(256), "stop" if i == len(self.reply) - 1 else None, t)
 
     def stream_text(self, steps):
         return ((chr(s.token), s) for s in steps)
