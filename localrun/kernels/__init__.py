@@ -39,7 +39,7 @@ _local = threading.local()  # per-thread scratch for the expert kernel
 
 
 def enabled() -> bool:
-    return os.environ.get("LOCALRUN_CPU_KERNELS", "1") not in ("0", "false", "no", "off")
+    return os.environ.get("LOCALRUN_CPU_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def _cache_dir() -> Path:
@@ -87,11 +87,11 @@ def _load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     lib.lr_linear.argtypes = [_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64]
     lib.lr_linear.restype = None
-    lib.lr_moe_one_token.argtypes = [_PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _INT, _PTR, _PTR, _I64]
-    lib.lr_moe_one_token.restype = None
+    lib.lr_moe_one_token.argtypes = [_PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _INT, _PTR, _PTR, _I64]
+    lib.lr_moe_one_token.restype = _INT
     lib.lr_moe_tokens.argtypes = [_PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _INT, _PTR, _PTR, _PTR,
                                   _PTR]
-    lib.lr_moe_tokens.restype = None
+    lib.lr_moe_tokens.restype = _INT
     lib.lr_rms_norm.argtypes = [_PTR, _PTR, _PTR, _I64, _I64, ctypes.c_float]
     lib.lr_rms_norm.restype = None
     return lib
@@ -135,7 +135,7 @@ def _scratch(name: str, numel: int) -> torch.Tensor:
     """A per-thread fp32 buffer of at least `numel` elements, reused across calls."""
     buf = getattr(_local, name, None)
     if buf is None or buf.numel() < numel:
-        buf = torch.empty(numel)
+        buf = torch.empty(numel, dtype=torch.float32)
         setattr(_local, name, buf)
     return buf[:numel]
 
@@ -166,13 +166,13 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     if lib is not None and rows <= C_KERNEL_MAX_ROWS and w.is_contiguous():
         x2 = x.contiguous()
         O, I = w.shape
-        y = torch.empty(*x.shape[:-1], O)
+        y = torch.empty(*x.shape[:-1], O, dtype=torch.float32)
         bias = None if b is None else b.float().contiguous()
         lib.lr_linear(x2.data_ptr(), w.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
                       rows, I, O)
         return y
-    w32 = w.float()
-    return _onednn(x, w32, b) if _ONEDNN else F.linear(x, w32, b)
+    w32, b32 = w.float(), None if b is None else b.float()
+    return _onednn(x, w32, b32) if _ONEDNN else F.linear(x, w32, b32)
 
 
 def moe(x_TH: torch.Tensor, gate_up_E2IH: torch.Tensor, down_EHI: torch.Tensor, ids_TK: torch.Tensor,
@@ -181,8 +181,9 @@ def moe(x_TH: torch.Tensor, gate_up_E2IH: torch.Tensor, down_EHI: torch.Tensor, 
     kernels don't apply (other dtypes/devices, no library, unknown activation): the caller then
     dispatches expert by expert. Each token's K contributions are summed in fp32."""
     lib = library()
-    if (lib is None or x_TH.dtype != torch.float32 or gate_up_E2IH.dtype != torch.bfloat16
-            or x_TH.device.type != "cpu" or act not in ACTIVATION_CODES
+    if (lib is None or act not in ACTIVATION_CODES or x_TH.dtype != torch.float32
+            or gate_up_E2IH.dtype != torch.bfloat16 or down_EHI.dtype != torch.bfloat16
+            or any(t.device.type != "cpu" for t in (x_TH, gate_up_E2IH, down_EHI, ids_TK, w_TK))
             or not (gate_up_E2IH.is_contiguous() and down_EHI.is_contiguous())):
         return None
     E, F2, H = gate_up_E2IH.shape
@@ -190,35 +191,35 @@ def moe(x_TH: torch.Tensor, gate_up_E2IH: torch.Tensor, down_EHI: torch.Tensor, 
     x = x_TH.contiguous()
     ids = ids_TK.to(torch.int64).contiguous()
     w = w_TK.float().contiguous()
-    out = torch.empty(T, H)
+    out = torch.empty(T, H, dtype=torch.float32)
     if T == 1:  # decode: threads split the K experts
         scratch = _scratch("moe", torch.get_num_threads() * (2 * H + F2))
-        lib.lr_moe_one_token(x.data_ptr(), gate_up_E2IH.data_ptr(), down_EHI.data_ptr(), ids.data_ptr(),
-                             w.data_ptr(), K, H, F2 // 2, ACTIVATION_CODES[act], out.data_ptr(), scratch.data_ptr(),
-                             scratch.numel())
-        return out
-    scratch = _scratch("moe", T * (2 * H + 3 * F2 // 2))
-    order = torch.empty(T * K, dtype=torch.int64)
-    starts = torch.empty(E + 1, dtype=torch.int64)
-    lib.lr_moe_tokens(x.data_ptr(), gate_up_E2IH.data_ptr(), down_EHI.data_ptr(), ids.data_ptr(), w.data_ptr(),
-                      T, K, E, H, F2 // 2, ACTIVATION_CODES[act], out.data_ptr(), order.data_ptr(), starts.data_ptr(),
-                      scratch.data_ptr())
+        status = lib.lr_moe_one_token(x.data_ptr(), gate_up_E2IH.data_ptr(), down_EHI.data_ptr(), ids.data_ptr(),
+                                      w.data_ptr(), K, E, H, F2 // 2, ACTIVATION_CODES[act], out.data_ptr(),
+                                      scratch.data_ptr(), scratch.numel())
+    else:
+        scratch = _scratch("moe", T * (2 * H + 3 * F2 // 2))
+        order = torch.empty(T * K, dtype=torch.int64)
+        starts = torch.empty(E + 1, dtype=torch.int64)
+        status = lib.lr_moe_tokens(x.data_ptr(), gate_up_E2IH.data_ptr(), down_EHI.data_ptr(), ids.data_ptr(),
+                                   w.data_ptr(), T, K, E, H, F2 // 2, ACTIVATION_CODES[act], out.data_ptr(),
+                                   order.data_ptr(), starts.data_ptr(), scratch.data_ptr())
+    if status != 0:
+        raise ValueError(f"expert ids must be in [0, {E})")
     return out
 
 
-RMS_NORM_MAX_ROWS = 16  # beyond a few rows torch's vectorized op is as fast and parallel
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor | None:
-    """F.rms_norm over the last dim for a few fp32 rows on CPU in one call, or None (use torch)."""
+    """F.rms_norm over the last dim of fp32 x on CPU in one call, or None (use torch)."""
     lib = library()
-    if (lib is None or x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous()
+    if (lib is None or x.dtype != torch.float32 or x.device.type != "cpu"
             or (weight is not None and (weight.dtype != torch.float32 or not weight.is_contiguous()))):
         return None
+    x = x.contiguous()  # q/k/v heads are column slices of the fused projection
     H = x.shape[-1]
     rows = x.numel() // H
-    if rows > RMS_NORM_MAX_ROWS:
-        return None
     out = torch.empty_like(x)
     lib.lr_rms_norm(x.data_ptr(), None if weight is None else weight.data_ptr(), out.data_ptr(), rows, H, eps)
     return out

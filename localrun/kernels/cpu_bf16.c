@@ -151,15 +151,52 @@ void lr_linear(const float *x, const uint16_t *W, const float *bias, float *y, i
     }
 }
 
+/* exp(x) to ~1 ulp in plain arithmetic (Cody-Waite reduction, Cephes' degree-6 polynomial), so
+ * the activation loops vectorize; libm's expf/tanhf are scalar calls (~15 ns each, which made them
+ * the cost of a prefill's expert layer). Inputs are clamped to [-87.3, 88.7]. */
+static inline float exp_approx(float x) {
+    x = x > 88.7f ? 88.7f : x < -87.3f ? -87.3f : x;
+    const float t = x * 1.44269504088896341f;
+    const float n = (t + 12582912.0f) - 12582912.0f; /* round to nearest, |t| < 2^22 */
+    float r = x - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    const float z = r * r;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * z + r + 1.0f;
+    const int32_t bits = ((int32_t)n + 127) << 23; /* 2^n */
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+/* gelu_pytorch_tanh(v) = 0.5 v (1 + tanh(u)) = v * sigmoid(2u), u = sqrt(2/pi) (v + 0.044715 v^3). */
 static inline float activate(float v, int act) {
     switch (act) {
     case ACT_GELU_TANH:
-        return 0.5f * v * (1.0f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
+        return v / (1.0f + exp_approx(-1.5957691216057308f * (v + 0.044715f * v * v * v)));
     case ACT_GELU:
         return 0.5f * v * (1.0f + erff(v * 0.7071067811865476f));
     default:
-        return v / (1.0f + expf(-v));
+        return v / (1.0f + exp_approx(-v));
     }
+}
+
+/* a[f] = act(gate[f]) * up[f] for f < F; a separate loop per activation so each one vectorizes. */
+static void gated(const float *gate, const float *up, float *a, int64_t F, int act) {
+    if (act == ACT_GELU_TANH)
+        for (int64_t f = 0; f < F; f++)
+            a[f] = activate(gate[f], ACT_GELU_TANH) * up[f];
+    else if (act == ACT_SILU)
+        for (int64_t f = 0; f < F; f++)
+            a[f] = activate(gate[f], ACT_SILU) * up[f];
+    else
+        for (int64_t f = 0; f < F; f++)
+            a[f] = activate(gate[f], ACT_GELU) * up[f];
 }
 
 /* One token through K routed experts: out[H] = sum_k w[k] * down[e] @ (act(gate[e] @ x) * (up[e] @ x)),
@@ -167,9 +204,12 @@ static inline float activate(float v, int act) {
  * Threads split the K experts (thread t takes k = t, t + n, ...), each summing into its own fp32
  * row of `scratch` (at least threads * (2H + 2F) floats); the rows are then added in thread order,
  * so the result depends only on the thread count. */
-void lr_moe_one_token(const float *x, const uint16_t *gate_up, const uint16_t *down, const int64_t *ids,
-                      const float *w, int64_t K, int64_t H, int64_t F, int act, float *out, float *scratch,
-                      int64_t scratch_floats) {
+int lr_moe_one_token(const float *x, const uint16_t *gate_up, const uint16_t *down, const int64_t *ids,
+                     const float *w, int64_t K, int64_t E, int64_t H, int64_t F, int act, float *out, float *scratch,
+                     int64_t scratch_floats) {
+    for (int64_t k = 0; k < K; k++)
+        if (ids[k] < 0 || ids[k] >= E)
+            return -1;
     int threads = omp_get_max_threads();
     if (threads > K)
         threads = (int)K;
@@ -185,8 +225,7 @@ void lr_moe_one_token(const float *x, const uint16_t *gate_up, const uint16_t *d
         for (int64_t k = t; k < K; k += n) {
             const int64_t e = ids[k];
             dot_rows(x, gate_up + e * 2 * F * H, h, H, 0, 2 * F);
-            for (int64_t j = 0; j < F; j++)
-                h[j] = activate(h[j], act) * h[F + j];
+            gated(h, h + F, h, F, act); /* in place: element j reads h[j], h[F + j], writes h[j] */
             dot_rows(h, down + e * H * F, y, F, 0, H);
             const float wk = w[k];
             for (int64_t j = 0; j < H; j++)
@@ -199,6 +238,7 @@ void lr_moe_one_token(const float *x, const uint16_t *gate_up, const uint16_t *d
     for (int i = 1; i < threads; i++)
         for (int64_t j = 0; j < H; j++)
             out[j] += scratch[(int64_t)i * (2 * H + 2 * F) + j];
+    return 0;
 }
 
 
@@ -206,11 +246,15 @@ void lr_moe_one_token(const float *x, const uint16_t *gate_up, const uint16_t *d
  * lr_moe_one_token. Experts run one after another in id order, all threads on each (weight rows
  * split between them), so every token's K contributions are added in expert order whatever the
  * thread count. `order` (T*K ints) receives the (token, k) pairs grouped by expert; scratch holds
- * T*(2H + 3F) floats (gathered inputs, gate/up, activations, expert outputs). */
-void lr_moe_tokens(const float *x, const uint16_t *gate_up, const uint16_t *down, const int64_t *ids, const float *w,
+ * T*(2H + 3F) floats (gathered inputs, gate/up, activations, expert outputs). Returns -1 (and
+ * computes nothing) when an id is not in [0, E). */
+int lr_moe_tokens(const float *x, const uint16_t *gate_up, const uint16_t *down, const int64_t *ids, const float *w,
                    int64_t T, int64_t K, int64_t E, int64_t H, int64_t F, int act, float *out, int64_t *order,
                    int64_t *starts, float *scratch) {
     /* counting sort of the T*K (token, k) pairs by expert; starts has E + 1 entries */
+    for (int64_t j = 0; j < T * K; j++)
+        if (ids[j] < 0 || ids[j] >= E)
+            return -1;
     memset(starts, 0, sizeof(int64_t) * (E + 1));
     for (int64_t j = 0; j < T * K; j++)
         starts[ids[j] + 1]++;
@@ -240,8 +284,7 @@ void lr_moe_tokens(const float *x, const uint16_t *gate_up, const uint16_t *down
         }
 #pragma omp for schedule(static)
         for (int64_t j = 0; j < n; j++)
-            for (int64_t f = 0; f < F; f++)
-                a[j * F + f] = activate(h[j * 2 * F + f], act) * h[j * 2 * F + F + f];
+            gated(h + j * 2 * F, h + j * 2 * F + F, a + j * F, F, act);
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < (H + ROW_BLOCK - 1) / ROW_BLOCK; b++) {
             const int64_t r0 = b * ROW_BLOCK, r1 = r0 + ROW_BLOCK < H ? r0 + ROW_BLOCK : H;
@@ -255,12 +298,15 @@ void lr_moe_tokens(const float *x, const uint16_t *gate_up, const uint16_t *down
                 o[c] += wj * y[j * H + c];
         }
     }
+    return 0;
 }
 
 /* RMSNorm of `rows` rows of H fp32 values: out = x / sqrt(mean(x^2) + eps) * weight (weight may be
  * NULL: no scale). Decode calls it ~11 times per layer on a few hundred values each, where torch's
- * composite op costs more in dispatch than in arithmetic. */
+ * composite op costs more in dispatch than in arithmetic; prefill, on many rows, ~3x faster too. */
 void lr_rms_norm(const float *x, const float *weight, float *out, int64_t rows, int64_t H, float eps) {
+    const int parallel = omp_get_max_threads() > 1 && rows * H >= PARALLEL_MIN;
+#pragma omp parallel for schedule(static) if (parallel)
     for (int64_t r = 0; r < rows; r++) {
         const float *xr = x + r * H;
         float *o = out + r * H;

@@ -1,0 +1,431 @@
+"""localrun.kernels (bf16-stored weights computed in fp32 on the CPU) and blocked prefill attention.
+
+Oracles are float64: a bf16 weight widens to fp32/fp64 exactly, so the only error allowed is the
+rounding of fp32 sums. For a length-n dot product (plus a bias) computed in fp32 in any order,
+|y - y_exact| <= gamma_{n+1} * (|x| @ |w|^T + |b|) with gamma_m ~ m * 2^-24 (Higham, Accuracy and
+Stability of Numerical Algorithms, 3.1); blocked / pairwise / FMA summation only lowers it. That
+bound is orders of magnitude below the error of any bf16 rounding of the activations (2^-8
+relative), so a kernel that narrowed x, mixed up rows or dropped a tail would fail it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import localrun.models.gemma4 as gemma4
+from localrun import kernels
+from localrun.kvcache import attention_mask
+from localrun.loader import load_model
+from localrun.moe import ACTIVATIONS, dispatch, expert_ffn
+
+EPS32 = 2.0**-24  # unit roundoff of fp32
+
+
+@pytest.fixture
+def fresh_kernels():
+    """Forget the kernels' cached state before and after the test (after: so that later tests see
+    the normal environment again, once monkeypatch has restored it)."""
+    kernels.reset()
+    yield
+    kernels.reset()
+
+
+@pytest.fixture
+def lib():
+    """The compiled library; tests that exercise the C kernels skip without a C compiler."""
+    lib = kernels.library()
+    if lib is None:
+        pytest.skip("no C kernels on this machine (no compiler or LOCALRUN_CPU_KERNELS=0)")
+    return lib
+
+
+@pytest.fixture
+def threads():
+    """set_num_threads inside a test, restored afterwards."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+def rand(*shape, seed: int, dtype=torch.float32) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=gen).to(dtype)
+
+
+def assert_fp32_linear(y, x, w, b=None):
+    """y == x @ w^T + b up to fp32 summation error (elementwise bound, see module docstring)."""
+    assert y.dtype == torch.float32
+    assert y.shape == (*x.shape[:-1], w.shape[0])
+    ref = x.double() @ w.double().T
+    mag = x.double().abs() @ w.double().abs().T
+    if b is not None:
+        ref, mag = ref + b.double(), mag + b.double().abs()
+    bound = (x.shape[-1] + 1) * EPS32 * mag + 1e-30
+    err = (y.double() - ref).abs()
+    assert bool((err <= bound).all()), f"max err/bound {(err / bound).max().item():.3g}"
+
+
+# ---------------------------------------------------------------------------------------------
+# linear
+
+
+SHAPES = [(37, 5), (130, 19), (64, 48), (520, 130)]  # (I, O): tails of 16 columns / 4 rows, and
+# 520 x 130 >= PARALLEL_MIN so the C kernel splits rows between threads
+ROWS = [1, 3, 4, 5, 17, 128, 129]  # 129 > C_KERNEL_MAX_ROWS: widened weight + oneDNN
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("T", ROWS)
+@pytest.mark.parametrize("I,O", SHAPES)
+def test_linear_bf16_weight_matches_fp64(I, O, T, bias):
+    x = rand(T, I, seed=1)
+    w = rand(O, I, seed=2, dtype=torch.bfloat16)
+    b = rand(O, seed=3) if bias else None
+    with torch.inference_mode():
+        y = kernels.linear(x, w, b)
+    assert_fp32_linear(y, x, w, b)
+
+
+@pytest.mark.parametrize("B,T", [(2, 3), (2, 64), (3, 50)])  # 6, 128 rows: C kernel; 150: oneDNN
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_linear_3d_input(B, T, bias):
+    x = rand(B, T, 130, seed=4)
+    w = rand(19, 130, seed=5, dtype=torch.bfloat16)
+    b = rand(19, seed=6) if bias else None
+    y = kernels.linear(x, w, b)
+    assert y.shape == (B, T, 19)
+    assert_fp32_linear(y, x, w, b)
+    assert torch.equal(y.reshape(B * T, 19), kernels.linear(x.reshape(B * T, 130), w, b))
+
+
+def test_linear_bf16_bias_and_noncontiguous_input(lib):
+    x = rand(130, 5, seed=7).T  # [5, 130], not contiguous
+    w = rand(19, 130, seed=8, dtype=torch.bfloat16)
+    b = rand(19, seed=9, dtype=torch.bfloat16)
+    assert_fp32_linear(kernels.linear(x, w, b), x, w, b)
+
+
+@pytest.mark.parametrize("T", [1, 5, 128, 129])
+@pytest.mark.parametrize("I,O", [(520, 130), (1030, 70)])  # both over PARALLEL_MIN
+def test_linear_thread_count(threads, I, O, T):
+    """Right with 1 and 2 threads; the C kernel (<= 128 rows) computes each output on one thread in
+    a fixed order, so its result does not depend on the thread count at all."""
+    x = rand(T, I, seed=10)
+    w = rand(O, I, seed=11, dtype=torch.bfloat16)
+    b = rand(O, seed=12)
+    threads(1)
+    y1 = kernels.linear(x, w, b)
+    threads(2)
+    y2 = kernels.linear(x, w, b)
+    assert_fp32_linear(y1, x, w, b)
+    assert_fp32_linear(y2, x, w, b)
+    if T <= kernels.C_KERNEL_MAX_ROWS and kernels.library() is not None:
+        assert torch.equal(y1, y2)
+
+
+def test_linear_same_dtype_and_mixed_dtypes():
+    x = rand(3, 37, seed=13)
+    w32 = rand(5, 37, seed=14)
+    assert_fp32_linear(kernels.linear(x, w32), x, w32)
+    xb, wb = x.bfloat16(), w32.bfloat16()
+    assert torch.equal(kernels.linear(xb, wb), F.linear(xb, wb))
+    with pytest.raises(TypeError):
+        kernels.linear(xb, w32)  # bf16 x with fp32 w: not a supported mix
+    with pytest.raises(TypeError):
+        kernels.linear(x.double(), wb)
+
+
+# ---------------------------------------------------------------------------------------------
+# decode / prefill consistency
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("I,O", [(37, 5), (130, 19), (64, 48), (520, 130)])
+def test_linear_row_independent_of_batch(lib, I, O, bias):
+    """A token's output row is bitwise the same alone (decode, T=1) as inside any batch of up to
+    C_KERNEL_MAX_ROWS rows (prefill): 4-token register blocking keeps dot_rows' summation order."""
+    w = rand(O, I, seed=20, dtype=torch.bfloat16)
+    b = rand(O, seed=21) if bias else None
+    x = rand(kernels.C_KERNEL_MAX_ROWS, I, seed=22)
+    alone = torch.cat([kernels.linear(x[t : t + 1], w, b) for t in range(len(x))])
+    assert_fp32_linear(alone, x, w, b)
+    for T in (2, 3, 4, 5, 7, 8, 13, 17, 64, 127, 128):
+        batch = kernels.linear(x[:T], w, b)
+        assert torch.equal(batch, alone[:T]), f"T={T}: rows differ from one-token results"
+    # also as [B, T, I] and from an offset inside the batch
+    assert torch.equal(kernels.linear(x[:12].reshape(3, 4, I), w, b), alone[:12].reshape(3, 4, O))
+    assert torch.equal(kernels.linear(x[5:14], w, b), alone[5:14])
+
+
+# ---------------------------------------------------------------------------------------------
+# moe
+
+
+def moe_fp64(x, gate_up, down, ids, w, act):
+    """sum_k w[t,k] * down[e] @ (act(gate[e] @ x[t]) * (up[e] @ x[t])), e = ids[t,k], in float64."""
+    fn = ACTIVATIONS[act]
+    gu = gate_up.double()[ids]  # [T, K, 2F, H]
+    h = torch.einsum("tkfh,th->tkf", gu, x.double())
+    g, u = h.chunk(2, dim=-1)
+    y = torch.einsum("tkhf,tkf->tkh", down.double()[ids], fn(g) * u)
+    return (w.double()[..., None] * y).sum(1)
+
+
+def moe_inputs(T, E=32, K=8, H=40, F2=40, seed=0):
+    """x [T, H] fp32, bf16 experts (H = 40, F = 20: neither a multiple of 16), K distinct unsorted
+    experts per token, softmax-like weights."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, H, generator=gen)
+    gate_up = (torch.randn(E, F2, H, generator=gen) * H**-0.5).bfloat16()
+    down = (torch.randn(E, H, F2 // 2, generator=gen) * (F2 // 2) ** -0.5).bfloat16()
+    ids = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(T)])
+    w = torch.softmax(torch.randn(T, K, generator=gen), dim=-1)
+    return x, gate_up, down, ids, w
+
+
+def assert_moe_close(y, ref):
+    # Two chained fp32 dot products (length 40 and 20) and a K=8 sum: a few 1e-7 relative to the
+    # output scale in practice; 2e-6 leaves margin and is still ~2000x below a bf16 rounding.
+    err = (y.double() - ref).abs().max().item()
+    assert err <= 2e-6 * ref.abs().max().item(), f"max err {err:.3g} vs scale {ref.abs().max().item():.3g}"
+
+
+@pytest.mark.parametrize("act", list(kernels.ACTIVATION_CODES))
+@pytest.mark.parametrize("T", [1, 2, 7, 64])
+def test_moe_matches_fp64(lib, T, act):
+    x, gate_up, down, ids, w = moe_inputs(T, seed=T)
+    y = kernels.moe(x, gate_up, down, ids, w, act)
+    assert y is not None
+    assert y.dtype == torch.float32 and y.shape == (T, 40)
+    ref = moe_fp64(x, gate_up, down, ids, w, act)
+    assert_moe_close(y, ref)
+    # the expert-by-expert fallback (what DenseExperts does without the kernel) agrees too
+    fallback = dispatch(x, ids, w, lambda e, xx: expert_ffn(xx, gate_up[e], down[e], ACTIVATIONS[act]))
+    assert_moe_close(fallback, ref)
+
+
+def test_moe_noncontiguous_inputs(lib):
+    x, gate_up, down, ids, w = moe_inputs(7, seed=30)
+    y = kernels.moe(x.T.contiguous().T, gate_up, down, ids.int().T.contiguous().T, w.T.contiguous().T, "silu")
+    assert_moe_close(y, moe_fp64(x, gate_up, down, ids, w, "silu"))
+
+
+@pytest.mark.parametrize("T", [1, 64])
+def test_moe_thread_count(lib, threads, T):
+    """T * H * F over PARALLEL_MIN: threads split the work. Many tokens add each token's experts in
+    id order whatever the thread count (bitwise); one token only depends on the thread count."""
+    x, gate_up, down, ids, w = moe_inputs(T, H=72, F2=80, seed=40)
+    ref = moe_fp64(x, gate_up, down, ids, w, "gelu_pytorch_tanh")
+    threads(1)
+    y1 = kernels.moe(x, gate_up, down, ids, w, "gelu_pytorch_tanh")
+    threads(2)
+    y2 = kernels.moe(x, gate_up, down, ids, w, "gelu_pytorch_tanh")
+    assert_moe_close(y1, ref)
+    assert_moe_close(y2, ref)
+    if T > 1:
+        assert torch.equal(y1, y2)
+
+
+def test_moe_not_applicable_returns_none(lib):
+    x, gate_up, down, ids, w = moe_inputs(3, seed=50)
+    assert kernels.moe(x.bfloat16(), gate_up, down, ids, w, "silu") is None
+    assert kernels.moe(x, gate_up.float(), down.float(), ids, w, "silu") is None
+    assert kernels.moe(x, gate_up, down, ids, w, "relu") is None
+    assert kernels.moe(x, gate_up, down.float(), ids, w, "silu") is None  # each expert tensor's dtype counts
+    assert kernels.moe(x, gate_up, down, ids, w, "silu") is not None  # and the inputs were fine
+
+
+@pytest.mark.parametrize("T", [1, 5])
+def test_moe_rejects_expert_ids_out_of_range(lib, T):
+    x, gate_up, down, ids, w = moe_inputs(T, seed=51)
+    for bad in (gate_up.shape[0], -1):
+        wrong = ids.clone()
+        wrong[-1, -1] = bad
+        with pytest.raises(ValueError, match="expert ids"):
+            kernels.moe(x, gate_up, down, wrong, w, "silu")
+
+
+def test_outputs_are_fp32_whatever_the_default_dtype(lib):
+    x, w, b = rand(5, 37, seed=52), rand(5, 37, seed=53, dtype=torch.bfloat16), rand(5, seed=54)
+    mx, gate_up, down, ids, mw = moe_inputs(3, seed=55)
+    want_moe = kernels.moe(mx, gate_up, down, ids, mw, "silu")
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        y = kernels.linear(x, w, b)
+        got_moe = kernels.moe(mx, gate_up, down, ids, mw, "silu")
+    finally:
+        torch.set_default_dtype(previous)
+    assert y.dtype == torch.float32 and got_moe.dtype == torch.float32
+    assert_fp32_linear(y, x, w, b)
+    assert torch.equal(got_moe, want_moe)
+
+
+@pytest.mark.parametrize("T", [1, 129])  # the C path and the widened one
+def test_linear_bf16_bias_on_every_path(T):
+    x, w, b = rand(T, 37, seed=56), rand(5, 37, seed=57, dtype=torch.bfloat16), rand(5, seed=58, dtype=torch.bfloat16)
+    assert_fp32_linear(kernels.linear(x, w, b), x, w, b.float())
+
+
+# ---------------------------------------------------------------------------------------------
+# fallbacks and build
+
+
+@pytest.mark.parametrize("value", ["0", "OFF", "False", " no "])
+def test_disabled_by_env(fresh_kernels, monkeypatch, value):
+    monkeypatch.setenv("LOCALRUN_CPU_KERNELS", value)
+    kernels.reset()
+    assert kernels.library() is None
+    assert kernels.storage_dtype(torch.float32, torch.device("cpu"), torch.bfloat16) == torch.float32
+    assert kernels.storage_dtype(torch.float32, "cpu", torch.bfloat16) == torch.float32
+    for T in (1, 5, 129):  # bf16 weights still work: widened, plain torch / oneDNN
+        x = rand(T, 130, seed=60)
+        w = rand(19, 130, seed=61, dtype=torch.bfloat16)
+        b = rand(19, seed=62)
+        assert_fp32_linear(kernels.linear(x, w, b), x, w, b)
+    x, gate_up, down, ids, w = moe_inputs(4, seed=63)
+    assert kernels.moe(x, gate_up, down, ids, w, "silu") is None
+    assert kernels.moe(x[:1], gate_up, down, ids[:1], w[:1], "silu") is None
+
+
+def test_enabled_storage_dtype(fresh_kernels, lib):
+    cpu = torch.device("cpu")
+    assert kernels.storage_dtype(torch.float32, cpu, torch.bfloat16) == torch.bfloat16
+    assert kernels.storage_dtype(torch.float32, cpu, torch.float32) == torch.float32
+    assert kernels.storage_dtype(torch.bfloat16, cpu, torch.bfloat16) == torch.bfloat16
+    assert kernels.storage_dtype(torch.float16, cpu, torch.bfloat16) == torch.float16
+    assert kernels.storage_dtype(torch.float32, torch.device("meta"), torch.bfloat16) == torch.float32
+
+
+def test_missing_compiler(fresh_kernels, monkeypatch, tmp_path):
+    with pytest.raises(FileNotFoundError):
+        kernels.build(compiler="/nonexistent/cc", cache_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []  # the temporary .so was removed
+    # through the environment: library() gives up quietly and everything stays fp32
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    kernels.reset()
+    assert kernels.library() is None
+    assert kernels.storage_dtype(torch.float32, torch.device("cpu"), torch.bfloat16) == torch.float32
+    assert [p.name for p in (tmp_path / "xdg").rglob("*") if p.is_file()] == []
+
+
+def test_failing_compiler(fresh_kernels, tmp_path):
+    false = "/bin/false" if os.path.exists("/bin/false") else "/usr/bin/false"
+    if not os.path.exists(false):
+        pytest.skip("no `false` binary")
+    import subprocess
+
+    with pytest.raises(subprocess.CalledProcessError):
+        kernels.build(compiler=false, cache_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_build_is_cached_and_loads(lib, tmp_path):
+    path = kernels.build(cache_dir=tmp_path)
+    assert path.is_file() and path.parent == tmp_path
+    mtime = path.stat().st_mtime_ns
+    again = kernels.build(cache_dir=tmp_path)
+    assert again == path and again.stat().st_mtime_ns == mtime  # not rebuilt
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary left behind
+    built = kernels._load(path)
+    assert isinstance(built, ctypes.CDLL)
+    # and it computes: one call through the freshly built library
+    x = rand(3, 37, seed=70)
+    w = rand(5, 37, seed=71, dtype=torch.bfloat16)
+    y = torch.empty(3, 5)
+    built.lr_linear(x.data_ptr(), w.data_ptr(), None, y.data_ptr(), 3, 37, 5)
+    assert_fp32_linear(y, x, w)
+
+
+# ---------------------------------------------------------------------------------------------
+# loader integration
+
+
+def _dtypes(model):
+    layer = model.layers[0]
+    return {
+        "q_proj": layer.self_attn.q_proj.weight.dtype,
+        "embed": model.embed_tokens.weight.dtype,
+        "gate_up": layer.experts.gate_up_proj.dtype,
+        "down": layer.experts.down_proj.dtype,
+        "router": layer.router.proj.weight.dtype,
+        "norm": model.norm.weight.dtype,
+        "input_norm": layer.input_layernorm.weight.dtype,
+    }
+
+
+def test_loader_keeps_bf16_matrices(fresh_kernels, monkeypatch, tiny_moe, lib):
+    ids = torch.tensor([[2] + list(range(107, 130))])  # 24 tokens, > sliding_window 8
+    kept = load_model(tiny_moe, dtype=torch.float32, experts="bf16")
+    bf, fp = torch.bfloat16, torch.float32
+    assert _dtypes(kept.model) == {"q_proj": bf, "embed": bf, "gate_up": bf, "down": bf, "router": bf,
+                                   "norm": fp, "input_norm": fp}
+    assert kept.model.compute_dtype == fp
+    with torch.inference_mode():
+        logits_bf16 = kept.model(ids, last_only=False)
+
+    monkeypatch.setenv("LOCALRUN_CPU_KERNELS", "0")
+    kernels.reset()
+    plain = load_model(tiny_moe, dtype=torch.float32, experts="bf16")
+    assert set(_dtypes(plain.model).values()) == {fp}
+    with torch.inference_mode():
+        logits_fp32 = plain.model(ids, last_only=False)
+
+    assert logits_bf16.dtype == logits_fp32.dtype == fp
+    assert logits_bf16.shape == logits_fp32.shape == (1, ids.shape[1], 512)
+    torch.testing.assert_close(logits_bf16, logits_fp32, rtol=0, atol=1e-4)
+    assert torch.equal(logits_bf16.argmax(-1), logits_fp32.argmax(-1))
+
+
+# ---------------------------------------------------------------------------------------------
+# attend: blocks of queries over the visible key slice == one masked call
+
+
+def _attend_case(old_pos, T, seed, B=2, N=4, KV=2, D=8):
+    gen = torch.Generator().manual_seed(seed)
+    start = max(old_pos, default=-1) + 1
+    pos_T = torch.arange(start, start + T)
+    pos_S = torch.cat([torch.tensor(old_pos, dtype=torch.long), pos_T])
+    S = len(pos_S)
+    q = torch.randn(B, N, T, D, generator=gen)
+    k = torch.randn(B, KV, S, D, generator=gen)
+    v = torch.randn(B, KV, S, D, generator=gen)
+    return q, k, v, pos_T, pos_S
+
+
+ATTEND_CASES = {
+    # name: (old key positions as the cache returns them, new tokens, window)
+    "full-fresh": ([], 20, None),
+    "full-prefix": (list(range(7)), 13, None),
+    "sliding-fresh": ([], 20, 5),
+    "sliding-ring": ([5, 6, 2, 3, 4], 13, 5),  # a ring cache's window keys, rotated
+    "sliding-short-history": ([0, 1, 2], 17, 5),  # fewer old keys than the window
+    "sliding-ring-larger-block": ([5, 6, 2, 3, 4], 4, 5),  # fewer new tokens than the window
+}
+
+
+@pytest.mark.parametrize("block", [1, 3, 4, 128])
+@pytest.mark.parametrize("case", list(ATTEND_CASES))
+def test_attend_blocks_match_one_masked_call(monkeypatch, case, block):
+    old, T, window = ATTEND_CASES[case]
+    q, k, v, pos_T, pos_S = _attend_case(old, T, seed=len(case) + block)
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask(pos_T, pos_S, window), scale=1.0,
+                                              enable_gqa=True)
+    monkeypatch.setattr(gemma4, "QUERY_BLOCK", block)
+    got = gemma4.attend(q, k, v, pos_T, pos_S, window)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def test_attend_one_token_sees_all_keys():
+    """Decode: the cache returns only visible keys, so one query attends to all of them unmasked."""
+    q, k, v, pos_T, pos_S = _attend_case([5, 6, 3, 4], 1, seed=3)  # window 5 at position 7: keys 3..7
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask(pos_T, pos_S, 5), scale=1.0,
+                                              enable_gqa=True)
+    torch.testing.assert_close(gemma4.attend(q, k, v, pos_T, pos_S, 5), expected, rtol=0, atol=1e-5)
