@@ -140,8 +140,6 @@ def _scratch(name: str, numel: int) -> torch.Tensor:
     return buf[:numel]
 
 
-
-
 def _onednn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     shape = x.shape
     y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, shape[-1]), w, b, "none", [], "")
@@ -207,8 +205,6 @@ def moe(x_TH: torch.Tensor, gate_up_E2IH: torch.Tensor, down_EHI: torch.Tensor, 
     if status != 0:
         raise ValueError(f"expert ids must be in [0, {E})")
     return out
-
-
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor | None:
