@@ -71,6 +71,27 @@ static void dot_rows(const float *x, const uint16_t *W, float *y, int64_t I, int
     }
 }
 
+/* Sixteen horizontal sums at once: lane i of the result is the sum of the lanes of v[REDUCE16_SOURCE[i]],
+ * added in the very tree _mm512_reduce_add_ps uses (lanes i + i+8, then + i+4, + i+2, + i+1; fp32
+ * addition commutes), so a dot product summed here is bit-identical to one summed by dot_rows.
+ * Four levels of shuffles and adds instead of sixteen separate reductions. */
+static const int REDUCE16_SOURCE[16] = {0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15};
+
+static inline __m512 reduce16(const __m512 v[16]) {
+    __m512 a[8], b[4], c[2];
+    for (int k = 0; k < 8; k++) /* lanes i + i+8: two sources per vector, 8 partial sums each */
+        a[k] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    for (int k = 0; k < 4; k++) /* + i+4: four sources, 4 partial sums each (one per 128-bit lane) */
+        b[k] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * k], a[2 * k + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm512_shuffle_f32x4(a[2 * k], a[2 * k + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+    for (int k = 0; k < 2; k++) /* + i+2 within each 128-bit lane: eight sources, 2 partial sums each */
+        c[k] = _mm512_add_ps(_mm512_shuffle_ps(b[2 * k], b[2 * k + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_ps(b[2 * k], b[2 * k + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    return _mm512_add_ps(_mm512_shuffle_ps(c[0], c[1], _MM_SHUFFLE(2, 0, 2, 0)), /* + i+1 */
+                         _mm512_shuffle_ps(c[0], c[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
 /* y[t][r] = dot(x[t], W[r]) for 4 tokens t (rows of x with stride I; of y with stride ldy) and rows
  * r in [r0, r1), r1 - r0 a multiple of 4: 16 accumulators, each weight vector widened once for
  * four tokens. Same per-output summation order as dot_rows. */
@@ -94,9 +115,10 @@ static void dot_rows_4tokens(const float *x, const uint16_t *W, float *y, int64_
                     acc[a][b] = _mm512_fmadd_ps(wv, xv[b], acc[a][b]);
             }
         }
-        for (int a = 0; a < 4; a++)
-            for (int b = 0; b < 4; b++)
-                y[b * ldy + r + a] = _mm512_reduce_add_ps(acc[a][b]);
+        float sums[16];
+        _mm512_storeu_ps(sums, reduce16(&acc[0][0])); /* source a * 4 + b is row r + a, token b */
+        for (int i = 0; i < 16; i++)
+            y[(REDUCE16_SOURCE[i] & 3) * ldy + r + (REDUCE16_SOURCE[i] >> 2)] = sums[i];
     }
 }
 #define HAVE_4TOKENS 1
