@@ -429,3 +429,47 @@ def test_attend_one_token_sees_all_keys():
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask(pos_T, pos_S, 5), scale=1.0,
                                               enable_gqa=True)
     torch.testing.assert_close(gemma4.attend(q, k, v, pos_T, pos_S, 5), expected, rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# rms_norm and the fused q/k norm + RoPE
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 512), (3, 7, 40), (2, 5, 4, 10), (300, 64)])
+@pytest.mark.parametrize("weighted", [True, False])
+def test_rms_norm_matches_fp64(lib, shape, weighted):
+    x = rand(*shape, seed=70) * 3
+    w = rand(shape[-1], seed=71) if weighted else None
+    y = kernels.rms_norm(x, w, 1e-6)
+    x64 = x.double()
+    ref = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6) * (1 if w is None else w.double())
+    assert y.dtype == torch.float32 and y.shape == x.shape
+    torch.testing.assert_close(y.double(), ref, atol=1e-6 * ref.abs().max().item(), rtol=1e-6)
+
+
+def test_rms_norm_noncontiguous_and_not_applicable(lib):
+    x = rand(6, 2 * 24, seed=72)[:, :24]  # a column slice, as the fused q/k/v projection's heads are
+    w = rand(24, seed=73)
+    assert torch.equal(kernels.rms_norm(x, w, 1e-6), kernels.rms_norm(x.contiguous(), w, 1e-6))
+    assert kernels.rms_norm(x.double(), None, 1e-6) is None
+    assert kernels.rms_norm(x, w.double(), 1e-6) is None
+
+
+@pytest.mark.parametrize("B, T, N, D", [(1, 1, 8, 64), (1, 37, 4, 128), (2, 5, 3, 10)])
+def test_rms_norm_rope_is_norm_then_rope(lib, B, T, N, D):
+    x, w = rand(B, T, N, D, seed=74), rand(D, seed=75)
+    cos, sin = rand(T, 1, D, seed=76), rand(T, 1, D, seed=77)
+    got = kernels.rms_norm_rope(x, w, cos, sin, 1e-6)
+    # bit-identical to the two steps it fuses (no FMA contraction in the C build)
+    assert torch.equal(got, gemma4.apply_rope(kernels.rms_norm(x, w, 1e-6), cos, sin))
+    want = gemma4.apply_rope(F.rms_norm(x.double(), (D,), w.double(), 1e-6), cos.double(), sin.double())
+    torch.testing.assert_close(got.double(), want, atol=1e-6 * want.abs().max().item(), rtol=1e-6)
+
+
+def test_rms_norm_rope_not_applicable(lib):
+    x, w = rand(1, 3, 2, 8, seed=78), rand(8, seed=79)
+    cos, sin = rand(3, 1, 8, seed=80), rand(3, 1, 8, seed=81)
+    assert kernels.rms_norm_rope(x.double(), w, cos, sin, 1e-6) is None
+    assert kernels.rms_norm_rope(x, w, cos[:2], sin[:2], 1e-6) is None  # cos/sin not one row per token
+    odd = rand(1, 3, 2, 7, seed=82)
+    assert kernels.rms_norm_rope(odd, rand(7, seed=83), rand(3, 1, 7, seed=84), rand(3, 1, 7, seed=85), 1e-6) is None

@@ -94,6 +94,8 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.lr_moe_tokens.restype = _INT
     lib.lr_rms_norm.argtypes = [_PTR, _PTR, _PTR, _I64, _I64, ctypes.c_float]
     lib.lr_rms_norm.restype = None
+    lib.lr_rms_norm_rope.argtypes = [_PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, ctypes.c_float]
+    lib.lr_rms_norm_rope.restype = None
     return lib
 
 
@@ -218,4 +220,23 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     rows = x.numel() // H
     out = torch.empty_like(x)
     lib.lr_rms_norm(x.data_ptr(), None if weight is None else weight.data_ptr(), out.data_ptr(), rows, H, eps)
+    return out
+
+
+def rms_norm_rope(x_BTND: torch.Tensor, weight: torch.Tensor, cos_T1D: torch.Tensor, sin_T1D: torch.Tensor,
+                  eps: float) -> torch.Tensor | None:
+    """apply_rope(rms_norm(x, weight), cos, sin) of fp32 heads on CPU in one call, or None (use torch).
+    cos/sin are [T, 1, D] with sin's first half negated (see Gemma4Model.rope)."""
+    lib = library()
+    tensors = (x_BTND, weight, cos_T1D, sin_T1D)
+    if lib is None or any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
+        return None
+    B, T, N, D = x_BTND.shape
+    if cos_T1D.shape != (T, 1, D) or sin_T1D.shape != (T, 1, D) or weight.shape != (D,) or D % 2:
+        return None
+    x = x_BTND.contiguous()
+    cos, sin, w = cos_T1D.contiguous(), sin_T1D.contiguous(), weight.contiguous()
+    out = torch.empty_like(x)
+    lib.lr_rms_norm_rope(x.data_ptr(), w.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), B * T * N, N, T,
+                         D, eps)
     return out

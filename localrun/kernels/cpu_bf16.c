@@ -322,6 +322,21 @@ int lr_moe_tokens(const float *x, const uint16_t *gate_up, const uint16_t *down,
     return 0;
 }
 
+/* 1 / sqrt(mean(x^2) + eps) of one row of H values (16 lanes, then the tail, then the lanes). */
+static inline float rms_scale(const float *xr, int64_t H, float eps) {
+    float lanes[16] = {0};
+    int64_t i = 0;
+    for (; i + 16 <= H; i += 16)
+        for (int j = 0; j < 16; j++)
+            lanes[j] += xr[i + j] * xr[i + j];
+    float ss = 0.0f;
+    for (; i < H; i++)
+        ss += xr[i] * xr[i];
+    for (int j = 0; j < 16; j++)
+        ss += lanes[j];
+    return 1.0f / sqrtf(ss / (float)H + eps);
+}
+
 /* RMSNorm of `rows` rows of H fp32 values: out = x / sqrt(mean(x^2) + eps) * weight (weight may be
  * NULL: no scale). Decode calls it ~11 times per layer on a few hundred values each, where torch's
  * composite op costs more in dispatch than in arithmetic; prefill, on many rows, ~3x faster too. */
@@ -331,22 +346,33 @@ void lr_rms_norm(const float *x, const float *weight, float *out, int64_t rows, 
     for (int64_t r = 0; r < rows; r++) {
         const float *xr = x + r * H;
         float *o = out + r * H;
-        float lanes[16] = {0};
-        int64_t i = 0;
-        for (; i + 16 <= H; i += 16)
-            for (int j = 0; j < 16; j++)
-                lanes[j] += xr[i + j] * xr[i + j];
-        float ss = 0.0f;
-        for (; i < H; i++)
-            ss += xr[i] * xr[i];
-        for (int j = 0; j < 16; j++)
-            ss += lanes[j];
-        const float scale = 1.0f / sqrtf(ss / (float)H + eps);
+        const float scale = rms_scale(xr, H, eps);
         if (weight)
-            for (i = 0; i < H; i++)
+            for (int64_t i = 0; i < H; i++)
                 o[i] = xr[i] * scale * weight[i];
         else
-            for (i = 0; i < H; i++)
+            for (int64_t i = 0; i < H; i++)
                 o[i] = xr[i] * scale;
+    }
+}
+
+/* A head's RMSNorm (with weight) followed by RoPE, as apply_rope(lr_rms_norm(x)) computes them in
+ * torch: out[d] = n[d] * cos[d] + n[(d + D/2) % D] * sin[d], sin's first half already negated. Rows
+ * of D values; row r is a head of token (r / heads) % T, whose cos and sin rows are cos + t * D.
+ * Built without FMA contraction (-std=c11), each product and the sum round as torch's do. */
+void lr_rms_norm_rope(const float *x, const float *weight, const float *cos, const float *sin, float *out,
+                      int64_t rows, int64_t heads, int64_t T, int64_t D, float eps) {
+    const int64_t half = D / 2;
+    const int parallel = omp_get_max_threads() > 1 && rows * D >= PARALLEL_MIN;
+#pragma omp parallel for schedule(static) if (parallel)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * D, *c = cos + ((r / heads) % T) * D, *s = sin + ((r / heads) % T) * D;
+        float *o = out + r * D;
+        const float scale = rms_scale(xr, D, eps);
+        for (int64_t d = 0; d < half; d++) {
+            const float lo = xr[d] * scale * weight[d], hi = xr[d + half] * scale * weight[d + half];
+            o[d] = lo * c[d] + hi * s[d];
+            o[d + half] = hi * c[d + half] + lo * s[d + half];
+        }
     }
 }

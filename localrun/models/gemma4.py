@@ -182,6 +182,15 @@ def attend(q_BNTD, k_BNSD, v_BNSD, pos_T, pos_S, window: int | None):
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
+def norm_rope(x_BTND, norm: "RMSNorm", cos_T1D, sin_T1D):
+    """apply_rope(norm(x)): q and k heads; one C call per layer on CPU in fp32 inference."""
+    if not torch.is_grad_enabled():
+        out = kernels.rms_norm_rope(x_BTND, norm.weight, cos_T1D, sin_T1D, norm.eps)
+        if out is not None:
+            return out
+    return apply_rope(norm(x_BTND), cos_T1D, sin_T1D)
+
+
 class Attention(nn.Module):
     """Gemma 4 attention: q/k RMSNorm, weightless v norm, scaling 1.0, GQA, optional K=V.
 
@@ -226,13 +235,13 @@ class Attention(nn.Module):
     def forward(self, x_BTH, cos_TD, sin_TD, pos_T, cache, shared: dict):
         B, T, _ = x_BTH.shape
         q, raw, v = self.project(x_BTH)
-        q = apply_rope(self.q_norm(q.view(B, T, -1, self.head_dim)), cos_TD, sin_TD)
+        q = norm_rope(q.view(B, T, -1, self.head_dim), self.q_norm, cos_TD, sin_TD)
         if self.shares_kv:
             k, v, pos_S = shared[self.window is not None]
         else:
             raw = raw.view(B, T, self.kv_heads, self.head_dim)
             v = raw if v is None else v.view(B, T, self.kv_heads, self.head_dim)
-            k = apply_rope(self.k_norm(raw), cos_TD, sin_TD).transpose(1, 2)
+            k = norm_rope(raw, self.k_norm, cos_TD, sin_TD).transpose(1, 2)
             v = rms_norm(v, None, self.eps).transpose(1, 2)
             if cache is not None:
                 k, v, pos_S = cache.update(k, v, pos_T)
