@@ -6,6 +6,7 @@ and of N tokens with end-of-sequence disabled (best of `repeat` each, on a fresh
   time to first token = t(1)             (prefill + one sampling step)
   prefill tokens/s    = prompt_tokens / t(1)
   decode tokens/s     = (N - 1) / (t(N) - t(1))
+With `rounds` > 1 the engines take turns (see run_bench) and each keeps its best over all rounds.
 Returns values; the `bench` command and scripts/bench.py print them.
 """
 
@@ -19,7 +20,7 @@ import platform
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -225,26 +226,56 @@ def _memory(m: Measurement, dev) -> None:
         m.peak_vram_bytes = torch.cuda.max_memory_allocated(dev)
 
 
+def best_of(measurements: list[Measurement]) -> Measurement:
+    """One engine's measurements of one case over several rounds, as one: the best time to first
+    token, prefill and decode rates (each from whichever round did best), the highest peak memory."""
+    first = measurements[0]
+    best = replace(first, ttft_s=min(m.ttft_s for m in measurements),
+                   prefill_tokens_per_s=max(m.prefill_tokens_per_s for m in measurements),
+                   decode_tokens_per_s=max(m.decode_tokens_per_s for m in measurements))
+    for name in ("peak_rss_bytes", "peak_vram_bytes"):
+        values = [getattr(m, name) for m in measurements if getattr(m, name) is not None]
+        setattr(best, name, max(values) if values else None)
+    return best
+
+
 def run_bench(model_dir: str | Path, cases: list[tuple[int, int]], *, device: str = "cpu",
               dtype: torch.dtype = torch.float32, experts: str = "bf16", repeat: int = 3,
-              compare: str | None = None, resident_fraction: float | None = None) -> BenchReport:
-    """Measure localrun (and `compare`="transformers") on every (prompt_tokens, gen_tokens) case."""
+              compare: str | None = None, resident_fraction: float | None = None, rounds: int = 1) -> BenchReport:
+    """Measure localrun (and `compare`="transformers") on every (prompt_tokens, gen_tokens) case.
+
+    rounds > 1 alternates the engines (localrun, transformers, localrun, ...; each loaded afresh so
+    their memory never mixes) and keeps each one's best: a machine whose speed drifts over minutes
+    then weighs on both sides alike instead of on whichever ran in the slow spell.
+    """
     if compare not in (None, "transformers"):
         raise ValueError(f"can only compare with transformers, not {compare!r}")
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1, not {rounds}")
     info = {
         "model": str(model_dir), "device": device, "dtype": str(dtype).removeprefix("torch."),
-        "experts": experts, "resident_experts": resident_fraction, "repeat": repeat, "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+        "experts": experts, "resident_experts": resident_fraction, "repeat": repeat, "rounds": rounds,
+        "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
     }
-    report = BenchReport(info)
-    report.measurements += bench_localrun(Path(model_dir), cases, device=device, dtype=dtype, experts=experts,
-                                          repeat=repeat, resident_fraction=resident_fraction, info=info)
-    gc.collect()  # the engine is gone with bench_localrun's frame: free it before the other side loads
     if compare == "transformers":
         import transformers
 
         info["transformers"] = transformers.__version__
-        report.measurements += bench_transformers(Path(model_dir), cases, device=device, dtype=dtype, repeat=repeat)
+    measured: list[Measurement] = []
+    for _ in range(rounds):
+        measured += bench_localrun(Path(model_dir), cases, device=device, dtype=dtype, experts=experts,
+                                   repeat=repeat, resident_fraction=resident_fraction, info=info)
+        gc.collect()  # the engine is gone with bench_localrun's frame: free it before the other side loads
+        if compare == "transformers":
+            measured += bench_transformers(Path(model_dir), cases, device=device, dtype=dtype, repeat=repeat)
+            gc.collect()
+    report = BenchReport(info)
+    for engine in ("localrun", "transformers"):
+        for case in cases:
+            same = [m for m in measured if m.engine == engine and (m.prompt_tokens, m.gen_tokens) == case]
+            if same:
+                report.measurements.append(best_of(same))
     return report
 
 
@@ -263,6 +294,7 @@ def markdown(report: BenchReport) -> str:
     matrices = f" (localrun keeps matrices in {stored})" if stored and stored != info["dtype"] else ""
     lines = [f"model `{info['model']}`, device {info['device']}, dtype {info['dtype']}{matrices}, experts {info['experts']}, "
              f"{info['threads']} threads, best of {info['repeat']}"
+             + (f" in each of {info['rounds']} alternating rounds" if info.get("rounds", 1) > 1 else "")
              + (f", transformers {info['transformers']}" if "transformers" in info else ""), ""]
     if theirs:
         head = ["prompt", "gen", "prefill tok/s (ours / hf)", "x", "decode tok/s (ours / hf)", "x",

@@ -54,3 +54,36 @@ def test_bench_command_rejects_a_non_model(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["bench", str(tmp_path), "--repeat", "1"])
     assert e.value.code != 0 and "config.json" in capsys.readouterr().err
+
+
+def test_rounds_alternate_the_engines_and_keep_each_ones_best(monkeypatch):
+    calls = []
+    # scripted rounds: (ttft, prefill, decode, peak) per engine and round; round 2 is slow for
+    # localrun's prefill but fast for its decode, so the best comes from different rounds
+    script = {("localrun", 0): (0.2, 40.0, 9.0, 100), ("transformers", 0): (0.4, 20.0, 3.0, 300),
+              ("localrun", 1): (0.3, 30.0, 12.0, 150), ("transformers", 1): (0.5, 16.0, 4.0, 200)}
+
+    def fake(engine):
+        def measure(model_dir, cases, **kwargs):
+            rnd = sum(1 for e in calls if e == engine)
+            calls.append(engine)
+            ttft, prefill, decode, peak = script[engine, rnd]
+            return [bench.Measurement(engine, p, g, ttft, prefill, decode, peak_rss_bytes=peak) for p, g in cases]
+        return measure
+
+    monkeypatch.setattr(bench, "bench_localrun", fake("localrun"))
+    monkeypatch.setattr(bench, "bench_transformers", fake("transformers"))
+    report = bench.run_bench("unused", [(8, 3)], compare="transformers", rounds=2)
+    assert calls == ["localrun", "transformers", "localrun", "transformers"]
+    ours, theirs = report.measurements
+    assert (ours.engine, ours.ttft_s, ours.prefill_tokens_per_s, ours.decode_tokens_per_s, ours.peak_rss_bytes) == \
+        ("localrun", 0.2, 40.0, 12.0, 150)
+    assert (theirs.engine, theirs.ttft_s, theirs.prefill_tokens_per_s, theirs.decode_tokens_per_s,
+            theirs.peak_rss_bytes) == ("transformers", 0.4, 20.0, 4.0, 300)
+    assert "in each of 2 alternating rounds" in bench.markdown(report)
+
+
+def test_bench_command_rejects_zero_rounds(tiny_moe, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", str(tiny_moe), "--rounds", "0"])
+    assert e.value.code != 0 and "--rounds" in capsys.readouterr().err

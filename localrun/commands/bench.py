@@ -34,6 +34,8 @@ def bench(
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto."),
     resident_experts: Optional[float] = opt.RESIDENT_EXPERTS,
     repeat: int = typer.Option(3, "--repeat", help="Timed runs per measurement; the best is kept."),
+    rounds: int = typer.Option(2, "--rounds", help="Alternate localrun and the compared side this many times "
+                               "(each keeps its best), so a drift in machine speed hits both alike."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch intra-op threads for both sides."),
     out: Optional[Path] = typer.Option(None, "--out", help="Also write the markdown table to this file."),
     as_json: bool = typer.Option(False, "--json", help="Print the raw numbers as JSON instead of the table."),
@@ -43,15 +45,16 @@ def bench(
         raise UsageError(f"--dtype must be bfloat16 or float32, not {dtype!r}")
     if compare not in (None, "transformers"):
         raise UsageError(f"--compare can only be 'transformers', not {compare!r}")
-    if repeat < 1 or min(prompt_tokens) < 1 or min(gen_tokens) < 1:
-        raise UsageError("--repeat, --prompt-tokens and --gen-tokens must be at least 1")
+    if min(repeat, rounds, *prompt_tokens, *gen_tokens) < 1:
+        raise UsageError("--repeat, --rounds, --prompt-tokens and --gen-tokens must be at least 1")
     if threads is not None:
         import torch
 
         torch.set_num_threads(threads)
     cases = [(p, g) for p in prompt_tokens for g in gen_tokens]
     report = lbench.run_bench(resolve_bench_model(model), cases, device=device, dtype=DTYPES[dtype],
-                              experts=experts, repeat=repeat, compare=compare, resident_fraction=resident_experts)
+                              experts=experts, repeat=repeat, compare=compare, resident_fraction=resident_experts,
+                              rounds=rounds)
     table = lbench.markdown(report)
     if out is not None:
         out.write_text(table)
