@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 import localrun.models.gemma4 as gemma4
 from localrun import kernels
-from localrun.kvcache import attention_mask
+from localrun.kvcache import KVCache, attention_mask
 from localrun.loader import load_model
 from localrun.moe import ACTIVATIONS, dispatch, expert_ffn
 
@@ -421,6 +421,24 @@ def test_attend_blocks_match_one_masked_call(monkeypatch, case, block):
     got = gemma4.attend(q, k, v, pos_T, pos_S, window)
     assert got.shape == expected.shape
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["moe", "dense_e2b"])
+def test_decoder_in_small_query_blocks_matches_one_block(monkeypatch, tiny_checkpoint, kind):
+    """Through the whole decoder (masks reused across the layers of a kind, KV sharing, chunked
+    prefill over a cache prefix): small blocks give the logits one block gives."""
+    model = load_model(tiny_checkpoint(kind), dtype=torch.float32, experts="bf16").model
+    ids = torch.tensor([[2] + list(range(107, 146))])  # 40 tokens: several windows of the tiny model
+
+    def logits():
+        cache = KVCache(model.args)
+        with torch.inference_mode():
+            return torch.cat([model(ids[:, i : i + 13], cache) for i in range(0, 40, 13)], dim=1)
+
+    monkeypatch.setattr(gemma4, "QUERY_BLOCK", 1000)
+    want = logits()
+    monkeypatch.setattr(gemma4, "QUERY_BLOCK", 3)
+    torch.testing.assert_close(logits(), want, atol=1e-5, rtol=1e-5)
 
 
 def test_attend_one_token_sees_all_keys():

@@ -156,7 +156,7 @@ def apply_rope(x_BTND, cos_T1D, sin_T1D):
 QUERY_BLOCK = 64  # prefill attends in blocks of queries, each over the keys it can see (64 beat 128 and 32)
 
 
-def attend(q_BNTD, k_BNSD, v_BNSD, pos_T, pos_S, window: int | None):
+def attend(q_BNTD, k_BNSD, v_BNSD, pos_T, pos_S, window: int | None, masks: dict | None = None):
     """Attention (scale 1.0, GQA) of the T new queries over the S keys a cache returned, which are
     the earlier positions followed by the T new ones (FullKV, RingKV and KV sharing all return that).
 
@@ -164,7 +164,8 @@ def attend(q_BNTD, k_BNSD, v_BNSD, pos_T, pos_S, window: int | None):
     QUERY_BLOCK queries, each over the contiguous slice of keys that can be visible to it: a
     sliding layer's block reads ~window + block keys instead of all S, a full layer's block only
     the keys up to its last query. Masked keys weigh exactly 0, so the result is the same as one
-    masked call over all S keys; the work is not.
+    masked call over all S keys; the work is not. `masks` keeps each block's mask for the other
+    layers of the same kind in this forward pass, which see the very same positions.
     """
     T, S = q_BNTD.shape[2], k_BNSD.shape[2]
     gqa = k_BNSD.shape[1] != q_BNTD.shape[1]
@@ -175,7 +176,11 @@ def attend(q_BNTD, k_BNSD, v_BNSD, pos_T, pos_S, window: int | None):
     for a in range(0, T, QUERY_BLOCK):
         b = min(a + QUERY_BLOCK, T)
         first = old + a - window + 1 if window is not None and a - window + 1 >= 0 else 0
-        mask = attention_mask(pos_T[a:b], pos_S[first : old + b], window)
+        mask = None if masks is None else masks.get((window, a))
+        if mask is None:
+            mask = attention_mask(pos_T[a:b], pos_S[first : old + b], window)
+            if masks is not None:
+                masks[window, a] = mask
         outs.append(F.scaled_dot_product_attention(
             q_BNTD[:, :, a:b], k_BNSD[:, :, first : old + b], v_BNSD[:, :, first : old + b],
             attn_mask=mask, scale=1.0, enable_gqa=gqa))
@@ -248,7 +253,7 @@ class Attention(nn.Module):
             else:
                 pos_S = pos_T
             shared[self.window is not None] = (k, v, pos_S)  # the last layer of each kind wins
-        out = attend(q.transpose(1, 2), k, v, pos_T, pos_S, self.window)
+        out = attend(q.transpose(1, 2), k, v, pos_T, pos_S, self.window, shared.setdefault("masks", {}))
         return project(self.o_proj, out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -418,7 +423,7 @@ class Gemma4Model(nn.Module):
         rope = self.rope(pos_T, dtype)
         x = F.embedding(ids_BT, self.embed_tokens.weight).to(dtype) * torch.tensor(self.args.hidden_size**0.5, dtype=dtype)
         per_layer = self._per_layer_inputs(ids_BT, x) if self.args.hidden_size_per_layer_input else None
-        shared: dict = {}
+        shared: dict = {}  # per forward: KV of the last layer of each kind (KV sharing), attention masks
         for i, layer in enumerate(self.layers):
             cos, sin = rope[self.args.layer_types[i]]
             layer_cache = cache.layers[i] if cache is not None else None
