@@ -473,6 +473,20 @@ def test_rms_norm_noncontiguous_and_not_applicable(lib):
     assert kernels.rms_norm(x, w.double(), 1e-6) is None
 
 
+@pytest.mark.parametrize("view", ["q", "k", "one token", "three tokens of one", "transposed"])
+def test_norms_read_head_views_in_place(lib, view):
+    """The heads of a fused q/k/v projection are column slices: read in place, same bits as a copy."""
+    fused = rand(2, 5, 3 * 16 + 8, seed=86)
+    x = {"q": fused[..., :32].view(2, 5, 2, 16), "k": fused[..., 32:48].view(2, 5, 1, 16),
+         "one token": fused[:1, :1, 8:40].view(1, 1, 2, 16),
+         "three tokens of one": rand(3, 1, 40, seed=87)[..., 8:40].view(3, 1, 2, 16),
+         "transposed": rand(16, 2, 5, seed=88).permute(1, 2, 0).unsqueeze(2)}[view]
+    w, cos, sin = rand(16, seed=89), rand(x.shape[1], 1, 16, seed=90), rand(x.shape[1], 1, 16, seed=91)
+    assert torch.equal(kernels.rms_norm(x, w, 1e-6), kernels.rms_norm(x.contiguous(), w, 1e-6))
+    assert torch.equal(kernels.rms_norm(x, None, 1e-6), kernels.rms_norm(x.contiguous(), None, 1e-6))
+    assert torch.equal(kernels.rms_norm_rope(x, w, cos, sin, 1e-6), kernels.rms_norm_rope(x.contiguous(), w, cos, sin, 1e-6))
+
+
 @pytest.mark.parametrize("B, T, N, D", [(1, 1, 8, 64), (1, 37, 4, 128), (2, 5, 3, 10)])
 def test_rms_norm_rope_is_norm_then_rope(lib, B, T, N, D):
     x, w = rand(B, T, N, D, seed=74), rand(D, seed=75)

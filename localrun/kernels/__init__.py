@@ -92,9 +92,9 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.lr_moe_tokens.argtypes = [_PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _INT, _PTR, _PTR, _PTR,
                                   _PTR]
     lib.lr_moe_tokens.restype = _INT
-    lib.lr_rms_norm.argtypes = [_PTR, _PTR, _PTR, _I64, _I64, ctypes.c_float]
+    lib.lr_rms_norm.argtypes = [_PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, ctypes.c_float]
     lib.lr_rms_norm.restype = None
-    lib.lr_rms_norm_rope.argtypes = [_PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, ctypes.c_float]
+    lib.lr_rms_norm_rope.argtypes = [_PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, ctypes.c_float]
     lib.lr_rms_norm_rope.restype = None
     return lib
 
@@ -209,17 +209,32 @@ def moe(x_TH: torch.Tensor, gate_up_E2IH: torch.Tensor, down_EHI: torch.Tensor, 
     return out
 
 
+def _head_rows(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """(x or a contiguous copy, rows per token, floats between tokens) for the C norms, which read
+    rows of the last dim with a token's rows adjacent and tokens evenly spaced. Head views of the
+    fused q/k/v projection ([B, T, N, D] columns of [B, T, width]) qualify without a copy."""
+    if x.dim() < 2:
+        x = x.reshape(1, -1)
+    n, d = x.shape[-2:]
+    sizes, strides = x.shape[:-2], x.stride()[:-2]
+    flat = all(sizes[i] == 1 or strides[i] == sizes[i + 1] * strides[i + 1] for i in range(len(sizes) - 1))
+    if x.stride(-1) == 1 and (n == 1 or x.stride(-2) == d) and flat:
+        return x, n, strides[-1] if sizes else n * d
+    return x.contiguous(), n, n * d
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor | None:
     """F.rms_norm over the last dim of fp32 x on CPU in one call, or None (use torch)."""
     lib = library()
     if (lib is None or x.dtype != torch.float32 or x.device.type != "cpu"
             or (weight is not None and (weight.dtype != torch.float32 or not weight.is_contiguous()))):
         return None
-    x = x.contiguous()  # q/k/v heads are column slices of the fused projection
     H = x.shape[-1]
     rows = x.numel() // H
-    out = torch.empty_like(x)
-    lib.lr_rms_norm(x.data_ptr(), None if weight is None else weight.data_ptr(), out.data_ptr(), rows, H, eps)
+    src, heads, stride = _head_rows(x)
+    out = torch.empty(x.shape, dtype=torch.float32)
+    lib.lr_rms_norm(src.data_ptr(), None if weight is None else weight.data_ptr(), out.data_ptr(), rows, heads,
+                    stride, H, eps)
     return out
 
 
@@ -234,9 +249,9 @@ def rms_norm_rope(x_BTND: torch.Tensor, weight: torch.Tensor, cos_T1D: torch.Ten
     B, T, N, D = x_BTND.shape
     if cos_T1D.shape != (T, 1, D) or sin_T1D.shape != (T, 1, D) or weight.shape != (D,) or D % 2:
         return None
-    x = x_BTND.contiguous()
+    x, heads, stride = _head_rows(x_BTND)
     cos, sin, w = cos_T1D.contiguous(), sin_T1D.contiguous(), weight.contiguous()
-    out = torch.empty_like(x)
-    lib.lr_rms_norm_rope(x.data_ptr(), w.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), B * T * N, N, T,
-                         D, eps)
+    out = torch.empty(B, T, N, D, dtype=torch.float32)
+    lib.lr_rms_norm_rope(x.data_ptr(), w.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), B * T * N, heads,
+                         stride, T, D, eps)
     return out

@@ -339,12 +339,15 @@ static inline float rms_scale(const float *xr, int64_t H, float eps) {
 
 /* RMSNorm of `rows` rows of H fp32 values: out = x / sqrt(mean(x^2) + eps) * weight (weight may be
  * NULL: no scale). Decode calls it ~11 times per layer on a few hundred values each, where torch's
- * composite op costs more in dispatch than in arithmetic; prefill, on many rows, ~3x faster too. */
-void lr_rms_norm(const float *x, const float *weight, float *out, int64_t rows, int64_t H, float eps) {
+ * composite op costs more in dispatch than in arithmetic; prefill, on many rows, ~3x faster too.
+ * Input row r is head r % heads of token r / heads, tokens `stride` floats apart (the heads of a
+ * token are adjacent: q/k/v heads read in place from the fused projection); out is contiguous. */
+void lr_rms_norm(const float *x, const float *weight, float *out, int64_t rows, int64_t heads, int64_t stride,
+                 int64_t H, float eps) {
     const int parallel = omp_get_max_threads() > 1 && rows * H >= PARALLEL_MIN;
 #pragma omp parallel for schedule(static) if (parallel)
     for (int64_t r = 0; r < rows; r++) {
-        const float *xr = x + r * H;
+        const float *xr = x + (r / heads) * stride + (r % heads) * H;
         float *o = out + r * H;
         const float scale = rms_scale(xr, H, eps);
         if (weight)
@@ -358,15 +361,17 @@ void lr_rms_norm(const float *x, const float *weight, float *out, int64_t rows, 
 
 /* A head's RMSNorm (with weight) followed by RoPE, as apply_rope(lr_rms_norm(x)) computes them in
  * torch: out[d] = n[d] * cos[d] + n[(d + D/2) % D] * sin[d], sin's first half already negated. Rows
- * of D values; row r is a head of token (r / heads) % T, whose cos and sin rows are cos + t * D.
- * Built without FMA contraction (-std=c11), each product and the sum round as torch's do. */
+ * of D values laid out as in lr_rms_norm; row r is a head of token (r / heads) % T, whose cos and sin
+ * rows are cos + t * D. Built without FMA contraction (-std=c11), each product and the sum round
+ * as torch's do. */
 void lr_rms_norm_rope(const float *x, const float *weight, const float *cos, const float *sin, float *out,
-                      int64_t rows, int64_t heads, int64_t T, int64_t D, float eps) {
+                      int64_t rows, int64_t heads, int64_t stride, int64_t T, int64_t D, float eps) {
     const int64_t half = D / 2;
     const int parallel = omp_get_max_threads() > 1 && rows * D >= PARALLEL_MIN;
 #pragma omp parallel for schedule(static) if (parallel)
     for (int64_t r = 0; r < rows; r++) {
-        const float *xr = x + r * D, *c = cos + ((r / heads) % T) * D, *s = sin + ((r / heads) % T) * D;
+        const int64_t t = (r / heads) % T;
+        const float *xr = x + (r / heads) * stride + (r % heads) * D, *c = cos + t * D, *s = sin + t * D;
         float *o = out + r * D;
         const float scale = rms_scale(xr, D, eps);
         for (int64_t d = 0; d < half; d++) {
