@@ -336,6 +336,14 @@ def _to_host(payload: Payload, pin: bool) -> Payload:
     return pin_memory() if pin and pin_memory is not None else host
 
 
+def _tensors(payload: Payload) -> list[torch.Tensor]:
+    """The tensors a payload holds (a PackedExpert's buffer, or a dataclass's tensor fields)."""
+    buffer = getattr(payload, "buffer", None)
+    if isinstance(buffer, torch.Tensor):
+        return [buffer]
+    return [v for v in vars(payload).values() if isinstance(v, torch.Tensor)] if hasattr(payload, "__dict__") else []
+
+
 class _Copier:
     """Host->device copies. On CUDA they run on a side stream so they overlap compute (the only CUDA code)."""
 
@@ -427,6 +435,15 @@ class ExpertStore:
     def host_payloads(self, layer: int) -> Mapping[int, Payload]:
         """Read-only view {expert: payload} of `layer`'s experts held in host RAM."""
         return MappingProxyType(self._host[layer])
+
+    def device_tensors(self) -> list[torch.Tensor]:
+        """Every tensor the store holds on the device: resident experts and filled cache slots."""
+        out = [t for layer in self._resident.values() for p in layer.values() for t in _tensors(p)]
+        return out + [t for layer in self._slots.values() for p, _ in layer.values() for t in _tensors(p)]
+
+    def host_tensors(self) -> list[torch.Tensor]:
+        """Every tensor of the host-RAM tier."""
+        return [t for layer in self._host.values() for p in layer.values() for t in _tensors(p)]
 
     def device_experts(self, layer: int) -> frozenset[int]:
         """Experts of `layer` whose payload is in a device cache slot right now."""

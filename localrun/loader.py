@@ -216,17 +216,20 @@ def load_model(
     resident_fraction: float | None = None,
     cache_policy: str = DEFAULT_CACHE_POLICY,
     progress=None,
+    checkpoint=None,
 ) -> LoadedModel:
     """Load a Gemma 4 checkpoint directory (or a pre-quantized localrun one) for inference.
 
     experts: "nf4" (default), "fp4" or "bf16" for the routed experts; a pre-quantized
     directory always uses what it holds. vram / context / resident_fraction shape the
     placement plan: experts that are not resident live in host RAM behind an ExpertStore,
-    whose cache slots are replaced per `cache_policy` ("lru" or "lfu").
+    whose cache slots are replaced per `cache_policy` ("lru" or "lfu"). checkpoint: tensors to
+    read instead of the directory's safetensors (`synthetic.RandomCheckpoint`: a full-size config
+    without its weights on disk); the directory still gives config.json.
     """
     model_dir = Path(model_dir)
     args = load_config(model_dir)
-    ckpt = Checkpoint(model_dir)
+    ckpt = checkpoint if checkpoint is not None else Checkpoint(model_dir)
     dev = resolve_device(device)
     if cache_policy not in POLICIES:
         raise UsageError(f"cache policy must be one of {', '.join(POLICIES)}, not {cache_policy!r}")
@@ -271,3 +274,49 @@ def load_model(
     load_weights(model, ckpt, args, device=dev, dtype=dtype, build_experts=build, progress=progress)
     model.eval().requires_grad_(False)
     return LoadedModel(model, args, model_dir, dev, dtype, experts, plan=plan, store=store)
+
+
+def _distinct_storage_bytes(tensors, seen: set) -> int:
+    """Bytes of the distinct storages behind `tensors` (a storage two tensors share counts once)."""
+    total = 0
+    for t in tensors:
+        storage = t.untyped_storage()
+        key = (storage.device.type, storage.data_ptr())
+        if key not in seen and storage.nbytes():
+            seen.add(key)
+            total += storage.nbytes()
+    return total
+
+
+def memory_report(loaded: LoadedModel) -> dict:
+    """What the plan promised against what the loader holds, per tier: `run --json`'s `memory`.
+
+    device_bytes: distinct storages on the compute device (weights, experts, cache slots, KV);
+    host_bytes: the expert store's host-RAM tier. On CUDA also the allocator's peak and reserved bytes.
+    """
+    model = loaded.model
+    dev = loaded.device
+    seen: set = set()
+    tensors = [t for name, t in [*model.named_parameters(), *model.named_buffers()] if not name.startswith("inv_freq_")]
+    for layer in model.layers:
+        experts = getattr(layer, "experts", None)
+        tensors += [p.buffer for p in getattr(experts, "experts", [])]
+    store = loaded.store
+    host = 0
+    if store is not None:
+        tensors += store.device_tensors()
+        host = _distinct_storage_bytes(store.host_tensors(), set())
+    device = _distinct_storage_bytes([t for t in tensors if t.device.type == dev.type], seen)
+    plan = loaded.plan
+    out = {
+        "planned_device_bytes": plan.device_bytes if plan else None,
+        "device_bytes": device,
+        "planned_host_bytes": plan.host_bytes if plan else None,
+        "host_bytes": host,
+        "cache_slots": plan.cache_slots if plan else 0,
+    }
+    if dev.type == "cuda":
+        out["peak_device_bytes"] = torch.cuda.max_memory_allocated(dev)
+        out["reserved_device_bytes"] = torch.cuda.memory_reserved(dev)
+        out["allocated_device_bytes"] = torch.cuda.memory_allocated(dev)
+    return out

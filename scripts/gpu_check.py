@@ -1,0 +1,502 @@
+#!/usr/bin/env python3
+"""The one prepared command for a session lent a GPU: prove and measure localrun's CUDA paths.
+
+    python scripts/gpu_check.py OUTDIR            # on a CUDA machine (see ../shared/gpu/README.md)
+    python scripts/gpu_check.py OUTDIR --dry      # on the CPU: every step, CPU stand-ins for CUDA
+
+Each step runs in a child process of its own under a time limit, so a CUDA error or a hang costs
+that step, not the report. Results stream to stdout as they come and end up in OUTDIR as
+`gpu_check.json` (everything) and `gpu_check.md` (the report to commit under docs/gpu/).
+
+Steps:
+  env        versions, device, measured device-to-device and pinned host-to-device bandwidth
+  attention  which SDPA backends take each of 26B-A4B's layer kinds (decode and prefill), and timings
+  exact      CUDA fp32 vs CPU fp32 greedy tokens and logprobs at resident 1.0 / 0.5 / 0 (tiny, bench);
+             CUDA bf16: first divergence from fp32
+  demo       the demo model answers "What is 17 + 25?" with 42 on CUDA with every expert in host RAM
+  big        random-weight model with the real 26B-A4B config (built in memory, quantized to NF4
+             on the device): planned vs placed vs peak vs reserved bytes; decode and prefill tok/s;
+             kernel launches and host syncs per decoded token; once every expert resident, once
+             under a forced 16 GiB budget
+  kernels    4-bit MoE kernels vs bitsandbytes at 26B-A4B's shapes (when localrun has them)
+
+--dry replaces CUDA with the CPU and 26B-A4B with a scaled-down model of the same structure, so
+the test suite runs every step's code (tests/test_gpu_check.py) and the script cannot rot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+REFERENCE_CONFIG = ROOT / "scripts" / "configs" / "gemma-4-26B-A4B-it.config.json"
+GIB = 1 << 30
+STEPS = {  # name -> seconds it may take on one H100 (the whole check must end within 8 minutes)
+    "env": 60,
+    "attention": 60,
+    "exact": 120,
+    "demo": 60,
+    "big": 200,
+    "kernels": 90,
+}
+DRY_TIMEOUT = 300
+
+
+# Helpers shared by the steps -----------------------------------------------------------------
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def device_for(dry: bool):
+    torch = _torch()
+    if dry:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: run with --dry on a machine without a GPU")
+    return torch.device("cuda")
+
+
+def sync(dev) -> None:
+    if dev.type == "cuda":
+        _torch().cuda.synchronize(dev)
+
+
+def best_seconds(fn, repeat: int, dev) -> float:
+    fn()
+    sync(dev)
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        sync(dev)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def greedy(model, ids: list[int], n: int, dev) -> tuple[list[int], list[float]]:
+    """n greedy tokens (no stop ids) and their logprobs."""
+    from localrun.generate import generate
+    from localrun.sampling import SamplingParams, make_sampler
+
+    tokens, logprobs = [], []
+    for step in generate(model, ids, make_sampler(SamplingParams(), device=dev), max_tokens=n):
+        tokens.append(step.token)
+        logprobs.append(step.logprob)
+    return tokens, logprobs
+
+
+def first_divergence(a: list[int], b: list[int]) -> int | None:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def memory_figures(loaded, dev) -> dict:
+    """Planned vs placed bytes (and the allocator's view on CUDA), as `run --json` reports them."""
+    from localrun.loader import memory_report
+
+    return memory_report(loaded)
+
+
+def timed(label: str, fn, results: dict):
+    """Run fn; record its value (or its error) under `label`; print as it goes."""
+    start = time.perf_counter()
+    try:
+        value = fn()
+        results[label] = value
+        print(f"  {label}: {json.dumps(value, default=str)[:400]} ({time.perf_counter() - start:.1f} s)", flush=True)
+    except Exception as e:  # one check failing must not hide the others
+        results[label] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-3000:]}
+        print(f"  {label}: FAILED {type(e).__name__}: {e}", flush=True)
+        traceback.print_exc()
+    return results[label]
+
+
+# Steps ---------------------------------------------------------------------------------------
+
+def step_env(dry: bool) -> dict:
+    torch = _torch()
+    out: dict = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+                 "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count()}
+    for pkg in ("bitsandbytes", "triton", "transformers"):
+        try:
+            out[pkg] = __import__(pkg).__version__
+        except Exception as e:
+            out[pkg] = f"unavailable ({type(e).__name__}: {e})"
+    dev = device_for(dry)
+    if dev.type == "cuda":
+        props = torch.cuda.get_device_properties(dev)
+        out.update(device=props.name, memory_bytes=props.total_memory, sms=props.multi_processor_count,
+                   capability=f"{props.major}.{props.minor}")
+        out["bandwidth"] = bandwidth(dev)
+    else:
+        out["device"] = "cpu (dry run)"
+    return out
+
+
+def bandwidth(dev) -> dict:
+    """Device copy bandwidth (bytes read + written per second) and pinned host-to-device bandwidth."""
+    torch = _torch()
+    n = 1 * GIB
+    a = torch.empty(n, dtype=torch.uint8, device=dev)
+    b = torch.empty_like(a)
+    d2d = 2 * n / best_seconds(lambda: b.copy_(a), 5, dev)
+    del a, b
+    host = torch.empty(256 << 20, dtype=torch.uint8).pin_memory()
+    d = torch.empty(host.shape, dtype=torch.uint8, device=dev)
+    h2d = host.numel() / best_seconds(lambda: d.copy_(host, non_blocking=True), 5, dev)
+    small = torch.empty(3_350_000, dtype=torch.uint8).pin_memory()  # one 26B-A4B NF4 expert
+    ds = torch.empty(small.shape, dtype=torch.uint8, device=dev)
+    expert = best_seconds(lambda: ds.copy_(small, non_blocking=True), 20, dev)
+    return {"device_copy_bytes_per_s": d2d, "h2d_pinned_bytes_per_s": h2d, "h2d_one_expert_us": expert * 1e6}
+
+
+def step_attention(dry: bool) -> dict:
+    """For each 26B-A4B layer kind: which SDPA backends accept decode (T=1, enable_gqa) and prefill
+    (T=512, boolean mask), how long each takes, and what localrun's `attend` costs there."""
+    torch = _torch()
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from localrun.config import load_config
+    from localrun.models.gemma4 import attend
+
+    dev = device_for(dry)
+    args = config_args(dry)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    context = 8192 if not dry else 256
+    backends = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+    out = {}
+    kinds = {"sliding": args.layer_types.index("sliding_attention"), "full": args.layer_types.index("full_attention")}
+    for kind, layer in kinds.items():
+        N, KV, D = args.num_attention_heads, args.layer_kv_heads(layer), args.layer_head_dim(layer)
+        window = args.sliding_window if kind == "sliding" else None
+        for phase, T in (("decode", 1), ("prefill", 512 if not dry else 32)):
+            S = (min(context, window) if window and phase == "decode" else context if phase == "decode"
+                 else (window + T if window else T))
+            q = torch.randn(1, N, T, D, device=dev, dtype=dtype)
+            k = torch.randn(1, KV, S, D, device=dev, dtype=dtype)
+            v = torch.randn_like(k)
+            mask = None
+            if phase == "prefill":
+                mask = torch.ones(T, S, dtype=torch.bool, device=dev).tril(S - T)
+            row = {"N": N, "KV": KV, "D": D, "T": T, "S": S, "backends": {}}
+            for name, backend in backends.items():
+                try:
+                    with sdpa_kernel([backend]):
+                        fn = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0,  # noqa: E731
+                                                                    enable_gqa=KV != N)
+                        row["backends"][name] = round(best_seconds(fn, 5, dev) * 1e6, 1)
+                except Exception as e:
+                    row["backends"][name] = f"rejected: {str(e).splitlines()[0][:120]}"
+            pos_S = torch.arange(S, device=dev)
+            pos_T = pos_S[S - T:]
+            try:
+                fn = lambda: attend(q, k, v, pos_T, pos_S, window)  # noqa: E731
+                row["localrun_attend_us"] = round(best_seconds(fn, 5, dev) * 1e6, 1)
+                row["localrun_backend"] = profiled_backend(fn, dev)
+            except Exception as e:
+                row["localrun_attend_us"] = f"failed: {type(e).__name__}: {e}"
+            out[f"{kind}_{phase}"] = row
+    return out
+
+
+def profiled_backend(fn, dev) -> str:
+    """The attention kernel family `fn` launched, read off a profile (flash / efficient / cudnn / math)."""
+    if dev.type != "cuda":
+        return "cpu"
+    torch = _torch()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        sync(dev)
+    names = " ".join(e.name.lower() for e in prof.events())
+    for family, keys in (("flash", ("flash",)), ("efficient", ("fmha", "efficient", "mem_eff")),
+                         ("cudnn", ("cudnn",))):
+        if any(key in names for key in keys):
+            return family
+    return "math (matmul + softmax kernels)"
+
+
+def config_args(dry: bool):
+    """ModelArgs of 26B-A4B, or in a dry run the same structure scaled down to run on a CPU in seconds."""
+    from localrun.config import ModelArgs
+
+    config = json.loads(REFERENCE_CONFIG.read_text())
+    if dry:
+        text = config["text_config"]
+        text.update(hidden_size=128, intermediate_size=96, moe_intermediate_size=64, num_experts=16, top_k_experts=4,
+                    num_hidden_layers=6, layer_types=text["layer_types"][:6], vocab_size=1024,
+                    vocab_size_per_layer_input=1024, head_dim=32, global_head_dim=64, num_attention_heads=4,
+                    num_key_value_heads=2, num_global_key_value_heads=1, sliding_window=64)
+    return ModelArgs.from_dict(config)
+
+
+def write_config(dry: bool, where: Path) -> Path:
+    config = json.loads(REFERENCE_CONFIG.read_text())
+    if dry:
+        args = config_args(True)
+        text = config["text_config"]
+        for key in ("hidden_size", "intermediate_size", "moe_intermediate_size", "num_experts", "top_k_experts",
+                    "num_hidden_layers", "layer_types", "vocab_size", "vocab_size_per_layer_input", "head_dim",
+                    "global_head_dim", "num_attention_heads", "num_key_value_heads", "num_global_key_value_heads",
+                    "sliding_window"):
+            text[key] = getattr(args, key)
+    config.pop("_comment", None)
+    where.mkdir(parents=True, exist_ok=True)
+    (where / "config.json").write_text(json.dumps(config))
+    return where
+
+
+def step_exact(dry: bool) -> dict:
+    torch = _torch()
+    from localrun.bench import bench_model_dir, bench_prompt
+    from localrun.loader import load_model
+    from localrun.tiny import tiny_config, write_checkpoint
+
+    dev = device_for(dry)
+    out = {}
+    tmp = Path(tempfile.mkdtemp(prefix="gpu-check-"))
+    models = {"tiny": write_checkpoint(tmp / "tiny", tiny_config("moe")), "bench": bench_model_dir(tmp)}
+    n = 24 if not dry else 8
+    for name, path in models.items():
+        rows: dict = {}
+        vocab = json.loads((path / "config.json").read_text())["vocab_size"]
+        ids = bench_prompt(40, vocab)
+        ref_tokens, ref_lp = greedy(load_model(path, device="cpu", dtype=torch.float32).model, ids, n, "cpu")
+        for frac in (1.0, 0.5, 0.0):
+            def run(frac=frac):
+                loaded = load_model(path, device=str(dev), dtype=torch.float32, resident_fraction=frac)
+                tokens, lp = greedy(loaded.model, ids, n, dev)
+                return {"tokens_identical": tokens == ref_tokens, "first_divergence": first_divergence(tokens, ref_tokens),
+                        "max_logprob_diff": max(abs(a - b) for a, b in zip(lp, ref_lp))}
+            timed(f"{name} fp32 {dev.type} vs cpu, resident {frac}", run, rows)
+
+        def bf16():
+            loaded = load_model(path, device=str(dev), dtype=torch.bfloat16)
+            fp32 = load_model(path, device=str(dev), dtype=torch.float32)
+            a, _ = greedy(loaded.model, ids, n, dev)
+            b, _ = greedy(fp32.model, ids, n, dev)
+            return {"first_divergence_bf16_vs_fp32": first_divergence(a, b), "tokens": n}
+        timed(f"{name} bf16 vs fp32 on {dev.type}", bf16, rows)
+        out[name] = rows
+    return out
+
+
+def step_demo(dry: bool) -> dict:
+    torch = _torch()
+    from localrun.demo import demo_model_dir
+    from localrun.engine import Engine
+    from localrun.sampling import SamplingParams
+
+    dev = device_for(dry)
+    engine = Engine.load(demo_model_dir(), device=str(dev), dtype=torch.bfloat16, resident_fraction=0.0)
+    ids = engine.encode_prompt("What is 17 + 25?")
+    text = "".join(t for t, _ in engine.stream_text(engine.stream(ids, SamplingParams(), max_tokens=8)))
+    return {"answer": text, "correct": text.strip() == "42", "expert_cache": engine.loaded.expert_stats()}
+
+
+def step_big(dry: bool) -> dict:
+    """26B-A4B with random weights: once every expert resident, once under a 16 GiB budget."""
+    torch = _torch()
+    dev = device_for(dry)
+    out = {}
+    placements = {"resident": {}, "16GiB": {"vram": 16 * GIB}} if not dry else \
+        {"resident": {}, "half": {"resident_fraction": 0.5}}
+    for name, kwargs in placements.items():
+        rows: dict = {}
+        timed(name, lambda: big_model_run(dry, dev, kwargs, rows), rows)
+        out[name] = rows
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    return out
+
+
+def big_model_run(dry: bool, dev, load_kwargs: dict, rows: dict) -> dict:
+    torch = _torch()
+    from localrun.bench import bench_prompt
+    from localrun.loader import load_model
+    from localrun.synthetic import RandomCheckpoint
+
+    model_dir = write_config(dry, Path(tempfile.mkdtemp(prefix="gpu-check-big-")))
+    from localrun.config import load_config
+
+    args = load_config(model_dir)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    start = time.perf_counter()
+    loaded = load_model(model_dir, device=str(dev), dtype=torch.bfloat16, experts="nf4",
+                        checkpoint=RandomCheckpoint(args, device=dev), **load_kwargs)
+    sync(dev)
+    rows["load_s"] = round(time.perf_counter() - start, 2)
+    rows["plan"] = {k: loaded.plan.to_dict()[k] for k in ("resident_experts_per_layer", "cache_slots", "device_bytes",
+                                                           "host_bytes", "context", "device_budget_bytes")}
+    rows["memory_after_load"] = memory_figures(loaded, dev)
+    print(f"  loaded in {rows['load_s']} s: {json.dumps(rows['memory_after_load'])}", flush=True)
+    model = loaded.model
+    prompt, gen = (512, 32) if not dry else (32, 8)
+    ids = bench_prompt(prompt, args.vocab_size)
+    t1 = best_seconds(lambda: greedy(model, ids, 1, dev), 2, dev)
+    tn = best_seconds(lambda: greedy(model, ids, gen, dev), 2, dev)
+    rows["prefill_tokens_per_s"] = round(prompt / t1, 1)
+    rows["decode_tokens_per_s"] = round((gen - 1) / (tn - t1), 2)
+    short = bench_prompt(16, args.vocab_size)
+    t1s = best_seconds(lambda: greedy(model, short, 1, dev), 2, dev)
+    tns = best_seconds(lambda: greedy(model, short, gen, dev), 2, dev)
+    rows["decode_tokens_per_s_after_16"] = round((gen - 1) / (tns - t1s), 2)
+    rows["memory_after_decode"] = memory_figures(loaded, dev)
+    timed("per_token", lambda: per_token_counts(model, short, dev), rows)
+    if loaded.store is not None:
+        rows["expert_cache"] = loaded.expert_stats()
+    return {k: rows[k] for k in ("load_s", "prefill_tokens_per_s", "decode_tokens_per_s", "decode_tokens_per_s_after_16")}
+
+
+def per_token_counts(model, ids: list[int], dev) -> dict:
+    """Kernel launches and host syncs of one decoded token (the difference of 2 and 3 generated tokens,
+    so prefill and the first sampling step cancel)."""
+    torch = _torch()
+
+    def counts(n: int) -> tuple[int, int]:
+        if dev.type != "cuda":
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                greedy(model, ids, n, dev)
+            return sum(1 for e in prof.events() if e.name.startswith("aten::")), 0
+        import warnings
+
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,
+                                                torch.profiler.ProfilerActivity.CPU]) as prof:
+            greedy(model, ids, n, dev)
+            sync(dev)
+        kernels = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+                      and "memcpy" not in e.name.lower() and "memset" not in e.name.lower())
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                greedy(model, ids, n, dev)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        syncs = sum(1 for w in caught if "synchroniz" in str(w.message).lower())
+        return kernels, syncs
+
+    greedy(model, ids, 3, dev)  # warm
+    k2, s2 = counts(2)
+    k3, s3 = counts(3)
+    label = "kernels" if dev.type == "cuda" else "aten_ops"
+    return {f"{label}_per_token": k3 - k2, "host_syncs_per_token": s3 - s2}
+
+
+def step_kernels(dry: bool) -> dict:
+    try:
+        from localrun.kernels import triton_moe
+    except ImportError as e:
+        return {"skipped": f"no 4-bit MoE kernel module yet ({e})"}
+    bench = getattr(triton_moe, "benchmark_moe_4bit", None)
+    if bench is None:
+        return {"skipped": "triton_moe has no benchmark_moe_4bit"}
+    return bench(device=str(device_for(dry)), dry=dry)
+
+
+STEP_FUNCTIONS = {"env": step_env, "attention": step_attention, "exact": step_exact, "demo": step_demo,
+                  "big": step_big, "kernels": step_kernels}
+
+
+# The driver ----------------------------------------------------------------------------------
+
+def run_child(step: str, dry: bool, result: Path) -> None:
+    """Inside the child process: run one step and write its result as JSON."""
+    start = time.perf_counter()
+    try:
+        value = STEP_FUNCTIONS[step](dry)
+    except BaseException as e:  # noqa: BLE001 - the report records whatever stopped the step
+        traceback.print_exc()
+        value = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-3000:]}
+    value = {"seconds": round(time.perf_counter() - start, 1), **value} if isinstance(value, dict) else value
+    result.write_text(json.dumps(value, default=str, indent=1))
+
+
+def run_steps(steps: list[str], dry: bool, out_dir: Path) -> dict:
+    report: dict = {"dry": dry, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "steps": {}}
+    for step in steps:
+        limit = DRY_TIMEOUT if dry else STEPS[step]
+        print(f"== {step} (limit {limit} s)", flush=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            result = Path(tmp) / "result.json"
+            cmd = [sys.executable, __file__, str(out_dir), "--child", step, "--result", str(result)]
+            if dry:
+                cmd.append("--dry")
+            start = time.perf_counter()
+            try:
+                proc = subprocess.run(cmd, timeout=limit)
+                value = json.loads(result.read_text()) if result.is_file() else \
+                    {"error": f"child exited {proc.returncode} without a result"}
+            except subprocess.TimeoutExpired:
+                value = {"error": f"timed out after {limit} s"}
+            value.setdefault("seconds", round(time.perf_counter() - start, 1))
+        report["steps"][step] = value
+        print(f"-- {step}: {'FAILED ' + value['error'] if 'error' in value else 'ok'} in {value['seconds']} s",
+              flush=True)
+        write_report(report, out_dir)
+    return report
+
+
+def write_report(report: dict, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str))
+    (out_dir / "gpu_check.md").write_text(markdown(report))
+
+
+def markdown(report: dict) -> str:
+    env = report["steps"].get("env", {})
+    lines = [f"# localrun GPU check{' (dry run on the CPU)' if report['dry'] else ''}", "",
+             f"Started {report['started']}; device: {env.get('device', '?')}; torch {env.get('torch', '?')} "
+             f"(CUDA {env.get('cuda', '?')}), bitsandbytes {env.get('bitsandbytes', '?')}, triton {env.get('triton', '?')}.",
+             ""]
+    for step, value in report["steps"].items():
+        lines += [f"## {step} ({value.get('seconds', '?')} s)", ""]
+        if "error" in value:
+            lines += [f"**FAILED**: `{value['error']}`", "", "```", value.get("traceback", "").strip(), "```", ""]
+            continue
+        lines += ["```json", json.dumps({k: v for k, v in value.items() if k != "seconds"}, indent=1, default=str),
+                  "```", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("out_dir", type=Path)
+    p.add_argument("--dry", action="store_true", help="run on the CPU with a scaled-down model")
+    p.add_argument("--only", default=None, help="comma-separated steps (default: all)")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--result", type=Path, default=None, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.child:
+        run_child(a.child, a.dry, a.result)
+        return 0
+    steps = list(STEPS) if a.only is None else a.only.split(",")
+    unknown = [s for s in steps if s not in STEPS]
+    if unknown:
+        p.error(f"unknown step(s) {', '.join(unknown)}; choose from {', '.join(STEPS)}")
+    report = run_steps(steps, a.dry, a.out_dir)
+    failed = [s for s, v in report["steps"].items() if "error" in v]
+    print(f"report: {a.out_dir / 'gpu_check.md'}" + (f" ({len(failed)} step(s) failed: {', '.join(failed)})" if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
