@@ -75,10 +75,14 @@ class Engine:
         return self.encode_messages(messages, enable_thinking=enable_thinking)
 
     def stream(self, prompt_ids: list[int], params: SamplingParams, *, max_tokens: int,
-               ignore_eos: bool = False) -> Iterator[Step]:
+               ignore_eos: bool = False, step: str = "auto") -> Iterator[Step]:
+        """Generated steps for a prompt, in the loaded model's KV buffers (allocated once for the
+        planned context: a reply ends with finish_reason "length" when it fills them). step: the
+        decode step, see localrun/step.py ("auto": CUDA graphs where every expert routes on the device)."""
         sampler = make_sampler(params, device=self.loaded.device)
         stop = () if ignore_eos else self.eos_ids
-        return generate(self.model, prompt_ids, sampler, max_tokens=max_tokens, stop_ids=stop)
+        return generate(self.model, prompt_ids, sampler, max_tokens=max_tokens, stop_ids=stop,
+                        cache=self.loaded.kv, step=step)
 
     def stream_text(self, steps: Iterator[Step]) -> Iterator[tuple[str, Step]]:
         """(new text, step) per step; the stop token itself adds no text."""

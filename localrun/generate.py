@@ -8,11 +8,11 @@ from typing import Iterator
 
 import torch
 
-from .kvcache import KVCache
+from .kvcache import ContextFull, KVCache
 from .sampling import Sampler
+from .step import make_step
 
 PREFILL_CHUNK = 512  # tokens per prefill forward: bounds activation memory, not the result
-KV_RESERVE_MAX = 8192  # a huge --max-tokens must not preallocate KV for positions never reached
 
 
 @dataclass
@@ -74,6 +74,32 @@ def decode_one(model, token: int | torch.Tensor, cache: KVCache) -> torch.Tensor
     return model.logits(model.hidden(ids, cache))[0, -1].float()
 
 
+class _HostToken:
+    """The sampled id's trip to the host, started as soon as it is sampled and waited for only when
+    the host needs it: on CUDA the next step is already queued by then, so the GPU never idles on it."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self._host = [torch.empty(1, dtype=torch.long).pin_memory() for _ in range(2)]
+            self._events = [torch.cuda.Event(), torch.cuda.Event()]
+        self._n = 0
+
+    def start(self, token_1: torch.Tensor):
+        if not self.cuda:
+            return token_1
+        i = self._n = self._n ^ 1
+        self._host[i].copy_(token_1, non_blocking=True)
+        self._events[i].record()
+        return i
+
+    def wait(self, ticket) -> int:
+        if not self.cuda:
+            return int(ticket)
+        self._events[ticket].synchronize()
+        return int(self._host[ticket])
+
+
 @torch.inference_mode()
 def generate(
     model,
@@ -84,23 +110,52 @@ def generate(
     stop_ids: list[int] | tuple[int, ...] = (),
     cache: KVCache | None = None,
     prefill_chunk: int = PREFILL_CHUNK,
+    step: str = "eager",
 ) -> Iterator[Step]:
-    """Yield generated tokens until an id in `stop_ids` (included, finish "stop") or `max_tokens` ("length")."""
+    """Yield generated tokens until an id in `stop_ids` (included, finish "stop"), `max_tokens` or the
+    cache's capacity (finish "length": prompt plus reply never outgrow the context).
+
+    cache: the KV buffers to use (a loaded model's, allocated once for the planned context; reset
+    here), else a cache sized for this prompt and reply. step: the decode step (localrun/step.py):
+    "eager", "static", "graphs" or "auto". The host reads one value per token, the sampled id; on
+    CUDA it reads it while the next step already runs, so a reply that stops computes one step more.
+    """
     if not prompt_ids:
         raise ValueError("generate needs at least one prompt token")
     w = model.embed_tokens.weight
-    reserve = min(len(prompt_ids) + max_tokens, KV_RESERVE_MAX)  # full layers grow by doubling past it
-    cache = cache or KVCache(model.args, dtype=model.compute_dtype, device=w.device, reserve=reserve)
+    if cache is None:
+        capacity = min(len(prompt_ids) + max(max_tokens, 1), model.args.max_position_embeddings)
+        cache = KVCache(model.args, dtype=model.compute_dtype, device=w.device, capacity=max(capacity, 1))
+    cache.reset()
+    if len(prompt_ids) >= cache.capacity:
+        raise ContextFull(f"the prompt has {len(prompt_ids)} tokens but the context holds {cache.capacity}: "
+                          "no room for a reply")
+    limit = min(max_tokens, cache.capacity - len(prompt_ids))  # the last token sampled is never fed back
+    decode = make_step(model, cache, step)
     timings = Timings(prompt_tokens=len(prompt_ids))
-    seen = torch.empty(len(prompt_ids) + max_tokens, dtype=torch.long, device=w.device)  # prompt, then outputs
+    seen = torch.empty(len(prompt_ids) + limit, dtype=torch.long, device=w.device)  # prompt, then outputs
     seen[: len(prompt_ids)] = torch.tensor(prompt_ids)
     n_seen = len(prompt_ids)
     stop = set(stop_ids)
+    host = _HostToken(w.device)
     start = time.perf_counter()
     logits = prefill(model, prompt_ids, cache, prefill_chunk)
     timings.prefill_s = time.perf_counter() - start
-    for n in range(1, max_tokens + 1):
-        token = sampler(logits, seen[:n_seen])
+
+    def queue(token_1: torch.Tensor, position: int):
+        """Feed a sampled id (still on the device) back in and sample the next one."""
+        seen[position : position + 1] = token_1
+        logits = decode(token_1.view(1, 1), position)
+        token = sampler.token(logits, seen[: position + 1])
+        return logits, token, host.start(token)
+
+    token_1 = sampler.token(logits, seen[:n_seen])
+    ticket = host.start(token_1)
+    for n in range(1, limit + 1):
+        ahead = host.cuda and n < limit  # CUDA: queue the next step before reading this token
+        if ahead:
+            upcoming = queue(token_1, n_seen)
+        token = host.wait(ticket)
         now = time.perf_counter()
         if n == 1:
             timings.ttft_s = now - start
@@ -108,10 +163,11 @@ def generate(
         else:
             timings.decode_s = now - first
         timings.generated_tokens = n
-        finish = "stop" if token in stop else "length" if n == max_tokens else None
+        finish = "stop" if token in stop else "length" if n == limit else None
         yield Step(token, logits, finish, timings)
         if finish:
             return
-        seen[n_seen] = token
+        if not ahead:
+            upcoming = queue(token_1, n_seen)
         n_seen += 1
-        logits = decode_one(model, seen[n_seen - 1 : n_seen].view(1, 1), cache)
+        logits, token_1, ticket = upcoming

@@ -12,38 +12,48 @@ from __future__ import annotations
 import torch
 
 from .config import ModelArgs
+from .errors import LocalrunError
+
+
+class ContextFull(LocalrunError):
+    """More positions than the cache was allocated for (the planned context)."""
 
 
 class FullKV:
-    """Keys and values for every position so far. Grows by doubling, so decode never reallocates
-    more than log2(context) times; `reserve` preallocates when the context length is known."""
+    """Keys and values of every position so far, in buffers allocated once for `capacity` positions
+    (the planned context): memory is the plan's from the first token, and never grows or moves."""
 
-    def __init__(self, B: int, N: int, D: int, dtype, device, reserve: int = 256):
-        self.k = torch.empty(B, N, reserve, D, dtype=dtype, device=device)
-        self.v = torch.empty_like(self.k)
-        self.pos = torch.arange(reserve, device=device)  # positions of the slots, sliced, not rebuilt per step
+    def __init__(self, B: int, N: int, D: int, dtype, device, capacity: int):
+        self.k = torch.zeros(B, N, capacity, D, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.pos = torch.arange(capacity, device=device)  # positions of the slots, sliced, not rebuilt per step
         self.length = 0
 
-    def _grow(self, need: int) -> None:
-        cap = self.k.shape[2]
-        if need <= cap:
-            return
-        new_cap = max(need, 2 * cap)
-        for name in ("k", "v"):
-            old = getattr(self, name)
-            new = old.new_empty(*old.shape[:2], new_cap, old.shape[3])
-            new[:, :, : self.length] = old[:, :, : self.length]
-            setattr(self, name, new)
-        self.pos = torch.arange(new_cap, device=self.pos.device)
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+    def reset(self) -> None:
+        self.length = 0
 
     def update(self, k_BNTD, v_BNTD, pos_T):
+        """Append T positions known to the host; (keys, values, positions) of everything so far."""
         T = k_BNTD.shape[2]
-        self._grow(self.length + T)
-        self.k[:, :, self.length : self.length + T] = k_BNTD
-        self.v[:, :, self.length : self.length + T] = v_BNTD
-        self.length += T
-        end = self.length
+        end = self.length + T
+        if end > self.capacity:
+            raise ContextFull(f"{end} positions exceed the KV cache's {self.capacity}")
+        self.k[:, :, self.length : end] = k_BNTD
+        self.v[:, :, self.length : end] = v_BNTD
+        self.length = end
         return self.k[:, :, :end], self.v[:, :, :end], self.pos[:end]
+
+    def write(self, k_BN1D, v_BN1D, pos_1, span: int):
+        """The static step's update: write one position given as a device tensor (no host value read),
+        return the first `span` slots and their visibility [1, span] (slots past `pos` are masked)."""
+        self.k.index_copy_(2, pos_1, k_BN1D)
+        self.v.index_copy_(2, pos_1, v_BN1D)
+        pos_S = self.pos[:span]
+        return self.k[:, :, :span], self.v[:, :, :span], (pos_S <= pos_1)[None, :]
 
     @property
     def nbytes(self) -> int:
@@ -60,6 +70,10 @@ class RingKV:
         self.pos = torch.full((window,), -1, dtype=torch.long, device=device)  # -1: empty slot
         self.filled = 0  # slots [0, filled) hold positions: positions start at 0, slot = pos % window
         self.next = 0  # the next position to write
+
+    def reset(self) -> None:
+        self.pos.fill_(-1)
+        self.filled = self.next = 0
 
     def _write(self, k_BNTD, v_BNTD, pos_T) -> None:
         keep = min(k_BNTD.shape[2], self.window)
@@ -89,17 +103,35 @@ class RingKV:
         self._write(k_BNTD, v_BNTD, pos_T)
         return k, v, pos
 
+    def write(self, k_BN1D, v_BN1D, pos_1, span: int):
+        """The static step's update (see FullKV.write): slot pos % window, all `window` slots returned,
+        empty ones (-1) masked. `span` is the full layers' key count; a ring always shows its window."""
+        slot = pos_1 % self.window
+        self.k.index_copy_(2, slot, k_BN1D)
+        self.v.index_copy_(2, slot, v_BN1D)
+        self.pos.index_copy_(0, slot, pos_1)
+        return self.k, self.v, (self.pos >= 0)[None, :]
+
     @property
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
 
 
 class KVCache:
-    """Per-layer caches of one sequence. KV-shared layers (E2B/E4B) own none: they read their
-    source layer's keys and values from the same forward pass."""
+    """Per-layer caches of one sequence, allocated once for `capacity` positions. KV-shared layers
+    (E2B/E4B) own none: they read their source layer's keys and values from the same forward pass.
 
-    def __init__(self, args: ModelArgs, *, batch: int = 1, dtype=torch.float32, device="cpu", reserve: int = 256):
+    `offset` counts the positions written so far (the host knows it: it drives generation). The
+    static decode step (localrun/step.py) writes at a device position instead and sets `span`,
+    the number of full-layer slots its attention reads (a fixed bucket, so shapes stay static).
+    """
+
+    def __init__(self, args: ModelArgs, *, batch: int = 1, dtype=torch.float32, device="cpu", capacity: int = 256):
+        if capacity < 1:
+            raise ValueError(f"KV capacity must be at least 1 position, not {capacity}")
+        self.capacity = capacity
         self.offset = 0  # positions already in the cache
+        self.span: int | None = None  # set by the static step while it runs
         self.layers: list[FullKV | RingKV | None] = []
         for i in range(args.num_hidden_layers):
             if args.kv_source_layer(i) != i:
@@ -109,7 +141,27 @@ class KVCache:
             if args.is_sliding(i):
                 self.layers.append(RingKV(batch, N, D, args.sliding_window, dtype, device))
             else:
-                self.layers.append(FullKV(batch, N, D, dtype, device, reserve))
+                self.layers.append(FullKV(batch, N, D, dtype, device, capacity))
+
+    def reset(self) -> None:
+        """Forget the sequence (the buffers stay: a new generation reuses them)."""
+        self.offset = 0
+        for layer in self.layers:
+            if layer is not None:
+                layer.reset()
+
+    def advance(self, end: int) -> None:
+        """After the static step wrote position end - 1 at a device position: bring the host's
+        counters (offset, each layer's length / ring fill) to where eager updates would have left them."""
+        self.offset = end
+        for layer in self.layers:
+            if isinstance(layer, FullKV):
+                layer.length = end
+            elif isinstance(layer, RingKV):
+                layer.next, layer.filled = end, min(layer.window, end)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for layer in self.layers if layer is not None for t in (layer.k, layer.v, layer.pos)]
 
     @property
     def nbytes(self) -> int:

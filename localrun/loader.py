@@ -21,6 +21,7 @@ from .config import ModelArgs, load_config
 from .errors import LocalrunError, UsageError
 from .experts import POLICIES, ExpertStore, calibrate
 from .hardware import detect_gpu, detect_host_ram
+from .kvcache import KVCache
 from .models.gemma4 import Gemma4Model, sanitize
 from .moe import DenseExperts, activation
 from .plan import Budget, Plan, make_plan
@@ -48,6 +49,7 @@ class LoadedModel:
     experts: str
     plan: Plan | None = None
     store: ExpertStore | None = None  # set when some experts live in host RAM
+    kv: KVCache | None = None  # allocated once for the plan's context; every generation reuses it
 
     def expert_stats(self) -> dict | None:
         """Expert cache counters (hits, misses, bytes_copied, cpu_experts, ...) when a store is in use."""
@@ -273,7 +275,8 @@ def load_model(
 
     load_weights(model, ckpt, args, device=dev, dtype=dtype, build_experts=build, progress=progress)
     model.eval().requires_grad_(False)
-    return LoadedModel(model, args, model_dir, dev, dtype, experts, plan=plan, store=store)
+    kv = KVCache(args, dtype=dtype, device=dev, capacity=plan.context)
+    return LoadedModel(model, args, model_dir, dev, dtype, experts, plan=plan, store=store, kv=kv)
 
 
 def _distinct_storage_bytes(tensors, seen: set) -> int:
@@ -301,6 +304,8 @@ def memory_report(loaded: LoadedModel) -> dict:
     for layer in model.layers:
         experts = getattr(layer, "experts", None)
         tensors += [p.buffer for p in getattr(experts, "experts", [])]
+    if loaded.kv is not None:
+        tensors += loaded.kv.tensors()
     store = loaded.store
     host = 0
     if store is not None:

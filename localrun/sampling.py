@@ -7,8 +7,6 @@ tokens set to -inf. Temperature 0 means argmax (greedy); no randomness is drawn 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
-
 import torch
 
 from .errors import UsageError
@@ -75,23 +73,34 @@ def apply_min_p(logits_V: torch.Tensor, min_p: float) -> torch.Tensor:
     return logits_V.masked_fill(probs < min_p * probs.max(), NEG_INF)
 
 
-Sampler = Callable[[torch.Tensor, torch.Tensor], int]
+class Sampler:
+    """sampler(logits_V, seen_ids) -> token id. Greedy at temperature 0, else the filters then a draw.
 
+    `token(logits_V, seen_ids)` does the same on the logits' device and returns the id as a device
+    tensor [1] without reading it: generation can queue the next step before the host learns it.
+    """
 
-def make_sampler(params: SamplingParams, device="cpu") -> Sampler:
-    """sampler(logits_V, seen_ids) -> token id. Greedy at temperature 0, else the filters then a draw."""
-    gen = None
-    if params.temperature > 0:
-        gen = torch.Generator(device=device)
-        gen.manual_seed(params.seed if params.seed is not None else torch.seed())
+    def __init__(self, params: SamplingParams, device="cpu"):
+        self.params = params
+        self.generator = None
+        if params.temperature > 0:
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(params.seed if params.seed is not None else torch.seed())
 
-    def sample(logits_V: torch.Tensor, seen: torch.Tensor) -> int:
+    def token(self, logits_V: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+        params = self.params
         logits = apply_repetition_penalty(logits_V.float(), seen, params.repetition_penalty)
         if params.temperature == 0:
-            return int(torch.argmax(logits))
+            return torch.argmax(logits).view(1)
         logits = logits / params.temperature
         logits = apply_min_p(apply_top_p(apply_top_k(logits, params.top_k), params.top_p), params.min_p)
         probs = torch.softmax(logits, dim=-1)
-        return int(torch.multinomial(probs, 1, generator=gen))
+        return torch.multinomial(probs, 1, generator=self.generator)
 
-    return sample
+    def __call__(self, logits_V: torch.Tensor, seen: torch.Tensor) -> int:
+        return int(self.token(logits_V, seen))
+
+
+def make_sampler(params: SamplingParams, device="cpu") -> Sampler:
+    """A Sampler for `params` whose random draws (if any) come from a generator on `device`."""
+    return Sampler(params, device)

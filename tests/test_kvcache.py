@@ -2,31 +2,56 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from localrun.config import ModelArgs
-from localrun.kvcache import FullKV, KVCache, RingKV, attention_mask
+from localrun.kvcache import ContextFull, FullKV, KVCache, RingKV, attention_mask
 from localrun.tiny import tiny_config
 
 
-def test_sliding_memory_stops_at_the_window():
+def test_memory_is_allocated_once_for_the_capacity():
+    """Sliding layers hold a ring of the window, full layers the capacity, from the first token on:
+    writing positions moves no byte count, and one position past the capacity is refused."""
     args = ModelArgs.from_dict(tiny_config("moe"))
-    cache = KVCache(args, reserve=4)
-    sizes = []
+    cache = KVCache(args, capacity=40)
+    before = {i: layer.nbytes for i, layer in enumerate(cache.layers)}
+    pointers = [t.data_ptr() for t in cache.tensors()]
     for pos in range(40):
         for i, layer in enumerate(cache.layers):
             N, D = args.layer_kv_heads(i), args.layer_head_dim(i)
             layer.update(torch.randn(1, N, 1, D), torch.randn(1, N, 1, D), torch.tensor([pos]))
-        sizes.append({i: layer.nbytes for i, layer in enumerate(cache.layers)})
-    sliding = [i for i in range(args.num_hidden_layers) if args.is_sliding(i)]
-    full = [i for i in range(args.num_hidden_layers) if not args.is_sliding(i)]
-    for i in sliding:
-        assert isinstance(cache.layers[i], RingKV)
-        assert len({s[i] for s in sizes}) == 1  # never grows
-        assert cache.layers[i].k.shape[2] == args.sliding_window
-    for i in full:
-        assert isinstance(cache.layers[i], FullKV) and cache.layers[i].length == 40
-        assert sizes[-1][i] > sizes[3][i]  # grew with the context
+    assert {i: layer.nbytes for i, layer in enumerate(cache.layers)} == before
+    assert [t.data_ptr() for t in cache.tensors()] == pointers
+    for i, layer in enumerate(cache.layers):
+        if args.is_sliding(i):
+            assert isinstance(layer, RingKV) and layer.k.shape[2] == args.sliding_window
+        else:
+            assert isinstance(layer, FullKV) and layer.length == 40 and layer.k.shape[2] == 40
+    full = next(layer for layer in cache.layers if isinstance(layer, FullKV))
+    with pytest.raises(ContextFull):
+        full.update(torch.zeros(1, full.k.shape[1], 1, full.k.shape[3]), torch.zeros(1, full.k.shape[1], 1, full.k.shape[3]),
+                    torch.tensor([40]))
+    cache.reset()
+    assert cache.offset == 0 and all(layer.length == 0 for layer in cache.layers if isinstance(layer, FullKV))
+
+
+def test_static_writes_match_host_driven_updates():
+    """FullKV/RingKV.write (device positions, fixed span, mask) stores what update stores, and its
+    mask shows exactly the keys update would return."""
+    torch.manual_seed(0)
+    full_a, full_b = FullKV(1, 2, 4, torch.float32, "cpu", 16), FullKV(1, 2, 4, torch.float32, "cpu", 16)
+    ring_a, ring_b = RingKV(1, 2, 4, 5, torch.float32, "cpu"), RingKV(1, 2, 4, 5, torch.float32, "cpu")
+    for pos in range(12):
+        k, v = torch.randn(1, 2, 1, 4), torch.randn(1, 2, 1, 4)
+        for a, b in ((full_a, full_b), (ring_a, ring_b)):
+            ka, va, pa = a.update(k, v, torch.tensor([pos]))
+            kb, vb, visible = b.write(k, v, torch.tensor([pos]), span=16)
+            shown = kb[:, :, visible[0]]
+            assert sorted(shown[0, 0, :, 0].tolist()) == sorted(ka[0, 0, :, 0].tolist())
+            assert visible.shape[-1] == kb.shape[2]
+    assert torch.equal(full_a.k[:, :, :12], full_b.k[:, :, :12])
+    assert torch.equal(ring_a.k, ring_b.k) and torch.equal(ring_a.pos, ring_b.pos)
 
 
 def test_ring_keeps_the_last_window_positions():

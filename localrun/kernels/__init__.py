@@ -121,6 +121,12 @@ def reset() -> None:
         _lib, _tried = None, False
 
 
+def _tracing() -> bool:
+    """True inside torch.compile's tracing: the C kernels (ctypes) are opaque to it, so the traced
+    graph takes the plain torch path (same math, the compiler's own kernels)."""
+    return torch.compiler.is_compiling()
+
+
 def storage_dtype(compute: torch.dtype, device: torch.device, stored: torch.dtype) -> torch.dtype:
     """The dtype a matrix stored as `stored` in the checkpoint is kept in, to compute in `compute`.
 
@@ -155,6 +161,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     """F.linear(x, w, b), with w possibly bf16 under an fp32 x (see the module docstring)."""
     if x.device.type != "cpu" or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)):
         return F.linear(x, w, b)
+    if _tracing():
+        return F.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype))
     if w.dtype == x.dtype:
         if x.dtype == torch.float32 and _ONEDNN and w.is_contiguous():
             return _onednn(x, w, b)
@@ -180,6 +188,8 @@ def moe(x_TH: torch.Tensor, gate_up_E2IH: torch.Tensor, down_EHI: torch.Tensor, 
     """sum_k w[t,k] * expert_{ids[t,k]}(x[t]) in one call (fp32 x, bf16 experts), or None when the
     kernels don't apply (other dtypes/devices, no library, unknown activation): the caller then
     dispatches expert by expert. Each token's K contributions are summed in fp32."""
+    if _tracing():
+        return None
     lib = library()
     if (lib is None or act not in ACTIVATION_CODES or x_TH.dtype != torch.float32
             or gate_up_E2IH.dtype != torch.bfloat16 or down_EHI.dtype != torch.bfloat16
@@ -225,6 +235,8 @@ def _head_rows(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor | None:
     """F.rms_norm over the last dim of fp32 x on CPU in one call, or None (use torch)."""
+    if _tracing():
+        return None
     lib = library()
     if (lib is None or x.dtype != torch.float32 or x.device.type != "cpu"
             or (weight is not None and (weight.dtype != torch.float32 or not weight.is_contiguous()))):
@@ -242,6 +254,8 @@ def rms_norm_rope(x_BTND: torch.Tensor, weight: torch.Tensor, cos_T1D: torch.Ten
                   eps: float) -> torch.Tensor | None:
     """apply_rope(rms_norm(x, weight), cos, sin) of fp32 heads on CPU in one call, or None (use torch).
     cos/sin are [T, 1, D] with sin's first half negated (see Gemma4Model.rope)."""
+    if _tracing():
+        return None
     lib = library()
     tensors = (x_BTND, weight, cos_T1D, sin_T1D)
     if lib is None or any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):

@@ -156,11 +156,30 @@ def apply_rope(x_BTND, cos_T1D, sin_T1D):
 QUERY_BLOCK = 64  # prefill attends in blocks of queries, each over the keys it can see (64 beat 128 and 32)
 
 
-def attend(q_BNTD, k_BNSD, v_BNSD, pos_T, pos_S, window: int | None, masks: dict | None = None):
+def grouped_sdpa(q_BNTD, k_BNSD, v_BNSD, mask=None):
+    """Attention (scale 1.0) with grouped-query heads, exactly and without `enable_gqa`: the G query
+    heads that share one KV head become that head's query rows ([B, KV, G*T, D]; head h = kv*G + g,
+    as transformers' repeat_kv pairs them), and the [T, S] mask is repeated G times. Every backend
+    takes this (no K/V copied G-fold, as the math fallback of `enable_gqa` does), and head dim 512
+    needs no GQA support from the fused kernels."""
+    B, N, T, D = q_BNTD.shape
+    KV = k_BNSD.shape[1]
+    if KV == N:
+        return F.scaled_dot_product_attention(q_BNTD, k_BNSD, v_BNSD, attn_mask=mask, scale=1.0)
+    G = N // KV
+    if mask is not None and mask.shape[-2] != 1:
+        mask = mask.repeat(G, 1)
+    out = F.scaled_dot_product_attention(q_BNTD.reshape(B, KV, G * T, D), k_BNSD, v_BNSD, attn_mask=mask, scale=1.0)
+    return out.view(B, N, T, D)
+
+
+def attend(q_BNTD, k_BNSD, v_BNSD, pos_T, pos_S, window: int | None, masks: dict | None = None,
+           visible_1S: torch.Tensor | None = None):
     """Attention (scale 1.0, GQA) of the T new queries over the S keys a cache returned, which are
     the earlier positions followed by the T new ones (FullKV, RingKV and KV sharing all return that).
 
-    One token sees every key (the caches return only visible ones). Many tokens go in blocks of
+    One token sees every key (the caches return only visible ones), unless `visible_1S` masks some
+    (the static decode step reads fixed-size buffers). Many tokens go in blocks of
     QUERY_BLOCK queries, each over the contiguous slice of keys that can be visible to it: a
     sliding layer's block reads ~window + block keys instead of all S, a full layer's block only
     the keys up to its last query. Masked keys weigh exactly 0, so the result is the same as one
@@ -168,9 +187,8 @@ def attend(q_BNTD, k_BNSD, v_BNSD, pos_T, pos_S, window: int | None, masks: dict
     layers of the same kind in this forward pass, which see the very same positions.
     """
     T, S = q_BNTD.shape[2], k_BNSD.shape[2]
-    gqa = k_BNSD.shape[1] != q_BNTD.shape[1]
     if T == 1:
-        return F.scaled_dot_product_attention(q_BNTD, k_BNSD, v_BNSD, scale=1.0, enable_gqa=gqa)
+        return grouped_sdpa(q_BNTD, k_BNSD, v_BNSD, visible_1S)
     old = S - T  # keys before the new ones
     outs = []
     for a in range(0, T, QUERY_BLOCK):
@@ -181,9 +199,8 @@ def attend(q_BNTD, k_BNSD, v_BNSD, pos_T, pos_S, window: int | None, masks: dict
             mask = attention_mask(pos_T[a:b], pos_S[first : old + b], window)
             if masks is not None:
                 masks[window, a] = mask
-        outs.append(F.scaled_dot_product_attention(
-            q_BNTD[:, :, a:b], k_BNSD[:, :, first : old + b], v_BNSD[:, :, first : old + b],
-            attn_mask=mask, scale=1.0, enable_gqa=gqa))
+        outs.append(grouped_sdpa(q_BNTD[:, :, a:b], k_BNSD[:, :, first : old + b], v_BNSD[:, :, first : old + b],
+                                 mask))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
@@ -241,19 +258,22 @@ class Attention(nn.Module):
         B, T, _ = x_BTH.shape
         q, raw, v = self.project(x_BTH)
         q = norm_rope(q.view(B, T, -1, self.head_dim), self.q_norm, cos_TD, sin_TD)
+        span = shared.get("span")  # the static decode step's full-layer key count (None: host-driven)
+        visible = None
         if self.shares_kv:
-            k, v, pos_S = shared[self.window is not None]
+            k, v, pos_S, visible = shared[self.window is not None]
         else:
             raw = raw.view(B, T, self.kv_heads, self.head_dim)
             v = raw if v is None else v.view(B, T, self.kv_heads, self.head_dim)
             k = norm_rope(raw, self.k_norm, cos_TD, sin_TD).transpose(1, 2)
             v = rms_norm(v, None, self.eps).transpose(1, 2)
-            if cache is not None:
+            pos_S = pos_T
+            if cache is not None and span is not None:
+                k, v, visible = cache.write(k, v, pos_T, span)
+            elif cache is not None:
                 k, v, pos_S = cache.update(k, v, pos_T)
-            else:
-                pos_S = pos_T
-            shared[self.window is not None] = (k, v, pos_S)  # the last layer of each kind wins
-        out = attend(q.transpose(1, 2), k, v, pos_T, pos_S, self.window, shared.setdefault("masks", {}))
+            shared[self.window is not None] = (k, v, pos_S, visible)  # the last layer of each kind wins
+        out = attend(q.transpose(1, 2), k, v, pos_T, pos_S, self.window, shared.setdefault("masks", {}), visible)
         return project(self.o_proj, out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -424,11 +444,13 @@ class Gemma4Model(nn.Module):
         x = F.embedding(ids_BT, self.embed_tokens.weight).to(dtype) * torch.tensor(self.args.hidden_size**0.5, dtype=dtype)
         per_layer = self._per_layer_inputs(ids_BT, x) if self.args.hidden_size_per_layer_input else None
         shared: dict = {}  # per forward: KV of the last layer of each kind (KV sharing), attention masks
+        if cache is not None and cache.span is not None:
+            shared["span"] = cache.span
         for i, layer in enumerate(self.layers):
             cos, sin = rope[self.args.layer_types[i]]
             layer_cache = cache.layers[i] if cache is not None else None
             x = layer(x, cos, sin, pos_T, layer_cache, shared, None if per_layer is None else per_layer[:, :, i])
-        if cache is not None:
+        if cache is not None and cache.span is None:
             cache.offset += T
         return self.norm(x)
 

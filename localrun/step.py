@@ -1,0 +1,143 @@
+"""Decode steps: how one token goes through the model after the prompt.
+
+`EagerStep` is the host-driven path: the host knows every position, caches return exactly the
+keys written so far, and every kernel launches from Python. `StaticStep` runs the same model at
+fixed shapes: the token and its position are device tensors, every layer writes its K/V at that
+device position (FullKV / RingKV `.write`) and attends over a fixed `span` of slots with a
+visibility mask, so no Python decision reads a device value. Its `forward(span)` is what
+`torch.compile(fullgraph=True)` traces (a proof that nothing in it syncs with the host) and what
+`CudaGraphStep` captures once per span bucket and then replays per token.
+
+Spans are buckets (powers of two from MIN_SPAN up to the cache's capacity): a token at position p
+uses the smallest bucket above p, so a short chat reads 256 full-layer slots, not the whole planned
+context, and there are at most log2(context) graphs. Masked slots weigh exactly zero, so tokens
+match the eager path; logprobs match up to fp32 summation order over the longer key span.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .kvcache import KVCache
+
+MIN_SPAN = 256
+
+
+def span_for(position: int, capacity: int) -> int:
+    """The full-layer key span a token at `position` attends over: a power of two > position."""
+    span = MIN_SPAN
+    while span <= position:
+        span *= 2
+    return min(span, capacity)
+
+
+class EagerStep:
+    """One token at a host-known position through the host-driven caches."""
+
+    graphs = False
+
+    def __init__(self, model, cache: KVCache):
+        self.model, self.cache = model, cache
+
+    def __call__(self, token_11: torch.Tensor, position: int) -> torch.Tensor:
+        """fp32 logits [V] of the token (a [1, 1] id tensor on the device) at `position` (= cache.offset)."""
+        return self.model.logits(self.model.hidden(token_11, self.cache))[0, -1].float()
+
+
+class StaticStep:
+    """One token at fixed shapes (see the module docstring). Its inputs live in `self.token` [1, 1]
+    and `self.pos` [1]; `forward(span)` reads only those and the cache's buffers."""
+
+    graphs = False
+
+    def __init__(self, model, cache: KVCache):
+        self.model, self.cache = model, cache
+        device = model.embed_tokens.weight.device
+        self.token = torch.zeros(1, 1, dtype=torch.long, device=device)
+        self.pos = torch.zeros(1, dtype=torch.long, device=device)
+
+    def forward(self, span: int) -> torch.Tensor:
+        """fp32 logits [V] of `self.token` at `self.pos`, attending over `span` full-layer slots."""
+        self.cache.span = span
+        try:
+            h = self.model.hidden(self.token, self.cache, pos_T=self.pos)
+        finally:
+            self.cache.span = None
+        return self.model.logits(h)[0, -1].float()
+
+    def _load(self, token_11: torch.Tensor, position: int) -> int:
+        if position >= self.cache.capacity:
+            raise ValueError(f"position {position} is past the KV cache's {self.cache.capacity}")
+        self.token.copy_(token_11.view(1, 1))
+        self.pos.fill_(position)  # a host scalar into a device tensor: a kernel argument, no sync
+        return span_for(position, self.cache.capacity)
+
+    def __call__(self, token_11: torch.Tensor, position: int) -> torch.Tensor:
+        span = self._load(token_11, position)
+        logits = self.forward(span)
+        self.cache.advance(position + 1)
+        return logits
+
+
+class CudaGraphStep(StaticStep):
+    """StaticStep captured as one CUDA graph per span bucket, replayed per token.
+
+    Capture needs every op in the step to be capturable: no host syncs (the MoE layers must route on
+    the device), no allocations that outlive the step. A capture that fails leaves the step eager
+    (`disabled` says why) rather than failing the generation.
+    """
+
+    graphs = True
+
+    def __init__(self, model, cache: KVCache):
+        super().__init__(model, cache)
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._pool = torch.cuda.graph_pool_handle()
+        self.disabled: str | None = None
+
+    def _capture(self, span: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the graph: lazy inits, autotuning, workspaces
+            for _ in range(2):
+                self.forward(span)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            out = self.forward(span)
+        return graph, out
+
+    def __call__(self, token_11: torch.Tensor, position: int) -> torch.Tensor:
+        span = self._load(token_11, position)
+        if self.disabled is None and span not in self._graphs:
+            try:
+                self._graphs[span] = self._capture(span)
+            except Exception as e:  # noqa: BLE001 - a step that cannot be captured still runs
+                self.disabled = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                torch.cuda.synchronize()
+        if self.disabled is not None:
+            logits = self.forward(span)
+        else:
+            graph, out = self._graphs[span]
+            graph.replay()
+            logits = out.clone()  # the next replay overwrites `out`; a Step may still read these logits
+        self.cache.advance(position + 1)
+        return logits
+
+
+def make_step(model, cache: KVCache, mode: str = "auto"):
+    """The decode step for `mode`: "eager", "static", "graphs", or "auto" (graphs on CUDA when every
+    routed expert is computed on the device without host syncs, else eager)."""
+    if mode not in ("auto", "eager", "static", "graphs"):
+        raise ValueError(f"decode step must be auto, eager, static or graphs, not {mode!r}")
+    cuda = model.embed_tokens.weight.device.type == "cuda"
+    if mode == "auto":
+        mode = "graphs" if cuda and graph_safe(model) else "eager"
+    if mode == "graphs" and not cuda:
+        raise ValueError("CUDA graphs need a CUDA device")
+    return {"eager": EagerStep, "static": StaticStep, "graphs": CudaGraphStep}[mode](model, cache)
+
+
+def graph_safe(model) -> bool:
+    """Whether every MoE layer's expert backend routes on the device (declares `graph_safe`)."""
+    return all(getattr(layer.experts, "graph_safe", False) for layer in model.layers if layer.moe)
