@@ -23,7 +23,7 @@ OFFSET_FIELDS = ("codes", "absmax", "nested_absmax", "nested_offset")
 class ExpertBuffer:
     """E packed experts of one layer in one contiguous [E, layout.nbytes] uint8 tensor."""
 
-    __slots__ = ("data", "layout")
+    __slots__ = ("data", "layout", "code", "nested_code")
 
     def __init__(self, data: torch.Tensor, layout: ExpertLayout):
         if data.dtype != torch.uint8 or data.dim() != 2 or not data.is_contiguous():
@@ -37,6 +37,10 @@ class ExpertBuffer:
             raise ValueError(f"the 4-bit MoE kernel needs an even hidden and intermediate size, got {hidden}, {inter}")
         self.data = data
         self.layout = layout
+        # the 16-value NF4/FP4 table and the 256-value nested-absmax table, fp32 on data's device;
+        # held here (not looked up per call) so that torch.compile sees plain tensors
+        self.code = _code_table(layout.spec.quant_type, data.device)
+        self.nested_code = _code_table("dynamic", data.device)
 
     @classmethod
     def empty(cls, layout: ExpertLayout, num_experts: int, device: torch.device | str = "cpu") -> ExpertBuffer:
@@ -97,7 +101,7 @@ class ExpertBuffer:
 
     def code_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(the 16-value NF4/FP4 table, the 256-value nested-absmax table), fp32 on the buffer's device."""
-        return _code_table(self.layout.spec.quant_type, self.device), _code_table("dynamic", self.device)
+        return self.code, self.nested_code
 
     def moe(self, x_TH: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor, act: str) -> torch.Tensor:
         """sum_k w[t,k] * expert_{ids[t,k]}(x[t]) through the localrun::moe_4bit op (no host sync on CUDA)."""

@@ -182,3 +182,117 @@ def moe_4bit_triton(x_TH: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor
         h, ids, w, y, experts, buf_f32, code, nested_code, experts.shape[1], *_matrix_args(offsets[4:]),
         K, H, I, y.stride(0), BLOCK_N=blocks.down_n, BLOCK_K=blocks.down_k, **common)
     return y
+
+
+# -- benchmark (scripts/gpu_check.py calls this on a lent GPU) --------------------------------
+
+SWEEP = (Blocks(), Blocks(8, 128, 8, 128, 4), Blocks(32, 64, 16, 64, 4), Blocks(16, 256, 32, 128, 8),
+         Blocks(8, 256, 8, 256, 4), Blocks(4, 128, 8, 64, 2))
+
+
+def random_buffer(num_experts: int, hidden: int, inter: int, quant_type: str = "nf4", blocksize: int = 64,
+                  double_quant: bool = False, device: torch.device | str = "cuda", seed: int = 0):
+    """An ExpertBuffer of random codes and plausible statistics, built on the device (no quantizing)."""
+    from quant.layer import ExpertBuffer
+    from quant.nf4 import MATRICES, expert_layout
+    from quant.spec import QuantSpec
+
+    layout = expert_layout((2 * inter, hidden), (hidden, inter), QuantSpec(quant_type, blocksize, double_quant),
+                           torch.bfloat16)
+    g = torch.Generator(device=device).manual_seed(seed)
+    data = torch.randint(0, 256, (num_experts, layout.nbytes), dtype=torch.uint8, device=device, generator=g)
+    buf = ExpertBuffer(data, layout)
+    for m in MATRICES:  # weights of ~0.02, like a trained layer's
+        if double_quant:
+            nested = buf.part(m, "nested_absmax")
+            nested.copy_(torch.rand(nested.shape, device=device, generator=g) * 0.02 + 0.01)
+            buf.part(m, "nested_offset").fill_(0.02)
+        else:
+            absmax = buf.part(m, "absmax")
+            absmax.copy_(torch.rand(absmax.shape, device=device, generator=g) * 0.02 + 0.01)
+    return buf
+
+
+def _time_us(fn, iters: int, device: torch.device) -> float:
+    for _ in range(3):
+        fn()
+    if device.type != "cuda":
+        start = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        return (time.perf_counter() - start) / iters * 1e6
+    torch.cuda.synchronize(device)
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize(device)
+    return begin.elapsed_time(end) / iters * 1e3
+
+
+def copy_bandwidth_gbps(device: torch.device | str = "cuda", nbytes: int = 1 << 30, iters: int = 10) -> float:
+    """Device-to-device copy bandwidth (read + write bytes / time), the floor's denominator."""
+    device = torch.device(device)
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    us = _time_us(lambda: dst.copy_(src), iters, device)
+    return 2 * nbytes / us / 1e3
+
+
+def benchmark_moe_4bit(device: torch.device | str = "cuda", num_experts: int = 128, hidden: int = 2816,
+                       inter: int = 704, top_k: int = 8, tokens: int = 1, quant_type: str = "nf4",
+                       blocksize: int = 64, double_quant: bool = False, act: str = "gelu_pytorch_tanh",
+                       dtype: torch.dtype = torch.bfloat16, iters: int = 200, configs=None,
+                       baseline: bool = True, graphs: bool = True, seed: int = 0) -> dict:
+    """One MoE layer of random 4-bit experts (default: Gemma 4 26B-A4B, NF4, top-8, one token).
+
+    Checks the kernel against `moe_4bit.reference` in fp32 (max_rel_err), times each tile config
+    in `configs` (default SWEEP on CUDA) at `dtype`, then the best one eager and CUDA-graph
+    replayed, and (baseline) the per-expert bitsandbytes backend quant.ffn.QuantizedExperts on the
+    same bytes. bytes_per_call counts the distinct experts the call reads; gbps = bytes / time.
+    """
+    from localrun.kernels.moe_4bit import reference
+    from quant.ffn import QuantizedExperts
+
+    device = torch.device(device)
+    buf = random_buffer(num_experts, hidden, inter, quant_type, blocksize, double_quant, device, seed)
+    g = torch.Generator(device=device).manual_seed(seed + 1)
+    x = torch.randn(tokens, hidden, device=device, generator=g)
+    ids = torch.rand(tokens, num_experts, device=device, generator=g).topk(top_k, dim=-1).indices
+    w = torch.softmax(torch.randn(tokens, top_k, device=device, generator=g), dim=-1)
+    args = (buf.data, *buf.code_tables(), buf.offsets(), hidden, inter, blocksize, double_quant, act)
+    if configs is None:
+        configs = SWEEP if device.type == "cuda" and not interpreted() else (None,)
+
+    ref = reference(x, ids, w, *args)
+    xd = x.to(dtype)
+    out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+           "shape": dict(E=num_experts, H=hidden, I=inter, K=top_k, T=tokens), "quant_type": quant_type,
+           "blocksize": blocksize, "double_quant": double_quant, "dtype": str(dtype).removeprefix("torch."),
+           "bytes_per_call": int(torch.unique(ids).numel()) * buf.layout.nbytes, "configs": {}}
+    best, best_us, errs = None, math.inf, []
+    for blocks in configs:
+        y = moe_4bit_triton(x, ids, w, *args, blocks=blocks)
+        errs.append(((y - ref).abs().max() / ref.abs().max()).item())
+        us = _time_us(lambda: moe_4bit_triton(xd, ids, w, *args, blocks=blocks), iters, device)
+        out["configs"][repr(blocks)] = round(us, 2)
+        if us < best_us:
+            best, best_us = blocks, us
+    out.update(max_rel_err=max(errs), best_config=repr(best), us_per_call=best_us,
+               gbps=out["bytes_per_call"] / best_us / 1e3)
+    if graphs and device.type == "cuda":
+        static_y = moe_4bit_triton(xd, ids, w, *args, blocks=best)  # compiled before capture
+        torch.cuda.synchronize(device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_y = moe_4bit_triton(xd, ids, w, *args, blocks=best)
+        out["us_per_call_graph"] = _time_us(graph.replay, iters, device)
+        out["gbps_graph"] = out["bytes_per_call"] / out["us_per_call_graph"] / 1e3
+    if baseline:
+        backend = QuantizedExperts(buf.experts(), act)
+        out["us_per_call_bnb_per_expert"] = _time_us(lambda: backend(xd, ids, w), max(iters // 4, 1), device)
+    if device.type == "cuda":
+        out["copy_gbps"] = copy_bandwidth_gbps(device)
+        out["fraction_of_copy_bw"] = out["gbps"] / out["copy_gbps"]
+    return out
