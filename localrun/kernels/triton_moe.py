@@ -69,26 +69,54 @@ def _absmax(buf_u8, buf_f32, base, base32, blk, mask, absmax_off, nested_off32, 
 
 @triton.jit
 def _rows_dot(buf_u8, buf_f32, base, base32, codes_off, absmax_off, nested_off32, offset_off32,
-              code, nested_code, rows, mask_n, v_ptr, D,
-              BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """fp32 [BLOCK_N]: W[rows] @ v for one 4-bit matrix W [N, D] (D even) and a vector v [D]."""
-    half = D // 2  # packed bytes per row
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for kb in range(0, half, BLOCK_K):
-        cols = kb + tl.arange(0, BLOCK_K)
-        mask_k = cols < half
-        mask = mask_n[:, None] & mask_k[None, :]
-        byte = rows[:, None] * half + cols[None, :]  # byte index within the matrix
-        b = tl.load(buf_u8 + base + codes_off + byte, mask=mask, other=0).to(tl.int32)
-        # both nibbles of a byte share a block: blocksize is even and the byte's first element is even
-        am = _absmax(buf_u8, buf_f32, base, base32, byte // (BLOCKSIZE // 2), mask, absmax_off,
-                     nested_off32, offset_off32, nested_code, DOUBLE_QUANT)
-        w_hi = tl.load(code + (b >> 4)) * am
-        w_lo = tl.load(code + (b & 15)) * am
-        v_even = tl.load(v_ptr + 2 * cols, mask=mask_k, other=0.0).to(tl.float32)
-        v_odd = tl.load(v_ptr + 2 * cols + 1, mask=mask_k, other=0.0).to(tl.float32)
-        acc += w_hi * v_even[None, :] + w_lo * v_odd[None, :]
-    return tl.sum(acc, axis=1)
+              code, nested_code, rows, mask_n, v_ptr, half,
+              BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROW_BLOCKS: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fp32 [BLOCK_N]: W[rows] @ v for one 4-bit matrix W [N, 2 * half] and a vector v [2 * half].
+
+    `half` (packed bytes per row) is a kernel argument, so Triton sees that it divides by 16 and
+    loads the codes as wide vectors. ROW_BLOCKS: every row holds whole quantization blocks and a
+    step whole blocks, so the tile is [rows, blocks, bytes of a block] and each absmax is loaded
+    once per block instead of once per byte.
+    """
+    if ROW_BLOCKS:
+        BB: tl.constexpr = BLOCKSIZE // 2  # bytes per quantization block
+        NB: tl.constexpr = BLOCK_K // BB
+        blocks_per_row = half // BB
+        acc3 = tl.zeros([BLOCK_N, NB, BB], dtype=tl.float32)
+        for kb in range(0, half, BLOCK_K):
+            blk = kb // BB + tl.arange(0, NB)  # block index within the row
+            cols = blk[:, None] * BB + tl.arange(0, BB)[None, :]  # [NB, BB] byte within the row
+            mask_b = blk < blocks_per_row
+            mask2 = mask_n[:, None] & mask_b[None, :]
+            mask3 = mask2[:, :, None]
+            byte = rows[:, None, None] * half + cols[None, :, :]
+            b = tl.load(buf_u8 + base + codes_off + byte, mask=mask3, other=0).to(tl.int32)
+            am = _absmax(buf_u8, buf_f32, base, base32, rows[:, None] * blocks_per_row + blk[None, :], mask2,
+                         absmax_off, nested_off32, offset_off32, nested_code, DOUBLE_QUANT)
+            v_even = tl.load(v_ptr + 2 * cols, mask=mask_b[:, None], other=0.0).to(tl.float32)
+            v_odd = tl.load(v_ptr + 2 * cols + 1, mask=mask_b[:, None], other=0.0).to(tl.float32)
+            w_hi = tl.load(code + (b >> 4)) * am[:, :, None]
+            w_lo = tl.load(code + (b & 15)) * am[:, :, None]
+            acc3 += w_hi * v_even[None, :, :] + w_lo * v_odd[None, :, :]
+        return tl.sum(tl.sum(acc3, axis=2), axis=1)
+    else:
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for kb in range(0, half, BLOCK_K):
+            cols = kb + tl.arange(0, BLOCK_K)
+            mask_k = cols < half
+            mask = mask_n[:, None] & mask_k[None, :]
+            byte = rows[:, None] * half + cols[None, :]  # byte index within the matrix
+            b = tl.load(buf_u8 + base + codes_off + byte, mask=mask, other=0).to(tl.int32)
+            # both nibbles of a byte share a block: blocksize is even and the byte's first element is even
+            am = _absmax(buf_u8, buf_f32, base, base32, byte // (BLOCKSIZE // 2), mask, absmax_off,
+                         nested_off32, offset_off32, nested_code, DOUBLE_QUANT)
+            w_hi = tl.load(code + (b >> 4)) * am
+            w_lo = tl.load(code + (b & 15)) * am
+            v_even = tl.load(v_ptr + 2 * cols, mask=mask_k, other=0.0).to(tl.float32)
+            v_odd = tl.load(v_ptr + 2 * cols + 1, mask=mask_k, other=0.0).to(tl.float32)
+            acc += w_hi * v_even[None, :] + w_lo * v_odd[None, :]
+        return tl.sum(acc, axis=1)
 
 
 @triton.jit
@@ -106,9 +134,9 @@ def _act(g, ACT: tl.constexpr):
 @triton.jit
 def _gate_up_kernel(x_ptr, ids_ptr, order_ptr, h_ptr, buf_u8, buf_f32, code, nested_code,
                     expert_bytes, codes_off, absmax_off, nested_off32, offset_off32,
-                    K, H, I, stride_xt,
+                    K, H_HALF, I, stride_xt,
                     ACT: tl.constexpr, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, SORTED: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                    ROW_BLOCKS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     if SORTED:
         p = tl.load(order_ptr + tl.program_id(0)).to(tl.int64)
     else:
@@ -121,17 +149,20 @@ def _gate_up_kernel(x_ptr, ids_ptr, order_ptr, h_ptr, buf_u8, buf_f32, code, nes
     mask_n = rows < I
     x_row = x_ptr + t * stride_xt
     gate = _rows_dot(buf_u8, buf_f32, base, base32, codes_off, absmax_off, nested_off32, offset_off32,
-                     code, nested_code, rows, mask_n, x_row, H, BLOCKSIZE, DOUBLE_QUANT, BLOCK_N, BLOCK_K)
+                     code, nested_code, rows, mask_n, x_row, H_HALF, BLOCKSIZE, DOUBLE_QUANT, ROW_BLOCKS, BLOCK_N,
+                     BLOCK_K)
     up = _rows_dot(buf_u8, buf_f32, base, base32, codes_off, absmax_off, nested_off32, offset_off32,
-                   code, nested_code, rows + I, mask_n, x_row, H, BLOCKSIZE, DOUBLE_QUANT, BLOCK_N, BLOCK_K)
+                   code, nested_code, rows + I, mask_n, x_row, H_HALF, BLOCKSIZE, DOUBLE_QUANT, ROW_BLOCKS, BLOCK_N,
+                     BLOCK_K)
     tl.store(h_ptr + p * I + rows, _act(gate, ACT) * up, mask=mask_n)
 
 
 @triton.jit
 def _down_kernel(h_ptr, ids_ptr, w_ptr, y_ptr, buf_u8, buf_f32, code, nested_code,
                  expert_bytes, codes_off, absmax_off, nested_off32, offset_off32,
-                 K, H, I, stride_yt,
-                 BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 K, H, I, I_HALF, stride_yt,
+                 BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROW_BLOCKS: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = rows < H
@@ -142,7 +173,8 @@ def _down_kernel(h_ptr, ids_ptr, w_ptr, y_ptr, buf_u8, buf_f32, code, nested_cod
         weight = tl.load(w_ptr + p).to(tl.float32)
         base = e * expert_bytes
         d = _rows_dot(buf_u8, buf_f32, base, base // 4, codes_off, absmax_off, nested_off32, offset_off32,
-                      code, nested_code, rows, mask_n, h_ptr + p * I, I, BLOCKSIZE, DOUBLE_QUANT, BLOCK_N, BLOCK_K)
+                      code, nested_code, rows, mask_n, h_ptr + p * I, I_HALF, BLOCKSIZE, DOUBLE_QUANT, ROW_BLOCKS,
+                      BLOCK_N, BLOCK_K)
         acc += weight * d
     tl.store(y_ptr + t * stride_yt + rows, acc.to(y_ptr.dtype.element_ty), mask=mask_n)
 
@@ -151,6 +183,11 @@ def _matrix_args(offsets: list[int]) -> tuple[int, int, int, int]:
     """(codes, absmax) byte offsets and (nested absmax, nested offset) float32 offsets; 0 where absent."""
     codes, absmax, nested, offset = offsets
     return codes, absmax, max(nested, 0) // 4, max(offset, 0) // 4
+
+
+def _row_blocks(row: int, blocksize: int, block_k: int) -> bool:
+    """Rows of `row` weights hold whole quantization blocks, and a step of block_k bytes too."""
+    return row % blocksize == 0 and block_k % (blocksize // 2) == 0
 
 
 def moe_4bit_triton(x_TH: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor, experts: torch.Tensor,
@@ -176,11 +213,12 @@ def moe_4bit_triton(x_TH: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor
     common = dict(BLOCKSIZE=blocksize, DOUBLE_QUANT=bool(double_quant), num_warps=blocks.num_warps)
     _gate_up_kernel[(T * K, triton.cdiv(I, blocks.gate_up_n))](
         x_TH, ids, order, h, experts, buf_f32, code, nested_code, experts.shape[1], *_matrix_args(offsets[:4]),
-        K, H, I, x_TH.stride(0), ACT=ACT_CODES[act], SORTED=T > 1,
+        K, H // 2, I, x_TH.stride(0), ACT=ACT_CODES[act], SORTED=T > 1,
+        ROW_BLOCKS=_row_blocks(H, blocksize, blocks.gate_up_k),
         BLOCK_N=blocks.gate_up_n, BLOCK_K=blocks.gate_up_k, **common)
     _down_kernel[(T, triton.cdiv(H, blocks.down_n))](
         h, ids, w, y, experts, buf_f32, code, nested_code, experts.shape[1], *_matrix_args(offsets[4:]),
-        K, H, I, y.stride(0), BLOCK_N=blocks.down_n, BLOCK_K=blocks.down_k, **common)
+        K, H, I, I // 2, y.stride(0), ROW_BLOCKS=_row_blocks(I, blocksize, blocks.down_k), BLOCK_N=blocks.down_n, BLOCK_K=blocks.down_k, **common)
     return y
 
 
