@@ -1,0 +1,341 @@
+"""Grouped 4-bit MoE in Triton: every top-k expert of every token of one layer in two launches.
+
+Shape letters: T tokens, K top-k, E experts, H hidden, I expert intermediate, P = T*K pairs.
+The weights are a quant.layer.ExpertBuffer: row e of a [E, nbytes] uint8 tensor is expert e's
+PackedExpert, i.e. bitsandbytes' own 4-bit layout. A matrix W [N, D] (gate_up [2I, H], down
+[H, I]) is flattened row-major; element i sits in byte i // 2, the high nibble for even i, the
+low nibble for odd i; its value is code[nibble] * absmax[i // blocksize] with bitsandbytes'
+16-value NF4/FP4 table. With double quant the absmax is itself a uint8 code:
+absmax[b] = dynamic[q[b]] * nested_absmax[b // 256] + offset.
+
+  gate_up kernel, grid (P, I / BLOCK_N):  h[p] = act(W_gate[e] x[t]) * (W_up[e] x[t])   fp32 [P, I]
+  down kernel,    grid (T, H / BLOCK_N):  y[t] = sum_k w[t,k] * W_down[ids[t,k]] h[t,k]   fp32 sum
+
+Expert ids and routing weights are read from device memory, so nothing syncs with the host and
+the step can be graph-captured. A program owns BLOCK_N output rows and walks their contiguous
+packed bytes BLOCK_K at a time; the even and odd columns of a byte meet the even and odd
+elements of the input vector, so nibbles never need interleaving. This is the decode kernel
+(a GEMV per token and expert); with T > 1 the pairs run sorted by expert so that programs
+reading the same expert run together (L2 reuse), but a prefill GEMM should tile tokens.
+
+Import this module after setting TRITON_INTERPRET=1 to run it on CPU tensors (the tests do).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+NESTED_BLOCKSIZE = 256  # quant.spec.NESTED_BLOCKSIZE, a constant of the kernel
+ACT_CODES = {"gelu_pytorch_tanh": 0, "gelu": 1, "silu": 2}
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """Tile sizes: rows per program and packed bytes per step, for each of the two kernels."""
+
+    gate_up_n: int = 16
+    gate_up_k: int = 128  # bytes, i.e. 2x as many weights
+    down_n: int = 16
+    down_k: int = 128
+    num_warps: int = 4
+
+
+# Few large tiles: the interpreter's cost is per tile operation, not per element.
+INTERPRETER_BLOCKS = Blocks(gate_up_n=64, gate_up_k=512, down_n=256, down_k=512)
+
+
+def interpreted() -> bool:
+    return _gate_up_kernel.__class__.__name__ == "InterpretedFunction"
+
+
+@triton.jit
+def _absmax(buf_u8, buf_f32, base, base32, blk, mask, absmax_off, nested_off32, offset_off32, nested_code,
+            DOUBLE_QUANT: tl.constexpr):
+    """absmax of quantization block `blk` (any shape) of one matrix of the expert at byte `base`."""
+    if DOUBLE_QUANT:
+        q = tl.load(buf_u8 + base + absmax_off + blk, mask=mask, other=0).to(tl.int32)
+        scale = tl.load(buf_f32 + base32 + nested_off32 + blk // 256, mask=mask, other=0.0)
+        offset = tl.load(buf_f32 + base32 + offset_off32)
+        return tl.load(nested_code + q) * scale + offset
+    else:
+        return tl.load(buf_f32 + base32 + absmax_off // 4 + blk, mask=mask, other=0.0)
+
+
+@triton.jit
+def _rows_dot(buf_u8, buf_f32, base, base32, codes_off, absmax_off, nested_off32, offset_off32,
+              code, nested_code, rows, mask_n, v_ptr, half,
+              BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROW_BLOCKS: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fp32 [BLOCK_N]: W[rows] @ v for one 4-bit matrix W [N, 2 * half] and a vector v [2 * half].
+
+    `half` (packed bytes per row) is a kernel argument, so Triton sees that it divides by 16 and
+    loads the codes as wide vectors. ROW_BLOCKS: every row holds whole quantization blocks and a
+    step whole blocks, so the tile is [rows, blocks, bytes of a block] and each absmax is loaded
+    once per block instead of once per byte.
+    """
+    if ROW_BLOCKS:
+        BB: tl.constexpr = BLOCKSIZE // 2  # bytes per quantization block
+        NB: tl.constexpr = BLOCK_K // BB
+        blocks_per_row = half // BB
+        acc3 = tl.zeros([BLOCK_N, NB, BB], dtype=tl.float32)
+        for kb in range(0, half, BLOCK_K):
+            blk = kb // BB + tl.arange(0, NB)  # block index within the row
+            cols = blk[:, None] * BB + tl.arange(0, BB)[None, :]  # [NB, BB] byte within the row
+            mask_b = blk < blocks_per_row
+            mask2 = mask_n[:, None] & mask_b[None, :]
+            mask3 = mask2[:, :, None]
+            byte = rows[:, None, None] * half + cols[None, :, :]
+            b = tl.load(buf_u8 + base + codes_off + byte, mask=mask3, other=0).to(tl.int32)
+            am = _absmax(buf_u8, buf_f32, base, base32, rows[:, None] * blocks_per_row + blk[None, :], mask2,
+                         absmax_off, nested_off32, offset_off32, nested_code, DOUBLE_QUANT)
+            v_even = tl.load(v_ptr + 2 * cols, mask=mask_b[:, None], other=0.0).to(tl.float32)
+            v_odd = tl.load(v_ptr + 2 * cols + 1, mask=mask_b[:, None], other=0.0).to(tl.float32)
+            w_hi = tl.load(code + (b >> 4)) * am[:, :, None]
+            w_lo = tl.load(code + (b & 15)) * am[:, :, None]
+            acc3 += w_hi * v_even[None, :, :] + w_lo * v_odd[None, :, :]
+        return tl.sum(tl.sum(acc3, axis=2), axis=1)
+    else:
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for kb in range(0, half, BLOCK_K):
+            cols = kb + tl.arange(0, BLOCK_K)
+            mask_k = cols < half
+            mask = mask_n[:, None] & mask_k[None, :]
+            byte = rows[:, None] * half + cols[None, :]  # byte index within the matrix
+            b = tl.load(buf_u8 + base + codes_off + byte, mask=mask, other=0).to(tl.int32)
+            # both nibbles of a byte share a block: blocksize is even and the byte's first element is even
+            am = _absmax(buf_u8, buf_f32, base, base32, byte // (BLOCKSIZE // 2), mask, absmax_off,
+                         nested_off32, offset_off32, nested_code, DOUBLE_QUANT)
+            w_hi = tl.load(code + (b >> 4)) * am
+            w_lo = tl.load(code + (b & 15)) * am
+            v_even = tl.load(v_ptr + 2 * cols, mask=mask_k, other=0.0).to(tl.float32)
+            v_odd = tl.load(v_ptr + 2 * cols + 1, mask=mask_k, other=0.0).to(tl.float32)
+            acc += w_hi * v_even[None, :] + w_lo * v_odd[None, :]
+        return tl.sum(acc, axis=1)
+
+
+@triton.jit
+def _act(g, ACT: tl.constexpr):
+    if ACT == 0:  # gelu, tanh approximation (Gemma)
+        inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+        inner = tl.minimum(tl.maximum(inner, -15.0), 15.0)  # tanh is +-1 in fp32 there; exp stays finite
+        return 0.5 * g * (1.0 + (2.0 * tl.sigmoid(2.0 * inner) - 1.0))
+    elif ACT == 1:  # gelu, exact
+        return 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))
+    else:  # silu
+        return g * tl.sigmoid(g)
+
+
+@triton.jit
+def _gate_up_kernel(x_ptr, ids_ptr, order_ptr, h_ptr, buf_u8, buf_f32, code, nested_code,
+                    expert_bytes, codes_off, absmax_off, nested_off32, offset_off32,
+                    K, H_HALF, I, stride_xt,
+                    ACT: tl.constexpr, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, SORTED: tl.constexpr,
+                    ROW_BLOCKS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    if SORTED:
+        p = tl.load(order_ptr + tl.program_id(0)).to(tl.int64)
+    else:
+        p = tl.program_id(0).to(tl.int64)
+    t = p // K
+    e = tl.load(ids_ptr + p).to(tl.int64)
+    base = e * expert_bytes
+    base32 = base // 4
+    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = rows < I
+    x_row = x_ptr + t * stride_xt
+    gate = _rows_dot(buf_u8, buf_f32, base, base32, codes_off, absmax_off, nested_off32, offset_off32,
+                     code, nested_code, rows, mask_n, x_row, H_HALF, BLOCKSIZE, DOUBLE_QUANT, ROW_BLOCKS, BLOCK_N,
+                     BLOCK_K)
+    up = _rows_dot(buf_u8, buf_f32, base, base32, codes_off, absmax_off, nested_off32, offset_off32,
+                   code, nested_code, rows + I, mask_n, x_row, H_HALF, BLOCKSIZE, DOUBLE_QUANT, ROW_BLOCKS, BLOCK_N,
+                     BLOCK_K)
+    tl.store(h_ptr + p * I + rows, _act(gate, ACT) * up, mask=mask_n)
+
+
+@triton.jit
+def _down_kernel(h_ptr, ids_ptr, w_ptr, y_ptr, buf_u8, buf_f32, code, nested_code,
+                 expert_bytes, codes_off, absmax_off, nested_off32, offset_off32,
+                 K, H, I, I_HALF, stride_yt,
+                 BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROW_BLOCKS: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = rows < H
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for k in range(K):
+        p = t * K + k
+        e = tl.load(ids_ptr + p).to(tl.int64)
+        weight = tl.load(w_ptr + p).to(tl.float32)
+        base = e * expert_bytes
+        d = _rows_dot(buf_u8, buf_f32, base, base // 4, codes_off, absmax_off, nested_off32, offset_off32,
+                      code, nested_code, rows, mask_n, h_ptr + p * I, I_HALF, BLOCKSIZE, DOUBLE_QUANT, ROW_BLOCKS,
+                      BLOCK_N, BLOCK_K)
+        acc += weight * d
+    tl.store(y_ptr + t * stride_yt + rows, acc.to(y_ptr.dtype.element_ty), mask=mask_n)
+
+
+def _matrix_args(offsets: list[int]) -> tuple[int, int, int, int]:
+    """(codes, absmax) byte offsets and (nested absmax, nested offset) float32 offsets; 0 where absent."""
+    codes, absmax, nested, offset = offsets
+    return codes, absmax, max(nested, 0) // 4, max(offset, 0) // 4
+
+
+def _row_blocks(row: int, blocksize: int, block_k: int) -> bool:
+    """Rows of `row` weights hold whole quantization blocks, and a step of block_k bytes too."""
+    return row % blocksize == 0 and block_k % (blocksize // 2) == 0
+
+
+def moe_4bit_triton(x_TH: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor, experts: torch.Tensor,
+                    code: torch.Tensor, nested_code: torch.Tensor, offsets: list[int], hidden: int, inter: int,
+                    blocksize: int, double_quant: bool, act: str, blocks: Blocks | None = None) -> torch.Tensor:
+    """y_TH = sum_k w[t,k] * expert_{ids[t,k]}(x[t]) over the [E, nbytes] uint8 expert rows (see module
+    docstring; the arguments are those of the localrun::moe_4bit op). Returns x's dtype."""
+    if blocks is None:
+        blocks = INTERPRETER_BLOCKS if interpreted() else Blocks()
+    T, K = ids_TK.shape
+    H, I = hidden, inter
+    if x_TH.shape != (T, H) or x_TH.stride(1) != 1:
+        raise ValueError(f"x must be [T={T}, H={H}] with unit column stride, got {tuple(x_TH.shape)}")
+    if experts.shape[1] % 4:
+        raise ValueError("expert rows must be a multiple of 4 bytes")
+    ids = ids_TK.contiguous()
+    w = w_TK.contiguous()
+    h = torch.empty(T * K, I, dtype=torch.float32, device=x_TH.device)
+    y = torch.empty(T, H, dtype=x_TH.dtype, device=x_TH.device)
+    buf_f32 = experts.view(torch.float32)
+    # pairs sorted by expert: programs reading one expert run side by side (no host sync)
+    order = torch.argsort(ids.reshape(-1), stable=True) if T > 1 else ids
+    common = dict(BLOCKSIZE=blocksize, DOUBLE_QUANT=bool(double_quant), num_warps=blocks.num_warps)
+    _gate_up_kernel[(T * K, triton.cdiv(I, blocks.gate_up_n))](
+        x_TH, ids, order, h, experts, buf_f32, code, nested_code, experts.shape[1], *_matrix_args(offsets[:4]),
+        K, H // 2, I, x_TH.stride(0), ACT=ACT_CODES[act], SORTED=T > 1,
+        ROW_BLOCKS=_row_blocks(H, blocksize, blocks.gate_up_k),
+        BLOCK_N=blocks.gate_up_n, BLOCK_K=blocks.gate_up_k, **common)
+    _down_kernel[(T, triton.cdiv(H, blocks.down_n))](
+        h, ids, w, y, experts, buf_f32, code, nested_code, experts.shape[1], *_matrix_args(offsets[4:]),
+        K, H, I, I // 2, y.stride(0), ROW_BLOCKS=_row_blocks(I, blocksize, blocks.down_k), BLOCK_N=blocks.down_n, BLOCK_K=blocks.down_k, **common)
+    return y
+
+
+# -- benchmark (scripts/gpu_check.py calls this on a lent GPU) --------------------------------
+
+SWEEP = (Blocks(), Blocks(8, 128, 8, 128, 4), Blocks(16, 256, 32, 128, 8), Blocks(4, 128, 8, 64, 2))
+
+
+def random_buffer(num_experts: int, hidden: int, inter: int, quant_type: str = "nf4", blocksize: int = 64,
+                  double_quant: bool = False, device: torch.device | str = "cuda", seed: int = 0):
+    """An ExpertBuffer of random codes and plausible statistics, built on the device (no quantizing)."""
+    from quant.layer import ExpertBuffer
+    from quant.nf4 import MATRICES, expert_layout
+    from quant.spec import QuantSpec
+
+    layout = expert_layout((2 * inter, hidden), (hidden, inter), QuantSpec(quant_type, blocksize, double_quant),
+                           torch.bfloat16)
+    g = torch.Generator(device=device).manual_seed(seed)
+    data = torch.randint(0, 256, (num_experts, layout.nbytes), dtype=torch.uint8, device=device, generator=g)
+    buf = ExpertBuffer(data, layout)
+    for m in MATRICES:  # weights of ~0.02, like a trained layer's
+        if double_quant:
+            nested = buf.part(m, "nested_absmax")
+            nested.copy_(torch.rand(nested.shape, device=device, generator=g) * 0.02 + 0.01)
+            buf.part(m, "nested_offset").fill_(0.02)
+        else:
+            absmax = buf.part(m, "absmax")
+            absmax.copy_(torch.rand(absmax.shape, device=device, generator=g) * 0.02 + 0.01)
+    return buf
+
+
+def _time_us(fn, iters: int, device: torch.device) -> float:
+    for _ in range(3):
+        fn()
+    if device.type != "cuda":
+        start = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        return (time.perf_counter() - start) / iters * 1e6
+    torch.cuda.synchronize(device)
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize(device)
+    return begin.elapsed_time(end) / iters * 1e3
+
+
+def copy_bandwidth_gbps(device: torch.device | str = "cuda", nbytes: int = 1 << 30, iters: int = 10) -> float:
+    """Device-to-device copy bandwidth (read + write bytes / time), the floor's denominator."""
+    device = torch.device(device)
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    us = _time_us(lambda: dst.copy_(src), iters, device)
+    return 2 * nbytes / us / 1e3
+
+
+def benchmark_moe_4bit(device: torch.device | str = "cuda", num_experts: int = 128, hidden: int = 2816,
+                       inter: int = 704, top_k: int = 8, tokens: int = 1, quant_type: str = "nf4",
+                       blocksize: int = 64, double_quant: bool = False, act: str = "gelu_pytorch_tanh",
+                       dtype: torch.dtype = torch.bfloat16, iters: int = 200, configs=None,
+                       baseline: bool = True, graphs: bool = True, seed: int = 0, dry: bool = False) -> dict:
+    """One MoE layer of random 4-bit experts (default: Gemma 4 26B-A4B, NF4, top-8, one token).
+
+    Checks the kernel against `moe_4bit.reference` in fp32 (max_rel_err), times each tile config
+    in `configs` (default SWEEP on CUDA) at `dtype`, then the best one eager and CUDA-graph
+    replayed, and (baseline) the per-expert bitsandbytes backend quant.ffn.QuantizedExperts on the
+    same bytes. bytes_per_call counts the distinct experts the call reads; gbps = bytes / time.
+    `dry`: a scaled-down layer (scripts/gpu_check.py --dry on the CPU, where the kernels need
+    TRITON_INTERPRET=1 set before this module was imported).
+    """
+    if dry:
+        num_experts, hidden, inter, top_k, iters, baseline = 8, 64, 32, 2, 2, False
+    if torch.device(device).type != "cuda" and not interpreted():
+        return {"skipped": "the Triton kernels run on CUDA, or on the CPU with TRITON_INTERPRET=1 set before import"}
+    from localrun.kernels.moe_4bit import reference
+    from quant.ffn import QuantizedExperts
+
+    device = torch.device(device)
+    buf = random_buffer(num_experts, hidden, inter, quant_type, blocksize, double_quant, device, seed)
+    g = torch.Generator(device=device).manual_seed(seed + 1)
+    x = torch.randn(tokens, hidden, device=device, generator=g)
+    ids = torch.rand(tokens, num_experts, device=device, generator=g).topk(top_k, dim=-1).indices
+    w = torch.softmax(torch.randn(tokens, top_k, device=device, generator=g), dim=-1)
+    args = (buf.data, *buf.code_tables(), buf.offsets(), hidden, inter, blocksize, double_quant, act)
+    if configs is None:
+        configs = SWEEP if device.type == "cuda" and not interpreted() else (None,)
+
+    ref = reference(x, ids, w, *args)
+    xd = x.to(dtype)
+    out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+           "shape": dict(E=num_experts, H=hidden, I=inter, K=top_k, T=tokens), "quant_type": quant_type,
+           "blocksize": blocksize, "double_quant": double_quant, "dtype": str(dtype).removeprefix("torch."),
+           "bytes_per_call": int(torch.unique(ids).numel()) * buf.layout.nbytes, "configs": {}}
+    best, best_us, errs = None, math.inf, []
+    for blocks in configs:
+        y = moe_4bit_triton(x, ids, w, *args, blocks=blocks)
+        errs.append(((y - ref).abs().max() / ref.abs().max()).item())
+        us = _time_us(lambda: moe_4bit_triton(xd, ids, w, *args, blocks=blocks), iters, device)
+        out["configs"][repr(blocks)] = round(us, 2)
+        if us < best_us:
+            best, best_us = blocks, us
+    out.update(max_rel_err=max(errs), best_config=repr(best), us_per_call=best_us,
+               gbps=out["bytes_per_call"] / best_us / 1e3)
+    if graphs and device.type == "cuda":
+        static_y = moe_4bit_triton(xd, ids, w, *args, blocks=best)  # compiled before capture
+        torch.cuda.synchronize(device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_y = moe_4bit_triton(xd, ids, w, *args, blocks=best)
+        out["us_per_call_graph"] = _time_us(graph.replay, iters, device)
+        out["gbps_graph"] = out["bytes_per_call"] / out["us_per_call_graph"] / 1e3
+    if baseline:
+        backend = QuantizedExperts(buf.experts(), act)
+        out["us_per_call_bnb_per_expert"] = _time_us(lambda: backend(xd, ids, w), max(iters // 4, 1), device)
+    if device.type == "cuda":
+        out["copy_gbps"] = copy_bandwidth_gbps(device)
+        out["fraction_of_copy_bw"] = out["gbps"] / out["copy_gbps"]
+    return out

@@ -1,0 +1,265 @@
+"""The 4-bit grouped MoE: ExpertBuffer, the Triton kernels (under TRITON_INTERPRET=1) and the
+localrun::moe_4bit op, against bitsandbytes' dequantize_4bit + fp32 matmuls.
+
+Shape letters: T tokens, K top-k, E experts, H hidden, I expert intermediate.
+The Triton tests skip only where triton is not installed; everything else runs everywhere.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton decorates the kernels: they run on CPU tensors
+
+import pytest
+import torch
+from bitsandbytes import functional as bnbf
+from bitsandbytes.functional import QuantState
+
+from localrun.kernels.moe_4bit import moe_4bit, reference
+from localrun.moe import activation
+from quant.ffn import QuantizedExperts
+from quant.layer import ExpertBuffer
+from quant.nf4 import PackedExpert, pack_experts
+from quant.spec import QuantSpec
+
+try:
+    import triton  # noqa: F401
+
+    if "localrun.kernels.triton_moe" in sys.modules:  # imported before the variable was set
+        importlib.reload(sys.modules["localrun.kernels.triton_moe"])
+    from localrun.kernels import triton_moe
+except ImportError:
+    triton_moe = None
+
+needs_triton = pytest.mark.skipif(triton_moe is None, reason="triton is not installed (pip install triton)")
+
+RTOL = 1e-5  # max |y - ref| / max |ref|
+GEMMA_26B = (2816, 704)  # H, I: gate_up [1408, 2816], down [2816, 704]
+
+
+def make_buffer(spec: QuantSpec, e: int, h: int, i: int, seed: int = 0) -> ExpertBuffer:
+    g = torch.Generator().manual_seed(seed)
+    gate_up = torch.randn(e, 2 * i, h, generator=g) * 0.05
+    down = torch.randn(e, h, i, generator=g) * 0.05
+    return ExpertBuffer.from_experts(pack_experts(gate_up, down, spec))
+
+
+def routing(t: int, k: int, e: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [T, H] is made by the caller; ids [T, K] distinct per token, repeated across tokens."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)])
+    if t > 1:
+        ids[1] = ids[0].flip(0)  # the same experts in another order
+    w = torch.softmax(torch.randn(t, k, generator=g), dim=-1)
+    return ids, w
+
+
+def bnb_dequantize(expert: PackedExpert, name: str) -> torch.Tensor:
+    """bitsandbytes' dequantize_4bit of one matrix, in fp32.
+
+    Asked for the matrix as one row: bitsandbytes 0.50's CPU kernel indexes absmax per row, wrong
+    where a block crosses rows (e.g. down [2816, 704] at blocksize 128); its CUDA kernel and its
+    pure-torch default are flat, like the packing. One row gives the flat answer from the CPU kernel.
+    """
+    st = expert.quant_state(name, torch.float32)
+    shape = expert.layout.matrix(name).shape
+    flat = QuantState(absmax=st.absmax, shape=torch.Size([1, shape[0] * shape[1]]), code=st.code,
+                      blocksize=st.blocksize, quant_type=st.quant_type, dtype=torch.float32,
+                      offset=st.offset, state2=st.state2)
+    return bnbf.dequantize_4bit(expert.codes(name), flat).view(shape)
+
+
+def bnb_moe(buf: ExpertBuffer, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, act: str) -> torch.Tensor:
+    """The oracle: bitsandbytes dequantize, fp32 matmuls, fp32 weighted sum, token by token."""
+    fn = activation(act)
+    y = torch.zeros(x.shape, dtype=torch.float32)
+    for t in range(ids.shape[0]):
+        for k in range(ids.shape[1]):
+            expert = buf.expert(int(ids[t, k]))
+            gate, up = (x[t].float() @ bnb_dequantize(expert, "gate_up").T).chunk(2)
+            y[t] += w[t, k].float() * ((fn(gate) * up) @ bnb_dequantize(expert, "down").T)
+    return y
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((y.float() - ref).abs().max() / ref.abs().max()).item()
+
+
+def run_triton(buf: ExpertBuffer, x, ids, w, act: str) -> torch.Tensor:
+    spec = buf.layout.spec
+    h, i = buf.layout.down.shape
+    return triton_moe.moe_4bit_triton(x, ids, w, buf.data, *buf.code_tables(), buf.offsets(), h, i,
+                                      spec.blocksize, spec.double_quant, act)
+
+
+SPECS = [QuantSpec(q, bs, dq) for q in ("nf4", "fp4") for dq in (False, True) for bs in (32, 64, 128)]
+SPEC_IDS = [f"{s.quant_type}-bs{s.blocksize}{'-dq' if s.double_quant else ''}" for s in SPECS]
+# small and odd: rows of 36 / 10 weights, so blocks cross rows, and a partial last block
+SMALL = [(36, 10, 5), (64, 48, 6)]
+
+
+# -- the Triton kernels against bitsandbytes ------------------------------------------------
+
+
+@needs_triton
+@pytest.mark.parametrize("spec", SPECS, ids=SPEC_IDS)
+@pytest.mark.parametrize("h,i,e", SMALL, ids=[f"H{h}-I{i}" for h, i, _ in SMALL])
+def test_triton_matches_bnb_small(spec, h, i, e):
+    buf = make_buffer(spec, e, h, i)
+    for t, k in ((1, 2), (4, 3)):
+        ids, w = routing(t, k, e, seed=t)
+        x = torch.randn(t, h, generator=torch.Generator().manual_seed(t))
+        ref = bnb_moe(buf, x, ids, w, "gelu_pytorch_tanh")
+        assert rel_err(run_triton(buf, x, ids, w, "gelu_pytorch_tanh"), ref) < RTOL, (t, k)
+
+
+# 26B-A4B's shapes; every quant type / double quant, blocksize 64 and 128 between them
+BIG = [QuantSpec("nf4", 64, False), QuantSpec("nf4", 128, True), QuantSpec("fp4", 128, False),
+       QuantSpec("fp4", 64, True)]
+
+
+@needs_triton
+@pytest.mark.parametrize("spec", BIG, ids=[f"{s.quant_type}-bs{s.blocksize}{'-dq' if s.double_quant else ''}" for s in BIG])
+def test_triton_matches_bnb_gemma_26b_shape(spec):
+    h, i = GEMMA_26B
+    e = 3
+    buf = make_buffer(spec, e, h, i)
+    t, k = (1, 3) if spec.double_quant else (2, 2)
+    ids, w = routing(t, k, e)
+    x = torch.randn(t, h, generator=torch.Generator().manual_seed(1))
+    ref = bnb_moe(buf, x, ids, w, "gelu_pytorch_tanh")
+    assert rel_err(run_triton(buf, x, ids, w, "gelu_pytorch_tanh"), ref) < RTOL
+
+
+@needs_triton
+@pytest.mark.parametrize("act", ["gelu_pytorch_tanh", "gelu", "silu"])
+def test_triton_activations_and_bf16(act):
+    buf = make_buffer(QuantSpec("nf4", 64, True), 4, 64, 48)
+    ids, w = routing(3, 2, 4)
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(2)) * 4  # reach gelu's tails
+    ref = bnb_moe(buf, x, ids, w, act)
+    assert rel_err(run_triton(buf, x, ids, w, act), ref) < RTOL
+    # bf16 in and out: fp32 inside, one rounding at the end
+    xb, wb = x.bfloat16(), w.bfloat16()
+    yb = run_triton(buf, xb, ids, wb, act)
+    assert yb.dtype == torch.bfloat16
+    assert rel_err(yb, bnb_moe(buf, xb.float(), ids, wb.float(), act)) < 1e-2
+
+
+@needs_triton
+def test_triton_every_token_on_one_expert_and_int32_ids():
+    buf = make_buffer(QuantSpec("fp4", 32, False), 3, 36, 10)
+    ids = torch.full((5, 2), 1, dtype=torch.int32)
+    ids[:, 1] = 2
+    w = torch.rand(5, 2)
+    x = torch.randn(5, 36)
+    assert rel_err(run_triton(buf, x, ids, w, "silu"), bnb_moe(buf, x, ids.long(), w, "silu")) < RTOL
+
+
+@needs_triton
+def test_benchmark_helper_runs_on_cpu():
+    out = triton_moe.benchmark_moe_4bit(device="cpu", num_experts=4, hidden=64, inter=32, top_k=2, iters=1,
+                                        double_quant=True, baseline=False)
+    assert out["max_rel_err"] < RTOL
+    assert out["us_per_call"] > 0 and out["bytes_per_call"] > 0
+
+
+# -- the op's CPU implementation ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=SPEC_IDS)
+def test_cpu_op_matches_bnb(spec):
+    h, i, e = SMALL[0]
+    buf = make_buffer(spec, e, h, i)
+    ids, w = routing(4, 3, e)
+    x = torch.randn(4, h)
+    assert rel_err(buf.moe(x, ids, w, "silu"), bnb_moe(buf, x, ids, w, "silu")) < RTOL
+
+
+def test_cpu_op_matches_bnb_gemma_26b_shape():
+    h, i = GEMMA_26B
+    buf = make_buffer(QuantSpec("nf4", 128, True), 3, h, i)
+    ids, w = routing(3, 2, 3)
+    x = torch.randn(3, h)
+    y = moe_4bit(x, ids, w, buf, "gelu_pytorch_tanh")
+    assert rel_err(y, bnb_moe(buf, x, ids, w, "gelu_pytorch_tanh")) < RTOL
+
+
+@pytest.mark.parametrize("t", [1, 5])
+@pytest.mark.parametrize("dq", [False, True])
+def test_cpu_op_matches_quant_ffn(t, dq):
+    """The existing expert backend (bitsandbytes matmul_4bit / dequantize per expert) on the same
+    experts, viewed in the buffer; rows hold whole blocks, where bitsandbytes' CPU kernels are right."""
+    buf = make_buffer(QuantSpec("nf4", 64, dq), 6, 128, 64)
+    backend = QuantizedExperts(buf.experts(), "gelu_pytorch_tanh")
+    ids, w = routing(t, 3, 6)
+    x = torch.randn(t, 128)
+    assert rel_err(buf.moe(x, ids, w, "gelu_pytorch_tanh"), backend(x, ids, w)) < RTOL
+
+
+def test_op_traces_with_compile_fullgraph():
+    buf = make_buffer(QuantSpec("nf4", 64, True), 4, 36, 10)
+    ids, w = routing(2, 2, 4)
+    x = torch.randn(2, 36)
+
+    def layer(x, ids, w):  # routing and residual around the op, as a decoder layer has them
+        return x + buf.moe(x * 2, ids, torch.softmax(w, -1), "gelu_pytorch_tanh")
+
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, ids, w), layer(x, ids, w), rtol=0, atol=0)
+
+
+def test_op_schema_and_fake():
+    buf = make_buffer(QuantSpec("fp4", 64, False), 3, 36, 10)
+    ids, w = routing(2, 2, 3)
+    code, nested = buf.code_tables()
+    args = (torch.randn(2, 36), ids, w, buf.data, code, nested, buf.offsets(), 36, 10, 64, False, "silu")
+    torch.library.opcheck(torch.ops.localrun.moe_4bit.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_reference_dequantize_is_bnb_bit_for_bit():
+    from localrun.kernels.moe_4bit import dequantize_matrix
+
+    for spec in (QuantSpec("nf4", 128, True), QuantSpec("fp4", 32, False)):
+        buf = make_buffer(spec, 2, 36, 10)
+        code, nested = buf.code_tables()
+        offsets = buf.offsets()
+        for name, offs, shape in (("gate_up", offsets[:4], (20, 36)), ("down", offsets[4:], (36, 10))):
+            got = dequantize_matrix(buf.data[1], offs, shape, spec.blocksize, spec.double_quant, code, nested)
+            assert torch.equal(got, bnb_dequantize(buf.expert(1), name))
+
+
+# -- ExpertBuffer ---------------------------------------------------------------------------
+
+
+def test_expert_buffer_views_and_store():
+    spec = QuantSpec("nf4", 64, True)
+    experts = pack_experts(torch.randn(3, 20, 36), torch.randn(3, 36, 10), spec)
+    buf = ExpertBuffer.from_experts(experts)
+    assert buf.data.shape == (3, experts[0].nbytes) and buf.num_experts == 3
+    for e, packed in enumerate(experts):
+        view = buf.expert(e)
+        assert view.buffer.data_ptr() == buf.data[e].data_ptr()  # a view, not a copy
+        for a, b in zip(view.dequantize(torch.float32), packed.dequantize(torch.float32)):
+            assert torch.equal(a, b)
+    absmax = buf.part("down", "absmax")
+    assert absmax.shape == (3, *buf.layout.down.absmax.shape) and absmax.dtype == torch.uint8
+    assert torch.equal(buf.part("gate_up", "nested_offset")[2], experts[2].quant_state("gate_up").offset.view(()))
+    # a slot is one row copy
+    empty = ExpertBuffer.empty(buf.layout, 2)
+    empty.store(1, experts[2])
+    assert torch.equal(empty.data[1], experts[2].buffer)
+    assert len(buf.offsets()) == 8
+
+
+def test_expert_buffer_rejects_mixed_layouts():
+    a = pack_experts(torch.randn(1, 20, 36), torch.randn(1, 36, 10), QuantSpec("nf4", 64))
+    b = pack_experts(torch.randn(1, 20, 36), torch.randn(1, 36, 10), QuantSpec("fp4", 64))
+    with pytest.raises(ValueError, match="layout"):
+        ExpertBuffer.from_experts(a + b)
+    with pytest.raises(ValueError, match="layout"):
+        ExpertBuffer.from_experts(a).store(0, b[0])
