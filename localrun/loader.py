@@ -26,7 +26,8 @@ from .models.gemma4 import Gemma4Model, sanitize
 from .moe import DenseExperts, activation
 from .plan import Budget, Plan, make_plan
 from .prequant import is_prequantized, manifest_spec, read_manifest
-from quant.ffn import QuantizedExperts, ffn_4bit
+from quant.ffn import BufferedExperts, QuantizedExperts, ffn_4bit
+from quant.layer import ExpertBuffer
 from quant.io import load_packed_experts
 from quant.nf4 import pack_expert
 from quant.spec import QuantSpec
@@ -269,6 +270,9 @@ def load_model(
                 payloads = pending.pop(layer) if layer in pending else source(layer)
                 store.add_layer(layer, payloads, plan.resident_experts[layer])
                 return store(layer)
+        elif dev.type == "cuda":
+            def build(layer):  # one device buffer per layer; the MoE runs as one op (graph-capturable)
+                return BufferedExperts(ExpertBuffer.from_experts(source(layer), device=dev), args.hidden_activation)
         else:
             def build(layer):
                 return QuantizedExperts([e.to(dev) for e in source(layer)], args.hidden_activation)

@@ -13,6 +13,7 @@ import bitsandbytes as bnb
 import torch
 
 from localrun.moe import activation, dispatch, expert_ffn
+from quant.layer import ExpertBuffer
 from quant.nf4 import PackedExpert
 
 # Up to this many tokens per expert, bitsandbytes' fused 4-bit matmul (a gemv on GPU for one
@@ -66,3 +67,38 @@ class QuantizedExperts:
 
     def __repr__(self) -> str:
         return f"QuantizedExperts({len(self.experts)} x {self.experts[0]!r}, act={self.act_name})"
+
+
+# Above this many tokens a layer call is a prefill: the per-token 4-bit GEMV kernel would read each hit
+# expert once per token, so the experts are dequantized once each instead (host syncs are fine there).
+BUFFERED_MAX_TOKENS = 16
+
+
+class BufferedExperts:
+    """Expert backend over one layer's ExpertBuffer through the `localrun::moe_4bit` op: the whole
+    layer in one call that reads the expert ids and weights where they are (on CUDA, two Triton
+    launches and no host sync), so a decode step that uses it can be captured as a CUDA graph."""
+
+    graph_safe = True
+
+    def __init__(self, buffer: ExpertBuffer, act: str):
+        self.buffer = buffer
+        self.act_name = act
+
+    @property
+    def experts(self) -> list[PackedExpert]:
+        """Every expert as a PackedExpert view of its row (what memory accounting walks)."""
+        return self.buffer.experts()
+
+    @property
+    def nbytes(self) -> int:
+        return self.buffer.nbytes
+
+    def __call__(self, x_TH: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
+        if x_TH.shape[0] > BUFFERED_MAX_TOKENS:  # prefill: dequantize each hit expert once, dense matmuls
+            act = activation(self.act_name)
+            return dispatch(x_TH, ids_TK, w_TK, lambda e, x: ffn_dequantized(x, self.buffer.expert(e), act))
+        return self.buffer.moe(x_TH, ids_TK, w_TK, self.act_name)
+
+    def __repr__(self) -> str:
+        return f"BufferedExperts({self.buffer!r}, act={self.act_name})"

@@ -87,15 +87,15 @@ def best_seconds(fn, repeat: int, dev) -> float:
     return best
 
 
-def greedy(model, ids: list[int], n: int, dev) -> tuple[list[int], list[float]]:
-    """n greedy tokens (no stop ids) and their logprobs."""
+def greedy(model, ids: list[int], n: int, dev, step: str = "eager", cache=None) -> tuple[list[int], list[float]]:
+    """n greedy tokens (no stop ids) and their logprobs, through decode step `step` (localrun/step.py)."""
     from localrun.generate import generate
     from localrun.sampling import SamplingParams, make_sampler
 
     tokens, logprobs = [], []
-    for step in generate(model, ids, make_sampler(SamplingParams(), device=dev), max_tokens=n):
-        tokens.append(step.token)
-        logprobs.append(step.logprob)
+    for out in generate(model, ids, make_sampler(SamplingParams(), device=dev), max_tokens=n, step=step, cache=cache):
+        tokens.append(out.token)
+        logprobs.append(out.logprob)
     return tokens, logprobs
 
 
@@ -272,20 +272,25 @@ def step_exact(dry: bool) -> dict:
     dev = device_for(dry)
     out = {}
     tmp = Path(tempfile.mkdtemp(prefix="gpu-check-"))
-    models = {"tiny": write_checkpoint(tmp / "tiny", tiny_config("moe")), "bench": bench_model_dir(tmp)}
+    models = {"tiny": write_checkpoint(tmp / "tiny", tiny_config("moe"))}
+    if not dry:  # the bench model only adds size; the dry run checks the code paths on the tiny one
+        models["bench"] = bench_model_dir(tmp)
     n = 24 if not dry else 8
     for name, path in models.items():
         rows: dict = {}
         vocab = json.loads((path / "config.json").read_text())["vocab_size"]
         ids = bench_prompt(40, vocab)
         ref_tokens, ref_lp = greedy(load_model(path, device="cpu", dtype=torch.float32).model, ids, n, "cpu")
+        steps = ("eager", "graphs") if dev.type == "cuda" else ("eager", "static")
         for frac in (1.0, 0.5, 0.0):
-            def run(frac=frac):
-                loaded = load_model(path, device=str(dev), dtype=torch.float32, resident_fraction=frac)
-                tokens, lp = greedy(loaded.model, ids, n, dev)
-                return {"tokens_identical": tokens == ref_tokens, "first_divergence": first_divergence(tokens, ref_tokens),
-                        "max_logprob_diff": max(abs(a - b) for a, b in zip(lp, ref_lp))}
-            timed(f"{name} fp32 {dev.type} vs cpu, resident {frac}", run, rows)
+            for mode in steps if frac == 1.0 else ("eager",):
+                def run(frac=frac, mode=mode):
+                    loaded = load_model(path, device=str(dev), dtype=torch.float32, resident_fraction=frac)
+                    tokens, lp = greedy(loaded.model, ids, n, dev, mode, loaded.kv)
+                    return {"tokens_identical": tokens == ref_tokens,
+                            "first_divergence": first_divergence(tokens, ref_tokens),
+                            "max_logprob_diff": max(abs(a - b) for a, b in zip(lp, ref_lp))}
+                timed(f"{name} fp32 {dev.type} vs cpu, resident {frac}, {mode} step", run, rows)
 
         def bf16():
             loaded = load_model(path, device=str(dev), dtype=torch.bfloat16)
@@ -318,6 +323,9 @@ def step_big(dry: bool) -> dict:
     out = {}
     placements = {"resident": {}, "16GiB": {"vram": 16 * GIB}} if not dry else \
         {"resident": {}, "half": {"resident_fraction": 0.5}}
+    only = os.environ.get("GPU_CHECK_PLACEMENTS")  # e.g. "resident": a shorter check
+    if only:
+        placements = {k: v for k, v in placements.items() if k in only.split(",")}
     for name, kwargs in placements.items():
         rows: dict = {}
         timed(name, lambda: big_model_run(dry, dev, kwargs, rows), rows)
@@ -349,56 +357,75 @@ def big_model_run(dry: bool, dev, load_kwargs: dict, rows: dict) -> dict:
     rows["memory_after_load"] = memory_figures(loaded, dev)
     print(f"  loaded in {rows['load_s']} s: {json.dumps(rows['memory_after_load'])}", flush=True)
     model = loaded.model
-    prompt, gen = (512, 32) if not dry else (32, 8)
+    prompt, gen = (512, 64) if not dry else (32, 8)
     ids = bench_prompt(prompt, args.vocab_size)
-    t1 = best_seconds(lambda: greedy(model, ids, 1, dev), 2, dev)
-    tn = best_seconds(lambda: greedy(model, ids, gen, dev), 2, dev)
-    rows["prefill_tokens_per_s"] = round(prompt / t1, 1)
-    rows["decode_tokens_per_s"] = round((gen - 1) / (tn - t1), 2)
     short = bench_prompt(16, args.vocab_size)
-    t1s = best_seconds(lambda: greedy(model, short, 1, dev), 2, dev)
-    tns = best_seconds(lambda: greedy(model, short, gen, dev), 2, dev)
-    rows["decode_tokens_per_s_after_16"] = round((gen - 1) / (tns - t1s), 2)
+    modes = ["eager"] + (["graphs"] if dev.type == "cuda" and loaded.store is None else
+                         ["static"] if dev.type != "cuda" else [])
+    for mode in modes:  # graphs off and on in the same run, each on a warm model
+        def rates(mode=mode) -> dict:
+            run = lambda prompt_ids, n: greedy(model, prompt_ids, n, dev, mode, loaded.kv)  # noqa: E731
+            t1 = best_seconds(lambda: run(ids, 1), 2, dev)
+            tn = best_seconds(lambda: run(ids, gen), 2, dev)
+            t1s = best_seconds(lambda: run(short, 1), 2, dev)
+            tns = best_seconds(lambda: run(short, gen), 2, dev)
+            return {"prefill_tokens_per_s": round(prompt / t1, 1),
+                    f"decode_tokens_per_s_after_{prompt}": round((gen - 1) / (tn - t1), 2),
+                    "decode_tokens_per_s_after_16": round((gen - 1) / (tns - t1s), 2)}
+        timed(f"speed_{mode}", rates, rows)
+        timed(f"per_token_{mode}", lambda mode=mode: per_token_counts(model, short, dev, mode, loaded.kv), rows)
     rows["memory_after_decode"] = memory_figures(loaded, dev)
-    timed("per_token", lambda: per_token_counts(model, short, dev), rows)
     if loaded.store is not None:
         rows["expert_cache"] = loaded.expert_stats()
-    return {k: rows[k] for k in ("load_s", "prefill_tokens_per_s", "decode_tokens_per_s", "decode_tokens_per_s_after_16")}
+    bytes_per_token = decode_bytes(loaded)
+    rows["bytes_read_per_decoded_token"] = bytes_per_token
+    return {k: rows[k] for k in ("load_s", "bytes_read_per_decoded_token") if k in rows}
 
 
-def per_token_counts(model, ids: list[int], dev) -> dict:
-    """Kernel launches and host syncs of one decoded token (the difference of 2 and 3 generated tokens,
-    so prefill and the first sampling step cancel)."""
+def decode_bytes(loaded) -> int:
+    """Bytes one decoded token must read (the bandwidth floor's numerator): non-expert weights except
+    the embedding lookup (the tied lm_head reads the embedding once), top_k experts per MoE layer, KV."""
+    plan = loaded.plan
+    return plan.decode_weight_bytes + plan.active_expert_bytes + plan.kv_bytes
+
+
+def per_token_counts(model, ids: list[int], dev, mode: str = "eager", cache=None) -> dict:
+    """Kernels, host launch calls and host syncs of one decoded token (the difference of 3 and 4
+    generated tokens, so prefill and the first sampling step cancel)."""
     torch = _torch()
 
-    def counts(n: int) -> tuple[int, int]:
+    def counts(n: int) -> tuple[int, int, int]:
         if dev.type != "cuda":
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-                greedy(model, ids, n, dev)
-            return sum(1 for e in prof.events() if e.name.startswith("aten::")), 0
+                greedy(model, ids, n, dev, mode, cache)
+            return sum(1 for e in prof.events() if e.name.startswith("aten::")), 0, 0
         import warnings
 
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,
                                                 torch.profiler.ProfilerActivity.CPU]) as prof:
-            greedy(model, ids, n, dev)
+            greedy(model, ids, n, dev, mode, cache)
             sync(dev)
-        kernels = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+        events = prof.events()
+        kernels = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA
                       and "memcpy" not in e.name.lower() and "memset" not in e.name.lower())
+        launches = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CPU
+                       and e.name.startswith(("cudaLaunch", "cuLaunch", "cudaGraphLaunch")))
         torch.cuda.set_sync_debug_mode("warn")
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                greedy(model, ids, n, dev)
+                greedy(model, ids, n, dev, mode, cache)
         finally:
             torch.cuda.set_sync_debug_mode("default")
         syncs = sum(1 for w in caught if "synchroniz" in str(w.message).lower())
-        return kernels, syncs
+        return kernels, launches, syncs
 
-    greedy(model, ids, 3, dev)  # warm
-    k2, s2 = counts(2)
-    k3, s3 = counts(3)
-    label = "kernels" if dev.type == "cuda" else "aten_ops"
-    return {f"{label}_per_token": k3 - k2, "host_syncs_per_token": s3 - s2}
+    greedy(model, ids, 4, dev, mode, cache)  # warm: graphs captured, kernels compiled
+    k3, l3, s3 = counts(3)
+    k4, l4, s4 = counts(4)
+    if dev.type != "cuda":
+        return {"aten_ops_per_token": k4 - k3}
+    return {"kernels_per_token": k4 - k3, "host_launch_calls_per_token": l4 - l3, "host_syncs_per_token": s4 - s3}
 
 
 def step_kernels(dry: bool) -> dict:
@@ -409,7 +436,12 @@ def step_kernels(dry: bool) -> dict:
     bench = getattr(triton_moe, "benchmark_moe_4bit", None)
     if bench is None:
         return {"skipped": "triton_moe has no benchmark_moe_4bit"}
-    return bench(device=str(device_for(dry)), dry=dry)
+    dev = device_for(dry)
+    out = {}
+    for name, kwargs in {"decode nf4 bs64": {}, "decode nf4 bs64 double-quant": {"double_quant": True},
+                         "decode fp4 bs64": {"quant_type": "fp4"}, "8 tokens nf4": {"tokens": 8}}.items():
+        timed(name, lambda kwargs=kwargs: bench(device=str(dev), dry=dry, **kwargs), out)
+    return out
 
 
 STEP_FUNCTIONS = {"env": step_env, "attention": step_attention, "exact": step_exact, "demo": step_demo,
@@ -420,6 +452,8 @@ STEP_FUNCTIONS = {"env": step_env, "attention": step_attention, "exact": step_ex
 
 def run_child(step: str, dry: bool, result: Path) -> None:
     """Inside the child process: run one step and write its result as JSON."""
+    if dry:  # the Triton kernels run interpreted on CPU tensors (set before triton is imported)
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     start = time.perf_counter()
     try:
         value = STEP_FUNCTIONS[step](dry)

@@ -1,0 +1,108 @@
+"""The static decode step (localrun/step.py): the same tokens as the eager path at every placement,
+spans that never outgrow the cache, and a step torch.compile traces whole (nothing in it syncs)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from localrun.bench import bench_prompt
+from localrun.generate import generate
+from localrun.loader import load_model
+from localrun.sampling import SamplingParams, make_sampler
+from localrun.step import MIN_SPAN, StaticStep, span_for
+from quant.ffn import BufferedExperts
+from quant.layer import ExpertBuffer
+
+torch.set_num_threads(1)
+GEN = 20
+
+
+def greedy(model, ids, step, cache=None, n=GEN):
+    steps = list(generate(model, ids, make_sampler(SamplingParams()), max_tokens=n, step=step, cache=cache))
+    return [s.token for s in steps], [s.logprob for s in steps]
+
+
+def test_span_buckets():
+    assert span_for(0, 8192) == MIN_SPAN and span_for(MIN_SPAN - 1, 8192) == MIN_SPAN
+    assert span_for(MIN_SPAN, 8192) == 2 * MIN_SPAN
+    assert span_for(5000, 8192) == 8192 and span_for(100, 200) == 200  # never past the cache
+    for p in range(0, 3000, 7):
+        s = span_for(p, 4096)
+        assert p < s <= 4096 and (s == 4096 or s & (s - 1) == 0)
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.5, 0.0])
+def test_static_step_matches_eager_at_every_placement(tiny_moe, fraction):
+    loaded = load_model(tiny_moe, dtype=torch.float32, resident_fraction=fraction, context=600)
+    ids = bench_prompt(30, loaded.args.vocab_size)
+    eager_tokens, eager_lp = greedy(loaded.model, ids, "eager", loaded.kv)
+    static_tokens, static_lp = greedy(loaded.model, ids, "static", loaded.kv)
+    assert static_tokens == eager_tokens
+    assert max(abs(a - b) for a, b in zip(static_lp, eager_lp)) < 1e-5  # only the key span's sum order differs
+
+
+def test_static_step_crosses_span_buckets_and_the_window(tiny_moe):
+    """A decode that runs from span 256 into 512 and wraps the sliding ring many times."""
+    loaded = load_model(tiny_moe, dtype=torch.float32, context=1024)
+    ids = bench_prompt(MIN_SPAN - 8, loaded.args.vocab_size)
+    eager = greedy(loaded.model, ids, "eager", loaded.kv, n=24)
+    static = greedy(loaded.model, ids, "static", loaded.kv, n=24)
+    assert static[0] == eager[0]
+    assert max(abs(a - b) for a, b in zip(static[1], eager[1])) < 1e-5
+
+
+def test_bench_model_static_step_matches_eager(tmp_path):
+    from localrun.bench import bench_model_dir
+
+    loaded = load_model(bench_model_dir(tmp_path), dtype=torch.float32, resident_fraction=0.5, context=512)
+    ids = bench_prompt(40, loaded.args.vocab_size)
+    eager = greedy(loaded.model, ids, "eager", loaded.kv, n=12)
+    static = greedy(loaded.model, ids, "static", loaded.kv, n=12)
+    assert static[0] == eager[0]
+    assert max(abs(a - b) for a, b in zip(static[1], eager[1])) < 1e-5
+
+
+def test_a_reply_that_reaches_the_context_stops_with_length(tiny_moe):
+    loaded = load_model(tiny_moe, dtype=torch.float32, context=40)
+    ids = bench_prompt(30, loaded.args.vocab_size)
+    before = loaded.kv.nbytes
+    steps = list(generate(loaded.model, ids, make_sampler(SamplingParams()), max_tokens=100, cache=loaded.kv))
+    assert len(steps) == 10 and steps[-1].finish_reason == "length"
+    assert loaded.kv.nbytes == before
+
+
+def buffered(loaded):
+    """The loaded CPU model with every MoE layer on BufferedExperts (the op the CUDA path uses)."""
+    for layer in loaded.model.layers:
+        if layer.moe:
+            layer.set_experts(BufferedExperts(ExpertBuffer.from_experts(layer.experts.experts), layer.experts.act_name))
+    return loaded
+
+
+def test_static_step_compiles_as_one_graph(tiny_moe):
+    """torch.compile(fullgraph=True) of the step: any host sync, data-dependent branch or opaque
+    call inside it would break the graph and fail here."""
+    loaded = buffered(load_model(tiny_moe, dtype=torch.float32, context=300))
+    model, cache = loaded.model, loaded.kv
+    ids = bench_prompt(20, loaded.args.vocab_size)
+    reference, _ = greedy(model, ids, "eager", cache, n=8)
+
+    step = StaticStep(model, cache)
+    compiled = torch.compile(step.forward, fullgraph=True, backend="eager", dynamic=False)
+    sampler = make_sampler(SamplingParams())
+    with torch.inference_mode():
+        cache.reset()
+        from localrun.generate import prefill
+
+        logits = prefill(model, ids, cache)
+        tokens = []
+        for n in range(8):
+            token = int(sampler.token(logits, torch.tensor(ids)))
+            tokens.append(token)
+            position = len(ids) + n
+            step.token.fill_(token)
+            step.pos.fill_(position)
+            logits = compiled(span_for(position, cache.capacity))
+            cache.advance(position + 1)
+    assert tokens == reference
