@@ -170,7 +170,7 @@ def grouped_sdpa(q_BNTD, k_BNSD, v_BNSD, mask=None):
     if mask is not None and mask.shape[-2] != 1:
         mask = mask.repeat(G, 1)
     out = F.scaled_dot_product_attention(q_BNTD.reshape(B, KV, G * T, D), k_BNSD, v_BNSD, attn_mask=mask, scale=1.0)
-    return out.view(B, N, T, D)
+    return out.reshape(B, N, T, D)
 
 
 def attend(q_BNTD, k_BNSD, v_BNSD, pos_T, pos_S, window: int | None, masks: dict | None = None,
