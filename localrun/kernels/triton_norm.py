@@ -1,0 +1,82 @@
+"""RMSNorm, and RMSNorm + RoPE of attention heads, as one Triton kernel each: the CUDA decode step's
+norms in one launch apiece (the plain torch formula takes five to seven small kernels per norm, and
+a Gemma 4 layer has eleven norms).
+
+Both compute in fp32 and round once to the input's dtype. They back the torch ops
+`localrun::rms_norm` and `localrun::rms_norm_rope` (CUDA: these kernels; every other device: the
+torch formula, what `models.gemma4` computes there), which a CUDA graph captures and
+`torch.compile` traces. Set TRITON_INTERPRET=1 before importing triton to run them on CPU tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, stride_x, D, eps, HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < D
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    inv = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
+    y = x * inv
+    if HAS_WEIGHT:
+        y = y * tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * D + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rms_norm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, heads, stride_t, stride_h, D, eps,
+                          BLOCK: tl.constexpr):
+    """One head of one token: y = n * cos + roll(n, D/2) * sin with n = rms_norm(x) * w (sin's first
+    half carries rotate_half's sign, as Gemma4Model.rope builds it)."""
+    row = tl.program_id(0)
+    t = row // heads
+    h = row % heads
+    cols = tl.arange(0, BLOCK)
+    mask = cols < D
+    base = x_ptr + t * stride_t + h * stride_h
+    x = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
+    inv = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
+    half = D // 2
+    partner = tl.where(cols < half, cols + half, cols - half)
+    xp = tl.load(base + partner, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    wp = tl.load(w_ptr + partner, mask=mask, other=0.0).to(tl.float32)
+    cos = tl.load(cos_ptr + t * D + cols, mask=mask, other=0.0).to(tl.float32)
+    sin = tl.load(sin_ptr + t * D + cols, mask=mask, other=0.0).to(tl.float32)
+    y = (x * inv * w) * cos + (xp * inv * wp) * sin
+    tl.store(out_ptr + row * D + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim (rows may be strided; the last dim contiguous)."""
+    D = x.shape[-1]
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    rows = x.reshape(-1, D) if x.is_contiguous() else x.contiguous().view(-1, D)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    w = weight if weight is not None else rows  # any pointer; unused without a weight
+    _rms_norm_kernel[(rows.shape[0],)](rows, w, out, rows.stride(0), D, eps, HAS_WEIGHT=weight is not None,
+                                       BLOCK=triton.next_power_of_2(D))
+    return out
+
+
+def rms_norm_rope_triton(x_BTND: torch.Tensor, weight: torch.Tensor, cos_T1D: torch.Tensor, sin_T1D: torch.Tensor,
+                         eps: float) -> torch.Tensor:
+    """apply_rope(rms_norm(x) * weight, cos, sin) of [B, T, N, D] heads; tokens and heads may be strided
+    (views of a fused q/k/v projection), the head dim contiguous. cos/sin are [T, 1, D]."""
+    B, T, N, D = x_BTND.shape
+    if x_BTND.stride(-1) != 1 or B != 1 and x_BTND.stride(0) != T * x_BTND.stride(1):
+        x_BTND = x_BTND.contiguous()
+    out = torch.empty(B, T, N, D, dtype=x_BTND.dtype, device=x_BTND.device)
+    cos = cos_T1D.reshape(T, D).contiguous()
+    sin = sin_T1D.reshape(T, D).contiguous()
+    if B != 1:  # tokens of every batch row: the kernel indexes cos/sin by token, so repeat them
+        cos, sin = cos.repeat(B, 1), sin.repeat(B, 1)
+    _rms_norm_rope_kernel[(B * T * N,)](x_BTND, weight, cos, sin, out, N, x_BTND.stride(1), x_BTND.stride(2), D, eps,
+                                        BLOCK=triton.next_power_of_2(D))
+    return out
