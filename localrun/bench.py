@@ -29,6 +29,8 @@ import torch
 from .tiny import tiny_config, write_checkpoint
 
 BENCH_NAME = "bench"
+# --graphs: which decode steps to measure (localrun/step.py); "both" puts graphs off and on side by side
+GRAPH_MODES = {"auto": ("auto",), "on": ("graphs",), "off": ("eager",), "both": ("eager", "graphs")}
 BENCH_SEED = 0
 
 
@@ -125,6 +127,9 @@ class Measurement:
     peak_rss_bytes: int | None = None  # process peak since this engine started loading
     peak_vram_bytes: int | None = None
     expert_hit_rate: float | None = None  # when the expert backend counts hits
+    step: str = "eager"  # the decode step (localrun/step.py): eager, or graphs (CUDA graph replay)
+    bytes_per_token: int | None = None  # what one decoded token reads (weights, top-k experts, KV)
+    floor_tokens_per_s: float | None = None  # measured device copy bandwidth / bytes_per_token
 
 
 @dataclass
@@ -157,11 +162,29 @@ def measure(engine: str, generate_n: Callable[[int], None], prompt_tokens: int, 
     return Measurement(engine, prompt_tokens, gen_tokens, t1, prompt_tokens / t1, decode)
 
 
+def decode_bytes_per_token(plan) -> int:
+    """Bytes a decoded token reads at least: non-expert weights (the embedding lookup aside; the tied
+    lm_head reads it whole), top_k experts of every MoE layer, and the KV cache at the planned context."""
+    return plan.decode_weight_bytes + plan.active_expert_bytes + plan.kv_bytes
+
+
+def copy_bandwidth(device, nbytes: int = 1 << 30, repeat: int = 5) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read and written (the floor's unit)."""
+    a = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    sync = lambda: torch.cuda.synchronize(device)  # noqa: E731
+    b.copy_(a)
+    seconds = best_time(lambda: b.copy_(a), repeat, sync)
+    del a, b
+    return 2 * nbytes / seconds
+
+
 def bench_localrun(model_dir: Path, cases: list[tuple[int, int]], *, device: str, dtype: torch.dtype,
                    experts: str, repeat: int, resident_fraction: float | None = None,
-                   info: dict | None = None) -> list[Measurement]:
+                   info: dict | None = None, steps: tuple[str, ...] = ("auto",)) -> list[Measurement]:
     from .engine import Engine
     from .sampling import SamplingParams
+    from .step import graph_safe
 
     reset_peak_rss()
     engine = Engine.load(model_dir, device=device, dtype=dtype, experts=experts, resident_fraction=resident_fraction)
@@ -171,21 +194,34 @@ def bench_localrun(model_dir: Path, cases: list[tuple[int, int]], *, device: str
     if _cuda(dev):
         torch.cuda.reset_peak_memory_stats(dev)
     sync = (lambda: torch.cuda.synchronize(dev)) if _cuda(dev) else (lambda: None)
+    per_token = decode_bytes_per_token(engine.loaded.plan) if engine.loaded.plan else None
+    bandwidth = None
+    if _cuda(dev):
+        bandwidth = copy_bandwidth(dev)
+        if info is not None:
+            info["copy_bandwidth_bytes_per_s"] = bandwidth
+            info["gpu"] = torch.cuda.get_device_name(dev)
     out = []
-    for prompt_tokens, gen_tokens in cases:
-        ids = bench_prompt(prompt_tokens, engine.loaded.args.vocab_size)
+    for step in steps:
+        for prompt_tokens, gen_tokens in cases:
+            ids = bench_prompt(prompt_tokens, engine.loaded.args.vocab_size)
 
-        def generate_n(n: int) -> None:
-            for _ in engine.stream(ids, SamplingParams(), max_tokens=n, ignore_eos=True):
-                pass
+            def generate_n(n: int) -> None:
+                for _ in engine.stream(ids, SamplingParams(), max_tokens=n, ignore_eos=True, step=step):
+                    pass
 
-        store = engine.loaded.store  # None when every expert is resident
-        before = store.snapshot() if store else None
-        m = measure("localrun", generate_n, prompt_tokens, gen_tokens, repeat, sync)
-        if store:
-            m.expert_hit_rate = store.stats(since=before)["hit_rate"]
-        _memory(m, dev)
-        out.append(m)
+            store = engine.loaded.store  # None when every expert is resident
+            before = store.snapshot() if store else None
+            m = measure("localrun", generate_n, prompt_tokens, gen_tokens, repeat, sync)
+            m.step = "graphs" if step == "auto" and _cuda(dev) and graph_safe(engine.model) else \
+                "eager" if step == "auto" else step
+            m.bytes_per_token = per_token
+            if bandwidth and per_token:
+                m.floor_tokens_per_s = bandwidth / per_token
+            if store:
+                m.expert_hit_rate = store.stats(since=before)["hit_rate"]
+            _memory(m, dev)
+            out.append(m)
     return out
 
 
@@ -237,7 +273,8 @@ def best_of(measurements: list[Measurement]) -> Measurement:
 
 def run_bench(model_dir: str | Path, cases: list[tuple[int, int]], *, device: str = "cpu",
               dtype: torch.dtype = torch.float32, experts: str = "bf16", repeat: int = 3,
-              compare: str | None = None, resident_fraction: float | None = None, rounds: int = 1) -> BenchReport:
+              compare: str | None = None, resident_fraction: float | None = None, rounds: int = 1,
+              graphs: str = "auto") -> BenchReport:
     """Measure localrun (and `compare`="transformers") on every (prompt_tokens, gen_tokens) case.
 
     rounds > 1 alternates the engines (localrun, transformers, localrun, ...; each loaded afresh so
@@ -248,6 +285,9 @@ def run_bench(model_dir: str | Path, cases: list[tuple[int, int]], *, device: st
         raise ValueError(f"can only compare with transformers, not {compare!r}")
     if rounds < 1:
         raise ValueError(f"rounds must be at least 1, not {rounds}")
+    steps = GRAPH_MODES.get(graphs)
+    if steps is None:
+        raise ValueError(f"graphs must be one of {', '.join(GRAPH_MODES)}, not {graphs!r}")
     info = {
         "model": str(model_dir), "device": device, "dtype": str(dtype).removeprefix("torch."),
         "experts": experts, "resident_experts": resident_fraction, "repeat": repeat, "rounds": rounds,
@@ -261,17 +301,19 @@ def run_bench(model_dir: str | Path, cases: list[tuple[int, int]], *, device: st
     measured: list[Measurement] = []
     for _ in range(rounds):
         measured += bench_localrun(Path(model_dir), cases, device=device, dtype=dtype, experts=experts,
-                                   repeat=repeat, resident_fraction=resident_fraction, info=info)
+                                   repeat=repeat, resident_fraction=resident_fraction, info=info, steps=steps)
         gc.collect()  # the engine is gone with bench_localrun's frame: free it before the other side loads
         if compare == "transformers":
             measured += bench_transformers(Path(model_dir), cases, device=device, dtype=dtype, repeat=repeat)
             gc.collect()
     report = BenchReport(info)
     for engine in ("localrun", "transformers"):
-        for case in cases:
-            same = [m for m in measured if m.engine == engine and (m.prompt_tokens, m.gen_tokens) == case]
-            if same:
-                report.measurements.append(best_of(same))
+        for step in dict.fromkeys(m.step for m in measured if m.engine == engine):
+            for case in cases:
+                same = [m for m in measured if m.engine == engine and m.step == step
+                        and (m.prompt_tokens, m.gen_tokens) == case]
+                if same:
+                    report.measurements.append(best_of(same))
     return report
 
 
@@ -297,6 +339,12 @@ def markdown(report: BenchReport) -> str:
                 "TTFT ms (ours / hf)", "peak RSS MiB (ours / hf)"]
     else:
         head = ["prompt", "gen", "prefill tok/s", "decode tok/s", "TTFT ms", "peak RSS MiB"]
+    steps = len({m.step for m in ours}) > 1 or any(m.step == "graphs" for m in ours)
+    if steps:
+        head.insert(2, "decode step")
+    floor = any(m.floor_tokens_per_s for m in ours)
+    if floor:
+        head += ["floor tok/s", "of floor"]
     if any(m.peak_vram_bytes is not None for m in report.measurements):
         head.append("peak VRAM MiB")
     if any(m.expert_hit_rate is not None for m in ours):
@@ -304,7 +352,7 @@ def markdown(report: BenchReport) -> str:
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in ours:
         t = theirs.get((m.prompt_tokens, m.gen_tokens))
-        row = [str(m.prompt_tokens), str(m.gen_tokens)]
+        row = [str(m.prompt_tokens), str(m.gen_tokens)] + ([m.step] if steps else [])
         if theirs:
             row += [f"{m.prefill_tokens_per_s:.1f} / {t.prefill_tokens_per_s:.1f}",
                     _ratio(m.prefill_tokens_per_s, t.prefill_tokens_per_s),
@@ -315,6 +363,9 @@ def markdown(report: BenchReport) -> str:
         else:
             row += [f"{m.prefill_tokens_per_s:.1f}", _rate(m.decode_tokens_per_s), f"{m.ttft_s * 1e3:.0f}",
                     _mib(m.peak_rss_bytes)]
+        if floor:
+            f = m.floor_tokens_per_s
+            row += [_rate(f or 0), f"{m.decode_tokens_per_s / f:.1%}" if f else "-"]
         if "peak VRAM MiB" in head:
             row.append(_mib(m.peak_vram_bytes) + (f" / {_mib(t.peak_vram_bytes)}" if t else ""))
         if "expert hit rate" in head:
@@ -323,6 +374,11 @@ def markdown(report: BenchReport) -> str:
     lines += ["", "prefill = prompt / t(1 token); decode = (N-1) / (t(N) - t(1)); TTFT = t(1); "
                   "greedy, eos off, same prompt ids both sides; peak RSS is the process peak since that "
                   "engine started loading."]
+    if floor:
+        per_token = next(m.bytes_per_token for m in ours if m.bytes_per_token)
+        lines += [f"floor = measured device copy bandwidth ({info['copy_bandwidth_bytes_per_s'] / 1e9:.0f} GB/s on "
+                  f"{info.get('gpu', 'the GPU')}) / {per_token / 1e9:.3f} GB read per decoded token (non-expert "
+                  "weights, top-k experts of every layer, KV at the planned context)."]
     return "\n".join(lines) + "\n"
 
 

@@ -410,6 +410,15 @@ def per_token_counts(model, ids: list[int], dev, mode: str = "eager", cache=None
                       and "memcpy" not in e.name.lower() and "memset" not in e.name.lower())
         launches = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CPU
                        and e.name.startswith(("cudaLaunch", "cuLaunch", "cudaGraphLaunch")))
+        if n == 4:  # where the device time goes: the kernels that took most of it, over 4 tokens and prefill
+            table = {}
+            for e in events:
+                if e.device_type == torch.autograd.DeviceType.CUDA:
+                    name = e.name[:70]
+                    count, total = table.get(name, (0, 0.0))
+                    table[name] = (count + 1, total + e.device_time)
+            top_kernels.extend(sorted(([n_, c, round(t, 1)] for n_, (c, t) in table.items()),
+                                      key=lambda r: -r[2])[:15])
         torch.cuda.set_sync_debug_mode("warn")
         try:
             with warnings.catch_warnings(record=True) as caught:
@@ -420,12 +429,14 @@ def per_token_counts(model, ids: list[int], dev, mode: str = "eager", cache=None
         syncs = sum(1 for w in caught if "synchroniz" in str(w.message).lower())
         return kernels, launches, syncs
 
+    top_kernels: list = []
     greedy(model, ids, 4, dev, mode, cache)  # warm: graphs captured, kernels compiled
     k3, l3, s3 = counts(3)
     k4, l4, s4 = counts(4)
     if dev.type != "cuda":
         return {"aten_ops_per_token": k4 - k3}
-    return {"kernels_per_token": k4 - k3, "host_launch_calls_per_token": l4 - l3, "host_syncs_per_token": s4 - s3}
+    return {"kernels_per_token": k4 - k3, "host_launch_calls_per_token": l4 - l3, "host_syncs_per_token": s4 - s3,
+            "top_kernels_4_tokens_us": top_kernels}
 
 
 def step_kernels(dry: bool) -> dict:

@@ -87,3 +87,25 @@ def test_bench_command_rejects_zero_rounds(tiny_moe, capsys):
     with pytest.raises(SystemExit) as e:
         main(["bench", str(tiny_moe), "--rounds", "0"])
     assert e.value.code != 0 and "--rounds" in capsys.readouterr().err
+
+
+def test_graphs_option_is_checked_and_the_step_recorded(tiny_moe, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", str(tiny_moe), "--graphs", "on", "--device", "cpu"])
+    assert e.value.code == 2 and "--graphs on needs --device cuda" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["bench", str(tiny_moe), "--graphs", "sometimes"])
+    assert e.value.code == 2
+    report = bench.run_bench(tiny_moe, [(8, 3)], dtype=torch.float32, repeat=1, graphs="off")
+    (m,) = report.measurements
+    assert m.step == "eager" and m.floor_tokens_per_s is None  # the floor is a GPU figure
+    assert m.bytes_per_token > 0
+
+
+def test_decode_bytes_per_token_counts_weights_experts_and_kv(tiny_moe):
+    from localrun.loader import load_model
+
+    plan = load_model(tiny_moe, dtype=torch.float32).plan
+    expected = plan.decode_weight_bytes + plan.active_expert_bytes + plan.kv_bytes
+    assert bench.decode_bytes_per_token(plan) == expected
+    assert plan.active_expert_bytes > 0 and plan.kv_bytes > 0

@@ -37,6 +37,8 @@ def bench(
     rounds: int = typer.Option(2, "--rounds", help="Alternate localrun and the compared side this many times "
                                "(each keeps its best), so a drift in machine speed hits both alike."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch intra-op threads for both sides."),
+    graphs: str = typer.Option("auto", "--graphs", help="Decode step: on (CUDA graphs), off (eager), both (side "
+                               "by side in one run), auto (graphs where every expert routes on the GPU)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Also write the markdown table to this file."),
     as_json: bool = typer.Option(False, "--json", help="Print the raw numbers as JSON instead of the table."),
 ) -> None:
@@ -45,6 +47,10 @@ def bench(
         raise UsageError(f"--dtype must be bfloat16 or float32, not {dtype!r}")
     if compare not in (None, "transformers"):
         raise UsageError(f"--compare can only be 'transformers', not {compare!r}")
+    if graphs not in lbench.GRAPH_MODES:
+        raise UsageError(f"--graphs must be one of {', '.join(lbench.GRAPH_MODES)}, not {graphs!r}")
+    if graphs in ("on", "both") and device == "cpu":
+        raise UsageError("--graphs on needs --device cuda (CUDA graphs)")
     if min(repeat, rounds, *prompt_tokens, *gen_tokens) < 1:
         raise UsageError("--repeat, --rounds, --prompt-tokens and --gen-tokens must be at least 1")
     if threads is not None:
@@ -54,7 +60,7 @@ def bench(
     cases = [(p, g) for p in prompt_tokens for g in gen_tokens]
     report = lbench.run_bench(resolve_bench_model(model), cases, device=device, dtype=DTYPES[dtype],
                               experts=experts, repeat=repeat, compare=compare, resident_fraction=resident_experts,
-                              rounds=rounds)
+                              rounds=rounds, graphs=graphs)
     table = lbench.markdown(report)
     if out is not None:
         out.write_text(table)
