@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import io
+import os
 import sys
 from pathlib import Path
+
+# tests/test_triton_moe.py runs the Triton kernels under the interpreter, which triton reads when
+# it is first imported; bitsandbytes imports it, and test modules collected before that one
+# import bitsandbytes, so the variable must be set before any of them loads.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 
