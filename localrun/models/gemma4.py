@@ -473,6 +473,7 @@ class Gemma4Model(nn.Module):
         return self.logits(h[:, -1:] if last_only else h)
 
 
+BUILTIN_CHAT_TEMPLATE = True  # templates/gemma4.jinja stands in for a checkpoint that ships no chat template
 Model = Gemma4Model
 EXPERT_KEYS = ("experts.gate_up_proj", "experts.down_proj")
 

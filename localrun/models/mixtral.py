@@ -10,7 +10,7 @@ import re
 
 from ..checkpoint import Checkpoint
 from . import qwen3_moe
-from .qwen3_moe import MoEArgs, Model, checkpoint_shapes, tensor_group  # noqa: F401  (the family's interface)
+from .qwen3_moe import BUILTIN_CHAT_TEMPLATE, MoEArgs, Model, checkpoint_shapes, tensor_group  # noqa: F401  (the interface)
 
 _FUSED = tuple((f"{m}.experts.gate_up_proj", f"{m}.experts.down_proj") for m in ("block_sparse_moe", "mlp"))
 _PER_EXPERT = (

@@ -139,6 +139,9 @@ def args_from_dict(config: dict) -> MoEArgs:
     return make_args(config, rope_parameters=rope_parameters(config, 10_000.0))
 
 
+BUILTIN_CHAT_TEMPLATE = False  # the checkpoint's own template only (tokenizer_config.json or chat_template.jinja)
+
+
 # Checkpoint layout -------------------------------------------------------------------------------
 
 FUSED = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
