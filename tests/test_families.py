@@ -31,10 +31,10 @@ REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 GEN_TOKENS = 40
 VOCAB = 512
 
-QWEN_TEMPLATE = (
-    "{%- for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{%- endfor %}"
-    "{%- if add_generation_prompt %}<|im_start|>assistant\n"
-    "{%- if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{%- endif %}"
+QWEN_TEMPLATE = (  # Qwen3's, shortened: the same enable_thinking switch
+    "{%- for m in messages %}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>' + '\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
     "{%- endif %}"
 )
 
@@ -293,3 +293,17 @@ def test_fit_mixtral_8x7b():
     assert plan.fits and 0 < plan.resident_experts_per_layer < 8
     assert f"the other {8 - plan.resident_experts_per_layer} per layer" in plan.reason
     assert plan.kv_bytes == 2 * 8192 * 8 * 128 * 2 * 32
+
+
+def test_qwen_chat_template_from_tokenizer_config(moe_checkpoint, tmp_path):
+    from localrun.engine import Engine
+
+    engine = Engine.load(moe_checkpoint("qwen3_moe"), dtype=torch.float32, experts="bf16")
+    assert engine.tokenizer.bos_id is None
+    text = engine.tokenizer.decode(engine.encode_prompt("hi"))
+    assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    assert engine.tokenizer.decode(engine.encode_prompt("hi", enable_thinking=True)).endswith("assistant\n")
+    engine.template = None  # a checkpoint that ships none: raw prompts only, and the error says so
+    with pytest.raises(LocalrunError, match="no chat template.*--raw"):
+        engine.encode_prompt("hi")
+    assert engine.encode_prompt("hi", raw=True) == engine.tokenizer.encode("hi")
