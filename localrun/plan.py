@@ -57,7 +57,7 @@ FP32 = 4
 
 _DTYPES = {"bfloat16": ("bf16", 2), "float16": ("fp16", 2), "float32": ("fp32", 4)}
 _DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
-_EXPERT_NAME = re.compile(r"^layers\.(\d+)\.(?:mlp\.)?experts\.(gate_up_proj|down_proj)$")
+_EXPERT_NAME = re.compile(r"^layers\.(\d+)\.(?:\w+\.)?experts\.(gate_up_proj|down_proj)$")  # Gemma 4: layers.N.experts, Qwen3: layers.N.mlp.experts
 EXPERT_MATRICES = ("gate_up_proj", "down_proj")
 
 # The breakdown's components, in display order; "per_layer" only shows for models that have it.
