@@ -307,3 +307,13 @@ def test_qwen_chat_template_from_tokenizer_config(moe_checkpoint, tmp_path):
     with pytest.raises(LocalrunError, match="no chat template.*--raw"):
         engine.encode_prompt("hi")
     assert engine.encode_prompt("hi", raw=True) == engine.tokenizer.encode("hi")
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_moe_families_static_decode_step_is_the_eager_one(moe_checkpoint, family):
+    model = load_model(moe_checkpoint(family), dtype=torch.float32, experts="bf16").model
+    runs = [list(generate(model, prompt(), make_sampler(SamplingParams()), max_tokens=12, step=step))
+            for step in ("eager", "static")]
+    assert [s.token for s in runs[0]] == [s.token for s in runs[1]]
+    assert torch.allclose(torch.tensor([s.logprob for s in runs[0]]), torch.tensor([s.logprob for s in runs[1]]),
+                          atol=1e-5)

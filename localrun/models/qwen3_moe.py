@@ -251,7 +251,7 @@ class Attention(nn.Module):
         self.qkv = fuse_linears(self.q_proj, self.k_proj, self.v_proj)
         self.qkv_sizes = [p.out_features for p in (self.q_proj, self.k_proj, self.v_proj)]
 
-    def forward(self, x_BTH, cos_TD, sin_TD, pos_T, cache, masks: dict):
+    def forward(self, x_BTH, cos_TD, sin_TD, pos_T, cache, shared: dict):
         B, T, _ = x_BTH.shape
         if self.qkv is None:
             q, k, v = (project(p, x_BTH) for p in (self.q_proj, self.k_proj, self.v_proj))
@@ -263,10 +263,13 @@ class Attention(nn.Module):
         else:
             q, k = apply_rope(q, cos_TD, sin_TD), apply_rope(k, cos_TD, sin_TD)
         k, v = k.transpose(1, 2), v.view(B, T, -1, self.head_dim).transpose(1, 2)
-        pos_S = pos_T
-        if cache is not None:
+        pos_S, visible, span = pos_T, None, shared.get("span")  # span: the static decode step's (localrun/step.py)
+        if cache is not None and span is not None:
+            k, v, visible = cache.write(k, v, pos_T, span)
+        elif cache is not None:
             k, v, pos_S = cache.update(k, v, pos_T)
-        out = attend(q.transpose(1, 2), k, v, pos_T, pos_S, self.window, masks, scale=self.scale)
+        out = attend(q.transpose(1, 2), k, v, pos_T, pos_S, self.window, shared.setdefault("masks", {}), visible,
+                     scale=self.scale)
         return project(self.o_proj, out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -323,8 +326,8 @@ class DecoderLayer(nn.Module):
         self.mlp._modules.pop("experts", None)
         self.mlp.experts = backend
 
-    def forward(self, x_BTH, cos_TD, sin_TD, pos_T, cache, masks):
-        x = x_BTH + self.self_attn(self.input_layernorm(x_BTH), cos_TD, sin_TD, pos_T, cache, masks)
+    def forward(self, x_BTH, cos_TD, sin_TD, pos_T, cache, shared):
+        x = x_BTH + self.self_attn(self.input_layernorm(x_BTH), cos_TD, sin_TD, pos_T, cache, shared)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -374,10 +377,12 @@ class Model(nn.Module):
             pos_T = torch.arange(start, start + T, device=ids_BT.device)
         cos, sin = self.rope(pos_T, dtype)
         x = F.embedding(ids_BT, self.embed_tokens.weight).to(dtype)
-        masks: dict = {}  # every layer sees the same positions: one mask per query block
+        shared: dict = {}  # per forward: attention masks (every layer sees the same positions), the static span
+        if cache is not None and cache.span is not None:
+            shared["span"] = cache.span
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, pos_T, cache.layers[i] if cache is not None else None, masks)
-        if cache is not None:
+            x = layer(x, cos, sin, pos_T, cache.layers[i] if cache is not None else None, shared)
+        if cache is not None and cache.span is None:
             cache.offset += T
         return self.norm(x)
 
