@@ -22,6 +22,8 @@ from .sampling import SamplingParams
 
 THOUGHT, ANSWER = "thought", "answer"
 OPEN_THOUGHT, CLOSE_THOUGHT = "<|channel>", "<channel|>"
+# open -> (close, whether a channel label line follows the open marker): Gemma 4's, Qwen3's
+THOUGHT_MARKERS = {OPEN_THOUGHT: (CLOSE_THOUGHT, True), "<think>": ("</think>", False)}
 BLOCK = '"""'
 
 
@@ -44,9 +46,10 @@ def _partial_marker_suffix(text: str, marker: str) -> int:
 class ThoughtSplitter:
     """Routes streamed text into thought and answer pieces.
 
-    Gemma 4 thinks as `<|channel>thought\\n...<channel|>` before answering. Markers (and the
-    channel label line) may arrive split over several pieces, so a tail that could be the start
-    of a marker is held back until the next `feed` or `flush` settles it.
+    Gemma 4 thinks as `<|channel>thought\\n...<channel|>` before answering, Qwen3 as
+    `<think>...</think>`. Markers (and the channel label line) may arrive split over several
+    pieces, so a tail that could be the start of a marker is held back until the next `feed` or
+    `flush` settles it.
     """
 
     LABEL_MAX = 32  # a channel label is one short word ("thought"); longer means there is none
@@ -55,6 +58,7 @@ class ThoughtSplitter:
         self.kind = ANSWER
         self._buf = ""
         self._in_label = False
+        self._close = CLOSE_THOUGHT  # the close marker of the thought we are in
 
     def feed(self, text: str) -> list[Piece]:
         """Add streamed text; return the pieces that are now certain (possibly none)."""
@@ -65,15 +69,16 @@ class ThoughtSplitter:
                 if not self._take_label():
                     break
                 continue
-            marker = CLOSE_THOUGHT if self.kind == THOUGHT else OPEN_THOUGHT
-            at = self._buf.find(marker)
-            if at >= 0:
+            markers = [self._close] if self.kind == THOUGHT else list(THOUGHT_MARKERS)
+            found = [(self._buf.find(m), m) for m in markers if m in self._buf]
+            if found:
+                at, marker = min(found)
                 self._emit(out, self._buf[:at])
                 self._buf = self._buf[at + len(marker):]
                 self.kind = ANSWER if self.kind == THOUGHT else THOUGHT
-                self._in_label = self.kind == THOUGHT
+                self._close, self._in_label = THOUGHT_MARKERS[marker] if self.kind == THOUGHT else (self._close, False)
                 continue
-            keep = _partial_marker_suffix(self._buf, marker)
+            keep = max(_partial_marker_suffix(self._buf, m) for m in markers)
             self._emit(out, self._buf[:len(self._buf) - keep])
             self._buf = self._buf[len(self._buf) - keep:]
             break
@@ -90,7 +95,7 @@ class ThoughtSplitter:
         """Drop the channel label line after `<|channel>`; False while it may still be arriving."""
         newline = self._buf.find("\n")
         if newline < 0:
-            if len(self._buf) <= self.LABEL_MAX and CLOSE_THOUGHT not in self._buf:
+            if len(self._buf) <= self.LABEL_MAX and self._close not in self._buf:
                 return False
             self._in_label = False  # no label line: it is all thought text
             return True
@@ -123,6 +128,7 @@ class Settings:
     seed: int | None = None
     think: bool = False
     ignore_eos: bool = False
+    from_model: tuple[str, ...] = ()  # the settings that are the model's generation_config.json defaults
 
     def __post_init__(self):
         if self.max_tokens < 1:
@@ -131,6 +137,17 @@ class Settings:
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(self.temperature, self.top_k, self.top_p, self.min_p, self.repeat_penalty, self.seed)
+
+
+SAMPLING = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty")
+
+
+def initial_settings(model_defaults: dict, flags: dict, **rest) -> Settings:
+    """Sampling as the flags say (None: not given), else as the model's generation_config.json
+    says (`model_defaults`, see engine.generation_defaults), else greedy."""
+    taken = {k: v for k, v in model_defaults.items() if k in SAMPLING and flags.get(k) is None}
+    given = {k: v for k, v in flags.items() if v is not None}
+    return Settings(**taken, **given, **rest, from_model=tuple(k for k in SAMPLING if k in taken))
 
 
 SETTABLE = {"temperature": float, "top_p": float, "top_k": int, "min_p": float,
@@ -149,7 +166,7 @@ def apply_setting(settings: Settings, name: str, value: str) -> Settings:
     except ValueError:
         kind = "an integer" if SETTABLE[key] is int else "a number"
         raise UsageError(f"{key} must be {kind}, not {value!r}") from None
-    return replace(settings, **{key: parsed})
+    return replace(settings, **{key: parsed}, from_model=tuple(k for k in settings.from_model if k != key))
 
 
 # Conversation ----------------------------------------------------------------------------------
@@ -477,6 +494,8 @@ class ChatSession:
             f"repeat_penalty {s.repeat_penalty}, seed {s.seed}",
             f"reply     max_tokens {s.max_tokens}, thinking {'on' if s.think else 'off'}",
         ]
+        if s.from_model:
+            lines.insert(2, f"          {', '.join(s.from_model)} from the model's generation_config.json")
         if self.last is not None and self.last.timings is not None:
             t = self.last.timings
             lines.append(f"last      {self.last.prompt_tokens} prompt tokens, prefill {t.prefill_tokens_per_s:.1f} "

@@ -1,9 +1,20 @@
-"""ModelArgs: the text config of a checkpoint, with Hugging Face field names.
+"""The text config of a checkpoint, read into one per-layer description.
 
-`from_dict` accepts both layouts Google publishes: the multimodal
+`load_config` / `args_from_dict` pick the model family by `model_type` (see
+`localrun.models`); each family reads its own fields with Hugging Face names. What the
+shared code (plan, loader, KV cache) reads of any family's args: `num_hidden_layers`,
+`hidden_size`, `num_attention_heads`, `vocab_size`, `max_position_embeddings`,
+`sliding_window`, `weight_prefix`, the expert sizes (`num_experts`, `top_k_experts`,
+`moe_intermediate_size`, `hidden_activation`) and per layer `is_sliding`, `layer_head_dim`,
+`layer_kv_heads`, `kv_source_layer`, `mlp_intermediate`, `has_experts`.
+
+`ModelArgs` is Gemma 4's. `from_dict` accepts both layouts Google publishes: the multimodal
 `Gemma4ForConditionalGeneration` (`model_type: gemma4`, text fields nested under
 `text_config`, weights under `model.language_model.`) and the text-only
-`Gemma4ForCausalLM` (`model_type: gemma4_text`, weights under `model.`).
+`Gemma4ForCausalLM` (`model_type: gemma4_text`, weights under `model.`), and both spellings
+of the full-attention layers' geometry: transformers >= 5.24 writes `per_layer_config`
+(`{"5": {"head_dim": 512, "num_key_value_heads": 2}}`), older versions `global_head_dim` and
+`num_global_key_value_heads`.
 """
 
 from __future__ import annotations
@@ -15,10 +26,13 @@ from pathlib import Path
 
 from .errors import LocalrunError
 
-SUPPORTED_MODEL_TYPES = ("gemma4", "gemma4_text")
+GEMMA4_TYPES = ("gemma4", "gemma4_text")
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
+
+GEMMA4_ROPE_TYPES = ("default", "proportional")
+PER_LAYER_KEYS = ("head_dim", "num_key_value_heads")  # what a Gemma 4 layer may override
 
 _DEFAULT_ROPE = {
     SLIDING: {"rope_type": "default", "rope_theta": 10_000.0},
@@ -36,8 +50,9 @@ class ModelArgs:
     num_attention_heads: int = 8
     num_key_value_heads: int = 4
     head_dim: int = 256
-    global_head_dim: int = 512
+    global_head_dim: int | None = None  # older spelling; 512 when neither it nor per_layer_config is given
     num_global_key_value_heads: int | None = None
+    per_layer_config: dict | None = None  # transformers >= 5.24: {layer: {"head_dim": .., "num_key_value_heads": ..}}
     hidden_activation: str = "gelu_pytorch_tanh"
     max_position_embeddings: int = 131_072
     rms_norm_eps: float = 1e-6
@@ -59,6 +74,7 @@ class ModelArgs:
     num_experts: int | None = None
     top_k_experts: int | None = None
     moe_intermediate_size: int | None = None
+    use_bidirectional_attention: str | None = None
     # Where the text weights live in the checkpoint ("model." or "model.language_model.").
     weight_prefix: str = "model."
 
@@ -70,15 +86,51 @@ class ModelArgs:
             self.layer_types[-1] = FULL
         for kind, default in _DEFAULT_ROPE.items():
             self.rope_parameters.setdefault(kind, dict(default))
+        for kind in set(self.layer_types):
+            rope_type = self.rope_parameters[kind].get("rope_type", "default")
+            if rope_type not in GEMMA4_ROPE_TYPES:
+                raise LocalrunError(f"rope_type {rope_type!r} ({kind}) is not implemented "
+                                    f"(localrun has: {', '.join(GEMMA4_ROPE_TYPES)})")
+        if self.use_bidirectional_attention == "all":
+            raise LocalrunError("use_bidirectional_attention 'all' is not implemented (localrun attends causally)")
+        self._head_dims, self._kv_heads = self._layer_geometry()
+
+    def _layer_geometry(self) -> tuple[list[int], list[int]]:
+        """Head dim and KV heads of every layer, from `per_layer_config` or the older global_* fields."""
+        L = self.num_hidden_layers
+        if self.per_layer_config is None:  # the older spelling, as transformers converts it
+            full = {"head_dim": 512 if self.global_head_dim is None else self.global_head_dim}
+            if self.attention_k_eq_v and self.num_global_key_value_heads:
+                full["num_key_value_heads"] = self.num_global_key_value_heads
+            overrides = {i: full for i, kind in enumerate(self.layer_types) if kind == FULL}
+        else:
+            overrides = {}
+            for key, values in self.per_layer_config.items():
+                try:
+                    layer = int(key)
+                except (TypeError, ValueError):
+                    raise LocalrunError(f"per_layer_config key {key!r} is not a layer index") from None
+                if not 0 <= layer < L or not isinstance(values, dict):
+                    raise LocalrunError(f"per_layer_config[{key!r}] must be a dict for a layer in 0..{L - 1}")
+                for name, value in values.items():
+                    if name not in PER_LAYER_KEYS and getattr(self, name, object()) != value:
+                        raise LocalrunError(f"per_layer_config[{key!r}] sets {name!r}, which localrun does not "
+                                            f"implement per layer (it has: {', '.join(PER_LAYER_KEYS)})")
+                overrides[layer] = values
+        head_dims = [overrides.get(i, {}).get("head_dim", self.head_dim) for i in range(L)]
+        kv_heads = [overrides.get(i, {}).get("num_key_value_heads", self.num_key_value_heads) for i in range(L)]
+        for kind in set(self.layer_types):  # RoPE frequencies are per kind of layer
+            dims = {head_dims[i] for i in range(L) if self.layer_types[i] == kind}
+            if len(dims) > 1:
+                raise LocalrunError(f"{kind} layers with different head dims {sorted(dims)} are not implemented")
+        return head_dims, kv_heads
 
     @classmethod
     def from_dict(cls, config: dict) -> "ModelArgs":
-        """Build from a config.json dict (either layout); unknown keys are ignored."""
+        """Build from a Gemma 4 config.json dict (either layout); keys that don't change the text model are ignored."""
         model_type = config.get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise LocalrunError(
-                f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-            )
+        if model_type not in GEMMA4_TYPES:
+            raise LocalrunError(f"not a Gemma 4 config: model_type {model_type!r}")
         if model_type == "gemma4":
             text = dict(config.get("text_config") or {})
             text.setdefault("tie_word_embeddings", config.get("tie_word_embeddings", True))
@@ -99,12 +151,13 @@ class ModelArgs:
         return self.layer_types[layer] == SLIDING
 
     def layer_head_dim(self, layer: int) -> int:
-        return self.head_dim if self.is_sliding(layer) else self.global_head_dim
+        return self._head_dims[layer]
 
     def layer_kv_heads(self, layer: int) -> int:
-        if not self.is_sliding(layer) and self.attention_k_eq_v and self.num_global_key_value_heads:
-            return self.num_global_key_value_heads
-        return self.num_key_value_heads
+        return self._kv_heads[layer]
+
+    def has_experts(self, layer: int) -> bool:
+        return self.enable_moe_block
 
     def has_v_proj(self, layer: int) -> bool:
         return self.is_sliding(layer) or not self.attention_k_eq_v
@@ -130,7 +183,14 @@ class ModelArgs:
         return list(ids) if isinstance(ids, (list, tuple)) else [ids]
 
 
-def load_config(model_dir: str | Path) -> ModelArgs:
+def args_from_dict(config: dict):
+    """The args of a config.json dict, read by the family its `model_type` names (see localrun.models)."""
+    from .models import family  # models import this module
+
+    return family(config.get("model_type")).args_from_dict(config)
+
+
+def load_config(model_dir: str | Path):
     """Read `config.json` from a model directory, with one-line errors for what can go wrong."""
     path = Path(model_dir)
     if not path.exists():
@@ -146,4 +206,4 @@ def load_config(model_dir: str | Path) -> ModelArgs:
         raise LocalrunError(f"invalid JSON in {cfg}: {e}") from None
     if not isinstance(data, dict):
         raise LocalrunError(f"invalid config in {cfg}: expected a JSON object")
-    return ModelArgs.from_dict(data)
+    return args_from_dict(data)

@@ -16,6 +16,7 @@ import torch
 from .config import load_config
 from .generate import Step, generate
 from .loader import LoadedModel, load_model
+from .models import family
 from .sampling import SamplingParams, make_sampler
 from .text import StreamDecoder, Tokenizer, encode_chat, load_chat_template
 
@@ -37,11 +38,35 @@ def generation_eos_ids(model_dir: Path, config_eos: list[int]) -> list[int]:
     return ids
 
 
+# generation_config.json's sampling fields -> localrun's setting names
+SAMPLING_FIELDS = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
+                   "repetition_penalty": "repeat_penalty"}
+
+
+def generation_defaults(model_dir: Path) -> dict:
+    """The sampling defaults generation_config.json names ({"temperature": 1.0, "top_k": 64, "top_p": 0.95}
+    for Gemma 4), by localrun's setting names; {} when it names none or says `do_sample: false`."""
+    path = Path(model_dir) / "generation_config.json"
+    try:
+        data = json.loads(path.read_text()) if path.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    if not isinstance(data, dict) or data.get("do_sample") is False:
+        return {}
+    kinds = {"top_k": int, "temperature": float, "top_p": float, "min_p": float, "repeat_penalty": float}
+    out = {}
+    for field_name, name in SAMPLING_FIELDS.items():
+        value = data.get(field_name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[name] = kinds[name](value)
+    return out
+
+
 @dataclass
 class Engine:
     loaded: LoadedModel
     tokenizer: Tokenizer
-    template: str
+    template: str | None  # None: the model ships none, only raw prompts
     eos_ids: list[int]
 
     def stats(self) -> dict:
@@ -52,9 +77,9 @@ class Engine:
     @classmethod
     def load(cls, model_dir: str | Path, **load_kwargs) -> "Engine":
         """Load weights (see `load_model` for the options), tokenizer and chat template of a model directory."""
-        load_config(model_dir)  # a path that is no model fails here, before anything else is read
+        args = load_config(model_dir)  # a path that is no model fails here, before anything else is read
         tokenizer = Tokenizer.from_dir(model_dir)  # text first: a missing tokenizer fails before minutes of weights
-        template = load_chat_template(model_dir)
+        template = load_chat_template(model_dir, builtin=family(args.model_type).BUILTIN_CHAT_TEMPLATE)
         loaded = load_model(model_dir, **load_kwargs)
         return cls(loaded, tokenizer, template, generation_eos_ids(loaded.model_dir, loaded.args.eos_ids))
 

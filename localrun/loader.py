@@ -1,4 +1,4 @@
-"""Build a Gemma 4 decoder from a checkpoint directory, streaming tensors into place.
+"""Build a decoder (of the family config.json names) from a checkpoint directory, streaming tensors into place.
 
 The skeleton is built on the meta device (no memory); every tensor is then read from its
 shard, cast and moved, and set in place. Routed experts are read one layer at a time and
@@ -22,7 +22,7 @@ from .errors import LocalrunError, UsageError
 from .experts import POLICIES, ExpertStore, calibrate
 from .hardware import detect_gpu, detect_host_ram
 from .kvcache import KVCache
-from .models.gemma4 import Gemma4Model, sanitize
+from .models import family, is_expert_tensor
 from .moe import DenseExperts, activation
 from .plan import Budget, Plan, make_plan
 from .prequant import is_prequantized, manifest_spec, read_manifest
@@ -32,7 +32,6 @@ from quant.io import load_packed_experts
 from quant.nf4 import pack_expert
 from quant.spec import QuantSpec
 
-EXPERT_KEYS = ("experts.gate_up_proj", "experts.down_proj")
 EXPERT_CHOICES = ("nf4", "fp4", "bf16")
 DEFAULT_EXPERTS = "nf4"
 DEFAULT_CONTEXT = 8192
@@ -42,7 +41,7 @@ DEFAULT_CACHE_POLICY = "lru"  # scripts/bench_cache.py compares the policies on 
 
 @dataclass
 class LoadedModel:
-    model: Gemma4Model
+    model: nn.Module  # the family's Model (localrun.models)
     args: ModelArgs
     model_dir: Path
     device: torch.device
@@ -80,13 +79,13 @@ def _set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
         raise KeyError(key)
 
 
-def expected_tensors(model: Gemma4Model) -> dict[str, tuple[int, ...]]:
+def expected_tensors(model: nn.Module) -> dict[str, tuple[int, ...]]:
     """Model keys (parameters and persistent buffers) the checkpoint must provide, expert tensors excluded."""
-    return {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith(EXPERT_KEYS)}
+    return {k: tuple(v.shape) for k, v in model.state_dict().items() if not is_expert_tensor(k)}
 
 
 def load_weights(
-    model: Gemma4Model, ckpt: Checkpoint, args: ModelArgs, *, device, dtype, build_experts, progress=None
+    model: nn.Module, ckpt: Checkpoint, args: ModelArgs, *, device, dtype, build_experts, progress=None
 ) -> None:
     """Fill a meta-device skeleton from `ckpt`: plain tensors cast to `dtype`, experts through `build_experts`.
 
@@ -94,6 +93,7 @@ def load_weights(
     progress(stage, done, total) follows the bytes read.
     """
     expected = expected_tensors(model)
+    sanitize = family(args.model_type).sanitize
     names = {}
     for name in ckpt.tensors:
         key = sanitize(args, name)
@@ -124,12 +124,9 @@ def load_weights(
 
 
 def checkpoint_experts(ckpt: Checkpoint, args: ModelArgs, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One layer's fused expert tensors (gate_up [E, 2I, H], down [E, H, I]) as stored."""
-    names = [f"{args.weight_prefix}layers.{layer}.{k}" for k in EXPERT_KEYS]
-    missing = [n for n in names if n not in ckpt]
-    if missing:
-        raise LocalrunError(f"checkpoint is missing {missing[0]}")
-    return ckpt.read(names[0]), ckpt.read(names[1])
+    """One layer's expert tensors in localrun's fused layout (gate_up [E, 2I, H], down [E, H, I]),
+    whether the checkpoint stores them fused or per expert."""
+    return family(args.model_type).read_experts(ckpt, args, layer)
 
 
 def packed_experts_source(model_dir: Path, ckpt: Checkpoint, args: ModelArgs, spec: QuantSpec | None, device):
@@ -221,7 +218,7 @@ def load_model(
     progress=None,
     checkpoint=None,
 ) -> LoadedModel:
-    """Load a Gemma 4 checkpoint directory (or a pre-quantized localrun one) for inference.
+    """Load a checkpoint directory of a supported family (or a pre-quantized localrun one) for inference.
 
     experts: "nf4" (default), "fp4" or "bf16" for the routed experts; a pre-quantized
     directory always uses what it holds. vram / context / resident_fraction shape the
@@ -241,9 +238,9 @@ def load_model(
     plan = placement_plan(args, model_dir, dev, spec, dtype, vram=vram, context=context,
                           resident_fraction=resident_fraction, stored_dtype=ckpt.matrix_dtype())
     with torch.device("meta"):
-        model = Gemma4Model(args)
+        model = family(args.model_type).Model(args)
     store = None
-    moe_layers = [i for i in range(args.num_hidden_layers) if args.enable_moe_block]
+    moe_layers = [i for i in range(args.num_hidden_layers) if args.has_experts(i)]
     offload = any(len(plan.resident_experts[i]) < args.num_experts for i in moe_layers)
     if experts == "bf16":
         if offload:

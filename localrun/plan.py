@@ -44,7 +44,7 @@ from quant.spec import QuantSpec
 from .config import ModelArgs
 from .errors import UsageError
 from .hardware import GIB, MIB, format_size
-from .models.gemma4 import checkpoint_shapes, tensor_group
+from .models import family
 
 DEVICE, HOST = "device", "host"
 
@@ -57,7 +57,7 @@ FP32 = 4
 
 _DTYPES = {"bfloat16": ("bf16", 2), "float16": ("fp16", 2), "float32": ("fp32", 4)}
 _DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
-_EXPERT_NAME = re.compile(r"^layers\.(\d+)\.experts\.(gate_up_proj|down_proj)$")
+_EXPERT_NAME = re.compile(r"^layers\.(\d+)\.(?:\w+\.)?experts\.(gate_up_proj|down_proj)$")  # Gemma 4: layers.N.experts, Qwen3: layers.N.mlp.experts
 EXPERT_MATRICES = ("gate_up_proj", "down_proj")
 
 # The breakdown's components, in display order; "per_layer" only shows for models that have it.
@@ -324,7 +324,7 @@ class _Weights:
         return max((sum(m.values()) for m in self.expert_bytes.values()), default=0)
 
 
-def _tally_weights(shapes: dict[str, tuple[int, ...]], dtype_label: str, elem: int,
+def _tally_weights(shapes: dict[str, tuple[int, ...]], tensor_group, dtype_label: str, elem: int,
                    experts: QuantSpec | str, matrix: tuple[str, int] | None = None) -> _Weights:
     """matrix: (label, bytes) of 2-D+ tensors when they are stored narrower than the compute dtype."""
     matrix_label, matrix_elem = matrix or (dtype_label, elem)
@@ -400,9 +400,10 @@ def make_plan(
         raise ValueError(f"experts must be a QuantSpec or 'bf16', not {experts!r}")
 
     label, elem = dtype_info(dtype)
-    shapes = checkpoint_shapes(args) if tensor_shapes is None else dict(tensor_shapes)
+    model = family(args.model_type)
+    shapes = model.checkpoint_shapes(args) if tensor_shapes is None else dict(tensor_shapes)
     matrix = dtype_info(matrix_dtype) if matrix_dtype else None
-    weights = _tally_weights(shapes, label, elem, experts, matrix)
+    weights = _tally_weights(shapes, model.tensor_group, label, elem, experts, matrix)
     expert_precision = experts.quant_type if isinstance(experts, QuantSpec) else (matrix or (label,))[0]
     E, L = weights.num_experts, args.num_hidden_layers
     top_k = (args.top_k_experts or 0) if E else 0

@@ -26,7 +26,7 @@ from . import __version__
 from .checkpoint import INDEX, Checkpoint
 from .config import load_config
 from .errors import LocalrunError, UsageError
-from .models.gemma4 import sanitize
+from .models import family, is_expert_tensor
 from quant.io import save_packed_experts
 from quant.nf4 import pack_experts
 from quant.spec import QuantSpec
@@ -36,7 +36,7 @@ FORMAT = "localrun.quantized"
 FORMAT_VERSION = 1
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json", "chat_template.jinja", "routing_profile.json")
-EXPERT_SUFFIXES = ("experts.gate_up_proj", "experts.down_proj")
+EXPERT_MATRICES = ("experts.gate_up_proj", "experts.down_proj")  # the fused layout the packed experts come from
 SHARD_BYTES = 1 << 30  # non-expert shards: bounds what is held in memory before a write
 TMP_MARK = ".localrun-tmp-"
 OLD_MARK = ".localrun-old-"
@@ -129,7 +129,7 @@ def quantize_checkpoint(
     if out.exists() and not force:
         raise LocalrunError(f"{out} already exists (use --force to replace it)")
     if not args.enable_moe_block:
-        raise LocalrunError(f"{src} has no routed experts to quantize (enable_moe_block is false)")
+        raise LocalrunError(f"{src} has no routed experts to quantize")
     ckpt = Checkpoint(src)
     clean_leftovers(out)
     tmp = _tmp_dir(out)
@@ -150,9 +150,15 @@ def quantize_checkpoint(
     return out
 
 
+def moe_layers(args) -> list[int]:
+    """The layers that have routed experts (every layer in Gemma 4 and Mixtral)."""
+    return [i for i in range(args.num_hidden_layers) if args.has_experts(i)]
+
+
 def _write(ckpt: Checkpoint, args, src: Path, tmp: Path, spec: QuantSpec, progress, device) -> None:
+    sanitize = family(args.model_type).sanitize
     text = {name: sanitize(args, name) for name in ckpt.tensors}
-    plain = [n for n, key in text.items() if key is not None and not key.endswith(EXPERT_SUFFIXES)]
+    plain = [n for n, key in text.items() if key is not None and not is_expert_tensor(key)]
     total = sum(ckpt.tensors[n].nbytes for n, key in text.items() if key is not None)
     done = 0
     pending, shards, index, held = {}, [], {}, 0
@@ -176,15 +182,16 @@ def _write(ckpt: Checkpoint, args, src: Path, tmp: Path, spec: QuantSpec, progre
     (tmp / INDEX).write_text(json.dumps({"metadata": {"format": FORMAT}, "weight_map": weight_map}, indent=2))
 
     expert_files, original = {}, {}
-    for i in range(args.num_hidden_layers):
-        names = [f"{args.weight_prefix}layers.{i}.{s}" for s in EXPERT_SUFFIXES]
-        gate_up, down = (ckpt.read(n) for n in names)
-        for n, t in zip(EXPERT_SUFFIXES, (gate_up, down)):
+    expert_names = [n for n, key in text.items() if key is not None and is_expert_tensor(key)]
+    layer_bytes = sum(ckpt.tensors[n].nbytes for n in expert_names) // max(1, len(moe_layers(args)))
+    for i in moe_layers(args):
+        gate_up, down = family(args.model_type).read_experts(ckpt, args, i)  # fused, however stored
+        for n, t in zip(EXPERT_MATRICES, (gate_up, down)):
             original[n] = {"shape": list(t.shape[1:]), "dtype": str(t.dtype).removeprefix("torch.")}
         packed = pack_experts(gate_up.to(device), down.to(device), spec)
         expert_files[i] = f"experts-{i:03d}.safetensors"
         save_packed_experts(tmp / expert_files[i], {i: packed})
-        done += sum(ckpt.tensors[n].nbytes for n in names)
+        done += layer_bytes
         del gate_up, down, packed
         if progress:
             progress("experts", done, total)

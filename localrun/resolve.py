@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import LocalrunError
+from .models import SUPPORTED_MODEL_TYPES
 
 DEMO_NAME = "demo"
 # The demo checkpoint ships inside the package; a module attribute so tests can point it elsewhere.
@@ -132,6 +133,7 @@ class LocalModel:
     path: str
     size_bytes: int
     format: str
+    family: str  # config.json's model_type, "(unsupported)" after one localrun does not run
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -166,16 +168,28 @@ def model_format(model_dir: Path) -> str:
     return f"hf {dtype}".replace("bfloat16", "bf16").replace("float32", "fp32")
 
 
+def model_family(model_dir: Path) -> str:
+    """config.json's model_type ("qwen3_moe", "gemma4", ...), marked when localrun has no family for it."""
+    try:
+        model_type = json.loads((model_dir / "config.json").read_text()).get("model_type")
+    except (ValueError, OSError, AttributeError):
+        return "?"
+    if not isinstance(model_type, str):
+        return "?"
+    return model_type if model_type in SUPPORTED_MODEL_TYPES else f"{model_type} (unsupported)"
+
+
 def list_local_models(cache: Path | None = None) -> list[LocalModel]:
     """Models on this machine: the demo (when built) and every model snapshot in the Hugging Face cache."""
     found = []
     if (DEMO_DIR / "config.json").is_file():
-        found.append(LocalModel(DEMO_NAME, str(DEMO_DIR), disk_size(DEMO_DIR), model_format(DEMO_DIR)))
+        found.append(LocalModel(DEMO_NAME, str(DEMO_DIR), disk_size(DEMO_DIR), model_format(DEMO_DIR),
+                                model_family(DEMO_DIR)))
     cache = cache or hf_cache_dir()
     for folder in sorted(cache.glob("models--*")) if cache.is_dir() else []:
         snap = _snapshot(folder)
         if snap is None:
             continue
         repo_id = folder.name.removeprefix("models--").replace("--", "/", 1)
-        found.append(LocalModel(repo_id, str(snap), disk_size(snap), model_format(snap)))
+        found.append(LocalModel(repo_id, str(snap), disk_size(snap), model_format(snap), model_family(snap)))
     return found

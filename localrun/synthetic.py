@@ -18,7 +18,7 @@ import torch
 
 from .checkpoint import TensorInfo
 from .config import ModelArgs
-from .models.gemma4 import checkpoint_shapes
+from .models import family
 
 MATRIX_STD = 0.02
 
@@ -30,7 +30,7 @@ class RandomCheckpoint:
                  seed: int = 0):
         self.dtype, self.device, self.seed = dtype, torch.device(device), seed
         self.tensors: dict[str, TensorInfo] = {}
-        for name, shape in checkpoint_shapes(args).items():
+        for name, shape in family(args.model_type).checkpoint_shapes(args).items():
             full = name if name == "lm_head.weight" else args.weight_prefix + name
             self.tensors[full] = TensorInfo(file=None, dtype=dtype, shape=tuple(shape))
         self.metadata: dict = {}

@@ -25,10 +25,10 @@ REPLACEMENT = "\ufffd"  # what a decoder writes for bytes that are not (yet) val
 class Tokenizer:
     """A checkpoint's `tokenizer.json` (Hugging Face tokenizers), plus its BOS token."""
 
-    def __init__(self, backend: _HFTokenizer, bos_token: str = "<bos>"):
+    def __init__(self, backend: _HFTokenizer, bos_token: str | None = "<bos>"):
         self.backend = backend
-        self.bos_token = bos_token
-        self.bos_id = self.token_id(bos_token)
+        self.bos_token = bos_token or ""  # Qwen and others have none: templates then render it as ""
+        self.bos_id = self.token_id(bos_token) if bos_token else None
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> "Tokenizer":
@@ -44,6 +44,8 @@ class Tokenizer:
         bos = _read_tokenizer_config(Path(model_dir)).get("bos_token", "<bos>")
         if isinstance(bos, dict):  # serialized AddedToken
             bos = bos.get("content", "<bos>")
+        if not isinstance(bos, str):  # null: the model has no BOS (Qwen3)
+            bos = None
         return cls(backend, bos)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -75,8 +77,9 @@ def _read_tokenizer_config(model_dir: Path) -> dict:
 
 # Chat template -----------------------------------------------------------------------------
 
-def load_chat_template(model_dir: str | Path) -> str:
-    """The checkpoint's chat template: chat_template.jinja, else tokenizer_config.json's, else Gemma 4's built-in."""
+def load_chat_template(model_dir: str | Path, builtin: bool = True) -> str | None:
+    """The checkpoint's chat template: chat_template.jinja, else tokenizer_config.json's (Qwen3 and
+    Mixtral ship it there), else Gemma 4's built-in when `builtin` (None otherwise)."""
     model_dir = Path(model_dir)
     path = model_dir / "chat_template.jinja"
     if path.is_file():
@@ -87,7 +90,7 @@ def load_chat_template(model_dir: str | Path) -> str:
         template = named.get("default")
     if isinstance(template, str) and template:
         return template
-    return builtin_chat_template()
+    return builtin_chat_template() if builtin else None
 
 
 def builtin_chat_template() -> str:
@@ -137,8 +140,11 @@ def render_chat(
         raise LocalrunError(f"chat template error: {e}") from None
 
 
-def encode_chat(tokenizer: Tokenizer, template: str, messages: list[dict], **kw) -> list[int]:
+def encode_chat(tokenizer: Tokenizer, template: str | None, messages: list[dict], **kw) -> list[int]:
     """Render then encode without adding BOS: the rendered text already starts with it."""
+    if template is None:
+        raise LocalrunError("the model ships no chat template (chat_template.jinja or tokenizer_config.json's "
+                            "chat_template); give the prompt as-is with --raw")
     text = render_chat(template, messages, bos_token=tokenizer.bos_token, **kw)
     return tokenizer.encode(text, add_special_tokens=False)
 

@@ -14,7 +14,8 @@ import torch
 
 from localrun.chat import (ANSWER, THOUGHT, ChatSession, Conversation, MultilineInput, Piece, Settings,
                            ThoughtSplitter, apply_setting, default_context, format_stats, history_path,
-                           load_conversation, parse_command, save_conversation, trim_to_fit)
+                           initial_settings, load_conversation, parse_command, save_conversation, trim_to_fit)
+from localrun.engine import generation_defaults
 from localrun.errors import LocalrunError, UsageError
 from localrun.generate import Step, Timings
 
@@ -54,6 +55,16 @@ def test_splitter_holds_back_only_a_possible_marker():
     assert s.feed("a <|chan") == [Piece(ANSWER, "a ")]  # "<|chan" may become "<|channel>"
     assert s.feed("ge") == [Piece(ANSWER, "<|change")]  # it did not
     assert s.feed("x < y") == [Piece(ANSWER, "x < y")]
+
+
+QWEN = "<think>\nadd 17 and 25\n</think>\n\nThe answer is 42."
+
+
+def test_splitter_qwen3_think_blocks():
+    assert split_all([QWEN]) == ("\nadd 17 and 25\n", "\n\nThe answer is 42.", [THOUGHT, ANSWER])
+    for cut in range(len(QWEN) + 1):
+        assert split_all([QWEN[:cut], QWEN[cut:]]) == split_all([QWEN]), cut
+    assert split_all(["a <channel|> b </think> c"]) == ("", "a <channel|> b </think> c", [ANSWER])
 
 
 def test_splitter_unterminated_thought_and_no_label():
@@ -264,6 +275,23 @@ def test_session_commands():
     assert session.command("retry", "").error
     assert session.command("load", "/no/such/file.json").error
     assert session.command("exit", "").exit
+
+
+def test_model_sampling_defaults_unless_a_flag_or_set_says_otherwise(tmp_path):
+    (tmp_path / "generation_config.json").write_text(json.dumps(
+        {"do_sample": True, "temperature": 1.0, "top_k": 64, "top_p": 0.95, "eos_token_id": [1, 106]}))
+    defaults = generation_defaults(tmp_path)
+    assert defaults == {"temperature": 1.0, "top_k": 64, "top_p": 0.95}
+    s = initial_settings(defaults, {"temperature": None, "top_p": 0.5}, max_tokens=9)
+    assert (s.temperature, s.top_k, s.top_p, s.max_tokens) == (1.0, 64, 0.5, 9)
+    assert s.from_model == ("temperature", "top_k")
+    session = ChatSession(FakeEngine(), s, context=200)
+    assert "temperature, top_k from the model's generation_config.json" in session.command("stats", "").text
+    session.command("set", "top_k 5")
+    assert session.settings.from_model == ("temperature",)
+    assert initial_settings({}, {"temperature": None}).temperature == 0.0  # nothing named: greedy
+    (tmp_path / "generation_config.json").write_text(json.dumps({"do_sample": False, "temperature": 0.7}))
+    assert generation_defaults(tmp_path) == {}
 
 
 # The real thing in a pseudo-terminal -----------------------------------------------------------

@@ -143,8 +143,12 @@ def test_list_local_models(hf_cache, tmp_path, monkeypatch):
     fake_snapshot(hf_cache, REPO, FULL)
     fake_snapshot(hf_cache, "me/quantized", {**FULL, "localrun_quant.json": "{}"})
     fake_snapshot(hf_cache, "org/config-only", {"config.json": "{}"})
+    fake_snapshot(hf_cache, "Qwen/Qwen3-30B-A3B", {**FULL, "config.json": '{"model_type": "qwen3_moe"}'})
+    fake_snapshot(hf_cache, "x/llama", {**FULL, "config.json": '{"model_type": "llama"}'})
     models = {m.name: m for m in list_local_models()}
-    assert set(models) == {REPO, "me/quantized", "org/config-only"}
+    assert set(models) == {REPO, "me/quantized", "org/config-only", "Qwen/Qwen3-30B-A3B", "x/llama"}
+    assert models["Qwen/Qwen3-30B-A3B"].family == "qwen3_moe"
+    assert models["x/llama"].family == "llama (unsupported)" and models[REPO].family == "?"
     assert models[REPO].format == "hf bf16"
     assert models[REPO].size_bytes == sum(len(v) for v in FULL.values())
     assert models["me/quantized"].format == "localrun 4-bit"
@@ -159,4 +163,4 @@ def test_list_command_json(hf_cache, tmp_path):
     assert proc.returncode == 0, proc.stderr
     listed = {m["name"]: m for m in json.loads(proc.stdout)}
     assert listed[REPO]["format"] == "hf bf16" and listed[REPO]["path"].endswith("snapshots/abc123")
-    assert set(listed[REPO]) == {"name", "path", "size_bytes", "format"}
+    assert set(listed[REPO]) == {"name", "path", "size_bytes", "format", "family"}

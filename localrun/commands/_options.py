@@ -18,7 +18,7 @@ MIN_P = typer.Option(0.0, "--min-p", help="Drop tokens below min_p x the top pro
 REPEAT_PENALTY = typer.Option(1.0, "--repeat-penalty", help="Penalize tokens already seen (1 = off).")
 SEED = typer.Option(None, "--seed", help="Seed for reproducible sampling.")
 IGNORE_EOS = typer.Option(False, "--ignore-eos", help="Don't stop at end-of-turn tokens.")
-THINK = typer.Option(False, "--think", help="Enable Gemma 4 thinking (enable_thinking).")
+THINK = typer.Option(False, "--think", help="Let the model think first (the chat template's enable_thinking).")
 
 DEVICE = typer.Option("auto", "--device", help="cpu, cuda or auto.")
 DTYPE = typer.Option("bfloat16", "--dtype", help="Compute dtype: bfloat16 or float32 (for exactness checks).")

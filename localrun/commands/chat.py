@@ -10,15 +10,16 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from ..chat import (THOUGHT, ChatSession, MultilineInput, Reply, Settings, default_context, engine_stats,
-                    format_stats, history_path, parse_command, rss_bytes)
-from ..engine import Engine
+from ..chat import (THOUGHT, ChatSession, MultilineInput, Reply, default_context, engine_stats, format_stats,
+                    history_path, initial_settings, parse_command, rss_bytes)
+from ..engine import Engine, generation_defaults
 from ..errors import LocalrunError
 from ..resolve import resolve_model
 from . import _options as opt
 from ._progress import progress_bar
 
 PROMPT, MORE = ">>> ", "... "
+MODEL_DEFAULT = "Default: the model's generation_config.json value, else off (greedy)."
 
 
 class Terminal:
@@ -144,11 +145,13 @@ def chat(
     model: str = typer.Argument("demo", help="Model directory, Hugging Face repo id, or 'demo'."),
     system: Optional[str] = opt.SYSTEM,
     max_tokens: int = typer.Option(1024, "--max-tokens", "-n", help="Most tokens per reply."),
-    temperature: float = opt.TEMPERATURE,
-    top_k: int = opt.TOP_K,
-    top_p: float = opt.TOP_P,
-    min_p: float = opt.MIN_P,
-    repeat_penalty: float = opt.REPEAT_PENALTY,
+    temperature: Optional[float] = typer.Option(None, "--temperature", "-t", help=f"0 = greedy. {MODEL_DEFAULT}"),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help=f"Keep the k most likely tokens (0 = off). {MODEL_DEFAULT}"),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help=f"Nucleus sampling mass (1 = off). {MODEL_DEFAULT}"),
+    min_p: Optional[float] = typer.Option(None, "--min-p", help=f"Drop tokens below min_p x the top probability "
+                                          f"(0 = off). {MODEL_DEFAULT}"),
+    repeat_penalty: Optional[float] = typer.Option(None, "--repeat-penalty",
+                                                   help=f"Penalize tokens already seen (1 = off). {MODEL_DEFAULT}"),
     seed: Optional[int] = opt.SEED,
     think: bool = opt.THINK,
     context: Optional[int] = typer.Option(None, "--context", help="Context length in tokens; oldest turns are "
@@ -163,8 +166,12 @@ def chat(
 ) -> None:
     """Chat with a model in the terminal (/help inside for commands)."""
     load = opt.load_kwargs(device, dtype, experts, vram, resident_experts, context)
-    settings = Settings(temperature, top_k, top_p, min_p, repeat_penalty, max_tokens, seed, think, ignore_eos)
+    flags = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p,
+             "repeat_penalty": repeat_penalty}
+    rest = {"max_tokens": max_tokens, "seed": seed, "think": think, "ignore_eos": ignore_eos}
+    initial_settings({}, flags, **rest)  # a bad flag is a usage error before anything is read
     model_dir = resolve_model(model)
+    settings = initial_settings(generation_defaults(model_dir), flags, **rest)
     term = Terminal()
     if not quiet:
         term.info(f"loading {model_dir} ...")

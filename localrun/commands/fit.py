@@ -16,7 +16,7 @@ from ..loader import default_context, expert_spec, read_routing_profile
 from ..resolve import resolve_model
 from ..errors import LocalrunError, UsageError
 from ..hardware import format_size
-from ..models.gemma4 import checkpoint_shapes
+from ..models import family
 from ..plan import DEVICE, Budget, Plan, make_plan
 
 
@@ -57,10 +57,11 @@ def checkpoint_tensor_shapes(model_dir: Path, args: ModelArgs) -> dict[str, tupl
     means config.json and the weights disagree, which is an error; names the headers lack
     (a pre-quantized layout, or no weights at all) keep the config's shapes.
     """
-    shapes = checkpoint_shapes(args)
+    model = family(args.model_type)
+    shapes = model.checkpoint_shapes(args)
     for path in sorted(model_dir.glob("*.safetensors")):
         for full_name, info in read_header(path)[0].items():
-            name = full_name if full_name.startswith("lm_head.") else full_name.removeprefix(args.weight_prefix)
+            name = model.sanitize(args, full_name)
             if name in shapes and tuple(info.get("shape", ())) != shapes[name]:
                 raise LocalrunError(f"config.json and weights disagree: {full_name} has shape "
                                     f"{tuple(info.get('shape', ()))}, the config implies {shapes[name]}")

@@ -22,7 +22,7 @@ def human_size(n: int) -> str:
 def list_models(
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list instead of a table."),
 ) -> None:
-    """List the models found locally, with size on disk and format."""
+    """List the models found locally, with size on disk, format and model family."""
     models = list_local_models()
     if as_json:
         print(json.dumps([m.to_dict() for m in models], indent=2))
@@ -32,10 +32,10 @@ def list_models(
         console.print(f"no models found (looked in {hf_cache_dir()} and the built-in demo)")
         return
     table = Table(box=None, header_style="bold")
-    for column in ("NAME", "SIZE", "FORMAT", "PATH"):
+    for column in ("NAME", "SIZE", "FORMAT", "FAMILY", "PATH"):
         table.add_column(column, justify="right" if column == "SIZE" else "left")
     for m in models:
-        table.add_row(m.name, human_size(m.size_bytes), m.format, m.path)
+        table.add_row(m.name, human_size(m.size_bytes), m.format, m.family, m.path)
     console.print(table)
 
 

@@ -52,7 +52,8 @@ def run(
     logprobs: bool = typer.Option(False, "--logprobs", help="With --json: log-probability of each token."),
     quiet: bool = opt.QUIET,
 ) -> None:
-    """Generate a reply to one prompt."""
+    """Generate a reply to one prompt. Greedy unless sampling flags are given (reproducible for scripts;
+    `chat` samples with the model's generation_config.json defaults)."""
     if max_tokens < 1:
         raise UsageError("--max-tokens must be at least 1")
     load = opt.load_kwargs(device, dtype, experts, vram, resident_experts, context)

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checkpoint import Checkpoint
 from ..config import ModelArgs
 from ..errors import LocalrunError
 from .. import kernels
@@ -17,6 +18,10 @@ from ..kernels import linear
 from ..kernels import norm as norm_ops
 from ..kvcache import attention_mask
 from ..moe import DenseExperts, activation
+
+
+def args_from_dict(config: dict) -> ModelArgs:
+    return ModelArgs.from_dict(config)
 
 
 def checkpoint_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
@@ -159,8 +164,8 @@ def apply_rope(x_BTND, cos_T1D, sin_T1D):
 QUERY_BLOCK = 64  # prefill attends in blocks of queries, each over the keys it can see (64 beat 128 and 32)
 
 
-def grouped_sdpa(q_BNTD, k_BNSD, v_BNSD, mask=None):
-    """Attention (scale 1.0) with grouped-query heads, exactly and without `enable_gqa`: the G query
+def grouped_sdpa(q_BNTD, k_BNSD, v_BNSD, mask=None, scale: float = 1.0):
+    """Attention (scale 1.0 unless given) with grouped-query heads, exactly and without `enable_gqa`: the G query
     heads that share one KV head become that head's query rows ([B, KV, G*T, D]; head h = kv*G + g,
     as transformers' repeat_kv pairs them), and the [T, S] mask is repeated G times. Every backend
     takes this (no K/V copied G-fold, as the math fallback of `enable_gqa` does), and head dim 512
@@ -168,17 +173,17 @@ def grouped_sdpa(q_BNTD, k_BNSD, v_BNSD, mask=None):
     B, N, T, D = q_BNTD.shape
     KV = k_BNSD.shape[1]
     if KV == N:
-        return F.scaled_dot_product_attention(q_BNTD, k_BNSD, v_BNSD, attn_mask=mask, scale=1.0)
+        return F.scaled_dot_product_attention(q_BNTD, k_BNSD, v_BNSD, attn_mask=mask, scale=scale)
     G = N // KV
     if mask is not None and mask.shape[-2] != 1:
         mask = mask.repeat(G, 1)
-    out = F.scaled_dot_product_attention(q_BNTD.reshape(B, KV, G * T, D), k_BNSD, v_BNSD, attn_mask=mask, scale=1.0)
+    out = F.scaled_dot_product_attention(q_BNTD.reshape(B, KV, G * T, D), k_BNSD, v_BNSD, attn_mask=mask, scale=scale)
     return out.reshape(B, N, T, D)
 
 
 def attend(q_BNTD, k_BNSD, v_BNSD, pos_T, pos_S, window: int | None, masks: dict | None = None,
-           visible_1S: torch.Tensor | None = None):
-    """Attention (scale 1.0, GQA) of the T new queries over the S keys a cache returned, which are
+           visible_1S: torch.Tensor | None = None, scale: float = 1.0):
+    """Attention (scale 1.0 unless given, GQA) of the T new queries over the S keys a cache returned, which are
     the earlier positions followed by the T new ones (FullKV, RingKV and KV sharing all return that).
 
     One token sees every key (the caches return only visible ones), unless `visible_1S` masks some
@@ -191,7 +196,7 @@ def attend(q_BNTD, k_BNSD, v_BNSD, pos_T, pos_S, window: int | None, masks: dict
     """
     T, S = q_BNTD.shape[2], k_BNSD.shape[2]
     if T == 1:
-        return grouped_sdpa(q_BNTD, k_BNSD, v_BNSD, visible_1S)
+        return grouped_sdpa(q_BNTD, k_BNSD, v_BNSD, visible_1S, scale)
     old = S - T  # keys before the new ones
     outs = []
     for a in range(0, T, QUERY_BLOCK):
@@ -203,7 +208,7 @@ def attend(q_BNTD, k_BNSD, v_BNSD, pos_T, pos_S, window: int | None, masks: dict
             if masks is not None:
                 masks[window, a] = mask
         outs.append(grouped_sdpa(q_BNTD[:, :, a:b], k_BNSD[:, :, first : old + b], v_BNSD[:, :, first : old + b],
-                                 mask))
+                                 mask, scale))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
@@ -473,6 +478,11 @@ class Gemma4Model(nn.Module):
         return self.logits(h[:, -1:] if last_only else h)
 
 
+BUILTIN_CHAT_TEMPLATE = True  # templates/gemma4.jinja stands in for a checkpoint that ships no chat template
+Model = Gemma4Model
+EXPERT_KEYS = ("experts.gate_up_proj", "experts.down_proj")
+
+
 def sanitize(args: ModelArgs, name: str) -> str | None:
     """Checkpoint key -> model key, or None for tensors a text decoder never reads (vision, audio)."""
     if name == "lm_head.weight":
@@ -480,3 +490,12 @@ def sanitize(args: ModelArgs, name: str) -> str | None:
     if not name.startswith(args.weight_prefix):
         return None
     return name[len(args.weight_prefix):]
+
+
+def read_experts(ckpt: Checkpoint, args: ModelArgs, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's fused expert tensors (gate_up [E, 2I, H], down [E, H, I]) as stored."""
+    names = [f"{args.weight_prefix}layers.{layer}.{k}" for k in EXPERT_KEYS]
+    missing = [n for n in names if n not in ckpt]
+    if missing:
+        raise LocalrunError(f"checkpoint is missing {missing[0]}")
+    return ckpt.read(names[0]), ckpt.read(names[1])

@@ -1,0 +1,395 @@
+"""Qwen3-MoE decoder (Qwen3-30B-A3B, Qwen3-Coder-30B-A3B, Qwen3-235B-A22B); Mixtral runs on it too.
+
+A pre-norm decoder: attention with q/k RMSNorm per head (Mixtral: none), scaling 1/sqrt(D),
+GQA, one RoPE for every layer; then a sparse MoE block (router softmax in fp32, top-k,
+renormalized when `norm_topk_prob`, SiLU experts) or, in `mlp_only_layers`, a dense MLP.
+
+Checkpoints store the experts per expert (`mlp.experts.{e}.gate_proj.weight` ..., what
+transformers >= 5 writes back out and every released checkpoint holds) or fused
+(`mlp.experts.gate_up_proj` [E, 2I, H], the layout transformers 5 computes with). `read_experts`
+takes either into localrun's fused layout, so quantization, plan and expert store are shared.
+
+Shape letters: B batch, T tokens, S key positions, N heads, D head dim, H hidden,
+K top-k, E experts, I expert intermediate, V vocab.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..checkpoint import Checkpoint
+from ..errors import LocalrunError
+from ..kernels import linear
+from ..moe import ACTIVATIONS, DenseExperts
+from .gemma4 import MLP, RMSNorm, apply_rope, attend, fuse_linears, norm_rope, project, rope_inv_freq
+
+
+@dataclass
+class MoEArgs:
+    """Config fields with Qwen3-MoE's Hugging Face names (Mixtral's are mapped onto them)."""
+
+    model_type: str = "qwen3_moe"
+    vocab_size: int = 151_936
+    hidden_size: int = 2048
+    intermediate_size: int = 6144  # the dense MLP of `mlp_only_layers`
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 4
+    head_dim: int | None = None
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 32_768
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    rope_parameters: dict = field(default_factory=lambda: {"rope_type": "default", "rope_theta": 10_000.0})
+    attention_bias: bool = False
+    sliding_window: int | None = None  # every layer slides when set
+    decoder_sparse_step: int = 1
+    moe_intermediate_size: int = 768
+    num_experts_per_tok: int = 8
+    num_experts: int = 128
+    norm_topk_prob: bool = False
+    mlp_only_layers: list[int] = field(default_factory=list)
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    qk_norm: bool = True  # Qwen3: RMSNorm over each q and k head before RoPE; Mixtral: none
+    weight_prefix: str = "model."
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.hidden_act not in ACTIVATIONS:
+            raise LocalrunError(f"hidden_act {self.hidden_act!r} is not implemented "
+                                f"(localrun has: {', '.join(ACTIVATIONS)})")
+        rope_type = self.rope_parameters.get("rope_type", "default")
+        if rope_type != "default":
+            raise LocalrunError(f"rope_type {rope_type!r} is not implemented (localrun has: default)")
+        self.mlp_only_layers = list(self.mlp_only_layers or [])
+
+    # What the shared code reads (see localrun.config) ----------------------------------------
+
+    hidden_size_per_layer_input = 0
+
+    @property
+    def top_k_experts(self) -> int:
+        return self.num_experts_per_tok
+
+    @property
+    def hidden_activation(self) -> str:
+        return self.hidden_act
+
+    @property
+    def enable_moe_block(self) -> bool:
+        return any(self.has_experts(i) for i in range(self.num_hidden_layers))
+
+    def has_experts(self, layer: int) -> bool:
+        return (self.num_experts > 0 and layer not in self.mlp_only_layers
+                and (layer + 1) % self.decoder_sparse_step == 0)
+
+    def is_sliding(self, layer: int) -> bool:
+        return self.sliding_window is not None
+
+    def layer_head_dim(self, layer: int) -> int:
+        return self.head_dim
+
+    def layer_kv_heads(self, layer: int) -> int:
+        return self.num_key_value_heads
+
+    def kv_source_layer(self, layer: int) -> int:
+        return layer
+
+    def mlp_intermediate(self, layer: int) -> int:
+        """The dense MLP's width (0 in a layer whose feed-forward is the experts)."""
+        return 0 if self.has_experts(layer) else self.intermediate_size
+
+    @property
+    def eos_ids(self) -> list[int]:
+        ids = self.eos_token_id
+        return list(ids) if isinstance(ids, (list, tuple)) else [] if ids is None else [ids]
+
+
+def rope_parameters(config: dict, default_theta: float) -> dict:
+    """`rope_parameters` (transformers 5), else the older top-level `rope_theta` / `rope_scaling`."""
+    params = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    if "type" in params and "rope_type" not in params:
+        params["rope_type"] = params.pop("type")
+    params.setdefault("rope_type", "default")
+    params.setdefault("rope_theta", config.get("rope_theta", default_theta))
+    return params
+
+
+def make_args(config: dict, **fixed) -> MoEArgs:
+    """MoEArgs from the fields of `config` it knows (others do not change the text model), then `fixed`."""
+    names = {f.name for f in fields(MoEArgs)} - {"weight_prefix", "qk_norm"}
+    return MoEArgs(**{**{k: v for k, v in config.items() if k in names}, **fixed})
+
+
+def args_from_dict(config: dict) -> MoEArgs:
+    config = dict(config)
+    if "num_experts" not in config and "num_local_experts" in config:  # what transformers 5.24 writes
+        config["num_experts"] = config["num_local_experts"]
+    if not config.get("use_sliding_window", False):
+        config["sliding_window"] = None  # Qwen3-MoE slides only when use_sliding_window says so
+    return make_args(config, rope_parameters=rope_parameters(config, 10_000.0))
+
+
+BUILTIN_CHAT_TEMPLATE = False  # the checkpoint's own template only (tokenizer_config.json or chat_template.jinja)
+
+
+# Checkpoint layout -------------------------------------------------------------------------------
+
+FUSED = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+PER_EXPERT = ("mlp.experts.{e}.gate_proj.weight", "mlp.experts.{e}.up_proj.weight", "mlp.experts.{e}.down_proj.weight")
+
+
+def checkpoint_shapes(args: MoEArgs) -> dict[str, tuple[int, ...]]:
+    """Every text tensor by model key (after the weight prefix), experts fused (see read_experts)."""
+    H, V, N, KV, D = args.hidden_size, args.vocab_size, args.num_attention_heads, args.num_key_value_heads, args.head_dim
+    shapes: dict[str, tuple[int, ...]] = {"embed_tokens.weight": (V, H), "norm.weight": (H,)}
+    if not args.tie_word_embeddings:
+        shapes["lm_head.weight"] = (V, H)
+    for i in range(args.num_hidden_layers):
+        p = f"layers.{i}."
+        shapes[p + "input_layernorm.weight"] = (H,)
+        shapes[p + "post_attention_layernorm.weight"] = (H,)
+        for name, rows in (("q_proj", N * D), ("k_proj", KV * D), ("v_proj", KV * D), ("o_proj", H)):
+            shapes[p + f"self_attn.{name}.weight"] = (rows, H) if name != "o_proj" else (H, N * D)
+            if args.attention_bias:
+                shapes[p + f"self_attn.{name}.bias"] = (rows,)
+        if args.qk_norm:
+            shapes[p + "self_attn.q_norm.weight"] = (D,)
+            shapes[p + "self_attn.k_norm.weight"] = (D,)
+        if args.has_experts(i):
+            E, I = args.num_experts, args.moe_intermediate_size
+            shapes[p + "mlp.gate.weight"] = (E, H)
+            shapes[p + FUSED[0]] = (E, 2 * I, H)
+            shapes[p + FUSED[1]] = (E, H, I)
+        else:
+            M = args.intermediate_size
+            shapes[p + "mlp.gate_proj.weight"] = (M, H)
+            shapes[p + "mlp.up_proj.weight"] = (M, H)
+            shapes[p + "mlp.down_proj.weight"] = (H, M)
+    return shapes
+
+
+def tensor_group(name: str) -> str:
+    """The component a tensor belongs to, for fit's breakdown: embed, attention, mlp, router, norms, experts."""
+    if ".experts." in name:
+        return "experts"
+    if ".mlp.gate." in name:
+        return "router"
+    if ".self_attn." in name and not name.endswith("norm.weight"):
+        return "attention"
+    if ".mlp." in name:
+        return "mlp"
+    if name.startswith(("embed_tokens.", "lm_head.")):
+        return "embed"
+    return "norms"
+
+
+def sanitize(args: MoEArgs, name: str) -> str | None:
+    """Checkpoint key -> model key, or None for tensors a text decoder never reads."""
+    if name == "lm_head.weight":
+        return None if args.tie_word_embeddings else name
+    if not name.startswith(args.weight_prefix):
+        return None
+    return name[len(args.weight_prefix):]
+
+
+def read_experts(ckpt: Checkpoint, args: MoEArgs, layer: int, fused=(FUSED,), per_expert=(PER_EXPERT,)):
+    """One layer's experts as (gate_up [E, 2I, H], down [E, H, I]), from whichever spelling the
+    checkpoint holds: fused tensors, or per-expert (gate, up, down) matrices stacked here."""
+    p = f"{args.weight_prefix}layers.{layer}."
+    for gate_up, down in fused:
+        if p + gate_up in ckpt and p + down in ckpt:
+            return ckpt.read(p + gate_up), ckpt.read(p + down)
+    E, I = args.num_experts, args.moe_intermediate_size
+    for spelling in per_expert:
+        names = [[p + t.format(e=e) for t in spelling] for e in range(E)]
+        if names[0][0] not in ckpt:
+            continue
+        missing = [n for row in names for n in row if n not in ckpt]
+        if missing:
+            raise LocalrunError(f"checkpoint is missing {missing[0]}")
+        dtype = ckpt.tensors[names[0][0]].dtype
+        gate_up_E2IH = torch.empty(E, 2 * I, args.hidden_size, dtype=dtype)
+        down_EHI = torch.empty(E, args.hidden_size, I, dtype=dtype)
+        for e, (gate, up, down) in enumerate(names):
+            gate_up_E2IH[e, :I] = ckpt.read(gate)
+            gate_up_E2IH[e, I:] = ckpt.read(up)
+            down_EHI[e] = ckpt.read(down)
+        return gate_up_E2IH, down_EHI
+    raise LocalrunError(f"checkpoint has no experts for layer {layer} "
+                        f"(neither {p}{fused[0][0]} nor {p}{per_expert[0][0].format(e=0)})")
+
+
+# The decoder -------------------------------------------------------------------------------------
+
+class Attention(nn.Module):
+    def __init__(self, args: MoEArgs, layer: int):
+        super().__init__()
+        H, N, bias = args.hidden_size, args.num_attention_heads, args.attention_bias
+        self.head_dim = D = args.layer_head_dim(layer)
+        KV = args.layer_kv_heads(layer)
+        self.window = args.sliding_window
+        self.scale = D**-0.5
+        self.q_proj = nn.Linear(H, N * D, bias=bias)
+        self.k_proj = nn.Linear(H, KV * D, bias=bias)
+        self.v_proj = nn.Linear(H, KV * D, bias=bias)
+        self.o_proj = nn.Linear(N * D, H, bias=bias)
+        self.q_norm = RMSNorm(D, args.rms_norm_eps) if args.qk_norm else None
+        self.k_norm = RMSNorm(D, args.rms_norm_eps) if args.qk_norm else None
+        self.qkv = None  # (weight, bias) of q/k/v fused into one matmul, set by fuse()
+
+    def fuse(self) -> None:
+        self.qkv = fuse_linears(self.q_proj, self.k_proj, self.v_proj)
+        self.qkv_sizes = [p.out_features for p in (self.q_proj, self.k_proj, self.v_proj)]
+
+    def forward(self, x_BTH, cos_TD, sin_TD, pos_T, cache, shared: dict):
+        B, T, _ = x_BTH.shape
+        if self.qkv is None:
+            q, k, v = (project(p, x_BTH) for p in (self.q_proj, self.k_proj, self.v_proj))
+        else:
+            q, k, v = linear(x_BTH, *self.qkv).split(self.qkv_sizes, dim=-1)
+        q, k = (x.view(B, T, -1, self.head_dim) for x in (q, k))
+        if self.q_norm is not None:
+            q, k = norm_rope(q, self.q_norm, cos_TD, sin_TD), norm_rope(k, self.k_norm, cos_TD, sin_TD)
+        else:
+            q, k = apply_rope(q, cos_TD, sin_TD), apply_rope(k, cos_TD, sin_TD)
+        k, v = k.transpose(1, 2), v.view(B, T, -1, self.head_dim).transpose(1, 2)
+        pos_S, visible, span = pos_T, None, shared.get("span")  # span: the static decode step's (localrun/step.py)
+        if cache is not None and span is not None:
+            k, v, visible = cache.write(k, v, pos_T, span)
+        elif cache is not None:
+            k, v, pos_S = cache.update(k, v, pos_T)
+        out = attend(q.transpose(1, 2), k, v, pos_T, pos_S, self.window, shared.setdefault("masks", {}), visible,
+                     scale=self.scale)
+        return project(self.o_proj, out.transpose(1, 2).reshape(B, T, -1))
+
+
+class Router(nn.Module):
+    """x -> (ids_TK, w_TK): softmax over the experts in fp32, top-k, renormalized when `norm_topk_prob`."""
+
+    def __init__(self, args: MoEArgs):
+        super().__init__()
+        self.top_k, self.norm = args.num_experts_per_tok, args.norm_topk_prob
+        self.weight = nn.Parameter(torch.empty(args.num_experts, args.hidden_size))
+
+    def forward(self, x_TH):
+        p_TE = torch.softmax(linear(x_TH, self.weight), dim=-1, dtype=torch.float32)
+        w_TK, ids_TK = torch.topk(p_TE, self.top_k, dim=-1)
+        if self.norm:
+            w_TK = w_TK / w_TK.sum(dim=-1, keepdim=True)
+        return ids_TK, w_TK
+
+
+class SparseMoeBlock(nn.Module):
+    def __init__(self, args: MoEArgs):
+        super().__init__()
+        E, H, I = args.num_experts, args.hidden_size, args.moe_intermediate_size
+        self.gate = Router(args)
+        # Any callable (x_TH, ids_TK, w_TK) -> y_TH: the loader swaps in 4-bit or offloaded experts.
+        self.experts = DenseExperts(torch.empty(E, 2 * I, H), torch.empty(E, H, I), args.hidden_act)
+
+    def forward(self, x_BTH):
+        x_TH = x_BTH.reshape(-1, x_BTH.shape[-1])
+        ids_TK, w_TK = self.gate(x_TH)
+        return self.experts(x_TH, ids_TK, w_TK).reshape(x_BTH.shape)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: MoEArgs, layer: int):
+        super().__init__()
+        H, eps = args.hidden_size, args.rms_norm_eps
+        self.self_attn = Attention(args, layer)
+        self.moe = args.has_experts(layer)
+        self.mlp = SparseMoeBlock(args) if self.moe else MLP(H, args.intermediate_size, args.hidden_act)
+        self.input_layernorm = RMSNorm(H, eps)
+        self.post_attention_layernorm = RMSNorm(H, eps)
+
+    @property
+    def router(self) -> Router:
+        return self.mlp.gate
+
+    @property
+    def experts(self):
+        return self.mlp.experts
+
+    def set_experts(self, backend) -> None:
+        """Swap the expert backend (a module or any callable (x_TH, ids_TK, w_TK) -> y_TH)."""
+        self.mlp._modules.pop("experts", None)
+        self.mlp.experts = backend
+
+    def forward(self, x_BTH, cos_TD, sin_TD, pos_T, cache, shared):
+        x = x_BTH + self.self_attn(self.input_layernorm(x_BTH), cos_TD, sin_TD, pos_T, cache, shared)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Model(nn.Module):
+    """The decoder. Attribute names follow the checkpoint's keys after the prefix."""
+
+    def __init__(self, args: MoEArgs):
+        super().__init__()
+        self.args = args
+        H = args.hidden_size
+        self.embed_tokens = nn.Embedding(args.vocab_size, H)
+        self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_hidden_layers))
+        self.norm = RMSNorm(H, args.rms_norm_eps)
+        self.lm_head = None if args.tie_word_embeddings else nn.Linear(H, args.vocab_size, bias=False)
+        self.init_rope()
+
+    def init_rope(self, device=None) -> None:
+        """(Re)compute the RoPE frequencies; the loader calls it after building on the meta device."""
+        inv = rope_inv_freq(self.args.rope_parameters, self.args.head_dim).to(device)
+        self.register_buffer("inv_freq", inv, persistent=False)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.norm.weight.dtype
+
+    def fuse_projections(self) -> None:
+        """q/k/v (and a dense MLP's gate/up) each become one matmul; see Gemma4Model.fuse_projections."""
+        for layer in self.layers:
+            layer.self_attn.fuse()
+            if not layer.moe:
+                layer.mlp.fuse()
+
+    def rope(self, pos_T: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) [T, 1, D], sin's first half negated (see gemma4.apply_rope)."""
+        freqs = pos_T[:, None].float() * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
+        sin = emb.sin()
+        sin[..., : sin.shape[-1] // 2] *= -1
+        return emb.cos().to(dtype), sin.to(dtype)
+
+    def hidden(self, ids_BT: torch.Tensor, cache=None, pos_T: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-normed hidden states [B, T, H] of `ids_BT`, appended to `cache` (positions follow it)."""
+        T = ids_BT.shape[1]
+        dtype = self.compute_dtype
+        if pos_T is None:
+            start = cache.offset if cache is not None else 0
+            pos_T = torch.arange(start, start + T, device=ids_BT.device)
+        cos, sin = self.rope(pos_T, dtype)
+        x = F.embedding(ids_BT, self.embed_tokens.weight).to(dtype)
+        shared: dict = {}  # per forward: attention masks (every layer sees the same positions), the static span
+        if cache is not None and cache.span is not None:
+            shared["span"] = cache.span
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, pos_T, cache.layers[i] if cache is not None else None, shared)
+        if cache is not None and cache.span is None:
+            cache.offset += T
+        return self.norm(x)
+
+    def logits(self, h_BTH: torch.Tensor) -> torch.Tensor:
+        w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return linear(h_BTH, w)
+
+    def forward(self, ids_BT, cache=None, last_only: bool = False):
+        h = self.hidden(ids_BT, cache)
+        return self.logits(h[:, -1:] if last_only else h)
