@@ -179,6 +179,185 @@ def _down_kernel(h_ptr, ids_ptr, w_ptr, y_ptr, buf_u8, buf_f32, code, nested_cod
     tl.store(y_ptr + t * stride_yt + rows, acc.to(y_ptr.dtype.element_ty), mask=mask_n)
 
 
+# -- v2: bandwidth-shaped decode kernels ------------------------------------------------------
+#
+# The v1 kernels above stream one expert matrix per loop with a few hundred bytes per step and
+# walk the K experts of `down` one after the other, so an SM holds a few KB of loads in flight
+# (H200: ~500 GB/s). v2 keeps every program's step large and independent:
+#
+#   gate_up: a program owns BLOCK_N rows of gate AND the matching BLOCK_N rows of up of one
+#     (token, expert) pair: tile [2, BLOCK_N, NB, BB] bytes (NB groups of BB bytes that share one
+#     absmax), full reduction over H in the loop (no split-K, no atomics: deterministic).
+#   down: a program owns BLOCK_N output rows of one token for ALL its K experts at once:
+#     tile [KE, BLOCK_N, NB, BB] (KE = next power of two >= K), so the 8 experts' rows are
+#     loaded in the same step; the weighted sum over k is a fixed-order tl.sum (deterministic).
+#
+# A group of BB bytes (BB = gcd(bytes per row, bytes per quantization block), at most 32) lies in
+# one quantization block whether or not rows hold whole blocks, so each absmax is loaded and
+# applied once per group: sum_j code[n_j] * x_j is summed inside the group, then scaled.
+# The input vector's (even, odd) element pair of a byte is read as one 32-bit word for bf16 x
+# (16-byte vector loads, split with two integer ops), and gate_up writes h de-interleaved
+# ([P, 2, I/2]: even elements, then odd ones), so `down` reads h with contiguous vector loads.
+# x / h are broadcast over the rows a thread holds, so their loads amortize over the rows.
+# Tiles, warps and stages come from triton.autotune keyed on the shape, the token bucket and the
+# quantization flags (the first call of a shape benchmarks <= 12 configs per kernel, ~0.5 s);
+# under TRITON_INTERPRET=1 there is one config (INTERPRETER_TILES).
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """v2 tiles: rows per program / bytes per step (x2 matrices for gate_up, x KE experts for down)."""
+
+    gate_up_n: int = 8
+    gate_up_k: int = 256
+    gate_up_warps: int = 4
+    down_n: int = 4
+    down_k: int = 128
+    down_warps: int = 4
+    num_stages: int = 1
+
+
+INTERPRETER_TILES = Tiles(gate_up_n=64, gate_up_k=512, down_n=256, down_k=512)
+GROUP_MAX = 32  # bytes per absmax group at most (two threads' 16-byte loads)
+
+
+def _gcd_pow2(n: int, blocksize: int) -> int:
+    """Bytes per absmax group: gcd(n bytes per row, blocksize / 2 bytes per block), capped."""
+    return min(math.gcd(n, blocksize // 2), GROUP_MAX)
+
+
+def _cfg(n, k, w, s=1):
+    return triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+
+
+# bytes per step = 2 * BLOCK_N * BLOCK_K (gate_up) / KE * BLOCK_N * BLOCK_K (down); 16 codes bytes
+# per thread per load. Programs at 26B-A4B, T=1: gate_up 704/BLOCK_N * 8, down 2816/BLOCK_N.
+GATE_UP_CONFIGS = [_cfg(n, k, w, s) for n, k, w, s in (
+    (4, 256, 2, 1), (4, 512, 4, 1), (8, 128, 2, 1), (8, 256, 4, 1), (8, 512, 4, 1), (8, 256, 4, 3),
+    (16, 256, 4, 1), (16, 256, 8, 1), (16, 512, 8, 1), (16, 128, 4, 3), (32, 256, 8, 1), (4, 128, 1, 1))]
+DOWN_CONFIGS = [_cfg(n, k, w, s) for n, k, w, s in (
+    (2, 128, 2, 1), (4, 128, 4, 1), (4, 64, 2, 1), (8, 64, 4, 1), (8, 128, 4, 1), (8, 128, 8, 1),
+    (16, 64, 4, 1), (16, 128, 8, 1), (4, 256, 8, 1), (2, 256, 4, 1), (4, 128, 4, 3), (8, 32, 2, 1))]
+
+
+def _fast_bench(kernel_call, quantiles):
+    # the default (25 ms warmup + 100 ms per config) would take seconds per kernel
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+
+
+@triton.jit
+def _x_pair(x_ptr, cols, mask, X_BF16: tl.constexpr, X_SPLIT: tl.constexpr, half):
+    """fp32 (even, odd) elements of vector x for byte columns `cols` (any shape).
+
+    X_BF16: x_ptr is the bf16 vector viewed as int32 words (one word = one pair).
+    X_SPLIT: x is stored de-interleaved (h of gate_up): evens at [0, half), odds at [half, 2 half).
+    else: plain interleaved vector of any float dtype."""
+    if X_BF16:
+        w = tl.load(x_ptr + cols, mask=mask, other=0)
+        return (w << 16).to(tl.float32, bitcast=True), (w & -65536).to(tl.float32, bitcast=True)
+    elif X_SPLIT:
+        return (tl.load(x_ptr + cols, mask=mask, other=0.0).to(tl.float32),
+                tl.load(x_ptr + half + cols, mask=mask, other=0.0).to(tl.float32))
+    else:
+        return (tl.load(x_ptr + 2 * cols, mask=mask, other=0.0).to(tl.float32),
+                tl.load(x_ptr + 2 * cols + 1, mask=mask, other=0.0).to(tl.float32))
+
+
+@triton.jit
+def _gate_up_v2_kernel(x_ptr, ids_ptr, order_ptr, h_ptr, buf_u8, buf_f32, code, nested_code,
+                       expert_bytes, codes_off, absmax_off, nested_off32, offset_off32,
+                       K, H_HALF, I, stride_xt, T_BUCKET,
+                       ACT: tl.constexpr, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+                       SORTED: tl.constexpr, X_BF16: tl.constexpr, BB: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    if SORTED:
+        p = tl.load(order_ptr + tl.program_id(0)).to(tl.int64)
+    else:
+        p = tl.program_id(0).to(tl.int64)
+    t = p // K
+    e = tl.load(ids_ptr + p).to(tl.int64)
+    base = e * expert_bytes
+    base32 = base // 4
+    NB: tl.constexpr = BLOCK_K // BB
+    BS2: tl.constexpr = BLOCKSIZE // 2  # bytes per quantization block
+    r = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_r = r < I
+    which = tl.arange(0, 2)  # 0: gate row r, 1: up row I + r
+    rows = which[:, None] * I + r[None, :]  # [2, BN]
+    grp = tl.arange(0, NB)
+    jj = tl.arange(0, BB)
+    x_row = x_ptr + t * stride_xt
+    w_ptr = buf_u8 + base + codes_off
+    row_byte = rows * H_HALF  # [2, BN]
+    acc = tl.zeros([2, BLOCK_N, NB], dtype=tl.float32)
+    for kb in range(0, H_HALF, BLOCK_K):
+        gcol = kb + grp * BB  # first byte of each group in the row
+        mask_g = gcol < H_HALF  # BB divides H_HALF: a group is in or out as a whole
+        cols = gcol[:, None] + jj[None, :]  # [NB, BB]
+        m3 = mask_r[None, :, None] & mask_g[None, None, :]
+        b = tl.load(w_ptr + row_byte[:, :, None, None] + cols[None, None, :, :], mask=m3[:, :, :, None],
+                    other=0).to(tl.int32)
+        am = _absmax(buf_u8, buf_f32, base, base32, (row_byte[:, :, None] + gcol[None, None, :]) // BS2, m3,
+                     absmax_off, nested_off32, offset_off32, nested_code, DOUBLE_QUANT)
+        xe, xo = _x_pair(x_row, cols, mask_g[:, None], X_BF16, False, H_HALF)
+        s = tl.load(code + (b >> 4)) * xe[None, None, :, :] + tl.load(code + (b & 15)) * xo[None, None, :, :]
+        acc += tl.sum(s, axis=3) * am
+    gu = tl.sum(acc, axis=2)  # [2, BN]
+    gate = tl.sum(tl.where(which[:, None] == 0, gu, 0.0), axis=0)
+    up = tl.sum(tl.where(which[:, None] == 1, gu, 0.0), axis=0)
+    # de-interleaved: element r of h[p] at (r % 2) * I / 2 + r // 2
+    tl.store(h_ptr + p * I + (r % 2) * (I // 2) + r // 2, _act(gate, ACT) * up, mask=mask_r)
+
+
+@triton.jit
+def _down_v2_kernel(h_ptr, ids_ptr, w_ptr, y_ptr, buf_u8, buf_f32, code, nested_code,
+                    expert_bytes, codes_off, absmax_off, nested_off32, offset_off32,
+                    K, H, I, I_HALF, stride_yt, T_BUCKET,
+                    BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, BB: tl.constexpr, KE: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    t = tl.program_id(1).to(tl.int64)
+    NB: tl.constexpr = BLOCK_K // BB
+    BS2: tl.constexpr = BLOCKSIZE // 2
+    kk = tl.arange(0, KE)
+    mask_k = kk < K
+    p = t * K + kk  # [KE] pairs of this token
+    e = tl.load(ids_ptr + p, mask=mask_k, other=0).to(tl.int64)  # padded slots read expert 0, masked
+    wk = tl.load(w_ptr + p, mask=mask_k, other=0.0).to(tl.float32)
+    base = (e * expert_bytes)[:, None, None]  # [KE, 1, 1]
+    base32 = base // 4
+    r = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_r = r < H
+    grp = tl.arange(0, NB)
+    jj = tl.arange(0, BB)
+    row_byte = r * I_HALF  # [BN]
+    h_rows = h_ptr + (p * I)[:, None, None]  # [KE, 1, 1]
+    mask_kr = mask_k[:, None, None] & mask_r[None, :, None]
+    acc = tl.zeros([KE, BLOCK_N, NB], dtype=tl.float32)
+    for kb in range(0, I_HALF, BLOCK_K):
+        gcol = kb + grp * BB
+        mask_g = gcol < I_HALF
+        cols = gcol[:, None] + jj[None, :]  # [NB, BB]
+        m3 = mask_kr & mask_g[None, None, :]
+        byte = row_byte[:, None, None] + cols[None, :, :]  # [BN, NB, BB]
+        b = tl.load(buf_u8 + base[:, :, :, None] + codes_off + byte[None, :, :, :], mask=m3[:, :, :, None],
+                    other=0).to(tl.int32)
+        am = _absmax(buf_u8, buf_f32, base, base32, ((row_byte[:, None] + gcol[None, :]) // BS2)[None, :, :], m3,
+                     absmax_off, nested_off32, offset_off32, nested_code, DOUBLE_QUANT)
+        he, ho = _x_pair(h_rows, cols[None, :, :], mask_k[:, None, None] & mask_g[None, :, None], False, True,
+                         I // 2)  # [KE, NB, BB]
+        s = tl.load(code + (b >> 4)) * he[:, None, :, :] + tl.load(code + (b & 15)) * ho[:, None, :, :]
+        acc += tl.sum(s, axis=3) * am
+    d = tl.sum(acc, axis=2)  # [KE, BN]
+    y = tl.sum(d * wk[:, None], axis=0)  # fixed-order sum over the K experts
+    tl.store(y_ptr + t * stride_yt + r, y.to(y_ptr.dtype.element_ty), mask=mask_r)
+
+
+_gate_up_v2_tuned = triton.autotune(GATE_UP_CONFIGS, key=["H_HALF", "I", "T_BUCKET", "K"], do_bench=_fast_bench)(
+    _gate_up_v2_kernel)
+_down_v2_tuned = triton.autotune(DOWN_CONFIGS, key=["H", "I_HALF", "T_BUCKET", "K"], do_bench=_fast_bench)(
+    _down_v2_kernel)
+
+
 def _matrix_args(offsets: list[int]) -> tuple[int, int, int, int]:
     """(codes, absmax) byte offsets and (nested absmax, nested offset) float32 offsets; 0 where absent."""
     codes, absmax, nested, offset = offsets
@@ -190,19 +369,72 @@ def _row_blocks(row: int, blocksize: int, block_k: int) -> bool:
     return row % blocksize == 0 and block_k % (blocksize // 2) == 0
 
 
-def moe_4bit_triton(x_TH: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor, experts: torch.Tensor,
-                    code: torch.Tensor, nested_code: torch.Tensor, offsets: list[int], hidden: int, inter: int,
-                    blocksize: int, double_quant: bool, act: str, blocks: Blocks | None = None) -> torch.Tensor:
-    """y_TH = sum_k w[t,k] * expert_{ids[t,k]}(x[t]) over the [E, nbytes] uint8 expert rows (see module
-    docstring; the arguments are those of the localrun::moe_4bit op). Returns x's dtype."""
-    if blocks is None:
-        blocks = INTERPRETER_BLOCKS if interpreted() else Blocks()
+def _check(x_TH, ids_TK, experts, hidden):
     T, K = ids_TK.shape
-    H, I = hidden, inter
-    if x_TH.shape != (T, H) or x_TH.stride(1) != 1:
-        raise ValueError(f"x must be [T={T}, H={H}] with unit column stride, got {tuple(x_TH.shape)}")
+    if x_TH.shape != (T, hidden) or x_TH.stride(1) != 1:
+        raise ValueError(f"x must be [T={T}, H={hidden}] with unit column stride, got {tuple(x_TH.shape)}")
     if experts.shape[1] % 4:
         raise ValueError("expert rows must be a multiple of 4 bytes")
+
+
+def moe_4bit_triton(x_TH: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor, experts: torch.Tensor,
+                    code: torch.Tensor, nested_code: torch.Tensor, offsets: list[int], hidden: int, inter: int,
+                    blocksize: int, double_quant: bool, act: str, blocks: Tiles | Blocks | None = None) -> torch.Tensor:
+    """y_TH = sum_k w[t,k] * expert_{ids[t,k]}(x[t]) over the [E, nbytes] uint8 expert rows (see module
+    docstring; the arguments are those of the localrun::moe_4bit op). Returns x's dtype.
+
+    `blocks`: None = the v2 kernels, autotuned on CUDA (INTERPRETER_TILES when interpreted); a Tiles
+    = the v2 kernels with those tiles; a Blocks = the v1 kernels with those tiles."""
+    if isinstance(blocks, Blocks):
+        return _moe_4bit_v1(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden, inter, blocksize,
+                            double_quant, act, blocks)
+    _check(x_TH, ids_TK, experts, hidden)
+    T, K = ids_TK.shape
+    H, I = hidden, inter
+    ids = ids_TK.contiguous()
+    w = w_TK.contiguous()
+    h = torch.empty(T * K, I, dtype=torch.float32, device=x_TH.device)  # de-interleaved rows
+    y = torch.empty(T, H, dtype=x_TH.dtype, device=x_TH.device)
+    buf_f32 = experts.view(torch.float32)
+    order = torch.argsort(ids.reshape(-1), stable=True) if T > 1 else ids
+    x_bf16 = x_TH.dtype == torch.bfloat16 and x_TH.stride(0) % 2 == 0
+    x_arg, stride_xt = (x_TH.view(torch.int32), x_TH.stride(0) // 2) if x_bf16 else (x_TH, x_TH.stride(0))
+    t_bucket = min(triton.next_power_of_2(T), 16)
+    gu_common = (x_arg, ids, order, h, experts, buf_f32, code, nested_code, experts.shape[1],
+                 *_matrix_args(offsets[:4]), K, H // 2, I, stride_xt, t_bucket)
+    gu_meta = dict(ACT=ACT_CODES[act], BLOCKSIZE=blocksize, DOUBLE_QUANT=bool(double_quant), SORTED=T > 1,
+                   X_BF16=x_bf16, BB=_gcd_pow2(H // 2, blocksize))
+    dn_common = (h, ids, w, y, experts, buf_f32, code, nested_code, experts.shape[1], *_matrix_args(offsets[4:]),
+                 K, H, I, I // 2, y.stride(0), t_bucket)
+    dn_meta = dict(BLOCKSIZE=blocksize, DOUBLE_QUANT=bool(double_quant), BB=_gcd_pow2(I // 2, blocksize),
+                   KE=triton.next_power_of_2(K))
+    if blocks is None and interpreted():
+        blocks = INTERPRETER_TILES
+    if blocks is None:
+        _gate_up_v2_tuned[lambda m: (T * K, triton.cdiv(I, m["BLOCK_N"]))](*gu_common, **gu_meta)
+        _down_v2_tuned[lambda m: (triton.cdiv(H, m["BLOCK_N"]), T)](*dn_common, **dn_meta)
+    else:
+        _gate_up_v2_kernel[(T * K, triton.cdiv(I, blocks.gate_up_n))](
+            *gu_common, **gu_meta, BLOCK_N=blocks.gate_up_n, BLOCK_K=blocks.gate_up_k, num_warps=blocks.gate_up_warps,
+            num_stages=blocks.num_stages)
+        _down_v2_kernel[(triton.cdiv(H, blocks.down_n), T)](
+            *dn_common, **dn_meta, BLOCK_N=blocks.down_n, BLOCK_K=blocks.down_k, num_warps=blocks.down_warps,
+            num_stages=blocks.num_stages)
+    return y
+
+
+def tuned_configs() -> dict:
+    """The configs the autotuner picked for the last shape it ran (None before the first CUDA call)."""
+    return {"gate_up": str(getattr(_gate_up_v2_tuned, "best_config", None)),
+            "down": str(getattr(_down_v2_tuned, "best_config", None))}
+
+
+def _moe_4bit_v1(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden, inter, blocksize, double_quant,
+                 act, blocks: Blocks) -> torch.Tensor:
+    """The v1 kernels (kept for A/B timing in benchmark_moe_4bit)."""
+    _check(x_TH, ids_TK, experts, hidden)
+    T, K = ids_TK.shape
+    H, I = hidden, inter
     ids = ids_TK.contiguous()
     w = w_TK.contiguous()
     h = torch.empty(T * K, I, dtype=torch.float32, device=x_TH.device)
