@@ -226,18 +226,19 @@ def _gcd_pow2(n: int, blocksize: int) -> int:
     return min(math.gcd(n, blocksize // 2), GROUP_MAX)
 
 
-def _cfg(n, k, w, s=1):
-    return triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+def _cfg(n, k, w):
+    # num_stages: Triton's pipeliner leaves these loads alone (no dot); the kernels prefetch one step
+    return triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=1)
 
 
 # bytes per step = 2 * BLOCK_N * BLOCK_K (gate_up) / KE * BLOCK_N * BLOCK_K (down); 16 codes bytes
 # per thread per load. Programs at 26B-A4B, T=1: gate_up 704/BLOCK_N * 8, down 2816/BLOCK_N.
-GATE_UP_CONFIGS = [_cfg(n, k, w, s) for n, k, w, s in (
-    (4, 256, 2, 1), (4, 512, 4, 1), (8, 128, 2, 1), (8, 256, 4, 1), (8, 512, 4, 1), (8, 256, 4, 3),
-    (16, 256, 4, 1), (16, 256, 8, 1), (16, 512, 8, 1), (16, 128, 4, 3), (32, 256, 8, 1), (4, 128, 1, 1))]
-DOWN_CONFIGS = [_cfg(n, k, w, s) for n, k, w, s in (
-    (2, 128, 2, 1), (4, 128, 4, 1), (4, 64, 2, 1), (8, 64, 4, 1), (8, 128, 4, 1), (8, 128, 8, 1),
-    (16, 64, 4, 1), (16, 128, 8, 1), (4, 256, 8, 1), (2, 256, 4, 1), (4, 128, 4, 3), (8, 32, 2, 1))]
+GATE_UP_CONFIGS = [_cfg(n, k, w) for n, k, w in (
+    (4, 256, 2), (4, 512, 4), (8, 128, 2), (8, 256, 4), (16, 128, 4), (16, 256, 8), (32, 128, 8), (4, 128, 1),
+    (8, 512, 4), (16, 256, 4), (16, 512, 8), (32, 256, 8))]
+DOWN_CONFIGS = [_cfg(n, k, w) for n, k, w in (
+    (2, 128, 2), (2, 256, 4), (2, 64, 1), (4, 64, 2), (4, 128, 4), (8, 64, 4),
+    (8, 128, 8), (4, 256, 8), (8, 32, 2), (16, 128, 8))]
 
 
 def _fast_bench(kernel_call, quantiles):
@@ -246,30 +247,31 @@ def _fast_bench(kernel_call, quantiles):
 
 
 @triton.jit
-def _x_pair(x_ptr, cols, mask, X_BF16: tl.constexpr, X_SPLIT: tl.constexpr, half):
-    """fp32 (even, odd) elements of vector x for byte columns `cols` (any shape).
-
-    X_BF16: x_ptr is the bf16 vector viewed as int32 words (one word = one pair).
-    X_SPLIT: x is stored de-interleaved (h of gate_up): evens at [0, half), odds at [half, 2 half).
-    else: plain interleaved vector of any float dtype."""
-    if X_BF16:
-        w = tl.load(x_ptr + cols, mask=mask, other=0)
-        return (w << 16).to(tl.float32, bitcast=True), (w & -65536).to(tl.float32, bitcast=True)
-    elif X_SPLIT:
-        return (tl.load(x_ptr + cols, mask=mask, other=0.0).to(tl.float32),
-                tl.load(x_ptr + half + cols, mask=mask, other=0.0).to(tl.float32))
-    else:
-        return (tl.load(x_ptr + 2 * cols, mask=mask, other=0.0).to(tl.float32),
-                tl.load(x_ptr + 2 * cols + 1, mask=mask, other=0.0).to(tl.float32))
+def _nibbles(words):
+    """int32 words [..., W] -> their 8 codes [..., W, 8] in element order (byte k: high nibble, then low)."""
+    j = tl.arange(0, 8)
+    shifts = (j // 2) * 8 + tl.where(j % 2 == 0, 4, 0)
+    return (tl.expand_dims(words, -1) >> shifts) & 15
 
 
 @triton.jit
-def _gate_up_v2_kernel(x_ptr, ids_ptr, order_ptr, h_ptr, buf_u8, buf_f32, code, nested_code,
+def _load_codes(buf_i32, word_ptr0, gw, mask, buf_u8, buf_f32, base, base32, blk, absmax_off, nested_off32,
+                offset_off32, nested_code, GW: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
+    """One step's code words [..., NG, GW] (from word offsets word_ptr0 + gw) and group absmax [..., NG]."""
+    q = tl.arange(0, GW)
+    words = tl.load(buf_i32 + tl.expand_dims(word_ptr0 + gw, -1) + q, mask=tl.expand_dims(mask, -1), other=0)
+    am = _absmax(buf_u8, buf_f32, base, base32, blk, mask, absmax_off, nested_off32, offset_off32, nested_code,
+                 DOUBLE_QUANT)
+    return words, am
+
+
+@triton.jit
+def _gate_up_v2_kernel(x_ptr, ids_ptr, order_ptr, h_ptr, buf_i32, buf_u8, buf_f32, code, nested_code,
                        expert_bytes, codes_off, absmax_off, nested_off32, offset_off32,
-                       K, H_HALF, I, stride_xt, T_BUCKET,
+                       K, H_Q, I, stride_xt, T_BUCKET,
                        ACT: tl.constexpr, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-                       SORTED: tl.constexpr, X_BF16: tl.constexpr, BB: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                       SORTED: tl.constexpr, BB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """H_Q: 32-bit words of codes per row (H / 8). Tile [2 (gate, up), BLOCK_N rows, NG groups, GW words]."""
     if SORTED:
         p = tl.load(order_ptr + tl.program_id(0)).to(tl.int64)
     else:
@@ -278,84 +280,106 @@ def _gate_up_v2_kernel(x_ptr, ids_ptr, order_ptr, h_ptr, buf_u8, buf_f32, code, 
     e = tl.load(ids_ptr + p).to(tl.int64)
     base = e * expert_bytes
     base32 = base // 4
-    NB: tl.constexpr = BLOCK_K // BB
-    BS2: tl.constexpr = BLOCKSIZE // 2  # bytes per quantization block
+    GW: tl.constexpr = BB // 4  # words per absmax group
+    NG: tl.constexpr = BLOCK_K // BB  # groups per step
+    BW: tl.constexpr = BLOCK_K // 4  # words per row per step
+    WPB: tl.constexpr = BLOCKSIZE // 8  # words per quantization block
     r = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_r = r < I
     which = tl.arange(0, 2)  # 0: gate row r, 1: up row I + r
-    rows = which[:, None] * I + r[None, :]  # [2, BN]
-    grp = tl.arange(0, NB)
-    jj = tl.arange(0, BB)
+    row_word = (base32 + codes_off // 4) + (which[:, None] * I + r[None, :]) * H_Q  # [2, BN] absolute words
+    row_w0 = (which[:, None] * I + r[None, :]) * H_Q  # word of the row's start inside the matrix
+    grp = tl.arange(0, NG) * GW
+    q = tl.arange(0, GW)
+    j = tl.arange(0, 8)
     x_row = x_ptr + t * stride_xt
-    w_ptr = buf_u8 + base + codes_off
-    row_byte = rows * H_HALF  # [2, BN]
-    acc = tl.zeros([2, BLOCK_N, NB], dtype=tl.float32)
-    for kb in range(0, H_HALF, BLOCK_K):
-        gcol = kb + grp * BB  # first byte of each group in the row
-        mask_g = gcol < H_HALF  # BB divides H_HALF: a group is in or out as a whole
-        cols = gcol[:, None] + jj[None, :]  # [NB, BB]
-        m3 = mask_r[None, :, None] & mask_g[None, None, :]
-        b = tl.load(w_ptr + row_byte[:, :, None, None] + cols[None, None, :, :], mask=m3[:, :, :, None],
-                    other=0).to(tl.int32)
-        am = _absmax(buf_u8, buf_f32, base, base32, (row_byte[:, :, None] + gcol[None, None, :]) // BS2, m3,
-                     absmax_off, nested_off32, offset_off32, nested_code, DOUBLE_QUANT)
-        xe, xo = _x_pair(x_row, cols, mask_g[:, None], X_BF16, False, H_HALF)
-        s = tl.load(code + (b >> 4)) * xe[None, None, :, :] + tl.load(code + (b & 15)) * xo[None, None, :, :]
-        acc += tl.sum(s, axis=3) * am
+    m_r = mask_r[None, :, None]
+    gw = grp
+    mask = m_r & (gw < H_Q)[None, None, :]
+    words, am = _load_codes(buf_i32, row_word[:, :, None], gw[None, None, :], mask, buf_u8, buf_f32, base, base32,
+                            (row_w0[:, :, None] + gw[None, None, :]) // WPB, absmax_off, nested_off32, offset_off32,
+                            nested_code, GW, DOUBLE_QUANT)
+    acc = tl.zeros([2, BLOCK_N, NG], dtype=tl.float32)
+    for kb in range(0, H_Q, BW):
+        # the next step's codes and absmax are requested before this step's math (register prefetch)
+        gw_n = kb + BW + grp
+        mask_n = m_r & (gw_n < H_Q)[None, None, :]
+        words_n, am_n = _load_codes(buf_i32, row_word[:, :, None], gw_n[None, None, :], mask_n, buf_u8, buf_f32,
+                                    base, base32, (row_w0[:, :, None] + gw_n[None, None, :]) // WPB, absmax_off,
+                                    nested_off32, offset_off32, nested_code, GW, DOUBLE_QUANT)
+        gw = kb + grp
+        elem = ((gw[:, None] + q[None, :]) * 8)[:, :, None] + j  # [NG, GW, 8]
+        xv = tl.load(x_row + elem, mask=(gw < H_Q)[:, None, None], other=0.0).to(tl.float32)
+        vals = tl.load(code + _nibbles(words))  # [2, BN, NG, GW, 8]
+        acc += tl.sum(tl.sum(vals * xv[None, None, :, :, :], axis=4), axis=3) * am
+        words, am = words_n, am_n
     gu = tl.sum(acc, axis=2)  # [2, BN]
     gate = tl.sum(tl.where(which[:, None] == 0, gu, 0.0), axis=0)
     up = tl.sum(tl.where(which[:, None] == 1, gu, 0.0), axis=0)
-    # de-interleaved: element r of h[p] at (r % 2) * I / 2 + r // 2
-    tl.store(h_ptr + p * I + (r % 2) * (I // 2) + r // 2, _act(gate, ACT) * up, mask=mask_r)
+    tl.store(h_ptr + p * I + r, _act(gate, ACT) * up, mask=mask_r)
 
 
 @triton.jit
-def _down_v2_kernel(h_ptr, ids_ptr, w_ptr, y_ptr, buf_u8, buf_f32, code, nested_code,
+def _down_v2_kernel(h_ptr, ids_ptr, w_ptr, y_ptr, buf_i32, buf_u8, buf_f32, code, nested_code,
                     expert_bytes, codes_off, absmax_off, nested_off32, offset_off32,
-                    K, H, I, I_HALF, stride_yt, T_BUCKET,
+                    K, H, I, I_Q, stride_yt, T_BUCKET,
                     BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, BB: tl.constexpr, KE: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """I_Q: words of codes per row (I / 8). Tile [KE experts, BLOCK_N rows, NG groups, GW words]."""
     t = tl.program_id(1).to(tl.int64)
-    NB: tl.constexpr = BLOCK_K // BB
-    BS2: tl.constexpr = BLOCKSIZE // 2
+    GW: tl.constexpr = BB // 4
+    NG: tl.constexpr = BLOCK_K // BB
+    BW: tl.constexpr = BLOCK_K // 4
+    WPB: tl.constexpr = BLOCKSIZE // 8
     kk = tl.arange(0, KE)
     mask_k = kk < K
     p = t * K + kk  # [KE] pairs of this token
-    e = tl.load(ids_ptr + p, mask=mask_k, other=0).to(tl.int64)  # padded slots read expert 0, masked
+    e = tl.load(ids_ptr + p, mask=mask_k, other=0).to(tl.int64)  # padded slots: expert 0, masked off
     wk = tl.load(w_ptr + p, mask=mask_k, other=0.0).to(tl.float32)
     base = (e * expert_bytes)[:, None, None]  # [KE, 1, 1]
     base32 = base // 4
     r = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_r = r < H
-    grp = tl.arange(0, NB)
-    jj = tl.arange(0, BB)
-    row_byte = r * I_HALF  # [BN]
-    h_rows = h_ptr + (p * I)[:, None, None]  # [KE, 1, 1]
-    mask_kr = mask_k[:, None, None] & mask_r[None, :, None]
-    acc = tl.zeros([KE, BLOCK_N, NB], dtype=tl.float32)
-    for kb in range(0, I_HALF, BLOCK_K):
-        gcol = kb + grp * BB
-        mask_g = gcol < I_HALF
-        cols = gcol[:, None] + jj[None, :]  # [NB, BB]
-        m3 = mask_kr & mask_g[None, None, :]
-        byte = row_byte[:, None, None] + cols[None, :, :]  # [BN, NB, BB]
-        b = tl.load(buf_u8 + base[:, :, :, None] + codes_off + byte[None, :, :, :], mask=m3[:, :, :, None],
-                    other=0).to(tl.int32)
-        am = _absmax(buf_u8, buf_f32, base, base32, ((row_byte[:, None] + gcol[None, :]) // BS2)[None, :, :], m3,
-                     absmax_off, nested_off32, offset_off32, nested_code, DOUBLE_QUANT)
-        he, ho = _x_pair(h_rows, cols[None, :, :], mask_k[:, None, None] & mask_g[None, :, None], False, True,
-                         I // 2)  # [KE, NB, BB]
-        s = tl.load(code + (b >> 4)) * he[:, None, :, :] + tl.load(code + (b & 15)) * ho[:, None, :, :]
-        acc += tl.sum(s, axis=3) * am
+    row_w0 = (r * I_Q)[None, :, None]  # [1, BN, 1]
+    row_word = base32 + codes_off // 4 + row_w0  # [KE, BN, 1]
+    grp = tl.arange(0, NG) * GW
+    q = tl.arange(0, GW)
+    j = tl.arange(0, 8)
+    h_rows = h_ptr + (p * I)[:, None, None, None]  # [KE, 1, 1, 1]
+    m_kr = mask_k[:, None, None] & mask_r[None, :, None]
+    gw = grp
+    mask = m_kr & (gw < I_Q)[None, None, :]
+    words, am = _load_codes(buf_i32, row_word, gw[None, None, :], mask, buf_u8, buf_f32, base, base32,
+                            (row_w0 + gw[None, None, :]) // WPB, absmax_off, nested_off32, offset_off32,
+                            nested_code, GW, DOUBLE_QUANT)
+    acc = tl.zeros([KE, BLOCK_N, NG], dtype=tl.float32)
+    for kb in range(0, I_Q, BW):
+        gw_n = kb + BW + grp
+        mask_n = m_kr & (gw_n < I_Q)[None, None, :]
+        words_n, am_n = _load_codes(buf_i32, row_word, gw_n[None, None, :], mask_n, buf_u8, buf_f32, base, base32,
+                                    (row_w0 + gw_n[None, None, :]) // WPB, absmax_off, nested_off32, offset_off32,
+                                    nested_code, GW, DOUBLE_QUANT)
+        gw = kb + grp
+        elem = ((gw[:, None] + q[None, :]) * 8)[:, :, None] + j  # [NG, GW, 8]
+        hv = tl.load(h_rows + elem[None, :, :, :], mask=mask_k[:, None, None, None] & (gw < I_Q)[None, :, None, None],
+                     other=0.0)  # [KE, NG, GW, 8]
+        vals = tl.load(code + _nibbles(words))  # [KE, BN, NG, GW, 8]
+        acc += tl.sum(tl.sum(vals * hv[:, None, :, :, :], axis=4), axis=3) * am
+        words, am = words_n, am_n
     d = tl.sum(acc, axis=2)  # [KE, BN]
     y = tl.sum(d * wk[:, None], axis=0)  # fixed-order sum over the K experts
     tl.store(y_ptr + t * stride_yt + r, y.to(y_ptr.dtype.element_ty), mask=mask_r)
 
 
-_gate_up_v2_tuned = triton.autotune(GATE_UP_CONFIGS, key=["H_HALF", "I", "T_BUCKET", "K"], do_bench=_fast_bench)(
+_gate_up_v2_tuned = triton.autotune(GATE_UP_CONFIGS, key=["H_Q", "I", "T_BUCKET", "K", "BLOCKSIZE", "DOUBLE_QUANT"], do_bench=_fast_bench)(
     _gate_up_v2_kernel)
-_down_v2_tuned = triton.autotune(DOWN_CONFIGS, key=["H", "I_HALF", "T_BUCKET", "K"], do_bench=_fast_bench)(
+_down_v2_tuned = triton.autotune(DOWN_CONFIGS, key=["H", "I_Q", "T_BUCKET", "K", "BLOCKSIZE", "DOUBLE_QUANT"], do_bench=_fast_bench)(
     _down_v2_kernel)
+
+
+def v2_fits(hidden: int, inter: int) -> bool:
+    """The v2 kernels read codes as 32-bit words of whole rows: rows of a multiple of 8 weights."""
+    return hidden % 8 == 0 and inter % 8 == 0
 
 
 def _matrix_args(offsets: list[int]) -> tuple[int, int, int, int]:
@@ -388,24 +412,25 @@ def moe_4bit_triton(x_TH: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor
     if isinstance(blocks, Blocks):
         return _moe_4bit_v1(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden, inter, blocksize,
                             double_quant, act, blocks)
+    if not v2_fits(hidden, inter):
+        return _moe_4bit_v1(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden, inter, blocksize,
+                            double_quant, act, INTERPRETER_BLOCKS if interpreted() else Blocks())
     _check(x_TH, ids_TK, experts, hidden)
     T, K = ids_TK.shape
     H, I = hidden, inter
     ids = ids_TK.contiguous()
     w = w_TK.contiguous()
-    h = torch.empty(T * K, I, dtype=torch.float32, device=x_TH.device)  # de-interleaved rows
+    h = torch.empty(T * K, I, dtype=torch.float32, device=x_TH.device)
     y = torch.empty(T, H, dtype=x_TH.dtype, device=x_TH.device)
-    buf_f32 = experts.view(torch.float32)
+    buf_i32, buf_f32 = experts.view(torch.int32), experts.view(torch.float32)
     order = torch.argsort(ids.reshape(-1), stable=True) if T > 1 else ids
-    x_bf16 = x_TH.dtype == torch.bfloat16 and x_TH.stride(0) % 2 == 0
-    x_arg, stride_xt = (x_TH.view(torch.int32), x_TH.stride(0) // 2) if x_bf16 else (x_TH, x_TH.stride(0))
     t_bucket = min(triton.next_power_of_2(T), 16)
-    gu_common = (x_arg, ids, order, h, experts, buf_f32, code, nested_code, experts.shape[1],
-                 *_matrix_args(offsets[:4]), K, H // 2, I, stride_xt, t_bucket)
+    gu_common = (x_TH, ids, order, h, buf_i32, experts, buf_f32, code, nested_code, experts.shape[1],
+                 *_matrix_args(offsets[:4]), K, H // 8, I, x_TH.stride(0), t_bucket)
     gu_meta = dict(ACT=ACT_CODES[act], BLOCKSIZE=blocksize, DOUBLE_QUANT=bool(double_quant), SORTED=T > 1,
-                   X_BF16=x_bf16, BB=_gcd_pow2(H // 2, blocksize))
-    dn_common = (h, ids, w, y, experts, buf_f32, code, nested_code, experts.shape[1], *_matrix_args(offsets[4:]),
-                 K, H, I, I // 2, y.stride(0), t_bucket)
+                   BB=_gcd_pow2(H // 2, blocksize))
+    dn_common = (h, ids, w, y, buf_i32, experts, buf_f32, code, nested_code, experts.shape[1],
+                 *_matrix_args(offsets[4:]), K, H, I, I // 8, y.stride(0), t_bucket)
     dn_meta = dict(BLOCKSIZE=blocksize, DOUBLE_QUANT=bool(double_quant), BB=_gcd_pow2(I // 2, blocksize),
                    KE=triton.next_power_of_2(K))
     if blocks is None and interpreted():
@@ -456,7 +481,8 @@ def _moe_4bit_v1(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden
 
 # -- benchmark (scripts/gpu_check.py calls this on a lent GPU) --------------------------------
 
-SWEEP = (Blocks(), Blocks(8, 128, 8, 128, 4), Blocks(16, 256, 32, 128, 8), Blocks(4, 128, 8, 64, 2))
+# benchmark_moe_4bit's default on CUDA: the autotuned v2 kernels (None) and v1's best tile on the H200
+SWEEP = (None, Blocks(4, 128, 8, 64, 2))
 
 
 def random_buffer(num_experts: int, hidden: int, inter: int, quant_type: str = "nf4", blocksize: int = 64,
@@ -480,6 +506,10 @@ def random_buffer(num_experts: int, hidden: int, inter: int, quant_type: str = "
             absmax = buf.part(m, "absmax")
             absmax.copy_(torch.rand(absmax.shape, device=device, generator=g) * 0.02 + 0.01)
     return buf
+
+
+def _config_name(blocks) -> str:
+    return "v2 autotuned" if blocks is None else f"{'v1' if isinstance(blocks, Blocks) else 'v2'} {blocks!r}"
 
 
 def _time_us(fn, iters: int, device: torch.device) -> float:
@@ -546,23 +576,31 @@ def benchmark_moe_4bit(device: torch.device | str = "cuda", num_experts: int = 1
            "shape": dict(E=num_experts, H=hidden, I=inter, K=top_k, T=tokens), "quant_type": quant_type,
            "blocksize": blocksize, "double_quant": double_quant, "dtype": str(dtype).removeprefix("torch."),
            "bytes_per_call": int(torch.unique(ids).numel()) * buf.layout.nbytes, "configs": {}}
-    best, best_us, errs = None, math.inf, []
+    best, best_us, errs = "unset", math.inf, []
     for blocks in configs:
-        y = moe_4bit_triton(x, ids, w, *args, blocks=blocks)
+        y = moe_4bit_triton(x, ids, w, *args, blocks=blocks)  # fp32: the autotuner keys on it separately
         errs.append(((y - ref).abs().max() / ref.abs().max()).item())
-        us = _time_us(lambda: moe_4bit_triton(xd, ids, w, *args, blocks=blocks), iters, device)
-        out["configs"][repr(blocks)] = round(us, 2)
+        run = lambda blocks=blocks: moe_4bit_triton(xd, ids, w, *args, blocks=blocks)  # noqa: E731
+        run()  # autotunes the v2 kernels at this dtype before timing
+        us = _time_us(run, iters, device)
+        name = _config_name(blocks)
+        out["configs"][name] = {"us_per_call": round(us, 2), "gbps": round(out["bytes_per_call"] / us / 1e3, 1)}
+        if blocks is None:
+            out["autotuned"] = tuned_configs()
+        if graphs and device.type == "cuda":
+            graph = torch.cuda.CUDAGraph()
+            torch.cuda.synchronize(device)
+            with torch.cuda.graph(graph):
+                run()
+            g_us = _time_us(graph.replay, iters, device)
+            out["configs"][name].update(us_per_call_graph=round(g_us, 2),
+                                        gbps_graph=round(out["bytes_per_call"] / g_us / 1e3, 1))
         if us < best_us:
             best, best_us = blocks, us
-    out.update(max_rel_err=max(errs), best_config=repr(best), us_per_call=best_us,
+    out.update(max_rel_err=max(errs), best_config=_config_name(best), us_per_call=best_us,
                gbps=out["bytes_per_call"] / best_us / 1e3)
-    if graphs and device.type == "cuda":
-        static_y = moe_4bit_triton(xd, ids, w, *args, blocks=best)  # compiled before capture
-        torch.cuda.synchronize(device)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_y = moe_4bit_triton(xd, ids, w, *args, blocks=best)
-        out["us_per_call_graph"] = _time_us(graph.replay, iters, device)
+    if "us_per_call_graph" in out["configs"][_config_name(best)]:
+        out["us_per_call_graph"] = out["configs"][_config_name(best)]["us_per_call_graph"]
         out["gbps_graph"] = out["bytes_per_call"] / out["us_per_call_graph"] / 1e3
     if baseline:
         backend = QuantizedExperts(buf.experts(), act)
@@ -570,4 +608,6 @@ def benchmark_moe_4bit(device: torch.device | str = "cuda", num_experts: int = 1
     if device.type == "cuda":
         out["copy_gbps"] = copy_bandwidth_gbps(device)
         out["fraction_of_copy_bw"] = out["gbps"] / out["copy_gbps"]
+        if "gbps_graph" in out:
+            out["fraction_of_copy_bw_graph"] = out["gbps_graph"] / out["copy_gbps"]
     return out
