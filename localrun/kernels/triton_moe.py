@@ -192,15 +192,16 @@ def _down_kernel(h_ptr, ids_ptr, w_ptr, y_ptr, buf_u8, buf_f32, code, nested_cod
 #     tile [KE, BLOCK_N, NB, BB] (KE = next power of two >= K), so the 8 experts' rows are
 #     loaded in the same step; the weighted sum over k is a fixed-order tl.sum (deterministic).
 #
-# A group of BB bytes (BB = gcd(bytes per row, bytes per quantization block), at most 32) lies in
-# one quantization block whether or not rows hold whole blocks, so each absmax is loaded and
-# applied once per group: sum_j code[n_j] * x_j is summed inside the group, then scaled.
-# The input vector's (even, odd) element pair of a byte is read as one 32-bit word for bf16 x
-# (16-byte vector loads, split with two integer ops), and gate_up writes h de-interleaved
-# ([P, 2, I/2]: even elements, then odd ones), so `down` reads h with contiguous vector loads.
-# x / h are broadcast over the rows a thread holds, so their loads amortize over the rows.
+# Codes are read as 32-bit words (8 weights in element order: byte k's high nibble, then its low
+# one), 16 bytes per thread per load, so x / h are read in natural order with vector loads and
+# broadcast over the rows a thread holds. A group of BB bytes (BB = gcd(bytes per row, bytes per
+# quantization block), at most 32) lies in one quantization block whether or not rows hold whole
+# blocks, so each absmax is loaded and applied once per group. Triton's pipeliner does not touch
+# loads that feed no dot, so each loop requests the NEXT step's codes and absmax (registers)
+# before this step's table lookups and FMAs: two steps of codes in flight per thread.
+# Shapes whose rows are not whole words (H or I not a multiple of 8) run the v1 kernels.
 # Tiles, warps and stages come from triton.autotune keyed on the shape, the token bucket and the
-# quantization flags (the first call of a shape benchmarks <= 12 configs per kernel, ~0.5 s);
+# quantization flags (the first call of a shape benchmarks <= 12 configs per kernel at 5 + 20 ms each);
 # under TRITON_INTERPRET=1 there is one config (INTERPRETER_TILES).
 
 
