@@ -179,6 +179,210 @@ def _down_kernel(h_ptr, ids_ptr, w_ptr, y_ptr, buf_u8, buf_f32, code, nested_cod
     tl.store(y_ptr + t * stride_yt + rows, acc.to(y_ptr.dtype.element_ty), mask=mask_n)
 
 
+# -- v2: bandwidth-shaped decode kernels ------------------------------------------------------
+#
+# The v1 kernels above stream one expert matrix per loop with a few hundred bytes per step and
+# walk the K experts of `down` one after the other, so an SM holds a few KB of loads in flight
+# (H200: ~500 GB/s). v2 keeps every program's step large and independent:
+#
+#   gate_up: a program owns BLOCK_N rows of gate AND the matching BLOCK_N rows of up of one
+#     (token, expert) pair: tile [2, BLOCK_N, NB, BB] bytes (NB groups of BB bytes that share one
+#     absmax), full reduction over H in the loop (no split-K, no atomics: deterministic).
+#   down: a program owns BLOCK_N output rows of one token for ALL its K experts at once:
+#     tile [KE, BLOCK_N, NB, BB] (KE = next power of two >= K), so the 8 experts' rows are
+#     loaded in the same step; the weighted sum over k is a fixed-order tl.sum (deterministic).
+#
+# Codes are read as 32-bit words (8 weights in element order: byte k's high nibble, then its low
+# one), 16 bytes per thread per load, so x / h are read in natural order with vector loads and
+# broadcast over the rows a thread holds. A group of BB bytes (BB = gcd(bytes per row, bytes per
+# quantization block), at most 32) lies in one quantization block whether or not rows hold whole
+# blocks, so each absmax is loaded and applied once per group. Triton's pipeliner does not touch
+# loads that feed no dot, so each loop requests the NEXT step's codes and absmax (registers)
+# before this step's table lookups and FMAs: two steps of codes in flight per thread.
+# Shapes whose rows are not whole words (H or I not a multiple of 8) run the v1 kernels.
+# Tiles, warps and stages come from triton.autotune keyed on the shape, the token bucket and the
+# quantization flags (the first call of a shape benchmarks <= 12 configs per kernel at 5 + 20 ms each);
+# under TRITON_INTERPRET=1 there is one config (INTERPRETER_TILES).
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """v2 tiles: rows per program / bytes per step (x2 matrices for gate_up, x KE experts for down)."""
+
+    gate_up_n: int = 8
+    gate_up_k: int = 256
+    gate_up_warps: int = 4
+    down_n: int = 4
+    down_k: int = 128
+    down_warps: int = 4
+    num_stages: int = 1
+
+
+INTERPRETER_TILES = Tiles(gate_up_n=64, gate_up_k=512, down_n=256, down_k=512)
+GROUP_MAX = 32  # bytes per absmax group at most (two threads' 16-byte loads)
+
+
+def _gcd_pow2(n: int, blocksize: int) -> int:
+    """Bytes per absmax group: gcd(n bytes per row, blocksize / 2 bytes per block), capped."""
+    return min(math.gcd(n, blocksize // 2), GROUP_MAX)
+
+
+def _cfg(n, k, w):
+    # num_stages: Triton's pipeliner leaves these loads alone (no dot); the kernels prefetch one step
+    return triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=1)
+
+
+# bytes per step = 2 * BLOCK_N * BLOCK_K (gate_up) / KE * BLOCK_N * BLOCK_K (down); 16 codes bytes
+# per thread per load. Programs at 26B-A4B, T=1: gate_up 704/BLOCK_N * 8, down 2816/BLOCK_N.
+GATE_UP_CONFIGS = [_cfg(n, k, w) for n, k, w in (
+    (4, 256, 2), (4, 512, 4), (8, 128, 2), (8, 256, 4), (16, 128, 4), (16, 256, 8), (32, 128, 8), (4, 128, 1),
+    (8, 512, 4), (16, 256, 4), (16, 512, 8), (32, 256, 8))]
+DOWN_CONFIGS = [_cfg(n, k, w) for n, k, w in (
+    (2, 128, 2), (2, 256, 4), (2, 64, 1), (4, 64, 2), (4, 128, 4), (8, 64, 4),
+    (8, 128, 8), (4, 256, 8), (8, 32, 2), (16, 128, 8))]
+
+
+def _fast_bench(kernel_call, quantiles):
+    # the default (25 ms warmup + 100 ms per config) would take seconds per kernel
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+
+
+@triton.jit
+def _nibbles(words):
+    """int32 words [..., W] -> their 8 codes [..., W, 8] in element order (byte k: high nibble, then low)."""
+    j = tl.arange(0, 8)
+    shifts = (j // 2) * 8 + tl.where(j % 2 == 0, 4, 0)
+    return (tl.expand_dims(words, -1) >> shifts) & 15
+
+
+@triton.jit
+def _load_codes(buf_i32, word_ptr0, gw, mask, buf_u8, buf_f32, base, base32, blk, absmax_off, nested_off32,
+                offset_off32, nested_code, GW: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
+    """One step's code words [..., NG, GW] (from word offsets word_ptr0 + gw) and group absmax [..., NG]."""
+    q = tl.arange(0, GW)
+    words = tl.load(buf_i32 + tl.expand_dims(word_ptr0 + gw, -1) + q, mask=tl.expand_dims(mask, -1), other=0)
+    am = _absmax(buf_u8, buf_f32, base, base32, blk, mask, absmax_off, nested_off32, offset_off32, nested_code,
+                 DOUBLE_QUANT)
+    return words, am
+
+
+@triton.jit
+def _gate_up_v2_kernel(x_ptr, ids_ptr, order_ptr, h_ptr, buf_i32, buf_u8, buf_f32, code, nested_code,
+                       expert_bytes, codes_off, absmax_off, nested_off32, offset_off32,
+                       K, H_Q, I, stride_xt, T_BUCKET,
+                       ACT: tl.constexpr, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+                       SORTED: tl.constexpr, BB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """H_Q: 32-bit words of codes per row (H / 8). Tile [2 (gate, up), BLOCK_N rows, NG groups, GW words]."""
+    if SORTED:
+        p = tl.load(order_ptr + tl.program_id(0)).to(tl.int64)
+    else:
+        p = tl.program_id(0).to(tl.int64)
+    t = p // K
+    e = tl.load(ids_ptr + p).to(tl.int64)
+    base = e * expert_bytes
+    base32 = base // 4
+    GW: tl.constexpr = BB // 4  # words per absmax group
+    NG: tl.constexpr = BLOCK_K // BB  # groups per step
+    BW: tl.constexpr = BLOCK_K // 4  # words per row per step
+    WPB: tl.constexpr = BLOCKSIZE // 8  # words per quantization block
+    r = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_r = r < I
+    which = tl.arange(0, 2)  # 0: gate row r, 1: up row I + r
+    row_word = (base32 + codes_off // 4) + (which[:, None] * I + r[None, :]) * H_Q  # [2, BN] absolute words
+    row_w0 = (which[:, None] * I + r[None, :]) * H_Q  # word of the row's start inside the matrix
+    grp = tl.arange(0, NG) * GW
+    q = tl.arange(0, GW)
+    j = tl.arange(0, 8)
+    x_row = x_ptr + t * stride_xt
+    m_r = mask_r[None, :, None]
+    gw = grp
+    mask = m_r & (gw < H_Q)[None, None, :]
+    words, am = _load_codes(buf_i32, row_word[:, :, None], gw[None, None, :], mask, buf_u8, buf_f32, base, base32,
+                            (row_w0[:, :, None] + gw[None, None, :]) // WPB, absmax_off, nested_off32, offset_off32,
+                            nested_code, GW, DOUBLE_QUANT)
+    acc = tl.zeros([2, BLOCK_N, NG], dtype=tl.float32)
+    for kb in range(0, H_Q, BW):
+        # the next step's codes and absmax are requested before this step's math (register prefetch)
+        gw_n = kb + BW + grp
+        mask_n = m_r & (gw_n < H_Q)[None, None, :]
+        words_n, am_n = _load_codes(buf_i32, row_word[:, :, None], gw_n[None, None, :], mask_n, buf_u8, buf_f32,
+                                    base, base32, (row_w0[:, :, None] + gw_n[None, None, :]) // WPB, absmax_off,
+                                    nested_off32, offset_off32, nested_code, GW, DOUBLE_QUANT)
+        gw = kb + grp
+        elem = ((gw[:, None] + q[None, :]) * 8)[:, :, None] + j  # [NG, GW, 8]
+        xv = tl.load(x_row + elem, mask=(gw < H_Q)[:, None, None], other=0.0).to(tl.float32)
+        vals = tl.load(code + _nibbles(words))  # [2, BN, NG, GW, 8]
+        acc += tl.sum(tl.sum(vals * xv[None, None, :, :, :], axis=4), axis=3) * am
+        words, am = words_n, am_n
+    gu = tl.sum(acc, axis=2)  # [2, BN]
+    gate = tl.sum(tl.where(which[:, None] == 0, gu, 0.0), axis=0)
+    up = tl.sum(tl.where(which[:, None] == 1, gu, 0.0), axis=0)
+    tl.store(h_ptr + p * I + r, _act(gate, ACT) * up, mask=mask_r)
+
+
+@triton.jit
+def _down_v2_kernel(h_ptr, ids_ptr, w_ptr, y_ptr, buf_i32, buf_u8, buf_f32, code, nested_code,
+                    expert_bytes, codes_off, absmax_off, nested_off32, offset_off32,
+                    K, H, I, I_Q, stride_yt, T_BUCKET,
+                    BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, BB: tl.constexpr, KE: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """I_Q: words of codes per row (I / 8). Tile [KE experts, BLOCK_N rows, NG groups, GW words]."""
+    t = tl.program_id(1).to(tl.int64)
+    GW: tl.constexpr = BB // 4
+    NG: tl.constexpr = BLOCK_K // BB
+    BW: tl.constexpr = BLOCK_K // 4
+    WPB: tl.constexpr = BLOCKSIZE // 8
+    kk = tl.arange(0, KE)
+    mask_k = kk < K
+    p = t * K + kk  # [KE] pairs of this token
+    e = tl.load(ids_ptr + p, mask=mask_k, other=0).to(tl.int64)  # padded slots: expert 0, masked off
+    wk = tl.load(w_ptr + p, mask=mask_k, other=0.0).to(tl.float32)
+    base = (e * expert_bytes)[:, None, None]  # [KE, 1, 1]
+    base32 = base // 4
+    r = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_r = r < H
+    row_w0 = (r * I_Q)[None, :, None]  # [1, BN, 1]
+    row_word = base32 + codes_off // 4 + row_w0  # [KE, BN, 1]
+    grp = tl.arange(0, NG) * GW
+    q = tl.arange(0, GW)
+    j = tl.arange(0, 8)
+    h_rows = h_ptr + (p * I)[:, None, None, None]  # [KE, 1, 1, 1]
+    m_kr = mask_k[:, None, None] & mask_r[None, :, None]
+    gw = grp
+    mask = m_kr & (gw < I_Q)[None, None, :]
+    words, am = _load_codes(buf_i32, row_word, gw[None, None, :], mask, buf_u8, buf_f32, base, base32,
+                            (row_w0 + gw[None, None, :]) // WPB, absmax_off, nested_off32, offset_off32,
+                            nested_code, GW, DOUBLE_QUANT)
+    acc = tl.zeros([KE, BLOCK_N, NG], dtype=tl.float32)
+    for kb in range(0, I_Q, BW):
+        gw_n = kb + BW + grp
+        mask_n = m_kr & (gw_n < I_Q)[None, None, :]
+        words_n, am_n = _load_codes(buf_i32, row_word, gw_n[None, None, :], mask_n, buf_u8, buf_f32, base, base32,
+                                    (row_w0 + gw_n[None, None, :]) // WPB, absmax_off, nested_off32, offset_off32,
+                                    nested_code, GW, DOUBLE_QUANT)
+        gw = kb + grp
+        elem = ((gw[:, None] + q[None, :]) * 8)[:, :, None] + j  # [NG, GW, 8]
+        hv = tl.load(h_rows + elem[None, :, :, :], mask=mask_k[:, None, None, None] & (gw < I_Q)[None, :, None, None],
+                     other=0.0)  # [KE, NG, GW, 8]
+        vals = tl.load(code + _nibbles(words))  # [KE, BN, NG, GW, 8]
+        acc += tl.sum(tl.sum(vals * hv[:, None, :, :, :], axis=4), axis=3) * am
+        words, am = words_n, am_n
+    d = tl.sum(acc, axis=2)  # [KE, BN]
+    y = tl.sum(d * wk[:, None], axis=0)  # fixed-order sum over the K experts
+    tl.store(y_ptr + t * stride_yt + r, y.to(y_ptr.dtype.element_ty), mask=mask_r)
+
+
+_gate_up_v2_tuned = triton.autotune(GATE_UP_CONFIGS, key=["H_Q", "I", "T_BUCKET", "K", "BLOCKSIZE", "DOUBLE_QUANT"], do_bench=_fast_bench)(
+    _gate_up_v2_kernel)
+_down_v2_tuned = triton.autotune(DOWN_CONFIGS, key=["H", "I_Q", "T_BUCKET", "K", "BLOCKSIZE", "DOUBLE_QUANT"], do_bench=_fast_bench)(
+    _down_v2_kernel)
+
+
+def v2_fits(hidden: int, inter: int) -> bool:
+    """The v2 kernels read codes as 32-bit words of whole rows: rows of a multiple of 8 weights."""
+    return hidden % 8 == 0 and inter % 8 == 0
+
+
 def _matrix_args(offsets: list[int]) -> tuple[int, int, int, int]:
     """(codes, absmax) byte offsets and (nested absmax, nested offset) float32 offsets; 0 where absent."""
     codes, absmax, nested, offset = offsets
@@ -190,19 +394,73 @@ def _row_blocks(row: int, blocksize: int, block_k: int) -> bool:
     return row % blocksize == 0 and block_k % (blocksize // 2) == 0
 
 
-def moe_4bit_triton(x_TH: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor, experts: torch.Tensor,
-                    code: torch.Tensor, nested_code: torch.Tensor, offsets: list[int], hidden: int, inter: int,
-                    blocksize: int, double_quant: bool, act: str, blocks: Blocks | None = None) -> torch.Tensor:
-    """y_TH = sum_k w[t,k] * expert_{ids[t,k]}(x[t]) over the [E, nbytes] uint8 expert rows (see module
-    docstring; the arguments are those of the localrun::moe_4bit op). Returns x's dtype."""
-    if blocks is None:
-        blocks = INTERPRETER_BLOCKS if interpreted() else Blocks()
+def _check(x_TH, ids_TK, experts, hidden):
     T, K = ids_TK.shape
-    H, I = hidden, inter
-    if x_TH.shape != (T, H) or x_TH.stride(1) != 1:
-        raise ValueError(f"x must be [T={T}, H={H}] with unit column stride, got {tuple(x_TH.shape)}")
+    if x_TH.shape != (T, hidden) or x_TH.stride(1) != 1:
+        raise ValueError(f"x must be [T={T}, H={hidden}] with unit column stride, got {tuple(x_TH.shape)}")
     if experts.shape[1] % 4:
         raise ValueError("expert rows must be a multiple of 4 bytes")
+
+
+def moe_4bit_triton(x_TH: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor, experts: torch.Tensor,
+                    code: torch.Tensor, nested_code: torch.Tensor, offsets: list[int], hidden: int, inter: int,
+                    blocksize: int, double_quant: bool, act: str, blocks: Tiles | Blocks | None = None) -> torch.Tensor:
+    """y_TH = sum_k w[t,k] * expert_{ids[t,k]}(x[t]) over the [E, nbytes] uint8 expert rows (see module
+    docstring; the arguments are those of the localrun::moe_4bit op). Returns x's dtype.
+
+    `blocks`: None = the v2 kernels, autotuned on CUDA (INTERPRETER_TILES when interpreted); a Tiles
+    = the v2 kernels with those tiles; a Blocks = the v1 kernels with those tiles."""
+    if isinstance(blocks, Blocks):
+        return _moe_4bit_v1(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden, inter, blocksize,
+                            double_quant, act, blocks)
+    if not v2_fits(hidden, inter):
+        return _moe_4bit_v1(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden, inter, blocksize,
+                            double_quant, act, INTERPRETER_BLOCKS if interpreted() else Blocks())
+    _check(x_TH, ids_TK, experts, hidden)
+    T, K = ids_TK.shape
+    H, I = hidden, inter
+    ids = ids_TK.contiguous()
+    w = w_TK.contiguous()
+    h = torch.empty(T * K, I, dtype=torch.float32, device=x_TH.device)
+    y = torch.empty(T, H, dtype=x_TH.dtype, device=x_TH.device)
+    buf_i32, buf_f32 = experts.view(torch.int32), experts.view(torch.float32)
+    order = torch.argsort(ids.reshape(-1), stable=True) if T > 1 else ids
+    t_bucket = min(triton.next_power_of_2(T), 16)
+    gu_common = (x_TH, ids, order, h, buf_i32, experts, buf_f32, code, nested_code, experts.shape[1],
+                 *_matrix_args(offsets[:4]), K, H // 8, I, x_TH.stride(0), t_bucket)
+    gu_meta = dict(ACT=ACT_CODES[act], BLOCKSIZE=blocksize, DOUBLE_QUANT=bool(double_quant), SORTED=T > 1,
+                   BB=_gcd_pow2(H // 2, blocksize))
+    dn_common = (h, ids, w, y, buf_i32, experts, buf_f32, code, nested_code, experts.shape[1],
+                 *_matrix_args(offsets[4:]), K, H, I, I // 8, y.stride(0), t_bucket)
+    dn_meta = dict(BLOCKSIZE=blocksize, DOUBLE_QUANT=bool(double_quant), BB=_gcd_pow2(I // 2, blocksize),
+                   KE=triton.next_power_of_2(K))
+    if blocks is None and interpreted():
+        blocks = INTERPRETER_TILES
+    if blocks is None:
+        _gate_up_v2_tuned[lambda m: (T * K, triton.cdiv(I, m["BLOCK_N"]))](*gu_common, **gu_meta)
+        _down_v2_tuned[lambda m: (triton.cdiv(H, m["BLOCK_N"]), T)](*dn_common, **dn_meta)
+    else:
+        _gate_up_v2_kernel[(T * K, triton.cdiv(I, blocks.gate_up_n))](
+            *gu_common, **gu_meta, BLOCK_N=blocks.gate_up_n, BLOCK_K=blocks.gate_up_k, num_warps=blocks.gate_up_warps,
+            num_stages=blocks.num_stages)
+        _down_v2_kernel[(triton.cdiv(H, blocks.down_n), T)](
+            *dn_common, **dn_meta, BLOCK_N=blocks.down_n, BLOCK_K=blocks.down_k, num_warps=blocks.down_warps,
+            num_stages=blocks.num_stages)
+    return y
+
+
+def tuned_configs() -> dict:
+    """The configs the autotuner picked for the last shape it ran (None before the first CUDA call)."""
+    return {"gate_up": str(getattr(_gate_up_v2_tuned, "best_config", None)),
+            "down": str(getattr(_down_v2_tuned, "best_config", None))}
+
+
+def _moe_4bit_v1(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden, inter, blocksize, double_quant,
+                 act, blocks: Blocks) -> torch.Tensor:
+    """The v1 kernels (kept for A/B timing in benchmark_moe_4bit)."""
+    _check(x_TH, ids_TK, experts, hidden)
+    T, K = ids_TK.shape
+    H, I = hidden, inter
     ids = ids_TK.contiguous()
     w = w_TK.contiguous()
     h = torch.empty(T * K, I, dtype=torch.float32, device=x_TH.device)
@@ -224,7 +482,8 @@ def moe_4bit_triton(x_TH: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor
 
 # -- benchmark (scripts/gpu_check.py calls this on a lent GPU) --------------------------------
 
-SWEEP = (Blocks(), Blocks(8, 128, 8, 128, 4), Blocks(16, 256, 32, 128, 8), Blocks(4, 128, 8, 64, 2))
+# benchmark_moe_4bit's default on CUDA: the autotuned v2 kernels (None) and v1's best tile on the H200
+SWEEP = (None, Blocks(4, 128, 8, 64, 2))
 
 
 def random_buffer(num_experts: int, hidden: int, inter: int, quant_type: str = "nf4", blocksize: int = 64,
@@ -248,6 +507,10 @@ def random_buffer(num_experts: int, hidden: int, inter: int, quant_type: str = "
             absmax = buf.part(m, "absmax")
             absmax.copy_(torch.rand(absmax.shape, device=device, generator=g) * 0.02 + 0.01)
     return buf
+
+
+def _config_name(blocks) -> str:
+    return "v2 autotuned" if blocks is None else f"{'v1' if isinstance(blocks, Blocks) else 'v2'} {blocks!r}"
 
 
 def _time_us(fn, iters: int, device: torch.device) -> float:
@@ -314,23 +577,31 @@ def benchmark_moe_4bit(device: torch.device | str = "cuda", num_experts: int = 1
            "shape": dict(E=num_experts, H=hidden, I=inter, K=top_k, T=tokens), "quant_type": quant_type,
            "blocksize": blocksize, "double_quant": double_quant, "dtype": str(dtype).removeprefix("torch."),
            "bytes_per_call": int(torch.unique(ids).numel()) * buf.layout.nbytes, "configs": {}}
-    best, best_us, errs = None, math.inf, []
+    best, best_us, errs = "unset", math.inf, []
     for blocks in configs:
-        y = moe_4bit_triton(x, ids, w, *args, blocks=blocks)
+        y = moe_4bit_triton(x, ids, w, *args, blocks=blocks)  # fp32: the autotuner keys on it separately
         errs.append(((y - ref).abs().max() / ref.abs().max()).item())
-        us = _time_us(lambda: moe_4bit_triton(xd, ids, w, *args, blocks=blocks), iters, device)
-        out["configs"][repr(blocks)] = round(us, 2)
+        run = lambda blocks=blocks: moe_4bit_triton(xd, ids, w, *args, blocks=blocks)  # noqa: E731
+        run()  # autotunes the v2 kernels at this dtype before timing
+        us = _time_us(run, iters, device)
+        name = _config_name(blocks)
+        out["configs"][name] = {"us_per_call": round(us, 2), "gbps": round(out["bytes_per_call"] / us / 1e3, 1)}
+        if blocks is None:
+            out["autotuned"] = tuned_configs()
+        if graphs and device.type == "cuda":
+            graph = torch.cuda.CUDAGraph()
+            torch.cuda.synchronize(device)
+            with torch.cuda.graph(graph):
+                run()
+            g_us = _time_us(graph.replay, iters, device)
+            out["configs"][name].update(us_per_call_graph=round(g_us, 2),
+                                        gbps_graph=round(out["bytes_per_call"] / g_us / 1e3, 1))
         if us < best_us:
             best, best_us = blocks, us
-    out.update(max_rel_err=max(errs), best_config=repr(best), us_per_call=best_us,
+    out.update(max_rel_err=max(errs), best_config=_config_name(best), us_per_call=best_us,
                gbps=out["bytes_per_call"] / best_us / 1e3)
-    if graphs and device.type == "cuda":
-        static_y = moe_4bit_triton(xd, ids, w, *args, blocks=best)  # compiled before capture
-        torch.cuda.synchronize(device)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_y = moe_4bit_triton(xd, ids, w, *args, blocks=best)
-        out["us_per_call_graph"] = _time_us(graph.replay, iters, device)
+    if "us_per_call_graph" in out["configs"][_config_name(best)]:
+        out["us_per_call_graph"] = out["configs"][_config_name(best)]["us_per_call_graph"]
         out["gbps_graph"] = out["bytes_per_call"] / out["us_per_call_graph"] / 1e3
     if baseline:
         backend = QuantizedExperts(buf.experts(), act)
@@ -338,4 +609,6 @@ def benchmark_moe_4bit(device: torch.device | str = "cuda", num_experts: int = 1
     if device.type == "cuda":
         out["copy_gbps"] = copy_bandwidth_gbps(device)
         out["fraction_of_copy_bw"] = out["gbps"] / out["copy_gbps"]
+        if "gbps_graph" in out:
+            out["fraction_of_copy_bw_graph"] = out["gbps_graph"] / out["copy_gbps"]
     return out
