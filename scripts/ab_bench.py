@@ -1,0 +1,62 @@
+#!/usr/bin/env python3
+"""A/B speed of two checkouts of localrun on the same machine, in alternating rounds.
+
+    git worktree add /tmp/base <commit>
+    python scripts/ab_bench.py /tmp/base . --rounds 3 -- --prompt-tokens 128 --prompt-tokens 512 --gen-tokens 32
+
+Each round runs `localrun bench bench --json ARGS` once in each checkout (A, then B; the next round
+B, then A), each in a fresh process importing that checkout's package. Each side keeps its best per
+case, and the spread over rounds is printed too: this machine's speed drifts, so only numbers from
+one alternating run are compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def bench_once(checkout: Path, bench_args: list[str]) -> list[dict]:
+    env = dict(os.environ, PYTHONPATH=str(checkout))
+    proc = subprocess.run([sys.executable, "-m", "localrun.cli", "bench", "bench", "--json", "--rounds", "1",
+                           *bench_args], cwd=checkout, env=env, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"bench failed in {checkout}: {proc.stderr.strip().splitlines()[-1:]}")
+    return json.loads(proc.stdout)["measurements"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("a", type=Path, help="checkout A (the baseline)")
+    p.add_argument("b", type=Path, help="checkout B (the change)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("bench_args", nargs="*", help="arguments for `localrun bench` (after --)")
+    args = p.parse_args(argv)
+    runs: dict[str, list[list[dict]]] = {"A": [], "B": []}
+    for r in range(args.rounds):
+        order = [("A", args.a), ("B", args.b)] if r % 2 == 0 else [("B", args.b), ("A", args.a)]
+        for side, checkout in order:
+            runs[side].append(bench_once(checkout.resolve(), args.bench_args))
+            print(f"round {r + 1}: {side} done", file=sys.stderr, flush=True)
+    print(f"A = {args.a}, B = {args.b}; best (and range) of {args.rounds} alternating rounds")
+    print("| prompt | gen | prefill tok/s A | prefill tok/s B | B/A | decode tok/s A | decode tok/s B | B/A |")
+    print("|---|---|---|---|---|---|---|---|")
+    for i, m in enumerate(runs["A"][0]):
+        def col(side: str, key: str) -> tuple[float, float, float]:
+            values = [run[i][key] for run in runs[side]]
+            return max(values), min(values), max(values)
+
+        cells = [str(m["prompt_tokens"]), str(m["gen_tokens"])]
+        for key in ("prefill_tokens_per_s", "decode_tokens_per_s"):
+            (a, a_lo, a_hi), (b, b_lo, b_hi) = col("A", key), col("B", key)
+            cells += [f"{a:.1f} ({a_lo:.0f}-{a_hi:.0f})", f"{b:.1f} ({b_lo:.0f}-{b_hi:.0f})", f"{b / a:.2f}x"]
+        print("| " + " | ".join(cells) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
