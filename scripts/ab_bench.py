@@ -34,8 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("a", type=Path, help="checkout A (the baseline)")
     p.add_argument("b", type=Path, help="checkout B (the change)")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("bench_args", nargs="*", help="arguments for `localrun bench` (after --)")
-    args = p.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    cut = argv.index("--") if "--" in argv else len(argv)  # what follows -- goes to `localrun bench`
+    args = p.parse_args(argv[:cut])
+    args.bench_args = argv[cut + 1 :]
     runs: dict[str, list[list[dict]]] = {"A": [], "B": []}
     for r in range(args.rounds):
         order = [("A", args.a), ("B", args.b)] if r % 2 == 0 else [("B", args.b), ("A", args.a)]
