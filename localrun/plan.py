@@ -44,9 +44,12 @@ Rules (each one a named constant or function below, so a change is one edit):
   `placed_device_bytes` is the exact tensor bytes (weights, resident experts, slots, KV and its
   positions, all allocated at load): what
   `memory_report` sums over real storages; `device_bytes` = placed + rounding + workspace + reserve.
-- Load transient: quantizing on load reads one layer's bf16 experts into host RAM in chunks of
-  QUANT_CHUNK_EXPERTS experts and moves one expert at a time to the device (2 x its bf16 bytes,
-  ~12 MiB for 26B-A4B), which the workspace covers; nothing else is allocated twice.
+- Load transient: quantizing on load reads a layer's bf16 experts into host RAM in chunks of
+  QUANT_CHUNK_EXPERTS experts and moves one expert at a time to the device (its bf16 weights,
+  11.9 MB for 26B-A4B, plus bitsandbytes' temporaries and one packed expert of scratch). When the
+  checkpoint itself lives on the device (`synthetic.RandomCheckpoint` on CUDA) a chunk is there:
+  16 x 11.9 MB = 190 MB for 26B-A4B. Either fits in the workspace, which is idle while loading;
+  nothing else is allocated twice (fused projections are read into their slices).
 - Device None means the compute device is the CPU: every tier is host RAM. The expert split
   and slot count are still computed when `resident_fraction` forces them (the expert store
   is tested on CPU); otherwise all experts are "resident" on the CPU and no slots are used.

@@ -108,7 +108,7 @@ def test_config_that_disagrees_with_the_weights(cli, tiny_moe, tmp_path):
     model = tmp_path / "model"
     shutil.copytree(tiny_moe, model)
     cfg = json.loads((model / "config.json").read_text())
-    cfg["moe_intermediate_size"] = 128
+    cfg["moe_intermediate_size"] = 192
     (model / "config.json").write_text(json.dumps(cfg))
     code, out, err = run_cli(cli, model, "--vram", "1GiB")
     assert code == 1 and "disagree" in err and "experts" in err

@@ -101,9 +101,6 @@ def _print_report(plan: Plan, target: Target, model: Path) -> None:
         console.print(f"budget: {format_size(target.device_bytes)} minus {format_size(CUDA_CONTEXT_BYTES)} CUDA context "
                       f"and {format_size(display_allowance())} display allowance "
                       f"(LOCALRUN_DISPLAY_ALLOWANCE=0 on a headless card)", highlight=False)
-    if plan.cache_slots:
-        console.print(f"cache slots: {plan.cache_slots} per layer x {plan.moe_layers} MoE layers = "
-                      f"{format_size(plan.cache_slots_bytes)} on the GPU", highlight=False)
     console.print(f"longest context that fits: {plan.max_context} tokens", highlight=False)
     if plan.estimated_decode_tokens_per_s is not None:
         console.print(f"estimated decode speed: ~{plan.estimated_decode_tokens_per_s:.0f} tokens/s "

@@ -392,7 +392,7 @@ class DecoderLayer(nn.Module):
             r_TH = r.reshape(-1, r.shape[-1])
             ids_TK, w_TK = self.router(r_TH)  # the router reads the un-normed residual
             prefetch = getattr(self.experts, "prefetch", None)
-            if prefetch is not None:  # offloaded experts: start their copies while the dense MLP runs
+            if prefetch is not None:  # offloaded experts: ids + weights start for the host
                 prefetch(ids_TK, w_TK)
         h = self.mlp(self.pre_feedforward_layernorm(x))
         if self.moe:
