@@ -367,7 +367,10 @@ class _RegisteredMemory(mmap.mmap):
 
     def __del__(self) -> None:
         if self.registered:
-            torch.cuda.cudart().cudaHostUnregister(self.registered)
+            try:
+                torch.cuda.cudart().cudaHostUnregister(self.registered)
+            except Exception:  # interpreter shutdown: the CUDA runtime may be gone already
+                pass
             self.registered = 0
 
 

@@ -26,10 +26,8 @@ REFERENCE = Path(__file__).parent / "data" / "gemma-4-26B-A4B-it.config.json"
 
 
 def placed_matches_plan(m: dict) -> bool:
-    """device_bytes == planned_device_bytes; before the KV cache is allocated at load (loaded.kv),
-    the plan's KV is not placed yet and comes off the comparison."""
-    kv_missing = m["planned_kv_bytes"] if m["kv_bytes"] is None else 0
-    return m["device_bytes"] + kv_missing == m["planned_device_bytes"]
+    """device_bytes == planned_device_bytes, the KV cache (allocated at load) included."""
+    return m["device_bytes"] == m["planned_device_bytes"] and m["kv_bytes"] == m["planned_kv_bytes"]
 
 
 def run_json(cli, model_dir, *extra) -> dict:

@@ -95,7 +95,7 @@ def test_placement_covers_every_tensor(ref):
     in_host = sum(p.nbytes for p in plan.placement.values() if p.tier == HOST)
     assert in_host == plan.host_bytes
     assert plan.cache_slots_bytes == plan.cache_slots * 30 * expert_bytes_per_layer(ref)  # slots per layer
-    assert on_device + plan.kv_bytes + plan.cache_slots_bytes == plan.placed_device_bytes
+    assert on_device + plan.kv_bytes + plan.kv_position_bytes + plan.cache_slots_bytes == plan.placed_device_bytes
     fixed = plan.rounding_bytes + plan.workspace_bytes + plan.reserve_bytes
     assert plan.placed_device_bytes + fixed == plan.device_bytes
     assert sum(c.nbytes for c in plan.breakdown if c.tier == DEVICE) == plan.device_bytes  # every byte counted
@@ -258,7 +258,7 @@ def test_to_dict_is_json(ref):
                 "estimated_decode_tokens_per_s", "breakdown"):
         assert key in d
     assert set(d["breakdown"]) >= {"embed", "attention", "mlp", "router", "norms", "experts_resident",
-                                   "experts_host", "expert_cache_slots", "kv_cache", "allocator_rounding", "workspace",
+                                   "experts_host", "expert_cache_slots", "kv_cache", "kv_positions", "allocator_rounding", "workspace",
                                    "reserve"}
 
 
