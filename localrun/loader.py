@@ -27,6 +27,7 @@ from .experts import POLICIES, ExpertStore, calibrate
 from .hardware import detect_host_ram, format_size
 from .kvcache import KVCache
 from .models import family, is_expert_tensor
+from .models.gemma4 import EXPERT_KEYS
 from .moe import DenseExperts, activation
 from .plan import CUDA_CONTEXT_BYTES, QUANT_CHUNK_EXPERTS, Budget, Plan, device_budget, fused_groups, make_plan
 from .prequant import is_prequantized, manifest_spec, read_manifest
