@@ -130,6 +130,7 @@ class Measurement:
     step: str = "eager"  # the decode step (localrun/step.py): eager, or graphs (CUDA graph replay)
     bytes_per_token: int | None = None  # what one decoded token reads (weights, top-k experts, KV)
     floor_tokens_per_s: float | None = None  # measured device copy bandwidth / bytes_per_token
+    memory: dict | None = None  # localrun: loader.memory_report after the case (planned vs placed bytes)
 
 
 @dataclass
@@ -183,6 +184,7 @@ def bench_localrun(model_dir: Path, cases: list[tuple[int, int]], *, device: str
                    experts: str, repeat: int, resident_fraction: float | None = None,
                    info: dict | None = None, steps: tuple[str, ...] = ("auto",)) -> list[Measurement]:
     from .engine import Engine
+    from .loader import memory_report
     from .sampling import SamplingParams
     from .step import graph_safe
 
@@ -221,6 +223,7 @@ def bench_localrun(model_dir: Path, cases: list[tuple[int, int]], *, device: str
             if store:
                 m.expert_hit_rate = store.stats(since=before)["hit_rate"]
             _memory(m, dev)
+            m.memory = memory_report(engine.loaded)
             out.append(m)
     return out
 

@@ -7,6 +7,7 @@ truncated file or a corrupt header is reported in one line before any tensor is 
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections import Counter
 from dataclasses import dataclass
@@ -107,11 +108,18 @@ class Checkpoint:
         this process's RSS for as long as it stays mapped, so streaming a 5 GB shard of experts
         would hold all of it; a read copy is freed as soon as the caller drops it.
         """
+        return self.read_rows(name, 0, self.tensors[name].shape[0] if self.tensors[name].shape else None)
+
+    def read_rows(self, name: str, start: int, stop: int | None) -> torch.Tensor:
+        """Rows [start, stop) along the first dimension of one tensor, reading only their bytes
+        (stop None: a 0-d tensor, read whole)."""
         info = self.tensors[name]
-        out = torch.empty(info.shape, dtype=info.dtype)
+        shape = info.shape if stop is None else (stop - start, *info.shape[1:])
+        row_bytes = 0 if stop is None else math.prod(info.shape[1:]) * info.dtype.itemsize
+        out = torch.empty(shape, dtype=info.dtype)
         view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
         with open(info.file, "rb", buffering=0) as f:
-            f.seek(info.offset)
+            f.seek(info.offset + start * row_bytes)
             done = 0
             while done < len(view):  # one read() returns at most ~2 GiB
                 n = f.readinto(view[done:])

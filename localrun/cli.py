@@ -9,7 +9,7 @@ import warnings
 
 import typer
 
-from .errors import LocalrunError
+from .errors import LocalrunError, LocalrunWarning
 
 app = typer.Typer(
     name="localrun",
@@ -42,11 +42,25 @@ def _quiet_third_party() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def _show_warnings() -> None:
+    """localrun's own warnings as one line each on stderr ("warning: ..."), like errors."""
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, LocalrunWarning):
+            print(f"warning: {message}", file=sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = any(a in _VERBOSE_FLAGS for a in argv)
     argv = [a for a in argv if a not in _VERBOSE_FLAGS]
     _quiet_third_party()
+    _show_warnings()
     _register()
     try:
         code = app(args=argv, prog_name="localrun", standalone_mode=False)

@@ -11,3 +11,7 @@ class UsageError(LocalrunError):
     """An invalid option value or combination. Exit code 2."""
 
     exit_code = 2
+
+
+class LocalrunWarning(UserWarning):
+    """Something the user should know that does not stop the command; the CLI prints it as one line."""

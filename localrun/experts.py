@@ -3,14 +3,23 @@
 Shape letters: T tokens, K top-k, E experts, H hidden, I expert intermediate.
 
 One `ExpertStore` per model; inside it one `LayerCache` per MoE layer. A layer's experts split into
-- resident: copied to the device once, never evicted (chosen by the plan);
-- host: everything else, kept in host RAM (pinned on CUDA so copies are async DMA);
+- resident: on the device once, never evicted (chosen by the plan);
+- host: everything else, kept in host RAM (page-locked on CUDA so copies are async DMA);
 - cache slots: at most `slots` host experts live on the device at a time, replaced per a `CachePolicy`.
 On a miss the `CostModel` decides per expert: copy it into a slot, or compute it on the CPU where it lies.
 
-The store never knows the precision: a payload is anything with `.nbytes` and `.to(device, non_blocking)`
-(`quant.nf4.PackedExpert`, or a dataclass of fp32 tensors in tests), and `compute(payload, x_TH) -> y_TH`
-is injected. `store(layer)` is an expert backend for the decoder, `(x_TH, ids_TK, w_TK) -> y_TH`.
+Memory, for payloads that are one buffer (`RowPayload`: `quant.nf4.PackedExpert`): each layer holds
+one [n_resident, nbytes] device tensor, one [n_host, nbytes] host tensor (`host_rows`: page-locked
+with cudaHostRegister on CUDA, so it pins exactly its bytes) and one [slots, nbytes] device tensor of
+cache slots, all allocated when the layer is added; every expert is a row view, a copy fills a slot
+row in place, and nothing is allocated while decoding. `build_layer` lets the loader quantize
+straight into the rows. Any other payload (tests use dataclasses of tensors) goes the generic way:
+its own `.to(device)` copies.
+
+The store never knows the precision: a payload is anything with `.nbytes` and `.to(device, non_blocking)`,
+and `compute(payload, x_TH) -> y_TH` is injected. `store(layer)` is an expert backend for the decoder,
+`(x_TH, ids_TK, w_TK) -> y_TH`. Host syncs: a decoded token's ids and weights reach the host in one
+copy per layer (`moe.RoutingToHost`), started by `prefetch` right after the router.
 
 Bookkeeping (`LayerCache.plan`) is pure Python and separate from data movement (`ExpertStore`), so the
 cache benchmark replays routing traces through the very code that decides placement, without tensors.
@@ -19,6 +28,7 @@ cache benchmark replays routing traces through the very code that decides placem
 from __future__ import annotations
 
 import math
+import mmap
 import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, fields
@@ -27,7 +37,7 @@ from typing import Callable, Collection, Hashable, Iterable, Literal, Mapping, P
 
 import torch
 
-from .moe import dispatch, group_by_expert
+from .moe import RoutingToHost, dispatch, group_by_expert
 
 Source = Literal["resident", "hit", "copy", "cpu"]
 
@@ -40,7 +50,22 @@ class Payload(Protocol):
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Payload": ...
 
 
+class RowPayload(Payload, Protocol):
+    """A payload that is one contiguous 1-D uint8 buffer and can be rebuilt over another buffer."""
+
+    buffer: torch.Tensor
+
+    def with_buffer(self, buffer: torch.Tensor) -> "RowPayload": ...
+
+
 Compute = Callable[[Payload, torch.Tensor], torch.Tensor]  # (payload, x_TH) -> y_TH, on the payload's device
+Write = Callable[[int, torch.Tensor], Payload]  # (expert, row to fill) -> the expert's payload over that row
+
+
+def is_row_payload(payload: object) -> bool:
+    buffer = getattr(payload, "buffer", None)
+    return (isinstance(buffer, torch.Tensor) and buffer.dtype == torch.uint8 and buffer.dim() == 1
+            and callable(getattr(payload, "with_buffer", None)))
 
 
 # ---------------------------------------------------------------------------------------------- policies
@@ -201,8 +226,13 @@ def calibrate(
     host = _to_host(payload.to("cpu"), pin=device.type == "cuda")
     bandwidth = math.inf
     if device.type == "cuda":
+        row = torch.empty(host.nbytes, dtype=torch.uint8, device=device) if is_row_payload(host) else None
+
         def copy() -> None:
-            host.to(device, non_blocking=True)
+            if row is not None:  # the store's own copy: into a slot row, no allocation
+                row.copy_(host.buffer, non_blocking=True)
+            else:
+                host.to(device, non_blocking=True)
             torch.cuda.synchronize(device)
 
         bandwidth = host.nbytes / _best_seconds(copy, repeats)
@@ -329,8 +359,42 @@ class LayerCache:
 # -------------------------------------------------------------------------------------------- data moves
 
 
+class _RegisteredMemory(mmap.mmap):
+    """Anonymous pageable memory that CUDA has page-locked (cudaHostRegister); unregistered when the
+    last tensor over it is freed (torch.frombuffer keeps this object alive as long as its storage)."""
+
+    registered = 0  # the registered address, 0 while not registered
+
+    def __del__(self) -> None:
+        if self.registered:
+            try:
+                torch.cuda.cudart().cudaHostUnregister(self.registered)
+            except Exception:  # interpreter shutdown: the CUDA runtime may be gone already
+                pass
+            self.registered = 0
+
+
+def host_rows(rows: int, nbytes: int, pin: bool) -> torch.Tensor:
+    """A [rows, nbytes] uint8 host tensor, zeroed. pin (CUDA only): page-locked in place with
+    cudaHostRegister, so exactly rows x nbytes bytes are pinned (PyTorch's pinned allocator would
+    round each request up to a power of two: +25% for one 26B-A4B expert, up to 2x for a chunk)."""
+    if not pin or rows * nbytes == 0:
+        return torch.zeros((rows, nbytes), dtype=torch.uint8)
+    memory = _RegisteredMemory(-1, rows * nbytes)  # page-aligned, zero-filled by the kernel
+    out = torch.frombuffer(memory, dtype=torch.uint8).view(rows, nbytes)
+    err = torch.cuda.cudart().cudaHostRegister(out.data_ptr(), rows * nbytes, 0)
+    if int(getattr(err, "value", err)) != 0:
+        raise RuntimeError(f"cudaHostRegister of {rows * nbytes} bytes failed with CUDA error {err}")
+    memory.registered = out.data_ptr()
+    return out
+
+
 def _to_host(payload: Payload, pin: bool) -> Payload:
     """Host copy; pinned when the device is CUDA so `.to(device, non_blocking=True)` is a real async DMA."""
+    if is_row_payload(payload):
+        row = host_rows(1, payload.nbytes, pin)[0]
+        row.copy_(payload.buffer)
+        return payload.with_buffer(row)
     host = payload.to("cpu")
     pin_memory = getattr(host, "pin_memory", None)
     return pin_memory() if pin and pin_memory is not None else host
@@ -352,16 +416,28 @@ class _Copier:
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def start(self, host: Payload) -> tuple[Payload, object]:
+        """Generic payloads: a new device copy."""
         if self.stream is None:
             return host.to(self.device), None
-        # A slot's memory returns to the allocator when its expert is evicted, while kernels queued
-        # on the compute stream may still read it: the copy waits for them before reusing it.
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
             payload = host.to(self.device, non_blocking=True)
             done = torch.cuda.Event()
             done.record(self.stream)
         return payload, done
+
+    def fill(self, row: torch.Tensor, host_row: torch.Tensor) -> object:
+        """Copy a host row into a device slot row in place (no allocation); the event to wait on."""
+        if self.stream is None:
+            row.copy_(host_row)
+            return None
+        # Kernels queued on the compute stream may still read the slot's previous expert: wait for them.
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            row.copy_(host_row, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        return done
 
     def ready(self, done: object) -> None:
         if done is not None:
@@ -391,32 +467,79 @@ class ExpertStore:
         self.compute = compute
         self.host = torch.device("cpu")
         self._copier = _Copier(self.device)
+        self._routing = RoutingToHost(self.device)
         self._slot_counts, self._policy, self._cost_model = slots, policy, cost_model
         self._layers: dict[int, LayerCache] = {}
         self._resident: dict[int, dict[int, Payload]] = {}
         self._host: dict[int, dict[int, Payload]] = {}
-        self._slots: dict[int, dict[int, tuple[Payload, object]]] = {}
-        self._pending: dict[int, tuple] = {}  # layer -> (ids_TK, groups, steps, deferred) from prefetch
+        self._slots: dict[int, dict[int, tuple[Payload, object]]] = {}  # expert -> (device payload, copy done)
+        self._slot_rows: dict[int, list[Payload]] = {}  # row payloads: one view per slot row
+        self._free_rows: dict[int, list[int]] = {}
+        self._row_of: dict[int, dict[int, int]] = {}  # expert -> slot row it occupies
+        self._device_buffers: list[torch.Tensor] = []  # per layer: resident rows, slot rows
+        self._host_buffers: list[torch.Tensor] = []  # per layer: host rows
+        self._pending: dict[int, tuple] = {}  # layer -> (ids_TK, kind, state) from prefetch
         for layer, payloads in (experts or {}).items():
             self.add_layer(layer, payloads, (resident or {}).get(layer, ()))
+
+    def _n_slots(self, layer: int) -> int:
+        slots = self._slot_counts
+        return slots if isinstance(slots, int) else slots.get(layer, 0)
+
+    def _check(self, layer: int, keep: frozenset, n: int) -> None:
+        if not keep <= set(range(n)):
+            raise ValueError(f"layer {layer}: resident ids {sorted(keep)} outside 0..{n - 1}")
 
     def add_layer(self, layer: int, payloads: Sequence[Payload], resident: Collection[int] = ()) -> None:
         """Place one layer's experts: `resident` ids on the device, the rest in host RAM (pinned on CUDA).
 
         Layers can be added one at a time as they are loaded, so only one layer's payloads are
-        ever held in both places.
+        ever held in both places. Row payloads are copied into the layer's buffers (`build_layer`).
         """
+        payloads = list(payloads)
+        if payloads and all(is_row_payload(p) for p in payloads) and len({p.nbytes for p in payloads}) == 1:
+            def copy(e: int, row: torch.Tensor) -> Payload:
+                row.copy_(payloads[e].buffer)
+                return payloads[e].with_buffer(row)
+
+            self.build_layer(layer, len(payloads), payloads[0].nbytes, resident, copy)
+            return
         keep = frozenset(resident)
-        if not keep <= set(range(len(payloads))):
-            raise ValueError(f"layer {layer}: resident ids {sorted(keep)} outside 0..{len(payloads) - 1}")
-        slots = self._slot_counts
-        n_slots = slots if isinstance(slots, int) else slots.get(layer, 0)
-        self._layers[layer] = LayerCache([p.nbytes for p in payloads], keep, n_slots, self._policy(),
+        self._check(layer, keep, len(payloads))
+        self._layers[layer] = LayerCache([p.nbytes for p in payloads], keep, self._n_slots(layer), self._policy(),
                                          self._cost_model)
         self._resident[layer] = {e: payloads[e].to(self.device) for e in sorted(keep)}
         pin = self.device.type == "cuda"
         self._host[layer] = {e: _to_host(p, pin) for e, p in enumerate(payloads) if e not in keep}
         self._slots[layer] = {}
+
+    def build_layer(self, layer: int, num_experts: int, nbytes: int, resident: Collection[int], write: Write) -> None:
+        """Allocate one layer's buffers and fill them: `write(e, row)` puts expert e's bytes into `row`
+        (a row of the device buffer when e is resident, of the host buffer otherwise) and returns its
+        payload over that row. Also allocates the layer's [slots, nbytes] slot buffer."""
+        keep = frozenset(resident)
+        self._check(layer, keep, num_experts)
+        on_device = sorted(keep)
+        on_host = [e for e in range(num_experts) if e not in keep]
+        n_slots = self._n_slots(layer) if on_host else 0
+        self._layers[layer] = LayerCache([nbytes] * num_experts, keep, n_slots, self._policy(), self._cost_model)
+        dev = torch.empty((len(on_device), nbytes), dtype=torch.uint8, device=self.device)
+        host = host_rows(len(on_host), nbytes, pin=self.device.type == "cuda")
+        rows = {e: (self._resident, dev[i]) for i, e in enumerate(on_device)}
+        rows.update({e: (self._host, host[i]) for i, e in enumerate(on_host)})
+        self._resident[layer], self._host[layer] = {}, {}
+        for e in range(num_experts):  # in id order: the loader reads the checkpoint in chunks of ids
+            tier, row = rows[e]
+            tier[layer][e] = write(e, row)
+        self._resident[layer] = dict(sorted(self._resident[layer].items()))
+        slots = torch.zeros((n_slots, nbytes), dtype=torch.uint8, device=self.device)
+        like = next(iter(self._host[layer].values()), None)
+        self._slot_rows[layer] = [like.with_buffer(slots[i]) for i in range(n_slots)]
+        self._free_rows[layer] = list(range(n_slots - 1, -1, -1))
+        self._row_of[layer] = {}
+        self._slots[layer] = {}
+        self._device_buffers += [t for t in (dev, slots) if t.numel()]
+        self._host_buffers += [host] if host.numel() else []
 
     def __call__(self, layer: int) -> "LayerExperts":
         """The expert backend of `layer`: `(x_TH, ids_TK, w_TK) -> y_TH`."""
@@ -437,13 +560,17 @@ class ExpertStore:
         return MappingProxyType(self._host[layer])
 
     def device_tensors(self) -> list[torch.Tensor]:
-        """Every tensor the store holds on the device: resident experts and filled cache slots."""
-        out = [t for layer in self._resident.values() for p in layer.values() for t in _tensors(p)]
-        return out + [t for layer in self._slots.values() for p, _ in layer.values() for t in _tensors(p)]
+        """Every tensor the store holds on the device: resident experts and cache slots (filled or not)."""
+        out = list(self._device_buffers)
+        generic = [layer for layer in self._resident if layer not in self._slot_rows]
+        out += [t for layer in generic for p in self._resident[layer].values() for t in _tensors(p)]
+        return out + [t for layer in generic for p, _ in self._slots[layer].values() for t in _tensors(p)]
 
     def host_tensors(self) -> list[torch.Tensor]:
         """Every tensor of the host-RAM tier."""
-        return [t for layer in self._host.values() for p in layer.values() for t in _tensors(p)]
+        generic = [layer for layer in self._host if layer not in self._slot_rows]
+        return list(self._host_buffers) + [t for layer in generic for p in self._host[layer].values()
+                                           for t in _tensors(p)]
 
     def device_experts(self, layer: int) -> frozenset[int]:
         """Experts of `layer` whose payload is in a device cache slot right now."""
@@ -461,16 +588,34 @@ class ExpertStore:
         now = self.snapshot()
         return (now - since if since is not None else now).as_dict()
 
-    def prefetch(self, layer: int, ids_TK: torch.Tensor) -> None:
-        """Decide this call's placement and start its copies now, so they overlap whatever the caller
-        computes before `run` (the decoder: the dense MLP). `run` with the same ids_TK picks it up."""
-        self._pending[layer] = (ids_TK, *self._begin(layer, ids_TK))
+    def prefetch(self, layer: int, ids_TK: torch.Tensor, w_TK: torch.Tensor | None = None) -> None:
+        """Called right after the router, before the caller's other work (the decoder: the dense MLP).
+
+        One token (with w_TK): start copying its ids and weights to the host, the layer's one host
+        sync, which `run` waits for; the GPU meanwhile runs what was queued after the router. Many
+        tokens: decide the placement and start the copies now. `run` with the same ids_TK picks it up."""
+        if ids_TK.shape[0] == 1 and w_TK is not None:
+            self._pending[layer] = (ids_TK, "routing", self._routing.start(ids_TK, w_TK))
+        else:
+            self._pending[layer] = (ids_TK, "plan", self._begin(layer, ids_TK))
 
     def run(self, layer: int, x_TH: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
         """sum_k w[t,k] * expert_{ids[t,k]}(x[t]) for one layer, moving experts as the cache decides."""
         pending = self._pending.pop(layer, None)
-        if pending is not None and pending[0] is ids_TK:
-            groups, steps, deferred = pending[1:]
+        if pending is not None and pending[0] is not ids_TK:
+            pending = None
+        if ids_TK.shape[0] == 1:
+            kind = pending[1] if pending is not None else None
+            ids, weights = self._routing.wait(pending[2] if kind == "routing" else self._routing.start(ids_TK, w_TK))
+            steps, deferred = pending[2][1:] if kind == "plan" else self._begin_one(layer, ids[0])
+            y_of = {}
+            for step in steps:
+                if step in deferred:
+                    self._copy(layer, step)
+                y_of[step.expert] = self._compute(layer, step, x_TH)
+            return dispatch(x_TH, ids_TK, w_TK, lambda e, _x: y_of.pop(e), host=(ids[0], weights[0]))
+        if pending is not None and pending[1] == "plan":
+            groups, steps, deferred = pending[2]
         else:
             groups, steps, deferred = self._begin(layer, ids_TK)
         tok_of = {e: tok for e, tok, _ in groups}
@@ -481,6 +626,11 @@ class ExpertStore:
             y_of[step.expert] = self._compute(layer, step, x_TH[tok_of[step.expert]])
         # Accumulate in dispatch's own (expert-sorted) order so every placement sums identically.
         return dispatch(x_TH, ids_TK, w_TK, lambda e, _x: y_of.pop(e), groups=groups)
+
+    def _begin_one(self, layer: int, ids: list[int]):
+        """(steps, deferred copies) of one decoded token routed to `ids` (host ints)."""
+        steps = self._layers[layer].plan((e, 1) for e in sorted(ids))
+        return steps, self._start_copies(layer, steps)
 
     def _begin(self, layer: int, ids_TK: torch.Tensor):
         """(groups, steps, deferred copies) of one call: tokens grouped by expert, the cache's plan, and
@@ -507,7 +657,15 @@ class ExpertStore:
         slots = self._slots[layer]
         if step.victim is not None:
             del slots[step.victim]
-        slots[step.expert] = self._copier.start(self._host[layer][step.expert])
+        host = self._host[layer][step.expert]
+        if layer in self._slot_rows:  # row payloads: refill a slot row in place
+            rows = self._row_of[layer]
+            row = rows.pop(step.victim) if step.victim is not None else self._free_rows[layer].pop()
+            rows[step.expert] = row
+            payload = self._slot_rows[layer][row]
+            slots[step.expert] = payload, self._copier.fill(payload.buffer, host.buffer)
+        else:
+            slots[step.expert] = self._copier.start(host)
         assert len(slots) <= self._layers[layer].slots, "cache slot bound exceeded"
 
     def _compute(self, layer: int, step: Step, x_TH: torch.Tensor) -> torch.Tensor:
@@ -531,5 +689,5 @@ class LayerExperts:
     def __call__(self, x_TH: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
         return self.store.run(self.layer, x_TH, ids_TK, w_TK)
 
-    def prefetch(self, ids_TK: torch.Tensor) -> None:
-        self.store.prefetch(self.layer, ids_TK)
+    def prefetch(self, ids_TK: torch.Tensor, w_TK: torch.Tensor | None = None) -> None:
+        self.store.prefetch(self.layer, ids_TK, w_TK)

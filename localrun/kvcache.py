@@ -139,7 +139,7 @@ class KVCache:
                 continue
             N, D = args.layer_kv_heads(i), args.layer_head_dim(i)
             if args.is_sliding(i):
-                self.layers.append(RingKV(batch, N, D, args.sliding_window, dtype, device))
+                self.layers.append(RingKV(batch, N, D, min(args.sliding_window, capacity), dtype, device))
             else:
                 self.layers.append(FullKV(batch, N, D, dtype, device, capacity))
 

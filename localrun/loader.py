@@ -1,14 +1,18 @@
 """Build a decoder (of the family config.json names) from a checkpoint directory, streaming tensors into place.
 
 The skeleton is built on the meta device (no memory); every tensor is then read from its
-shard, cast and moved, and set in place. Routed experts are read one layer at a time and
-handed to an expert backend builder, so at most one layer of full-precision experts is in
-host memory while loading.
+shard, cast and moved, and set in place. Tensors the model fuses (q/k/v, the dense MLP's
+gate/up: `plan.fused_groups`) are allocated once at their fused size and each checkpoint tensor
+is read straight into its slice, so fusing copies nothing. Routed experts are read one layer at a
+time, QUANT_CHUNK_EXPERTS experts per read, and quantized one expert at a time straight into their
+row of the layer's buffer (device rows for resident experts, host rows for the rest): the device
+never holds more than one expert's bf16 weights beyond the plan, and host RAM one chunk.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,18 +22,19 @@ from torch import nn
 from . import kernels
 from .checkpoint import Checkpoint
 from .config import ModelArgs, load_config
-from .errors import LocalrunError, UsageError
+from .errors import LocalrunError, LocalrunWarning, UsageError
 from .experts import POLICIES, ExpertStore, calibrate
-from .hardware import detect_gpu, detect_host_ram
+from .hardware import detect_host_ram, format_size
 from .kvcache import KVCache
 from .models import family, is_expert_tensor
+from .models.gemma4 import EXPERT_KEYS
 from .moe import DenseExperts, activation
-from .plan import Budget, Plan, make_plan
+from .plan import CUDA_CONTEXT_BYTES, QUANT_CHUNK_EXPERTS, Budget, Plan, device_budget, fused_groups, make_plan
 from .prequant import is_prequantized, manifest_spec, read_manifest
 from quant.ffn import BufferedExperts, QuantizedExperts, ffn_4bit
 from quant.layer import ExpertBuffer
 from quant.io import load_packed_experts
-from quant.nf4 import pack_expert
+from quant.nf4 import ExpertLayout, PackedExpert, expert_layout, pack_expert
 from quant.spec import QuantSpec
 
 EXPERT_CHOICES = ("nf4", "fp4", "bf16")
@@ -50,6 +55,7 @@ class LoadedModel:
     plan: Plan | None = None
     store: ExpertStore | None = None  # set when some experts live in host RAM
     kv: KVCache | None = None  # allocated once for the plan's context; every generation reuses it
+    warnings: tuple[str, ...] = ()  # one-line notes from loading (e.g. free GPU memory below the plan)
 
     def expert_stats(self) -> dict | None:
         """Expert cache counters (hits, misses, bytes_copied, cpu_experts, ...) when a store is in use."""
@@ -102,25 +108,40 @@ def load_weights(
     missing = [k for k in expected if k not in names]
     if missing:
         raise LocalrunError(f"checkpoint is missing {len(missing)} tensor(s), e.g. {args.weight_prefix}{missing[0]}")
-    total = sum(info.nbytes for info in ckpt.tensors.values())
-    done = 0
     for key, shape in expected.items():
         info = ckpt.tensors[names[key]]
         if info.shape != shape:
             raise LocalrunError(f"tensor {names[key]} has shape {list(info.shape)}, config says {list(shape)}")
-        tensor = ckpt.read(names[key])
-        stored = kernels.storage_dtype(dtype, device, tensor.dtype) if tensor.ndim > 1 else dtype
-        _set_tensor(model, key, tensor.to(device=device, dtype=stored))
+    total = sum(info.nbytes for info in ckpt.tensors.values())
+    done = 0
+    fused = {key: group for group in fused_groups(expected) for key in group}
+    buffers: dict[tuple[str, ...], torch.Tensor] = {}
+    for key, shape in expected.items():
+        info = ckpt.tensors[names[key]]
+        stored = kernels.storage_dtype(dtype, device, info.dtype) if len(shape) > 1 else dtype
+        group = fused.get(key)
+        if group is None:
+            tensor = ckpt.read(names[key])
+            _set_tensor(model, key, tensor.to(device=device, dtype=stored))
+        else:  # one allocation for the fused tensor; this member is read into its slice (no fusing copy)
+            if group not in buffers:
+                rows = sum(expected[k][0] for k in group)
+                buffers[group] = torch.empty((rows, *shape[1:]), dtype=stored, device=device)
+            start = sum(expected[k][0] for k in group[: group.index(key)])
+            part = buffers[group][start : start + shape[0]]
+            part.copy_(ckpt.read(names[key]))
+            _set_tensor(model, key, part)
         done += info.nbytes
         if progress:
             progress("weights", done, total)
+    del buffers
     for i, layer in enumerate(model.layers):
         if layer.moe:
             layer.set_experts(build_experts(i))
             if progress:
                 progress("experts", done + (total - done) * (i + 1) // len(model.layers), total)
     model.init_rope(device)
-    model.fuse_projections()
+    model.fuse_projections()  # the fused tensors are already one storage each: this only records them
 
 
 def checkpoint_experts(ckpt: Checkpoint, args: ModelArgs, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,25 +150,89 @@ def checkpoint_experts(ckpt: Checkpoint, args: ModelArgs, layer: int) -> tuple[t
     return family(args.model_type).read_experts(ckpt, args, layer)
 
 
+def _fused_expert_names(ckpt: Checkpoint, args, layer: int) -> list[str] | None:
+    """The checkpoint names of a layer's fused expert tensors (Gemma 4's layout), when it has them."""
+    names = [f"{args.weight_prefix}layers.{layer}.{k}" for k in EXPERT_KEYS]
+    return names if all(n in ckpt for n in names) else None
+
+
+def _read_rows(ckpt, name: str, start: int, stop: int) -> torch.Tensor:
+    """Experts [start, stop) of a fused [E, ...] tensor; only those bytes when the checkpoint can."""
+    read_rows = getattr(ckpt, "read_rows", None)
+    return read_rows(name, start, stop) if read_rows is not None else ckpt.read(name)[start:stop]
+
+
+@dataclass
+class LayerSource:
+    """One MoE layer's packed experts, ready to be written where the loader wants them:
+    `write(e, row)` fills `row` (a contiguous uint8 row of `nbytes`, on any device) with expert e and
+    returns it as a PackedExpert over that row. Call it in expert id order."""
+
+    num_experts: int
+    layout: ExpertLayout
+    write: object  # Callable[[int, torch.Tensor], PackedExpert]
+
+    @property
+    def nbytes(self) -> int:
+        return self.layout.nbytes
+
+
 def packed_experts_source(model_dir: Path, ckpt: Checkpoint, args: ModelArgs, spec: QuantSpec | None, device):
-    """layer -> [PackedExpert]: read from a pre-quantized directory, or quantized from the checkpoint
+    """layer -> LayerSource: read from a pre-quantized directory, or quantized from the checkpoint
     as it streams (on `device`: the GPU when there is one)."""
+    device = torch.device(device)
     if spec is None:
         manifest = read_manifest(model_dir)
         files = manifest["expert_files"]
 
-        def read(layer: int):
+        def read(layer: int) -> LayerSource:
             if str(layer) not in files:
                 raise LocalrunError(f"pre-quantized model has no experts for layer {layer}")
-            return load_packed_experts(model_dir / files[str(layer)], [layer])[layer]
+            experts = load_packed_experts(model_dir / files[str(layer)], [layer])[layer]  # one [E, N] host tensor
+
+            def write(e: int, row: torch.Tensor) -> PackedExpert:
+                row.copy_(experts[e].buffer)
+                return experts[e].with_buffer(row)
+
+            return LayerSource(len(experts), experts[0].layout, write)
 
         return read
 
-    def quantize(layer: int):
-        # one expert at a time on the device: a whole layer in bf16 (1.5 GiB for 26B-A4B) would not
-        # fit beside the resident experts of a full card
-        gate_up, down = checkpoint_experts(ckpt, args, layer)
-        return [pack_expert(gate_up[e].to(device), down[e].to(device), spec) for e in range(gate_up.shape[0])]
+    scratch: list[torch.Tensor] = []  # one packed expert on the device, for experts bound to host rows
+
+    def quantize(layer: int) -> LayerSource:
+        names = _fused_expert_names(ckpt, args, layer)
+        if names is not None:  # fused [E, ...] tensors: read QUANT_CHUNK_EXPERTS experts at a time
+            infos = [ckpt.tensors[n] for n in names]
+            shapes, dtype = [tuple(i.shape) for i in infos], infos[0].dtype
+
+            def read(start: int, stop: int) -> list[torch.Tensor]:
+                return [_read_rows(ckpt, n, start, stop) for n in names]
+        else:  # per-expert checkpoints (the family stacks them): the layer in host RAM once
+            whole = list(checkpoint_experts(ckpt, args, layer))
+            shapes, dtype = [tuple(t.shape) for t in whole], whole[0].dtype
+
+            def read(start: int, stop: int) -> list[torch.Tensor]:
+                return [t[start:stop] for t in whole]
+        E = shapes[0][0]
+        layout = expert_layout(shapes[0][1:], shapes[1][1:], spec, dtype)
+        chunk: dict = {}
+
+        def write(e: int, row: torch.Tensor) -> PackedExpert:
+            # QUANT_CHUNK_EXPERTS experts per read: a whole layer in bf16 is 1.5 GiB for 26B-A4B
+            start = e - e % QUANT_CHUNK_EXPERTS
+            if chunk.get("start") != start:
+                chunk.clear()
+                chunk.update(start=start, tensors=read(start, min(start + QUANT_CHUNK_EXPERTS, E)))
+            gu, dn = (t[e - start].to(device) for t in chunk["tensors"])
+            if row.device == device:
+                return pack_expert(gu, dn, spec, out=row)
+            if not scratch or scratch[0].numel() != layout.nbytes:
+                scratch[:] = [torch.empty(layout.nbytes, dtype=torch.uint8, device=device)]
+            row.copy_(pack_expert(gu, dn, spec, out=scratch[0]).buffer)  # one copy per expert to its host row
+            return PackedExpert(row, layout)
+
+        return LayerSource(E, layout, write)
 
     return quantize
 
@@ -169,40 +254,90 @@ def default_context(args: ModelArgs, context: int | None) -> int:
     return context or min(DEFAULT_CONTEXT, args.max_position_embeddings)
 
 
-def expert_spec(model_dir: Path, experts: str | None) -> QuantSpec | str:
+def expert_spec(model_dir: Path, experts: str | None, args: ModelArgs | None = None) -> QuantSpec | str:
     """What the routed experts will be: a pre-quantized model's own QuantSpec (its blocksize and
-    double quant set the bytes, not just the 4-bit type), else `experts` (default nf4) or "bf16"."""
+    double quant set the bytes, not just the 4-bit type), else `experts` (default nf4) or "bf16".
+    With `args`, a 4-bit spec whose blocksize bitsandbytes' kernel can't use for this model is an error."""
     if is_prequantized(model_dir):
         stored = manifest_spec(read_manifest(model_dir))
         if experts not in (None, stored.quant_type):
             raise UsageError(f"{model_dir} is pre-quantized with {stored.quant_type} experts; "
                              f"--experts {experts} can't apply")
+        _check_blocksize(stored, args, f"{model_dir} was quantized with ")
         return stored
     experts = experts or DEFAULT_EXPERTS
     if experts not in EXPERT_CHOICES:
         raise UsageError(f"--experts must be one of {', '.join(EXPERT_CHOICES)}, not {experts!r}")
-    return "bf16" if experts == "bf16" else QuantSpec(experts)
+    if experts == "bf16":
+        return "bf16"
+    spec = QuantSpec(experts)
+    _check_blocksize(spec, args, "")
+    return spec
 
 
-def placement_plan(args: ModelArgs, model_dir: Path, dev: torch.device, spec: QuantSpec | str, dtype: torch.dtype,
-                   *, vram: int | None, context: int | None, resident_fraction: float | None,
-                   stored_dtype: torch.dtype | None = None) -> Plan:
-    """The plan this load builds: the same `make_plan` that `localrun fit` prints. stored_dtype: the
-    checkpoint's matrix dtype, which decides what they are kept in (kernels.storage_dtype)."""
-    device_bytes = vram
-    if device_bytes is None and dev.type == "cuda":
-        gpu = detect_gpu()
-        device_bytes = gpu.free_bytes if gpu else None
-    if dev.type == "cpu":
-        device_bytes = None  # the CPU's "device" tier is host RAM: only resident_fraction splits it
-    budget = Budget(device_bytes=device_bytes, host_bytes=detect_host_ram(), context=default_context(args, context))
-    stored = kernels.storage_dtype(dtype, dev, stored_dtype)
-    plan = make_plan(args, budget, experts=spec, routing_profile=read_routing_profile(model_dir),
-                     dtype=str(dtype).removeprefix("torch."), matrix_dtype=str(stored).removeprefix("torch."),
+def _check_blocksize(spec: QuantSpec, args: ModelArgs | None, what: str) -> None:
+    if args is None or not (args.enable_moe_block and args.num_experts):
+        return
+    try:
+        spec.check_kernel_sizes(args.hidden_size, args.moe_intermediate_size)
+    except ValueError as e:
+        raise UsageError(f"{what}{e}" + ("; quantize it again" if what else "")) from None
+
+
+def placement_plan(args: ModelArgs, model_dir: Path, spec: QuantSpec | str, *, gpu_bytes: int | None,
+                   host_bytes: int | None, context: int | None, resident_fraction: float | None,
+                   dtype: str = "bfloat16", matrix_dtype: str | None = None,
+                   tensor_shapes: dict | None = None, gpu_bandwidth: float | None = None,
+                   pcie_bandwidth: float | None = None) -> Plan:
+    """The plan for a model directory: the one function behind `localrun fit` and the loader.
+
+    gpu_bytes: the GPU's memory (or --vram); the plan gets `plan.device_budget(gpu_bytes)`, the
+    budget rule both share. None: compute on the CPU (only resident_fraction splits the experts).
+    """
+    budget = Budget(device_bytes=None if gpu_bytes is None else device_budget(gpu_bytes), host_bytes=host_bytes,
+                    context=default_context(args, context), gpu_bandwidth=gpu_bandwidth,
+                    pcie_bandwidth=pcie_bandwidth)
+    return make_plan(args, budget, experts=spec, tensor_shapes=tensor_shapes,
+                     routing_profile=read_routing_profile(model_dir), dtype=dtype, matrix_dtype=matrix_dtype,
                      resident_fraction=resident_fraction)
+
+
+def load_plan(args: ModelArgs, model_dir: Path, dev: torch.device, spec: QuantSpec | str, dtype: torch.dtype,
+              *, vram: int | None, context: int | None, resident_fraction: float | None,
+              stored_dtype: torch.dtype | None = None) -> Plan:
+    """The plan this load builds: on a GPU for `vram` or the card's total memory (`placement_plan`).
+    stored_dtype: the checkpoint's matrix dtype, which decides what they are kept in (kernels.storage_dtype)."""
+    gpu_bytes = None
+    if dev.type == "cuda":
+        gpu_bytes = vram if vram is not None else _gpu_memory(dev)[1]
+    stored = kernels.storage_dtype(dtype, dev, stored_dtype)
+    plan = placement_plan(args, model_dir, spec, gpu_bytes=gpu_bytes, host_bytes=detect_host_ram(), context=context,
+                          resident_fraction=resident_fraction, dtype=str(dtype).removeprefix("torch."),
+                          matrix_dtype=str(stored).removeprefix("torch."))
     if not plan.fits:
         raise LocalrunError(f"does not fit: {plan.reason} (see `localrun fit {model_dir}`)")
     return plan
+
+
+def _gpu_memory(dev: torch.device) -> tuple[int, int]:
+    """(free, total) bytes of the CUDA device `dev`."""
+    free, total = torch.cuda.mem_get_info(dev)
+    return int(free), int(total)
+
+
+def check_free_memory(plan: Plan, free: int, total: int) -> str | None:
+    """None when `free` device bytes hold the plan; else a one-line note naming what something else
+    holds. LocalrunError when even the plan without its reserve cannot fit (it would run out)."""
+    if free >= plan.device_bytes:
+        return None
+    others = max(0, total - free - CUDA_CONTEXT_BYTES)
+    msg = (f"only {format_size(free)} of the GPU's {format_size(total)} is free but the plan needs "
+           f"{format_size(plan.device_bytes)}: something else (another process or a display) holds about "
+           f"{format_size(others)} beyond this process's CUDA context; free it, or plan for less with "
+           f"--vram {int((total - others) / 2**20)}MiB")
+    if free < plan.device_bytes - plan.reserve_bytes:
+        raise LocalrunError(msg)
+    return msg
 
 
 def load_model(
@@ -233,10 +368,16 @@ def load_model(
     dev = resolve_device(device)
     if cache_policy not in POLICIES:
         raise UsageError(f"cache policy must be one of {', '.join(POLICIES)}, not {cache_policy!r}")
-    spec = expert_spec(model_dir, experts)
+    spec = expert_spec(model_dir, experts, args)
     experts = spec if spec == "bf16" else spec.quant_type
-    plan = placement_plan(args, model_dir, dev, spec, dtype, vram=vram, context=context,
-                          resident_fraction=resident_fraction, stored_dtype=ckpt.matrix_dtype())
+    plan = load_plan(args, model_dir, dev, spec, dtype, vram=vram, context=context,
+                     resident_fraction=resident_fraction, stored_dtype=ckpt.matrix_dtype())
+    notes = []
+    if dev.type == "cuda":
+        note = check_free_memory(plan, *_gpu_memory(dev))
+        if note:
+            notes.append(note)
+            warnings.warn(note, LocalrunWarning, stacklevel=2)
     with torch.device("meta"):
         model = family(args.model_type).Model(args)
     store = None
@@ -255,29 +396,43 @@ def load_model(
         if offload:
             act = activation(args.hidden_activation)
             compute = lambda payload, x_TH: ffn_4bit(x_TH, payload, act)  # noqa: E731
-            pending = {moe_layers[0]: source(moe_layers[0])}  # read early: calibration needs a real expert
-            cost = calibrate(pending[moe_layers[0]][0], compute, dev, args.hidden_size, dtype) \
-                if dev.type == "cuda" else None
+            pending = {moe_layers[0]: source(moe_layers[0])}
+            cost = None
+            if dev.type == "cuda":  # calibration needs a real expert: the first one, in a row of its own
+                first = pending[moe_layers[0]]
+                sample = first.write(0, torch.zeros(first.nbytes, dtype=torch.uint8))
+                cost = calibrate(sample, compute, dev, args.hidden_size, dtype)
+                del sample
             store = ExpertStore(None, compute, dev, slots=plan.cache_slots, policy=POLICIES[cache_policy],
                                 cost_model=cost)
 
             def build(layer):
-                # one layer of packed experts in flight: the store keeps the resident ones on the
-                # device and the rest (pinned on CUDA) in host RAM
-                payloads = pending.pop(layer) if layer in pending else source(layer)
-                store.add_layer(layer, payloads, plan.resident_experts[layer])
+                # quantized (or copied) straight into the layer's rows: resident ones on the device,
+                # the rest in page-locked host rows; the layer's slot rows are allocated here too
+                src = pending.pop(layer) if layer in pending else source(layer)
+                store.build_layer(layer, src.num_experts, src.nbytes, plan.resident_experts[layer], src.write)
                 return store(layer)
         elif dev.type == "cuda":
-            def build(layer):  # one device buffer per layer; the MoE runs as one op (graph-capturable)
-                return BufferedExperts(ExpertBuffer.from_experts(source(layer), device=dev), args.hidden_activation)
+            def build(layer):  # one device buffer per layer, quantized into; the MoE runs as one op
+                src = source(layer)
+                buf = ExpertBuffer.empty(src.layout, src.num_experts, dev)
+                for e in range(src.num_experts):
+                    src.write(e, buf.data[e])
+                return BufferedExperts(buf, args.hidden_activation)
         else:
             def build(layer):
-                return QuantizedExperts([e.to(dev) for e in source(layer)], args.hidden_activation)
+                src = source(layer)
+                rows = torch.empty((src.num_experts, src.nbytes), dtype=torch.uint8, device=dev)  # one buffer
+                return QuantizedExperts([src.write(e, rows[e]) for e in range(src.num_experts)],
+                                        args.hidden_activation)
 
     load_weights(model, ckpt, args, device=dev, dtype=dtype, build_experts=build, progress=progress)
     model.eval().requires_grad_(False)
     kv = KVCache(args, dtype=dtype, device=dev, capacity=plan.context)
-    return LoadedModel(model, args, model_dir, dev, dtype, experts, plan=plan, store=store, kv=kv)
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()  # hand back load-time scratch (one expert, calibration) to the driver
+    return LoadedModel(model, args, model_dir, dev, dtype, experts, plan=plan, store=store, kv=kv,
+                       warnings=tuple(notes))
 
 
 def _distinct_storage_bytes(tensors, seen: set) -> int:
@@ -292,11 +447,31 @@ def _distinct_storage_bytes(tensors, seen: set) -> int:
     return total
 
 
+def _tensors_in(obj, depth: int = 3) -> list[torch.Tensor]:
+    """Every tensor reachable from `obj` (a tensor, a list/tuple/dict of them, or an object's attributes)."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if depth == 0 or obj is None:
+        return []
+    if isinstance(obj, dict):
+        items = obj.values()
+    elif isinstance(obj, (list, tuple)):
+        items = obj
+    elif hasattr(obj, "__dict__"):
+        items = vars(obj).values()
+    else:
+        return []
+    return [t for item in items for t in _tensors_in(item, depth - 1)]
+
+
 def memory_report(loaded: LoadedModel) -> dict:
     """What the plan promised against what the loader holds, per tier: `run --json`'s `memory`.
 
-    device_bytes: distinct storages on the compute device (weights, experts, cache slots, KV);
-    host_bytes: the expert store's host-RAM tier. On CUDA also the allocator's peak and reserved bytes.
+    planned_device_bytes: the tensors the plan places on the compute tier (weights, resident
+    experts, cache slots, KV: `plan.placed_device_bytes`); device_bytes: the distinct storages the
+    loader holds there, summed (the KV cache when it is allocated at load, `loaded.kv`); they are
+    equal. The plan's allocator rounding, workspace and reserve come apart. host_bytes: the expert
+    store's host-RAM tier. On CUDA also the allocator's peak and reserved bytes.
     """
     model = loaded.model
     dev = loaded.device
@@ -305,21 +480,30 @@ def memory_report(loaded: LoadedModel) -> dict:
     for layer in model.layers:
         experts = getattr(layer, "experts", None)
         tensors += [p.buffer for p in getattr(experts, "experts", [])]
-    if loaded.kv is not None:
-        tensors += loaded.kv.tensors()
     store = loaded.store
     host = 0
     if store is not None:
         tensors += store.device_tensors()
         host = _distinct_storage_bytes(store.host_tensors(), set())
+    kv = getattr(loaded, "kv", None)
+    kv_tensors = ([t for t in (kv.tensors() if hasattr(kv, "tensors") else _tensors_in(kv)) if t.device.type == dev.type]
+                  if kv is not None else [])
+    kv_bytes = _distinct_storage_bytes(kv_tensors, set()) if kv is not None else None
+    tensors += kv_tensors
     device = _distinct_storage_bytes([t for t in tensors if t.device.type == dev.type], seen)
     plan = loaded.plan
     out = {
-        "planned_device_bytes": plan.device_bytes if plan else None,
+        "planned_device_bytes": plan.placed_device_bytes if plan else None,
         "device_bytes": device,
+        "planned_kv_bytes": plan.kv_bytes + plan.kv_position_bytes if plan else None,
+        "kv_bytes": kv_bytes,  # None: the KV cache is not allocated at load
+        "planned_rounding_bytes": plan.rounding_bytes if plan else None,
+        "planned_workspace_bytes": plan.workspace_bytes if plan else None,
+        "planned_reserve_bytes": plan.reserve_bytes if plan else None,
         "planned_host_bytes": plan.host_bytes if plan else None,
         "host_bytes": host,
         "cache_slots": plan.cache_slots if plan else 0,
+        "cache_slots_bytes": plan.cache_slots_bytes if plan else 0,
     }
     if dev.type == "cuda":
         out["peak_device_bytes"] = torch.cuda.max_memory_allocated(dev)

@@ -25,6 +25,51 @@ def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     return ACTIVATIONS[name]
 
 
+def _pack_routing(ids_TK: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
+    """[T, 2K] int32: the ids beside the bits of the fp32 weights, so one copy moves both exactly."""
+    return torch.cat([ids_TK.to(torch.int32), w_TK.float().view(torch.int32)], dim=1)
+
+
+def _unpack_routing(packed_T2K: torch.Tensor) -> tuple[list[list[int]], list[list[float]]]:
+    K = packed_T2K.shape[1] // 2
+    return packed_T2K[:, :K].tolist(), packed_T2K[:, K:].view(torch.float32).tolist()
+
+
+def routing_lists(ids_TK: torch.Tensor, w_TK: torch.Tensor) -> tuple[list[list[int]], list[list[float]]]:
+    """(ids, fp32 weights) as Python lists, in one device-to-host copy (one host sync)."""
+    return _unpack_routing(_pack_routing(ids_TK, w_TK).cpu())
+
+
+class RoutingToHost:
+    """Moves one call's ids and weights to the host in one copy: `start` right after the router
+    (on CUDA a non-blocking copy into pinned memory, reused call after call), `wait` when the host
+    needs them: the only host sync of an offloaded MoE layer at decode."""
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        self._staging: torch.Tensor | None = None  # pinned, grown to the largest call seen
+
+    def start(self, ids_TK: torch.Tensor, w_TK: torch.Tensor):
+        packed = _pack_routing(ids_TK, w_TK)
+        if self.device.type != "cuda":
+            return packed
+        n = packed.numel()
+        if self._staging is None or self._staging.numel() < n:
+            self._staging = torch.empty(n, dtype=torch.int32, pin_memory=True)
+        host = self._staging[:n].view(packed.shape)
+        host.copy_(packed, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(self.device))
+        return host, done
+
+    def wait(self, started) -> tuple[list[list[int]], list[list[float]]]:
+        if isinstance(started, torch.Tensor):
+            return _unpack_routing(started)
+        host, done = started
+        done.synchronize()
+        return _unpack_routing(host)
+
+
 def group_by_expert(ids_TK: torch.Tensor) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
     """[(expert, token_idx, k_idx)] for every expert hit, tokens sorted by expert (one host sync)."""
     T, K = ids_TK.shape
@@ -49,14 +94,19 @@ def dispatch(
     w_TK: torch.Tensor,
     expert_fn: Callable[[int, torch.Tensor], torch.Tensor],
     groups: list[tuple[int, torch.Tensor, torch.Tensor]] | None = None,
+    host: tuple[list[int], list[float]] | None = None,
 ) -> torch.Tensor:
     """sum_k w[t,k] * expert_{ids[t,k]}(x[t]), calling `expert_fn(e, x_tokens)` once per hit expert.
 
     The weighted sum over the K experts accumulates in fp32 and rounds once, as transformers does.
+    host: one token's (ids, fp32 weights) already on the host (else fetched in one copy).
     """
     out = torch.zeros(x_TH.shape, dtype=torch.float32, device=x_TH.device)
     if x_TH.shape[0] == 1:  # decode: plain adds in expert order; index_add_ costs far more at one token
-        for e, w in sorted(zip(ids_TK[0].tolist(), w_TK[0].float().tolist())):
+        if host is None:
+            ids, weights = routing_lists(ids_TK, w_TK)
+            host = ids[0], weights[0]
+        for e, w in sorted(zip(*host)):
             out.add_(expert_fn(e, x_TH).float(), alpha=w)
         return out.to(x_TH.dtype)
     for e, tok, k in groups if groups is not None else group_by_expert(ids_TK):

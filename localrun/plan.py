@@ -14,9 +14,11 @@ Rules (each one a named constant or function below, so a change is one edit):
   experts resident as fit; `max_context` is then the longest context this placement leaves
   room for. So a bigger context costs resident experts, never the other way round, and a
   user who wants more experts resident asks for a shorter context.
-- Experts that are not resident live in host RAM and reach the device through
-  `cache_slots` shared slots: 2 x top_k, so the copies for the next layer's misses can land
-  while the current layer computes (double buffering); one slot costs one expert's bytes.
+- Experts that are not resident live in host RAM and reach the device through cache slots:
+  `cache_slots` slots *per MoE layer* (top_k, the most one decoded token can miss in a layer,
+  fewer when fewer experts are offloaded), held in one [slots, expert bytes] device buffer per
+  layer allocated at load. The plan counts cache_slots x MoE layers x one expert's bytes, the
+  very buffers the expert store allocates; they never grow while decoding.
 - KV cache: sliding layers keep a ring buffer of `sliding_window` positions; full layers keep
   the whole context; attention_k_eq_v full layers store both K and V (K = rope(k_norm(raw)),
   V = v_norm(raw)); KV-shared layers store nothing (they read their source layer's cache).
@@ -24,9 +26,30 @@ Rules (each one a named constant or function below, so a change is one edit):
   SCORES_TILE_BYTES (the prefill chunk shrinks at long context so its fp32 scores fit in it:
   see `prefill_chunk`), one expert dequantized for many-token matmuls, and the last position's
   logits in fp32. It does not depend on the context length.
-- Reserve: CUDA_RESERVE_BYTES on the device for the CUDA context, cuBLAS workspaces and
-  allocator fragmentation, which no tensor accounts for; HOST_RESERVE_BYTES of RAM for Python,
-  torch and the CUDA runtime's host allocations.
+- Budget rule (one for `fit` and the loader: `device_budget`): the plan may use the card's total
+  memory (or `--vram`) minus CUDA_CONTEXT_BYTES (the CUDA context, cuBLAS/cuDNN handles: memory
+  torch never sees) and a display allowance (DISPLAY_ALLOWANCE_BYTES, or the environment variable
+  LOCALRUN_DISPLAY_ALLOWANCE, e.g. "0" on a headless card). The loader also checks free memory.
+- Reserve: CUDA_RESERVE_BYTES inside that budget for what no tensor accounts for: the cuBLAS
+  workspace the caching allocator holds, the partly used last segment of each allocator pool
+  (small tensors share 2 MiB segments, 1-10 MiB ones 20 MiB segments) and fragmentation;
+  HOST_RESERVE_BYTES of RAM for Python, torch and the CUDA runtime's host allocations.
+- Allocator rounding (CUDA plans): PyTorch's caching allocator rounds a request of at most
+  1 MiB up to a multiple of 512 bytes and a larger one up to a multiple of 2 MiB
+  (`allocation_bytes`). The plan rounds every device allocation it places that way: each
+  non-expert tensor (q/k/v and the dense MLP's gate/up fused into one per layer, as the loader
+  allocates them), one resident-expert buffer and one slot buffer per MoE layer, K, V and the
+  int64 slot positions (`kv_positions`) of each layer that keeps a cache. The sum of those
+  round-ups is the `allocator_rounding` component.
+  `placed_device_bytes` is the exact tensor bytes (weights, resident experts, slots, KV and its
+  positions, all allocated at load): what
+  `memory_report` sums over real storages; `device_bytes` = placed + rounding + workspace + reserve.
+- Load transient: quantizing on load reads a layer's bf16 experts into host RAM in chunks of
+  QUANT_CHUNK_EXPERTS experts and moves one expert at a time to the device (its bf16 weights,
+  11.9 MB for 26B-A4B, plus bitsandbytes' temporaries and one packed expert of scratch). When the
+  checkpoint itself lives on the device (`synthetic.RandomCheckpoint` on CUDA) a chunk is there:
+  16 x 11.9 MB = 190 MB for 26B-A4B. Either fits in the workspace, which is idle while loading;
+  nothing else is allocated twice (fused projections are read into their slices).
 - Device None means the compute device is the CPU: every tier is host RAM. The expert split
   and slot count are still computed when `resident_fraction` forces them (the expert store
   is tested on CPU); otherwise all experts are "resident" on the CPU and no slots are used.
@@ -35,6 +58,7 @@ Rules (each one a named constant or function below, so a change is one edit):
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -43,12 +67,17 @@ from quant.spec import QuantSpec
 
 from .config import ModelArgs
 from .errors import UsageError
-from .hardware import GIB, MIB, format_size
+from .hardware import GIB, MIB, format_size, parse_size
 from .models import family
 
 DEVICE, HOST = "device", "host"
 
-CUDA_RESERVE_BYTES = 512 * MIB
+CUDA_CONTEXT_BYTES = 500 * MIB  # CUDA context + library handles of one process (outside torch's allocator)
+DISPLAY_ALLOWANCE_BYTES = 256 * MIB  # a desktop on the same card; LOCALRUN_DISPLAY_ALLOWANCE overrides
+DISPLAY_ALLOWANCE_ENV = "LOCALRUN_DISPLAY_ALLOWANCE"
+CUDA_RESERVE_BYTES = 256 * MIB  # cuBLAS workspace, partly used allocator segments, fragmentation
+SMALL_ALLOC, SMALL_ROUND, LARGE_ROUND = 1 * MIB, 512, 2 * MIB  # PyTorch CUDA caching allocator
+QUANT_CHUNK_EXPERTS = 16  # experts per checkpoint read when quantizing on load
 HOST_RESERVE_BYTES = 1 * GIB
 PREFILL_CHUNK = 512  # tokens per prefill step at short context
 SCORES_TILE_BYTES = 256 * MIB  # fp32 attention scores of one prefill chunk over the context
@@ -58,6 +87,7 @@ FP32 = 4
 _DTYPES = {"bfloat16": ("bf16", 2), "float16": ("fp16", 2), "float32": ("fp32", 4)}
 _DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
 _EXPERT_NAME = re.compile(r"^layers\.(\d+)\.(?:\w+\.)?experts\.(gate_up_proj|down_proj)$")  # Gemma 4: layers.N.experts, Qwen3: layers.N.mlp.experts
+_LAYER = re.compile(r"^layers\.(\d+)\.")
 EXPERT_MATRICES = ("gate_up_proj", "down_proj")
 
 # The breakdown's components, in display order; "per_layer" only shows for models that have it.
@@ -118,12 +148,17 @@ class Plan:
     placement: dict[str, Placement]
     resident_experts: list[list[int]]  # per layer, sorted expert ids; [] for layers without experts
     resident_experts_per_layer: int
-    cache_slots: int
-    cache_slot_bytes: int
-    device_bytes: int
+    cache_slots: int  # per MoE layer
+    cache_slot_bytes: int  # one slot (the largest expert of any layer)
+    cache_slots_bytes: int  # every slot of every MoE layer
+    moe_layers: int
+    device_bytes: int  # placed + rounding + workspace + reserve: what the device must hold
+    placed_device_bytes: int  # exact tensor bytes: weights, resident experts, slots, KV
+    rounding_bytes: int  # allocator round-ups of the placed tensors (CUDA plans)
     host_bytes: int
     kv_bytes: int
     kv_bytes_per_layer: list[int]
+    kv_position_bytes: int  # the KV cache's int64 slot positions
     workspace_bytes: int
     reserve_bytes: int
     host_reserve_bytes: int
@@ -162,13 +197,19 @@ class Plan:
             "top_k": self.top_k,
             "resident_experts_per_layer": self.resident_experts_per_layer,
             "cache_slots": self.cache_slots,
+            "cache_slots_per": "layer",
+            "cache_slots_bytes": self.cache_slots_bytes,
+            "moe_layers": self.moe_layers,
             "prefill_chunk": self.prefill_chunk,
             "device_bytes": self.device_bytes,
+            "placed_device_bytes": self.placed_device_bytes,
+            "rounding_bytes": self.rounding_bytes,
             "device_budget_bytes": self.device_budget,
             "host_bytes": self.host_bytes,
             "host_budget_bytes": self.host_budget,
             "host_reserve_bytes": self.host_reserve_bytes,
             "kv_bytes": self.kv_bytes,
+            "kv_position_bytes": self.kv_position_bytes,
             "workspace_bytes": self.workspace_bytes,
             "reserve_bytes": self.reserve_bytes,
             "expected_miss_rate": self.expected_miss_rate,
@@ -211,6 +252,18 @@ def kv_layer_bytes(args: ModelArgs, layer: int, context: int, elem_size: int) ->
 
 def kv_cache_bytes(args: ModelArgs, context: int, elem_size: int) -> list[int]:
     return [kv_layer_bytes(args, i, context, elem_size) for i in range(args.num_hidden_layers)]
+
+
+KV_POSITION_BYTES = 8  # the KV cache keeps each slot's position (int64) beside K and V
+
+
+def kv_position_bytes(args: ModelArgs, context: int) -> list[int]:
+    """Per layer: the int64 positions of its cache's slots (0 for KV-shared layers)."""
+    out = []
+    for i in range(args.num_hidden_layers):
+        positions = min(context, args.sliding_window) if args.is_sliding(i) else context
+        out.append(0 if args.kv_source_layer(i) != i else positions * KV_POSITION_BYTES)
+    return out
 
 
 def prefill_chunk(args: ModelArgs, context: int) -> int:
@@ -263,9 +316,10 @@ def expected_miss_rate(resident: list[list[int]], num_experts: int, expert_layer
                        routing_profile: dict | None = None) -> float:
     """Fraction of routed expert uses that find the expert not resident, averaged over layers.
 
-    Uniform routing unless the profile has counts for a layer. The shared cache slots are
-    ignored: at decode 8 x layers experts pass through them per token, so a slot rarely still
-    holds an expert when the same layer asks again.
+    Uniform routing unless the profile has counts for a layer. The cache slots are left out:
+    each layer's slots do keep recently used experts, and consecutive tokens reuse many of them,
+    so real misses are fewer; left out, the estimate stays an upper bound for the routing it
+    assumes rather than a guess at how much temporal reuse a workload has.
     """
     if not expert_layers or not num_experts:
         return 0.0
@@ -357,16 +411,62 @@ def _decode_weight_bytes(shapes: dict[str, tuple[int, ...]], weights: _Weights) 
     return reads
 
 
-def _choose_resident(per_layer_bytes: int, num_experts: int, slot_bytes_for, budget_left: int) -> int:
-    """Most experts per layer that fit `budget_left`, slots included when not all are resident."""
-    if num_experts == 0 or per_layer_bytes == 0:
-        return num_experts
-    if num_experts * per_layer_bytes <= budget_left:
-        return num_experts
-    room = budget_left - slot_bytes_for(num_experts - 1)
-    if room < 0:
-        return -1  # not even the cache slots fit
-    return min(num_experts - 1, room // per_layer_bytes)
+def display_allowance() -> int:
+    """Bytes left to a display on the card: LOCALRUN_DISPLAY_ALLOWANCE ("0", "512MiB", ...) or the default."""
+    text = os.environ.get(DISPLAY_ALLOWANCE_ENV, "").strip()
+    if not text:
+        return DISPLAY_ALLOWANCE_BYTES
+    return 0 if text in ("0", "0B", "0b") else parse_size(text)
+
+
+def device_budget(total_bytes: int, display: int | None = None) -> int:
+    """The budget rule `fit` and the loader share: bytes a plan may use on a GPU of `total_bytes`
+    (its memory, or --vram): total minus CUDA_CONTEXT_BYTES minus the display allowance."""
+    allowance = display_allowance() if display is None else display
+    return max(0, total_bytes - CUDA_CONTEXT_BYTES - allowance)
+
+
+def allocation_bytes(nbytes: int) -> int:
+    """What PyTorch's CUDA caching allocator sets aside for one request of `nbytes` (see the module
+    docstring): multiples of 512 bytes up to 1 MiB, of 2 MiB above."""
+    if nbytes <= 0:
+        return 0
+    unit = SMALL_ROUND if nbytes <= SMALL_ALLOC else LARGE_ROUND
+    return -(-nbytes // unit) * unit
+
+
+FUSED = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj")))
+
+
+def fused_groups(names) -> list[tuple[str, ...]]:
+    """Tensors the loader allocates as one, in order: per layer q/k/v and the dense MLP's gate/up
+    (weights and biases apart); a group of one is no group. Names as in the plan's placement."""
+    names = set(names)
+    layers = sorted({int(m.group(1)) for n in names if (m := _LAYER.match(n))})
+    groups = []
+    for i in layers:
+        for module, projs in FUSED:
+            for kind in ("weight", "bias"):
+                group = tuple(n for n in (f"layers.{i}.{module}.{p}.{kind}" for p in projs) if n in names)
+                if len(group) > 1:
+                    groups.append(group)
+    return groups
+
+
+def _kv_allocations(kv_per_layer: list[int]) -> list[int]:
+    """K and V of each layer with its own cache: two allocations each."""
+    return [half for kv in kv_per_layer if kv for half in (kv // 2, kv - kv // 2)]
+
+
+def _rounding(allocations) -> int:
+    return sum(allocation_bytes(a) - a for a in allocations)
+
+
+def _weight_allocations(weights: _Weights) -> list[int]:
+    groups = fused_groups(weights.placement)
+    grouped = {n for g in groups for n in g}
+    out = [sum(weights.placement[n].nbytes for n in g) for g in groups]
+    return out + [p.nbytes for n, p in weights.placement.items() if n not in grouped]
 
 
 def make_plan(
@@ -411,28 +511,42 @@ def make_plan(
 
     kv_per_layer = kv_cache_bytes(args, budget.context, elem)
     kv = sum(kv_per_layer)
+    kv_pos_layers = kv_position_bytes(args, budget.context)
+    kv_pos = sum(kv_pos_layers)
     # Many-token expert matmuls dequantize one expert at a time into the model dtype.
     dequant = 3 * args.moe_intermediate_size * args.hidden_size * elem if E and isinstance(experts, QuantSpec) else 0
     workspace = workspace_bytes(args, elem, dequant)
     reserve = CUDA_RESERVE_BYTES if on_gpu else 0
-    per_layer = weights.one_expert_per_layer()
+    per_layer = weights.one_expert_per_layer()  # one expert of every MoE layer
+    layer_expert = {layer: sum(m.values()) for layer, m in weights.expert_bytes.items()}
     slot_bytes = weights.largest_expert()
+    weight_allocs = _weight_allocations(weights)
 
     def slots_for(resident: int) -> int:
-        if resident >= E:
-            return 0
-        return min(2 * top_k, (E - resident) * len(weights.expert_layers))
+        """Cache slots per MoE layer: top_k, or fewer when fewer experts are offloaded."""
+        return 0 if resident >= E else min(top_k, E - resident)
 
-    fixed = weights.non_expert_bytes + workspace + reserve  # everything but experts, slots and KV
+    def rounding(resident: int, kv_layers: list[int], pos_layers: list[int]) -> int:
+        if not on_gpu:
+            return 0  # the CPU allocator sets aside exactly what a tensor holds
+        experts_allocs = [k * b for b in layer_expert.values() for k in (resident, slots_for(resident))]
+        return _rounding(weight_allocs + experts_allocs + _kv_allocations(kv_layers) + pos_layers)
+
+    def placed(resident: int) -> int:
+        return weights.non_expert_bytes + (resident + slots_for(resident)) * per_layer + kv + kv_pos
+
+    fixed = workspace + reserve  # beyond the placed tensors and their rounding
     if resident_fraction is not None:
         n = round(resident_fraction * E)
     elif on_gpu:
-        n = _choose_resident(per_layer, E, lambda r: slots_for(r) * slot_bytes, budget.device_bytes - fixed - kv)
+        n = next((r for r in range(E, -1, -1)
+                  if placed(r) + rounding(r, kv_per_layer, kv_pos_layers) + fixed <= budget.device_bytes), -1)
     else:
         n = E  # CPU compute: all experts already sit in the memory it computes from
     weights_fit = n >= 0
     n = max(n, 0)
     slots = slots_for(n)
+    moe_layers = len(weights.expert_layers)
 
     resident = [[] for _ in range(L)]
     for layer in weights.expert_layers:
@@ -440,25 +554,32 @@ def make_plan(
     placement = _place_experts(weights, resident, expert_precision)
 
     resident_bytes = n * per_layer
+    slot_total = slots * per_layer  # cache_slots x MoE layers x one expert's bytes
     host_experts = (E - n) * per_layer
-    device_total = fixed + kv + resident_bytes + slots * slot_bytes
+    placed_total = placed(n)
+    round_up = rounding(n, kv_per_layer, kv_pos_layers)
+    device_total = placed_total + round_up + fixed
     host_total = host_experts
 
-    fits, reason = _verdict(budget, weights, E, n, weights_fit, slots, device_total, host_total,
-                            kv, on_gpu, resident_fraction is not None)
+    fits, reason = _verdict(budget, weights, E, n, weights_fit, slots, moe_layers, slot_total, device_total,
+                            host_total, kv, on_gpu, resident_fraction is not None)
     # When nothing fits at the requested context, n is 0 here: the longest context that would.
-    max_ctx = _max_context(args, budget, elem, fixed + resident_bytes + slots * slot_bytes, host_total, on_gpu)
+    without_kv = placed_total - kv - kv_pos + rounding(n, [], []) + fixed
+    max_ctx = _max_context(args, budget, elem, without_kv, host_total, on_gpu)
 
-    breakdown = _breakdown(weights, label, expert_precision, resident_bytes, host_experts, slots * slot_bytes,
-                           kv, workspace, reserve)
+    breakdown = _breakdown(weights, label, expert_precision, resident_bytes, host_experts, slot_total,
+                           kv, kv_pos, round_up, workspace, reserve)
     miss = expected_miss_rate(resident, E, weights.expert_layers, routing_profile)
     active = top_k * per_layer
     plan = Plan(
         fits=fits, reason=reason, device="cuda" if on_gpu else "cpu", dtype=label,
         expert_precision=expert_precision, context=budget.context, num_experts=E, top_k=top_k,
         placement=placement, resident_experts=resident, resident_experts_per_layer=n if E else 0,
-        cache_slots=slots, cache_slot_bytes=slot_bytes, device_bytes=device_total, host_bytes=host_total,
-        kv_bytes=kv, kv_bytes_per_layer=kv_per_layer, workspace_bytes=workspace, reserve_bytes=reserve,
+        cache_slots=slots, cache_slot_bytes=slot_bytes, cache_slots_bytes=slot_total, moe_layers=moe_layers,
+        device_bytes=device_total, placed_device_bytes=placed_total, rounding_bytes=round_up,
+        host_bytes=host_total,
+        kv_bytes=kv, kv_bytes_per_layer=kv_per_layer, kv_position_bytes=kv_pos,
+        workspace_bytes=workspace, reserve_bytes=reserve,
         host_reserve_bytes=HOST_RESERVE_BYTES, prefill_chunk=prefill_chunk(args, budget.context),
         max_context=max_ctx, expected_miss_rate=miss,
         decode_weight_bytes=_decode_weight_bytes(shapes, weights), active_expert_bytes=active,
@@ -482,9 +603,13 @@ def _place_experts(weights: _Weights, resident: list[list[int]], precision: str)
     return placement
 
 
+def _slots_text(slots: int, moe_layers: int, slot_total: int) -> str:
+    return f"{slots} cache slots per layer ({moe_layers} layers x {slots}, {format_size(slot_total)})"
+
+
 def _verdict(budget: Budget, weights: _Weights, E: int, n: int, weights_fit: bool,
-             slots: int, device_total: int, host_total: int, kv: int, on_gpu: bool,
-             forced: bool) -> tuple[bool, str]:
+             slots: int, moe_layers: int, slot_total: int, device_total: int, host_total: int, kv: int,
+             on_gpu: bool, forced: bool) -> tuple[bool, str]:
     """(fits, one-line reason)."""
     ctx = f"{budget.context} tokens"
     if on_gpu and (not weights_fit or device_total > budget.device_bytes):
@@ -501,14 +626,15 @@ def _verdict(budget: Budget, weights: _Weights, E: int, n: int, weights_fit: boo
                        f"({'offloaded experts' if on_gpu else 'the whole model'} plus "
                        f"{format_size(HOST_RESERVE_BYTES)} runtime) but {format_size(budget.host_bytes)} is available")
     if not on_gpu:
-        split = f"; {n} of {E} experts per layer on the compute tier, {slots} cache slots" if forced and E else ""
+        split = (f"; {n} of {E} experts per layer on the compute tier, {_slots_text(slots, moe_layers, slot_total)}"
+                 if forced and E else "")
         return True, f"runs on the CPU: {format_size(ram_needed)} of host RAM at {ctx}{split}"
     used = f"{format_size(device_total)} of {format_size(budget.device_bytes)}"
     if n >= E:
         return True, f"fits on the GPU: {'all ' + str(E) + ' experts per layer resident, ' if E else ''}{used} at {ctx}"
     return True, (f"fits with {n} of {E} experts per layer resident on the GPU ({used} at {ctx}); "
                   f"the other {E - n} per layer ({format_size(host_total)}) stay in host RAM "
-                  f"and pass through {slots} cache slots")
+                  f"and pass through {_slots_text(slots, moe_layers, slot_total)}")
 
 
 def _max_context(args: ModelArgs, budget: Budget, elem: int, without_kv: int, host_total: int,
@@ -525,7 +651,9 @@ def _max_context(args: ModelArgs, budget: Budget, elem: int, without_kv: int, ho
     lo, hi = 0, args.max_position_embeddings  # KV bytes grow monotonically with context
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if sum(kv_cache_bytes(args, mid, elem)) <= room:
+        kv_layers, pos_layers = kv_cache_bytes(args, mid, elem), kv_position_bytes(args, mid)
+        rounding = _rounding(_kv_allocations(kv_layers) + pos_layers) if on_gpu else 0
+        if sum(kv_layers) + sum(pos_layers) + rounding <= room:
             lo = mid
         else:
             hi = mid - 1
@@ -533,7 +661,7 @@ def _max_context(args: ModelArgs, budget: Budget, elem: int, without_kv: int, ho
 
 
 def _breakdown(weights: _Weights, label: str, expert_precision: str, resident: int, host: int, slots: int,
-               kv: int, workspace: int, reserve: int) -> list[Component]:
+               kv: int, kv_pos: int, rounding: int, workspace: int, reserve: int) -> list[Component]:
     rows = [Component(g, label, weights.group_bytes.get(g, 0), DEVICE) for g in _WEIGHT_GROUPS
             if g != "per_layer" or weights.group_bytes.get(g)]
     rows += [
@@ -541,6 +669,8 @@ def _breakdown(weights: _Weights, label: str, expert_precision: str, resident: i
         Component("experts_host", expert_precision, host, HOST),
         Component("expert_cache_slots", expert_precision, slots, DEVICE),
         Component("kv_cache", label, kv, DEVICE),
+        Component("kv_positions", "int64", kv_pos, DEVICE),
+        Component("allocator_rounding", "-", rounding, DEVICE),
         Component("workspace", "mixed", workspace, DEVICE),
         Component("reserve", "-", reserve, DEVICE),
     ]

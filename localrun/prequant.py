@@ -130,6 +130,10 @@ def quantize_checkpoint(
         raise LocalrunError(f"{out} already exists (use --force to replace it)")
     if not args.enable_moe_block:
         raise LocalrunError(f"{src} has no routed experts to quantize")
+    try:
+        spec.check_kernel_sizes(args.hidden_size, args.moe_intermediate_size)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     ckpt = Checkpoint(src)
     clean_leftovers(out)
     tmp = _tmp_dir(out)

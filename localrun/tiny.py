@@ -180,7 +180,7 @@ def tiny_config(kind: str = "moe", **overrides) -> dict:
         "enable_moe_block": True,
         "num_experts": 8,
         "top_k_experts": 2,
-        "moe_intermediate_size": 32,
+        "moe_intermediate_size": 128,
         "final_logit_softcapping": 30.0,
         "rope_parameters": {
             FULL: {"partial_rotary_factor": 0.25, "rope_theta": 1000000.0, "rope_type": "proportional"},

@@ -16,9 +16,10 @@ from localrun.moe import activation, dispatch, expert_ffn
 from quant.layer import ExpertBuffer
 from quant.nf4 import PackedExpert
 
-# Up to this many tokens per expert, bitsandbytes' fused 4-bit matmul (a gemv on GPU for one
-# token) reads the codes directly; beyond it, dequantizing once and running a dense matmul is
-# faster because the dequantized matrix is reused by every token.
+# On the CPU (where it was measured): up to this many tokens per expert, bitsandbytes' 4-bit matmul
+# reads the codes directly; beyond it, dequantizing once and running a dense matmul is faster
+# because the dequantized matrix is reused by every token. On CUDA bitsandbytes picks its own
+# kernel at every token count (a fused gemv for one token, dequantize + matmul for many).
 MATMUL_4BIT_MAX_TOKENS = 8
 
 
@@ -36,8 +37,8 @@ def ffn_dequantized(x_TH: torch.Tensor, expert: PackedExpert, act) -> torch.Tens
 
 
 def ffn_4bit(x_TH: torch.Tensor, expert: PackedExpert, act) -> torch.Tensor:
-    """One expert on 4-bit weights, picking the path by token count (MATMUL_4BIT_MAX_TOKENS)."""
-    if x_TH.shape[0] <= MATMUL_4BIT_MAX_TOKENS:
+    """One expert on 4-bit weights: bitsandbytes' choice on CUDA, MATMUL_4BIT_MAX_TOKENS on the CPU."""
+    if x_TH.device.type == "cuda" or x_TH.shape[0] <= MATMUL_4BIT_MAX_TOKENS:
         return ffn_matmul_4bit(x_TH, expert, act)
     return ffn_dequantized(x_TH, expert, act)
 

@@ -194,6 +194,10 @@ class PackedExpert:
         """This expert on `device`: one copy of the buffer (none if already there)."""
         return PackedExpert(self.buffer.to(device, non_blocking=non_blocking), self.layout)
 
+    def with_buffer(self, buffer: torch.Tensor) -> PackedExpert:
+        """This layout over another buffer (a row of a layer's buffer, a cache slot)."""
+        return PackedExpert(buffer, self.layout)
+
     def pin_memory(self) -> PackedExpert:
         """A page-locked host copy, so `.to('cuda', non_blocking=True)` can overlap compute."""
         return PackedExpert(self.buffer.pin_memory(), self.layout)
@@ -255,13 +259,23 @@ def _write_state(buf: torch.Tensor, m: MatrixLayout, codes: torch.Tensor, state:
         part.view(buf).copy_(tensors[name].reshape(part.shape))
 
 
-def pack_expert(gate_up_2IH: torch.Tensor, down_HI: torch.Tensor, spec: QuantSpec) -> PackedExpert:
-    """Quantize one expert (on its device) and pack codes + statistics into one buffer."""
+def pack_expert(gate_up_2IH: torch.Tensor, down_HI: torch.Tensor, spec: QuantSpec,
+                out: torch.Tensor | None = None) -> PackedExpert:
+    """Quantize one expert (on its device) and pack codes + statistics into one buffer.
+
+    out: the buffer to pack into (a contiguous 1-D uint8 row of `layout.nbytes`, on any device, e.g.
+    a row of a layer's device or host buffer); default a new one on the weights' device.
+    """
     layout = expert_layout(tuple(gate_up_2IH.shape), tuple(down_HI.shape), spec, gate_up_2IH.dtype)
     if down_HI.dtype != gate_up_2IH.dtype:
         raise ValueError(f"gate_up is {gate_up_2IH.dtype} but down is {down_HI.dtype}")
     # zeros, not empty: alignment padding is then deterministic, so saved files are reproducible
-    buf = torch.zeros(layout.nbytes, dtype=torch.uint8, device=gate_up_2IH.device)
+    if out is None:
+        buf = torch.zeros(layout.nbytes, dtype=torch.uint8, device=gate_up_2IH.device)
+    else:
+        if out.dtype != torch.uint8 or out.dim() != 1 or not out.is_contiguous() or out.numel() != layout.nbytes:
+            raise ValueError(f"out must be a contiguous 1-D uint8 tensor of {layout.nbytes} bytes")
+        buf = out.zero_()
     for name, w in zip(MATRICES, (gate_up_2IH, down_HI)):
         _write_state(buf, layout.matrix(name), *quantize(w, spec))
     return PackedExpert(buf, layout)

@@ -29,6 +29,19 @@ class QuantSpec:
         if self.blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
             raise ValueError(f"blocksize must be a power of two in 32..4096, not {self.blocksize}")
 
+    def check_kernel_sizes(self, hidden_size: int, intermediate_size: int) -> None:
+        """ValueError unless the blocksize divides both matmul input sizes (hidden for gate_up,
+        the expert intermediate size for down): bitsandbytes' fused 4-bit kernel needs
+        K % blocksize == 0 and otherwise dequantizes the whole matrix on every call."""
+        bad = [f"{what} {k}" for what, k in (("hidden size", hidden_size), ("expert intermediate size",
+                                                                             intermediate_size)) if k % self.blocksize]
+        if bad:
+            ok = [b for b in (32, 64, 128, 256, 512, 1024, 2048, 4096)
+                  if hidden_size % b == 0 and intermediate_size % b == 0]
+            raise ValueError(f"blocksize {self.blocksize} does not divide the {' and the '.join(bad)} "
+                             f"(bitsandbytes' 4-bit kernel needs both divisible); use "
+                             f"{', '.join(map(str, ok)) or 'a smaller blocksize'}")
+
     def nbytes(self, numel: int) -> int:
         """Bytes stored for one quantized matrix of `numel` values, exactly as quant.nf4 packs it.
 

@@ -9,6 +9,7 @@ import pytest
 
 from localrun import hardware
 from localrun.hardware import GIB
+from localrun.plan import CUDA_CONTEXT_BYTES, device_budget, display_allowance
 
 from test_plan import REFERENCE_CONFIG
 
@@ -58,7 +59,8 @@ def test_json_16gb_card_offloads_part_of_the_experts(cli, ref_dir):
 def test_json_with_a_gpu_preset_estimates_speed(cli, ref_dir):
     d = run_json(cli, ref_dir, "--gpu", "rtx 4090", "--ram", "64GiB")
     assert d["target"] == "RTX 4090"
-    assert d["device_budget_bytes"] == 24 * GIB
+    assert d["gpu_bytes"] == 24 * GIB
+    assert d["device_budget_bytes"] == device_budget(24 * GIB) == 24 * GIB - CUDA_CONTEXT_BYTES - display_allowance()
     assert 100 < d["estimated_decode_tokens_per_s"] < 200
 
 
@@ -92,12 +94,13 @@ def test_detected_gpu_is_used_without_vram_or_gpu(cli, ref_dir, monkeypatch):
     found = hardware.DetectedGpu("NVIDIA GeForce RTX 4090", 20 * GIB, 24 * GIB)
     monkeypatch.setattr(hardware, "detect_gpu", lambda: found)
     d = run_json(cli, ref_dir, "--ram", "64GiB")
-    assert d["device_budget_bytes"] == 20 * GIB
+    assert d["gpu_bytes"] == 24 * GIB  # the card's total, as the loader plans: not what is free now
+    assert d["device_budget_bytes"] == device_budget(24 * GIB)
     assert "RTX 4090" in d["target"] and d["estimated_decode_tokens_per_s"] > 0
 
 
 def test_tiny_checkpoint_shapes_from_headers(cli, tiny_moe):
-    d = run_json(cli, tiny_moe, "--vram", "1GiB", "--ram", "8GiB", "--context", 64)
+    d = run_json(cli, tiny_moe, "--vram", "2GiB", "--ram", "8GiB", "--context", 64)
     assert d["fits"] and d["num_experts"] == 8 and d["resident_experts_per_layer"] == 8
 
 
@@ -105,7 +108,7 @@ def test_config_that_disagrees_with_the_weights(cli, tiny_moe, tmp_path):
     model = tmp_path / "model"
     shutil.copytree(tiny_moe, model)
     cfg = json.loads((model / "config.json").read_text())
-    cfg["moe_intermediate_size"] = 48
+    cfg["moe_intermediate_size"] = 192
     (model / "config.json").write_text(json.dumps(cfg))
     code, out, err = run_cli(cli, model, "--vram", "1GiB")
     assert code == 1 and "disagree" in err and "experts" in err

@@ -97,11 +97,11 @@ def plan_bytes(plan) -> dict[str, int]:
 
 @pytest.fixture(scope="session")
 def prequantized(tiny_checkpoint, tmp_path_factory):
-    """Pre-quantized copies of the tiny MoE: default NF4, and double-quant FP4 with 128-value blocks."""
+    """Pre-quantized copies of the tiny MoE: default NF4, and double-quant FP4 with 32-value blocks."""
     root = tmp_path_factory.mktemp("prequantized")
     return {
         "pq-nf4": quantize_checkpoint(tiny_checkpoint("moe"), root / "nf4", QuantSpec("nf4")),
-        "pq-fp4-dq": quantize_checkpoint(tiny_checkpoint("moe"), root / "fp4dq", QuantSpec("fp4", 128, True)),
+        "pq-fp4-dq": quantize_checkpoint(tiny_checkpoint("moe"), root / "fp4dq", QuantSpec("fp4", 32, True)),
     }
 
 

@@ -94,8 +94,11 @@ def test_placement_covers_every_tensor(ref):
     on_device = sum(p.nbytes for p in plan.placement.values() if p.tier == DEVICE)
     in_host = sum(p.nbytes for p in plan.placement.values() if p.tier == HOST)
     assert in_host == plan.host_bytes
-    fixed = plan.kv_bytes + plan.workspace_bytes + plan.reserve_bytes + plan.cache_slots * plan.cache_slot_bytes
-    assert on_device + fixed == plan.device_bytes
+    assert plan.cache_slots_bytes == plan.cache_slots * 30 * expert_bytes_per_layer(ref)  # slots per layer
+    assert on_device + plan.kv_bytes + plan.kv_position_bytes + plan.cache_slots_bytes == plan.placed_device_bytes
+    fixed = plan.rounding_bytes + plan.workspace_bytes + plan.reserve_bytes
+    assert plan.placed_device_bytes + fixed == plan.device_bytes
+    assert sum(c.nbytes for c in plan.breakdown if c.tier == DEVICE) == plan.device_bytes  # every byte counted
 
 
 # Budgets ----------------------------------------------------------------------------------------
@@ -119,8 +122,8 @@ def test_16gib_keeps_part_of_the_experts_in_host_ram(ref):
     assert 0.75 <= n / 128 <= 0.90  # reference doc: a 16 GB card keeps ~15-25% in host RAM
     assert plan.device_bytes <= 16 * GIB
     assert plan.host_bytes == (128 - n) * 30 * expert_bytes_per_layer(ref)
-    assert plan.cache_slots == 2 * 8
-    assert f"{n} of 128" in plan.reason
+    assert plan.cache_slots == 8  # per layer: top_k, the most one token can miss in a layer
+    assert f"{n} of 128" in plan.reason and "8 cache slots per layer" in plan.reason
     # One more resident expert per layer would not have fitted.
     assert plan.device_bytes + 30 * expert_bytes_per_layer(ref) > 16 * GIB
 
@@ -205,7 +208,8 @@ def test_resident_fraction_forces_the_split_on_cpu():
     assert plan.device == "cpu" and plan.reserve_bytes == 0
     assert plan.resident_experts_per_layer == 2
     assert plan.resident_experts == [[0, 1]] * 6
-    assert plan.cache_slots == 4  # 2 x top_k
+    assert plan.cache_slots == 2  # per layer: top_k
+    assert plan.cache_slots_bytes == 2 * 6 * expert_bytes_per_layer(args)
     assert plan.expert_tier(0, 1) == DEVICE and plan.expert_tier(0, 2) == HOST
     assert plan.placement[expert_matrix_name(5, 7, "down_proj")].tier == HOST
     assert plan.host_bytes == 6 * 6 * expert_bytes_per_layer(args)
@@ -221,7 +225,7 @@ def test_cpu_without_forcing_keeps_every_expert_on_the_compute_tier():
 
 def test_resident_fraction_overrides_the_gpu_choice(ref):
     plan = plan_for(ref, 24, resident_fraction=0.5)
-    assert plan.resident_experts_per_layer == 64 and plan.cache_slots == 16 and plan.fits
+    assert plan.resident_experts_per_layer == 64 and plan.cache_slots == 8 and plan.fits
     forced_too_many = plan_for(ref, 8, resident_fraction=1.0)
     assert not forced_too_many.fits and "128 of 128" in forced_too_many.reason
 
@@ -254,7 +258,8 @@ def test_to_dict_is_json(ref):
                 "estimated_decode_tokens_per_s", "breakdown"):
         assert key in d
     assert set(d["breakdown"]) >= {"embed", "attention", "mlp", "router", "norms", "experts_resident",
-                                   "experts_host", "expert_cache_slots", "kv_cache", "workspace", "reserve"}
+                                   "experts_host", "expert_cache_slots", "kv_cache", "kv_positions", "allocator_rounding", "workspace",
+                                   "reserve"}
 
 
 # Hardware -----------------------------------------------------------------------------------------

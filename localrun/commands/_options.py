@@ -23,7 +23,8 @@ THINK = typer.Option(False, "--think", help="Let the model think first (the chat
 DEVICE = typer.Option("auto", "--device", help="cpu, cuda or auto.")
 DTYPE = typer.Option("bfloat16", "--dtype", help="Compute dtype: bfloat16 or float32 (for exactness checks).")
 EXPERTS = typer.Option(None, "--experts", help="Routed expert precision: nf4 (default), fp4 or bf16.")
-VRAM = typer.Option(None, "--vram", help="GPU memory budget, e.g. 16GiB (default: free VRAM).")
+VRAM = typer.Option(None, "--vram", help="GPU memory to plan for, e.g. 16GiB (default: the GPU's total; the "
+                    "plan keeps a CUDA context and display allowance out of it, as `fit` does).")
 RESIDENT_EXPERTS = typer.Option(
     None, "--resident-experts", help="Force this fraction (0..1) of each layer's experts resident; the rest in RAM.")
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar or status lines on stderr.")

@@ -12,18 +12,18 @@ import typer
 from .. import hardware
 from ..checkpoint import read_header
 from ..config import ModelArgs, load_config
-from ..loader import default_context, expert_spec, read_routing_profile
+from ..loader import expert_spec, placement_plan
 from ..resolve import resolve_model
 from ..errors import LocalrunError, UsageError
 from ..hardware import format_size
 from ..models import family
-from ..plan import DEVICE, Budget, Plan, make_plan
+from ..plan import CUDA_CONTEXT_BYTES, DEVICE, Plan, display_allowance
 
 
 
 @dataclass(frozen=True)
 class Target:
-    """The device budget and what we know of its speed."""
+    """The GPU's memory (before the budget rule takes its allowances) and what we know of its speed."""
 
     label: str
     device_bytes: int
@@ -32,7 +32,7 @@ class Target:
 
 
 def resolve_target(vram: str | None, gpu: str | None) -> Target:
-    """--vram SIZE, --gpu NAME, or the free memory of the GPU we find; UsageError when none."""
+    """--vram SIZE, --gpu NAME, or the total memory of the GPU we find; UsageError when none."""
     if vram is not None and gpu is not None:
         raise UsageError("give --vram or --gpu, not both")
     if gpu is not None:
@@ -45,7 +45,8 @@ def resolve_target(vram: str | None, gpu: str | None) -> Target:
     if found is None:
         raise UsageError("no GPU found; give the card's memory with --vram SIZE or its name with --gpu NAME")
     preset = hardware.preset_for_device_name(found.name)
-    return Target(f"{found.name} ({format_size(found.free_bytes)} free)", found.free_bytes,
+    return Target(f"{found.name} ({format_size(found.total_bytes)}, {format_size(found.free_bytes)} free)",
+                  found.total_bytes,
                   preset.bandwidth if preset else None,
                   preset.pcie_bandwidth if preset else hardware.DEFAULT_PCIE_BANDWIDTH)
 
@@ -89,11 +90,17 @@ def _print_report(plan: Plan, target: Target, model: Path) -> None:
             table.add_row(c.name, c.precision, format_size(c.nbytes), _where(plan, c.tier))
     table.add_section()
     table.add_row("total on " + _where(plan, DEVICE), "", format_size(plan.device_bytes), _where(plan, DEVICE))
+    if plan.device == "cuda":
+        table.add_row("usable (budget)", "", format_size(plan.device_budget), "GPU")
     if plan.host_bytes:
         table.add_row("total in host RAM", "", format_size(plan.host_bytes), "RAM")
     console.print(table)
     verdict = "[green]" if plan.fits else "[red]"
     console.print(f"{verdict}{plan.reason}[/]", highlight=False)
+    if plan.device == "cuda":
+        console.print(f"budget: {format_size(target.device_bytes)} minus {format_size(CUDA_CONTEXT_BYTES)} CUDA context "
+                      f"and {format_size(display_allowance())} display allowance "
+                      f"(LOCALRUN_DISPLAY_ALLOWANCE=0 on a headless card)", highlight=False)
     console.print(f"longest context that fits: {plan.max_context} tokens", highlight=False)
     if plan.estimated_decode_tokens_per_s is not None:
         console.print(f"estimated decode speed: ~{plan.estimated_decode_tokens_per_s:.0f} tokens/s "
@@ -118,18 +125,18 @@ def fit(
     """Estimate whether a model fits a GPU: memory per component, resident experts, longest context, speed."""
     model = resolve_model(model, config_only=True)
     args = load_config(model)
-    spec = expert_spec(model, experts)
+    spec = expert_spec(model, experts, args)
     if context is not None and context < 1:
         raise UsageError(f"--context must be at least 1, not {context}")
-    context = default_context(args, context)
     target = resolve_target(vram, gpu)
     host = hardware.parse_size(ram) if ram is not None else hardware.detect_host_ram()
-    budget = Budget(target.device_bytes, host, context, gpu_bandwidth=target.bandwidth,
-                    pcie_bandwidth=target.pcie_bandwidth)
-    plan = make_plan(args, budget, experts=spec, tensor_shapes=checkpoint_tensor_shapes(model, args),
-                     routing_profile=read_routing_profile(model), resident_fraction=resident_experts)
+    plan = placement_plan(args, model, spec, gpu_bytes=target.device_bytes, host_bytes=host, context=context,
+                          resident_fraction=resident_experts, tensor_shapes=checkpoint_tensor_shapes(model, args),
+                          gpu_bandwidth=target.bandwidth, pcie_bandwidth=target.pcie_bandwidth)
     if as_json:
-        print(json.dumps({"model": str(model), "target": target.label, **plan.to_dict()}, indent=2))
+        print(json.dumps({"model": str(model), "target": target.label, "gpu_bytes": target.device_bytes,
+                          "cuda_context_bytes": CUDA_CONTEXT_BYTES, "display_allowance_bytes": display_allowance(),
+                          **plan.to_dict()}, indent=2))
     else:
         _print_report(plan, target, model)
 

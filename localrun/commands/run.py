@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from ..engine import Engine
+from ..loader import memory_report
 from ..resolve import resolve_model
 from . import _options as opt
 from ._progress import progress_bar
@@ -86,6 +87,7 @@ def run(
     cache = engine.loaded.expert_stats()
     result["expert_cache"] = cache or {"hits": 0, "misses": 0, "bytes_copied": 0, "cpu_experts": 0,
                                        "note": "every expert resident on the device"}
+    result["memory"] = memory_report(engine.loaded)
     print(json.dumps(result))
 
 

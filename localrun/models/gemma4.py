@@ -113,11 +113,35 @@ def project(lin: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return linear(x, lin.weight, lin.bias)
 
 
+def _joined(parts: list[torch.Tensor]) -> torch.Tensor | None:
+    """The tensor `parts` make up when they already lie back to back in one storage (the loader
+    allocates fused weights that way), else None."""
+    first = parts[0]
+    offset = first.storage_offset()
+    for t in parts:
+        if (not t.is_contiguous() or t.dtype != first.dtype or t.shape[1:] != first.shape[1:]
+                or t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+                or t.storage_offset() != offset):
+            return None
+        offset += t.numel()
+    rows = sum(t.shape[0] for t in parts)
+    return first.new_empty(0).set_(first.untyped_storage(), first.storage_offset(), (rows, *first.shape[1:]))
+
+
 def fuse_linears(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One weight (and bias) for several Linears reading the same input; each Linear's parameters
-    become views of it, so state keeps its checkpoint names and no copy stays alive."""
-    w = torch.cat([lin.weight for lin in linears])
-    b = None if linears[0].bias is None else torch.cat([lin.bias for lin in linears])
+    become views of it, so state keeps its checkpoint names and no copy stays alive. Weights that
+    already share one storage in order (as the loader reads them) are used in place: no copy."""
+    weights = [lin.weight.detach() for lin in linears]
+    w = _joined(weights)
+    if w is None:
+        w = torch.cat(weights)
+    b = None
+    if linears[0].bias is not None:
+        biases = [lin.bias.detach() for lin in linears]
+        b = _joined(biases)
+        if b is None:
+            b = torch.cat(biases)
     start = 0
     for lin in linears:
         n = lin.out_features
@@ -368,8 +392,8 @@ class DecoderLayer(nn.Module):
             r_TH = r.reshape(-1, r.shape[-1])
             ids_TK, w_TK = self.router(r_TH)  # the router reads the un-normed residual
             prefetch = getattr(self.experts, "prefetch", None)
-            if prefetch is not None:  # offloaded experts: start their copies while the dense MLP runs
-                prefetch(ids_TK)
+            if prefetch is not None:  # offloaded experts: ids + weights start for the host
+                prefetch(ids_TK, w_TK)
         h = self.mlp(self.pre_feedforward_layernorm(x))
         if self.moe:
             moe = self.experts(self.pre_feedforward_layernorm_2(r_TH), ids_TK, w_TK).reshape(r.shape)
