@@ -67,7 +67,7 @@ from quant.spec import QuantSpec
 
 from .config import ModelArgs
 from .errors import UsageError
-from .hardware import GIB, MIB, format_size, parse_size
+from .hardware import DECODE_EFFICIENCY, GIB, MIB, format_size, parse_size
 from .models import family
 
 DEVICE, HOST = "device", "host"
@@ -170,7 +170,8 @@ class Plan:
     breakdown: list[Component]
     device_budget: int | None
     host_budget: int | None
-    estimated_decode_tokens_per_s: float | None = None
+    estimated_decode_tokens_per_s: float | None = None  # the memory-bandwidth ceiling
+    expected_decode_tokens_per_s: float | None = None  # the ceiling times hardware.DECODE_EFFICIENCY
     _resident_sets: list[frozenset] = field(default_factory=list, repr=False)
 
     def expert_tier(self, layer: int, expert: int) -> str:
@@ -214,6 +215,10 @@ class Plan:
             "reserve_bytes": self.reserve_bytes,
             "expected_miss_rate": self.expected_miss_rate,
             "estimated_decode_tokens_per_s": self.estimated_decode_tokens_per_s,
+            "expected_decode_tokens_per_s": self.expected_decode_tokens_per_s,
+            "decode_efficiency": None if self.expected_decode_tokens_per_s is None else {
+                "fraction_of_ceiling": DECODE_EFFICIENCY.fraction, "measured_on": DECODE_EFFICIENCY.device,
+                "date": DECODE_EFFICIENCY.date, "report": DECODE_EFFICIENCY.report},
             "breakdown": {
                 c.name: {"bytes": c.nbytes, "precision": c.precision, "where": c.tier} for c in self.breakdown
             },
@@ -589,6 +594,7 @@ def make_plan(
     if budget.gpu_bandwidth and fits:
         plan.estimated_decode_tokens_per_s = estimate_decode_tokens_per_s(
             plan, budget.gpu_bandwidth, budget.pcie_bandwidth)
+        plan.expected_decode_tokens_per_s = plan.estimated_decode_tokens_per_s * DECODE_EFFICIENCY.fraction
     return plan
 
 

@@ -80,7 +80,7 @@ def test_table_report(cli, ref_dir):
     code, out, err = run_cli(cli, ref_dir, "--gpu", "4060ti", "--ram", "64GiB")
     assert code == 0, err
     for text in ("component", "precision", "experts_resident", "experts_host", "kv_cache", "nf4", "RAM",
-                 "fits with", "of 128 experts per layer", "longest context that fits", "estimate"):
+                 "fits with", "of 128 experts per layer", "longest context that fits", "ceiling", "expected"):
         assert text in out, text
 
 
@@ -140,3 +140,15 @@ def test_missing_model_dir(cli, tmp_path):
 def test_dir_without_config(cli, tmp_path):
     code, out, err = run_cli(cli, tmp_path, "--vram", "16GiB")
     assert code == 1 and "no config.json" in err
+
+
+def test_expected_speed_is_the_ceiling_at_the_measured_efficiency(cli, ref_dir):
+    """fit prints the bandwidth ceiling and the speed expected at the efficiency gpu_check measured,
+    naming the GPU and the report it came from."""
+    d = run_json(cli, ref_dir, "--gpu", "4090", "--ram", "64GiB")
+    eff = hardware.DECODE_EFFICIENCY
+    assert 0 < eff.fraction < 1
+    assert d["expected_decode_tokens_per_s"] == pytest.approx(d["estimated_decode_tokens_per_s"] * eff.fraction)
+    assert d["decode_efficiency"]["measured_on"] == eff.device and d["decode_efficiency"]["report"] == eff.report
+    code, out, _ = run_cli(cli, ref_dir, "--gpu", "4090", "--ram", "64GiB")
+    assert code == 0 and eff.device in " ".join(out.split()) and "ceiling" in out

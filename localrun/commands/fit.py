@@ -10,6 +10,7 @@ from typing import Optional
 import typer
 
 from .. import hardware
+from ..hardware import DECODE_EFFICIENCY
 from ..checkpoint import read_header
 from ..config import ModelArgs, load_config
 from ..loader import expert_spec, placement_plan
@@ -103,9 +104,11 @@ def _print_report(plan: Plan, target: Target, model: Path) -> None:
                       f"(LOCALRUN_DISPLAY_ALLOWANCE=0 on a headless card)", highlight=False)
     console.print(f"longest context that fits: {plan.max_context} tokens", highlight=False)
     if plan.estimated_decode_tokens_per_s is not None:
-        console.print(f"estimated decode speed: ~{plan.estimated_decode_tokens_per_s:.0f} tokens/s "
-                      f"(estimate: memory-bandwidth ceiling, expected expert miss rate "
-                      f"{plan.expected_miss_rate:.0%}; real speed is lower)", highlight=False)
+        eff = DECODE_EFFICIENCY
+        console.print(f"decode speed: ceiling ~{plan.estimated_decode_tokens_per_s:.0f} tokens/s (memory bandwidth, "
+                      f"expected expert miss rate {plan.expected_miss_rate:.0%}); expected "
+                      f"~{plan.expected_decode_tokens_per_s:.0f} tokens/s at the {eff.fraction:.1%} of the ceiling "
+                      f"localrun reached on an {eff.device} ({eff.date}, {eff.report})", highlight=False)
     elif plan.fits:
         console.print("estimated decode speed: unknown (give --gpu NAME for a bandwidth-based estimate)",
                       highlight=False)
