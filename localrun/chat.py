@@ -18,7 +18,6 @@ from typing import Callable, Iterator
 
 from .atomic import write_text_atomic
 from .errors import LocalrunError, UsageError
-from .sampling import SamplingParams
 
 THOUGHT, ANSWER = "thought", "answer"
 OPEN_THOUGHT, CLOSE_THOUGHT = "<|channel>", "<channel|>"
@@ -135,7 +134,9 @@ class Settings:
             raise UsageError("max_tokens must be at least 1")
         self.sampling()  # validates the sampling values (UsageError)
 
-    def sampling(self) -> SamplingParams:
+    def sampling(self):
+        from .sampling import SamplingParams  # torch: not needed to parse the command line
+
         return SamplingParams(self.temperature, self.top_k, self.top_p, self.min_p, self.repeat_penalty, self.seed)
 
 
@@ -231,7 +232,7 @@ def load_conversation(path: str | Path) -> Conversation:
         data = json.loads(path.read_text(encoding="utf-8"))
     except OSError as e:
         raise LocalrunError(f"cannot read {path}: {e.strerror or e}") from None
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise LocalrunError(f"cannot load {path}: not valid JSON ({e})") from None
     if not isinstance(data, list):
         raise LocalrunError(f"cannot load {path}: expected a JSON list of {{role, content}} messages")
@@ -411,12 +412,14 @@ class Reply:
 class ChatSession:
     """A conversation with one engine: commands in, outcomes and streamed replies out. Never prints."""
 
-    def __init__(self, engine, settings: Settings, *, system: str | None = None, context: int = 4096):
+    def __init__(self, engine, settings: Settings, *, system: str | None = None, context: int = 4096,
+                 threads: int | None = None):
         if context < 16:
             raise UsageError("--context must be at least 16 tokens")
         self.engine = engine
         self.settings = settings
         self.context = context
+        self.threads = threads  # CPU compute threads, shown by /stats
         self.conversation = Conversation(system or None)
         self.last: Reply | None = None
 
@@ -501,6 +504,8 @@ class ChatSession:
             lines.append(f"last      {self.last.prompt_tokens} prompt tokens, prefill {t.prefill_tokens_per_s:.1f} "
                          f"tok/s, {self.last.tokens} generated, {t.decode_tokens_per_s:.1f} tok/s")
         lines.append(f"memory    RSS {_gb(rss_bytes())}")
+        if self.threads is not None:
+            lines.append(f"threads   {self.threads}")
         lines += [f"{k:<9} {v}" for k, v in engine_stats(self.engine).items()]
         return Outcome("\n".join(lines))
 
@@ -553,7 +558,15 @@ class ChatSession:
         return piece
 
     def commit(self, reply: Reply) -> None:
-        """Keep the reply (whole or interrupted) as the assistant's message."""
+        """Keep the reply (whole or interrupted) as the assistant's message.
+
+        A reply interrupted before its first token has nothing to keep: the question goes too
+        (the user saw no answer to it), so no empty assistant turn is ever saved or replayed.
+        """
+        if reply.tokens == 0:
+            if self.conversation.awaiting_reply:
+                self.conversation.turns.pop()
+            return
         self.conversation.add("assistant", reply.answer.strip())
         self.last = reply
 

@@ -42,24 +42,72 @@ class TensorInfo:
         return n * torch.empty((), dtype=self.dtype).element_size()
 
 
+# Bytes per element of every safetensors dtype, readable or not (so any file's layout can be checked).
+ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
+            "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8}
+MAX_HEADER = 100 << 20  # the safetensors format's own limit on the JSON header
+
+
 def read_header(path: Path) -> tuple[dict, dict]:
-    """(tensor entries, metadata) of one safetensors file, validated against the file size."""
+    """(tensor entries, metadata) of one safetensors file, validated against the file size.
+
+    Every entry is checked before any tensor is read: a known dtype, a shape of non-negative
+    integers, data_offsets that hold exactly shape x itemsize bytes, inside the file, and no two
+    tensors sharing bytes. Each entry gets "offset", its first byte in the file.
+    """
     size = path.stat().st_size
     try:
         with open(path, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
-            if n > size - 8:
-                raise ValueError("header longer than the file")
+            if n > min(size - 8, MAX_HEADER):
+                raise ValueError("header longer than the file" if n > size - 8 else f"header of {n} bytes")
             header = json.loads(f.read(n))
-    except (struct.error, ValueError, UnicodeDecodeError) as e:
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+    except (struct.error, ValueError, UnicodeDecodeError, RecursionError) as e:
         raise LocalrunError(f"corrupt safetensors file {path.name}: {e}") from None
     metadata = header.pop("__metadata__", None) or {}
-    for entry in header.values():
-        entry["offset"] = 8 + n + entry["data_offsets"][0]
-    end = max((v["data_offsets"][1] for v in header.values()), default=0)
+    if not isinstance(metadata, dict):
+        raise LocalrunError(f"corrupt safetensors file {path.name}: __metadata__ is not an object")
+    ranges = sorted((_entry_range(path, name, entry), name) for name, entry in header.items())
+    for ((_, end), a), ((begin, _), b) in zip(ranges, ranges[1:]):
+        if begin < end:
+            raise LocalrunError(f"corrupt safetensors file {path.name}: tensors {a!r} and {b!r} overlap")
+    end = ranges[-1][0][1] if ranges else 0
     if 8 + n + end > size:
         raise LocalrunError(f"truncated safetensors file {path.name}: {size} bytes, needs {8 + n + end}")
+    for entry in header.values():
+        entry["offset"] = 8 + n + entry["data_offsets"][0]
     return header, metadata
+
+
+def _entry_range(path: Path, name: str, entry) -> tuple[int, int]:
+    """An entry's (begin, end) in the data section; LocalrunError if its fields don't add up."""
+    def corrupt(problem: str):
+        return LocalrunError(f"corrupt safetensors file {path.name}: tensor {name!r} {problem}")
+
+    if not isinstance(entry, dict):
+        raise corrupt("is not an object")
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+        raise corrupt(f"has shape {shape!r}, not a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2
+            and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets) and 0 <= offsets[0] <= offsets[1]):
+        raise corrupt(f"has data_offsets {offsets!r}, not [begin, end] with 0 <= begin <= end")
+    if entry.get("dtype") not in ITEMSIZE:
+        raise LocalrunError(f"unsupported dtype {entry.get('dtype')!r} for {name!r} in {path.name}")
+    count = 1
+    for d in shape:
+        count *= d
+    if count * ITEMSIZE[entry["dtype"]] != offsets[1] - offsets[0]:
+        raise corrupt(f"of shape {shape} {entry['dtype']} needs {count * ITEMSIZE[entry['dtype']]} bytes, "
+                      f"its data_offsets hold {offsets[1] - offsets[0]}")
+    return offsets[0], offsets[1]
+
+
+def _plain_name(name) -> bool:
+    """A file name in the model directory itself: no path, nothing hidden, so reads stay inside it."""
+    return isinstance(name, str) and bool(name) and "/" not in name and "\\" not in name and not name.startswith(".")
 
 
 class Checkpoint:
@@ -87,8 +135,11 @@ class Checkpoint:
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+            except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError, RecursionError) as e:
                 raise LocalrunError(f"invalid {INDEX} in {self.dir}: {e}") from None
+            if not (isinstance(weight_map, dict) and all(_plain_name(f) for f in weight_map.values())):
+                raise LocalrunError(f"invalid {INDEX} in {self.dir}: weight_map must map names to shard "
+                                    "file names in the same directory")
             files = [self.dir / f for f in sorted(set(weight_map.values()))]
             for f in files:
                 if not f.is_file():

@@ -1,4 +1,9 @@
-"""The `localrun` command line: parse, call the library, print. Commands live in localrun/commands/."""
+"""The `localrun` command line: parse, call the library, print. Commands live in localrun/commands/.
+
+Start-up is kept light: the command modules import torch, bitsandbytes and the model code inside
+the command functions, so `--help`, `--version` and usage errors answer without loading them
+(tests/test_cli_startup.py holds the import graph to that).
+"""
 
 from __future__ import annotations
 
@@ -6,9 +11,11 @@ import logging
 import os
 import sys
 import warnings
+from typing import Optional
 
 import typer
 
+from . import __version__
 from .errors import LocalrunError, LocalrunWarning
 
 app = typer.Typer(
@@ -17,21 +24,34 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain click help: no `<bool>` beside flags, and no rich import to show it
 )
 
 _VERBOSE_FLAGS = ("--verbose", "-v")
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"localrun {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: Optional[bool] = typer.Option(None, "--version", callback=_print_version, is_eager=True,
+                                           help="Print the version and exit."),
+    verbose: bool = typer.Option(False, "--verbose", "-v",
+                                 help="Show the full traceback of an error (allowed anywhere on the line)."),
+) -> None:
     """Run big Mixture-of-Experts language models on one consumer GPU."""
 
 
 def _register() -> None:
     from .commands import registry
 
-    for fn in registry.COMMANDS:
-        app.command(**getattr(fn, "_command_kwargs", {}))(fn)
+    if not app.registered_commands:
+        for fn in registry.COMMANDS:
+            app.command(**getattr(fn, "_command_kwargs", {}))(fn)
 
 
 def _quiet_third_party() -> None:
@@ -67,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     except LocalrunError as e:
         if verbose:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(str(e))}", file=sys.stderr)  # a file's contents may hold newlines
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -94,12 +114,17 @@ def _exit_for(e: Exception, verbose: bool) -> None:
         e.show()
         sys.exit(2)
     if isinstance(e, _click.exceptions.ClickException):
-        print(f"error: {e.format_message()}", file=sys.stderr)
+        print(f"error: {_one_line(e.format_message())}", file=sys.stderr)
         sys.exit(2 if isinstance(e, _click.exceptions.UsageError) else 1)
     if verbose:
         raise e
-    print(f"error: {type(e).__name__}: {e} (run with --verbose for the traceback)", file=sys.stderr)
+    print(f"error: {type(e).__name__}: {_one_line(str(e))} (run with --verbose for the traceback)", file=sys.stderr)
     sys.exit(1)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
 
 if __name__ == "__main__":
     main()

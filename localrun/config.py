@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,8 +32,7 @@ GEMMA4_TYPES = ("gemma4", "gemma4_text")
 SLIDING = "sliding_attention"
 FULL = "full_attention"
 
-GEMMA4_ROPE_TYPES = ("default", "proportional")
-PER_LAYER_KEYS = ("head_dim", "num_key_value_heads")  # what a Gemma 4 layer may override
+GEMMA4_PER_LAYER_KEYS = ("head_dim", "num_key_value_heads")  # what a Gemma 4 layer may override
 
 _DEFAULT_ROPE = {
     SLIDING: {"rope_type": "default", "rope_theta": 10_000.0},
@@ -131,6 +131,7 @@ class ModelArgs:
         model_type = config.get("model_type")
         if model_type not in GEMMA4_TYPES:
             raise LocalrunError(f"not a Gemma 4 config: model_type {model_type!r}")
+        validate_config(config)
         if model_type == "gemma4":
             text = dict(config.get("text_config") or {})
             text.setdefault("tie_word_embeddings", config.get("tie_word_embeddings", True))
@@ -190,6 +191,182 @@ def args_from_dict(config: dict):
     return family(config.get("model_type")).args_from_dict(config)
 
 
+# Validation -------------------------------------------------------------------------------------
+
+class ConfigError(LocalrunError):
+    """A malformed config.json; the message names the field."""
+
+
+# Without these the model's shape is unknown: a default would plan and build some other model.
+REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "head_dim")
+MOE_REQUIRED = ("num_experts", "top_k_experts", "moe_intermediate_size")
+ACTIVATIONS = ("gelu_pytorch_tanh", "gelu", "silu")  # what localrun.moe.ACTIVATIONS implements
+
+# Upper bounds far above any real model, so a typo or a hostile file fails here instead of
+# allocating (a billion layer types) or planning nonsense.
+_INT_FIELDS = {  # name: (min, max, may be null)
+    **{name: (1, 1 << 24, False) for name in ("vocab_size", "hidden_size", "intermediate_size", "head_dim",
+                                               "sliding_window")},
+    "global_head_dim": (1, 1 << 24, True),
+    "num_hidden_layers": (1, 4096, False),
+    "num_attention_heads": (1, 4096, False),
+    "num_key_value_heads": (1, 4096, False),
+    "num_global_key_value_heads": (1, 4096, True),
+    "max_position_embeddings": (1, 1 << 30, False),
+    "num_kv_shared_layers": (0, 4096, False),
+    "hidden_size_per_layer_input": (0, 1 << 24, False),
+    "vocab_size_per_layer_input": (0, 1 << 24, False),
+    "num_experts": (1, 1 << 16, True),
+    "top_k_experts": (1, 1 << 16, True),
+    "moe_intermediate_size": (1, 1 << 24, True),
+    "pad_token_id": (0, 1 << 24, True),
+    "bos_token_id": (0, 1 << 24, False),
+}
+_BOOL_FIELDS = ("tie_word_embeddings", "attention_bias", "attention_k_eq_v", "enable_moe_block",
+                "use_double_wide_mlp")
+
+
+def validate_config(raw: dict) -> None:
+    """Check a Gemma 4 config.json dict (either layout) before it becomes ModelArgs.
+
+    Raises ConfigError naming the first bad field: missing, of the wrong type, out of range,
+    a list of the wrong length, or inconsistent with another field. Other model types pass.
+    """
+    if not isinstance(raw, dict):
+        raise ConfigError("expected a JSON object")
+    if raw.get("model_type") not in GEMMA4_TYPES:
+        return
+    text, where = raw, ""
+    if raw["model_type"] == "gemma4":
+        text, where = raw.get("text_config"), "text_config."
+        if not isinstance(text, dict):
+            raise ConfigError("text_config must be an object holding the text model's fields")
+        for name in ("tie_word_embeddings",):
+            if name in raw and not isinstance(raw[name], bool):
+                raise ConfigError(f"{name} must be true or false, not {raw[name]!r}")
+        if "eos_token_id" in raw:
+            _check_eos(raw["eos_token_id"], "eos_token_id")
+    _check_text(text, where)
+
+
+def _check_text(cfg: dict, where: str) -> None:
+    def fail(name: str, problem: str):
+        raise ConfigError(f"{where}{name} {problem}")
+
+    missing = [name for name in REQUIRED if cfg.get(name) is None]
+    if cfg.get("enable_moe_block") is True:
+        missing += [name for name in MOE_REQUIRED if cfg.get(name) is None]
+    if missing:
+        raise ConfigError(f"missing {', '.join(where + m for m in missing)} (needed to know the model's shape)")
+    for name, (lo, hi, nullable) in _INT_FIELDS.items():
+        value = cfg.get(name)
+        if name not in cfg or (value is None and nullable):
+            continue
+        if not _is_int(value):
+            fail(name, f"must be an integer, not {value!r}")
+        if not lo <= value <= hi:
+            fail(name, f"must be between {lo} and {hi}, not {value}")
+    for name in _BOOL_FIELDS:
+        if name in cfg and not isinstance(cfg[name], bool):
+            fail(name, f"must be true or false, not {cfg[name]!r}")
+    if "rms_norm_eps" in cfg and not (_is_number(cfg["rms_norm_eps"]) and 0 < cfg["rms_norm_eps"] < 1):
+        fail("rms_norm_eps", f"must be a number between 0 and 1, not {cfg['rms_norm_eps']!r}")
+    cap = cfg.get("final_logit_softcapping")
+    if cap is not None and not (_is_number(cap) and cap > 0):
+        fail("final_logit_softcapping", f"must be a positive number or null, not {cap!r}")
+    if cfg.get("hidden_activation", ACTIVATIONS[0]) not in ACTIVATIONS:
+        fail("hidden_activation", f"must be one of {', '.join(ACTIVATIONS)}, not {cfg['hidden_activation']!r}")
+    if "eos_token_id" in cfg:
+        _check_eos(cfg["eos_token_id"], where + "eos_token_id")
+
+    layers = cfg["num_hidden_layers"]
+    heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    if heads % kv:
+        fail("num_key_value_heads", f"({kv}) must divide num_attention_heads ({heads})")
+    global_kv = cfg.get("num_global_key_value_heads")
+    if global_kv is not None and heads % global_kv:
+        fail("num_global_key_value_heads", f"({global_kv}) must divide num_attention_heads ({heads})")
+    for name in ("head_dim", "global_head_dim"):
+        if cfg.get(name) is not None and cfg[name] % 2:
+            fail(name, f"must be even (RoPE rotates pairs), not {cfg[name]}")
+    _check_per_layer(cfg.get("per_layer_config"), cfg["num_hidden_layers"], heads, where)
+    if cfg.get("enable_moe_block") is True and cfg["top_k_experts"] > cfg["num_experts"]:
+        fail("top_k_experts", f"({cfg['top_k_experts']}) must not exceed num_experts ({cfg['num_experts']})")
+    for name in ("bos_token_id", "pad_token_id"):
+        if cfg.get(name) is not None and cfg[name] >= cfg["vocab_size"]:
+            fail(name, f"({cfg[name]}) must be below vocab_size ({cfg['vocab_size']})")
+
+    types = cfg.get("layer_types")
+    if types is not None:
+        if not isinstance(types, list) or len(types) != layers:
+            fail("layer_types", f"must be a list of num_hidden_layers ({layers}) entries")
+        bad = [t for t in types if t not in (SLIDING, FULL)]
+        if bad:
+            fail("layer_types", f"entries must be {SLIDING!r} or {FULL!r}, not {bad[0]!r}")
+    else:
+        types = [SLIDING if (i + 1) % 6 else FULL for i in range(layers)]
+    types = types[:-1] + [FULL]  # as ModelArgs forces it
+    shared = cfg.get("num_kv_shared_layers", 0)
+    first = layers - shared
+    if shared and not all(t in types[:first] for t in set(types[first:])):
+        fail("num_kv_shared_layers", f"({shared}) leaves no earlier layer of each kind to share keys and values with")
+    _check_rope(cfg.get("rope_parameters"), where)
+
+
+def _check_rope(rope, where: str) -> None:
+    if rope is None:
+        return
+    if not isinstance(rope, dict):
+        raise ConfigError(f"{where}rope_parameters must be an object keyed by layer type")
+    for kind in (SLIDING, FULL):
+        if kind not in rope:
+            continue
+        p, at = rope[kind], f"{where}rope_parameters.{kind}"
+        if not isinstance(p, dict):
+            raise ConfigError(f"{at} must be an object")
+        if not (_is_number(p.get("rope_theta")) and p["rope_theta"] > 0):
+            raise ConfigError(f"{at}.rope_theta must be a positive number, not {p.get('rope_theta')!r}")
+        if p.get("rope_type", "default") not in GEMMA4_ROPE_TYPES:
+            raise ConfigError(f"{at}.rope_type must be one of {', '.join(GEMMA4_ROPE_TYPES)}, not {p['rope_type']!r}")
+        factor = p.get("partial_rotary_factor", 1.0)
+        if not (_is_number(factor) and 0 < factor <= 1):
+            raise ConfigError(f"{at}.partial_rotary_factor must be a number in (0, 1], not {factor!r}")
+        if not (_is_number(p.get("factor", 1.0)) and p.get("factor", 1.0) > 0):
+            raise ConfigError(f"{at}.factor must be a positive number, not {p['factor']!r}")
+
+
+def _check_per_layer(per_layer, layers: int, heads: int, where: str) -> None:
+    """per_layer_config: {layer index: {"head_dim": even int, "num_key_value_heads": int dividing the heads}}."""
+    if per_layer is None:
+        return
+    if not isinstance(per_layer, dict):
+        raise ConfigError(f"{where}per_layer_config must be an object keyed by layer index")
+    for key, values in per_layer.items():
+        at = f"{where}per_layer_config[{key!r}]"
+        if not (key.isdigit() and int(key) < layers and isinstance(values, dict)):
+            raise ConfigError(f"{at} must be an object for a layer in 0..{layers - 1}")
+        dim, kv = values.get("head_dim"), values.get("num_key_value_heads")
+        if dim is not None and not (_is_int(dim) and 2 <= dim <= 1 << 24 and dim % 2 == 0):
+            raise ConfigError(f"{at}.head_dim must be an even positive integer, not {dim!r}")
+        if kv is not None and not (_is_int(kv) and 1 <= kv <= heads and heads % kv == 0):
+            raise ConfigError(f"{at}.num_key_value_heads must divide num_attention_heads ({heads}), not {kv!r}")
+
+
+def _check_eos(value, name: str) -> None:
+    ids = value if isinstance(value, list) else [value]
+    if not ids or not all(_is_int(i) and 0 <= i < 1 << 24 for i in ids):
+        raise ConfigError(f"{name} must be a token id or a non-empty list of them, not {value!r}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def load_config(model_dir: str | Path):
     """Read `config.json` from a model directory, with one-line errors for what can go wrong."""
     path = Path(model_dir)
@@ -202,8 +379,11 @@ def load_config(model_dir: str | Path):
         raise LocalrunError(f"no config.json in {path}: not a Hugging Face model directory")
     try:
         data = json.loads(cfg.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise LocalrunError(f"invalid JSON in {cfg}: {e}") from None
     if not isinstance(data, dict):
         raise LocalrunError(f"invalid config in {cfg}: expected a JSON object")
-    return args_from_dict(data)
+    try:
+        return args_from_dict(data)
+    except ConfigError as e:
+        raise ConfigError(f"invalid config in {cfg}: {e}") from None

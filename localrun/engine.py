@@ -8,18 +8,21 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
 from .config import load_config
+from .errors import LocalrunError
 from .generate import Step, generate
 from .loader import LoadedModel, load_model
 from .models import family
 from .sampling import SamplingParams, make_sampler
 from .text import StreamDecoder, Tokenizer, encode_chat, load_chat_template
 
+THOUGHT_MARKERS = ("<|channel>", "<channel|>")  # localrun.chat's OPEN_THOUGHT, CLOSE_THOUGHT
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
 
 
@@ -99,6 +102,30 @@ class Engine:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         return self.encode_messages(messages, enable_thinking=enable_thinking)
 
+    def encode_truncated(self, prompt: str, keep: int, *, system: str | None = None, raw: bool = False,
+                         enable_thinking: bool = False) -> list[int]:
+        """`encode_prompt` with the oldest tokens of `prompt` dropped until at most `keep` ids remain.
+
+        What frames the prompt (BOS, the template's turn markers, the system prompt) stays, so the
+        model still reads a well-formed turn; LocalrunError when the frame alone needs `keep` ids.
+        """
+        def encode(text: str) -> list[int]:
+            return self.encode_prompt(text, system=system, raw=raw, enable_thinking=enable_thinking)
+
+        ids = encode(prompt)
+        body = self.tokenizer.encode(prompt, add_special_tokens=False)
+        room = keep - (len(ids) - len(body))
+        if room < 1:
+            raise LocalrunError(f"the context leaves {keep} tokens for the prompt, too few for the chat "
+                                f"template around it ({len(ids) - len(body)} tokens)")
+        drop = max(0, len(body) - room)
+        while True:
+            # Decoding a tail and encoding it again can merge tokens differently at the cut: re-check.
+            ids = encode(self.tokenizer.decode(body[drop:]))
+            if len(ids) <= keep or drop >= len(body):
+                return ids
+            drop = min(len(body), drop + len(ids) - keep)
+
     def stream(self, prompt_ids: list[int], params: SamplingParams, *, max_tokens: int,
                ignore_eos: bool = False, step: str = "auto") -> Iterator[Step]:
         """Generated steps for a prompt, in the loaded model's KV buffers (allocated once for the
@@ -109,11 +136,17 @@ class Engine:
         return generate(self.model, prompt_ids, sampler, max_tokens=max_tokens, stop_ids=stop,
                         cache=self.loaded.kv, step=step)
 
+    @cached_property
+    def hidden_ids(self) -> set[int]:
+        """Control tokens that never reach the screen; the thought markers stay, the chat splits on them."""
+        return self.tokenizer.special_ids() - {self.tokenizer.token_id(t) for t in THOUGHT_MARKERS}
+
     def stream_text(self, steps: Iterator[Step]) -> Iterator[tuple[str, Step]]:
-        """(new text, step) per step; the stop token itself adds no text."""
+        """(new text, step) per step; the stop token and other control tokens (<turn|>, <unused91>) add no text."""
         decoder = StreamDecoder(self.tokenizer)
         for step in steps:
-            text = "" if step.finish_reason == "stop" else decoder.push(step.token)
+            hide = step.finish_reason == "stop" or step.token in self.hidden_ids
+            text = "" if hide else decoder.push(step.token)
             if step.finish_reason:
                 text += decoder.flush()
             yield text, step

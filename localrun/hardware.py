@@ -185,3 +185,67 @@ def detect_host_ram(meminfo: str | Path = "/proc/meminfo") -> int | None:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return None
+
+
+# CPU threads ------------------------------------------------------------------------------------
+
+def physical_cores(cpuinfo: str | Path = "/proc/cpuinfo") -> int:
+    """Distinct (package, core) pairs in /proc/cpuinfo: SMT siblings share a core's arithmetic units."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return os.cpu_count() or 1
+    cores, package = set(), None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "physical id":
+            package = value.strip()
+        elif key == "core id":
+            cores.add((package, value.strip()))
+    return len(cores) or os.cpu_count() or 1
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, e.g. under taskset or a container's cpuset)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def busy_cpus(loadavg: str | Path = "/proc/loadavg", samples: int = 5, interval_s: float = 0.01) -> int:
+    """Other processes' runnable threads now: the fewest seen over a few quick reads of /proc/loadavg
+    (its "running/total" field counts this process too), so a passing blip does not count as busy.
+
+    The 1-minute load average would lag a minute behind a job that just started; this does not.
+    """
+    import time
+
+    fewest = None
+    for i in range(samples):
+        try:
+            running = int(Path(loadavg).read_text().split()[3].split("/")[0])
+        except (OSError, ValueError, IndexError):
+            return 0
+        fewest = running if fewest is None else min(fewest, running)
+        if i + 1 < samples:
+            time.sleep(interval_s)
+    return max(0, (fewest or 1) - 1)
+
+
+def default_threads() -> int:
+    """Compute threads when --threads is not given: the cores other processes leave idle, counting
+    at most the physical cores this process may use and each busy thread as taking a whole core
+    (threads beyond the free cores wait on each other at every parallel step: one busy core out
+    of two cut decode ~5x with two threads), and at least one."""
+    return max(1, min(usable_cpus(), physical_cores()) - busy_cpus())
+
+
+def check_threads(threads: int | None) -> int:
+    """--threads as given (validated), else `default_threads()`."""
+    if threads is None:
+        return default_threads()
+    if threads < 1:
+        raise UsageError(f"--threads must be at least 1, not {threads}")
+    return threads

@@ -8,13 +8,15 @@ Layout of OUT (safetensors only):
     localrun_quant.json                                                        the manifest, written last
 
 The whole directory is written under a temporary name beside OUT and renamed at the end, so an
-interrupted run (Ctrl-C, kill) leaves no OUT; the next run removes its leftovers.
+interrupted run (Ctrl-C, kill) leaves no OUT; the next run writing beside it removes its leftovers.
+Nothing the user made is ever deleted: see `check_out`.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -50,18 +52,44 @@ def read_manifest(model_dir: str | Path) -> dict:
     path = Path(model_dir) / MANIFEST
     try:
         manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise LocalrunError(f"cannot read {path}: {e}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise LocalrunError(f"{path} is not a localrun quantization manifest")
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise LocalrunError(f"{path}: format version {manifest.get('format_version')} is not supported "
+        raise LocalrunError(f"{path}: format version {manifest.get('format_version')!r} is not supported "
                             f"(this localrun reads version {FORMAT_VERSION}); re-run localrun quantize")
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise LocalrunError(f"{path}: {problem}; re-run localrun quantize")
     return manifest
 
 
+def _manifest_problem(manifest: dict) -> str | None:
+    """What is wrong with a version-1 manifest's fields, or None."""
+    try:
+        manifest_spec(manifest)
+    except (KeyError, TypeError, ValueError) as e:
+        return f"bad quantization settings ({type(e).__name__}: {e})"
+    files = manifest.get("expert_files")
+    if not isinstance(files, dict):
+        return "expert_files must be an object of layer -> file name"
+    for layer, name in files.items():
+        if not (layer.isdigit() and isinstance(name, str) and name.endswith(".safetensors")
+                and "/" not in name and "\\" not in name and not name.startswith(".")):
+            return f"expert_files entry {layer!r}: {name!r} is not a .safetensors file name in the model directory"
+    if not isinstance(manifest.get("original_experts", {}), dict):
+        return "original_experts must be an object"
+    return None
+
+
 def manifest_spec(manifest: dict) -> QuantSpec:
-    return QuantSpec(manifest["quant_type"], int(manifest["blocksize"]), bool(manifest["double_quant"]))
+    """The quantization settings a manifest records; ValueError, KeyError or TypeError when malformed."""
+    kind, blocksize, double = manifest["quant_type"], manifest["blocksize"], manifest["double_quant"]
+    if not (isinstance(kind, str) and isinstance(blocksize, int) and not isinstance(blocksize, bool)
+            and isinstance(double, bool)):
+        raise TypeError("quant_type must be a string, blocksize an integer, double_quant true or false")
+    return QuantSpec(kind, blocksize, double)
 
 
 def _tmp_dir(out: Path) -> Path:
@@ -72,15 +100,57 @@ def _old_dir(out: Path) -> Path:
     return out.parent / f".{out.name}{OLD_MARK}{os.getpid()}"
 
 
-def clean_leftovers(out: Path) -> list[Path]:
-    """Tidy what interrupted runs writing `out` left behind: half-written temporary directories are
-    removed; a previous OUT set aside by `--force` is put back if no OUT replaced it."""
+# `.NAME.localrun-tmp-PID` (being written) and `.NAME.localrun-old-PID` (an OUT set aside by --force)
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.localrun-(?P<kind>tmp|old)-(?P<pid>\d+)$")
+
+
+def check_out(src: Path, out: Path, force: bool) -> None:
+    """Refuse an OUT whose writing could delete anything but an earlier localrun output.
+
+    OUT may not be SRC, contain it or lie inside it (replacing OUT would remove SRC, or writing
+    it would change SRC). An existing OUT is replaced only with `force`, and only when it is a
+    localrun output (its manifest) or an empty directory.
+    """
+    s, o = src.resolve(), out.resolve()
+    if o == s:
+        raise UsageError(f"OUT must differ from SRC ({src})")
+    if o in s.parents:
+        raise UsageError(f"OUT {out} contains SRC {src}: writing it would delete the source; pick a new directory")
+    if s in o.parents:
+        raise UsageError(f"OUT {out} is inside SRC {src}: pick a directory outside the source checkpoint")
+    if not (out.exists() or out.is_symlink()):
+        return
+    if not out.is_dir():
+        raise LocalrunError(f"{out} exists and is not a directory; pick a new directory")
+    if not force:
+        raise LocalrunError(f"{out} already exists (--force replaces an earlier localrun output)")
+    if any(out.iterdir()) and not _is_localrun_output(out):
+        raise LocalrunError(f"{out} is not a localrun output (no {MANIFEST}); --force replaces only those, "
+                            "so remove it yourself or pick another OUT")
+
+
+def _is_localrun_output(path: Path) -> bool:
+    try:
+        read_manifest(path)
+    except LocalrunError:
+        return False
+    return True
+
+
+def clean_leftovers(parent: Path) -> list[Path]:
+    """Tidy what killed or interrupted quantize runs left in `parent` (beside any OUT), once the
+    process that wrote each is gone (its pid is in the name): half-written temporary directories
+    are removed; an OUT set aside by `--force` is put back if nothing replaced it."""
     removed = []
-    for p in sorted(out.parent.glob(f".{out.name}.localrun-*-*")):
-        pid = p.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
-            continue  # another quantize of the same OUT is running right now
-        if OLD_MARK in p.name and not out.exists():
+    for p in sorted(parent.glob(".*.localrun-*-*")):
+        m = _LEFTOVER.match(p.name)
+        if not m or not p.is_dir() or p.is_symlink():
+            continue
+        pid = int(m["pid"])
+        if pid != os.getpid() and _alive(pid):
+            continue  # a quantize is writing it right now
+        out = parent / m["name"]
+        if m["kind"] == "old" and not (out.exists() or out.is_symlink()):
             os.replace(p, out)  # the old OUT is all there is: never lose it
             continue
         shutil.rmtree(p, ignore_errors=True)
@@ -124,10 +194,7 @@ def quantize_checkpoint(
     """
     src, out = Path(src), Path(out)
     args = load_config(src)
-    if out.resolve() == src.resolve():
-        raise UsageError("OUT must differ from SRC")
-    if out.exists() and not force:
-        raise LocalrunError(f"{out} already exists (use --force to replace it)")
+    check_out(src, out, force)
     if not args.enable_moe_block:
         raise LocalrunError(f"{src} has no routed experts to quantize")
     try:
@@ -135,7 +202,9 @@ def quantize_checkpoint(
     except ValueError as e:
         raise UsageError(str(e)) from None
     ckpt = Checkpoint(src)
-    clean_leftovers(out)
+    if not out.parent.is_dir():
+        raise LocalrunError(f"cannot write {out}: {out.parent} is not a directory")
+    clean_leftovers(out.parent)
     tmp = _tmp_dir(out)
     old = _old_dir(out)
     try:

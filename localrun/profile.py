@@ -132,9 +132,11 @@ def profile_prompts(engine, prompts: list[str], *, max_tokens: int = 64, trace: 
     return recorder.result()
 
 
-def write_routing_profile(model_dir: str | Path, profile: RoutingProfile) -> Path:
-    """Write `routing_profile.json` into the model directory (atomically); returns its path."""
-    path = Path(model_dir) / ROUTING_PROFILE
+def write_routing_profile(path: str | Path, profile: RoutingProfile) -> Path:
+    """Write the profile to `path` (atomically; a directory means its routing_profile.json); returns the path."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / ROUTING_PROFILE
     try:
         write_text_atomic(path, json.dumps(profile.to_json()))
     except OSError as e:

@@ -59,6 +59,10 @@ class Tokenizer:
         """The id of one token string (e.g. "<turn|>"), or None if the vocabulary lacks it."""
         return self.backend.token_to_id(token)
 
+    def special_ids(self) -> set[int]:
+        """Ids of the special added tokens (<eos>, <turn|>, <unused91>, ...): control tokens, not text."""
+        return {i for i, t in self.backend.get_added_tokens_decoder().items() if t.special}
+
     @property
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)

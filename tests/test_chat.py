@@ -398,3 +398,23 @@ def test_chat_missing_demo_is_one_line_error(monkeypatch, tmp_path, capsys):
         cli.main(["chat"])
     assert exit_.value.code == 1
     assert capsys.readouterr().err == "error: the demo model is not built: run scripts/train_demo_model.py\n"
+
+
+def test_reply_interrupted_before_its_first_token_leaves_no_empty_turn(tmp_path):
+    session = ChatSession(FakeEngine("ok"), Settings(max_tokens=8), context=200)
+    session.ask("first")
+    reply = session.respond()
+    list(reply)
+    session.commit(reply)
+    session.ask("second")
+    reply = session.respond()
+    reply.pieces.close()  # Ctrl-C before any token
+    session.commit(reply)
+    session.command("save", str(tmp_path / "c.json"))
+    saved = json.loads((tmp_path / "c.json").read_text())
+    assert saved == [{"role": "user", "content": "first"}, {"role": "assistant", "content": "ok"}]
+
+
+def test_stats_shows_threads():
+    session = ChatSession(FakeEngine(), Settings(), context=200, threads=3)
+    assert "threads   3" in session.command("stats", "").text

@@ -310,5 +310,74 @@ def test_leftover_old_out_is_restored_not_deleted(tmp_path, tiny_moe):
     out = prequant.quantize_checkpoint(tiny_moe, tmp_path / "out", QuantSpec("nf4"))
     aside = tmp_path / f".out{prequant.OLD_MARK}999999999"  # a killed run's set-aside OUT (no such pid)
     out.rename(aside)
-    prequant.clean_leftovers(out)
+    prequant.clean_leftovers(out.parent)
     assert prequant.read_manifest(out)["quant_type"] == "nf4" and not aside.exists()
+
+
+# -- nothing the user made is ever deleted ------------------------------------------------------
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    """Every file under `root` and its bytes."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def refused(argv, capsys, code=None) -> str:
+    got = cli(*argv)
+    err = capsys.readouterr().err
+    assert got != 0 and (code is None or got == code), (got, err)
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+@pytest.fixture
+def src_copy(tiny_moe, tmp_path) -> Path:
+    import shutil
+
+    return shutil.copytree(tiny_moe, tmp_path / "models" / "gemma")
+
+
+def test_out_that_contains_src_is_refused_even_with_force(src_copy, capsys):
+    models = src_copy.parent
+    before = snapshot(models)
+    err = refused(["quantize", src_copy, models, "--force", "--quiet"], capsys)
+    assert "contains SRC" in err and str(models) in err
+    assert snapshot(models) == before
+
+
+def test_out_inside_src_is_refused(src_copy, capsys):
+    before = snapshot(src_copy)
+    err = refused(["quantize", src_copy, src_copy / "nf4", "--quiet"], capsys)
+    assert "inside SRC" in err
+    assert snapshot(src_copy) == before and not (src_copy / "nf4").exists()
+
+
+def test_force_refuses_a_foreign_directory(src_copy, tmp_path, capsys):
+    foreign = tmp_path / "photos"
+    (foreign / "2024").mkdir(parents=True)
+    (foreign / "2024" / "a.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    (foreign / "notes.txt").write_text("keep me")
+    before = snapshot(foreign)
+    err = refused(["quantize", src_copy, foreign, "--force", "--quiet"], capsys, code=1)
+    assert str(foreign) in err and "not a localrun output" in err
+    assert snapshot(foreign) == before
+
+
+def test_force_replaces_an_empty_directory(src_copy, tmp_path):
+    (tmp_path / "empty").mkdir()
+    out = quantize(src_copy, tmp_path / "empty", "--force")
+    assert prequant.read_manifest(out)["quant_type"] == "nf4"
+
+
+def test_quantize_takes_demo(tmp_path):
+    out = quantize("demo", tmp_path / "demo-nf4")
+    assert prequant.read_manifest(out)["quant_type"] == "nf4"
+
+
+def test_stale_temp_dirs_of_any_out_are_cleaned_once_their_process_is_gone(src_copy, tmp_path):
+    dead = tmp_path / f".other{TMP_MARK}999999999"  # a killed run writing another OUT (no such pid)
+    live = tmp_path / f".third{TMP_MARK}{os.getppid()}"  # a run still going (a live pid)
+    for d in (dead, live):
+        (d / "half").mkdir(parents=True)
+    quantize(src_copy, tmp_path / "out")
+    assert not dead.exists() and live.exists()

@@ -119,3 +119,16 @@ def test_loader_keeps_the_profiled_experts_resident(model_dir):
         assert loaded.store.layer(i).resident == {2, 5}
         assert set(loaded.store.resident_payloads(i)) == {2, 5}
         assert set(loaded.store.host_payloads(i)) == set(range(args.num_experts)) - {2, 5}
+
+
+def test_profile_never_writes_into_the_installed_package(cli, tmp_path):
+    from localrun.resolve import demo_model
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("What is 2 + 3?\n")
+    code, _, err = cli("profile", "demo", "--prompts", prompts, "-n", "2", "--device", "cpu")
+    assert code == 2 and "--out" in err and not (demo_model() / "routing_profile.json").exists()
+    out = tmp_path / "demo_profile.json"
+    code, _, err = cli("profile", "demo", "--prompts", prompts, "-n", "2", "--device", "cpu", "--out", out)
+    assert code == 0, err
+    assert json.loads(out.read_text())["format"] == "localrun.routing_profile"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -125,7 +126,7 @@ def test_cuda_asked_for_but_absent(cli, tiny_moe):
 
 
 @pytest.mark.parametrize("flags, word", [
-    (["--top-p", "0"], "top_p"), (["--temperature", "-1"], "temperature"), (["--max-tokens", "0"], "max-tokens"),
+    (["--top-p", "0"], "top-p"), (["--temperature", "-1"], "temperature"), (["--max-tokens", "0"], "max-tokens"),
     (["--dtype", "int8"], "dtype"), (["--bogus"], "bogus"), (["--top-k", "x"], "top-k"),
 ])
 def test_invalid_options_are_usage_errors(cli, tiny_moe, flags, word):
@@ -139,3 +140,51 @@ def test_no_traceback_from_a_real_process(broken):
                          capture_output=True, text=True, stdin=subprocess.DEVNULL)
     assert res.returncode == 1 and res.stdout == ""
     assert res.stderr.startswith("error: truncated") and "Traceback" not in res.stderr
+
+
+# -- the context is a limit ----------------------------------------------------------------------
+
+LONG = "What is 17 + 25? " * 400  # ~4,400 tokens through the template
+
+
+def test_prompt_over_the_context_is_an_error_with_both_numbers(cli, tiny_moe):
+    line = one_line_error(cli, "run", str(tiny_moe), LONG, "--context", "512", "--device", "cpu")
+    numbers = [int(n) for n in re.findall(r"\d+", line)]
+    assert 512 in numbers and any(n > 512 for n in numbers), line
+
+
+def test_truncate_left_drops_the_oldest_tokens_and_says_so(cli, tiny_moe):
+    code, out, err = cli("run", tiny_moe, LONG, "--context", "512", "--truncate", "left", "-n", "4",
+                         "--ignore-eos", "--json", "--device", "cpu")
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["truncated_tokens"] > 0 and "dropped" in err and str(res["truncated_tokens"]) in err
+    assert res["prompt_tokens"] + len(res["tokens"]) <= 512 and len(res["tokens"]) == 4
+
+
+def test_generation_ends_with_length_at_the_context(cli, tiny_moe):
+    res = run_json(cli, tiny_moe, "hello", "--raw", "-n", "500", "--ignore-eos", "--context", "20")
+    assert res["finish_reason"] == "length"
+    assert res["prompt_tokens"] + len(res["tokens"]) == 20
+
+
+def test_context_beyond_the_model_is_a_usage_error(cli, tiny_moe):
+    assert "4096" in one_line_error(cli, "run", str(tiny_moe), "hi", "--context", "99999", expect_code=2)
+
+
+def test_empty_prompt_argument_is_an_error(cli, tiny_moe):
+    assert "empty prompt" in one_line_error(cli, "run", str(tiny_moe), "", expect_code=2)
+
+
+def test_control_tokens_never_reach_the_output(tiny_moe):
+    from localrun.engine import Engine
+    from localrun.generate import Step, Timings
+
+    engine = Engine.load(tiny_moe, device="cpu")
+    tok = engine.tokenizer
+    ids = [tok.token_id("<unused91>") or tok.token_id("<unused0>"), tok.token_id("<turn|>")]
+    ids += tok.encode("hi", add_special_tokens=False) + [tok.token_id("<|channel>")]
+    steps = [Step(i, torch.zeros(1), None, Timings()) for i in ids if i is not None]
+    text = "".join(t for t, _ in engine.stream_text(iter(steps)))
+    assert "unused" not in text and "<turn|>" not in text
+    assert "hi" in text and "<|channel>" in text  # the thought marker stays: the chat splits on it

@@ -1,4 +1,7 @@
-"""Options shared by the commands that load and sample a model (run, chat, bench), declared once."""
+"""Options shared by the commands that load and sample a model (run, chat, bench, profile), declared once.
+
+Nothing here imports torch: `--help` and usage errors must answer before it loads.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +9,18 @@ from typing import Optional
 
 import typer
 
-from ..engine import DTYPES
 from ..errors import UsageError
-from ..hardware import parse_size
+from ..hardware import check_threads, parse_size
+
+DTYPE_NAMES = ("bfloat16", "bf16", "float32", "fp32")
 
 SYSTEM = typer.Option(None, "--system", help="System prompt.")
-TEMPERATURE = typer.Option(0.0, "--temperature", "-t", help="0 = greedy.")
-TOP_K = typer.Option(0, "--top-k", help="Keep the k most likely tokens (0 = off).")
-TOP_P = typer.Option(1.0, "--top-p", help="Nucleus sampling mass (1 = off).")
-MIN_P = typer.Option(0.0, "--min-p", help="Drop tokens below min_p x the top probability (0 = off).")
-REPEAT_PENALTY = typer.Option(1.0, "--repeat-penalty", help="Penalize tokens already seen (1 = off).")
+# The ranges SamplingParams checks, declared here too so a bad value is a usage error before torch loads.
+TEMPERATURE = typer.Option(0.0, "--temperature", "-t", min=0.0, help="0 = greedy.")
+TOP_K = typer.Option(0, "--top-k", min=0, help="Keep the k most likely tokens (0 = off).")
+TOP_P = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (1 = off).")
+MIN_P = typer.Option(0.0, "--min-p", min=0.0, max=1.0, help="Drop tokens below min_p x the top probability (0 = off).")
+REPEAT_PENALTY = typer.Option(1.0, "--repeat-penalty", min=0.0, help="Penalize tokens already seen (1 = off).")
 SEED = typer.Option(None, "--seed", help="Seed for reproducible sampling.")
 IGNORE_EOS = typer.Option(False, "--ignore-eos", help="Don't stop at end-of-turn tokens.")
 THINK = typer.Option(False, "--think", help="Let the model think first (the chat template's enable_thinking).")
@@ -26,16 +31,42 @@ EXPERTS = typer.Option(None, "--experts", help="Routed expert precision: nf4 (de
 VRAM = typer.Option(None, "--vram", help="GPU memory to plan for, e.g. 16GiB (default: the GPU's total; the "
                     "plan keeps a CUDA context and display allowance out of it, as `fit` does).")
 RESIDENT_EXPERTS = typer.Option(
-    None, "--resident-experts", help="Force this fraction (0..1) of each layer's experts resident; the rest in RAM.")
+    None, "--resident-experts", min=0.0, max=1.0, help="Force this fraction (0..1) of each layer's experts resident; the rest in RAM.")
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar or status lines on stderr.")
+THREADS = typer.Option(None, "--threads", min=1, help="CPU compute threads (default: the cores no other process is "
+                       "busy on, at most the physical cores).")
+
+
+def check_sampling(top_p: float, repeat_penalty: float) -> None:
+    """The open ends of the sampling ranges (typer's `min` is inclusive)."""
+    if top_p == 0:
+        raise UsageError("--top-p must be more than 0")
+    if repeat_penalty == 0:
+        raise UsageError("--repeat-penalty must be more than 0")
+
+
+def check_dtype(dtype: str) -> None:
+    if dtype not in DTYPE_NAMES:
+        raise UsageError(f"--dtype must be bfloat16 or float32, not {dtype!r}")
 
 
 def load_kwargs(device: str, dtype: str, experts: Optional[str], vram: Optional[str],
                 resident_experts: Optional[float], context: Optional[int]) -> dict:
     """Validated keyword arguments for Engine.load from the shared command-line options."""
-    if dtype not in DTYPES:
-        raise UsageError(f"--dtype must be bfloat16 or float32, not {dtype!r}")
+    check_dtype(dtype)
     if context is not None and context < 1:
         raise UsageError(f"--context must be at least 1, not {context}")
+    size = parse_size(vram) if vram else None
+    from ..engine import DTYPES  # torch: only once the options are known to be good
+
     return {"device": device, "dtype": DTYPES[dtype], "experts": experts,
-            "vram": parse_size(vram) if vram else None, "context": context, "resident_fraction": resident_experts}
+            "vram": size, "context": context, "resident_fraction": resident_experts}
+
+
+def use_threads(threads: Optional[int]) -> int:
+    """Set torch's (and so the C kernels' OpenMP) intra-op threads: --threads, else `default_threads()`."""
+    n = check_threads(threads)
+    import torch
+
+    torch.set_num_threads(n)
+    return n

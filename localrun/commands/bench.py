@@ -9,15 +9,17 @@ from typing import List, Optional
 
 import typer
 
-from .. import bench as lbench
-from ..engine import DTYPES
 from ..errors import UsageError
-from ..resolve import resolve_model
 from . import _options as opt
+
+GRAPH_MODES = ("auto", "on", "off", "both")  # localrun.bench.GRAPH_MODES' keys, here so parsing needs no torch
 
 
 def resolve_bench_model(model: str) -> Path:
     """`bench` -> the generated bench checkpoint (written on first use); anything else as `run` resolves it."""
+    from .. import bench as lbench
+    from ..resolve import resolve_model
+
     if model == lbench.BENCH_NAME and not Path(model).exists():
         return lbench.bench_model_dir()
     return resolve_model(model)
@@ -36,27 +38,29 @@ def bench(
     repeat: int = typer.Option(3, "--repeat", help="Timed runs per measurement; the best is kept."),
     rounds: int = typer.Option(2, "--rounds", help="Alternate localrun and the compared side this many times "
                                "(each keeps its best), so a drift in machine speed hits both alike."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="torch intra-op threads for both sides."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for both sides (default: the "
+                                          "cores no other process is busy on, at most the physical cores)."),
     graphs: str = typer.Option("auto", "--graphs", help="Decode step: on (CUDA graphs), off (eager), both (side "
                                "by side in one run), auto (graphs where every expert routes on the GPU)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Also write the markdown table to this file."),
     as_json: bool = typer.Option(False, "--json", help="Print the raw numbers as JSON instead of the table."),
 ) -> None:
     """Measure prefill and decode speed (and compare with transformers)."""
-    if dtype not in DTYPES:
-        raise UsageError(f"--dtype must be bfloat16 or float32, not {dtype!r}")
+    opt.check_dtype(dtype)
     if compare not in (None, "transformers"):
         raise UsageError(f"--compare can only be 'transformers', not {compare!r}")
-    if graphs not in lbench.GRAPH_MODES:
-        raise UsageError(f"--graphs must be one of {', '.join(lbench.GRAPH_MODES)}, not {graphs!r}")
+    if graphs not in GRAPH_MODES:
+        raise UsageError(f"--graphs must be one of {', '.join(GRAPH_MODES)}, not {graphs!r}")
     if graphs in ("on", "both") and device == "cpu":
         raise UsageError("--graphs on needs --device cuda (CUDA graphs)")
     if min(repeat, rounds, *prompt_tokens, *gen_tokens) < 1:
         raise UsageError("--repeat, --rounds, --prompt-tokens and --gen-tokens must be at least 1")
-    if threads is not None:
-        import torch
+    threads = opt.check_threads(threads)
 
-        torch.set_num_threads(threads)
+    from .. import bench as lbench
+    from ..engine import DTYPES
+
+    opt.use_threads(threads)  # the report's "threads" reads it back
     cases = [(p, g) for p in prompt_tokens for g in gen_tokens]
     report = lbench.run_bench(resolve_bench_model(model), cases, device=device, dtype=DTYPES[dtype],
                               experts=experts, repeat=repeat, compare=compare, resident_fraction=resident_experts,

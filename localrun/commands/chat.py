@@ -8,15 +8,11 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 
 from ..chat import (THOUGHT, ChatSession, MultilineInput, Reply, default_context, engine_stats, format_stats,
                     history_path, initial_settings, parse_command, rss_bytes)
-from ..engine import Engine, generation_defaults
 from ..errors import LocalrunError
-from ..resolve import resolve_model
 from . import _options as opt
-from ._progress import progress_bar
 
 PROMPT, MORE = ">>> ", "... "
 MODEL_DEFAULT = "Default: the model's generation_config.json value, else off (greedy)."
@@ -26,6 +22,8 @@ class Terminal:
     """Prints for the REPL: dim for thoughts and stats, red for errors, nothing styled under NO_COLOR."""
 
     def __init__(self):
+        from rich.console import Console
+
         self.plain = bool(os.environ.get("NO_COLOR"))
         self.console = Console(highlight=False, no_color=self.plain)
 
@@ -94,7 +92,7 @@ def show_reply(session: ChatSession, term: Terminal) -> None:
 
 def stats_line(session: ChatSession, reply: Reply, interrupted: bool) -> str:
     if reply.timings is None:
-        return "interrupted before the first token"
+        return "interrupted before the first token (the message was dropped; send it again)"
     return format_stats(reply.tokens, reply.timings, rss_bytes(), engine_stats(session.engine), interrupted=interrupted)
 
 
@@ -144,17 +142,20 @@ def repl(session: ChatSession, term: Terminal) -> None:
 def chat(
     model: str = typer.Argument("demo", help="Model directory, Hugging Face repo id, or 'demo'."),
     system: Optional[str] = opt.SYSTEM,
-    max_tokens: int = typer.Option(1024, "--max-tokens", "-n", help="Most tokens per reply."),
-    temperature: Optional[float] = typer.Option(None, "--temperature", "-t", help=f"0 = greedy. {MODEL_DEFAULT}"),
-    top_k: Optional[int] = typer.Option(None, "--top-k", help=f"Keep the k most likely tokens (0 = off). {MODEL_DEFAULT}"),
-    top_p: Optional[float] = typer.Option(None, "--top-p", help=f"Nucleus sampling mass (1 = off). {MODEL_DEFAULT}"),
-    min_p: Optional[float] = typer.Option(None, "--min-p", help=f"Drop tokens below min_p x the top probability "
-                                          f"(0 = off). {MODEL_DEFAULT}"),
-    repeat_penalty: Optional[float] = typer.Option(None, "--repeat-penalty",
+    max_tokens: int = typer.Option(1024, "--max-tokens", "-n", min=1, help="Most tokens per reply."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", "-t", min=0.0,
+                                                help=f"0 = greedy. {MODEL_DEFAULT}"),
+    top_k: Optional[int] = typer.Option(None, "--top-k", min=0,
+                                        help=f"Keep the k most likely tokens (0 = off). {MODEL_DEFAULT}"),
+    top_p: Optional[float] = typer.Option(None, "--top-p", min=0.0, max=1.0,
+                                          help=f"Nucleus sampling mass (1 = off). {MODEL_DEFAULT}"),
+    min_p: Optional[float] = typer.Option(None, "--min-p", min=0.0, max=1.0,
+                                          help=f"Drop tokens below min_p x the top probability (0 = off). {MODEL_DEFAULT}"),
+    repeat_penalty: Optional[float] = typer.Option(None, "--repeat-penalty", min=0.0,
                                                    help=f"Penalize tokens already seen (1 = off). {MODEL_DEFAULT}"),
     seed: Optional[int] = opt.SEED,
     think: bool = opt.THINK,
-    context: Optional[int] = typer.Option(None, "--context", help="Context length in tokens; oldest turns are "
+    context: Optional[int] = typer.Option(None, "--context", min=16, help="Context length in tokens; oldest turns are "
                                           "dropped beyond it. Default: 4096, or the model's limit if smaller."),
     ignore_eos: bool = opt.IGNORE_EOS,
     device: str = opt.DEVICE,
@@ -162,23 +163,32 @@ def chat(
     experts: Optional[str] = opt.EXPERTS,
     vram: Optional[str] = opt.VRAM,
     resident_experts: Optional[float] = opt.RESIDENT_EXPERTS,
+    threads: Optional[int] = opt.THREADS,
     quiet: bool = opt.QUIET,
 ) -> None:
     """Chat with a model in the terminal (/help inside for commands)."""
+    opt.check_sampling(top_p, repeat_penalty)
     load = opt.load_kwargs(device, dtype, experts, vram, resident_experts, context)
+    threads = opt.check_threads(threads)
     flags = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p,
              "repeat_penalty": repeat_penalty}
     rest = {"max_tokens": max_tokens, "seed": seed, "think": think, "ignore_eos": ignore_eos}
     initial_settings({}, flags, **rest)  # a bad flag is a usage error before anything is read
+
+    from ..engine import Engine, generation_defaults
+    from ..resolve import resolve_model
+    from ._progress import progress_bar
+
     model_dir = resolve_model(model)
     settings = initial_settings(generation_defaults(model_dir), flags, **rest)
+    opt.use_threads(threads)
     term = Terminal()
     if not quiet:
         term.info(f"loading {model_dir} ...")
     with progress_bar("loading", enabled=not quiet) as update:
         engine = Engine.load(model_dir, progress=update, **load)
     limit = default_context(engine.loaded.args.max_position_embeddings, context)
-    repl(ChatSession(engine, settings, system=system, context=limit), term)
+    repl(ChatSession(engine, settings, system=system, context=limit, threads=threads), term)
 
 
 command = chat

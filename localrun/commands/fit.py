@@ -10,15 +10,8 @@ from typing import Optional
 import typer
 
 from .. import hardware
-from ..hardware import DECODE_EFFICIENCY
-from ..checkpoint import read_header
-from ..config import ModelArgs, load_config
-from ..loader import expert_spec, placement_plan
-from ..resolve import resolve_model
 from ..errors import LocalrunError, UsageError
-from ..hardware import format_size
-from ..models import family
-from ..plan import CUDA_CONTEXT_BYTES, DEVICE, Plan, display_allowance
+from ..hardware import DECODE_EFFICIENCY, format_size
 
 
 
@@ -52,13 +45,16 @@ def resolve_target(vram: str | None, gpu: str | None) -> Target:
                   preset.pcie_bandwidth if preset else hardware.DEFAULT_PCIE_BANDWIDTH)
 
 
-def checkpoint_tensor_shapes(model_dir: Path, args: ModelArgs) -> dict[str, tuple[int, ...]]:
+def checkpoint_tensor_shapes(model_dir: Path, args) -> dict[str, tuple[int, ...]]:
     """Text tensor shapes: the config's layout, checked against safetensors headers when there are any.
 
     Only headers are read (never tensor data). A tensor the headers hold with another shape
     means config.json and the weights disagree, which is an error; names the headers lack
     (a pre-quantized layout, or no weights at all) keep the config's shapes.
     """
+    from ..checkpoint import read_header
+    from ..models import family
+
     model = family(args.model_type)
     shapes = model.checkpoint_shapes(args)
     for path in sorted(model_dir.glob("*.safetensors")):
@@ -70,15 +66,19 @@ def checkpoint_tensor_shapes(model_dir: Path, args: ModelArgs) -> dict[str, tupl
     return shapes
 
 
-def _where(plan: Plan, tier: str) -> str:
+def _where(plan, tier: str) -> str:
+    from ..plan import DEVICE
+
     if plan.device == "cpu":
         return "CPU RAM"
     return "GPU" if tier == DEVICE else "RAM"
 
 
-def _print_report(plan: Plan, target: Target, model: Path) -> None:
+def _print_report(plan, target: Target, model: Path) -> None:
     from rich.console import Console
     from rich.table import Table
+
+    from ..plan import CUDA_CONTEXT_BYTES, DEVICE, display_allowance
 
     console = Console()
     table = Table(title=f"localrun fit: {model.name} on {target.label}, context {plan.context}")
@@ -119,20 +119,28 @@ def fit(
     vram: Optional[str] = typer.Option(None, "--vram", help="GPU memory, e.g. 16GiB (GB means GiB: cards are sized in binary units)."),
     gpu: Optional[str] = typer.Option(None, "--gpu", help="A GPU preset, e.g. 'RTX 4090', 4060ti, 5090."),
     ram: Optional[str] = typer.Option(None, "--ram", help="Host RAM for offloaded experts (default: available RAM)."),
-    context: Optional[int] = typer.Option(None, "--context", "-c",
+    context: Optional[int] = typer.Option(None, "--context", "-c", min=1,
                                           help="Context length in tokens to plan for (default 8192, or the model's limit)."),
     experts: Optional[str] = typer.Option(None, "--experts", help="Routed expert precision: nf4 (default), fp4 or bf16."),
-    resident_experts: Optional[float] = typer.Option(None, "--resident-experts", help="Force this fraction (0..1) of each layer's experts onto the GPU."),
+    resident_experts: Optional[float] = typer.Option(None, "--resident-experts", min=0.0, max=1.0,
+                                                     help="Force this fraction (0..1) of each layer's experts onto the GPU."),
     as_json: bool = typer.Option(False, "--json", help="Print only JSON."),
 ) -> None:
-    """Estimate whether a model fits a GPU: memory per component, resident experts, longest context, speed."""
+    """Estimate whether a model fits a GPU: memory per component, resident experts, longest context, speed.
+
+    Exits 1 when it does not fit, after the report.
+    """
+    target = resolve_target(vram, gpu)
+    host = hardware.parse_size(ram) if ram is not None else hardware.detect_host_ram()
+
+    from ..config import load_config
+    from ..loader import expert_spec, placement_plan
+    from ..plan import CUDA_CONTEXT_BYTES, display_allowance
+    from ..resolve import resolve_model
+
     model = resolve_model(model, config_only=True)
     args = load_config(model)
     spec = expert_spec(model, experts, args)
-    if context is not None and context < 1:
-        raise UsageError(f"--context must be at least 1, not {context}")
-    target = resolve_target(vram, gpu)
-    host = hardware.parse_size(ram) if ram is not None else hardware.detect_host_ram()
     plan = placement_plan(args, model, spec, gpu_bytes=target.device_bytes, host_bytes=host, context=context,
                           resident_fraction=resident_experts, tensor_shapes=checkpoint_tensor_shapes(model, args),
                           gpu_bandwidth=target.bandwidth, pcie_bandwidth=target.pcie_bandwidth)
@@ -142,6 +150,8 @@ def fit(
                           **plan.to_dict()}, indent=2))
     else:
         _print_report(plan, target, model)
+    if not plan.fits:
+        raise typer.Exit(1)
 
 
 command = fit

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from ..resolve import hf_cache_dir, list_local_models
 
@@ -23,6 +21,9 @@ def list_models(
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list instead of a table."),
 ) -> None:
     """List the models found locally, with size on disk, format and model family."""
+    from rich.console import Console
+    from rich.table import Table
+
     models = list_local_models()
     if as_json:
         print(json.dumps([m.to_dict() for m in models], indent=2))

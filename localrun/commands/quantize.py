@@ -7,31 +7,38 @@ from pathlib import Path
 import typer
 
 from ..errors import UsageError
-from ..loader import resolve_device
-from ..prequant import quantize_checkpoint
-from quant.spec import QUANT_TYPES, QuantSpec
-from ._progress import progress_bar
 
 
 def quantize(
-    src: Path = typer.Argument(..., help="Hugging Face checkpoint directory."),
-    out: Path = typer.Argument(..., help="Where to write the pre-quantized model (a new directory)."),
+    src: str = typer.Argument(..., help="Hugging Face checkpoint directory, HF repo id, or 'demo'."),
+    out: Path = typer.Argument(..., help="Where to write the pre-quantized model: a new or empty directory, "
+                               "or (with --force) an earlier localrun output."),
     experts: str = typer.Option("nf4", "--experts", help="4-bit format of the routed experts: nf4 or fp4."),
     double_quant: bool = typer.Option(False, "--double-quant", help="Quantize the absmax statistics too."),
     blocksize: int = typer.Option(64, "--blocksize", help="Values per absmax block."),
-    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it is an earlier localrun output "
+                               "(never any other directory)."),
     device: str = typer.Option("auto", "--device", help="Where to quantize: cuda (fast), cpu or auto."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Quantize a checkpoint's routed experts to 4-bit once, so loading it later is fast."""
+    from quant.spec import QUANT_TYPES, QuantSpec
+
     if experts not in QUANT_TYPES:
         raise UsageError(f"--experts must be one of {', '.join(QUANT_TYPES)}, not {experts!r}")
     try:
         spec = QuantSpec(experts, blocksize, double_quant)
     except ValueError as e:
         raise UsageError(str(e)) from None
+
+    from ..loader import resolve_device
+    from ..prequant import quantize_checkpoint
+    from ..resolve import resolve_model
+    from ._progress import progress_bar
+
+    source = resolve_model(src)
     with progress_bar("quantizing", enabled=not quiet) as update:
-        quantize_checkpoint(src, out, spec, force=force, progress=update, device=str(resolve_device(device)))
+        quantize_checkpoint(source, out, spec, force=force, progress=update, device=str(resolve_device(device)))
     if not quiet:
         typer.echo(f"wrote {out} ({experts} experts{', double quant' if double_quant else ''})", err=True)
 
