@@ -32,7 +32,8 @@ GEMMA4_TYPES = ("gemma4", "gemma4_text")
 SLIDING = "sliding_attention"
 FULL = "full_attention"
 
-GEMMA4_PER_LAYER_KEYS = ("head_dim", "num_key_value_heads")  # what a Gemma 4 layer may override
+GEMMA4_ROPE_TYPES = ("default", "proportional")
+PER_LAYER_KEYS = ("head_dim", "num_key_value_heads")  # what a Gemma 4 layer may override
 
 _DEFAULT_ROPE = {
     SLIDING: {"rope_type": "default", "rope_theta": 10_000.0},
