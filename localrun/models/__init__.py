@@ -30,7 +30,7 @@ SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 
 def family(model_type: str | None) -> ModuleType:
     """The module implementing `model_type`; a one-line error naming every supported type otherwise."""
-    if model_type not in FAMILIES:
+    if not isinstance(model_type, str) or model_type not in FAMILIES:  # a list is unhashable
         raise LocalrunError(f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
     return importlib.import_module(f"{__name__}.{FAMILIES[model_type]}")
 
