@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint import Checkpoint
+from . import common
 from ..config import ModelArgs
 from ..errors import LocalrunError
 from .. import kernels
@@ -507,13 +508,7 @@ Model = Gemma4Model
 EXPERT_KEYS = ("experts.gate_up_proj", "experts.down_proj")
 
 
-def sanitize(args: ModelArgs, name: str) -> str | None:
-    """Checkpoint key -> model key, or None for tensors a text decoder never reads (vision, audio)."""
-    if name == "lm_head.weight":
-        return None if args.tie_word_embeddings else name
-    if not name.startswith(args.weight_prefix):
-        return None
-    return name[len(args.weight_prefix):]
+sanitize = common.sanitize  # checkpoint key -> model key (the interface every family module has)
 
 
 def read_experts(ckpt: Checkpoint, args: ModelArgs, layer: int) -> tuple[torch.Tensor, torch.Tensor]:

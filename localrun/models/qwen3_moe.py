@@ -25,6 +25,7 @@ from ..checkpoint import Checkpoint
 from ..errors import LocalrunError
 from ..kernels import linear
 from ..moe import ACTIVATIONS, DenseExperts
+from . import common
 from .gemma4 import MLP, RMSNorm, apply_rope, attend, fuse_linears, norm_rope, project, rope_inv_freq
 
 
@@ -193,13 +194,7 @@ def tensor_group(name: str) -> str:
     return "norms"
 
 
-def sanitize(args: MoEArgs, name: str) -> str | None:
-    """Checkpoint key -> model key, or None for tensors a text decoder never reads."""
-    if name == "lm_head.weight":
-        return None if args.tie_word_embeddings else name
-    if not name.startswith(args.weight_prefix):
-        return None
-    return name[len(args.weight_prefix):]
+sanitize = common.sanitize  # checkpoint key -> model key (the interface every family module has)
 
 
 def read_experts(ckpt: Checkpoint, args: MoEArgs, layer: int, fused=(FUSED,), per_expert=(PER_EXPERT,)):
