@@ -16,6 +16,8 @@ match the eager path; logprobs match up to fp32 summation order over the longer 
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .kvcache import KVCache
@@ -125,17 +127,35 @@ class CudaGraphStep(StaticStep):
         return logits
 
 
+class CompiledGraphStep(CudaGraphStep):
+    """CudaGraphStep whose forward is first compiled by torch.compile (inductor fuses the step's many
+    small elementwise kernels, which bound decode today), then captured per span bucket as usual.
+    Opt-in (`LOCALRUN_DECODE_STEP=compiled`): compiling 30 layers costs tens of seconds per model load,
+    and whether it pays is for scripts/gpu_check.py to measure. One compiled function serves every span
+    (the span is an int argument: after the first recompile torch.compile treats it as dynamic)."""
+
+    def __init__(self, model, cache: KVCache):
+        super().__init__(model, cache)
+        self.forward = torch.compile(self.forward, fullgraph=True)
+
+
+STEPS = {"eager": EagerStep, "static": StaticStep, "graphs": CudaGraphStep, "compiled": CompiledGraphStep}
+
+
 def make_step(model, cache: KVCache, mode: str = "auto"):
-    """The decode step for `mode`: "eager", "static", "graphs", or "auto" (graphs on CUDA when every
-    routed expert is computed on the device without host syncs, else eager)."""
-    if mode not in ("auto", "eager", "static", "graphs"):
-        raise ValueError(f"decode step must be auto, eager, static or graphs, not {mode!r}")
+    """The decode step for `mode`: "eager", "static", "graphs", "compiled", or "auto" (graphs on CUDA
+    when every routed expert is computed on the device without host syncs, else eager; the variable
+    LOCALRUN_DECODE_STEP overrides what auto picks)."""
+    if mode not in ("auto", *STEPS):
+        raise ValueError(f"decode step must be auto, {', '.join(STEPS)}, not {mode!r}")
     cuda = model.embed_tokens.weight.device.type == "cuda"
     if mode == "auto":
-        mode = "graphs" if cuda and graph_safe(model) else "eager"
-    if mode == "graphs" and not cuda:
+        mode = os.environ.get("LOCALRUN_DECODE_STEP") or ("graphs" if cuda and graph_safe(model) else "eager")
+        if mode not in STEPS:
+            raise ValueError(f"LOCALRUN_DECODE_STEP must be one of {', '.join(STEPS)}, not {mode!r}")
+    if mode in ("graphs", "compiled") and not cuda:
         raise ValueError("CUDA graphs need a CUDA device")
-    return {"eager": EagerStep, "static": StaticStep, "graphs": CudaGraphStep}[mode](model, cache)
+    return STEPS[mode](model, cache)
 
 
 def graph_safe(model) -> bool:

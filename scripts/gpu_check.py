@@ -49,6 +49,7 @@ STEPS = {  # name -> seconds it may take on one H100 (the whole check must end w
     "demo": 60,
     "big": 200,
     "kernels": 90,
+    "compiled": 200,
 }
 DRY_TIMEOUT = 300
 
@@ -458,8 +459,40 @@ def step_kernels(dry: bool) -> dict:
     return out
 
 
+def step_compiled(dry: bool) -> dict:
+    """26B-A4B all resident: the torch.compile'd static step in CUDA graphs (LOCALRUN_DECODE_STEP=compiled)
+    against plain graphs, compile time included, tokens compared. Last: it may take minutes to compile."""
+    torch = _torch()
+    from localrun.bench import bench_prompt
+    from localrun.loader import load_model
+    from localrun.synthetic import RandomCheckpoint
+    from localrun.config import load_config
+
+    dev = device_for(dry)
+    if dev.type != "cuda":
+        return {"skipped": "CUDA graphs need a GPU (the compiled step is traced on the CPU by tests/test_step.py)"}
+    model_dir = write_config(dry, Path(tempfile.mkdtemp(prefix="gpu-check-big-")))
+    args = load_config(model_dir)
+    loaded = load_model(model_dir, device=str(dev), dtype=torch.bfloat16, experts="nf4",
+                        checkpoint=RandomCheckpoint(args, device=dev))
+    ids = bench_prompt(16, args.vocab_size)
+    out: dict = {}
+    reference, _ = greedy(loaded.model, ids, 24, dev, "graphs", loaded.kv)
+    start = time.perf_counter()
+    tokens, _ = greedy(loaded.model, ids, 24, dev, "compiled", loaded.kv)
+    out["first_call_s"] = round(time.perf_counter() - start, 1)
+    out["tokens_identical_to_graphs"] = tokens == reference
+    gen = 48
+    for mode in ("graphs", "compiled"):
+        t1 = best_seconds(lambda: greedy(loaded.model, ids, 1, dev, mode, loaded.kv), 1, dev)
+        tn = best_seconds(lambda: greedy(loaded.model, ids, gen, dev, mode, loaded.kv), 1, dev)
+        out[f"decode_tokens_per_s_{mode}"] = round((gen - 1) / (tn - t1), 2)
+    timed("per_token_compiled", lambda: per_token_counts(loaded.model, ids, dev, "compiled", loaded.kv), out)
+    return out
+
+
 STEP_FUNCTIONS = {"env": step_env, "attention": step_attention, "exact": step_exact, "demo": step_demo,
-                  "big": step_big, "kernels": step_kernels}
+                  "big": step_big, "kernels": step_kernels, "compiled": step_compiled}
 
 
 # The driver ----------------------------------------------------------------------------------

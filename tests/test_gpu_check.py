@@ -17,7 +17,7 @@ def test_dry_run_writes_a_complete_report(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     steps = report["steps"]
-    assert report["dry"] and set(steps) == {"env", "attention", "exact", "demo", "big", "kernels"}
+    assert report["dry"] and set(steps) == {"env", "attention", "exact", "demo", "big", "kernels", "compiled"}
     assert not [name for name, value in steps.items() if "error" in value]
     for row in steps["exact"]["tiny"].values():  # CPU stand-in: the same device on both sides
         assert "error" not in row

@@ -106,3 +106,20 @@ def test_static_step_compiles_as_one_graph(tiny_moe):
             logits = compiled(span_for(position, cache.capacity))
             cache.advance(position + 1)
     assert tokens == reference
+
+
+def test_make_step_modes(tiny_moe, monkeypatch):
+    from localrun.step import EagerStep, make_step
+
+    loaded = load_model(tiny_moe, dtype=torch.float32, context=64)
+    assert isinstance(make_step(loaded.model, loaded.kv, "auto"), EagerStep)  # CPU: eager
+    monkeypatch.setenv("LOCALRUN_DECODE_STEP", "static")
+    assert isinstance(make_step(loaded.model, loaded.kv, "auto"), StaticStep)
+    for mode in ("graphs", "compiled"):
+        with pytest.raises(ValueError, match="CUDA"):
+            make_step(loaded.model, loaded.kv, mode)
+    monkeypatch.setenv("LOCALRUN_DECODE_STEP", "fast")
+    with pytest.raises(ValueError, match="LOCALRUN_DECODE_STEP"):
+        make_step(loaded.model, loaded.kv, "auto")
+    with pytest.raises(ValueError, match="decode step must be"):
+        make_step(loaded.model, loaded.kv, "warp")
