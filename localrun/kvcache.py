@@ -47,13 +47,17 @@ class FullKV:
         self.length = end
         return self.k[:, :, :end], self.v[:, :, :end], self.pos[:end]
 
-    def write(self, k_BN1D, v_BN1D, pos_1, span: int):
+    def write(self, k_BN1D, v_BN1D, pos_1, span: int, memo: dict | None = None):
         """The static step's update: write one position given as a device tensor (no host value read),
-        return the first `span` slots and their visibility [1, span] (slots past `pos` are masked)."""
+        return the first `span` slots and their visibility [1, span] (slots past `pos` are masked).
+        memo: per step, shared by the layers, so the mask is computed once (it is the same for all)."""
         self.k.index_copy_(2, pos_1, k_BN1D)
         self.v.index_copy_(2, pos_1, v_BN1D)
-        pos_S = self.pos[:span]
-        return self.k[:, :, :span], self.v[:, :, :span], (pos_S <= pos_1)[None, :]
+        memo = {} if memo is None else memo
+        visible = memo.get(("full", span))
+        if visible is None:
+            visible = memo["full", span] = (self.pos[:span] <= pos_1)[None, :]
+        return self.k[:, :, :span], self.v[:, :, :span], visible
 
     @property
     def nbytes(self) -> int:
@@ -103,14 +107,22 @@ class RingKV:
         self._write(k_BNTD, v_BNTD, pos_T)
         return k, v, pos
 
-    def write(self, k_BN1D, v_BN1D, pos_1, span: int):
+    def write(self, k_BN1D, v_BN1D, pos_1, span: int, memo: dict | None = None):
         """The static step's update (see FullKV.write): slot pos % window, all `window` slots returned,
-        empty ones (-1) masked. `span` is the full layers' key count; a ring always shows its window."""
-        slot = pos_1 % self.window
+        empty ones (-1) masked. `span` is the full layers' key count; a ring always shows its window.
+        Every ring of a model holds the same positions, so the slot and the mask are computed once a step."""
+        memo = {} if memo is None else memo
+        key = ("ring", self.window)
+        slot = memo.get(key + ("slot",))
+        if slot is None:
+            slot = memo[key + ("slot",)] = pos_1 % self.window
         self.k.index_copy_(2, slot, k_BN1D)
         self.v.index_copy_(2, slot, v_BN1D)
-        self.pos.index_copy_(0, slot, pos_1)
-        return self.k, self.v, (self.pos >= 0)[None, :]
+        self.pos.index_copy_(0, slot, pos_1)  # every ring keeps its own positions (eager updates read them)
+        visible = memo.get(key)
+        if visible is None:
+            visible = memo[key] = (self.pos >= 0)[None, :]
+        return self.k, self.v, visible
 
     @property
     def nbytes(self) -> int:

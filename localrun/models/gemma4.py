@@ -304,7 +304,7 @@ class Attention(nn.Module):
             v = rms_norm(v, None, self.eps).transpose(1, 2)
             pos_S = pos_T
             if cache is not None and span is not None:
-                k, v, visible = cache.write(k, v, pos_T, span)
+                k, v, visible = cache.write(k, v, pos_T, span, shared.setdefault("static", {}))
             elif cache is not None:
                 k, v, pos_S = cache.update(k, v, pos_T)
             shared[self.window is not None] = (k, v, pos_S, visible)  # the last layer of each kind wins

@@ -260,7 +260,7 @@ class Attention(nn.Module):
         k, v = k.transpose(1, 2), v.view(B, T, -1, self.head_dim).transpose(1, 2)
         pos_S, visible, span = pos_T, None, shared.get("span")  # span: the static decode step's (localrun/step.py)
         if cache is not None and span is not None:
-            k, v, visible = cache.write(k, v, pos_T, span)
+            k, v, visible = cache.write(k, v, pos_T, span, shared.setdefault("static", {}))
         elif cache is not None:
             k, v, pos_S = cache.update(k, v, pos_T)
         out = attend(q.transpose(1, 2), k, v, pos_T, pos_S, self.window, shared.setdefault("masks", {}), visible,
