@@ -7,14 +7,16 @@ y = (act(gate) * up) @ down.T, computed in the dtype of x.
 
 from __future__ import annotations
 
-from typing import Sequence
+import functools
+from typing import Mapping, Sequence
 
 import bitsandbytes as bnb
 import torch
 
-from localrun.moe import activation, dispatch, expert_ffn
-from quant.layer import ExpertBuffer
-from quant.nf4 import PackedExpert
+from localrun import kernels
+from localrun.moe import ACTIVATIONS, activation, dispatch, expert_ffn
+from quant.layer import OFFSET_FIELDS, ExpertBuffer
+from quant.nf4 import MATRICES, ExpertLayout, PackedExpert, _code_table
 
 # On the CPU (where it was measured): up to this many tokens per expert, bitsandbytes' 4-bit matmul
 # reads the codes directly; beyond it, dequantizing once and running a dense matmul is faster
@@ -36,8 +38,66 @@ def ffn_dequantized(x_TH: torch.Tensor, expert: PackedExpert, act) -> torch.Tens
     return expert_ffn(x_TH, gate_up_2IH, down_HI, act)
 
 
+# -- the C kernel (localrun/kernels/cpu_bf16.c, lr_moe_4bit) ---------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel_args(layout: ExpertLayout) -> tuple:
+    """(offsets int64 [8], 16-value table, 256-value nested table, hidden, inter, blocksize, double_quant)."""
+    offsets = []
+    for name in MATRICES:
+        parts = layout.matrix(name).parts()
+        offsets += [parts[f].offset if f in parts else -1 for f in OFFSET_FIELDS]
+    hidden, inter = layout.down.shape
+    spec = layout.spec
+    return (torch.tensor(offsets, dtype=torch.int64), _code_table(spec.quant_type, torch.device("cpu")),
+            _code_table("dynamic", torch.device("cpu")), hidden, inter, spec.blocksize, spec.double_quant)
+
+
+def kernel_applies(layout: ExpertLayout, x_TH: torch.Tensor, act: str) -> bool:
+    """Whether the C 4-bit kernel computes experts of `layout` for this x (fp32 on the CPU, ...)."""
+    hidden, inter = layout.down.shape
+    return kernels.moe_q4_applies(x_TH, hidden, inter, layout.spec.blocksize, act)
+
+
+def rows_table(payloads: Mapping[int, PackedExpert] | Sequence[PackedExpert], num_experts: int) -> torch.Tensor:
+    """int64 [E]: the address of each expert's packed bytes (0 where absent), for kernels.moe_q4."""
+    rows = [0] * num_experts
+    for e, p in (payloads.items() if isinstance(payloads, Mapping) else enumerate(payloads)):
+        if p.buffer.device.type != "cpu":
+            raise ValueError("the CPU 4-bit kernel reads experts in host memory")
+        rows[e] = p.buffer.data_ptr()
+    return torch.tensor(rows, dtype=torch.int64)
+
+
+def moe_4bit_cpu(layout: ExpertLayout, rows_E: torch.Tensor, x_TH: torch.Tensor, ids_TK: torch.Tensor,
+                 w_TK: torch.Tensor, act: str) -> torch.Tensor | None:
+    """sum_k w[t,k] * expert_{ids[t,k]}(x[t]) in one C call over the experts at rows_E, or None."""
+    return kernels.moe_q4(x_TH, rows_E, *_kernel_args(layout)[:3], ids_TK, w_TK, *_kernel_args(layout)[3:], act)
+
+
+def ffn_4bit_cpu(x_TH: torch.Tensor, expert: PackedExpert, act_name: str) -> torch.Tensor | None:
+    """One expert through the C kernel (K = 1, weight 1: exactly the expert's output), or None."""
+    if expert.buffer.device.type != "cpu" or not kernel_applies(expert.layout, x_TH, act_name):
+        return None
+    T = x_TH.shape[0]
+    ids = torch.zeros(T, 1, dtype=torch.int64)
+    return moe_4bit_cpu(expert.layout, rows_table([expert], 1), x_TH, ids, torch.ones(T, 1), act_name)
+
+
+_ACT_NAMES = {fn: name for name, fn in ACTIVATIONS.items()}  # for ffn_4bit's callers that pass the function
+
+
 def ffn_4bit(x_TH: torch.Tensor, expert: PackedExpert, act) -> torch.Tensor:
-    """One expert on 4-bit weights: bitsandbytes' choice on CUDA, MATMUL_4BIT_MAX_TOKENS on the CPU."""
+    """One expert on 4-bit weights: the C kernel on the CPU where it applies (fp32); else bitsandbytes'
+    choice on CUDA, MATMUL_4BIT_MAX_TOKENS on the CPU. `act`: an activation name or function."""
+    name = act if isinstance(act, str) else _ACT_NAMES.get(act)
+    if name is not None and x_TH.device.type == "cpu":
+        y = ffn_4bit_cpu(x_TH, expert, name)
+        if y is not None:
+            return y
+    if isinstance(act, str):
+        act = activation(act)
     if x_TH.device.type == "cuda" or x_TH.shape[0] <= MATMUL_4BIT_MAX_TOKENS:
         return ffn_matmul_4bit(x_TH, expert, act)
     return ffn_dequantized(x_TH, expert, act)
@@ -58,16 +118,46 @@ class QuantizedExperts:
         self.experts = experts
         self.act_name = act
         self.act = activation(act)
+        self._rows: torch.Tensor | None = None  # expert addresses for the C kernel, built on first use
 
     @property
     def nbytes(self) -> int:
         return sum(e.nbytes for e in self.experts)
 
     def __call__(self, x_TH: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
+        layout = self.experts[0].layout
+        if self.experts[0].device.type == "cpu" and kernel_applies(layout, x_TH, self.act_name):
+            if self._rows is None:  # the buffers never change: one table for the layer's lifetime
+                self._rows = rows_table(self.experts, len(self.experts))
+            return moe_4bit_cpu(layout, self._rows, x_TH, ids_TK, w_TK, self.act_name)
         return dispatch(x_TH, ids_TK, w_TK, lambda e, x: ffn_4bit(x, self.experts[e], self.act))
 
     def __repr__(self) -> str:
         return f"QuantizedExperts({len(self.experts)} x {self.experts[0]!r}, act={self.act_name})"
+
+
+class CpuLayerCompute:
+    """ExpertStore's one-call layer compute on the CPU: every expert of a layer read where it lies
+    (resident or host rows, all RAM on the CPU) by the C kernel, in one call per layer. The same
+    kernel and summation order as QuantizedExperts, so tokens are identical whatever the placement."""
+
+    def __init__(self, layout: ExpertLayout, act: str):
+        self.layout = layout
+        self.act_name = act
+        self._rows: dict[int, tuple[Mapping, torch.Tensor]] = {}  # id(payloads) -> (payloads, addresses)
+
+    def applies(self, x_TH: torch.Tensor) -> bool:
+        return kernel_applies(self.layout, x_TH, self.act_name)
+
+    def __call__(self, payloads: Mapping[int, PackedExpert], num_experts: int, x_TH: torch.Tensor,
+                 ids_TK: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
+        cached = self._rows.get(id(payloads))
+        if cached is None or cached[0] is not payloads:
+            cached = self._rows[id(payloads)] = (payloads, rows_table(payloads, num_experts))
+        y = moe_4bit_cpu(self.layout, cached[1], x_TH, ids_TK, w_TK, self.act_name)
+        if y is None:
+            raise RuntimeError("CpuLayerCompute called where the kernel does not apply")
+        return y
 
 
 # Above this many tokens a layer call is a prefill: the per-token 4-bit GEMV kernel would read each hit

@@ -96,6 +96,13 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.lr_rms_norm.restype = None
     lib.lr_rms_norm_rope.argtypes = [_PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, ctypes.c_float]
     lib.lr_rms_norm_rope.restype = None
+    lib.lr_moe_4bit.argtypes = [_PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _I64, _INT,
+                                _INT, _PTR, _PTR, _PTR, _PTR, _I64]
+    lib.lr_moe_4bit.restype = _INT
+    lib.lr_moe_4bit_scratch.argtypes = [_I64, _I64, _I64, _I64, _I64, _INT, _INT]
+    lib.lr_moe_4bit_scratch.restype = _I64
+    lib.lr_q4_isa.argtypes = []
+    lib.lr_q4_isa.restype = ctypes.c_char_p
     return lib
 
 
@@ -216,6 +223,54 @@ def moe(x_TH: torch.Tensor, gate_up_E2IH: torch.Tensor, down_EHI: torch.Tensor, 
                                    order.data_ptr(), starts.data_ptr(), scratch.data_ptr())
     if status != 0:
         raise ValueError(f"expert ids must be in [0, {E})")
+    return out
+
+
+def isa() -> str | None:
+    """The instruction set the 4-bit expert kernel was built for ("avx512", "avx2", "scalar"), or None."""
+    lib = library()
+    return None if lib is None else lib.lr_q4_isa().decode()
+
+
+def moe_q4_applies(x_TH: torch.Tensor, hidden: int, inter: int, blocksize: int, act: str) -> bool:
+    """Whether `moe_q4` computes this call (else the caller takes its torch path): fp32 x on the CPU
+    outside autograd and tracing, a known activation, both matmul input sizes multiples of 32 and a
+    power-of-two blocksize >= 32 (so no 32-value chunk straddles two absmax blocks)."""
+    return (x_TH.device.type == "cpu" and x_TH.dtype == torch.float32 and act in ACTIVATION_CODES
+            and hidden % 32 == 0 and inter % 32 == 0 and blocksize >= 32 and blocksize & (blocksize - 1) == 0
+            and not (torch.is_grad_enabled() and x_TH.requires_grad) and not _tracing() and library() is not None)
+
+
+def moe_q4(x_TH: torch.Tensor, rows_E: torch.Tensor, offsets: torch.Tensor, code: torch.Tensor,
+             nested_code: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor, hidden: int, inter: int,
+             blocksize: int, double_quant: bool, act: str) -> torch.Tensor | None:
+    """sum_k w[t,k] * expert_{ids[t,k]}(x[t]) over 4-bit packed experts in one C call, or None when the
+    kernel doesn't apply (see moe_q4_applies). rows_E: int64 [E], the address of each expert's packed
+    bytes (0: not available; the caller keeps those buffers alive); offsets: int64 [8], the byte offsets
+    of codes / absmax / nested absmax / nested offset of gate_up then down in a row; code: the 16
+    NF4/FP4 values, nested_code the 256 dynamic values (fp32, CPU). Each token's K contributions are
+    summed in fp32 in expert id order (moe.dispatch's order and arithmetic); see cpu_bf16.c."""
+    if not moe_q4_applies(x_TH, hidden, inter, blocksize, act):
+        return None
+    lib = library()
+    T, K = ids_TK.shape
+    E = rows_E.numel()
+    x = x_TH.contiguous()
+    ids = ids_TK.to(torch.int64).contiguous()
+    w = w_TK.float().contiguous()
+    out = torch.empty(T, hidden, dtype=torch.float32)
+    n = lib.lr_moe_4bit_scratch(T, K, hidden, inter, blocksize, int(double_quant), torch.get_num_threads())
+    scratch = _scratch("moe4", n)
+    order = torch.empty(T * K, dtype=torch.int64)
+    starts = torch.empty(E + 1, dtype=torch.int64)
+    status = lib.lr_moe_4bit(x.data_ptr(), rows_E.data_ptr(), offsets.data_ptr(), code.data_ptr(),
+                             nested_code.data_ptr(), ids.data_ptr(), w.data_ptr(), T, K, E, hidden, inter, blocksize,
+                             int(double_quant), ACTIVATION_CODES[act], out.data_ptr(), order.data_ptr(),
+                             starts.data_ptr(), scratch.data_ptr(), n)
+    if status == -1:
+        raise ValueError(f"expert ids must be in [0, {E}) and name an available expert")
+    if status != 0:
+        raise RuntimeError(f"lr_moe_4bit failed ({status})")
     return out
 
 

@@ -381,3 +381,368 @@ void lr_rms_norm_rope(const float *x, const float *weight, const float *cos, con
         }
     }
 }
+
+/* ---------------------------------------------------------------------------------------------
+ * 4-bit experts: bitsandbytes NF4/FP4 codes in localrun's packed layout (quant/nf4.py), fp32 math.
+ *
+ * A matrix [rows, cols] is its codes (two per byte, the first of the pair in the high nibble, the
+ * flat row-major order of bitsandbytes) and one absmax per `blocksize` consecutive values of that
+ * flat order: fp32, or with double quantization a uint8 code into the 256-value dynamic table
+ * times an fp32 absmax per 256 blocks, plus one fp32 offset (computed here as bitsandbytes does:
+ * (dyn[q] * nested) + offset, two roundings). Weight = code_table[nibble] * absmax, the very fp32
+ * product bitsandbytes' dequantize_4bit writes, so these kernels compute an fp32 matmul on the
+ * dequantized weights; only the order of the fp32 sums differs.
+ *
+ * Columns go 32 at a time (16 code bytes): cols % 32 == 0 and blocksize a power of two >= 32, so
+ * a 32-chunk never straddles two blocks. Per chunk and row, the 16-float code table is scaled by
+ * the chunk's absmax in one multiply, the 16 bytes widen to 16 dword lanes, and a permute indexed
+ * by the nibbles (lane j: byte j >> 4, the even value; byte j itself, the odd one: the permute
+ * reads only the low 4 bits) gives the 16 even and the 16 odd weights. The input vector is
+ * deinterleaved to match (q4_deinterleave: per 32 values, the even ones then the odd ones).
+ * Every (row, token) dot product runs the same instruction sequence whatever the batch: one
+ * accumulator, fma(even) then fma(odd) per chunk, then the reduction tree of _mm512_reduce_add_ps
+ * (reduce16 reproduces it), so rows are bit-identical whatever the token count and thread count.
+ * ------------------------------------------------------------------------------------------- */
+
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#define Q4_NESTED 256
+
+typedef struct {
+    const uint8_t *codes;  /* rows * cols / 2 bytes */
+    const float *absmax;   /* one per block: stored fp32, or scratch filled by q4_absmax */
+    int shift;             /* log2(blocksize) */
+    int64_t cols;
+} q4mat;
+
+/* x [n] -> out [n]: per 32 values, x[0], x[2], ..., x[30], then x[1], x[3], ..., x[31]. */
+static inline void q4_deinterleave(const float *x, float *out, int64_t n) {
+    for (int64_t c = 0; c < n; c += 32)
+        for (int j = 0; j < 16; j++) {
+            out[c + j] = x[c + 2 * j];
+            out[c + 16 + j] = x[c + 2 * j + 1];
+        }
+}
+
+static inline float load_f32(const uint8_t *p) {
+    float f;
+    memcpy(&f, p, sizeof f);
+    return f;
+}
+
+/* A matrix of one expert row: offsets[0..3] are codes / absmax / nested absmax / nested offset
+ * (bytes into the row); with double quant the absmax of every block is computed into `scratch`. */
+static q4mat q4_matrix(const uint8_t *row, const int64_t *offsets, int64_t rows, int64_t cols, int shift, int dq,
+                       const float *dyn, float *scratch) {
+    q4mat m;
+    m.codes = row + offsets[0];
+    m.shift = shift;
+    m.cols = cols;
+    if (!dq) {
+        m.absmax = (const float *)(row + offsets[1]);
+        return m;
+    }
+    const int64_t blocks = (rows * cols + ((int64_t)1 << shift) - 1) >> shift;
+    const uint8_t *q = row + offsets[1], *nested = row + offsets[2];
+    const float offset = load_f32(row + offsets[3]);
+    for (int64_t b = 0; b < blocks; b++) {
+        const float a = dyn[q[b]] * load_f32(nested + 4 * (b / Q4_NESTED));
+        scratch[b] = a + offset;
+    }
+    m.absmax = scratch;
+    return m;
+}
+
+#if defined(__AVX512F__)
+/* The 16 even and 16 odd weights of the chunk at flat index f (a multiple of 32). */
+#define Q4_WEIGHTS(m, tbl, f, we, wo)                                                                 \
+    do {                                                                                              \
+        const __m512 t_ = _mm512_mul_ps(tbl, _mm512_set1_ps((m)->absmax[(f) >> (m)->shift]));          \
+        const __m512i v_ = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)((m)->codes + (f) / 2))); \
+        we = _mm512_permutexvar_ps(_mm512_srli_epi32(v_, 4), t_);                                      \
+        wo = _mm512_permutexvar_ps(v_, t_);                                                            \
+    } while (0)
+
+/* y[r] = dot(x, W[r]) for rows [r0, r1), x deinterleaved. */
+static void q4_dot_rows(const float *xd, const q4mat *m, const float *table, float *y, int64_t r0, int64_t r1) {
+    const int64_t I = m->cols;
+    const __m512 tbl = _mm512_loadu_ps(table);
+    int64_t r = r0;
+    for (; r + 4 <= r1; r += 4) {
+        __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+        for (int64_t c = 0; c < I; c += 32) {
+            const __m512 xe = _mm512_loadu_ps(xd + c), xo = _mm512_loadu_ps(xd + c + 16);
+            for (int a = 0; a < 4; a++) {
+                __m512 we, wo;
+                Q4_WEIGHTS(m, tbl, (r + a) * I + c, we, wo);
+                acc[a] = _mm512_fmadd_ps(we, xe, acc[a]);
+                acc[a] = _mm512_fmadd_ps(wo, xo, acc[a]);
+            }
+        }
+        for (int a = 0; a < 4; a++)
+            y[r + a] = _mm512_reduce_add_ps(acc[a]);
+    }
+    for (; r < r1; r++) {
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t c = 0; c < I; c += 32) {
+            __m512 we, wo;
+            Q4_WEIGHTS(m, tbl, r * I + c, we, wo);
+            acc = _mm512_fmadd_ps(we, _mm512_loadu_ps(xd + c), acc);
+            acc = _mm512_fmadd_ps(wo, _mm512_loadu_ps(xd + c + 16), acc);
+        }
+        y[r] = _mm512_reduce_add_ps(acc);
+    }
+}
+
+/* 4 tokens (x rows I apart, y rows ldy apart) x rows [r0, r1), r1 - r0 a multiple of 4: each
+ * chunk's weights decoded once for 4 tokens; per output the same sequence as q4_dot_rows. */
+static void q4_dot_rows_4tokens(const float *xd, const q4mat *m, const float *table, float *y, int64_t ldy,
+                                int64_t r0, int64_t r1) {
+    const int64_t I = m->cols;
+    const __m512 tbl = _mm512_loadu_ps(table);
+    for (int64_t r = r0; r < r1; r += 4) {
+        __m512 acc[4][4];
+        for (int a = 0; a < 4; a++)
+            for (int b = 0; b < 4; b++)
+                acc[a][b] = _mm512_setzero_ps();
+        for (int64_t c = 0; c < I; c += 32) {
+            __m512 xe[4], xo[4];
+            for (int b = 0; b < 4; b++) {
+                xe[b] = _mm512_loadu_ps(xd + b * I + c);
+                xo[b] = _mm512_loadu_ps(xd + b * I + c + 16);
+            }
+            for (int a = 0; a < 4; a++) {
+                __m512 we, wo;
+                Q4_WEIGHTS(m, tbl, (r + a) * I + c, we, wo);
+                for (int b = 0; b < 4; b++) {
+                    acc[a][b] = _mm512_fmadd_ps(we, xe[b], acc[a][b]);
+                    acc[a][b] = _mm512_fmadd_ps(wo, xo[b], acc[a][b]);
+                }
+            }
+        }
+        float sums[16];
+        _mm512_storeu_ps(sums, reduce16(&acc[0][0]));
+        for (int i = 0; i < 16; i++)
+            y[(REDUCE16_SOURCE[i] & 3) * ldy + r + (REDUCE16_SOURCE[i] >> 2)] = sums[i];
+    }
+}
+#define Q4_HAVE_4TOKENS 1
+#define Q4_ISA "avx512"
+#elif defined(__AVX2__) && defined(__FMA__)
+/* 16 table values in two registers: permute each half by the low 3 bits, pick by bit 3. */
+static inline __m256 q4_lut(__m256i idx, __m256 lo, __m256 hi) {
+    return _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, idx), _mm256_permutevar8x32_ps(hi, idx),
+                            _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+}
+
+static inline float q4_reduce8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static void q4_dot_rows(const float *xd, const q4mat *m, const float *table, float *y, int64_t r0, int64_t r1) {
+    const int64_t I = m->cols;
+    const __m256 lo = _mm256_loadu_ps(table), hi = _mm256_loadu_ps(table + 8);
+    for (int64_t r = r0; r < r1; r++) {
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t c = 0; c < I; c += 32) {
+            const int64_t f = r * I + c;
+            const __m256 s = _mm256_set1_ps(m->absmax[f >> m->shift]);
+            const __m256 tlo = _mm256_mul_ps(lo, s), thi = _mm256_mul_ps(hi, s);
+            const __m128i raw = _mm_loadu_si128((const __m128i *)(m->codes + f / 2));
+            for (int h = 0; h < 2; h++) {
+                const __m256i v = _mm256_cvtepu8_epi32(h ? _mm_srli_si128(raw, 8) : raw);
+                acc = _mm256_fmadd_ps(q4_lut(_mm256_srli_epi32(v, 4), tlo, thi), _mm256_loadu_ps(xd + c + 8 * h), acc);
+                acc = _mm256_fmadd_ps(q4_lut(v, tlo, thi), _mm256_loadu_ps(xd + c + 16 + 8 * h), acc);
+            }
+        }
+        y[r] = q4_reduce8(acc);
+    }
+}
+#define Q4_ISA "avx2"
+#else
+static void q4_dot_rows(const float *xd, const q4mat *m, const float *table, float *y, int64_t r0, int64_t r1) {
+    const int64_t I = m->cols;
+    for (int64_t r = r0; r < r1; r++) {
+        float lanes[16] = {0};
+        for (int64_t c = 0; c < I; c += 32) {
+            const int64_t f = r * I + c;
+            const float s = m->absmax[f >> m->shift];
+            const uint8_t *q = m->codes + f / 2;
+            for (int j = 0; j < 16; j++) {
+                lanes[j] += (table[q[j] >> 4] * s) * xd[c + j];
+                lanes[j] += (table[q[j] & 15] * s) * xd[c + 16 + j];
+            }
+        }
+        float acc = 0.0f;
+        for (int j = 0; j < 16; j++)
+            acc += lanes[j];
+        y[r] = acc;
+    }
+}
+#define Q4_ISA "scalar"
+#endif
+
+/* The instruction set the 4-bit kernel was built for. */
+const char *lr_q4_isa(void) { return Q4_ISA; }
+
+/* y[t][r] for T tokens (deinterleaved rows of x, m->cols apart) and rows [r0, r1). */
+static void q4_rows_for_tokens(const float *xd, int64_t T, const q4mat *m, const float *table, float *y, int64_t ldy,
+                               int64_t r0, int64_t r1) {
+    const int64_t I = m->cols;
+    int64_t t = 0;
+#ifdef Q4_HAVE_4TOKENS
+    const int64_t r4 = r0 + ((r1 - r0) & ~(int64_t)3);
+    for (; t + 4 <= T; t += 4) {
+        q4_dot_rows_4tokens(xd + t * I, m, table, y + t * ldy, ldy, r0, r4);
+        for (int64_t b = 0; b < 4; b++)
+            q4_dot_rows(xd + (t + b) * I, m, table, y + (t + b) * ldy, r4, r1);
+    }
+#endif
+    for (; t < T; t++)
+        q4_dot_rows(xd + t * I, m, table, y + t * ldy, r0, r1);
+}
+
+static int q4_shift(int64_t blocksize) {
+    int s = 0;
+    while (((int64_t)1 << s) < blocksize)
+        s++;
+    return ((int64_t)1 << s) == blocksize && s >= 5 ? s : -1;
+}
+
+/* Floats of scratch lr_moe_4bit needs (the Python side allocates this many). */
+int64_t lr_moe_4bit_scratch(int64_t T, int64_t K, int64_t H, int64_t F, int64_t blocksize, int dq, int threads) {
+    const int64_t ab = dq ? (2 * F * H + blocksize - 1) / blocksize + (H * F + blocksize - 1) / blocksize : 0;
+    const int64_t one = H + K * H + (int64_t)threads * (3 * F + ab);
+    const int64_t many = T * (2 * H + 3 * F) + ab;
+    return one > many ? one : many;
+}
+
+/* out[T, H] = sum_k w[t,k] * expert_{ids[t,k]}(x[t]) over 4-bit experts: expert e's packed bytes
+ * start at rows[e] (any address: rows of one layer buffer, or of a store's resident / host
+ * buffers), `offsets` (8) locate codes / absmax / nested absmax / nested offset of gate_up [2F, H]
+ * then down [H, F] inside it; table: the 16 NF4/FP4 values; dyn: the 256-value nested table.
+ * Each token's K outputs are added in expert id order, out = out + w * y from zero (fp32, no FMA:
+ * the arithmetic of moe.dispatch), and every expert output row is computed by one thread in one
+ * fixed sequence, so the result is independent of T, of the thread count and of where experts lie.
+ * One token with K >= threads: threads split the K experts; otherwise experts one after another in
+ * id order, all threads on each (rows split). Returns 0, -1 (an id out of range or a NULL row),
+ * -2 (shape or blocksize unsupported) or -3 (scratch too small); nothing is written unless 0. */
+int lr_moe_4bit(const float *x, const uint8_t *const *rows, const int64_t *offsets, const float *table,
+                const float *dyn, const int64_t *ids, const float *w, int64_t T, int64_t K, int64_t E, int64_t H,
+                int64_t F, int64_t blocksize, int dq, int act, float *out, int64_t *order, int64_t *starts,
+                float *scratch, int64_t scratch_floats) {
+    const int shift = q4_shift(blocksize);
+    if (shift < 0 || H % 32 || F % 32 || H <= 0 || F <= 0)
+        return -2;
+    for (int64_t j = 0; j < T * K; j++)
+        if (ids[j] < 0 || ids[j] >= E || rows[ids[j]] == NULL)
+            return -1;
+    int threads = omp_get_max_threads();
+    if (scratch_floats < lr_moe_4bit_scratch(T, K, H, F, blocksize, dq, 1))
+        return -3;
+    const int64_t ab = dq ? (2 * F * H + blocksize - 1) / blocksize + (H * F + blocksize - 1) / blocksize : 0;
+    if (T == 1 && K >= threads && threads > 1) {
+        while (threads > 1 && lr_moe_4bit_scratch(1, K, H, F, blocksize, dq, threads) > scratch_floats)
+            threads--;
+    }
+    if (T == 1 && (K >= threads || threads == 1)) {
+        float *xd = scratch, *Y = xd + H, *per = Y + K * H;
+        q4_deinterleave(x, xd, H);
+#pragma omp parallel num_threads(threads) if (threads > 1)
+        {
+            const int t = omp_get_thread_num(), n = omp_get_num_threads();
+            float *h = per + (int64_t)t * (3 * F + ab), *ad = h + 2 * F, *abs = ad + F;
+            for (int64_t k = t; k < K; k += n) {
+                const uint8_t *row = rows[ids[k]];
+                const q4mat gu = q4_matrix(row, offsets, 2 * F, H, shift, dq, dyn, abs);
+                q4_dot_rows(xd, &gu, table, h, 0, 2 * F);
+                gated(h, h + F, h, F, act);
+                q4_deinterleave(h, ad, F);
+                const q4mat dn = q4_matrix(row, offsets + 4, H, F, shift, dq, dyn, abs);
+                q4_dot_rows(ad, &dn, table, Y + k * H, 0, H);
+            }
+        }
+        int64_t sorted[64], *idx = K <= 64 ? sorted : order;
+        for (int64_t k = 0; k < K; k++) { /* insertion sort of k by expert id */
+            int64_t j = k;
+            while (j > 0 && ids[idx[j - 1]] > ids[k]) {
+                idx[j] = idx[j - 1];
+                j--;
+            }
+            idx[j] = k;
+        }
+        memset(out, 0, sizeof(float) * H);
+        for (int64_t i = 0; i < K; i++) {
+            const float wk = w[idx[i]];
+            const float *y = Y + idx[i] * H;
+            for (int64_t c = 0; c < H; c++)
+                out[c] = out[c] + wk * y[c];
+        }
+        return 0;
+    }
+    /* counting sort of the T*K (token, k) pairs by expert, as in lr_moe_tokens */
+    memset(starts, 0, sizeof(int64_t) * (E + 1));
+    for (int64_t j = 0; j < T * K; j++)
+        starts[ids[j] + 1]++;
+    for (int64_t e = 0; e < E; e++)
+        starts[e + 1] += starts[e];
+    for (int64_t j = 0; j < T * K; j++)
+        order[starts[ids[j]]++] = j;
+    for (int64_t e = E; e > 0; e--)
+        starts[e] = starts[e - 1];
+    starts[0] = 0;
+    memset(out, 0, sizeof(float) * T * H);
+    float *xe = scratch, *h = xe + T * H, *ad = h + T * 2 * F, *y = ad + T * F, *abs = y + T * H;
+    const int parallel = threads > 1 && T * H * F >= PARALLEL_MIN;
+#pragma omp parallel if (parallel)
+    for (int64_t e = 0; e < E; e++) {
+        const int64_t first = starts[e], n = starts[e + 1] - first;
+        if (n == 0)
+            continue;
+        const int64_t *pairs = order + first;
+        const uint8_t *row = rows[e];
+        q4mat gu, dn;
+#pragma omp single
+        {
+            q4_matrix(row, offsets, 2 * F, H, shift, dq, dyn, abs);
+            q4_matrix(row, offsets + 4, H, F, shift, dq, dyn, abs + (dq ? (2 * F * H + blocksize - 1) / blocksize : 0));
+        } /* implicit barrier: the absmax scratch is filled */
+        gu = q4_matrix(row, offsets, 2 * F, H, shift, 0, dyn, abs);
+        dn = q4_matrix(row, offsets + 4, H, F, shift, 0, dyn, abs);
+        if (dq) {
+            gu.absmax = abs;
+            dn.absmax = abs + (2 * F * H + blocksize - 1) / blocksize;
+        }
+#pragma omp for schedule(static)
+        for (int64_t j = 0; j < n; j++)
+            q4_deinterleave(x + (pairs[j] / K) * H, xe + j * H, H);
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < (2 * F + ROW_BLOCK - 1) / ROW_BLOCK; b++) {
+            const int64_t r0 = b * ROW_BLOCK, r1 = r0 + ROW_BLOCK < 2 * F ? r0 + ROW_BLOCK : 2 * F;
+            q4_rows_for_tokens(xe, n, &gu, table, h, 2 * F, r0, r1);
+        }
+#pragma omp for schedule(static)
+        for (int64_t j = 0; j < n; j++) {
+            gated(h + j * 2 * F, h + j * 2 * F + F, h + j * 2 * F, F, act);
+            q4_deinterleave(h + j * 2 * F, ad + j * F, F);
+        }
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < (H + ROW_BLOCK - 1) / ROW_BLOCK; b++) {
+            const int64_t r0 = b * ROW_BLOCK, r1 = r0 + ROW_BLOCK < H ? r0 + ROW_BLOCK : H;
+            q4_rows_for_tokens(ad, n, &dn, table, y, H, r0, r1);
+        }
+#pragma omp for schedule(static)
+        for (int64_t j = 0; j < n; j++) { /* one expert never appears twice for a token: no conflicts */
+            const float wj = w[pairs[j]];
+            float *o = out + (pairs[j] / K) * H;
+            for (int64_t c = 0; c < H; c++)
+                o[c] = o[c] + wj * y[j * H + c];
+        }
+    }
+    return 0;
+}
