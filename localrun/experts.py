@@ -59,6 +59,17 @@ class RowPayload(Payload, Protocol):
 
 
 Compute = Callable[[Payload, torch.Tensor], torch.Tensor]  # (payload, x_TH) -> y_TH, on the payload's device
+
+
+class LayerCompute(Protocol):
+    """A whole layer in one call on the CPU (e.g. quant.ffn.CpuLayerCompute): `applies(x_TH)`, then
+    `(payloads {expert: payload}, num_experts, x_TH, ids_TK, w_TK) -> y_TH` with each token's experts
+    summed in moe.dispatch's order, so a store that uses it computes what the in-RAM backend does."""
+
+    def applies(self, x_TH: torch.Tensor) -> bool: ...
+
+    def __call__(self, payloads: Mapping[int, Payload], num_experts: int, x_TH: torch.Tensor,
+                 ids_TK: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor: ...
 Write = Callable[[int, torch.Tensor], Payload]  # (expert, row to fill) -> the expert's payload over that row
 
 
@@ -462,9 +473,12 @@ class ExpertStore:
         slots: int | Mapping[int, int] = 0,
         policy: Callable[[], CachePolicy] = LRUPolicy,
         cost_model: CostModel | None = None,
+        compute_layer: "LayerCompute | None" = None,
     ) -> None:
         self.device = torch.device(device)
         self.compute = compute
+        self.compute_layer = compute_layer if self.device.type == "cpu" else None
+        self._where: dict[int, dict[int, Payload]] = {}  # layer -> every expert where it lies (compute_layer)
         self.host = torch.device("cpu")
         self._copier = _Copier(self.device)
         self._routing = RoutingToHost(self.device)
@@ -506,6 +520,7 @@ class ExpertStore:
             return
         keep = frozenset(resident)
         self._check(layer, keep, len(payloads))
+        self._where.pop(layer, None)
         self._layers[layer] = LayerCache([p.nbytes for p in payloads], keep, self._n_slots(layer), self._policy(),
                                          self._cost_model)
         self._resident[layer] = {e: payloads[e].to(self.device) for e in sorted(keep)}
@@ -519,6 +534,7 @@ class ExpertStore:
         payload over that row. Also allocates the layer's [slots, nbytes] slot buffer."""
         keep = frozenset(resident)
         self._check(layer, keep, num_experts)
+        self._where.pop(layer, None)
         on_device = sorted(keep)
         on_host = [e for e in range(num_experts) if e not in keep]
         n_slots = self._n_slots(layer) if on_host else 0
@@ -604,6 +620,8 @@ class ExpertStore:
         pending = self._pending.pop(layer, None)
         if pending is not None and pending[0] is not ids_TK:
             pending = None
+        if self.compute_layer is not None and self.compute_layer.applies(x_TH):
+            return self._run_layer(layer, pending, x_TH, ids_TK, w_TK)
         if ids_TK.shape[0] == 1:
             kind = pending[1] if pending is not None else None
             ids, weights = self._routing.wait(pending[2] if kind == "routing" else self._routing.start(ids_TK, w_TK))
@@ -626,6 +644,30 @@ class ExpertStore:
             y_of[step.expert] = self._compute(layer, step, x_TH[tok_of[step.expert]])
         # Accumulate in dispatch's own (expert-sorted) order so every placement sums identically.
         return dispatch(x_TH, ids_TK, w_TK, lambda e, _x: y_of.pop(e), groups=groups)
+
+    def _run_layer(self, layer: int, pending, x_TH: torch.Tensor, ids_TK: torch.Tensor,
+                   w_TK: torch.Tensor) -> torch.Tensor:
+        """The CPU's one call per layer: the cache decides and copies as usual (counters, slots), then
+        `compute_layer` reads every expert where it lies (a resident row, or its host row: on the CPU
+        both are RAM and a slot holds the host row's very bytes), in one kernel call."""
+        if ids_TK.shape[0] == 1:
+            kind = pending[1] if pending is not None else None
+            if kind == "plan":
+                steps, deferred = pending[2][1:]
+            else:
+                ids, _ = self._routing.wait(pending[2] if kind == "routing" else self._routing.start(ids_TK, w_TK))
+                steps, deferred = self._begin_one(layer, ids[0])
+        elif pending is not None and pending[1] == "plan":
+            _, steps, deferred = pending[2]
+        else:
+            _, steps, deferred = self._begin(layer, ids_TK)
+        for step in steps:  # nothing reads the slots here, so a deferred copy need not wait
+            if step in deferred:
+                self._copy(layer, step)
+        where = self._where.get(layer)
+        if where is None:
+            where = self._where[layer] = {**self._resident[layer], **self._host[layer]}
+        return self.compute_layer(where, len(self._layers[layer].nbytes_E), x_TH, ids_TK, w_TK)
 
     def _begin_one(self, layer: int, ids: list[int]):
         """(steps, deferred copies) of one decoded token routed to `ids` (host ints)."""

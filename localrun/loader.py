@@ -31,7 +31,7 @@ from .models.gemma4 import EXPERT_KEYS
 from .moe import DenseExperts, activation
 from .plan import CUDA_CONTEXT_BYTES, QUANT_CHUNK_EXPERTS, Budget, Plan, device_budget, fused_groups, make_plan
 from .prequant import is_prequantized, manifest_spec, read_manifest
-from quant.ffn import BufferedExperts, QuantizedExperts, ffn_4bit
+from quant.ffn import BufferedExperts, CpuLayerCompute, QuantizedExperts, ffn_4bit
 from quant.layer import ExpertBuffer
 from quant.io import load_packed_experts
 from quant.nf4 import ExpertLayout, PackedExpert, expert_layout, pack_expert
@@ -403,8 +403,10 @@ def load_model(
                 sample = first.write(0, torch.zeros(first.nbytes, dtype=torch.uint8))
                 cost = calibrate(sample, compute, dev, args.hidden_size, dtype)
                 del sample
+            # on the CPU a layer's experts run in one C call wherever they lie (QuantizedExperts' kernel)
+            layer_compute = CpuLayerCompute(pending[moe_layers[0]].layout, args.hidden_activation)
             store = ExpertStore(None, compute, dev, slots=plan.cache_slots, policy=POLICIES[cache_policy],
-                                cost_model=cost)
+                                cost_model=cost, compute_layer=layer_compute)
 
             def build(layer):
                 # quantized (or copied) straight into the layer's rows: resident ones on the device,

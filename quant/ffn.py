@@ -154,7 +154,8 @@ class CpuLayerCompute:
         cached = self._rows.get(id(payloads))
         if cached is None or cached[0] is not payloads:
             cached = self._rows[id(payloads)] = (payloads, rows_table(payloads, num_experts))
-        y = moe_4bit_cpu(self.layout, cached[1], x_TH, ids_TK, w_TK, self.act_name)
+        layout = next(iter(payloads.values())).layout  # this layer's (the same shapes in every layer so far)
+        y = moe_4bit_cpu(layout, cached[1], x_TH, ids_TK, w_TK, self.act_name)
         if y is None:
             raise RuntimeError("CpuLayerCompute called where the kernel does not apply")
         return y

@@ -234,10 +234,12 @@ def isa() -> str | None:
 
 def moe_q4_applies(x_TH: torch.Tensor, hidden: int, inter: int, blocksize: int, act: str) -> bool:
     """Whether `moe_q4` computes this call (else the caller takes its torch path): fp32 x on the CPU
-    outside autograd and tracing, a known activation, both matmul input sizes multiples of 32 and a
-    power-of-two blocksize >= 32 (so no 32-value chunk straddles two absmax blocks)."""
+    outside autograd and tracing, a known activation, and a power-of-two blocksize >= 32 that divides
+    both matmul input sizes (what QuantSpec.check_kernel_sizes asks of a model: rows then hold whole
+    blocks, where bitsandbytes' CPU and CUDA dequantize agree, and no 32-value chunk straddles two)."""
     return (x_TH.device.type == "cpu" and x_TH.dtype == torch.float32 and act in ACTIVATION_CODES
-            and hidden % 32 == 0 and inter % 32 == 0 and blocksize >= 32 and blocksize & (blocksize - 1) == 0
+            and blocksize >= 32 and blocksize & (blocksize - 1) == 0 and hidden % blocksize == 0
+            and inter % blocksize == 0
             and not (torch.is_grad_enabled() and x_TH.requires_grad) and not _tracing() and library() is not None)
 
 
