@@ -59,14 +59,15 @@ def _cpu_signature() -> str:
     return platform.processor() or platform.machine()
 
 
-def build(compiler: str | None = None, cache_dir: Path | None = None) -> Path:
+def build(compiler: str | None = None, cache_dir: Path | None = None, extra_flags: tuple[str, ...] = ()) -> Path:
     """Compile cpu_bf16.c for this machine (once; the file name hashes source, flags, compiler and
     CPU) and return the shared library's path. Raises OSError / CalledProcessError on failure."""
     cc = compiler or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc:
         raise OSError("no C compiler (cc or gcc) on PATH")
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), cc.encode(),
+    flags = [*FLAGS, *extra_flags]  # extra: e.g. -mno-avx512f, to build (and test) the AVX2 path
+    key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), cc.encode(),
                                      _cpu_signature().encode()])).hexdigest()[:16]
     out_dir = cache_dir or _cache_dir()
     out = out_dir / f"cpu_bf16-{key}.so"
@@ -76,7 +77,7 @@ def build(compiler: str | None = None, cache_dir: Path | None = None) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=".cpu_bf16-", suffix=".so", dir=out_dir)
     os.close(fd)
     try:
-        subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], check=True, capture_output=True, timeout=120)
+        subprocess.run([cc, *flags, str(SOURCE), "-o", tmp, "-lm"], check=True, capture_output=True, timeout=120)
         os.replace(tmp, out)  # atomic: a concurrent builder or a killed one never leaves half a library
     finally:
         Path(tmp).unlink(missing_ok=True)
@@ -245,16 +246,17 @@ def moe_q4_applies(x_TH: torch.Tensor, hidden: int, inter: int, blocksize: int, 
 
 def moe_q4(x_TH: torch.Tensor, rows_E: torch.Tensor, offsets: torch.Tensor, code: torch.Tensor,
              nested_code: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor, hidden: int, inter: int,
-             blocksize: int, double_quant: bool, act: str) -> torch.Tensor | None:
+             blocksize: int, double_quant: bool, act: str, lib: ctypes.CDLL | None = None) -> torch.Tensor | None:
     """sum_k w[t,k] * expert_{ids[t,k]}(x[t]) over 4-bit packed experts in one C call, or None when the
     kernel doesn't apply (see moe_q4_applies). rows_E: int64 [E], the address of each expert's packed
     bytes (0: not available; the caller keeps those buffers alive); offsets: int64 [8], the byte offsets
     of codes / absmax / nested absmax / nested offset of gate_up then down in a row; code: the 16
     NF4/FP4 values, nested_code the 256 dynamic values (fp32, CPU). Each token's K contributions are
-    summed in fp32 in expert id order (moe.dispatch's order and arithmetic); see cpu_bf16.c."""
+    summed in fp32 in expert id order (moe.dispatch's order and arithmetic); see cpu_bf16.c.
+    lib: another build of the library (tests of the AVX2 and scalar paths)."""
     if not moe_q4_applies(x_TH, hidden, inter, blocksize, act):
         return None
-    lib = library()
+    lib = lib or library()
     T, K = ids_TK.shape
     E = rows_E.numel()
     x = x_TH.contiguous()
