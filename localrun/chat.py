@@ -534,7 +534,9 @@ class ChatSession:
         if dropped:
             self.conversation.turns = [m for m in messages if m["role"] != "system"]
         max_tokens = min(s.max_tokens, self.context - len(ids))
-        steps = self.engine.stream(ids, s.sampling(), max_tokens=max_tokens, ignore_eos=s.ignore_eos)
+        prefix = getattr(self.engine, "session", None)  # the prefix cache: only the new turns are prefilled
+        steps = self.engine.stream(ids, s.sampling(), max_tokens=max_tokens, ignore_eos=s.ignore_eos,
+                                   **({"session": prefix} if prefix is not None else {}))
         reply = Reply(iter(()), prompt_tokens=len(ids), dropped=dropped)
         reply.pieces = self._pieces(reply, self.engine.stream_text(steps))
         return reply

@@ -7,7 +7,7 @@ never prints.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Iterator
@@ -20,6 +20,7 @@ from .generate import Step, generate
 from .loader import LoadedModel, load_model
 from .models import family
 from .sampling import SamplingParams, make_sampler
+from .session import Session
 from .text import StreamDecoder, Tokenizer, encode_chat, load_chat_template
 
 THOUGHT_MARKERS = ("<|channel>", "<channel|>")  # localrun.chat's OPEN_THOUGHT, CLOSE_THOUGHT
@@ -71,6 +72,20 @@ class Engine:
     tokenizer: Tokenizer
     template: str | None  # None: the model ships none, only raw prompts
     eos_ids: list[int]
+    _sessions: list[Session] | None = field(default=None, repr=False)
+
+    @property
+    def sessions(self) -> list[Session]:
+        """One prefix cache (localrun/session.py) per KV cache the loader allocated (serve --parallel)."""
+        if self._sessions is None:
+            caches = getattr(self.loaded, "kv_slots", None) or [self.loaded.kv]
+            self._sessions = [Session(kv) for kv in caches]
+        return self._sessions
+
+    @property
+    def session(self) -> Session:
+        """The prefix cache over the loaded model's KV: chat's conversation, serve's first slot."""
+        return self.sessions[0]
 
     def stats(self) -> dict:
         """Figures for a status line: the expert cache hit rate when experts live in host RAM."""
@@ -127,14 +142,22 @@ class Engine:
             drop = min(len(body), drop + len(ids) - keep)
 
     def stream(self, prompt_ids: list[int], params: SamplingParams, *, max_tokens: int,
-               ignore_eos: bool = False, step: str = "auto") -> Iterator[Step]:
+               ignore_eos: bool = False, step: str = "auto", session: Session | None = None) -> Iterator[Step]:
         """Generated steps for a prompt, in the loaded model's KV buffers (allocated once for the
         planned context: a reply ends with finish_reason "length" when it fills them). step: the
-        decode step, see localrun/step.py ("auto": CUDA graphs where every expert routes on the device)."""
+        decode step, see localrun/step.py ("auto": CUDA graphs where every expert routes on the device).
+        session: a prefix cache (`self.session`, one of `self.sessions`) that keeps what the prompt
+        shares with its last sequence; None prefills the whole prompt (one-shot runs, benchmarks)."""
         sampler = make_sampler(params, device=self.loaded.device)
         stop = () if ignore_eos else self.eos_ids
+        if session is None:  # the buffers are reset: no prefix cache over them holds anything now
+            for s in self.sessions:
+                if s.cache is self.loaded.kv:
+                    s.tokens = []
+            return generate(self.model, prompt_ids, sampler, max_tokens=max_tokens, stop_ids=stop,
+                            cache=self.loaded.kv, step=step)
         return generate(self.model, prompt_ids, sampler, max_tokens=max_tokens, stop_ids=stop,
-                        cache=self.loaded.kv, step=step)
+                        session=session, step=step)
 
     @cached_property
     def hidden_ids(self) -> set[int]:

@@ -10,6 +10,7 @@ import torch
 
 from .kvcache import ContextFull, KVCache
 from .sampling import Sampler
+from .session import Session
 from .step import make_step
 
 PREFILL_CHUNK = 512  # tokens per prefill forward: bounds activation memory, not the result
@@ -18,6 +19,7 @@ PREFILL_CHUNK = 512  # tokens per prefill forward: bounds activation memory, not
 @dataclass
 class Timings:
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens the prefix cache held already (not prefilled)
     generated_tokens: int = 0
     prefill_s: float = 0.0  # prompt processing, up to the first token's logits
     ttft_s: float = 0.0  # start to first token sampled
@@ -25,7 +27,8 @@ class Timings:
 
     @property
     def prefill_tokens_per_s(self) -> float:
-        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+        n = self.prompt_tokens - self.cached_tokens
+        return n / self.prefill_s if self.prefill_s > 0 else 0.0
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -35,6 +38,7 @@ class Timings:
     def to_dict(self) -> dict:
         return {
             "ttft_s": round(self.ttft_s, 6),
+            "cached_tokens": self.cached_tokens,
             "prefill_s": round(self.prefill_s, 6),
             "decode_s": round(self.decode_s, 6),
             "prefill_tokens_per_s": round(self.prefill_tokens_per_s, 3),
@@ -109,6 +113,7 @@ def generate(
     max_tokens: int,
     stop_ids: list[int] | tuple[int, ...] = (),
     cache: KVCache | None = None,
+    session: Session | None = None,
     prefill_chunk: int = PREFILL_CHUNK,
     step: str = "eager",
 ) -> Iterator[Step]:
@@ -116,31 +121,52 @@ def generate(
     cache's capacity (finish "length": prompt plus reply never outgrow the context).
 
     cache: the KV buffers to use (a loaded model's, allocated once for the planned context; reset
-    here), else a cache sized for this prompt and reply. step: the decode step (localrun/step.py):
-    "eager", "static", "graphs" or "auto". The host reads one value per token, the sampled id; on
-    CUDA it reads it while the next step already runs, so a reply that stops computes one step more.
+    here), else a cache sized for this prompt and reply. session: a prefix cache instead
+    (localrun/session.py): its cache keeps the longest common prefix with the prompt and only the
+    rest is prefilled; afterwards it holds the prompt and every token fed back. step: the decode
+    step (localrun/step.py): "eager", "static", "graphs" or "auto". The host reads one value per
+    token, the sampled id; on CUDA it reads it while the next step already runs, so a reply that
+    stops computes one step more.
     """
     if not prompt_ids:
         raise ValueError("generate needs at least one prompt token")
     w = model.embed_tokens.weight
-    if cache is None:
+    if session is not None:
+        cache = session.cache
+    elif cache is None:
         capacity = min(len(prompt_ids) + max(max_tokens, 1), model.args.max_position_embeddings)
         cache = KVCache(model.args, dtype=model.compute_dtype, device=w.device, capacity=max(capacity, 1))
-    cache.reset()
     if len(prompt_ids) >= cache.capacity:
         raise ContextFull(f"the prompt has {len(prompt_ids)} tokens but the context holds {cache.capacity}: "
                           "no room for a reply")
+    start = time.perf_counter()
+    if session is not None:
+        keep = session.prepare(prompt_ids)
+        session.tokens = list(prompt_ids)  # what the cache will hold; `sync` cuts it to what it does
+    else:
+        cache.reset()
+        keep = 0
+    try:
+        yield from _decode(model, prompt_ids, keep, sampler, max_tokens, stop_ids, cache, session,
+                           prefill_chunk, step, start)
+    finally:
+        if session is not None:
+            session.sync()
+
+
+def _decode(model, prompt_ids, keep, sampler, max_tokens, stop_ids, cache, session, prefill_chunk, step, start):
+    w = model.embed_tokens.weight
     limit = min(max_tokens, cache.capacity - len(prompt_ids))  # the last token sampled is never fed back
     decode = make_step(model, cache, step)
-    timings = Timings(prompt_tokens=len(prompt_ids))
+    timings = Timings(prompt_tokens=len(prompt_ids), cached_tokens=keep)
     seen = torch.empty(len(prompt_ids) + limit, dtype=torch.long, device=w.device)  # prompt, then outputs
     seen[: len(prompt_ids)] = torch.tensor(prompt_ids)
     n_seen = len(prompt_ids)
     stop = set(stop_ids)
     host = _HostToken(w.device)
-    start = time.perf_counter()
-    logits = prefill(model, prompt_ids, cache, prefill_chunk)
+    logits = prefill(model, prompt_ids[keep:], cache, prefill_chunk)
     timings.prefill_s = time.perf_counter() - start
+    fed = session.tokens if session is not None else []  # the ids the cache holds, appended as fed
 
     def queue(token_1: torch.Tensor, position: int):
         """Feed a sampled id (still on the device) back in and sample the next one."""
@@ -156,6 +182,8 @@ def generate(
         if ahead:
             upcoming = queue(token_1, n_seen)
         token = host.wait(ticket)
+        if ahead:
+            fed.append(token)
         now = time.perf_counter()
         if n == 1:
             timings.ttft_s = now - start
@@ -169,5 +197,6 @@ def generate(
             return
         if not ahead:
             upcoming = queue(token_1, n_seen)
+            fed.append(token)
         n_seen += 1
         logits, token_1, ticket = upcoming

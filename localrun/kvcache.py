@@ -3,8 +3,11 @@
 Shape letters: B batch, N kv heads, S cached positions, T new tokens, D head dim.
 Every layer returns the keys and values it attends over together with their absolute
 positions, so the attention mask is one function of (query positions, key positions).
-For a single new token (decode) every key a cache returns is visible to it, so decode
-attends without a mask.
+A sliding layer's ring keeps `window + rollback` positions (plan.kv_layer_positions), so the
+prefix cache (localrun/session.py) can roll a sequence back by up to `rollback` positions and
+still hold the window before the new end; the keys older than the window that it also returns
+are masked (attention_mask; `attend` builds that mask for one token too when a ring returns more
+keys than its window).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import torch
 
 from .config import ModelArgs
 from .errors import LocalrunError
+from .plan import KV_ROLLBACK, kv_layer_positions
 
 
 class ContextFull(LocalrunError):
@@ -35,6 +39,11 @@ class FullKV:
 
     def reset(self) -> None:
         self.length = 0
+
+    def truncate(self, end: int) -> bool:
+        """Keep positions [0, end) (slots past it are overwritten before anything reads them)."""
+        self.length = min(self.length, end)
+        return True
 
     def update(self, k_BNTD, v_BNTD, pos_T):
         """Append T positions known to the host; (keys, values, positions) of everything so far."""
@@ -65,41 +74,61 @@ class FullKV:
 
 
 class RingKV:
-    """The last `window` positions of a sliding-attention layer; memory stops growing at the window."""
+    """The last `size` positions of a sliding-attention layer (size = window + rollback slots, see
+    the module docstring); memory stops growing at `size`. Slot of position p: p % size."""
 
-    def __init__(self, B: int, N: int, D: int, window: int, dtype, device):
-        self.window = window
-        self.k = torch.zeros(B, N, window, D, dtype=dtype, device=device)
+    def __init__(self, B: int, N: int, D: int, window: int, dtype, device, size: int | None = None):
+        self.window = window  # what attention sees
+        self.size = size = window if size is None else size  # what the ring keeps (< window: the whole context)
+        self.k = torch.zeros(B, N, size, D, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
-        self.pos = torch.full((window,), -1, dtype=torch.long, device=device)  # -1: empty slot
-        self.filled = 0  # slots [0, filled) hold positions: positions start at 0, slot = pos % window
+        self.pos = torch.full((size,), -1, dtype=torch.long, device=device)  # -1: empty slot
+        self.filled = 0  # slots [0, filled) have been written since the reset
         self.next = 0  # the next position to write
 
     def reset(self) -> None:
         self.pos.fill_(-1)
         self.filled = self.next = 0
 
+    def can_truncate(self, end: int) -> bool:
+        """Whether the ring still holds the window before `end` (positions max(0, end - window) on)."""
+        return end <= self.next and max(0, self.next - self.size) <= max(0, end - self.window)
+
+    def truncate(self, end: int) -> bool:
+        """Forget positions >= end (their slots are marked empty); False, and nothing changed, when
+        the ring no longer holds the window before `end`."""
+        if not self.can_truncate(end):
+            return False
+        if end < self.next:
+            self.pos.masked_fill_(self.pos >= end, -1)
+            if self.next <= self.size:  # never wrapped: slots [0, end) hold [0, end)
+                self.filled = end
+            self.next = end
+        return True
+
     def _write(self, k_BNTD, v_BNTD, pos_T) -> None:
-        keep = min(k_BNTD.shape[2], self.window)
+        keep = min(k_BNTD.shape[2], self.size)
         k_BNTD, v_BNTD, pos_T = k_BNTD[:, :, -keep:], v_BNTD[:, :, -keep:], pos_T[-keep:]
-        slots = pos_T % self.window
+        slots = pos_T % self.size
         self.k[:, :, slots] = k_BNTD
         self.v[:, :, slots] = v_BNTD
         self.pos[slots] = pos_T
-        self.filled = min(self.window, self.filled + keep)
+        self.filled = max(self.filled, min(self.size, self.next))
 
     def update(self, k_BNTD, v_BNTD, pos_T):
         self.next += k_BNTD.shape[2]
-        if k_BNTD.shape[2] == 1:  # decode: the slot we overwrite is exactly the one leaving the window
-            s = (self.next - 1) % self.window  # slices, not index tensors: a plain copy per buffer
+        if k_BNTD.shape[2] == 1:  # decode: the slot we overwrite is exactly the one leaving the ring
+            s = (self.next - 1) % self.size  # slices, not index tensors: a plain copy per buffer
             self.k[:, :, s : s + 1] = k_BNTD
             self.v[:, :, s : s + 1] = v_BNTD
             self.pos[s : s + 1] = pos_T
-            self.filled = min(self.window, self.filled + 1)
-            n = self.filled  # only filled slots: then every returned key is visible (no mask needed)
+            self.filled = max(self.filled, min(self.size, self.next))
+            # only written slots; with rollback slots some are older than the window or emptied by a
+            # rollback, and `attend` masks those (a ring of exactly the window needs no mask)
+            n = self.filled
             return self.k[:, :, :n], self.v[:, :, :n], self.pos[:n]
         # prefill chunk: queries early in the chunk still need keys the chunk would overwrite;
-        # only the filled slots: a first chunk attends over its own keys alone, not `window` empty ones
+        # only the filled slots: a first chunk attends over its own keys alone, not `size` empty ones
         n = self.filled
         k = torch.cat([self.k[:, :, :n], k_BNTD], dim=2)
         v = torch.cat([self.v[:, :, :n], v_BNTD], dim=2)
@@ -108,20 +137,21 @@ class RingKV:
         return k, v, pos
 
     def write(self, k_BN1D, v_BN1D, pos_1, span: int, memo: dict | None = None):
-        """The static step's update (see FullKV.write): slot pos % window, all `window` slots returned,
-        empty ones (-1) masked. `span` is the full layers' key count; a ring always shows its window.
-        Every ring of a model holds the same positions, so the slot and the mask are computed once a step."""
+        """The static step's update (see FullKV.write): slot pos % size, all `size` slots returned,
+        empty ones (-1) and those older than the window masked. `span` is the full layers' key
+        count; a ring always shows all its slots. Every ring of a model holds the same positions,
+        so the slot and the mask are computed once a step."""
         memo = {} if memo is None else memo
-        key = ("ring", self.window)
+        key = ("ring", self.window, self.size)
         slot = memo.get(key + ("slot",))
         if slot is None:
-            slot = memo[key + ("slot",)] = pos_1 % self.window
+            slot = memo[key + ("slot",)] = pos_1 % self.size
         self.k.index_copy_(2, slot, k_BN1D)
         self.v.index_copy_(2, slot, v_BN1D)
         self.pos.index_copy_(0, slot, pos_1)  # every ring keeps its own positions (eager updates read them)
         visible = memo.get(key)
         if visible is None:
-            visible = memo[key] = (self.pos >= 0)[None, :]
+            visible = memo[key] = ((self.pos >= 0) & (self.pos > pos_1 - self.window))[None, :]
         return self.k, self.v, visible
 
     @property
@@ -138,7 +168,8 @@ class KVCache:
     the number of full-layer slots its attention reads (a fixed bucket, so shapes stay static).
     """
 
-    def __init__(self, args: ModelArgs, *, batch: int = 1, dtype=torch.float32, device="cpu", capacity: int = 256):
+    def __init__(self, args: ModelArgs, *, batch: int = 1, dtype=torch.float32, device="cpu", capacity: int = 256,
+                 rollback: int = KV_ROLLBACK):
         if capacity < 1:
             raise ValueError(f"KV capacity must be at least 1 position, not {capacity}")
         self.capacity = capacity
@@ -151,7 +182,8 @@ class KVCache:
                 continue
             N, D = args.layer_kv_heads(i), args.layer_head_dim(i)
             if args.is_sliding(i):
-                self.layers.append(RingKV(batch, N, D, min(args.sliding_window, capacity), dtype, device))
+                size = kv_layer_positions(args, i, capacity, rollback)
+                self.layers.append(RingKV(batch, N, D, args.sliding_window, dtype, device, size=size))
             else:
                 self.layers.append(FullKV(batch, N, D, dtype, device, capacity))
 
@@ -162,6 +194,20 @@ class KVCache:
             if layer is not None:
                 layer.reset()
 
+    def truncate(self, end: int) -> bool:
+        """Roll back to positions [0, end): True when every layer could; False (and the cache
+        reset) when a ring no longer holds the window before `end`, so the caller prefills from 0."""
+        if end > self.offset:
+            raise ValueError(f"cannot roll forward: the cache holds {self.offset} positions, not {end}")
+        if not all(layer.can_truncate(end) for layer in self.layers if isinstance(layer, RingKV)):
+            self.reset()
+            return end == 0
+        for layer in self.layers:
+            if layer is not None:
+                layer.truncate(end)
+        self.offset = end
+        return True
+
     def advance(self, end: int) -> None:
         """After the static step wrote position end - 1 at a device position: bring the host's
         counters (offset, each layer's length / ring fill) to where eager updates would have left them."""
@@ -170,7 +216,7 @@ class KVCache:
             if isinstance(layer, FullKV):
                 layer.length = end
             elif isinstance(layer, RingKV):
-                layer.next, layer.filled = end, min(layer.window, end)
+                layer.next, layer.filled = end, max(layer.filled, min(layer.size, end))
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for layer in self.layers if layer is not None for t in (layer.k, layer.v, layer.pos)]

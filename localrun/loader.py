@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -55,6 +55,7 @@ class LoadedModel:
     plan: Plan | None = None
     store: ExpertStore | None = None  # set when some experts live in host RAM
     kv: KVCache | None = None  # allocated once for the plan's context; every generation reuses it
+    kv_slots: list[KVCache] = field(default_factory=list)  # every sequence's cache (kv is the first)
     warnings: tuple[str, ...] = ()  # one-line notes from loading (e.g. free GPU memory below the plan)
 
     def expert_stats(self) -> dict | None:
@@ -288,7 +289,7 @@ def placement_plan(args: ModelArgs, model_dir: Path, spec: QuantSpec | str, *, g
                    host_bytes: int | None, context: int | None, resident_fraction: float | None,
                    dtype: str = "bfloat16", matrix_dtype: str | None = None,
                    tensor_shapes: dict | None = None, gpu_bandwidth: float | None = None,
-                   pcie_bandwidth: float | None = None) -> Plan:
+                   pcie_bandwidth: float | None = None, sequences: int = 1) -> Plan:
     """The plan for a model directory: the one function behind `localrun fit` and the loader.
 
     gpu_bytes: the GPU's memory (or --vram); the plan gets `plan.device_budget(gpu_bytes)`, the
@@ -296,7 +297,7 @@ def placement_plan(args: ModelArgs, model_dir: Path, spec: QuantSpec | str, *, g
     """
     budget = Budget(device_bytes=None if gpu_bytes is None else device_budget(gpu_bytes), host_bytes=host_bytes,
                     context=default_context(args, context), gpu_bandwidth=gpu_bandwidth,
-                    pcie_bandwidth=pcie_bandwidth)
+                    pcie_bandwidth=pcie_bandwidth, sequences=sequences)
     return make_plan(args, budget, experts=spec, tensor_shapes=tensor_shapes,
                      routing_profile=read_routing_profile(model_dir), dtype=dtype, matrix_dtype=matrix_dtype,
                      resident_fraction=resident_fraction)
@@ -304,7 +305,7 @@ def placement_plan(args: ModelArgs, model_dir: Path, spec: QuantSpec | str, *, g
 
 def load_plan(args: ModelArgs, model_dir: Path, dev: torch.device, spec: QuantSpec | str, dtype: torch.dtype,
               *, vram: int | None, context: int | None, resident_fraction: float | None,
-              stored_dtype: torch.dtype | None = None) -> Plan:
+              stored_dtype: torch.dtype | None = None, sequences: int = 1) -> Plan:
     """The plan this load builds: on a GPU for `vram` or the card's total memory (`placement_plan`).
     stored_dtype: the checkpoint's matrix dtype, which decides what they are kept in (kernels.storage_dtype)."""
     gpu_bytes = None
@@ -313,7 +314,7 @@ def load_plan(args: ModelArgs, model_dir: Path, dev: torch.device, spec: QuantSp
     stored = kernels.storage_dtype(dtype, dev, stored_dtype)
     plan = placement_plan(args, model_dir, spec, gpu_bytes=gpu_bytes, host_bytes=detect_host_ram(), context=context,
                           resident_fraction=resident_fraction, dtype=str(dtype).removeprefix("torch."),
-                          matrix_dtype=str(stored).removeprefix("torch."))
+                          matrix_dtype=str(stored).removeprefix("torch."), sequences=sequences)
     if not plan.fits:
         raise LocalrunError(f"does not fit: {plan.reason} (see `localrun fit {model_dir}`)")
     return plan
@@ -352,6 +353,7 @@ def load_model(
     cache_policy: str = DEFAULT_CACHE_POLICY,
     progress=None,
     checkpoint=None,
+    parallel: int = 1,
 ) -> LoadedModel:
     """Load a checkpoint directory of a supported family (or a pre-quantized localrun one) for inference.
 
@@ -360,7 +362,8 @@ def load_model(
     placement plan: experts that are not resident live in host RAM behind an ExpertStore,
     whose cache slots are replaced per `cache_policy` ("lru" or "lfu"). checkpoint: tensors to
     read instead of the directory's safetensors (`synthetic.RandomCheckpoint`: a full-size config
-    without its weights on disk); the directory still gives config.json.
+    without its weights on disk); the directory still gives config.json. parallel: KV caches to
+    allocate side by side (`serve --parallel`), each for the planned context; the plan counts them all.
     """
     model_dir = Path(model_dir)
     args = load_config(model_dir)
@@ -371,7 +374,7 @@ def load_model(
     spec = expert_spec(model_dir, experts, args)
     experts = spec if spec == "bf16" else spec.quant_type
     plan = load_plan(args, model_dir, dev, spec, dtype, vram=vram, context=context,
-                     resident_fraction=resident_fraction, stored_dtype=ckpt.matrix_dtype())
+                     resident_fraction=resident_fraction, stored_dtype=ckpt.matrix_dtype(), sequences=parallel)
     notes = []
     if dev.type == "cuda":
         note = check_free_memory(plan, *_gpu_memory(dev))
@@ -430,11 +433,11 @@ def load_model(
 
     load_weights(model, ckpt, args, device=dev, dtype=dtype, build_experts=build, progress=progress)
     model.eval().requires_grad_(False)
-    kv = KVCache(args, dtype=dtype, device=dev, capacity=plan.context)
+    kv_slots = [KVCache(args, dtype=dtype, device=dev, capacity=plan.context) for _ in range(parallel)]
     if dev.type == "cuda":
         torch.cuda.empty_cache()  # hand back load-time scratch (one expert, calibration) to the driver
-    return LoadedModel(model, args, model_dir, dev, dtype, experts, plan=plan, store=store, kv=kv,
-                       warnings=tuple(notes))
+    return LoadedModel(model, args, model_dir, dev, dtype, experts, plan=plan, store=store, kv=kv_slots[0],
+                       kv_slots=kv_slots, warnings=tuple(notes))
 
 
 def _distinct_storage_bytes(tensors, seen: set) -> int:
@@ -488,8 +491,9 @@ def memory_report(loaded: LoadedModel) -> dict:
         tensors += store.device_tensors()
         host = _distinct_storage_bytes(store.host_tensors(), set())
     kv = getattr(loaded, "kv", None)
-    kv_tensors = ([t for t in (kv.tensors() if hasattr(kv, "tensors") else _tensors_in(kv)) if t.device.type == dev.type]
-                  if kv is not None else [])
+    caches = getattr(loaded, "kv_slots", None) or ([kv] if kv is not None else [])
+    kv_tensors = [t for c in caches for t in (c.tensors() if hasattr(c, "tensors") else _tensors_in(c))
+                  if t.device.type == dev.type]
     kv_bytes = _distinct_storage_bytes(kv_tensors, set()) if kv is not None else None
     tensors += kv_tensors
     device = _distinct_storage_bytes([t for t in tensors if t.device.type == dev.type], seen)

@@ -19,9 +19,11 @@ Rules (each one a named constant or function below, so a change is one edit):
   fewer when fewer experts are offloaded), held in one [slots, expert bytes] device buffer per
   layer allocated at load. The plan counts cache_slots x MoE layers x one expert's bytes, the
   very buffers the expert store allocates; they never grow while decoding.
-- KV cache: sliding layers keep a ring buffer of `sliding_window` positions; full layers keep
-  the whole context; attention_k_eq_v full layers store both K and V (K = rope(k_norm(raw)),
+- KV cache: sliding layers keep a ring buffer of `sliding_window` + KV_ROLLBACK positions (the
+  extra positions let the prefix cache roll a conversation back, localrun/session.py); full
+  layers keep the whole context; `kv_layer_positions` is the one count the plan and KVCache share; attention_k_eq_v full layers store both K and V (K = rope(k_norm(raw)),
   V = v_norm(raw)); KV-shared layers store nothing (they read their source layer's cache).
+- Parallel sequences (`serve --parallel N`): each keeps its own KV cache, N times the bytes above.
 - Workspace: activations of one prefill chunk (upper bound, fp32), an attention-score tile of
   SCORES_TILE_BYTES (the prefill chunk shrinks at long context so its fp32 scores fit in it:
   see `prefill_chunk`), one expert dequantized for many-token matmuls, and the last position's
@@ -106,6 +108,7 @@ class Budget:
     host_bytes: int | None = None
     context: int = 8192
     batch: int = 1
+    sequences: int = 1  # KV caches kept side by side (serve --parallel), each for `context` positions
     gpu_bandwidth: float | None = None
     pcie_bandwidth: float | None = None
 
@@ -172,6 +175,7 @@ class Plan:
     host_budget: int | None
     estimated_decode_tokens_per_s: float | None = None  # the memory-bandwidth ceiling
     expected_decode_tokens_per_s: float | None = None  # the ceiling times hardware.DECODE_EFFICIENCY
+    sequences: int = 1  # KV caches side by side (serve --parallel); kv_bytes counts them all
     _resident_sets: list[frozenset] = field(default_factory=list, repr=False)
 
     def expert_tier(self, layer: int, expert: int) -> str:
@@ -211,6 +215,8 @@ class Plan:
             "host_reserve_bytes": self.host_reserve_bytes,
             "kv_bytes": self.kv_bytes,
             "kv_position_bytes": self.kv_position_bytes,
+            "kv_sequences": self.sequences,
+            "kv_rollback_positions": KV_ROLLBACK,
             "workspace_bytes": self.workspace_bytes,
             "reserve_bytes": self.reserve_bytes,
             "expected_miss_rate": self.expected_miss_rate,
@@ -246,11 +252,22 @@ def expert_matrix_bytes(shape: tuple[int, ...], experts: QuantSpec | str, elem_s
     return experts.nbytes(numel) if isinstance(experts, QuantSpec) else numel * elem_size
 
 
+KV_ROLLBACK = 512  # positions a sliding layer's ring keeps beyond its window (the prefix cache's reach)
+
+
+def kv_layer_positions(args: ModelArgs, layer: int, context: int, rollback: int = KV_ROLLBACK) -> int:
+    """Positions one layer's KV cache keeps at `context` (batch 1), the count KVCache allocates: the
+    whole context in a full layer; in a sliding layer its window plus `rollback`, so a conversation
+    can be rolled back that far and still hold the window before it (never more than the context);
+    0 in a KV-shared layer, which reads its source layer's cache."""
+    if args.kv_source_layer(layer) != layer:
+        return 0
+    return min(context, args.sliding_window + rollback) if args.is_sliding(layer) else context
+
+
 def kv_layer_bytes(args: ModelArgs, layer: int, context: int, elem_size: int) -> int:
     """KV cache bytes of one layer at `context` positions (batch 1)."""
-    if args.kv_source_layer(layer) != layer:
-        return 0  # KV-shared: reads its source layer's cache
-    positions = min(context, args.sliding_window) if args.is_sliding(layer) else context
+    positions = kv_layer_positions(args, layer, context)
     # K and V both stored, k_eq_v layers included (storing one and deriving the other would halve it)
     return 2 * positions * args.layer_kv_heads(layer) * args.layer_head_dim(layer) * elem_size
 
@@ -264,11 +281,7 @@ KV_POSITION_BYTES = 8  # the KV cache keeps each slot's position (int64) beside 
 
 def kv_position_bytes(args: ModelArgs, context: int) -> list[int]:
     """Per layer: the int64 positions of its cache's slots (0 for KV-shared layers)."""
-    out = []
-    for i in range(args.num_hidden_layers):
-        positions = min(context, args.sliding_window) if args.is_sliding(i) else context
-        out.append(0 if args.kv_source_layer(i) != i else positions * KV_POSITION_BYTES)
-    return out
+    return [kv_layer_positions(args, i, context) * KV_POSITION_BYTES for i in range(args.num_hidden_layers)]
 
 
 def prefill_chunk(args: ModelArgs, context: int) -> int:
@@ -514,9 +527,13 @@ def make_plan(
     top_k = (args.top_k_experts or 0) if E else 0
     on_gpu = budget.device_bytes is not None
 
-    kv_per_layer = kv_cache_bytes(args, budget.context, elem)
+    if budget.sequences < 1:
+        raise UsageError(f"parallel sequences must be at least 1, not {budget.sequences}")
+    # one KV cache per sequence: the allocation lists repeat per sequence, per-layer totals multiply
+    kv_one = kv_cache_bytes(args, budget.context, elem)
+    kv_per_layer = kv_one * budget.sequences
     kv = sum(kv_per_layer)
-    kv_pos_layers = kv_position_bytes(args, budget.context)
+    kv_pos_layers = kv_position_bytes(args, budget.context) * budget.sequences
     kv_pos = sum(kv_pos_layers)
     # Many-token expert matmuls dequantize one expert at a time into the model dtype.
     dequant = 3 * args.moe_intermediate_size * args.hidden_size * elem if E and isinstance(experts, QuantSpec) else 0
@@ -583,7 +600,8 @@ def make_plan(
         cache_slots=slots, cache_slot_bytes=slot_bytes, cache_slots_bytes=slot_total, moe_layers=moe_layers,
         device_bytes=device_total, placed_device_bytes=placed_total, rounding_bytes=round_up,
         host_bytes=host_total,
-        kv_bytes=kv, kv_bytes_per_layer=kv_per_layer, kv_position_bytes=kv_pos,
+        kv_bytes=kv, kv_bytes_per_layer=[b * budget.sequences for b in kv_one], kv_position_bytes=kv_pos,
+        sequences=budget.sequences,
         workspace_bytes=workspace, reserve_bytes=reserve,
         host_reserve_bytes=HOST_RESERVE_BYTES, prefill_chunk=prefill_chunk(args, budget.context),
         max_context=max_ctx, expected_miss_rate=miss,
@@ -657,7 +675,8 @@ def _max_context(args: ModelArgs, budget: Budget, elem: int, without_kv: int, ho
     lo, hi = 0, args.max_position_embeddings  # KV bytes grow monotonically with context
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        kv_layers, pos_layers = kv_cache_bytes(args, mid, elem), kv_position_bytes(args, mid)
+        kv_layers = kv_cache_bytes(args, mid, elem) * budget.sequences
+        pos_layers = kv_position_bytes(args, mid) * budget.sequences
         rounding = _rounding(_kv_allocations(kv_layers) + pos_layers) if on_gpu else 0
         if sum(kv_layers) + sum(pos_layers) + rounding <= room:
             lo = mid

@@ -11,10 +11,11 @@ from localrun.tiny import tiny_config
 
 
 def test_memory_is_allocated_once_for_the_capacity():
-    """Sliding layers hold a ring of the window, full layers the capacity, from the first token on:
-    writing positions moves no byte count, and one position past the capacity is refused."""
+    """Sliding layers hold a ring of the window plus the rollback slots, full layers the capacity,
+    from the first token on: writing positions moves no byte count, and one position past the
+    capacity is refused."""
     args = ModelArgs.from_dict(tiny_config("moe"))
-    cache = KVCache(args, capacity=40)
+    cache = KVCache(args, capacity=40, rollback=16)
     before = {i: layer.nbytes for i, layer in enumerate(cache.layers)}
     pointers = [t.data_ptr() for t in cache.tensors()]
     for pos in range(40):
@@ -25,7 +26,7 @@ def test_memory_is_allocated_once_for_the_capacity():
     assert [t.data_ptr() for t in cache.tensors()] == pointers
     for i, layer in enumerate(cache.layers):
         if args.is_sliding(i):
-            assert isinstance(layer, RingKV) and layer.k.shape[2] == args.sliding_window
+            assert isinstance(layer, RingKV) and layer.k.shape[2] == args.sliding_window + 16
         else:
             assert isinstance(layer, FullKV) and layer.length == 40 and layer.k.shape[2] == 40
     full = next(layer for layer in cache.layers if isinstance(layer, FullKV))

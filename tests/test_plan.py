@@ -11,7 +11,7 @@ from localrun.errors import UsageError
 from localrun.hardware import (GIB, MIB, GPU_PRESETS, detect_gpu, detect_host_ram, gpu_preset, parse_size,
                                preset_for_device_name)
 from localrun.models.gemma4 import checkpoint_shapes
-from localrun.plan import (DEVICE, HOST, Budget, expert_matrix_name, kv_layer_bytes, make_plan,
+from localrun.plan import (DEVICE, HOST, KV_ROLLBACK, Budget, expert_matrix_name, kv_layer_bytes, make_plan,
                            estimate_decode_tokens_per_s)
 from localrun.tiny import tiny_config
 from quant.spec import QuantSpec
@@ -175,12 +175,23 @@ def test_sliding_kv_stops_growing_at_the_window(ref):
     per_pos = 2 * 8 * 256 * 2  # K and V, 8 heads x 256, bf16
     assert kv_layer_bytes(ref, sliding, 512, 2) == 512 * per_pos
     assert kv_layer_bytes(ref, sliding, 1024, 2) == 1024 * per_pos
-    assert kv_layer_bytes(ref, sliding, 100_000, 2) == 1024 * per_pos
+    # the ring keeps the window plus KV_ROLLBACK positions (the prefix cache's rollback reach)
+    assert kv_layer_bytes(ref, sliding, 100_000, 2) == (1024 + KV_ROLLBACK) * per_pos
     # k_eq_v full layer: 2 global KV heads x 512, K and V both stored
     assert kv_layer_bytes(ref, full, 100_000, 2) == 100_000 * 2 * 2 * 512 * 2
-    # reference doc: 200 MiB sliding cap + 20 KiB per token on full layers
+    # reference doc: 200 MiB sliding cap + 20 KiB per token on full layers; rollback 512: +100 MiB
+    assert KV_ROLLBACK == 512
     plan = plan_for(ref, 24, context=131072)
-    assert plan.kv_bytes == 200 * MIB + 131072 * 20 * 1024
+    assert plan.kv_bytes == 300 * MIB + 131072 * 20 * 1024
+
+
+def test_parallel_sequences_multiply_the_kv_cache(ref):
+    one = make_plan(ref, Budget(24 * GIB, None, 8192), experts=NF4)
+    two = make_plan(ref, Budget(24 * GIB, None, 8192, sequences=2), experts=NF4)
+    assert two.kv_bytes == 2 * one.kv_bytes and two.kv_position_bytes == 2 * one.kv_position_bytes
+    assert two.component("kv_cache").nbytes == 2 * one.component("kv_cache").nbytes
+    assert two.resident_experts_per_layer <= one.resident_experts_per_layer
+    assert two.max_context < one.max_context
 
 
 def test_k_eq_v_layers_use_global_kv_heads():

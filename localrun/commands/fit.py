@@ -78,10 +78,11 @@ def _print_report(plan, target: Target, model: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from ..plan import CUDA_CONTEXT_BYTES, DEVICE, display_allowance
+    from ..plan import CUDA_CONTEXT_BYTES, DEVICE, KV_ROLLBACK, display_allowance
 
     console = Console()
-    table = Table(title=f"localrun fit: {model.name} on {target.label}, context {plan.context}")
+    seqs = f" x {plan.sequences} sequences" if plan.sequences > 1 else ""
+    table = Table(title=f"localrun fit: {model.name} on {target.label}, context {plan.context}{seqs}")
     table.add_column("component")
     table.add_column("precision")
     table.add_column("bytes", justify="right")
@@ -103,6 +104,9 @@ def _print_report(plan, target: Target, model: Path) -> None:
                       f"and {format_size(display_allowance())} display allowance "
                       f"(LOCALRUN_DISPLAY_ALLOWANCE=0 on a headless card)", highlight=False)
     console.print(f"longest context that fits: {plan.max_context} tokens", highlight=False)
+    per_seq = f"; one cache for each of the {plan.sequences} sequences" if plan.sequences > 1 else ""
+    console.print(f"KV cache: sliding layers keep their window + {KV_ROLLBACK} positions, so the prefix cache "
+                  f"can roll a conversation back{per_seq}", highlight=False)
     if plan.estimated_decode_tokens_per_s is not None:
         eff = DECODE_EFFICIENCY
         console.print(f"decode speed: ceiling ~{plan.estimated_decode_tokens_per_s:.0f} tokens/s (memory bandwidth, "
@@ -124,6 +128,8 @@ def fit(
     experts: Optional[str] = typer.Option(None, "--experts", help="Routed expert precision: nf4 (default), fp4 or bf16."),
     resident_experts: Optional[float] = typer.Option(None, "--resident-experts", min=0.0, max=1.0,
                                                      help="Force this fraction (0..1) of each layer's experts onto the GPU."),
+    parallel: int = typer.Option(1, "--parallel", min=1, help="Sequences served side by side (`serve --parallel`): "
+                                 "each keeps its own KV cache."),
     as_json: bool = typer.Option(False, "--json", help="Print only JSON."),
 ) -> None:
     """Estimate whether a model fits a GPU: memory per component, resident experts, longest context, speed.
@@ -143,7 +149,7 @@ def fit(
     spec = expert_spec(model, experts, args)
     plan = placement_plan(args, model, spec, gpu_bytes=target.device_bytes, host_bytes=host, context=context,
                           resident_fraction=resident_experts, tensor_shapes=checkpoint_tensor_shapes(model, args),
-                          gpu_bandwidth=target.bandwidth, pcie_bandwidth=target.pcie_bandwidth)
+                          gpu_bandwidth=target.bandwidth, pcie_bandwidth=target.pcie_bandwidth, sequences=parallel)
     if as_json:
         print(json.dumps({"model": str(model), "target": target.label, "gpu_bytes": target.device_bytes,
                           "cuda_context_bytes": CUDA_CONTEXT_BYTES, "display_allowance_bytes": display_allowance(),

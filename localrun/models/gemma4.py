@@ -212,7 +212,8 @@ def attend(q_BNTD, k_BNSD, v_BNSD, pos_T, pos_S, window: int | None, masks: dict
     the earlier positions followed by the T new ones (FullKV, RingKV and KV sharing all return that).
 
     One token sees every key (the caches return only visible ones), unless `visible_1S` masks some
-    (the static decode step reads fixed-size buffers). Many tokens go in blocks of
+    (the static decode step reads fixed-size buffers) or a sliding layer's ring returns more keys
+    than its window (rollback slots, localrun/kvcache.py): then its mask comes from the positions. Many tokens go in blocks of
     QUERY_BLOCK queries, each over the contiguous slice of keys that can be visible to it: a
     sliding layer's block reads ~window + block keys instead of all S, a full layer's block only
     the keys up to its last query. Masked keys weigh exactly 0, so the result is the same as one
@@ -221,6 +222,12 @@ def attend(q_BNTD, k_BNSD, v_BNSD, pos_T, pos_S, window: int | None, masks: dict
     """
     T, S = q_BNTD.shape[2], k_BNSD.shape[2]
     if T == 1:
+        if visible_1S is None and window is not None and S > window:  # a ring with rollback slots
+            visible_1S = mask = None if masks is None else masks.get((window, "decode"))
+            if mask is None:
+                visible_1S = attention_mask(pos_T, pos_S, window)
+                if masks is not None:
+                    masks[window, "decode"] = visible_1S
         return grouped_sdpa(q_BNTD, k_BNSD, v_BNSD, visible_1S, scale)
     old = S - T  # keys before the new ones
     outs = []
