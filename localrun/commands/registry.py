@@ -4,6 +4,6 @@ from __future__ import annotations
 
 import importlib
 
-_MODULES = ("run", "chat", "fit", "quantize", "profile", "bench", "list_models")
+_MODULES = ("run", "chat", "serve", "fit", "quantize", "profile", "bench", "list_models")
 
 COMMANDS = [importlib.import_module(f"localrun.commands.{name}").command for name in _MODULES]

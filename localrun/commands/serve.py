@@ -1,0 +1,65 @@
+"""`localrun serve MODEL`: an OpenAI-compatible HTTP server (localrun/server.py). The server stack
+(Starlette, uvicorn) is the optional `serve` extra, imported only when the command runs."""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import typer
+
+from ..errors import LocalrunError, UsageError
+from . import _options as opt
+
+
+def serve(
+    model: str = typer.Argument(..., help="Model directory, Hugging Face repo id, or 'demo'."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (0.0.0.0 exposes it to the network)."),
+    port: int = typer.Option(8080, "--port", help="TCP port."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="LOCALRUN_API_KEY",
+                                          help="Require 'Authorization: Bearer KEY' on every endpoint but /health."),
+    parallel: int = typer.Option(1, "--parallel", help="Requests generated side by side, each slot with its own "
+                                 "KV cache (the plan counts them all; see `localrun fit --parallel`)."),
+    max_queue: int = typer.Option(64, "--max-queue", help="Requests that may wait for a slot; more answer 429."),
+    served_name: Optional[str] = typer.Option(None, "--served-model-name",
+                                              help="The model id /v1/models reports (default: the directory name)."),
+    context: Optional[int] = typer.Option(None, "--context", help="Context length per slot (default 8192)."),
+    device: str = opt.DEVICE,
+    dtype: str = opt.DTYPE,
+    experts: Optional[str] = opt.EXPERTS,
+    vram: Optional[str] = opt.VRAM,
+    resident_experts: Optional[float] = opt.RESIDENT_EXPERTS,
+    quiet: bool = opt.QUIET,
+) -> None:
+    """Serve the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models, /health) on HOST:PORT."""
+    if parallel < 1:
+        raise UsageError(f"--parallel must be at least 1, not {parallel}")
+    if max_queue < 0:
+        raise UsageError(f"--max-queue must be 0 or more, not {max_queue}")
+    if not 0 <= port < 65536:
+        raise UsageError(f"--port must be in 0..65535, not {port}")
+    load = opt.load_kwargs(device, dtype, experts, vram, resident_experts, context)
+    try:
+        import uvicorn
+
+        from ..server import ServerConfig, make_app
+    except ImportError as e:
+        raise LocalrunError(f"`localrun serve` needs the serve extra ({e.name} is missing): "
+                            "pip install 'localrun[serve]'") from None
+    from ..engine import Engine, generation_defaults
+    from ..resolve import resolve_model
+    from ._progress import progress_bar
+
+    model_dir = resolve_model(model)
+    with progress_bar("loading", enabled=not quiet) as update:
+        engine = Engine.load(model_dir, progress=update, parallel=parallel, **load)
+    config = ServerConfig(model_name=served_name or model_dir.name, api_key=api_key, max_queue=max_queue,
+                          defaults=generation_defaults(model_dir))
+    app = make_app(engine, config)
+    if not quiet:
+        print(f"serving {config.model_name} on http://{host}:{port}/v1 ({parallel} slot{'s' * (parallel > 1)}, "
+              f"context {engine.session.cache.capacity}); Ctrl-C stops", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=3)
+
+
+command = serve
