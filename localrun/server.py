@@ -154,7 +154,8 @@ class Scheduler:
         with self.cond:
             if self.stopping:
                 raise APIError(503, "the server is shutting down", type="server_error")
-            if len(self.waiting) >= self.max_queue:
+            free = len(self.slots) - len(self.running)
+            if len(self.waiting) >= self.max_queue + free:  # beyond the free slots, `max_queue` may wait
                 raise APIError(429, f"too many requests: {self.max_queue} already wait for a slot", type="requests",
                                code="rate_limit_exceeded")
             self.waiting.append(job)

@@ -1,0 +1,304 @@
+"""`localrun serve` (localrun/server.py) on 127.0.0.1, talked to by the official `openai` client and
+by httpx: greedy replies, streaming, stop strings across tokens, usage, bad requests, the queue
+bound, the API key, 50 concurrent streams over 2 slots, a client that leaves mid-stream, Ctrl-C."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("starlette")
+uvicorn = pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+from localrun.engine import Engine  # noqa: E402
+from localrun.resolve import resolve_model  # noqa: E402
+from localrun.server import ServerConfig, StopStrings, make_app  # noqa: E402
+from localrun.text import StreamDecoder  # noqa: E402
+
+torch.set_num_threads(1)
+CONTEXT = 256
+MESSAGES = [{"role": "user", "content": "Hello"}]
+
+
+class Running:
+    """A uvicorn server in a thread of this process, on a free 127.0.0.1 port."""
+
+    def __init__(self, app):
+        self.app = app
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "the server did not start"
+            time.sleep(0.02)
+
+    @property
+    def scheduler(self):
+        return self.app.state.server.scheduler
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(10)
+        assert not self.thread.is_alive()
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return Engine.load(resolve_model("demo"), device="cpu", dtype=torch.float32, context=CONTEXT, parallel=2)
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    running = Running(make_app(engine, ServerConfig("demo", step="eager")))
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", timeout=60, max_retries=0)
+
+
+def reference(engine, ids, max_tokens):
+    """Greedy tokens straight from the model into buffers of their own (no server, no prefix cache;
+    called while the server is idle, since the scheduler thread owns the model otherwise)."""
+    from localrun.generate import generate
+    from localrun.sampling import SamplingParams, make_sampler
+
+    return [s.token for s in generate(engine.model, ids, make_sampler(SamplingParams()), max_tokens=max_tokens,
+                                      stop_ids=engine.eos_ids)]
+
+
+def test_stop_strings_across_pieces():
+    stops = StopStrings(["END", "xy"])
+    assert stops.feed("abcE") == ("abc", False)  # "E" may start "END"
+    assert stops.feed("N") == ("", False)
+    assert stops.feed("Dtail") == ("", True)
+    stops = StopStrings(["END"])
+    assert stops.feed("aE") == ("a", False) and stops.feed("x") == ("Ex", False) and stops.flush() == ""
+
+
+def test_openai_client_chat_stream_models_usage(engine, server, client):
+    assert [m.id for m in client.models.list()] == ["demo"]
+    reply = client.chat.completions.create(model="demo", messages=MESSAGES, max_tokens=24, temperature=0)
+    text = reply.choices[0].message.content
+    ids = engine.encode_messages(MESSAGES)
+    expected = reference(engine, ids, 24)
+    assert reply.usage.prompt_tokens == len(ids)
+    assert reply.usage.completion_tokens == len(expected) == server.scheduler.done[-1].tokens
+    assert reply.usage.total_tokens == len(ids) + len(expected)
+    assert reply.choices[0].finish_reason == ("stop" if expected[-1] in engine.eos_ids else "length")
+    assert text and text == engine.tokenizer.decode([t for t in expected if t not in engine.eos_ids])
+
+    chunks = list(client.chat.completions.create(model="demo", messages=MESSAGES, max_tokens=24, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == \
+        [reply.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens > 0  # the slot's prefix cache held the prompt
+
+    length = client.chat.completions.create(model="demo", messages=MESSAGES, max_tokens=3, temperature=0,
+                                            extra_body={"ignore_eos": True})
+    assert length.choices[0].finish_reason == "length" and length.usage.completion_tokens == 3
+
+    done = client.completions.create(model="demo", prompt="The answer is", max_tokens=5, temperature=0,
+                                     extra_body={"ignore_eos": True, "top_k": 1})
+    assert done.usage.completion_tokens == 5 and done.choices[0].finish_reason == "length"
+
+
+def test_stop_string_spanning_two_tokens(engine, client):
+    ids = engine.encode_messages(MESSAGES)
+    tokens = [t for t in reference(engine, ids, 24) if t not in engine.eos_ids]
+    decoder = StreamDecoder(engine.tokenizer)
+    pieces = [decoder.push(t) for t in tokens]
+    full = "".join(pieces)
+    k = next(i for i in range(1, len(pieces) - 1) if pieces[i] and pieces[i + 1] and "".join(pieces[:i]))
+    stop = pieces[k][-1] + pieces[k + 1][0]  # the end of one token and the start of the next
+    reply = client.chat.completions.create(model="demo", messages=MESSAGES, max_tokens=24, temperature=0, stop=[stop])
+    assert reply.choices[0].finish_reason == "stop"
+    assert reply.choices[0].message.content == full[: full.find(stop)]
+    streamed = client.chat.completions.create(model="demo", messages=MESSAGES, max_tokens=24, temperature=0,
+                                              stop=stop, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == full[: full.find(stop)]
+
+
+@pytest.mark.parametrize("body, param", [
+    (b"{not json", None),
+    (b"[1, 2]", None),
+    ({"messages": MESSAGES, "max_tokens": -1}, "max_tokens"),
+    ({"messages": MESSAGES, "max_tokens": "ten"}, "max_tokens"),
+    ({"messages": MESSAGES, "temperature": "hot"}, "temperature"),
+    ({"messages": MESSAGES, "stop": 5}, "stop"),
+    ({"messages": MESSAGES, "stream": "yes"}, "stream"),
+    ({"messages": "hello"}, "messages"),
+    ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0]"),
+    ({"messages": [{"role": "user", "content": "word " * 400}]}, "messages"),  # over the context
+])
+def test_bad_requests_get_400_and_the_server_keeps_serving(server, body, param):
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = httpx.post(server.url + "/v1/chat/completions", content=data, headers={"Content-Type": "application/json"},
+                   timeout=30)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["message"] and error["param"] == param
+    if param == "messages" and "word" in data.decode():
+        assert error["code"] == "context_length_exceeded"
+    ok = httpx.post(server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 1}, timeout=30)
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 1
+
+
+def test_fifty_concurrent_streams_on_two_slots(engine, server):
+    async def one(client, i):
+        prompt = [{"role": "user", "content": f"Count to {i % 5}"}]
+        text, usage = "", None
+        stream = await client.chat.completions.create(
+            model="demo", messages=prompt, max_tokens=4, temperature=0, stream=True,
+            stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        async for chunk in stream:
+            if chunk.choices:
+                text += chunk.choices[0].delta.content or ""
+            if chunk.usage is not None:
+                usage = chunk.usage
+        return len(engine.encode_messages(prompt)), usage
+
+    async def main():
+        async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="x", timeout=120, max_retries=0) as client:
+            return await asyncio.gather(*(one(client, i) for i in range(50)))
+
+    results = asyncio.run(main())
+    assert len(results) == 50
+    for prompt_tokens, usage in results:
+        assert usage.completion_tokens == 4 and usage.prompt_tokens == prompt_tokens
+        assert usage.total_tokens == prompt_tokens + 4
+
+
+def _open_stream(url, max_tokens):
+    client = httpx.Client(timeout=30)
+    body = {"messages": MESSAGES, "max_tokens": max_tokens, "stream": True, "ignore_eos": True, "temperature": 0}
+    response = client.send(client.build_request("POST", url + "/v1/chat/completions", json=body), stream=True)
+    lines = response.iter_lines()
+    got = 0
+    for line in lines:
+        if line.startswith("data: "):
+            got += 1
+            if got == 3:
+                break
+    return client, response, lines  # the line iterator too: dropping it closes the response
+
+
+def slow_down(monkeypatch, sched, seconds=0.01):
+    """Each decode step takes at least `seconds`: the tiny model would finish a long reply before
+    the test could act on it."""
+    advance = sched._advance
+
+    def slow(*args):
+        time.sleep(seconds)
+        return advance(*args)
+
+    monkeypatch.setattr(sched, "_advance", slow)
+
+
+def test_a_client_that_leaves_frees_its_slot(server, monkeypatch):
+    """Both slots busy with long streams, a third request waiting: killing one stream hands its
+    slot to the waiting request, and the killed generation stops early."""
+    sched = server.scheduler
+    slow_down(monkeypatch, sched)
+    a = _open_stream(server.url, 200)
+    b = _open_stream(server.url, 200)
+    waiting = {}
+
+    def third():
+        waiting["r"] = httpx.post(server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=60)
+
+    t = threading.Thread(target=third)
+    t.start()
+    deadline = time.monotonic() + 20
+    while not sched.waiting and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sched.waiting and len(sched.running) == 2
+    before = {id(j) for j in sched.done}
+    a[1].close()
+    a[0].close()  # the client goes away mid-stream
+    t.join(30)
+    assert waiting["r"].status_code == 200
+    killed = [j for j in sched.done if id(j) not in before and j.finish == "cancelled"]
+    assert killed and killed[0].tokens < 200
+    b[1].close()
+    b[0].close()
+    deadline = time.monotonic() + 20
+    while sched.running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not sched.running
+
+
+def test_queue_bound_and_api_key(engine, monkeypatch):
+    running = Running(make_app(engine, ServerConfig("demo", api_key="sekret", max_queue=0, step="eager")))
+    slow_down(monkeypatch, running.scheduler)
+    try:
+        assert httpx.get(running.url + "/health").status_code == 200  # no key needed
+        r = httpx.get(running.url + "/v1/models")
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(running.url + "/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        client = openai.OpenAI(base_url=running.url + "/v1", api_key="sekret", max_retries=0, timeout=60)
+        assert [m.id for m in client.models.list()] == ["demo"]
+        streams = [client.chat.completions.create(model="demo", messages=MESSAGES, max_tokens=200, stream=True,
+                                                  extra_body={"ignore_eos": True}) for _ in range(2)]
+        for s in streams:
+            next(iter(s))
+        with pytest.raises(openai.RateLimitError) as e:  # both slots busy, no room to wait
+            client.chat.completions.create(model="demo", messages=MESSAGES, max_tokens=2)
+        assert e.value.status_code == 429 and e.value.body["code"] == "rate_limit_exceeded"
+        for s in streams:
+            s.close()
+    finally:
+        running.stop()
+
+
+def test_serve_command_binds_loopback_and_stops_on_ctrl_c(tmp_path):
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-m", "localrun.cli", "serve", "demo", "--port", str(port),
+                             "--device", "cpu", "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "serve did not come up"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=30)
+        assert r.status_code == 200
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=20)
+        assert proc.returncode == 0, err.decode()
+        assert b"Traceback" not in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
