@@ -1,5 +1,5 @@
 """Time to first token per turn of a 20-turn chat on the bench model, with and without the prefix
-cache (localrun/session.py), in one run: python scripts/bench_prefix.py [--turns 20] [--words 80]
+cache (localrun/session.py), in one run: python scripts/bench_prefix.py [--turns 20] [--words 40] [--threads 1]
 
 With the cache a turn prefills only its new message (and the reply tokens the cache has not fed),
 so its time to first token stays flat; without it every turn prefills the whole conversation.
@@ -68,12 +68,12 @@ def cpu_name() -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--turns", type=int, default=20)
-    p.add_argument("--words", type=int, default=80, help="words per user message")
+    p.add_argument("--words", type=int, default=40, help="words per user message")
     p.add_argument("--reply", type=int, default=32, help="tokens per reply")
     p.add_argument("--context", type=int, default=4096)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
