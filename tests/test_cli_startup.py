@@ -36,7 +36,8 @@ def imported_after(*argv) -> tuple[list[str], subprocess.CompletedProcess]:
 
 @pytest.mark.parametrize("argv", [
     ["--help"], ["--version"], [],
-    *[[cmd, "--help"] for cmd in ("run", "chat", "fit", "quantize", "profile", "bench", "list")],
+    *[[cmd, "--help"] for cmd in ("run", "chat", "serve", "fit", "quantize", "profile", "bench", "list")],
+    ["serve", "demo", "--parallel", "0"],
     ["run", "--max-tokens", "0", "demo", "x"], ["run", "demo", "x", "--top-p", "0"], ["run", "demo", "x", "--bogus"],
     ["chat", "--threads", "0"], ["fit", "demo", "--vram", "lots"], ["quantize", "demo", "out", "--experts", "int8"],
     ["bench", "--dtype", "int8"], ["profile", "demo", "--prompts", "/nonexistent"],

@@ -15,12 +15,12 @@ from . import _options as opt
 def serve(
     model: str = typer.Argument(..., help="Model directory, Hugging Face repo id, or 'demo'."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (0.0.0.0 exposes it to the network)."),
-    port: int = typer.Option(8080, "--port", help="TCP port."),
+    port: int = typer.Option(8080, "--port", min=0, max=65535, help="TCP port."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="LOCALRUN_API_KEY",
                                           help="Require 'Authorization: Bearer KEY' on every endpoint but /health."),
-    parallel: int = typer.Option(1, "--parallel", help="Requests generated side by side, each slot with its own "
+    parallel: int = typer.Option(1, "--parallel", min=1, help="Requests generated side by side, each slot with its own "
                                  "KV cache (the plan counts them all; see `localrun fit --parallel`)."),
-    max_queue: int = typer.Option(64, "--max-queue", help="Requests that may wait for a slot; more answer 429."),
+    max_queue: int = typer.Option(64, "--max-queue", min=0, help="Requests that may wait for a slot; more answer 429."),
     served_name: Optional[str] = typer.Option(None, "--served-model-name",
                                               help="The model id /v1/models reports (default: the directory name)."),
     context: Optional[int] = typer.Option(None, "--context", help="Context length per slot (default 8192)."),
@@ -29,6 +29,7 @@ def serve(
     experts: Optional[str] = opt.EXPERTS,
     vram: Optional[str] = opt.VRAM,
     resident_experts: Optional[float] = opt.RESIDENT_EXPERTS,
+    threads: Optional[int] = opt.THREADS,
     quiet: bool = opt.QUIET,
 ) -> None:
     """Serve the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models, /health) on HOST:PORT."""
@@ -38,15 +39,16 @@ def serve(
         raise UsageError(f"--max-queue must be 0 or more, not {max_queue}")
     if not 0 <= port < 65536:
         raise UsageError(f"--port must be in 0..65535, not {port}")
-    load = opt.load_kwargs(device, dtype, experts, vram, resident_experts, context)
     try:
+        import starlette  # noqa: F401
         import uvicorn
-
-        from ..server import ServerConfig, make_app
     except ImportError as e:
         raise LocalrunError(f"`localrun serve` needs the serve extra ({e.name} is missing): "
                             "pip install 'localrun[serve]'") from None
+    load = opt.load_kwargs(device, dtype, experts, vram, resident_experts, context)
+    opt.use_threads(threads)
     from ..engine import Engine, generation_defaults
+    from ..server import ServerConfig, make_app
     from ..resolve import resolve_model
     from ._progress import progress_bar
 
