@@ -39,15 +39,14 @@ class Session:
         self.cache.reset()
 
     def common_prefix(self, ids: list[int]) -> int:
-        """How many of `ids` the cache already holds (before any rollback limit)."""
+        """How many of `ids` the cache already holds (before any rollback limit); 0 when the cache
+        moved without this session (someone else generated into it)."""
         return common_prefix(self.tokens, ids) if len(self.tokens) == self.cache.offset else 0
 
     def prepare(self, prompt_ids: list[int]) -> int:
         """Roll the cache back to the longest common prefix with `prompt_ids`, never all of it (the
         last prompt token goes through the model again for its logits); the positions kept."""
         keep = min(self.common_prefix(prompt_ids), len(prompt_ids) - 1)
-        if len(self.tokens) != self.cache.offset:  # someone else wrote to the cache: start over
-            keep = 0
         if not self.cache.truncate(keep):  # a ring no longer holds the window before `keep`
             keep = 0
         self.tokens = self.tokens[:keep]

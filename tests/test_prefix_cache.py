@@ -137,3 +137,24 @@ def test_fit_counts_the_rollback_slots(tiny_moe):
     report = memory_report(loaded)
     assert report["kv_bytes"] == report["planned_kv_bytes"] == 2 * (sum(kv_cache_bytes(args, 1024, 4))
                                                                      + loaded.plan.kv_position_bytes // 2)
+
+
+def test_ring_rolls_back_within_its_reach_only():
+    from localrun.config import ModelArgs
+    from localrun.tiny import tiny_config
+
+    args = ModelArgs.from_dict(tiny_config("moe"))  # window 8
+    cache = KVCache(args, capacity=64, rollback=4)
+    ring = next(layer for layer in cache.layers if isinstance(layer, RingKV))
+    assert ring.size == 12
+    for pos in range(30):
+        for layer in cache.layers:
+            if layer is not None:
+                n, d = layer.k.shape[1], layer.k.shape[3]
+                layer.update(torch.randn(1, n, 1, d), torch.randn(1, n, 1, d), torch.tensor([pos]))
+    cache.offset = 30
+    assert not ring.can_truncate(25) and ring.can_truncate(26)  # positions 18..29 held: 26 needs 18 on
+    assert cache.truncate(27) and cache.offset == 27
+    assert sorted(p for p in ring.pos.tolist() if p >= 0) == list(range(18, 27))  # 27..29 emptied
+    assert not cache.truncate(20) and cache.offset == 0  # beyond reach: reset, prefill from 0
+    assert all(p == -1 for p in ring.pos.tolist())
