@@ -144,11 +144,17 @@ class Scheduler:
     def start(self) -> None:
         self.thread.start()
 
-    def stop(self) -> None:
+    def shutdown(self) -> None:
+        """Stop taking requests and end every job, waiting or running, with a 503 (no join: safe
+        from a signal handler; the condition's lock is reentrant)."""
         with self.cond:
             self.stopping = True
             self.cond.notify_all()
-        self.thread.join(timeout=10)
+
+    def stop(self) -> None:
+        self.shutdown()
+        if self.thread.is_alive():
+            self.thread.join(timeout=10)
 
     def submit(self, job: Job) -> None:
         with self.cond:
@@ -204,6 +210,7 @@ class Scheduler:
                     self._release(slot, "error")
         with self.cond:
             for slot in list(self.running):
+                self.running[slot][0].emit("error", 503, "the server is shutting down")
                 self._release(slot, None)
             for job in self.waiting:
                 job.emit("error", 503, "the server is shutting down")
@@ -380,14 +387,20 @@ class OpenAIServer:
             return StreamingResponse(self._stream(job, head, chat, think, usage_chunk), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         text, finish, usage = [], None, None
+
+        async def gone():  # the body is read: the next message can only be the client leaving
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+
+        watcher = asyncio.ensure_future(gone())
         try:
             while True:
-                try:
-                    event = await asyncio.wait_for(job.events.get(), timeout=0.25)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        return JSONResponse({}, status_code=499)
-                    continue
+                getter = asyncio.ensure_future(job.events.get())
+                await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
+                if not getter.done():
+                    getter.cancel()
+                    return JSONResponse({}, status_code=499)  # nobody reads it; the job is cancelled below
+                event = getter.result()
                 if event[0] == "text":
                     text.append(event[1])
                 elif event[0] == "error":
@@ -396,6 +409,7 @@ class OpenAIServer:
                     finish, usage = event[1], event[2]
                     break
         finally:
+            watcher.cancel()
             if finish is None:
                 self.scheduler.cancel(job)
         full = "".join(text)

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
 from typing import Optional
 
@@ -61,7 +63,26 @@ def serve(
     if not quiet:
         print(f"serving {config.model_name} on http://{host}:{port}/v1 ({parallel} slot{'s' * (parallel > 1)}, "
               f"context {engine.session.cache.capacity}); Ctrl-C stops", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=3)
+    scheduler = app.state.server.scheduler
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):  # Ctrl-C: end every request first, so none waits out the grace
+            scheduler.shutdown()
+            super().handle_exit(sig, frame)
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            """Ctrl-C / SIGTERM shut the server down and `run` returns (uvicorn's own re-raises the
+            signal afterwards, which would interrupt the lifespan shutdown with a traceback)."""
+            signals = (signal.SIGINT, signal.SIGTERM)
+            before = {s: signal.signal(s, self.handle_exit) for s in signals}
+            try:
+                yield
+            finally:
+                for s, handler in before.items():
+                    signal.signal(s, handler)
+
+    Server(uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=3)).run()
 
 
 command = serve
