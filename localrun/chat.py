@@ -8,6 +8,8 @@ the conversation stays user/assistant alternating and the model sees what the us
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import os
 import resource
@@ -365,6 +367,28 @@ def rss_bytes() -> int:
         return peak if sys.platform == "darwin" else peak * 1024
 
 
+_LIBC: ctypes.CDLL | None | bool = False  # False: not looked up yet
+
+
+def release_free_memory() -> bool:
+    """Hand the heap's free pages back to the OS (glibc `malloc_trim`); False where there is none.
+
+    Each turn of a chat allocates and frees activations of a new size, and glibc keeps the freed
+    pages of its arenas: without this, RSS ratchets up turn after turn although nothing is in use.
+    """
+    global _LIBC
+    if _LIBC is False:
+        try:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC.malloc_trim.argtypes, _LIBC.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
+        except (OSError, AttributeError):  # not glibc (macOS, musl, Windows)
+            _LIBC = None
+    if _LIBC is None:
+        return False
+    _LIBC.malloc_trim(0)
+    return True
+
+
 def _gb(n: float) -> str:
     return f"{n / 2**30:.2f} GB" if n >= 2**30 else f"{n / 2**20:.0f} MB"
 
@@ -571,6 +595,7 @@ class ChatSession:
             return
         self.conversation.add("assistant", reply.answer.strip())
         self.last = reply
+        release_free_memory()
 
 
 def history_path() -> Path:

@@ -152,3 +152,81 @@ def tokenizer_corpus() -> list[str]:
 def demo_model_dir() -> Path:
     """Where the shipped demo checkpoint lives (inside the installed package)."""
     return Path(str(resources.files("localrun") / "data" / "demo"))
+
+
+# Conversations -------------------------------------------------------------------------------
+# A chat asks one question after another, the way people type them: besides the phrasings above
+# (which the one-shot held-out set and the tokenizer keep using, unchanged), follow-up phrasings,
+# lower case, a missing "?". Training only; the held-out split is the same (a, b, op) hash.
+
+CHAT_ADD_PHRASES = (
+    "And {a} + {b}?", "Now {a} + {b}?", "Next: what is {a} + {b}?", "what is {a}+{b}?", "{a}+{b}",
+    "How about {a} plus {b}?", "What is {a} plus {b}", "Sum of {a} and {b}?", "{a} + {b}",
+    "What does {a} + {b} equal?", "Can you add {a} and {b}?", "And {a} plus {b}?", "{a} plus {b}",
+    "what's {a} + {b}", "Now add {a} and {b}.", "OK, {a} + {b}?", "What is {a} + {b} ?", "{a} and {b} added?",
+)
+CHAT_SUB_PHRASES = (
+    "And {a} - {b}?", "Now {a} - {b}?", "Next: what is {a} - {b}?", "what is {a}-{b}?", "{a}-{b}",
+    "How about {a} minus {b}?", "What is {a} minus {b}", "{a} - {b}", "What does {a} - {b} equal?",
+    "Can you subtract {b} from {a}?", "And {a} minus {b}?", "{a} minus {b}", "what's {a} - {b}",
+    "Now subtract {b} from {a}.", "OK, {a} - {b}?", "What is {a} - {b} ?",
+)
+SYSTEM_PROMPTS = (
+    "You are a helpful assistant.", "You are a calculator. Answer with the number only.",
+    "Be brief.", "Answer every question.", "You are the localrun demo model.", "Keep answers short.",
+)
+
+
+class ExchangeDrawer:
+    """Draws single exchanges (question, answer) as `train_examples` does, with chat phrasings mixed in."""
+
+    def __init__(self, rng: random.Random, carry: float = 0.5, extras: float = 0.08, variety: float = 0.35):
+        self.rng, self.carry, self.extras, self.variety = rng, carry, extras, variety
+        self.triples = arithmetic_triples(held_out=False)
+        self.hard = [t for t in self.triples if has_carry(*t)]
+
+    def arithmetic(self, a: int, b: int, op: str) -> tuple[str, str]:
+        rng = self.rng
+        if rng.random() < self.variety:
+            q = rng.choice(CHAT_ADD_PHRASES if op == "+" else CHAT_SUB_PHRASES).format(a=a, b=b)
+        else:
+            q = rng.choice(ADD_PHRASES if op == "+" else SUB_PHRASES).format(a=a, b=b)
+        if rng.random() < 0.1:
+            q = q[0].lower() + q[1:]
+        if rng.random() < 0.1:
+            q = q.rstrip("?").rstrip()
+        return q, str(answer(a, b, op))
+
+    def __call__(self) -> tuple[str, str]:
+        rng = self.rng
+        if rng.random() < self.extras:
+            if rng.random() < 0.75:
+                country = rng.choice(sorted(CAPITALS))
+                return rng.choice(CAPITAL_PHRASES).format(c=country), CAPITALS[country]
+            return rng.choice(CHAT)
+        pool = self.hard if self.carry and rng.random() < self.carry else self.triples
+        return self.arithmetic(*rng.choice(pool))
+
+
+def train_conversations(n: int, seed: int = 0, max_turns: int = 48, single: float = 0.15, system: float = 0.25,
+                        carry: float = 0.5) -> list[tuple[str | None, list[tuple[str, str]]]]:
+    """`n` conversations (system prompt or None, [(question, answer), ...]) on training triples:
+    a fraction `single` has one exchange, the rest 2..`max_turns` (long enough that `chat` trims
+    them at its default context). Same arguments, same list."""
+    rng = random.Random(seed)
+    draw = ExchangeDrawer(rng, carry=carry)
+    out = []
+    for _ in range(n):
+        k = 1 if rng.random() < single else rng.randint(2, max_turns)
+        sys_prompt = rng.choice(SYSTEM_PROMPTS) if rng.random() < system else None
+        out.append((sys_prompt, [draw() for _ in range(k)]))
+    return out
+
+
+def held_out_conversations(n: int, seed: int = 2, max_turns: int = 48) -> list[tuple[str | None, list[tuple[str, str]]]]:
+    """Conversations whose last question is a held-out triple (the history is training data)."""
+    rng = random.Random(seed)
+    held = arithmetic_triples(held_out=True)
+    convs = train_conversations(n, seed=seed + 1000, max_turns=max_turns, single=0.1)
+    draw = ExchangeDrawer(rng)
+    return [(s, ex[:-1] + [draw.arithmetic(*rng.choice(held))]) for s, ex in convs]

@@ -29,7 +29,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from localrun.config import FULL, SLIDING, ModelArgs  # noqa: E402
-from localrun.demo import held_out_questions, tokenizer_corpus, train_examples  # noqa: E402
+from localrun.demo import (held_out_conversations, held_out_questions, tokenizer_corpus,  # noqa: E402
+                           train_conversations, train_examples)
 from localrun.moe import DenseExperts, expert_ffn  # noqa: E402
 from localrun.models.gemma4 import Gemma4Model, checkpoint_shapes, rms_norm  # noqa: E402
 from localrun.text import Tokenizer, builtin_chat_template, encode_chat, render_chat  # noqa: E402
@@ -99,6 +100,124 @@ def batch_tensors(prompts: list[list[int]], answers: list[list[int]]):
     return ids, tgt
 
 
+class ChatEncoder:
+    """Conversations as `chat` sends them: each message rendered and tokenized on its own (the
+    chat format's special tokens bound every message, so the pieces concatenate to what
+    encode_chat gives: checked on the first conversations), the oldest exchanges dropped as
+    trim_to_fit drops them (system prompt kept) until the prompt fits `budget`, and the loss on
+    every reply. A history reply made wrong on purpose (`wrong`) carries no loss: the model sees
+    its own mistakes in a real chat and must not copy them."""
+
+    def __init__(self, tokenizer: Tokenizer, template: str):
+        self.tokenizer, self.template = tokenizer, template
+        self.bos = self.ids(tokenizer.bos_token)
+        self.model_open = self.ids("<|turn>model\n")
+        self.generation = self.ids("<|turn>model\n<|channel>thought\n<channel|>")
+        self.checked = 0
+
+    def ids(self, text: str) -> list[int]:
+        return self.tokenizer.backend.encode(text, add_special_tokens=False).ids
+
+    def sequence(self, system, exchanges, budget: int, rng: random.Random, wrong: float = 0.04):
+        """(ids, targets) for the last exchange's reply prompt plus every reply after trimming."""
+        head = self.bos + (self.ids(f"<|turn>system\n{system.strip()}<turn|>\n") if system else [])
+        users = [self.ids(f"<|turn>user\n{q.strip()}<turn|>\n") for q, _ in exchanges]
+        replies, mask = [], []
+        for q, a in exchanges[:-1]:
+            bad = wrong and a.isdigit() and rng.random() < wrong
+            if bad:
+                a = str(max(0, int(a) + rng.choice([-10, -2, -1, 1, 2, 10])))
+            seg = self.ids(f"<|turn>model\n{a}<turn|>\n")
+            assert seg[: len(self.model_open)] == self.model_open and seg[-2] == END_OF_TURN
+            replies.append(seg)
+            mask.append(bad)
+        last = self.ids(exchanges[-1][1]) + [END_OF_TURN]
+        lengths = [len(u) + len(r) for u, r in zip(users, replies)]
+        first = 0
+        total = len(head) + sum(lengths) + len(users[-1]) + len(self.generation)
+        while first < len(replies) and total > budget:
+            total -= lengths[first]
+            first += 1
+        ids, tgt = list(head), [-100] * len(head)
+        for u, r, bad in zip(users[first:-1], replies[first:], mask[first:]):
+            ids += u
+            tgt += [-100] * len(u)
+            ids += r
+            n = len(self.model_open)
+            tgt += [-100] * n + ([-100] * (len(r) - n - 1) if bad else r[n:-1]) + [-100]
+        ids += users[-1] + self.generation
+        tgt += [-100] * (len(users[-1]) + len(self.generation))
+        if self.checked < 100:
+            messages = ([{"role": "system", "content": system}] if system else [])
+            for q, a in exchanges[first:-1]:
+                messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+            messages.append({"role": "user", "content": exchanges[-1][0]})
+            want = encode_chat(self.tokenizer, self.template, messages, add_generation_prompt=True)
+            if not any(mask[first:]):
+                assert ids == want, (ids, want)
+            self.checked += 1
+        ids += last
+        tgt += last
+        # position t predicts token t+1
+        return ids[:-1], tgt[1:]
+
+
+def chat_batches(enc: ChatEncoder, convs, tokens: int, seed: int, budget: int = 512):
+    """Padded (ids, targets) batches of about `tokens` tokens each, similar lengths together, in a
+    seeded order. Most conversations are trimmed at `budget` (chat's default: the context 1024
+    minus the half kept for the reply), some at a smaller one (a smaller --context)."""
+    rng = random.Random(seed)
+    seqs = []
+    for system, exchanges in convs:
+        b = budget if rng.random() < 0.75 else rng.randint(96, budget)
+        seqs.append(enc.sequence(system, exchanges, b, rng))
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
+    batches, cur = [], []
+    for i in order:
+        if cur and (len(cur) + 1) * len(seqs[i][0]) > tokens:
+            batches.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        batches.append(cur)
+    rng.shuffle(batches)
+    for b in batches:
+        T = max(len(seqs[i][0]) for i in b)
+        ids = torch.zeros(len(b), T, dtype=torch.long)
+        tgt = torch.full((len(b), T), -100, dtype=torch.long)
+        for r, i in enumerate(b):
+            x, y = seqs[i]
+            ids[r, : len(x)] = torch.tensor(x)
+            tgt[r, : len(y)] = torch.tensor(y)
+        yield ids, tgt
+
+
+@torch.no_grad()
+def chat_exact_match(model: Gemma4Model, enc: ChatEncoder, convs, budget: int = 512) -> float:
+    """Greedy exact match of the last reply of each conversation (teacher forcing, as exact_match)."""
+    model.eval()
+    rng = random.Random(0)
+    hits = 0
+    for system, exchanges in convs:
+        ids, tgt = enc.sequence(system, exchanges, budget, rng, wrong=0.0)
+        n = len(enc.ids(exchanges[-1][1])) + 1
+        ids_t = torch.tensor([ids])
+        pred = model(ids_t).argmax(-1)[0, -n:]
+        hits += int((pred == torch.tensor(tgt[-n:])).all())
+    model.train()
+    return hits / len(convs)
+
+
+def load_weights(model: Gemma4Model, directory: Path) -> None:
+    """Start from a checkpoint written by this script (bf16 weights, read as fp32)."""
+    from safetensors.torch import load_file
+    prefix = model.args.weight_prefix
+    state = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        state.update({k[len(prefix):]: v.float() for k, v in load_file(f).items()})
+    model.load_state_dict(state)
+
+
 class SortedExperts(DenseExperts):
     """DenseExperts' math with one gather and one scatter per layer (tokens sorted by expert),
     instead of one per expert: the per-expert index/index_add backward dominated a CPU step."""
@@ -134,9 +253,11 @@ class RouterStats:
 
     def __init__(self, model: Gemma4Model):
         self.losses: list[torch.Tensor] = []
-        for layer in model.layers:
-            if layer.moe:
-                layer.router.register_forward_hook(self.hook)
+        self.handles = [layer.router.register_forward_hook(self.hook) for layer in model.layers if layer.moe]
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
 
     def hook(self, router, inputs, output):
         r_TH = inputs[0]
@@ -220,6 +341,11 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1,
                     help="1 is fastest on a shared CPU: a second thread waits on descheduled peers")
+    ap.add_argument("--init", type=Path, help="start from this checkpoint's weights (skips stage 1)")
+    ap.add_argument("--chat-convs", type=int, default=24000, help="stage 2: conversations to train on (0: none)")
+    ap.add_argument("--chat-tokens", type=int, default=4096, help="stage 2: tokens per batch (padded)")
+    ap.add_argument("--chat-lr", type=float, default=1e-3)
+    ap.add_argument("--checkpoint", type=Path, help="stage 2: also write the model here at every eval")
     ap.add_argument("--eval-every", type=int, default=300)
     ap.add_argument("--log-every", type=int, default=50)
     a = ap.parse_args(argv)
@@ -230,9 +356,11 @@ def main(argv=None) -> None:
     random.seed(a.seed)
 
     tokenizer = build_tokenizer(tokenizer_corpus(), VOCAB)
+    a.tokenizer = tokenizer
     tok = Tokenizer(tokenizer)
     enc = Encoder(tok, builtin_chat_template())
     config = demo_config(a.hidden, a.layers, a.experts, a.moe_intermediate, a.window)
+    a.config = config
     args = ModelArgs.from_dict(hf_config(config))
     model = Gemma4Model(args)
     for layer in model.layers:
@@ -247,25 +375,69 @@ def main(argv=None) -> None:
     print(f"params {n_params / 1e6:.2f}M (experts {n_expert / 1e6:.2f}M, active/token {active / 1e6:.2f}M), "
           f"bf16 {2 * n_params / 2**20:.1f} MiB; layers {args.layer_types}", flush=True)
 
+    held = held_out_questions(400)
+    chat_enc = ChatEncoder(tok, builtin_chat_template())
+    held_chats = held_out_conversations(300)
+    t_all = time.time()
+    if a.init:
+        load_weights(model, a.init)
+        print(f"stage 1 skipped: weights from {a.init}", flush=True)
+    elif a.steps:
+        train_single_turn(a, model, enc, held)
+        # stage 2 starts from the weights as a checkpoint holds them (as --init DIR would)
+        model.load_state_dict({k: v.to(torch.bfloat16).float() for k, v in model.state_dict().items()})
+    print(f"  held-out exact match (fp32, 400 questions): {exact_match(model, enc, held):.3f}; "
+          f"last reply of 300 chats: {chat_exact_match(model, chat_enc, held_chats):.3f}", flush=True)
+    if a.chat_convs:
+        train_chats(a, model, chat_enc, enc, held, held_chats)
+    acc = exact_match(model, enc, held)
+    chat_acc = chat_exact_match(model, chat_enc, held_chats)
+    print(f"trained in {(time.time() - t_all) / 60:.1f} min; held-out exact match (fp32) {acc:.3f}, "
+          f"last reply of 300 chats {chat_acc:.3f}")
+    save_atomic(a.out, model, config, tokenizer)
+    size = sum(p.stat().st_size for p in a.out.iterdir())
+    print(f"wrote {a.out} ({size / 2**20:.1f} MiB)")
+
+
+def optimizer(model: Gemma4Model, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
+
+
+def schedule(lr: float, warmup: int, steps: int):
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return lr * (step + 1) / warmup
+        t = (step - warmup) / max(1, steps - warmup)
+        return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
+    return lr_at
+
+
+def train_step(model, opt, stats, ids, tgt, lr: float, aux_weight: float) -> tuple[float, float]:
+    for g in opt.param_groups:
+        g["lr"] = lr
+    logits = model(ids)
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100)
+    aux = stats.pop()
+    opt.zero_grad(set_to_none=True)
+    (loss + aux_weight * aux).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return loss.item(), aux.item()
+
+
+def train_single_turn(a, model, enc: Encoder, held) -> None:
+    """Stage 1: one question, one answer per sequence."""
     t0 = time.time()
     data = train_examples(a.steps * a.batch, seed=a.seed, carry=a.carry)
     prompts = enc.prompts([q for q, _ in data])
     answers = enc.answers([ans for _, ans in data])
-    held = held_out_questions(400)
     print(f"{len(data)} training examples tokenized in {time.time() - t0:.1f}s; "
           f"prompt lengths {min(map(len, prompts))}-{max(map(len, prompts))}", flush=True)
-
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": a.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=a.lr, betas=(0.9, 0.98))
-
-    def lr_at(step: int) -> float:
-        if step < a.warmup:
-            return a.lr * (step + 1) / a.warmup
-        t = (step - a.warmup) / max(1, a.steps - a.warmup)
-        return a.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
-
+    opt = optimizer(model, a.lr, a.weight_decay)
+    lr_at = schedule(a.lr, a.warmup, a.steps)
     stats = RouterStats(model)
     model.train()
     t0 = time.time()
@@ -273,28 +445,44 @@ def main(argv=None) -> None:
     for step in range(a.steps):
         sl = slice(step * a.batch, (step + 1) * a.batch)
         ids, tgt = batch_tensors(prompts[sl], answers[sl])
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step)
-        logits = model(ids)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100)
-        aux = stats.pop()
-        opt.zero_grad(set_to_none=True)
-        (loss + a.aux * aux).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        loss, aux = train_step(model, opt, stats, ids, tgt, lr_at(step), a.aux)
+        running = loss if running is None else 0.98 * running + 0.02 * loss
         if (step + 1) % a.log_every == 0 or step == 0:
             el = time.time() - t0
-            print(f"step {step + 1}/{a.steps} loss {running:.4f} aux {aux.item():.3f} lr {lr_at(step):.2e} "
+            print(f"step {step + 1}/{a.steps} loss {running:.4f} aux {aux:.3f} lr {lr_at(step):.2e} "
                   f"{el:.0f}s ({el / (step + 1):.3f}s/step)", flush=True)
         if a.eval_every and (step + 1) % a.eval_every == 0 and step + 1 < a.steps:
             print(f"  held-out exact match (fp32, 400 questions): {exact_match(model, enc, held):.3f}", flush=True)
-    train_s = time.time() - t0
-    acc = exact_match(model, enc, held)
-    print(f"trained in {train_s / 60:.1f} min; final loss {running:.4f}; held-out exact match (fp32) {acc:.3f}")
-    save_atomic(a.out, model, config, tokenizer)
-    size = sum(p.stat().st_size for p in a.out.iterdir())
-    print(f"wrote {a.out} ({size / 2**20:.1f} MiB)")
+    stats.remove()
+
+
+def train_chats(a, model, chat_enc: ChatEncoder, enc: Encoder, held, held_chats) -> None:
+    """Stage 2: whole conversations, trimmed as chat trims them, the loss on every reply."""
+    t0 = time.time()
+    convs = train_conversations(a.chat_convs, seed=a.seed + 1, carry=a.carry)
+    batches = list(chat_batches(chat_enc, convs, a.chat_tokens, seed=a.seed + 2))
+    steps = len(batches)
+    print(f"{len(convs)} conversations in {steps} batches of <= {a.chat_tokens} tokens, built in "
+          f"{time.time() - t0:.1f}s", flush=True)
+    opt = optimizer(model, a.chat_lr, a.weight_decay)
+    lr_at = schedule(a.chat_lr, a.warmup, steps)
+    stats = RouterStats(model)
+    model.train()
+    t0 = time.time()
+    running = None
+    for step, (ids, tgt) in enumerate(batches):
+        loss, aux = train_step(model, opt, stats, ids, tgt, lr_at(step), a.aux)
+        running = loss if running is None else 0.98 * running + 0.02 * loss
+        if (step + 1) % a.log_every == 0 or step == 0:
+            el = time.time() - t0
+            print(f"chat step {step + 1}/{steps} loss {running:.4f} aux {aux:.3f} lr {lr_at(step):.2e} "
+                  f"{el:.0f}s ({el / (step + 1):.3f}s/step)", flush=True)
+        if a.eval_every and (step + 1) % a.eval_every == 0 and step + 1 < steps:
+            print(f"  held-out exact match (fp32, 400 questions): {exact_match(model, enc, held):.3f}; "
+                  f"last reply of 300 chats: {chat_exact_match(model, chat_enc, held_chats):.3f}", flush=True)
+            if a.checkpoint:
+                save_atomic(a.checkpoint, model, a.config, a.tokenizer)
+    stats.remove()
 
 
 if __name__ == "__main__":

@@ -9,6 +9,12 @@ machines is ~2x MKL's (what `F.linear` calls). Without a C compiler (or with
 LOCALRUN_CPU_KERNELS=0) `storage_dtype` keeps fp32 weights and everything is plain torch.
 
 Every function here returns what `F.linear` / the expert FFN would, so callers never branch.
+
+oneDNN keeps every GEMM it has built (JIT code and buffers, ~0.3 MB each) in two caches keyed by
+shape, 1024 entries each: oneDNN's primitive cache and ideep's LRU cache in front of it. A chat
+prefills a conversation of a new length every turn, so with the defaults each turn added
+~10 MB for hundreds of turns (issue 15). Both are read at the first GEMM, so importing this
+module bounds them (ONEDNN_CACHE_CAPACITY entries each) unless the environment already says.
 """
 
 from __future__ import annotations
@@ -31,6 +37,10 @@ FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 C_KERNEL_MAX_ROWS = 128  # up to this many rows the C kernel is as fast as widening + oneDNN (measured)
 ACTIVATION_CODES = {"gelu_pytorch_tanh": 0, "gelu": 1, "silu": 2}
 _PTR, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+
+ONEDNN_CACHE_CAPACITY = 64  # a few prefills' shapes: decode never reaches oneDNN (C kernel up to 128 rows)
+for _var in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
+    os.environ.setdefault(_var, str(ONEDNN_CACHE_CAPACITY))
 
 _lib: ctypes.CDLL | None = None
 _tried = False
