@@ -15,6 +15,8 @@ import torch
 from localrun.chat import (ANSWER, THOUGHT, ChatSession, Conversation, MultilineInput, Piece, Settings,
                            ThoughtSplitter, apply_setting, default_context, format_stats, history_path,
                            initial_settings, load_conversation, parse_command, save_conversation, trim_to_fit)
+from localrun import chat as chat_module
+from localrun.chat import release_free_memory
 from localrun.engine import generation_defaults
 from localrun.errors import LocalrunError, UsageError
 from localrun.generate import Step, Timings
@@ -254,6 +256,29 @@ def test_session_trims_oldest_turns_to_the_context():
     assert msgs[0] == {"role": "system", "content": "be brief"} and msgs[1]["role"] == "user"
     assert msgs[-2]["content"] == f"message number {i} with some words"
     assert session.count_tokens(msgs[:-1]) <= 40 - 8
+
+
+def test_session_hands_free_heap_back_after_each_reply(monkeypatch):
+    calls = []
+    monkeypatch.setattr(chat_module, "release_free_memory", lambda: calls.append(1) or True)
+    session = ChatSession(FakeEngine("ok"), Settings(max_tokens=8), context=200)
+    for i in range(3):
+        session.ask(f"message {i}")
+        reply = session.respond()
+        list(reply)
+        session.commit(reply)
+    assert len(calls) == 3
+    assert chat_module.release_free_memory.__module__  # the real one still importable
+    assert isinstance(release_free_memory(), bool)
+
+
+def test_onednn_shape_caches_are_bounded():
+    """Each chat turn prefills a new length; oneDNN's and ideep's per-shape caches must not keep
+    1024 GEMMs each (issue 15). The kernels module sets both bounds unless the user did."""
+    from localrun import kernels
+    for var in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
+        assert int(os.environ[var]) <= 1024
+    assert kernels.ONEDNN_CACHE_CAPACITY <= 128
 
 
 def test_session_too_long_message_is_an_error_and_dropped():

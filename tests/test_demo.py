@@ -5,15 +5,24 @@ from __future__ import annotations
 import pytest
 import torch
 
+import importlib.util
+import random
+import re
+from pathlib import Path
+
+from localrun.chat import ChatSession, Settings, default_context, trim_to_fit
 from localrun.demo import (
     arithmetic_triples,
     demo_model_dir,
     has_carry,
+    held_out_conversations,
     held_out_questions,
     is_held_out,
+    train_conversations,
     train_examples,
 )
 from localrun.engine import Engine
+from localrun.text import encode_chat
 from localrun.sampling import SamplingParams
 
 DEMO = demo_model_dir()
@@ -80,3 +89,85 @@ def test_transformers_loads_it_and_agrees():
         torch.testing.assert_close(ours.model(x), ref(x).logits, atol=1e-4, rtol=0)
         out = ref.generate(x, max_new_tokens=4, do_sample=False)
     assert ours.tokenizer.decode(out[0, len(ids):].tolist()) == "42<turn|>"
+
+
+def asked(q: str) -> tuple[int, int, str]:
+    """The (a, b, op) triple a question asks ("Subtract b from a" names b first)."""
+    x, y = map(int, re.findall(r"\d+", q))
+    op = "-" if re.search(r"-|minus|[Ss]ubtract|away|difference", q) else "+"
+    return (y, x, op) if re.search(r"[Ss]ubtract|away", q) else (x, y, op)
+
+
+def test_conversations_are_deterministic_and_never_ask_held_out():
+    convs = train_conversations(200, seed=4)
+    assert convs == train_conversations(200, seed=4)
+    assert any(len(ex) == 1 for _, ex in convs) and max(len(ex) for _, ex in convs) > 30
+    assert any(s for s, _ in convs) and any(s is None for s, _ in convs)
+    for _, exchanges in convs:
+        for q, a in exchanges:
+            if a.isdigit():
+                x, y, op = asked(q)
+                assert str(x + y if op == "+" else x - y) == a, q
+                assert not is_held_out(x, y, op), q
+    for _, exchanges in held_out_conversations(50):
+        x, y, op = asked(exchanges[-1][0])
+        assert is_held_out(x, y, op) and str(x + y if op == "+" else x - y) == exchanges[-1][1]
+
+
+def _trainer():
+    path = Path(__file__).resolve().parents[1] / "scripts" / "train_demo_model.py"
+    spec = importlib.util.spec_from_file_location("train_demo_model", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_training_conversations_are_what_chat_sends(engine):
+    """The trainer's token sequences equal what `chat` encodes after trim_to_fit, replies included."""
+    train = _trainer()
+    enc = train.ChatEncoder(engine.tokenizer, engine.template)
+    rng = random.Random(0)
+    for budget in (512, 160):
+        for system, exchanges in train_conversations(12, seed=9, max_turns=30):
+            ids, tgt = enc.sequence(system, exchanges, budget, rng, wrong=0.0)
+            messages = ([{"role": "system", "content": system}] if system else [])
+            for q, a in exchanges[:-1]:
+                messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+            messages.append({"role": "user", "content": exchanges[-1][0]})
+
+            def count(m):
+                return len(encode_chat(engine.tokenizer, engine.template, m, add_generation_prompt=True))
+
+            kept, _ = trim_to_fit(messages, count, budget)
+            prompt = encode_chat(engine.tokenizer, engine.template, kept, add_generation_prompt=True)
+            reply = engine.tokenizer.encode(exchanges[-1][1], add_special_tokens=False) + [106]
+            assert ids == (prompt + reply)[:-1]
+            # the loss is on every reply that was kept (its text and <turn|>), nothing else
+            replies = [m["content"] for m in kept if m["role"] == "assistant"] + [exchanges[-1][1]]
+            want = sum(len(engine.tokenizer.encode(r, add_special_tokens=False)) + 1 for r in replies)
+            assert sum(t != -100 for t in tgt) == want
+            assert tgt[-len(reply):] == reply
+
+
+def test_demo_holds_a_conversation(engine):
+    """40 questions in one chat at the demo's default context: the oldest turns get dropped, and
+    the answers stay right (scripts/soak_chat.py drives the real CLI for 120 turns)."""
+    session = ChatSession(engine, Settings(max_tokens=16),
+                          context=default_context(engine.loaded.args.max_position_embeddings, None))
+    rng = random.Random(11)
+    right, trimmed = 0, False
+    for _ in range(40):
+        a, b = rng.randrange(100), rng.randrange(100)
+        if rng.random() < 0.5:
+            q, want = f"What is {a} + {b}?", a + b
+        else:
+            a, b = max(a, b), min(a, b)
+            q, want = f"What is {a} minus {b}?", a - b
+        session.ask(q)
+        reply = session.respond()
+        list(reply)
+        session.commit(reply)
+        trimmed = trimmed or bool(reply.dropped)
+        right += reply.answer.strip() == str(want)
+    assert trimmed
+    assert right >= 34, right
