@@ -4,8 +4,14 @@ Uses localrun's own decoder (localrun.models.gemma4) for training, the real Gemm
 format (the checkpoint's chat template) and a real byte-fallback BPE tokenizer. Writes the
 Hugging Face layout (bf16 safetensors, config, tokenizer, chat template) atomically.
 
+Two stages: single exchanges (`--steps` batches of one question and its answer), then whole
+conversations (`--chat-convs`: several exchanges in one sequence, the loss on every reply, the
+oldest exchanges dropped as `localrun chat` drops them at its default context, system prompt
+kept), so the model answers at every position a chat puts a question at (issue 15).
+
     python scripts/train_demo_model.py                      # -> localrun/data/demo/
-    python scripts/train_demo_model.py --steps 200 --out /tmp/demo   # a quick try
+    python scripts/train_demo_model.py --steps 200 --chat-convs 300 --out /tmp/demo   # a quick try
+    python scripts/train_demo_model.py --init /tmp/stage1 --out /tmp/demo   # stage 2 only
 
 Deterministic: fixed seeds, a fixed data order, one process with a fixed thread count.
 """
