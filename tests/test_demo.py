@@ -152,7 +152,7 @@ def test_training_conversations_are_what_chat_sends(engine):
 def test_demo_holds_a_conversation(engine):
     """40 questions in one chat at the demo's default context: the oldest turns get dropped, and
     the answers stay right (scripts/soak_chat.py drives the real CLI for 120 turns)."""
-    session = ChatSession(engine, Settings(max_tokens=16),
+    session = ChatSession(engine, Settings(),  # the CLI's defaults: half the context kept for the reply
                           context=default_context(engine.loaded.args.max_position_embeddings, None))
     rng = random.Random(11)
     right, trimmed = 0, False
