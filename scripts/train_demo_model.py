@@ -5,12 +5,12 @@ format (the checkpoint's chat template) and a real byte-fallback BPE tokenizer. 
 Hugging Face layout (bf16 safetensors, config, tokenizer, chat template) atomically.
 
 Two stages: single exchanges (`--steps` batches of one question and its answer), then whole
-conversations (`--chat-convs`: several exchanges in one sequence, the loss on every reply, the
+conversations (`--chat-rounds`: several exchanges in one sequence, the loss on every reply, the
 oldest exchanges dropped as `localrun chat` drops them at its default context, system prompt
 kept), so the model answers at every position a chat puts a question at (issue 15).
 
     python scripts/train_demo_model.py                      # -> localrun/data/demo/
-    python scripts/train_demo_model.py --steps 200 --chat-convs 300 --out /tmp/demo   # a quick try
+    python scripts/train_demo_model.py --steps 200 --chat-rounds 300:1e-3:20 --out /tmp/demo   # a quick try
     python scripts/train_demo_model.py --init /tmp/stage1 --out /tmp/demo   # stage 2 only
 
 Deterministic: fixed seeds, a fixed data order, one process with a fixed thread count.
@@ -43,6 +43,12 @@ from localrun.text import Tokenizer, builtin_chat_template, encode_chat, render_
 from localrun.tiny import build_tokenizer, hf_config, tiny_config, write_side_files, write_tensors  # noqa: E402
 
 END_OF_TURN = 106  # <turn|>
+# Stage 2 as the shipped model was trained: conversations, peak learning rate, warmup steps per round.
+CHAT_ROUNDS = "36000:1e-3:100,12000:3e-4:50"
+
+
+def rounds(text: str) -> list[tuple[int, float, int]]:
+    return [(int(n), float(lr), int(w)) for n, lr, w in (r.split(":") for r in text.split(",") if r.strip())]
 VOCAB = 512
 
 
@@ -348,9 +354,10 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="1 is fastest on a shared CPU: a second thread waits on descheduled peers")
     ap.add_argument("--init", type=Path, help="start from this checkpoint's weights (skips stage 1)")
-    ap.add_argument("--chat-convs", type=int, default=24000, help="stage 2: conversations to train on (0: none)")
+    ap.add_argument("--chat-rounds", type=rounds, default=CHAT_ROUNDS,
+                    help="stage 2: CONVERSATIONS:LR:WARMUP rounds, comma-separated (each a fresh AdamW and "
+                         "cosine schedule from the bf16 weights of the round before; '' for none)")
     ap.add_argument("--chat-tokens", type=int, default=4096, help="stage 2: tokens per batch (padded)")
-    ap.add_argument("--chat-lr", type=float, default=1e-3)
     ap.add_argument("--checkpoint", type=Path, help="stage 2: also write the model here at every eval")
     ap.add_argument("--eval-every", type=int, default=300)
     ap.add_argument("--log-every", type=int, default=50)
@@ -394,8 +401,10 @@ def main(argv=None) -> None:
         model.load_state_dict({k: v.to(torch.bfloat16).float() for k, v in model.state_dict().items()})
     print(f"  held-out exact match (fp32, 400 questions): {exact_match(model, enc, held):.3f}; "
           f"last reply of 300 chats: {chat_exact_match(model, chat_enc, held_chats):.3f}", flush=True)
-    if a.chat_convs:
-        train_chats(a, model, chat_enc, enc, held, held_chats)
+    for r, (convs, lr, warmup) in enumerate(a.chat_rounds):
+        if r:  # each round starts from the weights as a checkpoint holds them (as the shipped ones were made)
+            model.load_state_dict({k: v.to(torch.bfloat16).float() for k, v in model.state_dict().items()})
+        train_chats(a, model, chat_enc, enc, held, held_chats, convs, lr, warmup, seed=a.seed + r)
     acc = exact_match(model, enc, held)
     chat_acc = chat_exact_match(model, chat_enc, held_chats)
     print(f"trained in {(time.time() - t_all) / 60:.1f} min; held-out exact match (fp32) {acc:.3f}, "
@@ -462,16 +471,17 @@ def train_single_turn(a, model, enc: Encoder, held) -> None:
     stats.remove()
 
 
-def train_chats(a, model, chat_enc: ChatEncoder, enc: Encoder, held, held_chats) -> None:
+def train_chats(a, model, chat_enc: ChatEncoder, enc: Encoder, held, held_chats, n: int, lr: float, warmup: int,
+                seed: int) -> None:
     """Stage 2: whole conversations, trimmed as chat trims them, the loss on every reply."""
     t0 = time.time()
-    convs = train_conversations(a.chat_convs, seed=a.seed + 1, carry=a.carry)
-    batches = list(chat_batches(chat_enc, convs, a.chat_tokens, seed=a.seed + 2))
+    convs = train_conversations(n, seed=seed + 1, carry=a.carry)
+    batches = list(chat_batches(chat_enc, convs, a.chat_tokens, seed=seed + 2))
     steps = len(batches)
     print(f"{len(convs)} conversations in {steps} batches of <= {a.chat_tokens} tokens, built in "
-          f"{time.time() - t0:.1f}s", flush=True)
-    opt = optimizer(model, a.chat_lr, a.weight_decay)
-    lr_at = schedule(a.chat_lr, a.warmup, steps)
+          f"{time.time() - t0:.1f}s; lr {lr:g}", flush=True)
+    opt = optimizer(model, lr, a.weight_decay)
+    lr_at = schedule(lr, warmup, steps)
     stats = RouterStats(model)
     model.train()
     t0 = time.time()
