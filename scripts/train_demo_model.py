@@ -44,7 +44,7 @@ from localrun.tiny import build_tokenizer, hf_config, tiny_config, write_side_fi
 
 END_OF_TURN = 106  # <turn|>
 # Stage 2 as the shipped model was trained: conversations, peak learning rate, warmup steps per round.
-CHAT_ROUNDS = "36000:1e-3:100,12000:3e-4:50"
+CHAT_ROUNDS = "36000:1e-3:100,12000:3e-4:50,12000:2e-4:50"
 
 
 def rounds(text: str) -> list[tuple[int, float, int]]:
