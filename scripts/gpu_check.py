@@ -107,13 +107,6 @@ def first_divergence(a: list[int], b: list[int]) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
-def memory_figures(loaded, dev) -> dict:
-    """Planned vs placed bytes (and the allocator's view on CUDA), as `run --json` reports them."""
-    from localrun.loader import memory_report
-
-    return memory_report(loaded)
-
-
 def timed(label: str, fn, results: dict):
     """Run fn; record its value (or its error) under `label`; print as it goes."""
     start = time.perf_counter()
@@ -339,12 +332,11 @@ def step_big(dry: bool) -> dict:
 def big_model_run(dry: bool, dev, load_kwargs: dict, rows: dict) -> dict:
     torch = _torch()
     from localrun.bench import bench_prompt
-    from localrun.loader import load_model
+    from localrun.config import load_config
+    from localrun.loader import load_model, memory_report
     from localrun.synthetic import RandomCheckpoint
 
     model_dir = write_config(dry, Path(tempfile.mkdtemp(prefix="gpu-check-big-")))
-    from localrun.config import load_config
-
     args = load_config(model_dir)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -355,7 +347,7 @@ def big_model_run(dry: bool, dev, load_kwargs: dict, rows: dict) -> dict:
     rows["load_s"] = round(time.perf_counter() - start, 2)
     rows["plan"] = {k: loaded.plan.to_dict()[k] for k in ("resident_experts_per_layer", "cache_slots", "device_bytes",
                                                            "host_bytes", "context", "device_budget_bytes")}
-    rows["memory_after_load"] = memory_figures(loaded, dev)
+    rows["memory_after_load"] = memory_report(loaded)
     print(f"  loaded in {rows['load_s']} s: {json.dumps(rows['memory_after_load'])}", flush=True)
     model = loaded.model
     prompt, gen = (512, int(os.environ.get("GPU_CHECK_GEN", 48))) if not dry else (32, 8)
@@ -375,19 +367,13 @@ def big_model_run(dry: bool, dev, load_kwargs: dict, rows: dict) -> dict:
                     "decode_tokens_per_s_after_16": round((gen - 1) / (tns - t1s), 2)}
         timed(f"speed_{mode}", rates, rows)
         timed(f"per_token_{mode}", lambda mode=mode: per_token_counts(model, short, dev, mode, loaded.kv), rows)
-    rows["memory_after_decode"] = memory_figures(loaded, dev)
+    rows["memory_after_decode"] = memory_report(loaded)
     if loaded.store is not None:
         rows["expert_cache"] = loaded.expert_stats()
-    bytes_per_token = decode_bytes(loaded)
-    rows["bytes_read_per_decoded_token"] = bytes_per_token
+    from localrun.bench import decode_bytes_per_token
+
+    rows["bytes_read_per_decoded_token"] = decode_bytes_per_token(loaded.plan)
     return {k: rows[k] for k in ("load_s", "bytes_read_per_decoded_token") if k in rows}
-
-
-def decode_bytes(loaded) -> int:
-    """Bytes one decoded token must read (the bandwidth floor's numerator): non-expert weights except
-    the embedding lookup (the tied lm_head reads the embedding once), top_k experts per MoE layer, KV."""
-    plan = loaded.plan
-    return plan.decode_weight_bytes + plan.active_expert_bytes + plan.kv_bytes
 
 
 def per_token_counts(model, ids: list[int], dev, mode: str = "eager", cache=None) -> dict:
