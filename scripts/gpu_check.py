@@ -397,15 +397,12 @@ def per_token_counts(model, ids: list[int], dev, mode: str = "eager", cache=None
                       and "memcpy" not in e.name.lower() and "memset" not in e.name.lower())
         launches = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CPU
                        and e.name.startswith(("cudaLaunch", "cuLaunch", "cudaGraphLaunch")))
-        if n == 4:  # where the device time goes: the kernels that took most of it, over 4 tokens and prefill
-            table = {}
-            for e in events:
-                if e.device_type == torch.autograd.DeviceType.CUDA:
-                    name = e.name[:70]
-                    count, total = table.get(name, (0, 0.0))
-                    table[name] = (count + 1, total + e.device_time)
-            top_kernels.extend(sorted(([n_, c, round(t, 1)] for n_, (c, t) in table.items()),
-                                      key=lambda r: -r[2])[:15])
+        table: dict = {}  # where the device time goes: kernel name -> (count, microseconds)
+        for e in events:
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                count, total = table.get(e.name[:70], (0, 0.0))
+                table[e.name[:70]] = (count + 1, total + e.device_time)
+        tables[n] = table
         torch.cuda.set_sync_debug_mode("warn")
         try:
             with warnings.catch_warnings(record=True) as caught:
@@ -416,14 +413,25 @@ def per_token_counts(model, ids: list[int], dev, mode: str = "eager", cache=None
         syncs = sum(1 for w in caught if "synchroniz" in str(w.message).lower())
         return kernels, launches, syncs
 
-    top_kernels: list = []
+    tables: dict = {}
     greedy(model, ids, 4, dev, mode, cache)  # warm: graphs captured, kernels compiled
     k3, l3, s3 = counts(3)
     k4, l4, s4 = counts(4)
     if dev.type != "cuda":
         return {"aten_ops_per_token": k4 - k3}
     return {"kernels_per_token": k4 - k3, "host_launch_calls_per_token": l4 - l3, "host_syncs_per_token": s4 - s3,
-            "top_kernels_4_tokens_us": top_kernels}
+            "device_us_per_token": round(sum(t for _, t in tables[4].values()) - sum(t for _, t in tables[3].values()), 1),
+            "top_kernels_per_token": per_token_table(tables[3], tables[4])}
+
+
+def per_token_table(three: dict, four: dict, top: int = 20) -> list:
+    """[name, launches, microseconds] of one decoded token, the kernels that took most device time
+    first: what 4 generated tokens ran minus what 3 did (prefill and first sampling cancel)."""
+    rows = []
+    for name, (count, total) in four.items():
+        c3, t3 = three.get(name, (0, 0.0))
+        rows.append([name, count - c3, round(total - t3, 1)])
+    return sorted(rows, key=lambda r: -r[2])[:top]
 
 
 def step_kernels(dry: bool) -> dict:
@@ -442,6 +450,41 @@ def step_kernels(dry: bool) -> dict:
         cases = {k: v for k, v in cases.items() if k in ("decode nf4 bs64", "8 tokens nf4")}
     for name, kwargs in cases.items():
         timed(name, lambda kwargs=kwargs: bench(device=str(dev), dry=dry, **kwargs), out)
+    shapes = {"sliding layer, 1536 keys": (8, 2, 1536, 256), "full layer, 4096 keys": (2, 8, 4096, 512),
+              "full layer, 32768 keys": (2, 8, 32768, 512)} if not dry else {"dry": (2, 2, 100, 32)}
+    for name, shape in shapes.items():
+        timed(f"decode attention, {name}", lambda shape=shape: decode_attention_case(dev, *shape), out)
+    return out
+
+
+def decode_attention_case(dev, KV: int, G: int, S: int, D: int) -> dict:
+    """One decoded token's attention at a 26B-A4B layer shape (bf16, a fifth of the keys masked):
+    the split-key Triton kernel against grouped_sdpa (cuDNN / flash), each in a CUDA graph."""
+    torch = _torch()
+    from localrun.kernels.attention import decode_attention, grouped_sdpa
+    from localrun.kernels.triton_moe import _time_us
+
+    g = torch.Generator(device=dev).manual_seed(0)
+    q = torch.randn(1, KV * G, 1, D, device=dev, generator=g).bfloat16()
+    k, v = (torch.randn(1, KV, S, D, device=dev, generator=g).bfloat16() for _ in range(2))
+    visible = torch.arange(S, device=dev)[None, :] < S - S // 5
+    scale = D ** -0.5
+    ref = grouped_sdpa(q.float(), k.float(), v.float(), visible, scale)
+    out = {"max_rel_err_vs_fp32": float((decode_attention(q, k, v, visible, scale).float() - ref).abs().max()
+                                        / ref.abs().max())}
+    nbytes = 2 * k.numel() * k.element_size()
+    for side, fn in (("triton split-key", lambda: decode_attention(q, k, v, visible, scale)),
+                     ("grouped_sdpa", lambda: grouped_sdpa(q, k, v, visible, scale))):
+        if dev.type == "cuda":
+            fn()
+            graph = torch.cuda.CUDAGraph()
+            sync(dev)
+            with torch.cuda.graph(graph):
+                fn()
+            us = _time_us(graph.replay, 200, dev)
+        else:
+            us = _time_us(fn, 2, dev)
+        out[side] = {"us": round(us, 2), "gbps": round(nbytes / us / 1e3, 1)}
     return out
 
 

@@ -17,6 +17,7 @@ from ..errors import LocalrunError
 from .. import kernels
 from ..kernels import linear
 from ..kernels import norm as norm_ops
+from ..kernels.attention import decode_attention, grouped_sdpa
 from ..kvcache import attention_mask
 from ..moe import DenseExperts, activation
 
@@ -189,23 +190,6 @@ def apply_rope(x_BTND, cos_T1D, sin_T1D):
 QUERY_BLOCK = 64  # prefill attends in blocks of queries, each over the keys it can see (64 beat 128 and 32)
 
 
-def grouped_sdpa(q_BNTD, k_BNSD, v_BNSD, mask=None, scale: float = 1.0):
-    """Attention (scale 1.0 unless given) with grouped-query heads, exactly and without `enable_gqa`: the G query
-    heads that share one KV head become that head's query rows ([B, KV, G*T, D]; head h = kv*G + g,
-    as transformers' repeat_kv pairs them), and the [T, S] mask is repeated G times. Every backend
-    takes this (no K/V copied G-fold, as the math fallback of `enable_gqa` does), and head dim 512
-    needs no GQA support from the fused kernels."""
-    B, N, T, D = q_BNTD.shape
-    KV = k_BNSD.shape[1]
-    if KV == N:
-        return F.scaled_dot_product_attention(q_BNTD, k_BNSD, v_BNSD, attn_mask=mask, scale=scale)
-    G = N // KV
-    if mask is not None and mask.shape[-2] != 1:
-        mask = mask.repeat(G, 1)
-    out = F.scaled_dot_product_attention(q_BNTD.reshape(B, KV, G * T, D), k_BNSD, v_BNSD, attn_mask=mask, scale=scale)
-    return out.reshape(B, N, T, D)
-
-
 def attend(q_BNTD, k_BNSD, v_BNSD, pos_T, pos_S, window: int | None, masks: dict | None = None,
            visible_1S: torch.Tensor | None = None, scale: float = 1.0):
     """Attention (scale 1.0 unless given, GQA) of the T new queries over the S keys a cache returned, which are
@@ -228,6 +212,8 @@ def attend(q_BNTD, k_BNSD, v_BNSD, pos_T, pos_S, window: int | None, masks: dict
                 visible_1S = attention_mask(pos_T, pos_S, window)
                 if masks is not None:
                     masks[window, "decode"] = visible_1S
+        if q_BNTD.device.type == "cuda" and not torch.is_grad_enabled():  # keys split over the SMs
+            return decode_attention(q_BNTD, k_BNSD, v_BNSD, visible_1S, scale)
         return grouped_sdpa(q_BNTD, k_BNSD, v_BNSD, visible_1S, scale)
     old = S - T  # keys before the new ones
     outs = []

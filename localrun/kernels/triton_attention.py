@@ -1,0 +1,148 @@
+"""Attention of one new token over a KV cache, split over the keys (flash decoding), in Triton.
+
+A decoded token has one query row per head. A fused prefill kernel (cuDNN's, FlashAttention's)
+tiles queries in blocks of 64 and runs one program per (batch, KV head): for Gemma 4 26B-A4B that
+is 2 to 8 programs on a 132-SM GPU, each walking all of the layer's keys, ~70 us a layer on an
+H200 where the bytes take ~3 us. Here the keys of each KV head are cut into splits, one program
+per (batch, KV head, split), and a second kernel combines the splits:
+
+  partial  each program takes the G query heads that share its KV head as the rows of one
+           [G, D] tile (padded to 16 rows for tl.dot), walks its keys in blocks with an online
+           softmax, and writes its running max m, sum l and unnormalised output acc (fp32);
+  combine  one program per query head: out = sum_s exp(m_s - M) acc_s / sum_s exp(m_s - M) l_s.
+
+Masked keys (a bool `visible` row shared by the batch, as the static decode step and `attend`
+build it) weigh exactly 0. fp32 inputs use IEEE fp32 products (no TF32), so the result is the
+reference's up to summation order. Half-precision inputs are widened to fp32 and multiplied as TF32,
+whose 10-bit mantissa holds a bf16 value exactly: exact products of q and k, fp32 sums, and the
+probabilities rounded to 10 bits for the product with v (the fused kernels round them to bf16). Backs the torch op `localrun::decode_attention` (kernels/attention.py).
+Set TRITON_INTERPRET=1 before importing triton to run on CPU tensors.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_SPLITS = 64  # programs per (batch, KV head); the combine loop reads this many partial rows at most
+
+
+@triton.jit
+def _decode_partial_kernel(q_ptr, k_ptr, v_ptr, vis_ptr, m_ptr, l_ptr, acc_ptr,
+                           stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
+                           KV, S, D, G, scale, keys_per_split,
+                           HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+                           BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    bkv = tl.program_id(0)
+    split = tl.program_id(1)
+    splits = tl.num_programs(1)
+    b = bkv // KV
+    kv = bkv % KV
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    g_ok = g < G
+    d_ok = d < D
+    heads = kv * G + g
+    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
+                mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    k_base = k_ptr + b * stride_kb + kv * stride_kh
+    v_base = v_ptr + b * stride_vb + kv * stride_vh
+    start = split * keys_per_split
+    end = tl.minimum(start + keys_per_split, S)
+    for s0 in range(start, end, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        s_ok = s < end
+        kv_mask = s_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + s[:, None] * stride_ks + d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        valid = s_ok
+        if HAS_MASK:
+            valid = valid & (tl.load(vis_ptr + s, mask=s_ok, other=0) != 0)
+        scores = tl.where(valid[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet stays 0
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(scores - m_safe[:, None])
+        v = tl.load(v_base + s[:, None] * stride_vs + d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
+        pv = tl.dot(p, v, input_precision=PRECISION)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+    row = (b * KV * G + heads) * splits + split  # [B, N, splits] partial rows
+    tl.store(m_ptr + row, m_i, mask=g_ok)
+    tl.store(l_ptr + row, l_i, mask=g_ok)
+    tl.store(acc_ptr + row[:, None] * D + d[None, :], acc, mask=g_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _decode_combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, splits, D,
+                           BLOCK_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr):
+    head = tl.program_id(0)  # b * N + n
+    s = tl.arange(0, BLOCK_SPLITS)
+    s_ok = s < splits
+    m = tl.load(m_ptr + head * splits + s, mask=s_ok, other=float("-inf"))
+    l = tl.load(l_ptr + head * splits + s, mask=s_ok, other=0.0)
+    top = tl.max(m, axis=0)
+    top = tl.where(top == float("-inf"), 0.0, top)
+    w = tl.exp(m - top)  # 0 for splits that saw no visible key
+    total = tl.sum(w * l, axis=0)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    out = tl.zeros([BLOCK_D], tl.float32)
+    for i in range(0, splits):
+        w_i = tl.exp(tl.load(m_ptr + head * splits + i) - top)
+        out += w_i * tl.load(acc_ptr + (head * splits + i) * D + d, mask=d_ok, other=0.0)
+    tl.store(out_ptr + head * D + d, (out / total).to(out_ptr.dtype.element_ty), mask=d_ok)
+
+
+@functools.lru_cache(maxsize=None)
+def _programs_wanted(device: torch.device) -> int:
+    """About two programs per SM keep a GPU's memory system busy (a CPU under the interpreter: 4)."""
+    if device.type == "cuda":
+        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def split_keys(S: int, groups: int, device: torch.device, block_s: int) -> tuple[int, int]:
+    """(keys per split, splits) for S keys and `groups` (batch x KV heads) programs before splitting:
+    enough splits to fill the device, whole key blocks each, at most MAX_SPLITS."""
+    want = max(1, min(MAX_SPLITS, _programs_wanted(device) // max(groups, 1)))
+    per = triton.cdiv(triton.cdiv(S, want), block_s) * block_s
+    return per, triton.cdiv(S, per)
+
+
+def decode_attention_triton(q_BN1D: torch.Tensor, k_BKSD: torch.Tensor, v_BKSD: torch.Tensor,
+                            visible_1S: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) v for one query per head, G = N / KV query heads per KV head
+    (head h reads KV head h // G). q [B, N, 1, D]; k, v [B, KV, S, D] (views of a larger cache are
+    fine: only the last dim must be contiguous); visible: bool, S elements, or None."""
+    B, N, T, D = q_BN1D.shape
+    KV, S = k_BKSD.shape[1], k_BKSD.shape[2]
+    assert T == 1 and N % KV == 0, (q_BN1D.shape, k_BKSD.shape)
+    G = N // KV
+    q = q_BN1D if q_BN1D.stride(-1) == 1 else q_BN1D.contiguous()
+    k = k_BKSD if k_BKSD.stride(-1) == 1 else k_BKSD.contiguous()
+    v = v_BKSD if v_BKSD.stride(-1) == 1 else v_BKSD.contiguous()
+    BLOCK_D = max(16, triton.next_power_of_2(D))
+    BLOCK_S = max(16, min(64, 16384 // BLOCK_D))
+    per, splits = split_keys(S, B * KV, q.device, BLOCK_S)
+    m = torch.empty(B * N * splits, dtype=torch.float32, device=q.device)
+    l = torch.empty_like(m)
+    acc = torch.empty(B * N * splits, D, dtype=torch.float32, device=q.device)
+    vis = q if visible_1S is None else visible_1S.reshape(S).contiguous().view(torch.uint8)
+    _decode_partial_kernel[(B * KV, splits)](
+        q, k, v, vis, m, l, acc, q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), KV, S, D, G, scale, per,
+        HAS_MASK=visible_1S is not None, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_S=BLOCK_S, BLOCK_D=BLOCK_D,
+        num_warps=4 if BLOCK_D <= 256 else 8)
+    out = torch.empty(B, N, 1, D, dtype=q.dtype, device=q.device)
+    _decode_combine_kernel[(B * N,)](m, l, acc, out, splits, D, BLOCK_SPLITS=triton.next_power_of_2(splits),
+                                     BLOCK_D=BLOCK_D)
+    return out

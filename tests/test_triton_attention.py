@@ -1,0 +1,121 @@
+"""The split-key decode attention kernel of the CUDA decode step (kernels/triton_attention.py), run
+under TRITON_INTERPRET=1 on CPU tensors, against `grouped_sdpa`, the attention every device
+computes otherwise; and the torch op that wraps it (`localrun::decode_attention`)."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton decorates the kernels: they run on CPU tensors
+
+import pytest
+import torch
+
+from localrun.kernels import attention as attention_ops
+from localrun.kernels.attention import grouped_sdpa
+
+try:
+    import triton  # noqa: F401
+
+    if "localrun.kernels.triton_attention" in sys.modules:
+        importlib.reload(sys.modules["localrun.kernels.triton_attention"])
+    from localrun.kernels import triton_attention
+except ImportError:
+    triton_attention = None
+
+needs_triton = pytest.mark.skipif(triton_attention is None, reason="triton is not installed (pip install triton)")
+
+
+def case(B, N, KV, S, D, capacity=None, dtype=torch.float32, seed=0):
+    """q [B, N, 1, D]; k, v [B, KV, S, D] as views of a larger cache (the static step's full layers)."""
+    g = torch.Generator().manual_seed(seed)
+    cap = capacity or S
+    q = torch.randn(B, 1, N, D, generator=g).to(dtype).transpose(1, 2)  # strided, as attend gets it
+    k = torch.randn(B, KV, cap, D, generator=g).to(dtype)[:, :, :S]
+    v = torch.randn(B, KV, cap, D, generator=g).to(dtype)[:, :, :S]
+    return q, k, v
+
+
+def close(a, b, tol):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item() < tol
+
+
+@needs_triton
+@pytest.mark.parametrize("B,N,KV,S,D", [
+    (1, 16, 8, 300, 256),   # 26B-A4B sliding layer (G = 2), a key count that is no block multiple
+    (1, 16, 2, 256, 512),   # 26B-A4B full layer (G = 8, head dim 512)
+    (2, 4, 4, 37, 32),      # no grouping (G = 1), batch of 2
+    (1, 6, 2, 70, 48),      # G = 3 and a head dim that is not a power of two
+])
+def test_matches_grouped_sdpa_fp32(B, N, KV, S, D):
+    q, k, v = case(B, N, KV, S, D, capacity=S + 5)
+    out = triton_attention.decode_attention_triton(q, k, v, None, D ** -0.5)
+    ref = grouped_sdpa(q, k, v, None, D ** -0.5)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    assert close(out, ref, 1e-5)
+
+
+@needs_triton
+def test_gemma_scale_as_exact_as_the_reference():
+    """Scale 1.0 over normed heads (Gemma 4) gives logits of ~sqrt(D): softmax is ill-conditioned
+    there (exp of logits near 60 keeps ~1e-5 of them in fp32), so both sides are held to float64:
+    the kernel's error stays of the reference's own order (seeds 0-5: 0.7x to 3.1x of it)."""
+    q, k, v = case(1, 16, 2, 256, 512, seed=5)
+    exact = grouped_sdpa(q.double(), k.double(), v.double(), None, 1.0)
+    err_ref = (grouped_sdpa(q, k, v, None, 1.0).double() - exact).abs().max().item()
+    err_ours = (triton_attention.decode_attention_triton(q, k, v, None, 1.0).double() - exact).abs().max().item()
+    assert err_ours < 5e-5 and err_ours <= 4 * err_ref, (err_ours, err_ref)
+
+
+@needs_triton
+def test_mask_and_scale():
+    """Only visible keys count: a ring's empty and out-of-window slots, a full layer's future ones.
+    Whole splits masked (S split four ways here) must weigh 0, not NaN."""
+    q, k, v = case(1, 8, 2, 200, 64, seed=1)
+    visible = torch.zeros(1, 200, dtype=torch.bool)
+    visible[0, 130:170] = True
+    visible[0, 3] = True
+    out = triton_attention.decode_attention_triton(q, k, v, visible, 0.125)
+    ref = grouped_sdpa(q, k, v, visible, 0.125)
+    assert torch.isfinite(out).all()
+    assert close(out, ref, 1e-5)
+    # and the mask is really applied: changing an invisible key's value changes nothing
+    v2 = v.clone()
+    v2[:, :, 50] += 100.0
+    assert torch.equal(triton_attention.decode_attention_triton(q, k, v2, visible, 0.125), out)
+
+
+@needs_triton
+def test_splits_cover_every_key():
+    """However the keys are split, each key lies in exactly one split of whole blocks."""
+    dev = torch.device("cpu")
+    for S in (1, 15, 16, 17, 255, 1536, 8192, 131072):
+        for groups in (1, 2, 8, 64):
+            per, splits = triton_attention.split_keys(S, groups, dev, 32)
+            assert per % 32 == 0 and splits <= triton_attention.MAX_SPLITS
+            assert (splits - 1) * per < S <= splits * per
+
+
+@needs_triton
+def test_bf16_close_to_fp32():
+    q, k, v = case(1, 16, 8, 128, 256, dtype=torch.bfloat16, seed=2)
+    out = triton_attention.decode_attention_triton(q, k, v, None, 1.0)
+    ref = grouped_sdpa(q.float(), k.float(), v.float(), None, 1.0)
+    assert out.dtype == torch.bfloat16
+    assert close(out, ref, 2e-2)
+
+
+def test_op_is_grouped_sdpa_off_cuda():
+    """On the CPU the op is the reference itself (the same logic on every device)."""
+    q, k, v = case(1, 8, 2, 40, 32, seed=3)
+    visible = torch.rand(1, 40, generator=torch.Generator().manual_seed(0)) > 0.3
+    assert torch.equal(attention_ops.decode_attention(q, k, v, visible, 1.0), grouped_sdpa(q, k, v, visible, 1.0))
+
+
+def test_op_traces_under_compile():
+    """The op has a fake implementation: torch.compile(fullgraph=True) traces a caller."""
+    q, k, v = case(1, 8, 2, 40, 32, seed=4)
+    fn = torch.compile(lambda q, k, v: attention_ops.decode_attention(q, k, v, None, 1.0) * 2, fullgraph=True)
+    assert torch.allclose(fn(q, k, v), grouped_sdpa(q, k, v, None, 1.0) * 2)
