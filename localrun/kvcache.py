@@ -175,6 +175,7 @@ class KVCache:
         self.capacity = capacity
         self.offset = 0  # positions already in the cache
         self.span: int | None = None  # set by the static step while it runs
+        self.steps: dict = {}  # decode mode -> step over these buffers (step.make_step: graphs captured once)
         self.layers: list[FullKV | RingKV | None] = []
         for i in range(args.num_hidden_layers):
             if args.kv_source_layer(i) != i:

@@ -145,7 +145,9 @@ STEPS = {"eager": EagerStep, "static": StaticStep, "graphs": CudaGraphStep, "com
 def make_step(model, cache: KVCache, mode: str = "auto"):
     """The decode step for `mode`: "eager", "static", "graphs", "compiled", or "auto" (graphs on CUDA
     when every routed expert is computed on the device without host syncs, else eager; the variable
-    LOCALRUN_DECODE_STEP overrides what auto picks)."""
+    LOCALRUN_DECODE_STEP overrides what auto picks). Kept in `cache.steps`, so a model load captures
+    each span's graph (and compiles) once, not once a reply: the graphs read the cache's buffers,
+    which live as long as the cache."""
     if mode not in ("auto", *STEPS):
         raise ValueError(f"decode step must be auto, {', '.join(STEPS)}, not {mode!r}")
     cuda = model.embed_tokens.weight.device.type == "cuda"
@@ -155,7 +157,10 @@ def make_step(model, cache: KVCache, mode: str = "auto"):
             raise ValueError(f"LOCALRUN_DECODE_STEP must be one of {', '.join(STEPS)}, not {mode!r}")
     if mode in ("graphs", "compiled") and not cuda:
         raise ValueError("CUDA graphs need a CUDA device")
-    return STEPS[mode](model, cache)
+    step = cache.steps.get(mode)
+    if step is None or step.model is not model:  # one per cache: its graphs stay valid with its buffers
+        step = cache.steps[mode] = STEPS[mode](model, cache)
+    return step
 
 
 def graph_safe(model) -> bool:

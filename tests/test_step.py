@@ -123,3 +123,19 @@ def test_make_step_modes(tiny_moe, monkeypatch):
         make_step(loaded.model, loaded.kv, "auto")
     with pytest.raises(ValueError, match="decode step must be"):
         make_step(loaded.model, loaded.kv, "warp")
+
+
+def test_steps_are_kept_with_their_cache(tiny_moe):
+    """A cache's step is made once per mode (a graphs step captures once a model load, not once a
+    reply), and a reused step still gives the tokens of a fresh one."""
+    from localrun.kvcache import KVCache
+    from localrun.step import make_step
+
+    loaded = load_model(tiny_moe, dtype=torch.float32, context=64)
+    static = make_step(loaded.model, loaded.kv, "static")
+    assert make_step(loaded.model, loaded.kv, "static") is static
+    assert make_step(loaded.model, loaded.kv, "eager") is not static
+    other = KVCache(loaded.model.args, capacity=64)
+    assert make_step(loaded.model, other, "static") is not static
+    runs = [greedy(loaded.model, [2, 10, 11], "static", loaded.kv)[0] for _ in range(2)]
+    assert runs[0] == runs[1] == greedy(loaded.model, [2, 10, 11], "eager", loaded.kv)[0]

@@ -17,6 +17,7 @@ from ..errors import LocalrunError
 from .. import kernels
 from ..kernels import linear
 from ..kernels import norm as norm_ops
+from ..kernels import fused as fused_ops
 from ..kernels.attention import decode_attention, grouped_sdpa
 from ..kvcache import attention_mask
 from ..moe import DenseExperts, activation
@@ -187,6 +188,16 @@ def apply_rope(x_BTND, cos_T1D, sin_T1D):
     return x_BTND * cos_T1D + x_BTND.roll(x_BTND.shape[-1] // 2, dims=-1) * sin_T1D
 
 
+# The CUDA decode step's own kernels for half-precision activations (kernels/attention.py,
+# kernels/fused.py); switched off, the same step runs the torch ops (scripts/gpu_check.py measures both).
+CUDA_KERNELS = {"decode_attention": True, "fused_glue": True}
+
+
+def cuda_kernel(name: str, x: torch.Tensor) -> bool:
+    """Whether the op `name` takes its CUDA kernel for activations x (inference only)."""
+    return x.device.type == "cuda" and CUDA_KERNELS[name] and not torch.is_grad_enabled()
+
+
 QUERY_BLOCK = 64  # prefill attends in blocks of queries, each over the keys it can see (64 beat 128 and 32)
 
 
@@ -212,7 +223,7 @@ def attend(q_BNTD, k_BNSD, v_BNSD, pos_T, pos_S, window: int | None, masks: dict
                 visible_1S = attention_mask(pos_T, pos_S, window)
                 if masks is not None:
                     masks[window, "decode"] = visible_1S
-        if q_BNTD.device.type == "cuda" and not torch.is_grad_enabled():  # keys split over the SMs
+        if cuda_kernel("decode_attention", q_BNTD):  # keys split over the SMs
             return decode_attention(q_BNTD, k_BNSD, v_BNSD, visible_1S, scale)
         return grouped_sdpa(q_BNTD, k_BNSD, v_BNSD, visible_1S, scale)
     old = S - T  # keys before the new ones
@@ -343,6 +354,10 @@ class Router(nn.Module):
         w_TK = w_TK / w_TK.sum(dim=-1, keepdim=True)
         return ids_TK, w_TK * self.per_expert_scale[ids_TK]
 
+    def route(self, h_TH):
+        """forward() of an input already normed and scaled (fused_ops.attention_residual_norms), as one kernel."""
+        return fused_ops.route(project(self.proj, h_TH), self.per_expert_scale, self.top_k)
+
 
 class DecoderLayer(nn.Module):
     def __init__(self, args: ModelArgs, layer: int):
@@ -378,6 +393,8 @@ class DecoderLayer(nn.Module):
         self.experts = backend
 
     def forward(self, x_BTH, cos_TD, sin_TD, pos_T, cache, shared, per_layer_BTP=None):
+        if self.moe and not self.per_layer and x_BTH.dtype != torch.float32 and cuda_kernel("fused_glue", x_BTH):
+            return self.forward_fused(x_BTH, cos_TD, sin_TD, pos_T, cache, shared)
         r = x_BTH
         x = self.post_attention_layernorm(
             self.self_attn(self.input_layernorm(x_BTH), cos_TD, sin_TD, pos_T, cache, shared)) + r
@@ -397,6 +414,24 @@ class DecoderLayer(nn.Module):
             g = self.act(project(self.per_layer_input_gate, x)) * per_layer_BTP
             x = x + self.post_per_layer_input_norm(project(self.per_layer_projection, g))
         return x * self.layer_scalar
+
+    def forward_fused(self, x_BTH, cos_TD, sin_TD, pos_T, cache, shared):
+        """forward() of an MoE layer with its glue fused (kernels/fused.py): the same formulas, each
+        in fp32 and rounded once, in three kernels where forward() runs about twenty small ops."""
+        attn = self.self_attn(self.input_layernorm(x_BTH), cos_TD, sin_TD, pos_T, cache, shared)
+        x, x_mlp, x_moe, x_router = fused_ops.attention_residual_norms(
+            attn, self.post_attention_layernorm.weight, x_BTH, self.pre_feedforward_layernorm.weight,
+            self.pre_feedforward_layernorm_2.weight, self.router.scale, self.router.root_size, self.input_layernorm.eps)
+        H = x.shape[-1]
+        ids_TK, w_TK = self.router.route(x_router.reshape(-1, H))
+        prefetch = getattr(self.experts, "prefetch", None)
+        if prefetch is not None:
+            prefetch(ids_TK, w_TK)
+        h = self.mlp(x_mlp)
+        moe = self.experts(x_moe.reshape(-1, H), ids_TK, w_TK).reshape(x.shape)
+        return fused_ops.ffn_residual(h, self.post_feedforward_layernorm_1.weight, moe,
+                                      self.post_feedforward_layernorm_2.weight, self.post_feedforward_layernorm.weight,
+                                      x, self.layer_scalar, self.input_layernorm.eps)
 
 
 class Gemma4Model(nn.Module):

@@ -1,0 +1,123 @@
+"""The glue of a Gemma 4 layer around attention and the FFNs, one Triton kernel per piece (a row
+per program), for the CUDA decode step where each small torch op is a launch of its own:
+
+  attention_residual_norms  y = norm(attn) * w_post + residual, and the three norms of y that the
+                            dense MLP, the experts and the router read (7 launches -> 1)
+  ffn_residual              (norm(norm(mlp) * w1 + norm(moe) * w2) * w + residual) * layer_scalar
+                            (6 launches -> 1)
+  route                     softmax of the router logits, top-k, renormalise, per-expert scale
+                            (6-7 launches -> 1)
+
+Each computes in fp32 and rounds its outputs once to the activations' dtype; `y`, the residual
+stream, is rounded before its norms are taken, as the unfused layer does. They back the torch ops
+of kernels/fused.py (CUDA: these kernels; every other device: the formulas there). Set
+TRITON_INTERPRET=1 before importing triton to run them on CPU tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _inv_rms(x, H, eps):
+    return 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / H + eps)
+
+
+@triton.jit
+def _attention_residual_norms_kernel(x_ptr, w_post_ptr, res_ptr, w_mlp_ptr, w_moe_ptr, w_router_ptr,
+                                     y_ptr, mlp_ptr, moe_ptr, router_ptr, H, eps, router_scale,
+                                     BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    ok = cols < H
+    base = row * H + cols
+    x = tl.load(x_ptr + base, mask=ok, other=0.0).to(tl.float32)
+    w_post = tl.load(w_post_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    res = tl.load(res_ptr + base, mask=ok, other=0.0).to(tl.float32)
+    y = (x * _inv_rms(x, H, eps) * w_post + res).to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + base, y, mask=ok)
+    y = y.to(tl.float32)
+    n = y * _inv_rms(y, H, eps)
+    w_mlp = tl.load(w_mlp_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    w_moe = tl.load(w_moe_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    w_router = tl.load(w_router_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    tl.store(mlp_ptr + base, (n * w_mlp).to(mlp_ptr.dtype.element_ty), mask=ok)
+    tl.store(moe_ptr + base, (n * w_moe).to(moe_ptr.dtype.element_ty), mask=ok)
+    tl.store(router_ptr + base, (n * w_router * router_scale).to(router_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _ffn_residual_kernel(mlp_ptr, w1_ptr, moe_ptr, w2_ptr, w_ptr, res_ptr, scalar_ptr, out_ptr, H, eps,
+                         BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    ok = cols < H
+    base = row * H + cols
+    a = tl.load(mlp_ptr + base, mask=ok, other=0.0).to(tl.float32)
+    b = tl.load(moe_ptr + base, mask=ok, other=0.0).to(tl.float32)
+    w1 = tl.load(w1_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    w2 = tl.load(w2_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    h = a * _inv_rms(a, H, eps) * w1 + b * _inv_rms(b, H, eps) * w2
+    w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    res = tl.load(res_ptr + base, mask=ok, other=0.0).to(tl.float32)
+    scalar = tl.load(scalar_ptr).to(tl.float32)
+    tl.store(out_ptr + base, ((h * _inv_rms(h, H, eps) * w + res) * scalar).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _route_kernel(logits_ptr, scale_ptr, ids_ptr, w_ptr, E, K, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_E)
+    ok = cols < E
+    logits = tl.load(logits_ptr + row * E + cols, mask=ok, other=float("-inf")).to(tl.float32)
+    e = tl.exp(logits - tl.max(logits, axis=0))
+    p = e / tl.sum(e, axis=0)
+    p = tl.where(ok, p, -1.0)
+    slots = tl.arange(0, BLOCK_K)
+    ids = tl.zeros([BLOCK_K], tl.int32)
+    vals = tl.zeros([BLOCK_K], tl.float32)
+    for j in range(0, K):  # the k largest, largest first; a tie goes to the lower expert id
+        top = tl.max(p, axis=0)
+        pick = tl.min(tl.where(p == top, cols, BLOCK_E), axis=0)
+        ids = tl.where(slots == j, pick, ids)
+        vals = tl.where(slots == j, top, vals)
+        p = tl.where(cols == pick, -1.0, p)
+    keep = slots < K
+    w = vals / tl.sum(tl.where(keep, vals, 0.0), axis=0)
+    w = w * tl.load(scale_ptr + ids, mask=keep, other=0.0).to(tl.float32)
+    tl.store(ids_ptr + row * K + slots, ids.to(tl.int64), mask=keep)
+    tl.store(w_ptr + row * K + slots, w, mask=keep)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1]) if x.is_contiguous() else x.contiguous().view(-1, x.shape[-1])
+
+
+def attention_residual_norms_triton(x, w_post, residual, w_mlp, w_moe, w_router, router_scale: float, eps: float):
+    x2, r2 = _rows(x), _rows(residual)
+    H = x2.shape[1]
+    outs = [torch.empty(x.shape, dtype=x.dtype, device=x.device) for _ in range(4)]
+    _attention_residual_norms_kernel[(x2.shape[0],)](x2, w_post, r2, w_mlp, w_moe, w_router, *outs, H, eps,
+                                                     router_scale, BLOCK=triton.next_power_of_2(H))
+    return tuple(outs)
+
+
+def ffn_residual_triton(mlp, w1, moe, w2, w, residual, scalar, eps: float):
+    a, b, r = _rows(mlp), _rows(moe), _rows(residual)
+    out = torch.empty(residual.shape, dtype=residual.dtype, device=residual.device)
+    _ffn_residual_kernel[(a.shape[0],)](a, w1, b, w2, w, r, scalar, out, a.shape[1], eps,
+                                        BLOCK=triton.next_power_of_2(a.shape[1]))
+    return out
+
+
+def route_triton(logits_TE: torch.Tensor, per_expert_scale: torch.Tensor, top_k: int):
+    logits = logits_TE.contiguous()
+    T, E = logits.shape
+    ids = torch.empty(T, top_k, dtype=torch.int64, device=logits.device)
+    w = torch.empty(T, top_k, dtype=torch.float32, device=logits.device)
+    _route_kernel[(T,)](logits, per_expert_scale, ids, w, E, top_k, BLOCK_E=triton.next_power_of_2(E),
+                        BLOCK_K=triton.next_power_of_2(top_k))
+    return ids, w

@@ -1,0 +1,99 @@
+"""The fused glue of a Gemma 4 layer (kernels/fused.py, kernels/triton_fused.py): the Triton kernels
+under TRITON_INTERPRET=1 against the ops' formulas, and those formulas against the unfused layer
+(DecoderLayer.forward vs forward_fused on the tiny model), so the CUDA path computes what the
+decoder computes everywhere else."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton decorates the kernels: they run on CPU tensors
+
+import pytest
+import torch
+
+from localrun.kernels import fused as fused_ops
+
+try:
+    import triton  # noqa: F401
+
+    if "localrun.kernels.triton_fused" in sys.modules:
+        importlib.reload(sys.modules["localrun.kernels.triton_fused"])
+    from localrun.kernels import triton_fused
+except ImportError:
+    triton_fused = None
+
+needs_triton = pytest.mark.skipif(triton_fused is None, reason="triton is not installed (pip install triton)")
+
+
+def rand(*shape, seed=0, dtype=torch.float32):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+@needs_triton
+@pytest.mark.parametrize("T,H,dtype", [(1, 2816, torch.float32), (3, 40, torch.float32), (2, 2816, torch.bfloat16)])
+def test_attention_residual_norms(T, H, dtype):
+    x, res = rand(1, T, H, seed=1, dtype=dtype) * 3, rand(1, T, H, seed=2, dtype=dtype)
+    ws = [rand(H, seed=s, dtype=dtype) for s in range(3, 7)]
+    ours = triton_fused.attention_residual_norms_triton(x, ws[0], res, ws[1], ws[2], ws[3], H ** -0.5, 1e-6)
+    ref = fused_ops.attention_residual_norms(x, ws[0], res, ws[1], ws[2], ws[3], H ** -0.5, 1e-6)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    for a, b in zip(ours, ref):
+        assert a.shape == b.shape and a.dtype == b.dtype == dtype
+        assert rel(a, b) < tol
+
+
+@needs_triton
+@pytest.mark.parametrize("T,H,dtype", [(1, 2816, torch.float32), (5, 24, torch.float32), (1, 2816, torch.bfloat16)])
+def test_ffn_residual(T, H, dtype):
+    mlp, moe, res = (rand(T, H, seed=s, dtype=dtype) for s in (1, 2, 3))
+    w1, w2, w = (rand(H, seed=s, dtype=dtype) for s in (4, 5, 6))
+    scalar = torch.tensor([0.7], dtype=dtype)
+    ours = triton_fused.ffn_residual_triton(mlp, w1, moe, w2, w, res, scalar, 1e-6)
+    ref = fused_ops.ffn_residual(mlp, w1, moe, w2, w, res, scalar, 1e-6)
+    assert ours.dtype == dtype and rel(ours, ref) < (1e-6 if dtype == torch.float32 else 1e-2)
+
+
+@needs_triton
+@pytest.mark.parametrize("T,E,K", [(1, 128, 8), (4, 32, 8), (3, 12, 3), (2, 8, 8)])
+def test_route(T, E, K):
+    logits = rand(T, E, seed=E) * 4
+    scale = rand(E, seed=1).abs() + 0.5
+    ids, w = triton_fused.route_triton(logits, scale, K)
+    ref_ids, ref_w = fused_ops.route(logits, scale, K)
+    assert ids.dtype == torch.int64 and w.dtype == torch.float32
+    assert torch.equal(ids, ref_ids)  # largest first, as torch.topk sorts them
+    assert rel(w, ref_w) < 1e-6
+
+
+@needs_triton
+def test_route_ties_take_the_lower_id():
+    logits = torch.zeros(1, 16)
+    logits[0, [3, 9, 12]] = 1.0
+    ids, w = triton_fused.route_triton(logits, torch.ones(16), 4)
+    assert ids[0, :3].tolist() == [3, 9, 12] and ids[0, 3].item() == 0
+    assert abs(w.sum().item() - 1.0) < 1e-6
+
+
+def test_fused_layer_computes_the_unfused_layer(tiny_moe):
+    """forward_fused (what CUDA runs in half precision) against forward, both in fp32 on the CPU:
+    the ops' formulas are the layer's."""
+    from localrun.loader import load_model
+
+    loaded = load_model(tiny_moe, dtype=torch.float32, experts="bf16")
+    model = loaded.model
+    layer = next(l for l in model.layers if l.moe)
+    x = rand(1, 5, model.args.hidden_size, seed=7)
+    pos = torch.arange(5)
+    kind = model.args.layer_types[list(model.layers).index(layer)]
+    cos, sin = model.rope(pos, torch.float32)[kind]
+    with torch.no_grad():
+        a = layer.forward(x, cos, sin, pos, None, {})
+        b = layer.forward_fused(x, cos, sin, pos, None, {})
+    assert rel(b, a) < 1e-5
