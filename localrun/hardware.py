@@ -49,10 +49,10 @@ class MeasuredEfficiency:
     measured: str
 
 
-# docs/gpu/2026-11-26-h200-memory-v2-kernels.md: 79.0 tok/s; 6.08 GB a token at the H200's 4.8 TB/s is 790 tok/s.
+# docs/gpu/2026-11-26-h200-decode-attention-fused.md: 223.8 tok/s; 6.08 GB a token at the H200's 4.8 TB/s is 790 tok/s.
 DECODE_EFFICIENCY = MeasuredEfficiency(
-    fraction=0.100, device="NVIDIA H200", date="2026-11-26", report="docs/gpu/2026-11-26-h200-memory-v2-kernels.md",
-    measured="Gemma 4 26B-A4B (random NF4 weights), every expert resident, CUDA-graph decode: 79.0 tok/s")
+    fraction=0.283, device="NVIDIA H200", date="2026-11-26", report="docs/gpu/2026-11-26-h200-decode-attention-fused.md",
+    measured="Gemma 4 26B-A4B (random NF4 weights), every expert resident, CUDA-graph decode: 223.8 tok/s")
 
 
 def parse_size(text: str | int) -> int:
