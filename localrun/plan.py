@@ -69,7 +69,7 @@ from quant.spec import QuantSpec
 
 from .config import ModelArgs
 from .errors import UsageError
-from .hardware import DECODE_EFFICIENCY, GIB, MIB, format_size, parse_size
+from .hardware import GIB, MIB, decode_efficiency, format_size, parse_size
 from .models import family
 
 DEVICE, HOST = "device", "host"
@@ -174,9 +174,15 @@ class Plan:
     device_budget: int | None
     host_budget: int | None
     estimated_decode_tokens_per_s: float | None = None  # the memory-bandwidth ceiling
-    expected_decode_tokens_per_s: float | None = None  # the ceiling times hardware.DECODE_EFFICIENCY
+    expected_decode_tokens_per_s: float | None = None  # the ceiling times `efficiency.fraction`
     sequences: int = 1  # KV caches side by side (serve --parallel); kv_bytes counts them all
     _resident_sets: list[frozenset] = field(default_factory=list, repr=False)
+
+    @property
+    def efficiency(self):
+        """The measured fraction of the ceiling that applies (hardware.decode_efficiency): lower when
+        experts live in host RAM."""
+        return decode_efficiency(offloaded=self.host_bytes > 0)
 
     def expert_tier(self, layer: int, expert: int) -> str:
         """"device" if (layer, expert) is resident on the compute device, else "host"."""
@@ -223,8 +229,8 @@ class Plan:
             "estimated_decode_tokens_per_s": self.estimated_decode_tokens_per_s,
             "expected_decode_tokens_per_s": self.expected_decode_tokens_per_s,
             "decode_efficiency": None if self.expected_decode_tokens_per_s is None else {
-                "fraction_of_ceiling": DECODE_EFFICIENCY.fraction, "measured_on": DECODE_EFFICIENCY.device,
-                "date": DECODE_EFFICIENCY.date, "report": DECODE_EFFICIENCY.report},
+                "fraction_of_ceiling": self.efficiency.fraction, "measured_on": self.efficiency.device,
+                "date": self.efficiency.date, "report": self.efficiency.report, "measured": self.efficiency.measured},
             "breakdown": {
                 c.name: {"bytes": c.nbytes, "precision": c.precision, "where": c.tier} for c in self.breakdown
             },
@@ -612,7 +618,7 @@ def make_plan(
     if budget.gpu_bandwidth and fits:
         plan.estimated_decode_tokens_per_s = estimate_decode_tokens_per_s(
             plan, budget.gpu_bandwidth, budget.pcie_bandwidth)
-        plan.expected_decode_tokens_per_s = plan.estimated_decode_tokens_per_s * DECODE_EFFICIENCY.fraction
+        plan.expected_decode_tokens_per_s = plan.estimated_decode_tokens_per_s * plan.efficiency.fraction
     return plan
 
 

@@ -152,3 +152,14 @@ def test_expected_speed_is_the_ceiling_at_the_measured_efficiency(cli, ref_dir):
     assert d["decode_efficiency"]["measured_on"] == eff.device and d["decode_efficiency"]["report"] == eff.report
     code, out, _ = run_cli(cli, ref_dir, "--gpu", "4090", "--ram", "64GiB")
     assert code == 0 and eff.device in " ".join(out.split()) and "ceiling" in out
+
+
+def test_offloaded_experts_expect_the_offload_efficiency(cli, ref_dir):
+    """With experts in host RAM the step is eager with a routing sync a layer: fit scales the ceiling
+    by the efficiency measured in that placement, not the all-resident one, and says which."""
+    d = run_json(cli, ref_dir, "--gpu", "4060ti", "--ram", "64GiB")
+    assert d["host_bytes"] > 0
+    eff = hardware.OFFLOAD_DECODE_EFFICIENCY
+    assert eff.fraction < hardware.DECODE_EFFICIENCY.fraction
+    assert d["expected_decode_tokens_per_s"] == pytest.approx(d["estimated_decode_tokens_per_s"] * eff.fraction)
+    assert d["decode_efficiency"]["measured"] == eff.measured

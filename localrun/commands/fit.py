@@ -11,7 +11,7 @@ import typer
 
 from .. import hardware
 from ..errors import LocalrunError, UsageError
-from ..hardware import DECODE_EFFICIENCY, format_size
+from ..hardware import format_size
 
 
 
@@ -108,11 +108,12 @@ def _print_report(plan, target: Target, model: Path) -> None:
     console.print(f"KV cache: sliding layers keep their window + {KV_ROLLBACK} positions, so the prefix cache "
                   f"can roll a conversation back{per_seq}", highlight=False)
     if plan.estimated_decode_tokens_per_s is not None:
-        eff = DECODE_EFFICIENCY
+        eff = plan.efficiency
         console.print(f"decode speed: ceiling ~{plan.estimated_decode_tokens_per_s:.0f} tokens/s (memory bandwidth, "
                       f"expected expert miss rate {plan.expected_miss_rate:.0%}); expected "
                       f"~{plan.expected_decode_tokens_per_s:.0f} tokens/s at the {eff.fraction:.1%} of the ceiling "
-                      f"localrun reached on an {eff.device} ({eff.date}, {eff.report})", highlight=False)
+                      f"localrun reached{' with experts in host RAM' if plan.host_bytes else ''} on an {eff.device} "
+                      f"({eff.date}, {eff.report})", highlight=False)
     elif plan.fits:
         console.print("estimated decode speed: unknown (give --gpu NAME for a bandwidth-based estimate)",
                       highlight=False)
