@@ -39,7 +39,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-CUDA_KERNELS = ("decode_attention", "fused_glue")  # models/gemma4.CUDA_KERNELS, each measured off as well
+CUDA_KERNELS = ("decode_attention", "fused_glue")  # models/gemma4.DECODE_KERNELS, each measured off as well
 
 REFERENCE_CONFIG = ROOT / "scripts" / "configs" / "gemma-4-26B-A4B-it.config.json"
 GIB = 1 << 30
@@ -382,7 +382,7 @@ def big_model_run(dry: bool, dev, load_kwargs: dict, rows: dict) -> dict:
 
 
 def torch_ops_for(name: str, cache):
-    """Within: the decoder's CUDA kernel `name` (models/gemma4.CUDA_KERNELS) off, its torch ops on;
+    """Within: the decoder's kernel `name` (models/gemma4.DECODE_KERNELS) off, its torch ops on;
     the cache's decode steps are dropped on the way in and out, so their graphs are captured anew."""
     import contextlib
 
@@ -390,12 +390,12 @@ def torch_ops_for(name: str, cache):
 
     @contextlib.contextmanager
     def switched():
-        gemma4.CUDA_KERNELS[name] = False
+        gemma4.DECODE_KERNELS[name] = False
         cache.steps.clear()
         try:
             yield
         finally:
-            gemma4.CUDA_KERNELS[name] = True
+            gemma4.DECODE_KERNELS[name] = True
             cache.steps.clear()
 
     return switched()

@@ -97,3 +97,33 @@ def test_fused_layer_computes_the_unfused_layer(tiny_moe):
         a = layer.forward(x, cos, sin, pos, None, {})
         b = layer.forward_fused(x, cos, sin, pos, None, {})
     assert rel(b, a) < 1e-5
+
+
+needs_c = pytest.mark.skipif(__import__("localrun.kernels", fromlist=["library"]).library() is None,
+                             reason="no C compiler: the CPU path runs the torch ops")
+
+
+@needs_c
+@torch.no_grad()  # inference: what the decoder's norms run as (the C kernels; with grad, torch's)
+def test_cpu_kernels_are_the_unfused_ops_bit_for_bit():
+    """On the CPU in fp32 the glue ops are C calls that repeat the unfused layer's fp32 ops in order:
+    the same bits as models/gemma4's norms and adds (the router's weights up to its exp)."""
+    from localrun.models.gemma4 import rms_norm
+
+    H, eps = 2816, 1e-6
+    x, res, mlp, moe = (rand(1, 3, H, seed=s) for s in (1, 2, 3, 4))
+    w = [rand(H, seed=s) for s in range(5, 11)]
+    scalar = torch.tensor([0.5])
+    y, o_mlp, o_moe, o_router = fused_ops.attention_residual_norms(x, w[0], res, w[1], w[2], w[3], H ** -0.5, eps)
+    ref_y = rms_norm(x, w[0], eps) + res
+    assert torch.equal(y, ref_y)
+    assert torch.equal(o_mlp, rms_norm(ref_y, w[1], eps)) and torch.equal(o_moe, rms_norm(ref_y, w[2], eps))
+    assert torch.equal(o_router, rms_norm(ref_y, None, eps) * w[3] * H ** -0.5)
+    out = fused_ops.ffn_residual(mlp, w[4], moe, w[5], w[0], res, scalar, eps)
+    ref = (rms_norm(rms_norm(mlp, w[4], eps) + rms_norm(moe, w[5], eps), w[0], eps) + res) * scalar
+    assert torch.equal(out, ref)
+    logits = rand(3, 128, seed=12) * 3
+    scale = rand(128, seed=13).abs()
+    ids, wt = fused_ops.route(logits, scale, 8)
+    ref_ids, ref_w = fused_ops.route_reference(logits, scale, 8)
+    assert torch.equal(ids, ref_ids) and rel(wt, ref_w) < 1e-6

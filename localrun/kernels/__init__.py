@@ -112,6 +112,12 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.lr_moe_4bit.restype = _INT
     lib.lr_moe_4bit_scratch.argtypes = [_I64, _I64, _I64, _I64, _I64, _INT, _INT]
     lib.lr_moe_4bit_scratch.restype = _I64
+    lib.lr_attention_residual_norms.argtypes = [_PTR] * 10 + [_I64, _I64, ctypes.c_float, ctypes.c_float]
+    lib.lr_attention_residual_norms.restype = None
+    lib.lr_ffn_residual.argtypes = [_PTR] * 6 + [ctypes.c_float, _PTR, _PTR, _I64, _I64, ctypes.c_float]
+    lib.lr_ffn_residual.restype = None
+    lib.lr_route.argtypes = [_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _PTR]
+    lib.lr_route.restype = None
     lib.lr_q4_isa.argtypes = []
     lib.lr_q4_isa.restype = ctypes.c_char_p
     return lib
@@ -338,3 +344,46 @@ def rms_norm_rope(x_BTND: torch.Tensor, weight: torch.Tensor, cos_T1D: torch.Ten
     lib.lr_rms_norm_rope(x.data_ptr(), w.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), B * T * N, heads,
                          stride, T, D, eps)
     return out
+
+
+def _fp32_rows(*tensors: torch.Tensor) -> bool:
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+
+
+def attention_residual_norms(x, w_post, residual, w_mlp, w_moe, w_router, router_scale: float, eps: float):
+    """kernels/fused.py's op of the same name for contiguous fp32 CPU rows in one call, or None (use torch)."""
+    lib = library()
+    if lib is None or _tracing() or not _fp32_rows(x, w_post, residual, w_mlp, w_moe, w_router):
+        return None
+    H = x.shape[-1]
+    outs = [torch.empty(x.shape, dtype=torch.float32) for _ in range(4)]
+    lib.lr_attention_residual_norms(x.data_ptr(), w_post.data_ptr(), residual.data_ptr(), w_mlp.data_ptr(),
+                                    w_moe.data_ptr(), w_router.data_ptr(), *(o.data_ptr() for o in outs),
+                                    x.numel() // H, H, eps, router_scale)
+    return tuple(outs)
+
+
+def ffn_residual(mlp, w1, moe, w2, w, residual, scalar: torch.Tensor, eps: float):
+    """kernels/fused.py's op of the same name for contiguous fp32 CPU rows in one call, or None (use torch)."""
+    lib = library()
+    if lib is None or _tracing() or not _fp32_rows(mlp, w1, moe, w2, w, residual, scalar) or scalar.numel() != 1:
+        return None
+    H = residual.shape[-1]
+    out = torch.empty(residual.shape, dtype=torch.float32)
+    lib.lr_ffn_residual(mlp.data_ptr(), w1.data_ptr(), moe.data_ptr(), w2.data_ptr(), w.data_ptr(),
+                        residual.data_ptr(), scalar.item(), out.data_ptr(), _scratch("ffn_residual", H).data_ptr(),
+                        residual.numel() // H, H, eps)
+    return out
+
+
+def route(logits_TE: torch.Tensor, per_expert_scale: torch.Tensor, top_k: int):
+    """kernels/fused.py's op `route` for fp32 CPU logits in one call, or None (use torch)."""
+    lib = library()
+    if lib is None or _tracing() or not _fp32_rows(logits_TE, per_expert_scale):
+        return None
+    T, E = logits_TE.shape
+    ids = torch.empty(T, top_k, dtype=torch.int64)
+    w = torch.empty(T, top_k, dtype=torch.float32)
+    lib.lr_route(logits_TE.data_ptr(), per_expert_scale.data_ptr(), ids.data_ptr(), w.data_ptr(), T, E, top_k,
+                 _scratch("route", E).data_ptr())
+    return ids, w

@@ -746,3 +746,73 @@ int lr_moe_4bit(const float *x, const uint8_t *const *rows, const int64_t *offse
     }
     return 0;
 }
+
+/* ---------------------------------------------------------------------------------------------
+ * A Gemma 4 layer's glue (kernels/fused.py): the ops decode runs between attention, the router and
+ * the FFNs, a row per token, in the very order of the unfused layer's fp32 torch ops (products
+ * left to right, no FMA contraction), so the results are the unfused layer's bit for bit; only the
+ * router's softmax uses libm's expf where torch uses its own vectorised exp.
+ * ------------------------------------------------------------------------------------------- */
+
+/* y = norm(x) * w_post + res, then norm(y) * w_mlp, norm(y) * w_moe, norm(y) * w_router * router_scale. */
+void lr_attention_residual_norms(const float *x, const float *w_post, const float *res, const float *w_mlp,
+                                 const float *w_moe, const float *w_router, float *y, float *o_mlp, float *o_moe,
+                                 float *o_router, int64_t rows, int64_t H, float eps, float router_scale) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * H, *rr = res + r * H;
+        float *yr = y + r * H;
+        const float s = rms_scale(xr, H, eps);
+        for (int64_t i = 0; i < H; i++)
+            yr[i] = xr[i] * s * w_post[i] + rr[i];
+        const float s2 = rms_scale(yr, H, eps);
+        for (int64_t i = 0; i < H; i++) {
+            const float n = yr[i] * s2;
+            o_mlp[r * H + i] = n * w_mlp[i];
+            o_moe[r * H + i] = n * w_moe[i];
+            o_router[r * H + i] = n * w_router[i] * router_scale;
+        }
+    }
+}
+
+/* out = (norm(norm(mlp) * w1 + norm(moe) * w2) * w + res) * scalar; h is H floats of scratch. */
+void lr_ffn_residual(const float *mlp, const float *w1, const float *moe, const float *w2, const float *w,
+                     const float *res, float scalar, float *out, float *h, int64_t rows, int64_t H, float eps) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *a = mlp + r * H, *b = moe + r * H, *rr = res + r * H;
+        const float sa = rms_scale(a, H, eps), sb = rms_scale(b, H, eps);
+        for (int64_t i = 0; i < H; i++)
+            h[i] = a[i] * sa * w1[i] + b[i] * sb * w2[i];
+        const float sh = rms_scale(h, H, eps);
+        for (int64_t i = 0; i < H; i++)
+            out[r * H + i] = (h[i] * sh * w[i] + rr[i]) * scalar;
+    }
+}
+
+/* Per row of E logits: softmax, the K largest (largest first, a tie to the lower id), renormalised
+ * over those K, times scale[id]. */
+void lr_route(const float *logits, const float *scale, int64_t *ids, float *w, int64_t T, int64_t E, int64_t K,
+              float *p) {
+    for (int64_t t = 0; t < T; t++) {
+        const float *l = logits + t * E;
+        float top = l[0], sum = 0.0f;
+        for (int64_t e = 1; e < E; e++)
+            top = l[e] > top ? l[e] : top;
+        for (int64_t e = 0; e < E; e++)
+            sum += p[e] = expf(l[e] - top);
+        for (int64_t e = 0; e < E; e++)
+            p[e] = p[e] / sum;
+        float kept = 0.0f;
+        for (int64_t k = 0; k < K; k++) {
+            int64_t best = -1;
+            for (int64_t e = 0; e < E; e++)
+                if (p[e] >= 0.0f && (best < 0 || p[e] > p[best]))
+                    best = e;
+            ids[t * K + k] = best;
+            w[t * K + k] = p[best];
+            kept += p[best];
+            p[best] = -1.0f;
+        }
+        for (int64_t k = 0; k < K; k++)
+            w[t * K + k] = w[t * K + k] / kept * scale[ids[t * K + k]];
+    }
+}

@@ -2,9 +2,11 @@
 and `localrun::route` (what each computes: kernels/triton_fused.py).
 
 On CUDA each is one Triton kernel (imported on first use: a CPU-only install needs no Triton); on
-every other device the formula below, in fp32, rounded once to the activations' dtype. The decoder
-calls them for half-precision activations on CUDA (models/gemma4.py), where they turn about 20
-launches a layer into 3; elsewhere it runs the unfused layer, which these formulas restate.
+the CPU in fp32 one call of the C kernels (kernels/cpu_bf16.c: the unfused layer's fp32 ops in
+their order, so bit for bit its results, the router's exp aside); otherwise the formula below, in
+fp32, rounded once to the activations' dtype. The decoder calls them for half-precision activations
+on CUDA and fp32 on the CPU (models/gemma4.py), where they turn about 20 launches or dispatches a
+layer into 3; elsewhere it runs the unfused layer, which these formulas restate.
 """
 
 from __future__ import annotations
@@ -12,9 +14,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .. import kernels as cpu
+
 
 def _norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x.float(), x.shape[-1:], None, eps)
+
+
+def attention_residual_norms_reference(x, w_post, residual, w_mlp, w_moe, w_router, router_scale: float, eps: float):
+    y = (_norm(x, eps) * w_post.float() + residual.float()).to(x.dtype)
+    n = _norm(y, eps)
+    return (y, (n * w_mlp.float()).to(x.dtype), (n * w_moe.float()).to(x.dtype),
+            (n * w_router.float() * router_scale).to(x.dtype))
 
 
 @torch.library.custom_op("localrun::attention_residual_norms", mutates_args=())
@@ -23,10 +34,7 @@ def attention_residual_norms(x: torch.Tensor, w_post: torch.Tensor, residual: to
                              eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """y = norm(x) * w_post + residual (the residual stream after attention), then norm(y) * w_mlp,
     norm(y) * w_moe and norm(y) * w_router * router_scale."""
-    y = (_norm(x, eps) * w_post.float() + residual.float()).to(x.dtype)
-    n = _norm(y, eps)
-    return (y, (n * w_mlp.float()).to(x.dtype), (n * w_moe.float()).to(x.dtype),
-            (n * w_router.float() * router_scale).to(x.dtype))
+    return attention_residual_norms_reference(x, w_post, residual, w_mlp, w_moe, w_router, router_scale, eps)
 
 
 @attention_residual_norms.register_kernel("cuda")
@@ -36,9 +44,21 @@ def _(x, w_post, residual, w_mlp, w_moe, w_router, router_scale, eps):
     return attention_residual_norms_triton(x, w_post, residual, w_mlp, w_moe, w_router, router_scale, eps)
 
 
+@attention_residual_norms.register_kernel("cpu")
+def _(x, w_post, residual, w_mlp, w_moe, w_router, router_scale, eps):
+    out = cpu.attention_residual_norms(x, w_post, residual, w_mlp, w_moe, w_router, router_scale, eps)
+    return out if out is not None else attention_residual_norms_reference(
+        x, w_post, residual, w_mlp, w_moe, w_router, router_scale, eps)
+
+
 @attention_residual_norms.register_fake
 def _(x, w_post, residual, w_mlp, w_moe, w_router, router_scale, eps):
     return tuple(torch.empty(x.shape, dtype=x.dtype, device=x.device) for _ in range(4))
+
+
+def ffn_residual_reference(mlp, w1, moe, w2, w, residual, scalar, eps: float):
+    h = _norm(mlp, eps) * w1.float() + _norm(moe, eps) * w2.float()
+    return ((_norm(h, eps) * w.float() + residual.float()) * scalar.float()).to(residual.dtype)
 
 
 @torch.library.custom_op("localrun::ffn_residual", mutates_args=())
@@ -46,8 +66,7 @@ def ffn_residual(mlp: torch.Tensor, w1: torch.Tensor, moe: torch.Tensor, w2: tor
                  residual: torch.Tensor, scalar: torch.Tensor, eps: float) -> torch.Tensor:
     """(norm(norm(mlp) * w1 + norm(moe) * w2) * w + residual) * scalar: the dense MLP and the experts
     joined, back into the residual stream, times the layer scalar."""
-    h = _norm(mlp, eps) * w1.float() + _norm(moe, eps) * w2.float()
-    return ((_norm(h, eps) * w.float() + residual.float()) * scalar.float()).to(residual.dtype)
+    return ffn_residual_reference(mlp, w1, moe, w2, w, residual, scalar, eps)
 
 
 @ffn_residual.register_kernel("cuda")
@@ -57,18 +76,28 @@ def _(mlp, w1, moe, w2, w, residual, scalar, eps):
     return ffn_residual_triton(mlp, w1, moe, w2, w, residual, scalar, eps)
 
 
+@ffn_residual.register_kernel("cpu")
+def _(mlp, w1, moe, w2, w, residual, scalar, eps):
+    out = cpu.ffn_residual(mlp, w1, moe, w2, w, residual, scalar, eps)
+    return out if out is not None else ffn_residual_reference(mlp, w1, moe, w2, w, residual, scalar, eps)
+
+
 @ffn_residual.register_fake
 def _(mlp, w1, moe, w2, w, residual, scalar, eps):
     return torch.empty(residual.shape, dtype=residual.dtype, device=residual.device)
+
+
+def route_reference(logits_TE, per_expert_scale, top_k: int):
+    p = torch.softmax(logits_TE, dim=-1, dtype=torch.float32)
+    w, ids = torch.topk(p, top_k, dim=-1)
+    return ids, w / w.sum(dim=-1, keepdim=True) * per_expert_scale.float()[ids]
 
 
 @torch.library.custom_op("localrun::route", mutates_args=())
 def route(logits_TE: torch.Tensor, per_expert_scale: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids [T, K] int64, weights [T, K] fp32): softmax in fp32, the top k largest first,
     renormalised over those k, times each chosen expert's scale."""
-    p = torch.softmax(logits_TE, dim=-1, dtype=torch.float32)
-    w, ids = torch.topk(p, top_k, dim=-1)
-    return ids, w / w.sum(dim=-1, keepdim=True) * per_expert_scale.float()[ids]
+    return route_reference(logits_TE, per_expert_scale, top_k)
 
 
 @route.register_kernel("cuda")
@@ -76,6 +105,12 @@ def _(logits_TE, per_expert_scale, top_k):
     from .triton_fused import route_triton
 
     return route_triton(logits_TE, per_expert_scale, top_k)
+
+
+@route.register_kernel("cpu")
+def _(logits_TE, per_expert_scale, top_k):
+    out = cpu.route(logits_TE, per_expert_scale, top_k)
+    return out if out is not None else route_reference(logits_TE, per_expert_scale, top_k)
 
 
 @route.register_fake

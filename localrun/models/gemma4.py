@@ -188,14 +188,21 @@ def apply_rope(x_BTND, cos_T1D, sin_T1D):
     return x_BTND * cos_T1D + x_BTND.roll(x_BTND.shape[-1] // 2, dims=-1) * sin_T1D
 
 
-# The CUDA decode step's own kernels for half-precision activations (kernels/attention.py,
-# kernels/fused.py); switched off, the same step runs the torch ops (scripts/gpu_check.py measures both).
-CUDA_KERNELS = {"decode_attention": True, "fused_glue": True}
+# localrun's own decode kernels (kernels/attention.py, kernels/fused.py); switched off, the same
+# step runs the plain torch ops (scripts/gpu_check.py measures both).
+DECODE_KERNELS = {"decode_attention": True, "fused_glue": True}
 
 
-def cuda_kernel(name: str, x: torch.Tensor) -> bool:
-    """Whether the op `name` takes its CUDA kernel for activations x (inference only)."""
-    return x.device.type == "cuda" and CUDA_KERNELS[name] and not torch.is_grad_enabled()
+def use_kernel(name: str, x: torch.Tensor) -> bool:
+    """Whether activations x take localrun's kernel `name` (inference only): split-key decode
+    attention on CUDA; the fused layer glue for half precision on CUDA (fp32 there stays the
+    unfused ops, the reference CUDA is checked against) and for fp32 on the CPU when the C kernels
+    are built (there it computes the unfused ops' very results, with fewer calls)."""
+    if not DECODE_KERNELS[name] or torch.is_grad_enabled():
+        return False
+    if x.device.type == "cuda":
+        return name == "decode_attention" or x.dtype != torch.float32
+    return name == "fused_glue" and x.device.type == "cpu" and x.dtype == torch.float32 and kernels.library() is not None
 
 
 QUERY_BLOCK = 64  # prefill attends in blocks of queries, each over the keys it can see (64 beat 128 and 32)
@@ -223,7 +230,7 @@ def attend(q_BNTD, k_BNSD, v_BNSD, pos_T, pos_S, window: int | None, masks: dict
                 visible_1S = attention_mask(pos_T, pos_S, window)
                 if masks is not None:
                     masks[window, "decode"] = visible_1S
-        if cuda_kernel("decode_attention", q_BNTD):  # keys split over the SMs
+        if use_kernel("decode_attention", q_BNTD):  # keys split over the SMs
             return decode_attention(q_BNTD, k_BNSD, v_BNSD, visible_1S, scale)
         return grouped_sdpa(q_BNTD, k_BNSD, v_BNSD, visible_1S, scale)
     old = S - T  # keys before the new ones
@@ -393,7 +400,7 @@ class DecoderLayer(nn.Module):
         self.experts = backend
 
     def forward(self, x_BTH, cos_TD, sin_TD, pos_T, cache, shared, per_layer_BTP=None):
-        if self.moe and not self.per_layer and x_BTH.dtype != torch.float32 and cuda_kernel("fused_glue", x_BTH):
+        if self.moe and not self.per_layer and use_kernel("fused_glue", x_BTH):
             return self.forward_fused(x_BTH, cos_TD, sin_TD, pos_T, cache, shared)
         r = x_BTH
         x = self.post_attention_layernorm(
