@@ -119,3 +119,24 @@ def test_op_traces_under_compile():
     q, k, v = case(1, 8, 2, 40, 32, seed=4)
     fn = torch.compile(lambda q, k, v: attention_ops.decode_attention(q, k, v, None, 1.0) * 2, fullgraph=True)
     assert torch.allclose(fn(q, k, v), grouped_sdpa(q, k, v, None, 1.0) * 2)
+
+
+needs_c = pytest.mark.skipif(__import__("localrun.kernels", fromlist=["library"]).library() is None,
+                             reason="no C compiler: the CPU path runs grouped_sdpa")
+
+
+@needs_c
+@pytest.mark.parametrize("B,N,KV,S,D", [(1, 8, 4, 130, 64), (1, 8, 1, 300, 128), (2, 4, 4, 7, 16), (1, 6, 2, 1, 48)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_cpu_decode_attention_matches_grouped_sdpa(B, N, KV, S, D, masked):
+    """The CPU's fp32 decode attention (one C call, kernels.decode_attention) over cache views."""
+    from localrun import kernels
+
+    q, k, v = case(B, N, KV, S, D, capacity=S + 3, seed=S)
+    visible = None
+    if masked:
+        visible = torch.rand(1, S, generator=torch.Generator().manual_seed(1)) > 0.3
+        visible[0, 0] = True
+    out = kernels.decode_attention(q, k, v, visible, 0.125)
+    assert close(out, grouped_sdpa(q, k, v, visible, 0.125), 1e-5)
+    assert kernels.decode_attention(q.double(), k.double(), v.double(), visible, 0.125) is None  # not fp32: torch

@@ -42,7 +42,7 @@ def test_attention_residual_norms(T, H, dtype):
     x, res = rand(1, T, H, seed=1, dtype=dtype) * 3, rand(1, T, H, seed=2, dtype=dtype)
     ws = [rand(H, seed=s, dtype=dtype) for s in range(3, 7)]
     ours = triton_fused.attention_residual_norms_triton(x, ws[0], res, ws[1], ws[2], ws[3], H ** -0.5, 1e-6)
-    ref = fused_ops.attention_residual_norms(x, ws[0], res, ws[1], ws[2], ws[3], H ** -0.5, 1e-6)
+    ref = fused_ops.attention_residual_norms_reference(x, ws[0], res, ws[1], ws[2], ws[3], H ** -0.5, 1e-6)
     tol = 1e-6 if dtype == torch.float32 else 1e-2
     for a, b in zip(ours, ref):
         assert a.shape == b.shape and a.dtype == b.dtype == dtype
@@ -56,7 +56,7 @@ def test_ffn_residual(T, H, dtype):
     w1, w2, w = (rand(H, seed=s, dtype=dtype) for s in (4, 5, 6))
     scalar = torch.tensor([0.7], dtype=dtype)
     ours = triton_fused.ffn_residual_triton(mlp, w1, moe, w2, w, res, scalar, 1e-6)
-    ref = fused_ops.ffn_residual(mlp, w1, moe, w2, w, res, scalar, 1e-6)
+    ref = fused_ops.ffn_residual_reference(mlp, w1, moe, w2, w, res, scalar, 1e-6)
     assert ours.dtype == dtype and rel(ours, ref) < (1e-6 if dtype == torch.float32 else 1e-2)
 
 
@@ -66,7 +66,7 @@ def test_route(T, E, K):
     logits = rand(T, E, seed=E) * 4
     scale = rand(E, seed=1).abs() + 0.5
     ids, w = triton_fused.route_triton(logits, scale, K)
-    ref_ids, ref_w = fused_ops.route(logits, scale, K)
+    ref_ids, ref_w = fused_ops.route_reference(logits, scale, K)
     assert ids.dtype == torch.int64 and w.dtype == torch.float32
     assert torch.equal(ids, ref_ids)  # largest first, as torch.topk sorts them
     assert rel(w, ref_w) < 1e-6
@@ -127,3 +127,20 @@ def test_cpu_kernels_are_the_unfused_ops_bit_for_bit():
     ids, wt = fused_ops.route(logits, scale, 8)
     ref_ids, ref_w = fused_ops.route_reference(logits, scale, 8)
     assert torch.equal(ids, ref_ids) and rel(wt, ref_w) < 1e-6
+
+
+def test_ops_trace_under_compile():
+    """The ops have fake implementations: torch.compile(fullgraph=True) traces the glue (the CPU's C
+    calls step aside while tracing), and the compiled function computes the formulas."""
+    H = 64
+    x, res = rand(1, 2, H, seed=1), rand(1, 2, H, seed=2)
+    ws = [rand(H, seed=s) for s in range(3, 7)]
+
+    def glue(x, res):
+        y, a, b, c = fused_ops.attention_residual_norms(x, ws[0], res, ws[1], ws[2], ws[3], 0.125, 1e-6)
+        ids, w = fused_ops.route(c.reshape(-1, H)[:, :16], ws[0][:16].abs(), 4)
+        return fused_ops.ffn_residual(a, ws[1], b, ws[2], ws[3], y, torch.ones(1), 1e-6), ids, w
+
+    out, ids, w = torch.compile(glue, fullgraph=True)(x, res)
+    ref_out, ref_ids, ref_w = glue(x, res)
+    assert torch.equal(ids, ref_ids) and rel(out, ref_out) < 1e-6 and rel(w, ref_w) < 1e-6

@@ -118,6 +118,8 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.lr_ffn_residual.restype = None
     lib.lr_route.argtypes = [_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _PTR]
     lib.lr_route.restype = None
+    lib.lr_decode_attention.argtypes = [_PTR] * 6 + [_I64] * 13 + [ctypes.c_float]
+    lib.lr_decode_attention.restype = None
     lib.lr_q4_isa.argtypes = []
     lib.lr_q4_isa.restype = ctypes.c_char_p
     return lib
@@ -387,3 +389,27 @@ def route(logits_TE: torch.Tensor, per_expert_scale: torch.Tensor, top_k: int):
     lib.lr_route(logits_TE.data_ptr(), per_expert_scale.data_ptr(), ids.data_ptr(), w.data_ptr(), T, E, top_k,
                  _scratch("route", E).data_ptr())
     return ids, w
+
+
+def decode_attention(q_BN1D: torch.Tensor, k_BKSD: torch.Tensor, v_BKSD: torch.Tensor,
+                     visible_1S: torch.Tensor | None, scale: float) -> torch.Tensor | None:
+    """grouped_sdpa of one query per head (kernels/attention.py) for fp32 CPU tensors in one C call,
+    or None (use torch). k, v may be views of a larger cache (the last dim contiguous)."""
+    lib = library()
+    if lib is None or _tracing() or q_BN1D.shape[2] != 1:
+        return None
+    tensors = (q_BN1D, k_BKSD, v_BKSD)
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" or t.stride(-1) != 1 for t in tensors):
+        return None
+    B, N, _, D = q_BN1D.shape
+    KV, S = k_BKSD.shape[1], k_BKSD.shape[2]
+    if visible_1S is not None and visible_1S.numel() != S:
+        return None
+    mask = None if visible_1S is None else visible_1S.reshape(S).contiguous().view(torch.uint8)
+    out = torch.empty(B, N, 1, D, dtype=torch.float32)
+    scratch = _scratch("attention", S * max(1, torch.get_num_threads()))
+    lib.lr_decode_attention(q_BN1D.data_ptr(), k_BKSD.data_ptr(), v_BKSD.data_ptr(),
+                            None if mask is None else mask.data_ptr(), out.data_ptr(), scratch.data_ptr(),
+                            B, N, KV, S, D, q_BN1D.stride(0), q_BN1D.stride(1), k_BKSD.stride(0), k_BKSD.stride(1),
+                            k_BKSD.stride(2), v_BKSD.stride(0), v_BKSD.stride(1), v_BKSD.stride(2), scale)
+    return out

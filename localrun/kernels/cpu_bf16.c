@@ -816,3 +816,52 @@ void lr_route(const float *logits, const float *scale, int64_t *ids, float *w, i
             w[t * K + k] = w[t * K + k] / kept * scale[ids[t * K + k]];
     }
 }
+
+/* ---------------------------------------------------------------------------------------------
+ * One decoded token's attention, fp32: softmax(q k^T * scale + mask) v for one query per head over
+ * S keys, head h reading KV head h / (N / KV). q is [B, N, D] with strides (sqb, sqh); k and v rows
+ * of D contiguous floats at strides (b, kv head, key); mask: S bytes, nonzero = visible, or NULL;
+ * out [B, N, D] contiguous; scratch: S floats per thread. SDPA's CPU kernel costs ~35 us a call in
+ * setup at decode sizes, where this is the work itself.
+ * ------------------------------------------------------------------------------------------- */
+void lr_decode_attention(const float *q, const float *k, const float *v, const uint8_t *mask, float *out,
+                         float *scratch, int64_t B, int64_t N, int64_t KV, int64_t S, int64_t D, int64_t sqb,
+                         int64_t sqh, int64_t skb, int64_t skh, int64_t sks, int64_t svb, int64_t svh, int64_t svs,
+                         float scale) {
+    const int64_t G = N / KV;
+    const int parallel = omp_get_max_threads() > 1 && B * N * S * D >= PARALLEL_MIN;
+#pragma omp parallel for schedule(static) if (parallel)
+    for (int64_t bh = 0; bh < B * N; bh++) {
+        const int64_t b = bh / N, h = bh % N, kvh = h / G;
+        const float *qr = q + b * sqb + h * sqh;
+        const float *kb = k + b * skb + kvh * skh, *vb = v + b * svb + kvh * svh;
+        float *p = scratch + (int64_t)omp_get_thread_num() * S, *o = out + bh * D;
+        float top = -INFINITY, sum = 0.0f;
+        for (int64_t s = 0; s < S; s++) {
+            if (mask && !mask[s]) {
+                p[s] = -INFINITY;
+                continue;
+            }
+            const float *kr = kb + s * sks;
+            float dot = 0.0f;
+            for (int64_t d = 0; d < D; d++)
+                dot += qr[d] * kr[d];
+            p[s] = dot * scale;
+            top = p[s] > top ? p[s] : top;
+        }
+        for (int64_t d = 0; d < D; d++)
+            o[d] = 0.0f;
+        for (int64_t s = 0; s < S; s++) {
+            if (p[s] == -INFINITY)
+                continue;
+            const float e = expf(p[s] - top);
+            const float *vr = vb + s * svs;
+            sum += e;
+            for (int64_t d = 0; d < D; d++)
+                o[d] += e * vr[d];
+        }
+        const float inv = 1.0f / sum;
+        for (int64_t d = 0; d < D; d++)
+            o[d] *= inv;
+    }
+}

@@ -29,7 +29,7 @@ def attention_residual_norms_reference(x, w_post, residual, w_mlp, w_moe, w_rout
 
 
 @torch.library.custom_op("localrun::attention_residual_norms", mutates_args=())
-def attention_residual_norms(x: torch.Tensor, w_post: torch.Tensor, residual: torch.Tensor, w_mlp: torch.Tensor,
+def attention_residual_norms_op(x: torch.Tensor, w_post: torch.Tensor, residual: torch.Tensor, w_mlp: torch.Tensor,
                              w_moe: torch.Tensor, w_router: torch.Tensor, router_scale: float,
                              eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """y = norm(x) * w_post + residual (the residual stream after attention), then norm(y) * w_mlp,
@@ -37,21 +37,14 @@ def attention_residual_norms(x: torch.Tensor, w_post: torch.Tensor, residual: to
     return attention_residual_norms_reference(x, w_post, residual, w_mlp, w_moe, w_router, router_scale, eps)
 
 
-@attention_residual_norms.register_kernel("cuda")
+@attention_residual_norms_op.register_kernel("cuda")
 def _(x, w_post, residual, w_mlp, w_moe, w_router, router_scale, eps):
     from .triton_fused import attention_residual_norms_triton
 
     return attention_residual_norms_triton(x, w_post, residual, w_mlp, w_moe, w_router, router_scale, eps)
 
 
-@attention_residual_norms.register_kernel("cpu")
-def _(x, w_post, residual, w_mlp, w_moe, w_router, router_scale, eps):
-    out = cpu.attention_residual_norms(x, w_post, residual, w_mlp, w_moe, w_router, router_scale, eps)
-    return out if out is not None else attention_residual_norms_reference(
-        x, w_post, residual, w_mlp, w_moe, w_router, router_scale, eps)
-
-
-@attention_residual_norms.register_fake
+@attention_residual_norms_op.register_fake
 def _(x, w_post, residual, w_mlp, w_moe, w_router, router_scale, eps):
     return tuple(torch.empty(x.shape, dtype=x.dtype, device=x.device) for _ in range(4))
 
@@ -62,27 +55,21 @@ def ffn_residual_reference(mlp, w1, moe, w2, w, residual, scalar, eps: float):
 
 
 @torch.library.custom_op("localrun::ffn_residual", mutates_args=())
-def ffn_residual(mlp: torch.Tensor, w1: torch.Tensor, moe: torch.Tensor, w2: torch.Tensor, w: torch.Tensor,
+def ffn_residual_op(mlp: torch.Tensor, w1: torch.Tensor, moe: torch.Tensor, w2: torch.Tensor, w: torch.Tensor,
                  residual: torch.Tensor, scalar: torch.Tensor, eps: float) -> torch.Tensor:
     """(norm(norm(mlp) * w1 + norm(moe) * w2) * w + residual) * scalar: the dense MLP and the experts
     joined, back into the residual stream, times the layer scalar."""
     return ffn_residual_reference(mlp, w1, moe, w2, w, residual, scalar, eps)
 
 
-@ffn_residual.register_kernel("cuda")
+@ffn_residual_op.register_kernel("cuda")
 def _(mlp, w1, moe, w2, w, residual, scalar, eps):
     from .triton_fused import ffn_residual_triton
 
     return ffn_residual_triton(mlp, w1, moe, w2, w, residual, scalar, eps)
 
 
-@ffn_residual.register_kernel("cpu")
-def _(mlp, w1, moe, w2, w, residual, scalar, eps):
-    out = cpu.ffn_residual(mlp, w1, moe, w2, w, residual, scalar, eps)
-    return out if out is not None else ffn_residual_reference(mlp, w1, moe, w2, w, residual, scalar, eps)
-
-
-@ffn_residual.register_fake
+@ffn_residual_op.register_fake
 def _(mlp, w1, moe, w2, w, residual, scalar, eps):
     return torch.empty(residual.shape, dtype=residual.dtype, device=residual.device)
 
@@ -94,27 +81,41 @@ def route_reference(logits_TE, per_expert_scale, top_k: int):
 
 
 @torch.library.custom_op("localrun::route", mutates_args=())
-def route(logits_TE: torch.Tensor, per_expert_scale: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def route_op(logits_TE: torch.Tensor, per_expert_scale: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids [T, K] int64, weights [T, K] fp32): softmax in fp32, the top k largest first,
     renormalised over those k, times each chosen expert's scale."""
     return route_reference(logits_TE, per_expert_scale, top_k)
 
 
-@route.register_kernel("cuda")
+@route_op.register_kernel("cuda")
 def _(logits_TE, per_expert_scale, top_k):
     from .triton_fused import route_triton
 
     return route_triton(logits_TE, per_expert_scale, top_k)
 
 
-@route.register_kernel("cpu")
-def _(logits_TE, per_expert_scale, top_k):
-    out = cpu.route(logits_TE, per_expert_scale, top_k)
-    return out if out is not None else route_reference(logits_TE, per_expert_scale, top_k)
-
-
-@route.register_fake
+@route_op.register_fake
 def _(logits_TE, per_expert_scale, top_k):
     T = logits_TE.shape[0]
     return (torch.empty(T, top_k, dtype=torch.int64, device=logits_TE.device),
             torch.empty(T, top_k, dtype=torch.float32, device=logits_TE.device))
+
+
+# What the decoder calls: fp32 rows on the CPU go straight to the C kernels (a custom op's dispatch
+# costs more than their work at decode sizes), everything else (CUDA, tracing) through the ops.
+
+def attention_residual_norms(x, w_post, residual, w_mlp, w_moe, w_router, router_scale: float, eps: float):
+    out = cpu.attention_residual_norms(x, w_post, residual, w_mlp, w_moe, w_router, router_scale, eps)
+    if out is None:
+        out = attention_residual_norms_op(x, w_post, residual, w_mlp, w_moe, w_router, router_scale, eps)
+    return out
+
+
+def ffn_residual(mlp, w1, moe, w2, w, residual, scalar, eps: float):
+    out = cpu.ffn_residual(mlp, w1, moe, w2, w, residual, scalar, eps)
+    return out if out is not None else ffn_residual_op(mlp, w1, moe, w2, w, residual, scalar, eps)
+
+
+def route(logits_TE, per_expert_scale, top_k: int):
+    out = cpu.route(logits_TE, per_expert_scale, top_k)
+    return out if out is not None else route_op(logits_TE, per_expert_scale, top_k)

@@ -194,15 +194,15 @@ DECODE_KERNELS = {"decode_attention": True, "fused_glue": True}
 
 
 def use_kernel(name: str, x: torch.Tensor) -> bool:
-    """Whether activations x take localrun's kernel `name` (inference only): split-key decode
-    attention on CUDA; the fused layer glue for half precision on CUDA (fp32 there stays the
-    unfused ops, the reference CUDA is checked against) and for fp32 on the CPU when the C kernels
-    are built (there it computes the unfused ops' very results, with fewer calls)."""
+    """Whether activations x take localrun's kernel `name` (inference only): on CUDA, split-key
+    decode attention, and the fused layer glue for half precision (fp32 there stays the unfused
+    ops, the reference CUDA is checked against); on the CPU in fp32 when the C kernels are built,
+    both as C calls (the glue computes the unfused ops' very results, with fewer calls)."""
     if not DECODE_KERNELS[name] or torch.is_grad_enabled():
         return False
     if x.device.type == "cuda":
         return name == "decode_attention" or x.dtype != torch.float32
-    return name == "fused_glue" and x.device.type == "cpu" and x.dtype == torch.float32 and kernels.library() is not None
+    return x.device.type == "cpu" and x.dtype == torch.float32 and kernels.library() is not None
 
 
 QUERY_BLOCK = 64  # prefill attends in blocks of queries, each over the keys it can see (64 beat 128 and 32)
@@ -230,8 +230,9 @@ def attend(q_BNTD, k_BNSD, v_BNSD, pos_T, pos_S, window: int | None, masks: dict
                 visible_1S = attention_mask(pos_T, pos_S, window)
                 if masks is not None:
                     masks[window, "decode"] = visible_1S
-        if use_kernel("decode_attention", q_BNTD):  # keys split over the SMs
-            return decode_attention(q_BNTD, k_BNSD, v_BNSD, visible_1S, scale)
+        if use_kernel("decode_attention", q_BNTD):  # CUDA: keys split over the SMs; CPU: one C call
+            out = kernels.decode_attention(q_BNTD, k_BNSD, v_BNSD, visible_1S, scale)
+            return out if out is not None else decode_attention(q_BNTD, k_BNSD, v_BNSD, visible_1S, scale)
         return grouped_sdpa(q_BNTD, k_BNSD, v_BNSD, visible_1S, scale)
     old = S - T  # keys before the new ones
     outs = []
