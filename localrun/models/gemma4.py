@@ -355,16 +355,16 @@ class Router(nn.Module):
         self.per_expert_scale = nn.Parameter(torch.ones(E))
         self.root_size = H**-0.5
 
-    def forward(self, r_TH):
+    def forward(self, r_TH, normed: bool = False):
+        """normed: r_TH is already rms_norm(r) * scale * root_size (fused_ops.attention_residual_norms),
+        and the rest runs as one op. Either way a forward hook sees (ids, weights) (localrun/profile.py)."""
+        if normed:
+            return fused_ops.route(project(self.proj, r_TH), self.per_expert_scale, self.top_k)
         h = rms_norm(r_TH, None, self.eps) * self.scale * self.root_size
         p_TE = torch.softmax(project(self.proj, h), dim=-1, dtype=torch.float32)
         w_TK, ids_TK = torch.topk(p_TE, self.top_k, dim=-1)
         w_TK = w_TK / w_TK.sum(dim=-1, keepdim=True)
         return ids_TK, w_TK * self.per_expert_scale[ids_TK]
-
-    def route(self, h_TH):
-        """forward() of an input already normed and scaled (fused_ops.attention_residual_norms), as one kernel."""
-        return fused_ops.route(project(self.proj, h_TH), self.per_expert_scale, self.top_k)
 
 
 class DecoderLayer(nn.Module):
@@ -431,7 +431,7 @@ class DecoderLayer(nn.Module):
             attn, self.post_attention_layernorm.weight, x_BTH, self.pre_feedforward_layernorm.weight,
             self.pre_feedforward_layernorm_2.weight, self.router.scale, self.router.root_size, self.input_layernorm.eps)
         H = x.shape[-1]
-        ids_TK, w_TK = self.router.route(x_router.reshape(-1, H))
+        ids_TK, w_TK = self.router(x_router.reshape(-1, H), normed=True)
         prefetch = getattr(self.experts, "prefetch", None)
         if prefetch is not None:
             prefetch(ids_TK, w_TK)
