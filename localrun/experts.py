@@ -713,9 +713,9 @@ class ExpertStore:
     def _compute(self, layer: int, step: Step, x_TH: torch.Tensor) -> torch.Tensor:
         if step.source == "resident":
             return self.compute(self._resident[layer][step.expert], x_TH)
-        if step.source == "cpu":
-            y_TH = self.compute(self._host[layer][step.expert], x_TH.to(self.host))
-            return y_TH.to(x_TH.device)
+        if step.source == "cpu":  # in fp32, what the CPU's kernels compute in (bf16 there: bitsandbytes' slow path)
+            y_TH = self.compute(self._host[layer][step.expert], x_TH.to(self.host, torch.float32))
+            return y_TH.to(x_TH.device, x_TH.dtype)
         payload, done = self._slots[layer][step.expert]
         self._copier.ready(done)
         return self.compute(payload, x_TH)

@@ -404,7 +404,7 @@ def load_model(
             if dev.type == "cuda":  # calibration needs a real expert: the first one, in a row of its own
                 first = pending[moe_layers[0]]
                 sample = first.write(0, torch.zeros(first.nbytes, dtype=torch.uint8))
-                cost = calibrate(sample, compute, dev, args.hidden_size, dtype)
+                cost = calibrate(sample, compute, dev, args.hidden_size, torch.float32)  # the CPU side runs fp32
                 del sample
             # on the CPU a layer's experts run in one C call wherever they lie (QuantizedExperts' kernel)
             layer_compute = CpuLayerCompute(pending[moe_layers[0]].layout, args.hidden_activation)

@@ -216,6 +216,24 @@ def test_expensive_copies_compute_on_cpu():
     assert store.layer(0).cached == set()
 
 
+def test_cpu_computes_half_precision_calls_in_fp32():
+    """A call in bf16 (a CUDA model) whose missing experts run on the CPU: the CPU side gets fp32
+    (what its C kernels compute in), the caller gets its own dtype back."""
+    experts = make_experts(layers=1)
+    seen = []
+
+    def recording(payload, x_TH):
+        seen.append(x_TH.dtype)
+        return compute(payload, x_TH.float()).to(x_TH.dtype)  # these test experts hold fp32 weights
+
+    store = ExpertStore(experts, recording, resident={0: [0]}, slots=4,
+                        cost_model=CostModel(h2d_bytes_per_s=1.0, cpu_s_per_token=1e-6))
+    x_TH, ids_TK, w_TK = one_call([0, 3])
+    y = store(0)(x_TH.bfloat16(), ids_TK, w_TK)
+    assert y.dtype == torch.bfloat16 and store.stats()["cpu_experts"] == 1
+    assert seen == [torch.bfloat16, torch.float32]  # the resident expert on the call's device and dtype, then the CPU's
+
+
 def test_cheap_copies_fill_slots():
     experts = make_experts(layers=1)
     fast_bus = CostModel(h2d_bytes_per_s=1e12, cpu_s_per_token=1.0)
