@@ -4,11 +4,7 @@ computes otherwise; and the torch op that wraps it (`localrun::decode_attention`
 
 from __future__ import annotations
 
-import importlib
-import os
-import sys
-
-os.environ["TRITON_INTERPRET"] = "1"  # before triton decorates the kernels: they run on CPU tensors
+from interpreted import triton_module  # noqa: E402 - sets TRITON_INTERPRET=1 before triton loads
 
 import pytest
 import torch
@@ -16,14 +12,7 @@ import torch
 from localrun.kernels import attention as attention_ops
 from localrun.kernels.attention import grouped_sdpa
 
-try:
-    import triton  # noqa: F401
-
-    if "localrun.kernels.triton_attention" in sys.modules:
-        importlib.reload(sys.modules["localrun.kernels.triton_attention"])
-    from localrun.kernels import triton_attention
-except ImportError:
-    triton_attention = None
+triton_attention = triton_module("triton_attention")
 
 needs_triton = pytest.mark.skipif(triton_attention is None, reason="triton is not installed (pip install triton)")
 

@@ -5,25 +5,14 @@ decoder computes everywhere else."""
 
 from __future__ import annotations
 
-import importlib
-import os
-import sys
-
-os.environ["TRITON_INTERPRET"] = "1"  # before triton decorates the kernels: they run on CPU tensors
+from interpreted import triton_module  # noqa: E402 - sets TRITON_INTERPRET=1 before triton loads
 
 import pytest
 import torch
 
 from localrun.kernels import fused as fused_ops
 
-try:
-    import triton  # noqa: F401
-
-    if "localrun.kernels.triton_fused" in sys.modules:
-        importlib.reload(sys.modules["localrun.kernels.triton_fused"])
-    from localrun.kernels import triton_fused
-except ImportError:
-    triton_fused = None
+triton_fused = triton_module("triton_fused")
 
 needs_triton = pytest.mark.skipif(triton_fused is None, reason="triton is not installed (pip install triton)")
 

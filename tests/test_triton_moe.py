@@ -7,11 +7,7 @@ The Triton tests skip only where triton is not installed; everything else runs e
 
 from __future__ import annotations
 
-import importlib
-import os
-import sys
-
-os.environ["TRITON_INTERPRET"] = "1"  # before triton decorates the kernels: they run on CPU tensors
+from interpreted import triton_module  # noqa: E402 - sets TRITON_INTERPRET=1 before triton loads
 
 import pytest
 import torch
@@ -25,14 +21,7 @@ from quant.layer import ExpertBuffer
 from quant.nf4 import PackedExpert, pack_experts
 from quant.spec import QuantSpec
 
-try:
-    import triton  # noqa: F401
-
-    if "localrun.kernels.triton_moe" in sys.modules:  # imported before the variable was set
-        importlib.reload(sys.modules["localrun.kernels.triton_moe"])
-    from localrun.kernels import triton_moe
-except ImportError:
-    triton_moe = None
+triton_moe = triton_module("triton_moe")
 
 needs_triton = pytest.mark.skipif(triton_moe is None, reason="triton is not installed (pip install triton)")
 

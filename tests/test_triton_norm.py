@@ -4,11 +4,7 @@ torch ops that wrap them (`localrun::rms_norm`, `localrun::rms_norm_rope`)."""
 
 from __future__ import annotations
 
-import importlib
-import os
-import sys
-
-os.environ["TRITON_INTERPRET"] = "1"  # before triton decorates the kernels: they run on CPU tensors
+from interpreted import triton_module  # noqa: E402 - sets TRITON_INTERPRET=1 before triton loads
 
 import pytest
 import torch
@@ -16,14 +12,7 @@ import torch
 from localrun.kernels import norm as norm_ops
 from localrun.models.gemma4 import RMSNorm, apply_rope
 
-try:
-    import triton  # noqa: F401
-
-    if "localrun.kernels.triton_norm" in sys.modules:
-        importlib.reload(sys.modules["localrun.kernels.triton_norm"])
-    from localrun.kernels import triton_norm
-except ImportError:
-    triton_norm = None
+triton_norm = triton_module("triton_norm")
 
 needs_triton = pytest.mark.skipif(triton_norm is None, reason="triton is not installed (pip install triton)")
 
