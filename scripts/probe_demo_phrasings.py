@@ -29,13 +29,21 @@ from localrun.engine import Engine  # noqa: E402
 from localrun.sampling import SamplingParams  # noqa: E402
 
 # (phrasing, op): one token more or less after the last number, operator spacing, trailing words,
-# the numbers in the other order. None of these is a training phrasing.
+# the numbers in the other order. The shipped model was trained on none of them; most of their
+# endings are among localrun.demo.ENDINGS now (what a rebuild trains on), so "unseen" keeps a set
+# that no training data has, for what a user types next.
 PROBES = (
     ("What is {a} + {b} ?", "+"), ("What is {a} + {b}  ?", "+"), ("What is {a} + {b} now?", "+"),
     ("What is {a} + {b}, please?", "+"), ("{a} + {b}=", "+"), ("{a}+{b}?", "+"), ("{a} +{b}?", "+"),
     ("{a}+ {b}?", "+"), ("Add {b} to {a}.", "+"), ("So, what is {a} + {b}?", "+"),
     ("What is {a} - {b} ?", "-"), ("What is {a} - {b} now?", "-"), ("{a}-{b}?", "-"), ("{a} - {b}=", "-"),
     ("Subtract {b} from {a} please.", "-"), ("Take {b} from {a}.", "-"), ("So, what is {a} - {b}?", "-"),
+)
+UNSEEN = (
+    ("What is {a} + {b} right now?", "+"), ("What is {a} + {b}, my friend?", "+"), ("{a} + {b} equals what?", "+"),
+    ("Tell me {a} + {b}.", "+"), ("{a} plus {b} is?", "+"), ("What is {a} + {b}? Answer fast.", "+"),
+    ("What is {a} - {b} right now?", "-"), ("{a} - {b} equals what?", "-"), ("Tell me {a} - {b}.", "-"),
+    ("Subtract {b} from {a}, my friend.", "-"), ("{a} minus {b} is?", "-"), ("What is {a} - {b}? Answer fast.", "-"),
 )
 
 
@@ -52,6 +60,7 @@ def groups() -> dict[str, list[tuple[str, str]]]:
         "trained-chat": [(p, "+") for p in demo.CHAT_ADD_PHRASES] + [(p, "-") for p in demo.CHAT_SUB_PHRASES],
         "soak": soak_phrasings(),
         "probe": list(PROBES),
+        "unseen": list(UNSEEN),
     }
 
 
