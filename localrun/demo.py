@@ -10,6 +10,7 @@ depend on generation order and train/held-out are disjoint by construction.
 from __future__ import annotations
 
 import random
+import re
 import zlib
 from importlib import resources
 from pathlib import Path
@@ -110,11 +111,12 @@ def has_carry(a: int, b: int, op: str) -> bool:
     return (a % 10 + b % 10 >= 10) if op == "+" else (a % 10 < b % 10)
 
 
-def train_examples(n: int, seed: int = 0, extras: float = 0.08, carry: float = 0.0) -> list[tuple[str, str]]:
+def train_examples(n: int, seed: int = 0, extras: float = 0.08, carry: float = 0.0,
+                   reworded: float = 0.25) -> list[tuple[str, str]]:
     """`n` (question, answer) pairs for training: arithmetic on training triples, plus a fraction
     `extras` of capitals and greetings. A fraction `carry` of the arithmetic is drawn from the
-    training triples with a carry or borrow only (held-out triples are never among them).
-    Same arguments, same list."""
+    training triples with a carry or borrow only (held-out triples are never among them), a
+    fraction `reworded` gets another ending or operator spacing (`reword`). Same arguments, same list."""
     rng = random.Random(seed)
     triples = arithmetic_triples(held_out=False)
     hard = [t for t in triples if has_carry(*t)]
@@ -126,11 +128,28 @@ def train_examples(n: int, seed: int = 0, extras: float = 0.08, carry: float = 0
                 out.append((rng.choice(CAPITAL_PHRASES).format(c=country), CAPITALS[country]))
             else:
                 out.append(rng.choice(CHAT))
-        elif carry and rng.random() < carry:
-            out.append(arithmetic_question(*rng.choice(hard), rng))
         else:
-            out.append(arithmetic_question(*rng.choice(triples), rng))
+            q, a = arithmetic_question(*rng.choice(hard if carry and rng.random() < carry else triples), rng)
+            out.append((reword(q, rng) if reworded and rng.random() < reworded else q, a))
     return out
+
+
+# What follows the last number varies: a model that only saw "... {b}?" and "... {b}." learns to
+# read the operands at fixed distances from the end of the prompt, and "What is 5 + 3 ?", "... now?"
+# or "{a}+{b}" then get the tens digit wrong (issue 15). No digits, "-" or subtraction words here:
+# the tests read the operation back from the question.
+ENDINGS = ("", "?", " ?", "??", "!", ".", " =", "=", " = ?", " please", ", please?", " please.", " now?",
+           " then?", " equal?", " for me?", " exactly?", " again?", ", thanks", "? Thanks!", " ok?", " quickly?")
+OPERATOR_SPACING = ("{}", " {}", "{} ", "  {}  ")
+_OPERATOR = re.compile(r" ([+-]) ")
+
+
+def reword(q: str, rng: random.Random) -> str:
+    """`q` with another ending (what follows its last number or word) and now and then other spacing
+    around its + or -; the numbers and their order stay."""
+    if _OPERATOR.search(q) and rng.random() < 0.4:
+        q = _OPERATOR.sub(lambda m: rng.choice(OPERATOR_SPACING).format(m.group(1)), q, count=1)
+    return q.rstrip("?.=! ") + rng.choice(ENDINGS)
 
 
 def tokenizer_corpus() -> list[str]:
@@ -180,8 +199,9 @@ SYSTEM_PROMPTS = (
 class ExchangeDrawer:
     """Draws single exchanges (question, answer) as `train_examples` does, with chat phrasings mixed in."""
 
-    def __init__(self, rng: random.Random, carry: float = 0.5, extras: float = 0.08, variety: float = 0.35):
-        self.rng, self.carry, self.extras, self.variety = rng, carry, extras, variety
+    def __init__(self, rng: random.Random, carry: float = 0.5, extras: float = 0.08, variety: float = 0.35,
+                 reworded: float = 0.25):
+        self.rng, self.carry, self.extras, self.variety, self.reworded = rng, carry, extras, variety, reworded
         self.triples = arithmetic_triples(held_out=False)
         self.hard = [t for t in self.triples if has_carry(*t)]
 
@@ -195,6 +215,8 @@ class ExchangeDrawer:
             q = q[0].lower() + q[1:]
         if rng.random() < 0.1:
             q = q.rstrip("?").rstrip()
+        if self.reworded and rng.random() < self.reworded:
+            q = reword(q, rng)
         return q, str(answer(a, b, op))
 
     def __call__(self) -> tuple[str, str]:
@@ -209,12 +231,12 @@ class ExchangeDrawer:
 
 
 def train_conversations(n: int, seed: int = 0, max_turns: int = 48, single: float = 0.15, system: float = 0.25,
-                        carry: float = 0.5) -> list[tuple[str | None, list[tuple[str, str]]]]:
+                        carry: float = 0.5, reworded: float = 0.25) -> list[tuple[str | None, list[tuple[str, str]]]]:
     """`n` conversations (system prompt or None, [(question, answer), ...]) on training triples:
     a fraction `single` has one exchange, the rest 2..`max_turns` (long enough that `chat` trims
     them at its default context). Same arguments, same list."""
     rng = random.Random(seed)
-    draw = ExchangeDrawer(rng, carry=carry)
+    draw = ExchangeDrawer(rng, carry=carry, reworded=reworded)
     out = []
     for _ in range(n):
         k = 1 if rng.random() < single else rng.randint(2, max_turns)
@@ -224,9 +246,10 @@ def train_conversations(n: int, seed: int = 0, max_turns: int = 48, single: floa
 
 
 def held_out_conversations(n: int, seed: int = 2, max_turns: int = 48) -> list[tuple[str | None, list[tuple[str, str]]]]:
-    """Conversations whose last question is a held-out triple (the history is training data)."""
+    """Conversations whose last question is a held-out triple (the history is training data).
+    Not reworded, so the trainer's chat score stays comparable with the shipped model's."""
     rng = random.Random(seed)
     held = arithmetic_triples(held_out=True)
-    convs = train_conversations(n, seed=seed + 1000, max_turns=max_turns, single=0.1)
-    draw = ExchangeDrawer(rng)
+    convs = train_conversations(n, seed=seed + 1000, max_turns=max_turns, single=0.1, reworded=0.0)
+    draw = ExchangeDrawer(rng, reworded=0.0)
     return [(s, ex[:-1] + [draw.arithmetic(*rng.choice(held))]) for s, ex in convs]

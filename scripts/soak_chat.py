@@ -3,8 +3,10 @@
 Asks N arithmetic questions in a row (fresh operands below 100 and a varied phrasing each turn;
 subtraction takes the smaller number from the larger), checks every answer, and reads the chat
 process's resident memory after every turn. Prints each turn, the turn where the chat started
-dropping the oldest messages, RSS every 10 turns, accuracy per block of 20 turns and the RSS
-growth; `--check` exits 1 when the issue-15 acceptance is not met.
+dropping the oldest messages, RSS every 10 turns, accuracy per block of 20 turns, the wrong
+answers per phrasing and the RSS growth; `--log FILE` writes every turn as a JSON line (phrasing,
+operands, answer, whether trimming had begun); `--check` exits 1 when the issue-15 acceptance is
+not met.
 
     python scripts/soak_chat.py                       # 120 turns with the built-in demo model
     python scripts/soak_chat.py --turns 200 --seed 7 --check -- --context 512
@@ -13,6 +15,8 @@ growth; `--check` exits 1 when the issue-15 acceptance is not met.
 from __future__ import annotations
 
 import argparse
+import collections
+import json
 import os
 import random
 import re
@@ -37,12 +41,15 @@ DROPPED = re.compile(r"\(context full: dropped the (\d+) oldest messages")
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
-def question(rng: random.Random) -> tuple[str, int]:
+def question(rng: random.Random) -> tuple[str, int, str, int, int]:
+    """(question, answer, phrasing, a, b)."""
     a, b = rng.randrange(100), rng.randrange(100)
     if rng.random() < 0.5:
-        return rng.choice(ADD).format(a=a, b=b), a + b
+        phrase = rng.choice(ADD)
+        return phrase.format(a=a, b=b), a + b, phrase, a, b
     a, b = max(a, b), min(a, b)
-    return rng.choice(SUB).format(a=a, b=b), a - b
+    phrase = rng.choice(SUB)
+    return phrase.format(a=a, b=b), a - b, phrase, a, b
 
 
 def rss_mb(pid: int) -> float:
@@ -69,6 +76,7 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=120, help="seconds to wait for one reply")
     ap.add_argument("--quiet", action="store_true", help="only every 10th turn and the summary")
     ap.add_argument("--check", action="store_true", help="exit 1 unless the issue-15 acceptance holds")
+    ap.add_argument("--log", type=Path, help="write every turn here as a JSON line")
     ap.add_argument("chat_args", nargs="*", help="more `localrun chat` arguments (after --)")
     a = ap.parse_args(argv)
     import pexpect  # in the test extra
@@ -83,11 +91,13 @@ def main(argv=None) -> int:
     child.expect_exact(">>> ", timeout=300)
     print(f"chat process {child.pid}: {' '.join(cmd[2:])}", flush=True)
     results: list[bool] = []
+    wrong_by_phrase: collections.Counter = collections.Counter()
+    log = a.log.open("w") if a.log else None
     rss: dict[int, float] = {}
     trimmed_at = None
     t0 = time.time()
     for turn in range(1, a.turns + 1):
-        q, want = question(rng)
+        q, want, phrase, x, y = question(rng)
         child.sendline(q)
         child.expect(STATS)
         out = ANSI.sub("", child.before).replace("\r", "")
@@ -103,7 +113,11 @@ def main(argv=None) -> int:
         got = "\n".join(l for l in lines if not DROPPED.search(l)).strip()
         ok = got == str(want)
         results.append(ok)
+        wrong_by_phrase[phrase] += not ok
         rss[turn] = rss_mb(child.pid)
+        if log:
+            log.write(json.dumps({"turn": turn, "question": q, "phrasing": phrase, "a": x, "b": y, "want": want,
+                                  "got": got, "ok": ok, "trimming": trimmed_at is not None}) + "\n")
         if not a.quiet or turn % 10 == 0 or not ok:
             print(f"turn {turn:4d} {'ok ' if ok else 'BAD'} {q!r} -> {got!r}" + ("" if ok else f" (want {want})")
                   + note, flush=True)
@@ -111,6 +125,8 @@ def main(argv=None) -> int:
             print(f"  RSS at turn {turn}: {rss[turn]:.1f} MB ({time.time() - t0:.0f} s)", flush=True)
     child.sendline("/exit")
     child.expect(pexpect.EOF)
+    if log:
+        log.close()
 
     n = len(results)
     print(f"\n{a.turns} turns, seed {a.seed}: {sum(results)}/{n} right ({sum(results) / n:.1%})")
@@ -120,6 +136,8 @@ def main(argv=None) -> int:
         block = results[s:s + 20]
         blocks.append(sum(block) / len(block))
         print(f"  turns {s + 1:3d}-{s + len(block):3d}: {sum(block)}/{len(block)} right ({blocks[-1]:.0%})")
+    if sum(wrong_by_phrase.values()):
+        print("wrong answers by phrasing: " + ", ".join(f"{p!r} {n}" for p, n in wrong_by_phrase.most_common() if n))
     print("RSS (MB): " + ", ".join(f"{t}: {rss[t]:.1f}" for t in sorted(rss) if t % 10 == 0 or t == 1))
     ok = sum(results) / n >= 0.90 and min(blocks) >= 0.85
     if n >= 120:

@@ -12,12 +12,14 @@ from pathlib import Path
 
 from localrun.chat import ChatSession, Settings, default_context, trim_to_fit
 from localrun.demo import (
+    ENDINGS,
     arithmetic_triples,
     demo_model_dir,
     has_carry,
     held_out_conversations,
     held_out_questions,
     is_held_out,
+    reword,
     train_conversations,
     train_examples,
 )
@@ -113,6 +115,23 @@ def test_conversations_are_deterministic_and_never_ask_held_out():
     for _, exchanges in held_out_conversations(50):
         x, y, op = asked(exchanges[-1][0])
         assert is_held_out(x, y, op) and str(x + y if op == "+" else x - y) == exchanges[-1][1]
+
+
+def test_reworded_questions_keep_their_numbers():
+    """Other endings and operator spacing (issue 15: the shipped model read the operands at fixed
+    distances from the prompt's end) still ask a training triple, and the held-out set is unchanged."""
+    rng = random.Random(0)
+    variants = {reword("What is 13 + 4?", rng) for _ in range(200)}
+    assert len(variants) > 30 and all(re.findall(r"\d+", v) == ["13", "4"] for v in variants)
+    assert {"What is 13 + 4 now?", "What is 13 + 4"} <= variants and any(v.startswith("What is 13+4") for v in variants)
+    examples = train_examples(3000, seed=5)
+    endings = {e for e in ENDINGS if e}
+    assert sum(any(q.endswith(e) for e in endings - {"?", ".", "!"}) for q, _ in examples) > 100
+    for q, a in examples + [x for _, ex in train_conversations(50, seed=6) for x in ex]:
+        if a.isdigit():
+            x, y, op = asked(q)
+            assert str(x + y if op == "+" else x - y) == a and not is_held_out(x, y, op), q
+    assert train_examples(300, seed=3, reworded=0.0) != train_examples(300, seed=3)
 
 
 def _trainer():
