@@ -14,6 +14,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 
+from localrun import kernels
 from localrun.tiny import tiny_config, write_checkpoint
 
 
@@ -38,6 +39,14 @@ def tiny_checkpoint(tmp_path_factory):
 def tiny_moe(tiny_checkpoint) -> Path:
     """The 26B-A4B-shaped tiny checkpoint, text layout."""
     return tiny_checkpoint("moe", "text")
+
+
+@pytest.fixture(params=["sdpa", "onednn"])
+def attention_path(request, monkeypatch) -> str:
+    """Each CPU prefill attention path in turn: SDPA's fused kernel, and kernels.prefill_attention's
+    oneDNN GEMMs (forced: a tiny model's blocks stay below kernels.PREFILL_ATTENTION_MIN_WORK)."""
+    monkeypatch.setattr(kernels, "PREFILL_ATTENTION_MIN_WORK", 1 << 62 if request.param == "sdpa" else 0)
+    return request.param
 
 
 @pytest.fixture

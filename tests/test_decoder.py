@@ -29,7 +29,7 @@ def prompt_ids(n: int = 30, seed: int = 0) -> list[int]:
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("kind", KINDS)
-def test_logits_match_transformers(tiny_checkpoint, kind, layout):
+def test_logits_match_transformers(tiny_checkpoint, kind, layout, attention_path):
     model_dir = tiny_checkpoint(kind, layout)
     ref = reference(model_dir, layout)
     ours = load_model(model_dir, dtype=torch.float32, experts="bf16").model
@@ -45,7 +45,7 @@ def test_logits_match_transformers(tiny_checkpoint, kind, layout):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("kind", KINDS)
-def test_greedy_generation_and_logprobs_match_transformers(tiny_checkpoint, kind, layout):
+def test_greedy_generation_and_logprobs_match_transformers(tiny_checkpoint, kind, layout, attention_path):
     model_dir = tiny_checkpoint(kind, layout)
     ref = reference(model_dir, layout)
     ours = load_model(model_dir, dtype=torch.float32, experts="bf16").model

@@ -119,7 +119,7 @@ def assert_same_run(ours, expected) -> None:
 
 @pytest.mark.parametrize("layout", ["per_expert", "fused"])
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_moe_families_match_transformers(moe_checkpoint, family, layout):
+def test_moe_families_match_transformers(moe_checkpoint, family, layout, attention_path):
     model_dir = moe_checkpoint(family, layout)
     cls = transformers.AutoModelForCausalLM
     ref = cls.from_pretrained(moe_checkpoint(family), dtype=torch.float32).eval()

@@ -412,15 +412,55 @@ ATTEND_CASES = {
 
 @pytest.mark.parametrize("block", [1, 3, 4, 128])
 @pytest.mark.parametrize("case", list(ATTEND_CASES))
-def test_attend_blocks_match_one_masked_call(monkeypatch, case, block):
+def test_attend_blocks_match_one_masked_call(monkeypatch, case, block, attention_path):
+    """Both CPU paths; the oneDNN one masks a full layer's block over its own new keys only."""
     old, T, window = ATTEND_CASES[case]
     q, k, v, pos_T, pos_S = _attend_case(old, T, seed=len(case) + block)
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask(pos_T, pos_S, window), scale=1.0,
                                               enable_gqa=True)
     monkeypatch.setattr(gemma4, "QUERY_BLOCK", block)
-    got = gemma4.attend(q, k, v, pos_T, pos_S, window)
+    assert kernels.prefill_attention_applies(q, k) == (attention_path == "onednn")
+    got = gemma4.attend(q, k, v, pos_T, pos_S, window, masks={})
     assert got.shape == expected.shape
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def _attention_fp64(q, k, v, visible_TS, scale):
+    G = q.shape[1] // k.shape[1]
+    k, v = k.double().repeat_interleave(G, dim=1), v.double().repeat_interleave(G, dim=1)
+    s = (q.double() @ k.transpose(-1, -2) * scale).masked_fill(~visible_TS, float("-inf"))
+    return torch.softmax(s, dim=-1) @ v
+
+
+@pytest.mark.parametrize("B,N,KV,T,S,D,masked,scale", [
+    (1, 8, 1, 64, 3500, 128, "causal", 1.0),  # the bench model's full layer: 64 new queries over a long history
+    (1, 8, 4, 37, 300, 64, "window", 1.0),  # a sliding layer's block: every key masked by position
+    (2, 6, 2, 5, 40, 16, "none", 0.25),  # nothing masked, a scale, batch 2
+    (1, 4, 4, 9, 9, 8, "causal", 0.5),  # no grouping, no history
+])
+@pytest.mark.parametrize("chunk", ["one", "uneven"])
+def test_cpu_attention_matches_fp64_and_sdpa(monkeypatch, B, N, KV, T, S, D, masked, scale, chunk):
+    """kernels.prefill_attention (oneDNN GEMMs) against float64 and against SDPA's fused kernel, the
+    path it replaces: both within fp32 rounding of the exact result, and of each other. "causal" gives the
+    kernel a mask over the queries' own new keys only (the history is visible to all, as in attend's
+    full layers); a key hidden or shown by mistake moves the result far past these bounds. "uneven":
+    scores bounded to 2 queries at a time, plus a shorter last chunk where T is odd."""
+    if chunk == "uneven":
+        monkeypatch.setattr(kernels, "PREFILL_ATTENTION_CHUNK_SCORES", 2 * (N // KV) * S + 1)
+    gen = torch.Generator().manual_seed(S + T)
+    q = (torch.randn(B, T, N, D, generator=gen) * D**-0.5).transpose(1, 2)  # a head view, as attention projects it
+    k, v = torch.randn(B, KV, S, D, generator=gen), torch.randn(B, KV, S, D, generator=gen)
+    pos_q, pos_k = torch.arange(S - T, S), torch.arange(S)
+    visible = {"causal": attention_mask(pos_q, pos_k, None), "window": attention_mask(pos_q, pos_k, 20),
+               "none": torch.ones(T, S, dtype=torch.bool)}[masked]
+    given = {"causal": visible[:, S - T + 1:], "window": visible, "none": None}[masked]
+    got = kernels.prefill_attention(q, k, v, given, scale)
+    want = _attention_fp64(q, k, v, visible, scale)
+    sdpa = gemma4.grouped_sdpa(q, k, v, visible, scale)
+    assert got.dtype == torch.float32 and got.shape == (B, N, T, D)
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(sdpa.double(), want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(got, sdpa, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["moe", "dense_e2b"])
@@ -439,6 +479,33 @@ def test_decoder_in_small_query_blocks_matches_one_block(monkeypatch, tiny_check
     want = logits()
     monkeypatch.setattr(gemma4, "QUERY_BLOCK", 3)
     torch.testing.assert_close(logits(), want, atol=1e-5, rtol=1e-5)
+    monkeypatch.setattr(kernels, "PREFILL_ATTENTION_MIN_WORK", 0)  # every block through the oneDNN path
+    torch.testing.assert_close(logits(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_bench_model_tokens_equal_on_both_attention_paths(tmp_path, monkeypatch):
+    """At real shapes (head dim 128, 8 query heads per KV head), without forcing: a 1200-token prompt
+    prefilled in 512-token chunks takes the oneDNN path, and its fp32 greedy tokens are SDPA's."""
+    from localrun.bench import bench_model_dir, bench_prompt
+    from localrun.generate import generate
+    from localrun.sampling import SamplingParams, make_sampler
+
+    loaded = load_model(bench_model_dir(tmp_path), dtype=torch.float32, context=1300)
+    ids = bench_prompt(1200, loaded.args.vocab_size)
+    q = torch.empty(1, loaded.args.num_attention_heads, 512, loaded.args.global_head_dim)
+    assert kernels.prefill_attention_applies(q, torch.empty(1, 1, 1200, loaded.args.global_head_dim))
+
+    def greedy():
+        steps = list(generate(loaded.model, ids, make_sampler(SamplingParams()), max_tokens=16, cache=loaded.kv))
+        return [s.token for s in steps], torch.tensor([s.logprob for s in steps])
+
+    onednn = greedy()
+    monkeypatch.setattr(kernels, "PREFILL_ATTENTION_MIN_WORK", 1 << 62)
+    sdpa = greedy()
+    assert onednn[0] == sdpa[0]
+    # this random model routes near ties: SDPA alone moves these logprobs by 5e-3 between query
+    # blocks of 32 and 64 (fp32 summation order only); the tokens are what must not move
+    torch.testing.assert_close(onednn[1], sdpa[1], rtol=0, atol=1e-2)
 
 
 def test_attend_one_token_sees_all_keys():

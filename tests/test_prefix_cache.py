@@ -41,7 +41,7 @@ def user(i: int, n: int, vocab: int) -> list[int]:
 
 
 @pytest.mark.parametrize("step", ["eager", "static"])
-def test_conversation_across_the_window_matches_no_cache(engine, step):
+def test_conversation_across_the_window_matches_no_cache(engine, step, attention_path):
     """Ten turns over a ring of window 8 + rollback 12: it wraps many times; replies re-rendered
     shorter than generated (thinking dropped) roll back within reach, an /undo beyond it starts over."""
     args = engine.loaded.args
@@ -75,7 +75,7 @@ def test_retry_and_exact_repeat(engine):
     assert session.reused == len(ids) - 1  # all but the last prompt token, whose logits start the reply
 
 
-def test_chat_undo_retry_and_thinking_dropped_match(engine, monkeypatch):
+def test_chat_undo_retry_and_thinking_dropped_match(engine, monkeypatch, attention_path):
     """ChatSession through the engine's session, every reply checked against a fresh prefill of
     the very prompt the chat sent."""
     calls = []

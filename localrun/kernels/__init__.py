@@ -9,6 +9,8 @@ machines is ~2x MKL's (what `F.linear` calls). Without a C compiler (or with
 LOCALRUN_CPU_KERNELS=0) `storage_dtype` keeps fp32 weights and everything is plain torch.
 
 Every function here returns what `F.linear` / the expert FFN would, so callers never branch.
+`prefill_attention` (fp32) runs its two GEMMs per KV head through oneDNN too; the caller asks
+`prefill_attention_applies` first, since it takes its mask in a form of its own.
 
 oneDNN keeps every GEMM it has built (JIT code and buffers, ~0.3 MB each) in two caches keyed by
 shape, 1024 entries each: oneDNN's primitive cache and ideep's LRU cache in front of it. A chat
@@ -207,6 +209,53 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
         return y
     w32, b32 = w.float(), None if b is None else b.float()
     return _onednn(x, w32, b32) if _ONEDNN else F.linear(x, w32, b32)
+
+
+PREFILL_ATTENTION_MIN_WORK = 1 << 21  # q k^T multiply-adds per KV head from which it beats SDPA's kernel (measured)
+PREFILL_ATTENTION_CHUNK_SCORES = 1 << 20  # fp32 scores it holds at a time (4 MiB): >= 64 rows per GEMM to S = 16K
+
+
+def prefill_attention_applies(q_BNTD: torch.Tensor, k_BKSD: torch.Tensor) -> bool:
+    """Whether `prefill_attention` computes this call: fp32 on the CPU with oneDNN, outside autograd
+    and tracing, with enough work per KV head ((N / KV) * T * S * D) to pay for its per-head calls."""
+    B, N, T, D = q_BNTD.shape
+    KV, S = k_BKSD.shape[1], k_BKSD.shape[2]
+    return (_ONEDNN and q_BNTD.device.type == "cpu" and q_BNTD.dtype == k_BKSD.dtype == torch.float32
+            and N % KV == 0 and N // KV * T * S * D >= PREFILL_ATTENTION_MIN_WORK
+            and not (torch.is_grad_enabled() and q_BNTD.requires_grad) and not _tracing())
+
+
+def prefill_attention(q_BNTD: torch.Tensor, k_BKSD: torch.Tensor, v_BKSD: torch.Tensor,
+                      visible_TM: torch.Tensor | None, scale: float = 1.0) -> torch.Tensor:
+    """softmax(q k^T * scale, masked) v with grouped-query heads (head n reads KV head n // G), as two
+    oneDNN GEMMs per KV head, for fp32 on the CPU (see `prefill_attention_applies`). SDPA's fused
+    CPU kernel runs its GEMMs through MKL, which on AVX-512 machines is about half oneDNN's speed.
+    This is the math of SDPA's math backend and of transformers' eager attention; the scores are
+    materialized, PREFILL_ATTENTION_CHUNK_SCORES at most (whole queries, all G heads of each, per
+    GEMM), and the softmax runs in place. visible_TM: bool, True where a query sees a key, over the
+    *last* M keys only: the keys before those are visible to every query (attend's full-layer
+    blocks mask only their own new keys, not the history). Every query must see at least one key."""
+    B, N, T, D = q_BNTD.shape
+    KV, S, Dv = k_BKSD.shape[1], k_BKSD.shape[2], v_BKSD.shape[-1]
+    G = N // KV
+    q_BTKGD = q_BNTD.transpose(1, 2).unflatten(2, (KV, G))  # a KV head's rows: query t's G heads together
+    out_BTKGD = q_BNTD.new_empty(B, T, KV, G, Dv)
+    hidden_TM = None if visible_TM is None or visible_TM.shape[-1] == 0 else ~visible_TM
+    step = max(1, min(T, PREFILL_ATTENTION_CHUNK_SCORES // (G * S)))  # queries per GEMM
+    for b in range(B):
+        for h in range(KV):
+            k_SD, vt_DS = k_BKSD[b, h].contiguous(), v_BKSD[b, h].T
+            for t0 in range(0, T, step):
+                t1 = min(t0 + step, T)
+                s_RS = _onednn(q_BTKGD[b, t0:t1, h].reshape(-1, D), k_SD, None)  # rows (t, g)
+                if scale != 1.0:
+                    s_RS.mul_(scale)
+                if hidden_TM is not None:
+                    s_RS.view(t1 - t0, G, S)[:, :, S - hidden_TM.shape[-1]:].masked_fill_(
+                        hidden_TM[t0:t1, None], float("-inf"))
+                torch.ops.aten._softmax.out(s_RS, -1, False, out=s_RS)  # in place: softmax's values, one buffer
+                out_BTKGD[b, t0:t1, h] = _onednn(s_RS, vt_DS, None).view(t1 - t0, G, Dv)
+    return out_BTKGD.flatten(2, 3).transpose(1, 2)
 
 
 def moe(x_TH: torch.Tensor, gate_up_E2IH: torch.Tensor, down_EHI: torch.Tensor, ids_TK: torch.Tensor,

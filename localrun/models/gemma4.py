@@ -220,7 +220,9 @@ def attend(q_BNTD, k_BNSD, v_BNSD, pos_T, pos_S, window: int | None, masks: dict
     sliding layer's block reads ~window + block keys instead of all S, a full layer's block only
     the keys up to its last query. Masked keys weigh exactly 0, so the result is the same as one
     masked call over all S keys; the work is not. `masks` keeps each block's mask for the other
-    layers of the same kind in this forward pass, which see the very same positions.
+    layers of the same kind in this forward pass, which see the very same positions. In fp32 on the
+    CPU a block with enough work goes through `kernels.prefill_attention` (oneDNN GEMMs, about twice
+    SDPA's speed there), whose mask covers only the block's own new keys in a full layer.
     """
     T, S = q_BNTD.shape[2], k_BNSD.shape[2]
     if T == 1:
@@ -239,13 +241,18 @@ def attend(q_BNTD, k_BNSD, v_BNSD, pos_T, pos_S, window: int | None, masks: dict
     for a in range(0, T, QUERY_BLOCK):
         b = min(a + QUERY_BLOCK, T)
         first = old + a - window + 1 if window is not None and a - window + 1 >= 0 else 0
-        mask = None if masks is None else masks.get((window, a))
+        q, k, v = q_BNTD[:, :, a:b], k_BNSD[:, :, first : old + b], v_BNSD[:, :, first : old + b]
+        cpu = kernels.prefill_attention_applies(q, k)  # fp32 CPU: oneDNN GEMMs, a mask over the last keys
+        # a full layer's block sees every key up to its first query (a full cache holds no empty
+        # slots): the CPU kernel masks only the block's later keys, not the whole history
+        lo = old + a + 1 if cpu and window is None else first
+        mask = None if masks is None else masks.get((window, a, lo))
         if mask is None:
-            mask = attention_mask(pos_T[a:b], pos_S[first : old + b], window)
+            mask = attention_mask(pos_T[a:b], pos_S[lo : old + b], window)
             if masks is not None:
-                masks[window, a] = mask
-        outs.append(grouped_sdpa(q_BNTD[:, :, a:b], k_BNSD[:, :, first : old + b], v_BNSD[:, :, first : old + b],
-                                 mask, scale))
+                masks[window, a, lo] = mask
+        out = kernels.prefill_attention(q, k, v, mask, scale) if cpu else grouped_sdpa(q, k, v, mask, scale)
+        outs.append(out)
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
