@@ -5,9 +5,9 @@ Every layer returns the keys and values it attends over together with their abso
 positions, so the attention mask is one function of (query positions, key positions).
 A sliding layer's ring keeps `window + rollback` positions (plan.kv_layer_positions), so the
 prefix cache (localrun/session.py) can roll a sequence back by up to `rollback` positions and
-still hold the window before the new end; the keys older than the window that it also returns
-are masked (attention_mask; `attend` builds that mask for one token too when a ring returns more
-keys than its window).
+still hold the window before the new end. A prefill chunk gets the window - 1 positions before
+it, in order; one token gets every slot written, and the keys older than its window among them
+are masked (attention_mask; `attend` builds that mask when a ring returns more keys than its window).
 """
 
 from __future__ import annotations
@@ -127,12 +127,17 @@ class RingKV:
             # rollback, and `attend` masks those (a ring of exactly the window needs no mask)
             n = self.filled
             return self.k[:, :, :n], self.v[:, :, :n], self.pos[:n]
-        # prefill chunk: queries early in the chunk still need keys the chunk would overwrite;
-        # only the filled slots: a first chunk attends over its own keys alone, not `size` empty ones
-        n = self.filled
-        k = torch.cat([self.k[:, :, :n], k_BNTD], dim=2)
-        v = torch.cat([self.v[:, :, :n], v_BNTD], dim=2)
-        pos = torch.cat([self.pos[:n], pos_T])
+        # prefill chunk: its first query sees the window - 1 positions before the chunk (which the
+        # chunk may overwrite) and no older one, so only those come along, in position order: one or
+        # two runs of slots (the ring holds them: see can_truncate), not every slot of the ring
+        start = self.next - k_BNTD.shape[2]  # the chunk's first position
+        n = min(start, self.window - 1)
+        a = (start - n) % self.size
+        head = min(n, self.size - a)  # slots up to the ring's end, then the rest from slot 0
+        runs = (slice(a, a + head), slice(0, n - head))
+        k = torch.cat([self.k[:, :, r] for r in runs] + [k_BNTD], dim=2)
+        v = torch.cat([self.v[:, :, r] for r in runs] + [v_BNTD], dim=2)
+        pos = torch.cat([self.pos[r] for r in runs] + [pos_T])
         self._write(k_BNTD, v_BNTD, pos_T)
         return k, v, pos
 

@@ -61,10 +61,40 @@ def test_ring_keeps_the_last_window_positions():
         k, v, pos_S = ring.update(torch.full((1, 1, 1, 2), float(pos)), torch.zeros(1, 1, 1, 2), torch.tensor([pos]))
     assert sorted(pos_S.tolist()) == [3, 4, 5, 6]
     assert sorted(k[0, 0, :, 0].tolist()) == [3.0, 4.0, 5.0, 6.0]
-    # a prefill chunk sees the old window plus itself, then the ring holds only the newest window
+    # a prefill chunk sees the window - 1 positions before it (in order) plus itself, then the ring
+    # holds only the newest window
     k, _, pos_S = ring.update(torch.zeros(1, 1, 3, 2), torch.zeros(1, 1, 3, 2), torch.tensor([7, 8, 9]))
-    assert sorted(pos_S.tolist()) == [3, 4, 5, 6, 7, 8, 9]
+    assert pos_S.tolist() == [4, 5, 6, 7, 8, 9]
+    assert k[0, 0, :3, 0].tolist() == [4.0, 5.0, 6.0]
     assert sorted(ring.pos.tolist()) == [6, 7, 8, 9]
+
+
+@pytest.mark.parametrize("size", [5, 8, 11])
+def test_ring_prefill_returns_the_window_before_the_chunk_in_order(size):
+    """Whatever the chunking, the ring's rollback slots and where the ring wraps: a chunk gets exactly
+    the window - 1 positions before it (fewer at the start), their own keys, in order; also after a
+    rollback, which empties slots the chunk then refills."""
+    window = 5
+    ring = RingKV(1, 1, 2, window=window, dtype=torch.float32, device="cpu", size=size)
+    end = 0
+
+    def feed(n):
+        nonlocal end
+        pos = torch.arange(end, end + n)
+        k = pos.float().view(1, 1, n, 1).expand(1, 1, n, 2)
+        k_S, v_S, pos_S = ring.update(k, k.clone(), pos)
+        seen = list(range(max(0, end - window + 1), end + n))
+        if n == 1:  # decode: every filled slot, in slot order (attend masks the older ones)
+            assert set(seen) <= set(pos_S.tolist())
+        else:
+            assert pos_S.tolist() == seen and k_S[0, 0, :, 0].tolist() == [float(p) for p in seen]
+        end += n
+
+    for n in [3, 1, 4, 2, 7, 1, 1, 6, 3, 9, 2, 1, 4]:
+        feed(n)
+        if ring.can_truncate(end - 2):
+            assert ring.truncate(end - 2)
+            end -= 2
 
 
 def test_attention_mask_sliding_and_causal():
