@@ -1,11 +1,13 @@
 """Speed measurements: prefill and decode tokens/s, time to first token, peak memory, for
 localrun and (optionally) transformers or llama.cpp on the same checkpoint and prompt ids.
 
-Method, identical for both sides: after a warm-up generation, time greedy generations of 1
-and of N tokens with end-of-sequence disabled (best of `repeat` each, on a fresh cache).
-  time to first token = t(1)             (prefill + one sampling step)
-  prefill tokens/s    = prompt_tokens / t(1)
-  decode tokens/s     = (N - 1) / (t(N) - t(1))
+Method, identical for every engine: after a warm-up generation, `repeat` greedy generations of
+N tokens with end-of-sequence disabled, each on a fresh cache, timed at the first token and at the
+end (the best of each over the generations):
+  time to first token = t(first)                 (prefill + one sampling step)
+  prefill tokens/s    = prompt_tokens / t(first)
+  decode tokens/s     = (N - 1) / (t(end) - t(first))   (within one generation, so a slow prefill
+                                                         elsewhere never shows up as fast decode)
 llama.cpp runs the checkpoint converted to GGUF by its own converter (localrun/llamacpp.py), at
 bf16, at localrun NF4's precision mix (routed experts Q4_0, the rest bf16) and all-Q4_0.
 With `rounds` > 1 the engines take turns (see run_bench) and each keeps its best over all rounds.
@@ -196,14 +198,30 @@ def best_time(fn: Callable[[], None], repeat: int, sync: Callable[[], None] = la
     return best
 
 
-def measure(engine: str, generate_n: Callable[[int], None], prompt_tokens: int, gen_tokens: int,
-            repeat: int, sync: Callable[[], None] = lambda: None) -> Measurement:
-    """Time `generate_n(1)` and `generate_n(gen_tokens)` after a warm-up; see the module docstring."""
-    generate_n(min(gen_tokens, 2))  # warm-up: allocator, kernels, lazy inits
-    t1 = best_time(lambda: generate_n(1), repeat, sync)
-    tn = best_time(lambda: generate_n(gen_tokens), repeat, sync) if gen_tokens > 1 else t1
-    decode = (gen_tokens - 1) / (tn - t1) if gen_tokens > 1 and tn > t1 else 0.0
-    return Measurement(engine, prompt_tokens, gen_tokens, t1, prompt_tokens / t1, decode)
+def measure(engine: str, generate_n: Callable[[int, Callable[[], None]], None], prompt_tokens: int,
+            gen_tokens: int, repeat: int, sync: Callable[[], None] = lambda: None) -> Measurement:
+    """Time `generate_n(gen_tokens, tick)`, which calls tick() as each token comes, `repeat` times after
+    a warm-up; see the module docstring."""
+    generate_n(min(gen_tokens, 2), lambda: None)  # warm-up: allocator, kernels, lazy inits
+    first, rest = float("inf"), float("inf")
+    for _ in range(repeat):
+        ticks: list[float] = []
+
+        def tick() -> None:
+            if not ticks:
+                sync()
+                ticks.append(time.perf_counter())
+
+        sync()
+        start = time.perf_counter()
+        generate_n(gen_tokens, tick)
+        sync()
+        end = time.perf_counter()
+        if not ticks:
+            raise RuntimeError(f"{engine} generated no token")
+        first, rest = min(first, ticks[0] - start), min(rest, end - ticks[0])
+    decode = (gen_tokens - 1) / rest if gen_tokens > 1 and rest > 0 else 0.0
+    return Measurement(engine, prompt_tokens, gen_tokens, first, prompt_tokens / first, decode)
 
 
 def decode_bytes_per_token(plan) -> int:
@@ -251,9 +269,9 @@ def bench_localrun(model_dir: Path, cases: list[tuple[int, int]], *, device: str
         for prompt_tokens, gen_tokens in cases:
             ids = bench_prompt(prompt_tokens, engine.loaded.args.vocab_size)
 
-            def generate_n(n: int) -> None:
+            def generate_n(n: int, tick: Callable[[], None]) -> None:
                 for _ in engine.stream(ids, SamplingParams(), max_tokens=n, ignore_eos=True, step=step):
-                    pass
+                    tick()
 
             store = engine.loaded.store  # None when every expert is resident
             before = store.snapshot() if store else None
@@ -293,14 +311,30 @@ def bench_transformers(model_dir: Path, cases: list[tuple[int, int]], *, device:
         ids = torch.tensor([bench_prompt(prompt_tokens, vocab)], device=dev)
 
         @torch.inference_mode()
-        def generate_n(n: int) -> None:
+        def generate_n(n: int, tick: Callable[[], None]) -> None:
             model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                           do_sample=False, eos_token_id=None, pad_token_id=0)
+                           do_sample=False, eos_token_id=None, pad_token_id=0, streamer=_Ticks(tick))
 
         m = measure("transformers", generate_n, prompt_tokens, gen_tokens, repeat, sync)
         _memory(m, dev)
         out.append(m)
     return out
+
+
+class _Ticks:
+    """A transformers streamer (put/end) that ticks at each generated token; the first put is the prompt."""
+
+    def __init__(self, tick: Callable[[], None]):
+        self.tick, self.prompt = tick, True
+
+    def put(self, value) -> None:
+        if self.prompt:
+            self.prompt = False
+        else:
+            self.tick()
+
+    def end(self) -> None:
+        pass
 
 
 def bench_llama_cpp(gguf: Path, cases: list[tuple[int, int]], *, precision: str, vocab_size: int, repeat: int,
@@ -315,7 +349,8 @@ def bench_llama_cpp(gguf: Path, cases: list[tuple[int, int]], *, precision: str,
     try:
         for prompt_tokens, gen_tokens in cases:
             ids = bench_prompt(prompt_tokens, vocab_size)
-            m = measure("llama.cpp", lambda n: runner.generate(ids, n), prompt_tokens, gen_tokens, repeat)
+            m = measure("llama.cpp", lambda n, tick: runner.generate(ids, n, tick), prompt_tokens, gen_tokens,
+                        repeat)
             m.variant = precision
             _memory(m, "cpu")
             out.append(m)

@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 from .errors import LocalrunError
 
@@ -123,11 +124,7 @@ def pad_tokenizer(tokenizer: dict, vocab_size: int) -> dict:
         return tokenizer
     names = set(vocab) | {t["content"] for t in tokenizer.get("added_tokens", [])}
     n = 1 + max((int(m.group(1)) for t in names if (m := re.fullmatch(r"<unused(\d+)>", t))), default=-1)
-    for i in missing:
-        while f"<unused{n}>" in names:
-            n += 1
-        vocab[f"<unused{n}>"] = i
-        n += 1
+    vocab.update({f"<unused{n + k}>": i for k, i in enumerate(missing)})
     return {**tokenizer, "model": {**tokenizer["model"], "vocab": vocab}}
 
 
@@ -368,8 +365,9 @@ class Runner:
             raise LocalrunError(f"llama.cpp could not make a context of {n_ctx} tokens for {path}{_why()}")
         self.sampler = llama_cpp.llama_sampler_init_greedy()
 
-    def generate(self, ids: list[int], n: int) -> list[int]:
-        """Prefill `ids` (one batch), then sample and decode until `n` tokens came out; eos is ignored."""
+    def generate(self, ids: list[int], n: int, tick: Callable[[], None] = lambda: None) -> list[int]:
+        """Prefill `ids` (one batch), then sample and decode until `n` tokens came out (tick() at
+        each); eos is ignored."""
         lib = self.lib
         lib.llama_memory_clear(lib.llama_get_memory(self.ctx), True)
         lib.llama_sampler_reset(self.sampler)
@@ -379,6 +377,7 @@ class Runner:
         token = (lib.llama_token * 1)()
         for i in range(n):
             out.append(lib.llama_sampler_sample(self.sampler, self.ctx, -1))
+            tick()
             if i + 1 < n:
                 token[0] = out[-1]
                 self._decode(lib.llama_batch_get_one(token, 1))
