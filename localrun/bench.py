@@ -1,11 +1,15 @@
 """Speed measurements: prefill and decode tokens/s, time to first token, peak memory, for
-localrun and (optionally) transformers on the same checkpoint, prompt ids and dtype.
+localrun and (optionally) transformers or llama.cpp on the same checkpoint and prompt ids.
 
-Method, identical for both sides: after a warm-up generation, time greedy generations of 1
-and of N tokens with end-of-sequence disabled (best of `repeat` each, on a fresh cache).
-  time to first token = t(1)             (prefill + one sampling step)
-  prefill tokens/s    = prompt_tokens / t(1)
-  decode tokens/s     = (N - 1) / (t(N) - t(1))
+Method, identical for every engine: after a warm-up generation, `repeat` greedy generations of
+N tokens with end-of-sequence disabled, each on a fresh cache, timed at the first token and at the
+end (the best of each over the generations):
+  time to first token = t(first)                 (prefill + one sampling step)
+  prefill tokens/s    = prompt_tokens / t(first)
+  decode tokens/s     = (N - 1) / (t(end) - t(first))   (within one generation, so a slow prefill
+                                                         elsewhere never shows up as fast decode)
+llama.cpp runs the checkpoint converted to GGUF by its own converter (localrun/llamacpp.py), at
+bf16, at localrun NF4's precision mix (routed experts Q4_0, the rest bf16) and all-Q4_0.
 With `rounds` > 1 the engines take turns (see run_bench) and each keeps its best over all rounds.
 Returns values; the `bench` command and scripts/bench.py print them.
 """
@@ -22,7 +26,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -56,6 +60,44 @@ def bench_config() -> dict:
         moe_intermediate_size=128,
         vocab_size_per_layer_input=16384,
     )
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo; platform.processor() where there is none)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "Model", "Hardware")) and ":" in line:
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# the instruction-set flags (/proc/cpuinfo spelling) that the kernels here or llama.cpp's choose from
+CPU_FEATURES = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
+                "amx_tile", "amx_bf16", "amx_int8", "asimd", "sve")
+
+
+def cpu_features() -> list[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")) and ":" in line:
+                flags = set(line.split(":", 1)[1].split())
+                return [f for f in CPU_FEATURES if f in flags]
+    except OSError:
+        pass
+    return []
+
+
+def kernel_isa() -> str:
+    """The instruction sets localrun's CPU code runs on: its C kernels' build (bf16 and 4-bit experts,
+    localrun/kernels) and torch's ATen/oneDNN dispatch."""
+    from . import kernels
+
+    built = kernels.isa()  # the -march=native build: "avx512" (both kernels), "avx2" or "scalar"
+    ours = "off (plain torch)" if built is None else \
+        f"{built} (bf16 matrices: {'avx512' if built == 'avx512' else 'compiler-vectorized'}; 4-bit experts: {built})"
+    return f"C kernels {ours}; torch {torch.backends.cpu.get_cpu_capability()}"
 
 
 def cache_root() -> Path:
@@ -118,7 +160,7 @@ def _cuda(device) -> bool:
 
 @dataclass
 class Measurement:
-    engine: str  # "localrun" or "transformers"
+    engine: str  # "localrun", "transformers" or "llama.cpp"
     prompt_tokens: int
     gen_tokens: int
     ttft_s: float
@@ -131,6 +173,9 @@ class Measurement:
     bytes_per_token: int | None = None  # what one decoded token reads (weights, top-k experts, KV)
     floor_tokens_per_s: float | None = None  # measured device copy bandwidth / bytes_per_token
     memory: dict | None = None  # localrun: loader.memory_report after the case (planned vs placed bytes)
+    variant: str | None = None  # localrun: its expert precision; llama.cpp: the GGUF's (llamacpp.GGUF_PRECISIONS)
+    rounds_prefill: list[float] | None = None  # with several rounds: each round's prefill tok/s (best_of)
+    rounds_decode: list[float] | None = None
 
 
 @dataclass
@@ -153,14 +198,30 @@ def best_time(fn: Callable[[], None], repeat: int, sync: Callable[[], None] = la
     return best
 
 
-def measure(engine: str, generate_n: Callable[[int], None], prompt_tokens: int, gen_tokens: int,
-            repeat: int, sync: Callable[[], None] = lambda: None) -> Measurement:
-    """Time `generate_n(1)` and `generate_n(gen_tokens)` after a warm-up; see the module docstring."""
-    generate_n(min(gen_tokens, 2))  # warm-up: allocator, kernels, lazy inits
-    t1 = best_time(lambda: generate_n(1), repeat, sync)
-    tn = best_time(lambda: generate_n(gen_tokens), repeat, sync) if gen_tokens > 1 else t1
-    decode = (gen_tokens - 1) / (tn - t1) if gen_tokens > 1 and tn > t1 else 0.0
-    return Measurement(engine, prompt_tokens, gen_tokens, t1, prompt_tokens / t1, decode)
+def measure(engine: str, generate_n: Callable[[int, Callable[[], None]], None], prompt_tokens: int,
+            gen_tokens: int, repeat: int, sync: Callable[[], None] = lambda: None) -> Measurement:
+    """Time `generate_n(gen_tokens, tick)`, which calls tick() as each token comes, `repeat` times after
+    a warm-up; see the module docstring."""
+    generate_n(min(gen_tokens, 2), lambda: None)  # warm-up: allocator, kernels, lazy inits
+    first, rest = float("inf"), float("inf")
+    for _ in range(repeat):
+        ticks: list[float] = []
+
+        def tick() -> None:
+            if not ticks:
+                sync()
+                ticks.append(time.perf_counter())
+
+        sync()
+        start = time.perf_counter()
+        generate_n(gen_tokens, tick)
+        sync()
+        end = time.perf_counter()
+        if not ticks:
+            raise RuntimeError(f"{engine} generated no token")
+        first, rest = min(first, ticks[0] - start), min(rest, end - ticks[0])
+    decode = (gen_tokens - 1) / rest if gen_tokens > 1 and rest > 0 else 0.0
+    return Measurement(engine, prompt_tokens, gen_tokens, first, prompt_tokens / first, decode)
 
 
 def decode_bytes_per_token(plan) -> int:
@@ -208,13 +269,14 @@ def bench_localrun(model_dir: Path, cases: list[tuple[int, int]], *, device: str
         for prompt_tokens, gen_tokens in cases:
             ids = bench_prompt(prompt_tokens, engine.loaded.args.vocab_size)
 
-            def generate_n(n: int) -> None:
+            def generate_n(n: int, tick: Callable[[], None]) -> None:
                 for _ in engine.stream(ids, SamplingParams(), max_tokens=n, ignore_eos=True, step=step):
-                    pass
+                    tick()
 
             store = engine.loaded.store  # None when every expert is resident
             before = store.snapshot() if store else None
             m = measure("localrun", generate_n, prompt_tokens, gen_tokens, repeat, sync)
+            m.variant = experts
             m.step = "graphs" if step == "auto" and _cuda(dev) and graph_safe(engine.model) else \
                 "eager" if step == "auto" else step
             m.bytes_per_token = per_token
@@ -249,13 +311,51 @@ def bench_transformers(model_dir: Path, cases: list[tuple[int, int]], *, device:
         ids = torch.tensor([bench_prompt(prompt_tokens, vocab)], device=dev)
 
         @torch.inference_mode()
-        def generate_n(n: int) -> None:
+        def generate_n(n: int, tick: Callable[[], None]) -> None:
             model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                           do_sample=False, eos_token_id=None, pad_token_id=0)
+                           do_sample=False, eos_token_id=None, pad_token_id=0, streamer=_Ticks(tick))
 
         m = measure("transformers", generate_n, prompt_tokens, gen_tokens, repeat, sync)
         _memory(m, dev)
         out.append(m)
+    return out
+
+
+class _Ticks:
+    """A transformers streamer (put/end) that ticks at each generated token; the first put is the prompt."""
+
+    def __init__(self, tick: Callable[[], None]):
+        self.tick, self.prompt = tick, True
+
+    def put(self, value) -> None:
+        if self.prompt:
+            self.prompt = False
+        else:
+            self.tick()
+
+    def end(self) -> None:
+        pass
+
+
+def bench_llama_cpp(gguf: Path, cases: list[tuple[int, int]], *, precision: str, vocab_size: int, repeat: int,
+                    threads: int) -> list[Measurement]:
+    """llama.cpp (llama-cpp-python's C API) on `gguf`, greedy from the same prompt ids, on the CPU."""
+    from .llamacpp import Runner
+
+    reset_peak_rss()
+    n_ctx = -(-max(p + g for p, g in cases) // 256) * 256
+    runner = Runner(gguf, n_ctx, threads)
+    out = []
+    try:
+        for prompt_tokens, gen_tokens in cases:
+            ids = bench_prompt(prompt_tokens, vocab_size)
+            m = measure("llama.cpp", lambda n, tick: runner.generate(ids, n, tick), prompt_tokens, gen_tokens,
+                        repeat)
+            m.variant = precision
+            _memory(m, "cpu")
+            out.append(m)
+    finally:
+        runner.close()
     return out
 
 
@@ -269,54 +369,79 @@ def best_of(measurements: list[Measurement]) -> Measurement:
     """One engine's measurements of one case over several rounds, as one: the best time to first
     token, prefill and decode rates (each from whichever round did best). Peak memory is the first
     round's: later rounds start in a process holding what earlier engines left behind."""
+    several = len(measurements) > 1
     return replace(measurements[0], ttft_s=min(m.ttft_s for m in measurements),
                    prefill_tokens_per_s=max(m.prefill_tokens_per_s for m in measurements),
-                   decode_tokens_per_s=max(m.decode_tokens_per_s for m in measurements))
+                   decode_tokens_per_s=max(m.decode_tokens_per_s for m in measurements),
+                   rounds_prefill=[m.prefill_tokens_per_s for m in measurements] if several else None,
+                   rounds_decode=[m.decode_tokens_per_s for m in measurements] if several else None)
+
+
+COMPARE = ("transformers", "llama.cpp")
 
 
 def run_bench(model_dir: str | Path, cases: list[tuple[int, int]], *, device: str = "cpu",
-              dtype: torch.dtype = torch.float32, experts: str = "bf16", repeat: int = 3,
+              dtype: torch.dtype = torch.float32, experts: str | Sequence[str] = "bf16", repeat: int = 3,
               compare: str | None = None, resident_fraction: float | None = None, rounds: int = 1,
-              graphs: str = "auto") -> BenchReport:
-    """Measure localrun (and `compare`="transformers") on every (prompt_tokens, gen_tokens) case.
+              graphs: str = "auto", gguf: dict[str, Path] | None = None) -> BenchReport:
+    """Measure localrun (at each of `experts`) and `compare` ("transformers", or "llama.cpp" on each
+    GGUF of `gguf`, precision -> path, made by llamacpp.ensure_gguf when not given) on every
+    (prompt_tokens, gen_tokens) case.
 
-    rounds > 1 alternates the engines (localrun, transformers, localrun, ...; each loaded afresh so
-    their memory never mixes) and keeps each one's best: a machine whose speed drifts over minutes
-    then weighs on both sides alike instead of on whichever ran in the slow spell.
+    rounds > 1 alternates the engines (localrun, the other side, localrun, ...; each loaded afresh
+    so their memory never mixes) and keeps each one's best: a machine whose speed drifts over
+    minutes then weighs on both sides alike instead of on whichever ran in the slow spell.
     """
-    if compare not in (None, "transformers"):
-        raise ValueError(f"can only compare with transformers, not {compare!r}")
+    if compare not in (None, *COMPARE):
+        raise ValueError(f"can only compare with {' or '.join(COMPARE)}, not {compare!r}")
     if rounds < 1:
         raise ValueError(f"rounds must be at least 1, not {rounds}")
     steps = GRAPH_MODES.get(graphs)
     if steps is None:
         raise ValueError(f"graphs must be one of {', '.join(GRAPH_MODES)}, not {graphs!r}")
+    experts = [experts] if isinstance(experts, str) else list(dict.fromkeys(experts))
+    threads = torch.get_num_threads()
     info = {
         "model": str(model_dir), "device": device, "dtype": str(dtype).removeprefix("torch."),
-        "experts": experts, "resident_experts": resident_fraction, "repeat": repeat, "rounds": rounds,
-        "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "cpu": platform.processor() or platform.machine(),
+        "experts": ", ".join(experts), "resident_experts": resident_fraction, "repeat": repeat, "rounds": rounds,
+        "threads": threads, "torch": torch.__version__, "cpu": cpu_model(), "cpu_features": cpu_features(),
     }
+    if torch.device(device).type == "cpu" or device == "auto" and not torch.cuda.is_available():
+        info["kernels"] = kernel_isa()
     if compare == "transformers":
         import transformers
 
         info["transformers"] = transformers.__version__
+    if compare == "llama.cpp":
+        from . import llamacpp
+
+        if torch.device(device).type != "cpu":
+            raise ValueError("--compare llama.cpp runs on the CPU (--device cpu)")
+        if gguf is None:
+            gguf = {p: llamacpp.ensure_gguf(Path(model_dir), p, threads) for p in llamacpp.GGUF_PRECISIONS}
+        info["llama.cpp"] = llamacpp.version()
+        info["llama.cpp_system"] = llamacpp.system_info()
+        info["gguf"] = {p: str(path) for p, path in gguf.items()}
     measured: list[Measurement] = []
     for _ in range(rounds):
-        measured += bench_localrun(Path(model_dir), cases, device=device, dtype=dtype, experts=experts,
-                                   repeat=repeat, resident_fraction=resident_fraction, info=info, steps=steps)
-        gc.collect()  # the engine is gone with bench_localrun's frame: free it before the other side loads
+        for kind in experts:
+            measured += bench_localrun(Path(model_dir), cases, device=device, dtype=dtype, experts=kind,
+                                       repeat=repeat, resident_fraction=resident_fraction, info=info, steps=steps)
+            gc.collect()  # the engine is gone with bench_localrun's frame: free it before the next one loads
         if compare == "transformers":
             measured += bench_transformers(Path(model_dir), cases, device=device, dtype=dtype, repeat=repeat)
             gc.collect()
+        if compare == "llama.cpp":
+            for precision, path in gguf.items():
+                measured += bench_llama_cpp(Path(path), cases, precision=precision, repeat=repeat, threads=threads,
+                                            vocab_size=llamacpp.text_vocab_size(Path(model_dir)))
     report = BenchReport(info)
-    for engine in ("localrun", "transformers"):
-        for step in dict.fromkeys(m.step for m in measured if m.engine == engine):
-            for case in cases:
-                same = [m for m in measured if m.engine == engine and m.step == step
-                        and (m.prompt_tokens, m.gen_tokens) == case]
-                if same:
-                    report.measurements.append(best_of(same))
+    for key in dict.fromkeys((m.engine, m.variant, m.step) for m in measured):
+        for case in cases:
+            same = [m for m in measured if (m.engine, m.variant, m.step) == key
+                    and (m.prompt_tokens, m.gen_tokens) == case]
+            if same:
+                report.measurements.append(best_of(same))
     return report
 
 
@@ -326,25 +451,43 @@ def _mib(n: int | None) -> str:
     return "-" if n is None else f"{n / 2**20:.0f}"
 
 
+THEIRS = {"transformers": "hf", "llama.cpp": "llama.cpp"}  # the compared side's name in column heads
+
+
 def markdown(report: BenchReport) -> str:
-    """A markdown table, one row per case; with transformers measured, its numbers and our ratio beside ours."""
+    """A markdown table, one row per case (and localrun variant); with another engine measured, one
+    row per pair, its numbers and our ratio beside ours; with several rounds, each round's numbers."""
     ours = [m for m in report.measurements if m.engine == "localrun"]
-    theirs = {(m.prompt_tokens, m.gen_tokens): m for m in report.measurements if m.engine == "transformers"}
+    others = [m for m in report.measurements if m.engine != "localrun"]
     info = report.info
     stored = info.get("matrices")
     matrices = f" (localrun keeps matrices in {stored})" if stored and stored != info["dtype"] else ""
     lines = [f"model `{info['model']}`, device {info['device']}, dtype {info['dtype']}{matrices}, experts {info['experts']}, "
              f"{info['threads']} threads, best of {info['repeat']}"
              + (f" in each of {info['rounds']} alternating rounds" if info.get("rounds", 1) > 1 else "")
-             + (f", transformers {info['transformers']}" if "transformers" in info else ""), ""]
-    if theirs:
-        head = ["prompt", "gen", "prefill tok/s (ours / hf)", "x", "decode tok/s (ours / hf)", "x",
-                "TTFT ms (ours / hf)", "peak RSS MiB (ours / hf)"]
-    else:
-        head = ["prompt", "gen", "prefill tok/s", "decode tok/s", "TTFT ms", "peak RSS MiB"]
+             + (f", transformers {info['transformers']}" if "transformers" in info else "")
+             + (f", llama.cpp (llama-cpp-python {info['llama.cpp']})" if "llama.cpp" in info else "")]
+    if info.get("cpu"):
+        features = f" ({' '.join(info['cpu_features'])})" if info.get("cpu_features") else ""
+        lines.append(f"CPU {info['cpu']}{features}" + (f"; localrun: {info['kernels']}" if info.get("kernels") else "")
+                     + (f"; llama.cpp: {info['llama.cpp_system']}" if info.get("llama.cpp_system") else ""))
+    lines.append("")
+    name = THEIRS.get(others[0].engine, others[0].engine) if others else None
+    head = ["prompt", "gen"]
     steps = len({m.step for m in ours}) > 1 or any(m.step == "graphs" for m in ours)
     if steps:
-        head.insert(2, "decode step")
+        head.append("decode step")
+    variants = len({m.variant for m in ours}) > 1
+    if variants:
+        head.append("localrun experts")
+    their_variants = any(m.variant for m in others)
+    if their_variants:
+        head.append(name)
+    if others:
+        head += [f"prefill tok/s (ours / {name})", "x", f"decode tok/s (ours / {name})", "x",
+                 f"TTFT ms (ours / {name})", f"peak RSS MiB (ours / {name})"]
+    else:
+        head += ["prefill tok/s", "decode tok/s", "TTFT ms", "peak RSS MiB"]
     floor = any(m.floor_tokens_per_s for m in ours)
     if floor:
         head += ["floor tok/s", "of floor"]
@@ -354,26 +497,30 @@ def markdown(report: BenchReport) -> str:
         head.append("expert hit rate")
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in ours:
-        t = theirs.get((m.prompt_tokens, m.gen_tokens))
-        row = [str(m.prompt_tokens), str(m.gen_tokens)] + ([m.step] if steps else [])
-        if theirs:
-            row += [f"{m.prefill_tokens_per_s:.1f} / {t.prefill_tokens_per_s:.1f}",
-                    _ratio(m.prefill_tokens_per_s, t.prefill_tokens_per_s),
-                    f"{_rate(m.decode_tokens_per_s)} / {_rate(t.decode_tokens_per_s)}",
-                    _ratio(m.decode_tokens_per_s, t.decode_tokens_per_s),
-                    f"{m.ttft_s * 1e3:.0f} / {t.ttft_s * 1e3:.0f}",
-                    f"{_mib(m.peak_rss_bytes)} / {_mib(t.peak_rss_bytes)}"]
-        else:
-            row += [f"{m.prefill_tokens_per_s:.1f}", _rate(m.decode_tokens_per_s), f"{m.ttft_s * 1e3:.0f}",
-                    _mib(m.peak_rss_bytes)]
-        if floor:
-            f = m.floor_tokens_per_s
-            row += [_rate(f or 0), f"{m.decode_tokens_per_s / f:.1%}" if f else "-"]
-        if "peak VRAM MiB" in head:
-            row.append(_mib(m.peak_vram_bytes) + (f" / {_mib(t.peak_vram_bytes)}" if t else ""))
-        if "expert hit rate" in head:
-            row.append("-" if m.expert_hit_rate is None else f"{m.expert_hit_rate:.1%}")
-        lines.append("| " + " | ".join(row) + " |")
+        pairs = [t for t in others if (t.prompt_tokens, t.gen_tokens) == (m.prompt_tokens, m.gen_tokens)] or [None]
+        for t in pairs:
+            row = [str(m.prompt_tokens), str(m.gen_tokens)] + ([m.step] if steps else []) \
+                + ([m.variant or "-"] if variants else []) + ([t.variant or "-"] if their_variants else [])
+            if others and t is None:
+                row += ["-"] * 6
+            elif t is not None:
+                row += [f"{m.prefill_tokens_per_s:.1f} / {t.prefill_tokens_per_s:.1f}",
+                        _ratio(m.prefill_tokens_per_s, t.prefill_tokens_per_s),
+                        f"{_rate(m.decode_tokens_per_s)} / {_rate(t.decode_tokens_per_s)}",
+                        _ratio(m.decode_tokens_per_s, t.decode_tokens_per_s),
+                        f"{m.ttft_s * 1e3:.0f} / {t.ttft_s * 1e3:.0f}",
+                        f"{_mib(m.peak_rss_bytes)} / {_mib(t.peak_rss_bytes)}"]
+            else:
+                row += [f"{m.prefill_tokens_per_s:.1f}", _rate(m.decode_tokens_per_s), f"{m.ttft_s * 1e3:.0f}",
+                        _mib(m.peak_rss_bytes)]
+            if floor:
+                f = m.floor_tokens_per_s
+                row += [_rate(f or 0), f"{m.decode_tokens_per_s / f:.1%}" if f else "-"]
+            if "peak VRAM MiB" in head:
+                row.append(_mib(m.peak_vram_bytes) + (f" / {_mib(t.peak_vram_bytes)}" if t else ""))
+            if "expert hit rate" in head:
+                row.append("-" if m.expert_hit_rate is None else f"{m.expert_hit_rate:.1%}")
+            lines.append("| " + " | ".join(row) + " |")
     lines += ["", "prefill = prompt / t(1 token); decode = (N-1) / (t(N) - t(1)); TTFT = t(1); "
                   "greedy, eos off, same prompt ids both sides; peak RSS is the process peak since that "
                   "engine started loading."]
@@ -382,7 +529,20 @@ def markdown(report: BenchReport) -> str:
         lines += [f"floor = measured device copy bandwidth ({info['copy_bandwidth_bytes_per_s'] / 1e9:.0f} GB/s on "
                   f"{info.get('gpu', 'the GPU')}) / {per_token / 1e9:.3f} GB read per decoded token (non-expert "
                   "weights, top-k experts of every layer, KV at the planned context)."]
+    if any(m.rounds_prefill for m in report.measurements):
+        lines += ["", "| engine | prompt | gen | prefill tok/s per round | decode tok/s per round |",
+                  "|---|---|---|---|---|"]
+        for m in report.measurements:
+            if m.rounds_prefill:
+                lines.append(f"| {_engine_label(m)} | {m.prompt_tokens} | {m.gen_tokens} | "
+                             f"{', '.join(f'{r:.1f}' for r in m.rounds_prefill)} | "
+                             f"{', '.join(_rate(r) for r in m.rounds_decode)} |")
     return "\n".join(lines) + "\n"
+
+
+def _engine_label(m: Measurement) -> str:
+    variant = f" {m.variant} experts" if m.engine == "localrun" and m.variant else f" {m.variant}" if m.variant else ""
+    return m.engine + variant + (f" ({m.step})" if m.step != "eager" else "")
 
 
 def _ratio(a: float, b: float) -> str:

@@ -109,3 +109,20 @@ def test_decode_bytes_per_token_counts_weights_experts_and_kv(tiny_moe):
     expected = plan.decode_weight_bytes + plan.active_expert_bytes + plan.kv_bytes
     assert bench.decode_bytes_per_token(plan) == expected
     assert plan.active_expert_bytes > 0 and plan.kv_bytes > 0
+
+
+def test_decode_is_timed_within_a_generation_so_a_slow_prefill_does_not_inflate_it(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+    prefills = iter([0.5, 0.9, 0.6, 0.5])  # warm-up, then three generations; the second prefill is slow
+
+    def generate_n(n, tick):
+        clock[0] += next(prefills)
+        for i in range(n):
+            if i:
+                clock[0] += 0.01  # one decode step
+            tick()
+
+    m = bench.measure("x", generate_n, 100, 11, repeat=3)
+    assert (m.ttft_s, m.prefill_tokens_per_s) == (0.5, 200.0)
+    assert m.decode_tokens_per_s == pytest.approx(100.0)

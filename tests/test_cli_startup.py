@@ -40,7 +40,8 @@ def imported_after(*argv) -> tuple[list[str], subprocess.CompletedProcess]:
     ["serve", "demo", "--parallel", "0"],
     ["run", "--max-tokens", "0", "demo", "x"], ["run", "demo", "x", "--top-p", "0"], ["run", "demo", "x", "--bogus"],
     ["chat", "--threads", "0"], ["fit", "demo", "--vram", "lots"], ["quantize", "demo", "out", "--experts", "int8"],
-    ["bench", "--dtype", "int8"], ["profile", "demo", "--prompts", "/nonexistent"],
+    ["bench", "--dtype", "int8"], ["bench", "bench", "--compare", "llama.cpp", "--gguf", "q5"],
+    ["profile", "demo", "--prompts", "/nonexistent"],
 ])
 def test_help_version_and_usage_errors_import_no_heavy_module(argv):
     heavy, res = imported_after(*argv)

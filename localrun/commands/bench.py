@@ -1,18 +1,22 @@
 """`localrun bench MODEL`: prefill/decode tokens/s, time to first token and peak memory, optionally
-side by side with transformers on the same checkpoint (see localrun/bench.py for the method)."""
+side by side with transformers or llama.cpp on the same checkpoint (see localrun/bench.py for the method)."""
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-from ..errors import UsageError
+from .. import llamacpp
+from ..errors import LocalrunError, UsageError
 from . import _options as opt
 
 GRAPH_MODES = ("auto", "on", "off", "both")  # localrun.bench.GRAPH_MODES' keys, here so parsing needs no torch
+COMPARE = ("transformers", "llama.cpp")  # localrun.bench.COMPARE
+EXPERT_KINDS = ("bf16", "nf4", "fp4")
 
 
 def resolve_bench_model(model: str) -> Path:
@@ -28,11 +32,16 @@ def resolve_bench_model(model: str) -> Path:
 def bench(
     model: str = typer.Argument(..., help="'bench' (a generated ~100M-parameter 26B-A4B-shaped MoE), a model "
                                 "directory, HF repo id, or 'demo'."),
-    compare: Optional[str] = typer.Option(None, "--compare", help="Also measure 'transformers' in the same run."),
+    compare: Optional[str] = typer.Option(None, "--compare", help="Also measure 'transformers' or 'llama.cpp' (the "
+                                          "checkpoint converted to GGUF, cached beside it) in the same run."),
     prompt_tokens: List[int] = typer.Option([128, 512], "--prompt-tokens", help="Prompt length (repeatable)."),
     gen_tokens: List[int] = typer.Option([64], "--gen-tokens", help="Tokens to generate (repeatable)."),
     dtype: str = typer.Option("float32", "--dtype", help="Compute dtype: bfloat16 or float32."),
-    experts: str = typer.Option("bf16", "--experts", help="Routed expert precision (bf16 = the compute dtype)."),
+    experts: List[str] = typer.Option(["bf16"], "--experts", help="Routed expert precision: bf16 (the compute "
+                                      "dtype), nf4 or fp4; repeat it to measure several in the same run."),
+    gguf: List[str] = typer.Option(list(llamacpp.GGUF_PRECISIONS), "--gguf", help="With --compare llama.cpp: its "
+                                   "precisions, bf16, q4_0-experts (bf16 but routed experts Q4_0: localrun NF4's "
+                                   "mix) and q4_0 (every matrix); repeatable, default all three."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto."),
     resident_experts: Optional[float] = opt.RESIDENT_EXPERTS,
     repeat: int = typer.Option(3, "--repeat", help="Timed runs per measurement; the best is kept."),
@@ -45,10 +54,16 @@ def bench(
     out: Optional[Path] = typer.Option(None, "--out", help="Also write the markdown table to this file."),
     as_json: bool = typer.Option(False, "--json", help="Print the raw numbers as JSON instead of the table."),
 ) -> None:
-    """Measure prefill and decode speed (and compare with transformers)."""
+    """Measure prefill and decode speed (and compare with transformers or llama.cpp)."""
     opt.check_dtype(dtype)
-    if compare not in (None, "transformers"):
-        raise UsageError(f"--compare can only be 'transformers', not {compare!r}")
+    if compare not in (None, *COMPARE):
+        raise UsageError(f"--compare can only be {' or '.join(COMPARE)}, not {compare!r}")
+    if bad := [e for e in experts if e not in EXPERT_KINDS]:
+        raise UsageError(f"--experts must be one of {', '.join(EXPERT_KINDS)}, not {bad[0]!r}")
+    if bad := [g for g in gguf if g not in llamacpp.GGUF_PRECISIONS]:
+        raise UsageError(f"--gguf must be one of {', '.join(llamacpp.GGUF_PRECISIONS)}, not {bad[0]!r}")
+    if compare == "llama.cpp" and device != "cpu":
+        raise UsageError("--compare llama.cpp runs on the CPU: use --device cpu")
     if graphs not in GRAPH_MODES:
         raise UsageError(f"--graphs must be one of {', '.join(GRAPH_MODES)}, not {graphs!r}")
     if graphs in ("on", "both") and device == "cpu":
@@ -56,15 +71,26 @@ def bench(
     if min(repeat, rounds, *prompt_tokens, *gen_tokens) < 1:
         raise UsageError("--repeat, --rounds, --prompt-tokens and --gen-tokens must be at least 1")
     threads = opt.check_threads(threads)
+    if compare == "llama.cpp" and not llamacpp.available():
+        raise LocalrunError(llamacpp.INSTALL_HINT)
 
     from .. import bench as lbench
     from ..engine import DTYPES
 
-    opt.use_threads(threads)  # the report's "threads" reads it back
+    threads = opt.use_threads(threads)  # the report's "threads" reads it back
+    model_dir = resolve_bench_model(model)
+    ggufs = None
+    if compare == "llama.cpp":
+        ggufs = {}
+        key = llamacpp.fingerprint(model_dir, llamacpp.version())
+        for precision in dict.fromkeys(gguf):
+            if not llamacpp.gguf_path(model_dir, precision, key).is_file():
+                print(f"converting {model_dir.name} to a {precision} GGUF for llama.cpp (once)", file=sys.stderr)
+            ggufs[precision] = llamacpp.ensure_gguf(model_dir, precision, threads)
     cases = [(p, g) for p in prompt_tokens for g in gen_tokens]
-    report = lbench.run_bench(resolve_bench_model(model), cases, device=device, dtype=DTYPES[dtype],
-                              experts=experts, repeat=repeat, compare=compare, resident_fraction=resident_experts,
-                              rounds=rounds, graphs=graphs)
+    report = lbench.run_bench(model_dir, cases, device=device, dtype=DTYPES[dtype], experts=experts, repeat=repeat,
+                              compare=compare, resident_fraction=resident_experts, rounds=rounds, graphs=graphs,
+                              gguf=ggufs)
     table = lbench.markdown(report)
     if out is not None:
         out.write_text(table)
