@@ -521,9 +521,9 @@ def markdown(report: BenchReport) -> str:
             if "expert hit rate" in head:
                 row.append("-" if m.expert_hit_rate is None else f"{m.expert_hit_rate:.1%}")
             lines.append("| " + " | ".join(row) + " |")
-    lines += ["", "prefill = prompt / t(1 token); decode = (N-1) / (t(N) - t(1)); TTFT = t(1); "
-                  "greedy, eos off, same prompt ids both sides; peak RSS is the process peak since that "
-                  "engine started loading."]
+    lines += ["", "prefill = prompt / t(first token); decode = (N-1) / (t(end) - t(first token)) within a "
+                  "generation; TTFT = t(first token); greedy, eos off, same prompt ids on every side; peak RSS "
+                  "is the process peak since that engine started loading."]
     if floor:
         per_token = next(m.bytes_per_token for m in ours if m.bytes_per_token)
         lines += [f"floor = measured device copy bandwidth ({info['copy_bandwidth_bytes_per_s'] / 1e9:.0f} GB/s on "
