@@ -406,7 +406,8 @@ def run_bench(model_dir: str | Path, cases: list[tuple[int, int]], *, device: st
         "experts": ", ".join(experts), "resident_experts": resident_fraction, "repeat": repeat, "rounds": rounds,
         "threads": threads, "torch": torch.__version__, "cpu": cpu_model(), "cpu_features": cpu_features(),
     }
-    if torch.device(device).type == "cpu" or device == "auto" and not torch.cuda.is_available():
+    on_cpu = device == "cpu" or device == "auto" and not torch.cuda.is_available()
+    if on_cpu:
         info["kernels"] = kernel_isa()
     if compare == "transformers":
         import transformers
@@ -415,8 +416,8 @@ def run_bench(model_dir: str | Path, cases: list[tuple[int, int]], *, device: st
     if compare == "llama.cpp":
         from . import llamacpp
 
-        if torch.device(device).type != "cpu":
-            raise ValueError("--compare llama.cpp runs on the CPU (--device cpu)")
+        if not on_cpu:
+            raise ValueError("llama.cpp is compared on the CPU only (device 'cpu')")
         if gguf is None:
             gguf = {p: llamacpp.ensure_gguf(Path(model_dir), p, threads) for p in llamacpp.GGUF_PRECISIONS}
         info["llama.cpp"] = llamacpp.version()
