@@ -406,7 +406,8 @@ def run_bench(model_dir: str | Path, cases: list[tuple[int, int]], *, device: st
         "experts": ", ".join(experts), "resident_experts": resident_fraction, "repeat": repeat, "rounds": rounds,
         "threads": threads, "torch": torch.__version__, "cpu": cpu_model(), "cpu_features": cpu_features(),
     }
-    if torch.device(device).type == "cpu" or device == "auto" and not torch.cuda.is_available():
+    on_cpu = device == "cpu" or device == "auto" and not torch.cuda.is_available()
+    if on_cpu:
         info["kernels"] = kernel_isa()
     if compare == "transformers":
         import transformers
@@ -415,8 +416,8 @@ def run_bench(model_dir: str | Path, cases: list[tuple[int, int]], *, device: st
     if compare == "llama.cpp":
         from . import llamacpp
 
-        if torch.device(device).type != "cpu":
-            raise ValueError("--compare llama.cpp runs on the CPU (--device cpu)")
+        if not on_cpu:
+            raise ValueError("llama.cpp is compared on the CPU only (device 'cpu')")
         if gguf is None:
             gguf = {p: llamacpp.ensure_gguf(Path(model_dir), p, threads) for p in llamacpp.GGUF_PRECISIONS}
         info["llama.cpp"] = llamacpp.version()
@@ -521,9 +522,9 @@ def markdown(report: BenchReport) -> str:
             if "expert hit rate" in head:
                 row.append("-" if m.expert_hit_rate is None else f"{m.expert_hit_rate:.1%}")
             lines.append("| " + " | ".join(row) + " |")
-    lines += ["", "prefill = prompt / t(1 token); decode = (N-1) / (t(N) - t(1)); TTFT = t(1); "
-                  "greedy, eos off, same prompt ids both sides; peak RSS is the process peak since that "
-                  "engine started loading."]
+    lines += ["", "prefill = prompt / t(first token); decode = (N-1) / (t(end) - t(first token)) within a "
+                  "generation; TTFT = t(first token); greedy, eos off, same prompt ids on every side; peak RSS "
+                  "is the process peak since that engine started loading."]
     if floor:
         per_token = next(m.bytes_per_token for m in ours if m.bytes_per_token)
         lines += [f"floor = measured device copy bandwidth ({info['copy_bandwidth_bytes_per_s'] / 1e9:.0f} GB/s on "

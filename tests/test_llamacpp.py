@@ -205,10 +205,11 @@ def test_the_sides_take_turns_and_each_pair_gets_its_ratios(monkeypatch, tmp_pat
     monkeypatch.setattr(bench, "bench_llama_cpp", llama)
     monkeypatch.setattr(llamacpp, "version", lambda: "0.3.36")
     monkeypatch.setattr(llamacpp, "system_info", lambda: "AVX2 AVX512 REPACK")
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: False)  # device "auto" is the CPU
     (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 99}))
     ggufs = {p: tmp_path / f"{p}.gguf" for p in llamacpp.GGUF_PRECISIONS}
     report = bench.run_bench(tmp_path, [(512, 32)], experts=["bf16", "nf4"], compare="llama.cpp", rounds=2,
-                             gguf=ggufs)
+                             gguf=ggufs, device="auto")
     once = [("localrun", "bf16"), ("localrun", "nf4"), ("llama.cpp", "bf16"), ("llama.cpp", "q4_0-experts"),
             ("llama.cpp", "q4_0")]
     assert calls == once + once
@@ -217,7 +218,7 @@ def test_the_sides_take_turns_and_each_pair_gets_its_ratios(monkeypatch, tmp_pat
     assert nf4.decode_tokens_per_s == 87.0 and nf4.rounds_decode == [82.0, 87.0]
     table = bench.markdown(report)
     assert "llama.cpp (llama-cpp-python 0.3.36)" in table and "; llama.cpp: AVX2 AVX512 REPACK" in table
-    assert "CPU " in table
+    assert f"CPU {bench.cpu_model()}" in table and "localrun: C kernels" in table
     assert "| 512 | 32 | nf4 | q4_0-experts | 100.0 / 50.0 | 2.00x | 87.0 / 49.0 | 1.78x |" in table
     pair_rows = [line for line in table.splitlines() if line.startswith("| 512 | 32 |")]
     assert len(pair_rows) == 6 and all("(ours / llama.cpp)" not in r for r in pair_rows)

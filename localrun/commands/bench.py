@@ -16,7 +16,7 @@ from . import _options as opt
 
 GRAPH_MODES = ("auto", "on", "off", "both")  # localrun.bench.GRAPH_MODES' keys, here so parsing needs no torch
 COMPARE = ("transformers", "llama.cpp")  # localrun.bench.COMPARE
-EXPERT_KINDS = ("bf16", "nf4", "fp4")
+EXPERT_KINDS = ("bf16", "nf4", "fp4")  # localrun.loader.EXPERT_CHOICES
 
 
 def resolve_bench_model(model: str) -> Path:
