@@ -13,9 +13,27 @@ from pathlib import Path
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
+import torch
 
 from localrun import kernels
 from localrun.tiny import tiny_config, write_checkpoint
+
+
+@pytest.fixture
+def lib():
+    """The compiled library; tests that exercise the C kernels skip without a C compiler."""
+    lib = kernels.library()
+    if lib is None:
+        pytest.skip("no C kernels on this machine (no compiler or LOCALRUN_CPU_KERNELS=0)")
+    return lib
+
+
+@pytest.fixture
+def threads():
+    """set_num_threads inside a test, restored afterwards."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

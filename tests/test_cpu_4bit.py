@@ -26,21 +26,6 @@ ACT = "gelu_pytorch_tanh"
 RTOL = 1e-5
 
 
-@pytest.fixture
-def lib():
-    lib = kernels.library()
-    if lib is None:
-        pytest.skip("no C kernels on this machine (no compiler or LOCALRUN_CPU_KERNELS=0)")
-    return lib
-
-
-@pytest.fixture
-def threads():
-    before = torch.get_num_threads()
-    yield torch.set_num_threads
-    torch.set_num_threads(before)
-
-
 @functools.lru_cache(maxsize=None)
 def layer(spec: QuantSpec, E: int, H: int, I: int, seed: int = 0) -> ExpertBuffer:
     g = torch.Generator().manual_seed(seed)

@@ -35,23 +35,6 @@ def fresh_kernels():
     kernels.reset()
 
 
-@pytest.fixture
-def lib():
-    """The compiled library; tests that exercise the C kernels skip without a C compiler."""
-    lib = kernels.library()
-    if lib is None:
-        pytest.skip("no C kernels on this machine (no compiler or LOCALRUN_CPU_KERNELS=0)")
-    return lib
-
-
-@pytest.fixture
-def threads():
-    """set_num_threads inside a test, restored afterwards."""
-    before = torch.get_num_threads()
-    yield torch.set_num_threads
-    torch.set_num_threads(before)
-
-
 def rand(*shape, seed: int, dtype=torch.float32) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(*shape, generator=gen).to(dtype)

@@ -110,14 +110,10 @@ def test_op_traces_under_compile():
     assert torch.allclose(fn(q, k, v), grouped_sdpa(q, k, v, None, 1.0) * 2)
 
 
-needs_c = pytest.mark.skipif(__import__("localrun.kernels", fromlist=["library"]).library() is None,
-                             reason="no C compiler: the CPU path runs grouped_sdpa")
 
-
-@needs_c
 @pytest.mark.parametrize("B,N,KV,S,D", [(1, 8, 4, 130, 64), (1, 8, 1, 300, 128), (2, 4, 4, 7, 16), (1, 6, 2, 1, 48)])
 @pytest.mark.parametrize("masked", [False, True])
-def test_cpu_decode_attention_matches_grouped_sdpa(B, N, KV, S, D, masked):
+def test_cpu_decode_attention_matches_grouped_sdpa(B, N, KV, S, D, masked, lib):
     """The CPU's fp32 decode attention (one C call, kernels.decode_attention) over cache views."""
     from localrun import kernels
 

@@ -88,13 +88,9 @@ def test_fused_layer_computes_the_unfused_layer(tiny_moe):
     assert rel(b, a) < 1e-5
 
 
-needs_c = pytest.mark.skipif(__import__("localrun.kernels", fromlist=["library"]).library() is None,
-                             reason="no C compiler: the CPU path runs the torch ops")
 
-
-@needs_c
 @torch.no_grad()  # inference: what the decoder's norms run as (the C kernels; with grad, torch's)
-def test_cpu_kernels_are_the_unfused_ops_bit_for_bit():
+def test_cpu_kernels_are_the_unfused_ops_bit_for_bit(lib):
     """On the CPU in fp32 the glue ops are C calls that repeat the unfused layer's fp32 ops in order:
     the same bits as models/gemma4's norms and adds (the router's weights up to its exp)."""
     from localrun.models.gemma4 import rms_norm
