@@ -27,6 +27,12 @@ def _inv_rms(x, H, eps):
 
 
 @triton.jit
+def _f32(ptr, offsets, ok):
+    """A row (or weight vector) in fp32, zeros past its end."""
+    return tl.load(ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _attention_residual_norms_kernel(x_ptr, w_post_ptr, res_ptr, w_mlp_ptr, w_moe_ptr, w_router_ptr,
                                      y_ptr, mlp_ptr, moe_ptr, router_ptr, H, eps, router_scale,
                                      BLOCK: tl.constexpr):
@@ -34,16 +40,16 @@ def _attention_residual_norms_kernel(x_ptr, w_post_ptr, res_ptr, w_mlp_ptr, w_mo
     cols = tl.arange(0, BLOCK)
     ok = cols < H
     base = row * H + cols
-    x = tl.load(x_ptr + base, mask=ok, other=0.0).to(tl.float32)
-    w_post = tl.load(w_post_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-    res = tl.load(res_ptr + base, mask=ok, other=0.0).to(tl.float32)
+    x = _f32(x_ptr, base, ok)
+    w_post = _f32(w_post_ptr, cols, ok)
+    res = _f32(res_ptr, base, ok)
     y = (x * _inv_rms(x, H, eps) * w_post + res).to(y_ptr.dtype.element_ty)
     tl.store(y_ptr + base, y, mask=ok)
     y = y.to(tl.float32)
     n = y * _inv_rms(y, H, eps)
-    w_mlp = tl.load(w_mlp_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-    w_moe = tl.load(w_moe_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-    w_router = tl.load(w_router_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    w_mlp = _f32(w_mlp_ptr, cols, ok)
+    w_moe = _f32(w_moe_ptr, cols, ok)
+    w_router = _f32(w_router_ptr, cols, ok)
     tl.store(mlp_ptr + base, (n * w_mlp).to(mlp_ptr.dtype.element_ty), mask=ok)
     tl.store(moe_ptr + base, (n * w_moe).to(moe_ptr.dtype.element_ty), mask=ok)
     tl.store(router_ptr + base, (n * w_router * router_scale).to(router_ptr.dtype.element_ty), mask=ok)
@@ -56,13 +62,13 @@ def _ffn_residual_kernel(mlp_ptr, w1_ptr, moe_ptr, w2_ptr, w_ptr, res_ptr, scala
     cols = tl.arange(0, BLOCK)
     ok = cols < H
     base = row * H + cols
-    a = tl.load(mlp_ptr + base, mask=ok, other=0.0).to(tl.float32)
-    b = tl.load(moe_ptr + base, mask=ok, other=0.0).to(tl.float32)
-    w1 = tl.load(w1_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-    w2 = tl.load(w2_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    a = _f32(mlp_ptr, base, ok)
+    b = _f32(moe_ptr, base, ok)
+    w1 = _f32(w1_ptr, cols, ok)
+    w2 = _f32(w2_ptr, cols, ok)
     h = a * _inv_rms(a, H, eps) * w1 + b * _inv_rms(b, H, eps) * w2
-    w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-    res = tl.load(res_ptr + base, mask=ok, other=0.0).to(tl.float32)
+    w = _f32(w_ptr, cols, ok)
+    res = _f32(res_ptr, base, ok)
     scalar = tl.load(scalar_ptr).to(tl.float32)
     tl.store(out_ptr + base, ((h * _inv_rms(h, H, eps) * w + res) * scalar).to(out_ptr.dtype.element_ty), mask=ok)
 
