@@ -27,6 +27,7 @@ the test suite runs every step's code (tests/test_gpu_check.py) and the script c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -39,7 +40,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-CUDA_KERNELS = ("decode_attention", "fused_glue")  # models/gemma4.DECODE_KERNELS, each measured off as well
 
 REFERENCE_CONFIG = ROOT / "scripts" / "configs" / "gemma-4-26B-A4B-it.config.json"
 GIB = 1 << 30
@@ -369,7 +369,9 @@ def big_model_run(dry: bool, dev, load_kwargs: dict, rows: dict) -> dict:
         timed(f"speed_{mode}", rates, rows)
         timed(f"per_token_{mode}", lambda mode=mode: per_token_counts(model, short, dev, mode, loaded.kv), rows)
         if mode == "graphs":  # the same step with each of localrun's CUDA kernels replaced by torch ops
-            for name in CUDA_KERNELS:
+            from localrun.models.gemma4 import DECODE_KERNELS
+
+            for name in list(DECODE_KERNELS):
                 with torch_ops_for(name, loaded.kv):
                     timed(f"speed_graphs_without_{name}", rates, rows)
     rows["memory_after_decode"] = memory_report(loaded)
@@ -381,24 +383,19 @@ def big_model_run(dry: bool, dev, load_kwargs: dict, rows: dict) -> dict:
     return {k: rows[k] for k in ("load_s", "bytes_read_per_decoded_token") if k in rows}
 
 
+@contextlib.contextmanager
 def torch_ops_for(name: str, cache):
     """Within: the decoder's kernel `name` (models/gemma4.DECODE_KERNELS) off, its torch ops on;
     the cache's decode steps are dropped on the way in and out, so their graphs are captured anew."""
-    import contextlib
-
     from localrun.models import gemma4
 
-    @contextlib.contextmanager
-    def switched():
-        gemma4.DECODE_KERNELS[name] = False
+    gemma4.DECODE_KERNELS[name] = False
+    cache.steps.clear()
+    try:
+        yield
+    finally:
+        gemma4.DECODE_KERNELS[name] = True
         cache.steps.clear()
-        try:
-            yield
-        finally:
-            gemma4.DECODE_KERNELS[name] = True
-            cache.steps.clear()
-
-    return switched()
 
 
 def per_token_counts(model, ids: list[int], dev, mode: str = "eager", cache=None) -> dict:
