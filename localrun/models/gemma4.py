@@ -407,6 +407,14 @@ class DecoderLayer(nn.Module):
         self._modules.pop("experts", None)
         self.experts = backend
 
+    def route(self, r_TH, normed: bool = False):
+        """The router's (ids, weights); offloaded experts start their ids + weights for the host."""
+        ids_TK, w_TK = self.router(r_TH, normed=normed)
+        prefetch = getattr(self.experts, "prefetch", None)
+        if prefetch is not None:
+            prefetch(ids_TK, w_TK)
+        return ids_TK, w_TK
+
     def forward(self, x_BTH, cos_TD, sin_TD, pos_T, cache, shared, per_layer_BTP=None):
         if self.moe and not self.per_layer and use_kernel("fused_glue", x_BTH):
             return self.forward_fused(x_BTH, cos_TD, sin_TD, pos_T, cache, shared)
@@ -416,10 +424,7 @@ class DecoderLayer(nn.Module):
         r = x
         if self.moe:
             r_TH = r.reshape(-1, r.shape[-1])
-            ids_TK, w_TK = self.router(r_TH)  # the router reads the un-normed residual
-            prefetch = getattr(self.experts, "prefetch", None)
-            if prefetch is not None:  # offloaded experts: ids + weights start for the host
-                prefetch(ids_TK, w_TK)
+            ids_TK, w_TK = self.route(r_TH)  # the router reads the un-normed residual
         h = self.mlp(self.pre_feedforward_layernorm(x))
         if self.moe:
             moe = self.experts(self.pre_feedforward_layernorm_2(r_TH), ids_TK, w_TK).reshape(r.shape)
@@ -438,10 +443,7 @@ class DecoderLayer(nn.Module):
             attn, self.post_attention_layernorm.weight, x_BTH, self.pre_feedforward_layernorm.weight,
             self.pre_feedforward_layernorm_2.weight, self.router.scale, self.router.root_size, self.input_layernorm.eps)
         H = x.shape[-1]
-        ids_TK, w_TK = self.router(x_router.reshape(-1, H), normed=True)
-        prefetch = getattr(self.experts, "prefetch", None)
-        if prefetch is not None:
-            prefetch(ids_TK, w_TK)
+        ids_TK, w_TK = self.route(x_router.reshape(-1, H), normed=True)
         h = self.mlp(x_mlp)
         moe = self.experts(x_moe.reshape(-1, H), ids_TK, w_TK).reshape(x.shape)
         return fused_ops.ffn_residual(h, self.post_feedforward_layernorm_1.weight, moe,
