@@ -56,6 +56,14 @@ class FullKV:
         self.length = end
         return self.k[:, :, :end], self.v[:, :, :end], self.pos[:end]
 
+    def claim(self) -> tuple[int, int, int]:
+        """One decoded position, for a kernel that writes its K/V itself (kernels.DecodeLayer): the
+        bookkeeping of `update` for one token, then (slot to write, keys to attend over, window 0)."""
+        if self.length >= self.capacity:
+            raise ContextFull(f"{self.length + 1} positions exceed the KV cache's {self.capacity}")
+        self.length += 1
+        return self.length - 1, self.length, 0
+
     def write(self, k_BN1D, v_BN1D, pos_1, span: int, memo: dict | None = None):
         """The static step's update: write one position given as a device tensor (no host value read),
         return the first `span` slots and their visibility [1, span] (slots past `pos` are masked).
@@ -140,6 +148,13 @@ class RingKV:
         pos = torch.cat([self.pos[r] for r in runs] + [pos_T])
         self._write(k_BNTD, v_BNTD, pos_T)
         return k, v, pos
+
+    def claim(self) -> tuple[int, int, int]:
+        """FullKV.claim for the ring: the bookkeeping of a one-token `update`; the kernel writes the
+        slot's K/V and position and masks slots outside the window when it sees more than the window."""
+        self.next += 1
+        self.filled = max(self.filled, min(self.size, self.next))
+        return (self.next - 1) % self.size, self.filled, self.window
 
     def write(self, k_BN1D, v_BN1D, pos_1, span: int, memo: dict | None = None):
         """The static step's update (see FullKV.write): slot pos % size, all `size` slots returned,

@@ -122,6 +122,12 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.lr_route.restype = None
     lib.lr_decode_attention.argtypes = [_PTR] * 6 + [_I64] * 13 + [ctypes.c_float]
     lib.lr_decode_attention.restype = None
+    lib.lr_gated.argtypes = [_PTR, _PTR, _I64, _I64, _INT]
+    lib.lr_gated.restype = None
+    lib.lr_decode_layer_scratch.argtypes = [_PTR, _I64, _INT]
+    lib.lr_decode_layer_scratch.restype = _I64
+    lib.lr_decode_layer.argtypes = [_PTR] * 6 + [_PTR] + [_I64] * 5 + [_PTR] * 6 + [_I64, _INT]
+    lib.lr_decode_layer.restype = _INT
     lib.lr_q4_isa.argtypes = []
     lib.lr_q4_isa.restype = ctypes.c_char_p
     return lib
@@ -462,3 +468,96 @@ def decode_attention(q_BN1D: torch.Tensor, k_BKSD: torch.Tensor, v_BKSD: torch.T
                             B, N, KV, S, D, q_BN1D.stride(0), q_BN1D.stride(1), k_BKSD.stride(0), k_BKSD.stride(1),
                             k_BKSD.stride(2), v_BKSD.stride(0), v_BKSD.stride(1), v_BKSD.stride(2), scale)
     return out
+
+
+def gated(gate_up: torch.Tensor, act: str) -> torch.Tensor | None:
+    """act(gate) * up of the dense MLP's fused [..., 2I] projection (gate first) for fp32 CPU rows in
+    one C call (the activation the expert kernels and `DecodeLayer` use), or None (use torch)."""
+    lib = library()
+    if lib is None or _tracing() or act not in ACTIVATION_CODES or not _fp32_rows(gate_up):
+        return None
+    I2 = gate_up.shape[-1]
+    out = torch.empty(*gate_up.shape[:-1], I2 // 2, dtype=torch.float32)
+    lib.lr_gated(gate_up.data_ptr(), out.data_ptr(), gate_up.numel() // I2, I2 // 2, ACTIVATION_CODES[act])
+    return out
+
+
+class _LayerDesc(ctypes.Structure):
+    """cpu_bf16.c's lr_layer: one Gemma 4 MoE layer's sizes and weight addresses."""
+    _fields_ = ([(n, ctypes.c_int64) for n in ("H", "N", "KV", "D", "has_v", "I", "E", "K")]
+                + [("eps", ctypes.c_float), ("router_root", ctypes.c_float), ("act", ctypes.c_int64)]
+                + [(n, ctypes.c_void_p) for n in ("w_in", "w_qn", "w_kn", "w_post", "w_mlp", "w_moe", "w_router_scale",
+                                                  "expert_scale", "qkv", "o", "gate_up", "down", "router", "qkv_bias",
+                                                  "o_bias")])
+
+
+class DecodeLayer:
+    """The front of a Gemma 4 MoE layer for one decoded fp32 token on the CPU, as one C call
+    (`lr_decode_layer`): input norm, q/k/v, their norms and RoPE, the KV write, attention, o_proj,
+    the residual and the FFN norms, the router and the dense MLP. What stays in Python is the routed
+    experts (any backend) and `ffn_residual`. Build with `DecodeLayer.build` (None where the layer's
+    weights are not what the kernel reads: bf16 matrices and fp32 vectors, contiguous)."""
+
+    def __init__(self, lib: ctypes.CDLL, desc: _LayerDesc, keep: list[torch.Tensor]):
+        self.lib, self.desc, self._keep = lib, desc, keep  # `keep`: the tensors `desc` points into
+        self.ref = ctypes.byref(desc)
+        self.hidden, self.top_k = desc.H, desc.K
+        self._out = threading.local()
+
+    @classmethod
+    def build(cls, *, heads: int, kv_heads: int, head_dim: int, eps: float, router_root: float, top_k: int, act: str,
+              vectors: dict[str, torch.Tensor], qkv: torch.Tensor, qkv_bias: torch.Tensor | None, o: torch.Tensor,
+              o_bias: torch.Tensor | None, gate_up: torch.Tensor, down: torch.Tensor,
+              router: torch.Tensor) -> "DecodeLayer | None":
+        """vectors: w_in, w_qn, w_kn, w_post, w_mlp, w_moe, w_router_scale, expert_scale (fp32);
+        qkv [(N + KV or N + 2 KV) * D, H], o [H, N * D], gate_up [2I, H], down [H, I], router [E, H] (bf16)."""
+        lib = library()
+        matrices = (qkv, o, gate_up, down, router)
+        biases = [b for b in (qkv_bias, o_bias) if b is not None]
+        if (lib is None or act not in ACTIVATION_CODES or _tracing()
+                or any(m.dtype != torch.bfloat16 or m.device.type != "cpu" or not m.is_contiguous() for m in matrices)
+                or not _fp32_rows(*vectors.values(), *biases)):
+            return None
+        H, E, I = qkv.shape[1], router.shape[0], down.shape[1]
+        N, KV, D = heads, kv_heads, head_dim
+        width = qkv.shape[0]
+        has_v = width == (N + 2 * KV) * D
+        if (not has_v and width != (N + KV) * D) or o.shape != (H, N * D) or gate_up.shape != (2 * I, H) \
+                or router.shape[1] != H or D % 2:
+            return None
+        desc = _LayerDesc(H=H, N=N, KV=KV, D=D, has_v=int(has_v), I=I, E=E, K=top_k, eps=eps,
+                          router_root=router_root, act=ACTIVATION_CODES[act])
+        for name, t in vectors.items():
+            setattr(desc, name, t.data_ptr())
+        for name, t in (("qkv", qkv), ("o", o), ("gate_up", gate_up), ("down", down), ("router", router),
+                        ("qkv_bias", qkv_bias), ("o_bias", o_bias)):
+            setattr(desc, name, None if t is None else t.data_ptr())
+        return cls(lib, desc, [*vectors.values(), *matrices, *biases])
+
+    def _outputs(self) -> tuple:
+        """This thread's output buffers (reused call after call: the caller consumes them before the
+        layer's next token) and their addresses."""
+        out = getattr(self._out, "bufs", None)
+        if out is None:
+            H, K = self.hidden, self.top_k
+            bufs = (torch.empty(1, 1, H), torch.empty(1, 1, H), torch.empty(1, H),
+                    torch.empty(1, K, dtype=torch.int64), torch.empty(1, K))
+            out = self._out.bufs = (bufs, [b.data_ptr() for b in bufs])
+        return out
+
+    def __call__(self, x_11H: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 kpos: torch.Tensor | None, slot: int, n_keys: int, position: int, window: int):
+        """(residual [1, 1, H], dense MLP output [1, 1, H], expert input [1, H], ids [1, K], weights [1, K])
+        of the token x (contiguous fp32) at `position`; k/v: the layer's cache buffers [1, KV, slots, D]
+        (fp32, contiguous), its K/V written at `slot`, attention over slots [0, n_keys); window > 0 for a
+        ring (kpos: its slots' positions, int64, updated here), 0 for a full layer."""
+        (res, h, x_moe, ids, w), ptrs = self._outputs()
+        threads = torch.get_num_threads()
+        n = self.lib.lr_decode_layer_scratch(self.ref, n_keys, threads)
+        scratch = _scratch("decode_layer", n)
+        status = self.lib.lr_decode_layer(self.ref, x_11H.data_ptr(), cos.data_ptr(), sin.data_ptr(), k.data_ptr(),
+                                          v.data_ptr(), None if kpos is None else kpos.data_ptr(), k.shape[2], slot,
+                                          n_keys, position, window, *ptrs, scratch.data_ptr(), n, threads)
+        if status != 0:
+            raise RuntimeError(f"lr_decode_layer failed ({status}): slot {slot}, {n_keys} keys of {k.shape[2]}")
+        return res, h, x_moe, ids, w

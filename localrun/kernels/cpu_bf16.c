@@ -865,3 +865,86 @@ void lr_decode_attention(const float *q, const float *k, const float *v, const u
             o[d] *= inv;
     }
 }
+
+/* ---------------------------------------------------------------------------------------------
+ * One decoded token through the front of a Gemma 4 MoE layer, in one call: everything but the
+ * routed experts and the final FFN glue (lr_ffn_residual). The same C functions the unfused fp32
+ * decode calls one by one, in the same order on the same buffers, so the results are bit for bit
+ * those of DecoderLayer.forward_fused on the CPU; what goes is the ~25 Python calls between them.
+ *
+ *   n = rms_norm(x) * w_in; q|k|v = n @ qkv^T; q, k = rope(rms_norm(q|k) * w_qn|w_kn); v = rms_norm(v)
+ *   k, v -> cache slot `slot`; a = attention(q, cache keys [0, n_keys)); o = a @ o^T
+ *   res, x_mlp, x_moe, x_router = attention_residual_norms(o, x)
+ *   ids, w = route(x_router @ router^T); h = down(act(gate(x_mlp)) * up(x_mlp))
+ *
+ * K = V layers (has_v 0) take v from k's projection before its norm and RoPE. Sliding layers pass
+ * their ring (window > 0, kpos the slots' positions, -1 empty) and see the slots within the window
+ * of `position` when the ring holds more than the window; full layers pass window 0.
+ * ------------------------------------------------------------------------------------------- */
+typedef struct {
+    int64_t H, N, KV, D, has_v, I, E, K;
+    float eps, router_root;
+    int64_t act;
+    const float *w_in, *w_qn, *w_kn, *w_post, *w_mlp, *w_moe, *w_router_scale, *expert_scale;
+    const uint16_t *qkv, *o, *gate_up, *down, *router;
+    const float *qkv_bias, *o_bias;
+} lr_layer;
+
+int64_t lr_decode_layer_scratch(const lr_layer *L, int64_t max_keys, int threads) {
+    const int64_t width = (L->N + (L->has_v ? 2 : 1) * L->KV) * L->D;
+    return width + 2 * L->N * L->D + 6 * L->H + 2 * L->E + 3 * L->I + max_keys * (threads > 1 ? threads : 1)
+           + max_keys / 4 + 16;
+}
+
+/* gate_up [2I] -> a [I] = act(gate) * up, as torch computes the dense MLP's act(gate) * up. */
+void lr_gated(const float *gate_up, float *a, int64_t rows, int64_t I, int act) {
+    for (int64_t r = 0; r < rows; r++)
+        gated(gate_up + r * 2 * I, gate_up + r * 2 * I + I, a + r * I, I, act);
+}
+
+int lr_decode_layer(const lr_layer *L, const float *x, const float *cos, const float *sin, float *kc, float *vc,
+                    int64_t *kpos, int64_t slots, int64_t slot, int64_t n_keys, int64_t position, int64_t window,
+                    float *res, float *h_mlp, float *x_moe, int64_t *ids, float *w, float *scratch, int64_t n_scratch,
+                    int threads) {
+    const int64_t H = L->H, N = L->N, KV = L->KV, D = L->D, I = L->I, E = L->E;
+    const int64_t width = (N + (L->has_v ? 2 : 1) * KV) * D;
+    if (slot < 0 || slot >= slots || n_keys < 1 || n_keys > slots)
+        return -1;
+    if (lr_decode_layer_scratch(L, n_keys, threads) > n_scratch)
+        return -2;
+    float *qkv = scratch, *q = qkv + width, *att = q + N * D, *n_in = att + N * D, *o = n_in + H;
+    float *x_mlp = o + H, *x_router = x_mlp + H, *logits = x_router + H, *p = logits + E, *gu = p + E;
+    float *a = gu + 2 * I, *att_scratch = a + I;
+    uint8_t *mask = (uint8_t *)(att_scratch + n_keys * (threads > 1 ? threads : 1));
+
+    lr_rms_norm(x, L->w_in, n_in, 1, 1, H, H, L->eps);
+    lr_linear(n_in, L->qkv, L->qkv_bias, qkv, 1, H, width);
+    lr_rms_norm_rope(qkv, L->w_qn, cos, sin, q, N, N, width, 1, D, L->eps);
+    float *k_new = att; /* KV * D floats, free until the attention writes there */
+    lr_rms_norm_rope(qkv + N * D, L->w_kn, cos, sin, k_new, KV, KV, width, 1, D, L->eps);
+    for (int64_t h = 0; h < KV; h++)
+        memcpy(kc + (h * slots + slot) * D, k_new + h * D, (size_t)D * sizeof(float));
+    const float *v_src = qkv + (L->has_v ? N + KV : N) * D;
+    for (int64_t h = 0; h < KV; h++) /* weightless RMSNorm straight into the cache slot */
+        lr_rms_norm(v_src + h * D, NULL, vc + (h * slots + slot) * D, 1, 1, D, D, L->eps);
+    const uint8_t *visible = NULL;
+    if (window > 0) {
+        kpos[slot] = position;
+        if (n_keys > window) {
+            for (int64_t s = 0; s < n_keys; s++)
+                mask[s] = kpos[s] >= 0 && kpos[s] <= position && kpos[s] > position - window;
+            visible = mask;
+        }
+    }
+    lr_decode_attention(q, kc, vc, visible, att, att_scratch, 1, N, KV, n_keys, D, N * D, D, KV * slots * D,
+                        slots * D, D, KV * slots * D, slots * D, D, 1.0f);
+    lr_linear(att, L->o, L->o_bias, o, 1, N * D, H);
+    lr_attention_residual_norms(o, L->w_post, x, L->w_mlp, L->w_moe, L->w_router_scale, res, x_mlp, x_moe, x_router,
+                                1, H, L->eps, L->router_root);
+    lr_linear(x_router, L->router, NULL, logits, 1, H, E);
+    lr_route(logits, L->expert_scale, ids, w, 1, E, L->K, p);
+    lr_linear(x_mlp, L->gate_up, NULL, gu, 1, H, 2 * I);
+    gated(gu, gu + I, a, I, (int)L->act);
+    lr_linear(a, L->down, NULL, h_mlp, 1, I, H);
+    return 0;
+}

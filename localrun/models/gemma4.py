@@ -19,7 +19,7 @@ from ..kernels import linear
 from ..kernels import norm as norm_ops
 from ..kernels import fused as fused_ops
 from ..kernels.attention import decode_attention, grouped_sdpa
-from ..kvcache import attention_mask
+from ..kvcache import FullKV, RingKV, attention_mask
 from ..moe import DenseExperts, activation
 
 
@@ -190,7 +190,7 @@ def apply_rope(x_BTND, cos_T1D, sin_T1D):
 
 # localrun's own decode kernels (kernels/attention.py, kernels/fused.py); switched off, the same
 # step runs the plain torch ops (scripts/gpu_check.py measures both).
-DECODE_KERNELS = {"decode_attention": True, "fused_glue": True}
+DECODE_KERNELS = {"decode_attention": True, "fused_glue": True, "decode_layer": True}
 
 
 def use_kernel(name: str, x: torch.Tensor) -> bool:
@@ -337,7 +337,7 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
         self.up_proj = nn.Linear(hidden, intermediate, bias=False)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
-        self.act = activation(act)
+        self.act, self.act_name = activation(act), act
         self.gate_up = None  # (weight, None) of gate/up fused into one matmul, set by fuse()
 
     def fuse(self) -> None:
@@ -346,8 +346,12 @@ class MLP(nn.Module):
     def forward(self, x):
         if self.gate_up is None:
             return project(self.down_proj, self.act(project(self.gate_proj, x)) * project(self.up_proj, x))
-        gate, up = linear(x, *self.gate_up).chunk(2, dim=-1)
-        return project(self.down_proj, self.act(gate) * up)
+        gate_up = linear(x, *self.gate_up)
+        a = kernels.gated(gate_up, self.act_name) if not torch.is_grad_enabled() else None
+        if a is None:  # the C call is the activation DecodeLayer computes (fp32 CPU inference)
+            gate, up = gate_up.chunk(2, dim=-1)
+            a = self.act(gate) * up
+        return project(self.down_proj, a)
 
 
 class Router(nn.Module):
@@ -416,6 +420,10 @@ class DecoderLayer(nn.Module):
         return ids_TK, w_TK
 
     def forward(self, x_BTH, cos_TD, sin_TD, pos_T, cache, shared, per_layer_BTP=None):
+        if "position" in shared and cache is not None and self.decode_c is not False:
+            out = self.forward_decode(x_BTH, cos_TD, sin_TD, cache, shared["position"])
+            if out is not None:
+                return out
         if self.moe and not self.per_layer and use_kernel("fused_glue", x_BTH):
             return self.forward_fused(x_BTH, cos_TD, sin_TD, pos_T, cache, shared)
         r = x_BTH
@@ -434,6 +442,50 @@ class DecoderLayer(nn.Module):
             g = self.act(project(self.per_layer_input_gate, x)) * per_layer_BTP
             x = x + self.post_per_layer_input_norm(project(self.per_layer_projection, g))
         return x * self.layer_scalar
+
+    decode_c = None  # kernels.DecodeLayer once built; False where it cannot apply to this layer
+
+    def _decode_kernel(self):
+        """This layer's kernels.DecodeLayer, built on first use (None: the layer cannot use it)."""
+        if self.decode_c is None:
+            attn, mlp, router = self.self_attn, self.mlp, self.router if self.moe else None
+            ok = (self.moe and not self.per_layer and not attn.shares_kv and attn.qkv is not None
+                  and mlp.gate_up is not None and attn.qkv[0].shape[1] == attn.q_proj.in_features)
+            self.decode_c = ok and kernels.DecodeLayer.build(
+                heads=attn.q_proj.out_features // attn.head_dim, kv_heads=attn.kv_heads, head_dim=attn.head_dim,
+                eps=attn.eps, router_root=router.root_size, top_k=router.top_k, act=mlp.act_name,
+                vectors=dict(w_in=self.input_layernorm.weight, w_qn=attn.q_norm.weight, w_kn=attn.k_norm.weight,
+                             w_post=self.post_attention_layernorm.weight, w_mlp=self.pre_feedforward_layernorm.weight,
+                             w_moe=self.pre_feedforward_layernorm_2.weight, w_router_scale=router.scale,
+                             expert_scale=router.per_expert_scale),
+                qkv=attn.qkv[0], qkv_bias=attn.qkv[1], o=attn.o_proj.weight, o_bias=attn.o_proj.bias,
+                gate_up=mlp.gate_up[0], down=mlp.down_proj.weight, router=router.proj.weight) or False
+        return self.decode_c or None
+
+    def forward_decode(self, x_BTH, cos_TD, sin_TD, cache, position: int):
+        """forward_fused of one token on the CPU in fp32 with the layer's front as one C call
+        (kernels.DecodeLayer), its results bit for bit; None where that does not apply (then the
+        caller runs forward). Module hooks on the attention, MLP or router (profile.py's) would not
+        see the C call, so they keep the module path."""
+        if (not self.moe or self.per_layer or x_BTH.shape[:2] != (1, 1) or not DECODE_KERNELS["decode_layer"]
+                or not use_kernel("fused_glue", x_BTH)
+                or self.router._forward_hooks or self.self_attn._forward_hooks or self.mlp._forward_hooks
+                or self.self_attn._forward_pre_hooks or self.router._forward_pre_hooks
+                or not isinstance(cache, (FullKV, RingKV)) or cache.k.dtype != torch.float32):
+            return None
+        kernel = self._decode_kernel()
+        if kernel is None:
+            return None
+        slot, n_keys, window = cache.claim()
+        res, h, x_moe, ids_TK, w_TK = kernel(x_BTH.contiguous(), cos_TD, sin_TD, cache.k, cache.v,
+                                             cache.pos if window else None, slot, n_keys, position, window)
+        prefetch = getattr(self.experts, "prefetch", None)
+        if prefetch is not None:
+            prefetch(ids_TK, w_TK)
+        moe = self.experts(x_moe, ids_TK, w_TK).reshape(res.shape)
+        return fused_ops.ffn_residual(h, self.post_feedforward_layernorm_1.weight, moe,
+                                      self.post_feedforward_layernorm_2.weight, self.post_feedforward_layernorm.weight,
+                                      res, self.layer_scalar, self.input_layernorm.eps)
 
     def forward_fused(self, x_BTH, cos_TD, sin_TD, pos_T, cache, shared):
         """forward() of an MoE layer with its glue fused (kernels/fused.py): the same formulas, each
@@ -517,6 +569,7 @@ class Gemma4Model(nn.Module):
         """Final-normed hidden states [B, T, H] of `ids_BT`, appended to `cache` (positions follow it)."""
         T = ids_BT.shape[1]
         dtype = self.compute_dtype
+        start = None
         if pos_T is None:
             start = cache.offset if cache is not None else 0
             pos_T = torch.arange(start, start + T, device=ids_BT.device)
@@ -526,6 +579,8 @@ class Gemma4Model(nn.Module):
         shared: dict = {}  # per forward: KV of the last layer of each kind (KV sharing), attention masks
         if cache is not None and cache.span is not None:
             shared["span"] = cache.span
+        elif start is not None and cache is not None and T == 1 and ids_BT.shape[0] == 1 and not torch.is_grad_enabled():
+            shared["position"] = start  # one host-driven token: layers may take DecoderLayer.forward_decode
         for i, layer in enumerate(self.layers):
             cos, sin = rope[self.args.layer_types[i]]
             layer_cache = cache.layers[i] if cache is not None else None

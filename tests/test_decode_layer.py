@@ -1,0 +1,113 @@
+"""kernels.DecodeLayer: the front of a Gemma 4 MoE layer for one fp32 CPU token as one C call.
+
+It calls the very C functions the module path calls one by one, on the same buffers, so tokens and
+logits are asserted bit for bit equal to the module path (DECODE_KERNELS["decode_layer"] off), at
+every placement, across sliding-ring wraps (rollback slots masked), at 1 and 2 threads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import localrun.models.gemma4 as gemma4
+from localrun import kernels
+from localrun.bench import bench_prompt
+from localrun.generate import generate
+from localrun.kvcache import ContextFull, FullKV, KVCache, RingKV
+from localrun.loader import load_model
+from localrun.moe import ACTIVATIONS
+from localrun.sampling import SamplingParams, make_sampler
+
+torch.set_num_threads(1)
+
+
+def run(model, ids, cache, n, decode_layer: bool, monkeypatch, sampling=SamplingParams()):
+    monkeypatch.setitem(gemma4.DECODE_KERNELS, "decode_layer", decode_layer)
+    steps = list(generate(model, ids, make_sampler(sampling), max_tokens=n, cache=cache))
+    return [s.token for s in steps], torch.stack([s.logits for s in steps])
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.5, 0.0])
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_tokens_and_logits_bit_identical_to_module_path(lib, tiny_moe, monkeypatch, threads, fraction, n_threads):
+    threads(n_threads)
+    loaded = load_model(tiny_moe, dtype=torch.float32, resident_fraction=fraction, context=512)
+    window = loaded.args.sliding_window
+    ids = bench_prompt(window + 7, loaded.args.vocab_size)  # decode starts with the ring past its window
+    sampling = SamplingParams(temperature=0.8, seed=3)  # sampled: more varied routing than greedy
+    fast = run(loaded.model, ids, loaded.kv, 3 * window, True, monkeypatch, sampling)
+    assert all(isinstance(layer.decode_c, kernels.DecodeLayer) for layer in loaded.model.layers if layer.moe)
+    slow = run(loaded.model, ids, loaded.kv, 3 * window, False, monkeypatch, sampling)
+    assert fast[0] == slow[0]
+    assert torch.equal(fast[1], slow[1])
+
+
+@pytest.mark.parametrize("experts, fraction", [("bf16", 1.0), ("nf4", 0.5)])
+def test_bench_model_bit_identical(lib, tmp_path, monkeypatch, experts, fraction):
+    from localrun.bench import bench_model_dir
+
+    loaded = load_model(bench_model_dir(tmp_path), dtype=torch.float32, experts=experts, resident_fraction=fraction,
+                        context=400)
+    ids = bench_prompt(140, loaded.args.vocab_size)  # past the 128-position window
+    fast = run(loaded.model, ids, loaded.kv, 24, True, monkeypatch)
+    slow = run(loaded.model, ids, loaded.kv, 24, False, monkeypatch)
+    assert fast[0] == slow[0] and torch.equal(fast[1], slow[1])
+
+
+def test_router_hooks_keep_the_module_path(lib, tiny_moe, monkeypatch):
+    """profile.py counts experts with forward hooks on the routers: those must still fire."""
+    loaded = load_model(tiny_moe, dtype=torch.float32, context=128)
+    seen = []
+    layer = next(layer for layer in loaded.model.layers if layer.moe)
+    handle = layer.router.register_forward_hook(lambda m, args, out: seen.append(out[0].shape))
+    try:
+        tokens, _ = run(loaded.model, bench_prompt(12, loaded.args.vocab_size), loaded.kv, 5, True, monkeypatch)
+    finally:
+        handle.remove()
+    assert len(seen) == 1 + 4  # the prefill, then each decoded token that was fed back
+
+
+def test_not_built_for_fp32_matrices(lib):
+    H, N, KV, D, I, E = 64, 4, 2, 16, 32, 8
+    bf = lambda *s: torch.randn(*s).bfloat16()  # noqa: E731
+    vectors = {n: torch.ones(H) for n in ("w_in", "w_post", "w_mlp", "w_moe", "w_router_scale")}
+    vectors |= {"w_qn": torch.ones(D), "w_kn": torch.ones(D), "expert_scale": torch.ones(E)}
+    common = dict(heads=N, kv_heads=KV, head_dim=D, eps=1e-6, router_root=H**-0.5, top_k=2, act="gelu_pytorch_tanh",
+                  vectors=vectors, qkv_bias=None, o=bf(H, N * D), o_bias=None, gate_up=bf(2 * I, H), down=bf(H, I),
+                  router=bf(E, H))
+    assert isinstance(kernels.DecodeLayer.build(qkv=bf((N + 2 * KV) * D, H), **common), kernels.DecodeLayer)
+    assert isinstance(kernels.DecodeLayer.build(qkv=bf((N + KV) * D, H), **common), kernels.DecodeLayer)  # K = V
+    assert kernels.DecodeLayer.build(qkv=bf((N + 2 * KV) * D, H).float(), **common) is None
+    assert kernels.DecodeLayer.build(qkv=bf((N + 3 * KV) * D, H), **common) is None  # not a q/k/v layout
+    assert kernels.DecodeLayer.build(qkv=bf((N + 2 * KV) * D, H), **common | {"act": "relu"}) is None
+
+
+@pytest.mark.parametrize("act", ["gelu_pytorch_tanh", "gelu", "silu"])
+def test_gated_matches_torch(lib, act):
+    gate_up = torch.randn(3, 2 * 160) * 4
+    gate, up = gate_up.chunk(2, dim=-1)
+    exact = (ACTIVATIONS[act](gate.double()) * up.double()).float()
+    torch.testing.assert_close(kernels.gated(gate_up, act), exact, rtol=1e-5, atol=4e-6)  # as close as torch's fp32:
+    torch.testing.assert_close(ACTIVATIONS[act](gate) * up, exact, rtol=1e-5, atol=4e-6)
+    assert kernels.gated(gate_up.double(), act) is None
+
+
+def test_claim_is_a_one_token_update(tiny_moe):
+    """FullKV/RingKV.claim leave the host counters where a one-token `update` leaves them."""
+    args = load_model(tiny_moe, dtype=torch.float32, context=64).args
+    a, b = KVCache(args, capacity=40), KVCache(args, capacity=40)
+    for p in range(40):
+        for la, lb in zip(a.layers, b.layers):
+            if la is None:
+                continue
+            N, D = la.k.shape[1], la.k.shape[3]
+            la.update(torch.zeros(1, N, 1, D), torch.zeros(1, N, 1, D), torch.tensor([p]))
+            slot, n_keys, window = lb.claim()
+            if isinstance(lb, RingKV):
+                assert (slot, n_keys, window) == ((lb.next - 1) % lb.size, la.filled, la.window)
+                assert (la.next, la.filled) == (lb.next, lb.filled)
+            else:
+                assert isinstance(lb, FullKV) and (slot, n_keys, window) == (p, p + 1, 0) and la.length == lb.length
+    full = next(layer for layer in b.layers if isinstance(layer, FullKV))
+    with pytest.raises(ContextFull):
+        full.claim()
