@@ -132,6 +132,10 @@ class DenseExperts(torch.nn.Module):
         self.act_name = act
         self.act = activation(act)
 
+    def c_experts(self) -> "kernels.ExpertsDesc | None":
+        """These experts for the C layer call (kernels.DecodeLayer.with_experts), or None."""
+        return kernels.ExpertsDesc.bf16(self.gate_up_proj, self.down_proj)
+
     def forward(self, x_TH, ids_TK, w_TK):
         if not torch.is_grad_enabled():  # bf16 experts under fp32 on CPU: the whole layer in one kernel call
             y = kernels.moe(x_TH, self.gate_up_proj, self.down_proj, ids_TK, w_TK, self.act_name)

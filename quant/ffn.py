@@ -132,6 +132,17 @@ class QuantizedExperts:
             return moe_4bit_cpu(layout, self._rows, x_TH, ids_TK, w_TK, self.act_name)
         return dispatch(x_TH, ids_TK, w_TK, lambda e, x: ffn_4bit(x, self.experts[e], self.act))
 
+    def c_experts(self) -> "kernels.ExpertsDesc | None":
+        """These experts for the C layer call (kernels.DecodeLayer.with_experts), or None where the C
+        4-bit kernel does not read them (on another device, or a blocksize it does not take)."""
+        layout = self.experts[0].layout
+        if self.experts[0].device.type != "cpu" or not kernel_applies(layout, torch.empty(1, 0), self.act_name):
+            return None
+        if self._rows is None:
+            self._rows = rows_table(self.experts, len(self.experts))
+        offsets, code, nested, _, inter, blocksize, dq = _kernel_args(layout)
+        return kernels.ExpertsDesc.q4(self._rows, offsets, code, nested, inter, blocksize, dq)
+
     def __repr__(self) -> str:
         return f"QuantizedExperts({len(self.experts)} x {self.experts[0]!r}, act={self.act_name})"
 

@@ -36,7 +36,10 @@ def test_tokens_and_logits_bit_identical_to_module_path(lib, tiny_moe, monkeypat
     ids = bench_prompt(window + 7, loaded.args.vocab_size)  # decode starts with the ring past its window
     sampling = SamplingParams(temperature=0.8, seed=3)  # sampled: more varied routing than greedy
     fast = run(loaded.model, ids, loaded.kv, 3 * window, True, monkeypatch, sampling)
-    assert all(isinstance(layer.decode_c, kernels.DecodeLayer) for layer in loaded.model.layers if layer.moe)
+    kernels_used = [layer.decode_c for layer in loaded.model.layers if layer.moe]
+    assert all(isinstance(k, kernels.DecodeLayer) for k in kernels_used)
+    # resident 4-bit experts go inside the C call; an ExpertStore (offloaded) stays a Python call
+    assert all((k.experts is not None) == (fraction == 1.0) for k in kernels_used)
     slow = run(loaded.model, ids, loaded.kv, 3 * window, False, monkeypatch, sampling)
     assert fast[0] == slow[0]
     assert torch.equal(fast[1], slow[1])
@@ -50,6 +53,7 @@ def test_bench_model_bit_identical(lib, tmp_path, monkeypatch, experts, fraction
                         context=400)
     ids = bench_prompt(140, loaded.args.vocab_size)  # past the 128-position window
     fast = run(loaded.model, ids, loaded.kv, 24, True, monkeypatch)
+    assert (loaded.model.layers[0].decode_c.experts is not None) == (fraction == 1.0)
     slow = run(loaded.model, ids, loaded.kv, 24, False, monkeypatch)
     assert fast[0] == slow[0] and torch.equal(fast[1], slow[1])
 
@@ -111,3 +115,25 @@ def test_claim_is_a_one_token_update(tiny_moe):
     full = next(layer for layer in b.layers if isinstance(layer, FullKV))
     with pytest.raises(ContextFull):
         full.claim()
+
+
+@pytest.mark.parametrize("cap", [30.0, None])
+@pytest.mark.parametrize("T", [1, 3])
+def test_logits_kernel_matches_torch(lib, cap, T):
+    x, w = torch.randn(T, 96), (torch.randn(1000, 96) * 0.5).bfloat16()
+    y = x.double() @ w.double().T
+    if cap:
+        y = torch.tanh(y / cap) * cap
+    torch.testing.assert_close(kernels.logits(x, w, cap), y.float(), rtol=1e-5, atol=2e-5)
+    assert kernels.logits(x, w.float(), cap) is None  # fp32 matrices: torch's path
+
+
+def test_set_experts_rebuilds_the_layer_call(lib, tiny_moe, monkeypatch):
+    loaded = load_model(tiny_moe, dtype=torch.float32, context=128)
+    ids = bench_prompt(12, loaded.args.vocab_size)
+    before = run(loaded.model, ids, loaded.kv, 6, True, monkeypatch)
+    layer = next(layer for layer in loaded.model.layers if layer.moe)
+    assert layer.decode_c is not None
+    layer.set_experts(layer.experts)
+    assert layer.decode_c is None
+    assert run(loaded.model, ids, loaded.kv, 6, True, monkeypatch)[0] == before[0]

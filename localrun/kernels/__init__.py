@@ -128,6 +128,12 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.lr_decode_layer_scratch.restype = _I64
     lib.lr_decode_layer.argtypes = [_PTR] * 6 + [_PTR] + [_I64] * 5 + [_PTR] * 6 + [_I64, _INT]
     lib.lr_decode_layer.restype = _INT
+    lib.lr_decode_layer_full_scratch.argtypes = [_PTR, _PTR, _I64, _INT]
+    lib.lr_decode_layer_full_scratch.restype = _I64
+    lib.lr_decode_layer_full.argtypes = [_PTR] * 7 + [_PTR] + [_I64] * 5 + [_PTR, _PTR, _I64, _INT]
+    lib.lr_decode_layer_full.restype = _INT
+    lib.lr_logits.argtypes = [_PTR, _PTR, _PTR, _I64, _I64, _I64, ctypes.c_float]
+    lib.lr_logits.restype = None
     lib.lr_q4_isa.argtypes = []
     lib.lr_q4_isa.restype = ctypes.c_char_p
     return lib
@@ -534,6 +540,38 @@ class DecodeLayer:
             setattr(desc, name, None if t is None else t.data_ptr())
         return cls(lib, desc, [*vectors.values(), *matrices, *biases])
 
+    def with_experts(self, experts: "ExpertsDesc", post1: torch.Tensor, post2: torch.Tensor, post: torch.Tensor,
+                     scalar: float) -> "DecodeLayer":
+        """This layer's front plus its routed experts and `ffn_residual` (norm weights post1, post2,
+        post and the layer scalar), so that `full` runs the whole layer in one call."""
+        if not _fp32_rows(post1, post2, post):
+            return self
+        x = experts.desc
+        x.w_post1, x.w_post2, x.w_post, x.scalar = post1.data_ptr(), post2.data_ptr(), post.data_ptr(), scalar
+        self.experts, self._keep = experts, self._keep + [post1, post2, post]
+        return self
+
+    experts: "ExpertsDesc | None" = None
+
+    def full(self, x_11H: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             kpos: torch.Tensor | None, slot: int, n_keys: int, position: int, window: int) -> torch.Tensor:
+        """The layer's output [1, 1, H] for x (see __call__), experts and ffn_residual included; only
+        after `with_experts`."""
+        threads = torch.get_num_threads()
+        xref = ctypes.byref(self.experts.desc)
+        n = self.lib.lr_decode_layer_full_scratch(self.ref, xref, n_keys, threads)
+        scratch = _scratch("decode_layer", n)
+        out = torch.empty(1, 1, self.hidden)
+        status = self.lib.lr_decode_layer_full(self.ref, xref, x_11H.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                                               k.data_ptr(), v.data_ptr(), None if kpos is None else kpos.data_ptr(),
+                                               k.shape[2], slot, n_keys, position, window, out.data_ptr(),
+                                               scratch.data_ptr(), n, threads)
+        if status == -3:
+            raise ValueError(f"expert ids must be in [0, {self.experts.desc.E}) and name an available expert")
+        if status != 0:
+            raise RuntimeError(f"lr_decode_layer_full failed ({status}): slot {slot}, {n_keys} keys of {k.shape[2]}")
+        return out
+
     def _outputs(self) -> tuple:
         """This thread's output buffers (reused call after call: the caller consumes them before the
         layer's next token) and their addresses."""
@@ -561,3 +599,58 @@ class DecodeLayer:
         if status != 0:
             raise RuntimeError(f"lr_decode_layer failed ({status}): slot {slot}, {n_keys} keys of {k.shape[2]}")
         return res, h, x_moe, ids, w
+
+
+class _ExpertsDesc(ctypes.Structure):
+    """cpu_bf16.c's lr_experts."""
+    _fields_ = ([(n, ctypes.c_int64) for n in ("kind", "E", "F", "blocksize", "dq")]
+                + [(n, ctypes.c_void_p) for n in ("gate_up", "down", "rows", "offsets", "table", "dyn", "w_post1",
+                                                  "w_post2", "w_post")]
+                + [("scalar", ctypes.c_float)])
+
+
+class ExpertsDesc:
+    """A layer's routed experts as the C layer call reads them (`DecodeLayer.with_experts`): bf16
+    tensors (`bf16`) or 4-bit rows (`q4`). Keeps the tensors it points into alive."""
+
+    def __init__(self, desc: _ExpertsDesc, keep: list[torch.Tensor]):
+        self.desc, self._keep = desc, keep
+
+    @classmethod
+    def bf16(cls, gate_up_E2FH: torch.Tensor, down_EHF: torch.Tensor) -> "ExpertsDesc | None":
+        if any(t.dtype != torch.bfloat16 or t.device.type != "cpu" or not t.is_contiguous()
+               for t in (gate_up_E2FH, down_EHF)):
+            return None
+        E, F2, _ = gate_up_E2FH.shape
+        desc = _ExpertsDesc(kind=0, E=E, F=F2 // 2, gate_up=gate_up_E2FH.data_ptr(), down=down_EHF.data_ptr())
+        return cls(desc, [gate_up_E2FH, down_EHF])
+
+    @classmethod
+    def q4(cls, rows_E: torch.Tensor, offsets: torch.Tensor, code: torch.Tensor, nested_code: torch.Tensor,
+           inter: int, blocksize: int, double_quant: bool) -> "ExpertsDesc | None":
+        """The arguments of `moe_q4` (rows: every expert's address, none 0)."""
+        if blocksize < 32 or blocksize & (blocksize - 1) or not bool((rows_E != 0).all()):
+            return None
+        tensors = [t.contiguous() for t in (rows_E, offsets, code, nested_code)]
+        desc = _ExpertsDesc(kind=1, E=rows_E.numel(), F=inter, blocksize=blocksize, dq=int(double_quant),
+                            rows=tensors[0].data_ptr(), offsets=tensors[1].data_ptr(), table=tensors[2].data_ptr(),
+                            dyn=tensors[3].data_ptr())
+        return cls(desc, tensors)
+
+
+def logits(x_TH: torch.Tensor, w_VH: torch.Tensor, cap: float | None) -> torch.Tensor | None:
+    """tanh(x @ w^T / cap) * cap (or the plain products without cap) for few fp32 CPU rows and a bf16
+    w in one C call, or None (use torch). Its tanh rounds a little differently from torch's."""
+    lib = library()
+    if (lib is None or _tracing() or w_VH.dtype != torch.bfloat16 or not w_VH.is_contiguous()
+            or x_TH.dtype != torch.float32 or x_TH.device.type != "cpu"
+            or (torch.is_grad_enabled() and x_TH.requires_grad)):
+        return None
+    V, H = w_VH.shape
+    rows = x_TH.numel() // H
+    if rows > C_KERNEL_MAX_ROWS:
+        return None
+    x = x_TH.contiguous()
+    y = torch.empty(*x_TH.shape[:-1], V, dtype=torch.float32)
+    lib.lr_logits(x.data_ptr(), w_VH.data_ptr(), y.data_ptr(), rows, H, V, float(cap or 0.0))
+    return y

@@ -948,3 +948,72 @@ int lr_decode_layer(const lr_layer *L, const float *x, const float *cos, const f
     lr_linear(a, L->down, NULL, h_mlp, 1, I, H);
     return 0;
 }
+
+/* A layer's routed experts as lr_decode_layer_full reads them: kind 0, bf16 gate_up [E, 2F, H] and
+ * down [E, H, F] (lr_moe_one_token); kind 1, 4-bit rows (lr_moe_4bit: rows, offsets, the code tables). */
+typedef struct {
+    int64_t kind, E, F, blocksize, dq;
+    const uint16_t *gate_up, *down;
+    const uint8_t *const *rows;
+    const int64_t *offsets;
+    const float *table, *dyn;
+    const float *w_post1, *w_post2, *w_post; /* lr_ffn_residual's norms */
+    float scalar;
+} lr_experts;
+
+#define EVEN(n) (((n) + 1) & ~(int64_t)1) /* float counts kept even: int64 arrays after them stay aligned */
+
+/* The expert kernel's own scratch, as the Python wrappers size it (so it picks the same thread count). */
+static int64_t experts_kernel_scratch(const lr_layer *L, const lr_experts *X, int threads) {
+    const int64_t t = threads > 1 ? threads : 1;
+    if (X->kind == 0)
+        return t * (2 * L->H + 2 * X->F);
+    return lr_moe_4bit_scratch(1, L->K, L->H, X->F, X->blocksize, (int)X->dq, (int)t);
+}
+
+int64_t lr_decode_layer_full_scratch(const lr_layer *L, const lr_experts *X, int64_t max_keys, int threads) {
+    return EVEN(lr_decode_layer_scratch(L, max_keys, threads)) + EVEN(5 * L->H) + 2 * L->K /* ids */
+           + EVEN(L->K) + 2 * (L->K + X->E + 1) /* order, starts */ + experts_kernel_scratch(L, X, threads);
+}
+
+/* The whole layer for one token: lr_decode_layer, the routed experts, lr_ffn_residual; out [H] is the
+ * layer's output (may not alias x). The calls and buffers of DecoderLayer.forward_decode, in one.
+ * Returns lr_decode_layer's codes, -3 (an expert id out of range or absent), -4 (the expert kernel
+ * refused the shapes). */
+int lr_decode_layer_full(const lr_layer *L, const lr_experts *X, const float *x, const float *cos, const float *sin,
+                         float *kc, float *vc, int64_t *kpos, int64_t slots, int64_t slot, int64_t n_keys,
+                         int64_t position, int64_t window, float *out, float *scratch, int64_t n_scratch, int threads) {
+    const int64_t H = L->H, K = L->K;
+    const int64_t front = EVEN(lr_decode_layer_scratch(L, n_keys, threads)), xs = experts_kernel_scratch(L, X, threads);
+    if (lr_decode_layer_full_scratch(L, X, n_keys, threads) > n_scratch)
+        return -2;
+    float *res = scratch + front, *h = res + H, *x_moe = h + H, *moe = x_moe + H, *tmp = moe + H;
+    int64_t *ids = (int64_t *)(scratch + front + EVEN(5 * H));
+    float *w = (float *)(ids + K);
+    int64_t *order = (int64_t *)(w + EVEN(K)), *starts = order + K;
+    float *xsc = (float *)(starts + X->E + 1);
+    int status = lr_decode_layer(L, x, cos, sin, kc, vc, kpos, slots, slot, n_keys, position, window, res, h, x_moe,
+                                 ids, w, scratch, front, threads);
+    if (status != 0)
+        return status;
+    if (X->kind == 0)
+        status = lr_moe_one_token(x_moe, X->gate_up, X->down, ids, w, K, X->E, H, X->F, (int)L->act, moe, xsc, xs);
+    else
+        status = lr_moe_4bit(x_moe, X->rows, X->offsets, X->table, X->dyn, ids, w, 1, K, X->E, H, X->F, X->blocksize,
+                             (int)X->dq, (int)L->act, moe, order, starts, xsc, xs);
+    if (status != 0)
+        return status == -1 ? -3 : -4;
+    lr_ffn_residual(h, X->w_post1, moe, X->w_post2, X->w_post, res, X->scalar, out, tmp, 1, H, L->eps);
+    return 0;
+}
+
+/* logits[V] = tanh((x @ W^T) / cap) * cap (cap > 0; else the plain products), tanh from exp_approx
+ * (1 - 2 / (exp(2u) + 1)), which vectorizes where libm's tanhf is a call per value. */
+void lr_logits(const float *x, const uint16_t *W, float *y, int64_t T, int64_t H, int64_t V, float cap) {
+    lr_linear(x, W, NULL, y, T, H, V);
+    if (cap > 0.0f)
+        for (int64_t i = 0; i < T * V; i++) {
+            const float u = y[i] / cap;
+            y[i] = (1.0f - 2.0f / (exp_approx(2.0f * u) + 1.0f)) * cap;
+        }
+}

@@ -410,6 +410,7 @@ class DecoderLayer(nn.Module):
         """Swap the expert backend (a module or any callable (x_TH, ids_TK, w_TK) -> y_TH)."""
         self._modules.pop("experts", None)
         self.experts = backend
+        self.decode_c = None  # forward_decode's C call reads the experts: built again for these
 
     def route(self, r_TH, normed: bool = False):
         """The router's (ids, weights); offloaded experts start their ids + weights for the host."""
@@ -460,6 +461,13 @@ class DecoderLayer(nn.Module):
                              expert_scale=router.per_expert_scale),
                 qkv=attn.qkv[0], qkv_bias=attn.qkv[1], o=attn.o_proj.weight, o_bias=attn.o_proj.bias,
                 gate_up=mlp.gate_up[0], down=mlp.down_proj.weight, router=router.proj.weight) or False
+            c_experts = getattr(self.experts, "c_experts", None)
+            if self.decode_c and c_experts is not None and getattr(self.experts, "act_name", None) == mlp.act_name:
+                desc = c_experts()
+                if desc is not None:
+                    self.decode_c.with_experts(desc, self.post_feedforward_layernorm_1.weight,
+                                               self.post_feedforward_layernorm_2.weight,
+                                               self.post_feedforward_layernorm.weight, float(self.layer_scalar))
         return self.decode_c or None
 
     def forward_decode(self, x_BTH, cos_TD, sin_TD, cache, position: int):
@@ -477,6 +485,9 @@ class DecoderLayer(nn.Module):
         if kernel is None:
             return None
         slot, n_keys, window = cache.claim()
+        if kernel.experts is not None and not getattr(self.experts, "_forward_hooks", None):
+            return kernel.full(x_BTH.contiguous(), cos_TD, sin_TD, cache.k, cache.v, cache.pos if window else None,
+                               slot, n_keys, position, window)
         res, h, x_moe, ids_TK, w_TK = kernel(x_BTH.contiguous(), cos_TD, sin_TD, cache.k, cache.v,
                                              cache.pos if window else None, slot, n_keys, position, window)
         prefetch = getattr(self.experts, "prefetch", None)
@@ -592,8 +603,11 @@ class Gemma4Model(nn.Module):
     def logits(self, h_BTH: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits of hidden states, soft-capped like Gemma does."""
         w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = linear(h_BTH, w)
         cap = self.args.final_logit_softcapping
+        logits = kernels.logits(h_BTH, w, cap)  # fp32 CPU decode: the GEMV and the cap in one C call
+        if logits is not None:
+            return logits
+        logits = linear(h_BTH, w)
         if cap:
             logits = torch.tanh(logits / cap) * cap
         return logits
