@@ -8,6 +8,7 @@ card's real size, not 7% less.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -36,6 +37,14 @@ PCIE_GEN5_X8 = 25 * GB_S
 PCIE_GEN5_X16 = 50 * GB_S
 DEFAULT_PCIE_BANDWIDTH = PCIE_GEN4_X16  # what we assume for a card we don't know
 
+# Host RAM as the CPU reads cold experts where they lie (fit's CPU route), when --host-bandwidth is not
+# given: a desktop's dual-channel DDR5 (77-90 GB/s nominal) read by a few cores. A planning figure like
+# the PCIe rates above, not a measurement: fit's verdict must not change with this machine's load at the
+# moment, and what the CPU route really costs (the 4-bit kernel on the threads the run gets) is what
+# the loader's `experts.calibrate` measures. For scale, one core of a shared 2-core AMD EPYC (Zen 5)
+# sums a 256 MiB tensor at 24.5 GB/s, and lr_moe_4bit reads four 26B-A4B NF4 experts (in cache) at 18.9.
+DEFAULT_HOST_BANDWIDTH = 50 * GB_S
+
 
 @dataclass(frozen=True)
 class MeasuredEfficiency:
@@ -59,8 +68,8 @@ DECODE_EFFICIENCY = MeasuredEfficiency(
 # experts keep the step eager with a routing sync a layer: a fraction of the resident case's.
 OFFLOAD_DECODE_EFFICIENCY = MeasuredEfficiency(
     fraction=0.043, device="NVIDIA H200", date="2026-11-26", report="docs/gpu/2026-11-26-h200-memory-v2-kernels.md",
-    measured="Gemma 4 26B-A4B (random NF4 weights) under a 16 GiB budget, 94 of 128 experts resident, eager decode: "
-             "10.7 tok/s")
+    measured="Gemma 4 26B-A4B (random NF4 weights) under a 16 GiB budget, 94 of 128 experts resident, every miss "
+             "copied over PCIe, eager decode: 10.7 tok/s")
 
 
 def decode_efficiency(offloaded: bool) -> MeasuredEfficiency:
@@ -86,6 +95,42 @@ def parse_size(text: str | int) -> int:
     if nbytes <= 0:
         raise UsageError(f"invalid size {text!r}: must be positive")
     return nbytes
+
+
+_RATE_UNITS = {  # bytes per second; decimal as vendors quote them (GB/s = 1e9 B/s), binary when spelled so
+    "": 1, "b": 1,
+    "k": 10**3, "kb": 10**3, "kib": KIB,
+    "m": 10**6, "mb": 10**6, "mib": MIB,
+    "g": GB_S, "gb": GB_S, "gib": GIB,
+    "t": 10**12, "tb": 10**12, "tib": TIB,
+}
+_RATE_RE = re.compile(r"^\s*((?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)\s*([a-zA-Z]*)\s*(/\s*s)?\s*$")
+_MIN_RATE = 10**6  # bytes/s: below 1 MB/s no memory or link is meant (a bare "60" is a forgotten unit)
+
+
+def parse_rate(text: str) -> float:
+    """Bytes/s from "60GB/s", "60 GB/s", "60GB", "25.6e9" or "100GiB/s". Unlike sizes, rates are
+    decimal (GB/s = 1e9 bytes/s, as vendors quote bandwidth) unless spelled binary (GiB/s).
+    Raises UsageError on anything else."""
+    m = _RATE_RE.match(str(text))
+    if not m or m.group(2).lower() not in _RATE_UNITS:
+        raise UsageError(f"invalid rate {text!r}: expected a number with a unit, e.g. 60GB/s or 25.6e9")
+    unit = m.group(2).lower()
+    rate = float(m.group(1)) * _RATE_UNITS[unit]
+    if not math.isfinite(rate):
+        raise UsageError(f"invalid rate {text!r}: too large")
+    if rate < _MIN_RATE:
+        hint = f"add a unit, e.g. {m.group(1)}GB/s" if unit in ("", "b") else "expected at least 1MB/s"
+        raise UsageError(f"rate {text!r} is only {rate:g} bytes/s; {hint}")
+    return rate
+
+
+def format_rate(bytes_per_s: float) -> str:
+    """'13 GB/s', '54.6 GB/s', '4.8 TB/s': decimal, as vendors quote bandwidth."""
+    for unit, scale in (("TB/s", 10**12), ("GB/s", GB_S), ("MB/s", 10**6)):
+        if bytes_per_s >= scale:
+            return f"{bytes_per_s / scale:.3g} {unit}"
+    return f"{bytes_per_s:.3g} B/s"
 
 
 def format_size(nbytes: int | float) -> str:

@@ -289,7 +289,8 @@ def placement_plan(args: ModelArgs, model_dir: Path, spec: QuantSpec | str, *, g
                    host_bytes: int | None, context: int | None, resident_fraction: float | None,
                    dtype: str = "bfloat16", matrix_dtype: str | None = None,
                    tensor_shapes: dict | None = None, gpu_bandwidth: float | None = None,
-                   pcie_bandwidth: float | None = None, sequences: int = 1) -> Plan:
+                   pcie_bandwidth: float | None = None, host_bandwidth: float | None = None,
+                   sequences: int = 1) -> Plan:
     """The plan for a model directory: the one function behind `localrun fit` and the loader.
 
     gpu_bytes: the GPU's memory (or --vram); the plan gets `plan.device_budget(gpu_bytes)`, the
@@ -297,7 +298,7 @@ def placement_plan(args: ModelArgs, model_dir: Path, spec: QuantSpec | str, *, g
     """
     budget = Budget(device_bytes=None if gpu_bytes is None else device_budget(gpu_bytes), host_bytes=host_bytes,
                     context=default_context(args, context), gpu_bandwidth=gpu_bandwidth,
-                    pcie_bandwidth=pcie_bandwidth, sequences=sequences)
+                    pcie_bandwidth=pcie_bandwidth, host_bandwidth=host_bandwidth, sequences=sequences)
     return make_plan(args, budget, experts=spec, tensor_shapes=tensor_shapes,
                      routing_profile=read_routing_profile(model_dir), dtype=dtype, matrix_dtype=matrix_dtype,
                      resident_fraction=resident_fraction)

@@ -52,6 +52,10 @@ Rules (each one a named constant or function below, so a change is one edit):
   checkpoint itself lives on the device (`synthetic.RandomCheckpoint` on CUDA) a chunk is there:
   16 x 11.9 MB = 190 MB for 26B-A4B. Either fits in the workspace, which is idle while loading;
   nothing else is allocated twice (fused projections are read into their slices).
+- Decode estimate (with the budget's bandwidths): bytes read per token over the GPU's bandwidth,
+  a ceiling. A missed expert is either copied over PCIe first (added time) or computed by the CPU
+  where it lies in host RAM, overlapped with the GPU's dense MLP and resident experts; the plan
+  takes the faster and names it (`cold_experts`). See `cold_expert_ceilings`.
 - Device None means the compute device is the CPU: every tier is host RAM. The expert split
   and slot count are still computed when `resident_fraction` forces them (the expert store
   is tested on CPU); otherwise all experts are "resident" on the CPU and no slots are used.
@@ -100,8 +104,9 @@ _WEIGHT_GROUPS = ("embed", "per_layer", "attention", "mlp", "router", "norms")
 class Budget:
     """What the plan may use. device_bytes None: compute on the CPU. host_bytes None: unchecked.
 
-    gpu_bandwidth / pcie_bandwidth (bytes/s) are optional; with them the plan carries a
-    decode speed estimate.
+    gpu_bandwidth / pcie_bandwidth / host_bandwidth (bytes/s) are optional; with the first two the
+    plan carries a decode speed estimate, and with host_bandwidth too it also weighs computing
+    missed experts on the CPU (`cold_expert_ceilings`).
     """
 
     device_bytes: int | None
@@ -111,6 +116,7 @@ class Budget:
     sequences: int = 1  # KV caches kept side by side (serve --parallel), each for `context` positions
     gpu_bandwidth: float | None = None
     pcie_bandwidth: float | None = None
+    host_bandwidth: float | None = None  # host RAM as the CPU reads experts (the CPU route)
 
 
 class Placement(NamedTuple):
@@ -176,6 +182,8 @@ class Plan:
     estimated_decode_tokens_per_s: float | None = None  # the memory-bandwidth ceiling
     expected_decode_tokens_per_s: float | None = None  # the ceiling times `efficiency.fraction`
     sequences: int = 1  # KV caches side by side (serve --parallel); kv_bytes counts them all
+    cold_experts: str | None = None  # how the estimate serves missed experts: "copy" or "cpu" (None: none miss)
+    cold_expert_ceilings: dict[str, float] | None = None  # the ceiling each route would give ({"copy", "cpu"})
     _resident_sets: list[frozenset] = field(default_factory=list, repr=False)
 
     @property
@@ -228,6 +236,8 @@ class Plan:
             "expected_miss_rate": self.expected_miss_rate,
             "estimated_decode_tokens_per_s": self.estimated_decode_tokens_per_s,
             "expected_decode_tokens_per_s": self.expected_decode_tokens_per_s,
+            "cold_experts": self.cold_experts,
+            "estimated_decode_tokens_per_s_by_cold_experts": self.cold_expert_ceilings,
             "decode_efficiency": None if self.expected_decode_tokens_per_s is None else {
                 "fraction_of_ceiling": self.efficiency.fraction, "measured_on": self.efficiency.device,
                 "date": self.efficiency.date, "report": self.efficiency.report, "measured": self.efficiency.measured},
@@ -363,8 +373,9 @@ def estimate_decode_tokens_per_s(plan: Plan, gpu_bandwidth: float, pcie_bandwidt
     """Memory-bandwidth ceiling on decode speed (tokens/s, batch 1); real speed is lower.
 
     Per token the device reads the non-expert weights (lm_head included), the KV cache and
-    top_k experts per layer; a missed expert is first copied over PCIe. On a CPU plan the
-    host tier is the same memory, so misses cost nothing extra.
+    top_k experts per layer; a missed expert is first copied over PCIe (the copy route;
+    `cpu_experts_decode_tokens_per_s` is the other). On a CPU plan the host tier is the same
+    memory, so misses cost nothing extra.
     """
     miss = plan.expected_miss_rate if miss_rate is None else miss_rate
     seconds = (plan.decode_weight_bytes + plan.kv_bytes + plan.active_expert_bytes) / gpu_bandwidth
@@ -373,6 +384,58 @@ def estimate_decode_tokens_per_s(plan: Plan, gpu_bandwidth: float, pcie_bandwidt
             raise ValueError("pcie_bandwidth is needed when experts miss")
         seconds += miss * plan.active_expert_bytes / pcie_bandwidth
     return 1.0 / seconds
+
+
+# The CPU route's fixed cost per MoE layer, beyond the routing sync both routes pay: the layer's hidden state
+# to the host and the CPU's sum back, two small transfers on the token's path. The H200 report
+# (docs/gpu/2026-11-26-h200-memory-v2-kernels.md) copied one 3.35 MB expert in 82 us where its 55.3 GB/s
+# would take 61: ~20 us of fixed cost a transfer. An assumption until the CPU route is measured on a GPU.
+CPU_EXPERT_SYNC_S = 40e-6
+
+
+def cpu_experts_decode_tokens_per_s(plan: Plan, gpu_bandwidth: float, host_bandwidth: float,
+                                    miss_rate: float | None = None) -> float:
+    """Memory-bandwidth ceiling on decode speed (tokens/s, batch 1) when the CPU computes each missed
+    expert where it lies in host RAM instead of copying it to the GPU (a CUDA plan).
+
+    A layer's attention, router and norms run on the GPU first (the ids come out of them), as do the
+    lm_head and the KV cache reads. Then the GPU reads the dense MLP and the resident experts while the
+    CPU reads the missed ones at host_bandwidth: the layer takes the longer of the two, plus
+    CPU_EXPERT_SYNC_S. The layers are alike, so the longer of the sums is the sum of the longer.
+    """
+    miss = plan.expected_miss_rate if miss_rate is None else miss_rate
+    missed = miss * plan.active_expert_bytes
+    mlp = plan.component("mlp").nbytes
+    before_ids = (plan.decode_weight_bytes - mlp + plan.kv_bytes) / gpu_bandwidth
+    gpu = (mlp + plan.active_expert_bytes - missed) / gpu_bandwidth
+    cpu = missed / host_bandwidth
+    return 1.0 / (before_ids + max(gpu, cpu) + plan.moe_layers * CPU_EXPERT_SYNC_S)
+
+
+def cold_expert_ceilings(plan: Plan, gpu_bandwidth: float, pcie_bandwidth: float | None,
+                         host_bandwidth: float | None) -> dict[str, float]:
+    """The decode ceiling of each way to serve the experts a token misses: {"copy": over PCIe, "cpu":
+    computed on the CPU} ("cpu" only with a host_bandwidth). {} when none miss: every expert resident,
+    or a CPU plan, where host RAM is the memory it computes from."""
+    if plan.device != "cuda" or plan.expected_miss_rate <= 0:
+        return {}
+    ceilings = {"copy": estimate_decode_tokens_per_s(plan, gpu_bandwidth, pcie_bandwidth)}
+    if host_bandwidth:
+        ceilings["cpu"] = cpu_experts_decode_tokens_per_s(plan, gpu_bandwidth, host_bandwidth)
+    return ceilings
+
+
+def _estimate_decode(plan: Plan, budget: Budget) -> None:
+    """Set the plan's decode ceiling, its expected speed and, when experts miss, the faster route for them."""
+    ceilings = cold_expert_ceilings(plan, budget.gpu_bandwidth, budget.pcie_bandwidth, budget.host_bandwidth)
+    if ceilings:
+        plan.cold_experts = max(ceilings, key=ceilings.get)  # "copy" on a tie (the first key)
+        plan.cold_expert_ceilings = ceilings
+        plan.estimated_decode_tokens_per_s = ceilings[plan.cold_experts]
+    else:
+        plan.estimated_decode_tokens_per_s = estimate_decode_tokens_per_s(plan, budget.gpu_bandwidth,
+                                                                          budget.pcie_bandwidth)
+    plan.expected_decode_tokens_per_s = plan.estimated_decode_tokens_per_s * plan.efficiency.fraction
 
 
 # The plan -----------------------------------------------------------------------------------
@@ -616,9 +679,7 @@ def make_plan(
         _resident_sets=[frozenset(ids) for ids in resident],
     )
     if budget.gpu_bandwidth and fits:
-        plan.estimated_decode_tokens_per_s = estimate_decode_tokens_per_s(
-            plan, budget.gpu_bandwidth, budget.pcie_bandwidth)
-        plan.expected_decode_tokens_per_s = plan.estimated_decode_tokens_per_s * plan.efficiency.fraction
+        _estimate_decode(plan, budget)
     return plan
 
 

@@ -123,6 +123,9 @@ def test_config_that_disagrees_with_the_weights(cli, tiny_moe, tmp_path):
     (["--vram", "16GiB", "--experts", "int8"], 2, "--experts"),
     (["--vram", "16GiB", "--context", "999999999"], 2, "exceeds"),
     (["--vram", "16GiB", "--resident-experts", "1.5"], 2, "--resident-experts"),
+    (["--vram", "16GiB", "--host-bandwidth", "fast"], 2, "--host-bandwidth: invalid rate"),
+    (["--vram", "16GiB", "--host-bandwidth", "60"], 2, "add a unit"),
+    (["--vram", "16GiB", "--host-bandwidth=-60GB/s"], 2, "--host-bandwidth"),
     ([], 2, "no GPU found"),
 ])
 def test_usage_errors(cli, ref_dir, no_gpu, argv, code, message):
@@ -163,3 +166,59 @@ def test_offloaded_experts_expect_the_offload_efficiency(cli, ref_dir):
     assert eff.fraction < hardware.DECODE_EFFICIENCY.fraction
     assert d["expected_decode_tokens_per_s"] == pytest.approx(d["estimated_decode_tokens_per_s"] * eff.fraction)
     assert d["decode_efficiency"]["measured"] == eff.measured
+
+
+def flat(text: str) -> str:
+    return " ".join(text.split())  # the terminal report wraps at the console's width
+
+
+def test_cold_experts_computed_on_the_cpu_when_pcie_is_slow(cli, ref_dir):
+    """A 4060 Ti copies over PCIe 4.0 x8 (13 GB/s): beside 60 GB/s host RAM the CPU computes the missed
+    experts where they lie, and fit says so, with both rates and both ceilings."""
+    d = run_json(cli, ref_dir, "--gpu", "4060ti", "--ram", "64GiB", "--host-bandwidth", "60GB/s")
+    assert d["host_bytes"] > 0
+    assert d["host_bandwidth_bytes_per_s"] == 60e9 and d["host_bandwidth_assumed"] is False
+    assert d["pcie_bandwidth_bytes_per_s"] == hardware.PCIE_GEN4_X8
+    by_route = d["estimated_decode_tokens_per_s_by_cold_experts"]
+    assert d["cold_experts"] == "cpu" and by_route["cpu"] > by_route["copy"]
+    assert d["estimated_decode_tokens_per_s"] == by_route["cpu"]
+    offloaded = hardware.OFFLOAD_DECODE_EFFICIENCY
+    assert d["expected_decode_tokens_per_s"] == pytest.approx(by_route["cpu"] * offloaded.fraction)
+    code, out, _ = run_cli(cli, ref_dir, "--gpu", "4060ti", "--ram", "64GiB", "--host-bandwidth", "60GB/s")
+    out = flat(out)
+    assert code == 0
+    assert ("cold experts: computed on the CPU where they lie in host RAM at 60 GB/s, "
+            "faster than copying them over PCIe at 13 GB/s") in out
+    assert f"ceiling ~{by_route['cpu']:.0f} tokens/s vs ~{by_route['copy']:.0f} copied" in out
+    assert "(assumed" not in out
+    assert "copied: computing them on the CPU is not measured yet" in out  # the efficiency's label stays true
+
+
+def test_cold_experts_copied_when_host_ram_is_slow(cli, ref_dir):
+    """A 5080 copies over PCIe 5.0 x16 (50 GB/s): beside 10 GB/s host RAM copying wins."""
+    d = run_json(cli, ref_dir, "--gpu", "5080", "--ram", "64GiB", "--host-bandwidth", "10e9")
+    by_route = d["estimated_decode_tokens_per_s_by_cold_experts"]
+    assert d["cold_experts"] == "copy" and by_route["copy"] > by_route["cpu"]
+    assert d["estimated_decode_tokens_per_s"] == by_route["copy"]
+    code, out, _ = run_cli(cli, ref_dir, "--gpu", "5080", "--ram", "64GiB", "--host-bandwidth", "10e9")
+    out = flat(out)
+    assert code == 0
+    assert ("cold experts: copied over PCIe at 50 GB/s, faster than computing them on the CPU from host RAM "
+            "at 10 GB/s") in out
+    assert "not measured yet" not in out
+
+
+def test_default_host_bandwidth_is_named_as_assumed(cli, ref_dir):
+    d = run_json(cli, ref_dir, "--gpu", "4060ti", "--ram", "64GiB")
+    assert d["host_bandwidth_bytes_per_s"] == hardware.DEFAULT_HOST_BANDWIDTH and d["host_bandwidth_assumed"] is True
+    assert d["cold_experts"] in ("copy", "cpu")
+    code, out, _ = run_cli(cli, ref_dir, "--gpu", "4060ti", "--ram", "64GiB")
+    assert code == 0 and "(assumed; --host-bandwidth sets it)" in flat(out)
+
+
+def test_no_cold_experts_line_when_every_expert_is_resident(cli, ref_dir):
+    d = run_json(cli, ref_dir, "--gpu", "4090", "--ram", "64GiB", "--host-bandwidth", "60GB/s")
+    assert d["host_bytes"] == 0 and d["cold_experts"] is None
+    assert d["estimated_decode_tokens_per_s_by_cold_experts"] is None
+    code, out, _ = run_cli(cli, ref_dir, "--gpu", "4090", "--ram", "64GiB", "--host-bandwidth", "60GB/s")
+    assert code == 0 and "cold experts" not in out

@@ -8,11 +8,11 @@ import pytest
 
 from localrun.config import FULL, SLIDING, ModelArgs
 from localrun.errors import UsageError
-from localrun.hardware import (GIB, MIB, GPU_PRESETS, detect_gpu, detect_host_ram, gpu_preset, parse_size,
-                               preset_for_device_name)
+from localrun.hardware import (GIB, MIB, GPU_PRESETS, detect_gpu, detect_host_ram, format_rate, gpu_preset,
+                               parse_rate, parse_size, preset_for_device_name)
 from localrun.models.gemma4 import checkpoint_shapes
-from localrun.plan import (DEVICE, HOST, KV_ROLLBACK, Budget, expert_matrix_name, kv_layer_bytes, make_plan,
-                           estimate_decode_tokens_per_s)
+from localrun.plan import (CPU_EXPERT_SYNC_S, DEVICE, HOST, KV_ROLLBACK, Budget, expert_matrix_name, kv_layer_bytes,
+                           make_plan, estimate_decode_tokens_per_s)
 from localrun.tiny import tiny_config
 from quant.spec import QuantSpec
 
@@ -263,10 +263,91 @@ def test_decode_estimate_matches_the_bandwidth_arithmetic(ref):
     assert slower < plan.estimated_decode_tokens_per_s
 
 
+def speed_plan(ref, vram_gib=16, gpu=288e9, pcie=13e9, host=None, **kw):
+    budget = Budget(int(vram_gib * GIB) if vram_gib else None, HOST_RAM, 8192, gpu_bandwidth=gpu, pcie_bandwidth=pcie,
+                    host_bandwidth=host)
+    return make_plan(ref, budget, experts=NF4, **kw)
+
+
+def ceilings_by_hand(plan, gpu, pcie, host) -> dict[str, float]:
+    """The two routes' tokens/s from the plan's byte counts. copy: every byte over the GPU, the misses
+    over PCIe first. cpu: what comes before the ids (all but the dense MLP and the experts), then the
+    longer of the GPU's dense MLP + resident experts and the CPU's missed experts, plus a sync a layer."""
+    miss, active = plan.expected_miss_rate, plan.active_expert_bytes
+    weights, kv, mlp = plan.decode_weight_bytes, plan.kv_bytes, plan.component("mlp").nbytes
+    copy = (weights + kv + active) / gpu + miss * active / pcie
+    gpu_side = (mlp + (1 - miss) * active) / gpu
+    cpu_side = miss * active / host
+    cpu = (weights - mlp + kv) / gpu + max(gpu_side, cpu_side) + plan.moe_layers * CPU_EXPERT_SYNC_S
+    return {"copy": 1 / copy, "cpu": 1 / cpu}
+
+
+@pytest.mark.parametrize("gpu, pcie, host, route", [
+    (288e9, 13e9, 60e9, "cpu"),  # 4060 Ti on PCIe 4.0 x8 and DDR5: copies are the slow part
+    (288e9, 13e9, 5e9, "copy"),  # the same card beside slow host RAM
+    (960e9, 50e9, 10e9, "copy"),  # 5080 on PCIe 5.0 x16, host RAM slower than the link
+    (960e9, 50e9, 200e9, "cpu"),  # the same card in a workstation's many memory channels
+])
+def test_cold_experts_take_the_faster_route(ref, gpu, pcie, host, route):
+    plan = speed_plan(ref, gpu=gpu, pcie=pcie, host=host)
+    assert plan.host_bytes > 0 and plan.expected_miss_rate > 0
+    want = ceilings_by_hand(plan, gpu, pcie, host)
+    assert plan.cold_expert_ceilings == pytest.approx(want, rel=1e-12)
+    assert plan.cold_experts == route == max(want, key=want.get)
+    assert plan.estimated_decode_tokens_per_s == pytest.approx(want[route], rel=1e-12)
+    assert plan.expected_decode_tokens_per_s == pytest.approx(want[route] * plan.efficiency.fraction, rel=1e-12)
+
+
+def test_cpu_route_flips_where_the_routes_cross(ref):
+    """Raising host bandwidth only helps the CPU route, raising PCIe bandwidth only the copy route: each
+    flips the choice once, where the two ceilings cross."""
+    def one_flip(routes, first, then):
+        n = routes.count(first)
+        return 0 < n < len(routes) and routes == [first] * n + [then] * (len(routes) - n)
+
+    assert one_flip([speed_plan(ref, host=h * 1e9).cold_experts for h in (1, 2, 4, 8, 16, 32, 64, 128)], "copy", "cpu")
+    assert one_flip([speed_plan(ref, pcie=p * 1e9, host=20e9).cold_experts for p in (4, 8, 16, 32, 64, 128)],
+                    "cpu", "copy")
+
+
+def test_cpu_route_overlaps_the_missed_experts_with_the_gpu(ref):
+    """With host RAM fast enough the CPU's share hides behind the GPU's: the token costs the copy route's
+    GPU reads less the missed experts (the GPU never reads them), plus the syncs; slower host RAM only
+    starts to cost once its share outlasts the GPU's."""
+    fast = speed_plan(ref, host=1e15)
+    miss, active = fast.expected_miss_rate, fast.active_expert_bytes
+    gpu_only = (fast.decode_weight_bytes + fast.kv_bytes + (1 - miss) * active) / 288e9
+    assert fast.cold_expert_ceilings["cpu"] == pytest.approx(1 / (gpu_only + fast.moe_layers * CPU_EXPERT_SYNC_S))
+    hidden = miss * active / ((fast.component("mlp").nbytes + (1 - miss) * active) / 288e9)  # host rate that just hides
+    assert speed_plan(ref, host=hidden * 1.01).cold_expert_ceilings["cpu"] == pytest.approx(
+        fast.cold_expert_ceilings["cpu"])
+    assert speed_plan(ref, host=hidden / 2).cold_expert_ceilings["cpu"] < fast.cold_expert_ceilings["cpu"]
+
+
+def test_without_host_bandwidth_misses_are_copied(ref):
+    """No host bandwidth (the loader's plans): the estimate is the copy route's, as it always was."""
+    plan = speed_plan(ref)
+    assert plan.cold_experts == "copy" and set(plan.cold_expert_ceilings) == {"copy"}
+    assert plan.estimated_decode_tokens_per_s == estimate_decode_tokens_per_s(plan, 288e9, 13e9)
+
+
+def test_no_cold_experts_when_nothing_misses(ref):
+    """Every expert resident, or a CPU plan (host RAM is what it computes from): no route to choose and
+    the estimate is what it was without a host bandwidth."""
+    for kw in ({"vram_gib": 24}, {"vram_gib": None, "resident_fraction": 0.5}):
+        plan = speed_plan(ref, host=60e9, **kw)
+        without = speed_plan(ref, **kw)
+        assert plan.cold_experts is None and plan.cold_expert_ceilings is None
+        assert plan.estimated_decode_tokens_per_s == without.estimated_decode_tokens_per_s
+        assert plan.to_dict()["cold_experts"] is None
+    assert speed_plan(ref, vram_gib=None, resident_fraction=0.5).device == "cpu"
+
+
 def test_to_dict_is_json(ref):
     d = json.loads(json.dumps(plan_for(ref, 16).to_dict()))
     for key in ("fits", "resident_experts_per_layer", "device_bytes", "host_bytes", "max_context",
-                "estimated_decode_tokens_per_s", "breakdown"):
+                "estimated_decode_tokens_per_s", "cold_experts", "estimated_decode_tokens_per_s_by_cold_experts",
+                "breakdown"):
         assert key in d
     assert set(d["breakdown"]) >= {"embed", "attention", "mlp", "router", "norms", "experts_resident",
                                    "experts_host", "expert_cache_slots", "kv_cache", "kv_positions", "allocator_rounding", "workspace",
@@ -287,6 +368,26 @@ def test_parse_size(text, expected):
 def test_parse_size_rejects(text):
     with pytest.raises(UsageError):
         parse_size(text)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("60GB/s", 60e9), ("60 GB/s", 60e9), ("60gb/s", 60e9), ("60GB", 60e9), ("60G", 60e9), ("25.6e9", 25.6e9),
+    ("4.8TB/s", 4.8e12), ("500MB/s", 5e8), ("1GiB/s", float(GIB)), (" 13 GB / s ", 13e9),
+])
+def test_parse_rate(text, expected):
+    """Rates are decimal as vendors quote them (GB/s = 1e9 bytes/s), binary only when spelled GiB/s."""
+    assert parse_rate(text) == pytest.approx(expected, rel=1e-15)
+
+
+@pytest.mark.parametrize("text", ["", "fast", "60", "-1GB/s", "0GB/s", "60XB/s", "GB/s", "60GB/h", "inf", "nan",
+                                  "1e400", "0.5MB/s"])
+def test_parse_rate_rejects(text):
+    with pytest.raises(UsageError):
+        parse_rate(text)
+
+
+def test_format_rate():
+    assert [format_rate(r) for r in (13e9, 54.6e9, 4.8e12, 5e8)] == ["13 GB/s", "54.6 GB/s", "4.8 TB/s", "500 MB/s"]
 
 
 @pytest.mark.parametrize("name", ["4090", "rtx-4090", "RTX 4090", "rtx4090", "  Rtx_4090 "])

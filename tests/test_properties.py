@@ -1,15 +1,16 @@
 """Property tests: malformed inputs a user can hand localrun end in a load or a one-line error.
 
-Random and mutated config.json files, safetensors headers, localrun_quant.json manifests and
-chat /load files go through the real command line (in-process) or the library call behind it.
-Every case must finish with exit 0, 1 or 2 and at most one line on stderr, never a traceback or
-the "unexpected error" line, and write nothing outside its own directory. Seeded
-(derandomize), so each run of the suite tries the same ~2,300 cases.
+Random and mutated config.json files, safetensors headers, localrun_quant.json manifests,
+`fit --host-bandwidth` rates and chat /load files go through the real command line (in-process)
+or the library call behind it. Every case must finish with exit 0, 1 or 2 and at most one line on
+stderr, never a traceback or the "unexpected error" line, and write nothing outside its own
+directory. Seeded (derandomize), so each run of the suite tries the same ~3,900 cases.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import struct
@@ -21,7 +22,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from localrun.checkpoint import ITEMSIZE, Checkpoint
-from localrun.errors import LocalrunError
+from localrun.errors import LocalrunError, UsageError
+from localrun.hardware import parse_rate
 from localrun.tiny import tiny_config
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -251,6 +253,52 @@ def test_fit_on_any_manifest(cli, sandbox, quantized, data):
 def test_run_on_any_manifest(cli, sandbox, quantized, data):
     case = manifest_case(sandbox, quantized, data.draw(mutated_manifest(base_manifest(quantized))))
     expect_clean_exit(*cli("run", case, "hi", "-n", "1", "--device", "cpu", "--quiet", "--threads", "1"))
+    sandbox.untouched(case)
+
+
+# -- rates: fit --host-bandwidth ----------------------------------------------------------------
+
+NUMBER_TEXT = st.one_of(st.integers(0, 400).map(str), st.integers(-5, 10**16).map(str), st.floats().map(repr),
+                        st.sampled_from(["1e400", ".5", "5.", "1e-9", "08", "6e+10", "--1", "1..2", "١٢"]))
+RATE_TEXT = st.one_of(
+    st.text(max_size=16),
+    st.builds("{}{}{}{}".format, NUMBER_TEXT, st.sampled_from(["", " "]),
+              st.sampled_from(["", "B", "kb", "MB", "GB", "GiB", "tb", "TiB", "XB", "g", "Gbit"]),
+              st.sampled_from(["", "/s", " / s", "/h", "ps", "/s/s"])))
+
+
+@seeded(1000)
+@given(text=RATE_TEXT)
+def test_parse_rate_reads_a_rate_or_fails_in_one_line(text):
+    """What the parser accepts is a real rate (finite, at least 1 MB/s); anything else is a one-line
+    UsageError, never another exception."""
+    try:
+        rate = parse_rate(text)
+    except UsageError as e:
+        assert "\n" not in str(e)
+    else:
+        assert isinstance(rate, float) and math.isfinite(rate) and rate >= 1e6
+
+
+@seeded(500)
+@given(rate=st.floats(1e6, 1e15))
+def test_parse_rate_reads_back_what_it_is_given(rate):
+    assert parse_rate(repr(rate)) == rate
+    assert parse_rate(f"{rate / 1e9!r}GB/s") == pytest.approx(rate, rel=1e-15)
+
+
+@seeded(100)
+@given(text=RATE_TEXT)
+def test_fit_on_any_host_bandwidth(cli, sandbox, text):
+    """Half the experts offloaded and a GPU preset, so the estimate weighs copying against the CPU."""
+    case = sandbox.case()
+    (case / "config.json").write_text(json.dumps(BASE))
+    code, out, err = cli("fit", case, "--gpu", "4060ti", "--ram", "64GiB", "--resident-experts", "0.5",
+                         f"--host-bandwidth={text}", "--json")
+    expect_clean_exit(code, out, err)
+    assert code in (0, 2)
+    if code == 0:
+        assert json.loads(out)["cold_experts"] in ("copy", "cpu")
     sandbox.untouched(case)
 
 

@@ -11,7 +11,7 @@ import typer
 
 from .. import hardware
 from ..errors import LocalrunError, UsageError
-from ..hardware import format_size
+from ..hardware import format_rate, format_size
 
 
 
@@ -45,6 +45,41 @@ def resolve_target(vram: str | None, gpu: str | None) -> Target:
                   preset.pcie_bandwidth if preset else hardware.DEFAULT_PCIE_BANDWIDTH)
 
 
+@dataclass(frozen=True)
+class HostBandwidth:
+    """Host RAM as the CPU reads cold experts: --host-bandwidth, or the documented default (assumed)."""
+
+    bytes_per_s: float
+    assumed: bool
+
+
+def resolve_host_bandwidth(text: str | None) -> HostBandwidth:
+    """--host-bandwidth RATE (UsageError when malformed), else hardware.DEFAULT_HOST_BANDWIDTH."""
+    if text is None:
+        return HostBandwidth(hardware.DEFAULT_HOST_BANDWIDTH, assumed=True)
+    try:
+        return HostBandwidth(hardware.parse_rate(text), assumed=False)
+    except UsageError as e:
+        raise UsageError(f"--host-bandwidth: {e}") from None
+
+
+def cold_experts_text(plan, target: Target, host: HostBandwidth) -> str | None:
+    """One line: how the estimate serves missed experts (copied or computed on the CPU) and why; None
+    when none miss or there is no estimate."""
+    ceilings = plan.cold_expert_ceilings
+    if plan.cold_experts is None or "cpu" not in ceilings:
+        return None
+    pcie = f"PCIe at {format_rate(target.pcie_bandwidth)}"
+    ram = f"host RAM at {format_rate(host.bytes_per_s)}" + (" (assumed; --host-bandwidth sets it)" if host.assumed
+                                                            else "")
+    cpu, copy = (f"~{ceilings[route]:.0f}" for route in ("cpu", "copy"))
+    if plan.cold_experts == "cpu":
+        return (f"cold experts: computed on the CPU where they lie in {ram}, faster than copying them over {pcie} "
+                f"(ceiling {cpu} tokens/s vs {copy} copied)")
+    return (f"cold experts: copied over {pcie}, faster than computing them on the CPU from {ram} "
+            f"(ceiling {copy} tokens/s vs {cpu} on the CPU)")
+
+
 def checkpoint_tensor_shapes(model_dir: Path, args) -> dict[str, tuple[int, ...]]:
     """Text tensor shapes: the config's layout, checked against safetensors headers when there are any.
 
@@ -74,7 +109,7 @@ def _where(plan, tier: str) -> str:
     return "GPU" if tier == DEVICE else "RAM"
 
 
-def _print_report(plan, target: Target, model: Path) -> None:
+def _print_report(plan, target: Target, host: HostBandwidth, model: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -107,13 +142,17 @@ def _print_report(plan, target: Target, model: Path) -> None:
     per_seq = f"; one cache for each of the {plan.sequences} sequences" if plan.sequences > 1 else ""
     console.print(f"KV cache: sliding layers keep their window + {KV_ROLLBACK} positions, so the prefix cache "
                   f"can roll a conversation back{per_seq}", highlight=False)
+    if (cold := cold_experts_text(plan, target, host)) is not None:
+        console.print(cold, highlight=False)
     if plan.estimated_decode_tokens_per_s is not None:
         eff = plan.efficiency
+        where = " with experts in host RAM" if plan.host_bytes else ""
+        if plan.cold_experts == "cpu":  # the efficiency was measured with every miss copied
+            where += " (copied: computing them on the CPU is not measured yet)"
         console.print(f"decode speed: ceiling ~{plan.estimated_decode_tokens_per_s:.0f} tokens/s (memory bandwidth, "
                       f"expected expert miss rate {plan.expected_miss_rate:.0%}); expected "
                       f"~{plan.expected_decode_tokens_per_s:.0f} tokens/s at the {eff.fraction:.1%} of the ceiling "
-                      f"localrun reached{' with experts in host RAM' if plan.host_bytes else ''} on an {eff.device} "
-                      f"({eff.date}, {eff.report})", highlight=False)
+                      f"localrun reached{where} on an {eff.device} ({eff.date}, {eff.report})", highlight=False)
     elif plan.fits:
         console.print("estimated decode speed: unknown (give --gpu NAME for a bandwidth-based estimate)",
                       highlight=False)
@@ -131,6 +170,9 @@ def fit(
                                                      help="Force this fraction (0..1) of each layer's experts onto the GPU."),
     parallel: int = typer.Option(1, "--parallel", min=1, help="Sequences served side by side (`serve --parallel`): "
                                  "each keeps its own KV cache."),
+    host_bandwidth: Optional[str] = typer.Option(
+        None, "--host-bandwidth", help="Host RAM read rate for experts the CPU computes, e.g. 60GB/s (decimal, as "
+        f"vendors quote it; default {hardware.DEFAULT_HOST_BANDWIDTH / hardware.GB_S:.0f}GB/s, assumed)."),
     as_json: bool = typer.Option(False, "--json", help="Print only JSON."),
 ) -> None:
     """Estimate whether a model fits a GPU: memory per component, resident experts, longest context, speed.
@@ -138,6 +180,7 @@ def fit(
     Exits 1 when it does not fit, after the report.
     """
     target = resolve_target(vram, gpu)
+    host_bw = resolve_host_bandwidth(host_bandwidth)
     host = hardware.parse_size(ram) if ram is not None else hardware.detect_host_ram()
 
     from ..config import load_config
@@ -150,13 +193,18 @@ def fit(
     spec = expert_spec(model, experts, args)
     plan = placement_plan(args, model, spec, gpu_bytes=target.device_bytes, host_bytes=host, context=context,
                           resident_fraction=resident_experts, tensor_shapes=checkpoint_tensor_shapes(model, args),
-                          gpu_bandwidth=target.bandwidth, pcie_bandwidth=target.pcie_bandwidth, sequences=parallel)
+                          gpu_bandwidth=target.bandwidth, pcie_bandwidth=target.pcie_bandwidth,
+                          host_bandwidth=host_bw.bytes_per_s, sequences=parallel)
     if as_json:
         print(json.dumps({"model": str(model), "target": target.label, "gpu_bytes": target.device_bytes,
                           "cuda_context_bytes": CUDA_CONTEXT_BYTES, "display_allowance_bytes": display_allowance(),
+                          "gpu_bandwidth_bytes_per_s": target.bandwidth,
+                          "pcie_bandwidth_bytes_per_s": target.pcie_bandwidth,
+                          "host_bandwidth_bytes_per_s": host_bw.bytes_per_s,
+                          "host_bandwidth_assumed": host_bw.assumed,
                           **plan.to_dict()}, indent=2))
     else:
-        _print_report(plan, target, model)
+        _print_report(plan, target, host_bw, model)
     if not plan.fits:
         raise typer.Exit(1)
 
