@@ -137,3 +137,24 @@ def test_set_experts_rebuilds_the_layer_call(lib, tiny_moe, monkeypatch):
     layer.set_experts(layer.experts)
     assert layer.decode_c is None
     assert run(loaded.model, ids, loaded.kv, 6, True, monkeypatch)[0] == before[0]
+
+
+def test_rope_row_and_embed_match_torch(lib):
+    from localrun.models.gemma4 import rope_inv_freq
+
+    inv = rope_inv_freq({"rope_type": "default", "rope_theta": 10000.0}, 64)
+    for position in (0, 1, 127, 4097, 131071):
+        freqs = torch.tensor([position]).float()[:, None] * inv[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
+        sin = emb.sin()
+        sin[..., :32] *= -1
+        cos_c, sin_c = kernels.rope_row(inv, position)
+        torch.testing.assert_close(cos_c, emb.cos(), rtol=0, atol=2e-7)  # libm vs torch: the last bit at most
+        torch.testing.assert_close(sin_c, sin, rtol=0, atol=2e-7)
+    w = torch.randn(50, 24).bfloat16()
+    ids = torch.tensor([[3, 49, 0]])
+    scale = 24**0.5
+    assert torch.equal(kernels.embed(ids, w, scale), torch.nn.functional.embedding(ids, w).float()
+                       * torch.tensor(scale, dtype=torch.float32))
+    with pytest.raises(IndexError):
+        kernels.embed(torch.tensor([[50]]), w, scale)

@@ -134,6 +134,10 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.lr_decode_layer_full.restype = _INT
     lib.lr_logits.argtypes = [_PTR, _PTR, _PTR, _I64, _I64, _I64, ctypes.c_float]
     lib.lr_logits.restype = None
+    lib.lr_rope_row.argtypes = [_PTR, _I64, _I64, _PTR, _PTR]
+    lib.lr_rope_row.restype = None
+    lib.lr_embed.argtypes = [_PTR, _PTR, _I64, _I64, _I64, ctypes.c_float, _PTR]
+    lib.lr_embed.restype = _INT
     lib.lr_q4_isa.argtypes = []
     lib.lr_q4_isa.restype = ctypes.c_char_p
     return lib
@@ -654,3 +658,29 @@ def logits(x_TH: torch.Tensor, w_VH: torch.Tensor, cap: float | None) -> torch.T
     y = torch.empty(*x_TH.shape[:-1], V, dtype=torch.float32)
     lib.lr_logits(x.data_ptr(), w_VH.data_ptr(), y.data_ptr(), rows, H, V, float(cap or 0.0))
     return y
+
+
+def rope_row(inv_freq: torch.Tensor, position: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(cos, sin) [1, 1, D] of one position as Gemma4Model.rope builds them (sin's first half
+    negated), for an fp32 CPU inv_freq [D / 2] in one C call, or None (use torch)."""
+    lib = library()
+    if lib is None or _tracing() or not _fp32_rows(inv_freq):
+        return None
+    n = inv_freq.numel()
+    cos, sin = torch.empty(1, 1, 2 * n), torch.empty(1, 1, 2 * n)
+    lib.lr_rope_row(inv_freq.data_ptr(), n, position, cos.data_ptr(), sin.data_ptr())
+    return cos, sin
+
+
+def embed(ids_BT: torch.Tensor, w_VH: torch.Tensor, scale: float) -> torch.Tensor | None:
+    """F.embedding(ids, w).float() * scale for a bf16 CPU w and few ids in one C call, or None."""
+    lib = library()
+    if (lib is None or _tracing() or w_VH.dtype != torch.bfloat16 or not w_VH.is_contiguous()
+            or ids_BT.device.type != "cpu" or ids_BT.dtype != torch.int64 or ids_BT.numel() > C_KERNEL_MAX_ROWS):
+        return None
+    V, H = w_VH.shape
+    ids = ids_BT.contiguous()
+    out = torch.empty(*ids_BT.shape, H)
+    if lib.lr_embed(w_VH.data_ptr(), ids.data_ptr(), ids.numel(), V, H, scale, out.data_ptr()) != 0:
+        raise IndexError(f"token ids must be in [0, {V})")
+    return out

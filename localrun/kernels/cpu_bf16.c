@@ -1017,3 +1017,28 @@ void lr_logits(const float *x, const uint16_t *W, float *y, int64_t T, int64_t H
             y[i] = (1.0f - 2.0f / (exp_approx(2.0f * u) + 1.0f)) * cap;
         }
 }
+
+/* One position's RoPE rows as Gemma4Model.rope builds them: f = position * inv[i] (fp32), cos and
+ * sin of [f, f] (D = 2n values), sin's first half negated. libm's cosf/sinf, where torch's vectorized
+ * ones may differ in the last bit. */
+void lr_rope_row(const float *inv, int64_t n, int64_t position, float *cos_out, float *sin_out) {
+    const float p = (float)position;
+    for (int64_t i = 0; i < n; i++) {
+        const float f = p * inv[i], c = cosf(f), s = sinf(f);
+        cos_out[i] = cos_out[i + n] = c;
+        sin_out[i] = -s;
+        sin_out[i + n] = s;
+    }
+}
+
+/* out[t][i] = W[ids[t]][i] (bf16, widened) * scale: the scaled token embedding of fp32 decode. */
+int lr_embed(const uint16_t *W, const int64_t *ids, int64_t T, int64_t V, int64_t H, float scale, float *out) {
+    for (int64_t t = 0; t < T; t++) {
+        if (ids[t] < 0 || ids[t] >= V)
+            return -1;
+        const uint16_t *row = W + ids[t] * H;
+        for (int64_t i = 0; i < H; i++)
+            out[t * H + i] = bf16_to_f32(row[i]) * scale;
+    }
+    return 0;
+}

@@ -580,6 +580,10 @@ class Gemma4Model(nn.Module):
         """Final-normed hidden states [B, T, H] of `ids_BT`, appended to `cache` (positions follow it)."""
         T = ids_BT.shape[1]
         dtype = self.compute_dtype
+        if pos_T is None and T == 1 and cache is not None and cache.span is None:
+            h = self._decode_hidden(ids_BT, cache)
+            if h is not None:
+                return h
         start = None
         if pos_T is None:
             start = cache.offset if cache is not None else 0
@@ -598,6 +602,32 @@ class Gemma4Model(nn.Module):
             x = layer(x, cos, sin, pos_T, layer_cache, shared, None if per_layer is None else per_layer[:, :, i])
         if cache is not None and cache.span is None:
             cache.offset += T
+        return self.norm(x)
+
+    def _decode_hidden(self, ids_11: torch.Tensor, cache) -> torch.Tensor | None:
+        """hidden() of one host-driven token on the CPU in fp32, with the embedding and RoPE rows as C
+        calls and each layer's forward_decode called directly (no Module call where nothing hooks
+        the layer); None where that does not apply (hidden() then runs its general path)."""
+        args = self.args
+        if (ids_11.shape[0] != 1 or args.hidden_size_per_layer_input or torch.is_grad_enabled()
+                or self.compute_dtype != torch.float32 or ids_11.device.type != "cpu"):
+            return None
+        position = cache.offset
+        x = kernels.embed(ids_11, self.embed_tokens.weight, args.hidden_size**0.5)
+        rope = {kind: kernels.rope_row(getattr(self, f"inv_freq_{kind}"), position) for kind in set(args.layer_types)}
+        if x is None or any(r is None for r in rope.values()):
+            return None
+        shared: dict = {"position": position}
+        pos_T = torch.tensor([position])
+        hooked = bool(nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
+        for i, layer in enumerate(self.layers):
+            cos, sin = rope[args.layer_types[i]]
+            layer_cache = cache.layers[i]
+            out = None
+            if not (hooked or layer._forward_hooks or layer._forward_pre_hooks):
+                out = layer.forward_decode(x, cos, sin, layer_cache, position)
+            x = out if out is not None else layer(x, cos, sin, pos_T, layer_cache, shared)
+        cache.offset += 1
         return self.norm(x)
 
     def logits(self, h_BTH: torch.Tensor) -> torch.Tensor:
