@@ -342,11 +342,18 @@ def check_free_memory(plan: Plan, free: int, total: int) -> str | None:
     return msg
 
 
+def default_dtype(device: torch.device) -> torch.dtype:
+    """The compute dtype `--dtype auto` means: float32 on the CPU when the C kernels are built (they
+    keep bf16 matrices bf16 and compute in fp32, several times torch's bf16 CPU speed at the same
+    bytes), else bfloat16 (a GPU; or a CPU without the kernels, where fp32 would double the bytes)."""
+    return torch.float32 if device.type == "cpu" and kernels.library() is not None else torch.bfloat16
+
+
 def load_model(
     model_dir: str | Path,
     *,
     device: str = "cpu",
-    dtype: torch.dtype = torch.bfloat16,
+    dtype: torch.dtype | None = torch.bfloat16,
     experts: str | None = None,
     vram: int | None = None,
     context: int | None = None,
@@ -370,6 +377,7 @@ def load_model(
     args = load_config(model_dir)
     ckpt = checkpoint if checkpoint is not None else Checkpoint(model_dir)
     dev = resolve_device(device)
+    dtype = default_dtype(dev) if dtype is None else dtype
     if cache_policy not in POLICIES:
         raise UsageError(f"cache policy must be one of {', '.join(POLICIES)}, not {cache_policy!r}")
     spec = expert_spec(model_dir, experts, args)

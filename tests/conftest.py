@@ -29,6 +29,15 @@ def lib():
 
 
 @pytest.fixture
+def fresh_kernels():
+    """Forget the kernels' cached state before and after the test (after: so that later tests see
+    the normal environment again, once monkeypatch has restored it)."""
+    kernels.reset()
+    yield
+    kernels.reset()
+
+
+@pytest.fixture
 def threads():
     """set_num_threads inside a test, restored afterwards."""
     before = torch.get_num_threads()

@@ -158,3 +158,18 @@ def test_rope_row_and_embed_match_torch(lib):
                        * torch.tensor(scale, dtype=torch.float32))
     with pytest.raises(IndexError):
         kernels.embed(torch.tensor([[50]]), w, scale)
+
+
+def test_dtype_auto_is_fp32_on_the_cpu_with_bf16_matrices(lib, tiny_moe, fresh_kernels, monkeypatch):
+    """`--dtype auto` (the default of run, chat, serve, profile): fp32 compute on the CPU, so the C
+    decode path applies, over bf16 matrices; without the kernels, bf16 (fp32 would double the bytes)."""
+    from localrun.commands._options import load_kwargs
+
+    kwargs = load_kwargs("cpu", "auto", None, None, None, 64)
+    assert kwargs["dtype"] is None
+    model = load_model(tiny_moe, **kwargs).model
+    assert model.compute_dtype == torch.float32 and model.embed_tokens.weight.dtype == torch.bfloat16
+    assert load_kwargs("cpu", "bf16", None, None, None, 64)["dtype"] == torch.bfloat16
+    monkeypatch.setenv("LOCALRUN_CPU_KERNELS", "0")
+    kernels.reset()
+    assert load_model(tiny_moe, **kwargs).model.compute_dtype == torch.bfloat16

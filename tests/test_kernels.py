@@ -26,15 +26,6 @@ from localrun.moe import ACTIVATIONS, dispatch, expert_ffn
 EPS32 = 2.0**-24  # unit roundoff of fp32
 
 
-@pytest.fixture
-def fresh_kernels():
-    """Forget the kernels' cached state before and after the test (after: so that later tests see
-    the normal environment again, once monkeypatch has restored it)."""
-    kernels.reset()
-    yield
-    kernels.reset()
-
-
 def rand(*shape, seed: int, dtype=torch.float32) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(*shape, generator=gen).to(dtype)

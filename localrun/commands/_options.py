@@ -12,7 +12,7 @@ import typer
 from ..errors import UsageError
 from ..hardware import check_threads, parse_size
 
-DTYPE_NAMES = ("bfloat16", "bf16", "float32", "fp32")
+DTYPE_NAMES = ("auto", "bfloat16", "bf16", "float32", "fp32")
 
 SYSTEM = typer.Option(None, "--system", help="System prompt.")
 # The ranges SamplingParams checks, declared here too so a bad value is a usage error before torch loads.
@@ -26,7 +26,7 @@ IGNORE_EOS = typer.Option(False, "--ignore-eos", help="Don't stop at end-of-turn
 THINK = typer.Option(False, "--think", help="Let the model think first (the chat template's enable_thinking).")
 
 DEVICE = typer.Option("auto", "--device", help="cpu, cuda or auto.")
-DTYPE = typer.Option("bfloat16", "--dtype", help="Compute dtype: bfloat16 or float32 (for exactness checks).")
+DTYPE = typer.Option("auto", "--dtype", help="Compute dtype: auto (float32 on the CPU, where the C kernels keep the matrices bf16 and compute in fp32; bfloat16 on a GPU), bfloat16 or float32.")
 EXPERTS = typer.Option(None, "--experts", help="Routed expert precision: nf4 (default), fp4 or bf16.")
 VRAM = typer.Option(None, "--vram", help="GPU memory to plan for, e.g. 16GiB (default: the GPU's total; the "
                     "plan keeps a CUDA context and display allowance out of it, as `fit` does).")
@@ -47,7 +47,7 @@ def check_sampling(top_p: float, repeat_penalty: float) -> None:
 
 def check_dtype(dtype: str) -> None:
     if dtype not in DTYPE_NAMES:
-        raise UsageError(f"--dtype must be bfloat16 or float32, not {dtype!r}")
+        raise UsageError(f"--dtype must be auto, bfloat16 or float32, not {dtype!r}")
 
 
 def load_kwargs(device: str, dtype: str, experts: Optional[str], vram: Optional[str],
@@ -59,7 +59,7 @@ def load_kwargs(device: str, dtype: str, experts: Optional[str], vram: Optional[
     size = parse_size(vram) if vram else None
     from ..engine import DTYPES  # torch: only once the options are known to be good
 
-    return {"device": device, "dtype": DTYPES[dtype], "experts": experts,
+    return {"device": device, "dtype": None if dtype == "auto" else DTYPES[dtype], "experts": experts,
             "vram": size, "context": context, "resident_fraction": resident_experts}
 
 

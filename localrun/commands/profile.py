@@ -42,7 +42,7 @@ def profile(
     if out is None and PACKAGE_DIR in model_dir.resolve().parents:
         raise UsageError(f"{model_dir} is part of the installed localrun package; give --out FILE for the profile")
     opt.use_threads(threads)
-    engine = Engine.load(model_dir, device=device, dtype=DTYPES[dtype], experts=experts)
+    engine = Engine.load(model_dir, device=device, dtype=None if dtype == "auto" else DTYPES[dtype], experts=experts)
     result = profile_prompts(engine, texts, max_tokens=max_tokens, trace=trace is not None)
     path = write_routing_profile(out or model_dir / ROUTING_PROFILE, result)
     print(f"profiled {len(texts)} prompt(s), {result.tokens} tokens, {len(result.counts)} MoE layers, "
