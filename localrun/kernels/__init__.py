@@ -513,6 +513,7 @@ class DecodeLayer:
         self.ref = ctypes.byref(desc)
         self.hidden, self.top_k = desc.H, desc.K
         self._out = threading.local()
+        self._full_scratch: dict[tuple[int, int], int] = {}  # (cache slots, threads) -> scratch floats
 
     @classmethod
     def build(cls, *, heads: int, kv_heads: int, head_dim: int, eps: float, router_root: float, top_k: int, act: str,
@@ -561,15 +562,17 @@ class DecodeLayer:
              kpos: torch.Tensor | None, slot: int, n_keys: int, position: int, window: int) -> torch.Tensor:
         """The layer's output [1, 1, H] for x (see __call__), experts and ffn_residual included; only
         after `with_experts`."""
-        threads = torch.get_num_threads()
-        xref = ctypes.byref(self.experts.desc)
-        n = self.lib.lr_decode_layer_full_scratch(self.ref, xref, n_keys, threads)
+        threads, slots = torch.get_num_threads(), k.shape[2]
+        n = self._full_scratch.get((slots, threads))
+        if n is None:  # enough for any key count of this cache: sized once per (cache size, threads)
+            n = self._full_scratch[slots, threads] = self.lib.lr_decode_layer_full_scratch(
+                self.ref, self.experts.ref, slots, threads)
         scratch = _scratch("decode_layer", n)
         out = torch.empty(1, 1, self.hidden)
-        status = self.lib.lr_decode_layer_full(self.ref, xref, x_11H.data_ptr(), cos.data_ptr(), sin.data_ptr(),
-                                               k.data_ptr(), v.data_ptr(), None if kpos is None else kpos.data_ptr(),
-                                               k.shape[2], slot, n_keys, position, window, out.data_ptr(),
-                                               scratch.data_ptr(), n, threads)
+        status = self.lib.lr_decode_layer_full(self.ref, self.experts.ref, x_11H.data_ptr(), cos.data_ptr(),
+                                               sin.data_ptr(), k.data_ptr(), v.data_ptr(),
+                                               None if kpos is None else kpos.data_ptr(), slots, slot, n_keys,
+                                               position, window, out.data_ptr(), scratch.data_ptr(), n, threads)
         if status == -3:
             raise ValueError(f"expert ids must be in [0, {self.experts.desc.E}) and name an available expert")
         if status != 0:
@@ -619,6 +622,7 @@ class ExpertsDesc:
 
     def __init__(self, desc: _ExpertsDesc, keep: list[torch.Tensor]):
         self.desc, self._keep = desc, keep
+        self.ref = ctypes.byref(desc)
 
     @classmethod
     def bf16(cls, gate_up_E2FH: torch.Tensor, down_EHF: torch.Tensor) -> "ExpertsDesc | None":

@@ -450,6 +450,8 @@ class DecoderLayer(nn.Module):
         """This layer's kernels.DecodeLayer, built on first use (None: the layer cannot use it)."""
         if self.decode_c is None:
             attn, mlp, router = self.self_attn, self.mlp, self.router if self.moe else None
+            # the modules whose hooks the C call would bypass (forward_decode checks them every token)
+            self._watched = tuple(m for m in (attn, mlp, router, self.experts) if isinstance(m, nn.Module))
             ok = (self.moe and not self.per_layer and not attn.shares_kv and attn.qkv is not None
                   and mlp.gate_up is not None and attn.qkv[0].shape[1] == attn.q_proj.in_features)
             self.decode_c = ok and kernels.DecodeLayer.build(
@@ -473,19 +475,18 @@ class DecoderLayer(nn.Module):
     def forward_decode(self, x_BTH, cos_TD, sin_TD, cache, position: int):
         """forward_fused of one token on the CPU in fp32 with the layer's front as one C call
         (kernels.DecodeLayer), its results bit for bit; None where that does not apply (then the
-        caller runs forward). Module hooks on the attention, MLP or router (profile.py's) would not
-        see the C call, so they keep the module path."""
-        if (not self.moe or self.per_layer or x_BTH.shape[:2] != (1, 1) or not DECODE_KERNELS["decode_layer"]
-                or not use_kernel("fused_glue", x_BTH)
-                or self.router._forward_hooks or self.self_attn._forward_hooks or self.mlp._forward_hooks
-                or self.self_attn._forward_pre_hooks or self.router._forward_pre_hooks
-                or not isinstance(cache, (FullKV, RingKV)) or cache.k.dtype != torch.float32):
-            return None
-        kernel = self._decode_kernel()
+        caller runs forward). Module hooks on the attention, MLP, router or experts (profile.py's)
+        would not see the C call, so they keep the module path."""
+        kernel = self.decode_c
         if kernel is None:
+            kernel = self._decode_kernel()
+        if (not kernel or x_BTH.shape[:2] != (1, 1) or x_BTH.dtype != torch.float32 or x_BTH.device.type != "cpu"
+                or not (DECODE_KERNELS["decode_layer"] and DECODE_KERNELS["fused_glue"]) or torch.is_grad_enabled()
+                or any(m._forward_hooks or m._forward_pre_hooks for m in self._watched)
+                or type(cache) not in (FullKV, RingKV) or cache.k.dtype != torch.float32):
             return None
         slot, n_keys, window = cache.claim()
-        if kernel.experts is not None and not getattr(self.experts, "_forward_hooks", None):
+        if kernel.experts is not None:
             return kernel.full(x_BTH.contiguous(), cos_TD, sin_TD, cache.k, cache.v, cache.pos if window else None,
                                slot, n_keys, position, window)
         res, h, x_moe, ids_TK, w_TK = kernel(x_BTH.contiguous(), cos_TD, sin_TD, cache.k, cache.v,
