@@ -67,7 +67,7 @@ def main(argv=None) -> None:
     rows = []
     for experts in a.experts or ["bf16"]:
         for frac in resident:
-            kwargs = {"experts": experts}
+            kwargs = {"experts": experts, "dtype": None}  # dtype None: what `run` and `chat` use (--dtype auto)
             if frac is not None:
                 kwargs[resident_kw] = frac
             label = f"experts={experts}" + ("" if frac is None else f" resident={frac:g}")

@@ -79,7 +79,7 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    engine = Engine.load(a.model, device="cpu", experts=a.experts)
+    engine = Engine.load(a.model, device="cpu", experts=a.experts, dtype=None)  # as `chat` loads it (--dtype auto)
     t0 = time.time()
     for name in a.group or list(groups()):
         rng = random.Random(a.seed)
