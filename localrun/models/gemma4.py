@@ -451,7 +451,8 @@ class DecoderLayer(nn.Module):
         if self.decode_c is None:
             attn, mlp, router = self.self_attn, self.mlp, self.router if self.moe else None
             # the modules whose hooks the C call would bypass (forward_decode checks them every token)
-            self._watched = tuple(m for m in (attn, mlp, router, self.experts) if isinstance(m, nn.Module))
+            experts = self.experts if self.moe else None
+            self._watched = tuple(m for m in (attn, mlp, router, experts) if isinstance(m, nn.Module))
             ok = (self.moe and not self.per_layer and not attn.shares_kv and attn.qkv is not None
                   and mlp.gate_up is not None and attn.qkv[0].shape[1] == attn.q_proj.in_features)
             self.decode_c = ok and kernels.DecodeLayer.build(
