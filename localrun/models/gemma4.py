@@ -464,8 +464,8 @@ class DecoderLayer(nn.Module):
                              expert_scale=router.per_expert_scale),
                 qkv=attn.qkv[0], qkv_bias=attn.qkv[1], o=attn.o_proj.weight, o_bias=attn.o_proj.bias,
                 gate_up=mlp.gate_up[0], down=mlp.down_proj.weight, router=router.proj.weight) or False
-            c_experts = getattr(self.experts, "c_experts", None)
-            if self.decode_c and c_experts is not None and getattr(self.experts, "act_name", None) == mlp.act_name:
+            c_experts = getattr(experts, "c_experts", None)
+            if self.decode_c and c_experts is not None and getattr(experts, "act_name", None) == mlp.act_name:
                 desc = c_experts()
                 if desc is not None:
                     self.decode_c.with_experts(desc, self.post_feedforward_layernorm_1.weight,
