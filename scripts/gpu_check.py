@@ -369,9 +369,9 @@ def big_model_run(dry: bool, dev, load_kwargs: dict, rows: dict) -> dict:
         timed(f"speed_{mode}", rates, rows)
         timed(f"per_token_{mode}", lambda mode=mode: per_token_counts(model, short, dev, mode, loaded.kv), rows)
         if mode == "graphs":  # the same step with each of localrun's CUDA kernels replaced by torch ops
-            from localrun.models.gemma4 import DECODE_KERNELS
+            from localrun.models.gemma4 import CPU_ONLY_KERNELS, DECODE_KERNELS
 
-            for name in list(DECODE_KERNELS):
+            for name in [n for n in DECODE_KERNELS if n not in CPU_ONLY_KERNELS]:
                 with torch_ops_for(name, loaded.kv):
                     timed(f"speed_graphs_without_{name}", rates, rows)
     rows["memory_after_decode"] = memory_report(loaded)

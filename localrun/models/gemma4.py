@@ -191,6 +191,7 @@ def apply_rope(x_BTND, cos_T1D, sin_T1D):
 # localrun's own decode kernels (kernels/attention.py, kernels/fused.py); switched off, the same
 # step runs the plain torch ops (scripts/gpu_check.py measures both).
 DECODE_KERNELS = {"decode_attention": True, "fused_glue": True, "decode_layer": True}
+CPU_ONLY_KERNELS = {"decode_layer"}  # DecoderLayer.forward_decode: nothing to switch off on CUDA
 
 
 def use_kernel(name: str, x: torch.Tensor) -> bool:
