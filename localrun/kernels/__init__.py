@@ -122,6 +122,8 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.lr_route.restype = None
     lib.lr_decode_attention.argtypes = [_PTR] * 6 + [_I64] * 13 + [ctypes.c_float]
     lib.lr_decode_attention.restype = None
+    lib.lr_decode_attention_scratch.argtypes = [_I64, _I64, _I64, _I64, _INT]
+    lib.lr_decode_attention_scratch.restype = _I64
     lib.lr_gated.argtypes = [_PTR, _PTR, _I64, _I64, _INT]
     lib.lr_gated.restype = None
     lib.lr_decode_layer_scratch.argtypes = [_PTR, _I64, _INT]
@@ -472,7 +474,7 @@ def decode_attention(q_BN1D: torch.Tensor, k_BKSD: torch.Tensor, v_BKSD: torch.T
         return None
     mask = None if visible_1S is None else visible_1S.reshape(S).contiguous().view(torch.uint8)
     out = torch.empty(B, N, 1, D, dtype=torch.float32)
-    scratch = _scratch("attention", S * max(1, torch.get_num_threads()))
+    scratch = _scratch("attention", lib.lr_decode_attention_scratch(B, N, KV, S, torch.get_num_threads()))
     lib.lr_decode_attention(q_BN1D.data_ptr(), k_BKSD.data_ptr(), v_BKSD.data_ptr(),
                             None if mask is None else mask.data_ptr(), out.data_ptr(), scratch.data_ptr(),
                             B, N, KV, S, D, q_BN1D.stride(0), q_BN1D.stride(1), k_BKSD.stride(0), k_BKSD.stride(1),

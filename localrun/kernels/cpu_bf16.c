@@ -870,39 +870,141 @@ static inline float dot_lanes(const float *a, const float *b, int64_t n) {
 #endif
 }
 
+#if defined(__AVX512F__)
+/* Scores of one query against 16 keys (rows ks, ks + sks, ...): 16 accumulators of lane products
+ * summed by reduce16, the very tree of dot_lanes' _mm512_reduce_add_ps, so each score is
+ * bit-identical to dot_lanes(q, key, D); one reduction per 16 keys instead of one per key. */
+static inline __m512 dot16_keys(const float *q, const float *ks, int64_t sks, int64_t D) {
+    __m512 acc[16];
+    for (int j = 0; j < 16; j++)
+        acc[j] = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= D; i += 16) {
+        const __m512 qv = _mm512_loadu_ps(q + i);
+        for (int j = 0; j < 16; j++)
+            acc[j] = _mm512_add_ps(acc[j], _mm512_mul_ps(qv, _mm512_loadu_ps(ks + j * sks + i)));
+    }
+    if (i < D) {
+        const __mmask16 m = (__mmask16)((1u << (D - i)) - 1u);
+        const __m512 qv = _mm512_maskz_loadu_ps(m, q + i);
+        for (int j = 0; j < 16; j++)
+            acc[j] = _mm512_add_ps(acc[j], _mm512_mul_ps(qv, _mm512_maskz_loadu_ps(m, ks + j * sks + i)));
+    }
+    /* reduce16 returns lane i = sum of acc[REDUCE16_SOURCE[i]]: feed it the keys in that order */
+    __m512 src[16];
+    for (int i2 = 0; i2 < 16; i2++)
+        src[REDUCE16_SOURCE[i2]] = acc[i2];
+    return reduce16(src);
+}
+#endif
+
+#define ATT_TILE 32 /* keys per tile of the weighted sum over V: 16 KiB of values at D = 128, in L1 */
+
+/* The heads [g0, g1) of KV head kvh of batch row b: every key and value row is read once for all
+ * of them (G heads re-reading a KV head each made a long context a cache-miss stream). */
+static void attention_heads(const float *q, const float *kb, const float *vb, const uint8_t *mask, float *out,
+                            float *p, int64_t g0, int64_t g1, int64_t h0, int64_t S, int64_t D, int64_t sqh,
+                            int64_t sks, int64_t svs, float scale) {
+    const int64_t nh = g1 - g0;
+    for (int64_t s0 = 0; s0 < S; s0 += 16) { /* 16 keys a step: one reduction for 16 scores where all are visible */
+        const int64_t s1 = s0 + 16 < S ? s0 + 16 : S;
+        int visible = 0;
+        for (int64_t j = s0; j < s1; j++)
+            visible += !mask || mask[j];
+#if defined(__AVX512F__)
+        if (visible == 16) {
+            for (int64_t g = 0; g < nh; g++)
+                _mm512_storeu_ps(p + g * S + s0, _mm512_mul_ps(dot16_keys(q + (h0 + g) * sqh, kb + s0 * sks, sks, D),
+                                                               _mm512_set1_ps(scale)));
+            continue;
+        }
+#endif
+        for (int64_t j = s0; j < s1; j++)
+            for (int64_t g = 0; g < nh; g++)
+                p[g * S + j] = visible && (!mask || mask[j]) ? dot_lanes(q + (h0 + g) * sqh, kb + j * sks, D) * scale
+                                                              : -INFINITY;
+    }
+    int64_t s;
+    float inv[nh];
+    for (int64_t g = 0; g < nh; g++) {
+        float *pg = p + g * S, top = -INFINITY, sum = 0.0f;
+        float most[16]; /* the max in 16 lanes too (exact in any order) */
+        for (int j = 0; j < 16; j++)
+            most[j] = -INFINITY;
+        for (s = 0; s + 16 <= S; s += 16)
+            for (int j = 0; j < 16; j++)
+                most[j] = pg[s + j] > most[j] ? pg[s + j] : most[j];
+        for (; s < S; s++)
+            top = pg[s] > top ? pg[s] : top;
+        for (int j = 0; j < 16; j++)
+            top = most[j] > top ? most[j] : top;
+        for (s = 0; s < S; s++) /* exp_approx vectorizes where libm's expf is a call a key */
+            pg[s] = pg[s] == -INFINITY ? 0.0f : exp_approx(pg[s] - top);
+        float lanes[16] = {0}; /* the weights' sum in 16 lanes (vectorizes), then the lanes as a tree */
+        for (s = 0; s + 16 <= S; s += 16)
+            for (int j = 0; j < 16; j++)
+                lanes[j] += pg[s + j];
+        for (int j = 0; s + j < S; j++)
+            lanes[j] += pg[s + j];
+        for (int w = 8; w >= 1; w /= 2)
+            for (int j = 0; j < w; j++)
+                lanes[j] += lanes[j + w];
+        sum = lanes[0];
+        inv[g] = 1.0f / sum;
+        for (int64_t d = 0; d < D; d++)
+            out[(h0 + g) * D + d] = 0.0f;
+    }
+    for (int64_t t0 = 0; t0 < S; t0 += ATT_TILE) { /* o += e * v, key after key, a tile at a time */
+        const int64_t t1 = t0 + ATT_TILE < S ? t0 + ATT_TILE : S;
+        for (int64_t g = 0; g < nh; g++) {
+            const float *pg = p + g * S;
+            float *o = out + (h0 + g) * D;
+            for (int64_t d0 = 0; d0 < D; d0 += 128) {
+                const int64_t n = D - d0 < 128 ? D - d0 : 128;
+                float acc[128];
+                memcpy(acc, o + d0, (size_t)n * sizeof(float));
+                for (s = t0; s < t1; s++) {
+                    const float e = pg[s];
+                    if (e == 0.0f)
+                        continue;
+                    const float *vr = vb + s * svs + d0;
+                    for (int64_t d = 0; d < n; d++)
+                        acc[d] += e * vr[d];
+                }
+                memcpy(o + d0, acc, (size_t)n * sizeof(float));
+            }
+        }
+    }
+    for (int64_t g = 0; g < nh; g++)
+        for (int64_t d = 0; d < D; d++)
+            out[(h0 + g) * D + d] *= inv[g];
+}
+
+/* Work items: (batch row, KV head, group of its G query heads), the groups cut so that there are
+ * at least as many items as threads (a full layer of 26B-A4B has one KV head for 16 query heads). */
+int64_t lr_decode_attention_scratch(int64_t B, int64_t N, int64_t KV, int64_t S, int threads) {
+    return (N / KV) * S * (threads > 1 ? threads : 1);
+}
+
 void lr_decode_attention(const float *q, const float *k, const float *v, const uint8_t *mask, float *out,
                          float *scratch, int64_t B, int64_t N, int64_t KV, int64_t S, int64_t D, int64_t sqb,
                          int64_t sqh, int64_t skb, int64_t skh, int64_t sks, int64_t svb, int64_t svh, int64_t svs,
                          float scale) {
     const int64_t G = N / KV;
-    const int parallel = omp_get_max_threads() > 1 && B * N * S * D >= PARALLEL_MIN;
+    const int threads = omp_get_max_threads();
+    const int parallel = threads > 1 && B * N * S * D >= PARALLEL_MIN;
+    int64_t split = parallel ? (threads + B * KV - 1) / (B * KV) : 1;
+    split = split > G ? G : split;
+    const int64_t per = (G + split - 1) / split;
 #pragma omp parallel for schedule(static) if (parallel)
-    for (int64_t bh = 0; bh < B * N; bh++) {
-        const int64_t b = bh / N, h = bh % N, kvh = h / G;
-        const float *qr = q + b * sqb + h * sqh;
-        const float *kb = k + b * skb + kvh * skh, *vb = v + b * svb + kvh * svh;
-        float *p = scratch + (int64_t)omp_get_thread_num() * S, *o = out + bh * D;
-        float top = -INFINITY, sum = 0.0f;
-        for (int64_t s = 0; s < S; s++) {
-            p[s] = mask && !mask[s] ? -INFINITY : dot_lanes(qr, kb + s * sks, D) * scale;
-            top = p[s] > top ? p[s] : top;
-        }
-        for (int64_t s = 0; s < S; s++) /* exp_approx vectorizes where libm's expf is a call a key */
-            p[s] = p[s] == -INFINITY ? 0.0f : exp_approx(p[s] - top);
-        for (int64_t d = 0; d < D; d++)
-            o[d] = 0.0f;
-        for (int64_t s = 0; s < S; s++) {
-            const float e = p[s];
-            if (e == 0.0f)
-                continue;
-            const float *vr = vb + s * svs;
-            sum += e;
-            for (int64_t d = 0; d < D; d++)
-                o[d] += e * vr[d];
-        }
-        const float inv = 1.0f / sum;
-        for (int64_t d = 0; d < D; d++)
-            o[d] *= inv;
+    for (int64_t item = 0; item < B * KV * split; item++) {
+        const int64_t bk = item / split, part = item % split, b = bk / KV, kvh = bk % KV;
+        const int64_t g0 = part * per, g1 = g0 + per < G ? g0 + per : G;
+        if (g0 >= g1)
+            continue;
+        attention_heads(q + b * sqb, k + b * skb + kvh * skh, v + b * svb + kvh * svh, mask, out + b * N * D,
+                        scratch + (int64_t)omp_get_thread_num() * G * S, g0, g1, kvh * G + g0, S, D, sqh, sks, svs,
+                        scale);
     }
 }
 
@@ -932,8 +1034,8 @@ typedef struct {
 
 int64_t lr_decode_layer_scratch(const lr_layer *L, int64_t max_keys, int threads) {
     const int64_t width = (L->N + (L->has_v ? 2 : 1) * L->KV) * L->D;
-    return width + 2 * L->N * L->D + 6 * L->H + 2 * L->E + 3 * L->I + max_keys * (threads > 1 ? threads : 1)
-           + max_keys / 4 + 16;
+    return width + 2 * L->N * L->D + 6 * L->H + 2 * L->E + 3 * L->I
+           + lr_decode_attention_scratch(1, L->N, L->KV, max_keys, threads) + max_keys / 4 + 16;
 }
 
 /* gate_up [2I] -> a [I] = act(gate) * up, as torch computes the dense MLP's act(gate) * up. */
@@ -955,7 +1057,7 @@ int lr_decode_layer(const lr_layer *L, const float *x, const float *cos, const f
     float *qkv = scratch, *q = qkv + width, *att = q + N * D, *n_in = att + N * D, *o = n_in + H;
     float *x_mlp = o + H, *x_router = x_mlp + H, *logits = x_router + H, *p = logits + E, *gu = p + E;
     float *a = gu + 2 * I, *att_scratch = a + I;
-    uint8_t *mask = (uint8_t *)(att_scratch + n_keys * (threads > 1 ? threads : 1));
+    uint8_t *mask = (uint8_t *)(att_scratch + lr_decode_attention_scratch(1, N, KV, n_keys, threads));
 
     lr_rms_norm(x, L->w_in, n_in, 1, 1, H, H, L->eps);
     lr_linear(n_in, L->qkv, L->qkv_bias, qkv, 1, H, width);
