@@ -111,12 +111,17 @@ def test_op_traces_under_compile():
 
 
 
-@pytest.mark.parametrize("B,N,KV,S,D", [(1, 8, 4, 130, 64), (1, 8, 1, 300, 128), (2, 4, 4, 7, 16), (1, 6, 2, 1, 48)])
+@pytest.mark.parametrize("B,N,KV,S,D", [(1, 8, 4, 130, 64), (1, 8, 1, 300, 128), (2, 4, 4, 7, 16), (1, 6, 2, 1, 48),
+                                         (1, 16, 1, 70, 512), (1, 4, 2, 33, 40)])
 @pytest.mark.parametrize("masked", [False, True])
-def test_cpu_decode_attention_matches_grouped_sdpa(B, N, KV, S, D, masked, lib):
-    """The CPU's fp32 decode attention (one C call, kernels.decode_attention) over cache views."""
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_cpu_decode_attention_matches_grouped_sdpa(B, N, KV, S, D, masked, n_threads, lib, threads):
+    """The CPU's fp32 decode attention (one C call, kernels.decode_attention) over cache views: 16-key
+    blocks and single keys, head dims above 128 and not a multiple of 16, a KV head's query heads
+    split between threads."""
     from localrun import kernels
 
+    threads(n_threads)
     q, k, v = case(B, N, KV, S, D, capacity=S + 3, seed=S)
     visible = None
     if masked:
