@@ -351,7 +351,10 @@ def reply_tokens(out: str) -> tuple[int, str]:
 
 
 def test_chat_session_in_a_pty(tiny_moe, tmp_path):
-    child = spawn_chat(tiny_moe, tmp_path, "--max-tokens", "8", "--ignore-eos", "--system", "be brief")
+    # bf16 compute (torch's CPU path, ~20x slower than fp32's C path): a 2000-token reply is still
+    # streaming when the Ctrl-C below comes, where fp32 would have finished it in half a second
+    child = spawn_chat(tiny_moe, tmp_path, "--max-tokens", "8", "--ignore-eos", "--system", "be brief",
+                       "--dtype", "bfloat16")
     try:
         out = say(child, "hello")
         assert reply_tokens(out) == (8, "")

@@ -71,8 +71,10 @@ def test_never_waits_for_stdin_when_a_prompt_is_given(tiny_moe):
 
 
 def test_ctrl_c_during_generation_exits_130(tiny_moe):
+    # bf16 compute: torch's CPU path, ~20x slower than the fp32 C path, so the reply (at most the
+    # tiny model's 4096 positions) is still streaming when the signal comes (fp32 takes about a second)
     proc = subprocess.Popen([sys.executable, "-m", "localrun.cli", "run", str(tiny_moe), "hi", "-n", "100000",
-                             "--ignore-eos"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                             "--ignore-eos", "--dtype", "bfloat16"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=ENV)
     os.set_blocking(proc.stdout.fileno(), False)
     deadline = time.monotonic() + 60

@@ -280,8 +280,11 @@ def test_serve_command_binds_loopback_and_stops_on_ctrl_c(tmp_path):
     port = sock.getsockname()[1]
     sock.close()
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    # bf16 compute (torch's CPU path, far slower than fp32's C path): the 900-token stream below is
+    # still going when the signal comes
     proc = subprocess.Popen([sys.executable, "-m", "localrun.cli", "serve", "demo", "--port", str(port),
-                             "--device", "cpu", "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+                             "--device", "cpu", "-q", "--dtype", "bfloat16"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env)
     try:
         deadline = time.monotonic() + 90
         while True:
