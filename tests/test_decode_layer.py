@@ -173,3 +173,17 @@ def test_dtype_auto_is_fp32_on_the_cpu_with_bf16_matrices(lib, tiny_moe, fresh_k
     monkeypatch.setenv("LOCALRUN_CPU_KERNELS", "0")
     kernels.reset()
     assert load_model(tiny_moe, **kwargs).model.compute_dtype == torch.bfloat16
+
+
+def test_refused_weights_rebuild_the_layer_call(lib, tiny_moe, monkeypatch):
+    """fuse_projections() again allocates new fused weights: the C call must read those, not the old."""
+    loaded = load_model(tiny_moe, dtype=torch.float32, context=128)
+    ids = bench_prompt(12, loaded.args.vocab_size)
+    run(loaded.model, ids, loaded.kv, 4, True, monkeypatch)
+    for layer in loaded.model.layers:  # new q weights in new storage: fusing again concatenates anew
+        q = layer.self_attn.q_proj
+        q.weight = torch.nn.Parameter(q.weight.detach().clone() * 0.5, requires_grad=False)
+    loaded.model.fuse_projections()
+    fast = run(loaded.model, ids, loaded.kv, 6, True, monkeypatch)
+    slow = run(loaded.model, ids, loaded.kv, 6, False, monkeypatch)
+    assert fast[0] == slow[0] and torch.equal(fast[1], slow[1])

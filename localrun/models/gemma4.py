@@ -454,6 +454,7 @@ class DecoderLayer(nn.Module):
             # the modules whose hooks the C call would bypass (forward_decode checks them every token)
             experts = self.experts if self.moe else None
             self._watched = tuple(m for m in (attn, mlp, router, experts) if isinstance(m, nn.Module))
+            self._fused_at_build = (attn.qkv, mlp.gate_up)  # fuse() again makes new weights: build again
             ok = (self.moe and not self.per_layer and not attn.shares_kv and attn.qkv is not None
                   and mlp.gate_up is not None and attn.qkv[0].shape[1] == attn.q_proj.in_features)
             self.decode_c = ok and kernels.DecodeLayer.build(
@@ -480,6 +481,9 @@ class DecoderLayer(nn.Module):
         caller runs forward). Module hooks on the attention, MLP, router or experts (profile.py's)
         would not see the C call, so they keep the module path."""
         kernel = self.decode_c
+        if kernel is not None and (self._fused_at_build[0] is not self.self_attn.qkv
+                                   or self._fused_at_build[1] is not self.mlp.gate_up):
+            kernel = self.decode_c = None
         if kernel is None:
             kernel = self._decode_kernel()
         if (not kernel or x_BTH.shape[:2] != (1, 1) or x_BTH.dtype != torch.float32 or x_BTH.device.type != "cpu"
