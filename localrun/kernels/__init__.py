@@ -506,9 +506,11 @@ class _LayerDesc(ctypes.Structure):
 class DecodeLayer:
     """The front of a Gemma 4 MoE layer for one decoded fp32 token on the CPU, as one C call
     (`lr_decode_layer`): input norm, q/k/v, their norms and RoPE, the KV write, attention, o_proj,
-    the residual and the FFN norms, the router and the dense MLP. What stays in Python is the routed
-    experts (any backend) and `ffn_residual`. Build with `DecodeLayer.build` (None where the layer's
-    weights are not what the kernel reads: bf16 matrices and fp32 vectors, contiguous)."""
+    the residual and the FFN norms, the router and the dense MLP (`__call__`); the routed experts
+    (any backend) and `ffn_residual` then run in Python. After `with_experts` (resident bf16 or 4-bit
+    experts the C kernels read), `full` runs the whole layer, those included, in the same one call.
+    Build with `DecodeLayer.build` (None where the layer's weights are not what the kernel reads: bf16
+    matrices and fp32 vectors, contiguous)."""
 
     def __init__(self, lib: ctypes.CDLL, desc: _LayerDesc, keep: list[torch.Tensor]):
         self.lib, self.desc, self._keep = lib, desc, keep  # `keep`: the tensors `desc` points into
