@@ -517,7 +517,7 @@ class DecodeLayer:
         self.ref = ctypes.byref(desc)
         self.hidden, self.top_k = desc.H, desc.K
         self._out = threading.local()
-        self._full_scratch: dict[tuple[int, int], int] = {}  # (cache slots, threads) -> scratch floats
+        self._sizes: dict[tuple[bool, int, int], int] = {}  # (full call, cache slots, threads) -> scratch floats
 
     @classmethod
     def build(cls, *, heads: int, kv_heads: int, head_dim: int, eps: float, router_root: float, top_k: int, act: str,
@@ -567,10 +567,7 @@ class DecodeLayer:
         """The layer's output [1, 1, H] for x (see __call__), experts and ffn_residual included; only
         after `with_experts`."""
         threads, slots = torch.get_num_threads(), k.shape[2]
-        n = self._full_scratch.get((slots, threads))
-        if n is None:  # enough for any key count of this cache: sized once per (cache size, threads)
-            n = self._full_scratch[slots, threads] = self.lib.lr_decode_layer_full_scratch(
-                self.ref, self.experts.ref, slots, threads)
+        n = self._scratch_floats(True, slots, threads)
         scratch = _scratch("decode_layer", n)
         out = torch.empty(1, 1, self.hidden)
         status = self.lib.lr_decode_layer_full(self.ref, self.experts.ref, x_11H.data_ptr(), cos.data_ptr(),
@@ -582,6 +579,16 @@ class DecodeLayer:
         if status != 0:
             raise RuntimeError(f"lr_decode_layer_full failed ({status}): slot {slot}, {n_keys} keys of {k.shape[2]}")
         return out
+
+    def _scratch_floats(self, full: bool, slots: int, threads: int) -> int:
+        """Scratch floats of `full` (or the front call) for any key count of a cache of `slots`
+        positions: asked of the C side once per (call, cache size, threads)."""
+        key = (full, slots, threads)
+        n = self._sizes.get(key)
+        if n is None:
+            n = self._sizes[key] = (self.lib.lr_decode_layer_full_scratch(self.ref, self.experts.ref, slots, threads)
+                                    if full else self.lib.lr_decode_layer_scratch(self.ref, slots, threads))
+        return n
 
     def _outputs(self) -> tuple:
         """This thread's output buffers (reused call after call: the caller consumes them before the
@@ -602,7 +609,7 @@ class DecodeLayer:
         ring (kpos: its slots' positions, int64, updated here), 0 for a full layer."""
         (res, h, x_moe, ids, w), ptrs = self._outputs()
         threads = torch.get_num_threads()
-        n = self.lib.lr_decode_layer_scratch(self.ref, n_keys, threads)
+        n = self._scratch_floats(False, k.shape[2], threads)
         scratch = _scratch("decode_layer", n)
         status = self.lib.lr_decode_layer(self.ref, x_11H.data_ptr(), cos.data_ptr(), sin.data_ptr(), k.data_ptr(),
                                           v.data_ptr(), None if kpos is None else kpos.data_ptr(), k.shape[2], slot,

@@ -591,7 +591,6 @@ class Gemma4Model(nn.Module):
             h = self._decode_hidden(ids_BT, cache)
             if h is not None:
                 return h
-        start = None
         if pos_T is None:
             start = cache.offset if cache is not None else 0
             pos_T = torch.arange(start, start + T, device=ids_BT.device)
@@ -601,8 +600,6 @@ class Gemma4Model(nn.Module):
         shared: dict = {}  # per forward: KV of the last layer of each kind (KV sharing), attention masks
         if cache is not None and cache.span is not None:
             shared["span"] = cache.span
-        elif start is not None and cache is not None and T == 1 and ids_BT.shape[0] == 1 and not torch.is_grad_enabled():
-            shared["position"] = start  # one host-driven token: layers may take DecoderLayer.forward_decode
         for i, layer in enumerate(self.layers):
             cos, sin = rope[self.args.layer_types[i]]
             layer_cache = cache.layers[i] if cache is not None else None
@@ -624,8 +621,7 @@ class Gemma4Model(nn.Module):
         rope = {kind: kernels.rope_row(getattr(self, f"inv_freq_{kind}"), position) for kind in set(args.layer_types)}
         if x is None or any(r is None for r in rope.values()):
             return None
-        shared: dict = {"position": position}
-        pos_T = torch.tensor([position])
+        shared: dict = {"position": position}  # a hooked layer's forward() takes forward_decode from this
         hooked = bool(nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
         for i, layer in enumerate(self.layers):
             cos, sin = rope[args.layer_types[i]]
@@ -633,7 +629,7 @@ class Gemma4Model(nn.Module):
             out = None
             if not (hooked or layer._forward_hooks or layer._forward_pre_hooks):
                 out = layer.forward_decode(x, cos, sin, layer_cache, position)
-            x = out if out is not None else layer(x, cos, sin, pos_T, layer_cache, shared)
+            x = out if out is not None else layer(x, cos, sin, torch.tensor([position]), layer_cache, shared)
         cache.offset += 1
         return self.norm(x)
 
