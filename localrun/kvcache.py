@@ -157,11 +157,14 @@ class RingKV:
         return (self.next - 1) % self.size, self.filled, self.window
 
     def write(self, k_BN1D, v_BN1D, pos_1, span: int, memo: dict | None = None):
-        """The static step's update (see FullKV.write): slot pos % size, all `size` slots returned,
-        empty ones (-1) and those older than the window masked. `span` is the full layers' key
-        count; a ring always shows all its slots. Every ring of a model holds the same positions,
-        so the slot and the mask are computed once a step."""
+        """The static step's update (see FullKV.write): slot pos % size, then the first min(span, size)
+        slots, empty ones (-1) and those older than the window masked. The step's `span` is above the
+        token's position (step.span_for), and a key the token can see sits at a position p <= pos, in
+        slot p when p < size: so a ring larger than the span shows only its first `span` slots (a
+        short chat reads 256 slots of a 1,536-slot ring, not all of them) and otherwise all of them.
+        Every ring of a model holds the same positions, so the slot and the mask are computed once a step."""
         memo = {} if memo is None else memo
+        n = min(span, self.size)
         key = ("ring", self.window, self.size)
         slot = memo.get(key + ("slot",))
         if slot is None:
@@ -169,10 +172,11 @@ class RingKV:
         self.k.index_copy_(2, slot, k_BN1D)
         self.v.index_copy_(2, slot, v_BN1D)
         self.pos.index_copy_(0, slot, pos_1)  # every ring keeps its own positions (eager updates read them)
-        visible = memo.get(key)
+        visible = memo.get(key + (n,))
         if visible is None:
-            visible = memo[key] = ((self.pos >= 0) & (self.pos > pos_1 - self.window))[None, :]
-        return self.k, self.v, visible
+            pos = self.pos[:n]
+            visible = memo[key + (n,)] = ((pos >= 0) & (pos > pos_1 - self.window))[None, :]
+        return self.k[:, :, :n], self.v[:, :, :n], visible
 
     @property
     def nbytes(self) -> int:

@@ -10,7 +10,8 @@ visibility mask, so no Python decision reads a device value. Its `forward(span)`
 
 Spans are buckets (powers of two from MIN_SPAN up to the cache's capacity): a token at position p
 uses the smallest bucket above p, so a short chat reads 256 full-layer slots, not the whole planned
-context, and there are at most log2(context) graphs. Masked slots weigh exactly zero, so tokens
+context (and no more than 256 slots of a sliding layer's ring: RingKV.write), and there are at most
+log2(context) graphs. Masked slots weigh exactly zero, so tokens
 match the eager path; logprobs match up to fp32 summation order over the longer key span.
 """
 

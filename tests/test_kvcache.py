@@ -55,6 +55,23 @@ def test_static_writes_match_host_driven_updates():
     assert torch.equal(ring_a.k, ring_b.k) and torch.equal(ring_a.pos, ring_b.pos)
 
 
+
+def test_a_ring_larger_than_the_span_shows_only_its_first_span_slots():
+    """The static step's span is above the token's position, so a ring of more slots than the span
+    shows the first `span` slots (every visible key is among them) until the span covers the ring."""
+    torch.manual_seed(0)
+    host, static = (RingKV(1, 1, 2, window=6, dtype=torch.float32, device="cpu", size=40) for _ in range(2))
+    for pos in range(100):
+        k, v = torch.randn(1, 1, 1, 2), torch.randn(1, 1, 1, 2)
+        span = 8  # step.span_for's buckets from 8: 8 ... 32 below the ring's 40 slots, then 64, 128
+        while span <= pos:
+            span *= 2
+        kh, _, ph = host.update(k, v, torch.tensor([pos]))
+        ks, _, visible = static.write(k, v, torch.tensor([pos]), span=span)
+        assert ks.shape[2] == min(span, 40) and visible.shape[-1] == ks.shape[2]
+        shown = sorted(ks[0, 0, visible[0], 0].tolist())
+        assert shown == sorted(kh[0, 0, (ph >= 0) & (ph > pos - 6), 0].tolist())
+
 def test_ring_keeps_the_last_window_positions():
     ring = RingKV(1, 1, 2, window=4, dtype=torch.float32, device="cpu")
     for pos in range(7):
