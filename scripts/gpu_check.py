@@ -17,8 +17,11 @@ Steps:
   big        random-weight model with the real 26B-A4B config (built in memory, quantized to NF4
              on the device): planned vs placed vs peak vs reserved bytes; decode and prefill tok/s;
              kernel launches and host syncs per decoded token; once every expert resident, once
-             under a forced 16 GiB budget
-  kernels    4-bit MoE kernels vs bitsandbytes at 26B-A4B's shapes (when localrun has them)
+             under a forced 16 GiB budget; the graphs step with each default decode kernel off
+             (speed_graphs_without_NAME) and each opt-in one on (speed_graphs_with_NAME,
+             per_token_graphs_with_NAME, tokens_graphs_with_NAME)
+  kernels    4-bit MoE kernels vs bitsandbytes at 26B-A4B's shapes (when localrun has them); split-key
+             decode attention vs SDPA; the Triton GEMV vs cuBLAS at each dense projection shape
 
 --dry replaces CUDA with the CPU and 26B-A4B with a scaled-down model of the same structure, so
 the test suite runs every step's code (tests/test_gpu_check.py) and the script cannot rot.
@@ -49,7 +52,7 @@ STEPS = {  # name -> seconds it may take on one H100 (the whole check must end w
     "exact": 120,
     "demo": 60,
     "big": 200,
-    "kernels": 90,
+    "kernels": 150,
     "compiled": 200,
 }
 DRY_TIMEOUT = 300
@@ -368,12 +371,25 @@ def big_model_run(dry: bool, dev, load_kwargs: dict, rows: dict) -> dict:
                     "decode_tokens_per_s_after_16": round((gen - 1) / (tns - t1s), 2)}
         timed(f"speed_{mode}", rates, rows)
         timed(f"per_token_{mode}", lambda mode=mode: per_token_counts(model, short, dev, mode, loaded.kv), rows)
-        if mode == "graphs":  # the same step with each of localrun's CUDA kernels replaced by torch ops
+        if mode in ("graphs", "static"):  # the step with each decode kernel switched from its default (static: dry)
             from localrun.models.gemma4 import CPU_ONLY_KERNELS, DECODE_KERNELS
 
-            for name in [n for n in DECODE_KERNELS if n not in CPU_ONLY_KERNELS]:
-                with torch_ops_for(name, loaded.kv):
-                    timed(f"speed_graphs_without_{name}", rates, rows)
+            defaults = {n: on for n, on in DECODE_KERNELS.items() if n not in CPU_ONLY_KERNELS}
+            for name in [n for n, on in defaults.items() if on]:  # replaced by torch ops
+                with kernel_switched(name, False, loaded.kv):
+                    timed(f"speed_{mode}_without_{name}", rates, rows)
+            for name in [n for n, on in defaults.items() if not on]:  # opt-in: is it worth turning on?
+                with kernel_switched(name, True, loaded.kv):
+                    timed(f"speed_{mode}_with_{name}", rates, rows)
+                    timed(f"per_token_{mode}_with_{name}",
+                          lambda: per_token_counts(model, short, dev, mode, loaded.kv), rows)
+
+                def tokens(name=name, mode=mode, n=16) -> dict:  # greedy tokens with the kernel vs without
+                    default, _ = greedy(model, short, n, dev, mode, loaded.kv)
+                    with kernel_switched(name, True, loaded.kv):
+                        switched, _ = greedy(model, short, n, dev, mode, loaded.kv)
+                    return {"first_divergence_from_default": first_divergence(switched, default), "tokens": n}
+                timed(f"tokens_{mode}_with_{name}", tokens, rows)
     rows["memory_after_decode"] = memory_report(loaded)
     if loaded.store is not None:
         rows["expert_cache"] = loaded.expert_stats()
@@ -384,17 +400,19 @@ def big_model_run(dry: bool, dev, load_kwargs: dict, rows: dict) -> dict:
 
 
 @contextlib.contextmanager
-def torch_ops_for(name: str, cache):
-    """Within: the decoder's kernel `name` (models/gemma4.DECODE_KERNELS) off, its torch ops on;
-    the cache's decode steps are dropped on the way in and out, so their graphs are captured anew."""
+def kernel_switched(name: str, on: bool, cache):
+    """Within: the decoder's kernel `name` (models/gemma4.DECODE_KERNELS) on or off (off: its torch
+    ops run); the cache's decode steps are dropped on the way in and out, so their graphs are
+    captured anew."""
     from localrun.models import gemma4
 
-    gemma4.DECODE_KERNELS[name] = False
+    before = gemma4.DECODE_KERNELS[name]
+    gemma4.DECODE_KERNELS[name] = on
     cache.steps.clear()
     try:
         yield
     finally:
-        gemma4.DECODE_KERNELS[name] = True
+        gemma4.DECODE_KERNELS[name] = before
         cache.steps.clear()
 
 
@@ -476,7 +494,60 @@ def step_kernels(dry: bool) -> dict:
               "full layer, 32768 keys": (2, 8, 32768, 512)} if not dry else {"dry": (2, 2, 100, 32)}
     for name, shape in shapes.items():
         timed(f"decode attention, {name}", lambda shape=shape: decode_attention_case(dev, *shape), out)
+    dense_gemv_cases(dev, dry, out)
     return out
+
+
+def projection_shapes(args) -> dict[str, tuple[int, int, int]]:
+    """name -> (N, K, launches per decoded token) of the dense projections y = x @ W[N, K]^T of a Gemma 4
+    decode step (the fused q/k/v, o_proj, the dense MLP's fused gate/up and down, the router, lm_head)."""
+    shapes: dict[str, tuple[int, int, int]] = {}
+
+    def add(name: str, n: int, k: int) -> None:
+        shapes[name] = (n, k, shapes.get(name, (0, 0, 0))[2] + 1)
+
+    H = args.hidden_size
+    for layer in range(args.num_hidden_layers):
+        kind = "sliding" if args.is_sliding(layer) else "full"
+        N, KV, D = args.num_attention_heads, args.layer_kv_heads(layer), args.layer_head_dim(layer)
+        shared = args.kv_source_layer(layer) != layer
+        add(f"qkv {kind}", (N + (0 if shared else KV * (2 if args.has_v_proj(layer) else 1))) * D, H)
+        add(f"o_proj {kind}", H, N * D)
+        add("mlp gate_up", 2 * args.mlp_intermediate(layer), H)
+        add("mlp down", H, args.mlp_intermediate(layer))
+        if args.has_experts(layer):
+            add("router", args.num_experts, H)
+    add("lm_head", args.vocab_size, H)
+    return shapes
+
+
+def dense_gemv_cases(dev, dry: bool, out: dict) -> None:
+    """The Triton GEMV (localrun::gemv on CUDA) against F.linear (cuBLAS) at each dense projection shape
+    of a 26B-A4B decode step, one bf16 row (and 4 rows at the sliding q/k/v shape): `gemv <name>` rows,
+    and `gemv per token`: the microseconds of one token's projections each way (launches x us), and with
+    what kernels/gemv.py routes (MIN_N <= N <= MAX_N) on the Triton side."""
+    try:
+        from localrun.kernels import gemv as gemv_ops
+        from localrun.kernels.triton_gemv import benchmark_gemv
+    except ImportError as e:
+        out["gemv"] = {"skipped": f"no Triton GEMV ({e})"}
+        return
+    iters = 2 if dry else 20
+    totals = {"weight_bytes": 0, "us_triton": 0.0, "us_torch": 0.0, "us_routed": 0.0}
+    for name, (N, K, count) in projection_shapes(config_args(dry)).items():
+        row = timed(f"gemv {name}", lambda N=N, K=K: {**benchmark_gemv(N, K, device=dev, iters=iters),
+                                                       "per_token": count}, out)
+        if "us_triton" not in row:
+            continue
+        routed = gemv_ops.MIN_N <= N <= gemv_ops.MAX_N
+        row["routed"] = routed
+        totals["weight_bytes"] += count * row["weight_bytes"]
+        totals["us_triton"] += count * row["us_triton"]
+        totals["us_torch"] += count * row["us_torch"]
+        totals["us_routed"] += count * row["us_triton" if routed else "us_torch"]
+    N, K, _ = projection_shapes(config_args(dry))["qkv sliding"]
+    timed("gemv qkv sliding, 4 rows", lambda: benchmark_gemv(N, K, rows=4, device=dev, iters=iters), out)
+    out["gemv per token"] = {k: round(v, 1) if isinstance(v, float) else v for k, v in totals.items()}
 
 
 def decode_attention_case(dev, KV: int, G: int, S: int, D: int) -> dict:

@@ -29,7 +29,14 @@ def test_dry_run_writes_a_complete_report(tmp_path):
         memory = placement["memory_after_load"]
         assert memory["device_bytes"] > 0 and memory["planned_device_bytes"] > 0
         assert placement["per_token_eager"]["aten_ops_per_token"] > 0
+        # opt-in decode kernels (dense_gemv): the step with each switched on; CPU tensors never take it
+        assert "error" not in placement["speed_static_with_dense_gemv"]
+        assert placement["tokens_static_with_dense_gemv"]["first_divergence_from_default"] is None
     kernels = steps["kernels"]
     assert all("error" not in v for k, v in kernels.items() if isinstance(v, dict))
+    gemv = {k: v for k, v in kernels.items() if k.startswith("gemv ") and "max_rel_err_triton" in v}
+    assert {"gemv qkv sliding", "gemv router", "gemv lm_head"} <= set(gemv)  # the interpreted kernel ran
+    assert all(v["max_rel_err_triton"] < 1e-2 for v in gemv.values())
+    assert kernels["gemv per token"]["weight_bytes"] > 0
     assert "gpu_check.md" in {p.name for p in tmp_path.iterdir()}
     assert "## big" in (tmp_path / "gpu_check.md").read_text()

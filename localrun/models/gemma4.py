@@ -15,7 +15,7 @@ from . import common
 from ..config import ModelArgs
 from ..errors import LocalrunError
 from .. import kernels
-from ..kernels import linear
+from ..kernels import gemv as gemv_ops
 from ..kernels import norm as norm_ops
 from ..kernels import fused as fused_ops
 from ..kernels.attention import decode_attention, grouped_sdpa
@@ -111,8 +111,17 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     return F.rms_norm(x.float(), x.shape[-1:], w, eps).type_as(x)
 
 
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """`kernels.linear` (which also takes the bf16-stored weights of an fp32 CPU run); with
+    DECODE_KERNELS["dense_gemv"] on, the few rows of a CUDA half-precision decode step go through
+    localrun::gemv instead (one Triton GEMV a projection, not cuBLAS' split-K GEMM + reduce)."""
+    if DECODE_KERNELS["dense_gemv"] and gemv_ops.applies(x, w, b):
+        return gemv_ops.gemv(x, w, b)
+    return kernels.linear(x, w, b)
+
+
 def project(lin: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """lin(x) through `kernels.linear`, which also takes the bf16-stored weights of an fp32 CPU run."""
+    """lin(x) through `linear`."""
     return linear(x, lin.weight, lin.bias)
 
 
@@ -188,9 +197,10 @@ def apply_rope(x_BTND, cos_T1D, sin_T1D):
     return x_BTND * cos_T1D + x_BTND.roll(x_BTND.shape[-1] // 2, dims=-1) * sin_T1D
 
 
-# localrun's own decode kernels (kernels/attention.py, kernels/fused.py); switched off, the same
-# step runs the plain torch ops (scripts/gpu_check.py measures both).
-DECODE_KERNELS = {"decode_attention": True, "fused_glue": True, "decode_layer": True}
+# localrun's own decode kernels (kernels/attention.py, kernels/fused.py, kernels/gemv.py); switched
+# off, the same step runs the plain torch ops (scripts/gpu_check.py measures both). Those off by
+# default are opt-in until a GPU run shows they pay: dense_gemv (CUDA only) awaits its measurement.
+DECODE_KERNELS = {"decode_attention": True, "fused_glue": True, "decode_layer": True, "dense_gemv": False}
 CPU_ONLY_KERNELS = {"decode_layer"}  # DecoderLayer.forward_decode: nothing to switch off on CUDA
 
 
