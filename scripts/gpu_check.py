@@ -368,12 +368,21 @@ def big_model_run(dry: bool, dev, load_kwargs: dict, rows: dict) -> dict:
                     "decode_tokens_per_s_after_16": round((gen - 1) / (tns - t1s), 2)}
         timed(f"speed_{mode}", rates, rows)
         timed(f"per_token_{mode}", lambda mode=mode: per_token_counts(model, short, dev, mode, loaded.kv), rows)
+        if mode == "graphs":  # the H200 once decoded 2.4x slower after 512 than after 16: where it goes
+            timed(f"per_token_{mode}_after_{prompt}", lambda: per_token_counts(model, ids, dev, mode, loaded.kv), rows)
         if mode == "graphs":  # the same step with each of localrun's CUDA kernels replaced by torch ops
             from localrun.models.gemma4 import CPU_ONLY_KERNELS, DECODE_KERNELS
 
             for name in [n for n in DECODE_KERNELS if n not in CPU_ONLY_KERNELS]:
                 with torch_ops_for(name, loaded.kv):
                     timed(f"speed_graphs_without_{name}", rates, rows)
+    store = loaded.store
+    if store is not None and store.device_compute is not None:  # the same decode, an op per expert (as before)
+        rows_compute, store.device_compute = store.device_compute, None
+        try:
+            timed("speed_eager_per_expert", lambda: rates("eager"), rows)
+        finally:
+            store.device_compute = rows_compute
     rows["memory_after_decode"] = memory_report(loaded)
     if loaded.store is not None:
         rows["expert_cache"] = loaded.expert_stats()
