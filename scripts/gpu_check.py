@@ -276,9 +276,10 @@ def step_exact(dry: bool) -> dict:
         vocab = json.loads((path / "config.json").read_text())["vocab_size"]
         ids = bench_prompt(40, vocab)
         ref_tokens, ref_lp = greedy(load_model(path, device="cpu", dtype=torch.float32).model, ids, n, "cpu")
-        steps = ("eager", "graphs") if dev.type == "cuda" else ("eager", "static")
+        # graphs with offloaded experts: the segmented step (graphs between the layers' experts)
+        steps = ("eager", "graphs") if dev.type == "cuda" else ("eager", "static", "segments")
         for frac in (1.0, 0.5, 0.0):
-            for mode in steps if frac == 1.0 else ("eager",):
+            for mode in steps if frac == 1.0 else ("eager", steps[-1]):
                 def run(frac=frac, mode=mode):
                     loaded = load_model(path, device=str(dev), dtype=torch.float32, resident_fraction=frac)
                     tokens, lp = greedy(loaded.model, ids, n, dev, mode, loaded.kv)
@@ -354,8 +355,8 @@ def big_model_run(dry: bool, dev, load_kwargs: dict, rows: dict) -> dict:
     prompt, gen = (512, int(os.environ.get("GPU_CHECK_GEN", 48))) if not dry else (32, 8)
     ids = bench_prompt(prompt, args.vocab_size)
     short = bench_prompt(16, args.vocab_size)
-    modes = ["eager"] + (["graphs"] if dev.type == "cuda" and loaded.store is None else
-                         ["static"] if dev.type != "cuda" else [])
+    # graphs: one graph a step when every expert is resident, else graphs between the layers' experts
+    modes = ["eager"] + (["graphs"] if dev.type == "cuda" else ["static"] if loaded.store is None else ["segments"])
     for mode in modes:  # graphs off and on in the same run, each on a warm model
         def rates(mode=mode) -> dict:
             run = lambda prompt_ids, n: greedy(model, prompt_ids, n, dev, mode, loaded.kv)  # noqa: E731
@@ -368,9 +369,9 @@ def big_model_run(dry: bool, dev, load_kwargs: dict, rows: dict) -> dict:
                     "decode_tokens_per_s_after_16": round((gen - 1) / (tns - t1s), 2)}
         timed(f"speed_{mode}", rates, rows)
         timed(f"per_token_{mode}", lambda mode=mode: per_token_counts(model, short, dev, mode, loaded.kv), rows)
-        if mode == "graphs":  # the H200 once decoded 2.4x slower after 512 than after 16: where it goes
+        if mode == "graphs" and loaded.store is None:  # the H200 once decoded 2.4x slower after 512 than after 16
             timed(f"per_token_{mode}_after_{prompt}", lambda: per_token_counts(model, ids, dev, mode, loaded.kv), rows)
-        if mode == "graphs":  # the same step with each of localrun's CUDA kernels replaced by torch ops
+        if mode == "graphs" and loaded.store is None:  # the same step with each CUDA kernel replaced by torch ops
             from localrun.models.gemma4 import CPU_ONLY_KERNELS, DECODE_KERNELS
 
             for name in [n for n in DECODE_KERNELS if n not in CPU_ONLY_KERNELS]:

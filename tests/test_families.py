@@ -317,3 +317,11 @@ def test_moe_families_static_decode_step_is_the_eager_one(moe_checkpoint, family
     assert [s.token for s in runs[0]] == [s.token for s in runs[1]]
     assert torch.allclose(torch.tensor([s.logprob for s in runs[0]]), torch.tensor([s.logprob for s in runs[1]]),
                           atol=1e-5)
+
+
+def test_segmented_decode_needs_a_model_that_can_cut_its_step(moe_checkpoint):
+    from localrun.step import make_step
+
+    loaded = load_model(moe_checkpoint("qwen3_moe"), dtype=torch.float32, context=64)
+    with pytest.raises(ValueError, match="Gemma 4"):
+        make_step(loaded.model, loaded.kv, "segments")
