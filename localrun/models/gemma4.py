@@ -190,8 +190,8 @@ def apply_rope(x_BTND, cos_T1D, sin_T1D):
     return x_BTND * cos_T1D + x_BTND.roll(x_BTND.shape[-1] // 2, dims=-1) * sin_T1D
 
 
-# localrun's own decode kernels (kernels/attention.py, kernels/fused.py); switched off, the same
-# step runs the plain torch ops (scripts/gpu_check.py measures both).
+# localrun's own decode kernels (kernels/attention.py; kernels/fused.py and kernels/kv_write.py are
+# the fused glue); switched off, the same step runs the plain torch ops (scripts/gpu_check.py measures both).
 DECODE_KERNELS = {"decode_attention": True, "fused_glue": True, "decode_layer": True}
 CPU_ONLY_KERNELS = {"decode_layer"}  # DecoderLayer.forward_decode: nothing to switch off on CUDA
 
@@ -206,6 +206,13 @@ def use_kernel(name: str, x: torch.Tensor) -> bool:
     if x.device.type == "cuda":
         return name == "decode_attention" or x.dtype != torch.float32
     return x.device.type == "cpu" and x.dtype == torch.float32 and kernels.library() is not None
+
+
+def fused_on_cuda(x: torch.Tensor) -> bool:
+    """Whether activations x take the glue kernels that exist for CUDA alone (the K/V write, the
+    dense MLP's gated activation): the fused glue in half precision on CUDA. The CPU's fp32 glue is
+    the C calls, which do this work inside kernels.DecodeLayer and `kernels.gated`."""
+    return x.device.type == "cuda" and use_kernel("fused_glue", x)
 
 
 QUERY_BLOCK = 64  # prefill attends in blocks of queries, each over the keys it can see (64 beat 128 and 32)
@@ -322,13 +329,17 @@ class Attention(nn.Module):
         else:
             raw = raw.view(B, T, self.kv_heads, self.head_dim)
             v = raw if v is None else v.view(B, T, self.kv_heads, self.head_dim)
-            k = norm_rope(raw, self.k_norm, cos_TD, sin_TD).transpose(1, 2)
-            v = rms_norm(v, None, self.eps).transpose(1, 2)
             pos_S = pos_T
-            if cache is not None and span is not None:
-                k, v, visible = cache.write(k, v, pos_T, span, shared.setdefault("static", {}))
-            elif cache is not None:
-                k, v, pos_S = cache.update(k, v, pos_T)
+            if cache is not None and span is not None and fused_on_cuda(raw):  # norms, RoPE, write: one kernel
+                k, v, visible = cache.write_raw(raw, v, self.k_norm.weight, cos_TD, sin_TD, self.eps, pos_T, span,
+                                                shared.setdefault("static", {}))
+            else:
+                k = norm_rope(raw, self.k_norm, cos_TD, sin_TD).transpose(1, 2)
+                v = rms_norm(v, None, self.eps).transpose(1, 2)
+                if cache is not None and span is not None:
+                    k, v, visible = cache.write(k, v, pos_T, span, shared.setdefault("static", {}))
+                elif cache is not None:
+                    k, v, pos_S = cache.update(k, v, pos_T)
             shared[self.window is not None] = (k, v, pos_S, visible)  # the last layer of each kind wins
         out = attend(q.transpose(1, 2), k, v, pos_T, pos_S, self.window, shared.setdefault("masks", {}), visible)
         return project(self.o_proj, out.transpose(1, 2).reshape(B, T, -1))
@@ -350,6 +361,8 @@ class MLP(nn.Module):
         if self.gate_up is None:
             return project(self.down_proj, self.act(project(self.gate_proj, x)) * project(self.up_proj, x))
         gate_up = linear(x, *self.gate_up)
+        if fused_on_cuda(gate_up):  # one Triton kernel, not the activation's and the product's
+            return project(self.down_proj, fused_ops.gated_op(gate_up, self.act_name))
         a = kernels.gated(gate_up, self.act_name) if not torch.is_grad_enabled() else None
         if a is None:  # the C call is the activation DecodeLayer computes (fp32 CPU inference)
             gate, up = gate_up.chunk(2, dim=-1)
