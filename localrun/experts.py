@@ -9,9 +9,9 @@ One `ExpertStore` per model; inside it one `LayerCache` per MoE layer. A layer's
 On a miss the `CostModel` decides per expert: copy it into a slot, or compute it on the CPU where it lies.
 
 Memory, for payloads that are one buffer (`RowPayload`: `quant.nf4.PackedExpert`): each layer holds
-one [n_resident, nbytes] device tensor, one [n_host, nbytes] host tensor (`host_rows`: page-locked
-with cudaHostRegister on CUDA, so it pins exactly its bytes) and one [slots, nbytes] device tensor of
-cache slots, all allocated when the layer is added; every expert is a row view, a copy fills a slot
+one [n_resident + slots, nbytes] device tensor (resident rows, then the cache slots' rows), one
+[n_host, nbytes] host tensor (`host_rows`: page-locked with cudaHostRegister on CUDA, so it pins
+exactly its bytes), all allocated when the layer is added; every expert is a row view, a copy fills a slot
 row in place, and nothing is allocated while decoding. `build_layer` lets the loader quantize
 straight into the rows. Any other payload (tests use dataclasses of tensors) goes the generic way:
 its own `.to(device)` copies.
@@ -59,6 +59,15 @@ class RowPayload(Payload, Protocol):
 
 
 Compute = Callable[[Payload, torch.Tensor], torch.Tensor]  # (payload, x_TH) -> y_TH, on the payload's device
+
+
+class DeviceRowsCompute(Protocol):
+    """A decoded token's experts of one layer in one call on the device (quant.ffn.DeviceRowsCompute):
+    `rows_RB` is the layer's [resident + slots, nbytes] device buffer, `rows_TK` the row of each
+    routed expert (a device tensor), so nothing waits on the host after the copies are queued."""
+
+    def __call__(self, rows_RB: torch.Tensor, x_TH: torch.Tensor, rows_TK: torch.Tensor,
+                 w_TK: torch.Tensor) -> torch.Tensor: ...
 
 
 class LayerCompute(Protocol):
@@ -474,10 +483,12 @@ class ExpertStore:
         policy: Callable[[], CachePolicy] = LRUPolicy,
         cost_model: CostModel | None = None,
         compute_layer: "LayerCompute | None" = None,
+        device_compute: "DeviceRowsCompute | None" = None,
     ) -> None:
         self.device = torch.device(device)
         self.compute = compute
         self.compute_layer = compute_layer if self.device.type == "cpu" else None
+        self.device_compute = device_compute  # a decoded token's layer in one call when all its experts are on the device
         self._where: dict[int, dict[int, Payload]] = {}  # layer -> every expert where it lies (compute_layer)
         self.host = torch.device("cpu")
         self._copier = _Copier(self.device)
@@ -490,7 +501,9 @@ class ExpertStore:
         self._slot_rows: dict[int, list[Payload]] = {}  # row payloads: one view per slot row
         self._free_rows: dict[int, list[int]] = {}
         self._row_of: dict[int, dict[int, int]] = {}  # expert -> slot row it occupies
-        self._device_buffers: list[torch.Tensor] = []  # per layer: resident rows, slot rows
+        self._device_buffers: list[torch.Tensor] = []  # per layer: resident rows, then slot rows, one tensor
+        self._device_rows: dict[int, torch.Tensor] = {}  # layer -> that [resident + slots, nbytes] tensor
+        self._row_map: dict[int, torch.Tensor] = {}  # layer -> [E] int32 on the device: expert -> its device row
         self._host_buffers: list[torch.Tensor] = []  # per layer: host rows
         self._pending: dict[int, tuple] = {}  # layer -> (ids_TK, kind, state) from prefetch
         for layer, payloads in (experts or {}).items():
@@ -531,7 +544,9 @@ class ExpertStore:
     def build_layer(self, layer: int, num_experts: int, nbytes: int, resident: Collection[int], write: Write) -> None:
         """Allocate one layer's buffers and fill them: `write(e, row)` puts expert e's bytes into `row`
         (a row of the device buffer when e is resident, of the host buffer otherwise) and returns its
-        payload over that row. Also allocates the layer's [slots, nbytes] slot buffer."""
+        payload over that row. Also allocates the layer's slot rows, after the resident rows in the same
+        device tensor, so one kernel can read every expert on the device (`device_compute`), and the map
+        from an expert to its row there (`_row_map`, kept by `_copy`)."""
         keep = frozenset(resident)
         self._check(layer, keep, num_experts)
         self._where.pop(layer, None)
@@ -539,7 +554,8 @@ class ExpertStore:
         on_host = [e for e in range(num_experts) if e not in keep]
         n_slots = self._n_slots(layer) if on_host else 0
         self._layers[layer] = LayerCache([nbytes] * num_experts, keep, n_slots, self._policy(), self._cost_model)
-        dev = torch.empty((len(on_device), nbytes), dtype=torch.uint8, device=self.device)
+        rows_dev = torch.empty((len(on_device) + n_slots, nbytes), dtype=torch.uint8, device=self.device)
+        dev, slots = rows_dev[: len(on_device)], rows_dev[len(on_device) :]
         host = host_rows(len(on_host), nbytes, pin=self.device.type == "cuda")
         rows = {e: (self._resident, dev[i]) for i, e in enumerate(on_device)}
         rows.update({e: (self._host, host[i]) for i, e in enumerate(on_host)})
@@ -548,13 +564,17 @@ class ExpertStore:
             tier, row = rows[e]
             tier[layer][e] = write(e, row)
         self._resident[layer] = dict(sorted(self._resident[layer].items()))
-        slots = torch.zeros((n_slots, nbytes), dtype=torch.uint8, device=self.device)
+        slots.zero_()
         like = next(iter(self._host[layer].values()), None)
         self._slot_rows[layer] = [like.with_buffer(slots[i]) for i in range(n_slots)]
         self._free_rows[layer] = list(range(n_slots - 1, -1, -1))
         self._row_of[layer] = {}
         self._slots[layer] = {}
-        self._device_buffers += [t for t in (dev, slots) if t.numel()]
+        self._device_buffers += [rows_dev] if rows_dev.numel() else []
+        self._device_rows[layer] = rows_dev
+        row_map = torch.zeros(num_experts, dtype=torch.int32)  # experts not on the device: filled by _copy
+        row_map[on_device] = torch.arange(len(on_device), dtype=torch.int32)
+        self._row_map[layer] = row_map.to(self.device)
         self._host_buffers += [host] if host.numel() else []
 
     def __call__(self, layer: int) -> "LayerExperts":
@@ -626,6 +646,8 @@ class ExpertStore:
             kind = pending[1] if pending is not None else None
             ids, weights = self._routing.wait(pending[2] if kind == "routing" else self._routing.start(ids_TK, w_TK))
             steps, deferred = pending[2][1:] if kind == "plan" else self._begin_one(layer, ids[0])
+            if self._on_device_rows(layer, steps, deferred):
+                return self._run_on_device(layer, steps, x_TH, ids_TK, w_TK)
             y_of = {}
             for step in steps:
                 if step in deferred:
@@ -644,6 +666,23 @@ class ExpertStore:
             y_of[step.expert] = self._compute(layer, step, x_TH[tok_of[step.expert]])
         # Accumulate in dispatch's own (expert-sorted) order so every placement sums identically.
         return dispatch(x_TH, ids_TK, w_TK, lambda e, _x: y_of.pop(e), groups=groups)
+
+    def _on_device_rows(self, layer: int, steps: list[Step], deferred: set[Step]) -> bool:
+        """Whether `_run_on_device` serves this call: a device compute is set, the layer lives in row
+        buffers, and after the copies every expert of the call is on the device together (none computed
+        on the CPU, no copy waiting to overwrite an expert of this very call)."""
+        return (self.device_compute is not None and layer in self._device_rows and not deferred
+                and all(step.source != "cpu" for step in steps))
+
+    def _run_on_device(self, layer: int, steps: list[Step], x_TH: torch.Tensor, ids_TK: torch.Tensor,
+                       w_TK: torch.Tensor) -> torch.Tensor:
+        """Every expert of the call read in place from the layer's device rows by one kernel: the row
+        of each routed expert comes from the device map (no host value), once its copy has landed."""
+        for step in steps:
+            if step.source in ("hit", "copy"):
+                self._copier.ready(self._slots[layer][step.expert][1])
+        rows_TK = self._row_map[layer][ids_TK]
+        return self.device_compute(self._device_rows[layer], x_TH, rows_TK, w_TK)
 
     def _run_layer(self, layer: int, pending, x_TH: torch.Tensor, ids_TK: torch.Tensor,
                    w_TK: torch.Tensor) -> torch.Tensor:
@@ -704,6 +743,7 @@ class ExpertStore:
             rows = self._row_of[layer]
             row = rows.pop(step.victim) if step.victim is not None else self._free_rows[layer].pop()
             rows[step.expert] = row
+            self._row_map[layer][step.expert] = len(self._resident[layer]) + row  # slot rows follow the resident ones
             payload = self._slot_rows[layer][row]
             slots[step.expert] = payload, self._copier.fill(payload.buffer, host.buffer)
         else:

@@ -16,6 +16,7 @@ import torch
 
 from .config import ModelArgs
 from .errors import LocalrunError
+from .kernels.kv_write import kv_write
 from .plan import KV_ROLLBACK, kv_layer_positions
 
 
@@ -70,6 +71,17 @@ class FullKV:
         memo: per step, shared by the layers, so the mask is computed once (it is the same for all)."""
         self.k.index_copy_(2, pos_1, k_BN1D)
         self.v.index_copy_(2, pos_1, v_BN1D)
+        return self._static_view(pos_1, span, memo)
+
+    def write_raw(self, raw_k_11ND, raw_v_11ND, k_weight, cos, sin, eps: float, pos_1, span: int,
+                  memo: dict | None = None, norm_v: bool = True):
+        """`write` of the heads before their norms, in one kernel (kernels/kv_write.py): k =
+        rope(rms_norm(raw_k) * k_weight), v = rms_norm(raw_v) (raw_v itself when not norm_v), each
+        in fp32, rounded once to the cache's dtype; returns what `write` returns."""
+        kv_write(raw_k_11ND, raw_v_11ND, k_weight, cos, sin, eps, self.k, self.v, None, pos_1, self.capacity, norm_v)
+        return self._static_view(pos_1, span, memo)
+
+    def _static_view(self, pos_1, span: int, memo: dict | None):
         memo = {} if memo is None else memo
         visible = memo.get(("full", span))
         if visible is None:
@@ -164,7 +176,6 @@ class RingKV:
         short chat reads 256 slots of a 1,536-slot ring, not all of them) and otherwise all of them.
         Every ring of a model holds the same positions, so the slot and the mask are computed once a step."""
         memo = {} if memo is None else memo
-        n = min(span, self.size)
         key = ("ring", self.window, self.size)
         slot = memo.get(key + ("slot",))
         if slot is None:
@@ -172,10 +183,22 @@ class RingKV:
         self.k.index_copy_(2, slot, k_BN1D)
         self.v.index_copy_(2, slot, v_BN1D)
         self.pos.index_copy_(0, slot, pos_1)  # every ring keeps its own positions (eager updates read them)
-        visible = memo.get(key + (n,))
+        return self._static_view(pos_1, span, memo)
+
+    def write_raw(self, raw_k_11ND, raw_v_11ND, k_weight, cos, sin, eps: float, pos_1, span: int,
+                  memo: dict | None = None, norm_v: bool = True):
+        """FullKV.write_raw for the ring: the one kernel also writes the position into its slot."""
+        kv_write(raw_k_11ND, raw_v_11ND, k_weight, cos, sin, eps, self.k, self.v, self.pos, pos_1, self.size, norm_v)
+        return self._static_view(pos_1, span, {} if memo is None else memo)
+
+    def _static_view(self, pos_1, span: int, memo: dict):
+        """The first min(span, size) slots and their visibility, after this step's write."""
+        n = min(span, self.size)
+        key = ("ring", self.window, self.size, n)
+        visible = memo.get(key)
         if visible is None:
             pos = self.pos[:n]
-            visible = memo[key + (n,)] = ((pos >= 0) & (pos > pos_1 - self.window))[None, :]
+            visible = memo[key] = ((pos >= 0) & (pos > pos_1 - self.window))[None, :]
         return self.k[:, :, :n], self.v[:, :, :n], visible
 
     @property

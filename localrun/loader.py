@@ -31,7 +31,7 @@ from .models.gemma4 import EXPERT_KEYS
 from .moe import DenseExperts, activation
 from .plan import CUDA_CONTEXT_BYTES, QUANT_CHUNK_EXPERTS, Budget, Plan, device_budget, fused_groups, make_plan
 from .prequant import is_prequantized, manifest_spec, read_manifest
-from quant.ffn import BufferedExperts, CpuLayerCompute, QuantizedExperts, ffn_4bit
+from quant.ffn import BufferedExperts, CpuLayerCompute, DeviceRowsCompute, QuantizedExperts, ffn_4bit
 from quant.layer import ExpertBuffer
 from quant.io import load_packed_experts
 from quant.nf4 import ExpertLayout, PackedExpert, expert_layout, pack_expert
@@ -416,9 +416,13 @@ def load_model(
                 cost = calibrate(sample, compute, dev, args.hidden_size, torch.float32)  # the CPU side runs fp32
                 del sample
             # on the CPU a layer's experts run in one C call wherever they lie (QuantizedExperts' kernel)
-            layer_compute = CpuLayerCompute(pending[moe_layers[0]].layout, args.hidden_activation)
+            layout = pending[moe_layers[0]].layout
+            layer_compute = CpuLayerCompute(layout, args.hidden_activation)
+            # on CUDA a decoded token whose experts are all on the device (resident, cached, just copied)
+            # runs as one MoE kernel over the layer's device rows
+            rows_compute = DeviceRowsCompute(layout, args.hidden_activation) if dev.type == "cuda" else None
             store = ExpertStore(None, compute, dev, slots=plan.cache_slots, policy=POLICIES[cache_policy],
-                                cost_model=cost, compute_layer=layer_compute)
+                                cost_model=cost, compute_layer=layer_compute, device_compute=rows_compute)
 
             def build(layer):
                 # quantized (or copied) straight into the layer's rows: resident ones on the device,

@@ -40,7 +40,7 @@ Rules (each one a named constant or function below, so a change is one edit):
   1 MiB up to a multiple of 512 bytes and a larger one up to a multiple of 2 MiB
   (`allocation_bytes`). The plan rounds every device allocation it places that way: each
   non-expert tensor (q/k/v and the dense MLP's gate/up fused into one per layer, as the loader
-  allocates them), one resident-expert buffer and one slot buffer per MoE layer, K, V and the
+  allocates them), one buffer per MoE layer of its resident experts and cache slots, K, V and the
   int64 slot positions (`kv_positions`) of each layer that keeps a cache. The sum of those
   round-ups is the `allocator_rounding` component.
   `placed_device_bytes` is the exact tensor bytes (weights, resident experts, slots, KV and its
@@ -620,7 +620,7 @@ def make_plan(
     def rounding(resident: int, kv_layers: list[int], pos_layers: list[int]) -> int:
         if not on_gpu:
             return 0  # the CPU allocator sets aside exactly what a tensor holds
-        experts_allocs = [k * b for b in layer_expert.values() for k in (resident, slots_for(resident))]
+        experts_allocs = [(resident + slots_for(resident)) * b for b in layer_expert.values()]  # one tensor a layer
         return _rounding(weight_allocs + experts_allocs + _kv_allocations(kv_layers) + pos_layers)
 
     def placed(resident: int) -> int:

@@ -6,7 +6,9 @@ fixed shapes: the token and its position are device tensors, every layer writes 
 device position (FullKV / RingKV `.write`) and attends over a fixed `span` of slots with a
 visibility mask, so no Python decision reads a device value. Its `forward(span)` is what
 `torch.compile(fullgraph=True)` traces (a proof that nothing in it syncs with the host) and what
-`CudaGraphStep` captures once per span bucket and then replays per token.
+`CudaGraphStep` captures once per span bucket and then replays per token. Where the experts need
+the host (offloaded: their ids decide the copies), `SegmentedGraphStep` captures what lies between two
+layers' experts instead, and runs the experts between the replays.
 
 Spans are buckets (powers of two from MIN_SPAN up to the cache's capacity): a token at position p
 uses the smallest bucket above p, so a short chat reads 256 full-layer slots, not the whole planned
@@ -128,6 +130,83 @@ class CudaGraphStep(StaticStep):
         return logits
 
 
+class SegmentedGraphStep(StaticStep):
+    """StaticStep for a model whose experts tell the host their ids (offloaded experts: the host copies
+    the missing ones), cut at each MoE layer's routed experts (`model.decode_segments`): what lies
+    between two layers' experts (the back of one layer, the front of the next: attention, glue, router,
+    dense MLP) is one CUDA graph per span bucket, the experts run eagerly between replays and write
+    their output into the buffer the next graph reads. One host sync per MoE layer (the routing ids)
+    remains; about twenty launches per layer become one replay. On the CPU (no CUDA graphs) the same
+    segments run in order as they come, which is what the tests check against the eager step.
+
+    Graphs of one span share a memory pool and replay in capture order, so a tensor one segment
+    leaves for a later one (the front a back needs, masks, RoPE) stays where the later graph reads it.
+    A capture that fails leaves the step uncaptured (`disabled` says why), like CudaGraphStep."""
+
+    graphs = True
+
+    def __init__(self, model, cache: KVCache):
+        super().__init__(model, cache)
+        self.capture = self.token.device.type == "cuda"
+        self._graphs: dict[int, list[tuple]] = {}  # span -> [(graph, experts, their call, output buffer, logits)]
+        self._pool = torch.cuda.graph_pool_handle() if self.capture else None
+        self.disabled: str | None = None
+
+    def forward(self, span: int) -> torch.Tensor:
+        self.cache.span = span
+        try:
+            segments = self.model.decode_segments(self.token, self.cache, self.pos)
+            out = segments.first()
+            while isinstance(out, tuple):
+                out = segments.next(segments.layer_at().experts(*out))
+        finally:
+            self.cache.span = None
+        return self.model.logits(out)[0, -1].float()
+
+    def _capture(self, span: int) -> list[tuple]:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the graphs: lazy inits, autotuning, workspaces
+            for _ in range(2):
+                self.forward(span)
+        torch.cuda.current_stream().wait_stream(side)
+        pieces, moe_TH = [], None
+        self.cache.span = span
+        try:
+            segments = self.model.decode_segments(self.token, self.cache, self.pos)
+            while True:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self._pool):
+                    out = segments.first() if not pieces else segments.next(moe_TH)
+                    logits = None if isinstance(out, tuple) else self.model.logits(out)[0, -1].float()
+                if logits is not None:
+                    pieces.append((graph, None, None, None, logits))
+                    return pieces
+                moe_TH = torch.empty_like(out[0])  # outside the pool: the experts' output is copied in
+                pieces.append((graph, segments.layer_at().experts, out, moe_TH, None))
+        finally:
+            self.cache.span = None
+
+    def __call__(self, token_11: torch.Tensor, position: int) -> torch.Tensor:
+        span = self._load(token_11, position)
+        if self.capture and self.disabled is None and span not in self._graphs:
+            try:
+                self._graphs[span] = self._capture(span)
+            except Exception as e:  # noqa: BLE001 - a step that cannot be captured still runs
+                self.disabled = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                torch.cuda.synchronize()
+        if not self.capture or self.disabled is not None:
+            logits = self.forward(span)
+        else:
+            for graph, experts, call, moe_TH, last in self._graphs[span]:
+                graph.replay()
+                if experts is not None:
+                    moe_TH.copy_(experts(*call))
+            logits = last.clone()  # the next replay overwrites it
+        self.cache.advance(position + 1)
+        return logits
+
+
 class CompiledGraphStep(CudaGraphStep):
     """CudaGraphStep whose forward is first compiled by torch.compile (inductor fuses the step's many
     small elementwise kernels, which bound decode today), then captured per span bucket as usual.
@@ -140,13 +219,16 @@ class CompiledGraphStep(CudaGraphStep):
         self.forward = torch.compile(self.forward, fullgraph=True)
 
 
-STEPS = {"eager": EagerStep, "static": StaticStep, "graphs": CudaGraphStep, "compiled": CompiledGraphStep}
+STEPS = {"eager": EagerStep, "static": StaticStep, "graphs": CudaGraphStep, "compiled": CompiledGraphStep,
+         "segments": SegmentedGraphStep}
 
 
 def make_step(model, cache: KVCache, mode: str = "auto"):
-    """The decode step for `mode`: "eager", "static", "graphs", "compiled", or "auto" (graphs on CUDA
-    when every routed expert is computed on the device without host syncs, else eager; the variable
-    LOCALRUN_DECODE_STEP overrides what auto picks). Kept in `cache.steps`, so a model load captures
+    """The decode step for `mode`: "eager", "static", "graphs", "compiled", "segments", or "auto" (graphs
+    on CUDA when every routed expert is computed on the device without host syncs, else eager; the
+    variable LOCALRUN_DECODE_STEP overrides what auto picks). "graphs" for a model whose experts need
+    the host (offloaded) means "segments": graphs between the layers' experts (Gemma 4; not yet
+    measured on a GPU, so auto does not pick it). Kept in `cache.steps`, so a model load captures
     each span's graph (and compiles) once, not once a reply: the graphs read the cache's buffers,
     which live as long as the cache."""
     if mode not in ("auto", *STEPS):
@@ -158,6 +240,11 @@ def make_step(model, cache: KVCache, mode: str = "auto"):
             raise ValueError(f"LOCALRUN_DECODE_STEP must be one of {', '.join(STEPS)}, not {mode!r}")
     if mode in ("graphs", "compiled") and not cuda:
         raise ValueError("CUDA graphs need a CUDA device")
+    if mode == "graphs" and not graph_safe(model) and hasattr(model, "decode_segments"):
+        mode = "segments"
+    if mode == "segments" and not hasattr(model, "decode_segments"):
+        raise ValueError(f"the segmented decode step needs a model that can cut its step at the experts "
+                         f"(Gemma 4), not {type(model).__name__}")
     step = cache.steps.get(mode)
     if step is None or step.model is not model:  # one per cache: its graphs stay valid with its buffers
         step = cache.steps[mode] = STEPS[mode](model, cache)

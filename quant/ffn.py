@@ -172,6 +172,26 @@ class CpuLayerCompute:
         return y
 
 
+class DeviceRowsCompute:
+    """ExpertStore's one-call decode on the device: the routed experts read in place from the layer's
+    device rows (resident experts, then cache slots: localrun/experts.py) through the same
+    `localrun::moe_4bit` op as BufferedExperts, given each expert's row instead of its id. So a layer
+    with experts in host RAM runs, once its misses are copied, the very kernel and summation order of
+    a layer whose experts are all resident (two Triton launches on CUDA, not a GEMV per expert)."""
+
+    def __init__(self, layout: ExpertLayout, act: str):
+        self.layout = layout
+        self.act_name = act
+        self._buffers: dict[int, ExpertBuffer] = {}  # data_ptr of a layer's rows -> ExpertBuffer over them
+
+    def __call__(self, rows_RB: torch.Tensor, x_TH: torch.Tensor, rows_TK: torch.Tensor,
+                 w_TK: torch.Tensor) -> torch.Tensor:
+        buffer = self._buffers.get(rows_RB.data_ptr())
+        if buffer is None or buffer.data is not rows_RB:
+            buffer = self._buffers[rows_RB.data_ptr()] = ExpertBuffer(rows_RB, self.layout)
+        return buffer.moe(x_TH, rows_TK, w_TK, self.act_name)
+
+
 # Above this many tokens a layer call is a prefill: the per-token 4-bit GEMV kernel would read each hit
 # expert once per token, so the experts are dequantized once each instead (host syncs are fine there).
 BUFFERED_MAX_TOKENS = 16

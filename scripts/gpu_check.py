@@ -279,9 +279,10 @@ def step_exact(dry: bool) -> dict:
         vocab = json.loads((path / "config.json").read_text())["vocab_size"]
         ids = bench_prompt(40, vocab)
         ref_tokens, ref_lp = greedy(load_model(path, device="cpu", dtype=torch.float32).model, ids, n, "cpu")
-        steps = ("eager", "graphs") if dev.type == "cuda" else ("eager", "static")
+        # graphs with offloaded experts: the segmented step (graphs between the layers' experts)
+        steps = ("eager", "graphs") if dev.type == "cuda" else ("eager", "static", "segments")
         for frac in (1.0, 0.5, 0.0):
-            for mode in steps if frac == 1.0 else ("eager",):
+            for mode in steps if frac == 1.0 else ("eager", steps[-1]):
                 def run(frac=frac, mode=mode):
                     loaded = load_model(path, device=str(dev), dtype=torch.float32, resident_fraction=frac)
                     tokens, lp = greedy(loaded.model, ids, n, dev, mode, loaded.kv)
@@ -355,10 +356,12 @@ def big_model_run(dry: bool, dev, load_kwargs: dict, rows: dict) -> dict:
     print(f"  loaded in {rows['load_s']} s: {json.dumps(rows['memory_after_load'])}", flush=True)
     model = loaded.model
     prompt, gen = (512, int(os.environ.get("GPU_CHECK_GEN", 48))) if not dry else (32, 8)
+    if loaded.store is not None:  # offloaded decodes 10-30x slower: keep its three step variants within minutes
+        gen = min(gen, 48)
     ids = bench_prompt(prompt, args.vocab_size)
     short = bench_prompt(16, args.vocab_size)
-    modes = ["eager"] + (["graphs"] if dev.type == "cuda" and loaded.store is None else
-                         ["static"] if dev.type != "cuda" else [])
+    # graphs: one graph a step when every expert is resident, else graphs between the layers' experts
+    modes = ["eager"] + (["graphs"] if dev.type == "cuda" else ["static"] if loaded.store is None else ["segments"])
     for mode in modes:  # graphs off and on in the same run, each on a warm model
         def rates(mode=mode) -> dict:
             run = lambda prompt_ids, n: greedy(model, prompt_ids, n, dev, mode, loaded.kv)  # noqa: E731
@@ -371,8 +374,10 @@ def big_model_run(dry: bool, dev, load_kwargs: dict, rows: dict) -> dict:
                     "decode_tokens_per_s_after_16": round((gen - 1) / (tns - t1s), 2)}
         timed(f"speed_{mode}", rates, rows)
         timed(f"per_token_{mode}", lambda mode=mode: per_token_counts(model, short, dev, mode, loaded.kv), rows)
-        if mode in ("graphs", "static"):  # the step with each decode kernel switched from its default (static: dry)
-            from localrun.models.gemma4 import CPU_ONLY_KERNELS, DECODE_KERNELS
+        if mode == "graphs" and loaded.store is None:  # the H200 once decoded 2.4x slower after 512 than after 16
+            timed(f"per_token_{mode}_after_{prompt}", lambda: per_token_counts(model, ids, dev, mode, loaded.kv), rows)
+        if mode in ("graphs", "static") and loaded.store is None:  # each decode kernel switched from its default
+            from localrun.models.gemma4 import CPU_ONLY_KERNELS, DECODE_KERNELS  # (static: the dry run's stand-in)
 
             defaults = {n: on for n, on in DECODE_KERNELS.items() if n not in CPU_ONLY_KERNELS}
             for name in [n for n, on in defaults.items() if on]:  # replaced by torch ops
@@ -390,6 +395,13 @@ def big_model_run(dry: bool, dev, load_kwargs: dict, rows: dict) -> dict:
                         switched, _ = greedy(model, short, n, dev, mode, loaded.kv)
                     return {"first_divergence_from_default": first_divergence(switched, default), "tokens": n}
                 timed(f"tokens_{mode}_with_{name}", tokens, rows)
+    store = loaded.store
+    if store is not None and store.device_compute is not None:  # the same decode, an op per expert (as before)
+        rows_compute, store.device_compute = store.device_compute, None
+        try:
+            timed("speed_eager_per_expert", lambda: rates("eager"), rows)
+        finally:
+            store.device_compute = rows_compute
     rows["memory_after_decode"] = memory_report(loaded)
     if loaded.store is not None:
         rows["expert_cache"] = loaded.expert_stats()

@@ -299,3 +299,49 @@ def test_run_with_other_ids_than_prefetched_replans():
     torch.testing.assert_close(store(0)(x_TH, ids_TK, w_TK), reference(experts[0], x_TH, ids_TK, w_TK),
                                rtol=0, atol=0)
     assert store.device_experts(0) == {3, 4}
+
+
+@pytest.mark.parametrize("resident_n, slots, on_device", [(0, 2, "none"), (3, 1, "some"), (2, 4, "all"), (8, 0, "all")])
+def test_device_rows_decode_reads_each_expert_where_it_lies(resident_n, slots, on_device):
+    """A decoded token's layer as one MoE call over the layer's device rows (resident, then slots):
+    the expert -> row map follows every copy and eviction, so each token equals the same op over a
+    buffer of every expert (a wrong row would be another expert's weights), and the counters equal
+    the per-expert path's."""
+    from quant.ffn import BufferedExperts, DeviceRowsCompute, ffn_4bit
+    from quant.layer import ExpertBuffer
+    from quant.nf4 import pack_experts
+    from quant.spec import QuantSpec
+    from localrun.moe import activation
+
+    E, H, I, K = 8, 64, 64, 3  # the blocksize (64) divides H and I, as QuantSpec.check_kernel_sizes asks
+    g = torch.Generator().manual_seed(resident_n * 10 + slots)
+    packed = pack_experts(torch.randn(E, 2 * I, H, generator=g) * 0.1, torch.randn(E, H, I, generator=g) * 0.1,
+                          QuantSpec("nf4"))
+    everything = BufferedExperts(ExpertBuffer.from_experts(packed), "gelu_pytorch_tanh")
+    act = activation("gelu_pytorch_tanh")
+    resident = {0: list(range(E - resident_n, E))}  # not the first ids: rows and ids differ
+    rows = ExpertStore({0: packed}, lambda p, x: ffn_4bit(x, p, act), resident=resident, slots=slots,
+                       device_compute=DeviceRowsCompute(packed[0].layout, "gelu_pytorch_tanh"))
+    per_expert = ExpertStore({0: packed}, lambda p, x: ffn_4bit(x, p, act), resident=resident, slots=slots)
+    calls = {"rows": 0}
+    real = rows._run_on_device
+
+    def counting(*a):
+        calls["rows"] += 1
+        return real(*a)
+
+    rows._run_on_device = counting
+    for t in range(40):
+        ids = torch.randperm(E, generator=g)[:K][None, :]
+        w = torch.softmax(torch.randn(1, K, generator=g), dim=-1)
+        x = torch.randn(1, H, generator=g)
+        want = everything(x, ids, w)
+        got = rows(0)(x, ids, w)
+        per_expert(0)(x, ids, w)
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-6), t
+    assert rows.stats() == per_expert.stats()
+    # on the device whenever the call's experts fit there together (2 slots never hold 3 misses;
+    # 4 slots always do, and then evict experts of earlier calls, whose rows the map hands on)
+    assert calls["rows"] == {"none": 0, "all": 40}.get(on_device, calls["rows"]) and (on_device == "none") == (
+        calls["rows"] == 0)
+    check_slots(rows, 0)

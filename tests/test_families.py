@@ -317,3 +317,29 @@ def test_moe_families_static_decode_step_is_the_eager_one(moe_checkpoint, family
     assert [s.token for s in runs[0]] == [s.token for s in runs[1]]
     assert torch.allclose(torch.tensor([s.logprob for s in runs[0]]), torch.tensor([s.logprob for s in runs[1]]),
                           atol=1e-5)
+
+
+def test_segmented_decode_needs_a_model_that_can_cut_its_step(moe_checkpoint):
+    from localrun.step import make_step
+
+    loaded = load_model(moe_checkpoint("qwen3_moe"), dtype=torch.float32, context=64)
+    with pytest.raises(ValueError, match="Gemma 4"):
+        make_step(loaded.model, loaded.kv, "segments")
+
+
+def test_qwen3_static_step_writes_kv_in_one_kernel_where_cuda_would(moe_checkpoint, monkeypatch):
+    """The device check patched as if on CUDA, Qwen3's static step hands each layer's k (normed,
+    RoPE'd) and v (as projected, norm_v False) to one kv_write, and decodes the eager tokens."""
+    from localrun import kvcache
+    from localrun.models import gemma4, qwen3_moe
+
+    calls = []
+    write = kvcache.kv_write
+    monkeypatch.setattr(kvcache, "kv_write", lambda *args: calls.append(args) or write(*args))
+    model = load_model(moe_checkpoint("qwen3_moe"), dtype=torch.float32, experts="bf16").model
+    eager = list(generate(model, prompt(), make_sampler(SamplingParams()), max_tokens=8, step="eager"))
+    for module in (gemma4, qwen3_moe):
+        monkeypatch.setattr(module, "fused_on_cuda", lambda x: gemma4.use_kernel("fused_glue", x))
+    static = list(generate(model, prompt(), make_sampler(SamplingParams()), max_tokens=8, step="static"))
+    assert [s.token for s in static] == [s.token for s in eager]
+    assert len(calls) == 7 * len(model.layers) and not any(args[-1] for args in calls)

@@ -70,12 +70,13 @@ def test_layer_buffers_hold_every_expert_as_row_views(tiny_moe):
     store, plan = loaded.store, loaded.plan
     layers = [i for i, layer in enumerate(loaded.model.layers) if layer.moe]
     dev, host = store.device_tensors(), store.host_tensors()
-    assert len(dev) == 2 * len(layers) and len(host) == len(layers)  # resident rows + slot rows; host rows
+    assert len(dev) == len(layers) and len(host) == len(layers)  # resident rows, then slot rows; host rows
     n, slots = plan.resident_experts_per_layer, plan.cache_slots
-    assert sorted({t.shape[0] for t in dev}) == sorted({n, slots})
-    for i in layers:
+    assert {t.shape[0] for t in dev} == {n + slots} and slots > 0
+    for i, rows in zip(layers, dev):
         storages = {p.buffer.untyped_storage().data_ptr() for p in store.resident_payloads(i).values()}
-        assert len(storages) == 1  # one device buffer per layer
+        assert storages == {rows.untyped_storage().data_ptr()}  # one device buffer per layer, slots included
+        assert [p.buffer.data_ptr() for p in store.resident_payloads(i).values()] == [r.data_ptr() for r in rows[:n]]
         assert len({p.buffer.untyped_storage().data_ptr() for p in store.host_payloads(i).values()}) == 1
     # a forward pass fills slots in place: the same tensors, no new storage
     ptrs = [t.data_ptr() for t in dev]

@@ -139,3 +139,42 @@ def test_steps_are_kept_with_their_cache(tiny_moe):
     assert make_step(loaded.model, other, "static") is not static
     runs = [greedy(loaded.model, [2, 10, 11], "static", loaded.kv)[0] for _ in range(2)]
     assert runs[0] == runs[1] == greedy(loaded.model, [2, 10, 11], "eager", loaded.kv)[0]
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.5, 0.0])
+def test_segmented_step_matches_eager_at_every_placement(tiny_moe, fraction):
+    """The step cut at each MoE layer's experts (what SegmentedGraphStep captures between them on
+    CUDA) gives the eager tokens; on the CPU its segments run in order without capture."""
+    from localrun.step import SegmentedGraphStep, make_step
+
+    loaded = load_model(tiny_moe, dtype=torch.float32, resident_fraction=fraction, context=600)
+    assert isinstance(make_step(loaded.model, loaded.kv, "segments"), SegmentedGraphStep)
+    ids = bench_prompt(30, loaded.args.vocab_size)
+    eager_tokens, eager_lp = greedy(loaded.model, ids, "eager", loaded.kv)
+    tokens, lp = greedy(loaded.model, ids, "segments", loaded.kv)
+    assert tokens == eager_tokens
+    assert max(abs(a - b) for a, b in zip(lp, eager_lp)) < 1e-5
+
+
+def test_decode_segments_end_at_each_moe_layers_experts(tiny_moe):
+    """first() and next() stop at every MoE layer's experts in layer order, each asking for that
+    layer's experts on its own router's ids, and end with the final hidden state: one segment
+    more than MoE layers. The experts' output goes in by next(), nowhere else."""
+    loaded = load_model(tiny_moe, dtype=torch.float32, resident_fraction=0.5, context=64)
+    model, cache = loaded.model, loaded.kv
+    step = StaticStep(model, cache)
+    step.token.fill_(7)
+    cache.span = 64
+    try:
+        segments = model.decode_segments(step.token, cache, step.pos)
+        out, asked = segments.first(), []
+        while isinstance(out, tuple):
+            x_TH, ids_TK, w_TK = out
+            asked.append(list(model.layers).index(segments.layer_at()))
+            assert x_TH.shape == (1, model.args.hidden_size) and ids_TK.shape == w_TK.shape
+            out = segments.next(torch.zeros_like(x_TH))  # experts that add nothing
+        moe_layers = [i for i, layer in enumerate(model.layers) if layer.moe]
+        assert asked == moe_layers and out.shape == (1, 1, model.args.hidden_size)
+    finally:
+        cache.span = None
+

@@ -1,12 +1,14 @@
-"""A Gemma 4 layer's glue as torch ops: `localrun::attention_residual_norms`, `localrun::ffn_residual`
-and `localrun::route` (what each computes: kernels/triton_fused.py).
+"""A Gemma 4 layer's glue as torch ops: `localrun::attention_residual_norms`, `localrun::ffn_residual`,
+`localrun::route` and `localrun::gated` (what each computes: kernels/triton_fused.py).
 
 On CUDA each is one Triton kernel (imported on first use: a CPU-only install needs no Triton); on
 the CPU in fp32 one call of the C kernels (kernels/cpu_bf16.c: the unfused layer's fp32 ops in
 their order, so bit for bit its results, the router's exp aside); otherwise the formula below, in
 fp32, rounded once to the activations' dtype. The decoder calls them for half-precision activations
 on CUDA and fp32 on the CPU (models/gemma4.py), where they turn about 20 launches or dispatches a
-layer into 3; elsewhere it runs the unfused layer, which these formulas restate.
+layer into 3; elsewhere it runs the unfused layer, which these formulas restate. `gated` (the dense
+MLP's activation times its up projection) is for CUDA alone: the CPU's fp32 MLP already takes one C
+call for it (`kernels.gated`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import kernels as cpu
+from ..moe import ACTIVATIONS
 
 
 def _norm(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -99,6 +102,30 @@ def _(logits_TE, per_expert_scale, top_k):
     T = logits_TE.shape[0]
     return (torch.empty(T, top_k, dtype=torch.int64, device=logits_TE.device),
             torch.empty(T, top_k, dtype=torch.float32, device=logits_TE.device))
+
+
+def gated_reference(gate_up, act: str):
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    return (ACTIVATIONS[act](gate) * up).to(gate_up.dtype)
+
+
+@torch.library.custom_op("localrun::gated", mutates_args=())
+def gated_op(gate_up: torch.Tensor, act: str) -> torch.Tensor:
+    """act(gate) * up of a dense MLP's fused projection gate_up [..., 2I] (gate first), in fp32 and
+    rounded once: [..., I]. act: gelu_pytorch_tanh, gelu or silu."""
+    return gated_reference(gate_up, act)
+
+
+@gated_op.register_kernel("cuda")
+def _(gate_up, act):
+    from .triton_fused import gated_triton
+
+    return gated_triton(gate_up, act)
+
+
+@gated_op.register_fake
+def _(gate_up, act):
+    return gate_up.new_empty(*gate_up.shape[:-1], gate_up.shape[-1] // 2)
 
 
 # What the decoder calls: fp32 rows on the CPU go straight to the C kernels (a custom op's dispatch

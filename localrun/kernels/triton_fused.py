@@ -7,6 +7,8 @@ per program), for the CUDA decode step where each small torch op is a launch of 
                             (6 launches -> 1)
   route                     softmax of the router logits, top-k, renormalise, per-expert scale
                             (6-7 launches -> 1)
+  gated                     act(gate) * up of the dense MLP's fused gate/up projection, with the
+                            activation of the expert kernels (kernels/triton_moe.py) (2 launches -> 1)
 
 Each computes in fp32 and rounds its outputs once to the activations' dtype; `y`, the residual
 stream, is rounded before its norms are taken, as the unfused layer does. They back the torch ops
@@ -19,6 +21,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from .triton_moe import ACT_CODES, _act
 
 
 @triton.jit
@@ -98,6 +102,20 @@ def _route_kernel(logits_ptr, scale_ptr, ids_ptr, w_ptr, E, K, BLOCK_E: tl.const
     tl.store(w_ptr + row * K + slots, w, mask=keep)
 
 
+@triton.jit
+def _gated_kernel(gu_ptr, out_ptr, I, ACT: tl.constexpr, BLOCK: tl.constexpr):
+    """Columns [BLOCK * j, BLOCK * (j + 1)) of one row: gate at gu[row, :I], up at gu[row, I:]."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < I
+    gate = _f32(gu_ptr + row * 2 * I, cols, ok)
+    up = _f32(gu_ptr + row * 2 * I + I, cols, ok)
+    tl.store(out_ptr + row * I + cols, (_act(gate, ACT) * up).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+GATED_BLOCK = 1024  # columns per program: a decoded token's 2,112-wide MLP (26B-A4B) in three programs
+
+
 def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]) if x.is_contiguous() else x.contiguous().view(-1, x.shape[-1])
 
@@ -127,3 +145,12 @@ def route_triton(logits_TE: torch.Tensor, per_expert_scale: torch.Tensor, top_k:
     _route_kernel[(T,)](logits, per_expert_scale, ids, w, E, top_k, BLOCK_E=triton.next_power_of_2(E),
                         BLOCK_K=triton.next_power_of_2(top_k))
     return ids, w
+
+
+def gated_triton(gate_up: torch.Tensor, act: str) -> torch.Tensor:
+    rows = _rows(gate_up)
+    I = rows.shape[1] // 2
+    out = torch.empty(*gate_up.shape[:-1], I, dtype=gate_up.dtype, device=gate_up.device)
+    block = min(GATED_BLOCK, triton.next_power_of_2(I))
+    _gated_kernel[(rows.shape[0], triton.cdiv(I, block))](rows, out, I, ACT=ACT_CODES[act], BLOCK=block)
+    return out

@@ -19,7 +19,7 @@ for sm_90a (Triton 3.9, ptxas, no GPU), every config's loop is 16-byte loads and
 shared memory, no barrier, no spills (35 to 93 registers a thread at one row, at most 154 at 2 or 4).
 
 Tiles come from triton.autotune keyed on N, K, the padded row count BM and the dtypes (the first
-call of a shape benchmarks <= 12 configs); under TRITON_INTERPRET=1 there is one config
+call of a shape benchmarks <= 12 configs, kept in Triton's disk cache); under TRITON_INTERPRET=1 there is one config
 (INTERPRETER_TILES). `gemv_triton` backs the torch op localrun::gemv (kernels/gemv.py).
 Import this module after setting TRITON_INTERPRET=1 to run it on CPU tensors (the tests do).
 """
@@ -149,8 +149,9 @@ def _fast_bench(kernel_call, quantiles):
     return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
 
 
-_gemv_tuned = triton.autotune(CONFIGS, key=["N", "K", "BM", "HAS_BIAS"],
-                              prune_configs_by={"early_config_prune": _prune}, do_bench=_fast_bench)(_gemv_kernel)
+# cache_results: the picks are kept in Triton's on-disk cache, so a load after the first skips the benchmarking
+_gemv_tuned = triton.autotune(CONFIGS, key=["N", "K", "BM", "HAS_BIAS"], prune_configs_by={"early_config_prune": _prune},
+                              do_bench=_fast_bench, cache_results=True)(_gemv_kernel)
 
 
 def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,

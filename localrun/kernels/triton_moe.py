@@ -201,7 +201,8 @@ def _down_kernel(h_ptr, ids_ptr, w_ptr, y_ptr, buf_u8, buf_f32, code, nested_cod
 # before this step's table lookups and FMAs: two steps of codes in flight per thread.
 # Shapes whose rows are not whole words (H or I not a multiple of 8) run the v1 kernels.
 # Tiles, warps and stages come from triton.autotune keyed on the shape, the token bucket and the
-# quantization flags (the first call of a shape benchmarks <= 12 configs per kernel at 5 + 20 ms each);
+# quantization flags (the first call of a shape benchmarks <= 16 configs per kernel at 5 + 20 ms each, then Triton's disk
+# cache keeps the pick);
 # under TRITON_INTERPRET=1 there is one config (INTERPRETER_TILES).
 
 
@@ -234,12 +235,17 @@ def _cfg(n, k, w):
 
 # bytes per step = 2 * BLOCK_N * BLOCK_K (gate_up) / KE * BLOCK_N * BLOCK_K (down); 16 codes bytes
 # per thread per load. Programs at 26B-A4B, T=1: gate_up 704/BLOCK_N * 8, down 2816/BLOCK_N.
+# The last rows of each list (not yet measured on a GPU) take a whole 26B-A4B row, or half of it, in
+# one step: a program's loads all go out at once instead of one step after another, which is what
+# a one-token layer, latency-bound at ~30 us in 2 x 700 programs, may need.
 GATE_UP_CONFIGS = [_cfg(n, k, w) for n, k, w in (
     (4, 256, 2), (4, 512, 4), (8, 128, 2), (8, 256, 4), (16, 128, 4), (16, 256, 8), (32, 128, 8), (4, 128, 1),
-    (8, 512, 4), (16, 256, 4), (16, 512, 8), (32, 256, 8))]
+    (8, 512, 4), (16, 256, 4), (16, 512, 8), (32, 256, 8),
+    (2, 1024, 4), (4, 1024, 8), (2, 2048, 8), (1, 2048, 4))]
 DOWN_CONFIGS = [_cfg(n, k, w) for n, k, w in (
     (2, 128, 2), (2, 256, 4), (2, 64, 1), (4, 64, 2), (4, 128, 4), (8, 64, 4),
-    (8, 128, 8), (4, 256, 8), (8, 32, 2), (16, 128, 8))]
+    (8, 128, 8), (4, 256, 8), (8, 32, 2), (16, 128, 8),
+    (1, 512, 4), (2, 512, 8), (4, 512, 8))]
 
 
 def _fast_bench(kernel_call, quantiles):
@@ -372,10 +378,12 @@ def _down_v2_kernel(h_ptr, ids_ptr, w_ptr, y_ptr, buf_i32, buf_u8, buf_f32, code
     tl.store(y_ptr + t * stride_yt + r, y.to(y_ptr.dtype.element_ty), mask=mask_r)
 
 
-_gate_up_v2_tuned = triton.autotune(GATE_UP_CONFIGS, key=["H_Q", "I", "T_BUCKET", "K", "BLOCKSIZE", "DOUBLE_QUANT"], do_bench=_fast_bench)(
-    _gate_up_v2_kernel)
-_down_v2_tuned = triton.autotune(DOWN_CONFIGS, key=["H", "I_Q", "T_BUCKET", "K", "BLOCKSIZE", "DOUBLE_QUANT"], do_bench=_fast_bench)(
-    _down_v2_kernel)
+# cache_results: the picks are kept in Triton's on-disk cache, so a model load after the first skips the
+# benchmarking (seconds of compiling and timing configs before the first token)
+_gate_up_v2_tuned = triton.autotune(GATE_UP_CONFIGS, key=["H_Q", "I", "T_BUCKET", "K", "BLOCKSIZE", "DOUBLE_QUANT"],
+                                    do_bench=_fast_bench, cache_results=True)(_gate_up_v2_kernel)
+_down_v2_tuned = triton.autotune(DOWN_CONFIGS, key=["H", "I_Q", "T_BUCKET", "K", "BLOCKSIZE", "DOUBLE_QUANT"],
+                                 do_bench=_fast_bench, cache_results=True)(_down_v2_kernel)
 
 
 def v2_fits(hidden: int, inter: int) -> bool:

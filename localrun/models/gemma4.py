@@ -6,6 +6,8 @@ K top-k, E experts, I intermediate, L layers, P per-layer-input dim, V vocab.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -197,9 +199,10 @@ def apply_rope(x_BTND, cos_T1D, sin_T1D):
     return x_BTND * cos_T1D + x_BTND.roll(x_BTND.shape[-1] // 2, dims=-1) * sin_T1D
 
 
-# localrun's own decode kernels (kernels/attention.py, kernels/fused.py, kernels/gemv.py); switched
-# off, the same step runs the plain torch ops (scripts/gpu_check.py measures both). Those off by
-# default are opt-in until a GPU run shows they pay: dense_gemv (CUDA only) awaits its measurement.
+# localrun's own decode kernels (kernels/attention.py; kernels/fused.py and kernels/kv_write.py are
+# the fused glue; kernels/gemv.py); switched off, the same step runs the plain torch ops
+# (scripts/gpu_check.py measures both). Those off by default are opt-in until a GPU run shows they
+# pay: dense_gemv (CUDA only) awaits its measurement.
 DECODE_KERNELS = {"decode_attention": True, "fused_glue": True, "decode_layer": True, "dense_gemv": False}
 CPU_ONLY_KERNELS = {"decode_layer"}  # DecoderLayer.forward_decode: nothing to switch off on CUDA
 
@@ -214,6 +217,13 @@ def use_kernel(name: str, x: torch.Tensor) -> bool:
     if x.device.type == "cuda":
         return name == "decode_attention" or x.dtype != torch.float32
     return x.device.type == "cpu" and x.dtype == torch.float32 and kernels.library() is not None
+
+
+def fused_on_cuda(x: torch.Tensor) -> bool:
+    """Whether activations x take the glue kernels that exist for CUDA alone (the K/V write, the
+    dense MLP's gated activation): the fused glue in half precision on CUDA. The CPU's fp32 glue is
+    the C calls, which do this work inside kernels.DecodeLayer and `kernels.gated`."""
+    return x.device.type == "cuda" and use_kernel("fused_glue", x)
 
 
 QUERY_BLOCK = 64  # prefill attends in blocks of queries, each over the keys it can see (64 beat 128 and 32)
@@ -330,13 +340,17 @@ class Attention(nn.Module):
         else:
             raw = raw.view(B, T, self.kv_heads, self.head_dim)
             v = raw if v is None else v.view(B, T, self.kv_heads, self.head_dim)
-            k = norm_rope(raw, self.k_norm, cos_TD, sin_TD).transpose(1, 2)
-            v = rms_norm(v, None, self.eps).transpose(1, 2)
             pos_S = pos_T
-            if cache is not None and span is not None:
-                k, v, visible = cache.write(k, v, pos_T, span, shared.setdefault("static", {}))
-            elif cache is not None:
-                k, v, pos_S = cache.update(k, v, pos_T)
+            if cache is not None and span is not None and fused_on_cuda(raw):  # norms, RoPE, write: one kernel
+                k, v, visible = cache.write_raw(raw, v, self.k_norm.weight, cos_TD, sin_TD, self.eps, pos_T, span,
+                                                shared.setdefault("static", {}))
+            else:
+                k = norm_rope(raw, self.k_norm, cos_TD, sin_TD).transpose(1, 2)
+                v = rms_norm(v, None, self.eps).transpose(1, 2)
+                if cache is not None and span is not None:
+                    k, v, visible = cache.write(k, v, pos_T, span, shared.setdefault("static", {}))
+                elif cache is not None:
+                    k, v, pos_S = cache.update(k, v, pos_T)
             shared[self.window is not None] = (k, v, pos_S, visible)  # the last layer of each kind wins
         out = attend(q.transpose(1, 2), k, v, pos_T, pos_S, self.window, shared.setdefault("masks", {}), visible)
         return project(self.o_proj, out.transpose(1, 2).reshape(B, T, -1))
@@ -358,6 +372,8 @@ class MLP(nn.Module):
         if self.gate_up is None:
             return project(self.down_proj, self.act(project(self.gate_proj, x)) * project(self.up_proj, x))
         gate_up = linear(x, *self.gate_up)
+        if fused_on_cuda(gate_up):  # one Triton kernel, not the activation's and the product's
+            return project(self.down_proj, fused_ops.gated_op(gate_up, self.act_name))
         a = kernels.gated(gate_up, self.act_name) if not torch.is_grad_enabled() else None
         if a is None:  # the C call is the activation DecodeLayer computes (fp32 CPU inference)
             gate, up = gate_up.chunk(2, dim=-1)
@@ -387,6 +403,15 @@ class Router(nn.Module):
         w_TK, ids_TK = torch.topk(p_TE, self.top_k, dim=-1)
         w_TK = w_TK / w_TK.sum(dim=-1, keepdim=True)
         return ids_TK, w_TK * self.per_expert_scale[ids_TK]
+
+
+class Front(NamedTuple):
+    """A layer's state at its routed experts (DecoderLayer.front): what `back` needs after them."""
+
+    residual: torch.Tensor  # the residual stream after attention
+    h: torch.Tensor  # the dense MLP's output
+    experts_in: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # (x_TH, ids_TK, w_TK); None: no experts
+    fused: bool  # the glue ran as kernels/fused.py's ops (back must too)
 
 
 class DecoderLayer(nn.Module):
@@ -436,19 +461,48 @@ class DecoderLayer(nn.Module):
             out = self.forward_decode(x_BTH, cos_TD, sin_TD, cache, shared["position"])
             if out is not None:
                 return out
-        if self.moe and not self.per_layer and use_kernel("fused_glue", x_BTH):
-            return self.forward_fused(x_BTH, cos_TD, sin_TD, pos_T, cache, shared)
-        r = x_BTH
-        x = self.post_attention_layernorm(
-            self.self_attn(self.input_layernorm(x_BTH), cos_TD, sin_TD, pos_T, cache, shared)) + r
-        r = x
+        front = self.front(x_BTH, cos_TD, sin_TD, pos_T, cache, shared)
+        return self.back(front, self.experts(*front.experts_in) if front.experts_in else None, per_layer_BTP)
+
+    def front(self, x_BTH, cos_TD, sin_TD, pos_T, cache, shared, prefetch: bool = True,
+              fused: bool | None = None) -> "Front":
+        """The layer up to its routed experts: attention, the residual and its norms, the router and
+        the dense MLP. forward() = back(front, the experts' output); a decode step that captures the
+        rest as CUDA graphs (step.SegmentedGraphStep) runs the experts between front and back.
+        prefetch=False: the router's ids do not start for the host here (a graph replay would not
+        start them again; the expert store does it itself). fused: the glue as kernels/fused.py's
+        three ops (default: where `use_kernel("fused_glue")` says so)."""
+        if fused is None:
+            fused = self.moe and not self.per_layer and use_kernel("fused_glue", x_BTH)
+        route = self.route if prefetch else self.router
+        attn = self.self_attn(self.input_layernorm(x_BTH), cos_TD, sin_TD, pos_T, cache, shared)
+        H = x_BTH.shape[-1]
+        if fused:  # the same formulas, each in fp32 and rounded once, in three kernels instead of ~20 ops
+            x, x_mlp, x_moe, x_router = fused_ops.attention_residual_norms(
+                attn, self.post_attention_layernorm.weight, x_BTH, self.pre_feedforward_layernorm.weight,
+                self.pre_feedforward_layernorm_2.weight, self.router.scale, self.router.root_size,
+                self.input_layernorm.eps)
+            ids_TK, w_TK = route(x_router.reshape(-1, H), normed=True)
+            return Front(x, self.mlp(x_mlp), (x_moe.reshape(-1, H), ids_TK, w_TK), True)
+        x = self.post_attention_layernorm(attn) + x_BTH
+        experts_in = None
         if self.moe:
-            r_TH = r.reshape(-1, r.shape[-1])
-            ids_TK, w_TK = self.route(r_TH)  # the router reads the un-normed residual
-        h = self.mlp(self.pre_feedforward_layernorm(x))
-        if self.moe:
-            moe = self.experts(self.pre_feedforward_layernorm_2(r_TH), ids_TK, w_TK).reshape(r.shape)
-            h = self.post_feedforward_layernorm_1(h) + self.post_feedforward_layernorm_2(moe)
+            r_TH = x.reshape(-1, H)
+            ids_TK, w_TK = route(r_TH)  # the router reads the un-normed residual
+            experts_in = (self.pre_feedforward_layernorm_2(r_TH), ids_TK, w_TK)
+        return Front(x, self.mlp(self.pre_feedforward_layernorm(x)), experts_in, False)
+
+    def back(self, front: "Front", moe_TH: torch.Tensor | None, per_layer_BTP=None) -> torch.Tensor:
+        """The layer after its routed experts (their output moe_TH; None without experts): the FFN
+        norms, the residual, the per-layer input (E2B/E4B) and the layer scalar."""
+        r, h = front.residual, front.h
+        if front.fused:
+            return fused_ops.ffn_residual(h, self.post_feedforward_layernorm_1.weight, moe_TH.reshape(r.shape),
+                                          self.post_feedforward_layernorm_2.weight,
+                                          self.post_feedforward_layernorm.weight, r, self.layer_scalar,
+                                          self.input_layernorm.eps)
+        if moe_TH is not None:
+            h = self.post_feedforward_layernorm_1(h) + self.post_feedforward_layernorm_2(moe_TH.reshape(r.shape))
         x = self.post_feedforward_layernorm(h) + r
         if self.per_layer:
             g = self.act(project(self.per_layer_input_gate, x)) * per_layer_BTP
@@ -516,19 +570,9 @@ class DecoderLayer(nn.Module):
                                       res, self.layer_scalar, self.input_layernorm.eps)
 
     def forward_fused(self, x_BTH, cos_TD, sin_TD, pos_T, cache, shared):
-        """forward() of an MoE layer with its glue fused (kernels/fused.py): the same formulas, each
-        in fp32 and rounded once, in three kernels where forward() runs about twenty small ops."""
-        attn = self.self_attn(self.input_layernorm(x_BTH), cos_TD, sin_TD, pos_T, cache, shared)
-        x, x_mlp, x_moe, x_router = fused_ops.attention_residual_norms(
-            attn, self.post_attention_layernorm.weight, x_BTH, self.pre_feedforward_layernorm.weight,
-            self.pre_feedforward_layernorm_2.weight, self.router.scale, self.router.root_size, self.input_layernorm.eps)
-        H = x.shape[-1]
-        ids_TK, w_TK = self.route(x_router.reshape(-1, H), normed=True)
-        h = self.mlp(x_mlp)
-        moe = self.experts(x_moe.reshape(-1, H), ids_TK, w_TK).reshape(x.shape)
-        return fused_ops.ffn_residual(h, self.post_feedforward_layernorm_1.weight, moe,
-                                      self.post_feedforward_layernorm_2.weight, self.post_feedforward_layernorm.weight,
-                                      x, self.layer_scalar, self.input_layernorm.eps)
+        """forward() of an MoE layer with its glue fused (kernels/fused.py), wherever it runs."""
+        front = self.front(x_BTH, cos_TD, sin_TD, pos_T, cache, shared, fused=True)
+        return self.back(front, self.experts(*front.experts_in))
 
 
 class Gemma4Model(nn.Module):
@@ -604,19 +648,27 @@ class Gemma4Model(nn.Module):
         if pos_T is None:
             start = cache.offset if cache is not None else 0
             pos_T = torch.arange(start, start + T, device=ids_BT.device)
-        rope = self.rope(pos_T, dtype)
+        x, run = self._start(ids_BT, cache, pos_T)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, *run.layer_args(i))
+        if cache is not None and cache.span is None:
+            cache.offset += T
+        return self.norm(x)
+
+    def _start(self, ids_BT: torch.Tensor, cache, pos_T: torch.Tensor) -> tuple[torch.Tensor, "_Pass"]:
+        """The embedded tokens and what each layer of this pass takes besides them (_Pass)."""
+        dtype = self.compute_dtype
         x = F.embedding(ids_BT, self.embed_tokens.weight).to(dtype) * torch.tensor(self.args.hidden_size**0.5, dtype=dtype)
         per_layer = self._per_layer_inputs(ids_BT, x) if self.args.hidden_size_per_layer_input else None
         shared: dict = {}  # per forward: KV of the last layer of each kind (KV sharing), attention masks
         if cache is not None and cache.span is not None:
             shared["span"] = cache.span
-        for i, layer in enumerate(self.layers):
-            cos, sin = rope[self.args.layer_types[i]]
-            layer_cache = cache.layers[i] if cache is not None else None
-            x = layer(x, cos, sin, pos_T, layer_cache, shared, None if per_layer is None else per_layer[:, :, i])
-        if cache is not None and cache.span is None:
-            cache.offset += T
-        return self.norm(x)
+        return x, _Pass(self.args, self.rope(pos_T, dtype), pos_T, cache, shared, per_layer)
+
+    def decode_segments(self, ids_11: torch.Tensor, cache, pos_1: torch.Tensor) -> "DecodeSegments":
+        """The static decode step (cache.span set) cut at each MoE layer's routed experts, for a step
+        that captures the rest as CUDA graphs (step.SegmentedGraphStep)."""
+        return DecodeSegments(self, ids_11, cache, pos_1)
 
     def _decode_hidden(self, ids_11: torch.Tensor, cache) -> torch.Tensor | None:
         """hidden() of one host-driven token on the CPU in fp32, with the embedding and RoPE rows as C
@@ -658,6 +710,64 @@ class Gemma4Model(nn.Module):
     def forward(self, ids_BT, cache=None, last_only: bool = False):
         h = self.hidden(ids_BT, cache)
         return self.logits(h[:, -1:] if last_only else h)
+
+
+class _Pass:
+    """One forward pass's per-layer arguments besides the hidden states: RoPE of the layer's kind,
+    positions, the layer's cache, the pass's shared dict, its per-layer input (E2B/E4B)."""
+
+    def __init__(self, args: ModelArgs, rope: dict, pos_T: torch.Tensor, cache, shared: dict, per_layer):
+        self.args, self.rope, self.pos_T, self.cache, self.shared, self.per_layer = \
+            args, rope, pos_T, cache, shared, per_layer
+
+    def layer_args(self, i: int) -> tuple:
+        """(cos, sin, pos_T, layer cache, shared, per-layer input) of layer i: DecoderLayer.forward's."""
+        cos, sin = self.rope[self.args.layer_types[i]]
+        return (cos, sin, self.pos_T, None if self.cache is None else self.cache.layers[i], self.shared,
+                None if self.per_layer is None else self.per_layer[:, :, i])
+
+
+class DecodeSegments:
+    """One static decode step as segments that end where a layer's routed experts begin:
+
+        first()        embedding ... front of the first MoE layer          -> its experts' (x_TH, ids_TK, w_TK)
+        next(moe_TH)   back of that layer (given its experts' output) ... front of the next MoE layer
+                       -> the next experts' call, or after the last layer the final-normed hidden [1, 1, H]
+
+    Nothing in a segment reads a device value, so each can be captured as a CUDA graph; the experts
+    (which must tell the host their ids to copy the missing ones) run between them. Routing ids are
+    not sent to the host inside a segment (front(prefetch=False)): a graph replay would not send them."""
+
+    def __init__(self, model: "Gemma4Model", ids_11: torch.Tensor, cache, pos_1: torch.Tensor):
+        self.model, self.ids, self.cache, self.pos = model, ids_11, cache, pos_1
+        self._pass: _Pass | None = None
+        self._at: tuple[int, Front] | None = None  # the MoE layer whose experts are due, and its front
+
+    def first(self):
+        x, self._pass = self.model._start(self.ids, self.cache, self.pos)
+        return self._run_from(0, x)
+
+    def next(self, moe_TH: torch.Tensor):
+        i, front = self._at
+        x = self.model.layers[i].back(front, moe_TH, self._pass.layer_args(i)[-1])
+        return self._run_from(i + 1, x)
+
+    def _run_from(self, i: int, x: torch.Tensor):
+        layers = self.model.layers
+        while i < len(layers):
+            cos, sin, pos, cache, shared, per_layer = self._pass.layer_args(i)
+            front = layers[i].front(x, cos, sin, pos, cache, shared, prefetch=False)
+            if front.experts_in is not None:
+                self._at = (i, front)
+                return front.experts_in
+            x = layers[i].back(front, None, per_layer)
+            i += 1
+        self._at = None
+        return self.model.norm(x)
+
+    def layer_at(self) -> "DecoderLayer":
+        """The layer whose experts the last segment asked for."""
+        return self.model.layers[self._at[0]]
 
 
 BUILTIN_CHAT_TEMPLATE = True  # templates/gemma4.jinja stands in for a checkpoint that ships no chat template

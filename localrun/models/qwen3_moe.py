@@ -26,7 +26,7 @@ from ..errors import LocalrunError
 from ..kernels import linear
 from ..moe import ACTIVATIONS, DenseExperts
 from . import common
-from .gemma4 import MLP, RMSNorm, apply_rope, attend, fuse_linears, norm_rope, project, rope_inv_freq
+from .gemma4 import MLP, RMSNorm, apply_rope, attend, fuse_linears, fused_on_cuda, norm_rope, project, rope_inv_freq
 
 
 @dataclass
@@ -252,17 +252,23 @@ class Attention(nn.Module):
             q, k, v = (project(p, x_BTH) for p in (self.q_proj, self.k_proj, self.v_proj))
         else:
             q, k, v = linear(x_BTH, *self.qkv).split(self.qkv_sizes, dim=-1)
-        q, k = (x.view(B, T, -1, self.head_dim) for x in (q, k))
-        if self.q_norm is not None:
-            q, k = norm_rope(q, self.q_norm, cos_TD, sin_TD), norm_rope(k, self.k_norm, cos_TD, sin_TD)
-        else:
-            q, k = apply_rope(q, cos_TD, sin_TD), apply_rope(k, cos_TD, sin_TD)
-        k, v = k.transpose(1, 2), v.view(B, T, -1, self.head_dim).transpose(1, 2)
+        q, k, v = (x.view(B, T, -1, self.head_dim) for x in (q, k, v))
         pos_S, visible, span = pos_T, None, shared.get("span")  # span: the static decode step's (localrun/step.py)
-        if cache is not None and span is not None:
-            k, v, visible = cache.write(k, v, pos_T, span, shared.setdefault("static", {}))
-        elif cache is not None:
-            k, v, pos_S = cache.update(k, v, pos_T)
+        if cache is not None and span is not None and self.k_norm is not None and fused_on_cuda(k):
+            # k's norm and RoPE and the write of k and v (as it is: no v norm here) in one kernel
+            k, v, visible = cache.write_raw(k, v, self.k_norm.weight, cos_TD, sin_TD, self.k_norm.eps, pos_T, span,
+                                            shared.setdefault("static", {}), norm_v=False)
+            q = norm_rope(q, self.q_norm, cos_TD, sin_TD)
+        else:
+            if self.q_norm is not None:
+                q, k = norm_rope(q, self.q_norm, cos_TD, sin_TD), norm_rope(k, self.k_norm, cos_TD, sin_TD)
+            else:
+                q, k = apply_rope(q, cos_TD, sin_TD), apply_rope(k, cos_TD, sin_TD)
+            k, v = k.transpose(1, 2), v.transpose(1, 2)
+            if cache is not None and span is not None:
+                k, v, visible = cache.write(k, v, pos_T, span, shared.setdefault("static", {}))
+            elif cache is not None:
+                k, v, pos_S = cache.update(k, v, pos_T)
         out = attend(q.transpose(1, 2), k, v, pos_T, pos_S, self.window, shared.setdefault("masks", {}), visible,
                      scale=self.scale)
         return project(self.o_proj, out.transpose(1, 2).reshape(B, T, -1))
