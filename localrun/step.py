@@ -101,12 +101,7 @@ class CudaGraphStep(StaticStep):
         self.disabled: str | None = None
 
     def _capture(self, span: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up outside the graph: lazy inits, autotuning, workspaces
-            for _ in range(2):
-                self.forward(span)
-        torch.cuda.current_stream().wait_stream(side)
+        _warm_up(self.forward, span)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
             out = self.forward(span)
@@ -114,12 +109,7 @@ class CudaGraphStep(StaticStep):
 
     def __call__(self, token_11: torch.Tensor, position: int) -> torch.Tensor:
         span = self._load(token_11, position)
-        if self.disabled is None and span not in self._graphs:
-            try:
-                self._graphs[span] = self._capture(span)
-            except Exception as e:  # noqa: BLE001 - a step that cannot be captured still runs
-                self.disabled = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                torch.cuda.synchronize()
+        _capture_once(self, span)
         if self.disabled is not None:
             logits = self.forward(span)
         else:
@@ -164,12 +154,7 @@ class SegmentedGraphStep(StaticStep):
         return self.model.logits(out)[0, -1].float()
 
     def _capture(self, span: int) -> list[tuple]:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up outside the graphs: lazy inits, autotuning, workspaces
-            for _ in range(2):
-                self.forward(span)
-        torch.cuda.current_stream().wait_stream(side)
+        _warm_up(self.forward, span)
         pieces, moe_TH = [], None
         self.cache.span = span
         try:
@@ -189,12 +174,8 @@ class SegmentedGraphStep(StaticStep):
 
     def __call__(self, token_11: torch.Tensor, position: int) -> torch.Tensor:
         span = self._load(token_11, position)
-        if self.capture and self.disabled is None and span not in self._graphs:
-            try:
-                self._graphs[span] = self._capture(span)
-            except Exception as e:  # noqa: BLE001 - a step that cannot be captured still runs
-                self.disabled = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                torch.cuda.synchronize()
+        if self.capture:
+            _capture_once(self, span)
         if not self.capture or self.disabled is not None:
             logits = self.forward(span)
         else:
@@ -205,6 +186,27 @@ class SegmentedGraphStep(StaticStep):
             logits = last.clone()  # the next replay overwrites it
         self.cache.advance(position + 1)
         return logits
+
+
+def _warm_up(forward, span: int) -> None:
+    """forward(span) twice on a side stream before a capture: lazy inits, autotuning, workspaces."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            forward(span)
+    torch.cuda.current_stream().wait_stream(side)
+
+
+def _capture_once(step, span: int) -> None:
+    """step._graphs[span] = step._capture(span) unless captured or the step is disabled. A capture
+    that fails disables the step's graphs (it runs uncaptured from then on) rather than the generation."""
+    if step.disabled is None and span not in step._graphs:
+        try:
+            step._graphs[span] = step._capture(span)
+        except Exception as e:  # noqa: BLE001 - a step that cannot be captured still runs
+            step.disabled = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            torch.cuda.synchronize()
 
 
 class CompiledGraphStep(CudaGraphStep):

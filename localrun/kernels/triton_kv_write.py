@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_norm import norm_rope_head
+
 
 @triton.jit
 def _kv_write_kernel(k_ptr, v_ptr, w_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, ring_ptr, pos_ptr,
@@ -26,17 +28,7 @@ def _kv_write_kernel(k_ptr, v_ptr, w_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, ring
     cols = tl.arange(0, BLOCK)
     mask = cols < D
     # k: n = rms_norm(x) * w, then n * cos + roll(n, D/2) * sin (sin's first half carries the sign)
-    base = k_ptr + h * stride_kh
-    x = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
-    inv = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
-    half = D // 2
-    partner = tl.where(cols < half, cols + half, cols - half)
-    xp = tl.load(base + partner, mask=mask, other=0.0).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    wp = tl.load(w_ptr + partner, mask=mask, other=0.0).to(tl.float32)
-    cos = tl.load(cos_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    sin = tl.load(sin_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    k = (x * inv * w) * cos + (xp * inv * wp) * sin
+    k = norm_rope_head(k_ptr + h * stride_kh, w_ptr, cos_ptr, sin_ptr, cols, mask, D, eps)
     tl.store(kc_ptr + h * stride_kch + slot * stride_kcs + cols, k.to(kc_ptr.dtype.element_ty), mask=mask)
     # v: weightless RMSNorm (or the heads as they are)
     v = tl.load(v_ptr + h * stride_vh + cols, mask=mask, other=0.0).to(tl.float32)

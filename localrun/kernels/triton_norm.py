@@ -38,18 +38,24 @@ def _rms_norm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, heads, stride
     h = row % heads
     cols = tl.arange(0, BLOCK)
     mask = cols < D
-    base = x_ptr + t * stride_t + h * stride_h
-    x = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
+    y = norm_rope_head(x_ptr + t * stride_t + h * stride_h, w_ptr, cos_ptr + t * D, sin_ptr + t * D, cols, mask, D, eps)
+    tl.store(out_ptr + row * D + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def norm_rope_head(x_ptr, w_ptr, cos_ptr, sin_ptr, cols, mask, D, eps):
+    """fp32 [BLOCK] n * cos + roll(n, D/2) * sin of one head at x_ptr, n = rms_norm(x) * w (also the
+    K/V write kernel's k, kernels/triton_kv_write.py)."""
+    x = tl.load(x_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     inv = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
     half = D // 2
     partner = tl.where(cols < half, cols + half, cols - half)
-    xp = tl.load(base + partner, mask=mask, other=0.0).to(tl.float32)
+    xp = tl.load(x_ptr + partner, mask=mask, other=0.0).to(tl.float32)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     wp = tl.load(w_ptr + partner, mask=mask, other=0.0).to(tl.float32)
-    cos = tl.load(cos_ptr + t * D + cols, mask=mask, other=0.0).to(tl.float32)
-    sin = tl.load(sin_ptr + t * D + cols, mask=mask, other=0.0).to(tl.float32)
-    y = (x * inv * w) * cos + (xp * inv * wp) * sin
-    tl.store(out_ptr + row * D + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+    cos = tl.load(cos_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    sin = tl.load(sin_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    return (x * inv * w) * cos + (xp * inv * wp) * sin
 
 
 def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
