@@ -139,6 +139,7 @@ class SegmentedGraphStep(StaticStep):
         super().__init__(model, cache)
         self.capture = self.token.device.type == "cuda"
         self._graphs: dict[int, list[tuple]] = {}  # span -> [(graph, experts, their call, output buffer, logits)]
+        self._segments: dict = {}  # span -> the captured DecodeSegments: its tensors stay where the graphs read them
         self._pool = torch.cuda.graph_pool_handle() if self.capture else None
         self.disabled: str | None = None
 
@@ -166,6 +167,7 @@ class SegmentedGraphStep(StaticStep):
                     logits = None if isinstance(out, tuple) else self.model.logits(out)[0, -1].float()
                 if logits is not None:
                     pieces.append((graph, None, None, None, logits))
+                    self._segments[span] = segments
                     return pieces
                 moe_TH = torch.empty_like(out[0])  # outside the pool: the experts' output is copied in
                 pieces.append((graph, segments.layer_at().experts, out, moe_TH, None))
