@@ -501,8 +501,7 @@ class ExpertStore:
         self._slot_rows: dict[int, list[Payload]] = {}  # row payloads: one view per slot row
         self._free_rows: dict[int, list[int]] = {}
         self._row_of: dict[int, dict[int, int]] = {}  # expert -> slot row it occupies
-        self._device_buffers: list[torch.Tensor] = []  # per layer: resident rows, then slot rows, one tensor
-        self._device_rows: dict[int, torch.Tensor] = {}  # layer -> that [resident + slots, nbytes] tensor
+        self._device_rows: dict[int, torch.Tensor] = {}  # layer -> [resident + slots, nbytes]: resident rows, then slot rows
         self._row_map: dict[int, torch.Tensor] = {}  # layer -> [E] int32 on the device: expert -> its device row
         self._host_buffers: list[torch.Tensor] = []  # per layer: host rows
         self._pending: dict[int, tuple] = {}  # layer -> (ids_TK, kind, state) from prefetch
@@ -570,7 +569,6 @@ class ExpertStore:
         self._free_rows[layer] = list(range(n_slots - 1, -1, -1))
         self._row_of[layer] = {}
         self._slots[layer] = {}
-        self._device_buffers += [rows_dev] if rows_dev.numel() else []
         self._device_rows[layer] = rows_dev
         row_map = torch.zeros(num_experts, dtype=torch.int32)  # experts not on the device: filled by _copy
         row_map[on_device] = torch.arange(len(on_device), dtype=torch.int32)
@@ -597,7 +595,7 @@ class ExpertStore:
 
     def device_tensors(self) -> list[torch.Tensor]:
         """Every tensor the store holds on the device: resident experts and cache slots (filled or not)."""
-        out = list(self._device_buffers)
+        out = [rows for rows in self._device_rows.values() if rows.numel()]
         generic = [layer for layer in self._resident if layer not in self._slot_rows]
         out += [t for layer in generic for p in self._resident[layer].values() for t in _tensors(p)]
         return out + [t for layer in generic for p, _ in self._slots[layer].values() for t in _tensors(p)]
