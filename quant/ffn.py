@@ -193,8 +193,11 @@ class DeviceRowsCompute:
 
 
 # Above this many tokens a layer call is a prefill: the per-token 4-bit GEMV kernel would read each hit
-# expert once per token, so the experts are dequantized once each instead (host syncs are fine there).
+# expert once per token. On CUDA the op then runs grouped GEMMs (kernels/triton_moe.moe_4bit_grouped: one
+# dequantized tile per block of an expert's tokens, no host sync); elsewhere, or with GROUPED_PREFILL off
+# (scripts/gpu_check.py times both), each hit expert is dequantized once for dense matmuls.
 BUFFERED_MAX_TOKENS = 16
+GROUPED_PREFILL = True
 
 
 class BufferedExperts:
@@ -218,7 +221,7 @@ class BufferedExperts:
         return self.buffer.nbytes
 
     def __call__(self, x_TH: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
-        if x_TH.shape[0] > BUFFERED_MAX_TOKENS:  # prefill: dequantize each hit expert once, dense matmuls
+        if x_TH.shape[0] > BUFFERED_MAX_TOKENS and not (GROUPED_PREFILL and x_TH.is_cuda):
             act = activation(self.act_name)
             return dispatch(x_TH, ids_TK, w_TK, lambda e, x: ffn_dequantized(x, self.buffer.expert(e), act))
         return self.buffer.moe(x_TH, ids_TK, w_TK, self.act_name)

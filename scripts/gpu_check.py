@@ -19,8 +19,11 @@ Steps:
              kernel launches and host syncs per decoded token; once every expert resident, once
              under a forced 16 GiB budget; the graphs step with each default decode kernel off
              (speed_graphs_without_NAME) and each opt-in one on (speed_graphs_with_NAME,
-             per_token_graphs_with_NAME, tokens_graphs_with_NAME)
-  kernels    4-bit MoE kernels vs bitsandbytes at 26B-A4B's shapes (when localrun has them); split-key
+             per_token_graphs_with_NAME, tokens_graphs_with_NAME); all resident, the 512-token prefill
+             through the grouped 4-bit GEMMs vs each hit expert dequantized for dense matmuls
+             (prefill_grouped_gemm, prefill_dequantize_per_expert)
+  kernels    4-bit MoE kernels vs bitsandbytes at 26B-A4B's shapes (decode, and the grouped GEMMs at
+             512 tokens; when localrun has them); split-key
              decode attention vs SDPA; the Triton GEMV vs cuBLAS at each dense projection shape
 
 --dry replaces CUDA with the CPU and 26B-A4B with a scaled-down model of the same structure, so
@@ -395,6 +398,19 @@ def big_model_run(dry: bool, dev, load_kwargs: dict, rows: dict) -> dict:
                         switched, _ = greedy(model, short, n, dev, mode, loaded.kv)
                     return {"first_divergence_from_default": first_divergence(switched, default), "tokens": n}
                 timed(f"tokens_{mode}_with_{name}", tokens, rows)
+    if loaded.store is None:  # prefill through the grouped GEMMs (default) vs each hit expert dequantized once
+        from quant import ffn
+
+        def prefill(grouped: bool) -> dict:
+            before, ffn.GROUPED_PREFILL = ffn.GROUPED_PREFILL, grouped
+            try:
+                tokens, _ = greedy(model, ids, 1, dev, "eager", loaded.kv)
+                seconds = best_seconds(lambda: greedy(model, ids, 1, dev, "eager", loaded.kv), 2, dev)
+            finally:
+                ffn.GROUPED_PREFILL = before
+            return {"prefill_tokens_per_s": round(prompt / seconds, 1), "first_token": tokens[0]}
+        timed("prefill_grouped_gemm", lambda: prefill(True), rows)
+        timed("prefill_dequantize_per_expert", lambda: prefill(False), rows)
     store = loaded.store
     if store is not None and store.device_compute is not None:  # the same decode, an op per expert (as before)
         rows_compute, store.device_compute = store.device_compute, None
@@ -497,7 +513,8 @@ def step_kernels(dry: bool) -> dict:
     dev = device_for(dry)
     out = {}
     cases = {"decode nf4 bs64": {}, "decode nf4 bs64 double-quant": {"double_quant": True},
-             "decode fp4 bs64": {"quant_type": "fp4"}, "8 tokens nf4": {"tokens": 8}}
+             "decode fp4 bs64": {"quant_type": "fp4"}, "8 tokens nf4": {"tokens": 8},
+             "prefill 512 tokens nf4 (grouped GEMMs)": {"tokens": 512}}
     if os.environ.get("GPU_CHECK_KERNELS") == "quick":
         cases = {k: v for k, v in cases.items() if k in ("decode nf4 bs64", "8 tokens nf4")}
     for name, kwargs in cases.items():

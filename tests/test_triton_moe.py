@@ -156,6 +156,86 @@ def test_benchmark_helper_runs_on_cpu():
     assert out["us_per_call"] > 0 and out["bytes_per_call"] > 0
 
 
+# -- the grouped GEMMs (prefill: from GROUPED_MIN_TOKENS tokens) ----------------------------
+
+
+def skewed_routing(t: int, k: int, e: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Most tokens on the same few experts (several blocks of one expert), some experts never hit."""
+    g = torch.Generator().manual_seed(seed)
+    hot = torch.randperm(e, generator=g)[: k + 1]
+    ids = torch.stack([hot[torch.randperm(k + 1, generator=g)[:k]] for _ in range(t)])
+    ids[-1] = torch.randperm(e, generator=g)[:k]
+    return ids, torch.softmax(torch.randn(t, k, generator=g), dim=-1)
+
+
+@needs_triton
+@pytest.mark.parametrize("spec", SPECS, ids=SPEC_IDS)
+@pytest.mark.parametrize("h,i,e", SMALL, ids=[f"H{h}-I{i}" for h, i, _ in SMALL])
+def test_grouped_matches_bnb_small(spec, h, i, e):
+    buf = make_buffer(spec, e, h, i)
+    t0 = triton_moe.GROUPED_MIN_TOKENS
+    for t, k, route in ((t0, 2, routing), (t0 + 20, 3, routing), (70, 2, skewed_routing)):
+        ids, w = route(t, k, e, seed=t)
+        x = torch.randn(t, h, generator=torch.Generator().manual_seed(t))
+        ref = bnb_moe(buf, x, ids, w, "gelu_pytorch_tanh")
+        assert rel_err(run_triton(buf, x, ids, w, "gelu_pytorch_tanh"), ref) < RTOL, (t, k)
+        y = triton_moe.moe_4bit_grouped(x, ids, w, buf.data, *buf.code_tables(), buf.offsets(), h, i,
+                                        spec.blocksize, spec.double_quant, "gelu_pytorch_tanh",
+                                        tiles=triton_moe.GroupedTiles(block_n=16, block_k=16))
+        assert rel_err(y, ref) < RTOL, ("tiles 16x16", t, k)  # tiles smaller than a row: several column steps
+
+
+@needs_triton
+@pytest.mark.parametrize("spec", BIG[:2], ids=[f"{s.quant_type}-bs{s.blocksize}{'-dq' if s.double_quant else ''}"
+                                               for s in BIG[:2]])
+def test_grouped_matches_bnb_gemma_26b_shape(spec):
+    h, i = GEMMA_26B
+    e = 4
+    buf = make_buffer(spec, e, h, i)
+    ids, w = routing(triton_moe.GROUPED_MIN_TOKENS, 2, e)
+    x = torch.randn(ids.shape[0], h, generator=torch.Generator().manual_seed(1))
+    assert rel_err(run_triton(buf, x, ids, w, "gelu_pytorch_tanh"), bnb_moe(buf, x, ids, w, "gelu_pytorch_tanh")) < RTOL
+
+
+@needs_triton
+@pytest.mark.parametrize("act", ["gelu_pytorch_tanh", "silu"])
+def test_grouped_activations_bf16_and_int32_ids(act):
+    buf = make_buffer(QuantSpec("nf4", 64, True), 6, 64, 48)
+    ids, w = skewed_routing(40, 2, 6, seed=3)
+    x = torch.randn(40, 64, generator=torch.Generator().manual_seed(2)) * 4  # reach gelu's tails
+    ref = bnb_moe(buf, x, ids, w, act)
+    assert rel_err(run_triton(buf, x, ids.int(), w, act), ref) < RTOL
+    # bf16 in and out: h and each expert's output rounded to bf16 (as the dispatch path rounds them)
+    xb, wb = x.bfloat16(), w.bfloat16()
+    yb = run_triton(buf, xb, ids, wb, act)
+    assert yb.dtype == torch.bfloat16
+    assert rel_err(yb, bnb_moe(buf, xb.float(), ids, wb.float(), act)) < 2e-2
+
+
+@needs_triton
+@pytest.mark.parametrize("seed", range(4))
+def test_pair_blocks_layout(seed):
+    g = torch.Generator().manual_seed(seed)
+    t, k, e = int(torch.randint(1, 60, (1,), generator=g)), int(torch.randint(1, 5, (1,), generator=g)), 9
+    ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)])
+    for bm in (16, 32):
+        lay = triton_moe.pair_blocks(ids, e, bm)
+        P = t * k
+        slots = lay.pairs.view(-1, bm)
+        assert slots.shape[0] == lay.experts.numel() == -(-P // bm) + min(e, P)
+        real = lay.pairs[lay.pairs < P]
+        assert sorted(real.tolist()) == list(range(P))  # every pair exactly once, the rest padding (P)
+        assert (lay.pairs[lay.pairs >= P] == P).all()
+        flat = ids.reshape(-1)
+        for b in range(slots.shape[0]):
+            pairs = slots[b][slots[b] < P].long()
+            if int(lay.experts[b]) >= e:  # past the last expert's blocks: nothing there
+                assert pairs.numel() == 0
+            else:
+                assert (flat[pairs] == lay.experts[b]).all()  # one expert per block
+                assert pairs.numel() > 0 and (pairs.diff() > 0).all()  # token order kept within an expert
+
+
 # -- the op's CPU implementation ------------------------------------------------------------
 
 

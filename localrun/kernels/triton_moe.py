@@ -16,7 +16,9 @@ the step can be graph-captured. A program owns BLOCK_N output rows and walks the
 packed bytes BLOCK_K at a time; the even and odd columns of a byte meet the even and odd
 elements of the input vector, so nibbles never need interleaving. This is the decode kernel
 (a GEMV per token and expert); with T > 1 the pairs run sorted by expert so that programs
-reading the same expert run together (L2 reuse), but a prefill GEMM should tile tokens.
+reading the same expert run together (L2 reuse). From GROUPED_MIN_TOKENS tokens (a prefill) a
+grouped GEMM runs instead: the pairs sorted by expert in blocks, one dequantized weight tile per
+block of pairs, tl.dot on the tensor cores (`moe_4bit_grouped`).
 
 Import this module after setting TRITON_INTERPRET=1 to run it on CPU tensors (the tests do).
 """
@@ -416,8 +418,12 @@ def moe_4bit_triton(x_TH: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor
     """y_TH = sum_k w[t,k] * expert_{ids[t,k]}(x[t]) over the [E, nbytes] uint8 expert rows (see module
     docstring; the arguments are those of the localrun::moe_4bit op). Returns x's dtype.
 
-    `blocks`: None = the v2 kernels, autotuned on CUDA (INTERPRETER_TILES when interpreted); a Tiles
+    `blocks`: None = the v2 kernels, autotuned on CUDA (INTERPRETER_TILES when interpreted), or from
+    GROUPED_MIN_TOKENS tokens on the grouped GEMMs (`moe_4bit_grouped`, the prefill path); a Tiles
     = the v2 kernels with those tiles; a Blocks = the v1 kernels with those tiles."""
+    if blocks is None and ids_TK.shape[0] >= GROUPED_MIN_TOKENS:
+        return moe_4bit_grouped(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden, inter, blocksize,
+                                double_quant, act)
     if isinstance(blocks, Blocks):
         return _moe_4bit_v1(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden, inter, blocksize,
                             double_quant, act, blocks)
@@ -455,6 +461,213 @@ def moe_4bit_triton(x_TH: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor
             *dn_common, **dn_meta, BLOCK_N=blocks.down_n, BLOCK_K=blocks.down_k, num_warps=blocks.down_warps,
             num_stages=blocks.num_stages)
     return y
+
+
+# -- prefill: one grouped GEMM per matrix over the pairs sorted by expert -----------------------
+#
+# With many tokens the GEMV kernels above would read each hit expert once per (token, expert) pair.
+# Here the pairs p = t * K + k are sorted by expert and each expert's pairs padded to whole blocks of
+# BLOCK_M slots (`pair_blocks`, built on the device: no host sync). A program owns one block (BLOCK_M
+# pairs of ONE expert) and BLOCK_N output columns: it dequantizes a [BLOCK_N, BLOCK_K] tile of that
+# expert's matrix once for all its pairs and multiplies on the tensor cores (tl.dot; fp32 inputs in
+# IEEE precision, not TF32). The K outputs of a token come from different programs, so each pair's
+# output is stored (rounded to x's dtype, as `localrun.moe.dispatch` rounds each expert's output) and
+# the weighted sum over k runs afterwards in fp32, in k order: deterministic, no atomics.
+
+GROUPED_MIN_TOKENS = 17  # from this many tokens a layer call is a prefill (quant.ffn.BUFFERED_MAX_TOKENS + 1)
+
+
+@dataclass(frozen=True)
+class GroupedTiles:
+    """Grouped-GEMM tiles: output columns per program and reduction elements per step (BLOCK_M is
+    chosen per call from the pairs per expert, see `grouped_block_m`)."""
+
+    block_n: int = 64
+    block_k: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+INTERPRETER_GROUPED = GroupedTiles(block_n=64, block_k=128)
+
+
+def _gcfg(n, k, w, s):
+    return triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+
+
+# not yet measured on a GPU: small enough tiles that two dequantized [BLOCK_N, BLOCK_K] fp32 tiles
+# (gate and up) stay in registers
+GROUPED_CONFIGS = [_gcfg(n, k, w, s) for n, k, w, s in (
+    (64, 64, 4, 2), (64, 64, 4, 3), (32, 64, 4, 3), (128, 64, 8, 3), (64, 128, 8, 3), (128, 32, 4, 3))]
+
+
+def grouped_block_m(pairs: int, num_experts: int) -> int:
+    """Pair slots per block: about the pairs an expert gets (a block re-reads its expert's bytes)."""
+    per_expert = pairs / max(1, min(num_experts, pairs))
+    return 16 if per_expert <= 8 else 32 if per_expert <= 16 else 64
+
+
+@dataclass(frozen=True)
+class PairBlocks:
+    """The pairs sorted by expert, each expert's padded to whole blocks of `block_m` slots."""
+
+    pairs: torch.Tensor  # int32 [blocks * block_m]: the pair in each slot; P (= T * K) in padding slots
+    experts: torch.Tensor  # int32 [blocks]: each block's expert; E for the blocks past the last one
+    block_m: int
+
+
+def pair_blocks(ids_TK: torch.Tensor, num_experts: int, block_m: int) -> PairBlocks:
+    """Device-side layout, no host value read: `blocks` is the static upper bound
+    cdiv(P, block_m) + min(E, P) (every hit expert wastes less than one block)."""
+    dev = ids_TK.device
+    flat = ids_TK.reshape(-1).long()
+    P = flat.numel()
+    order = torch.argsort(flat, stable=True)
+    counts = torch.zeros(num_experts, dtype=torch.long, device=dev).scatter_add_(0, flat, torch.ones_like(flat))
+    per_expert = (counts + block_m - 1) // block_m
+    block_end = torch.cumsum(per_expert, 0)
+    first_pair = torch.cumsum(counts, 0) - counts
+    sorted_e = flat[order]
+    slot = (block_end - per_expert)[sorted_e] * block_m + torch.arange(P, device=dev) - first_pair[sorted_e]
+    blocks = triton.cdiv(P, block_m) + min(num_experts, P)
+    pairs = torch.full((blocks * block_m,), P, dtype=torch.int32, device=dev)
+    pairs[slot] = order.to(torch.int32)
+    experts = torch.searchsorted(block_end, torch.arange(blocks, device=dev), right=True).to(torch.int32)
+    return PairBlocks(pairs, experts, block_m)
+
+
+@triton.jit
+def _dequant_tile(buf_u8, buf_f32, base, base32, codes_off, absmax_off, nested_off32, offset_off32, code,
+                  nested_code, rows, cols, row_len, mask, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
+    """fp32 [rows, cols] tile of one 4-bit matrix (rows of `row_len` weights, flat bitsandbytes layout)."""
+    i = rows[:, None] * row_len + cols[None, :]  # element index in the matrix (int32: < 2**31 weights)
+    b = tl.load(buf_u8 + base + codes_off + i // 2, mask=mask, other=0).to(tl.int32)
+    nib = tl.where(i % 2 == 0, b >> 4, b & 15)
+    am = _absmax(buf_u8, buf_f32, base, base32, i // BLOCKSIZE, mask, absmax_off, nested_off32, offset_off32,
+                 nested_code, DOUBLE_QUANT)
+    return tl.load(code + nib) * am
+
+
+@triton.jit
+def _dot_t(a, w, acc, IEEE: tl.constexpr):
+    """acc + a @ w.T, w cast to a's dtype; fp32 in IEEE precision."""
+    if IEEE:
+        return tl.dot(a.to(tl.float32), tl.trans(w), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, tl.trans(w.to(a.dtype)), acc)
+
+
+@triton.jit
+def _gate_up_grouped_kernel(x_ptr, pairs_ptr, block_e_ptr, h_ptr, buf_u8, buf_f32, code, nested_code,
+                            expert_bytes, codes_off, absmax_off, nested_off32, offset_off32,
+                            P, K, E, H, I, stride_xt,
+                            ACT: tl.constexpr, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+                            IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_K: tl.constexpr):
+    """h[p] = act(W_gate[e] x[t]) * (W_up[e] x[t]) for the BLOCK_M pairs of block program_id(0)."""
+    blk = tl.program_id(0)
+    e = tl.load(block_e_ptr + blk).to(tl.int64)
+    if e < E:
+        pair = tl.load(pairs_ptr + blk * BLOCK_M + tl.arange(0, BLOCK_M))
+        valid = pair < P
+        tok = (pair // K).to(tl.int64)
+        base = e * expert_bytes
+        base32 = base // 4
+        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = n < I
+        acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, H, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            mask_k = kk < H
+            xt = tl.load(x_ptr + tok[:, None] * stride_xt + kk[None, :], mask=valid[:, None] & mask_k[None, :],
+                         other=0.0)
+            mask_w = mask_n[:, None] & mask_k[None, :]
+            w_g = _dequant_tile(buf_u8, buf_f32, base, base32, codes_off, absmax_off, nested_off32, offset_off32,
+                                code, nested_code, n, kk, H, mask_w, BLOCKSIZE, DOUBLE_QUANT)
+            acc_g = _dot_t(xt, w_g, acc_g, IEEE)
+            w_u = _dequant_tile(buf_u8, buf_f32, base, base32, codes_off, absmax_off, nested_off32, offset_off32,
+                                code, nested_code, n + I, kk, H, mask_w, BLOCKSIZE, DOUBLE_QUANT)
+            acc_u = _dot_t(xt, w_u, acc_u, IEEE)
+        h = _act(acc_g, ACT) * acc_u
+        out = h_ptr + pair.to(tl.int64)[:, None] * I + n[None, :]
+        tl.store(out, h.to(h_ptr.dtype.element_ty), mask=valid[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _down_grouped_kernel(h_ptr, pairs_ptr, block_e_ptr, out_ptr, buf_u8, buf_f32, code, nested_code,
+                         expert_bytes, codes_off, absmax_off, nested_off32, offset_off32,
+                         P, E, H, I,
+                         BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, IEEE: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[p] = W_down[e] h[p] (unweighted) for the BLOCK_M pairs of block program_id(0)."""
+    blk = tl.program_id(0)
+    e = tl.load(block_e_ptr + blk).to(tl.int64)
+    if e < E:
+        pair = tl.load(pairs_ptr + blk * BLOCK_M + tl.arange(0, BLOCK_M))
+        valid = pair < P
+        pair64 = pair.to(tl.int64)
+        base = e * expert_bytes
+        base32 = base // 4
+        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = n < H
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, I, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            mask_k = kk < I
+            ht = tl.load(h_ptr + pair64[:, None] * I + kk[None, :], mask=valid[:, None] & mask_k[None, :], other=0.0)
+            w_d = _dequant_tile(buf_u8, buf_f32, base, base32, codes_off, absmax_off, nested_off32, offset_off32,
+                                code, nested_code, n, kk, I, mask_n[:, None] & mask_k[None, :], BLOCKSIZE,
+                                DOUBLE_QUANT)
+            acc = _dot_t(ht, w_d, acc, IEEE)
+        tl.store(out_ptr + pair64[:, None] * H + n[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=valid[:, None] & mask_n[None, :])
+
+
+_gate_up_grouped_tuned = triton.autotune(GROUPED_CONFIGS, key=["H", "I", "BLOCK_M", "BLOCKSIZE", "DOUBLE_QUANT"],
+                                         do_bench=_fast_bench, cache_results=True)(_gate_up_grouped_kernel)
+_down_grouped_tuned = triton.autotune(GROUPED_CONFIGS, key=["H", "I", "BLOCK_M", "BLOCKSIZE", "DOUBLE_QUANT"],
+                                      do_bench=_fast_bench, cache_results=True)(_down_grouped_kernel)
+
+
+def moe_4bit_grouped(x_TH: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor, experts: torch.Tensor,
+                     code: torch.Tensor, nested_code: torch.Tensor, offsets: list[int], hidden: int, inter: int,
+                     blocksize: int, double_quant: bool, act: str, tiles: GroupedTiles | None = None) -> torch.Tensor:
+    """moe_4bit_triton for many tokens (the prefill path; same arguments): two grouped GEMMs over the
+    pairs sorted by expert, then the weighted sum over k. `tiles`: None = autotuned on CUDA
+    (INTERPRETER_GROUPED when interpreted)."""
+    if x_TH.shape[1] != hidden or x_TH.stride(1) != 1:
+        raise ValueError(f"x must be [T, H={hidden}] with unit column stride, got {tuple(x_TH.shape)}")
+    T, K = ids_TK.shape
+    E, H, I, P = experts.shape[0], hidden, inter, T * K
+    layout = pair_blocks(ids_TK, E, grouped_block_m(P, E))
+    blocks = layout.experts.numel()
+    h = torch.empty(P, I, dtype=x_TH.dtype, device=x_TH.device)
+    out = torch.empty(P, H, dtype=x_TH.dtype, device=x_TH.device)
+    buf_f32 = experts.view(torch.float32)
+    # IEEE: fp32 products. Also under the interpreter, whose tl.dot on bf16 returns garbage (Triton 3.9):
+    # there the half-precision operands are multiplied in fp32, which only their products' rounding tells apart
+    meta = dict(BLOCKSIZE=blocksize, DOUBLE_QUANT=bool(double_quant),
+                IEEE=x_TH.dtype == torch.float32 or interpreted(), BLOCK_M=layout.block_m)
+    gu = (x_TH, layout.pairs, layout.experts, h, experts, buf_f32, code, nested_code, experts.shape[1],
+          *_matrix_args(offsets[:4]), P, K, E, H, I, x_TH.stride(0))
+    dn = (h, layout.pairs, layout.experts, out, experts, buf_f32, code, nested_code, experts.shape[1],
+          *_matrix_args(offsets[4:]), P, E, H, I)
+    if tiles is None and interpreted():
+        tiles = INTERPRETER_GROUPED
+    if tiles is None:
+        _gate_up_grouped_tuned[lambda m: (blocks, triton.cdiv(I, m["BLOCK_N"]))](*gu, ACT=ACT_CODES[act], **meta)
+        _down_grouped_tuned[lambda m: (blocks, triton.cdiv(H, m["BLOCK_N"]))](*dn, **meta)
+    else:
+        launch = dict(BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, num_warps=tiles.num_warps,
+                      num_stages=tiles.num_stages)
+        _gate_up_grouped_kernel[(blocks, triton.cdiv(I, tiles.block_n))](*gu, ACT=ACT_CODES[act], **meta, **launch)
+        _down_grouped_kernel[(blocks, triton.cdiv(H, tiles.block_n))](*dn, **meta, **launch)
+    y = torch.zeros(T, H, dtype=torch.float32, device=x_TH.device)
+    out_TKH, w32 = out.view(T, K, H), w_TK.float()
+    for k in range(K):  # fixed order: deterministic
+        y.addcmul_(out_TKH[:, k], w32[:, k, None])
+    return y.to(x_TH.dtype)
 
 
 def tuned_configs() -> dict:
