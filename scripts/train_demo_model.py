@@ -12,6 +12,7 @@ kept), so the model answers at every position a chat puts a question at (issue 1
     python scripts/train_demo_model.py                      # -> localrun/data/demo/
     python scripts/train_demo_model.py --steps 200 --chat-rounds 300:1e-3:20 --out /tmp/demo   # a quick try
     python scripts/train_demo_model.py --init /tmp/stage1 --out /tmp/demo   # stage 2 only
+    python scripts/train_demo_model.py --init /tmp/demo --steps 2000 --lr 3e-4 --chat-rounds 12000:1e-4:50   # fine-tune
 
 Deterministic: fixed seeds, a fixed data order, one process with a fixed thread count.
 """
@@ -47,8 +48,15 @@ END_OF_TURN = 106  # <turn|>
 CHAT_ROUNDS = "36000:1e-3:100,12000:3e-4:50,12000:2e-4:50"
 
 
-def rounds(text: str) -> list[tuple[int, float, int]]:
-    return [(int(n), float(lr), int(w)) for n, lr, w in (r.split(":") for r in text.split(",") if r.strip())]
+def rounds(text: str) -> list[tuple[str, int, float, int]]:
+    """Stage-2 rounds, comma-separated: "N:LR:WARMUP" is N conversations (a chat round),
+    "single:N:LR:WARMUP" N batches of single exchanges (as stage 1, at that learning rate)."""
+    out = []
+    for item in (r.strip() for r in text.split(",") if r.strip()):
+        kind, fields = ("single", item.split(":")[1:]) if item.startswith("single:") else ("chat", item.split(":"))
+        n, lr, warmup = fields
+        out.append((kind, int(n), float(lr), int(warmup)))
+    return out
 VOCAB = 512
 
 
@@ -337,7 +345,8 @@ def save_atomic(out: Path, model: Gemma4Model, config: dict, tokenizer) -> None:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=REPO / "localrun" / "data" / "demo")
-    ap.add_argument("--steps", type=int, default=4000)
+    ap.add_argument("--steps", type=int, default=None,
+                    help="stage 1 batches (default 4000; 0 with --init, where a number fine-tunes those weights)")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--warmup", type=int, default=100)
@@ -353,15 +362,18 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1,
                     help="1 is fastest on a shared CPU: a second thread waits on descheduled peers")
-    ap.add_argument("--init", type=Path, help="start from this checkpoint's weights (skips stage 1)")
+    ap.add_argument("--init", type=Path, help="start from this checkpoint's weights (skips stage 1 unless --steps)")
     ap.add_argument("--chat-rounds", type=rounds, default=CHAT_ROUNDS,
-                    help="stage 2: CONVERSATIONS:LR:WARMUP rounds, comma-separated (each a fresh AdamW and "
-                         "cosine schedule from the bf16 weights of the round before; '' for none)")
+                    help="stage 2: CONVERSATIONS:LR:WARMUP chat rounds and single:BATCHES:LR:WARMUP rounds of "
+                         "single exchanges, comma-separated (each a fresh AdamW and cosine schedule from the bf16 "
+                         "weights of the round before; '' for none)")
     ap.add_argument("--chat-tokens", type=int, default=4096, help="stage 2: tokens per batch (padded)")
     ap.add_argument("--checkpoint", type=Path, help="stage 2: also write the model here at every eval")
     ap.add_argument("--eval-every", type=int, default=300)
     ap.add_argument("--log-every", type=int, default=50)
     a = ap.parse_args(argv)
+    if a.steps is None:
+        a.steps = 0 if a.init else 4000
 
     torch.set_num_threads(a.threads)
     torch.set_flush_denormal(True)  # denormal floats make CPU math crawl
@@ -394,17 +406,20 @@ def main(argv=None) -> None:
     t_all = time.time()
     if a.init:
         load_weights(model, a.init)
-        print(f"stage 1 skipped: weights from {a.init}", flush=True)
-    elif a.steps:
-        train_single_turn(a, model, enc, held)
+        print(f"weights from {a.init}" + ("" if a.steps else "; stage 1 skipped"), flush=True)
+    if a.steps:
+        train_single_turn(a, model, enc, held, a.steps, a.lr, a.warmup, a.seed)
         # stage 2 starts from the weights as a checkpoint holds them (as --init DIR would)
         model.load_state_dict({k: v.to(torch.bfloat16).float() for k, v in model.state_dict().items()})
     print(f"  held-out exact match (fp32, 400 questions): {exact_match(model, enc, held):.3f}; "
           f"last reply of 300 chats: {chat_exact_match(model, chat_enc, held_chats):.3f}", flush=True)
-    for r, (convs, lr, warmup) in enumerate(a.chat_rounds):
+    for r, (kind, n, lr, warmup) in enumerate(a.chat_rounds):
         if r:  # each round starts from the weights as a checkpoint holds them (as the shipped ones were made)
             model.load_state_dict({k: v.to(torch.bfloat16).float() for k, v in model.state_dict().items()})
-        train_chats(a, model, chat_enc, enc, held, held_chats, convs, lr, warmup, seed=a.seed + r)
+        if kind == "single":
+            train_single_turn(a, model, enc, held, n, lr, warmup, seed=a.seed + r)
+        else:
+            train_chats(a, model, chat_enc, enc, held, held_chats, n, lr, warmup, seed=a.seed + r)
     acc = exact_match(model, enc, held)
     chat_acc = chat_exact_match(model, chat_enc, held_chats)
     print(f"trained in {(time.time() - t_all) / 60:.1f} min; held-out exact match (fp32) {acc:.3f}, "
@@ -443,30 +458,30 @@ def train_step(model, opt, stats, ids, tgt, lr: float, aux_weight: float) -> tup
     return loss.item(), aux.item()
 
 
-def train_single_turn(a, model, enc: Encoder, held) -> None:
-    """Stage 1: one question, one answer per sequence."""
+def train_single_turn(a, model, enc: Encoder, held, steps: int, lr: float, warmup: int, seed: int) -> None:
+    """Stage 1 (and a "single" round of stage 2): one question, one answer per sequence."""
     t0 = time.time()
-    data = train_examples(a.steps * a.batch, seed=a.seed, carry=a.carry)
+    data = train_examples(steps * a.batch, seed=seed, carry=a.carry)
     prompts = enc.prompts([q for q, _ in data])
     answers = enc.answers([ans for _, ans in data])
     print(f"{len(data)} training examples tokenized in {time.time() - t0:.1f}s; "
           f"prompt lengths {min(map(len, prompts))}-{max(map(len, prompts))}", flush=True)
-    opt = optimizer(model, a.lr, a.weight_decay)
-    lr_at = schedule(a.lr, a.warmup, a.steps)
+    opt = optimizer(model, lr, a.weight_decay)
+    lr_at = schedule(lr, warmup, steps)
     stats = RouterStats(model)
     model.train()
     t0 = time.time()
     running = None
-    for step in range(a.steps):
+    for step in range(steps):
         sl = slice(step * a.batch, (step + 1) * a.batch)
         ids, tgt = batch_tensors(prompts[sl], answers[sl])
         loss, aux = train_step(model, opt, stats, ids, tgt, lr_at(step), a.aux)
         running = loss if running is None else 0.98 * running + 0.02 * loss
         if (step + 1) % a.log_every == 0 or step == 0:
             el = time.time() - t0
-            print(f"step {step + 1}/{a.steps} loss {running:.4f} aux {aux:.3f} lr {lr_at(step):.2e} "
+            print(f"step {step + 1}/{steps} loss {running:.4f} aux {aux:.3f} lr {lr_at(step):.2e} "
                   f"{el:.0f}s ({el / (step + 1):.3f}s/step)", flush=True)
-        if a.eval_every and (step + 1) % a.eval_every == 0 and step + 1 < a.steps:
+        if a.eval_every and (step + 1) % a.eval_every == 0 and step + 1 < steps:
             print(f"  held-out exact match (fp32, 400 questions): {exact_match(model, enc, held):.3f}", flush=True)
     stats.remove()
 

@@ -53,13 +53,12 @@ def test_answers_the_readme_question(engine):
     assert ask(engine, "What is 17 + 25?") == "42"
 
 
-# The shipped checkpoint (scripts/train_demo_model.py defaults: 4000 single-exchange steps, half the
-# arithmetic drawn from carry/borrow cases, then rounds of 36000, 12000 and 12000 conversations)
-# scores 0.970 on all 777 held-out questions with bf16 experts, 0.972 with nf4.
+# The shipped checkpoint (README, "The demo model": window 32, five training steps) scores 0.985 on all
+# 777 held-out questions with bf16 and with nf4 experts; issue 15 asks for at least 0.95.
 def test_held_out_accuracy(engine):
     questions = held_out_questions(200)
     wrong = [(q, want, got) for q, want in questions if (got := ask(engine, q)) != want]
-    assert 1 - len(wrong) / len(questions) >= 0.90, wrong
+    assert 1 - len(wrong) / len(questions) >= 0.95, wrong
 
 
 def test_dataset_is_deterministic_and_split():
