@@ -356,7 +356,7 @@ def main(argv=None) -> None:
     ap.add_argument("--layers", default="SFSF", help="layer types: S sliding, F full (the last must be F)")
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--moe-intermediate", type=int, default=128)
-    ap.add_argument("--window", type=int, default=16)
+    ap.add_argument("--window", type=int, default=32)
     ap.add_argument("--carry", type=float, default=0.5,
                     help="fraction of the arithmetic drawn from carry/borrow cases only (the usual errors)")
     ap.add_argument("--seed", type=int, default=0)
