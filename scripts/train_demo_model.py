@@ -12,9 +12,11 @@ kept), so the model answers at every position a chat puts a question at (issue 1
     python scripts/train_demo_model.py                      # -> localrun/data/demo/
     python scripts/train_demo_model.py --steps 200 --chat-rounds 300:1e-3:20 --out /tmp/demo   # a quick try
     python scripts/train_demo_model.py --init /tmp/stage1 --out /tmp/demo   # stage 2 only
-    python scripts/train_demo_model.py --init /tmp/demo --steps 2000 --lr 3e-4 --chat-rounds 12000:1e-4:50   # fine-tune
+    python scripts/train_demo_model.py --init /tmp/demo --steps 2000 --lr 5e-4 --warmup 50 --chat-rounds 12000:1e-4:50
 
-Deterministic: fixed seeds, a fixed data order, one process with a fixed thread count.
+Seeded: fixed seeds, a fixed data order, one process with a fixed thread count (not bit for bit: a
+rerun drifts in the CPU matmuls' summation order after some hundred batches). The README's demo
+section lists the commands that made the shipped checkpoint.
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ def rounds(text: str) -> list[tuple[str, int, float, int]]:
         n, lr, warmup = fields
         out.append((kind, int(n), float(lr), int(warmup)))
     return out
+
+
 VOCAB = 512
 
 
