@@ -112,11 +112,11 @@ def has_carry(a: int, b: int, op: str) -> bool:
 
 
 def train_examples(n: int, seed: int = 0, extras: float = 0.08, carry: float = 0.0,
-                   reworded: float = 0.25) -> list[tuple[str, str]]:
+                   reworded: float = 0.25, wide: bool = False) -> list[tuple[str, str]]:
     """`n` (question, answer) pairs for training: arithmetic on training triples, plus a fraction
     `extras` of capitals and greetings. A fraction `carry` of the arithmetic is drawn from the
     training triples with a carry or borrow only (held-out triples are never among them), a
-    fraction `reworded` gets another ending or operator spacing (`reword`). Same arguments, same list."""
+    fraction `reworded` gets another ending or operator spacing (`reword`, `wide`). Same arguments, same list."""
     rng = random.Random(seed)
     triples = arithmetic_triples(held_out=False)
     hard = [t for t in triples if has_carry(*t)]
@@ -130,7 +130,7 @@ def train_examples(n: int, seed: int = 0, extras: float = 0.08, carry: float = 0
                 out.append(rng.choice(CHAT))
         else:
             q, a = arithmetic_question(*rng.choice(hard if carry and rng.random() < carry else triples), rng)
-            out.append((reword(q, rng) if reworded and rng.random() < reworded else q, a))
+            out.append((reword(q, rng, wide) if reworded and rng.random() < reworded else q, a))
     return out
 
 
@@ -142,14 +142,22 @@ ENDINGS = ("", "?", " ?", "??", "!", ".", " =", "=", " = ?", " please", ", pleas
            " then?", " equal?", " for me?", " exactly?", " again?", ", thanks", "? Thanks!", " ok?", " quickly?")
 OPERATOR_SPACING = ("{}", " {}", "{} ", "  {}  ")
 _OPERATOR = re.compile(r" ([+-]) ")
+# `wide`: words before the question and a second sentence after it too (the shipped model's last two
+# training steps). None of them is among scripts/probe_demo_phrasings.py's unseen endings.
+PREFIXES = ("Hey, ", "Quick question: ", "Question: ", "OK so ", "Hmm, ", "Please, ", "Now then, ", "Hi! ", "Well, ")
+WIDE_ENDINGS = ("? Quick.", "? Be quick.", "? Just the number.", "? No rush.", ", buddy?", "? Thanks a lot.",
+                ". Reply with the number.", "? I need it.", "? Hurry up!", ", pal.", "? Go.", ", if you can?")
 
 
-def reword(q: str, rng: random.Random) -> str:
+def reword(q: str, rng: random.Random, wide: bool = False) -> str:
     """`q` with another ending (what follows its last number or word) and now and then other spacing
-    around its + or -; the numbers and their order stay."""
+    around its + or -; the numbers and their order stay. `wide`: now and then words before it, and
+    second sentences among the endings."""
     if _OPERATOR.search(q) and rng.random() < 0.4:
         q = _OPERATOR.sub(lambda m: rng.choice(OPERATOR_SPACING).format(m.group(1)), q, count=1)
-    return q.rstrip("?.=! ") + rng.choice(ENDINGS)
+    if wide and rng.random() < 0.3:
+        q = rng.choice(PREFIXES) + q[0].lower() + q[1:]
+    return q.rstrip("?.=! ") + rng.choice(ENDINGS + WIDE_ENDINGS if wide else ENDINGS)
 
 
 def tokenizer_corpus() -> list[str]:
@@ -200,8 +208,9 @@ class ExchangeDrawer:
     """Draws single exchanges (question, answer) as `train_examples` does, with chat phrasings mixed in."""
 
     def __init__(self, rng: random.Random, carry: float = 0.5, extras: float = 0.08, variety: float = 0.35,
-                 reworded: float = 0.25):
+                 reworded: float = 0.25, wide: bool = False):
         self.rng, self.carry, self.extras, self.variety, self.reworded = rng, carry, extras, variety, reworded
+        self.wide = wide
         self.triples = arithmetic_triples(held_out=False)
         self.hard = [t for t in self.triples if has_carry(*t)]
 
@@ -216,7 +225,7 @@ class ExchangeDrawer:
         if rng.random() < 0.1:
             q = q.rstrip("?").rstrip()
         if self.reworded and rng.random() < self.reworded:
-            q = reword(q, rng)
+            q = reword(q, rng, self.wide)
         return q, str(answer(a, b, op))
 
     def __call__(self) -> tuple[str, str]:
@@ -231,12 +240,13 @@ class ExchangeDrawer:
 
 
 def train_conversations(n: int, seed: int = 0, max_turns: int = 48, single: float = 0.15, system: float = 0.25,
-                        carry: float = 0.5, reworded: float = 0.25) -> list[tuple[str | None, list[tuple[str, str]]]]:
+                        carry: float = 0.5, reworded: float = 0.25,
+                        wide: bool = False) -> list[tuple[str | None, list[tuple[str, str]]]]:
     """`n` conversations (system prompt or None, [(question, answer), ...]) on training triples:
     a fraction `single` has one exchange, the rest 2..`max_turns` (long enough that `chat` trims
     them at its default context). Same arguments, same list."""
     rng = random.Random(seed)
-    draw = ExchangeDrawer(rng, carry=carry, reworded=reworded)
+    draw = ExchangeDrawer(rng, carry=carry, reworded=reworded, wide=wide)
     out = []
     for _ in range(n):
         k = 1 if rng.random() < single else rng.randint(2, max_turns)

@@ -363,6 +363,8 @@ def main(argv=None) -> None:
     ap.add_argument("--window", type=int, default=32)
     ap.add_argument("--carry", type=float, default=0.5,
                     help="fraction of the arithmetic drawn from carry/borrow cases only (the usual errors)")
+    ap.add_argument("--wide-phrasings", action="store_true",
+                    help="reworded questions also get words before them and second sentences after (demo.reword)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1,
                     help="1 is fastest on a shared CPU: a second thread waits on descheduled peers")
@@ -465,7 +467,7 @@ def train_step(model, opt, stats, ids, tgt, lr: float, aux_weight: float) -> tup
 def train_single_turn(a, model, enc: Encoder, held, steps: int, lr: float, warmup: int, seed: int) -> None:
     """Stage 1 (and a "single" round of stage 2): one question, one answer per sequence."""
     t0 = time.time()
-    data = train_examples(steps * a.batch, seed=seed, carry=a.carry)
+    data = train_examples(steps * a.batch, seed=seed, carry=a.carry, wide=a.wide_phrasings)
     prompts = enc.prompts([q for q, _ in data])
     answers = enc.answers([ans for _, ans in data])
     print(f"{len(data)} training examples tokenized in {time.time() - t0:.1f}s; "
@@ -494,7 +496,7 @@ def train_chats(a, model, chat_enc: ChatEncoder, enc: Encoder, held, held_chats,
                 seed: int) -> None:
     """Stage 2: whole conversations, trimmed as chat trims them, the loss on every reply."""
     t0 = time.time()
-    convs = train_conversations(n, seed=seed + 1, carry=a.carry)
+    convs = train_conversations(n, seed=seed + 1, carry=a.carry, wide=a.wide_phrasings)
     batches = list(chat_batches(chat_enc, convs, a.chat_tokens, seed=seed + 2))
     steps = len(batches)
     print(f"{len(convs)} conversations in {steps} batches of <= {a.chat_tokens} tokens, built in "

@@ -13,6 +13,8 @@ from pathlib import Path
 from localrun.chat import ChatSession, Settings, default_context, trim_to_fit
 from localrun.demo import (
     ENDINGS,
+    PREFIXES,
+    WIDE_ENDINGS,
     arithmetic_triples,
     demo_model_dir,
     has_carry,
@@ -131,6 +133,36 @@ def test_reworded_questions_keep_their_numbers():
             x, y, op = asked(q)
             assert str(x + y if op == "+" else x - y) == a and not is_held_out(x, y, op), q
     assert train_examples(300, seed=3, reworded=0.0) != train_examples(300, seed=3)
+
+
+def test_wide_rewording_keeps_the_numbers_and_leaves_the_default_data_alone():
+    """`wide` (words before the question, second sentences after) asks the same training triples, draws
+    nothing when off (the data of the shipped model's first steps is unchanged), and stays clear of
+    the probe script's unseen endings, which measure what no training data has."""
+    rng = random.Random(1)
+    variants = {reword("What is 13 + 4?", rng, wide=True) for _ in range(300)}
+    assert all(re.findall(r"\d+", v) == ["13", "4"] for v in variants)
+    assert any(v.startswith(PREFIXES) for v in variants) and any(v.endswith(WIDE_ENDINGS) for v in variants)
+    assert train_examples(500, seed=7) == train_examples(500, seed=7, wide=False)
+    assert train_conversations(20, seed=8) == train_conversations(20, seed=8, wide=False)
+    wide = train_examples(3000, seed=5, wide=True) + [x for _, ex in train_conversations(50, seed=6, wide=True)
+                                                       for x in ex]
+    assert wide != train_examples(3000, seed=5) and any(q.startswith(PREFIXES) for q, _ in wide)
+    for q, a in wide:
+        if a.isdigit():
+            x, y, op = asked(q)
+            assert str(x + y if op == "+" else x - y) == a and not is_held_out(x, y, op), q
+    probe = _probe_script()
+    unseen_tails = {p.split("{b}")[-1] for p, _ in probe.UNSEEN}
+    assert not unseen_tails & set(WIDE_ENDINGS)
+
+
+def _probe_script():
+    path = Path(__file__).resolve().parents[1] / "scripts" / "probe_demo_phrasings.py"
+    spec = importlib.util.spec_from_file_location("probe_demo_phrasings", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _trainer():
