@@ -157,20 +157,21 @@ def test_wide_rewording_keeps_the_numbers_and_leaves_the_default_data_alone():
     assert not unseen_tails & set(WIDE_ENDINGS)
 
 
-def _probe_script():
-    path = Path(__file__).resolve().parents[1] / "scripts" / "probe_demo_phrasings.py"
-    spec = importlib.util.spec_from_file_location("probe_demo_phrasings", path)
+def _script(name: str):
+    """A module of scripts/ (not a package), loaded from its file."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _probe_script():
+    return _script("probe_demo_phrasings")
 
 
 def _trainer():
-    path = Path(__file__).resolve().parents[1] / "scripts" / "train_demo_model.py"
-    spec = importlib.util.spec_from_file_location("train_demo_model", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _script("train_demo_model")
 
 
 def test_training_conversations_are_what_chat_sends(engine):
