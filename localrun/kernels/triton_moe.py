@@ -636,8 +636,7 @@ def moe_4bit_grouped(x_TH: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tenso
     """moe_4bit_triton for many tokens (the prefill path; same arguments): two grouped GEMMs over the
     pairs sorted by expert, then the weighted sum over k. `tiles`: None = autotuned on CUDA
     (INTERPRETER_GROUPED when interpreted)."""
-    if x_TH.shape[1] != hidden or x_TH.stride(1) != 1:
-        raise ValueError(f"x must be [T, H={hidden}] with unit column stride, got {tuple(x_TH.shape)}")
+    _check(x_TH, ids_TK, experts, hidden)
     T, K = ids_TK.shape
     E, H, I, P = experts.shape[0], hidden, inter, T * K
     layout = pair_blocks(ids_TK, E, grouped_block_m(P, E))
