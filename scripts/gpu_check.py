@@ -19,11 +19,12 @@ Steps:
              kernel launches and host syncs per decoded token; once every expert resident, once
              under a forced 16 GiB budget; the graphs step with each default decode kernel off
              (speed_graphs_without_NAME) and each opt-in one on (speed_graphs_with_NAME,
-             per_token_graphs_with_NAME, tokens_graphs_with_NAME); all resident, the 512-token prefill
+             per_token_graphs_with_NAME, tokens_graphs_with_NAME), and with the v2 MoE decode kernels
+             instead of v3 (speed_graphs_with_v2_moe, ...); all resident, the 512-token prefill
              through the grouped 4-bit GEMMs vs each hit expert dequantized for dense matmuls
              (prefill_grouped_gemm, prefill_dequantize_per_expert)
-  kernels    4-bit MoE kernels vs bitsandbytes at 26B-A4B's shapes (decode, and the grouped GEMMs at
-             512 tokens; when localrun has them); split-key
+  kernels    4-bit MoE kernels vs bitsandbytes at 26B-A4B's shapes (decode: v3, v2 and v1 with every
+             autotune config's time; the grouped GEMMs at 512 tokens); split-key
              decode attention vs SDPA; the Triton GEMV vs cuBLAS at each dense projection shape
 
 --dry replaces CUDA with the CPU and 26B-A4B with a scaled-down model of the same structure, so
@@ -398,6 +399,18 @@ def big_model_run(dry: bool, dev, load_kwargs: dict, rows: dict) -> dict:
                         switched, _ = greedy(model, short, n, dev, mode, loaded.kv)
                     return {"first_divergence_from_default": first_divergence(switched, default), "tokens": n}
                 timed(f"tokens_{mode}_with_{name}", tokens, rows)
+        if mode in ("graphs", "static") and loaded.store is None:  # MoE decode kernels: v3 (default) vs v2 (measured)
+            with moe_v3_switched(False, loaded.kv):
+                timed(f"speed_{mode}_with_v2_moe", rates, rows)
+                timed(f"per_token_{mode}_with_v2_moe", lambda: per_token_counts(model, short, dev, mode, loaded.kv),
+                      rows)
+
+            def tokens_v2(mode=mode, n=16) -> dict:
+                default, _ = greedy(model, short, n, dev, mode, loaded.kv)
+                with moe_v3_switched(False, loaded.kv):
+                    v2, _ = greedy(model, short, n, dev, mode, loaded.kv)
+                return {"first_divergence_from_default": first_divergence(v2, default), "tokens": n}
+            timed(f"tokens_{mode}_with_v2_moe", tokens_v2, rows)
     if loaded.store is None:  # prefill through the grouped GEMMs (default) vs each hit expert dequantized once
         from quant import ffn
 
@@ -441,6 +454,21 @@ def kernel_switched(name: str, on: bool, cache):
         yield
     finally:
         gemma4.DECODE_KERNELS[name] = before
+        cache.steps.clear()
+
+
+@contextlib.contextmanager
+def moe_v3_switched(on: bool, cache):
+    """Within: the v3 4-bit MoE decode kernels on or off (off: v2); decode steps captured anew."""
+    from localrun.kernels import triton_moe
+
+    before = triton_moe.USE_V3
+    triton_moe.USE_V3 = on
+    cache.steps.clear()
+    try:
+        yield
+    finally:
+        triton_moe.USE_V3 = before
         cache.steps.clear()
 
 

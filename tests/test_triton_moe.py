@@ -156,6 +156,91 @@ def test_benchmark_helper_runs_on_cpu():
     assert out["us_per_call"] > 0 and out["bytes_per_call"] > 0
 
 
+# -- the v3 decode kernels (rows of whole 32-weight chunks) ---------------------------------
+
+# rows of 2 / 3 chunks; blocks of 128 span rows of 64 and 96 weights
+V3_SHAPES = [(64, 32, 5), (96, 64, 4)]
+SMALL_V3_TILES = (None, "small")  # default tiles, and tiles small enough that every loop takes several steps
+
+
+def v3_tiles(which):
+    return None if which is None else triton_moe.V3Tiles(gate_up_n=4, gate_up_w=4, gate_up_warps=1,
+                                                         down_n=4, down_w=4, down_warps=1)
+
+
+@needs_triton
+@pytest.mark.parametrize("tiles", SMALL_V3_TILES, ids=["default-tiles", "small-tiles"])
+@pytest.mark.parametrize("spec", SPECS, ids=SPEC_IDS)
+def test_v3_matches_bnb(spec, tiles):
+    h, i, e = V3_SHAPES[SPECS.index(spec) % 2]
+    assert triton_moe.v3_fits(h, i, spec.blocksize)
+    buf = make_buffer(spec, e, h, i)
+    for t, k in ((1, 2), (4, 3)):  # T > 1: the same experts again in another order
+        ids, w = routing(t, k, e, seed=t)
+        x = torch.randn(t, h, generator=torch.Generator().manual_seed(t))
+        y = triton_moe.moe_4bit_triton(x, ids, w, buf.data, *buf.code_tables(), buf.offsets(), h, i, spec.blocksize,
+                                       spec.double_quant, "gelu_pytorch_tanh", blocks=v3_tiles(tiles))
+        assert rel_err(y, bnb_moe(buf, x, ids, w, "gelu_pytorch_tanh")) < RTOL, (t, k)
+
+
+@needs_triton
+def test_default_decode_kernels_by_shape(monkeypatch):
+    """v3 where rows are whole chunks, else v2 (whole words), else v1; USE_V3 off gives v2."""
+    used = []
+    for name in ("_moe_4bit_v1", "_moe_4bit_v2", "_moe_4bit_v3"):
+        real = getattr(triton_moe, name)
+        monkeypatch.setattr(triton_moe, name, lambda *a, real=real, name=name: used.append(name[-2:]) or real(*a))
+    spec = QuantSpec("nf4", 64, False)
+    for h, i in ((64, 32), (64, 48), (36, 10)):
+        buf = make_buffer(spec, 4, h, i)
+        ids, w = routing(1, 2, 4)
+        run_triton(buf, torch.randn(1, h), ids, w, "silu")
+    assert used == ["v3", "v2", "v1"]
+    monkeypatch.setattr(triton_moe, "USE_V3", False)
+    buf = make_buffer(spec, 4, 64, 32)
+    run_triton(buf, torch.randn(1, 64), *routing(1, 2, 4), "silu")
+    assert used[-1] == "v2"
+    assert not triton_moe.v3_fits(64, 32, 16) and not triton_moe.v3_fits(64, 32, 96)
+
+
+@needs_triton
+def test_v3_tiles_refuse_rows_of_partial_chunks():
+    buf = make_buffer(QuantSpec("nf4", 64, False), 4, 64, 48)
+    ids, w = routing(1, 2, 4)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        triton_moe.moe_4bit_triton(torch.randn(1, 64), ids, w, buf.data, *buf.code_tables(), buf.offsets(), 64, 48,
+                                   64, False, "silu", blocks=v3_tiles("small"))
+
+
+@needs_triton
+def test_v3_with_an_unaligned_code_table():
+    """The kernel ORs nibble offsets into the table's address: a table off a 64-byte boundary is copied first."""
+    spec = QuantSpec("fp4", 64, True)
+    buf = make_buffer(spec, 4, 64, 32)
+    code, nested = buf.code_tables()
+    backing = torch.zeros(code.numel() + 1)
+    shifted = backing[1:]
+    shifted.copy_(code)
+    assert shifted.data_ptr() % triton_moe.TABLE_ALIGN
+    ids, w = routing(3, 2, 4)
+    x = torch.randn(3, 64)
+    y = triton_moe.moe_4bit_triton(x, ids, w, buf.data, shifted, nested, buf.offsets(), 64, 32, 64, True, "silu")
+    assert rel_err(y, bnb_moe(buf, x, ids, w, "silu")) < RTOL
+
+
+@needs_triton
+def test_v2_at_the_26b_shape():
+    """v2 stays for A/B timing against v3 (blocks="v2"): still exact at 26B-A4B's shapes."""
+    h, i = GEMMA_26B
+    spec = QuantSpec("nf4", 64, True)
+    buf = make_buffer(spec, 3, h, i)
+    ids, w = routing(2, 2, 3)
+    x = torch.randn(2, h, generator=torch.Generator().manual_seed(3))
+    y = triton_moe.moe_4bit_triton(x, ids, w, buf.data, *buf.code_tables(), buf.offsets(), h, i, 64, True,
+                                   "gelu_pytorch_tanh", blocks="v2")
+    assert rel_err(y, bnb_moe(buf, x, ids, w, "gelu_pytorch_tanh")) < RTOL
+
+
 # -- the grouped GEMMs (prefill: from GROUPED_MIN_TOKENS tokens) ----------------------------
 
 

@@ -388,6 +388,222 @@ _down_v2_tuned = triton.autotune(DOWN_CONFIGS, key=["H", "I_Q", "T_BUCKET", "K",
                                  do_bench=_fast_bench, cache_results=True)(_down_v2_kernel)
 
 
+# -- v3: decode kernels shaped by their instruction count --------------------------------------
+#
+# Compiled for sm_90 (triton.compile with a GPUTarget runs on a CPU machine; scripts/sass_stats.py
+# prints the counts), v2's inner loop issues 17-22 instructions per weight: its tl.sum over the
+# words of an absmax group crosses threads every step (SHFL + FADD, ~half of it), and the x tile
+# is broadcast over rows through shared memory. The H200 measured what that predicts: ~920 GB/s
+# whatever the tile, i.e. bound by issue, not by memory.
+# v3 keeps every reduction inside a thread until the loop ends. A tile is [rows, NC chunks, 4
+# words]: a thread holds 4 consecutive code words (one 16-byte load, 32 weights inside one
+# quantization block, so one absmax), and for each of the 8 nibble positions j it gathers the
+# code value, loads x[8 * word + j] once for all the rows it holds, and does one FMA into a
+# per-word sum; the absmax multiplies that sum once per word. Per weight that is a shift, a
+# mask-and-OR into the aligned table's address, the table load and an FMA (plus the copy of the
+# address' high word that ptxas makes): ~6.5-8 instructions, 2.7x fewer than v2.
+# Needs rows of whole chunks (H and I multiples of 32) and blocksize >= 32; else v2 / v1.
+# gate_up tiles are [2 * BLOCK_N rows (gate rows, then the same up rows), NC, 4]; down tiles
+# [KE experts, BLOCK_N rows, NC, 4], all K experts of the token at once (as v2). Each loop
+# requests the next step's words and absmax before this step's math (register prefetch).
+
+USE_V3 = True  # the default decode kernels where they fit; False: v2 (scripts/gpu_check.py A/B-s the two)
+CHUNK_WEIGHTS = 32  # 4 code words: one vector load, inside one quantization block
+TABLE_ALIGN = 64  # bytes: the 16-value table's address has its low 6 bits free (_chunk_sums)
+
+
+@dataclass(frozen=True)
+class V3Tiles:
+    """v3 tiles: rows per program and code words per row per step (multiples of 4), per kernel."""
+
+    gate_up_n: int = 8
+    gate_up_w: int = 32
+    gate_up_warps: int = 1
+    down_n: int = 8
+    down_w: int = 16
+    down_warps: int = 4
+
+
+INTERPRETER_V3 = V3Tiles(gate_up_n=32, gate_up_w=128, down_n=128, down_w=128)
+
+
+def _cfg3(n, w, warps):
+    return triton.Config({"BLOCK_N": n, "BLOCK_W": w}, num_warps=warps, num_stages=1)
+
+
+# Not yet measured on a GPU. A thread handles 64 weights a step (gate_up: BLOCK_N * BLOCK_W = 128 *
+# warps; down: 32 * warps) or 32: at 128 its 128 table addresses in flight spill registers at
+# sm_90 (scripts/sass_stats.py: 6.6-7.4 instructions a weight, no spills, 130-190 registers, for
+# every config here). Programs at 26B-A4B, T=1: gate_up 8 x 704 / BLOCK_N, down 2816 / BLOCK_N.
+GATE_UP_V3_CONFIGS = [_cfg3(n, w, warps) for n, w, warps in (
+    (4, 32, 1), (8, 16, 1), (2, 64, 1), (8, 32, 2), (16, 16, 2), (4, 64, 2), (16, 32, 4), (8, 64, 4),
+    (4, 16, 1), (2, 32, 1), (8, 16, 2), (16, 16, 4))]
+DOWN_V3_CONFIGS = [_cfg3(n, w, warps) for n, w, warps in (
+    (8, 16, 4), (4, 16, 2), (8, 8, 2), (4, 32, 4), (8, 32, 8), (16, 8, 4), (16, 16, 8), (2, 16, 1),
+    (4, 8, 2), (2, 8, 1), (4, 16, 4), (8, 8, 4))]
+
+
+@triton.jit
+def _chunk_sums(words, vec_ptr, vec_mask, code):
+    """fp32 per-word sums of code[nibble j] * vec[j] over the 8 weights of each code word;
+    vec_ptr points at each word's first vector element (broadcastable to `words`).
+
+    `code` is 64-byte aligned (TABLE_ALIGN), so a value's address is the table's with the nibble's
+    byte offset OR-ed into its low bits: a shift and one LOP3 (mask and OR), no 64-bit add."""
+    table = tl.cast(code, tl.int64)
+    for j in tl.static_range(8):
+        # element j of a word: byte j // 2, its high nibble for even j; its byte offset is nibble * 4
+        shift = (j // 2) * 8 + 4 - 4 * (j % 2)
+        if shift >= 2:
+            offset = (words >> (shift - 2)) & 60
+        else:
+            offset = (words << 2) & 60
+        v = tl.load(tl.cast(table | offset.to(tl.int64), tl.pointer_type(tl.float32)))
+        term = v * tl.load(vec_ptr + j, mask=vec_mask, other=0.0).to(tl.float32)
+        if j == 0:
+            s = term
+        else:
+            s += term
+    return s
+
+
+@triton.jit
+def _gate_up_v3_kernel(x_ptr, ids_ptr, order_ptr, h_ptr, buf_i32, buf_u8, buf_f32, code, nested_code,
+                       expert_bytes, codes_off, absmax_off, nested_off32, offset_off32,
+                       K, H_Q, I, stride_xt, T_BUCKET,
+                       ACT: tl.constexpr, LOG_WPB: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+                       SORTED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+    """H_Q: code words per row (H / 8); LOG_WPB: log2 of the words per quantization block.
+    Tile [2 * BLOCK_N rows, BLOCK_W / 4 chunks, 4 words]."""
+    if SORTED:
+        p = tl.load(order_ptr + tl.program_id(0)).to(tl.int64)
+    else:
+        p = tl.program_id(0).to(tl.int64)
+    t = p // K
+    e = tl.load(ids_ptr + p).to(tl.int64)
+    base = e * expert_bytes
+    base32 = base // 4
+    NC: tl.constexpr = BLOCK_W // 4
+    rr = tl.arange(0, 2 * BLOCK_N)
+    r = tl.program_id(1) * BLOCK_N + rr % BLOCK_N
+    mask_r = r < I
+    row_w = ((rr // BLOCK_N) * I + r) * H_Q  # [2BN] first word of each row: gate rows, then up rows
+    codes = buf_i32 + base32 + codes_off // 4 + row_w[:, None, None]
+    ch = tl.arange(0, NC) * 4
+    q = tl.arange(0, 4)[None, None, :]
+    x_row = x_ptr + t * stride_xt
+    c0 = ch  # first word of each chunk in this step
+    m2 = mask_r[:, None] & (c0 < H_Q)[None, :]
+    words = tl.load(codes + c0[None, :, None] + q, mask=m2[:, :, None], other=0)
+    am = _absmax(buf_u8, buf_f32, base, base32, (row_w[:, None] + c0[None, :]) >> LOG_WPB, m2, absmax_off,
+                 nested_off32, offset_off32, nested_code, DOUBLE_QUANT)
+    acc = tl.zeros([2 * BLOCK_N, NC, 4], dtype=tl.float32)
+    for kb in range(0, H_Q, BLOCK_W):
+        c1 = kb + BLOCK_W + ch  # the next step's chunks, requested before this step's math
+        m2n = mask_r[:, None] & (c1 < H_Q)[None, :]
+        words_n = tl.load(codes + c1[None, :, None] + q, mask=m2n[:, :, None], other=0)
+        am_n = _absmax(buf_u8, buf_f32, base, base32, (row_w[:, None] + c1[None, :]) >> LOG_WPB, m2n, absmax_off,
+                       nested_off32, offset_off32, nested_code, DOUBLE_QUANT)
+        wv = (kb + ch)[None, :, None] + q  # [1, NC, 4] word index within the row
+        acc += _chunk_sums(words, x_row + wv * 8, wv < H_Q, code) * am[:, :, None]
+        words, am = words_n, am_n
+    gu = tl.reshape(tl.sum(tl.sum(acc, axis=2), axis=1), [2, BLOCK_N])
+    which = tl.arange(0, 2)[:, None]
+    gate = tl.sum(tl.where(which == 0, gu, 0.0), axis=0)
+    up = tl.sum(tl.where(which == 1, gu, 0.0), axis=0)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    tl.store(h_ptr + p * I + rn, _act(gate, ACT) * up, mask=rn < I)
+
+
+@triton.jit
+def _down_v3_kernel(h_ptr, ids_ptr, w_ptr, y_ptr, buf_i32, buf_u8, buf_f32, code, nested_code,
+                    expert_bytes, codes_off, absmax_off, nested_off32, offset_off32,
+                    K, H, I, I_Q, stride_yt, T_BUCKET,
+                    LOG_WPB: tl.constexpr, DOUBLE_QUANT: tl.constexpr, KE: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+    """I_Q: code words per row (I / 8). Tile [KE experts, BLOCK_N rows, BLOCK_W / 4 chunks, 4 words]."""
+    t = tl.program_id(1).to(tl.int64)
+    NC: tl.constexpr = BLOCK_W // 4
+    kk = tl.arange(0, KE)
+    mask_k = kk < K
+    p = t * K + kk  # [KE] pairs of this token
+    e = tl.load(ids_ptr + p, mask=mask_k, other=0).to(tl.int64)  # padded slots: expert 0, masked off
+    wk = tl.load(w_ptr + p, mask=mask_k, other=0.0).to(tl.float32)
+    base = (e * expert_bytes)[:, None, None]  # [KE, 1, 1]
+    base32 = base // 4
+    r = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_r = r < H
+    row_w = (r * I_Q)[None, :, None]  # [1, BN, 1]
+    codes = (buf_i32 + base32 + codes_off // 4 + row_w)[:, :, :, None]  # [KE, BN, 1, 1]
+    h_rows = (h_ptr + p * I)[:, None, None, None]  # [KE, 1, 1, 1]
+    m_kr = mask_k[:, None, None] & mask_r[None, :, None]
+    ch = tl.arange(0, NC) * 4
+    q = tl.arange(0, 4)[None, None, None, :]
+    c0 = ch[None, None, :]
+    m3 = m_kr & (c0 < I_Q)
+    words = tl.load(codes + c0[:, :, :, None] + q, mask=m3[:, :, :, None], other=0)
+    am = _absmax(buf_u8, buf_f32, base, base32, (row_w + c0) >> LOG_WPB, m3, absmax_off, nested_off32,
+                 offset_off32, nested_code, DOUBLE_QUANT)
+    acc = tl.zeros([KE, BLOCK_N, NC, 4], dtype=tl.float32)
+    for kb in range(0, I_Q, BLOCK_W):
+        c1 = (kb + BLOCK_W + ch)[None, None, :]
+        m3n = m_kr & (c1 < I_Q)
+        words_n = tl.load(codes + c1[:, :, :, None] + q, mask=m3n[:, :, :, None], other=0)
+        am_n = _absmax(buf_u8, buf_f32, base, base32, (row_w + c1) >> LOG_WPB, m3n, absmax_off, nested_off32,
+                       offset_off32, nested_code, DOUBLE_QUANT)
+        wv = (kb + ch)[None, None, :, None] + q  # [1, 1, NC, 4]
+        acc += _chunk_sums(words, h_rows + wv * 8, mask_k[:, None, None, None] & (wv < I_Q), code) * am[:, :, :, None]
+        words, am = words_n, am_n
+    d = tl.sum(tl.sum(acc, axis=3), axis=2)  # [KE, BN]
+    y = tl.sum(d * wk[:, None], axis=0)  # fixed-order sum over the K experts
+    tl.store(y_ptr + t * stride_yt + r, y.to(y_ptr.dtype.element_ty), mask=mask_r)
+
+
+_gate_up_v3_tuned = triton.autotune(GATE_UP_V3_CONFIGS, key=["H_Q", "I", "T_BUCKET", "K", "LOG_WPB", "DOUBLE_QUANT"],
+                                    do_bench=_fast_bench, cache_results=True)(_gate_up_v3_kernel)
+_down_v3_tuned = triton.autotune(DOWN_V3_CONFIGS, key=["H", "I_Q", "T_BUCKET", "K", "LOG_WPB", "DOUBLE_QUANT"],
+                                 do_bench=_fast_bench, cache_results=True)(_down_v3_kernel)
+
+
+def v3_fits(hidden: int, inter: int, blocksize: int) -> bool:
+    """v3 reads rows as whole 32-weight chunks, each inside one quantization block."""
+    return (hidden % CHUNK_WEIGHTS == 0 and inter % CHUNK_WEIGHTS == 0 and blocksize >= CHUNK_WEIGHTS
+            and blocksize & (blocksize - 1) == 0)
+
+
+def _moe_4bit_v3(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden, inter, blocksize, double_quant,
+                 act, tiles: V3Tiles | None) -> torch.Tensor:
+    """The v3 kernels: autotuned on CUDA (tiles None), else with `tiles`."""
+    T, K = ids_TK.shape
+    H, I = hidden, inter
+    ids = ids_TK.contiguous()
+    w = w_TK.contiguous()
+    h = torch.empty(T * K, I, dtype=torch.float32, device=x_TH.device)
+    y = torch.empty(T, H, dtype=x_TH.dtype, device=x_TH.device)
+    buf_i32, buf_f32 = experts.view(torch.int32), experts.view(torch.float32)
+    order = torch.argsort(ids.reshape(-1), stable=True) if T > 1 else ids
+    t_bucket = min(triton.next_power_of_2(T), 16)
+    log_wpb = (blocksize // 8).bit_length() - 1
+    if code.data_ptr() % TABLE_ALIGN:
+        code = code.clone()  # a fresh allocation: torch aligns those to 64 bytes (CPU) / 512 (CUDA)
+    gu = (x_TH, ids, order, h, buf_i32, experts, buf_f32, code, nested_code, experts.shape[1],
+          *_matrix_args(offsets[:4]), K, H // 8, I, x_TH.stride(0), t_bucket)
+    gu_meta = dict(ACT=ACT_CODES[act], LOG_WPB=log_wpb, DOUBLE_QUANT=bool(double_quant), SORTED=T > 1)
+    dn = (h, ids, w, y, buf_i32, experts, buf_f32, code, nested_code, experts.shape[1],
+          *_matrix_args(offsets[4:]), K, H, I, I // 8, y.stride(0), t_bucket)
+    dn_meta = dict(LOG_WPB=log_wpb, DOUBLE_QUANT=bool(double_quant), KE=triton.next_power_of_2(K))
+    if tiles is None:
+        _gate_up_v3_tuned[lambda m: (T * K, triton.cdiv(I, m["BLOCK_N"]))](*gu, **gu_meta)
+        _down_v3_tuned[lambda m: (triton.cdiv(H, m["BLOCK_N"]), T)](*dn, **dn_meta)
+    else:
+        _gate_up_v3_kernel[(T * K, triton.cdiv(I, tiles.gate_up_n))](
+            *gu, **gu_meta, BLOCK_N=tiles.gate_up_n, BLOCK_W=tiles.gate_up_w, num_warps=tiles.gate_up_warps,
+            num_stages=1)
+        _down_v3_kernel[(triton.cdiv(H, tiles.down_n), T)](
+            *dn, **dn_meta, BLOCK_N=tiles.down_n, BLOCK_W=tiles.down_w, num_warps=tiles.down_warps, num_stages=1)
+    return y
+
+
 def v2_fits(hidden: int, inter: int) -> bool:
     """The v2 kernels read codes as 32-bit words of whole rows: rows of a multiple of 8 weights."""
     return hidden % 8 == 0 and inter % 8 == 0
@@ -414,23 +630,41 @@ def _check(x_TH, ids_TK, experts, hidden):
 
 def moe_4bit_triton(x_TH: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor, experts: torch.Tensor,
                     code: torch.Tensor, nested_code: torch.Tensor, offsets: list[int], hidden: int, inter: int,
-                    blocksize: int, double_quant: bool, act: str, blocks: Tiles | Blocks | None = None) -> torch.Tensor:
+                    blocksize: int, double_quant: bool, act: str,
+                    blocks: V3Tiles | Tiles | Blocks | str | None = None) -> torch.Tensor:
     """y_TH = sum_k w[t,k] * expert_{ids[t,k]}(x[t]) over the [E, nbytes] uint8 expert rows (see module
     docstring; the arguments are those of the localrun::moe_4bit op). Returns x's dtype.
 
-    `blocks`: None = the v2 kernels, autotuned on CUDA (INTERPRETER_TILES when interpreted), or from
-    GROUPED_MIN_TOKENS tokens on the grouped GEMMs (`moe_4bit_grouped`, the prefill path); a Tiles
-    = the v2 kernels with those tiles; a Blocks = the v1 kernels with those tiles."""
+    `blocks`: None = the best kernels for the shape: from GROUPED_MIN_TOKENS tokens the grouped GEMMs
+    (`moe_4bit_grouped`, the prefill path), else v3 where it fits (`v3_fits`; USE_V3), else v2, else v1;
+    autotuned on CUDA, fixed tiles when interpreted. "v2" = the v2 kernels autotuned (A/B timing).
+    A V3Tiles / Tiles / Blocks = the v3 / v2 / v1 kernels with those tiles."""
     if blocks is None and ids_TK.shape[0] >= GROUPED_MIN_TOKENS:
         return moe_4bit_grouped(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden, inter, blocksize,
                                 double_quant, act)
     if isinstance(blocks, Blocks):
         return _moe_4bit_v1(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden, inter, blocksize,
                             double_quant, act, blocks)
+    _check(x_TH, ids_TK, experts, hidden)
+    if isinstance(blocks, V3Tiles) and not v3_fits(hidden, inter, blocksize):
+        raise ValueError(f"the v3 kernels need H and I multiples of {CHUNK_WEIGHTS} and a power-of-two blocksize "
+                         f">= {CHUNK_WEIGHTS}, got H={hidden}, I={inter}, blocksize {blocksize}")
+    if isinstance(blocks, V3Tiles) or (blocks is None and USE_V3 and v3_fits(hidden, inter, blocksize)):
+        tiles = blocks if blocks is not None or not interpreted() else INTERPRETER_V3
+        return _moe_4bit_v3(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden, inter, blocksize,
+                            double_quant, act, tiles)
     if not v2_fits(hidden, inter):
         return _moe_4bit_v1(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden, inter, blocksize,
                             double_quant, act, INTERPRETER_BLOCKS if interpreted() else Blocks())
-    _check(x_TH, ids_TK, experts, hidden)
+    tiles = blocks if isinstance(blocks, Tiles) else INTERPRETER_TILES if interpreted() else None
+    return _moe_4bit_v2(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden, inter, blocksize,
+                        double_quant, act, tiles)
+
+
+def _moe_4bit_v2(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden, inter, blocksize, double_quant,
+                 act, tiles: Tiles | None) -> torch.Tensor:
+    """The v2 kernels (kept for A/B timing against v3, and for rows of whole words but not whole
+    chunks): autotuned on CUDA (tiles None), else with `tiles`."""
     T, K = ids_TK.shape
     H, I = hidden, inter
     ids = ids_TK.contiguous()
@@ -448,18 +682,16 @@ def moe_4bit_triton(x_TH: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor
                  *_matrix_args(offsets[4:]), K, H, I, I // 8, y.stride(0), t_bucket)
     dn_meta = dict(BLOCKSIZE=blocksize, DOUBLE_QUANT=bool(double_quant), BB=_gcd_pow2(I // 2, blocksize),
                    KE=triton.next_power_of_2(K))
-    if blocks is None and interpreted():
-        blocks = INTERPRETER_TILES
-    if blocks is None:
+    if tiles is None:
         _gate_up_v2_tuned[lambda m: (T * K, triton.cdiv(I, m["BLOCK_N"]))](*gu_common, **gu_meta)
         _down_v2_tuned[lambda m: (triton.cdiv(H, m["BLOCK_N"]), T)](*dn_common, **dn_meta)
     else:
-        _gate_up_v2_kernel[(T * K, triton.cdiv(I, blocks.gate_up_n))](
-            *gu_common, **gu_meta, BLOCK_N=blocks.gate_up_n, BLOCK_K=blocks.gate_up_k, num_warps=blocks.gate_up_warps,
-            num_stages=blocks.num_stages)
-        _down_v2_kernel[(triton.cdiv(H, blocks.down_n), T)](
-            *dn_common, **dn_meta, BLOCK_N=blocks.down_n, BLOCK_K=blocks.down_k, num_warps=blocks.down_warps,
-            num_stages=blocks.num_stages)
+        _gate_up_v2_kernel[(T * K, triton.cdiv(I, tiles.gate_up_n))](
+            *gu_common, **gu_meta, BLOCK_N=tiles.gate_up_n, BLOCK_K=tiles.gate_up_k, num_warps=tiles.gate_up_warps,
+            num_stages=tiles.num_stages)
+        _down_v2_kernel[(triton.cdiv(H, tiles.down_n), T)](
+            *dn_common, **dn_meta, BLOCK_N=tiles.down_n, BLOCK_K=tiles.down_k, num_warps=tiles.down_warps,
+            num_stages=tiles.num_stages)
     return y
 
 
@@ -669,10 +901,18 @@ def moe_4bit_grouped(x_TH: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tenso
     return y.to(x_TH.dtype)
 
 
-def tuned_configs() -> dict:
-    """The configs the autotuner picked for the last shape it ran (None before the first CUDA call)."""
-    return {"gate_up": str(getattr(_gate_up_v2_tuned, "best_config", None)),
-            "down": str(getattr(_down_v2_tuned, "best_config", None))}
+def tuned_configs(kernels: str = "v3") -> dict:
+    """The configs the autotuner picked for the last shape it ran (None before the first CUDA call),
+    with every config's time where Triton kept them (`configs_timings`: ms at the 0.5/0.2/0.8 quantiles)."""
+    pair = {"v3": (_gate_up_v3_tuned, _down_v3_tuned), "v2": (_gate_up_v2_tuned, _down_v2_tuned)}[kernels]
+    out = {}
+    for name, tuner in zip(("gate_up", "down"), pair):
+        out[name] = str(getattr(tuner, "best_config", None))
+        timings = getattr(tuner, "configs_timings", None) or {}
+        if timings:
+            out[name + "_us"] = {str(cfg): round(1e3 * (t[0] if isinstance(t, (list, tuple)) else t), 2)
+                                 for cfg, t in timings.items()}
+    return out
 
 
 def _moe_4bit_v1(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden, inter, blocksize, double_quant,
@@ -702,8 +942,9 @@ def _moe_4bit_v1(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden
 
 # -- benchmark (scripts/gpu_check.py calls this on a lent GPU) --------------------------------
 
-# benchmark_moe_4bit's default on CUDA: the autotuned v2 kernels (None) and v1's best tile on the H200
-SWEEP = (None, Blocks(4, 128, 8, 64, 2))
+# benchmark_moe_4bit's default on CUDA: the default kernels autotuned (None: v3 where it fits), v2
+# autotuned, and v1's best tile on the H200
+SWEEP = (None, "v2", Blocks(4, 128, 8, 64, 2))
 
 
 def random_buffer(num_experts: int, hidden: int, inter: int, quant_type: str = "nf4", blocksize: int = 64,
@@ -729,8 +970,13 @@ def random_buffer(num_experts: int, hidden: int, inter: int, quant_type: str = "
     return buf
 
 
-def _config_name(blocks) -> str:
-    return "v2 autotuned" if blocks is None else f"{'v1' if isinstance(blocks, Blocks) else 'v2'} {blocks!r}"
+def _config_name(blocks, v3: bool = True) -> str:
+    if blocks is None:
+        return "v3 autotuned" if v3 else "v2 autotuned"
+    if blocks == "v2":
+        return "v2 autotuned"
+    kind = "v1" if isinstance(blocks, Blocks) else "v3" if isinstance(blocks, V3Tiles) else "v2"
+    return f"{kind} {blocks!r}"
 
 
 def _time_us(fn, iters: int, device: torch.device) -> float:
@@ -789,7 +1035,7 @@ def benchmark_moe_4bit(device: torch.device | str = "cuda", num_experts: int = 1
     w = torch.softmax(torch.randn(tokens, top_k, device=device, generator=g), dim=-1)
     args = (buf.data, *buf.code_tables(), buf.offsets(), hidden, inter, blocksize, double_quant, act)
     if configs is None:
-        configs = SWEEP if device.type == "cuda" and not interpreted() else (None,)
+        configs = SWEEP if device.type == "cuda" and not interpreted() else (None, "v2")
 
     ref = reference(x, ids, w, *args)
     xd = x.to(dtype)
@@ -798,16 +1044,18 @@ def benchmark_moe_4bit(device: torch.device | str = "cuda", num_experts: int = 1
            "blocksize": blocksize, "double_quant": double_quant, "dtype": str(dtype).removeprefix("torch."),
            "bytes_per_call": int(torch.unique(ids).numel()) * buf.layout.nbytes, "configs": {}}
     best, best_us, errs = "unset", math.inf, []
+    v3 = USE_V3 and v3_fits(hidden, inter, blocksize)
     for blocks in configs:
         y = moe_4bit_triton(x, ids, w, *args, blocks=blocks)  # fp32: the autotuner keys on it separately
         errs.append(((y - ref).abs().max() / ref.abs().max()).item())
         run = lambda blocks=blocks: moe_4bit_triton(xd, ids, w, *args, blocks=blocks)  # noqa: E731
-        run()  # autotunes the v2 kernels at this dtype before timing
+        run()  # autotunes the kernels at this dtype before timing
         us = _time_us(run, iters, device)
-        name = _config_name(blocks)
-        out["configs"][name] = {"us_per_call": round(us, 2), "gbps": round(out["bytes_per_call"] / us / 1e3, 1)}
-        if blocks is None:
-            out["autotuned"] = tuned_configs()
+        name = _config_name(blocks, v3)
+        out["configs"][name] = {"us_per_call": round(us, 2), "gbps": round(out["bytes_per_call"] / us / 1e3, 1),
+                                "max_rel_err": errs[-1]}
+        if blocks is None or blocks == "v2":
+            out.setdefault("autotuned", {})[name] = tuned_configs("v3" if blocks is None and v3 else "v2")
         if graphs and device.type == "cuda":
             graph = torch.cuda.CUDAGraph()
             torch.cuda.synchronize(device)
@@ -816,12 +1064,15 @@ def benchmark_moe_4bit(device: torch.device | str = "cuda", num_experts: int = 1
             g_us = _time_us(graph.replay, iters, device)
             out["configs"][name].update(us_per_call_graph=round(g_us, 2),
                                         gbps_graph=round(out["bytes_per_call"] / g_us / 1e3, 1))
+            us = g_us  # the decode step replays a graph: launch overhead is not the kernels' time
         if us < best_us:
             best, best_us = blocks, us
-    out.update(max_rel_err=max(errs), best_config=_config_name(best), us_per_call=best_us,
+    best_name = _config_name(best, v3)
+    best_us = out["configs"][best_name]["us_per_call"]
+    out.update(max_rel_err=max(errs), best_config=best_name, us_per_call=best_us,
                gbps=out["bytes_per_call"] / best_us / 1e3)
-    if "us_per_call_graph" in out["configs"][_config_name(best)]:
-        out["us_per_call_graph"] = out["configs"][_config_name(best)]["us_per_call_graph"]
+    if "us_per_call_graph" in out["configs"][best_name]:
+        out["us_per_call_graph"] = out["configs"][best_name]["us_per_call_graph"]
         out["gbps_graph"] = out["bytes_per_call"] / out["us_per_call_graph"] / 1e3
     if baseline:
         backend = QuantizedExperts(buf.experts(), act)

@@ -1,0 +1,135 @@
+"""Instruction counts of localrun's 4-bit MoE decode kernels, compiled for a GPU on any machine.
+
+    python scripts/sass_stats.py [--arch 90] [--json]
+
+Triton compiles for a named target without a GPU (ptxas and nvdisasm ship in the triton wheel), so
+this runs on the CPU machines too. For each kernel and tile config it prints the inner loop's
+SASS instruction count per weight and per thread (the loop is the body of the one backward branch
+the kernel has), the registers and any local-memory spills (cuobjdump -res-usage), and the top
+opcodes. At batch 1 these kernels are bound by issue, not by memory (v2 on an H200: ~920 GB/s
+whatever the tile, 17-22 instructions a weight), so this count predicts their speed well enough to
+choose what a GPU session should measure: an SM issues ~128 lane-instructions a clock.
+Shapes: Gemma 4 26B-A4B's (gate_up 1408 x 2816, down 2816 x 704), NF4, blocksize 64, bf16 x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+POINTERS = {"x_ptr": "*bf16", "ids_ptr": "*i64", "order_ptr": "*i64", "h_ptr": "*fp32", "buf_i32": "*i32",
+            "buf_u8": "*u8", "buf_f32": "*fp32", "code": "*fp32", "nested_code": "*fp32", "w_ptr": "*fp32",
+            "y_ptr": "*bf16"}
+TOP_K = 8
+
+
+def _tool(name: str) -> str:
+    import triton
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def compile_kernel(fn, constexprs: dict, num_warps: int, arch: int):
+    """triton.compile for cuda:`arch` with every non-constexpr int argument an i32."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    consts = {k: v for k, v in constexprs.items() if k in fn.arg_names}
+    signature = {n: POINTERS.get(n, "constexpr" if n in consts else "i32") for n in fn.arg_names}
+    source = ASTSource(fn, signature, consts, {})
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": 1})
+
+
+def loop_counts(sass: str) -> collections.Counter:
+    """Opcode counts of the longest loop (a label and a later branch back to it)."""
+    instructions, labels = [], {}
+    for line in sass.splitlines():
+        label = re.match(r"^\s*\.(L_x_\d+):", line)
+        if label:
+            labels[label.group(1)] = len(instructions)
+        ins = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(.*?);", line)
+        if ins:
+            instructions.append(ins.group(1).strip())
+    best = (0, 0)
+    for i, text in enumerate(instructions):
+        target = re.search(r"BRA.*`\(\.(L_x_\d+)\)", text)
+        if target and labels.get(target.group(1), i + 1) <= i:
+            start = labels[target.group(1)]
+            if i - start > best[1] - best[0]:
+                best = (start, i + 1)
+    ops = collections.Counter()
+    for text in instructions[best[0]:best[1]]:
+        op = text.split()[1] if text.startswith("@") else text.split()[0]
+        ops[op.split(".")[0]] += 1
+    return ops
+
+
+def inspect(kernel) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp, "k.cubin")
+        cubin.write_bytes(kernel.asm["cubin"])
+        sass = subprocess.run([_tool("nvdisasm"), "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
+        usage = subprocess.run([_tool("cuobjdump"), "-res-usage", str(cubin)], capture_output=True, text=True).stdout
+    regs = re.search(r"REG:(\d+)", usage)
+    local = re.search(r"LOCAL:(\d+)", usage)
+    return {"ops": loop_counts(sass), "registers": int(regs.group(1)) if regs else None,
+            "local_bytes": int(local.group(1)) if local else None}
+
+
+def cases():
+    """(kernel name, function, constexprs, num_warps, weights a thread handles per loop step)."""
+    from localrun.kernels import triton_moe as tm
+
+    H, I, blocksize = 2816, 704, 64
+    log_wpb = (blocksize // 8).bit_length() - 1
+    for cfg in tm.GATE_UP_V3_CONFIGS:
+        n, w, warps = cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_W"], cfg.num_warps
+        yield (f"v3 gate_up n={n} w={w} warps={warps}", tm._gate_up_v3_kernel,
+               dict(ACT=0, LOG_WPB=log_wpb, DOUBLE_QUANT=False, SORTED=False, BLOCK_N=n, BLOCK_W=w),
+               warps, 2 * n * w * 8 / (32 * warps))
+    for cfg in tm.DOWN_V3_CONFIGS:
+        n, w, warps = cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_W"], cfg.num_warps
+        yield (f"v3 down n={n} w={w} warps={warps}", tm._down_v3_kernel,
+               dict(LOG_WPB=log_wpb, DOUBLE_QUANT=False, KE=TOP_K, BLOCK_N=n, BLOCK_W=w),
+               warps, TOP_K * n * w * 8 / (32 * warps))
+    picked = ((tm._gate_up_v2_kernel, "gate_up", (4, 128, 1), H // 2), (tm._down_v2_kernel, "down", (8, 64, 4), I // 2))
+    for fn, name, (n, k, warps), row_bytes in picked:  # the H200's v2 autotune picks
+        consts = dict(BLOCKSIZE=blocksize, DOUBLE_QUANT=False, BB=tm._gcd_pow2(row_bytes, blocksize), BLOCK_N=n,
+                      BLOCK_K=k)
+        consts.update(dict(ACT=0, SORTED=False) if name == "gate_up" else dict(KE=TOP_K))
+        rows = 2 * n if name == "gate_up" else TOP_K * n
+        yield f"v2 {name} n={n} k={k} warps={warps}", fn, consts, warps, rows * k * 2 / (32 * warps)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default 90: H100 / H200)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    rows = {}
+    for name, fn, consts, warps, weights in cases():
+        info = inspect(compile_kernel(fn, consts, warps, args.arch))
+        total = sum(info["ops"].values())
+        rows[name] = {"loop_instructions": total, "weights_per_thread_step": weights,
+                      "instructions_per_weight": round(total / weights, 2), "registers": info["registers"],
+                      "local_bytes": info["local_bytes"], "ops": dict(info["ops"].most_common())}
+        if not args.json:
+            print(f"{name:34s} {total / weights:6.2f} instr/weight  {info['registers']} regs  "
+                  f"local {info['local_bytes']}  {dict(info['ops'].most_common(5))}", flush=True)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
