@@ -16,7 +16,7 @@ import torch
 
 from .config import ModelArgs
 from .errors import LocalrunError
-from .kernels.kv_write import kv_write
+from .kernels.qkv_write import qkv_write
 from .plan import KV_ROLLBACK, kv_layer_positions
 
 
@@ -73,13 +73,15 @@ class FullKV:
         self.v.index_copy_(2, pos_1, v_BN1D)
         return self._static_view(pos_1, span, memo)
 
-    def write_raw(self, raw_k_11ND, raw_v_11ND, k_weight, cos, sin, eps: float, pos_1, span: int,
-                  memo: dict | None = None, norm_v: bool = True):
-        """`write` of the heads before their norms, in one kernel (kernels/kv_write.py): k =
-        rope(rms_norm(raw_k) * k_weight), v = rms_norm(raw_v) (raw_v itself when not norm_v), each
-        in fp32, rounded once to the cache's dtype; returns what `write` returns."""
-        kv_write(raw_k_11ND, raw_v_11ND, k_weight, cos, sin, eps, self.k, self.v, None, pos_1, self.capacity, norm_v)
-        return self._static_view(pos_1, span, memo)
+    def write_raw(self, raw_q_11ND, q_weight, raw_k_11ND, raw_v_11ND, k_weight, cos, sin, eps: float, pos_1,
+                  span: int, memo: dict | None = None, norm_v: bool = True):
+        """`write` of the heads before their norms, with the query heads' norm and RoPE, in one kernel
+        (kernels/qkv_write.py): q = rope(rms_norm(raw_q) * q_weight), k = rope(rms_norm(raw_k) *
+        k_weight), v = rms_norm(raw_v) (raw_v itself when not norm_v), each in fp32, rounded once;
+        returns (q [1, 1, N, D], then what `write` returns)."""
+        q = qkv_write(raw_q_11ND, q_weight, raw_k_11ND, raw_v_11ND, k_weight, cos, sin, eps, self.k, self.v, None,
+                      pos_1, self.capacity, norm_v)
+        return (q, *self._static_view(pos_1, span, memo))
 
     def _static_view(self, pos_1, span: int, memo: dict | None):
         memo = {} if memo is None else memo
@@ -185,11 +187,12 @@ class RingKV:
         self.pos.index_copy_(0, slot, pos_1)  # every ring keeps its own positions (eager updates read them)
         return self._static_view(pos_1, span, memo)
 
-    def write_raw(self, raw_k_11ND, raw_v_11ND, k_weight, cos, sin, eps: float, pos_1, span: int,
-                  memo: dict | None = None, norm_v: bool = True):
+    def write_raw(self, raw_q_11ND, q_weight, raw_k_11ND, raw_v_11ND, k_weight, cos, sin, eps: float, pos_1,
+                  span: int, memo: dict | None = None, norm_v: bool = True):
         """FullKV.write_raw for the ring: the one kernel also writes the position into its slot."""
-        kv_write(raw_k_11ND, raw_v_11ND, k_weight, cos, sin, eps, self.k, self.v, self.pos, pos_1, self.size, norm_v)
-        return self._static_view(pos_1, span, {} if memo is None else memo)
+        q = qkv_write(raw_q_11ND, q_weight, raw_k_11ND, raw_v_11ND, k_weight, cos, sin, eps, self.k, self.v, self.pos,
+                      pos_1, self.size, norm_v)
+        return (q, *self._static_view(pos_1, span, {} if memo is None else memo))
 
     def _static_view(self, pos_1, span: int, memo: dict):
         """The first min(span, size) slots and their visibility, after this step's write."""

@@ -329,13 +329,14 @@ def test_segmented_decode_needs_a_model_that_can_cut_its_step(moe_checkpoint):
 
 def test_qwen3_static_step_writes_kv_in_one_kernel_where_cuda_would(moe_checkpoint, monkeypatch):
     """The device check patched as if on CUDA, Qwen3's static step hands each layer's k (normed,
-    RoPE'd) and v (as projected, norm_v False) to one kv_write, and decodes the eager tokens."""
+    RoPE'd), v (as projected, norm_v False) and q (normed, RoPE'd, returned) to one qkv_write, and decodes the
+    eager tokens."""
     from localrun import kvcache
     from localrun.models import gemma4, qwen3_moe
 
     calls = []
-    write = kvcache.kv_write
-    monkeypatch.setattr(kvcache, "kv_write", lambda *args: calls.append(args) or write(*args))
+    write = kvcache.qkv_write
+    monkeypatch.setattr(kvcache, "qkv_write", lambda *args: calls.append(args) or write(*args))
     model = load_model(moe_checkpoint("qwen3_moe"), dtype=torch.float32, experts="bf16").model
     eager = list(generate(model, prompt(), make_sampler(SamplingParams()), max_tokens=8, step="eager"))
     for module in (gemma4, qwen3_moe):

@@ -45,7 +45,7 @@ def _rms_norm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, heads, stride
 @triton.jit
 def norm_rope_head(x_ptr, w_ptr, cos_ptr, sin_ptr, cols, mask, D, eps):
     """fp32 [BLOCK] n * cos + roll(n, D/2) * sin of one head at x_ptr, n = rms_norm(x) * w (also the
-    K/V write kernel's k, kernels/triton_kv_write.py)."""
+    q/k/v write kernel's q and k, kernels/triton_qkv_write.py)."""
     x = tl.load(x_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     inv = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
     half = D // 2

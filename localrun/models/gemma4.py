@@ -199,7 +199,7 @@ def apply_rope(x_BTND, cos_T1D, sin_T1D):
     return x_BTND * cos_T1D + x_BTND.roll(x_BTND.shape[-1] // 2, dims=-1) * sin_T1D
 
 
-# localrun's own decode kernels (kernels/attention.py; kernels/fused.py and kernels/kv_write.py are
+# localrun's own decode kernels (kernels/attention.py; kernels/fused.py and kernels/qkv_write.py are
 # the fused glue; kernels/gemv.py); switched off, the same step runs the plain torch ops
 # (scripts/gpu_check.py measures both). Those off by default are opt-in until a GPU run shows they
 # pay: dense_gemv (CUDA only) awaits its measurement.
@@ -331,19 +331,20 @@ class Attention(nn.Module):
 
     def forward(self, x_BTH, cos_TD, sin_TD, pos_T, cache, shared: dict):
         B, T, _ = x_BTH.shape
-        q, raw, v = self.project(x_BTH)
-        q = norm_rope(q.view(B, T, -1, self.head_dim), self.q_norm, cos_TD, sin_TD)
+        raw_q, raw, v = self.project(x_BTH)
+        raw_q = raw_q.view(B, T, -1, self.head_dim)
         span = shared.get("span")  # the static decode step's full-layer key count (None: host-driven)
         visible = None
+        q = None
         if self.shares_kv:
             k, v, pos_S, visible = shared[self.window is not None]
         else:
             raw = raw.view(B, T, self.kv_heads, self.head_dim)
             v = raw if v is None else v.view(B, T, self.kv_heads, self.head_dim)
             pos_S = pos_T
-            if cache is not None and span is not None and fused_on_cuda(raw):  # norms, RoPE, write: one kernel
-                k, v, visible = cache.write_raw(raw, v, self.k_norm.weight, cos_TD, sin_TD, self.eps, pos_T, span,
-                                                shared.setdefault("static", {}))
+            if cache is not None and span is not None and fused_on_cuda(raw):  # q/k norms, RoPE, write: one kernel
+                q, k, v, visible = cache.write_raw(raw_q, self.q_norm.weight, raw, v, self.k_norm.weight, cos_TD,
+                                                   sin_TD, self.eps, pos_T, span, shared.setdefault("static", {}))
             else:
                 k = norm_rope(raw, self.k_norm, cos_TD, sin_TD).transpose(1, 2)
                 v = rms_norm(v, None, self.eps).transpose(1, 2)
@@ -352,6 +353,8 @@ class Attention(nn.Module):
                 elif cache is not None:
                     k, v, pos_S = cache.update(k, v, pos_T)
             shared[self.window is not None] = (k, v, pos_S, visible)  # the last layer of each kind wins
+        if q is None:
+            q = norm_rope(raw_q, self.q_norm, cos_TD, sin_TD)
         out = attend(q.transpose(1, 2), k, v, pos_T, pos_S, self.window, shared.setdefault("masks", {}), visible)
         return project(self.o_proj, out.transpose(1, 2).reshape(B, T, -1))
 

@@ -255,10 +255,10 @@ class Attention(nn.Module):
         q, k, v = (x.view(B, T, -1, self.head_dim) for x in (q, k, v))
         pos_S, visible, span = pos_T, None, shared.get("span")  # span: the static decode step's (localrun/step.py)
         if cache is not None and span is not None and self.k_norm is not None and fused_on_cuda(k):
-            # k's norm and RoPE and the write of k and v (as it is: no v norm here) in one kernel
-            k, v, visible = cache.write_raw(k, v, self.k_norm.weight, cos_TD, sin_TD, self.k_norm.eps, pos_T, span,
-                                            shared.setdefault("static", {}), norm_v=False)
-            q = norm_rope(q, self.q_norm, cos_TD, sin_TD)
+            # q's and k's norms and RoPE and the write of k and v (as it is: no v norm here) in one kernel
+            q, k, v, visible = cache.write_raw(q, self.q_norm.weight, k, v, self.k_norm.weight, cos_TD, sin_TD,
+                                               self.k_norm.eps, pos_T, span, shared.setdefault("static", {}),
+                                               norm_v=False)
         else:
             if self.q_norm is not None:
                 q, k = norm_rope(q, self.q_norm, cos_TD, sin_TD), norm_rope(k, self.k_norm, cos_TD, sin_TD)

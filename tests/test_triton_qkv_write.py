@@ -1,5 +1,5 @@
-"""The CUDA decode step's K/V write and gated activation as one kernel each (kernels/kv_write.py,
-kernels/triton_kv_write.py; `localrun::gated` in kernels/fused.py): the Triton kernels under
+"""The CUDA decode step's q/k/v norms + K/V write and gated activation as one kernel each
+(kernels/qkv_write.py, kernels/triton_qkv_write.py; `localrun::gated` in kernels/fused.py): the Triton kernels under
 TRITON_INTERPRET=1 against the ops' formulas and against the unfused kernels they replace, the ops'
 registrations (fake tensors, torch.compile), and the decoder taking them where CUDA would (the
 device check patched, on the tiny model) with the tokens of the unfused step."""
@@ -16,18 +16,18 @@ from localrun import kvcache
 from localrun.bench import bench_prompt
 from localrun.generate import generate
 from localrun.kernels import fused as fused_ops
-from localrun.kernels.kv_write import kv_write, kv_write_reference
+from localrun.kernels.qkv_write import qkv_write, qkv_write_reference
 from localrun.kvcache import FullKV, RingKV
 from localrun.loader import load_model
 from localrun.models import gemma4
 from localrun.moe import activation
 from localrun.sampling import SamplingParams, make_sampler
 
-triton_kv_write = triton_module("triton_kv_write")
+triton_qkv_write = triton_module("triton_qkv_write")
 triton_norm = triton_module("triton_norm")
 triton_fused = triton_module("triton_fused")
 
-needs_triton = pytest.mark.skipif(triton_kv_write is None, reason="triton is not installed (pip install triton)")
+needs_triton = pytest.mark.skipif(triton_qkv_write is None, reason="triton is not installed (pip install triton)")
 
 EPS = 1e-6
 N_Q = 4  # query heads in front of the k heads in the fused projection
@@ -43,13 +43,17 @@ def rope_row(D: int, seed: int = 0):
 
 
 def raw_heads(KV: int, D: int, k_eq_v: bool, dtype, seed: int):
-    """One token's k and v heads [1, 1, KV, D] as Attention.project leaves them: views into
-    the fused q/k/v output (v is k itself when the layer has K=V)."""
+    """One token's q [1, 1, N_Q, D], k and v heads [1, 1, KV, D] as Attention.project leaves them:
+    views into the fused q/k/v output (v is k itself when the layer has K=V)."""
     width = N_Q * D + KV * D * (1 if k_eq_v else 2)
     qkv = (torch.randn(1, 1, width, generator=torch.Generator().manual_seed(seed)) * 3).to(dtype)
     parts = qkv.split([N_Q * D, KV * D] + ([] if k_eq_v else [KV * D]), dim=-1)
-    k = parts[1].view(1, 1, KV, D)
-    return k, k if k_eq_v else parts[2].view(1, 1, KV, D)
+    q, k = parts[0].view(1, 1, N_Q, D), parts[1].view(1, 1, KV, D)
+    return q, k, k if k_eq_v else parts[2].view(1, 1, KV, D)
+
+
+def q_weight(D: int, dtype):
+    return (torch.rand(D, generator=torch.Generator().manual_seed(2)) + 0.5).to(dtype)
 
 
 def make_cache(kind: str, KV: int, D: int, dtype):
@@ -84,24 +88,28 @@ def one_rounding(got: torch.Tensor, want: torch.Tensor, dtype) -> bool:
 @pytest.mark.parametrize("k_eq_v", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("KV,D", [(2, 16), (1, 32)])  # 26B-A4B's sliding (8 x 256) and full (2 x 512) heads, scaled
-def test_kv_write_kernel_is_the_unfused_write(kind, k_eq_v, dtype, KV, D):
-    """The one kernel leaves the cache as the unfused CUDA path does (triton_norm's norm + RoPE and
-    norm kernels, then index_copy_ into slot pos % size, the ring's position too): bit for bit, and
-    within one rounding of the formula, whatever slots it has to wrap to."""
+def test_qkv_write_kernel_is_the_unfused_write(kind, k_eq_v, dtype, KV, D):
+    """The one kernel returns the q heads and leaves the cache as the unfused CUDA path does
+    (triton_norm's norm + RoPE and norm kernels, then index_copy_ into slot pos % size, the ring's
+    position too): bit for bit, and within one rounding of the formula, whatever slots it has to wrap to."""
     w = (torch.rand(D, generator=torch.Generator().manual_seed(1)) + 0.5).to(dtype)
+    wq = q_weight(D, dtype)
     fused, unfused, formula = (make_cache(kind, KV, D, dtype) for _ in range(3))
     for i, p in enumerate(POSITIONS[kind]):
-        raw_k, raw_v = raw_heads(KV, D, k_eq_v, dtype, seed=i)
+        raw_q, raw_k, raw_v = raw_heads(KV, D, k_eq_v, dtype, seed=i)
         assert raw_k.storage_offset() == N_Q * D  # a view into the projection, past the q heads
         cos, sin = (t.to(dtype) for t in rope_row(D, seed=i))
         pos_1 = torch.tensor([p])
-        triton_kv_write.kv_write_triton(raw_k, raw_v, w, cos, sin, EPS, fused.k, fused.v, ring_of(fused), pos_1,
-                                        size_of(fused), True)
+        q = triton_qkv_write.qkv_write_triton(raw_q, wq, raw_k, raw_v, w, cos, sin, EPS, fused.k, fused.v,
+                                              ring_of(fused), pos_1, size_of(fused), True)
+        q_unfused = triton_norm.rms_norm_rope_triton(raw_q, wq, cos, sin, EPS)
         k = triton_norm.rms_norm_rope_triton(raw_k, w, cos, sin, EPS).transpose(1, 2)
         v = triton_norm.rms_norm_triton(raw_v, None, EPS).transpose(1, 2)
         unfused.write(k, v, pos_1, span=8)
-        kv_write_reference(raw_k, raw_v, w, cos, sin, EPS, formula.k, formula.v, ring_of(formula), pos_1,
-                           size_of(formula), True)
+        q_formula = qkv_write_reference(raw_q, wq, raw_k, raw_v, w, cos, sin, EPS, formula.k, formula.v,
+                                        ring_of(formula), pos_1, size_of(formula), True)
+        assert q.shape == (1, 1, N_Q, D) and q.dtype == dtype and q.is_contiguous()
+        assert torch.equal(q, q_unfused) and one_rounding(q, q_formula, dtype)
     assert torch.equal(fused.k, unfused.k) and torch.equal(fused.v, unfused.v)
     assert torch.equal(fused.pos, unfused.pos) and torch.equal(fused.pos, formula.pos)
     assert one_rounding(fused.k, formula.k, dtype) and one_rounding(fused.v, formula.v, dtype)
@@ -109,46 +117,51 @@ def test_kv_write_kernel_is_the_unfused_write(kind, k_eq_v, dtype, KV, D):
 
 @needs_triton
 @pytest.mark.parametrize("kind", ["full", "ring"])
-def test_kv_write_kernel_without_the_v_norm(kind):
+def test_qkv_write_kernel_without_the_v_norm(kind):
     """norm_v=False (Qwen3: k normed, v as projected): v lands in its slot exactly as it came."""
     KV, D, dtype = 2, 16, torch.bfloat16
     w = torch.rand(D, generator=torch.Generator().manual_seed(1)).to(dtype) + 0.5
+    wq = q_weight(D, dtype)
     fused, formula = make_cache(kind, KV, D, dtype), make_cache(kind, KV, D, dtype)
     for i, p in enumerate(POSITIONS[kind]):
-        raw_k, raw_v = raw_heads(KV, D, False, dtype, seed=i)
+        raw_q, raw_k, raw_v = raw_heads(KV, D, False, dtype, seed=i)
         cos, sin = (t.to(dtype) for t in rope_row(D, seed=i))
         pos_1 = torch.tensor([p])
-        for impl, cache in ((triton_kv_write.kv_write_triton, fused), (kv_write_reference, formula)):
-            impl(raw_k, raw_v, w, cos, sin, EPS, cache.k, cache.v, ring_of(cache), pos_1, size_of(cache), False)
+        for impl, cache in ((triton_qkv_write.qkv_write_triton, fused), (qkv_write_reference, formula)):
+            impl(raw_q, wq, raw_k, raw_v, w, cos, sin, EPS, cache.k, cache.v, ring_of(cache), pos_1, size_of(cache),
+                 False)
         assert torch.equal(fused.v[0, :, p % size_of(fused)], raw_v[0, 0])
     assert torch.equal(fused.v, formula.v) and torch.equal(fused.pos, formula.pos)
     assert one_rounding(fused.k, formula.k, dtype)
 
 
 @needs_triton
-def test_kv_write_kernel_reads_any_head_stride():
+def test_qkv_write_kernel_reads_any_head_stride():
     """Heads further apart than D (the kernel takes their stride), and a strided head dim (copied first)."""
     KV, D = 2, 16
     x = torch.randn(1, 1, KV, 4 * D, generator=torch.Generator().manual_seed(5))
     raw_k, raw_v = x[..., :D], x[..., D : 3 * D : 2]
-    assert raw_k.stride(2) == 4 * D and raw_v.stride(-1) == 2
-    w = torch.rand(D) + 0.5
+    raw_q = torch.randn(1, 1, 3, 3 * D, generator=torch.Generator().manual_seed(6))[..., D : 2 * D]
+    assert raw_k.stride(2) == 4 * D and raw_v.stride(-1) == 2 and raw_q.stride(2) == 3 * D
+    w, wq = torch.rand(D) + 0.5, torch.rand(D) + 0.5
     cos, sin = rope_row(D)
     fused, formula = make_cache("ring", KV, D, torch.float32), make_cache("ring", KV, D, torch.float32)
-    for impl, cache in ((triton_kv_write.kv_write_triton, fused), (kv_write_reference, formula)):
-        impl(raw_k, raw_v, w, cos, sin, EPS, cache.k, cache.v, cache.pos, torch.tensor([9]), cache.size, True)
+    qs = [impl(raw_q, wq, raw_k, raw_v, w, cos, sin, EPS, cache.k, cache.v, cache.pos, torch.tensor([9]), cache.size,
+               True)
+          for impl, cache in ((triton_qkv_write.qkv_write_triton, fused), (qkv_write_reference, formula))]
     assert one_rounding(fused.k, formula.k, torch.float32) and one_rounding(fused.v, formula.v, torch.float32)
+    assert one_rounding(qs[0], qs[1], torch.float32)
 
 
-def test_kv_write_op_registration():
+def test_qkv_write_op_registration():
     """The op's schema, fake (meta) implementation and mutations, for a ring and a full layer."""
     KV, D = 2, 16
-    raw_k, raw_v = raw_heads(KV, D, False, torch.float32, seed=0)
+    raw_q, raw_k, raw_v = raw_heads(KV, D, False, torch.float32, seed=0)
     cos, sin = rope_row(D)
     w = torch.rand(D) + 0.5
     for cache in (make_cache("ring", KV, D, torch.float32), make_cache("full", KV, D, torch.float32)):
-        torch.library.opcheck(kv_write, (raw_k, raw_v, w, cos, sin, EPS, cache.k, cache.v, ring_of(cache),
-                                         torch.tensor([6]), size_of(cache), True),
+        torch.library.opcheck(qkv_write, (raw_q, q_weight(D, torch.float32), raw_k, raw_v, w, cos, sin, EPS, cache.k,
+                                          cache.v, ring_of(cache), torch.tensor([6]), size_of(cache), True),
                               test_utils=("test_schema", "test_faketensor"))
 
 
@@ -156,9 +169,12 @@ def test_write_raw_reads_no_device_value():
     """On meta tensors (no values at all) write_raw still runs: nothing reads the position on the host,
     as a CUDA graph needs."""
     KV, D = 2, 16
-    meta = [t.to("meta") for t in (*raw_heads(KV, D, False, torch.float32, seed=0), torch.ones(D), *rope_row(D))]
+    raw_q, raw_k, raw_v = (t.to("meta") for t in raw_heads(KV, D, False, torch.float32, seed=0))
+    weight, cos, sin = (t.to("meta") for t in (torch.ones(D), *rope_row(D)))
     for cache in (FullKV(1, KV, D, torch.bfloat16, "meta", 8), RingKV(1, KV, D, 4, torch.bfloat16, "meta", size=5)):
-        k, v, visible = cache.write_raw(*meta[:3], *meta[3:], EPS, torch.zeros(1, dtype=torch.long, device="meta"), 8)
+        q, k, v, visible = cache.write_raw(raw_q, weight, raw_k, raw_v, weight, cos, sin, EPS,
+                                           torch.zeros(1, dtype=torch.long, device="meta"), 8)
+        assert q.shape == (1, 1, N_Q, D)
         assert k.shape == v.shape == (1, KV, size_of(cache), D) and visible.shape == (1, size_of(cache))
 
 
@@ -166,15 +182,15 @@ def test_write_raw_traces_as_one_graph():
     """Cache.write_raw under torch.compile(fullgraph=True): the buffers' mutations kept, the same
     buffers and masks as eager."""
     KV, D = 1, 16
-    raw_k, raw_v = raw_heads(KV, D, True, torch.float32, seed=3)
+    raw_q, raw_k, raw_v = raw_heads(KV, D, True, torch.float32, seed=3)
     cos, sin = rope_row(D)
     w = torch.rand(D) + 0.5
 
     def step(full, ring, pos_1):
         memo: dict = {}
-        _, _, seen_full = full.write_raw(raw_k, raw_v, w, cos, sin, EPS, pos_1, 8, memo)
-        _, _, seen_ring = ring.write_raw(raw_k, raw_v, w, cos, sin, EPS, pos_1, 8, memo)
-        return seen_full, seen_ring
+        q, _, _, seen_full = full.write_raw(raw_q, w, raw_k, raw_v, w, cos, sin, EPS, pos_1, 8, memo)
+        _, _, _, seen_ring = ring.write_raw(raw_q, w, raw_k, raw_v, w, cos, sin, EPS, pos_1, 8, memo)
+        return q, seen_full, seen_ring
 
     compiled = torch.compile(step, fullgraph=True, backend="eager")
     eager = (make_cache("full", KV, D, torch.float32), make_cache("ring", KV, D, torch.float32))
@@ -229,10 +245,10 @@ def static_run(loaded, n: int = 10):
 def as_on_cuda(monkeypatch):
     """The decoder takes its CUDA-only glue (gemma4.fused_on_cuda) wherever it takes the fused glue,
     the interpreted Triton kernels behind it; returns the lists their calls are recorded in."""
-    calls: dict[str, list] = {"kv_write": [], "gated": []}
+    calls: dict[str, list] = {"qkv_write": [], "gated": []}
     monkeypatch.setattr(gemma4, "fused_on_cuda", lambda x: gemma4.use_kernel("fused_glue", x))
-    kernel = triton_kv_write.kv_write_triton if triton_kv_write is not None else kv_write
-    monkeypatch.setattr(kvcache, "kv_write", counting(kernel, calls["kv_write"]))
+    kernel = triton_qkv_write.qkv_write_triton if triton_qkv_write is not None else qkv_write
+    monkeypatch.setattr(kvcache, "qkv_write", counting(kernel, calls["qkv_write"]))
     gated = triton_fused.gated_triton if triton_fused is not None else fused_ops.gated_op
     monkeypatch.setattr(fused_ops, "gated_op", counting(gated, calls["gated"]))
     return calls
@@ -255,9 +271,10 @@ def test_only_half_precision_on_cuda_takes_the_cuda_glue(monkeypatch):
 
 
 def test_static_decode_takes_the_fused_kernels(tiny_moe, as_on_cuda, monkeypatch):
-    """Where CUDA would, the static step writes every layer's K/V with one kv_write (rings and full
-    layers, K=V and v_proj layers) and the dense MLP runs `gated`; the tokens are the unfused
-    step's. DECODE_KERNELS["fused_glue"] off (scripts/gpu_check.py's switch) takes neither."""
+    """Where CUDA would, the static step norms every layer's q and k and writes its K/V with one
+    qkv_write (rings and full layers, K=V and v_proj layers) and the dense MLP runs `gated`; the
+    tokens are the unfused step's. DECODE_KERNELS["fused_glue"] off (scripts/gpu_check.py's switch)
+    takes neither."""
     loaded = load_model(tiny_moe, dtype=torch.float32, context=64)
     with monkeypatch.context() as plain:
         plain.setattr(gemma4, "fused_on_cuda", lambda x: False)
@@ -266,14 +283,14 @@ def test_static_decode_takes_the_fused_kernels(tiny_moe, as_on_cuda, monkeypatch
     assert [t for t, _ in got] == [t for t, _ in expected]
     assert max(abs(a[1] - b[1]) for a, b in zip(got, expected)) < 1e-4
     writers = [l for l in loaded.kv.layers if l is not None]
-    assert len(as_on_cuda["kv_write"]) == len(writers) * 9  # the first token comes from the prefill
-    ring_sizes = {args[10] for args in as_on_cuda["kv_write"] if args[8] is not None}
+    assert len(as_on_cuda["qkv_write"]) == len(writers) * 9  # the first token comes from the prefill
+    ring_sizes = {args[12] for args in as_on_cuda["qkv_write"] if args[10] is not None}
     assert ring_sizes == {l.size for l in writers if isinstance(l, RingKV)}
-    assert any(args[0] is args[1] for args in as_on_cuda["kv_write"])  # K=V: the same heads
-    assert any(args[0] is not args[1] for args in as_on_cuda["kv_write"])
+    assert any(args[2] is args[3] for args in as_on_cuda["qkv_write"])  # K=V: the same heads
+    assert any(args[2] is not args[3] for args in as_on_cuda["qkv_write"])
     assert as_on_cuda["gated"]
     for calls in as_on_cuda.values():
         calls.clear()
     monkeypatch.setitem(gemma4.DECODE_KERNELS, "fused_glue", False)
     assert [t for t, _ in static_run(loaded)] == [t for t, _ in expected]
-    assert not as_on_cuda["kv_write"] and not as_on_cuda["gated"]
+    assert not as_on_cuda["qkv_write"] and not as_on_cuda["gated"]
