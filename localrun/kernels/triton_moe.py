@@ -1014,8 +1014,8 @@ def benchmark_moe_4bit(device: torch.device | str = "cuda", num_experts: int = 1
     """One MoE layer of random 4-bit experts (default: Gemma 4 26B-A4B, NF4, top-8, one token).
 
     Checks the kernel against `moe_4bit.reference` in fp32 (max_rel_err), times each tile config
-    in `configs` (default SWEEP on CUDA) at `dtype`, then the best one eager and CUDA-graph
-    replayed, and (baseline) the per-expert bitsandbytes backend quant.ffn.QuantizedExperts on the
+    in `configs` at `dtype` (default: SWEEP on CUDA, None and "v2" interpreted; from
+    GROUPED_MIN_TOKENS tokens the default kernels alone), eager and CUDA-graph replayed, and (baseline) the per-expert bitsandbytes backend quant.ffn.QuantizedExperts on the
     same bytes. bytes_per_call counts the distinct experts the call reads; gbps = bytes / time.
     `dry`: a scaled-down layer (scripts/gpu_check.py --dry on the CPU, where the kernels need
     TRITON_INTERPRET=1 set before this module was imported).
@@ -1034,8 +1034,9 @@ def benchmark_moe_4bit(device: torch.device | str = "cuda", num_experts: int = 1
     ids = torch.rand(tokens, num_experts, device=device, generator=g).topk(top_k, dim=-1).indices
     w = torch.softmax(torch.randn(tokens, top_k, device=device, generator=g), dim=-1)
     args = (buf.data, *buf.code_tables(), buf.offsets(), hidden, inter, blocksize, double_quant, act)
-    if configs is None:
-        configs = SWEEP if device.type == "cuda" and not interpreted() else (None, "v2")
+    if configs is None:  # a prefill-sized call: the grouped GEMMs alone (the GEMV kernels' A/B is a decode's)
+        configs = ((None,) if tokens >= GROUPED_MIN_TOKENS else SWEEP if device.type == "cuda" and not interpreted()
+                   else (None, "v2"))
 
     ref = reference(x, ids, w, *args)
     xd = x.to(dtype)
