@@ -6,9 +6,11 @@ Triton compiles for a named target without a GPU (ptxas and nvdisasm ship in the
 this runs on the CPU machines too. For each kernel and tile config it prints the inner loop's
 SASS instruction count per weight and per thread (the loop is the body of the one backward branch
 the kernel has), the registers and any local-memory spills (cuobjdump -res-usage), and the top
-opcodes. At batch 1 these kernels are bound by issue, not by memory (v2 on an H200: ~920 GB/s
-whatever the tile, 17-22 instructions a weight), so this count predicts their speed well enough to
-choose what a GPU session should measure: an SM issues ~128 lane-instructions a clock.
+opcodes. An SM issues ~128 lane-instructions a clock, so at ~8 instructions a weight the H200's
+132 SMs stream at most ~2 TB/s of 4-bit codes: at batch 1 the count bounds these kernels about as
+tightly as memory does, and it is what can be lowered between GPU sessions. The counts depend on
+Triton's version (the header line names it): run it under the version the GPU has as well
+(PYTHONPATH=<an unpacked triton wheel> python scripts/sass_stats.py).
 Shapes: Gemma 4 26B-A4B's (gate_up 1408 x 2816, down 2816 x 704), NF4, blocksize 64, bf16 x.
 """
 
@@ -124,7 +126,11 @@ def main(argv=None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args(argv)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    rows = {}
+    import triton
+
+    rows = {"triton": triton.__version__}
+    if not args.json:
+        print(f"triton {triton.__version__}, sm_{args.arch}")
     for name, fn, consts, warps, weights in cases():
         info = inspect(compile_kernel(fn, consts, warps, args.arch))
         total = sum(info["ops"].values())

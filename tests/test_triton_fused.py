@@ -50,6 +50,30 @@ def test_ffn_residual(T, H, dtype):
 
 
 @needs_triton
+@pytest.mark.parametrize("T,H,dtype", [(1, 2816, torch.float32), (5, 24, torch.float32), (2, 2816, torch.bfloat16)])
+def test_ffn_residual_with_the_next_input_norm(T, H, dtype):
+    """The output is ffn_residual's, bit for bit; the norm is the next layer's rms_norm of that
+    (rounded) output, as the standalone norm kernel computes it."""
+    from localrun.kernels.norm import rms_norm_reference
+
+    triton_norm = triton_module("triton_norm")
+    mlp, moe, res = (rand(1, T, H, seed=s, dtype=dtype) for s in (1, 2, 3))
+    w1, w2, w, w_next = (rand(H, seed=s, dtype=dtype) for s in (4, 5, 6, 7))
+    scalar = torch.tensor([0.7], dtype=dtype)
+    x, normed = triton_fused.ffn_residual_triton(mlp, w1, moe, w2, w, res, scalar, 1e-6, w_next)
+    assert torch.equal(x, triton_fused.ffn_residual_triton(mlp, w1, moe, w2, w, res, scalar, 1e-6))
+    standalone = triton_norm.rms_norm_triton(x, w_next, 1e-6)
+    assert normed.shape == x.shape and normed.dtype == dtype
+    assert rel(normed, standalone) < (1e-6 if dtype == torch.float32 else 1e-2)
+    ref_x, ref_normed = fused_ops.ffn_residual_norm_reference(mlp, w1, moe, w2, w, res, scalar, w_next, 1e-6)
+    assert rel(ref_normed, rms_norm_reference(ref_x, w_next, 1e-6)) < 1e-6
+    assert rel(x, ref_x) < (1e-6 if dtype == torch.float32 else 1e-2)
+    assert rel(normed, ref_normed) < (1e-6 if dtype == torch.float32 else 1e-2)
+    torch.library.opcheck(fused_ops.ffn_residual_norm_op, (mlp, w1, moe, w2, w, res, scalar, w_next, 1e-6),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@needs_triton
 @pytest.mark.parametrize("T,E,K", [(1, 128, 8), (4, 32, 8), (3, 12, 3), (2, 8, 8)])
 def test_route(T, E, K):
     logits = rand(T, E, seed=E) * 4

@@ -189,7 +189,8 @@ def test_default_decode_kernels_by_shape(monkeypatch):
     used = []
     for name in ("_moe_4bit_v1", "_moe_4bit_v2", "_moe_4bit_v3"):
         real = getattr(triton_moe, name)
-        monkeypatch.setattr(triton_moe, name, lambda *a, real=real, name=name: used.append(name[-2:]) or real(*a))
+        monkeypatch.setattr(triton_moe, name,
+                            lambda *a, real=real, name=name, **kw: used.append(name[-2:]) or real(*a, **kw))
     spec = QuantSpec("nf4", 64, False)
     for h, i in ((64, 32), (64, 48), (36, 10)):
         buf = make_buffer(spec, 4, h, i)
@@ -201,6 +202,53 @@ def test_default_decode_kernels_by_shape(monkeypatch):
     run_triton(buf, torch.randn(1, 64), *routing(1, 2, 4), "silu")
     assert used[-1] == "v2"
     assert not triton_moe.v3_fits(64, 32, 16) and not triton_moe.v3_fits(64, 32, 96)
+
+
+@needs_triton
+def test_each_stage_runs_its_faster_version_timed_once(monkeypatch):
+    """_run_stage: the first call of a key autotunes and times both versions of the stage, then runs
+    the faster; later calls of that key run it alone; another key (here: T) is timed anew."""
+    ran, timed = [], []
+    fake = {stage: {v: (lambda c, tiles, stage=stage, v=v: ran.append((stage, v))) for v in ("v3", "v2")}
+            for stage in ("gate_up", "down")}
+    monkeypatch.setattr(triton_moe, "STAGES", fake)
+    monkeypatch.setattr(triton_moe, "_PICKS", {})
+    speed = {("gate_up", "v3"): 1.0, ("gate_up", "v2"): 2.0, ("down", "v3"): 3.0, ("down", "v2"): 2.5}
+
+    def stage_ms(launch):
+        launch()
+        timed.append(ran[-1])
+        return speed[ran[-1]]
+    monkeypatch.setattr(triton_moe, "_stage_ms", stage_ms)
+    spec = QuantSpec("nf4", 64, False)
+    buf = make_buffer(spec, 4, 64, 32)
+    ids, w = routing(1, 2, 4)
+    c = triton_moe._prepare(torch.randn(1, 64), ids, w, buf.data, *buf.code_tables(), buf.offsets(), 64, 32, 64,
+                            False, "silu")
+    assert [triton_moe._run_stage(s, c) for s in ("gate_up", "down")] == ["v3", "v2"]
+    assert sorted(timed) == sorted(speed)
+    ran.clear(), timed.clear()
+    assert [triton_moe._run_stage(s, c) for s in ("gate_up", "down")] == ["v3", "v2"]
+    assert ran == [("gate_up", "v3"), ("down", "v2")] and not timed
+    c4 = triton_moe._prepare(torch.randn(4, 64), *routing(4, 2, 4), buf.data, *buf.code_tables(), buf.offsets(), 64,
+                             32, 64, False, "silu")
+    triton_moe._run_stage("down", c4)
+    assert len(timed) == 2 and len(triton_moe._PICKS) == 3
+
+
+@needs_triton
+@pytest.mark.parametrize("gate_up,down", [("v3", "v2"), ("v2", "v3")])
+def test_stages_of_either_version_combine(gate_up, down):
+    """v3 and v2 hand over the same h (fp32 [T*K, I]), so a picked mix computes the layer."""
+    spec = QuantSpec("fp4", 64, True)
+    buf = make_buffer(spec, 5, 96, 64)
+    ids, w = routing(3, 2, 5)
+    x = torch.randn(3, 96)
+    c = triton_moe._prepare(x, ids, w, buf.data, *buf.code_tables(), buf.offsets(), 96, 64, 64, True, "silu")
+    tiles = {"v3": triton_moe.INTERPRETER_V3, "v2": triton_moe.INTERPRETER_TILES}
+    triton_moe.STAGES["gate_up"][gate_up](c, tiles[gate_up])
+    triton_moe.STAGES["down"][down](c, tiles[down])
+    assert rel_err(c.y, bnb_moe(buf, x, ids, w, "silu")) < RTOL
 
 
 @needs_triton

@@ -245,12 +245,16 @@ def static_run(loaded, n: int = 10):
 def as_on_cuda(monkeypatch):
     """The decoder takes its CUDA-only glue (gemma4.fused_on_cuda) wherever it takes the fused glue,
     the interpreted Triton kernels behind it; returns the lists their calls are recorded in."""
-    calls: dict[str, list] = {"qkv_write": [], "gated": []}
+    calls: dict[str, list] = {"qkv_write": [], "gated": [], "ffn_residual_norm": []}
     monkeypatch.setattr(gemma4, "fused_on_cuda", lambda x: gemma4.use_kernel("fused_glue", x))
     kernel = triton_qkv_write.qkv_write_triton if triton_qkv_write is not None else qkv_write
     monkeypatch.setattr(kvcache, "qkv_write", counting(kernel, calls["qkv_write"]))
     gated = triton_fused.gated_triton if triton_fused is not None else fused_ops.gated_op
     monkeypatch.setattr(fused_ops, "gated_op", counting(gated, calls["gated"]))
+    glue = fused_ops.ffn_residual_norm_op  # (..., scalar, w_next, eps); the Triton function takes eps, then w_next
+    if triton_fused is not None:
+        glue = lambda *a: triton_fused.ffn_residual_triton(*a[:7], a[8], a[7])  # noqa: E731
+    monkeypatch.setattr(fused_ops, "ffn_residual_norm_op", counting(glue, calls["ffn_residual_norm"]))
     return calls
 
 
@@ -272,14 +276,22 @@ def test_only_half_precision_on_cuda_takes_the_cuda_glue(monkeypatch):
 
 def test_static_decode_takes_the_fused_kernels(tiny_moe, as_on_cuda, monkeypatch):
     """Where CUDA would, the static step norms every layer's q and k and writes its K/V with one
-    qkv_write (rings and full layers, K=V and v_proj layers) and the dense MLP runs `gated`; the
-    tokens are the unfused step's. DECODE_KERNELS["fused_glue"] off (scripts/gpu_check.py's switch)
-    takes neither."""
+    qkv_write (rings and full layers, K=V and v_proj layers), the dense MLP runs `gated`, and each
+    layer but the last computes the next one's input norm with its FFN residual (the next layer's
+    input_layernorm then never runs); the tokens are the unfused step's. DECODE_KERNELS["fused_glue"]
+    off (scripts/gpu_check.py's switch) takes none of them."""
     loaded = load_model(tiny_moe, dtype=torch.float32, context=64)
     with monkeypatch.context() as plain:
         plain.setattr(gemma4, "fused_on_cuda", lambda x: False)
         expected = static_run(loaded)
+    layers = loaded.model.layers
+    input_norms = []
+    for layer in layers:
+        layer.input_layernorm.register_forward_hook(lambda *a: input_norms.append(1))
     got = static_run(loaded)
+    passes = 10  # the prefill (its glue is fused too), then 9 decoded tokens
+    assert len(as_on_cuda["ffn_residual_norm"]) == passes * (len(layers) - 1)
+    assert len(input_norms) == passes  # the first layer's only
     assert [t for t, _ in got] == [t for t, _ in expected]
     assert max(abs(a[1] - b[1]) for a, b in zip(got, expected)) < 1e-4
     writers = [l for l in loaded.kv.layers if l is not None]
@@ -293,4 +305,21 @@ def test_static_decode_takes_the_fused_kernels(tiny_moe, as_on_cuda, monkeypatch
         calls.clear()
     monkeypatch.setitem(gemma4.DECODE_KERNELS, "fused_glue", False)
     assert [t for t, _ in static_run(loaded)] == [t for t, _ in expected]
-    assert not as_on_cuda["qkv_write"] and not as_on_cuda["gated"]
+    assert not any(as_on_cuda.values())
+
+
+def test_segmented_step_hands_the_next_input_norm_across_the_experts(tiny_moe, as_on_cuda):
+    """With offloaded experts the step is cut at each MoE layer's experts (step.SegmentedGraphStep):
+    a layer's back() and the next layer's front() meet in the next segment, and the next input
+    norm still comes with the FFN residual; the tokens are the eager step's."""
+    from localrun.step import make_step
+
+    loaded = load_model(tiny_moe, dtype=torch.float32, resident_fraction=0.5, context=64)
+    ids = bench_prompt(12, loaded.args.vocab_size)
+    sampler = make_sampler(SamplingParams())
+    eager = [s.token for s in generate(loaded.model, ids, sampler, max_tokens=6, step="eager", cache=loaded.kv)]
+    as_on_cuda["ffn_residual_norm"].clear()
+    make_step(loaded.model, loaded.kv, "segments")
+    segments = [s.token for s in generate(loaded.model, ids, sampler, max_tokens=6, step="segments", cache=loaded.kv)]
+    assert segments == eager
+    assert len(as_on_cuda["ffn_residual_norm"]) == 6 * (len(loaded.model.layers) - 1)

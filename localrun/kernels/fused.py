@@ -1,5 +1,6 @@
-"""A Gemma 4 layer's glue as torch ops: `localrun::attention_residual_norms`, `localrun::ffn_residual`,
-`localrun::route` and `localrun::gated` (what each computes: kernels/triton_fused.py).
+"""A Gemma 4 layer's glue as torch ops: `localrun::attention_residual_norms`, `localrun::ffn_residual`
+(and `localrun::ffn_residual_norm`: with the next layer's input norm), `localrun::route` and
+`localrun::gated` (what each computes: kernels/triton_fused.py).
 
 On CUDA each is one Triton kernel (imported on first use: a CPU-only install needs no Triton); on
 the CPU in fp32 one call of the C kernels (kernels/cpu_bf16.c: the unfused layer's fp32 ops in
@@ -75,6 +76,32 @@ def _(mlp, w1, moe, w2, w, residual, scalar, eps):
 @ffn_residual_op.register_fake
 def _(mlp, w1, moe, w2, w, residual, scalar, eps):
     return torch.empty(residual.shape, dtype=residual.dtype, device=residual.device)
+
+
+def ffn_residual_norm_reference(mlp, w1, moe, w2, w, residual, scalar, w_next, eps: float):
+    x = ffn_residual_reference(mlp, w1, moe, w2, w, residual, scalar, eps)
+    return x, (_norm(x, eps) * w_next.float()).to(x.dtype)
+
+
+@torch.library.custom_op("localrun::ffn_residual_norm", mutates_args=())
+def ffn_residual_norm_op(mlp: torch.Tensor, w1: torch.Tensor, moe: torch.Tensor, w2: torch.Tensor, w: torch.Tensor,
+                         residual: torch.Tensor, scalar: torch.Tensor, w_next: torch.Tensor,
+                         eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ffn_residual's x, norm(x) * w_next): the layer's output and the next layer's input norm of it
+    (the rounded x, as the next layer's rms_norm would read it), in one launch on CUDA."""
+    return ffn_residual_norm_reference(mlp, w1, moe, w2, w, residual, scalar, w_next, eps)
+
+
+@ffn_residual_norm_op.register_kernel("cuda")
+def _(mlp, w1, moe, w2, w, residual, scalar, w_next, eps):
+    from .triton_fused import ffn_residual_triton
+
+    return ffn_residual_triton(mlp, w1, moe, w2, w, residual, scalar, eps, w_next)
+
+
+@ffn_residual_norm_op.register_fake
+def _(mlp, w1, moe, w2, w, residual, scalar, w_next, eps):
+    return tuple(torch.empty(residual.shape, dtype=residual.dtype, device=residual.device) for _ in range(2))
 
 
 def route_reference(logits_TE, per_expert_scale, top_k: int):

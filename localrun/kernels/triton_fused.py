@@ -4,7 +4,7 @@ per program), for the CUDA decode step where each small torch op is a launch of 
   attention_residual_norms  y = norm(attn) * w_post + residual, and the three norms of y that the
                             dense MLP, the experts and the router read (7 launches -> 1)
   ffn_residual              (norm(norm(mlp) * w1 + norm(moe) * w2) * w + residual) * layer_scalar
-                            (6 launches -> 1)
+                            (6 launches -> 1), and optionally the next layer's input norm of it (+1 -> 0)
   route                     softmax of the router logits, top-k, renormalise, per-expert scale
                             (6-7 launches -> 1)
   gated                     act(gate) * up of the dense MLP's fused gate/up projection, with the
@@ -60,8 +60,9 @@ def _attention_residual_norms_kernel(x_ptr, w_post_ptr, res_ptr, w_mlp_ptr, w_mo
 
 
 @triton.jit
-def _ffn_residual_kernel(mlp_ptr, w1_ptr, moe_ptr, w2_ptr, w_ptr, res_ptr, scalar_ptr, out_ptr, H, eps,
-                         BLOCK: tl.constexpr):
+def _ffn_residual_kernel(mlp_ptr, w1_ptr, moe_ptr, w2_ptr, w_ptr, res_ptr, scalar_ptr, out_ptr, w_next_ptr,
+                         next_ptr, H, eps, NEXT: tl.constexpr, BLOCK: tl.constexpr):
+    """NEXT: also the next layer's input norm of the (rounded) output, as _rms_norm_kernel computes it."""
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     ok = cols < H
@@ -74,7 +75,12 @@ def _ffn_residual_kernel(mlp_ptr, w1_ptr, moe_ptr, w2_ptr, w_ptr, res_ptr, scala
     w = _f32(w_ptr, cols, ok)
     res = _f32(res_ptr, base, ok)
     scalar = tl.load(scalar_ptr).to(tl.float32)
-    tl.store(out_ptr + base, ((h * _inv_rms(h, H, eps) * w + res) * scalar).to(out_ptr.dtype.element_ty), mask=ok)
+    y = ((h * _inv_rms(h, H, eps) * w + res) * scalar).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + base, y, mask=ok)
+    if NEXT:
+        y = y.to(tl.float32)
+        n = y * _inv_rms(y, H, eps) * _f32(w_next_ptr, cols, ok)
+        tl.store(next_ptr + base, n.to(next_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -129,12 +135,15 @@ def attention_residual_norms_triton(x, w_post, residual, w_mlp, w_moe, w_router,
     return tuple(outs)
 
 
-def ffn_residual_triton(mlp, w1, moe, w2, w, residual, scalar, eps: float):
+def ffn_residual_triton(mlp, w1, moe, w2, w, residual, scalar, eps: float, w_next=None):
+    """The layer's output; with w_next also (output, the next layer's input norm of it)."""
     a, b, r = _rows(mlp), _rows(moe), _rows(residual)
     out = torch.empty(residual.shape, dtype=residual.dtype, device=residual.device)
-    _ffn_residual_kernel[(a.shape[0],)](a, w1, b, w2, w, r, scalar, out, a.shape[1], eps,
+    nxt = out if w_next is None else torch.empty_like(out)
+    _ffn_residual_kernel[(a.shape[0],)](a, w1, b, w2, w, r, scalar, out, w if w_next is None else w_next, nxt,
+                                        a.shape[1], eps, NEXT=w_next is not None,
                                         BLOCK=triton.next_power_of_2(a.shape[1]))
-    return out
+    return out if w_next is None else (out, nxt)
 
 
 def route_triton(logits_TE: torch.Tensor, per_expert_scale: torch.Tensor, top_k: int):

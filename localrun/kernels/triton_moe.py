@@ -390,24 +390,32 @@ _down_v2_tuned = triton.autotune(DOWN_CONFIGS, key=["H", "I_Q", "T_BUCKET", "K",
 
 # -- v3: decode kernels shaped by their instruction count --------------------------------------
 #
-# Compiled for sm_90 (triton.compile with a GPUTarget runs on a CPU machine; scripts/sass_stats.py
-# prints the counts), v2's inner loop issues 17-22 instructions per weight: its tl.sum over the
-# words of an absmax group crosses threads every step (SHFL + FADD, ~half of it), and the x tile
-# is broadcast over rows through shared memory. The H200 measured what that predicts: ~920 GB/s
-# whatever the tile, i.e. bound by issue, not by memory.
-# v3 keeps every reduction inside a thread until the loop ends. A tile is [rows, NC chunks, 4
-# words]: a thread holds 4 consecutive code words (one 16-byte load, 32 weights inside one
-# quantization block, so one absmax), and for each of the 8 nibble positions j it gathers the
-# code value, loads x[8 * word + j] once for all the rows it holds, and does one FMA into a
-# per-word sum; the absmax multiplies that sum once per word. Per weight that is a shift, a
-# mask-and-OR into the aligned table's address, the table load and an FMA (plus the copy of the
-# address' high word that ptxas makes): ~6.5-8 instructions, 2.7x fewer than v2.
+# How v2 compiles depends on Triton's version. For sm_90 (triton.compile with a GPUTarget runs on a
+# CPU machine; scripts/sass_stats.py prints the counts), Triton 3.6, which ran on the H200 (~920 GB/s
+# whatever the tile), gives v2's inner loops ~8-9 instructions per weight; Triton 3.9 gives them
+# 17-22: its tl.sum over the words of an absmax group crosses threads every step (SHFL + FADD, ~half
+# of it). v3 keeps every reduction inside a thread until the loop ends. A tile is [rows, NC chunks,
+# 4 words]: a thread holds 4 consecutive code words (one 16-byte load, 32 weights inside one
+# quantization block, so one absmax), and for each of the 8 nibble positions j it gathers the code
+# value, loads x[8 * word + j] once for all the rows it holds, and does one FMA into a per-word sum;
+# the absmax multiplies that sum once per word. Per weight that is a shift, a mask-and-OR into the
+# aligned table's address, the table load and an FMA (plus the copy of the address' high word that
+# ptxas makes). sm_90 instructions per weight, the best config of each:
+#
+#                  gate_up   down
+#   v3, Triton 3.9   6.9      7.2
+#   v3, Triton 3.6   6.8      9.4   (3.6 moves the down tile through shared memory every step)
+#   v2, Triton 3.9  16.5     22.5
+#   v2, Triton 3.6   8.7      8.0   (the H200's picks)
+#
+# So the default runs each stage with whichever of v3 and v2 is faster where it runs: the two hand
+# over the same h, and `_run_stage` times both on the first call of a shape (not yet measured on a GPU).
 # Needs rows of whole chunks (H and I multiples of 32) and blocksize >= 32; else v2 / v1.
 # gate_up tiles are [2 * BLOCK_N rows (gate rows, then the same up rows), NC, 4]; down tiles
 # [KE experts, BLOCK_N rows, NC, 4], all K experts of the token at once (as v2). Each loop
 # requests the next step's words and absmax before this step's math (register prefetch).
 
-USE_V3 = True  # the default decode kernels where they fit; False: v2 (scripts/gpu_check.py A/B-s the two)
+USE_V3 = True  # per stage the faster of v3 and v2 where v3 fits; False: v2 alone (gpu_check A/B-s the two)
 CHUNK_WEIGHTS = 32  # 4 code words: one vector load, inside one quantization block
 TABLE_ALIGN = 64  # bytes: the 16-value table's address has its low 6 bits free (_chunk_sums)
 
@@ -433,8 +441,8 @@ def _cfg3(n, w, warps):
 
 # Not yet measured on a GPU. A thread handles 64 weights a step (gate_up: BLOCK_N * BLOCK_W = 128 *
 # warps; down: 32 * warps) or 32: at 128 its 128 table addresses in flight spill registers at
-# sm_90 (scripts/sass_stats.py: 6.6-7.4 instructions a weight, no spills, 130-190 registers, for
-# every config here). Programs at 26B-A4B, T=1: gate_up 8 x 704 / BLOCK_N, down 2816 / BLOCK_N.
+# sm_90 (scripts/sass_stats.py, Triton 3.9: 6.9-10.8 instructions a weight, no spills, at most 255
+# registers, for every config here). Programs at 26B-A4B, T=1: gate_up 8 x 704 / BLOCK_N, down 2816 / BLOCK_N.
 GATE_UP_V3_CONFIGS = [_cfg3(n, w, warps) for n, w, warps in (
     (4, 32, 1), (8, 16, 1), (2, 64, 1), (8, 32, 2), (16, 16, 2), (4, 64, 2), (16, 32, 4), (8, 64, 4),
     (4, 16, 1), (2, 32, 1), (8, 16, 2), (16, 16, 4))]
@@ -444,26 +452,29 @@ DOWN_V3_CONFIGS = [_cfg3(n, w, warps) for n, w, warps in (
 
 
 @triton.jit
+def _table_value(table, words, j: tl.constexpr):
+    """fp32 code value of nibble j of each (uint32) word (element j: byte j // 2, its high nibble for
+    even j). `table` is the 64-byte aligned table's address as an int64: the nibble's byte offset
+    (nibble * 4) ORs into its low bits, a shift and one LOP3 instead of a 64-bit add (sm_90, Triton
+    3.6 and 3.9: 0.4-1.4 instructions a weight fewer, scripts/sass_stats.py)."""
+    shift: tl.constexpr = (j // 2) * 8 + 4 - 4 * (j % 2)
+    if shift >= 2:
+        offset = (words >> (shift - 2)) & 60
+    else:
+        offset = (words << 2) & 60
+    return tl.load(tl.cast(table | offset.to(tl.int64), tl.pointer_type(tl.float32)))
+
+
+@triton.jit
 def _chunk_sums(words, vec_ptr, vec_mask, code):
     """fp32 per-word sums of code[nibble j] * vec[j] over the 8 weights of each code word;
-    vec_ptr points at each word's first vector element (broadcastable to `words`).
-
-    `code` is 64-byte aligned (TABLE_ALIGN), so a value's address is the table's with the nibble's
-    byte offset OR-ed into its low bits: a shift and one LOP3 (mask and OR), no 64-bit add."""
+    vec_ptr points at each word's first vector element (broadcastable to `words`). `code` is
+    TABLE_ALIGN-aligned (see _table_value)."""
     table = tl.cast(code, tl.int64)
-    for j in tl.static_range(8):
-        # element j of a word: byte j // 2, its high nibble for even j; its byte offset is nibble * 4
-        shift = (j // 2) * 8 + 4 - 4 * (j % 2)
-        if shift >= 2:
-            offset = (words >> (shift - 2)) & 60
-        else:
-            offset = (words << 2) & 60
-        v = tl.load(tl.cast(table | offset.to(tl.int64), tl.pointer_type(tl.float32)))
-        term = v * tl.load(vec_ptr + j, mask=vec_mask, other=0.0).to(tl.float32)
-        if j == 0:
-            s = term
-        else:
-            s += term
+    words = words.to(tl.uint32, bitcast=True)  # logical shifts; offsets zero-extend to 64 bits (no sign word)
+    s = _table_value(table, words, 0) * tl.load(vec_ptr, mask=vec_mask, other=0.0).to(tl.float32)
+    for j in tl.static_range(1, 8):
+        s += _table_value(table, words, j) * tl.load(vec_ptr + j, mask=vec_mask, other=0.0).to(tl.float32)
     return s
 
 
@@ -571,37 +582,147 @@ def v3_fits(hidden: int, inter: int, blocksize: int) -> bool:
             and blocksize & (blocksize - 1) == 0)
 
 
-def _moe_4bit_v3(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden, inter, blocksize, double_quant,
-                 act, tiles: V3Tiles | None) -> torch.Tensor:
-    """The v3 kernels: autotuned on CUDA (tiles None), else with `tiles`."""
+@dataclass
+class _Call:
+    """One layer call's arguments as the GEMV kernels (v2, v3) take them; h and y are its outputs."""
+
+    x: torch.Tensor
+    ids: torch.Tensor
+    order: torch.Tensor  # pairs sorted by expert (T > 1), else ids (unused)
+    w: torch.Tensor
+    h: torch.Tensor  # fp32 [T * K, I]: act(gate) * up per pair
+    y: torch.Tensor  # [T, H] in x's dtype
+    experts: torch.Tensor
+    code: torch.Tensor  # TABLE_ALIGN-aligned
+    nested_code: torch.Tensor
+    offsets: list
+    T: int
+    K: int
+    H: int
+    I: int
+    blocksize: int
+    double_quant: bool
+    act: str
+
+    @property
+    def t_bucket(self) -> int:
+        return min(triton.next_power_of_2(self.T), 16)
+
+    def key(self) -> tuple:
+        """What the kernels' autotuning keys on, and the device and dtype."""
+        return (self.H, self.I, self.K, self.t_bucket, self.blocksize, self.double_quant, self.x.dtype, self.x.device)
+
+    def common(self, stage: str, words_per_row: int) -> tuple:
+        """The positional arguments both versions of a stage's kernel take."""
+        e = self.experts
+        if stage == "gate_up":
+            return (self.x, self.ids, self.order, self.h, e.view(torch.int32), e, e.view(torch.float32), self.code,
+                    self.nested_code, e.shape[1], *_matrix_args(self.offsets[:4]), self.K, words_per_row, self.I,
+                    self.x.stride(0), self.t_bucket)
+        return (self.h, self.ids, self.w, self.y, e.view(torch.int32), e, e.view(torch.float32), self.code,
+                self.nested_code, e.shape[1], *_matrix_args(self.offsets[4:]), self.K, self.H, self.I, words_per_row,
+                self.y.stride(0), self.t_bucket)
+
+
+def _prepare(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden, inter, blocksize, double_quant,
+             act) -> _Call:
     T, K = ids_TK.shape
-    H, I = hidden, inter
     ids = ids_TK.contiguous()
-    w = w_TK.contiguous()
-    h = torch.empty(T * K, I, dtype=torch.float32, device=x_TH.device)
-    y = torch.empty(T, H, dtype=x_TH.dtype, device=x_TH.device)
-    buf_i32, buf_f32 = experts.view(torch.int32), experts.view(torch.float32)
-    order = torch.argsort(ids.reshape(-1), stable=True) if T > 1 else ids
-    t_bucket = min(triton.next_power_of_2(T), 16)
-    log_wpb = (blocksize // 8).bit_length() - 1
     if code.data_ptr() % TABLE_ALIGN:
         code = code.clone()  # a fresh allocation: torch aligns those to 64 bytes (CPU) / 512 (CUDA)
-    gu = (x_TH, ids, order, h, buf_i32, experts, buf_f32, code, nested_code, experts.shape[1],
-          *_matrix_args(offsets[:4]), K, H // 8, I, x_TH.stride(0), t_bucket)
-    gu_meta = dict(ACT=ACT_CODES[act], LOG_WPB=log_wpb, DOUBLE_QUANT=bool(double_quant), SORTED=T > 1)
-    dn = (h, ids, w, y, buf_i32, experts, buf_f32, code, nested_code, experts.shape[1],
-          *_matrix_args(offsets[4:]), K, H, I, I // 8, y.stride(0), t_bucket)
-    dn_meta = dict(LOG_WPB=log_wpb, DOUBLE_QUANT=bool(double_quant), KE=triton.next_power_of_2(K))
+    return _Call(x_TH, ids, torch.argsort(ids.reshape(-1), stable=True) if T > 1 else ids, w_TK.contiguous(),
+                 torch.empty(T * K, inter, dtype=torch.float32, device=x_TH.device),
+                 torch.empty(T, hidden, dtype=x_TH.dtype, device=x_TH.device), experts, code, nested_code,
+                 list(offsets), T, K, hidden, inter, blocksize, bool(double_quant), act)
+
+
+def _gate_up_v3(c: _Call, tiles: V3Tiles | None) -> None:
+    meta = dict(ACT=ACT_CODES[c.act], LOG_WPB=(c.blocksize // 8).bit_length() - 1, DOUBLE_QUANT=c.double_quant,
+                SORTED=c.T > 1)
+    args = c.common("gate_up", c.H // 8)
     if tiles is None:
-        _gate_up_v3_tuned[lambda m: (T * K, triton.cdiv(I, m["BLOCK_N"]))](*gu, **gu_meta)
-        _down_v3_tuned[lambda m: (triton.cdiv(H, m["BLOCK_N"]), T)](*dn, **dn_meta)
+        _gate_up_v3_tuned[lambda m: (c.T * c.K, triton.cdiv(c.I, m["BLOCK_N"]))](*args, **meta)
     else:
-        _gate_up_v3_kernel[(T * K, triton.cdiv(I, tiles.gate_up_n))](
-            *gu, **gu_meta, BLOCK_N=tiles.gate_up_n, BLOCK_W=tiles.gate_up_w, num_warps=tiles.gate_up_warps,
+        _gate_up_v3_kernel[(c.T * c.K, triton.cdiv(c.I, tiles.gate_up_n))](
+            *args, **meta, BLOCK_N=tiles.gate_up_n, BLOCK_W=tiles.gate_up_w, num_warps=tiles.gate_up_warps,
             num_stages=1)
-        _down_v3_kernel[(triton.cdiv(H, tiles.down_n), T)](
-            *dn, **dn_meta, BLOCK_N=tiles.down_n, BLOCK_W=tiles.down_w, num_warps=tiles.down_warps, num_stages=1)
-    return y
+
+
+def _down_v3(c: _Call, tiles: V3Tiles | None) -> None:
+    meta = dict(LOG_WPB=(c.blocksize // 8).bit_length() - 1, DOUBLE_QUANT=c.double_quant,
+                KE=triton.next_power_of_2(c.K))
+    args = c.common("down", c.I // 8)
+    if tiles is None:
+        _down_v3_tuned[lambda m: (triton.cdiv(c.H, m["BLOCK_N"]), c.T)](*args, **meta)
+    else:
+        _down_v3_kernel[(triton.cdiv(c.H, tiles.down_n), c.T)](
+            *args, **meta, BLOCK_N=tiles.down_n, BLOCK_W=tiles.down_w, num_warps=tiles.down_warps, num_stages=1)
+
+
+def _gate_up_v2(c: _Call, tiles: Tiles | None) -> None:
+    meta = dict(ACT=ACT_CODES[c.act], BLOCKSIZE=c.blocksize, DOUBLE_QUANT=c.double_quant, SORTED=c.T > 1,
+                BB=_gcd_pow2(c.H // 2, c.blocksize))
+    args = c.common("gate_up", c.H // 8)
+    if tiles is None:
+        _gate_up_v2_tuned[lambda m: (c.T * c.K, triton.cdiv(c.I, m["BLOCK_N"]))](*args, **meta)
+    else:
+        _gate_up_v2_kernel[(c.T * c.K, triton.cdiv(c.I, tiles.gate_up_n))](
+            *args, **meta, BLOCK_N=tiles.gate_up_n, BLOCK_K=tiles.gate_up_k, num_warps=tiles.gate_up_warps,
+            num_stages=tiles.num_stages)
+
+
+def _down_v2(c: _Call, tiles: Tiles | None) -> None:
+    meta = dict(BLOCKSIZE=c.blocksize, DOUBLE_QUANT=c.double_quant, BB=_gcd_pow2(c.I // 2, c.blocksize),
+                KE=triton.next_power_of_2(c.K))
+    args = c.common("down", c.I // 8)
+    if tiles is None:
+        _down_v2_tuned[lambda m: (triton.cdiv(c.H, m["BLOCK_N"]), c.T)](*args, **meta)
+    else:
+        _down_v2_kernel[(triton.cdiv(c.H, tiles.down_n), c.T)](
+            *args, **meta, BLOCK_N=tiles.down_n, BLOCK_K=tiles.down_k, num_warps=tiles.down_warps,
+            num_stages=tiles.num_stages)
+
+
+STAGES = {"gate_up": {"v3": _gate_up_v3, "v2": _gate_up_v2}, "down": {"v3": _down_v3, "v2": _down_v2}}
+# (stage, _Call.key()) -> the version that ran it faster, timed on its first call (the version of
+# Triton decides: compiled for sm_90 by Triton 3.6, v3's down loop issues more instructions than v2's,
+# by Triton 3.9 fewer; scripts/sass_stats.py)
+_PICKS: dict[tuple, str] = {}
+
+
+def _stage_ms(launch) -> float:
+    """Milliseconds a stage's launch takes (median; L2 flushed between runs, as the autotuner times)."""
+    return triton.testing.do_bench(launch, warmup=5, rep=20)
+
+
+def _run_stage(stage: str, c: _Call) -> str:
+    """Run `stage` with the faster of its two autotuned versions; on the first call of a key, time
+    both (each autotuned first) and keep the faster. Returns the version that ran."""
+    key = (stage, *c.key())
+    pick = _PICKS.get(key)
+    if pick is None:
+        versions = STAGES[stage]
+        for run in versions.values():
+            run(c, None)  # autotune (first of a key) and compile outside the timing
+        times = {name: _stage_ms(lambda run=run: run(c, None)) for name, run in versions.items()}
+        pick = _PICKS[key] = min(times, key=times.get)
+    STAGES[stage][pick](c, None)
+    return pick
+
+
+def _moe_4bit_v3(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden, inter, blocksize, double_quant,
+                 act, tiles: V3Tiles | None, pick: bool = False) -> torch.Tensor:
+    """The v3 kernels: with `tiles`, or autotuned (tiles None); `pick` (CUDA, autotuned): each stage
+    runs the faster of v3 and v2 instead (`_run_stage`)."""
+    c = _prepare(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden, inter, blocksize, double_quant,
+                 act)
+    if pick and tiles is None and x_TH.device.type == "cuda" and not interpreted():
+        _run_stage("gate_up", c)
+        _run_stage("down", c)
+    else:
+        _gate_up_v3(c, tiles)
+        _down_v3(c, tiles)
+    return c.y
 
 
 def v2_fits(hidden: int, inter: int) -> bool:
@@ -636,9 +757,10 @@ def moe_4bit_triton(x_TH: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor
     docstring; the arguments are those of the localrun::moe_4bit op). Returns x's dtype.
 
     `blocks`: None = the best kernels for the shape: from GROUPED_MIN_TOKENS tokens the grouped GEMMs
-    (`moe_4bit_grouped`, the prefill path), else v3 where it fits (`v3_fits`; USE_V3), else v2, else v1;
-    autotuned on CUDA, fixed tiles when interpreted. "v2" = the v2 kernels autotuned (A/B timing).
-    A V3Tiles / Tiles / Blocks = the v3 / v2 / v1 kernels with those tiles."""
+    (`moe_4bit_grouped`, the prefill path), else where v3 fits (`v3_fits`; USE_V3) each stage the
+    faster of v3 and v2 (`_run_stage`, on CUDA), else v2, else v1; autotuned on CUDA, fixed tiles
+    when interpreted. "v3" / "v2" = those kernels alone, autotuned (A/B timing). A V3Tiles / Tiles /
+    Blocks = the v3 / v2 / v1 kernels with those tiles."""
     if blocks is None and ids_TK.shape[0] >= GROUPED_MIN_TOKENS:
         return moe_4bit_grouped(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden, inter, blocksize,
                                 double_quant, act)
@@ -646,13 +768,14 @@ def moe_4bit_triton(x_TH: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor
         return _moe_4bit_v1(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden, inter, blocksize,
                             double_quant, act, blocks)
     _check(x_TH, ids_TK, experts, hidden)
-    if isinstance(blocks, V3Tiles) and not v3_fits(hidden, inter, blocksize):
-        raise ValueError(f"the v3 kernels need H and I multiples of {CHUNK_WEIGHTS} and a power-of-two blocksize "
-                         f">= {CHUNK_WEIGHTS}, got H={hidden}, I={inter}, blocksize {blocksize}")
-    if isinstance(blocks, V3Tiles) or (blocks is None and USE_V3 and v3_fits(hidden, inter, blocksize)):
-        tiles = blocks if blocks is not None or not interpreted() else INTERPRETER_V3
+    if isinstance(blocks, V3Tiles) or blocks == "v3" or (blocks is None and USE_V3 and v3_fits(hidden, inter,
+                                                                                            blocksize)):
+        if not v3_fits(hidden, inter, blocksize):
+            raise ValueError(f"the v3 kernels need H and I multiples of {CHUNK_WEIGHTS} and a power-of-two "
+                             f"blocksize >= {CHUNK_WEIGHTS}, got H={hidden}, I={inter}, blocksize {blocksize}")
+        tiles = blocks if isinstance(blocks, V3Tiles) else INTERPRETER_V3 if interpreted() else None
         return _moe_4bit_v3(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden, inter, blocksize,
-                            double_quant, act, tiles)
+                            double_quant, act, tiles, pick=blocks is None)
     if not v2_fits(hidden, inter):
         return _moe_4bit_v1(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden, inter, blocksize,
                             double_quant, act, INTERPRETER_BLOCKS if interpreted() else Blocks())
@@ -665,34 +788,11 @@ def _moe_4bit_v2(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden
                  act, tiles: Tiles | None) -> torch.Tensor:
     """The v2 kernels (kept for A/B timing against v3, and for rows of whole words but not whole
     chunks): autotuned on CUDA (tiles None), else with `tiles`."""
-    T, K = ids_TK.shape
-    H, I = hidden, inter
-    ids = ids_TK.contiguous()
-    w = w_TK.contiguous()
-    h = torch.empty(T * K, I, dtype=torch.float32, device=x_TH.device)
-    y = torch.empty(T, H, dtype=x_TH.dtype, device=x_TH.device)
-    buf_i32, buf_f32 = experts.view(torch.int32), experts.view(torch.float32)
-    order = torch.argsort(ids.reshape(-1), stable=True) if T > 1 else ids
-    t_bucket = min(triton.next_power_of_2(T), 16)
-    gu_common = (x_TH, ids, order, h, buf_i32, experts, buf_f32, code, nested_code, experts.shape[1],
-                 *_matrix_args(offsets[:4]), K, H // 8, I, x_TH.stride(0), t_bucket)
-    gu_meta = dict(ACT=ACT_CODES[act], BLOCKSIZE=blocksize, DOUBLE_QUANT=bool(double_quant), SORTED=T > 1,
-                   BB=_gcd_pow2(H // 2, blocksize))
-    dn_common = (h, ids, w, y, buf_i32, experts, buf_f32, code, nested_code, experts.shape[1],
-                 *_matrix_args(offsets[4:]), K, H, I, I // 8, y.stride(0), t_bucket)
-    dn_meta = dict(BLOCKSIZE=blocksize, DOUBLE_QUANT=bool(double_quant), BB=_gcd_pow2(I // 2, blocksize),
-                   KE=triton.next_power_of_2(K))
-    if tiles is None:
-        _gate_up_v2_tuned[lambda m: (T * K, triton.cdiv(I, m["BLOCK_N"]))](*gu_common, **gu_meta)
-        _down_v2_tuned[lambda m: (triton.cdiv(H, m["BLOCK_N"]), T)](*dn_common, **dn_meta)
-    else:
-        _gate_up_v2_kernel[(T * K, triton.cdiv(I, tiles.gate_up_n))](
-            *gu_common, **gu_meta, BLOCK_N=tiles.gate_up_n, BLOCK_K=tiles.gate_up_k, num_warps=tiles.gate_up_warps,
-            num_stages=tiles.num_stages)
-        _down_v2_kernel[(triton.cdiv(H, tiles.down_n), T)](
-            *dn_common, **dn_meta, BLOCK_N=tiles.down_n, BLOCK_K=tiles.down_k, num_warps=tiles.down_warps,
-            num_stages=tiles.num_stages)
-    return y
+    c = _prepare(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden, inter, blocksize, double_quant,
+                 act)
+    _gate_up_v2(c, tiles)
+    _down_v2(c, tiles)
+    return c.y
 
 
 # -- prefill: one grouped GEMM per matrix over the pairs sorted by expert -----------------------
@@ -942,9 +1042,9 @@ def _moe_4bit_v1(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden
 
 # -- benchmark (scripts/gpu_check.py calls this on a lent GPU) --------------------------------
 
-# benchmark_moe_4bit's default on CUDA: the default kernels autotuned (None: v3 where it fits), v2
-# autotuned, and v1's best tile on the H200
-SWEEP = (None, "v2", Blocks(4, 128, 8, 64, 2))
+# benchmark_moe_4bit's default on CUDA: the default (None: per stage the faster of v3 and v2 where v3
+# fits), v3 and v2 each alone, autotuned, and v1's best tile on the H200
+SWEEP = (None, "v3", "v2", Blocks(4, 128, 8, 64, 2))
 
 
 def random_buffer(num_experts: int, hidden: int, inter: int, quant_type: str = "nf4", blocksize: int = 64,
@@ -972,9 +1072,9 @@ def random_buffer(num_experts: int, hidden: int, inter: int, quant_type: str = "
 
 def _config_name(blocks, v3: bool = True) -> str:
     if blocks is None:
-        return "v3 autotuned" if v3 else "v2 autotuned"
-    if blocks == "v2":
-        return "v2 autotuned"
+        return "default (per stage the faster of v3 and v2)" if v3 else "v2 autotuned"
+    if blocks in ("v2", "v3"):
+        return f"{blocks} autotuned"
     kind = "v1" if isinstance(blocks, Blocks) else "v3" if isinstance(blocks, V3Tiles) else "v2"
     return f"{kind} {blocks!r}"
 
@@ -1055,8 +1155,10 @@ def benchmark_moe_4bit(device: torch.device | str = "cuda", num_experts: int = 1
         name = _config_name(blocks, v3)
         out["configs"][name] = {"us_per_call": round(us, 2), "gbps": round(out["bytes_per_call"] / us / 1e3, 1),
                                 "max_rel_err": errs[-1]}
-        if blocks is None or blocks == "v2":
-            out.setdefault("autotuned", {})[name] = tuned_configs("v3" if blocks is None and v3 else "v2")
+        if blocks in ("v2", "v3"):
+            out.setdefault("autotuned", {})[name] = tuned_configs(blocks)
+        if blocks is None:
+            out["stage_picks"] = {" ".join(map(str, key)): version for key, version in _PICKS.items()}
         if graphs and device.type == "cuda":
             graph = torch.cuda.CUDAGraph()
             torch.cuda.synchronize(device)

@@ -415,6 +415,7 @@ class Front(NamedTuple):
     h: torch.Tensor  # the dense MLP's output
     experts_in: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # (x_TH, ids_TK, w_TK); None: no experts
     fused: bool  # the glue ran as kernels/fused.py's ops (back must too)
+    shared: dict | None = None  # the pass's shared dict, where CUDA's back() hands the next layer its input norm
 
 
 class DecoderLayer(nn.Module):
@@ -478,7 +479,9 @@ class DecoderLayer(nn.Module):
         if fused is None:
             fused = self.moe and not self.per_layer and use_kernel("fused_glue", x_BTH)
         route = self.route if prefetch else self.router
-        attn = self.self_attn(self.input_layernorm(x_BTH), cos_TD, sin_TD, pos_T, cache, shared)
+        handed = shared.get("normed_input")  # (x, its input norm) from the layer before (back(), CUDA)
+        x_in = handed[1] if handed is not None and handed[0] is x_BTH else self.input_layernorm(x_BTH)
+        attn = self.self_attn(x_in, cos_TD, sin_TD, pos_T, cache, shared)
         H = x_BTH.shape[-1]
         if fused:  # the same formulas, each in fp32 and rounded once, in three kernels instead of ~20 ops
             x, x_mlp, x_moe, x_router = fused_ops.attention_residual_norms(
@@ -486,7 +489,7 @@ class DecoderLayer(nn.Module):
                 self.pre_feedforward_layernorm_2.weight, self.router.scale, self.router.root_size,
                 self.input_layernorm.eps)
             ids_TK, w_TK = route(x_router.reshape(-1, H), normed=True)
-            return Front(x, self.mlp(x_mlp), (x_moe.reshape(-1, H), ids_TK, w_TK), True)
+            return Front(x, self.mlp(x_mlp), (x_moe.reshape(-1, H), ids_TK, w_TK), True, shared)
         x = self.post_attention_layernorm(attn) + x_BTH
         experts_in = None
         if self.moe:
@@ -500,10 +503,15 @@ class DecoderLayer(nn.Module):
         norms, the residual, the per-layer input (E2B/E4B) and the layer scalar."""
         r, h = front.residual, front.h
         if front.fused:
-            return fused_ops.ffn_residual(h, self.post_feedforward_layernorm_1.weight, moe_TH.reshape(r.shape),
-                                          self.post_feedforward_layernorm_2.weight,
-                                          self.post_feedforward_layernorm.weight, r, self.layer_scalar,
-                                          self.input_layernorm.eps)
+            glue = (h, self.post_feedforward_layernorm_1.weight, moe_TH.reshape(r.shape),
+                    self.post_feedforward_layernorm_2.weight, self.post_feedforward_layernorm.weight, r,
+                    self.layer_scalar)
+            nxt = self.next_input_norm
+            if nxt is not None and front.shared is not None and fused_on_cuda(r):  # the next input norm too
+                x, normed = fused_ops.ffn_residual_norm_op(*glue, nxt.weight, self.input_layernorm.eps)
+                front.shared["normed_input"] = (x, normed)
+                return x
+            return fused_ops.ffn_residual(*glue, self.input_layernorm.eps)
         if moe_TH is not None:
             h = self.post_feedforward_layernorm_1(h) + self.post_feedforward_layernorm_2(moe_TH.reshape(r.shape))
         x = self.post_feedforward_layernorm(h) + r
@@ -513,6 +521,7 @@ class DecoderLayer(nn.Module):
         return x * self.layer_scalar
 
     decode_c = None  # kernels.DecodeLayer once built; False where it cannot apply to this layer
+    next_input_norm = None  # the next layer's input_layernorm (Gemma4Model sets it; not a submodule)
 
     def _decode_kernel(self):
         """This layer's kernels.DecodeLayer, built on first use (None: the layer cannot use it)."""
@@ -587,6 +596,8 @@ class Gemma4Model(nn.Module):
         H, L, P = args.hidden_size, args.num_hidden_layers, args.hidden_size_per_layer_input
         self.embed_tokens = nn.Embedding(args.vocab_size, H)
         self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(L))
+        for layer, after in zip(self.layers, self.layers[1:]):  # CUDA's ffn_residual computes it (back())
+            layer.__dict__["next_input_norm"] = after.input_layernorm  # a reference, not a submodule
         self.norm = RMSNorm(H, args.rms_norm_eps)
         self.lm_head = None if args.tie_word_embeddings else nn.Linear(H, args.vocab_size, bias=False)
         if P:
