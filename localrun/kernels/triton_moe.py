@@ -203,7 +203,7 @@ def _down_kernel(h_ptr, ids_ptr, w_ptr, y_ptr, buf_u8, buf_f32, code, nested_cod
 # before this step's table lookups and FMAs: two steps of codes in flight per thread.
 # Shapes whose rows are not whole words (H or I not a multiple of 8) run the v1 kernels.
 # Tiles, warps and stages come from triton.autotune keyed on the shape, the token bucket and the
-# quantization flags (the first call of a shape benchmarks <= 16 configs per kernel at 5 + 20 ms each, then Triton's disk
+# quantization flags (the first call of a shape benchmarks 6 configs per kernel (v3: 12) at 5 + 20 ms each, then Triton's disk
 # cache keeps the pick);
 # under TRITON_INTERPRET=1 there is one config (INTERPRETER_TILES).
 
@@ -237,17 +237,13 @@ def _cfg(n, k, w):
 
 # bytes per step = 2 * BLOCK_N * BLOCK_K (gate_up) / KE * BLOCK_N * BLOCK_K (down); 16 codes bytes
 # per thread per load. Programs at 26B-A4B, T=1: gate_up 704/BLOCK_N * 8, down 2816/BLOCK_N.
-# The last rows of each list (not yet measured on a GPU) take a whole 26B-A4B row, or half of it, in
-# one step: a program's loads all go out at once instead of one step after another, which is what
-# a one-token layer, latency-bound at ~30 us in 2 x 700 programs, may need.
+# Since v3 (below) v2 is the other candidate of each stage (`_run_stage`): its lists keep the H200's
+# picks (gate_up (4, 128, 1) at 1 and 8 tokens; down (8, 64, 4) at 1, (8, 32, 2) at 8) and their
+# neighbours, so that a shape's first call compiles fewer configs (each ~0.5-1 s).
 GATE_UP_CONFIGS = [_cfg(n, k, w) for n, k, w in (
-    (4, 256, 2), (4, 512, 4), (8, 128, 2), (8, 256, 4), (16, 128, 4), (16, 256, 8), (32, 128, 8), (4, 128, 1),
-    (8, 512, 4), (16, 256, 4), (16, 512, 8), (32, 256, 8),
-    (2, 1024, 4), (4, 1024, 8), (2, 2048, 8), (1, 2048, 4))]
+    (4, 128, 1), (4, 256, 2), (8, 128, 2), (8, 256, 4), (4, 512, 4), (2, 1024, 4))]
 DOWN_CONFIGS = [_cfg(n, k, w) for n, k, w in (
-    (2, 128, 2), (2, 256, 4), (2, 64, 1), (4, 64, 2), (4, 128, 4), (8, 64, 4),
-    (8, 128, 8), (4, 256, 8), (8, 32, 2), (16, 128, 8),
-    (1, 512, 4), (2, 512, 8), (4, 512, 8))]
+    (8, 64, 4), (8, 32, 2), (4, 64, 2), (4, 128, 4), (2, 128, 2), (8, 128, 8))]
 
 
 def _fast_bench(kernel_call, quantiles):
