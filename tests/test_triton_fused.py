@@ -74,6 +74,24 @@ def test_ffn_residual_with_the_next_input_norm(T, H, dtype):
 
 
 @needs_triton
+@pytest.mark.parametrize("half,dtype", [(128, torch.float32), (256, torch.bfloat16), (24, torch.float16)])
+def test_rope_rows(half, dtype):
+    """One launch per layer kind: the cos / sin rows of the torch formula (Gemma4Model.rope), sin's
+    first half negated, at positions up to a long context."""
+    from localrun.models.gemma4 import rope_inv_freq
+
+    inv = rope_inv_freq({"rope_theta": 10000.0}, 2 * half)
+    pos = torch.tensor([0, 1, 17, 4095, 131071])
+    cos, sin = triton_fused.rope_rows_triton(pos, inv, dtype)
+    ref_cos, ref_sin = fused_ops.rope_rows_reference(pos, inv, dtype)
+    assert cos.shape == sin.shape == (5, 1, 2 * half) and cos.dtype == sin.dtype == dtype
+    tol = 2e-6 if dtype == torch.float32 else 2**-7
+    assert (cos.float() - ref_cos.float()).abs().max() <= tol and (sin.float() - ref_sin.float()).abs().max() <= tol
+    assert torch.equal(sin[..., :half], -sin[..., half:]) and torch.equal(cos[..., :half], cos[..., half:])
+    torch.library.opcheck(fused_ops.rope_rows_op, (pos, inv, dtype), test_utils=("test_schema", "test_faketensor"))
+
+
+@needs_triton
 @pytest.mark.parametrize("T,E,K", [(1, 128, 8), (4, 32, 8), (3, 12, 3), (2, 8, 8)])
 def test_route(T, E, K):
     logits = rand(T, E, seed=E) * 4

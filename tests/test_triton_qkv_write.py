@@ -245,8 +245,11 @@ def static_run(loaded, n: int = 10):
 def as_on_cuda(monkeypatch):
     """The decoder takes its CUDA-only glue (gemma4.fused_on_cuda) wherever it takes the fused glue,
     the interpreted Triton kernels behind it; returns the lists their calls are recorded in."""
-    calls: dict[str, list] = {"qkv_write": [], "gated": [], "ffn_residual_norm": []}
+    calls: dict[str, list] = {"qkv_write": [], "gated": [], "ffn_residual_norm": [], "rope_rows": []}
     monkeypatch.setattr(gemma4, "fused_on_cuda", lambda x: gemma4.use_kernel("fused_glue", x))
+    monkeypatch.setattr(gemma4, "rope_on_cuda", lambda pos, dtype: gemma4.DECODE_KERNELS["fused_glue"])
+    rope = triton_fused.rope_rows_triton if triton_fused is not None else fused_ops.rope_rows_op
+    monkeypatch.setattr(fused_ops, "rope_rows_op", counting(rope, calls["rope_rows"]))
     kernel = triton_qkv_write.qkv_write_triton if triton_qkv_write is not None else qkv_write
     monkeypatch.setattr(kvcache, "qkv_write", counting(kernel, calls["qkv_write"]))
     gated = triton_fused.gated_triton if triton_fused is not None else fused_ops.gated_op
@@ -276,14 +279,17 @@ def test_only_half_precision_on_cuda_takes_the_cuda_glue(monkeypatch):
 
 def test_static_decode_takes_the_fused_kernels(tiny_moe, as_on_cuda, monkeypatch):
     """Where CUDA would, the static step norms every layer's q and k and writes its K/V with one
-    qkv_write (rings and full layers, K=V and v_proj layers), the dense MLP runs `gated`, and each
+    qkv_write (rings and full layers, K=V and v_proj layers), the dense MLP runs `gated`, each
     layer but the last computes the next one's input norm with its FFN residual (the next layer's
-    input_layernorm then never runs); the tokens are the unfused step's. DECODE_KERNELS["fused_glue"]
-    off (scripts/gpu_check.py's switch) takes none of them."""
+    input_layernorm then never runs), and each layer kind's RoPE rows are one rope_rows; the tokens
+    are the unfused step's. DECODE_KERNELS["fused_glue"] off (scripts/gpu_check.py's switch) takes
+    none of them."""
     loaded = load_model(tiny_moe, dtype=torch.float32, context=64)
     with monkeypatch.context() as plain:
         plain.setattr(gemma4, "fused_on_cuda", lambda x: False)
+        plain.setattr(gemma4, "rope_on_cuda", lambda pos, dtype: False)
         expected = static_run(loaded)
+    assert not as_on_cuda["rope_rows"]
     layers = loaded.model.layers
     input_norms = []
     for layer in layers:
@@ -291,6 +297,7 @@ def test_static_decode_takes_the_fused_kernels(tiny_moe, as_on_cuda, monkeypatch
     got = static_run(loaded)
     passes = 10  # the prefill (its glue is fused too), then 9 decoded tokens
     assert len(as_on_cuda["ffn_residual_norm"]) == passes * (len(layers) - 1)
+    assert len(as_on_cuda["rope_rows"]) == passes * len(set(loaded.args.layer_types))
     assert len(input_norms) == passes  # the first layer's only
     assert [t for t, _ in got] == [t for t, _ in expected]
     assert max(abs(a[1] - b[1]) for a, b in zip(got, expected)) < 1e-4

@@ -1,6 +1,7 @@
 """A Gemma 4 layer's glue as torch ops: `localrun::attention_residual_norms`, `localrun::ffn_residual`
-(and `localrun::ffn_residual_norm`: with the next layer's input norm), `localrun::route` and
-`localrun::gated` (what each computes: kernels/triton_fused.py).
+(and `localrun::ffn_residual_norm`: with the next layer's input norm), `localrun::route`,
+`localrun::gated` and a pass's RoPE rows, `localrun::rope_rows` (what each computes:
+kernels/triton_fused.py).
 
 On CUDA each is one Triton kernel (imported on first use: a CPU-only install needs no Triton); on
 the CPU in fp32 one call of the C kernels (kernels/cpu_bf16.c: the unfused layer's fp32 ops in
@@ -153,6 +154,34 @@ def _(gate_up, act):
 @gated_op.register_fake
 def _(gate_up, act):
     return gate_up.new_empty(*gate_up.shape[:-1], gate_up.shape[-1] // 2)
+
+
+def rope_rows_reference(pos_T, inv_freq, dtype: torch.dtype):
+    freqs = pos_T[:, None].float() * inv_freq.float()[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
+    sin = emb.sin()
+    sin[..., : sin.shape[-1] // 2] *= -1
+    return emb.cos().to(dtype), sin.to(dtype)
+
+
+@torch.library.custom_op("localrun::rope_rows", mutates_args=())
+def rope_rows_op(pos_T: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE rows (cos, sin) [T, 1, D] of positions pos_T [T] (int64) for inverse frequencies [D/2],
+    in fp32 and rounded once to `dtype`; sin's first half negated (Gemma4Model.rope)."""
+    return rope_rows_reference(pos_T, inv_freq, dtype)
+
+
+@rope_rows_op.register_kernel("cuda")
+def _(pos_T, inv_freq, dtype):
+    from .triton_fused import rope_rows_triton
+
+    return rope_rows_triton(pos_T, inv_freq, dtype)
+
+
+@rope_rows_op.register_fake
+def _(pos_T, inv_freq, dtype):
+    shape = (pos_T.shape[0], 1, 2 * inv_freq.shape[0])
+    return (torch.empty(shape, dtype=dtype, device=pos_T.device), torch.empty(shape, dtype=dtype, device=pos_T.device))
 
 
 # What the decoder calls: fp32 rows on the CPU go straight to the C kernels (a custom op's dispatch

@@ -9,6 +9,7 @@ per program), for the CUDA decode step where each small torch op is a launch of 
                             (6-7 launches -> 1)
   gated                     act(gate) * up of the dense MLP's fused gate/up projection, with the
                             activation of the expert kernels (kernels/triton_moe.py) (2 launches -> 1)
+  rope_rows                 a pass's RoPE cos / sin rows of one layer kind (8 launches -> 1)
 
 Each computes in fp32 and rounds its outputs once to the activations' dtype; `y`, the residual
 stream, is rounded before its norms are taken, as the unfused layer does. They back the torch ops
@@ -119,6 +120,22 @@ def _gated_kernel(gu_ptr, out_ptr, I, ACT: tl.constexpr, BLOCK: tl.constexpr):
     tl.store(out_ptr + row * I + cols, (_act(gate, ACT) * up).to(out_ptr.dtype.element_ty), mask=ok)
 
 
+@triton.jit
+def _rope_rows_kernel(pos_ptr, inv_ptr, cos_ptr, sin_ptr, HALF, BLOCK: tl.constexpr):
+    """Row t: angles pos[t] * inv_freq (fp32), cos of them twice, sin of them negated then as they are."""
+    t = tl.program_id(0).to(tl.int64)
+    i = tl.arange(0, BLOCK)
+    ok = i < HALF
+    angle = tl.load(pos_ptr + t).to(tl.float32) * tl.load(inv_ptr + i, mask=ok, other=0.0)
+    c = tl.cos(angle).to(cos_ptr.dtype.element_ty)
+    s = tl.sin(angle)
+    row = t * 2 * HALF
+    tl.store(cos_ptr + row + i, c, mask=ok)
+    tl.store(cos_ptr + row + HALF + i, c, mask=ok)
+    tl.store(sin_ptr + row + i, (-s).to(sin_ptr.dtype.element_ty), mask=ok)
+    tl.store(sin_ptr + row + HALF + i, s.to(sin_ptr.dtype.element_ty), mask=ok)
+
+
 GATED_BLOCK = 1024  # columns per program: a decoded token's 2,112-wide MLP (26B-A4B) in three programs
 
 
@@ -166,3 +183,13 @@ def gated_triton(gate_up: torch.Tensor, act: str) -> torch.Tensor:
     block = min(GATED_BLOCK, triton.next_power_of_2(I))
     _gated_kernel[(rows.shape[0], triton.cdiv(I, block))](rows, out, I, ACT=ACT_CODES[act], BLOCK=block)
     return out
+
+
+def rope_rows_triton(pos_T: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
+    """(cos, sin) [T, 1, 2 * len(inv_freq)] in `dtype` (fused.rope_rows_reference's formula)."""
+    T, half = pos_T.shape[0], inv_freq.shape[0]
+    cos = torch.empty(T, 1, 2 * half, dtype=dtype, device=pos_T.device)
+    sin = torch.empty_like(cos)
+    _rope_rows_kernel[(T,)](pos_T, inv_freq.float().contiguous(), cos, sin, half,
+                            BLOCK=triton.next_power_of_2(max(half, 1)))
+    return cos, sin

@@ -226,6 +226,14 @@ def fused_on_cuda(x: torch.Tensor) -> bool:
     return x.device.type == "cuda" and use_kernel("fused_glue", x)
 
 
+def rope_on_cuda(pos_T: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether a pass's RoPE rows come from `localrun::rope_rows` (one launch a layer kind): with the
+    fused glue, for half-precision activations on CUDA (fp32 there computes the torch formula, the
+    reference CUDA is checked against)."""
+    return (pos_T.device.type == "cuda" and dtype != torch.float32 and DECODE_KERNELS["fused_glue"]
+            and not torch.is_grad_enabled())
+
+
 QUERY_BLOCK = 64  # prefill attends in blocks of queries, each over the keys it can see (64 beat 128 and 32)
 
 
@@ -644,7 +652,11 @@ class Gemma4Model(nn.Module):
         hundreds of MiB that the plan does not budget, to save a few small ops per token."""
         out = {}
         for kind in set(self.args.layer_types):
-            freqs = pos_T[:, None].float() * getattr(self, f"inv_freq_{kind}")[None, :]
+            inv_freq = getattr(self, f"inv_freq_{kind}")
+            if rope_on_cuda(pos_T, dtype):  # one Triton launch, not eight
+                out[kind] = fused_ops.rope_rows_op(pos_T, inv_freq, dtype)
+                continue
+            freqs = pos_T[:, None].float() * inv_freq[None, :]
             emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
             sin = emb.sin()
             sin[..., : sin.shape[-1] // 2] *= -1
