@@ -1,6 +1,6 @@
 """Instruction counts of localrun's 4-bit MoE decode kernels, compiled for a GPU on any machine.
 
-    python scripts/sass_stats.py [--arch 90] [--json]
+    python scripts/sass_stats.py [--arch 90] [--json] [--compile-only]
 
 Triton compiles for a named target without a GPU (ptxas and nvdisasm ship in the triton wheel), so
 this runs on the CPU machines too. For each kernel and tile config it prints the inner loop's
@@ -12,6 +12,8 @@ tightly as memory does, and it is what can be lowered between GPU sessions. The 
 Triton's version (the header line names it): run it under the version the GPU has as well
 (PYTHONPATH=<an unpacked triton wheel> python scripts/sass_stats.py).
 Shapes: Gemma 4 26B-A4B's (gate_up 1408 x 2816, down 2816 x 704), NF4, blocksize 64, bf16 x.
+--compile-only compiles the CUDA decode step's newer kernels in each variant the step launches: what
+the interpreter cannot show (lowering to the GPU) before a GPU session spends its minutes on it.
 """
 
 from __future__ import annotations
@@ -120,12 +122,62 @@ def cases():
         yield f"v2 {name} n={n} k={k} warps={warps}", fn, consts, warps, rows * k * 2 / (32 * warps)
 
 
+def _signature_types(fn, pointers: dict, constexprs: dict) -> dict:
+    """Every argument of `fn`: its pointer type (pointers), constexpr, fp32 for eps / scales, else i32."""
+    floats = {"eps", "scale", "router_scale"}
+    return {n: pointers.get(n, "constexpr" if n in constexprs else "fp32" if n in floats else "i32")
+            for n in fn.arg_names}
+
+
+def compile_cases():
+    """(name, kernel, pointer types, constexprs, warps): the CUDA decode step's newer Triton kernels
+    in the variants the step launches (dtypes, double quant, sorted pairs, rings, the next norm)."""
+    from localrun.kernels import triton_fused, triton_moe, triton_qkv_write
+
+    for x in ("*bf16", "*fp32"):
+        ptrs = dict(POINTERS, x_ptr=x, y_ptr=x)
+        for dq in (False, True):
+            for sort in (False, True):
+                yield (f"v3 gate_up {x[1:]} dq={dq} sorted={sort}", triton_moe._gate_up_v3_kernel, ptrs,
+                       dict(ACT=0, LOG_WPB=3, DOUBLE_QUANT=dq, SORTED=sort, BLOCK_N=4, BLOCK_W=32), 1)
+            yield (f"v3 down {x[1:]} dq={dq}", triton_moe._down_v3_kernel, ptrs,
+                   dict(LOG_WPB=3, DOUBLE_QUANT=dq, KE=TOP_K, BLOCK_N=8, BLOCK_W=16), 4)
+        kv = {n: x for n in triton_qkv_write._qkv_write_kernel.arg_names if n.endswith("_ptr")}
+        kv.update(pos_ptr="*i64", ring_ptr="*i64")
+        for ring in (False, True):
+            yield (f"qkv_write {x[1:]} ring={ring}", triton_qkv_write._qkv_write_kernel, kv,
+                   dict(NORM_V=True, HAS_RING=ring, BLOCK=256), 4)
+        glue = {n: x for n in triton_fused._ffn_residual_kernel.arg_names if n.endswith("_ptr")}
+        yield f"ffn_residual {x[1:]} next", triton_fused._ffn_residual_kernel, glue, dict(NEXT=True, BLOCK=4096), 4
+        rope = {"pos_ptr": "*i64", "inv_ptr": "*fp32", "cos_ptr": x, "sin_ptr": x}
+        yield f"rope_rows {x[1:]}", triton_fused._rope_rows_kernel, rope, dict(BLOCK=128), 4
+
+
+def compile_all(arch: int) -> dict:
+    """name -> cubin bytes of every compile_cases() kernel (an exception where one does not compile)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    out = {}
+    for name, fn, ptrs, consts, warps in compile_cases():
+        source = ASTSource(fn, _signature_types(fn, ptrs, consts), consts, {})
+        kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": 1})
+        out[name] = len(kernel.asm["cubin"])
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default 90: H100 / H200)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.add_argument("--compile-only", action="store_true",
+                        help="compile the decode step's newer kernels in every variant it launches, and stop")
     args = parser.parse_args(argv)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    if args.compile_only:
+        print(json.dumps(compile_all(args.arch), indent=1))
+        return 0
     import triton
 
     rows = {"triton": triton.__version__}

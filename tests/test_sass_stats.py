@@ -54,3 +54,14 @@ def test_v3_loops_issue_fewer_instructions_than_v2_and_never_spill():
 def _triton_minor() -> tuple[int, int]:
     import triton
     return tuple(int(p) for p in triton.__version__.split(".")[:2])
+
+
+@pytest.mark.skipif(_ptxas() is None, reason="triton with its NVIDIA backend tools is not installed")
+def test_the_decode_steps_newer_kernels_compile_for_sm90():
+    """Each variant the CUDA step launches lowers to a cubin (the interpreter never lowers anything)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "sass_stats.py"), "--compile-only"], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    sizes = json.loads(run.stdout)
+    assert len(sizes) == 20 and all(size > 1000 for size in sizes.values()), sizes
