@@ -12,7 +12,8 @@ Steps:
   env        versions, device, measured device-to-device and pinned host-to-device bandwidth
   attention  which SDPA backends take each of 26B-A4B's layer kinds (decode and prefill), and timings
   exact      CUDA fp32 vs CPU fp32 greedy tokens and logprobs at resident 1.0 / 0.5 / 0 (tiny, bench);
-             CUDA bf16: first divergence from fp32
+             CUDA bf16: first divergence from fp32, and the graphs step with its half-precision kernels
+             (fused glue, qkv_write, the next norm, rope_rows) vs the same step without them
   demo       the demo model answers "What is 17 + 25?" with 42 on CUDA with every expert in host RAM
   big        random-weight model with the real 26B-A4B config (built in memory, quantized to NF4
              on the device): planned vs placed vs peak vs reserved bytes; decode and prefill tok/s;
@@ -302,6 +303,17 @@ def step_exact(dry: bool) -> dict:
             b, _ = greedy(fp32.model, ids, n, dev)
             return {"first_divergence_bf16_vs_fp32": first_divergence(a, b), "tokens": n}
         timed(f"{name} bf16 vs fp32 on {dev.type}", bf16, rows)
+
+        def glue(mode=steps[1]) -> dict:  # the half-precision kernels (fp32 runs the unfused ops) vs those ops
+            loaded = load_model(path, device=str(dev), dtype=torch.bfloat16)
+            fused, lp_fused = greedy(loaded.model, ids, n, dev, mode, loaded.kv)
+            with kernel_switched("fused_glue", False, loaded.kv):
+                plain, lp_plain = greedy(loaded.model, ids, n, dev, mode, loaded.kv)
+            same = first_divergence(fused, plain)
+            upto = max(1, len(fused) if same is None else same)
+            return {"first_divergence": same, "tokens": n,
+                    "max_logprob_diff_before_it": max(abs(a - b) for a, b in zip(lp_fused[:upto], lp_plain[:upto]))}
+        timed(f"{name} bf16 fused glue vs unfused, {steps[1]} step", glue, rows)
         out[name] = rows
     return out
 
