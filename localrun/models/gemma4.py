@@ -653,14 +653,8 @@ class Gemma4Model(nn.Module):
         out = {}
         for kind in set(self.args.layer_types):
             inv_freq = getattr(self, f"inv_freq_{kind}")
-            if rope_on_cuda(pos_T, dtype):  # one Triton launch, not eight
-                out[kind] = fused_ops.rope_rows_op(pos_T, inv_freq, dtype)
-                continue
-            freqs = pos_T[:, None].float() * inv_freq[None, :]
-            emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
-            sin = emb.sin()
-            sin[..., : sin.shape[-1] // 2] *= -1
-            out[kind] = (emb.cos().to(dtype), sin.to(dtype))
+            rows = fused_ops.rope_rows_op if rope_on_cuda(pos_T, dtype) else fused_ops.rope_rows_reference
+            out[kind] = rows(pos_T, inv_freq, dtype)  # the op: one Triton launch, not eight
         return out
 
     def hidden(self, ids_BT: torch.Tensor, cache=None, pos_T: torch.Tensor | None = None) -> torch.Tensor:
