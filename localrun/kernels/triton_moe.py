@@ -608,15 +608,15 @@ class _Call:
         """What the kernels' autotuning keys on, and the device and dtype."""
         return (self.H, self.I, self.K, self.t_bucket, self.blocksize, self.double_quant, self.x.dtype, self.x.device)
 
-    def common(self, stage: str, words_per_row: int) -> tuple:
-        """The positional arguments both versions of a stage's kernel take."""
+    def common(self, stage: str) -> tuple:
+        """The positional arguments both versions of a stage's kernel take (rows as 32-bit code words)."""
         e = self.experts
         if stage == "gate_up":
             return (self.x, self.ids, self.order, self.h, e.view(torch.int32), e, e.view(torch.float32), self.code,
-                    self.nested_code, e.shape[1], *_matrix_args(self.offsets[:4]), self.K, words_per_row, self.I,
+                    self.nested_code, e.shape[1], *_matrix_args(self.offsets[:4]), self.K, self.H // 8, self.I,
                     self.x.stride(0), self.t_bucket)
         return (self.h, self.ids, self.w, self.y, e.view(torch.int32), e, e.view(torch.float32), self.code,
-                self.nested_code, e.shape[1], *_matrix_args(self.offsets[4:]), self.K, self.H, self.I, words_per_row,
+                self.nested_code, e.shape[1], *_matrix_args(self.offsets[4:]), self.K, self.H, self.I, self.I // 8,
                 self.y.stride(0), self.t_bucket)
 
 
@@ -635,7 +635,7 @@ def _prepare(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden, in
 def _gate_up_v3(c: _Call, tiles: V3Tiles | None) -> None:
     meta = dict(ACT=ACT_CODES[c.act], LOG_WPB=(c.blocksize // 8).bit_length() - 1, DOUBLE_QUANT=c.double_quant,
                 SORTED=c.T > 1)
-    args = c.common("gate_up", c.H // 8)
+    args = c.common("gate_up")
     if tiles is None:
         _gate_up_v3_tuned[lambda m: (c.T * c.K, triton.cdiv(c.I, m["BLOCK_N"]))](*args, **meta)
     else:
@@ -647,7 +647,7 @@ def _gate_up_v3(c: _Call, tiles: V3Tiles | None) -> None:
 def _down_v3(c: _Call, tiles: V3Tiles | None) -> None:
     meta = dict(LOG_WPB=(c.blocksize // 8).bit_length() - 1, DOUBLE_QUANT=c.double_quant,
                 KE=triton.next_power_of_2(c.K))
-    args = c.common("down", c.I // 8)
+    args = c.common("down")
     if tiles is None:
         _down_v3_tuned[lambda m: (triton.cdiv(c.H, m["BLOCK_N"]), c.T)](*args, **meta)
     else:
@@ -658,7 +658,7 @@ def _down_v3(c: _Call, tiles: V3Tiles | None) -> None:
 def _gate_up_v2(c: _Call, tiles: Tiles | None) -> None:
     meta = dict(ACT=ACT_CODES[c.act], BLOCKSIZE=c.blocksize, DOUBLE_QUANT=c.double_quant, SORTED=c.T > 1,
                 BB=_gcd_pow2(c.H // 2, c.blocksize))
-    args = c.common("gate_up", c.H // 8)
+    args = c.common("gate_up")
     if tiles is None:
         _gate_up_v2_tuned[lambda m: (c.T * c.K, triton.cdiv(c.I, m["BLOCK_N"]))](*args, **meta)
     else:
@@ -670,7 +670,7 @@ def _gate_up_v2(c: _Call, tiles: Tiles | None) -> None:
 def _down_v2(c: _Call, tiles: Tiles | None) -> None:
     meta = dict(BLOCKSIZE=c.blocksize, DOUBLE_QUANT=c.double_quant, BB=_gcd_pow2(c.I // 2, c.blocksize),
                 KE=triton.next_power_of_2(c.K))
-    args = c.common("down", c.I // 8)
+    args = c.common("down")
     if tiles is None:
         _down_v2_tuned[lambda m: (triton.cdiv(c.H, m["BLOCK_N"]), c.T)](*args, **meta)
     else:
@@ -1015,25 +1015,22 @@ def _moe_4bit_v1(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden
                  act, blocks: Blocks) -> torch.Tensor:
     """The v1 kernels (kept for A/B timing in benchmark_moe_4bit)."""
     _check(x_TH, ids_TK, experts, hidden)
-    T, K = ids_TK.shape
-    H, I = hidden, inter
-    ids = ids_TK.contiguous()
-    w = w_TK.contiguous()
-    h = torch.empty(T * K, I, dtype=torch.float32, device=x_TH.device)
-    y = torch.empty(T, H, dtype=x_TH.dtype, device=x_TH.device)
+    c = _prepare(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden, inter, blocksize, double_quant,
+                 act)
+    T, K, H, I = c.T, c.K, c.H, c.I
     buf_f32 = experts.view(torch.float32)
-    # pairs sorted by expert: programs reading one expert run side by side (no host sync)
-    order = torch.argsort(ids.reshape(-1), stable=True) if T > 1 else ids
-    common = dict(BLOCKSIZE=blocksize, DOUBLE_QUANT=bool(double_quant), num_warps=blocks.num_warps)
+    # pairs sorted by expert (c.order): programs reading one expert run side by side (no host sync)
+    common = dict(BLOCKSIZE=blocksize, DOUBLE_QUANT=c.double_quant, num_warps=blocks.num_warps)
     _gate_up_kernel[(T * K, triton.cdiv(I, blocks.gate_up_n))](
-        x_TH, ids, order, h, experts, buf_f32, code, nested_code, experts.shape[1], *_matrix_args(offsets[:4]),
+        x_TH, c.ids, c.order, c.h, experts, buf_f32, c.code, nested_code, experts.shape[1], *_matrix_args(offsets[:4]),
         K, H // 2, I, x_TH.stride(0), ACT=ACT_CODES[act], SORTED=T > 1,
         ROW_BLOCKS=_row_blocks(H, blocksize, blocks.gate_up_k),
         BLOCK_N=blocks.gate_up_n, BLOCK_K=blocks.gate_up_k, **common)
     _down_kernel[(T, triton.cdiv(H, blocks.down_n))](
-        h, ids, w, y, experts, buf_f32, code, nested_code, experts.shape[1], *_matrix_args(offsets[4:]),
-        K, H, I, I // 2, y.stride(0), ROW_BLOCKS=_row_blocks(I, blocksize, blocks.down_k), BLOCK_N=blocks.down_n, BLOCK_K=blocks.down_k, **common)
-    return y
+        c.h, c.ids, c.w, c.y, experts, buf_f32, c.code, nested_code, experts.shape[1], *_matrix_args(offsets[4:]),
+        K, H, I, I // 2, c.y.stride(0), ROW_BLOCKS=_row_blocks(I, blocksize, blocks.down_k), BLOCK_N=blocks.down_n,
+        BLOCK_K=blocks.down_k, **common)
+    return c.y
 
 
 # -- benchmark (scripts/gpu_check.py calls this on a lent GPU) --------------------------------
