@@ -405,24 +405,15 @@ def big_model_run(dry: bool, dev, load_kwargs: dict, rows: dict) -> dict:
                     timed(f"per_token_{mode}_with_{name}",
                           lambda: per_token_counts(model, short, dev, mode, loaded.kv), rows)
 
-                def tokens(name=name, mode=mode, n=16) -> dict:  # greedy tokens with the kernel vs without
-                    default, _ = greedy(model, short, n, dev, mode, loaded.kv)
-                    with kernel_switched(name, True, loaded.kv):
-                        switched, _ = greedy(model, short, n, dev, mode, loaded.kv)
-                    return {"first_divergence_from_default": first_divergence(switched, default), "tokens": n}
-                timed(f"tokens_{mode}_with_{name}", tokens, rows)
+                timed(f"tokens_{mode}_with_{name}", lambda name=name, mode=mode: divergence_when(
+                    lambda: kernel_switched(name, True, loaded.kv), model, short, dev, mode, loaded.kv), rows)
         if mode in ("graphs", "static") and loaded.store is None:  # MoE decode kernels: v3 (default) vs v2 (measured)
             with moe_v3_switched(False, loaded.kv):
                 timed(f"speed_{mode}_with_v2_moe", rates, rows)
                 timed(f"per_token_{mode}_with_v2_moe", lambda: per_token_counts(model, short, dev, mode, loaded.kv),
                       rows)
-
-            def tokens_v2(mode=mode, n=16) -> dict:
-                default, _ = greedy(model, short, n, dev, mode, loaded.kv)
-                with moe_v3_switched(False, loaded.kv):
-                    v2, _ = greedy(model, short, n, dev, mode, loaded.kv)
-                return {"first_divergence_from_default": first_divergence(v2, default), "tokens": n}
-            timed(f"tokens_{mode}_with_v2_moe", tokens_v2, rows)
+            timed(f"tokens_{mode}_with_v2_moe", lambda mode=mode: divergence_when(
+                lambda: moe_v3_switched(False, loaded.kv), model, short, dev, mode, loaded.kv), rows)
     if loaded.store is None:  # prefill through the grouped GEMMs (default) vs each hit expert dequantized once
         from quant import ffn
 
@@ -453,35 +444,41 @@ def big_model_run(dry: bool, dev, load_kwargs: dict, rows: dict) -> dict:
 
 
 @contextlib.contextmanager
+def setting(target, name: str, value, cache):
+    """Within: `target[name]` (a dict) or `target.name` (a module) set to `value`; the cache's decode
+    steps are dropped on the way in and out, so their graphs are captured anew."""
+    get, put = ((target.__getitem__, target.__setitem__) if isinstance(target, dict)
+                else (lambda n: getattr(target, n), lambda n, v: setattr(target, n, v)))
+    before = get(name)
+    put(name, value)
+    cache.steps.clear()
+    try:
+        yield
+    finally:
+        put(name, before)
+        cache.steps.clear()
+
+
 def kernel_switched(name: str, on: bool, cache):
-    """Within: the decoder's kernel `name` (models/gemma4.DECODE_KERNELS) on or off (off: its torch
-    ops run); the cache's decode steps are dropped on the way in and out, so their graphs are
-    captured anew."""
+    """Within: the decoder's kernel `name` (models/gemma4.DECODE_KERNELS) on or off (off: its torch ops run)."""
     from localrun.models import gemma4
 
-    before = gemma4.DECODE_KERNELS[name]
-    gemma4.DECODE_KERNELS[name] = on
-    cache.steps.clear()
-    try:
-        yield
-    finally:
-        gemma4.DECODE_KERNELS[name] = before
-        cache.steps.clear()
+    return setting(gemma4.DECODE_KERNELS, name, on, cache)
 
 
-@contextlib.contextmanager
 def moe_v3_switched(on: bool, cache):
-    """Within: the v3 4-bit MoE decode kernels on or off (off: v2); decode steps captured anew."""
+    """Within: the v3 4-bit MoE decode kernels on or off (off: v2 alone)."""
     from localrun.kernels import triton_moe
 
-    before = triton_moe.USE_V3
-    triton_moe.USE_V3 = on
-    cache.steps.clear()
-    try:
-        yield
-    finally:
-        triton_moe.USE_V3 = before
-        cache.steps.clear()
+    return setting(triton_moe, "USE_V3", on, cache)
+
+
+def divergence_when(switch, model, ids: list[int], dev, mode: str, cache, n: int = 16) -> dict:
+    """Greedy tokens by default vs within `switch()` (a context manager): where they first differ."""
+    default, _ = greedy(model, ids, n, dev, mode, cache)
+    with switch():
+        switched, _ = greedy(model, ids, n, dev, mode, cache)
+    return {"first_divergence_from_default": first_divergence(switched, default), "tokens": n}
 
 
 def per_token_counts(model, ids: list[int], dev, mode: str = "eager", cache=None) -> dict:
