@@ -46,17 +46,20 @@ def _tool(name: str) -> str:
 DIVISIBLE = {"expert_bytes", "codes_off", "absmax_off", "H_Q", "I", "H", "stride_xt", "stride_yt"}
 
 
-def compile_kernel(fn, constexprs: dict, num_warps: int, arch: int):
-    """triton.compile for cuda:`arch` with every non-constexpr int argument an i32, and the
-    divisibility by 16 Triton's run-time specialization would see at 26B-A4B's shapes."""
+def compile_kernel(fn, constexprs: dict, num_warps: int, arch: int, pointers: dict = POINTERS):
+    """triton.compile for cuda:`arch`: `pointers` typed as given, eps and scales fp32, every other
+    non-constexpr argument an i32, with the divisibility by 16 Triton's run-time specialization sees
+    for torch's allocations and for 26B-A4B's shapes (DIVISIBLE)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     consts = {k: v for k, v in constexprs.items() if k in fn.arg_names}
-    signature = {n: POINTERS.get(n, "constexpr" if n in consts else "i32") for n in fn.arg_names}
+    floats = {"eps", "scale", "router_scale"}
+    signature = {n: pointers.get(n, "constexpr" if n in consts else "fp32" if n in floats else "i32")
+                 for n in fn.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
-             if n not in consts and (n in POINTERS or n in DIVISIBLE)}
+             if n not in consts and (n in pointers or n in DIVISIBLE)}
     source = ASTSource(fn, signature, consts, attrs)
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": 1})
 
@@ -122,13 +125,6 @@ def cases():
         yield f"v2 {name} n={n} k={k} warps={warps}", fn, consts, warps, rows * k * 2 / (32 * warps)
 
 
-def _signature_types(fn, pointers: dict, constexprs: dict) -> dict:
-    """Every argument of `fn`: its pointer type (pointers), constexpr, fp32 for eps / scales, else i32."""
-    floats = {"eps", "scale", "router_scale"}
-    return {n: pointers.get(n, "constexpr" if n in constexprs else "fp32" if n in floats else "i32")
-            for n in fn.arg_names}
-
-
 def compile_cases():
     """(name, kernel, pointer types, constexprs, warps): the CUDA decode step's newer Triton kernels
     in the variants the step launches (dtypes, double quant, sorted pairs, rings, the next norm)."""
@@ -155,16 +151,8 @@ def compile_cases():
 
 def compile_all(arch: int) -> dict:
     """name -> cubin bytes of every compile_cases() kernel (an exception where one does not compile)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    out = {}
-    for name, fn, ptrs, consts, warps in compile_cases():
-        source = ASTSource(fn, _signature_types(fn, ptrs, consts), consts, {})
-        kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": 1})
-        out[name] = len(kernel.asm["cubin"])
-    return out
+    return {name: len(compile_kernel(fn, consts, warps, arch, ptrs).asm["cubin"])
+            for name, fn, ptrs, consts, warps in compile_cases()}
 
 
 def main(argv=None) -> int:
