@@ -40,3 +40,77 @@ def test_dry_run_writes_a_complete_report(tmp_path):
     assert kernels["gemv per token"]["weight_bytes"] > 0
     assert "gpu_check.md" in {p.name for p in tmp_path.iterdir()}
     assert "## big" in (tmp_path / "gpu_check.md").read_text()
+
+
+def _script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check_under_test", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_past_the_deadline_nothing_more_is_measured_and_the_report_says_so(tmp_path):
+    import time
+
+    check = _script()
+    ran = []
+
+    def step(dry):
+        out: dict = {}
+        check.timed("first", lambda: ran.append("first") or 1, out)
+        check.PROGRESS.deadline = time.time() - 1  # the lease runs out here
+        check.timed("second", lambda: ran.append("second") or 2, out)
+        return out
+
+    check.STEP_FUNCTIONS = {"one": step, "two": lambda dry: ran.append("two") or {}}
+    check.STEPS = {"one": 10, "two": 10}
+    report = check.run_steps(["one", "two"], True, tmp_path, inline=True, deadline=time.time() + 60)
+    assert ran == ["first"]
+    assert report["steps"]["one"]["first"] == 1 and report["steps"]["one"]["second"] == check.SKIPPED
+    assert report["steps"]["two"] == check.SKIPPED
+    assert json.loads((tmp_path / "gpu_check.json").read_text())["steps"]["two"]["skipped"].startswith("out of time")
+
+
+def test_a_step_stopped_midway_keeps_what_it_measured(tmp_path):
+    """Inline, the report on disk holds each measurement as it ends (a lease that ends mid-step
+    keeps them); a step that dies reports its error with them."""
+    check = _script()
+    seen_on_disk = []
+
+    def step(dry):
+        out: dict = {}
+        check.timed("outer", lambda: check.timed("inner", lambda: 7, out) and 8, out)
+        seen_on_disk.append(json.loads((tmp_path / "gpu_check.json").read_text())["steps"]["one"])
+        raise KeyboardInterrupt("killed")
+
+    check.STEP_FUNCTIONS = {"one": step}
+    report = check.run_steps(["one"], True, tmp_path, inline=True)
+    assert seen_on_disk[0]["error"] == check.UNFINISHED
+    assert seen_on_disk[0]["partial"] == {"outer / inner": 7, "outer": 8}
+    value = report["steps"]["one"]
+    assert value["error"].startswith("KeyboardInterrupt") and value["partial"] == {"outer / inner": 7, "outer": 8}
+    assert "Measured before it stopped" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_a_child_over_its_time_limit_reports_its_partial_result(tmp_path, monkeypatch):
+    check = _script()
+
+    def run(cmd, timeout):  # the child measured one thing, then hung
+        result = Path(cmd[cmd.index("--result") + 1])
+        result.write_text(json.dumps({"error": check.UNFINISHED, "partial": {"speed": 1.5}}))
+        raise check.subprocess.TimeoutExpired(cmd, timeout)
+
+    monkeypatch.setattr(check.subprocess, "run", run)
+    report = check.run_steps(["env"], False, tmp_path)
+    assert report["steps"]["env"]["error"] == f"timed out after {check.STEPS['env']} s"
+    assert report["steps"]["env"]["partial"] == {"speed": 1.5}
+
+
+def test_deadline_must_be_positive(tmp_path, capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as e:
+        _script().main([str(tmp_path), "--dry", "--deadline", "0"])
+    assert e.value.code == 2 and "--deadline must be a positive" in capsys.readouterr().err
