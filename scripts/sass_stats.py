@@ -46,7 +46,7 @@ def _tool(name: str) -> str:
 DIVISIBLE = {"expert_bytes", "codes_off", "absmax_off", "H_Q", "I", "H", "stride_xt", "stride_yt"}
 
 
-def compile_kernel(fn, constexprs: dict, num_warps: int, arch: int, pointers: dict = POINTERS):
+def compile_kernel(fn, constexprs: dict, num_warps: int, arch: int, pointers: dict = POINTERS, num_stages: int = 1):
     """triton.compile for cuda:`arch`: `pointers` typed as given, eps and scales fp32, every other
     non-constexpr argument an i32, with the divisibility by 16 Triton's run-time specialization sees
     for torch's allocations and for 26B-A4B's shapes (DIVISIBLE)."""
@@ -61,7 +61,7 @@ def compile_kernel(fn, constexprs: dict, num_warps: int, arch: int, pointers: di
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
              if n not in consts and (n in pointers or n in DIVISIBLE)}
     source = ASTSource(fn, signature, consts, attrs)
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": 1})
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages})
 
 
 def loop_counts(sass: str) -> collections.Counter:
@@ -88,16 +88,18 @@ def loop_counts(sass: str) -> collections.Counter:
     return ops
 
 
-def inspect(kernel) -> dict:
+def inspect(kernel, sass: bool = True) -> dict:
+    """Registers and local-memory (spill) bytes a thread, from cuobjdump; with `sass`, the loop's opcodes."""
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp, "k.cubin")
         cubin.write_bytes(kernel.asm["cubin"])
-        sass = subprocess.run([_tool("nvdisasm"), "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
         usage = subprocess.run([_tool("cuobjdump"), "-res-usage", str(cubin)], capture_output=True, text=True).stdout
+        code = subprocess.run([_tool("nvdisasm"), "-c", str(cubin)], capture_output=True, text=True,
+                              check=True).stdout if sass else ""
     regs = re.search(r"REG:(\d+)", usage)
     local = re.search(r"LOCAL:(\d+)", usage)
-    return {"ops": loop_counts(sass), "registers": int(regs.group(1)) if regs else None,
-            "local_bytes": int(local.group(1)) if local else None}
+    info = {"registers": int(regs.group(1)) if regs else None, "local_bytes": int(local.group(1)) if local else None}
+    return {"ops": loop_counts(code), **info} if sass else info
 
 
 def cases():
@@ -126,9 +128,10 @@ def cases():
 
 
 def compile_cases():
-    """(name, kernel, pointer types, constexprs, warps): the CUDA decode step's newer Triton kernels
-    in the variants the step launches (dtypes, double quant, sorted pairs, rings, the next norm)."""
-    from localrun.kernels import triton_fused, triton_moe, triton_qkv_write
+    """(name, kernel, pointer types, constexprs, warps[, stages]): the CUDA step's Triton kernels not yet
+    run on a GPU, in the variants it launches (dtypes, double quant, sorted pairs, rings, the next norm),
+    and each autotune config of the prefill's grouped 4-bit GEMMs and of the dense GEMV (opt-in)."""
+    from localrun.kernels import triton_fused, triton_gemv, triton_moe, triton_qkv_write
 
     for x in ("*bf16", "*fp32"):
         ptrs = dict(POINTERS, x_ptr=x, y_ptr=x)
@@ -147,12 +150,48 @@ def compile_cases():
         yield f"ffn_residual {x[1:]} next", triton_fused._ffn_residual_kernel, glue, dict(NEXT=True, BLOCK=4096), 4
         rope = {"pos_ptr": "*i64", "inv_ptr": "*fp32", "cos_ptr": x, "sin_ptr": x}
         yield f"rope_rows {x[1:]}", triton_fused._rope_rows_kernel, rope, dict(BLOCK=128), 4
+    yield from _grouped_cases(triton_moe)
+    yield from _gemv_cases(triton_gemv)
+
+
+def _grouped_cases(tm):
+    """Every GROUPED_CONFIGS tile of both grouped GEMMs in bf16 (the CUDA model's dtype), then fp32
+    (IEEE products) and double quant at the first tile."""
+    variants = [("bf16", False, cfg, 64) for cfg in tm.GROUPED_CONFIGS]
+    variants += [(dtype, dq, tm.GROUPED_CONFIGS[0], 16) for dtype, dq in (("fp32", False), ("bf16", True))]
+    for dtype, dq, cfg, block_m in variants:
+        yield from grouped_case(tm, dtype, dq, cfg, block_m)
+
+
+def grouped_case(tm, dtype: str, dq: bool, cfg, block_m: int):
+    """compile_cases() rows of both grouped GEMMs at one tile config, x dtype, double quant and BLOCK_M."""
+    ptrs = dict(POINTERS, pairs_ptr="*i32", block_e_ptr="*i32", x_ptr=f"*{dtype}", h_ptr=f"*{dtype}",
+                out_ptr=f"*{dtype}")
+    tile = dict(BLOCKSIZE=64, DOUBLE_QUANT=dq, IEEE=dtype == "fp32", BLOCK_M=block_m, **cfg.kwargs)
+    label = f"n={cfg.kwargs['BLOCK_N']} k={cfg.kwargs['BLOCK_K']} warps={cfg.num_warps} stages={cfg.num_stages}"
+    for stage, fn, extra in (("gate_up", tm._gate_up_grouped_kernel, dict(ACT=0)), ("down", tm._down_grouped_kernel, {})):
+        yield (f"grouped {stage} {dtype} dq={dq} m={block_m} {label}", fn, ptrs, dict(tile, **extra),
+               cfg.num_warps, cfg.num_stages)
+
+
+def _gemv_cases(tg):
+    """Every GEMV autotune config the pruning keeps at one row, and the 4-row variant with a bias."""
+    ptrs = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16"}
+    for bm, bias in ((1, False), (4, True)):
+        for cfg in tg._prune(tg.CONFIGS, {"BM": bm}):
+            yield (f"gemv bm={bm} bias={bias} n={cfg.kwargs['BLOCK_N']} k={cfg.kwargs['BLOCK_K']} warps={cfg.num_warps}",
+                   tg._gemv_kernel, ptrs, dict(BM=bm, HAS_BIAS=bias, **cfg.kwargs), cfg.num_warps)
 
 
 def compile_all(arch: int) -> dict:
-    """name -> cubin bytes of every compile_cases() kernel (an exception where one does not compile)."""
-    return {name: len(compile_kernel(fn, consts, warps, arch, ptrs).asm["cubin"])
-            for name, fn, ptrs, consts, warps in compile_cases()}
+    """name -> cubin bytes, shared memory bytes and registers of every compile_cases() kernel (an
+    exception where one does not compile)."""
+    rows = {}
+    for name, fn, ptrs, consts, warps, *stages in compile_cases():
+        kernel = compile_kernel(fn, consts, warps, arch, ptrs, *stages)
+        rows[name] = {"cubin_bytes": len(kernel.asm["cubin"]), "shared_bytes": kernel.metadata.shared,
+                      **inspect(kernel, sass=False)}
+    return rows
 
 
 def main(argv=None) -> int:
