@@ -30,6 +30,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from .errors import UsageError
 from .tiny import tiny_config, write_checkpoint
 
 BENCH_NAME = "bench"
@@ -205,20 +206,20 @@ def measure(engine: str, generate_n: Callable[[int, Callable[[], None]], None], 
     generate_n(min(gen_tokens, 2), lambda: None)  # warm-up: allocator, kernels, lazy inits
     first, rest = float("inf"), float("inf")
     for _ in range(repeat):
-        ticks: list[float] = []
+        ticks: list[float] = []  # the first token's time, then one entry per later token
 
         def tick() -> None:
             if not ticks:
                 sync()
-                ticks.append(time.perf_counter())
+            ticks.append(time.perf_counter())
 
         sync()
         start = time.perf_counter()
         generate_n(gen_tokens, tick)
         sync()
         end = time.perf_counter()
-        if not ticks:
-            raise RuntimeError(f"{engine} generated no token")
+        if len(ticks) != gen_tokens:  # a rate over tokens that never came would be fiction
+            raise RuntimeError(f"{engine} generated {len(ticks)} of the {gen_tokens} tokens asked for")
         first, rest = min(first, ticks[0] - start), min(rest, end - ticks[0])
     decode = (gen_tokens - 1) / rest if gen_tokens > 1 and rest > 0 else 0.0
     return Measurement(engine, prompt_tokens, gen_tokens, first, prompt_tokens / first, decode)
@@ -230,8 +231,9 @@ def decode_bytes_per_token(plan) -> int:
     return plan.decode_weight_bytes + plan.active_expert_bytes + plan.kv_bytes
 
 
-def copy_bandwidth(device, nbytes: int = 1 << 30, repeat: int = 5) -> float:
-    """Device-to-device copy bandwidth in bytes/s, counting bytes read and written (the floor's unit)."""
+def copy_bandwidth(device, nbytes: int = 256 << 20, repeat: int = 5) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read and written (the floor's unit).
+    Two 256 MiB buffers: several times any GPU's L2, and room for them before a model is loaded."""
     a = torch.empty(nbytes, dtype=torch.uint8, device=device)
     b = torch.empty_like(a)
     sync = lambda: torch.cuda.synchronize(device)  # noqa: E731
@@ -245,25 +247,26 @@ def bench_localrun(model_dir: Path, cases: list[tuple[int, int]], *, device: str
                    experts: str, repeat: int, resident_fraction: float | None = None,
                    info: dict | None = None, steps: tuple[str, ...] = ("auto",)) -> list[Measurement]:
     from .engine import Engine
-    from .loader import memory_report
+    from .loader import memory_report, resolve_device
     from .sampling import SamplingParams
     from .step import graph_safe
 
-    reset_peak_rss()
-    engine = Engine.load(model_dir, device=device, dtype=dtype, experts=experts, resident_fraction=resident_fraction)
-    if info is not None:  # what the matrices are kept in: bf16 under an fp32 CPU run (kernels.storage_dtype)
-        info["matrices"] = str(engine.loaded.model.embed_tokens.weight.dtype).removeprefix("torch.")
-    dev = engine.loaded.device
-    if _cuda(dev):
-        torch.cuda.reset_peak_memory_stats(dev)
-    sync = (lambda: torch.cuda.synchronize(dev)) if _cuda(dev) else (lambda: None)
-    per_token = decode_bytes_per_token(engine.loaded.plan) if engine.loaded.plan else None
+    dev = resolve_device(device)
     bandwidth = None
-    if _cuda(dev):
+    if _cuda(dev):  # before the model takes the memory (a 16 GiB card has ~1 GiB left after it)
         bandwidth = copy_bandwidth(dev)
         if info is not None:
             info["copy_bandwidth_bytes_per_s"] = bandwidth
             info["gpu"] = torch.cuda.get_device_name(dev)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)  # peak VRAM: since this engine started loading, as peak RSS
+    reset_peak_rss()
+    engine = Engine.load(model_dir, device=device, dtype=dtype, experts=experts, resident_fraction=resident_fraction)
+    if info is not None:  # what the matrices are kept in: bf16 under an fp32 CPU run (kernels.storage_dtype)
+        info["matrices"] = str(engine.loaded.model.embed_tokens.weight.dtype).removeprefix("torch.")
+    check_cases(cases, engine.loaded.plan.context if engine.loaded.plan else None)
+    sync = (lambda: torch.cuda.synchronize(dev)) if _cuda(dev) else (lambda: None)
+    per_token = decode_bytes_per_token(engine.loaded.plan) if engine.loaded.plan else None
     out = []
     for step in steps:
         for prompt_tokens, gen_tokens in cases:
@@ -288,6 +291,14 @@ def bench_localrun(model_dir: Path, cases: list[tuple[int, int]], *, device: str
             m.memory = memory_report(engine.loaded)
             out.append(m)
     return out
+
+
+def check_cases(cases: list[tuple[int, int]], context: int | None) -> None:
+    """Every (prompt, gen) case fits the planned context, or a UsageError before any is measured."""
+    for prompt_tokens, gen_tokens in cases:
+        if context is not None and prompt_tokens + gen_tokens > context:
+            raise UsageError(f"--prompt-tokens {prompt_tokens} + --gen-tokens {gen_tokens} is more than the "
+                             f"model's {context}-token context")
 
 
 def bench_transformers(model_dir: Path, cases: list[tuple[int, int]], *, device: str, dtype: torch.dtype,
@@ -381,7 +392,7 @@ COMPARE = ("transformers", "llama.cpp")
 
 
 def run_bench(model_dir: str | Path, cases: list[tuple[int, int]], *, device: str = "cpu",
-              dtype: torch.dtype = torch.float32, experts: str | Sequence[str] = "bf16", repeat: int = 3,
+              dtype: torch.dtype | None = torch.float32, experts: str | Sequence[str] = "bf16", repeat: int = 3,
               compare: str | None = None, resident_fraction: float | None = None, rounds: int = 1,
               graphs: str = "auto", gguf: dict[str, Path] | None = None) -> BenchReport:
     """Measure localrun (at each of `experts`) and `compare` ("transformers", or "llama.cpp" on each
@@ -401,12 +412,14 @@ def run_bench(model_dir: str | Path, cases: list[tuple[int, int]], *, device: st
         raise ValueError(f"graphs must be one of {', '.join(GRAPH_MODES)}, not {graphs!r}")
     experts = [experts] if isinstance(experts, str) else list(dict.fromkeys(experts))
     threads = torch.get_num_threads()
+    on_cpu = device == "cpu" or device == "auto" and not torch.cuda.is_available()
+    if dtype is None:  # auto, as `run` takes it: fp32 on the CPU (bf16 matrices, fp32 compute), bf16 on a GPU
+        dtype = torch.float32 if on_cpu else torch.bfloat16
     info = {
         "model": str(model_dir), "device": device, "dtype": str(dtype).removeprefix("torch."),
         "experts": ", ".join(experts), "resident_experts": resident_fraction, "repeat": repeat, "rounds": rounds,
         "threads": threads, "torch": torch.__version__, "cpu": cpu_model(), "cpu_features": cpu_features(),
     }
-    on_cpu = device == "cpu" or device == "auto" and not torch.cuda.is_available()
     if on_cpu:
         info["kernels"] = kernel_isa()
     if compare == "transformers":

@@ -126,3 +126,43 @@ def test_decode_is_timed_within_a_generation_so_a_slow_prefill_does_not_inflate_
     m = bench.measure("x", generate_n, 100, 11, repeat=3)
     assert (m.ttft_s, m.prefill_tokens_per_s) == (0.5, 200.0)
     assert m.decode_tokens_per_s == pytest.approx(100.0)
+
+
+def test_a_generation_that_stops_short_is_an_error_not_a_rate():
+    """Tokens that never came cannot be divided by the time (a case past the context once reported
+    millions of tokens a second)."""
+    def generate_n(n, tick):
+        for _ in range(min(n, 3)):
+            tick()
+
+    with pytest.raises(RuntimeError, match="generated 3 of the 10 tokens"):
+        bench.measure("x", generate_n, 5, 10, repeat=1)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--prompt-tokens", "8", "--gen-tokens", "100000000"], "is more than the model's"),
+    (["--prompt-tokens", "99999999999999999999"], "is more than the model's"),
+    (["--device", "tpu"], "--device must be cpu, cuda, cuda:N or auto, not 'tpu'"),
+    (["--device", "CPU"], "--device must be"),
+    (["--graphs", "both", "--device", "cpu"], "--graphs both needs --device cuda"),
+    (["--experts", "bf16", "--resident-experts", "0.5"], "need 4-bit experts"),
+])
+def test_bench_refuses_cases_it_cannot_measure_before_measuring_any(tiny_moe, capsys, args, message):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", str(tiny_moe), "--repeat", "1", "--prompt-tokens", "4", "--gen-tokens", "2", *args])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and "Traceback" not in err, err
+
+
+def test_bench_out_is_checked_first_and_written_whole_after_the_table_prints(tiny_moe, tmp_path, capsys):
+    for target, message in ((tmp_path, "is a directory"), (tmp_path / "no" / "x.md", "does not exist")):
+        with pytest.raises(SystemExit) as e:
+            main(["bench", str(tiny_moe), "--repeat", "1", "--out", str(target)])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    out = tmp_path / "b.md"
+    out.write_text("old")
+    out.chmod(0o640)
+    main(["bench", str(tiny_moe), "--prompt-tokens", "5", "--gen-tokens", "2", "--repeat", "1", "--dtype", "auto",
+          "--out", str(out)])
+    assert out.read_text() == capsys.readouterr().out and (out.stat().st_mode & 0o777) == 0o640
+    assert [p.name for p in tmp_path.iterdir()] == ["b.md"]  # no temporary file left beside it

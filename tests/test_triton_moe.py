@@ -289,6 +289,21 @@ def test_v2_at_the_26b_shape():
     assert rel_err(y, bnb_moe(buf, x, ids, w, "gelu_pytorch_tanh")) < RTOL
 
 
+@needs_triton
+@pytest.mark.parametrize("blocks", [None, "v2"])
+def test_top_8_through_v2s_tiles(blocks):
+    """Eight experts a token in v2's down tile (KE x rows x weights) stays within Triton's tensor size:
+    the default path at a shape v3 does not take (H, I not multiples of 32), and v2 forced."""
+    h, i, e = 200, 72, 10
+    spec = QuantSpec("nf4", 64, False)
+    buf = make_buffer(spec, e, h, i)
+    ids, w = routing(2, 8, e)
+    x = torch.randn(2, h, generator=torch.Generator().manual_seed(5))
+    y = triton_moe.moe_4bit_triton(x, ids, w, buf.data, *buf.code_tables(), buf.offsets(), h, i, 64, False,
+                                   "silu", blocks=blocks)
+    assert rel_err(y, bnb_moe(buf, x, ids, w, "silu")) < RTOL
+
+
 # -- the grouped GEMMs (prefill: from GROUPED_MIN_TOKENS tokens) ----------------------------
 
 

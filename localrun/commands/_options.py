@@ -5,6 +5,7 @@ Nothing here imports torch: `--help` and usage errors must answer before it load
 
 from __future__ import annotations
 
+import re
 from typing import Optional
 
 import typer
@@ -45,6 +46,12 @@ def check_sampling(top_p: float, repeat_penalty: float) -> None:
         raise UsageError("--repeat-penalty must be more than 0")
 
 
+def check_device(device: str) -> None:
+    """cpu, auto, cuda or cuda:N (what the loader's resolve_device takes), else a usage error."""
+    if not re.fullmatch(r"cpu|auto|cuda(:\d+)?", device):
+        raise UsageError(f"--device must be cpu, cuda, cuda:N or auto, not {device!r}")
+
+
 def check_dtype(dtype: str) -> None:
     if dtype not in DTYPE_NAMES:
         raise UsageError(f"--dtype must be auto, bfloat16 or float32, not {dtype!r}")
@@ -53,6 +60,7 @@ def check_dtype(dtype: str) -> None:
 def load_kwargs(device: str, dtype: str, experts: Optional[str], vram: Optional[str],
                 resident_experts: Optional[float], context: Optional[int]) -> dict:
     """Validated keyword arguments for Engine.load from the shared command-line options."""
+    check_device(device)
     check_dtype(dtype)
     if context is not None and context < 1:
         raise UsageError(f"--context must be at least 1, not {context}")

@@ -36,7 +36,7 @@ def bench(
                                           "checkpoint converted to GGUF, cached beside it) in the same run."),
     prompt_tokens: List[int] = typer.Option([128, 512], "--prompt-tokens", help="Prompt length (repeatable)."),
     gen_tokens: List[int] = typer.Option([64], "--gen-tokens", help="Tokens to generate (repeatable)."),
-    dtype: str = typer.Option("float32", "--dtype", help="Compute dtype: bfloat16 or float32."),
+    dtype: str = opt.DTYPE,
     experts: List[str] = typer.Option(["bf16"], "--experts", help="Routed expert precision: bf16 (the compute "
                                       "dtype), nf4 or fp4; repeat it to measure several in the same run."),
     gguf: List[str] = typer.Option(list(llamacpp.GGUF_PRECISIONS), "--gguf", help="With --compare llama.cpp: its "
@@ -55,6 +55,7 @@ def bench(
     as_json: bool = typer.Option(False, "--json", help="Print the raw numbers as JSON instead of the table."),
 ) -> None:
     """Measure prefill and decode speed (and compare with transformers or llama.cpp)."""
+    opt.check_device(device)
     opt.check_dtype(dtype)
     if compare not in (None, *COMPARE):
         raise UsageError(f"--compare can only be {' or '.join(COMPARE)}, not {compare!r}")
@@ -67,14 +68,23 @@ def bench(
     if graphs not in GRAPH_MODES:
         raise UsageError(f"--graphs must be one of {', '.join(GRAPH_MODES)}, not {graphs!r}")
     if graphs in ("on", "both") and device == "cpu":
-        raise UsageError("--graphs on needs --device cuda (CUDA graphs)")
+        raise UsageError(f"--graphs {graphs} needs --device cuda (CUDA graphs)")
     if min(repeat, rounds, *prompt_tokens, *gen_tokens) < 1:
         raise UsageError("--repeat, --rounds, --prompt-tokens and --gen-tokens must be at least 1")
+    if "bf16" in experts and resident_experts is not None and resident_experts < 1:  # checked before any runs
+        raise UsageError("experts in host RAM need 4-bit experts (--experts nf4 or fp4), not bf16")
+    check_out(out)
     threads = opt.check_threads(threads)
     if compare == "llama.cpp" and not llamacpp.available():
         raise LocalrunError(llamacpp.INSTALL_HINT)
 
+    import torch
+
+    if graphs in ("on", "both") and device == "auto" and not torch.cuda.is_available():
+        raise UsageError(f"--graphs {graphs} needs a CUDA GPU, and none is available")
+
     from .. import bench as lbench
+    from ..atomic import write_text_atomic
     from ..engine import DTYPES
 
     threads = opt.use_threads(threads)  # the report's "threads" reads it back
@@ -88,13 +98,23 @@ def bench(
                 print(f"converting {model_dir.name} to a {precision} GGUF for llama.cpp (once)", file=sys.stderr)
             ggufs[precision] = llamacpp.ensure_gguf(model_dir, precision, threads)
     cases = [(p, g) for p in prompt_tokens for g in gen_tokens]
-    report = lbench.run_bench(model_dir, cases, device=device, dtype=DTYPES[dtype], experts=experts, repeat=repeat,
-                              compare=compare, resident_fraction=resident_experts, rounds=rounds, graphs=graphs,
-                              gguf=ggufs)
+    report = lbench.run_bench(model_dir, cases, device=device, dtype=None if dtype == "auto" else DTYPES[dtype],
+                              experts=experts, repeat=repeat, compare=compare, resident_fraction=resident_experts,
+                              rounds=rounds, graphs=graphs, gguf=ggufs)
     table = lbench.markdown(report)
-    if out is not None:
-        out.write_text(table)
     print(json.dumps(report.to_dict(), indent=2) if as_json else table, end="" if not as_json else "\n")
+    if out is not None:  # after printing: a file that cannot be written loses no measurement
+        write_text_atomic(out, table)
+
+
+def check_out(out: Optional[Path]) -> None:
+    """--out names a file in an existing folder (checked before minutes of measuring)."""
+    if out is None:
+        return
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a directory; name a file")
+    if not out.parent.is_dir():
+        raise UsageError(f"--out {out}: the folder {out.parent} does not exist")
 
 
 command = bench

@@ -27,6 +27,7 @@ def profile(
     threads: Optional[int] = opt.THREADS,
 ) -> None:
     """Profile expert routing on prompts; writes routing_profile.json into the model directory (or --out)."""
+    opt.check_device(device)
     opt.check_dtype(dtype)
     threads = opt.check_threads(threads)
     if not prompts.is_file():

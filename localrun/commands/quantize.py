@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from ..errors import UsageError
+from . import _options as opt
 
 
 def quantize(
@@ -24,6 +25,7 @@ def quantize(
     """Quantize a checkpoint's routed experts to 4-bit once, so loading it later is fast."""
     from quant.spec import QUANT_TYPES, QuantSpec
 
+    opt.check_device(device)
     if experts not in QUANT_TYPES:
         raise UsageError(f"--experts must be one of {', '.join(QUANT_TYPES)}, not {experts!r}")
     try:

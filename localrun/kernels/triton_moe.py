@@ -222,6 +222,7 @@ class Tiles:
 
 
 INTERPRETER_TILES = Tiles(gate_up_n=64, gate_up_k=512, down_n=256, down_k=512)
+MAX_TILE_NUMEL = 1 << 20  # elements in one Triton tensor at most (triton.language's TRITON_MAX_TENSOR_NUMEL)
 GROUP_MAX = 32  # bytes per absmax group at most (two threads' 16-byte loads)
 
 
@@ -673,10 +674,10 @@ def _down_v2(c: _Call, tiles: Tiles | None) -> None:
     args = c.common("down")
     if tiles is None:
         _down_v2_tuned[lambda m: (triton.cdiv(c.H, m["BLOCK_N"]), c.T)](*args, **meta)
-    else:
-        _down_v2_kernel[(triton.cdiv(c.H, tiles.down_n), c.T)](
-            *args, **meta, BLOCK_N=tiles.down_n, BLOCK_K=tiles.down_k, num_warps=tiles.down_warps,
-            num_stages=tiles.num_stages)
+    else:  # the tile holds KE x BLOCK_N x 2 BLOCK_K weights: fewer rows where top-k would pass Triton's limit
+        n = min(tiles.down_n, max(1, MAX_TILE_NUMEL // (meta["KE"] * 2 * tiles.down_k)))
+        _down_v2_kernel[(triton.cdiv(c.H, n), c.T)](
+            *args, **meta, BLOCK_N=n, BLOCK_K=tiles.down_k, num_warps=tiles.down_warps, num_stages=tiles.num_stages)
 
 
 STAGES = {"gate_up": {"v3": _gate_up_v3, "v2": _gate_up_v2}, "down": {"v3": _down_v3, "v2": _down_v2}}
