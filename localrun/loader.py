@@ -63,6 +63,15 @@ class LoadedModel:
         return self.store.stats() if self.store is not None else None
 
 
+def layer_buffer(rows: torch.Tensor, layout: ExpertLayout) -> ExpertBuffer | None:
+    """The layer's expert rows as an ExpertBuffer (what the `localrun::moe_4bit` op reads), or None
+    where the layout does not meet its alignment."""
+    try:
+        return ExpertBuffer(rows, layout)
+    except ValueError:
+        return None
+
+
 def resolve_device(device: str) -> torch.device:
     """"auto" -> cuda when available else cpu; "cuda" without a GPU is a clear error."""
     if device == "auto":
@@ -441,8 +450,8 @@ def load_model(
             def build(layer):
                 src = source(layer)
                 rows = torch.empty((src.num_experts, src.nbytes), dtype=torch.uint8, device=dev)  # one buffer
-                return QuantizedExperts([src.write(e, rows[e]) for e in range(src.num_experts)],
-                                        args.hidden_activation)
+                experts = [src.write(e, rows[e]) for e in range(src.num_experts)]
+                return QuantizedExperts(experts, args.hidden_activation, buffer=layer_buffer(rows, src.layout))
 
     load_weights(model, ckpt, args, device=dev, dtype=dtype, build_experts=build, progress=progress)
     model.eval().requires_grad_(False)

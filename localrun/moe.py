@@ -137,10 +137,30 @@ class DenseExperts(torch.nn.Module):
         return kernels.ExpertsDesc.bf16(self.gate_up_proj, self.down_proj)
 
     def forward(self, x_TH, ids_TK, w_TK):
+        if torch.compiler.is_compiling() and not torch.is_grad_enabled():  # traced: the layer as one opaque op
+            return torch.ops.localrun.moe_dense(x_TH, ids_TK, w_TK, self.gate_up_proj, self.down_proj, self.act_name)
         if not torch.is_grad_enabled():  # bf16 experts under fp32 on CPU: the whole layer in one kernel call
             y = kernels.moe(x_TH, self.gate_up_proj, self.down_proj, ids_TK, w_TK, self.act_name)
             if y is not None:
                 return y
-        return dispatch(
-            x_TH, ids_TK, w_TK, lambda e, x: expert_ffn(x, self.gate_up_proj[e], self.down_proj[e], self.act)
-        )
+        return dense_moe(x_TH, ids_TK, w_TK, self.gate_up_proj, self.down_proj, self.act)
+
+
+def dense_moe(x_TH: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor, gate_up_E2IH: torch.Tensor,
+              down_EHI: torch.Tensor, act) -> torch.Tensor:
+    """sum_k w[t,k] * expert_{ids[t,k]}(x[t]) on plain weights, expert by expert (moe.dispatch)."""
+    return dispatch(x_TH, ids_TK, w_TK, lambda e, x: expert_ffn(x, gate_up_E2IH[e], down_EHI[e], act))
+
+
+@torch.library.custom_op("localrun::moe_dense", mutates_args=())
+def moe_dense_op(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
+                 down: torch.Tensor, act: str) -> torch.Tensor:
+    """DenseExperts' layer as one op, so a traced step holds no host sync (dispatch reads the ids):
+    the C kernel where it applies, else expert by expert; the eager path's arithmetic either way."""
+    y = kernels.moe(x, gate_up, down, ids, weights, act)
+    return y if y is not None else dense_moe(x, ids, weights, gate_up, down, activation(act))
+
+
+@moe_dense_op.register_fake
+def _(x, ids, weights, gate_up, down, act):
+    return torch.empty_like(x)

@@ -15,7 +15,7 @@ import torch
 
 from localrun import kernels
 from localrun.moe import ACTIVATIONS, activation, dispatch, expert_ffn
-from quant.layer import OFFSET_FIELDS, ExpertBuffer
+from quant.layer import ExpertBuffer, layout_offsets
 from quant.nf4 import MATRICES, ExpertLayout, PackedExpert, _code_table
 
 # On the CPU (where it was measured): up to this many tokens per expert, bitsandbytes' 4-bit matmul
@@ -44,13 +44,9 @@ def ffn_dequantized(x_TH: torch.Tensor, expert: PackedExpert, act) -> torch.Tens
 @functools.lru_cache(maxsize=None)
 def _kernel_args(layout: ExpertLayout) -> tuple:
     """(offsets int64 [8], 16-value table, 256-value nested table, hidden, inter, blocksize, double_quant)."""
-    offsets = []
-    for name in MATRICES:
-        parts = layout.matrix(name).parts()
-        offsets += [parts[f].offset if f in parts else -1 for f in OFFSET_FIELDS]
     hidden, inter = layout.down.shape
     spec = layout.spec
-    return (torch.tensor(offsets, dtype=torch.int64), _code_table(spec.quant_type, torch.device("cpu")),
+    return (torch.tensor(layout_offsets(layout), dtype=torch.int64), _code_table(spec.quant_type, torch.device("cpu")),
             _code_table("dynamic", torch.device("cpu")), hidden, inter, spec.blocksize, spec.double_quant)
 
 
@@ -109,7 +105,7 @@ class QuantizedExperts:
     A drop-in for `localrun.moe.DenseExperts`; every expert must already be on x's device.
     """
 
-    def __init__(self, experts: Sequence[PackedExpert], act: str):
+    def __init__(self, experts: Sequence[PackedExpert], act: str, buffer: ExpertBuffer | None = None):
         experts = list(experts)
         if not experts:
             raise ValueError("QuantizedExperts needs at least one expert")
@@ -118,6 +114,7 @@ class QuantizedExperts:
         self.experts = experts
         self.act_name = act
         self.act = activation(act)
+        self.buffer = buffer  # the experts' rows as one ExpertBuffer (the loader's layer buffer), if they are
         self._rows: torch.Tensor | None = None  # expert addresses for the C kernel, built on first use
 
     @property
@@ -130,6 +127,8 @@ class QuantizedExperts:
             if self._rows is None:  # the buffers never change: one table for the layer's lifetime
                 self._rows = rows_table(self.experts, len(self.experts))
             return moe_4bit_cpu(layout, self._rows, x_TH, ids_TK, w_TK, self.act_name)
+        if self.buffer is not None and torch.compiler.is_compiling():  # traced: the layer as one op, whose CPU
+            return self.buffer.moe(x_TH, ids_TK, w_TK, self.act_name)  # kernel is the C one (no host sync)
         return dispatch(x_TH, ids_TK, w_TK, lambda e, x: ffn_4bit(x, self.experts[e], self.act))
 
     def c_experts(self) -> "kernels.ExpertsDesc | None":

@@ -20,6 +20,16 @@ from quant.nf4 import _PART_DTYPES, MATRICES, ExpertLayout, Part, PackedExpert, 
 OFFSET_FIELDS = ("codes", "absmax", "nested_absmax", "nested_offset")
 
 
+def layout_offsets(layout: ExpertLayout) -> list[int]:
+    """Byte offsets inside an expert's row of `layout`, gate_up then down, in OFFSET_FIELDS order
+    (-1: absent): what the 4-bit kernels (Triton and C) take to find each part."""
+    out = []
+    for name in MATRICES:
+        parts = layout.matrix(name).parts()
+        out += [parts[f].offset if f in parts else -1 for f in OFFSET_FIELDS]
+    return out
+
+
 class ExpertBuffer:
     """E packed experts of one layer in one contiguous [E, layout.nbytes] uint8 tensor."""
 
@@ -93,11 +103,7 @@ class ExpertBuffer:
 
     def offsets(self) -> list[int]:
         """Byte offsets inside an expert's row, gate_up then down, in OFFSET_FIELDS order (-1: absent)."""
-        out = []
-        for name in MATRICES:
-            parts = self.layout.matrix(name).parts()
-            out += [parts[f].offset if f in parts else -1 for f in OFFSET_FIELDS]
-        return out
+        return layout_offsets(self.layout)
 
     def code_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(the 16-value NF4/FP4 table, the 256-value nested-absmax table), fp32 on the buffer's device."""

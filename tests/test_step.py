@@ -80,10 +80,14 @@ def buffered(loaded):
     return loaded
 
 
-def test_static_step_compiles_as_one_graph(tiny_moe):
-    """torch.compile(fullgraph=True) of the step: any host sync, data-dependent branch or opaque
-    call inside it would break the graph and fail here."""
-    loaded = buffered(load_model(tiny_moe, dtype=torch.float32, context=300))
+@pytest.mark.parametrize("experts", ["nf4", "bf16", "nf4 buffered"])
+def test_static_step_compiles_as_one_graph(tiny_moe, experts):
+    """torch.compile(fullgraph=True) of the step, with the experts the CPU loader builds (4-bit: one op
+    whose CPU kernel is the C one; bf16: one op over the fused weights) and with the CUDA path's:
+    any host sync, data-dependent branch or opaque call inside it would break the graph and fail here."""
+    loaded = load_model(tiny_moe, dtype=torch.float32, context=300, experts=experts.split()[0])
+    if experts.endswith("buffered"):
+        loaded = buffered(loaded)
     model, cache = loaded.model, loaded.kv
     ids = bench_prompt(20, loaded.args.vocab_size)
     reference, _ = greedy(model, ids, "eager", cache, n=8)

@@ -11,9 +11,9 @@ Shape letters: T tokens, K top-k, E experts, H hidden, I expert intermediate.
 gate_up then down inside a row (-1 where absent). y = sum_k weights[t,k] * expert_{ids[t,k]}(x[t])
 with expert(x) = (act(gate) * up) @ down.T and gate, up = (x @ gate_up.T).chunk(2), all in fp32.
 
-CUDA runs the Triton kernels (kernels/triton_moe.py: no host sync, graph-capturable); every other
-device runs `reference`, which dequantizes the hit experts exactly as bitsandbytes does and uses
-fp32 matmuls. A fake implementation lets `torch.compile(fullgraph=True)` trace callers.
+CUDA runs the Triton kernels (kernels/triton_moe.py: no host sync, graph-capturable); the CPU the C
+kernel (kernels.moe_q4, fp32 x) where it applies; everything else `reference`, which dequantizes the
+hit experts exactly as bitsandbytes does and uses fp32 matmuls. A fake implementation lets `torch.compile(fullgraph=True)` trace callers.
 """
 
 from __future__ import annotations
@@ -65,6 +65,17 @@ def _(x, ids, weights, experts, code, nested_code, offsets, hidden, inter, block
 
     return moe_4bit_triton(x, ids, weights, experts, code, nested_code, list(offsets), hidden, inter,
                            blocksize, double_quant, act)
+
+
+@moe_4bit_op.register_kernel("cpu")
+def _(x, ids, weights, experts, code, nested_code, offsets, hidden, inter, blocksize, double_quant, act):
+    from localrun import kernels
+
+    rows = experts.data_ptr() + torch.arange(experts.shape[0], dtype=torch.int64) * experts.stride(0)
+    y = kernels.moe_q4(x, rows, torch.tensor(offsets, dtype=torch.int64), code, nested_code, ids, weights, hidden,
+                       inter, blocksize, double_quant, act)
+    return y if y is not None else reference(x, ids, weights, experts, code, nested_code, offsets, hidden, inter,
+                                             blocksize, double_quant, act)
 
 
 @moe_4bit_op.register_fake
