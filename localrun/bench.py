@@ -228,7 +228,7 @@ def measure(engine: str, generate_n: Callable[[int, Callable[[], None]], None], 
 def decode_bytes_per_token(plan) -> int:
     """Bytes a decoded token reads at least: non-expert weights (the embedding lookup aside; the tied
     lm_head reads it whole), top_k experts of every MoE layer, and the KV cache at the planned context."""
-    return plan.decode_weight_bytes + plan.active_expert_bytes + plan.kv_bytes
+    return plan.decode_weight_bytes + plan.active_expert_bytes + plan.decode_kv_bytes
 
 
 def copy_bandwidth(device, nbytes: int = 256 << 20, repeat: int = 5) -> float:

@@ -48,26 +48,39 @@ DEFAULT_HOST_BANDWIDTH = 50 * GB_S
 
 @dataclass(frozen=True)
 class MeasuredEfficiency:
-    """Decode speed as a fraction of the memory-bandwidth ceiling (vendor bandwidth / bytes read per
-    token), as `scripts/gpu_check.py` measured it on a real GPU: what `fit` scales its ceiling by."""
+    """What localrun's decode reached on a real GPU (`scripts/gpu_check.py`), as the two figures `fit`
+    scales any plan by: the fraction of the vendor bandwidth its weight-reading kernels (the 4-bit MoE
+    GEMVs, the dense GEMMs) reached, and a time per layer that does not shrink with bytes (attention,
+    norms, routing, the gaps between kernels). A tiny model is then bound by its layers, a big one by
+    its bytes, and a card's bandwidth scales only the part it drives."""
 
-    fraction: float
+    bandwidth_fraction: float
+    layer_seconds: float
     device: str
     date: str
     report: str
     measured: str
 
+    def expected_tokens_per_s(self, ceiling_tokens_per_s: float, layers: int) -> float:
+        """Decode speed from a plan's memory-bandwidth ceiling and its layer count."""
+        return 1.0 / (1.0 / (ceiling_tokens_per_s * self.bandwidth_fraction) + layers * self.layer_seconds)
 
-# docs/gpu/2026-11-26-h200-decode-attention-fused.md: 223.8 tok/s; 6.08 GB a token at the H200's 4.8 TB/s is 790 tok/s.
+
+# docs/gpu/2026-11-26-h200-decode-attention-fused.md: 223.8 tok/s (4.47 ms a token) for 6.08 GB a token. Its
+# kernel table: the MoE GEMVs (839 us) and cuBLAS (1,772 us) read those bytes in 2.61 ms, 48.5% of the H200's
+# 4.8 TB/s; the other 1.86 ms (attention, norms, routing, gaps) over 30 layers is 62 us a layer.
 DECODE_EFFICIENCY = MeasuredEfficiency(
-    fraction=0.283, device="NVIDIA H200", date="2026-11-26", report="docs/gpu/2026-11-26-h200-decode-attention-fused.md",
+    bandwidth_fraction=0.485, layer_seconds=62e-6, device="NVIDIA H200", date="2026-11-26",
+    report="docs/gpu/2026-11-26-h200-decode-attention-fused.md",
     measured="Gemma 4 26B-A4B (random NF4 weights), every expert resident, CUDA-graph decode: 223.8 tok/s")
 
-# docs/gpu/2026-11-26-h200-memory-v2-kernels.md, 16 GiB budget: 10.7 tok/s; the ceiling at the measured
-# 17.3% miss rate (6.08 GB a token at 4.8 TB/s, misses over PCIe 5.0 x16) is 247 tok/s. Offloaded
-# experts keep the step eager with a routing sync a layer: a fraction of the resident case's.
+# docs/gpu/2026-11-26-h200-memory-v2-kernels.md, 16 GiB budget: 10.7 tok/s (93.5 ms a token); the ceiling at the
+# measured 17.3% miss rate (6.08 GB a token at 4.8 TB/s, misses over PCIe 5.0 x16) is 247 tok/s (4.05 ms), 8.35 ms
+# at the resident case's bandwidth fraction; the rest, 85.1 ms over 30 layers, is 2.84 ms a layer: offloaded
+# experts kept that step eager with a routing sync and an op per expert each layer.
 OFFLOAD_DECODE_EFFICIENCY = MeasuredEfficiency(
-    fraction=0.043, device="NVIDIA H200", date="2026-11-26", report="docs/gpu/2026-11-26-h200-memory-v2-kernels.md",
+    bandwidth_fraction=0.485, layer_seconds=2.84e-3, device="NVIDIA H200", date="2026-11-26",
+    report="docs/gpu/2026-11-26-h200-memory-v2-kernels.md",
     measured="Gemma 4 26B-A4B (random NF4 weights) under a 16 GiB budget, 94 of 128 experts resident, every miss "
              "copied over PCIe, eager decode: 10.7 tok/s")
 
@@ -169,6 +182,9 @@ GPU_PRESETS: tuple[GpuPreset, ...] = (
     GpuPreset("RTX A4000", 16 * GIB, 448 * GB_S),
     GpuPreset("RTX A5000", 24 * GIB, 768 * GB_S),
     GpuPreset("L4", 24 * GIB, 300 * GB_S),
+    GpuPreset("H100 80GB", 80 * GIB, 3350 * GB_S, PCIE_GEN5_X16),  # SXM (HBM3); the device name says "80GB HBM3"
+    GpuPreset("H100 PCIe", 80 * GIB, 2000 * GB_S, PCIE_GEN5_X16),
+    GpuPreset("H200", 140 * GIB, 4800 * GB_S, PCIE_GEN5_X16),
 )
 
 

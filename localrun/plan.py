@@ -180,15 +180,24 @@ class Plan:
     device_budget: int | None
     host_budget: int | None
     estimated_decode_tokens_per_s: float | None = None  # the memory-bandwidth ceiling
-    expected_decode_tokens_per_s: float | None = None  # the ceiling times `efficiency.fraction`
+    expected_decode_tokens_per_s: float | None = None  # the ceiling through `efficiency` (hardware.MeasuredEfficiency)
     sequences: int = 1  # KV caches side by side (serve --parallel); kv_bytes counts them all
     cold_experts: str | None = None  # how the estimate serves missed experts: "copy" or "cpu" (None: none miss)
     cold_expert_ceilings: dict[str, float] | None = None  # the ceiling each route would give ({"copy", "cpu"})
     _resident_sets: list[frozenset] = field(default_factory=list, repr=False)
 
     @property
+    def layers(self) -> int:
+        return len(self.kv_bytes_per_layer)
+
+    @property
+    def decode_kv_bytes(self) -> int:
+        """The KV bytes one decoded token reads: its own sequence's cache (kv_bytes holds every sequence's)."""
+        return self.kv_bytes // self.sequences
+
+    @property
     def efficiency(self):
-        """The measured fraction of the ceiling that applies (hardware.decode_efficiency): lower when
+        """The measured efficiency that applies (hardware.decode_efficiency): the offloaded one when
         experts live in host RAM."""
         return decode_efficiency(offloaded=self.host_bytes > 0)
 
@@ -228,6 +237,7 @@ class Plan:
             "host_budget_bytes": self.host_budget,
             "host_reserve_bytes": self.host_reserve_bytes,
             "kv_bytes": self.kv_bytes,
+            "layers": self.layers,
             "kv_position_bytes": self.kv_position_bytes,
             "kv_sequences": self.sequences,
             "kv_rollback_positions": KV_ROLLBACK,
@@ -239,7 +249,10 @@ class Plan:
             "cold_experts": self.cold_experts,
             "estimated_decode_tokens_per_s_by_cold_experts": self.cold_expert_ceilings,
             "decode_efficiency": None if self.expected_decode_tokens_per_s is None else {
-                "fraction_of_ceiling": self.efficiency.fraction, "measured_on": self.efficiency.device,
+                "bandwidth_fraction": self.efficiency.bandwidth_fraction,
+                "layer_seconds": self.efficiency.layer_seconds,
+                "fraction_of_ceiling": self.expected_decode_tokens_per_s / self.estimated_decode_tokens_per_s,
+                "measured_on": self.efficiency.device,
                 "date": self.efficiency.date, "report": self.efficiency.report, "measured": self.efficiency.measured},
             "breakdown": {
                 c.name: {"bytes": c.nbytes, "precision": c.precision, "where": c.tier} for c in self.breakdown
@@ -378,7 +391,7 @@ def estimate_decode_tokens_per_s(plan: Plan, gpu_bandwidth: float, pcie_bandwidt
     memory, so misses cost nothing extra.
     """
     miss = plan.expected_miss_rate if miss_rate is None else miss_rate
-    seconds = (plan.decode_weight_bytes + plan.kv_bytes + plan.active_expert_bytes) / gpu_bandwidth
+    seconds = (plan.decode_weight_bytes + plan.decode_kv_bytes + plan.active_expert_bytes) / gpu_bandwidth
     if plan.device == "cuda" and miss > 0:
         if not pcie_bandwidth:
             raise ValueError("pcie_bandwidth is needed when experts miss")
@@ -406,7 +419,7 @@ def cpu_experts_decode_tokens_per_s(plan: Plan, gpu_bandwidth: float, host_bandw
     miss = plan.expected_miss_rate if miss_rate is None else miss_rate
     missed = miss * plan.active_expert_bytes
     mlp = plan.component("mlp").nbytes
-    before_ids = (plan.decode_weight_bytes - mlp + plan.kv_bytes) / gpu_bandwidth
+    before_ids = (plan.decode_weight_bytes - mlp + plan.decode_kv_bytes) / gpu_bandwidth
     gpu = (mlp + plan.active_expert_bytes - missed) / gpu_bandwidth
     cpu = missed / host_bandwidth
     return 1.0 / (before_ids + max(gpu, cpu) + plan.moe_layers * CPU_EXPERT_SYNC_S)
@@ -435,7 +448,8 @@ def _estimate_decode(plan: Plan, budget: Budget) -> None:
     else:
         plan.estimated_decode_tokens_per_s = estimate_decode_tokens_per_s(plan, budget.gpu_bandwidth,
                                                                           budget.pcie_bandwidth)
-    plan.expected_decode_tokens_per_s = plan.estimated_decode_tokens_per_s * plan.efficiency.fraction
+    plan.expected_decode_tokens_per_s = plan.efficiency.expected_tokens_per_s(plan.estimated_decode_tokens_per_s,
+                                                                            plan.layers)
 
 
 # The plan -----------------------------------------------------------------------------------

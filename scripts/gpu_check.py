@@ -426,6 +426,12 @@ def big_model_run(dry: bool, dev, load_kwargs: dict, rows: dict) -> dict:
                     "decode_tokens_per_s_after_16": round((gen - 1) / (tns - t1s), 2)}
         timed(f"speed_{mode}", rates, rows)
         timed(f"per_token_{mode}", lambda mode=mode: per_token_counts(model, short, dev, mode, loaded.kv), rows)
+        if dev.type == "cuda":  # the figures fit's expected speed takes (hardware.MeasuredEfficiency)
+            from localrun.bench import decode_bytes_per_token
+
+            timed(f"fit_efficiency_{mode}", lambda mode=mode: fit_efficiency(
+                rows[f"speed_{mode}"]["decode_tokens_per_s_after_16"], rows[f"per_token_{mode}"],
+                decode_bytes_per_token(loaded.plan), args.num_hidden_layers, dev), rows)
         if mode == "graphs" and loaded.store is None:  # the H200 once decoded 2.4x slower after 512 than after 16
             timed(f"per_token_{mode}_after_{prompt}", lambda: per_token_counts(model, ids, dev, mode, loaded.kv), rows)
         if mode in ("graphs", "static") and loaded.store is None:  # each decode kernel switched from its default
@@ -560,19 +566,46 @@ def per_token_counts(model, ids: list[int], dev, mode: str = "eager", cache=None
     k4, l4, s4 = counts(4)
     if dev.type != "cuda":
         return {"aten_ops_per_token": k4 - k3}
+    per_token = per_token_table(tables[3], tables[4], top=None)
     return {"kernels_per_token": k4 - k3, "host_launch_calls_per_token": l4 - l3, "host_syncs_per_token": s4 - s3,
             "device_us_per_token": round(sum(t for _, t in tables[4].values()) - sum(t for _, t in tables[3].values()), 1),
-            "top_kernels_per_token": per_token_table(tables[3], tables[4])}
+            "weight_kernels_us_per_token": round(sum(us for name, _, us in per_token if is_weight_kernel(name)), 1),
+            "top_kernels_per_token": per_token[:20]}
 
 
-def per_token_table(three: dict, four: dict, top: int = 20) -> list:
+# the kernels that stream weights (4-bit MoE GEMVs and GEMMs, the dense GEMV, cuBLAS / cuBLASLt GEMMs); the
+# rest (attention, norms, routing, glue) is what fit's per-layer time stands for
+WEIGHT_KERNELS = ("_gate_up_", "_down_", "_gemv_kernel", "gemm", "gemv", "nvjet", "splitkreduce", "cutlass", "xmma")
+
+
+def is_weight_kernel(name: str) -> bool:
+    return any(key in name.lower() for key in WEIGHT_KERNELS)
+
+
+def fit_efficiency(tokens_per_s: float, per_token: dict, bytes_per_token: int, layers: int, dev) -> dict:
+    """hardware.MeasuredEfficiency's two figures from one decode measurement: the fraction of the vendor
+    bandwidth (the `fit --gpu` preset of this device) that the weight kernels' time stands for, and the
+    rest of a token's wall time per layer. Copy these into localrun/hardware.py after a run."""
+    from localrun.hardware import preset_for_device_name
+
+    preset = preset_for_device_name(_torch().cuda.get_device_name(dev))
+    if preset is None:
+        return {"skipped": "no fit preset for this device: its vendor bandwidth is unknown"}
+    weight_s = per_token["weight_kernels_us_per_token"] * 1e-6
+    return {"bandwidth_fraction": round(bytes_per_token / (preset.bandwidth * weight_s), 3),
+            "layer_seconds": round((1 / tokens_per_s - weight_s) / layers, 7), "preset": preset.name,
+            "from": {"tokens_per_s": tokens_per_s, "weight_kernels_us_per_token": per_token["weight_kernels_us_per_token"],
+                     "bytes_per_token": bytes_per_token, "layers": layers}}
+
+
+def per_token_table(three: dict, four: dict, top: int | None = 20) -> list:
     """[name, launches, microseconds] of one decoded token, the kernels that took most device time
     first: what 4 generated tokens ran minus what 3 did (prefill and first sampling cancel)."""
     rows = []
     for name, (count, total) in four.items():
         c3, t3 = three.get(name, (0, 0.0))
         rows.append([name, count - c3, round(total - t3, 1)])
-    return sorted(rows, key=lambda r: -r[2])[:top]
+    return sorted(rows, key=lambda r: -r[2])[:top]  # top None: every kernel
 
 
 def step_kernels(dry: bool) -> dict:

@@ -114,3 +114,28 @@ def test_deadline_must_be_positive(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         _script().main([str(tmp_path), "--dry", "--deadline", "0"])
     assert e.value.code == 2 and "--deadline must be a positive" in capsys.readouterr().err
+
+
+def test_fit_efficiency_reproduces_the_h200_figures_localrun_ships(monkeypatch):
+    """From the H200 report's numbers (223.8 tok/s; MoE GEMVs and cuBLAS 2,611 us of a token; 6.08 GB a
+    token; 30 layers) the check derives hardware.DECODE_EFFICIENCY's two figures, so a later run's can
+    be copied there."""
+    import torch
+
+    from localrun import hardware
+
+    check = _script()
+    names = ["_gate_up_v2_kernel", "nvjet_sm90_tst_64x8_64x16_2x1_v_bz_splitK_TNT", "_down_v3_kernel",
+             "void cublasLt::splitKreduce_kernel<32, 16, int, float", "_gemv_kernel", "_gate_up_grouped_kernel"]
+    others = ["_decode_partial_kernel", "_route_kernel", "_rms_norm_kernel", "_ffn_residual_kernel",
+              "void at::native::index_elementwise_kernel<128, 4>", "_qkv_write_kernel"]
+    assert all(map(check.is_weight_kernel, names)) and not any(map(check.is_weight_kernel, others))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda dev=None: "NVIDIA H200")
+    got = check.fit_efficiency(223.8, {"weight_kernels_us_per_token": 2611.0}, 6_075_555_900, 30, "cuda")
+    want = hardware.DECODE_EFFICIENCY
+    assert got["preset"] == "H200"
+    assert abs(got["bandwidth_fraction"] - want.bandwidth_fraction) < 0.002
+    assert abs(got["layer_seconds"] - want.layer_seconds) < 1e-6
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda dev=None: "Some Future GPU")
+    assert "skipped" in check.fit_efficiency(223.8, {"weight_kernels_us_per_token": 2611.0}, 6_075_555_900, 30,
+                                              "cuda")

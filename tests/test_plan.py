@@ -295,7 +295,8 @@ def test_cold_experts_take_the_faster_route(ref, gpu, pcie, host, route):
     assert plan.cold_expert_ceilings == pytest.approx(want, rel=1e-12)
     assert plan.cold_experts == route == max(want, key=want.get)
     assert plan.estimated_decode_tokens_per_s == pytest.approx(want[route], rel=1e-12)
-    assert plan.expected_decode_tokens_per_s == pytest.approx(want[route] * plan.efficiency.fraction, rel=1e-12)
+    assert plan.expected_decode_tokens_per_s == pytest.approx(
+        plan.efficiency.expected_tokens_per_s(want[route], plan.layers), rel=1e-12)
 
 
 def test_cpu_route_flips_where_the_routes_cross(ref):

@@ -63,6 +63,11 @@ def resolve_host_bandwidth(text: str | None) -> HostBandwidth:
         raise UsageError(f"--host-bandwidth: {e}") from None
 
 
+def rate(tokens_per_s: float) -> str:
+    """Tokens/s as a person reads them: whole numbers, two significant digits below 10 (never "0")."""
+    return f"{tokens_per_s:.0f}" if tokens_per_s >= 10 else f"{tokens_per_s:.2g}"
+
+
 def cold_experts_text(plan, target: Target, host: HostBandwidth) -> str | None:
     """One line: how the estimate serves missed experts (copied or computed on the CPU) and why; None
     when none miss or there is no estimate."""
@@ -72,7 +77,7 @@ def cold_experts_text(plan, target: Target, host: HostBandwidth) -> str | None:
     pcie = f"PCIe at {format_rate(target.pcie_bandwidth)}"
     ram = f"host RAM at {format_rate(host.bytes_per_s)}" + (" (assumed; --host-bandwidth sets it)" if host.assumed
                                                             else "")
-    cpu, copy = (f"~{ceilings[route]:.0f}" for route in ("cpu", "copy"))
+    cpu, copy = (f"~{rate(ceilings[route])}" for route in ("cpu", "copy"))
     if plan.cold_experts == "cpu":
         return (f"cold experts: computed on the CPU where they lie in {ram}, faster than copying them over {pcie} "
                 f"(ceiling {cpu} tokens/s vs {copy} copied)")
@@ -149,10 +154,12 @@ def _print_report(plan, target: Target, host: HostBandwidth, model: Path) -> Non
         where = " with experts in host RAM" if plan.host_bytes else ""
         if plan.cold_experts == "cpu":  # the efficiency was measured with every miss copied
             where += " (copied: computing them on the CPU is not measured yet)"
-        console.print(f"decode speed: ceiling ~{plan.estimated_decode_tokens_per_s:.0f} tokens/s (memory bandwidth, "
+        console.print(f"decode speed: ceiling ~{rate(plan.estimated_decode_tokens_per_s)} tokens/s (memory bandwidth, "
                       f"expected expert miss rate {plan.expected_miss_rate:.0%}); expected "
-                      f"~{plan.expected_decode_tokens_per_s:.0f} tokens/s at the {eff.fraction:.1%} of the ceiling "
-                      f"localrun reached{where} on an {eff.device} ({eff.date}, {eff.report})", highlight=False)
+                      f"~{rate(plan.expected_decode_tokens_per_s)} tokens/s: the {eff.bandwidth_fraction:.1%} of "
+                      f"the bandwidth localrun's kernels reached on the weights and {eff.layer_seconds * 1e6:.0f} us "
+                      f"a layer for the rest, measured{where} on an {eff.device} ({eff.date}, {eff.report})",
+                      highlight=False)
     elif plan.fits:
         console.print("estimated decode speed: unknown (give --gpu NAME for a bandwidth-based estimate)",
                       highlight=False)
