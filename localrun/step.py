@@ -13,8 +13,9 @@ layers' experts instead, and runs the experts between the replays.
 Spans are buckets (powers of two from MIN_SPAN up to the cache's capacity): a token at position p
 uses the smallest bucket above p, so a short chat reads 256 full-layer slots, not the whole planned
 context (and no more than 256 slots of a sliding layer's ring: RingKV.write), and there are at most
-log2(context) graphs. Masked slots weigh exactly zero, so tokens
-match the eager path; logprobs match up to fp32 summation order over the longer key span.
+log2(context) graphs. Masked slots weigh exactly zero, and on the CPU in fp32 the step runs the
+kernels the eager path runs (the C decode attention, RoPE rows from the C kernel for its one
+position), so its tokens and logprobs are the eager path's bit for bit (tests/test_step.py).
 """
 
 from __future__ import annotations

@@ -171,6 +171,20 @@ def rope_rows_op(pos_T: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype
     return rope_rows_reference(pos_T, inv_freq, dtype)
 
 
+@rope_rows_op.register_kernel("cpu")
+def _(pos_T, inv_freq, dtype):
+    out = _rope_row_c(pos_T, inv_freq, dtype)
+    return out if out is not None else rope_rows_reference(pos_T, inv_freq, dtype)
+
+
+def _rope_row_c(pos_T, inv_freq, dtype):
+    """One fp32 position's rows from the C kernel, which the host-driven CPU decode takes (its cos and
+    sin may differ from torch's in the last bit), or None."""
+    if pos_T.numel() != 1 or dtype != torch.float32 or pos_T.device.type != "cpu":
+        return None
+    return cpu.rope_row(inv_freq, int(pos_T[0]))
+
+
 @rope_rows_op.register_kernel("cuda")
 def _(pos_T, inv_freq, dtype):
     from .triton_fused import rope_rows_triton
@@ -197,6 +211,16 @@ def attention_residual_norms(x, w_post, residual, w_mlp, w_moe, w_router, router
 def ffn_residual(mlp, w1, moe, w2, w, residual, scalar, eps: float):
     out = cpu.ffn_residual(mlp, w1, moe, w2, w, residual, scalar, eps)
     return out if out is not None else ffn_residual_op(mlp, w1, moe, w2, w, residual, scalar, eps)
+
+
+def rope_rows(pos_T, inv_freq, dtype):
+    """A pass's RoPE rows, with one decoded fp32 CPU token's from the C kernel as the host-driven
+    decode computes them (so the static step's tokens and logprobs are the eager step's, bit for bit;
+    traced: the op, whose CPU kernel is that); else the torch formula."""
+    if torch.compiler.is_compiling() and pos_T.device.type == "cpu" and pos_T.shape[0] == 1:
+        return rope_rows_op(pos_T, inv_freq, dtype)
+    out = None if torch.is_grad_enabled() else _rope_row_c(pos_T, inv_freq, dtype)
+    return out if out is not None else rope_rows_reference(pos_T, inv_freq, dtype)
 
 
 def route(logits_TE, per_expert_scale, top_k: int):

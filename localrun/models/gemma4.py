@@ -653,7 +653,7 @@ class Gemma4Model(nn.Module):
         out = {}
         for kind in set(self.args.layer_types):
             inv_freq = getattr(self, f"inv_freq_{kind}")
-            rows = fused_ops.rope_rows_op if rope_on_cuda(pos_T, dtype) else fused_ops.rope_rows_reference
+            rows = fused_ops.rope_rows_op if rope_on_cuda(pos_T, dtype) else fused_ops.rope_rows
             out[kind] = rows(pos_T, inv_freq, dtype)  # the op: one Triton launch, not eight
         return out
 
