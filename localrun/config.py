@@ -194,6 +194,9 @@ def args_from_dict(config: dict):
 
 # Validation -------------------------------------------------------------------------------------
 
+# Gemma 4's checks are here; Qwen3-MoE and Mixtral check theirs in localrun.models.qwen3_moe with the
+# shared check_* functions below.
+
 class ConfigError(LocalrunError):
     """A malformed config.json; the message names the field."""
 
@@ -205,24 +208,30 @@ MOE_REQUIRED = ("num_experts", "top_k_experts", "moe_intermediate_size")
 ACTIVATIONS = ("gelu_pytorch_tanh", "gelu", "silu")  # what localrun.moe.ACTIVATIONS implements
 
 # Upper bounds far above any real model, so a typo or a hostile file fails here instead of
-# allocating (a billion layer types) or planning nonsense.
+# allocating (a billion layer types) or planning nonsense. Every family's checks use these.
+SIZE = (1, 1 << 24)  # widths, vocab, head dims, windows
+COUNT = (1, 4096)  # layers, heads
+EXPERTS = (1, 1 << 16)
+POSITIONS = (1, 1 << 30)
+TOKEN_ID = (0, 1 << 24)
+
 _INT_FIELDS = {  # name: (min, max, may be null)
-    **{name: (1, 1 << 24, False) for name in ("vocab_size", "hidden_size", "intermediate_size", "head_dim",
-                                               "sliding_window")},
-    "global_head_dim": (1, 1 << 24, True),
-    "num_hidden_layers": (1, 4096, False),
-    "num_attention_heads": (1, 4096, False),
-    "num_key_value_heads": (1, 4096, False),
-    "num_global_key_value_heads": (1, 4096, True),
-    "max_position_embeddings": (1, 1 << 30, False),
+    **{name: (*SIZE, False) for name in ("vocab_size", "hidden_size", "intermediate_size", "head_dim",
+                                         "sliding_window")},
+    "global_head_dim": (*SIZE, True),
+    "num_hidden_layers": (*COUNT, False),
+    "num_attention_heads": (*COUNT, False),
+    "num_key_value_heads": (*COUNT, False),
+    "num_global_key_value_heads": (*COUNT, True),
+    "max_position_embeddings": (*POSITIONS, False),
     "num_kv_shared_layers": (0, 4096, False),
     "hidden_size_per_layer_input": (0, 1 << 24, False),
     "vocab_size_per_layer_input": (0, 1 << 24, False),
-    "num_experts": (1, 1 << 16, True),
-    "top_k_experts": (1, 1 << 16, True),
-    "moe_intermediate_size": (1, 1 << 24, True),
-    "pad_token_id": (0, 1 << 24, True),
-    "bos_token_id": (0, 1 << 24, False),
+    "num_experts": (*EXPERTS, True),
+    "top_k_experts": (*EXPERTS, True),
+    "moe_intermediate_size": (*SIZE, True),
+    "pad_token_id": (*TOKEN_ID, True),
+    "bos_token_id": (*TOKEN_ID, False),
 }
 _BOOL_FIELDS = ("tie_word_embeddings", "attention_bias", "attention_k_eq_v", "enable_moe_block",
                 "use_double_wide_mlp")
@@ -243,11 +252,9 @@ def validate_config(raw: dict) -> None:
         text, where = raw.get("text_config"), "text_config."
         if not isinstance(text, dict):
             raise ConfigError("text_config must be an object holding the text model's fields")
-        for name in ("tie_word_embeddings",):
-            if name in raw and not isinstance(raw[name], bool):
-                raise ConfigError(f"{name} must be true or false, not {raw[name]!r}")
+        check_bools(raw, ("tie_word_embeddings",))
         if "eos_token_id" in raw:
-            _check_eos(raw["eos_token_id"], "eos_token_id")
+            check_eos(raw["eos_token_id"], "eos_token_id")
     _check_text(text, where)
 
 
@@ -255,42 +262,25 @@ def _check_text(cfg: dict, where: str) -> None:
     def fail(name: str, problem: str):
         raise ConfigError(f"{where}{name} {problem}")
 
-    missing = [name for name in REQUIRED if cfg.get(name) is None]
-    if cfg.get("enable_moe_block") is True:
-        missing += [name for name in MOE_REQUIRED if cfg.get(name) is None]
-    if missing:
-        raise ConfigError(f"missing {', '.join(where + m for m in missing)} (needed to know the model's shape)")
-    for name, (lo, hi, nullable) in _INT_FIELDS.items():
-        value = cfg.get(name)
-        if name not in cfg or (value is None and nullable):
-            continue
-        if not _is_int(value):
-            fail(name, f"must be an integer, not {value!r}")
-        if not lo <= value <= hi:
-            fail(name, f"must be between {lo} and {hi}, not {value}")
-    for name in _BOOL_FIELDS:
-        if name in cfg and not isinstance(cfg[name], bool):
-            fail(name, f"must be true or false, not {cfg[name]!r}")
-    if "rms_norm_eps" in cfg and not (_is_number(cfg["rms_norm_eps"]) and 0 < cfg["rms_norm_eps"] < 1):
-        fail("rms_norm_eps", f"must be a number between 0 and 1, not {cfg['rms_norm_eps']!r}")
+    required = REQUIRED + (MOE_REQUIRED if cfg.get("enable_moe_block") is True else ())
+    check_required(cfg, required, where)
+    check_ints(cfg, _INT_FIELDS, where)
+    check_bools(cfg, _BOOL_FIELDS, where)
+    check_rms_norm_eps(cfg, where)
     cap = cfg.get("final_logit_softcapping")
-    if cap is not None and not (_is_number(cap) and cap > 0):
+    if cap is not None and not (is_number(cap) and cap > 0):
         fail("final_logit_softcapping", f"must be a positive number or null, not {cap!r}")
     if cfg.get("hidden_activation", ACTIVATIONS[0]) not in ACTIVATIONS:
         fail("hidden_activation", f"must be one of {', '.join(ACTIVATIONS)}, not {cfg['hidden_activation']!r}")
     if "eos_token_id" in cfg:
-        _check_eos(cfg["eos_token_id"], where + "eos_token_id")
+        check_eos(cfg["eos_token_id"], where + "eos_token_id")
 
     layers = cfg["num_hidden_layers"]
-    heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    if heads % kv:
-        fail("num_key_value_heads", f"({kv}) must divide num_attention_heads ({heads})")
-    global_kv = cfg.get("num_global_key_value_heads")
-    if global_kv is not None and heads % global_kv:
-        fail("num_global_key_value_heads", f"({global_kv}) must divide num_attention_heads ({heads})")
+    heads = cfg["num_attention_heads"]
+    for name in ("num_key_value_heads", "num_global_key_value_heads"):
+        check_kv_heads(cfg, name, heads, where)
     for name in ("head_dim", "global_head_dim"):
-        if cfg.get(name) is not None and cfg[name] % 2:
-            fail(name, f"must be even (RoPE rotates pairs), not {cfg[name]}")
+        check_even(cfg, name, where)
     _check_per_layer(cfg.get("per_layer_config"), heads, where)
     if cfg.get("enable_moe_block") is True and cfg["top_k_experts"] > cfg["num_experts"]:
         fail("top_k_experts", f"({cfg['top_k_experts']}) must not exceed num_experts ({cfg['num_experts']})")
@@ -326,14 +316,14 @@ def _check_rope(rope, where: str) -> None:
         p, at = rope[kind], f"{where}rope_parameters.{kind}"
         if not isinstance(p, dict):
             raise ConfigError(f"{at} must be an object")
-        if not (_is_number(p.get("rope_theta")) and p["rope_theta"] > 0):
+        if not (is_number(p.get("rope_theta")) and p["rope_theta"] > 0):
             raise ConfigError(f"{at}.rope_theta must be a positive number, not {p.get('rope_theta')!r}")
         if not isinstance(p.get("rope_type", "default"), str):
             raise ConfigError(f"{at}.rope_type must be a string, not {p['rope_type']!r}")
         factor = p.get("partial_rotary_factor", 1.0)
-        if not (_is_number(factor) and 0 < factor <= 1):
+        if not (is_number(factor) and 0 < factor <= 1):
             raise ConfigError(f"{at}.partial_rotary_factor must be a number in (0, 1], not {factor!r}")
-        if not (_is_number(p.get("factor", 1.0)) and p.get("factor", 1.0) > 0):
+        if not (is_number(p.get("factor", 1.0)) and p.get("factor", 1.0) > 0):
             raise ConfigError(f"{at}.factor must be a positive number, not {p['factor']!r}")
 
 
@@ -348,23 +338,66 @@ def _check_per_layer(per_layer, heads: int, where: str) -> None:
         if not isinstance(values, dict):
             continue  # ModelArgs names what is wrong with the entry itself
         dim, kv = values.get("head_dim"), values.get("num_key_value_heads")
-        if dim is not None and not (_is_int(dim) and 2 <= dim <= 1 << 24 and dim % 2 == 0):
+        if dim is not None and not (is_int(dim) and 2 <= dim <= 1 << 24 and dim % 2 == 0):
             raise ConfigError(f"{at}.head_dim must be an even positive integer, not {dim!r}")
-        if kv is not None and not (_is_int(kv) and 1 <= kv <= heads and heads % kv == 0):
+        if kv is not None and not (is_int(kv) and 1 <= kv <= heads and heads % kv == 0):
             raise ConfigError(f"{at}.num_key_value_heads must divide num_attention_heads ({heads}), not {kv!r}")
 
 
-def _check_eos(value, name: str) -> None:
+# Checks every family's validation shares; `where` prefixes the field's name ("text_config.").
+
+def check_required(cfg: dict, names: tuple[str, ...], where: str = "") -> None:
+    missing = [name for name in names if cfg.get(name) is None]
+    if missing:
+        raise ConfigError(f"missing {', '.join(where + m for m in missing)} (needed to know the model's shape)")
+
+
+def check_ints(cfg: dict, bounds: dict[str, tuple[int, int, bool]], where: str = "") -> None:
+    """Each field of `bounds` ({name: (min, max, may be null)}) that `cfg` holds is an int in range."""
+    for name, (lo, hi, nullable) in bounds.items():
+        value = cfg.get(name)
+        if name not in cfg or (value is None and nullable):
+            continue
+        if not is_int(value):
+            raise ConfigError(f"{where}{name} must be an integer, not {value!r}")
+        if not lo <= value <= hi:
+            raise ConfigError(f"{where}{name} must be between {lo} and {hi}, not {value}")
+
+
+def check_bools(cfg: dict, names: tuple[str, ...], where: str = "") -> None:
+    for name in names:
+        if name in cfg and not isinstance(cfg[name], bool):
+            raise ConfigError(f"{where}{name} must be true or false, not {cfg[name]!r}")
+
+
+def check_rms_norm_eps(cfg: dict, where: str = "") -> None:
+    if "rms_norm_eps" in cfg and not (is_number(cfg["rms_norm_eps"]) and 0 < cfg["rms_norm_eps"] < 1):
+        raise ConfigError(f"{where}rms_norm_eps must be a number between 0 and 1, not {cfg['rms_norm_eps']!r}")
+
+
+def check_kv_heads(cfg: dict, name: str, heads: int, where: str = "") -> None:
+    """`cfg[name]` (a checked int or null) divides the query heads, so each KV head serves a whole group."""
+    kv = cfg.get(name)
+    if kv is not None and heads % kv:
+        raise ConfigError(f"{where}{name} ({kv}) must divide num_attention_heads ({heads})")
+
+
+def check_even(cfg: dict, name: str, where: str = "") -> None:
+    if cfg.get(name) is not None and cfg[name] % 2:
+        raise ConfigError(f"{where}{name} must be even (RoPE rotates pairs), not {cfg[name]}")
+
+
+def check_eos(value, name: str) -> None:
     ids = value if isinstance(value, list) else [value]
-    if not ids or not all(_is_int(i) and 0 <= i < 1 << 24 for i in ids):
+    if not ids or not all(is_int(i) and 0 <= i < 1 << 24 for i in ids):
         raise ConfigError(f"{name} must be a token id or a non-empty list of them, not {value!r}")
 
 
-def _is_int(value) -> bool:
+def is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value) -> bool:
+def is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 
 from ..checkpoint import Checkpoint
+from ..config import EXPERTS
 from . import qwen3_moe
 from .qwen3_moe import BUILTIN_CHAT_TEMPLATE, MoEArgs, Model, checkpoint_shapes, tensor_group  # noqa: F401  (the interface)
 
@@ -19,14 +20,19 @@ _PER_EXPERT = (
     qwen3_moe.PER_EXPERT,
 )
 _RENAME = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+_INTS = qwen3_moe.INTS | {"num_local_experts": (*EXPERTS, False)}  # what validation checks (see qwen3_moe.INTS)
 
 
 def args_from_dict(config: dict) -> MoEArgs:
+    qwen3_moe.check_config(config, _INTS, qwen3_moe.BOOLS, qwen3_moe.REQUIRED + ("num_local_experts",),
+                           "num_local_experts")
     config = dict(config)
-    config["num_experts"] = config.get("num_local_experts", 8)
-    config["moe_intermediate_size"] = config.get("intermediate_size", 14_336)
+    config["num_experts"] = config["num_local_experts"]
+    config["moe_intermediate_size"] = config["intermediate_size"]
+    # What transformers' Mixtral has whatever the config says: no attention bias, every layer sparse.
     return qwen3_moe.make_args(config, rope_parameters=qwen3_moe.rope_parameters(config, 1_000_000.0),
-                               norm_topk_prob=True, mlp_only_layers=[], qk_norm=False)
+                               norm_topk_prob=True, mlp_only_layers=[], qk_norm=False, attention_bias=False,
+                               decoder_sparse_step=1)
 
 
 def sanitize(args: MoEArgs, name: str) -> str | None:

@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint import Checkpoint
+from ..config import (COUNT, EXPERTS, POSITIONS, SIZE, TOKEN_ID, ConfigError, check_bools, check_eos, check_even,
+                      check_ints, check_kv_heads, check_required, check_rms_norm_eps, is_int, is_number)
 from ..errors import LocalrunError
 from ..kernels import linear
 from ..moe import ACTIVATIONS, DenseExperts
@@ -65,7 +67,7 @@ class MoEArgs:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
-        if self.hidden_act not in ACTIVATIONS:
+        if not isinstance(self.hidden_act, str) or self.hidden_act not in ACTIVATIONS:
             raise LocalrunError(f"hidden_act {self.hidden_act!r} is not implemented "
                                 f"(localrun has: {', '.join(ACTIVATIONS)})")
         rope_type = self.rope_parameters.get("rope_type", "default")
@@ -132,12 +134,88 @@ def make_args(config: dict, **fixed) -> MoEArgs:
 
 
 def args_from_dict(config: dict) -> MoEArgs:
+    experts = experts_field(config)
+    check_config(config, QWEN_INTS | {experts: (*EXPERTS, False)}, QWEN_BOOLS,
+                 REQUIRED + (experts, "moe_intermediate_size"), experts)
+    check_mlp_only_layers(config.get("mlp_only_layers"), config["num_hidden_layers"])
     config = dict(config)
-    if "num_experts" not in config and "num_local_experts" in config:  # what transformers 5.24 writes
-        config["num_experts"] = config["num_local_experts"]
+    config["num_experts"] = config[experts]
     if not config.get("use_sliding_window", False):
         config["sliding_window"] = None  # Qwen3-MoE slides only when use_sliding_window says so
     return make_args(config, rope_parameters=rope_parameters(config, 10_000.0))
+
+
+def experts_field(config: dict) -> str:
+    """The field counting a Qwen3-MoE config's experts: num_experts, or num_local_experts (transformers 5.24's)."""
+    return "num_local_experts" if "num_experts" not in config and "num_local_experts" in config else "num_experts"
+
+
+# Config validation: every field the family reads, before it becomes MoEArgs (bounds as in localrun.config) ----
+
+REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_experts_per_tok")  # the shape: a default would plan and build some other model
+INTS = {  # what both families read, {name: (min, max, may be null)}; each adds how it counts its experts
+    **{name: (*SIZE, False) for name in ("vocab_size", "hidden_size", "intermediate_size")},
+    "head_dim": (*SIZE, True),  # null: hidden_size // num_attention_heads
+    "sliding_window": (*SIZE, True),
+    "num_hidden_layers": (*COUNT, False),
+    "num_attention_heads": (*COUNT, False),
+    "num_key_value_heads": (*COUNT, True),  # null: num_attention_heads
+    "num_experts_per_tok": (*EXPERTS, False),
+    "max_position_embeddings": (*POSITIONS, False),
+    "bos_token_id": (*TOKEN_ID, True),
+    "pad_token_id": (*TOKEN_ID, True),
+}
+BOOLS = ("tie_word_embeddings",)
+QWEN_INTS = INTS | {"moe_intermediate_size": (*SIZE, False), "decoder_sparse_step": (*COUNT, False)}
+QWEN_BOOLS = BOOLS + ("attention_bias", "norm_topk_prob", "use_sliding_window")
+
+
+def check_config(config: dict, ints: dict, bools: tuple[str, ...], required: tuple[str, ...], experts: str) -> None:
+    """Raise ConfigError naming the first field of a Qwen3-MoE or Mixtral config that is missing, of the
+    wrong type, out of range or inconsistent; `experts` is the field counting the experts."""
+    check_required(config, required)
+    check_ints(config, ints)
+    check_bools(config, bools)
+    check_rms_norm_eps(config)
+    if config.get("eos_token_id") is not None:
+        check_eos(config["eos_token_id"], "eos_token_id")
+    check_rope(config)
+    check_heads(config)
+    top_k, count = config["num_experts_per_tok"], config[experts]
+    if top_k > count:
+        raise ConfigError(f"num_experts_per_tok ({top_k}) must not exceed {experts} ({count})")
+
+
+def check_heads(config: dict) -> None:
+    """KV heads dividing the query heads; the head dim, given or hidden_size // num_attention_heads, even."""
+    heads = config["num_attention_heads"]
+    check_kv_heads(config, "num_key_value_heads", heads)
+    check_even(config, "head_dim")
+    derived = config["hidden_size"] // heads
+    if config.get("head_dim") is None and (derived == 0 or derived % 2):
+        raise ConfigError(f"head_dim is not given and hidden_size // num_attention_heads ({derived}) "
+                          "is not an even positive number")
+
+
+def check_rope(config: dict) -> None:
+    """rope_parameters and rope_scaling null or objects, every rope_theta given a positive number
+    (which rope_type localrun implements, MoEArgs says)."""
+    thetas = {"rope_theta": config["rope_theta"]} if "rope_theta" in config else {}
+    for name in ("rope_parameters", "rope_scaling"):
+        params = config.get(name)
+        if params is not None and not isinstance(params, dict):
+            raise ConfigError(f"{name} must be an object or null, not {params!r}")
+        if params and "rope_theta" in params:
+            thetas[f"{name}.rope_theta"] = params["rope_theta"]
+    for name, theta in thetas.items():
+        if not (is_number(theta) and theta > 0):
+            raise ConfigError(f"{name} must be a positive number, not {theta!r}")
+
+
+def check_mlp_only_layers(layers, count: int) -> None:
+    if layers is not None and not (isinstance(layers, list) and all(is_int(i) and 0 <= i < count for i in layers)):
+        raise ConfigError(f"mlp_only_layers must be a list of layer indexes in 0..{count - 1}, not {layers!r}")
 
 
 BUILTIN_CHAT_TEMPLATE = False  # the checkpoint's own template only (tokenizer_config.json or chat_template.jinja)
