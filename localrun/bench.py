@@ -227,8 +227,29 @@ def measure(engine: str, generate_n: Callable[[int, Callable[[], None]], None], 
 
 def decode_bytes_per_token(plan) -> int:
     """Bytes a decoded token reads at least: non-expert weights (the embedding lookup aside; the tied
-    lm_head reads it whole), top_k experts of every MoE layer, and the KV cache at the planned context."""
+    lm_head reads it whole), top_k experts of every MoE layer, and the KV cache at the planned context
+    (the most a token reads: what fit's ceiling takes)."""
     return plan.decode_weight_bytes + plan.active_expert_bytes + plan.decode_kv_bytes
+
+
+def decode_bytes_at(plan, cache, position: int) -> int:
+    """decode_bytes_per_token for a token at `position`: the keys and values it attends to, not the
+    whole cache (bench's floor for a case)."""
+    return plan.decode_weight_bytes + plan.active_expert_bytes + kv_bytes_read(cache, position)
+
+
+def kv_bytes_read(cache, position: int) -> int:
+    """KV bytes a token at `position` attends to: each full layer's keys so far, a sliding layer's
+    window of them (a layer sharing another's KV reads nothing more)."""
+    from .kvcache import RingKV
+
+    total = 0
+    for layer in cache.layers:
+        if layer is not None:
+            slots = layer.k.shape[2]
+            keys = min(position + 1, layer.window) if isinstance(layer, RingKV) else position + 1
+            total += (layer.k.nbytes + layer.v.nbytes) // slots * min(keys, slots)
+    return total
 
 
 def copy_bandwidth(device, nbytes: int = 256 << 20, repeat: int = 5) -> float:
@@ -266,7 +287,7 @@ def bench_localrun(model_dir: Path, cases: list[tuple[int, int]], *, device: str
         info["matrices"] = str(engine.loaded.model.embed_tokens.weight.dtype).removeprefix("torch.")
     check_cases(cases, engine.loaded.plan.context if engine.loaded.plan else None)
     sync = (lambda: torch.cuda.synchronize(dev)) if _cuda(dev) else (lambda: None)
-    per_token = decode_bytes_per_token(engine.loaded.plan) if engine.loaded.plan else None
+    plan = engine.loaded.plan
     out = []
     for step in steps:
         for prompt_tokens, gen_tokens in cases:
@@ -282,9 +303,10 @@ def bench_localrun(model_dir: Path, cases: list[tuple[int, int]], *, device: str
             m.variant = experts
             m.step = "graphs" if step == "auto" and _cuda(dev) and graph_safe(engine.model) else \
                 "eager" if step == "auto" else step
-            m.bytes_per_token = per_token
-            if bandwidth and per_token:
-                m.floor_tokens_per_s = bandwidth / per_token
+            if plan is not None:  # the KV at the middle of the case's decode
+                m.bytes_per_token = decode_bytes_at(plan, engine.loaded.kv, prompt_tokens + (gen_tokens - 1) // 2)
+            if bandwidth and m.bytes_per_token:
+                m.floor_tokens_per_s = bandwidth / m.bytes_per_token
             if store:
                 m.expert_hit_rate = store.stats(since=before)["hit_rate"]
             _memory(m, dev)
@@ -504,7 +526,7 @@ def markdown(report: BenchReport) -> str:
         head += ["prefill tok/s", "decode tok/s", "TTFT ms", "peak RSS MiB"]
     floor = any(m.floor_tokens_per_s for m in ours)
     if floor:
-        head += ["floor tok/s", "of floor"]
+        head += ["GB a token", "floor tok/s", "of floor"]
     if any(m.peak_vram_bytes is not None for m in report.measurements):
         head.append("peak VRAM MiB")
     if any(m.expert_hit_rate is not None for m in ours):
@@ -529,7 +551,8 @@ def markdown(report: BenchReport) -> str:
                         _mib(m.peak_rss_bytes)]
             if floor:
                 f = m.floor_tokens_per_s
-                row += [_rate(f or 0), f"{m.decode_tokens_per_s / f:.1%}" if f else "-"]
+                row += [f"{m.bytes_per_token / 1e9:.3f}" if m.bytes_per_token else "-", _rate(f or 0),
+                        f"{m.decode_tokens_per_s / f:.1%}" if f else "-"]
             if "peak VRAM MiB" in head:
                 row.append(_mib(m.peak_vram_bytes) + (f" / {_mib(t.peak_vram_bytes)}" if t else ""))
             if "expert hit rate" in head:
@@ -539,10 +562,9 @@ def markdown(report: BenchReport) -> str:
                   "generation; TTFT = t(first token); greedy, eos off, same prompt ids on every side; peak RSS "
                   "is the process peak since that engine started loading."]
     if floor:
-        per_token = next(m.bytes_per_token for m in ours if m.bytes_per_token)
         lines += [f"floor = measured device copy bandwidth ({info['copy_bandwidth_bytes_per_s'] / 1e9:.0f} GB/s on "
-                  f"{info.get('gpu', 'the GPU')}) / {per_token / 1e9:.3f} GB read per decoded token (non-expert "
-                  "weights, top-k experts of every layer, KV at the planned context)."]
+                  f"{info.get('gpu', 'the GPU')}) / the GB a decoded token reads (non-expert weights, top-k experts "
+                  "of every layer, and the keys and values a token in the middle of the case's decode attends to)."]
     if any(m.rounds_prefill for m in report.measurements):
         lines += ["", "| engine | prompt | gen | prefill tok/s per round | decode tok/s per round |",
                   "|---|---|---|---|---|"]

@@ -166,3 +166,26 @@ def test_bench_out_is_checked_first_and_written_whole_after_the_table_prints(tin
           "--out", str(out)])
     assert out.read_text() == capsys.readouterr().out and (out.stat().st_mode & 0o777) == 0o640
     assert [p.name for p in tmp_path.iterdir()] == ["b.md"]  # no temporary file left beside it
+
+
+def test_the_floor_counts_the_keys_a_token_attends_to(tiny_moe):
+    """bench's floor per case: a full layer's keys up to the token, a sliding layer's window; layers
+    sharing another's KV add nothing. By hand from the config: 2 (K and V) x heads x head dim x 4 bytes."""
+    from localrun.loader import load_model
+
+    loaded = load_model(tiny_moe, dtype=torch.float32, context=300)
+    args, cache = loaded.args, loaded.kv
+    layers = [i for i in range(args.num_hidden_layers) if args.kv_source_layer(i) == i]
+
+    def by_hand(position):
+        total = 0
+        for i in layers:
+            keys = min(position + 1, args.sliding_window) if args.is_sliding(i) else position + 1
+            total += 2 * args.layer_kv_heads(i) * args.layer_head_dim(i) * 4 * keys
+        return total
+
+    assert any(args.is_sliding(i) for i in layers) and not all(args.is_sliding(i) for i in layers)
+    for position in (0, 5, args.sliding_window - 1, args.sliding_window + 40, 299):
+        assert bench.kv_bytes_read(cache, position) == by_hand(position)
+    plan = loaded.plan
+    assert bench.decode_bytes_at(plan, cache, 299) <= bench.decode_bytes_per_token(plan)
