@@ -107,7 +107,12 @@ def parse_size(text: str | int) -> int:
         raise UsageError(f"size {text!r} is only {nbytes} bytes; add a unit, e.g. {text}GiB")
     if nbytes <= 0:
         raise UsageError(f"invalid size {text!r}: must be positive")
+    if nbytes > MAX_SIZE:
+        raise UsageError(f"size {text!r} is more memory than a machine has (at most {MAX_SIZE // TIB} TiB)")
     return nbytes
+
+
+MAX_SIZE = 1 << 50  # 1 PiB: a size past it is a typo, and float rounding would print it wrong
 
 
 _RATE_UNITS = {  # bytes per second; decimal as vendors quote them (GB/s = 1e9 B/s), binary when spelled so

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from localrun.checkpoint import ITEMSIZE, Checkpoint
 from localrun.errors import LocalrunError, UsageError
-from localrun.hardware import parse_rate
+from localrun.hardware import MAX_SIZE, parse_rate, parse_size
 from localrun.tiny import tiny_config
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -285,6 +285,25 @@ def test_parse_rate_reads_a_rate_or_fails_in_one_line(text):
 def test_parse_rate_reads_back_what_it_is_given(rate):
     assert parse_rate(repr(rate)) == rate
     assert parse_rate(f"{rate / 1e9!r}GB/s") == pytest.approx(rate, rel=1e-15)
+
+
+SIZE_TEXT = st.one_of(
+    st.text(max_size=16), st.integers(-10, 10**20),
+    st.builds("{}{}{}".format, NUMBER_TEXT, st.sampled_from(["", " "]),
+              st.sampled_from(["", "B", "k", "KiB", "MB", "M", "GB", "GiB", "g", "T", "TiB", "PB", "XB"])))
+
+
+@seeded(1000)
+@given(text=SIZE_TEXT)
+def test_parse_size_reads_a_size_or_fails_in_one_line(text):
+    """--vram / --ram: what the parser accepts is a whole positive byte count a machine could have (at
+    most MAX_SIZE); anything else is a one-line UsageError, never another exception."""
+    try:
+        size = parse_size(text)
+    except UsageError as e:
+        assert "\n" not in str(e)
+    else:
+        assert isinstance(size, int) and 0 < size <= MAX_SIZE
 
 
 @seeded(100)
