@@ -402,7 +402,8 @@ def test_gpu_presets_cover_the_common_cards():
     assert gpu_preset("3060").memory_bytes == 12 * GIB
     assert gpu_preset("a4000").name == "RTX A4000"
     assert gpu_preset("l4").name == "L4"
-    assert len({p.name for p in GPU_PRESETS}) == 13
+    assert gpu_preset("h100").bandwidth == 3350e9 and gpu_preset("H200").memory_bytes == 140 * GIB
+    assert len({p.name for p in GPU_PRESETS}) == 16
     with pytest.raises(UsageError, match="RTX 5090"):
         gpu_preset("7090")
 
