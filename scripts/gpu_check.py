@@ -101,13 +101,16 @@ def best_seconds(fn, repeat: int, dev) -> float:
     return best
 
 
-def greedy(model, ids: list[int], n: int, dev, step: str = "eager", cache=None) -> tuple[list[int], list[float]]:
-    """n greedy tokens (no stop ids) and their logprobs, through decode step `step` (localrun/step.py)."""
+def greedy(model, ids: list[int], n: int, dev, step: str = "eager", cache=None,
+           params=None) -> tuple[list[int], list[float]]:
+    """n greedy tokens (no stop ids) and their logprobs, through decode step `step` (localrun/step.py);
+    with `params` (SamplingParams), sampled that way instead."""
     from localrun.generate import generate
     from localrun.sampling import SamplingParams, make_sampler
 
     tokens, logprobs = [], []
-    for out in generate(model, ids, make_sampler(SamplingParams(), device=dev), max_tokens=n, step=step, cache=cache):
+    sampler = make_sampler(params or SamplingParams(), device=dev)
+    for out in generate(model, ids, sampler, max_tokens=n, step=step, cache=cache):
         tokens.append(out.token)
         logprobs.append(out.logprob)
     return tokens, logprobs
@@ -434,6 +437,9 @@ def big_model_run(dry: bool, dev, load_kwargs: dict, rows: dict) -> dict:
                 decode_bytes_per_token(loaded.plan), args.num_hidden_layers, dev), rows)
         if mode == "graphs" and loaded.store is None:  # the H200 once decoded 2.4x slower after 512 than after 16
             timed(f"per_token_{mode}_after_{prompt}", lambda: per_token_counts(model, ids, dev, mode, loaded.kv), rows)
+        if mode != "eager":  # sampling on the device: still one sync a token with every filter on
+            timed(f"per_token_{mode}_sampled", lambda mode=mode: per_token_counts(
+                model, short, dev, mode, loaded.kv, sampled_params()), rows)
         if mode in ("graphs", "static") and loaded.store is None:  # each decode kernel switched from its default
             from localrun.models.gemma4 import CPU_ONLY_KERNELS, DECODE_KERNELS  # (static: the dry run's stand-in)
 
@@ -485,6 +491,13 @@ def big_model_run(dry: bool, dev, load_kwargs: dict, rows: dict) -> dict:
     return {k: rows[k] for k in ("load_s", "bytes_read_per_decoded_token") if k in rows}
 
 
+def sampled_params():
+    """Every sampling filter on (the issue's list: temperature, top-k, top-p, min-p, repetition penalty)."""
+    from localrun.sampling import SamplingParams
+
+    return SamplingParams(temperature=0.8, top_k=64, top_p=0.95, min_p=0.05, repetition_penalty=1.1, seed=0)
+
+
 @contextlib.contextmanager
 def setting(target, name: str, value, cache):
     """Within: `target[name]` (a dict) or `target.name` (a module) set to `value`; the cache's decode
@@ -523,21 +536,21 @@ def divergence_when(switch, model, ids: list[int], dev, mode: str, cache, n: int
     return {"first_divergence_from_default": first_divergence(switched, default), "tokens": n}
 
 
-def per_token_counts(model, ids: list[int], dev, mode: str = "eager", cache=None) -> dict:
+def per_token_counts(model, ids: list[int], dev, mode: str = "eager", cache=None, params=None) -> dict:
     """Kernels, host launch calls and host syncs of one decoded token (the difference of 3 and 4
-    generated tokens, so prefill and the first sampling step cancel)."""
+    generated tokens, so prefill and the first sampling step cancel); greedy, or sampled by `params`."""
     torch = _torch()
 
     def counts(n: int) -> tuple[int, int, int]:
         if dev.type != "cuda":
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-                greedy(model, ids, n, dev, mode, cache)
+                greedy(model, ids, n, dev, mode, cache, params)
             return sum(1 for e in prof.events() if e.name.startswith("aten::")), 0, 0
         import warnings
 
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,
                                                 torch.profiler.ProfilerActivity.CPU]) as prof:
-            greedy(model, ids, n, dev, mode, cache)
+            greedy(model, ids, n, dev, mode, cache, params)
             sync(dev)
         events = prof.events()
         kernels = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA
@@ -554,14 +567,14 @@ def per_token_counts(model, ids: list[int], dev, mode: str = "eager", cache=None
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                greedy(model, ids, n, dev, mode, cache)
+                greedy(model, ids, n, dev, mode, cache, params)
         finally:
             torch.cuda.set_sync_debug_mode("default")
         syncs = sum(1 for w in caught if "synchroniz" in str(w.message).lower())
         return kernels, launches, syncs
 
     tables: dict = {}
-    greedy(model, ids, 4, dev, mode, cache)  # warm: graphs captured, kernels compiled
+    greedy(model, ids, 4, dev, mode, cache, params)  # warm: graphs captured, kernels compiled
     k3, l3, s3 = counts(3)
     k4, l4, s4 = counts(4)
     if dev.type != "cuda":

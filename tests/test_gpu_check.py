@@ -30,6 +30,7 @@ def test_dry_run_writes_a_complete_report(tmp_path):
         assert memory["device_bytes"] > 0 and memory["planned_device_bytes"] > 0
         assert placement["per_token_eager"]["aten_ops_per_token"] > 0
     resident = steps["big"]["resident"]  # opt-in decode kernels (dense_gemv): the step with each switched on
+    assert resident["per_token_static_sampled"]["aten_ops_per_token"] > 0  # every sampling filter on
     assert "error" not in resident["speed_static_with_dense_gemv"]
     assert resident["tokens_static_with_dense_gemv"]["first_divergence_from_default"] is None  # CPU: not taken
     kernels = steps["kernels"]
