@@ -29,6 +29,8 @@ Steps:
   kernels    4-bit MoE kernels vs bitsandbytes at 26B-A4B's shapes (decode: v3, v2 and v1 with every
              autotune config's time; the grouped GEMMs at 512 tokens); split-key
              decode attention vs SDPA; the Triton GEMV vs cuBLAS at each dense projection shape
+  bench      `localrun bench bench --device cuda --graphs both` as a user runs it (the CLI's own report:
+             decode and prefill tok/s, bytes a token, copy bandwidth, fraction of the floor)
   attention  which SDPA backends take each of 26B-A4B's layer kinds (decode and prefill), and timings
   compiled   the torch.compile'd static step in CUDA graphs against plain graphs (may take minutes)
 
@@ -61,6 +63,7 @@ STEPS = {  # name -> seconds it may take on one H100, in the order they run: wha
     "demo": 60,
     "big": 200,
     "kernels": 150,
+    "bench": 90,
     "attention": 60,
     "compiled": 200,
 }
@@ -761,8 +764,26 @@ def step_compiled(dry: bool) -> dict:
     return out
 
 
+def step_bench(dry: bool) -> dict:
+    """The bench command in a child process, as a user runs it: its JSON report, and the table it prints."""
+    from localrun.bench import BenchReport, Measurement, markdown
+
+    device, graphs = ("cpu", "off") if dry else ("cuda", "both")
+    cmd = [sys.executable, "-m", "localrun.cli", "bench", "bench", "--device", device, "--graphs", graphs, "--experts", "nf4",
+           "--prompt-tokens", "128", "--gen-tokens", "64" if not dry else "4", "--repeat", "2", "--rounds", "1",
+           "--json"]
+    env = dict(os.environ) if dry else {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=DRY_TIMEOUT if dry else STEPS["bench"])
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench exited {proc.returncode}: {proc.stderr.strip()[-500:]}")
+    report = json.loads(proc.stdout)
+    table = markdown(BenchReport(report["info"], [Measurement(**m) for m in report["measurements"]]))
+    return {"command": " ".join(cmd[2:]), "report": report, "table": table}
+
+
 STEP_FUNCTIONS = {"env": step_env, "attention": step_attention, "exact": step_exact, "demo": step_demo,
-                  "big": step_big, "kernels": step_kernels, "compiled": step_compiled}
+                  "big": step_big, "kernels": step_kernels, "bench": step_bench, "compiled": step_compiled}
 
 
 # The driver ----------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ def test_dry_run_writes_a_complete_report(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     steps = report["steps"]
-    assert report["dry"] and set(steps) == {"env", "attention", "exact", "demo", "big", "kernels", "compiled"}
+    assert report["dry"] and set(steps) == {"env", "attention", "exact", "demo", "big", "kernels", "bench", "compiled"}
     assert not [name for name, value in steps.items() if "error" in value]
     for row in steps["exact"]["tiny"].values():  # CPU stand-in: the same device on both sides
         assert "error" not in row
@@ -39,6 +39,8 @@ def test_dry_run_writes_a_complete_report(tmp_path):
     assert {"gemv qkv sliding", "gemv router", "gemv lm_head"} <= set(gemv)  # the interpreted kernel ran
     assert all(v["max_rel_err_triton"] < 1e-2 for v in gemv.values())
     assert kernels["gemv per token"]["weight_bytes"] > 0
+    bench = steps["bench"]  # the CLI as a user runs it, its table rendered from its JSON
+    assert bench["report"]["measurements"][0]["decode_tokens_per_s"] > 0 and "| 128 | 4 |" in bench["table"]
     assert "gpu_check.md" in {p.name for p in tmp_path.iterdir()}
     assert "## big" in (tmp_path / "gpu_check.md").read_text()
 
