@@ -610,8 +610,8 @@ def fit_efficiency(tokens_per_s: float, per_token: dict, bytes_per_token: int, l
     weight_s = per_token["weight_kernels_us_per_token"] * 1e-6
     return {"bandwidth_fraction": round(bytes_per_token / (preset.bandwidth * weight_s), 3),
             "layer_seconds": round((1 / tokens_per_s - weight_s) / layers, 7), "preset": preset.name,
-            "from": {"tokens_per_s": tokens_per_s, "weight_kernels_us_per_token": per_token["weight_kernels_us_per_token"],
-                     "bytes_per_token": bytes_per_token, "layers": layers}}
+            "from": {"tokens_per_s": tokens_per_s, "bytes_per_token": bytes_per_token, "layers": layers,
+                     "weight_kernels_us_per_token": per_token["weight_kernels_us_per_token"]}}
 
 
 def per_token_table(three: dict, four: dict, top: int | None = 20) -> list:
@@ -769,8 +769,8 @@ def step_bench(dry: bool) -> dict:
     from localrun.bench import BenchReport, Measurement, markdown
 
     device, graphs = ("cpu", "off") if dry else ("cuda", "both")
-    cmd = [sys.executable, "-m", "localrun.cli", "bench", "bench", "--device", device, "--graphs", graphs, "--experts", "nf4",
-           "--prompt-tokens", "128", "--gen-tokens", "64" if not dry else "4", "--repeat", "2", "--rounds", "1",
+    cmd = [sys.executable, "-m", "localrun.cli", "bench", "bench", "--device", device, "--graphs", graphs,
+           "--experts", "nf4", "--prompt-tokens", "128", "--gen-tokens", "64" if not dry else "4", "--repeat", "2", "--rounds", "1",
            "--json"]
     env = dict(os.environ) if dry else {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT,
