@@ -770,8 +770,8 @@ def step_bench(dry: bool) -> dict:
 
     device, graphs = ("cpu", "off") if dry else ("cuda", "both")
     cmd = [sys.executable, "-m", "localrun.cli", "bench", "bench", "--device", device, "--graphs", graphs,
-           "--experts", "nf4", "--prompt-tokens", "128", "--gen-tokens", "64" if not dry else "4", "--repeat", "2", "--rounds", "1",
-           "--json"]
+           "--experts", "nf4", "--prompt-tokens", "128", "--gen-tokens", "64" if not dry else "4",
+           "--repeat", "2", "--rounds", "1", "--json"]
     env = dict(os.environ) if dry else {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT,
                           timeout=DRY_TIMEOUT if dry else STEPS["bench"])
