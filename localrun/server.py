@@ -33,7 +33,7 @@ from starlette.routing import Route
 from .chat import ANSWER, ThoughtSplitter
 from .engine import Engine
 from .errors import LocalrunError
-from .sampling import SamplingParams
+from .sampling import SEED_MAX, SEED_MIN, SamplingParams
 from .text import StreamDecoder
 
 DEFAULT_MAX_QUEUE = 64  # requests waiting for a slot; one more answers 429
@@ -185,8 +185,13 @@ class Scheduler:
                 continue
             free = [i for i in range(len(self.slots)) if i not in self.running]
             job.slot = max(free, key=lambda i: self.slots[i].common_prefix(job.prompt_ids))
-            steps = self.engine.stream(job.prompt_ids, job.params, max_tokens=job.max_tokens,
-                                       ignore_eos=job.ignore_eos, step=self.step, session=self.slots[job.slot])
+            try:
+                steps = self.engine.stream(job.prompt_ids, job.params, max_tokens=job.max_tokens,
+                                           ignore_eos=job.ignore_eos, step=self.step, session=self.slots[job.slot])
+            except Exception as e:  # noqa: BLE001 - one request's failure never stops the scheduler
+                job.emit("error", 500, str(e) if isinstance(e, LocalrunError) else f"{type(e).__name__}: {e}")
+                self._finish(job, "error")
+                continue
             self.running[job.slot] = (job, steps, StreamDecoder(self.engine.tokenizer), StopStrings(job.stops))
 
     def _loop(self) -> None:
@@ -222,8 +227,8 @@ class Scheduler:
         if job.tokens == 0:
             job.cached = step.timings.cached_tokens
         job.tokens += 1
-        eos = step.finish_reason == "stop"
-        text = "" if eos else decoder.push(step.token)
+        hide = step.finish_reason == "stop" or step.token in self.engine.hidden_ids  # as Engine.stream_text
+        text = "" if hide else decoder.push(step.token)
         if step.finish_reason:
             text += decoder.flush()
         out, hit = stops.feed(text)
@@ -283,7 +288,8 @@ class OpenAIServer:
         min_p = _get(body, "min_p", float, d.get("min_p", 0.0), check=lambda v: 0 <= v <= 1, what="must be in [0, 1]")
         penalty = _get(body, "repetition_penalty", float, d.get("repeat_penalty", 1.0), check=lambda v: v > 0,
                        what="must be > 0")
-        seed = _get(body, "seed", int)
+        seed = _get(body, "seed", int, check=lambda v: SEED_MIN <= v <= SEED_MAX,
+                    what=f"must be an integer from {SEED_MIN} to {SEED_MAX}")
         limit = body.get("max_completion_tokens", body.get("max_tokens"))
         name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
         max_tokens = _get({name: limit}, name, int, None, check=lambda v: v >= 1, what="must be at least 1")
@@ -457,8 +463,9 @@ class OpenAIServer:
                 else:
                     for line in deltas(splitter.flush() if splitter else []):
                         yield line
-                    # usage rides on the last chunk too: every final response carries it
-                    yield chunk({} if chat else "", event[1], event[2])
+                    # without include_usage, usage rides on the finishing chunk (every final response carries
+                    # it); with it, only on OpenAI's extra chunk after it (a client summing usage counts it once)
+                    yield chunk({} if chat else "", event[1], None if usage_chunk else event[2])
                     if usage_chunk:
                         yield f"data: {json.dumps({**head, 'choices': [], 'usage': event[2]})}\n\n"
                     finished = True

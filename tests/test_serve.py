@@ -114,6 +114,7 @@ def test_openai_client_chat_stream_models_usage(engine, server, client):
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == \
         [reply.choices[0].finish_reason]
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
+    assert [c for c in chunks[:-1] if c.usage is not None] == []  # usage once: a client summing it counts it once
     assert chunks[-1].usage.prompt_tokens_details.cached_tokens > 0  # the slot's prefix cache held the prompt
 
     length = client.chat.completions.create(model="demo", messages=MESSAGES, max_tokens=3, temperature=0,
@@ -153,6 +154,8 @@ def test_stop_string_spanning_two_tokens(engine, client):
     ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
     ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0]"),
     ({"messages": [{"role": "user", "content": "word " * 400}]}, "messages"),  # over the context
+    ({"messages": MESSAGES, "seed": 99999999999999999999999}, "seed"),  # past what torch seeds with: hung the server
+    ({"messages": MESSAGES, "seed": -(1 << 64)}, "seed"),
 ])
 def test_bad_requests_get_400_and_the_server_keeps_serving(server, body, param):
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
@@ -310,3 +313,61 @@ def test_serve_command_binds_loopback_and_stops_on_ctrl_c(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_request_that_fails_to_start_gets_500_and_the_server_keeps_serving(engine, server, monkeypatch):
+    """A request whose generation cannot even start (here: the engine raises) is answered with an error;
+    the scheduler thread lives on for the next one."""
+    real = engine.stream
+    calls = []
+
+    def failing_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "stream", failing_once)
+    r = httpx.post(server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=30)
+    assert r.status_code == 500 and "boom" in r.json()["error"]["message"]
+    ok = httpx.post(server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 1}, timeout=30)
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 1
+
+
+def test_control_tokens_never_reach_the_reply(engine, server, monkeypatch):
+    """As `run` prints it: <turn|>, <unused..> and the like add no text (OpenAI and vLLM skip special
+    tokens); the words around them come through."""
+    from localrun.generate import Step, Timings
+
+    tok = engine.tokenizer
+    words = tok.encode("What is", add_special_tokens=False)
+    special = sorted(engine.hidden_ids)[:3]
+    ids = [words[0], *special, *words[1:]]
+
+    def scripted(prompt_ids, params, max_tokens, **kwargs):
+        for i, t in enumerate(ids):
+            yield Step(t, torch.zeros(8), "length" if i == len(ids) - 1 else None, Timings())
+
+    monkeypatch.setattr(engine, "stream", scripted)
+    r = httpx.post(server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": len(ids)}, timeout=30)
+    assert r.status_code == 200, r.text
+    text = r.json()["choices"][0]["text"]
+    assert text == tok.decode(words) and not any(tok.decode([t]) in text for t in special if tok.decode([t]))
+
+
+def test_serve_on_a_busy_port_fails_at_once_in_one_line():
+    """The port is taken before the model loads: one line naming it, exit 1 (uvicorn's own exit 3
+    came after loading and after announcing the address)."""
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    port = busy.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    try:
+        proc = subprocess.run([sys.executable, "-m", "localrun.cli", "serve", "demo", "--port", str(port),
+                               "--device", "cpu"], capture_output=True, text=True, env=env, timeout=120)
+    finally:
+        busy.close()
+    assert proc.returncode == 1 and f"cannot listen on 127.0.0.1:{port}" in proc.stderr
+    assert "serving" not in proc.stderr and "Traceback" not in proc.stderr
+    assert "loading" not in proc.stderr  # refused before the model loads

@@ -22,7 +22,8 @@ TOP_K = typer.Option(0, "--top-k", min=0, help="Keep the k most likely tokens (0
 TOP_P = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (1 = off).")
 MIN_P = typer.Option(0.0, "--min-p", min=0.0, max=1.0, help="Drop tokens below min_p x the top probability (0 = off).")
 REPEAT_PENALTY = typer.Option(1.0, "--repeat-penalty", min=0.0, help="Penalize tokens already seen (1 = off).")
-SEED = typer.Option(None, "--seed", help="Seed for reproducible sampling.")
+SEED = typer.Option(None, "--seed", min=-(1 << 63), max=(1 << 64) - 1,  # sampling.SEED_MIN / SEED_MAX
+                    help="Seed for reproducible sampling.")
 IGNORE_EOS = typer.Option(False, "--ignore-eos", help="Don't stop at end-of-turn tokens.")
 THINK = typer.Option(False, "--think", help="Let the model think first (the chat template's enable_thinking).")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import socket
 import sys
 from typing import Optional
 
@@ -48,6 +49,7 @@ def serve(
         raise LocalrunError(f"`localrun serve` needs the serve extra ({e.name} is missing): "
                             "pip install 'localrun[serve]'") from None
     load = opt.load_kwargs(device, dtype, experts, vram, resident_experts, context)
+    listening = listen(host, port)  # before the model loads: a busy port fails in a second, not after it
     opt.use_threads(threads)
     from ..engine import Engine, generation_defaults
     from ..server import ServerConfig, make_app
@@ -60,6 +62,7 @@ def serve(
     config = ServerConfig(model_name=served_name or model_dir.name, api_key=api_key, max_queue=max_queue,
                           defaults=generation_defaults(model_dir))
     app = make_app(engine, config)
+    port = listening.getsockname()[1]  # --port 0: the one the system picked
     if not quiet:
         print(f"serving {config.model_name} on http://{host}:{port}/v1 ({parallel} slot{'s' * (parallel > 1)}, "
               f"context {engine.session.cache.capacity}); Ctrl-C stops", file=sys.stderr, flush=True)
@@ -82,7 +85,21 @@ def serve(
                 for s, handler in before.items():
                     signal.signal(s, handler)
 
-    Server(uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=3)).run()
+    Server(uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=3)).run(
+        sockets=[listening])
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port (what uvicorn then serves), or a one-line error naming why not."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as e:
+        raise LocalrunError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
 
 
 command = serve
