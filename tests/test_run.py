@@ -129,6 +129,7 @@ def test_cuda_asked_for_but_absent(cli, tiny_moe):
     (["--top-p", "0"], "top-p"), (["--temperature", "-1"], "temperature"), (["--max-tokens", "0"], "max-tokens"),
     (["--dtype", "int8"], "dtype"), (["--bogus"], "bogus"), (["--top-k", "x"], "top-k"),
     (["--temperature", "1", "--seed", str(1 << 64)], "seed"), (["--device", "tpu"], "device"),
+    (["--top-p", "1.5"], "top-p"), (["--repeat-penalty", "-1"], "repeat-penalty"), (["--logprobs"], "--json"),
 ])
 def test_invalid_options_are_usage_errors(cli, tiny_moe, flags, word):
     assert word in one_line_error(cli, "run", str(tiny_moe), "hi", *flags, expect_code=2)

@@ -19,9 +19,9 @@ SYSTEM = typer.Option(None, "--system", help="System prompt.")
 # The ranges SamplingParams checks, declared here too so a bad value is a usage error before torch loads.
 TEMPERATURE = typer.Option(0.0, "--temperature", "-t", min=0.0, help="0 = greedy.")
 TOP_K = typer.Option(0, "--top-k", min=0, help="Keep the k most likely tokens (0 = off).")
-TOP_P = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (1 = off).")
+TOP_P = typer.Option(1.0, "--top-p", help="Nucleus sampling mass, more than 0 and at most 1 (1 = off).")
 MIN_P = typer.Option(0.0, "--min-p", min=0.0, max=1.0, help="Drop tokens below min_p x the top probability (0 = off).")
-REPEAT_PENALTY = typer.Option(1.0, "--repeat-penalty", min=0.0, help="Penalize tokens already seen (1 = off).")
+REPEAT_PENALTY = typer.Option(1.0, "--repeat-penalty", help="Penalize tokens already seen: more than 0 (1 = off).")
 SEED = typer.Option(None, "--seed", min=-(1 << 63), max=(1 << 64) - 1,  # sampling.SEED_MIN / SEED_MAX
                     help="Seed for reproducible sampling.")
 IGNORE_EOS = typer.Option(False, "--ignore-eos", help="Don't stop at end-of-turn tokens.")
@@ -39,12 +39,12 @@ THREADS = typer.Option(None, "--threads", min=1, help="CPU compute threads (defa
                        "busy on, at most the physical cores).")
 
 
-def check_sampling(top_p: float, repeat_penalty: float) -> None:
-    """The open ends of the sampling ranges (typer's `min` is inclusive)."""
-    if top_p == 0:
-        raise UsageError("--top-p must be more than 0")
-    if repeat_penalty == 0:
-        raise UsageError("--repeat-penalty must be more than 0")
+def check_sampling(top_p: float | None, repeat_penalty: float | None) -> None:
+    """The ranges open at 0 (typer's `min` is inclusive, and its help would say so)."""
+    if top_p is not None and not 0 < top_p <= 1:  # None: chat's "the model's default"
+        raise UsageError(f"--top-p must be more than 0 and at most 1, not {top_p}")
+    if repeat_penalty is not None and not repeat_penalty > 0:
+        raise UsageError(f"--repeat-penalty must be more than 0, not {repeat_penalty}")
 
 
 def check_device(device: str) -> None:

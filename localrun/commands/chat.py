@@ -147,12 +147,12 @@ def chat(
                                                 help=f"0 = greedy. {MODEL_DEFAULT}"),
     top_k: Optional[int] = typer.Option(None, "--top-k", min=0,
                                         help=f"Keep the k most likely tokens (0 = off). {MODEL_DEFAULT}"),
-    top_p: Optional[float] = typer.Option(None, "--top-p", min=0.0, max=1.0,
-                                          help=f"Nucleus sampling mass (1 = off). {MODEL_DEFAULT}"),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling mass, more than 0 and at most 1 "
+                                          f"(1 = off). {MODEL_DEFAULT}"),
     min_p: Optional[float] = typer.Option(None, "--min-p", min=0.0, max=1.0,
                                           help=f"Drop tokens below min_p x the top probability (0 = off). {MODEL_DEFAULT}"),
-    repeat_penalty: Optional[float] = typer.Option(None, "--repeat-penalty", min=0.0,
-                                                   help=f"Penalize tokens already seen (1 = off). {MODEL_DEFAULT}"),
+    repeat_penalty: Optional[float] = typer.Option(None, "--repeat-penalty", help="Penalize tokens already seen: more "
+                                                   f"than 0 (1 = off). {MODEL_DEFAULT}"),
     seed: Optional[int] = opt.SEED,
     think: bool = opt.THINK,
     context: Optional[int] = typer.Option(None, "--context", min=16, help="Context length in tokens; oldest turns are "

@@ -91,6 +91,8 @@ def run(
     if truncate not in (None, *TRUNCATE):
         raise UsageError(f"--truncate can only be 'left', not {truncate!r}")
     opt.check_sampling(top_p, repeat_penalty)
+    if logprobs and not as_json:
+        raise UsageError("--logprobs goes into the --json output: add --json")
     load = opt.load_kwargs(device, dtype, experts, vram, resident_experts, context)
     threads = opt.check_threads(threads)
     text_in = read_prompt(prompt)
