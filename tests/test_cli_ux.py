@@ -112,3 +112,10 @@ def test_not_enough_memory_points_to_fit(capsys, tiny_moe, monkeypatch):
     err = capsys.readouterr().err
     assert e.value.code == 1
     assert err.startswith("error: does not fit") and "localrun fit" in err and len(err.strip().splitlines()) == 1
+
+
+def test_chat_says_when_the_input_ends_inside_a_block(tiny_moe):
+    """Piped input that stops before a \"\"\" block closes: the message is not sent, and chat says so."""
+    res = subprocess.run([sys.executable, "-m", "localrun.cli", "chat", str(tiny_moe), "-q"], input='"""\nhello\n',
+                         capture_output=True, text=True, env=ENV, timeout=300)
+    assert res.returncode == 0 and "multi-line message discarded" in res.stderr + res.stdout

@@ -108,6 +108,8 @@ def repl(session: ChatSession, term: Terminal) -> None:
             line = input(MORE if block.open else PROMPT)
         except EOFError:
             term.write("\n")
+            if block.open:  # the input ended inside a """ block: say so rather than drop it silently
+                term.info('(multi-line message discarded: the input ended before its closing """)')
             return
         except KeyboardInterrupt:
             term.write("\n")
