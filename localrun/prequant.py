@@ -9,11 +9,12 @@ Layout of OUT (safetensors only):
 
 The whole directory is written under a temporary name beside OUT and renamed at the end, so an
 interrupted run (Ctrl-C, kill) leaves no OUT; the next run writing beside it removes its leftovers.
-Nothing the user made is ever deleted: see `check_out`.
+Nothing the user made is ever deleted: see `check_out`, and `user_files` for what `--force` carries over.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -25,6 +26,7 @@ import torch
 from safetensors.torch import save_file
 
 from . import __version__
+from .atomic import new_file_mode
 from .checkpoint import INDEX, Checkpoint
 from .config import load_config
 from .errors import LocalrunError, UsageError
@@ -40,6 +42,10 @@ SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokeni
               "special_tokens_map.json", "chat_template.jinja", "routing_profile.json")
 EXPERT_MATRICES = ("experts.gate_up_proj", "experts.down_proj")  # the fused layout the packed experts come from
 SHARD_BYTES = 1 << 30  # non-expert shards: bounds what is held in memory before a write
+# What quantize itself writes into OUT; anything else in an earlier OUT is the user's (see `user_files`).
+# routing_profile.json is not among them: `localrun profile OUT` writes it there, and it stays valid.
+OWN_FILES = frozenset({MANIFEST, INDEX, *SIDE_FILES} - {"routing_profile.json"})
+_OWN_WEIGHTS = re.compile(r"^(model-\d{5}-of-\d{5}|experts-\d{3,})\.safetensors$")
 TMP_MARK = ".localrun-tmp-"
 OLD_MARK = ".localrun-old-"
 
@@ -108,8 +114,9 @@ def check_out(src: Path, out: Path, force: bool) -> None:
     """Refuse an OUT whose writing could delete anything but an earlier localrun output.
 
     OUT may not be SRC, contain it or lie inside it (replacing OUT would remove SRC, or writing
-    it would change SRC). An existing OUT is replaced only with `force`, and only when it is a
-    localrun output (its manifest) or an empty directory.
+    it would change SRC). An existing empty directory holds nothing to lose, so it is used as is;
+    any other existing OUT is replaced only with `force`, and only when it is a localrun output
+    (its manifest); the user's files in it are carried into the new one (`user_files`).
     """
     s, o = src.resolve(), out.resolve()
     if o == s:
@@ -122,9 +129,11 @@ def check_out(src: Path, out: Path, force: bool) -> None:
         return
     if not out.is_dir():
         raise LocalrunError(f"{out} exists and is not a directory; pick a new directory")
+    if not any(out.iterdir()):
+        return
     if not force:
         raise LocalrunError(f"{out} already exists (--force replaces an earlier localrun output)")
-    if any(out.iterdir()) and not _is_localrun_output(out):
+    if not _is_localrun_output(out):
         raise LocalrunError(f"{out} is not a localrun output (no {MANIFEST}); --force replaces only those, "
                             "so remove it yourself or pick another OUT")
 
@@ -135,6 +144,56 @@ def _is_localrun_output(path: Path) -> bool:
     except LocalrunError:
         return False
     return True
+
+
+def user_files(out: str | Path) -> list[str]:
+    """Names in an existing OUT that quantize did not write there (notes, the routing_profile.json
+    `localrun profile OUT` writes by default): `--force` carries them into the new OUT, never deletes them."""
+    out = Path(out)
+    if not out.is_dir():
+        return []
+    return sorted(p.name for p in out.iterdir() if p.name not in OWN_FILES and not _OWN_WEIGHTS.match(p.name))
+
+
+def _carry(old_out: Path, new: Path, names: list[str]) -> None:
+    """Put the user's files of the earlier OUT into the new one before the swap: as hard links (a copy where
+    the filesystem has none), so the earlier OUT keeps them until the swap and nothing is lost if it never
+    happens. A user's file wins over the copy of the same name from SRC (only routing_profile.json can clash)."""
+    for name in names:
+        src, dst = old_out / name, new / name
+        try:
+            if dst.is_file() and not dst.is_symlink():
+                dst.unlink()
+            if src.is_symlink():
+                os.symlink(os.readlink(src), dst)
+            elif src.is_dir():
+                shutil.copytree(src, dst, symlinks=True, copy_function=_link_or_copy)
+            else:
+                _link_or_copy(src, dst)
+        except OSError as e:  # shutil.Error too (it names no single file): say which entry, keep the old OUT
+            reason = e.strerror or "it could not be copied"
+            raise LocalrunError(f"cannot keep {src} in the new {old_out}: {reason}; {old_out} is unchanged") from None
+
+
+def _link_or_copy(src: str | Path, dst: str | Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _cannot_write(out: Path, e: OSError) -> LocalrunError:
+    """A one-line reason an OSError stopped writing OUT (no exception class, no temporary name)."""
+    reason = e.strerror or str(e)
+    if e.errno == errno.ENOENT and e.filename == str(_tmp_dir(out)):  # e.g. /proc: it exists but takes no new entries
+        reason = f"{out.parent} does not accept new directories"
+    return LocalrunError(f"cannot write {out}: {reason}")
+
+
+def _is_about(e: OSError, *paths: Path) -> bool:
+    """Whether the OSError names one of `paths` or something under them (not, say, a source file)."""
+    names = [str(n) for n in (e.filename, e.filename2) if n is not None]
+    return any(n == str(p) or n.startswith(str(p) + os.sep) for n in names for p in paths)
 
 
 def clean_leftovers(parent: Path) -> list[Path]:
@@ -191,8 +250,12 @@ def quantize_checkpoint(
     """Write a pre-quantized copy of checkpoint `src` at `out` (atomically). Returns `out`.
 
     progress(stage, done, total) is called as tensors are written (bytes of the source read).
+    With `force`, the user's files in an earlier OUT (`user_files`) are carried into the new one.
     """
     src, out = Path(src), Path(out)
+    if is_prequantized(src):  # its experts are packed already: there is nothing left to quantize
+        raise LocalrunError(f"{src} is already pre-quantized by localrun ({MANIFEST}); "
+                            f"run it directly: localrun run {src}")
     args = load_config(src)
     check_out(src, out, force)
     if not args.enable_moe_block:
@@ -210,9 +273,14 @@ def quantize_checkpoint(
     try:
         tmp.mkdir(parents=True)  # inside the try: a Ctrl-C right after it still cleans up
         _write(ckpt, args, src, tmp, spec, progress, torch.device(device))
+        _carry(out, tmp, user_files(out))
         if out.exists():
             os.replace(out, old)  # a directory can't be replaced in one step: set the old one aside
         os.replace(tmp, out)
+    except OSError as e:
+        if not _is_about(e, out, tmp, old):
+            raise
+        raise _cannot_write(out, e) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if old.exists():
@@ -279,3 +347,6 @@ def _write(ckpt: Checkpoint, args, src: Path, tmp: Path, spec: QuantSpec, progre
         "source": str(src),
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    mode = new_file_mode()
+    for f in tmp.glob("*.safetensors"):
+        os.chmod(f, mode)

@@ -163,6 +163,8 @@ def model_format(model_dir: Path) -> str:
         cfg = json.loads((model_dir / "config.json").read_text())
     except (ValueError, OSError):
         cfg = {}
+    if not isinstance(cfg, dict):  # valid JSON but not a config (a list, a number): "hf ?" like a missing dtype
+        cfg = {}
     text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
     dtype = cfg.get("dtype") or cfg.get("torch_dtype") or text.get("dtype") or text.get("torch_dtype") or "?"
     return f"hf {dtype}".replace("bfloat16", "bf16").replace("float32", "fp32")

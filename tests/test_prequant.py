@@ -381,3 +381,79 @@ def test_stale_temp_dirs_of_any_out_are_cleaned_once_their_process_is_gone(src_c
         (d / "half").mkdir(parents=True)
     quantize(src_copy, tmp_path / "out")
     assert not dead.exists() and live.exists()
+
+
+def test_existing_empty_directory_needs_no_force(src_copy, tmp_path):
+    """`quantize --help` says OUT may be a new or empty directory: an empty one holds nothing to lose."""
+    (tmp_path / "empty").mkdir()
+    out = quantize(src_copy, tmp_path / "empty")
+    assert prequant.read_manifest(out)["quant_type"] == "nf4" and leftovers(out) == []
+
+
+def add_user_files(out: Path) -> dict[str, bytes]:
+    """What a user puts into an earlier OUT: notes, a profile (`localrun profile OUT` writes it there), a folder."""
+    (out / "mynotes.txt").write_text("note\n")
+    (out / "routing_profile.json").write_text('{"mine": true}')
+    (out / "runs").mkdir()
+    (out / "runs" / "log.txt").write_text("run 1\n")
+    return {k: v for k, v in snapshot(out).items() if k in ("mynotes.txt", "routing_profile.json", "runs/log.txt")}
+
+
+def test_force_keeps_the_files_the_user_added(src_copy, tmp_path, capsys):
+    out = quantize(src_copy, tmp_path / "out")
+    mine = add_user_files(out)
+    (src_copy / "routing_profile.json").write_text('{"from": "src"}')  # the user's own profile still wins
+    capsys.readouterr()
+    quantize(src_copy, out, "--experts", "fp4", "--force")
+    err = capsys.readouterr().err
+    assert prequant.read_manifest(out)["quant_type"] == "fp4" and leftovers(out) == []
+    assert {k: v for k, v in snapshot(out).items() if k in mine} == mine
+    assert err.count("\n") == 1 and "kept 3 file(s)" in err
+    assert all(name in err for name in ("mynotes.txt", "routing_profile.json", "runs"))
+    assert not list(tmp_path.glob(".out.localrun-*"))
+
+
+def test_force_interrupted_between_renames_keeps_the_user_files(src_copy, tmp_path, monkeypatch):
+    """Carrying the user's files into the new OUT is all-or-nothing: interrupted before the swap,
+    the earlier OUT is back whole, the user's files in it."""
+    out = prequant.quantize_checkpoint(src_copy, tmp_path / "out", QuantSpec("nf4"))
+    add_user_files(out)
+    before = snapshot(out)
+    real_replace = os.replace
+
+    def interrupt_second_rename(src, dst):
+        if str(src).endswith(f"{TMP_MARK}{os.getpid()}"):
+            raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(prequant.os, "replace", interrupt_second_rename)
+    with pytest.raises(KeyboardInterrupt):
+        prequant.quantize_checkpoint(src_copy, out, QuantSpec("fp4"), force=True)
+    monkeypatch.setattr(prequant.os, "replace", real_replace)
+    assert snapshot(out) == before
+    assert not list(tmp_path.glob(".out.localrun-*"))
+
+
+def test_out_files_get_a_new_files_mode(src_copy, tmp_path):
+    """The shards are as readable as the other files (the umask's mode), not private to the writer (0600)."""
+    old = os.umask(0o022)
+    try:
+        out = quantize(src_copy, tmp_path / "out")
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert set(modes.values()) == {0o644}, modes
+
+
+@pytest.mark.parametrize("out", ["/proc/qout", "/sys/qout"])
+def test_unwritable_out_is_a_one_line_error(src_copy, out, capsys):
+    if not Path(out).parent.is_dir():
+        pytest.skip(f"no {Path(out).parent}")
+    err = refused(["quantize", src_copy, out, "--quiet"], capsys, code=1)
+    assert err.startswith(f"error: cannot write {out}: ") and "Error" not in err and TMP_MARK not in err, err
+
+
+def test_prequantized_src_is_refused_with_the_reason(nf4_out, tmp_path, capsys):
+    err = refused(["quantize", nf4_out, tmp_path / "again", "--quiet"], capsys, code=1)
+    assert "already pre-quantized by localrun" in err and "localrun run" in err
+    assert not (tmp_path / "again").exists()

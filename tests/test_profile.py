@@ -132,3 +132,26 @@ def test_profile_never_writes_into_the_installed_package(cli, tmp_path):
     code, _, err = cli("profile", "demo", "--prompts", prompts, "-n", "2", "--device", "cpu", "--out", out)
     assert code == 0, err
     assert json.loads(out.read_text())["format"] == "localrun.routing_profile"
+
+
+@pytest.mark.parametrize("flag, path, message", [
+    ("--trace", "missing/t.json", "does not exist"),
+    ("--trace", ".", "is a directory"),
+    ("--out", "missing/p.json", "does not exist"),
+])
+def test_bad_output_paths_fail_before_profiling(cli, model_dir, tmp_path, monkeypatch, flag, path, message):
+    """A bad --out or --trace is refused before the model is loaded, and nothing is written."""
+    from localrun.engine import Engine
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("loaded the model before checking the output paths")
+
+    monkeypatch.setattr(Engine, "load", no_load)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("What is 2 + 3?\n")
+    good = tmp_path / "prof.json"
+    other = "--out" if flag == "--trace" else "--trace"
+    code, _, err = cli("profile", model_dir, "--prompts", prompts, "-n", "2", "--device", "cpu",
+                       flag, tmp_path / path, other, good)
+    assert code == 2 and err.startswith(f"error: {flag} ") and message in err and err.count("\n") == 1, err
+    assert not good.exists() and not (model_dir / "routing_profile.json").exists()

@@ -164,3 +164,28 @@ def test_list_command_json(hf_cache, tmp_path):
     listed = {m["name"]: m for m in json.loads(proc.stdout)}
     assert listed[REPO]["format"] == "hf bf16" and listed[REPO]["path"].endswith("snapshots/abc123")
     assert set(listed[REPO]) == {"name", "path", "size_bytes", "format", "family"}
+
+
+def test_list_shows_a_config_that_is_not_an_object_as_unknown(hf_cache, tmp_path, monkeypatch, cli):
+    """A config.json that is valid JSON but a list shows as `?`, like other bad configs, not a crash."""
+    monkeypatch.setattr(resolve, "DEMO_DIR", tmp_path / "no-demo")
+    fake_snapshot(hf_cache, "bad/list", {**FULL, "config.json": "[]"})
+    fake_snapshot(hf_cache, "Qwen/Qwen3-30B-A3B", {**FULL, "config.json": '{"model_type": "qwen3_moe"}'})
+    models = {m.name: m for m in list_local_models()}
+    assert models["bad/list"].format == "hf ?" and models["bad/list"].family == "?"
+    code, out, err = cli("list")
+    assert code == 0, err
+    assert "bad/list" in out and "Qwen/Qwen3-30B-A3B" in out
+
+
+def test_list_into_a_pipe_prints_whole_paths_without_padding(hf_cache, tmp_path, monkeypatch, cli):
+    """Not a terminal: one tab-separated line per model, the full path, no trailing spaces (for grep, cut)."""
+    monkeypatch.setattr(resolve, "DEMO_DIR", tmp_path / "no-demo")
+    repo = "some-organisation/a-model-with-a-rather-long-name-" + "x" * 40
+    snap = fake_snapshot(hf_cache, repo, FULL)
+    code, out, err = cli("list")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].split("\t") == ["NAME", "SIZE", "FORMAT", "FAMILY", "PATH"]
+    assert lines[1].split("\t") == [repo, f"{sum(map(len, FULL.values()))} B", "hf bf16", "?", str(snap)]
+    assert all(line == line.rstrip() for line in lines)

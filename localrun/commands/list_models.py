@@ -9,6 +9,9 @@ import typer
 from ..resolve import hf_cache_dir, list_local_models
 
 
+COLUMNS = ("NAME", "SIZE", "FORMAT", "FAMILY", "PATH")
+
+
 def human_size(n: int) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":
@@ -32,12 +35,22 @@ def list_models(
     if not models:
         console.print(f"no models found (looked in {hf_cache_dir()} and the built-in demo)")
         return
+    rows = [(m.name, human_size(m.size_bytes), m.format, m.family, m.path) for m in models]
+    if not console.is_terminal:
+        print(plain_table(rows), end="")
+        return
     table = Table(box=None, header_style="bold")
-    for column in ("NAME", "SIZE", "FORMAT", "FAMILY", "PATH"):
+    for column in COLUMNS:
         table.add_column(column, justify="right" if column == "SIZE" else "left")
-    for m in models:
-        table.add_row(m.name, human_size(m.size_bytes), m.format, m.family, m.path)
+    for row in rows:
+        table.add_row(*row)
     console.print(table)
+
+
+def plain_table(rows: list[tuple[str, ...]]) -> str:
+    """Tab-separated lines, header first, for a pipe or file: rich would cut the paths to 80 columns and pad
+    every line with spaces, so `localrun list | grep` or `cut -f5` would see truncated or padded fields."""
+    return "".join("\t".join(row) + "\n" for row in [COLUMNS, *rows])
 
 
 list_models._command_kwargs = {"name": "list"}

@@ -13,7 +13,7 @@ from . import _options as opt
 def quantize(
     src: str = typer.Argument(..., help="Hugging Face checkpoint directory, HF repo id, or 'demo'."),
     out: Path = typer.Argument(..., help="Where to write the pre-quantized model: a new or empty directory, "
-                               "or (with --force) an earlier localrun output."),
+                               "or (with --force) an earlier localrun output, keeping the files you added to it."),
     experts: str = typer.Option("nf4", "--experts", help="4-bit format of the routed experts: nf4 or fp4."),
     double_quant: bool = typer.Option(False, "--double-quant", help="Quantize the absmax statistics too."),
     blocksize: int = typer.Option(64, "--blocksize", help="Values per absmax block."),
@@ -34,15 +34,24 @@ def quantize(
         raise UsageError(str(e)) from None
 
     from ..loader import resolve_device
-    from ..prequant import quantize_checkpoint
+    from ..prequant import quantize_checkpoint, user_files
     from ..resolve import resolve_model
     from ._progress import progress_bar
 
     source = resolve_model(src)
+    kept = user_files(out) if force else []  # what quantize_checkpoint carries over; told after it succeeds
     with progress_bar("quantizing", enabled=not quiet) as update:
         quantize_checkpoint(source, out, spec, force=force, progress=update, device=str(resolve_device(device)))
+    if kept:  # even with --quiet: the user should know their files are still there
+        typer.echo(kept_line(out, kept), err=True)
     if not quiet:
         typer.echo(f"wrote {out} ({experts} experts{', double quant' if double_quant else ''})", err=True)
+
+
+def kept_line(out: Path, names: list[str], shown: int = 5) -> str:
+    """One line naming the user's files carried from the earlier OUT (the first few, then a count)."""
+    listed = ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+    return f"kept {len(names)} file(s) you added to the earlier {out}: {listed}"
 
 
 command = quantize
