@@ -155,3 +155,27 @@ def test_offloaded_load_keeps_every_payload_4bit(tiny_moe):
         assert not set(resident) & set(host) and set(resident) | set(host) == set(range(args.num_experts))
         for e in list(resident.values()) + list(host.values()):
             assert_packed(e, args, spec)
+
+
+def test_experts_stored_in_two_dtypes_still_quantize(tiny_moe, tmp_path):
+    """A checkpoint whose down_proj is fp16 beside a bf16 gate_up (a converted upload) packs the
+    experts in gate_up's dtype (it was a ValueError naming the two dtypes) and gives the same tokens:
+    the tiny model's bf16 weights survive fp16 and back."""
+    mixed = tmp_path / "mixed"
+    shutil.copytree(tiny_moe, mixed)
+    changed = 0
+    for shard in mixed.glob("*.safetensors"):
+        tensors = load_file(shard)
+        for name in [n for n in tensors if n.endswith("experts.down_proj")]:
+            tensors[name] = tensors[name].to(torch.float16)
+            changed += 1
+        save_file(tensors, shard, metadata={"format": "pt"})
+    assert changed > 0
+    ids = [2, 10, 11, 12]
+
+    def tokens(path):
+        loaded = load_model(path, dtype=torch.float32, experts="nf4")
+        return [s.token for s in generate(loaded.model, ids, make_sampler(SamplingParams()), max_tokens=6,
+                                          cache=loaded.kv)]
+
+    assert tokens(mixed) == tokens(tiny_moe)
