@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -155,3 +156,17 @@ def test_bad_output_paths_fail_before_profiling(cli, model_dir, tmp_path, monkey
                        flag, tmp_path / path, other, good)
     assert code == 2 and err.startswith(f"error: {flag} ") and message in err and err.count("\n") == 1, err
     assert not good.exists() and not (model_dir / "routing_profile.json").exists()
+
+
+def test_a_read_only_model_folder_is_refused_before_profiling(cli, model_dir, tmp_path, monkeypatch):
+    """Without --out the profile goes into MODEL: a folder that cannot take it is said before loading
+    (the folder's write permission as os.access reports it; root may write anywhere, so it is faked)."""
+    from localrun.commands import profile as command
+    from localrun.engine import Engine
+
+    monkeypatch.setattr(Engine, "load", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    monkeypatch.setattr(command.os, "access", lambda path, mode: Path(path) != model_dir)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("What is 2 + 3?\n")
+    code, _, err = cli("profile", model_dir, "--prompts", prompts, "-n", "2", "--device", "cpu")
+    assert code == 2 and "read-only" in err and "--out" in err and err.count("\n") == 1

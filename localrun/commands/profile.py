@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -44,6 +45,8 @@ def profile(
     model_dir = resolve_model(model)
     if out is None and PACKAGE_DIR in model_dir.resolve().parents:
         raise UsageError(f"{model_dir} is part of the installed localrun package; give --out FILE for the profile")
+    if out is None and not os.access(model_dir, os.W_OK):  # the default place: known before minutes of profiling
+        raise UsageError(f"cannot write the profile into {model_dir} (read-only); give --out FILE")
     opt.use_threads(threads)
     engine = Engine.load(model_dir, device=device, dtype=None if dtype == "auto" else DTYPES[dtype], experts=experts)
     result = profile_prompts(engine, texts, max_tokens=max_tokens, trace=trace is not None)
