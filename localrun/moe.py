@@ -137,28 +137,32 @@ class DenseExperts(torch.nn.Module):
         return kernels.ExpertsDesc.bf16(self.gate_up_proj, self.down_proj)
 
     def forward(self, x_TH, ids_TK, w_TK):
-        if torch.compiler.is_compiling() and not torch.is_grad_enabled():  # traced: the layer as one opaque op
-            return torch.ops.localrun.moe_dense(x_TH, ids_TK, w_TK, self.gate_up_proj, self.down_proj, self.act_name)
-        if not torch.is_grad_enabled():  # bf16 experts under fp32 on CPU: the whole layer in one kernel call
-            y = kernels.moe(x_TH, self.gate_up_proj, self.down_proj, ids_TK, w_TK, self.act_name)
-            if y is not None:
-                return y
-        return dense_moe(x_TH, ids_TK, w_TK, self.gate_up_proj, self.down_proj, self.act)
+        args = (x_TH, ids_TK, w_TK, self.gate_up_proj, self.down_proj, self.act_name)
+        if torch.is_grad_enabled():  # autograd: torch ops only
+            return dispatch(x_TH, ids_TK, w_TK,
+                            lambda e, x: expert_ffn(x, self.gate_up_proj[e], self.down_proj[e], self.act))
+        if torch.compiler.is_compiling():  # traced: the layer as one opaque op
+            return torch.ops.localrun.moe_dense(*args)
+        return dense_layer(*args)
 
 
-def dense_moe(x_TH: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor, gate_up_E2IH: torch.Tensor,
-              down_EHI: torch.Tensor, act) -> torch.Tensor:
-    """sum_k w[t,k] * expert_{ids[t,k]}(x[t]) on plain weights, expert by expert (moe.dispatch)."""
-    return dispatch(x_TH, ids_TK, w_TK, lambda e, x: expert_ffn(x, gate_up_E2IH[e], down_EHI[e], act))
+def dense_layer(x_TH: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor, gate_up_E2IH: torch.Tensor,
+                down_EHI: torch.Tensor, act: str) -> torch.Tensor:
+    """sum_k w[t,k] * expert_{ids[t,k]}(x[t]) on plain weights: in one C call where it applies (bf16
+    experts under fp32 on the CPU), else expert by expert (moe.dispatch)."""
+    y = kernels.moe(x_TH, gate_up_E2IH, down_EHI, ids_TK, w_TK, act)
+    if y is not None:
+        return y
+    fn = activation(act)
+    return dispatch(x_TH, ids_TK, w_TK, lambda e, x: expert_ffn(x, gate_up_E2IH[e], down_EHI[e], fn))
 
 
 @torch.library.custom_op("localrun::moe_dense", mutates_args=())
 def moe_dense_op(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
                  down: torch.Tensor, act: str) -> torch.Tensor:
     """DenseExperts' layer as one op, so a traced step holds no host sync (dispatch reads the ids):
-    the C kernel where it applies, else expert by expert; the eager path's arithmetic either way."""
-    y = kernels.moe(x, gate_up, down, ids, weights, act)
-    return y if y is not None else dense_moe(x, ids, weights, gate_up, down, activation(act))
+    dense_layer, the eager path's arithmetic."""
+    return dense_layer(x, ids, weights, gate_up, down, act)
 
 
 @moe_dense_op.register_fake

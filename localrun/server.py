@@ -36,6 +36,12 @@ from .errors import LocalrunError
 from .sampling import SEED_MAX, SEED_MIN, SamplingParams
 from .text import StreamDecoder
 
+
+def error_message(e: Exception) -> str:
+    """What a request that failed inside the scheduler is told: a LocalrunError's own words, else the type too."""
+    return str(e) if isinstance(e, LocalrunError) else f"{type(e).__name__}: {e}"
+
+
 DEFAULT_MAX_QUEUE = 64  # requests waiting for a slot; one more answers 429
 
 
@@ -189,7 +195,7 @@ class Scheduler:
                 steps = self.engine.stream(job.prompt_ids, job.params, max_tokens=job.max_tokens,
                                            ignore_eos=job.ignore_eos, step=self.step, session=self.slots[job.slot])
             except Exception as e:  # noqa: BLE001 - one request's failure never stops the scheduler
-                job.emit("error", 500, str(e) if isinstance(e, LocalrunError) else f"{type(e).__name__}: {e}")
+                job.emit("error", 500, error_message(e))
                 self._finish(job, "error")
                 continue
             self.running[job.slot] = (job, steps, StreamDecoder(self.engine.tokenizer), StopStrings(job.stops))
@@ -210,8 +216,7 @@ class Scheduler:
                 try:
                     self._advance(slot, job, steps, decoder, stops)
                 except Exception as e:  # noqa: BLE001 - one request's failure never stops the server
-                    message = str(e) if isinstance(e, LocalrunError) else f"{type(e).__name__}: {e}"
-                    job.emit("error", 500, message)
+                    job.emit("error", 500, error_message(e))
                     self._release(slot, "error")
         with self.cond:
             for slot in list(self.running):

@@ -16,7 +16,7 @@ import torch
 from localrun import kernels
 from localrun.moe import ACTIVATIONS, activation, dispatch, expert_ffn
 from quant.layer import ExpertBuffer, layout_offsets
-from quant.nf4 import MATRICES, ExpertLayout, PackedExpert, _code_table
+from quant.nf4 import ExpertLayout, PackedExpert, _code_table
 
 # On the CPU (where it was measured): up to this many tokens per expert, bitsandbytes' 4-bit matmul
 # reads the codes directly; beyond it, dequantizing once and running a dense matmul is faster
@@ -46,8 +46,9 @@ def _kernel_args(layout: ExpertLayout) -> tuple:
     """(offsets int64 [8], 16-value table, 256-value nested table, hidden, inter, blocksize, double_quant)."""
     hidden, inter = layout.down.shape
     spec = layout.spec
-    return (torch.tensor(layout_offsets(layout), dtype=torch.int64), _code_table(spec.quant_type, torch.device("cpu")),
-            _code_table("dynamic", torch.device("cpu")), hidden, inter, spec.blocksize, spec.double_quant)
+    cpu = torch.device("cpu")
+    return (torch.tensor(layout_offsets(layout), dtype=torch.int64), _code_table(spec.quant_type, cpu),
+            _code_table("dynamic", cpu), hidden, inter, spec.blocksize, spec.double_quant)
 
 
 def kernel_applies(layout: ExpertLayout, x_TH: torch.Tensor, act: str) -> bool:

@@ -6,6 +6,7 @@ Nothing here imports torch: `--help` and usage errors must answer before it load
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -45,6 +46,17 @@ def check_sampling(top_p: float | None, repeat_penalty: float | None) -> None:
         raise UsageError(f"--top-p must be more than 0 and at most 1, not {top_p}")
     if repeat_penalty is not None and not repeat_penalty > 0:
         raise UsageError(f"--repeat-penalty must be more than 0, not {repeat_penalty}")
+
+
+def check_out(option: str, path: Optional[Path], *, directory_ok: bool = False) -> None:
+    """An output path names a file in an existing folder (or, where `directory_ok`, an existing directory
+    to write into), checked before minutes of work so a typo loses no run."""
+    if path is None or (directory_ok and path.is_dir()):
+        return
+    if path.is_dir():
+        raise UsageError(f"{option} {path} is a directory; name a file")
+    if not path.parent.is_dir():
+        raise UsageError(f"{option} {path}: the folder {path.parent} does not exist")
 
 
 def check_device(device: str) -> None:

@@ -73,7 +73,7 @@ def bench(
         raise UsageError("--repeat, --rounds, --prompt-tokens and --gen-tokens must be at least 1")
     if "bf16" in experts and resident_experts is not None and resident_experts < 1:  # checked before any runs
         raise UsageError("experts in host RAM need 4-bit experts (--experts nf4 or fp4), not bf16")
-    check_out(out)
+    opt.check_out("--out", out)  # before minutes of measuring
     threads = opt.check_threads(threads)
     if compare == "llama.cpp" and not llamacpp.available():
         raise LocalrunError(llamacpp.INSTALL_HINT)
@@ -105,16 +105,6 @@ def bench(
     print(json.dumps(report.to_dict(), indent=2) if as_json else table, end="" if not as_json else "\n")
     if out is not None:  # after printing: a file that cannot be written loses no measurement
         write_text_atomic(out, table)
-
-
-def check_out(out: Optional[Path]) -> None:
-    """--out names a file in an existing folder (checked before minutes of measuring)."""
-    if out is None:
-        return
-    if out.is_dir():
-        raise UsageError(f"--out {out} is a directory; name a file")
-    if not out.parent.is_dir():
-        raise UsageError(f"--out {out}: the folder {out.parent} does not exist")
 
 
 command = bench

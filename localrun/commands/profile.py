@@ -33,8 +33,8 @@ def profile(
     threads = opt.check_threads(threads)
     if not prompts.is_file():
         raise UsageError(f"prompts file {prompts} not found")
-    check_out("--out", out, directory_ok=True)  # before minutes of profiling, not after
-    check_out("--trace", trace)
+    opt.check_out("--out", out, directory_ok=True)  # routing_profile.json into a directory
+    opt.check_out("--trace", trace)
 
     from ..engine import DTYPES, Engine
     from ..loader import ROUTING_PROFILE
@@ -56,17 +56,6 @@ def profile(
     if trace is not None:
         write_trace(trace, result.trace)
         print(f"trace of {len(result.trace)} tokens -> {trace}")
-
-
-def check_out(option: str, path: Optional[Path], *, directory_ok: bool = False) -> None:
-    """An output path names a file in an existing folder (or, where `directory_ok`, an existing directory to
-    write routing_profile.json into), checked before profiling so a typo loses no run."""
-    if path is None or (directory_ok and path.is_dir()):
-        return
-    if path.is_dir():
-        raise UsageError(f"{option} {path} is a directory; name a file")
-    if not path.parent.is_dir():
-        raise UsageError(f"{option} {path}: the folder {path.parent} does not exist")
 
 
 command = profile

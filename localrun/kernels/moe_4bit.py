@@ -13,7 +13,8 @@ with expert(x) = (act(gate) * up) @ down.T and gate, up = (x @ gate_up.T).chunk(
 
 CUDA runs the Triton kernels (kernels/triton_moe.py: no host sync, graph-capturable); the CPU the C
 kernel (kernels.moe_q4, fp32 x) where it applies; everything else `reference`, which dequantizes the
-hit experts exactly as bitsandbytes does and uses fp32 matmuls. A fake implementation lets `torch.compile(fullgraph=True)` trace callers.
+hit experts exactly as bitsandbytes does and uses fp32 matmuls. A fake implementation lets
+`torch.compile(fullgraph=True)` trace callers.
 """
 
 from __future__ import annotations
