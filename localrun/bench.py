@@ -285,9 +285,9 @@ def bench_localrun(model_dir: Path, cases: list[tuple[int, int]], *, device: str
     engine = Engine.load(model_dir, device=device, dtype=dtype, experts=experts, resident_fraction=resident_fraction)
     if info is not None:  # what the matrices are kept in: bf16 under an fp32 CPU run (kernels.storage_dtype)
         info["matrices"] = str(engine.loaded.model.embed_tokens.weight.dtype).removeprefix("torch.")
-    check_cases(cases, engine.loaded.plan.context if engine.loaded.plan else None)
-    sync = (lambda: torch.cuda.synchronize(dev)) if _cuda(dev) else (lambda: None)
     plan = engine.loaded.plan
+    check_cases(cases, plan.context if plan else None)
+    sync = (lambda: torch.cuda.synchronize(dev)) if _cuda(dev) else (lambda: None)
     out = []
     for step in steps:
         for prompt_tokens, gen_tokens in cases:

@@ -234,8 +234,7 @@ def packed_experts_source(model_dir: Path, ckpt: Checkpoint, args: ModelArgs, sp
             if chunk.get("start") != start:
                 chunk.clear()
                 chunk.update(start=start, tensors=read(start, min(start + QUANT_CHUNK_EXPERTS, E)))
-            # in the first matrix's dtype: a checkpoint storing gate_up and down differently still packs
-            gu, dn = (t[e - start].to(device, dtype) for t in chunk["tensors"])
+            gu, dn = (t[e - start].to(device) for t in chunk["tensors"])
             if row.device == device:
                 return pack_expert(gu, dn, spec, out=row)
             if not scratch or scratch[0].numel() != layout.nbytes:

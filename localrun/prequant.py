@@ -329,7 +329,7 @@ def _write(ckpt: Checkpoint, args, src: Path, tmp: Path, spec: QuantSpec, progre
         gate_up, down = family(args.model_type).read_experts(ckpt, args, i)  # fused, however stored
         for n, t in zip(EXPERT_MATRICES, (gate_up, down)):
             original[n] = {"shape": list(t.shape[1:]), "dtype": str(t.dtype).removeprefix("torch.")}
-        packed = pack_experts(gate_up.to(device), down.to(device, gate_up.dtype), spec)  # one dtype, as the loader
+        packed = pack_experts(gate_up.to(device), down.to(device), spec)
         expert_files[i] = f"experts-{i:03d}.safetensors"
         save_packed_experts(tmp / expert_files[i], {i: packed})
         done += layer_bytes

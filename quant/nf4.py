@@ -267,8 +267,7 @@ def pack_expert(gate_up_2IH: torch.Tensor, down_HI: torch.Tensor, spec: QuantSpe
     a row of a layer's device or host buffer); default a new one on the weights' device.
     """
     layout = expert_layout(tuple(gate_up_2IH.shape), tuple(down_HI.shape), spec, gate_up_2IH.dtype)
-    if down_HI.dtype != gate_up_2IH.dtype:
-        raise ValueError(f"gate_up is {gate_up_2IH.dtype} but down is {down_HI.dtype}")
+    down_HI = down_HI.to(gate_up_2IH.dtype)  # a checkpoint storing the two differently packs in gate_up's
     # zeros, not empty: alignment padding is then deterministic, so saved files are reproducible
     if out is None:
         buf = torch.zeros(layout.nbytes, dtype=torch.uint8, device=gate_up_2IH.device)
