@@ -393,7 +393,7 @@ def step_big(dry: bool) -> dict:
 
 def big_model_run(dry: bool, dev, load_kwargs: dict, rows: dict) -> dict:
     torch = _torch()
-    from localrun.bench import bench_prompt
+    from localrun.bench import bench_prompt, decode_bytes_per_token
     from localrun.config import load_config
     from localrun.loader import load_model, memory_report
     from localrun.synthetic import RandomCheckpoint
@@ -410,6 +410,7 @@ def big_model_run(dry: bool, dev, load_kwargs: dict, rows: dict) -> dict:
     rows["plan"] = {k: loaded.plan.to_dict()[k] for k in ("resident_experts_per_layer", "cache_slots", "device_bytes",
                                                            "host_bytes", "context", "device_budget_bytes")}
     rows["memory_after_load"] = memory_report(loaded)
+    rows["bytes_read_per_decoded_token"] = decode_bytes_per_token(loaded.plan)
     PROGRESS.record("plan and memory_after_load", {k: rows[k] for k in ("load_s", "plan", "memory_after_load")})
     print(f"  loaded in {rows['load_s']} s: {json.dumps(rows['memory_after_load'])}", flush=True)
     model = loaded.model
@@ -433,11 +434,9 @@ def big_model_run(dry: bool, dev, load_kwargs: dict, rows: dict) -> dict:
         timed(f"speed_{mode}", rates, rows)
         timed(f"per_token_{mode}", lambda mode=mode: per_token_counts(model, short, dev, mode, loaded.kv), rows)
         if dev.type == "cuda":  # the figures fit's expected speed takes (hardware.MeasuredEfficiency)
-            from localrun.bench import decode_bytes_per_token
-
             timed(f"fit_efficiency_{mode}", lambda mode=mode: fit_efficiency(
                 rows[f"speed_{mode}"]["decode_tokens_per_s_after_16"], rows[f"per_token_{mode}"],
-                decode_bytes_per_token(loaded.plan), args.num_hidden_layers, dev), rows)
+                rows["bytes_read_per_decoded_token"], args.num_hidden_layers, dev), rows)
         if mode == "graphs" and loaded.store is None:  # the H200 once decoded 2.4x slower after 512 than after 16
             timed(f"per_token_{mode}_after_{prompt}", lambda: per_token_counts(model, ids, dev, mode, loaded.kv), rows)
         if mode != "eager":  # sampling on the device: still one sync a token with every filter on
@@ -488,9 +487,6 @@ def big_model_run(dry: bool, dev, load_kwargs: dict, rows: dict) -> dict:
     rows["memory_after_decode"] = memory_report(loaded)
     if loaded.store is not None:
         rows["expert_cache"] = loaded.expert_stats()
-    from localrun.bench import decode_bytes_per_token
-
-    rows["bytes_read_per_decoded_token"] = decode_bytes_per_token(loaded.plan)
     return {k: rows[k] for k in ("load_s", "bytes_read_per_decoded_token") if k in rows}
 
 
