@@ -20,98 +20,9 @@ from typing import Callable, Iterator
 
 from .atomic import write_text_atomic
 from .errors import LocalrunError, UsageError
+from .thoughts import ANSWER, THOUGHT, Piece, ThoughtSplitter
 
-THOUGHT, ANSWER = "thought", "answer"
-OPEN_THOUGHT, CLOSE_THOUGHT = "<|channel>", "<channel|>"
-# open -> (close, whether a channel label line follows the open marker): Gemma 4's, Qwen3's
-THOUGHT_MARKERS = {OPEN_THOUGHT: (CLOSE_THOUGHT, True), "<think>": ("</think>", False)}
 BLOCK = '"""'
-
-
-# Thought / answer splitting --------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Piece:
-    kind: str  # THOUGHT or ANSWER
-    text: str
-
-
-def _partial_marker_suffix(text: str, marker: str) -> int:
-    """Length of the longest suffix of `text` that is a proper prefix of `marker` (it may complete later)."""
-    for n in range(min(len(text), len(marker) - 1), 0, -1):
-        if marker.startswith(text[-n:]):
-            return n
-    return 0
-
-
-class ThoughtSplitter:
-    """Routes streamed text into thought and answer pieces.
-
-    Gemma 4 thinks as `<|channel>thought\\n...<channel|>` before answering, Qwen3 as
-    `<think>...</think>`. Markers (and the channel label line) may arrive split over several
-    pieces, so a tail that could be the start of a marker is held back until the next `feed` or
-    `flush` settles it.
-    """
-
-    LABEL_MAX = 32  # a channel label is one short word ("thought"); longer means there is none
-
-    def __init__(self):
-        self.kind = ANSWER
-        self._buf = ""
-        self._in_label = False
-        self._close = CLOSE_THOUGHT  # the close marker of the thought we are in
-
-    def feed(self, text: str) -> list[Piece]:
-        """Add streamed text; return the pieces that are now certain (possibly none)."""
-        self._buf += text
-        out: list[Piece] = []
-        while self._buf:
-            if self._in_label:
-                if not self._take_label():
-                    break
-                continue
-            markers = [self._close] if self.kind == THOUGHT else list(THOUGHT_MARKERS)
-            found = [(self._buf.find(m), m) for m in markers if m in self._buf]
-            if found:
-                at, marker = min(found)
-                self._emit(out, self._buf[:at])
-                self._buf = self._buf[at + len(marker):]
-                self.kind = ANSWER if self.kind == THOUGHT else THOUGHT
-                self._close, self._in_label = THOUGHT_MARKERS[marker] if self.kind == THOUGHT else (self._close, False)
-                continue
-            keep = max(_partial_marker_suffix(self._buf, m) for m in markers)
-            self._emit(out, self._buf[:len(self._buf) - keep])
-            self._buf = self._buf[len(self._buf) - keep:]
-            break
-        return out
-
-    def flush(self) -> list[Piece]:
-        """End of stream: whatever is held back is text of the current kind."""
-        out: list[Piece] = []
-        self._emit(out, self._buf)
-        self._buf, self._in_label = "", False
-        return out
-
-    def _take_label(self) -> bool:
-        """Drop the channel label line after `<|channel>`; False while it may still be arriving."""
-        newline = self._buf.find("\n")
-        if newline < 0:
-            if len(self._buf) <= self.LABEL_MAX and self._close not in self._buf:
-                return False
-            self._in_label = False  # no label line: it is all thought text
-            return True
-        if newline <= self.LABEL_MAX and " " not in self._buf[:newline]:
-            self._buf = self._buf[newline + 1:]
-        self._in_label = False
-        return True
-
-    def _emit(self, out: list[Piece], text: str) -> None:
-        if not text:
-            return
-        if out and out[-1].kind == self.kind:
-            out[-1] = Piece(self.kind, out[-1].text + text)
-        else:
-            out.append(Piece(self.kind, text))
 
 
 # Settings --------------------------------------------------------------------------------------
@@ -562,11 +473,11 @@ class ChatSession:
         steps = self.engine.stream(ids, s.sampling(), max_tokens=max_tokens, ignore_eos=s.ignore_eos,
                                    **({"session": prefix} if prefix is not None else {}))
         reply = Reply(iter(()), prompt_tokens=len(ids), dropped=dropped)
-        reply.pieces = self._pieces(reply, self.engine.stream_text(steps))
+        reply.pieces = self._pieces(reply, self.engine.stream_text(steps), self.engine.open_thought(ids))
         return reply
 
-    def _pieces(self, reply: Reply, texts) -> Iterator[Piece]:
-        splitter = ThoughtSplitter()
+    def _pieces(self, reply: Reply, texts, opened: str | None) -> Iterator[Piece]:
+        splitter = ThoughtSplitter(opened)
         for text, step in texts:
             reply.tokens, reply.timings, reply.finish_reason = step.timings.generated_tokens, step.timings, \
                 step.finish_reason

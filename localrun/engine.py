@@ -22,8 +22,10 @@ from .models import family
 from .sampling import SamplingParams, make_sampler
 from .session import Session
 from .text import StreamDecoder, Tokenizer, encode_chat, load_chat_template
+from .thoughts import MARKERS, open_thought
 
-THOUGHT_MARKERS = ("<|channel>", "<channel|>")  # localrun.chat's OPEN_THOUGHT, CLOSE_THOUGHT
+PROMPT_TAIL = 16  # prompt tokens that can hold a thought the generation prompt leaves open
+
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
 
 
@@ -162,7 +164,11 @@ class Engine:
     @cached_property
     def hidden_ids(self) -> set[int]:
         """Control tokens that never reach the screen; the thought markers stay, the chat splits on them."""
-        return self.tokenizer.special_ids() - {self.tokenizer.token_id(t) for t in THOUGHT_MARKERS}
+        return self.tokenizer.special_ids() - {self.tokenizer.token_id(t) for t in MARKERS}
+
+    def open_thought(self, prompt_ids: list[int]) -> str | None:
+        """The thought marker the prompt leaves open (the reply starts inside a thought), or None."""
+        return open_thought(self.tokenizer.decode(prompt_ids[-PROMPT_TAIL:]))
 
     def stream_text(self, steps: Iterator[Step]) -> Iterator[tuple[str, Step]]:
         """(new text, step) per step; the stop token and other control tokens (<turn|>, <unused91>) add no text."""

@@ -30,7 +30,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from .chat import ANSWER, ThoughtSplitter
+from .thoughts import ANSWER, ThoughtSplitter, split_thinking
 from .engine import Engine
 from .errors import LocalrunError
 from .sampling import SEED_MAX, SEED_MIN, SamplingParams
@@ -314,7 +314,7 @@ class OpenAIServer:
         params = SamplingParams(temperature, max(top_k, 0), top_p, min_p, penalty, seed)
         return params, max_tokens, stop or [], ignore_eos
 
-    def chat_prompt(self, body: dict) -> tuple[list[int], bool]:
+    def chat_prompt(self, body: dict) -> list[int]:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise APIError(400, "'messages' must be a non-empty array", param="messages",
@@ -338,9 +338,8 @@ class OpenAIServer:
                                param=f"messages[{i}].content", code="invalid_type")
             out.append({"role": "system" if m["role"] == "developer" else m["role"], "content": content})
         kwargs = _get(body, "chat_template_kwargs", dict, {})
-        think = bool(kwargs.get("enable_thinking", False))
         try:
-            return self.engine.encode_messages(out, enable_thinking=think), think
+            return self.engine.encode_messages(out, enable_thinking=bool(kwargs.get("enable_thinking", False)))
         except LocalrunError as e:
             raise APIError(400, str(e), param="messages") from None
 
@@ -381,21 +380,23 @@ class OpenAIServer:
 
     async def chat_completions(self, request: Request):
         body = await _json_body(request)
-        ids, think = self.chat_prompt(body)
-        return await self._respond(request, body, self.job(ids, body), chat=True, think=think)
+        ids = self.chat_prompt(body)
+        return await self._respond(request, body, self.job(ids, body), chat=True, opened=self.engine.open_thought(ids))
 
     async def completions(self, request: Request):
         body = await _json_body(request)
-        return await self._respond(request, body, self.job(self.completion_prompt(body), body), chat=False, think=False)
+        return await self._respond(request, body, self.job(self.completion_prompt(body), body), chat=False)
 
-    async def _respond(self, request: Request, body: dict, job: Job, *, chat: bool, think: bool):
+    async def _respond(self, request: Request, body: dict, job: Job, *, chat: bool, opened: str | None = None):
+        """A chat reply's thought (its markers never shown) comes back as `reasoning_content`, apart from
+        the answer; `opened`: the thought marker the prompt left open. A completion is the raw text."""
         self.scheduler.submit(job)
         rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
                 "model": body.get("model") or self.config.model_name}
         if body.get("stream"):
             usage_chunk = bool((body.get("stream_options") or {}).get("include_usage"))
-            return StreamingResponse(self._stream(job, head, chat, think, usage_chunk), media_type="text/event-stream",
+            return StreamingResponse(self._stream(job, head, chat, opened, usage_chunk), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         text, finish, usage = [], None, None
 
@@ -425,7 +426,7 @@ class OpenAIServer:
                 self.scheduler.cancel(job)
         full = "".join(text)
         if chat:
-            answer, thought = _split_thinking(full) if think else (full, "")
+            answer, thought = split_thinking(full, opened)
             message = {"role": "assistant", "content": answer}
             if thought:
                 message["reasoning_content"] = thought
@@ -434,9 +435,9 @@ class OpenAIServer:
             choice = {"index": 0, "text": full, "logprobs": None, "finish_reason": finish}
         return JSONResponse({**head, "choices": [choice], "usage": usage})
 
-    async def _stream(self, job: Job, head: dict, chat: bool, think: bool, usage_chunk: bool):
+    async def _stream(self, job: Job, head: dict, chat: bool, opened: str | None, usage_chunk: bool):
         head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
-        splitter = ThoughtSplitter() if think else None
+        splitter = ThoughtSplitter(opened) if chat else None
         finished = False
 
         def chunk(delta: dict | str, finish=None, usage=None) -> str:
@@ -485,13 +486,6 @@ class OpenAIServer:
 class _Piece:
     text: str
     kind: str = ANSWER
-
-
-def _split_thinking(text: str) -> tuple[str, str]:
-    splitter = ThoughtSplitter()
-    pieces = splitter.feed(text) + splitter.flush()
-    return ("".join(p.text for p in pieces if p.kind == ANSWER).strip(),
-            "".join(p.text for p in pieces if p.kind != ANSWER).strip())
 
 
 async def _json_body(request: Request) -> dict:

@@ -17,6 +17,7 @@ from localrun.chat import (ANSWER, THOUGHT, ChatSession, Conversation, Multiline
                            initial_settings, load_conversation, parse_command, save_conversation, trim_to_fit)
 from localrun import chat as chat_module
 from localrun.chat import release_free_memory
+from localrun.thoughts import open_thought
 from localrun.engine import generation_defaults
 from localrun.errors import LocalrunError, UsageError
 from localrun.generate import Step, Timings
@@ -66,7 +67,37 @@ def test_splitter_qwen3_think_blocks():
     assert split_all([QWEN]) == ("\nadd 17 and 25\n", "\n\nThe answer is 42.", [THOUGHT, ANSWER])
     for cut in range(len(QWEN) + 1):
         assert split_all([QWEN[:cut], QWEN[cut:]]) == split_all([QWEN]), cut
-    assert split_all(["a <channel|> b </think> c"]) == ("", "a <channel|> b </think> c", [ANSWER])
+
+
+
+def test_splitter_drops_a_close_marker_that_closes_nothing():
+    # Gemma 4's templates prime an empty thought; a model may close it again: never shown
+    assert split_all(["<channel|>The answer is 42."]) == ("", "The answer is 42.", [ANSWER])
+    assert split_all(["a <channel|> b </think> c"]) == ("", "a  b  c", [ANSWER])
+    for cut in range(len("x</think>y") + 1):
+        assert split_all(["x</think>y"[:cut], "x</think>y"[cut:]]) == ("", "xy", [ANSWER]), cut
+
+
+def test_splitter_starts_inside_a_thought_the_prompt_opened():
+    # Qwen3's thinking templates end the generation prompt with "<think>\n": the reply starts thinking
+    text = "add 17 and 25\n</think>\n\nThe answer is 42."
+    for cut in range(len(text) + 1):
+        s = ThoughtSplitter("<think>")
+        pieces = s.feed(text[:cut]) + s.feed(text[cut:]) + s.flush()
+        assert "".join(p.text for p in pieces if p.kind == THOUGHT) == "add 17 and 25\n", cut
+        assert "".join(p.text for p in pieces if p.kind == ANSWER) == "\n\nThe answer is 42.", cut
+
+
+@pytest.mark.parametrize("prompt, opened", [
+    ("<|im_start|>assistant\n<think>\n", "<think>"),
+    ("<|im_start|>assistant\n<think>\n\n</think>\n\n", None),  # Qwen3, thinking off
+    ("<|turn>model\n<|channel>thought\n<channel|>", None),  # Gemma 4 26B, thinking off
+    ("<|turn>model\n", None),
+    ("<think>a</think> then <|channel>", "<|channel>"),
+    ("<|channel>x<channel|><think>", "<think>"),
+])
+def test_open_thought_of_a_prompt(prompt, opened):
+    assert open_thought(prompt) == opened
 
 
 def test_splitter_unterminated_thought_and_no_label():
@@ -231,6 +262,11 @@ class FakeEngine:
     def stream_text(self, steps):
         return ((chr(s.token), s) for s in steps)
 
+    opened = None  # the thought marker the prompt leaves open
+
+    def open_thought(self, ids):
+        return self.opened
+
 
 def test_session_reply_keeps_answer_only():
     session = ChatSession(FakeEngine(), Settings(max_tokens=100), system="sys", context=200)
@@ -239,6 +275,16 @@ def test_session_reply_keeps_answer_only():
     pieces = list(reply)  # one character a step: streamed as they come
     assert "".join(p.text for p in pieces if p.kind == THOUGHT) == "hm" == reply.thought
     assert [p.kind for p in pieces] == [THOUGHT, THOUGHT, ANSWER, ANSWER] and reply.answer == "ok"
+
+
+def test_session_reply_starts_inside_a_thought_the_prompt_opened():
+    engine = FakeEngine()
+    engine.reply, engine.opened = "hm</think>ok", "<think>"
+    session = ChatSession(engine, Settings(max_tokens=100), context=200)
+    session.ask("hi")
+    reply = session.respond()
+    list(reply)
+    assert (reply.thought, reply.answer) == ("hm", "ok")
     session.commit(reply)
     assert session.conversation.turns[-1] == {"role": "assistant", "content": "ok"}
 

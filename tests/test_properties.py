@@ -4,7 +4,7 @@ Random and mutated config.json files, safetensors headers, localrun_quant.json m
 `fit --host-bandwidth` rates and chat /load files go through the real command line (in-process)
 or the library call behind it. Every case must finish with exit 0, 1 or 2 and at most one line on
 stderr, never a traceback or the "unexpected error" line, and write nothing outside its own
-directory. Seeded (derandomize), so each run of the suite tries the same ~3,900 cases.
+directory. A model's text, cut anywhere, goes through the thought splitter. Seeded (derandomize), so each run of the suite tries the same ~3,900 cases.
 """
 
 from __future__ import annotations
@@ -355,3 +355,33 @@ def test_chat_load_any_file(sandbox, demo_engine, doc):
         except LocalrunError as e:
             assert "\n" not in str(e)
     sandbox.untouched(case)
+
+
+MODEL_TEXT = st.lists(st.one_of(st.sampled_from(["<|channel>", "<channel|>", "<think>", "</think>", "thought\n",
+                                                 "<|chan", "nel>", "</th", "<", "|", ">", "\n"]),
+                                st.text(max_size=6)), max_size=14)
+
+
+@seeded(400)
+@given(parts=MODEL_TEXT, cuts=st.lists(st.integers(0, 80), max_size=6),
+       opened=st.sampled_from([None, "<|channel>", "<think>"]))
+def test_thought_splitter_any_model_text(parts, cuts, opened):
+    """Whatever a model writes, however it is streamed: the pieces of the whole text at once; and where
+    the markers come as tokens (not spelled out of pieces of text), no marker in the answer."""
+    from localrun.thoughts import MARKERS
+
+    text = "".join(parts)
+    whole = _split([text], opened)
+    bounds = sorted({0, len(text), *(c for c in cuts if c < len(text))})
+    assert _split([text[a:b] for a, b in zip(bounds, bounds[1:])], opened) == whole
+    if all(p in MARKERS or "<" not in p for p in parts):
+        assert not any(m in whole[1] for m in MARKERS), whole
+
+
+def _split(chunks: list[str], opened: str | None) -> list[str]:
+    """[thought, answer] texts of a streamed reply."""
+    from localrun.thoughts import ThoughtSplitter
+
+    s = ThoughtSplitter(opened)
+    pieces = [p for c in chunks for p in s.feed(c)] + s.flush()
+    return ["".join(p.text for p in pieces if p.kind == kind) for kind in ("thought", "answer")]

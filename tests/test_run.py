@@ -190,3 +190,58 @@ def test_control_tokens_never_reach_the_output(tiny_moe):
     text = "".join(t for t, _ in engine.stream_text(iter(steps)))
     assert "unused" not in text and "<turn|>" not in text
     assert "hi" in text and "<|channel>" in text  # the thought marker stays: the chat splits on it
+
+
+@pytest.fixture
+def scripted(monkeypatch):
+    """A list to fill with text pieces ("<...>": one special token): every Engine.stream then replays
+    their token ids, the last with finish "length"."""
+    from localrun.engine import Engine
+    from localrun.generate import Step, Timings
+
+    script = []
+
+    def stream(self, ids, params, *, max_tokens, ignore_eos=False, **kw):
+        t = Timings(prompt_tokens=len(ids))
+        tokens = [i for piece in script for i in ([self.tokenizer.token_id(piece)] if piece.startswith("<") else
+                                                   self.tokenizer.encode(piece, add_special_tokens=False))]
+        for n, token in enumerate(tokens, 1):
+            t.generated_tokens = n
+            yield Step(token, torch.zeros(self.loaded.args.vocab_size), "length" if n == len(tokens) else None, t)
+
+    monkeypatch.setattr(Engine, "stream", stream)
+    return script
+
+
+THINKING_REPLY = ["<|channel>", "thought", "\n", "hm", "<channel|>", "\n", "\n", "ok"]
+
+
+def test_thought_goes_to_stderr_and_the_answer_alone_to_stdout(cli, tiny_moe, scripted):
+    scripted += THINKING_REPLY
+    code, out, err = cli("run", str(tiny_moe), "hi", "--think", "--device", "cpu", "--quiet")
+    assert code == 0 and out == "ok\n" and "hm" not in err, (code, out, err)  # --quiet: no thought shown
+    code, out, err = cli("run", str(tiny_moe), "hi", "--think", "--device", "cpu")
+    assert code == 0 and out == "ok\n", out
+    assert "hm" in err and "channel" not in err and "thought\n" not in err
+    res = run_json(cli, tiny_moe, "hi", "--think")
+    assert (res["text"], res["reasoning_content"]) == ("ok", "hm")
+
+
+def test_a_close_marker_that_closes_nothing_is_not_printed(cli, tiny_moe, scripted):
+    # Gemma 4's template primes an empty thought when thinking is off; a model may close it again
+    scripted += ["<channel|>", "ok"]
+    code, out, err = cli("run", str(tiny_moe), "hi", "--device", "cpu", "--quiet")
+    assert code == 0 and out == "ok\n"
+    res = run_json(cli, tiny_moe, "hi")
+    assert res["text"] == "ok" and "reasoning_content" not in res
+
+
+def test_open_thought_reads_the_end_of_the_prompt(tiny_moe):
+    from localrun.engine import Engine
+
+    engine = Engine.load(tiny_moe, device="cpu")
+    tok = engine.tokenizer
+    base = engine.encode_prompt("hi")
+    assert engine.open_thought(base) is None  # the tiny template primes an empty thought
+    assert engine.open_thought(base + [tok.token_id("<|channel>")] + tok.encode("thought\n", add_special_tokens=False)) \
+        == "<|channel>"

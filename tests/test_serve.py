@@ -371,3 +371,40 @@ def test_serve_on_a_busy_port_fails_at_once_in_one_line():
     assert proc.returncode == 1 and f"cannot listen on 127.0.0.1:{port}" in proc.stderr
     assert "serving" not in proc.stderr and "Traceback" not in proc.stderr
     assert "loading" not in proc.stderr  # refused before the model loads
+
+
+def test_thought_markers_never_reach_the_content(engine, server, monkeypatch):
+    """A chat reply's thought comes back as reasoning_content, streamed or not; a close marker that
+    closes nothing (Gemma 4 primes an empty thought when thinking is off) is dropped; a prompt that
+    leaves a thought open (Qwen3's thinking templates) starts the reply inside it."""
+    from localrun.generate import Step, Timings
+
+    tok = engine.tokenizer
+    replies = {
+        "think": [tok.token_id("<|channel>"), *tok.encode("thought\nhm", add_special_tokens=False),
+                  tok.token_id("<channel|>"), *tok.encode("ok", add_special_tokens=False)],
+        "stray": [tok.token_id("<channel|>"), *tok.encode("ok", add_special_tokens=False)],
+        "opened": [*tok.encode("hm", add_special_tokens=False), tok.token_id("<channel|>"),
+                   *tok.encode("ok", add_special_tokens=False)],
+    }
+    ids = []
+
+    def scripted(prompt_ids, params, max_tokens, **kwargs):
+        for i, t in enumerate(ids):
+            yield Step(t, torch.zeros(8), "length" if i == len(ids) - 1 else None, Timings())
+
+    monkeypatch.setattr(engine, "stream", scripted)
+    for case, (content, thought) in {"think": ("ok", "hm"), "stray": ("ok", None), "opened": ("ok", "hm")}.items():
+        ids[:] = replies[case]
+        monkeypatch.setattr(engine, "open_thought", lambda prompt_ids: "<|channel>" if case == "opened" else None)
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": len(ids)}
+        message = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=30).json()["choices"][0]["message"]
+        assert (message["content"], message.get("reasoning_content")) == (content, thought), case
+        deltas = {"content": "", "reasoning_content": ""}
+        with httpx.stream("POST", server.url + "/v1/chat/completions", json={**body, "stream": True}, timeout=30) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    for choice in json.loads(line[6:])["choices"]:
+                        for key in deltas:
+                            deltas[key] += choice["delta"].get(key) or ""
+        assert deltas == {"content": content, "reasoning_content": thought or ""}, case

@@ -13,6 +13,7 @@ from typing import Optional
 import typer
 
 from ..errors import LocalrunError, UsageError
+from ..thoughts import ANSWER, THOUGHT, Piece, ThoughtSplitter
 from . import _options as opt
 
 TRUNCATE = ("left",)
@@ -112,20 +113,23 @@ def run(
         print(f"note: the prompt is {len(ids) + dropped} tokens, the context {limit}: dropped its oldest "
               f"{dropped} tokens (--truncate left)", file=sys.stderr)
     steps = engine.stream(ids, params, max_tokens=min(max_tokens, limit - len(ids)), ignore_eos=ignore_eos)
-    pieces, tokens, lps, last = [], [], [], None
+    splitter, printer = ThoughtSplitter(engine.open_thought(ids)), ReplyPrinter(quiet)
+    texts, tokens, lps, last = {ANSWER: [], THOUGHT: []}, [], [], None
     for text, step in engine.stream_text(steps):
         tokens.append(step.token)
         lps.append(step.logprob)
-        pieces.append(text)
         last = step
-        if not as_json and text:
-            sys.stdout.write(text)
-            sys.stdout.flush()
+        for piece in splitter.feed(text) + (splitter.flush() if step.finish_reason else []):
+            texts[piece.kind].append(piece.text)
+            if not as_json:
+                printer(piece)
     if not as_json:
-        sys.stdout.write("\n")
+        printer.end()
         return
+    answer, thought = "".join(texts[ANSWER]), "".join(texts[THOUGHT])
     result = {
-        "text": "".join(pieces),
+        "text": answer.strip() if thought else answer,
+        **({"reasoning_content": thought.strip()} if thought else {}),
         "tokens": tokens,
         "prompt_tokens": len(ids),
         "truncated_tokens": dropped,
@@ -143,6 +147,40 @@ def run(
 
     result["memory"] = memory_report(engine.loaded)
     print(json.dumps(result))
+
+
+class ReplyPrinter:
+    """Streams a reply's pieces: the answer on stdout (all a pipe gets), a thought on stderr (not with
+    --quiet), a blank line between the two."""
+
+    def __init__(self, quiet: bool):
+        self.quiet, self.thought, self.answered = quiet, False, False
+
+    def __call__(self, piece: Piece) -> None:
+        if piece.kind == THOUGHT:
+            self.thought = True
+            if not self.quiet:
+                self._write(sys.stderr, piece.text)
+            return
+        text = piece.text
+        if self.thought and not self.answered:  # the answer's first piece after a thought
+            text = text.lstrip("\n")
+            if not text:
+                return
+            if not self.quiet:
+                self._write(sys.stderr, "\n\n")
+        self.answered = True
+        self._write(sys.stdout, text)
+
+    def end(self) -> None:
+        if self.thought and not self.answered and not self.quiet:
+            self._write(sys.stderr, "\n")
+        self._write(sys.stdout, "\n")
+
+    @staticmethod
+    def _write(stream, text: str) -> None:
+        stream.write(text)
+        stream.flush()
 
 
 command = run
