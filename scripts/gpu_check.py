@@ -637,7 +637,8 @@ def step_kernels(dry: bool) -> dict:
         cases = {k: v for k, v in cases.items() if k in ("decode nf4 bs64", "8 tokens nf4")}
     for name, kwargs in cases.items():
         timed(name, lambda kwargs=kwargs: bench(device=str(dev), dry=dry, **kwargs), out)
-    shapes = {"sliding layer, 1536 keys": (8, 2, 1536, 256), "full layer, 4096 keys": (2, 8, 4096, 512),
+    shapes = {"sliding layer, 256 keys": (8, 2, 256, 256), "sliding layer, 1536 keys": (8, 2, 1536, 256),
+              "full layer, 256 keys": (2, 8, 256, 512), "full layer, 4096 keys": (2, 8, 4096, 512),
               "full layer, 32768 keys": (2, 8, 32768, 512)} if not dry else {"dry": (2, 2, 100, 32)}
     for name, shape in shapes.items():
         timed(f"decode attention, {name}", lambda shape=shape: decode_attention_case(dev, *shape), out)
@@ -699,9 +700,12 @@ def dense_gemv_cases(dev, dry: bool, out: dict) -> None:
 
 def decode_attention_case(dev, KV: int, G: int, S: int, D: int) -> dict:
     """One decoded token's attention at a 26B-A4B layer shape (bf16, a fifth of the keys masked):
-    the split-key Triton kernel against grouped_sdpa (cuDNN / flash), each in a CUDA graph."""
+    the split-key Triton kernel (as the step launches it, and with its combine as a launch of its own:
+    `combine_in_place` says which the default is) against grouped_sdpa (cuDNN / flash), each in a CUDA
+    graph."""
     torch = _torch()
     from localrun.kernels.attention import decode_attention, grouped_sdpa
+    from localrun.kernels.triton_attention import decode_attention_triton
     from localrun.kernels.triton_moe import _time_us
 
     g = torch.Generator(device=dev).manual_seed(0)
@@ -712,8 +716,14 @@ def decode_attention_case(dev, KV: int, G: int, S: int, D: int) -> dict:
     ref = grouped_sdpa(q.float(), k.float(), v.float(), visible, scale)
     out = {"max_rel_err_vs_fp32": float((decode_attention(q, k, v, visible, scale).float() - ref).abs().max()
                                         / ref.abs().max())}
+    apart = decode_attention_triton(q, k, v, visible, scale, in_place=False)
+    out["combine_in_place"] = {"default": _combines_in_place(dev, KV, G, S, D),
+                               "identical_to_combine_kernel": bool(torch.equal(
+                                   decode_attention_triton(q, k, v, visible, scale, in_place=True), apart))}
     nbytes = 2 * k.numel() * k.element_size()
     for side, fn in (("triton split-key", lambda: decode_attention(q, k, v, visible, scale)),
+                     ("triton split-key, combine kernel", lambda: decode_attention_triton(q, k, v, visible, scale,
+                                                                                          in_place=False)),
                      ("grouped_sdpa", lambda: grouped_sdpa(q, k, v, visible, scale))):
         if dev.type == "cuda":
             fn()
@@ -726,6 +736,12 @@ def decode_attention_case(dev, KV: int, G: int, S: int, D: int) -> dict:
             us = _time_us(fn, 2, dev)
         out[side] = {"us": round(us, 2), "gbps": round(nbytes / us / 1e3, 1)}
     return out
+
+
+def _combines_in_place(dev, KV: int, G: int, S: int, D: int) -> bool:
+    from localrun.kernels import triton_attention as ta
+
+    return ta.combines_in_place(KV, ta.launch_shape(S, D, KV, dev)[3], G, D)
 
 
 def step_compiled(dry: bool) -> dict:

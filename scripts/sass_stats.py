@@ -131,7 +131,7 @@ def compile_cases():
     """(name, kernel, pointer types, constexprs, warps[, stages]): the CUDA step's Triton kernels not yet
     run on a GPU, in the variants it launches (dtypes, double quant, sorted pairs, rings, the next norm),
     and each autotune config of the prefill's grouped 4-bit GEMMs and of the dense GEMV (opt-in)."""
-    from localrun.kernels import triton_fused, triton_gemv, triton_moe, triton_qkv_write
+    from localrun.kernels import triton_attention, triton_fused, triton_gemv, triton_moe, triton_qkv_write
 
     for x in ("*bf16", "*fp32"):
         ptrs = dict(POINTERS, x_ptr=x, y_ptr=x)
@@ -150,6 +150,14 @@ def compile_cases():
         yield f"ffn_residual {x[1:]} next", triton_fused._ffn_residual_kernel, glue, dict(NEXT=True, BLOCK=4096), 4
         rope = {"pos_ptr": "*i64", "inv_ptr": "*fp32", "cos_ptr": x, "sin_ptr": x}
         yield f"rope_rows {x[1:]}", triton_fused._rope_rows_kernel, rope, dict(BLOCK=128), 4
+        attn = {"q_ptr": x, "k_ptr": x, "v_ptr": x, "vis_ptr": "*u8", "m_ptr": "*fp32", "l_ptr": "*fp32",
+                "acc_ptr": "*fp32", "count_ptr": "*i32", "out_ptr": x}
+        for D, G in ((256, 2), (512, 8)):  # 26B-A4B's sliding and full layers
+            for in_place in (True, False):
+                yield (f"decode_partial {x[1:]} D={D} combine_in_place={in_place}",
+                       triton_attention._decode_partial_kernel, attn,
+                       dict(HAS_MASK=True, PRECISION="ieee" if x == "*fp32" else "tf32", COMBINE=in_place, BLOCK_G=16,
+                            BLOCK_S=max(16, min(64, 16384 // D)), BLOCK_D=D, BLOCK_SPLITS=8), 4 if D <= 256 else 8)
     yield from _grouped_cases(triton_moe)
     yield from _gemv_cases(triton_gemv)
 

@@ -39,6 +39,9 @@ def test_dry_run_writes_a_complete_report(tmp_path):
     assert {"gemv qkv sliding", "gemv router", "gemv lm_head"} <= set(gemv)  # the interpreted kernel ran
     assert all(v["max_rel_err_triton"] < 1e-2 for v in gemv.values())
     assert kernels["gemv per token"]["weight_bytes"] > 0
+    attention = kernels["decode attention, dry"]
+    assert attention["combine_in_place"] == {"default": True, "identical_to_combine_kernel": True}, attention
+    assert {"triton split-key", "triton split-key, combine kernel", "grouped_sdpa"} <= set(attention)
     bench = steps["bench"]  # the CLI as a user runs it, its table rendered from its JSON
     assert bench["report"]["measurements"][0]["decode_tokens_per_s"] > 0 and "| 128 | 4 |" in bench["table"]
     assert "gpu_check.md" in {p.name for p in tmp_path.iterdir()}

@@ -47,6 +47,22 @@ def test_matches_grouped_sdpa_fp32(B, N, KV, S, D):
 
 
 @needs_triton
+@pytest.mark.parametrize("B,N,KV,S,D,splits", [(1, 16, 8, 300, 256, 1), (1, 16, 2, 256, 512, 2), (1, 4, 1, 300, 64, 3),
+                                                (2, 6, 2, 70, 48, 1)])
+def test_combine_in_place_is_the_combine_kernel_bit_for_bit(B, N, KV, S, D, splits):
+    """The last partial program of each (batch, KV head) combines its heads (one launch): the same
+    result as the combine kernel, call after call (each counter is back at 0 after its call)."""
+    q, k, v = case(B, N, KV, S, D, seed=3)
+    visible = torch.arange(S)[None, :] % 7 != 3
+    apart = triton_attention.decode_attention_triton(q, k, v, visible, 0.1, in_place=False)
+    for _ in range(3):
+        assert torch.equal(triton_attention.decode_attention_triton(q, k, v, visible, 0.1, in_place=True), apart)
+    assert not triton_attention._counters(q.device).any()
+    # (on the CPU the interpreter runs 4 programs a call: `splits` of them counted themselves done)
+    assert triton_attention.launch_shape(S, D, B * KV, q.device)[3] == splits
+
+
+@needs_triton
 def test_gemma_scale_as_exact_as_the_reference():
     """Scale 1.0 over normed heads (Gemma 4) gives logits of ~sqrt(D): softmax is ill-conditioned
     there (exp of logits near 60 keeps ~1e-5 of them in fp32), so both sides are held to float64:

@@ -11,6 +11,12 @@ per (batch, KV head, split), and a second kernel combines the splits:
            softmax, and writes its running max m, sum l and unnormalised output acc (fp32);
   combine  one program per query head: out = sum_s exp(m_s - M) acc_s / sum_s exp(m_s - M) l_s.
 
+Where the partial rows of a KV head are few (every short and medium context: COMBINE_IN_PLACE_MAX
+elements), the combine needs no launch of its own: each partial program counts itself done on its
+(batch, KV head)'s counter (an atomic add, release/acquire at GPU scope, after a barrier that orders
+its threads' stores before it), and the program that comes last combines the G heads and resets
+the counter. One launch a layer fewer; the same arithmetic in the same order.
+
 Masked keys (a bool `visible` row shared by the batch, as the static decode step and `attend`
 build it) weigh exactly 0. fp32 inputs use IEEE fp32 products (no TF32), so the result is the
 reference's up to summation order. Half-precision inputs are widened to fp32 and multiplied as TF32,
@@ -30,12 +36,16 @@ import triton.language as tl
 MAX_SPLITS = 64  # programs per (batch, KV head); the combine loop reads this many partial rows at most
 
 
+COMBINE_IN_PLACE_MAX = 1 << 16  # partial elements (splits x G x D) the last program combines itself at most
+
+
 @triton.jit
-def _decode_partial_kernel(q_ptr, k_ptr, v_ptr, vis_ptr, m_ptr, l_ptr, acc_ptr,
+def _decode_partial_kernel(q_ptr, k_ptr, v_ptr, vis_ptr, m_ptr, l_ptr, acc_ptr, count_ptr, out_ptr,
                            stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
                            KV, S, D, G, scale, keys_per_split,
-                           HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
-                           BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+                           HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, COMBINE: tl.constexpr,
+                           BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+                           BLOCK_SPLITS: tl.constexpr):
     bkv = tl.program_id(0)
     split = tl.program_id(1)
     splits = tl.num_programs(1)
@@ -78,16 +88,23 @@ def _decode_partial_kernel(q_ptr, k_ptr, v_ptr, vis_ptr, m_ptr, l_ptr, acc_ptr,
     tl.store(m_ptr + row, m_i, mask=g_ok)
     tl.store(l_ptr + row, l_i, mask=g_ok)
     tl.store(acc_ptr + row[:, None] * D + d[None, :], acc, mask=g_ok[:, None] & d_ok[None, :])
+    if COMBINE:
+        tl.debug_barrier()  # every thread's stores above come before the release below
+        done = tl.atomic_add(count_ptr + bkv, 1, sem="acq_rel", scope="gpu")
+        if done == splits - 1:  # the last split of this (batch, KV head): the others' rows are visible
+            for gi in range(0, G):
+                _combine_head(m_ptr, l_ptr, acc_ptr, out_ptr, bkv * G + gi, splits, D, ".cg", BLOCK_SPLITS, BLOCK_D)
+            tl.atomic_xchg(count_ptr + bkv, 0)  # ready for the next call
 
 
 @triton.jit
-def _decode_combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, splits, D,
-                           BLOCK_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr):
-    head = tl.program_id(0)  # b * N + n
+def _combine_head(m_ptr, l_ptr, acc_ptr, out_ptr, head, splits, D, CACHE: tl.constexpr,
+                  BLOCK_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out[head] from its `splits` partial rows (head = b * N + n). CACHE ".cg": read them from L2."""
     s = tl.arange(0, BLOCK_SPLITS)
     s_ok = s < splits
-    m = tl.load(m_ptr + head * splits + s, mask=s_ok, other=float("-inf"))
-    l = tl.load(l_ptr + head * splits + s, mask=s_ok, other=0.0)
+    m = tl.load(m_ptr + head * splits + s, mask=s_ok, other=float("-inf"), cache_modifier=CACHE)
+    l = tl.load(l_ptr + head * splits + s, mask=s_ok, other=0.0, cache_modifier=CACHE)
     top = tl.max(m, axis=0)
     top = tl.where(top == float("-inf"), 0.0, top)
     w = tl.exp(m - top)  # 0 for splits that saw no visible key
@@ -96,9 +113,15 @@ def _decode_combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, splits, D,
     d_ok = d < D
     out = tl.zeros([BLOCK_D], tl.float32)
     for i in range(0, splits):
-        w_i = tl.exp(tl.load(m_ptr + head * splits + i) - top)
-        out += w_i * tl.load(acc_ptr + (head * splits + i) * D + d, mask=d_ok, other=0.0)
+        w_i = tl.exp(tl.load(m_ptr + head * splits + i, cache_modifier=CACHE) - top)
+        out += w_i * tl.load(acc_ptr + (head * splits + i) * D + d, mask=d_ok, other=0.0, cache_modifier=CACHE)
     tl.store(out_ptr + head * D + d, (out / total).to(out_ptr.dtype.element_ty), mask=d_ok)
+
+
+@triton.jit
+def _decode_combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, splits, D,
+                           BLOCK_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr):
+    _combine_head(m_ptr, l_ptr, acc_ptr, out_ptr, tl.program_id(0), splits, D, "", BLOCK_SPLITS, BLOCK_D)
 
 
 @functools.lru_cache(maxsize=None)
@@ -117,11 +140,42 @@ def split_keys(S: int, groups: int, device: torch.device, block_s: int) -> tuple
     return per, triton.cdiv(S, per)
 
 
+def launch_shape(S: int, D: int, groups: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_D, BLOCK_S, keys per split, splits) of the partial kernel over S keys of head dim D for
+    `groups` (batch x KV heads)."""
+    BLOCK_D = max(16, triton.next_power_of_2(D))
+    BLOCK_S = max(16, min(64, 16384 // BLOCK_D))
+    return BLOCK_D, BLOCK_S, *split_keys(S, groups, device, BLOCK_S)
+
+
+MAX_COUNTERS = 4096  # (batch, KV head) groups one in-place combine call counts at most
+
+
+def _counters(device: torch.device) -> torch.Tensor:
+    """MAX_COUNTERS int32 zeros that stay on the device for good (a CUDA graph keeps their address):
+    the in-place combine's counters, each reset to 0 by the program that used it last, so no launch
+    zeroes them per call."""
+    have = _COUNTERS.get(device)
+    if have is None:
+        have = _COUNTERS[device] = torch.zeros(MAX_COUNTERS, dtype=torch.int32, device=device)
+    return have
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def combines_in_place(groups: int, splits: int, G: int, D: int) -> bool:
+    """Whether the partial programs of `groups` (batch x KV heads) combine their rows themselves (one
+    launch): where the rows one program then reads are few, and the counters suffice."""
+    return splits * G * D <= COMBINE_IN_PLACE_MAX and groups <= MAX_COUNTERS
+
+
 def decode_attention_triton(q_BN1D: torch.Tensor, k_BKSD: torch.Tensor, v_BKSD: torch.Tensor,
-                            visible_1S: torch.Tensor | None, scale: float) -> torch.Tensor:
+                            visible_1S: torch.Tensor | None, scale: float, in_place: bool | None = None) -> torch.Tensor:
     """softmax(q k^T * scale + mask) v for one query per head, G = N / KV query heads per KV head
     (head h reads KV head h // G). q [B, N, 1, D]; k, v [B, KV, S, D] (views of a larger cache are
-    fine: only the last dim must be contiguous); visible: bool, S elements, or None."""
+    fine: only the last dim must be contiguous); visible: bool, S elements, or None. in_place: combine
+    in the partial kernel (one launch) or in a kernel of its own; None: `combines_in_place` decides."""
     B, N, T, D = q_BN1D.shape
     KV, S = k_BKSD.shape[1], k_BKSD.shape[2]
     assert T == 1 and N % KV == 0, (q_BN1D.shape, k_BKSD.shape)
@@ -129,20 +183,23 @@ def decode_attention_triton(q_BN1D: torch.Tensor, k_BKSD: torch.Tensor, v_BKSD: 
     q = q_BN1D if q_BN1D.stride(-1) == 1 else q_BN1D.contiguous()
     k = k_BKSD if k_BKSD.stride(-1) == 1 else k_BKSD.contiguous()
     v = v_BKSD if v_BKSD.stride(-1) == 1 else v_BKSD.contiguous()
-    BLOCK_D = max(16, triton.next_power_of_2(D))
-    BLOCK_S = max(16, min(64, 16384 // BLOCK_D))
-    per, splits = split_keys(S, B * KV, q.device, BLOCK_S)
+    BLOCK_D, BLOCK_S, per, splits = launch_shape(S, D, B * KV, q.device)
+    if in_place is None:
+        in_place = combines_in_place(B * KV, splits, G, D)
+    assert not in_place or B * KV <= MAX_COUNTERS, (B, KV)
     m = torch.empty(B * N * splits, dtype=torch.float32, device=q.device)
     l = torch.empty_like(m)
     acc = torch.empty(B * N * splits, D, dtype=torch.float32, device=q.device)
-    vis = q if visible_1S is None else visible_1S.reshape(S).contiguous().view(torch.uint8)
-    _decode_partial_kernel[(B * KV, splits)](
-        q, k, v, vis, m, l, acc, q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), KV, S, D, G, scale, per,
-        HAS_MASK=visible_1S is not None, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_S=BLOCK_S, BLOCK_D=BLOCK_D,
-        num_warps=4 if BLOCK_D <= 256 else 8)
     out = torch.empty(B, N, 1, D, dtype=q.dtype, device=q.device)
-    _decode_combine_kernel[(B * N,)](m, l, acc, out, splits, D, BLOCK_SPLITS=triton.next_power_of_2(splits),
-                                     BLOCK_D=BLOCK_D)
+    vis = q if visible_1S is None else visible_1S.reshape(S).contiguous().view(torch.uint8)
+    count = _counters(q.device) if in_place else m
+    _decode_partial_kernel[(B * KV, splits)](
+        q, k, v, vis, m, l, acc, count, out, q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), KV, S, D, G, scale, per,
+        HAS_MASK=visible_1S is not None, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", COMBINE=in_place,
+        BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_S=BLOCK_S, BLOCK_D=BLOCK_D,
+        BLOCK_SPLITS=triton.next_power_of_2(splits), num_warps=4 if BLOCK_D <= 256 else 8)
+    if not in_place:
+        _decode_combine_kernel[(B * N,)](m, l, acc, out, splits, D, BLOCK_SPLITS=triton.next_power_of_2(splits),
+                                         BLOCK_D=BLOCK_D)
     return out
