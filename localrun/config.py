@@ -28,6 +28,7 @@ from pathlib import Path
 from .errors import LocalrunError
 
 GEMMA4_TYPES = ("gemma4", "gemma4_text")
+PLACEHOLDER_FIELDS = ("image_token_id", "video_token_id", "audio_token_id")  # a multimodal config's top level
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
@@ -78,6 +79,9 @@ class ModelArgs:
     use_bidirectional_attention: str | None = None
     # Where the text weights live in the checkpoint ("model." or "model.language_model.").
     weight_prefix: str = "model."
+    # A multimodal checkpoint's image / video / audio placeholder ids: a text-only pass embeds them as
+    # pad_token_id, as transformers' Gemma4Model does before it merges in the encoders' outputs.
+    placeholder_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self):
         if self.layer_types is None:
@@ -135,16 +139,20 @@ class ModelArgs:
         validate_config(config)
         if model_type == "gemma4":
             text = dict(config.get("text_config") or {})
-            text.setdefault("tie_word_embeddings", config.get("tie_word_embeddings", True))
+            # Gemma4ForConditionalGeneration ties lm_head by the top-level flag; text_config's is not read
+            text["tie_word_embeddings"] = config.get("tie_word_embeddings", True)
             if "eos_token_id" in config:  # the top-level list (1 and 106) is what generation stops on
                 text["eos_token_id"] = config["eos_token_id"]
             text["model_type"] = "gemma4_text"
             prefix = "model.language_model."
         else:
             text, prefix = dict(config), "model."
-        names = {f.name for f in dataclasses.fields(cls)}
-        args = cls(**{k: v for k, v in text.items() if k in names and k != "weight_prefix"})
+        names = {f.name for f in dataclasses.fields(cls)} - {"weight_prefix", "placeholder_token_ids"}
+        args = cls(**{k: v for k, v in text.items() if k in names})
         args.weight_prefix = prefix
+        if model_type == "gemma4":
+            args.placeholder_token_ids = tuple(sorted({
+                config[k] for k in PLACEHOLDER_FIELDS if is_int(config.get(k)) and 0 <= config[k] < args.vocab_size}))
         return args
 
     # Per-layer geometry -------------------------------------------------------------------
@@ -310,6 +318,10 @@ def _check_rope(rope, where: str) -> None:
         return
     if not isinstance(rope, dict):
         raise ConfigError(f"{where}rope_parameters must be an object keyed by layer type")
+    for key in rope:
+        if key not in (SLIDING, FULL):  # a flat {"rope_theta": ...} (other families' spelling) included
+            raise ConfigError(f"{where}rope_parameters must be keyed by layer type ({SLIDING}, {FULL}), "
+                              f"not {key!r}")
     for kind in (SLIDING, FULL):
         if kind not in rope:
             continue

@@ -117,7 +117,8 @@ def load_weights(
             names[key] = name
     missing = [k for k in expected if k not in names]
     if missing:
-        raise LocalrunError(f"checkpoint is missing {len(missing)} tensor(s), e.g. {args.weight_prefix}{missing[0]}")
+        stored = missing[0] if missing[0].startswith("lm_head.") else args.weight_prefix + missing[0]  # lm_head: no prefix
+        raise LocalrunError(f"checkpoint is missing {len(missing)} tensor(s), e.g. {stored}")
     for key, shape in expected.items():
         info = ckpt.tensors[names[key]]
         if info.shape != shape:
@@ -150,7 +151,7 @@ def load_weights(
             layer.set_experts(build_experts(i))
             if progress:
                 progress("experts", done + (total - done) * (i + 1) // len(model.layers), total)
-    model.init_rope(device)
+    model.init_buffers(device)
     model.fuse_projections()  # the fused tensors are already one storage each: this only records them
 
 

@@ -89,3 +89,34 @@ def test_loaded_tensors_are_the_compute_dtype(tiny_moe):
     rope = {id(b) for n, b in model.named_buffers() if n.startswith("inv_freq")}
     assert all(t.dtype == torch.bfloat16 for t in floats if id(t) not in rope)
     assert not any(t.requires_grad for t in model.parameters())
+
+
+@pytest.mark.parametrize("top_tie, text_tie", [(False, True), (True, False)])
+def test_multimodal_checkpoint_ties_by_the_top_level_flag_and_reads_placeholders_as_pad(tmp_path, top_tie, text_tie):
+    """transformers' Gemma4ForConditionalGeneration ties lm_head by the top-level tie_word_embeddings (a
+    text_config of its own default says otherwise when only the top level is given), and its text-only
+    pass embeds an image placeholder id as the pad id: logits and decoding as its, written by its own
+    save_pretrained."""
+    from localrun.tiny import _VISION_CONFIG, tiny_config
+
+    torch.manual_seed(0)
+    text = {k: v for k, v in tiny_config("moe").items() if k != "model_type"} | {"tie_word_embeddings": text_tie}
+    vision = {k: v for k, v in _VISION_CONFIG.items() if k != "model_type"}
+    cfg = transformers.Gemma4Config(text_config=text, vision_config=vision, audio_config=None,
+                                    tie_word_embeddings=top_tie, image_token_id=300)
+    model = transformers.Gemma4ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    model.save_pretrained(tmp_path)
+    ref = reference(tmp_path, "multimodal")
+    loaded = load_model(tmp_path, dtype=torch.float32, experts="bf16", context=64)
+    assert loaded.args.tie_word_embeddings == top_tie and loaded.args.placeholder_token_ids == (300,)
+    ids = [2, 17, 99, 300, 31, 400, 7, 88]
+    with torch.no_grad():
+        expected = ref(torch.tensor([ids])).logits
+        assert (loaded.model(torch.tensor([ids])) - expected).abs().max() < 1e-4
+        steps = list(generate(loaded.model, ids, make_sampler(SamplingParams()), max_tokens=8, cache=loaded.kv))
+        out = ref.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, eos_token_id=None,
+                           pad_token_id=0, min_new_tokens=8)
+    assert [s.token for s in steps] == out[0, len(ids):].tolist()

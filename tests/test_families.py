@@ -247,6 +247,9 @@ def test_gemma4_both_spellings_are_the_same_model(tiny_checkpoint, tmp_path):
     ({"per_layer_config": {"9": {"head_dim": 32}}}, "per_layer_config['9'] must be a dict for a layer in 0..5"),
     ({"rope_parameters": {"full_attention": {"rope_type": "yarn", "rope_theta": 1e6}}}, "rope_type 'yarn'"),
     ({"use_bidirectional_attention": "all"}, "use_bidirectional_attention 'all' is not implemented"),
+    # other families' flat spelling would leave every layer on the defaults: transformers fails on it too
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 1234.0}},
+     "rope_parameters must be keyed by layer type (sliding_attention, full_attention), not 'rope_type'"),
 ])
 def test_gemma4_settings_localrun_lacks_are_errors(change, message):
     with pytest.raises(LocalrunError) as e:

@@ -245,3 +245,14 @@ def test_open_thought_reads_the_end_of_the_prompt(tiny_moe):
     assert engine.open_thought(base) is None  # the tiny template primes an empty thought
     assert engine.open_thought(base + [tok.token_id("<|channel>")] + tok.encode("thought\n", add_special_tokens=False)) \
         == "<|channel>"
+
+
+def test_a_missing_untied_lm_head_is_named_as_stored(cli, tmp_path):
+    """lm_head lives outside the multimodal prefix (model.language_model.): the error names it as stored."""
+    from localrun.tiny import tiny_config, write_checkpoint
+
+    model_dir = write_checkpoint(tmp_path / "m", tiny_config("moe"), layout="multimodal")
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
+    line = one_line_error(cli, "run", model_dir, "hi", "--device", "cpu")
+    assert line == "error: checkpoint is missing 1 tensor(s), e.g. lm_head.weight", line

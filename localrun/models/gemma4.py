@@ -612,15 +612,25 @@ class Gemma4Model(nn.Module):
             self.embed_tokens_per_layer = nn.Embedding(args.vocab_size_per_layer_input, L * P)
             self.per_layer_model_projection = nn.Linear(H, L * P, bias=False)
             self.per_layer_projection_norm = RMSNorm(P, args.rms_norm_eps)
-        self.init_rope()
+        self.init_buffers()
 
-    def init_rope(self, device=None) -> None:
-        """(Re)compute the RoPE frequency buffers; the loader calls it after building on the meta device."""
+    def text_ids(self, ids_BT: torch.Tensor) -> torch.Tensor:
+        """ids_BT with a multimodal checkpoint's image / video / audio placeholders read as pad_token_id
+        (transformers' text-only pass): one gather from a table on the device, no host sync."""
+        return self.text_id_table[ids_BT] if self.args.placeholder_token_ids else ids_BT
+
+    def init_buffers(self, device=None) -> None:
+        """(Re)compute the buffers no checkpoint holds (RoPE frequencies, the placeholder table of
+        `text_ids`); the loader calls it after building on the meta device."""
         args = self.args
         for kind in set(args.layer_types):
             D = args.layer_head_dim(args.layer_types.index(kind))
             inv = rope_inv_freq(args.rope_parameters[kind], D).to(device)
             self.register_buffer(f"inv_freq_{kind}", inv, persistent=False)
+        if args.placeholder_token_ids:
+            table = torch.arange(args.vocab_size, device=device)
+            table[list(args.placeholder_token_ids)] = args.pad_token_id
+            self.register_buffer("text_id_table", table, persistent=False)
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -678,6 +688,7 @@ class Gemma4Model(nn.Module):
     def _start(self, ids_BT: torch.Tensor, cache, pos_T: torch.Tensor) -> tuple[torch.Tensor, "_Pass"]:
         """The embedded tokens and what each layer of this pass takes besides them (_Pass)."""
         dtype = self.compute_dtype
+        ids_BT = self.text_ids(ids_BT)
         x = F.embedding(ids_BT, self.embed_tokens.weight).to(dtype) * torch.tensor(self.args.hidden_size**0.5, dtype=dtype)
         per_layer = self._per_layer_inputs(ids_BT, x) if self.args.hidden_size_per_layer_input else None
         shared: dict = {}  # per forward: KV of the last layer of each kind (KV sharing), attention masks
@@ -699,7 +710,7 @@ class Gemma4Model(nn.Module):
                 or self.compute_dtype != torch.float32 or ids_11.device.type != "cpu"):
             return None
         position = cache.offset
-        x = kernels.embed(ids_11, self.embed_tokens.weight, args.hidden_size**0.5)
+        x = kernels.embed(self.text_ids(ids_11), self.embed_tokens.weight, args.hidden_size**0.5)
         rope = {kind: kernels.rope_row(getattr(self, f"inv_freq_{kind}"), position) for kind in set(args.layer_types)}
         if x is None or any(r is None for r in rope.values()):
             return None

@@ -421,9 +421,9 @@ class Model(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_hidden_layers))
         self.norm = RMSNorm(H, args.rms_norm_eps)
         self.lm_head = None if args.tie_word_embeddings else nn.Linear(H, args.vocab_size, bias=False)
-        self.init_rope()
+        self.init_buffers()
 
-    def init_rope(self, device=None) -> None:
+    def init_buffers(self, device=None) -> None:
         """(Re)compute the RoPE frequencies; the loader calls it after building on the meta device."""
         inv = rope_inv_freq(self.args.rope_parameters, self.args.head_dim).to(device)
         self.register_buffer("inv_freq", inv, persistent=False)
