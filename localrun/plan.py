@@ -536,19 +536,22 @@ def allocation_bytes(nbytes: int) -> int:
     return -(-nbytes // unit) * unit
 
 
-FUSED = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj")))
+# Projections of one layer that read the same input at decode, in storage order: q/k/v; the dense
+# MLP's gate/up and (Gemma 4) the router, whose input differs only by its norm's weights, so a decoded
+# token computes both as one two-row GEMM (models/gemma4.py, DecoderLayer.fuse).
+FUSED = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj", "router.proj"))
 
 
 def fused_groups(names) -> list[tuple[str, ...]]:
-    """Tensors the loader allocates as one, in order: per layer q/k/v and the dense MLP's gate/up
-    (weights and biases apart); a group of one is no group. Names as in the plan's placement."""
+    """Tensors the loader allocates as one, in order (FUSED; weights and biases apart); a group of one
+    is no group. Names as in the plan's placement."""
     names = set(names)
     layers = sorted({int(m.group(1)) for n in names if (m := _LAYER.match(n))})
     groups = []
     for i in layers:
-        for module, projs in FUSED:
+        for projs in FUSED:
             for kind in ("weight", "bias"):
-                group = tuple(n for n in (f"layers.{i}.{module}.{p}.{kind}" for p in projs) if n in names)
+                group = tuple(n for n in (f"layers.{i}.{p}.{kind}" for p in projs) if n in names)
                 if len(group) > 1:
                     groups.append(group)
     return groups

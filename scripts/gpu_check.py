@@ -646,13 +646,14 @@ def step_kernels(dry: bool) -> dict:
     return out
 
 
-def projection_shapes(args) -> dict[str, tuple[int, int, int]]:
-    """name -> (N, K, launches per decoded token) of the dense projections y = x @ W[N, K]^T of a Gemma 4
-    decode step (the fused q/k/v, o_proj, the dense MLP's fused gate/up and down, the router, lm_head)."""
-    shapes: dict[str, tuple[int, int, int]] = {}
+def projection_shapes(args) -> dict[str, tuple[int, int, int, int]]:
+    """name -> (N, K, launches per decoded token, rows) of the dense projections y = x @ W[N, K]^T of a
+    Gemma 4 decode step: the fused q/k/v, o_proj, the dense MLP's fused gate/up (in an MoE layer with
+    the router's rows, one GEMM of two rows: DecoderLayer._mlp_and_router) and down, lm_head."""
+    shapes: dict[str, tuple[int, int, int, int]] = {}
 
-    def add(name: str, n: int, k: int) -> None:
-        shapes[name] = (n, k, shapes.get(name, (0, 0, 0))[2] + 1)
+    def add(name: str, n: int, k: int, rows: int = 1) -> None:
+        shapes[name] = (n, k, shapes.get(name, (0, 0, 0, 0))[2] + 1, rows)
 
     H = args.hidden_size
     for layer in range(args.num_hidden_layers):
@@ -661,10 +662,11 @@ def projection_shapes(args) -> dict[str, tuple[int, int, int]]:
         shared = args.kv_source_layer(layer) != layer
         add(f"qkv {kind}", (N + (0 if shared else KV * (2 if args.has_v_proj(layer) else 1))) * D, H)
         add(f"o_proj {kind}", H, N * D)
-        add("mlp gate_up", 2 * args.mlp_intermediate(layer), H)
-        add("mlp down", H, args.mlp_intermediate(layer))
         if args.has_experts(layer):
-            add("router", args.num_experts, H)
+            add("mlp gate_up + router, 2 rows", 2 * args.mlp_intermediate(layer) + args.num_experts, H, rows=2)
+        else:
+            add("mlp gate_up", 2 * args.mlp_intermediate(layer), H)
+        add("mlp down", H, args.mlp_intermediate(layer))
     add("lm_head", args.vocab_size, H)
     return shapes
 
@@ -682,9 +684,9 @@ def dense_gemv_cases(dev, dry: bool, out: dict) -> None:
         return
     iters = 2 if dry else 20
     totals = {"weight_bytes": 0, "us_triton": 0.0, "us_torch": 0.0, "us_routed": 0.0}
-    for name, (N, K, count) in projection_shapes(config_args(dry)).items():
-        row = timed(f"gemv {name}", lambda N=N, K=K: {**benchmark_gemv(N, K, device=dev, iters=iters),
-                                                       "per_token": count}, out)
+    for name, (N, K, count, rows) in projection_shapes(config_args(dry)).items():
+        row = timed(f"gemv {name}", lambda N=N, K=K, rows=rows: {
+            **benchmark_gemv(N, K, rows=rows, device=dev, iters=iters), "per_token": count}, out)
         if "us_triton" not in row:
             continue
         routed = gemv_ops.MIN_N <= N <= gemv_ops.MAX_N
@@ -693,7 +695,7 @@ def dense_gemv_cases(dev, dry: bool, out: dict) -> None:
         totals["us_triton"] += count * row["us_triton"]
         totals["us_torch"] += count * row["us_torch"]
         totals["us_routed"] += count * row["us_triton" if routed else "us_torch"]
-    N, K, _ = projection_shapes(config_args(dry))["qkv sliding"]
+    N, K, _, _ = projection_shapes(config_args(dry))["qkv sliding"]
     timed("gemv qkv sliding, 4 rows", lambda: benchmark_gemv(N, K, rows=4, device=dev, iters=iters), out)
     out["gemv per token"] = {k: round(v, 1) if isinstance(v, float) else v for k, v in totals.items()}
 

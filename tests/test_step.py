@@ -182,3 +182,38 @@ def test_decode_segments_end_at_each_moe_layers_experts(tiny_moe):
     finally:
         cache.span = None
 
+
+
+def test_dense_mlp_and_router_as_one_gemm_of_two_rows(tiny_moe, monkeypatch):
+    """Where the glue op hands out x_mlp and x_router as two rows of one tensor (CUDA's kernel, or the
+    op's formula where the C call steps aside, as here), a decoded token's dense gate/up and router
+    projections are one GEMM over the layer's stacked rows (gate, up, router: one storage from the
+    loader): the same tokens as each projection on its own, logprobs within fp32 rounding."""
+    from localrun import kernels
+
+    loaded = load_model(tiny_moe, dtype=torch.float32, context=600)
+    model = loaded.model
+    for layer in model.layers:
+        gate, router = layer.mlp.gate_proj.weight, layer.router.proj.weight
+        assert layer.stacked.data_ptr() == gate.data_ptr()  # placed as one by the loader: no copy
+        assert router.data_ptr() == gate.data_ptr() + 2 * gate.numel() * gate.element_size()
+    ids = bench_prompt(30, loaded.args.vocab_size)
+    apart_tokens, apart_lp = greedy(model, ids, "static", loaded.kv)
+    monkeypatch.setattr(kernels, "attention_residual_norms", lambda *a: None)  # the op: rows of one tensor
+    calls = []
+    real = type(model.layers[0])._mlp_and_router
+
+    def counted(layer, rows):
+        out = real(layer, rows)
+        calls.append(out[0] is not None)
+        return out
+
+    monkeypatch.setattr(type(model.layers[0]), "_mlp_and_router", counted)
+    tokens, lp = greedy(model, ids, "static", loaded.kv)
+    assert tokens == apart_tokens and max(abs(a - b) for a, b in zip(lp, apart_lp)) < 1e-5
+    assert calls.count(True) == (GEN - 1) * len(model.layers)  # every decoded token, no prompt pass
+    from localrun.models import gemma4
+
+    monkeypatch.setitem(gemma4.DECODE_KERNELS, "mlp_router_gemm", False)  # scripts/gpu_check.py's switch
+    calls.clear()
+    assert greedy(model, ids, "static", loaded.kv)[0] == apart_tokens and calls and not any(calls)

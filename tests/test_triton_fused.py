@@ -30,7 +30,9 @@ def rel(a, b):
 def test_attention_residual_norms(T, H, dtype):
     x, res = rand(1, T, H, seed=1, dtype=dtype) * 3, rand(1, T, H, seed=2, dtype=dtype)
     ws = [rand(H, seed=s, dtype=dtype) for s in range(3, 7)]
-    ours = triton_fused.attention_residual_norms_triton(x, ws[0], res, ws[1], ws[2], ws[3], H ** -0.5, 1e-6)
+    y, moe, mlp, router = triton_fused.attention_residual_norms_triton(x, ws[0], res, ws[1], ws[2], ws[3], H ** -0.5,
+                                                                      1e-6)  # the op's order
+    ours = (y, mlp, moe, router)
     ref = fused_ops.attention_residual_norms_reference(x, ws[0], res, ws[1], ws[2], ws[3], H ** -0.5, 1e-6)
     tol = 1e-6 if dtype == torch.float32 else 1e-2
     for a, b in zip(ours, ref):
@@ -141,7 +143,7 @@ def test_cpu_kernels_are_the_unfused_ops_bit_for_bit(lib):
     x, res, mlp, moe = (rand(1, 3, H, seed=s) for s in (1, 2, 3, 4))
     w = [rand(H, seed=s) for s in range(5, 11)]
     scalar = torch.tensor([0.5])
-    y, o_mlp, o_moe, o_router = fused_ops.attention_residual_norms(x, w[0], res, w[1], w[2], w[3], H ** -0.5, eps)
+    y, o_mlp, o_moe, o_router, _ = fused_ops.attention_residual_norms(x, w[0], res, w[1], w[2], w[3], H ** -0.5, eps)
     ref_y = rms_norm(x, w[0], eps) + res
     assert torch.equal(y, ref_y)
     assert torch.equal(o_mlp, rms_norm(ref_y, w[1], eps)) and torch.equal(o_moe, rms_norm(ref_y, w[2], eps))
@@ -164,7 +166,7 @@ def test_ops_trace_under_compile():
     ws = [rand(H, seed=s) for s in range(3, 7)]
 
     def glue(x, res):
-        y, a, b, c = fused_ops.attention_residual_norms(x, ws[0], res, ws[1], ws[2], ws[3], 0.125, 1e-6)
+        y, a, b, c, _ = fused_ops.attention_residual_norms(x, ws[0], res, ws[1], ws[2], ws[3], 0.125, 1e-6)
         ids, w = fused_ops.route(c.reshape(-1, H)[:, :16], ws[0][:16].abs(), 4)
         return fused_ops.ffn_residual(a, ws[1], b, ws[2], ws[3], y, torch.ones(1), 1e-6), ids, w
 

@@ -15,6 +15,8 @@ call for it (`kernels.gated`).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -35,11 +37,16 @@ def attention_residual_norms_reference(x, w_post, residual, w_mlp, w_moe, w_rout
 
 @torch.library.custom_op("localrun::attention_residual_norms", mutates_args=())
 def attention_residual_norms_op(x: torch.Tensor, w_post: torch.Tensor, residual: torch.Tensor, w_mlp: torch.Tensor,
-                             w_moe: torch.Tensor, w_router: torch.Tensor, router_scale: float,
-                             eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """y = norm(x) * w_post + residual (the residual stream after attention), then norm(y) * w_mlp,
-    norm(y) * w_moe and norm(y) * w_router * router_scale."""
-    return attention_residual_norms_reference(x, w_post, residual, w_mlp, w_moe, w_router, router_scale, eps)
+                                w_moe: torch.Tensor, w_router: torch.Tensor, router_scale: float,
+                                eps: float) -> torch.Tensor:
+    """y = norm(x) * w_post + residual (the residual stream after attention), then norm(y) * w_moe,
+    norm(y) * w_mlp and norm(y) * w_router * router_scale: the four as one [4, *x.shape] tensor, in
+    that order (the dense MLP's and the router's inputs back to back: a decoded token's two
+    projections of them are one GEMM, models/gemma4.py). An op's outputs may not alias each other,
+    so it returns the one tensor and `attention_residual_norms` hands out its rows."""
+    y, mlp, moe, router = attention_residual_norms_reference(x, w_post, residual, w_mlp, w_moe, w_router,
+                                                             router_scale, eps)
+    return torch.stack((y, moe, mlp, router))
 
 
 @attention_residual_norms_op.register_kernel("cuda")
@@ -51,7 +58,7 @@ def _(x, w_post, residual, w_mlp, w_moe, w_router, router_scale, eps):
 
 @attention_residual_norms_op.register_fake
 def _(x, w_post, residual, w_mlp, w_moe, w_router, router_scale, eps):
-    return tuple(torch.empty(x.shape, dtype=x.dtype, device=x.device) for _ in range(4))
+    return torch.empty((4, *x.shape), dtype=x.dtype, device=x.device)
 
 
 def ffn_residual_reference(mlp, w1, moe, w2, w, residual, scalar, eps: float):
@@ -201,11 +208,24 @@ def _(pos_T, inv_freq, dtype):
 # What the decoder calls: fp32 rows on the CPU go straight to the C kernels (a custom op's dispatch
 # costs more than their work at decode sizes), everything else (CUDA, tracing) through the ops.
 
-def attention_residual_norms(x, w_post, residual, w_mlp, w_moe, w_router, router_scale: float, eps: float):
+class Normed(NamedTuple):
+    """What `attention_residual_norms` returns: the residual after attention, its three norms, and
+    x_mlp and x_router as the rows of one [2, *x.shape] tensor where the op made them so (None: the C
+    call made them apart)."""
+
+    y: torch.Tensor
+    mlp: torch.Tensor
+    moe: torch.Tensor
+    router: torch.Tensor
+    mlp_router: torch.Tensor | None
+
+
+def attention_residual_norms(x, w_post, residual, w_mlp, w_moe, w_router, router_scale: float, eps: float) -> Normed:
     out = cpu.attention_residual_norms(x, w_post, residual, w_mlp, w_moe, w_router, router_scale, eps)
-    if out is None:
-        out = attention_residual_norms_op(x, w_post, residual, w_mlp, w_moe, w_router, router_scale, eps)
-    return out
+    if out is not None:
+        return Normed(*out, None)
+    rows = attention_residual_norms_op(x, w_post, residual, w_mlp, w_moe, w_router, router_scale, eps)
+    return Normed(rows[0], rows[2], rows[1], rows[3], rows[2:])
 
 
 def ffn_residual(mlp, w1, moe, w2, w, residual, scalar, eps: float):

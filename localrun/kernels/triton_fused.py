@@ -146,10 +146,10 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 def attention_residual_norms_triton(x, w_post, residual, w_mlp, w_moe, w_router, router_scale: float, eps: float):
     x2, r2 = _rows(x), _rows(residual)
     H = x2.shape[1]
-    outs = [torch.empty(x.shape, dtype=x.dtype, device=x.device) for _ in range(4)]
-    _attention_residual_norms_kernel[(x2.shape[0],)](x2, w_post, r2, w_mlp, w_moe, w_router, *outs, H, eps,
-                                                     router_scale, BLOCK=triton.next_power_of_2(H))
-    return tuple(outs)
+    out = torch.empty((4, *x.shape), dtype=x.dtype, device=x.device)  # y, x_moe, x_mlp, x_router (the op's order)
+    _attention_residual_norms_kernel[(x2.shape[0],)](x2, w_post, r2, w_mlp, w_moe, w_router, out[0], out[2], out[1],
+                                                     out[3], H, eps, router_scale, BLOCK=triton.next_power_of_2(H))
+    return out
 
 
 def ffn_residual_triton(mlp, w1, moe, w2, w, residual, scalar, eps: float, w_next=None):

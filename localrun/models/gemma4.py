@@ -200,10 +200,11 @@ def apply_rope(x_BTND, cos_T1D, sin_T1D):
 
 
 # localrun's own decode kernels (kernels/attention.py; kernels/fused.py and kernels/qkv_write.py are
-# the fused glue; kernels/gemv.py); switched off, the same step runs the plain torch ops
-# (scripts/gpu_check.py measures both). Those off by default are opt-in until a GPU run shows they
-# pay: dense_gemv (CUDA only) awaits its measurement.
-DECODE_KERNELS = {"decode_attention": True, "fused_glue": True, "decode_layer": True, "dense_gemv": False}
+# the fused glue; kernels/gemv.py) and fusions (mlp_router_gemm: DecoderLayer._mlp_and_router);
+# switched off, the same step runs the plain torch ops (scripts/gpu_check.py measures both). Those off
+# by default are opt-in until a GPU run shows they pay: dense_gemv (CUDA only) awaits its measurement.
+DECODE_KERNELS = {"decode_attention": True, "fused_glue": True, "decode_layer": True, "dense_gemv": False,
+                  "mlp_router_gemm": True}
 CPU_ONLY_KERNELS = {"decode_layer"}  # DecoderLayer.forward_decode: nothing to switch off on CUDA
 
 
@@ -379,10 +380,12 @@ class MLP(nn.Module):
     def fuse(self) -> None:
         self.gate_up = fuse_linears(self.gate_proj, self.up_proj)
 
-    def forward(self, x):
+    def forward(self, x, gate_up: torch.Tensor | None = None):
+        """gate_up: x's fused gate/up projection where the caller computed it (DecoderLayer.front)."""
         if self.gate_up is None:
             return project(self.down_proj, self.act(project(self.gate_proj, x)) * project(self.up_proj, x))
-        gate_up = linear(x, *self.gate_up)
+        if gate_up is None:
+            gate_up = linear(x, *self.gate_up)
         if fused_on_cuda(gate_up):  # one Triton kernel, not the activation's and the product's
             return project(self.down_proj, fused_ops.gated_op(gate_up, self.act_name))
         a = kernels.gated(gate_up, self.act_name) if not torch.is_grad_enabled() else None
@@ -404,11 +407,13 @@ class Router(nn.Module):
         self.per_expert_scale = nn.Parameter(torch.ones(E))
         self.root_size = H**-0.5
 
-    def forward(self, r_TH, normed: bool = False):
+    def forward(self, r_TH, normed: bool = False, logits: torch.Tensor | None = None):
         """normed: r_TH is already rms_norm(r) * scale * root_size (fused_ops.attention_residual_norms),
-        and the rest runs as one op. Either way a forward hook sees (ids, weights) (localrun/profile.py)."""
+        and the rest runs as one op; logits: its projection where the caller computed it (with the dense
+        MLP's, DecoderLayer.front). Either way a forward hook sees (ids, weights) (localrun/profile.py)."""
         if normed:
-            return fused_ops.route(project(self.proj, r_TH), self.per_expert_scale, self.top_k)
+            logits = project(self.proj, r_TH) if logits is None else logits
+            return fused_ops.route(logits, self.per_expert_scale, self.top_k)
         h = rms_norm(r_TH, None, self.eps) * self.scale * self.root_size
         p_TE = torch.softmax(project(self.proj, h), dim=-1, dtype=torch.float32)
         w_TK, ids_TK = torch.topk(p_TE, self.top_k, dim=-1)
@@ -454,15 +459,42 @@ class DecoderLayer(nn.Module):
             self.per_layer_projection = nn.Linear(self.per_layer, H, bias=False)
             self.post_per_layer_input_norm = RMSNorm(H, eps)
 
+    stacked = None  # [2 * I + E, H]: the dense MLP's gate/up and the router's rows, one storage (fuse())
+
+    def fuse(self) -> None:
+        """Inference layout: q/k/v one matrix; the dense MLP's gate/up one matrix, and in an MoE layer
+        the router's rows right after it (the loader places them so: plan.FUSED), so that a decoded
+        token's two projections of the same residual, norm(r) * w_mlp and norm(r) * w_router * c, are
+        one two-row GEMM (`_mlp_and_router`): one launch a layer fewer, the same bytes."""
+        self.self_attn.fuse()
+        if not self.moe:
+            self.mlp.fuse()
+            return
+        mlp = self.mlp
+        self.stacked, _ = fuse_linears(mlp.gate_proj, mlp.up_proj, self.router.proj)
+        mlp.gate_up = (self.stacked[: mlp.gate_proj.out_features + mlp.up_proj.out_features], None)
+
+    def _mlp_and_router(self, mlp_router) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(the dense MLP's gate/up, the router's logits) of one decoded token as one GEMM over its two
+        inputs, the rows of `mlp_router` [2, B, T, H] (as the glue op writes them); (None, None) where
+        they are not one tensor or are many tokens (a prompt's rows would double the GEMM's work:
+        there each projection runs on its own)."""
+        if (self.stacked is None or mlp_router is None or mlp_router[0].numel() != mlp_router.shape[-1]
+                or not DECODE_KERNELS["mlp_router_gemm"]):
+            return None, None
+        y = linear(mlp_router.reshape(2, -1), self.stacked)
+        split = self.mlp.gate_up[0].shape[0]
+        return y[:1, :split].reshape(*mlp_router.shape[1:-1], split), y[1:, split:]
+
     def set_experts(self, backend) -> None:
         """Swap the expert backend (a module or any callable (x_TH, ids_TK, w_TK) -> y_TH)."""
         self._modules.pop("experts", None)
         self.experts = backend
         self.decode_c = None  # forward_decode's C call reads the experts: built again for these
 
-    def route(self, r_TH, normed: bool = False):
+    def route(self, r_TH, normed: bool = False, logits: torch.Tensor | None = None):
         """The router's (ids, weights); offloaded experts start their ids + weights for the host."""
-        ids_TK, w_TK = self.router(r_TH, normed=normed)
+        ids_TK, w_TK = self.router(r_TH, normed=normed, logits=logits)
         prefetch = getattr(self.experts, "prefetch", None)
         if prefetch is not None:
             prefetch(ids_TK, w_TK)
@@ -492,12 +524,13 @@ class DecoderLayer(nn.Module):
         attn = self.self_attn(x_in, cos_TD, sin_TD, pos_T, cache, shared)
         H = x_BTH.shape[-1]
         if fused:  # the same formulas, each in fp32 and rounded once, in three kernels instead of ~20 ops
-            x, x_mlp, x_moe, x_router = fused_ops.attention_residual_norms(
+            x, x_mlp, x_moe, x_router, mlp_router = fused_ops.attention_residual_norms(
                 attn, self.post_attention_layernorm.weight, x_BTH, self.pre_feedforward_layernorm.weight,
                 self.pre_feedforward_layernorm_2.weight, self.router.scale, self.router.root_size,
                 self.input_layernorm.eps)
-            ids_TK, w_TK = route(x_router.reshape(-1, H), normed=True)
-            return Front(x, self.mlp(x_mlp), (x_moe.reshape(-1, H), ids_TK, w_TK), True, shared)
+            gate_up, logits = self._mlp_and_router(mlp_router)
+            ids_TK, w_TK = route(x_router.reshape(-1, H), normed=True, logits=logits)
+            return Front(x, self.mlp(x_mlp, gate_up), (x_moe.reshape(-1, H), ids_TK, w_TK), True, shared)
         x = self.post_attention_layernorm(attn) + x_BTH
         experts_in = None
         if self.moe:
@@ -643,8 +676,7 @@ class Gemma4Model(nn.Module):
         storage); bytes are unchanged. The fused weights are plain attributes, so call this on the
         final device (the loader does, after load_weights)."""
         for layer in self.layers:
-            layer.self_attn.fuse()
-            layer.mlp.fuse()
+            layer.fuse()
 
     def _per_layer_inputs(self, ids_BT, x_BTH):
         """Per-layer embeddings (E2B/E4B): token identity plus a projection of the input embedding."""
