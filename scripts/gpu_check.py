@@ -464,6 +464,12 @@ def big_model_run(dry: bool, dev, load_kwargs: dict, rows: dict) -> dict:
                       rows)
             timed(f"tokens_{mode}_with_v2_moe", lambda mode=mode: divergence_when(
                 lambda: moe_v3_switched(False, loaded.kv), model, short, dev, mode, loaded.kv), rows)
+            with pdl_switched(True, loaded.kv):  # opt-in: each kernel placed while the one before ends
+                timed(f"speed_{mode}_with_pdl", rates, rows)
+                timed(f"per_token_{mode}_with_pdl", lambda: per_token_counts(model, short, dev, mode, loaded.kv),
+                      rows)
+            timed(f"tokens_{mode}_with_pdl", lambda mode=mode: divergence_when(
+                lambda: pdl_switched(True, loaded.kv), model, short, dev, mode, loaded.kv), rows)
     if loaded.store is None:  # prefill through the grouped GEMMs (default) vs each hit expert dequantized once
         from quant import ffn
 
@@ -525,6 +531,13 @@ def moe_v3_switched(on: bool, cache):
     from localrun.kernels import triton_moe
 
     return setting(triton_moe, "USE_V3", on, cache)
+
+
+def pdl_switched(on: bool, cache):
+    """Within: programmatic dependent launch of the decode step's Triton kernels on or off (opt-in)."""
+    from localrun.kernels import triton_pdl
+
+    return setting(triton_pdl, "ENABLED", on, cache)
 
 
 def divergence_when(switch, model, ids: list[int], dev, mode: str, cache, n: int = 16) -> dict:

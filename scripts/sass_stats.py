@@ -160,6 +160,48 @@ def compile_cases():
                             BLOCK_S=max(16, min(64, 16384 // D)), BLOCK_D=D, BLOCK_SPLITS=8), 4 if D <= 256 else 8)
     yield from _grouped_cases(triton_moe)
     yield from _gemv_cases(triton_gemv)
+    yield from _pdl_cases()
+
+
+def _pdl_cases():
+    """Every decode kernel once with programmatic dependent launch (PDL=True: griddepcontrol, sm_90 on),
+    bf16, at one config each."""
+    from localrun.kernels import triton_attention, triton_fused, triton_gemv, triton_moe, triton_norm, triton_qkv_write
+
+    b = "*bf16"
+    ptrs = lambda fn, **types: {n: types.get(n, b) for n in fn.arg_names if n.endswith("_ptr")}  # noqa: E731
+    moe = dict(POINTERS, x_ptr=b, y_ptr=b)
+    v3 = dict(LOG_WPB=3, DOUBLE_QUANT=False)
+    v2 = dict(BLOCKSIZE=64, DOUBLE_QUANT=False, BB=32)
+    kernels = [
+        (triton_moe._gate_up_v3_kernel, moe, dict(v3, ACT=0, SORTED=False, BLOCK_N=4, BLOCK_W=32), 1),
+        (triton_moe._down_v3_kernel, moe, dict(v3, KE=TOP_K, BLOCK_N=8, BLOCK_W=16), 4),
+        (triton_moe._gate_up_v2_kernel, moe, dict(v2, ACT=0, SORTED=False, BLOCK_N=4, BLOCK_K=128), 1),
+        (triton_moe._down_v2_kernel, moe, dict(v2, KE=TOP_K, BLOCK_N=8, BLOCK_K=64), 4),
+        (triton_gemv._gemv_kernel, ptrs(triton_gemv._gemv_kernel), dict(BM=2, HAS_BIAS=False, BLOCK_N=4, BLOCK_K=512), 4),
+        (triton_attention._decode_partial_kernel,
+         ptrs(triton_attention._decode_partial_kernel, vis_ptr="*u8", m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32",
+              count_ptr="*i32"),
+         dict(HAS_MASK=True, PRECISION="tf32", COMBINE=True, BLOCK_G=16, BLOCK_S=64, BLOCK_D=256, BLOCK_SPLITS=8), 4),
+        (triton_attention._decode_combine_kernel,
+         ptrs(triton_attention._decode_combine_kernel, m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32"),
+         dict(BLOCK_SPLITS=64, BLOCK_D=512), 4),
+        (triton_fused._attention_residual_norms_kernel, ptrs(triton_fused._attention_residual_norms_kernel),
+         dict(BLOCK=4096), 4),
+        (triton_fused._ffn_residual_kernel, ptrs(triton_fused._ffn_residual_kernel), dict(NEXT=True, BLOCK=4096), 4),
+        (triton_fused._route_kernel, ptrs(triton_fused._route_kernel, ids_ptr="*i64", w_ptr="*fp32"),
+         dict(BLOCK_E=128, BLOCK_K=8), 1),
+        (triton_fused._gated_kernel, ptrs(triton_fused._gated_kernel), dict(ACT=0, BLOCK=1024), 4),
+        (triton_fused._rope_rows_kernel, ptrs(triton_fused._rope_rows_kernel, pos_ptr="*i64", inv_ptr="*fp32"),
+         dict(BLOCK=128), 4),
+        (triton_norm._rms_norm_kernel, ptrs(triton_norm._rms_norm_kernel), dict(HAS_WEIGHT=True, BLOCK=4096), 4),
+        (triton_norm._rms_norm_rope_kernel, ptrs(triton_norm._rms_norm_rope_kernel), dict(BLOCK=512), 4),
+        (triton_qkv_write._qkv_write_kernel,
+         ptrs(triton_qkv_write._qkv_write_kernel, pos_ptr="*i64", ring_ptr="*i64"),
+         dict(NORM_V=True, HAS_RING=True, BLOCK=256), 4),
+    ]
+    for fn, pointers, consts, warps in kernels:
+        yield f"pdl {fn.__name__}", fn, pointers, dict(consts, PDL=True), warps
 
 
 def _grouped_cases(tm):

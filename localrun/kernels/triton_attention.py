@@ -33,6 +33,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import triton_pdl
+from .triton_pdl import pdl_start
+
 MAX_SPLITS = 64  # programs per (batch, KV head); the combine loop reads this many partial rows at most
 
 
@@ -45,7 +48,8 @@ def _decode_partial_kernel(q_ptr, k_ptr, v_ptr, vis_ptr, m_ptr, l_ptr, acc_ptr, 
                            KV, S, D, G, scale, keys_per_split,
                            HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, COMBINE: tl.constexpr,
                            BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-                           BLOCK_SPLITS: tl.constexpr):
+                           BLOCK_SPLITS: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_start(PDL)
     bkv = tl.program_id(0)
     split = tl.program_id(1)
     splits = tl.num_programs(1)
@@ -120,7 +124,8 @@ def _combine_head(m_ptr, l_ptr, acc_ptr, out_ptr, head, splits, D, CACHE: tl.con
 
 @triton.jit
 def _decode_combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, splits, D,
-                           BLOCK_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr):
+                           BLOCK_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_start(PDL)
     _combine_head(m_ptr, l_ptr, acc_ptr, out_ptr, tl.program_id(0), splits, D, "", BLOCK_SPLITS, BLOCK_D)
 
 
@@ -198,8 +203,9 @@ def decode_attention_triton(q_BN1D: torch.Tensor, k_BKSD: torch.Tensor, v_BKSD: 
         v.stride(0), v.stride(1), v.stride(2), KV, S, D, G, scale, per,
         HAS_MASK=visible_1S is not None, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", COMBINE=in_place,
         BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_S=BLOCK_S, BLOCK_D=BLOCK_D,
-        BLOCK_SPLITS=triton.next_power_of_2(splits), num_warps=4 if BLOCK_D <= 256 else 8)
+        BLOCK_SPLITS=triton.next_power_of_2(splits), num_warps=4 if BLOCK_D <= 256 else 8,
+        **triton_pdl.launch(q.device))
     if not in_place:
         _decode_combine_kernel[(B * N,)](m, l, acc, out, splits, D, BLOCK_SPLITS=triton.next_power_of_2(splits),
-                                         BLOCK_D=BLOCK_D)
+                                         BLOCK_D=BLOCK_D, **triton_pdl.launch(q.device))
     return out

@@ -23,6 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import triton_pdl
+from .triton_pdl import pdl_start
+
 from .triton_moe import ACT_CODES, _act
 
 
@@ -40,7 +43,8 @@ def _f32(ptr, offsets, ok):
 @triton.jit
 def _attention_residual_norms_kernel(x_ptr, w_post_ptr, res_ptr, w_mlp_ptr, w_moe_ptr, w_router_ptr,
                                      y_ptr, mlp_ptr, moe_ptr, router_ptr, H, eps, router_scale,
-                                     BLOCK: tl.constexpr):
+                                     BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_start(PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     ok = cols < H
@@ -62,8 +66,9 @@ def _attention_residual_norms_kernel(x_ptr, w_post_ptr, res_ptr, w_mlp_ptr, w_mo
 
 @triton.jit
 def _ffn_residual_kernel(mlp_ptr, w1_ptr, moe_ptr, w2_ptr, w_ptr, res_ptr, scalar_ptr, out_ptr, w_next_ptr,
-                         next_ptr, H, eps, NEXT: tl.constexpr, BLOCK: tl.constexpr):
+                         next_ptr, H, eps, NEXT: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
     """NEXT: also the next layer's input norm of the (rounded) output, as _rms_norm_kernel computes it."""
+    pdl_start(PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     ok = cols < H
@@ -85,7 +90,9 @@ def _ffn_residual_kernel(mlp_ptr, w1_ptr, moe_ptr, w2_ptr, w_ptr, res_ptr, scala
 
 
 @triton.jit
-def _route_kernel(logits_ptr, scale_ptr, ids_ptr, w_ptr, E, K, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+def _route_kernel(logits_ptr, scale_ptr, ids_ptr, w_ptr, E, K, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+                  PDL: tl.constexpr = False):
+    pdl_start(PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK_E)
     ok = cols < E
@@ -110,8 +117,9 @@ def _route_kernel(logits_ptr, scale_ptr, ids_ptr, w_ptr, E, K, BLOCK_E: tl.const
 
 
 @triton.jit
-def _gated_kernel(gu_ptr, out_ptr, I, ACT: tl.constexpr, BLOCK: tl.constexpr):
+def _gated_kernel(gu_ptr, out_ptr, I, ACT: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
     """Columns [BLOCK * j, BLOCK * (j + 1)) of one row: gate at gu[row, :I], up at gu[row, I:]."""
+    pdl_start(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < I
@@ -121,8 +129,9 @@ def _gated_kernel(gu_ptr, out_ptr, I, ACT: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _rope_rows_kernel(pos_ptr, inv_ptr, cos_ptr, sin_ptr, HALF, BLOCK: tl.constexpr):
+def _rope_rows_kernel(pos_ptr, inv_ptr, cos_ptr, sin_ptr, HALF, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
     """Row t: angles pos[t] * inv_freq (fp32), cos of them twice, sin of them negated then as they are."""
+    pdl_start(PDL)
     t = tl.program_id(0).to(tl.int64)
     i = tl.arange(0, BLOCK)
     ok = i < HALF
@@ -148,7 +157,8 @@ def attention_residual_norms_triton(x, w_post, residual, w_mlp, w_moe, w_router,
     H = x2.shape[1]
     out = torch.empty((4, *x.shape), dtype=x.dtype, device=x.device)  # y, x_moe, x_mlp, x_router (the op's order)
     _attention_residual_norms_kernel[(x2.shape[0],)](x2, w_post, r2, w_mlp, w_moe, w_router, out[0], out[2], out[1],
-                                                     out[3], H, eps, router_scale, BLOCK=triton.next_power_of_2(H))
+                                                     out[3], H, eps, router_scale, BLOCK=triton.next_power_of_2(H),
+                                                     **triton_pdl.launch(x.device))
     return out
 
 
@@ -159,7 +169,7 @@ def ffn_residual_triton(mlp, w1, moe, w2, w, residual, scalar, eps: float, w_nex
     nxt = out if w_next is None else torch.empty_like(out)
     _ffn_residual_kernel[(a.shape[0],)](a, w1, b, w2, w, r, scalar, out, w if w_next is None else w_next, nxt,
                                         a.shape[1], eps, NEXT=w_next is not None,
-                                        BLOCK=triton.next_power_of_2(a.shape[1]))
+                                        BLOCK=triton.next_power_of_2(a.shape[1]), **triton_pdl.launch(residual.device))
     return out if w_next is None else (out, nxt)
 
 
@@ -172,7 +182,8 @@ def route_triton(logits_TE: torch.Tensor, per_expert_scale: torch.Tensor, top_k:
     # top-k is k rounds of two reductions over E: within one warp they are shuffles, across warps each
     # goes through shared memory and a barrier (3.6 us a layer on the H200 with 4 warps at E = 128)
     _route_kernel[(T,)](logits, per_expert_scale, ids, w, E, top_k, BLOCK_E=block_e,
-                        BLOCK_K=triton.next_power_of_2(top_k), num_warps=1 if block_e <= 256 else 4)
+                        BLOCK_K=triton.next_power_of_2(top_k), num_warps=1 if block_e <= 256 else 4,
+                        **triton_pdl.launch(logits.device))
     return ids, w
 
 
@@ -181,7 +192,8 @@ def gated_triton(gate_up: torch.Tensor, act: str) -> torch.Tensor:
     I = rows.shape[1] // 2
     out = torch.empty(*gate_up.shape[:-1], I, dtype=gate_up.dtype, device=gate_up.device)
     block = min(GATED_BLOCK, triton.next_power_of_2(I))
-    _gated_kernel[(rows.shape[0], triton.cdiv(I, block))](rows, out, I, ACT=ACT_CODES[act], BLOCK=block)
+    _gated_kernel[(rows.shape[0], triton.cdiv(I, block))](rows, out, I, ACT=ACT_CODES[act], BLOCK=block,
+                                                          **triton_pdl.launch(gate_up.device))
     return out
 
 
@@ -191,5 +203,5 @@ def rope_rows_triton(pos_T: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.d
     cos = torch.empty(T, 1, 2 * half, dtype=dtype, device=pos_T.device)
     sin = torch.empty_like(cos)
     _rope_rows_kernel[(T,)](pos_T, inv_freq.float().contiguous(), cos, sin, half,
-                            BLOCK=triton.next_power_of_2(max(half, 1)))
+                            BLOCK=triton.next_power_of_2(max(half, 1)), **triton_pdl.launch(pos_T.device))
     return cos, sin

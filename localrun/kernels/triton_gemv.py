@@ -35,6 +35,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from . import triton_pdl
+from .triton_pdl import pdl_start
+
 MAX_ROWS = 4  # x rows per call: one fp32 accumulator tile each
 
 
@@ -81,8 +84,10 @@ def _products(w, x_ptr, M, stride_xm, cols, k, mask, acc0, acc1, acc2, acc3,
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
-                 BM: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 BM: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 PDL: tl.constexpr = False):
     """Grid (cdiv(N, BLOCK_N),). BM: M rounded up to 1, 2 or 4 (rows >= M compute but never store)."""
+    pdl_start(PDL)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_K)[None, :] + 0 * rows[:, None]  # [BLOCK_N, BLOCK_K]: each row's columns
     # rows past N (the last program's) read row N - 1 again, so no load needs a row mask
@@ -172,7 +177,7 @@ def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     w = weight if weight.is_contiguous() else weight.contiguous()
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     args = (x2, w, w if bias is None else bias, y, M, N, K, x2.stride(0), y.stride(0))
-    meta = dict(BM=triton.next_power_of_2(M), HAS_BIAS=bias is not None)
+    meta = dict(BM=triton.next_power_of_2(M), HAS_BIAS=bias is not None, **triton_pdl.launch(x.device))
     if tiles is None and interpreted():
         tiles = INTERPRETER_TILES
     if tiles is None:

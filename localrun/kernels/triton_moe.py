@@ -33,6 +33,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import triton_pdl
+from .triton_pdl import pdl_start
+
 NESTED_BLOCKSIZE = 256  # quant.spec.NESTED_BLOCKSIZE, a constant of the kernel
 ACT_CODES = {"gelu_pytorch_tanh": 0, "gelu": 1, "silu": 2}
 
@@ -276,8 +279,10 @@ def _gate_up_v2_kernel(x_ptr, ids_ptr, order_ptr, h_ptr, buf_i32, buf_u8, buf_f3
                        expert_bytes, codes_off, absmax_off, nested_off32, offset_off32,
                        K, H_Q, I, stride_xt, T_BUCKET,
                        ACT: tl.constexpr, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-                       SORTED: tl.constexpr, BB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                       SORTED: tl.constexpr, BB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       PDL: tl.constexpr = False):
     """H_Q: 32-bit words of codes per row (H / 8). Tile [2 (gate, up), BLOCK_N rows, NG groups, GW words]."""
+    pdl_start(PDL)
     if SORTED:
         p = tl.load(order_ptr + tl.program_id(0)).to(tl.int64)
     else:
@@ -330,8 +335,9 @@ def _down_v2_kernel(h_ptr, ids_ptr, w_ptr, y_ptr, buf_i32, buf_u8, buf_f32, code
                     expert_bytes, codes_off, absmax_off, nested_off32, offset_off32,
                     K, H, I, I_Q, stride_yt, T_BUCKET,
                     BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, BB: tl.constexpr, KE: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
     """I_Q: words of codes per row (I / 8). Tile [KE experts, BLOCK_N rows, NG groups, GW words]."""
+    pdl_start(PDL)
     t = tl.program_id(1).to(tl.int64)
     GW: tl.constexpr = BB // 4
     NG: tl.constexpr = BLOCK_K // BB
@@ -480,9 +486,10 @@ def _gate_up_v3_kernel(x_ptr, ids_ptr, order_ptr, h_ptr, buf_i32, buf_u8, buf_f3
                        expert_bytes, codes_off, absmax_off, nested_off32, offset_off32,
                        K, H_Q, I, stride_xt, T_BUCKET,
                        ACT: tl.constexpr, LOG_WPB: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-                       SORTED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+                       SORTED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, PDL: tl.constexpr = False):
     """H_Q: code words per row (H / 8); LOG_WPB: log2 of the words per quantization block.
     Tile [2 * BLOCK_N rows, BLOCK_W / 4 chunks, 4 words]."""
+    pdl_start(PDL)
     if SORTED:
         p = tl.load(order_ptr + tl.program_id(0)).to(tl.int64)
     else:
@@ -528,8 +535,9 @@ def _down_v3_kernel(h_ptr, ids_ptr, w_ptr, y_ptr, buf_i32, buf_u8, buf_f32, code
                     expert_bytes, codes_off, absmax_off, nested_off32, offset_off32,
                     K, H, I, I_Q, stride_yt, T_BUCKET,
                     LOG_WPB: tl.constexpr, DOUBLE_QUANT: tl.constexpr, KE: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+                    BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, PDL: tl.constexpr = False):
     """I_Q: code words per row (I / 8). Tile [KE experts, BLOCK_N rows, BLOCK_W / 4 chunks, 4 words]."""
+    pdl_start(PDL)
     t = tl.program_id(1).to(tl.int64)
     NC: tl.constexpr = BLOCK_W // 4
     kk = tl.arange(0, KE)
@@ -635,7 +643,7 @@ def _prepare(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden, in
 
 def _gate_up_v3(c: _Call, tiles: V3Tiles | None) -> None:
     meta = dict(ACT=ACT_CODES[c.act], LOG_WPB=(c.blocksize // 8).bit_length() - 1, DOUBLE_QUANT=c.double_quant,
-                SORTED=c.T > 1)
+                SORTED=c.T > 1, **triton_pdl.launch(c.x.device))
     args = c.common("gate_up")
     if tiles is None:
         _gate_up_v3_tuned[lambda m: (c.T * c.K, triton.cdiv(c.I, m["BLOCK_N"]))](*args, **meta)
@@ -647,7 +655,7 @@ def _gate_up_v3(c: _Call, tiles: V3Tiles | None) -> None:
 
 def _down_v3(c: _Call, tiles: V3Tiles | None) -> None:
     meta = dict(LOG_WPB=(c.blocksize // 8).bit_length() - 1, DOUBLE_QUANT=c.double_quant,
-                KE=triton.next_power_of_2(c.K))
+                KE=triton.next_power_of_2(c.K), **triton_pdl.launch(c.x.device))
     args = c.common("down")
     if tiles is None:
         _down_v3_tuned[lambda m: (triton.cdiv(c.H, m["BLOCK_N"]), c.T)](*args, **meta)
@@ -658,7 +666,7 @@ def _down_v3(c: _Call, tiles: V3Tiles | None) -> None:
 
 def _gate_up_v2(c: _Call, tiles: Tiles | None) -> None:
     meta = dict(ACT=ACT_CODES[c.act], BLOCKSIZE=c.blocksize, DOUBLE_QUANT=c.double_quant, SORTED=c.T > 1,
-                BB=_gcd_pow2(c.H // 2, c.blocksize))
+                BB=_gcd_pow2(c.H // 2, c.blocksize), **triton_pdl.launch(c.x.device))
     args = c.common("gate_up")
     if tiles is None:
         _gate_up_v2_tuned[lambda m: (c.T * c.K, triton.cdiv(c.I, m["BLOCK_N"]))](*args, **meta)
@@ -670,7 +678,7 @@ def _gate_up_v2(c: _Call, tiles: Tiles | None) -> None:
 
 def _down_v2(c: _Call, tiles: Tiles | None) -> None:
     meta = dict(BLOCKSIZE=c.blocksize, DOUBLE_QUANT=c.double_quant, BB=_gcd_pow2(c.I // 2, c.blocksize),
-                KE=triton.next_power_of_2(c.K))
+                KE=triton.next_power_of_2(c.K), **triton_pdl.launch(c.x.device))
     args = c.common("down")
     if tiles is None:
         _down_v2_tuned[lambda m: (triton.cdiv(c.H, m["BLOCK_N"]), c.T)](*args, **meta)

@@ -14,9 +14,14 @@ import torch
 import triton
 import triton.language as tl
 
+from . import triton_pdl
+from .triton_pdl import pdl_start
+
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, stride_x, D, eps, HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr):
+def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, stride_x, D, eps, HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr,
+                     PDL: tl.constexpr = False):
+    pdl_start(PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < D
@@ -30,9 +35,10 @@ def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, stride_x, D, eps, HAS_WEIGHT: tl.con
 
 @triton.jit
 def _rms_norm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, heads, stride_t, stride_h, D, eps,
-                          BLOCK: tl.constexpr):
+                          BLOCK: tl.constexpr, PDL: tl.constexpr = False):
     """One head of one token: y = n * cos + roll(n, D/2) * sin with n = rms_norm(x) * w (sin's first
     half carries rotate_half's sign, as Gemma4Model.rope builds it)."""
+    pdl_start(PDL)
     row = tl.program_id(0)
     t = row // heads
     h = row % heads
@@ -67,7 +73,7 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor | None, eps: float) ->
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     w = weight if weight is not None else rows  # any pointer; unused without a weight
     _rms_norm_kernel[(rows.shape[0],)](rows, w, out, rows.stride(0), D, eps, HAS_WEIGHT=weight is not None,
-                                       BLOCK=triton.next_power_of_2(D))
+                                       BLOCK=triton.next_power_of_2(D), **triton_pdl.launch(x.device))
     return out
 
 
@@ -84,5 +90,5 @@ def rms_norm_rope_triton(x_BTND: torch.Tensor, weight: torch.Tensor, cos_T1D: to
     if B != 1:  # tokens of every batch row: the kernel indexes cos/sin by token, so repeat them
         cos, sin = cos.repeat(B, 1), sin.repeat(B, 1)
     _rms_norm_rope_kernel[(B * T * N,)](x_BTND, weight, cos, sin, out, N, x_BTND.stride(1), x_BTND.stride(2), D, eps,
-                                        BLOCK=triton.next_power_of_2(D))
+                                        BLOCK=triton.next_power_of_2(D), **triton_pdl.launch(x_BTND.device))
     return out

@@ -16,13 +16,18 @@ import torch
 import triton
 import triton.language as tl
 
+from . import triton_pdl
+from .triton_pdl import pdl_start
+
 from .triton_norm import norm_rope_head
 
 
 @triton.jit
 def _qkv_write_kernel(q_ptr, qw_ptr, q_out_ptr, k_ptr, v_ptr, w_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, ring_ptr,
                       pos_ptr, KV, stride_qh, stride_kh, stride_vh, stride_kch, stride_kcs, stride_vch, stride_vcs,
-                      size, D, eps, NORM_V: tl.constexpr, HAS_RING: tl.constexpr, BLOCK: tl.constexpr):
+                      size, D, eps, NORM_V: tl.constexpr, HAS_RING: tl.constexpr, BLOCK: tl.constexpr,
+                      PDL: tl.constexpr = False):
+    pdl_start(PDL)
     h = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < D
@@ -68,5 +73,6 @@ def qkv_write_triton(raw_q, q_weight, raw_k, raw_v, k_weight, cos, sin, eps: flo
     _qkv_write_kernel[(KV + N,)](raw_q, q_weight, q, raw_k, raw_v, k_weight, cos, sin, k_cache, v_cache, ring, pos_1,
                                  KV, raw_q.stride(2), raw_k.stride(2), raw_v.stride(2), k_cache.stride(1),
                                  k_cache.stride(2), v_cache.stride(1), v_cache.stride(2), size, D, eps,
-                                 NORM_V=norm_v, HAS_RING=ring_pos is not None, BLOCK=triton.next_power_of_2(D))
+                                 NORM_V=norm_v, HAS_RING=ring_pos is not None, BLOCK=triton.next_power_of_2(D),
+                                 **triton_pdl.launch(raw_q.device))
     return q

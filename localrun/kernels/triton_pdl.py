@@ -1,0 +1,49 @@
+"""Programmatic dependent launch (PDL, Hopper and later) for the CUDA decode step's Triton kernels.
+
+In a CUDA graph each of a decoded token's ~400 launches still waits for the one before it to end
+before its programs are placed on the SMs: a microsecond or two a launch, for kernels that mostly
+run a few microseconds. A kernel launched with PDL may be placed while the one before it finishes;
+its programs then wait (`griddepcontrol.wait`) until that kernel has ended and its writes are
+visible, before they touch memory. Every kernel here starts with `pdl_start(PDL)`: the wait, then
+the signal that lets the next one be placed (given once all of this kernel's programs have started,
+so the next kernel never takes an SM a program of this one still needs). With every access after
+the wait, the chain is as ordered as without PDL, whatever kernel (cuBLAS, torch) comes between: a
+kernel launched without PDL is placed after the one before it ends, as always.
+
+Opt-in (`ENABLED`) until scripts/gpu_check.py shows it pays (`speed_graphs_with_pdl`); only on
+compute capability 9.0 and later (sm_90: H100, H200; sm_100, sm_120), never under the interpreter.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+ENABLED = False
+
+
+@triton.jit
+def pdl_start(PDL: tl.constexpr):
+    """A kernel's first statement: with PDL, wait for the kernel before (its writes visible), then let
+    the next one be placed."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+
+
+@functools.lru_cache(maxsize=None)
+def _supported(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def launch(device: torch.device) -> dict:
+    """Launch keywords for a kernel with a `PDL` constexpr: PDL on where ENABLED and the device has it."""
+    if not ENABLED or device.type != "cuda" or pdl_start.__class__.__name__ == "InterpretedFunction":
+        return {}
+    if not _supported(device.index if device.index is not None else torch.cuda.current_device()):
+        return {}
+    return {"PDL": True, "launch_pdl": True}
