@@ -493,3 +493,29 @@ def test_reply_interrupted_before_its_first_token_leaves_no_empty_turn(tmp_path)
 def test_stats_shows_threads():
     session = ChatSession(FakeEngine(), Settings(), context=200, threads=3)
     assert "threads   3" in session.command("stats", "").text
+
+
+def test_chat_plans_its_kv_cache_for_the_context_it_uses(monkeypatch, tmp_path, capsys):
+    """chat keeps 4096 tokens (or --context, or the model's positions if fewer): the loader plans the KV
+    cache for exactly that, not for the loader's own 8192 default."""
+    from localrun import cli
+    from localrun.engine import Engine
+    from localrun.errors import LocalrunError
+    from localrun.tiny import tiny_config, write_checkpoint
+
+    model_dir = write_checkpoint(tmp_path / "m", tiny_config("moe", max_position_embeddings=32768))
+    asked = []
+
+    def load(cls, model_dir, **kwargs):
+        asked.append(kwargs["context"])
+        raise LocalrunError("stop here")
+
+    monkeypatch.setattr(Engine, "load", classmethod(load))
+    for argv, context in (([], 4096), (["--context", "100"], 100)):
+        with pytest.raises(SystemExit):
+            cli.main(["chat", str(model_dir), "-q", *argv])
+        assert asked[-1] == context
+    with pytest.raises(SystemExit) as exit_:  # past the model's positions: refused before loading
+        cli.main(["chat", str(model_dir), "-q", "--context", "40000"])
+    assert exit_.value.code == 2 and len(asked) == 2
+    capsys.readouterr()

@@ -256,3 +256,18 @@ def test_a_missing_untied_lm_head_is_named_as_stored(cli, tmp_path):
     (model_dir / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
     line = one_line_error(cli, "run", model_dir, "hi", "--device", "cpu")
     assert line == "error: checkpoint is missing 1 tensor(s), e.g. lm_head.weight", line
+
+
+def test_the_default_context_is_the_kv_cache_the_loader_planned(cli, tmp_path):
+    """A model with more positions than the default context (8192): the limit is what the KV cache
+    holds, so --truncate left fits the prompt into it and --json reports it."""
+    from localrun.tiny import tiny_config, write_checkpoint
+
+    model_dir = write_checkpoint(tmp_path / "long", tiny_config("moe", max_position_embeddings=32768))
+    prompt = "hello world " * 2000  # ~12K tokens: past 8192, inside 32768
+    code, out, err = cli("run", model_dir, "-", "--truncate", "left", "-n", "2", "--ignore-eos", "--json",
+                         "--device", "cpu", stdin=prompt)
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["context"] == 8192 and res["truncated_tokens"] > 0
+    assert res["prompt_tokens"] + 2 <= 8192 and len(res["tokens"]) == 2

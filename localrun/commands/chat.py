@@ -177,19 +177,21 @@ def chat(
     rest = {"max_tokens": max_tokens, "seed": seed, "think": think, "ignore_eos": ignore_eos}
     initial_settings({}, flags, **rest)  # a bad flag is a usage error before anything is read
 
+    from ..config import load_config
     from ..engine import Engine, generation_defaults
     from ..resolve import resolve_model
     from ._progress import progress_bar
 
     model_dir = resolve_model(model)
     settings = initial_settings(generation_defaults(model_dir), flags, **rest)
+    limit = default_context(load_config(model_dir).max_position_embeddings, context)
+    load["context"] = limit  # the KV cache is planned for what the chat uses, no more
     opt.use_threads(threads)
     term = Terminal()
     if not quiet:
         term.info(f"loading {model_dir} ...")
     with progress_bar("loading", enabled=not quiet) as update:
         engine = Engine.load(model_dir, progress=update, **load)
-    limit = default_context(engine.loaded.args.max_position_embeddings, context)
     repl(ChatSession(engine, settings, system=system, context=limit, threads=threads), term)
 
 

@@ -33,11 +33,13 @@ def read_prompt(prompt: Optional[str]) -> str:
     return text
 
 
-def context_limit(positions: int, context: Optional[int]) -> int:
-    """Tokens the prompt and reply may fill together: the model's positions, or --context when smaller."""
+def context_limit(positions: int, context: Optional[int], capacity: int) -> int:
+    """Tokens the prompt and reply may fill together: what the loaded KV cache holds (--context, else
+    the loader's default: 8192 or the model's positions if fewer); --context past the model's
+    positions is a usage error."""
     if context is not None and context > positions:
         raise UsageError(f"--context {context} is more than the model's {positions} positions")
-    return context or positions
+    return min(context or capacity, capacity)
 
 
 def fit_prompt(engine, text: str, limit: int, max_tokens: int, truncate: Optional[str], *, system: Optional[str],
@@ -79,7 +81,7 @@ def run(
     vram: Optional[str] = opt.VRAM,
     resident_experts: Optional[float] = opt.RESIDENT_EXPERTS,
     context: Optional[int] = typer.Option(None, "--context", min=1, help="Context length in tokens, prompt and "
-                                          "reply together (default: the model's positions)."),
+                                          "reply together (default: 8192, or the model's positions if fewer)."),
     truncate: Optional[str] = typer.Option(None, "--truncate", help="'left': drop the oldest prompt tokens when "
                                            "the prompt does not fit the context (default: an error)."),
     threads: Optional[int] = opt.THREADS,
@@ -107,7 +109,7 @@ def run(
     opt.use_threads(threads)
     with progress_bar("loading", enabled=not quiet) as update:
         engine = Engine.load(resolve_model(model), progress=update, **load)
-    limit = context_limit(engine.loaded.args.max_position_embeddings, context)
+    limit = context_limit(engine.loaded.args.max_position_embeddings, context, engine.loaded.kv.capacity)
     ids, dropped = fit_prompt(engine, text_in, limit, max_tokens, truncate, system=system, raw=raw, think=think)
     if dropped and not quiet:
         print(f"note: the prompt is {len(ids) + dropped} tokens, the context {limit}: dropped its oldest "
