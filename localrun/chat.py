@@ -20,6 +20,7 @@ from typing import Callable, Iterator
 
 from .atomic import write_text_atomic
 from .errors import LocalrunError, UsageError
+from .text import valid_text
 from .thoughts import ANSWER, THOUGHT, Piece, ThoughtSplitter
 
 BLOCK = '"""'
@@ -101,7 +102,7 @@ class Conversation:
         return head + [dict(m) for m in self.turns]
 
     def add(self, role: str, content: str) -> None:
-        self.turns.append({"role": role, "content": content})
+        self.turns.append({"role": role, "content": valid_text(content)})  # /save writes UTF-8
 
     @property
     def awaiting_reply(self) -> bool:
@@ -155,8 +156,8 @@ def load_conversation(path: str | Path) -> Conversation:
                                 f"with role in {'/'.join(ROLES)}")
         if m["role"] == "system" and i > 0:
             raise LocalrunError(f"cannot load {path}: only the first message may be a system message")
-    system = data[0]["content"] if data and data[0]["role"] == "system" else None
-    turns = [{"role": m["role"], "content": m["content"]} for m in data if m["role"] != "system"]
+    system = valid_text(data[0]["content"]) if data and data[0]["role"] == "system" else None
+    turns = [{"role": m["role"], "content": valid_text(m["content"])} for m in data if m["role"] != "system"]
     return Conversation(system, turns)
 
 
@@ -355,7 +356,7 @@ class ChatSession:
         self.settings = settings
         self.context = context
         self.threads = threads  # CPU compute threads, shown by /stats
-        self.conversation = Conversation(system or None)
+        self.conversation = Conversation(valid_text(system) if system else None)
         self.last: Reply | None = None
 
     # Commands
@@ -379,7 +380,7 @@ class ChatSession:
     _cmd_quit = _cmd_bye = _cmd_exit
 
     def _cmd_system(self, arg: str) -> Outcome:
-        self.conversation.system = arg or None
+        self.conversation.system = valid_text(arg) if arg else None
         return Outcome("system prompt set" if arg else "system prompt cleared")
 
     def _cmd_clear(self, arg: str) -> Outcome:

@@ -8,6 +8,7 @@ writes `<bos>` itself) and encodes with no special tokens added, as `apply_chat_
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from importlib import resources
 from pathlib import Path
@@ -49,8 +50,10 @@ class Tokenizer:
         return cls(backend, bos)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of `text`; with add_special_tokens, BOS first (like transformers' `tokenizer(text)`)."""
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        """Token ids of `text`; with add_special_tokens, BOS first (like transformers' `tokenizer(text)`).
+        Characters that are no text (lone surrogates: JSON's "\\ud800", or the bytes of non-UTF-8
+        input, which Python hands on as surrogates) read as U+FFFD, as a UTF-8 decoder shows them."""
+        return self.backend.encode(valid_text(text), add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -66,6 +69,14 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def valid_text(text: str) -> str:
+    """`text` with each surrogate code point replaced by one U+FFFD (the tokenizers take none)."""
+    return _SURROGATE.sub("\ufffd", text)
 
 
 def _read_tokenizer_config(model_dir: Path) -> dict:

@@ -519,3 +519,19 @@ def test_chat_plans_its_kv_cache_for_the_context_it_uses(monkeypatch, tmp_path, 
         cli.main(["chat", str(model_dir), "-q", "--context", "40000"])
     assert exit_.value.code == 2 and len(asked) == 2
     capsys.readouterr()
+
+
+def test_text_that_is_no_text_is_saved_and_answered(tmp_path):
+    """A message (or /load, /system) holding lone surrogates (non-UTF-8 bytes from the terminal, JSON's
+    "\\ud800") is kept with U+FFFD in their place: it is answered and /save writes it."""
+    session = ChatSession(FakeEngine("ok"), Settings(max_tokens=8), system="be \udcff brief", context=200)
+    session.ask("hi \ud800")
+    reply = session.respond()
+    list(reply)
+    session.commit(reply)
+    (tmp_path / "in.json").write_text('[{"role": "user", "content": "a \\ud800"}]')
+    assert not session.command("save", str(tmp_path / "c.json")).error
+    saved = json.loads((tmp_path / "c.json").read_text(encoding="utf-8"))
+    assert saved[0]["content"] == "be \ufffd brief" and saved[1]["content"] == "hi \ufffd"
+    assert not session.command("load", str(tmp_path / "in.json")).error
+    assert session.conversation.turns == [{"role": "user", "content": "a \ufffd"}]

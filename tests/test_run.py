@@ -271,3 +271,10 @@ def test_the_default_context_is_the_kv_cache_the_loader_planned(cli, tmp_path):
     res = json.loads(out)
     assert res["context"] == 8192 and res["truncated_tokens"] > 0
     assert res["prompt_tokens"] + 2 <= 8192 and len(res["tokens"]) == 2
+
+
+def test_a_prompt_of_bytes_that_are_no_utf8_still_runs(cli, tiny_moe):
+    """Non-UTF-8 bytes in argv or stdin reach Python as surrogates: they read as U+FFFD, no crash."""
+    res = run_json(cli, tiny_moe, "What \udcff is 1 + 2?", "-n", "2", "--ignore-eos")
+    assert len(res["tokens"]) == 2
+    assert len(run_json(cli, tiny_moe, "-", "-n", "2", "--ignore-eos", stdin="hi \ud800 there")["tokens"]) == 2

@@ -51,6 +51,15 @@ def test_encode_decode_match_transformers(tokenizers, text):
     assert ours.decode(ours.encode(text, add_special_tokens=False)) == text
 
 
+@pytest.mark.parametrize("text, clean", [("hi \ud800 there", "hi \ufffd there"), ("What \udcff is", "What \ufffd is"),
+                                         ("\udcc3\udca9 ok", "\ufffd\ufffd ok"), ("fine é 😀", "fine é 😀")])
+def test_text_that_is_no_text_encodes_as_replacement_characters(tokenizers, text, clean):
+    """A lone surrogate (JSON's "\\ud800"; the bytes of non-UTF-8 input or argv, which Python hands on
+    as surrogates) reads as U+FFFD, one each, as a UTF-8 decoder shows such bytes: never an error."""
+    ours, _ = tokenizers
+    assert ours.encode(text) == ours.encode(clean)
+
+
 def test_tokenizer_basics(tokenizers):
     ours, _ = tokenizers
     assert (ours.bos_token, ours.bos_id, ours.vocab_size) == ("<bos>", 2, 512)
