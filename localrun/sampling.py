@@ -6,7 +6,9 @@ tokens set to -inf. Temperature 0 means argmax (greedy); no randomness is drawn 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
 import torch
 
 from .errors import UsageError
@@ -28,17 +30,22 @@ class SamplingParams:
 
     def __post_init__(self):
         checks = [
-            (self.temperature >= 0, "temperature must be >= 0"),
+            (0 <= self.temperature < math.inf, "temperature must be >= 0 and finite"),
             (self.top_k >= 0, "top_k must be >= 0"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
-            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (0 < self.repetition_penalty < math.inf, "repetition_penalty must be > 0 and finite"),
             (self.seed is None or SEED_MIN <= self.seed <= SEED_MAX,
              f"seed must be an integer from {SEED_MIN} to {SEED_MAX}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise UsageError(message)
+
+    @property
+    def greedy(self) -> bool:
+        """Temperature 0, or one so small it is 0 in the fp32 the logits are divided in."""
+        return torch.tensor(self.temperature, dtype=torch.float32).item() == 0.0
 
 
 def apply_repetition_penalty(logits_V: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -88,16 +95,18 @@ class Sampler:
     def __init__(self, params: SamplingParams, device="cpu"):
         self.params = params
         self.generator = None
-        if params.temperature > 0:
+        if not params.greedy:
             self.generator = torch.Generator(device=device)
             self.generator.manual_seed(params.seed if params.seed is not None else torch.seed())
 
     def token(self, logits_V: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
         params = self.params
         logits = apply_repetition_penalty(logits_V.float(), seen, params.repetition_penalty)
-        if params.temperature == 0:
+        if params.greedy:
             return torch.argmax(logits).view(1)
-        logits = logits / params.temperature
+        # the top logit to 0 first: divided by a tiny temperature the rest go to -inf, never the top to
+        # inf (inf - inf is NaN); softmax, top-k, top-p and min-p are all blind to the shift
+        logits = (logits - logits.max()) / params.temperature
         logits = apply_min_p(apply_top_p(apply_top_k(logits, params.top_k), params.top_p), params.min_p)
         probs = torch.softmax(logits, dim=-1)
         return torch.multinomial(probs, 1, generator=self.generator)

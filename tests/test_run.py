@@ -130,6 +130,7 @@ def test_cuda_asked_for_but_absent(cli, tiny_moe):
     (["--dtype", "int8"], "dtype"), (["--bogus"], "bogus"), (["--top-k", "x"], "top-k"),
     (["--temperature", "1", "--seed", str(1 << 64)], "seed"), (["--device", "tpu"], "device"),
     (["--top-p", "1.5"], "top-p"), (["--repeat-penalty", "-1"], "repeat-penalty"), (["--logprobs"], "--json"),
+    (["--temperature", "inf"], "temperature"), (["--repeat-penalty", "inf"], "penalty"),
 ])
 def test_invalid_options_are_usage_errors(cli, tiny_moe, flags, word):
     assert word in one_line_error(cli, "run", str(tiny_moe), "hi", *flags, expect_code=2)
@@ -278,3 +279,8 @@ def test_a_prompt_of_bytes_that_are_no_utf8_still_runs(cli, tiny_moe):
     res = run_json(cli, tiny_moe, "What \udcff is 1 + 2?", "-n", "2", "--ignore-eos")
     assert len(res["tokens"]) == 2
     assert len(run_json(cli, tiny_moe, "-", "-n", "2", "--ignore-eos", stdin="hi \ud800 there")["tokens"]) == 2
+
+
+def test_a_tiny_temperature_samples_like_greedy(cli, tiny_moe):
+    greedy = run_json(cli, tiny_moe, "hello", "-n", "6", "--ignore-eos")["tokens"]
+    assert run_json(cli, tiny_moe, "hello", "-n", "6", "--ignore-eos", "-t", "1e-38", "--seed", "1")["tokens"] == greedy

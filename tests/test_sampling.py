@@ -77,9 +77,22 @@ def test_temperature_sharpens():
     assert all(topk1(logits, NONE) == 1 for _ in range(100))
 
 
+@pytest.mark.parametrize("temperature, tie", [(1e-38, {0, 2}), (1e-45, {0, 2}), (5e-324, {0})])
+def test_a_tiny_temperature_is_all_but_greedy(temperature, tie):
+    """Divided by a tiny temperature the logits overflow; the top one is shifted to 0 first, so the
+    draw is the argmax (ties split), never NaN probabilities. One that is 0 in fp32 is greedy."""
+    logits = logits_of([0.2, 0.5, 0.3]) * 30
+    sampler = make_sampler(SamplingParams(temperature=temperature, top_p=0.9, min_p=0.1, seed=0))
+    assert all(sampler(logits, NONE) == 1 for _ in range(50))
+    tied = torch.tensor([3.0, 1.0, 3.0])
+    assert {make_sampler(SamplingParams(temperature=temperature, seed=s))(tied, NONE) for s in range(40)} == tie
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p"),
     ({"min_p": 2}, "min_p"), ({"top_k": -3}, "top_k"), ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"temperature": float("inf")}, "temperature"), ({"temperature": float("nan")}, "temperature"),
+    ({"repetition_penalty": float("inf")}, "repetition_penalty"),
 ])
 def test_invalid_values_are_usage_errors(kwargs, message):
     with pytest.raises(UsageError, match=message):
