@@ -15,7 +15,7 @@ from typing import Iterator
 import torch
 
 from .config import load_config
-from .errors import LocalrunError
+from .errors import LocalrunError, UsageError
 from .generate import Step, generate
 from .loader import LoadedModel, load_model
 from .models import family
@@ -51,7 +51,9 @@ SAMPLING_FIELDS = {"temperature": "temperature", "top_k": "top_k", "top_p": "top
 
 def generation_defaults(model_dir: Path) -> dict:
     """The sampling defaults generation_config.json names ({"temperature": 1.0, "top_k": 64, "top_p": 0.95}
-    for Gemma 4), by localrun's setting names; {} when it names none or says `do_sample: false`."""
+    for Gemma 4), by localrun's setting names; {} when it names none or says `do_sample: false`. A value
+    sampling could not take (top_k -5, a negative temperature) is no default: it is left out, so the
+    user's own settings are never blamed for the file's."""
     path = Path(model_dir) / "generation_config.json"
     try:
         data = json.loads(path.read_text()) if path.is_file() else {}
@@ -63,9 +65,18 @@ def generation_defaults(model_dir: Path) -> dict:
     out = {}
     for field_name, name in SAMPLING_FIELDS.items():
         value = data.get(field_name)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and _takes(field_name, value):
             out[name] = kinds[name](value)
     return out
+
+
+def _takes(field_name: str, value) -> bool:
+    """Whether SamplingParams takes `value` for its field `field_name`."""
+    try:
+        SamplingParams(**{field_name: value})
+    except (UsageError, OverflowError, ValueError, TypeError):
+        return False
+    return True
 
 
 @dataclass

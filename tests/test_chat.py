@@ -364,6 +364,10 @@ def test_model_sampling_defaults_unless_a_flag_or_set_says_otherwise(tmp_path):
     assert initial_settings({}, {"temperature": None}).temperature == 0.0  # nothing named: greedy
     (tmp_path / "generation_config.json").write_text(json.dumps({"do_sample": False, "temperature": 0.7}))
     assert generation_defaults(tmp_path) == {}
+    # values sampling cannot take are no defaults (never blamed on the user's flags or a client)
+    (tmp_path / "generation_config.json").write_text(json.dumps(
+        {"top_k": -5, "temperature": -1, "top_p": 1e400, "min_p": 0.05, "repetition_penalty": 0}))
+    assert generation_defaults(tmp_path) == {"min_p": 0.05}
 
 
 # The real thing in a pseudo-terminal -----------------------------------------------------------
