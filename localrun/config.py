@@ -89,6 +89,8 @@ class ModelArgs:
         self.layer_types = list(self.layer_types)
         if self.layer_types[-1] != FULL:  # transformers forces this too
             self.layer_types[-1] = FULL
+        if self.rope_parameters is None:  # null in config.json: the defaults, as transformers reads it
+            self.rope_parameters = {}
         for kind, default in _DEFAULT_ROPE.items():
             self.rope_parameters.setdefault(kind, dict(default))
         for kind in set(self.layer_types):

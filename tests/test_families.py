@@ -257,6 +257,11 @@ def test_gemma4_settings_localrun_lacks_are_errors(change, message):
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
+def test_null_rope_parameters_are_the_defaults():
+    assert args_from_dict({**tiny_config("moe"), "rope_parameters": None}).rope_parameters == \
+        args_from_dict({k: v for k, v in tiny_config("moe").items() if k != "rope_parameters"}).rope_parameters
+
+
 def test_per_layer_values_equal_to_the_global_ones_are_fine():
     per_layer = {"2": {"head_dim": 32, "sliding_window": 8}, "5": {"head_dim": 32}}
     args = args_from_dict({**tiny_config("moe"), "per_layer_config": per_layer})

@@ -284,3 +284,12 @@ def test_a_prompt_of_bytes_that_are_no_utf8_still_runs(cli, tiny_moe):
 def test_a_tiny_temperature_samples_like_greedy(cli, tiny_moe):
     greedy = run_json(cli, tiny_moe, "hello", "-n", "6", "--ignore-eos")["tokens"]
     assert run_json(cli, tiny_moe, "hello", "-n", "6", "--ignore-eos", "-t", "1e-38", "--seed", "1")["tokens"] == greedy
+
+
+@pytest.mark.parametrize("command", ["run", "chat"])
+def test_closed_stdin_is_a_usage_error_before_loading(command, tiny_moe, tmp_path):
+    """`localrun run MODEL <&-` / `localrun chat MODEL <&-`: one line, exit 2 (nothing is loaded)."""
+    res = subprocess.run(f"{sys.executable} -m localrun.cli {command} {tiny_moe} --device cpu <&-", shell=True,
+                         capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.count("\n") == 1 and "stdin" in res.stderr and "Traceback" not in res.stderr

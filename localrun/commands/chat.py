@@ -4,6 +4,7 @@ this module only reads lines (readline, with history) and prints what the sessio
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -11,7 +12,7 @@ import typer
 
 from ..chat import (THOUGHT, ChatSession, MultilineInput, Reply, default_context, engine_stats, format_stats,
                     history_path, initial_settings, parse_command, rss_bytes)
-from ..errors import LocalrunError
+from ..errors import LocalrunError, UsageError
 from . import _options as opt
 
 PROMPT, MORE = ">>> ", "... "
@@ -169,6 +170,8 @@ def chat(
     quiet: bool = opt.QUIET,
 ) -> None:
     """Chat with a model in the terminal (/help inside for commands)."""
+    if sys.stdin is None:  # started with stdin closed (`<&-`): nothing could ever be read
+        raise UsageError("chat reads messages from stdin, which is closed")
     opt.check_sampling(top_p, repeat_penalty)
     load = opt.load_kwargs(device, dtype, experts, vram, resident_experts, context)
     threads = opt.check_threads(threads)

@@ -25,6 +25,8 @@ def read_prompt(prompt: Optional[str]) -> str:
         if not prompt.strip():
             raise UsageError("empty prompt")
         return prompt
+    if sys.stdin is None:  # started with stdin closed (`<&-`)
+        raise UsageError("no prompt: give PROMPT (stdin is closed)")
     if prompt is None and sys.stdin.isatty():
         raise UsageError("no prompt: give PROMPT, or pipe it on stdin (PROMPT '-')")
     text = sys.stdin.read()
