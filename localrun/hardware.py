@@ -103,10 +103,10 @@ def parse_size(text: str | int) -> int:
             raise UsageError(f"invalid size {text!r}: expected a number with a unit, e.g. 16GiB, 24GB or 512MiB")
         value, unit = float(m.group(1)), m.group(2).lower()
     nbytes = int(value * _UNITS[unit])
-    if unit in ("", "b") and nbytes < _MIN_BARE_BYTES:
-        raise UsageError(f"size {text!r} is only {nbytes} bytes; add a unit, e.g. {text}GiB")
     if nbytes <= 0:
         raise UsageError(f"invalid size {text!r}: must be positive")
+    if unit in ("", "b") and nbytes < _MIN_BARE_BYTES:
+        raise UsageError(f"size {text!r} is only {nbytes} bytes; add a unit, e.g. {text}GiB")
     if nbytes > MAX_SIZE:
         raise UsageError(f"size {text!r} is more memory than a machine has (at most {MAX_SIZE // TIB} TiB)")
     return nbytes

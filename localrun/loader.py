@@ -255,9 +255,13 @@ def read_routing_profile(model_dir: Path) -> dict | None:
         return None
     try:
         data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LocalrunError(f"invalid {path}: not JSON ({e}); `localrun profile` writes it anew") from None
+    try:
         return {int(k): [int(c) for c in v] for k, v in data["layers"].items()}
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError, UnicodeDecodeError) as e:
-        raise LocalrunError(f"invalid {path}: {e}") from None
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError):
+        raise LocalrunError(f'invalid {path}: expected {{"layers": {{"<layer>": [count per expert, ...]}}}}; '
+                            "`localrun profile` writes it anew") from None
 
 
 def default_context(args: ModelArgs, context: int | None) -> int:

@@ -517,7 +517,12 @@ def display_allowance() -> int:
     text = os.environ.get(DISPLAY_ALLOWANCE_ENV, "").strip()
     if not text:
         return DISPLAY_ALLOWANCE_BYTES
-    return 0 if text in ("0", "0B", "0b") else parse_size(text)
+    if text in ("0", "0B", "0b"):
+        return 0
+    try:
+        return parse_size(text)
+    except UsageError as e:
+        raise UsageError(f"{DISPLAY_ALLOWANCE_ENV}: {e}") from None
 
 
 def device_budget(total_bytes: int, display: int | None = None) -> int:

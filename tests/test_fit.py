@@ -117,6 +117,7 @@ def test_config_that_disagrees_with_the_weights(cli, tiny_moe, tmp_path):
 @pytest.mark.parametrize("argv, code, message", [
     (["--vram", "sixteen"], 2, "invalid size"),
     (["--vram", "16"], 2, "add a unit"),
+    (["--vram", "0"], 2, "must be positive"),  # not "add a unit, e.g. 0GiB"
     (["--gpu", "7090"], 2, "unknown GPU"),
     (["--vram", "16GiB", "--gpu", "4090"], 2, "not both"),
     (["--vram", "16GiB", "--ram", "lots"], 2, "invalid size"),
@@ -251,3 +252,19 @@ def test_speeds_below_ten_keep_two_digits():
     from localrun.commands.fit import rate
 
     assert (rate(0.34), rate(7.25), rate(46.6), rate(0.0)) == ("0.34", "7.2", "47", "0")
+
+
+def test_a_bad_display_allowance_names_its_variable(cli, ref_dir, monkeypatch):
+    monkeypatch.setenv("LOCALRUN_DISPLAY_ALLOWANCE", "abc")
+    code, out, err = run_cli(cli, ref_dir, "--vram", "16GiB")
+    assert code == 2 and err.startswith("error: LOCALRUN_DISPLAY_ALLOWANCE: invalid size 'abc'") and err.count("\n") == 1
+
+
+def test_a_bad_routing_profile_says_what_it_should_hold(cli, tiny_moe, tmp_path):
+    import shutil
+
+    model = shutil.copytree(tiny_moe, tmp_path / "m")
+    for text in ('{"layer": {}}', '{"layers": [1, 2]}', '{"layers": {"x": [1]}}', "not json"):
+        (model / "routing_profile.json").write_text(text)
+        code, out, err = cli("run", str(model), "hi", "--device", "cpu", "-n", "1")
+        assert code == 1 and err.count("\n") == 1 and "routing_profile.json" in err and "localrun profile" in err, err
