@@ -192,6 +192,8 @@ def _pdl_cases():
         (triton_fused._route_kernel, ptrs(triton_fused._route_kernel, ids_ptr="*i64", w_ptr="*fp32"),
          dict(BLOCK_E=128, BLOCK_K=8), 1),
         (triton_fused._gated_kernel, ptrs(triton_fused._gated_kernel), dict(ACT=0, BLOCK=1024), 4),
+        (triton_fused._gated_route_kernel, ptrs(triton_fused._gated_route_kernel, ids_ptr="*i64", w_ptr="*fp32"),
+         dict(ACT=0, BLOCK=256, BLOCK_E=128, BLOCK_K=8), 1),
         (triton_fused._rope_rows_kernel, ptrs(triton_fused._rope_rows_kernel, pos_ptr="*i64", inv_ptr="*fp32"),
          dict(BLOCK=128), 4),
         (triton_norm._rms_norm_kernel, ptrs(triton_norm._rms_norm_kernel), dict(HAS_WEIGHT=True, BLOCK=4096), 4),

@@ -217,3 +217,27 @@ def test_dense_mlp_and_router_as_one_gemm_of_two_rows(tiny_moe, monkeypatch):
     monkeypatch.setitem(gemma4.DECODE_KERNELS, "mlp_router_gemm", False)  # scripts/gpu_check.py's switch
     calls.clear()
     assert greedy(model, ids, "static", loaded.kv)[0] == apart_tokens and calls and not any(calls)
+
+
+def test_gated_route_in_one_launch_where_cuda_would(tiny_moe, monkeypatch):
+    """Where the two-row GEMM runs and the CUDA-only glue applies, its two small consumers (the dense
+    MLP's act(gate) * up and the router's top-k) are one localrun::gated_route call a layer, a hooked
+    router still sees (ids, weights), and the tokens are the step's without any of it."""
+    from localrun import kernels
+    from localrun.kernels import fused as fused_ops
+    from localrun.models import gemma4
+
+    loaded = load_model(tiny_moe, dtype=torch.float32, context=600)
+    model = loaded.model
+    ids = bench_prompt(30, loaded.args.vocab_size)
+    plain_tokens, plain_lp = greedy(model, ids, "static", loaded.kv)
+    monkeypatch.setattr(kernels, "attention_residual_norms", lambda *a: None)  # the op: rows of one tensor
+    monkeypatch.setattr(gemma4, "fused_on_cuda", lambda x: gemma4.use_kernel("fused_glue", x))
+    calls, seen = [], []
+    real = fused_ops.gated_route_op
+    monkeypatch.setattr(fused_ops, "gated_route_op", lambda *a: calls.append(1) or real(*a))
+    model.layers[0].router.register_forward_hook(lambda module, args, out: seen.append(out[0].shape))
+    tokens, lp = greedy(model, ids, "static", loaded.kv)
+    assert tokens == plain_tokens and max(abs(a - b) for a, b in zip(lp, plain_lp)) < 1e-4
+    assert len(calls) == (GEN - 1) * len(model.layers)
+    assert len(seen) == GEN and all(shape[-1] == loaded.args.top_k_experts for shape in seen)

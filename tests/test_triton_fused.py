@@ -114,6 +114,23 @@ def test_route_ties_take_the_lower_id():
     assert abs(w.sum().item() - 1.0) < 1e-6
 
 
+@needs_triton
+@pytest.mark.parametrize("I, E, K, dtype, act", [(2112, 128, 8, torch.bfloat16, "gelu_pytorch_tanh"),
+                                                (48, 8, 2, torch.float32, "silu"), (300, 60, 3, torch.float32, "gelu")])
+def test_gated_route_is_gated_and_route(I, E, K, dtype, act):
+    """One launch for a decoded token's two small consumers of its two-row GEMM: the same results as
+    `gated` and `route` apart (26B-A4B's 2,112-wide MLP and 128 experts first), from views of one row."""
+    y = rand(2, 2 * I + E, seed=I, dtype=dtype) * 3  # the two-row GEMM's output, as DecoderLayer slices it
+    gate_up, logits = y[:1, : 2 * I].reshape(1, 1, 2 * I), y[1:, 2 * I:]
+    scale = rand(E, seed=2, dtype=dtype).abs() + 0.5
+    a, ids, w = triton_fused.gated_route_triton(gate_up, logits, scale, K, act)
+    assert torch.equal(a, triton_fused.gated_triton(gate_up, act)) and a.shape == (1, 1, I)
+    ref_ids, ref_w = triton_fused.route_triton(logits, scale, K)
+    assert torch.equal(ids, ref_ids) and torch.equal(w, ref_w)
+    ref_a, (r_ids, r_w) = fused_ops.gated_reference(gate_up, act), fused_ops.route_reference(logits, scale, K)
+    assert rel(a, ref_a) < (1e-6 if dtype == torch.float32 else 1e-2) and torch.equal(ids, r_ids)
+
+
 def test_fused_layer_computes_the_unfused_layer(tiny_moe):
     """forward_fused (what CUDA runs in half precision) against forward, both in fp32 on the CPU:
     the ops' formulas are the layer's."""

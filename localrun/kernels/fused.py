@@ -1,7 +1,7 @@
 """A Gemma 4 layer's glue as torch ops: `localrun::attention_residual_norms`, `localrun::ffn_residual`
 (and `localrun::ffn_residual_norm`: with the next layer's input norm), `localrun::route`,
-`localrun::gated` and a pass's RoPE rows, `localrun::rope_rows` (what each computes:
-kernels/triton_fused.py).
+`localrun::gated` (with `route`, for a decoded token: `localrun::gated_route`) and a pass's RoPE
+rows, `localrun::rope_rows` (what each computes: kernels/triton_fused.py).
 
 On CUDA each is one Triton kernel (imported on first use: a CPU-only install needs no Triton); on
 the CPU in fp32 one call of the C kernels (kernels/cpu_bf16.c: the unfused layer's fp32 ops in
@@ -161,6 +161,29 @@ def _(gate_up, act):
 @gated_op.register_fake
 def _(gate_up, act):
     return gate_up.new_empty(*gate_up.shape[:-1], gate_up.shape[-1] // 2)
+
+
+@torch.library.custom_op("localrun::gated_route", mutates_args=())
+def gated_route_op(gate_up: torch.Tensor, logits_TE: torch.Tensor, per_expert_scale: torch.Tensor, top_k: int,
+                   act: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`gated` of a decoded token's dense gate/up and `route` of its router logits: the two outputs of
+    its one two-row GEMM (models/gemma4.py, DecoderLayer._mlp_and_router), in one launch on CUDA."""
+    return (gated_reference(gate_up, act), *route_reference(logits_TE, per_expert_scale, top_k))
+
+
+@gated_route_op.register_kernel("cuda")
+def _(gate_up, logits_TE, per_expert_scale, top_k, act):
+    from .triton_fused import gated_route_triton
+
+    return gated_route_triton(gate_up, logits_TE, per_expert_scale, top_k, act)
+
+
+@gated_route_op.register_fake
+def _(gate_up, logits_TE, per_expert_scale, top_k, act):
+    T = logits_TE.shape[0]
+    return (gate_up.new_empty(*gate_up.shape[:-1], gate_up.shape[-1] // 2),
+            torch.empty(T, top_k, dtype=torch.int64, device=logits_TE.device),
+            torch.empty(T, top_k, dtype=torch.float32, device=logits_TE.device))
 
 
 def rope_rows_reference(pos_T, inv_freq, dtype: torch.dtype):

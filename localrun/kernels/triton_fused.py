@@ -93,7 +93,11 @@ def _ffn_residual_kernel(mlp_ptr, w1_ptr, moe_ptr, w2_ptr, w_ptr, res_ptr, scala
 def _route_kernel(logits_ptr, scale_ptr, ids_ptr, w_ptr, E, K, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
                   PDL: tl.constexpr = False):
     pdl_start(PDL)
-    row = tl.program_id(0)
+    _route_row(logits_ptr, scale_ptr, ids_ptr, w_ptr, tl.program_id(0), E, K, BLOCK_E, BLOCK_K)
+
+
+@triton.jit
+def _route_row(logits_ptr, scale_ptr, ids_ptr, w_ptr, row, E, K, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
     cols = tl.arange(0, BLOCK_E)
     ok = cols < E
     logits = tl.load(logits_ptr + row * E + cols, mask=ok, other=float("-inf")).to(tl.float32)
@@ -120,12 +124,30 @@ def _route_kernel(logits_ptr, scale_ptr, ids_ptr, w_ptr, E, K, BLOCK_E: tl.const
 def _gated_kernel(gu_ptr, out_ptr, I, ACT: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
     """Columns [BLOCK * j, BLOCK * (j + 1)) of one row: gate at gu[row, :I], up at gu[row, I:]."""
     pdl_start(PDL)
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    _gated_block(gu_ptr, out_ptr, tl.program_id(0).to(tl.int64), tl.program_id(1), I, ACT, BLOCK)
+
+
+@triton.jit
+def _gated_block(gu_ptr, out_ptr, row, block, I, ACT: tl.constexpr, BLOCK: tl.constexpr):
+    cols = block * BLOCK + tl.arange(0, BLOCK)
     ok = cols < I
     gate = _f32(gu_ptr + row * 2 * I, cols, ok)
     up = _f32(gu_ptr + row * 2 * I + I, cols, ok)
     tl.store(out_ptr + row * I + cols, (_act(gate, ACT) * up).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _gated_route_kernel(gu_ptr, out_ptr, I, logits_ptr, scale_ptr, ids_ptr, w_ptr, E, K, ACT: tl.constexpr,
+                        BLOCK: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+                        PDL: tl.constexpr = False):
+    """One decoded token: program 0 routes (its router logits), the others each take BLOCK columns of
+    the dense MLP's act(gate) * up: the two small consumers of one GEMM in one launch."""
+    pdl_start(PDL)
+    pid = tl.program_id(0)
+    if pid == 0:
+        _route_row(logits_ptr, scale_ptr, ids_ptr, w_ptr, 0, E, K, BLOCK_E, BLOCK_K)
+    else:
+        _gated_block(gu_ptr, out_ptr, 0, pid - 1, I, ACT, BLOCK)
 
 
 @triton.jit
@@ -195,6 +217,28 @@ def gated_triton(gate_up: torch.Tensor, act: str) -> torch.Tensor:
     _gated_kernel[(rows.shape[0], triton.cdiv(I, block))](rows, out, I, ACT=ACT_CODES[act], BLOCK=block,
                                                           **triton_pdl.launch(gate_up.device))
     return out
+
+
+GATED_ROUTE_BLOCK = 256  # columns per program of the one-warp gated_route kernel (26B-A4B: 9 programs)
+
+
+def gated_route_triton(gate_up: torch.Tensor, logits_TE: torch.Tensor, per_expert_scale: torch.Tensor, top_k: int,
+                       act: str):
+    """(gated(gate_up), *route(logits)) of one token in one launch, on one warp a program (the route's
+    reductions stay warp shuffles, as route_triton runs them)."""
+    gu, logits = _rows(gate_up), logits_TE.contiguous()
+    if gu.shape[0] != 1 or logits.shape[0] != 1:
+        raise ValueError("gated_route takes one token")
+    I, E = gu.shape[1] // 2, logits.shape[1]
+    out = torch.empty(*gate_up.shape[:-1], I, dtype=gate_up.dtype, device=gate_up.device)
+    ids = torch.empty(1, top_k, dtype=torch.int64, device=logits.device)
+    w = torch.empty(1, top_k, dtype=torch.float32, device=logits.device)
+    block = min(GATED_ROUTE_BLOCK, triton.next_power_of_2(I))
+    _gated_route_kernel[(1 + triton.cdiv(I, block),)](
+        gu, out, I, logits, per_expert_scale, ids, w, E, top_k, ACT=ACT_CODES[act], BLOCK=block,
+        BLOCK_E=triton.next_power_of_2(E), BLOCK_K=triton.next_power_of_2(top_k), num_warps=1,
+        **triton_pdl.launch(gate_up.device))
+    return out, ids, w
 
 
 def rope_rows_triton(pos_T: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):

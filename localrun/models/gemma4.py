@@ -380,8 +380,11 @@ class MLP(nn.Module):
     def fuse(self) -> None:
         self.gate_up = fuse_linears(self.gate_proj, self.up_proj)
 
-    def forward(self, x, gate_up: torch.Tensor | None = None):
-        """gate_up: x's fused gate/up projection where the caller computed it (DecoderLayer.front)."""
+    def forward(self, x, gate_up: torch.Tensor | None = None, activated: torch.Tensor | None = None):
+        """gate_up: x's fused gate/up projection, activated: act(gate) * up of it, where the caller
+        computed them (DecoderLayer.front)."""
+        if activated is not None:
+            return project(self.down_proj, activated)
         if self.gate_up is None:
             return project(self.down_proj, self.act(project(self.gate_proj, x)) * project(self.up_proj, x))
         if gate_up is None:
@@ -407,10 +410,13 @@ class Router(nn.Module):
         self.per_expert_scale = nn.Parameter(torch.ones(E))
         self.root_size = H**-0.5
 
-    def forward(self, r_TH, normed: bool = False, logits: torch.Tensor | None = None):
+    def forward(self, r_TH, normed: bool = False, logits: torch.Tensor | None = None, routed: tuple | None = None):
         """normed: r_TH is already rms_norm(r) * scale * root_size (fused_ops.attention_residual_norms),
-        and the rest runs as one op; logits: its projection where the caller computed it (with the dense
-        MLP's, DecoderLayer.front). Either way a forward hook sees (ids, weights) (localrun/profile.py)."""
+        and the rest runs as one op; logits: its projection, routed: the (ids, weights) of those, where
+        the caller computed them (DecoderLayer.front: with the dense MLP's). Either way a forward hook
+        sees (ids, weights) (localrun/profile.py)."""
+        if routed is not None:
+            return routed
         if normed:
             logits = project(self.proj, r_TH) if logits is None else logits
             return fused_ops.route(logits, self.per_expert_scale, self.top_k)
@@ -492,9 +498,9 @@ class DecoderLayer(nn.Module):
         self.experts = backend
         self.decode_c = None  # forward_decode's C call reads the experts: built again for these
 
-    def route(self, r_TH, normed: bool = False, logits: torch.Tensor | None = None):
+    def route(self, r_TH, normed: bool = False, logits: torch.Tensor | None = None, routed: tuple | None = None):
         """The router's (ids, weights); offloaded experts start their ids + weights for the host."""
-        ids_TK, w_TK = self.router(r_TH, normed=normed, logits=logits)
+        ids_TK, w_TK = self.router(r_TH, normed=normed, logits=logits, routed=routed)
         prefetch = getattr(self.experts, "prefetch", None)
         if prefetch is not None:
             prefetch(ids_TK, w_TK)
@@ -529,6 +535,12 @@ class DecoderLayer(nn.Module):
                 self.pre_feedforward_layernorm_2.weight, self.router.scale, self.router.root_size,
                 self.input_layernorm.eps)
             gate_up, logits = self._mlp_and_router(mlp_router)
+            if gate_up is not None and fused_on_cuda(gate_up):  # their two small consumers: one launch too
+                activated, *routed = fused_ops.gated_route_op(gate_up, logits, self.router.per_expert_scale,
+                                                              self.router.top_k, self.mlp.act_name)
+                ids_TK, w_TK = route(x_router.reshape(-1, H), normed=True, routed=tuple(routed))
+                return Front(x, self.mlp(x_mlp, activated=activated), (x_moe.reshape(-1, H), ids_TK, w_TK), True,
+                             shared)
             ids_TK, w_TK = route(x_router.reshape(-1, H), normed=True, logits=logits)
             return Front(x, self.mlp(x_mlp, gate_up), (x_moe.reshape(-1, H), ids_TK, w_TK), True, shared)
         x = self.post_attention_layernorm(attn) + x_BTH
