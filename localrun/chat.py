@@ -20,7 +20,7 @@ from typing import Callable, Iterator
 
 from .atomic import write_text_atomic
 from .errors import LocalrunError, UsageError
-from .text import valid_text
+from .unicode import valid_text
 from .thoughts import ANSWER, THOUGHT, Piece, ThoughtSplitter
 
 BLOCK = '"""'

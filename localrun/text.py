@@ -8,7 +8,6 @@ writes `<bos>` itself) and encodes with no special tokens added, as `apply_chat_
 from __future__ import annotations
 
 import json
-import re
 from datetime import datetime
 from importlib import resources
 from pathlib import Path
@@ -19,6 +18,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _HFTokenizer
 
 from .errors import LocalrunError
+from .unicode import valid_text
 
 REPLACEMENT = "\ufffd"  # what a decoder writes for bytes that are not (yet) valid UTF-8
 
@@ -69,14 +69,6 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
-
-
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def valid_text(text: str) -> str:
-    """`text` with each surrogate code point replaced by one U+FFFD (the tokenizers take none)."""
-    return _SURROGATE.sub("\ufffd", text)
 
 
 def _read_tokenizer_config(model_dir: Path) -> dict:
