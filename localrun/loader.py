@@ -331,7 +331,7 @@ def load_plan(args: ModelArgs, model_dir: Path, dev: torch.device, spec: QuantSp
                           resident_fraction=resident_fraction, dtype=str(dtype).removeprefix("torch."),
                           matrix_dtype=str(stored).removeprefix("torch."), sequences=sequences)
     if not plan.fits:
-        raise LocalrunError(f"does not fit: {plan.reason} (see `localrun fit {model_dir}`)")
+        raise LocalrunError(f"{plan.reason} (see `localrun fit {model_dir}`)")  # the reason says "does not fit"
     return plan
 
 

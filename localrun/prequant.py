@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -29,7 +30,7 @@ from . import __version__
 from .atomic import new_file_mode
 from .checkpoint import INDEX, Checkpoint
 from .config import load_config
-from .errors import LocalrunError, UsageError
+from .errors import LocalrunError, LocalrunWarning, UsageError
 from .models import family, is_expert_tensor
 from quant.io import save_packed_experts
 from quant.nf4 import pack_experts
@@ -118,7 +119,7 @@ def check_out(src: Path, out: Path, force: bool) -> None:
     any other existing OUT is replaced only with `force`, and only when it is a localrun output
     (its manifest); the user's files in it are carried into the new one (`user_files`).
     """
-    s, o = src.resolve(), out.resolve()
+    s, o = src.resolve(), real_out(out)
     if o == s:
         raise UsageError(f"OUT must differ from SRC ({src})")
     if o in s.parents:
@@ -136,6 +137,28 @@ def check_out(src: Path, out: Path, force: bool) -> None:
     if not _is_localrun_output(out):
         raise LocalrunError(f"{out} is not a localrun output (no {MANIFEST}); --force replaces only those, "
                             "so remove it yourself or pick another OUT")
+
+
+def real_out(out: Path) -> Path:
+    """OUT as the directory it names: absolute, with `.`, `..` and symlinks resolved.
+
+    The new OUT is renamed into place, which needs the real entry: `.` has no name in its parent (the
+    rename fails with EBUSY), and renaming a symlink aside would replace the user's link by a directory
+    and leave the link behind under a temporary name. Writing where the link points keeps the link.
+    """
+    try:
+        return out.resolve()
+    except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop (Python < 3.13)
+        raise LocalrunError(f"cannot write {out}: {getattr(e, 'strerror', None) or e}") from None
+
+
+def _holds_cwd(path: Path) -> bool:
+    """Whether the current directory is `path` or inside it (replacing it leaves the shell in a removed directory)."""
+    try:
+        cwd = Path.cwd()
+    except OSError:
+        return False
+    return cwd == path or path in cwd.parents
 
 
 def _is_localrun_output(path: Path) -> bool:
@@ -252,12 +275,13 @@ def quantize_checkpoint(
     progress(stage, done, total) is called as tensors are written (bytes of the source read).
     With `force`, the user's files in an earlier OUT (`user_files`) are carried into the new one.
     """
-    src, out = Path(src), Path(out)
+    src, given = Path(src), Path(out)
     if is_prequantized(src):  # its experts are packed already: there is nothing left to quantize
         raise LocalrunError(f"{src} is already pre-quantized by localrun ({MANIFEST}); "
                             f"run it directly: localrun run {src}")
     args = load_config(src)
-    check_out(src, out, force)
+    check_out(src, given, force)
+    out = real_out(given)
     if not args.enable_moe_block:
         raise LocalrunError(f"{src} has no routed experts to quantize")
     try:
@@ -270,6 +294,7 @@ def quantize_checkpoint(
     clean_leftovers(out.parent)
     tmp = _tmp_dir(out)
     old = _old_dir(out)
+    in_cwd = _holds_cwd(out)
     try:
         tmp.mkdir(parents=True)  # inside the try: a Ctrl-C right after it still cleans up
         _write(ckpt, args, src, tmp, spec, progress, torch.device(device))
@@ -288,7 +313,10 @@ def quantize_checkpoint(
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 os.replace(old, out)  # interrupted between the two renames: keep the old OUT
-    return out
+    if in_cwd:
+        warnings.warn(f"{out} was replaced while it was the current directory: `cd {out}` to see the new one",
+                      LocalrunWarning, stacklevel=2)
+    return given
 
 
 def moe_layers(args) -> list[int]:

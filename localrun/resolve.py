@@ -36,12 +36,22 @@ def hf_cache_dir() -> Path:
     """The Hugging Face hub cache, resolved from the environment as huggingface_hub does."""
     for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
         if os.environ.get(var):
-            return Path(os.environ[var]).expanduser()
+            return expand_user(os.environ[var], f"${var}")
     if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+        return expand_user(os.environ["HF_HOME"], "$HF_HOME") / "hub"
     xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    base = expand_user(xdg, "$XDG_CACHE_HOME") if xdg else expand_user("~/.cache", "the Hugging Face cache")
     return base / "huggingface" / "hub"
+
+
+def expand_user(text: str, what: str = "") -> Path:
+    """Path(text) with a leading ~ or ~user expanded; a one-line error where that home is unknown (pathlib
+    raises RuntimeError for `~nouser/x`, or for `~` without $HOME and without a passwd entry)."""
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:
+        head = text.split("/", 1)[0]
+        raise LocalrunError(f"{what or 'path'} {text}: no home directory is known for {head}") from None
 
 
 def _repo_folder(repo_id: str, cache: Path) -> Path:
@@ -49,13 +59,27 @@ def _repo_folder(repo_id: str, cache: Path) -> Path:
 
 
 def _snapshot(folder: Path) -> Path | None:
-    """The snapshot refs/main points at; without refs/main, the most recently written one."""
-    ref = folder / "refs" / "main"
-    if ref.is_file():
-        snap = folder / "snapshots" / ref.read_text().strip()
+    """The snapshot refs/main points at; without a readable refs/main, the most recently written one."""
+    rev = _main_revision(folder)
+    if rev is not None:
+        snap = folder / "snapshots" / rev
         return snap if snap.is_dir() else None
-    snaps = [p for p in (folder / "snapshots").glob("*") if p.is_dir()]
-    return max(snaps, key=lambda p: p.stat().st_mtime) if snaps else None
+    try:
+        snaps = [p for p in (folder / "snapshots").glob("*") if p.is_dir()]
+        return max(snaps, key=lambda p: p.stat().st_mtime) if snaps else None
+    except OSError:  # a snapshot removed while we look, or an unreadable folder: nothing usable
+        return None
+
+
+def _main_revision(folder: Path) -> str | None:
+    """The revision name in refs/main, or None when there is none or it is corrupt (not UTF-8, not one
+    plain name): one damaged cache entry must not stop `list`, nor point a path outside snapshots/."""
+    try:
+        rev = (folder / "refs" / "main").read_bytes().decode("utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    plain = rev and rev not in (".", "..") and not any(c in rev for c in "/\\\0")
+    return rev if plain else None
 
 
 def has_weights(model_dir: Path) -> bool:
@@ -64,12 +88,19 @@ def has_weights(model_dir: Path) -> bool:
         return False
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            shards = set(json.loads(index.read_text())["weight_map"].values())
-        except (ValueError, KeyError, TypeError, AttributeError):
-            return False
-        return all((model_dir / s).is_file() for s in shards)
+        shards = _index_shards(index)
+        return shards is not None and all((model_dir / s).is_file() for s in shards)
     return any(model_dir.glob("*.safetensors"))
+
+
+def _index_shards(index: Path) -> set[str] | None:
+    """The shard file names a safetensors index maps tensors to; None when the index is unreadable or malformed
+    (not JSON, no weight_map object, a value that is not a file name): such a snapshot counts as incomplete."""
+    try:
+        shards = set(json.loads(index.read_text())["weight_map"].values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        return None
+    return shards if all(isinstance(s, str) and s and "\0" not in s for s in shards) else None
 
 
 def cached_model(repo_id: str, *, config_only: bool = False, cache: Path | None = None) -> Path | None:
@@ -113,7 +144,7 @@ def resolve_model(name: str | Path, *, config_only: bool = False) -> Path:
     (cache first, then a download). `config_only` (for `fit`) needs and fetches only config.json.
     """
     text = str(name)
-    path = Path(text).expanduser()
+    path = expand_user(text, "model path")
     if path.is_dir():
         return path
     if path.exists():
@@ -148,7 +179,7 @@ def disk_size(folder: Path) -> int:
             if real.is_file() and real not in seen:
                 seen.add(real)
                 total += real.stat().st_size
-        except OSError:  # a dangling link from an interrupted download
+        except (OSError, RuntimeError):  # a dangling link from an interrupted download; a link loop (RuntimeError)
             continue
     return total
 
@@ -161,7 +192,7 @@ def model_format(model_dir: Path) -> str:
         return "config only" if (model_dir / "config.json").is_file() else "incomplete"
     try:
         cfg = json.loads((model_dir / "config.json").read_text())
-    except (ValueError, OSError):
+    except (ValueError, OSError, RecursionError):  # RecursionError: JSON nested past the parser's depth
         cfg = {}
     if not isinstance(cfg, dict):  # valid JSON but not a config (a list, a number): "hf ?" like a missing dtype
         cfg = {}
@@ -174,7 +205,7 @@ def model_family(model_dir: Path) -> str:
     """config.json's model_type ("qwen3_moe", "gemma4", ...), marked when localrun has no family for it."""
     try:
         model_type = json.loads((model_dir / "config.json").read_text()).get("model_type")
-    except (ValueError, OSError, AttributeError):
+    except (ValueError, OSError, AttributeError, RecursionError):
         return "?"
     if not isinstance(model_type, str):
         return "?"

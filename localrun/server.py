@@ -91,11 +91,16 @@ class StopStrings:
 
 # Requests --------------------------------------------------------------------------------------
 
-def _get(body: dict, name: str, kinds, default=None, *, check=None, what: str = ""):
-    """body[name] when of one of `kinds` (bool is never a number) and `check` passes; APIError 400 otherwise."""
+def _get(body: dict, name: str, kinds, default=None, *, check=None, what: str = "", param: str | None = None):
+    """body[name] when of one of `kinds` (bool is never a number) and `check` passes; APIError 400 otherwise.
+
+    An explicit null is `default`, as OpenAI takes it (clients send every optional field, unset ones as null).
+    `param`: the field's name in the error, when it sits inside another object ("stream_options.include_usage").
+    """
     value = body.get(name, default)
     if value is None:
         return default
+    name = param or name
     number = kinds in (int, float) or (isinstance(kinds, tuple) and float in kinds)
     ok = isinstance(value, kinds) and not (isinstance(value, bool) and kinds is not bool)
     if number and kinds is float and isinstance(value, int) and not isinstance(value, bool):
@@ -295,9 +300,9 @@ class OpenAIServer:
                        what="must be > 0")
         seed = _get(body, "seed", int, check=lambda v: SEED_MIN <= v <= SEED_MAX,
                     what=f"must be an integer from {SEED_MIN} to {SEED_MAX}")
-        limit = body.get("max_completion_tokens", body.get("max_tokens"))
-        name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
-        max_tokens = _get({name: limit}, name, int, None, check=lambda v: v >= 1, what="must be at least 1")
+        # the newer name wins, unless null: a client that sets max_tokens may send max_completion_tokens: null
+        name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+        max_tokens = _get(body, name, int, None, check=lambda v: v >= 1, what="must be at least 1")
         stop = body.get("stop")
         if isinstance(stop, str):
             stop = [stop]
@@ -309,7 +314,8 @@ class OpenAIServer:
             _get(body, flag, bool, False)
         if body.get("echo") or body.get("logprobs"):
             raise APIError(400, "echo and logprobs are not supported", param="echo" if body.get("echo") else "logprobs")
-        _get(body, "stream_options", dict)
+        stream_options = _get(body, "stream_options", dict, {})
+        _get(stream_options, "include_usage", bool, False, param="stream_options.include_usage")  # bool("no") is True
         _get(body, "model", str)
         params = SamplingParams(temperature, max(top_k, 0), top_p, min_p, penalty, seed)
         return params, max_tokens, stop or [], ignore_eos
@@ -338,8 +344,10 @@ class OpenAIServer:
                                param=f"messages[{i}].content", code="invalid_type")
             out.append({"role": "system" if m["role"] == "developer" else m["role"], "content": content})
         kwargs = _get(body, "chat_template_kwargs", dict, {})
+        # a JSON boolean only: bool("no") would turn thinking on
+        thinking = _get(kwargs, "enable_thinking", bool, False, param="chat_template_kwargs.enable_thinking")
         try:
-            return self.engine.encode_messages(out, enable_thinking=bool(kwargs.get("enable_thinking", False)))
+            return self.engine.encode_messages(out, enable_thinking=thinking)
         except LocalrunError as e:
             raise APIError(400, str(e), param="messages") from None
 

@@ -119,3 +119,20 @@ def test_chat_says_when_the_input_ends_inside_a_block(tiny_moe):
     res = subprocess.run([sys.executable, "-m", "localrun.cli", "chat", str(tiny_moe), "-q"], input='"""\nhello\n',
                          capture_output=True, text=True, env=ENV, timeout=300)
     assert res.returncode == 0 and "multi-line message discarded" in res.stderr + res.stdout
+
+
+def test_python_dash_m_localrun_runs_the_cli():
+    """`python -m localrun` is the `localrun` script: help exits 0, and an error keeps its exit code."""
+    helped = subprocess.run([sys.executable, "-m", "localrun", "--help"], capture_output=True, text=True, env=ENV,
+                            timeout=120)
+    assert helped.returncode == 0 and "Usage: localrun" in helped.stdout, helped.stderr
+    failed = subprocess.run([sys.executable, "-m", "localrun", "run", "--no-such-option"], capture_output=True,
+                            text=True, env=ENV, timeout=120)
+    assert failed.returncode == 2 and failed.stderr.startswith("error: "), failed.stderr
+
+
+@pytest.mark.parametrize("argv", [["run", "hi"], ["serve", "--port", "0", "--parallel", "2", "-q"]])
+def test_does_not_fit_is_said_once(cli, tiny_moe, monkeypatch, argv):
+    monkeypatch.setattr(loader, "detect_host_ram", lambda: 64 * 1024 * 1024)  # 64 MiB of RAM
+    code, out, err = cli(argv[0], tiny_moe, *argv[1:], "--device", "cpu")
+    assert code == 1 and err.startswith("error: does not fit: ") and err.count("does not fit") == 1, err

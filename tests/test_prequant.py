@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ import quant.nf4
 from localrun import loader, prequant
 from localrun.checkpoint import Checkpoint
 from localrun.cli import main
-from localrun.errors import LocalrunError, UsageError
+from localrun.errors import LocalrunError, LocalrunWarning, UsageError
 from localrun.generate import generate
 from localrun.loader import load_model
 from localrun.prequant import MANIFEST, TMP_MARK
@@ -438,3 +439,41 @@ def test_prequantized_src_is_refused_with_the_reason(nf4_out, tmp_path, capsys):
     err = refused(["quantize", nf4_out, tmp_path / "again", "--quiet"], capsys, code=1)
     assert "already pre-quantized by localrun" in err and "localrun run" in err
     assert not (tmp_path / "again").exists()
+
+
+def test_out_a_symlink_is_written_where_it_points_and_the_link_stays(src_copy, tmp_path):
+    """The link is the user's: quantize writes the directory it points to, and leaves nothing beside either
+    (it used to replace the link by a directory and keep the link, set aside, forever)."""
+    (tmp_path / "disk").mkdir()
+    target = tmp_path / "disk" / "empty"
+    target.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    for flags in ((), ("--force",)):  # into the empty directory, then over that earlier output
+        quantize(src_copy, link, *flags)
+        assert link.is_symlink() and os.readlink(link) == str(target)
+        assert prequant.read_manifest(target)["quant_type"] == "nf4"
+        assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+        assert [p.name for p in target.parent.iterdir()] == ["empty"]
+
+
+def test_out_dot_inside_an_earlier_output_is_replaced(src_copy, tmp_path, monkeypatch, capsys):
+    """`cd OUT && localrun quantize SRC . --force` replaces OUT (`.` itself cannot be renamed: EBUSY), and says
+    how to see the new one from a shell whose directory was replaced."""
+    out = quantize(src_copy, tmp_path / "out")
+    capsys.readouterr()
+    monkeypatch.chdir(out)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", LocalrunWarning)  # pyproject's filterwarnings ignores UserWarning
+        quantize(src_copy, ".", "--force", "--experts", "fp4")
+    err = capsys.readouterr().err
+    assert prequant.read_manifest(out)["quant_type"] == "fp4" and leftovers(out) == []
+    assert not list(tmp_path.glob(".out.localrun-*"))
+    assert err.startswith(f"warning: {out} was replaced") and f"`cd {out}`" in err and err.count("\n") == 1, err
+
+
+def test_out_a_symlink_loop_is_a_one_line_error(src_copy, tmp_path, capsys):
+    loop = tmp_path / "loop"
+    loop.symlink_to("loop")
+    err = refused(["quantize", src_copy, loop, "--quiet"], capsys, code=1)
+    assert err.startswith(f"error: cannot write {loop}: ") and loop.is_symlink()

@@ -170,3 +170,26 @@ def test_a_read_only_model_folder_is_refused_before_profiling(cli, model_dir, tm
     prompts.write_text("What is 2 + 3?\n")
     code, _, err = cli("profile", model_dir, "--prompts", prompts, "-n", "2", "--device", "cpu")
     assert code == 2 and "read-only" in err and "--out" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("names", [
+    ("--out", "same.json", "--trace", "same.json"),
+    ("--out", "same.json", "--trace", "./sub/../same.json"),  # the same file, spelled another way
+    ("--out", ".", "--trace", "routing_profile.json"),  # --out a directory: the profile is its routing_profile.json
+    ("--out", "prompts.txt", "--trace", "t.json"),  # the user's prompts would be overwritten
+    ("--trace", "MODEL/routing_profile.json"),  # the default place of the profile
+])
+def test_outputs_that_are_one_file_are_a_usage_error(cli, model_dir, tmp_path, monkeypatch, names):
+    """--out, --trace and --prompts are three files: the trace written over the profile lost it silently.
+    Refused in one line before the model loads, and nothing is written."""
+    monkeypatch.setattr(Engine, "load", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sub").mkdir()
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("What is 2 + 3?\n")
+    before = {p.name for p in tmp_path.iterdir()} | {p.name for p in model_dir.iterdir()}
+    args = [str(a).replace("MODEL", str(model_dir)) for a in names]
+    code, _, err = cli("profile", model_dir, "--prompts", prompts, "-n", "2", "--device", "cpu", *args)
+    assert code == 2 and "name the same file" in err and err.count("\n") == 1, err
+    assert {p.name for p in tmp_path.iterdir()} | {p.name for p in model_dir.iterdir()} == before
+    assert prompts.read_text() == "What is 2 + 3?\n"

@@ -189,3 +189,38 @@ def test_list_into_a_pipe_prints_whole_paths_without_padding(hf_cache, tmp_path,
     assert lines[0].split("\t") == ["NAME", "SIZE", "FORMAT", "FAMILY", "PATH"]
     assert lines[1].split("\t") == [repo, f"{sum(map(len, FULL.values()))} B", "hf bf16", "?", str(snap)]
     assert all(line == line.rstrip() for line in lines)
+
+
+def test_one_corrupt_cache_entry_does_not_stop_list(hf_cache, tmp_path, monkeypatch, cli):
+    """A refs/main that is not UTF-8 counts as no refs/main (the newest snapshot); an index mapping a tensor to
+    a non-string, or a config nested past the JSON parser's depth, lists as incomplete or `?`, not a crash."""
+    monkeypatch.setattr(resolve, "DEMO_DIR", tmp_path / "no-demo")
+    snap = fake_snapshot(hf_cache, "bad/ref", FULL)
+    (snap.parents[1] / "refs" / "main").write_bytes(b"\xff\xfe")
+    fake_snapshot(hf_cache, "bad/index", {**FULL, "model.safetensors.index.json": '{"weight_map": {"a": 5}}'})
+    fake_snapshot(hf_cache, "bad/deep", {**FULL, "config.json": "[" * 100_000 + "]" * 100_000})
+    fake_snapshot(hf_cache, "up/ref", FULL, rev="../../bad--ref")  # a ref naming a path outside snapshots/
+    fake_snapshot(hf_cache, REPO, FULL)
+    models = {m.name: m for m in list_local_models()}
+    assert models["bad/ref"].path == str(snap) and models["bad/ref"].format == "hf bf16"
+    assert models["bad/index"].format == "config only"
+    assert models["bad/deep"].format == "hf ?" and models["bad/deep"].family == "?"
+    assert "up/ref" not in models and models[REPO].format == "hf bf16"
+    code, out, err = cli("list")
+    assert code == 0 and err == "" and "bad/index" in out and REPO in out, err
+
+
+def test_run_of_a_cached_repo_with_a_corrupt_index_is_one_line(hf_cache, no_download, cli):
+    fake_snapshot(hf_cache, "org/x", {**FULL, "model.safetensors.index.json": '{"weight_map": {"a": 5}}'})
+    code, out, err = cli("run", "org/x", "hi")
+    assert code == 1 and err.startswith("error: org/x") and len(err.strip().splitlines()) == 1, err
+    assert "TypeError" not in err
+
+
+def test_a_tilde_user_that_does_not_exist_is_one_line(cli, monkeypatch):
+    code, out, err = cli("run", "~no-such-user-localrun/x", "hi")
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: model path ~no-such-user-localrun/x:") and "RuntimeError" not in err
+    monkeypatch.setenv("HF_HUB_CACHE", "~no-such-user-localrun/hub")
+    code, out, err = cli("list")
+    assert code == 1 and err.startswith("error: $HF_HUB_CACHE ~no-such-user-localrun/hub:"), err

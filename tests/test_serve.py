@@ -156,6 +156,9 @@ def test_stop_string_spanning_two_tokens(engine, client):
     ({"messages": [{"role": "user", "content": "word " * 400}]}, "messages"),  # over the context
     ({"messages": MESSAGES, "seed": 99999999999999999999999}, "seed"),  # past what torch seeds with: hung the server
     ({"messages": MESSAGES, "seed": -(1 << 64)}, "seed"),
+    ({"messages": MESSAGES, "chat_template_kwargs": {"enable_thinking": "no"}}, "chat_template_kwargs.enable_thinking"),
+    ({"messages": MESSAGES, "stream": True, "stream_options": {"include_usage": "no"}}, "stream_options.include_usage"),
+    ({"messages": MESSAGES, "max_completion_tokens": None, "max_tokens": "ten"}, "max_tokens"),
 ])
 def test_bad_requests_get_400_and_the_server_keeps_serving(server, body, param):
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
@@ -168,6 +171,34 @@ def test_bad_requests_get_400_and_the_server_keeps_serving(server, body, param):
         assert error["code"] == "context_length_exceeded"
     ok = httpx.post(server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 1}, timeout=30)
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 1
+
+
+def test_null_means_unset(server):
+    """OpenAI takes an explicit null as the field left out: max_completion_tokens null leaves max_tokens in force,
+    and every other optional field null is its default (clients send them all, unset ones as null)."""
+    body = {"prompt": "hi", "max_completion_tokens": None, "max_tokens": 2, "ignore_eos": True}
+    r = httpx.post(server.url + "/v1/completions", json=body, timeout=30)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2, r.text
+    nulls = dict.fromkeys(["model", "n", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed",
+                           "stop", "stream", "stream_options", "ignore_eos", "echo", "logprobs", "chat_template_kwargs",
+                           "max_completion_tokens"])
+    body = {**nulls, "messages": MESSAGES, "max_tokens": 1}
+    r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=30)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 1, r.text
+    r = httpx.post(server.url + "/v1/chat/completions", timeout=30,
+                   json={"messages": MESSAGES, "max_tokens": 1, "chat_template_kwargs": {"enable_thinking": None}})
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("path, raw", [
+    ("/v1/chat/completions", rb'{"messages": [{"role": "user", "content": "hi \ud800"}], "max_tokens": 1}'),
+    ("/v1/completions", rb'{"prompt": "\ud800 x", "max_tokens": 1}'),
+])
+def test_a_lone_surrogate_in_the_text_is_answered(server, path, raw):
+    """A lone surrogate escape is valid JSON but no character: the tokenizer gets text it can encode
+    (localrun/text.py replaces it), not a 500."""
+    r = httpx.post(server.url + path, content=raw, headers={"Content-Type": "application/json"}, timeout=30)
+    assert r.status_code == 200, r.text
 
 
 def test_fifty_concurrent_streams_on_two_slots(engine, server):

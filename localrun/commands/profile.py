@@ -12,6 +12,7 @@ from ..errors import UsageError
 from . import _options as opt
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # the installed localrun package: never written to
+PROFILE_NAME = "routing_profile.json"  # loader.ROUTING_PROFILE, named here so a usage error imports no torch
 
 
 def profile(
@@ -35,6 +36,7 @@ def profile(
         raise UsageError(f"prompts file {prompts} not found")
     opt.check_out("--out", out, directory_ok=True)  # routing_profile.json into a directory
     opt.check_out("--trace", trace)
+    check_distinct({"--prompts": prompts, "--out": profile_file(out, None), "--trace": trace})
 
     from ..engine import DTYPES, Engine
     from ..loader import ROUTING_PROFILE
@@ -47,6 +49,8 @@ def profile(
         raise UsageError(f"{model_dir} is part of the installed localrun package; give --out FILE for the profile")
     if out is None and not os.access(model_dir, os.W_OK):  # the default place: known before minutes of profiling
         raise UsageError(f"cannot write the profile into {model_dir} (read-only); give --out FILE")
+    if out is None:  # the default place, known now: the trace must not go there either
+        check_distinct({"--prompts": prompts, "the profile": profile_file(None, model_dir), "--trace": trace})
     opt.use_threads(threads)
     engine = Engine.load(model_dir, device=device, dtype=None if dtype == "auto" else DTYPES[dtype], experts=experts)
     result = profile_prompts(engine, texts, max_tokens=max_tokens, trace=trace is not None)
@@ -56,6 +60,30 @@ def profile(
     if trace is not None:
         write_trace(trace, result.trace)
         print(f"trace of {len(result.trace)} tokens -> {trace}")
+
+
+def profile_file(out: Optional[Path], model_dir: Optional[Path]) -> Optional[Path]:
+    """The file the profile is written to: --out (a directory: its routing_profile.json), else MODEL's."""
+    if out is None:
+        return None if model_dir is None else model_dir / PROFILE_NAME
+    return out / PROFILE_NAME if out.is_dir() else out
+
+
+def check_distinct(files: dict[str, Optional[Path]]) -> None:
+    """The prompts, the profile and the trace must be three files: writing one over another would silently lose
+    the profile (the trace is written after it) or the user's prompts. Resolved first: `x`, `./x` and a link to x
+    are one file."""
+    seen: dict[Path, str] = {}
+    for name, path in files.items():
+        if path is None:
+            continue
+        try:
+            real = path.resolve()
+        except (OSError, RuntimeError):  # RuntimeError: a symlink loop (Python < 3.13); writing it fails later
+            real = path.absolute()
+        if real in seen:
+            raise UsageError(f"{seen[real]} and {name} name the same file ({path}); give them different paths")
+        seen[real] = name
 
 
 command = profile
