@@ -56,7 +56,7 @@ def profile(
     result = profile_prompts(engine, texts, max_tokens=max_tokens, trace=trace is not None)
     path = write_routing_profile(out or model_dir / ROUTING_PROFILE, result)
     print(f"profiled {len(texts)} prompt(s), {result.tokens} tokens, {len(result.counts)} MoE layers, "
-          f"{threads} threads -> {path}")
+          f"{threads} thread{'s' if threads != 1 else ''} -> {path}")
     if trace is not None:
         write_trace(trace, result.trace)
         print(f"trace of {len(result.trace)} tokens -> {trace}")
