@@ -11,10 +11,11 @@ from __future__ import annotations
 import math
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UsageError
+from .errors import LocalrunWarning, UsageError
 
 KIB, MIB, GIB, TIB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 GB_S = 10**9  # bandwidths are quoted in decimal GB/s by vendors; keep them that way
@@ -322,9 +323,14 @@ def default_threads() -> int:
 
 
 def check_threads(threads: int | None) -> int:
-    """--threads as given (validated), else `default_threads()`."""
+    """--threads as given (validated; more than the CPUs this process may use is a warning: every
+    parallel step then waits for threads that share a CPU), else `default_threads()`."""
     if threads is None:
         return default_threads()
     if threads < 1:
         raise UsageError(f"--threads must be at least 1, not {threads}")
+    cpus = usable_cpus()
+    if threads > cpus:
+        warnings.warn(f"--threads {threads} is more than the {cpus} CPUs this process may use: each parallel "
+                      "step waits for threads that share a CPU (slower, often much)", LocalrunWarning, stacklevel=2)
     return threads

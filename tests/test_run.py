@@ -293,3 +293,13 @@ def test_closed_stdin_is_a_usage_error_before_loading(command, tiny_moe, tmp_pat
                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert res.returncode == 2, res.stderr
     assert res.stderr.count("\n") == 1 and "stdin" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_more_threads_than_cpus_is_a_warning_once(tiny_moe, tmp_path):
+    import os
+
+    many = len(os.sched_getaffinity(0)) + 3
+    res = subprocess.run([sys.executable, "-m", "localrun", "run", str(tiny_moe), "hi", "-n", "1", "--device", "cpu",
+                          "--threads", str(many), "-q"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stderr.count("warning: --threads") == 1 and "CPUs this process may use" in res.stderr, res.stderr

@@ -85,8 +85,9 @@ def load_kwargs(device: str, dtype: str, experts: Optional[str], vram: Optional[
 
 
 def use_threads(threads: Optional[int]) -> int:
-    """Set torch's (and so the C kernels' OpenMP) intra-op threads: --threads, else `default_threads()`."""
-    n = check_threads(threads)
+    """Set torch's (and so the C kernels' OpenMP) intra-op threads: `threads` (checked by check_threads
+    already), else `default_threads()`."""
+    n = threads if threads is not None else check_threads(None)
     import torch
 
     torch.set_num_threads(n)
