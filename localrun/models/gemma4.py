@@ -492,6 +492,19 @@ class DecoderLayer(nn.Module):
         split = self.mlp.gate_up[0].shape[0]
         return y[:1, :split].reshape(*mlp_router.shape[1:-1], split), y[1:, split:]
 
+    def _route_and_mlp(self, r_TH, x_mlp, mlp_router, route) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(ids, weights, the dense MLP's output) from the fused glue's norms (`route`: self.route or
+        the router itself). A decoded token's two projections are one GEMM (`_mlp_and_router`), and on
+        CUDA that GEMM's two small consumers, act(gate) * up and the top-k, one launch (gated_route)."""
+        gate_up, logits = self._mlp_and_router(mlp_router)
+        if gate_up is not None and fused_on_cuda(gate_up):
+            activated, *routed = fused_ops.gated_route_op(gate_up, logits, self.router.per_expert_scale,
+                                                          self.router.top_k, self.mlp.act_name)
+            ids_TK, w_TK = route(r_TH, normed=True, routed=tuple(routed))
+            return ids_TK, w_TK, self.mlp(x_mlp, activated=activated)
+        ids_TK, w_TK = route(r_TH, normed=True, logits=logits)
+        return ids_TK, w_TK, self.mlp(x_mlp, gate_up)
+
     def set_experts(self, backend) -> None:
         """Swap the expert backend (a module or any callable (x_TH, ids_TK, w_TK) -> y_TH)."""
         self._modules.pop("experts", None)
@@ -534,15 +547,8 @@ class DecoderLayer(nn.Module):
                 attn, self.post_attention_layernorm.weight, x_BTH, self.pre_feedforward_layernorm.weight,
                 self.pre_feedforward_layernorm_2.weight, self.router.scale, self.router.root_size,
                 self.input_layernorm.eps)
-            gate_up, logits = self._mlp_and_router(mlp_router)
-            if gate_up is not None and fused_on_cuda(gate_up):  # their two small consumers: one launch too
-                activated, *routed = fused_ops.gated_route_op(gate_up, logits, self.router.per_expert_scale,
-                                                              self.router.top_k, self.mlp.act_name)
-                ids_TK, w_TK = route(x_router.reshape(-1, H), normed=True, routed=tuple(routed))
-                return Front(x, self.mlp(x_mlp, activated=activated), (x_moe.reshape(-1, H), ids_TK, w_TK), True,
-                             shared)
-            ids_TK, w_TK = route(x_router.reshape(-1, H), normed=True, logits=logits)
-            return Front(x, self.mlp(x_mlp, gate_up), (x_moe.reshape(-1, H), ids_TK, w_TK), True, shared)
+            ids_TK, w_TK, h = self._route_and_mlp(x_router.reshape(-1, H), x_mlp, mlp_router, route)
+            return Front(x, h, (x_moe.reshape(-1, H), ids_TK, w_TK), True, shared)
         x = self.post_attention_layernorm(attn) + x_BTH
         experts_in = None
         if self.moe:
