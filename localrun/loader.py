@@ -117,19 +117,25 @@ def load_weights(
             names[key] = name
     missing = [k for k in expected if k not in names]
     if missing:
-        stored = missing[0] if missing[0].startswith("lm_head.") else args.weight_prefix + missing[0]  # lm_head: no prefix
-        raise LocalrunError(f"checkpoint is missing {len(missing)} tensor(s), e.g. {stored}")
+        first = missing[0] if missing[0].startswith("lm_head.") else args.weight_prefix + missing[0]  # lm_head: unprefixed
+        raise LocalrunError(f"checkpoint is missing {len(missing)} tensor(s), e.g. {first}")
     for key, shape in expected.items():
         info = ckpt.tensors[names[key]]
         if info.shape != shape:
             raise LocalrunError(f"tensor {names[key]} has shape {list(info.shape)}, config says {list(shape)}")
     total = sum(info.nbytes for info in ckpt.tensors.values())
     done = 0
-    fused = {key: group for group in fused_groups(expected) for key in group}
+
+    def stored_dtype(key: str):
+        return kernels.storage_dtype(dtype, device, ckpt.tensors[names[key]].dtype) if len(expected[key]) > 1 else dtype
+
+    # a group is one allocation in one dtype: members stored in different dtypes keep their own
+    fused = {key: group for group in fused_groups(expected) if len({stored_dtype(k) for k in group}) == 1
+             for key in group}
     buffers: dict[tuple[str, ...], torch.Tensor] = {}
     for key, shape in expected.items():
         info = ckpt.tensors[names[key]]
-        stored = kernels.storage_dtype(dtype, device, info.dtype) if len(shape) > 1 else dtype
+        stored = stored_dtype(key)
         group = fused.get(key)
         if group is None:
             tensor = ckpt.read(names[key])

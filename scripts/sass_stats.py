@@ -127,10 +127,11 @@ def cases():
         yield f"v2 {name} n={n} k={k} warps={warps}", fn, consts, warps, rows * k * 2 / (32 * warps)
 
 
-def compile_cases():
+def compile_cases(arch: int = 90):
     """(name, kernel, pointer types, constexprs, warps[, stages]): the CUDA step's Triton kernels not yet
     run on a GPU, in the variants it launches (dtypes, double quant, sorted pairs, rings, the next norm),
-    and each autotune config of the prefill's grouped 4-bit GEMMs and of the dense GEMV (opt-in)."""
+    and each autotune config of the prefill's grouped 4-bit GEMMs and of the dense GEMV (opt-in); from
+    sm_90 (`arch` 90) also every decode kernel with programmatic dependent launch on."""
     from localrun.kernels import triton_attention, triton_fused, triton_gemv, triton_moe, triton_qkv_write
 
     for x in ("*bf16", "*fp32"):
@@ -160,7 +161,8 @@ def compile_cases():
                             BLOCK_S=max(16, min(64, 16384 // D)), BLOCK_D=D, BLOCK_SPLITS=8), 4 if D <= 256 else 8)
     yield from _grouped_cases(triton_moe)
     yield from _gemv_cases(triton_gemv)
-    yield from _pdl_cases()
+    if arch >= 90:  # griddepcontrol (programmatic dependent launch) is sm_90's
+        yield from _pdl_cases()
 
 
 def _pdl_cases():
@@ -239,7 +241,7 @@ def compile_all(arch: int) -> dict:
     """name -> cubin bytes, shared memory bytes and registers of every compile_cases() kernel (an
     exception where one does not compile)."""
     rows = {}
-    for name, fn, ptrs, consts, warps, *stages in compile_cases():
+    for name, fn, ptrs, consts, warps, *stages in compile_cases(arch):
         kernel = compile_kernel(fn, consts, warps, arch, ptrs, *stages)
         rows[name] = {"cubin_bytes": len(kernel.asm["cubin"]), "shared_bytes": kernel.metadata.shared,
                       **inspect(kernel, sass=False)}

@@ -100,6 +100,27 @@ def test_fused_projections_are_one_allocation_each(tiny_moe):
     assert attn.qkv[0].untyped_storage().data_ptr() == attn.q_proj.weight.untyped_storage().data_ptr()
 
 
+def test_a_group_member_stored_in_another_dtype_keeps_it(tmp_path):
+    """Fused groups are one allocation in one dtype: a checkpoint whose router is fp32 beside a bf16
+    dense MLP keeps the router fp32 (an fp32 CPU run stores bf16 matrices as bf16, others as they
+    are), and that layer then computes its router on its own (no two-row GEMM)."""
+    from safetensors.torch import load_file, save_file
+
+    from localrun.tiny import tiny_config, write_checkpoint
+
+    model_dir = write_checkpoint(tmp_path / "m", tiny_config("moe"), max_shard_bytes=None)
+    shard = next(model_dir.glob("*.safetensors"))
+    tensors = load_file(shard)
+    name = next(n for n in tensors if n.endswith("layers.0.router.proj.weight"))
+    tensors[name] = tensors[name].float() + 1e-3 * torch.randn(tensors[name].shape)  # values bf16 cannot hold
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    model = loader.load_model(model_dir, device="cpu", dtype=torch.float32, experts="bf16").model
+    first, second = model.layers[0], model.layers[1]
+    assert first.router.proj.weight.dtype == torch.float32 and torch.equal(first.router.proj.weight, tensors[name])
+    assert first.stacked is None and first.mlp.gate_up[0].dtype == torch.bfloat16
+    assert second.stacked is not None and second.router.proj.weight.dtype == torch.bfloat16
+
+
 def test_fit_json_on_the_reference_config_counts_every_byte(cli, tmp_path, monkeypatch):
     shutil.copy(REFERENCE, tmp_path / "config.json")
     fit = json.loads(cli("fit", tmp_path, "--vram", "16GiB", "--ram", "64GiB", "--json")[1])

@@ -70,6 +70,15 @@ def test_the_decode_steps_newer_kernels_compile_for_sm90():
     assert len([name for name in rows if name.startswith("pdl ")]) == 16  # every decode kernel with PDL on
 
 
+def test_pdl_variants_only_from_sm90():
+    """griddepcontrol is sm_90's: an older target (`--arch 86`) compiles everything else."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import sass_stats
+
+    assert not [case[0] for case in sass_stats.compile_cases(86) if case[0].startswith("pdl ")]
+    assert len([case[0] for case in sass_stats.compile_cases(90) if case[0].startswith("pdl ")]) == 16
+
+
 GROUPED_FIT = """
 import json, sys
 sys.path.insert(0, sys.argv[1])

@@ -37,7 +37,8 @@ def pdl_start(PDL: tl.constexpr):
 
 @functools.lru_cache(maxsize=None)
 def _supported(index: int) -> bool:
-    return torch.cuda.get_device_capability(index)[0] >= 9
+    """An NVIDIA GPU of compute capability 9.0 or later (ROCm reports its GPUs as "cuda" devices too)."""
+    return torch.version.hip is None and torch.cuda.get_device_capability(index)[0] >= 9
 
 
 def launch(device: torch.device) -> dict:

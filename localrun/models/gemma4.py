@@ -473,10 +473,11 @@ class DecoderLayer(nn.Module):
         token's two projections of the same residual, norm(r) * w_mlp and norm(r) * w_router * c, are
         one two-row GEMM (`_mlp_and_router`): one launch a layer fewer, the same bytes."""
         self.self_attn.fuse()
-        if not self.moe:
-            self.mlp.fuse()
-            return
         mlp = self.mlp
+        if not self.moe or self.router.proj.weight.dtype != mlp.gate_proj.weight.dtype:  # one matrix, one dtype
+            self.stacked = None
+            mlp.fuse()
+            return
         self.stacked, _ = fuse_linears(mlp.gate_proj, mlp.up_proj, self.router.proj)
         mlp.gate_up = (self.stacked[: mlp.gate_proj.out_features + mlp.up_proj.out_features], None)
 
