@@ -94,15 +94,16 @@ class Sampler:
 
     def __init__(self, params: SamplingParams, device="cpu"):
         self.params = params
+        self.greedy = params.greedy
         self.generator = None
-        if not params.greedy:
+        if not self.greedy:
             self.generator = torch.Generator(device=device)
             self.generator.manual_seed(params.seed if params.seed is not None else torch.seed())
 
     def token(self, logits_V: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
         params = self.params
         logits = apply_repetition_penalty(logits_V.float(), seen, params.repetition_penalty)
-        if params.greedy:
+        if self.greedy:
             return torch.argmax(logits).view(1)
         # the top logit to 0 first: divided by a tiny temperature the rest go to -inf, never the top to
         # inf (inf - inf is NaN); softmax, top-k, top-p and min-p are all blind to the shift
