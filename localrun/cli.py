@@ -15,7 +15,7 @@ from typing import Optional
 
 import typer
 
-from . import __version__
+from . import __version__, errors
 from .errors import LocalrunError, LocalrunWarning
 
 app = typer.Typer(
@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = any(a in _VERBOSE_FLAGS for a in argv)
     argv = [a for a in argv if a not in _VERBOSE_FLAGS]
+    errors.TRACEBACKS = verbose
     _quiet_third_party()
     _show_warnings()
     _register()

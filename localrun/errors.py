@@ -1,5 +1,7 @@
 """User-facing errors: the CLI prints their message as one line and exits non-zero."""
 
+TRACEBACKS = False  # --verbose: the CLI sets it; code that keeps going after an unexpected error prints one then
+
 
 class LocalrunError(Exception):
     """A problem the user can fix (bad path, bad option, unsupported model). Exit code 1."""

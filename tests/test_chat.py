@@ -539,3 +539,29 @@ def test_text_that_is_no_text_is_saved_and_answered(tmp_path):
     assert saved[0]["content"] == "be \ufffd brief" and saved[1]["content"] == "hi \ufffd"
     assert not session.command("load", str(tmp_path / "in.json")).error
     assert session.conversation.turns == [{"role": "user", "content": "a \ufffd"}]
+
+
+def test_a_reply_that_fails_does_not_end_the_chat(capsys):
+    """A bug inside one reply (here the engine raises mid-stream) is one error line: the message it
+    could not answer is dropped, the conversation before it is kept, and the next message is answered."""
+    from localrun.commands.chat import Terminal, show_reply
+
+    class Flaky(FakeEngine):
+        calls = 0
+
+        def stream(self, ids, params, *, max_tokens, ignore_eos=False):
+            Flaky.calls += 1
+            for i, step in enumerate(super().stream(ids, params, max_tokens=max_tokens)):
+                if Flaky.calls == 2 and i == 1:
+                    raise RuntimeError("boom\nsecond line")
+                yield step
+
+    session = ChatSession(Flaky("ok"), Settings(max_tokens=8), context=200)
+    term = Terminal()
+    for text in ("first", "second", "third"):
+        session.ask(text)
+        show_reply(session, term)
+    out = capsys.readouterr().out
+    assert "error: RuntimeError: boom (that message was dropped; the conversation is kept)" in out
+    assert session.conversation.turns == [{"role": "user", "content": "first"}, {"role": "assistant", "content": "ok"},
+                                          {"role": "user", "content": "third"}, {"role": "assistant", "content": "ok"}]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Optional
 
@@ -12,6 +13,7 @@ import typer
 
 from ..chat import (THOUGHT, ChatSession, MultilineInput, Reply, default_context, engine_stats, format_stats,
                     history_path, initial_settings, parse_command, rss_bytes)
+from .. import errors
 from ..errors import LocalrunError, UsageError
 from . import _options as opt
 
@@ -65,12 +67,30 @@ def remember(readline, path: Path, line: str) -> None:
 
 
 def show_reply(session: ChatSession, term: Terminal) -> None:
-    """Stream one reply; Ctrl-C stops it and keeps the partial reply (see localrun/chat.py)."""
+    """Stream one reply; Ctrl-C stops it and keeps the partial reply (see localrun/chat.py). An
+    unexpected failure (a bug) ends the reply, not the chat: one line says so, the message that
+    could not be answered is dropped, and the conversation before it stays (to /save, or go on)."""
     try:
-        reply = session.respond()
+        _stream_reply(session, term)
     except LocalrunError as e:
+        _drop_unanswered(session)
         term.error(str(e))
-        return
+    except Exception as e:  # noqa: BLE001 - one failed reply must not end the chat and lose the conversation
+        if errors.TRACEBACKS:
+            traceback.print_exc()
+        _drop_unanswered(session)
+        term.error(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (that message was dropped; "
+                   "the conversation is kept)")
+
+
+def _drop_unanswered(session: ChatSession) -> None:
+    """The last user message, if no reply to it was kept (the next one would follow it unanswered)."""
+    if session.conversation.awaiting_reply:
+        session.conversation.turns.pop()
+
+
+def _stream_reply(session: ChatSession, term: Terminal) -> None:
+    reply = session.respond()
     if reply.dropped:
         term.info(f"(context full: dropped the {reply.dropped} oldest messages; the system prompt is kept)")
     interrupted, kind = False, None
