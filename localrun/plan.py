@@ -675,7 +675,8 @@ def make_plan(
     host_total = host_experts
 
     fits, reason = _verdict(budget, weights, E, n, weights_fit, slots, moe_layers, slot_total, device_total,
-                            host_total, kv, on_gpu, resident_fraction is not None)
+                            host_total, kv, on_gpu, resident_fraction is not None,
+                            quantized=isinstance(experts, QuantSpec) or experts in ("nf4", "fp4"))
     # When nothing fits at the requested context, n is 0 here: the longest context that would.
     without_kv = placed_total - kv - kv_pos + rounding(n, [], []) + fixed
     max_ctx = _max_context(args, budget, elem, without_kv, host_total, on_gpu)
@@ -722,9 +723,14 @@ def _slots_text(slots: int, moe_layers: int, slot_total: int) -> str:
 
 def _verdict(budget: Budget, weights: _Weights, E: int, n: int, weights_fit: bool,
              slots: int, moe_layers: int, slot_total: int, device_total: int, host_total: int, kv: int,
-             on_gpu: bool, forced: bool) -> tuple[bool, str]:
-    """(fits, one-line reason)."""
+             on_gpu: bool, forced: bool, quantized: bool = True) -> tuple[bool, str]:
+    """(fits, one-line reason). quantized: 4-bit experts, the only ones the expert store can keep in
+    host RAM (bf16 experts must all be resident)."""
     ctx = f"{budget.context} tokens"
+    if E and n < E and weights_fit and not quantized:
+        return False, (f"does not fit: only {n} of {E} bf16 experts per layer fit on the "
+                       f"{'GPU' if on_gpu else 'compute tier'} at {ctx}, and experts in host RAM need 4-bit "
+                       "experts (--experts nf4 or fp4)")
     if on_gpu and (not weights_fit or device_total > budget.device_bytes):
         need = device_total
         what = (f"{n} of {E} experts per layer resident" if forced and E else

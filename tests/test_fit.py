@@ -66,9 +66,19 @@ def test_json_with_a_gpu_preset_estimates_speed(cli, ref_dir):
 
 def test_fp4_and_bf16_experts(cli, ref_dir):
     assert run_json(cli, ref_dir, "--gpu", "4090", "--ram", "64GiB", "--experts", "fp4")["fits"]
-    d = run_json(cli, ref_dir, "--gpu", "4090", "--ram", "64GiB", "--experts", "bf16")
+    code, out, err = run_cli(cli, ref_dir, "--gpu", "4090", "--ram", "64GiB", "--experts", "bf16", "--json")
+    d = json.loads(out)
     assert d["expert_precision"] == "bf16"
     assert d["resident_experts_per_layer"] < 64  # 42.5 GiB of bf16 experts cannot sit on 24 GiB
+    # ... and bf16 experts cannot stay in host RAM (the loader refuses that plan): does not fit, exit 1
+    assert code == 1 and not d["fits"] and "need 4-bit experts (--experts nf4 or fp4)" in d["reason"]
+
+
+def test_bf16_experts_that_all_fit_fit(cli, tiny_moe):
+    d = run_json(cli, tiny_moe, "--vram", "8GiB", "--experts", "bf16")
+    assert d["fits"] and d["resident_experts_per_layer"] == d["num_experts"]
+    code, out, err = run_cli(cli, tiny_moe, "--vram", "8GiB", "--experts", "bf16", "--resident-experts", "0.5")
+    assert code == 1 and "need 4-bit experts" in out + err
 
 
 def test_forced_resident_fraction(cli, ref_dir):

@@ -114,7 +114,7 @@ def _where(plan, tier: str) -> str:
     return "GPU" if tier == DEVICE else "RAM"
 
 
-def _print_report(plan, target: Target, host: HostBandwidth, model: Path) -> None:
+def _print_report(plan, target: Target, host: HostBandwidth, model: Path, sliding: bool = True) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -145,8 +145,11 @@ def _print_report(plan, target: Target, host: HostBandwidth, model: Path) -> Non
                       f"(LOCALRUN_DISPLAY_ALLOWANCE=0 on a headless card)", highlight=False)
     console.print(f"longest context that fits: {plan.max_context} tokens", highlight=False)
     per_seq = f"; one cache for each of the {plan.sequences} sequences" if plan.sequences > 1 else ""
-    console.print(f"KV cache: sliding layers keep their window + {KV_ROLLBACK} positions, so the prefix cache "
-                  f"can roll a conversation back{per_seq}", highlight=False)
+    if sliding:  # a model without sliding layers keeps every position anyway
+        console.print(f"KV cache: sliding layers keep their window + {KV_ROLLBACK} positions, so the prefix cache "
+                      f"can roll a conversation back{per_seq}", highlight=False)
+    elif per_seq:
+        console.print(f"KV cache: {per_seq[2:]}", highlight=False)
     if (cold := cold_experts_text(plan, target, host)) is not None:
         console.print(cold, highlight=False)
     if plan.estimated_decode_tokens_per_s is not None:
@@ -211,7 +214,8 @@ def fit(
                           "host_bandwidth_assumed": host_bw.assumed,
                           **plan.to_dict()}, indent=2))
     else:
-        _print_report(plan, target, host_bw, model)
+        sliding = any(args.is_sliding(i) for i in range(args.num_hidden_layers))
+        _print_report(plan, target, host_bw, model, sliding=sliding)
     if not plan.fits:
         raise typer.Exit(1)
 
