@@ -358,6 +358,7 @@ class ChatSession:
         self.threads = threads  # CPU compute threads, shown by /stats
         self.conversation = Conversation(valid_text(system) if system else None)
         self.last: Reply | None = None
+        self._retried: dict | None = None  # the reply /retry took away, until its new one is kept
 
     # Commands
 
@@ -393,8 +394,11 @@ class ChatSession:
                        error=not n)
 
     def _cmd_retry(self, arg: str) -> Outcome:
+        turns = self.conversation.turns
+        previous = turns[-1] if turns and turns[-1]["role"] == "assistant" else None
         if not self.conversation.drop_reply():
             return Outcome("nothing to retry", error=True)
+        self._retried = previous
         return Outcome(respond=True)
 
     def _cmd_think(self, arg: str) -> Outcome:
@@ -495,19 +499,32 @@ class ChatSession:
             reply.thought += piece.text
         return piece
 
-    def commit(self, reply: Reply) -> None:
+    def commit(self, reply: Reply) -> bool:
         """Keep the reply (whole or interrupted) as the assistant's message.
 
-        A reply interrupted before its first token has nothing to keep: the question goes too
-        (the user saw no answer to it), so no empty assistant turn is ever saved or replayed.
+        A reply interrupted before its first token has nothing to keep (`abandon`): the question goes
+        too, or a /retry's previous reply comes back (then True), so no empty assistant turn is ever
+        saved or replayed.
         """
         if reply.tokens == 0:
-            if self.conversation.awaiting_reply:
-                self.conversation.turns.pop()
-            return
+            return self.abandon()
+        self._retried = None
         self.conversation.add("assistant", reply.answer.strip())
         self.last = reply
         release_free_memory()
+        return False
+
+    def abandon(self) -> bool:
+        """No reply to the last user message will be kept (interrupted before its first token, or
+        failed): a /retry gets back the reply it took away (True); a new message is dropped (the user
+        saw no answer to it), so no unanswered message is ever saved or followed by another."""
+        if self._retried is not None:
+            self.conversation.turns.append(self._retried)
+            self._retried = None
+            return True
+        if self.conversation.awaiting_reply:
+            self.conversation.turns.pop()
+        return False
 
 
 def history_path() -> Path:

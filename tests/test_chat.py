@@ -565,3 +565,35 @@ def test_a_reply_that_fails_does_not_end_the_chat(capsys):
     assert "error: RuntimeError: boom (that message was dropped; the conversation is kept)" in out
     assert session.conversation.turns == [{"role": "user", "content": "first"}, {"role": "assistant", "content": "ok"},
                                           {"role": "user", "content": "third"}, {"role": "assistant", "content": "ok"}]
+
+
+def test_a_retry_that_gives_nothing_keeps_the_previous_reply(capsys):
+    """/retry takes the last reply away to answer its question again; interrupted before its first
+    token (or failing), that question keeps its previous reply, not nothing."""
+    from localrun.commands.chat import Terminal, show_reply
+
+    session = ChatSession(FakeEngine("ok"), Settings(max_tokens=8), context=200)
+    session.ask("first")
+    reply = session.respond()
+    list(reply)
+    session.commit(reply)
+    kept = list(session.conversation.turns)
+    assert session.command("retry", "").respond
+    reply = session.respond()
+    reply.pieces.close()  # Ctrl-C before any token
+    assert session.commit(reply) is True and session.conversation.turns == kept
+
+    class Failing(FakeEngine):
+        def stream(self, ids, params, *, max_tokens, ignore_eos=False):
+            raise RuntimeError("boom")
+            yield
+
+    session.engine = Failing("ok")
+    assert session.command("retry", "").respond
+    show_reply(session, Terminal())
+    assert session.conversation.turns == kept and "error: RuntimeError: boom" in capsys.readouterr().out
+    session.engine = FakeEngine("fine")
+    session.ask("second")  # a new message that gets no reply is dropped, the earlier reply stays
+    reply = session.respond()
+    reply.pieces.close()
+    assert session.commit(reply) is False and session.conversation.turns == kept

@@ -73,20 +73,14 @@ def show_reply(session: ChatSession, term: Terminal) -> None:
     try:
         _stream_reply(session, term)
     except LocalrunError as e:
-        _drop_unanswered(session)
+        session.abandon()
         term.error(str(e))
     except Exception as e:  # noqa: BLE001 - one failed reply must not end the chat and lose the conversation
         if errors.TRACEBACKS:
             traceback.print_exc()
-        _drop_unanswered(session)
+        session.abandon()
         term.error(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (that message was dropped; "
                    "the conversation is kept)")
-
-
-def _drop_unanswered(session: ChatSession) -> None:
-    """The last user message, if no reply to it was kept (the next one would follow it unanswered)."""
-    if session.conversation.awaiting_reply:
-        session.conversation.turns.pop()
 
 
 def _stream_reply(session: ChatSession, term: Terminal) -> None:
@@ -106,14 +100,15 @@ def _stream_reply(session: ChatSession, term: Terminal) -> None:
     except KeyboardInterrupt:
         interrupted = True
         reply.pieces.close()
-    session.commit(reply)
+    restored = session.commit(reply)
     term.write("\n")
-    term.info(stats_line(session, reply, interrupted))
+    term.info(stats_line(session, reply, interrupted, restored))
 
 
-def stats_line(session: ChatSession, reply: Reply, interrupted: bool) -> str:
+def stats_line(session: ChatSession, reply: Reply, interrupted: bool, restored: bool = False) -> str:
     if reply.timings is None:
-        return "interrupted before the first token (the message was dropped; send it again)"
+        return ("interrupted before the first token (the previous reply is kept)" if restored else
+                "interrupted before the first token (the message was dropped; send it again)")
     return format_stats(reply.tokens, reply.timings, rss_bytes(), engine_stats(session.engine), interrupted=interrupted)
 
 
