@@ -514,7 +514,9 @@ def memory_report(loaded: LoadedModel) -> dict:
     model = loaded.model
     dev = loaded.device
     seen: set = set()
-    tensors = [t for name, t in [*model.named_parameters(), *model.named_buffers()] if not name.startswith("inv_freq_")]
+    # parameters and persistent buffers: what the plan places (the non-persistent ones, RoPE frequencies
+    # and the like, are derived at load and small: the plan's reserve holds them)
+    tensors = list(model.state_dict(keep_vars=True).values())
     for layer in model.layers:
         experts = getattr(layer, "experts", None)
         tensors += [p.buffer for p in getattr(experts, "experts", [])]

@@ -172,12 +172,19 @@ def test_mixtral_names_map_onto_the_shared_model():
     assert args.norm_topk_prob and not args.qk_norm and args.rope_parameters["rope_theta"] == 1e6
 
 
-def test_qwen_checkpoint_runs_through_the_cli(cli, moe_checkpoint):
-    model_dir = moe_checkpoint("qwen3_moe")
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_moe_family_checkpoint_runs_through_the_cli(cli, moe_checkpoint, family):
+    model_dir = moe_checkpoint(family)
     code, out, err = cli("run", model_dir, "hello", "--json", "-n", "4", "--dtype", "float32", "--device", "cpu",
-                         "--ignore-eos")
+                         "--ignore-eos", "--resident-experts", "0.5")
     assert code == 0, err
-    assert len(json.loads(out)["tokens"]) == 4
+    res = json.loads(out)
+    assert len(res["tokens"]) == 4
+    memory = res["memory"]  # what the loader placed is what the plan said, to the byte
+    assert memory["device_bytes"] == memory["planned_device_bytes"], memory
+    assert memory["host_bytes"] == memory["planned_host_bytes"] > 0, memory
+    if family == "mixtral":
+        return
     code, out, err = cli("fit", model_dir, "--vram", "2GiB", "--json")
     assert code == 0, err
     assert json.loads(out)["resident_experts_per_layer"] == 8
