@@ -310,10 +310,11 @@ class OpenAIServer:
             raise APIError(400, "'stop' must be a string or an array of at most 16 strings", param="stop",
                            code="invalid_type")
         ignore_eos = _get(body, "ignore_eos", bool, False)
-        for flag in ("stream", "echo", "logprobs"):
+        for flag in ("stream", "echo"):
             _get(body, flag, bool, False)
-        if body.get("echo") or body.get("logprobs"):
-            raise APIError(400, "echo and logprobs are not supported", param="echo" if body.get("echo") else "logprobs")
+        if body.get("echo"):
+            raise APIError(400, "echo is not supported", param="echo")
+        refuse_unsupported(body)
         stream_options = _get(body, "stream_options", dict, {})
         _get(stream_options, "include_usage", bool, False, param="stream_options.include_usage")  # bool("no") is True
         _get(body, "model", str)
@@ -381,6 +382,13 @@ class OpenAIServer:
 
     async def models(self, request: Request) -> JSONResponse:
         return JSONResponse({"object": "list", "data": [self._model_card()]})
+
+    async def model(self, request: Request) -> JSONResponse:
+        """GET /v1/models/{id}: the served model's card; another id is a 404, as OpenAI answers it."""
+        name = request.path_params["model"]
+        if name != self.config.model_name:
+            raise APIError(404, f"The model '{name}' does not exist", param="model", code="model_not_found")
+        return JSONResponse(self._model_card())
 
     def _model_card(self) -> dict:
         return {"id": self.config.model_name, "object": "model", "created": self.created, "owned_by": "localrun",
@@ -496,6 +504,23 @@ class _Piece:
     kind: str = ANSWER
 
 
+# Fields of the OpenAI API localrun does not implement, and the values that ask for nothing: any other
+# value is a 400 naming the field (a silently ignored logit_bias, penalty, JSON mode or tool list
+# would hand the client something else than it asked for).
+UNSUPPORTED = {"logprobs": (False, 0), "top_logprobs": (0,), "logit_bias": ({},), "presence_penalty": (0, 0.0),
+               "frequency_penalty": (0, 0.0), "best_of": (1,), "suffix": ("",), "tools": ([],), "functions": ([],),
+               "tool_choice": ("none", "auto"), "function_call": ("none", "auto"),
+               "response_format": ({"type": "text"},)}
+
+
+def refuse_unsupported(body: dict) -> None:
+    """APIError 400 for a field of UNSUPPORTED set to anything but null or a value that asks for nothing."""
+    for name, off in UNSUPPORTED.items():
+        value = body.get(name)
+        if value is not None and not any(value == v and type(value) is type(v) for v in off):
+            raise APIError(400, f"'{name}' is not supported by this server", param=name)
+
+
 async def _json_body(request: Request) -> dict:
     raw = await request.body()
     try:
@@ -565,6 +590,7 @@ def make_app(engine: Engine, config: ServerConfig) -> Starlette:
     routes = [
         Route("/health", server.health, methods=["GET"]),
         Route("/v1/models", server.models, methods=["GET"]),
+        Route("/v1/models/{model:path}", server.model, methods=["GET"]),
         Route("/v1/chat/completions", server.chat_completions, methods=["POST"]),
         Route("/v1/completions", server.completions, methods=["POST"]),
     ]

@@ -159,6 +159,14 @@ def test_stop_string_spanning_two_tokens(engine, client):
     ({"messages": MESSAGES, "chat_template_kwargs": {"enable_thinking": "no"}}, "chat_template_kwargs.enable_thinking"),
     ({"messages": MESSAGES, "stream": True, "stream_options": {"include_usage": "no"}}, "stream_options.include_usage"),
     ({"messages": MESSAGES, "max_completion_tokens": None, "max_tokens": "ten"}, "max_tokens"),
+    # what localrun does not implement is refused by name, never silently ignored
+    ({"messages": MESSAGES, "logit_bias": {"383": -100}}, "logit_bias"),
+    ({"messages": MESSAGES, "presence_penalty": 0.5}, "presence_penalty"),
+    ({"messages": MESSAGES, "frequency_penalty": 1}, "frequency_penalty"),
+    ({"messages": MESSAGES, "response_format": {"type": "json_object"}}, "response_format"),
+    ({"messages": MESSAGES, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"messages": MESSAGES, "logprobs": True, "top_logprobs": 2}, "logprobs"),
+    ({"messages": MESSAGES, "echo": True}, "echo"),
 ])
 def test_bad_requests_get_400_and_the_server_keeps_serving(server, body, param):
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
@@ -171,6 +179,19 @@ def test_bad_requests_get_400_and_the_server_keeps_serving(server, body, param):
         assert error["code"] == "context_length_exceeded"
     ok = httpx.post(server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 1}, timeout=30)
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 1
+
+
+def test_fields_that_ask_for_nothing_are_fine_and_completions_logprobs_is_an_integer(server):
+    """The unimplemented fields at the values that ask for nothing (what clients send by default) pass;
+    /v1/completions' logprobs is an integer (0-5): a positive one is refused as unsupported, by name."""
+    body = {"messages": MESSAGES, "max_tokens": 1, "logit_bias": {}, "presence_penalty": 0, "frequency_penalty": 0.0,
+            "tools": [], "tool_choice": "auto", "response_format": {"type": "text"}, "logprobs": False}
+    assert httpx.post(server.url + "/v1/chat/completions", json=body, timeout=30).status_code == 200
+    ok = httpx.post(server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 1, "logprobs": 0}, timeout=30)
+    assert ok.status_code == 200, ok.text
+    r = httpx.post(server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 1, "logprobs": 2}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs"
+    assert "not supported" in r.json()["error"]["message"]
 
 
 def test_null_means_unset(server):
@@ -439,3 +460,12 @@ def test_thought_markers_never_reach_the_content(engine, server, monkeypatch):
                         for key in deltas:
                             deltas[key] += choice["delta"].get(key) or ""
         assert deltas == {"content": content, "reasoning_content": thought or ""}, case
+
+
+def test_models_retrieve_one_model(server):
+    """GET /v1/models/{id} (openai's `client.models.retrieve`): the served model's card, 404 for another."""
+    card = httpx.get(server.url + "/v1/models", timeout=30).json()["data"][0]
+    r = httpx.get(server.url + f"/v1/models/{card['id']}", timeout=30)
+    assert r.status_code == 200 and r.json() == card
+    r = httpx.get(server.url + "/v1/models/no-such-model", timeout=30)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
