@@ -189,7 +189,7 @@ COMMANDS = {
     "/clear": "forget the conversation (the system prompt stays)",
     "/undo": "drop the last exchange",
     "/retry": "answer the last message again",
-    "/think on|off": "turn Gemma 4 thinking on or off",
+    "/think on|off": "let the model think first, or not (the chat template's enable_thinking)",
     "/set NAME VALUE": "set " + "|".join(SETTABLE),
     "/save FILE": "save the conversation as JSON",
     "/load FILE": "load a conversation saved with /save",
@@ -307,7 +307,8 @@ def _gb(n: float) -> str:
 
 def format_stats(tokens: int, timings, memory: int, extra: dict | None = None, *, interrupted: bool = False) -> str:
     """The dim line after a reply: tokens, time to first token, decode speed, memory, then `extra` items."""
-    parts = [f"{tokens} tokens", f"ttft {timings.ttft_s:.2f} s", f"{timings.decode_tokens_per_s:.1f} tok/s",
+    speed = [f"{timings.decode_tokens_per_s:.1f} tok/s"] if tokens > 1 else []  # decode speed needs two tokens
+    parts = [f"{tokens} token{'s' if tokens != 1 else ''}", f"ttft {timings.ttft_s:.2f} s", *speed,
              f"RSS {_gb(memory)}"]
     parts += [f"{k} {v}" for k, v in (extra or {}).items()]
     if interrupted:

@@ -196,7 +196,7 @@ def test_format_stats_takes_extra_figures():
     t = Timings(prompt_tokens=10, generated_tokens=11, ttft_s=0.25, decode_s=2.0)
     line = format_stats(11, t, 3 * 2**30, {"expert hits": "93%"})
     assert line == "11 tokens · ttft 0.25 s · 5.0 tok/s · RSS 3.00 GB · expert hits 93%"
-    assert format_stats(1, t, 2**20, interrupted=True).endswith("RSS 1 MB · interrupted")
+    assert format_stats(1, t, 2**20, interrupted=True) == "1 token · ttft 0.25 s · RSS 1 MB · interrupted"
 
 
 def test_history_path(monkeypatch, tmp_path):
@@ -597,3 +597,17 @@ def test_a_retry_that_gives_nothing_keeps_the_previous_reply(capsys):
     reply = session.respond()
     reply.pieces.close()
     assert session.commit(reply) is False and session.conversation.turns == kept
+
+
+def test_model_text_cannot_drive_the_terminal(capsys, monkeypatch):
+    """A model's control characters (ESC through byte-fallback tokens: clear screen, window title) reach
+    the terminal as U+FFFD; newlines stay (and tabs, as spaces)."""
+    from localrun.commands.chat import Terminal, show_reply
+
+    monkeypatch.setenv("NO_COLOR", "1")  # no escapes of the chat's own styling either
+
+    session = ChatSession(FakeEngine("A\x1b]0;TITLE\x07B\x1b[2JC\r\nok\tx"), Settings(max_tokens=64), context=200)
+    session.ask("hi")
+    show_reply(session, Terminal())
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out and "A\ufffd]0;TITLE\ufffdB\ufffd[2JC\nok" in out, repr(out)

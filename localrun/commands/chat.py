@@ -4,6 +4,7 @@ this module only reads lines (readline, with history) and prints what the sessio
 from __future__ import annotations
 
 import os
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -66,6 +67,16 @@ def remember(readline, path: Path, line: str) -> None:
         pass
 
 
+_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # C0 but tab and newline, DEL, C1
+
+
+def printable(text: str) -> str:
+    """Model text as the terminal may show it: a control character (ESC starts sequences that clear the
+    screen or retitle the window; a model emits one through byte-fallback tokens) reads U+FFFD, a
+    carriage return is dropped (\\r\\n is a newline)."""
+    return _CONTROLS.sub(lambda m: "" if m.group() == "\r" else "\ufffd", text)
+
+
 def show_reply(session: ChatSession, term: Terminal) -> None:
     """Stream one reply; Ctrl-C stops it and keeps the partial reply (see localrun/chat.py). An
     unexpected failure (a bug) ends the reply, not the chat: one line says so, the message that
@@ -96,7 +107,7 @@ def _stream_reply(session: ChatSession, term: Terminal) -> None:
                 elif kind == THOUGHT:
                     term.write("\n\n")  # the answer starts apart from the thought
                 kind = piece.kind
-            term.write(piece.text, "dim italic" if piece.kind == THOUGHT else None)
+            term.write(printable(piece.text), "dim italic" if piece.kind == THOUGHT else None)
     except KeyboardInterrupt:
         interrupted = True
         reply.pieces.close()
