@@ -427,7 +427,8 @@ class ChatSession:
         if not arg:
             return Outcome("usage: /load FILE", error=True)
         self.conversation = load_conversation(arg)
-        return Outcome(f"loaded {len(self.conversation.messages())} messages from {arg}")
+        pending = "; its last message awaits a reply (/retry answers it)" if self.conversation.awaiting_reply else ""
+        return Outcome(f"loaded {len(self.conversation.messages())} messages from {arg}{pending}")
 
     def _cmd_stats(self, arg: str) -> Outcome:
         s = self.settings
@@ -456,7 +457,12 @@ class ChatSession:
         return len(self.engine.encode_messages(messages, enable_thinking=self.settings.think))
 
     def ask(self, text: str) -> None:
-        """Add a user message; `respond()` answers it."""
+        """Add a user message; `respond()` answers it. After a message still awaiting its reply (a
+        /load that ends with one) it joins that message: templates want user and assistant in turn."""
+        turns = self.conversation.turns
+        if self.conversation.awaiting_reply:
+            turns[-1] = {"role": "user", "content": f"{turns[-1]['content']}\n\n{valid_text(text)}"}
+            return
         self.conversation.add("user", text)
 
     def respond(self) -> Reply:

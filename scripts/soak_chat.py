@@ -36,7 +36,7 @@ SUB = ("What is {a} - {b}?", "What is {a} minus {b}?", "{a} - {b}?", "{a}-{b}", 
        "How much is {a} - {b}?", "Subtract {b} from {a}.", "what's {a} minus {b}", "Compute {a} - {b}.",
        "Take {b} away from {a}.", "Now {a} minus {b}?", "{a} - {b} =", "Calculate {a} minus {b}.",
        "What is the difference between {a} and {b}?")
-STATS = re.compile(r"(\d+) tokens · ttft [^\n]*?RSS ([\d.]+) (MB|GB)[^\n]*\r?\n")
+STATS = re.compile(r"(\d+) tokens? · ttft [^\n]*?RSS ([\d.]+) (MB|GB)[^\n]*\r?\n")
 DROPPED = re.compile(r"\(context full: dropped the (\d+) oldest messages")
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 

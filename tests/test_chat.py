@@ -374,7 +374,7 @@ def test_model_sampling_defaults_unless_a_flag_or_set_says_otherwise(tmp_path):
 
 pexpect = pytest.importorskip("pexpect")
 
-STATS = r"(\d+) tokens · ttft [\d.]+ s · [\d.]+ tok/s · RSS [\d.]+ [MG]B([^\r\n]*)\r?\n"
+STATS = r"(\d+) tokens? · ttft [\d.]+ s · (?:[\d.]+ tok/s · )?RSS [\d.]+ [MG]B([^\r\n]*)\r?\n"
 
 
 def spawn_chat(model, home, *args):
@@ -611,3 +611,15 @@ def test_model_text_cannot_drive_the_terminal(capsys, monkeypatch):
     show_reply(session, Terminal())
     out = capsys.readouterr().out
     assert "\x1b" not in out and "\x07" not in out and "A\ufffd]0;TITLE\ufffdB\ufffd[2JC\nok" in out, repr(out)
+
+
+def test_a_loaded_conversation_that_awaits_a_reply(tmp_path):
+    """/load of a file ending with a user message says so (/retry answers it); a message typed then
+    joins it, so the template still sees user and assistant in turn."""
+    (tmp_path / "c.json").write_text(json.dumps([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                                                 {"role": "user", "content": "c"}]))
+    session = ChatSession(FakeEngine("ok"), Settings(max_tokens=8), context=200)
+    outcome = session.command("load", str(tmp_path / "c.json"))
+    assert "awaits a reply (/retry answers it)" in outcome.text
+    session.ask("d")
+    assert session.conversation.turns[-1] == {"role": "user", "content": "c\n\nd"} and len(session.conversation.turns) == 3
