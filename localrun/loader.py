@@ -332,6 +332,9 @@ def load_plan(args: ModelArgs, model_dir: Path, dev: torch.device, spec: QuantSp
     gpu_bytes = None
     if dev.type == "cuda":
         gpu_bytes = vram if vram is not None else _gpu_memory(dev)[1]
+    elif vram is not None:
+        warnings.warn("--vram plans GPU memory; running on the CPU it changes nothing (--resident-experts "
+                      "splits the experts there)", LocalrunWarning, stacklevel=2)
     stored = kernels.storage_dtype(dtype, dev, stored_dtype)
     plan = placement_plan(args, model_dir, spec, gpu_bytes=gpu_bytes, host_bytes=detect_host_ram(), context=context,
                           resident_fraction=resident_fraction, dtype=str(dtype).removeprefix("torch."),

@@ -303,3 +303,9 @@ def test_more_threads_than_cpus_is_a_warning_once(tiny_moe, tmp_path):
                           "--threads", str(many), "-q"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert res.returncode == 0, res.stderr
     assert res.stderr.count("warning: --threads") == 1 and "CPUs this process may use" in res.stderr, res.stderr
+
+
+def test_vram_on_the_cpu_is_a_warning(tiny_moe, tmp_path):
+    res = subprocess.run([sys.executable, "-m", "localrun", "run", str(tiny_moe), "hi", "-n", "1", "--device", "cpu",
+                          "--vram", "100MiB", "-q"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert res.returncode == 0 and res.stderr.count("warning: --vram plans GPU memory") == 1, res.stderr
