@@ -328,6 +328,7 @@ def bench_transformers(model_dir: Path, cases: list[tuple[int, int]], *, device:
     import transformers
 
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()  # its "Loading weights" bars would cut into the table's output
     config = json.loads((Path(model_dir) / "config.json").read_text())
     multimodal = config.get("model_type") == "gemma4"
     cls = transformers.Gemma4ForConditionalGeneration if multimodal else transformers.Gemma4ForCausalLM
