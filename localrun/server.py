@@ -312,8 +312,6 @@ class OpenAIServer:
         ignore_eos = _get(body, "ignore_eos", bool, False)
         for flag in ("stream", "echo"):
             _get(body, flag, bool, False)
-        if body.get("echo"):
-            raise APIError(400, "echo is not supported", param="echo")
         refuse_unsupported(body)
         stream_options = _get(body, "stream_options", dict, {})
         _get(stream_options, "include_usage", bool, False, param="stream_options.include_usage")  # bool("no") is True
@@ -507,7 +505,7 @@ class _Piece:
 # Fields of the OpenAI API localrun does not implement, and the values that ask for nothing: any other
 # value is a 400 naming the field (a silently ignored logit_bias, penalty, JSON mode or tool list
 # would hand the client something else than it asked for).
-UNSUPPORTED = {"logprobs": (False, 0), "top_logprobs": (0,), "logit_bias": ({},), "presence_penalty": (0, 0.0),
+UNSUPPORTED = {"echo": (False,), "logprobs": (False, 0), "top_logprobs": (0,), "logit_bias": ({},), "presence_penalty": (0, 0.0),
                "frequency_penalty": (0, 0.0), "best_of": (1,), "suffix": ("",), "tools": ([],), "functions": ([],),
                "tool_choice": ("none", "auto"), "function_call": ("none", "auto"),
                "response_format": ({"type": "text"},)}

@@ -119,10 +119,14 @@ class ThoughtSplitter:
 
 
 def split_thinking(text: str, opened: str | None = None) -> tuple[str, str]:
-    """(answer, thought) of a whole reply, `opened` as for ThoughtSplitter. Where there was a thought,
-    both are stripped (of the blank lines around the markers); else the answer is the text as it came."""
+    """(answer, thought) of a whole reply, `opened` as for ThoughtSplitter (see `joined`)."""
     splitter = ThoughtSplitter(opened)
-    pieces = splitter.feed(text) + splitter.flush()
+    return joined(splitter.feed(text) + splitter.flush())
+
+
+def joined(pieces: list[Piece]) -> tuple[str, str]:
+    """(answer, thought) of a reply's pieces. Where there was a thought, both are stripped (of the blank
+    lines around the markers); else the answer is the text as it came."""
     answer = "".join(p.text for p in pieces if p.kind == ANSWER)
     thought = "".join(p.text for p in pieces if p.kind != ANSWER)
     return (answer.strip(), thought.strip()) if thought else (answer, "")

@@ -39,7 +39,6 @@ def profile(
     check_distinct({"--prompts": prompts, "--out": profile_file(out, None), "--trace": trace})
 
     from ..engine import DTYPES, Engine
-    from ..loader import ROUTING_PROFILE
     from ..profile import profile_prompts, read_prompts, write_routing_profile, write_trace
     from ..resolve import resolve_model
 
@@ -49,12 +48,13 @@ def profile(
         raise UsageError(f"{model_dir} is part of the installed localrun package; give --out FILE for the profile")
     if out is None and not os.access(model_dir, os.W_OK):  # the default place: known before minutes of profiling
         raise UsageError(f"cannot write the profile into {model_dir} (read-only); give --out FILE")
+    target = profile_file(out, model_dir)
     if out is None:  # the default place, known now: the trace must not go there either
-        check_distinct({"--prompts": prompts, "the profile": profile_file(None, model_dir), "--trace": trace})
+        check_distinct({"--prompts": prompts, "the profile": target, "--trace": trace})
     opt.use_threads(threads)
     engine = Engine.load(model_dir, device=device, dtype=None if dtype == "auto" else DTYPES[dtype], experts=experts)
     result = profile_prompts(engine, texts, max_tokens=max_tokens, trace=trace is not None)
-    path = write_routing_profile(out or model_dir / ROUTING_PROFILE, result)
+    path = write_routing_profile(target, result)
     print(f"profiled {len(texts)} prompt(s), {result.tokens} tokens, {len(result.counts)} MoE layers, "
           f"{threads} thread{'s' if threads != 1 else ''} -> {path}")
     if trace is not None:

@@ -13,7 +13,7 @@ from typing import Optional
 import typer
 
 from ..errors import LocalrunError, UsageError
-from ..thoughts import ANSWER, THOUGHT, Piece, ThoughtSplitter
+from ..thoughts import THOUGHT, Piece, ThoughtSplitter, joined
 from . import _options as opt
 
 TRUNCATE = ("left",)
@@ -118,22 +118,22 @@ def run(
               f"{dropped} tokens (--truncate left)", file=sys.stderr)
     steps = engine.stream(ids, params, max_tokens=min(max_tokens, limit - len(ids)), ignore_eos=ignore_eos)
     splitter, printer = ThoughtSplitter(engine.open_thought(ids)), ReplyPrinter(quiet)
-    texts, tokens, lps, last = {ANSWER: [], THOUGHT: []}, [], [], None
+    pieces, tokens, lps, last = [], [], [], None
     for text, step in engine.stream_text(steps):
         tokens.append(step.token)
         lps.append(step.logprob)
         last = step
         for piece in splitter.feed(text) + (splitter.flush() if step.finish_reason else []):
-            texts[piece.kind].append(piece.text)
+            pieces.append(piece)
             if not as_json:
                 printer(piece)
     if not as_json:
         printer.end()
         return
-    answer, thought = "".join(texts[ANSWER]), "".join(texts[THOUGHT])
+    answer, thought = joined(pieces)
     result = {
-        "text": answer.strip() if thought else answer,
-        **({"reasoning_content": thought.strip()} if thought else {}),
+        "text": answer,
+        **({"reasoning_content": thought} if thought else {}),
         "tokens": tokens,
         "prompt_tokens": len(ids),
         "truncated_tokens": dropped,
