@@ -24,6 +24,7 @@ DTYPES = {
     "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
     "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
     "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,  # FP8 checkpoints' codes (see localrun.fp8)
 }
 
 
@@ -181,3 +182,21 @@ class Checkpoint:
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
+
+
+def open_checkpoint(model_dir: str | Path):
+    """The checkpoint of a model directory, FP8 pairs dequantized when config.json says they are FP8."""
+    from .config import read_quantization
+    from .fp8 import CODES, Fp8Checkpoint  # fp8 builds on this module
+
+    model_dir = Path(model_dir)
+    raw = json.loads((model_dir / "config.json").read_text())
+    block = read_quantization(raw)
+    ckpt = Checkpoint(model_dir)
+    if block is not None:
+        return Fp8Checkpoint(ckpt, block)
+    stray = next((n for n, t in ckpt.tensors.items() if t.dtype in CODES), None)
+    if stray is not None:
+        raise LocalrunError(f"tensor {stray} is stored in FP8 but config.json has no quantization_config "
+                            "to say how to scale it")
+    return ckpt

@@ -199,7 +199,33 @@ def args_from_dict(config: dict):
     """The args of a config.json dict, read by the family its `model_type` names (see localrun.models)."""
     from .models import family  # models import this module
 
+    read_quantization(config)  # a quantization localrun cannot read is refused before anything is planned
     return family(config.get("model_type")).args_from_dict(config)
+
+
+FP8_METHOD = "fp8"  # block-scaled FP8 (Qwen's and DeepSeek's releases): localrun.fp8 reads it as bf16
+FP8_DEFAULT_BLOCK = (128, 128)  # transformers' FineGrainedFP8Config default
+
+
+def read_quantization(config: dict) -> tuple[int, int] | None:
+    """The FP8 block (rows, columns) a config.json dict asks for; None for an unquantized checkpoint.
+
+    LocalrunError for a quantization localrun cannot read, naming it.
+    """
+    quant = config.get("quantization_config")
+    if quant is None:
+        return None
+    method = quant.get("quant_method") if isinstance(quant, dict) else None
+    if method != FP8_METHOD:
+        named = f"quant_method {method!r}" if isinstance(method, str) else "a quantization_config without quant_method"
+        raise LocalrunError(f"this checkpoint is pre-quantized ({named}); localrun reads bf16, fp16 and fp32 "
+                            f"checkpoints and block-scaled FP8 ({FP8_METHOD!r}): use the original weights")
+    block = quant.get("weight_block_size", list(FP8_DEFAULT_BLOCK))
+    if not (isinstance(block, list) and len(block) == 2
+            and all(isinstance(b, int) and not isinstance(b, bool) and 0 < b <= 1 << 16 for b in block)):
+        raise ConfigError(f"quantization_config.weight_block_size must be [rows, columns] of positive "
+                            f"integers, not {block!r}")
+    return block[0], block[1]
 
 
 # Validation -------------------------------------------------------------------------------------

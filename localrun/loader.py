@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from . import kernels
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, open_checkpoint
 from .config import ModelArgs, load_config
 from .errors import LocalrunError, LocalrunWarning, UsageError
 from .experts import POLICIES, ExpertStore, calibrate
@@ -398,7 +398,7 @@ def load_model(
     """
     model_dir = Path(model_dir)
     args = load_config(model_dir)
-    ckpt = checkpoint if checkpoint is not None else Checkpoint(model_dir)
+    ckpt = checkpoint if checkpoint is not None else open_checkpoint(model_dir)
     dev = resolve_device(device)
     dtype = default_dtype(dev) if dtype is None else dtype
     if cache_policy not in POLICIES:

@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 
 from . import __version__
 from .atomic import new_file_mode
-from .checkpoint import INDEX, Checkpoint
+from .checkpoint import INDEX, Checkpoint, open_checkpoint
 from .config import load_config
 from .errors import LocalrunError, LocalrunWarning, UsageError
 from .models import family, is_expert_tensor
@@ -288,7 +288,7 @@ def quantize_checkpoint(
         spec.check_kernel_sizes(args.hidden_size, args.moe_intermediate_size)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    ckpt = Checkpoint(src)
+    ckpt = open_checkpoint(src)
     if not out.parent.is_dir():
         raise LocalrunError(f"cannot write {out}: {out.parent} is not a directory")
     clean_leftovers(out.parent)
@@ -322,6 +322,14 @@ def quantize_checkpoint(
 def moe_layers(args) -> list[int]:
     """The layers that have routed experts (every layer in Gemma 4 and Mixtral)."""
     return [i for i in range(args.num_hidden_layers) if args.has_experts(i)]
+
+
+def _drop_quantization_config(config: Path) -> None:
+    """OUT's weights are bf16 and 4-bit experts whatever SRC stored (an FP8 source is dequantized as it is
+    read): the source's quantization_config no longer describes them."""
+    raw = json.loads(config.read_text())
+    if raw.pop("quantization_config", None) is not None:
+        config.write_text(json.dumps(raw, indent=2) + "\n")
 
 
 def _write(ckpt: Checkpoint, args, src: Path, tmp: Path, spec: QuantSpec, progress, device) -> None:
@@ -368,6 +376,7 @@ def _write(ckpt: Checkpoint, args, src: Path, tmp: Path, spec: QuantSpec, progre
     for f in SIDE_FILES:
         if (src / f).is_file():
             shutil.copy2(src / f, tmp / f)
+    _drop_quantization_config(tmp / "config.json")
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "localrun_version": __version__,
         "quant_type": spec.quant_type, "blocksize": spec.blocksize, "double_quant": spec.double_quant,

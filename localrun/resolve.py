@@ -197,6 +197,9 @@ def model_format(model_dir: Path) -> str:
     if not isinstance(cfg, dict):  # valid JSON but not a config (a list, a number): "hf ?" like a missing dtype
         cfg = {}
     text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
+    quant = cfg.get("quantization_config")
+    if isinstance(quant, dict) and isinstance(quant.get("quant_method"), str):  # its weights' own format, not the
+        return f"hf {quant['quant_method']}"  # dtype the model computes in (an FP8 release says bfloat16)
     dtype = cfg.get("dtype") or cfg.get("torch_dtype") or text.get("dtype") or text.get("torch_dtype") or "?"
     return f"hf {dtype}".replace("bfloat16", "bf16").replace("float32", "fp32")
 
