@@ -91,18 +91,37 @@ ROLES = ("system", "user", "assistant")
 
 @dataclass
 class Conversation:
-    """The system prompt and the user/assistant messages after it."""
+    """The system prompt and the user/assistant messages after it.
+
+    `hidden`: how many of the oldest turns no longer fit the context. The model stops seeing them
+    (`messages`), the conversation keeps them (`saved`): /save writes everything that was said.
+    """
 
     system: str | None = None
     turns: list[dict] = field(default_factory=list)
+    hidden: int = 0
 
     def messages(self) -> list[dict]:
-        """What goes through the chat template: [system] + turns, as {role, content} dicts."""
-        head = [{"role": "system", "content": self.system}] if self.system else []
-        return head + [dict(m) for m in self.turns]
+        """What goes through the chat template: [system] + the visible turns, as {role, content} dicts
+        (a reply's thought stays out: templates drop past thinking, and some would show it)."""
+        return self._head() + [{"role": m["role"], "content": m["content"]} for m in self.turns[self.hidden:]]
 
-    def add(self, role: str, content: str) -> None:
-        self.turns.append({"role": role, "content": valid_text(content)})  # /save writes UTF-8
+    def saved(self) -> list[dict]:
+        """What /save writes: [system] + every turn, a reply's thought as its `reasoning_content`."""
+        return self._head() + [dict(m) for m in self.turns]
+
+    def _head(self) -> list[dict]:
+        return [{"role": "system", "content": self.system}] if self.system else []
+
+    def add(self, role: str, content: str, thought: str | None = None) -> None:
+        turn = {"role": role, "content": valid_text(content)}  # /save writes UTF-8
+        if thought:
+            turn["reasoning_content"] = valid_text(thought)
+        self.turns.append(turn)
+
+    def hide_oldest(self, n: int) -> None:
+        """The n oldest visible turns no longer fit the context."""
+        self.hidden = min(self.hidden + n, len(self.turns))
 
     @property
     def awaiting_reply(self) -> bool:
@@ -114,6 +133,7 @@ class Conversation:
             if self.turns[i]["role"] == "user":
                 dropped = len(self.turns) - i
                 del self.turns[i:]
+                self.hidden = min(self.hidden, len(self.turns))
                 return dropped
         return 0
 
@@ -125,6 +145,7 @@ class Conversation:
 
     def clear(self) -> None:
         self.turns.clear()
+        self.hidden = 0
 
 
 def save_conversation(messages: list[dict], path: str | Path) -> Path:
@@ -140,7 +161,8 @@ def save_conversation(messages: list[dict], path: str | Path) -> Path:
 
 
 def load_conversation(path: str | Path) -> Conversation:
-    """Read a saved JSON list of {role, content}; a leading system message becomes the system prompt."""
+    """Read a saved JSON list of {role, content} (an assistant's `reasoning_content` kept when it is
+    text); a leading system message becomes the system prompt."""
     path = Path(path).expanduser()
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -157,8 +179,11 @@ def load_conversation(path: str | Path) -> Conversation:
         if m["role"] == "system" and i > 0:
             raise LocalrunError(f"cannot load {path}: only the first message may be a system message")
     system = valid_text(data[0]["content"]) if data and data[0]["role"] == "system" else None
-    turns = [{"role": m["role"], "content": valid_text(m["content"])} for m in data if m["role"] != "system"]
-    return Conversation(system, turns)
+    conversation = Conversation(system)
+    for m in data[1 if system is not None else 0:]:
+        thought = m.get("reasoning_content") if m["role"] == "assistant" else None
+        conversation.add(m["role"], m["content"], thought if isinstance(thought, str) else None)
+    return conversation
 
 
 # Context trimming ------------------------------------------------------------------------------
@@ -206,12 +231,18 @@ def help_text() -> str:
 
 
 def parse_command(line: str) -> tuple[str, str] | None:
-    """`/name rest` -> ("name", "rest"); None for an ordinary message."""
+    """`/name rest` -> ("name", "rest"); None for an ordinary message (`message_text` gives its text)."""
     text = line.strip()
     if not text.startswith("/") or text == "/" or text.startswith("//"):
         return None
     name, _, arg = text[1:].partition(" ")
     return name.lower(), arg.strip()
+
+
+def message_text(line: str) -> str:
+    """What an ordinary message sends: a leading `//` is the escape for a one-line message that starts
+    with `/` (a multi-line block is sent as typed: it may open with a `//` comment)."""
+    return line.lstrip()[1:] if "\n" not in line and line.lstrip().startswith("//") else line
 
 
 @dataclass
@@ -420,21 +451,23 @@ class ChatSession:
     def _cmd_save(self, arg: str) -> Outcome:
         if not arg:
             return Outcome("usage: /save FILE", error=True)
-        path = save_conversation(self.conversation.messages(), arg)
-        return Outcome(f"saved {len(self.conversation.messages())} messages to {path}")
+        messages = self.conversation.saved()
+        path = save_conversation(messages, arg)
+        return Outcome(f"saved {len(messages)} messages to {path}")
 
     def _cmd_load(self, arg: str) -> Outcome:
         if not arg:
             return Outcome("usage: /load FILE", error=True)
         self.conversation = load_conversation(arg)
         pending = "; its last message awaits a reply (/retry answers it)" if self.conversation.awaiting_reply else ""
-        return Outcome(f"loaded {len(self.conversation.messages())} messages from {arg}{pending}")
+        return Outcome(f"loaded {len(self.conversation.saved())} messages from {arg}{pending}")
 
     def _cmd_stats(self, arg: str) -> Outcome:
         s = self.settings
         used = self.count_tokens(self.conversation.messages()) if self.conversation.turns else 0
         lines = [
-            f"messages  {len(self.conversation.turns)} (context {used} / {self.context} tokens)",
+            f"messages  {len(self.conversation.turns)} (context {used} / {self.context} tokens"
+            + (f"; the oldest {self.conversation.hidden} no longer fit it)" if self.conversation.hidden else ")"),
             f"sampling  temperature {s.temperature}, top_k {s.top_k}, top_p {s.top_p}, min_p {s.min_p}, "
             f"repeat_penalty {s.repeat_penalty}, seed {s.seed}",
             f"reply     max_tokens {s.max_tokens}, thinking {'on' if s.think else 'off'}",
@@ -478,8 +511,7 @@ class ChatSession:
             self.conversation.turns.pop()  # unanswerable as it is: don't let it block the next one
             raise LocalrunError(f"the message is too long: {len(ids)} tokens, the context holds {self.context} "
                                 "(--context)")
-        if dropped:
-            self.conversation.turns = [m for m in messages if m["role"] != "system"]
+        self.conversation.hide_oldest(dropped)
         max_tokens = min(s.max_tokens, self.context - len(ids))
         prefix = getattr(self.engine, "session", None)  # the prefix cache: only the new turns are prefilled
         steps = self.engine.stream(ids, s.sampling(), max_tokens=max_tokens, ignore_eos=s.ignore_eos,
@@ -516,7 +548,7 @@ class ChatSession:
         if reply.tokens == 0:
             return self.abandon()
         self._retried = None
-        self.conversation.add("assistant", reply.answer.strip())
+        self.conversation.add("assistant", reply.answer.strip(), reply.thought.strip())
         self.last = reply
         release_free_memory()
         return False

@@ -14,7 +14,8 @@ import torch
 
 from localrun.chat import (ANSWER, THOUGHT, ChatSession, Conversation, MultilineInput, Piece, Settings,
                            ThoughtSplitter, apply_setting, default_context, format_stats, history_path,
-                           initial_settings, load_conversation, parse_command, save_conversation, trim_to_fit)
+                           initial_settings, load_conversation, message_text, parse_command, save_conversation,
+                           trim_to_fit)
 from localrun import chat as chat_module
 from localrun.chat import release_free_memory
 from localrun.thoughts import open_thought
@@ -151,6 +152,13 @@ def test_default_context():
 
 # Commands, settings, input ---------------------------------------------------------------------
 
+def test_a_double_slash_sends_a_message_that_starts_with_a_slash():
+    assert parse_command("//etc/hosts is empty?") is None
+    assert message_text("//etc/hosts is empty?") == "/etc/hosts is empty?"
+    assert message_text("  //x") == "/x" and message_text("a // b") == "a // b"
+    assert message_text("// a comment\nint x;") == "// a comment\nint x;"  # a pasted block is sent as typed
+
+
 def test_parse_command():
     assert parse_command("/set temperature 0.5") == ("set", "temperature 0.5")
     assert parse_command("  /HELP ") == ("help", "")
@@ -286,7 +294,22 @@ def test_session_reply_starts_inside_a_thought_the_prompt_opened():
     list(reply)
     assert (reply.thought, reply.answer) == ("hm", "ok")
     session.commit(reply)
-    assert session.conversation.turns[-1] == {"role": "assistant", "content": "ok"}
+    assert session.conversation.turns[-1] == {"role": "assistant", "content": "ok", "reasoning_content": "hm"}
+    assert session.conversation.messages()[-1] == {"role": "assistant", "content": "ok"}  # templates see the answer
+
+
+def test_a_reply_that_is_all_thought_keeps_its_thought_for_save(tmp_path):
+    """max_tokens can end a reply inside its thought: the answer is empty, the thought is still what was said."""
+    session = ChatSession(FakeEngine("<|channel>thought\nstill thinking"), Settings(max_tokens=100), context=200)
+    session.ask("hi")
+    reply = session.respond()
+    list(reply)
+    session.commit(reply)
+    assert session.conversation.messages()[-1] == {"role": "assistant", "content": ""}
+    assert session.command("save", str(tmp_path / "c.json")).text.startswith("saved 2 messages")
+    saved = json.loads((tmp_path / "c.json").read_text())
+    assert saved[-1] == {"role": "assistant", "content": "", "reasoning_content": "still thinking"}
+    assert load_conversation(tmp_path / "c.json").saved() == saved  # and it comes back from /load
 
 
 def test_session_trims_oldest_turns_to_the_context():
@@ -303,6 +326,27 @@ def test_session_trims_oldest_turns_to_the_context():
     assert msgs[0] == {"role": "system", "content": "be brief"} and msgs[1]["role"] == "user"
     assert msgs[-2]["content"] == f"message number {i} with some words"
     assert session.count_tokens(msgs[:-1]) <= 40 - 8
+
+
+def test_turns_beyond_the_context_are_kept_for_save(tmp_path):
+    """Trimming hides the oldest turns from the model; /save still writes every one of them."""
+    session = ChatSession(FakeEngine("ok"), Settings(max_tokens=8), system="be brief", context=40)
+    for i in range(6):
+        session.ask(f"message number {i} with some words")
+        reply = session.respond()
+        list(reply)
+        session.commit(reply)
+    visible = session.conversation.messages()
+    assert visible[1]["content"] != "message number 0 with some words"  # the model no longer sees it
+    assert "no longer fit it" in session.command("stats", "").text
+    assert session.command("save", str(tmp_path / "c.json")).text.startswith("saved 13 messages")
+    saved = json.loads((tmp_path / "c.json").read_text())
+    assert [m["content"] for m in saved if m["role"] == "user"] == [f"message number {i} with some words"
+                                                                   for i in range(6)]
+    assert saved[-len(visible) + 1:] == visible[1:]  # what the model sees is the saved tail
+    assert session.command("undo", "").text and session.conversation.hidden <= len(session.conversation.turns)
+    session.command("clear", "")
+    assert session.conversation.hidden == 0
 
 
 def test_session_hands_free_heap_back_after_each_reply(monkeypatch):
@@ -623,3 +667,15 @@ def test_a_loaded_conversation_that_awaits_a_reply(tmp_path):
     assert "awaits a reply (/retry answers it)" in outcome.text
     session.ask("d")
     assert session.conversation.turns[-1] == {"role": "user", "content": "c\n\nd"} and len(session.conversation.turns) == 3
+
+
+def test_repl_sends_a_double_slash_line_as_a_message(monkeypatch, tmp_path, capsys):
+    from localrun.commands.chat import Terminal, repl
+
+    monkeypatch.setenv("LOCALRUN_HOME", str(tmp_path))
+    lines = iter(["//etc/hosts is empty?", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    session = ChatSession(FakeEngine("ok"), Settings(max_tokens=8), context=200)
+    repl(session, Terminal())
+    assert session.conversation.turns[0] == {"role": "user", "content": "/etc/hosts is empty?"}
+    assert "unknown command" not in capsys.readouterr().out

@@ -13,7 +13,7 @@ from typing import Optional
 import typer
 
 from ..chat import (THOUGHT, ChatSession, MultilineInput, Reply, default_context, engine_stats, format_stats,
-                    history_path, initial_settings, parse_command, rss_bytes)
+                    history_path, initial_settings, message_text, parse_command, rss_bytes)
 from .. import errors
 from ..errors import LocalrunError, UsageError
 from . import _options as opt
@@ -97,7 +97,8 @@ def show_reply(session: ChatSession, term: Terminal) -> None:
 def _stream_reply(session: ChatSession, term: Terminal) -> None:
     reply = session.respond()
     if reply.dropped:
-        term.info(f"(context full: dropped the {reply.dropped} oldest messages; the system prompt is kept)")
+        term.info(f"(context full: the model no longer sees the {reply.dropped} oldest messages; the system "
+                  "prompt stays, /save keeps them all)")
     interrupted, kind = False, None
     try:
         for piece in reply:
@@ -156,7 +157,7 @@ def repl(session: ChatSession, term: Terminal) -> None:
             continue
         command = parse_command(message) if "\n" not in message else None
         if command is None:
-            session.ask(message)
+            session.ask(message_text(message))
             show_reply(session, term)
             continue
         outcome = session.command(*command)
