@@ -31,6 +31,7 @@ from .models.gemma4 import EXPERT_KEYS
 from .moe import DenseExperts, activation
 from .plan import CUDA_CONTEXT_BYTES, QUANT_CHUNK_EXPERTS, Budget, Plan, device_budget, fused_groups, make_plan
 from .prequant import is_prequantized, manifest_spec, read_manifest
+from .resolve import ROUTING_PROFILE
 from quant.ffn import BufferedExperts, CpuLayerCompute, DeviceRowsCompute, QuantizedExperts, ffn_4bit
 from quant.layer import ExpertBuffer
 from quant.io import load_packed_experts
@@ -40,7 +41,6 @@ from quant.spec import QuantSpec
 EXPERT_CHOICES = ("nf4", "fp4", "bf16")
 DEFAULT_EXPERTS = "nf4"
 DEFAULT_CONTEXT = 8192
-ROUTING_PROFILE = "routing_profile.json"
 DEFAULT_CACHE_POLICY = "lru"  # scripts/bench_cache.py compares the policies on recorded routing
 
 

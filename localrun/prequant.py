@@ -32,20 +32,21 @@ from .checkpoint import INDEX, Checkpoint, open_checkpoint
 from .config import load_config
 from .errors import LocalrunError, LocalrunWarning, UsageError
 from .models import family, is_expert_tensor
+from .resolve import QUANT_MARKER, ROUTING_PROFILE
 from quant.io import save_packed_experts
 from quant.nf4 import pack_experts
 from quant.spec import QuantSpec
 
-MANIFEST = "localrun_quant.json"
+MANIFEST = QUANT_MARKER
 FORMAT = "localrun.quantized"
 FORMAT_VERSION = 1
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-              "special_tokens_map.json", "chat_template.jinja", "routing_profile.json")
+              "special_tokens_map.json", "chat_template.jinja", ROUTING_PROFILE)
 EXPERT_MATRICES = ("experts.gate_up_proj", "experts.down_proj")  # the fused layout the packed experts come from
 SHARD_BYTES = 1 << 30  # non-expert shards: bounds what is held in memory before a write
 # What quantize itself writes into OUT; anything else in an earlier OUT is the user's (see `user_files`).
 # routing_profile.json is not among them: `localrun profile OUT` writes it there, and it stays valid.
-OWN_FILES = frozenset({MANIFEST, INDEX, *SIDE_FILES} - {"routing_profile.json"})
+OWN_FILES = frozenset({MANIFEST, INDEX, *SIDE_FILES} - {ROUTING_PROFILE})
 _OWN_WEIGHTS = re.compile(r"^(model-\d{5}-of-\d{5}|experts-\d{3,})\.safetensors$")
 TMP_MARK = ".localrun-tmp-"
 OLD_MARK = ".localrun-old-"

@@ -18,7 +18,7 @@ import torch
 
 from .atomic import write_text_atomic
 from .errors import LocalrunError, UsageError
-from .loader import ROUTING_PROFILE
+from .resolve import ROUTING_PROFILE
 from .sampling import SamplingParams
 
 FORMAT = "localrun.routing_profile"

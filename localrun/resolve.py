@@ -21,6 +21,8 @@ DEMO_NAME = "demo"
 DEMO_DIR = Path(__file__).parent / "data" / "demo"
 # Written by `localrun quantize` beside the weights (for now the only marker we check).
 QUANT_MARKER = "localrun_quant.json"
+# Written by `localrun profile` beside the weights; the plan reads it to pick each layer's resident experts.
+ROUTING_PROFILE = "routing_profile.json"
 # What a model download needs; skips .gguf, original/*.pth and other formats a repo may hold.
 DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*"]
 

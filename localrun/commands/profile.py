@@ -9,10 +9,10 @@ from typing import Optional
 import typer
 
 from ..errors import UsageError
+from ..resolve import ROUTING_PROFILE
 from . import _options as opt
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # the installed localrun package: never written to
-PROFILE_NAME = "routing_profile.json"  # loader.ROUTING_PROFILE, named here so a usage error imports no torch
 
 
 def profile(
@@ -65,8 +65,8 @@ def profile(
 def profile_file(out: Optional[Path], model_dir: Optional[Path]) -> Optional[Path]:
     """The file the profile is written to: --out (a directory: its routing_profile.json), else MODEL's."""
     if out is None:
-        return None if model_dir is None else model_dir / PROFILE_NAME
-    return out / PROFILE_NAME if out.is_dir() else out
+        return None if model_dir is None else model_dir / ROUTING_PROFILE
+    return out / ROUTING_PROFILE if out.is_dir() else out
 
 
 def check_distinct(files: dict[str, Optional[Path]]) -> None:
