@@ -279,10 +279,50 @@ def test_per_layer_values_equal_to_the_global_ones_are_fine():
 
 def test_moe_family_settings_localrun_lacks_are_errors():
     qwen = json.loads((REFERENCE / "qwen3-30b-a3b.config.json").read_text())
-    with pytest.raises(LocalrunError, match="rope_type 'yarn' is not implemented"):
+    with pytest.raises(LocalrunError, match="rope_type 'dynamic' is not implemented"):
+        args_from_dict({**qwen, "rope_scaling": {"rope_type": "dynamic", "factor": 4.0}})
+    with pytest.raises(LocalrunError, match="rope_scaling.original_max_position_embeddings must be a positive integer"):
         args_from_dict({**qwen, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+    with pytest.raises(LocalrunError, match="rope_scaling.factor must be a number >= 1"):
+        args_from_dict({**qwen, "rope_scaling": {"type": "linear", "factor": "2"}})
     with pytest.raises(LocalrunError, match="hidden_act 'relu2' is not implemented"):
         args_from_dict({**qwen, "hidden_act": "relu2"})
+
+
+# Scaled RoPE: Qwen's cards extend the context with YaRN in config.json -----------------------------
+
+QWEN_YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}  # the model card's
+
+
+def test_qwen3_with_the_model_cards_yarn_reaches_128k():
+    qwen = json.loads((REFERENCE / "qwen3-30b-a3b.config.json").read_text())
+    assert args_from_dict(qwen).max_position_embeddings == 40960
+    assert args_from_dict({**qwen, "rope_scaling": QWEN_YARN}).max_position_embeddings == 131072
+
+
+@pytest.mark.parametrize("family, scaling", [
+    # tiny original contexts, so a 60-token run goes well past them
+    ("qwen3_moe", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}),
+    ("qwen3_moe", {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 32, "beta_fast": 8,
+                   "truncate": False, "mscale": 1.0, "mscale_all_dim": 0.5}),
+    ("mixtral", {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 24, "attention_factor": 1.3}),
+    ("mixtral", {"rope_type": "linear", "factor": 3.0}),
+])
+def test_scaled_rope_matches_transformers(tmp_path, family, scaling, attention_path):
+    torch.manual_seed(0)
+    config = FAMILIES[family]().config
+    config.rope_parameters = {**config.rope_parameters, **scaling}
+    config.head_dim = config.head_dim or config.hidden_size // config.num_attention_heads  # transformers' YaRN needs it
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    randomize(model, "model.", embed_scale=8.0)
+    model.save_pretrained(tmp_path)
+    write_side_files(tmp_path)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    ours = load_model(tmp_path, dtype=torch.float32, experts="bf16").model
+    expected = reference_run(ref, prompt())
+    assert_same_run(our_run(ours, prompt()), expected)
+    static = list(generate(ours, prompt(), make_sampler(SamplingParams()), max_tokens=GEN_TOKENS, step="static"))
+    assert [s.token for s in static] == expected[0]
 
 
 # fit on the real configs -------------------------------------------------------------------------

@@ -67,7 +67,12 @@ SHARED = [
     ({"rope_scaling": "linear"}, "rope_scaling"),
     ({"rope_parameters": {"rope_type": "default", "rope_theta": "1e6"}}, "rope_parameters.rope_theta"),
     ({"rope_parameters": [["rope_type", "default"]]}, "rope_parameters"),
-    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_type"),  # refused before too
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "original_max_position_embeddings"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 0.5, "original_max_position_embeddings": 4096}}, "factor"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4, "original_max_position_embeddings": 8, "beta_fast": -1}},
+     "beta_fast"),
+    ({"rope_scaling": {"type": "linear"}}, "factor"),
+    ({"rope_scaling": {"rope_type": "dynamic", "factor": 4.0}}, "rope_type"),
     ({"hidden_act": ["silu"]}, "hidden_act"),
     ({"hidden_act": "relu2"}, "hidden_act"),
     ({"sliding_window": 0}, "sliding_window"),
@@ -149,8 +154,11 @@ JSON_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-3, 300), st.samp
 JSON = st.recursive(JSON_SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=4),
                                                          st.dictionaries(st.text(max_size=8), inner, max_size=4)),
                     max_leaves=10)
-ROPE = st.fixed_dictionaries({}, optional={"rope_type": st.sampled_from(["default", "yarn", 1]),
-                                           "type": st.sampled_from(["default", "linear"]), "rope_theta": JSON})
+ROPE = st.fixed_dictionaries({}, optional={"rope_type": st.sampled_from(["default", "yarn", "linear", "dynamic", 1]),
+                                           "type": st.sampled_from(["default", "linear", "yarn"]), "rope_theta": JSON,
+                                           "factor": st.one_of(JSON, st.floats(0.5, 64)),
+                                           "original_max_position_embeddings": st.one_of(JSON, st.integers(1, 1 << 20)),
+                                           "attention_factor": JSON, "beta_fast": JSON, "truncate": JSON})
 # Fields the references leave out that the families still read.
 EXTRA_KEYS = ["head_dim", "rope_parameters", "num_experts", "num_local_experts", "use_sliding_window",
               "decoder_sparse_step", "mlp_only_layers", "pad_token_id", "norm_topk_prob", "attention_bias"]

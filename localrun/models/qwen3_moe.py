@@ -27,8 +27,8 @@ from ..config import (COUNT, EXPERTS, POSITIONS, SIZE, TOKEN_ID, ConfigError, ch
 from ..errors import LocalrunError
 from ..kernels import linear
 from ..moe import ACTIVATIONS, DenseExperts
-from . import common
-from .gemma4 import MLP, RMSNorm, apply_rope, attend, fuse_linears, fused_on_cuda, norm_rope, project, rope_inv_freq
+from . import common, rope
+from .gemma4 import MLP, RMSNorm, apply_rope, attend, fuse_linears, fused_on_cuda, norm_rope, project
 
 
 @dataclass
@@ -71,8 +71,10 @@ class MoEArgs:
             raise LocalrunError(f"hidden_act {self.hidden_act!r} is not implemented "
                                 f"(localrun has: {', '.join(ACTIVATIONS)})")
         rope_type = self.rope_parameters.get("rope_type", "default")
-        if rope_type != "default":
-            raise LocalrunError(f"rope_type {rope_type!r} is not implemented (localrun has: default)")
+        if rope_type not in ("default", *rope.SCALED):
+            raise LocalrunError(f"rope_type {rope_type!r} is not implemented (localrun has: default, "
+                                f"{', '.join(rope.SCALED)})")
+        self.max_position_embeddings = rope.positions(self.rope_parameters, self.max_position_embeddings)
         self.mlp_only_layers = list(self.mlp_only_layers or [])
 
     # What the shared code reads (see localrun.config) ----------------------------------------
@@ -211,6 +213,9 @@ def check_rope(config: dict) -> None:
     for name, theta in thetas.items():
         if not (is_number(theta) and theta > 0):
             raise ConfigError(f"{name} must be a positive number, not {theta!r}")
+    for name in ("rope_parameters", "rope_scaling"):
+        params = config.get(name) or {}
+        rope.check_scaling({"rope_type": params.get("rope_type", params.get("type")), **params}, name)
 
 
 def check_mlp_only_layers(layers, count: int) -> None:
@@ -311,7 +316,7 @@ class Attention(nn.Module):
         self.head_dim = D = args.layer_head_dim(layer)
         KV = args.layer_kv_heads(layer)
         self.window = args.sliding_window
-        self.scale = D**-0.5
+        self.scale = D**-0.5 * rope.attention_factor(args.rope_parameters) ** 2  # YaRN's m on q and on k
         self.q_proj = nn.Linear(H, N * D, bias=bias)
         self.k_proj = nn.Linear(H, KV * D, bias=bias)
         self.v_proj = nn.Linear(H, KV * D, bias=bias)
@@ -425,7 +430,7 @@ class Model(nn.Module):
 
     def init_buffers(self, device=None) -> None:
         """(Re)compute the RoPE frequencies; the loader calls it after building on the meta device."""
-        inv = rope_inv_freq(self.args.rope_parameters, self.args.head_dim).to(device)
+        inv = rope.inv_freq(self.args.rope_parameters, self.args.head_dim).to(device)
         self.register_buffer("inv_freq", inv, persistent=False)
 
     @property
