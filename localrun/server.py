@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
+import math
 import secrets
 import threading
 import time
@@ -296,8 +297,8 @@ class OpenAIServer:
         top_p = _get(body, "top_p", float, d.get("top_p", 1.0), check=lambda v: 0 < v <= 1, what="must be in (0, 1]")
         top_k = _get(body, "top_k", int, d.get("top_k", 0), check=lambda v: v >= -1, what="must be -1, 0 (off) or more")
         min_p = _get(body, "min_p", float, d.get("min_p", 0.0), check=lambda v: 0 <= v <= 1, what="must be in [0, 1]")
-        penalty = _get(body, "repetition_penalty", float, d.get("repeat_penalty", 1.0), check=lambda v: v > 0,
-                       what="must be > 0")
+        penalty = _get(body, "repetition_penalty", float, d.get("repeat_penalty", 1.0),
+                       check=lambda v: 0 < v < math.inf, what="must be > 0 and finite")
         seed = _get(body, "seed", int, check=lambda v: SEED_MIN <= v <= SEED_MAX,
                     what=f"must be an integer from {SEED_MIN} to {SEED_MAX}")
         # the newer name wins, unless null: a client that sets max_tokens may send max_completion_tokens: null
@@ -525,6 +526,8 @@ async def _json_body(request: Request) -> dict:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise APIError(400, f"the request body is not valid JSON ({e})", code="invalid_json") from None
+    except RecursionError:  # arrays or objects nested thousands deep
+        raise APIError(400, "the request body is not valid JSON (nested too deep)", code="invalid_json") from None
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_json")
     return body

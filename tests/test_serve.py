@@ -145,9 +145,11 @@ def test_stop_string_spanning_two_tokens(engine, client):
 @pytest.mark.parametrize("body, param", [
     (b"{not json", None),
     (b"[1, 2]", None),
+    (b'{"messages": ' + b"[" * 100000 + b"]" * 100000 + b"}", None),  # RecursionError in json: was a 500
     ({"messages": MESSAGES, "max_tokens": -1}, "max_tokens"),
     ({"messages": MESSAGES, "max_tokens": "ten"}, "max_tokens"),
     ({"messages": MESSAGES, "temperature": "hot"}, "temperature"),
+    (b'{"messages": [{"role": "user", "content": "Hello"}], "repetition_penalty": Infinity}', "repetition_penalty"),
     ({"messages": MESSAGES, "stop": 5}, "stop"),
     ({"messages": MESSAGES, "stream": "yes"}, "stream"),
     ({"messages": "hello"}, "messages"),
