@@ -14,6 +14,7 @@ import torch
 from .errors import UsageError
 
 NEG_INF = float("-inf")
+PENALTY_REACH = 1e30  # a repetition penalty beyond [1/this, this] acts as this: fp32 logits would overflow to inf
 
 
 SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1  # what torch.Generator.manual_seed takes
@@ -52,6 +53,7 @@ def apply_repetition_penalty(logits_V: torch.Tensor, seen: torch.Tensor, penalty
     """CTRL-style, as transformers does it: seen tokens' logits divided by penalty if > 0, else multiplied."""
     if penalty == 1.0 or seen.numel() == 0:
         return logits_V
+    penalty = min(max(penalty, 1 / PENALTY_REACH), PENALTY_REACH)
     picked = logits_V[seen]
     out = logits_V.clone()
     out[seen] = torch.where(picked > 0, picked / penalty, picked * penalty)
@@ -72,7 +74,8 @@ def apply_top_p(logits_V: torch.Tensor, p: float) -> torch.Tensor:
     sorted_logits, order = torch.sort(logits_V, descending=True)
     probs = torch.softmax(sorted_logits, dim=-1)
     before = torch.cumsum(probs, dim=-1) - probs  # mass strictly before each token
-    drop_sorted = before >= p
+    drop_sorted = before >= p  # a p that is 0 in fp32 would drop every token
+    drop_sorted[0] = False
     drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
     return logits_V.masked_fill(drop, NEG_INF)
 

@@ -32,6 +32,7 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert kept(apply_top_p(probs, 0.6)) == [1, 3]
     assert kept(apply_top_p(probs, 0.81)) == [1, 2, 3]
     assert kept(apply_top_p(probs, 1.0)) == [0, 1, 2, 3]
+    assert kept(apply_top_p(probs, 1e-46)) == [1]  # 0 in fp32: still the top token, not all dropped (NaN)
 
 
 def test_min_p_is_relative_to_the_top_token():
@@ -44,6 +45,15 @@ def test_repetition_penalty_like_transformers():
     out = apply_repetition_penalty(logits, torch.tensor([0, 1]), 2.0)
     assert out.tolist() == [1.0, -4.0, 1.0]
     assert logits.tolist() == [2.0, -2.0, 1.0]  # pure
+
+
+@pytest.mark.parametrize("penalty", [1e-300, 1e-40, 1e39, 1e300])
+def test_an_extreme_repetition_penalty_samples_a_token(penalty):
+    """A penalty whose fp32 result overflows to inf made the sampler's shift inf - inf (NaN): a 500 in serve."""
+    logits = torch.tensor([30.0, -20.0, 0.0, 5.0])
+    assert torch.isfinite(apply_repetition_penalty(logits, torch.tensor([0, 1, 2]), penalty)).all()
+    sample = make_sampler(SamplingParams(temperature=1.0, repetition_penalty=penalty, seed=0))
+    assert sample(logits, torch.tensor([0, 1])) == (0 if penalty < 1 else 3)
 
 
 def test_greedy_is_argmax_and_draws_nothing():
