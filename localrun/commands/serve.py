@@ -73,6 +73,13 @@ def serve(
             scheduler.shutdown()
             super().handle_exit(sig, frame)
 
+        async def shutdown(self, sockets=None):
+            """A second Ctrl-C skips the wait for open connections, never the lifespan's end (uvicorn's
+            skips it: the lifespan task, cancelled at exit, logged a traceback)."""
+            await super().shutdown(sockets)
+            if self.force_exit:
+                await self.lifespan.shutdown()
+
         @contextlib.contextmanager
         def capture_signals(self):
             """Ctrl-C / SIGTERM shut the server down and `run` returns (uvicorn's own re-raises the
