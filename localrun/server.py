@@ -540,6 +540,13 @@ class _Guard:
     def __init__(self, app, api_key: str | None = None):
         self.app, self.api_key = app, api_key
 
+    def authorized(self, scope) -> bool:
+        """'Authorization: Bearer KEY', the scheme in any case (RFC 9110), the key as the bytes sent (UTF-8 for
+        a non-ASCII one)."""
+        given = dict(scope.get("headers") or []).get(b"authorization", b"")
+        scheme, _, key = given.partition(b" ")
+        return scheme.lower() == b"bearer" and secrets.compare_digest(key, self.api_key.encode())
+
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
@@ -552,12 +559,9 @@ class _Guard:
             await send(message)
 
         try:
-            if self.api_key and scope["path"] != "/health":
-                headers = dict(scope.get("headers") or [])
-                given = headers.get(b"authorization", b"").decode("latin-1")
-                if not secrets.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
-                    raise APIError(401, "Incorrect API key provided: send 'Authorization: Bearer KEY'",
-                                   code="invalid_api_key")
+            if self.api_key and scope["path"] != "/health" and not self.authorized(scope):
+                raise APIError(401, "Incorrect API key provided: send 'Authorization: Bearer KEY'",
+                               code="invalid_api_key")
             await self.app(scope, receive, tracked)
         except APIError as e:
             if not started:

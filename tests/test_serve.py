@@ -316,6 +316,10 @@ def test_queue_bound_and_api_key(engine, monkeypatch):
         r = httpx.get(running.url + "/v1/models")
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
         assert httpx.get(running.url + "/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert httpx.get(running.url + "/v1/models", headers={"Authorization": "sekret"}).status_code == 401
+        # the scheme is case-insensitive (RFC 9110); the key is not
+        assert httpx.get(running.url + "/v1/models", headers={"Authorization": "bearer sekret"}).status_code == 200
+        assert httpx.get(running.url + "/v1/models", headers={"Authorization": "Bearer SEKRET"}).status_code == 401
         client = openai.OpenAI(base_url=running.url + "/v1", api_key="sekret", max_retries=0, timeout=60)
         assert [m.id for m in client.models.list()] == ["demo"]
         streams = [client.chat.completions.create(model="demo", messages=MESSAGES, max_tokens=200, stream=True,
