@@ -9,11 +9,10 @@ from typing import Iterator
 import torch
 
 from .kvcache import ContextFull, KVCache
+from .plan import PREFILL_CHUNK  # tokens per prefill forward: the plan's workspace is sized for it
 from .sampling import Sampler
 from .session import Session
 from .step import make_step
-
-PREFILL_CHUNK = 512  # tokens per prefill forward: bounds activation memory, not the result
 
 
 @dataclass

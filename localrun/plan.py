@@ -24,10 +24,11 @@ Rules (each one a named constant or function below, so a change is one edit):
   layers keep the whole context; `kv_layer_positions` is the one count the plan and KVCache share; attention_k_eq_v full layers store both K and V (K = rope(k_norm(raw)),
   V = v_norm(raw)); KV-shared layers store nothing (they read their source layer's cache).
 - Parallel sequences (`serve --parallel N`): each keeps its own KV cache, N times the bytes above.
-- Workspace: activations of one prefill chunk (upper bound, fp32), an attention-score tile of
-  SCORES_TILE_BYTES (the prefill chunk shrinks at long context so its fp32 scores fit in it:
-  see `prefill_chunk`), one expert dequantized for many-token matmuls, and the last position's
-  logits in fp32. It does not depend on the context length.
+- Workspace: activations of one prefill chunk of PREFILL_CHUNK tokens (upper bound, fp32), the
+  temporaries of one prefill attention call (`prefill_attention_bytes`: a block of QUERY_BLOCK
+  queries over every key it sees, which in a full layer is the whole context, so this part grows
+  with the context; never less than SCORES_TILE_BYTES), one expert dequantized for many-token
+  matmuls, and the last position's logits in fp32. `max_context` counts the attention part too.
 - Budget rule (one for `fit` and the loader: `device_budget`): the plan may use the card's total
   memory (or `--vram`) minus CUDA_CONTEXT_BYTES (the CUDA context, cuBLAS/cuDNN handles: memory
   torch never sees) and a display allowance (DISPLAY_ALLOWANCE_BYTES, or the environment variable
@@ -85,8 +86,9 @@ CUDA_RESERVE_BYTES = 256 * MIB  # cuBLAS workspace, partly used allocator segmen
 SMALL_ALLOC, SMALL_ROUND, LARGE_ROUND = 1 * MIB, 512, 2 * MIB  # PyTorch CUDA caching allocator
 QUANT_CHUNK_EXPERTS = 16  # experts per checkpoint read when quantizing on load
 HOST_RESERVE_BYTES = 1 * GIB
-PREFILL_CHUNK = 512  # tokens per prefill step at short context
-SCORES_TILE_BYTES = 256 * MIB  # fp32 attention scores of one prefill chunk over the context
+PREFILL_CHUNK = 512  # tokens per prefill forward (generate.prefill): bounds the activations
+QUERY_BLOCK = 64  # prefill queries per attention call (models/gemma4.attend; 64 beat 128 and 32)
+SCORES_TILE_BYTES = 256 * MIB  # the least the workspace keeps for prefill attention (see prefill_attention_bytes)
 ACTIVATION_SLACK = 2  # temporaries the allocator holds alongside the live activations
 FP32 = 4
 
@@ -313,17 +315,48 @@ def kv_position_bytes(args: ModelArgs, context: int) -> list[int]:
     return [kv_layer_positions(args, i, context) * KV_POSITION_BYTES for i in range(args.num_hidden_layers)]
 
 
-def prefill_chunk(args: ModelArgs, context: int) -> int:
-    """Tokens per prefill step: PREFILL_CHUNK, halved until its fp32 scores over `context` fit the tile."""
-    per_query = args.num_attention_heads * context * FP32
-    chunk = PREFILL_CHUNK
-    while chunk > 1 and chunk * per_query > SCORES_TILE_BYTES:
-        chunk //= 2
-    return chunk
+def prefill_attention_bytes(args: ModelArgs, context: int, elem_size: int) -> int:
+    """Peak bytes of one prefill attention call (`attend`: QUERY_BLOCK queries of the last chunk
+    over every key they see) at `context`, the largest over the layers.
+
+    Counted as SDPA's math backend computes it, the one a head dim of 512 (Gemma 4's full layers)
+    gets on CUDA: flash, memory-efficient and cuDNN attention all refuse it (docs/gpu/2026-11-26-
+    h200-baseline.md, "attention": full_prefill). Per key it holds K and V upcast to fp32 (half-precision
+    inputs only: torch keeps the math backend's reductions in fp32), K scaled once more, and the
+    block's fp32 scores once at the matmul, twice at the mask add and softmax; beside them the mask
+    repeated for the query groups (bool, then additive in the model dtype) and the bool mask of
+    every block of the chunk (`attend` keeps them for the other layers). Fused backends hold far
+    less, so for heads they take this is an upper bound. A full layer's block sees the whole
+    context, a sliding one its window and the chunk: so this grows with the context, 18 KiB a key
+    for 26B-A4B, 4.5 GiB at 262144 tokens (tests/test_plan.py measures the math backend's peak).
+    """
+    upcast = FP32 if elem_size < FP32 else 0  # fp32 inputs are used as they are
+    block = min(QUERY_BLOCK, PREFILL_CHUNK)
+    N = args.num_attention_heads
+    peak = 0
+    for i in range(args.num_hidden_layers):
+        KV, D = args.layer_kv_heads(i), args.layer_head_dim(i)
+        G = N // KV
+        window = args.sliding_window if args.is_sliding(i) else None
+        keys = context if window is None else min(context, window - 1 + PREFILL_CHUNK)
+        scores = N * block * FP32
+        masks = G * block * (1 + elem_size) + PREFILL_CHUNK
+        per_key = masks + max(KV * D * (2 * upcast + FP32) + scores,  # at the scores' matmul
+                              KV * D * 2 * upcast + 2 * scores)  # at the mask add and the softmax
+        queries = N * block * D * (elem_size + 2 * upcast)  # the block's queries: grouped, upcast, scaled
+        outputs = N * PREFILL_CHUNK * D * elem_size  # the blocks' outputs (joined after the last block's peak)
+        peak = max(peak, keys * per_key + queries + outputs)
+    return peak
 
 
-def workspace_bytes(args: ModelArgs, elem_size: int, dequant_expert_bytes: int) -> int:
-    """Device scratch for one forward pass; independent of context (see module docstring)."""
+def attention_workspace_bytes(args: ModelArgs, context: int, elem_size: int) -> int:
+    """The workspace's prefill attention part at `context`: `prefill_attention_bytes`, at least
+    SCORES_TILE_BYTES (what short contexts keep, as before the attention was counted per key)."""
+    return max(SCORES_TILE_BYTES, prefill_attention_bytes(args, context, elem_size))
+
+
+def workspace_bytes(args: ModelArgs, elem_size: int, dequant_expert_bytes: int, context: int) -> int:
+    """Device scratch for one forward pass at `context` (see module docstring)."""
     H, N, M = args.hidden_size, args.num_attention_heads, 0
     per_token = 0
     for i in range(args.num_hidden_layers):
@@ -338,7 +371,7 @@ def workspace_bytes(args: ModelArgs, elem_size: int, dequant_expert_bytes: int) 
     per_token += args.num_hidden_layers * args.hidden_size_per_layer_input  # per-layer inputs (E2B/E4B)
     activations = ACTIVATION_SLACK * PREFILL_CHUNK * per_token * FP32
     logits = args.vocab_size * (FP32 + elem_size)  # last position only: model dtype, then fp32
-    return activations + SCORES_TILE_BYTES + dequant_expert_bytes + logits
+    return activations + attention_workspace_bytes(args, context, elem_size) + dequant_expert_bytes + logits
 
 
 # Residency ----------------------------------------------------------------------------------
@@ -628,7 +661,7 @@ def make_plan(
     kv_pos = sum(kv_pos_layers)
     # Many-token expert matmuls dequantize one expert at a time into the model dtype.
     dequant = 3 * args.moe_intermediate_size * args.hidden_size * elem if E and isinstance(experts, QuantSpec) else 0
-    workspace = workspace_bytes(args, elem, dequant)
+    workspace = workspace_bytes(args, elem, dequant, budget.context)
     reserve = CUDA_RESERVE_BYTES if on_gpu else 0
     per_layer = weights.one_expert_per_layer()  # one expert of every MoE layer
     layer_expert = {layer: sum(m.values()) for layer, m in weights.expert_bytes.items()}
@@ -678,7 +711,9 @@ def make_plan(
                             host_total, kv, on_gpu, resident_fraction is not None,
                             quantized=isinstance(experts, QuantSpec) or experts in ("nf4", "fp4"))
     # When nothing fits at the requested context, n is 0 here: the longest context that would.
-    without_kv = placed_total - kv - kv_pos + rounding(n, [], []) + fixed
+    # What grows with the context comes off: the KV cache, its positions and the attention workspace.
+    without_kv = placed_total - kv - kv_pos + rounding(n, [], []) + fixed - attention_workspace_bytes(
+        args, budget.context, elem)
     max_ctx = _max_context(args, budget, elem, without_kv, host_total, on_gpu)
 
     breakdown = _breakdown(weights, label, expert_precision, resident_bytes, host_experts, slot_total,
@@ -695,7 +730,7 @@ def make_plan(
         kv_bytes=kv, kv_bytes_per_layer=[b * budget.sequences for b in kv_one], kv_position_bytes=kv_pos,
         sequences=budget.sequences,
         workspace_bytes=workspace, reserve_bytes=reserve,
-        host_reserve_bytes=HOST_RESERVE_BYTES, prefill_chunk=prefill_chunk(args, budget.context),
+        host_reserve_bytes=HOST_RESERVE_BYTES, prefill_chunk=PREFILL_CHUNK,
         max_context=max_ctx, expected_miss_rate=miss,
         decode_weight_bytes=_decode_weight_bytes(shapes, weights), active_expert_bytes=active,
         breakdown=breakdown, device_budget=budget.device_bytes, host_budget=budget.host_bytes,
@@ -758,7 +793,8 @@ def _verdict(budget: Budget, weights: _Weights, E: int, n: int, weights_fit: boo
 
 def _max_context(args: ModelArgs, budget: Budget, elem: int, without_kv: int, host_total: int,
                  on_gpu: bool) -> int:
-    """Longest context whose KV cache fits beside this placement (0 if nothing fits)."""
+    """Longest context whose KV cache and prefill attention workspace fit beside this placement (0 if
+    nothing fits). without_kv: the placement's bytes without those two."""
     if on_gpu:
         room = budget.device_bytes - without_kv
     elif budget.host_bytes is not None:
@@ -773,7 +809,8 @@ def _max_context(args: ModelArgs, budget: Budget, elem: int, without_kv: int, ho
         kv_layers = kv_cache_bytes(args, mid, elem) * budget.sequences
         pos_layers = kv_position_bytes(args, mid) * budget.sequences
         rounding = _rounding(_kv_allocations(kv_layers) + pos_layers) if on_gpu else 0
-        if sum(kv_layers) + sum(pos_layers) + rounding <= room:
+        attention = attention_workspace_bytes(args, mid, elem)
+        if sum(kv_layers) + sum(pos_layers) + rounding + attention <= room:
             lo = mid
         else:
             hi = mid - 1

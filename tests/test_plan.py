@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import json
+import weakref
 
 import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from localrun.config import FULL, SLIDING, ModelArgs
 from localrun.errors import UsageError
 from localrun.hardware import (GIB, MIB, GPU_PRESETS, detect_gpu, detect_host_ram, format_rate, gpu_preset,
                                parse_rate, parse_size, preset_for_device_name)
-from localrun.models.gemma4 import checkpoint_shapes
-from localrun.plan import (CPU_EXPERT_SYNC_S, DEVICE, HOST, KV_ROLLBACK, Budget, expert_matrix_name, kv_layer_bytes,
-                           make_plan, estimate_decode_tokens_per_s)
+from localrun.models.gemma4 import attend, checkpoint_shapes
+from localrun.plan import (CPU_EXPERT_SYNC_S, DEVICE, HOST, KV_ROLLBACK, PREFILL_CHUNK, SCORES_TILE_BYTES, Budget,
+                           expert_matrix_name, kv_layer_bytes, make_plan, estimate_decode_tokens_per_s,
+                           prefill_attention_bytes)
 from localrun.tiny import tiny_config
 from quant.spec import QuantSpec
 
@@ -161,6 +167,92 @@ def test_max_context_is_the_edge_of_the_placement(ref):
     assert plan.max_context >= 8192
     assert plan_for(ref, 16, context=plan.max_context, resident_fraction=frac).fits
     assert not plan_for(ref, 16, context=plan.max_context + 1, resident_fraction=frac).fits
+
+
+class PeakBytes(TorchDispatchMode):
+    """The peak bytes of the storages the ops run under it allocate and keep alive (their inputs'
+    storages excluded). On the meta device: the allocations of a 262144-key attention, without the memory."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self._refs: dict[int, list[int]] = {}  # storage -> [live tensors over it, bytes]
+        self._inputs: set[int] = set()
+
+    def _allocated(self, t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        key = storage._cdata
+        if key in self._inputs:
+            return
+        if key not in self._refs:
+            self._refs[key] = [0, storage.nbytes()]
+            self.live += storage.nbytes()
+            self.peak = max(self.peak, self.live)
+        self._refs[key][0] += 1
+        weakref.finalize(t, self._freed, key)
+
+    def _freed(self, key: int) -> None:
+        ref = self._refs[key]
+        ref[0] -= 1
+        if ref[0] == 0:
+            self.live -= ref[1]
+            del self._refs[key]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        for a in tree_flatten((args, kwargs))[0]:
+            if isinstance(a, torch.Tensor) and a.untyped_storage()._cdata not in self._refs:
+                self._inputs.add(a.untyped_storage()._cdata)
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self._allocated(t)
+        return out
+
+
+def full_layer_prefill_peak(args: ModelArgs, keys: int) -> int:
+    """Peak bytes `attend` allocates for the last prefill chunk of a full layer (head dim 512) over
+    `keys` positions in bf16, through SDPA's math backend, the only one CUDA has for that head dim."""
+    layer = args.layer_types.index(FULL)
+    N, KV, D = args.num_attention_heads, args.layer_kv_heads(layer), args.layer_head_dim(layer)
+    q = torch.empty(1, PREFILL_CHUNK, N, D, dtype=torch.bfloat16, device="meta").transpose(1, 2)
+    k = torch.empty(1, KV, keys, D, dtype=torch.bfloat16, device="meta")
+    v = torch.empty_like(k)
+    pos = torch.arange(keys, device="meta")
+    peak = PeakBytes()
+    with sdpa_kernel([SDPBackend.MATH]), peak:
+        attend(q, k, v, pos[-PREFILL_CHUNK:], pos, None, {})
+    return peak.peak
+
+
+@pytest.mark.parametrize("keys", [4096, 32768, 262144])
+def test_prefill_attention_bytes_cover_what_the_math_backend_holds(ref, keys):
+    measured = full_layer_prefill_peak(ref, keys)
+    counted = prefill_attention_bytes(ref, keys, 2)
+    assert measured <= counted <= 1.1 * measured  # an upper bound, and a close one
+    if keys == 262144:
+        assert counted > 4 * GIB  # a full layer's query block over the whole context
+
+
+@pytest.mark.parametrize("context", [32768, 131072, 262144])
+def test_the_workspace_grows_with_the_prefill_attention(ref, context):
+    """Past ~14K tokens one full layer's query block holds more than SCORES_TILE_BYTES: the workspace
+    grows by it (it was fixed at 498 MiB, so 24 GiB planned 262144 tokens with every expert resident
+    and the prefill of a long prompt ran out of memory)."""
+    short, long = plan_for(ref, 24), plan_for(ref, 24, context=context)
+    assert long.fits, long.reason
+    measured = full_layer_prefill_peak(ref, context)
+    assert measured > SCORES_TILE_BYTES
+    assert long.workspace_bytes >= short.workspace_bytes - SCORES_TILE_BYTES + measured
+    assert long.device_bytes <= long.device_budget
+
+
+def test_24gib_max_context_leaves_room_for_the_prefill_attention(ref):
+    plan = plan_for(ref, 24)
+    assert plan.resident_experts_per_layer == 128
+    assert 131072 <= plan.max_context < ref.max_position_embeddings  # 262144 needs experts in host RAM
+    assert plan_for(ref, 24, context=plan.max_context, resident_fraction=1.0).fits
+    assert not plan_for(ref, 24, context=plan.max_context + 1, resident_fraction=1.0).fits
+    assert plan_for(ref, 24, context=ref.max_position_embeddings).resident_experts_per_layer < 128
 
 
 def test_context_beyond_the_model_is_a_usage_error(ref):

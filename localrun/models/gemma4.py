@@ -23,6 +23,7 @@ from ..kernels import fused as fused_ops
 from ..kernels.attention import decode_attention, grouped_sdpa
 from ..kvcache import FullKV, RingKV, attention_mask
 from ..moe import DenseExperts, activation
+from ..plan import QUERY_BLOCK
 
 
 def args_from_dict(config: dict) -> ModelArgs:
@@ -235,7 +236,8 @@ def rope_on_cuda(pos_T: torch.Tensor, dtype: torch.dtype) -> bool:
             and not torch.is_grad_enabled())
 
 
-QUERY_BLOCK = 64  # prefill attends in blocks of queries, each over the keys it can see (64 beat 128 and 32)
+# prefill attends in blocks of QUERY_BLOCK queries (localrun/plan.py), each over the keys it can see; the
+# plan sizes its workspace for one block's temporaries (plan.prefill_attention_bytes)
 
 
 def attend(q_BNTD, k_BNSD, v_BNSD, pos_T, pos_S, window: int | None, masks: dict | None = None,
