@@ -6,7 +6,9 @@ running ones one token each in turn, so a slot freed by a finished or disconnect
 the next one within one decode step. Every slot is a `Session` (localrun/session.py): its KV
 cache keeps the last conversation, and a request goes to the free slot whose cache shares the
 longest prefix with its prompt, so a client that resends a growing conversation prefills only
-what is new.
+what is new; a request that shares less than half its prompt with any cache (a new conversation
+with the same system prompt) takes an empty slot, else the least recently used one (`pick_slot`, as
+llama.cpp's server), so the other conversations keep their caches.
 
 The API is the subset vLLM and SGLang accept as well: `/v1/chat/completions`, `/v1/completions`,
 `/v1/models`, `/health`; `top_k`, `min_p`, `repetition_penalty`, `ignore_eos` and
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import json
 import math
 import secrets
@@ -140,6 +143,19 @@ class Job:
             pass
 
 
+def pick_slot(free: list[int], prompt_len: int, shared: dict[int, int], held: dict[int, int],
+              last_used: dict[int, int]) -> int:
+    """The free slot for a prompt of `prompt_len` tokens: the one whose cache shares the most tokens with
+    it (`shared`) when that is at least half the prompt; otherwise one whose cache costs nothing to
+    overwrite: an empty one (`held`: tokens cached), else the least recently used (`last_used`)."""
+    def worth(i: int) -> int:
+        if 2 * shared[i] >= prompt_len:
+            return shared[i]
+        return 0 if held[i] == 0 else -1  # a small overlap is not worth another conversation's cache
+
+    return max(free, key=lambda i: (worth(i), -last_used.get(i, -1)))
+
+
 class Scheduler:
     """The thread that owns the model (see the module docstring)."""
 
@@ -149,6 +165,8 @@ class Scheduler:
         self.waiting: collections.deque[Job] = collections.deque()
         self.running: dict[int, tuple[Job, object, StreamDecoder, StopStrings]] = {}
         self.done: collections.deque[Job] = collections.deque(maxlen=256)  # recent jobs, for tests and stats
+        self.admissions = itertools.count()
+        self.last_used: dict[int, int] = {}  # slot -> when it last took a job (its admission's number)
         self.cond = threading.Condition()
         self.stopping = False
         self.thread = threading.Thread(target=self._loop, name="localrun-scheduler", daemon=True)
@@ -196,7 +214,9 @@ class Scheduler:
                 self._finish(job, None)
                 continue
             free = [i for i in range(len(self.slots)) if i not in self.running]
-            job.slot = max(free, key=lambda i: self.slots[i].common_prefix(job.prompt_ids))
+            job.slot = pick_slot(free, len(job.prompt_ids), {i: self.slots[i].common_prefix(job.prompt_ids) for i in free},
+                                 {i: len(self.slots[i].tokens) for i in free}, self.last_used)
+            self.last_used[job.slot] = next(self.admissions)
             try:
                 steps = self.engine.stream(job.prompt_ids, job.params, max_tokens=job.max_tokens,
                                            ignore_eos=job.ignore_eos, step=self.step, session=self.slots[job.slot])

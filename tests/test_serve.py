@@ -479,3 +479,18 @@ def test_models_retrieve_one_model(server):
     assert r.status_code == 200 and r.json() == card
     r = httpx.get(server.url + "/v1/models/no-such-model", timeout=30)
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+def test_a_slot_is_reused_where_it_holds_most_of_the_prompt():
+    from localrun.server import pick_slot
+
+    free = [0, 1, 2]
+    # slot 0 holds this conversation: it continues there (or the same prompt again, its reply thrown away)
+    assert pick_slot(free, 950, {0: 900, 1: 20, 2: 0}, {0: 1000, 1: 2000, 2: 0}, {}) == 0
+    assert pick_slot(free, 20, {0: 20, 1: 0, 2: 0}, {0: 44, 1: 0, 2: 0}, {}) == 0
+    # a new conversation sharing only the system prompt takes the empty slot, not slot 1's long cache
+    assert pick_slot(free, 60, {0: 20, 1: 20, 2: 0}, {0: 1000, 1: 2000, 2: 0}, {}) == 2
+    # no empty slot: the least recently used cache goes
+    assert pick_slot(free, 60, {0: 20, 1: 20, 2: 20}, {0: 1000, 1: 2000, 2: 500}, {0: 5, 1: 3, 2: 9}) == 1
+    # a slot never used before counts as the oldest
+    assert pick_slot([0, 1], 8, {0: 0, 1: 0}, {0: 10, 1: 10}, {0: 4}) == 1
