@@ -191,10 +191,10 @@ def open_checkpoint(model_dir: str | Path):
 
     model_dir = Path(model_dir)
     raw = json.loads((model_dir / "config.json").read_text())
-    block = read_quantization(raw)
+    layout = read_quantization(raw)
     ckpt = Checkpoint(model_dir)
-    if block is not None:
-        return Fp8Checkpoint(ckpt, block)
+    if layout is not None:
+        return Fp8Checkpoint(ckpt, layout)
     stray = next((n for n, t in ckpt.tensors.items() if t.dtype in CODES), None)
     if stray is not None:
         raise LocalrunError(f"tensor {stray} is stored in FP8 but config.json has no quantization_config "

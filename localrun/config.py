@@ -24,6 +24,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from .errors import LocalrunError
 
@@ -203,29 +204,80 @@ def args_from_dict(config: dict):
     return family(config.get("model_type")).args_from_dict(config)
 
 
-FP8_METHOD = "fp8"  # block-scaled FP8 (Qwen's and DeepSeek's releases): localrun.fp8 reads it as bf16
+# Pre-quantized checkpoints ----------------------------------------------------------------------
+# Two FP8 formats localrun reads as bf16 (localrun.fp8): Qwen's and DeepSeek's block-scaled
+# `quant_method: fp8` (W and W_scale_inv, one scale per block of `weight_block_size`), and
+# compressed-tensors' float-quantized FP8 (llm-compressor's FP8 / FP8-dynamic / FP8-block releases: W
+# and W_scale, one scale per tensor, per output channel, per group of columns or per block). Every other
+# quantization (GPTQ, AWQ, bitsandbytes, compressed-tensors' int4 ...) is refused by name.
+
+FP8_METHOD = "fp8"
 FP8_DEFAULT_BLOCK = (128, 128)  # transformers' FineGrainedFP8Config default
+CT_METHOD = "compressed-tensors"
+CT_FORMATS = ("float-quantized", "naive-quantized")  # FP8 codes stored as they are
+CT_STRATEGIES = ("tensor", "channel", "group", "block")  # each a grid of scales over the matrix
 
 
-def read_quantization(config: dict) -> tuple[int, int] | None:
-    """The FP8 block (rows, columns) a config.json dict asks for; None for an unquantized checkpoint.
+class FloatWeights(NamedTuple):
+    """How an FP8 checkpoint stores a matrix W: codes in W, scales in W + scale_suffix. block: the
+    (rows, columns) each scale covers when the config fixes it (a partial last block has its own);
+    None: as many rows and columns as the scale's grid divides the matrix into."""
 
-    LocalrunError for a quantization localrun cannot read, naming it.
+    scale_suffix: str
+    block: tuple[int, int] | None
+
+
+def read_quantization(config: dict) -> FloatWeights | None:
+    """The FP8 layout a config.json dict declares; None for an unquantized checkpoint.
+
+    LocalrunError for a quantization localrun cannot read, naming it; ConfigError for a malformed one.
     """
     quant = config.get("quantization_config")
     if quant is None:
         return None
     method = quant.get("quant_method") if isinstance(quant, dict) else None
-    if method != FP8_METHOD:
-        named = f"quant_method {method!r}" if isinstance(method, str) else "a quantization_config without quant_method"
-        raise LocalrunError(f"this checkpoint is pre-quantized ({named}); localrun reads bf16, fp16 and fp32 "
-                            f"checkpoints and block-scaled FP8 ({FP8_METHOD!r}): use the original weights")
-    block = quant.get("weight_block_size", list(FP8_DEFAULT_BLOCK))
+    if method == FP8_METHOD:
+        return FloatWeights("_scale_inv", _block(quant.get("weight_block_size", list(FP8_DEFAULT_BLOCK)),
+                                                 "weight_block_size"))
+    if method == CT_METHOD:
+        return _compressed_tensors(quant)
+    named = f"quant_method {method!r}" if isinstance(method, str) else "a quantization_config without quant_method"
+    raise _unreadable(named)
+
+
+def _unreadable(named: str) -> LocalrunError:
+    return LocalrunError(f"this checkpoint is pre-quantized ({named}); localrun reads bf16, fp16 and fp32 "
+                         f"checkpoints and FP8 ones ({FP8_METHOD!r}, {CT_METHOD} float-quantized): use the "
+                         "original weights")
+
+
+def _block(block, name: str) -> tuple[int, int]:
     if not (isinstance(block, list) and len(block) == 2
             and all(isinstance(b, int) and not isinstance(b, bool) and 0 < b <= 1 << 16 for b in block)):
-        raise ConfigError(f"quantization_config.weight_block_size must be [rows, columns] of positive "
-                            f"integers, not {block!r}")
+        raise ConfigError(f"quantization_config.{name} must be [rows, columns] of positive integers, not {block!r}")
     return block[0], block[1]
+
+
+def _compressed_tensors(quant: dict) -> FloatWeights:
+    """compressed-tensors' FP8 weights; anything else it can hold (int4 packs, zero points, 2:4 sparsity)
+    refused by name. Scales are per tensor, channel, group or block: their grid gives the block."""
+    groups = quant.get("config_groups")
+    if not (isinstance(groups, dict) and groups and all(isinstance(g, dict) for g in groups.values())):
+        raise ConfigError("quantization_config.config_groups must be an object of quantization groups")
+    fmt, sparsity = quant.get("format"), quant.get("sparsity_config")
+    for group in groups.values():
+        w = group.get("weights")
+        if w is None:
+            continue  # activations only: the weights are stored as they are
+        if not isinstance(w, dict):
+            raise ConfigError("quantization_config.config_groups.*.weights must be an object or null")
+        kind = f"{CT_METHOD} {w.get('type')} {w.get('num_bits')}-bit weights ({fmt}, {w.get('strategy')})"
+        if (w.get("type"), w.get("num_bits")) != ("float", 8) or fmt not in CT_FORMATS \
+                or w.get("strategy") not in CT_STRATEGIES or w.get("symmetric") is False:
+            raise _unreadable(kind)
+    if isinstance(sparsity, dict) and sparsity.get("format", "dense") != "dense":
+        raise _unreadable(f"{CT_METHOD} with {sparsity.get('format')} sparsity")
+    return FloatWeights("_scale", None)
 
 
 # Validation -------------------------------------------------------------------------------------

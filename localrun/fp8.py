@@ -1,19 +1,25 @@
 """FP8 checkpoints, read as bf16.
 
-Block-scaled FP8 is how Qwen (Qwen3-30B-A3B-FP8, Qwen3-Coder-30B-A3B-Instruct-FP8) and DeepSeek ship
-their weights, at half the download of bf16: config.json says `"quantization_config": {"quant_method":
-"fp8", "weight_block_size": [128, 128]}`, each quantized matrix `W` is stored as e4m3 codes `W` and
-one scale per 128 x 128 block `W_scale_inv` (despite the name, a multiplier):
+FP8 releases are half the download of bf16, and two formats cover them (`config.read_quantization`
+reads which one config.json declares):
 
-    W[i, j] = codes[i, j] * scale[i // 128, j // 128]
+- Qwen's and DeepSeek's block-scaled FP8 (Qwen3-30B-A3B-FP8, Qwen3-Coder-30B-A3B-Instruct-FP8):
+  `"quant_method": "fp8", "weight_block_size": [128, 128]`; each quantized matrix W is stored as e4m3
+  codes `W` and one scale per 128 x 128 block `W_scale_inv` (despite the name, a multiplier).
+- compressed-tensors' float-quantized FP8 (llm-compressor's FP8, FP8-dynamic and FP8-block releases,
+  which vLLM users have): codes `W` and `W_scale`, one scale per tensor ([1]), per output channel
+  ([rows, 1]), per group of columns ([rows, cols / group]) or per block (the codes padded to whole
+  blocks, the true shape in `W_shape_original`).
 
-(a partial last block keeps its own scale). localrun computes with bf16 matrices and 4-bit experts,
-so `Fp8Checkpoint` presents each such pair as the bf16 tensor it stands for, dequantized as it is
-read (the product in fp32, rounded once to bf16: what transformers loads on a machine without FP8
-kernels), and everything downstream (plan, loader, quantize) sees an ordinary bf16 checkpoint.
-Tensors the checkpoint keeps unquantized (embeddings, norms, routers, lm_head) pass through.
-Any other `quant_method` (GPTQ, AWQ, bitsandbytes, compressed-tensors, ...) is refused by name
-(`config.read_quantization`, so `fit` refuses it too).
+Each is a grid of scales over the matrix, so one rule reads both:
+
+    W[i, j] = codes[i, j] * scale[i // block_rows, j // block_cols]
+
+localrun computes with bf16 matrices and 4-bit experts, so `Fp8Checkpoint` presents each (codes,
+scale) pair as the bf16 tensor it stands for, dequantized as it is read (the product in fp32, rounded
+once to bf16: what transformers loads on a machine without FP8 kernels), and everything downstream
+(plan, loader, quantize) sees an ordinary bf16 checkpoint. Tensors kept unquantized (embeddings,
+norms, routers, lm_head) pass through; activation scales (FP8 inference's, not needed here) are hidden.
 """
 
 from __future__ import annotations
@@ -23,12 +29,14 @@ import math
 import torch
 
 from .checkpoint import Checkpoint, TensorInfo
+from .config import FloatWeights
 from .errors import LocalrunError
 
-SCALE_SUFFIX = "_scale_inv"
 CODES = (torch.float8_e4m3fn, torch.float8_e5m2)
-# What a dynamic or static activation scheme stores beside the weights; weight-only dequantization needs none.
-ACTIVATION_SUFFIXES = ("input_scale", "activation_scale")
+# What FP8 inference stores beside the weights (static activation and KV-cache scales): not needed here.
+ACTIVATION_SCALES = (".input_scale", ".input_zero_point", ".output_scale", ".k_scale", ".v_scale",
+                     ".activation_scale")
+SHAPE_SUFFIX = "_shape_original"  # compressed-tensors: the true shape of block-padded codes
 DEQUANTIZED = torch.bfloat16
 
 
@@ -45,36 +53,67 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
     return (codes.float() * expanded).to(DEQUANTIZED)
 
 
+def _cropped(w: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """w without the padding of whole blocks (compressed-tensors' block strategy), contiguous like every
+    tensor a checkpoint reads (a strided view would take other kernels, other sums)."""
+    return w if w.shape[-2:] == (rows, cols) else w[..., :rows, :cols].contiguous()
+
+
 class Fp8Checkpoint:
     """A Checkpoint whose FP8 matrices read as bf16 (see the module's docstring); the same interface."""
 
-    def __init__(self, inner: Checkpoint, block: tuple[int, int]):
-        self.inner, self.block = inner, block
+    def __init__(self, inner: Checkpoint, layout: FloatWeights):
+        self.inner, self.layout = inner, layout
         self.dir, self.metadata = inner.dir, inner.metadata
         self.tensors: dict[str, TensorInfo] = {}
-        self._scales: dict[str, str] = {}
+        self._pairs: dict[str, tuple[str, tuple[int, int]]] = {}  # FP8 tensor -> (its scale, the scale's block)
+        fp8 = [n for n, t in inner.tensors.items() if t.dtype in CODES]
+        hidden = {n + layout.scale_suffix for n in fp8} | {n + SHAPE_SUFFIX for n in fp8}
         for name, info in inner.tensors.items():
-            if name.endswith(SCALE_SUFFIX) or name.endswith(ACTIVATION_SUFFIXES):
+            if name in hidden or name.endswith(ACTIVATION_SCALES):
                 continue
             if info.dtype in CODES:
-                self._scales[name] = self._check_scale(name, info)
-                info = TensorInfo(info.file, DEQUANTIZED, info.shape, info.offset)
+                shape = self._true_shape(name, info)
+                self._pairs[name] = self._scale_of(name, info, shape)
+                info = TensorInfo(info.file, DEQUANTIZED, shape, info.offset)
             self.tensors[name] = info
 
-    def _check_scale(self, name: str, info: TensorInfo) -> str:
-        """The name of FP8 tensor `name`'s scale, after checking it has one of the shape its block needs."""
-        scale = name + SCALE_SUFFIX
-        if scale not in self.inner.tensors:
-            raise LocalrunError(f"FP8 tensor {name} has no {scale}")
+    def _true_shape(self, name: str, info: TensorInfo) -> tuple[int, ...]:
+        """The matrix's shape: as stored, or as `W_shape_original` says when the codes were padded to whole blocks."""
         if len(info.shape) < 2:
             raise LocalrunError(f"FP8 tensor {name} has shape {list(info.shape)}; localrun reads FP8 matrices only")
-        want = (*info.shape[:-2], *(math.ceil(n / b) for n, b in zip(info.shape[-2:], self.block)))
+        if name + "_zero_point" in self.inner.tensors:
+            raise LocalrunError(f"FP8 tensor {name} has a zero point; localrun reads symmetric FP8 only")
+        if name + SHAPE_SUFFIX not in self.inner.tensors:
+            return info.shape
+        shape = tuple(self.inner.read(name + SHAPE_SUFFIX).tolist())
+        if len(shape) != len(info.shape) or any(not 0 < n <= s for n, s in zip(shape, info.shape)) \
+                or shape[:-2] != info.shape[:-2]:
+            raise LocalrunError(f"{name}{SHAPE_SUFFIX} is {list(shape)}, not a shape within the stored {list(info.shape)}")
+        return shape
+
+    def _scale_of(self, name: str, info: TensorInfo, shape: tuple[int, ...]) -> tuple[str, tuple[int, int]]:
+        """FP8 tensor `name`'s scale and the (rows, columns) block each of its values covers, after checking
+        that the scale is a grid of floats over the (stored) matrix."""
+        scale = name + self.layout.scale_suffix
+        if scale not in self.inner.tensors:
+            raise LocalrunError(f"FP8 tensor {name} has no {scale}")
         got = self.inner.tensors[scale]
-        if got.shape != want or not got.dtype.is_floating_point:
-            raise LocalrunError(f"{scale} is {str(got.dtype).removeprefix('torch.')} {list(got.shape)}; blocks of "
-                                f"{self.block[0]} x {self.block[1]} over {name} {list(info.shape)} need "
-                                f"floating point {list(want)}")
-        return scale
+        stored = info.shape[-2:]
+        grid = got.shape[-2:] if len(got.shape) >= 2 else (1, 1)  # per tensor: [1] or []
+        if self.layout.block is not None:  # the config's blocks over the true matrix, a partial last one its own
+            block = self.layout.block
+            want = tuple(math.ceil(n / b) for n, b in zip(shape[-2:], block))
+        else:  # the grid divides the stored (block-padded) matrix evenly
+            block = tuple(s // g if g and s % g == 0 else 0 for s, g in zip(stored, grid))
+            want = grid if all(block) else None
+        per_matrix = len(shape) == 2 or got.shape[:-2] == shape[:-2]  # [E, rows, cols]: a grid per expert
+        if want is None or tuple(grid) != want or not per_matrix or not got.dtype.is_floating_point:
+            explain = (f"blocks of {block[0]} x {block[1]} need {list(shape[:-2]) + list(want)}" if self.layout.block
+                       else "its grid must divide the matrix into equal blocks")
+            raise LocalrunError(f"{scale} is {str(got.dtype).removeprefix('torch.')} {list(got.shape)}, no scale "
+                                f"grid for {name} {list(info.shape)}: {explain}, in floating point")
+        return scale, block
 
     def matrix_dtype(self) -> torch.dtype | None:
         return Checkpoint.matrix_dtype(self)
@@ -85,14 +124,20 @@ class Fp8Checkpoint:
 
     def read_rows(self, name: str, start: int, stop: int | None) -> torch.Tensor:
         """Rows [start, stop) of one tensor, dequantized when it is FP8 (only the blocks those rows need)."""
-        scale = self._scales.get(name)
-        if scale is None:
+        if name not in self._pairs:
             return self.inner.read_rows(name, start, stop)
+        scale, block = self._pairs[name]
+        cols = self.tensors[name].shape[-1]
         codes = self.inner.read_rows(name, start, stop)
         if codes.dim() > 2:  # [E, rows, cols]: each leading index has its own grid of scales
-            return dequantize(codes, self.inner.read_rows(scale, start, stop), self.block)
-        b = self.block[0]
-        return dequantize(codes, self.inner.read_rows(scale, start // b, -(-stop // b)), self.block, first_row=start)
+            rows = self.tensors[name].shape[-2]
+            return _cropped(dequantize(codes, self.inner.read_rows(scale, start, stop), block), rows, cols)
+        grid = self.inner.tensors[scale].shape
+        if len(grid) < 2:  # one scale for the whole matrix
+            values = self.inner.read(scale).reshape(1, 1)
+        else:
+            values = self.inner.read_rows(scale, start // block[0], -(-stop // block[0]))
+        return _cropped(dequantize(codes, values, block, first_row=start), codes.shape[0], cols)
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from localrun.checkpoint import open_checkpoint
-from localrun.config import load_config, read_quantization
+from localrun.config import FloatWeights, load_config, read_quantization
 from localrun.errors import LocalrunError
 from localrun.fp8 import Fp8Checkpoint, dequantize
 from localrun.loader import load_model
@@ -44,6 +44,66 @@ def quantize_fp8(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor,
     scale = blocks.abs().amax(dim=(-3, -1)).clamp(min=1e-12) / FP8_MAX
     codes = (blocks / scale[..., :, None, :, None]).flatten(-4, -3).flatten(-2)[..., :rows, :cols]
     return codes.to(torch.float8_e4m3fn), scale
+
+
+def quantize_ct(w: torch.Tensor, strategy: str, block=(16, 16), group=16) -> dict[str, torch.Tensor]:
+    """compressed-tensors' FP8 of a [rows, cols] matrix, as llm-compressor writes it: {"": codes, "_scale": scales
+    (bf16, as its releases hold them), "_shape_original": for blocks that needed padding}."""
+    rows, cols = w.shape
+    if strategy == "tensor":
+        grid = (1, 1)
+    elif strategy == "channel":
+        grid = (rows, 1)
+    elif strategy == "group":
+        grid = (rows, cols // group)
+    else:
+        grid = (math.ceil(rows / block[0]), math.ceil(cols / block[1]))
+    height, width = block if strategy == "block" else (math.ceil(rows / grid[0]), math.ceil(cols / grid[1]))
+    padded = torch.zeros(grid[0] * height, grid[1] * width)
+    padded[:rows, :cols] = w.float()
+    blocks = padded.unflatten(1, (grid[1], width)).unflatten(0, (grid[0], height))
+    scale = (blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12) / FP8_MAX).to(torch.bfloat16)
+    codes = (blocks / scale.float()[:, None, :, None]).flatten(2).flatten(0, 1)
+    out = {"_scale": scale.reshape(1) if strategy == "tensor" else scale}
+    if strategy == "block" and padded.shape != w.shape:
+        out["_shape_original"] = torch.tensor([rows, cols])
+    else:
+        codes = codes[:rows, :cols]
+    out[""] = codes.to(torch.float8_e4m3fn)
+    return out
+
+
+def ct_config(strategy: str, block=(16, 16), group=16) -> dict:
+    weights = {"num_bits": 8, "type": "float", "strategy": strategy, "symmetric": True, "dynamic": False}
+    if strategy == "block":
+        weights["block_structure"] = list(block)
+    if strategy == "group":
+        weights["group_size"] = group
+    return {"quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": {
+                "num_bits": 8, "type": "float", "strategy": "token", "symmetric": True, "dynamic": True}}},
+            "ignore": ["lm_head", "re:.*mlp.gate$", "re:.*block_sparse_moe.gate$"]}
+
+
+def to_compressed_tensors(src: Path, out: Path, strategy: str, **shape) -> Path:
+    """A copy of checkpoint `src` in compressed-tensors' FP8 (`strategy`: tensor, channel, group or block)."""
+    shutil.copytree(src, out)
+    tensors = {}
+    for f in sorted(out.glob("*.safetensors")):
+        tensors.update(load_file(f))
+        f.unlink()
+    (out / "model.safetensors.index.json").unlink(missing_ok=True)
+    written = {}
+    for name, t in tensors.items():
+        if is_quantized_matrix(name, t) and t.dim() == 2:
+            written.update({name + suffix: v for suffix, v in quantize_ct(t, strategy, **shape).items()})
+        else:
+            written[name] = t
+    save_file(written, str(out / "model.safetensors"))
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"] = ct_config(strategy, **shape)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out
 
 
 def is_quantized_matrix(name: str, t: torch.Tensor) -> bool:
@@ -123,6 +183,27 @@ def test_rows_read_alone_are_the_rows_of_the_whole_matrix(tmp_path_factory, rows
     assert torch.equal(ckpt.read_rows("w", start, stop), whole[start:stop])
 
 
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.integers(1, 40), groups=st.integers(1, 4), b0=st.integers(1, 16), b1=st.integers(1, 16),
+       cut=st.tuples(st.integers(0, 40), st.integers(0, 40)),
+       strategy=st.sampled_from(["tensor", "channel", "group", "block"]))
+def test_compressed_tensors_rows_read_alone_are_the_rows_of_the_whole_matrix(tmp_path_factory, rows, groups, b0, b1,
+                                                                             cut, strategy):
+    cols = groups * b1
+    w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(rows * cols))
+    stored = quantize_ct(w, strategy, block=(b0, b1), group=b1)
+    d = tmp_path_factory.mktemp("ctrows")
+    save_file({"w" + suffix: t for suffix, t in stored.items()}, str(d / "model.safetensors"))
+    (d / "config.json").write_text(json.dumps({"quantization_config": ct_config(strategy, (b0, b1), b1)}))
+    ckpt = open_checkpoint(d)
+    assert set(ckpt.tensors) == {"w"} and ckpt.tensors["w"].shape == (rows, cols)
+    whole = ckpt.read("w")
+    assert whole.is_contiguous() and (whole.float() - w).abs().max() <= w.abs().max() / 8  # FP8: 3 mantissa bits
+    start, stop = sorted(min(c, rows) for c in cut)
+    piece = ckpt.read_rows("w", start, stop)
+    assert piece.is_contiguous() and torch.equal(piece, whole[start:stop])
+
+
 # Models against transformers -------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -166,6 +247,62 @@ def test_gemma4_fp8_is_the_bf16_checkpoint_of_its_dequantized_weights(tmp_path):
     assert runs[0][0] == runs[1][0] and torch.equal(runs[0][1], runs[1][1])
 
 
+@pytest.mark.parametrize("family, strategy, shape", [
+    ("qwen3_moe", "channel", {}),  # FP8-dynamic: what llm-compressor's FP8_DYNAMIC scheme writes
+    ("mixtral", "tensor", {}),
+])
+def test_compressed_tensors_fp8_matches_transformers(tmp_path, family, strategy, shape):
+    pytest.importorskip("compressed_tensors")  # transformers' compressed-tensors loading needs it
+    model_dir = to_compressed_tensors(per_expert_checkpoint(family, tmp_path / "bf16"), tmp_path / "ct", strategy,
+                                      **shape)
+    config = transformers.CompressedTensorsConfig(run_compressed=False)  # dequantized into the model's bf16
+    ref = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16,
+                                                            quantization_config=config).float().eval()
+    ours = load_model(model_dir, dtype=torch.float32, experts="bf16").model
+    assert_same_run(our_run(ours, prompt()), reference_run(ref, prompt()))
+    ckpt = open_checkpoint(model_dir)
+    assert not any(n.endswith(("_scale", "_shape_original")) for n in ckpt.tensors)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(ckpt.read(name), ref.state_dict()[name].bfloat16())  # the very weights transformers has
+
+
+@pytest.mark.parametrize("family, strategy, shape", [
+    ("qwen3_moe", "group", {"group": 32}),
+    ("mixtral", "block", {"block": (48, 40)}),  # blocks that do not divide the matrices: padded codes
+    ("qwen3_moe", "block", {"block": (16, 32)}),
+])
+def test_compressed_tensors_fp8_is_what_compressed_tensors_dequantizes(tmp_path, family, strategy, shape):
+    """Groups and blocks (transformers 5.24 cannot load them into MoE experts): every matrix localrun reads
+    is what compressed-tensors' own dequantize gives, and the model runs as the bf16 checkpoint of them."""
+    ct = pytest.importorskip("compressed_tensors.quantization")
+    from compressed_tensors.quantization.lifecycle.forward import dequantize as ct_dequantize
+
+    model_dir = to_compressed_tensors(per_expert_checkpoint(family, tmp_path / "bf16"), tmp_path / "ct", strategy,
+                                      **shape)
+    weights = ct_config(strategy, **shape)["config_groups"]["group_0"]["weights"]
+    args = ct.QuantizationArgs(**{k: v for k, v in weights.items() if k != "dynamic"})
+    stored = load_file(model_dir / "model.safetensors")
+    ckpt = open_checkpoint(model_dir)
+    plain = {}
+    for name, t in stored.items():
+        if t.dtype == torch.float8_e4m3fn:
+            expected = ct_dequantize(t, stored[name + "_scale"], args=args, dtype=torch.float32)
+            if name + "_shape_original" in stored:
+                rows, cols = stored[name + "_shape_original"].tolist()
+                expected = expected[:rows, :cols]
+            plain[name] = expected.to(torch.bfloat16).contiguous()
+            assert torch.equal(ckpt.read(name), plain[name]), name
+        elif not name.endswith(("_scale", "_shape_original")):
+            plain[name] = t
+    reference = tmp_path / "plain"
+    reference.mkdir()
+    save_file(plain, str(reference / "model.safetensors"))
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tmp_path / "bf16" / f, reference / f)
+    runs = [our_run(load_model(d, dtype=torch.float32, experts="bf16").model, prompt()) for d in (model_dir, reference)]
+    assert runs[0][0] == runs[1][0] and torch.equal(runs[0][1], runs[1][1])
+
+
 def test_quantize_of_an_fp8_checkpoint_is_a_plain_localrun_checkpoint(fp8_checkpoint, tmp_path):
     model_dir = fp8_checkpoint("qwen3_moe")
     out = quantize_checkpoint(model_dir, tmp_path / "q", QuantSpec("nf4"))
@@ -180,7 +317,15 @@ def test_quantize_of_an_fp8_checkpoint_is_a_plain_localrun_checkpoint(fp8_checkp
 @pytest.mark.parametrize("quant, message", [
     ({"quant_method": "gptq", "bits": 4}, "pre-quantized (quant_method 'gptq')"),
     ({"quant_method": "bitsandbytes", "load_in_4bit": True}, "pre-quantized (quant_method 'bitsandbytes')"),
-    ({"quant_method": "compressed-tensors"}, "pre-quantized (quant_method 'compressed-tensors')"),
+    ({"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {"group_0": {"weights": {
+        "num_bits": 4, "type": "int", "strategy": "group", "group_size": 128}}}},
+     "pre-quantized (compressed-tensors int 4-bit weights (pack-quantized, group))"),
+    ({"quant_method": "compressed-tensors", "format": "float-quantized", "config_groups": {"g": {"weights": {
+        "num_bits": 8, "type": "float", "strategy": "channel", "symmetric": False}}}}, "compressed-tensors float 8-bit"),
+    ({"quant_method": "compressed-tensors", "format": "float-quantized", "config_groups": {"g": {"weights": {
+        "num_bits": 8, "type": "float", "strategy": "tensor"}}}, "sparsity_config": {"format": "sparse-24-bitmask"}},
+     "compressed-tensors with sparse-24-bitmask sparsity"),
+    ({"quant_method": "compressed-tensors"}, "config_groups must be an object"),
     ({"bits": 4}, "without quant_method"),
     ("fp8", "without quant_method"),
     ({"quant_method": "fp8", "weight_block_size": [128]}, "weight_block_size must be [rows, columns]"),
@@ -201,13 +346,18 @@ def test_quantizations_localrun_cannot_read_are_named(tiny_checkpoint, tmp_path,
                     max_leaves=8))
 def test_any_quantization_config_is_read_or_refused_in_one_line(value):
     for config in ({"quantization_config": value},
+                   {"quantization_config": {"quant_method": "compressed-tensors", "format": "float-quantized",
+                                            "config_groups": value}},
+                   {"quantization_config": {"quant_method": "compressed-tensors", "format": "float-quantized",
+                                            "config_groups": {"g": {"weights": value}}}},
                    {"quantization_config": {"quant_method": "fp8", "weight_block_size": value}}):
         try:
-            block = read_quantization(config)
+            layout = read_quantization(config)
         except LocalrunError as e:
             assert "\n" not in str(e)
         else:
-            assert block is None or (len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block))
+            assert layout is None or isinstance(layout, FloatWeights)
+            assert layout is None or layout.block is None or all(isinstance(b, int) and b > 0 for b in layout.block)
 
 
 def test_fp8_tensors_without_a_quantization_config_are_refused(fp8_checkpoint, tmp_path):
@@ -224,8 +374,8 @@ def test_fp8_tensors_without_a_quantization_config_are_refused(fp8_checkpoint, t
     (lambda t: t.pop("model.layers.0.self_attn.q_proj.weight_scale_inv"),
      "FP8 tensor model.layers.0.self_attn.q_proj.weight has no model.layers.0.self_attn.q_proj.weight_scale_inv"),
     (lambda t: t.update({"model.layers.0.self_attn.q_proj.weight_scale_inv": torch.ones(1, 1)}),
-     r"q_proj.weight_scale_inv is float32 \[1, 1\]; blocks of 32 x 32 over .*q_proj.weight \[64, 64\] need "
-     r"floating point \[2, 2\]"),
+     r"q_proj.weight_scale_inv is float32 \[1, 1\], no scale grid for .*q_proj.weight \[64, 64\]: blocks of 32 x 32 "
+     r"need \[2, 2\], in floating point"),
 ])
 def test_damaged_fp8_pairs_are_named(fp8_checkpoint, tmp_path, damage, message):
     d = tmp_path / "m"
