@@ -67,7 +67,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 from quant.spec import QuantSpec
@@ -629,7 +629,36 @@ def make_plan(
     the config's `checkpoint_shapes`). routing_profile: {layer: [count per expert]} ranks which
     experts stay resident. resident_fraction (0..1) forces the resident share of each layer's
     experts instead of the automatic choice; it works for CPU plans too.
+
+    A plan that does not fit has as its max_context the longest shorter context whose plan fits
+    (0 when none does): whatever stopped it (GPU memory, host RAM, bf16 experts that must all be
+    resident), a shorter context is the only thing that can help, since each position's KV costs
+    resident experts.
     """
+    options = dict(experts=experts, tensor_shapes=tensor_shapes, routing_profile=routing_profile, dtype=dtype,
+                   matrix_dtype=matrix_dtype, resident_fraction=resident_fraction)
+    plan = _place(args, budget, **options)
+    if not plan.fits:
+        plan.max_context = _longest_fitting_context(args, budget, options)
+    return plan
+
+
+def _longest_fitting_context(args: ModelArgs, budget: Budget, options: dict) -> int:
+    """The longest context below budget.context whose plan fits, 0 if none: fitting only gets harder
+    as the context grows (more KV, fewer resident experts, more of them in host RAM)."""
+    lo, hi = 0, budget.context - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if _place(args, replace(budget, context=mid, gpu_bandwidth=None), **options).fits:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _place(args: ModelArgs, budget: Budget, *, experts: QuantSpec | str, tensor_shapes, routing_profile,
+           dtype: str, matrix_dtype: str | None, resident_fraction: float | None) -> Plan:
+    """make_plan for exactly budget.context (its max_context: the edge of this placement)."""
     if budget.context < 1:
         raise UsageError(f"context must be at least 1 token, not {budget.context}")
     if budget.context > args.max_position_embeddings:

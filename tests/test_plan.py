@@ -255,6 +255,20 @@ def test_24gib_max_context_leaves_room_for_the_prefill_attention(ref):
     assert plan_for(ref, 24, context=ref.max_position_embeddings).resident_experts_per_layer < 128
 
 
+@pytest.mark.parametrize("vram, host, kw", [
+    (24, HOST_RAM, {"experts": "bf16"}),  # bf16 experts must all be resident: no context fits 24 GiB
+    (16, int(3.4 * GIB), {}),  # host RAM: a shorter context keeps more experts resident, fewer in RAM
+    (6, 12 * GIB, {}),  # room on the GPU for a shorter context, but not in host RAM for its experts
+])
+def test_a_plan_that_does_not_fit_names_the_longest_context_that_does(ref, vram, host, kw):
+    plan = plan_for(ref, vram, host=host, **kw)
+    assert not plan.fits
+    edge = plan.max_context
+    assert edge < 8192
+    assert edge == 0 or plan_for(ref, vram, context=edge, host=host, **kw).fits
+    assert not plan_for(ref, vram, context=edge + 1, host=host, **kw).fits
+
+
 def test_context_beyond_the_model_is_a_usage_error(ref):
     with pytest.raises(UsageError, match="exceeds"):
         plan_for(ref, 24, context=ref.max_position_embeddings + 1)
