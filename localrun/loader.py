@@ -29,7 +29,7 @@ from .kvcache import KVCache
 from .models import family, is_expert_tensor
 from .models.gemma4 import EXPERT_KEYS
 from .moe import DenseExperts, activation
-from .plan import CUDA_CONTEXT_BYTES, QUANT_CHUNK_EXPERTS, Budget, Plan, device_budget, fused_groups, make_plan
+from .plan import CUDA_CONTEXT_BYTES, QUANT_CHUNK_BYTES, QUANT_CHUNK_EXPERTS, Budget, Plan, device_budget, fused_groups, make_plan
 from .prequant import is_prequantized, manifest_spec, read_manifest
 from .resolve import ROUTING_PROFILE
 from quant.ffn import BufferedExperts, CpuLayerCompute, DeviceRowsCompute, QuantizedExperts, ffn_4bit
@@ -161,10 +161,11 @@ def load_weights(
     model.fuse_projections()  # the fused tensors are already one storage each: this only records them
 
 
-def checkpoint_experts(ckpt: Checkpoint, args: ModelArgs, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+def checkpoint_experts(ckpt: Checkpoint, args: ModelArgs, layer: int, start: int = 0,
+                       stop: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One layer's expert tensors in localrun's fused layout (gate_up [E, 2I, H], down [E, H, I]),
-    whether the checkpoint stores them fused or per expert."""
-    return family(args.model_type).read_experts(ckpt, args, layer)
+    whether the checkpoint stores them fused or per expert; experts [start, stop) when given."""
+    return family(args.model_type).read_experts(ckpt, args, layer, start=start, stop=stop)
 
 
 def _fused_expert_names(ckpt: Checkpoint, args, layer: int) -> list[str] | None:
@@ -177,6 +178,14 @@ def _read_rows(ckpt, name: str, start: int, stop: int) -> torch.Tensor:
     """Experts [start, stop) of a fused [E, ...] tensor; only those bytes when the checkpoint can."""
     read_rows = getattr(ckpt, "read_rows", None)
     return read_rows(name, start, stop) if read_rows is not None else ckpt.read(name)[start:stop]
+
+
+def chunk_experts(ckpt, args: ModelArgs) -> int:
+    """Experts per checkpoint read when quantizing on load: QUANT_CHUNK_EXPERTS, fewer where their weights
+    (in the checkpoint's dtype) would pass QUANT_CHUNK_BYTES."""
+    elem = (ckpt.matrix_dtype() or torch.bfloat16).itemsize
+    expert = 3 * args.moe_intermediate_size * args.hidden_size * elem
+    return max(1, min(QUANT_CHUNK_EXPERTS, QUANT_CHUNK_BYTES // expert))
 
 
 @dataclass
@@ -217,30 +226,32 @@ def packed_experts_source(model_dir: Path, ckpt: Checkpoint, args: ModelArgs, sp
 
     scratch: list[torch.Tensor] = []  # one packed expert on the device, for experts bound to host rows
 
+    per_read = chunk_experts(ckpt, args)
+
     def quantize(layer: int) -> LayerSource:
         names = _fused_expert_names(ckpt, args, layer)
-        if names is not None:  # fused [E, ...] tensors: read QUANT_CHUNK_EXPERTS experts at a time
+        if names is not None:  # fused [E, ...] tensors: read `per_read` experts at a time
             infos = [ckpt.tensors[n] for n in names]
             shapes, dtype = [tuple(i.shape) for i in infos], infos[0].dtype
 
             def read(start: int, stop: int) -> list[torch.Tensor]:
                 return [_read_rows(ckpt, n, start, stop) for n in names]
-        else:  # per-expert checkpoints (the family stacks them): the layer in host RAM once
-            whole = list(checkpoint_experts(ckpt, args, layer))
-            shapes, dtype = [tuple(t.shape) for t in whole], whole[0].dtype
-
+        else:  # per-expert checkpoints (the family stacks them): `per_read` experts at a time too
             def read(start: int, stop: int) -> list[torch.Tensor]:
-                return [t[start:stop] for t in whole]
+                return list(checkpoint_experts(ckpt, args, layer, start, stop))
+
+            first = read(0, min(per_read, args.num_experts))  # the first chunk gives shapes and dtype
+            shapes, dtype = [(args.num_experts, *t.shape[1:]) for t in first], first[0].dtype
         E = shapes[0][0]
         layout = expert_layout(shapes[0][1:], shapes[1][1:], spec, dtype)
-        chunk: dict = {}
+        chunk: dict = {} if names is not None else {"start": 0, "tensors": first}
 
         def write(e: int, row: torch.Tensor) -> PackedExpert:
-            # QUANT_CHUNK_EXPERTS experts per read: a whole layer in bf16 is 1.5 GiB for 26B-A4B
-            start = e - e % QUANT_CHUNK_EXPERTS
+            # `per_read` experts per read: a whole layer in bf16 is 1.5 GiB for 26B-A4B, 2.6 GiB for Mixtral 8x7B
+            start = e - e % per_read
             if chunk.get("start") != start:
                 chunk.clear()
-                chunk.update(start=start, tensors=read(start, min(start + QUANT_CHUNK_EXPERTS, E)))
+                chunk.update(start=start, tensors=read(start, min(start + per_read, E)))
             gu, dn = (t[e - start].to(device) for t in chunk["tensors"])
             if row.device == device:
                 return pack_expert(gu, dn, spec, out=row)

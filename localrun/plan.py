@@ -48,7 +48,8 @@ Rules (each one a named constant or function below, so a change is one edit):
   positions, all allocated at load): what
   `memory_report` sums over real storages; `device_bytes` = placed + rounding + workspace + reserve.
 - Load transient: quantizing on load reads a layer's bf16 experts into host RAM in chunks of
-  QUANT_CHUNK_EXPERTS experts and moves one expert at a time to the device (its bf16 weights,
+  QUANT_CHUNK_EXPERTS experts (fewer where that passes QUANT_CHUNK_BYTES; fused or per-expert
+  checkpoints alike) and moves one expert at a time to the device (its bf16 weights,
   11.9 MB for 26B-A4B, plus bitsandbytes' temporaries and one packed expert of scratch). When the
   checkpoint itself lives on the device (`synthetic.RandomCheckpoint` on CUDA) a chunk is there:
   16 x 11.9 MB = 190 MB for 26B-A4B. Either fits in the workspace, which is idle while loading;
@@ -85,6 +86,7 @@ DISPLAY_ALLOWANCE_ENV = "LOCALRUN_DISPLAY_ALLOWANCE"
 CUDA_RESERVE_BYTES = 256 * MIB  # cuBLAS workspace, partly used allocator segments, fragmentation
 SMALL_ALLOC, SMALL_ROUND, LARGE_ROUND = 1 * MIB, 512, 2 * MIB  # PyTorch CUDA caching allocator
 QUANT_CHUNK_EXPERTS = 16  # experts per checkpoint read when quantizing on load
+QUANT_CHUNK_BYTES = 256 * MIB  # ... fewer where their bf16 weights would pass this (one Mixtral 8x7B expert: 336 MiB)
 HOST_RESERVE_BYTES = 1 * GIB
 PREFILL_CHUNK = 512  # tokens per prefill forward (generate.prefill): bounds the activations
 QUERY_BLOCK = 64  # prefill queries per attention call (models/gemma4.attend; 64 beat 128 and 32)

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from localrun.config import args_from_dict, load_config
 from localrun.errors import LocalrunError
 from localrun.generate import generate
+from localrun import loader
 from localrun.loader import load_model
 from localrun.models import SUPPORTED_MODEL_TYPES, mixtral
 from localrun.plan import Budget, make_plan
@@ -140,6 +141,26 @@ def test_moe_families_4bit_same_tokens_whatever_the_placement(moe_checkpoint, fa
     for fraction, (tokens, lp) in runs.items():
         assert tokens == runs[None][0], fraction
         assert torch.equal(lp, runs[None][1]), fraction
+
+
+@pytest.mark.parametrize("most, most_bytes, per_read", [(3, 1 << 30, 3), (16, 2, 1)])  # by count; by bytes
+@pytest.mark.parametrize("layout", ["per_expert", "fused"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_moe_families_quantize_a_chunk_of_experts_at_a_time(moe_checkpoint, family, layout, most, most_bytes,
+                                                            per_read, monkeypatch):
+    """Host RAM holds one chunk of a layer's bf16 experts while they are quantized (the plan's host reserve
+    covers that), not the whole layer: Mixtral 8x7B's is 2.6 GiB, Qwen3-30B-A3B's 1.1 GiB."""
+    model_dir = moe_checkpoint(family, layout)
+    whole = load_model(model_dir, dtype=torch.float32, experts="nf4", resident_fraction=0.5)
+    read = []
+    real = loader.checkpoint_experts
+    monkeypatch.setattr(loader, "QUANT_CHUNK_EXPERTS", most)
+    monkeypatch.setattr(loader, "QUANT_CHUNK_BYTES", most_bytes)
+    monkeypatch.setattr(loader, "checkpoint_experts", lambda *a: read.append(out := real(*a)) or out)
+    chunked = load_model(model_dir, dtype=torch.float32, experts="nf4", resident_fraction=0.5)
+    assert read and max(t.shape[0] for pair in read for t in pair) == per_read
+    (tokens, lp), (whole_tokens, whole_lp) = our_run(chunked.model, prompt(), 12), our_run(whole.model, prompt(), 12)
+    assert tokens == whole_tokens and torch.equal(lp, whole_lp)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

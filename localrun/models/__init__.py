@@ -9,7 +9,8 @@ A family module provides, with the same names:
   `...experts.gate_up_proj` [E, 2I, H] / `...experts.down_proj` [E, H, I] (localrun's layout);
 - `tensor_group(name)`: the component a tensor belongs to, for fit's breakdown;
 - `sanitize(args, name)`: checkpoint key -> model key, or None for tensors the text model never reads;
-- `read_experts(ckpt, args, layer)`: one layer's experts in the fused layout, however stored.
+- `read_experts(ckpt, args, layer, start=0, stop=None)`: one layer's experts [start, stop) in the fused
+  layout, however stored, reading only those experts' bytes.
 """
 
 from __future__ import annotations

@@ -862,10 +862,16 @@ EXPERT_KEYS = ("experts.gate_up_proj", "experts.down_proj")
 sanitize = common.sanitize  # checkpoint key -> model key (the interface every family module has)
 
 
-def read_experts(ckpt: Checkpoint, args: ModelArgs, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One layer's fused expert tensors (gate_up [E, 2I, H], down [E, H, I]) as stored."""
+def read_experts(ckpt: Checkpoint, args: ModelArgs, layer: int, start: int = 0,
+                 stop: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's fused expert tensors (gate_up [E, 2I, H], down [E, H, I]) as stored, or their
+    experts [start, stop)."""
     names = [f"{args.weight_prefix}layers.{layer}.{k}" for k in EXPERT_KEYS]
     missing = [n for n in names if n not in ckpt]
     if missing:
         raise LocalrunError(f"checkpoint is missing {missing[0]}")
-    return ckpt.read(names[0]), ckpt.read(names[1])
+    if start == 0 and stop is None:
+        return ckpt.read(names[0]), ckpt.read(names[1])
+    stop = ckpt.tensors[names[0]].shape[0] if stop is None else stop
+    rows = getattr(ckpt, "read_rows", None)
+    return tuple(rows(n, start, stop) if rows is not None else ckpt.read(n)[start:stop] for n in names)

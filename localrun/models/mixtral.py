@@ -43,6 +43,7 @@ def sanitize(args: MoEArgs, name: str) -> str | None:
     return re.sub(r"(\.experts\.\d+\.)(w[123])\.", lambda m: m.group(1) + _RENAME[m.group(2)] + ".", key)
 
 
-def read_experts(ckpt: Checkpoint, args: MoEArgs, layer: int):
-    """One layer's experts as (gate_up [E, 2I, H], down [E, H, I]): w1 is the gate, w3 the up, w2 the down."""
-    return qwen3_moe.read_experts(ckpt, args, layer, fused=_FUSED, per_expert=_PER_EXPERT)
+def read_experts(ckpt: Checkpoint, args: MoEArgs, layer: int, start: int = 0, stop: int | None = None):
+    """One layer's experts [start, stop) (default all) as (gate_up [n, 2I, H], down [n, H, I]): w1 is the
+    gate, w3 the up, w2 the down."""
+    return qwen3_moe.read_experts(ckpt, args, layer, fused=_FUSED, per_expert=_PER_EXPERT, start=start, stop=stop)

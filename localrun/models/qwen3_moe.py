@@ -280,14 +280,23 @@ def tensor_group(name: str) -> str:
 sanitize = common.sanitize  # checkpoint key -> model key (the interface every family module has)
 
 
-def read_experts(ckpt: Checkpoint, args: MoEArgs, layer: int, fused=(FUSED,), per_expert=(PER_EXPERT,)):
-    """One layer's experts as (gate_up [E, 2I, H], down [E, H, I]), from whichever spelling the
-    checkpoint holds: fused tensors, or per-expert (gate, up, down) matrices stacked here."""
+def read_rows(ckpt, name: str, start: int, stop: int) -> torch.Tensor:
+    """Rows [start, stop) of a fused [E, ...] tensor; only those bytes when the checkpoint can."""
+    rows = getattr(ckpt, "read_rows", None)
+    return rows(name, start, stop) if rows is not None else ckpt.read(name)[start:stop]
+
+
+def read_experts(ckpt: Checkpoint, args: MoEArgs, layer: int, fused=(FUSED,), per_expert=(PER_EXPERT,),
+                 start: int = 0, stop: int | None = None):
+    """One layer's experts [start, stop) (default all) as (gate_up [n, 2I, H], down [n, H, I]), from
+    whichever spelling the checkpoint holds: fused tensors (only those rows read), or per-expert
+    (gate, up, down) matrices stacked here (only those experts read)."""
     p = f"{args.weight_prefix}layers.{layer}."
+    E, I = args.num_experts, args.moe_intermediate_size
+    stop = E if stop is None else stop
     for gate_up, down in fused:
         if p + gate_up in ckpt and p + down in ckpt:
-            return ckpt.read(p + gate_up), ckpt.read(p + down)
-    E, I = args.num_experts, args.moe_intermediate_size
+            return read_rows(ckpt, p + gate_up, start, stop), read_rows(ckpt, p + down, start, stop)
     for spelling in per_expert:
         names = [[p + t.format(e=e) for t in spelling] for e in range(E)]
         if names[0][0] not in ckpt:
@@ -296,9 +305,9 @@ def read_experts(ckpt: Checkpoint, args: MoEArgs, layer: int, fused=(FUSED,), pe
         if missing:
             raise LocalrunError(f"checkpoint is missing {missing[0]}")
         dtype = ckpt.tensors[names[0][0]].dtype
-        gate_up_E2IH = torch.empty(E, 2 * I, args.hidden_size, dtype=dtype)
-        down_EHI = torch.empty(E, args.hidden_size, I, dtype=dtype)
-        for e, (gate, up, down) in enumerate(names):
+        gate_up_E2IH = torch.empty(stop - start, 2 * I, args.hidden_size, dtype=dtype)
+        down_EHI = torch.empty(stop - start, args.hidden_size, I, dtype=dtype)
+        for e, (gate, up, down) in enumerate(names[start:stop]):
             gate_up_E2IH[e, :I] = ckpt.read(gate)
             gate_up_E2IH[e, I:] = ckpt.read(up)
             down_EHI[e] = ckpt.read(down)
