@@ -27,7 +27,7 @@ _UNITS = {
     "g": GIB, "gb": GIB, "gib": GIB,
     "t": TIB, "tb": TIB, "tib": TIB,
 }
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*$")
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*$", re.ASCII)  # ASCII digits: no "١٦GB"
 # A bare number below this is almost surely a forgotten unit ("--vram 16"), not 16 bytes.
 _MIN_BARE_BYTES = MIB
 
@@ -123,7 +123,7 @@ _RATE_UNITS = {  # bytes per second; decimal as vendors quote them (GB/s = 1e9 B
     "g": GB_S, "gb": GB_S, "gib": GIB,
     "t": 10**12, "tb": 10**12, "tib": TIB,
 }
-_RATE_RE = re.compile(r"^\s*((?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)\s*([a-zA-Z]*)\s*(/\s*s)?\s*$")
+_RATE_RE = re.compile(r"^\s*((?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)\s*([a-zA-Z]*)\s*(/\s*s)?\s*$", re.ASCII)
 _MIN_RATE = 10**6  # bytes/s: below 1 MB/s no memory or link is meant (a bare "60" is a forgotten unit)
 
 

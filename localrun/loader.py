@@ -297,7 +297,7 @@ def expert_spec(model_dir: Path, experts: str | None, args: ModelArgs | None = N
                              f"--experts {experts} can't apply")
         _check_blocksize(stored, args, f"{model_dir} was quantized with ")
         return stored
-    experts = experts or DEFAULT_EXPERTS
+    experts = DEFAULT_EXPERTS if experts is None else experts  # --experts "" is a mistake, not the default
     if experts not in EXPERT_CHOICES:
         raise UsageError(f"--experts must be one of {', '.join(EXPERT_CHOICES)}, not {experts!r}")
     if experts == "bf16":

@@ -136,3 +136,9 @@ def test_does_not_fit_is_said_once(cli, tiny_moe, monkeypatch, argv):
     monkeypatch.setattr(loader, "detect_host_ram", lambda: 64 * 1024 * 1024)  # 64 MiB of RAM
     code, out, err = cli(argv[0], tiny_moe, *argv[1:], "--device", "cpu")
     assert code == 1 and err.startswith("error: does not fit: ") and err.count("does not fit") == 1, err
+
+
+@pytest.mark.parametrize("command", [["fit", "demo", "--vram", "16GB"], ["run", "demo", "hi"]])
+def test_an_empty_experts_flag_is_a_usage_error_not_the_default(cli, command):
+    code, out, err = cli(*command, "--experts=")
+    assert code == 2 and "--experts must be one of" in err and "not ''" in err

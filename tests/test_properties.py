@@ -304,6 +304,15 @@ def test_parse_size_reads_a_size_or_fails_in_one_line(text):
         assert "\n" not in str(e)
     else:
         assert isinstance(size, int) and 0 < size <= MAX_SIZE
+        assert str(text).strip()[:1].isascii()  # "١٦GB" (Arabic-Indic digits) is no size
+
+
+@pytest.mark.parametrize("text", ["١٦GB", "１６GB", "16\u0660GB"])
+def test_sizes_and_rates_take_ascii_digits_only(text):
+    with pytest.raises(UsageError, match="invalid size"):
+        parse_size(text)
+    with pytest.raises(UsageError, match="invalid rate"):
+        parse_rate(text + "/s")
 
 
 @seeded(100)
