@@ -29,7 +29,9 @@ from .kvcache import KVCache
 from .models import family, is_expert_tensor
 from .models.gemma4 import EXPERT_KEYS
 from .moe import DenseExperts, activation
-from .plan import CUDA_CONTEXT_BYTES, QUANT_CHUNK_BYTES, QUANT_CHUNK_EXPERTS, Budget, Plan, device_budget, fused_groups, make_plan
+from .plan import (CUDA_CONTEXT_BYTES, QUANT_CHUNK_BYTES, QUANT_CHUNK_EXPERTS, Budget, Plan, device_budget,
+                   fused_groups, make_plan)
+from .plan import longest_context as plan_longest_context
 from .prequant import is_prequantized, manifest_spec, read_manifest
 from .resolve import ROUTING_PROFILE
 from quant.ffn import BufferedExperts, CpuLayerCompute, DeviceRowsCompute, QuantizedExperts, ffn_4bit
@@ -333,6 +335,19 @@ def placement_plan(args: ModelArgs, model_dir: Path, spec: QuantSpec | str, *, g
     return make_plan(args, budget, experts=spec, tensor_shapes=tensor_shapes,
                      routing_profile=read_routing_profile(model_dir), dtype=dtype, matrix_dtype=matrix_dtype,
                      resident_fraction=resident_fraction)
+
+
+def longest_context(plan: Plan, args: ModelArgs, model_dir: Path, spec: QuantSpec | str, *, gpu_bytes: int | None,
+                    host_bytes: int | None, resident_fraction: float | None, tensor_shapes: dict | None = None,
+                    sequences: int = 1) -> int:
+    """The longest context any placement of `plan`'s model and budget fits (`plan.longest_context`);
+    0 when the plan does not fit, its own max_context under a fixed resident fraction (one placement)."""
+    if not plan.fits or resident_fraction is not None:
+        return plan.max_context if plan.fits else 0
+    budget = Budget(device_bytes=None if gpu_bytes is None else device_budget(gpu_bytes), host_bytes=host_bytes,
+                    context=plan.context, sequences=sequences)
+    return plan_longest_context(args, budget, plan.max_context, experts=spec, tensor_shapes=tensor_shapes,
+                                routing_profile=read_routing_profile(model_dir))
 
 
 def load_plan(args: ModelArgs, model_dir: Path, dev: torch.device, spec: QuantSpec | str, dtype: torch.dtype,

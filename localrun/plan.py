@@ -641,14 +641,24 @@ def make_plan(
                    matrix_dtype=matrix_dtype, resident_fraction=resident_fraction)
     plan = _place(args, budget, **options)
     if not plan.fits:
-        plan.max_context = _longest_fitting_context(args, budget, options)
+        plan.max_context = _longest_fitting_context(args, budget, options, 0, budget.context - 1)
     return plan
 
 
-def _longest_fitting_context(args: ModelArgs, budget: Budget, options: dict) -> int:
-    """The longest context below budget.context whose plan fits, 0 if none: fitting only gets harder
-    as the context grows (more KV, fewer resident experts, more of them in host RAM)."""
-    lo, hi = 0, budget.context - 1
+def longest_context(args: ModelArgs, budget: Budget, start: int, *, experts: QuantSpec | str, tensor_shapes=None,
+                    routing_profile=None, dtype: str = "bfloat16", matrix_dtype: str | None = None,
+                    resident_fraction: float | None = None) -> int:
+    """The longest context any placement fits, from `start` (a context that fits) up to the model's
+    positions: a plan's max_context is the edge of its own placement, and past it a longer context can
+    still fit with more experts in host RAM (`fit` says so)."""
+    options = dict(experts=experts, tensor_shapes=tensor_shapes, routing_profile=routing_profile, dtype=dtype,
+                   matrix_dtype=matrix_dtype, resident_fraction=resident_fraction)
+    return _longest_fitting_context(args, budget, options, start, args.max_position_embeddings)
+
+
+def _longest_fitting_context(args: ModelArgs, budget: Budget, options: dict, lo: int, hi: int) -> int:
+    """The longest context in (lo, hi] whose plan fits, else lo: fitting only gets harder as the context
+    grows (more KV, fewer resident experts, more of them in host RAM)."""
     while lo < hi:
         mid = (lo + hi + 1) // 2
         if _place(args, replace(budget, context=mid, gpu_bandwidth=None), **options).fits:

@@ -90,8 +90,20 @@ def test_table_report(cli, ref_dir):
     code, out, err = run_cli(cli, ref_dir, "--gpu", "4060ti", "--ram", "64GiB")
     assert code == 0, err
     for text in ("component", "precision", "experts_resident", "experts_host", "kv_cache", "nf4", "RAM",
-                 "fits with", "of 128 experts per layer", "longest context that fits", "ceiling", "expected"):
+                 "fits with", "of 128 experts per layer", "longest context at this placement", "ceiling", "expected"):
         assert text in out, text
+
+
+def test_fit_names_the_longest_context_any_placement_fits(cli, ref_dir):
+    """A plan's max_context is the edge of its placement; more experts in host RAM reach further."""
+    d = run_json(cli, ref_dir, "--gpu", "4060ti", "--ram", "64GiB")
+    assert d["max_context"] < d["longest_context"] <= REFERENCE_CONFIG["text_config"]["max_position_embeddings"]
+    edge = run_json(cli, ref_dir, "--gpu", "4060ti", "--ram", "64GiB", "--context", d["longest_context"])
+    assert edge["fits"] and edge["resident_experts_per_layer"] < d["resident_experts_per_layer"]
+    code, out, err = run_cli(cli, ref_dir, "--gpu", "4060ti", "--ram", "64GiB", "--context", d["longest_context"] + 1)
+    assert code in (1, 2)  # past it nothing fits (or past the model's positions)
+    code, out, err = run_cli(cli, ref_dir, "--gpu", "4060ti", "--ram", "64GiB")
+    assert f"up to {d['longest_context']} with more experts in host RAM" in " ".join(out.split())
 
 
 def test_table_says_why_it_does_not_fit(cli, ref_dir):

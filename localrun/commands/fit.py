@@ -106,6 +106,17 @@ def checkpoint_tensor_shapes(model_dir: Path, args) -> dict[str, tuple[int, ...]
     return shapes
 
 
+def context_text(plan, reach: int | None) -> str:
+    """The longest context: at this placement, and with more experts in host RAM where that reaches further."""
+    if not plan.fits:
+        return (f"longest context that fits: {plan.max_context} tokens" if plan.max_context
+                else "no context fits")
+    text = f"longest context at this placement: {plan.max_context} tokens"
+    if reach is not None and reach > plan.max_context:
+        text += f"; up to {reach} with more experts in host RAM (--context {reach})"
+    return text
+
+
 def _where(plan, tier: str) -> str:
     from ..plan import DEVICE
 
@@ -114,7 +125,8 @@ def _where(plan, tier: str) -> str:
     return "GPU" if tier == DEVICE else "RAM"
 
 
-def _print_report(plan, target: Target, host: HostBandwidth, model: Path, sliding: bool = True) -> None:
+def _print_report(plan, target: Target, host: HostBandwidth, model: Path, sliding: bool = True,
+                  reach: int | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -143,7 +155,7 @@ def _print_report(plan, target: Target, host: HostBandwidth, model: Path, slidin
         console.print(f"budget: {format_size(target.device_bytes)} minus {format_size(CUDA_CONTEXT_BYTES)} CUDA context "
                       f"and {format_size(display_allowance())} display allowance "
                       f"(LOCALRUN_DISPLAY_ALLOWANCE=0 on a headless card)", highlight=False)
-    console.print(f"longest context that fits: {plan.max_context} tokens", highlight=False)
+    console.print(context_text(plan, reach), highlight=False)
     per_seq = f"; one cache for each of the {plan.sequences} sequences" if plan.sequences > 1 else ""
     if sliding:  # a model without sliding layers keeps every position anyway
         console.print(f"KV cache: sliding layers keep their window + {KV_ROLLBACK} positions, so the prefix cache "
@@ -194,28 +206,29 @@ def fit(
     host = hardware.parse_size(ram) if ram is not None else hardware.detect_host_ram()
 
     from ..config import load_config
-    from ..loader import expert_spec, placement_plan
+    from ..loader import expert_spec, longest_context, placement_plan
     from ..plan import CUDA_CONTEXT_BYTES, display_allowance
     from ..resolve import resolve_model
 
     model = resolve_model(model, config_only=True)
     args = load_config(model)
     spec = expert_spec(model, experts, args)
-    plan = placement_plan(args, model, spec, gpu_bytes=target.device_bytes, host_bytes=host, context=context,
-                          resident_fraction=resident_experts, tensor_shapes=checkpoint_tensor_shapes(model, args),
-                          gpu_bandwidth=target.bandwidth, pcie_bandwidth=target.pcie_bandwidth,
-                          host_bandwidth=host_bw.bytes_per_s, sequences=parallel)
+    options = dict(gpu_bytes=target.device_bytes, host_bytes=host, resident_fraction=resident_experts,
+                   tensor_shapes=checkpoint_tensor_shapes(model, args), sequences=parallel)
+    plan = placement_plan(args, model, spec, context=context, gpu_bandwidth=target.bandwidth,
+                          pcie_bandwidth=target.pcie_bandwidth, host_bandwidth=host_bw.bytes_per_s, **options)
+    reach = longest_context(plan, args, model, spec, **options)
     if as_json:
         print(json.dumps({"model": str(model), "target": target.label, "gpu_bytes": target.device_bytes,
                           "cuda_context_bytes": CUDA_CONTEXT_BYTES, "display_allowance_bytes": display_allowance(),
                           "gpu_bandwidth_bytes_per_s": target.bandwidth,
                           "pcie_bandwidth_bytes_per_s": target.pcie_bandwidth,
                           "host_bandwidth_bytes_per_s": host_bw.bytes_per_s,
-                          "host_bandwidth_assumed": host_bw.assumed,
+                          "host_bandwidth_assumed": host_bw.assumed, "longest_context": reach,
                           **plan.to_dict()}, indent=2))
     else:
         sliding = any(args.is_sliding(i) for i in range(args.num_hidden_layers))
-        _print_report(plan, target, host_bw, model, sliding=sliding)
+        _print_report(plan, target, host_bw, model, sliding=sliding, reach=reach)
     if not plan.fits:
         raise typer.Exit(1)
 
