@@ -298,13 +298,19 @@ def test_session_reply_starts_inside_a_thought_the_prompt_opened():
     assert session.conversation.messages()[-1] == {"role": "assistant", "content": "ok"}  # templates see the answer
 
 
-def test_a_reply_that_is_all_thought_keeps_its_thought_for_save(tmp_path):
-    """max_tokens can end a reply inside its thought: the answer is empty, the thought is still what was said."""
-    session = ChatSession(FakeEngine("<|channel>thought\nstill thinking"), Settings(max_tokens=100), context=200)
-    session.ask("hi")
+def exchange(session: ChatSession, text: str):
+    """One message and its whole reply, kept."""
+    session.ask(text)
     reply = session.respond()
     list(reply)
     session.commit(reply)
+    return reply
+
+
+def test_a_reply_that_is_all_thought_keeps_its_thought_for_save(tmp_path):
+    """max_tokens can end a reply inside its thought: the answer is empty, the thought is still what was said."""
+    session = ChatSession(FakeEngine("<|channel>thought\nstill thinking"), Settings(max_tokens=100), context=200)
+    exchange(session, "hi")
     assert session.conversation.messages()[-1] == {"role": "assistant", "content": ""}
     assert session.command("save", str(tmp_path / "c.json")).text.startswith("saved 2 messages")
     saved = json.loads((tmp_path / "c.json").read_text())
@@ -332,10 +338,7 @@ def test_turns_beyond_the_context_are_kept_for_save(tmp_path):
     """Trimming hides the oldest turns from the model; /save still writes every one of them."""
     session = ChatSession(FakeEngine("ok"), Settings(max_tokens=8), system="be brief", context=40)
     for i in range(6):
-        session.ask(f"message number {i} with some words")
-        reply = session.respond()
-        list(reply)
-        session.commit(reply)
+        exchange(session, f"message number {i} with some words")
     visible = session.conversation.messages()
     assert visible[1]["content"] != "message number 0 with some words"  # the model no longer sees it
     assert "no longer fit it" in session.command("stats", "").text

@@ -87,21 +87,26 @@ def ct_config(strategy: str, block=(16, 16), group=16) -> dict:
 
 def to_compressed_tensors(src: Path, out: Path, strategy: str, **shape) -> Path:
     """A copy of checkpoint `src` in compressed-tensors' FP8 (`strategy`: tensor, channel, group or block)."""
+    def convert(name: str, t: torch.Tensor) -> dict[str, torch.Tensor]:
+        if is_quantized_matrix(name, t) and t.dim() == 2:
+            return {name + suffix: v for suffix, v in quantize_ct(t, strategy, **shape).items()}
+        return {name: t}
+
+    return rewrite_checkpoint(src, out, convert, ct_config(strategy, **shape))
+
+
+def rewrite_checkpoint(src: Path, out: Path, convert, quantization_config: dict) -> Path:
+    """A copy of checkpoint `src` in one shard, each tensor replaced by what convert(name, tensor) gives
+    ({name: tensor}), and config.json's quantization_config set."""
     shutil.copytree(src, out)
     tensors = {}
     for f in sorted(out.glob("*.safetensors")):
         tensors.update(load_file(f))
         f.unlink()
     (out / "model.safetensors.index.json").unlink(missing_ok=True)
-    written = {}
-    for name, t in tensors.items():
-        if is_quantized_matrix(name, t) and t.dim() == 2:
-            written.update({name + suffix: v for suffix, v in quantize_ct(t, strategy, **shape).items()})
-        else:
-            written[name] = t
-    save_file(written, str(out / "model.safetensors"))
+    save_file({k: v for name, t in tensors.items() for k, v in convert(name, t).items()}, str(out / "model.safetensors"))
     config = json.loads((out / "config.json").read_text())
-    config["quantization_config"] = ct_config(strategy, **shape)
+    config["quantization_config"] = quantization_config
     (out / "config.json").write_text(json.dumps(config, indent=2))
     return out
 
@@ -114,24 +119,14 @@ def is_quantized_matrix(name: str, t: torch.Tensor) -> bool:
 
 def to_fp8(src: Path, out: Path, block: tuple[int, int], method: dict | None = None) -> Path:
     """A copy of checkpoint `src` with its matrices in block-scaled FP8 (weight + weight_scale_inv)."""
-    shutil.copytree(src, out)
-    tensors = {}
-    for f in sorted(out.glob("*.safetensors")):
-        tensors.update(load_file(f))
-        f.unlink()
-    (out / "model.safetensors.index.json").unlink(missing_ok=True)
-    written = {}
-    for name, t in tensors.items():
+    def convert(name: str, t: torch.Tensor) -> dict[str, torch.Tensor]:
         if is_quantized_matrix(name, t):
-            written[name], written[name + "_scale_inv"] = quantize_fp8(t, block)
-        else:
-            written[name] = t
-    save_file(written, str(out / "model.safetensors"))
-    config = json.loads((out / "config.json").read_text())
-    config["quantization_config"] = method or {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                               "weight_block_size": list(block)}
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    return out
+            return dict(zip((name, name + "_scale_inv"), quantize_fp8(t, block)))
+        return {name: t}
+
+    return rewrite_checkpoint(src, out, convert, method or {"quant_method": "fp8", "fmt": "e4m3",
+                                                            "activation_scheme": "dynamic",
+                                                            "weight_block_size": list(block)})
 
 
 def per_expert_checkpoint(family: str, out: Path) -> Path:
