@@ -25,7 +25,12 @@ Steps:
              per_token_graphs_with_NAME, tokens_graphs_with_NAME), and with the v2 MoE decode kernels
              instead of v3 (speed_graphs_with_v2_moe, ...); all resident, the 512-token prefill
              through the grouped 4-bit GEMMs vs each hit expert dequantized for dense matmuls
-             (prefill_grouped_gemm, prefill_dequantize_per_expert)
+             (prefill_grouped_gemm, prefill_dequantize_per_expert); memory against the plan: what the
+             device holds outside torch's allocator vs plan.CUDA_CONTEXT_BYTES (memory_outside_torch_
+             after_load, at no cost, then after all of the above: _after_decode, _at_end), what
+             capturing the decode graphs adds per span bucket (graph_memory), and at 16 GiB an
+             8K-token prompt under the plan's budget: peak vs budget and workspace, out of memory or
+             not, prefill tok/s (long_prompt; GPU_CHECK_LONG_PROMPT sets its tokens, 0 skips it)
   kernels    4-bit MoE kernels vs bitsandbytes at 26B-A4B's shapes (decode: v3, v2 and v1 with every
              autotune config's time; the grouped GEMMs at 512 tokens); split-key
              decode attention vs SDPA; the Triton GEMV vs cuBLAS at each dense projection shape
@@ -42,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import os
 import platform
@@ -61,7 +67,7 @@ STEPS = {  # name -> seconds it may take on one H100, in the order they run: wha
     "env": 60,
     "exact": 120,
     "demo": 60,
-    "big": 200,
+    "big": 260,  # 125-151 s on the H200 before the memory measurements (graph buckets, the 8K prompt: ~40 s)
     "kernels": 150,
     "bench": 90,
     "attention": 60,
@@ -136,8 +142,9 @@ class Progress:
         self.deadline: float | None = None  # time.time() after which no measurement starts
         self.flush = lambda: None
 
-    def out_of_time(self) -> bool:
-        return self.deadline is not None and time.time() > self.deadline
+    def out_of_time(self, needs: float = 0.0) -> bool:
+        """Past the deadline, or (`needs` seconds) a measurement that long would end past it."""
+        return self.deadline is not None and time.time() + needs > self.deadline
 
     def record(self, label: str, value) -> None:
         self.done[" / ".join([*self.open, label])] = value
@@ -148,11 +155,12 @@ PROGRESS = Progress()
 SKIPPED = {"skipped": "out of time (--deadline)"}
 
 
-def timed(label: str, fn, results: dict):
+def timed(label: str, fn, results: dict, needs: float = 0.0):
     """Run fn; record its value (or its error) under `label`; print as it goes. Past the deadline,
-    record that it was skipped instead."""
-    if PROGRESS.out_of_time():
-        results[label] = SKIPPED
+    or when it `needs` more seconds than are left before it, record that it was skipped instead."""
+    if PROGRESS.out_of_time(needs):
+        results[label] = SKIPPED if not needs or PROGRESS.out_of_time() else \
+            {"skipped": f"out of time (--deadline): it needs about {needs:.0f} s"}
         print(f"  {label}: skipped, out of time", flush=True)
         return results[label]
     start = time.perf_counter()
@@ -384,14 +392,15 @@ def step_big(dry: bool) -> dict:
         placements = {k: v for k, v in placements.items() if k in only.split(",")}
     for name, kwargs in placements.items():
         rows: dict = {}
-        timed(name, lambda: big_model_run(dry, dev, kwargs, rows), rows)
+        # the long prompt where the budget is tight (the dry run's offloaded placement stands in for 16 GiB)
+        timed(name, lambda: big_model_run(dry, dev, kwargs, rows, long_prompt=name != "resident"), rows)
         out[name] = rows
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     return out
 
 
-def big_model_run(dry: bool, dev, load_kwargs: dict, rows: dict) -> dict:
+def big_model_run(dry: bool, dev, load_kwargs: dict, rows: dict, long_prompt: bool = False) -> dict:
     torch = _torch()
     from localrun.bench import bench_prompt, decode_bytes_per_token
     from localrun.config import load_config
@@ -413,6 +422,7 @@ def big_model_run(dry: bool, dev, load_kwargs: dict, rows: dict) -> dict:
     rows["bytes_read_per_decoded_token"] = decode_bytes_per_token(loaded.plan)
     PROGRESS.record("plan and memory_after_load", {k: rows[k] for k in ("load_s", "plan", "memory_after_load")})
     print(f"  loaded in {rows['load_s']} s: {json.dumps(rows['memory_after_load'])}", flush=True)
+    timed("memory_outside_torch_after_load", lambda: memory_outside_torch(dev), rows)  # no device time
     model = loaded.model
     prompt, gen = (512, int(os.environ.get("GPU_CHECK_GEN", 48))) if not dry else (32, 8)
     if loaded.store is not None:  # offloaded decodes 10-30x slower: keep its three step variants within minutes
@@ -493,7 +503,228 @@ def big_model_run(dry: bool, dev, load_kwargs: dict, rows: dict) -> dict:
     rows["memory_after_decode"] = memory_report(loaded)
     if loaded.store is not None:
         rows["expert_cache"] = loaded.expert_stats()
+    # Memory the plan has not been measured against, after every measurement above (a few seconds
+    # each, the long prompt ~30 s on an H200 at 16 GiB): see memory_outside_torch, graph_memory, long_prompt_run
+    timed("graph_memory", lambda: graph_memory(model, loaded, dev, modes[-1], args.vocab_size), rows)
+    # with graph_memory's graphs alive (the switches above drop theirs on the way out: `setting`)
+    timed("memory_outside_torch_after_decode", lambda: memory_outside_torch(dev, loaded.kv), rows)
+    tokens = int(os.environ.get("GPU_CHECK_LONG_PROMPT", LONG_PROMPT if not dry else LONG_PROMPT_DRY))
+    if long_prompt and tokens > 0:
+        over = rows["memory_outside_torch_after_decode"].get("over_plan_bytes")
+        rate = rows.get("speed_eager", {}).get("prefill_tokens_per_s") or 100.0
+        timed("long_prompt", lambda: long_prompt_run(model, loaded, dev, modes[-1], args.vocab_size, tokens, over),
+              rows, needs=15 + 2 * tokens / rate)  # attention over 8K keys: about half the rate at 512
+    timed("memory_outside_torch_at_end", lambda: memory_outside_torch(dev, loaded.kv), rows)  # every kernel loaded
     return {k: rows[k] for k in ("load_s", "bytes_read_per_decoded_token") if k in rows}
+
+
+# Memory against the plan -----------------------------------------------------------------------
+# The plan (localrun/plan.py) budgets a card as total - CUDA_CONTEXT_BYTES - display allowance and
+# fills that with placed tensors, rounding, workspace and reserve; at 16 GiB and 8K context it leaves
+# tens of MiB. These measure what it has not been checked against: the memory outside torch's
+# allocator, the CUDA graphs' pools, and a prompt as long as the context.
+
+LONG_PROMPT = 8192  # tokens of long_prompt_run (the default context); GPU_CHECK_LONG_PROMPT overrides, 0 skips
+LONG_PROMPT_DRY = 1024  # the dry run's: two prefill chunks and a span bucket, in a second on the CPU
+GRAPH_BUCKETS = (256, 512, 1024)  # span buckets graph_memory captures, in the order a growing chat reaches them
+
+
+def memory_counters(dev) -> dict:
+    """Allocated and reserved bytes now and at their peak since `reset_peaks`: torch's caching allocator on
+    CUDA; on the CPU (dry runs) the process's resident set stands in for all four, so the arithmetic runs."""
+    torch = _torch()
+    if dev.type == "cuda":
+        return {"allocated": torch.cuda.memory_allocated(dev), "reserved": torch.cuda.memory_reserved(dev),
+                "peak_allocated": torch.cuda.max_memory_allocated(dev),
+                "peak_reserved": torch.cuda.max_memory_reserved(dev), "t": time.perf_counter()}
+    from localrun.bench import peak_rss_bytes
+
+    rss = _rss_bytes()
+    peak = peak_rss_bytes() or rss
+    return {"allocated": rss, "reserved": rss, "peak_allocated": peak, "peak_reserved": peak, "t": time.perf_counter()}
+
+
+def _rss_bytes() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:  # not Linux: the stand-in reads 0
+        pass
+    return 0
+
+
+def reset_peaks(dev) -> None:
+    if dev.type == "cuda":
+        _torch().cuda.reset_peak_memory_stats(dev)
+    else:
+        from localrun.bench import reset_peak_rss
+
+        reset_peak_rss()
+
+
+def memory_outside_torch(dev, cache=None) -> dict:
+    """Device memory in use that torch's allocator does not hold (total - free - reserved): the CUDA
+    context, cuBLAS / cuDNN handles, the loaded Triton and bitsandbytes modules, the instantiated CUDA
+    graphs (`graph_spans`: those alive in `cache`'s steps). plan.CUDA_CONTEXT_BYTES stands for it in
+    every budget; if `over_plan_bytes` is positive, a card that fills its plan runs out by that much.
+    The lent GPU runs nothing else, so it is all this process's."""
+    from localrun.plan import CUDA_CONTEXT_BYTES
+
+    if dev.type != "cuda":
+        return {"skipped": "CPU: no CUDA context (mem_get_info has no CPU meaning)"}
+    torch = _torch()
+    free, total = torch.cuda.mem_get_info(dev)
+    reserved = torch.cuda.memory_reserved(dev)
+    outside = total - free - reserved
+    steps = {} if cache is None else cache.steps
+    return {"outside_torch_bytes": outside, "planned_bytes": CUDA_CONTEXT_BYTES,
+            "over_plan_bytes": outside - CUDA_CONTEXT_BYTES, "device_total_bytes": total, "device_free_bytes": free,
+            "reserved_bytes": reserved, "graph_spans": {mode: sorted(getattr(step, "_graphs", {}))
+                                                        for mode, step in steps.items()}}
+
+
+@contextlib.contextmanager
+def spans_watched(step, dev, spans: dict):
+    """Within: each decoded token of `step` (a StaticStep: static, graphs, segments) notes the allocator's
+    counters as it starts (`step._load`). The first token of a span bucket captures its graphs
+    (step._capture_once), so the counters at the next token's start, less those at its start, are what
+    the capture took (its warm-up's side-stream blocks included); the prompt's prefill falls outside.
+    spans: span -> {"position", "before", "after"}, filled as buckets are reached. The peaks are reset
+    at each bucket's first token: its "before" peaks are the prefill's (reset before the prompt)."""
+    load = step._load
+    open_: list[dict] = []  # the bucket whose first token ran last, waiting for its "after"
+
+    def noted(token_11, position):
+        if open_:
+            sync(dev)
+            open_.pop()["after"] = memory_counters(dev)
+        span = load(token_11, position)
+        if span not in spans:
+            sync(dev)  # its "t" is then when the prompt's prefill (and first sample) ended
+            spans[span] = {"position": position, "before": memory_counters(dev)}
+            reset_peaks(dev)
+            open_.append(spans[span])
+        return span
+    step._load = noted
+    try:
+        yield
+    finally:
+        del step._load  # the class's again
+        if open_:
+            sync(dev)
+            open_.pop()["after"] = memory_counters(dev)
+
+
+def growth(seen: dict) -> dict:
+    """What one bucket's first token added (spans_watched): bytes allocated and reserved, the peak it reached
+    above its start, and its seconds (the capture, warm-up and first replay)."""
+    before, after = seen["before"], seen.get("after")
+    if after is None:
+        return {"position": seen["position"], "unfinished": True}
+    return {"position": seen["position"], "allocated_bytes": after["allocated"] - before["allocated"],
+            "reserved_bytes": after["reserved"] - before["reserved"],
+            "peak_allocated_above_start_bytes": after["peak_allocated"] - before["allocated"],
+            "seconds": round(after["t"] - before["t"], 3)}
+
+
+def graph_memory(model, loaded, dev, mode: str, vocab: int) -> dict:
+    """What the decode step's CUDA graphs hold, which no plan component counts: the step dropped (its
+    graphs freed, the allocator's cache emptied), then for each of GRAPH_BUCKETS a prompt of half the
+    bucket and two decoded tokens (the first captures the bucket, the second replays it). `buckets`:
+    each capture's growth (spans_watched; the graphs of a step share one pool, so a later bucket reuses
+    what an earlier one freed); `allocated_bytes` / `reserved_bytes`: their sum, what a chat that has
+    reached the largest bucket holds for graphs. On the CPU nothing is captured (static / segments
+    run uncaptured) and the process's RSS stands in, so the figures there mean little."""
+    torch = _torch()
+    from localrun.bench import bench_prompt
+    from localrun.step import make_step
+
+    cache = loaded.kv
+    cache.steps.clear()  # the graphs the measurements above captured, freed (their pools with them)
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    out: dict = {"mode": mode, "counters": "torch allocator" if dev.type == "cuda" else "process RSS (CPU stand-in)",
+                 "reserved_after_dropping_graphs_bytes": memory_counters(dev)["reserved"]}
+    step = make_step(model, cache, mode)  # the one greedy's generate takes from cache.steps
+    spans: dict = {}
+    with spans_watched(step, dev, spans):
+        for bucket in GRAPH_BUCKETS:
+            if bucket // 2 + 2 <= cache.capacity:
+                reset_peaks(dev)
+                greedy(model, bench_prompt(bucket // 2, vocab), 3, dev, mode, cache)
+    out["buckets"] = {str(span): growth(seen) for span, seen in spans.items()}
+    done = [g for g in out["buckets"].values() if "allocated_bytes" in g]
+    out["allocated_bytes"] = sum(g["allocated_bytes"] for g in done)
+    out["reserved_bytes"] = sum(g["reserved_bytes"] for g in done)
+    out["reserved_at_end_bytes"] = memory_counters(dev)["reserved"]
+    out["captured"] = sorted(getattr(step, "_graphs", {}))  # spans with graphs (none on the CPU)
+    out["graphs_disabled"] = getattr(step, "disabled", None)  # a capture that failed (out of memory too)
+    return out
+
+
+def long_prompt_run(model, loaded, dev, mode: str, vocab: int, tokens: int, context_over_plan: int | None) -> dict:
+    """A prompt of `tokens` (at most the context less two) prefilled at this placement, then two tokens
+    decoded in `mode` (the first captures the context's largest span bucket). On CUDA the allocator is
+    held to the plan's device budget (set_per_process_memory_fraction), as a card of that size would
+    hold it, so `out_of_memory` says whether the plan's workspace and reserve cover an 8K prompt (caught,
+    reported, freed; the check goes on). Peaks are reset before the prompt: `peak_*` are the prefill's,
+    `prefill_transient_bytes` what it allocated above what was already held, against
+    plan.workspace_bytes; `headroom_bytes` the budget less the peak reserved; `margin_bytes` that less
+    what the memory outside torch exceeds plan.CUDA_CONTEXT_BYTES by: what a card of this size keeps."""
+    torch = _torch()
+    from localrun.bench import bench_prompt
+    from localrun.step import make_step
+
+    cache, plan = loaded.kv, loaded.plan
+    n = min(tokens, cache.capacity - 2)
+    ids = bench_prompt(n, vocab)
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()  # what a process that never ran the measurements above would hold
+    total = torch.cuda.mem_get_info(dev)[1] if dev.type == "cuda" else None
+    limit = plan.device_budget if total and plan.device_budget and plan.device_budget < total else None
+    out: dict = {"prompt_tokens": n, "context": cache.capacity, "mode": mode, "device_limit_bytes": limit,
+                 "device_budget_bytes": plan.device_budget, "workspace_bytes": plan.workspace_bytes,
+                 "counters": "torch allocator" if dev.type == "cuda" else "process RSS (CPU stand-in)"}
+    before = memory_counters(dev)
+    step = make_step(model, cache, mode)
+    spans: dict = {}
+    if limit:
+        torch.cuda.set_per_process_memory_fraction(limit / total, dev)
+    reset_peaks(dev)
+    start = time.perf_counter()
+    try:
+        with spans_watched(step, dev, spans):
+            first, _ = greedy(model, ids, 2, dev, mode, cache)
+        out["out_of_memory"] = None
+        out["first_token"] = first[0]
+    except torch.cuda.OutOfMemoryError as e:  # the answer, not a failure of the check
+        out["out_of_memory"] = str(e)[:800]
+        out["at_out_of_memory"] = memory_counters(dev)
+    finally:
+        if limit:
+            torch.cuda.set_per_process_memory_fraction(1.0, dev)
+    gc.collect()  # the failed prompt's tensors, held by the traceback's frames until now
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    prefill = next(iter(spans.values()), None)  # its first decoded token's start ends the prefill
+    end = prefill["before"] if prefill else out.get("at_out_of_memory")
+    if prefill:
+        seconds = prefill["before"]["t"] - start
+        out.update(prefill_s=round(seconds, 3), prefill_tokens_per_s=round(n / seconds, 1))
+    if end:
+        out.update(peak_allocated_bytes=end["peak_allocated"], peak_reserved_bytes=end["peak_reserved"],
+                   allocated_before_bytes=before["allocated"],
+                   prefill_transient_bytes=end["peak_allocated"] - before["allocated"])
+        if plan.device_budget is not None and dev.type == "cuda":
+            out["headroom_bytes"] = plan.device_budget - end["peak_reserved"]
+            if context_over_plan is not None:
+                out["margin_bytes"] = out["headroom_bytes"] - context_over_plan
+    out["decode"] = {str(span): growth(seen) for span, seen in spans.items()}
+    out["graphs_disabled"] = getattr(step, "disabled", None)
+    return out
 
 
 def sampled_params():
@@ -921,7 +1152,63 @@ def markdown(report: dict) -> str:
             continue
         lines += ["```json", json.dumps({k: v for k, v in value.items() if k != "seconds"}, indent=1, default=str),
                   "```", ""]
+        if step == "big":
+            lines += memory_summary(value)
     return "\n".join(lines)
+
+
+def memory_summary(big: dict) -> list[str]:
+    """The big step's memory measurements against the plan, a line per placement (the JSON has them all)."""
+    from localrun.hardware import format_size
+
+    def size(n) -> str:
+        return "?" if not isinstance(n, (int, float)) else ("+" if n > 0 else "") + format_size(n)
+
+    def ok(value) -> bool:
+        return isinstance(value, dict) and not ({"skipped", "error"} & set(value))
+
+    lines = []
+    for name, rows in big.items():
+        if not isinstance(rows, dict) or "memory_after_load" not in rows:
+            continue
+        parts = []
+        outside = [(when.replace("_", " "), rows.get(f"memory_outside_torch_{when}"))
+                   for when in ("after_load", "after_decode", "at_end")]
+        if any(ok(v) for _, v in outside):
+            planned = next(v["planned_bytes"] for _, v in outside if ok(v))
+            parts.append("outside torch " + ", ".join(f"{format_size(v['outside_torch_bytes'])} {when}"
+                                                    for when, v in outside if ok(v))
+                         + f" (plan.CUDA_CONTEXT_BYTES {format_size(planned)})")
+        graphs = rows.get("graph_memory")
+        if ok(graphs):
+            buckets = ", ".join(f"{span}: {size(g.get('reserved_bytes'))}" for span, g in graphs["buckets"].items())
+            parts.append(f"{graphs['mode']} step, graphs for spans {graphs['captured'] or 'none'}: reserved "
+                         f"{size(graphs['reserved_bytes'])}, allocated {size(graphs['allocated_bytes'])} (per bucket, "
+                         f"reserved: {buckets or 'none'}; {graphs['counters']})"
+                         + (f", disabled: {graphs['graphs_disabled']}" if graphs.get("graphs_disabled") else ""))
+        long = rows.get("long_prompt")
+        if ok(long):
+            text = f"{long['prompt_tokens']}-token prompt: "
+            text += (f"prefill {long['prefill_tokens_per_s']} tok/s ({long['prefill_s']} s), " if "prefill_s" in long
+                     else "")
+            text += (f"peak reserved {format_size(long['peak_reserved_bytes'])}, transient "
+                     f"{format_size(long['prefill_transient_bytes'])} "
+                     f"(plan workspace {format_size(long['workspace_bytes'])})"
+                     if "peak_reserved_bytes" in long else "no peak")
+            if "headroom_bytes" in long:
+                text += (f", headroom {size(long['headroom_bytes'])} "
+                         f"of the budget {format_size(long['device_budget_bytes'])}")
+            if "margin_bytes" in long:
+                text += f", {size(long['margin_bytes'])} less the context's excess"
+            text += ", OUT OF MEMORY" if long.get("out_of_memory") else ", no out of memory"
+            text += f" ({long['counters']})"
+            parts.append(text)
+        elif isinstance(long, dict):
+            parts.append(f"long prompt: {long.get('skipped') or long.get('error')}")
+        if parts:
+            lines.append(f"- `{name}`: " + "; ".join(parts))
+    return ["Memory against the plan (`memory_outside_torch_*`, `graph_memory`, `long_prompt`):", "", *lines, ""] \
+        if lines else []
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,6 +29,20 @@ def test_dry_run_writes_a_complete_report(tmp_path):
         memory = placement["memory_after_load"]
         assert memory["device_bytes"] > 0 and memory["planned_device_bytes"] > 0
         assert placement["per_token_eager"]["aten_ops_per_token"] > 0
+    for name, placement in steps["big"].items():  # memory against the plan, after the measurements above
+        if not isinstance(placement, dict):
+            continue
+        for when in ("after_load", "after_decode", "at_end"):  # mem_get_info: CUDA only
+            assert "skipped" in placement[f"memory_outside_torch_{when}"], placement[f"memory_outside_torch_{when}"]
+        graphs = placement["graph_memory"]
+        assert "error" not in graphs and set(graphs["buckets"]) == {"256", "512", "1024"}, graphs
+        assert all(isinstance(g["reserved_bytes"], int) for g in graphs["buckets"].values())
+        assert graphs["captured"] == [] and graphs["graphs_disabled"] is None  # the CPU captures nothing
+    long = steps["big"]["half"]["long_prompt"]  # the dry run's stand-in for 16 GiB
+    assert "error" not in long and long["out_of_memory"] is None, long
+    assert long["prompt_tokens"] == 1024 and long["prefill_tokens_per_s"] > 0 and long["peak_reserved_bytes"] > 0
+    assert list(long["decode"]) == ["2048"] and "reserved_bytes" in long["decode"]["2048"]
+    assert "long_prompt" not in steps["big"]["resident"]
     resident = steps["big"]["resident"]  # opt-in decode kernels (dense_gemv): the step with each switched on
     assert resident["per_token_static_sampled"]["aten_ops_per_token"] > 0  # every sampling filter on
     assert "error" not in resident["speed_static_with_dense_gemv"]
@@ -45,7 +59,8 @@ def test_dry_run_writes_a_complete_report(tmp_path):
     bench = steps["bench"]  # the CLI as a user runs it, its table rendered from its JSON
     assert bench["report"]["measurements"][0]["decode_tokens_per_s"] > 0 and "| 128 | 4 |" in bench["table"]
     assert "gpu_check.md" in {p.name for p in tmp_path.iterdir()}
-    assert "## big" in (tmp_path / "gpu_check.md").read_text()
+    summary = (tmp_path / "gpu_check.md").read_text()
+    assert "## big" in summary and "Memory against the plan" in summary and "1024-token prompt: prefill" in summary
 
 
 def _script():
@@ -145,3 +160,101 @@ def test_fit_efficiency_reproduces_the_h200_figures_localrun_ships(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda dev=None: "Some Future GPU")
     assert "skipped" in check.fit_efficiency(223.8, {"weight_kernels_us_per_token": 2611.0}, 6_075_555_900, 30,
                                               "cuda")
+
+
+def test_a_measurement_that_would_end_past_the_deadline_is_skipped(tmp_path):
+    import time
+
+    check = _script()
+    out: dict = {}
+    check.PROGRESS.deadline = time.time() + 60
+    try:
+        assert check.timed("quick", lambda: 1, out, needs=10) == 1
+        assert "needs about 120 s" in check.timed("slow", lambda: 2, out, needs=120)["skipped"]
+    finally:
+        check.PROGRESS.deadline = None
+
+
+def test_memory_outside_torch_is_what_the_allocator_does_not_hold(monkeypatch):
+    import types
+
+    import torch
+
+    from localrun.plan import CUDA_CONTEXT_BYTES
+
+    check = _script()
+    gib = 1 << 30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (60 * gib, 80 * gib))  # (free, total)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda dev=None: 19 * gib)
+    step, cache = types.SimpleNamespace(_graphs={1024: 0, 256: 0}), types.SimpleNamespace(steps={})
+    cache.steps["graphs"] = step
+    got = check.memory_outside_torch(torch.device("cuda"), cache)
+    assert got["outside_torch_bytes"] == gib and got["planned_bytes"] == CUDA_CONTEXT_BYTES
+    assert got["graph_spans"] == {"graphs": [256, 1024]}  # the graphs alive as it was taken
+    assert got["over_plan_bytes"] == gib - CUDA_CONTEXT_BYTES
+    assert "skipped" in check.memory_outside_torch(torch.device("cpu"))
+
+
+def _tiny_loaded(tmp_path):
+    import torch
+
+    from localrun.loader import load_model
+    from localrun.tiny import tiny_config, write_checkpoint
+
+    return load_model(write_checkpoint(tmp_path / "m", tiny_config("moe")), device="cpu", dtype=torch.float32,
+                      context=1024)
+
+
+def test_long_prompt_out_of_memory_is_reported_and_the_check_goes_on(tmp_path, monkeypatch):
+    """An out-of-memory in the long prompt is its answer: reported with the counters at that moment,
+    freed, the step's `_load` its class's again, and the run (the next measurement) goes on."""
+    import torch
+
+    check = _script()
+    loaded = _tiny_loaded(tmp_path)
+    dev = torch.device("cpu")
+
+    def greedy(model, ids, n, dev, step="eager", cache=None, params=None):
+        assert len(ids) == 1022  # the context (1024) less the two decoded tokens
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(check, "greedy", greedy)
+    got = check.long_prompt_run(loaded.model, loaded, dev, "static", loaded.model.args.vocab_size, 8192, None)
+    assert got["out_of_memory"].startswith("CUDA out of memory") and got["at_out_of_memory"]["peak_reserved"] > 0
+    assert "prefill_s" not in got and got["decode"] == {} and got["prefill_transient_bytes"] >= 0
+    assert "_load" not in vars(loaded.kv.steps["static"])
+    monkeypatch.undo()
+    again = check.long_prompt_run(loaded.model, loaded, dev, "static", loaded.model.args.vocab_size, 300, None)
+    assert again["out_of_memory"] is None and again["prompt_tokens"] == 300 and list(again["decode"]) == ["512"]
+
+
+def test_graph_memory_notes_each_bucket_at_its_first_token(tmp_path):
+    import torch
+
+    check = _script()
+    loaded = _tiny_loaded(tmp_path)
+    got = check.graph_memory(loaded.model, loaded, torch.device("cpu"), "static", loaded.model.args.vocab_size)
+    assert {span: g["position"] for span, g in got["buckets"].items()} == {"256": 128, "512": 256, "1024": 512}
+    assert all(g["seconds"] >= 0 and "allocated_bytes" in g for g in got["buckets"].values())
+    assert got["reserved_bytes"] == sum(g["reserved_bytes"] for g in got["buckets"].values())
+    assert "_load" not in vars(loaded.kv.steps["static"])
+
+
+def test_memory_summary_reads_the_cuda_figures():
+    check = _script()
+    mib = 1 << 20
+    outside = {"outside_torch_bytes": 700 * mib, "planned_bytes": 500 * mib, "over_plan_bytes": 200 * mib}
+    rows = {"memory_after_load": {}, "memory_outside_torch_after_load": outside,
+            "memory_outside_torch_after_decode": outside, "memory_outside_torch_at_end": {"error": "x"},
+            "graph_memory": {"mode": "segments", "counters": "torch allocator", "captured": [256, 512],
+                             "buckets": {"256": {"reserved_bytes": 40 * mib}, "512": {"reserved_bytes": 2 * mib}},
+                             "reserved_bytes": 42 * mib, "allocated_bytes": 30 * mib, "graphs_disabled": None},
+            "long_prompt": {"prompt_tokens": 8190, "prefill_s": 20.0, "prefill_tokens_per_s": 409.5,
+                            "peak_reserved_bytes": 16000 * mib, "prefill_transient_bytes": 600 * mib,
+                            "workspace_bytes": 498 * mib, "headroom_bytes": -10 * mib,
+                            "device_budget_bytes": 15990 * mib, "margin_bytes": -210 * mib,
+                            "out_of_memory": "CUDA out of memory", "counters": "torch allocator"}}
+    text = "\n".join(check.memory_summary({"seconds": 1, "16GiB": rows}))
+    assert "outside torch 700.0 MiB after load, 700.0 MiB after decode (plan.CUDA_CONTEXT_BYTES 500.0 MiB)" in text
+    assert "graphs for spans [256, 512]: reserved +42.0 MiB" in text and "256: +40.0 MiB" in text
+    assert "8190-token prompt: prefill 409.5 tok/s" in text and "headroom -10.0 MiB" in text and "OUT OF MEMORY" in text
