@@ -277,7 +277,18 @@ def _compressed_tensors(quant: dict) -> FloatWeights:
             raise _unreadable(kind)
     if isinstance(sparsity, dict) and sparsity.get("format", "dense") != "dense":
         raise _unreadable(f"{CT_METHOD} with {sparsity.get('format')} sparsity")
-    return FloatWeights("_scale", None)
+    return FloatWeights("_scale", _ct_block(groups))
+
+
+def _ct_block(groups: dict) -> tuple[int, int] | None:
+    """The block every weights group's scales cover when the config fixes it: `block_structure` for the
+    block strategy (compressed-tensors stores the codes unpadded, so a partial last block is one of the
+    grid's own, not an equal share of the matrix); None for tensor, channel and group scales, whose grid
+    divides the matrix evenly, or for groups that disagree."""
+    blocks = {_block(w.get("block_structure"), "config_groups.*.weights.block_structure")
+              if w.get("strategy") == "block" else None
+              for w in (g.get("weights") for g in groups.values()) if w is not None}
+    return blocks.pop() if len(blocks) == 1 else None
 
 
 # Validation -------------------------------------------------------------------------------------

@@ -53,6 +53,10 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
     return (codes.float() * expanded).to(DEQUANTIZED)
 
 
+def _dtype(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def _cropped(w: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     """w without the padding of whole blocks (compressed-tensors' block strategy), contiguous like every
     tensor a checkpoint reads (a strided view would take other kernels, other sums)."""
@@ -86,6 +90,10 @@ class Fp8Checkpoint:
             raise LocalrunError(f"FP8 tensor {name} has a zero point; localrun reads symmetric FP8 only")
         if name + SHAPE_SUFFIX not in self.inner.tensors:
             return info.shape
+        stored = self.inner.tensors[name + SHAPE_SUFFIX]
+        if stored.dtype.is_floating_point or stored.dtype == torch.bool or len(stored.shape) != 1:
+            raise LocalrunError(f"{name}{SHAPE_SUFFIX} is {_dtype(stored.dtype)} {list(stored.shape)}, not a shape "
+                                "(a list of integers)")
         shape = tuple(self.inner.read(name + SHAPE_SUFFIX).tolist())
         if len(shape) != len(info.shape) or any(not 0 < n <= s for n, s in zip(shape, info.shape)) \
                 or shape[:-2] != info.shape[:-2]:
@@ -107,11 +115,14 @@ class Fp8Checkpoint:
         else:  # the grid divides the stored (block-padded) matrix evenly
             block = tuple(s // g if g and s % g == 0 else 0 for s, g in zip(stored, grid))
             want = grid if all(block) else None
-        per_matrix = len(shape) == 2 or got.shape[:-2] == shape[:-2]  # [E, rows, cols]: a grid per expert
+        if len(got.shape) >= 2:  # a grid over each matrix: [g0, g1], or [E, g0, g1] for [E, rows, cols]
+            per_matrix = len(got.shape) == len(shape) and got.shape[:-2] == shape[:-2]
+        else:  # one scale for the whole matrix
+            per_matrix = len(shape) == 2 and math.prod(got.shape) == 1
         if want is None or tuple(grid) != want or not per_matrix or not got.dtype.is_floating_point:
             explain = (f"blocks of {block[0]} x {block[1]} need {list(shape[:-2]) + list(want)}" if self.layout.block
                        else "its grid must divide the matrix into equal blocks")
-            raise LocalrunError(f"{scale} is {str(got.dtype).removeprefix('torch.')} {list(got.shape)}, no scale "
+            raise LocalrunError(f"{scale} is {_dtype(got.dtype)} {list(got.shape)}, no scale "
                                 f"grid for {name} {list(info.shape)}: {explain}, in floating point")
         return scale, block
 
@@ -131,13 +142,21 @@ class Fp8Checkpoint:
         codes = self.inner.read_rows(name, start, stop)
         if codes.dim() > 2:  # [E, rows, cols]: each leading index has its own grid of scales
             rows = self.tensors[name].shape[-2]
-            return _cropped(dequantize(codes, self.inner.read_rows(scale, start, stop), block), rows, cols)
+            return _cropped(dequantize(codes, self._finite(scale, self.inner.read_rows(scale, start, stop)), block),
+                            rows, cols)
         grid = self.inner.tensors[scale].shape
         if len(grid) < 2:  # one scale for the whole matrix
             values = self.inner.read(scale).reshape(1, 1)
         else:
             values = self.inner.read_rows(scale, start // block[0], -(-stop // block[0]))
-        return _cropped(dequantize(codes, values, block, first_row=start), codes.shape[0], cols)
+        return _cropped(dequantize(codes, self._finite(scale, values), block, first_row=start), codes.shape[0], cols)
+
+    @staticmethod
+    def _finite(scale: str, values: torch.Tensor) -> torch.Tensor:
+        """values, checked: a NaN or infinite scale would turn its whole block into NaN weights."""
+        if not torch.isfinite(values.float()).all():
+            raise LocalrunError(f"{scale} holds a NaN or infinite scale: the checkpoint is damaged")
+        return values
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors

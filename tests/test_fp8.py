@@ -371,6 +371,12 @@ def test_fp8_tensors_without_a_quantization_config_are_refused(fp8_checkpoint, t
     (lambda t: t.update({"model.layers.0.self_attn.q_proj.weight_scale_inv": torch.ones(1, 1)}),
      r"q_proj.weight_scale_inv is float32 \[1, 1\], no scale grid for .*q_proj.weight \[64, 64\]: blocks of 32 x 32 "
      r"need \[2, 2\], in floating point"),
+    (lambda t: t.update({"model.layers.0.self_attn.q_proj.weight_scale_inv": torch.ones(1, 2, 2)}),
+     r"q_proj.weight_scale_inv is float32 \[1, 2, 2\], no scale grid"),  # not read past its end
+    (lambda t: t.update({"model.layers.0.self_attn.q_proj.weight_scale_inv": torch.ones(2)}),
+     r"q_proj.weight_scale_inv is float32 \[2\], no scale grid"),
+    (lambda t: t["model.layers.0.self_attn.q_proj.weight_scale_inv"].__setitem__((0, 1), float("nan")),
+     "q_proj.weight_scale_inv holds a NaN or infinite scale"),
 ])
 def test_damaged_fp8_pairs_are_named(fp8_checkpoint, tmp_path, damage, message):
     d = tmp_path / "m"
@@ -379,7 +385,42 @@ def test_damaged_fp8_pairs_are_named(fp8_checkpoint, tmp_path, damage, message):
     damage(tensors)
     save_file(tensors, str(d / "model.safetensors"))
     with pytest.raises(LocalrunError, match=message):
-        open_checkpoint(d)
+        load_model(d, dtype=torch.float32, experts="bf16")
+
+
+@pytest.mark.parametrize("strategy, shape, message", [
+    ("channel", torch.ones(2), r"w_scale is float32 \[2\], no scale grid"),
+    ("channel", torch.ones(1, 6, 1), r"w_scale is float32 \[1, 6, 1\], no scale grid"),
+    ("block", torch.tensor([6.0, 5.0]), r"w_shape_original is float32 \[2\], not a shape"),
+])
+def test_misshapen_compressed_tensors_scales_are_named(tmp_path, strategy, shape, message):
+    stored = {"w" + suffix: t for suffix, t in quantize_ct(torch.randn(6, 5), strategy, block=(4, 4)).items()}
+    stored["w_shape_original" if strategy == "block" else "w_scale"] = shape
+    save_file(stored, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": ct_config(strategy, (4, 4))}))
+    with pytest.raises(LocalrunError, match=message):
+        open_checkpoint(tmp_path).read("w")
+
+
+@pytest.mark.parametrize("rows, cols, block", [(64, 64, (48, 40)), (704, 256, (128, 128)), (100, 60, (32, 32))])
+def test_compressed_tensors_fp8_blocks_as_compressed_tensors_writes_them(tmp_path, rows, cols, block):
+    """compressed-tensors (0.20) stores block-quantized codes unpadded: the last block row and column are
+    partial, and the config's block_structure, not the grid, says how many rows and columns a scale covers
+    (Gemma 4's 704 expert rows, 2112 MLP rows, are no multiple of 128)."""
+    ct = pytest.importorskip("compressed_tensors.quantization")
+    from compressed_tensors.compressors.naive_quantized.base import FloatQuantizationCompressor
+
+    weights = ct_config("block", block)["config_groups"]["group_0"]["weights"]
+    args = ct.QuantizationArgs(**{k: v for k, v in weights.items() if k != "dynamic"})
+    w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(rows)).bfloat16()
+    scale = quantize_ct(w.float(), "block", block=block)["_scale"]
+    state = FloatQuantizationCompressor.compress({"weight": w, "weight_scale": scale}, ct.QuantizationScheme(
+        targets=["Linear"], weights=args))
+    assert state["weight"].shape == (rows, cols)  # not padded to whole blocks
+    save_file({"w": state["weight"].contiguous(), "w_scale": scale}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": ct_config("block", block)}))
+    expected = FloatQuantizationCompressor.decompress(dict(state), ct.QuantizationScheme(targets=["Linear"], weights=args))
+    assert torch.equal(open_checkpoint(tmp_path).read("w"), expected["weight"].to(torch.bfloat16))
 
 
 def test_cli_names_the_quantization_it_cannot_read(cli, tiny_checkpoint, tmp_path):
