@@ -147,11 +147,14 @@ def pick_slot(free: list[int], prompt_len: int, shared: dict[int, int], held: di
               last_used: dict[int, int]) -> int:
     """The free slot for a prompt of `prompt_len` tokens: the one whose cache shares the most tokens with
     it (`shared`) when that is at least half the prompt; otherwise one whose cache costs nothing to
-    overwrite: an empty one (`held`: tokens cached), else the least recently used (`last_used`)."""
-    def worth(i: int) -> int:
+    overwrite: an empty one (`held`: tokens cached), else the least recently used (`last_used`). A cache
+    that shares half the prompt but not half of itself (a new conversation's short first message after
+    the same long system prompt) is another conversation's: an empty slot comes first."""
+    def worth(i: int) -> tuple[int, int]:
         if 2 * shared[i] >= prompt_len:
-            return shared[i]
-        return 0 if held[i] == 0 else -1  # a small overlap is not worth another conversation's cache
+            same = 2 * shared[i] >= held[i] or shared[i] == prompt_len  # or the same prompt again
+            return (2 if same else 0), shared[i]
+        return (1 if held[i] == 0 else -1), 0  # a small overlap is not worth another conversation's cache
 
     return max(free, key=lambda i: (worth(i), -last_used.get(i, -1)))
 

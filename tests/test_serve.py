@@ -494,3 +494,7 @@ def test_a_slot_is_reused_where_it_holds_most_of_the_prompt():
     assert pick_slot(free, 60, {0: 20, 1: 20, 2: 20}, {0: 1000, 1: 2000, 2: 500}, {0: 5, 1: 3, 2: 9}) == 1
     # a slot never used before counts as the oldest
     assert pick_slot([0, 1], 8, {0: 0, 1: 0}, {0: 10, 1: 10}, {0: 4}) == 1
+    # a system prompt longer than a new conversation's first message: slot 0's 3000 tokens stay
+    assert pick_slot([0, 1], 250, {0: 200, 1: 0}, {0: 3000, 1: 0}, {0: 1}) == 1
+    # ... unless no slot is empty: the shared system prompt is still worth more than the oldest cache
+    assert pick_slot([0, 1], 250, {0: 200, 1: 0}, {0: 3000, 1: 100}, {0: 1, 1: 0}) == 0
