@@ -267,6 +267,7 @@ class MultilineInput:
 
     def __init__(self):
         self._lines: list[str] | None = None
+        self.from_block = False  # whether the last finished message was a block: sent as typed, never a command
 
     @property
     def open(self) -> bool:
@@ -275,7 +276,8 @@ class MultilineInput:
     def feed(self, line: str) -> str | None:
         """The finished message, or None while a block is still open."""
         if self._lines is None:
-            if not line.lstrip().startswith(BLOCK):
+            self.from_block = line.lstrip().startswith(BLOCK)
+            if not self.from_block:
                 return line
             line = line.lstrip()[len(BLOCK):]
             self._lines = []

@@ -189,6 +189,8 @@ def test_multiline_block():
     assert m.feed('last"""') == "first\n  indented\n\nlast" and not m.open
     assert m.feed('"""one-liner"""') == "one-liner"
     assert m.feed('"""') is None and m.feed('"""') == "" and not m.open
+    assert m.feed('"""/save x.json"""') == "/save x.json" and m.from_block  # a block is a message, not a command
+    assert m.feed("/save x.json") == "/save x.json" and not m.from_block
 
 
 def test_conversation_undo_and_retry():

@@ -155,9 +155,9 @@ def repl(session: ChatSession, term: Terminal) -> None:
         message = block.feed(line)
         if message is None or not message.strip():
             continue
-        command = parse_command(message) if "\n" not in message else None
+        command = parse_command(message) if not block.from_block else None
         if command is None:
-            session.ask(message_text(message))
+            session.ask(message if block.from_block else message_text(message))
             show_reply(session, term)
             continue
         outcome = session.command(*command)
