@@ -319,6 +319,13 @@ def test_qwen3_with_the_model_cards_yarn_reaches_128k():
     qwen = json.loads((REFERENCE / "qwen3-30b-a3b.config.json").read_text())
     assert args_from_dict(qwen).max_position_embeddings == 40960
     assert args_from_dict({**qwen, "rope_scaling": QWEN_YARN}).max_position_embeddings == 131072
+    # added to a config transformers 5 wrote (rope_parameters): it scales them, their theta kept
+    saved = {k: v for k, v in qwen.items() if k not in ("rope_theta", "rope_scaling")}
+    saved["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6}
+    args = args_from_dict({**saved, "rope_scaling": {"type": "yarn", **{k: v for k, v in QWEN_YARN.items()
+                                                                         if k != "rope_type"}}})
+    assert args.rope_parameters == {**QWEN_YARN, "rope_theta": 1e6} and args.max_position_embeddings == 131072
+    assert args_from_dict({**saved, "rope_scaling": None}).rope_parameters == saved["rope_parameters"]
 
 
 @pytest.mark.parametrize("family, scaling", [

@@ -120,12 +120,22 @@ class MoEArgs:
 
 
 def rope_parameters(config: dict, default_theta: float) -> dict:
-    """`rope_parameters` (transformers 5), else the older top-level `rope_theta` / `rope_scaling`."""
-    params = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
-    if "type" in params and "rope_type" not in params:
-        params["rope_type"] = params.pop("type")
+    """`rope_parameters` (transformers 5), the older top-level `rope_theta` / `rope_scaling`, or both: a
+    `rope_scaling` added beside `rope_parameters` (Qwen's card says to add it to config.json, which
+    transformers 5 writes with rope_parameters) scales them, keeping their rope_theta."""
+    params, scaling = (_spelled(config.get(name) or {}) for name in ("rope_parameters", "rope_scaling"))
+    if scaling.get("rope_type", "default") != "default" or not params:
+        params.update(scaling)
     params.setdefault("rope_type", "default")
     params.setdefault("rope_theta", config.get("rope_theta", default_theta))
+    return params
+
+
+def _spelled(params: dict) -> dict:
+    """RoPE parameters with the older `type` spelled `rope_type`."""
+    params = dict(params)
+    if "type" in params and "rope_type" not in params:
+        params["rope_type"] = params.pop("type")
     return params
 
 
