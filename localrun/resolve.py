@@ -201,9 +201,20 @@ def model_format(model_dir: Path) -> str:
     text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
     quant = cfg.get("quantization_config")
     if isinstance(quant, dict) and isinstance(quant.get("quant_method"), str):  # its weights' own format, not the
-        return f"hf {quant['quant_method']}"  # dtype the model computes in (an FP8 release says bfloat16)
+        return f"hf {quant['quant_method']}" + _unless_readable(cfg)  # dtype it computes in (FP8 says bfloat16)
     dtype = cfg.get("dtype") or cfg.get("torch_dtype") or text.get("dtype") or text.get("torch_dtype") or "?"
     return f"hf {dtype}".replace("bfloat16", "bf16").replace("float32", "fp32")
+
+
+def _unless_readable(cfg: dict) -> str:
+    """" (unsupported)" for a quantization localrun refuses (compressed-tensors' int4 beside its FP8)."""
+    from .config import read_quantization
+
+    try:
+        read_quantization(cfg)
+    except LocalrunError:
+        return " (unsupported)"
+    return ""
 
 
 def model_family(model_dir: Path) -> str:

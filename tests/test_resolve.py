@@ -145,12 +145,16 @@ def test_list_local_models(hf_cache, tmp_path, monkeypatch):
     fake_snapshot(hf_cache, "org/config-only", {"config.json": "{}"})
     fake_snapshot(hf_cache, "Qwen/Qwen3-30B-A3B", {**FULL, "config.json": '{"model_type": "qwen3_moe"}'})
     fake_snapshot(hf_cache, "x/llama", {**FULL, "config.json": '{"model_type": "llama"}'})
+    fake_snapshot(hf_cache, "x/int4", {**FULL, "config.json": json.dumps({"model_type": "qwen3_moe", "quantization_config": {
+        "quant_method": "compressed-tensors", "format": "pack-quantized",
+        "config_groups": {"g": {"weights": {"num_bits": 4, "type": "int", "strategy": "group"}}}}})})
     fake_snapshot(hf_cache, "Qwen/Qwen3-30B-A3B-FP8", {**FULL, "config.json": json.dumps(
         {"model_type": "qwen3_moe", "torch_dtype": "bfloat16", "quantization_config": {"quant_method": "fp8"}})})
     models = {m.name: m for m in list_local_models()}
     assert set(models) == {REPO, "me/quantized", "org/config-only", "Qwen/Qwen3-30B-A3B", "x/llama",
-                           "Qwen/Qwen3-30B-A3B-FP8"}
+                           "Qwen/Qwen3-30B-A3B-FP8", "x/int4"}
     assert models["Qwen/Qwen3-30B-A3B-FP8"].format == "hf fp8"  # the weights' format, not the compute dtype
+    assert models["x/int4"].format == "hf compressed-tensors (unsupported)"
     assert models["Qwen/Qwen3-30B-A3B"].family == "qwen3_moe"
     assert models["x/llama"].family == "llama (unsupported)" and models[REPO].family == "?"
     assert models[REPO].format == "hf bf16"
