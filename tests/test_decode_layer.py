@@ -1,8 +1,10 @@
-"""kernels.DecodeLayer: the front of a Gemma 4 MoE layer for one fp32 CPU token as one C call.
+"""kernels.DecodeLayer: the front of a Gemma 4 MoE layer for one fp32 CPU token as one C call;
+kernels.MoEDecodeLayer: a Qwen3-MoE or Mixtral MoE layer the same way.
 
-It calls the very C functions the module path calls one by one, on the same buffers, so tokens and
+They call the very C functions the module path calls one by one, on the same buffers, so tokens and
 logits are asserted bit for bit equal to the module path (DECODE_KERNELS["decode_layer"] off), at
-every placement, across sliding-ring wraps (rollback slots masked), at 1 and 2 threads."""
+every placement, across sliding-ring wraps (rollback slots masked), at 1 and 2 threads; for Qwen3-MoE
+and Mixtral also through the prefix cache's rollbacks and against the static step."""
 
 from __future__ import annotations
 
@@ -187,3 +189,194 @@ def test_refused_weights_rebuild_the_layer_call(lib, tiny_moe, monkeypatch):
     fast = run(loaded.model, ids, loaded.kv, 6, True, monkeypatch)
     slow = run(loaded.model, ids, loaded.kv, 6, False, monkeypatch)
     assert fast[0] == slow[0] and torch.equal(fast[1], slow[1])
+
+
+# Qwen3-MoE and Mixtral: kernels.MoEDecodeLayer ----------------------------------------------------
+
+def write_family(out, family: str, **overrides):
+    """A tiny random bf16 checkpoint of `family` (qwen3_moe or mixtral) in its Hugging Face layout, experts
+    fused (both families read that), the tiny factory's values (localrun.tiny._random_tensor)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from localrun.models import family as family_module
+    from localrun.tiny import _random_tensor
+
+    config = dict(model_type=family, vocab_size=512, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, max_position_embeddings=4096, rms_norm_eps=1e-6,
+                  tie_word_embeddings=False, eos_token_id=1, rope_theta=1e6, hidden_act="silu",
+                  num_experts_per_tok=3)
+    if family == "qwen3_moe":
+        config |= dict(intermediate_size=96, num_experts=8, moe_intermediate_size=64, norm_topk_prob=False)
+    else:
+        config |= dict(intermediate_size=64, num_local_experts=8)
+    config |= overrides
+    module = family_module(family)
+    args = module.args_from_dict(config)
+    tensors = {}
+    for key, shape in module.checkpoint_shapes(args).items():
+        t = _random_tensor(key, shape, 0) * (8.0 if key == "embed_tokens.weight" else 1.0)  # no sqrt(H) scale
+        tensors[key if key == "lm_head.weight" else "model." + key] = t.bfloat16()
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "model.safetensors"))
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+FAMILY_VARIANTS = {
+    # norm_topk_prob off, layer 1 a dense MLP (the module path), full caches
+    "qwen": ("qwen3_moe", dict(mlp_only_layers=[1])),
+    # renormalized top-k, q/k/v/o biases, YaRN (the attention scale times m^2), every layer sliding
+    "qwen_bias_yarn_sliding": ("qwen3_moe", dict(
+        norm_topk_prob=True, attention_bias=True, use_sliding_window=True, sliding_window=16,
+        rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32})),
+    "mixtral": ("mixtral", {}),  # no q/k norms: RoPE alone
+    "mixtral_sliding": ("mixtral", dict(sliding_window=16)),
+}
+
+
+@pytest.fixture(scope="module")
+def family_checkpoint(tmp_path_factory):
+    built: dict = {}
+
+    def get(variant: str):
+        if variant not in built:
+            family, overrides = FAMILY_VARIANTS[variant]
+            built[variant] = write_family(tmp_path_factory.mktemp(variant), family, **overrides)
+        return built[variant]
+
+    return get
+
+
+def moe_kernels(model):
+    return [layer.decode_c for layer in model.layers if layer.moe]
+
+
+@pytest.mark.parametrize("experts, fraction", [("bf16", 1.0), ("nf4", 1.0), ("nf4", 0.5), ("nf4", 0.0)])
+@pytest.mark.parametrize("variant", list(FAMILY_VARIANTS))
+def test_moe_families_bit_identical_to_module_path(lib, family_checkpoint, monkeypatch, variant, experts, fraction):
+    loaded = load_model(family_checkpoint(variant), dtype=torch.float32, experts=experts, resident_fraction=fraction,
+                        context=512)
+    ids = bench_prompt(40, loaded.args.vocab_size)  # sliding variants: decode starts with the ring past its window
+    cache = KVCache(loaded.args, dtype=torch.float32, capacity=512, rollback=4)  # rings of 20 slots: they wrap
+    sampling = SamplingParams(temperature=0.8, seed=3)  # sampled: more varied routing than greedy
+    fast = run(loaded.model, ids, cache, 30, True, monkeypatch, sampling)
+    assert all(isinstance(k, kernels.MoEDecodeLayer) for k in moe_kernels(loaded.model))
+    assert all(layer.decode_c is False for layer in loaded.model.layers if not layer.moe)
+    # resident experts go inside the C call; an ExpertStore (some experts in host RAM) stays a Python call
+    assert all((k.experts is not None) == (fraction == 1.0) for k in moe_kernels(loaded.model))
+    slow = run(loaded.model, ids, cache, 30, False, monkeypatch, sampling)
+    assert fast[0] == slow[0]
+    assert torch.equal(fast[1], slow[1])
+
+
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_moe_family_bit_identical_at_both_thread_counts(lib, family_checkpoint, monkeypatch, threads, n_threads):
+    threads(n_threads)
+    loaded = load_model(family_checkpoint("qwen_bias_yarn_sliding"), dtype=torch.float32, experts="bf16", context=256)
+    ids = bench_prompt(30, loaded.args.vocab_size)
+    cache = KVCache(loaded.args, dtype=torch.float32, capacity=256, rollback=4)
+    fast = run(loaded.model, ids, cache, 40, True, monkeypatch)
+    slow = run(loaded.model, ids, cache, 40, False, monkeypatch)
+    assert fast[0] == slow[0] and torch.equal(fast[1], slow[1])
+
+
+@pytest.mark.parametrize("variant", ["qwen", "qwen_bias_yarn_sliding", "mixtral_sliding"])
+def test_moe_families_static_step_is_the_eager_one_bit_for_bit(lib, family_checkpoint, monkeypatch, variant):
+    """The static step runs the module path at fixed shapes (masked slots weigh exactly 0); the eager step
+    the C layer call: the same tokens and logits."""
+    loaded = load_model(family_checkpoint(variant), dtype=torch.float32, experts="nf4", context=256)
+    ids = bench_prompt(30, loaded.args.vocab_size)
+    runs = [list(generate(loaded.model, ids, make_sampler(SamplingParams()), max_tokens=24, cache=loaded.kv,
+                          step=step)) for step in ("eager", "static")]
+    assert all(k.experts is not None for k in moe_kernels(loaded.model))
+    assert [s.token for s in runs[0]] == [s.token for s in runs[1]]
+    assert torch.equal(torch.stack([s.logits for s in runs[0]]), torch.stack([s.logits for s in runs[1]]))
+
+
+def test_moe_family_prefix_cache_rollback_bit_identical(lib, family_checkpoint, monkeypatch):
+    """A conversation through the prefix cache (localrun/session.py) over rings of window 16 + rollback 12:
+    turns re-rendered shorter roll the rings back, an undo beyond their reach starts over; the C layer
+    call's logits are the module path's at every step."""
+    from localrun.session import Session
+
+    loaded = load_model(family_checkpoint("qwen_bias_yarn_sliding"), dtype=torch.float32, experts="nf4", context=512)
+    args = loaded.args
+
+    def conversation(decode_layer: bool):
+        monkeypatch.setitem(gemma4.DECODE_KERNELS, "decode_layer", decode_layer)
+        session = Session(KVCache(args, dtype=torch.float32, capacity=512, rollback=12))
+        history, logits, reused = [2], [], []
+        for turn in range(6):
+            ids = history + [(37 * turn + 11 * j) % (args.vocab_size - 10) + 5 for j in range(9)]
+            steps = list(generate(loaded.model, ids, make_sampler(SamplingParams()), max_tokens=10, session=session))
+            reply = [s.token for s in steps]
+            logits += [s.logits for s in steps]
+            reused.append(session.reused)
+            history = ids + (reply[3:] if turn % 2 else reply)  # odd turns: the reply re-rendered shorter
+        ids = history[:25] + [7, 8, 9]  # beyond the rollback the rings keep: prefilled from 0
+        logits += [s.logits for s in generate(loaded.model, ids, make_sampler(SamplingParams()), max_tokens=8,
+                                               session=session)]
+        return torch.stack(logits), reused
+
+    fast, reused = conversation(True)
+    assert all(isinstance(k, kernels.MoEDecodeLayer) and k.experts is not None for k in moe_kernels(loaded.model))
+    assert all(r > 0 for r in reused[1:]), reused
+    slow, _ = conversation(False)
+    assert torch.equal(fast, slow)
+
+
+def test_moe_family_router_hooks_keep_the_module_path(lib, family_checkpoint, monkeypatch):
+    """profile.py counts experts with forward hooks on the routers: those must still fire."""
+    loaded = load_model(family_checkpoint("qwen"), dtype=torch.float32, context=128)
+    seen = []
+    layer = next(layer for layer in loaded.model.layers if layer.moe)
+    handle = layer.router.register_forward_hook(lambda m, args, out: seen.append(out[0].shape))
+    try:
+        run(loaded.model, bench_prompt(12, loaded.args.vocab_size), loaded.kv, 5, True, monkeypatch)
+    finally:
+        handle.remove()
+    assert len(seen) == 1 + 4  # the prefill, then each decoded token that was fed back
+
+
+def test_moe_family_set_experts_rebuilds_the_layer_call(lib, family_checkpoint, monkeypatch):
+    loaded = load_model(family_checkpoint("mixtral"), dtype=torch.float32, context=128)
+    ids = bench_prompt(12, loaded.args.vocab_size)
+    before = run(loaded.model, ids, loaded.kv, 6, True, monkeypatch)
+    layer = loaded.model.layers[0]
+    assert isinstance(layer.decode_c, kernels.MoEDecodeLayer)
+    layer.set_experts(layer.experts)
+    assert layer.decode_c is None
+    after = run(loaded.model, ids, loaded.kv, 6, True, monkeypatch)
+    assert after[0] == before[0] and torch.equal(after[1], before[1])
+
+
+@pytest.mark.parametrize("norm", [True, False])
+def test_route_top_k_matches_torch(lib, norm):
+    logits = torch.randn(5, 32) * 3
+    ids, w = kernels.route_top_k(logits, 8, norm)
+    p = torch.softmax(logits, dim=-1)
+    ref_w, ref_ids = torch.topk(p, 8, dim=-1)
+    if norm:
+        ref_w = ref_w / ref_w.sum(dim=-1, keepdim=True)
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(w, ref_w, rtol=2e-6, atol=1e-7)  # libm's expf vs torch's exp: the last bits
+    assert kernels.route_top_k(logits.double(), 8, norm) is None
+
+
+def test_moe_layer_not_built_for_fp32_matrices(lib):
+    H, N, KV, D, E = 64, 4, 2, 16, 8
+    bf = lambda *s: torch.randn(*s).bfloat16()  # noqa: E731
+    vectors = {"w_in": torch.ones(H), "w_post": torch.ones(H), "w_qn": torch.ones(D), "w_kn": torch.ones(D)}
+    common = dict(heads=N, kv_heads=KV, head_dim=D, eps=1e-6, scale=D**-0.5, top_k=2, norm_topk=True, act="silu",
+                  qkv_bias=None, o=bf(H, N * D), o_bias=None, router=bf(E, H))
+    qkv = bf((N + 2 * KV) * D, H)
+    assert isinstance(kernels.MoEDecodeLayer.build(vectors=vectors, qkv=qkv, **common), kernels.MoEDecodeLayer)
+    no_norms = vectors | {"w_qn": None, "w_kn": None}
+    assert isinstance(kernels.MoEDecodeLayer.build(vectors=no_norms, qkv=qkv, **common), kernels.MoEDecodeLayer)
+    assert kernels.MoEDecodeLayer.build(vectors=vectors | {"w_kn": None}, qkv=qkv, **common) is None
+    assert kernels.MoEDecodeLayer.build(vectors=vectors, qkv=qkv.float(), **common) is None
+    assert kernels.MoEDecodeLayer.build(vectors=vectors, qkv=bf((N + KV) * D, H), **common) is None  # no K = V here
+    assert kernels.MoEDecodeLayer.build(vectors=vectors, qkv=qkv, **common | {"act": "relu"}) is None
+    assert kernels.MoEDecodeLayer.build(vectors=vectors, qkv=qkv, **common | {"qkv_bias": torch.ones(3)}) is None

@@ -134,6 +134,16 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.lr_decode_layer_full_scratch.restype = _I64
     lib.lr_decode_layer_full.argtypes = [_PTR] * 7 + [_PTR] + [_I64] * 5 + [_PTR, _PTR, _I64, _INT]
     lib.lr_decode_layer_full.restype = _INT
+    lib.lr_route_top_k.argtypes = [_PTR, _PTR, _PTR, _I64, _I64, _I64, _INT, _PTR]
+    lib.lr_route_top_k.restype = None
+    lib.lr_moe_decode_layer_scratch.argtypes = [_PTR, _I64, _INT]
+    lib.lr_moe_decode_layer_scratch.restype = _I64
+    lib.lr_moe_decode_layer.argtypes = [_PTR] * 6 + [_PTR] + [_I64] * 5 + [_PTR] * 5 + [_I64, _INT]
+    lib.lr_moe_decode_layer.restype = _INT
+    lib.lr_moe_decode_layer_full_scratch.argtypes = [_PTR, _PTR, _I64, _INT]
+    lib.lr_moe_decode_layer_full_scratch.restype = _I64
+    lib.lr_moe_decode_layer_full.argtypes = [_PTR] * 7 + [_PTR] + [_I64] * 5 + [_PTR, _PTR, _I64, _INT]
+    lib.lr_moe_decode_layer_full.restype = _INT
     lib.lr_logits.argtypes = [_PTR, _PTR, _PTR, _I64, _I64, _I64, ctypes.c_float]
     lib.lr_logits.restype = None
     lib.lr_rope_row.argtypes = [_PTR, _I64, _I64, _PTR, _PTR]
@@ -458,6 +468,20 @@ def route(logits_TE: torch.Tensor, per_expert_scale: torch.Tensor, top_k: int):
     return ids, w
 
 
+def route_top_k(logits_TE: torch.Tensor, top_k: int, norm: bool):
+    """Qwen3-MoE's / Mixtral's router after its projection (qwen3_moe.Router) for fp32 CPU logits in one
+    call: softmax, the top_k largest, divided by their sum when `norm`; or None (use torch)."""
+    lib = library()
+    if lib is None or _tracing() or not _fp32_rows(logits_TE) or logits_TE.dim() != 2:
+        return None
+    T, E = logits_TE.shape
+    ids = torch.empty(T, top_k, dtype=torch.int64)
+    w = torch.empty(T, top_k, dtype=torch.float32)
+    lib.lr_route_top_k(logits_TE.data_ptr(), ids.data_ptr(), w.data_ptr(), T, E, top_k, int(norm),
+                       _scratch("route", E).data_ptr())
+    return ids, w
+
+
 def decode_attention(q_BN1D: torch.Tensor, k_BKSD: torch.Tensor, v_BKSD: torch.Tensor,
                      visible_1S: torch.Tensor | None, scale: float) -> torch.Tensor | None:
     """grouped_sdpa of one query per head (kernels/attention.py) for fp32 CPU tensors in one C call,
@@ -512,9 +536,13 @@ class DecodeLayer:
     Build with `DecodeLayer.build` (None where the layer's weights are not what the kernel reads: bf16
     matrices and fp32 vectors, contiguous)."""
 
-    def __init__(self, lib: ctypes.CDLL, desc: _LayerDesc, keep: list[torch.Tensor]):
+    _full_fn, _full_scratch_fn, _front_scratch_fn = ("lr_decode_layer_full", "lr_decode_layer_full_scratch",
+                                                     "lr_decode_layer_scratch")  # the C calls full() and sizes use
+
+    def __init__(self, lib: ctypes.CDLL, desc: ctypes.Structure, keep: list):
         self.lib, self.desc, self._keep = lib, desc, keep  # `keep`: the tensors `desc` points into
         self.ref = ctypes.byref(desc)
+        self._full = getattr(lib, self._full_fn)
         self.hidden, self.top_k = desc.H, desc.K
         self._out = threading.local()
         self._sizes: dict[tuple[bool, int, int], int] = {}  # (full call, cache slots, threads) -> scratch floats
@@ -570,14 +598,13 @@ class DecodeLayer:
         n = self._scratch_floats(True, slots, threads)
         scratch = _scratch("decode_layer", n)
         out = torch.empty(1, 1, self.hidden)
-        status = self.lib.lr_decode_layer_full(self.ref, self.experts.ref, x_11H.data_ptr(), cos.data_ptr(),
-                                               sin.data_ptr(), k.data_ptr(), v.data_ptr(),
-                                               None if kpos is None else kpos.data_ptr(), slots, slot, n_keys,
-                                               position, window, out.data_ptr(), scratch.data_ptr(), n, threads)
+        status = self._full(self.ref, self.experts.ref, x_11H.data_ptr(), cos.data_ptr(), sin.data_ptr(), k.data_ptr(),
+                            v.data_ptr(), None if kpos is None else kpos.data_ptr(), slots, slot, n_keys, position,
+                            window, out.data_ptr(), scratch.data_ptr(), n, threads)
         if status == -3:
             raise ValueError(f"expert ids must be in [0, {self.experts.desc.E}) and name an available expert")
         if status != 0:
-            raise RuntimeError(f"lr_decode_layer_full failed ({status}): slot {slot}, {n_keys} keys of {k.shape[2]}")
+            raise RuntimeError(f"{self._full_fn} failed ({status}): slot {slot}, {n_keys} keys of {k.shape[2]}")
         return out
 
     def _scratch_floats(self, full: bool, slots: int, threads: int) -> int:
@@ -586,8 +613,8 @@ class DecodeLayer:
         key = (full, slots, threads)
         n = self._sizes.get(key)
         if n is None:
-            n = self._sizes[key] = (self.lib.lr_decode_layer_full_scratch(self.ref, self.experts.ref, slots, threads)
-                                    if full else self.lib.lr_decode_layer_scratch(self.ref, slots, threads))
+            n = self._sizes[key] = (getattr(self.lib, self._full_scratch_fn)(self.ref, self.experts.ref, slots, threads)
+                                    if full else getattr(self.lib, self._front_scratch_fn)(self.ref, slots, threads))
         return n
 
     def _outputs(self) -> tuple:
@@ -617,6 +644,85 @@ class DecodeLayer:
         if status != 0:
             raise RuntimeError(f"lr_decode_layer failed ({status}): slot {slot}, {n_keys} keys of {k.shape[2]}")
         return res, h, x_moe, ids, w
+
+
+class _MoELayerDesc(ctypes.Structure):
+    """cpu_bf16.c's lr_moe_layer: one Qwen3-MoE / Mixtral MoE layer's sizes and weight addresses."""
+    _fields_ = ([(n, ctypes.c_int64) for n in ("H", "N", "KV", "D", "E", "K", "qk_norm", "norm_topk", "act")]
+                + [("eps", ctypes.c_float), ("scale", ctypes.c_float)]
+                + [(n, ctypes.c_void_p) for n in ("w_in", "w_qn", "w_kn", "w_post", "qkv", "o", "router", "qkv_bias",
+                                                  "o_bias")])
+
+
+class MoEDecodeLayer(DecodeLayer):
+    """A Qwen3-MoE or Mixtral MoE layer for one decoded fp32 token on the CPU as one C call
+    (`lr_moe_decode_layer`): input norm, q/k/v (+ bias), the q/k norms (qk_norm) and RoPE, the KV
+    write, attention at the layer's scale, o_proj, the residual, the post-attention norm and the
+    router (`__call__`); the routed experts (any backend) and the last residual then run in Python.
+    After `with_experts` (resident bf16 or 4-bit experts the C kernels read), `full` runs the whole
+    layer in the same one call. Build with `MoEDecodeLayer.build` (None where the layer's weights
+    are not what the kernel reads: bf16 matrices and fp32 vectors, contiguous)."""
+
+    _full_fn, _full_scratch_fn = "lr_moe_decode_layer_full", "lr_moe_decode_layer_full_scratch"
+    _front_scratch_fn = "lr_moe_decode_layer_scratch"
+
+    @classmethod
+    def build(cls, *, heads: int, kv_heads: int, head_dim: int, eps: float, scale: float, top_k: int,
+              norm_topk: bool, act: str, vectors: dict[str, torch.Tensor | None], qkv: torch.Tensor,
+              qkv_bias: torch.Tensor | None, o: torch.Tensor, o_bias: torch.Tensor | None,
+              router: torch.Tensor) -> "MoEDecodeLayer | None":
+        """vectors: w_in, w_post, and w_qn, w_kn (None without q/k norms) (fp32); qkv [(N + 2 KV) * D, H],
+        o [H, N * D], router [E, H] (bf16)."""
+        lib = library()
+        matrices = (qkv, o, router)
+        given = [t for t in (*vectors.values(), qkv_bias, o_bias) if t is not None]
+        if (lib is None or act not in ACTIVATION_CODES or _tracing()
+                or any(m.dtype != torch.bfloat16 or m.device.type != "cpu" or not m.is_contiguous() for m in matrices)
+                or not _fp32_rows(*given) or vectors.get("w_in") is None or vectors.get("w_post") is None
+                or (vectors.get("w_qn") is None) != (vectors.get("w_kn") is None)):
+            return None
+        H, E = qkv.shape[1], router.shape[0]
+        N, KV, D = heads, kv_heads, head_dim
+        if (qkv.shape[0] != (N + 2 * KV) * D or o.shape != (H, N * D) or router.shape[1] != H or D % 2
+                or not 0 < top_k <= E or (qkv_bias is not None and qkv_bias.shape != (qkv.shape[0],))
+                or (o_bias is not None and o_bias.shape != (H,))):
+            return None
+        qk_norm = vectors.get("w_qn") is not None
+        desc = _MoELayerDesc(H=H, N=N, KV=KV, D=D, E=E, K=top_k, qk_norm=int(qk_norm), norm_topk=int(norm_topk),
+                             act=ACTIVATION_CODES[act], eps=eps, scale=scale)
+        for name, t in (*vectors.items(), ("qkv", qkv), ("o", o), ("router", router), ("qkv_bias", qkv_bias),
+                        ("o_bias", o_bias)):
+            setattr(desc, name, None if t is None else t.data_ptr())
+        return cls(lib, desc, [*given, *matrices])
+
+    def with_experts(self, experts: "ExpertsDesc") -> "MoEDecodeLayer":  # type: ignore[override]
+        """This layer plus its routed experts, so that `full` runs the whole layer in one call."""
+        self.experts, self._keep = experts, self._keep + [experts]
+        return self
+
+    def _outputs(self) -> tuple:
+        out = getattr(self._out, "bufs", None)
+        if out is None:
+            H, K = self.hidden, self.top_k
+            bufs = (torch.empty(1, 1, H), torch.empty(1, H), torch.empty(1, K, dtype=torch.int64), torch.empty(1, K))
+            out = self._out.bufs = (bufs, [b.data_ptr() for b in bufs])
+        return out
+
+    def __call__(self, x_11H: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 kpos: torch.Tensor | None, slot: int, n_keys: int, position: int, window: int):
+        """(residual [1, 1, H], expert input [1, H], ids [1, K], weights [1, K]) of the token x; the
+        arguments as DecodeLayer's. The outputs are buffers reused by this layer's next token."""
+        (res, x_moe, ids, w), ptrs = self._outputs()
+        threads = torch.get_num_threads()
+        n = self._scratch_floats(False, k.shape[2], threads)
+        scratch = _scratch("decode_layer", n)
+        status = self.lib.lr_moe_decode_layer(self.ref, x_11H.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                                              k.data_ptr(), v.data_ptr(), None if kpos is None else kpos.data_ptr(),
+                                              k.shape[2], slot, n_keys, position, window, *ptrs, scratch.data_ptr(),
+                                              n, threads)
+        if status != 0:
+            raise RuntimeError(f"lr_moe_decode_layer failed ({status}): slot {slot}, {n_keys} keys of {k.shape[2]}")
+        return res, x_moe, ids, w
 
 
 class _ExpertsDesc(ctypes.Structure):

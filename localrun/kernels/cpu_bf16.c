@@ -808,30 +808,47 @@ void lr_ffn_residual(const float *mlp, const float *w1, const float *moe, const 
 
 /* Per row of E logits: softmax, the K largest (largest first, a tie to the lower id), renormalised
  * over those K, times scale[id]. */
+/* One row: softmax of E logits into p, then the K largest (largest first, a tie to the lower id) into
+ * ids and w; returns their sum (p is left with -1 at the chosen ids). */
+static float softmax_top_k(const float *l, int64_t E, int64_t K, int64_t *ids, float *w, float *p) {
+    float top = l[0], sum = 0.0f;
+    for (int64_t e = 1; e < E; e++)
+        top = l[e] > top ? l[e] : top;
+    for (int64_t e = 0; e < E; e++)
+        sum += p[e] = expf(l[e] - top);
+    for (int64_t e = 0; e < E; e++)
+        p[e] = p[e] / sum;
+    float kept = 0.0f;
+    for (int64_t k = 0; k < K; k++) {
+        int64_t best = -1;
+        for (int64_t e = 0; e < E; e++)
+            if (p[e] >= 0.0f && (best < 0 || p[e] > p[best]))
+                best = e;
+        ids[k] = best;
+        w[k] = p[best];
+        kept += p[best];
+        p[best] = -1.0f;
+    }
+    return kept;
+}
+
 void lr_route(const float *logits, const float *scale, int64_t *ids, float *w, int64_t T, int64_t E, int64_t K,
               float *p) {
     for (int64_t t = 0; t < T; t++) {
-        const float *l = logits + t * E;
-        float top = l[0], sum = 0.0f;
-        for (int64_t e = 1; e < E; e++)
-            top = l[e] > top ? l[e] : top;
-        for (int64_t e = 0; e < E; e++)
-            sum += p[e] = expf(l[e] - top);
-        for (int64_t e = 0; e < E; e++)
-            p[e] = p[e] / sum;
-        float kept = 0.0f;
-        for (int64_t k = 0; k < K; k++) {
-            int64_t best = -1;
-            for (int64_t e = 0; e < E; e++)
-                if (p[e] >= 0.0f && (best < 0 || p[e] > p[best]))
-                    best = e;
-            ids[t * K + k] = best;
-            w[t * K + k] = p[best];
-            kept += p[best];
-            p[best] = -1.0f;
-        }
+        const float kept = softmax_top_k(logits + t * E, E, K, ids + t * K, w + t * K, p);
         for (int64_t k = 0; k < K; k++)
             w[t * K + k] = w[t * K + k] / kept * scale[ids[t * K + k]];
+    }
+}
+
+/* Qwen3-MoE's and Mixtral's router (qwen3_moe.Router) per row of E logits: softmax, the K largest as
+ * lr_route picks them, divided by their sum when `norm` (norm_topk_prob; Mixtral's always). */
+void lr_route_top_k(const float *logits, int64_t *ids, float *w, int64_t T, int64_t E, int64_t K, int norm, float *p) {
+    for (int64_t t = 0; t < T; t++) {
+        const float kept = softmax_top_k(logits + t * E, E, K, ids + t * K, w + t * K, p);
+        if (norm)
+            for (int64_t k = 0; k < K; k++)
+                w[t * K + k] = w[t * K + k] / kept;
     }
 }
 
@@ -1106,11 +1123,29 @@ typedef struct {
 #define EVEN(n) (((n) + 1) & ~(int64_t)1) /* float counts kept even: int64 arrays after them stay aligned */
 
 /* The expert kernel's own scratch, as the Python wrappers size it (so it picks the same thread count). */
-static int64_t experts_kernel_scratch(const lr_layer *L, const lr_experts *X, int threads) {
+static int64_t experts_scratch(int64_t H, int64_t K, const lr_experts *X, int threads) {
     const int64_t t = threads > 1 ? threads : 1;
     if (X->kind == 0)
-        return t * (2 * L->H + 2 * X->F);
-    return lr_moe_4bit_scratch(1, L->K, L->H, X->F, X->blocksize, (int)X->dq, (int)t);
+        return t * (2 * H + 2 * X->F);
+    return lr_moe_4bit_scratch(1, K, H, X->F, X->blocksize, (int)X->dq, (int)t);
+}
+
+static int64_t experts_kernel_scratch(const lr_layer *L, const lr_experts *X, int threads) {
+    return experts_scratch(L->H, L->K, X, threads);
+}
+
+/* One token's routed experts (x [H], ids and w [K]) into moe [H], with the kernel the Python wrappers
+ * call (kernels.moe, kernels.moe_q4) and its scratch (xs floats at xsc): 0, -3 (an expert id out of
+ * range or absent) or -4 (the 4-bit kernel refused the shapes). */
+static int run_experts(const lr_experts *X, const float *x, const int64_t *ids, const float *w, int64_t K, int64_t H,
+                       int act, float *moe, int64_t *order, int64_t *starts, float *xsc, int64_t xs) {
+    int status;
+    if (X->kind == 0)
+        status = lr_moe_one_token(x, X->gate_up, X->down, ids, w, K, X->E, H, X->F, act, moe, xsc, xs);
+    else
+        status = lr_moe_4bit(x, X->rows, X->offsets, X->table, X->dyn, ids, w, 1, K, X->E, H, X->F, X->blocksize,
+                             (int)X->dq, act, moe, order, starts, xsc, xs);
+    return status == 0 ? 0 : status == -1 ? -3 : -4;
 }
 
 int64_t lr_decode_layer_full_scratch(const lr_layer *L, const lr_experts *X, int64_t max_keys, int threads) {
@@ -1138,14 +1173,133 @@ int lr_decode_layer_full(const lr_layer *L, const lr_experts *X, const float *x,
                                  ids, w, scratch, front, threads);
     if (status != 0)
         return status;
-    if (X->kind == 0)
-        status = lr_moe_one_token(x_moe, X->gate_up, X->down, ids, w, K, X->E, H, X->F, (int)L->act, moe, xsc, xs);
-    else
-        status = lr_moe_4bit(x_moe, X->rows, X->offsets, X->table, X->dyn, ids, w, 1, K, X->E, H, X->F, X->blocksize,
-                             (int)X->dq, (int)L->act, moe, order, starts, xsc, xs);
+    status = run_experts(X, x_moe, ids, w, K, H, (int)L->act, moe, order, starts, xsc, xs);
     if (status != 0)
-        return status == -1 ? -3 : -4;
+        return status;
     lr_ffn_residual(h, X->w_post1, moe, X->w_post2, X->w_post, res, X->scalar, out, tmp, 1, H, L->eps);
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * One decoded token through a Qwen3-MoE or Mixtral MoE layer (qwen3_moe.DecoderLayer), in one call:
+ * the C functions the module path calls one by one on the CPU in fp32, in the same order, so the
+ * results are its results bit for bit.
+ *
+ *   n = rms_norm(x) * w_in; q|k|v = n @ qkv^T (+ bias); q, k = rope(rms_norm(q|k) * w_qn|w_kn)
+ *   (qk_norm; Mixtral: rope(q|k)); k, v -> cache slot `slot`; a = attention(q, cache keys
+ *   [0, n_keys)) * scale; res = x + (a @ o^T (+ o_bias)); h = rms_norm(res) * w_post;
+ *   ids, w = top-k(softmax(h @ router^T)) (renormalised when norm_topk); out = res + experts(h)
+ *
+ * Sliding layers (every layer, where the config slides) pass their ring as lr_decode_layer does.
+ * ------------------------------------------------------------------------------------------- */
+typedef struct {
+    int64_t H, N, KV, D, E, K, qk_norm, norm_topk, act;
+    float eps, scale; /* scale: the attention's (D^-0.5, times YaRN's m^2) */
+    const float *w_in, *w_qn, *w_kn, *w_post; /* w_qn, w_kn: NULL without qk_norm */
+    const uint16_t *qkv, *o, *router;
+    const float *qkv_bias, *o_bias; /* NULL without attention_bias */
+} lr_moe_layer;
+
+/* RoPE of `rows` heads of D values (contiguous), as apply_rope computes it in torch: x * cos +
+ * roll(x, D/2) * sin, each product and the sum rounded (no FMA contraction under -std=c11). */
+static void rope_heads(const float *x, const float *cos, const float *sin, float *out, int64_t rows, int64_t D) {
+    const int64_t half = D / 2;
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * D;
+        float *o = out + r * D;
+        for (int64_t d = 0; d < half; d++) {
+            const float lo = xr[d], hi = xr[d + half];
+            o[d] = lo * cos[d] + hi * sin[d];
+            o[d + half] = hi * cos[d + half] + lo * sin[d + half];
+        }
+    }
+}
+
+int64_t lr_moe_decode_layer_scratch(const lr_moe_layer *L, int64_t max_keys, int threads) {
+    return (L->N + 2 * L->KV) * L->D + 2 * L->N * L->D + 2 * L->H + 2 * L->E
+           + lr_decode_attention_scratch(1, L->N, L->KV, max_keys, threads) + max_keys / 4 + 16;
+}
+
+/* The layer up to its routed experts: res [H] (the residual after attention), x_moe [H] (the
+ * experts' input), ids and w [K]. Returns 0, -1 (slot or key count out of range), -2 (scratch). */
+int lr_moe_decode_layer(const lr_moe_layer *L, const float *x, const float *cos, const float *sin, float *kc, float *vc,
+                        int64_t *kpos, int64_t slots, int64_t slot, int64_t n_keys, int64_t position, int64_t window,
+                        float *res, float *x_moe, int64_t *ids, float *w, float *scratch, int64_t n_scratch,
+                        int threads) {
+    const int64_t H = L->H, N = L->N, KV = L->KV, D = L->D, E = L->E;
+    const int64_t width = (N + 2 * KV) * D;
+    if (slot < 0 || slot >= slots || n_keys < 1 || n_keys > slots)
+        return -1;
+    if (lr_moe_decode_layer_scratch(L, n_keys, threads) > n_scratch)
+        return -2;
+    float *qkv = scratch, *q = qkv + width, *att = q + N * D, *n_in = att + N * D, *o = n_in + H, *logits = o + H;
+    float *p = logits + E, *att_scratch = p + E;
+    uint8_t *mask = (uint8_t *)(att_scratch + lr_decode_attention_scratch(1, N, KV, n_keys, threads));
+
+    lr_rms_norm(x, L->w_in, n_in, 1, 1, H, H, L->eps);
+    lr_linear(n_in, L->qkv, L->qkv_bias, qkv, 1, H, width);
+    float *k_new = att; /* KV * D floats, free until the attention writes there */
+    if (L->qk_norm) {
+        lr_rms_norm_rope(qkv, L->w_qn, cos, sin, q, N, N, width, 1, D, L->eps);
+        lr_rms_norm_rope(qkv + N * D, L->w_kn, cos, sin, k_new, KV, KV, width, 1, D, L->eps);
+    } else {
+        rope_heads(qkv, cos, sin, q, N, D);
+        rope_heads(qkv + N * D, cos, sin, k_new, KV, D);
+    }
+    for (int64_t h = 0; h < KV; h++) {
+        memcpy(kc + (h * slots + slot) * D, k_new + h * D, (size_t)D * sizeof(float));
+        memcpy(vc + (h * slots + slot) * D, qkv + (N + KV + h) * D, (size_t)D * sizeof(float));
+    }
+    const uint8_t *visible = NULL;
+    if (window > 0) {
+        kpos[slot] = position;
+        if (n_keys > window) {
+            for (int64_t s = 0; s < n_keys; s++)
+                mask[s] = kpos[s] >= 0 && kpos[s] <= position && kpos[s] > position - window;
+            visible = mask;
+        }
+    }
+    lr_decode_attention(q, kc, vc, visible, att, att_scratch, 1, N, KV, n_keys, D, N * D, D, KV * slots * D,
+                        slots * D, D, KV * slots * D, slots * D, D, L->scale);
+    lr_linear(att, L->o, L->o_bias, o, 1, N * D, H);
+    for (int64_t i = 0; i < H; i++)
+        res[i] = x[i] + o[i];
+    lr_rms_norm(res, L->w_post, x_moe, 1, 1, H, H, L->eps);
+    lr_linear(x_moe, L->router, NULL, logits, 1, H, E);
+    lr_route_top_k(logits, ids, w, 1, E, L->K, (int)L->norm_topk, p);
+    return 0;
+}
+
+int64_t lr_moe_decode_layer_full_scratch(const lr_moe_layer *L, const lr_experts *X, int64_t max_keys, int threads) {
+    return EVEN(lr_moe_decode_layer_scratch(L, max_keys, threads)) + EVEN(3 * L->H) + 2 * L->K /* ids */
+           + EVEN(L->K) + 2 * (L->K + X->E + 1) /* order, starts */ + experts_scratch(L->H, L->K, X, threads);
+}
+
+/* The whole layer for one token: lr_moe_decode_layer, the routed experts, the residual; out [H] may
+ * not alias x. Returns lr_moe_decode_layer's codes or run_experts'. */
+int lr_moe_decode_layer_full(const lr_moe_layer *L, const lr_experts *X, const float *x, const float *cos,
+                             const float *sin, float *kc, float *vc, int64_t *kpos, int64_t slots, int64_t slot,
+                             int64_t n_keys, int64_t position, int64_t window, float *out, float *scratch,
+                             int64_t n_scratch, int threads) {
+    const int64_t H = L->H, K = L->K;
+    const int64_t front = EVEN(lr_moe_decode_layer_scratch(L, n_keys, threads));
+    const int64_t xs = experts_scratch(H, K, X, threads);
+    if (lr_moe_decode_layer_full_scratch(L, X, n_keys, threads) > n_scratch)
+        return -2;
+    float *res = scratch + front, *x_moe = res + H, *moe = x_moe + H;
+    int64_t *ids = (int64_t *)(scratch + front + EVEN(3 * H));
+    float *w = (float *)(ids + K);
+    int64_t *order = (int64_t *)(w + EVEN(K)), *starts = order + K;
+    float *xsc = (float *)(starts + X->E + 1);
+    int status = lr_moe_decode_layer(L, x, cos, sin, kc, vc, kpos, slots, slot, n_keys, position, window, res, x_moe,
+                                     ids, w, scratch, front, threads);
+    if (status != 0)
+        return status;
+    status = run_experts(X, x_moe, ids, w, K, H, (int)L->act, moe, order, starts, xsc, xs);
+    if (status != 0)
+        return status;
+    for (int64_t i = 0; i < H; i++)
+        out[i] = res[i] + moe[i];
     return 0;
 }
 

@@ -9,6 +9,9 @@ transformers >= 5 writes back out and every released checkpoint holds) or fused
 (`mlp.experts.gate_up_proj` [E, 2I, H], the layout transformers 5 computes with). `read_experts`
 takes either into localrun's fused layout, so quantization, plan and expert store are shared.
 
+On the CPU in fp32 a decoded token runs each MoE layer as one C call (DecoderLayer.forward_decode,
+kernels.MoEDecodeLayer), bit for bit the module path, as Gemma 4's layers do.
+
 Shape letters: B batch, T tokens, S key positions, N heads, D head dim, H hidden,
 K top-k, E experts, I expert intermediate, V vocab.
 """
@@ -25,10 +28,13 @@ from ..checkpoint import Checkpoint
 from ..config import (COUNT, EXPERTS, POSITIONS, SIZE, TOKEN_ID, ConfigError, check_bools, check_eos, check_even,
                       check_ints, check_kv_heads, check_required, check_rms_norm_eps, is_int, is_number)
 from ..errors import LocalrunError
+from .. import kernels
+from ..kernels import fused as fused_ops
 from ..kernels import linear
+from ..kvcache import FullKV, RingKV
 from ..moe import ACTIVATIONS, DenseExperts
 from . import common, rope
-from .gemma4 import MLP, RMSNorm, apply_rope, attend, fuse_linears, fused_on_cuda, norm_rope, project
+from .gemma4 import DECODE_KERNELS, MLP, RMSNorm, apply_rope, attend, fuse_linears, fused_on_cuda, norm_rope, project
 
 
 @dataclass
@@ -385,7 +391,13 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(args.num_experts, args.hidden_size))
 
     def forward(self, x_TH):
-        p_TE = torch.softmax(linear(x_TH, self.weight), dim=-1, dtype=torch.float32)
+        logits_TE = linear(x_TH, self.weight)
+        if x_TH.shape[0] == 1 and not torch.is_grad_enabled():
+            # a decoded fp32 CPU token: the C call DecoderLayer.forward_decode makes too (prefill: torch's ops)
+            routed = kernels.route_top_k(logits_TE, self.top_k, self.norm)
+            if routed is not None:
+                return routed
+        p_TE = torch.softmax(logits_TE, dim=-1, dtype=torch.float32)
         w_TK, ids_TK = torch.topk(p_TE, self.top_k, dim=-1)
         if self.norm:
             w_TK = w_TK / w_TK.sum(dim=-1, keepdim=True)
@@ -415,6 +427,7 @@ class DecoderLayer(nn.Module):
         self.mlp = SparseMoeBlock(args) if self.moe else MLP(H, args.intermediate_size, args.hidden_act)
         self.input_layernorm = RMSNorm(H, eps)
         self.post_attention_layernorm = RMSNorm(H, eps)
+        self.act_name = args.hidden_act
 
     @property
     def router(self) -> Router:
@@ -428,10 +441,67 @@ class DecoderLayer(nn.Module):
         """Swap the expert backend (a module or any callable (x_TH, ids_TK, w_TK) -> y_TH)."""
         self.mlp._modules.pop("experts", None)
         self.mlp.experts = backend
+        self.decode_c = None  # forward_decode's C call reads the experts: built again for these
 
     def forward(self, x_BTH, cos_TD, sin_TD, pos_T, cache, shared):
+        if "position" in shared and cache is not None and self.decode_c is not False:
+            out = self.forward_decode(x_BTH, cos_TD, sin_TD, cache, shared["position"])
+            if out is not None:
+                return out
         x = x_BTH + self.self_attn(self.input_layernorm(x_BTH), cos_TD, sin_TD, pos_T, cache, shared)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    decode_c = None  # kernels.MoEDecodeLayer once built; False where it cannot apply to this layer
+
+    def _decode_kernel(self):
+        """This layer's kernels.MoEDecodeLayer, built on first use (None: the layer cannot use it)."""
+        if self.decode_c is None:
+            attn = self.self_attn
+            router, experts = (self.mlp.gate, self.mlp.experts) if self.moe else (None, None)
+            # the modules whose hooks the C call would bypass (forward_decode checks them every token)
+            self._watched = tuple(m for m in (attn, self.mlp, router, experts) if isinstance(m, nn.Module))
+            self._fused_at_build = attn.qkv  # fuse() again makes new weights: build again
+            ok = self.moe and attn.qkv is not None and attn.qkv[0].shape[1] == attn.q_proj.in_features
+            self.decode_c = ok and kernels.MoEDecodeLayer.build(
+                heads=attn.q_proj.out_features // attn.head_dim, kv_heads=attn.k_proj.out_features // attn.head_dim,
+                head_dim=attn.head_dim, eps=self.input_layernorm.eps, scale=attn.scale, top_k=router.top_k,
+                norm_topk=router.norm, act=self.act_name,
+                vectors=dict(w_in=self.input_layernorm.weight, w_post=self.post_attention_layernorm.weight,
+                             w_qn=None if attn.q_norm is None else attn.q_norm.weight,
+                             w_kn=None if attn.k_norm is None else attn.k_norm.weight),
+                qkv=attn.qkv[0], qkv_bias=attn.qkv[1], o=attn.o_proj.weight, o_bias=attn.o_proj.bias,
+                router=router.weight) or False
+            c_experts = getattr(experts, "c_experts", None)
+            if self.decode_c and c_experts is not None and getattr(experts, "act_name", None) == self.act_name:
+                desc = c_experts()
+                if desc is not None:
+                    self.decode_c.with_experts(desc)
+        return self.decode_c or None
+
+    def forward_decode(self, x_BTH, cos_TD, sin_TD, cache, position: int):
+        """forward() of one token on the CPU in fp32 as one C call (kernels.MoEDecodeLayer; the routed
+        experts inside it where the C kernels read them, else called here), its results bit for bit;
+        None where that does not apply (then the caller runs forward). Module hooks on the attention,
+        the MoE block, the router or the experts (profile.py's) would not see the C call, so they keep
+        the module path."""
+        kernel = self.decode_c
+        if kernel is not None and self._fused_at_build is not self.self_attn.qkv:
+            kernel = self.decode_c = None
+        if kernel is None:
+            kernel = self._decode_kernel()
+        if (not kernel or x_BTH.shape[:2] != (1, 1) or x_BTH.dtype != torch.float32 or x_BTH.device.type != "cpu"
+                or not DECODE_KERNELS["decode_layer"] or torch.is_grad_enabled()
+                or any(m._forward_hooks or m._forward_pre_hooks for m in self._watched)
+                or type(cache) not in (FullKV, RingKV) or cache.k.dtype != torch.float32):
+            return None
+        slot, n_keys, window = cache.claim()
+        kpos = cache.pos if window else None
+        if kernel.experts is not None:
+            return kernel.full(x_BTH.contiguous(), cos_TD, sin_TD, cache.k, cache.v, kpos, slot, n_keys, position,
+                               window)
+        res, x_moe, ids_TK, w_TK = kernel(x_BTH.contiguous(), cos_TD, sin_TD, cache.k, cache.v, kpos, slot, n_keys,
+                                          position, window)
+        return res + self.mlp.experts(x_moe, ids_TK, w_TK).reshape(res.shape)
 
 
 class Model(nn.Module):
@@ -465,16 +535,16 @@ class Model(nn.Module):
 
     def rope(self, pos_T: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin) [T, 1, D], sin's first half negated (see gemma4.apply_rope)."""
-        freqs = pos_T[:, None].float() * self.inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
-        sin = emb.sin()
-        sin[..., : sin.shape[-1] // 2] *= -1
-        return emb.cos().to(dtype), sin.to(dtype)
+        return fused_ops.rope_rows(pos_T, self.inv_freq, dtype)  # one fp32 CPU position: the C row, as decode's
 
     def hidden(self, ids_BT: torch.Tensor, cache=None, pos_T: torch.Tensor | None = None) -> torch.Tensor:
         """Final-normed hidden states [B, T, H] of `ids_BT`, appended to `cache` (positions follow it)."""
         T = ids_BT.shape[1]
         dtype = self.compute_dtype
+        if pos_T is None and T == 1 and cache is not None and cache.span is None:
+            h = self._decode_hidden(ids_BT, cache)
+            if h is not None:
+                return h
         if pos_T is None:
             start = cache.offset if cache is not None else 0
             pos_T = torch.arange(start, start + T, device=ids_BT.device)
@@ -487,6 +557,33 @@ class Model(nn.Module):
             x = layer(x, cos, sin, pos_T, cache.layers[i] if cache is not None else None, shared)
         if cache is not None and cache.span is None:
             cache.offset += T
+        return self.norm(x)
+
+    def _decode_hidden(self, ids_11: torch.Tensor, cache) -> torch.Tensor | None:
+        """hidden() of one host-driven token on the CPU in fp32, with the embedding and RoPE rows as C
+        calls and each layer's forward_decode called directly (no Module call where nothing hooks the
+        layer); None where that does not apply (hidden() then runs its general path)."""
+        if ids_11.shape[0] != 1 or torch.is_grad_enabled() or self.compute_dtype != torch.float32 \
+                or ids_11.device.type != "cpu":
+            return None
+        position = cache.offset
+        x = kernels.embed(ids_11, self.embed_tokens.weight, 1.0)  # bf16 widened: exact, as .to(fp32)
+        rope_row = kernels.rope_row(self.inv_freq, position)
+        if x is None or rope_row is None:
+            return None
+        cos, sin = rope_row
+        shared: dict = {"position": position}  # a hooked layer's forward() takes forward_decode from this
+        hooked = bool(nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
+        pos_1 = None
+        for layer, layer_cache in zip(self.layers, cache.layers):
+            out = None
+            if not (hooked or layer._forward_hooks or layer._forward_pre_hooks):
+                out = layer.forward_decode(x, cos, sin, layer_cache, position)
+            if out is None:
+                pos_1 = torch.tensor([position]) if pos_1 is None else pos_1
+                out = layer(x, cos, sin, pos_1, layer_cache, shared)
+            x = out
+        cache.offset += 1
         return self.norm(x)
 
     def logits(self, h_BTH: torch.Tensor) -> torch.Tensor:
