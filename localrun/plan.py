@@ -27,7 +27,8 @@ Rules (each one a named constant or function below, so a change is one edit):
 - Workspace: activations of one prefill chunk of PREFILL_CHUNK tokens (upper bound, fp32), the
   temporaries of one prefill attention call (`prefill_attention_bytes`: a block of QUERY_BLOCK
   queries over every key it sees, which in a full layer is the whole context, so this part grows
-  with the context; never less than SCORES_TILE_BYTES), one expert dequantized for many-token
+  with the context, unless the layer's head dim takes localrun's flash attention kernel, which holds
+  only its output; never less than SCORES_TILE_BYTES), one expert dequantized for many-token
   matmuls, and the last position's logits in fp32. `max_context` counts the attention part too.
 - Budget rule (one for `fit` and the loader: `device_budget`): the plan may use the card's total
   memory (or `--vram`) minus CUDA_CONTEXT_BYTES (the CUDA context, cuBLAS/cuDNN handles: memory
@@ -89,7 +90,8 @@ QUANT_CHUNK_EXPERTS = 16  # experts per checkpoint read when quantizing on load
 QUANT_CHUNK_BYTES = 256 * MIB  # ... fewer where their bf16 weights would pass this (one Mixtral 8x7B expert: 336 MiB)
 HOST_RESERVE_BYTES = 1 * GIB
 PREFILL_CHUNK = 512  # tokens per prefill forward (generate.prefill): bounds the activations
-QUERY_BLOCK = 64  # prefill queries per attention call (models/gemma4.attend; 64 beat 128 and 32)
+QUERY_BLOCK = 64  # prefill queries per attention call (kernels/attention.blocked_attention; 64 beat 128 and 32)
+FUSED_SDPA_MAX_HEAD_DIM = 256  # the widest head SDPA's flash / memory-efficient / cuDNN CUDA backends take
 SCORES_TILE_BYTES = 256 * MIB  # the least the workspace keeps for prefill attention (see prefill_attention_bytes)
 ACTIVATION_SLACK = 2  # temporaries the allocator holds alongside the live activations
 FP32 = 4
@@ -317,27 +319,46 @@ def kv_position_bytes(args: ModelArgs, context: int) -> list[int]:
     return [kv_layer_positions(args, i, context) * KV_POSITION_BYTES for i in range(args.num_hidden_layers)]
 
 
-def prefill_attention_bytes(args: ModelArgs, context: int, elem_size: int) -> int:
-    """Peak bytes of one prefill attention call (`attend`: QUERY_BLOCK queries of the last chunk
-    over every key they see) at `context`, the largest over the layers.
+def flash_prefill_on() -> bool:
+    """Whether CUDA half-precision prefills of heads wider than FUSED_SDPA_MAX_HEAD_DIM take localrun's
+    flash attention kernel (models/gemma4.PREFILL_KERNELS["flash_attention"]: every family's `attend`)."""
+    from .models import gemma4  # imported here: the model code imports this module
 
-    Counted as SDPA's math backend computes it, the one a head dim of 512 (Gemma 4's full layers)
-    gets on CUDA: flash, memory-efficient and cuDNN attention all refuse it (docs/gpu/2026-11-26-
-    h200-baseline.md, "attention": full_prefill). Per key it holds K and V upcast to fp32 (half-precision
-    inputs only: torch keeps the math backend's reductions in fp32), K scaled once more, and the
-    block's fp32 scores once at the matmul, twice at the mask add and softmax; beside them the mask
-    repeated for the query groups (bool, then additive in the model dtype) and the bool mask of
-    every block of the chunk (`attend` keeps them for the other layers). Fused backends hold far
-    less, so for heads they take this is an upper bound. A full layer's block sees the whole
-    context, a sliding one its window and the chunk: so this grows with the context, 18 KiB a key
-    for 26B-A4B, 4.5 GiB at 262144 tokens (tests/test_plan.py measures the math backend's peak).
+    return gemma4.PREFILL_KERNELS["flash_attention"]
+
+
+def prefill_attention_bytes(args: ModelArgs, context: int, elem_size: int, flash: bool | None = None) -> int:
+    """Peak bytes of one prefill attention call (`attend` on the last chunk's queries) at `context`,
+    the largest over the layers. `flash`: whether a head dim above FUSED_SDPA_MAX_HEAD_DIM takes the
+    flash attention kernel in half precision (None: `flash_prefill_on()`).
+
+    Such a layer, with the kernel, is one `localrun::causal_attention` call over the whole chunk:
+    its output ([N, PREFILL_CHUNK, D] in the model dtype) is all it allocates; its running softmax
+    stays in registers, and its visibility comes from the positions, so it holds nothing a key.
+
+    Every other layer attends in blocks of QUERY_BLOCK queries, counted as SDPA's math backend
+    computes them, the one a head dim of 512 (Gemma 4's full layers) gets on CUDA without the kernel:
+    flash, memory-efficient and cuDNN attention all refuse it (docs/gpu/2026-11-26-h200-baseline.md,
+    "attention": full_prefill). Per key it holds K and V upcast to fp32 (half-precision inputs only:
+    torch keeps the math backend's reductions in fp32), K scaled once more, and the block's fp32
+    scores once at the matmul, twice at the mask add and softmax; beside them the mask repeated for
+    the query groups (bool, then additive in the model dtype) and the bool mask of every block of the
+    chunk (`attend` keeps them for the other layers). Fused backends hold far less, so for heads they
+    take this is an upper bound. A full layer's block sees the whole context, a sliding one its
+    window and the chunk: so without the kernel this grows with the context, 18 KiB a key for
+    26B-A4B, 4.5 GiB at 262144 tokens (tests/test_plan.py measures the math backend's peak).
     """
+    flash = flash_prefill_on() if flash is None else flash
     upcast = FP32 if elem_size < FP32 else 0  # fp32 inputs are used as they are
     block = min(QUERY_BLOCK, PREFILL_CHUNK)
     N = args.num_attention_heads
     peak = 0
     for i in range(args.num_hidden_layers):
         KV, D = args.layer_kv_heads(i), args.layer_head_dim(i)
+        outputs = N * PREFILL_CHUNK * D * elem_size  # the chunk's output (blocks: joined after the last block's peak)
+        if flash and elem_size < FP32 and D > FUSED_SDPA_MAX_HEAD_DIM:  # the kernel: half precision only
+            peak = max(peak, outputs)
+            continue
         G = N // KV
         window = args.sliding_window if args.is_sliding(i) else None
         keys = context if window is None else min(context, window - 1 + PREFILL_CHUNK)
@@ -346,7 +367,6 @@ def prefill_attention_bytes(args: ModelArgs, context: int, elem_size: int) -> in
         per_key = masks + max(KV * D * (2 * upcast + FP32) + scores,  # at the scores' matmul
                               KV * D * 2 * upcast + 2 * scores)  # at the mask add and the softmax
         queries = N * block * D * (elem_size + 2 * upcast)  # the block's queries: grouped, upcast, scaled
-        outputs = N * PREFILL_CHUNK * D * elem_size  # the blocks' outputs (joined after the last block's peak)
         peak = max(peak, keys * per_key + queries + outputs)
     return peak
 

@@ -25,7 +25,8 @@ Steps:
              per_token_graphs_with_NAME, tokens_graphs_with_NAME), and with the v2 MoE decode kernels
              instead of v3 (speed_graphs_with_v2_moe, ...); all resident, the 512-token prefill
              through the grouped 4-bit GEMMs vs each hit expert dequantized for dense matmuls
-             (prefill_grouped_gemm, prefill_dequantize_per_expert); memory against the plan: what the
+             (prefill_grouped_gemm, prefill_dequantize_per_expert), and with the full layers' flash
+             attention kernel off (prefill_without_flash_attention); memory against the plan: what the
              device holds outside torch's allocator vs plan.CUDA_CONTEXT_BYTES (memory_outside_torch_
              after_load, at no cost, then after all of the above: _after_decode, _at_end), what
              capturing the decode graphs adds per span bucket (graph_memory), and at 16 GiB an
@@ -33,7 +34,9 @@ Steps:
              not, prefill tok/s (long_prompt; GPU_CHECK_LONG_PROMPT sets its tokens, 0 skips it)
   kernels    4-bit MoE kernels vs bitsandbytes at 26B-A4B's shapes (decode: v3, v2 and v1 with every
              autotune config's time; the grouped GEMMs at 512 tokens); split-key
-             decode attention vs SDPA; the Triton GEMV vs cuBLAS at each dense projection shape
+             decode attention vs SDPA; a full layer's prefill attention (512 new tokens after 0 / 8192 /
+             32768 keys), the flash kernel vs SDPA's math backend (time, error, peak bytes; its tile
+             choices after 8192); the Triton GEMV vs cuBLAS at each dense projection shape
   bench      `localrun bench bench --device cuda --graphs both` as a user runs it (the CLI's own report:
              decode and prefill tok/s, bytes a token, copy bandwidth, fraction of the floor)
   attention  which SDPA backends take each of 26B-A4B's layer kinds (decode and prefill), and timings
@@ -278,8 +281,8 @@ def profiled_backend(fn, dev) -> str:
         fn()
         sync(dev)
     names = " ".join(e.name.lower() for e in prof.events())
-    for family, keys in (("flash", ("flash",)), ("efficient", ("fmha", "efficient", "mem_eff")),
-                         ("cudnn", ("cudnn",))):
+    for family, keys in (("localrun triton flash", ("_causal_attention_kernel",)), ("flash", ("flash",)),
+                         ("efficient", ("fmha", "efficient", "mem_eff")), ("cudnn", ("cudnn",))):
         if any(key in names for key in keys):
             return family
     return "math (matmul + softmax kernels)"
@@ -483,16 +486,23 @@ def big_model_run(dry: bool, dev, load_kwargs: dict, rows: dict, long_prompt: bo
     if loaded.store is None:  # prefill through the grouped GEMMs (default) vs each hit expert dequantized once
         from quant import ffn
 
-        def prefill(grouped: bool) -> dict:
-            before, ffn.GROUPED_PREFILL = ffn.GROUPED_PREFILL, grouped
+        from localrun.models import gemma4
+
+        def prefill(grouped: bool, flash: bool = True, timing: bool = True) -> dict:
+            before = ffn.GROUPED_PREFILL, gemma4.PREFILL_KERNELS["flash_attention"]
+            ffn.GROUPED_PREFILL, gemma4.PREFILL_KERNELS["flash_attention"] = grouped, flash
             try:
                 tokens, _ = greedy(model, ids, 1, dev, "eager", loaded.kv)
+                if not timing:
+                    return {"first_token": tokens[0]}
                 seconds = best_seconds(lambda: greedy(model, ids, 1, dev, "eager", loaded.kv), 2, dev)
             finally:
-                ffn.GROUPED_PREFILL = before
+                ffn.GROUPED_PREFILL, gemma4.PREFILL_KERNELS["flash_attention"] = before
             return {"prefill_tokens_per_s": round(prompt / seconds, 1), "first_token": tokens[0]}
         timed("prefill_grouped_gemm", lambda: prefill(True), rows)
         timed("prefill_dequantize_per_expert", lambda: prefill(False), rows)
+        # the full layers through SDPA's math backend (the CPU has no flash kernel to switch: the dry run only runs it)
+        timed("prefill_without_flash_attention", lambda: prefill(True, flash=False, timing=dev.type == "cuda"), rows)
     store = loaded.store
     if store is not None and store.device_compute is not None:  # the same decode, an op per expert (as before)
         rows_compute, store.device_compute = store.device_compute, None
@@ -886,6 +896,11 @@ def step_kernels(dry: bool) -> dict:
               "full layer, 32768 keys": (2, 8, 32768, 512)} if not dry else {"dry": (2, 2, 100, 32)}
     for name, shape in shapes.items():
         timed(f"decode attention, {name}", lambda shape=shape: decode_attention_case(dev, *shape), out)
+    prefill = {f"full layer, 512 after {old} keys": (2, 8, 512, old, 512) for old in (0, 8192, 32768)} if not dry \
+        else {"dry": (2, 2, 40, 60, 64)}
+    for i, (name, shape) in enumerate(prefill.items()):
+        timed(f"prefill attention, {name}", lambda shape=shape, i=i: prefill_attention_case(
+            dev, dry, *shape, tile_choices=i == min(1, len(prefill) - 1)), out)
     dense_gemv_cases(dev, dry, out)
     return out
 
@@ -982,6 +997,60 @@ def decode_attention_case(dev, KV: int, G: int, S: int, D: int) -> dict:
             us = _time_us(fn, 2, dev)
         out[side] = {"us": round(us, 2), "gbps": round(nbytes / us / 1e3, 1)}
     return out
+
+
+def prefill_attention_case(dev, dry: bool, KV: int, G: int, T: int, old: int, D: int, tile_choices: bool) -> dict:
+    """A prefill chunk's attention at a 26B-A4B full layer's shape (bf16, T new queries after `old`
+    keys): the flash attention kernel (localrun::causal_attention on CUDA, PREFILL_KERNELS
+    ["flash_attention"] on) against the blocks through SDPA's math backend (the switch off), each
+    timed, its largest error against the blocks in fp32, and the bytes it allocated at its peak; with
+    `tile_choices`, every TILE_CHOICES tile of the kernel timed too (pick the fastest as HALF_TILES)."""
+    torch = _torch()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from localrun.kernels import triton_prefill_attention as tp
+    from localrun.kernels.attention import blocked_attention
+
+    g = torch.Generator(device=dev).manual_seed(0)
+    q = torch.randn(1, T, KV * G, D, device=dev, generator=g).bfloat16().transpose(1, 2)  # as attend gets it
+    k, v = (torch.randn(1, KV, old + T, D, device=dev, generator=g).bfloat16() for _ in range(2))
+    pos_S = torch.arange(old + T, device=dev)
+    pos_T = pos_S[old:]
+    scale = D ** -0.5
+    ref = blocked_attention(q.float(), k.float(), v.float(), pos_T, pos_S, None, None, scale)
+
+    def math():
+        with sdpa_kernel([SDPBackend.MATH]):
+            return blocked_attention(q, k, v, pos_T, pos_S, None, {}, scale)
+
+    sides = {"triton flash": lambda: tp.causal_attention_triton(q, k, v, pos_T, pos_S, None, scale),
+             "sdpa math, blocks": math}
+    repeat = 1 if dry else 5
+    out: dict = {"shape": {"N": KV * G, "KV": KV, "T": T, "S": old + T, "D": D}}
+    for side, fn in sides.items():
+        peak = _peak_bytes(fn, dev)
+        result = fn()
+        out[side] = {"us": round(best_seconds(fn, repeat, dev) * 1e6, 1),
+                     "max_abs_err_vs_fp32": float((result.float() - ref).abs().max()), "peak_bytes": peak}
+    out["speedup"] = round(out["sdpa math, blocks"]["us"] / out["triton flash"]["us"], 2)
+    if tile_choices:
+        out["tiles_us"] = {name: round(best_seconds(lambda tiles=tiles: tp.causal_attention_triton(
+            q, k, v, pos_T, pos_S, None, scale, tiles), repeat, dev) * 1e6, 1)
+            for name, tiles in tp.TILE_CHOICES.items()}
+    return out
+
+
+def _peak_bytes(fn, dev) -> int | None:
+    """Bytes fn allocated at its peak beyond what was allocated before it (CUDA; None elsewhere)."""
+    if dev.type != "cuda":
+        return None
+    torch = _torch()
+    sync(dev)
+    base = torch.cuda.memory_allocated(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    fn()
+    sync(dev)
+    return torch.cuda.max_memory_allocated(dev) - base
 
 
 def _combines_in_place(dev, KV: int, G: int, S: int, D: int) -> bool:

@@ -12,8 +12,10 @@ tightly as memory does, and it is what can be lowered between GPU sessions. The 
 Triton's version (the header line names it): run it under the version the GPU has as well
 (PYTHONPATH=<an unpacked triton wheel> python scripts/sass_stats.py).
 Shapes: Gemma 4 26B-A4B's (gate_up 1408 x 2816, down 2816 x 704), NF4, blocksize 64, bf16 x.
---compile-only compiles the CUDA decode step's newer kernels in each variant the step launches: what
-the interpreter cannot show (lowering to the GPU) before a GPU session spends its minutes on it.
+--compile-only compiles the CUDA decode step's newer kernels in each variant the step launches, and the
+prefill's flash attention kernel at each of its tiles (`--arch 89` for an RTX 4090: shared_bytes must
+stay within its 99 KiB a block): what the interpreter cannot show (lowering to the GPU) before a GPU
+session spends its minutes on it.
 """
 
 from __future__ import annotations
@@ -46,20 +48,21 @@ def _tool(name: str) -> str:
 DIVISIBLE = {"expert_bytes", "codes_off", "absmax_off", "H_Q", "I", "H", "stride_xt", "stride_yt"}
 
 
-def compile_kernel(fn, constexprs: dict, num_warps: int, arch: int, pointers: dict = POINTERS, num_stages: int = 1):
+def compile_kernel(fn, constexprs: dict, num_warps: int, arch: int, pointers: dict = POINTERS, num_stages: int = 1,
+                   divisible: set = DIVISIBLE):
     """triton.compile for cuda:`arch`: `pointers` typed as given, eps and scales fp32, every other
     non-constexpr argument an i32, with the divisibility by 16 Triton's run-time specialization sees
-    for torch's allocations and for 26B-A4B's shapes (DIVISIBLE)."""
+    for torch's allocations and for 26B-A4B's shapes (`divisible`)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     consts = {k: v for k, v in constexprs.items() if k in fn.arg_names}
-    floats = {"eps", "scale", "router_scale"}
+    floats = {"eps", "scale", "router_scale", "qk_scale"}
     signature = {n: pointers.get(n, "constexpr" if n in consts else "fp32" if n in floats else "i32")
                  for n in fn.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
-             if n not in consts and (n in pointers or n in DIVISIBLE)}
+             if n not in consts and (n in pointers or n in divisible)}
     source = ASTSource(fn, signature, consts, attrs)
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages})
 
@@ -128,10 +131,11 @@ def cases():
 
 
 def compile_cases(arch: int = 90):
-    """(name, kernel, pointer types, constexprs, warps[, stages]): the CUDA step's Triton kernels not yet
-    run on a GPU, in the variants it launches (dtypes, double quant, sorted pairs, rings, the next norm),
-    and each autotune config of the prefill's grouped 4-bit GEMMs and of the dense GEMV (opt-in); from
-    sm_90 (`arch` 90) also every decode kernel with programmatic dependent launch on."""
+    """(name, kernel, pointer types, constexprs, warps[, stages[, divisible]]): the CUDA step's Triton
+    kernels not yet run on a GPU, in the variants it launches (dtypes, double quant, sorted pairs, rings,
+    the next norm), each autotune config of the prefill's grouped 4-bit GEMMs and of the dense GEMV
+    (opt-in), and the prefill's flash attention kernel at its tiles; from sm_90 (`arch` 90) also every
+    decode kernel with programmatic dependent launch on."""
     from localrun.kernels import triton_attention, triton_fused, triton_gemv, triton_moe, triton_qkv_write
 
     for x in ("*bf16", "*fp32"):
@@ -161,6 +165,7 @@ def compile_cases(arch: int = 90):
                             BLOCK_S=max(16, min(64, 16384 // D)), BLOCK_D=D, BLOCK_SPLITS=8), 4 if D <= 256 else 8)
     yield from _grouped_cases(triton_moe)
     yield from _gemv_cases(triton_gemv)
+    yield from prefill_attention_cases()
     if arch >= 90:  # griddepcontrol (programmatic dependent launch) is sm_90's
         yield from _pdl_cases()
 
@@ -206,6 +211,32 @@ def _pdl_cases():
     ]
     for fn, pointers, consts, warps in kernels:
         yield f"pdl {fn.__name__}", fn, pointers, dict(consts, PDL=True), warps
+
+
+# the prefill attention kernel's strides and head dim are multiples of 16 at 26B-A4B (torch's allocations)
+PREFILL_DIVISIBLE = {"stride_qb", "stride_qh", "stride_qt", "stride_kb", "stride_kh", "stride_ks", "stride_vb",
+                     "stride_vh", "stride_vs", "D"}
+
+
+def prefill_attention_cases():
+    """compile_cases() rows of the CUDA prefill's flash attention kernel at 26B-A4B's full layers
+    (D = 512): the tiles it launches (bf16, fp16, fp32; full and sliding) and every TILE_CHOICES
+    tile gpu_check times; each with PREFILL_DIVISIBLE as its divisibility."""
+    import torch
+
+    from localrun.kernels import triton_prefill_attention as tp
+
+    dtypes = {"*bf16": torch.bfloat16, "*fp16": torch.float16, "*fp32": torch.float32}
+    variants = [(x, sliding, tp.tiles_for(512, dtype)) for x, dtype in dtypes.items() for sliding in (False, True)]
+    variants += [("*bf16", False, tiles) for tiles in tp.TILE_CHOICES.values() if tiles != tp.HALF_TILES]
+    for x, sliding, t in variants:
+        ptrs = {"q_ptr": x, "k_ptr": x, "v_ptr": x, "out_ptr": x, "pos_t_ptr": "*i64", "pos_s_ptr": "*i64"}
+        consts = dict(SLIDING=sliding, PRECISION="ieee" if x == "*fp32" else "tf32", WIDEN=False, BLOCK_M=t.BLOCK_M,
+                      BLOCK_N=t.BLOCK_N, BLOCK_D=512, BLOCK_DK=t.BLOCK_DK, BLOCK_DV=t.BLOCK_DV)
+        label = (f"m={t.BLOCK_M} n={t.BLOCK_N} dk={t.BLOCK_DK} dv={t.BLOCK_DV} warps={t.num_warps} "
+                 f"stages={t.num_stages}")
+        yield (f"prefill_attention {x[1:]} D=512 sliding={sliding} {label}", tp._causal_attention_kernel, ptrs,
+               consts, t.num_warps, t.num_stages, PREFILL_DIVISIBLE)
 
 
 def _grouped_cases(tm):

@@ -56,6 +56,11 @@ def test_dry_run_writes_a_complete_report(tmp_path):
     attention = kernels["decode attention, dry"]
     assert attention["combine_in_place"] == {"default": True, "identical_to_combine_kernel": True}, attention
     assert {"triton split-key", "triton split-key, combine kernel", "grouped_sdpa"} <= set(attention)
+    prefill = kernels["prefill attention, dry"]  # the flash kernel (interpreted) vs the blocks, every tile timed
+    assert prefill["triton flash"]["max_abs_err_vs_fp32"] < 5e-2 and prefill["sdpa math, blocks"]["us"] > 0
+    from localrun.kernels.triton_prefill_attention import TILE_CHOICES
+    assert set(prefill["tiles_us"]) == set(TILE_CHOICES)
+    assert "error" not in resident["prefill_without_flash_attention"]
     bench = steps["bench"]  # the CLI as a user runs it, its table rendered from its JSON
     assert bench["report"]["measurements"][0]["decode_tokens_per_s"] > 0 and "| 128 | 4 |" in bench["table"]
     assert "gpu_check.md" in {p.name for p in tmp_path.iterdir()}

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import localrun.models.gemma4 as gemma4
+from localrun.kernels import attention as attention_ops
 from localrun import kernels
 from localrun.kvcache import KVCache, attention_mask
 from localrun.loader import load_model
@@ -392,7 +393,7 @@ def test_attend_blocks_match_one_masked_call(monkeypatch, case, block, attention
     q, k, v, pos_T, pos_S = _attend_case(old, T, seed=len(case) + block)
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask(pos_T, pos_S, window), scale=1.0,
                                               enable_gqa=True)
-    monkeypatch.setattr(gemma4, "QUERY_BLOCK", block)
+    monkeypatch.setattr(attention_ops, "QUERY_BLOCK", block)
     assert kernels.prefill_attention_applies(q, k) == (attention_path == "onednn")
     got = gemma4.attend(q, k, v, pos_T, pos_S, window, masks={})
     assert got.shape == expected.shape
@@ -449,9 +450,9 @@ def test_decoder_in_small_query_blocks_matches_one_block(monkeypatch, tiny_check
         with torch.inference_mode():
             return torch.cat([model(ids[:, i : i + 13], cache) for i in range(0, 40, 13)], dim=1)
 
-    monkeypatch.setattr(gemma4, "QUERY_BLOCK", 1000)
+    monkeypatch.setattr(attention_ops, "QUERY_BLOCK", 1000)
     want = logits()
-    monkeypatch.setattr(gemma4, "QUERY_BLOCK", 3)
+    monkeypatch.setattr(attention_ops, "QUERY_BLOCK", 3)
     torch.testing.assert_close(logits(), want, atol=1e-5, rtol=1e-5)
     monkeypatch.setattr(kernels, "PREFILL_ATTENTION_MIN_WORK", 0)  # every block through the oneDNN path
     torch.testing.assert_close(logits(), want, atol=1e-5, rtol=1e-5)

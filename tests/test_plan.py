@@ -15,6 +15,7 @@ from localrun.config import FULL, SLIDING, ModelArgs
 from localrun.errors import UsageError
 from localrun.hardware import (GIB, MIB, GPU_PRESETS, detect_gpu, detect_host_ram, format_rate, gpu_preset,
                                parse_rate, parse_size, preset_for_device_name)
+import localrun.models.gemma4 as gemma4
 from localrun.models.gemma4 import attend, checkpoint_shapes
 from localrun.plan import (CPU_EXPERT_SYNC_S, DEVICE, HOST, KV_ROLLBACK, PREFILL_CHUNK, SCORES_TILE_BYTES, Budget,
                            expert_matrix_name, kv_layer_bytes, make_plan, estimate_decode_tokens_per_s,
@@ -211,7 +212,9 @@ class PeakBytes(TorchDispatchMode):
 
 def full_layer_prefill_peak(args: ModelArgs, keys: int) -> int:
     """Peak bytes `attend` allocates for the last prefill chunk of a full layer (head dim 512) over
-    `keys` positions in bf16, through SDPA's math backend, the only one CUDA has for that head dim."""
+    `keys` positions in bf16, through SDPA's math backend, the only one CUDA has for that head dim
+    when the flash attention kernel is off (or, where flash_prefill is made to say so, through
+    localrun::causal_attention: its fake, whose allocations the CUDA kernel's are)."""
     layer = args.layer_types.index(FULL)
     N, KV, D = args.num_attention_heads, args.layer_kv_heads(layer), args.layer_head_dim(layer)
     q = torch.empty(1, PREFILL_CHUNK, N, D, dtype=torch.bfloat16, device="meta").transpose(1, 2)
@@ -224,20 +227,40 @@ def full_layer_prefill_peak(args: ModelArgs, keys: int) -> int:
     return peak.peak
 
 
+@pytest.fixture
+def math_prefill(monkeypatch):
+    """The flash attention kernel switched off: every prefill attends in blocks (SDPA), and the plan says so."""
+    monkeypatch.setitem(gemma4.PREFILL_KERNELS, "flash_attention", False)
+
+
 @pytest.mark.parametrize("keys", [4096, 32768, 262144])
-def test_prefill_attention_bytes_cover_what_the_math_backend_holds(ref, keys):
+def test_prefill_attention_bytes_cover_what_the_math_backend_holds(ref, keys, math_prefill):
     measured = full_layer_prefill_peak(ref, keys)
     counted = prefill_attention_bytes(ref, keys, 2)
+    assert counted == prefill_attention_bytes(ref, keys, 2, flash=False)
     assert measured <= counted <= 1.1 * measured  # an upper bound, and a close one
     if keys == 262144:
         assert counted > 4 * GIB  # a full layer's query block over the whole context
 
 
+@pytest.mark.parametrize("keys", [4096, 262144])
+def test_with_the_flash_kernel_a_full_layer_holds_its_output_only(ref, keys, monkeypatch):
+    """The kernel's route allocates the chunk's output and nothing a key: the plan's count stops
+    growing with the context once the sliding layers' blocks (window + chunk keys) are the largest."""
+    monkeypatch.setattr(gemma4, "flash_prefill", lambda q: True)  # the CUDA route, on meta tensors
+    measured = full_layer_prefill_peak(ref, keys)
+    N, D = ref.num_attention_heads, ref.global_head_dim
+    assert measured == N * PREFILL_CHUNK * D * 2  # [1, N, PREFILL_CHUNK, D] bf16
+    counted = prefill_attention_bytes(ref, keys, 2, flash=True)
+    assert measured <= counted == prefill_attention_bytes(ref, 1 << 20, 2, flash=True) < 64 * MIB
+    assert prefill_attention_bytes(ref, keys, 4, flash=True) == prefill_attention_bytes(ref, keys, 4, flash=False)
+
+
 @pytest.mark.parametrize("context", [32768, 131072, 262144])
-def test_the_workspace_grows_with_the_prefill_attention(ref, context):
-    """Past ~14K tokens one full layer's query block holds more than SCORES_TILE_BYTES: the workspace
-    grows by it (it was fixed at 498 MiB, so 24 GiB planned 262144 tokens with every expert resident
-    and the prefill of a long prompt ran out of memory)."""
+def test_the_workspace_grows_with_the_prefill_attention(ref, context, math_prefill):
+    """Without the flash kernel, past ~14K tokens one full layer's query block holds more than
+    SCORES_TILE_BYTES: the workspace grows by it (it was fixed at 498 MiB, so 24 GiB planned 262144
+    tokens with every expert resident and the prefill of a long prompt ran out of memory)."""
     short, long = plan_for(ref, 24), plan_for(ref, 24, context=context)
     assert long.fits, long.reason
     measured = full_layer_prefill_peak(ref, context)
@@ -246,13 +269,22 @@ def test_the_workspace_grows_with_the_prefill_attention(ref, context):
     assert long.device_bytes <= long.device_budget
 
 
-def test_24gib_max_context_leaves_room_for_the_prefill_attention(ref):
+def test_24gib_max_context_leaves_room_for_the_prefill_attention(ref, math_prefill):
     plan = plan_for(ref, 24)
     assert plan.resident_experts_per_layer == 128
     assert 131072 <= plan.max_context < ref.max_position_embeddings  # 262144 needs experts in host RAM
     assert plan_for(ref, 24, context=plan.max_context, resident_fraction=1.0).fits
     assert not plan_for(ref, 24, context=plan.max_context + 1, resident_fraction=1.0).fits
     assert plan_for(ref, 24, context=ref.max_position_embeddings).resident_experts_per_layer < 128
+
+
+def test_with_the_flash_kernel_24gib_holds_the_whole_context_resident(ref):
+    """The default: the full layers' prefill holds no scores, so every expert stays on a 24 GiB card
+    at 26B-A4B's whole 262144-token context (without the kernel, ~184K: the test above)."""
+    assert gemma4.PREFILL_KERNELS["flash_attention"]
+    plan = plan_for(ref, 24, context=ref.max_position_embeddings)
+    assert plan.fits and plan.resident_experts_per_layer == 128, plan.reason
+    assert plan.workspace_bytes == plan_for(ref, 24).workspace_bytes  # nothing in it grows with the context
 
 
 @pytest.mark.parametrize("vram, host, kw", [

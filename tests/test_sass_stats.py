@@ -65,8 +65,8 @@ def test_the_decode_steps_newer_kernels_compile_for_sm90():
     assert run.returncode == 0, run.stderr[-2000:]
     rows = json.loads(run.stdout)
     assert len(rows) >= 60 and all(row["cubin_bytes"] > 1000 and row["local_bytes"] == 0 for row in rows.values()), rows
-    assert {"grouped", "gemv", "v3", "qkv_write", "ffn_residual", "rope_rows", "decode_partial", "pdl"} == {
-        name.split()[0] for name in rows}
+    assert {"grouped", "gemv", "v3", "qkv_write", "ffn_residual", "rope_rows", "decode_partial", "pdl",
+            "prefill_attention"} == {name.split()[0] for name in rows}
     assert len([name for name in rows if name.startswith("pdl ")]) == 16  # every decode kernel with PDL on
 
 
@@ -108,3 +108,31 @@ def test_every_gpu_has_a_grouped_prefill_tile_that_launches():
     shared = json.loads(run.stdout)
     assert len(shared) == 32
     assert max(shared.values()) <= 48 << 10, {k: v for k, v in shared.items() if v > 48 << 10}
+
+
+PREFILL_FIT = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import sass_stats
+shared = {}
+for arch in (89, 90):
+    for name, fn, ptrs, consts, warps, *rest in sass_stats.prefill_attention_cases():
+        kernel = sass_stats.compile_kernel(fn, consts, warps, arch, ptrs, *rest)
+        shared[f"sm_{arch} {name}"] = [kernel.metadata.shared, sass_stats.inspect(kernel, sass=False)["local_bytes"]]
+print(json.dumps(shared))
+"""
+
+
+@pytest.mark.skipif(_ptxas() is None, reason="triton with its NVIDIA backend tools is not installed")
+def test_every_prefill_attention_tile_fits_a_consumer_gpu_block():
+    """The CUDA prefill's flash attention kernel at D = 512, every tile it launches or gpu_check times:
+    within the 99 KiB of shared memory a block of an RTX 4090 (sm_89) or 3090 has, and of an H100
+    (sm_90, where Triton's pipelining and wgmma lay memory out differently), without spilling."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_DEFAULT_FP_FUSION="1", PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]))
+    run = subprocess.run([sys.executable, "-c", PREFILL_FIT, str(ROOT / "scripts")], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = json.loads(run.stdout)
+    assert len(rows) == 22
+    assert all(shared <= 99 << 10 and local == 0 for shared, local in rows.values()), rows

@@ -20,10 +20,10 @@ from .. import kernels
 from ..kernels import gemv as gemv_ops
 from ..kernels import norm as norm_ops
 from ..kernels import fused as fused_ops
-from ..kernels.attention import decode_attention, grouped_sdpa
+from ..kernels.attention import blocked_attention, causal_attention, decode_attention, grouped_sdpa
 from ..kvcache import FullKV, RingKV, attention_mask
 from ..moe import DenseExperts, activation
-from ..plan import QUERY_BLOCK
+from ..plan import FUSED_SDPA_MAX_HEAD_DIM
 
 
 def args_from_dict(config: dict) -> ModelArgs:
@@ -236,8 +236,21 @@ def rope_on_cuda(pos_T: torch.Tensor, dtype: torch.dtype) -> bool:
             and not torch.is_grad_enabled())
 
 
-# prefill attends in blocks of QUERY_BLOCK queries (localrun/plan.py), each over the keys it can see; the
-# plan sizes its workspace for one block's temporaries (plan.prefill_attention_bytes)
+# A prefill's attention: on CUDA in half precision, for a head dim that SDPA's fused backends refuse
+# (above plan.FUSED_SDPA_MAX_HEAD_DIM: Gemma 4's full layers, D = 512), the whole chunk is one
+# `localrun::causal_attention` launch, a Triton flash attention kernel that allocates its output and
+# nothing a key; SDPA's math backend would hold fp32 copies of K and V and fp32 scores, ~18 KiB a key
+# for 26B-A4B (plan.prefill_attention_bytes counts either, by this switch). Everything else attends
+# in blocks of QUERY_BLOCK queries (`blocked_attention`), each over the keys it can see. Off: the
+# blocks everywhere (scripts/gpu_check.py measures both).
+PREFILL_KERNELS = {"flash_attention": True}
+
+
+def flash_prefill(q_BNTD: torch.Tensor) -> bool:
+    """Whether a prefill's queries take `localrun::causal_attention` (see PREFILL_KERNELS)."""
+    return (PREFILL_KERNELS["flash_attention"] and q_BNTD.device.type == "cuda"
+            and q_BNTD.dtype in (torch.bfloat16, torch.float16) and q_BNTD.shape[-1] > FUSED_SDPA_MAX_HEAD_DIM
+            and not torch.is_grad_enabled())
 
 
 def attend(q_BNTD, k_BNSD, v_BNSD, pos_T, pos_S, window: int | None, masks: dict | None = None,
@@ -247,14 +260,10 @@ def attend(q_BNTD, k_BNSD, v_BNSD, pos_T, pos_S, window: int | None, masks: dict
 
     One token sees every key (the caches return only visible ones), unless `visible_1S` masks some
     (the static decode step reads fixed-size buffers) or a sliding layer's ring returns more keys
-    than its window (rollback slots, localrun/kvcache.py): then its mask comes from the positions. Many tokens go in blocks of
-    QUERY_BLOCK queries, each over the contiguous slice of keys that can be visible to it: a
-    sliding layer's block reads ~window + block keys instead of all S, a full layer's block only
-    the keys up to its last query. Masked keys weigh exactly 0, so the result is the same as one
-    masked call over all S keys; the work is not. `masks` keeps each block's mask for the other
-    layers of the same kind in this forward pass, which see the very same positions. In fp32 on the
-    CPU a block with enough work goes through `kernels.prefill_attention` (oneDNN GEMMs, about twice
-    SDPA's speed there), whose mask covers only the block's own new keys in a full layer.
+    than its window (rollback slots, localrun/kvcache.py): then its mask comes from the positions.
+    Many tokens: `localrun::causal_attention` where `flash_prefill` says so (one Triton launch,
+    visibility from the positions), else `blocked_attention` (QUERY_BLOCK queries a call, each over
+    the keys it can see, its mask kept in `masks` for the other layers of the same kind).
     """
     T, S = q_BNTD.shape[2], k_BNSD.shape[2]
     if T == 1:
@@ -268,24 +277,9 @@ def attend(q_BNTD, k_BNSD, v_BNSD, pos_T, pos_S, window: int | None, masks: dict
             out = kernels.decode_attention(q_BNTD, k_BNSD, v_BNSD, visible_1S, scale)
             return out if out is not None else decode_attention(q_BNTD, k_BNSD, v_BNSD, visible_1S, scale)
         return grouped_sdpa(q_BNTD, k_BNSD, v_BNSD, visible_1S, scale)
-    old = S - T  # keys before the new ones
-    outs = []
-    for a in range(0, T, QUERY_BLOCK):
-        b = min(a + QUERY_BLOCK, T)
-        first = old + a - window + 1 if window is not None and a - window + 1 >= 0 else 0
-        q, k, v = q_BNTD[:, :, a:b], k_BNSD[:, :, first : old + b], v_BNSD[:, :, first : old + b]
-        cpu = kernels.prefill_attention_applies(q, k)  # fp32 CPU: oneDNN GEMMs, a mask over the last keys
-        # a full layer's block sees every key up to its first query (a full cache holds no empty
-        # slots): the CPU kernel masks only the block's later keys, not the whole history
-        lo = old + a + 1 if cpu and window is None else first
-        mask = None if masks is None else masks.get((window, a, lo))
-        if mask is None:
-            mask = attention_mask(pos_T[a:b], pos_S[lo : old + b], window)
-            if masks is not None:
-                masks[window, a, lo] = mask
-        out = kernels.prefill_attention(q, k, v, mask, scale) if cpu else grouped_sdpa(q, k, v, mask, scale)
-        outs.append(out)
-    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+    if flash_prefill(q_BNTD):
+        return causal_attention(q_BNTD, k_BNSD, v_BNSD, pos_T, pos_S, window, scale)
+    return blocked_attention(q_BNTD, k_BNSD, v_BNSD, pos_T, pos_S, window, masks, scale)
 
 
 def norm_rope(x_BTND, norm: "RMSNorm", cos_T1D, sin_T1D):
