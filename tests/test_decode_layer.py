@@ -365,6 +365,23 @@ def test_route_top_k_matches_torch(lib, norm):
     assert kernels.route_top_k(logits.double(), 8, norm) is None
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_routers_keep_ids_in_range_on_a_nan_row(lib, bad):
+    """A NaN or +inf logit makes softmax NaN: the C routers still return ids in [0, E) (they returned
+    -1 and wrote before their scratch, which corrupted the heap) and NaN weights, as torch does."""
+    E, K = 8, 3
+    logits = torch.randn(2, E)
+    logits[0, 5] = bad
+    for ids, w in (kernels.route_top_k(logits, K, True), kernels.route_top_k(logits, K, False),
+                   kernels.route(logits, torch.ones(E), K)):
+        assert ((ids >= 0) & (ids < E)).all(), ids
+        assert ids[0].unique().numel() == K
+        assert torch.isnan(w[0]).all() and torch.isfinite(w[1]).all()
+    ref_w, ref_ids = torch.topk(torch.softmax(logits[1:], dim=-1), K, dim=-1)
+    ids, w = kernels.route_top_k(logits, K, False)
+    assert torch.equal(ids[1:], ref_ids)  # the finite row is untouched
+
+
 def test_moe_layer_not_built_for_fp32_matrices(lib):
     H, N, KV, D, E = 64, 4, 2, 16, 8
     bf = lambda *s: torch.randn(*s).bfloat16()  # noqa: E731

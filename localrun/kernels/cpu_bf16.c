@@ -806,10 +806,10 @@ void lr_ffn_residual(const float *mlp, const float *w1, const float *moe, const 
     }
 }
 
-/* Per row of E logits: softmax, the K largest (largest first, a tie to the lower id), renormalised
- * over those K, times scale[id]. */
 /* One row: softmax of E logits into p, then the K largest (largest first, a tie to the lower id) into
- * ids and w; returns their sum (p is left with -1 at the chosen ids). */
+ * ids and w; returns their sum (p is left with -1 at the chosen ids). A NaN or +inf logit makes the
+ * whole row NaN: those still count as candidates, so the ids stay in [0, E) (the lowest K) with NaN
+ * weights, as torch's softmax and topk give NaN; `p[e] >= 0.0f` picked none and wrote p[-1]. */
 static float softmax_top_k(const float *l, int64_t E, int64_t K, int64_t *ids, float *w, float *p) {
     float top = l[0], sum = 0.0f;
     for (int64_t e = 1; e < E; e++)
@@ -822,7 +822,7 @@ static float softmax_top_k(const float *l, int64_t E, int64_t K, int64_t *ids, f
     for (int64_t k = 0; k < K; k++) {
         int64_t best = -1;
         for (int64_t e = 0; e < E; e++)
-            if (p[e] >= 0.0f && (best < 0 || p[e] > p[best]))
+            if (!(p[e] < 0.0f) && (best < 0 || p[e] > p[best]))
                 best = e;
         ids[k] = best;
         w[k] = p[best];
@@ -832,6 +832,8 @@ static float softmax_top_k(const float *l, int64_t E, int64_t K, int64_t *ids, f
     return kept;
 }
 
+/* Per row of E logits: softmax, the K largest (largest first, a tie to the lower id), renormalised
+ * over those K, times scale[id]. */
 void lr_route(const float *logits, const float *scale, int64_t *ids, float *w, int64_t T, int64_t E, int64_t K,
               float *p) {
     for (int64_t t = 0; t < T; t++) {
