@@ -284,11 +284,14 @@ def _ct_block(groups: dict) -> tuple[int, int] | None:
     """The block every weights group's scales cover when the config fixes it: `block_structure` for the
     block strategy (compressed-tensors stores the codes unpadded, so a partial last block is one of the
     grid's own, not an equal share of the matrix); None for tensor, channel and group scales, whose grid
-    divides the matrix evenly, or for groups that disagree."""
+    divides the matrix evenly. Groups that disagree while one is block-scaled are refused: which tensor
+    a group covers is not read, and a block scale's grid alone misreads a partial last block."""
     blocks = {_block(w.get("block_structure"), "config_groups.*.weights.block_structure")
               if w.get("strategy") == "block" else None
               for w in (g.get("weights") for g in groups.values()) if w is not None}
-    return blocks.pop() if len(blocks) == 1 else None
+    if len(blocks) > 1:
+        raise _unreadable(f"{CT_METHOD} groups of different scale blocks")
+    return blocks.pop() if blocks else None
 
 
 # Validation -------------------------------------------------------------------------------------

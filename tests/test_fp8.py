@@ -355,6 +355,22 @@ def test_any_quantization_config_is_read_or_refused_in_one_line(value):
             assert layout is None or layout.block is None or all(isinstance(b, int) and b > 0 for b in layout.block)
 
 
+@pytest.mark.parametrize("other", ["channel", "tensor", "block"])
+def test_compressed_tensors_groups_of_different_blocks_are_refused(other):
+    """A block group beside a group of other scales: the block cannot come from the scale grid (a
+    192-row matrix in 128-row blocks has a 2-row grid, read as 96-row blocks), nor apply to both."""
+    config = ct_config("block", block=(128, 128))
+    config["config_groups"]["group_1"] = ct_config(other, block=(64, 64))["config_groups"]["group_0"]
+    with pytest.raises(LocalrunError, match="groups of different scale blocks"):
+        read_quantization({"quantization_config": config})
+    same = ct_config("block", block=(128, 128))
+    same["config_groups"]["group_1"] = ct_config("block", block=(128, 128))["config_groups"]["group_0"]
+    assert read_quantization({"quantization_config": same}).block == (128, 128)
+    plain = ct_config("channel")
+    plain["config_groups"]["group_1"] = ct_config("tensor")["config_groups"]["group_0"]
+    assert read_quantization({"quantization_config": plain}).block is None
+
+
 def test_fp8_tensors_without_a_quantization_config_are_refused(fp8_checkpoint, tmp_path):
     d = tmp_path / "m"
     shutil.copytree(fp8_checkpoint("mixtral"), d)
