@@ -38,6 +38,7 @@ ACTIVATION_SCALES = (".input_scale", ".input_zero_point", ".output_scale", ".k_s
                      ".activation_scale")
 SHAPE_SUFFIX = "_shape_original"  # compressed-tensors: the true shape of block-padded codes
 DEQUANTIZED = torch.bfloat16
+DEQUANTIZE_CHUNK = 1 << 20  # weights dequantized at a time (fp32 temporaries: 8 bytes each)
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], first_row: int = 0) -> torch.Tensor:
@@ -49,8 +50,13 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
     rows, cols = codes.shape[-2:]
     row_block = (torch.arange(first_row, first_row + rows) // block[0]) - first_row // block[0]
     col_block = torch.arange(cols) // block[1]
-    expanded = scale.float().index_select(-2, row_block).index_select(-1, col_block)
-    return (codes.float() * expanded).to(DEQUANTIZED)
+    out = torch.empty(codes.shape, dtype=DEQUANTIZED)
+    step = max(1, DEQUANTIZE_CHUNK // max(1, cols * math.prod(codes.shape[:-2])))
+    for r in range(0, rows, step):  # fp32 temporaries of a few MiB, not 12 bytes a weight of the whole tensor
+        w = codes[..., r : r + step, :].float()
+        w *= scale.float().index_select(-2, row_block[r : r + step]).index_select(-1, col_block)
+        out[..., r : r + step, :] = w
+    return out
 
 
 def _dtype(dtype: torch.dtype) -> str:

@@ -339,15 +339,17 @@ def placement_plan(args: ModelArgs, model_dir: Path, spec: QuantSpec | str, *, g
 
 def longest_context(plan: Plan, args: ModelArgs, model_dir: Path, spec: QuantSpec | str, *, gpu_bytes: int | None,
                     host_bytes: int | None, resident_fraction: float | None, tensor_shapes: dict | None = None,
-                    sequences: int = 1) -> int:
-    """The longest context any placement of `plan`'s model and budget fits (`plan.longest_context`);
-    0 when the plan does not fit, its own max_context under a fixed resident fraction (one placement)."""
+                    sequences: int = 1, matrix_dtype: str | None = None) -> int:
+    """The longest context any placement of `plan`'s model and budget fits (`plan.longest_context`), in
+    the plan's dtype; 0 when the plan does not fit, its own max_context under a fixed resident fraction
+    (one placement). matrix_dtype: as placement_plan was given it."""
     if not plan.fits or resident_fraction is not None:
         return plan.max_context if plan.fits else 0
     budget = Budget(device_bytes=None if gpu_bytes is None else device_budget(gpu_bytes), host_bytes=host_bytes,
                     context=plan.context, sequences=sequences)
     return plan_longest_context(args, budget, plan.max_context, experts=spec, tensor_shapes=tensor_shapes,
-                                routing_profile=read_routing_profile(model_dir))
+                                routing_profile=read_routing_profile(model_dir), dtype=plan.dtype,
+                                matrix_dtype=matrix_dtype)
 
 
 def load_plan(args: ModelArgs, model_dir: Path, dev: torch.device, spec: QuantSpec | str, dtype: torch.dtype,

@@ -397,3 +397,5 @@ def test_moe_layer_not_built_for_fp32_matrices(lib):
     assert kernels.MoEDecodeLayer.build(vectors=vectors, qkv=bf((N + KV) * D, H), **common) is None  # no K = V here
     assert kernels.MoEDecodeLayer.build(vectors=vectors, qkv=qkv, **common | {"act": "relu"}) is None
     assert kernels.MoEDecodeLayer.build(vectors=vectors, qkv=qkv, **common | {"qkv_bias": torch.ones(3)}) is None
+    for name, short in (("w_in", H - 1), ("w_post", H // 2), ("w_qn", D - 2), ("w_kn", 1)):  # the C code would read past them
+        assert kernels.MoEDecodeLayer.build(vectors=vectors | {name: torch.ones(short)}, qkv=qkv, **common) is None

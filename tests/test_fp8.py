@@ -455,3 +455,18 @@ def test_an_fp8_checkpoint_lists_bf16_matrices_and_no_scales(fp8_checkpoint):
     ckpt = open_checkpoint(fp8_checkpoint("mixtral"))
     assert isinstance(ckpt, Fp8Checkpoint) and ckpt.matrix_dtype() == torch.bfloat16
     assert not any(n.endswith("_scale_inv") for n in ckpt.tensors)
+
+
+def test_dequantize_in_chunks_of_rows_is_the_whole_product(monkeypatch):
+    """dequantize bounds its fp32 temporaries by working a few rows at a time: the same bits as one product."""
+    import localrun.fp8 as fp8
+
+    gen = torch.Generator().manual_seed(3)
+    for shape, block, first in [((3, 40, 24), (16, 8), 0), ((37, 24), (5, 8), 11)]:
+        codes = torch.randn(shape, generator=gen).to(torch.float8_e4m3fn)
+        grid = (math.ceil((first + shape[-2]) / block[0]) - first // block[0], math.ceil(shape[-1] / block[1]))
+        scale = torch.rand(*shape[:-2], *grid, generator=gen)
+        rows = torch.arange(first, first + shape[-2]) // block[0] - first // block[0]
+        whole = (codes.float() * scale.index_select(-2, rows).index_select(-1, torch.arange(shape[-1]) // block[1]))
+        monkeypatch.setattr(fp8, "DEQUANTIZE_CHUNK", 7)  # a row or two at a time
+        assert torch.equal(fp8.dequantize(codes, scale, block, first_row=first), whole.to(torch.bfloat16))

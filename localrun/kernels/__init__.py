@@ -683,9 +683,11 @@ class MoEDecodeLayer(DecodeLayer):
             return None
         H, E = qkv.shape[1], router.shape[0]
         N, KV, D = heads, kv_heads, head_dim
+        lengths = {"w_in": H, "w_post": H, "w_qn": D, "w_kn": D}  # what the C code reads of each vector
         if (qkv.shape[0] != (N + 2 * KV) * D or o.shape != (H, N * D) or router.shape[1] != H or D % 2
                 or not 0 < top_k <= E or (qkv_bias is not None and qkv_bias.shape != (qkv.shape[0],))
-                or (o_bias is not None and o_bias.shape != (H,))):
+                or (o_bias is not None and o_bias.shape != (H,))
+                or any(t is not None and t.numel() != lengths.get(name, t.numel()) for name, t in vectors.items())):
             return None
         qk_norm = vectors.get("w_qn") is not None
         desc = _MoELayerDesc(H=H, N=N, KV=KV, D=D, E=E, K=top_k, qk_norm=int(qk_norm), norm_topk=int(norm_topk),
