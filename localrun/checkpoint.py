@@ -184,6 +184,13 @@ class Checkpoint:
         return name in self.tensors
 
 
+def read_rows(ckpt, name: str, start: int, stop: int) -> torch.Tensor:
+    """Rows [start, stop) of tensor `name` of any checkpoint reader: only those bytes where it can
+    (Checkpoint, Fp8Checkpoint, synthetic.RandomCheckpoint), else sliced from the whole tensor."""
+    rows = getattr(ckpt, "read_rows", None)
+    return rows(name, start, stop) if rows is not None else ckpt.read(name)[start:stop]
+
+
 def open_checkpoint(model_dir: str | Path):
     """The checkpoint of a model directory, FP8 pairs dequantized when config.json says they are FP8."""
     from .config import read_quantization

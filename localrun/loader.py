@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from . import kernels
-from .checkpoint import Checkpoint, open_checkpoint
+from .checkpoint import Checkpoint, open_checkpoint, read_rows
 from .config import ModelArgs, load_config
 from .errors import LocalrunError, LocalrunWarning, UsageError
 from .experts import POLICIES, ExpertStore, calibrate
@@ -176,12 +176,6 @@ def _fused_expert_names(ckpt: Checkpoint, args, layer: int) -> list[str] | None:
     return names if all(n in ckpt for n in names) else None
 
 
-def _read_rows(ckpt, name: str, start: int, stop: int) -> torch.Tensor:
-    """Experts [start, stop) of a fused [E, ...] tensor; only those bytes when the checkpoint can."""
-    read_rows = getattr(ckpt, "read_rows", None)
-    return read_rows(name, start, stop) if read_rows is not None else ckpt.read(name)[start:stop]
-
-
 def chunk_experts(ckpt, args: ModelArgs) -> int:
     """Experts per checkpoint read when quantizing on load: QUANT_CHUNK_EXPERTS, fewer where their weights
     (in the checkpoint's dtype) would pass QUANT_CHUNK_BYTES."""
@@ -237,7 +231,7 @@ def packed_experts_source(model_dir: Path, ckpt: Checkpoint, args: ModelArgs, sp
             shapes, dtype = [tuple(i.shape) for i in infos], infos[0].dtype
 
             def read(start: int, stop: int) -> list[torch.Tensor]:
-                return [_read_rows(ckpt, n, start, stop) for n in names]
+                return [read_rows(ckpt, n, start, stop) for n in names]
         else:  # per-expert checkpoints (the family stacks them): `per_read` experts at a time too
             def read(start: int, stop: int) -> list[torch.Tensor]:
                 return list(checkpoint_experts(ckpt, args, layer, start, stop))

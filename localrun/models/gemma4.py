@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import Checkpoint
+from ..checkpoint import Checkpoint, read_rows
 from . import common
 from ..config import ModelArgs
 from ..errors import LocalrunError
@@ -867,5 +867,4 @@ def read_experts(ckpt: Checkpoint, args: ModelArgs, layer: int, start: int = 0,
     if start == 0 and stop is None:
         return ckpt.read(names[0]), ckpt.read(names[1])
     stop = ckpt.tensors[names[0]].shape[0] if stop is None else stop
-    rows = getattr(ckpt, "read_rows", None)
-    return tuple(rows(n, start, stop) if rows is not None else ckpt.read(n)[start:stop] for n in names)
+    return tuple(read_rows(ckpt, n, start, stop) for n in names)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import Checkpoint
+from ..checkpoint import Checkpoint, read_rows
 from ..config import (COUNT, EXPERTS, POSITIONS, SIZE, TOKEN_ID, ConfigError, check_bools, check_eos, check_even,
                       check_ints, check_kv_heads, check_required, check_rms_norm_eps, is_int, is_number)
 from ..errors import LocalrunError
@@ -294,12 +294,6 @@ def tensor_group(name: str) -> str:
 
 
 sanitize = common.sanitize  # checkpoint key -> model key (the interface every family module has)
-
-
-def read_rows(ckpt, name: str, start: int, stop: int) -> torch.Tensor:
-    """Rows [start, stop) of a fused [E, ...] tensor; only those bytes when the checkpoint can."""
-    rows = getattr(ckpt, "read_rows", None)
-    return rows(name, start, stop) if rows is not None else ckpt.read(name)[start:stop]
 
 
 def read_experts(ckpt: Checkpoint, args: MoEArgs, layer: int, fused=(FUSED,), per_expert=(PER_EXPERT,),
