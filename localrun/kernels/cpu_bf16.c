@@ -1063,6 +1063,25 @@ void lr_gated(const float *gate_up, float *a, int64_t rows, int64_t I, int act) 
         gated(gate_up + r * 2 * I, gate_up + r * 2 * I + I, a + r * I, I, act);
 }
 
+/* One decoded token's attention over its layer's cache (K/V [KV, slots, D], the token's K/V already in
+ * `slot`): a sliding layer records the slot's position in kpos and, when the ring holds more keys than
+ * the window, masks those outside it (mask: n_keys bytes of scratch). */
+static void attend_token(const float *q, const float *kc, const float *vc, int64_t *kpos, uint8_t *mask, float *att,
+                         float *att_scratch, int64_t N, int64_t KV, int64_t D, int64_t slots, int64_t slot,
+                         int64_t n_keys, int64_t position, int64_t window, float scale) {
+    const uint8_t *visible = NULL;
+    if (window > 0) {
+        kpos[slot] = position;
+        if (n_keys > window) {
+            for (int64_t s = 0; s < n_keys; s++)
+                mask[s] = kpos[s] >= 0 && kpos[s] <= position && kpos[s] > position - window;
+            visible = mask;
+        }
+    }
+    lr_decode_attention(q, kc, vc, visible, att, att_scratch, 1, N, KV, n_keys, D, N * D, D, KV * slots * D,
+                        slots * D, D, KV * slots * D, slots * D, D, scale);
+}
+
 int lr_decode_layer(const lr_layer *L, const float *x, const float *cos, const float *sin, float *kc, float *vc,
                     int64_t *kpos, int64_t slots, int64_t slot, int64_t n_keys, int64_t position, int64_t window,
                     float *res, float *h_mlp, float *x_moe, int64_t *ids, float *w, float *scratch, int64_t n_scratch,
@@ -1088,17 +1107,7 @@ int lr_decode_layer(const lr_layer *L, const float *x, const float *cos, const f
     const float *v_src = qkv + (L->has_v ? N + KV : N) * D;
     for (int64_t h = 0; h < KV; h++) /* weightless RMSNorm straight into the cache slot */
         lr_rms_norm(v_src + h * D, NULL, vc + (h * slots + slot) * D, 1, 1, D, D, L->eps);
-    const uint8_t *visible = NULL;
-    if (window > 0) {
-        kpos[slot] = position;
-        if (n_keys > window) {
-            for (int64_t s = 0; s < n_keys; s++)
-                mask[s] = kpos[s] >= 0 && kpos[s] <= position && kpos[s] > position - window;
-            visible = mask;
-        }
-    }
-    lr_decode_attention(q, kc, vc, visible, att, att_scratch, 1, N, KV, n_keys, D, N * D, D, KV * slots * D,
-                        slots * D, D, KV * slots * D, slots * D, D, 1.0f);
+    attend_token(q, kc, vc, kpos, mask, att, att_scratch, N, KV, D, slots, slot, n_keys, position, window, 1.0f);
     lr_linear(att, L->o, L->o_bias, o, 1, N * D, H);
     lr_attention_residual_norms(o, L->w_post, x, L->w_mlp, L->w_moe, L->w_router_scale, res, x_mlp, x_moe, x_router,
                                 1, H, L->eps, L->router_root);
@@ -1252,17 +1261,7 @@ int lr_moe_decode_layer(const lr_moe_layer *L, const float *x, const float *cos,
         memcpy(kc + (h * slots + slot) * D, k_new + h * D, (size_t)D * sizeof(float));
         memcpy(vc + (h * slots + slot) * D, qkv + (N + KV + h) * D, (size_t)D * sizeof(float));
     }
-    const uint8_t *visible = NULL;
-    if (window > 0) {
-        kpos[slot] = position;
-        if (n_keys > window) {
-            for (int64_t s = 0; s < n_keys; s++)
-                mask[s] = kpos[s] >= 0 && kpos[s] <= position && kpos[s] > position - window;
-            visible = mask;
-        }
-    }
-    lr_decode_attention(q, kc, vc, visible, att, att_scratch, 1, N, KV, n_keys, D, N * D, D, KV * slots * D,
-                        slots * D, D, KV * slots * D, slots * D, D, L->scale);
+    attend_token(q, kc, vc, kpos, mask, att, att_scratch, N, KV, D, slots, slot, n_keys, position, window, L->scale);
     lr_linear(att, L->o, L->o_bias, o, 1, N * D, H);
     for (int64_t i = 0; i < H; i++)
         res[i] = x[i] + o[i];
