@@ -1,6 +1,10 @@
-"""Pieces every family's checkpoint layout shares."""
+"""Pieces every family shares: the checkpoint layout's key mapping, and a decoded token's pass through
+the layers on the CPU."""
 
 from __future__ import annotations
+
+import torch
+from torch import nn
 
 
 def sanitize(args, name: str) -> str | None:
@@ -11,3 +15,21 @@ def sanitize(args, name: str) -> str | None:
     if not name.startswith(args.weight_prefix):
         return None
     return name[len(args.weight_prefix):]
+
+
+def decode_layers(layers, x: torch.Tensor, rope_rows: list, caches: list, position: int) -> torch.Tensor:
+    """One host-driven decoded token x through `layers` (layer i with (cos, sin) rope_rows[i] and cache
+    caches[i]): each layer's forward_decode called directly, its one C call, where nothing hooks the
+    layer; a hooked layer, or one forward_decode does not apply to, goes through its Module call."""
+    shared: dict = {"position": position}  # a hooked layer's forward() takes forward_decode from this
+    hooked = bool(nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
+    pos_1 = None
+    for layer, (cos, sin), layer_cache in zip(layers, rope_rows, caches):
+        out = None
+        if not (hooked or layer._forward_hooks or layer._forward_pre_hooks):
+            out = layer.forward_decode(x, cos, sin, layer_cache, position)
+        if out is None:
+            pos_1 = torch.tensor([position]) if pos_1 is None else pos_1
+            out = layer(x, cos, sin, pos_1, layer_cache, shared)
+        x = out
+    return x

@@ -761,15 +761,7 @@ class Gemma4Model(nn.Module):
         rope = {kind: kernels.rope_row(getattr(self, f"inv_freq_{kind}"), position) for kind in set(args.layer_types)}
         if x is None or any(r is None for r in rope.values()):
             return None
-        shared: dict = {"position": position}  # a hooked layer's forward() takes forward_decode from this
-        hooked = bool(nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
-        for i, layer in enumerate(self.layers):
-            cos, sin = rope[args.layer_types[i]]
-            layer_cache = cache.layers[i]
-            out = None
-            if not (hooked or layer._forward_hooks or layer._forward_pre_hooks):
-                out = layer.forward_decode(x, cos, sin, layer_cache, position)
-            x = out if out is not None else layer(x, cos, sin, torch.tensor([position]), layer_cache, shared)
+        x = common.decode_layers(self.layers, x, [rope[kind] for kind in args.layer_types], cache.layers, position)
         cache.offset += 1
         return self.norm(x)
 

@@ -231,7 +231,7 @@ def check_rope(config: dict) -> None:
             raise ConfigError(f"{name} must be a positive number, not {theta!r}")
     for name in ("rope_parameters", "rope_scaling"):
         params = config.get(name) or {}
-        rope.check_scaling({"rope_type": params.get("rope_type", params.get("type")), **params}, name)
+        rope.check_scaling(_spelled(params), name)
 
 
 def check_mlp_only_layers(layers, count: int) -> None:
@@ -565,18 +565,7 @@ class Model(nn.Module):
         rope_row = kernels.rope_row(self.inv_freq, position)
         if x is None or rope_row is None:
             return None
-        cos, sin = rope_row
-        shared: dict = {"position": position}  # a hooked layer's forward() takes forward_decode from this
-        hooked = bool(nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
-        pos_1 = None
-        for layer, layer_cache in zip(self.layers, cache.layers):
-            out = None
-            if not (hooked or layer._forward_hooks or layer._forward_pre_hooks):
-                out = layer.forward_decode(x, cos, sin, layer_cache, position)
-            if out is None:
-                pos_1 = torch.tensor([position]) if pos_1 is None else pos_1
-                out = layer(x, cos, sin, pos_1, layer_cache, shared)
-            x = out
+        x = common.decode_layers(self.layers, x, [rope_row] * len(self.layers), cache.layers, position)
         cache.offset += 1
         return self.norm(x)
 
