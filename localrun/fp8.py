@@ -8,8 +8,9 @@ reads which one config.json declares):
   codes `W` and one scale per 128 x 128 block `W_scale_inv` (despite the name, a multiplier).
 - compressed-tensors' float-quantized FP8 (llm-compressor's FP8, FP8-dynamic and FP8-block releases,
   which vLLM users have): codes `W` and `W_scale`, one scale per tensor ([1]), per output channel
-  ([rows, 1]), per group of columns ([rows, cols / group]) or per block (the codes padded to whole
-  blocks, the true shape in `W_shape_original`).
+  ([rows, 1]), per group of columns ([rows, cols / group]) or per block of `block_structure`
+  (compressed-tensors 0.20 stores the codes as they are; older writers padded them to whole blocks,
+  the true shape in `W_shape_original`).
 
 Each is a grid of scales over the matrix, so one rule reads both:
 
@@ -50,11 +51,12 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
     rows, cols = codes.shape[-2:]
     row_block = (torch.arange(first_row, first_row + rows) // block[0]) - first_row // block[0]
     col_block = torch.arange(cols) // block[1]
+    scale = scale.float()
     out = torch.empty(codes.shape, dtype=DEQUANTIZED)
     step = max(1, DEQUANTIZE_CHUNK // max(1, cols * math.prod(codes.shape[:-2])))
     for r in range(0, rows, step):  # fp32 temporaries of a few MiB, not 12 bytes a weight of the whole tensor
         w = codes[..., r : r + step, :].float()
-        w *= scale.float().index_select(-2, row_block[r : r + step]).index_select(-1, col_block)
+        w *= scale.index_select(-2, row_block[r : r + step]).index_select(-1, col_block)
         out[..., r : r + step, :] = w
     return out
 
