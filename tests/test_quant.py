@@ -76,6 +76,96 @@ def test_matrix_quantize_dequantize_is_bnb_round_trip(spec):
     assert state.dtype == torch.bfloat16  # asking for fp32 must not change the caller's state
 
 
+def assert_same_quantization(w, spec):
+    """quant.nf4.quantize (the C kernel on the CPU) returns what bitsandbytes' own quantize_4bit does:
+    the same code bytes, absmax (NaN where bitsandbytes has NaN) and QuantState fields."""
+    codes, state = quantize(w, spec)
+    ref_codes, ref = bnbf.quantize_4bit(w.contiguous(), blocksize=spec.blocksize,
+                                        compress_statistics=spec.double_quant, quant_type=spec.quant_type)
+    assert codes.shape == ref_codes.shape and codes.dtype == ref_codes.dtype
+    assert torch.equal(codes, ref_codes)
+    assert torch.equal(state.absmax, ref.absmax) or torch.allclose(state.absmax, ref.absmax, rtol=0, atol=0,
+                                                                    equal_nan=True)
+    assert (state.shape, state.dtype, state.blocksize, state.quant_type) == (ref.shape, ref.dtype, ref.blocksize,
+                                                                            ref.quant_type)
+    assert torch.equal(state.code, ref.code)
+    assert state.nested == ref.nested
+    if ref.nested:
+        assert torch.equal(state.offset, ref.offset) or (state.offset.isnan() and ref.offset.isnan())
+        assert torch.equal(state.state2.absmax, ref.state2.absmax) and torch.equal(state.state2.code, ref.state2.code)
+        assert state.state2.blocksize == ref.state2.blocksize
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=SPEC_IDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+def test_cpu_quantize_is_bitsandbytes_value_for_value(spec, dtype):
+    """The CPU kernel against bitsandbytes on 26B-A4B's expert shapes and on ones whose last block is
+    partial (and odd-sized), with the values that test its rules: all-zero blocks, tiny and huge
+    magnitudes, weights exactly on a midpoint between two codes, -0.0."""
+    from localrun import kernels
+
+    if kernels.library() is None:
+        pytest.skip("no C compiler: quantize is bitsandbytes' own")
+    g = torch.Generator().manual_seed(1)
+    for shape in [(1408, 2816), (2816, 704), (7, 33), (3, 5), (1, 1)]:
+        assert_same_quantization((torch.randn(shape, generator=g) * 0.02).to(dtype), spec)
+    assert_same_quantization(torch.zeros(3, 5, dtype=dtype), spec)  # a partial block's absmax is stored clamped
+    w = torch.randn(64, 64, generator=g)
+    w[0] = 0.0
+    w[1] = -0.0
+    w[2, :32] *= 1e-30
+    w[3] *= 1e4 if dtype == torch.float16 else 1e30
+    code = bnbf.get_4bit_type(spec.quant_type, device="cpu").sort().values
+    w[4, :15] = (code[:-1] + code[1:]) / 2  # a block of absmax 1: these scale to the midpoints themselves
+    w[4, 15] = 1.0
+    w[5, :16] = -w[4, :16]
+    assert_same_quantization(w.to(dtype), spec)
+
+
+@pytest.mark.parametrize("spec", SPECS[:2], ids=SPEC_IDS[:2])
+@pytest.mark.parametrize("blocksize", [32, 128, 256, 512, 1024, 2048, 4096])
+def test_cpu_quantize_matches_bitsandbytes_at_every_blocksize(spec, blocksize):
+    from localrun import kernels
+
+    if kernels.library() is None:
+        pytest.skip("no C compiler")
+    w = torch.randn(40, 300, generator=torch.Generator().manual_seed(blocksize)).to(torch.bfloat16)
+    assert_same_quantization(w, QuantSpec(spec.quant_type, blocksize, spec.double_quant))
+
+
+def test_cpu_quantize_scales_full_and_partial_blocks_as_bitsandbytes():
+    """bitsandbytes scales a full block by the reciprocal of its absmax and divides the partial last
+    block by it; the two round differently, and a weight next to a midpoint takes another code by it."""
+    from localrun import kernels
+
+    if kernels.library() is None:
+        pytest.skip("no C compiler")
+    code = bnbf.get_4bit_type("nf4", device="cpu").sort().values
+    mids = (code[:-1] + code[1:]) / 2
+    m = torch.tensor(0.3)
+    near = (mids[:, None] * m) * (1 + torch.arange(-64, 65) * torch.finfo(torch.float32).eps)
+    split = near[torch.bucketize(near / m, mids) != torch.bucketize(near * (1.0 / m), mids)]
+    assert split.numel() > 0  # such weights exist: the test below can tell the two rules apart
+    for n in (64, 2 + split.numel()):  # one full block; one partial block
+        w = torch.zeros(n)
+        w[0], w[1:1 + split.numel()] = m, split
+        assert_same_quantization(w[None], QuantSpec("nf4", 64, False))
+
+
+def test_cpu_quantize_keeps_bitsandbytes_non_finite_rules():
+    """A block holding NaN quantizes (codes and absmax) as bitsandbytes' does, and so does one holding inf."""
+    from localrun import kernels
+
+    if kernels.library() is None:
+        pytest.skip("no C compiler")
+    w = torch.randn(4, 64)
+    w[1, 3] = float("nan")
+    w[2, 7] = float("inf")
+    w[3, 9] = float("-inf")
+    for spec in SPECS[::2]:
+        assert_same_quantization(w, spec)
+
+
 def test_quantization_is_lossy_but_close():
     # guards against a dequantize that returns garbage consistently on both sides
     gate_up, _ = weights(dtype=torch.float32)

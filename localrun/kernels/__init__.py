@@ -150,6 +150,8 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.lr_rope_row.restype = None
     lib.lr_embed.argtypes = [_PTR, _PTR, _I64, _I64, _I64, ctypes.c_float, _PTR]
     lib.lr_embed.restype = _INT
+    lib.lr_quantize_4bit.argtypes = [_PTR, _INT, _I64, _I64, _PTR, _PTR, _PTR, _PTR]
+    lib.lr_quantize_4bit.restype = None
     lib.lr_q4_isa.argtypes = []
     lib.lr_q4_isa.restype = ctypes.c_char_p
     return lib
@@ -320,6 +322,30 @@ def moe(x_TH: torch.Tensor, gate_up_E2IH: torch.Tensor, down_EHI: torch.Tensor, 
     if status != 0:
         raise ValueError(f"expert ids must be in [0, {E})")
     return out
+
+
+def quantize_4bit(w: torch.Tensor, blocksize: int, bounds: torch.Tensor,
+                  order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(packed codes [ceil(n / 2), 1] uint8, absmax [blocks] fp32) of w's values in order, blocks of
+    `blocksize`, as bitsandbytes' CPU quantize_4bit computes them (`lr_quantize_4bit`: the same
+    values, one pass), given its 15 sorted midpoints `bounds` and the code of each bucket `order`;
+    None when the kernels don't apply (not the CPU, no library, another dtype: fp16 widens first)."""
+    lib = library()
+    if lib is None or w.device.type != "cpu" or _tracing() or blocksize < 2 or blocksize % 2:
+        return None
+    if w.dtype == torch.float16:
+        w = w.float()  # exact
+    if w.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    w = w.contiguous()
+    n = w.numel()
+    packed = torch.empty((n + 1) // 2, 1, dtype=torch.uint8)
+    absmax = torch.empty(-(-n // blocksize), dtype=torch.float32)
+    b32 = bounds.to(torch.float32).contiguous()
+    codes = order.to(torch.uint8).contiguous()
+    lib.lr_quantize_4bit(w.data_ptr(), int(w.dtype == torch.bfloat16), n, blocksize, b32.data_ptr(), codes.data_ptr(),
+                         packed.data_ptr(), absmax.data_ptr())
+    return packed, absmax
 
 
 def isa() -> str | None:
