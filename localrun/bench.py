@@ -264,10 +264,29 @@ def copy_bandwidth(device, nbytes: int = 256 << 20, repeat: int = 5) -> float:
     return 2 * nbytes / seconds
 
 
+def load_engine(model_dir: Path, *, random_weights: bool = False, **load_kwargs):
+    """The engine `bench` measures: the checkpoint's, or with `random_weights` one whose weights are
+    drawn from config.json's shapes (`synthetic.RandomCheckpoint`, on the device it runs on), so a
+    model's speed can be measured before its weights are downloaded. bench feeds token ids, so that
+    engine has no tokenizer or template."""
+    from .engine import Engine
+
+    if not random_weights:
+        return Engine.load(model_dir, **load_kwargs)
+    from .config import load_config
+    from .loader import load_model, resolve_device
+    from .synthetic import RandomCheckpoint
+
+    args = load_config(model_dir)
+    checkpoint = RandomCheckpoint(args, device=resolve_device(load_kwargs.get("device", "cpu")))
+    loaded = load_model(model_dir, checkpoint=checkpoint, **load_kwargs)
+    return Engine(loaded, tokenizer=None, template=None, eos_ids=[])
+
+
 def bench_localrun(model_dir: Path, cases: list[tuple[int, int]], *, device: str, dtype: torch.dtype,
                    experts: str, repeat: int, resident_fraction: float | None = None,
-                   info: dict | None = None, steps: tuple[str, ...] = ("auto",)) -> list[Measurement]:
-    from .engine import Engine
+                   info: dict | None = None, steps: tuple[str, ...] = ("auto",),
+                   random_weights: bool = False) -> list[Measurement]:
     from .loader import memory_report, resolve_device
     from .sampling import SamplingParams
     from .step import graph_safe
@@ -282,7 +301,8 @@ def bench_localrun(model_dir: Path, cases: list[tuple[int, int]], *, device: str
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)  # peak VRAM: since this engine started loading, as peak RSS
     reset_peak_rss()
-    engine = Engine.load(model_dir, device=device, dtype=dtype, experts=experts, resident_fraction=resident_fraction)
+    engine = load_engine(model_dir, random_weights=random_weights, device=device, dtype=dtype, experts=experts,
+                         resident_fraction=resident_fraction)
     if info is not None:  # what the matrices are kept in: bf16 under an fp32 CPU run (kernels.storage_dtype)
         info["matrices"] = str(engine.loaded.model.embed_tokens.weight.dtype).removeprefix("torch.")
     plan = engine.loaded.plan
@@ -417,7 +437,8 @@ COMPARE = ("transformers", "llama.cpp")
 def run_bench(model_dir: str | Path, cases: list[tuple[int, int]], *, device: str = "cpu",
               dtype: torch.dtype | None = torch.float32, experts: str | Sequence[str] = "bf16", repeat: int = 3,
               compare: str | None = None, resident_fraction: float | None = None, rounds: int = 1,
-              graphs: str = "auto", gguf: dict[str, Path] | None = None) -> BenchReport:
+              graphs: str = "auto", gguf: dict[str, Path] | None = None,
+              random_weights: bool = False) -> BenchReport:
     """Measure localrun (at each of `experts`) and `compare` ("transformers", or "llama.cpp" on each
     GGUF of `gguf`, precision -> path, made by llamacpp.ensure_gguf when not given) on every
     (prompt_tokens, gen_tokens) case.
@@ -425,9 +446,13 @@ def run_bench(model_dir: str | Path, cases: list[tuple[int, int]], *, device: st
     rounds > 1 alternates the engines (localrun, the other side, localrun, ...; each loaded afresh
     so their memory never mixes) and keeps each one's best: a machine whose speed drifts over
     minutes then weighs on both sides alike instead of on whichever ran in the slow spell.
+
+    random_weights: localrun alone, its weights drawn from config.json's shapes (`load_engine`).
     """
     if compare not in (None, *COMPARE):
         raise ValueError(f"can only compare with {' or '.join(COMPARE)}, not {compare!r}")
+    if compare and random_weights:
+        raise ValueError("random weights are localrun's alone: a compared engine reads the checkpoint")
     if rounds < 1:
         raise ValueError(f"rounds must be at least 1, not {rounds}")
     steps = GRAPH_MODES.get(graphs)
@@ -443,6 +468,8 @@ def run_bench(model_dir: str | Path, cases: list[tuple[int, int]], *, device: st
         "experts": ", ".join(experts), "resident_experts": resident_fraction, "repeat": repeat, "rounds": rounds,
         "threads": threads, "torch": torch.__version__, "cpu": cpu_model(), "cpu_features": cpu_features(),
     }
+    if random_weights:
+        info["weights"] = "random"
     if on_cpu:
         info["kernels"] = kernel_isa()
     if compare == "transformers":
@@ -463,7 +490,8 @@ def run_bench(model_dir: str | Path, cases: list[tuple[int, int]], *, device: st
     for _ in range(rounds):
         for kind in experts:
             measured += bench_localrun(Path(model_dir), cases, device=device, dtype=dtype, experts=kind,
-                                       repeat=repeat, resident_fraction=resident_fraction, info=info, steps=steps)
+                                       repeat=repeat, resident_fraction=resident_fraction, info=info, steps=steps,
+                                       random_weights=random_weights)
             gc.collect()  # the engine is gone with bench_localrun's frame: free it before the next one loads
         if compare == "transformers":
             measured += bench_transformers(Path(model_dir), cases, device=device, dtype=dtype, repeat=repeat)
@@ -499,7 +527,8 @@ def markdown(report: BenchReport) -> str:
     info = report.info
     stored = info.get("matrices")
     matrices = f" (localrun keeps matrices in {stored})" if stored and stored != info["dtype"] else ""
-    lines = [f"model `{info['model']}`, device {info['device']}, dtype {info['dtype']}{matrices}, experts {info['experts']}, "
+    weights = " (random weights in config.json's shapes)" if info.get("weights") == "random" else ""
+    lines = [f"model `{info['model']}`{weights}, device {info['device']}, dtype {info['dtype']}{matrices}, experts {info['experts']}, "
              f"{info['threads']} threads, best of {info['repeat']}"
              + (f" in each of {info['rounds']} alternating rounds" if info.get("rounds", 1) > 1 else "")
              + (f", transformers {info['transformers']}" if "transformers" in info else "")

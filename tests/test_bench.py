@@ -3,6 +3,7 @@ No timing is asserted: speed is what `localrun bench` reports, not what a unit t
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -189,3 +190,37 @@ def test_the_floor_counts_the_keys_a_token_attends_to(tiny_moe):
         assert bench.kv_bytes_read(cache, position) == by_hand(position)
     plan = loaded.plan
     assert bench.decode_bytes_at(plan, cache, 299) <= bench.decode_bytes_per_token(plan)
+
+
+def test_random_weights_bench_a_model_from_its_config_alone(tiny_moe, tmp_path, capsys):
+    """--random-weights measures a directory holding only config.json (what `fit` reads) with weights drawn
+    in its shapes: the same plan, placed bytes and bytes a token as the checkpoint itself; no tokenizer."""
+    config_only = tmp_path / "config-only"
+    config_only.mkdir()
+    (config_only / "config.json").write_text((tiny_moe / "config.json").read_text())
+    argv = ["--prompt-tokens", "6", "--gen-tokens", "3", "--repeat", "1", "--rounds", "1", "--experts", "nf4", "--json"]
+    with pytest.raises(SystemExit) as e:  # no weights, no tokenizer: the checkpoint cannot be read
+        main(["bench", str(config_only), *argv])
+    assert e.value.code != 0
+    capsys.readouterr()
+    main(["bench", str(config_only), "--random-weights", *argv])
+    random = json.loads(capsys.readouterr().out)
+    main(["bench", str(tiny_moe), *argv])
+    real = json.loads(capsys.readouterr().out)
+    assert random["info"]["weights"] == "random" and "weights" not in real["info"]
+    (r,), (c,) = random["measurements"], real["measurements"]
+    assert r["decode_tokens_per_s"] > 0 and r["prefill_tokens_per_s"] > 0
+    assert r["bytes_per_token"] == c["bytes_per_token"]
+    for key in ("planned_device_bytes", "device_bytes", "planned_kv_bytes", "kv_bytes"):
+        assert r["memory"][key] == c["memory"][key], key
+    table = bench.markdown(bench.BenchReport(random["info"], [bench.Measurement(**m) for m in random["measurements"]]))
+    assert "random weights" in table.splitlines()[0]
+
+
+def test_random_weights_are_localrun_alone(tiny_moe, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", str(tiny_moe), "--random-weights", "--compare", "transformers"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--random-weights" in err and "Traceback" not in err
+    with pytest.raises(ValueError, match="random weights"):
+        bench.run_bench(tiny_moe, [(4, 2)], compare="transformers", random_weights=True)

@@ -19,14 +19,15 @@ COMPARE = ("transformers", "llama.cpp")  # localrun.bench.COMPARE
 EXPERT_KINDS = ("bf16", "nf4", "fp4")  # localrun.loader.EXPERT_CHOICES
 
 
-def resolve_bench_model(model: str) -> Path:
-    """`bench` -> the generated bench checkpoint (written on first use); anything else as `run` resolves it."""
+def resolve_bench_model(model: str, config_only: bool = False) -> Path:
+    """`bench` -> the generated bench checkpoint (written on first use); anything else as `run` resolves it
+    (as `fit` does with config_only: --random-weights needs config.json alone)."""
     from .. import bench as lbench
     from ..resolve import resolve_model
 
     if model == lbench.BENCH_NAME and not Path(model).exists():
         return lbench.bench_model_dir()
-    return resolve_model(model)
+    return resolve_model(model, config_only=config_only)
 
 
 def bench(
@@ -51,6 +52,9 @@ def bench(
                                           "cores no other process is busy on, at most the physical cores)."),
     graphs: str = typer.Option("auto", "--graphs", help="Decode step: on (CUDA graphs), off (eager), both (side "
                                "by side in one run), auto (graphs where every expert routes on the GPU)."),
+    random_weights: bool = typer.Option(False, "--random-weights", help="Draw the weights at random in config.json's "
+                                        "shapes: a model's speed before its weights are downloaded (MODEL may hold "
+                                        "config.json alone)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Also write the markdown table to this file."),
     as_json: bool = typer.Option(False, "--json", help="Print the raw numbers as JSON instead of the table."),
 ) -> None:
@@ -63,6 +67,8 @@ def bench(
         raise UsageError(f"--experts must be one of {', '.join(EXPERT_KINDS)}, not {bad[0]!r}")
     if bad := [g for g in gguf if g not in llamacpp.GGUF_PRECISIONS]:
         raise UsageError(f"--gguf must be one of {', '.join(llamacpp.GGUF_PRECISIONS)}, not {bad[0]!r}")
+    if compare and random_weights:
+        raise UsageError(f"--compare {compare} reads the checkpoint's weights: leave out --random-weights")
     if compare == "llama.cpp" and device != "cpu":
         raise UsageError("--compare llama.cpp runs on the CPU: use --device cpu")
     if graphs not in GRAPH_MODES:
@@ -88,7 +94,7 @@ def bench(
     from ..engine import DTYPES
 
     threads = opt.use_threads(threads)  # the report's "threads" reads it back
-    model_dir = resolve_bench_model(model)
+    model_dir = resolve_bench_model(model, config_only=random_weights)
     ggufs = None
     if compare == "llama.cpp":
         ggufs = {}
@@ -100,7 +106,7 @@ def bench(
     cases = [(p, g) for p in prompt_tokens for g in gen_tokens]
     report = lbench.run_bench(model_dir, cases, device=device, dtype=None if dtype == "auto" else DTYPES[dtype],
                               experts=experts, repeat=repeat, compare=compare, resident_fraction=resident_experts,
-                              rounds=rounds, graphs=graphs, gguf=ggufs)
+                              rounds=rounds, graphs=graphs, gguf=ggufs, random_weights=random_weights)
     table = lbench.markdown(report)
     print(json.dumps(report.to_dict(), indent=2) if as_json else table, end="" if not as_json else "\n")
     if out is not None:  # after printing: a file that cannot be written loses no measurement
