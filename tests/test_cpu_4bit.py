@@ -197,3 +197,17 @@ def test_avx2_and_scalar_paths(lib, tmp_path, flags, isa):
         full = kernel(buf, x, ids, w, lib=other)
         assert_close(full, oracle(buf, x, ids, w))
         assert torch.equal(kernel(buf, x[2:3], ids[2:3], w[2:3], lib=other)[0], full[2])
+    from quant.nf4 import _buckets
+
+    weights = torch.randn(37, 65, generator=torch.Generator().manual_seed(3))  # full blocks and a partial one
+    weights[3, 5], weights[9, 1] = float("nan"), float("inf")
+    for quant_type, dtype in (("nf4", torch.bfloat16), ("fp4", torch.float32)):
+        bounds, order = _buckets(quant_type)
+        w = weights.to(dtype)
+        expected = kernels.quantize_4bit(w, 64, bounds, order)  # this build's: bitsandbytes' values (test_quant)
+        packed, absmax = torch.empty_like(expected[0]), torch.empty_like(expected[1])
+        b32, codes = bounds.float().contiguous(), order.to(torch.uint8).contiguous()
+        other.lr_quantize_4bit(w.data_ptr(), int(dtype == torch.bfloat16), w.numel(), 64, b32.data_ptr(),
+                               codes.data_ptr(), packed.data_ptr(), absmax.data_ptr())
+        assert torch.equal(packed, expected[0])
+        assert torch.allclose(absmax, expected[1], rtol=0, atol=0, equal_nan=True)

@@ -1366,6 +1366,47 @@ static inline uint8_t q4_bucket(float v, const float *bounds, const uint8_t *ord
     return order[v != v ? 15 : c];
 }
 
+#if defined(__AVX512F__)
+static inline __m512 q4_load16(const void *a, int is_bf16, int64_t i) {
+    return is_bf16 ? load_bf16((const uint16_t *)a + i, 0xFFFF) : _mm512_loadu_ps((const float *)a + i);
+}
+
+/* A full block whose size is a multiple of 16: absmax (NaN if any value is NaN: vmaxps alone would
+ * drop it), then 16 codes a step, packed into 8 bytes. */
+static float q4_quantize_block_avx512(const void *a, int is_bf16, int64_t start, int64_t len, const float *bounds,
+                                      const uint8_t *order, uint8_t *out) {
+    __m512 mx = _mm512_setzero_ps();
+    __mmask16 nan = 0;
+    for (int64_t i = 0; i < len; i += 16) {
+        __m512 x = q4_load16(a, is_bf16, start + i);
+        nan |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+        mx = _mm512_max_ps(mx, _mm512_abs_ps(x));
+    }
+    float am = nan ? NAN : _mm512_reduce_max_ps(mx);
+    float m = am < 1e-38f ? 1e-38f : am;
+    __m512 r = _mm512_set1_ps(1.0f / m);
+    __m512 bnd[15];
+    for (int b = 0; b < 15; b++)
+        bnd[b] = _mm512_set1_ps(bounds[b]);
+    int32_t ord32[16];
+    for (int c = 0; c < 16; c++)
+        ord32[c] = order[c];
+    __m512i ord = _mm512_loadu_si512(ord32), one = _mm512_set1_epi32(1), last = _mm512_set1_epi32(15);
+    for (int64_t i = 0; i < len; i += 16) {
+        __m512 v = _mm512_mul_ps(q4_load16(a, is_bf16, start + i), r);
+        __m512i c = _mm512_setzero_si512();
+        for (int b = 0; b < 15; b++)
+            c = _mm512_mask_add_epi32(c, _mm512_cmp_ps_mask(v, bnd[b], _CMP_GT_OQ), c, one);
+        c = _mm512_mask_mov_epi32(c, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), last);
+        c = _mm512_permutexvar_epi32(c, ord);
+        /* lanes 2j and 2j + 1 share a 64-bit lane: its low byte becomes (code 2j << 4) | code 2j + 1 */
+        __m512i pair = _mm512_or_si512(_mm512_slli_epi64(c, 4), _mm512_srli_epi64(c, 32));
+        _mm_storel_epi64((__m128i *)(out + i / 2), _mm512_cvtepi64_epi8(pair));
+    }
+    return am;
+}
+#endif
+
 void lr_quantize_4bit(const void *a, int is_bf16, int64_t n, int64_t blocksize, const float *bounds,
                       const uint8_t *order, uint8_t *packed, float *absmax) {
     int64_t blocks = (n + blocksize - 1) / blocksize;
@@ -1373,6 +1414,13 @@ void lr_quantize_4bit(const void *a, int is_bf16, int64_t n, int64_t blocksize, 
 #pragma omp parallel for schedule(static) if (n >= PARALLEL_MIN)
     for (int64_t blk = 0; blk < blocks; blk++) {
         int64_t start = blk * blocksize, len = n - start < blocksize ? n - start : blocksize;
+        uint8_t *out = packed + start / 2;
+#if defined(__AVX512F__)
+        if (len == blocksize && blocksize % 16 == 0) {
+            absmax[blk] = q4_quantize_block_avx512(a, is_bf16, start, len, bounds, order, out);
+            continue;
+        }
+#endif
         float am = 0.0f;
         for (int64_t i = 0; i < len; i++) {
             float x = fabsf(q4_in(a, is_bf16, start + i));
@@ -1382,7 +1430,6 @@ void lr_quantize_4bit(const void *a, int is_bf16, int64_t n, int64_t blocksize, 
         float r = 1.0f / m;
         int full = len == blocksize;
         absmax[blk] = full ? am : m; /* bitsandbytes stores the partial block's clamped */
-        uint8_t *out = packed + start / 2;
         if (full) {
             for (int64_t p = 0; p < pairs; p++) {
                 float v0 = q4_in(a, is_bf16, start + 2 * p) * r, v1 = q4_in(a, is_bf16, start + 2 * p + 1) * r;
