@@ -304,6 +304,32 @@ def test_top_8_through_v2s_tiles(blocks):
     assert rel_err(y, bnb_moe(buf, x, ids, w, "silu")) < RTOL
 
 
+@needs_triton
+@pytest.mark.parametrize("h,i", [(35, 10), (36, 9), (35, 9)])
+def test_rows_of_odd_length_run_grouped_or_refuse(h, i):
+    """ExpertBuffer refuses odd H / I, but the op's arguments are raw bytes: there the GEMV kernels would
+    read rows from mid-byte (a silently wrong answer), so the default runs the grouped kernels (which
+    index weights) at any T, and the GEMV kernels asked for by name refuse."""
+    from quant.layer import layout_offsets
+    from quant.nf4 import _code_table
+
+    spec = QuantSpec("nf4", 64, False)
+    g = torch.Generator().manual_seed(0)
+    experts = pack_experts(torch.randn(3, 2 * i, h, generator=g) * 0.05, torch.randn(3, h, i, generator=g) * 0.05,
+                           spec)
+    data = torch.stack([e.buffer for e in experts])
+    oracle = type("Experts", (), {"expert": staticmethod(lambda e: experts[e])})
+    args = (data, _code_table("nf4", data.device), _code_table("dynamic", data.device),
+            layout_offsets(experts[0].layout), h, i, 64, False, "silu")
+    for t in (1, 3):
+        ids, w = routing(t, 2, 3, seed=t)
+        x = torch.randn(t, h, generator=g)
+        assert rel_err(triton_moe.moe_4bit_triton(x, ids, w, *args), bnb_moe(oracle, x, ids, w, "silu")) < RTOL
+    for blocks in ("v2", "v3", triton_moe.INTERPRETER_BLOCKS, triton_moe.INTERPRETER_TILES):
+        with pytest.raises(ValueError, match="even hidden and intermediate"):
+            triton_moe.moe_4bit_triton(x, ids, w, *args, blocks=blocks)
+
+
 # -- the grouped GEMMs (prefill: from GROUPED_MIN_TOKENS tokens) ----------------------------
 
 

@@ -754,6 +754,14 @@ def _check(x_TH, ids_TK, experts, hidden):
         raise ValueError("expert rows must be a multiple of 4 bytes")
 
 
+def _check_even_rows(hidden: int, inter: int) -> None:
+    """The GEMV kernels (v1, v2, v3) read each row from its own first byte: a row of an odd number of
+    weights would start mid-byte (the grouped kernels index weights, and take any shape)."""
+    if hidden % 2 or inter % 2:
+        raise ValueError(f"the 4-bit GEMV kernels need an even hidden and intermediate size, got H={hidden}, "
+                         f"I={inter} (blocks=None runs the grouped kernels there)")
+
+
 def moe_4bit_triton(x_TH: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor, experts: torch.Tensor,
                     code: torch.Tensor, nested_code: torch.Tensor, offsets: list[int], hidden: int, inter: int,
                     blocksize: int, double_quant: bool, act: str,
@@ -762,13 +770,15 @@ def moe_4bit_triton(x_TH: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor
     docstring; the arguments are those of the localrun::moe_4bit op). Returns x's dtype.
 
     `blocks`: None = the best kernels for the shape: from GROUPED_MIN_TOKENS tokens the grouped GEMMs
-    (`moe_4bit_grouped`, the prefill path), else where v3 fits (`v3_fits`; USE_V3) each stage the
+    (`moe_4bit_grouped`, the prefill path; also for rows of an odd number of weights, which the GEMV
+    kernels cannot read), else where v3 fits (`v3_fits`; USE_V3) each stage the
     faster of v3 and v2 (`_run_stage`, on CUDA), else v2, else v1; autotuned on CUDA, fixed tiles
     when interpreted. "v3" / "v2" = those kernels alone, autotuned (A/B timing). A V3Tiles / Tiles /
     Blocks = the v3 / v2 / v1 kernels with those tiles."""
-    if blocks is None and ids_TK.shape[0] >= GROUPED_MIN_TOKENS:
+    if blocks is None and (ids_TK.shape[0] >= GROUPED_MIN_TOKENS or hidden % 2 or inter % 2):
         return moe_4bit_grouped(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden, inter, blocksize,
                                 double_quant, act)
+    _check_even_rows(hidden, inter)
     if isinstance(blocks, Blocks):
         return _moe_4bit_v1(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden, inter, blocksize,
                             double_quant, act, blocks)
@@ -1030,6 +1040,7 @@ def _moe_4bit_v1(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden
                  act, blocks: Blocks) -> torch.Tensor:
     """The v1 kernels (kept for A/B timing in benchmark_moe_4bit)."""
     _check(x_TH, ids_TK, experts, hidden)
+    _check_even_rows(hidden, inter)
     c = _prepare(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden, inter, blocksize, double_quant,
                  act)
     T, K, H, I = c.T, c.K, c.H, c.I
