@@ -203,9 +203,9 @@ class Plan:
 
     @property
     def efficiency(self):
-        """The measured efficiency that applies (hardware.decode_efficiency): the offloaded one when
-        experts live in host RAM."""
-        return decode_efficiency(offloaded=self.host_bytes > 0)
+        """The measured efficiency that applies (hardware.decode_efficiency): the CPU's on the CPU, the
+        offloaded one when experts live in host RAM."""
+        return decode_efficiency(offloaded=self.host_bytes > 0, device=self.device)
 
     def expert_tier(self, layer: int, expert: int) -> str:
         """"device" if (layer, expert) is resident on the compute device, else "host"."""

@@ -149,7 +149,8 @@ def test_config_that_disagrees_with_the_weights(cli, tiny_moe, tmp_path):
     (["--vram", "16GiB", "--host-bandwidth", "fast"], 2, "--host-bandwidth: invalid rate"),
     (["--vram", "16GiB", "--host-bandwidth", "60"], 2, "add a unit"),
     (["--vram", "16GiB", "--host-bandwidth=-60GB/s"], 2, "--host-bandwidth"),
-    ([], 2, "no GPU found"),
+    (["--cpu", "--vram", "16GiB"], 2, "--cpu plans for the CPU"),
+    (["--cpu", "--gpu", "4090"], 2, "--cpu plans for the CPU"),
 ])
 def test_usage_errors(cli, ref_dir, no_gpu, argv, code, message):
     got, out, err = run_cli(cli, ref_dir, *argv)
@@ -290,3 +291,36 @@ def test_a_bad_routing_profile_says_what_it_should_hold(cli, tiny_moe, tmp_path)
         (model / "routing_profile.json").write_text(text)
         code, out, err = cli("run", str(model), "hi", "--device", "cpu", "-n", "1")
         assert code == 1 and err.count("\n") == 1 and "routing_profile.json" in err and "localrun profile" in err, err
+
+
+def test_cpu_plan_is_what_the_cpu_loader_places(cli, tiny_moe):
+    """fit --cpu plans what `run` on the CPU places: fp32 compute (KV cache and workspace) with the
+    checkpoint's bf16 matrices kept bf16, every weight in host RAM, and a decode estimate from the
+    host RAM's bandwidth and the CPU's measured efficiency."""
+    import torch
+
+    from localrun.loader import load_model
+
+    d = run_json(cli, tiny_moe, "--cpu", "--ram", "64GiB", "--context", "600", "--host-bandwidth", "40GB/s")
+    loaded = load_model(tiny_moe, dtype=None, context=600)  # run's default on the CPU: --dtype auto, fp32
+    assert loaded.plan.dtype == "fp32" and loaded.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert (d["device"], d["dtype"], d["fits"]) == ("cpu", "fp32", True)
+    for key in ("device_bytes", "placed_device_bytes", "kv_bytes", "workspace_bytes", "host_bytes"):
+        assert d[key] == getattr(loaded.plan, key), key
+    assert d["reason"].startswith("runs on the CPU") and d["gpu_bytes"] is None
+    assert d["gpu_bandwidth_bytes_per_s"] == 40e9 and d["pcie_bandwidth_bytes_per_s"] is None
+    ceiling = 40e9 / (loaded.plan.decode_weight_bytes + loaded.plan.decode_kv_bytes + loaded.plan.active_expert_bytes)
+    assert d["estimated_decode_tokens_per_s"] == pytest.approx(ceiling)
+    eff = d["decode_efficiency"]
+    assert eff["measured_on"] == hardware.CPU_DECODE_EFFICIENCY.device and eff["report"].startswith("docs/cpu/")
+    assert d["cold_experts"] is None  # every expert is where the CPU computes it
+
+
+def test_without_a_gpu_fit_plans_for_the_cpu_and_says_so(cli, ref_dir, no_gpu):
+    code, out, err = run_cli(cli, ref_dir, "--ram", "64GiB")
+    assert code == 0, err
+    assert out.startswith("no GPU found: planned for the CPU") and "runs on the CPU" in out
+    assert "CPU RAM" in out and "host RAM read at 50 GB/s (assumed" in out and "tokens/s" in out
+    assert run_json(cli, ref_dir, "--ram", "64GiB")["device"] == "cpu"
+    code, out, err = run_cli(cli, ref_dir, "--ram", "8GiB")
+    assert code == 1 and "does not fit: host RAM needs" in out

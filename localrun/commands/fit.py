@@ -17,18 +17,32 @@ from ..hardware import format_rate, format_size
 
 @dataclass(frozen=True)
 class Target:
-    """The GPU's memory (before the budget rule takes its allowances) and what we know of its speed."""
+    """The GPU's memory (before the budget rule takes its allowances) and what we know of its speed;
+    device_bytes None: the CPU, every weight in host RAM, read at `bandwidth` (the host RAM's)."""
 
     label: str
-    device_bytes: int
+    device_bytes: int | None
     bandwidth: float | None
-    pcie_bandwidth: float
+    pcie_bandwidth: float | None
+    note: str | None = None  # why this target, when the user did not name it
+
+    @property
+    def cpu(self) -> bool:
+        return self.device_bytes is None
 
 
-def resolve_target(vram: str | None, gpu: str | None) -> Target:
-    """--vram SIZE, --gpu NAME, or the total memory of the GPU we find; UsageError when none."""
+NO_GPU_NOTE = "no GPU found: planned for the CPU (--gpu NAME or --vram SIZE plans a card)"
+
+
+def resolve_target(vram: str | None, gpu: str | None, cpu: bool = False, host_bandwidth: float | None = None) -> Target:
+    """--vram SIZE, --gpu NAME, --cpu, or the total memory of the GPU we find; the CPU (with a note
+    saying so) when there is none. host_bandwidth: the host RAM's read rate, a CPU target's bandwidth."""
     if vram is not None and gpu is not None:
         raise UsageError("give --vram or --gpu, not both")
+    if cpu and (vram is not None or gpu is not None):
+        raise UsageError("--cpu plans for the CPU: leave out --vram and --gpu")
+    if cpu:
+        return Target("the CPU", None, host_bandwidth, None)
     if gpu is not None:
         preset = hardware.gpu_preset(gpu)
         return Target(preset.name, preset.memory_bytes, preset.bandwidth, preset.pcie_bandwidth)
@@ -37,7 +51,7 @@ def resolve_target(vram: str | None, gpu: str | None) -> Target:
                       hardware.DEFAULT_PCIE_BANDWIDTH)
     found = hardware.detect_gpu()
     if found is None:
-        raise UsageError("no GPU found; give the card's memory with --vram SIZE or its name with --gpu NAME")
+        return Target("the CPU", None, host_bandwidth, None, note=NO_GPU_NOTE)
     preset = hardware.preset_for_device_name(found.name)
     return Target(f"{found.name} ({format_size(found.total_bytes)}, {format_size(found.free_bytes)} free)",
                   found.total_bytes,
@@ -106,6 +120,24 @@ def checkpoint_tensor_shapes(model_dir: Path, args) -> dict[str, tuple[int, ...]
     return shapes
 
 
+def cpu_dtypes(model_dir: Path) -> dict[str, str]:
+    """What a CPU run computes and keeps its matrices in (`run --dtype auto` there): fp32, with the
+    checkpoint's bf16 matrices kept bf16 where the C kernels are (kernels.storage_dtype). The stored
+    dtype is config.json's (`dtype`, or `torch_dtype`; bf16 when it names none, as releases ship)."""
+    import torch
+
+    from .. import kernels
+    cfg = json.loads((model_dir / "config.json").read_text())  # load_config has read it whole already
+    text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
+    name = next((v for v in (cfg.get("dtype"), cfg.get("torch_dtype"), text.get("dtype"), text.get("torch_dtype"))
+                 if isinstance(v, str)), "bfloat16")
+    stored = getattr(torch, name, None)
+    if not isinstance(stored, torch.dtype) or not stored.is_floating_point or stored.itemsize < 2:
+        stored = torch.bfloat16  # an FP8 release reads as bf16 (localrun/fp8.py)
+    kept = kernels.storage_dtype(torch.float32, torch.device("cpu"), stored)
+    return {"dtype": "float32", "matrix_dtype": str(kept).removeprefix("torch.")}
+
+
 def context_text(plan, reach: int | None) -> str:
     """The longest context: at this placement, and with more experts in host RAM where that reaches further."""
     if not plan.fits:
@@ -133,6 +165,8 @@ def _print_report(plan, target: Target, host: HostBandwidth, model: Path, slidin
     from ..plan import CUDA_CONTEXT_BYTES, DEVICE, KV_ROLLBACK, display_allowance
 
     console = Console()
+    if target.note:
+        console.print(target.note, highlight=False)
     seqs = f" x {plan.sequences} sequences" if plan.sequences > 1 else ""
     table = Table(title=f"localrun fit: {model.name} on {target.label}, context {plan.context}{seqs}")
     table.add_column("component")
@@ -164,13 +198,17 @@ def _print_report(plan, target: Target, host: HostBandwidth, model: Path, slidin
         console.print(f"KV cache: {per_seq[2:]}", highlight=False)
     if (cold := cold_experts_text(plan, target, host)) is not None:
         console.print(cold, highlight=False)
+    if plan.device == "cpu" and plan.estimated_decode_tokens_per_s is not None:
+        console.print(f"host RAM read at {format_rate(host.bytes_per_s)}"
+                      + (" (assumed; --host-bandwidth sets it)" if host.assumed else ""), highlight=False)
     if plan.estimated_decode_tokens_per_s is not None:
         eff = plan.efficiency
         where = " with experts in host RAM" if plan.host_bytes else ""
         if plan.cold_experts == "cpu":  # the efficiency was measured with every miss copied
             where += " (copied: computing them on the CPU is not measured yet)"
-        console.print(f"decode speed: ceiling ~{rate(plan.estimated_decode_tokens_per_s)} tokens/s (memory bandwidth, "
-                      f"expected expert miss rate {plan.expected_miss_rate:.0%}); expected "
+        misses = "" if plan.device == "cpu" else f", expected expert miss rate {plan.expected_miss_rate:.0%}"
+        console.print(f"decode speed: ceiling ~{rate(plan.estimated_decode_tokens_per_s)} tokens/s (memory bandwidth"
+                      f"{misses}); expected "
                       f"~{rate(plan.expected_decode_tokens_per_s)} tokens/s: the {eff.bandwidth_fraction:.1%} of "
                       f"the bandwidth localrun's kernels reached on the weights and {eff.layer_seconds * 1e6:.0f} us "
                       f"a layer for the rest, measured{where} on an {eff.device} ({eff.date}, {eff.report})",
@@ -183,6 +221,8 @@ def _print_report(plan, target: Target, host: HostBandwidth, model: Path, slidin
 def fit(
     model: str = typer.Argument(..., help="Model directory holding config.json (weights optional), HF repo id, or 'demo'."),
     vram: Optional[str] = typer.Option(None, "--vram", help="GPU memory, e.g. 16GiB (GB means GiB: cards are sized in binary units)."),
+    cpu: bool = typer.Option(False, "--cpu", help="Plan for the CPU: every weight in host RAM (also what fit does "
+                             "when it finds no GPU and neither --vram nor --gpu is given)."),
     gpu: Optional[str] = typer.Option(None, "--gpu", help="A GPU preset, e.g. 'RTX 4090', 4060ti, 5090."),
     ram: Optional[str] = typer.Option(None, "--ram", help="Host RAM for offloaded experts (default: available RAM)."),
     context: Optional[int] = typer.Option(None, "--context", "-c", min=1,
@@ -201,8 +241,8 @@ def fit(
 
     Exits 1 when it does not fit, after the report.
     """
-    target = resolve_target(vram, gpu)
     host_bw = resolve_host_bandwidth(host_bandwidth)
+    target = resolve_target(vram, gpu, cpu, host_bw.bytes_per_s)
     host = hardware.parse_size(ram) if ram is not None else hardware.detect_host_ram()
 
     from ..config import load_config
@@ -213,14 +253,19 @@ def fit(
     model = resolve_model(model, config_only=True)
     args = load_config(model)
     spec = expert_spec(model, experts, args)
+    dtypes = cpu_dtypes(model) if target.cpu else {}
     options = dict(gpu_bytes=target.device_bytes, host_bytes=host, resident_fraction=resident_experts,
-                   tensor_shapes=checkpoint_tensor_shapes(model, args), sequences=parallel)
-    plan = placement_plan(args, model, spec, context=context, gpu_bandwidth=target.bandwidth,
-                          pcie_bandwidth=target.pcie_bandwidth, host_bandwidth=host_bw.bytes_per_s, **options)
+                   tensor_shapes=checkpoint_tensor_shapes(model, args), sequences=parallel,
+                   matrix_dtype=dtypes.get("matrix_dtype"))
+    plan = placement_plan(args, model, spec, context=context, dtype=dtypes.get("dtype", "bfloat16"),
+                          gpu_bandwidth=target.bandwidth,
+                          pcie_bandwidth=target.pcie_bandwidth,
+                          host_bandwidth=None if target.cpu else host_bw.bytes_per_s, **options)
     reach = longest_context(plan, args, model, spec, **options)
     if as_json:
         print(json.dumps({"model": str(model), "target": target.label, "gpu_bytes": target.device_bytes,
-                          "cuda_context_bytes": CUDA_CONTEXT_BYTES, "display_allowance_bytes": display_allowance(),
+                          "cuda_context_bytes": None if target.cpu else CUDA_CONTEXT_BYTES,
+                          "display_allowance_bytes": None if target.cpu else display_allowance(),
                           "gpu_bandwidth_bytes_per_s": target.bandwidth,
                           "pcie_bandwidth_bytes_per_s": target.pcie_bandwidth,
                           "host_bandwidth_bytes_per_s": host_bw.bytes_per_s,
