@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from . import hostmem
 from .config import ModelArgs
 from .errors import LocalrunError
 from .kernels.qkv_write import qkv_write
@@ -29,8 +30,8 @@ class FullKV:
     (the planned context): memory is the plan's from the first token, and never grows or moves."""
 
     def __init__(self, B: int, N: int, D: int, dtype, device, capacity: int):
-        self.k = torch.zeros(B, N, capacity, D, dtype=dtype, device=device)
-        self.v = torch.zeros_like(self.k)
+        self.k = hostmem.zeros(B, N, capacity, D, dtype=dtype, device=device)
+        self.v = hostmem.zeros(B, N, capacity, D, dtype=dtype, device=device)
         self.pos = torch.arange(capacity, device=device)  # positions of the slots, sliced, not rebuilt per step
         self.length = 0
 
@@ -102,8 +103,8 @@ class RingKV:
     def __init__(self, B: int, N: int, D: int, window: int, dtype, device, size: int | None = None):
         self.window = window  # what attention sees
         self.size = size = window if size is None else size  # what the ring keeps (< window: the whole context)
-        self.k = torch.zeros(B, N, size, D, dtype=dtype, device=device)
-        self.v = torch.zeros_like(self.k)
+        self.k = hostmem.zeros(B, N, size, D, dtype=dtype, device=device)
+        self.v = hostmem.zeros(B, N, size, D, dtype=dtype, device=device)
         self.pos = torch.full((size,), -1, dtype=torch.long, device=device)  # -1: empty slot
         self.filled = 0  # slots [0, filled) have been written since the reset
         self.next = 0  # the next position to write

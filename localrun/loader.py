@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import kernels
+from . import hostmem, kernels
 from .checkpoint import Checkpoint, open_checkpoint, read_rows
 from .config import ModelArgs, load_config
 from .errors import LocalrunError, LocalrunWarning, UsageError
@@ -140,12 +140,12 @@ def load_weights(
         stored = stored_dtype(key)
         group = fused.get(key)
         if group is None:
-            tensor = ckpt.read(names[key])
+            tensor = ckpt.read(names[key])  # on the CPU in huge pages (hostmem), as it is kept when stored so
             _set_tensor(model, key, tensor.to(device=device, dtype=stored))
         else:  # one allocation for the fused tensor; this member is read into its slice (no fusing copy)
             if group not in buffers:
                 rows = sum(expected[k][0] for k in group)
-                buffers[group] = torch.empty((rows, *shape[1:]), dtype=stored, device=device)
+                buffers[group] = hostmem.empty((rows, *shape[1:]), dtype=stored, device=device)
             start = sum(expected[k][0] for k in group[: group.index(key)])
             part = buffers[group][start : start + shape[0]]
             part.copy_(ckpt.read(names[key]))
@@ -154,9 +154,11 @@ def load_weights(
         if progress:
             progress("weights", done, total)
     del buffers
+    hostmem.release_freed()
     for i, layer in enumerate(model.layers):
         if layer.moe:
             layer.set_experts(build_experts(i))
+            hostmem.release_freed()  # the layer's read temporaries: freed, not kept as the process's
             if progress:
                 progress("experts", done + (total - done) * (i + 1) // len(model.layers), total)
     model.init_buffers(device)
@@ -485,7 +487,7 @@ def load_model(
         else:
             def build(layer):
                 src = source(layer)
-                rows = torch.empty((src.num_experts, src.nbytes), dtype=torch.uint8, device=dev)  # one buffer
+                rows = hostmem.empty((src.num_experts, src.nbytes), dtype=torch.uint8, device=dev)  # one buffer
                 experts = [src.write(e, rows[e]) for e in range(src.num_experts)]
                 return QuantizedExperts(experts, args.hidden_activation, buffer=layer_buffer(rows, src.layout))
 

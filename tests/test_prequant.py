@@ -240,7 +240,9 @@ def big_src(tmp_path_factory) -> Path:
 
 
 def start_quantize(src: Path, out: Path) -> subprocess.Popen:
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    # LOCALRUN_CPU_KERNELS=0: bitsandbytes' own quantizer, ~50x slower than the C one, so that a signal
+    # lands while the files are being written, as it would for a real model
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(REPO), LOCALRUN_CPU_KERNELS="0")
     # SIGINT back to its default first: a test run in the background inherits it ignored, and then
     # Python installs no KeyboardInterrupt handler in the child.
     return subprocess.Popen([sys.executable, "-m", "localrun.cli", "quantize", str(src), str(out), "--quiet"],

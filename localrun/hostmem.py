@@ -1,0 +1,96 @@
+"""Host memory that the CPU streams every decoded token: weights, expert rows, the KV cache.
+
+A decoded token on the CPU reads every weight once (26B-A4B: 5.6 GB), so it is bound by how fast a
+core streams memory, and with 4 KiB pages that stream also walks the page tables: one TLB miss every
+4 KiB. Where Linux offers transparent huge pages on request (`/sys/kernel/mm/transparent_hugepage/
+enabled` = madvise, a common default; with "always" every large allocation gets them anyway), a
+tensor allocated here is advised MADV_HUGEPAGE before its pages are first touched, so they come as
+2 MiB pages. On one Zen 5 core lm_head's GEMV (1.48 GB) read at 32 GB/s instead of 30, on two 64
+instead of 60 (docs/cpu/2026-11-27-epyc-zen5-26b-a4b.md). The advice is a hint: where it is refused
+(another OS, THP off, no libc) the tensor is an ordinary one. LOCALRUN_HUGE_PAGES=0 turns it off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import mmap
+import os
+import sys
+
+import torch
+
+HUGE_MIN_BYTES = 2 << 20  # one 2 MiB page; smaller tensors stay with torch's allocator
+_PAGE = 4096
+_MADV_HUGEPAGE = 14  # linux/mman.h
+_madvise = None
+_trim = None
+
+
+def enabled() -> bool:
+    return sys.platform.startswith("linux") and os.environ.get("LOCALRUN_HUGE_PAGES", "1").strip().lower() not in (
+        "0", "false", "no", "off")
+
+
+def _libc_madvise():
+    global _madvise
+    if _madvise is None:
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            fn = libc.madvise
+            fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+            _madvise = fn
+        except (OSError, AttributeError):
+            _madvise = False
+    return _madvise or None
+
+
+def advise_huge_pages(t: torch.Tensor) -> bool:
+    """Advise MADV_HUGEPAGE over the whole pages of a CPU tensor's memory; whether the kernel took it.
+    Pages already touched stay as they are (khugepaged may merge them later): call it before writing."""
+    if t.device.type != "cpu" or t.nbytes < HUGE_MIN_BYTES or not enabled():
+        return False
+    fn = _libc_madvise()
+    if fn is None:
+        return False
+    start = (t.data_ptr() + _PAGE - 1) & ~(_PAGE - 1)
+    end = (t.data_ptr() + t.nbytes) & ~(_PAGE - 1)
+    return end > start and fn(start, end - start, _MADV_HUGEPAGE) == 0
+
+
+def empty(*shape, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+    """torch.empty, on the CPU in huge pages where the kernel gives them (see the module docstring).
+
+    A large CPU tensor is its own anonymous mapping (mmap), untouched until written: memory from
+    torch's allocator may be heap pages an earlier tensor already touched, which the advice no longer
+    changes. The mapping is unmapped when the last tensor over it is freed."""
+    size = torch.Size(shape[0] if len(shape) == 1 and not isinstance(shape[0], int) else shape)
+    nbytes = size.numel() * dtype.itemsize
+    if torch.device(device).type != "cpu" or nbytes < HUGE_MIN_BYTES or not enabled():
+        return torch.empty(size, dtype=dtype, device=device)
+    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # anonymous, not shared memory
+    t = torch.frombuffer(buf, dtype=torch.uint8, count=nbytes).view(dtype).view(size)
+    advise_huge_pages(t)
+    return t
+
+
+def zeros(*shape, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+    """torch.zeros, the pages advised before the zeros touch them."""
+    return empty(*shape, dtype=dtype, device=device).zero_()
+
+
+def release_freed() -> bool:
+    """Hand the C heap's free memory back to the system (glibc's malloc_trim): the temporaries of a
+    load (a checkpoint tensor read in one dtype and kept in another, a chunk of experts) that the
+    kept tensors, in mappings of their own here, no longer reuse. Whether it ran (glibc only)."""
+    global _trim
+    if _trim is None:
+        try:
+            _trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+            _trim.argtypes, _trim.restype = [ctypes.c_size_t], ctypes.c_int
+        except (OSError, AttributeError):
+            _trim = False
+    if not _trim:
+        return False
+    _trim(0)
+    return True

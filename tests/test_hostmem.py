@@ -1,0 +1,74 @@
+"""Host memory in transparent huge pages (localrun/hostmem.py): the weights, expert rows and KV cache
+the CPU streams every token. Checked in /proc/self/smaps where Linux gives huge pages on request."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from localrun import hostmem
+
+THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+def thp_mode() -> str | None:
+    try:
+        text = THP.read_text()
+    except OSError:
+        return None
+    return text[text.index("[") + 1:text.index("]")] if "[" in text else None
+
+
+def huge_bytes(t: torch.Tensor) -> int:
+    """AnonHugePages of the mappings over t's memory (/proc/self/smaps; the advice splits a mapping)."""
+    start, end, inside, total = t.data_ptr(), t.data_ptr() + t.nbytes, False, 0
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(v, 16) for v in head.split("-"))
+            inside = lo < end and start < hi
+        elif inside and line.startswith("AnonHugePages:"):
+            total += int(line.split()[1]) * 1024
+    return total
+
+
+needs_madvise = pytest.mark.skipif(thp_mode() != "madvise", reason="huge pages on request: THP mode madvise")
+
+
+@needs_madvise
+def test_a_large_tensor_comes_in_huge_pages_and_a_plain_one_does_not():
+    big = hostmem.empty(64 << 20, dtype=torch.uint8).fill_(1)
+    plain = torch.empty(64 << 20, dtype=torch.uint8).fill_(1)
+    assert huge_bytes(big) >= 32 << 20  # most of it (the first and last partial 2 MiB stay small)
+    assert huge_bytes(plain) == 0
+    zeros = hostmem.zeros(16, 1 << 20, dtype=torch.float32)
+    assert huge_bytes(zeros) > 0 and not zeros.any()
+
+
+@needs_madvise
+def test_switched_off_or_small_it_is_a_plain_tensor(monkeypatch):
+    assert not hostmem.advise_huge_pages(torch.empty(1 << 20, dtype=torch.uint8))  # below HUGE_MIN_BYTES
+    monkeypatch.setenv("LOCALRUN_HUGE_PAGES", "0")
+    t = hostmem.empty(64 << 20, dtype=torch.uint8).fill_(1)
+    assert huge_bytes(t) == 0
+
+
+def test_elsewhere_the_advice_is_declined_quietly():
+    meta = torch.empty(64 << 20, dtype=torch.uint8, device="meta")
+    assert hostmem.advise_huge_pages(meta) is False
+
+
+@needs_madvise
+def test_the_cpu_loader_places_weights_experts_and_kv_in_huge_pages(tmp_path_factory):
+    from localrun.bench import bench_model_dir
+    from localrun.loader import load_model
+
+    loaded = load_model(bench_model_dir(tmp_path_factory.getbasetemp() / "bench-model"), dtype=None,
+                        experts="nf4", context=4096)
+    model = loaded.model
+    assert huge_bytes(model.embed_tokens.weight) > 0  # 16 MiB, read whole, copied into huge pages
+    assert huge_bytes(model.layers[0].experts.buffer.data) > 0  # the layer's expert rows, one buffer
+    full = next(layer for layer in loaded.kv.layers if layer is not None and layer.k.nbytes >= hostmem.HUGE_MIN_BYTES)
+    assert huge_bytes(full.k) > 0
