@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import mmap
 import os
 import sys
@@ -23,8 +24,6 @@ import torch
 HUGE_MIN_BYTES = 2 << 20  # one 2 MiB page; smaller tensors stay with torch's allocator
 _PAGE = 4096
 _MADV_HUGEPAGE = 14  # linux/mman.h
-_madvise = None
-_trim = None
 
 
 def enabled() -> bool:
@@ -32,17 +31,15 @@ def enabled() -> bool:
         "0", "false", "no", "off")
 
 
-def _libc_madvise():
-    global _madvise
-    if _madvise is None:
-        try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-            fn = libc.madvise
-            fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
-            _madvise = fn
-        except (OSError, AttributeError):
-            _madvise = False
-    return _madvise or None
+@functools.lru_cache(maxsize=None)
+def _libc_function(name: str, argtypes: tuple, restype):
+    """A function of the C library (madvise, malloc_trim), or None where there is none (not glibc)."""
+    try:
+        fn = getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True), name)
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = list(argtypes), restype
+    return fn
 
 
 def advise_huge_pages(t: torch.Tensor) -> bool:
@@ -50,7 +47,7 @@ def advise_huge_pages(t: torch.Tensor) -> bool:
     Pages already touched stay as they are (khugepaged may merge them later): call it before writing."""
     if t.device.type != "cpu" or t.nbytes < HUGE_MIN_BYTES or not enabled():
         return False
-    fn = _libc_madvise()
+    fn = _libc_function("madvise", (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int), ctypes.c_int)
     if fn is None:
         return False
     start = (t.data_ptr() + _PAGE - 1) & ~(_PAGE - 1)
@@ -83,14 +80,8 @@ def release_freed() -> bool:
     """Hand the C heap's free memory back to the system (glibc's malloc_trim): the temporaries of a
     load (a checkpoint tensor read in one dtype and kept in another, a chunk of experts) that the
     kept tensors, in mappings of their own here, no longer reuse. Whether it ran (glibc only)."""
-    global _trim
-    if _trim is None:
-        try:
-            _trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-            _trim.argtypes, _trim.restype = [ctypes.c_size_t], ctypes.c_int
-        except (OSError, AttributeError):
-            _trim = False
-    if not _trim:
+    trim = _libc_function("malloc_trim", (ctypes.c_size_t,), ctypes.c_int)
+    if trim is None:
         return False
-    _trim(0)
+    trim(0)
     return True

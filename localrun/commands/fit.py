@@ -127,6 +127,7 @@ def cpu_dtypes(model_dir: Path) -> dict[str, str]:
     import torch
 
     from .. import kernels
+
     cfg = json.loads((model_dir / "config.json").read_text())  # load_config has read it whole already
     text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
     name = next((v for v in (cfg.get("dtype"), cfg.get("torch_dtype"), text.get("dtype"), text.get("torch_dtype"))
