@@ -65,7 +65,10 @@ def empty(*shape, dtype: torch.dtype, device: torch.device | str = "cpu") -> tor
     nbytes = size.numel() * dtype.itemsize
     if torch.device(device).type != "cpu" or nbytes < HUGE_MIN_BYTES or not enabled():
         return torch.empty(size, dtype=dtype, device=device)
-    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # anonymous, not shared memory
+    try:
+        buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # anonymous, not shared memory
+    except OSError:  # refused (memory limits, map count): torch's allocator, and its own error if it fails too
+        return torch.empty(size, dtype=dtype, device=device)
     t = torch.frombuffer(buf, dtype=torch.uint8, count=nbytes).view(dtype).view(size)
     advise_huge_pages(t)
     return t

@@ -55,9 +55,16 @@ def test_switched_off_or_small_it_is_a_plain_tensor(monkeypatch):
     assert huge_bytes(t) == 0
 
 
-def test_elsewhere_the_advice_is_declined_quietly():
+def test_elsewhere_the_advice_is_declined_quietly(monkeypatch):
     meta = torch.empty(64 << 20, dtype=torch.uint8, device="meta")
     assert hostmem.advise_huge_pages(meta) is False
+
+    def refused(*args, **kwargs):
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(hostmem.mmap, "mmap", refused)  # a mapping the system refuses: torch's allocator instead
+    t = hostmem.zeros(4, 1 << 20, dtype=torch.float32)
+    assert t.shape == (4, 1 << 20) and not t.any()
 
 
 @needs_madvise
