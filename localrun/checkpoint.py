@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 
-from . import hostmem
 from .errors import LocalrunError
 
 INDEX = "model.safetensors.index.json"
@@ -169,7 +168,7 @@ class Checkpoint:
         info = self.tensors[name]
         shape = info.shape if stop is None else (stop - start, *info.shape[1:])
         row_bytes = 0 if stop is None else math.prod(info.shape[1:]) * info.dtype.itemsize
-        out = hostmem.empty(shape, dtype=info.dtype)  # a large read is its own mapping: freed, it is unmapped
+        out = torch.empty(shape, dtype=info.dtype)
         view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
         with open(info.file, "rb", buffering=0) as f:
             f.seek(info.offset + start * row_bytes)

@@ -74,6 +74,14 @@ def empty(*shape, dtype: torch.dtype, device: torch.device | str = "cpu") -> tor
     return t
 
 
+def keep(t: torch.Tensor, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
+    """t.to(device, dtype) for a tensor that stays (a weight read from a checkpoint): a large one kept on
+    the CPU is copied into huge pages (`empty`); the read it came from is a temporary."""
+    if torch.device(device).type == "cpu" and t.nbytes >= HUGE_MIN_BYTES and enabled():
+        return empty(t.shape, dtype=dtype).copy_(t)
+    return t.to(device=device, dtype=dtype)
+
+
 def zeros(*shape, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
     """torch.zeros, the pages advised before the zeros touch them."""
     return empty(*shape, dtype=dtype, device=device).zero_()

@@ -140,8 +140,7 @@ def load_weights(
         stored = stored_dtype(key)
         group = fused.get(key)
         if group is None:
-            tensor = ckpt.read(names[key])  # on the CPU in huge pages (hostmem), as it is kept when stored so
-            _set_tensor(model, key, tensor.to(device=device, dtype=stored))
+            _set_tensor(model, key, hostmem.keep(ckpt.read(names[key]), device, stored))
         else:  # one allocation for the fused tensor; this member is read into its slice (no fusing copy)
             if group not in buffers:
                 rows = sum(expected[k][0] for k in group)

@@ -18,7 +18,6 @@ import zlib
 
 import torch
 
-from . import hostmem
 from .checkpoint import TensorInfo
 from .config import ModelArgs
 from .models import family
@@ -49,7 +48,7 @@ class RandomCheckpoint:
         gen = torch.Generator(self.device).manual_seed(self._seed(name))
         if len(info.shape) > 1:
             out = torch.randn(info.shape, generator=gen, device=self.device, dtype=torch.float32)
-            return hostmem.empty(info.shape, dtype=self.dtype, device=self.device).copy_(out.mul_(MATRIX_STD))
+            return out.mul_(MATRIX_STD).to(self.dtype)
         if name.endswith("layer_scalar") or info.shape == (1,):
             return torch.ones(info.shape, device=self.device, dtype=self.dtype)
         out = torch.rand(info.shape, generator=gen, device=self.device, dtype=torch.float32)
@@ -60,7 +59,7 @@ class RandomCheckpoint:
         info = self.tensors[name]
         if len(info.shape) <= 2:
             return self.read(name)[start:stop]
-        out = hostmem.empty((stop - start, *info.shape[1:]), dtype=self.dtype, device=self.device)
+        out = torch.empty((stop - start, *info.shape[1:]), dtype=self.dtype, device=self.device)
         for i in range(start, stop):
             gen = torch.Generator(self.device).manual_seed(self._seed(f"{name}[{i}]"))
             row = torch.randn(info.shape[1:], generator=gen, device=self.device, dtype=torch.float32)
