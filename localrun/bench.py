@@ -273,12 +273,13 @@ def load_engine(model_dir: Path, *, random_weights: bool = False, **load_kwargs)
 
     if not random_weights:
         return Engine.load(model_dir, **load_kwargs)
-    from .config import load_config
+    from .config import load_config, stored_matrix_dtype
     from .loader import load_model, resolve_device
     from .synthetic import RandomCheckpoint
 
     args = load_config(model_dir)
-    checkpoint = RandomCheckpoint(args, device=resolve_device(load_kwargs.get("device", "cpu")))
+    checkpoint = RandomCheckpoint(args, dtype=stored_matrix_dtype(model_dir),  # the dtype the release stores
+                                  device=resolve_device(load_kwargs.get("device", "cpu")))
     loaded = load_model(model_dir, checkpoint=checkpoint, **load_kwargs)
     return Engine(loaded, tokenizer=None, template=None, eos_ids=[])
 

@@ -507,6 +507,23 @@ def is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def stored_matrix_dtype(model_dir: str | Path):
+    """The torch dtype config.json says the checkpoint's matrices are stored in (`dtype`, or
+    `torch_dtype`, at the top or in text_config): bf16 when it names no floating dtype of 16 bits
+    or more, as releases ship (an FP8 release reads as bf16: localrun/fp8.py). What `fit` plans and
+    `bench --random-weights` draws for a directory without weights."""
+    import torch
+
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())  # load_config has read it whole already
+    text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
+    name = next((v for v in (cfg.get("dtype"), cfg.get("torch_dtype"), text.get("dtype"), text.get("torch_dtype"))
+                 if isinstance(v, str)), "bfloat16")
+    stored = getattr(torch, name, None)
+    if not isinstance(stored, torch.dtype) or not stored.is_floating_point or stored.itemsize < 2:
+        stored = torch.bfloat16
+    return stored
+
+
 def load_config(model_dir: str | Path):
     """Read `config.json` from a model directory, with one-line errors for what can go wrong."""
     path = Path(model_dir)

@@ -69,6 +69,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
@@ -517,6 +518,7 @@ class _Weights:
     group_bytes: dict[str, int]
     expert_bytes: dict[int, dict[str, int]]  # layer -> matrix -> bytes of one expert's slice
     num_experts: int
+    group_precision: dict[str, str] = field(default_factory=dict)  # group -> the precision of most of its bytes
 
     @property
     def non_expert_bytes(self) -> int:
@@ -542,6 +544,7 @@ def _tally_weights(shapes: dict[str, tuple[int, ...]], tensor_group, dtype_label
     group_bytes = {g: 0 for g in _WEIGHT_GROUPS}
     expert_bytes: dict[int, dict[str, int]] = {}
     num_experts = 0
+    by_label: dict[str, Counter] = {}
     for name, shape in shapes.items():
         m = _EXPERT_NAME.match(name)
         if m:
@@ -554,7 +557,9 @@ def _tally_weights(shapes: dict[str, tuple[int, ...]], tensor_group, dtype_label
         placement[name] = Placement(DEVICE, label, nbytes)
         group = tensor_group(name)
         group_bytes[group] = group_bytes.get(group, 0) + nbytes
-    return _Weights(placement, group_bytes, expert_bytes, num_experts)
+        by_label.setdefault(group, Counter())[label] += nbytes
+    precision = {g: c.most_common(1)[0][0] for g, c in by_label.items()}
+    return _Weights(placement, group_bytes, expert_bytes, num_experts, precision)
 
 
 def _decode_weight_bytes(shapes: dict[str, tuple[int, ...]], weights: _Weights) -> int:
@@ -880,7 +885,8 @@ def _max_context(args: ModelArgs, budget: Budget, elem: int, without_kv: int, ho
 
 def _breakdown(weights: _Weights, label: str, expert_precision: str, resident: int, host: int, slots: int,
                kv: int, kv_pos: int, rounding: int, workspace: int, reserve: int) -> list[Component]:
-    rows = [Component(g, label, weights.group_bytes.get(g, 0), DEVICE) for g in _WEIGHT_GROUPS
+    rows = [Component(g, weights.group_precision.get(g, label), weights.group_bytes.get(g, 0), DEVICE)
+            for g in _WEIGHT_GROUPS
             if g != "per_layer" or weights.group_bytes.get(g)]
     rows += [
         Component("experts_resident", expert_precision, resident, DEVICE),

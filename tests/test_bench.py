@@ -224,3 +224,23 @@ def test_random_weights_are_localrun_alone(tiny_moe, capsys):
     assert e.value.code == 2 and "--random-weights" in err and "Traceback" not in err
     with pytest.raises(ValueError, match="random weights"):
         bench.run_bench(tiny_moe, [(4, 2)], compare="transformers", random_weights=True)
+
+
+def test_random_weights_are_drawn_in_the_dtype_config_json_names(tmp_path, capsys):
+    """An fp32 release's config: the random weights are fp32 as its checkpoint's are, so the CPU keeps
+    the same bytes (fp32 matrices stay fp32 there, bf16 ones bf16)."""
+    from localrun.tiny import tiny_config, write_checkpoint
+
+    real = write_checkpoint(tmp_path / "fp32", tiny_config("moe"), dtype=torch.float32)
+    config_only = tmp_path / "config-only"
+    config_only.mkdir()
+    (config_only / "config.json").write_text((real / "config.json").read_text())
+    argv = ["--prompt-tokens", "6", "--gen-tokens", "3", "--repeat", "1", "--rounds", "1", "--experts", "nf4", "--json"]
+    main(["bench", str(config_only), "--random-weights", *argv])
+    random = json.loads(capsys.readouterr().out)
+    main(["bench", str(real), *argv])
+    checkpoint = json.loads(capsys.readouterr().out)
+    (r,), (c,) = random["measurements"], checkpoint["measurements"]
+    assert r["bytes_per_token"] == c["bytes_per_token"]
+    for key in ("planned_device_bytes", "device_bytes"):
+        assert r["memory"][key] == c["memory"][key], key

@@ -6,6 +6,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from localrun import hardware
 from localrun.hardware import GIB
@@ -324,3 +325,34 @@ def test_without_a_gpu_fit_plans_for_the_cpu_and_says_so(cli, ref_dir, no_gpu):
     assert run_json(cli, ref_dir, "--ram", "64GiB")["device"] == "cpu"
     code, out, err = run_cli(cli, ref_dir, "--ram", "8GiB")
     assert code == 1 and "does not fit: host RAM needs" in out
+
+
+def test_cpu_plan_keeps_the_weights_dtype_where_config_json_names_another(cli, tiny_moe, tmp_path):
+    """The loader keeps the matrices in the dtype the safetensors hold, whatever config.json says: so
+    does fit --cpu (a config without a dtype, or naming another, still plans the weights' bytes)."""
+    from localrun.loader import load_model
+    from localrun.tiny import tiny_config, write_checkpoint
+
+    fp32 = write_checkpoint(tmp_path / "fp32", tiny_config("moe"), dtype=torch.float32)
+    for name, value in (("no-dtype", None), ("says-bf16", "bfloat16")):
+        model = tmp_path / name
+        shutil.copytree(fp32, model)
+        cfg = json.loads((model / "config.json").read_text())
+        cfg.pop("dtype", None), cfg.pop("torch_dtype", None)
+        if value:
+            cfg["dtype"] = value
+        (model / "config.json").write_text(json.dumps(cfg))
+        d = run_json(cli, model, "--cpu", "--ram", "64GiB", "--context", "600")
+        loaded = load_model(model, dtype=None, context=600)
+        assert loaded.model.embed_tokens.weight.dtype == torch.float32
+        for key in ("device_bytes", "placed_device_bytes", "kv_bytes", "workspace_bytes", "host_bytes"):
+            assert d[key] == getattr(loaded.plan, key), (name, key)
+        assert d["breakdown"]["embed"]["precision"] == "fp32"
+
+
+def test_cpu_plan_names_the_precision_the_matrices_are_kept_in(cli, tiny_moe):
+    """fp32 compute with bf16 matrices: the weight rows say bf16 (their bytes are), the norms fp32."""
+    d = run_json(cli, tiny_moe, "--cpu", "--ram", "64GiB", "--context", "600")
+    rows = d["breakdown"]
+    assert (d["dtype"], rows["embed"]["precision"], rows["attention"]["precision"]) == ("fp32", "bf16", "bf16")
+    assert rows["norms"]["precision"] == "fp32" and rows["kv_cache"]["precision"] == "fp32"

@@ -123,18 +123,19 @@ def checkpoint_tensor_shapes(model_dir: Path, args) -> dict[str, tuple[int, ...]
 def cpu_dtypes(model_dir: Path) -> dict[str, str]:
     """What a CPU run computes and keeps its matrices in (`run --dtype auto` there): fp32, with the
     checkpoint's bf16 matrices kept bf16 where the C kernels are (kernels.storage_dtype). The stored
-    dtype is config.json's (`dtype`, or `torch_dtype`; bf16 when it names none, as releases ship)."""
+    dtype is the weights' (their safetensors headers, as the loader reads them) when the directory
+    holds any, else config.json's (config.stored_matrix_dtype)."""
     import torch
 
     from .. import kernels
+    from ..checkpoint import INDEX, open_checkpoint
+    from ..config import stored_matrix_dtype
 
-    cfg = json.loads((model_dir / "config.json").read_text())  # load_config has read it whole already
-    text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
-    name = next((v for v in (cfg.get("dtype"), cfg.get("torch_dtype"), text.get("dtype"), text.get("torch_dtype"))
-                 if isinstance(v, str)), "bfloat16")
-    stored = getattr(torch, name, None)
-    if not isinstance(stored, torch.dtype) or not stored.is_floating_point or stored.itemsize < 2:
-        stored = torch.bfloat16  # an FP8 release reads as bf16 (localrun/fp8.py)
+    stored = None
+    if (model_dir / INDEX).is_file() or any(model_dir.glob("*.safetensors")):
+        stored = open_checkpoint(model_dir).matrix_dtype()  # headers only
+    if stored is None:
+        stored = stored_matrix_dtype(model_dir)
     kept = kernels.storage_dtype(torch.float32, torch.device("cpu"), stored)
     return {"dtype": "float32", "matrix_dtype": str(kept).removeprefix("torch.")}
 
