@@ -356,3 +356,16 @@ def test_cpu_plan_names_the_precision_the_matrices_are_kept_in(cli, tiny_moe):
     rows = d["breakdown"]
     assert (d["dtype"], rows["embed"]["precision"], rows["attention"]["precision"]) == ("fp32", "bf16", "bf16")
     assert rows["norms"]["precision"] == "fp32" and rows["kv_cache"]["precision"] == "fp32"
+
+
+def test_cpu_plan_without_the_c_kernels_is_what_the_cpu_loader_places(cli, tiny_moe, monkeypatch, fresh_kernels):
+    """Without the C kernels (LOCALRUN_CPU_KERNELS=0, or no compiler) a CPU run computes in bf16
+    (loader.default_dtype): fit --cpu plans that, not fp32."""
+    from localrun.loader import load_model
+
+    monkeypatch.setenv("LOCALRUN_CPU_KERNELS", "0")
+    d = run_json(cli, tiny_moe, "--cpu", "--ram", "64GiB", "--context", "600")
+    loaded = load_model(tiny_moe, dtype=None, context=600)
+    assert loaded.plan.dtype == d["dtype"] == "bf16"
+    for key in ("device_bytes", "placed_device_bytes", "kv_bytes", "workspace_bytes", "host_bytes"):
+        assert d[key] == getattr(loaded.plan, key), key

@@ -121,8 +121,9 @@ def checkpoint_tensor_shapes(model_dir: Path, args) -> dict[str, tuple[int, ...]
 
 
 def cpu_dtypes(model_dir: Path) -> dict[str, str]:
-    """What a CPU run computes and keeps its matrices in (`run --dtype auto` there): fp32, with the
-    checkpoint's bf16 matrices kept bf16 where the C kernels are (kernels.storage_dtype). The stored
+    """What a CPU run computes and keeps its matrices in (`run --dtype auto` there, loader.default_dtype):
+    fp32 with the checkpoint's bf16 matrices kept bf16 where the C kernels are (kernels.storage_dtype),
+    bf16 where they are not (LOCALRUN_CPU_KERNELS=0, no compiler). The stored
     dtype is the weights' (their safetensors headers, as the loader reads them) when the directory
     holds any, else config.json's (config.stored_matrix_dtype)."""
     import torch
@@ -130,14 +131,16 @@ def cpu_dtypes(model_dir: Path) -> dict[str, str]:
     from .. import kernels
     from ..checkpoint import INDEX, open_checkpoint
     from ..config import stored_matrix_dtype
+    from ..loader import default_dtype
 
     stored = None
     if (model_dir / INDEX).is_file() or any(model_dir.glob("*.safetensors")):
         stored = open_checkpoint(model_dir).matrix_dtype()  # headers only
     if stored is None:
         stored = stored_matrix_dtype(model_dir)
-    kept = kernels.storage_dtype(torch.float32, torch.device("cpu"), stored)
-    return {"dtype": "float32", "matrix_dtype": str(kept).removeprefix("torch.")}
+    compute = default_dtype(torch.device("cpu"))
+    kept = kernels.storage_dtype(compute, torch.device("cpu"), stored)
+    return {"dtype": str(compute).removeprefix("torch."), "matrix_dtype": str(kept).removeprefix("torch.")}
 
 
 def context_text(plan, reach: int | None) -> str:
