@@ -103,6 +103,27 @@ def test_linear_thread_count(threads, I, O, T):
         assert torch.equal(y1, y2)
 
 
+@pytest.mark.parametrize("T", [129, 300])
+@pytest.mark.parametrize("O,bias", [(300, True), (520, False), (256, True), (1000, True)])
+def test_many_rows_widen_the_weight_a_block_at_a_time(T, O, bias, monkeypatch):
+    """Past the C kernel's rows, a bf16 weight is widened WIDEN_ROWS rows at a time into a reused
+    scratch for oneDNN: the very values of widening it whole (blocks of rows, a last partial one), with
+    its bias, and 3-D inputs."""
+    x = rand(2, T, 96, seed=20)
+    w = rand(O, 96, seed=21, dtype=torch.bfloat16)
+    b = rand(O, seed=22, dtype=torch.bfloat16) if bias else None
+    calls = []
+    real = kernels._widened_linear
+    monkeypatch.setattr(kernels, "WIDEN_WHOLE_MAX", 0)  # these small weights would be widened whole
+    monkeypatch.setattr(kernels, "_widened_linear", lambda *a: calls.append(1) or real(*a))
+    y = kernels.linear(x, w, b)
+    assert calls or not kernels._ONEDNN
+    whole = kernels._onednn(x, w.float(), None if b is None else b.float()) if kernels._ONEDNN else \
+        F.linear(x, w.float(), None if b is None else b.float())
+    assert y.shape == (2, T, O) and torch.equal(y, whole)
+    assert_fp32_linear(y, x, w, None if b is None else b.float())
+
+
 def test_linear_same_dtype_and_mixed_dtypes():
     x = rand(3, 37, seed=13)
     w32 = rand(5, 37, seed=14)
