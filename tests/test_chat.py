@@ -684,3 +684,32 @@ def test_repl_sends_a_double_slash_line_as_a_message(monkeypatch, tmp_path, caps
     repl(session, Terminal())
     assert session.conversation.turns[0] == {"role": "user", "content": "/etc/hosts is empty?"}
     assert "unknown command" not in capsys.readouterr().out
+
+
+def test_each_reply_takes_the_cores_idle_at_its_start_unless_threads_were_given(monkeypatch):
+    """Without --threads, every reply re-reads which cores other processes leave idle (a program that
+    took a core since the last reply would stall every parallel step of two threads); with --threads,
+    the count never changes."""
+    from localrun import hardware
+
+    before = torch.get_num_threads()
+    idle = iter([2, 1, 2])
+    monkeypatch.setattr(hardware, "default_threads", lambda: next(idle))
+    try:
+        session = ChatSession(FakeEngine("ok"), Settings(max_tokens=8), context=200, threads=2, idle_threads=True)
+        seen = []
+        for _ in range(3):
+            session.ask("hi")
+            reply = session.respond()
+            seen.append((torch.get_num_threads(), session.threads))
+            list(reply)
+            session.commit(reply)
+        assert seen == [(2, 2), (1, 1), (2, 2)]
+        assert "threads   2" in session.command("stats", "").text
+        pinned = ChatSession(FakeEngine("ok"), Settings(max_tokens=8), context=200, threads=1)
+        torch.set_num_threads(1)
+        pinned.ask("hi")
+        list(pinned.respond())
+        assert torch.get_num_threads() == 1 and pinned.threads == 1  # default_threads is never asked
+    finally:
+        torch.set_num_threads(before)

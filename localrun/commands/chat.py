@@ -201,6 +201,7 @@ def chat(
         raise UsageError("chat reads messages from stdin, which is closed")
     opt.check_sampling(top_p, repeat_penalty)
     load = opt.load_kwargs(device, dtype, experts, vram, resident_experts, context)
+    idle_threads = threads is None  # then each reply takes the cores idle at its start (ChatSession)
     threads = opt.check_threads(threads)
     flags = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p,
              "repeat_penalty": repeat_penalty}
@@ -222,7 +223,7 @@ def chat(
         term.info(f"loading {model_dir} ...")
     with progress_bar("loading", enabled=not quiet) as update:
         engine = Engine.load(model_dir, progress=update, **load)
-    repl(ChatSession(engine, settings, system=system, context=limit, threads=threads), term)
+    repl(ChatSession(engine, settings, system=system, context=limit, threads=threads, idle_threads=idle_threads), term)
 
 
 command = chat
