@@ -43,7 +43,8 @@ DEFAULT_PCIE_BANDWIDTH = PCIE_GEN4_X16  # what we assume for a card we don't kno
 # the PCIe rates above, not a measurement: fit's verdict must not change with this machine's load at the
 # moment, and what the CPU route really costs (the 4-bit kernel on the threads the run gets) is what
 # the loader's `experts.calibrate` measures. For scale, one core of a shared 2-core AMD EPYC (Zen 5)
-# sums a 256 MiB tensor at 24.5 GB/s, and lr_moe_4bit reads four 26B-A4B NF4 experts (in cache) at 18.9.
+# sums a 2 GiB tensor at 36-41 GB/s (two cores 47-80), and the 4-bit expert op reads 26B-A4B's NF4 experts
+# from RAM at 24 GB/s on one core, 40 on two (docs/cpu/2026-11-27-epyc-zen5-26b-a4b.md).
 DEFAULT_HOST_BANDWIDTH = 50 * GB_S
 
 
