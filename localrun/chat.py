@@ -20,6 +20,7 @@ from typing import Callable, Iterator
 
 from .atomic import write_text_atomic
 from .errors import LocalrunError, UsageError
+from .hardware import use_idle_cores
 from .unicode import valid_text
 from .thoughts import ANSWER, THOUGHT, Piece, ThoughtSplitter
 
@@ -379,19 +380,6 @@ class Reply:
         return self.pieces
 
 
-def follow_idle_cores() -> int:
-    """Set torch's (and the C kernels') compute threads to the cores other processes leave idle now
-    (`hardware.default_threads`) and return it."""
-    import torch
-
-    from .hardware import default_threads
-
-    n = default_threads()
-    if n != torch.get_num_threads():
-        torch.set_num_threads(n)
-    return n
-
-
 class ChatSession:
     """A conversation with one engine: commands in, outcomes and streamed replies out. Never prints."""
 
@@ -533,7 +521,7 @@ class ChatSession:
         max_tokens = min(s.max_tokens, self.context - len(ids))
         prefix = getattr(self.engine, "session", None)  # the prefix cache: only the new turns are prefilled
         if self.idle_threads:
-            self.threads = follow_idle_cores()
+            self.threads = use_idle_cores()
         steps = self.engine.stream(ids, s.sampling(), max_tokens=max_tokens, ignore_eos=s.ignore_eos,
                                    **({"session": prefix} if prefix is not None else {}))
         reply = Reply(iter(()), prompt_tokens=len(ids), dropped=dropped)

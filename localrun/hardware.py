@@ -335,6 +335,17 @@ def default_threads() -> int:
     return max(1, min(usable_cpus(), physical_cores()) - busy_cpus())
 
 
+def use_idle_cores() -> int:
+    """Set torch's compute threads (the C kernels' too) to `default_threads()` now, and return it: what
+    `chat` does before each reply and `serve` before work after an idle spell, when --threads is not given."""
+    import torch
+
+    n = default_threads()
+    if n != torch.get_num_threads():
+        torch.set_num_threads(n)
+    return n
+
+
 def check_threads(threads: int | None) -> int:
     """--threads as given (validated; more than the CPUs this process may use is a warning: every
     parallel step then waits for threads that share a CPU), else `default_threads()`."""

@@ -37,6 +37,7 @@ from starlette.routing import Route
 from .thoughts import ANSWER, ThoughtSplitter, split_thinking
 from .engine import Engine
 from .errors import LocalrunError
+from .hardware import use_idle_cores
 from .sampling import SEED_MAX, SEED_MIN, SamplingParams
 from .text import StreamDecoder
 
@@ -162,8 +163,12 @@ def pick_slot(free: list[int], prompt_len: int, shared: dict[int, int], held: di
 class Scheduler:
     """The thread that owns the model (see the module docstring)."""
 
-    def __init__(self, engine: Engine, *, max_queue: int = DEFAULT_MAX_QUEUE, step: str = "auto"):
+    def __init__(self, engine: Engine, *, max_queue: int = DEFAULT_MAX_QUEUE, step: str = "auto",
+                 idle_threads: bool = False):
         self.engine, self.step, self.max_queue = engine, step, max_queue
+        # no --threads: work after an idle spell takes the cores idle then (hardware.use_idle_cores); while
+        # jobs run, this process's own threads would count as busy, so the count holds until it is idle again
+        self.idle_threads = idle_threads
         self.slots = engine.sessions
         self.waiting: collections.deque[Job] = collections.deque()
         self.running: dict[int, tuple[Job, object, StreamDecoder, StopStrings]] = {}
@@ -236,6 +241,10 @@ class Scheduler:
                     self.cond.wait()
                 if self.stopping:
                     break
+                idle = not self.running
+            if idle and self.idle_threads:
+                use_idle_cores()  # this thread runs the model: torch's count and its OpenMP threads
+            with self.cond:
                 self._admit()
                 batch = list(self.running.items())
             for slot, (job, steps, decoder, stops) in batch:
@@ -300,13 +309,15 @@ class ServerConfig:
     max_queue: int = DEFAULT_MAX_QUEUE
     step: str = "auto"
     defaults: dict = field(default_factory=dict)  # sampling defaults (generation_config.json)
+    idle_threads: bool = False  # no --threads: the cores idle when work starts after an idle spell (Scheduler)
 
 
 class OpenAIServer:
     def __init__(self, engine: Engine, config: ServerConfig):
         self.engine, self.config = engine, config
         self.context = engine.session.cache.capacity
-        self.scheduler = Scheduler(engine, max_queue=config.max_queue, step=config.step)
+        self.scheduler = Scheduler(engine, max_queue=config.max_queue, step=config.step,
+                                   idle_threads=config.idle_threads)
         self.created = int(time.time())
 
     # Parsing

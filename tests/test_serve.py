@@ -498,3 +498,22 @@ def test_a_slot_is_reused_where_it_holds_most_of_the_prompt():
     assert pick_slot([0, 1], 250, {0: 200, 1: 0}, {0: 3000, 1: 0}, {0: 1}) == 1
     # ... unless no slot is empty: the shared system prompt is still worth more than the oldest cache
     assert pick_slot([0, 1], 250, {0: 200, 1: 0}, {0: 3000, 1: 100}, {0: 1, 1: 0}) == 0
+
+
+def test_without_threads_work_after_an_idle_spell_takes_the_idle_cores(engine, monkeypatch):
+    """serve without --threads re-counts the idle cores when work starts after an idle spell (each of two
+    requests one after the other), in the scheduler thread that runs the model; with --threads, never."""
+    from localrun import server as server_module
+
+    calls = []
+    monkeypatch.setattr(server_module, "use_idle_cores", lambda: calls.append(threading.current_thread().name) or 1)
+    for idle_threads, expected in ((True, ["localrun-scheduler"] * 2), (False, [])):
+        calls.clear()
+        running = Running(make_app(engine, ServerConfig("demo", step="eager", idle_threads=idle_threads)))
+        try:
+            client = openai.OpenAI(base_url=running.url + "/v1", api_key="none", timeout=60, max_retries=0)
+            for _ in range(2):
+                client.chat.completions.create(model="demo", messages=MESSAGES, max_tokens=4, temperature=0)
+        finally:
+            running.stop()
+        assert calls == expected

@@ -60,7 +60,7 @@ def serve(
     with progress_bar("loading", enabled=not quiet) as update:
         engine = Engine.load(model_dir, progress=update, parallel=parallel, **load)
     config = ServerConfig(model_name=served_name or model_dir.name, api_key=api_key, max_queue=max_queue,
-                          defaults=generation_defaults(model_dir))
+                          defaults=generation_defaults(model_dir), idle_threads=threads is None)
     app = make_app(engine, config)
     port = listening.getsockname()[1]  # --port 0: the one the system picked
     if not quiet:
