@@ -12,7 +12,7 @@ from typing import Optional
 import typer
 
 from ..errors import UsageError
-from ..hardware import check_threads, parse_size
+from ..hardware import check_threads, parse_size, use_idle_cores
 
 DTYPE_NAMES = ("auto", "bfloat16", "bf16", "float32", "fp32")
 
@@ -86,9 +86,10 @@ def load_kwargs(device: str, dtype: str, experts: Optional[str], vram: Optional[
 
 def use_threads(threads: Optional[int]) -> int:
     """Set torch's (and so the C kernels' OpenMP) intra-op threads: `threads` (checked by check_threads
-    already), else `default_threads()`."""
-    n = threads if threads is not None else check_threads(None)
+    already), else the idle cores now (`hardware.use_idle_cores`, what chat and serve repeat later)."""
+    if threads is None:
+        return use_idle_cores()
     import torch
 
-    torch.set_num_threads(n)
-    return n
+    torch.set_num_threads(threads)
+    return threads
