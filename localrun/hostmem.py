@@ -60,16 +60,19 @@ def empty(*shape, dtype: torch.dtype, device: torch.device | str = "cpu") -> tor
 
     A large CPU tensor is its own anonymous mapping (mmap), untouched until written: memory from
     torch's allocator may be heap pages an earlier tensor already touched, which the advice no longer
-    changes. The mapping is unmapped when the last tensor over it is freed."""
+    changes. The tensor starts on a 2 MiB boundary, so every whole 2 MiB of it can be one huge page
+    (from a mapping's 4 KiB-aligned start, a 3.5 MiB tensor may hold none). The mapping is unmapped
+    when the last tensor over it is freed."""
     size = torch.Size(shape[0] if len(shape) == 1 and not isinstance(shape[0], int) else shape)
     nbytes = size.numel() * dtype.itemsize
     if torch.device(device).type != "cpu" or nbytes < HUGE_MIN_BYTES or not enabled():
         return torch.empty(size, dtype=dtype, device=device)
-    try:
-        buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # anonymous, not shared memory
+    try:  # anonymous, not shared memory; HUGE_MIN_BYTES more to start on a 2 MiB boundary (never touched)
+        buf = mmap.mmap(-1, nbytes + HUGE_MIN_BYTES, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     except OSError:  # refused (memory limits, map count): torch's allocator, and its own error if it fails too
         return torch.empty(size, dtype=dtype, device=device)
-    t = torch.frombuffer(buf, dtype=torch.uint8, count=nbytes).view(dtype).view(size)
+    offset = -torch.frombuffer(buf, dtype=torch.uint8, count=1).data_ptr() % HUGE_MIN_BYTES
+    t = torch.frombuffer(buf, dtype=torch.uint8, count=nbytes, offset=offset).view(dtype).view(size)
     advise_huge_pages(t)
     return t
 

@@ -47,6 +47,17 @@ def test_a_large_tensor_comes_in_huge_pages_and_a_plain_one_does_not():
     assert huge_bytes(zeros) > 0 and not zeros.any()
 
 
+@pytest.mark.skipif(not hostmem.enabled(), reason="huge pages are asked of Linux")
+def test_a_tensor_starts_on_a_huge_page_boundary_so_its_whole_2mib_can_be_huge_pages():
+    for nbytes in (2 << 20, (7 << 20) // 2, (5 << 20) + 12):  # 3.5 MiB from a 4 KiB start may hold no 2 MiB page
+        t = hostmem.empty(nbytes // 4, dtype=torch.float32)
+        assert t.data_ptr() % hostmem.HUGE_MIN_BYTES == 0 and t.storage_offset() == 0
+        assert t.shape == (nbytes // 4,) and t.is_contiguous()
+    if thp_mode() == "madvise":
+        rows = hostmem.zeros(7, 1 << 17, dtype=torch.float32)  # the bench model's expert rows: 3.5 MiB
+        assert huge_bytes(rows) >= hostmem.HUGE_MIN_BYTES and not rows.any()
+
+
 @needs_madvise
 def test_switched_off_or_small_it_is_a_plain_tensor(monkeypatch):
     assert not hostmem.advise_huge_pages(torch.empty(1 << 20, dtype=torch.uint8))  # below HUGE_MIN_BYTES
