@@ -53,7 +53,7 @@ def _decode_partial_kernel(q_ptr, k_ptr, v_ptr, vis_ptr, m_ptr, l_ptr, acc_ptr, 
     bkv = tl.program_id(0)
     split = tl.program_id(1)
     splits = tl.num_programs(1)
-    b = bkv // KV
+    b = (bkv // KV).to(tl.int64)  # b * stride_kb passes 2^31 elements where a batch of long caches does
     kv = bkv % KV
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)

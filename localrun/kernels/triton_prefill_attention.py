@@ -79,7 +79,7 @@ def _causal_attention_kernel(q_ptr, k_ptr, v_ptr, pos_t_ptr, pos_s_ptr, out_ptr,
     row_blocks = tl.num_programs(0)
     m0 = (row_blocks - 1 - tl.program_id(0)) * BLOCK_M  # the last queries see the most keys: start them first
     bkv = tl.program_id(1)
-    b = bkv // KV
+    b = (bkv // KV).to(tl.int64)  # b * stride_kb passes 2^31 elements where a batch of long caches does
     kv = bkv % KV
     dv = tl.program_id(2) * BLOCK_DV + tl.arange(0, BLOCK_DV)
     dv_ok = dv < D
