@@ -20,7 +20,7 @@ from typing import Callable, Iterator
 
 from .atomic import write_text_atomic
 from .errors import LocalrunError, UsageError
-from .hardware import use_idle_cores
+from .hardware import IdleCoreWatch, use_idle_cores
 from .unicode import valid_text
 from .thoughts import ANSWER, THOUGHT, Piece, ThoughtSplitter
 
@@ -392,8 +392,9 @@ class ChatSession:
         self.context = context
         self.threads = threads  # CPU compute threads, shown by /stats
         # no --threads: before each reply, the cores other processes leave idle now (hardware.use_idle_cores),
-        # since a thread on a core another program took stalls every parallel step (26B-A4B on 2 cores with
-        # one taken: 0.8-2.6 tok/s on two threads, 5 on one)
+        # and during it every half second (hardware.IdleCoreWatch), since a thread on a core another program
+        # took stalls every parallel step (26B-A4B on 2 cores with one taken: 0.8-2.6 tok/s on two threads,
+        # 5 on one)
         self.idle_threads = idle_threads
         self.conversation = Conversation(valid_text(system) if system else None)
         self.last: Reply | None = None
@@ -521,17 +522,20 @@ class ChatSession:
         self.conversation.hide_oldest(dropped)
         max_tokens = min(s.max_tokens, self.context - len(ids))
         prefix = getattr(self.engine, "session", None)  # the prefix cache: only the new turns are prefilled
+        watch = None
         if self.idle_threads:
-            self.threads = use_idle_cores()
+            self.threads, watch = use_idle_cores(), IdleCoreWatch()
         steps = self.engine.stream(ids, s.sampling(), max_tokens=max_tokens, ignore_eos=s.ignore_eos,
                                    **({"session": prefix} if prefix is not None else {}))
         reply = Reply(iter(()), prompt_tokens=len(ids), dropped=dropped)
-        reply.pieces = self._pieces(reply, self.engine.stream_text(steps), self.engine.open_thought(ids))
+        reply.pieces = self._pieces(reply, self.engine.stream_text(steps), self.engine.open_thought(ids), watch)
         return reply
 
-    def _pieces(self, reply: Reply, texts, opened: str | None) -> Iterator[Piece]:
+    def _pieces(self, reply: Reply, texts, opened: str | None, watch: IdleCoreWatch | None) -> Iterator[Piece]:
         splitter = ThoughtSplitter(opened)
         for text, step in texts:
+            if watch is not None:
+                self.threads = watch.poll() or self.threads
             reply.tokens, reply.timings, reply.finish_reason = step.timings.generated_tokens, step.timings, \
                 step.finish_reason
             for piece in splitter.feed(text):

@@ -346,6 +346,93 @@ def use_idle_cores() -> int:
     return n
 
 
+def cpu_ticks(cpus: set[int], stat: str | Path = "/proc/stat") -> tuple[int, int] | None:
+    """(busy, all) clock ticks the given CPUs spent since boot (/proc/stat's `cpuN` lines): busy is
+    user, nice, system, irq, softirq and steal (a hypervisor's: the CPU was not ours either); all adds
+    idle and iowait. None where there is no such file (not Linux)."""
+    busy = total = 0
+    try:
+        lines = Path(stat).read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        name, _, rest = line.partition(" ")
+        if not name.startswith("cpu") or not name[3:].isdigit() or int(name[3:]) not in cpus:
+            continue
+        try:
+            user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in rest.split()[:8])
+        except ValueError:
+            return None
+        busy += user + nice + system + irq + softirq + steal
+        total += user + nice + system + irq + softirq + steal + idle + iowait
+    return (busy, total) if total else None
+
+
+def own_ticks(stat: str | Path = "/proc/self/stat") -> int | None:
+    """Clock ticks this process's threads have run (utime + stime, /proc/self/stat), or None."""
+    try:
+        fields = Path(stat).read_text().rpartition(")")[2].split()  # the name in () may hold spaces
+        return int(fields[11]) + int(fields[12])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class IdleCoreWatch:
+    """While a reply decodes without --threads: every `interval_s`, how much CPU other processes took
+    on this process's CPUs since the last look, and torch's thread count set to the cores they leave.
+
+    Between replies `use_idle_cores` counts runnable threads (/proc/loadavg), but during a reply this
+    process's own threads are among them; here its own CPU time is taken out of the CPUs' busy time
+    instead. A program that starts mid-reply on one of two cores would otherwise stall every parallel
+    step of the rest of it: 26B-A4B decoded 0.8-2.6 tok/s with two threads and a core taken, 5 with one.
+    Another process counts as holding a core from 0.4 of one (a CPU-bound one sharing a core with one of
+    ours gets 0.5-0.7 of it; once ours leave, all of it, so the count holds)."""
+
+    HOLDS_A_CORE = 0.4
+
+    def __init__(self, interval_s: float = 0.5, stat: str | Path = "/proc/stat",
+                 self_stat: str | Path = "/proc/self/stat", clock=None):
+        import time
+
+        self.interval_s, self.stat, self.self_stat = interval_s, stat, self_stat
+        self.clock = clock or time.monotonic
+        try:
+            self.cpus = os.sched_getaffinity(0)
+        except (AttributeError, OSError):
+            self.cpus = set(range(os.cpu_count() or 1))
+        self.limit = min(len(self.cpus), physical_cores())
+        self.at, self.last = self.clock(), self._sample()
+
+    def _sample(self) -> tuple[int, int, int] | None:
+        ticks, own = cpu_ticks(self.cpus, self.stat), own_ticks(self.self_stat)
+        return None if ticks is None or own is None else (*ticks, own)
+
+    def others(self, before: tuple[int, int, int], now: tuple[int, int, int]) -> float:
+        """Cores' worth of CPU that other processes ran between two samples."""
+        busy, total, own = (b - a for a, b in zip(before, now))
+        if total <= 0:
+            return 0.0
+        return max(0, busy - own) / (total / len(self.cpus))
+
+    def poll(self) -> int | None:
+        """Call it often (every token): once `interval_s` has passed, the new thread count if it changed
+        (and torch set to it), else None. Never anything where /proc is missing."""
+        if self.last is None or self.clock() - self.at < self.interval_s:
+            return None
+        now = self._sample()
+        if now is None:
+            self.last = None
+            return None
+        others, self.at, self.last = self.others(self.last, now), self.clock(), now
+        threads = max(1, self.limit - max(0, math.ceil(others - self.HOLDS_A_CORE)))
+        import torch
+
+        if threads == torch.get_num_threads():
+            return None
+        torch.set_num_threads(threads)
+        return threads
+
+
 def check_threads(threads: int | None) -> int:
     """--threads as given (validated; more than the CPUs this process may use is a warning: every
     parallel step then waits for threads that share a CPU), else `default_threads()`."""

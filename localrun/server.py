@@ -37,7 +37,7 @@ from starlette.routing import Route
 from .thoughts import ANSWER, ThoughtSplitter, split_thinking
 from .engine import Engine
 from .errors import LocalrunError
-from .hardware import use_idle_cores
+from .hardware import IdleCoreWatch, use_idle_cores
 from .sampling import SEED_MAX, SEED_MIN, SamplingParams
 from .text import StreamDecoder
 
@@ -166,9 +166,11 @@ class Scheduler:
     def __init__(self, engine: Engine, *, max_queue: int = DEFAULT_MAX_QUEUE, step: str = "auto",
                  idle_threads: bool = False):
         self.engine, self.step, self.max_queue = engine, step, max_queue
-        # no --threads: work after an idle spell takes the cores idle then (hardware.use_idle_cores); while
-        # jobs run, this process's own threads would count as busy, so the count holds until it is idle again
+        # no --threads: work after an idle spell takes the cores idle then (hardware.use_idle_cores), and
+        # while it lasts the count follows what other processes take (hardware.IdleCoreWatch, which leaves
+        # this process's own threads out)
         self.idle_threads = idle_threads
+        self.watch: IdleCoreWatch | None = None
         self.slots = engine.sessions
         self.waiting: collections.deque[Job] = collections.deque()
         self.running: dict[int, tuple[Job, object, StreamDecoder, StopStrings]] = {}
@@ -242,8 +244,12 @@ class Scheduler:
                 if self.stopping:
                     break
                 idle = not self.running
-            if idle and self.idle_threads:
-                use_idle_cores()  # this thread runs the model: torch's count and its OpenMP threads
+            if self.idle_threads:  # this thread runs the model: torch's count and its OpenMP threads
+                if idle:
+                    use_idle_cores()
+                    self.watch = IdleCoreWatch()  # while the work lasts (its own threads are not counted)
+                elif self.watch is not None:
+                    self.watch.poll()
             with self.cond:
                 self._admit()
                 batch = list(self.running.items())

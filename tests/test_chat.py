@@ -713,3 +713,30 @@ def test_each_reply_takes_the_cores_idle_at_its_start_unless_threads_were_given(
         assert torch.get_num_threads() == 1 and pinned.threads == 1  # default_threads is never asked
     finally:
         torch.set_num_threads(before)
+
+
+def test_during_a_reply_without_threads_the_count_follows_the_idle_cores(monkeypatch):
+    """Without --threads a reply polls hardware.IdleCoreWatch at every token (it looks every half second),
+    so a program that takes a core mid-reply costs that reply a thread, not a stall; /stats shows the
+    count. With --threads there is no watch."""
+    from localrun import chat as chat_module
+
+    polls = []
+
+    class Watch:
+        def __init__(self):
+            self.answers = iter([None, 1, None, None, 2, None, None, None, None])
+
+        def poll(self):
+            polls.append(len(polls))
+            return next(self.answers)
+
+    monkeypatch.setattr(chat_module, "IdleCoreWatch", Watch)
+    monkeypatch.setattr(chat_module, "use_idle_cores", lambda: 2)
+    session = ChatSession(FakeEngine("abcdef"), Settings(max_tokens=8), context=200, threads=2, idle_threads=True)
+    session.ask("hi")
+    seen = [session.threads for _ in session.respond()]
+    assert len(polls) == 6 and seen == [2, 1, 1, 1, 2, 2]
+    pinned = ChatSession(FakeEngine("abcdef"), Settings(max_tokens=8), context=200, threads=2)
+    pinned.ask("hi")
+    assert [pinned.threads for _ in pinned.respond()] == [2] * 6 and len(polls) == 6

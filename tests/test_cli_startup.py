@@ -76,6 +76,77 @@ def test_default_threads_leave_busy_cores_alone(tmp_path, monkeypatch):
         assert hardware.default_threads() == want, running
 
 
+class FakeProc:
+    """/proc/stat and /proc/self/stat as files the test writes, and a clock it moves."""
+
+    def __init__(self, tmp_path, cpus=(0, 1)):
+        self.stat, self.own, self.now, self.cpus = tmp_path / "stat", tmp_path / "self_stat", 0.0, cpus
+        self.busy, self.idle, self.own_ticks = {c: 300 for c in cpus}, {c: 9000 for c in cpus}, 120
+        self.write()
+
+    def write(self):
+        lines = ["cpu  1 2 3 4 5 6 7 8 0 0"]  # the sum line is not read: only this process's CPUs
+        lines += [f"cpu{c} {self.busy[c]} 0 0 {self.idle[c]} 0 0 0 0 0 0" for c in self.cpus]
+        lines += ["cpu7 500 0 0 0 0 0 0 0 0 0", "intr 12345 0", "ctxt 999"]  # a CPU this process may not use
+        self.stat.write_text("\n".join(lines) + "\n")
+        # the name field may hold spaces and parentheses
+        self.own.write_text(f"4242 (python (x) y) R 1 4242 4242 0 -1 4194304 0 0 0 0 {self.own_ticks} 0 0 0 20\n")
+
+    def run(self, seconds, ours, others):
+        """`seconds` pass; this process ran `ours` cores' worth, other processes `others` (100 ticks a second)."""
+        self.now += seconds
+        ticks, left_ours, left_others = int(100 * seconds), ours, others
+        for c in self.cpus:
+            mine, theirs = min(1.0, left_ours), min(1.0 - min(1.0, left_ours), left_others)
+            left_ours, left_others = left_ours - mine, left_others - theirs
+            self.busy[c] += int(ticks * (mine + theirs))
+            self.idle[c] += ticks - int(ticks * (mine + theirs))
+        self.own_ticks += int(ticks * ours)
+        self.write()
+
+
+def test_during_a_reply_threads_follow_what_other_processes_take(tmp_path, monkeypatch):
+    """IdleCoreWatch: the CPUs' busy time less this process's own, every interval; a program that takes
+    a core mid-reply drops a thread, and its end gives it back. This process's own threads never count."""
+    import torch
+
+    proc = FakeProc(tmp_path)
+    monkeypatch.setattr(hardware.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(hardware, "physical_cores", lambda: 2)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        watch = hardware.IdleCoreWatch(interval_s=0.5, stat=proc.stat, self_stat=proc.own, clock=lambda: proc.now)
+        proc.run(0.25, ours=2.0, others=0.0)
+        assert watch.poll() is None  # not yet half a second
+        proc.run(0.25, ours=2.0, others=0.0)  # our two threads keep both CPUs busy: nobody else's
+        assert watch.poll() is None and torch.get_num_threads() == 2
+        proc.run(0.5, ours=1.34, others=0.66)  # a CPU-bound program shares a core with one of ours
+        assert watch.poll() == 1 and torch.get_num_threads() == 1
+        proc.run(0.5, ours=1.0, others=1.0)  # it keeps the core we left it: the count holds
+        assert watch.poll() is None and torch.get_num_threads() == 1
+        proc.run(0.5, ours=1.0, others=0.1)  # it ended (a little system noise stays)
+        assert watch.poll() == 2 and torch.get_num_threads() == 2
+        proc.run(0.5, ours=2.0, others=0.3)  # a passing blip is not a core taken
+        assert watch.poll() is None
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_without_proc_the_watch_never_changes_anything(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(hardware, "physical_cores", lambda: 2)
+    now = [0.0]
+    watch = hardware.IdleCoreWatch(stat=tmp_path / "absent", self_stat=tmp_path / "absent", clock=lambda: now[0])
+    before = torch.get_num_threads()
+    now[0] = 10.0
+    assert watch.poll() is None and torch.get_num_threads() == before
+    assert hardware.cpu_ticks({0}, tmp_path / "absent") is None and hardware.own_ticks(tmp_path / "absent") is None
+    (tmp_path / "garbled").write_text("cpu0 a b c\n")
+    assert hardware.cpu_ticks({0}, tmp_path / "garbled") is None and hardware.own_ticks(tmp_path / "garbled") is None
+
+
 def test_physical_cores_counts_smt_siblings_once(tmp_path):
     info = "".join(f"processor\t: {i}\nphysical id\t: 0\ncore id\t\t: {i % 2}\n\n" for i in range(4))
     (tmp_path / "cpuinfo").write_text(info)

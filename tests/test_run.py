@@ -309,3 +309,30 @@ def test_vram_on_the_cpu_is_a_warning(tiny_moe, tmp_path):
     res = subprocess.run([sys.executable, "-m", "localrun", "run", str(tiny_moe), "hi", "-n", "1", "--device", "cpu",
                           "--vram", "100MiB", "-q"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert res.returncode == 0 and res.stderr.count("warning: --vram plans GPU memory") == 1, res.stderr
+
+
+def test_without_threads_the_reply_follows_the_idle_cores(cli, tiny_moe, monkeypatch):
+    """run without --threads polls hardware.IdleCoreWatch at every token, and what it sets is the count
+    the rest of the reply runs on; --threads pins the count, with no watch."""
+    from localrun import hardware
+
+    polls = []
+
+    class Watch:
+        def poll(self):
+            polls.append(torch.get_num_threads())
+            if len(polls) == 2:
+                torch.set_num_threads(1)
+                return 1
+            return None
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(hardware, "IdleCoreWatch", Watch)
+    try:
+        res = run_json(cli, tiny_moe, "hi", "-n", "4", "--ignore-eos")
+        assert len(res["tokens"]) == 4 and len(polls) == 4 and polls[2:] == [1, 1]
+        polls.clear()
+        run_json(cli, tiny_moe, "hi", "-n", "4", "--ignore-eos", "--threads", "1")
+        assert polls == []
+    finally:
+        torch.set_num_threads(before)

@@ -502,13 +502,20 @@ def test_a_slot_is_reused_where_it_holds_most_of_the_prompt():
 
 def test_without_threads_work_after_an_idle_spell_takes_the_idle_cores(engine, monkeypatch):
     """serve without --threads re-counts the idle cores when work starts after an idle spell (each of two
-    requests one after the other), in the scheduler thread that runs the model; with --threads, never."""
+    requests one after the other), and polls the watch while it lasts, in the scheduler thread that runs
+    the model; with --threads, never."""
     from localrun import server as server_module
 
-    calls = []
+    calls, polls = [], []
+
+    class Watch:  # hardware.IdleCoreWatch: polled while the work lasts, in the same thread
+        def poll(self):
+            polls.append(threading.current_thread().name)
+
     monkeypatch.setattr(server_module, "use_idle_cores", lambda: calls.append(threading.current_thread().name) or 1)
+    monkeypatch.setattr(server_module, "IdleCoreWatch", Watch)
     for idle_threads, expected in ((True, ["localrun-scheduler"] * 2), (False, [])):
-        calls.clear()
+        calls.clear(), polls.clear()
         running = Running(make_app(engine, ServerConfig("demo", step="eager", idle_threads=idle_threads)))
         try:
             client = openai.OpenAI(base_url=running.url + "/v1", api_key="none", timeout=60, max_retries=0)
@@ -517,3 +524,4 @@ def test_without_threads_work_after_an_idle_spell_takes_the_idle_cores(engine, m
         finally:
             running.stop()
         assert calls == expected
+        assert set(polls) == set(expected) and (len(polls) >= 2 * 3) == idle_threads  # 4 tokens a request

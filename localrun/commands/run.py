@@ -99,10 +99,12 @@ def run(
     if logprobs and not as_json:
         raise UsageError("--logprobs goes into the --json output: add --json")
     load = opt.load_kwargs(device, dtype, experts, vram, resident_experts, context)
+    idle_threads = threads is None  # then the thread count follows the idle cores during the reply too
     threads = opt.check_threads(threads)
     text_in = read_prompt(prompt)
 
     from ..engine import Engine
+    from ..hardware import IdleCoreWatch
     from ..resolve import resolve_model
     from ..sampling import SamplingParams
     from ._progress import progress_bar
@@ -119,7 +121,10 @@ def run(
     steps = engine.stream(ids, params, max_tokens=min(max_tokens, limit - len(ids)), ignore_eos=ignore_eos)
     splitter, printer = ThoughtSplitter(engine.open_thought(ids)), ReplyPrinter(quiet)
     pieces, tokens, lps, last = [], [], [], None
+    watch = IdleCoreWatch() if idle_threads else None
     for text, step in engine.stream_text(steps):
+        if watch is not None:
+            watch.poll()
         tokens.append(step.token)
         lps.append(step.logprob)
         last = step
