@@ -348,8 +348,9 @@ def use_idle_cores() -> int:
 
 def cpu_ticks(cpus: set[int], stat: str | Path = "/proc/stat") -> tuple[int, int] | None:
     """(busy, all) clock ticks the given CPUs spent since boot (/proc/stat's `cpuN` lines): busy is
-    user, nice, system, irq, softirq and steal (a hypervisor's: the CPU was not ours either); all adds
-    idle and iowait. None where there is no such file (not Linux)."""
+    user, nice, system, irq and softirq; all adds idle, iowait and steal (time a hypervisor ran something
+    else: fewer threads would not get it back, so it is not a process to make room for). None where
+    there is no such file (not Linux)."""
     busy = total = 0
     try:
         lines = Path(stat).read_text().splitlines()
@@ -363,8 +364,8 @@ def cpu_ticks(cpus: set[int], stat: str | Path = "/proc/stat") -> tuple[int, int
             user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in rest.split()[:8])
         except ValueError:
             return None
-        busy += user + nice + system + irq + softirq + steal
-        total += user + nice + system + irq + softirq + steal + idle + iowait
+        busy += user + nice + system + irq + softirq
+        total += user + nice + system + irq + softirq + idle + iowait + steal
     return (busy, total) if total else None
 
 

@@ -82,25 +82,29 @@ class FakeProc:
     def __init__(self, tmp_path, cpus=(0, 1)):
         self.stat, self.own, self.now, self.cpus = tmp_path / "stat", tmp_path / "self_stat", 0.0, cpus
         self.busy, self.idle, self.own_ticks = {c: 300 for c in cpus}, {c: 9000 for c in cpus}, 120
+        self.steal = {c: 7 for c in cpus}
         self.write()
 
     def write(self):
         lines = ["cpu  1 2 3 4 5 6 7 8 0 0"]  # the sum line is not read: only this process's CPUs
-        lines += [f"cpu{c} {self.busy[c]} 0 0 {self.idle[c]} 0 0 0 0 0 0" for c in self.cpus]
+        lines += [f"cpu{c} {self.busy[c]} 0 0 {self.idle[c]} 0 0 0 {self.steal[c]} 0 0" for c in self.cpus]
         lines += ["cpu7 500 0 0 0 0 0 0 0 0 0", "intr 12345 0", "ctxt 999"]  # a CPU this process may not use
         self.stat.write_text("\n".join(lines) + "\n")
         # the name field may hold spaces and parentheses
         self.own.write_text(f"4242 (python (x) y) R 1 4242 4242 0 -1 4194304 0 0 0 0 {self.own_ticks} 0 0 0 20\n")
 
-    def run(self, seconds, ours, others):
-        """`seconds` pass; this process ran `ours` cores' worth, other processes `others` (100 ticks a second)."""
+    def run(self, seconds, ours, others, steal=0.0):
+        """`seconds` pass; this process ran `ours` cores' worth, other processes `others` and the hypervisor
+        took `steal` of the last CPU (100 ticks a second)."""
         self.now += seconds
         ticks, left_ours, left_others = int(100 * seconds), ours, others
         for c in self.cpus:
             mine, theirs = min(1.0, left_ours), min(1.0 - min(1.0, left_ours), left_others)
             left_ours, left_others = left_ours - mine, left_others - theirs
+            stolen = int(ticks * steal) if c == self.cpus[-1] else 0
             self.busy[c] += int(ticks * (mine + theirs))
-            self.idle[c] += ticks - int(ticks * (mine + theirs))
+            self.steal[c] += stolen
+            self.idle[c] += ticks - int(ticks * (mine + theirs)) - stolen
         self.own_ticks += int(ticks * ours)
         self.write()
 
@@ -129,6 +133,8 @@ def test_during_a_reply_threads_follow_what_other_processes_take(tmp_path, monke
         assert watch.poll() == 2 and torch.get_num_threads() == 2
         proc.run(0.5, ours=2.0, others=0.3)  # a passing blip is not a core taken
         assert watch.poll() is None
+        proc.run(0.5, ours=1.0, others=0.0, steal=0.8)  # a hypervisor's steal: fewer threads would not help
+        assert watch.poll() is None and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
 
