@@ -740,3 +740,37 @@ def test_during_a_reply_without_threads_the_count_follows_the_idle_cores(monkeyp
     pinned = ChatSession(FakeEngine("abcdef"), Settings(max_tokens=8), context=200, threads=2)
     pinned.ask("hi")
     assert [pinned.threads for _ in pinned.respond()] == [2] * 6 and len(polls) == 6
+
+
+def test_ctrl_c_before_a_reply_starts_or_during_a_command_keeps_the_chat(monkeypatch, tmp_path, capsys):
+    """Ctrl-C while a message is tokenized and trimmed (seconds for a long conversation or a pasted
+    document), before any token, stops that reply as it stops one mid-stream: the message is dropped,
+    the conversation before it stays and the chat goes on. During a slash command (/stats counts the
+    conversation's tokens) it stops the command."""
+    from localrun.commands.chat import Terminal, repl
+
+    class Slow(FakeEngine):
+        interrupt = False
+
+        def encode_messages(self, messages, enable_thinking=False):
+            if self.interrupt:
+                raise KeyboardInterrupt  # what SIGINT raises inside the tokenizer
+            return super().encode_messages(messages, enable_thinking)
+
+    engine = Slow("ok")
+    session = ChatSession(engine, Settings(max_tokens=8), context=200)
+    monkeypatch.setenv("LOCALRUN_HOME", str(tmp_path))
+
+    def typed(line):
+        engine.interrupt = line in ("second", "/stats")
+        return line
+
+    lines = iter(["first", "second", "/stats", "third", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": typed(next(lines)))
+    try:
+        repl(session, Terminal())
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C before the reply's first token ended the chat")
+    out = capsys.readouterr().out
+    assert "interrupted before the first token (the message was dropped; send it again)" in out
+    assert [m["content"] for m in session.conversation.turns] == ["first", "ok", "third", "ok"]

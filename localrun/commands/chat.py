@@ -95,7 +95,12 @@ def show_reply(session: ChatSession, term: Terminal) -> None:
 
 
 def _stream_reply(session: ChatSession, term: Terminal) -> None:
-    reply = session.respond()
+    try:
+        reply = session.respond()  # tokenizes and trims the conversation: seconds for a long one
+    except KeyboardInterrupt:
+        term.write("\n")
+        term.info(interrupted_early(session.abandon()))
+        return
     if reply.dropped:
         term.info(f"(context full: the model no longer sees the {reply.dropped} oldest messages; the system "
                   "prompt stays, /save keeps them all)")
@@ -117,10 +122,14 @@ def _stream_reply(session: ChatSession, term: Terminal) -> None:
     term.info(stats_line(session, reply, interrupted, restored))
 
 
+def interrupted_early(restored: bool) -> str:
+    return ("interrupted before the first token (the previous reply is kept)" if restored else
+            "interrupted before the first token (the message was dropped; send it again)")
+
+
 def stats_line(session: ChatSession, reply: Reply, interrupted: bool, restored: bool = False) -> str:
     if reply.timings is None:
-        return ("interrupted before the first token (the previous reply is kept)" if restored else
-                "interrupted before the first token (the message was dropped; send it again)")
+        return interrupted_early(restored)
     return format_stats(reply.tokens, reply.timings, rss_bytes(), engine_stats(session.engine), interrupted=interrupted)
 
 
@@ -160,7 +169,12 @@ def repl(session: ChatSession, term: Terminal) -> None:
             session.ask(message if block.from_block else message_text(message))
             show_reply(session, term)
             continue
-        outcome = session.command(*command)
+        try:
+            outcome = session.command(*command)
+        except KeyboardInterrupt:  # a command changes the conversation only once it is done: nothing half-done
+            term.write("\n")
+            term.info(f"(/{command[0]} interrupted)")
+            continue
         if outcome.text:
             (term.error if outcome.error else term.info)(outcome.text)
         if outcome.exit:
