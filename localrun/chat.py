@@ -139,8 +139,9 @@ class Conversation:
         return 0
 
     def drop_reply(self) -> bool:
-        """For /retry: drop the last assistant reply so the user message before it is answered again."""
-        if self.turns and self.turns[-1]["role"] == "assistant":
+        """For /retry: drop the last assistant reply so the user message before it is answered again
+        (False, and nothing dropped, where no user message precedes it)."""
+        if self.turns[-2:-1] and self.turns[-1]["role"] == "assistant" and self.turns[-2]["role"] == "user":
             self.turns.pop()
         return self.awaiting_reply
 

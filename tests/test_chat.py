@@ -774,3 +774,16 @@ def test_ctrl_c_before_a_reply_starts_or_during_a_command_keeps_the_chat(monkeyp
     out = capsys.readouterr().out
     assert "interrupted before the first token (the message was dropped; send it again)" in out
     assert [m["content"] for m in session.conversation.turns] == ["first", "ok", "third", "ok"]
+
+
+def test_a_retry_with_nothing_to_answer_drops_nothing(tmp_path):
+    """/retry answers the user message before the last reply again; where there is none (a loaded file that
+    ends with two replies, or holds replies only) it is an error that leaves every message in place."""
+    turns = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+             {"role": "assistant", "content": "c"}]
+    (tmp_path / "c.json").write_text(json.dumps(turns))
+    session = ChatSession(FakeEngine("ok"), Settings(max_tokens=8), context=200)
+    session.command("load", str(tmp_path / "c.json"))
+    outcome = session.command("retry", "")
+    assert outcome.error and not outcome.respond
+    assert session.conversation.turns == turns
