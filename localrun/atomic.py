@@ -8,8 +8,9 @@ from pathlib import Path
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write `text` to `path` so that a crash or Ctrl-C leaves the old file or the new one, never half."""
-    path = Path(path)
+    """Write `text` to `path` so that a crash or Ctrl-C leaves the old file or the new one, never half.
+    A symlink is written where it points and stays a link (the rename would replace the link itself)."""
+    path = Path(os.path.realpath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.chmod(tmp, _mode(path))  # mkstemp's 0600 would make the user's file private

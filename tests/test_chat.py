@@ -228,6 +228,20 @@ def test_save_load_round_trip(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["c.json"]  # no temp file left behind
 
 
+def test_save_through_a_symlink_writes_where_it_points(tmp_path):
+    """/save onto a link (chats/current.json -> a synced folder) updates the file it points to and keeps the
+    link, as the shell's `>` does; the atomic rename must not put a new file in the link's place."""
+    (tmp_path / "synced").mkdir()
+    target = tmp_path / "synced" / "chat.json"
+    target.write_text("[]\n")
+    link = tmp_path / "current.json"
+    link.symlink_to(target)
+    msgs = [{"role": "user", "content": "hi"}]
+    save_conversation(msgs, link)
+    assert link.is_symlink() and json.loads(target.read_text()) == msgs
+    assert sorted(p.name for p in (tmp_path / "synced").iterdir()) == ["chat.json"]
+
+
 @pytest.mark.parametrize("content, message", [
     ("{not json", "not valid JSON"),
     ('{"role": "user"}', "expected a JSON list"),
