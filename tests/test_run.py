@@ -295,6 +295,16 @@ def test_closed_stdin_is_a_usage_error_before_loading(command, tiny_moe, tmp_pat
     assert res.stderr.count("\n") == 1 and "stdin" in res.stderr and "Traceback" not in res.stderr
 
 
+
+@pytest.mark.parametrize("flags", ["", "--json"])
+def test_closed_stdout_is_a_usage_error_before_loading(flags, tiny_moe, tmp_path):
+    """`localrun run MODEL hi >&-`: the reply could go nowhere; one line, exit 2, not an AttributeError (text)
+    or exit 0 with the reply silently lost (--json)."""
+    res = subprocess.run(f"{sys.executable} -m localrun.cli run {tiny_moe} hi --device cpu {flags} >&-", shell=True,
+                         capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.count("\n") == 1 and "stdout" in res.stderr and "Error" not in res.stderr, res.stderr
+
 def test_more_threads_than_cpus_is_a_warning_once(tiny_moe, tmp_path):
     import os
 
