@@ -296,11 +296,12 @@ def test_closed_stdin_is_a_usage_error_before_loading(command, tiny_moe, tmp_pat
 
 
 
-@pytest.mark.parametrize("flags", ["", "--json"])
-def test_closed_stdout_is_a_usage_error_before_loading(flags, tiny_moe, tmp_path):
-    """`localrun run MODEL hi >&-`: the reply could go nowhere; one line, exit 2, not an AttributeError (text)
-    or exit 0 with the reply silently lost (--json)."""
-    res = subprocess.run(f"{sys.executable} -m localrun.cli run {tiny_moe} hi --device cpu {flags} >&-", shell=True,
+@pytest.mark.parametrize("command", ["run MODEL hi", "run MODEL hi --json", "chat MODEL"])
+def test_closed_stdout_is_a_usage_error_before_loading(command, tiny_moe, tmp_path):
+    """`localrun run MODEL hi >&-`: the reply could go nowhere; one line, exit 2, not an AttributeError (run,
+    chat: after loading) or exit 0 with the reply silently lost (--json)."""
+    command = command.replace("MODEL", str(tiny_moe))
+    res = subprocess.run(f"{sys.executable} -m localrun.cli {command} --device cpu </dev/null >&-", shell=True,
                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert res.returncode == 2, res.stderr
     assert res.stderr.count("\n") == 1 and "stdout" in res.stderr and "Error" not in res.stderr, res.stderr

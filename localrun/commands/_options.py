@@ -6,6 +6,7 @@ Nothing here imports torch: `--help` and usage errors must answer before it load
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -46,6 +47,13 @@ def check_sampling(top_p: float | None, repeat_penalty: float | None) -> None:
         raise UsageError(f"--top-p must be more than 0 and at most 1, not {top_p}")
     if repeat_penalty is not None and not repeat_penalty > 0:
         raise UsageError(f"--repeat-penalty must be more than 0, not {repeat_penalty}")
+
+
+def check_stdout(command: str, what: str) -> None:
+    """A command started with stdout closed (`>&-`) would lose what it prints (print() to None writes
+    nothing): a usage error before anything is loaded."""
+    if sys.stdout is None:
+        raise UsageError(f"{command} writes {what} to stdout, which is closed")
 
 
 def check_out(option: str, path: Optional[Path], *, directory_ok: bool = False) -> None:

@@ -213,6 +213,7 @@ def chat(
     """Chat with a model in the terminal (/help inside for commands)."""
     if sys.stdin is None:  # started with stdin closed (`<&-`): nothing could ever be read
         raise UsageError("chat reads messages from stdin, which is closed")
+    opt.check_stdout("chat", "its replies")
     opt.check_sampling(top_p, repeat_penalty)
     load = opt.load_kwargs(device, dtype, experts, vram, resident_experts, context)
     idle_threads = threads is None  # then each reply takes the cores idle at its start (ChatSession)

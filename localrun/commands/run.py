@@ -98,8 +98,7 @@ def run(
     opt.check_sampling(top_p, repeat_penalty)
     if logprobs and not as_json:
         raise UsageError("--logprobs goes into the --json output: add --json")
-    if sys.stdout is None:  # started with stdout closed (`>&-`): the reply could go nowhere
-        raise UsageError("run writes its reply to stdout, which is closed")
+    opt.check_stdout("run", "its reply")
     load = opt.load_kwargs(device, dtype, experts, vram, resident_experts, context)
     idle_threads = threads is None  # then the thread count follows the idle cores during the reply too
     threads = opt.check_threads(threads)
