@@ -377,6 +377,35 @@ def test_serve_command_binds_loopback_and_stops_on_ctrl_c(tmp_path, signals):
             proc.wait()
 
 
+
+def test_port_0_names_the_port_it_took_even_when_quiet():
+    """`serve --port 0` takes a free port; with -q too, stderr still names it, or no client could find the server."""
+    import re
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-m", "localrun.cli", "serve", "demo", "--port", "0", "--device", "cpu",
+                             "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        found = threading.Event()
+        lines = []
+
+        def read():
+            for line in proc.stderr:
+                lines.append(line)
+                if "http://127.0.0.1:" in line:
+                    found.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        assert found.wait(90), "".join(lines)
+        port = int(re.search(r"http://127\.0\.0\.1:(\d+)/v1", lines[-1]).group(1))
+        assert port != 0 and httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
 def test_a_request_that_fails_to_start_gets_500_and_the_server_keeps_serving(engine, server, monkeypatch):
     """A request whose generation cannot even start (here: the engine raises) is answered with an error;
     the scheduler thread lives on for the next one."""

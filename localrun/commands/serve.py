@@ -62,9 +62,9 @@ def serve(
     config = ServerConfig(model_name=served_name or model_dir.name, api_key=api_key, max_queue=max_queue,
                           defaults=generation_defaults(model_dir), idle_threads=threads is None)
     app = make_app(engine, config)
-    port = listening.getsockname()[1]  # --port 0: the one the system picked
-    if not quiet:
-        print(f"serving {config.model_name} on http://{host}:{port}/v1 ({parallel} slot{'s' * (parallel > 1)}, "
+    picked = listening.getsockname()[1]  # --port 0: the one the system picked
+    if not quiet or port == 0:  # then only this line tells it, so -q prints it too
+        print(f"serving {config.model_name} on http://{host}:{picked}/v1 ({parallel} slot{'s' * (parallel > 1)}, "
               f"context {engine.session.cache.capacity}); Ctrl-C stops", file=sys.stderr, flush=True)
     scheduler = app.state.server.scheduler
 
@@ -92,7 +92,7 @@ def serve(
                 for s, handler in before.items():
                     signal.signal(s, handler)
 
-    Server(uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=3)).run(
+    Server(uvicorn.Config(app, host=host, port=picked, log_level="warning", timeout_graceful_shutdown=3)).run(
         sockets=[listening])
 
 
