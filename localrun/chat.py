@@ -151,10 +151,17 @@ class Conversation:
 
 
 def save_conversation(messages: list[dict], path: str | Path) -> Path:
-    """Write messages as a JSON list, atomically (temp file in the same directory, then rename)."""
+    """Write messages as a JSON list, atomically (temp file in the same directory, then rename). An existing
+    file is replaced only when it is empty or an earlier save: anything else is the user's, and kept."""
     path = Path(path).expanduser()
     if path.is_dir():
         raise LocalrunError(f"cannot save to {path}: it is a directory")
+    if path.is_file() and path.stat().st_size:
+        try:
+            load_conversation(path)
+        except LocalrunError:
+            raise LocalrunError(f"cannot save to {path}: it exists and is not a saved conversation (it is kept; "
+                                "name another file)") from None
     try:
         write_text_atomic(path, json.dumps(messages, indent=2, ensure_ascii=False) + "\n")
     except OSError as e:

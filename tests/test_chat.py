@@ -228,6 +228,23 @@ def test_save_load_round_trip(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["c.json"]  # no temp file left behind
 
 
+def test_save_replaces_an_earlier_save_but_never_another_file(tmp_path):
+    """/save onto an earlier /save (or an empty file) replaces it; onto anything else (`/save notes.txt`, a
+    typo for the file just loaded's neighbour) it is an error that keeps that file as it was."""
+    first, second = [{"role": "user", "content": "a"}], [{"role": "user", "content": "b"}]
+    save_conversation(first, tmp_path / "c.json")
+    save_conversation(second, tmp_path / "c.json")
+    assert json.loads((tmp_path / "c.json").read_text()) == second
+    (tmp_path / "empty.json").touch()
+    save_conversation(first, tmp_path / "empty.json")
+    assert json.loads((tmp_path / "empty.json").read_text()) == first
+    for name, text in (("notes.txt", "my notes\n"), ("config.json", '{"hidden_size": 8}')):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(LocalrunError, match="not a saved conversation"):
+            save_conversation(first, tmp_path / name)
+        assert (tmp_path / name).read_text() == text
+
+
 def test_save_through_a_symlink_writes_where_it_points(tmp_path):
     """/save onto a link (chats/current.json -> a synced folder) updates the file it points to and keeps the
     link, as the shell's `>` does; the atomic rename must not put a new file in the link's place."""
