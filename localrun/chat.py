@@ -525,6 +525,9 @@ class ChatSession:
         ids = self.engine.encode_messages(messages, enable_thinking=s.think)
         if len(ids) >= self.context:
             self.conversation.turns.pop()  # unanswerable as it is: don't let it block the next one
+            if self.conversation.system:  # the message alone may fit: say what /system can change
+                raise LocalrunError(f"the system prompt and the message are too long: {len(ids)} tokens, the "
+                                    f"context holds {self.context} (--context; /system changes the prompt)")
             raise LocalrunError(f"the message is too long: {len(ids)} tokens, the context holds {self.context} "
                                 "(--context)")
         self.conversation.hide_oldest(dropped)

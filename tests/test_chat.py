@@ -818,3 +818,15 @@ def test_a_retry_with_nothing_to_answer_drops_nothing(tmp_path):
     outcome = session.command("retry", "")
     assert outcome.error and not outcome.respond
     assert session.conversation.turns == turns
+
+
+def test_a_system_prompt_that_fills_the_context_is_named_as_the_cause():
+    """A short message after a system prompt longer than the context: the error names the system prompt
+    (what /system can fix), not only the message, which alone would fit."""
+    session = ChatSession(FakeEngine("ok"), Settings(max_tokens=8), system="word " * 50, context=30)
+    session.ask("hi")
+    with pytest.raises(LocalrunError, match="the system prompt and the message are too long: .*/system"):
+        session.respond()
+    session.command("system", "")
+    exchange(session, "hi")
+    assert session.conversation.turns[-1]["content"] == "ok"
