@@ -830,3 +830,20 @@ def test_a_system_prompt_that_fills_the_context_is_named_as_the_cause():
     session.command("system", "")
     exchange(session, "hi")
     assert session.conversation.turns[-1]["content"] == "ok"
+
+
+def test_a_message_that_joined_a_loaded_one_and_got_no_reply_leaves_the_loaded_one(tmp_path):
+    """A message typed after a /load that awaits a reply joins that message; interrupted before its first
+    token (or failing), only what was typed is dropped: the loaded message still awaits its reply."""
+    turns = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
+    (tmp_path / "c.json").write_text(json.dumps(turns))
+    session = ChatSession(FakeEngine("ok"), Settings(max_tokens=8), context=200)
+    session.command("load", str(tmp_path / "c.json"))
+    session.ask("d")
+    reply = session.respond()
+    reply.pieces.close()  # Ctrl-C before any token
+    session.commit(reply)
+    assert session.conversation.turns == turns
+    exchange(session, "e")
+    assert session.conversation.turns[2:] == [{"role": "user", "content": "c\n\ne"},
+                                              {"role": "assistant", "content": "ok"}]
