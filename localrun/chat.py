@@ -407,7 +407,7 @@ class ChatSession:
         self.conversation = Conversation(valid_text(system) if system else None)
         self.last: Reply | None = None
         self._retried: dict | None = None  # the reply /retry took away, until its new one is kept
-        self._joined: dict | None = None  # the loaded message awaiting a reply that `ask` joined, until replied to
+        self._awaiting: dict | None = None  # a loaded message that awaited a reply: kept when none comes
 
     # Commands
 
@@ -448,6 +448,7 @@ class ChatSession:
         if not self.conversation.drop_reply():
             return Outcome("nothing to retry", error=True)
         self._retried = previous
+        self._awaiting = None if previous else turns[-1]  # a loaded message that awaits its reply
         return Outcome(respond=True)
 
     def _cmd_think(self, arg: str) -> Outcome:
@@ -511,7 +512,7 @@ class ChatSession:
         /load that ends with one) it joins that message: templates want user and assistant in turn."""
         turns = self.conversation.turns
         if self.conversation.awaiting_reply:
-            self._joined = turns[-1]
+            self._awaiting = turns[-1]
             turns[-1] = {"role": "user", "content": f"{turns[-1]['content']}\n\n{valid_text(text)}"}
             return
         self.conversation.add("user", text)
@@ -527,7 +528,7 @@ class ChatSession:
         ids = self.engine.encode_messages(messages, enable_thinking=s.think)
         if len(ids) >= self.context:
             self.conversation.turns.pop()  # unanswerable as it is: don't let it block the next one
-            self._joined = None
+            self._awaiting = None
             if self.conversation.system:  # the message alone may fit: say what /system can change
                 raise LocalrunError(f"the system prompt and the message are too long: {len(ids)} tokens, the "
                                     f"context holds {self.context} (--context; /system changes the prompt)")
@@ -574,7 +575,7 @@ class ChatSession:
         """
         if reply.tokens == 0:
             return self.abandon()
-        self._retried = self._joined = None
+        self._retried = self._awaiting = None
         self.conversation.add("assistant", reply.answer.strip(), reply.thought.strip())
         self.last = reply
         release_free_memory()
@@ -590,9 +591,9 @@ class ChatSession:
             return True
         if self.conversation.awaiting_reply:
             self.conversation.turns.pop()
-            if self._joined is not None:  # what was typed joined a loaded message: that one still awaits its reply
-                self.conversation.turns.append(self._joined)
-                self._joined = None
+            if self._awaiting is not None:  # only what was typed goes: the loaded message still awaits its reply
+                self.conversation.turns.append(self._awaiting)
+                self._awaiting = None
         return False
 
 

@@ -834,7 +834,8 @@ def test_a_system_prompt_that_fills_the_context_is_named_as_the_cause():
 
 def test_a_message_that_joined_a_loaded_one_and_got_no_reply_leaves_the_loaded_one(tmp_path):
     """A message typed after a /load that awaits a reply joins that message; interrupted before its first
-    token (or failing), only what was typed is dropped: the loaded message still awaits its reply."""
+    token (or failing), only what was typed is dropped: the loaded message still awaits its reply. So it does
+    after a /retry that answers the loaded message itself."""
     turns = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
     (tmp_path / "c.json").write_text(json.dumps(turns))
     session = ChatSession(FakeEngine("ok"), Settings(max_tokens=8), context=200)
@@ -847,3 +848,11 @@ def test_a_message_that_joined_a_loaded_one_and_got_no_reply_leaves_the_loaded_o
     exchange(session, "e")
     assert session.conversation.turns[2:] == [{"role": "user", "content": "c\n\ne"},
                                               {"role": "assistant", "content": "ok"}]
+    # /retry answers the loaded message itself: interrupted, the message still awaits its reply
+    session = ChatSession(FakeEngine("ok"), Settings(max_tokens=8), context=200)
+    session.command("load", str(tmp_path / "c.json"))
+    assert session.command("retry", "").respond
+    reply = session.respond()
+    reply.pieces.close()
+    session.commit(reply)
+    assert session.conversation.turns == turns
