@@ -136,3 +136,55 @@ def test_every_prefill_attention_tile_fits_a_consumer_gpu_block():
     rows = json.loads(run.stdout)
     assert len(rows) == 22
     assert all(shared <= 99 << 10 and local == 0 for shared, local in rows.values()), rows
+
+
+DECODE_FIT = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import torch
+import sass_stats
+from localrun.kernels import triton_attention as ta
+
+launches = []
+
+
+class Recorder:
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: launches.append(kwargs)
+
+
+kernel = ta._decode_partial_kernel
+ta._decode_partial_kernel = Recorder()
+shared = {}
+for dtype, x in ((torch.float32, "*fp32"), (torch.bfloat16, "*bf16")):
+    for D in (128, 256, 512):
+        launches.clear()
+        q, k = torch.zeros(1, 16, 1, D, dtype=dtype), torch.zeros(1, 2, 1024, D, dtype=dtype)
+        ta.decode_attention_triton(q, k, k, torch.ones(1, 1024, dtype=torch.bool), 1.0, in_place=True)
+        meta = dict(launches[0])
+        warps, stages = meta.pop("num_warps", 4), meta.pop("num_stages", 3)  # Triton's defaults (CUDA)
+        ptrs = {n: x for n in ("q_ptr", "k_ptr", "v_ptr", "out_ptr")}
+        ptrs.update(vis_ptr="*u8", m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32", count_ptr="*i32")
+        for arch in (86, 89):
+            compiled = sass_stats.compile_kernel(kernel, dict(meta, PDL=False), warps, arch, ptrs, stages)
+            shared[f"sm_{arch} {x[1:]} D={D} stages={stages}"] = compiled.metadata.shared
+print(json.dumps(shared))
+"""
+
+
+@pytest.mark.skipif(_ptxas() is None, reason="triton with its NVIDIA backend tools is not installed")
+def test_decode_attention_launch_fits_a_consumer_gpu_block():
+    """The split-key decode attention kernel as decode_attention_triton launches it (its num_stages and
+    num_warps, Triton's defaults where it names none), fp32 and bf16, head dims 128 / 256 / 512: within
+    the 99 KiB of shared memory a block of an RTX 3090 (sm_86) or 4090 (sm_89) may have. At Triton's
+    default 3 stages the fp32 K/V tiles (which feed tl.dot directly) are pipelined: 143-297 KiB, which
+    no consumer GPU, and at D >= 256 not even an H100, can launch."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_DEFAULT_FP_FUSION="1", PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]))
+    run = subprocess.run([sys.executable, "-c", DECODE_FIT, str(ROOT / "scripts")], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    shared = json.loads(run.stdout)
+    assert len(shared) == 12
+    assert all(v <= 99 << 10 for v in shared.values()), {k: v for k, v in shared.items() if v > 99 << 10}
+

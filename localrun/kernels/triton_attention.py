@@ -39,6 +39,13 @@ from .triton_pdl import pdl_start
 MAX_SPLITS = 64  # programs per (batch, KV head); the combine loop reads this many partial rows at most
 
 
+# Pipeline stages of the partial kernel: one. Triton's default (3) pipelines the K and V tiles where
+# they feed tl.dot as loaded (fp32): 143 KiB of shared memory a block at D = 128, 283-297 KiB at
+# 256-512, past the 99 KiB of an RTX 3090 / 4090 and at D >= 256 past an H100's 227 KiB (out of
+# resources at the first decoded token). Half precision is widened first and never pipelined: its
+# cubin is the same at 1 and 3 stages (sm_90, Triton 3.9). tests/test_sass_stats.py holds the launch to 99 KiB.
+PARTIAL_STAGES = 1
+
 COMBINE_IN_PLACE_MAX = 1 << 16  # partial elements (splits x G x D) the last program combines itself at most
 
 
@@ -204,7 +211,7 @@ def decode_attention_triton(q_BN1D: torch.Tensor, k_BKSD: torch.Tensor, v_BKSD: 
         HAS_MASK=visible_1S is not None, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", COMBINE=in_place,
         BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_S=BLOCK_S, BLOCK_D=BLOCK_D,
         BLOCK_SPLITS=triton.next_power_of_2(splits), num_warps=4 if BLOCK_D <= 256 else 8,
-        **triton_pdl.launch(q.device))
+        num_stages=PARTIAL_STAGES, **triton_pdl.launch(q.device))
     if not in_place:
         _decode_combine_kernel[(B * N,)](m, l, acc, out, splits, D, BLOCK_SPLITS=triton.next_power_of_2(splits),
                                          BLOCK_D=BLOCK_D, **triton_pdl.launch(q.device))
