@@ -58,6 +58,8 @@ def compile_kernel(fn, constexprs: dict, num_warps: int, arch: int, pointers: di
     from triton.compiler import ASTSource
 
     consts = {k: v for k, v in constexprs.items() if k in fn.arg_names}
+    if "PDL" in fn.arg_names:  # a constexpr with a default: left out, it would be typed an i32 argument,
+        consts.setdefault("PDL", False)  # and its griddepcontrol a run-time branch (sm_90 only: ptxas fails below)
     floats = {"eps", "scale", "router_scale", "qk_scale"}
     signature = {n: pointers.get(n, "constexpr" if n in consts else "fp32" if n in floats else "i32")
                  for n in fn.arg_names}

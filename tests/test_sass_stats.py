@@ -188,3 +188,28 @@ def test_decode_attention_launch_fits_a_consumer_gpu_block():
     assert len(shared) == 12
     assert all(v <= 99 << 10 for v in shared.values()), {k: v for k, v in shared.items() if v > 99 << 10}
 
+
+OLDER_ARCH = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import sass_stats
+out = {}
+for name, fn, ptrs, consts, warps, *rest in sass_stats.compile_cases(86):
+    if "PDL" in fn.arg_names and name.split()[0] in ("v3", "qkv_write", "rope_rows"):
+        out[name] = sass_stats.compile_kernel(fn, consts, warps, 86, ptrs, *rest).metadata.shared
+        if len(out) == 3:
+            break
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(_ptxas() is None, reason="triton with its NVIDIA backend tools is not installed")
+def test_decode_kernels_compile_for_sm86():
+    """`--compile-only --arch 86` (or 89): a kernel whose PDL constexpr the case leaves at its default
+    compiles without griddepcontrol, which ptxas refuses below sm_90."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_DEFAULT_FP_FUSION="1", PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]))
+    run = subprocess.run([sys.executable, "-c", OLDER_ARCH, str(ROOT / "scripts")], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert len(json.loads(run.stdout)) == 3
