@@ -115,6 +115,24 @@ def test_route_ties_take_the_lower_id():
 
 
 @needs_triton
+def test_route_never_names_an_expert_past_the_last_whatever_the_logits():
+    """NaN or inf router logits (a broken checkpoint, an overflow) give NaN probabilities, which no
+    comparison picks: the ids must still name experts, or the MoE kernels read past the layer's buffer."""
+    E, K = 128, 8
+    logits = rand(4, E, seed=3)
+    logits[0] = float("nan")
+    logits[1, 5] = float("nan")
+    logits[2, 7] = float("inf")
+    logits[3, [1, 2]] = float("-inf")
+    ids, w = triton_fused.route_triton(logits, torch.ones(E), K)
+    assert ((ids >= 0) & (ids < E)).all(), ids
+    for row in range(3):  # a NaN row: the lowest K ids with NaN weights, as the CPU's lr_route picks them
+        assert ids[row].tolist() == list(range(K)) and w[row].isnan().all(), (ids[row], w[row])
+    ref_ids, ref_w = fused_ops.route_reference(logits[3:], torch.ones(E), K)  # -inf: as torch
+    assert torch.equal(ids[3], ref_ids[0]) and rel(w[3], ref_w[0]) < 1e-6
+
+
+@needs_triton
 @pytest.mark.parametrize("I, E, K, dtype, act", [(2112, 128, 8, torch.bfloat16, "gelu_pytorch_tanh"),
                                                 (48, 8, 2, torch.float32, "silu"), (300, 60, 3, torch.float32, "gelu")])
 def test_gated_route_is_gated_and_route(I, E, K, dtype, act):

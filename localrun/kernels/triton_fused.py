@@ -103,7 +103,10 @@ def _route_row(logits_ptr, scale_ptr, ids_ptr, w_ptr, row, E, K, BLOCK_E: tl.con
     logits = tl.load(logits_ptr + row * E + cols, mask=ok, other=float("-inf")).to(tl.float32)
     e = tl.exp(logits - tl.max(logits, axis=0))
     p = e / tl.sum(e, axis=0)
-    p = tl.where(ok, p, -1.0)
+    # a NaN or inf logit makes the whole row NaN (as torch's softmax): its experts stay candidates, the
+    # lowest K ids with NaN weights as lr_route picks them, never an id past E (p == top is false for NaN)
+    nan = ok & (p != p)
+    p = tl.where(ok, tl.where(nan, 0.0, p), -1.0)
     slots = tl.arange(0, BLOCK_K)
     ids = tl.zeros([BLOCK_K], tl.int32)
     vals = tl.zeros([BLOCK_K], tl.float32)
@@ -115,6 +118,7 @@ def _route_row(logits_ptr, scale_ptr, ids_ptr, w_ptr, row, E, K, BLOCK_E: tl.con
         p = tl.where(cols == pick, -1.0, p)
     keep = slots < K
     w = vals / tl.sum(tl.where(keep, vals, 0.0), axis=0)
+    w = tl.where(tl.max(nan.to(tl.int32), axis=0) > 0, float("nan"), w)
     w = w * tl.load(scale_ptr + ids, mask=keep, other=0.0).to(tl.float32)
     tl.store(ids_ptr + row * K + slots, ids.to(tl.int64), mask=keep)
     tl.store(w_ptr + row * K + slots, w, mask=keep)
