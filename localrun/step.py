@@ -192,13 +192,20 @@ class SegmentedGraphStep(StaticStep):
 
 
 def _warm_up(forward, span: int) -> None:
-    """forward(span) twice on a side stream before a capture: lazy inits, autotuning, workspaces."""
+    """forward(span) twice on a side stream before a capture: lazy inits, autotuning, workspaces.
+
+    Then the blocks torch's allocator cached for that stream go back to the device: no other stream
+    and no graph pool may reuse them, the first call of a shape times its MoE kernels with Triton's
+    256 MiB cache-flush buffer, and on a full 16 GiB card a capture whose pool cannot be allocated
+    disables the graphs (`_capture_once`)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(2):
             forward(span)
     torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
 
 
 def _capture_once(step, span: int) -> None:
