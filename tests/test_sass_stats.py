@@ -29,6 +29,17 @@ def _ptxas() -> Path | None:
 
 
 @pytest.mark.skipif(_ptxas() is None, reason="triton with its NVIDIA backend tools is not installed")
+def compiled_in_child(script: str):
+    """What `script` (run as `python -c`, scripts/ as its argv[1]) prints as JSON: it compiles kernels
+    for a GPU in a process of its own, where TRITON_INTERPRET is unset."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_DEFAULT_FP_FUSION="1", PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]))
+    run = subprocess.run([sys.executable, "-c", script, str(ROOT / "scripts")], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return json.loads(run.stdout)
+
+
 def test_v3_loops_issue_fewer_instructions_than_v2_and_never_spill():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile, do not interpret
     run = subprocess.run([sys.executable, str(ROOT / "scripts" / "sass_stats.py"), "--json"], env=env,
@@ -100,12 +111,7 @@ def test_every_gpu_has_a_grouped_prefill_tile_that_launches():
     """The prefill's grouped GEMMs: the first GROUPED_FIT_ANYWHERE autotune configs fit 48 KiB of shared
     memory on an RTX 3090 (sm_86) in every variant (dtype, double quant, BLOCK_M), so the autotuner
     always has one to launch where the larger pipelined tiles do not fit (99 KiB a block there)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(TRITON_DEFAULT_FP_FUSION="1", PYTHONPATH=str(ROOT))
-    run = subprocess.run([sys.executable, "-c", GROUPED_FIT, str(ROOT / "scripts")], env=env, capture_output=True,
-                         text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-2000:]
-    shared = json.loads(run.stdout)
+    shared = compiled_in_child(GROUPED_FIT)
     assert len(shared) == 32
     assert max(shared.values()) <= 48 << 10, {k: v for k, v in shared.items() if v > 48 << 10}
 
@@ -128,12 +134,7 @@ def test_every_prefill_attention_tile_fits_a_consumer_gpu_block():
     """The CUDA prefill's flash attention kernel at D = 512, every tile it launches or gpu_check times:
     within the 99 KiB of shared memory a block of an RTX 4090 (sm_89) or 3090 has, and of an H100
     (sm_90, where Triton's pipelining and wgmma lay memory out differently), without spilling."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(TRITON_DEFAULT_FP_FUSION="1", PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]))
-    run = subprocess.run([sys.executable, "-c", PREFILL_FIT, str(ROOT / "scripts")], env=env, capture_output=True,
-                         text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-2000:]
-    rows = json.loads(run.stdout)
+    rows = compiled_in_child(PREFILL_FIT)
     assert len(rows) == 22
     assert all(shared <= 99 << 10 and local == 0 for shared, local in rows.values()), rows
 
@@ -179,12 +180,7 @@ def test_decode_attention_launch_fits_a_consumer_gpu_block():
     the 99 KiB of shared memory a block of an RTX 3090 (sm_86) or 4090 (sm_89) may have. At Triton's
     default 3 stages the fp32 K/V tiles (which feed tl.dot directly) are pipelined: 143-297 KiB, which
     no consumer GPU, and at D >= 256 not even an H100, can launch."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(TRITON_DEFAULT_FP_FUSION="1", PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]))
-    run = subprocess.run([sys.executable, "-c", DECODE_FIT, str(ROOT / "scripts")], env=env, capture_output=True,
-                         text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-2000:]
-    shared = json.loads(run.stdout)
+    shared = compiled_in_child(DECODE_FIT)
     assert len(shared) == 12
     assert all(v <= 99 << 10 for v in shared.values()), {k: v for k, v in shared.items() if v > 99 << 10}
 
@@ -207,9 +203,4 @@ print(json.dumps(out))
 def test_decode_kernels_compile_for_sm86():
     """`--compile-only --arch 86` (or 89): a kernel whose PDL constexpr the case leaves at its default
     compiles without griddepcontrol, which ptxas refuses below sm_90."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(TRITON_DEFAULT_FP_FUSION="1", PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]))
-    run = subprocess.run([sys.executable, "-c", OLDER_ARCH, str(ROOT / "scripts")], env=env, capture_output=True,
-                         text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert len(json.loads(run.stdout)) == 3
+    assert len(compiled_in_child(OLDER_ARCH)) == 3
