@@ -18,7 +18,7 @@ from localrun.errors import LocalrunError
 from localrun.generate import generate
 from localrun import loader
 from localrun.loader import load_model
-from localrun.models import SUPPORTED_MODEL_TYPES, mixtral
+from localrun.models import SUPPORTED_MODEL_TYPES, family, mixtral
 from localrun.plan import Budget, make_plan
 from localrun.prequant import quantize_checkpoint
 from localrun.sampling import SamplingParams, make_sampler
@@ -265,6 +265,36 @@ def test_gemma4_both_spellings_are_the_same_model(tiny_checkpoint, tmp_path):
         expected = load_model(old, dtype=torch.float32, experts="bf16").model(ids)
         got = load_model(new, dtype=torch.float32, experts="bf16").model(ids)
     assert torch.equal(expected, got)
+
+
+# checkpoint_shapes: the layout fit plans, bench --random-weights draws and the factory writes ---------
+
+GEMMA_BIAS = tiny_config("moe", attention_bias=True)  # transformers' Gemma4TextAttention then has four biases
+
+
+@pytest.mark.parametrize("config", [
+    GEMMA_BIAS, tiny_config("moe_v", attention_bias=True, tie_word_embeddings=False),
+    tiny_config("dense_e2b", attention_bias=True),
+    dict(SMALL, model_type="qwen3_moe", intermediate_size=96, num_experts=8, num_experts_per_tok=2,
+         moe_intermediate_size=128, attention_bias=True, decoder_sparse_step=2, mlp_only_layers=[3]),
+    dict(SMALL, model_type="mixtral", intermediate_size=64, num_local_experts=8, num_experts_per_tok=2),
+], ids=["gemma4-bias", "gemma4-v-bias-untied", "gemma4-e2b-bias", "qwen3_moe-bias-sparse-step", "mixtral"])
+def test_checkpoint_shapes_name_every_tensor_the_model_reads(config):
+    args = args_from_dict(config)
+    with torch.device("meta"):
+        model = family(args.model_type).Model(args)
+    assert family(args.model_type).checkpoint_shapes(args) == {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def test_gemma4_with_attention_biases_is_planned_as_placed(tmp_path):
+    """fit's plan counts the biases the loader places, and random weights (bench --random-weights) hold them."""
+    from localrun.synthetic import RandomCheckpoint
+
+    model_dir = write_checkpoint(tmp_path / "bias", GEMMA_BIAS)
+    for ckpt in (None, RandomCheckpoint(load_config(model_dir))):
+        loaded = load_model(model_dir, dtype=torch.float32, experts="bf16", checkpoint=ckpt)
+        assert loaded.model.layers[0].self_attn.q_proj.bias is not None
+        assert loader.memory_report(loaded)["device_bytes"] == loaded.plan.placed_device_bytes
 
 
 # What localrun refuses, in one line ---------------------------------------------------------------

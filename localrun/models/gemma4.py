@@ -60,6 +60,10 @@ def checkpoint_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
             shapes[p + "self_attn.k_norm.weight"] = (D,)
             if args.has_v_proj(i):
                 shapes[p + "self_attn.v_proj.weight"] = (KV * D, H)
+        if args.attention_bias:  # every projection the layer has gets one, as in transformers
+            for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                if p + f"self_attn.{proj}.weight" in shapes:
+                    shapes[p + f"self_attn.{proj}.bias"] = shapes[p + f"self_attn.{proj}.weight"][:1]
         M = args.mlp_intermediate(i)
         shapes[p + "mlp.gate_proj.weight"] = (M, H)
         shapes[p + "mlp.up_proj.weight"] = (M, H)
