@@ -184,6 +184,13 @@ class Checkpoint:
         return name in self.tensors
 
 
+def check_shape(ckpt, name: str, shape: tuple[int, ...]) -> None:
+    """LocalrunError when tensor `name` of any checkpoint reader is not of `shape`, the one config.json implies."""
+    stored = tuple(ckpt.tensors[name].shape)
+    if stored != tuple(shape):
+        raise LocalrunError(f"tensor {name} has shape {list(stored)}, config says {list(shape)}")
+
+
 def read_rows(ckpt, name: str, start: int, stop: int) -> torch.Tensor:
     """Rows [start, stop) of tensor `name` of any checkpoint reader: only those bytes where it can
     (Checkpoint, Fp8Checkpoint, synthetic.RandomCheckpoint), else sliced from the whole tensor."""

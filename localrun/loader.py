@@ -20,13 +20,14 @@ import torch
 from torch import nn
 
 from . import hostmem, kernels
-from .checkpoint import Checkpoint, open_checkpoint, read_rows
+from .checkpoint import Checkpoint, check_shape, open_checkpoint, read_rows
 from .config import ModelArgs, load_config
 from .errors import LocalrunError, LocalrunWarning, UsageError
 from .experts import POLICIES, ExpertStore, calibrate
 from .hardware import detect_host_ram, format_size
 from .kvcache import KVCache
 from .models import family, is_expert_tensor
+from .models.common import expert_shapes
 from .models.gemma4 import EXPERT_KEYS
 from .moe import DenseExperts, activation
 from .plan import (CUDA_CONTEXT_BYTES, QUANT_CHUNK_BYTES, QUANT_CHUNK_EXPERTS, Budget, Plan, device_budget,
@@ -122,9 +123,7 @@ def load_weights(
         first = missing[0] if missing[0].startswith("lm_head.") else args.weight_prefix + missing[0]  # lm_head: unprefixed
         raise LocalrunError(f"checkpoint is missing {len(missing)} tensor(s), e.g. {first}")
     for key, shape in expected.items():
-        info = ckpt.tensors[names[key]]
-        if info.shape != shape:
-            raise LocalrunError(f"tensor {names[key]} has shape {list(info.shape)}, config says {list(shape)}")
+        check_shape(ckpt, names[key], shape)
     total = sum(info.nbytes for info in ckpt.tensors.values())
     done = 0
 
@@ -228,6 +227,8 @@ def packed_experts_source(model_dir: Path, ckpt: Checkpoint, args: ModelArgs, sp
     def quantize(layer: int) -> LayerSource:
         names = _fused_expert_names(ckpt, args, layer)
         if names is not None:  # fused [E, ...] tensors: read `per_read` experts at a time
+            for name, shape in zip(names, expert_shapes(args)):
+                check_shape(ckpt, name, shape)
             infos = [ckpt.tensors[n] for n in names]
             shapes, dtype = [tuple(i.shape) for i in infos], infos[0].dtype
 

@@ -297,6 +297,26 @@ def test_gemma4_with_attention_biases_is_planned_as_placed(tmp_path):
         assert loader.memory_report(loaded)["device_bytes"] == loaded.plan.placed_device_bytes
 
 
+@pytest.mark.parametrize("family, layout", [("qwen3_moe", "per_expert"), ("qwen3_moe", "fused"),
+                                            ("mixtral", "per_expert"), ("gemma4", "fused")])
+def test_experts_of_another_size_than_the_config_says_are_named(cli, capsys, moe_checkpoint, tiny_moe, family,
+                                                               layout, tmp_path):
+    """Only the experts hold the expert intermediate size: weights of another one than config.json's are the
+    one-line shape error on every path (fit, run at either precision, quantize), never a crash in a copy
+    nor a model run at the weights' size under a plan made for the config's."""
+    model = shutil.copytree(tiny_moe if family == "gemma4" else moe_checkpoint(family, layout), tmp_path / "m")
+    cfg = json.loads((model / "config.json").read_text())
+    size = "intermediate_size" if family == "mixtral" else "moe_intermediate_size"
+    cfg[size] *= 2
+    (model / "config.json").write_text(json.dumps(cfg))
+    capsys.readouterr()  # transformers' progress while the fixture saved the checkpoint
+    for argv in (["fit", model, "--cpu"], ["run", model, "hi", "-n", "1", "--experts", "bf16"],
+                 ["run", model, "hi", "-n", "1"], ["quantize", model, tmp_path / "q"]):
+        code, out, err = cli(*argv)
+        assert code == 1 and err.count("\n") == 1 and "experts" in err and "config" in err, (argv, err)
+        assert "Traceback" not in err and not (tmp_path / "q").exists()
+
+
 # What localrun refuses, in one line ---------------------------------------------------------------
 
 @pytest.mark.parametrize("change, message", [

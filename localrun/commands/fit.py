@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -114,10 +115,29 @@ def checkpoint_tensor_shapes(model_dir: Path, args) -> dict[str, tuple[int, ...]
     for path in sorted(model_dir.glob("*.safetensors")):
         for full_name, info in read_header(path)[0].items():
             name = model.sanitize(args, full_name)
-            if name in shapes and tuple(info.get("shape", ())) != shapes[name]:
+            implied = _implied_shape(shapes, name)
+            if implied is not None and tuple(info.get("shape", ())) != implied:
                 raise LocalrunError(f"config.json and weights disagree: {full_name} has shape "
-                                    f"{tuple(info.get('shape', ()))}, the config implies {shapes[name]}")
+                                    f"{tuple(info.get('shape', ()))}, the config implies {implied}")
     return shapes
+
+
+_ONE_EXPERT = re.compile(r"(.*\.experts)\.\d+\.(gate_proj|up_proj|down_proj)\.weight")
+
+
+def _implied_shape(shapes: dict[str, tuple[int, ...]], name: str | None) -> tuple[int, ...] | None:
+    """The shape config.json implies for model key `name`: its own, or one expert's slice of the fused
+    layout (a per-expert checkpoint's gate/up [I, H], down [H, I]); None for a tensor the model never reads."""
+    if name in shapes:
+        return shapes[name]
+    one = _ONE_EXPERT.fullmatch(name or "")
+    if one is None:
+        return None
+    if one[2] == "down_proj":
+        fused = shapes.get(one[1] + ".down_proj")
+        return None if fused is None else fused[1:]
+    fused = shapes.get(one[1] + ".gate_up_proj")
+    return None if fused is None else (fused[1] // 2, fused[2])
 
 
 def cpu_dtypes(model_dir: Path) -> dict[str, str]:

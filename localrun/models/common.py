@@ -17,6 +17,12 @@ def sanitize(args, name: str) -> str | None:
     return name[len(args.weight_prefix):]
 
 
+def expert_shapes(args) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """A MoE layer's experts as config.json implies them, in localrun's fused layout: gate_up [E, 2I, H], down [E, H, I]."""
+    E, H, I = args.num_experts, args.hidden_size, args.moe_intermediate_size
+    return (E, 2 * I, H), (E, H, I)
+
+
 def decode_layers(layers, x: torch.Tensor, rope_rows: list, caches: list, position: int) -> torch.Tensor:
     """One host-driven decoded token x through `layers` (layer i with (cos, sin) rope_rows[i] and cache
     caches[i]): each layer's forward_decode called directly, its one C call, where nothing hooks the

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import Checkpoint, read_rows
+from ..checkpoint import Checkpoint, check_shape, read_rows
 from . import common
 from ..config import ModelArgs
 from ..errors import LocalrunError
@@ -860,6 +860,8 @@ def read_experts(ckpt: Checkpoint, args: ModelArgs, layer: int, start: int = 0,
     missing = [n for n in names if n not in ckpt]
     if missing:
         raise LocalrunError(f"checkpoint is missing {missing[0]}")
+    for name, shape in zip(names, common.expert_shapes(args)):
+        check_shape(ckpt, name, shape)
     if start == 0 and stop is None:
         return ckpt.read(names[0]), ckpt.read(names[1])
     stop = ckpt.tensors[names[0]].shape[0] if stop is None else stop

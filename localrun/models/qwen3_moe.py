@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import Checkpoint, read_rows
+from ..checkpoint import Checkpoint, check_shape, read_rows
 from ..config import (COUNT, EXPERTS, POSITIONS, SIZE, TOKEN_ID, ConfigError, check_bools, check_eos, check_even,
                       check_ints, check_kv_heads, check_required, check_rms_norm_eps, is_int, is_number)
 from ..errors import LocalrunError
@@ -302,10 +302,12 @@ def read_experts(ckpt: Checkpoint, args: MoEArgs, layer: int, fused=(FUSED,), pe
     whichever spelling the checkpoint holds: fused tensors (only those rows read), or per-expert
     (gate, up, down) matrices stacked here (only those experts read)."""
     p = f"{args.weight_prefix}layers.{layer}."
-    E, I = args.num_experts, args.moe_intermediate_size
+    E, I, H = args.num_experts, args.moe_intermediate_size, args.hidden_size
     stop = E if stop is None else stop
     for gate_up, down in fused:
         if p + gate_up in ckpt and p + down in ckpt:
+            for name, shape in zip((p + gate_up, p + down), common.expert_shapes(args)):
+                check_shape(ckpt, name, shape)
             return read_rows(ckpt, p + gate_up, start, stop), read_rows(ckpt, p + down, start, stop)
     for spelling in per_expert:
         names = [[p + t.format(e=e) for t in spelling] for e in range(E)]
@@ -314,9 +316,12 @@ def read_experts(ckpt: Checkpoint, args: MoEArgs, layer: int, fused=(FUSED,), pe
         missing = [n for row in names for n in row if n not in ckpt]
         if missing:
             raise LocalrunError(f"checkpoint is missing {missing[0]}")
+        for row in names[start:stop]:
+            for name, shape in zip(row, ((I, H), (I, H), (H, I))):  # gate, up, down
+                check_shape(ckpt, name, shape)
         dtype = ckpt.tensors[names[0][0]].dtype
-        gate_up_E2IH = torch.empty(stop - start, 2 * I, args.hidden_size, dtype=dtype)
-        down_EHI = torch.empty(stop - start, args.hidden_size, I, dtype=dtype)
+        gate_up_E2IH = torch.empty(stop - start, 2 * I, H, dtype=dtype)
+        down_EHI = torch.empty(stop - start, H, I, dtype=dtype)
         for e, (gate, up, down) in enumerate(names[start:stop]):
             gate_up_E2IH[e, :I] = ckpt.read(gate)
             gate_up_E2IH[e, I:] = ckpt.read(up)
