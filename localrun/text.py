@@ -42,7 +42,10 @@ class Tokenizer:
         except Exception as e:  # tokenizers raises a bare Exception on bad JSON
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise LocalrunError(f"cannot read {path}: {reason}") from None
-        bos = _read_tokenizer_config(Path(model_dir)).get("bos_token", "<bos>")
+        # without tokenizer_config.json's word, Gemma's <bos> where the vocabulary has it (Mixtral's is <s>,
+        # Qwen3 has none): a template's {{ bos_token }} must not render a string the tokenizer splits into text
+        default = "<bos>" if backend.token_to_id("<bos>") is not None else None
+        bos = _read_tokenizer_config(Path(model_dir)).get("bos_token", default)
         if isinstance(bos, dict):  # serialized AddedToken
             bos = bos.get("content", "<bos>")
         if not isinstance(bos, str):  # null: the model has no BOS (Qwen3)

@@ -154,6 +154,21 @@ def test_stream_decoder_flush_returns_held_bytes(tokenizers):
     assert dec.push(ours.token_id("a")) == "a"  # reset after flush
 
 
+def test_without_tokenizer_config_a_vocabulary_without_bos_gets_none(tiny_moe, tmp_path):
+    """No tokenizer_config.json to name the BOS, and a vocabulary without <bos> (Mixtral's is <s>):
+    a template's {{ bos_token }} renders nothing, as transformers renders it, rather than the text
+    "<bos>" split into plain tokens."""
+    (tmp_path / "tokenizer.json").write_text((tiny_moe / "tokenizer.json").read_text().replace("<bos>", "<s>"))
+    (tmp_path / "chat_template.jinja").write_text(
+        "{{ bos_token }}{% for m in messages %}[INST] {{ m.content }} [/INST]{% endfor %}")
+    ours = Tokenizer.from_dir(tmp_path)
+    assert (ours.bos_token, ours.bos_id) == ("", None)
+    messages = [{"role": "user", "content": "What is 17 + 25?"}]
+    expected = transformers.AutoTokenizer.from_pretrained(tmp_path).apply_chat_template(messages, tokenize=True)
+    expected = expected["input_ids"] if hasattr(expected, "keys") else expected
+    assert encode_chat(ours, load_chat_template(tmp_path), messages) == expected
+
+
 def test_missing_or_corrupt_tokenizer(tiny_moe, tmp_path):
     with pytest.raises(LocalrunError, match="no tokenizer.json"):
         Tokenizer.from_dir(tmp_path)
