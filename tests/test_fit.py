@@ -350,6 +350,22 @@ def test_cpu_plan_keeps_the_weights_dtype_where_config_json_names_another(cli, t
         assert d["breakdown"]["embed"]["precision"] == "fp32"
 
 
+def test_cpu_plan_of_a_download_under_way_is_the_plan_of_its_config(cli, tiny_moe, tmp_path):
+    """config.json and the shard index are there, not every shard yet: fit --cpu plans from config.json
+    (as fit for a GPU does, and as for a directory holding config.json alone) instead of stopping at the
+    missing shard."""
+    partial, config_only = tmp_path / "partial", tmp_path / "config-only"
+    partial.mkdir(), config_only.mkdir()
+    for name in ("config.json", "model.safetensors.index.json"):
+        shutil.copy(tiny_moe / name, partial / name)
+    shard = sorted(tiny_moe.glob("model-*.safetensors"))[0]
+    shutil.copy(shard, partial / shard.name)
+    shutil.copy(tiny_moe / "config.json", config_only / "config.json")
+    argv = ("--cpu", "--ram", "64GiB", "--context", "600")
+    plans = [run_json(cli, model, *argv) for model in (partial, config_only)]
+    assert plans[0].pop("model") != plans[1].pop("model") and plans[0] == plans[1]
+
+
 def test_cpu_plan_names_the_precision_the_matrices_are_kept_in(cli, tiny_moe):
     """fp32 compute with bf16 matrices: the weight rows say bf16 (their bytes are), the norms fp32."""
     d = run_json(cli, tiny_moe, "--cpu", "--ram", "64GiB", "--context", "600")

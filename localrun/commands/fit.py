@@ -145,16 +145,18 @@ def cpu_dtypes(model_dir: Path) -> dict[str, str]:
     fp32 with the checkpoint's bf16 matrices kept bf16 where the C kernels are (kernels.storage_dtype),
     bf16 where they are not (LOCALRUN_CPU_KERNELS=0, no compiler). The stored
     dtype is the weights' (their safetensors headers, as the loader reads them) when the directory
-    holds any, else config.json's (config.stored_matrix_dtype)."""
+    holds them all, else config.json's (config.stored_matrix_dtype): a download under way plans as
+    a directory holding only config.json does, as the GPU plan does."""
     import torch
 
     from .. import kernels
-    from ..checkpoint import INDEX, open_checkpoint
+    from ..checkpoint import open_checkpoint
     from ..config import stored_matrix_dtype
     from ..loader import default_dtype
+    from ..resolve import has_weights
 
     stored = None
-    if (model_dir / INDEX).is_file() or any(model_dir.glob("*.safetensors")):
+    if has_weights(model_dir):
         stored = open_checkpoint(model_dir).matrix_dtype()  # headers only
     if stored is None:
         stored = stored_matrix_dtype(model_dir)
