@@ -4,7 +4,7 @@
 
 Prints the wall time of `localrun --help` and of a usage error, then `run demo` decode tokens/s:
 --threads 1 on a quiet machine, and default threads with one core kept busy by `yes > /dev/null`;
-then a core taken mid-reply (`yes` started `--hog-after` seconds into a long reply): the default
+then a core taken mid-reply (`yes` started `--hog-after` seconds into a long reply of the bench model): the default
 (hardware.IdleCoreWatch gives the core up) against `--threads N`, the count a quiet start gave,
 alternating.
 """
@@ -33,9 +33,9 @@ def decode(tokens: int, *extra: str) -> tuple[float, int]:
     return out["timings"]["decode_tokens_per_s"], out["threads"]
 
 
-def decode_with_hog_after(seconds: float, tokens: int, *extra: str) -> tuple[float, int]:
+def decode_with_hog_after(model: str, seconds: float, tokens: int, *extra: str) -> tuple[float, int]:
     """decode tokens/s of a reply during which a CPU-bound program starts after `seconds` (from launch)."""
-    proc = subprocess.Popen(CLI + ["run", "demo", "What is 17 + 25?", "--json", "--ignore-eos", "-n", str(tokens),
+    proc = subprocess.Popen(CLI + ["run", model, "What is 17 + 25?", "--json", "--ignore-eos", "-n", str(tokens),
                                    "--device", "cpu", "--quiet", *extra], stdout=subprocess.PIPE, text=True)
     time.sleep(seconds)
     hog = subprocess.Popen("exec yes > /dev/null", shell=True)
@@ -51,8 +51,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--long-tokens", type=int, default=3000, help="the reply a core is taken during")
-    ap.add_argument("--hog-after", type=float, default=3.0, help="seconds from launch (load ~1-2 s)")
+    ap.add_argument("--long-model", default=None, help="the model of the reply a core is taken during "
+                    "(default: the bench model, ~250 tok/s on two cores)")
+    ap.add_argument("--long-tokens", type=int, default=2000, help="the reply a core is taken during")
+    ap.add_argument("--hog-after", type=float, default=6.0, help="seconds from launch (bench loads in ~4 s)")
     a = ap.parse_args()
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
     print(f"CPU: {cpu}")
@@ -72,11 +74,14 @@ def main() -> None:
     print(f"one core busy, default threads: {max(r for r, _ in busy):.1f} tok/s "
           f"(threads chosen: {sorted({t for _, t in busy})})")
     print(f"one core busy, --threads 2 (the old default): {max(r for r, _ in forced):.1f} tok/s")
+    from localrun.bench import bench_model_dir
+
+    model = a.long_model or str(bench_model_dir())
     cores = decode(a.tokens)[1]  # what a quiet start counts
     watched, pinned = [], []
     for _ in range(a.rounds):
-        watched.append(decode_with_hog_after(a.hog_after, a.long_tokens)[0])
-        pinned.append(decode_with_hog_after(a.hog_after, a.long_tokens, "--threads", str(cores))[0])
+        watched.append(decode_with_hog_after(model, a.hog_after, a.long_tokens)[0])
+        pinned.append(decode_with_hog_after(model, a.hog_after, a.long_tokens, "--threads", str(cores))[0])
     print(f"a core taken {a.hog_after:.1f} s into a {a.long_tokens}-token reply, decode tok/s per round: "
           f"default {', '.join(f'{r:.1f}' for r in watched)}; --threads {cores} "
           f"{', '.join(f'{r:.1f}' for r in pinned)}")
