@@ -203,7 +203,7 @@ def model_format(model_dir: Path) -> str:
     if isinstance(quant, dict) and isinstance(quant.get("quant_method"), str):  # its weights' own format, not the
         return f"hf {quant['quant_method']}" + _unless_readable(cfg)  # dtype it computes in (FP8 says bfloat16)
     dtype = cfg.get("dtype") or cfg.get("torch_dtype") or text.get("dtype") or text.get("torch_dtype") or "?"
-    return f"hf {dtype}".replace("bfloat16", "bf16").replace("float32", "fp32")
+    return f"hf {dtype}".replace("bfloat16", "bf16").replace("float32", "fp32").replace("float16", "fp16")
 
 
 def _unless_readable(cfg: dict) -> str:

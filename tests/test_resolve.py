@@ -232,3 +232,14 @@ def test_a_tilde_user_that_does_not_exist_is_one_line(cli, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", "~no-such-user-localrun/hub")
     code, out, err = cli("list")
     assert code == 1 and err.startswith("error: $HF_HUB_CACHE ~no-such-user-localrun/hub:"), err
+
+
+def test_list_names_every_checkpoint_dtype_the_same_short_way(tmp_path):
+    from localrun.resolve import model_format
+
+    for dtype, label in (("bfloat16", "hf bf16"), ("float16", "hf fp16"), ("float32", "hf fp32")):
+        model = tmp_path / dtype
+        model.mkdir()
+        (model / "config.json").write_text(json.dumps({"model_type": "mixtral", "torch_dtype": dtype}))
+        (model / "model.safetensors").write_bytes(b"")
+        assert model_format(model) == label
