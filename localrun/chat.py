@@ -471,14 +471,14 @@ class ChatSession:
             return Outcome("usage: /save FILE", error=True)
         messages = self.conversation.saved()
         path = save_conversation(messages, arg)
-        return Outcome(f"saved {len(messages)} messages to {path}")
+        return Outcome(f"saved {messages_count(len(messages))} to {path}")
 
     def _cmd_load(self, arg: str) -> Outcome:
         if not arg:
             return Outcome("usage: /load FILE", error=True)
         self.conversation = load_conversation(arg)
         pending = "; its last message awaits a reply (/retry answers it)" if self.conversation.awaiting_reply else ""
-        return Outcome(f"loaded {len(self.conversation.saved())} messages from {arg}{pending}")
+        return Outcome(f"loaded {messages_count(len(self.conversation.saved()))} from {arg}{pending}")
 
     def _cmd_stats(self, arg: str) -> Outcome:
         s = self.settings
@@ -595,6 +595,11 @@ class ChatSession:
                 self.conversation.turns.append(self._awaiting)
                 self._awaiting = None
         return False
+
+
+def messages_count(n: int) -> str:
+    """ "1 message", "2 messages" """
+    return f"{n} message" + ("" if n == 1 else "s")
 
 
 def history_path() -> Path:

@@ -346,6 +346,9 @@ def test_a_reply_that_is_all_thought_keeps_its_thought_for_save(tmp_path):
     exchange(session, "hi")
     assert session.conversation.messages()[-1] == {"role": "assistant", "content": ""}
     assert session.command("save", str(tmp_path / "c.json")).text.startswith("saved 2 messages")
+    one = ChatSession(FakeEngine("ok"), Settings(max_tokens=8), context=200)
+    one.ask("hi")
+    assert one.command("save", str(tmp_path / "one.json")).text.startswith("saved 1 message to")
     saved = json.loads((tmp_path / "c.json").read_text())
     assert saved[-1] == {"role": "assistant", "content": "", "reasoning_content": "still thinking"}
     assert load_conversation(tmp_path / "c.json").saved() == saved  # and it comes back from /load
