@@ -400,7 +400,7 @@ class ChatSession:
         self.context = context
         self.threads = threads  # CPU compute threads, shown by /stats
         # no --threads: before each reply, the cores other processes leave idle now (hardware.use_idle_cores),
-        # and during it every half second (hardware.IdleCoreWatch), since a thread on a core another program
+        # and during it (between prefill chunks and tokens) every half second (hardware.IdleCoreWatch), since a thread on a core another program
         # took stalls every parallel step (26B-A4B on 2 cores with one taken: 0.8-2.6 tok/s on two threads,
         # 5 on one)
         self.idle_threads = idle_threads
@@ -537,20 +537,22 @@ class ChatSession:
         self.conversation.hide_oldest(dropped)
         max_tokens = min(s.max_tokens, self.context - len(ids))
         prefix = getattr(self.engine, "session", None)  # the prefix cache: only the new turns are prefilled
-        watch = None
+        follow = {}
         if self.idle_threads:
             self.threads, watch = use_idle_cores(), IdleCoreWatch()
+            follow["between"] = lambda: self._count_threads(watch.poll())  # prefill chunks and tokens
         steps = self.engine.stream(ids, s.sampling(), max_tokens=max_tokens, ignore_eos=s.ignore_eos,
-                                   **({"session": prefix} if prefix is not None else {}))
+                                   **({"session": prefix} if prefix is not None else {}), **follow)
         reply = Reply(iter(()), prompt_tokens=len(ids), dropped=dropped)
-        reply.pieces = self._pieces(reply, self.engine.stream_text(steps), self.engine.open_thought(ids), watch)
+        reply.pieces = self._pieces(reply, self.engine.stream_text(steps), self.engine.open_thought(ids))
         return reply
 
-    def _pieces(self, reply: Reply, texts, opened: str | None, watch: IdleCoreWatch | None) -> Iterator[Piece]:
+    def _count_threads(self, changed: int | None) -> None:
+        self.threads = changed or self.threads
+
+    def _pieces(self, reply: Reply, texts, opened: str | None) -> Iterator[Piece]:
         splitter = ThoughtSplitter(opened)
         for text, step in texts:
-            if watch is not None:
-                self.threads = watch.poll() or self.threads
             reply.tokens, reply.timings, reply.finish_reason = step.timings.generated_tokens, step.timings, \
                 step.finish_reason
             for piece in splitter.feed(text):

@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -155,12 +155,14 @@ class Engine:
             drop = min(len(body), drop + len(ids) - keep)
 
     def stream(self, prompt_ids: list[int], params: SamplingParams, *, max_tokens: int,
-               ignore_eos: bool = False, step: str = "auto", session: Session | None = None) -> Iterator[Step]:
+               ignore_eos: bool = False, step: str = "auto", session: Session | None = None,
+               between: Callable[[], object] | None = None) -> Iterator[Step]:
         """Generated steps for a prompt, in the loaded model's KV buffers (allocated once for the
         planned context: a reply ends with finish_reason "length" when it fills them). step: the
         decode step, see localrun/step.py ("auto": CUDA graphs where every expert routes on the device).
         session: a prefix cache (`self.session`, one of `self.sessions`) that keeps what the prompt
-        shares with its last sequence; None prefills the whole prompt (one-shot runs, benchmarks)."""
+        shares with its last sequence; None prefills the whole prompt (one-shot runs, benchmarks).
+        between: called between prefill chunks and decoded tokens (`generate`)."""
         sampler = make_sampler(params, device=self.loaded.device)
         stop = () if ignore_eos else self.eos_ids
         if session is None:  # the buffers are reset: no prefix cache over them holds anything now
@@ -168,9 +170,9 @@ class Engine:
                 if s.cache is self.loaded.kv:
                     s.tokens = []
             return generate(self.model, prompt_ids, sampler, max_tokens=max_tokens, stop_ids=stop,
-                            cache=self.loaded.kv, step=step)
+                            cache=self.loaded.kv, step=step, between=between)
         return generate(self.model, prompt_ids, sampler, max_tokens=max_tokens, stop_ids=stop,
-                        session=session, step=step)
+                        session=session, step=step, between=between)
 
     @cached_property
     def hidden_ids(self) -> set[int]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -61,11 +61,14 @@ class Step:
         return float(self.logits[self.token] - torch.logsumexp(self.logits, dim=-1))
 
 
-def prefill(model, ids: list[int], cache: KVCache, chunk: int = PREFILL_CHUNK) -> torch.Tensor:
-    """Run the prompt through the model in chunks; fp32 logits [V] of the last position."""
+def prefill(model, ids: list[int], cache: KVCache, chunk: int = PREFILL_CHUNK, between=None) -> torch.Tensor:
+    """Run the prompt through the model in chunks; fp32 logits [V] of the last position. between: called
+    before each chunk after the first."""
     device = model.embed_tokens.weight.device
     h = None
     for start in range(0, len(ids), chunk):
+        if between is not None and start:
+            between()
         piece = torch.tensor([ids[start : start + chunk]], device=device)
         h = model.hidden(piece, cache)
     return model.logits(h[:, -1:])[0, -1].float()
@@ -115,6 +118,7 @@ def generate(
     session: Session | None = None,
     prefill_chunk: int = PREFILL_CHUNK,
     step: str = "eager",
+    between: Callable[[], object] | None = None,
 ) -> Iterator[Step]:
     """Yield generated tokens until an id in `stop_ids` (included, finish "stop"), `max_tokens` or the
     cache's capacity (finish "length": prompt plus reply never outgrow the context).
@@ -125,7 +129,8 @@ def generate(
     rest is prefilled; afterwards it holds the prompt and every token fed back. step: the decode
     step (localrun/step.py): "eager", "static", "graphs" or "auto". The host reads one value per
     token, the sampled id; on CUDA it reads it while the next step already runs, so a reply that
-    stops computes one step more.
+    stops computes one step more. between: called between prefill chunks and between decoded tokens, in
+    the thread that runs the model (hardware.IdleCoreWatch.poll: the thread count follows the idle cores).
     """
     if not prompt_ids:
         raise ValueError("generate needs at least one prompt token")
@@ -147,13 +152,14 @@ def generate(
         keep = 0
     try:
         yield from _decode(model, prompt_ids, keep, sampler, max_tokens, stop_ids, cache, session,
-                           prefill_chunk, step, start)
+                           prefill_chunk, step, start, between)
     finally:
         if session is not None:
             session.sync()
 
 
-def _decode(model, prompt_ids, keep, sampler, max_tokens, stop_ids, cache, session, prefill_chunk, step, start):
+def _decode(model, prompt_ids, keep, sampler, max_tokens, stop_ids, cache, session, prefill_chunk, step, start,
+            between):
     w = model.embed_tokens.weight
     limit = min(max_tokens, cache.capacity - len(prompt_ids))  # the last token sampled is never fed back
     decode = make_step(model, cache, step)
@@ -163,7 +169,7 @@ def _decode(model, prompt_ids, keep, sampler, max_tokens, stop_ids, cache, sessi
     n_seen = len(prompt_ids)
     stop = set(stop_ids)
     host = _HostToken(w.device)
-    logits = prefill(model, prompt_ids[keep:], cache, prefill_chunk)
+    logits = prefill(model, prompt_ids[keep:], cache, prefill_chunk, between)
     timings.prefill_s = time.perf_counter() - start
     fed = session.tokens if session is not None else []  # the ids the cache holds, appended as fed
 
@@ -194,6 +200,8 @@ def _decode(model, prompt_ids, keep, sampler, max_tokens, stop_ids, cache, sessi
         yield Step(token, logits, finish, timings)
         if finish:
             return
+        if between is not None:
+            between()
         if not ahead:
             upcoming = queue(token_1, n_seen)
             fed.append(token)

@@ -379,7 +379,8 @@ def own_ticks(stat: str | Path = "/proc/self/stat") -> int | None:
 
 
 class IdleCoreWatch:
-    """While a reply decodes without --threads: every `interval_s`, how much CPU other processes took
+    """While a reply runs without --threads (`poll` between its prefill chunks and tokens, in the thread
+    that runs the model: generate's `between`): every `interval_s`, how much CPU other processes took
     on this process's CPUs since the last look, and torch's thread count set to the cores they leave.
 
     Between replies `use_idle_cores` counts runnable threads (/proc/loadavg), but during a reply this

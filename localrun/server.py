@@ -168,7 +168,7 @@ class Scheduler:
         self.engine, self.step, self.max_queue = engine, step, max_queue
         # no --threads: work after an idle spell takes the cores idle then (hardware.use_idle_cores), and
         # while it lasts the count follows what other processes take (hardware.IdleCoreWatch, which leaves
-        # this process's own threads out)
+        # this process's own threads out), polled between each job's prefill chunks and tokens
         self.idle_threads = idle_threads
         self.watch: IdleCoreWatch | None = None
         self.slots = engine.sessions
@@ -229,7 +229,8 @@ class Scheduler:
             self.last_used[job.slot] = next(self.admissions)
             try:
                 steps = self.engine.stream(job.prompt_ids, job.params, max_tokens=job.max_tokens,
-                                           ignore_eos=job.ignore_eos, step=self.step, session=self.slots[job.slot])
+                                           ignore_eos=job.ignore_eos, step=self.step, session=self.slots[job.slot],
+                                           between=self._follow_idle_cores if self.idle_threads else None)
             except Exception as e:  # noqa: BLE001 - one request's failure never stops the scheduler
                 job.emit("error", 500, error_message(e))
                 self._finish(job, "error")
@@ -244,12 +245,9 @@ class Scheduler:
                 if self.stopping:
                     break
                 idle = not self.running
-            if self.idle_threads:  # this thread runs the model: torch's count and its OpenMP threads
-                if idle:
-                    use_idle_cores()
-                    self.watch = IdleCoreWatch()  # while the work lasts (its own threads are not counted)
-                elif self.watch is not None:
-                    self.watch.poll()
+            if idle and self.idle_threads:  # this thread runs the model: torch's count and its OpenMP threads
+                use_idle_cores()
+                self.watch = IdleCoreWatch()  # polled by each job's prefill chunks and tokens while work lasts
             with self.cond:
                 self._admit()
                 batch = list(self.running.items())
@@ -269,6 +267,11 @@ class Scheduler:
             for job in self.waiting:
                 job.emit("error", 503, "the server is shutting down")
             self.waiting.clear()
+
+    def _follow_idle_cores(self) -> None:
+        """Between a job's prefill chunks and tokens (in this thread): the cores other processes leave."""
+        if self.watch is not None:
+            self.watch.poll()
 
     def _advance(self, slot, job: Job, steps, decoder: StreamDecoder, stops: StopStrings) -> None:
         """One token of one job: text out, and the job's end when it came."""

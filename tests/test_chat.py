@@ -293,10 +293,12 @@ class FakeEngine:
     def encode_messages(self, messages, enable_thinking=False):
         return [0] * (2 + sum(len(m["content"].split()) + 2 for m in messages))
 
-    def stream(self, ids, params, *, max_tokens, ignore_eos=False):
+    def stream(self, ids, params, *, max_tokens, ignore_eos=False, between=None):
         self.max_tokens = max_tokens
         t = Timings(prompt_tokens=len(ids))
         for i, ch in enumerate(self.reply[:max_tokens]):
+            if between is not None and i:  # as generate: before each decoded token after the first
+                between()
             t.generated_tokens = i + 1
             yield Step(ord(ch), torch.zeros(256), "stop" if i == len(self.reply) - 1 else None, t)
 
@@ -750,9 +752,9 @@ def test_each_reply_takes_the_cores_idle_at_its_start_unless_threads_were_given(
 
 
 def test_during_a_reply_without_threads_the_count_follows_the_idle_cores(monkeypatch):
-    """Without --threads a reply polls hardware.IdleCoreWatch at every token (it looks every half second),
-    so a program that takes a core mid-reply costs that reply a thread, not a stall; /stats shows the
-    count. With --threads there is no watch."""
+    """Without --threads a reply polls hardware.IdleCoreWatch between its prefill chunks and tokens (it
+    looks every half second), so a program that takes a core mid-reply costs that reply a thread, not a
+    stall; /stats shows the count. With --threads there is no watch."""
     from localrun import chat as chat_module
 
     polls = []
@@ -770,10 +772,10 @@ def test_during_a_reply_without_threads_the_count_follows_the_idle_cores(monkeyp
     session = ChatSession(FakeEngine("abcdef"), Settings(max_tokens=8), context=200, threads=2, idle_threads=True)
     session.ask("hi")
     seen = [session.threads for _ in session.respond()]
-    assert len(polls) == 6 and seen == [2, 1, 1, 1, 2, 2]
+    assert len(polls) == 5 and seen == [2, 2, 1, 1, 1, 2]
     pinned = ChatSession(FakeEngine("abcdef"), Settings(max_tokens=8), context=200, threads=2)
     pinned.ask("hi")
-    assert [pinned.threads for _ in pinned.respond()] == [2] * 6 and len(polls) == 6
+    assert [pinned.threads for _ in pinned.respond()] == [2] * 6 and len(polls) == 5
 
 
 def test_ctrl_c_before_a_reply_starts_or_during_a_command_keeps_the_chat(monkeypatch, tmp_path, capsys):

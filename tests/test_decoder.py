@@ -43,6 +43,29 @@ def test_logits_match_transformers(tiny_checkpoint, kind, layout, attention_path
     assert (chunked - expected).abs().max() < 1e-4
 
 
+def test_between_runs_between_prefill_chunks_and_tokens_and_changes_no_value(tiny_checkpoint):
+    """generate's `between` hook (hardware.IdleCoreWatch.poll: the thread count follows the idle cores)
+    runs before every prefill chunk after the first and every decoded token after the first; a thread
+    count that changes there changes no token and no logit (the CPU kernels' sums do not depend on it)."""
+    model = load_model(tiny_checkpoint(KINDS[0], LAYOUTS[0]), dtype=torch.float32, experts="nf4").model
+    ids, before, calls = prompt_ids(20, seed=2), torch.get_num_threads(), []
+
+    def between():
+        calls.append(torch.get_num_threads())
+        torch.set_num_threads(1 + len(calls) % 2)
+
+    try:
+        torch.set_num_threads(2)
+        plain = list(generate(model, ids, make_sampler(SamplingParams()), max_tokens=6, prefill_chunk=6))
+        followed = list(generate(model, ids, make_sampler(SamplingParams()), max_tokens=6, prefill_chunk=6,
+                                 between=between))
+    finally:
+        torch.set_num_threads(before)
+    assert len(calls) == 3 + 5 and set(calls) == {1, 2}  # 4 chunks of the 20-token prompt, 6 tokens
+    assert [s.token for s in followed] == [s.token for s in plain]
+    assert all(torch.equal(a.logits, b.logits) for a, b in zip(followed, plain))
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("kind", KINDS)
 def test_greedy_generation_and_logprobs_match_transformers(tiny_checkpoint, kind, layout, attention_path):

@@ -119,13 +119,12 @@ def run(
     if dropped and not quiet:
         print(f"note: the prompt is {len(ids) + dropped} tokens, the context {limit}: dropped its oldest "
               f"{dropped} tokens (--truncate left)", file=sys.stderr)
-    steps = engine.stream(ids, params, max_tokens=min(max_tokens, limit - len(ids)), ignore_eos=ignore_eos)
+    between = IdleCoreWatch().poll if idle_threads else None  # prefill chunks and tokens follow the idle cores
+    steps = engine.stream(ids, params, max_tokens=min(max_tokens, limit - len(ids)), ignore_eos=ignore_eos,
+                          between=between)
     splitter, printer = ThoughtSplitter(engine.open_thought(ids)), ReplyPrinter(quiet)
     pieces, tokens, lps, last = [], [], [], None
-    watch = IdleCoreWatch() if idle_threads else None
     for text, step in engine.stream_text(steps):
-        if watch is not None:
-            watch.poll()
         tokens.append(step.token)
         lps.append(step.logprob)
         last = step
