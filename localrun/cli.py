@@ -119,6 +119,10 @@ def _exit_for(e: Exception, verbose: bool) -> None:
         sys.exit(2 if isinstance(e, _click.exceptions.UsageError) else 1)
     if verbose:
         raise e
+    if isinstance(e, OSError) and e.strerror:  # the system refused a read or write (disk full, stdout on /dev/full)
+        where = f": {e.filename}" if e.filename else ""
+        print(f"error: {_one_line(e.strerror)}{where}", file=sys.stderr)
+        sys.exit(1)
     print(f"error: {type(e).__name__}: {_one_line(str(e))} (run with --verbose for the traceback)", file=sys.stderr)
     sys.exit(1)
 

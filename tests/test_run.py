@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -305,6 +306,18 @@ def test_closed_stdout_is_a_usage_error_before_loading(command, tiny_moe, tmp_pa
                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert res.returncode == 2, res.stderr
     assert res.stderr.count("\n") == 1 and "stdout" in res.stderr and "Error" not in res.stderr, res.stderr
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="/dev/full is Linux's")
+@pytest.mark.parametrize("extra", ["", "--json"])
+def test_a_write_the_system_refuses_is_said_as_the_system_says_it(extra, tiny_moe, tmp_path):
+    """stdout on a full disk (/dev/full): the system's reason in one line, exit 1, not a Python exception's
+    name and a hint to --verbose as if localrun had failed."""
+    res = subprocess.run(f"{sys.executable} -m localrun.cli run {tiny_moe} hi -n 2 --device cpu {extra} </dev/null "
+                         ">/dev/full", shell=True, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert res.returncode == 1, res.stderr
+    assert res.stderr == "error: No space left on device\n", res.stderr
+
 
 def test_more_threads_than_cpus_is_a_warning_once(tiny_moe, tmp_path):
     import os
