@@ -460,6 +460,7 @@ def run_bench(model_dir: str | Path, cases: list[tuple[int, int]], *, device: st
     if steps is None:
         raise ValueError(f"graphs must be one of {', '.join(GRAPH_MODES)}, not {graphs!r}")
     experts = [experts] if isinstance(experts, str) else list(dict.fromkeys(experts))
+    cases = list(dict.fromkeys(cases))  # a case given twice is measured once (twice would read as two rounds)
     threads = torch.get_num_threads()
     on_cpu = device == "cpu" or device == "auto" and not torch.cuda.is_available()
     if dtype is None:  # auto, as `run` takes it: fp32 on the CPU (bf16 matrices, fp32 compute), bf16 on a GPU

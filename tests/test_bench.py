@@ -84,6 +84,22 @@ def test_rounds_alternate_the_engines_and_keep_each_ones_best(monkeypatch):
     assert "in each of 2 alternating rounds" in bench.markdown(report)
 
 
+def test_a_case_given_twice_is_measured_once(monkeypatch):
+    """`--prompt-tokens 8 --prompt-tokens 8` is one case: one row, and no per-round table from one round."""
+    calls = []
+
+    def measure(model_dir, cases, **kwargs):
+        calls.append(list(cases))
+        return [bench.Measurement("localrun", p, g, 0.1, 80.0, 9.0, variant="bf16") for p, g in cases]
+
+    monkeypatch.setattr(bench, "bench_localrun", measure)
+    report = bench.run_bench("unused", [(8, 3), (8, 3), (16, 3)], rounds=1)
+    assert calls == [[(8, 3), (16, 3)]]
+    assert [(m.prompt_tokens, m.gen_tokens) for m in report.measurements] == [(8, 3), (16, 3)]
+    assert all(m.rounds_prefill is None for m in report.measurements)
+    assert "per round" not in bench.markdown(report)
+
+
 def test_bench_command_rejects_zero_rounds(tiny_moe, capsys):
     with pytest.raises(SystemExit) as e:
         main(["bench", str(tiny_moe), "--rounds", "0"])
