@@ -185,6 +185,21 @@ def test_bench_out_is_checked_first_and_written_whole_after_the_table_prints(tin
     assert [p.name for p in tmp_path.iterdir()] == ["b.md"]  # no temporary file left beside it
 
 
+def test_bench_out_that_links_into_a_missing_folder_is_refused_first(tiny_moe, tmp_path, capsys, monkeypatch):
+    """A symlink is written where it points: a link into a folder that does not exist is refused before any
+    measuring, not found after it as a FileNotFoundError."""
+    def no_run(*args, **kwargs):
+        raise AssertionError("measured before checking --out")
+
+    monkeypatch.setattr(bench, "run_bench", no_run)
+    link = tmp_path / "b.md"
+    link.symlink_to(tmp_path / "missing" / "b.md")
+    with pytest.raises(SystemExit) as e:
+        main(["bench", str(tiny_moe), "--repeat", "1", "--out", str(link)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "does not exist" in err and err.count("\n") == 1, err
+
+
 def test_the_floor_counts_the_keys_a_token_attends_to(tiny_moe):
     """bench's floor per case: a full layer's keys up to the token, a sliding layer's window; layers
     sharing another's KV add nothing. By hand from the config: 2 (K and V) x heads x head dim x 4 bytes."""

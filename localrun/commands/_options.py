@@ -5,6 +5,7 @@ Nothing here imports torch: `--help` and usage errors must answer before it load
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from pathlib import Path
@@ -63,8 +64,9 @@ def check_out(option: str, path: Optional[Path], *, directory_ok: bool = False) 
         return
     if path.is_dir():
         raise UsageError(f"{option} {path} is a directory; name a file")
-    if not path.parent.is_dir():
-        raise UsageError(f"{option} {path}: the folder {path.parent} does not exist")
+    folder = Path(os.path.realpath(path)).parent  # a symlink is written where it points (atomic.write_text_atomic)
+    if not folder.is_dir():
+        raise UsageError(f"{option} {path}: the folder {folder if path.is_symlink() else path.parent} does not exist")
 
 
 def check_device(device: str) -> None:
