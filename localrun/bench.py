@@ -127,9 +127,10 @@ def bench_model_dir(root: str | Path | None = None) -> Path:
 
 
 def bench_prompt(n: int, vocab_size: int, seed: int = 0) -> list[int]:
-    """`n` deterministic prompt ids: BOS then ids past Gemma's special tokens."""
+    """`n` deterministic prompt ids: BOS then ids past Gemma's special tokens (any id in a vocab without them)."""
     gen = torch.Generator().manual_seed(seed)
-    return [2] + torch.randint(107, vocab_size, (n - 1,), generator=gen).tolist()
+    low = 107 if vocab_size > 107 else 0
+    return [2] + torch.randint(low, vocab_size, (n - 1,), generator=gen).tolist()
 
 
 # Memory -------------------------------------------------------------------------------------

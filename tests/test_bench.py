@@ -84,6 +84,15 @@ def test_rounds_alternate_the_engines_and_keep_each_ones_best(monkeypatch):
     assert "in each of 2 alternating rounds" in bench.markdown(report)
 
 
+@pytest.mark.parametrize("vocab", [4, 107, 108, 16384])
+def test_bench_prompt_ids_fit_any_vocab(vocab):
+    """Ids past Gemma's special tokens where the vocab has them; a vocab of at most 107 ids has no such ids."""
+    ids = bench.bench_prompt(50, vocab)
+    assert len(ids) == 50 and ids[0] == 2 and all(0 <= i < vocab for i in ids)
+    if vocab > 107:
+        assert min(ids[1:]) >= 107
+
+
 def test_a_case_given_twice_is_measured_once(monkeypatch):
     """`--prompt-tokens 8 --prompt-tokens 8` is one case: one row, and no per-round table from one round."""
     calls = []
