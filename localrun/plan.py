@@ -631,6 +631,11 @@ def _rounding(allocations) -> int:
     return sum(allocation_bytes(a) - a for a in allocations)
 
 
+def _kv_rounding(kv_layers: list[int], pos_layers: list[int], sequences: int) -> int:
+    """The allocator rounding of `sequences` KV caches, each of one sequence's per-layer bytes and positions."""
+    return _rounding(_kv_allocations(kv_layers) + pos_layers) * sequences
+
+
 def _weight_allocations(weights: _Weights) -> list[int]:
     groups = fused_groups(weights.placement)
     grouped = {n for g in groups for n in g}
@@ -719,12 +724,11 @@ def _place(args: ModelArgs, budget: Budget, *, experts: QuantSpec | str, tensor_
 
     if budget.sequences < 1:
         raise UsageError(f"parallel sequences must be at least 1, not {budget.sequences}")
-    # one KV cache per sequence: the allocation lists repeat per sequence, per-layer totals multiply
+    # one KV cache per sequence: the same allocations again for each, so their sums and rounding multiply
     kv_one = kv_cache_bytes(args, budget.context, elem)
-    kv_per_layer = kv_one * budget.sequences
-    kv = sum(kv_per_layer)
-    kv_pos_layers = kv_position_bytes(args, budget.context) * budget.sequences
-    kv_pos = sum(kv_pos_layers)
+    kv = sum(kv_one) * budget.sequences
+    kv_pos_one = kv_position_bytes(args, budget.context)
+    kv_pos = sum(kv_pos_one) * budget.sequences
     # Many-token expert matmuls dequantize one expert at a time into the model dtype.
     dequant = 3 * args.moe_intermediate_size * args.hidden_size * elem if E and isinstance(experts, QuantSpec) else 0
     workspace = workspace_bytes(args, elem, dequant, budget.context)
@@ -738,11 +742,13 @@ def _place(args: ModelArgs, budget: Budget, *, experts: QuantSpec | str, tensor_
         """Cache slots per MoE layer: top_k, or fewer when fewer experts are offloaded."""
         return 0 if resident >= E else min(top_k, E - resident)
 
-    def rounding(resident: int, kv_layers: list[int], pos_layers: list[int]) -> int:
+    kv_rounding = _kv_rounding(kv_one, kv_pos_one, budget.sequences) if on_gpu else 0
+
+    def rounding(resident: int, with_kv: bool = True) -> int:
         if not on_gpu:
             return 0  # the CPU allocator sets aside exactly what a tensor holds
         experts_allocs = [(resident + slots_for(resident)) * b for b in layer_expert.values()]  # one tensor a layer
-        return _rounding(weight_allocs + experts_allocs + _kv_allocations(kv_layers) + pos_layers)
+        return _rounding(weight_allocs + experts_allocs) + (kv_rounding if with_kv else 0)
 
     def placed(resident: int) -> int:
         return weights.non_expert_bytes + (resident + slots_for(resident)) * per_layer + kv + kv_pos
@@ -752,7 +758,7 @@ def _place(args: ModelArgs, budget: Budget, *, experts: QuantSpec | str, tensor_
         n = round(resident_fraction * E)
     elif on_gpu:
         n = next((r for r in range(E, -1, -1)
-                  if placed(r) + rounding(r, kv_per_layer, kv_pos_layers) + fixed <= budget.device_bytes), -1)
+                  if placed(r) + rounding(r) + fixed <= budget.device_bytes), -1)
     else:
         n = E  # CPU compute: all experts already sit in the memory it computes from
     weights_fit = n >= 0
@@ -769,7 +775,7 @@ def _place(args: ModelArgs, budget: Budget, *, experts: QuantSpec | str, tensor_
     slot_total = slots * per_layer  # cache_slots x MoE layers x one expert's bytes
     host_experts = (E - n) * per_layer
     placed_total = placed(n)
-    round_up = rounding(n, kv_per_layer, kv_pos_layers)
+    round_up = rounding(n)
     device_total = placed_total + round_up + fixed
     host_total = host_experts
 
@@ -778,7 +784,7 @@ def _place(args: ModelArgs, budget: Budget, *, experts: QuantSpec | str, tensor_
                             quantized=isinstance(experts, QuantSpec) or experts in ("nf4", "fp4"))
     # When nothing fits at the requested context, n is 0 here: the longest context that would.
     # What grows with the context comes off: the KV cache, its positions and the attention workspace.
-    without_kv = placed_total - kv - kv_pos + rounding(n, [], []) + fixed - attention_workspace_bytes(
+    without_kv = placed_total - kv - kv_pos + rounding(n, with_kv=False) + fixed - attention_workspace_bytes(
         args, budget.context, elem)
     max_ctx = _max_context(args, budget, elem, without_kv, host_total, on_gpu)
 
@@ -872,11 +878,10 @@ def _max_context(args: ModelArgs, budget: Budget, elem: int, without_kv: int, ho
     lo, hi = 0, args.max_position_embeddings  # KV bytes grow monotonically with context
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        kv_layers = kv_cache_bytes(args, mid, elem) * budget.sequences
-        pos_layers = kv_position_bytes(args, mid) * budget.sequences
-        rounding = _rounding(_kv_allocations(kv_layers) + pos_layers) if on_gpu else 0
+        kv_layers, pos_layers = kv_cache_bytes(args, mid, elem), kv_position_bytes(args, mid)
+        rounding = _kv_rounding(kv_layers, pos_layers, budget.sequences) if on_gpu else 0
         attention = attention_workspace_bytes(args, mid, elem)
-        if sum(kv_layers) + sum(pos_layers) + rounding + attention <= room:
+        if (sum(kv_layers) + sum(pos_layers)) * budget.sequences + rounding + attention <= room:
             lo = mid
         else:
             hi = mid - 1

@@ -332,6 +332,28 @@ def test_parallel_sequences_multiply_the_kv_cache(ref):
     assert two.max_context < one.max_context
 
 
+def test_planning_many_sequences_does_no_more_work_a_placement(ref, monkeypatch):
+    """`fit --parallel 100000` took most of an hour: each placement tried rounded every sequence's KV
+    allocations one by one. N caches of one size round as N times one cache, so no list grows with N."""
+    import localrun.plan as plan
+
+    longest = []
+
+    def counting(allocations):
+        allocations = list(allocations)
+        longest[-1] = max(longest[-1], len(allocations))
+        return real(allocations)
+
+    real = plan._rounding
+    monkeypatch.setattr(plan, "_rounding", counting)
+    sizes = {}
+    for sequences in (1, 64):
+        longest.append(0)
+        sizes[sequences] = make_plan(ref, Budget(24 * GIB, None, 8192, sequences=sequences), experts=NF4)
+    assert longest[1] == longest[0]
+    assert sizes[64].kv_bytes == 64 * sizes[1].kv_bytes
+
+
 def test_k_eq_v_layers_use_global_kv_heads():
     k_eq_v = ModelArgs.from_dict(tiny_config("moe"))
     with_v = ModelArgs.from_dict(tiny_config("moe_v"))
