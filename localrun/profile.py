@@ -125,9 +125,15 @@ def profile_prompts(engine, prompts: list[str], *, max_tokens: int = 64, trace: 
     if max_tokens < 1:
         raise UsageError("--max-tokens must be at least 1")
     greedy = SamplingParams(temperature=0.0)
+    encoded = [engine.encode_prompt(prompt) for prompt in prompts]
+    context = engine.loaded.kv.capacity
+    for i, ids in enumerate(encoded, 1):  # before any runs: a long prompt last would waste the others' time
+        if len(ids) >= context:
+            raise LocalrunError(f"prompt {i} of {len(encoded)} has {len(ids)} tokens but the context holds "
+                                f"{context}: no room for a reply")
     with RoutingRecorder(engine.model, trace=trace) as recorder:
-        for prompt in prompts:
-            for _ in engine.stream(engine.encode_prompt(prompt), greedy, max_tokens=max_tokens):
+        for ids in encoded:
+            for _ in engine.stream(ids, greedy, max_tokens=max_tokens):
                 pass
     return recorder.result()
 

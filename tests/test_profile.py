@@ -12,6 +12,7 @@ import torch
 
 from localrun.config import load_config
 from localrun.engine import Engine
+from localrun.errors import LocalrunError
 from localrun.loader import load_model, read_routing_profile
 from localrun.plan import Budget, make_plan
 from localrun.profile import FORMAT, RoutingProfile, profile_prompts, write_routing_profile
@@ -77,6 +78,17 @@ def test_profile_counts_every_token_the_model_sees(tiny_moe):
     # Hooks are gone afterwards: running again changes nothing.
     list(engine.stream(engine.encode_prompt(PROMPTS[0]), greedy, max_tokens=2))
     assert all(not layer.router._forward_hooks for layer in engine.model.layers)
+
+
+def test_a_prompt_longer_than_the_context_is_named_before_any_prompt_runs(tiny_moe, monkeypatch):
+    """One prompt past the context failed after the prompts before it had run, without saying which one."""
+    engine = Engine.load(tiny_moe, dtype=torch.float32, context=64)
+    ran = []
+    stream = engine.stream
+    monkeypatch.setattr(engine, "stream", lambda ids, *a, **k: ran.append(ids) or stream(ids, *a, **k))
+    with pytest.raises(LocalrunError, match=r"^prompt 2 of 3 has \d+ tokens but the context holds 64"):
+        profile_prompts(engine, ["What is 1 + 1?", "hello " * 100, "What is 2 + 2?"], max_tokens=2)
+    assert ran == []
 
 
 @pytest.mark.parametrize("content, message", [
