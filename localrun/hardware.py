@@ -151,6 +151,8 @@ def parse_rate(text: str) -> float:
     rate = float(m.group(1)) * _RATE_UNITS[unit]
     if not math.isfinite(rate):
         raise UsageError(f"invalid rate {text!r}: too large")
+    if rate <= 0:
+        raise UsageError(f"invalid rate {text!r}: must be positive")
     if rate < _MIN_RATE:
         hint = f"add a unit, e.g. {m.group(1)}GB/s" if unit in ("", "b") else "expected at least 1MB/s"
         raise UsageError(f"rate {text!r} is only {rate:g} bytes/s; {hint}")

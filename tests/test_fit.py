@@ -149,6 +149,8 @@ def test_config_that_disagrees_with_the_weights(cli, tiny_moe, tmp_path):
     (["--vram", "16GiB", "--resident-experts", "1.5"], 2, "--resident-experts"),
     (["--vram", "16GiB", "--host-bandwidth", "fast"], 2, "--host-bandwidth: invalid rate"),
     (["--vram", "16GiB", "--host-bandwidth", "60"], 2, "add a unit"),
+    (["--vram", "16GiB", "--host-bandwidth", "0"], 2, "must be positive"),  # not "add a unit, e.g. 0GB/s"
+    (["--vram", "16GiB", "--host-bandwidth", "0GB/s"], 2, "must be positive"),
     (["--vram", "16GiB", "--host-bandwidth=-60GB/s"], 2, "--host-bandwidth"),
     (["--cpu", "--vram", "16GiB"], 2, "--cpu plans for the CPU"),
     (["--cpu", "--gpu", "4090"], 2, "--cpu plans for the CPU"),
