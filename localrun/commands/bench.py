@@ -23,11 +23,15 @@ def resolve_bench_model(model: str, config_only: bool = False) -> Path:
     """`bench` -> the generated bench checkpoint (written on first use); anything else as `run` resolves it
     (as `fit` does with config_only: --random-weights needs config.json alone)."""
     from .. import bench as lbench
-    from ..resolve import resolve_model
+    from ..resolve import has_weights, resolve_model
 
     if model == lbench.BENCH_NAME and not Path(model).exists():
         return lbench.bench_model_dir()
-    return resolve_model(model, config_only=config_only)
+    model_dir = resolve_model(model, config_only=config_only)
+    if not config_only and not has_weights(model_dir):  # config.json alone (what fit reads), or a download under way
+        raise LocalrunError(f"{model_dir} has config.json but not its weights (every safetensors shard): add "
+                            "--random-weights to measure it with weights drawn in their shapes")
+    return model_dir
 
 
 def bench(
