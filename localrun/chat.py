@@ -400,9 +400,9 @@ class ChatSession:
         self.context = context
         self.threads = threads  # CPU compute threads, shown by /stats
         # no --threads: before each reply, the cores other processes leave idle now (hardware.use_idle_cores),
-        # and during it (between prefill chunks and tokens) every half second (hardware.IdleCoreWatch), since a thread on a core another program
-        # took stalls every parallel step (26B-A4B on 2 cores with one taken: 0.8-2.6 tok/s on two threads,
-        # 5 on one)
+        # and during it (between prefill chunks and tokens) every half second (hardware.IdleCoreWatch), since
+        # a thread on a core another program took stalls every parallel step (26B-A4B on 2 cores with one
+        # taken: 0.8-2.6 tok/s on two threads, 5 on one)
         self.idle_threads = idle_threads
         self.conversation = Conversation(valid_text(system) if system else None)
         self.last: Reply | None = None

@@ -301,12 +301,17 @@ def physical_cores(cpuinfo: str | Path = "/proc/cpuinfo") -> int:
     return len(cores) or os.cpu_count() or 1
 
 
-def usable_cpus() -> int:
-    """CPUs this process may run on (its affinity mask, e.g. under taskset or a container's cpuset)."""
+def usable_cpu_set() -> set[int]:
+    """The CPUs this process may run on (its affinity mask, e.g. under taskset or a container's cpuset)."""
     try:
-        return len(os.sched_getaffinity(0))
+        return os.sched_getaffinity(0)
     except (AttributeError, OSError):
-        return os.cpu_count() or 1
+        return set(range(os.cpu_count() or 1))
+
+
+def usable_cpus() -> int:
+    """How many CPUs this process may run on (`usable_cpu_set`)."""
+    return len(usable_cpu_set())
 
 
 def busy_cpus(loadavg: str | Path = "/proc/loadavg", samples: int = 5, interval_s: float = 0.01) -> int:
@@ -400,10 +405,7 @@ class IdleCoreWatch:
 
         self.interval_s, self.stat, self.self_stat = interval_s, stat, self_stat
         self.clock = clock or time.monotonic
-        try:
-            self.cpus = os.sched_getaffinity(0)
-        except (AttributeError, OSError):
-            self.cpus = set(range(os.cpu_count() or 1))
+        self.cpus = usable_cpu_set()
         self.limit = min(len(self.cpus), physical_cores())
         self.at, self.last = self.clock(), self._sample()
 
