@@ -291,7 +291,7 @@ def bench_localrun(model_dir: Path, cases: list[tuple[int, int]], *, device: str
                    random_weights: bool = False) -> list[Measurement]:
     from .loader import memory_report, resolve_device
     from .sampling import SamplingParams
-    from .step import graph_safe
+    from .step import resolve_mode
 
     dev = resolve_device(device)
     bandwidth = None
@@ -323,8 +323,7 @@ def bench_localrun(model_dir: Path, cases: list[tuple[int, int]], *, device: str
             before = store.snapshot() if store else None
             m = measure("localrun", generate_n, prompt_tokens, gen_tokens, repeat, sync)
             m.variant = experts
-            m.step = "graphs" if step == "auto" and _cuda(dev) and graph_safe(engine.model) else \
-                "eager" if step == "auto" else step
+            m.step = resolve_mode(engine.model, step)
             if plan is not None:  # the KV at the middle of the case's decode
                 m.bytes_per_token = decode_bytes_at(plan, engine.loaded.kv, prompt_tokens + (gen_tokens - 1) // 2)
             if bandwidth and m.bytes_per_token:
@@ -543,7 +542,7 @@ def markdown(report: BenchReport) -> str:
     lines.append("")
     name = THEIRS.get(others[0].engine, others[0].engine) if others else None
     head = ["prompt", "gen"]
-    steps = len({m.step for m in ours}) > 1 or any(m.step == "graphs" for m in ours)
+    steps = len({m.step for m in ours}) > 1 or any(m.step != "eager" for m in ours)
     if steps:
         head.append("decode step")
     variants = len({m.variant for m in ours}) > 1

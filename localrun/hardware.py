@@ -68,23 +68,32 @@ class MeasuredEfficiency:
         return 1.0 / (1.0 / (ceiling_tokens_per_s * self.bandwidth_fraction) + layers * self.layer_seconds)
 
 
-# docs/gpu/2026-11-26-h200-decode-attention-fused.md: 223.8 tok/s (4.47 ms a token) for 6.08 GB a token. Its
-# kernel table: the MoE GEMVs (839 us) and cuBLAS (1,772 us) read those bytes in 2.61 ms, 48.5% of the H200's
-# 4.8 TB/s; the other 1.86 ms (attention, norms, routing, gaps) over 30 layers is 62 us a layer.
+# docs/gpu/2026-11-27-h200-resident.md (`speed_graphs_with_dense_gemv`, now the default): 293.5 tok/s
+# (3.41 ms a token) for 6.08 GB a token. Its kernel table: the weight kernels (the MoE GEMVs, the
+# Triton GEMVs, the lm_head's cuBLAS GEMM) read those bytes in 2.39 ms, 53% of the H200's 4.8 TB/s;
+# the other 1.02 ms (attention, norms, routing, gaps) over 30 layers is 34 us a layer.
 DECODE_EFFICIENCY = MeasuredEfficiency(
-    bandwidth_fraction=0.485, layer_seconds=62e-6, device="NVIDIA H200", date="2026-11-26",
-    report="docs/gpu/2026-11-26-h200-decode-attention-fused.md",
-    measured="Gemma 4 26B-A4B (random NF4 weights), every expert resident, CUDA-graph decode: 223.8 tok/s")
+    bandwidth_fraction=0.53, layer_seconds=34e-6, device="NVIDIA H200", date="2026-11-27",
+    report="docs/gpu/2026-11-27-h200-resident.md",
+    measured="Gemma 4 26B-A4B (random NF4 weights), every expert resident, CUDA-graph decode: 293.5 tok/s")
 
-# docs/gpu/2026-11-26-h200-memory-v2-kernels.md, 16 GiB budget: 10.7 tok/s (93.5 ms a token); the ceiling at the
-# measured 17.3% miss rate (6.08 GB a token at 4.8 TB/s, misses over PCIe 5.0 x16) is 247 tok/s (4.05 ms), 8.35 ms
-# at the resident case's bandwidth fraction; the rest, 85.1 ms over 30 layers, is 2.84 ms a layer: offloaded
-# experts kept that step eager with a routing sync and an op per expert each layer.
+# docs/gpu/2026-11-27-h200-16gib.md, 16 GiB budget, the segmented graphs step: 51.8 tok/s (19.3 ms a token);
+# the ceiling at the measured 17.1% miss rate (6.08 GB a token at 4.8 TB/s, misses over PCIe at the
+# preset's 50 GB/s) is 249 tok/s (4.02 ms), 7.58 ms at the resident case's bandwidth fraction; the rest,
+# 11.7 ms over 30 layers, is 391 us a layer: each layer's routing sync and its missed experts' copies.
 OFFLOAD_DECODE_EFFICIENCY = MeasuredEfficiency(
-    bandwidth_fraction=0.485, layer_seconds=2.84e-3, device="NVIDIA H200", date="2026-11-26",
-    report="docs/gpu/2026-11-26-h200-memory-v2-kernels.md",
+    bandwidth_fraction=0.53, layer_seconds=391e-6, device="NVIDIA H200", date="2026-11-27",
+    report="docs/gpu/2026-11-27-h200-16gib.md",
     measured="Gemma 4 26B-A4B (random NF4 weights) under a 16 GiB budget, 94 of 128 experts resident, every miss "
-             "copied over PCIe, eager decode: 10.7 tok/s")
+             "copied over PCIe, segmented CUDA-graph decode: 51.8 tok/s")
+
+# The same run's eager step (what a family without decode_segments runs: Qwen3-MoE, Mixtral): 21.1 tok/s
+# (47.3 ms a token), 7.58 ms of it the bytes as above; the rest, 39.7 ms over 30 layers, is 1.32 ms a layer.
+OFFLOAD_EAGER_DECODE_EFFICIENCY = MeasuredEfficiency(
+    bandwidth_fraction=0.53, layer_seconds=1.32e-3, device="NVIDIA H200", date="2026-11-27",
+    report="docs/gpu/2026-11-27-h200-16gib.md",
+    measured="Gemma 4 26B-A4B (random NF4 weights) under a 16 GiB budget, 94 of 128 experts resident, every miss "
+             "copied over PCIe, eager decode: 21.1 tok/s")
 
 
 # docs/cpu/2026-11-27-epyc-zen5-26b-a4b.md: Gemma 4 26B-A4B (random NF4 experts, the rest bf16, fp32 compute) on
@@ -96,12 +105,14 @@ CPU_DECODE_EFFICIENCY = MeasuredEfficiency(
     measured="Gemma 4 26B-A4B (random NF4 experts), all in RAM, one core: 5.05 tok/s at 41 GB/s of reads")
 
 
-def decode_efficiency(offloaded: bool, device: str = "cuda") -> MeasuredEfficiency:
+def decode_efficiency(offloaded: bool, device: str = "cuda", segmented: bool = True) -> MeasuredEfficiency:
     """The measured efficiency for a placement: on the CPU; on a GPU with every expert there, or with
-    some in host RAM."""
+    some in host RAM, decoded as graphs between the experts (`segmented`, Gemma 4) or eagerly."""
     if device == "cpu":
         return CPU_DECODE_EFFICIENCY
-    return OFFLOAD_DECODE_EFFICIENCY if offloaded else DECODE_EFFICIENCY
+    if not offloaded:
+        return DECODE_EFFICIENCY
+    return OFFLOAD_DECODE_EFFICIENCY if segmented else OFFLOAD_EAGER_DECODE_EFFICIENCY
 
 
 def parse_size(text: str | int) -> int:

@@ -236,18 +236,30 @@ STEPS = {"eager": EagerStep, "static": StaticStep, "graphs": CudaGraphStep, "com
 
 
 def make_step(model, cache: KVCache, mode: str = "auto"):
-    """The decode step for `mode`: "eager", "static", "graphs", "compiled", "segments", or "auto" (graphs
-    on CUDA when every routed expert is computed on the device without host syncs, else eager; the
-    variable LOCALRUN_DECODE_STEP overrides what auto picks). "graphs" for a model whose experts need
-    the host (offloaded) means "segments": graphs between the layers' experts (Gemma 4; not yet
-    measured on a GPU, so auto does not pick it). Kept in `cache.steps`, so a model load captures
+    """The decode step for `mode` (see `resolve_mode`). Kept in `cache.steps`, so a model load captures
     each span's graph (and compiles) once, not once a reply: the graphs read the cache's buffers,
     which live as long as the cache."""
+    mode = resolve_mode(model, mode)
+    step = cache.steps.get(mode)
+    if step is None or step.model is not model:  # one per cache: its graphs stay valid with its buffers
+        step = cache.steps[mode] = STEPS[mode](model, cache)
+    return step
+
+
+def resolve_mode(model, mode: str = "auto") -> str:
+    """The step `mode` runs as: "eager", "static", "graphs", "compiled" or "segments". "auto": on CUDA,
+    graphs when every routed expert is computed on the device without host syncs, else segments where
+    the model can cut its step at the experts, else eager; eager on the CPU (the variable
+    LOCALRUN_DECODE_STEP overrides what auto picks). "graphs" for a model whose experts need the host
+    (offloaded) means "segments": graphs between the layers' experts (Gemma 4; on an H200 under a
+    16 GiB budget 51.8 tok/s against eager's 21.1, the same tokens: docs/gpu/2026-11-27-h200-16gib.md).
+    Raises ValueError for a mode this model or device cannot run."""
     if mode not in ("auto", *STEPS):
         raise ValueError(f"decode step must be auto, {', '.join(STEPS)}, not {mode!r}")
     cuda = model.embed_tokens.weight.device.type == "cuda"
     if mode == "auto":
-        mode = os.environ.get("LOCALRUN_DECODE_STEP") or ("graphs" if cuda and graph_safe(model) else "eager")
+        mode = os.environ.get("LOCALRUN_DECODE_STEP") or ("graphs" if cuda and (
+            graph_safe(model) or hasattr(model, "decode_segments")) else "eager")
         if mode not in STEPS:
             raise ValueError(f"LOCALRUN_DECODE_STEP must be one of {', '.join(STEPS)}, not {mode!r}")
     if mode in ("graphs", "compiled") and not cuda:
@@ -257,10 +269,7 @@ def make_step(model, cache: KVCache, mode: str = "auto"):
     if mode == "segments" and not hasattr(model, "decode_segments"):
         raise ValueError(f"the segmented decode step needs a model that can cut its step at the experts "
                          f"(Gemma 4), not {type(model).__name__}")
-    step = cache.steps.get(mode)
-    if step is None or step.model is not model:  # one per cache: its graphs stay valid with its buffers
-        step = cache.steps[mode] = STEPS[mode](model, cache)
-    return step
+    return mode
 
 
 def graph_safe(model) -> bool:

@@ -22,8 +22,8 @@ Steps:
              kernel launches and host syncs per decoded token; once every expert resident, once
              under a forced 16 GiB budget; the graphs step with each default decode kernel off
              (speed_graphs_without_NAME) and each opt-in one on (speed_graphs_with_NAME,
-             per_token_graphs_with_NAME, tokens_graphs_with_NAME), and with the v2 MoE decode kernels
-             instead of v3 (speed_graphs_with_v2_moe, ...); all resident, the 512-token prefill
+             per_token_graphs_with_NAME, tokens_graphs_with_NAME), and with the v3 MoE decode kernels
+             where faster per stage instead of v2 alone (speed_graphs_with_v3_moe, ...); all resident, the 512-token prefill
              through the grouped 4-bit GEMMs vs each hit expert dequantized for dense matmuls
              (prefill_grouped_gemm, prefill_dequantize_per_expert), and with the full layers' flash
              attention kernel off (prefill_without_flash_attention); memory against the plan: what the
@@ -470,13 +470,16 @@ def big_model_run(dry: bool, dev, load_kwargs: dict, rows: dict, long_prompt: bo
 
                 timed(f"tokens_{mode}_with_{name}", lambda name=name, mode=mode: divergence_when(
                     lambda: kernel_switched(name, True, loaded.kv), model, short, dev, mode, loaded.kv), rows)
-        if mode in ("graphs", "static") and loaded.store is None:  # MoE decode kernels: v3 (default) vs v2 (measured)
-            with moe_v3_switched(False, loaded.kv):
-                timed(f"speed_{mode}_with_v2_moe", rates, rows)
-                timed(f"per_token_{mode}_with_v2_moe", lambda: per_token_counts(model, short, dev, mode, loaded.kv),
-                      rows)
-            timed(f"tokens_{mode}_with_v2_moe", lambda mode=mode: divergence_when(
-                lambda: moe_v3_switched(False, loaded.kv), model, short, dev, mode, loaded.kv), rows)
+        if mode in ("graphs", "static") and loaded.store is None:  # MoE decode kernels: the default vs the other
+            from localrun.kernels import triton_moe  # v2 alone (default) vs v3 where faster per stage (USE_V3)
+
+            other = not triton_moe.USE_V3
+            tag = f"{mode}_with_{'v3' if other else 'v2'}_moe"
+            with moe_v3_switched(other, loaded.kv):
+                timed(f"speed_{tag}", rates, rows)
+                timed(f"per_token_{tag}", lambda: per_token_counts(model, short, dev, mode, loaded.kv), rows)
+            timed(f"tokens_{tag}", lambda mode=mode: divergence_when(
+                lambda: moe_v3_switched(other, loaded.kv), model, short, dev, mode, loaded.kv), rows)
             with pdl_switched(True, loaded.kv):  # opt-in: each kernel placed while the one before ends
                 timed(f"speed_{mode}_with_pdl", rates, rows)
                 timed(f"per_token_{mode}_with_pdl", lambda: per_token_counts(model, short, dev, mode, loaded.kv),
@@ -702,7 +705,7 @@ def long_prompt_run(model, loaded, dev, mode: str, vocab: int, tokens: int, cont
     step = make_step(model, cache, mode)
     spans: dict = {}
     if limit:
-        torch.cuda.set_per_process_memory_fraction(limit / total, dev)
+        torch.cuda.set_per_process_memory_fraction(limit / total, device_index(dev))
     reset_peaks(dev)
     start = time.perf_counter()
     try:
@@ -715,7 +718,7 @@ def long_prompt_run(model, loaded, dev, mode: str, vocab: int, tokens: int, cont
         out["at_out_of_memory"] = memory_counters(dev)
     finally:
         if limit:
-            torch.cuda.set_per_process_memory_fraction(1.0, dev)
+            torch.cuda.set_per_process_memory_fraction(1.0, device_index(dev))
     gc.collect()  # the failed prompt's tensors, held by the traceback's frames until now
     if dev.type == "cuda":
         torch.cuda.empty_cache()
@@ -735,6 +738,12 @@ def long_prompt_run(model, loaded, dev, mode: str, vocab: int, tokens: int, cont
     out["decode"] = {str(span): growth(seen) for span, seen in spans.items()}
     out["graphs_disabled"] = getattr(step, "disabled", None)
     return out
+
+
+def device_index(dev) -> int:
+    """dev's CUDA device index ("cuda" alone is the current device): what torch.cuda calls that take no
+    unindexed device want (set_per_process_memory_fraction; the 2026-11-27 H200 run's long_prompt died there)."""
+    return dev.index if dev.index is not None else _torch().cuda.current_device()
 
 
 def sampled_params():

@@ -12,6 +12,7 @@ from localrun import hardware
 from localrun.hardware import GIB
 from localrun.plan import CUDA_CONTEXT_BYTES, device_budget, display_allowance
 
+from test_families import REFERENCE
 from test_plan import REFERENCE_CONFIG
 
 
@@ -188,9 +189,10 @@ def test_expected_speed_is_the_ceiling_at_the_measured_efficiency(cli, ref_dir):
     assert code == 0 and eff.device in " ".join(out.split()) and "ceiling" in out
 
 
-def test_offloaded_experts_expect_the_offload_efficiency(cli, ref_dir):
-    """With experts in host RAM the step is eager with a routing sync a layer: fit scales the ceiling
-    by the efficiency measured in that placement, not the all-resident one, and says which."""
+def test_offloaded_experts_expect_the_offload_efficiency(cli, ref_dir, tmp_path):
+    """With experts in host RAM Gemma 4 decodes as graphs between the experts, a routing sync a layer:
+    fit scales the ceiling by the efficiency measured in that placement, not the all-resident one, and
+    says which. Qwen3-MoE, which has no segmented step, decodes eagerly: its own measured figure."""
     d = run_json(cli, ref_dir, "--gpu", "4060ti", "--ram", "64GiB")
     assert d["host_bytes"] > 0
     eff = hardware.OFFLOAD_DECODE_EFFICIENCY
@@ -198,6 +200,15 @@ def test_offloaded_experts_expect_the_offload_efficiency(cli, ref_dir):
     assert d["expected_decode_tokens_per_s"] == pytest.approx(eff.expected_tokens_per_s(
         d["estimated_decode_tokens_per_s"], 30))
     assert d["decode_efficiency"]["measured"] == eff.measured
+    qwen = tmp_path / "qwen"
+    qwen.mkdir()
+    (qwen / "config.json").write_text((REFERENCE / "qwen3-30b-a3b.config.json").read_text())
+    q = run_json(cli, qwen, "--gpu", "4060ti", "--ram", "64GiB")
+    eager = hardware.OFFLOAD_EAGER_DECODE_EFFICIENCY
+    assert q["host_bytes"] > 0 and eager.layer_seconds > eff.layer_seconds
+    assert q["expected_decode_tokens_per_s"] == pytest.approx(eager.expected_tokens_per_s(
+        q["estimated_decode_tokens_per_s"], 48))
+    assert q["decode_efficiency"]["measured"] == eager.measured
 
 
 def flat(text: str) -> str:

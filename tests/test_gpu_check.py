@@ -43,10 +43,10 @@ def test_dry_run_writes_a_complete_report(tmp_path):
     assert long["prompt_tokens"] == 1024 and long["prefill_tokens_per_s"] > 0 and long["peak_reserved_bytes"] > 0
     assert list(long["decode"]) == ["2048"] and "reserved_bytes" in long["decode"]["2048"]
     assert "long_prompt" not in steps["big"]["resident"]
-    resident = steps["big"]["resident"]  # opt-in decode kernels (dense_gemv): the step with each switched on
+    resident = steps["big"]["resident"]  # each default decode kernel (dense_gemv too) switched off
     assert resident["per_token_static_sampled"]["aten_ops_per_token"] > 0  # every sampling filter on
-    assert "error" not in resident["speed_static_with_dense_gemv"]
-    assert resident["tokens_static_with_dense_gemv"]["first_divergence_from_default"] is None  # CPU: not taken
+    assert "error" not in resident["speed_static_without_dense_gemv"]
+    assert resident["tokens_static_with_v3_moe"]["first_divergence_from_default"] is None  # the other MoE kernels
     kernels = steps["kernels"]
     assert all("error" not in v for k, v in kernels.items() if isinstance(v, dict))
     gemv = {k: v for k, v in kernels.items() if k.startswith("gemv ") and "max_rel_err_triton" in v}
@@ -143,9 +143,9 @@ def test_deadline_must_be_positive(tmp_path, capsys):
 
 
 def test_fit_efficiency_reproduces_the_h200_figures_localrun_ships(monkeypatch):
-    """From the H200 report's numbers (223.8 tok/s; MoE GEMVs and cuBLAS 2,611 us of a token; 6.08 GB a
-    token; 30 layers) the check derives hardware.DECODE_EFFICIENCY's two figures, so a later run's can
-    be copied there."""
+    """From the H200 report's numbers (docs/gpu/2026-11-27-h200-resident.md, the Triton GEMVs on: 293.49
+    tok/s; weight kernels 2,385.9 us of a token; 6.08 GB a token; 30 layers) the check derives
+    hardware.DECODE_EFFICIENCY's two figures, so a later run's can be copied there."""
     import torch
 
     from localrun import hardware
@@ -157,7 +157,7 @@ def test_fit_efficiency_reproduces_the_h200_figures_localrun_ships(monkeypatch):
               "void at::native::index_elementwise_kernel<128, 4>", "_qkv_write_kernel"]
     assert all(map(check.is_weight_kernel, names)) and not any(map(check.is_weight_kernel, others))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda dev=None: "NVIDIA H200")
-    got = check.fit_efficiency(223.8, {"weight_kernels_us_per_token": 2611.0}, 6_075_555_900, 30, "cuda")
+    got = check.fit_efficiency(293.49, {"weight_kernels_us_per_token": 2385.9}, 6_075_555_900, 30, "cuda")
     want = hardware.DECODE_EFFICIENCY
     assert got["preset"] == "H200"
     assert abs(got["bandwidth_fraction"] - want.bandwidth_fraction) < 0.002

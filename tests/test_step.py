@@ -112,6 +112,34 @@ def test_static_step_compiles_as_one_graph(tiny_moe, experts):
     assert tokens == reference
 
 
+def test_auto_takes_graphs_where_experts_route_on_the_device_else_segments_else_eager(monkeypatch):
+    """On CUDA: graphs when every MoE layer routes on the device, segments for an offloaded model that
+    can cut its step at the experts (Gemma 4), eager for one that cannot; on the CPU eager."""
+    from types import SimpleNamespace
+
+    from localrun.step import resolve_mode
+
+    monkeypatch.delenv("LOCALRUN_DECODE_STEP", raising=False)
+
+    def model(device: str, safe: bool, cuts: bool):
+        experts = SimpleNamespace(graph_safe=safe)
+        m = SimpleNamespace(embed_tokens=SimpleNamespace(weight=SimpleNamespace(device=torch.device(device))),
+                            layers=[SimpleNamespace(moe=True, experts=experts)])
+        if cuts:
+            m.decode_segments = lambda *a: None
+        return m
+
+    assert resolve_mode(model("cuda", True, True)) == "graphs"
+    assert resolve_mode(model("cuda", False, True)) == "segments"
+    assert resolve_mode(model("cuda", False, True), "graphs") == "segments"
+    assert resolve_mode(model("cuda", False, False)) == "eager"
+    assert resolve_mode(model("cpu", True, True)) == "eager"
+    with pytest.raises(ValueError, match="segmented decode step needs"):
+        resolve_mode(model("cuda", False, False), "segments")
+    monkeypatch.setenv("LOCALRUN_DECODE_STEP", "eager")
+    assert resolve_mode(model("cuda", True, True)) == "eager"
+
+
 def test_make_step_modes(tiny_moe, monkeypatch):
     from localrun.step import EagerStep, make_step
 

@@ -411,14 +411,17 @@ _down_v2_tuned = triton.autotune(DOWN_CONFIGS, key=["H", "I_Q", "T_BUCKET", "K",
 #   v2, Triton 3.9  16.5     22.5
 #   v2, Triton 3.6   8.7      8.0   (the H200's picks)
 #
-# So the default runs each stage with whichever of v3 and v2 is faster where it runs: the two hand
-# over the same h, and `_run_stage` times both on the first call of a shape (not yet measured on a GPU).
+# With USE_V3 each stage runs whichever of v3 and v2 is faster where it runs: the two hand over the
+# same h, and `_run_stage` times both on the first call of a shape. Measured on an H200 (Triton 3.6,
+# docs/gpu/2026-11-27-h200-resident.md, -16gib.md) v3 lost: graphs decode 251-261 tok/s with the
+# per-stage pick against 267-276 with v2 alone, and under a 16 GiB budget the first-call timing picked
+# v3's down stage at 27 us a layer where v2's takes 12.5. So v2 alone is the default; v3 stays for A/B.
 # Needs rows of whole chunks (H and I multiples of 32) and blocksize >= 32; else v2 / v1.
 # gate_up tiles are [2 * BLOCK_N rows (gate rows, then the same up rows), NC, 4]; down tiles
 # [KE experts, BLOCK_N rows, NC, 4], all K experts of the token at once (as v2). Each loop
 # requests the next step's words and absmax before this step's math (register prefetch).
 
-USE_V3 = True  # per stage the faster of v3 and v2 where v3 fits; False: v2 alone (gpu_check A/B-s the two)
+USE_V3 = False  # True: per stage the faster of v3 and v2 where v3 fits (gpu_check A/B-s it against v2 alone)
 CHUNK_WEIGHTS = 32  # 4 code words: one vector load, inside one quantization block
 TABLE_ALIGN = 64  # bytes: the 16-value table's address has its low 6 bits free (_chunk_sums)
 

@@ -206,9 +206,10 @@ def apply_rope(x_BTND, cos_T1D, sin_T1D):
 
 # localrun's own decode kernels (kernels/attention.py; kernels/fused.py and kernels/qkv_write.py are
 # the fused glue; kernels/gemv.py) and fusions (mlp_router_gemm: DecoderLayer._mlp_and_router);
-# switched off, the same step runs the plain torch ops (scripts/gpu_check.py measures both). Those off
-# by default are opt-in until a GPU run shows they pay: dense_gemv (CUDA only) awaits its measurement.
-DECODE_KERNELS = {"decode_attention": True, "fused_glue": True, "decode_layer": True, "dense_gemv": False,
+# switched off, the same step runs the plain torch ops (scripts/gpu_check.py measures both). dense_gemv
+# (CUDA only) paid on an H200: graphs decode 284-293 tok/s against cuBLAS's 251-261, the same tokens
+# (docs/gpu/2026-11-27-h200-resident.md: 359 kernels a token, not 394; no split-K reduce launches).
+DECODE_KERNELS = {"decode_attention": True, "fused_glue": True, "decode_layer": True, "dense_gemv": True,
                   "mlp_router_gemm": True}
 CPU_ONLY_KERNELS = {"decode_layer"}  # DecoderLayer.forward_decode: nothing to switch off on CUDA
 
@@ -845,6 +846,7 @@ class DecodeSegments:
 
 
 BUILTIN_CHAT_TEMPLATE = True  # templates/gemma4.jinja stands in for a checkpoint that ships no chat template
+SEGMENTED_DECODE = True  # Gemma4Model.decode_segments: offloaded experts decode as graphs between them (step.py)
 Model = Gemma4Model
 EXPERT_KEYS = ("experts.gate_up_proj", "experts.down_proj")
 

@@ -240,6 +240,7 @@ def check_mlp_only_layers(layers, count: int) -> None:
 
 
 BUILTIN_CHAT_TEMPLATE = False  # the checkpoint's own template only (tokenizer_config.json or chat_template.jinja)
+SEGMENTED_DECODE = False  # no decode_segments: offloaded experts decode eagerly (step.py)
 
 
 # Checkpoint layout -------------------------------------------------------------------------------
