@@ -88,6 +88,15 @@ def apply_min_p(logits_V: torch.Tensor, min_p: float) -> torch.Tensor:
     return logits_V.masked_fill(probs < min_p * probs.max(), NEG_INF)
 
 
+def draw(probs_V: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One id drawn from probs_V, as a device tensor [1]: argmax(p / q), q ~ Exp(1), which is what
+    torch.multinomial(probs, 1) computes (the same draws from the same generator state), less its
+    validity check, a host read of min and max that would be a second sync a decoded token on CUDA.
+    probs_V comes from a softmax, so it holds no negative value or inf."""
+    q = torch.empty_like(probs_V).exponential_(1, generator=generator)
+    return torch.argmax(probs_V / q).view(1)
+
+
 class Sampler:
     """sampler(logits_V, seen_ids) -> token id. Greedy at temperature 0, else the filters then a draw.
 
@@ -112,8 +121,7 @@ class Sampler:
         # inf (inf - inf is NaN); softmax, top-k, top-p and min-p are all blind to the shift
         logits = (logits - logits.max()) / params.temperature
         logits = apply_min_p(apply_top_p(apply_top_k(logits, params.top_k), params.top_p), params.min_p)
-        probs = torch.softmax(logits, dim=-1)
-        return torch.multinomial(probs, 1, generator=self.generator)
+        return draw(torch.softmax(logits, dim=-1), self.generator)
 
     def __call__(self, logits_V: torch.Tensor, seen: torch.Tensor) -> int:
         return int(self.token(logits_V, seen))

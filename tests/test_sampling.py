@@ -8,7 +8,7 @@ import torch
 
 from localrun.errors import UsageError
 from localrun.sampling import (SamplingParams, apply_min_p, apply_repetition_penalty, apply_top_k, apply_top_p,
-                               make_sampler)
+                               draw, make_sampler)
 
 NONE = torch.tensor([], dtype=torch.long)
 
@@ -77,6 +77,23 @@ def test_seed_makes_sampling_reproducible_and_matches_the_distribution():
     counts = torch.bincount(torch.tensor([many(logits, NONE) for _ in range(4000)]), minlength=3) / 4000
     assert torch.allclose(counts, torch.tensor([0.2, 0.5, 0.3]), atol=0.03)
     assert draws(1) == draws(1)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_draw_is_torch_multinomial_without_its_host_read(seed, monkeypatch):
+    """draw takes the ids torch.multinomial(probs, 1) takes from the same generator state, zeros never,
+    and leaves the generator where multinomial would (the next draws agree too); the sampler draws
+    through it, never through multinomial (whose validity check reads the device: a second sync)."""
+    probs = torch.softmax(torch.randn(5000, generator=torch.Generator().manual_seed(seed)) * 4, dim=-1)
+    probs[::3] = 0
+    ours, theirs = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+    for _ in range(20):
+        got = draw(probs, ours)
+        assert got.shape == (1,) and probs[got] > 0
+        assert torch.equal(got, torch.multinomial(probs, 1, generator=theirs))
+    monkeypatch.setattr(torch, "multinomial", lambda *a, **k: pytest.fail("the sampler called torch.multinomial"))
+    sampler = make_sampler(SamplingParams(temperature=0.9, top_k=40, top_p=0.9, min_p=0.01, seed=seed))
+    assert 0 <= sampler(torch.randn(300), NONE) < 300
 
 
 def test_temperature_sharpens():
