@@ -446,13 +446,17 @@ class _Copier:
             done.record(self.stream)
         return payload, done
 
-    def fill(self, row: torch.Tensor, host_row: torch.Tensor) -> object:
-        """Copy a host row into a device slot row in place (no allocation); the event to wait on."""
+    def fill(self, row: torch.Tensor, host_row: torch.Tensor, after: object = None) -> object:
+        """Copy a host row into a device slot row in place (no allocation); the event to wait on.
+
+        `after`: the event recorded after the last kernel that read the row's buffer (`read_done`), all
+        the copy must wait for, so it overlaps whatever the compute stream runs after that kernel (the
+        next layers' attention, the dense MLP); None: nothing has read it yet."""
         if self.stream is None:
             row.copy_(host_row)
             return None
-        # Kernels queued on the compute stream may still read the slot's previous expert: wait for them.
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        if after is not None:
+            self.stream.wait_event(after)
         with torch.cuda.stream(self.stream):
             row.copy_(host_row, non_blocking=True)
             done = torch.cuda.Event()
@@ -462,6 +466,38 @@ class _Copier:
     def ready(self, done: object) -> None:
         if done is not None:
             torch.cuda.current_stream(self.device).wait_event(done)
+
+    def read_done(self) -> object:
+        """An event after every kernel queued on the compute stream so far (None off CUDA)."""
+        if self.stream is None:
+            return None
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(self.device))
+        return done
+
+
+class _RowsToDevice:
+    """A decoded token's device rows ([1, K] int32, from host ints) for the layer's one expert kernel.
+
+    On CUDA a non-blocking copy from a pinned row per layer: a copy from pageable memory (or writing a
+    device tensor's element from Python) first waits for the stream to drain, a host sync. The pinned
+    row is rewritten only at the layer's next decoded token, after that token's routing sync, which
+    waits for work queued after this copy, so the copy has read it by then."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._staged: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (pinned [1, K], device [1, K])
+
+    def __call__(self, layer: int, rows: list[int]) -> torch.Tensor:
+        if self.device.type != "cuda":
+            return torch.tensor([rows], dtype=torch.int32, device=self.device)
+        staged = self._staged.get(layer)
+        if staged is None or staged[0].shape[1] != len(rows):
+            staged = self._staged[layer] = (torch.empty((1, len(rows)), dtype=torch.int32, pin_memory=True),
+                                            torch.empty((1, len(rows)), dtype=torch.int32, device=self.device))
+        host, dev = staged
+        host.numpy()[0] = rows
+        return dev.copy_(host, non_blocking=True)
 
 
 class ExpertStore:
@@ -502,7 +538,9 @@ class ExpertStore:
         self._free_rows: dict[int, list[int]] = {}
         self._row_of: dict[int, dict[int, int]] = {}  # expert -> slot row it occupies
         self._device_rows: dict[int, torch.Tensor] = {}  # layer -> [resident + slots, nbytes]: resident rows, then slot rows
-        self._row_map: dict[int, torch.Tensor] = {}  # layer -> [E] int32 on the device: expert -> its device row
+        self._row_map: dict[int, list[int]] = {}  # layer -> [E] host ints: expert -> its device row
+        self._rows_to_device = _RowsToDevice(self.device)
+        self._read_done: dict[int, object] = {}  # layer -> event after the last kernel that read its device rows
         self._host_buffers: list[torch.Tensor] = []  # per layer: host rows
         self._pending: dict[int, tuple] = {}  # layer -> (ids_TK, kind, state) from prefetch
         for layer, payloads in (experts or {}).items():
@@ -570,9 +608,10 @@ class ExpertStore:
         self._row_of[layer] = {}
         self._slots[layer] = {}
         self._device_rows[layer] = rows_dev
-        row_map = torch.zeros(num_experts, dtype=torch.int32)  # experts not on the device: filled by _copy
-        row_map[on_device] = torch.arange(len(on_device), dtype=torch.int32)
-        self._row_map[layer] = row_map.to(self.device)
+        row_map = [0] * num_experts  # experts not on the device: filled by _copy
+        for row, e in enumerate(on_device):
+            row_map[e] = row
+        self._row_map[layer] = row_map
         self._host_buffers += [host] if host.numel() else []
 
     def __call__(self, layer: int) -> "LayerExperts":
@@ -645,7 +684,7 @@ class ExpertStore:
             ids, weights = self._routing.wait(pending[2] if kind == "routing" else self._routing.start(ids_TK, w_TK))
             steps, deferred = pending[2][1:] if kind == "plan" else self._begin_one(layer, ids[0])
             if self._on_device_rows(layer, steps, deferred):
-                return self._run_on_device(layer, steps, x_TH, ids_TK, w_TK)
+                return self._run_on_device(layer, steps, x_TH, ids[0], w_TK)
             y_of = {}
             for step in steps:
                 if step in deferred:
@@ -672,15 +711,19 @@ class ExpertStore:
         return (self.device_compute is not None and layer in self._device_rows and not deferred
                 and all(step.source != "cpu" for step in steps))
 
-    def _run_on_device(self, layer: int, steps: list[Step], x_TH: torch.Tensor, ids_TK: torch.Tensor,
+    def _run_on_device(self, layer: int, steps: list[Step], x_TH: torch.Tensor, ids: list[int],
                        w_TK: torch.Tensor) -> torch.Tensor:
-        """Every expert of the call read in place from the layer's device rows by one kernel: the row
-        of each routed expert comes from the device map (no host value), once its copy has landed."""
+        """Every expert of a decoded token (routed to `ids`, host ints) read in place from the layer's
+        device rows by one kernel, once the copies it needs have landed; the rows come from the host's
+        map in one non-blocking copy."""
         for step in steps:
             if step.source in ("hit", "copy"):
                 self._copier.ready(self._slots[layer][step.expert][1])
-        rows_TK = self._row_map[layer][ids_TK]
-        return self.device_compute(self._device_rows[layer], x_TH, rows_TK, w_TK)
+        row_map = self._row_map[layer]
+        rows_TK = self._rows_to_device(layer, [row_map[e] for e in ids])
+        y_TH = self.device_compute(self._device_rows[layer], x_TH, rows_TK, w_TK)
+        self._read_done[layer] = self._copier.read_done()
+        return y_TH
 
     def _run_layer(self, layer: int, pending, x_TH: torch.Tensor, ids_TK: torch.Tensor,
                    w_TK: torch.Tensor) -> torch.Tensor:
@@ -743,7 +786,7 @@ class ExpertStore:
             rows[step.expert] = row
             self._row_map[layer][step.expert] = len(self._resident[layer]) + row  # slot rows follow the resident ones
             payload = self._slot_rows[layer][row]
-            slots[step.expert] = payload, self._copier.fill(payload.buffer, host.buffer)
+            slots[step.expert] = payload, self._copier.fill(payload.buffer, host.buffer, self._read_done.get(layer))
         else:
             slots[step.expert] = self._copier.start(host)
         assert len(slots) <= self._layers[layer].slots, "cache slot bound exceeded"
@@ -756,7 +799,9 @@ class ExpertStore:
             return y_TH.to(x_TH.device, x_TH.dtype)
         payload, done = self._slots[layer][step.expert]
         self._copier.ready(done)
-        return self.compute(payload, x_TH)
+        y_TH = self.compute(payload, x_TH)
+        self._read_done[layer] = self._copier.read_done()  # a later copy into this slot row waits for it
+        return y_TH
 
 
 class LayerExperts:
