@@ -446,6 +446,8 @@ def big_model_run(dry: bool, dev, load_kwargs: dict, rows: dict, long_prompt: bo
                     "decode_tokens_per_s_after_16": round((gen - 1) / (tns - t1s), 2)}
         timed(f"speed_{mode}", rates, rows)
         timed(f"per_token_{mode}", lambda mode=mode: per_token_counts(model, short, dev, mode, loaded.kv), rows)
+        if loaded.store is not None:  # offloaded: the GPU idles ~2/3 of a token; where does the host spend it?
+            timed(f"host_profile_{mode}", lambda mode=mode: host_profile(model, short, dev, mode, loaded.kv), rows)
         if dev.type == "cuda":  # the figures fit's expected speed takes (hardware.MeasuredEfficiency)
             timed(f"fit_efficiency_{mode}", lambda mode=mode: fit_efficiency(
                 rows[f"speed_{mode}"]["decode_tokens_per_s_after_16"], rows[f"per_token_{mode}"],
@@ -796,6 +798,30 @@ def divergence_when(switch, model, ids: list[int], dev, mode: str, cache, n: int
     with switch():
         switched, _ = greedy(model, ids, n, dev, mode, cache)
     return {"first_divergence_from_default": first_divergence(switched, default), "tokens": n}
+
+
+def host_profile(model, ids: list[int], dev, mode: str, cache, n: int = 16, top: int = 25) -> dict:
+    """Where the host's time goes while decoding: cProfile over `n` greedy tokens (and the prompt's
+    prefill), the functions with the most time of their own, per decoded token. cProfile slows Python
+    calls, so `wall_ms_per_token` (profiled) is above the unprofiled speed; compare rows, not totals."""
+    import cProfile
+    import pstats
+
+    greedy(model, ids, 4, dev, mode, cache)  # warm: graphs captured, kernels compiled
+    profile = cProfile.Profile()
+    start = time.perf_counter()
+    profile.enable()
+    greedy(model, ids, n, dev, mode, cache)
+    sync(dev)
+    profile.disable()
+    wall = time.perf_counter() - start
+    rows = []
+    for (path, line, name), (_, calls, own, cumulative, _) in pstats.Stats(profile).stats.items():
+        where = f"{os.path.basename(path)}:{line}({name})" if line else name
+        rows.append([where, round(calls / n, 2), round(own * 1e3 / n, 3), round(cumulative * 1e3 / n, 3)])
+    rows.sort(key=lambda r: -r[2])
+    return {"tokens": n, "wall_ms_per_token": round(wall * 1e3 / n, 3),
+            "columns": ["function", "calls a token", "own ms a token", "cumulative ms a token"], "top": rows[:top]}
 
 
 def per_token_counts(model, ids: list[int], dev, mode: str = "eager", cache=None, params=None) -> dict:

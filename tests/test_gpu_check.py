@@ -38,6 +38,11 @@ def test_dry_run_writes_a_complete_report(tmp_path):
         assert "error" not in graphs and set(graphs["buckets"]) == {"256", "512", "1024"}, graphs
         assert all(isinstance(g["reserved_bytes"], int) for g in graphs["buckets"].values())
         assert graphs["captured"] == [] and graphs["graphs_disabled"] is None  # the CPU captures nothing
+    profile = steps["big"]["half"]["host_profile_eager"]  # offloaded: where the host's time goes
+    assert profile["wall_ms_per_token"] > 0 and len(profile["top"]) > 5
+    assert all(len(row) == 4 and row[1] > 0 and row[3] >= row[2] >= 0 for row in profile["top"])
+    assert [row[2] for row in profile["top"]] == sorted((row[2] for row in profile["top"]), reverse=True)
+    assert "host_profile_eager" not in steps["big"]["resident"]
     long = steps["big"]["half"]["long_prompt"]  # the dry run's stand-in for 16 GiB
     assert "error" not in long and long["out_of_memory"] is None, long
     assert long["prompt_tokens"] == 1024 and long["prefill_tokens_per_s"] > 0 and long["peak_reserved_bytes"] > 0
