@@ -49,6 +49,14 @@ class SamplingParams:
         return torch.tensor(self.temperature, dtype=torch.float32).item() == 0.0
 
 
+def softmax(logits_V: torch.Tensor) -> torch.Tensor:
+    """torch.softmax of one row, as reductions and element-wise ops over the whole device: CUDA's
+    softmax kernel gives a row one block, ~100 us for a 262,144-token vocabulary on an H200 (three of
+    them were a tenth of a sampled token, docs/gpu/2026-11-27-h200-resident.md); these take a few."""
+    e = (logits_V - logits_V.max()).exp_()
+    return e.div_(e.sum())
+
+
 def apply_repetition_penalty(logits_V: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
     """CTRL-style, as transformers does it: seen tokens' logits divided by penalty if > 0, else multiplied."""
     if penalty == 1.0 or seen.numel() == 0:
@@ -72,7 +80,7 @@ def apply_top_p(logits_V: torch.Tensor, p: float) -> torch.Tensor:
     if p >= 1.0:
         return logits_V
     sorted_logits, order = torch.sort(logits_V, descending=True)
-    probs = torch.softmax(sorted_logits, dim=-1)
+    probs = softmax(sorted_logits)
     before = torch.cumsum(probs, dim=-1) - probs  # mass strictly before each token
     drop_sorted = before >= p  # a p that is 0 in fp32 would drop every token
     drop_sorted[0] = False
@@ -84,7 +92,7 @@ def apply_min_p(logits_V: torch.Tensor, min_p: float) -> torch.Tensor:
     """Drop tokens less likely than min_p times the most likely one."""
     if min_p <= 0.0:
         return logits_V
-    probs = torch.softmax(logits_V, dim=-1)
+    probs = softmax(logits_V)
     return logits_V.masked_fill(probs < min_p * probs.max(), NEG_INF)
 
 
@@ -121,7 +129,7 @@ class Sampler:
         # inf (inf - inf is NaN); softmax, top-k, top-p and min-p are all blind to the shift
         logits = (logits - logits.max()) / params.temperature
         logits = apply_min_p(apply_top_p(apply_top_k(logits, params.top_k), params.top_p), params.min_p)
-        return draw(torch.softmax(logits, dim=-1), self.generator)
+        return draw(softmax(logits), self.generator)
 
     def __call__(self, logits_V: torch.Tensor, seen: torch.Tensor) -> int:
         return int(self.token(logits_V, seen))

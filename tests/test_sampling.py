@@ -8,7 +8,7 @@ import torch
 
 from localrun.errors import UsageError
 from localrun.sampling import (SamplingParams, apply_min_p, apply_repetition_penalty, apply_top_k, apply_top_p,
-                               draw, make_sampler)
+                               draw, make_sampler, softmax)
 
 NONE = torch.tensor([], dtype=torch.long)
 
@@ -77,6 +77,19 @@ def test_seed_makes_sampling_reproducible_and_matches_the_distribution():
     counts = torch.bincount(torch.tensor([many(logits, NONE) for _ in range(4000)]), minlength=3) / 4000
     assert torch.allclose(counts, torch.tensor([0.2, 0.5, 0.3]), atol=0.03)
     assert draws(1) == draws(1)
+
+
+@pytest.mark.parametrize("scale", [0.1, 5.0, 80.0])
+def test_softmax_is_torch_softmax_of_one_row(scale):
+    """The sampler's softmax (reductions and element-wise ops) equals torch.softmax to fp32 rounding
+    with -inf entries (filtered tokens) exactly 0 and the input left as it was."""
+    logits = torch.randn(262_144, generator=torch.Generator().manual_seed(int(scale))) * scale
+    logits[::7] = float("-inf")
+    before = logits.clone()
+    got, want = softmax(logits), torch.softmax(logits, dim=-1)
+    assert torch.equal(logits, before) and torch.equal(got[::7], torch.zeros_like(got[::7]))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-12)  # 262,144 terms summed in another order
+    assert abs(float(got.sum()) - 1.0) < 1e-4
 
 
 @pytest.mark.parametrize("seed", range(5))
