@@ -6,9 +6,11 @@ decoder computes everywhere else."""
 from __future__ import annotations
 
 from interpreted import triton_module  # noqa: E402 - sets TRITON_INTERPRET=1 before triton loads
+from interpreted import BF16_ROUNDS_TO_NEAREST, bf16_ulps
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from localrun.kernels import fused as fused_ops
 
@@ -147,6 +149,76 @@ def test_gated_route_is_gated_and_route(I, E, K, dtype, act):
     assert torch.equal(ids, ref_ids) and torch.equal(w, ref_w)
     ref_a, (r_ids, r_w) = fused_ops.gated_reference(gate_up, act), fused_ops.route_reference(logits, scale, K)
     assert rel(a, ref_a) < (1e-6 if dtype == torch.float32 else 1e-2) and torch.equal(ids, r_ids)
+
+
+def norm64(x, w=None, eps=1e-6):
+    x = x.double()
+    n = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return n if w is None else n * w.double()
+
+
+rounds_like_the_gpu = pytest.mark.skipif(not BF16_ROUNDS_TO_NEAREST,
+                                         reason="this Triton's interpreter cannot be made to round bf16 to nearest")
+
+
+@needs_triton
+@rounds_like_the_gpu
+def test_interpreter_rounds_bf16_to_nearest_as_the_gpu():
+    """tests/interpreted.py: a bf16 output is the fp32 value rounded to nearest even (the interpreter
+    itself truncates; a GPU rounds). Here the kernel's fp32 value is exact: residual * scalar."""
+    H = 256
+    res, zero = rand(1, H, seed=1, dtype=torch.bfloat16) * 5, torch.zeros(H, dtype=torch.bfloat16)
+    scalar = torch.tensor([0.7], dtype=torch.bfloat16)
+    mlp = rand(1, H, seed=2, dtype=torch.bfloat16)
+    out = triton_fused.ffn_residual_triton(mlp, zero, mlp, zero, zero, res, scalar, 1e-6)
+    assert torch.equal(out, (res.float() * scalar.float()).bfloat16())
+
+
+@needs_triton
+@rounds_like_the_gpu
+@pytest.mark.parametrize("H", [64, 2816])
+def test_glue_kernels_round_once_in_bf16(H):
+    """Each half-precision glue kernel on bf16 inputs is within half a bf16 ulp of its formula in fp64
+    (computed in fp32, rounded once), so no farther from fp32 than the unfused bf16 ops, which round
+    after every op. A wrong rounding point, a missed residual, a weight offset (1 + w) would be ulps
+    off, another eps too (a row whose mean square is eps's order). (The residual stream y is rounded
+    before its norms, as the unfused layer does.)"""
+    from localrun.moe import ACTIVATIONS
+    from localrun.models.gemma4 import rope_inv_freq
+
+    bf, eps = torch.bfloat16, 1e-6
+    rows = torch.tensor([3.0, 1e-3, 30.0])[:, None]  # the second row's mean square ~ eps
+    x, res = (rand(1, 3, H, seed=1) * rows).to(bf), rand(1, 3, H, seed=2, dtype=bf) * 10
+    w_post, w_mlp, w_moe, w_router = (rand(H, seed=s, dtype=bf) for s in range(3, 7))
+    y, moe, mlp, router = triton_fused.attention_residual_norms_triton(x, w_post, res, w_mlp, w_moe, w_router,
+                                                                      H ** -0.5, eps)
+    want = norm64(x, w_post) + res.double()
+    y_unfused = norm64(x, w_post).to(bf) + res  # the unfused layer: the norm rounded, then the add
+    assert bf16_ulps(y, want) <= 0.51 < bf16_ulps(y_unfused, want)
+    n = norm64(y)
+    for out, want in ((mlp, n * w_mlp.double()), (moe, n * w_moe.double()),
+                      (router, n * w_router.double() * H ** -0.5)):
+        assert bf16_ulps(out, want) <= 0.51
+
+    a, b, r = ((rand(1, 3, H, seed=s) * k).to(bf) for s, k in ((7, rows), (8, 5), (9, 10)))
+    w1, w2, w, w_next = (rand(H, seed=s, dtype=bf) for s in range(10, 14))
+    scalar = torch.tensor([0.7], dtype=bf)
+    out, normed = triton_fused.ffn_residual_triton(a, w1, b, w2, w, r, scalar, eps, w_next)
+    want = (norm64(norm64(a, w1) + norm64(b, w2), w) + r.double()) * scalar.double()
+    assert bf16_ulps(out, want) <= 0.51 and bf16_ulps(normed, norm64(out, w_next)) <= 0.51
+
+    gate_up = (rand(1, 1, 2 * H, seed=14) * 1.5).clamp(-3, 3).to(bf)  # past -3 gelu's 1 + tanh cancels in fp32
+    gate, up = gate_up.double().chunk(2, dim=-1)
+    want = F.gelu(gate, approximate="tanh") * up
+    unfused = ACTIVATIONS["gelu_pytorch_tanh"](gate_up[..., :H]) * gate_up[..., H:]
+    assert bf16_ulps(triton_fused.gated_triton(gate_up, "gelu_pytorch_tanh"), want) <= 0.51 < bf16_ulps(unfused, want)
+
+    inv = rope_inv_freq({"rope_theta": 10000.0}, 256)
+    pos = torch.tensor([0, 1, 17, 4095, 131071])
+    cos, sin = triton_fused.rope_rows_triton(pos, inv, bf)
+    angles = (pos[:, None].float() * inv[None, :]).double()[:, None, :]  # fp32 angles, as both compute them
+    assert bf16_ulps(cos, torch.cat((angles.cos(), angles.cos()), -1)) <= 0.51
+    assert bf16_ulps(sin, torch.cat((-angles.sin(), angles.sin()), -1)) <= 0.51
 
 
 def test_fused_layer_computes_the_unfused_layer(tiny_moe):

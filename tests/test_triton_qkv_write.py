@@ -7,6 +7,7 @@ device check patched, on the tiny model) with the tokens of the unfused step."""
 from __future__ import annotations
 
 from interpreted import triton_module  # noqa: E402 - sets TRITON_INTERPRET=1 before triton loads
+from interpreted import BF16_ROUNDS_TO_NEAREST, bf16_ulps
 
 import pytest
 import torch
@@ -113,6 +114,34 @@ def test_qkv_write_kernel_is_the_unfused_write(kind, k_eq_v, dtype, KV, D):
     assert torch.equal(fused.k, unfused.k) and torch.equal(fused.v, unfused.v)
     assert torch.equal(fused.pos, unfused.pos) and torch.equal(fused.pos, formula.pos)
     assert one_rounding(fused.k, formula.k, dtype) and one_rounding(fused.v, formula.v, dtype)
+
+
+@needs_triton
+@pytest.mark.skipif(not BF16_ROUNDS_TO_NEAREST, reason="this Triton's interpreter cannot round bf16 to nearest")
+@pytest.mark.parametrize("D", [16, 512])
+def test_qkv_write_rounds_once_in_bf16(D):
+    """q, k and v in bf16 are within half an ulp of their formula in fp64 on the same bf16 inputs (and
+    cos / sin rows): one rounding, in the slot of the position, the ring's position stored."""
+    KV, bf = 2, torch.bfloat16
+    w, wq = (torch.rand(D, generator=torch.Generator().manual_seed(1)) + 0.5).to(bf), q_weight(D, bf)
+    raw_q, raw_k, raw_v = raw_heads(KV, D, False, bf, seed=3)
+    cos, sin = (t.to(bf) for t in rope_row(D, seed=3))
+    cache = make_cache("ring", KV, D, bf)
+    q = triton_qkv_write.qkv_write_triton(raw_q, wq, raw_k, raw_v, w, cos, sin, EPS, cache.k, cache.v, cache.pos,
+                                          torch.tensor([7]), cache.size, True)
+
+    def norm64(x, weight=None):
+        x = x.double()
+        n = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + EPS)
+        return n if weight is None else n * weight.double()
+
+    def rope64(x, weight):
+        n = norm64(x, weight)
+        return n * cos.double() + n.roll(D // 2, dims=-1) * sin.double()
+    slot = 7 % cache.size
+    assert bf16_ulps(q, rope64(raw_q, wq)) <= 0.51
+    assert bf16_ulps(cache.k[:, :, slot], rope64(raw_k, w)[:, 0]) <= 0.51
+    assert bf16_ulps(cache.v[:, :, slot], norm64(raw_v)[:, 0]) <= 0.51 and cache.pos[slot] == 7
 
 
 @needs_triton
