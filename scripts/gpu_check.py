@@ -14,8 +14,10 @@ after every measurement: a step stopped by its limit or by the end of the lease 
 Steps:
   env        versions, device, measured device-to-device and pinned host-to-device bandwidth
   exact      CUDA fp32 vs CPU fp32 greedy tokens and logprobs at resident 1.0 / 0.5 / 0 (tiny, bench);
-             CUDA bf16: first divergence from fp32, and the graphs step with its half-precision kernels
-             (fused glue, qkv_write, the next norm, rope_rows) vs the same step without them
+             CUDA bf16: first divergence from fp32 and the logprob difference before it, also of the graphs
+             step without the half-precision kernels (bf16's own noise); the graphs step with those kernels
+             (fused glue, qkv_write, the next norm, rope_rows) vs the same step without them, and each fed
+             fp32's tokens vs fp32
   demo       the demo model answers "What is 17 + 25?" with 42 on CUDA with every expert in host RAM
   big        random-weight model with the real 26B-A4B config (built in memory, quantized to NF4
              on the device): planned vs placed vs peak vs reserved bytes; decode and prefill tok/s;
@@ -128,11 +130,41 @@ def greedy(model, ids: list[int], n: int, dev, step: str = "eager", cache=None,
     return tokens, logprobs
 
 
+class _Forced:
+    """A sampler that returns the given ids in turn, whatever the logits (teacher forcing)."""
+
+    def __init__(self, tokens: list[int]) -> None:
+        self.tokens, self.n = tokens, 0
+
+    def token(self, logits_V, seen):
+        token = self.tokens[min(self.n, len(self.tokens) - 1)]
+        self.n += 1
+        return _torch().tensor([token], device=logits_V.device)
+
+
+def forced_logprobs(model, ids: list[int], tokens: list[int], step: str = "eager", cache=None) -> list[float]:
+    """The logprobs of `tokens` fed as the reply to `ids` (teacher forcing) through decode step `step`:
+    two runs compare on every token, not only up to where their greedy tokens first differ."""
+    from localrun.generate import generate
+
+    return [out.logprob for out in generate(model, ids, _Forced(tokens), max_tokens=len(tokens), step=step,
+                                            cache=cache)]
+
+
 def first_divergence(a: list[int], b: list[int]) -> int | None:
     for i, (x, y) in enumerate(zip(a, b)):
         if x != y:
             return i
     return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def logprob_diff_before(a: tuple[list[int], list[float]], b: tuple[list[int], list[float]]) -> dict:
+    """Two greedy runs (tokens, logprobs): where their tokens first differ, and the largest logprob
+    difference before that (at least the first token's)."""
+    at = first_divergence(a[0], b[0])
+    upto = max(1, len(a[0]) if at is None else at)
+    return {"first_divergence": at,
+            "max_logprob_diff_before_it": max(abs(x - y) for x, y in zip(a[1][:upto], b[1][:upto]))}
 
 
 class Progress:
@@ -348,23 +380,32 @@ def step_exact(dry: bool) -> dict:
                             "max_logprob_diff": max(abs(a - b) for a, b in zip(lp, ref_lp))}
                 timed(f"{name} fp32 {dev.type} vs cpu, resident {frac}, {mode} step", run, rows)
 
-        def bf16():
+        # bf16's own rounding noise: the default bf16 run, and the unfused one in the glue row's step, vs fp32
+        # (the rows above: fp32 on the device is the CPU's); the glue row is read against it (docs/gpu/README.md)
+        def bf16(mode=steps[1]) -> dict:
             loaded = load_model(path, device=str(dev), dtype=torch.bfloat16)
-            fp32 = load_model(path, device=str(dev), dtype=torch.float32)
-            a, _ = greedy(loaded.model, ids, n, dev)
-            b, _ = greedy(fp32.model, ids, n, dev)
-            return {"first_divergence_bf16_vs_fp32": first_divergence(a, b), "tokens": n}
+            ref = (ref_tokens, ref_lp)
+            default = greedy(loaded.model, ids, n, dev)
+            with kernel_switched("fused_glue", False, loaded.kv):
+                plain = greedy(loaded.model, ids, n, dev, mode, loaded.kv)
+            ours = logprob_diff_before(default, ref)
+            return {"first_divergence_bf16_vs_fp32": ours["first_divergence"], "tokens": n,
+                    "max_logprob_diff_before_it": ours["max_logprob_diff_before_it"],
+                    f"unfused, {mode} step": logprob_diff_before(plain, ref)}
         timed(f"{name} bf16 vs fp32 on {dev.type}", bf16, rows)
 
         def glue(mode=steps[1]) -> dict:  # the half-precision kernels (fp32 runs the unfused ops) vs those ops
             loaded = load_model(path, device=str(dev), dtype=torch.bfloat16)
-            fused, lp_fused = greedy(loaded.model, ids, n, dev, mode, loaded.kv)
+            fused = greedy(loaded.model, ids, n, dev, mode, loaded.kv)
+            fused_lp = forced_logprobs(loaded.model, ids, ref_tokens, mode, loaded.kv)
             with kernel_switched("fused_glue", False, loaded.kv):
-                plain, lp_plain = greedy(loaded.model, ids, n, dev, mode, loaded.kv)
-            same = first_divergence(fused, plain)
-            upto = max(1, len(fused) if same is None else same)
-            return {"first_divergence": same, "tokens": n,
-                    "max_logprob_diff_before_it": max(abs(a - b) for a, b in zip(lp_fused[:upto], lp_plain[:upto]))}
+                plain = greedy(loaded.model, ids, n, dev, mode, loaded.kv)
+                plain_lp = forced_logprobs(loaded.model, ids, ref_tokens, mode, loaded.kv)
+            # both fed fp32's tokens: compared on all n, not cut at a divergence; fused should be no farther
+            same = {k: max(abs(a - b) for a, b in zip(lp, ref_lp)) for k, lp in (("fused", fused_lp),
+                                                                               ("unfused", plain_lp))}
+            return {**logprob_diff_before(fused, plain), "tokens": n,
+                    "max_logprob_diff_vs_fp32_on_its_tokens": same}
         timed(f"{name} bf16 fused glue vs unfused, {steps[1]} step", glue, rows)
         out[name] = rows
     return out

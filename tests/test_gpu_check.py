@@ -268,3 +268,45 @@ def test_memory_summary_reads_the_cuda_figures():
     assert "outside torch 700.0 MiB after load, 700.0 MiB after decode (plan.CUDA_CONTEXT_BYTES 500.0 MiB)" in text
     assert "graphs for spans [256, 512]: reserved +42.0 MiB" in text and "256: +40.0 MiB" in text
     assert "8190-token prompt: prefill 409.5 tok/s" in text and "headroom -10.0 MiB" in text and "OUT OF MEMORY" in text
+
+
+def test_forced_logprobs_are_greedy_logprobs_of_the_same_tokens(tmp_path):
+    """Teacher forcing (the exact step's same-token comparison): fed a run's own greedy tokens, the
+    logprobs are that run's; fed other tokens, their own log_softmax."""
+    import torch
+
+    check = _script()
+    loaded = _tiny_loaded(tmp_path)
+    ids = [2, 300, 301, 302, 7]
+    tokens, lp = check.greedy(loaded.model, ids, 6, torch.device("cpu"), "static", loaded.kv)
+    assert check.forced_logprobs(loaded.model, ids, tokens, "static", loaded.kv) == lp
+    other = [t + 1 for t in tokens]
+    forced = check.forced_logprobs(loaded.model, ids, other, "eager", loaded.kv)
+    assert all(x < y for x, y in zip(forced[:1], lp[:1]))  # not the argmax
+    logits = loaded.model(torch.tensor([ids + other[:-1]]))[0, len(ids) - 1:].float()
+    want = torch.log_softmax(logits, -1).gather(-1, torch.tensor(other)[:, None])[:, 0]
+    assert torch.allclose(torch.tensor(forced), want, atol=1e-4)
+
+
+def test_logprob_diff_before_stops_at_the_first_divergence():
+    check = _script()
+    got = check.logprob_diff_before(([1, 2, 3, 4], [-1.0, -2.0, -3.0, -9.0]), ([1, 2, 5, 4], [-1.5, -2.1, -1.0, -9.0]))
+    assert got == {"first_divergence": 2, "max_logprob_diff_before_it": 0.5}
+    assert check.logprob_diff_before(([7], [-1.0]), ([8], [-1.25]))["max_logprob_diff_before_it"] == 0.25
+    assert check.logprob_diff_before(([1, 2], [-1.0, -2.0]), ([1, 2], [-1.0, -2.5]))["first_divergence"] is None
+
+
+def test_dry_exact_step_reports_the_bf16_noise_floor_beside_the_glue_row(tmp_path):
+    """The bf16 vs fp32 row carries the unfused bf16 run's logprob difference (bf16's own rounding
+    noise), which the fused-glue row's difference is read against (docs/gpu/README.md)."""
+    proc = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), "--dry", "--only", "exact"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "gpu_check.json").read_text())["steps"]["exact"]["tiny"]
+    floor = rows["tiny bf16 vs fp32 on cpu"]
+    assert floor["max_logprob_diff_before_it"] >= 0
+    assert set(floor["unfused, static step"]) == {"first_divergence", "max_logprob_diff_before_it"}
+    glue = rows["tiny bf16 fused glue vs unfused, static step"]
+    same = glue["max_logprob_diff_vs_fp32_on_its_tokens"]
+    assert same["fused"] == same["unfused"] > 0  # the CPU takes no half-precision glue: the same run twice
+    assert glue["first_divergence"] is None and glue["max_logprob_diff_before_it"] == 0
