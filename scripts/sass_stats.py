@@ -123,6 +123,16 @@ def cases():
         yield (f"v3 down n={n} w={w} warps={warps}", tm._down_v3_kernel,
                dict(LOG_WPB=log_wpb, DOUBLE_QUANT=False, KE=TOP_K, BLOCK_N=n, BLOCK_W=w),
                warps, TOP_K * n * w * 8 / (32 * warps))
+    for cfg in tm.GATE_UP_V4_CONFIGS:
+        n, w, warps = cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_W"], cfg.num_warps
+        yield (f"v4 gate_up n={n} w={w} warps={warps}", tm._gate_up_v4_kernel,
+               dict(ACT=0, LOG_WPB=log_wpb, DOUBLE_QUANT=False, SORTED=False, LUT_SHFL=True, BLOCK_N=n, BLOCK_W=w),
+               warps, 2 * n * w * 8 / (32 * warps))
+    for cfg in tm.DOWN_V4_CONFIGS:
+        n, w, warps = cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_W"], cfg.num_warps
+        yield (f"v4 down n={n} w={w} warps={warps}", tm._down_v4_kernel,
+               dict(LOG_WPB=log_wpb, DOUBLE_QUANT=False, KE=TOP_K, LUT_SHFL=True, BLOCK_N=n, BLOCK_W=w),
+               warps, TOP_K * n * w * 8 / (32 * warps))
     picked = ((tm._gate_up_v2_kernel, "gate_up", (4, 128, 1), H // 2), (tm._down_v2_kernel, "down", (8, 64, 4), I // 2))
     for fn, name, (n, k, warps), row_bytes in picked:  # the H200's v2 autotune picks
         consts = dict(BLOCKSIZE=blocksize, DOUBLE_QUANT=False, BB=tm._gcd_pow2(row_bytes, blocksize), BLOCK_N=n,
@@ -134,8 +144,8 @@ def cases():
 
 def compile_cases(arch: int = 90):
     """(name, kernel, pointer types, constexprs, warps[, stages[, divisible]]): the CUDA step's Triton
-    kernels not yet run on a GPU, in the variants it launches (dtypes, double quant, sorted pairs, rings,
-    the next norm), each autotune config of the prefill's grouped 4-bit GEMMs and of the dense GEMV
+    kernels not yet run on a GPU (v3, v4, ...), in the variants it launches (dtypes, double quant, sorted
+    pairs, rings, the next norm), each autotune config of the prefill's grouped 4-bit GEMMs and of the dense GEMV
     (opt-in), and the prefill's flash attention kernel at its tiles; from sm_90 (`arch` 90) also every
     decode kernel with programmatic dependent launch on."""
     from localrun.kernels import triton_attention, triton_fused, triton_gemv, triton_moe, triton_qkv_write
@@ -148,6 +158,7 @@ def compile_cases(arch: int = 90):
                        dict(ACT=0, LOG_WPB=3, DOUBLE_QUANT=dq, SORTED=sort, BLOCK_N=4, BLOCK_W=32), 1)
             yield (f"v3 down {x[1:]} dq={dq}", triton_moe._down_v3_kernel, ptrs,
                    dict(LOG_WPB=3, DOUBLE_QUANT=dq, KE=TOP_K, BLOCK_N=8, BLOCK_W=16), 4)
+            yield from v4_cases(triton_moe, ptrs, x, dq)
         kv = {n: x for n in triton_qkv_write._qkv_write_kernel.arg_names if n.endswith("_ptr")}
         kv.update(pos_ptr="*i64", ring_ptr="*i64")
         for ring in (False, True):
@@ -172,6 +183,23 @@ def compile_cases(arch: int = 90):
         yield from _pdl_cases()
 
 
+def v4_cases(tm, ptrs: dict, x: str, dq: bool, configs: tuple | None = None):
+    """compile_cases() rows of the v4 decode kernels (the table in the lanes) at one x dtype and double
+    quant: gate_up with pairs in order and sorted, down; at the first config of each list, or each of
+    `configs` ((gate_up configs, down configs))."""
+    gate_up, down = configs or (tm.GATE_UP_V4_CONFIGS[:1], tm.DOWN_V4_CONFIGS[:1])
+    for cfg in gate_up:
+        n, w, warps = cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_W"], cfg.num_warps
+        for sort in (False, True):
+            yield (f"v4 gate_up {x[1:]} dq={dq} sorted={sort} n={n} w={w} warps={warps}", tm._gate_up_v4_kernel,
+                   ptrs, dict(ACT=0, LOG_WPB=3, DOUBLE_QUANT=dq, SORTED=sort, LUT_SHFL=True, BLOCK_N=n, BLOCK_W=w),
+                   warps)
+    for cfg in down:
+        n, w, warps = cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_W"], cfg.num_warps
+        yield (f"v4 down {x[1:]} dq={dq} n={n} w={w} warps={warps}", tm._down_v4_kernel, ptrs,
+               dict(LOG_WPB=3, DOUBLE_QUANT=dq, KE=TOP_K, LUT_SHFL=True, BLOCK_N=n, BLOCK_W=w), warps)
+
+
 def _pdl_cases():
     """Every decode kernel once with programmatic dependent launch (PDL=True: griddepcontrol, sm_90 on),
     bf16, at one config each."""
@@ -182,7 +210,10 @@ def _pdl_cases():
     moe = dict(POINTERS, x_ptr=b, y_ptr=b)
     v3 = dict(LOG_WPB=3, DOUBLE_QUANT=False)
     v2 = dict(BLOCKSIZE=64, DOUBLE_QUANT=False, BB=32)
+    v4 = dict(v3, LUT_SHFL=True)
     kernels = [
+        (triton_moe._gate_up_v4_kernel, moe, dict(v4, ACT=0, SORTED=False, BLOCK_N=4, BLOCK_W=128), 1),
+        (triton_moe._down_v4_kernel, moe, dict(v4, KE=TOP_K, BLOCK_N=4, BLOCK_W=32), 1),
         (triton_moe._gate_up_v3_kernel, moe, dict(v3, ACT=0, SORTED=False, BLOCK_N=4, BLOCK_W=32), 1),
         (triton_moe._down_v3_kernel, moe, dict(v3, KE=TOP_K, BLOCK_N=8, BLOCK_W=16), 4),
         (triton_moe._gate_up_v2_kernel, moe, dict(v2, ACT=0, SORTED=False, BLOCK_N=4, BLOCK_K=128), 1),

@@ -278,6 +278,94 @@ def test_v3_with_an_unaligned_code_table():
     assert rel_err(y, bnb_moe(buf, x, ids, w, "silu")) < RTOL
 
 
+# -- the v4 decode kernels (the table in the lanes; under the interpreter it is read from memory) ----
+
+SMALL_V4_TILES = triton_moe.V4Tiles(gate_up_n=8, gate_up_w=4, gate_up_warps=1, down_n=16, down_w=4,
+                                    down_warps=1) if triton_moe else None
+
+
+@needs_triton
+@pytest.mark.parametrize("spec", SPECS, ids=SPEC_IDS)
+def test_v4_matches_bnb(spec):
+    """v4 at its interpreter tiles: steps wider than the rows (the chunks past a row weigh 0, also with
+    double quant, whose masked absmax would be the nested offset), top-3 padded to 4 expert slots."""
+    h, i, e = V3_SHAPES[SPECS.index(spec) % 2]
+    buf = make_buffer(spec, e, h, i)
+    for t, k in ((1, 2), (4, 3)):  # T > 1: the same experts again in another order
+        ids, w = routing(t, k, e, seed=t)
+        x = torch.randn(t, h, generator=torch.Generator().manual_seed(t))
+        y = triton_moe.moe_4bit_triton(x, ids, w, buf.data, *buf.code_tables(), buf.offsets(), h, i, spec.blocksize,
+                                       spec.double_quant, "gelu_pytorch_tanh", blocks="v4")
+        assert rel_err(y, bnb_moe(buf, x, ids, w, "gelu_pytorch_tanh")) < RTOL, (t, k)
+
+
+@needs_triton
+def test_v4_small_tiles_loop_over_rows():
+    """Tiles of one chunk a step: every row takes several steps (the next step's codes requested ahead)."""
+    spec = QuantSpec("nf4", 64, True)
+    h, i, e = 64, 64, 4
+    buf = make_buffer(spec, e, h, i)
+    ids, w = routing(2, 2, e)
+    x = torch.randn(2, h, generator=torch.Generator().manual_seed(2))
+    y = triton_moe.moe_4bit_triton(x, ids, w, buf.data, *buf.code_tables(), buf.offsets(), h, i, spec.blocksize,
+                                   spec.double_quant, "silu", blocks=SMALL_V4_TILES)
+    assert rel_err(y, bnb_moe(buf, x, ids, w, "silu")) < RTOL
+
+
+@needs_triton
+def test_v4_at_the_26b_shape():
+    """26B-A4B's rows: H = 2816 is 2.75 steps of 128 words, I = 704 less than one (the chunks past a row
+    read the last chunk's x / h and weigh 0); an expert repeated across the tokens."""
+    h, i = GEMMA_26B
+    spec = QuantSpec("nf4", 64, True)
+    buf = make_buffer(spec, 3, h, i)
+    ids, w = routing(2, 2, 3)
+    x = torch.randn(2, h, generator=torch.Generator().manual_seed(3))
+    y = triton_moe.moe_4bit_triton(x, ids, w, buf.data, *buf.code_tables(), buf.offsets(), h, i, 64, True,
+                                   "gelu_pytorch_tanh", blocks="v4")
+    assert rel_err(y, bnb_moe(buf, x, ids, w, "gelu_pytorch_tanh")) < RTOL
+
+
+@needs_triton
+def test_v4_top_8_and_bf16():
+    """Eight experts a token in one down tile, x in fp32 and in bf16 (a word's 8 elements read as two
+    loads of 4 either way): bf16 is exact but for rounding y to bf16."""
+    h, i, e = 96, 64, 10
+    spec = QuantSpec("nf4", 64, False)
+    buf = make_buffer(spec, e, h, i)
+    ids, w = routing(2, 8, e)
+    x = torch.randn(2, h, generator=torch.Generator().manual_seed(5))
+    args = (buf.data, *buf.code_tables(), buf.offsets(), h, i, 64, False, "silu")
+    assert rel_err(triton_moe.moe_4bit_triton(x, ids, w, *args, blocks="v4"), bnb_moe(buf, x, ids, w, "silu")) < RTOL
+    x16 = x.bfloat16()
+    y16 = triton_moe.moe_4bit_triton(x16, ids, w, *args, blocks="v4")
+    assert y16.dtype == torch.bfloat16 and rel_err(y16, bnb_moe(buf, x16.float(), ids, w, "silu")) < 8e-3
+
+
+@needs_triton
+def test_use_v4_switches_the_default(monkeypatch):
+    """USE_V4 (off: nothing has timed v4 yet) sends the default decode path to v4 where v3 fits, and
+    leaves the shapes v3 does not take to v2; v4 tiles refuse rows of partial chunks as v3's do."""
+    assert triton_moe.USE_V4 is False
+    used = []
+    for name in ("_moe_4bit_v2", "_moe_4bit_v3", "_moe_4bit_v4"):
+        real = getattr(triton_moe, name)
+        monkeypatch.setattr(triton_moe, name,
+                            lambda *a, real=real, name=name, **kw: used.append(name[-2:]) or real(*a, **kw))
+    monkeypatch.setattr(triton_moe, "USE_V4", True)
+    spec = QuantSpec("nf4", 64, False)
+    for h, i in ((64, 32), (64, 48)):
+        buf = make_buffer(spec, 4, h, i)
+        ids, w = routing(1, 2, 4)
+        x = torch.randn(1, h)
+        y = run_triton(buf, x, ids, w, "silu")
+        assert rel_err(y, bnb_moe(buf, x, ids, w, "silu")) < RTOL
+    assert used == ["v4", "v2"]
+    with pytest.raises(ValueError, match="multiples of 32"):
+        triton_moe.moe_4bit_triton(x, ids, w, buf.data, *buf.code_tables(), buf.offsets(), 64, 48, 64, False,
+                                   "silu", blocks="v4")
+
+
 @needs_triton
 def test_v2_at_the_26b_shape():
     """v2 stays for A/B timing against v3 (blocks="v2"): still exact at 26B-A4B's shapes."""

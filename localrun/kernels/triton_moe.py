@@ -584,6 +584,262 @@ _down_v3_tuned = triton.autotune(DOWN_V3_CONFIGS, key=["H", "I_Q", "T_BUCKET", "
                                  do_bench=_fast_bench, cache_results=True)(_down_v3_kernel)
 
 
+# -- v4: the table in the lanes, and the whole row in flight ------------------------------------
+#
+# Why v2 streams ~0.8 TB/s on the H200 (26B-A4B, T=1; docs/gpu/2026-11-27-h200-resident.md: gate_up
+# 30 x ~16.5 us, down 30 x ~12.5 us; a layer reads gate_up 8 x 2.23 MB and down 8 x 1.11 MB, codes
+# and absmax): both launches are ONE partial wave of small programs, each walking its rows
+# step after step with one step of codes requested ahead. gate_up (4, 128, 1): 8 x 176 = 1408
+# one-warp programs, 10.7 warps an SM, 32 bytes of codes a thread a step, 11 steps: ~11 KB in
+# flight an SM, where the H200 needs ~25-40 KB (31 GB/s an SM x ~0.8-1.2 us of loaded latency);
+# down (8, 64, 4): 352 programs of 4 warps (again 10.7 warps an SM), 1 KB a warp a step, 6 steps
+# (the last half masked): ~11 KB. And each weight costs 8.0-8.7 sm_90 instructions (Triton 3.6):
+# gate_up's 270 K weights an SM are 73 K warp instructions, >= 9.2 us at one instruction a clock
+# per scheduler (1.98 GHz) with only 2.7 warps a scheduler to hide latency; down's 4.3 us. So
+# gate_up is issue-bound and down latency-bound, neither near the 4.4 + 2.2 us that the bytes
+# take at 4.09 TB/s. (v3 cut the instructions to ~7, but its 64-bit table address, ~1.5 of them,
+# stays, and its tiles walk rows in 11 / 6 steps as v2's do.)
+#
+# v4 changes both:
+#   - the 16-value table lives in the lanes: lane l holds code[l % 16], and a nibble's value is a
+#     warp shuffle (shfl.sync.idx reads the low 5 bits of its index, so `words >> shift` needs no
+#     mask): a weight is a shift, a SHFL and an FFMA (~3.5 sm_90 instructions a weight with x's
+#     loads; scripts/sass_stats.py). Inline PTX, so CUDA only; the interpreter (and ROCm) read the
+#     table from memory as v3 does (LUT_SHFL=False), the same arithmetic in the same order.
+#   - tiles as wide as the row: gate_up steps of 128 words (a warp across 512 bytes of each row,
+#     each thread holding 2 x BLOCK_N rows of one 16-byte chunk, so x is loaded once for all of
+#     them): 3 steps for H = 2816, two of them in flight (2/3 of the data at once: ~90 KB an SM);
+#     down tiles [BLOCK_N rows, KE experts, chunks, 4 words] with the rows slowest, so a thread
+#     holds several rows of one expert and reuses h: 1-3 steps.
+# Exact as v2 / v3: fp32 products and sums, the K experts summed in a fixed order.
+
+USE_V4 = False  # True: blocks=None runs v4 (autotuned) where v3 fits, instead of v3 / v2; not yet measured
+
+
+@dataclass(frozen=True)
+class V4Tiles:
+    """v4 tiles: rows per program and code words per row per step (multiples of 4), per kernel."""
+
+    gate_up_n: int = 4
+    gate_up_w: int = 128
+    gate_up_warps: int = 1
+    down_n: int = 4
+    down_w: int = 32
+    down_warps: int = 1
+
+
+INTERPRETER_V4 = V4Tiles(gate_up_n=128, gate_up_w=128, down_n=256, down_w=128)
+
+
+def _cfg4(n, w, warps):
+    return triton.Config({"BLOCK_N": n, "BLOCK_W": w}, num_warps=warps, num_stages=1)
+
+
+# Not yet measured on a GPU. Programs at 26B-A4B, T=1: gate_up 8 x 704 / BLOCK_N, down 2816 / BLOCK_N.
+# A thread holds 2 * BLOCK_N * BLOCK_W / (128 * warps) (gate_up) / 8 * BLOCK_N * BLOCK_W / (128 * warps)
+# (down) chunks of 16 bytes a step.
+GATE_UP_V4_CONFIGS = [_cfg4(n, w, warps) for n, w, warps in (
+    (4, 128, 1), (2, 128, 1), (8, 128, 2), (4, 64, 1), (8, 64, 2), (2, 64, 1), (8, 32, 1), (4, 128, 2))]
+DOWN_V4_CONFIGS = [_cfg4(n, w, warps) for n, w, warps in (
+    (4, 32, 1), (2, 32, 1), (8, 32, 2), (2, 128, 1), (1, 128, 1), (4, 64, 2), (2, 64, 1), (8, 32, 1))]
+
+
+@triton.jit
+def _lane_table(code):
+    """int32 bits of code[lane % 16] in each thread: lanes l and l + 16 hold entry l of the table."""
+    return tl.inline_asm_elementwise(
+        "{ .reg .u32 l; .reg .u64 a; mov.u32 l, %laneid; and.b32 l, l, 15; mul.wide.u32 a, l, 4; "
+        "add.u64 a, a, $1; ld.global.nc.b32 $0, [a]; }",
+        "=r,l", [tl.cast(code, tl.int64)], dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _lane_value(table, idx):
+    """fp32 value that lane idx % 32 holds in `table` (a warp shuffle: every lane of the warp runs it)."""
+    return tl.inline_asm_elementwise("shfl.sync.idx.b32 $0, $1, $2, 0x1f, 0xffffffff;", "=r,r,r", [table, idx],
+                                     dtype=tl.int32, is_pure=True, pack=1).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _code_value(words, j: tl.constexpr, code, table, LUT_SHFL: tl.constexpr):
+    """fp32 code value of nibble j of each (uint32) word: a shuffle from the lanes' table (LUT_SHFL),
+    else a load from the TABLE_ALIGN-aligned table in memory (`_table_value`)."""
+    if LUT_SHFL:
+        shift: tl.constexpr = (j // 2) * 8 + 4 - 4 * (j % 2)
+        if shift > 0:
+            idx = words >> shift  # bits above the nibble pick lane + 16, which holds the same entry
+        else:
+            idx = words
+        return _lane_value(table, idx.to(tl.int32, bitcast=True))
+    else:
+        return _table_value(tl.cast(code, tl.int64), words, j)
+
+
+@triton.jit
+def _word_sums(word, lo, hi, code, table, LUT_SHFL: tl.constexpr):
+    """fp32 sums of code[nibble j] * v[j] over the 8 weights of each (uint32) code word; lo / hi [..., 4] hold
+    each word's vector elements 0-3 / 4-7 (broadcastable to `word` once the last axis is split off)."""
+    lo = tl.reshape(lo, lo.shape[:-1] + [2, 2]).to(tl.float32)  # element j at [j // 2, j % 2]
+    hi = tl.reshape(hi, hi.shape[:-1] + [2, 2]).to(tl.float32)
+    e, o = tl.split(lo)
+    v0, v2 = tl.split(e)
+    v1, v3 = tl.split(o)
+    e, o = tl.split(hi)
+    v4, v6 = tl.split(e)
+    v5, v7 = tl.split(o)
+    s = _code_value(word, 0, code, table, LUT_SHFL) * v0
+    s += _code_value(word, 1, code, table, LUT_SHFL) * v1
+    s += _code_value(word, 2, code, table, LUT_SHFL) * v2
+    s += _code_value(word, 3, code, table, LUT_SHFL) * v3
+    s += _code_value(word, 4, code, table, LUT_SHFL) * v4
+    s += _code_value(word, 5, code, table, LUT_SHFL) * v5
+    s += _code_value(word, 6, code, table, LUT_SHFL) * v6
+    s += _code_value(word, 7, code, table, LUT_SHFL) * v7
+    return s
+
+
+@triton.jit
+def _chunk_sums_v4(words4, vec_ptr, code, table, LUT_SHFL: tl.constexpr):
+    """fp32 [...] sums over the 32 weights of each chunk: words4 [..., 2, 2] holds the chunk's 4 code words
+    (word q at [q // 2, q % 2], a [..., 4] load reshaped), vec_ptr [...] its first word's vector element
+    (in bounds: no mask). The words are split in the thread that loaded them (one 16-byte load), and a
+    word's vector elements come as two loads of 4 (in one thread whether bf16 or fp32), so every operand
+    of the sums has the chunk's layout: x / h need no exchange between threads."""
+    words4 = words4.to(tl.uint32, bitcast=True)
+    w02, w13 = tl.split(words4)
+    w0, w2 = tl.split(w02)
+    w1, w3 = tl.split(w13)
+    vp = tl.expand_dims(vec_ptr, -1) + tl.arange(0, 4)  # [..., 4]
+    s = _word_sums(w0, tl.load(vp), tl.load(vp + 4), code, table, LUT_SHFL)
+    s += _word_sums(w1, tl.load(vp + 8), tl.load(vp + 12), code, table, LUT_SHFL)
+    s += _word_sums(w2, tl.load(vp + 16), tl.load(vp + 20), code, table, LUT_SHFL)
+    s += _word_sums(w3, tl.load(vp + 24), tl.load(vp + 28), code, table, LUT_SHFL)
+    return s
+
+
+@triton.jit
+def _absmax_or_0(buf_u8, buf_f32, base, base32, blk, mask, absmax_off, nested_off32, offset_off32, nested_code,
+                 DOUBLE_QUANT: tl.constexpr):
+    """`_absmax`, 0 where masked (with double quant a masked block would get the nested offset): v4 reads
+    x / h unmasked, so a chunk past the row or of a padded expert slot must weigh 0."""
+    am = _absmax(buf_u8, buf_f32, base, base32, blk, mask, absmax_off, nested_off32, offset_off32, nested_code,
+                 DOUBLE_QUANT)
+    return tl.where(mask, am, 0.0)
+
+
+@triton.jit
+def _gate_up_v4_kernel(x_ptr, ids_ptr, order_ptr, h_ptr, buf_i32, buf_u8, buf_f32, code, nested_code,
+                       expert_bytes, codes_off, absmax_off, nested_off32, offset_off32,
+                       K, H_Q, I, stride_xt, T_BUCKET,
+                       ACT: tl.constexpr, LOG_WPB: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+                       SORTED: tl.constexpr, LUT_SHFL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+                       PDL: tl.constexpr = False):
+    """H_Q: code words per row (H / 8); LOG_WPB: log2 of the words per quantization block.
+    Tile [2 * BLOCK_N rows (gate rows, then the same up rows), BLOCK_W words], split in the threads into
+    [rows, BLOCK_W / 4 chunks, 2, 2] (a 2-D load: Triton 3.6 puts chunks, not rows, on the lanes)."""
+    pdl_start(PDL)
+    if SORTED:
+        p = tl.load(order_ptr + tl.program_id(0)).to(tl.int64)
+    else:
+        p = tl.program_id(0).to(tl.int64)
+    t = p // K
+    e = tl.load(ids_ptr + p).to(tl.int64)
+    base = e * expert_bytes
+    base32 = base // 4
+    table = 0
+    if LUT_SHFL:
+        table = _lane_table(code)
+    NC: tl.constexpr = BLOCK_W // 4
+    rr = tl.arange(0, 2 * BLOCK_N)
+    r = tl.program_id(1) * BLOCK_N + rr % BLOCK_N
+    mask_r = r < I
+    row_w = ((rr // BLOCK_N) * I + r) * H_Q  # [2BN] first word of each row
+    codes = buf_i32 + base32 + codes_off // 4 + row_w[:, None]
+    ch = tl.arange(0, NC) * 4
+    wq = tl.arange(0, BLOCK_W)
+    x_row = x_ptr + t * stride_xt
+    c0 = ch
+    m2 = mask_r[:, None] & (c0 < H_Q)[None, :]
+    words = tl.load(codes + wq[None, :], mask=mask_r[:, None] & (wq < H_Q)[None, :], other=0)
+    am = _absmax_or_0(buf_u8, buf_f32, base, base32, (row_w[:, None] + c0[None, :]) >> LOG_WPB, m2, absmax_off,
+                 nested_off32, offset_off32, nested_code, DOUBLE_QUANT)
+    acc = tl.zeros([2 * BLOCK_N, NC], dtype=tl.float32)
+    for kb in range(0, H_Q, BLOCK_W):
+        c1 = kb + BLOCK_W + ch  # the next step's chunks, requested before this step's math
+        m2n = mask_r[:, None] & (c1 < H_Q)[None, :]
+        wn = kb + BLOCK_W + wq
+        words_n = tl.load(codes + wn[None, :], mask=mask_r[:, None] & (wn < H_Q)[None, :], other=0)
+        am_n = _absmax_or_0(buf_u8, buf_f32, base, base32, (row_w[:, None] + c1[None, :]) >> LOG_WPB, m2n, absmax_off,
+                       nested_off32, offset_off32, nested_code, DOUBLE_QUANT)
+        # x of the chunks past the row: the last chunk's (finite; their absmax is 0), no mask to apply
+        cw = tl.minimum(kb + ch, H_Q - 4)[None, :]  # [1, NC] first word of each chunk
+        acc += _chunk_sums_v4(tl.reshape(words, [2 * BLOCK_N, NC, 2, 2]), x_row + cw * 8, code, table,
+                              LUT_SHFL) * am
+        words, am = words_n, am_n
+    gu = tl.reshape(tl.sum(acc, axis=1), [2, BLOCK_N])
+    which = tl.arange(0, 2)[:, None]
+    gate = tl.sum(tl.where(which == 0, gu, 0.0), axis=0)
+    up = tl.sum(tl.where(which == 1, gu, 0.0), axis=0)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    tl.store(h_ptr + p * I + rn, _act(gate, ACT) * up, mask=rn < I)
+
+
+@triton.jit
+def _down_v4_kernel(h_ptr, ids_ptr, w_ptr, y_ptr, buf_i32, buf_u8, buf_f32, code, nested_code,
+                    expert_bytes, codes_off, absmax_off, nested_off32, offset_off32,
+                    K, H, I, I_Q, stride_yt, T_BUCKET,
+                    LOG_WPB: tl.constexpr, DOUBLE_QUANT: tl.constexpr, KE: tl.constexpr, LUT_SHFL: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, PDL: tl.constexpr = False):
+    """I_Q: code words per row (I / 8). Tile [BLOCK_N rows, KE experts, BLOCK_W / 4 chunks, 4 words]:
+    the rows vary slowest, so a thread holds rows of the same expert and chunk and loads h once for them."""
+    pdl_start(PDL)
+    t = tl.program_id(1).to(tl.int64)
+    table = 0
+    if LUT_SHFL:
+        table = _lane_table(code)
+    NC: tl.constexpr = BLOCK_W // 4
+    kk = tl.arange(0, KE)
+    mask_k = kk < K
+    p = t * K + kk  # [KE] pairs of this token
+    e = tl.load(ids_ptr + p, mask=mask_k, other=0).to(tl.int64)  # padded slots: expert 0, masked off
+    wk = tl.load(w_ptr + p, mask=mask_k, other=0.0).to(tl.float32)
+    base = (e * expert_bytes)[None, :, None]  # [1, KE, 1]
+    base32 = base // 4
+    r = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_r = r < H
+    row_w = (r * I_Q)[:, None, None]  # [BN, 1, 1]
+    codes = (buf_i32 + base32 + codes_off // 4 + row_w)[:, :, :, None]  # [BN, KE, 1, 1]
+    h_rows = (h_ptr + (t * K + tl.minimum(kk, K - 1)) * I)[None, :, None]  # [1, KE, 1]; padded slots: the last pair's
+    m_rk = mask_r[:, None, None] & mask_k[None, :, None]
+    ch = tl.arange(0, NC) * 4
+    q = tl.arange(0, 4)[None, None, None, :]
+    c0 = ch[None, None, :]
+    m3 = m_rk & (c0 < I_Q)
+    words = tl.load(codes + c0[:, :, :, None] + q, mask=m3[:, :, :, None], other=0)
+    am = _absmax_or_0(buf_u8, buf_f32, base, base32, (row_w + c0) >> LOG_WPB, m3, absmax_off, nested_off32,
+                 offset_off32, nested_code, DOUBLE_QUANT)
+    acc = tl.zeros([BLOCK_N, KE, NC], dtype=tl.float32)
+    for kb in range(0, I_Q, BLOCK_W):
+        c1 = (kb + BLOCK_W + ch)[None, None, :]
+        m3n = m_rk & (c1 < I_Q)
+        words_n = tl.load(codes + c1[:, :, :, None] + q, mask=m3n[:, :, :, None], other=0)
+        am_n = _absmax_or_0(buf_u8, buf_f32, base, base32, (row_w + c1) >> LOG_WPB, m3n, absmax_off, nested_off32,
+                       offset_off32, nested_code, DOUBLE_QUANT)
+        cw = tl.minimum(kb + ch, I_Q - 4)[None, None, :]  # [1, 1, NC]; past the row: the last chunk (am 0 there)
+        acc += _chunk_sums_v4(tl.reshape(words, [BLOCK_N, KE, NC, 2, 2]), h_rows + cw * 8, code, table,
+                              LUT_SHFL) * am
+        words, am = words_n, am_n
+    d = tl.sum(acc, axis=2)  # [BN, KE]
+    y = tl.sum(d * wk[None, :], axis=1)  # fixed-order sum over the K experts
+    tl.store(y_ptr + t * stride_yt + r, y.to(y_ptr.dtype.element_ty), mask=mask_r)
+
+
+_gate_up_v4_tuned = triton.autotune(GATE_UP_V4_CONFIGS, key=["H_Q", "I", "T_BUCKET", "K", "LOG_WPB", "DOUBLE_QUANT"],
+                                    do_bench=_fast_bench, cache_results=True)(_gate_up_v4_kernel)
+_down_v4_tuned = triton.autotune(DOWN_V4_CONFIGS, key=["H", "I_Q", "T_BUCKET", "K", "LOG_WPB", "DOUBLE_QUANT"],
+                                 do_bench=_fast_bench, cache_results=True)(_down_v4_kernel)
+
+
 def v3_fits(hidden: int, inter: int, blocksize: int) -> bool:
     """v3 reads rows as whole 32-weight chunks, each inside one quantization block."""
     return (hidden % CHUNK_WEIGHTS == 0 and inter % CHUNK_WEIGHTS == 0 and blocksize >= CHUNK_WEIGHTS
@@ -691,6 +947,44 @@ def _down_v2(c: _Call, tiles: Tiles | None) -> None:
             *args, **meta, BLOCK_N=n, BLOCK_K=tiles.down_k, num_warps=tiles.down_warps, num_stages=tiles.num_stages)
 
 
+def _lut_shfl(device: torch.device) -> bool:
+    """v4 reads its table with a warp shuffle (inline PTX): on NVIDIA GPUs, not under the interpreter or ROCm."""
+    return device.type == "cuda" and torch.version.hip is None and not interpreted()
+
+
+def _gate_up_v4(c: _Call, tiles: V4Tiles | None) -> None:
+    meta = dict(ACT=ACT_CODES[c.act], LOG_WPB=(c.blocksize // 8).bit_length() - 1, DOUBLE_QUANT=c.double_quant,
+                SORTED=c.T > 1, LUT_SHFL=_lut_shfl(c.x.device), **triton_pdl.launch(c.x.device))
+    args = c.common("gate_up")
+    if tiles is None:
+        _gate_up_v4_tuned[lambda m: (c.T * c.K, triton.cdiv(c.I, m["BLOCK_N"]))](*args, **meta)
+    else:
+        _gate_up_v4_kernel[(c.T * c.K, triton.cdiv(c.I, tiles.gate_up_n))](
+            *args, **meta, BLOCK_N=tiles.gate_up_n, BLOCK_W=tiles.gate_up_w, num_warps=tiles.gate_up_warps,
+            num_stages=1)
+
+
+def _down_v4(c: _Call, tiles: V4Tiles | None) -> None:
+    meta = dict(LOG_WPB=(c.blocksize // 8).bit_length() - 1, DOUBLE_QUANT=c.double_quant,
+                KE=triton.next_power_of_2(c.K), LUT_SHFL=_lut_shfl(c.x.device), **triton_pdl.launch(c.x.device))
+    args = c.common("down")
+    if tiles is None:
+        _down_v4_tuned[lambda m: (triton.cdiv(c.H, m["BLOCK_N"]), c.T)](*args, **meta)
+    else:
+        _down_v4_kernel[(triton.cdiv(c.H, tiles.down_n), c.T)](
+            *args, **meta, BLOCK_N=tiles.down_n, BLOCK_W=tiles.down_w, num_warps=tiles.down_warps, num_stages=1)
+
+
+def _moe_4bit_v4(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden, inter, blocksize, double_quant,
+                 act, tiles: V4Tiles | None) -> torch.Tensor:
+    """The v4 kernels: autotuned on CUDA (tiles None), else with `tiles`."""
+    c = _prepare(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden, inter, blocksize, double_quant,
+                 act)
+    _gate_up_v4(c, tiles)
+    _down_v4(c, tiles)
+    return c.y
+
+
 STAGES = {"gate_up": {"v3": _gate_up_v3, "v2": _gate_up_v2}, "down": {"v3": _down_v3, "v2": _down_v2}}
 # (stage, _Call.key()) -> the version that ran it faster, timed on its first call (the version of
 # Triton decides: compiled for sm_90 by Triton 3.6, v3's down loop issues more instructions than v2's,
@@ -768,16 +1062,16 @@ def _check_even_rows(hidden: int, inter: int) -> None:
 def moe_4bit_triton(x_TH: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor, experts: torch.Tensor,
                     code: torch.Tensor, nested_code: torch.Tensor, offsets: list[int], hidden: int, inter: int,
                     blocksize: int, double_quant: bool, act: str,
-                    blocks: V3Tiles | Tiles | Blocks | str | None = None) -> torch.Tensor:
+                    blocks: V4Tiles | V3Tiles | Tiles | Blocks | str | None = None) -> torch.Tensor:
     """y_TH = sum_k w[t,k] * expert_{ids[t,k]}(x[t]) over the [E, nbytes] uint8 expert rows (see module
     docstring; the arguments are those of the localrun::moe_4bit op). Returns x's dtype.
 
     `blocks`: None = the best kernels for the shape: from GROUPED_MIN_TOKENS tokens the grouped GEMMs
     (`moe_4bit_grouped`, the prefill path; also for rows of an odd number of weights, which the GEMV
-    kernels cannot read), else where v3 fits (`v3_fits`; USE_V3) each stage the
+    kernels cannot read), else where v3 fits (`v3_fits`) v4 if USE_V4, else (USE_V3) each stage the
     faster of v3 and v2 (`_run_stage`, on CUDA), else v2, else v1; autotuned on CUDA, fixed tiles
-    when interpreted. "v3" / "v2" = those kernels alone, autotuned (A/B timing). A V3Tiles / Tiles /
-    Blocks = the v3 / v2 / v1 kernels with those tiles."""
+    when interpreted. "v4" / "v3" / "v2" = those kernels alone, autotuned (A/B timing). A V4Tiles /
+    V3Tiles / Tiles / Blocks = the v4 / v3 / v2 / v1 kernels with those tiles."""
     if blocks is None and (ids_TK.shape[0] >= GROUPED_MIN_TOKENS or hidden % 2 or inter % 2):
         return moe_4bit_grouped(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden, inter, blocksize,
                                 double_quant, act)
@@ -786,6 +1080,14 @@ def moe_4bit_triton(x_TH: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor
         return _moe_4bit_v1(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden, inter, blocksize,
                             double_quant, act, blocks)
     _check(x_TH, ids_TK, experts, hidden)
+    if isinstance(blocks, V4Tiles) or blocks == "v4" or (blocks is None and USE_V4 and v3_fits(hidden, inter,
+                                                                                            blocksize)):
+        if not v3_fits(hidden, inter, blocksize):
+            raise ValueError(f"the v4 kernels need H and I multiples of {CHUNK_WEIGHTS} and a power-of-two "
+                             f"blocksize >= {CHUNK_WEIGHTS}, got H={hidden}, I={inter}, blocksize {blocksize}")
+        tiles = blocks if isinstance(blocks, V4Tiles) else INTERPRETER_V4 if interpreted() else None
+        return _moe_4bit_v4(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden, inter, blocksize,
+                            double_quant, act, tiles)
     if isinstance(blocks, V3Tiles) or blocks == "v3" or (blocks is None and USE_V3 and v3_fits(hidden, inter,
                                                                                             blocksize)):
         if not v3_fits(hidden, inter, blocksize):
@@ -1028,7 +1330,8 @@ def moe_4bit_grouped(x_TH: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tenso
 def tuned_configs(kernels: str = "v3") -> dict:
     """The configs the autotuner picked for the last shape it ran (None before the first CUDA call),
     with every config's time where Triton kept them (`configs_timings`: ms at the 0.5/0.2/0.8 quantiles)."""
-    pair = {"v3": (_gate_up_v3_tuned, _down_v3_tuned), "v2": (_gate_up_v2_tuned, _down_v2_tuned)}[kernels]
+    pair = {"v4": (_gate_up_v4_tuned, _down_v4_tuned), "v3": (_gate_up_v3_tuned, _down_v3_tuned),
+            "v2": (_gate_up_v2_tuned, _down_v2_tuned)}[kernels]
     out = {}
     for name, tuner in zip(("gate_up", "down"), pair):
         out[name] = str(getattr(tuner, "best_config", None))
@@ -1065,8 +1368,8 @@ def _moe_4bit_v1(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden
 # -- benchmark (scripts/gpu_check.py calls this on a lent GPU) --------------------------------
 
 # benchmark_moe_4bit's default on CUDA: the default (None: per stage the faster of v3 and v2 where v3
-# fits), v3 and v2 each alone, autotuned, and v1's best tile on the H200
-SWEEP = (None, "v3", "v2", Blocks(4, 128, 8, 64, 2))
+# fits; v4 with USE_V4), v4, v3 and v2 each alone, autotuned, and v1's best tile on the H200
+SWEEP = (None, "v4", "v3", "v2", Blocks(4, 128, 8, 64, 2))
 
 
 def random_buffer(num_experts: int, hidden: int, inter: int, quant_type: str = "nf4", blocksize: int = 64,
@@ -1092,12 +1395,13 @@ def random_buffer(num_experts: int, hidden: int, inter: int, quant_type: str = "
     return buf
 
 
-def _config_name(blocks, v3: bool = True) -> str:
+def _config_name(blocks, v3: bool = True, v4: bool = False) -> str:
     if blocks is None:
-        return "default (per stage the faster of v3 and v2)" if v3 else "v2 autotuned"
-    if blocks in ("v2", "v3"):
+        return "default (v4)" if v4 else "default (per stage the faster of v3 and v2)" if v3 else "v2 autotuned"
+    if blocks in ("v2", "v3", "v4"):
         return f"{blocks} autotuned"
-    kind = "v1" if isinstance(blocks, Blocks) else "v3" if isinstance(blocks, V3Tiles) else "v2"
+    kind = ("v1" if isinstance(blocks, Blocks) else "v3" if isinstance(blocks, V3Tiles)
+            else "v4" if isinstance(blocks, V4Tiles) else "v2")
     return f"{kind} {blocks!r}"
 
 
@@ -1136,7 +1440,7 @@ def benchmark_moe_4bit(device: torch.device | str = "cuda", num_experts: int = 1
     """One MoE layer of random 4-bit experts (default: Gemma 4 26B-A4B, NF4, top-8, one token).
 
     Checks the kernel against `moe_4bit.reference` in fp32 (max_rel_err), times each tile config
-    in `configs` at `dtype` (default: SWEEP on CUDA, None and "v2" interpreted; from
+    in `configs` at `dtype` (default: SWEEP on CUDA, None, "v4" and "v2" interpreted; from
     GROUPED_MIN_TOKENS tokens the default kernels alone), eager and CUDA-graph replayed, and (baseline) the per-expert bitsandbytes backend quant.ffn.QuantizedExperts on the
     same bytes. bytes_per_call counts the distinct experts the call reads; gbps = bytes / time.
     `dry`: a scaled-down layer (scripts/gpu_check.py --dry on the CPU, where the kernels need
@@ -1158,7 +1462,7 @@ def benchmark_moe_4bit(device: torch.device | str = "cuda", num_experts: int = 1
     args = (buf.data, *buf.code_tables(), buf.offsets(), hidden, inter, blocksize, double_quant, act)
     if configs is None:  # a prefill-sized call: the grouped GEMMs alone (the GEMV kernels' A/B is a decode's)
         configs = ((None,) if tokens >= GROUPED_MIN_TOKENS else SWEEP if device.type == "cuda" and not interpreted()
-                   else (None, "v2"))
+                   else (None, "v4", "v2"))
 
     ref = reference(x, ids, w, *args)
     xd = x.to(dtype)
@@ -1168,16 +1472,17 @@ def benchmark_moe_4bit(device: torch.device | str = "cuda", num_experts: int = 1
            "bytes_per_call": int(torch.unique(ids).numel()) * buf.layout.nbytes, "configs": {}}
     best, best_us, errs = "unset", math.inf, []
     v3 = USE_V3 and v3_fits(hidden, inter, blocksize)
+    v4 = USE_V4 and v3_fits(hidden, inter, blocksize)
     for blocks in configs:
         y = moe_4bit_triton(x, ids, w, *args, blocks=blocks)  # fp32: the autotuner keys on it separately
         errs.append(((y - ref).abs().max() / ref.abs().max()).item())
         run = lambda blocks=blocks: moe_4bit_triton(xd, ids, w, *args, blocks=blocks)  # noqa: E731
         run()  # autotunes the kernels at this dtype before timing
         us = _time_us(run, iters, device)
-        name = _config_name(blocks, v3)
+        name = _config_name(blocks, v3, v4)
         out["configs"][name] = {"us_per_call": round(us, 2), "gbps": round(out["bytes_per_call"] / us / 1e3, 1),
                                 "max_rel_err": errs[-1]}
-        if blocks in ("v2", "v3"):
+        if blocks in ("v2", "v3", "v4"):
             out.setdefault("autotuned", {})[name] = tuned_configs(blocks)
         if blocks is None:
             out["stage_picks"] = {" ".join(map(str, key)): version for key, version in _PICKS.items()}
@@ -1192,7 +1497,7 @@ def benchmark_moe_4bit(device: torch.device | str = "cuda", num_experts: int = 1
             us = g_us  # the decode step replays a graph: launch overhead is not the kernels' time
         if us < best_us:
             best, best_us = blocks, us
-    best_name = _config_name(best, v3)
+    best_name = _config_name(best, v3, v4)
     best_us = out["configs"][best_name]["us_per_call"]
     out.update(max_rel_err=max(errs), best_config=best_name, us_per_call=best_us,
                gbps=out["bytes_per_call"] / best_us / 1e3)
