@@ -24,8 +24,9 @@ Steps:
              kernel launches and host syncs per decoded token; once every expert resident, once
              under a forced 16 GiB budget; the graphs step with each default decode kernel off
              (speed_graphs_without_NAME) and each opt-in one on (speed_graphs_with_NAME,
-             per_token_graphs_with_NAME, tokens_graphs_with_NAME), and with the v3 MoE decode kernels
-             where faster per stage instead of v2 alone (speed_graphs_with_v3_moe, ...); all resident, the 512-token prefill
+             per_token_graphs_with_NAME, tokens_graphs_with_NAME), with the v3 MoE decode kernels
+             where faster per stage instead of v2 alone (speed_graphs_with_v3_moe, ...) and with v4
+             instead of either (speed_graphs_with_v4_moe, ...); all resident, the 512-token prefill
              through the grouped 4-bit GEMMs vs each hit expert dequantized for dense matmuls
              (prefill_grouped_gemm, prefill_dequantize_per_expert), and with the full layers' flash
              attention kernel off (prefill_without_flash_attention); memory against the plan: what the
@@ -34,7 +35,7 @@ Steps:
              capturing the decode graphs adds per span bucket (graph_memory), and at 16 GiB an
              8K-token prompt under the plan's budget: peak vs budget and workspace, out of memory or
              not, prefill tok/s (long_prompt; GPU_CHECK_LONG_PROMPT sets its tokens, 0 skips it)
-  kernels    4-bit MoE kernels vs bitsandbytes at 26B-A4B's shapes (decode: v3, v2 and v1 with every
+  kernels    4-bit MoE kernels vs bitsandbytes at 26B-A4B's shapes (decode: v4, v3, v2 and v1 with every
              autotune config's time; the grouped GEMMs at 512 tokens); split-key
              decode attention vs SDPA; a full layer's prefill attention (512 new tokens after 0 / 8192 /
              32768 keys), the flash kernel vs SDPA's math backend (time, error, peak bytes; its tile
@@ -523,6 +524,12 @@ def big_model_run(dry: bool, dev, load_kwargs: dict, rows: dict, long_prompt: bo
                 timed(f"per_token_{tag}", lambda: per_token_counts(model, short, dev, mode, loaded.kv), rows)
             timed(f"tokens_{tag}", lambda mode=mode: divergence_when(
                 lambda: moe_v3_switched(other, loaded.kv), model, short, dev, mode, loaded.kv), rows)
+            with moe_v4_switched(True, loaded.kv):  # opt-in (triton_moe.USE_V4): the table in the lanes
+                timed(f"speed_{mode}_with_v4_moe", rates, rows)
+                timed(f"per_token_{mode}_with_v4_moe", lambda: per_token_counts(model, short, dev, mode, loaded.kv),
+                      rows)
+            timed(f"tokens_{mode}_with_v4_moe", lambda mode=mode: divergence_when(
+                lambda: moe_v4_switched(True, loaded.kv), model, short, dev, mode, loaded.kv), rows)
             with pdl_switched(True, loaded.kv):  # opt-in: each kernel placed while the one before ends
                 timed(f"speed_{mode}_with_pdl", rates, rows)
                 timed(f"per_token_{mode}_with_pdl", lambda: per_token_counts(model, short, dev, mode, loaded.kv),
@@ -824,6 +831,13 @@ def moe_v3_switched(on: bool, cache):
     from localrun.kernels import triton_moe
 
     return setting(triton_moe, "USE_V3", on, cache)
+
+
+def moe_v4_switched(on: bool, cache):
+    """Within: the v4 4-bit MoE decode kernels on or off (on: v4 wherever v3 fits, neither v3 nor v2)."""
+    from localrun.kernels import triton_moe
+
+    return setting(triton_moe, "USE_V4", on, cache)
 
 
 def pdl_switched(on: bool, cache):

@@ -1,8 +1,8 @@
 """scripts/sass_stats.py: localrun's MoE decode kernels compiled for sm_90 on this (CPU) machine.
 
 What it checks is static, not a timing: every tile config the autotuner may pick compiles for
-sm_90 without spilling registers, each weight costs its table load and its FMA and little else,
-and v3's best config issues fewer instructions per weight than v2's. It skips where triton or its
+sm_90 without spilling registers, each weight costs its table load (v4: its shuffle) and its FMA and
+little else, and v3's and v4's best configs issue fewer instructions per weight than v2's. It skips where triton or its
 bundled ptxas is absent.
 """
 
@@ -40,7 +40,7 @@ def compiled_in_child(script: str):
     return json.loads(run.stdout)
 
 
-def test_v3_loops_issue_fewer_instructions_than_v2_and_never_spill():
+def test_v3_and_v4_loops_issue_fewer_instructions_than_v2_and_never_spill():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile, do not interpret
     run = subprocess.run([sys.executable, str(ROOT / "scripts" / "sass_stats.py"), "--json"], env=env,
                          capture_output=True, text=True, timeout=600)
@@ -60,6 +60,19 @@ def test_v3_loops_issue_fewer_instructions_than_v2_and_never_spill():
         ops = row["ops"]
         assert ops.get("FFMA", 0) * 0.9 <= row["weights_per_thread_step"] <= ops.get("LDG", 0), (name, row)
         assert row["instructions_per_weight"] < 14, (name, row)
+    v4 = {name: row for name, row in rows.items() if name.startswith("v4 ")}
+    assert len(v4) == 16
+    for name, row in v4.items():  # each weight: a shift, its shuffle from the lanes' table and its FMA
+        ops = row["ops"]
+        assert ops.get("SHFL", 0) >= row["weights_per_thread_step"] >= ops.get("FFMA", 0) * 0.9, (name, row)
+        assert ops.get("LDG", 0) < row["weights_per_thread_step"] / 4, (name, row)  # no table loads
+        assert row["instructions_per_weight"] < 7, (name, row)
+    for stage in ("gate_up", "down"):  # the first config of each list, the shape v4 is built for:
+        name = next(n for n in v4 if n.startswith(f"v4 {stage} "))  # under 4.5 a weight, nothing through shared memory
+        ops = v4[name]["ops"]
+        assert v4[name]["instructions_per_weight"] < 4.5 and not {"BAR", "STS", "LDS"} & set(ops), (name, v4[name])
+        best_v2 = min(r["instructions_per_weight"] for n, r in rows.items() if n.startswith(f"v2 {stage} "))
+        assert v4[name]["instructions_per_weight"] < best_v2 / 1.9, (name, best_v2)
 
 
 def _triton_minor() -> tuple[int, int]:
@@ -76,9 +89,9 @@ def test_the_decode_steps_newer_kernels_compile_for_sm90():
     assert run.returncode == 0, run.stderr[-2000:]
     rows = json.loads(run.stdout)
     assert len(rows) >= 60 and all(row["cubin_bytes"] > 1000 and row["local_bytes"] == 0 for row in rows.values()), rows
-    assert {"grouped", "gemv", "v3", "qkv_write", "ffn_residual", "rope_rows", "decode_partial", "pdl",
+    assert {"grouped", "gemv", "v3", "v4", "qkv_write", "ffn_residual", "rope_rows", "decode_partial", "pdl",
             "prefill_attention"} == {name.split()[0] for name in rows}
-    assert len([name for name in rows if name.startswith("pdl ")]) == 16  # every decode kernel with PDL on
+    assert len([name for name in rows if name.startswith("pdl ")]) == 18  # every decode kernel with PDL on
 
 
 def test_pdl_variants_only_from_sm90():
@@ -87,7 +100,7 @@ def test_pdl_variants_only_from_sm90():
     import sass_stats
 
     assert not [case[0] for case in sass_stats.compile_cases(86) if case[0].startswith("pdl ")]
-    assert len([case[0] for case in sass_stats.compile_cases(90) if case[0].startswith("pdl ")]) == 16
+    assert len([case[0] for case in sass_stats.compile_cases(90) if case[0].startswith("pdl ")]) == 18
 
 
 GROUPED_FIT = """
@@ -204,3 +217,27 @@ def test_decode_kernels_compile_for_sm86():
     """`--compile-only --arch 86` (or 89): a kernel whose PDL constexpr the case leaves at its default
     compiles without griddepcontrol, which ptxas refuses below sm_90."""
     assert len(compiled_in_child(OLDER_ARCH)) == 3
+
+
+V4_FIT = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import sass_stats
+from localrun.kernels import triton_moe as tm
+rows = {}
+configs = (tm.GATE_UP_V4_CONFIGS, tm.DOWN_V4_CONFIGS)
+for name, fn, ptrs, consts, warps in sass_stats.v4_cases(tm, dict(sass_stats.POINTERS), "*bf16", False, configs):
+    if " sorted=True " not in name:
+        kernel = sass_stats.compile_kernel(fn, consts, warps, 89, ptrs)
+        rows[name] = [kernel.metadata.shared, sass_stats.inspect(kernel, sass=False)["local_bytes"]]
+print(json.dumps(rows))
+"""
+
+
+@pytest.mark.skipif(_ptxas() is None, reason="triton with its NVIDIA backend tools is not installed")
+def test_every_v4_config_fits_a_consumer_gpu_block():
+    """The v4 decode kernels (a warp shuffle reads the table: any NVIDIA GPU) at every autotune config,
+    compiled for an RTX 4090 (sm_89): within its 99 KiB of shared memory a block, no spills."""
+    rows = compiled_in_child(V4_FIT)
+    assert len(rows) == 16
+    assert all(shared <= 99 << 10 and local == 0 for shared, local in rows.values()), rows

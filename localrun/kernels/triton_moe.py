@@ -586,32 +586,37 @@ _down_v3_tuned = triton.autotune(DOWN_V3_CONFIGS, key=["H", "I_Q", "T_BUCKET", "
 
 # -- v4: the table in the lanes, and the whole row in flight ------------------------------------
 #
-# Why v2 streams ~0.8 TB/s on the H200 (26B-A4B, T=1; docs/gpu/2026-11-27-h200-resident.md: gate_up
-# 30 x ~16.5 us, down 30 x ~12.5 us; a layer reads gate_up 8 x 2.23 MB and down 8 x 1.11 MB, codes
-# and absmax): both launches are ONE partial wave of small programs, each walking its rows
-# step after step with one step of codes requested ahead. gate_up (4, 128, 1): 8 x 176 = 1408
-# one-warp programs, 10.7 warps an SM, 32 bytes of codes a thread a step, 11 steps: ~11 KB in
-# flight an SM, where the H200 needs ~25-40 KB (31 GB/s an SM x ~0.8-1.2 us of loaded latency);
-# down (8, 64, 4): 352 programs of 4 warps (again 10.7 warps an SM), 1 KB a warp a step, 6 steps
-# (the last half masked): ~11 KB. And each weight costs 8.0-8.7 sm_90 instructions (Triton 3.6):
-# gate_up's 270 K weights an SM are 73 K warp instructions, >= 9.2 us at one instruction a clock
-# per scheduler (1.98 GHz) with only 2.7 warps a scheduler to hide latency; down's 4.3 us. So
-# gate_up is issue-bound and down latency-bound, neither near the 4.4 + 2.2 us that the bytes
-# take at 4.09 TB/s. (v3 cut the instructions to ~7, but its 64-bit table address, ~1.5 of them,
-# stays, and its tiles walk rows in 11 / 6 steps as v2's do.)
-#
+# Why v2 streams ~0.8 TB/s on the H200 (26B-A4B, T=1, CUDA graphs; docs/gpu/2026-11-27-h200-resident:
+# gate_up 30 x ~16.5 us, down 30 x ~12.5 us a token; a layer reads 8 experts' gate_up, 2.23 MB each
+# with absmax, 17.8 MB, and down, 8.9 MB: 6.5 us at the 4.09 TB/s copy bandwidth, 29 us measured):
+#   - both launches are ONE partial wave: gate_up (4, 128, 1) is 8 x 176 = 1,408 one-warp programs,
+#     down (8, 64, 4) 352 programs of 4 warps: 10.7 warps an SM (2.7 a scheduler) for 132 SMs;
+#   - each walks its rows in 11 (gate_up, 128 bytes a row a step) / 6 (down, 64 bytes, the last step
+#     half masked) steps with one step of codes requested ahead: 32 bytes a thread, ~11 KB in flight
+#     an SM, where 31 GB/s an SM x ~0.8-1.2 us of loaded latency asks for 25-40 KB: ~1/3 of the
+#     bandwidth at best (135 KB an SM / 11 KB = 12 round trips for gate_up);
+#   - each weight costs 8.7 (gate_up) / 8.0 (down) sm_90 instructions (Triton 3.6, the H200's;
+#     scripts/sass_stats.py; 16.5 / 22.5 under 3.9): gate_up's 270 K weights an SM are 73 K warp
+#     instructions, 9.2 us at one a clock per scheduler (1.98 GHz), down's 4.3 us, with 2.7 warps a
+#     scheduler to hide the latency of each dependent step. Loads are 128-bit, the autotune lists
+#     have whole-row configs ((2, 1024, 4)), but the pick keeps the instructions down at the cost of
+#     the bytes in flight. v3 cut the instructions to ~7 (its table address is 64-bit: ~1.5 of them
+#     a weight) with tiles that still walk rows in 6-11 steps.
 # v4 changes both:
-#   - the 16-value table lives in the lanes: lane l holds code[l % 16], and a nibble's value is a
-#     warp shuffle (shfl.sync.idx reads the low 5 bits of its index, so `words >> shift` needs no
-#     mask): a weight is a shift, a SHFL and an FFMA (~3.5 sm_90 instructions a weight with x's
-#     loads; scripts/sass_stats.py). Inline PTX, so CUDA only; the interpreter (and ROCm) read the
-#     table from memory as v3 does (LUT_SHFL=False), the same arithmetic in the same order.
-#   - tiles as wide as the row: gate_up steps of 128 words (a warp across 512 bytes of each row,
-#     each thread holding 2 x BLOCK_N rows of one 16-byte chunk, so x is loaded once for all of
-#     them): 3 steps for H = 2816, two of them in flight (2/3 of the data at once: ~90 KB an SM);
-#     down tiles [BLOCK_N rows, KE experts, chunks, 4 words] with the rows slowest, so a thread
-#     holds several rows of one expert and reuses h: 1-3 steps.
-# Exact as v2 / v3: fp32 products and sums, the K experts summed in a fixed order.
+#   - the 16-value table lives in the lanes (lane l holds code[l % 16]) and a nibble's value is a warp
+#     shuffle (shfl.sync.idx reads the low 5 bits of its index, so `words >> shift` needs no mask):
+#     a weight is a shift, a SHFL and an FFMA, 3.8 (gate_up) / 4.1 (down) instructions a weight with
+#     x / h's loads (Triton 3.6; 3.6 / 3.9 under 3.9). Inline PTX, so CUDA only; the interpreter (and
+#     ROCm) read the table from memory as v3 does (LUT_SHFL=False), the same arithmetic in the same order;
+#   - tiles as wide as the row: gate_up steps of up to 128 words (a warp across 512 bytes of a row,
+#     each thread 16 bytes of each of its 2 x BLOCK_N rows, x loaded once for all of them): 3 steps
+#     for H = 2816, two in flight from the start (~88 KB an SM); down tiles [BLOCK_N rows, KE experts,
+#     chunks, 4 words], the rows slowest so a thread reuses h across its rows: 1-3 steps.
+# Each code word is split in the thread that loaded it and a word's 8 x / h elements come as two loads
+# of 4 in that thread, so nothing moves through shared memory in the loop (sm_90 and sm_89, Triton 3.6
+# and 3.9). The next limit: one SHFL a weight is the shuffle pipe's 32 lanes a clock an SM, 6.4 us a
+# layer on the H200, about what its bytes take. Exact as v2 / v3: fp32 products and sums, the K
+# experts summed in a fixed order.
 
 USE_V4 = False  # True: blocks=None runs v4 (autotuned) where v3 fits, instead of v3 / v2; not yet measured
 
@@ -637,7 +642,10 @@ def _cfg4(n, w, warps):
 
 # Not yet measured on a GPU. Programs at 26B-A4B, T=1: gate_up 8 x 704 / BLOCK_N, down 2816 / BLOCK_N.
 # A thread holds 2 * BLOCK_N * BLOCK_W / (128 * warps) (gate_up) / 8 * BLOCK_N * BLOCK_W / (128 * warps)
-# (down) chunks of 16 bytes a step.
+# (down) chunks of 16 bytes a step. sm_90, Triton 3.6: 3.8-5.6 instructions a weight, 64-255 registers,
+# no spills, at most 8 KiB of shared memory (outside the loop); first in each list the shape argued above
+# (gate_up 1,408 one-warp programs of 3 steps; down 704 of 3 steps, 43 KB an SM in flight), then
+# more programs (BLOCK_N 2 / 1, for latency) and fewer (for instructions).
 GATE_UP_V4_CONFIGS = [_cfg4(n, w, warps) for n, w, warps in (
     (4, 128, 1), (2, 128, 1), (8, 128, 2), (4, 64, 1), (8, 64, 2), (2, 64, 1), (8, 32, 1), (4, 128, 2))]
 DOWN_V4_CONFIGS = [_cfg4(n, w, warps) for n, w, warps in (
