@@ -65,12 +65,13 @@ def test_v3_and_v4_loops_issue_fewer_instructions_than_v2_and_never_spill():
     for name, row in v4.items():  # each weight: a shift, its shuffle from the lanes' table and its FMA
         ops = row["ops"]
         assert ops.get("SHFL", 0) >= row["weights_per_thread_step"] >= ops.get("FFMA", 0) * 0.9, (name, row)
-        assert ops.get("LDG", 0) < row["weights_per_thread_step"] / 4, (name, row)  # no table loads
+        assert ops.get("LDG", 0) <= row["weights_per_thread_step"] / 2, (name, row)  # codes, absmax, x / h only
         assert row["instructions_per_weight"] < 7, (name, row)
-    for stage in ("gate_up", "down"):  # the first config of each list, the shape v4 is built for:
-        name = next(n for n in v4 if n.startswith(f"v4 {stage} "))  # under 4.5 a weight, nothing through shared memory
-        ops = v4[name]["ops"]
-        assert v4[name]["instructions_per_weight"] < 4.5 and not {"BAR", "STS", "LDS"} & set(ops), (name, v4[name])
+    for stage in ("gate_up", "down"):  # the first config of each list, the shape v4 is built for: under 4.5 a
+        name = next(n for n in v4 if n.startswith(f"v4 {stage} "))  # weight, no x / h / codes through shared
+        row = v4[name]  # memory (an absmax a chunk at most: one value per 32 weights)
+        shared = sum(row["ops"].get(op, 0) for op in ("LDS", "STS", "STSM", "LDSM"))
+        assert row["instructions_per_weight"] < 4.5 and shared <= row["weights_per_thread_step"] / 8, (name, row)
         best_v2 = min(r["instructions_per_weight"] for n, r in rows.items() if n.startswith(f"v2 {stage} "))
         assert v4[name]["instructions_per_weight"] < best_v2 / 1.9, (name, best_v2)
 

@@ -344,9 +344,8 @@ def test_v4_top_8_and_bf16():
 
 @needs_triton
 def test_use_v4_switches_the_default(monkeypatch):
-    """USE_V4 (off: nothing has timed v4 yet) sends the default decode path to v4 where v3 fits, and
-    leaves the shapes v3 does not take to v2; v4 tiles refuse rows of partial chunks as v3's do."""
-    assert triton_moe.USE_V4 is False
+    """USE_V4 sends the default decode path to v4 where v3 fits, and leaves the shapes v3 does not take
+    to v2; v4 tiles refuse rows of partial chunks as v3's do."""
     used = []
     for name in ("_moe_4bit_v2", "_moe_4bit_v3", "_moe_4bit_v4"):
         real = getattr(triton_moe, name)

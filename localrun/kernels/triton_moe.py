@@ -613,8 +613,8 @@ _down_v3_tuned = triton.autotune(DOWN_V3_CONFIGS, key=["H", "I_Q", "T_BUCKET", "
 #     for H = 2816, two in flight from the start (~88 KB an SM); down tiles [BLOCK_N rows, KE experts,
 #     chunks, 4 words], the rows slowest so a thread reuses h across its rows: 1-3 steps.
 # Each code word is split in the thread that loaded it and a word's 8 x / h elements come as two loads
-# of 4 in that thread, so nothing moves through shared memory in the loop (sm_90 and sm_89, Triton 3.6
-# and 3.9). The next limit: one SHFL a weight is the shuffle pipe's 32 lanes a clock an SM, 6.4 us a
+# of 4 in that thread, so no code, x or h moves through shared memory in the loop (sm_90 and sm_89,
+# Triton 3.6 and 3.9; at most a step's absmax, one value per 32 weights). The next limit: one SHFL a weight is the shuffle pipe's 32 lanes a clock an SM, 6.4 us a
 # layer on the H200, about what its bytes take. Exact as v2 / v3: fp32 products and sums, the K
 # experts summed in a fixed order.
 
