@@ -321,8 +321,89 @@ def usable_cpu_set() -> set[int]:
 
 
 def usable_cpus() -> int:
-    """How many CPUs this process may run on (`usable_cpu_set`)."""
-    return len(usable_cpu_set())
+    """How many CPUs this process may use: those it may run on (`usable_cpu_set`), at most its cgroup's
+    CPU quota (`cpu_quota`: `docker run --cpus 2` on a 64-core host leaves the affinity mask at 64)."""
+    return quota_cap(len(usable_cpu_set()))
+
+
+def quota_cap(threads: int) -> int:
+    """`threads`, at most the whole CPUs of this process's cgroup quota (at least 1)."""
+    quota = cpu_quota()
+    return threads if quota is None else max(1, min(threads, int(quota)))
+
+
+def parse_cpu_max(text: str) -> float | None:
+    """CPUs a cgroup v2 `cpu.max` allows ("QUOTA PERIOD" in microseconds, or "max PERIOD"): None for
+    no limit or text that is not that."""
+    fields = text.split()
+    if len(fields) != 2 or fields[0] == "max":
+        return None
+    try:
+        quota, period = int(fields[0]), int(fields[1])
+    except ValueError:
+        return None
+    return quota / period if quota > 0 and period > 0 else None
+
+
+def parse_cfs(quota_text: str, period_text: str) -> float | None:
+    """CPUs a cgroup v1 `cpu.cfs_quota_us` / `cpu.cfs_period_us` pair allows (quota -1: no limit)."""
+    try:
+        quota, period = int(quota_text.strip()), int(period_text.strip())
+    except ValueError:
+        return None
+    return quota / period if quota > 0 and period > 0 else None
+
+
+def cgroup_dirs(cgroup_text: str, root: Path, controller: str = "cpu") -> list[Path]:
+    """From /proc/self/cgroup: this process's cgroup directory and those above it up to `root`, for the
+    v2 hierarchy ("0::/path") and the v1 hierarchy holding `controller` ("N:cpu,cpuacct:/path", mounted
+    at root / "cpu,cpuacct" or root / "cpu"), innermost first. A container sees its own cgroup as "/"."""
+    dirs = []
+    for line in cgroup_text.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        names = controllers.split(",")
+        if controllers == "":
+            mounts = [root]
+        elif controller in names:
+            mounts = [root / controllers, root / controller]
+        else:
+            continue
+        path = path.strip()
+        if not path.startswith("/") or ".." in Path(path).parts:
+            continue  # not a cgroup path
+        relative = Path(path).relative_to("/")
+        for mount in mounts:
+            here = mount / relative
+            while True:
+                dirs.append(here)
+                if here == mount:
+                    break
+                here = here.parent
+    return dirs
+
+
+def cpu_quota(cgroup: str | Path = "/proc/self/cgroup", root: str | Path = "/sys/fs/cgroup") -> float | None:
+    """CPUs' worth of time this process's cgroups allow (the tightest quota from its cgroup up, v2
+    `cpu.max` or v1 `cpu.cfs_quota_us`), or None: no quota, or no cgroup files to read."""
+    try:
+        text = Path(cgroup).read_text()
+    except OSError:
+        return None
+    quotas = []
+    for here in cgroup_dirs(text, Path(root)):
+        try:
+            if (here / "cpu.max").is_file():
+                quotas.append(parse_cpu_max((here / "cpu.max").read_text()))
+            elif (here / "cpu.cfs_quota_us").is_file():
+                quotas.append(parse_cfs((here / "cpu.cfs_quota_us").read_text(),
+                                        (here / "cpu.cfs_period_us").read_text()))
+        except OSError:
+            continue
+    found = [q for q in quotas if q is not None]
+    return min(found) if found else None
 
 
 def busy_cpus(loadavg: str | Path = "/proc/loadavg", samples: int = 5, interval_s: float = 0.01) -> int:
@@ -350,7 +431,7 @@ def default_threads() -> int:
     at most the physical cores this process may use and each busy thread as taking a whole core
     (threads beyond the free cores wait on each other at every parallel step: one busy core out
     of two cut decode ~5x with two threads), and at least one."""
-    return max(1, min(usable_cpus(), physical_cores()) - busy_cpus())
+    return quota_cap(max(1, min(len(usable_cpu_set()), physical_cores()) - busy_cpus()))
 
 
 def use_idle_cores() -> int:
@@ -441,7 +522,7 @@ class IdleCoreWatch:
             self.last = None
             return None
         others, self.at, self.last = self.others(self.last, now), self.clock(), now
-        threads = max(1, self.limit - max(0, math.ceil(others - self.HOLDS_A_CORE)))
+        threads = quota_cap(max(1, self.limit - max(0, math.ceil(others - self.HOLDS_A_CORE))))
         import torch
 
         if threads == torch.get_num_threads():

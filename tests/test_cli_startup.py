@@ -13,6 +13,7 @@ import sys
 import pytest
 
 from localrun import __version__, hardware
+from localrun.errors import LocalrunWarning
 
 HEAVY = ("torch", "bitsandbytes", "transformers", "safetensors", "tokenizers", "jinja2", "numpy")
 
@@ -68,7 +69,8 @@ def test_every_model_command_takes_threads(cli):
 
 def test_default_threads_leave_busy_cores_alone(tmp_path, monkeypatch):
     loadavg, real_busy = tmp_path / "loadavg", hardware.busy_cpus
-    monkeypatch.setattr(hardware, "usable_cpus", lambda: 8)
+    monkeypatch.setattr(hardware, "usable_cpu_set", lambda: set(range(8)))
+    monkeypatch.setattr(hardware, "cpu_quota", lambda: None)
     monkeypatch.setattr(hardware, "physical_cores", lambda: 4)  # 8 SMT threads on 4 cores
     for running, want in ((1, 4), (3, 2), (5, 1), (40, 1)):  # "running" counts this process too
         loadavg.write_text(f"0.50 0.40 0.30 {running}/300 12345\n")
@@ -162,3 +164,40 @@ def test_physical_cores_counts_smt_siblings_once(tmp_path):
 def test_threads_must_be_positive(cli):
     code, _, err = cli("run", "demo", "x", "--threads", "0")
     assert code == 2 and "--threads" in err
+
+
+def cgroup_tree(tmp_path, proc_cgroup: str, files: dict[str, str]):
+    """A fake /proc/self/cgroup and /sys/fs/cgroup: {path under the root: text}."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "cgroup").write_text(proc_cgroup)
+    root = tmp_path / "sys"
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    return tmp_path / "cgroup", root
+
+
+def test_a_cgroup_cpu_quota_caps_the_threads(tmp_path, monkeypatch):
+    """`docker run --cpus 2` on a big host leaves the affinity mask whole: the quota (v2 cpu.max, the
+    tightest of the process's cgroup and those above it; v1 cpu.cfs_quota_us) caps the threads."""
+    cgroup, root = cgroup_tree(tmp_path / "v2", "0::/app/worker\n", {
+        "cpu.max": "max 100000\n", "app/cpu.max": "250000 100000\n", "app/worker/cpu.max": "max 100000\n"})
+    assert hardware.cpu_quota(cgroup, root) == 2.5
+    cgroup, root = cgroup_tree(tmp_path / "v1", "12:cpu,cpuacct:/docker/abc\n3:memory:/docker/abc\n", {
+        "cpu,cpuacct/docker/abc/cpu.cfs_quota_us": "150000\n", "cpu,cpuacct/docker/abc/cpu.cfs_period_us": "100000\n"})
+    assert hardware.cpu_quota(cgroup, root) == 1.5
+    cgroup, root = cgroup_tree(tmp_path / "none", "0::/\n1:cpu:/\n", {
+        "cpu.max": "max 100000\n", "cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"})
+    assert hardware.cpu_quota(cgroup, root) is None
+    assert hardware.cpu_quota(tmp_path / "absent", root) is None  # no /proc: no quota
+
+    monkeypatch.setattr(hardware, "usable_cpu_set", lambda: set(range(64)))
+    monkeypatch.setattr(hardware, "physical_cores", lambda: 32)
+    monkeypatch.setattr(hardware, "busy_cpus", lambda: 20)
+    for quota, want in ((None, 64), (2.5, 2), (0.5, 1), (100.0, 64)):
+        monkeypatch.setattr(hardware, "cpu_quota", lambda quota=quota: quota)
+        assert hardware.usable_cpus() == want
+    monkeypatch.setattr(hardware, "cpu_quota", lambda: 2.5)
+    assert hardware.default_threads() == 2  # 12 of the host's cores are idle; the quota allows 2
+    with pytest.warns(LocalrunWarning, match="more than the 2 CPUs"):
+        assert hardware.check_threads(4) == 4

@@ -394,3 +394,23 @@ def _split(chunks: list[str], opened: str | None) -> list[str]:
     s = ThoughtSplitter(opened)
     pieces = [p for c in chunks for p in s.feed(c)] + s.flush()
     return ["".join(p.text for p in pieces if p.kind == kind) for kind in ("thought", "answer")]
+
+
+CGROUP_WORDS = st.sampled_from(["max", "100000", "-1", "0", "250000", "1e5", "", " ", "\n", ":", "0::/", "cpu",
+                                "cpu,cpuacct", "/docker/x", "..", "/../..", "\x00"])
+
+
+@seeded(300)
+@given(st.text(max_size=40) | st.lists(CGROUP_WORDS, max_size=6).map(" ".join),
+       st.text(max_size=20) | st.lists(CGROUP_WORDS, max_size=3).map("".join))
+def test_cgroup_quota_files_parse_to_a_positive_quota_or_none(text, other):
+    """cpu.max, cpu.cfs_quota_us / cfs_period_us and /proc/self/cgroup as any text: a positive CPU
+    count or None, and directories only under the cgroup root, never an exception."""
+    from localrun.hardware import cgroup_dirs, parse_cfs, parse_cpu_max
+
+    for got in (parse_cpu_max(text), parse_cfs(text, other), parse_cfs(other, text)):
+        assert got is None or (isinstance(got, float) and got > 0)
+    root = Path("/sys/fs/cgroup")
+    for d in cgroup_dirs(text.replace(" ", ":") + "\n" + other, root):
+        assert (d == root or root in d.parents) and ".." not in d.parts, d
+    assert cgroup_dirs("0::/../..\n1:cpu:/a/../..\n", root) == []
