@@ -131,9 +131,12 @@ def profile_prompts(engine, prompts: list[str], *, max_tokens: int = 64, trace: 
         if len(ids) >= context:
             raise LocalrunError(f"prompt {i} of {len(encoded)} has {len(ids)} tokens but the context holds "
                                 f"{context}: no room for a reply")
+    # eager: the hooks must see each token once. On CUDA "auto" takes graphs, or segments for offloaded
+    # experts, whose capture first runs the step twice more (step._warm_up: two extra tokens counted)
+    # and whose replays would call no hook at all (here the hook's host copy fails the capture instead).
     with RoutingRecorder(engine.model, trace=trace) as recorder:
         for ids in encoded:
-            for _ in engine.stream(ids, greedy, max_tokens=max_tokens):
+            for _ in engine.stream(ids, greedy, max_tokens=max_tokens, step="eager"):
                 pass
     return recorder.result()
 

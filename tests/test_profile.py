@@ -205,3 +205,18 @@ def test_outputs_that_are_one_file_are_a_usage_error(cli, model_dir, tmp_path, m
     assert code == 2 and "name the same file" in err and err.count("\n") == 1, err
     assert {p.name for p in tmp_path.iterdir()} | {p.name for p in model_dir.iterdir()} == before
     assert prompts.read_text() == "What is 2 + 3?\n"
+
+
+def test_profile_decodes_eagerly_whatever_auto_would_take(tiny_moe, monkeypatch):
+    """The counts come from router hooks, so every token must run eagerly: on CUDA "auto" now takes the
+    segmented graphs step for offloaded Gemma 4 (graphs for resident experts), whose capture warms up
+    by running the step twice more (two extra tokens counted, two duplicate trace rows) and whose
+    replays call no hook. LOCALRUN_DECODE_STEP stands in for what auto picks on a GPU."""
+    monkeypatch.setenv("LOCALRUN_DECODE_STEP", "segments")
+    engine = Engine.load(tiny_moe, dtype=torch.float32)
+    steps = []
+    stream = engine.stream
+    monkeypatch.setattr(engine, "stream", lambda ids, *a, **k: steps.append(k.get("step", "auto")) or stream(ids, *a, **k))
+    result = profile_prompts(engine, PROMPTS[:1], max_tokens=3, trace=True)
+    assert steps == ["eager"]
+    assert len(result.trace) == result.tokens
