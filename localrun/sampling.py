@@ -14,6 +14,7 @@ import torch
 from .errors import UsageError
 
 NEG_INF = float("-inf")
+FLT_MAX = torch.finfo(torch.float32).max
 PENALTY_REACH = 1e30  # a repetition penalty beyond [1/this, this] acts as this: fp32 logits would overflow to inf
 
 
@@ -125,6 +126,10 @@ class Sampler:
         logits = apply_repetition_penalty(logits_V.float(), seen, params.repetition_penalty)
         if self.greedy:
             return torch.argmax(logits).view(1)
+        # A model's overflow: +inf logits take all the mass (as greedy's argmax picks them), NaN ones none.
+        # Else the shift below makes the whole row NaN and draw returns id 0 with no error (multinomial
+        # raised, but its check is a host read); a row of NaN alone still does.
+        logits = logits.nan_to_num(nan=NEG_INF, posinf=FLT_MAX, neginf=NEG_INF)
         # the top logit to 0 first: divided by a tiny temperature the rest go to -inf, never the top to
         # inf (inf - inf is NaN); softmax, top-k, top-p and min-p are all blind to the shift
         logits = (logits - logits.max()) / params.temperature

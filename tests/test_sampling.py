@@ -137,3 +137,18 @@ def test_a_tiny_temperature_is_all_but_greedy(temperature, tie):
 def test_invalid_values_are_usage_errors(kwargs, message):
     with pytest.raises(UsageError, match=message):
         SamplingParams(**kwargs)
+
+
+def test_non_finite_logits_sample_as_greedy_picks_not_id_0():
+    """draw has no validity check (torch.multinomial's raised on inf or NaN probabilities): an overflowed
+    +inf logit made the shifted row NaN and every draw id 0. Now +inf logits take all the mass, the id
+    greedy picks, and a NaN logit is never drawn."""
+    logits = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    logits[500] = float("inf")
+    greedy = make_sampler(SamplingParams())(logits, NONE)
+    assert greedy == 500
+    for seed in range(5):
+        assert make_sampler(SamplingParams(temperature=0.8, top_p=0.9, min_p=0.05, seed=seed))(logits, NONE) == 500
+    logits = logits_of([0.001, 0.998, 0.001])
+    logits[0] = float("nan")
+    assert {make_sampler(SamplingParams(temperature=1.0, seed=s))(logits, NONE) for s in range(20)} <= {1, 2}
