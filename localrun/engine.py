@@ -159,7 +159,8 @@ class Engine:
                between: Callable[[], object] | None = None) -> Iterator[Step]:
         """Generated steps for a prompt, in the loaded model's KV buffers (allocated once for the
         planned context: a reply ends with finish_reason "length" when it fills them). step: the
-        decode step, see localrun/step.py ("auto": CUDA graphs where every expert routes on the device).
+        decode step, see localrun/step.py (`resolve_mode`; "auto" on CUDA: graphs where every expert
+        routes on the device, else graphs between the experts where the model has them, else eager).
         session: a prefix cache (`self.session`, one of `self.sessions`) that keeps what the prompt
         shares with its last sequence; None prefills the whole prompt (one-shot runs, benchmarks).
         between: called between prefill chunks and decoded tokens (`generate`)."""

@@ -481,12 +481,12 @@ class _RowsToDevice:
 
     On CUDA a non-blocking copy from a pinned row per layer: a copy from pageable memory (or writing a
     device tensor's element from Python) first waits for the stream to drain, a host sync. The pinned
-    row is rewritten only at the layer's next decoded token, after that token's routing sync, which
-    waits for work queued after this copy, so the copy has read it by then."""
+    row is rewritten only once its last copy is done (an event; free in practice: the layer's next
+    token comes after that token's routing sync, which waits for work queued after the copy)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self._staged: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (pinned [1, K], device [1, K])
+        self._staged: dict[int, tuple] = {}  # layer -> (pinned [1, K], device [1, K], event after its copy)
 
     def __call__(self, layer: int, rows: list[int]) -> torch.Tensor:
         if self.device.type != "cuda":
@@ -494,10 +494,14 @@ class _RowsToDevice:
         staged = self._staged.get(layer)
         if staged is None or staged[0].shape[1] != len(rows):
             staged = self._staged[layer] = (torch.empty((1, len(rows)), dtype=torch.int32, pin_memory=True),
-                                            torch.empty((1, len(rows)), dtype=torch.int32, device=self.device))
-        host, dev = staged
+                                            torch.empty((1, len(rows)), dtype=torch.int32, device=self.device),
+                                            torch.cuda.Event())
+        host, dev, copied = staged
+        copied.synchronize()  # the last copy from this row has read it (done long ago: a routing sync came since)
         host.numpy()[0] = rows
-        return dev.copy_(host, non_blocking=True)
+        dev.copy_(host, non_blocking=True)
+        copied.record(torch.cuda.current_stream(self.device))
+        return dev
 
 
 class ExpertStore:
