@@ -499,6 +499,23 @@ def big_model_run(dry: bool, dev, load_kwargs: dict, rows: dict, long_prompt: bo
         if mode != "eager":  # sampling on the device: still one sync a token with every filter on
             timed(f"per_token_{mode}_sampled", lambda mode=mode: per_token_counts(
                 model, short, dev, mode, loaded.kv, sampled_params()), rows)
+        if mode in ("graphs", "static") and loaded.store is None:  # the open questions first: v4 MoE, PDL, both
+            from localrun.kernels import triton_moe
+
+            with moe_v4_switched(True, loaded.kv):  # opt-in (triton_moe.USE_V4): the table in the lanes
+                timed(f"speed_{mode}_with_v4_moe", rates, rows)
+                timed(f"per_token_{mode}_with_v4_moe", lambda: per_token_counts(model, short, dev, mode, loaded.kv),
+                      rows)
+            timed(f"tokens_{mode}_with_v4_moe", lambda mode=mode: divergence_when(
+                lambda: moe_v4_switched(True, loaded.kv), model, short, dev, mode, loaded.kv), rows)
+            with pdl_switched(True, loaded.kv):  # opt-in: each kernel placed while the one before ends
+                timed(f"speed_{mode}_with_pdl", rates, rows)
+                timed(f"per_token_{mode}_with_pdl", lambda: per_token_counts(model, short, dev, mode, loaded.kv),
+                      rows)
+            timed(f"tokens_{mode}_with_pdl", lambda mode=mode: divergence_when(
+                lambda: pdl_switched(True, loaded.kv), model, short, dev, mode, loaded.kv), rows)
+            with moe_v4_switched(True, loaded.kv), pdl_switched(True, loaded.kv):  # the two, as a default would take them
+                timed(f"speed_{mode}_with_v4_moe_and_pdl", rates, rows)
         if mode in ("graphs", "static") and loaded.store is None:  # each decode kernel switched from its default
             from localrun.models.gemma4 import CPU_ONLY_KERNELS, DECODE_KERNELS  # (static: the dry run's stand-in)
 
@@ -514,9 +531,7 @@ def big_model_run(dry: bool, dev, load_kwargs: dict, rows: dict, long_prompt: bo
 
                 timed(f"tokens_{mode}_with_{name}", lambda name=name, mode=mode: divergence_when(
                     lambda: kernel_switched(name, True, loaded.kv), model, short, dev, mode, loaded.kv), rows)
-        if mode in ("graphs", "static") and loaded.store is None:  # MoE decode kernels: the default vs the other
-            from localrun.kernels import triton_moe  # v2 alone (default) vs v3 where faster per stage (USE_V3)
-
+        if mode in ("graphs", "static") and loaded.store is None:  # v3 MoE (USE_V3) vs the v2 default
             other = not triton_moe.USE_V3
             tag = f"{mode}_with_{'v3' if other else 'v2'}_moe"
             with moe_v3_switched(other, loaded.kv):
@@ -524,18 +539,6 @@ def big_model_run(dry: bool, dev, load_kwargs: dict, rows: dict, long_prompt: bo
                 timed(f"per_token_{tag}", lambda: per_token_counts(model, short, dev, mode, loaded.kv), rows)
             timed(f"tokens_{tag}", lambda mode=mode: divergence_when(
                 lambda: moe_v3_switched(other, loaded.kv), model, short, dev, mode, loaded.kv), rows)
-            with moe_v4_switched(True, loaded.kv):  # opt-in (triton_moe.USE_V4): the table in the lanes
-                timed(f"speed_{mode}_with_v4_moe", rates, rows)
-                timed(f"per_token_{mode}_with_v4_moe", lambda: per_token_counts(model, short, dev, mode, loaded.kv),
-                      rows)
-            timed(f"tokens_{mode}_with_v4_moe", lambda mode=mode: divergence_when(
-                lambda: moe_v4_switched(True, loaded.kv), model, short, dev, mode, loaded.kv), rows)
-            with pdl_switched(True, loaded.kv):  # opt-in: each kernel placed while the one before ends
-                timed(f"speed_{mode}_with_pdl", rates, rows)
-                timed(f"per_token_{mode}_with_pdl", lambda: per_token_counts(model, short, dev, mode, loaded.kv),
-                      rows)
-            timed(f"tokens_{mode}_with_pdl", lambda mode=mode: divergence_when(
-                lambda: pdl_switched(True, loaded.kv), model, short, dev, mode, loaded.kv), rows)
     if loaded.store is None:  # prefill through the grouped GEMMs (default) vs each hit expert dequantized once
         from quant import ffn
 
