@@ -313,20 +313,6 @@ def test_v4_small_tiles_loop_over_rows():
 
 
 @needs_triton
-def test_v4_at_the_26b_shape():
-    """26B-A4B's rows: H = 2816 is 2.75 steps of 128 words, I = 704 less than one (the chunks past a row
-    read the last chunk's x / h and weigh 0); an expert repeated across the tokens."""
-    h, i = GEMMA_26B
-    spec = QuantSpec("nf4", 64, True)
-    buf = make_buffer(spec, 3, h, i)
-    ids, w = routing(2, 2, 3)
-    x = torch.randn(2, h, generator=torch.Generator().manual_seed(3))
-    y = triton_moe.moe_4bit_triton(x, ids, w, buf.data, *buf.code_tables(), buf.offsets(), h, i, 64, True,
-                                   "gelu_pytorch_tanh", blocks="v4")
-    assert rel_err(y, bnb_moe(buf, x, ids, w, "gelu_pytorch_tanh")) < RTOL
-
-
-@needs_triton
 def test_v4_top_8_and_bf16():
     """Eight experts a token in one down tile, x in fp32 and in bf16 (a word's 8 elements read as two
     loads of 4 either way): bf16 is exact but for rounding y to bf16."""
@@ -366,15 +352,18 @@ def test_use_v4_switches_the_default(monkeypatch):
 
 
 @needs_triton
-def test_v2_at_the_26b_shape():
-    """v2 stays for A/B timing against v3 (blocks="v2"): still exact at 26B-A4B's shapes."""
+@pytest.mark.parametrize("blocks", ["v2", "v4"])
+def test_at_the_26b_shape(blocks):
+    """v2 (the default) and v4 (opt-in) exact at 26B-A4B's rows (for v4, H = 2816 is 2.75 steps of 128
+    words, I = 704 less than one: the chunks past a row read the last chunk's x / h and weigh 0); an
+    expert repeated across the tokens."""
     h, i = GEMMA_26B
     spec = QuantSpec("nf4", 64, True)
     buf = make_buffer(spec, 3, h, i)
     ids, w = routing(2, 2, 3)
     x = torch.randn(2, h, generator=torch.Generator().manual_seed(3))
     y = triton_moe.moe_4bit_triton(x, ids, w, buf.data, *buf.code_tables(), buf.offsets(), h, i, 64, True,
-                                   "gelu_pytorch_tanh", blocks="v2")
+                                   "gelu_pytorch_tanh", blocks=blocks)
     assert rel_err(y, bnb_moe(buf, x, ids, w, "gelu_pytorch_tanh")) < RTOL
 
 

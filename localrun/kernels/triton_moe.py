@@ -441,7 +441,8 @@ class V3Tiles:
 INTERPRETER_V3 = V3Tiles(gate_up_n=32, gate_up_w=128, down_n=128, down_w=128)
 
 
-def _cfg3(n, w, warps):
+def _chunk_cfg(n, w, warps):
+    """A v3 / v4 config: BLOCK_N rows a program, BLOCK_W code words a row a step."""
     return triton.Config({"BLOCK_N": n, "BLOCK_W": w}, num_warps=warps, num_stages=1)
 
 
@@ -449,10 +450,10 @@ def _cfg3(n, w, warps):
 # warps; down: 32 * warps) or 32: at 128 its 128 table addresses in flight spill registers at
 # sm_90 (scripts/sass_stats.py, Triton 3.9: 6.9-10.8 instructions a weight, no spills, at most 255
 # registers, for every config here). Programs at 26B-A4B, T=1: gate_up 8 x 704 / BLOCK_N, down 2816 / BLOCK_N.
-GATE_UP_V3_CONFIGS = [_cfg3(n, w, warps) for n, w, warps in (
+GATE_UP_V3_CONFIGS = [_chunk_cfg(n, w, warps) for n, w, warps in (
     (4, 32, 1), (8, 16, 1), (2, 64, 1), (8, 32, 2), (16, 16, 2), (4, 64, 2), (16, 32, 4), (8, 64, 4),
     (4, 16, 1), (2, 32, 1), (8, 16, 2), (16, 16, 4))]
-DOWN_V3_CONFIGS = [_cfg3(n, w, warps) for n, w, warps in (
+DOWN_V3_CONFIGS = [_chunk_cfg(n, w, warps) for n, w, warps in (
     (8, 16, 4), (4, 16, 2), (8, 8, 2), (4, 32, 4), (8, 32, 8), (16, 8, 4), (16, 16, 8), (2, 16, 1),
     (4, 8, 2), (2, 8, 1), (4, 16, 4), (8, 8, 4))]
 
@@ -636,19 +637,15 @@ class V4Tiles:
 INTERPRETER_V4 = V4Tiles(gate_up_n=128, gate_up_w=128, down_n=256, down_w=128)
 
 
-def _cfg4(n, w, warps):
-    return triton.Config({"BLOCK_N": n, "BLOCK_W": w}, num_warps=warps, num_stages=1)
-
-
 # Not yet measured on a GPU. Programs at 26B-A4B, T=1: gate_up 8 x 704 / BLOCK_N, down 2816 / BLOCK_N.
 # A thread holds 2 * BLOCK_N * BLOCK_W / (128 * warps) (gate_up) / 8 * BLOCK_N * BLOCK_W / (128 * warps)
 # (down) chunks of 16 bytes a step. sm_90, Triton 3.6: 3.8-5.6 instructions a weight, 64-255 registers,
 # no spills, at most 8 KiB of shared memory (outside the loop); first in each list the shape argued above
 # (gate_up 1,408 one-warp programs of 3 steps; down 704 of 3 steps, 43 KB an SM in flight), then
 # more programs (BLOCK_N 2 / 1, for latency) and fewer (for instructions).
-GATE_UP_V4_CONFIGS = [_cfg4(n, w, warps) for n, w, warps in (
+GATE_UP_V4_CONFIGS = [_chunk_cfg(n, w, warps) for n, w, warps in (
     (4, 128, 1), (2, 128, 1), (8, 128, 2), (4, 64, 1), (8, 64, 2), (2, 64, 1), (8, 32, 1), (4, 128, 2))]
-DOWN_V4_CONFIGS = [_cfg4(n, w, warps) for n, w, warps in (
+DOWN_V4_CONFIGS = [_chunk_cfg(n, w, warps) for n, w, warps in (
     (4, 32, 1), (2, 32, 1), (8, 32, 2), (2, 128, 1), (1, 128, 1), (4, 64, 2), (2, 64, 1), (8, 32, 1))]
 
 
