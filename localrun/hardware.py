@@ -87,14 +87,6 @@ OFFLOAD_DECODE_EFFICIENCY = MeasuredEfficiency(
     measured="Gemma 4 26B-A4B (random NF4 weights) under a 16 GiB budget, 94 of 128 experts resident, every miss "
              "copied over PCIe, segmented CUDA-graph decode: 51.8 tok/s")
 
-# The same run's eager step (what a family without decode_segments runs: Qwen3-MoE, Mixtral): 21.1 tok/s
-# (47.3 ms a token), 7.58 ms of it the bytes as above; the rest, 39.7 ms over 30 layers, is 1.32 ms a layer.
-OFFLOAD_EAGER_DECODE_EFFICIENCY = MeasuredEfficiency(
-    bandwidth_fraction=0.53, layer_seconds=1.32e-3, device="NVIDIA H200", date="2026-11-27",
-    report="docs/gpu/2026-11-27-h200-16gib.md",
-    measured="Gemma 4 26B-A4B (random NF4 weights) under a 16 GiB budget, 94 of 128 experts resident, every miss "
-             "copied over PCIe, eager decode: 21.1 tok/s")
-
 
 # docs/cpu/2026-11-27-epyc-zen5-26b-a4b.md: Gemma 4 26B-A4B (random NF4 experts, the rest bf16, fp32 compute) on
 # one Zen 5 core decoded 5.05 tok/s, 5.63 GB a token, 69% of the 41 GB/s that core reads; with the bench model
@@ -105,14 +97,12 @@ CPU_DECODE_EFFICIENCY = MeasuredEfficiency(
     measured="Gemma 4 26B-A4B (random NF4 experts), all in RAM, one core: 5.05 tok/s at 41 GB/s of reads")
 
 
-def decode_efficiency(offloaded: bool, device: str = "cuda", segmented: bool = True) -> MeasuredEfficiency:
+def decode_efficiency(offloaded: bool, device: str = "cuda") -> MeasuredEfficiency:
     """The measured efficiency for a placement: on the CPU; on a GPU with every expert there, or with
-    some in host RAM, decoded as graphs between the experts (`segmented`, Gemma 4) or eagerly."""
+    some in host RAM (decoded as graphs between the layers' experts, every family)."""
     if device == "cpu":
         return CPU_DECODE_EFFICIENCY
-    if not offloaded:
-        return DECODE_EFFICIENCY
-    return OFFLOAD_DECODE_EFFICIENCY if segmented else OFFLOAD_EAGER_DECODE_EFFICIENCY
+    return OFFLOAD_DECODE_EFFICIENCY if offloaded else DECODE_EFFICIENCY
 
 
 def parse_size(text: str | int) -> int:

@@ -193,7 +193,6 @@ class Plan:
     estimated_decode_tokens_per_s: float | None = None  # the memory-bandwidth ceiling
     expected_decode_tokens_per_s: float | None = None  # the ceiling through `efficiency` (hardware.MeasuredEfficiency)
     sequences: int = 1  # KV caches side by side (serve --parallel); kv_bytes counts them all
-    segmented: bool = False  # the family decodes offloaded experts as graphs between them (SEGMENTED_DECODE)
     cold_experts: str | None = None  # how the estimate serves missed experts: "copy" or "cpu" (None: none miss)
     cold_expert_ceilings: dict[str, float] | None = None  # the ceiling each route would give ({"copy", "cpu"})
     _resident_sets: list[frozenset] = field(default_factory=list, repr=False)
@@ -210,8 +209,8 @@ class Plan:
     @property
     def efficiency(self):
         """The measured efficiency that applies (hardware.decode_efficiency): the CPU's on the CPU, the
-        offloaded one when experts live in host RAM (the segmented step's where the family has it)."""
-        return decode_efficiency(offloaded=self.host_bytes > 0, device=self.device, segmented=self.segmented)
+        offloaded one when experts live in host RAM."""
+        return decode_efficiency(offloaded=self.host_bytes > 0, device=self.device)
 
     def expert_tier(self, layer: int, expert: int) -> str:
         """"device" if (layer, expert) is resident on the compute device, else "host"."""
@@ -811,7 +810,7 @@ def _place(args: ModelArgs, budget: Budget, *, experts: QuantSpec | str, tensor_
         max_context=max_ctx, expected_miss_rate=miss,
         decode_weight_bytes=_decode_weight_bytes(shapes, weights), active_expert_bytes=active,
         breakdown=breakdown, device_budget=budget.device_bytes, host_budget=budget.host_bytes,
-        segmented=getattr(model, "SEGMENTED_DECODE", False), _resident_sets=[frozenset(ids) for ids in resident],
+        _resident_sets=[frozenset(ids) for ids in resident],
     )
     if budget.gpu_bandwidth and fits:
         _estimate_decode(plan, budget)

@@ -251,8 +251,8 @@ def resolve_mode(model, mode: str = "auto") -> str:
     graphs when every routed expert is computed on the device without host syncs, else segments where
     the model can cut its step at the experts, else eager; eager on the CPU (the variable
     LOCALRUN_DECODE_STEP overrides what auto picks). "graphs" for a model whose experts need the host
-    (offloaded) means "segments": graphs between the layers' experts (Gemma 4; on an H200 under a
-    16 GiB budget 51.8 tok/s against eager's 21.1, the same tokens: docs/gpu/2026-11-27-h200-16gib.md).
+    (offloaded) means "segments": graphs between the layers' experts (every family; Gemma 4 on an H200
+    under a 16 GiB budget: 51.8 tok/s against eager's 21.1, the same tokens, docs/gpu/2026-11-27-h200-16gib.md).
     Raises ValueError for a mode this model or device cannot run."""
     if mode not in ("auto", *STEPS):
         raise ValueError(f"decode step must be auto, {', '.join(STEPS)}, not {mode!r}")
@@ -268,7 +268,7 @@ def resolve_mode(model, mode: str = "auto") -> str:
         mode = "segments"
     if mode == "segments" and not hasattr(model, "decode_segments"):
         raise ValueError(f"the segmented decode step needs a model that can cut its step at the experts "
-                         f"(Gemma 4), not {type(model).__name__}")
+                         f"(decode_segments), not {type(model).__name__}")
     return mode
 
 

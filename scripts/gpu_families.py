@@ -1,5 +1,6 @@
 """Qwen3-MoE and Mixtral on CUDA: tiny checkpoints written by the installed transformers, NF4 experts at
-resident 1.0 / 0.25 / 0 on the GPU against the CPU in fp32, and bf16 until its first divergence.
+resident 1.0 / 0.25 / 0 on the GPU against the CPU in fp32 (eager, and the graphs step: graphs between the
+experts where some live in host RAM), and bf16 until its first divergence.
 
     python scripts/gpu_families.py     # on a lent GPU machine (see ../shared/gpu/README.md); prints JSON
 """
@@ -40,6 +41,12 @@ for fam in tf.FAMILIES:
         res[f"{fam} cuda fp32 nf4 resident {f}"] = {
             "tokens_equal_cpu": toks == cpu[0], "max_logprob_diff": float((lp - cpu[1]).abs().max()),
             "misses": stats and stats["misses"], "seconds": round(time.time() - t, 2)}
+        # the CUDA-graph step: one graph a token at 1.0, graphs between the experts (segments) below
+        steps = list(tf.generate(g.model, tf.prompt(), tf.make_sampler(tf.SamplingParams()), max_tokens=24,
+                                 step="graphs", cache=g.kv))
+        res[f"{fam} cuda fp32 nf4 resident {f}, graphs step"] = {
+            "tokens_equal_cpu": [s.token for s in steps] == cpu[0],
+            "max_logprob_diff": float((torch.tensor([s.logprob for s in steps]) - cpu[1]).abs().max())}
     g = load_model(d, device="cuda", dtype=torch.bfloat16, experts="nf4")
     toks, _ = tf.our_run(g.model, tf.prompt(), 24)
     res[f"{fam} cuda bf16 nf4: tokens equal to fp32 before the first divergence"] = next(

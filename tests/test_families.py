@@ -452,12 +452,20 @@ def test_moe_families_static_decode_step_is_the_eager_one(moe_checkpoint, family
                           atol=1e-5)
 
 
-def test_segmented_decode_needs_a_model_that_can_cut_its_step(moe_checkpoint):
-    from localrun.step import make_step
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("fraction", [0.5, 0.0])
+def test_moe_families_segmented_step_is_the_eager_one(moe_checkpoint, family, fraction):
+    """With experts in host RAM, the step cut at each MoE layer's experts (what SegmentedGraphStep
+    captures between them on CUDA; here its segments run in order) gives the eager tokens and
+    logprobs, dense MLP layers (Qwen3's mlp_only_layers) included."""
+    from localrun.step import SegmentedGraphStep, make_step
 
-    loaded = load_model(moe_checkpoint("qwen3_moe"), dtype=torch.float32, context=64)
-    with pytest.raises(ValueError, match="Gemma 4"):
-        make_step(loaded.model, loaded.kv, "segments")
+    loaded = load_model(moe_checkpoint(family), dtype=torch.float32, resident_fraction=fraction, context=64)
+    assert isinstance(make_step(loaded.model, loaded.kv, "segments"), SegmentedGraphStep)
+    runs = [list(generate(loaded.model, prompt(), make_sampler(SamplingParams()), max_tokens=12, step=step,
+                          cache=loaded.kv)) for step in ("eager", "segments")]
+    assert [s.token for s in runs[0]] == [s.token for s in runs[1]]
+    assert [s.logprob for s in runs[0]] == [s.logprob for s in runs[1]]
 
 
 def test_qwen3_static_step_writes_kv_in_one_kernel_where_cuda_would(moe_checkpoint, monkeypatch):

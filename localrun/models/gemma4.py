@@ -846,7 +846,6 @@ class DecodeSegments:
 
 
 BUILTIN_CHAT_TEMPLATE = True  # templates/gemma4.jinja stands in for a checkpoint that ships no chat template
-SEGMENTED_DECODE = True  # Gemma4Model.decode_segments: offloaded experts decode as graphs between them (step.py)
 Model = Gemma4Model
 EXPERT_KEYS = ("experts.gate_up_proj", "experts.down_proj")
 

@@ -11,7 +11,7 @@ import re
 from ..checkpoint import Checkpoint
 from ..config import EXPERTS
 from . import qwen3_moe
-from .qwen3_moe import BUILTIN_CHAT_TEMPLATE, SEGMENTED_DECODE, MoEArgs, Model, checkpoint_shapes, tensor_group  # noqa: F401  (the interface)
+from .qwen3_moe import BUILTIN_CHAT_TEMPLATE, MoEArgs, Model, checkpoint_shapes, tensor_group  # noqa: F401  (the interface)
 
 _FUSED = tuple((f"{m}.experts.gate_up_proj", f"{m}.experts.down_proj") for m in ("block_sparse_moe", "mlp"))
 _PER_EXPERT = (

@@ -34,7 +34,8 @@ from ..kernels import linear
 from ..kvcache import FullKV, RingKV
 from ..moe import ACTIVATIONS, DenseExperts
 from . import common, rope
-from .gemma4 import DECODE_KERNELS, MLP, RMSNorm, apply_rope, attend, fuse_linears, fused_on_cuda, norm_rope, project
+from .gemma4 import (DECODE_KERNELS, MLP, DecodeSegments, Front, RMSNorm, apply_rope, attend, fuse_linears,
+                     fused_on_cuda, norm_rope, project)
 
 
 @dataclass
@@ -240,7 +241,6 @@ def check_mlp_only_layers(layers, count: int) -> None:
 
 
 BUILTIN_CHAT_TEMPLATE = False  # the checkpoint's own template only (tokenizer_config.json or chat_template.jinja)
-SEGMENTED_DECODE = False  # no decode_segments: offloaded experts decode eagerly (step.py)
 
 
 # Checkpoint layout -------------------------------------------------------------------------------
@@ -451,6 +451,20 @@ class DecoderLayer(nn.Module):
         x = x_BTH + self.self_attn(self.input_layernorm(x_BTH), cos_TD, sin_TD, pos_T, cache, shared)
         return x + self.mlp(self.post_attention_layernorm(x))
 
+    def front(self, x_BTH, cos_TD, sin_TD, pos_T, cache, shared, prefetch: bool = True) -> Front:
+        """forward() up to the routed experts (attention, the residual, the norm, the router), for a
+        decode step that captures the rest as CUDA graphs (step.SegmentedGraphStep, as Gemma 4's);
+        forward() = back(front, the experts' output), op for op. prefetch: no routing starts here."""
+        x = x_BTH + self.self_attn(self.input_layernorm(x_BTH), cos_TD, sin_TD, pos_T, cache, shared)
+        if not self.moe:
+            return Front(x, self.mlp(self.post_attention_layernorm(x)), None, False)
+        x_TH = self.post_attention_layernorm(x).reshape(-1, x.shape[-1])
+        return Front(x, None, (x_TH, *self.mlp.gate(x_TH)), False)
+
+    def back(self, front: Front, moe_TH: torch.Tensor | None, per_layer_BTP=None) -> torch.Tensor:
+        """The layer after its routed experts: the residual plus their output (or the dense MLP's)."""
+        return front.residual + (front.h if moe_TH is None else moe_TH.reshape(front.residual.shape))
+
     decode_c = None  # kernels.MoEDecodeLayer once built; False where it cannot apply to this layer
 
     def _decode_kernel(self):
@@ -548,16 +562,26 @@ class Model(nn.Module):
         if pos_T is None:
             start = cache.offset if cache is not None else 0
             pos_T = torch.arange(start, start + T, device=ids_BT.device)
-        cos, sin = self.rope(pos_T, dtype)
-        x = F.embedding(ids_BT, self.embed_tokens.weight).to(dtype)
-        shared: dict = {}  # per forward: attention masks (every layer sees the same positions), the static span
-        if cache is not None and cache.span is not None:
-            shared["span"] = cache.span
+        x, run = self._start(ids_BT, cache, pos_T)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, pos_T, cache.layers[i] if cache is not None else None, shared)
+            x = layer(x, *run.layer_args(i)[:-1])
         if cache is not None and cache.span is None:
             cache.offset += T
         return self.norm(x)
+
+    def _start(self, ids_BT: torch.Tensor, cache, pos_T: torch.Tensor) -> tuple[torch.Tensor, "_Pass"]:
+        """The embedded tokens and what each layer of this pass takes besides them."""
+        dtype = self.compute_dtype
+        shared: dict = {}  # per forward: attention masks (every layer sees the same positions), the static span
+        if cache is not None and cache.span is not None:
+            shared["span"] = cache.span
+        x = F.embedding(ids_BT, self.embed_tokens.weight).to(dtype)
+        return x, _Pass(*self.rope(pos_T, dtype), pos_T, cache, shared)
+
+    def decode_segments(self, ids_11: torch.Tensor, cache, pos_1: torch.Tensor) -> DecodeSegments:
+        """The static decode step (cache.span set) cut at each MoE layer's routed experts, for a step
+        that captures the rest as CUDA graphs (step.SegmentedGraphStep)."""
+        return DecodeSegments(self, ids_11, cache, pos_1)
 
     def _decode_hidden(self, ids_11: torch.Tensor, cache) -> torch.Tensor | None:
         """hidden() of one host-driven token on the CPU in fp32, with the embedding and RoPE rows as C
@@ -582,3 +606,14 @@ class Model(nn.Module):
     def forward(self, ids_BT, cache=None, last_only: bool = False):
         h = self.hidden(ids_BT, cache)
         return self.logits(h[:, -1:] if last_only else h)
+
+
+class _Pass:
+    """One forward pass's per-layer arguments besides the hidden states (gemma4._Pass's interface)."""
+
+    def __init__(self, cos_TD, sin_TD, pos_T: torch.Tensor, cache, shared: dict):
+        self.cos, self.sin, self.pos_T, self.cache, self.shared = cos_TD, sin_TD, pos_T, cache, shared
+
+    def layer_args(self, i: int) -> tuple:
+        """(cos, sin, pos_T, layer cache, shared, per-layer input: none here) of layer i."""
+        return self.cos, self.sin, self.pos_T, None if self.cache is None else self.cache.layers[i], self.shared, None
