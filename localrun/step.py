@@ -212,8 +212,11 @@ def _capture_once(step, span: int) -> None:
     """step._graphs[span] = step._capture(span) unless captured or the step is disabled. A capture
     that fails disables the step's graphs (it runs uncaptured from then on) rather than the generation."""
     if step.disabled is None and span not in step._graphs:
+        from .kernels import triton_pdl  # CUDA only: torch's CUDA builds ship triton
+
         try:
-            step._graphs[span] = step._capture(span)
+            with triton_pdl.in_graphs():  # warm-up and capture launch alike (the same compiled kernels)
+                step._graphs[span] = step._capture(span)
         except Exception as e:  # noqa: BLE001 - a step that cannot be captured still runs
             step.disabled = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             torch.cuda.synchronize()

@@ -48,3 +48,33 @@ def test_every_pdl_kernel_waits_first():
             body = body[1:]  # the docstring
         first = ast.unparse(body[0])
         assert first == "pdl_start(PDL)", (kernel.__name__, first)
+
+
+@needs_triton
+def test_pdl_only_inside_a_decode_steps_graph_capture(monkeypatch):
+    """Enabled, a kernel takes PDL only inside in_graphs() (a capture and its warm-up, which
+    step._capture_once opens): a prefill's kernels, launched one by one, keep plain launches."""
+    from localrun import step
+
+    monkeypatch.setattr(triton_pdl, "ENABLED", True)
+    monkeypatch.setattr(triton_pdl, "_supported", lambda index: True)  # as on an H100
+    monkeypatch.setattr(triton_pdl, "pdl_start", lambda PDL: None)  # not the interpreter's function
+    cuda = torch.device("cuda", 0)
+    assert triton_pdl.launch(cuda) == {}
+    with triton_pdl.in_graphs():
+        assert triton_pdl.launch(cuda) == {"PDL": True, "launch_pdl": True}
+    assert triton_pdl.launch(cuda) == {}
+
+    class Step:  # what _capture_once needs of a graph step
+        disabled, _graphs = None, {}
+
+        def _capture(self, span):
+            seen.append(triton_pdl.launch(cuda))
+            raise RuntimeError("capture failed")  # the step runs uncaptured, plain launches again
+
+    seen = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    graph_step = Step()
+    step._capture_once(graph_step, 256)
+    assert seen == [{"PDL": True, "launch_pdl": True}] and graph_step.disabled.startswith("RuntimeError")
+    assert triton_pdl.launch(cuda) == {}

@@ -10,12 +10,16 @@ so the next kernel never takes an SM a program of this one still needs). With ev
 the wait, the chain is as ordered as without PDL, whatever kernel (cuBLAS, torch) comes between: a
 kernel launched without PDL is placed after the one before it ends, as always.
 
-Opt-in (`ENABLED`) until scripts/gpu_check.py shows it pays (`speed_graphs_with_pdl`); only on
-compute capability 9.0 and later (sm_90: H100, H200; sm_100, sm_120), never under the interpreter.
+Only while a decode step is captured as CUDA graphs, its warm-up included (`in_graphs`, set by
+step._capture_once): that is where the gaps it hides are the step's; a prefill's kernels, launched
+one by one from Python, keep their plain launches. Opt-in (`ENABLED`) until scripts/gpu_check.py
+shows it pays (`speed_graphs_with_pdl`: +12% decode on an H200 on its own, the same tokens); only
+on compute capability 9.0 and later (sm_90: H100, H200; sm_100, sm_120), never under the interpreter.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -24,6 +28,18 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 ENABLED = False
+_graphs = 0  # how many in_graphs() blocks are open
+
+
+@contextlib.contextmanager
+def in_graphs():
+    """Within: a decode step's CUDA-graph capture (and the warm-up before it), where kernels take PDL."""
+    global _graphs
+    _graphs += 1
+    try:
+        yield
+    finally:
+        _graphs -= 1
 
 
 @triton.jit
@@ -42,8 +58,9 @@ def _supported(index: int) -> bool:
 
 
 def launch(device: torch.device) -> dict:
-    """Launch keywords for a kernel with a `PDL` constexpr: PDL on where ENABLED and the device has it."""
-    if not ENABLED or device.type != "cuda" or pdl_start.__class__.__name__ == "InterpretedFunction":
+    """Launch keywords for a kernel with a `PDL` constexpr: PDL on where ENABLED, inside `in_graphs`,
+    and the device has it."""
+    if not ENABLED or not _graphs or device.type != "cuda" or pdl_start.__class__.__name__ == "InterpretedFunction":
         return {}
     if not _supported(device.index if device.index is not None else torch.cuda.current_device()):
         return {}
