@@ -905,27 +905,38 @@ def _prepare(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden, in
                  list(offsets), T, K, hidden, inter, blocksize, bool(double_quant), act)
 
 
-def _gate_up_v3(c: _Call, tiles: V3Tiles | None) -> None:
+def _gate_up_chunks(c: _Call, tiles: V3Tiles | V4Tiles | None, tuned, kernel, **extra) -> None:
+    """The gate_up stage of the chunk kernels (v3, v4: `tuned` / `kernel`, `extra` constexprs): autotuned
+    (tiles None), else with `tiles`."""
     meta = dict(ACT=ACT_CODES[c.act], LOG_WPB=(c.blocksize // 8).bit_length() - 1, DOUBLE_QUANT=c.double_quant,
-                SORTED=c.T > 1, **triton_pdl.launch(c.x.device))
+                SORTED=c.T > 1, **extra, **triton_pdl.launch(c.x.device))
     args = c.common("gate_up")
     if tiles is None:
-        _gate_up_v3_tuned[lambda m: (c.T * c.K, triton.cdiv(c.I, m["BLOCK_N"]))](*args, **meta)
+        tuned[lambda m: (c.T * c.K, triton.cdiv(c.I, m["BLOCK_N"]))](*args, **meta)
     else:
-        _gate_up_v3_kernel[(c.T * c.K, triton.cdiv(c.I, tiles.gate_up_n))](
+        kernel[(c.T * c.K, triton.cdiv(c.I, tiles.gate_up_n))](
             *args, **meta, BLOCK_N=tiles.gate_up_n, BLOCK_W=tiles.gate_up_w, num_warps=tiles.gate_up_warps,
             num_stages=1)
 
 
-def _down_v3(c: _Call, tiles: V3Tiles | None) -> None:
+def _down_chunks(c: _Call, tiles: V3Tiles | V4Tiles | None, tuned, kernel, **extra) -> None:
+    """The down stage of the chunk kernels, as `_gate_up_chunks`."""
     meta = dict(LOG_WPB=(c.blocksize // 8).bit_length() - 1, DOUBLE_QUANT=c.double_quant,
-                KE=triton.next_power_of_2(c.K), **triton_pdl.launch(c.x.device))
+                KE=triton.next_power_of_2(c.K), **extra, **triton_pdl.launch(c.x.device))
     args = c.common("down")
     if tiles is None:
-        _down_v3_tuned[lambda m: (triton.cdiv(c.H, m["BLOCK_N"]), c.T)](*args, **meta)
+        tuned[lambda m: (triton.cdiv(c.H, m["BLOCK_N"]), c.T)](*args, **meta)
     else:
-        _down_v3_kernel[(triton.cdiv(c.H, tiles.down_n), c.T)](
+        kernel[(triton.cdiv(c.H, tiles.down_n), c.T)](
             *args, **meta, BLOCK_N=tiles.down_n, BLOCK_W=tiles.down_w, num_warps=tiles.down_warps, num_stages=1)
+
+
+def _gate_up_v3(c: _Call, tiles: V3Tiles | None) -> None:
+    _gate_up_chunks(c, tiles, _gate_up_v3_tuned, _gate_up_v3_kernel)
+
+
+def _down_v3(c: _Call, tiles: V3Tiles | None) -> None:
+    _down_chunks(c, tiles, _down_v3_tuned, _down_v3_kernel)
 
 
 def _gate_up_v2(c: _Call, tiles: Tiles | None) -> None:
@@ -958,26 +969,11 @@ def _lut_shfl(device: torch.device) -> bool:
 
 
 def _gate_up_v4(c: _Call, tiles: V4Tiles | None) -> None:
-    meta = dict(ACT=ACT_CODES[c.act], LOG_WPB=(c.blocksize // 8).bit_length() - 1, DOUBLE_QUANT=c.double_quant,
-                SORTED=c.T > 1, LUT_SHFL=_lut_shfl(c.x.device), **triton_pdl.launch(c.x.device))
-    args = c.common("gate_up")
-    if tiles is None:
-        _gate_up_v4_tuned[lambda m: (c.T * c.K, triton.cdiv(c.I, m["BLOCK_N"]))](*args, **meta)
-    else:
-        _gate_up_v4_kernel[(c.T * c.K, triton.cdiv(c.I, tiles.gate_up_n))](
-            *args, **meta, BLOCK_N=tiles.gate_up_n, BLOCK_W=tiles.gate_up_w, num_warps=tiles.gate_up_warps,
-            num_stages=1)
+    _gate_up_chunks(c, tiles, _gate_up_v4_tuned, _gate_up_v4_kernel, LUT_SHFL=_lut_shfl(c.x.device))
 
 
 def _down_v4(c: _Call, tiles: V4Tiles | None) -> None:
-    meta = dict(LOG_WPB=(c.blocksize // 8).bit_length() - 1, DOUBLE_QUANT=c.double_quant,
-                KE=triton.next_power_of_2(c.K), LUT_SHFL=_lut_shfl(c.x.device), **triton_pdl.launch(c.x.device))
-    args = c.common("down")
-    if tiles is None:
-        _down_v4_tuned[lambda m: (triton.cdiv(c.H, m["BLOCK_N"]), c.T)](*args, **meta)
-    else:
-        _down_v4_kernel[(triton.cdiv(c.H, tiles.down_n), c.T)](
-            *args, **meta, BLOCK_N=tiles.down_n, BLOCK_W=tiles.down_w, num_warps=tiles.down_warps, num_stages=1)
+    _down_chunks(c, tiles, _down_v4_tuned, _down_v4_kernel, LUT_SHFL=_lut_shfl(c.x.device))
 
 
 def _moe_4bit_v4(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden, inter, blocksize, double_quant,
