@@ -489,6 +489,7 @@ class IdleCoreWatch:
         self.clock = clock or time.monotonic
         self.cpus = usable_cpu_set()
         self.limit = min(len(self.cpus), physical_cores())
+        self.cap = quota_cap(self.limit)  # the cgroup quota, read once (not every poll)
         self.at, self.last = self.clock(), self._sample()
 
     def _sample(self) -> tuple[int, int, int] | None:
@@ -512,7 +513,7 @@ class IdleCoreWatch:
             self.last = None
             return None
         others, self.at, self.last = self.others(self.last, now), self.clock(), now
-        threads = quota_cap(max(1, self.limit - max(0, math.ceil(others - self.HOLDS_A_CORE))))
+        threads = max(1, min(self.cap, self.limit - max(0, math.ceil(others - self.HOLDS_A_CORE))))
         import torch
 
         if threads == torch.get_num_threads():

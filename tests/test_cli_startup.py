@@ -199,5 +199,7 @@ def test_a_cgroup_cpu_quota_caps_the_threads(tmp_path, monkeypatch):
         assert hardware.usable_cpus() == want
     monkeypatch.setattr(hardware, "cpu_quota", lambda: 2.5)
     assert hardware.default_threads() == 2  # 12 of the host's cores are idle; the quota allows 2
+    watch = hardware.IdleCoreWatch(stat=tmp_path / "absent", self_stat=tmp_path / "absent")
+    assert (watch.limit, watch.cap) == (32, 2)  # during a reply too, the quota read once
     with pytest.warns(LocalrunWarning, match="more than the 2 CPUs"):
         assert hardware.check_threads(4) == 4
