@@ -499,46 +499,31 @@ def big_model_run(dry: bool, dev, load_kwargs: dict, rows: dict, long_prompt: bo
         if mode != "eager":  # sampling on the device: still one sync a token with every filter on
             timed(f"per_token_{mode}_sampled", lambda mode=mode: per_token_counts(
                 model, short, dev, mode, loaded.kv, sampled_params()), rows)
-        if mode in ("graphs", "static") and loaded.store is None:  # the open questions first: v4 MoE, PDL, both
+        if mode in ("graphs", "static") and loaded.store is None:  # the step with one setting switched
             from localrun.kernels import triton_moe
-
-            with moe_v4_switched(True, loaded.kv):  # opt-in (triton_moe.USE_V4): the table in the lanes
-                timed(f"speed_{mode}_with_v4_moe", rates, rows)
-                timed(f"per_token_{mode}_with_v4_moe", lambda: per_token_counts(model, short, dev, mode, loaded.kv),
-                      rows)
-            timed(f"tokens_{mode}_with_v4_moe", lambda mode=mode: divergence_when(
-                lambda: moe_v4_switched(True, loaded.kv), model, short, dev, mode, loaded.kv), rows)
-            with pdl_switched(True, loaded.kv):  # opt-in: each kernel placed while the one before ends
-                timed(f"speed_{mode}_with_pdl", rates, rows)
-                timed(f"per_token_{mode}_with_pdl", lambda: per_token_counts(model, short, dev, mode, loaded.kv),
-                      rows)
-            timed(f"tokens_{mode}_with_pdl", lambda mode=mode: divergence_when(
-                lambda: pdl_switched(True, loaded.kv), model, short, dev, mode, loaded.kv), rows)
-            with moe_v4_switched(True, loaded.kv), pdl_switched(True, loaded.kv):  # the two, as a default would take them
-                timed(f"speed_{mode}_with_v4_moe_and_pdl", rates, rows)
-        if mode in ("graphs", "static") and loaded.store is None:  # each decode kernel switched from its default
             from localrun.models.gemma4 import CPU_ONLY_KERNELS, DECODE_KERNELS  # (static: the dry run's stand-in)
 
+            def switched(tag: str, switch, mode=mode) -> None:
+                """speed_, per_token_ and tokens_{tag}: the step within `switch()` (tokens: against the default)."""
+                with switch():
+                    timed(f"speed_{tag}", rates, rows)
+                    timed(f"per_token_{tag}", lambda: per_token_counts(model, short, dev, mode, loaded.kv), rows)
+                timed(f"tokens_{tag}", lambda: divergence_when(switch, model, short, dev, mode, loaded.kv), rows)
+
+            # the open questions first: v4 MoE (triton_moe.USE_V4: the table in the lanes), PDL (each kernel
+            # placed while the one before ends), both as a default would take them
+            switched(f"{mode}_with_v4_moe", lambda: moe_v4_switched(True, loaded.kv))
+            switched(f"{mode}_with_pdl", lambda: pdl_switched(True, loaded.kv))
+            with moe_v4_switched(True, loaded.kv), pdl_switched(True, loaded.kv):
+                timed(f"speed_{mode}_with_v4_moe_and_pdl", rates, rows)
             defaults = {n: on for n, on in DECODE_KERNELS.items() if n not in CPU_ONLY_KERNELS}
-            for name in [n for n, on in defaults.items() if on]:  # replaced by torch ops
+            for name in [n for n, on in defaults.items() if on]:  # each default decode kernel: its torch ops
                 with kernel_switched(name, False, loaded.kv):
                     timed(f"speed_{mode}_without_{name}", rates, rows)
             for name in [n for n, on in defaults.items() if not on]:  # opt-in: is it worth turning on?
-                with kernel_switched(name, True, loaded.kv):
-                    timed(f"speed_{mode}_with_{name}", rates, rows)
-                    timed(f"per_token_{mode}_with_{name}",
-                          lambda: per_token_counts(model, short, dev, mode, loaded.kv), rows)
-
-                timed(f"tokens_{mode}_with_{name}", lambda name=name, mode=mode: divergence_when(
-                    lambda: kernel_switched(name, True, loaded.kv), model, short, dev, mode, loaded.kv), rows)
-        if mode in ("graphs", "static") and loaded.store is None:  # v3 MoE (USE_V3) vs the v2 default
-            other = not triton_moe.USE_V3
-            tag = f"{mode}_with_{'v3' if other else 'v2'}_moe"
-            with moe_v3_switched(other, loaded.kv):
-                timed(f"speed_{tag}", rates, rows)
-                timed(f"per_token_{tag}", lambda: per_token_counts(model, short, dev, mode, loaded.kv), rows)
-            timed(f"tokens_{tag}", lambda mode=mode: divergence_when(
-                lambda: moe_v3_switched(other, loaded.kv), model, short, dev, mode, loaded.kv), rows)
+                switched(f"{mode}_with_{name}", lambda name=name: kernel_switched(name, True, loaded.kv))
+            other = not triton_moe.USE_V3  # v3 where faster per stage vs the v2 default (or the reverse)
+            switched(f"{mode}_with_{'v3' if other else 'v2'}_moe", lambda: moe_v3_switched(other, loaded.kv))
     if loaded.store is None:  # prefill through the grouped GEMMs (default) vs each hit expert dequantized once
         from quant import ffn
 
