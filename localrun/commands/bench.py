@@ -55,7 +55,8 @@ def bench(
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for both sides (default: the "
                                           "cores no other process is busy on, at most the physical cores)."),
     graphs: str = typer.Option("auto", "--graphs", help="Decode step: on (CUDA graphs), off (eager), both (side "
-                               "by side in one run), auto (graphs where every expert routes on the GPU)."),
+                               "by side in one run), auto (what run takes: graphs on CUDA, between the experts "
+                               "where some are in host RAM)."),
     random_weights: bool = typer.Option(False, "--random-weights", help="Draw the weights at random in config.json's "
                                         "shapes: a model's speed before its weights are downloaded (MODEL may hold "
                                         "config.json alone)."),
