@@ -175,7 +175,8 @@ def compile_cases(arch: int = 90):
                 yield (f"decode_partial {x[1:]} D={D} combine_in_place={in_place}",
                        triton_attention._decode_partial_kernel, attn,
                        dict(HAS_MASK=True, PRECISION="ieee" if x == "*fp32" else "tf32", COMBINE=in_place, BLOCK_G=16,
-                            BLOCK_S=max(16, min(64, 16384 // D)), BLOCK_D=D, BLOCK_SPLITS=8), 4 if D <= 256 else 8)
+                            BLOCK_S=max(16, min(64, 16384 // D)), BLOCK_D=D, **triton_attention.combine_tiles(G, 8, D)),
+                       4 if D <= 256 else 8)
     yield from _grouped_cases(triton_moe)
     yield from _gemv_cases(triton_gemv)
     yield from prefill_attention_cases()
@@ -222,10 +223,11 @@ def _pdl_cases():
         (triton_attention._decode_partial_kernel,
          ptrs(triton_attention._decode_partial_kernel, vis_ptr="*u8", m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32",
               count_ptr="*i32"),
-         dict(HAS_MASK=True, PRECISION="tf32", COMBINE=True, BLOCK_G=16, BLOCK_S=64, BLOCK_D=256, BLOCK_SPLITS=8), 4),
+         dict(HAS_MASK=True, PRECISION="tf32", COMBINE=True, BLOCK_G=16, BLOCK_S=64, BLOCK_D=256,
+              **triton_attention.combine_tiles(2, 8, 256)), 4),
         (triton_attention._decode_combine_kernel,
          ptrs(triton_attention._decode_combine_kernel, m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32"),
-         dict(BLOCK_SPLITS=64, BLOCK_D=512), 4),
+         dict(BLOCK_D=512, **triton_attention.combine_tiles(8, 64, 512)), 8),
         (triton_fused._attention_residual_norms_kernel, ptrs(triton_fused._attention_residual_norms_kernel),
          dict(BLOCK=4096), 4),
         (triton_fused._ffn_residual_kernel, ptrs(triton_fused._ffn_residual_kernel), dict(NEXT=True, BLOCK=4096), 4),

@@ -63,6 +63,25 @@ def test_combine_in_place_is_the_combine_kernel_bit_for_bit(B, N, KV, S, D, spli
 
 
 @needs_triton
+@pytest.mark.parametrize("tile", [1, 2, 4, 16])
+def test_combine_in_tiles_of_any_size(monkeypatch, tile):
+    """The combine reads a few heads' partial rows as one tile (COMBINE_TILE elements at most): tiles
+    of one split of one head, of a few splits, of a few heads, take every split of every head once,
+    and in place or as a launch of its own the same bits."""
+    monkeypatch.setattr(triton_attention, "_programs_wanted", lambda device: 64)  # 8 to 32 splits a KV head
+    monkeypatch.setattr(triton_attention, "COMBINE_TILE", tile * 32)
+    for N, KV, S, D in ((16, 2, 256, 32), (6, 2, 70, 24)):
+        q, k, v = case(1, N, KV, S, D, seed=tile)
+        visible = torch.arange(S)[None, :] % 5 != 1
+        BLOCK_D, _, _, splits = triton_attention.launch_shape(S, D, KV, q.device)
+        tiles = triton_attention.combine_tiles(N // KV, splits, BLOCK_D)
+        assert tiles["BLOCK_H"] * tiles["CHUNK"] * BLOCK_D <= max(tile * 32, BLOCK_D) and splits > 1
+        apart = triton_attention.decode_attention_triton(q, k, v, visible, 0.2, in_place=False)
+        assert torch.equal(triton_attention.decode_attention_triton(q, k, v, visible, 0.2, in_place=True), apart)
+        assert close(apart, grouped_sdpa(q, k, v, visible, 0.2), 1e-5)
+
+
+@needs_triton
 def test_gemma_scale_as_exact_as_the_reference():
     """Scale 1.0 over normed heads (Gemma 4) gives logits of ~sqrt(D): softmax is ill-conditioned
     there (exp of logits near 60 keeps ~1e-5 of them in fp32), so both sides are held to float64:

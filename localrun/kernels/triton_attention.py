@@ -9,7 +9,8 @@ per (batch, KV head, split), and a second kernel combines the splits:
   partial  each program takes the G query heads that share its KV head as the rows of one
            [G, D] tile (padded to 16 rows for tl.dot), walks its keys in blocks with an online
            softmax, and writes its running max m, sum l and unnormalised output acc (fp32);
-  combine  one program per query head: out = sum_s exp(m_s - M) acc_s / sum_s exp(m_s - M) l_s.
+  combine  out = sum_s exp(m_s - M) acc_s / sum_s exp(m_s - M) l_s, a few heads' partial rows in
+           one tile (a head's combine waits on memory about once, not once a split).
 
 Where the partial rows of a KV head are few (every short and medium context: COMBINE_IN_PLACE_MAX
 elements), the combine needs no launch of its own: each partial program counts itself done on its
@@ -55,7 +56,8 @@ def _decode_partial_kernel(q_ptr, k_ptr, v_ptr, vis_ptr, m_ptr, l_ptr, acc_ptr, 
                            KV, S, D, G, scale, keys_per_split,
                            HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, COMBINE: tl.constexpr,
                            BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-                           BLOCK_SPLITS: tl.constexpr, PDL: tl.constexpr = False):
+                           BLOCK_H: tl.constexpr = 1, BLOCK_SPLITS: tl.constexpr = 1, CHUNK: tl.constexpr = 1,
+                           PDL: tl.constexpr = False):
     pdl_start(PDL)
     bkv = tl.program_id(0)
     split = tl.program_id(1)
@@ -103,37 +105,68 @@ def _decode_partial_kernel(q_ptr, k_ptr, v_ptr, vis_ptr, m_ptr, l_ptr, acc_ptr, 
         tl.debug_barrier()  # every thread's stores above come before the release below
         done = tl.atomic_add(count_ptr + bkv, 1, sem="acq_rel", scope="gpu")
         if done == splits - 1:  # the last split of this (batch, KV head): the others' rows are visible
-            for gi in range(0, G):
-                _combine_head(m_ptr, l_ptr, acc_ptr, out_ptr, bkv * G + gi, splits, D, ".cg", BLOCK_SPLITS, BLOCK_D)
+            _combine_heads(m_ptr, l_ptr, acc_ptr, out_ptr, bkv * G, G, splits, D, ".cg", BLOCK_H, BLOCK_SPLITS, CHUNK,
+                           BLOCK_D)
             tl.atomic_xchg(count_ptr + bkv, 0)  # ready for the next call
 
 
 @triton.jit
-def _combine_head(m_ptr, l_ptr, acc_ptr, out_ptr, head, splits, D, CACHE: tl.constexpr,
-                  BLOCK_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr):
-    """out[head] from its `splits` partial rows (head = b * N + n). CACHE ".cg": read them from L2."""
+def _combine_heads(m_ptr, l_ptr, acc_ptr, out_ptr, first, heads, splits, D, CACHE: tl.constexpr,
+                   BLOCK_H: tl.constexpr, BLOCK_SPLITS: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out[first : first + heads] (head = b * N + n) from their `splits` partial rows each. BLOCK_H
+    heads at a time, their rows CHUNK splits a load: each load is one tile of [BLOCK_H, CHUNK, D], so
+    a head's combine waits on memory about once, where a loop over its splits waited once a split
+    (`combine_tiles` sizes the tiles). CACHE ".cg": read the rows from L2."""
+    h = tl.arange(0, BLOCK_H)
     s = tl.arange(0, BLOCK_SPLITS)
-    s_ok = s < splits
-    m = tl.load(m_ptr + head * splits + s, mask=s_ok, other=float("-inf"), cache_modifier=CACHE)
-    l = tl.load(l_ptr + head * splits + s, mask=s_ok, other=0.0, cache_modifier=CACHE)
-    top = tl.max(m, axis=0)
-    top = tl.where(top == float("-inf"), 0.0, top)
-    w = tl.exp(m - top)  # 0 for splits that saw no visible key
-    total = tl.sum(w * l, axis=0)
+    c = tl.arange(0, CHUNK)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
-    out = tl.zeros([BLOCK_D], tl.float32)
-    for i in range(0, splits):
-        w_i = tl.exp(tl.load(m_ptr + head * splits + i, cache_modifier=CACHE) - top)
-        out += w_i * tl.load(acc_ptr + (head * splits + i) * D + d, mask=d_ok, other=0.0, cache_modifier=CACHE)
-    tl.store(out_ptr + head * D + d, (out / total).to(out_ptr.dtype.element_ty), mask=d_ok)
+    for h0 in range(0, heads, BLOCK_H):
+        head = first + h0 + h
+        h_ok = h0 + h < heads
+        rows = head[:, None] * splits + s[None, :]
+        ok = h_ok[:, None] & (s < splits)[None, :]
+        m = tl.load(m_ptr + rows, mask=ok, other=float("-inf"), cache_modifier=CACHE)
+        l = tl.load(l_ptr + rows, mask=ok, other=0.0, cache_modifier=CACHE)
+        top = tl.max(m, axis=1)
+        top = tl.where(top == float("-inf"), 0.0, top)
+        total = tl.sum(tl.exp(m - top[:, None]) * l, axis=1)  # exp(-inf) = 0: splits that saw no visible key
+        total = tl.where(h_ok, total, 1.0)  # padding heads: no 0 / 0
+        out = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+        for s0 in range(0, splits, CHUNK):
+            chunk = head[:, None] * splits + (s0 + c)[None, :]
+            chunk_ok = h_ok[:, None] & (s0 + c < splits)[None, :]
+            w = tl.exp(tl.load(m_ptr + chunk, mask=chunk_ok, other=float("-inf"), cache_modifier=CACHE) - top[:, None])
+            acc = tl.load(acc_ptr + chunk[:, :, None] * D + d[None, None, :],
+                          mask=chunk_ok[:, :, None] & d_ok[None, None, :], other=0.0, cache_modifier=CACHE)
+            out += tl.sum(w[:, :, None] * acc, axis=1)
+        tl.store(out_ptr + head[:, None] * D + d[None, :], (out / total[:, None]).to(out_ptr.dtype.element_ty),
+                 mask=h_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
-def _decode_combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, splits, D,
-                           BLOCK_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr = False):
+def _decode_combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, splits, D, G,
+                           BLOCK_H: tl.constexpr, BLOCK_SPLITS: tl.constexpr, CHUNK: tl.constexpr,
+                           BLOCK_D: tl.constexpr, PDL: tl.constexpr = False):
+    """Program (b * KV + kv, j): heads j * BLOCK_H on of that KV head's G, the same tile as the
+    partial kernel's in-place combine takes them in (so the two give the same bits)."""
     pdl_start(PDL)
-    _combine_head(m_ptr, l_ptr, acc_ptr, out_ptr, tl.program_id(0), splits, D, "", BLOCK_SPLITS, BLOCK_D)
+    h0 = tl.program_id(1) * BLOCK_H
+    _combine_heads(m_ptr, l_ptr, acc_ptr, out_ptr, tl.program_id(0) * G + h0, tl.minimum(BLOCK_H, G - h0), splits, D,
+                   "", BLOCK_H, BLOCK_SPLITS, CHUNK, BLOCK_D)
+
+
+COMBINE_TILE = 8192  # fp32 partial elements one combine load takes at most (32-64 registers a thread)
+
+
+def combine_tiles(G: int, splits: int, BLOCK_D: int) -> dict[str, int]:
+    """The combine's tile sizes (constexprs of `_combine_heads`) for G heads a KV head of `splits`
+    partial rows: whole rows of D, as many splits of a head as COMBINE_TILE holds, then as many heads."""
+    block_splits = triton.next_power_of_2(splits)
+    chunk = max(1, min(block_splits, COMBINE_TILE // BLOCK_D))
+    block_h = max(1, min(triton.next_power_of_2(G), COMBINE_TILE // (chunk * BLOCK_D)))
+    return dict(BLOCK_H=block_h, BLOCK_SPLITS=block_splits, CHUNK=chunk)
 
 
 @functools.lru_cache(maxsize=None)
@@ -205,14 +238,16 @@ def decode_attention_triton(q_BN1D: torch.Tensor, k_BKSD: torch.Tensor, v_BKSD: 
     out = torch.empty(B, N, 1, D, dtype=q.dtype, device=q.device)
     vis = q if visible_1S is None else visible_1S.reshape(S).contiguous().view(torch.uint8)
     count = _counters(q.device) if in_place else m
+    tiles = combine_tiles(G, splits, BLOCK_D)
     _decode_partial_kernel[(B * KV, splits)](
         q, k, v, vis, m, l, acc, count, out, q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), KV, S, D, G, scale, per,
         HAS_MASK=visible_1S is not None, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", COMBINE=in_place,
-        BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_S=BLOCK_S, BLOCK_D=BLOCK_D,
-        BLOCK_SPLITS=triton.next_power_of_2(splits), num_warps=4 if BLOCK_D <= 256 else 8,
+        BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_S=BLOCK_S, BLOCK_D=BLOCK_D, **tiles,
+        num_warps=4 if BLOCK_D <= 256 else 8,
         num_stages=PARTIAL_STAGES, **triton_pdl.launch(q.device))
     if not in_place:
-        _decode_combine_kernel[(B * N,)](m, l, acc, out, splits, D, BLOCK_SPLITS=triton.next_power_of_2(splits),
-                                         BLOCK_D=BLOCK_D, **triton_pdl.launch(q.device))
+        _decode_combine_kernel[(B * KV, triton.cdiv(G, tiles["BLOCK_H"]))](
+            m, l, acc, out, splits, D, G, BLOCK_D=BLOCK_D, **tiles, num_warps=4 if BLOCK_D <= 256 else 8,
+            **triton_pdl.launch(q.device))
     return out
