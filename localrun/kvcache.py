@@ -226,6 +226,7 @@ class KVCache:
         self.capacity = capacity
         self.offset = 0  # positions already in the cache
         self.span: int | None = None  # set by the static step while it runs
+        self.side_stream = None  # a CUDA stream the graphs step lends a layer for work beside its main chain
         self.steps: dict = {}  # decode mode -> step over these buffers (step.make_step: graphs captured once)
         self.layers: list[FullKV | RingKV | None] = []
         for i in range(args.num_hidden_layers):

@@ -94,12 +94,23 @@ class CudaGraphStep(StaticStep):
     """
 
     graphs = True
+    lends_side_stream = True  # a layer may run work beside its main chain (models/gemma4.DECODE_KERNELS["parallel_mlp"])
 
     def __init__(self, model, cache: KVCache):
         super().__init__(model, cache)
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = torch.cuda.graph_pool_handle()
         self.disabled: str | None = None
+        self._side = torch.cuda.Stream(self.token.device) if self.lends_side_stream else None
+
+    def forward(self, span: int) -> torch.Tensor:
+        """StaticStep.forward with the cache's side stream lent: a layer that forks onto it joins back
+        within the layer, so the whole step (warm-up, capture, an uncaptured fallback) stays one graph."""
+        self.cache.side_stream = self._side
+        try:
+            return super().forward(span)
+        finally:
+            self.cache.side_stream = None
 
     def _capture(self, span: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         _warm_up(self.forward, span)
@@ -228,6 +239,8 @@ class CompiledGraphStep(CudaGraphStep):
     Opt-in (`LOCALRUN_DECODE_STEP=compiled`): compiling 30 layers costs tens of seconds per model load,
     and whether it pays is for scripts/gpu_check.py to measure. One compiled function serves every span
     (the span is an int argument: after the first recompile torch.compile treats it as dynamic)."""
+
+    lends_side_stream = False  # a traced stream switch is not what this step measures
 
     def __init__(self, model, cache: KVCache):
         super().__init__(model, cache)

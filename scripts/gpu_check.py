@@ -511,16 +511,21 @@ def big_model_run(dry: bool, dev, load_kwargs: dict, rows: dict, long_prompt: bo
                 timed(f"tokens_{tag}", lambda: divergence_when(switch, model, short, dev, mode, loaded.kv), rows)
 
             # the open questions first: v4 MoE (triton_moe.USE_V4: the table in the lanes), PDL (each kernel
-            # placed while the one before ends), both as a default would take them
+            # placed while the one before ends), the dense MLP beside the experts (a second stream in the
+            # graph), then all three as defaults would take them
             switched(f"{mode}_with_v4_moe", lambda: moe_v4_switched(True, loaded.kv))
             switched(f"{mode}_with_pdl", lambda: pdl_switched(True, loaded.kv))
+            switched(f"{mode}_with_parallel_mlp", lambda: kernel_switched("parallel_mlp", True, loaded.kv))
             with moe_v4_switched(True, loaded.kv), pdl_switched(True, loaded.kv):
                 timed(f"speed_{mode}_with_v4_moe_and_pdl", rates, rows)
+                with kernel_switched("parallel_mlp", True, loaded.kv):
+                    timed(f"speed_{mode}_with_v4_moe_pdl_and_parallel_mlp", rates, rows)
             defaults = {n: on for n, on in DECODE_KERNELS.items() if n not in CPU_ONLY_KERNELS}
             for name in [n for n, on in defaults.items() if on]:  # each default decode kernel: its torch ops
                 with kernel_switched(name, False, loaded.kv):
                     timed(f"speed_{mode}_without_{name}", rates, rows)
-            for name in [n for n, on in defaults.items() if not on]:  # opt-in: is it worth turning on?
+            opened = {"parallel_mlp"}  # measured above
+            for name in [n for n, on in defaults.items() if not on and n not in opened]:  # opt-in: worth turning on?
                 switched(f"{mode}_with_{name}", lambda name=name: kernel_switched(name, True, loaded.kv))
             other = not triton_moe.USE_V3  # v3 where faster per stage vs the v2 default (or the reverse)
             switched(f"{mode}_with_{'v3' if other else 'v2'}_moe", lambda: moe_v3_switched(other, loaded.kv))

@@ -269,3 +269,74 @@ def test_gated_route_in_one_launch_where_cuda_would(tiny_moe, monkeypatch):
     assert tokens == plain_tokens and max(abs(a - b) for a, b in zip(lp, plain_lp)) < 1e-4
     assert len(calls) == (GEN - 1) * len(model.layers)
     assert len(seen) == GEN and all(shape[-1] == loaded.args.top_k_experts for shape in seen)
+
+
+class _Streams:
+    """Stand-ins for torch.cuda's stream calls on the CPU: which stream is current, and every wait."""
+
+    def __init__(self):
+        self.current, self.log = "main", []
+
+    def stream_named(self, name):
+        streams = self
+
+        class Stream:
+            def __init__(self):
+                self.name = name
+
+            def wait_stream(self, other):
+                streams.log.append((self.name, "waits for", other.name))
+
+        return Stream()
+
+    def current_stream(self, device=None):
+        return self.stream_named(self.current)
+
+    def stream(self, s):
+        import contextlib
+
+        @contextlib.contextmanager
+        def on():
+            before, self.current = self.current, s.name
+            try:
+                yield
+            finally:
+                self.current = before
+
+        return on()
+
+
+def test_parallel_mlp_forks_the_dense_mlp_and_joins_it_before_the_residual(tiny_moe, monkeypatch):
+    """DECODE_KERNELS["parallel_mlp"]: with a side stream lent (the CUDA graphs step lends one), a
+    decoded token's dense MLP runs on it once it waits for the norms, the router projects on its own
+    on the main stream, and the main stream waits for the side before the FFN's residual glue; each
+    layer forks once and joins once, and the tokens are those of the step with the router's rows off
+    the MLP's GEMM (the same arithmetic). Here on the CPU with torch.cuda's stream calls stood in for."""
+    from localrun.models import gemma4
+
+    loaded = load_model(tiny_moe, dtype=torch.float32, context=600)
+    model, layers = loaded.model, len(loaded.model.layers)
+    ids = bench_prompt(30, loaded.args.vocab_size)
+    monkeypatch.setitem(gemma4.DECODE_KERNELS, "mlp_router_gemm", False)
+    apart_tokens, apart_lp = greedy(model, ids, "static", loaded.kv)
+    monkeypatch.setitem(gemma4.DECODE_KERNELS, "mlp_router_gemm", True)
+    streams = _Streams()
+    monkeypatch.setattr(torch.cuda, "current_stream", streams.current_stream)
+    monkeypatch.setattr(torch.cuda, "stream", streams.stream)
+    monkeypatch.setitem(gemma4.DECODE_KERNELS, "parallel_mlp", True)
+    monkeypatch.setattr(gemma4, "parallel_mlp", lambda x: x.shape[:-1].numel() == 1)  # CUDA's test, on the CPU
+    mlp_on, glue_after = [], []
+    real_mlp, real_glue = gemma4.MLP.forward, gemma4.fused_ops.ffn_residual
+    monkeypatch.setattr(gemma4.MLP, "forward", lambda self, *a, **k: mlp_on.append(streams.current) or real_mlp(self, *a, **k))
+    monkeypatch.setattr(gemma4.fused_ops, "ffn_residual",
+                        lambda *a: glue_after.append(streams.log[-1] if streams.log else None) or real_glue(*a))
+    loaded.kv.side_stream = streams.stream_named("side")
+    try:
+        tokens, lp = greedy(model, ids, "static", loaded.kv)
+    finally:
+        loaded.kv.side_stream = None
+    decoded = (GEN - 1) * layers
+    assert streams.log == [("side", "waits for", "main"), ("main", "waits for", "side")] * decoded
+    assert mlp_on.count("side") == decoded and set(mlp_on) == {"main", "side"}  # the prompt's pass stays on main
+    assert glue_after.count(("main", "waits for", "side")) == decoded  # joined before each decoded token's glue
+    assert tokens == apart_tokens and lp == apart_lp

@@ -209,8 +209,13 @@ def apply_rope(x_BTND, cos_T1D, sin_T1D):
 # switched off, the same step runs the plain torch ops (scripts/gpu_check.py measures both). dense_gemv
 # (CUDA only) paid on an H200: graphs decode 284-293 tok/s against cuBLAS's 251-261, the same tokens
 # (docs/gpu/2026-11-27-h200-resident.md: 359 kernels a token, not 394; no split-K reduce launches).
+# parallel_mlp (CUDA graphs step, opt-in until measured): a decoded token's dense MLP (its gate/up
+# GEMV, the gated activation, the down GEMV: ~11 us a layer at 26B-A4B on an H200) runs on a side stream
+# while the main one routes (the router's own GEMV, the top-k) and runs the routed experts (~30 us of
+# latency-bound kernels), joined before the FFN's residual glue: the graph holds the two branches, the
+# GPU overlaps them. It takes the router's rows off the MLP's GEMM (mlp_router_gemm does not apply).
 DECODE_KERNELS = {"decode_attention": True, "fused_glue": True, "decode_layer": True, "dense_gemv": True,
-                  "mlp_router_gemm": True}
+                  "mlp_router_gemm": True, "parallel_mlp": False}
 CPU_ONLY_KERNELS = {"decode_layer"}  # DecoderLayer.forward_decode: nothing to switch off on CUDA
 
 
@@ -436,6 +441,30 @@ class Front(NamedTuple):
     experts_in: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # (x_TH, ids_TK, w_TK); None: no experts
     fused: bool  # the glue ran as kernels/fused.py's ops (back must too)
     shared: dict | None = None  # the pass's shared dict, where CUDA's back() hands the next layer its input norm
+    beside: tuple | None = None  # (side stream, its input): h is computed there, back() joins it first
+
+
+def parallel_mlp(x: torch.Tensor) -> bool:
+    """Whether a decoded token's dense MLP runs beside its routing and experts (DECODE_KERNELS["parallel_mlp"]):
+    one token on CUDA, outside torch.compile."""
+    return (DECODE_KERNELS["parallel_mlp"] and x.device.type == "cuda" and x.shape[:-1].numel() == 1
+            and not torch.compiler.is_compiling())
+
+
+def mlp_beside(mlp: "MLP", x: torch.Tensor, stream) -> tuple[torch.Tensor, tuple]:
+    """mlp(x) on `stream` once it has what the current stream queued (x); (its output, Front.beside).
+    x stays referenced until the join: freed earlier, the current stream could reuse its memory while
+    the side stream still reads it."""
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        h = mlp(x)
+    return h, (stream, x)
+
+
+def join_beside(front: Front) -> None:
+    """The current stream waits for what `front` ran beside it."""
+    if front.beside is not None:
+        torch.cuda.current_stream().wait_stream(front.beside[0])
 
 
 class DecoderLayer(nn.Module):
@@ -526,17 +555,18 @@ class DecoderLayer(nn.Module):
             out = self.forward_decode(x_BTH, cos_TD, sin_TD, cache, shared["position"])
             if out is not None:
                 return out
-        front = self.front(x_BTH, cos_TD, sin_TD, pos_T, cache, shared)
+        front = self.front(x_BTH, cos_TD, sin_TD, pos_T, cache, shared, beside=shared.get("side_stream"))
         return self.back(front, self.experts(*front.experts_in) if front.experts_in else None, per_layer_BTP)
 
     def front(self, x_BTH, cos_TD, sin_TD, pos_T, cache, shared, prefetch: bool = True,
-              fused: bool | None = None) -> "Front":
+              fused: bool | None = None, beside=None) -> "Front":
         """The layer up to its routed experts: attention, the residual and its norms, the router and
         the dense MLP. forward() = back(front, the experts' output); a decode step that captures the
         rest as CUDA graphs (step.SegmentedGraphStep) runs the experts between front and back.
         prefetch=False: the router's ids do not start for the host here (a graph replay would not
         start them again; the expert store does it itself). fused: the glue as kernels/fused.py's
-        three ops (default: where `use_kernel("fused_glue")` says so)."""
+        three ops (default: where `use_kernel("fused_glue")` says so). beside: a CUDA stream the dense
+        MLP may run on (`parallel_mlp`), for a caller whose back() follows in the same capture."""
         if fused is None:
             fused = self.moe and not self.per_layer and use_kernel("fused_glue", x_BTH)
         route = self.route if prefetch else self.router
@@ -549,6 +579,10 @@ class DecoderLayer(nn.Module):
                 attn, self.post_attention_layernorm.weight, x_BTH, self.pre_feedforward_layernorm.weight,
                 self.pre_feedforward_layernorm_2.weight, self.router.scale, self.router.root_size,
                 self.input_layernorm.eps)
+            if beside is not None and parallel_mlp(x_mlp):
+                h, side = mlp_beside(self.mlp, x_mlp, beside)
+                ids_TK, w_TK = route(x_router.reshape(-1, H), normed=True)
+                return Front(x, h, (x_moe.reshape(-1, H), ids_TK, w_TK), True, shared, side)
             ids_TK, w_TK, h = self._route_and_mlp(x_router.reshape(-1, H), x_mlp, mlp_router, route)
             return Front(x, h, (x_moe.reshape(-1, H), ids_TK, w_TK), True, shared)
         x = self.post_attention_layernorm(attn) + x_BTH
@@ -563,6 +597,7 @@ class DecoderLayer(nn.Module):
         """The layer after its routed experts (their output moe_TH; None without experts): the FFN
         norms, the residual, the per-layer input (E2B/E4B) and the layer scalar."""
         r, h = front.residual, front.h
+        join_beside(front)
         if front.fused:
             glue = (h, self.post_feedforward_layernorm_1.weight, moe_TH.reshape(r.shape),
                     self.post_feedforward_layernorm_2.weight, self.post_feedforward_layernorm.weight, r,
@@ -746,6 +781,8 @@ class Gemma4Model(nn.Module):
         shared: dict = {}  # per forward: KV of the last layer of each kind (KV sharing), attention masks
         if cache is not None and cache.span is not None:
             shared["span"] = cache.span
+        if getattr(cache, "side_stream", None) is not None:
+            shared["side_stream"] = cache.side_stream
         return x, _Pass(self.args, self.rope(pos_T, dtype), pos_T, cache, shared, per_layer)
 
     def decode_segments(self, ids_11: torch.Tensor, cache, pos_1: torch.Tensor) -> "DecodeSegments":
