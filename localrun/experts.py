@@ -19,7 +19,9 @@ its own `.to(device)` copies.
 The store never knows the precision: a payload is anything with `.nbytes` and `.to(device, non_blocking)`,
 and `compute(payload, x_TH) -> y_TH` is injected. `store(layer)` is an expert backend for the decoder,
 `(x_TH, ids_TK, w_TK) -> y_TH`. Host syncs: a decoded token's ids and weights reach the host in one
-copy per layer (`moe.RoutingToHost`), started by `prefetch` right after the router.
+copy per layer (`moe.RoutingToHost`), started by `prefetch` right after the router. A prompt's layer
+(with `device_prefill`, on CUDA) runs grouped GEMMs over the layer's device rows in `waves`: the experts
+already on the device, then the copied ones, a wave at a time through the slots.
 
 Bookkeeping (`LayerCache.plan`) is pure Python and separate from data movement (`ExpertStore`), so the
 cache benchmark replays routing traces through the very code that decides placement, without tensors.
@@ -79,6 +81,19 @@ class LayerCompute(Protocol):
 
     def __call__(self, payloads: Mapping[int, Payload], num_experts: int, x_TH: torch.Tensor,
                  ids_TK: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor: ...
+
+
+class DevicePrefill(Protocol):
+    """A many-token call of one layer on the device through grouped GEMMs, in waves over the layer's
+    device rows (quant.ffn.DeviceRowsPrefill): `applies(x_TH)`, then `begin(x_TH, K)` gives a call with
+    `wave(rows_RB, rows_TK, pairs, experts)` (the pairs whose row is below rows_RB.shape[0]),
+    `put(tok, k, y)` (an expert computed elsewhere) and `finish(w_TK) -> y_TH`."""
+
+    def applies(self, x_TH: torch.Tensor) -> bool: ...
+
+    def begin(self, x_TH: torch.Tensor, top_k: int): ...
+
+
 Write = Callable[[int, torch.Tensor], Payload]  # (expert, row to fill) -> the expert's payload over that row
 
 
@@ -524,11 +539,13 @@ class ExpertStore:
         cost_model: CostModel | None = None,
         compute_layer: "LayerCompute | None" = None,
         device_compute: "DeviceRowsCompute | None" = None,
+        device_prefill: "DevicePrefill | None" = None,
     ) -> None:
         self.device = torch.device(device)
         self.compute = compute
         self.compute_layer = compute_layer if self.device.type == "cpu" else None
         self.device_compute = device_compute  # a decoded token's layer in one call when all its experts are on the device
+        self.device_prefill = device_prefill  # a prompt's layer through grouped GEMMs over the device rows, in waves
         self._where: dict[int, dict[int, Payload]] = {}  # layer -> every expert where it lies (compute_layer)
         self.host = torch.device("cpu")
         self._copier = _Copier(self.device)
@@ -699,6 +716,8 @@ class ExpertStore:
             groups, steps, deferred = pending[2]
         else:
             groups, steps, deferred = self._begin(layer, ids_TK)
+        if self.device_prefill is not None and layer in self._device_rows and self.device_prefill.applies(x_TH):
+            return self._run_waves(layer, groups, steps, deferred, x_TH, ids_TK, w_TK)
         tok_of = {e: tok for e, tok, _ in groups}
         y_of = {}
         for step in steps:
@@ -728,6 +747,47 @@ class ExpertStore:
         y_TH = self.device_compute(self._device_rows[layer], x_TH, rows_TK, w_TK)
         self._read_done[layer] = self._copier.read_done()
         return y_TH
+
+    def _run_waves(self, layer: int, groups, steps: list[Step], deferred: set[Step], x_TH: torch.Tensor,
+                   ids_TK: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
+        """A prompt's layer through `device_prefill`, reading experts in place from the layer's device rows:
+        first the experts already there (resident, cached) while the first misses copy, then the copied
+        ones in the plan's order in waves (`waves`). A copy that replaces an expert of this call is queued
+        once the wave that reads that expert is, and waits for it on the device (`_Copier.fill`): with
+        waves of half the slots and LRU's order (a miss replaces the one a slot count before it), one
+        wave's copies land while the wave before computes. Experts the cost model leaves in host RAM are
+        computed there, as the per-expert path does. The plan, and so the counters and the policy's
+        accesses, are the per-expert path's."""
+        call = self.device_prefill.begin(x_TH, ids_TK.shape[1])
+        rows_RB, row_map = self._device_rows[layer], self._row_map[layer]
+        pairs_of = {e: (tok, k) for e, tok, k in groups}
+        plan = waves(steps, max(1, self._layers[layer].slots // 2))
+        wave_of = {step.expert: j for j, wave in enumerate(plan) for step in wave}
+        queued = [step for step in steps if step in deferred][::-1]  # plan order, next at the end
+        for j, wave in enumerate(plan):
+            while queued and wave_of[queued[-1].victim] < j:  # the expert it replaces is read by a queued wave
+                self._copy(layer, queued.pop())
+            rows_E = [rows_RB.shape[0]] * len(row_map)  # past the last row: a pair of another wave
+            for step in wave:
+                rows_E[step.expert] = row_map[step.expert]
+                if step.source != "resident":
+                    self._copier.ready(self._slots[layer][step.expert][1])
+            rows_TK = self._rows_table(rows_E)[ids_TK]
+            call.wave(rows_RB, rows_TK, sum(step.n_tokens for step in wave), len(wave))
+            self._read_done[layer] = self._copier.read_done()
+        for step in steps:
+            if step.source == "cpu":
+                tok, k = pairs_of[step.expert]
+                call.put(tok, k, self._compute(layer, step, x_TH[tok]))
+        return call.finish(w_TK)
+
+    def _rows_table(self, rows_E: list[int]) -> torch.Tensor:
+        """int32 [E] on the device, from host ints, without a host sync (a pinned copy on CUDA, whose
+        block torch's pinned allocator keeps until the copy is done)."""
+        table = torch.tensor(rows_E, dtype=torch.int32)
+        if self.device.type != "cuda":
+            return table.to(self.device)
+        return table.pin_memory().to(self.device, non_blocking=True)
 
     def _run_layer(self, layer: int, pending, x_TH: torch.Tensor, ids_TK: torch.Tensor,
                    w_TK: torch.Tensor) -> torch.Tensor:
@@ -806,6 +866,23 @@ class ExpertStore:
         y_TH = self.compute(payload, x_TH)
         self._read_done[layer] = self._copier.read_done()  # a later copy into this slot row waits for it
         return y_TH
+
+
+def waves(steps: list[Step], size: int) -> list[list[Step]]:
+    """A many-token call's plan as waves of experts that are on the device together: those already
+    there (resident, cached hits), then the copied ones in plan order, at most `size` a wave, a new
+    wave wherever a copy's victim is in the current one (so no wave outgrows the slots). Experts
+    computed on the CPU are in none."""
+    on_device = [step for step in steps if step.source in ("resident", "hit")]
+    out, wave = [on_device] if on_device else [], []
+    for step in steps:
+        if step.source != "copy":
+            continue
+        if wave and (len(wave) == size or any(s.expert == step.victim for s in wave)):
+            out.append(wave)
+            wave = []
+        wave.append(step)
+    return out + [wave] if wave else out
 
 
 class LayerExperts:

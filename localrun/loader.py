@@ -35,7 +35,8 @@ from .plan import (CUDA_CONTEXT_BYTES, QUANT_CHUNK_BYTES, QUANT_CHUNK_EXPERTS, B
 from .plan import longest_context as plan_longest_context
 from .prequant import is_prequantized, manifest_spec, read_manifest
 from .resolve import ROUTING_PROFILE
-from quant.ffn import BufferedExperts, CpuLayerCompute, DeviceRowsCompute, QuantizedExperts, ffn_4bit
+from quant.ffn import (BufferedExperts, CpuLayerCompute, DeviceRowsCompute, DeviceRowsPrefill, QuantizedExperts,
+                       ffn_4bit)
 from quant.layer import ExpertBuffer
 from quant.io import load_packed_experts
 from quant.nf4 import ExpertLayout, PackedExpert, expert_layout, pack_expert
@@ -466,10 +467,12 @@ def load_model(
             layout = pending[moe_layers[0]].layout
             layer_compute = CpuLayerCompute(layout, args.hidden_activation)
             # on CUDA a decoded token whose experts are all on the device (resident, cached, just copied)
-            # runs as one MoE kernel over the layer's device rows
+            # runs as one MoE kernel over the layer's device rows; a prompt as grouped GEMMs over them, in waves
             rows_compute = DeviceRowsCompute(layout, args.hidden_activation) if dev.type == "cuda" else None
+            rows_prefill = DeviceRowsPrefill(layout, args.hidden_activation) if dev.type == "cuda" else None
             store = ExpertStore(None, compute, dev, slots=plan.cache_slots, policy=POLICIES[cache_policy],
-                                cost_model=cost, compute_layer=layer_compute, device_compute=rows_compute)
+                                cost_model=cost, compute_layer=layer_compute, device_compute=rows_compute,
+                                device_prefill=rows_prefill)
 
             def build(layer):
                 # quantized (or copied) straight into the layer's rows: resident ones on the device,

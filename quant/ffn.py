@@ -196,8 +196,68 @@ class DeviceRowsCompute:
 # expert once per token. On CUDA the op then runs grouped GEMMs (kernels/triton_moe.moe_4bit_grouped: one
 # dequantized tile per block of an expert's tokens, no host sync); elsewhere, or with GROUPED_PREFILL off
 # (scripts/gpu_check.py times both), each hit expert is dequantized once for dense matmuls.
+# GROUPED_PREFILL_OFFLOADED: the same for a layer with experts in host RAM (DeviceRowsPrefill, in waves
+# of the experts missing from the device); off, ExpertStore computes each expert on its own.
 BUFFERED_MAX_TOKENS = 16
 GROUPED_PREFILL = True
+GROUPED_PREFILL_OFFLOADED = True
+
+
+class DeviceRowsPrefill:
+    """ExpertStore's many-token call on the device through the grouped 4-bit GEMMs, in waves: each
+    wave reads the experts on the device at the time in place from the layer's rows (resident, then
+    cache slots), and writes its (token, k) pairs' outputs into one [T * K, H] buffer that `finish`
+    sums over k, so the result does not depend on how the experts were split into waves."""
+
+    def __init__(self, layout: ExpertLayout, act: str):
+        self.layout = layout
+        self.act_name = act
+        self._offsets = layout_offsets(layout)
+        self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # the code tables, per device
+
+    def code_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        tables = self._tables.get(device)
+        if tables is None:
+            tables = self._tables[device] = (_code_table(self.layout.spec.quant_type, device),
+                                             _code_table("dynamic", device))
+        return tables
+
+    def applies(self, x_TH: torch.Tensor) -> bool:
+        return GROUPED_PREFILL_OFFLOADED and x_TH.shape[0] > BUFFERED_MAX_TOKENS
+
+    def begin(self, x_TH: torch.Tensor, top_k: int) -> "RowsPrefillCall":
+        return RowsPrefillCall(self, x_TH, top_k)
+
+
+class RowsPrefillCall:
+    """One layer call of DeviceRowsPrefill: `wave` for the pairs on the device, `put` for pairs computed
+    elsewhere (on the CPU), then `finish`."""
+
+    def __init__(self, prefill: DeviceRowsPrefill, x_TH: torch.Tensor, top_k: int):
+        hidden, inter = prefill.layout.down.shape
+        P = x_TH.shape[0] * top_k
+        self.prefill, self.x_TH, self.top_k = prefill, x_TH, top_k
+        self.out_PH = torch.empty(P, hidden, dtype=x_TH.dtype, device=x_TH.device)
+        self.h_PI = torch.empty(P, inter, dtype=x_TH.dtype, device=x_TH.device)
+
+    def wave(self, rows_RB: torch.Tensor, rows_TK: torch.Tensor, pairs: int, experts: int) -> None:
+        """The pairs whose row (rows_TK, a device tensor) is below rows_RB.shape[0]: `pairs` of them,
+        over `experts` rows; rows_TK holds rows_RB.shape[0] for every other pair."""
+        from localrun.kernels.triton_moe import grouped_pairs
+
+        p = self.prefill
+        spec = p.layout.spec
+        grouped_pairs(self.x_TH, rows_TK, rows_RB, *p.code_tables(rows_RB.device), p._offsets, *p.layout.down.shape,
+                      spec.blocksize, spec.double_quant, p.act_name, self.out_PH, self.h_PI, wave=(pairs, experts))
+
+    def put(self, tok: torch.Tensor, k: torch.Tensor, y: torch.Tensor) -> None:
+        """Outputs of one expert computed elsewhere, for its pairs (tok[i], k[i])."""
+        self.out_PH[tok * self.top_k + k] = y.to(self.out_PH.dtype)
+
+    def finish(self, w_TK: torch.Tensor) -> torch.Tensor:
+        from localrun.kernels.triton_moe import weighted_sum
+
+        return weighted_sum(self.out_PH, w_TK)
 
 
 class BufferedExperts:

@@ -488,6 +488,27 @@ def test_pair_blocks_layout(seed):
                 assert pairs.numel() > 0 and (pairs.diff() > 0).all()  # token order kept within an expert
 
 
+@needs_triton
+@pytest.mark.parametrize("seed", range(3))
+def test_pair_blocks_of_a_wave(seed):
+    """ExpertStore's waves: only the pairs whose id is below E, each once, in blocks of one id; the
+    rest (id E) nowhere; the bound counts the wave's ids."""
+    g = torch.Generator().manual_seed(seed)
+    t, k, e = 30, 3, 7
+    ids = torch.stack([torch.randperm(e + 3, generator=g)[:k] for _ in range(t)]).clamp(max=e)  # 3 ids -> E
+    flat = ids.reshape(-1)
+    chosen = flat < e
+    n, hit = int(chosen.sum()), int(flat[chosen].unique().numel())
+    lay = triton_moe.pair_blocks(ids, e, 16, wave=(n, hit))
+    P = t * k
+    assert lay.experts.numel() == -(-n // 16) + min(hit, n) and lay.pairs.numel() == lay.experts.numel() * 16
+    assert sorted(lay.pairs[lay.pairs < P].tolist()) == chosen.nonzero().view(-1).tolist()
+    slots = lay.pairs.view(-1, 16)
+    for b in range(slots.shape[0]):
+        pairs = slots[b][slots[b] < P].long()
+        assert pairs.numel() == 0 if int(lay.experts[b]) >= e else (flat[pairs] == lay.experts[b]).all()
+
+
 # -- the op's CPU implementation ------------------------------------------------------------
 
 

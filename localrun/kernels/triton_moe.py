@@ -1175,24 +1175,30 @@ class PairBlocks:
     block_m: int
 
 
-def pair_blocks(ids_TK: torch.Tensor, num_experts: int, block_m: int) -> PairBlocks:
+def pair_blocks(ids_TK: torch.Tensor, num_experts: int, block_m: int,
+                wave: tuple[int, int] | None = None) -> PairBlocks:
     """Device-side layout, no host value read: `blocks` is the static upper bound
-    cdiv(P, block_m) + min(E, P) (every hit expert wastes less than one block)."""
+    cdiv(P, block_m) + min(E, P) (every hit expert wastes less than one block).
+
+    `wave` (pairs, experts): lay out only the pairs whose id is below num_experts, that many of them
+    over that many experts (counts the host knows: ExpertStore's waves); the others (id num_experts)
+    get no slot, and the bound counts the wave's experts."""
     dev = ids_TK.device
     flat = ids_TK.reshape(-1).long()
     P = flat.numel()
-    order = torch.argsort(flat, stable=True)
-    counts = torch.zeros(num_experts, dtype=torch.long, device=dev).scatter_add_(0, flat, torch.ones_like(flat))
+    n, hit = (P, num_experts) if wave is None else wave
+    order = torch.argsort(flat, stable=True)[:n]  # the skipped pairs sort last
+    sorted_e = flat[order]
+    counts = torch.zeros(num_experts, dtype=torch.long, device=dev).scatter_add_(0, sorted_e, torch.ones_like(sorted_e))
     per_expert = (counts + block_m - 1) // block_m
     block_end = torch.cumsum(per_expert, 0)
     first_pair = torch.cumsum(counts, 0) - counts
-    sorted_e = flat[order]
-    slot = (block_end - per_expert)[sorted_e] * block_m + torch.arange(P, device=dev) - first_pair[sorted_e]
-    blocks = triton.cdiv(P, block_m) + min(num_experts, P)
-    pairs = torch.full((blocks * block_m,), P, dtype=torch.int32, device=dev)
-    pairs[slot] = order.to(torch.int32)
+    slot = (block_end - per_expert)[sorted_e] * block_m + torch.arange(n, device=dev) - first_pair[sorted_e]
+    blocks = triton.cdiv(n, block_m) + min(hit, n)
+    slots = torch.full((blocks * block_m,), P, dtype=torch.int32, device=dev)
+    slots[slot] = order.to(torch.int32)
     experts = torch.searchsorted(block_end, torch.arange(blocks, device=dev), right=True).to(torch.int32)
-    return PairBlocks(pairs, experts, block_m)
+    return PairBlocks(slots, experts, block_m)
 
 
 @triton.jit
@@ -1295,21 +1301,38 @@ def moe_4bit_grouped(x_TH: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tenso
     """moe_4bit_triton for many tokens (the prefill path; same arguments): two grouped GEMMs over the
     pairs sorted by expert, then the weighted sum over k. `tiles`: None = autotuned on CUDA
     (INTERPRETER_GROUPED when interpreted)."""
+    P = ids_TK.numel()
+    out_PH = torch.empty(P, hidden, dtype=x_TH.dtype, device=x_TH.device)
+    h_PI = torch.empty(P, inter, dtype=x_TH.dtype, device=x_TH.device)
+    grouped_pairs(x_TH, ids_TK, experts, code, nested_code, offsets, hidden, inter, blocksize, double_quant, act,
+                  out_PH, h_PI, tiles=tiles)
+    return weighted_sum(out_PH, w_TK)
+
+
+def grouped_pairs(x_TH: torch.Tensor, ids_TK: torch.Tensor, experts: torch.Tensor, code: torch.Tensor,
+                  nested_code: torch.Tensor, offsets: list[int], hidden: int, inter: int, blocksize: int,
+                  double_quant: bool, act: str, out_PH: torch.Tensor, h_PI: torch.Tensor,
+                  wave: tuple[int, int] | None = None, tiles: GroupedTiles | None = None) -> None:
+    """The two grouped GEMMs: out[p] = expert_{ids[p]}(x[p // K]) (unweighted, out's dtype) for every
+    pair p = t * K + k, or (`wave` (pairs, experts), see `pair_blocks`) only for the pairs whose id is
+    a row of `experts`: ExpertStore's waves, each over the rows on the device at the time, fill one
+    out [P, H] that `weighted_sum` then reduces. h [P, I] is scratch in x's dtype."""
     _check(x_TH, ids_TK, experts, hidden)
-    T, K = ids_TK.shape
-    E, H, I, P = experts.shape[0], hidden, inter, T * K
-    layout = pair_blocks(ids_TK, E, grouped_block_m(P, E))
+    K = ids_TK.shape[1]
+    E, H, I, P = experts.shape[0], hidden, inter, ids_TK.numel()
+    n, hit = (P, E) if wave is None else wave
+    layout = pair_blocks(ids_TK, E, grouped_block_m(n, hit), wave)
     blocks = layout.experts.numel()
-    h = torch.empty(P, I, dtype=x_TH.dtype, device=x_TH.device)
-    out = torch.empty(P, H, dtype=x_TH.dtype, device=x_TH.device)
+    if blocks == 0:
+        return
     buf_f32 = experts.view(torch.float32)
     # IEEE: fp32 products. Also under the interpreter, whose tl.dot on bf16 returns garbage (Triton 3.9):
     # there the half-precision operands are multiplied in fp32, which only their products' rounding tells apart
     meta = dict(BLOCKSIZE=blocksize, DOUBLE_QUANT=bool(double_quant),
                 IEEE=x_TH.dtype == torch.float32 or interpreted(), BLOCK_M=layout.block_m)
-    gu = (x_TH, layout.pairs, layout.experts, h, experts, buf_f32, code, nested_code, experts.shape[1],
+    gu = (x_TH, layout.pairs, layout.experts, h_PI, experts, buf_f32, code, nested_code, experts.shape[1],
           *_matrix_args(offsets[:4]), P, K, E, H, I, x_TH.stride(0))
-    dn = (h, layout.pairs, layout.experts, out, experts, buf_f32, code, nested_code, experts.shape[1],
+    dn = (h_PI, layout.pairs, layout.experts, out_PH, experts, buf_f32, code, nested_code, experts.shape[1],
           *_matrix_args(offsets[4:]), P, E, H, I)
     if tiles is None and interpreted():
         tiles = INTERPRETER_GROUPED
@@ -1321,11 +1344,16 @@ def moe_4bit_grouped(x_TH: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tenso
                       num_stages=tiles.num_stages)
         _gate_up_grouped_kernel[(blocks, triton.cdiv(I, tiles.block_n))](*gu, ACT=ACT_CODES[act], **meta, **launch)
         _down_grouped_kernel[(blocks, triton.cdiv(H, tiles.block_n))](*dn, **meta, **launch)
-    y = torch.zeros(T, H, dtype=torch.float32, device=x_TH.device)
-    out_TKH, w32 = out.view(T, K, H), w_TK.float()
-    for k in range(K):  # fixed order: deterministic
+
+
+def weighted_sum(out_PH: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
+    """y[t] = sum_k w[t,k] * out[t * K + k] in fp32, in k order (deterministic), rounded to out's dtype."""
+    T, K = w_TK.shape
+    y = torch.zeros(T, out_PH.shape[1], dtype=torch.float32, device=out_PH.device)
+    out_TKH, w32 = out_PH.view(T, K, -1), w_TK.float()
+    for k in range(K):
         y.addcmul_(out_TKH[:, k], w32[:, k, None])
-    return y.to(x_TH.dtype)
+    return y.to(out_PH.dtype)
 
 
 def tuned_configs(kernels: str = "v3") -> dict:
