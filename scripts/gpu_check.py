@@ -29,7 +29,9 @@ Steps:
              instead of either (speed_graphs_with_v4_moe, ...); all resident, the 512-token prefill
              through the grouped 4-bit GEMMs vs each hit expert dequantized for dense matmuls
              (prefill_grouped_gemm, prefill_dequantize_per_expert), and with the full layers' flash
-             attention kernel off (prefill_without_flash_attention); memory against the plan: what the
+             attention kernel off (prefill_without_flash_attention); at 16 GiB the 512-token prefill
+             through the grouped GEMMs in waves over the device rows vs each expert on its own after its
+             copy (prefill_grouped_waves, prefill_per_expert); memory against the plan: what the
              device holds outside torch's allocator vs plan.CUDA_CONTEXT_BYTES (memory_outside_torch_
              after_load, at no cost, then after all of the above: _after_decode, _at_end), what
              capturing the decode graphs adds per span bucket (graph_memory), and at 16 GiB an
@@ -529,26 +531,39 @@ def big_model_run(dry: bool, dev, load_kwargs: dict, rows: dict, long_prompt: bo
                 switched(f"{mode}_with_{name}", lambda name=name: kernel_switched(name, True, loaded.kv))
             other = not triton_moe.USE_V3  # v3 where faster per stage vs the v2 default (or the reverse)
             switched(f"{mode}_with_{'v3' if other else 'v2'}_moe", lambda: moe_v3_switched(other, loaded.kv))
-    if loaded.store is None:  # prefill through the grouped GEMMs (default) vs each hit expert dequantized once
-        from quant import ffn
+    # prefill through the grouped GEMMs (default) vs each hit expert dequantized once (all resident), or, with
+    # experts in host RAM, vs each expert computed on its own after its copy (ExpertStore's per-expert path)
+    from quant import ffn
 
-        from localrun.models import gemma4
+    from localrun.models import gemma4
 
-        def prefill(grouped: bool, flash: bool = True, timing: bool = True) -> dict:
-            before = ffn.GROUPED_PREFILL, gemma4.PREFILL_KERNELS["flash_attention"]
-            ffn.GROUPED_PREFILL, gemma4.PREFILL_KERNELS["flash_attention"] = grouped, flash
-            try:
-                tokens, _ = greedy(model, ids, 1, dev, "eager", loaded.kv)
-                if not timing:
-                    return {"first_token": tokens[0]}
-                seconds = best_seconds(lambda: greedy(model, ids, 1, dev, "eager", loaded.kv), 2, dev)
-            finally:
-                ffn.GROUPED_PREFILL, gemma4.PREFILL_KERNELS["flash_attention"] = before
-            return {"prefill_tokens_per_s": round(prompt / seconds, 1), "first_token": tokens[0]}
+    switch = "GROUPED_PREFILL" if loaded.store is None else "GROUPED_PREFILL_OFFLOADED"
+
+    def prefill(grouped: bool, flash: bool = True, timing: bool = True) -> dict:
+        before = getattr(ffn, switch), gemma4.PREFILL_KERNELS["flash_attention"]
+        setattr(ffn, switch, grouped)
+        gemma4.PREFILL_KERNELS["flash_attention"] = flash
+        try:
+            tokens, _ = greedy(model, ids, 1, dev, "eager", loaded.kv)
+            if not timing:
+                return {"first_token": tokens[0]}
+            seconds = best_seconds(lambda: greedy(model, ids, 1, dev, "eager", loaded.kv), 2, dev)
+        finally:
+            setattr(ffn, switch, before[0])
+            gemma4.PREFILL_KERNELS["flash_attention"] = before[1]
+        return {"prefill_tokens_per_s": round(prompt / seconds, 1), "first_token": tokens[0]}
+    if loaded.store is None:
         timed("prefill_grouped_gemm", lambda: prefill(True), rows)
         timed("prefill_dequantize_per_expert", lambda: prefill(False), rows)
         # the full layers through SDPA's math backend (the CPU has no flash kernel to switch: the dry run only runs it)
         timed("prefill_without_flash_attention", lambda: prefill(True, flash=False, timing=dev.type == "cuda"), rows)
+    else:  # with the cache's counters over each row's three prefills of the same prompt
+        def offloaded(grouped: bool) -> dict:
+            since = loaded.store.snapshot()
+            out = prefill(grouped)
+            return {**out, "expert_cache": loaded.store.stats(since=since)}
+        timed("prefill_grouped_waves", lambda: offloaded(True), rows)
+        timed("prefill_per_expert", lambda: offloaded(False), rows)
     store = loaded.store
     if store is not None and store.device_compute is not None:  # the same decode, an op per expert (as before)
         rows_compute, store.device_compute = store.device_compute, None

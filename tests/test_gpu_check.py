@@ -48,6 +48,9 @@ def test_dry_run_writes_a_complete_report(tmp_path):
     assert long["prompt_tokens"] == 1024 and long["prefill_tokens_per_s"] > 0 and long["peak_reserved_bytes"] > 0
     assert list(long["decode"]) == ["2048"] and "reserved_bytes" in long["decode"]["2048"]
     assert "long_prompt" not in steps["big"]["resident"]
+    waves, per_expert = steps["big"]["half"]["prefill_grouped_waves"], steps["big"]["half"]["prefill_per_expert"]
+    assert waves["first_token"] == per_expert["first_token"] and waves["prefill_tokens_per_s"] > 0, (waves, per_expert)
+    assert waves["expert_cache"]["hits"] > 0 and "prefill_grouped_waves" not in steps["big"]["resident"]
     resident = steps["big"]["resident"]  # each default decode kernel (dense_gemv too) switched off
     assert resident["per_token_static_sampled"]["aten_ops_per_token"] > 0  # every sampling filter on
     assert "error" not in resident["speed_static_without_dense_gemv"]
