@@ -4,7 +4,7 @@ decoder's routing of its projections through that op (DECODE_KERNELS["dense_gemv
 
 from __future__ import annotations
 
-from interpreted import triton_module  # noqa: E402 - sets TRITON_INTERPRET=1 before triton loads
+from interpreted import BF16_ROUNDS_TO_NEAREST, triton_module  # noqa: E402 - sets TRITON_INTERPRET=1 first
 
 import pytest
 import torch
@@ -57,6 +57,33 @@ def test_kernel_matches_fp32_reference(N, K, tiles, M, bias):
     y = triton_gemv.gemv_triton(x, w, b, triton_gemv.Tiles(*tiles))
     assert y.dtype == torch.float32
     assert_fp32_close(y, fp32_reference(x, w, b))
+
+
+def small_integers(*shape, seed: int, dtype=torch.float32):
+    """Integers in [-4, 4]: every product and partial sum of these GEMVs is exact in fp32, so any order
+    of accumulation gives the same bits (and one rounding of them, the same bf16)."""
+    return torch.randint(-4, 5, shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+# (N, K) at 32-column steps: one whole step (the loop runs 0 times), one and a partial one, only a
+# partial one (the first tile is the last), several whole steps, several and a partial; N never a
+# multiple of BLOCK_N = 8
+PROLOGUE_SHAPES = [(13, 32), (13, 45), (21, 20), (11, 96), (19, 150)]
+
+
+@needs_triton
+@pytest.mark.parametrize("N,K", PROLOGUE_SHAPES)
+@pytest.mark.parametrize("M,bias", [(1, True), (3, False)])
+def test_first_tile_read_before_the_wait_is_each_programs_own(N, K, M, bias):
+    """The first step's tile and the bias are loaded at the top (before PDL's wait) and the loop takes
+    over from there: exact products of small integers against torch's, bit for bit, in fp32 and
+    bf16, at every way the first tile can be the whole, a whole step or the partial one."""
+    x, w = small_integers(M, K, seed=K), small_integers(N, K, seed=N)
+    b = small_integers(N, seed=N + K) if bias else None
+    for dtype in (torch.float32, torch.bfloat16) if BF16_ROUNDS_TO_NEAREST else (torch.float32,):
+        xd, wd, bd = x.to(dtype), w.to(dtype), None if b is None else b.to(dtype)
+        y = triton_gemv.gemv_triton(xd, wd, bd, triton_gemv.Tiles(8, 32))
+        assert torch.equal(y, F.linear(x, w, b).to(dtype)), (dtype, (y.float() - F.linear(x, w, b)).abs().max())
 
 
 @needs_triton

@@ -1,7 +1,8 @@
 """Programmatic dependent launch (kernels/triton_pdl.py): off the GPU nothing asks for it, and every
-kernel that takes it waits for the kernel before as its very first statement, so no memory access
-can overtake the chain (scripts/sass_stats.py compiles each with PDL on for sm_90; the GPU check
-measures it)."""
+kernel that takes it waits for the kernel before before any access but its prologue's loads of
+weights, so nothing a kernel of the step wrote is read early and nothing is written early
+(scripts/sass_stats.py compiles each with PDL on for sm_90, tests/test_sass_stats.py checks the
+order in its SASS; the GPU check measures it)."""
 
 from __future__ import annotations
 
@@ -37,17 +38,68 @@ def test_no_pdl_off_the_gpu(monkeypatch):
     assert triton_pdl.launch(torch.device("cpu")) == {}
 
 
+# The pointers each kernel reads before its wait (its prologue): weights and model buffers, which no
+# kernel of a decode step writes (triton_pdl's docstring). Every other kernel waits first.
+PROLOGUE = {
+    "_gemv_kernel": {"w_ptr", "b_ptr"},
+    "_attention_residual_norms_kernel": {"w_post_ptr", "w_mlp_ptr", "w_moe_ptr", "w_router_ptr"},
+    "_ffn_residual_kernel": {"w1_ptr", "w2_ptr", "w_ptr", "scalar_ptr", "w_next_ptr"},
+    "_rope_rows_kernel": {"inv_ptr"},
+    "_rms_norm_kernel": {"w_ptr"},
+    "_rms_norm_rope_kernel": {"w_ptr"},
+    "_qkv_write_kernel": {"qw_ptr", "w_ptr"},
+}
+STORES = ("store", "atomic_add", "atomic_xchg", "atomic_cas", "atomic_max", "atomic_min", "atomic_or")
+
+
+def prologue(source: str) -> tuple[list[ast.stmt], set[str]]:
+    """The statements of a kernel's source before its top-level `pdl_start(PDL)` and the arguments
+    they name (fails where it has no such statement: a wait inside a branch binds not every program)."""
+    tree = ast.parse(textwrap.dedent(source))
+    args = {a.arg for a in tree.body[0].args.args}
+    body = tree.body[0].body
+    if isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        body = body[1:]  # the docstring
+    starts = [i for i, stmt in enumerate(body) if ast.unparse(stmt) == "pdl_start(PDL)"]
+    assert len(starts) == 1, "pdl_start(PDL) once, at the top level"
+    before = body[:starts[0]]
+    named = {node.id for stmt in before for node in ast.walk(stmt) if isinstance(node, ast.Name)}
+    return before, named & args
+
+
+def check_prologue(source: str, allowed: set[str]):
+    """Before its wait the kernel reads no pointer but `allowed` (nothing at all where that is empty)
+    and stores nothing."""
+    before, named = prologue(source)
+    assert bool(before) == bool(allowed), [ast.unparse(stmt) for stmt in before]
+    pointers = {n for n in named if n.endswith("_ptr") or n in ("code", "nested_code") or n.startswith("buf_")}
+    assert pointers <= allowed, pointers - allowed
+    calls = {ast.unparse(node.func) for stmt in before for node in ast.walk(stmt) if isinstance(node, ast.Call)}
+    assert not {c for c in calls if c.split(".")[-1] in STORES}, calls
+
+
 @needs_triton
-def test_every_pdl_kernel_waits_first():
+def test_every_pdl_kernel_reads_only_step_constants_before_its_wait():
     kernels = list(pdl_kernels())
     assert len(kernels) == 18, [k.__name__ for k in kernels]  # v4 MoE: gate_up and down
+    assert set(PROLOGUE) <= {k.__name__ for k in kernels}
     for kernel in kernels:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(kernel)))
-        body = tree.body[0].body
-        if isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
-            body = body[1:]  # the docstring
-        first = ast.unparse(body[0])
-        assert first == "pdl_start(PDL)", (kernel.__name__, first)
+        try:
+            check_prologue(inspect.getsource(kernel), PROLOGUE.get(kernel.__name__, set()))
+        except AssertionError as e:
+            raise AssertionError(f"{kernel.__name__}: {e}") from e
+
+
+def test_the_prologue_check_catches_an_early_read_or_write():
+    head = "def k(x_ptr, w_ptr, PDL):\n    w = tl.load(w_ptr)\n"
+    check_prologue(head + "    pdl_start(PDL)\n    x = tl.load(x_ptr)\n", {"w_ptr"})
+    bad = [head + "    x = tl.load(x_ptr + 1)\n    pdl_start(PDL)\n",  # an activation before the wait
+           head + "    tl.store(w_ptr, w)\n    pdl_start(PDL)\n",  # a write before the wait
+           head + "    if PDL:\n        pdl_start(PDL)\n",  # a wait not every program passes
+           "def k(x_ptr, PDL):\n    i = 1\n    pdl_start(PDL)\n"]  # a prologue the list does not name
+    for source in bad:
+        with pytest.raises(AssertionError):
+            check_prologue(source, {"w_ptr"} if "w_ptr" in source else set())
 
 
 @needs_triton

@@ -44,48 +44,53 @@ def _f32(ptr, offsets, ok):
 def _attention_residual_norms_kernel(x_ptr, w_post_ptr, res_ptr, w_mlp_ptr, w_moe_ptr, w_router_ptr,
                                      y_ptr, mlp_ptr, moe_ptr, router_ptr, H, eps, router_scale,
                                      BLOCK: tl.constexpr, PDL: tl.constexpr = False):
-    pdl_start(PDL)
-    row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     ok = cols < H
+    # the norm weights: before PDL's wait (triton_pdl's prologue), held in their dtype until used
+    w_post = tl.load(w_post_ptr + cols, mask=ok, other=0.0)
+    w_mlp = tl.load(w_mlp_ptr + cols, mask=ok, other=0.0)
+    w_moe = tl.load(w_moe_ptr + cols, mask=ok, other=0.0)
+    w_router = tl.load(w_router_ptr + cols, mask=ok, other=0.0)
+    pdl_start(PDL)
+    row = tl.program_id(0)
     base = row * H + cols
     x = _f32(x_ptr, base, ok)
-    w_post = _f32(w_post_ptr, cols, ok)
     res = _f32(res_ptr, base, ok)
-    y = (x * _inv_rms(x, H, eps) * w_post + res).to(y_ptr.dtype.element_ty)
+    y = (x * _inv_rms(x, H, eps) * w_post.to(tl.float32) + res).to(y_ptr.dtype.element_ty)
     tl.store(y_ptr + base, y, mask=ok)
     y = y.to(tl.float32)
     n = y * _inv_rms(y, H, eps)
-    w_mlp = _f32(w_mlp_ptr, cols, ok)
-    w_moe = _f32(w_moe_ptr, cols, ok)
-    w_router = _f32(w_router_ptr, cols, ok)
-    tl.store(mlp_ptr + base, (n * w_mlp).to(mlp_ptr.dtype.element_ty), mask=ok)
-    tl.store(moe_ptr + base, (n * w_moe).to(moe_ptr.dtype.element_ty), mask=ok)
-    tl.store(router_ptr + base, (n * w_router * router_scale).to(router_ptr.dtype.element_ty), mask=ok)
+    tl.store(mlp_ptr + base, (n * w_mlp.to(tl.float32)).to(mlp_ptr.dtype.element_ty), mask=ok)
+    tl.store(moe_ptr + base, (n * w_moe.to(tl.float32)).to(moe_ptr.dtype.element_ty), mask=ok)
+    tl.store(router_ptr + base, (n * w_router.to(tl.float32) * router_scale).to(router_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
 def _ffn_residual_kernel(mlp_ptr, w1_ptr, moe_ptr, w2_ptr, w_ptr, res_ptr, scalar_ptr, out_ptr, w_next_ptr,
                          next_ptr, H, eps, NEXT: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
     """NEXT: also the next layer's input norm of the (rounded) output, as _rms_norm_kernel computes it."""
-    pdl_start(PDL)
-    row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     ok = cols < H
+    # the norm weights and the layer scalar: before PDL's wait (triton_pdl's prologue), in their dtype until used
+    w1 = tl.load(w1_ptr + cols, mask=ok, other=0.0)
+    w2 = tl.load(w2_ptr + cols, mask=ok, other=0.0)
+    w = tl.load(w_ptr + cols, mask=ok, other=0.0)
+    scalar = tl.load(scalar_ptr)
+    w_next = w  # unused without NEXT
+    if NEXT:
+        w_next = tl.load(w_next_ptr + cols, mask=ok, other=0.0)
+    pdl_start(PDL)
+    row = tl.program_id(0)
     base = row * H + cols
     a = _f32(mlp_ptr, base, ok)
     b = _f32(moe_ptr, base, ok)
-    w1 = _f32(w1_ptr, cols, ok)
-    w2 = _f32(w2_ptr, cols, ok)
-    h = a * _inv_rms(a, H, eps) * w1 + b * _inv_rms(b, H, eps) * w2
-    w = _f32(w_ptr, cols, ok)
+    h = a * _inv_rms(a, H, eps) * w1.to(tl.float32) + b * _inv_rms(b, H, eps) * w2.to(tl.float32)
     res = _f32(res_ptr, base, ok)
-    scalar = tl.load(scalar_ptr).to(tl.float32)
-    y = ((h * _inv_rms(h, H, eps) * w + res) * scalar).to(out_ptr.dtype.element_ty)
+    y = ((h * _inv_rms(h, H, eps) * w.to(tl.float32) + res) * scalar.to(tl.float32)).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + base, y, mask=ok)
     if NEXT:
         y = y.to(tl.float32)
-        n = y * _inv_rms(y, H, eps) * _f32(w_next_ptr, cols, ok)
+        n = y * _inv_rms(y, H, eps) * w_next.to(tl.float32)
         tl.store(next_ptr + base, n.to(next_ptr.dtype.element_ty), mask=ok)
 
 
@@ -157,11 +162,12 @@ def _gated_route_kernel(gu_ptr, out_ptr, I, logits_ptr, scale_ptr, ids_ptr, w_pt
 @triton.jit
 def _rope_rows_kernel(pos_ptr, inv_ptr, cos_ptr, sin_ptr, HALF, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
     """Row t: angles pos[t] * inv_freq (fp32), cos of them twice, sin of them negated then as they are."""
-    pdl_start(PDL)
-    t = tl.program_id(0).to(tl.int64)
     i = tl.arange(0, BLOCK)
     ok = i < HALF
-    angle = tl.load(pos_ptr + t).to(tl.float32) * tl.load(inv_ptr + i, mask=ok, other=0.0)
+    inv = tl.load(inv_ptr + i, mask=ok, other=0.0)  # a model buffer: before PDL's wait (the prologue)
+    pdl_start(PDL)
+    t = tl.program_id(0).to(tl.int64)
+    angle = tl.load(pos_ptr + t).to(tl.float32) * inv
     c = tl.cos(angle).to(cos_ptr.dtype.element_ty)
     s = tl.sin(angle)
     row = t * 2 * HALF
@@ -250,6 +256,8 @@ def rope_rows_triton(pos_T: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.d
     T, half = pos_T.shape[0], inv_freq.shape[0]
     cos = torch.empty(T, 1, 2 * half, dtype=dtype, device=pos_T.device)
     sin = torch.empty_like(cos)
-    _rope_rows_kernel[(T,)](pos_T, inv_freq.float().contiguous(), cos, sin, half,
-                            BLOCK=triton.next_power_of_2(max(half, 1)), **triton_pdl.launch(pos_T.device))
+    inv = inv_freq.float().contiguous()
+    # read before PDL's wait: a copy made here would be the step's own, the kernel before's
+    pdl = triton_pdl.launch(pos_T.device) if inv is inv_freq else {}
+    _rope_rows_kernel[(T,)](pos_T, inv, cos, sin, half, BLOCK=triton.next_power_of_2(max(half, 1)), **pdl)
     return cos, sin

@@ -17,6 +17,9 @@ step, so the main loop has no masks. x's rows (up to 4, one accumulator each) ar
 step as tiles of W's shape (L1 hits); the result is rounded once to x's dtype. Compiled offline
 for sm_90a (Triton 3.9, ptxas, no GPU), every config's loop is 16-byte loads and FMAs only: no
 shared memory, no barrier, no spills (35 to 93 registers a thread at one row, at most 154 at 2 or 4).
+Under programmatic dependent launch (kernels/triton_pdl.py) the first step's tile and the bias are
+requested before the kernel waits for the one before it: they are no kernel's output, so a
+program's first weights arrive while that kernel still runs.
 
 Tiles come from triton.autotune keyed on N, K, the padded row count BM and the dtypes (the first
 call of a shape benchmarks <= 12 configs, kept in Triton's disk cache); under TRITON_INTERPRET=1 there is one config
@@ -87,18 +90,25 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
                  BM: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  PDL: tl.constexpr = False):
     """Grid (cdiv(N, BLOCK_N),). BM: M rounded up to 1, 2 or 4 (rows >= M compute but never store)."""
-    pdl_start(PDL)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_K)[None, :] + 0 * rows[:, None]  # [BLOCK_N, BLOCK_K]: each row's columns
     # rows past N (the last program's) read row N - 1 again, so no load needs a row mask
     w_tile = w_ptr + tl.minimum(rows, N - 1).to(tl.int64)[:, None] * K + cols
+    mask_n = rows < N
+    # the weights are no kernel's output: the first step's tile (whole or the partial one) and the bias
+    # are requested before the wait, while the kernel before still runs (triton_pdl's prologue)
+    w_first = tl.load(w_tile, mask=cols < K, other=0.0, eviction_policy="evict_first")
+    bias = 0.0
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + rows, mask=mask_n, other=0.0).to(tl.float32)
+    pdl_start(PDL)
     acc0 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     acc1 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     acc3 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     k_main = K - K % BLOCK_K  # whole steps, unmasked
     if k_main > 0:
-        w = tl.load(w_tile, eviction_policy="evict_first")
+        w = w_first
         for k in range(BLOCK_K, k_main, BLOCK_K):
             w_next = tl.load(w_tile + k, eviction_policy="evict_first")  # in flight during this step's products
             acc0, acc1, acc2, acc3 = _products(w, x_ptr, M, stride_xm, cols, k - BLOCK_K, None, acc0, acc1, acc2,
@@ -106,15 +116,13 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
             w = w_next
         acc0, acc1, acc2, acc3 = _products(w, x_ptr, M, stride_xm, cols, k_main - BLOCK_K, None, acc0, acc1, acc2,
                                            acc3, BM, False)
-    if k_main < K:  # the last, partial step
+    if k_main < K:  # the last, partial step (the first tile itself where it is the only one)
         mask = cols + k_main < K
-        w = tl.load(w_tile + k_main, mask=mask, other=0.0, eviction_policy="evict_first")
+        w = w_first
+        if k_main > 0:
+            w = tl.load(w_tile + k_main, mask=mask, other=0.0, eviction_policy="evict_first")
         acc0, acc1, acc2, acc3 = _products(w, x_ptr, M, stride_xm, cols, k_main, mask, acc0, acc1, acc2, acc3,
                                            BM, True)
-    mask_n = rows < N
-    bias = 0.0
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + rows, mask=mask_n, other=0.0).to(tl.float32)
     out = y_ptr + rows
     # (M + 0 * rows): the row count as a tensor, which the interpreter's masks need
     tl.store(out, (tl.sum(acc0, axis=1) + bias).to(y_ptr.dtype.element_ty), mask=mask_n)
@@ -177,7 +185,9 @@ def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     w = weight if weight.is_contiguous() else weight.contiguous()
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     args = (x2, w, w if bias is None else bias, y, M, N, K, x2.stride(0), y.stride(0))
-    meta = dict(BM=triton.next_power_of_2(M), HAS_BIAS=bias is not None, **triton_pdl.launch(x.device))
+    # the weights are read before PDL's wait: a copy made here would be the step's own, the kernel before's
+    pdl = triton_pdl.launch(x.device) if w is weight else {}
+    meta = dict(BM=triton.next_power_of_2(M), HAS_BIAS=bias is not None, **pdl)
     if tiles is None and interpreted():
         tiles = INTERPRETER_TILES
     if tiles is None:

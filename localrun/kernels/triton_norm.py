@@ -21,15 +21,17 @@ from .triton_pdl import pdl_start
 @triton.jit
 def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, stride_x, D, eps, HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr,
                      PDL: tl.constexpr = False):
-    pdl_start(PDL)
-    row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < D
+    if HAS_WEIGHT:  # the norm's weight: before PDL's wait (kernels/triton_pdl.py's prologue)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    pdl_start(PDL)
+    row = tl.program_id(0)
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     inv = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
     y = x * inv
     if HAS_WEIGHT:
-        y = y * tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        y = y * w
     tl.store(out_ptr + row * D + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -38,27 +40,40 @@ def _rms_norm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, heads, stride
                           BLOCK: tl.constexpr, PDL: tl.constexpr = False):
     """One head of one token: y = n * cos + roll(n, D/2) * sin with n = rms_norm(x) * w (sin's first
     half carries rotate_half's sign, as Gemma4Model.rope builds it)."""
+    cols = tl.arange(0, BLOCK)
+    mask = cols < D
+    w, wp = head_weights(w_ptr, cols, mask, D)  # before PDL's wait (kernels/triton_pdl.py's prologue)
     pdl_start(PDL)
     row = tl.program_id(0)
     t = row // heads
     h = row % heads
-    cols = tl.arange(0, BLOCK)
-    mask = cols < D
-    y = norm_rope_head(x_ptr + t * stride_t + h * stride_h, w_ptr, cos_ptr + t * D, sin_ptr + t * D, cols, mask, D, eps)
+    y = norm_rope_head(x_ptr + t * stride_t + h * stride_h, w, wp, cos_ptr + t * D, sin_ptr + t * D, cols, mask, D,
+                       eps)
     tl.store(out_ptr + row * D + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def norm_rope_head(x_ptr, w_ptr, cos_ptr, sin_ptr, cols, mask, D, eps):
+def _partner(cols, D):
+    """Each column's rotate_half partner: the other half's column at the same offset."""
+    half = D // 2
+    return tl.where(cols < half, cols + half, cols - half)
+
+
+@triton.jit
+def head_weights(w_ptr, cols, mask, D):
+    """A head norm's weight [D] at its columns and at their partners', fp32 (norm_rope_head's w, wp)."""
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    wp = tl.load(w_ptr + _partner(cols, D), mask=mask, other=0.0).to(tl.float32)
+    return w, wp
+
+
+@triton.jit
+def norm_rope_head(x_ptr, w, wp, cos_ptr, sin_ptr, cols, mask, D, eps):
     """fp32 [BLOCK] n * cos + roll(n, D/2) * sin of one head at x_ptr, n = rms_norm(x) * w (also the
-    q/k/v write kernel's q and k, kernels/triton_qkv_write.py)."""
+    q/k/v write kernel's q and k, kernels/triton_qkv_write.py); w, wp: head_weights of the norm."""
     x = tl.load(x_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     inv = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
-    half = D // 2
-    partner = tl.where(cols < half, cols + half, cols - half)
-    xp = tl.load(x_ptr + partner, mask=mask, other=0.0).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    wp = tl.load(w_ptr + partner, mask=mask, other=0.0).to(tl.float32)
+    xp = tl.load(x_ptr + _partner(cols, D), mask=mask, other=0.0).to(tl.float32)
     cos = tl.load(cos_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     sin = tl.load(sin_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     return (x * inv * w) * cos + (xp * inv * wp) * sin

@@ -4,11 +4,26 @@ In a CUDA graph each of a decoded token's ~400 launches still waits for the one 
 before its programs are placed on the SMs: a microsecond or two a launch, for kernels that mostly
 run a few microseconds. A kernel launched with PDL may be placed while the one before it finishes;
 its programs then wait (`griddepcontrol.wait`) until that kernel has ended and its writes are
-visible, before they touch memory. Every kernel here starts with `pdl_start(PDL)`: the wait, then
+visible, before they touch what it wrote. Every kernel here calls `pdl_start(PDL)`: the wait, then
 the signal that lets the next one be placed (given once all of this kernel's programs have started,
-so the next kernel never takes an SM a program of this one still needs). With every access after
-the wait, the chain is as ordered as without PDL, whatever kernel (cuBLAS, torch) comes between: a
-kernel launched without PDL is placed after the one before it ends, as always.
+so the next kernel never takes an SM a program of this one still needs). Everything after it is as
+ordered as without PDL, whatever kernel (cuBLAS, torch) comes between: a kernel launched without
+PDL is placed after the one before it ends, as always.
+
+What may come before `pdl_start` (a kernel's prologue): loads of data no kernel of the decode step
+writes, so that their memory latency overlaps the kernel before instead of adding to the chain: a
+projection's weights (the GEMV's first tile and its bias), norm weight vectors, the RoPE inverse
+frequencies; and arithmetic on program ids and arguments. Never before it: a read of anything a
+kernel of the step may have written (activations, the residual stream, the KV cache and ring
+positions, expert ids and weights, router logits, cos / sin rows, the token and position copied
+into the graph's inputs, expert rows copied in from host memory), nor any write (the kernel before
+may still read what it would overwrite). A prologue pointer must be the caller's tensor itself: a
+launcher that had to copy or convert it (`.contiguous()`, `.float()`) made that copy in the step, so
+it launches without PDL. tests/test_triton_pdl.py names each kernel's prologue pointers, and
+tests/test_sass_stats.py checks in the sm_90 SASS that those loads are issued before the wait and
+that nothing else is. The signal stays right after the wait: one kernel placed ahead, as measured;
+wherever it stood, the next kernel is placed only once every program of this one has issued it, so
+a kernel of more programs than one wave never loses SMs to the next one's waiting programs.
 
 Only while a decode step is captured as CUDA graphs, its warm-up included (`in_graphs`, set by
 step._capture_once): that is where the gaps it hides are the step's; a prefill's kernels, launched
@@ -44,8 +59,8 @@ def in_graphs():
 
 @triton.jit
 def pdl_start(PDL: tl.constexpr):
-    """A kernel's first statement: with PDL, wait for the kernel before (its writes visible), then let
-    the next one be placed."""
+    """With PDL, wait for the kernel before (its writes visible), then let the next one be placed: a
+    kernel's first statement, or the first after its prologue's loads of step constants."""
     if PDL:
         gdc_wait()
         gdc_launch_dependents()

@@ -19,7 +19,7 @@ import triton.language as tl
 from . import triton_pdl
 from .triton_pdl import pdl_start
 
-from .triton_norm import norm_rope_head
+from .triton_norm import head_weights, norm_rope_head
 
 
 @triton.jit
@@ -27,19 +27,21 @@ def _qkv_write_kernel(q_ptr, qw_ptr, q_out_ptr, k_ptr, v_ptr, w_ptr, cos_ptr, si
                       pos_ptr, KV, stride_qh, stride_kh, stride_vh, stride_kch, stride_kcs, stride_vch, stride_vcs,
                       size, D, eps, NORM_V: tl.constexpr, HAS_RING: tl.constexpr, BLOCK: tl.constexpr,
                       PDL: tl.constexpr = False):
-    pdl_start(PDL)
     h = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < D
+    # the head's norm weight (q_norm's or k_norm's): before PDL's wait (kernels/triton_pdl.py's prologue)
+    w, wp = head_weights(tl.where(h >= KV, qw_ptr, w_ptr), cols, mask, D)
+    pdl_start(PDL)
     if h >= KV:  # a query head: n = rms_norm(x) * w, then n * cos + roll(n, D/2) * sin
         n = h - KV
-        q = norm_rope_head(q_ptr + n * stride_qh, qw_ptr, cos_ptr, sin_ptr, cols, mask, D, eps)
+        q = norm_rope_head(q_ptr + n * stride_qh, w, wp, cos_ptr, sin_ptr, cols, mask, D, eps)
         tl.store(q_out_ptr + n * D + cols, q.to(q_out_ptr.dtype.element_ty), mask=mask)
     else:
         pos = tl.load(pos_ptr)
         slot = pos % size
         # k: as q, with k_norm's weight
-        k = norm_rope_head(k_ptr + h * stride_kh, w_ptr, cos_ptr, sin_ptr, cols, mask, D, eps)
+        k = norm_rope_head(k_ptr + h * stride_kh, w, wp, cos_ptr, sin_ptr, cols, mask, D, eps)
         tl.store(kc_ptr + h * stride_kch + slot * stride_kcs + cols, k.to(kc_ptr.dtype.element_ty), mask=mask)
         # v: weightless RMSNorm (or the heads as they are)
         v = tl.load(v_ptr + h * stride_vh + cols, mask=mask, other=0.0).to(tl.float32)
