@@ -16,6 +16,8 @@ Shapes: Gemma 4 26B-A4B's (gate_up 1408 x 2816, down 2816 x 704), NF4, blocksize
 prefill's flash attention kernel at each of its tiles (`--arch 89` for an RTX 4090: shared_bytes must
 stay within its 99 KiB a block): what the interpreter cannot show (lowering to the GPU) before a GPU
 session spends its minutes on it.
+Its rows of the decode kernels with PDL on also count the global loads and writes issued before the
+kernel's griddepcontrol.wait (`wait_order`): a prologue's loads of step constants, and nothing else.
 """
 
 from __future__ import annotations
@@ -105,6 +107,24 @@ def inspect(kernel, sass: bool = True) -> dict:
     local = re.search(r"LOCAL:(\d+)", usage)
     info = {"registers": int(regs.group(1)) if regs else None, "local_bytes": int(local.group(1)) if local else None}
     return {"ops": loop_counts(code), **info} if sass else info
+
+
+GLOBAL_LOAD = re.compile(r"^(@!?U?P\w+\s+)?LDG\.")  # LDG.E..., not LDGSTS / LDGDEPBAR
+GLOBAL_WRITE = re.compile(r"^(@!?U?P\w+\s+)?(STG|ST|ATOMG|ATOM|RED|REDG)\.")
+
+
+def wait_order(kernel) -> dict:
+    """Programmatic dependent launch in a kernel's SASS: how many `griddepcontrol.wait`s (ACQBULK) it
+    has, and the global loads and writes issued before the first (its prologue: kernels/triton_pdl.py)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp, "k.cubin")
+        cubin.write_bytes(kernel.asm["cubin"])
+        code = subprocess.run([_tool("nvdisasm"), "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
+    instructions = [m.group(1).strip() for m in re.finditer(r"/\*[0-9a-f]{4,}\*/\s+(.*?);", code)]
+    waits = [i for i, text in enumerate(instructions) if re.search(r"\bACQBULK\b", text)]
+    before = instructions[:waits[0]] if waits else []
+    return {"waits": len(waits), "loads_before_wait": sum(bool(GLOBAL_LOAD.match(t)) for t in before),
+            "writes_before_wait": sum(bool(GLOBAL_WRITE.match(t)) for t in before)}
 
 
 def cases():
@@ -203,7 +223,7 @@ def v4_cases(tm, ptrs: dict, x: str, dq: bool, configs: tuple | None = None):
 
 def _pdl_cases():
     """Every decode kernel once with programmatic dependent launch (PDL=True: griddepcontrol, sm_90 on),
-    bf16, at one config each."""
+    bf16, at one config each (compile_all adds where its prologue's loads stand: `wait_order`)."""
     from localrun.kernels import triton_attention, triton_fused, triton_gemv, triton_moe, triton_norm, triton_qkv_write
 
     b = "*bf16"
@@ -219,7 +239,7 @@ def _pdl_cases():
         (triton_moe._down_v3_kernel, moe, dict(v3, KE=TOP_K, BLOCK_N=8, BLOCK_W=16), 4),
         (triton_moe._gate_up_v2_kernel, moe, dict(v2, ACT=0, SORTED=False, BLOCK_N=4, BLOCK_K=128), 1),
         (triton_moe._down_v2_kernel, moe, dict(v2, KE=TOP_K, BLOCK_N=8, BLOCK_K=64), 4),
-        (triton_gemv._gemv_kernel, ptrs(triton_gemv._gemv_kernel), dict(BM=2, HAS_BIAS=False, BLOCK_N=4, BLOCK_K=512), 4),
+        (triton_gemv._gemv_kernel, ptrs(triton_gemv._gemv_kernel), dict(BM=2, HAS_BIAS=True, BLOCK_N=4, BLOCK_K=512), 4),
         (triton_attention._decode_partial_kernel,
          ptrs(triton_attention._decode_partial_kernel, vis_ptr="*u8", m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32",
               count_ptr="*i32"),
@@ -245,7 +265,9 @@ def _pdl_cases():
          dict(NORM_V=True, HAS_RING=True, BLOCK=256), 4),
     ]
     for fn, pointers, consts, warps in kernels:
-        yield f"pdl {fn.__name__}", fn, pointers, dict(consts, PDL=True), warps
+        # the GEMV's K and row strides: multiples of 16 at 26B-A4B's projections (its loads vectorize as there)
+        divisible = DIVISIBLE | {"K", "stride_xm", "stride_ym"} if fn is triton_gemv._gemv_kernel else DIVISIBLE
+        yield f"pdl {fn.__name__}", fn, pointers, dict(consts, PDL=True), warps, 1, divisible
 
 
 # the prefill attention kernel's strides and head dim are multiples of 16 at 26B-A4B (torch's allocations)
@@ -310,7 +332,7 @@ def compile_all(arch: int) -> dict:
     for name, fn, ptrs, consts, warps, *stages in compile_cases(arch):
         kernel = compile_kernel(fn, consts, warps, arch, ptrs, *stages)
         rows[name] = {"cubin_bytes": len(kernel.asm["cubin"]), "shared_bytes": kernel.metadata.shared,
-                      **inspect(kernel, sass=False)}
+                      **inspect(kernel, sass=False), **(wait_order(kernel) if consts.get("PDL") else {})}
     return rows
 
 

@@ -83,7 +83,9 @@ def _triton_minor() -> tuple[int, int]:
 
 @pytest.mark.skipif(_ptxas() is None, reason="triton with its NVIDIA backend tools is not installed")
 def test_the_decode_steps_newer_kernels_compile_for_sm90():
-    """Each variant the CUDA step launches lowers to a cubin (the interpreter never lowers anything)."""
+    """Each variant the CUDA step launches lowers to a cubin (the interpreter never lowers anything);
+    with PDL, each kernel's SASS issues its prologue's loads (kernels/triton_pdl.py) before its
+    griddepcontrol.wait and nothing else: no other load, no store."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, str(ROOT / "scripts" / "sass_stats.py"), "--compile-only"], env=env,
                          capture_output=True, text=True, timeout=600)
@@ -92,7 +94,26 @@ def test_the_decode_steps_newer_kernels_compile_for_sm90():
     assert len(rows) >= 60 and all(row["cubin_bytes"] > 1000 and row["local_bytes"] == 0 for row in rows.values()), rows
     assert {"grouped", "gemv", "v3", "v4", "qkv_write", "ffn_residual", "rope_rows", "decode_partial", "pdl",
             "prefill_attention"} == {name.split()[0] for name in rows}
-    assert len([name for name in rows if name.startswith("pdl ")]) == 18  # every decode kernel with PDL on
+    pdl = {name.removeprefix("pdl "): row for name, row in rows.items() if name.startswith("pdl ")}
+    assert len(pdl) == 18  # every decode kernel with PDL on
+    for name, row in pdl.items():  # the wait is there, nothing is written before it, and only a prologue's
+        least = PROLOGUE_LOADS.get(name, 0)  # loads (all of them, at least) come before it
+        assert row["waits"] >= 1 and row["writes_before_wait"] == 0, (name, row)
+        assert row["loads_before_wait"] >= least and (least > 0 or row["loads_before_wait"] == 0), (name, row)
+
+
+# Global loads a thread issues before griddepcontrol.wait at the `_pdl_cases` config, at least: each
+# prologue vector's bytes a thread / 16 (the widest load), one where it holds less (4 warps = 128 threads
+# each; tests/test_triton_pdl.py names the pointers). Fewer: the compiler moved a load past the wait.
+PROLOGUE_LOADS = {
+    "_gemv_kernel": 2 + 1,  # the first tile, 4 x 512 bf16 (32 bytes a thread), and the bias
+    "_attention_residual_norms_kernel": 4 * 4,  # four norm weights of 4096 bf16 (64 bytes a thread)
+    "_ffn_residual_kernel": 4 * 4 + 1,  # w1, w2, w, w_next as above, and the layer scalar
+    "_rope_rows_kernel": 1,  # 128 fp32 inverse frequencies
+    "_rms_norm_kernel": 4,  # the weight, 4096 bf16
+    "_rms_norm_rope_kernel": 2,  # the weight (512 bf16) at the columns and at their partners
+    "_qkv_write_kernel": 2,  # the head norm's weight (256 bf16), the same two
+}
 
 
 def test_pdl_variants_only_from_sm90():
