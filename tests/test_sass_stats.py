@@ -85,7 +85,7 @@ def _triton_minor() -> tuple[int, int]:
 def test_the_decode_steps_newer_kernels_compile_for_sm90():
     """Each variant the CUDA step launches lowers to a cubin (the interpreter never lowers anything);
     with PDL, each kernel's SASS issues its prologue's loads (kernels/triton_pdl.py) before its
-    griddepcontrol.wait and nothing else: no other load, no store."""
+    griddepcontrol.wait, no write, and no load at all where it has no prologue."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, str(ROOT / "scripts" / "sass_stats.py"), "--compile-only"], env=env,
                          capture_output=True, text=True, timeout=600)

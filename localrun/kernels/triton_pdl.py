@@ -12,18 +12,20 @@ PDL is placed after the one before it ends, as always.
 
 What may come before `pdl_start` (a kernel's prologue): loads of data no kernel of the decode step
 writes, so that their memory latency overlaps the kernel before instead of adding to the chain: a
-projection's weights (the GEMV's first tile and its bias), norm weight vectors, the RoPE inverse
-frequencies; and arithmetic on program ids and arguments. Never before it: a read of anything a
-kernel of the step may have written (activations, the residual stream, the KV cache and ring
-positions, expert ids and weights, router logits, cos / sin rows, the token and position copied
-into the graph's inputs, expert rows copied in from host memory), nor any write (the kernel before
-may still read what it would overwrite). A prologue pointer must be the caller's tensor itself: a
-launcher that had to copy or convert it (`.contiguous()`, `.float()`) made that copy in the step, so
-it launches without PDL. tests/test_triton_pdl.py names each kernel's prologue pointers, and
-tests/test_sass_stats.py checks in the sm_90 SASS that those loads are issued before the wait and
-that nothing else is. The signal stays right after the wait: one kernel placed ahead, as measured;
-wherever it stood, the next kernel is placed only once every program of this one has issued it, so
-a kernel of more programs than one wave never loses SMs to the next one's waiting programs.
+projection's weights (the GEMV's first tile and its bias), norm weight vectors, the layer scalar,
+the RoPE inverse frequencies; and arithmetic on program ids and arguments. Never before it: a read
+of anything a kernel of the step may have written (activations, the residual stream, the KV cache
+and ring positions, expert ids and weights, router logits, cos / sin rows, the token and position
+copied into the graph's inputs, expert rows copied in from host memory), nor any write (the kernel
+before may still read what it would overwrite). A prologue pointer must be the caller's tensor
+itself: a launcher that had to copy or convert it (`.contiguous()`, `.float()`) made that copy in
+the step, so it launches without PDL. The MoE and attention kernels have none (what they read first
+is the step's: expert ids, rows, the cache). tests/test_triton_pdl.py names each kernel's prologue
+pointers (no other may come first), and tests/test_sass_stats.py checks in the sm_90 SASS that the
+prologues' loads are issued before the wait, and no load or write of a kernel without one. The
+signal stays right after the wait: one kernel placed ahead, as measured; wherever it stood, the next
+kernel is placed only once every program of this one has issued it, so a kernel of more programs
+than one wave never loses SMs to the next one's waiting programs.
 
 Only while a decode step is captured as CUDA graphs, its warm-up included (`in_graphs`, set by
 step._capture_once): that is where the gaps it hides are the step's; a prefill's kernels, launched
