@@ -16,7 +16,8 @@ the end. Rows past N read row N - 1 again and columns past the last whole step r
 step, so the main loop has no masks. x's rows (up to 4, one accumulator each) are read at every
 step as tiles of W's shape (L1 hits); the result is rounded once to x's dtype. Compiled offline
 for sm_90a (Triton 3.9, ptxas, no GPU), every config's loop is 16-byte loads and FMAs only: no
-shared memory, no barrier, no spills (35 to 93 registers a thread at one row, at most 154 at 2 or 4).
+shared memory, no barrier, no spills (K a multiple of 16: 36 to 79 registers a thread at one row,
+at most 154 at 2 or 4).
 Under programmatic dependent launch (kernels/triton_pdl.py) the first step's tile and the bias are
 requested before the kernel waits for the one before it: they are no kernel's output, so a
 program's first weights arrive while that kernel still runs.
