@@ -522,15 +522,17 @@ def big_model_run(dry: bool, dev, load_kwargs: dict, rows: dict, long_prompt: bo
             switched(f"{mode}_with_v4_moe", lambda: moe_v4_switched(True, loaded.kv))
             switched(f"{mode}_with_pdl", lambda: pdl_switched(True, loaded.kv))
             switched(f"{mode}_with_parallel_mlp", lambda: kernel_switched("parallel_mlp", True, loaded.kv))
+            switched(f"{mode}_with_parallel_mlp_and_norms_route", lambda: both_switched(
+                kernel_switched("parallel_mlp", True, loaded.kv), kernel_switched("norms_route", True, loaded.kv)))
             with moe_v4_switched(True, loaded.kv), pdl_switched(True, loaded.kv):
                 timed(f"speed_{mode}_with_v4_moe_and_pdl", rates, rows)
-                with kernel_switched("parallel_mlp", True, loaded.kv):
-                    timed(f"speed_{mode}_with_v4_moe_pdl_and_parallel_mlp", rates, rows)
+                with kernel_switched("parallel_mlp", True, loaded.kv), kernel_switched("norms_route", True, loaded.kv):
+                    timed(f"speed_{mode}_with_every_open_switch", rates, rows)
             defaults = {n: on for n, on in DECODE_KERNELS.items() if n not in CPU_ONLY_KERNELS}
             for name in [n for n, on in defaults.items() if on]:  # each default decode kernel: its torch ops
                 with kernel_switched(name, False, loaded.kv):
                     timed(f"speed_{mode}_without_{name}", rates, rows)
-            opened = {"parallel_mlp"}  # measured above
+            opened = {"parallel_mlp", "norms_route"}  # measured above
             for name in [n for n, on in defaults.items() if not on and n not in opened]:  # opt-in: worth turning on?
                 switched(f"{mode}_with_{name}", lambda name=name: kernel_switched(name, True, loaded.kv))
             other = not triton_moe.USE_V3  # v3 where faster per stage vs the v2 default (or the reverse)
@@ -836,6 +838,13 @@ def kernel_switched(name: str, on: bool, cache):
     from localrun.models import gemma4
 
     return setting(gemma4.DECODE_KERNELS, name, on, cache)
+
+
+@contextlib.contextmanager
+def both_switched(first, second):
+    """Within: two switches (context managers) at once."""
+    with first, second:
+        yield
 
 
 def moe_v3_switched(on: bool, cache):

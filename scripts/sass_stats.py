@@ -186,6 +186,10 @@ def compile_cases(arch: int = 90):
                    dict(NORM_V=True, HAS_RING=ring, BLOCK=256), 4)
         glue = {n: x for n in triton_fused._ffn_residual_kernel.arg_names if n.endswith("_ptr")}
         yield f"ffn_residual {x[1:]} next", triton_fused._ffn_residual_kernel, glue, dict(NEXT=True, BLOCK=4096), 4
+        route = {n: x for n in triton_fused._norms_route_kernel.arg_names if n.endswith("_ptr")}
+        route.update(scale_ptr="*fp32", ids_ptr="*i64", w_ptr="*fp32", count_ptr="*i32")
+        yield (f"norms_route {x[1:]}", triton_fused._norms_route_kernel, route,
+               dict(BLOCK=4096, BLOCK_E=128, BLOCK_K=8), 4)
         rope = {"pos_ptr": "*i64", "inv_ptr": "*fp32", "cos_ptr": x, "sin_ptr": x}
         yield f"rope_rows {x[1:]}", triton_fused._rope_rows_kernel, rope, dict(BLOCK=128), 4
         attn = {"q_ptr": x, "k_ptr": x, "v_ptr": x, "vis_ptr": "*u8", "m_ptr": "*fp32", "l_ptr": "*fp32",
@@ -256,6 +260,9 @@ def _pdl_cases():
         (triton_fused._gated_kernel, ptrs(triton_fused._gated_kernel), dict(ACT=0, BLOCK=1024), 4),
         (triton_fused._gated_route_kernel, ptrs(triton_fused._gated_route_kernel, ids_ptr="*i64", w_ptr="*fp32"),
          dict(ACT=0, BLOCK=256, BLOCK_E=128, BLOCK_K=8), 1),
+        (triton_fused._norms_route_kernel,
+         ptrs(triton_fused._norms_route_kernel, scale_ptr="*fp32", ids_ptr="*i64", w_ptr="*fp32", count_ptr="*i32"),
+         dict(BLOCK=4096, BLOCK_E=128, BLOCK_K=8), 4),
         (triton_fused._rope_rows_kernel, ptrs(triton_fused._rope_rows_kernel, pos_ptr="*i64", inv_ptr="*fp32"),
          dict(BLOCK=128), 4),
         (triton_norm._rms_norm_kernel, ptrs(triton_norm._rms_norm_kernel), dict(HAS_WEIGHT=True, BLOCK=4096), 4),

@@ -92,10 +92,10 @@ def test_the_decode_steps_newer_kernels_compile_for_sm90():
     assert run.returncode == 0, run.stderr[-2000:]
     rows = json.loads(run.stdout)
     assert len(rows) >= 60 and all(row["cubin_bytes"] > 1000 and row["local_bytes"] == 0 for row in rows.values()), rows
-    assert {"grouped", "gemv", "v3", "v4", "qkv_write", "ffn_residual", "rope_rows", "decode_partial", "pdl",
-            "prefill_attention"} == {name.split()[0] for name in rows}
+    assert {"grouped", "gemv", "v3", "v4", "qkv_write", "ffn_residual", "norms_route", "rope_rows", "decode_partial",
+            "pdl", "prefill_attention"} == {name.split()[0] for name in rows}
     pdl = {name.removeprefix("pdl "): row for name, row in rows.items() if name.startswith("pdl ")}
-    assert len(pdl) == 18  # every decode kernel with PDL on
+    assert len(pdl) == 19  # every decode kernel with PDL on
     for name, row in pdl.items():  # the wait is there, nothing is written before it, and only a prologue's
         least = PROLOGUE_LOADS.get(name, 0)  # loads (all of them, at least) come before it
         assert row["waits"] >= 1 and row["writes_before_wait"] == 0, (name, row)
@@ -109,6 +109,7 @@ PROLOGUE_LOADS = {
     "_gemv_kernel": 2 + 1,  # the first tile, 4 x 512 bf16 (32 bytes a thread), and the bias
     "_attention_residual_norms_kernel": 4 * 4,  # four norm weights of 4096 bf16 (64 bytes a thread)
     "_ffn_residual_kernel": 4 * 4 + 1,  # w1, w2, w, w_next as above, and the layer scalar
+    "_norms_route_kernel": 3 * 4,  # the router's row and two norm weights, 4096 bf16 each
     "_rope_rows_kernel": 1,  # 128 fp32 inverse frequencies
     "_rms_norm_kernel": 4,  # the weight, 4096 bf16
     "_rms_norm_rope_kernel": 2,  # the weight (512 bf16) at the columns and at their partners
@@ -122,7 +123,7 @@ def test_pdl_variants_only_from_sm90():
     import sass_stats
 
     assert not [case[0] for case in sass_stats.compile_cases(86) if case[0].startswith("pdl ")]
-    assert len([case[0] for case in sass_stats.compile_cases(90) if case[0].startswith("pdl ")]) == 18
+    assert len([case[0] for case in sass_stats.compile_cases(90) if case[0].startswith("pdl ")]) == 19
 
 
 GROUPED_FIT = """

@@ -340,3 +340,38 @@ def test_parallel_mlp_forks_the_dense_mlp_and_joins_it_before_the_residual(tiny_
     assert mlp_on.count("side") == decoded and set(mlp_on) == {"main", "side"}  # the prompt's pass stays on main
     assert glue_after.count(("main", "waits for", "side")) == decoded  # joined before each decoded token's glue
     assert tokens == apart_tokens and lp == apart_lp
+
+
+def test_norms_route_takes_the_router_into_the_norms_launch(tiny_moe, monkeypatch):
+    """DECODE_KERNELS["norms_route"] with the dense MLP beside: a decoded token's norms, router GEMV and
+    top-k are one localrun::norms_route call a layer (here its formula, on the CPU, where CUDA runs one
+    launch), a hooked router still sees (ids, weights), the MLP still forks and joins, and the tokens
+    are those of the parallel step without it (logprobs within fp32 rounding: another sum order)."""
+    from localrun.kernels import fused as fused_ops
+    from localrun.models import gemma4
+
+    loaded = load_model(tiny_moe, dtype=torch.float32, context=600)
+    model, layers = loaded.model, len(loaded.model.layers)
+    ids = bench_prompt(30, loaded.args.vocab_size)
+    streams = _Streams()
+    monkeypatch.setattr(torch.cuda, "current_stream", streams.current_stream)
+    monkeypatch.setattr(torch.cuda, "stream", streams.stream)
+    monkeypatch.setitem(gemma4.DECODE_KERNELS, "parallel_mlp", True)
+    monkeypatch.setattr(gemma4, "parallel_mlp", lambda x: x.shape[:-1].numel() == 1)
+    loaded.kv.side_stream = streams.stream_named("side")
+    try:
+        apart_tokens, apart_lp = greedy(model, ids, "static", loaded.kv)
+        monkeypatch.setitem(gemma4.DECODE_KERNELS, "norms_route", True)
+        monkeypatch.setattr(gemma4, "fused_on_cuda", lambda x: gemma4.use_kernel("fused_glue", x))
+        calls, seen = [], []
+        real = fused_ops.norms_route_op
+        monkeypatch.setattr(fused_ops, "norms_route_op", lambda *a: calls.append(1) or real(*a))
+        model.layers[0].router.register_forward_hook(lambda module, args, out: seen.append(out[0].shape))
+        streams.log.clear()
+        tokens, lp = greedy(model, ids, "static", loaded.kv)
+    finally:
+        loaded.kv.side_stream = None
+    decoded = (GEN - 1) * layers
+    assert len(calls) == decoded and len(seen) == GEN
+    assert streams.log == [("side", "waits for", "main"), ("main", "waits for", "side")] * decoded
+    assert tokens == apart_tokens and max(abs(a - b) for a, b in zip(lp, apart_lp)) < 1e-4

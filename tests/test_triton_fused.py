@@ -151,6 +151,28 @@ def test_gated_route_is_gated_and_route(I, E, K, dtype, act):
     assert rel(a, ref_a) < (1e-6 if dtype == torch.float32 else 1e-2) and torch.equal(ids, r_ids)
 
 
+@needs_triton
+@pytest.mark.parametrize("H,E,K,dtype", [(2816, 128, 8, torch.bfloat16), (40, 12, 3, torch.float32)])
+def test_norms_route_is_the_norms_the_router_and_route(H, E, K, dtype):
+    """One decoded token's norms, router projection and routing in one launch: the norms the very bits
+    of attention_residual_norms' kernel, the routing the formula's (the logits summed in another order:
+    ids equal, weights within rounding), call after call (the counter is back at 0 after each)."""
+    x, res = rand(1, 1, H, seed=1, dtype=dtype) * 3, rand(1, 1, H, seed=2, dtype=dtype)
+    ws = [rand(H, seed=s, dtype=dtype) for s in range(3, 7)]
+    router, scale = rand(E, H, seed=7, dtype=dtype), rand(E, seed=8).abs() + 0.5
+    y, moe, mlp, _ = triton_fused.attention_residual_norms_triton(x, ws[0], res, ws[1], ws[2], ws[3], H ** -0.5, 1e-6)
+    ref_rows, ref_ids, ref_w = fused_ops.norms_route_reference(x, ws[0], res, ws[1], ws[2], ws[3], H ** -0.5, 1e-6,
+                                                               router, scale, K)
+    for _ in range(2):
+        rows, ids, w = triton_fused.norms_route_triton(x, ws[0], res, ws[1], ws[2], ws[3], H ** -0.5, 1e-6, router,
+                                                       scale, K)
+        assert torch.equal(rows[0], y) and torch.equal(rows[1], mlp) and torch.equal(rows[2], moe)
+        assert torch.equal(ids, ref_ids) and rel(w, ref_w) < (1e-6 if dtype == torch.float32 else 1e-2)
+        assert not triton_fused._counter(x.device).any()
+    assert torch.equal(fused_ops.norms_route_op(x, ws[0], res, ws[1], ws[2], ws[3], H ** -0.5, 1e-6, router, scale,
+                                                K)[1], ref_ids)  # the op off CUDA: the formula
+
+
 def norm64(x, w=None, eps=1e-6):
     x = x.double()
     n = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)

@@ -1,7 +1,9 @@
 """A Gemma 4 layer's glue as torch ops: `localrun::attention_residual_norms`, `localrun::ffn_residual`
 (and `localrun::ffn_residual_norm`: with the next layer's input norm), `localrun::route`,
-`localrun::gated` (with `route`, for a decoded token: `localrun::gated_route`) and a pass's RoPE
-rows, `localrun::rope_rows` (what each computes: kernels/triton_fused.py).
+`localrun::gated` (with `route`, for a decoded token: `localrun::gated_route`), for a decoded token
+whose router projects on its own `localrun::norms_route` (attention_residual_norms, the router's GEMV
+and `route` in one launch), and a pass's RoPE rows, `localrun::rope_rows` (what each computes:
+kernels/triton_fused.py).
 
 On CUDA each is one Triton kernel (imported on first use: a CPU-only install needs no Triton); on
 the CPU in fp32 one call of the C kernels (kernels/cpu_bf16.c: the unfused layer's fp32 ops in
@@ -110,6 +112,41 @@ def _(mlp, w1, moe, w2, w, residual, scalar, w_next, eps):
 @ffn_residual_norm_op.register_fake
 def _(mlp, w1, moe, w2, w, residual, scalar, w_next, eps):
     return tuple(torch.empty(residual.shape, dtype=residual.dtype, device=residual.device) for _ in range(2))
+
+
+def norms_route_reference(x, w_post, residual, w_mlp, w_moe, w_router, router_scale: float, eps: float,
+                          router_weight, per_expert_scale, top_k: int):
+    y, mlp, moe, router = attention_residual_norms_reference(x, w_post, residual, w_mlp, w_moe, w_router,
+                                                             router_scale, eps)
+    logits = (router.reshape(-1, router.shape[-1]).float() @ router_weight.float().t()).to(x.dtype)
+    return (torch.stack((y, mlp, moe)), *route_reference(logits, per_expert_scale, top_k))
+
+
+@torch.library.custom_op("localrun::norms_route", mutates_args=())
+def norms_route_op(x: torch.Tensor, w_post: torch.Tensor, residual: torch.Tensor, w_mlp: torch.Tensor,
+                   w_moe: torch.Tensor, w_router: torch.Tensor, router_scale: float, eps: float,
+                   router_weight: torch.Tensor, per_expert_scale: torch.Tensor,
+                   top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """attention_residual_norms, the router's projection of its router norm (rounded to x's dtype, as
+    a GEMV stores it) and `route` of those logits, for one decoded token: ([3, *x.shape] rows y, x_mlp,
+    x_moe; ids [1, K]; weights [1, K]). One launch on CUDA (`norms_route_triton`)."""
+    return norms_route_reference(x, w_post, residual, w_mlp, w_moe, w_router, router_scale, eps, router_weight,
+                                 per_expert_scale, top_k)
+
+
+@norms_route_op.register_kernel("cuda")
+def _(x, w_post, residual, w_mlp, w_moe, w_router, router_scale, eps, router_weight, per_expert_scale, top_k):
+    from .triton_fused import norms_route_triton
+
+    return norms_route_triton(x, w_post, residual, w_mlp, w_moe, w_router, router_scale, eps, router_weight,
+                              per_expert_scale, top_k)
+
+
+@norms_route_op.register_fake
+def _(x, w_post, residual, w_mlp, w_moe, w_router, router_scale, eps, router_weight, per_expert_scale, top_k):
+    return (torch.empty((3, *x.shape), dtype=x.dtype, device=x.device),
+            torch.empty(1, top_k, dtype=torch.int64, device=x.device),
+            torch.empty(1, top_k, dtype=torch.float32, device=x.device))
 
 
 def route_reference(logits_TE, per_expert_scale, top_k: int):

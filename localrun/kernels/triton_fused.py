@@ -7,6 +7,8 @@ per program), for the CUDA decode step where each small torch op is a launch of 
                             (6 launches -> 1), and optionally the next layer's input norm of it (+1 -> 0)
   route                     softmax of the router logits, top-k, renormalise, per-expert scale
                             (6-7 launches -> 1)
+  norms_route               one decoded token's attention_residual_norms, the router's GEMV of its
+                            router norm and route, a program a router row (3 launches -> 1)
   gated                     act(gate) * up of the dense MLP's fused gate/up projection, with the
                             activation of the expert kernels (kernels/triton_moe.py) (2 launches -> 1)
   rope_rows                 a pass's RoPE cos / sin rows of one layer kind (8 launches -> 1)
@@ -102,10 +104,12 @@ def _route_kernel(logits_ptr, scale_ptr, ids_ptr, w_ptr, E, K, BLOCK_E: tl.const
 
 
 @triton.jit
-def _route_row(logits_ptr, scale_ptr, ids_ptr, w_ptr, row, E, K, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+def _route_row(logits_ptr, scale_ptr, ids_ptr, w_ptr, row, E, K, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+               CACHE: tl.constexpr = ""):
+    """CACHE ".cg": read the logits from L2 (other programs of the launch wrote them)."""
     cols = tl.arange(0, BLOCK_E)
     ok = cols < E
-    logits = tl.load(logits_ptr + row * E + cols, mask=ok, other=float("-inf")).to(tl.float32)
+    logits = tl.load(logits_ptr + row * E + cols, mask=ok, other=float("-inf"), cache_modifier=CACHE).to(tl.float32)
     e = tl.exp(logits - tl.max(logits, axis=0))
     p = e / tl.sum(e, axis=0)
     # a NaN or inf logit makes the whole row NaN (as torch's softmax): its experts stay candidates, the
@@ -157,6 +161,43 @@ def _gated_route_kernel(gu_ptr, out_ptr, I, logits_ptr, scale_ptr, ids_ptr, w_pt
         _route_row(logits_ptr, scale_ptr, ids_ptr, w_ptr, 0, E, K, BLOCK_E, BLOCK_K)
     else:
         _gated_block(gu_ptr, out_ptr, 0, pid - 1, I, ACT, BLOCK)
+
+
+@triton.jit
+def _norms_route_kernel(x_ptr, w_post_ptr, res_ptr, w_mlp_ptr, w_moe_ptr, w_router_ptr, router_ptr, scale_ptr,
+                        y_ptr, mlp_ptr, moe_ptr, logits_ptr, ids_ptr, w_ptr, count_ptr, H, E, K, eps, router_scale,
+                        BLOCK: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+                        PDL: tl.constexpr = False):
+    """One decoded token's _attention_residual_norms_kernel, router projection and _route_kernel in one
+    launch: program e computes the residual after attention and its norms (every program the same bits,
+    program 0 stores them), then logit e of the router's input norm (rounded to the activations' dtype
+    as a GEMV would store it), and the program that counts itself done last routes the E logits and
+    resets the counter (release/acquire at GPU scope, as the decode attention's in-place combine)."""
+    e = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    ok = cols < H
+    # the router's row e and the norm weights: before PDL's wait (triton_pdl's prologue)
+    row_e = tl.load(router_ptr + e * H + cols, mask=ok, other=0.0)
+    w_post = tl.load(w_post_ptr + cols, mask=ok, other=0.0)
+    w_router = tl.load(w_router_ptr + cols, mask=ok, other=0.0)
+    pdl_start(PDL)
+    x = _f32(x_ptr, cols, ok)
+    res = _f32(res_ptr, cols, ok)
+    y = (x * _inv_rms(x, H, eps) * w_post.to(tl.float32) + res).to(y_ptr.dtype.element_ty)
+    yf = y.to(tl.float32)
+    n = yf * _inv_rms(yf, H, eps)
+    router_in = (n * w_router.to(tl.float32) * router_scale).to(y_ptr.dtype.element_ty).to(tl.float32)
+    logit = tl.sum(router_in * row_e.to(tl.float32), axis=0)
+    tl.store(logits_ptr + e, logit.to(logits_ptr.dtype.element_ty))
+    if e == 0:
+        tl.store(y_ptr + cols, y, mask=ok)
+        tl.store(mlp_ptr + cols, (n * _f32(w_mlp_ptr, cols, ok)).to(mlp_ptr.dtype.element_ty), mask=ok)
+        tl.store(moe_ptr + cols, (n * _f32(w_moe_ptr, cols, ok)).to(moe_ptr.dtype.element_ty), mask=ok)
+    tl.debug_barrier()  # every thread's stores above come before the release below
+    done = tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu")
+    if done == E - 1:  # the last program: every logit is written
+        _route_row(logits_ptr, scale_ptr, ids_ptr, w_ptr, 0, E, K, BLOCK_E, BLOCK_K, ".cg")
+        tl.atomic_xchg(count_ptr, 0)  # ready for the next call
 
 
 @triton.jit
@@ -261,3 +302,37 @@ def rope_rows_triton(pos_T: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.d
     pdl = triton_pdl.launch(pos_T.device) if inv is inv_freq else {}
     _rope_rows_kernel[(T,)](pos_T, inv, cos, sin, half, BLOCK=triton.next_power_of_2(max(half, 1)), **pdl)
     return cos, sin
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _counter(device: torch.device) -> torch.Tensor:
+    """One int32 zero that stays on the device for good (a CUDA graph keeps its address): norms_route's
+    count of finished programs, reset to 0 by the program that routes, so no launch zeroes it. Calls
+    on one stream follow each other; the decode step runs them on one."""
+    have = _COUNTERS.get(device)
+    if have is None:
+        have = _COUNTERS[device] = torch.zeros(1, dtype=torch.int32, device=device)
+    return have
+
+
+def norms_route_triton(x, w_post, residual, w_mlp, w_moe, w_router, router_scale: float, eps: float,
+                       router_weight: torch.Tensor, per_expert_scale: torch.Tensor, top_k: int):
+    """(the [3, *x.shape] rows y, x_mlp, x_moe, ids [1, K], weights [1, K]) of one decoded token."""
+    x2, r2 = _rows(x), _rows(residual)
+    if x2.shape[0] != 1:
+        raise ValueError("norms_route takes one token")
+    H, E = x2.shape[1], router_weight.shape[0]
+    weight = router_weight if router_weight.is_contiguous() else router_weight.contiguous()
+    out = torch.empty((3, *x.shape), dtype=x.dtype, device=x.device)
+    logits = torch.empty(E, dtype=x.dtype, device=x.device)
+    ids = torch.empty(1, top_k, dtype=torch.int64, device=x.device)
+    w = torch.empty(1, top_k, dtype=torch.float32, device=x.device)
+    # the router's rows are read before PDL's wait: a copy made here would be the step's own
+    pdl = triton_pdl.launch(x.device) if weight is router_weight else {}
+    _norms_route_kernel[(E,)](x2, w_post, r2, w_mlp, w_moe, w_router, weight, per_expert_scale, out[0], out[1],
+                              out[2], logits, ids, w, _counter(x.device), H, E, top_k, eps, router_scale,
+                              BLOCK=triton.next_power_of_2(H), BLOCK_E=triton.next_power_of_2(E),
+                              BLOCK_K=triton.next_power_of_2(top_k), **pdl)
+    return out, ids, w

@@ -214,8 +214,10 @@ def apply_rope(x_BTND, cos_T1D, sin_T1D):
 # while the main one routes (the router's own GEMV, the top-k) and runs the routed experts (~30 us of
 # latency-bound kernels), joined before the FFN's residual glue: the graph holds the two branches, the
 # GPU overlaps them. It takes the router's rows off the MLP's GEMM (mlp_router_gemm does not apply).
+# norms_route (opt-in, with parallel_mlp: where the router projects on its own): the post-attention
+# norms, the router's GEMV and the top-k as one launch (localrun::norms_route), where they were three.
 DECODE_KERNELS = {"decode_attention": True, "fused_glue": True, "decode_layer": True, "dense_gemv": True,
-                  "mlp_router_gemm": True, "parallel_mlp": False}
+                  "mlp_router_gemm": True, "parallel_mlp": False, "norms_route": False}
 CPU_ONLY_KERNELS = {"decode_layer"}  # DecoderLayer.forward_decode: nothing to switch off on CUDA
 
 
@@ -574,12 +576,15 @@ class DecoderLayer(nn.Module):
         x_in = handed[1] if handed is not None and handed[0] is x_BTH else self.input_layernorm(x_BTH)
         attn = self.self_attn(x_in, cos_TD, sin_TD, pos_T, cache, shared)
         H = x_BTH.shape[-1]
+        parallel = beside is not None and parallel_mlp(x_BTH)
+        if fused and parallel and DECODE_KERNELS["norms_route"] and fused_on_cuda(x_BTH):
+            return self._front_in_one_launch(attn, x_BTH, route, shared, beside)
         if fused:  # the same formulas, each in fp32 and rounded once, in three kernels instead of ~20 ops
             x, x_mlp, x_moe, x_router, mlp_router = fused_ops.attention_residual_norms(
                 attn, self.post_attention_layernorm.weight, x_BTH, self.pre_feedforward_layernorm.weight,
                 self.pre_feedforward_layernorm_2.weight, self.router.scale, self.router.root_size,
                 self.input_layernorm.eps)
-            if beside is not None and parallel_mlp(x_mlp):
+            if parallel:
                 h, side = mlp_beside(self.mlp, x_mlp, beside)
                 ids_TK, w_TK = route(x_router.reshape(-1, H), normed=True)
                 return Front(x, h, (x_moe.reshape(-1, H), ids_TK, w_TK), True, shared, side)
@@ -592,6 +597,18 @@ class DecoderLayer(nn.Module):
             ids_TK, w_TK = route(r_TH)  # the router reads the un-normed residual
             experts_in = (self.pre_feedforward_layernorm_2(r_TH), ids_TK, w_TK)
         return Front(x, self.mlp(self.pre_feedforward_layernorm(x)), experts_in, False)
+
+    def _front_in_one_launch(self, attn, x_BTH, route, shared: dict, beside) -> "Front":
+        """front()'s fused glue after attention with the router in the norms' launch (`norms_route`),
+        the dense MLP beside it on `beside`. The router's hooks still see its (ids, weights)."""
+        H = x_BTH.shape[-1]
+        rows, ids_TK, w_TK = fused_ops.norms_route_op(
+            attn, self.post_attention_layernorm.weight, x_BTH, self.pre_feedforward_layernorm.weight,
+            self.pre_feedforward_layernorm_2.weight, self.router.scale, self.router.root_size, self.input_layernorm.eps,
+            self.router.proj.weight, self.router.per_expert_scale, self.router.top_k)
+        h, side = mlp_beside(self.mlp, rows[1], beside)
+        ids_TK, w_TK = route(rows[2].reshape(-1, H), normed=True, routed=(ids_TK, w_TK))
+        return Front(rows[0], h, (rows[2].reshape(-1, H), ids_TK, w_TK), True, shared, side)
 
     def back(self, front: "Front", moe_TH: torch.Tensor | None, per_layer_BTP=None) -> torch.Tensor:
         """The layer after its routed experts (their output moe_TH; None without experts): the FFN
