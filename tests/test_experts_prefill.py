@@ -11,14 +11,13 @@ from interpreted import triton_module  # noqa: E402 - sets TRITON_INTERPRET=1 be
 
 import pytest
 import torch
-from bitsandbytes import functional as bnbf
-from bitsandbytes.functional import QuantState
 
 from localrun.experts import CostModel, ExpertStore, LFUPolicy, LRUPolicy, Step, waves
 from localrun.moe import activation
 from quant.ffn import DeviceRowsPrefill, ffn_4bit
 from quant.nf4 import PackedExpert, pack_experts
 from quant.spec import QuantSpec
+from test_triton_moe import bnb_dequantize  # the oracle for one matrix
 
 triton_moe = triton_module("triton_moe")
 needs_triton = pytest.mark.skipif(triton_moe is None, reason="triton is not installed (pip install triton)")
@@ -29,24 +28,13 @@ ACT = "gelu_pytorch_tanh"
 RTOL = 1e-5
 
 
-def bnb_matrix(expert: PackedExpert, name: str) -> torch.Tensor:
-    """bitsandbytes' dequantize_4bit of one matrix in fp32, asked for as one flat row (see
-    tests/test_triton_moe.py: its CPU kernel indexes absmax per row)."""
-    st = expert.quant_state(name, torch.float32)
-    shape = expert.layout.matrix(name).shape
-    flat = QuantState(absmax=st.absmax, shape=torch.Size([1, shape[0] * shape[1]]), code=st.code,
-                      blocksize=st.blocksize, quant_type=st.quant_type, dtype=torch.float32,
-                      offset=st.offset, state2=st.state2)
-    return bnbf.dequantize_4bit(expert.codes(name), flat).view(shape)
-
-
 def oracle(packed: list[PackedExpert], x_TH, ids_TK, w_TK) -> torch.Tensor:
     fn = activation(ACT)
     y = torch.zeros(x_TH.shape)
     for e in ids_TK.unique().tolist():
         tok, k = (ids_TK == e).nonzero(as_tuple=True)
-        gate, up = (x_TH[tok] @ bnb_matrix(packed[e], "gate_up").T).chunk(2, dim=-1)
-        y.index_add_(0, tok, ((fn(gate) * up) @ bnb_matrix(packed[e], "down").T) * w_TK[tok, k, None])
+        gate, up = (x_TH[tok] @ bnb_dequantize(packed[e], "gate_up").T).chunk(2, dim=-1)
+        y.index_add_(0, tok, ((fn(gate) * up) @ bnb_dequantize(packed[e], "down").T) * w_TK[tok, k, None])
     return y
 
 
