@@ -22,8 +22,10 @@ Steps:
   big        random-weight model with the real 26B-A4B config (built in memory, quantized to NF4
              on the device): planned vs placed vs peak vs reserved bytes; decode and prefill tok/s;
              kernel launches and host syncs per decoded token; once every expert resident, once
-             under a forced 16 GiB budget; the graphs step with each default decode kernel off
-             (speed_graphs_without_NAME) and each opt-in one on (speed_graphs_with_NAME,
+             under a forced 16 GiB budget; the graphs step with each open switch on first (v4 MoE,
+             PDL, parallel_mlp, norms_route; together: speed_graphs_with_every_open_switch), then with
+             each default decode kernel off (speed_graphs_without_NAME; GPU_CHECK_DECIDED=0 skips these
+             and what follows: the lease's first call) and each opt-in one on (speed_graphs_with_NAME,
              per_token_graphs_with_NAME, tokens_graphs_with_NAME), with the v3 MoE decode kernels
              where faster per stage instead of v2 alone (speed_graphs_with_v3_moe, ...) and with v4
              instead of either (speed_graphs_with_v4_moe, ...); all resident, the 512-token prefill
@@ -528,6 +530,8 @@ def big_model_run(dry: bool, dev, load_kwargs: dict, rows: dict, long_prompt: bo
                 timed(f"speed_{mode}_with_v4_moe_and_pdl", rates, rows)
                 with kernel_switched("parallel_mlp", True, loaded.kv), kernel_switched("norms_route", True, loaded.kv):
                     timed(f"speed_{mode}_with_every_open_switch", rates, rows)
+            if os.environ.get("GPU_CHECK_DECIDED", "1") == "0":  # a short lease: the settled switches wait
+                continue
             defaults = {n: on for n, on in DECODE_KERNELS.items() if n not in CPU_ONLY_KERNELS}
             for name in [n for n, on in defaults.items() if on]:  # each default decode kernel: its torch ops
                 with kernel_switched(name, False, loaded.kv):
