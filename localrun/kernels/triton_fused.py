@@ -100,12 +100,12 @@ def _ffn_residual_kernel(mlp_ptr, w1_ptr, moe_ptr, w2_ptr, w_ptr, res_ptr, scala
 def _route_kernel(logits_ptr, scale_ptr, ids_ptr, w_ptr, E, K, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
                   PDL: tl.constexpr = False):
     pdl_start(PDL)
-    _route_row(logits_ptr, scale_ptr, ids_ptr, w_ptr, tl.program_id(0), E, K, BLOCK_E, BLOCK_K)
+    _route_row(logits_ptr, scale_ptr, ids_ptr, w_ptr, tl.program_id(0), E, K, BLOCK_E, BLOCK_K, "")
 
 
 @triton.jit
 def _route_row(logits_ptr, scale_ptr, ids_ptr, w_ptr, row, E, K, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
-               CACHE: tl.constexpr = ""):
+               CACHE: tl.constexpr):
     """CACHE ".cg": read the logits from L2 (other programs of the launch wrote them)."""
     cols = tl.arange(0, BLOCK_E)
     ok = cols < E
@@ -158,7 +158,7 @@ def _gated_route_kernel(gu_ptr, out_ptr, I, logits_ptr, scale_ptr, ids_ptr, w_pt
     pdl_start(PDL)
     pid = tl.program_id(0)
     if pid == 0:
-        _route_row(logits_ptr, scale_ptr, ids_ptr, w_ptr, 0, E, K, BLOCK_E, BLOCK_K)
+        _route_row(logits_ptr, scale_ptr, ids_ptr, w_ptr, 0, E, K, BLOCK_E, BLOCK_K, "")
     else:
         _gated_block(gu_ptr, out_ptr, 0, pid - 1, I, ACT, BLOCK)
 
