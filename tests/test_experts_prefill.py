@@ -14,6 +14,7 @@ import torch
 
 from localrun.experts import CostModel, ExpertStore, LFUPolicy, LRUPolicy, Step, waves
 from localrun.moe import activation
+from quant import ffn
 from quant.ffn import DeviceRowsPrefill, ffn_4bit
 from quant.nf4 import PackedExpert, pack_experts
 from quant.spec import QuantSpec
@@ -26,6 +27,12 @@ E, H, I, K = 8, 64, 64, 2  # the blocksize (64) divides H and I: the per-expert 
 T = 20  # > quant.ffn.BUFFERED_MAX_TOKENS: a prompt
 ACT = "gelu_pytorch_tanh"
 RTOL = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def waves_on(monkeypatch):
+    """The waves are opt-in until a GPU measures them (quant.ffn.GROUPED_PREFILL_OFFLOADED): on here."""
+    monkeypatch.setattr(ffn, "GROUPED_PREFILL_OFFLOADED", True)
 
 
 def oracle(packed: list[PackedExpert], x_TH, ids_TK, w_TK) -> torch.Tensor:
@@ -172,8 +179,6 @@ def test_experts_left_on_the_cpu_join_the_sum():
 @needs_triton
 def test_switch_and_short_calls_take_the_per_expert_path(monkeypatch):
     """GROUPED_PREFILL_OFFLOADED off, or a call of at most BUFFERED_MAX_TOKENS tokens: no wave."""
-    from quant import ffn
-
     grouped, _, _ = stores(QuantSpec("nf4", 64, False), 2, LRUPolicy)
     log = watch(grouped)
     x, ids, w = prompt(0, ffn.BUFFERED_MAX_TOKENS)
