@@ -160,7 +160,6 @@ def test_benchmark_helper_runs_on_cpu():
 
 # rows of 2 / 3 chunks; blocks of 128 span rows of 64 and 96 weights
 V3_SHAPES = [(64, 32, 5), (96, 64, 4)]
-SMALL_V3_TILES = (None, "small")  # default tiles, and tiles small enough that every loop takes several steps
 
 
 def v3_tiles(which):
@@ -168,9 +167,15 @@ def v3_tiles(which):
                                                          down_n=4, down_w=4, down_warps=1)
 
 
+# every spec at the default tiles; the small tiles (every loop several steps: ~10 s a case interpreted)
+# at four that between them take NF4 and FP4, double quant on and off, and each block size
+V3_CASES = [(spec, None) for spec in SPECS] + [(spec, "small") for spec in SPECS if SPEC_IDS[SPECS.index(spec)] in
+                                               ("nf4-bs64", "nf4-bs32-dq", "fp4-bs128-dq", "fp4-bs32")]
+
+
 @needs_triton
-@pytest.mark.parametrize("tiles", SMALL_V3_TILES, ids=["default-tiles", "small-tiles"])
-@pytest.mark.parametrize("spec", SPECS, ids=SPEC_IDS)
+@pytest.mark.parametrize("spec,tiles", V3_CASES,
+                         ids=[f"{SPEC_IDS[SPECS.index(s)]}-{'small' if t else 'default'}-tiles" for s, t in V3_CASES])
 def test_v3_matches_bnb(spec, tiles):
     h, i, e = V3_SHAPES[SPECS.index(spec) % 2]
     assert triton_moe.v3_fits(h, i, spec.blocksize)
