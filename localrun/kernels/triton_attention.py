@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import triton_pdl
+from . import counters, triton_pdl
 from .triton_pdl import pdl_start
 
 MAX_SPLITS = 64  # programs per (batch, KV head); the combine loop reads this many partial rows at most
@@ -197,16 +197,8 @@ MAX_COUNTERS = 4096  # (batch, KV head) groups one in-place combine call counts 
 
 
 def _counters(device: torch.device) -> torch.Tensor:
-    """MAX_COUNTERS int32 zeros that stay on the device for good (a CUDA graph keeps their address):
-    the in-place combine's counters, each reset to 0 by the program that used it last, so no launch
-    zeroes them per call."""
-    have = _COUNTERS.get(device)
-    if have is None:
-        have = _COUNTERS[device] = torch.zeros(MAX_COUNTERS, dtype=torch.int32, device=device)
-    return have
-
-
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
+    """The in-place combine's MAX_COUNTERS counters (kernels/counters.py)."""
+    return counters.held("decode_attention", device, MAX_COUNTERS)
 
 
 def combines_in_place(groups: int, splits: int, G: int, D: int) -> bool:

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import triton_pdl
+from . import counters, triton_pdl
 from .triton_pdl import pdl_start
 
 from .triton_moe import ACT_CODES, _act
@@ -304,19 +304,6 @@ def rope_rows_triton(pos_T: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.d
     return cos, sin
 
 
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-
-
-def _counter(device: torch.device) -> torch.Tensor:
-    """One int32 zero that stays on the device for good (a CUDA graph keeps its address): norms_route's
-    count of finished programs, reset to 0 by the program that routes, so no launch zeroes it. Calls
-    on one stream follow each other; the decode step runs them on one."""
-    have = _COUNTERS.get(device)
-    if have is None:
-        have = _COUNTERS[device] = torch.zeros(1, dtype=torch.int32, device=device)
-    return have
-
-
 def norms_route_triton(x, w_post, residual, w_mlp, w_moe, w_router, router_scale: float, eps: float,
                        router_weight: torch.Tensor, per_expert_scale: torch.Tensor, top_k: int):
     """(the [3, *x.shape] rows y, x_mlp, x_moe, ids [1, K], weights [1, K]) of one decoded token."""
@@ -331,8 +318,9 @@ def norms_route_triton(x, w_post, residual, w_mlp, w_moe, w_router, router_scale
     w = torch.empty(1, top_k, dtype=torch.float32, device=x.device)
     # the router's rows are read before PDL's wait: a copy made here would be the step's own
     pdl = triton_pdl.launch(x.device) if weight is router_weight else {}
+    count = counters.held("norms_route", x.device, 1)  # calls follow each other on the step's one stream
     _norms_route_kernel[(E,)](x2, w_post, r2, w_mlp, w_moe, w_router, weight, per_expert_scale, out[0], out[1],
-                              out[2], logits, ids, w, _counter(x.device), H, E, top_k, eps, router_scale,
+                              out[2], logits, ids, w, count, H, E, top_k, eps, router_scale,
                               BLOCK=triton.next_power_of_2(H), BLOCK_E=triton.next_power_of_2(E),
                               BLOCK_K=triton.next_power_of_2(top_k), **pdl)
     return out, ids, w

@@ -1,0 +1,19 @@
+"""Counters that stay on the device for good, for Triton kernels whose last program to finish does a
+last step itself (decode attention's in-place combine, norms_route's routing): int32 zeros at a fixed
+address (a CUDA graph keeps it), each reset to 0 by the program that used it last, so no launch zeroes
+them per call. One block per kernel that counts, so two of them never share a counter."""
+
+from __future__ import annotations
+
+import torch
+
+_HELD: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+
+def held(owner: str, device: torch.device, n: int) -> torch.Tensor:
+    """The `n` counters of kernel `owner` on `device`, allocated on the first call."""
+    have = _HELD.get((owner, device))
+    if have is None:
+        have = _HELD[owner, device] = torch.zeros(n, dtype=torch.int32, device=device)
+    assert have.numel() == n, (owner, have.numel(), n)
+    return have
