@@ -384,6 +384,8 @@ def test_qwen3_with_the_model_cards_yarn_reaches_128k():
     ("qwen3_moe", {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 32, "beta_fast": 8,
                    "truncate": False, "mscale": 1.0, "mscale_all_dim": 0.5}),
     ("mixtral", {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 24, "attention_factor": 1.3}),
+    # factor null (DeepSeek-V3's spelling): transformers takes max_position_embeddings (4096) / 512
+    ("qwen3_moe", {"rope_type": "yarn", "factor": None, "original_max_position_embeddings": 512}),
     ("mixtral", {"rope_type": "linear", "factor": 3.0}),
 ])
 def test_scaled_rope_matches_transformers(tmp_path, family, scaling, attention_path):

@@ -81,6 +81,7 @@ class MoEArgs:
         if rope_type not in ("default", *rope.SCALED):
             raise LocalrunError(f"rope_type {rope_type!r} is not implemented (localrun has: default, "
                                 f"{', '.join(rope.SCALED)})")
+        self.rope_parameters = rope.resolved(self.rope_parameters, self.max_position_embeddings)
         self.max_position_embeddings = rope.positions(self.rope_parameters, self.max_position_embeddings)
         self.mlp_only_layers = list(self.mlp_only_layers or [])
 

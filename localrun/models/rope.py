@@ -26,8 +26,10 @@ def check_scaling(params: dict, where: str) -> None:
     kind = params.get("rope_type")
     if kind not in SCALED:
         return
-    if not (is_number(params.get("factor")) and params["factor"] >= 1):
-        raise ConfigError(f"{where}.factor must be a number >= 1 for rope_type {kind!r}, not {params.get('factor')!r}")
+    factor = params.get("factor")
+    derived = kind == "yarn" and factor is None  # transformers' YaRN then derives it (`resolved`)
+    if not derived and not (is_number(factor) and factor >= 1):
+        raise ConfigError(f"{where}.factor must be a number >= 1 for rope_type {kind!r}, not {factor!r}")
     if kind != "yarn":
         return
     original = params.get("original_max_position_embeddings")
@@ -40,6 +42,14 @@ def check_scaling(params: dict, where: str) -> None:
             raise ConfigError(f"{where}.{name} must be a positive number or null, not {value!r}")
     if not isinstance(params.get("truncate", True), bool):
         raise ConfigError(f"{where}.truncate must be true or false, not {params['truncate']!r}")
+
+
+def resolved(params: dict, max_position_embeddings: int) -> dict:
+    """`params` with a YaRN `factor` of null read as transformers reads it (DeepSeek-V3's configs spell it
+    so): the ratio of max_position_embeddings to original_max_position_embeddings."""
+    if params.get("rope_type") != "yarn" or params.get("factor") is not None:
+        return params
+    return {**params, "factor": max_position_embeddings / params["original_max_position_embeddings"]}
 
 
 def default_inv_freq(theta: float, head_dim: int) -> torch.Tensor:
