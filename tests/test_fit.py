@@ -317,7 +317,8 @@ def test_cpu_plan_is_what_the_cpu_loader_places(cli, tiny_moe):
     for key in ("device_bytes", "placed_device_bytes", "kv_bytes", "workspace_bytes", "host_bytes"):
         assert d[key] == getattr(loaded.plan, key), key
     assert d["reason"].startswith("runs on the CPU") and d["gpu_bytes"] is None
-    assert d["gpu_bandwidth_bytes_per_s"] == 40e9 and d["pcie_bandwidth_bytes_per_s"] is None
+    assert d["host_bandwidth_bytes_per_s"] == 40e9  # what decode reads at on the CPU; no GPU rates
+    assert d["gpu_bandwidth_bytes_per_s"] is None and d["pcie_bandwidth_bytes_per_s"] is None
     ceiling = 40e9 / (loaded.plan.decode_weight_bytes + loaded.plan.decode_kv_bytes + loaded.plan.active_expert_bytes)
     assert d["estimated_decode_tokens_per_s"] == pytest.approx(ceiling)
     eff = d["decode_efficiency"]

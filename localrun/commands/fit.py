@@ -293,7 +293,7 @@ def fit(
         print(json.dumps({"model": str(model), "target": target.label, "gpu_bytes": target.device_bytes,
                           "cuda_context_bytes": None if target.cpu else CUDA_CONTEXT_BYTES,
                           "display_allowance_bytes": None if target.cpu else display_allowance(),
-                          "gpu_bandwidth_bytes_per_s": target.bandwidth,
+                          "gpu_bandwidth_bytes_per_s": None if target.cpu else target.bandwidth,
                           "pcie_bandwidth_bytes_per_s": target.pcie_bandwidth,
                           "host_bandwidth_bytes_per_s": host_bw.bytes_per_s,
                           "host_bandwidth_assumed": host_bw.assumed, "longest_context": reach,
