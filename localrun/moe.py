@@ -31,12 +31,22 @@ def _pack_routing(ids_TK: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
 
 
 def _unpack_routing(packed_T2K: torch.Tensor) -> tuple[list[list[int]], list[list[float]]]:
+    # whole rows, then Python slices: two torch calls fewer than slicing the tensor, per layer and token
     K = packed_T2K.shape[1] // 2
-    return packed_T2K[:, :K].tolist(), packed_T2K[:, K:].view(torch.float32).tolist()
+    ids, weights = packed_T2K.tolist(), packed_T2K.view(torch.float32).tolist()
+    return [row[:K] for row in ids], [row[K:] for row in weights]
+
+
+def _read_routing(ids_TK: torch.Tensor, w_TK: torch.Tensor) -> tuple[list[list[int]], list[list[float]]]:
+    """(ids, fp32 weights) of tensors in host memory, read as they are now: what _unpack_routing gives for
+    their pack, without the pack (which buys one copy where a copy is a host sync, and nothing on the CPU)."""
+    return ids_TK.tolist(), (w_TK if w_TK.dtype == torch.float32 else w_TK.float()).tolist()
 
 
 def routing_lists(ids_TK: torch.Tensor, w_TK: torch.Tensor) -> tuple[list[list[int]], list[list[float]]]:
     """(ids, fp32 weights) as Python lists, in one device-to-host copy (one host sync)."""
+    if ids_TK.device.type == "cpu" and w_TK.device.type == "cpu":
+        return _read_routing(ids_TK, w_TK)
     return _unpack_routing(_pack_routing(ids_TK, w_TK).cpu())
 
 
@@ -50,9 +60,9 @@ class RoutingToHost:
         self._staging: torch.Tensor | None = None  # pinned, grown to the largest call seen
 
     def start(self, ids_TK: torch.Tensor, w_TK: torch.Tensor):
+        if self.device.type != "cuda":  # already in host memory: read now, as a copy would snapshot them
+            return _read_routing(ids_TK, w_TK)
         packed = _pack_routing(ids_TK, w_TK)
-        if self.device.type != "cuda":
-            return packed
         n = packed.numel()
         if self._staging is None or self._staging.numel() < n:
             self._staging = torch.empty(n, dtype=torch.int32, pin_memory=True)
@@ -63,8 +73,8 @@ class RoutingToHost:
         return host, done
 
     def wait(self, started) -> tuple[list[list[int]], list[list[float]]]:
-        if isinstance(started, torch.Tensor):
-            return _unpack_routing(started)
+        if self.device.type != "cuda":
+            return started
         host, done = started
         done.synchronize()
         return _unpack_routing(host)

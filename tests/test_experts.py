@@ -345,3 +345,22 @@ def test_device_rows_decode_reads_each_expert_where_it_lies(resident_n, slots, o
     assert calls["rows"] == {"none": 0, "all": 40}.get(on_device, calls["rows"]) and (on_device == "none") == (
         calls["rows"] == 0)
     check_slots(rows, 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_routing_read_in_place_equals_the_packed_copy(dtype):
+    """On the CPU a decoded token's ids and weights are read where they are, not packed first: the
+    same Python ints and floats as the pack's copy (what CUDA reads), each weight its fp32 value."""
+    from localrun import moe
+
+    g = torch.Generator().manual_seed(0)
+    for T in (1, 3):
+        ids = torch.randint(0, 128, (T, 8), generator=g)
+        w = torch.softmax(torch.randn(T, 8, generator=g), dim=-1).to(dtype)
+        routing = moe.RoutingToHost("cpu")
+        got = routing.wait(routing.start(ids, w))
+        want = moe._unpack_routing(moe._pack_routing(ids, w))
+        assert got == want == (ids.tolist(), w.float().tolist())
+        assert moe.routing_lists(ids, w) == want
+        assert all(type(v) is int for row in got[0] for v in row)
+        assert all(type(v) is float for row in got[1] for v in row)

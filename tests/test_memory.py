@@ -172,28 +172,33 @@ def test_pack_expert_into_a_row_is_the_same_bits():
 
 def test_one_routing_transfer_per_moe_layer_per_decoded_token(tiny_moe, monkeypatch):
     """The store's decode path asks the host for ids and weights once per layer (one copy, started
-    right after the router) and calls no other tolist/item."""
+    right after the router; on the CPU, where they already are, one read of them) and calls no other
+    tolist/item."""
     engine = Engine.load(tiny_moe, dtype=torch.float32, resident_fraction=0.25)
     layers = sum(layer.moe for layer in engine.model.layers)
     counts = {"routing": 0, "other": 0}
     state = {"in_store": False, "in_unpack": False}
-    real_unpack, real_run = moe._unpack_routing, ExpertStore.run
+    real_run, real_prefetch = ExpertStore.run, ExpertStore.prefetch
     real_tolist, real_item = torch.Tensor.tolist, torch.Tensor.item
 
-    def unpack(packed):
-        counts["routing"] += 1
-        state["in_unpack"] = True
-        try:
-            return real_unpack(packed)
-        finally:
-            state["in_unpack"] = False
+    def routing(real):  # the copy's unpacking (CUDA), or the read in place (CPU)
+        def read(*a):
+            counts["routing"] += 1
+            state["in_unpack"] = True
+            try:
+                return real(*a)
+            finally:
+                state["in_unpack"] = False
+        return read
 
-    def run(self, *a):
-        state["in_store"] = True
-        try:
-            return real_run(self, *a)
-        finally:
-            state["in_store"] = False
+    def in_store(real):
+        def call(self, *a):
+            state["in_store"] = True
+            try:
+                return real(self, *a)
+            finally:
+                state["in_store"] = False
+        return call
 
     def watch(real):
         def call(self, *a):
@@ -205,8 +210,10 @@ def test_one_routing_transfer_per_moe_layer_per_decoded_token(tiny_moe, monkeypa
     ids = engine.encode_prompt("Hello")
     stream = engine.stream(ids, SamplingParams(), max_tokens=3, ignore_eos=True)
     next(stream)  # prefill + first token: syncs there are allowed
-    monkeypatch.setattr(moe, "_unpack_routing", unpack)
-    monkeypatch.setattr(ExpertStore, "run", run)
+    for name in ("_unpack_routing", "_read_routing"):
+        monkeypatch.setattr(moe, name, routing(getattr(moe, name)))
+    monkeypatch.setattr(ExpertStore, "run", in_store(real_run))
+    monkeypatch.setattr(ExpertStore, "prefetch", in_store(real_prefetch))
     monkeypatch.setattr(torch.Tensor, "tolist", watch(real_tolist))
     monkeypatch.setattr(torch.Tensor, "item", watch(real_item))
     next(stream)  # one decoded token
