@@ -344,6 +344,7 @@ class LayerCache:
         self.policy = policy if policy is not None else LRUPolicy()
         self.cost_model = cost_model if cost_model is not None else CostModel.always_copy()
         self._tally = dict.fromkeys((f.name for f in fields(Counters)), 0)  # mutable: plan is a hot loop
+        self._one_token_steps: dict[tuple[int, str], Step] = {}  # (expert, source) -> Step(expert, source, 1)
 
     @property
     def counters(self) -> Counters:
@@ -358,37 +359,48 @@ class LayerCache:
     def plan(self, experts: Iterable[tuple[int, int]]) -> list[Step]:
         """Serve order for one call's (expert, n_tokens): on-device experts first, so their compute
         overlaps the copies of the misses; updates the policy and counters as if executed in order."""
-        experts = list(experts)
-        on_device = [(e, n) for e, n in experts if e in self.resident or e in self.policy]
-        missing = [(e, n) for e, n in experts if not (e in self.resident or e in self.policy)]
+        resident, policy = self.resident, self.policy
+        on_device, missing = [], []
+        for e, n in experts:  # where each expert is before any of them is served
+            (on_device if e in resident or e in policy else missing).append((e, n))
         steps = [self._serve_on_device(e, n) for e, n in on_device]
         steps += [self._serve_missing(e, n) for e, n in missing]
         return steps
 
     def _serve_on_device(self, e: int, n: int) -> Step:
+        tally = self._tally
+        tally["hits"] += 1
         if e in self.resident:
-            self._count(hits=1, resident_hits=1)
-            return Step(e, "resident", n)
+            tally["resident_hits"] += 1
+            return self._step(e, "resident", n)
         self.policy.touch(e)
-        self._count(hits=1)
-        return Step(e, "hit", n)
+        return self._step(e, "hit", n)
+
+    def _step(self, e: int, source: Source, n: int) -> Step:
+        """Step(e, source, n) without a victim; a decoded token's (n = 1) are made once and reused
+        (Steps are frozen), since a layer serves the same few each token."""
+        if n != 1:
+            return Step(e, source, n)
+        step = self._one_token_steps.get((e, source))
+        if step is None:
+            step = self._one_token_steps[e, source] = Step(e, source, 1)
+        return step
 
     def _serve_missing(self, e: int, n: int) -> Step:
         self.policy.touch(e)
         nbytes = self.nbytes_E[e]
+        tally = self._tally
+        tally["misses"] += 1
         if self.slots == 0 or self.cost_model.prefer_cpu(nbytes, n):
-            self._count(misses=1, cpu_experts=1)
-            return Step(e, "cpu", n)
+            tally["cpu_experts"] += 1
+            return self._step(e, "cpu", n)
         # The victim may be an expert of this very call (served earlier in the order): the store then
         # copies only after computing it. The policy alone decides; overlap never overrides it.
         victim = self.policy.evict() if len(self.policy) >= self.slots else None
         self.policy.insert(e)
-        self._count(misses=1, copies=1, bytes_copied=nbytes)
+        tally["copies"] += 1
+        tally["bytes_copied"] += nbytes
         return Step(e, "copy", n, victim)
-
-    def _count(self, **deltas: int) -> None:
-        for name, n in deltas.items():
-            self._tally[name] += n
 
 
 # -------------------------------------------------------------------------------------------- data moves
@@ -815,7 +827,7 @@ class ExpertStore:
 
     def _begin_one(self, layer: int, ids: list[int]):
         """(steps, deferred copies) of one decoded token routed to `ids` (host ints)."""
-        steps = self._layers[layer].plan((e, 1) for e in sorted(ids))
+        steps = self._layers[layer].plan([(e, 1) for e in sorted(ids)])
         return steps, self._start_copies(layer, steps)
 
     def _begin(self, layer: int, ids_TK: torch.Tensor):
@@ -828,11 +840,12 @@ class ExpertStore:
     def _start_copies(self, layer: int, steps: list[Step]) -> set[Step]:
         """Start every copy whose slot is free or held by an expert outside this call; return the rest,
         which must wait until the expert they replace has been computed."""
+        copies = [step for step in steps if step.source == "copy"]
+        if not copies:  # every expert of the call is resident or cached
+            return set()
         called = {s.expert for s in steps}
         deferred = set()
-        for step in steps:
-            if step.source != "copy":
-                continue
+        for step in copies:
             if step.victim is not None and step.victim in called:
                 deferred.add(step)
             else:
