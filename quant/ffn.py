@@ -189,7 +189,8 @@ class DeviceRowsCompute:
         buffer = self._buffers.get(rows_RB.data_ptr())
         if buffer is None or buffer.data is not rows_RB:
             buffer = self._buffers[rows_RB.data_ptr()] = ExpertBuffer(rows_RB, self.layout)
-        return buffer.moe(x_TH, rows_TK, w_TK, self.act_name)
+        # ExpertStore calls it eagerly between graph segments, never traced: the op's kernel, not its dispatch
+        return buffer.moe(x_TH, rows_TK, w_TK, self.act_name, untraced=True)
 
 
 # Above this many tokens a layer call is a prefill: the per-token 4-bit GEMV kernel would read each hit

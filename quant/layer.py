@@ -33,7 +33,7 @@ def layout_offsets(layout: ExpertLayout) -> list[int]:
 class ExpertBuffer:
     """E packed experts of one layer in one contiguous [E, layout.nbytes] uint8 tensor."""
 
-    __slots__ = ("data", "layout", "code", "nested_code")
+    __slots__ = ("data", "layout", "code", "nested_code", "_offsets")
 
     def __init__(self, data: torch.Tensor, layout: ExpertLayout):
         if data.dtype != torch.uint8 or data.dim() != 2 or not data.is_contiguous():
@@ -51,6 +51,7 @@ class ExpertBuffer:
         # held here (not looked up per call) so that torch.compile sees plain tensors
         self.code = _code_table(layout.spec.quant_type, data.device)
         self.nested_code = _code_table("dynamic", data.device)
+        self._offsets = layout_offsets(layout)  # read by every call of the op (an offloaded layer's: each token)
 
     @classmethod
     def empty(cls, layout: ExpertLayout, num_experts: int, device: torch.device | str = "cpu") -> ExpertBuffer:
@@ -102,18 +103,21 @@ class ExpertBuffer:
         return _strided(self.data, p)
 
     def offsets(self) -> list[int]:
-        """Byte offsets inside an expert's row, gate_up then down, in OFFSET_FIELDS order (-1: absent)."""
-        return layout_offsets(self.layout)
+        """Byte offsets inside an expert's row, gate_up then down, in OFFSET_FIELDS order (-1: absent).
+        The buffer's own list: read it, do not change it."""
+        return self._offsets
 
     def code_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(the 16-value NF4/FP4 table, the 256-value nested-absmax table), fp32 on the buffer's device."""
         return self.code, self.nested_code
 
-    def moe(self, x_TH: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor, act: str) -> torch.Tensor:
-        """sum_k w[t,k] * expert_{ids[t,k]}(x[t]) through the localrun::moe_4bit op (no host sync on CUDA)."""
+    def moe(self, x_TH: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor, act: str,
+            untraced: bool = False) -> torch.Tensor:
+        """sum_k w[t,k] * expert_{ids[t,k]}(x[t]) through the localrun::moe_4bit op (no host sync on CUDA);
+        untraced: its kernel without the op's dispatch (kernels.moe_4bit.moe_4bit)."""
         from localrun.kernels.moe_4bit import moe_4bit
 
-        return moe_4bit(x_TH, ids_TK, w_TK, self, act)
+        return moe_4bit(x_TH, ids_TK, w_TK, self, act, untraced)
 
     def __repr__(self) -> str:
         spec = self.layout.spec

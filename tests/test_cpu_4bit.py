@@ -137,15 +137,18 @@ def test_quantized_experts_and_store_are_bit_identical(lib):
 
 def test_the_ops_cpu_kernel_is_this_kernel(lib):
     """`localrun::moe_4bit` on the CPU (what a traced step calls) runs the C kernel: the eager
-    QuantizedExperts' bits exactly; bf16 x (which the kernel does not take) gets the reference."""
+    QuantizedExperts' bits exactly; bf16 x (which the kernel does not take) gets the reference. The
+    untraced call (ExpertStore's decoded token: the kernel without the op's dispatch) gives the op's bits."""
     buf = layer(QuantSpec("nf4", 64, True), 8, 128, 64)
     for T in (1, 5):
         x, ids, w = inputs(buf, T, 3, seed=T)
         want = qffn.QuantizedExperts(buf.experts(), ACT)(x, ids, w)
         assert torch.equal(buf.moe(x, ids, w, ACT), want)
+        assert torch.equal(buf.moe(x, ids, w, ACT, untraced=True), want)
         half = buf.moe(x.bfloat16(), ids, w, ACT)
         assert half.dtype == torch.bfloat16
         assert (half.double() - oracle(buf, x, ids, w)).abs().max() < 2e-2 * want.abs().max()
+        assert torch.equal(buf.moe(x.bfloat16(), ids, w, ACT, untraced=True), half)
 
 
 def test_fallbacks(lib, monkeypatch):

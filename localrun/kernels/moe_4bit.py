@@ -60,16 +60,14 @@ def moe_4bit_op(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, exper
                      double_quant, act)
 
 
-@moe_4bit_op.register_kernel("cuda")
-def _(x, ids, weights, experts, code, nested_code, offsets, hidden, inter, blocksize, double_quant, act):
+def _moe_4bit_cuda(x, ids, weights, experts, code, nested_code, offsets, hidden, inter, blocksize, double_quant, act):
     from localrun.kernels.triton_moe import moe_4bit_triton
 
     return moe_4bit_triton(x, ids, weights, experts, code, nested_code, list(offsets), hidden, inter,
                            blocksize, double_quant, act)
 
 
-@moe_4bit_op.register_kernel("cpu")
-def _(x, ids, weights, experts, code, nested_code, offsets, hidden, inter, blocksize, double_quant, act):
+def _moe_4bit_cpu(x, ids, weights, experts, code, nested_code, offsets, hidden, inter, blocksize, double_quant, act):
     from localrun import kernels
 
     rows = experts.data_ptr() + torch.arange(experts.shape[0], dtype=torch.int64) * experts.stride(0)
@@ -77,6 +75,11 @@ def _(x, ids, weights, experts, code, nested_code, offsets, hidden, inter, block
                        inter, blocksize, double_quant, act)
     return y if y is not None else reference(x, ids, weights, experts, code, nested_code, offsets, hidden, inter,
                                              blocksize, double_quant, act)
+
+
+KERNELS = {"cuda": _moe_4bit_cuda, "cpu": _moe_4bit_cpu}  # the op's kernel per device type (else `reference`)
+for _device, _kernel in KERNELS.items():
+    moe_4bit_op.register_kernel(_device, _kernel)
 
 
 @moe_4bit_op.register_fake
@@ -102,10 +105,19 @@ def reference(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts
     return out.to(x.dtype)
 
 
-def moe_4bit(x_TH: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor, buffer, act: str) -> torch.Tensor:
-    """The op over a quant.layer.ExpertBuffer: sum_k w[t,k] * expert_{ids[t,k]}(x[t]), x's dtype."""
+def moe_4bit(x_TH: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor, buffer, act: str,
+             untraced: bool = False) -> torch.Tensor:
+    """The op over a quant.layer.ExpertBuffer: sum_k w[t,k] * expert_{ids[t,k]}(x[t]), x's dtype.
+
+    untraced: call the op's kernel for x's device directly, the same kernel and result without the op's
+    dispatch, whose Python wrapper costs ~30 us of host time a call on one EPYC core; for a caller that
+    runs eagerly call after call (ExpertStore's decoded token between two graph segments: 30 calls a
+    26B-A4B token), never one that torch.compile traces."""
     code, nested_code = buffer.code_tables()
     spec = buffer.layout.spec
     hidden, inter = buffer.layout.down.shape
-    return torch.ops.localrun.moe_4bit(x_TH, ids_TK, w_TK, buffer.data, code, nested_code, buffer.offsets(),
-                                       hidden, inter, spec.blocksize, spec.double_quant, act)
+    args = (x_TH, ids_TK, w_TK, buffer.data, code, nested_code, buffer.offsets(), hidden, inter, spec.blocksize,
+            spec.double_quant, act)
+    if untraced and not torch.compiler.is_compiling():
+        return KERNELS.get(x_TH.device.type, reference)(*args)
+    return torch.ops.localrun.moe_4bit(*args)
