@@ -490,9 +490,14 @@ class _Copier:
             done.record(self.stream)
         return done
 
-    def ready(self, done: object) -> None:
-        if done is not None:
-            torch.cuda.current_stream(self.device).wait_event(done)
+    def ready(self, *done: object) -> None:
+        """The compute stream waits for these copies (their events; None: nothing to wait for)."""
+        if self.stream is None:
+            return
+        stream = torch.cuda.current_stream(self.device)  # looked up once for all of a call's copies
+        for event in done:
+            if event is not None:
+                stream.wait_event(event)
 
     def read_done(self) -> object:
         """An event after every kernel queued on the compute stream so far (None off CUDA)."""
@@ -751,9 +756,8 @@ class ExpertStore:
         """Every expert of a decoded token (routed to `ids`, host ints) read in place from the layer's
         device rows by one kernel, once the copies it needs have landed; the rows come from the host's
         map in one non-blocking copy."""
-        for step in steps:
-            if step.source in ("hit", "copy"):
-                self._copier.ready(self._slots[layer][step.expert][1])
+        slots = self._slots[layer]
+        self._copier.ready(*(slots[step.expert][1] for step in steps if step.source != "resident"))
         row_map = self._row_map[layer]
         rows_TK = self._rows_to_device(layer, [row_map[e] for e in ids])
         y_TH = self.device_compute(self._device_rows[layer], x_TH, rows_TK, w_TK)
