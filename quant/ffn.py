@@ -179,6 +179,10 @@ class DeviceRowsCompute:
     with experts in host RAM runs, once its misses are copied, the very kernel and summation order of
     a layer whose experts are all resident (two Triton launches on CUDA, not a GEMV per expert)."""
 
+    # ExpertStore calls it eagerly between graph segments, never traced: the op's kernel without the op's
+    # dispatch (ExpertBuffer.moe's untraced); scripts/gpu_check.py turns it off to time what that saves
+    untraced = True
+
     def __init__(self, layout: ExpertLayout, act: str):
         self.layout = layout
         self.act_name = act
@@ -189,8 +193,7 @@ class DeviceRowsCompute:
         buffer = self._buffers.get(rows_RB.data_ptr())
         if buffer is None or buffer.data is not rows_RB:
             buffer = self._buffers[rows_RB.data_ptr()] = ExpertBuffer(rows_RB, self.layout)
-        # ExpertStore calls it eagerly between graph segments, never traced: the op's kernel, not its dispatch
-        return buffer.moe(x_TH, rows_TK, w_TK, self.act_name, untraced=True)
+        return buffer.moe(x_TH, rows_TK, w_TK, self.act_name, untraced=self.untraced)
 
 
 # Above this many tokens a layer call is a prefill: the per-token 4-bit GEMV kernel would read each hit
