@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
+import inspect
 import json
 import os
 import pstats
@@ -52,8 +53,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 READ_OPS = ("_local_scalar_dense", "nonzero", "unique", "equal", "is_nonzero")
 
 
-def load(resident: float, context: int):
-    """The bench model with `resident` of each MoE layer's experts on the "device", its store set up as on CUDA."""
+def load(resident: float, context: int, store_as: str = "cuda"):
+    """The bench model with `resident` of each MoE layer's experts on the "device", its store set up as on
+    CUDA (store_as "cuda"), or left as the CPU loader makes it ("cpu": a layer in one C call)."""
     from localrun.bench import bench_model_dir
     from localrun.loader import load_model
     from quant.ffn import DeviceRowsCompute
@@ -62,6 +64,8 @@ def load(resident: float, context: int):
     store = loaded.store
     if store is None:
         raise SystemExit(f"resident {resident} keeps every expert on the device: nothing is offloaded")
+    if store_as == "cpu":
+        return loaded
     layer = next(layer for layer in store._layers if store.host_payloads(layer))
     layout = next(iter(store.host_payloads(layer).values())).layout
     store.compute_layer = None  # the CPU's one-call layer: not what a GPU runs
@@ -96,11 +100,29 @@ def _caller() -> str:
     return "?"
 
 
+class _Called:
+    """An object (e.g. a store's compute_layer, with its `applies`) whose calls go through `call`."""
+
+    def __init__(self, real, call) -> None:
+        self._real, self._call = real, call
+
+    def __getattr__(self, name: str):
+        return getattr(self._real, name)
+
+    def __call__(self, *args, **kwargs):
+        return self._call(*args, **kwargs)
+
+
 @contextlib.contextmanager
 def _patched(obj, name: str, wrap):
-    """obj.name = wrap(obj.name) for the duration."""
+    """obj.name = wrap(obj.name) for the duration (nothing where obj.name is None); an object that is
+    not a function keeps its other attributes."""
     real = getattr(obj, name)
-    setattr(obj, name, wrap(real))
+    if real is None:
+        yield
+        return
+    plain = inspect.isfunction(real) or inspect.ismethod(real) or inspect.isbuiltin(real) or isinstance(real, type)
+    setattr(obj, name, wrap(real) if plain or inspect.ismethoddescriptor(real) else _Called(real, wrap(real)))
     try:
         yield
     finally:
@@ -194,6 +216,7 @@ def count_pass(loaded, step: str, ids: list[int], tokens: int) -> dict:
     with (_patched(ExpertStore, "run", _one_token(on_call, calls)),
           _patched(ExpertStore, "prefetch", _one_token(on_call)),
           _patched(loaded.store, "device_compute", wrap_compute), _patched(loaded.store, "compute", wrap_compute),
+          _patched(loaded.store, "compute_layer", wrap_compute),
           _patched(torch.Tensor, "tolist", _count_reads(reads, inside)),
           _patched(torch.Tensor, "numpy", _count_reads(reads, inside))):
         decode(loaded, step, ids, tokens)
@@ -251,6 +274,7 @@ def time_pass(loaded, step: str, ids: list[int], tokens: int, profile: bool) -> 
           _patched(ExpertStore, "prefetch", _one_token(lambda call: timed(call, False))),
           _patched(store, "device_compute", _timed(compute_s, computing, only_if=in_call)),
           _patched(store, "compute", _timed(compute_s, computing, only_if=in_call)),
+          _patched(store, "compute_layer", _timed(compute_s, computing, only_if=in_call)),
           _patched(store._copier, "fill", wrap_fill),
           _patched(kernels, "moe_q4", _timed(kernel_s, only_if=computing))):
         before = store.snapshot()
@@ -282,7 +306,7 @@ def measure(args) -> dict:
     from localrun.bench import bench_prompt
 
     torch.set_num_threads(1)
-    loaded = load(args.resident, args.context)
+    loaded = load(args.resident, args.context, args.store)
     ids = bench_prompt(args.prompt_tokens, loaded.args.vocab_size)
     out = {"torch": torch.__version__, "resident": args.resident, "tokens": args.tokens}
     for step in args.steps:
@@ -362,6 +386,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-tokens", type=int, default=30)
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--steps", nargs="+", default=["segments", "eager"])
+    p.add_argument("--store", choices=["cuda", "cpu"], default="cuda",
+                   help="the store as on CUDA (default: a decoded layer as one op over the device rows) or as the "
+                        "CPU loader makes it (a layer in one C call over the experts where they lie)")
     p.add_argument("--profile", action="store_true", help="cProfile's top functions by own time")
     p.add_argument("--json", action="store_true", help="print the measurements as JSON")
     p.add_argument("--ab", type=Path, help="another checkout (A), measured against this one (B)")
@@ -370,7 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.ab is not None:
         return ab(args, ["--resident", str(args.resident), "--tokens", str(args.tokens), "--prompt-tokens",
-                         str(args.prompt_tokens), "--context", str(args.context), "--steps", *args.steps])
+                         str(args.prompt_tokens), "--context", str(args.context), "--store", args.store,
+                         "--steps", *args.steps])
     out = measure(args)
     if args.json:
         print(json.dumps(out))
