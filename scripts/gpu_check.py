@@ -1006,6 +1006,7 @@ def step_kernels(dry: bool) -> dict:
         return {"skipped": "triton_moe has no benchmark_moe_4bit"}
     dev = device_for(dry)
     out = {}
+    timed("zero_copy", lambda: zero_copy_probe(dry), out)
     cases = {"decode nf4 bs64": {}, "decode nf4 bs64 double-quant": {"double_quant": True},
              "decode fp4 bs64": {"quant_type": "fp4"}, "8 tokens nf4": {"tokens": 8},
              "prefill 512 tokens nf4 (grouped GEMMs)": {"tokens": 512}}
@@ -1025,6 +1026,18 @@ def step_kernels(dry: bool) -> dict:
             dev, dry, *shape, tile_choices=i == min(1, len(prefill) - 1)), out)
     dense_gemv_cases(dev, dry, out)
     return out
+
+
+def zero_copy_probe(dry: bool) -> dict:
+    """scripts/zero_copy.py in a child process (a device that cannot read mapped host memory faults, which
+    would end this process's CUDA context): can a kernel read expert rows in host RAM in place, and how
+    fast against copying them (the offloaded step's next design, the script's docstring)."""
+    script = Path(__file__).resolve().parent / "zero_copy.py"
+    done = subprocess.run([sys.executable, str(script)] + (["--dry"] if dry else []), capture_output=True,
+                          text=True, timeout=180)
+    if done.returncode:
+        return {"error": f"exit {done.returncode}", "stderr": done.stderr[-2000:]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def projection_shapes(args) -> dict[str, tuple[int, int, int, int]]:

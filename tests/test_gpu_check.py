@@ -61,6 +61,7 @@ def test_dry_run_writes_a_complete_report(tmp_path):
     assert resident["tokens_static_with_v3_moe"]["first_divergence_from_default"] is None  # the other MoE kernels
     kernels = steps["kernels"]
     assert all("error" not in v for k, v in kernels.items() if isinstance(v, dict))
+    assert kernels["zero_copy"]["host_rows_equal"] and kernels["zero_copy"]["torch_pinned_equal"]  # rows by address
     gemv = {k: v for k, v in kernels.items() if k.startswith("gemv ") and "max_rel_err_triton" in v}
     assert {"gemv qkv sliding", "gemv mlp gate_up + router, 2 rows", "gemv lm_head"} <= set(gemv)  # interpreted ran
     assert all(v["max_rel_err_triton"] < 1e-2 for v in gemv.values())
