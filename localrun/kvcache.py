@@ -17,7 +17,7 @@ import torch
 from . import hostmem
 from .config import ModelArgs
 from .errors import LocalrunError
-from .kernels.qkv_write import qkv_write
+from .kernels.qkv_write import qkv_attention, qkv_write
 from .plan import KV_ROLLBACK, kv_layer_positions
 
 
@@ -83,6 +83,16 @@ class FullKV:
         q = qkv_write(raw_q_11ND, q_weight, raw_k_11ND, raw_v_11ND, k_weight, cos, sin, eps, self.k, self.v, None,
                       pos_1, self.capacity, norm_v)
         return (q, *self._static_view(pos_1, span, memo))
+
+    def write_attend(self, raw_q_11ND, q_weight, raw_k_11ND, raw_v_11ND, k_weight, cos, sin, eps: float, pos_1,
+                     span: int, memo: dict | None = None, scale: float = 1.0, norm_v: bool = True):
+        """write_raw and the token's attention over the step's view as one op (kernels/qkv_write.py's
+        `qkv_attention`): (out [1, N, 1, D], then what `write` returns). A full layer's mask is that of
+        the positions, written or not."""
+        k, v, visible = self._static_view(pos_1, span, memo)
+        out = qkv_attention(raw_q_11ND, q_weight, raw_k_11ND, raw_v_11ND, k_weight, cos, sin, eps, self.k, self.v, None,
+                            pos_1, self.capacity, norm_v, k.shape[2], visible, scale)
+        return out, k, v, visible
 
     def _static_view(self, pos_1, span: int, memo: dict | None):
         memo = {} if memo is None else memo
@@ -194,6 +204,24 @@ class RingKV:
         q = qkv_write(raw_q_11ND, q_weight, raw_k_11ND, raw_v_11ND, k_weight, cos, sin, eps, self.k, self.v, self.pos,
                       pos_1, self.size, norm_v)
         return (q, *self._static_view(pos_1, span, {} if memo is None else memo))
+
+    def write_attend(self, raw_q_11ND, q_weight, raw_k_11ND, raw_v_11ND, k_weight, cos, sin, eps: float, pos_1,
+                     span: int, memo: dict | None = None, scale: float = 1.0, norm_v: bool = True):
+        """FullKV.write_attend for the ring. The op writes the slot's position as it attends, so the mask
+        is built before it, as it will stand after the write: the slot pos % size shows pos (visible),
+        whatever older position (or -1) the table holds there now; the same mask `_static_view` builds
+        after a write, kept for the step's other rings."""
+        memo = {} if memo is None else memo
+        n = min(span, self.size)
+        key = ("ring", self.window, self.size, n)
+        visible = memo.get(key)
+        if visible is None:
+            pos = self.pos[:n]
+            written = torch.arange(n, device=pos.device) == pos_1 % self.size
+            visible = memo[key] = (((pos >= 0) & (pos > pos_1 - self.window)) | written)[None, :]
+        out = qkv_attention(raw_q_11ND, q_weight, raw_k_11ND, raw_v_11ND, k_weight, cos, sin, eps, self.k, self.v,
+                            self.pos, pos_1, self.size, norm_v, n, visible, scale)
+        return out, self.k[:, :, :n], self.v[:, :, :n], visible
 
     def _static_view(self, pos_1, span: int, memo: dict):
         """The first min(span, size) slots and their visibility, after this step's write."""

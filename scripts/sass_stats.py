@@ -181,9 +181,9 @@ def compile_cases(arch: int = 90):
             yield from v4_cases(triton_moe, ptrs, x, dq)
         kv = {n: x for n in triton_qkv_write._qkv_write_kernel.arg_names if n.endswith("_ptr")}
         kv.update(pos_ptr="*i64", ring_ptr="*i64")
-        for ring in (False, True):
-            yield (f"qkv_write {x[1:]} ring={ring}", triton_qkv_write._qkv_write_kernel, kv,
-                   dict(NORM_V=True, HAS_RING=ring, BLOCK=256), 4)
+        for D, ring in ((256, False), (256, True), (512, False)):  # 26B-A4B's sliding and full layers
+            yield (f"qkv_write {x[1:]} D={D} ring={ring}", triton_qkv_write._qkv_write_kernel, kv,
+                   dict(NORM_V=True, HAS_RING=ring, BLOCK=D), triton_qkv_write.num_warps(D))
         glue = {n: x for n in triton_fused._ffn_residual_kernel.arg_names if n.endswith("_ptr")}
         yield f"ffn_residual {x[1:]} next", triton_fused._ffn_residual_kernel, glue, dict(NEXT=True, BLOCK=4096), 4
         route = {n: x for n in triton_fused._norms_route_kernel.arg_names if n.endswith("_ptr")}
@@ -201,6 +201,15 @@ def compile_cases(arch: int = 90):
                        dict(HAS_MASK=True, PRECISION="ieee" if x == "*fp32" else "tf32", COMBINE=in_place, BLOCK_G=16,
                             BLOCK_S=max(16, min(64, 16384 // D)), BLOCK_D=D, **triton_attention.combine_tiles(G, 8, D)),
                        4 if D <= 256 else 8)
+        fused = {n: x for n in triton_attention._qkv_attention_kernel.arg_names if n.endswith("_ptr")}
+        fused.update(pos_ptr="*i64", ring_ptr="*i64", vis_ptr="*u8", m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32",
+                     count_ptr="*i32")
+        for D, G, ring, in_place in ((256, 2, True, True), (512, 8, False, True), (512, 8, False, False)):
+            yield (f"qkv_attention {x[1:]} D={D} ring={ring} combine_in_place={in_place}",
+                   triton_attention._qkv_attention_kernel, fused,
+                   dict(NORM_V=True, HAS_RING=ring, HAS_MASK=True, PRECISION="ieee" if x == "*fp32" else "tf32",
+                        COMBINE=in_place, BLOCK_G=16, BLOCK_S=max(16, min(64, 16384 // D)), BLOCK_D=D,
+                        **triton_attention.combine_tiles(G, 8, D)), 4 if D <= 256 else 8)
     yield from _grouped_cases(triton_moe)
     yield from _gemv_cases(triton_gemv)
     yield from prefill_attention_cases()
@@ -249,6 +258,11 @@ def _pdl_cases():
               count_ptr="*i32"),
          dict(HAS_MASK=True, PRECISION="tf32", COMBINE=True, BLOCK_G=16, BLOCK_S=64, BLOCK_D=256,
               **triton_attention.combine_tiles(2, 8, 256)), 4),
+        (triton_attention._qkv_attention_kernel,
+         ptrs(triton_attention._qkv_attention_kernel, pos_ptr="*i64", ring_ptr="*i64", vis_ptr="*u8", m_ptr="*fp32",
+              l_ptr="*fp32", acc_ptr="*fp32", count_ptr="*i32"),
+         dict(NORM_V=True, HAS_RING=True, HAS_MASK=True, PRECISION="tf32", COMBINE=True, BLOCK_G=16, BLOCK_S=64,
+              BLOCK_D=256, **triton_attention.combine_tiles(2, 8, 256)), 4),
         (triton_attention._decode_combine_kernel,
          ptrs(triton_attention._decode_combine_kernel, m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32"),
          dict(BLOCK_D=512, **triton_attention.combine_tiles(8, 64, 512)), 8),
@@ -332,14 +346,26 @@ def _gemv_cases(tg):
                    tg._gemv_kernel, ptrs, dict(BM=bm, HAS_BIAS=bias, **cfg.kwargs), cfg.num_warps)
 
 
+def row_sums(kernel) -> list[str]:
+    """The layout of each sum over one row ([n] -> scalar: a head's RMSNorm) in a kernel's TTGIR, in
+    order: the order a GPU adds the row's elements in (per thread, then across lanes and warps)."""
+    ir = kernel.asm["ttgir"]
+    layouts = dict(re.findall(r"^(#\w+) = (#ttg\.blocked<.*?>)", ir, re.M))
+    sums = re.findall(r"\}\) : \(tensor<(\d+)xf32, (#\w+)>\) -> f32", ir)
+    return [f"{n} {layouts.get(layout, layout)}" for n, layout in sums]
+
+
 def compile_all(arch: int) -> dict:
     """name -> cubin bytes, shared memory bytes and registers of every compile_cases() kernel (an
-    exception where one does not compile)."""
+    exception where one does not compile); for the q/k/v write and the attention that does it too, the
+    layouts of their heads' norm sums (`row_sums`: the two must add in the same order)."""
     rows = {}
     for name, fn, ptrs, consts, warps, *stages in compile_cases(arch):
         kernel = compile_kernel(fn, consts, warps, arch, ptrs, *stages)
         rows[name] = {"cubin_bytes": len(kernel.asm["cubin"]), "shared_bytes": kernel.metadata.shared,
                       **inspect(kernel, sass=False), **(wait_order(kernel) if consts.get("PDL") else {})}
+        if name.split()[0] in ("qkv_write", "qkv_attention"):
+            rows[name]["row_sums"] = row_sums(kernel)
     return rows
 
 

@@ -10,6 +10,12 @@ index_copy_). Both compute in fp32 and round once to the output's dtype. It read
 from device memory only, so a CUDA graph captures it and torch.compile(fullgraph=True) traces it
 (its mutations declared).
 
+`localrun::qkv_attention` (opt-in, models/gemma4.DECODE_KERNELS["fused_qkv_attention"]) is the op
+and `localrun::decode_attention` after it as one: on CUDA one launch of the split-key decode kernel
+whose programs each norm and rope their query heads and whose split holding the new slot writes it
+(kernels/triton_attention.py's `_qkv_attention_kernel`, the same bits as the two kernels); elsewhere
+`qkv_attention_reference`, what the two ops compute there.
+
 Shape letters: N query heads, KV kv heads, S cache slots, D head dim.
 """
 
@@ -66,3 +72,45 @@ def _(raw_q, q_weight, raw_k, raw_v, k_weight, cos, sin, eps, k_cache, v_cache, 
 @qkv_write.register_fake
 def _(raw_q, q_weight, raw_k, raw_v, k_weight, cos, sin, eps, k_cache, v_cache, ring_pos, pos_1, size, norm_v):
     return torch.empty(raw_q.shape, dtype=raw_q.dtype, device=raw_q.device)
+
+
+def qkv_attention_reference(raw_q, q_weight, raw_k, raw_v, k_weight, cos, sin, eps: float, k_cache, v_cache,
+                            ring_pos, pos_1, size: int, norm_v: bool, keys: int, visible, scale: float) -> torch.Tensor:
+    """qkv_write_reference, then the decoded token's attention over the first `keys` slots as
+    models/gemma4.attend computes it on this device (the C kernel where it applies, else grouped_sdpa)."""
+    from .. import kernels
+    from .attention import grouped_sdpa
+
+    q = qkv_write_reference(raw_q, q_weight, raw_k, raw_v, k_weight, cos, sin, eps, k_cache, v_cache, ring_pos, pos_1,
+                            size, norm_v).transpose(1, 2)
+    k, v = k_cache[:, :, :keys], v_cache[:, :, :keys]
+    out = kernels.decode_attention(q, k, v, visible, scale)
+    return out if out is not None else grouped_sdpa(q, k, v, visible, scale)
+
+
+@torch.library.custom_op("localrun::qkv_attention", mutates_args=("k_cache", "v_cache", "ring_pos"))
+def qkv_attention(raw_q: torch.Tensor, q_weight: torch.Tensor, raw_k: torch.Tensor, raw_v: torch.Tensor,
+                  k_weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float, k_cache: torch.Tensor,
+                  v_cache: torch.Tensor, ring_pos: Optional[torch.Tensor], pos_1: torch.Tensor, size: int, norm_v: bool,
+                  keys: int, visible: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+    """`qkv_write` (the same arguments, up to norm_v), then the token's attention over the first `keys`
+    slots of the caches under `visible` [1, keys] (None: all), which must show the written slot as
+    visible (the caller builds it before the write). Returns [1, N, 1, D] in raw_q's dtype."""
+    return qkv_attention_reference(raw_q, q_weight, raw_k, raw_v, k_weight, cos, sin, eps, k_cache, v_cache, ring_pos,
+                                   pos_1, size, norm_v, keys, visible, scale)
+
+
+@qkv_attention.register_kernel("cuda")
+def _(raw_q, q_weight, raw_k, raw_v, k_weight, cos, sin, eps, k_cache, v_cache, ring_pos, pos_1, size, norm_v, keys,
+      visible, scale):
+    from .triton_attention import qkv_attention_triton
+
+    return qkv_attention_triton(raw_q, q_weight, raw_k, raw_v, k_weight, cos, sin, eps, k_cache, v_cache, ring_pos,
+                                pos_1, size, norm_v, keys, visible, scale)
+
+
+@qkv_attention.register_fake
+def _(raw_q, q_weight, raw_k, raw_v, k_weight, cos, sin, eps, k_cache, v_cache, ring_pos, pos_1, size, norm_v, keys,
+      visible, scale):
+    N, D = raw_q.shape[2:]
+    return torch.empty(1, N, 1, D, dtype=raw_q.dtype, device=raw_q.device)

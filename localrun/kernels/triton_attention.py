@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from . import counters, triton_pdl
+from .triton_norm import head_weights, norm_rope_head
 from .triton_pdl import pdl_start
 
 MAX_SPLITS = 64  # programs per (batch, KV head); the combine loop reads this many partial rows at most
@@ -78,6 +79,18 @@ def _decode_partial_kernel(q_ptr, k_ptr, v_ptr, vis_ptr, m_ptr, l_ptr, acc_ptr, 
     v_base = v_ptr + b * stride_vb + kv * stride_vh
     start = split * keys_per_split
     end = tl.minimum(start + keys_per_split, S)
+    m_i, l_i, acc = _attend_keys(q, m_i, l_i, acc, k_base, v_base, vis_ptr, stride_ks, stride_vs, start, end, scale, d,
+                                 d_ok, HAS_MASK, PRECISION, BLOCK_S)
+    _split_done(m_i, l_i, acc, m_ptr, l_ptr, acc_ptr, count_ptr, out_ptr, (b * KV * G + heads) * splits + split, g_ok,
+                d, d_ok, bkv, split, splits, D, G, COMBINE, BLOCK_H, BLOCK_SPLITS, CHUNK, BLOCK_D)
+
+
+@triton.jit
+def _attend_keys(q, m_i, l_i, acc, k_base, v_base, vis_ptr, stride_ks, stride_vs, start, end, scale, d, d_ok,
+                 HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, BLOCK_S: tl.constexpr):
+    """A split's keys [start, end) of one KV head against its G query rows q [BLOCK_G, BLOCK_D] (fp32):
+    the online softmax's running max m_i, sum l_i and unnormalised output acc, carried on from the
+    values given (a split starts them at -inf, 0, 0)."""
     for s0 in range(start, end, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
         s_ok = s < end
@@ -97,7 +110,15 @@ def _decode_partial_kernel(q_ptr, k_ptr, v_ptr, vis_ptr, m_ptr, l_ptr, acc_ptr, 
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + pv
         m_i = m_new
-    row = (b * KV * G + heads) * splits + split  # [B, N, splits] partial rows
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _split_done(m_i, l_i, acc, m_ptr, l_ptr, acc_ptr, count_ptr, out_ptr, row, g_ok, d, d_ok, bkv, split, splits, D,
+                G, COMBINE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_SPLITS: tl.constexpr, CHUNK: tl.constexpr,
+                BLOCK_D: tl.constexpr):
+    """A split's partial rows (row: [BLOCK_G] of the [B, N, splits] rows) stored; with COMBINE the last
+    split of its (batch, KV head) to count itself done combines the G heads (module docstring)."""
     tl.store(m_ptr + row, m_i, mask=g_ok)
     tl.store(l_ptr + row, l_i, mask=g_ok)
     tl.store(acc_ptr + row[:, None] * D + d[None, :], acc, mask=g_ok[:, None] & d_ok[None, :])
@@ -108,6 +129,63 @@ def _decode_partial_kernel(q_ptr, k_ptr, v_ptr, vis_ptr, m_ptr, l_ptr, acc_ptr, 
             _combine_heads(m_ptr, l_ptr, acc_ptr, out_ptr, bkv * G, G, splits, D, ".cg", BLOCK_H, BLOCK_SPLITS, CHUNK,
                            BLOCK_D)
             tl.atomic_xchg(count_ptr + bkv, 0)  # ready for the next call
+
+
+@triton.jit
+def _qkv_attention_kernel(rq_ptr, qw_ptr, rk_ptr, rv_ptr, kw_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, ring_ptr, pos_ptr,
+                          vis_ptr, m_ptr, l_ptr, acc_ptr, count_ptr, out_ptr, stride_qh, stride_rkh, stride_rvh,
+                          stride_kh, stride_ks, stride_vh, stride_vs, S, D, G, size, eps, scale, keys_per_split,
+                          NORM_V: tl.constexpr, HAS_RING: tl.constexpr, HAS_MASK: tl.constexpr,
+                          PRECISION: tl.constexpr, COMBINE: tl.constexpr, BLOCK_G: tl.constexpr,
+                          BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr = 1,
+                          BLOCK_SPLITS: tl.constexpr = 1, CHUNK: tl.constexpr = 1, PDL: tl.constexpr = False):
+    """_decode_partial_kernel (one token, batch 1) that also does the q/k/v write of
+    kernels/triton_qkv_write.py: program (kv, split) norms and ropes its KV head's G query heads from
+    the raw projection, rounded to their dtype as qkv_write stores q. The new key and value (their
+    norms and RoPE, rounded to the cache's dtype) go into slot pos % size, written by the program
+    whose split holds the slot (the last split where none does), the only program that reads the
+    slot: its threads store, meet at a barrier (CTA scope: each sees the others' stores), then walk
+    the keys as _decode_partial_kernel does, the same loop. The ring's position: that program of KV
+    head 0; nothing in the launch reads the table (`vis_ptr` must already show the slot visible)."""
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    # q_norm's and k_norm's weights: before PDL's wait (kernels/triton_pdl.py's prologue)
+    qw, qwp = head_weights(qw_ptr, d, d_ok, D)
+    kw, kwp = head_weights(kw_ptr, d, d_ok, D)
+    pdl_start(PDL)
+    kv = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    splits = tl.num_programs(1)
+    g = tl.arange(0, BLOCK_G)
+    g_ok = g < G
+    heads = kv * G + g
+    q = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)  # padding rows and columns 0, as the plain kernel loads them
+    for i in range(0, G):  # each head as qkv_write computes it (a [BLOCK_D] row, the same helper), then stores it
+        qi = norm_rope_head(rq_ptr + (kv * G + i) * stride_qh, qw, qwp, cos_ptr, sin_ptr, d, d_ok, D, eps)
+        q = tl.where((g == i)[:, None], qi.to(rq_ptr.dtype.element_ty).to(tl.float32)[None, :], q)
+    k_base = k_ptr + kv * stride_kh
+    v_base = v_ptr + kv * stride_vh
+    pos = tl.load(pos_ptr)
+    slot = pos % size
+    if tl.minimum(slot // keys_per_split, splits - 1) == split:  # the split that holds the slot writes it
+        k_new = norm_rope_head(rk_ptr + kv * stride_rkh, kw, kwp, cos_ptr, sin_ptr, d, d_ok, D, eps)
+        tl.store(k_base + slot * stride_ks + d, k_new.to(k_ptr.dtype.element_ty), mask=d_ok)
+        v_new = tl.load(rv_ptr + kv * stride_rvh + d, mask=d_ok, other=0.0).to(tl.float32)
+        if NORM_V:
+            v_new = v_new * (1.0 / tl.sqrt(tl.sum(v_new * v_new, axis=0) / D + eps))
+        tl.store(v_base + slot * stride_vs + d, v_new.to(v_ptr.dtype.element_ty), mask=d_ok)
+        if HAS_RING:
+            tl.store(ring_ptr + slot, pos, mask=kv == 0)
+    tl.debug_barrier()  # (bar.sync) those stores by this block's threads are visible to its loads below
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    start = split * keys_per_split
+    end = tl.minimum(start + keys_per_split, S)
+    m_i, l_i, acc = _attend_keys(q, m_i, l_i, acc, k_base, v_base, vis_ptr, stride_ks, stride_vs, start, end, scale, d,
+                                 d_ok, HAS_MASK, PRECISION, BLOCK_S)
+    _split_done(m_i, l_i, acc, m_ptr, l_ptr, acc_ptr, count_ptr, out_ptr, heads * splits + split, g_ok, d, d_ok, kv,
+                split, splits, D, G, COMBINE, BLOCK_H, BLOCK_SPLITS, CHUNK, BLOCK_D)
 
 
 @triton.jit
@@ -242,4 +320,53 @@ def decode_attention_triton(q_BN1D: torch.Tensor, k_BKSD: torch.Tensor, v_BKSD: 
         _decode_combine_kernel[(B * KV, triton.cdiv(G, tiles["BLOCK_H"]))](
             m, l, acc, out, splits, D, G, BLOCK_D=BLOCK_D, **tiles, num_warps=4 if BLOCK_D <= 256 else 8,
             **triton_pdl.launch(q.device))
+    return out
+
+
+def _one_token_heads(x_11ND: torch.Tensor) -> torch.Tensor:
+    """One token's heads [1, 1, heads, D] with a contiguous head dim (heads may be strided)."""
+    if x_11ND.dim() != 4 or x_11ND.shape[:2] != (1, 1):
+        raise ValueError(f"qkv_attention takes one token's heads [1, 1, heads, D], not {list(x_11ND.shape)}")
+    return x_11ND if x_11ND.stride(-1) == 1 else x_11ND.contiguous()
+
+
+def qkv_attention_triton(raw_q, q_weight, raw_k, raw_v, k_weight, cos, sin, eps: float, k_cache, v_cache, ring_pos,
+                         pos_1, size: int, norm_v: bool, keys: int, visible_1S: torch.Tensor | None, scale: float,
+                         in_place: bool | None = None) -> torch.Tensor:
+    """kernels/qkv_write.py's `qkv_attention`: qkv_write_triton's write and decode_attention_triton over
+    the first `keys` slots of k_cache, v_cache [1, KV, S, D] (head dim contiguous) in one launch
+    (_qkv_attention_kernel; the combine kernel too where the partial rows are many). raw_q [1, 1, N, D],
+    raw_k, raw_v [1, 1, KV, D]; visible [1, keys] as it stands after the write. Returns [1, N, 1, D]."""
+    raw_q, raw_k, raw_v = _one_token_heads(raw_q), _one_token_heads(raw_k), _one_token_heads(raw_v)
+    N, D = raw_q.shape[2:]
+    KV = raw_k.shape[2]
+    if (raw_k.shape[3] != D or N % KV or k_cache.shape[0] != 1 or k_cache.shape[1] != KV or k_cache.stride(-1) != 1
+            or v_cache.stride(-1) != 1 or not 0 < keys <= k_cache.shape[2]):
+        raise ValueError("qkv_attention takes q and k heads of one size, G query heads a KV head, and a cache of "
+                         "one sequence whose head dim is contiguous")
+    G = N // KV
+    cos, sin = cos.reshape(D).contiguous(), sin.reshape(D).contiguous()
+    BLOCK_D, BLOCK_S, per, splits = launch_shape(keys, D, KV, raw_q.device)
+    if in_place is None:
+        in_place = combines_in_place(KV, splits, G, D)
+    m = torch.empty(N * splits, dtype=torch.float32, device=raw_q.device)
+    l = torch.empty_like(m)
+    acc = torch.empty(N * splits, D, dtype=torch.float32, device=raw_q.device)
+    out = torch.empty(1, N, 1, D, dtype=raw_q.dtype, device=raw_q.device)
+    vis = m if visible_1S is None else visible_1S.reshape(keys).contiguous().view(torch.uint8)
+    count = _counters(raw_q.device) if in_place else m
+    ring = ring_pos if ring_pos is not None else pos_1  # any pointer; unused without a ring
+    tiles = combine_tiles(G, splits, BLOCK_D)
+    warps = 4 if BLOCK_D <= 256 else 8  # decode_attention_triton's (the same sums), and qkv_write's
+    _qkv_attention_kernel[(KV, splits)](
+        raw_q, q_weight, raw_k, raw_v, k_weight, cos, sin, k_cache, v_cache, ring, pos_1, vis, m, l, acc, count, out,
+        raw_q.stride(2), raw_k.stride(2), raw_v.stride(2), k_cache.stride(1), k_cache.stride(2), v_cache.stride(1),
+        v_cache.stride(2), keys, D, G, size, eps, scale, per,
+        NORM_V=norm_v, HAS_RING=ring_pos is not None, HAS_MASK=visible_1S is not None,
+        PRECISION="ieee" if raw_q.dtype == torch.float32 else "tf32", COMBINE=in_place,
+        BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_S=BLOCK_S, BLOCK_D=BLOCK_D, **tiles, num_warps=warps,
+        num_stages=PARTIAL_STAGES, **triton_pdl.launch(raw_q.device))
+    if not in_place:
+        _decode_combine_kernel[(KV, triton.cdiv(G, tiles["BLOCK_H"]))](
+            m, l, acc, out, splits, D, G, BLOCK_D=BLOCK_D, **tiles, num_warps=warps, **triton_pdl.launch(raw_q.device))
     return out

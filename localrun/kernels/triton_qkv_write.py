@@ -52,6 +52,13 @@ def _qkv_write_kernel(q_ptr, qw_ptr, q_out_ptr, k_ptr, v_ptr, w_ptr, cos_ptr, si
             tl.store(ring_ptr + slot, pos, mask=h == 0)
 
 
+def num_warps(D: int) -> int:
+    """The decode attention kernel's warps at head dim D (triton_attention.decode_attention_triton): a
+    head's norm sums its squares in the same order in both, so the fused q/k/v write and attention
+    (triton_attention.qkv_attention_triton) computes this kernel's very q, k and v."""
+    return 4 if triton.next_power_of_2(D) <= 256 else 8
+
+
 def _heads(x_11ND: torch.Tensor) -> torch.Tensor:
     """One token's heads [1, 1, heads, D] with a contiguous head dim (heads may be strided)."""
     if x_11ND.dim() != 4 or x_11ND.shape[:2] != (1, 1):
@@ -76,5 +83,6 @@ def qkv_write_triton(raw_q, q_weight, raw_k, raw_v, k_weight, cos, sin, eps: flo
                                  KV, raw_q.stride(2), raw_k.stride(2), raw_v.stride(2), k_cache.stride(1),
                                  k_cache.stride(2), v_cache.stride(1), v_cache.stride(2), size, D, eps,
                                  NORM_V=norm_v, HAS_RING=ring_pos is not None, BLOCK=triton.next_power_of_2(D),
+                                 num_warps=num_warps(D),
                                  **triton_pdl.launch(raw_q.device))
     return q

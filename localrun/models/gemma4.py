@@ -216,8 +216,12 @@ def apply_rope(x_BTND, cos_T1D, sin_T1D):
 # GPU overlaps them. It takes the router's rows off the MLP's GEMM (mlp_router_gemm does not apply).
 # norms_route (opt-in, with parallel_mlp: where the router projects on its own): the post-attention
 # norms, the router's GEMV and the top-k as one launch (localrun::norms_route), where they were three.
+# fused_qkv_attention (opt-in, where qkv_write runs: CUDA's half-precision static step): the q/k/v norms,
+# RoPE and K/V write inside the decode attention launch (localrun::qkv_attention), where they were two
+# launches a layer; the same bits (each split program norms its query heads as qkv_write does).
 DECODE_KERNELS = {"decode_attention": True, "fused_glue": True, "decode_layer": True, "dense_gemv": True,
-                  "mlp_router_gemm": True, "parallel_mlp": False, "norms_route": False}
+                  "mlp_router_gemm": True, "parallel_mlp": False, "norms_route": False,
+                  "fused_qkv_attention": False}
 CPU_ONLY_KERNELS = {"decode_layer"}  # DecoderLayer.forward_decode: nothing to switch off on CUDA
 
 
@@ -231,6 +235,14 @@ def use_kernel(name: str, x: torch.Tensor) -> bool:
     if x.device.type == "cuda":
         return name == "decode_attention" or x.dtype != torch.float32
     return x.device.type == "cpu" and x.dtype == torch.float32 and kernels.library() is not None
+
+
+def qkv_attention_applies(raw_q_BTND: torch.Tensor) -> bool:
+    """Whether a static step's layer whose q/k/v write is one kernel (fused_on_cuda) attends in that
+    launch too (DECODE_KERNELS["fused_qkv_attention"]): one token of one sequence, where the decode
+    attention kernel would run."""
+    return (DECODE_KERNELS["fused_qkv_attention"] and raw_q_BTND.shape[:2] == (1, 1)
+            and use_kernel("decode_attention", raw_q_BTND))
 
 
 def fused_on_cuda(x: torch.Tensor) -> bool:
@@ -360,6 +372,12 @@ class Attention(nn.Module):
             v = raw if v is None else v.view(B, T, self.kv_heads, self.head_dim)
             pos_S = pos_T
             if cache is not None and span is not None and fused_on_cuda(raw):  # q/k norms, RoPE, write: one kernel
+                if qkv_attention_applies(raw_q):  # and the attention, in the same launch
+                    out, k, v, visible = cache.write_attend(raw_q, self.q_norm.weight, raw, v, self.k_norm.weight,
+                                                            cos_TD, sin_TD, self.eps, pos_T, span,
+                                                            shared.setdefault("static", {}))
+                    shared[self.window is not None] = (k, v, pos_S, visible)
+                    return project(self.o_proj, out.transpose(1, 2).reshape(B, T, -1))
                 q, k, v, visible = cache.write_raw(raw_q, self.q_norm.weight, raw, v, self.k_norm.weight, cos_TD,
                                                    sin_TD, self.eps, pos_T, span, shared.setdefault("static", {}))
             else:
