@@ -93,9 +93,13 @@ def test_the_decode_steps_newer_kernels_compile_for_sm90():
     rows = json.loads(run.stdout)
     assert len(rows) >= 60 and all(row["cubin_bytes"] > 1000 and row["local_bytes"] == 0 for row in rows.values()), rows
     assert {"grouped", "gemv", "v3", "v4", "qkv_write", "ffn_residual", "norms_route", "rope_rows", "decode_partial",
-            "pdl", "prefill_attention"} == {name.split()[0] for name in rows}
+            "qkv_attention", "pdl", "prefill_attention"} == {name.split()[0] for name in rows}
+    for name, row in rows.items():  # the attention that writes q/k/v sums each head's squares as qkv_write does
+        if name.startswith("qkv_attention"):
+            x, D = name.split()[1:3]
+            assert row["row_sums"] == rows[f"qkv_write {x} {D} ring=False"]["row_sums"] and len(row["row_sums"]) == 3
     pdl = {name.removeprefix("pdl "): row for name, row in rows.items() if name.startswith("pdl ")}
-    assert len(pdl) == 19  # every decode kernel with PDL on
+    assert len(pdl) == 20  # every decode kernel with PDL on
     for name, row in pdl.items():  # the wait is there, nothing is written before it, and only a prologue's
         least = PROLOGUE_LOADS.get(name, 0)  # loads (all of them, at least) come before it
         assert row["waits"] >= 1 and row["writes_before_wait"] == 0, (name, row)
@@ -114,6 +118,7 @@ PROLOGUE_LOADS = {
     "_rms_norm_kernel": 4,  # the weight, 4096 bf16
     "_rms_norm_rope_kernel": 2,  # the weight (512 bf16) at the columns and at their partners
     "_qkv_write_kernel": 2,  # the head norm's weight (256 bf16), the same two
+    "_qkv_attention_kernel": 4,  # q_norm's and k_norm's weights (256 bf16), each at the columns and partners
 }
 
 
@@ -123,7 +128,7 @@ def test_pdl_variants_only_from_sm90():
     import sass_stats
 
     assert not [case[0] for case in sass_stats.compile_cases(86) if case[0].startswith("pdl ")]
-    assert len([case[0] for case in sass_stats.compile_cases(90) if case[0].startswith("pdl ")]) == 19
+    assert len([case[0] for case in sass_stats.compile_cases(90) if case[0].startswith("pdl ")]) == 20
 
 
 GROUPED_FIT = """

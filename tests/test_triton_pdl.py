@@ -49,6 +49,7 @@ PROLOGUE = {
     "_rms_norm_kernel": {"w_ptr"},
     "_rms_norm_rope_kernel": {"w_ptr"},
     "_qkv_write_kernel": {"qw_ptr", "w_ptr"},
+    "_qkv_attention_kernel": {"qw_ptr", "kw_ptr"},
 }
 STORES = ("store", "atomic_add", "atomic_xchg", "atomic_cas", "atomic_max", "atomic_min", "atomic_or")
 
@@ -82,7 +83,7 @@ def check_prologue(source: str, allowed: set[str]):
 @needs_triton
 def test_every_pdl_kernel_reads_only_step_constants_before_its_wait():
     kernels = list(pdl_kernels())
-    assert len(kernels) == 19, [k.__name__ for k in kernels]  # v4 MoE: gate_up and down; norms_route
+    assert len(kernels) == 20, [k.__name__ for k in kernels]  # v4 MoE: gate_up and down; norms_route; qkv_attention
     assert set(PROLOGUE) <= {k.__name__ for k in kernels}
     for kernel in kernels:
         try:

@@ -13,9 +13,14 @@ from interpreted import BF16_ROUNDS_TO_NEAREST
 import pytest
 import torch
 
-from localrun import kvcache
+from localrun import kernels, kvcache
+from localrun.bench import bench_prompt
+from localrun.generate import generate
 from localrun.kernels.qkv_write import qkv_attention, qkv_attention_reference
 from localrun.kvcache import FullKV, RingKV
+from localrun.loader import load_model
+from localrun.models import gemma4
+from localrun.sampling import SamplingParams, make_sampler
 
 triton_attention = triton_module("triton_attention")
 triton_qkv_write = triton_module("triton_qkv_write")
@@ -86,10 +91,11 @@ def triton_ops(monkeypatch):
 
 
 # Positions a layer writes in turn (the span each sees; 2 to 5 splits of a KV head from 256 keys):
-# a full layer from 0 (span 1), then into a middle and the last split; a ring filling up, wrapping
-# (position 150 in slot 10), rolled back to 145 (slot 10 emptied), then on over the wrapped slots.
+# a full layer from 0 (span 1), then into a middle and the last split; a ring from 0, into a middle
+# split, wrapped (position 150 in slot 10), rolled back to 145 (slot 10 emptied), on over the wrapped
+# slots (200 in slot 60, its window in slots 1-60 and 141-139: older positions and empty slots masked).
 STEPS = {"full": [(0, 1), (5, 16), (70, 256), (200, 256)],
-         "ring": [(0, 1), (70, 256), (139, 256), (150, 256), "rollback 145", (145, 256), (200, 256)]}
+         "ring": [(0, 1), (70, 256), (150, 256), "rollback 145", (200, 256)]}
 
 
 def run_both(kind, N, KV, D, k_eq_v, dtype, triton_ops, in_place=True, rotated=None):
@@ -143,10 +149,9 @@ def test_one_launch_with_the_combine_kernel(triton_ops):
 
 @needs_triton
 def test_the_split_holding_the_slot_writes_it(monkeypatch):
-    """Only the program whose split holds the new slot stores it (its splits' keys read the new k/v
-    from its registers): with the slot past the keys attended (no split holds it) the last split
-    stores it, and a slot inside stays the same whether the other splits see stale or fresh bytes
-    there (here: the slot holds NaN before the write, and no program may read it)."""
+    """The program whose split holds the new slot writes it and reads it back after its barrier (the
+    slot held NaN: no split reads the stale bytes), and a slot past the keys attended (no split holds
+    it; the step never asks for one) is still written, by the last split. Against the formula."""
     monkeypatch.setattr(triton_attention, "_programs_wanted", lambda device: 8)
     N, KV, D = 4, 2, 128
     raw_q, raw_k, raw_v = raw_heads(N, KV, D, False, torch.float32, seed=5)
@@ -206,3 +211,57 @@ def test_write_attend_traces_as_one_graph():
         assert all(torch.equal(a, b) for a, b in zip(step(*eager, pos_1), compiled(*traced, pos_1)))
     for a, b in zip(eager, traced):
         assert torch.equal(a.k, b.k) and torch.equal(a.v, b.v) and torch.equal(a.pos, b.pos)
+
+
+# The decoder ---------------------------------------------------------------------------------------
+
+def counting(fn, calls: list):
+    def wrapped(*args):
+        calls.append(args)
+        return fn(*args)
+    return wrapped
+
+
+def static_greedy(loaded, n: int):
+    ids = bench_prompt(30, loaded.args.vocab_size)
+    steps = generate(loaded.model, ids, make_sampler(SamplingParams()), max_tokens=n, step="static", cache=loaded.kv)
+    return [s.token for s in steps], [s.logprob for s in steps]
+
+
+@pytest.mark.parametrize("kind", ["moe", "dense_e2b"])
+def test_static_step_with_the_switch_on(tiny_checkpoint, monkeypatch, kind):
+    """DECODE_KERNELS["fused_qkv_attention"] where CUDA's half-precision step would write q/k/v with
+    one kernel (gemma4.fused_on_cuda stood in for on the CPU): every layer with a cache of its own
+    attends in the one op (rings and full layers, K=V; E2B's KV-shared layers then attend over the
+    written caches under the mask built before the write), and the tokens and logprobs are those of
+    qkv_write + decode attention, exactly (here the op's CPU formula)."""
+    loaded = load_model(tiny_checkpoint(kind, "text"), dtype=torch.float32, context=600,
+                        **({"experts": "bf16"} if kind == "dense_e2b" else {}))
+    monkeypatch.setattr(gemma4, "fused_on_cuda", lambda x: gemma4.use_kernel("fused_glue", x))
+    writes, fused = [], []
+    monkeypatch.setattr(kvcache, "qkv_write", counting(kvcache.qkv_write, writes))
+    monkeypatch.setattr(kvcache, "qkv_attention", counting(kvcache.qkv_attention, fused))
+    apart = static_greedy(loaded, 8)
+    writers = sum(layer is not None for layer in loaded.kv.layers)
+    assert len(writes) == 7 * writers and not fused  # the first token comes from the prefill
+    writes.clear()
+    monkeypatch.setitem(gemma4.DECODE_KERNELS, "fused_qkv_attention", True)
+    assert static_greedy(loaded, 8) == apart
+    assert len(fused) == 7 * writers and not writes
+    assert {args[10] is None for args in fused} == {True, False}  # full layers and rings
+
+
+@needs_triton
+def test_static_step_with_the_interpreted_kernels(tiny_moe, monkeypatch):
+    """The same with the Triton kernels interpreted on both sides (qkv_write's and decode attention's,
+    against the one launch): the same tokens and logprobs, bit for bit."""
+    loaded = load_model(tiny_moe, dtype=torch.float32, context=600)
+    monkeypatch.setattr(gemma4, "fused_on_cuda", lambda x: gemma4.use_kernel("fused_glue", x))
+    monkeypatch.setattr(kvcache, "qkv_write", triton_qkv_write.qkv_write_triton)
+    fused = []
+    monkeypatch.setattr(kvcache, "qkv_attention", counting(triton_attention.qkv_attention_triton, fused))
+    monkeypatch.setattr(kernels, "decode_attention", triton_attention.decode_attention_triton)
+    apart = static_greedy(loaded, 4)
+    monkeypatch.setitem(gemma4.DECODE_KERNELS, "fused_qkv_attention", True)
+    assert static_greedy(loaded, 4) == apart
+    assert len(fused) == 3 * sum(layer is not None for layer in loaded.kv.layers)
