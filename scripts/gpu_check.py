@@ -23,7 +23,8 @@ Steps:
              on the device): planned vs placed vs peak vs reserved bytes; decode and prefill tok/s;
              kernel launches and host syncs per decoded token; once every expert resident, once
              under a forced 16 GiB budget; the graphs step with each open switch on first (v4 MoE,
-             PDL, parallel_mlp, norms_route; together: speed_graphs_with_every_open_switch), then with
+             PDL, parallel_mlp, norms_route, fused_qkv_attention; together:
+             speed_graphs_with_every_open_switch), then with
              each default decode kernel off (speed_graphs_without_NAME; GPU_CHECK_DECIDED=0 skips these
              and what follows: the lease's first call) and each opt-in one on (speed_graphs_with_NAME,
              per_token_graphs_with_NAME, tokens_graphs_with_NAME), with the v3 MoE decode kernels
@@ -526,9 +527,12 @@ def big_model_run(dry: bool, dev, load_kwargs: dict, rows: dict, long_prompt: bo
             switched(f"{mode}_with_parallel_mlp", lambda: kernel_switched("parallel_mlp", True, loaded.kv))
             switched(f"{mode}_with_parallel_mlp_and_norms_route", lambda: both_switched(
                 kernel_switched("parallel_mlp", True, loaded.kv), kernel_switched("norms_route", True, loaded.kv)))
+            # the q/k/v write inside decode attention's launch (one launch a layer fewer, the same bits)
+            switched(f"{mode}_with_fused_qkv_attention", lambda: kernel_switched("fused_qkv_attention", True, loaded.kv))
             with moe_v4_switched(True, loaded.kv), pdl_switched(True, loaded.kv):
                 timed(f"speed_{mode}_with_v4_moe_and_pdl", rates, rows)
-                with kernel_switched("parallel_mlp", True, loaded.kv), kernel_switched("norms_route", True, loaded.kv):
+                with kernel_switched("parallel_mlp", True, loaded.kv), kernel_switched("norms_route", True, loaded.kv), \
+                        kernel_switched("fused_qkv_attention", True, loaded.kv):
                     timed(f"speed_{mode}_with_every_open_switch", rates, rows)
             if os.environ.get("GPU_CHECK_DECIDED", "1") == "0":  # a short lease: the settled switches wait
                 continue
@@ -536,7 +540,7 @@ def big_model_run(dry: bool, dev, load_kwargs: dict, rows: dict, long_prompt: bo
             for name in [n for n, on in defaults.items() if on]:  # each default decode kernel: its torch ops
                 with kernel_switched(name, False, loaded.kv):
                     timed(f"speed_{mode}_without_{name}", rates, rows)
-            opened = {"parallel_mlp", "norms_route"}  # measured above
+            opened = {"parallel_mlp", "norms_route", "fused_qkv_attention"}  # measured above
             for name in [n for n, on in defaults.items() if not on and n not in opened]:  # opt-in: worth turning on?
                 switched(f"{mode}_with_{name}", lambda name=name: kernel_switched(name, True, loaded.kv))
             other = not triton_moe.USE_V3  # v3 where faster per stage vs the v2 default (or the reverse)

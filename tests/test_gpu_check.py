@@ -55,7 +55,8 @@ def test_dry_run_writes_a_complete_report(tmp_path):
     assert resident["per_token_static_sampled"]["aten_ops_per_token"] > 0  # every sampling filter on
     assert "error" not in resident["speed_static_without_dense_gemv"]
     assert {"speed_static_with_parallel_mlp", "speed_static_with_parallel_mlp_and_norms_route",
-            "speed_static_with_every_open_switch"} <= set(resident)
+            "speed_static_with_fused_qkv_attention", "speed_static_with_every_open_switch"} <= set(resident)
+    assert resident["tokens_static_with_fused_qkv_attention"]["first_divergence_from_default"] is None
     assert resident["tokens_static_with_parallel_mlp"]["first_divergence_from_default"] is None
     assert resident["tokens_static_with_parallel_mlp_and_norms_route"]["first_divergence_from_default"] is None
     assert resident["tokens_static_with_v3_moe"]["first_divergence_from_default"] is None  # the other MoE kernels
