@@ -96,7 +96,7 @@ def loop_counts(sass: str) -> collections.Counter:
 
 
 def inspect(kernel, sass: bool = True) -> dict:
-    """Registers and local-memory (spill) bytes a thread, from cuobjdump; with `sass`, the loop's opcodes."""
+    """Registers, local-memory and stack (spill) bytes a thread, from cuobjdump; with `sass`, the loop's opcodes."""
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp, "k.cubin")
         cubin.write_bytes(kernel.asm["cubin"])
@@ -105,7 +105,9 @@ def inspect(kernel, sass: bool = True) -> dict:
                               check=True).stdout if sass else ""
     regs = re.search(r"REG:(\d+)", usage)
     local = re.search(r"LOCAL:(\d+)", usage)
-    info = {"registers": int(regs.group(1)) if regs else None, "local_bytes": int(local.group(1)) if local else None}
+    stack = re.search(r"STACK:(\d+)", usage)  # a thread's stack frame: where ptxas spills what 255 registers do not hold
+    info = {"registers": int(regs.group(1)) if regs else None, "local_bytes": int(local.group(1)) if local else None,
+            "stack_bytes": int(stack.group(1)) if stack else None}
     return {"ops": loop_counts(code), **info} if sass else info
 
 
@@ -181,7 +183,7 @@ def compile_cases(arch: int = 90):
             yield from v4_cases(triton_moe, ptrs, x, dq)
         kv = {n: x for n in triton_qkv_write._qkv_write_kernel.arg_names if n.endswith("_ptr")}
         kv.update(pos_ptr="*i64", ring_ptr="*i64")
-        for D, ring in ((256, False), (256, True), (512, False)):  # 26B-A4B's sliding and full layers
+        for D, ring in ((256, False), (256, True), (512, False))[: 3 if x == "*bf16" else 2]:  # 26B-A4B's layers
             yield (f"qkv_write {x[1:]} D={D} ring={ring}", triton_qkv_write._qkv_write_kernel, kv,
                    dict(NORM_V=True, HAS_RING=ring, BLOCK=D), triton_qkv_write.num_warps(D))
         glue = {n: x for n in triton_fused._ffn_residual_kernel.arg_names if n.endswith("_ptr")}
@@ -204,7 +206,8 @@ def compile_cases(arch: int = 90):
         fused = {n: x for n in triton_attention._qkv_attention_kernel.arg_names if n.endswith("_ptr")}
         fused.update(pos_ptr="*i64", ring_ptr="*i64", vis_ptr="*u8", m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32",
                      count_ptr="*i32")
-        for D, G, ring, in_place in ((256, 2, True, True), (512, 8, False, True), (512, 8, False, False)):
+        half = ((256, 2, True, True), (512, 8, False, True), (512, 8, False, False))
+        for D, G, ring, in_place in half if x == "*bf16" else ():  # (an fp32 step writes q/k/v with torch ops)
             yield (f"qkv_attention {x[1:]} D={D} ring={ring} combine_in_place={in_place}",
                    triton_attention._qkv_attention_kernel, fused,
                    dict(NORM_V=True, HAS_RING=ring, HAS_MASK=True, PRECISION="ieee" if x == "*fp32" else "tf32",
@@ -355,10 +358,34 @@ def row_sums(kernel) -> list[str]:
     return [f"{n} {layouts.get(layout, layout)}" for n, layout in sums]
 
 
+def key_loop(kernel) -> str:
+    """A digest of the TTGIR loop that holds a kernel's tl.dot (decode attention's walk over its keys),
+    its values' names dropped and its layouts spelled out: two kernels with the same digest run the
+    same operations on the same layouts in that loop."""
+    import hashlib
+
+    ir = kernel.asm["ttgir"]
+    layouts = dict(re.findall(r"^(#\w+) = (#[^\n]*?)(?: loc\(.*)?$", ir, re.M))
+    lines = [re.sub(r"\s*loc\(.*$", "", line).strip() for line in ir.splitlines()]
+    for i, line in enumerate(lines):
+        if "scf.for" not in line:
+            continue
+        depth, body = 0, []
+        for text in lines[i:]:
+            body.append(re.sub(r"#\w+", lambda m: layouts.get(m.group(0), m.group(0)), re.sub(r"%[\w#]+", "%", text)))
+            depth += text.count("{") - text.count("}")
+            if depth <= 0 and len(body) > 1:
+                break
+        if any("tt.dot" in text for text in body):
+            return hashlib.sha256("\n".join(body).encode()).hexdigest()[:16]
+    return ""
+
+
 def compile_all(arch: int) -> dict:
     """name -> cubin bytes, shared memory bytes and registers of every compile_cases() kernel (an
     exception where one does not compile); for the q/k/v write and the attention that does it too, the
-    layouts of their heads' norm sums (`row_sums`: the two must add in the same order)."""
+    layouts of their heads' norm sums (`row_sums`: the two must add in the same order), and for the two
+    decode attention kernels their key loop's digest (`key_loop`: the same loop)."""
     rows = {}
     for name, fn, ptrs, consts, warps, *stages in compile_cases(arch):
         kernel = compile_kernel(fn, consts, warps, arch, ptrs, *stages)
@@ -366,6 +393,8 @@ def compile_all(arch: int) -> dict:
                       **inspect(kernel, sass=False), **(wait_order(kernel) if consts.get("PDL") else {})}
         if name.split()[0] in ("qkv_write", "qkv_attention"):
             rows[name]["row_sums"] = row_sums(kernel)
+        if name.split()[0] in ("decode_partial", "qkv_attention"):
+            rows[name]["key_loop"] = key_loop(kernel)
     return rows
 
 

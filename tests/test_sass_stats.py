@@ -94,10 +94,11 @@ def test_the_decode_steps_newer_kernels_compile_for_sm90():
     assert len(rows) >= 60 and all(row["cubin_bytes"] > 1000 and row["local_bytes"] == 0 for row in rows.values()), rows
     assert {"grouped", "gemv", "v3", "v4", "qkv_write", "ffn_residual", "norms_route", "rope_rows", "decode_partial",
             "qkv_attention", "pdl", "prefill_attention"} == {name.split()[0] for name in rows}
-    for name, row in rows.items():  # the attention that writes q/k/v sums each head's squares as qkv_write does
-        if name.startswith("qkv_attention"):
-            x, D = name.split()[1:3]
+    for name, row in rows.items():  # the attention that writes q/k/v sums each head's squares as qkv_write does,
+        if name.startswith("qkv_attention"):  # and walks the keys in the plain kernel's loop: the same bits
+            x, D, _, in_place = name.split()[1:]
             assert row["row_sums"] == rows[f"qkv_write {x} {D} ring=False"]["row_sums"] and len(row["row_sums"]) == 3
+            assert row["key_loop"] and row["key_loop"] == rows[f"decode_partial {x} {D} {in_place}"]["key_loop"], name
     pdl = {name.removeprefix("pdl "): row for name, row in rows.items() if name.startswith("pdl ")}
     assert len(pdl) == 20  # every decode kernel with PDL on
     for name, row in pdl.items():  # the wait is there, nothing is written before it, and only a prologue's

@@ -18,6 +18,12 @@ elements), the combine needs no launch of its own: each partial program counts i
 its threads' stores before it), and the program that comes last combines the G heads and resets
 the counter. One launch a layer fewer; the same arithmetic in the same order.
 
+`_qkv_attention_kernel` (opt-in, `localrun::qkv_attention`) is the partial kernel of one token with
+kernels/triton_qkv_write.py's work in front of its keys: each program norms and ropes its G query
+heads itself (qkv_write's helper, at the same warps: the same bits), and the program whose split
+holds the new slot writes the new key, value and ring position, then passes a barrier before its
+loads (no other program reads the slot). The same loop and combine follow: one launch a layer fewer.
+
 Masked keys (a bool `visible` row shared by the batch, as the static decode step and `attend`
 build it) weigh exactly 0. fp32 inputs use IEEE fp32 products (no TF32), so the result is the
 reference's up to summation order. Half-precision inputs are widened to fp32 and multiplied as TF32,
