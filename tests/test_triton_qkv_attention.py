@@ -128,13 +128,17 @@ def run_both(kind, N, KV, D, k_eq_v, dtype, triton_ops, in_place=True, rotated=N
     return fused
 
 
+SHAPES = [(4, 2, 256, False), (8, 1, 512, True), (2, 2, 128, False)]  # N, KV, D, K=V
+
+
 @needs_triton
 @pytest.mark.parametrize("kind", ["full", "ring"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("N,KV,D,k_eq_v", [(4, 2, 256, False), (8, 1, 512, True), (2, 2, 128, False)])
+@pytest.mark.parametrize("dtype,N,KV,D,k_eq_v", [(torch.bfloat16, *shape) for shape in SHAPES]
+                         + [(torch.float32, *SHAPES[0])])
 def test_one_launch_is_qkv_write_then_attention(kind, dtype, N, KV, D, k_eq_v, triton_ops):
     """26B-A4B's sliding heads (G = 2, D = 256), its full ones (G = 8, D = 512, K=V, a quarter of the
-    pairs rotated) and G = 1 at D = 128: the same output, caches and ring positions, bit for bit."""
+    pairs rotated) and G = 1 at D = 128, in bf16 (the GPU's rounding) and fp32: the same output,
+    caches and ring positions, bit for bit."""
     if dtype == torch.bfloat16 and not BF16_ROUNDS_TO_NEAREST:
         pytest.skip("this Triton's interpreter cannot round bf16 to nearest")
     run_both(kind, N, KV, D, k_eq_v, dtype, triton_ops, rotated=D // 8 if k_eq_v else None)
@@ -261,7 +265,7 @@ def test_static_step_with_the_interpreted_kernels(tiny_moe, monkeypatch):
     fused = []
     monkeypatch.setattr(kvcache, "qkv_attention", counting(triton_attention.qkv_attention_triton, fused))
     monkeypatch.setattr(kernels, "decode_attention", triton_attention.decode_attention_triton)
-    apart = static_greedy(loaded, 4)
+    apart = static_greedy(loaded, 3)
     monkeypatch.setitem(gemma4.DECODE_KERNELS, "fused_qkv_attention", True)
-    assert static_greedy(loaded, 4) == apart
-    assert len(fused) == 3 * sum(layer is not None for layer in loaded.kv.layers)
+    assert static_greedy(loaded, 3) == apart
+    assert len(fused) == 2 * sum(layer is not None for layer in loaded.kv.layers)
