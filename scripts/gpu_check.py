@@ -1106,7 +1106,6 @@ def decode_attention_case(dev, KV: int, G: int, S: int, D: int) -> dict:
     torch = _torch()
     from localrun.kernels.attention import decode_attention, grouped_sdpa
     from localrun.kernels.triton_attention import decode_attention_triton
-    from localrun.kernels.triton_moe import _time_us
 
     g = torch.Generator(device=dev).manual_seed(0)
     q = torch.randn(1, KV * G, 1, D, device=dev, generator=g).bfloat16()
@@ -1125,16 +1124,49 @@ def decode_attention_case(dev, KV: int, G: int, S: int, D: int) -> dict:
                      ("triton split-key, combine kernel", lambda: decode_attention_triton(q, k, v, visible, scale,
                                                                                           in_place=False)),
                      ("grouped_sdpa", lambda: grouped_sdpa(q, k, v, visible, scale))):
-        if dev.type == "cuda":
-            fn()
-            graph = torch.cuda.CUDAGraph()
-            sync(dev)
-            with torch.cuda.graph(graph):
-                fn()
-            us = _time_us(graph.replay, 200, dev)
-        else:
-            us = _time_us(fn, 2, dev)
+        us = graph_us(fn, dev)
         out[side] = {"us": round(us, 2), "gbps": round(nbytes / us / 1e3, 1)}
+    out["tiles_us"] = decode_attention_tiles(dev, q, k, v, visible, scale)
+    return out
+
+
+def graph_us(fn, dev, repeat: int = 200) -> float:
+    """Microseconds of fn replayed in a CUDA graph (called twice on the CPU)."""
+    torch = _torch()
+    from localrun.kernels.triton_moe import _time_us
+
+    if dev.type != "cuda":
+        return _time_us(fn, 2, dev)
+    fn()
+    graph = torch.cuda.CUDAGraph()
+    sync(dev)
+    with torch.cuda.graph(graph):
+        fn()
+    return _time_us(graph.replay, repeat, dev)
+
+
+def decode_attention_tiles(dev, q, k, v, visible, scale) -> dict:
+    """The partial kernel at each (keys a block, warps) of triton_attention.TILE_CHOICES for q's head dim: "BLOCK_Sxwarps"
+    -> us in a graph and the largest difference from the default tile's output (summation order only:
+    ~1e-3 in bf16), the default's pair named; make the fastest PARTIAL_TILES' entry for this head dim."""
+    import triton
+
+    from localrun.kernels import triton_attention as ta
+
+    block_d = max(16, triton.next_power_of_2(q.shape[-1]))
+    default = ta.decode_attention_triton(q, k, v, visible, scale).float()
+    out: dict = {"default": "x".join(map(str, ta.partial_tile(block_d)))}
+    try:
+        for block_s, warps in ta.TILE_CHOICES.get(block_d, (ta.partial_tile(block_d),)):
+            ta.PARTIAL_TILES[block_d] = (block_s, warps)
+            try:
+                diff = float((ta.decode_attention_triton(q, k, v, visible, scale).float() - default).abs().max())
+                us = graph_us(lambda: ta.decode_attention_triton(q, k, v, visible, scale), dev)
+                out[f"{block_s}x{warps}"] = {"us": round(us, 2), "max_abs_diff_vs_default": diff}
+            except Exception as e:  # one tile that cannot launch (shared memory) must not hide the others
+                out[f"{block_s}x{warps}"] = {"error": f"{type(e).__name__}: {e}"[:300]}
+    finally:
+        ta.PARTIAL_TILES.pop(block_d, None)
     return out
 
 

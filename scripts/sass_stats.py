@@ -201,8 +201,9 @@ def compile_cases(arch: int = 90):
                 yield (f"decode_partial {x[1:]} D={D} combine_in_place={in_place}",
                        triton_attention._decode_partial_kernel, attn,
                        dict(HAS_MASK=True, PRECISION="ieee" if x == "*fp32" else "tf32", COMBINE=in_place, BLOCK_G=16,
-                            BLOCK_S=max(16, min(64, 16384 // D)), BLOCK_D=D, **triton_attention.combine_tiles(G, 8, D)),
-                       4 if D <= 256 else 8)
+                            BLOCK_S=triton_attention.partial_tile(D)[0], BLOCK_D=D,
+                            **triton_attention.combine_tiles(G, 8, D)),
+                       triton_attention.warps_for(D))
         fused = {n: x for n in triton_attention._qkv_attention_kernel.arg_names if n.endswith("_ptr")}
         fused.update(pos_ptr="*i64", ring_ptr="*i64", vis_ptr="*u8", m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32",
                      count_ptr="*i32")
@@ -211,8 +212,8 @@ def compile_cases(arch: int = 90):
             yield (f"qkv_attention {x[1:]} D={D} ring={ring} combine_in_place={in_place}",
                    triton_attention._qkv_attention_kernel, fused,
                    dict(NORM_V=True, HAS_RING=ring, HAS_MASK=True, PRECISION="ieee" if x == "*fp32" else "tf32",
-                        COMBINE=in_place, BLOCK_G=16, BLOCK_S=max(16, min(64, 16384 // D)), BLOCK_D=D,
-                        **triton_attention.combine_tiles(G, 8, D)), 4 if D <= 256 else 8)
+                        COMBINE=in_place, BLOCK_G=16, BLOCK_S=triton_attention.partial_tile(D)[0], BLOCK_D=D,
+                        **triton_attention.combine_tiles(G, 8, D)), triton_attention.warps_for(D))
     yield from _grouped_cases(triton_moe)
     yield from _gemv_cases(triton_gemv)
     yield from prefill_attention_cases()

@@ -82,6 +82,24 @@ def test_combine_in_tiles_of_any_size(monkeypatch, tile):
 
 
 @needs_triton
+@pytest.mark.parametrize("D", [256, 512])
+def test_every_tile_choice_computes_the_attention(monkeypatch, D):
+    """Each (keys a block, warps) gpu_check times (TILE_CHOICES; PARTIAL_TILES makes one the default)
+    cuts the keys in its own blocks and splits, with the same result, and the q/k/v write takes the
+    attention's warps with it (the two sum a head's squares alike)."""
+    from localrun.kernels import triton_qkv_write
+
+    q, k, v = case(1, 16, 2 if D == 512 else 8, 300, D, seed=7)
+    visible = torch.arange(300)[None, :] % 9 != 4
+    ref = grouped_sdpa(q, k, v, visible, D ** -0.5)
+    for block_s, warps in triton_attention.TILE_CHOICES[D]:
+        monkeypatch.setitem(triton_attention.PARTIAL_TILES, D, (block_s, warps))
+        assert triton_attention.launch_shape(300, D, 2, q.device)[1] == block_s
+        assert triton_attention.warps_for(D) == triton_qkv_write.num_warps(D) == warps
+        assert close(triton_attention.decode_attention_triton(q, k, v, visible, D ** -0.5), ref, 1e-5)
+
+
+@needs_triton
 def test_gemma_scale_as_exact_as_the_reference():
     """Scale 1.0 over normed heads (Gemma 4) gives logits of ~sqrt(D): softmax is ill-conditioned
     there (exp of logits near 60 keeps ~1e-5 of them in fp32), so both sides are held to float64:

@@ -269,11 +269,32 @@ def split_keys(S: int, groups: int, device: torch.device, block_s: int) -> tuple
     return per, triton.cdiv(S, per)
 
 
+# The partial kernel's key block and warps by BLOCK_D, where not the rule in `partial_tile` (a K and a V
+# tile of 16,384 elements). At 26B-A4B's sliding layers (D = 256) the rule's 64 keys at 4 warps hold both
+# tiles in 255 registers a thread and spill 192 bytes to the stack (sm_90, Triton 3.9; 64 at 8 warps and
+# 32 at 4 do not). gpu_check's `decode attention` rows time every TILE_CHOICES pair (`tiles_us`): make
+# the fastest the entry here. The q/k/v write launches with the same warps (`warps_for`). Every choice
+# fits a 99 KiB block (an RTX 4090's) and spills at most 24 bytes, but the rule's own at D = 256.
+PARTIAL_TILES: dict[int, tuple[int, int]] = {}
+TILE_CHOICES = {256: ((64, 4), (64, 8), (32, 4), (32, 8), (16, 4)),  # BLOCK_D -> (BLOCK_S, warps)
+                512: ((32, 8), (16, 8), (16, 4))}  # (64 keys of 512 want 100 KiB; 32 at 4 warps spills 192 bytes)
+
+
+def partial_tile(BLOCK_D: int) -> tuple[int, int]:
+    """(BLOCK_S, warps) of the partial kernel (and of the combine kernel after it) at this BLOCK_D."""
+    return PARTIAL_TILES.get(BLOCK_D) or (max(16, min(64, 16384 // BLOCK_D)), 4 if BLOCK_D <= 256 else 8)
+
+
+def warps_for(D: int) -> int:
+    """The decode attention kernels' warps at head dim D."""
+    return partial_tile(max(16, triton.next_power_of_2(D)))[1]
+
+
 def launch_shape(S: int, D: int, groups: int, device: torch.device) -> tuple[int, int, int, int]:
     """(BLOCK_D, BLOCK_S, keys per split, splits) of the partial kernel over S keys of head dim D for
     `groups` (batch x KV heads)."""
     BLOCK_D = max(16, triton.next_power_of_2(D))
-    BLOCK_S = max(16, min(64, 16384 // BLOCK_D))
+    BLOCK_S = partial_tile(BLOCK_D)[0]
     return BLOCK_D, BLOCK_S, *split_keys(S, groups, device, BLOCK_S)
 
 
@@ -320,11 +341,10 @@ def decode_attention_triton(q_BN1D: torch.Tensor, k_BKSD: torch.Tensor, v_BKSD: 
         v.stride(0), v.stride(1), v.stride(2), KV, S, D, G, scale, per,
         HAS_MASK=visible_1S is not None, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", COMBINE=in_place,
         BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_S=BLOCK_S, BLOCK_D=BLOCK_D, **tiles,
-        num_warps=4 if BLOCK_D <= 256 else 8,
-        num_stages=PARTIAL_STAGES, **triton_pdl.launch(q.device))
+        num_warps=warps_for(D), num_stages=PARTIAL_STAGES, **triton_pdl.launch(q.device))
     if not in_place:
         _decode_combine_kernel[(B * KV, triton.cdiv(G, tiles["BLOCK_H"]))](
-            m, l, acc, out, splits, D, G, BLOCK_D=BLOCK_D, **tiles, num_warps=4 if BLOCK_D <= 256 else 8,
+            m, l, acc, out, splits, D, G, BLOCK_D=BLOCK_D, **tiles, num_warps=warps_for(D),
             **triton_pdl.launch(q.device))
     return out
 
@@ -363,7 +383,7 @@ def qkv_attention_triton(raw_q, q_weight, raw_k, raw_v, k_weight, cos, sin, eps:
     count = _counters(raw_q.device) if in_place else m
     ring = ring_pos if ring_pos is not None else pos_1  # any pointer; unused without a ring
     tiles = combine_tiles(G, splits, BLOCK_D)
-    warps = 4 if BLOCK_D <= 256 else 8  # decode_attention_triton's (the same sums), and qkv_write's
+    warps = warps_for(D)  # decode_attention_triton's (the same sums), and qkv_write's
     _qkv_attention_kernel[(KV, splits)](
         raw_q, q_weight, raw_k, raw_v, k_weight, cos, sin, k_cache, v_cache, ring, pos_1, vis, m, l, acc, count, out,
         raw_q.stride(2), raw_k.stride(2), raw_v.stride(2), k_cache.stride(1), k_cache.stride(2), v_cache.stride(1),

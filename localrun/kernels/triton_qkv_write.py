@@ -56,7 +56,9 @@ def num_warps(D: int) -> int:
     """The decode attention kernel's warps at head dim D (triton_attention.decode_attention_triton): a
     head's norm sums its squares in the same order in both, so the fused q/k/v write and attention
     (triton_attention.qkv_attention_triton) computes this kernel's very q, k and v."""
-    return 4 if triton.next_power_of_2(D) <= 256 else 8
+    from .triton_attention import warps_for
+
+    return warps_for(D)
 
 
 def _heads(x_11ND: torch.Tensor) -> torch.Tensor:
