@@ -223,9 +223,8 @@ def packed_experts_source(model_dir: Path, ckpt: Checkpoint, args: ModelArgs, sp
 
     scratch: list[torch.Tensor] = []  # one packed expert on the device, for experts bound to host rows
 
-    per_read = chunk_experts(ckpt, args)
-
     def quantize(layer: int) -> LayerSource:
+        per_read = chunk_experts(ckpt, args)  # here, not before: a dense model (E2B, 31B) has no expert size
         names = _fused_expert_names(ckpt, args, layer)
         if names is not None:  # fused [E, ...] tensors: read `per_read` experts at a time
             for name, shape in zip(names, expert_shapes(args)):

@@ -142,6 +142,16 @@ def test_default_load_is_bf16_with_4bit_experts(tiny_moe):
             assert_packed(e, args, spec)
 
 
+def test_a_dense_model_loads_with_the_default_experts(tiny_checkpoint):
+    """A Gemma 4 without routed experts (E2B, E4B, 31B) at the default --experts nf4: nothing to quantize,
+    the same logits as with bf16 (the loader once sized expert reads from the absent expert size)."""
+    ids = torch.tensor([prompt_ids(12)])
+    with torch.no_grad():
+        logits = [load_model(tiny_checkpoint("dense_e2b"), dtype=torch.float32, experts=experts).model(ids)
+                  for experts in (None, "fp4", "bf16")]
+    assert torch.equal(logits[0], logits[2]) and torch.equal(logits[1], logits[2])
+
+
 def test_offloaded_load_keeps_every_payload_4bit(tiny_moe):
     loaded = load_model(tiny_moe, resident_fraction=0.5)
     model, args, store = loaded.model, loaded.args, loaded.store
