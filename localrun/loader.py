@@ -311,7 +311,10 @@ def _check_blocksize(spec: QuantSpec, args: ModelArgs | None, what: str) -> None
     try:
         spec.check_kernel_sizes(args.hidden_size, args.moe_intermediate_size)
     except ValueError as e:
-        raise UsageError(f"{what}{e}" + ("; quantize it again" if what else "")) from None
+        # run and chat take no --blocksize: say where another one comes from, and that bf16 experts need none
+        how = "; quantize it again" if what else ("; --experts bf16 keeps them unquantized (`localrun quantize "
+                                                  "--blocksize` writes 4-bit experts at another blocksize)")
+        raise UsageError(f"{what}{e}{how}") from None
 
 
 def placement_plan(args: ModelArgs, model_dir: Path, spec: QuantSpec | str, *, gpu_bytes: int | None,

@@ -38,9 +38,9 @@ class QuantSpec:
         if bad:
             ok = [b for b in (32, 64, 128, 256, 512, 1024, 2048, 4096)
                   if hidden_size % b == 0 and intermediate_size % b == 0]
+            fix = f"use {', '.join(map(str, ok))}" if ok else "no blocksize from 32 to 4096 divides both"
             raise ValueError(f"blocksize {self.blocksize} does not divide the {' and the '.join(bad)} "
-                             f"(bitsandbytes' 4-bit kernel needs both divisible); use "
-                             f"{', '.join(map(str, ok)) or 'a smaller blocksize'}")
+                             f"(bitsandbytes' 4-bit kernel needs both divisible); {fix}")
 
     def nbytes(self, numel: int) -> int:
         """Bytes stored for one quantized matrix of `numel` values, exactly as quant.nf4 packs it.

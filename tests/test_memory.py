@@ -158,6 +158,18 @@ def test_blocksize_must_divide_hidden_and_expert_sizes(cli, tiny_moe, tmp_path):
     assert code == 2 and "blocksize 128" in err and "64" in err and err.count("\n") == 1
 
 
+def test_experts_no_blocksize_fits_are_refused_with_the_way_out(cli, tmp_path):
+    """An expert size no 4-bit blocksize divides (40 here): run refuses the default nf4 in one line that
+    names bf16 experts (run has no --blocksize), and runs with them."""
+    from localrun.tiny import tiny_config, write_checkpoint
+
+    model = write_checkpoint(tmp_path / "m", tiny_config("moe", moe_intermediate_size=40))
+    code, out, err = cli("run", model, "hi", "-n", "1", "--raw")
+    assert code == 2 and err.count("\n") == 1, err
+    assert "no blocksize from 32 to 4096 divides both" in err and "--experts bf16" in err
+    assert cli("run", model, "hi", "-n", "1", "--raw", "--experts", "bf16")[0] == 0
+
+
 def test_pack_expert_into_a_row_is_the_same_bits():
     g = torch.Generator().manual_seed(0)
     gate_up, down = torch.randn(128, 64, generator=g), torch.randn(64, 64, generator=g)
