@@ -98,6 +98,26 @@ def test_gated_matches_torch(lib, act):
     assert kernels.gated(gate_up.double(), act) is None
 
 
+def test_moe_layers_with_kv_sharing_decode_as_the_prompt_pass(tmp_path):
+    """A Gemma 4 MoE whose last layers share KV (num_kv_shared_layers, no per-layer inputs): a sharing
+    layer reads its source layer's keys from the same pass, which the source's C call does not leave
+    there, so these decode through the module path: the logits of the whole sequence in one pass, and the
+    static step's tokens bit for bit (once a KeyError at the first decoded token)."""
+    from localrun.tiny import tiny_config, write_checkpoint
+
+    model_dir = write_checkpoint(tmp_path / "m", tiny_config("moe", num_kv_shared_layers=2))
+    loaded = load_model(model_dir, dtype=torch.float32, context=64)
+    ids = bench_prompt(12, loaded.args.vocab_size)
+    steps = list(generate(loaded.model, ids, make_sampler(SamplingParams()), max_tokens=6, cache=loaded.kv))
+    tokens = [s.token for s in steps]
+    with torch.inference_mode():
+        whole = loaded.model(torch.tensor([ids + tokens[:-1]]))[0, len(ids) - 1:]
+    torch.testing.assert_close(torch.stack([s.logits for s in steps]), whole, rtol=0, atol=1e-4)
+    static = list(generate(loaded.model, ids, make_sampler(SamplingParams()), max_tokens=6, cache=loaded.kv,
+                           step="static"))
+    assert [s.token for s in static] == tokens and [s.logprob for s in static] == [s.logprob for s in steps]
+
+
 def test_claim_is_a_one_token_update(tiny_moe):
     """FullKV/RingKV.claim leave the host counters where a one-token `update` leaves them."""
     args = load_model(tiny_moe, dtype=torch.float32, context=64).args

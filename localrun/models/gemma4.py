@@ -828,10 +828,11 @@ class Gemma4Model(nn.Module):
     def _decode_hidden(self, ids_11: torch.Tensor, cache) -> torch.Tensor | None:
         """hidden() of one host-driven token on the CPU in fp32, with the embedding and RoPE rows as C
         calls and each layer's forward_decode called directly (no Module call where nothing hooks
-        the layer); None where that does not apply (hidden() then runs its general path)."""
+        the layer); None where that does not apply (hidden() then runs its general path). KV sharing
+        is one: a layer's C call writes its cache but leaves no keys in the pass for a sharing layer."""
         args = self.args
-        if (ids_11.shape[0] != 1 or args.hidden_size_per_layer_input or torch.is_grad_enabled()
-                or self.compute_dtype != torch.float32 or ids_11.device.type != "cpu"):
+        if (ids_11.shape[0] != 1 or args.hidden_size_per_layer_input or args.num_kv_shared_layers
+                or torch.is_grad_enabled() or self.compute_dtype != torch.float32 or ids_11.device.type != "cpu"):
             return None
         position = cache.offset
         x = kernels.embed(self.text_ids(ids_11), self.embed_tokens.weight, args.hidden_size**0.5)
