@@ -188,6 +188,16 @@ def test_segmented_step_matches_eager_at_every_placement(tiny_moe, fraction):
     assert lp == eager_lp
 
 
+def test_dense_model_steps_match_eager(tiny_checkpoint):
+    """A Gemma 4 without routed experts (E2B: per-layer inputs, KV sharing): static and segments (one
+    segment, no experts to cut at) give the eager tokens and logprobs."""
+    loaded = load_model(tiny_checkpoint("dense_e2b"), dtype=torch.float32, context=64)
+    ids = bench_prompt(20, loaded.args.vocab_size)
+    eager = greedy(loaded.model, ids, "eager", loaded.kv, n=8)
+    assert greedy(loaded.model, ids, "static", loaded.kv, n=8) == eager
+    assert greedy(loaded.model, ids, "segments", loaded.kv, n=8) == eager
+
+
 def test_decode_segments_end_at_each_moe_layers_experts(tiny_moe):
     """first() and next() stop at every MoE layer's experts in layer order, each asking for that
     layer's experts on its own router's ids, and end with the final hidden state: one segment

@@ -589,7 +589,7 @@ class DecoderLayer(nn.Module):
         MLP may run on (`parallel_mlp`), for a caller whose back() follows in the same capture."""
         if fused is None:
             fused = self.moe and not self.per_layer and use_kernel("fused_glue", x_BTH)
-        route = self.route if prefetch else self.router
+        route = self.route if prefetch or not self.moe else self.router  # a dense layer (E2B) has no router
         handed = shared.get("normed_input")  # (x, its input norm) from the layer before (back(), CUDA)
         x_in = handed[1] if handed is not None and handed[0] is x_BTH else self.input_layernorm(x_BTH)
         attn = self.self_attn(x_in, cos_TD, sin_TD, pos_T, cache, shared)
