@@ -168,9 +168,10 @@ def v3_tiles(which):
 
 
 # every spec at the default tiles; the small tiles (every loop several steps: ~10 s a case interpreted)
-# at four that between them take NF4 and FP4, double quant on and off, and each block size
+# at two that between them take NF4 and FP4 and double quant on and off (v3 is opt-in, USE_V3 off since
+# the 2026-11-27 H200 run: the suite's 900 s keep its default tiles at every spec)
 V3_CASES = [(spec, None) for spec in SPECS] + [(spec, "small") for spec in SPECS if SPEC_IDS[SPECS.index(spec)] in
-                                               ("nf4-bs64", "nf4-bs32-dq", "fp4-bs128-dq", "fp4-bs32")]
+                                               ("nf4-bs32-dq", "fp4-bs128")]
 
 
 @needs_triton
