@@ -211,14 +211,8 @@ class RingKV:
         is built before it, as it will stand after the write: the slot pos % size shows pos (visible),
         whatever older position (or -1) the table holds there now; the same mask `_static_view` builds
         after a write, kept for the step's other rings."""
-        memo = {} if memo is None else memo
         n = min(span, self.size)
-        key = ("ring", self.window, self.size, n)
-        visible = memo.get(key)
-        if visible is None:
-            pos = self.pos[:n]
-            written = torch.arange(n, device=pos.device) == pos_1 % self.size
-            visible = memo[key] = (((pos >= 0) & (pos > pos_1 - self.window)) | written)[None, :]
+        visible = self._visible(pos_1, n, {} if memo is None else memo, before_write=True)
         out = qkv_attention(raw_q_11ND, q_weight, raw_k_11ND, raw_v_11ND, k_weight, cos, sin, eps, self.k, self.v,
                             self.pos, pos_1, self.size, norm_v, n, visible, scale)
         return out, self.k[:, :, :n], self.v[:, :, :n], visible
@@ -226,12 +220,21 @@ class RingKV:
     def _static_view(self, pos_1, span: int, memo: dict):
         """The first min(span, size) slots and their visibility, after this step's write."""
         n = min(span, self.size)
+        return self.k[:, :, :n], self.v[:, :, :n], self._visible(pos_1, n, memo, before_write=False)
+
+    def _visible(self, pos_1, n: int, memo: dict, before_write: bool):
+        """[1, n] visibility of the first n slots to the token at pos_1 once it is written, kept in `memo`
+        for the step's other rings of this shape. before_write: the table does not hold pos_1 yet, so
+        its slot pos_1 % size is shown visible whatever older position (or -1) is there."""
         key = ("ring", self.window, self.size, n)
         visible = memo.get(key)
         if visible is None:
             pos = self.pos[:n]
-            visible = memo[key] = ((pos >= 0) & (pos > pos_1 - self.window))[None, :]
-        return self.k[:, :, :n], self.v[:, :, :n], visible
+            visible = (pos >= 0) & (pos > pos_1 - self.window)
+            if before_write:
+                visible = visible | (torch.arange(n, device=pos.device) == pos_1 % self.size)
+            visible = memo[key] = visible[None, :]
+        return visible
 
     @property
     def nbytes(self) -> int:

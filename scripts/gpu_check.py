@@ -1133,18 +1133,13 @@ def decode_attention_case(dev, KV: int, G: int, S: int, D: int) -> dict:
 
 
 def graph_us(fn, dev, repeat: int = 200) -> float:
-    """Microseconds of fn replayed in a CUDA graph (called twice on the CPU)."""
-    torch = _torch()
-    from localrun.kernels.triton_moe import _time_us
+    """Microseconds of fn replayed in a CUDA graph, warmed first (called twice on the CPU)."""
+    from localrun.kernels.triton_moe import _graph_us
 
     if dev.type != "cuda":
-        return _time_us(fn, 2, dev)
+        return _graph_us(fn, 2, dev)
     fn()
-    graph = torch.cuda.CUDAGraph()
-    sync(dev)
-    with torch.cuda.graph(graph):
-        fn()
-    return _time_us(graph.replay, repeat, dev)
+    return _graph_us(fn, repeat, dev)
 
 
 def decode_attention_tiles(dev, q, k, v, visible, scale) -> dict:

@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -73,20 +72,6 @@ def gather(table, out, kernel):
     return out
 
 
-def _best(fn, repeat: int, dev) -> float:
-    import torch
-
-    fn()
-    torch.cuda.synchronize(dev)
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize(dev)
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def _sources(n_rows: int, nbytes: int, pin: bool) -> dict:
     """name -> n_rows host rows of nbytes filled with distinct bytes: PyTorch's pinned memory, localrun's."""
     import torch
@@ -102,6 +87,8 @@ def _sources(n_rows: int, nbytes: int, pin: bool) -> dict:
 
 def probe(dry: bool) -> dict:
     import torch
+
+    from gpu_check import best_seconds  # this script's folder is first on sys.path
 
     dev = torch.device("cpu" if dry else "cuda")
     n_rows, nbytes = (3, 2 * 4 * BLOCK) if dry else (80, EXPERT_BYTES)  # 268 MB: past any L2
@@ -129,10 +116,10 @@ def probe(dry: bool) -> dict:
             "copy_a_row_at_a_time": lambda: copies(host),
             "gather_device_rows": lambda: gather(on_device, dst, kernel)}
     for name, fn in ways.items():
-        out[f"{name}_bytes_per_s"] = total / _best(fn, 5, dev)
+        out[f"{name}_bytes_per_s"] = total / best_seconds(fn, 5, dev)
     eight = tables["host_rows"][:8]
-    out["one_token_zero_copy_8_experts_us"] = _best(lambda: gather(eight, dst[:8], kernel), 20, dev) * 1e6
-    out["one_token_copy_8_experts_us"] = _best(lambda: copies(host[:8]), 20, dev) * 1e6
+    out["one_token_zero_copy_8_experts_us"] = best_seconds(lambda: gather(eight, dst[:8], kernel), 20, dev) * 1e6
+    out["one_token_copy_8_experts_us"] = best_seconds(lambda: copies(host[:8]), 20, dev) * 1e6
     return out
 
 

@@ -349,13 +349,6 @@ def decode_attention_triton(q_BN1D: torch.Tensor, k_BKSD: torch.Tensor, v_BKSD: 
     return out
 
 
-def _one_token_heads(x_11ND: torch.Tensor) -> torch.Tensor:
-    """One token's heads [1, 1, heads, D] with a contiguous head dim (heads may be strided)."""
-    if x_11ND.dim() != 4 or x_11ND.shape[:2] != (1, 1):
-        raise ValueError(f"qkv_attention takes one token's heads [1, 1, heads, D], not {list(x_11ND.shape)}")
-    return x_11ND if x_11ND.stride(-1) == 1 else x_11ND.contiguous()
-
-
 def qkv_attention_triton(raw_q, q_weight, raw_k, raw_v, k_weight, cos, sin, eps: float, k_cache, v_cache, ring_pos,
                          pos_1, size: int, norm_v: bool, keys: int, visible_1S: torch.Tensor | None, scale: float,
                          in_place: bool | None = None) -> torch.Tensor:
@@ -363,7 +356,9 @@ def qkv_attention_triton(raw_q, q_weight, raw_k, raw_v, k_weight, cos, sin, eps:
     the first `keys` slots of k_cache, v_cache [1, KV, S, D] (head dim contiguous) in one launch
     (_qkv_attention_kernel; the combine kernel too where the partial rows are many). raw_q [1, 1, N, D],
     raw_k, raw_v [1, 1, KV, D]; visible [1, keys] as it stands after the write. Returns [1, N, 1, D]."""
-    raw_q, raw_k, raw_v = _one_token_heads(raw_q), _one_token_heads(raw_k), _one_token_heads(raw_v)
+    from .triton_qkv_write import one_token_heads
+
+    raw_q, raw_k, raw_v = (one_token_heads(x, "qkv_attention") for x in (raw_q, raw_k, raw_v))
     N, D = raw_q.shape[2:]
     KV = raw_k.shape[2]
     if (raw_k.shape[3] != D or N % KV or k_cache.shape[0] != 1 or k_cache.shape[1] != KV or k_cache.stride(-1) != 1

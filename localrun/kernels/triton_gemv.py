@@ -213,18 +213,11 @@ ROTATION_BYTES = 256 << 20  # weights cycled through per timing: several times a
 def _rotation_us(calls: list, device: torch.device, iters: int) -> float:
     """Microseconds per call of `calls` (each on its own copy of the weight), replayed as one CUDA
     graph on CUDA (no launch gaps the decode step's graph doesn't have either)."""
-    from .triton_moe import _time_us
+    from .triton_moe import _graph_us
 
     for call in calls:
         call()  # autotunes (first of a shape) and compiles outside the graph
-    if device.type != "cuda":
-        return _time_us(lambda: [call() for call in calls], iters, device) / len(calls)
-    graph = torch.cuda.CUDAGraph()
-    torch.cuda.synchronize(device)
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
-    return _time_us(graph.replay, iters, device) / len(calls)
+    return _graph_us(lambda: [call() for call in calls], iters, device) / len(calls)
 
 
 def benchmark_gemv(N: int, K: int, rows: int = 1, dtype: torch.dtype = torch.bfloat16,

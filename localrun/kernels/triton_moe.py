@@ -1452,6 +1452,19 @@ def _time_us(fn, iters: int, device: torch.device) -> float:
     return begin.elapsed_time(end) / iters * 1e3
 
 
+def _graph_us(fn, iters: int, device: torch.device) -> float:
+    """Microseconds per call of fn captured once as a CUDA graph and replayed: the kernels' time without
+    launch gaps the decode step's graph does not have either (fn itself on the CPU). Warm fn first: what
+    it compiles or autotunes must happen outside the capture."""
+    if device.type != "cuda":
+        return _time_us(fn, iters, device)
+    graph = torch.cuda.CUDAGraph()
+    torch.cuda.synchronize(device)
+    with torch.cuda.graph(graph):
+        fn()
+    return _time_us(graph.replay, iters, device)
+
+
 def copy_bandwidth_gbps(device: torch.device | str = "cuda", nbytes: int = 1 << 30, iters: int = 10) -> float:
     """Device-to-device copy bandwidth (read + write bytes / time), the floor's denominator."""
     device = torch.device(device)
@@ -1516,11 +1529,7 @@ def benchmark_moe_4bit(device: torch.device | str = "cuda", num_experts: int = 1
         if blocks is None:
             out["stage_picks"] = {" ".join(map(str, key)): version for key, version in _PICKS.items()}
         if graphs and device.type == "cuda":
-            graph = torch.cuda.CUDAGraph()
-            torch.cuda.synchronize(device)
-            with torch.cuda.graph(graph):
-                run()
-            g_us = _time_us(graph.replay, iters, device)
+            g_us = _graph_us(run, iters, device)
             out["configs"][name].update(us_per_call_graph=round(g_us, 2),
                                         gbps_graph=round(out["bytes_per_call"] / g_us / 1e3, 1))
             us = g_us  # the decode step replays a graph: launch overhead is not the kernels' time

@@ -61,10 +61,10 @@ def num_warps(D: int) -> int:
     return warps_for(D)
 
 
-def _heads(x_11ND: torch.Tensor) -> torch.Tensor:
+def one_token_heads(x_11ND: torch.Tensor, op: str = "qkv_write") -> torch.Tensor:
     """One token's heads [1, 1, heads, D] with a contiguous head dim (heads may be strided)."""
     if x_11ND.dim() != 4 or x_11ND.shape[:2] != (1, 1):
-        raise ValueError(f"qkv_write takes one token's heads [1, 1, heads, D], not {list(x_11ND.shape)}")
+        raise ValueError(f"{op} takes one token's heads [1, 1, heads, D], not {list(x_11ND.shape)}")
     return x_11ND if x_11ND.stride(-1) == 1 else x_11ND.contiguous()
 
 
@@ -73,7 +73,7 @@ def qkv_write_triton(raw_q, q_weight, raw_k, raw_v, k_weight, cos, sin, eps: flo
     """kernels/qkv_write.py's `qkv_write`: raw_q [1, 1, N, D], raw_k, raw_v [1, 1, KV, D] (strided
     heads welcome), cos/sin [1, 1, D], k_cache, v_cache [1, KV, S, D] with a contiguous head dim,
     ring_pos [S] or None. Returns q [1, 1, N, D]."""
-    raw_q, raw_k, raw_v = _heads(raw_q), _heads(raw_k), _heads(raw_v)
+    raw_q, raw_k, raw_v = one_token_heads(raw_q), one_token_heads(raw_k), one_token_heads(raw_v)
     N, D = raw_q.shape[2:]
     KV = raw_k.shape[2]
     if raw_k.shape[3] != D or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
