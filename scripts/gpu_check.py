@@ -1143,9 +1143,9 @@ def graph_us(fn, dev, repeat: int = 200) -> float:
 
 
 def decode_attention_tiles(dev, q, k, v, visible, scale) -> dict:
-    """The partial kernel at each (keys a block, warps) of triton_attention.TILE_CHOICES for q's head dim: "BLOCK_Sxwarps"
-    -> us in a graph and the largest difference from the default tile's output (summation order only:
-    ~1e-3 in bf16), the default's pair named; make the fastest PARTIAL_TILES' entry for this head dim."""
+    """The partial kernel at each (keys a block, warps) of triton_attention.TILE_CHOICES for q's head dim:
+    "BLOCK_Sxwarps" -> us in a graph and the largest difference from the default tile's output (summation
+    order only: ~1e-3 in bf16), the default's pair named; make the fastest PARTIAL_TILES' entry for it."""
     import triton
 
     from localrun.kernels import triton_attention as ta
