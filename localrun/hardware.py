@@ -77,15 +77,16 @@ DECODE_EFFICIENCY = MeasuredEfficiency(
     report="docs/gpu/2026-11-27-h200-resident.md",
     measured="Gemma 4 26B-A4B (random NF4 weights), every expert resident, CUDA-graph decode: 293.5 tok/s")
 
-# docs/gpu/2026-11-27-h200-16gib.md, 16 GiB budget, the segmented graphs step: 51.8 tok/s (19.3 ms a token);
-# the ceiling at the measured 17.1% miss rate (6.08 GB a token at 4.8 TB/s, misses over PCIe at the
+# docs/gpu/2026-11-27-h200-kernels-offload.md, 16 GiB budget, the segmented graphs step with the experts' kernel
+# called directly (DeviceRowsCompute): 103.5 tok/s (9.66 ms a token; 51.8 before, docs/gpu/2026-11-27-h200-16gib.md).
+# The ceiling at the 17.1% miss rate measured there (6.08 GB a token at 4.8 TB/s, misses over PCIe at the
 # preset's 50 GB/s) is 249 tok/s (4.02 ms), 7.58 ms at the resident case's bandwidth fraction; the rest,
-# 11.7 ms over 30 layers, is 391 us a layer: each layer's routing sync and its missed experts' copies.
+# 2.08 ms over 30 layers, is 69 us a layer: each layer's routing read and its missed experts' copies.
 OFFLOAD_DECODE_EFFICIENCY = MeasuredEfficiency(
-    bandwidth_fraction=0.53, layer_seconds=391e-6, device="NVIDIA H200", date="2026-11-27",
-    report="docs/gpu/2026-11-27-h200-16gib.md",
+    bandwidth_fraction=0.53, layer_seconds=69e-6, device="NVIDIA H200", date="2026-11-27",
+    report="docs/gpu/2026-11-27-h200-kernels-offload.md",
     measured="Gemma 4 26B-A4B (random NF4 weights) under a 16 GiB budget, 94 of 128 experts resident, every miss "
-             "copied over PCIe, segmented CUDA-graph decode: 51.8 tok/s")
+             "copied over PCIe, segmented CUDA-graph decode: 103.5 tok/s")
 
 
 # docs/cpu/2026-11-27-epyc-zen5-26b-a4b.md: Gemma 4 26B-A4B (random NF4 experts, the rest bf16, fp32 compute) on

@@ -64,9 +64,8 @@ def apply_repetition_penalty(logits_V: torch.Tensor, seen: torch.Tensor, penalty
         return logits_V
     penalty = min(max(penalty, 1 / PENALTY_REACH), PENALTY_REACH)
     picked = logits_V[seen]
-    out = logits_V.clone()
-    out[seen] = torch.where(picked > 0, picked / penalty, picked * penalty)
-    return out
+    # scatter, not `out[seen] = ...` (index_put_): a token seen twice writes the same value twice
+    return logits_V.scatter(0, seen, torch.where(picked > 0, picked / penalty, picked * penalty))
 
 
 def apply_top_k(logits_V: torch.Tensor, k: int) -> torch.Tensor:

@@ -268,7 +268,8 @@ def resolve_mode(model, mode: str = "auto") -> str:
     the model can cut its step at the experts, else eager; eager on the CPU (the variable
     LOCALRUN_DECODE_STEP overrides what auto picks). "graphs" for a model whose experts need the host
     (offloaded) means "segments": graphs between the layers' experts (every family; Gemma 4 on an H200
-    under a 16 GiB budget: 51.8 tok/s against eager's 21.1, the same tokens, docs/gpu/2026-11-27-h200-16gib.md).
+    under a 16 GiB budget: 103.5 tok/s against eager's 19.7, docs/gpu/2026-11-27-h200-kernels-offload.md;
+    the same tokens, docs/gpu/2026-11-27-h200-16gib.md).
     Raises ValueError for a mode this model or device cannot run."""
     if mode not in ("auto", *STEPS):
         raise ValueError(f"decode step must be auto, {', '.join(STEPS)}, not {mode!r}")

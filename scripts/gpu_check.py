@@ -22,14 +22,14 @@ Steps:
   big        random-weight model with the real 26B-A4B config (built in memory, quantized to NF4
              on the device): planned vs placed vs peak vs reserved bytes; decode and prefill tok/s;
              kernel launches and host syncs per decoded token; once every expert resident, once
-             under a forced 16 GiB budget; the graphs step with each open switch on first (v4 MoE,
-             PDL, parallel_mlp, norms_route, fused_qkv_attention; together:
-             speed_graphs_with_every_open_switch), then with
-             each default decode kernel off (speed_graphs_without_NAME; GPU_CHECK_DECIDED=0 skips these
-             and what follows: the lease's first call) and each opt-in one on (speed_graphs_with_NAME,
-             per_token_graphs_with_NAME, tokens_graphs_with_NAME), with the v3 MoE decode kernels
-             where faster per stage instead of v2 alone (speed_graphs_with_v3_moe, ...) and with v4
-             instead of either (speed_graphs_with_v4_moe, ...); all resident, the 512-token prefill
+             under a forced 16 GiB budget; all resident, decode tok/s of the graphs step by default
+             and with each open switch (v4 MoE, v4's gate_up alone, PDL, parallel_mlp, norms_route,
+             fused_qkv_attention off, the in-place combine, every open switch at once) in alternating
+             rounds (decode_ab_graphs: each side's rounds, median, spread, ratio to the default;
+             GPU_CHECK_AB_ROUNDS, 3), then with GPU_CHECK_DECIDED=1 (the default; 0 for a lease's first
+             call) each default decode kernel off and each other opt-in one on and v3 where faster per
+             stage (or v2 alone) in the same rounds; each switch's launches a token and first greedy
+             divergence from the default (per_token_graphs_TAG, tokens_graphs_TAG); the 512-token prefill
              through the grouped 4-bit GEMMs vs each hit expert dequantized for dense matmuls
              (prefill_grouped_gemm, prefill_dequantize_per_expert), and with the full layers' flash
              attention kernel off (prefill_without_flash_attention); at 16 GiB the 512-token prefill
@@ -509,42 +509,24 @@ def big_model_run(dry: bool, dev, load_kwargs: dict, rows: dict, long_prompt: bo
             timed(f"per_token_{mode}_sampled", lambda mode=mode: per_token_counts(
                 model, short, dev, mode, loaded.kv, sampled_params()), rows)
         if mode in ("graphs", "static") and loaded.store is None:  # the step with one setting switched
-            from localrun.kernels import triton_moe
-            from localrun.models.gemma4 import CPU_ONLY_KERNELS, DECODE_KERNELS  # (static: the dry run's stand-in)
-
-            def switched(tag: str, switch, mode=mode) -> None:
-                """speed_, per_token_ and tokens_{tag}: the step within `switch()` (tokens: against the default)."""
+            sides = open_switches(loaded.kv)
+            if os.environ.get("GPU_CHECK_DECIDED", "1") != "0":  # a short lease: the settled switches wait
+                sides.update(decided_switches(loaded.kv))
+            # decode tok/s of the default and each switch in alternating rounds: one run each moved by +-5%
+            # on the 2026-11-27 H200 (a switch's "after 512" above its "after 16"), too much to decide on
+            rounds = 1 if dry else int(os.environ.get("GPU_CHECK_AB_ROUNDS", 3))
+            ab_gen = gen if dry else min(gen, 96)
+            timed(f"decode_ab_{mode}", lambda mode=mode: decode_ab(
+                model, {"16": short, str(prompt): ids}, ab_gen, dev, mode, loaded.kv,
+                {"default": lambda: steps_anew(loaded.kv), **sides}, rounds), rows)
+            for tag, switch in sides.items():  # what each switch launches, and whether its tokens stay
+                if tag in COMBINED_SIDES:
+                    continue
                 with switch():
-                    timed(f"speed_{tag}", rates, rows)
-                    timed(f"per_token_{tag}", lambda: per_token_counts(model, short, dev, mode, loaded.kv), rows)
-                timed(f"tokens_{tag}", lambda: divergence_when(switch, model, short, dev, mode, loaded.kv), rows)
-
-            # the open questions first: v4 MoE (triton_moe.USE_V4: the table in the lanes), PDL (each kernel
-            # placed while the one before ends), the dense MLP beside the experts (a second stream in the
-            # graph), then all three as defaults would take them
-            switched(f"{mode}_with_v4_moe", lambda: moe_v4_switched(True, loaded.kv))
-            switched(f"{mode}_with_pdl", lambda: pdl_switched(True, loaded.kv))
-            switched(f"{mode}_with_parallel_mlp", lambda: kernel_switched("parallel_mlp", True, loaded.kv))
-            switched(f"{mode}_with_parallel_mlp_and_norms_route", lambda: both_switched(
-                kernel_switched("parallel_mlp", True, loaded.kv), kernel_switched("norms_route", True, loaded.kv)))
-            # the q/k/v write inside decode attention's launch (one launch a layer fewer, the same bits)
-            switched(f"{mode}_with_fused_qkv_attention", lambda: kernel_switched("fused_qkv_attention", True, loaded.kv))
-            with moe_v4_switched(True, loaded.kv), pdl_switched(True, loaded.kv):
-                timed(f"speed_{mode}_with_v4_moe_and_pdl", rates, rows)
-                with kernel_switched("parallel_mlp", True, loaded.kv), kernel_switched("norms_route", True, loaded.kv), \
-                        kernel_switched("fused_qkv_attention", True, loaded.kv):
-                    timed(f"speed_{mode}_with_every_open_switch", rates, rows)
-            if os.environ.get("GPU_CHECK_DECIDED", "1") == "0":  # a short lease: the settled switches wait
-                continue
-            defaults = {n: on for n, on in DECODE_KERNELS.items() if n not in CPU_ONLY_KERNELS}
-            for name in [n for n, on in defaults.items() if on]:  # each default decode kernel: its torch ops
-                with kernel_switched(name, False, loaded.kv):
-                    timed(f"speed_{mode}_without_{name}", rates, rows)
-            opened = {"parallel_mlp", "norms_route", "fused_qkv_attention"}  # measured above
-            for name in [n for n, on in defaults.items() if not on and n not in opened]:  # opt-in: worth turning on?
-                switched(f"{mode}_with_{name}", lambda name=name: kernel_switched(name, True, loaded.kv))
-            other = not triton_moe.USE_V3  # v3 where faster per stage vs the v2 default (or the reverse)
-            switched(f"{mode}_with_{'v3' if other else 'v2'}_moe", lambda: moe_v3_switched(other, loaded.kv))
+                    timed(f"per_token_{mode}_{tag}", lambda mode=mode: per_token_counts(
+                        model, short, dev, mode, loaded.kv), rows)
+                timed(f"tokens_{mode}_{tag}", lambda switch=switch, mode=mode: divergence_when(
+                    switch, model, short, dev, mode, loaded.kv), rows)
     # prefill through the grouped GEMMs (default) vs each hit expert dequantized once (all resident), or, with
     # experts in host RAM, vs each expert computed on its own after its copy (ExpertStore's per-expert path)
     from quant import ffn
@@ -855,13 +837,6 @@ def kernel_switched(name: str, on: bool, cache):
     return setting(gemma4.DECODE_KERNELS, name, on, cache)
 
 
-@contextlib.contextmanager
-def both_switched(first, second):
-    """Within: two switches (context managers) at once."""
-    with first, second:
-        yield
-
-
 def moe_v3_switched(on: bool, cache):
     """Within: the v3 4-bit MoE decode kernels on or off (off: v2 alone)."""
     from localrun.kernels import triton_moe
@@ -881,6 +856,116 @@ def pdl_switched(on: bool, cache):
     from localrun.kernels import triton_pdl
 
     return setting(triton_pdl, "ENABLED", on, cache)
+
+
+@contextlib.contextmanager
+def steps_anew(cache):
+    """Within: the cache's decode steps dropped on the way in and out (the default side of an A/B,
+    captured anew as each switch's side is)."""
+    cache.steps.clear()
+    try:
+        yield
+    finally:
+        cache.steps.clear()
+
+
+def combined(*switches):
+    """A switch (a context manager factory) of several at once."""
+    @contextlib.contextmanager
+    def within():
+        with contextlib.ExitStack() as stack:
+            for switch in switches:
+                stack.enter_context(switch())
+            yield
+    return within
+
+
+COMBINED_SIDES = {"with_every_open_switch"}  # A/B sides whose launches and tokens their parts' rows show
+
+
+def open_switches(cache) -> dict:
+    """The decode step's open questions as A/B sides: tag -> switch (a context manager factory). The
+    switches 2026-11-27's H200 run turned on come back switched off, to see them hold."""
+    from localrun.kernels import triton_attention, triton_moe
+
+    v4 = lambda: moe_v4_switched(True, cache)  # noqa: E731
+    pdl = lambda: pdl_switched(True, cache)  # noqa: E731
+    mlp = lambda: kernel_switched("parallel_mlp", True, cache)  # noqa: E731
+    route = lambda: kernel_switched("norms_route", True, cache)  # noqa: E731
+    return {
+        "with_v4_moe": v4,  # the table in the lanes (triton_moe.USE_V4)
+        "with_v4_gate_up_moe": combined(v4, lambda: setting(triton_moe, "V4_DOWN", False, cache)),  # v2's down
+        "with_pdl": pdl,  # each kernel placed while the one before ends
+        "with_parallel_mlp": mlp,  # the dense MLP on a second stream in the graph
+        "with_parallel_mlp_and_norms_route": combined(mlp, route),
+        "without_fused_qkv_attention": lambda: kernel_switched("fused_qkv_attention", False, cache),
+        "with_in_place_combine": lambda: setting(triton_attention, "COMBINE_IN_PLACE_MAX", 1 << 16, cache),
+        "with_every_open_switch": combined(v4, pdl, mlp, route),
+    }
+
+
+def decided_switches(cache) -> dict:
+    """A/B sides of the settled switches: each default decode kernel off, each other opt-in one on, the
+    v3 MoE kernels where faster per stage instead of v2 (or the reverse)."""
+    from localrun.kernels import triton_moe
+    from localrun.models.gemma4 import CPU_ONLY_KERNELS, DECODE_KERNELS
+
+    opened = {"parallel_mlp", "norms_route", "fused_qkv_attention"}  # open_switches' own
+    sides = {}
+    for name, on in DECODE_KERNELS.items():
+        if name not in CPU_ONLY_KERNELS and name not in opened:
+            sides[f"{'without' if on else 'with'}_{name}"] = lambda name=name, on=on: kernel_switched(
+                name, not on, cache)
+    other = not triton_moe.USE_V3
+    sides[f"with_{'v3' if other else 'v2'}_moe"] = lambda: moe_v3_switched(other, cache)
+    return sides
+
+
+def decode_rate(model, ids: list[int], n: int, dev, mode: str, cache) -> float:
+    """Decoded tokens a second over n greedy tokens after `ids`' prefill: from the first token's arrival
+    on the host to the last's (each token is read back: the one sync a token the step has)."""
+    from localrun.generate import generate
+    from localrun.sampling import SamplingParams, make_sampler
+
+    stamps = [time.perf_counter() for _ in generate(model, ids, make_sampler(SamplingParams(), device=dev),
+                                                    max_tokens=n, step=mode, cache=cache)]
+    sync(dev)
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+
+def decode_ab(model, prompts: dict[str, list[int]], n: int, dev, mode: str, cache, sides: dict,
+              rounds: int) -> dict:
+    """Decode tok/s of each side (tag -> a switch: a context manager factory; the first is the baseline)
+    after each prompt, in `rounds` rounds that alternate the sides, each round starting one side later,
+    each side's graphs captured anew and warmed (autotuning, compiling) before it is timed. Per side and
+    prompt: every round's rate, the median, the spread ((max - min) / median) and the median over the
+    baseline's median."""
+    names = list(sides)
+    rates: dict = {name: {p: [] for p in prompts} for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            with sides[name]():
+                for prompt, ids in prompts.items():
+                    greedy(model, ids, 2, dev, mode, cache)  # capture this span's graphs, autotune
+                    rates[name][prompt].append(decode_rate(model, ids, n, dev, mode, cache))
+    out: dict = {"rounds": rounds, "tokens": n}
+    base = {p: _median(rates[names[0]][p]) for p in prompts}
+    for name in names:
+        out[name] = {}
+        for prompt in prompts:
+            got = rates[name][prompt]
+            median = _median(got)
+            out[name][f"after_{prompt}"] = {"tokens_per_s": round(median, 2),
+                                            "rounds": [round(x, 2) for x in got],
+                                            "spread": round((max(got) - min(got)) / median, 3),
+                                            "vs_default": round(median / base[prompt], 3)}
+    return out
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
 def divergence_when(switch, model, ids: list[int], dev, mode: str, cache, n: int = 16) -> dict:
@@ -917,7 +1002,8 @@ def host_profile(model, ids: list[int], dev, mode: str, cache, n: int = 16, top:
 
 def per_token_counts(model, ids: list[int], dev, mode: str = "eager", cache=None, params=None) -> dict:
     """Kernels, host launch calls and host syncs of one decoded token (the difference of 3 and 4
-    generated tokens, so prefill and the first sampling step cancel); greedy, or sampled by `params`."""
+    generated tokens, so prefill and the first sampling step cancel), with the Python line of each sync
+    (torch's sync debug warning names it); greedy, or sampled by `params`."""
     torch = _torch()
 
     def counts(n: int) -> tuple[int, int, int]:
@@ -949,10 +1035,14 @@ def per_token_counts(model, ids: list[int], dev, mode: str = "eager", cache=None
                 greedy(model, ids, n, dev, mode, cache, params)
         finally:
             torch.cuda.set_sync_debug_mode("default")
-        syncs = sum(1 for w in caught if "synchroniz" in str(w.message).lower())
-        return kernels, launches, syncs
+        found = [w for w in caught if "synchroniz" in str(w.message).lower()]
+        sites[n] = Counter(f"{Path(w.filename).name}:{w.lineno}" for w in found)  # the Python line that synced
+        return kernels, launches, len(found)
+
+    from collections import Counter
 
     tables: dict = {}
+    sites: dict = {}
     greedy(model, ids, 4 if dev.type == "cuda" else 1, dev, mode, cache, params)  # warm: graphs, kernels
     k3, l3, s3 = counts(3)
     k4, l4, s4 = counts(4)
@@ -962,6 +1052,7 @@ def per_token_counts(model, ids: list[int], dev, mode: str = "eager", cache=None
     return {"kernels_per_token": k4 - k3, "host_launch_calls_per_token": l4 - l3, "host_syncs_per_token": s4 - s3,
             "device_us_per_token": round(sum(t for _, t in tables[4].values()) - sum(t for _, t in tables[3].values()), 1),
             "weight_kernels_us_per_token": round(sum(us for name, _, us in per_token if is_weight_kernel(name)), 1),
+            "host_sync_sites_per_token": dict(sites[4] - sites[3]),
             "top_kernels_per_token": per_token[:20]}
 
 
@@ -1075,7 +1166,7 @@ def dense_gemv_cases(dev, dry: bool, out: dict) -> None:
     """The Triton GEMV (localrun::gemv on CUDA) against F.linear (cuBLAS) at each dense projection shape
     of a 26B-A4B decode step, one bf16 row (and 4 rows at the sliding q/k/v shape): `gemv <name>` rows,
     and `gemv per token`: the microseconds of one token's projections each way (launches x us), and with
-    what kernels/gemv.py routes (MIN_N <= N <= MAX_N) on the Triton side."""
+    what kernels/gemv.py routes (MIN_N <= N <= MAX_N, at most ROUTED_ROWS rows) on the Triton side."""
     try:
         from localrun.kernels import gemv as gemv_ops
         from localrun.kernels.triton_gemv import benchmark_gemv
@@ -1089,7 +1180,7 @@ def dense_gemv_cases(dev, dry: bool, out: dict) -> None:
             **benchmark_gemv(N, K, rows=rows, device=dev, iters=iters), "per_token": count}, out)
         if "us_triton" not in row:
             continue
-        routed = gemv_ops.MIN_N <= N <= gemv_ops.MAX_N
+        routed = gemv_ops.MIN_N <= N <= gemv_ops.MAX_N and rows <= gemv_ops.ROUTED_ROWS
         row["routed"] = routed
         totals["weight_bytes"] += count * row["weight_bytes"]
         totals["us_triton"] += count * row["us_triton"]
@@ -1153,6 +1244,7 @@ def decode_attention_tiles(dev, q, k, v, visible, scale) -> dict:
     block_d = max(16, triton.next_power_of_2(q.shape[-1]))
     default = ta.decode_attention_triton(q, k, v, visible, scale).float()
     out: dict = {"default": "x".join(map(str, ta.partial_tile(block_d)))}
+    before = ta.PARTIAL_TILES.get(block_d)
     try:
         for block_s, warps in ta.TILE_CHOICES.get(block_d, (ta.partial_tile(block_d),)):
             ta.PARTIAL_TILES[block_d] = (block_s, warps)
@@ -1163,7 +1255,10 @@ def decode_attention_tiles(dev, q, k, v, visible, scale) -> dict:
             except Exception as e:  # one tile that cannot launch (shared memory) must not hide the others
                 out[f"{block_s}x{warps}"] = {"error": f"{type(e).__name__}: {e}"[:300]}
     finally:
-        ta.PARTIAL_TILES.pop(block_d, None)
+        if before is None:
+            ta.PARTIAL_TILES.pop(block_d, None)
+        else:
+            ta.PARTIAL_TILES[block_d] = before
     return out
 
 
@@ -1390,8 +1485,30 @@ def markdown(report: dict) -> str:
         lines += ["```json", json.dumps({k: v for k, v in value.items() if k != "seconds"}, indent=1, default=str),
                   "```", ""]
         if step == "big":
-            lines += memory_summary(value)
+            lines += ab_summary(value) + memory_summary(value)
     return "\n".join(lines)
+
+
+def ab_summary(big: dict) -> list[str]:
+    """The big step's decode A/Bs (`decode_ab_*`) as tables: a side a row, its median tok/s after each
+    prompt with its ratio to the default and its rounds' spread."""
+    lines = []
+    for name, rows in big.items():
+        for key, ab in (rows.items() if isinstance(rows, dict) else ()):
+            if not key.startswith("decode_ab_") or not isinstance(ab, dict) or "rounds" not in ab:
+                continue
+            sides = {k: v for k, v in ab.items() if isinstance(v, dict)}
+            prompts = list(next(iter(sides.values()), {}))
+            lines += [f"`{name}.{key}` ({ab['rounds']} alternating rounds of {ab['tokens']} tokens; "
+                      "median tok/s, x the default, spread):", "",
+                      "| side | " + " | ".join(p.replace("_", " ") for p in prompts) + " |",
+                      "|---|" + "---|" * len(prompts)]
+            for side, by_prompt in sides.items():
+                cells = [f"{r['tokens_per_s']} ({r['vs_default']}x, ±{r['spread'] * 50:.1f}%)"
+                         for r in by_prompt.values()]
+                lines.append(f"| {side} | " + " | ".join(cells) + " |")
+            lines.append("")
+    return lines
 
 
 def memory_summary(big: dict) -> list[str]:

@@ -302,15 +302,19 @@ PREFILL_DIVISIBLE = {"stride_qb", "stride_qh", "stride_qt", "stride_kb", "stride
 
 def prefill_attention_cases():
     """compile_cases() rows of the CUDA prefill's flash attention kernel at 26B-A4B's full layers
-    (D = 512): the tiles it launches (bf16, fp16, fp32; full and sliding) and every TILE_CHOICES
+    (D = 512): the tiles it launches below and from sm_90 (bf16, fp16, fp32; full and sliding) and every TILE_CHOICES
     tile gpu_check times; each with PREFILL_DIVISIBLE as its divisibility."""
     import torch
 
     from localrun.kernels import triton_prefill_attention as tp
 
     dtypes = {"*bf16": torch.bfloat16, "*fp16": torch.float16, "*fp32": torch.float32}
-    variants = [(x, sliding, tp.tiles_for(512, dtype)) for x, dtype in dtypes.items() for sliding in (False, True)]
-    variants += [("*bf16", False, tiles) for tiles in tp.TILE_CHOICES.values() if tiles != tp.HALF_TILES]
+    variants = []
+    for capability in (None, (9, 0)):  # below sm_90, and from it
+        variants += [(x, sliding, tp.tiles_for(512, dtype, capability)) for x, dtype in dtypes.items()
+                     for sliding in (False, True)]
+    variants += [("*bf16", False, tiles) for tiles in tp.TILE_CHOICES.values()]
+    variants = list(dict.fromkeys(variants))  # each once
     for x, sliding, t in variants:
         ptrs = {"q_ptr": x, "k_ptr": x, "v_ptr": x, "out_ptr": x, "pos_t_ptr": "*i64", "pos_s_ptr": "*i64"}
         consts = dict(SLIDING=sliding, PRECISION="ieee" if x == "*fp32" else "tf32", WIDEN=False, BLOCK_M=t.BLOCK_M,

@@ -53,10 +53,17 @@ def test_dry_run_writes_a_complete_report(tmp_path):
     assert waves["expert_cache"]["hits"] > 0 and "prefill_grouped_waves" not in steps["big"]["resident"]
     resident = steps["big"]["resident"]  # each default decode kernel (dense_gemv too) switched off
     assert resident["per_token_static_sampled"]["aten_ops_per_token"] > 0  # every sampling filter on
-    assert "error" not in resident["speed_static_without_dense_gemv"]
-    assert {"speed_static_with_parallel_mlp", "speed_static_with_parallel_mlp_and_norms_route",
-            "speed_static_with_fused_qkv_attention", "speed_static_with_every_open_switch"} <= set(resident)
-    assert resident["tokens_static_with_fused_qkv_attention"]["first_divergence_from_default"] is None
+    ab = resident["decode_ab_static"]  # the default and every switch, alternating (one round dry)
+    assert {"default", "with_v4_moe", "with_v4_gate_up_moe", "with_pdl", "with_parallel_mlp",
+            "with_parallel_mlp_and_norms_route", "without_fused_qkv_attention", "with_in_place_combine",
+            "with_every_open_switch", "without_dense_gemv", "with_v3_moe"} <= set(ab), ab
+    for side in (v for v in ab.values() if isinstance(v, dict)):
+        assert set(side) == {"after_16", "after_32"} and all(r["tokens_per_s"] > 0 for r in side.values())
+    assert ab["default"]["after_16"]["vs_default"] == 1.0
+    assert "with_every_open_switch" in (tmp_path / "gpu_check.md").read_text()  # the A/B's table
+    assert "per_token_static_with_every_open_switch" not in resident  # its parts' rows show it
+    assert resident["per_token_static_with_v4_gate_up_moe"]["aten_ops_per_token"] > 0
+    assert resident["tokens_static_without_fused_qkv_attention"]["first_divergence_from_default"] is None
     assert resident["tokens_static_with_parallel_mlp"]["first_divergence_from_default"] is None
     assert resident["tokens_static_with_parallel_mlp_and_norms_route"]["first_divergence_from_default"] is None
     assert resident["tokens_static_with_v3_moe"]["first_divergence_from_default"] is None  # the other MoE kernels
@@ -68,7 +75,7 @@ def test_dry_run_writes_a_complete_report(tmp_path):
     assert all(v["max_rel_err_triton"] < 1e-2 for v in gemv.values())
     assert kernels["gemv per token"]["weight_bytes"] > 0
     attention = kernels["decode attention, dry"]
-    assert attention["combine_in_place"] == {"default": True, "identical_to_combine_kernel": True}, attention
+    assert attention["combine_in_place"] == {"default": False, "identical_to_combine_kernel": True}, attention
     assert {"triton split-key", "triton split-key, combine kernel", "grouped_sdpa"} <= set(attention)
     prefill = kernels["prefill attention, dry"]  # the flash kernel (interpreted) vs the blocks, every tile timed
     assert prefill["triton flash"]["max_abs_err_vs_fp32"] < 5e-2 and prefill["sdpa math, blocks"]["us"] > 0
@@ -89,6 +96,41 @@ def _script():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_decode_ab_alternates_the_sides_and_reports_medians(monkeypatch):
+    """Each round runs every side once, starting one side later than the round before, each side's
+    prompts warmed before they are timed; medians, spreads and ratios come from those rounds."""
+    import contextlib
+
+    check = _script()
+    events, rate = [], {"a": iter([10.0, 30.0, 20.0]), "b": iter([5.0, 5.0, 8.0])}
+    current = []
+
+    def side(name):
+        @contextlib.contextmanager
+        def within():
+            current.append(name)
+            yield
+            current.pop()
+        return within
+
+    monkeypatch.setattr(check, "greedy", lambda model, ids, n, *a, **k: events.append(("warm", current[-1], ids)))
+
+    def timed_rate(model, ids, n, *a, **k):
+        events.append(("time", current[-1], ids))
+        return next(rate[current[-1]]) if ids == [1] else 1.0
+    monkeypatch.setattr(check, "decode_rate", timed_rate)
+    out = check.decode_ab(None, {"16": [1], "512": [2]}, 8, None, "graphs", None, {"a": side("a"), "b": side("b")}, 3)
+    order = [name for kind, name, ids in events if kind == "time" and ids == [1]]
+    assert order == ["a", "b", "b", "a", "a", "b"]
+    assert events[:4] == [("warm", "a", [1]), ("time", "a", [1]), ("warm", "a", [2]), ("time", "a", [2])]
+    assert out["a"]["after_16"] == {"tokens_per_s": 20.0, "rounds": [10.0, 30.0, 20.0], "spread": 1.0,
+                                    "vs_default": 1.0}
+    assert out["b"]["after_16"]["tokens_per_s"] == 5.0 and out["b"]["after_16"]["vs_default"] == 0.25
+    assert out["b"]["after_512"]["vs_default"] == 1.0 and out["rounds"] == 3 and out["tokens"] == 8
+    table = "\n".join(check.ab_summary({"resident": {"decode_ab_graphs": out}}))
+    assert "| b | 5.0 (0.25x, ±30.0%) | 1.0 (1.0x, ±0.0%) |" in table
 
 
 def test_past_the_deadline_nothing_more_is_measured_and_the_report_says_so(tmp_path):

@@ -358,6 +358,28 @@ def test_use_v4_switches_the_default(monkeypatch):
 
 
 @needs_triton
+def test_v4_gate_up_with_v2_down(monkeypatch):
+    """USE_V4 with V4_DOWN off: v4's gate_up stage, then v2's down over the same h rows, exact (FP4 with
+    double quant, top-8, T = 2 with an expert in both tokens); blocks="v4" still runs both v4 stages."""
+    stages = []
+    for name in ("_down_v2", "_down_v4", "_gate_up_v4", "_gate_up_v2"):
+        real = getattr(triton_moe, name)
+        monkeypatch.setattr(triton_moe, name, lambda *a, real=real, name=name: stages.append(name) or real(*a))
+    monkeypatch.setattr(triton_moe, "USE_V4", True)
+    monkeypatch.setattr(triton_moe, "V4_DOWN", False)
+    spec = QuantSpec("fp4", 64, True)
+    h, i, e = 96, 64, 10
+    buf = make_buffer(spec, e, h, i)
+    ids, w = routing(2, 8, e)
+    x = torch.randn(2, h, generator=torch.Generator().manual_seed(11))
+    assert rel_err(run_triton(buf, x, ids, w, "silu"), bnb_moe(buf, x, ids, w, "silu")) < RTOL
+    assert stages == ["_gate_up_v4", "_down_v2"]
+    triton_moe.moe_4bit_triton(x, ids, w, buf.data, *buf.code_tables(), buf.offsets(), h, i, 64, True, "silu",
+                               blocks="v4")
+    assert stages[2:] == ["_gate_up_v4", "_down_v4"]
+
+
+@needs_triton
 @pytest.mark.parametrize("blocks", ["v2", "v4"])
 def test_at_the_26b_shape(blocks):
     """v2 (the default) and v4 (opt-in) exact at 26B-A4B's rows (for v4, H = 2816 is 2.75 steps of 128

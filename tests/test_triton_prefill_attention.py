@@ -99,16 +99,21 @@ def test_half_precision_is_close_to_fp32(dtype, B, KV, G, T, old, D, window, rot
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("D,G,T,old,window", [(512, 8, 21, 40, None), (256, 2, 33, 15, 16), (512, 4, 9, 0, 4)])
-def test_the_tiles_the_gpu_launches(dtype, D, G, T, old, window):
-    """tiles_for's tiles (HALF_TILES, FP32_TILES): the scores in a loop of BLOCK_DK-wide chunks of
-    the head dim, the output in D / BLOCK_DV slices, rows and keys in blocks shorter than T * G and S."""
+@pytest.mark.parametrize("capability", [(8, 9), (9, 0)])
+def test_the_tiles_the_gpu_launches(dtype, D, G, T, old, window, capability):
+    """tiles_for's tiles (HALF_TILES below sm_90, HOPPER_HALF_TILES from it, FP32_TILES): the scores in
+    a loop of BLOCK_DK-wide chunks of the head dim, the output in D / BLOCK_DV slices (one at sm_90 in
+    half precision), rows and keys in blocks shorter than T * G and S."""
     pos_T, pos_S = layout(old, T, window, rotate=1)
     q, k, v = case(1, 2, G, T, pos_S, D, dtype, seed=D + T)
-    tiles = flash.tiles_for(D, dtype)
+    tiles = flash.tiles_for(D, dtype, capability)
     assert tiles.BLOCK_DK < D
-    out = flash.causal_attention_triton(q, k, v, pos_T, pos_S, window, 0.07)
+    assert (tiles.BLOCK_DV >= D) == (dtype != torch.float32 and (D == 256 or capability == (9, 0)))
+    out = flash.causal_attention_triton(q, k, v, pos_T, pos_S, window, 0.07, tiles)
     ref = reference(q, k, v, pos_T, pos_S, window, 0.07)
     torch.testing.assert_close(out.float(), ref, rtol=0, atol=1e-5 if dtype == torch.float32 else 3e-2)
+    if capability == (8, 9):
+        assert flash.tiles_for(D, dtype) == tiles  # not a CUDA device: the tiles below sm_90
 
 
 @needs_triton

@@ -245,6 +245,7 @@ def test_static_step_with_the_switch_on(tiny_checkpoint, monkeypatch, kind):
     writes, fused = [], []
     monkeypatch.setattr(kvcache, "qkv_write", counting(kvcache.qkv_write, writes))
     monkeypatch.setattr(kvcache, "qkv_attention", counting(kvcache.qkv_attention, fused))
+    monkeypatch.setitem(gemma4.DECODE_KERNELS, "fused_qkv_attention", False)
     apart = static_greedy(loaded, 8)
     writers = sum(layer is not None for layer in loaded.kv.layers)
     assert len(writes) == 7 * writers and not fused  # the first token comes from the prefill
@@ -265,6 +266,7 @@ def test_static_step_with_the_interpreted_kernels(tiny_moe, monkeypatch):
     fused = []
     monkeypatch.setattr(kvcache, "qkv_attention", counting(triton_attention.qkv_attention_triton, fused))
     monkeypatch.setattr(kernels, "decode_attention", triton_attention.decode_attention_triton)
+    monkeypatch.setitem(gemma4.DECODE_KERNELS, "fused_qkv_attention", False)
     apart = static_greedy(loaded, 3)
     monkeypatch.setitem(gemma4.DECODE_KERNELS, "fused_qkv_attention", True)
     assert static_greedy(loaded, 3) == apart

@@ -312,7 +312,9 @@ def test_static_decode_takes_the_fused_kernels(tiny_moe, as_on_cuda, monkeypatch
     layer but the last computes the next one's input norm with its FFN residual (the next layer's
     input_layernorm then never runs), and each layer kind's RoPE rows are one rope_rows; the tokens
     are the unfused step's. DECODE_KERNELS["fused_glue"] off (scripts/gpu_check.py's switch) takes
-    none of them."""
+    none of them. (fused_qkv_attention, on by default, takes qkv_write's work into the attention launch:
+    tests/test_triton_qkv_attention.py.)"""
+    monkeypatch.setitem(gemma4.DECODE_KERNELS, "fused_qkv_attention", False)
     loaded = load_model(tiny_moe, dtype=torch.float32, context=64)
     with monkeypatch.context() as plain:
         plain.setattr(gemma4, "fused_on_cuda", lambda x: False)

@@ -17,6 +17,10 @@ import torch.nn.functional as F
 
 MAX_ROWS = 4  # triton_gemv.MAX_ROWS: x rows the kernel takes in one call
 MIN_N, MAX_N = 1, 65536  # output rows routed: lm_head (262,144) stays with cuBLAS, already at copy bandwidth
+# x rows `applies` routes to the kernel: on an H200 cuBLAS was the faster from two rows (the decode step's
+# MLP gate/up + router GEMM, 2 x 4,352 x 2,816: 8.9 us vs 10.4; 4 rows at the q/k/v shape: 13.9 vs 25.7),
+# the kernel from one (docs/gpu/2026-11-27-h200-kernels-offload.md, `gemv *` rows)
+ROUTED_ROWS = 1
 DEVICE_TYPES = ("cuda",)  # where `applies` routes (tests add "cpu" to run the routing under the interpreter)
 HALF = (torch.bfloat16, torch.float16)
 
@@ -36,8 +40,10 @@ def fits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bo
 
 
 def applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """Whether inference activations x take localrun::gemv (a device in DEVICE_TYPES, and `fits`)."""
-    return x.device.type in DEVICE_TYPES and not torch.is_grad_enabled() and fits(x, weight, bias)
+    """Whether inference activations x take localrun::gemv (a device in DEVICE_TYPES, at most ROUTED_ROWS
+    rows, and `fits`)."""
+    return (x.device.type in DEVICE_TYPES and not torch.is_grad_enabled() and fits(x, weight, bias)
+            and x.numel() // x.shape[-1] <= ROUTED_ROWS)
 
 
 @torch.library.custom_op("localrun::gemv", mutates_args=())

@@ -12,11 +12,13 @@ per (batch, KV head, split), and a second kernel combines the splits:
   combine  out = sum_s exp(m_s - M) acc_s / sum_s exp(m_s - M) l_s, a few heads' partial rows in
            one tile (a head's combine waits on memory about once, not once a split).
 
-Where the partial rows of a KV head are few (every short and medium context: COMBINE_IN_PLACE_MAX
-elements), the combine needs no launch of its own: each partial program counts itself done on its
-(batch, KV head)'s counter (an atomic add, release/acquire at GPU scope, after a barrier that orders
-its threads' stores before it), and the program that comes last combines the G heads and resets
-the counter. One launch a layer fewer; the same arithmetic in the same order.
+Opt-in (COMBINE_IN_PLACE_MAX above 0), the combine needs no launch of its own where the partial rows
+of a KV head are few: each partial program counts itself done on its (batch, KV head)'s counter (an
+atomic add, release/acquire at GPU scope, after a barrier that orders its threads' stores before it),
+and the program that comes last combines the G heads and resets the counter. One launch a layer fewer,
+the same arithmetic in the same order, but slower on an H200: the last program's combine waits behind
+the counter (in CUDA graphs, with both launches: 8.9 vs 8.6 us at 256 sliding keys, 14.2 vs 12.5 at
+1,536, 12.8 vs 9.6 at 256 full-layer keys; docs/gpu/2026-11-27-h200-kernels-offload.md).
 
 `_qkv_attention_kernel` (opt-in, `localrun::qkv_attention`) is the partial kernel of one token with
 kernels/triton_qkv_write.py's work in front of its keys: each program norms and ropes its G query
@@ -54,7 +56,7 @@ MAX_SPLITS = 64  # programs per (batch, KV head); the combine loop reads this ma
 # cubin is the same at 1 and 3 stages (sm_90, Triton 3.9). tests/test_sass_stats.py holds the launch to 99 KiB.
 PARTIAL_STAGES = 1
 
-COMBINE_IN_PLACE_MAX = 1 << 16  # partial elements (splits x G x D) the last program combines itself at most
+COMBINE_IN_PLACE_MAX = 0  # partial elements (splits x G x D) the last program combines itself at most (0: never)
 
 
 @triton.jit
@@ -275,7 +277,10 @@ def split_keys(S: int, groups: int, device: torch.device, block_s: int) -> tuple
 # 32 at 4 do not). gpu_check's `decode attention` rows time every TILE_CHOICES pair (`tiles_us`): make
 # the fastest the entry here. The q/k/v write launches with the same warps (`warps_for`). Every choice
 # fits a 99 KiB block (an RTX 4090's) and spills at most 24 bytes, but the rule's own at D = 256.
-PARTIAL_TILES: dict[int, tuple[int, int]] = {}
+# H200 (docs/gpu/2026-11-27-h200-kernels-offload.md, us in CUDA graphs): at D = 256, 32 keys at 4 warps
+# 7.3 / 14.3 (256 / 1,536 keys) against the rule's 8.8 / 14.3; at D = 512 the rule's 32 x 8 is fastest
+# but at 4,096 keys (12.7 / 18.8 / 96.1 at 256 / 4,096 / 32,768; 16 x 4: 21.6 / 17.8 / 107.7).
+PARTIAL_TILES: dict[int, tuple[int, int]] = {256: (32, 4)}
 TILE_CHOICES = {256: ((64, 4), (64, 8), (32, 4), (32, 8), (16, 4)),  # BLOCK_D -> (BLOCK_S, warps)
                 512: ((32, 8), (16, 8), (16, 4))}  # (64 keys of 512 want 100 KiB; 32 at 4 warps spills 192 bytes)
 

@@ -619,7 +619,12 @@ _down_v3_tuned = triton.autotune(DOWN_V3_CONFIGS, key=["H", "I_Q", "T_BUCKET", "
 # layer on the H200, about what its bytes take. Exact as v2 / v3: fp32 products and sums, the K
 # experts summed in a fixed order.
 
-USE_V4 = False  # True: blocks=None runs v4 (autotuned) where v3 fits, instead of v3 / v2; not yet measured
+USE_V4 = False  # True: blocks=None runs v4 (autotuned) where v3 fits, instead of v3 / v2
+# With USE_V4, v4's down stage too (False: v2's down after v4's gate_up). On an H200 (26B-A4B, every expert
+# resident, CUDA graphs; docs/gpu/2026-11-27-h200-open-switches.md) v4's gate_up took 426 us a token against
+# v2's 467, its down 408 against v2's 356; decode 311.8 / 271.3 tok/s (after 16 / 512) against 278.8 / 275.6,
+# one run each: gpu_check's alternating decode A/B measures v4, v4's gate_up alone and v2.
+V4_DOWN = True
 
 
 @dataclass(frozen=True)
@@ -645,8 +650,11 @@ INTERPRETER_V4 = V4Tiles(gate_up_n=128, gate_up_w=128, down_n=256, down_w=128)
 # more programs (BLOCK_N 2 / 1, for latency) and fewer (for instructions).
 GATE_UP_V4_CONFIGS = [_chunk_cfg(n, w, warps) for n, w, warps in (
     (4, 128, 1), (2, 128, 1), (8, 128, 2), (4, 64, 1), (8, 64, 2), (2, 64, 1), (8, 32, 1), (4, 128, 2))]
+# H200 (2026-11-27): gate_up's pick (2, 128, 1) stands inside its list; down picked (8, 32, 2), the most
+# rows a program here, at one token and at 8: (8, 32, 4) and (16, 32, 4) go past it at the same chunks a thread.
 DOWN_V4_CONFIGS = [_chunk_cfg(n, w, warps) for n, w, warps in (
-    (4, 32, 1), (2, 32, 1), (8, 32, 2), (2, 128, 1), (1, 128, 1), (4, 64, 2), (2, 64, 1), (8, 32, 1))]
+    (4, 32, 1), (2, 32, 1), (8, 32, 2), (2, 128, 1), (1, 128, 1), (4, 64, 2), (2, 64, 1), (8, 32, 1),
+    (8, 32, 4), (16, 32, 4))]
 
 
 @triton.jit
@@ -977,12 +985,16 @@ def _down_v4(c: _Call, tiles: V4Tiles | None) -> None:
 
 
 def _moe_4bit_v4(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden, inter, blocksize, double_quant,
-                 act, tiles: V4Tiles | None) -> torch.Tensor:
-    """The v4 kernels: autotuned on CUDA (tiles None), else with `tiles`."""
+                 act, tiles: V4Tiles | None, down: bool = True) -> torch.Tensor:
+    """The v4 kernels: autotuned on CUDA (tiles None), else with `tiles`; `down` False: v2's down stage
+    after v4's gate_up (autotuned on CUDA, else INTERPRETER_TILES)."""
     c = _prepare(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden, inter, blocksize, double_quant,
                  act)
     _gate_up_v4(c, tiles)
-    _down_v4(c, tiles)
+    if down:
+        _down_v4(c, tiles)
+    else:
+        _down_v2(c, INTERPRETER_TILES if interpreted() else None)
     return c.y
 
 
@@ -1069,7 +1081,8 @@ def moe_4bit_triton(x_TH: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor
 
     `blocks`: None = the best kernels for the shape: from GROUPED_MIN_TOKENS tokens the grouped GEMMs
     (`moe_4bit_grouped`, the prefill path; also for rows of an odd number of weights, which the GEMV
-    kernels cannot read), else where v3 fits (`v3_fits`) v4 if USE_V4, else (USE_V3) each stage the
+    kernels cannot read), else where v3 fits (`v3_fits`) v4 if USE_V4 (its down stage if V4_DOWN, else
+    v2's), else (USE_V3) each stage the
     faster of v3 and v2 (`_run_stage`, on CUDA), else v2, else v1; autotuned on CUDA, fixed tiles
     when interpreted. "v4" / "v3" / "v2" = those kernels alone, autotuned (A/B timing). A V4Tiles /
     V3Tiles / Tiles / Blocks = the v4 / v3 / v2 / v1 kernels with those tiles."""
@@ -1088,7 +1101,7 @@ def moe_4bit_triton(x_TH: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor
                              f"blocksize >= {CHUNK_WEIGHTS}, got H={hidden}, I={inter}, blocksize {blocksize}")
         tiles = blocks if isinstance(blocks, V4Tiles) else INTERPRETER_V4 if interpreted() else None
         return _moe_4bit_v4(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden, inter, blocksize,
-                            double_quant, act, tiles)
+                            double_quant, act, tiles, down=blocks is not None or V4_DOWN)
     if isinstance(blocks, V3Tiles) or blocks == "v3" or (blocks is None and USE_V3 and v3_fits(hidden, inter,
                                                                                             blocksize)):
         if not v3_fits(hidden, inter, blocksize):

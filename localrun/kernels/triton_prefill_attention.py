@@ -150,12 +150,17 @@ class Tiles(NamedTuple):
 # --compile-only lists their bytes; tests/test_sass_stats.py holds them to it). Half precision at
 # D = 512, bf16: 40 KiB and ~185 registers a thread at sm_90 (wgmma), 40 KiB and ~210 at sm_89.
 HALF_TILES = Tiles(BLOCK_M=64, BLOCK_N=64, BLOCK_DK=64, BLOCK_DV=256, num_warps=8, num_stages=2)
+# sm_90 and later (H100, H200): the whole head dim a program, no score computed twice: on an H200 512
+# queries of a 26B-A4B full layer after 8,192 keys took 1,267 us against HALF_TILES' 2,047 and 1,322 at
+# 128 rows x dv 256 (docs/gpu/2026-11-27-h200-kernels-offload.md). Below sm_90 (an RTX 4090) its
+# accumulator takes every register and ptxas keeps 104-120 bytes of stack a thread, not measured there.
+HOPPER_HALF_TILES = Tiles(BLOCK_M=64, BLOCK_N=64, BLOCK_DK=64, BLOCK_DV=512, num_warps=8, num_stages=2)
 FP32_TILES = Tiles(BLOCK_M=32, BLOCK_N=32, BLOCK_DK=32, BLOCK_DV=128, num_warps=4, num_stages=1)
-# What scripts/gpu_check.py times against HALF_TILES (none measured yet): the whole head dim a program
-# (no score recomputed, the accumulator at the register limit), taller row blocks, shorter key blocks.
+# What scripts/gpu_check.py times against each other: the two defaults, taller row blocks, shorter key
+# blocks, a deeper pipeline.
 TILE_CHOICES = {
-    "m64 n64 dk64 dv256 w8 s2 (default)": HALF_TILES,
-    "m64 n64 dk64 dv512 w8 s2": Tiles(64, 64, 64, 512, 8, 2),
+    "m64 n64 dk64 dv512 w8 s2 (default from sm_90)": HOPPER_HALF_TILES,
+    "m64 n64 dk64 dv256 w8 s2 (default below)": HALF_TILES,
     "m128 n64 dk64 dv256 w8 s2": Tiles(128, 64, 64, 256, 8, 2),
     "m128 n64 dk64 dv128 w8 s2": Tiles(128, 64, 64, 128, 8, 2),
     "m64 n32 dk64 dv256 w4 s2": Tiles(64, 32, 64, 256, 4, 2),
@@ -163,9 +168,12 @@ TILE_CHOICES = {
 }
 
 
-def tiles_for(D: int, dtype: torch.dtype) -> Tiles:
-    """The launch's tile for head dim D: HALF_TILES or FP32_TILES, each chunk no wider than D needs."""
-    t = FP32_TILES if dtype == torch.float32 else HALF_TILES
+def tiles_for(D: int, dtype: torch.dtype, capability: tuple[int, int] | None = None) -> Tiles:
+    """The launch's tile for head dim D on an NVIDIA GPU of this compute capability (None: another device,
+    the interpreter): FP32_TILES, or half precision's HOPPER_HALF_TILES from sm_90, else HALF_TILES; each
+    chunk no wider than D needs."""
+    hopper = capability is not None and capability >= (9, 0)
+    t = FP32_TILES if dtype == torch.float32 else HOPPER_HALF_TILES if hopper else HALF_TILES
     block_d = max(16, triton.next_power_of_2(D))
     return t._replace(BLOCK_DK=min(t.BLOCK_DK, block_d), BLOCK_DV=min(t.BLOCK_DV, block_d))
 
@@ -183,7 +191,9 @@ def causal_attention_triton(q_BNTD: torch.Tensor, k_BKSD: torch.Tensor, v_BKSD: 
     assert N % KV == 0 and S >= T and pos_T.shape == (T,) and pos_S.shape == (S,), (q_BNTD.shape, k_BKSD.shape)
     G = N // KV
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q_BNTD, k_BKSD, v_BKSD))
-    tiles = tiles or tiles_for(D, q.dtype)
+    nvidia = q.device.type == "cuda" and torch.version.hip is None
+    capability = torch.cuda.get_device_capability(q.device) if nvidia else None
+    tiles = tiles or tiles_for(D, q.dtype, capability)
     out = torch.empty(B, N, T, D, dtype=q.dtype, device=q.device)
     grid = (triton.cdiv(T * G, tiles.BLOCK_M), B * KV, triton.cdiv(D, tiles.BLOCK_DV))
     _causal_attention_kernel[grid](

@@ -216,12 +216,14 @@ def apply_rope(x_BTND, cos_T1D, sin_T1D):
 # GPU overlaps them. It takes the router's rows off the MLP's GEMM (mlp_router_gemm does not apply).
 # norms_route (opt-in, with parallel_mlp: where the router projects on its own): the post-attention
 # norms, the router's GEMV and the top-k as one launch (localrun::norms_route), where they were three.
-# fused_qkv_attention (opt-in, where qkv_write runs: CUDA's half-precision static step): the q/k/v norms,
-# RoPE and K/V write inside the decode attention launch (localrun::qkv_attention), where they were two
-# launches a layer; the same bits (each split program norms its query heads as qkv_write does).
+# fused_qkv_attention (where qkv_write runs: CUDA's half-precision static step): the q/k/v norms, RoPE and
+# K/V write inside the decode attention launch (localrun::qkv_attention), where they were two launches a
+# layer; the same bits (each split program norms its query heads as qkv_write does). On an H200 graphs
+# decode 297.6 / 281.5 tok/s (after 16 / 512) against 278.8 / 275.6 without, the same tokens, 333 kernels
+# a token, not 359 (docs/gpu/2026-11-27-h200-open-switches.md).
 DECODE_KERNELS = {"decode_attention": True, "fused_glue": True, "decode_layer": True, "dense_gemv": True,
                   "mlp_router_gemm": True, "parallel_mlp": False, "norms_route": False,
-                  "fused_qkv_attention": False}
+                  "fused_qkv_attention": True}
 CPU_ONLY_KERNELS = {"decode_layer"}  # DecoderLayer.forward_decode: nothing to switch off on CUDA
 
 
