@@ -43,6 +43,12 @@ def test_dry_run_writes_a_complete_report(tmp_path):
     assert all(len(row) == 4 and row[1] > 0 and row[3] >= row[2] >= 0 for row in profile["top"])
     assert [row[2] for row in profile["top"]] == sorted((row[2] for row in profile["top"]), reverse=True)
     assert "host_profile_eager" not in steps["big"]["resident"]
+    half = steps["big"]["half"]  # after the long prompt too (16 GiB read 1.8x slower there): counts, host profile
+    assert half["per_token_segments_after_32"]["aten_ops_per_token"] > 0
+    assert half["host_profile_segments_after_32"]["wall_ms_per_token"] > 0
+    for speed in (half["speed_segments"], steps["big"]["resident"]["speed_static"]):  # each from its own stamps
+        assert speed["prefill_tokens_per_s"] > 0 and speed["decode_tokens_per_s_after_16"] > 0
+        assert speed["decode_tokens_per_s_after_32"] > 0
     long = steps["big"]["half"]["long_prompt"]  # the dry run's stand-in for 16 GiB
     assert "error" not in long and long["out_of_memory"] is None, long
     assert long["prompt_tokens"] == 1024 and long["prefill_tokens_per_s"] > 0 and long["peak_reserved_bytes"] > 0
@@ -56,7 +62,7 @@ def test_dry_run_writes_a_complete_report(tmp_path):
     ab = resident["decode_ab_static"]  # the default and every switch, alternating (one round dry)
     assert {"default", "with_v4_moe", "with_v4_gate_up_moe", "with_pdl", "with_parallel_mlp",
             "with_parallel_mlp_and_norms_route", "without_fused_qkv_attention", "with_in_place_combine",
-            "with_every_open_switch", "without_dense_gemv", "with_v3_moe"} <= set(ab), ab
+            "with_every_open_switch", "without_mlp_router_gemm", "without_dense_gemv", "with_v3_moe"} <= set(ab), ab
     for side in (v for v in ab.values() if isinstance(v, dict)):
         assert set(side) == {"after_16", "after_32"} and all(r["tokens_per_s"] > 0 for r in side.values())
     assert ab["default"]["after_16"]["vs_default"] == 1.0
