@@ -186,6 +186,9 @@ def compile_cases(arch: int = 90):
         for D, ring in ((256, False), (256, True), (512, False))[: 3 if x == "*bf16" else 2]:  # 26B-A4B's layers
             yield (f"qkv_write {x[1:]} D={D} ring={ring}", triton_qkv_write._qkv_write_kernel, kv,
                    dict(NORM_V=True, HAS_RING=ring, BLOCK=D), triton_qkv_write.num_warps(D))
+        if x == "*bf16":  # Qwen3-30B-A3B's (v as projected)
+            yield (f"qkv_write {x[1:]} D=128 ring=False norm_v=False", triton_qkv_write._qkv_write_kernel, kv,
+                   dict(NORM_V=False, HAS_RING=False, BLOCK=128), triton_qkv_write.num_warps(128))
         glue = {n: x for n in triton_fused._ffn_residual_kernel.arg_names if n.endswith("_ptr")}
         yield f"ffn_residual {x[1:]} next", triton_fused._ffn_residual_kernel, glue, dict(NEXT=True, BLOCK=4096), 4
         route = {n: x for n in triton_fused._norms_route_kernel.arg_names if n.endswith("_ptr")}
@@ -196,7 +199,7 @@ def compile_cases(arch: int = 90):
         yield f"rope_rows {x[1:]}", triton_fused._rope_rows_kernel, rope, dict(BLOCK=128), 4
         attn = {"q_ptr": x, "k_ptr": x, "v_ptr": x, "vis_ptr": "*u8", "m_ptr": "*fp32", "l_ptr": "*fp32",
                 "acc_ptr": "*fp32", "count_ptr": "*i32", "out_ptr": x}
-        for D, G in ((256, 2), (512, 8)):  # 26B-A4B's sliding and full layers
+        for D, G in ((256, 2), (512, 8), (128, 8)):  # 26B-A4B's sliding and full layers, Qwen3-30B-A3B's
             for in_place in (True, False):
                 yield (f"decode_partial {x[1:]} D={D} combine_in_place={in_place}",
                        triton_attention._decode_partial_kernel, attn,
@@ -207,11 +210,14 @@ def compile_cases(arch: int = 90):
         fused = {n: x for n in triton_attention._qkv_attention_kernel.arg_names if n.endswith("_ptr")}
         fused.update(pos_ptr="*i64", ring_ptr="*i64", vis_ptr="*u8", m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32",
                      count_ptr="*i32")
-        half = ((256, 2, True, True), (512, 8, False, True), (512, 8, False, False))
-        for D, G, ring, in_place in half if x == "*bf16" else ():  # (an fp32 step writes q/k/v with torch ops)
-            yield (f"qkv_attention {x[1:]} D={D} ring={ring} combine_in_place={in_place}",
+        # 26B-A4B's sliding and full layers (the combine apart by default, in place opt-in), Qwen3-30B-A3B's
+        # (v as projected)
+        half = ((256, 2, True, True, True), (256, 2, True, False, True), (512, 8, False, True, True),
+                (512, 8, False, False, True), (128, 8, False, False, False))
+        for D, G, ring, in_place, norm_v in half if x == "*bf16" else ():  # (fp32 writes q/k/v with torch ops)
+            yield (f"qkv_attention {x[1:]} D={D} ring={ring} combine_in_place={in_place} norm_v={norm_v}",
                    triton_attention._qkv_attention_kernel, fused,
-                   dict(NORM_V=True, HAS_RING=ring, HAS_MASK=True, PRECISION="ieee" if x == "*fp32" else "tf32",
+                   dict(NORM_V=norm_v, HAS_RING=ring, HAS_MASK=True, PRECISION="ieee" if x == "*fp32" else "tf32",
                         COMBINE=in_place, BLOCK_G=16, BLOCK_S=triton_attention.partial_tile(D)[0], BLOCK_D=D,
                         **triton_attention.combine_tiles(G, 8, D)), triton_attention.warps_for(D))
     yield from _grouped_cases(triton_moe)

@@ -480,6 +480,7 @@ def test_qwen3_static_step_writes_kv_in_one_kernel_where_cuda_would(moe_checkpoi
     calls = []
     write = kvcache.qkv_write
     monkeypatch.setattr(kvcache, "qkv_write", lambda *args: calls.append(args) or write(*args))
+    monkeypatch.setitem(gemma4.DECODE_KERNELS, "fused_qkv_attention", False)  # the write alone (below: with it)
     model = load_model(moe_checkpoint("qwen3_moe"), dtype=torch.float32, experts="bf16").model
     eager = list(generate(model, prompt(), make_sampler(SamplingParams()), max_tokens=8, step="eager"))
     for module in (gemma4, qwen3_moe):
@@ -487,3 +488,31 @@ def test_qwen3_static_step_writes_kv_in_one_kernel_where_cuda_would(moe_checkpoi
     static = list(generate(model, prompt(), make_sampler(SamplingParams()), max_tokens=8, step="static"))
     assert [s.token for s in static] == [s.token for s in eager]
     assert len(calls) == 7 * len(model.layers) and not any(args[-1] for args in calls)
+
+
+def test_qwen3_static_step_attends_in_the_write_launch(moe_checkpoint, monkeypatch):
+    """With fused_qkv_attention (the default) Qwen3's static step attends in the q/k/v write's launch
+    (`qkv_attention`, here its CPU formula): v as projected (norm_v False), the layer's own scale (with
+    YaRN's factor), no separate qkv_write; the tokens and logprobs are those of the write then attention."""
+    from localrun import kvcache
+    from localrun.models import gemma4, qwen3_moe
+
+    fused, writes = [], []
+    attend_in_write, write = kvcache.qkv_attention, kvcache.qkv_write
+    monkeypatch.setattr(kvcache, "qkv_attention", lambda *args: fused.append(args) or attend_in_write(*args))
+    monkeypatch.setattr(kvcache, "qkv_write", lambda *args: writes.append(args) or write(*args))
+    for module in (gemma4, qwen3_moe):
+        monkeypatch.setattr(module, "fused_on_cuda", lambda x: gemma4.use_kernel("fused_glue", x))
+    model = load_model(moe_checkpoint("qwen3_moe"), dtype=torch.float32, experts="bf16").model
+    monkeypatch.setitem(gemma4.DECODE_KERNELS, "fused_qkv_attention", False)
+    apart = [(s.token, s.logprob) for s in generate(model, prompt(), make_sampler(SamplingParams()), max_tokens=8,
+                                                    step="static")]
+    assert writes and not fused
+    writes.clear()
+    monkeypatch.setitem(gemma4.DECODE_KERNELS, "fused_qkv_attention", True)
+    together = [(s.token, s.logprob) for s in generate(model, prompt(), make_sampler(SamplingParams()),
+                                                       max_tokens=8, step="static")]
+    assert together == apart
+    assert len(fused) == 7 * len(model.layers) and not writes
+    assert {args[13] for args in fused} == {False}  # norm_v
+    assert {args[-1] for args in fused} == {model.layers[0].self_attn.scale}

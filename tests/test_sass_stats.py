@@ -96,8 +96,9 @@ def test_the_decode_steps_newer_kernels_compile_for_sm90():
             "qkv_attention", "pdl", "prefill_attention"} == {name.split()[0] for name in rows}
     for name, row in rows.items():  # the attention that writes q/k/v sums each head's squares as qkv_write does,
         if name.startswith("qkv_attention"):  # and walks the keys in the plain kernel's loop: the same bits
-            x, D, _, in_place = name.split()[1:]
-            assert row["row_sums"] == rows[f"qkv_write {x} {D} ring=False"]["row_sums"] and len(row["row_sums"]) == 3
+            x, D, _, in_place, norm_v = name.split()[1:]  # (v as projected: Qwen3-MoE's, one sum fewer)
+            write = rows[f"qkv_write {x} {D} ring=False" + ("" if norm_v == "norm_v=True" else f" {norm_v}")]
+            assert row["row_sums"] == write["row_sums"] and len(row["row_sums"]) == (3 if norm_v == "norm_v=True" else 2)
             assert row["key_loop"] and row["key_loop"] == rows[f"decode_partial {x} {D} {in_place}"]["key_loop"], name
     pdl = {name.removeprefix("pdl "): row for name, row in rows.items() if name.startswith("pdl ")}
     assert len(pdl) == 20  # every decode kernel with PDL on

@@ -1,9 +1,10 @@
-"""The q/k/v write inside the decode attention launch (`localrun::qkv_attention`, opt-in
-DECODE_KERNELS["fused_qkv_attention"]; kernels/triton_attention.py's `_qkv_attention_kernel`) under
+"""The q/k/v write inside the decode attention launch (`localrun::qkv_attention`,
+DECODE_KERNELS["fused_qkv_attention"], on by default; kernels/triton_attention.py's `_qkv_attention_kernel`) under
 TRITON_INTERPRET=1: bit for bit the two launches it replaces (qkv_write, then decode attention over
 the step's view and mask) on full layers and rings (wrapped, with rollback slots emptied, a span of
 one), GQA groups of 1, 2 and 8, head dims 128, 256 and 512, K=V, the new slot in a middle split,
-the combine in place and apart; the op's registration and CPU formula."""
+the combine in place and apart, v as projected with a scale (Qwen3-MoE); the op's registration and CPU
+formula; Gemma 4's and Qwen3-MoE's static steps with the switch on."""
 
 from __future__ import annotations
 
@@ -67,15 +68,15 @@ def caches(kind: str, KV: int, D: int, dtype):
     return noisy(make()), noisy(make())
 
 
-def two_launches(cache, args, pos_1, span: int, in_place: bool):
+def two_launches(cache, args, pos_1, span: int, in_place: bool, norm_v: bool = True, scale: float = 1.0):
     """qkv_write's kernel through the cache (write_raw: the mask after the write), then the decode
     attention kernel over the step's view."""
-    q, k, v, visible = cache.write_raw(*args, pos_1, span, {})
-    return triton_attention.decode_attention_triton(q.transpose(1, 2), k, v, visible, 1.0, in_place=in_place), visible
+    q, k, v, visible = cache.write_raw(*args, pos_1, span, {}, norm_v=norm_v)
+    return triton_attention.decode_attention_triton(q.transpose(1, 2), k, v, visible, scale, in_place=in_place), visible
 
 
-def one_launch(cache, args, pos_1, span: int, in_place: bool):
-    out, k, v, visible = cache.write_attend(*args, pos_1, span, {})
+def one_launch(cache, args, pos_1, span: int, in_place: bool, norm_v: bool = True, scale: float = 1.0):
+    out, k, v, visible = cache.write_attend(*args, pos_1, span, {}, scale=scale, norm_v=norm_v)
     return out, visible
 
 
@@ -98,7 +99,7 @@ STEPS = {"full": [(0, 1), (5, 16), (70, 256), (200, 256)],
          "ring": [(0, 1), (70, 256), (150, 256), "rollback 145", (200, 256)]}
 
 
-def run_both(kind, N, KV, D, k_eq_v, dtype, triton_ops, in_place=True, rotated=None):
+def run_both(kind, N, KV, D, k_eq_v, dtype, triton_ops, in_place=True, rotated=None, norm_v=True, scale=1.0):
     fused, plain = caches(kind, KV, D, dtype)
     qw = (torch.rand(D, generator=torch.Generator().manual_seed(1)) + 0.5).to(dtype)
     kw = (torch.rand(D, generator=torch.Generator().manual_seed(2)) + 0.5).to(dtype)
@@ -116,8 +117,8 @@ def run_both(kind, N, KV, D, k_eq_v, dtype, triton_ops, in_place=True, rotated=N
         cos, sin = (t.to(dtype) for t in rope_row(D, seed=i, rotated=rotated))
         args = (raw_q, qw, raw_k, raw_v, kw, cos, sin, EPS)
         pos_1 = torch.tensor([p])
-        want, seen = two_launches(plain, args, pos_1, span, in_place)
-        got, shown = one_launch(fused, args, pos_1, span, in_place)
+        want, seen = two_launches(plain, args, pos_1, span, in_place, norm_v, scale)
+        got, shown = one_launch(fused, args, pos_1, span, in_place, norm_v, scale)
         filled = p + 1
         assert torch.equal(shown, seen), (kind, p)  # the mask built before the write is the one after it
         assert got.shape == want.shape == (1, N, 1, D) and got.dtype == dtype
@@ -142,6 +143,17 @@ def test_one_launch_is_qkv_write_then_attention(kind, dtype, N, KV, D, k_eq_v, t
     if dtype == torch.bfloat16 and not BF16_ROUNDS_TO_NEAREST:
         pytest.skip("this Triton's interpreter cannot round bf16 to nearest")
     run_both(kind, N, KV, D, k_eq_v, dtype, triton_ops, rotated=D // 8 if k_eq_v else None)
+
+
+@needs_triton
+@pytest.mark.parametrize("kind", ["full", "ring"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_one_launch_with_v_as_projected_and_a_scale(kind, dtype, triton_ops):
+    """Qwen3-MoE's layers (G = 8, D = 128): v written as projected (norm_v False), scores scaled by the
+    layer's D^-0.5 (times YaRN's factor): still the two launches' bits."""
+    if dtype == torch.bfloat16 and not BF16_ROUNDS_TO_NEAREST:
+        pytest.skip("this Triton's interpreter cannot round bf16 to nearest")
+    run_both(kind, 8, 1, 128, False, dtype, triton_ops, norm_v=False, scale=128 ** -0.5 * 1.1)
 
 
 @needs_triton

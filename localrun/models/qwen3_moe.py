@@ -35,7 +35,7 @@ from ..kvcache import FullKV, RingKV
 from ..moe import ACTIVATIONS, DenseExperts
 from . import common, rope
 from .gemma4 import (DECODE_KERNELS, MLP, DecodeSegments, Front, RMSNorm, apply_rope, attend, fuse_linears,
-                     fused_on_cuda, norm_rope, project)
+                     fused_on_cuda, norm_rope, project, qkv_attention_applies)
 
 
 @dataclass
@@ -364,7 +364,13 @@ class Attention(nn.Module):
         q, k, v = (x.view(B, T, -1, self.head_dim) for x in (q, k, v))
         pos_S, visible, span = pos_T, None, shared.get("span")  # span: the static decode step's (localrun/step.py)
         if cache is not None and span is not None and self.k_norm is not None and fused_on_cuda(k):
-            # q's and k's norms and RoPE and the write of k and v (as it is: no v norm here) in one kernel
+            # q's and k's norms and RoPE and the write of k and v (as it is: no v norm here) in one kernel,
+            # and where the decode attention kernel runs, the attention in that launch too
+            if qkv_attention_applies(q):
+                out, _, _, _ = cache.write_attend(q, self.q_norm.weight, k, v, self.k_norm.weight, cos_TD, sin_TD,
+                                                  self.k_norm.eps, pos_T, span, shared.setdefault("static", {}),
+                                                  scale=self.scale, norm_v=False)
+                return project(self.o_proj, out.transpose(1, 2).reshape(B, T, -1))
             q, k, v, visible = cache.write_raw(q, self.q_norm.weight, k, v, self.k_norm.weight, cos_TD, sin_TD,
                                                self.k_norm.eps, pos_T, span, shared.setdefault("static", {}),
                                                norm_v=False)
