@@ -491,9 +491,10 @@ def big_model_run(dry: bool, dev, load_kwargs: dict, rows: dict, long_prompt: bo
             # difference of two runs' totals moved with the prefill: at 16 GiB its copies take ~1 s of a run)
             greedy(model, ids, 2, dev, mode, loaded.kv)  # warm: this span's graphs, autotuning
             greedy(model, short, 2, dev, mode, loaded.kv)
-            runs = 1 if mode == "eager" else 2  # eager: 10-30 tok/s, seconds a run, its own noise small
-            long_runs = [generation_times(model, ids, gen, dev, mode, loaded.kv) for _ in range(runs)]
-            short_runs = [generation_times(model, short, gen, dev, mode, loaded.kv) for _ in range(runs)]
+            # eager: 10-30 tok/s, seconds a run, its own noise small: one run of at most 48 tokens
+            runs, n = (1, min(gen, 48)) if mode == "eager" else (2, gen)
+            long_runs = [generation_times(model, ids, n, dev, mode, loaded.kv) for _ in range(runs)]
+            short_runs = [generation_times(model, short, n, dev, mode, loaded.kv) for _ in range(runs)]
             return {"prefill_tokens_per_s": round(prompt / min(t for t, _ in long_runs), 1),
                     f"decode_tokens_per_s_after_{prompt}": round(max(r for _, r in long_runs), 2),
                     "decode_tokens_per_s_after_16": round(max(r for _, r in short_runs), 2)}
@@ -1016,10 +1017,22 @@ def host_profile(model, ids: list[int], dev, mode: str, cache, n: int = 16, top:
             "columns": ["function", "calls a token", "own ms a token", "cumulative ms a token"], "top": rows[:top]}
 
 
+def idle_between(intervals: list[tuple[float, float]]) -> float:
+    """How long the device ran nothing between the first interval's start and the last one's end:
+    the gaps between kernels (and copies), where intervals on several streams may overlap."""
+    idle, reach = 0.0, None
+    for start, end in sorted(intervals):
+        if reach is not None and start > reach:
+            idle += start - reach
+        reach = end if reach is None else max(reach, end)
+    return idle
+
+
 def per_token_counts(model, ids: list[int], dev, mode: str = "eager", cache=None, params=None) -> dict:
     """Kernels, host launch calls and host syncs of one decoded token (the difference of 3 and 4
     generated tokens, so prefill and the first sampling step cancel), with the Python line of each sync
-    (torch's sync debug warning names it); greedy, or sampled by `params`."""
+    (torch's sync debug warning names it) and the microseconds the device idled between kernels (launch
+    gaps, host waits); greedy, or sampled by `params`."""
     torch = _torch()
 
     def counts(n: int) -> tuple[int, int, int]:
@@ -1038,6 +1051,8 @@ def per_token_counts(model, ids: list[int], dev, mode: str = "eager", cache=None
                       and "memcpy" not in e.name.lower() and "memset" not in e.name.lower())
         launches = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CPU
                        and e.name.startswith(("cudaLaunch", "cuLaunch", "cudaGraphLaunch")))
+        idle[n] = idle_between([(e.time_range.start, e.time_range.end) for e in events
+                                if e.device_type == torch.autograd.DeviceType.CUDA])
         table: dict = {}  # where the device time goes: kernel name -> (count, microseconds)
         for e in events:
             if e.device_type == torch.autograd.DeviceType.CUDA:
@@ -1059,6 +1074,7 @@ def per_token_counts(model, ids: list[int], dev, mode: str = "eager", cache=None
 
     tables: dict = {}
     sites: dict = {}
+    idle: dict = {}
     greedy(model, ids, 4 if dev.type == "cuda" else 1, dev, mode, cache, params)  # warm: graphs, kernels
     k3, l3, s3 = counts(3)
     k4, l4, s4 = counts(4)
@@ -1069,6 +1085,7 @@ def per_token_counts(model, ids: list[int], dev, mode: str = "eager", cache=None
             "device_us_per_token": round(sum(t for _, t in tables[4].values()) - sum(t for _, t in tables[3].values()), 1),
             "weight_kernels_us_per_token": round(sum(us for name, _, us in per_token if is_weight_kernel(name)), 1),
             "host_sync_sites_per_token": dict(sites[4] - sites[3]),
+            "device_idle_us_per_token": round(idle[4] - idle[3], 1),
             "top_kernels_per_token": per_token[:20]}
 
 

@@ -139,6 +139,14 @@ def test_decode_ab_alternates_the_sides_and_reports_medians(monkeypatch):
     assert "| b | 5.0 (0.25x, ±30.0%) | 1.0 (1.0x, ±0.0%) |" in table
 
 
+def test_idle_between_counts_only_time_no_interval_covers():
+    check = _script()
+    assert check.idle_between([]) == 0.0
+    assert check.idle_between([(0.0, 2.0), (3.0, 4.0), (4.5, 5.0)]) == 1.5
+    assert check.idle_between([(3.0, 4.0), (0.0, 2.0)]) == 1.0  # in any order
+    assert check.idle_between([(0.0, 10.0), (2.0, 3.0), (11.0, 12.0)]) == 1.0  # a second stream's kernel inside
+
+
 def test_past_the_deadline_nothing_more_is_measured_and_the_report_says_so(tmp_path):
     import time
 
