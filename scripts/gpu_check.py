@@ -994,17 +994,25 @@ def divergence_when(switch, model, ids: list[int], dev, mode: str, cache, n: int
 
 
 def host_profile(model, ids: list[int], dev, mode: str, cache, n: int = 16, top: int = 25) -> dict:
-    """Where the host's time goes while decoding: cProfile over `n` greedy tokens (and the prompt's
-    prefill), the functions with the most time of their own, per decoded token. cProfile slows Python
-    calls, so `wall_ms_per_token` (profiled) is above the unprofiled speed; compare rows, not totals."""
+    """Where the host's time goes while decoding: cProfile over `n` greedy tokens after the first (the
+    prompt's prefill left out: on 2026-11-27 a 16-token prompt's per-expert matmuls filled the rows), the
+    functions with the most time of their own, per decoded token. cProfile slows Python calls, so
+    `wall_ms_per_token` (profiled) is above the unprofiled speed; compare rows, not totals."""
     import cProfile
     import pstats
 
+    from localrun.generate import generate
+    from localrun.sampling import SamplingParams, make_sampler
+
     greedy(model, ids, 4, dev, mode, cache)  # warm: graphs captured, kernels compiled
     profile = cProfile.Profile()
-    start = time.perf_counter()
-    profile.enable()
-    greedy(model, ids, n, dev, mode, cache)
+    start = None
+    for i, _ in enumerate(generate(model, ids, make_sampler(SamplingParams(), device=dev), max_tokens=n + 1,
+                                   step=mode, cache=cache)):
+        if i == 0:  # the prompt's first token is out: from here, decoding alone
+            sync(dev)
+            start = time.perf_counter()
+            profile.enable()
     sync(dev)
     profile.disable()
     wall = time.perf_counter() - start
