@@ -24,7 +24,8 @@ Steps:
              kernel launches and host syncs per decoded token; once every expert resident, once
              under a forced 16 GiB budget; all resident, decode tok/s of the graphs step by default
              and with each open switch (v4 MoE, v4's gate_up alone, PDL, parallel_mlp, norms_route,
-             fused_qkv_attention off, the in-place combine, every open switch at once) in alternating
+             fused_qkv_attention off, the in-place combine, every open switch at once, the L2 prefetch
+             of three target sets) in alternating
              rounds (decode_ab_graphs: each side's rounds, median, spread, ratio to the default;
              GPU_CHECK_AB_ROUNDS, 3), then with GPU_CHECK_DECIDED=1 (the default; 0 for a lease's first
              call) each default decode kernel off and each other opt-in one on and v3 where faster per
@@ -894,8 +895,11 @@ def open_switches(cache) -> dict:
     """The decode step's open questions as A/B sides: tag -> switch (a context manager factory). The
     switches 2026-11-27's H200 run turned on come back switched off, to see them hold."""
     from localrun.kernels import triton_attention, triton_moe
+    from localrun.models import gemma4
 
     v4 = lambda: moe_v4_switched(True, cache)  # noqa: E731
+    l2 = lambda: kernel_switched("l2_prefetch", True, cache)  # noqa: E731
+    targets = lambda *names: lambda: setting(gemma4, "L2_PREFETCH", names, cache)  # noqa: E731
     pdl = lambda: pdl_switched(True, cache)  # noqa: E731
     mlp = lambda: kernel_switched("parallel_mlp", True, cache)  # noqa: E731
     route = lambda: kernel_switched("norms_route", True, cache)  # noqa: E731
@@ -910,6 +914,10 @@ def open_switches(cache) -> dict:
         # the two-row MLP + router GEMM went back to cuBLAS (gemv.ROUTED_ROWS): against two one-row GEMVs
         "without_mlp_router_gemm": lambda: kernel_switched("mlp_router_gemm", False, cache),
         "with_every_open_switch": combined(v4, pdl, mlp, route),
+        # weights asked of the L2 on a side stream while latency-bound kernels leave the bandwidth idle
+        "with_l2_prefetch": combined(l2, targets("o_proj", "next_qkv")),
+        "with_l2_prefetch_of_the_next_qkv": combined(l2, targets("next_qkv")),
+        "with_l2_prefetch_and_the_mlp": combined(l2, targets("o_proj", "mlp", "next_qkv")),
     }
 
 
@@ -919,7 +927,7 @@ def decided_switches(cache) -> dict:
     from localrun.kernels import triton_moe
     from localrun.models.gemma4 import CPU_ONLY_KERNELS, DECODE_KERNELS
 
-    opened = {"parallel_mlp", "norms_route", "fused_qkv_attention", "mlp_router_gemm"}  # open_switches' own
+    opened = {"parallel_mlp", "norms_route", "fused_qkv_attention", "mlp_router_gemm", "l2_prefetch"}  # open_switches
     sides = {}
     for name, on in DECODE_KERNELS.items():
         if name not in CPU_ONLY_KERNELS and name not in opened:

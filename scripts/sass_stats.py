@@ -223,8 +223,29 @@ def compile_cases(arch: int = 90):
     yield from _grouped_cases(triton_moe)
     yield from _gemv_cases(triton_gemv)
     yield from prefill_attention_cases()
+    yield prefetch_case()
     if arch >= 90:  # griddepcontrol (programmatic dependent launch) is sm_90's
         yield from _pdl_cases()
+
+
+def prefetch_case():
+    """The compile_cases() row of the L2 prefetch kernel (kernels/triton_prefetch.py), as it launches."""
+    from localrun.kernels import triton_prefetch as tp
+
+    return ("l2_prefetch", tp._l2_prefetch_kernel, {"a_ptr": "*u8", "b_ptr": "*u8", "sink_ptr": "*i32"},
+            dict(BLOCK=tp.BLOCK), tp.BLOCK // 32)
+
+
+def opcodes(kernel) -> dict:
+    """How many times each SASS opcode (with its modifiers) appears in a compiled kernel."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp, "k.cubin")
+        cubin.write_bytes(kernel.asm["cubin"])
+        code = subprocess.run([_tool("nvdisasm"), "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
+    counts: dict = {}
+    for m in re.finditer(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", code):
+        counts[m.group(1)] = counts.get(m.group(1), 0) + 1
+    return counts
 
 
 def v4_cases(tm, ptrs: dict, x: str, dq: bool, configs: tuple | None = None):

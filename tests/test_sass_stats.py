@@ -93,7 +93,7 @@ def test_the_decode_steps_newer_kernels_compile_for_sm90():
     rows = json.loads(run.stdout)
     assert len(rows) >= 60 and all(row["cubin_bytes"] > 1000 and row["local_bytes"] == 0 for row in rows.values()), rows
     assert {"grouped", "gemv", "v3", "v4", "qkv_write", "ffn_residual", "norms_route", "rope_rows", "decode_partial",
-            "qkv_attention", "pdl", "prefill_attention"} == {name.split()[0] for name in rows}
+            "qkv_attention", "pdl", "prefill_attention", "l2_prefetch"} == {name.split()[0] for name in rows}
     for name, row in rows.items():  # the attention that writes q/k/v sums each head's squares as qkv_write does,
         if name.startswith("qkv_attention"):  # and walks the keys in the plain kernel's loop: the same bits
             x, D, _, in_place, norm_v = name.split()[1:]  # (v as projected: Qwen3-MoE's, one sum fewer)
@@ -271,3 +271,26 @@ def test_every_v4_config_fits_a_consumer_gpu_block():
     rows = compiled_in_child(V4_FIT)
     assert len(rows) == 18
     assert all(shared <= 99 << 10 and local == 0 for shared, local in rows.values()), rows
+
+
+PREFETCH_OPS = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import sass_stats
+rows = {}
+for arch in (89, 90):
+    name, fn, ptrs, consts, warps = sass_stats.prefetch_case()
+    kernel = sass_stats.compile_kernel(fn, consts, warps, arch, ptrs)
+    rows[f"sm_{arch}"] = sass_stats.opcodes(kernel)
+print(json.dumps(rows))
+"""
+
+
+@pytest.mark.skipif(_ptxas() is None, reason="triton with its NVIDIA backend tools is not installed")
+def test_the_l2_prefetch_kernel_prefetches_and_reads_nothing():
+    """kernels/triton_prefetch.py at sm_89 and sm_90: its asm survives as L2 prefetches (CCTL.E.PML2,
+    evict-last), and it loads nothing into registers."""
+    rows = compiled_in_child(PREFETCH_OPS)
+    for arch, ops in rows.items():
+        assert ops.get("CCTL.E.PML2", 0) >= 2, (arch, ops)  # the two ranges' loops
+        assert not [op for op in ops if op.startswith(("LDG", "LD."))], (arch, ops)

@@ -221,9 +221,14 @@ def apply_rope(x_BTND, cos_T1D, sin_T1D):
 # layer; the same bits (each split program norms its query heads as qkv_write does). On an H200 graphs
 # decode 297.6 / 281.5 tok/s (after 16 / 512) against 278.8 / 275.6 without, the same tokens, 333 kernels
 # a token, not 359 (docs/gpu/2026-11-27-h200-open-switches.md).
+# l2_prefetch (opt-in, CUDA graphs step, MoE layers: kernels/triton_prefetch.py): on the step's side stream,
+# a layer asks the L2 for its o_proj's weights before its attention (L2_PREFETCH "o_proj"; "mlp": its dense
+# MLP's too) and for the next layer's q/k/v weights before its experts ("next_qkv"): latency-bound
+# kernels leave most of the bandwidth idle there, and the projections after them could then read L2.
 DECODE_KERNELS = {"decode_attention": True, "fused_glue": True, "decode_layer": True, "dense_gemv": True,
                   "mlp_router_gemm": True, "parallel_mlp": False, "norms_route": False,
-                  "fused_qkv_attention": True}
+                  "fused_qkv_attention": True, "l2_prefetch": False}
+L2_PREFETCH = ("o_proj", "next_qkv")
 CPU_ONLY_KERNELS = {"decode_layer"}  # DecoderLayer.forward_decode: nothing to switch off on CUDA
 
 
@@ -483,6 +488,28 @@ def mlp_beside(mlp: "MLP", x: torch.Tensor, stream) -> tuple[torch.Tensor, tuple
     return h, (stream, x)
 
 
+def l2_prefetch(x: torch.Tensor) -> bool:
+    """Whether a decoded token's layers ask the L2 for their next weights (DECODE_KERNELS["l2_prefetch"]):
+    one token on CUDA in half precision, outside torch.compile."""
+    return (DECODE_KERNELS["l2_prefetch"] and x.device.type == "cuda" and x.shape[:-1].numel() == 1
+            and x.dtype != torch.float32 and not torch.compiler.is_compiling())
+
+
+def prefetch_beside(stream, *weights: torch.Tensor) -> None:
+    """weights into the L2 on `stream`, forked from the current stream here (so a capture holds it, as a
+    branch that starts at this point of the chain); joined by the layer's end."""
+    from ..kernels.triton_prefetch import l2_prefetch_triton  # CUDA only: torch's CUDA builds ship triton
+
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        l2_prefetch_triton(*weights)
+
+
+def join_stream(stream) -> None:
+    """The current stream waits for what `stream` was given so far."""
+    torch.cuda.current_stream().wait_stream(stream)
+
+
 def join_beside(front: Front) -> None:
     """The current stream waits for what `front` ran beside it."""
     if front.beside is not None:
@@ -493,6 +520,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
         H, eps = args.hidden_size, args.rms_norm_eps
+        self.index = layer
         self.self_attn = Attention(args, layer)
         self.mlp = MLP(H, args.mlp_intermediate(layer), args.hidden_activation)
         for name in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
@@ -577,8 +605,31 @@ class DecoderLayer(nn.Module):
             out = self.forward_decode(x_BTH, cos_TD, sin_TD, cache, shared["position"])
             if out is not None:
                 return out
-        front = self.front(x_BTH, cos_TD, sin_TD, pos_T, cache, shared, beside=shared.get("side_stream"))
-        return self.back(front, self.experts(*front.experts_in) if front.experts_in else None, per_layer_BTP)
+        side = shared.get("side_stream")
+        ahead = side is not None and self.moe and l2_prefetch(x_BTH)
+        if ahead and (first := self._prefetch_targets(shared, "front")):
+            prefetch_beside(side, *first)
+        front = self.front(x_BTH, cos_TD, sin_TD, pos_T, cache, shared, beside=side)
+        if ahead and (behind := self._prefetch_targets(shared, "experts")):
+            prefetch_beside(side, *behind)
+        out = self.back(front, self.experts(*front.experts_in) if front.experts_in else None, per_layer_BTP)
+        if ahead:
+            join_stream(side)
+        return out
+
+    def _prefetch_targets(self, shared: dict, when: str) -> list[torch.Tensor]:
+        """The weights `l2_prefetch` asks for before this layer's attention ("front": its o_proj, its dense
+        MLP's) or before its experts ("experts": the next layer's q/k/v), as L2_PREFETCH names them."""
+        if when == "front":
+            out = [self.self_attn.o_proj.weight] if "o_proj" in L2_PREFETCH else []
+            if "mlp" in L2_PREFETCH:
+                out += [self.stacked if self.stacked is not None else self.mlp.gate_up[0], self.mlp.down_proj.weight]
+            return out
+        layers = shared.get("layers")
+        if "next_qkv" not in L2_PREFETCH or layers is None or self.index + 1 >= len(layers):
+            return []
+        qkv = layers[self.index + 1].self_attn.qkv
+        return [qkv[0]] if qkv is not None else []
 
     def front(self, x_BTH, cos_TD, sin_TD, pos_T, cache, shared, prefetch: bool = True,
               fused: bool | None = None, beside=None) -> "Front":
@@ -794,7 +845,6 @@ class Gemma4Model(nn.Module):
     def hidden(self, ids_BT: torch.Tensor, cache=None, pos_T: torch.Tensor | None = None) -> torch.Tensor:
         """Final-normed hidden states [B, T, H] of `ids_BT`, appended to `cache` (positions follow it)."""
         T = ids_BT.shape[1]
-        dtype = self.compute_dtype
         if pos_T is None and T == 1 and cache is not None and cache.span is None:
             h = self._decode_hidden(ids_BT, cache)
             if h is not None:
@@ -820,6 +870,7 @@ class Gemma4Model(nn.Module):
             shared["span"] = cache.span
         if getattr(cache, "side_stream", None) is not None:
             shared["side_stream"] = cache.side_stream
+            shared["layers"] = self.layers  # l2_prefetch: a layer asks for the next one's weights
         return x, _Pass(self.args, self.rope(pos_T, dtype), pos_T, cache, shared, per_layer)
 
     def decode_segments(self, ids_11: torch.Tensor, cache, pos_1: torch.Tensor) -> "DecodeSegments":

@@ -1,0 +1,91 @@
+"""Weights into the GPU's L2 cache ahead of the kernel that reads them (opt-in,
+models/gemma4.DECODE_KERNELS["l2_prefetch"]).
+
+A decoded token's kernels use the memory unevenly: the projections' GEMVs stream their bf16 weights
+at ~3 TB/s, while decode attention, the layer glue and the 4-bit MoE kernels wait on latency and draw
+a fraction of the bandwidth for tens of microseconds a layer (on an H200, 2026-11-27: the MoE kernels
+~0.9 TB/s for ~27 us, attention ~12 us). `l2_prefetch_triton` launches, on a stream beside the
+step's chain, a kernel that asks the L2 for the lines of a weight the chain reads a few kernels
+later (`prefetch.global.L2::evict_last`: no registers filled, nothing waited on, the lines kept ahead
+of the GEMVs' own `evict_first` streams), so that projection reads L2 rather than HBM. Whether the
+L2 holds them until then, and whether the extra traffic slows the latency-bound kernels it overlaps,
+is for scripts/gpu_check.py's decode A/B to say.
+
+CUDA only (inline PTX); the interpreter has no caches to fill, and nothing calls this off CUDA.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+LINE = 128  # bytes of an L2 line (the unit one prefetch asks for)
+BLOCK = 128  # threads a program (4 warps), a line each a step
+PROGRAMS_PER_SM = 2
+
+
+@triton.jit
+def _prefetch(address):
+    """One prefetch of the line at `address` (int64) into L2, kept ahead of evict-first lines; 0."""
+    return tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1]; mov.u32 $0, 0;", "=r,l", [address],
+                                     dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _lines(ptr, lines, steps, lane, stride):
+    """Prefetches of `lines` lines from ptr (uint8), a thread's every stride-th from `lane` (the last
+    line again past the end: a repeat costs an instruction, not a transfer)."""
+    acc = tl.zeros_like(lane)
+    for j in range(0, steps):
+        line = tl.minimum(lane + j * stride, lines - 1).to(tl.int64)
+        acc += _prefetch(tl.cast(ptr + line * 128, tl.int64))
+    return acc
+
+
+@triton.jit
+def _l2_prefetch_kernel(a_ptr, a_lines, a_steps, b_ptr, b_lines, b_steps, sink_ptr, BLOCK: tl.constexpr):
+    """Grid (P,): the lines of two byte ranges, each thread every (P * BLOCK)-th from its own. The
+    asm's zeros go to `sink` under a mask that is never true, so no prefetch is dead code."""
+    lane = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    stride = tl.num_programs(0) * BLOCK
+    acc = _lines(a_ptr, a_lines, a_steps, lane, stride) + _lines(b_ptr, b_lines, b_steps, lane, stride)
+    tl.store(sink_ptr + tl.arange(0, BLOCK), acc, mask=acc != 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _sink(device: torch.device) -> torch.Tensor:
+    return torch.zeros(BLOCK, dtype=torch.int32, device=device)
+
+
+@functools.lru_cache(maxsize=None)
+def _programs(index: int) -> int:
+    return PROGRAMS_PER_SM * torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    """t's storage as contiguous uint8 (its bytes, in place)."""
+    if not t.is_contiguous():
+        raise ValueError("l2_prefetch takes contiguous tensors")
+    return t.reshape(-1).view(torch.uint8)
+
+
+def l2_prefetch_triton(*tensors: torch.Tensor) -> None:
+    """Ask the L2 for every line of each tensor on the current stream (a launch for each two); returns
+    at once."""
+    for i in range(0, len(tensors), 2):
+        _launch(*tensors[i:i + 2])
+
+
+def _launch(a: torch.Tensor, b: torch.Tensor | None = None) -> None:
+    a8 = _bytes(a)
+    b8 = _bytes(b) if b is not None else a8[:0]
+    device = a8.device
+    programs = _programs(device.index if device.index is not None else torch.cuda.current_device())
+    per_step = programs * BLOCK
+    a_lines, b_lines = triton.cdiv(a8.numel(), LINE), triton.cdiv(b8.numel(), LINE)
+    _l2_prefetch_kernel[(programs,)](
+        a8, max(a_lines, 1), triton.cdiv(a_lines, per_step), b8 if b_lines else a8, max(b_lines, 1),
+        triton.cdiv(b_lines, per_step), _sink(device), BLOCK=BLOCK, num_warps=BLOCK // 32)
