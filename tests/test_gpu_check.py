@@ -122,13 +122,38 @@ def test_decode_ab_alternates_the_sides_and_reports_medians(monkeypatch):
             current.pop()
         return within
 
-    monkeypatch.setattr(check, "greedy", lambda model, ids, n, *a, **k: events.append(("warm", current[-1], ids)))
+    class Cache:  # graphs: a step is captured on its first use (step.make_step), kept in cache.steps
+        steps: dict = {}
 
-    def timed_rate(model, ids, n, *a, **k):
+    cache, captured = Cache(), []
+
+    def warm(model, ids, n, dev, mode, cache):
+        if "graphs" not in cache.steps:
+            cache.steps["graphs"] = object()
+            captured.append(current[-1])
+        events.append(("warm", current[-1], ids))
+
+    def timed_rate(model, ids, n, dev, mode, cache):
         events.append(("time", current[-1], ids))
+        steps_of.setdefault(current[-1], set()).add(id(cache.steps["graphs"]))
         return next(rate[current[-1]]) if ids == [1] else 1.0
+
+    def side_steps(name):  # as gpu_check's switches do: the steps dropped on the way in and out
+        inner = side(name)
+
+        @contextlib.contextmanager
+        def within():
+            cache.steps.clear()
+            with inner():
+                yield
+            cache.steps.clear()
+        return within
+    steps_of: dict = {}
+    monkeypatch.setattr(check, "greedy", warm)
     monkeypatch.setattr(check, "decode_rate", timed_rate)
-    out = check.decode_ab(None, {"16": [1], "512": [2]}, 8, None, "graphs", None, {"a": side("a"), "b": side("b")}, 3)
+    out = check.decode_ab(None, {"16": [1], "512": [2]}, 8, None, "graphs", cache,
+                          {"a": side_steps("a"), "b": side_steps("b")}, 3)
+    assert captured == ["a", "b"] and all(len(ids) == 1 for ids in steps_of.values())  # one capture a side
     order = [name for kind, name, ids in events if kind == "time" and ids == [1]]
     assert order == ["a", "b", "b", "a", "a", "b"]
     assert events[:4] == [("warm", "a", [1]), ("time", "a", [1]), ("warm", "a", [2]), ("time", "a", [2])]
