@@ -964,24 +964,46 @@ def decode_ab(model, prompts: dict[str, list[int]], n: int, dev, mode: str, cach
     after each prompt, in `rounds` rounds that alternate the sides, each round starting one side later,
     each side warmed (autotuning, compiling, its graphs captured in its first round and kept for the
     others) before it is timed. Per side and prompt: every round's rate, the median, the spread
-    ((max - min) / median) and the median over the baseline's median."""
+    ((max - min) / median) and the median over the baseline's median. A side that raises is reported
+    (`error`) and left out of the later rounds; the baseline raising ends the rounds (`stopped`), or
+    the A/B where it has no round yet."""
     names = list(sides)
     rates: dict = {name: {p: [] for p in prompts} for name in names}
     kept: dict = {}  # graphs: a side's steps, their graphs captured in its first round, replayed in the others
+    failed: dict = {}  # a side that raised (a kernel no GPU ran before): its error, and it runs no more rounds
+    stopped = None  # the baseline raised after its first round (a sticky CUDA error): the rounds so far stand
     for r in range(rounds):
+        if stopped:
+            break
         for name in names[r % len(names):] + names[:r % len(names)]:
-            with sides[name]():
-                if mode == "graphs" and name in kept:  # what a replay runs was fixed when it was captured
-                    cache.steps.update(kept[name])
-                for prompt, ids in prompts.items():
-                    greedy(model, ids, 2, dev, mode, cache)  # capture this span's graphs, autotune
-                    rates[name][prompt].append(decode_rate(model, ids, n, dev, mode, cache))
-                if mode == "graphs":
-                    kept[name] = dict(cache.steps)
-    out: dict = {"rounds": rounds, "tokens": n}
+            if name in failed or stopped:
+                continue
+            try:
+                with sides[name]():
+                    if mode == "graphs" and name in kept:  # what a replay runs was fixed when it was captured
+                        cache.steps.update(kept[name])
+                    for prompt, ids in prompts.items():
+                        greedy(model, ids, 2, dev, mode, cache)  # capture this span's graphs, autotune
+                        rates[name][prompt].append(decode_rate(model, ids, n, dev, mode, cache))
+                    if mode == "graphs":
+                        kept[name] = dict(cache.steps)
+            except Exception as e:  # noqa: BLE001 - the other sides' rounds still decide
+                error = f"{type(e).__name__}: {e}"[:300]
+                if name != names[0]:
+                    failed[name] = error
+                    kept.pop(name, None)
+                elif all(rates[name].values()):
+                    stopped = error
+                else:
+                    raise
+    out: dict = {"rounds": rounds, "tokens": n, **({"stopped": stopped} if stopped else {})}
     base = {p: _median(rates[names[0]][p]) for p in prompts}
     for name in names:
-        out[name] = {}
+        if name in failed or not all(rates[name].values()):
+            out[name] = {"error": failed.get(name, "not measured before the A/B stopped")}
+            continue
+        disabled = getattr(kept.get(name, {}).get(mode), "disabled", None)
+        out[name] = {"graphs_disabled": disabled} if disabled else {}  # its capture failed: it ran uncaptured
         for prompt in prompts:
             got = rates[name][prompt]
             median = _median(got)
@@ -1551,15 +1573,19 @@ def ab_summary(big: dict) -> list[str]:
             if not key.startswith("decode_ab_") or not isinstance(ab, dict) or "rounds" not in ab:
                 continue
             sides = {k: v for k, v in ab.items() if isinstance(v, dict)}
-            prompts = list(next(iter(sides.values()), {}))
+            prompts = [p for p in next(iter(sides.values()), {}) if p.startswith("after_")]
             lines += [f"`{name}.{key}` ({ab['rounds']} alternating rounds of {ab['tokens']} tokens; "
                       "median tok/s, x the default, spread):", "",
                       "| side | " + " | ".join(p.replace("_", " ") for p in prompts) + " |",
                       "|---|" + "---|" * len(prompts)]
             for side, by_prompt in sides.items():
+                if "error" in by_prompt:
+                    lines.append(f"| {side} | " + " | ".join(["error"] * len(prompts)) + " |")
+                    continue
                 cells = [f"{r['tokens_per_s']} ({r['vs_default']}x, ±{r['spread'] * 50:.1f}%)"
-                         for r in by_prompt.values()]
-                lines.append(f"| {side} | " + " | ".join(cells) + " |")
+                         for p, r in by_prompt.items() if p.startswith("after_")]
+                note = " (graphs disabled: ran uncaptured)" if by_prompt.get("graphs_disabled") else ""
+                lines.append(f"| {side}{note} | " + " | ".join(cells) + " |")
             lines.append("")
     return lines
 

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.py"
 
 
@@ -163,6 +165,37 @@ def test_decode_ab_alternates_the_sides_and_reports_medians(monkeypatch):
     assert out["b"]["after_512"]["vs_default"] == 1.0 and out["rounds"] == 3 and out["tokens"] == 8
     table = "\n".join(check.ab_summary({"resident": {"decode_ab_graphs": out}}))
     assert "| b | 5.0 (0.25x, ±30.0%) | 1.0 (1.0x, ±0.0%) |" in table
+
+
+def test_a_side_that_raises_is_reported_and_the_others_still_measured(monkeypatch):
+    """A switch whose kernel fails on the GPU (none ran there before) costs its own row only; a failing
+    baseline fails the A/B (nothing to compare with)."""
+    import contextlib
+
+    check = _script()
+    monkeypatch.setattr(check, "greedy", lambda *a, **k: None)
+    monkeypatch.setattr(check, "decode_rate", lambda *a, **k: 10.0)
+    calls = []
+
+    @contextlib.contextmanager
+    def broken():
+        calls.append("broken")
+        raise RuntimeError("PTX: unknown instruction")
+        yield
+
+    sides = {"default": contextlib.nullcontext, "broken": broken, "fine": contextlib.nullcontext}
+    out = check.decode_ab(None, {"16": [1]}, 8, None, "static", None, sides, 3)
+    assert out["broken"] == {"error": "RuntimeError: PTX: unknown instruction"} and calls == ["broken"]
+    assert out["fine"]["after_16"]["rounds"] == [10.0] * 3 and out["default"]["after_16"]["vs_default"] == 1.0
+    assert "| broken | error |" in "\n".join(check.ab_summary({"resident": {"decode_ab_static": out}}))
+    with pytest.raises(RuntimeError):
+        check.decode_ab(None, {"16": [1]}, 8, None, "static", None, {"default": broken, "fine": contextlib.nullcontext}, 1)
+    turns = iter([contextlib.nullcontext(), contextlib.nullcontext(), broken()])  # the baseline fails in round 2
+
+    out = check.decode_ab(None, {"16": [1]}, 8, None, "static", None,
+                          {"default": lambda: next(turns), "fine": contextlib.nullcontext}, 3)
+    assert out["stopped"] == "RuntimeError: PTX: unknown instruction"
+    assert out["default"]["after_16"]["rounds"] == [10.0, 10.0] and len(out["fine"]["after_16"]["rounds"]) == 2
 
 
 def test_idle_between_counts_only_time_no_interval_covers():
