@@ -130,15 +130,21 @@ def greedy(model, ids: list[int], n: int, dev, step: str = "eager", cache=None,
            params=None) -> tuple[list[int], list[float]]:
     """n greedy tokens (no stop ids) and their logprobs, through decode step `step` (localrun/step.py);
     with `params` (SamplingParams), sampled that way instead."""
-    from localrun.generate import generate
-    from localrun.sampling import SamplingParams, make_sampler
-
     tokens, logprobs = [], []
-    sampler = make_sampler(params or SamplingParams(), device=dev)
-    for out in generate(model, ids, sampler, max_tokens=n, step=step, cache=cache):
+    for out in generation(model, ids, n, dev, step, cache, params):
         tokens.append(out.token)
         logprobs.append(out.logprob)
     return tokens, logprobs
+
+
+def generation(model, ids: list[int], n: int, dev, step: str = "eager", cache=None, params=None):
+    """localrun.generate's iterator of n tokens after `ids` through decode step `step`: greedy (no stop
+    ids), or sampled by `params` (SamplingParams)."""
+    from localrun.generate import generate
+    from localrun.sampling import SamplingParams, make_sampler
+
+    return generate(model, ids, make_sampler(params or SamplingParams(), device=dev), max_tokens=n, step=step,
+                    cache=cache)
 
 
 class _Forced:
@@ -942,13 +948,9 @@ def generation_times(model, ids: list[int], n: int, dev, mode: str, cache) -> tu
     """(seconds to the first token, decoded tokens a second) of n greedy tokens after `ids`: the prefill
     and first token, then from the first token's arrival on the host to the last's (each token is read
     back: the one sync a token the step has)."""
-    from localrun.generate import generate
-    from localrun.sampling import SamplingParams, make_sampler
-
     sync(dev)
     start = time.perf_counter()
-    stamps = [time.perf_counter() for _ in generate(model, ids, make_sampler(SamplingParams(), device=dev),
-                                                    max_tokens=n, step=mode, cache=cache)]
+    stamps = [time.perf_counter() for _ in generation(model, ids, n, dev, mode, cache)]
     sync(dev)
     return stamps[0] - start, (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
@@ -1036,14 +1038,10 @@ def host_profile(model, ids: list[int], dev, mode: str, cache, n: int = 16, top:
     import cProfile
     import pstats
 
-    from localrun.generate import generate
-    from localrun.sampling import SamplingParams, make_sampler
-
     greedy(model, ids, 4, dev, mode, cache)  # warm: graphs captured, kernels compiled
     profile = cProfile.Profile()
     start = None
-    for i, _ in enumerate(generate(model, ids, make_sampler(SamplingParams(), device=dev), max_tokens=n + 1,
-                                   step=mode, cache=cache)):
+    for i, _ in enumerate(generation(model, ids, n + 1, dev, mode, cache)):
         if i == 0:  # the prompt's first token is out: from here, decoding alone
             sync(dev)
             start = time.perf_counter()

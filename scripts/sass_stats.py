@@ -90,19 +90,38 @@ def loop_counts(sass: str) -> collections.Counter:
                 best = (start, i + 1)
     ops = collections.Counter()
     for text in instructions[best[0]:best[1]]:
-        op = text.split()[1] if text.startswith("@") else text.split()[0]
-        ops[op.split(".")[0]] += 1
+        ops[opcode(text).split(".")[0]] += 1
     return ops
+
+
+def _cubin_tool(kernel, *command: str, check: bool = False) -> str:
+    """What `command` (a tool, its flags) prints for a compiled kernel's cubin."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp, "k.cubin")
+        cubin.write_bytes(kernel.asm["cubin"])
+        return subprocess.run([_tool(command[0]), *command[1:], str(cubin)], capture_output=True, text=True,
+                              check=check).stdout
+
+
+def disassembly(kernel) -> str:
+    """nvdisasm's text of a compiled kernel."""
+    return _cubin_tool(kernel, "nvdisasm", "-c", check=True)
+
+
+def instructions(sass: str) -> list[str]:
+    """The instructions of nvdisasm's text, in order, predicates included."""
+    return [m.group(1).strip() for m in re.finditer(r"/\*[0-9a-f]{4,}\*/\s+(.*?);", sass)]
+
+
+def opcode(instruction: str) -> str:
+    """An instruction's opcode with its modifiers (LDG.E.128), past its predicate."""
+    return instruction.split()[1] if instruction.startswith("@") else instruction.split()[0]
 
 
 def inspect(kernel, sass: bool = True) -> dict:
     """Registers, local-memory and stack (spill) bytes a thread, from cuobjdump; with `sass`, the loop's opcodes."""
-    with tempfile.TemporaryDirectory() as tmp:
-        cubin = Path(tmp, "k.cubin")
-        cubin.write_bytes(kernel.asm["cubin"])
-        usage = subprocess.run([_tool("cuobjdump"), "-res-usage", str(cubin)], capture_output=True, text=True).stdout
-        code = subprocess.run([_tool("nvdisasm"), "-c", str(cubin)], capture_output=True, text=True,
-                              check=True).stdout if sass else ""
+    usage = _cubin_tool(kernel, "cuobjdump", "-res-usage")
+    code = disassembly(kernel) if sass else ""
     regs = re.search(r"REG:(\d+)", usage)
     local = re.search(r"LOCAL:(\d+)", usage)
     stack = re.search(r"STACK:(\d+)", usage)  # a thread's stack frame: where ptxas spills what 255 registers do not hold
@@ -118,13 +137,9 @@ GLOBAL_WRITE = re.compile(r"^(@!?U?P\w+\s+)?(STG|ST|ATOMG|ATOM|RED|REDG)\.")
 def wait_order(kernel) -> dict:
     """Programmatic dependent launch in a kernel's SASS: how many `griddepcontrol.wait`s (ACQBULK) it
     has, and the global loads and writes issued before the first (its prologue: kernels/triton_pdl.py)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        cubin = Path(tmp, "k.cubin")
-        cubin.write_bytes(kernel.asm["cubin"])
-        code = subprocess.run([_tool("nvdisasm"), "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
-    instructions = [m.group(1).strip() for m in re.finditer(r"/\*[0-9a-f]{4,}\*/\s+(.*?);", code)]
-    waits = [i for i, text in enumerate(instructions) if re.search(r"\bACQBULK\b", text)]
-    before = instructions[:waits[0]] if waits else []
+    sass = instructions(disassembly(kernel))
+    waits = [i for i, text in enumerate(sass) if re.search(r"\bACQBULK\b", text)]
+    before = sass[:waits[0]] if waits else []
     return {"waits": len(waits), "loads_before_wait": sum(bool(GLOBAL_LOAD.match(t)) for t in before),
             "writes_before_wait": sum(bool(GLOBAL_WRITE.match(t)) for t in before)}
 
@@ -233,19 +248,12 @@ def prefetch_case():
     from localrun.kernels import triton_prefetch as tp
 
     return ("l2_prefetch", tp._l2_prefetch_kernel, {"a_ptr": "*u8", "b_ptr": "*u8", "sink_ptr": "*i32"},
-            dict(BLOCK=tp.BLOCK), tp.BLOCK // 32)
+            dict(BLOCK=tp.BLOCK, LINE=tp.LINE), tp.BLOCK // 32)
 
 
 def opcodes(kernel) -> dict:
     """How many times each SASS opcode (with its modifiers) appears in a compiled kernel."""
-    with tempfile.TemporaryDirectory() as tmp:
-        cubin = Path(tmp, "k.cubin")
-        cubin.write_bytes(kernel.asm["cubin"])
-        code = subprocess.run([_tool("nvdisasm"), "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
-    counts: dict = {}
-    for m in re.finditer(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", code):
-        counts[m.group(1)] = counts.get(m.group(1), 0) + 1
-    return counts
+    return dict(collections.Counter(opcode(text) for text in instructions(disassembly(kernel))))
 
 
 def v4_cases(tm, ptrs: dict, x: str, dq: bool, configs: tuple | None = None):

@@ -35,23 +35,24 @@ def _prefetch(address):
 
 
 @triton.jit
-def _lines(ptr, lines, steps, lane, stride):
-    """Prefetches of `lines` lines from ptr (uint8), a thread's every stride-th from `lane` (the last
-    line again past the end: a repeat costs an instruction, not a transfer)."""
+def _lines(ptr, lines, steps, lane, stride, LINE: tl.constexpr):
+    """Prefetches of `lines` lines of LINE bytes from ptr (uint8), a thread's every stride-th from `lane`
+    (the last line again past the end: a repeat costs an instruction, not a transfer)."""
     acc = tl.zeros_like(lane)
     for j in range(0, steps):
         line = tl.minimum(lane + j * stride, lines - 1).to(tl.int64)
-        acc += _prefetch(tl.cast(ptr + line * 128, tl.int64))
+        acc += _prefetch(tl.cast(ptr + line * LINE, tl.int64))
     return acc
 
 
 @triton.jit
-def _l2_prefetch_kernel(a_ptr, a_lines, a_steps, b_ptr, b_lines, b_steps, sink_ptr, BLOCK: tl.constexpr):
+def _l2_prefetch_kernel(a_ptr, a_lines, a_steps, b_ptr, b_lines, b_steps, sink_ptr, BLOCK: tl.constexpr,
+                        LINE: tl.constexpr):
     """Grid (P,): the lines of two byte ranges, each thread every (P * BLOCK)-th from its own. The
     asm's zeros go to `sink` under a mask that is never true, so no prefetch is dead code."""
     lane = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     stride = tl.num_programs(0) * BLOCK
-    acc = _lines(a_ptr, a_lines, a_steps, lane, stride) + _lines(b_ptr, b_lines, b_steps, lane, stride)
+    acc = _lines(a_ptr, a_lines, a_steps, lane, stride, LINE) + _lines(b_ptr, b_lines, b_steps, lane, stride, LINE)
     tl.store(sink_ptr + tl.arange(0, BLOCK), acc, mask=acc != 0)
 
 
@@ -88,4 +89,4 @@ def _launch(a: torch.Tensor, b: torch.Tensor | None = None) -> None:
     a_lines, b_lines = triton.cdiv(a8.numel(), LINE), triton.cdiv(b8.numel(), LINE)
     _l2_prefetch_kernel[(programs,)](
         a8, max(a_lines, 1), triton.cdiv(a_lines, per_step), b8 if b_lines else a8, max(b_lines, 1),
-        triton.cdiv(b_lines, per_step), _sink(device), BLOCK=BLOCK, num_warps=BLOCK // 32)
+        triton.cdiv(b_lines, per_step), _sink(device), BLOCK=BLOCK, LINE=LINE, num_warps=BLOCK // 32)

@@ -6,6 +6,7 @@ K top-k, E experts, I intermediate, L layers, P per-layer-input dim, V vocab.
 
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import torch
@@ -482,10 +483,18 @@ def mlp_beside(mlp: "MLP", x: torch.Tensor, stream) -> tuple[torch.Tensor, tuple
     """mlp(x) on `stream` once it has what the current stream queued (x); (its output, Front.beside).
     x stays referenced until the join: freed earlier, the current stream could reuse its memory while
     the side stream still reads it."""
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
+    with forked(stream):
         h = mlp(x)
     return h, (stream, x)
+
+
+@contextlib.contextmanager
+def forked(stream):
+    """Within: work queued on `stream`, forked from the current stream here (a capture holds it as a
+    branch that starts at this point of the chain); `join_stream` joins it back."""
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        yield
 
 
 def l2_prefetch(x: torch.Tensor) -> bool:
@@ -496,12 +505,10 @@ def l2_prefetch(x: torch.Tensor) -> bool:
 
 
 def prefetch_beside(stream, *weights: torch.Tensor) -> None:
-    """weights into the L2 on `stream`, forked from the current stream here (so a capture holds it, as a
-    branch that starts at this point of the chain); joined by the layer's end."""
+    """weights into the L2 on `stream`, `forked` here; joined by the layer's end."""
     from ..kernels.triton_prefetch import l2_prefetch_triton  # CUDA only: torch's CUDA builds ship triton
 
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
+    with forked(stream):
         l2_prefetch_triton(*weights)
 
 
@@ -513,7 +520,7 @@ def join_stream(stream) -> None:
 def join_beside(front: Front) -> None:
     """The current stream waits for what `front` ran beside it."""
     if front.beside is not None:
-        torch.cuda.current_stream().wait_stream(front.beside[0])
+        join_stream(front.beside[0])
 
 
 class DecoderLayer(nn.Module):
