@@ -277,7 +277,6 @@ def step_attention(dry: bool) -> dict:
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from localrun.config import load_config
     from localrun.models.gemma4 import attend
 
     dev = device_for(dry)
@@ -1185,6 +1184,7 @@ def step_kernels(dry: bool) -> dict:
         cases.pop("8 tokens nf4")
     for name, kwargs in cases.items():
         timed(name, lambda kwargs=kwargs: bench(device=str(dev), dry=dry, **kwargs), out)
+    timed("v4 probes", lambda: v4_probes(dev, dry), out)
     shapes = {"sliding layer, 256 keys": (8, 2, 256, 256), "sliding layer, 1536 keys": (8, 2, 1536, 256),
               "full layer, 256 keys": (2, 8, 256, 512), "full layer, 4096 keys": (2, 8, 4096, 512),
               "full layer, 32768 keys": (2, 8, 32768, 512)} if not dry else {"dry": (2, 2, 100, 32)}
@@ -1197,6 +1197,14 @@ def step_kernels(dry: bool) -> dict:
             dev, dry, *shape, tile_choices=i == min(1, len(prefill) - 1)), out)
     dense_gemv_cases(dev, dry, out)
     return out
+
+
+def v4_probes(dev, dry: bool) -> dict:
+    """What bounds the v4 MoE kernels (kernels/triton_moe_probe.py: each stage as it runs, without its
+    table's shuffles, its loads alone, an empty launch; experts in the L2 and from memory)."""
+    from localrun.kernels.triton_moe_probe import probe_v4
+
+    return probe_v4(device=str(dev), dry=dry)
 
 
 def zero_copy_probe(dry: bool) -> dict:

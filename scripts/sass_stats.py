@@ -62,6 +62,8 @@ def compile_kernel(fn, constexprs: dict, num_warps: int, arch: int, pointers: di
     consts = {k: v for k, v in constexprs.items() if k in fn.arg_names}
     if "PDL" in fn.arg_names:  # a constexpr with a default: left out, it would be typed an i32 argument,
         consts.setdefault("PDL", False)  # and its griddepcontrol a run-time branch (sm_90 only: ptxas fails below)
+    if "PROBE" in fn.arg_names:  # the v4 kernels' probes (kernels/triton_moe_probe.py): 0 as the step runs them
+        consts.setdefault("PROBE", 0)
     floats = {"eps", "scale", "router_scale", "qk_scale"}
     signature = {n: pointers.get(n, "constexpr" if n in consts else "fp32" if n in floats else "i32")
                  for n in fn.arg_names}
@@ -239,6 +241,7 @@ def compile_cases(arch: int = 90):
     yield from _gemv_cases(triton_gemv)
     yield from prefill_attention_cases()
     yield prefetch_case()
+    yield from probe_cases(arch)
     if arch >= 90:  # griddepcontrol (programmatic dependent launch) is sm_90's
         yield from _pdl_cases()
 
@@ -249,6 +252,22 @@ def prefetch_case():
 
     return ("l2_prefetch", tp._l2_prefetch_kernel, {"a_ptr": "*u8", "b_ptr": "*u8", "sink_ptr": "*i32"},
             dict(BLOCK=tp.BLOCK, LINE=tp.LINE), tp.BLOCK // 32)
+
+
+def probe_cases(arch: int):
+    """compile_cases() rows of gpu_check's v4 probes (kernels/triton_moe_probe.py): both stages without the
+    table's shuffles and with their loads alone (bf16, the first config of each list), the empty kernel."""
+    from localrun.kernels import triton_moe as tm
+    from localrun.kernels import triton_moe_probe as probe
+
+    ptrs = dict(POINTERS, x_ptr="*bf16", y_ptr="*bf16")
+    for name, value in probe.PROBES.items():
+        if value:
+            for row in v4_cases(tm, ptrs, "*bf16", False):
+                if "sorted=True" not in row[0]:
+                    yield (f"probe {name} {row[0]}", row[1], row[2], dict(row[3], PROBE=value), row[4])
+    for pdl in (False, True) if arch >= 90 else (False,):
+        yield f"probe empty pdl={pdl}", probe._empty_kernel, {"x_ptr": "*bf16"}, dict(PDL=pdl), 1
 
 
 def opcodes(kernel) -> dict:
@@ -291,7 +310,8 @@ def _pdl_cases():
         (triton_moe._down_v3_kernel, moe, dict(v3, KE=TOP_K, BLOCK_N=8, BLOCK_W=16), 4),
         (triton_moe._gate_up_v2_kernel, moe, dict(v2, ACT=0, SORTED=False, BLOCK_N=4, BLOCK_K=128), 1),
         (triton_moe._down_v2_kernel, moe, dict(v2, KE=TOP_K, BLOCK_N=8, BLOCK_K=64), 4),
-        (triton_gemv._gemv_kernel, ptrs(triton_gemv._gemv_kernel), dict(BM=2, HAS_BIAS=True, BLOCK_N=4, BLOCK_K=512), 4),
+        (triton_gemv._gemv_kernel, ptrs(triton_gemv._gemv_kernel), dict(BM=2, HAS_BIAS=True, BLOCK_N=4, BLOCK_K=512,
+                                                                          TAIL=True), 4),
         (triton_attention._decode_partial_kernel,
          ptrs(triton_attention._decode_partial_kernel, vis_ptr="*u8", m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32",
               count_ptr="*i32"),
@@ -381,12 +401,15 @@ def grouped_case(tm, dtype: str, dq: bool, cfg, block_m: int):
 
 
 def _gemv_cases(tg):
-    """Every GEMV autotune config the pruning keeps at one row, and the 4-row variant with a bias."""
+    """Every GEMV autotune config the pruning keeps at one row with a partial last step (26B-A4B's dense
+    MLP down: K = 2,112), and the 4-row variant with a bias and whole steps; K and the row strides multiples
+    of 16, as at 26B-A4B's projections (the loads vectorize as there)."""
     ptrs = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16"}
-    for bm, bias in ((1, False), (4, True)):
+    for bm, bias, tail in ((1, False, True), (4, True, False)):
         for cfg in tg._prune(tg.CONFIGS, {"BM": bm}):
-            yield (f"gemv bm={bm} bias={bias} n={cfg.kwargs['BLOCK_N']} k={cfg.kwargs['BLOCK_K']} warps={cfg.num_warps}",
-                   tg._gemv_kernel, ptrs, dict(BM=bm, HAS_BIAS=bias, **cfg.kwargs), cfg.num_warps)
+            yield (f"gemv bm={bm} bias={bias} tail={tail} n={cfg.kwargs['BLOCK_N']} k={cfg.kwargs['BLOCK_K']} "
+                   f"warps={cfg.num_warps}", tg._gemv_kernel, ptrs, dict(BM=bm, HAS_BIAS=bias, TAIL=tail, **cfg.kwargs),
+                   cfg.num_warps, 1, DIVISIBLE | {"K", "stride_xm", "stride_ym"})
 
 
 def row_sums(kernel) -> list[str]:

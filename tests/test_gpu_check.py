@@ -83,6 +83,9 @@ def test_dry_run_writes_a_complete_report(tmp_path):
     assert {"gemv qkv sliding", "gemv mlp gate_up + router, 2 rows", "gemv lm_head"} <= set(gemv)  # interpreted ran
     assert all(v["max_rel_err_triton"] < 1e-2 for v in gemv.values())
     assert kernels["gemv per token"]["weight_bytes"] > 0
+    assert kernels["gemv mlp down"]["us_triton_l2"] > 0  # the same weight replayed: from the L2 on a GPU
+    probes = kernels["v4 probes"]  # what bounds the MoE kernels: each probe of each stage, both residencies
+    assert all(probes[stage][name]["dram_us"] > 0 for stage in ("gate_up", "down") for name in ("as_is", "loads_only"))
     attention = kernels["decode attention, dry"]
     assert attention["combine_in_place"] == {"default": False, "identical_to_combine_kernel": True}, attention
     assert {"triton split-key", "triton split-key, combine kernel", "grouped_sdpa"} <= set(attention)

@@ -93,7 +93,7 @@ def test_the_decode_steps_newer_kernels_compile_for_sm90():
     rows = json.loads(run.stdout)
     assert len(rows) >= 60 and all(row["cubin_bytes"] > 1000 and row["local_bytes"] == 0 for row in rows.values()), rows
     assert {"grouped", "gemv", "v3", "v4", "qkv_write", "ffn_residual", "norms_route", "rope_rows", "decode_partial",
-            "qkv_attention", "pdl", "prefill_attention", "l2_prefetch"} == {name.split()[0] for name in rows}
+            "qkv_attention", "pdl", "prefill_attention", "l2_prefetch", "probe"} == {name.split()[0] for name in rows}
     for name, row in rows.items():  # the attention that writes q/k/v sums each head's squares as qkv_write does,
         if name.startswith("qkv_attention"):  # and walks the keys in the plain kernel's loop: the same bits
             x, D, _, in_place, norm_v = name.split()[1:]  # (v as projected: Qwen3-MoE's, one sum fewer)
@@ -112,7 +112,8 @@ def test_the_decode_steps_newer_kernels_compile_for_sm90():
 # prologue vector's bytes a thread / 16 (the widest load), one where it holds less (4 warps = 128 threads
 # each; tests/test_triton_pdl.py names the pointers). Fewer: the compiler moved a load past the wait.
 PROLOGUE_LOADS = {
-    "_gemv_kernel": 2 + 1,  # the first tile, 4 x 512 bf16 (32 bytes a thread), and the bias
+    "_gemv_kernel": 2 + 2 + 1,  # the first tile and the partial last one, 4 x 512 bf16 (32 bytes a thread) each,
+    # and the bias
     "_attention_residual_norms_kernel": 4 * 4,  # four norm weights of 4096 bf16 (64 bytes a thread)
     "_ffn_residual_kernel": 4 * 4 + 1,  # w1, w2, w, w_next as above, and the layer scalar
     "_norms_route_kernel": 3 * 4,  # the router's row and two norm weights, 4096 bf16 each

@@ -75,15 +75,26 @@ PROLOGUE_SHAPES = [(13, 32), (13, 45), (21, 20), (11, 96), (19, 150)]
 @pytest.mark.parametrize("N,K", PROLOGUE_SHAPES)
 @pytest.mark.parametrize("M,bias", [(1, True), (3, False)])
 def test_first_tile_read_before_the_wait_is_each_programs_own(N, K, M, bias):
-    """The first step's tile and the bias are loaded at the top (before PDL's wait) and the loop takes
-    over from there: exact products of small integers against torch's, bit for bit, in fp32 and
-    bf16, at every way the first tile can be the whole, a whole step or the partial one."""
+    """The first step's tile, the partial last one (TAIL) and the bias are loaded at the top (before PDL's
+    wait) and the loop takes over from there: exact products of small integers against torch's, bit for
+    bit, in fp32 and bf16, at every way the first tile can be the whole, a whole step or the partial one."""
     x, w = small_integers(M, K, seed=K), small_integers(N, K, seed=N)
     b = small_integers(N, seed=N + K) if bias else None
     for dtype in (torch.float32, torch.bfloat16) if BF16_ROUNDS_TO_NEAREST else (torch.float32,):
         xd, wd, bd = x.to(dtype), w.to(dtype), None if b is None else b.to(dtype)
         y = triton_gemv.gemv_triton(xd, wd, bd, triton_gemv.Tiles(8, 32))
         assert torch.equal(y, F.linear(x, w, b).to(dtype)), (dtype, (y.float() - F.linear(x, w, b)).abs().max())
+
+
+@needs_triton
+def test_the_partial_last_step_is_requested_early_only_where_there_is_one():
+    """TAIL (the partial step's tile held from the top through the loop) where K is whole steps and a
+    partial one: 26B-A4B's dense MLP down at 512 a step; not where K is whole steps (its registers for
+    nothing) nor where the first tile is the only one."""
+    tail = triton_gemv._tail
+    assert tail({"K": 2112, "BLOCK_K": 512}) and tail({"K": 45, "BLOCK_K": 32})
+    assert not tail({"K": 2816, "BLOCK_K": 256}) and not tail({"K": 20, "BLOCK_K": 32})
+    assert not tail({"K": 32, "BLOCK_K": 32})
 
 
 @needs_triton

@@ -674,10 +674,14 @@ def _lane_value(table, idx):
 
 
 @triton.jit
-def _code_value(words, j: tl.constexpr, code, table, LUT_SHFL: tl.constexpr):
+def _code_value(words, j: tl.constexpr, code, table, LUT_SHFL: tl.constexpr, PROBE: tl.constexpr):
     """fp32 code value of nibble j of each (uint32) word: a shuffle from the lanes' table (LUT_SHFL),
-    else a load from the TABLE_ALIGN-aligned table in memory (`_table_value`)."""
-    if LUT_SHFL:
+    else a load from the TABLE_ALIGN-aligned table in memory (`_table_value`). PROBE 1 (`PROBES`): no
+    table, the nibble as the low bits of 2^23's mantissa (2^23 + nibble: a shift and one LOP3)."""
+    if PROBE == 1:
+        shift_n: tl.constexpr = (j // 2) * 8 + 4 - 4 * (j % 2)
+        return (((words >> shift_n) & 15) | 0x4B000000).to(tl.float32, bitcast=True)
+    elif LUT_SHFL:
         shift: tl.constexpr = (j // 2) * 8 + 4 - 4 * (j % 2)
         if shift > 0:
             idx = words >> shift  # bits above the nibble pick lane + 16, which holds the same entry
@@ -689,7 +693,7 @@ def _code_value(words, j: tl.constexpr, code, table, LUT_SHFL: tl.constexpr):
 
 
 @triton.jit
-def _word_sums(word, lo, hi, code, table, LUT_SHFL: tl.constexpr):
+def _word_sums(word, lo, hi, code, table, LUT_SHFL: tl.constexpr, PROBE: tl.constexpr):
     """fp32 sums of code[nibble j] * v[j] over the 8 weights of each (uint32) code word; lo / hi [..., 4] hold
     each word's vector elements 0-3 / 4-7 (broadcastable to `word` once the last axis is split off)."""
     lo = tl.reshape(lo, lo.shape[:-1] + [2, 2]).to(tl.float32)  # element j at [j // 2, j % 2]
@@ -700,33 +704,36 @@ def _word_sums(word, lo, hi, code, table, LUT_SHFL: tl.constexpr):
     e, o = tl.split(hi)
     v4, v6 = tl.split(e)
     v5, v7 = tl.split(o)
-    s = _code_value(word, 0, code, table, LUT_SHFL) * v0
-    s += _code_value(word, 1, code, table, LUT_SHFL) * v1
-    s += _code_value(word, 2, code, table, LUT_SHFL) * v2
-    s += _code_value(word, 3, code, table, LUT_SHFL) * v3
-    s += _code_value(word, 4, code, table, LUT_SHFL) * v4
-    s += _code_value(word, 5, code, table, LUT_SHFL) * v5
-    s += _code_value(word, 6, code, table, LUT_SHFL) * v6
-    s += _code_value(word, 7, code, table, LUT_SHFL) * v7
+    s = _code_value(word, 0, code, table, LUT_SHFL, PROBE) * v0
+    s += _code_value(word, 1, code, table, LUT_SHFL, PROBE) * v1
+    s += _code_value(word, 2, code, table, LUT_SHFL, PROBE) * v2
+    s += _code_value(word, 3, code, table, LUT_SHFL, PROBE) * v3
+    s += _code_value(word, 4, code, table, LUT_SHFL, PROBE) * v4
+    s += _code_value(word, 5, code, table, LUT_SHFL, PROBE) * v5
+    s += _code_value(word, 6, code, table, LUT_SHFL, PROBE) * v6
+    s += _code_value(word, 7, code, table, LUT_SHFL, PROBE) * v7
     return s
 
 
 @triton.jit
-def _chunk_sums_v4(words4, vec_ptr, code, table, LUT_SHFL: tl.constexpr):
+def _chunk_sums_v4(words4, vec_ptr, code, table, LUT_SHFL: tl.constexpr, PROBE: tl.constexpr):
     """fp32 [...] sums over the 32 weights of each chunk: words4 [..., 2, 2] holds the chunk's 4 code words
     (word q at [q // 2, q % 2], a [..., 4] load reshaped), vec_ptr [...] its first word's vector element
     (in bounds: no mask). The words are split in the thread that loaded them (one 16-byte load), and a
     word's vector elements come as two loads of 4 (in one thread whether bf16 or fp32), so every operand
-    of the sums has the chunk's layout: x / h need no exchange between threads."""
+    of the sums has the chunk's layout: x / h need no exchange between threads. PROBE 2 (`PROBES`): the
+    words' XOR as a float instead, no x / h read, no table, no FMA."""
     words4 = words4.to(tl.uint32, bitcast=True)
     w02, w13 = tl.split(words4)
     w0, w2 = tl.split(w02)
     w1, w3 = tl.split(w13)
+    if PROBE == 2:
+        return (w0 ^ w1 ^ w2 ^ w3).to(tl.float32)
     vp = tl.expand_dims(vec_ptr, -1) + tl.arange(0, 4)  # [..., 4]
-    s = _word_sums(w0, tl.load(vp), tl.load(vp + 4), code, table, LUT_SHFL)
-    s += _word_sums(w1, tl.load(vp + 8), tl.load(vp + 12), code, table, LUT_SHFL)
-    s += _word_sums(w2, tl.load(vp + 16), tl.load(vp + 20), code, table, LUT_SHFL)
-    s += _word_sums(w3, tl.load(vp + 24), tl.load(vp + 28), code, table, LUT_SHFL)
+    s = _word_sums(w0, tl.load(vp), tl.load(vp + 4), code, table, LUT_SHFL, PROBE)
+    s += _word_sums(w1, tl.load(vp + 8), tl.load(vp + 12), code, table, LUT_SHFL, PROBE)
+    s += _word_sums(w2, tl.load(vp + 16), tl.load(vp + 20), code, table, LUT_SHFL, PROBE)
+    s += _word_sums(w3, tl.load(vp + 24), tl.load(vp + 28), code, table, LUT_SHFL, PROBE)
     return s
 
 
@@ -746,7 +753,7 @@ def _gate_up_v4_kernel(x_ptr, ids_ptr, order_ptr, h_ptr, buf_i32, buf_u8, buf_f3
                        K, H_Q, I, stride_xt, T_BUCKET,
                        ACT: tl.constexpr, LOG_WPB: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
                        SORTED: tl.constexpr, LUT_SHFL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
-                       PDL: tl.constexpr = False):
+                       PDL: tl.constexpr = False, PROBE: tl.constexpr = 0):
     """H_Q: code words per row (H / 8); LOG_WPB: log2 of the words per quantization block.
     Tile [2 * BLOCK_N rows (gate rows, then the same up rows), BLOCK_W words], split in the threads into
     [rows, BLOCK_W / 4 chunks, 2, 2] (a 2-D load: Triton 3.6 puts chunks, not rows, on the lanes)."""
@@ -787,7 +794,7 @@ def _gate_up_v4_kernel(x_ptr, ids_ptr, order_ptr, h_ptr, buf_i32, buf_u8, buf_f3
         # x of the chunks past the row: the last chunk's (finite; their absmax is 0), no mask to apply
         cw = tl.minimum(kb + ch, H_Q - 4)[None, :]  # [1, NC] first word of each chunk
         acc += _chunk_sums_v4(tl.reshape(words, [2 * BLOCK_N, NC, 2, 2]), x_row + cw * 8, code, table,
-                              LUT_SHFL) * am
+                              LUT_SHFL, PROBE) * am
         words, am = words_n, am_n
     gu = tl.reshape(tl.sum(acc, axis=1), [2, BLOCK_N])
     which = tl.arange(0, 2)[:, None]
@@ -802,7 +809,8 @@ def _down_v4_kernel(h_ptr, ids_ptr, w_ptr, y_ptr, buf_i32, buf_u8, buf_f32, code
                     expert_bytes, codes_off, absmax_off, nested_off32, offset_off32,
                     K, H, I, I_Q, stride_yt, T_BUCKET,
                     LOG_WPB: tl.constexpr, DOUBLE_QUANT: tl.constexpr, KE: tl.constexpr, LUT_SHFL: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, PDL: tl.constexpr = False):
+                    BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, PDL: tl.constexpr = False,
+                    PROBE: tl.constexpr = 0):
     """I_Q: code words per row (I / 8). Tile [BLOCK_N rows, KE experts, BLOCK_W / 4 chunks, 4 words]:
     the rows vary slowest, so a thread holds rows of the same expert and chunk and loads h once for them."""
     pdl_start(PDL)
@@ -840,7 +848,7 @@ def _down_v4_kernel(h_ptr, ids_ptr, w_ptr, y_ptr, buf_i32, buf_u8, buf_f32, code
                        offset_off32, nested_code, DOUBLE_QUANT)
         cw = tl.minimum(kb + ch, I_Q - 4)[None, None, :]  # [1, 1, NC]; past the row: the last chunk (am 0 there)
         acc += _chunk_sums_v4(tl.reshape(words, [BLOCK_N, KE, NC, 2, 2]), h_rows + cw * 8, code, table,
-                              LUT_SHFL) * am
+                              LUT_SHFL, PROBE) * am
         words, am = words_n, am_n
     d = tl.sum(acc, axis=2)  # [BN, KE]
     y = tl.sum(d * wk[None, :], axis=1)  # fixed-order sum over the K experts
