@@ -29,7 +29,10 @@ Steps:
              rounds (decode_ab_graphs: each side's rounds, median, spread, ratio to the default;
              GPU_CHECK_AB_ROUNDS, 3), then with GPU_CHECK_DECIDED=1 (the default; 0 for a lease's first
              call) each default decode kernel off and each other opt-in one on and v3 where faster per
-             stage (or v2 alone) in the same rounds; each switch's launches a token and first greedy
+             stage (or v2 alone) in the same rounds; then the winners together (each side that beat the
+             default after both prompts by more than the spreads, the best of each family) against the
+             default in the same rounds (decode_ab_graphs_winners, tokens_graphs_winners;
+             GPU_CHECK_WINNERS=tag,tag names the sides instead); each switch's launches a token and first greedy
              divergence from the default (per_token_graphs_TAG, tokens_graphs_TAG); the 512-token prefill
              through the grouped 4-bit GEMMs vs each hit expert dequantized for dense matmuls
              (prefill_grouped_gemm, prefill_dequantize_per_expert), and with the full layers' flash
@@ -532,6 +535,15 @@ def big_model_run(dry: bool, dev, load_kwargs: dict, rows: dict, long_prompt: bo
             timed(f"decode_ab_{mode}", lambda mode=mode: decode_ab(
                 model, {"16": short, str(prompt): ids}, ab_gen, dev, mode, loaded.kv,
                 {"default": lambda: steps_anew(loaded.kv), **sides}, rounds), rows)
+            ab = rows.get(f"decode_ab_{mode}")
+            chosen = winners_named(sides) or winners(ab if isinstance(ab, dict) else {})
+            if chosen:  # the winners together, against the default again: what flipping them all would give
+                both = combined(*(sides[tag] for tag in chosen))
+                timed(f"decode_ab_{mode}_winners", lambda mode=mode, both=both: {"sides": chosen, **decode_ab(
+                    model, {"16": short, str(prompt): ids}, ab_gen, dev, mode, loaded.kv,
+                    {"default": lambda: steps_anew(loaded.kv), "winners": both}, rounds)}, rows)
+                timed(f"tokens_{mode}_winners", lambda both=both, mode=mode: divergence_when(
+                    both, model, short, dev, mode, loaded.kv), rows)
             for tag, switch in sides.items():  # what each switch launches, and whether its tokens stay
                 if tag in COMBINED_SIDES:
                     continue
@@ -924,6 +936,42 @@ def open_switches(cache) -> dict:
         "with_l2_prefetch_of_the_next_qkv": combined(l2, targets("next_qkv")),
         "with_l2_prefetch_and_the_mlp": combined(l2, targets("o_proj", "mlp", "next_qkv")),
     }
+
+
+# Open switches that are alternatives of one another: the winners' run takes the best of each family.
+FAMILIES = {"with_v4_moe": "moe kernels", "with_v4_gate_up_moe": "moe kernels", "with_parallel_mlp": "parallel mlp",
+            "with_parallel_mlp_and_norms_route": "parallel mlp", "with_l2_prefetch": "l2 prefetch",
+            "with_l2_prefetch_of_the_next_qkv": "l2 prefetch", "with_l2_prefetch_and_the_mlp": "l2 prefetch"}
+
+
+def winners(ab: dict) -> list[str]:
+    """The sides of a decode A/B (`decode_ab`'s result) that beat the default after every prompt by more
+    than their rounds' spread and the default's, the best of each family (FAMILIES: by the lower of its
+    ratios to the default), sides that combine others left out; sorted."""
+    base = ab.get("default")
+    if not isinstance(base, dict) or "error" in base:
+        return []
+    best: dict[str, tuple[float, str]] = {}
+    for tag, row in ab.items():
+        if tag == "default" or tag in COMBINED_SIDES or not isinstance(row, dict) or "error" in row:
+            continue
+        prompts = [p for p in row if p.startswith("after_")]
+        if not prompts or any(p not in base for p in prompts):
+            continue
+        if any(row[p]["vs_default"] - 1 <= max(row[p]["spread"], base[p]["spread"]) for p in prompts):
+            continue
+        score = min(row[p]["vs_default"] for p in prompts)
+        family = FAMILIES.get(tag, tag)
+        if family not in best or score > best[family][0]:
+            best[family] = (score, tag)
+    return sorted(tag for _, tag in best.values())
+
+
+def winners_named(sides: dict) -> list[str]:
+    """GPU_CHECK_WINNERS (comma-separated side tags): the sides to combine in the winners' A/B instead of the
+    A/B's winners (a combination to measure by name); names no side has are left out."""
+    named = [t.strip() for t in os.environ.get("GPU_CHECK_WINNERS", "").split(",") if t.strip()]
+    return sorted(t for t in named if t in sides and t not in COMBINED_SIDES)
 
 
 def decided_switches(cache) -> dict:

@@ -4,6 +4,7 @@ session lent a GPU runs first cannot rot between leases."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +15,9 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.py"
 
 
 def test_dry_run_writes_a_complete_report(tmp_path):
+    env = dict(os.environ, GPU_CHECK_WINNERS="with_pdl, with_parallel_mlp, with_every_open_switch, no_such_side")
     proc = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), "--dry"], capture_output=True, text=True,
-                          timeout=600)
+                          timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     steps = report["steps"]
@@ -69,6 +71,11 @@ def test_dry_run_writes_a_complete_report(tmp_path):
     for side in (v for v in ab.values() if isinstance(v, dict)):
         assert set(side) == {"after_16", "after_32"} and all(r["tokens_per_s"] > 0 for r in side.values())
     assert ab["default"]["after_16"]["vs_default"] == 1.0
+    both = resident["decode_ab_static_winners"]  # the sides GPU_CHECK_WINNERS names, combined, against the default
+    assert both["sides"] == ["with_parallel_mlp", "with_pdl"] and set(both) == {"sides", "rounds", "tokens",
+                                                                                "default", "winners"}
+    assert both["winners"]["after_16"]["tokens_per_s"] > 0
+    assert resident["tokens_static_winners"]["first_divergence_from_default"] is None
     assert "with_every_open_switch" in (tmp_path / "gpu_check.md").read_text()  # the A/B's table
     assert "per_token_static_with_every_open_switch" not in resident  # its parts' rows show it
     assert resident["per_token_static_with_v4_gate_up_moe"]["aten_ops_per_token"] > 0
@@ -168,6 +175,31 @@ def test_decode_ab_alternates_the_sides_and_reports_medians(monkeypatch):
     assert out["b"]["after_512"]["vs_default"] == 1.0 and out["rounds"] == 3 and out["tokens"] == 8
     table = "\n".join(check.ab_summary({"resident": {"decode_ab_graphs": out}}))
     assert "| b | 5.0 (0.25x, ±30.0%) | 1.0 (1.0x, ±0.0%) |" in table
+
+
+def ab_row(*prompts: tuple[float, float]) -> dict:
+    """An A/B side's row: (ratio to the default, spread) after each prompt."""
+    return {f"after_{p}": {"tokens_per_s": 100 * r, "rounds": [], "spread": s, "vs_default": r}
+            for p, (r, s) in zip((16, 512), prompts)}
+
+
+def test_winners_beat_the_default_after_every_prompt_by_more_than_the_spreads():
+    """A winner gains after both prompts by more than its spread and the default's; of alternatives (one
+    family: v4 or v4's gate_up alone, the L2 prefetch's targets) the one whose lower ratio is higher; a side
+    that combines others, a failed side, and a side with one prompt's gain only never win."""
+    check = _script()
+    ab = {"rounds": 3, "tokens": 96, "default": ab_row((1.0, 0.02), (1.0, 0.04)),
+          "with_pdl": ab_row((1.05, 0.01), (1.05, 0.01)),  # +5% > the default's 4% spread: wins
+          "with_parallel_mlp": ab_row((1.05, 0.01), (1.03, 0.01)),  # +3% after 512, within the default's 4%
+          "with_v4_moe": ab_row((1.20, 0.05), (1.08, 0.05)),
+          "with_v4_gate_up_moe": ab_row((1.10, 0.05), (1.10, 0.05)),  # v4's family: its lower ratio is higher
+          "with_l2_prefetch": ab_row((1.30, 0.25), (1.30, 0.35)),  # its own spread is larger than the gain
+          "with_every_open_switch": ab_row((1.5, 0.0), (1.5, 0.0)),
+          "with_in_place_combine": {"error": "RuntimeError"},
+          "without_dense_gemv": ab_row((0.8, 0.01), (0.8, 0.01))}
+    assert check.winners(ab) == ["with_pdl", "with_v4_gate_up_moe"]
+    assert check.winners({"default": {"error": "x"}, "with_pdl": ab["with_pdl"]}) == []
+    assert check.winners({}) == []
 
 
 def test_a_side_that_raises_is_reported_and_the_others_still_measured(monkeypatch):

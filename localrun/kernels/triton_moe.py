@@ -649,12 +649,17 @@ INTERPRETER_V4 = V4Tiles(gate_up_n=128, gate_up_w=128, down_n=256, down_w=128)
 # (gate_up 1,408 one-warp programs of 3 steps; down 704 of 3 steps, 43 KB an SM in flight), then
 # more programs (BLOCK_N 2 / 1, for latency) and fewer (for instructions).
 GATE_UP_V4_CONFIGS = [_chunk_cfg(n, w, warps) for n, w, warps in (
-    (4, 128, 1), (2, 128, 1), (8, 128, 2), (4, 64, 1), (8, 64, 2), (2, 64, 1), (8, 32, 1), (4, 128, 2))]
+    (4, 128, 1), (2, 128, 1), (8, 128, 2), (4, 64, 1), (8, 64, 2), (2, 64, 1), (8, 32, 1), (4, 128, 2),
+    # 2026-11-28: a row in two steps (256 + 96 of 256 words), both requested at the start, or in one (352 of
+    # 512): no step waits on another's arrival (sm_90, Triton 3.6: 64-80 registers, no spill)
+    (1, 256, 1), (2, 256, 2), (1, 512, 2))]
 # H200 (2026-11-27): gate_up's pick (2, 128, 1) stands inside its list; down picked (8, 32, 2), the most
 # rows a program here, at one token and at 8: (8, 32, 4) and (16, 32, 4) go past it at the same chunks a thread.
 DOWN_V4_CONFIGS = [_chunk_cfg(n, w, warps) for n, w, warps in (
-    (4, 32, 1), (2, 32, 1), (8, 32, 2), (2, 128, 1), (1, 128, 1), (4, 64, 2), (2, 64, 1), (8, 32, 1),
-    (8, 32, 4), (16, 32, 4))]
+    (4, 32, 1), (2, 32, 1), (8, 32, 2), (1, 128, 1), (4, 64, 2), (2, 64, 1), (8, 32, 1),
+    (8, 32, 4), (16, 32, 4), (2, 128, 2))]
+# (2, 128, 1) left the list on 2026-11-28: 255 registers and 8 bytes of stack a thread (sm_90, Triton 3.6); the
+# same row in one step at two warps (2, 128, 2) holds it in 142
 
 
 @triton.jit
