@@ -30,6 +30,7 @@ Import this module after setting TRITON_INTERPRET=1 to run it on CPU tensors (th
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -265,4 +266,23 @@ def benchmark_gemv(N: int, K: int, rows: int = 1, dtype: torch.dtype = torch.bfl
     out["speedup"] = round(out["us_torch"] / out["us_triton"], 3)
     if nbytes <= L2_PROBE_BYTES:  # one weight over and over: from the L2, where the memory is not the bound
         out["us_triton_l2"] = round(_rotation_us([lambda: gemv_triton(x, ws[0], b)] * len(ws), device, iters), 2)
+    if device.type == "cuda" and triton_pdl._supported(device.index if device.index is not None
+                                                       else torch.cuda.current_device()):
+        # each GEMV placed while the one before ends, its first tiles requested before it waits: what PDL takes
+        # off a projection in the step's chain (the rotation is a chain of GEMVs, as the step's graph is)
+        with _pdl_on():
+            out["us_triton_pdl"] = round(_rotation_us([lambda w=w: gemv_triton(x, w, b) for w in ws], device,
+                                                      iters), 2)
     return out
+
+
+@contextlib.contextmanager
+def _pdl_on():
+    """Within: the GEMV launches with programmatic dependent launch, as inside a decode step's graphs."""
+    before = triton_pdl.ENABLED
+    triton_pdl.ENABLED = True
+    try:
+        with triton_pdl.in_graphs():
+            yield
+    finally:
+        triton_pdl.ENABLED = before
