@@ -9,17 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from localrun.bench import bench_prompt
-from localrun.generate import generate
 from localrun.loader import load_model
 from localrun.models import gemma4
-from localrun.sampling import SamplingParams, make_sampler
 
-
-def static_tokens(loaded, n: int = 6):
-    ids = bench_prompt(12, loaded.args.vocab_size)
-    steps = generate(loaded.model, ids, make_sampler(SamplingParams()), max_tokens=n, step="static", cache=loaded.kv)
-    return [(s.token, s.logprob) for s in steps]
+from decoding import static_greedy
 
 
 @pytest.fixture
@@ -41,10 +34,10 @@ def test_each_moe_layer_asks_for_what_it_reads_next(tiny_moe, recorded, monkeypa
     and logprobs are the step's without the switch."""
     monkeypatch.setattr(gemma4, "L2_PREFETCH", targets)
     loaded = load_model(tiny_moe, dtype=torch.float32, context=64)
-    expected = static_tokens(loaded)
+    expected = static_greedy(loaded, 6)
     assert recorded == []  # no side stream lent: the switch does nothing
     loaded.kv.side_stream = "side"
-    assert static_tokens(loaded) == expected
+    assert static_greedy(loaded, 6) == expected
     layers = loaded.model.layers
     assert all(layer.moe for layer in layers)
     one_token = []

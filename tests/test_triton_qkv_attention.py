@@ -15,13 +15,12 @@ import pytest
 import torch
 
 from localrun import kernels, kvcache
-from localrun.bench import bench_prompt
-from localrun.generate import generate
 from localrun.kernels.qkv_write import qkv_attention, qkv_attention_reference
 from localrun.kvcache import FullKV, RingKV
 from localrun.loader import load_model
 from localrun.models import gemma4
-from localrun.sampling import SamplingParams, make_sampler
+
+from decoding import counting, static_greedy
 
 triton_attention = triton_module("triton_attention")
 triton_qkv_write = triton_module("triton_qkv_write")
@@ -231,19 +230,6 @@ def test_write_attend_traces_as_one_graph():
 
 # The decoder ---------------------------------------------------------------------------------------
 
-def counting(fn, calls: list):
-    def wrapped(*args):
-        calls.append(args)
-        return fn(*args)
-    return wrapped
-
-
-def static_greedy(loaded, n: int):
-    ids = bench_prompt(30, loaded.args.vocab_size)
-    steps = generate(loaded.model, ids, make_sampler(SamplingParams()), max_tokens=n, step="static", cache=loaded.kv)
-    return [s.token for s in steps], [s.logprob for s in steps]
-
-
 @pytest.mark.parametrize("kind", ["moe", "dense_e2b"])
 def test_static_step_with_the_switch_on(tiny_checkpoint, monkeypatch, kind):
     """DECODE_KERNELS["fused_qkv_attention"] where CUDA's half-precision step would write q/k/v with
@@ -258,12 +244,12 @@ def test_static_step_with_the_switch_on(tiny_checkpoint, monkeypatch, kind):
     monkeypatch.setattr(kvcache, "qkv_write", counting(kvcache.qkv_write, writes))
     monkeypatch.setattr(kvcache, "qkv_attention", counting(kvcache.qkv_attention, fused))
     monkeypatch.setitem(gemma4.DECODE_KERNELS, "fused_qkv_attention", False)
-    apart = static_greedy(loaded, 8)
+    apart = static_greedy(loaded, 8, prompt=30)
     writers = sum(layer is not None for layer in loaded.kv.layers)
     assert len(writes) == 7 * writers and not fused  # the first token comes from the prefill
     writes.clear()
     monkeypatch.setitem(gemma4.DECODE_KERNELS, "fused_qkv_attention", True)
-    assert static_greedy(loaded, 8) == apart
+    assert static_greedy(loaded, 8, prompt=30) == apart
     assert len(fused) == 7 * writers and not writes
     assert {args[10] is None for args in fused} == {True, False}  # full layers and rings
 
@@ -279,7 +265,7 @@ def test_static_step_with_the_interpreted_kernels(tiny_moe, monkeypatch):
     monkeypatch.setattr(kvcache, "qkv_attention", counting(triton_attention.qkv_attention_triton, fused))
     monkeypatch.setattr(kernels, "decode_attention", triton_attention.decode_attention_triton)
     monkeypatch.setitem(gemma4.DECODE_KERNELS, "fused_qkv_attention", False)
-    apart = static_greedy(loaded, 3)
+    apart = static_greedy(loaded, 3, prompt=30)
     monkeypatch.setitem(gemma4.DECODE_KERNELS, "fused_qkv_attention", True)
-    assert static_greedy(loaded, 3) == apart
+    assert static_greedy(loaded, 3, prompt=30) == apart
     assert len(fused) == 2 * sum(layer is not None for layer in loaded.kv.layers)

@@ -24,6 +24,8 @@ from localrun.models import gemma4
 from localrun.moe import activation
 from localrun.sampling import SamplingParams, make_sampler
 
+from decoding import counting, static_greedy
+
 triton_qkv_write = triton_module("triton_qkv_write")
 triton_norm = triton_module("triton_norm")
 triton_fused = triton_module("triton_fused")
@@ -257,19 +259,6 @@ def test_gated_op_registration():
 
 # The decoder ---------------------------------------------------------------------------------------
 
-def counting(fn, calls: list):
-    def wrapped(*args):
-        calls.append(args)
-        return fn(*args)
-    return wrapped
-
-
-def static_run(loaded, n: int = 10):
-    ids = bench_prompt(12, loaded.args.vocab_size)
-    steps = generate(loaded.model, ids, make_sampler(SamplingParams()), max_tokens=n, step="static", cache=loaded.kv)
-    return [(s.token, s.logprob) for s in steps]
-
-
 @pytest.fixture
 def as_on_cuda(monkeypatch):
     """The decoder takes its CUDA-only glue (gemma4.fused_on_cuda) wherever it takes the fused glue,
@@ -319,13 +308,13 @@ def test_static_decode_takes_the_fused_kernels(tiny_moe, as_on_cuda, monkeypatch
     with monkeypatch.context() as plain:
         plain.setattr(gemma4, "fused_on_cuda", lambda x: False)
         plain.setattr(gemma4, "rope_on_cuda", lambda pos, dtype: False)
-        expected = static_run(loaded)
+        expected = static_greedy(loaded, 10)
     assert not as_on_cuda["rope_rows"]
     layers = loaded.model.layers
     input_norms = []
     for layer in layers:
         layer.input_layernorm.register_forward_hook(lambda *a: input_norms.append(1))
-    got = static_run(loaded)
+    got = static_greedy(loaded, 10)
     passes = 10  # the prefill (its glue is fused too), then 9 decoded tokens
     assert len(as_on_cuda["ffn_residual_norm"]) == passes * (len(layers) - 1)
     assert len(as_on_cuda["rope_rows"]) == passes * len(set(loaded.args.layer_types))
@@ -342,7 +331,7 @@ def test_static_decode_takes_the_fused_kernels(tiny_moe, as_on_cuda, monkeypatch
     for calls in as_on_cuda.values():
         calls.clear()
     monkeypatch.setitem(gemma4.DECODE_KERNELS, "fused_glue", False)
-    assert [t for t, _ in static_run(loaded)] == [t for t, _ in expected]
+    assert [t for t, _ in static_greedy(loaded, 10)] == [t for t, _ in expected]
     assert not any(as_on_cuda.values())
 
 
