@@ -15,6 +15,7 @@ from .errors import UsageError
 
 NEG_INF = float("-inf")
 FLT_MAX = torch.finfo(torch.float32).max
+FLT_MIN = torch.finfo(torch.float32).tiny  # the smallest normal fp32
 PENALTY_REACH = 1e30  # a repetition penalty beyond [1/this, this] acts as this: fp32 logits would overflow to inf
 
 
@@ -81,9 +82,10 @@ def apply_top_p(logits_V: torch.Tensor, p: float) -> torch.Tensor:
         return logits_V
     sorted_logits, order = torch.sort(logits_V, descending=True)
     probs = softmax(sorted_logits)
-    before = torch.cumsum(probs, dim=-1) - probs  # mass strictly before each token
-    drop_sorted = before >= p  # a p that is 0 in fp32 would drop every token
-    drop_sorted[0] = False
+    before = torch.cumsum(probs, dim=-1) - probs  # mass strictly before each token: exactly 0 before the first
+    # so the top token stays whatever p: one that is 0 in fp32 would drop every token (p >= FLT_MIN > 0 keeps
+    # it, where `drop[0] = False` was a host scalar copied in, a host sync a sampled token on CUDA)
+    drop_sorted = before >= max(p, FLT_MIN)
     drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
     return logits_V.masked_fill(drop, NEG_INF)
 

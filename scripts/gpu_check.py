@@ -140,6 +140,30 @@ def greedy(model, ids: list[int], n: int, dev, step: str = "eager", cache=None,
     return tokens, logprobs
 
 
+def token_ids(model, ids: list[int], n: int, dev, step: str = "eager", cache=None, params=None) -> list[int]:
+    """The ids of `generation`'s n tokens, nothing else read (as `localrun run` reads them)."""
+    return [out.token for out in generation(model, ids, n, dev, step, cache, params)]
+
+
+@contextlib.contextmanager
+def event_waits_counted():
+    """Within: each torch.cuda.Event.synchronize (how generate reads a token's id: a host wait that torch's
+    sync debug mode does not report) appended to the yielded list."""
+    torch = _torch()
+    waits: list[int] = []
+    original = torch.cuda.Event.synchronize
+
+    def counted(self):
+        waits.append(1)
+        return original(self)
+
+    torch.cuda.Event.synchronize = counted
+    try:
+        yield waits
+    finally:
+        torch.cuda.Event.synchronize = original
+
+
 def generation(model, ids: list[int], n: int, dev, step: str = "eager", cache=None, params=None):
     """localrun.generate's iterator of n tokens after `ids` through decode step `step`: greedy (no stop
     ids), or sampled by `params` (SamplingParams)."""
@@ -1119,20 +1143,22 @@ def idle_between(intervals: list[tuple[float, float]]) -> float:
 def per_token_counts(model, ids: list[int], dev, mode: str = "eager", cache=None, params=None) -> dict:
     """Kernels, host launch calls and host syncs of one decoded token (the difference of 3 and 4
     generated tokens, so prefill and the first sampling step cancel), with the Python line of each sync
-    (torch's sync debug warning names it) and the microseconds the device idled between kernels (launch
-    gaps, host waits); greedy, or sampled by `params`."""
+    (torch's sync debug warning names it; the id's read, an event's synchronize, which that mode does not
+    see, counted as `generate.py:token read`) and the microseconds the device idled between kernels
+    (launch gaps, host waits); greedy, or sampled by `params`. The tokens are read as a user's run reads
+    them, ids alone (`token_ids`): a logprob is a full-vocabulary reduction and a read of its own."""
     torch = _torch()
 
     def counts(n: int) -> tuple[int, int, int]:
         if dev.type != "cuda":
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-                greedy(model, ids, n, dev, mode, cache, params)
+                token_ids(model, ids, n, dev, mode, cache, params)
             return sum(1 for e in prof.events() if e.name.startswith("aten::")), 0, 0
         import warnings
 
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,
                                                 torch.profiler.ProfilerActivity.CPU]) as prof:
-            greedy(model, ids, n, dev, mode, cache, params)
+            token_ids(model, ids, n, dev, mode, cache, params)
             sync(dev)
         events = prof.events()
         kernels = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA
@@ -1149,14 +1175,16 @@ def per_token_counts(model, ids: list[int], dev, mode: str = "eager", cache=None
         tables[n] = table
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            with warnings.catch_warnings(record=True) as caught:
+            with warnings.catch_warnings(record=True) as caught, event_waits_counted() as waits:
                 warnings.simplefilter("always")
-                greedy(model, ids, n, dev, mode, cache, params)
+                token_ids(model, ids, n, dev, mode, cache, params)
         finally:
             torch.cuda.set_sync_debug_mode("default")
         found = [w for w in caught if "synchroniz" in str(w.message).lower()]
         sites[n] = Counter(f"{Path(w.filename).name}:{w.lineno}" for w in found)  # the Python line that synced
-        return kernels, launches, len(found)
+        if waits:
+            sites[n]["generate.py:token read"] += len(waits)
+        return kernels, launches, len(found) + len(waits)
 
     from collections import Counter
 

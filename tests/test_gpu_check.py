@@ -177,6 +177,21 @@ def test_decode_ab_alternates_the_sides_and_reports_medians(monkeypatch):
     assert "| b | 5.0 (0.25x, ±30.0%) | 1.0 (1.0x, ±0.0%) |" in table
 
 
+def test_event_waits_are_counted_and_the_method_restored(monkeypatch):
+    """per_token_counts counts the id's read (an event's synchronize, which torch's sync debug mode does
+    not report) by wrapping the method for the measured generation only."""
+    import torch
+
+    check = _script()
+    calls = []
+    monkeypatch.setattr(torch.cuda.Event, "synchronize", lambda self: calls.append(self))
+    with check.event_waits_counted() as waits:
+        torch.cuda.Event.synchronize("a")
+        torch.cuda.Event.synchronize("b")
+    torch.cuda.Event.synchronize("c")
+    assert waits == [1, 1] and calls == ["a", "b", "c"]
+
+
 def ab_row(*prompts: tuple[float, float]) -> dict:
     """An A/B side's row: (ratio to the default, spread) after each prompt."""
     return {f"after_{p}": {"tokens_per_s": 100 * r, "rounds": [], "spread": s, "vs_default": r}

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from localrun.errors import UsageError
 from localrun.sampling import (SamplingParams, apply_min_p, apply_repetition_penalty, apply_top_k, apply_top_p,
@@ -152,3 +152,39 @@ def test_non_finite_logits_sample_as_greedy_picks_not_id_0():
     logits = logits_of([0.001, 0.998, 0.001])
     logits[0] = float("nan")
     assert {make_sampler(SamplingParams(temperature=1.0, seed=s))(logits, NONE) for s in range(20)} <= {1, 2}
+
+
+# aten ops that make the host wait for a CUDA device (a sampled token must sync once: its id's read):
+# a host value copied in (lift_fresh + copy_: `t[i] = 0` with a Python scalar), a device value read out
+# (_local_scalar_dense: item(), int(), bool()), and the ops whose output size depends on the data.
+HOST_SYNCING_OPS = ("aten.lift_fresh", "aten.copy_", "aten._local_scalar_dense", "aten.nonzero", "aten.masked_select",
+                    "aten.index_put_", "aten.unique", "aten._unique2", "aten.repeat_interleave")
+
+
+class _OpRecorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(repetition_penalty=1.3),
+                                    SamplingParams(temperature=0.8, top_k=40, top_p=0.9, min_p=0.05,
+                                                   repetition_penalty=1.2, seed=0),
+                                    SamplingParams(temperature=1.0, top_p=1e-46, seed=1)],
+                         ids=["greedy", "greedy-penalty", "every-filter", "top_p-0-in-fp32"])
+def test_a_token_is_chosen_without_an_op_that_waits_for_the_device(params):
+    """Sampler.token, greedy and with every filter, runs no op that would sync the host on CUDA (the
+    2026-11-27 H200 counted 2 syncs a sampled token: apply_top_p's `drop[0] = False`), so the id's read is
+    a token's only one (scripts/gpu_check.py's per_token_graphs_sampled counts them on a GPU)."""
+    recorder = _OpRecorder()
+    logits = torch.randn(3000, generator=torch.Generator().manual_seed(3))
+    seen, sampler = torch.tensor([1, 5, 7, 5]), make_sampler(params)
+    with torch.inference_mode(), recorder:
+        token = sampler.token(logits, seen)
+    assert token.shape == (1,)
+    syncing = [op for op in recorder.ops if op.startswith(HOST_SYNCING_OPS)]
+    assert not syncing and recorder.ops, syncing
