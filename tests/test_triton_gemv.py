@@ -95,6 +95,12 @@ def test_the_partial_last_step_is_requested_early_only_where_there_is_one():
     assert tail({"K": 2112, "BLOCK_K": 512}) and tail({"K": 45, "BLOCK_K": 32})
     assert not tail({"K": 2816, "BLOCK_K": 256}) and not tail({"K": 20, "BLOCK_K": 32})
     assert not tail({"K": 32, "BLOCK_K": 32})
+    x, w = small_integers(1, 150, seed=1), small_integers(19, 150, seed=2)  # 4 steps of 32 and 22 columns
+    for flag in (True, False):  # a launch that says no tail where there is one still reads it (after the loop)
+        y = torch.empty(1, 19)
+        triton_gemv._gemv_kernel[(3,)](x, w, w, y, 1, 19, 150, 150, 19, BM=1, HAS_BIAS=False, BLOCK_N=8, BLOCK_K=32,
+                                       TAIL=flag)
+        assert torch.equal(y, x @ w.T), flag
 
 
 @needs_triton

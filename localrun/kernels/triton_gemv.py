@@ -18,9 +18,11 @@ step as tiles of W's shape (L1 hits); the result is rounded once to x's dtype. C
 for sm_90a (Triton 3.9, ptxas, no GPU), every config's loop is 16-byte loads and FMAs only: no
 shared memory, no barrier, no spills (K a multiple of 16: 36 to 79 registers a thread at one row,
 at most 154 at 2 or 4).
-Under programmatic dependent launch (kernels/triton_pdl.py) the first step's tile, the partial last
-step's (requested at the start in any case) and the bias are requested before the kernel waits for the one before it: they are no kernel's output, so a
-program's first weights arrive while that kernel still runs.
+A K of whole steps and a partial one (26B-A4B's dense MLP down: 2,112 at 512 a step) has the partial
+step's tile requested with the first (TAIL, `_tail`), not after the loop, one memory latency less.
+Under programmatic dependent launch (kernels/triton_pdl.py) the first step's tile, the partial one
+and the bias are requested before the kernel waits for the one before it: they are no kernel's
+output, so a program's first weights arrive while that kernel still runs.
 
 Tiles come from triton.autotune keyed on N, K, the padded row count BM and the dtypes (the first
 call of a shape benchmarks <= 12 configs, kept in Triton's disk cache); under TRITON_INTERPRET=1 there is one config
@@ -127,6 +129,8 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
         w = w_first  # where K is less than a step
         if TAIL:
             w = w_tail
+        elif k_main > 0:  # launched without `_tail`'s word on it: the tile now, as before TAIL
+            w = tl.load(w_tile + k_main, mask=cols + k_main < K, other=0.0, eviction_policy="evict_first")
         acc0, acc1, acc2, acc3 = _products(w, x_ptr, M, stride_xm, cols, k_main, cols + k_main < K, acc0, acc1,
                                            acc2, acc3, BM, True)
     out = y_ptr + rows
