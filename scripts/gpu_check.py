@@ -33,7 +33,8 @@ Steps:
              default after both prompts by more than the spreads, the best of each family) against the
              default in the same rounds (decode_ab_graphs_winners, tokens_graphs_winners;
              GPU_CHECK_WINNERS=tag,tag names the sides instead); each switch's launches a token and first greedy
-             divergence from the default (per_token_graphs_TAG, tokens_graphs_TAG); the 512-token prefill
+             divergence from the default (per_token_graphs_TAG, tokens_graphs_TAG; GPU_CHECK_SIDE_ROWS=winners:
+             the winners' alone, ~5 s a side less); the 512-token prefill
              through the grouped 4-bit GEMMs vs each hit expert dequantized for dense matmuls
              (prefill_grouped_gemm, prefill_dequantize_per_expert), and with the full layers' flash
              attention kernel off (prefill_without_flash_attention); at 16 GiB the 512-token prefill
@@ -568,8 +569,9 @@ def big_model_run(dry: bool, dev, load_kwargs: dict, rows: dict, long_prompt: bo
                     {"default": lambda: steps_anew(loaded.kv), "winners": both}, rounds)}, rows)
                 timed(f"tokens_{mode}_winners", lambda both=both, mode=mode: divergence_when(
                     both, model, short, dev, mode, loaded.kv), rows)
+            every = os.environ.get("GPU_CHECK_SIDE_ROWS", "all") != "winners"  # a short lease: the winners' alone
             for tag, switch in sides.items():  # what each switch launches, and whether its tokens stay
-                if tag in COMBINED_SIDES:
+                if tag in COMBINED_SIDES or not (every or tag in chosen):
                     continue
                 with switch():
                     timed(f"per_token_{mode}_{tag}", lambda mode=mode: per_token_counts(
