@@ -25,7 +25,7 @@ Steps:
              under a forced 16 GiB budget; all resident, decode tok/s of the graphs step by default
              and with each open switch (v4 MoE, v4's gate_up alone, PDL, parallel_mlp, norms_route,
              fused_qkv_attention off, the in-place combine, every open switch at once, the L2 prefetch
-             of three target sets) in alternating
+             of three target sets, the down matrices asked of the L2 by gate_up) in alternating
              rounds (decode_ab_graphs: each side's rounds, median, spread, ratio to the default;
              GPU_CHECK_AB_ROUNDS, 3), then with GPU_CHECK_DECIDED=1 (the default; 0 for a lease's first
              call) each default decode kernel off and each other opt-in one on and v3 where faster per
@@ -961,6 +961,8 @@ def open_switches(cache) -> dict:
         "with_l2_prefetch": combined(l2, targets("o_proj", "next_qkv")),
         "with_l2_prefetch_of_the_next_qkv": combined(l2, targets("next_qkv")),
         "with_l2_prefetch_and_the_mlp": combined(l2, targets("o_proj", "mlp", "next_qkv")),
+        # the gate_up programs ask the L2 for their expert's down matrix (triton_moe.PREFETCH_DOWN)
+        "with_down_prefetch": lambda: setting(triton_moe, "PREFETCH_DOWN", True, cache),
     }
 
 

@@ -242,6 +242,7 @@ def compile_cases(arch: int = 90):
     yield from prefill_attention_cases()
     yield prefetch_case()
     yield from probe_cases(arch)
+    yield from down_prefetch_cases()
     if arch >= 90:  # griddepcontrol (programmatic dependent launch) is sm_90's
         yield from _pdl_cases()
 
@@ -252,6 +253,24 @@ def prefetch_case():
 
     return ("l2_prefetch", tp._l2_prefetch_kernel, {"a_ptr": "*u8", "b_ptr": "*u8", "sink_ptr": "*i32"},
             dict(BLOCK=tp.BLOCK, LINE=tp.LINE), tp.BLOCK // 32)
+
+
+def down_prefetch_cases():
+    """compile_cases() rows of the v2 and v4 gate_up kernels (the H200's picks, bf16) with PREFETCH_DOWN's
+    DOWN_OFF at 26B-A4B's NF4 layout (where an expert's down matrix starts), and without it."""
+    import torch
+
+    from localrun.kernels import triton_moe as tm
+    from quant.nf4 import expert_layout
+    from quant.spec import QuantSpec
+
+    down = expert_layout((1408, 2816), (2816, 704), QuantSpec("nf4", 64, False), torch.bfloat16).down.codes.offset
+    ptrs = dict(POINTERS, x_ptr="*bf16", y_ptr="*bf16")
+    v2 = dict(ACT=0, BLOCKSIZE=64, DOUBLE_QUANT=False, SORTED=False, BB=32, BLOCK_N=4, BLOCK_K=128)
+    v4 = dict(ACT=0, LOG_WPB=3, DOUBLE_QUANT=False, SORTED=False, LUT_SHFL=True, BLOCK_N=2, BLOCK_W=128)
+    for name, fn, consts in (("v2", tm._gate_up_v2_kernel, v2), ("v4", tm._gate_up_v4_kernel, v4)):
+        for off in (0, down):
+            yield f"down_prefetch {name} gate_up down_off={off}", fn, ptrs, dict(consts, DOWN_OFF=off), 1
 
 
 def probe_cases(arch: int):

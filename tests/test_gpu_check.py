@@ -67,7 +67,8 @@ def test_dry_run_writes_a_complete_report(tmp_path):
     assert {"default", "with_v4_moe", "with_v4_gate_up_moe", "with_pdl", "with_parallel_mlp",
             "with_parallel_mlp_and_norms_route", "without_fused_qkv_attention", "with_in_place_combine",
             "with_every_open_switch", "without_mlp_router_gemm", "without_dense_gemv", "with_v3_moe",
-            "with_l2_prefetch", "with_l2_prefetch_of_the_next_qkv", "with_l2_prefetch_and_the_mlp"} <= set(ab), ab
+            "with_l2_prefetch", "with_l2_prefetch_of_the_next_qkv", "with_l2_prefetch_and_the_mlp",
+            "with_down_prefetch"} <= set(ab), ab
     for side in (v for v in ab.values() if isinstance(v, dict)):
         assert set(side) == {"after_16", "after_32"} and all(r["tokens_per_s"] > 0 for r in side.values())
     assert ab["default"]["after_16"]["vs_default"] == 1.0

@@ -93,7 +93,8 @@ def test_the_decode_steps_newer_kernels_compile_for_sm90():
     rows = json.loads(run.stdout)
     assert len(rows) >= 60 and all(row["cubin_bytes"] > 1000 and row["local_bytes"] == 0 for row in rows.values()), rows
     assert {"grouped", "gemv", "v3", "v4", "qkv_write", "ffn_residual", "norms_route", "rope_rows", "decode_partial",
-            "qkv_attention", "pdl", "prefill_attention", "l2_prefetch", "probe"} == {name.split()[0] for name in rows}
+            "qkv_attention", "pdl", "prefill_attention", "l2_prefetch", "probe", "down_prefetch"} == {
+        name.split()[0] for name in rows}
     for name, row in rows.items():  # the attention that writes q/k/v sums each head's squares as qkv_write does,
         if name.startswith("qkv_attention"):  # and walks the keys in the plain kernel's loop: the same bits
             x, D, _, in_place, norm_v = name.split()[1:]  # (v as projected: Qwen3-MoE's, one sum fewer)
@@ -295,3 +296,28 @@ def test_the_l2_prefetch_kernel_prefetches_and_reads_nothing():
     for arch, ops in rows.items():
         assert ops.get("CCTL.E.PML2", 0) >= 2, (arch, ops)  # the two ranges' loops
         assert not [op for op in ops if op.startswith(("LDG", "LD."))], (arch, ops)
+
+
+DOWN_PREFETCH_OPS = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import sass_stats
+rows = {}
+for name, fn, ptrs, consts, warps in sass_stats.down_prefetch_cases():
+    kernel = sass_stats.compile_kernel(fn, consts, warps, 90, ptrs)
+    rows[name] = {"ops": sass_stats.opcodes(kernel), **sass_stats.inspect(kernel, sass=False)}
+print(json.dumps(rows))
+"""
+
+
+@pytest.mark.skipif(_ptxas() is None, reason="triton with its NVIDIA backend tools is not installed")
+def test_gate_up_asks_the_l2_for_the_down_matrix_only_with_down_off():
+    """triton_moe.PREFETCH_DOWN's DOWN_OFF (sm_90): the v2 and v4 gate_up kernels issue L2 prefetches
+    (CCTL.E.PML2) and no load more than without it, and spill nothing; without it, no prefetch."""
+    rows = compiled_in_child(DOWN_PREFETCH_OPS)
+    assert len(rows) == 4
+    for kind in ("v2", "v4"):
+        plain, asking = (row for name, row in rows.items() if name.startswith(f"down_prefetch {kind} "))
+        loads = lambda row: sum(n for op, n in row["ops"].items() if op.startswith("LDG"))  # noqa: E731
+        assert "CCTL.E.PML2" not in plain["ops"] and asking["ops"].get("CCTL.E.PML2", 0) >= 1, (kind, asking)
+        assert loads(asking) == loads(plain) and asking["stack_bytes"] == 0, (kind, plain, asking)

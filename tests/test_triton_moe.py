@@ -335,6 +335,30 @@ def test_v4_top_8_and_bf16():
 
 
 @needs_triton
+def test_down_prefetch_applies_to_one_token_on_cuda_only(monkeypatch):
+    """PREFETCH_DOWN gives the gate_up launch the down matrix's first byte (DOWN_OFF) for one token on CUDA,
+    compiled (tests/test_sass_stats.py checks what it issues); a prompt's call, the CPU, the interpreter and
+    the switch off launch as before."""
+    from types import SimpleNamespace
+
+    buf = make_buffer(QuantSpec("nf4", 64, False), 3, 64, 32)
+    call = SimpleNamespace(T=1, x=SimpleNamespace(device=SimpleNamespace(type="cuda")), offsets=buf.offsets())
+    monkeypatch.setattr(triton_moe, "interpreted", lambda: False)
+    assert triton_moe._down_off(call) == {}  # off by default
+    monkeypatch.setattr(triton_moe, "PREFETCH_DOWN", True)
+    assert triton_moe._down_off(call) == {"DOWN_OFF": buf.layout.down.codes.offset} and buf.layout.down.codes.offset > 0
+    assert triton_moe._down_off(SimpleNamespace(**{**vars(call), "T": 2})) == {}
+    assert triton_moe._down_off(SimpleNamespace(**{**vars(call), "x": torch.zeros(1)})) == {}
+    monkeypatch.setattr(triton_moe, "interpreted", lambda: True)
+    assert triton_moe._down_off(call) == {}
+    x = torch.randn(1, 64, generator=torch.Generator().manual_seed(9))  # interpreted: the same result as off
+    ids, w = routing(1, 2, 3)
+    on = run_triton(buf, x, ids, w, "silu")
+    monkeypatch.setattr(triton_moe, "PREFETCH_DOWN", False)
+    assert torch.equal(on, run_triton(buf, x, ids, w, "silu"))
+
+
+@needs_triton
 def test_use_v4_switches_the_default(monkeypatch):
     """USE_V4 sends the default decode path to v4 where v3 fits, and leaves the shapes v3 does not take
     to v2; v4 tiles refuse rows of partial chunks as v3's do."""

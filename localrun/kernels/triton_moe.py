@@ -35,6 +35,7 @@ import triton.language as tl
 
 from . import triton_pdl
 from .triton_pdl import pdl_start
+from .triton_prefetch import LINE, prefetch_share
 
 NESTED_BLOCKSIZE = 256  # quant.spec.NESTED_BLOCKSIZE, a constant of the kernel
 ACT_CODES = {"gelu_pytorch_tanh": 0, "gelu": 1, "silu": 2}
@@ -274,14 +275,43 @@ def _load_codes(buf_i32, word_ptr0, gw, mask, buf_u8, buf_f32, base, base32, blk
     return words, am
 
 
+# Opt-in (scripts/gpu_check.py's decode A/B: `with_down_prefetch`): a decoded token's gate_up programs ask the
+# L2 for their expert's down matrix (each program a share of it, after its own first step is requested), so
+# that the down kernel after reads the L2 rather than HBM. Unknown: whether the down stage is bound by where
+# its bytes come from (kernels/triton_moe_probe.py's `l2_us` against `dram_us` says), and what the extra
+# requests cost gate_up. One token only (a prompt's pairs share experts), CUDA only (inline PTX).
+PREFETCH_DOWN = False
+_LINE = tl.constexpr(LINE)  # the prefetch's line bytes, as a kernel reads a global
+
+
+@triton.jit
+def _prefetch_down(buf_u8, base, expert_bytes, h_row, DOWN_OFF: tl.constexpr):
+    """This program's share (its row tile of the expert's) of the expert's down matrix and statistics (from
+    byte DOWN_OFF of its row to the row's end) asked of the L2; the asm's zeros stored under a mask that is
+    never true (h_row: this pair's h, whose first elements the program's own store writes later anyway)."""
+    zeros = prefetch_share(buf_u8 + base + DOWN_OFF, expert_bytes - DOWN_OFF, tl.program_id(1), tl.num_programs(1),
+                           32, _LINE)
+    tl.store(h_row + tl.arange(0, 32), zeros.to(tl.float32), mask=zeros != 0)
+
+
+def _down_off(c: "_Call") -> dict:
+    """DOWN_OFF for a gate_up launch of `c`: the down matrix's first byte where PREFETCH_DOWN applies (one
+    token on CUDA, not interpreted), else nothing."""
+    if not PREFETCH_DOWN or c.T != 1 or c.x.device.type != "cuda" or interpreted():
+        return {}
+    return {"DOWN_OFF": c.offsets[4]}
+
+
 @triton.jit
 def _gate_up_v2_kernel(x_ptr, ids_ptr, order_ptr, h_ptr, buf_i32, buf_u8, buf_f32, code, nested_code,
                        expert_bytes, codes_off, absmax_off, nested_off32, offset_off32,
                        K, H_Q, I, stride_xt, T_BUCKET,
                        ACT: tl.constexpr, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
                        SORTED: tl.constexpr, BB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       PDL: tl.constexpr = False):
-    """H_Q: 32-bit words of codes per row (H / 8). Tile [2 (gate, up), BLOCK_N rows, NG groups, GW words]."""
+                       PDL: tl.constexpr = False, DOWN_OFF: tl.constexpr = 0):
+    """H_Q: 32-bit words of codes per row (H / 8). Tile [2 (gate, up), BLOCK_N rows, NG groups, GW words].
+    DOWN_OFF > 0 (PREFETCH_DOWN): the byte where the expert's down matrix starts, whose share the program
+    asks of the L2 once its own first step is requested."""
     pdl_start(PDL)
     if SORTED:
         p = tl.load(order_ptr + tl.program_id(0)).to(tl.int64)
@@ -310,6 +340,8 @@ def _gate_up_v2_kernel(x_ptr, ids_ptr, order_ptr, h_ptr, buf_i32, buf_u8, buf_f3
     words, am = _load_codes(buf_i32, row_word[:, :, None], gw[None, None, :], mask, buf_u8, buf_f32, base, base32,
                             (row_w0[:, :, None] + gw[None, None, :]) // WPB, absmax_off, nested_off32, offset_off32,
                             nested_code, GW, DOUBLE_QUANT)
+    if DOWN_OFF > 0:
+        _prefetch_down(buf_u8, base, expert_bytes, h_ptr + p * I, DOWN_OFF)
     acc = tl.zeros([2, BLOCK_N, NG], dtype=tl.float32)
     for kb in range(0, H_Q, BW):
         # the next step's codes and absmax are requested before this step's math (register prefetch)
@@ -758,7 +790,7 @@ def _gate_up_v4_kernel(x_ptr, ids_ptr, order_ptr, h_ptr, buf_i32, buf_u8, buf_f3
                        K, H_Q, I, stride_xt, T_BUCKET,
                        ACT: tl.constexpr, LOG_WPB: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
                        SORTED: tl.constexpr, LUT_SHFL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
-                       PDL: tl.constexpr = False, PROBE: tl.constexpr = 0):
+                       PDL: tl.constexpr = False, PROBE: tl.constexpr = 0, DOWN_OFF: tl.constexpr = 0):
     """H_Q: code words per row (H / 8); LOG_WPB: log2 of the words per quantization block.
     Tile [2 * BLOCK_N rows (gate rows, then the same up rows), BLOCK_W words], split in the threads into
     [rows, BLOCK_W / 4 chunks, 2, 2] (a 2-D load: Triton 3.6 puts chunks, not rows, on the lanes)."""
@@ -788,6 +820,8 @@ def _gate_up_v4_kernel(x_ptr, ids_ptr, order_ptr, h_ptr, buf_i32, buf_u8, buf_f3
     words = tl.load(codes + wq[None, :], mask=mask_r[:, None] & (wq < H_Q)[None, :], other=0)
     am = _absmax_or_0(buf_u8, buf_f32, base, base32, (row_w[:, None] + c0[None, :]) >> LOG_WPB, m2, absmax_off,
                  nested_off32, offset_off32, nested_code, DOUBLE_QUANT)
+    if DOWN_OFF > 0:  # as v2's (DOWN_OFF: PREFETCH_DOWN)
+        _prefetch_down(buf_u8, base, expert_bytes, h_ptr + p * I, DOWN_OFF)
     acc = tl.zeros([2 * BLOCK_N, NC], dtype=tl.float32)
     for kb in range(0, H_Q, BLOCK_W):
         c1 = kb + BLOCK_W + ch  # the next step's chunks, requested before this step's math
@@ -962,7 +996,7 @@ def _down_v3(c: _Call, tiles: V3Tiles | None) -> None:
 
 def _gate_up_v2(c: _Call, tiles: Tiles | None) -> None:
     meta = dict(ACT=ACT_CODES[c.act], BLOCKSIZE=c.blocksize, DOUBLE_QUANT=c.double_quant, SORTED=c.T > 1,
-                BB=_gcd_pow2(c.H // 2, c.blocksize), **triton_pdl.launch(c.x.device))
+                BB=_gcd_pow2(c.H // 2, c.blocksize), **triton_pdl.launch(c.x.device), **_down_off(c))
     args = c.common("gate_up")
     if tiles is None:
         _gate_up_v2_tuned[lambda m: (c.T * c.K, triton.cdiv(c.I, m["BLOCK_N"]))](*args, **meta)
@@ -990,7 +1024,7 @@ def _lut_shfl(device: torch.device) -> bool:
 
 
 def _gate_up_v4(c: _Call, tiles: V4Tiles | None) -> None:
-    _gate_up_chunks(c, tiles, _gate_up_v4_tuned, _gate_up_v4_kernel, LUT_SHFL=_lut_shfl(c.x.device))
+    _gate_up_chunks(c, tiles, _gate_up_v4_tuned, _gate_up_v4_kernel, LUT_SHFL=_lut_shfl(c.x.device), **_down_off(c))
 
 
 def _down_v4(c: _Call, tiles: V4Tiles | None) -> None:

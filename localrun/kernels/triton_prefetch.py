@@ -46,6 +46,23 @@ def _lines(ptr, lines, steps, lane, stride, LINE: tl.constexpr):
 
 
 @triton.jit
+def prefetch_share(ptr, nbytes, part, parts, LANES: tl.constexpr, LINE: tl.constexpr):
+    """Share `part` of `parts` of the lines of nbytes bytes from ptr (uint8) asked of the L2, LANES a step (a
+    helper for a kernel that asks beside its own work: triton_moe's PREFETCH_DOWN); int32 zeros [LANES], the
+    asm's results, for the caller to keep alive (a store under a mask that is never true)."""
+    lines = tl.cdiv(nbytes, LINE)
+    per = tl.cdiv(lines, parts)
+    first = part * per
+    end = tl.minimum(first + per, lines)
+    lane = tl.arange(0, LANES)
+    acc = tl.zeros([LANES], dtype=tl.int32)
+    for j in range(first, end, LANES):
+        line = tl.minimum(j + lane, end - 1).to(tl.int64)
+        acc += _prefetch(tl.cast(ptr + line * LINE, tl.int64))
+    return acc
+
+
+@triton.jit
 def _l2_prefetch_kernel(a_ptr, a_lines, a_steps, b_ptr, b_lines, b_steps, sink_ptr, BLOCK: tl.constexpr,
                         LINE: tl.constexpr):
     """Grid (P,): the lines of two byte ranges, each thread every (P * BLOCK)-th from its own. The
