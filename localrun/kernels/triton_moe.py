@@ -936,6 +936,13 @@ class _Call:
         """What the kernels' autotuning keys on, and the device and dtype."""
         return (self.H, self.I, self.K, self.t_bucket, self.blocksize, self.double_quant, self.x.dtype, self.x.device)
 
+    def grid(self, stage: str, block_n: int) -> tuple[int, int]:
+        """A stage's grid at BLOCK_N rows a program: gate_up (pairs, tiles of I rows), down (tiles of H rows,
+        tokens)."""
+        if stage == "gate_up":
+            return self.T * self.K, triton.cdiv(self.I, block_n)
+        return triton.cdiv(self.H, block_n), self.T
+
     def common(self, stage: str) -> tuple:
         """The positional arguments both versions of a stage's kernel take (rows as 32-bit code words)."""
         e = self.experts
@@ -967,9 +974,9 @@ def _gate_up_chunks(c: _Call, tiles: V3Tiles | V4Tiles | None, tuned, kernel, **
                 SORTED=c.T > 1, **extra, **triton_pdl.launch(c.x.device))
     args = c.common("gate_up")
     if tiles is None:
-        tuned[lambda m: (c.T * c.K, triton.cdiv(c.I, m["BLOCK_N"]))](*args, **meta)
+        tuned[lambda m: c.grid("gate_up", m["BLOCK_N"])](*args, **meta)
     else:
-        kernel[(c.T * c.K, triton.cdiv(c.I, tiles.gate_up_n))](
+        kernel[c.grid("gate_up", tiles.gate_up_n)](
             *args, **meta, BLOCK_N=tiles.gate_up_n, BLOCK_W=tiles.gate_up_w, num_warps=tiles.gate_up_warps,
             num_stages=1)
 
@@ -980,9 +987,9 @@ def _down_chunks(c: _Call, tiles: V3Tiles | V4Tiles | None, tuned, kernel, **ext
                 KE=triton.next_power_of_2(c.K), **extra, **triton_pdl.launch(c.x.device))
     args = c.common("down")
     if tiles is None:
-        tuned[lambda m: (triton.cdiv(c.H, m["BLOCK_N"]), c.T)](*args, **meta)
+        tuned[lambda m: c.grid("down", m["BLOCK_N"])](*args, **meta)
     else:
-        kernel[(triton.cdiv(c.H, tiles.down_n), c.T)](
+        kernel[c.grid("down", tiles.down_n)](
             *args, **meta, BLOCK_N=tiles.down_n, BLOCK_W=tiles.down_w, num_warps=tiles.down_warps, num_stages=1)
 
 
@@ -999,9 +1006,9 @@ def _gate_up_v2(c: _Call, tiles: Tiles | None) -> None:
                 BB=_gcd_pow2(c.H // 2, c.blocksize), **triton_pdl.launch(c.x.device), **_down_off(c))
     args = c.common("gate_up")
     if tiles is None:
-        _gate_up_v2_tuned[lambda m: (c.T * c.K, triton.cdiv(c.I, m["BLOCK_N"]))](*args, **meta)
+        _gate_up_v2_tuned[lambda m: c.grid("gate_up", m["BLOCK_N"])](*args, **meta)
     else:
-        _gate_up_v2_kernel[(c.T * c.K, triton.cdiv(c.I, tiles.gate_up_n))](
+        _gate_up_v2_kernel[c.grid("gate_up", tiles.gate_up_n)](
             *args, **meta, BLOCK_N=tiles.gate_up_n, BLOCK_K=tiles.gate_up_k, num_warps=tiles.gate_up_warps,
             num_stages=tiles.num_stages)
 
@@ -1011,10 +1018,10 @@ def _down_v2(c: _Call, tiles: Tiles | None) -> None:
                 KE=triton.next_power_of_2(c.K), **triton_pdl.launch(c.x.device))
     args = c.common("down")
     if tiles is None:
-        _down_v2_tuned[lambda m: (triton.cdiv(c.H, m["BLOCK_N"]), c.T)](*args, **meta)
+        _down_v2_tuned[lambda m: c.grid("down", m["BLOCK_N"])](*args, **meta)
     else:  # the tile holds KE x BLOCK_N x 2 BLOCK_K weights: fewer rows where top-k would pass Triton's limit
         n = min(tiles.down_n, max(1, MAX_TILE_NUMEL // (meta["KE"] * 2 * tiles.down_k)))
-        _down_v2_kernel[(triton.cdiv(c.H, n), c.T)](
+        _down_v2_kernel[c.grid("down", n)](
             *args, **meta, BLOCK_N=n, BLOCK_K=tiles.down_k, num_warps=tiles.down_warps, num_stages=tiles.num_stages)
 
 

@@ -71,12 +71,6 @@ def _picked_tiles(c: tm._Call) -> tm.V4Tiles:
                       down.kwargs["BLOCK_N"], down.kwargs["BLOCK_W"], down.num_warps)
 
 
-def _grid(c: tm._Call, stage: str, tiles: tm.V4Tiles) -> tuple[tuple[int, int], int]:
-    if stage == "gate_up":
-        return (c.T * c.K, triton.cdiv(c.I, tiles.gate_up_n)), tiles.gate_up_warps
-    return (triton.cdiv(c.H, tiles.down_n), c.T), tiles.down_warps
-
-
 def _us(fns: list, iters: int, device: torch.device) -> float:
     """Microseconds a call of the calls `fns`, all of them replayed as one CUDA graph (run once first)."""
     for fn in fns:
@@ -118,7 +112,8 @@ def probe_v4(device: torch.device | str = "cuda", num_experts: int = 128, hidden
             fns = [lambda c=c: _stage(c, stage, tiles, probe) for c in calls]
             row[name] = {"l2_us": round(_us(fns[:1] * sets, iters, device), 2),
                          "dram_us": round(_us(fns, iters, device), 2)}
-        grid, warps = _grid(calls[0], stage, tiles)
+        n, warps = (tiles.gate_up_n, tiles.gate_up_warps) if stage == "gate_up" else (tiles.down_n, tiles.down_warps)
+        grid = calls[0].grid(stage, n)
         empty = {"launch_us": lambda: _empty_kernel[grid](x, num_warps=warps)}
         if pdl:
             empty["launch_pdl_us"] = lambda: _empty_kernel[grid](x, PDL=True, launch_pdl=True, num_warps=warps)
