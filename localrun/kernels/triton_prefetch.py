@@ -35,21 +35,12 @@ def _prefetch(address):
 
 
 @triton.jit
-def _lines(ptr, lines, steps, lane, stride, LINE: tl.constexpr):
-    """Prefetches of `lines` lines of LINE bytes from ptr (uint8), a thread's every stride-th from `lane`
-    (the last line again past the end: a repeat costs an instruction, not a transfer)."""
-    acc = tl.zeros_like(lane)
-    for j in range(0, steps):
-        line = tl.minimum(lane + j * stride, lines - 1).to(tl.int64)
-        acc += _prefetch(tl.cast(ptr + line * LINE, tl.int64))
-    return acc
-
-
-@triton.jit
 def prefetch_share(ptr, nbytes, part, parts, LANES: tl.constexpr, LINE: tl.constexpr):
-    """Share `part` of `parts` of the lines of nbytes bytes from ptr (uint8) asked of the L2, LANES a step (a
-    helper for a kernel that asks beside its own work: triton_moe's PREFETCH_DOWN); int32 zeros [LANES], the
-    asm's results, for the caller to keep alive (a store under a mask that is never true)."""
+    """Share `part` of `parts` of the lines of nbytes bytes from ptr (uint8) asked of the L2, LANES a step
+    (the last line of the share again past its end: a repeat costs an instruction, not a transfer); int32
+    zeros [LANES], the asm's results, for the caller to keep alive (a store under a mask that is never
+    true). `_l2_prefetch_kernel`'s programs share two ranges so; triton_moe's PREFETCH_DOWN asks beside
+    its own work."""
     lines = tl.cdiv(nbytes, LINE)
     per = tl.cdiv(lines, parts)
     first = part * per
@@ -63,13 +54,12 @@ def prefetch_share(ptr, nbytes, part, parts, LANES: tl.constexpr, LINE: tl.const
 
 
 @triton.jit
-def _l2_prefetch_kernel(a_ptr, a_lines, a_steps, b_ptr, b_lines, b_steps, sink_ptr, BLOCK: tl.constexpr,
-                        LINE: tl.constexpr):
-    """Grid (P,): the lines of two byte ranges, each thread every (P * BLOCK)-th from its own. The
-    asm's zeros go to `sink` under a mask that is never true, so no prefetch is dead code."""
-    lane = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    stride = tl.num_programs(0) * BLOCK
-    acc = _lines(a_ptr, a_lines, a_steps, lane, stride, LINE) + _lines(b_ptr, b_lines, b_steps, lane, stride, LINE)
+def _l2_prefetch_kernel(a_ptr, a_bytes, b_ptr, b_bytes, sink_ptr, BLOCK: tl.constexpr, LINE: tl.constexpr):
+    """Grid (P,): the lines of two byte ranges, each program its share of each. The asm's zeros go to
+    `sink` under a mask that is never true, so no prefetch is dead code."""
+    part, parts = tl.program_id(0), tl.num_programs(0)
+    acc = (prefetch_share(a_ptr, a_bytes, part, parts, BLOCK, LINE)
+           + prefetch_share(b_ptr, b_bytes, part, parts, BLOCK, LINE))
     tl.store(sink_ptr + tl.arange(0, BLOCK), acc, mask=acc != 0)
 
 
@@ -102,8 +92,5 @@ def _launch(a: torch.Tensor, b: torch.Tensor | None = None) -> None:
     b8 = _bytes(b) if b is not None else a8[:0]
     device = a8.device
     programs = _programs(device.index if device.index is not None else torch.cuda.current_device())
-    per_step = programs * BLOCK
-    a_lines, b_lines = triton.cdiv(a8.numel(), LINE), triton.cdiv(b8.numel(), LINE)
-    _l2_prefetch_kernel[(programs,)](
-        a8, max(a_lines, 1), triton.cdiv(a_lines, per_step), b8 if b_lines else a8, max(b_lines, 1),
-        triton.cdiv(b_lines, per_step), _sink(device), BLOCK=BLOCK, LINE=LINE, num_warps=BLOCK // 32)
+    _l2_prefetch_kernel[(programs,)](a8, a8.numel(), b8 if b8.numel() else a8, b8.numel(), _sink(device),
+                                     BLOCK=BLOCK, LINE=LINE, num_warps=BLOCK // 32)
