@@ -256,8 +256,9 @@ def prefetch_case():
 
 
 def down_prefetch_cases():
-    """compile_cases() rows of the v2 and v4 gate_up kernels (the H200's picks, bf16) with PREFETCH_DOWN's
-    DOWN_OFF at 26B-A4B's NF4 layout (where an expert's down matrix starts), and without it."""
+    """compile_cases() rows of the v2 gate_up kernel (the H200's pick, `cases`) and the v4 one (bf16, its list's
+    first config, `v4_cases`) with PREFETCH_DOWN's DOWN_OFF at 26B-A4B's NF4 layout (where an expert's down
+    matrix starts), and without it."""
     import torch
 
     from localrun.kernels import triton_moe as tm
@@ -266,11 +267,12 @@ def down_prefetch_cases():
 
     down = expert_layout((1408, 2816), (2816, 704), QuantSpec("nf4", 64, False), torch.bfloat16).down.codes.offset
     ptrs = dict(POINTERS, x_ptr="*bf16", y_ptr="*bf16")
-    v2 = dict(ACT=0, BLOCKSIZE=64, DOUBLE_QUANT=False, SORTED=False, BB=32, BLOCK_N=4, BLOCK_K=128)
-    v4 = dict(ACT=0, LOG_WPB=3, DOUBLE_QUANT=False, SORTED=False, LUT_SHFL=True, BLOCK_N=2, BLOCK_W=128)
-    for name, fn, consts in (("v2", tm._gate_up_v2_kernel, v2), ("v4", tm._gate_up_v4_kernel, v4)):
+    v2 = next((fn, consts, warps) for name, fn, consts, warps, _ in cases() if name.startswith("v2 gate_up "))
+    v4 = next((fn, consts, warps) for name, fn, _, consts, warps in v4_cases(tm, ptrs, "*bf16", False)
+              if name.startswith("v4 gate_up ") and "sorted=False" in name)
+    for name, (fn, consts, warps) in (("v2", v2), ("v4", v4)):
         for off in (0, down):
-            yield f"down_prefetch {name} gate_up down_off={off}", fn, ptrs, dict(consts, DOWN_OFF=off), 1
+            yield f"down_prefetch {name} gate_up down_off={off}", fn, ptrs, dict(consts, DOWN_OFF=off), warps
 
 
 def probe_cases(arch: int):
