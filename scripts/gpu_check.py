@@ -34,7 +34,8 @@ Steps:
              default in the same rounds (decode_ab_graphs_winners, tokens_graphs_winners;
              GPU_CHECK_WINNERS=tag,tag names the sides instead); each switch's launches a token and first greedy
              divergence from the default (per_token_graphs_TAG, tokens_graphs_TAG; GPU_CHECK_SIDE_ROWS=winners:
-             the winners' alone, ~5 s a side less); the 512-token prefill
+             the winners' alone, ~5 s a side less; a dry run counts the winners' launches alone, the
+             CPU profiler's ~4 s a side); the 512-token prefill
              through the grouped 4-bit GEMMs vs each hit expert dequantized for dense matmuls
              (prefill_grouped_gemm, prefill_dequantize_per_expert), and with the full layers' flash
              attention kernel off (prefill_without_flash_attention); at 16 GiB the 512-token prefill
@@ -573,9 +574,10 @@ def big_model_run(dry: bool, dev, load_kwargs: dict, rows: dict, long_prompt: bo
             for tag, switch in sides.items():  # what each switch launches, and whether its tokens stay
                 if tag in COMBINED_SIDES or not (every or tag in chosen):
                     continue
-                with switch():
-                    timed(f"per_token_{mode}_{tag}", lambda mode=mode: per_token_counts(
-                        model, short, dev, mode, loaded.kv), rows)
+                if tag in chosen or not dry:  # dry: the CPU profiler's ~4 s a side for the winners' alone
+                    with switch():
+                        timed(f"per_token_{mode}_{tag}", lambda mode=mode: per_token_counts(
+                            model, short, dev, mode, loaded.kv), rows)
                 timed(f"tokens_{mode}_{tag}", lambda switch=switch, mode=mode: divergence_when(
                     switch, model, short, dev, mode, loaded.kv), rows)
     # prefill through the grouped GEMMs (default) vs each hit expert dequantized once (all resident), or, with
@@ -963,13 +965,16 @@ def open_switches(cache) -> dict:
         "with_l2_prefetch_and_the_mlp": combined(l2, targets("o_proj", "mlp", "next_qkv")),
         # the gate_up programs ask the L2 for their expert's down matrix (triton_moe.PREFETCH_DOWN)
         "with_down_prefetch": lambda: setting(triton_moe, "PREFETCH_DOWN", True, cache),
+        # with PDL the MoE kernels request their first step before the wait (triton_moe.EARLY_LOADS)
+        "with_pdl_and_early_moe": combined(pdl, lambda: setting(triton_moe, "EARLY_LOADS", True, cache)),
     }
 
 
 # Open switches that are alternatives of one another: the winners' run takes the best of each family.
 FAMILIES = {"with_v4_moe": "moe kernels", "with_v4_gate_up_moe": "moe kernels", "with_parallel_mlp": "parallel mlp",
             "with_parallel_mlp_and_norms_route": "parallel mlp", "with_l2_prefetch": "l2 prefetch",
-            "with_l2_prefetch_of_the_next_qkv": "l2 prefetch", "with_l2_prefetch_and_the_mlp": "l2 prefetch"}
+            "with_l2_prefetch_of_the_next_qkv": "l2 prefetch", "with_l2_prefetch_and_the_mlp": "l2 prefetch",
+            "with_pdl": "pdl", "with_pdl_and_early_moe": "pdl"}
 
 
 def winners(ab: dict) -> list[str]:

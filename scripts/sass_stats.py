@@ -1,6 +1,6 @@
 """Instruction counts of localrun's 4-bit MoE decode kernels, compiled for a GPU on any machine.
 
-    python scripts/sass_stats.py [--arch 90] [--json] [--compile-only]
+    python scripts/sass_stats.py [--arch 90] [--json] [--compile-only] [--jobs N]
 
 Triton compiles for a named target without a GPU (ptxas and nvdisasm ship in the triton wheel), so
 this runs on the CPU machines too. For each kernel and tile config it prints the inner loop's
@@ -17,7 +17,9 @@ prefill's flash attention kernel at each of its tiles (`--arch 89` for an RTX 40
 stay within its 99 KiB a block): what the interpreter cannot show (lowering to the GPU) before a GPU
 session spends its minutes on it.
 Its rows of the decode kernels with PDL on also count the global loads and writes issued before the
-kernel's griddepcontrol.wait (`wait_order`): a prologue's loads of step constants, and nothing else.
+kernel's griddepcontrol.wait (`wait_order`): a prologue's loads of step constants, and nothing else
+(`early` rows: the MoE kernels' opt-in EARLY prologue, expert rows at ids read again after the wait).
+Kernels compile `--jobs` at once (a process each; default one a CPU).
 """
 
 from __future__ import annotations
@@ -34,9 +36,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-POINTERS = {"x_ptr": "*bf16", "ids_ptr": "*i64", "order_ptr": "*i64", "h_ptr": "*fp32", "buf_i32": "*i32",
-            "buf_u8": "*u8", "buf_f32": "*fp32", "code": "*fp32", "nested_code": "*fp32", "w_ptr": "*fp32",
-            "y_ptr": "*bf16"}
+POINTERS = {"x_ptr": "*bf16", "ids_ptr": "*i64", "early_ids_ptr": "*i64", "order_ptr": "*i64", "h_ptr": "*fp32",
+            "buf_i32": "*i32", "buf_u8": "*u8", "buf_f32": "*fp32", "code": "*fp32", "nested_code": "*fp32",
+            "w_ptr": "*fp32", "y_ptr": "*bf16"}
 TOP_K = 8
 
 
@@ -60,10 +62,9 @@ def compile_kernel(fn, constexprs: dict, num_warps: int, arch: int, pointers: di
     from triton.compiler import ASTSource
 
     consts = {k: v for k, v in constexprs.items() if k in fn.arg_names}
-    if "PDL" in fn.arg_names:  # a constexpr with a default: left out, it would be typed an i32 argument,
-        consts.setdefault("PDL", False)  # and its griddepcontrol a run-time branch (sm_90 only: ptxas fails below)
-    if "PROBE" in fn.arg_names:  # the v4 kernels' probes (kernels/triton_moe_probe.py): 0 as the step runs them
-        consts.setdefault("PROBE", 0)
+    for param in fn.params:  # a constexpr with a default (PDL, PROBE, EARLY, ...) left out takes its default: else
+        if param.is_constexpr and param.has_default:  # it would be typed an i32 argument, its `if` a run-time
+            consts.setdefault(param.name, param.default)  # branch (PDL's griddepcontrol: ptxas fails below sm_90)
     floats = {"eps", "scale", "router_scale", "qk_scale"}
     signature = {n: pointers.get(n, "constexpr" if n in consts else "fp32" if n in floats else "i32")
                  for n in fn.arg_names}
@@ -245,6 +246,7 @@ def compile_cases(arch: int = 90):
     yield from down_prefetch_cases()
     if arch >= 90:  # griddepcontrol (programmatic dependent launch) is sm_90's
         yield from _pdl_cases()
+        yield from early_cases()
 
 
 def prefetch_case():
@@ -371,6 +373,22 @@ def _pdl_cases():
         yield f"pdl {fn.__name__}", fn, pointers, dict(consts, PDL=True), warps, 1, divisible
 
 
+def early_cases():
+    """The MoE decode kernels with PDL and EARLY (triton_moe.EARLY_LOADS: the first step requested before the
+    wait), v4 and v2 as `_pdl_cases` compiles them (bf16, no double quant, the same configs): rows to set beside
+    theirs."""
+    from localrun.kernels import triton_moe as tm
+
+    moe = dict(POINTERS, x_ptr="*bf16", y_ptr="*bf16")
+    v4 = dict(LOG_WPB=3, DOUBLE_QUANT=False, LUT_SHFL=True, PDL=True, EARLY=True)
+    v2 = dict(BLOCKSIZE=64, DOUBLE_QUANT=False, BB=32, PDL=True, EARLY=True)
+    for fn, consts, warps in ((tm._gate_up_v4_kernel, dict(v4, ACT=0, SORTED=False, BLOCK_N=4, BLOCK_W=128), 1),
+                              (tm._down_v4_kernel, dict(v4, KE=TOP_K, BLOCK_N=4, BLOCK_W=32), 1),
+                              (tm._gate_up_v2_kernel, dict(v2, ACT=0, SORTED=False, BLOCK_N=4, BLOCK_K=128), 1),
+                              (tm._down_v2_kernel, dict(v2, KE=TOP_K, BLOCK_N=8, BLOCK_K=64), 4)):
+        yield f"early {fn.__name__}", fn, moe, consts, warps
+
+
 # the prefill attention kernel's strides and head dim are multiples of 16 at 26B-A4B (torch's allocations)
 PREFILL_DIVISIBLE = {"stride_qb", "stride_qh", "stride_qt", "stride_kb", "stride_kh", "stride_ks", "stride_vb",
                      "stride_vh", "stride_vs", "D"}
@@ -465,21 +483,73 @@ def key_loop(kernel) -> str:
     return ""
 
 
-def compile_all(arch: int) -> dict:
+def compile_row(case, arch: int) -> dict:
+    """compile_all()'s row of one compile_cases() case."""
+    name, fn, ptrs, consts, warps, *stages = case
+    kernel = compile_kernel(fn, consts, warps, arch, ptrs, *stages)
+    row = {"cubin_bytes": len(kernel.asm["cubin"]), "shared_bytes": kernel.metadata.shared,
+           **inspect(kernel, sass=False), **(wait_order(kernel) if consts.get("PDL") else {})}
+    if name.split()[0] in ("qkv_write", "qkv_attention"):
+        row["row_sums"] = row_sums(kernel)
+    if name.split()[0] in ("decode_partial", "qkv_attention"):
+        row["key_loop"] = key_loop(kernel)
+    return row
+
+
+def loop_row(case, arch: int) -> dict:
+    """main()'s row of one cases() case: the inner loop's instructions a weight, registers, spills, opcodes."""
+    name, fn, consts, warps, weights = case
+    info = inspect(compile_kernel(fn, consts, warps, arch))
+    total = sum(info["ops"].values())
+    return {"loop_instructions": total, "weights_per_thread_step": weights,
+            "instructions_per_weight": round(total / weights, 2), "registers": info["registers"],
+            "local_bytes": info["local_bytes"], "ops": dict(info["ops"].most_common())}
+
+
+_CASES: dict = {}  # (kind, arch) -> its cases, listed once a process
+
+
+def _cases(kind: str, arch: int) -> list:
+    if (kind, arch) not in _CASES:
+        _CASES[kind, arch] = list(compile_cases(arch)) if kind == "compile" else list(cases())
+    return _CASES[kind, arch]
+
+
+def _in_worker(kind: str, arch: int, index: int) -> tuple[str, dict | str]:
+    """(name, row) of case `index` of `kind` ("compile": compile_cases, "loop": cases), compiled in a worker
+    process; the row is the error's text where it did not compile (an exception may not pickle)."""
+    case = _cases(kind, arch)[index]
+    try:
+        return case[0], (compile_row if kind == "compile" else loop_row)(case, arch)
+    except Exception as e:  # noqa: BLE001 - reported by the parent with the case's name
+        return case[0], f"{type(e).__name__}: {e}"
+
+
+def rows_of(kind: str, arch: int, jobs: int) -> dict:
+    """name -> row of every case of `kind`, in their order, compiled in `jobs` processes (ptxas and Triton's
+    front end each take one core: on CI's two, two at once halve the wait). Raises where one did not compile."""
+    count = len(_cases(kind, arch))
+    if jobs <= 1:
+        done = [_in_worker(kind, arch, i) for i in range(count)]
+    else:
+        import concurrent.futures
+        import multiprocessing
+
+        # spawn: each worker imports torch and triton afresh (no forked copy of a parent's threads)
+        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            done = list(pool.map(_in_worker, [kind] * count, [arch] * count, range(count)))
+    failed = [f"{name}: {row}" for name, row in done if isinstance(row, str)]
+    if failed:
+        raise RuntimeError("did not compile: " + "; ".join(failed))
+    return dict(done)
+
+
+def compile_all(arch: int, jobs: int = 1) -> dict:
     """name -> cubin bytes, shared memory bytes and registers of every compile_cases() kernel (an
     exception where one does not compile); for the q/k/v write and the attention that does it too, the
     layouts of their heads' norm sums (`row_sums`: the two must add in the same order), and for the two
     decode attention kernels their key loop's digest (`key_loop`: the same loop)."""
-    rows = {}
-    for name, fn, ptrs, consts, warps, *stages in compile_cases(arch):
-        kernel = compile_kernel(fn, consts, warps, arch, ptrs, *stages)
-        rows[name] = {"cubin_bytes": len(kernel.asm["cubin"]), "shared_bytes": kernel.metadata.shared,
-                      **inspect(kernel, sass=False), **(wait_order(kernel) if consts.get("PDL") else {})}
-        if name.split()[0] in ("qkv_write", "qkv_attention"):
-            rows[name]["row_sums"] = row_sums(kernel)
-        if name.split()[0] in ("decode_partial", "qkv_attention"):
-            rows[name]["key_loop"] = key_loop(kernel)
-    return rows
+    return rows_of("compile", arch, jobs)
 
 
 def main(argv=None) -> int:
@@ -488,25 +558,24 @@ def main(argv=None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--compile-only", action="store_true",
                         help="compile the decode step's newer kernels in every variant it launches, and stop")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                        help="kernels compiled at once, a process each (default: one a CPU)")
     args = parser.parse_args(argv)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     if args.compile_only:
-        print(json.dumps(compile_all(args.arch), indent=1))
+        print(json.dumps(compile_all(args.arch, args.jobs), indent=1))
         return 0
     import triton
 
     rows = {"triton": triton.__version__}
     if not args.json:
         print(f"triton {triton.__version__}, sm_{args.arch}")
-    for name, fn, consts, warps, weights in cases():
-        info = inspect(compile_kernel(fn, consts, warps, args.arch))
-        total = sum(info["ops"].values())
-        rows[name] = {"loop_instructions": total, "weights_per_thread_step": weights,
-                      "instructions_per_weight": round(total / weights, 2), "registers": info["registers"],
-                      "local_bytes": info["local_bytes"], "ops": dict(info["ops"].most_common())}
+    for name, row in rows_of("loop", args.arch, args.jobs).items():
+        rows[name] = row
         if not args.json:
-            print(f"{name:34s} {total / weights:6.2f} instr/weight  {info['registers']} regs  "
-                  f"local {info['local_bytes']}  {dict(info['ops'].most_common(5))}", flush=True)
+            ops = dict(collections.Counter(row["ops"]).most_common(5))
+            print(f"{name:34s} {row['instructions_per_weight']:6.2f} instr/weight  {row['registers']} regs  "
+                  f"local {row['local_bytes']}  {ops}", flush=True)
     if args.json:
         print(json.dumps(rows, indent=1))
     return 0

@@ -68,7 +68,7 @@ def test_dry_run_writes_a_complete_report(tmp_path):
             "with_parallel_mlp_and_norms_route", "without_fused_qkv_attention", "with_in_place_combine",
             "with_every_open_switch", "without_mlp_router_gemm", "without_dense_gemv", "with_v3_moe",
             "with_l2_prefetch", "with_l2_prefetch_of_the_next_qkv", "with_l2_prefetch_and_the_mlp",
-            "with_down_prefetch"} <= set(ab), ab
+            "with_down_prefetch", "with_pdl_and_early_moe"} <= set(ab), ab
     for side in (v for v in ab.values() if isinstance(v, dict)):
         assert set(side) == {"after_16", "after_32"} and all(r["tokens_per_s"] > 0 for r in side.values())
     assert ab["default"]["after_16"]["vs_default"] == 1.0
@@ -79,7 +79,8 @@ def test_dry_run_writes_a_complete_report(tmp_path):
     assert resident["tokens_static_winners"]["first_divergence_from_default"] is None
     assert "with_every_open_switch" in (tmp_path / "gpu_check.md").read_text()  # the A/B's table
     assert "per_token_static_with_every_open_switch" not in resident  # its parts' rows show it
-    assert resident["per_token_static_with_v4_gate_up_moe"]["aten_ops_per_token"] > 0
+    assert resident["per_token_static_with_pdl"]["aten_ops_per_token"] > 0  # dry: the winners' launches alone
+    assert "per_token_static_with_v4_gate_up_moe" not in resident
     assert resident["tokens_static_without_fused_qkv_attention"]["first_divergence_from_default"] is None
     assert resident["tokens_static_with_parallel_mlp"]["first_divergence_from_default"] is None
     assert resident["tokens_static_with_parallel_mlp_and_norms_route"]["first_divergence_from_default"] is None
@@ -201,7 +202,8 @@ def ab_row(*prompts: tuple[float, float]) -> dict:
 
 def test_winners_beat_the_default_after_every_prompt_by_more_than_the_spreads():
     """A winner gains after both prompts by more than its spread and the default's; of alternatives (one
-    family: v4 or v4's gate_up alone, the L2 prefetch's targets) the one whose lower ratio is higher; a side
+    family: v4 or v4's gate_up alone, the L2 prefetch's targets, PDL with or without the MoE kernels' early
+    loads) the one whose lower ratio is higher; a side
     that combines others, a failed side, and a side with one prompt's gain only never win."""
     check = _script()
     ab = {"rounds": 3, "tokens": 96, "default": ab_row((1.0, 0.02), (1.0, 0.04)),
@@ -214,6 +216,8 @@ def test_winners_beat_the_default_after_every_prompt_by_more_than_the_spreads():
           "with_in_place_combine": {"error": "RuntimeError"},
           "without_dense_gemv": ab_row((0.8, 0.01), (0.8, 0.01))}
     assert check.winners(ab) == ["with_pdl", "with_v4_gate_up_moe"]
+    ab["with_pdl_and_early_moe"] = ab_row((1.09, 0.01), (1.06, 0.01))  # PDL's family: the better of the two
+    assert check.winners(ab) == ["with_pdl_and_early_moe", "with_v4_gate_up_moe"]
     assert check.winners({"default": {"error": "x"}, "with_pdl": ab["with_pdl"]}) == []
     assert check.winners({}) == []
 

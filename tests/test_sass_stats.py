@@ -93,7 +93,7 @@ def test_the_decode_steps_newer_kernels_compile_for_sm90():
     rows = json.loads(run.stdout)
     assert len(rows) >= 60 and all(row["cubin_bytes"] > 1000 and row["local_bytes"] == 0 for row in rows.values()), rows
     assert {"grouped", "gemv", "v3", "v4", "qkv_write", "ffn_residual", "norms_route", "rope_rows", "decode_partial",
-            "qkv_attention", "pdl", "prefill_attention", "l2_prefetch", "probe", "down_prefetch"} == {
+            "qkv_attention", "pdl", "prefill_attention", "l2_prefetch", "probe", "down_prefetch", "early"} == {
         name.split()[0] for name in rows}
     for name, row in rows.items():  # the attention that writes q/k/v sums each head's squares as qkv_write does,
         if name.startswith("qkv_attention"):  # and walks the keys in the plain kernel's loop: the same bits
@@ -107,6 +107,12 @@ def test_the_decode_steps_newer_kernels_compile_for_sm90():
         least = PROLOGUE_LOADS.get(name, 0)  # loads (all of them, at least) come before it
         assert row["waits"] >= 1 and row["writes_before_wait"] == 0, (name, row)
         assert row["loads_before_wait"] >= least and (least > 0 or row["loads_before_wait"] == 0), (name, row)
+    early = {name.removeprefix("early "): row for name, row in rows.items() if name.startswith("early ")}
+    assert set(early) == {"_gate_up_v4_kernel", "_down_v4_kernel", "_gate_up_v2_kernel", "_down_v2_kernel"}
+    for name, row in early.items():  # EARLY (triton_moe.EARLY_LOADS): the first step's codes and absmax and the
+        assert row["waits"] >= 1 and row["writes_before_wait"] == 0, (name, row)  # ids before the wait, in the
+        assert row["loads_before_wait"] >= 4, (name, row)  # registers the step takes without it (the step again,
+        assert row["registers"] <= pdl[name]["registers"] + 8, (name, row, pdl[name])  # for stale ids: a branch)
 
 
 # Global loads a thread issues before griddepcontrol.wait at the `_pdl_cases` config, at least: each

@@ -359,6 +359,55 @@ def test_down_prefetch_applies_to_one_token_on_cuda_only(monkeypatch):
 
 
 @needs_triton
+@pytest.mark.parametrize("version", ["v2", "v4"])
+@pytest.mark.parametrize("spec", [QuantSpec("nf4", 64, True), QuantSpec("fp4", 32, False)], ids=["nf4-dq", "fp4"])
+def test_early_loads_are_exact_whatever_the_ids_held_before_the_wait(version, spec):
+    """EARLY (EARLY_LOADS under PDL): each stage requests its first step for the experts the ids hold before
+    the wait, then reads the ids again and requests the step again where they differ. Whatever they held (the
+    same experts, others, ids outside the buffer, which it clamps), h and y are bit for bit EARLY off's."""
+    h, i, e = 96, 64, 10
+    buf = make_buffer(spec, e, h, i)
+    ids, w = routing(1, 3, e, seed=4)  # top-3: down's fourth expert slot padded
+    x = torch.randn(1, h, generator=torch.Generator().manual_seed(4))
+    gate_up, down = getattr(triton_moe, f"_gate_up_{version}"), getattr(triton_moe, f"_down_{version}")
+    tiles = triton_moe.INTERPRETER_TILES if version == "v2" else triton_moe.INTERPRETER_V4
+
+    def run(early: bool, early_ids=None):
+        c = triton_moe._prepare(x, ids, w, buf.data, *buf.code_tables(), buf.offsets(), h, i, spec.blocksize,
+                                spec.double_quant, "silu")
+        c.early, c.early_ids = early, early_ids
+        gate_up(c, tiles)
+        down(c, tiles)
+        return c.h, c.y
+
+    h_off, y_off = run(False)
+    assert rel_err(y_off, bnb_moe(buf, x, ids, w, "silu")) < RTOL
+    for early_ids in (None, torch.tensor([[int(ids[0, 0]), -3, 10**6]]), (ids + 1) % e):
+        h_on, y_on = run(True, early_ids)
+        assert torch.equal(h_on, h_off) and torch.equal(y_on, y_off), early_ids
+
+
+@needs_triton
+def test_early_loads_only_for_one_token_under_pdl(monkeypatch):
+    """EARLY applies where EARLY_LOADS is on, the launch has PDL, and the call is one token (a prompt's
+    gate_up programs read their pair from the step's sorted order, after the wait)."""
+    buf = make_buffer(QuantSpec("nf4", 64, False), 3, 64, 32)
+    one, two = routing(1, 2, 3), routing(2, 2, 3)
+    calls = [triton_moe._prepare(torch.randn(t, 64), ids, w, buf.data, *buf.code_tables(), buf.offsets(), 64, 32,
+                                 64, False, "silu") for t, (ids, w) in ((1, one), (2, two))]
+    early = lambda c: triton_moe._early(c)["EARLY"]  # noqa: E731
+    pdl = {"PDL": True, "launch_pdl": True}
+    monkeypatch.setattr(triton_moe.triton_pdl, "launch", lambda device: pdl)
+    assert not early(calls[0])  # EARLY_LOADS off by default
+    monkeypatch.setattr(triton_moe, "EARLY_LOADS", True)
+    assert early(calls[0]) and not early(calls[1])
+    assert triton_moe._early(calls[0])["early_ids_ptr"] is calls[0].ids
+    assert triton_moe._early(calls[0])["N_EXPERTS"] == 3
+    monkeypatch.setattr(triton_moe.triton_pdl, "launch", lambda device: {})
+    assert not early(calls[0])
+
+
+@needs_triton
 def test_use_v4_switches_the_default(monkeypatch):
     """USE_V4 sends the default decode path to v4 where v3 fits, and leaves the shapes v3 does not take
     to v2; v4 tiles refuse rows of partial chunks as v3's do."""

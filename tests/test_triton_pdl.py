@@ -51,6 +51,10 @@ PROLOGUE = {
     "_qkv_write_kernel": {"qw_ptr", "w_ptr"},
     "_qkv_attention_kernel": {"qw_ptr", "kw_ptr"},
 }
+# The MoE decode kernels' EARLY prologue (triton_moe.EARLY_LOADS): the expert rows of the ids as they stand
+# before the wait (an earlier token's, where the kernel before wrote them), read again after it.
+ROUTED_PROLOGUE = {"_gate_up_v2_kernel", "_down_v2_kernel", "_gate_up_v4_kernel", "_down_v4_kernel"}
+ROUTED_POINTERS = {"early_ids_ptr", "buf_i32", "buf_u8", "buf_f32", "nested_code"}
 STORES = ("store", "atomic_add", "atomic_xchg", "atomic_cas", "atomic_max", "atomic_min", "atomic_or")
 
 
@@ -80,6 +84,22 @@ def check_prologue(source: str, allowed: set[str]):
     assert not {c for c in calls if c.split(".")[-1] in STORES}, calls
 
 
+def check_routed_prologue(source: str):
+    """Before its wait the kernel reads expert rows only under `if EARLY:`, at ids from early_ids_ptr (no
+    other pointer of the step), and stores nothing; after it, it reads the step's ids and compares."""
+    before, named = prologue(source)
+    for stmt in before:
+        names = {n.id for n in ast.walk(stmt) if isinstance(n, ast.Name)}
+        if names & {"early_ids_ptr", "buf_i32", "buf_u8", "buf_f32", "nested_code", "code"}:
+            assert isinstance(stmt, ast.If) and ast.unparse(stmt.test) == "EARLY", ast.unparse(stmt)
+    pointers = {n for n in named if n.endswith("_ptr") or n in ("code", "nested_code") or n.startswith("buf_")}
+    assert pointers <= ROUTED_POINTERS, pointers - ROUTED_POINTERS
+    calls = {ast.unparse(node.func) for stmt in before for node in ast.walk(stmt) if isinstance(node, ast.Call)}
+    assert not {c for c in calls if c.split(".")[-1] in STORES}, calls
+    after = textwrap.dedent(source).split("pdl_start(PDL)", 1)[1]
+    assert ("_step_expert(ids_ptr + p" in after or "_gate_up_pair(ids_ptr" in after) and "e != e0" in after
+
+
 @needs_triton
 def test_every_pdl_kernel_reads_only_step_constants_before_its_wait():
     kernels = list(pdl_kernels())
@@ -87,6 +107,9 @@ def test_every_pdl_kernel_reads_only_step_constants_before_its_wait():
     assert set(PROLOGUE) <= {k.__name__ for k in kernels}
     for kernel in kernels:
         try:
+            if kernel.__name__ in ROUTED_PROLOGUE:
+                check_routed_prologue(inspect.getsource(kernel))
+                continue
             check_prologue(inspect.getsource(kernel), PROLOGUE.get(kernel.__name__, set()))
         except AssertionError as e:
             raise AssertionError(f"{kernel.__name__}: {e}") from e
@@ -102,6 +125,20 @@ def test_the_prologue_check_catches_an_early_read_or_write():
     for source in bad:
         with pytest.raises(AssertionError):
             check_prologue(source, {"w_ptr"} if "w_ptr" in source else set())
+
+
+def test_the_routed_prologue_check_catches_an_unguarded_or_unchecked_read():
+    head = "def k(ids_ptr, early_ids_ptr, buf_i32, x_ptr, PDL, EARLY):\n    r = 1\n"
+    early = "    if EARLY:\n        e0 = tl.load(early_ids_ptr)\n        w = tl.load(buf_i32 + e0)\n"
+    after = "    pdl_start(PDL)\n    e = _step_expert(ids_ptr + p, None, None, EARLY)\n    if e != e0:\n        w = 0\n"
+    check_routed_prologue(head + early + after)
+    bad = [head + "    w = tl.load(buf_i32 + r)\n" + after,  # expert rows read whether EARLY or not
+           head + early.replace("early_ids_ptr", "ids_ptr") + after,  # ids read before the wait for good
+           head + early + "    if EARLY:\n        x = tl.load(x_ptr)\n" + after,  # an activation
+           head + early + "    pdl_start(PDL)\n    e = tl.load(ids_ptr + p)\n"]  # never compared
+    for source in bad:
+        with pytest.raises(AssertionError):
+            check_routed_prologue(source)
 
 
 @needs_triton

@@ -275,6 +275,57 @@ def _load_codes(buf_i32, word_ptr0, gw, mask, buf_u8, buf_f32, base, base32, blk
     return words, am
 
 
+# Opt-in (scripts/gpu_check.py's decode A/B: `with_pdl_and_early_moe`): with PDL, a decoded token's MoE
+# kernels request their first step of expert rows before the wait (`EARLY`), while the kernel before still
+# runs: the dense MLP's down GEMV before gate_up, gate_up before down. Legal because of when a PDL kernel is
+# placed: once every program of the kernel before has passed its own wait, so every kernel before that one
+# has ended and its writes are visible, and the router's ids are written two launches or more before
+# gate_up (the MLP's down GEMV between, in a Gemma 4 layer; always gate_up between, for down). Where another
+# order wrote them a launch before (Qwen3-MoE, Mixtral, `parallel_mlp`), the ids read early are another
+# token's: after the wait each program reads the ids again and requests its step again wherever the expert
+# differs (the first step's latency paid as without EARLY, bytes read in vain while the kernel before ran).
+# The expert rows themselves must not change within a decode step: no kernel of the graphs step writes the
+# layer buffer (offloaded experts' copies come between graph segments, where no PDL applies). Only one
+# token (the sorted order of T > 1 pairs is the step's), only under PDL.
+EARLY_LOADS = False
+
+
+@triton.jit
+def _early_expert(ptr, mask, other, n_experts):
+    """Expert ids read before the PDL wait (EARLY): whatever the step's ids hold then (maybe another token's,
+    so checked against `_step_expert` after the wait), clamped to the buffer's rows so that what they address
+    exists; from the L2 (.cg), not brought into the L1 for a read after the wait to meet."""
+    e = tl.load(ptr, mask=mask, other=other, cache_modifier=".cg").to(tl.int64)
+    return tl.minimum(tl.maximum(e, 0), n_experts - 1)
+
+
+@triton.jit
+def _step_expert(ptr, mask, other, EARLY: tl.constexpr):
+    """Expert ids after the wait; with EARLY from the L2 (.cg): a line the early reads brought into this SM's
+    L1 (any program of the kernel) may hold the ids from before the kernel before ended."""
+    if EARLY:
+        return tl.load(ptr, mask=mask, other=other, cache_modifier=".cg").to(tl.int64)
+    else:
+        return tl.load(ptr, mask=mask, other=other).to(tl.int64)
+
+
+@triton.jit
+def _gate_up_early_expert(early_ids_ptr, n_experts, SORTED: tl.constexpr):
+    """A gate_up program's expert as the ids hold it before the wait (EARLY: one token, pairs in order)."""
+    tl.static_assert(not SORTED)
+    return _early_expert(early_ids_ptr + tl.program_id(0), None, None, n_experts)
+
+
+@triton.jit
+def _gate_up_pair(ids_ptr, order_ptr, K, SORTED: tl.constexpr, EARLY: tl.constexpr):
+    """(pair, token, expert) of a gate_up program, after the wait: pairs sorted by expert where SORTED."""
+    if SORTED:
+        p = tl.load(order_ptr + tl.program_id(0)).to(tl.int64)
+    else:
+        p = tl.program_id(0).to(tl.int64)
+    return p, p // K, _step_expert(ids_ptr + p, None, None, EARLY)
+
+
 # Opt-in (scripts/gpu_check.py's decode A/B: `with_down_prefetch`): a decoded token's gate_up programs ask the
 # L2 for their expert's down matrix (each program a share of it, after its own first step is requested), so
 # that the down kernel after reads the L2 rather than HBM. Unknown: whether the down stage is bound by where
@@ -305,22 +356,14 @@ def _down_off(c: "_Call") -> dict:
 @triton.jit
 def _gate_up_v2_kernel(x_ptr, ids_ptr, order_ptr, h_ptr, buf_i32, buf_u8, buf_f32, code, nested_code,
                        expert_bytes, codes_off, absmax_off, nested_off32, offset_off32,
-                       K, H_Q, I, stride_xt, T_BUCKET,
+                       K, H_Q, I, stride_xt, T_BUCKET, early_ids_ptr, N_EXPERTS,
                        ACT: tl.constexpr, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
                        SORTED: tl.constexpr, BB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       PDL: tl.constexpr = False, DOWN_OFF: tl.constexpr = 0):
+                       PDL: tl.constexpr = False, DOWN_OFF: tl.constexpr = 0, EARLY: tl.constexpr = False):
     """H_Q: 32-bit words of codes per row (H / 8). Tile [2 (gate, up), BLOCK_N rows, NG groups, GW words].
     DOWN_OFF > 0 (PREFETCH_DOWN): the byte where the expert's down matrix starts, whose share the program
-    asks of the L2 once its own first step is requested."""
-    pdl_start(PDL)
-    if SORTED:
-        p = tl.load(order_ptr + tl.program_id(0)).to(tl.int64)
-    else:
-        p = tl.program_id(0).to(tl.int64)
-    t = p // K
-    e = tl.load(ids_ptr + p).to(tl.int64)
-    base = e * expert_bytes
-    base32 = base // 4
+    asks of the L2 once its own first step is requested. EARLY (EARLY_LOADS): the first step requested
+    before the PDL wait, for the expert early_ids_ptr names then, checked against ids_ptr after it."""
     GW: tl.constexpr = BB // 4  # words per absmax group
     NG: tl.constexpr = BLOCK_K // BB  # groups per step
     BW: tl.constexpr = BLOCK_K // 4  # words per row per step
@@ -328,18 +371,34 @@ def _gate_up_v2_kernel(x_ptr, ids_ptr, order_ptr, h_ptr, buf_i32, buf_u8, buf_f3
     r = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_r = r < I
     which = tl.arange(0, 2)  # 0: gate row r, 1: up row I + r
-    row_word = (base32 + codes_off // 4) + (which[:, None] * I + r[None, :]) * H_Q  # [2, BN] absolute words
     row_w0 = (which[:, None] * I + r[None, :]) * H_Q  # word of the row's start inside the matrix
     grp = tl.arange(0, NG) * GW
     q = tl.arange(0, GW)
     j = tl.arange(0, 8)
-    x_row = x_ptr + t * stride_xt
     m_r = mask_r[None, :, None]
     gw = grp
     mask = m_r & (gw < H_Q)[None, None, :]
-    words, am = _load_codes(buf_i32, row_word[:, :, None], gw[None, None, :], mask, buf_u8, buf_f32, base, base32,
-                            (row_w0[:, :, None] + gw[None, None, :]) // WPB, absmax_off, nested_off32, offset_off32,
-                            nested_code, GW, DOUBLE_QUANT)
+    blk0 = (row_w0[:, :, None] + gw[None, None, :]) // WPB
+    if EARLY:  # the first step of the expert the ids hold now, before the wait (checked after it)
+        e0 = _gate_up_early_expert(early_ids_ptr, N_EXPERTS, SORTED)
+        base0 = e0 * expert_bytes
+        words, am = _load_codes(buf_i32, ((base0 // 4 + codes_off // 4) + row_w0)[:, :, None], gw[None, None, :],
+                                mask, buf_u8, buf_f32, base0, base0 // 4, blk0, absmax_off, nested_off32,
+                                offset_off32, nested_code, GW, DOUBLE_QUANT)
+    pdl_start(PDL)
+    p, t, e = _gate_up_pair(ids_ptr, order_ptr, K, SORTED, EARLY)
+    base = e * expert_bytes
+    base32 = base // 4
+    row_word = (base32 + codes_off // 4) + row_w0  # [2, BN] absolute words
+    x_row = x_ptr + t * stride_xt
+    if EARLY:
+        if e != e0:  # the ids before the wait were another token's: this expert's step requested now
+            words, am = _load_codes(buf_i32, row_word[:, :, None], gw[None, None, :], mask, buf_u8, buf_f32, base,
+                                    base32, blk0, absmax_off, nested_off32, offset_off32, nested_code, GW,
+                                    DOUBLE_QUANT)
+    else:
+        words, am = _load_codes(buf_i32, row_word[:, :, None], gw[None, None, :], mask, buf_u8, buf_f32, base, base32,
+                                blk0, absmax_off, nested_off32, offset_off32, nested_code, GW, DOUBLE_QUANT)
     if DOWN_OFF > 0:
         _prefetch_down(buf_u8, base, expert_bytes, h_ptr + p * I, DOWN_OFF)
     acc = tl.zeros([2, BLOCK_N, NG], dtype=tl.float32)
@@ -365,11 +424,12 @@ def _gate_up_v2_kernel(x_ptr, ids_ptr, order_ptr, h_ptr, buf_i32, buf_u8, buf_f3
 @triton.jit
 def _down_v2_kernel(h_ptr, ids_ptr, w_ptr, y_ptr, buf_i32, buf_u8, buf_f32, code, nested_code,
                     expert_bytes, codes_off, absmax_off, nested_off32, offset_off32,
-                    K, H, I, I_Q, stride_yt, T_BUCKET,
+                    K, H, I, I_Q, stride_yt, T_BUCKET, early_ids_ptr, N_EXPERTS,
                     BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, BB: tl.constexpr, KE: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
-    """I_Q: words of codes per row (I / 8). Tile [KE experts, BLOCK_N rows, NG groups, GW words]."""
-    pdl_start(PDL)
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False,
+                    EARLY: tl.constexpr = False):
+    """I_Q: words of codes per row (I / 8). Tile [KE experts, BLOCK_N rows, NG groups, GW words]. EARLY: as
+    gate_up's."""
     t = tl.program_id(1).to(tl.int64)
     GW: tl.constexpr = BB // 4
     NG: tl.constexpr = BLOCK_K // BB
@@ -378,24 +438,36 @@ def _down_v2_kernel(h_ptr, ids_ptr, w_ptr, y_ptr, buf_i32, buf_u8, buf_f32, code
     kk = tl.arange(0, KE)
     mask_k = kk < K
     p = t * K + kk  # [KE] pairs of this token
-    e = tl.load(ids_ptr + p, mask=mask_k, other=0).to(tl.int64)  # padded slots: expert 0, masked off
-    wk = tl.load(w_ptr + p, mask=mask_k, other=0.0).to(tl.float32)
-    base = (e * expert_bytes)[:, None, None]  # [KE, 1, 1]
-    base32 = base // 4
     r = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_r = r < H
     row_w0 = (r * I_Q)[None, :, None]  # [1, BN, 1]
-    row_word = base32 + codes_off // 4 + row_w0  # [KE, BN, 1]
     grp = tl.arange(0, NG) * GW
     q = tl.arange(0, GW)
     j = tl.arange(0, 8)
-    h_rows = h_ptr + (p * I)[:, None, None, None]  # [KE, 1, 1, 1]
     m_kr = mask_k[:, None, None] & mask_r[None, :, None]
     gw = grp
     mask = m_kr & (gw < I_Q)[None, None, :]
-    words, am = _load_codes(buf_i32, row_word, gw[None, None, :], mask, buf_u8, buf_f32, base, base32,
-                            (row_w0 + gw[None, None, :]) // WPB, absmax_off, nested_off32, offset_off32,
-                            nested_code, GW, DOUBLE_QUANT)
+    blk0 = (row_w0 + gw[None, None, :]) // WPB
+    if EARLY:  # as gate_up's
+        e0 = _early_expert(early_ids_ptr + p, mask_k, 0, N_EXPERTS)
+        base0 = (e0 * expert_bytes)[:, None, None]
+        words, am = _load_codes(buf_i32, base0 // 4 + codes_off // 4 + row_w0, gw[None, None, :], mask, buf_u8,
+                                buf_f32, base0, base0 // 4, blk0, absmax_off, nested_off32, offset_off32,
+                                nested_code, GW, DOUBLE_QUANT)
+    pdl_start(PDL)
+    e = _step_expert(ids_ptr + p, mask_k, 0, EARLY)  # padded slots: expert 0, masked off
+    wk = tl.load(w_ptr + p, mask=mask_k, other=0.0).to(tl.float32)
+    base = (e * expert_bytes)[:, None, None]  # [KE, 1, 1]
+    base32 = base // 4
+    row_word = base32 + codes_off // 4 + row_w0  # [KE, BN, 1]
+    h_rows = h_ptr + (p * I)[:, None, None, None]  # [KE, 1, 1, 1]
+    if EARLY:
+        if tl.max((e != e0).to(tl.int32), axis=0) > 0:  # the ids before the wait were another token's
+            words, am = _load_codes(buf_i32, row_word, gw[None, None, :], mask, buf_u8, buf_f32, base, base32, blk0,
+                                    absmax_off, nested_off32, offset_off32, nested_code, GW, DOUBLE_QUANT)
+    else:
+        words, am = _load_codes(buf_i32, row_word, gw[None, None, :], mask, buf_u8, buf_f32, base, base32, blk0,
+                                absmax_off, nested_off32, offset_off32, nested_code, GW, DOUBLE_QUANT)
     acc = tl.zeros([KE, BLOCK_N, NG], dtype=tl.float32)
     for kb in range(0, I_Q, BW):
         gw_n = kb + BW + grp
@@ -787,39 +859,50 @@ def _absmax_or_0(buf_u8, buf_f32, base, base32, blk, mask, absmax_off, nested_of
 @triton.jit
 def _gate_up_v4_kernel(x_ptr, ids_ptr, order_ptr, h_ptr, buf_i32, buf_u8, buf_f32, code, nested_code,
                        expert_bytes, codes_off, absmax_off, nested_off32, offset_off32,
-                       K, H_Q, I, stride_xt, T_BUCKET,
+                       K, H_Q, I, stride_xt, T_BUCKET, early_ids_ptr, N_EXPERTS,
                        ACT: tl.constexpr, LOG_WPB: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
                        SORTED: tl.constexpr, LUT_SHFL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
-                       PDL: tl.constexpr = False, PROBE: tl.constexpr = 0, DOWN_OFF: tl.constexpr = 0):
+                       PDL: tl.constexpr = False, PROBE: tl.constexpr = 0, DOWN_OFF: tl.constexpr = 0,
+                       EARLY: tl.constexpr = False):
     """H_Q: code words per row (H / 8); LOG_WPB: log2 of the words per quantization block.
     Tile [2 * BLOCK_N rows (gate rows, then the same up rows), BLOCK_W words], split in the threads into
-    [rows, BLOCK_W / 4 chunks, 2, 2] (a 2-D load: Triton 3.6 puts chunks, not rows, on the lanes)."""
-    pdl_start(PDL)
-    if SORTED:
-        p = tl.load(order_ptr + tl.program_id(0)).to(tl.int64)
-    else:
-        p = tl.program_id(0).to(tl.int64)
-    t = p // K
-    e = tl.load(ids_ptr + p).to(tl.int64)
-    base = e * expert_bytes
-    base32 = base // 4
-    table = 0
-    if LUT_SHFL:
-        table = _lane_table(code)
+    [rows, BLOCK_W / 4 chunks, 2, 2] (a 2-D load: Triton 3.6 puts chunks, not rows, on the lanes). EARLY: as
+    v2's."""
     NC: tl.constexpr = BLOCK_W // 4
     rr = tl.arange(0, 2 * BLOCK_N)
     r = tl.program_id(1) * BLOCK_N + rr % BLOCK_N
     mask_r = r < I
     row_w = ((rr // BLOCK_N) * I + r) * H_Q  # [2BN] first word of each row
-    codes = buf_i32 + base32 + codes_off // 4 + row_w[:, None]
     ch = tl.arange(0, NC) * 4
     wq = tl.arange(0, BLOCK_W)
-    x_row = x_ptr + t * stride_xt
     c0 = ch
     m2 = mask_r[:, None] & (c0 < H_Q)[None, :]
-    words = tl.load(codes + wq[None, :], mask=mask_r[:, None] & (wq < H_Q)[None, :], other=0)
-    am = _absmax_or_0(buf_u8, buf_f32, base, base32, (row_w[:, None] + c0[None, :]) >> LOG_WPB, m2, absmax_off,
-                 nested_off32, offset_off32, nested_code, DOUBLE_QUANT)
+    mw = mask_r[:, None] & (wq < H_Q)[None, :]
+    blk0 = (row_w[:, None] + c0[None, :]) >> LOG_WPB
+    if EARLY:  # as v2's
+        e0 = _gate_up_early_expert(early_ids_ptr, N_EXPERTS, SORTED)
+        base0 = e0 * expert_bytes
+        words = tl.load(buf_i32 + base0 // 4 + codes_off // 4 + row_w[:, None] + wq[None, :], mask=mw, other=0)
+        am = _absmax_or_0(buf_u8, buf_f32, base0, base0 // 4, blk0, m2, absmax_off, nested_off32, offset_off32,
+                          nested_code, DOUBLE_QUANT)
+    pdl_start(PDL)
+    p, t, e = _gate_up_pair(ids_ptr, order_ptr, K, SORTED, EARLY)
+    base = e * expert_bytes
+    base32 = base // 4
+    table = 0
+    if LUT_SHFL:
+        table = _lane_table(code)
+    codes = buf_i32 + base32 + codes_off // 4 + row_w[:, None]
+    x_row = x_ptr + t * stride_xt
+    if EARLY:
+        if e != e0:  # as v2's
+            words = tl.load(codes + wq[None, :], mask=mw, other=0)
+            am = _absmax_or_0(buf_u8, buf_f32, base, base32, blk0, m2, absmax_off, nested_off32, offset_off32,
+                              nested_code, DOUBLE_QUANT)
+    else:
+        words = tl.load(codes + wq[None, :], mask=mw, other=0)
+        am = _absmax_or_0(buf_u8, buf_f32, base, base32, blk0, m2, absmax_off, nested_off32, offset_off32,
+                          nested_code, DOUBLE_QUANT)
     if DOWN_OFF > 0:  # as v2's (DOWN_OFF: PREFETCH_DOWN)
         _prefetch_down(buf_u8, base, expert_bytes, h_ptr + p * I, DOWN_OFF)
     acc = tl.zeros([2 * BLOCK_N, NC], dtype=tl.float32)
@@ -846,38 +929,53 @@ def _gate_up_v4_kernel(x_ptr, ids_ptr, order_ptr, h_ptr, buf_i32, buf_u8, buf_f3
 @triton.jit
 def _down_v4_kernel(h_ptr, ids_ptr, w_ptr, y_ptr, buf_i32, buf_u8, buf_f32, code, nested_code,
                     expert_bytes, codes_off, absmax_off, nested_off32, offset_off32,
-                    K, H, I, I_Q, stride_yt, T_BUCKET,
+                    K, H, I, I_Q, stride_yt, T_BUCKET, early_ids_ptr, N_EXPERTS,
                     LOG_WPB: tl.constexpr, DOUBLE_QUANT: tl.constexpr, KE: tl.constexpr, LUT_SHFL: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, PDL: tl.constexpr = False,
-                    PROBE: tl.constexpr = 0):
+                    PROBE: tl.constexpr = 0, EARLY: tl.constexpr = False):
     """I_Q: code words per row (I / 8). Tile [BLOCK_N rows, KE experts, BLOCK_W / 4 chunks, 4 words]:
-    the rows vary slowest, so a thread holds rows of the same expert and chunk and loads h once for them."""
-    pdl_start(PDL)
+    the rows vary slowest, so a thread holds rows of the same expert and chunk and loads h once for them.
+    EARLY: as v2's."""
     t = tl.program_id(1).to(tl.int64)
-    table = 0
-    if LUT_SHFL:
-        table = _lane_table(code)
     NC: tl.constexpr = BLOCK_W // 4
     kk = tl.arange(0, KE)
     mask_k = kk < K
     p = t * K + kk  # [KE] pairs of this token
-    e = tl.load(ids_ptr + p, mask=mask_k, other=0).to(tl.int64)  # padded slots: expert 0, masked off
-    wk = tl.load(w_ptr + p, mask=mask_k, other=0.0).to(tl.float32)
-    base = (e * expert_bytes)[None, :, None]  # [1, KE, 1]
-    base32 = base // 4
     r = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_r = r < H
     row_w = (r * I_Q)[:, None, None]  # [BN, 1, 1]
-    codes = (buf_i32 + base32 + codes_off // 4 + row_w)[:, :, :, None]  # [BN, KE, 1, 1]
-    h_rows = (h_ptr + (t * K + tl.minimum(kk, K - 1)) * I)[None, :, None]  # [1, KE, 1]; padded slots: the last pair's
     m_rk = mask_r[:, None, None] & mask_k[None, :, None]
     ch = tl.arange(0, NC) * 4
     q = tl.arange(0, 4)[None, None, None, :]
     c0 = ch[None, None, :]
     m3 = m_rk & (c0 < I_Q)
-    words = tl.load(codes + c0[:, :, :, None] + q, mask=m3[:, :, :, None], other=0)
-    am = _absmax_or_0(buf_u8, buf_f32, base, base32, (row_w + c0) >> LOG_WPB, m3, absmax_off, nested_off32,
-                 offset_off32, nested_code, DOUBLE_QUANT)
+    blk0 = (row_w + c0) >> LOG_WPB
+    if EARLY:  # as v2's
+        e0 = _early_expert(early_ids_ptr + p, mask_k, 0, N_EXPERTS)
+        base0 = (e0 * expert_bytes)[None, :, None]
+        words = tl.load((buf_i32 + base0 // 4 + codes_off // 4 + row_w)[:, :, :, None] + c0[:, :, :, None] + q,
+                        mask=m3[:, :, :, None], other=0)
+        am = _absmax_or_0(buf_u8, buf_f32, base0, base0 // 4, blk0, m3, absmax_off, nested_off32, offset_off32,
+                          nested_code, DOUBLE_QUANT)
+    pdl_start(PDL)
+    table = 0
+    if LUT_SHFL:
+        table = _lane_table(code)
+    e = _step_expert(ids_ptr + p, mask_k, 0, EARLY)  # padded slots: expert 0, masked off
+    wk = tl.load(w_ptr + p, mask=mask_k, other=0.0).to(tl.float32)
+    base = (e * expert_bytes)[None, :, None]  # [1, KE, 1]
+    base32 = base // 4
+    codes = (buf_i32 + base32 + codes_off // 4 + row_w)[:, :, :, None]  # [BN, KE, 1, 1]
+    h_rows = (h_ptr + (t * K + tl.minimum(kk, K - 1)) * I)[None, :, None]  # [1, KE, 1]; padded slots: the last pair's
+    if EARLY:
+        if tl.max((e != e0).to(tl.int32), axis=0) > 0:  # as v2's
+            words = tl.load(codes + c0[:, :, :, None] + q, mask=m3[:, :, :, None], other=0)
+            am = _absmax_or_0(buf_u8, buf_f32, base, base32, blk0, m3, absmax_off, nested_off32, offset_off32,
+                              nested_code, DOUBLE_QUANT)
+    else:
+        words = tl.load(codes + c0[:, :, :, None] + q, mask=m3[:, :, :, None], other=0)
+        am = _absmax_or_0(buf_u8, buf_f32, base, base32, blk0, m3, absmax_off, nested_off32, offset_off32,
+                          nested_code, DOUBLE_QUANT)
     acc = tl.zeros([BLOCK_N, KE, NC], dtype=tl.float32)
     for kb in range(0, I_Q, BLOCK_W):
         c1 = (kb + BLOCK_W + ch)[None, None, :]
@@ -927,6 +1025,8 @@ class _Call:
     blocksize: int
     double_quant: bool
     act: str
+    early: bool | None = None  # EARLY for the v2 / v4 launches (None: `_early` decides)
+    early_ids: torch.Tensor | None = None  # what they read before the wait (None: ids itself)
 
     @property
     def t_bucket(self) -> int:
@@ -967,6 +1067,15 @@ def _prepare(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden, in
                  list(offsets), T, K, hidden, inter, blocksize, bool(double_quant), act)
 
 
+def _early(c: _Call) -> dict:
+    """The EARLY arguments of a v2 / v4 launch of `c`: on for one token under PDL where EARLY_LOADS says so
+    (c.early instead where set: the tests, which run it under the interpreter without PDL); the ids read
+    before the wait are the step's own unless c.early_ids (the tests: ids another token left there)."""
+    on = EARLY_LOADS and bool(triton_pdl.launch(c.x.device)) if c.early is None else c.early
+    return dict(early_ids_ptr=c.ids if c.early_ids is None else c.early_ids, N_EXPERTS=c.experts.shape[0],
+                EARLY=on and c.T == 1)
+
+
 def _gate_up_chunks(c: _Call, tiles: V3Tiles | V4Tiles | None, tuned, kernel, **extra) -> None:
     """The gate_up stage of the chunk kernels (v3, v4: `tuned` / `kernel`, `extra` constexprs): autotuned
     (tiles None), else with `tiles`."""
@@ -1003,7 +1112,8 @@ def _down_v3(c: _Call, tiles: V3Tiles | None) -> None:
 
 def _gate_up_v2(c: _Call, tiles: Tiles | None) -> None:
     meta = dict(ACT=ACT_CODES[c.act], BLOCKSIZE=c.blocksize, DOUBLE_QUANT=c.double_quant, SORTED=c.T > 1,
-                BB=_gcd_pow2(c.H // 2, c.blocksize), **triton_pdl.launch(c.x.device), **_down_off(c))
+                BB=_gcd_pow2(c.H // 2, c.blocksize), **triton_pdl.launch(c.x.device), **_down_off(c),
+                **_early(c))
     args = c.common("gate_up")
     if tiles is None:
         _gate_up_v2_tuned[lambda m: c.grid("gate_up", m["BLOCK_N"])](*args, **meta)
@@ -1015,7 +1125,7 @@ def _gate_up_v2(c: _Call, tiles: Tiles | None) -> None:
 
 def _down_v2(c: _Call, tiles: Tiles | None) -> None:
     meta = dict(BLOCKSIZE=c.blocksize, DOUBLE_QUANT=c.double_quant, BB=_gcd_pow2(c.I // 2, c.blocksize),
-                KE=triton.next_power_of_2(c.K), **triton_pdl.launch(c.x.device))
+                KE=triton.next_power_of_2(c.K), **triton_pdl.launch(c.x.device), **_early(c))
     args = c.common("down")
     if tiles is None:
         _down_v2_tuned[lambda m: c.grid("down", m["BLOCK_N"])](*args, **meta)
@@ -1031,11 +1141,12 @@ def _lut_shfl(device: torch.device) -> bool:
 
 
 def _gate_up_v4(c: _Call, tiles: V4Tiles | None) -> None:
-    _gate_up_chunks(c, tiles, _gate_up_v4_tuned, _gate_up_v4_kernel, LUT_SHFL=_lut_shfl(c.x.device), **_down_off(c))
+    _gate_up_chunks(c, tiles, _gate_up_v4_tuned, _gate_up_v4_kernel, LUT_SHFL=_lut_shfl(c.x.device), **_down_off(c),
+                    **_early(c))
 
 
 def _down_v4(c: _Call, tiles: V4Tiles | None) -> None:
-    _down_chunks(c, tiles, _down_v4_tuned, _down_v4_kernel, LUT_SHFL=_lut_shfl(c.x.device))
+    _down_chunks(c, tiles, _down_v4_tuned, _down_v4_kernel, LUT_SHFL=_lut_shfl(c.x.device), **_early(c))
 
 
 def _moe_4bit_v4(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden, inter, blocksize, double_quant,

@@ -19,8 +19,10 @@ and ring positions, expert ids and weights, router logits, cos / sin rows, the t
 copied into the graph's inputs, expert rows copied in from host memory), nor any write (the kernel
 before may still read what it would overwrite). A prologue pointer must be the caller's tensor
 itself: a launcher that had to copy or convert it (`.contiguous()`, `.float()`) made that copy in
-the step, so it launches without PDL. The MoE and attention kernels have none (what they read first
-is the step's: expert ids, rows, the cache). tests/test_triton_pdl.py names each kernel's prologue
+the step, so it launches without PDL. The attention kernels have none (what they read first is the
+step's: the cache). The MoE kernels' is of another kind, opt-in (`triton_moe.EARLY_LOADS`): the first
+step of expert rows at the ids as they stand before the wait, read again after it and requested again
+where they were another token's. tests/test_triton_pdl.py names each kernel's prologue
 pointers (no other may come first), and tests/test_sass_stats.py checks in the sm_90 SASS that the
 prologues' loads are issued before the wait, and no load or write of a kernel without one. The
 signal stays right after the wait: one kernel placed ahead, as measured; wherever it stood, the next
