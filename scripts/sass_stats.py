@@ -506,50 +506,47 @@ def loop_row(case, arch: int) -> dict:
             "local_bytes": info["local_bytes"], "ops": dict(info["ops"].most_common())}
 
 
-_CASES: dict = {}  # (kind, arch) -> its cases, listed once a process
+def _job(kind: str, arch: int, case: tuple) -> tuple[str, dict | str]:
+    """(name, row) of one case whose kernel is named by module and name (a JITFunction does not pickle),
+    compiled in a worker process: `compile_row` ("compile") or `loop_row` ("loop"); the row is the error's
+    text where it did not compile (an exception may not pickle either)."""
+    import importlib
 
-
-def _cases(kind: str, arch: int) -> list:
-    if (kind, arch) not in _CASES:
-        _CASES[kind, arch] = list(compile_cases(arch)) if kind == "compile" else list(cases())
-    return _CASES[kind, arch]
-
-
-def _in_worker(kind: str, arch: int, index: int) -> tuple[str, dict | str]:
-    """(name, row) of case `index` of `kind` ("compile": compile_cases, "loop": cases), compiled in a worker
-    process; the row is the error's text where it did not compile (an exception may not pickle)."""
-    case = _cases(kind, arch)[index]
+    name, (module, attr), *rest = case
     try:
-        return case[0], (compile_row if kind == "compile" else loop_row)(case, arch)
+        fn = getattr(importlib.import_module(module), attr)
+        return name, (compile_row if kind == "compile" else loop_row)((name, fn, *rest), arch)
     except Exception as e:  # noqa: BLE001 - reported by the parent with the case's name
-        return case[0], f"{type(e).__name__}: {e}"
+        return name, f"{type(e).__name__}: {e}"
 
 
-def rows_of(kind: str, arch: int, jobs: int) -> dict:
-    """name -> row of every case of `kind`, in their order, compiled in `jobs` processes (ptxas and Triton's
-    front end each take one core: on CI's two, two at once halve the wait). Raises where one did not compile."""
-    count = len(_cases(kind, arch))
-    if jobs <= 1:
-        done = [_in_worker(kind, arch, i) for i in range(count)]
+def compile_many(kind: str, arch: int, cases_: list, jobs: int | None = None) -> dict:
+    """name -> row of each case (compile_cases() tuples for "compile", cases() tuples for "loop"), in their
+    order, compiled in `jobs` processes (default: one a CPU; ptxas and Triton's front end each take one
+    core, so on CI's two, two at once halve the wait). Raises where one did not compile."""
+    jobs = (os.cpu_count() or 1) if jobs is None else jobs
+    named = [(case[0], (case[1].fn.__module__, case[1].fn.__name__), *case[2:]) for case in cases_]
+    if jobs <= 1 or len(named) <= 1:
+        done = [_job(kind, arch, case) for case in named]
     else:
         import concurrent.futures
         import multiprocessing
 
         # spawn: each worker imports torch and triton afresh (no forked copy of a parent's threads)
         with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            done = list(pool.map(_in_worker, [kind] * count, [arch] * count, range(count)))
+            done = list(pool.map(_job, [kind] * len(named), [arch] * len(named), named))
     failed = [f"{name}: {row}" for name, row in done if isinstance(row, str)]
     if failed:
         raise RuntimeError("did not compile: " + "; ".join(failed))
     return dict(done)
 
 
-def compile_all(arch: int, jobs: int = 1) -> dict:
+def compile_all(arch: int, jobs: int | None = None) -> dict:
     """name -> cubin bytes, shared memory bytes and registers of every compile_cases() kernel (an
     exception where one does not compile); for the q/k/v write and the attention that does it too, the
     layouts of their heads' norm sums (`row_sums`: the two must add in the same order), and for the two
     decode attention kernels their key loop's digest (`key_loop`: the same loop)."""
-    return rows_of("compile", arch, jobs)
+    return compile_many("compile", arch, list(compile_cases(arch)), jobs)
 
 
 def main(argv=None) -> int:
@@ -570,7 +567,7 @@ def main(argv=None) -> int:
     rows = {"triton": triton.__version__}
     if not args.json:
         print(f"triton {triton.__version__}, sm_{args.arch}")
-    for name, row in rows_of("loop", args.arch, args.jobs).items():
+    for name, row in compile_many("loop", args.arch, list(cases()), args.jobs).items():
         rows[name] = row
         if not args.json:
             ops = dict(collections.Counter(row["ops"]).most_common(5))

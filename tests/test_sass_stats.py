@@ -146,14 +146,10 @@ import json, sys
 sys.path.insert(0, sys.argv[1])
 import sass_stats
 from localrun.kernels import triton_moe as tm
-shared = {}
-for cfg in tm.GROUPED_CONFIGS[:tm.GROUPED_FIT_ANYWHERE]:
-    for dtype in ("bf16", "fp32"):
-        for dq in (False, True):
-            for block_m in (16, 64):
-                for name, fn, ptrs, consts, warps, stages in sass_stats.grouped_case(tm, dtype, dq, cfg, block_m):
-                    shared[name] = sass_stats.compile_kernel(fn, consts, warps, 86, ptrs, stages).metadata.shared
-print(json.dumps(shared))
+cases = [case for cfg in tm.GROUPED_CONFIGS[:tm.GROUPED_FIT_ANYWHERE] for dtype in ("bf16", "fp32")
+         for dq in (False, True) for block_m in (16, 64) for case in sass_stats.grouped_case(tm, dtype, dq, cfg, block_m)]
+rows = sass_stats.compile_many("compile", 86, cases)
+print(json.dumps({name: row["shared_bytes"] for name, row in rows.items()}))
 """
 
 
@@ -173,9 +169,8 @@ sys.path.insert(0, sys.argv[1])
 import sass_stats
 shared = {}
 for arch in (89, 90):
-    for name, fn, ptrs, consts, warps, *rest in sass_stats.prefill_attention_cases():
-        kernel = sass_stats.compile_kernel(fn, consts, warps, arch, ptrs, *rest)
-        shared[f"sm_{arch} {name}"] = [kernel.metadata.shared, sass_stats.inspect(kernel, sass=False)["local_bytes"]]
+    for name, row in sass_stats.compile_many("compile", arch, list(sass_stats.prefill_attention_cases())).items():
+        shared[f"sm_{arch} {name}"] = [row["shared_bytes"], row["local_bytes"]]
 print(json.dumps(shared))
 """
 
@@ -207,7 +202,7 @@ class Recorder:
 
 kernel = ta._decode_partial_kernel
 ta._decode_partial_kernel = Recorder()
-shared = {}
+cases = []
 for dtype, x in ((torch.float32, "*fp32"), (torch.bfloat16, "*bf16")):
     for D in (128, 256, 512):
         launches.clear()
@@ -217,9 +212,11 @@ for dtype, x in ((torch.float32, "*fp32"), (torch.bfloat16, "*bf16")):
         warps, stages = meta.pop("num_warps", 4), meta.pop("num_stages", 3)  # Triton's defaults (CUDA)
         ptrs = {n: x for n in ("q_ptr", "k_ptr", "v_ptr", "out_ptr")}
         ptrs.update(vis_ptr="*u8", m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32", count_ptr="*i32")
-        for arch in (86, 89):
-            compiled = sass_stats.compile_kernel(kernel, dict(meta, PDL=False), warps, arch, ptrs, stages)
-            shared[f"sm_{arch} {x[1:]} D={D} stages={stages}"] = compiled.metadata.shared
+        cases.append((f"{x[1:]} D={D} stages={stages}", kernel, ptrs, dict(meta, PDL=False), warps, stages))
+shared = {}
+for arch in (86, 89):
+    for name, row in sass_stats.compile_many("compile", arch, cases).items():
+        shared[f"sm_{arch} {name}"] = row["shared_bytes"]
 print(json.dumps(shared))
 """
 
@@ -262,13 +259,11 @@ import json, sys
 sys.path.insert(0, sys.argv[1])
 import sass_stats
 from localrun.kernels import triton_moe as tm
-rows = {}
 configs = (tm.GATE_UP_V4_CONFIGS, tm.DOWN_V4_CONFIGS)
-for name, fn, ptrs, consts, warps in sass_stats.v4_cases(tm, dict(sass_stats.POINTERS), "*bf16", False, configs):
-    if " sorted=True " not in name:
-        kernel = sass_stats.compile_kernel(fn, consts, warps, 89, ptrs)
-        rows[name] = [kernel.metadata.shared, sass_stats.inspect(kernel, sass=False)["local_bytes"]]
-print(json.dumps(rows))
+cases = [case for case in sass_stats.v4_cases(tm, dict(sass_stats.POINTERS), "*bf16", False, configs)
+         if " sorted=True " not in case[0]]
+rows = sass_stats.compile_many("compile", 89, cases)
+print(json.dumps({name: [row["shared_bytes"], row["local_bytes"]] for name, row in rows.items()}))
 """
 
 
