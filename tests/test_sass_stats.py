@@ -322,3 +322,29 @@ def test_gate_up_asks_the_l2_for_the_down_matrix_only_with_down_off():
         loads = lambda row: sum(n for op, n in row["ops"].items() if op.startswith("LDG"))  # noqa: E731
         assert "CCTL.E.PML2" not in plain["ops"] and asking["ops"].get("CCTL.E.PML2", 0) >= 1, (kind, asking)
         assert loads(asking) == loads(plain) and asking["stack_bytes"] == 0, (kind, plain, asking)
+
+
+MANY = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import sass_stats
+from localrun.kernels import triton_moe_probe as probe
+good = [(f"empty pdl={pdl}", probe._empty_kernel, {"x_ptr": "*fp32"}, {"PDL": pdl}, 1) for pdl in (False, True)]
+rows = sass_stats.compile_many("compile", 90, good, jobs=2)
+try:
+    sass_stats.compile_many("compile", 90, good[:1] + [("bad", probe._empty_kernel, {"x_ptr": "*nothing"}, {}, 1)], 1)
+    error = None
+except RuntimeError as e:
+    error = str(e)
+print(json.dumps({"rows": rows, "error": error}))
+"""
+
+
+@pytest.mark.skipif(_ptxas() is None, reason="triton with its NVIDIA backend tools is not installed")
+def test_compile_many_compiles_in_worker_processes_and_names_what_failed():
+    """compile_many: kernels named by module and name reach the worker processes (spawn), rows come back in
+    the cases' order; a case that does not compile fails the call with its name, the others' rows unneeded."""
+    out = compiled_in_child(MANY)
+    assert list(out["rows"]) == ["empty pdl=False", "empty pdl=True"]
+    assert out["rows"]["empty pdl=True"]["waits"] == 1 and "waits" not in out["rows"]["empty pdl=False"]
+    assert out["error"].startswith("did not compile: bad: ") and "empty" not in out["error"], out["error"]
