@@ -392,11 +392,10 @@ def _gate_up_v2_kernel(x_ptr, ids_ptr, order_ptr, h_ptr, buf_i32, buf_u8, buf_f3
     row_word = (base32 + codes_off // 4) + row_w0  # [2, BN] absolute words
     x_row = x_ptr + t * stride_xt
     if EARLY:
-        if e != e0:  # the ids before the wait were another token's: this expert's step requested now
-            words, am = _load_codes(buf_i32, row_word[:, :, None], gw[None, None, :], mask, buf_u8, buf_f32, base,
-                                    base32, blk0, absmax_off, nested_off32, offset_off32, nested_code, GW,
-                                    DOUBLE_QUANT)
+        due = e != e0  # the ids before the wait were another token's: this expert's step requested now
     else:
+        due: tl.constexpr = True
+    if due:
         words, am = _load_codes(buf_i32, row_word[:, :, None], gw[None, None, :], mask, buf_u8, buf_f32, base, base32,
                                 blk0, absmax_off, nested_off32, offset_off32, nested_code, GW, DOUBLE_QUANT)
     if DOWN_OFF > 0:
@@ -462,10 +461,10 @@ def _down_v2_kernel(h_ptr, ids_ptr, w_ptr, y_ptr, buf_i32, buf_u8, buf_f32, code
     row_word = base32 + codes_off // 4 + row_w0  # [KE, BN, 1]
     h_rows = h_ptr + (p * I)[:, None, None, None]  # [KE, 1, 1, 1]
     if EARLY:
-        if tl.max((e != e0).to(tl.int32), axis=0) > 0:  # the ids before the wait were another token's
-            words, am = _load_codes(buf_i32, row_word, gw[None, None, :], mask, buf_u8, buf_f32, base, base32, blk0,
-                                    absmax_off, nested_off32, offset_off32, nested_code, GW, DOUBLE_QUANT)
+        due = tl.max((e != e0).to(tl.int32), axis=0) > 0  # the ids before the wait were another token's
     else:
+        due: tl.constexpr = True
+    if due:
         words, am = _load_codes(buf_i32, row_word, gw[None, None, :], mask, buf_u8, buf_f32, base, base32, blk0,
                                 absmax_off, nested_off32, offset_off32, nested_code, GW, DOUBLE_QUANT)
     acc = tl.zeros([KE, BLOCK_N, NG], dtype=tl.float32)
@@ -895,11 +894,10 @@ def _gate_up_v4_kernel(x_ptr, ids_ptr, order_ptr, h_ptr, buf_i32, buf_u8, buf_f3
     codes = buf_i32 + base32 + codes_off // 4 + row_w[:, None]
     x_row = x_ptr + t * stride_xt
     if EARLY:
-        if e != e0:  # as v2's
-            words = tl.load(codes + wq[None, :], mask=mw, other=0)
-            am = _absmax_or_0(buf_u8, buf_f32, base, base32, blk0, m2, absmax_off, nested_off32, offset_off32,
-                              nested_code, DOUBLE_QUANT)
+        due = e != e0  # as v2's
     else:
+        due: tl.constexpr = True
+    if due:
         words = tl.load(codes + wq[None, :], mask=mw, other=0)
         am = _absmax_or_0(buf_u8, buf_f32, base, base32, blk0, m2, absmax_off, nested_off32, offset_off32,
                           nested_code, DOUBLE_QUANT)
@@ -968,11 +966,10 @@ def _down_v4_kernel(h_ptr, ids_ptr, w_ptr, y_ptr, buf_i32, buf_u8, buf_f32, code
     codes = (buf_i32 + base32 + codes_off // 4 + row_w)[:, :, :, None]  # [BN, KE, 1, 1]
     h_rows = (h_ptr + (t * K + tl.minimum(kk, K - 1)) * I)[None, :, None]  # [1, KE, 1]; padded slots: the last pair's
     if EARLY:
-        if tl.max((e != e0).to(tl.int32), axis=0) > 0:  # as v2's
-            words = tl.load(codes + c0[:, :, :, None] + q, mask=m3[:, :, :, None], other=0)
-            am = _absmax_or_0(buf_u8, buf_f32, base, base32, blk0, m3, absmax_off, nested_off32, offset_off32,
-                              nested_code, DOUBLE_QUANT)
+        due = tl.max((e != e0).to(tl.int32), axis=0) > 0  # as v2's
     else:
+        due: tl.constexpr = True
+    if due:
         words = tl.load(codes + c0[:, :, :, None] + q, mask=m3[:, :, :, None], other=0)
         am = _absmax_or_0(buf_u8, buf_f32, base, base32, blk0, m3, absmax_off, nested_off32, offset_off32,
                           nested_code, DOUBLE_QUANT)
