@@ -375,18 +375,13 @@ def _pdl_cases():
 
 def early_cases():
     """The MoE decode kernels with PDL and EARLY (triton_moe.EARLY_LOADS: the first step requested before the
-    wait), v4 and v2 as `_pdl_cases` compiles them (bf16, no double quant, the same configs): rows to set beside
-    theirs."""
+    wait): `_pdl_cases`' rows of them with EARLY on, to set beside theirs."""
     from localrun.kernels import triton_moe as tm
 
-    moe = dict(POINTERS, x_ptr="*bf16", y_ptr="*bf16")
-    v4 = dict(LOG_WPB=3, DOUBLE_QUANT=False, LUT_SHFL=True, PDL=True, EARLY=True)
-    v2 = dict(BLOCKSIZE=64, DOUBLE_QUANT=False, BB=32, PDL=True, EARLY=True)
-    for fn, consts, warps in ((tm._gate_up_v4_kernel, dict(v4, ACT=0, SORTED=False, BLOCK_N=4, BLOCK_W=128), 1),
-                              (tm._down_v4_kernel, dict(v4, KE=TOP_K, BLOCK_N=4, BLOCK_W=32), 1),
-                              (tm._gate_up_v2_kernel, dict(v2, ACT=0, SORTED=False, BLOCK_N=4, BLOCK_K=128), 1),
-                              (tm._down_v2_kernel, dict(v2, KE=TOP_K, BLOCK_N=8, BLOCK_K=64), 4)):
-        yield f"early {fn.__name__}", fn, moe, consts, warps
+    moe = (tm._gate_up_v4_kernel, tm._down_v4_kernel, tm._gate_up_v2_kernel, tm._down_v2_kernel)
+    for name, fn, ptrs, consts, *rest in _pdl_cases():
+        if fn in moe:
+            yield f"early {fn.__name__}", fn, ptrs, dict(consts, EARLY=True), *rest
 
 
 # the prefill attention kernel's strides and head dim are multiples of 16 at 26B-A4B (torch's allocations)
