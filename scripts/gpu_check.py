@@ -1259,6 +1259,10 @@ def step_kernels(dry: bool) -> dict:
         return {"skipped": "triton_moe has no benchmark_moe_4bit"}
     dev = device_for(dry)
     out = {}
+    if os.environ.get("GPU_CHECK_KERNELS") == "probes":  # what bounds the MoE kernels and the GEMVs, first in a lease
+        timed("v4 probes", lambda: v4_probes(dev, dry), out)
+        dense_gemv_cases(dev, dry, out)
+        return out
     timed("zero_copy", lambda: zero_copy_probe(dry), out)
     cases = {"decode nf4 bs64": {}, "decode nf4 bs64 double-quant": {"double_quant": True},
              "decode fp4 bs64": {"quant_type": "fp4"}, "8 tokens nf4": {"tokens": 8},

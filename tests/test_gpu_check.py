@@ -489,3 +489,17 @@ def test_dry_exact_step_reports_the_bf16_noise_floor_beside_the_glue_row(tmp_pat
     same = glue["max_logprob_diff_vs_fp32_on_its_tokens"]
     assert same["fused"] == same["unfused"] > 0  # the CPU takes no half-precision glue: the same run twice
     assert glue["first_divergence"] is None and glue["max_logprob_diff_before_it"] == 0
+
+
+def test_probes_mode_runs_only_the_probes_and_the_gemv_rows(monkeypatch):
+    """GPU_CHECK_KERNELS=probes (a lease's first call, before `big`): what bounds the MoE kernels and the
+    GEMVs, and none of the kernels step's slower rows (the MoE sweeps, attention, zero-copy)."""
+    check = _script()
+    ran = []
+    monkeypatch.setenv("GPU_CHECK_KERNELS", "probes")
+    monkeypatch.setattr(check, "v4_probes", lambda dev, dry: ran.append("probes") or {"as_is": 1})
+    monkeypatch.setattr(check, "dense_gemv_cases", lambda dev, dry, out: ran.append("gemv") or out.update(g=1))
+    monkeypatch.setattr(check, "zero_copy_probe", lambda dry: ran.append("zero_copy"))
+    out = check.step_kernels(dry=True)
+    assert ran == ["probes", "gemv"]
+    assert set(out) == {"v4 probes", "g"}
