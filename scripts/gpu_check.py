@@ -967,6 +967,8 @@ def open_switches(cache) -> dict:
         "with_down_prefetch": lambda: setting(triton_moe, "PREFETCH_DOWN", True, cache),
         # with PDL the MoE kernels request their first step before the wait (triton_moe.EARLY_LOADS)
         "with_pdl_and_early_moe": combined(pdl, lambda: setting(triton_moe, "EARLY_LOADS", True, cache)),
+        # the MLP's gate / up and the router's projections as one-row GEMVs and their consumers in one launch
+        "with_gated_gemv": lambda: kernel_switched("gated_gemv", True, cache),
     }
 
 
@@ -1013,7 +1015,8 @@ def decided_switches(cache) -> dict:
     from localrun.kernels import triton_moe
     from localrun.models.gemma4 import CPU_ONLY_KERNELS, DECODE_KERNELS
 
-    opened = {"parallel_mlp", "norms_route", "fused_qkv_attention", "mlp_router_gemm", "l2_prefetch"}  # open_switches
+    opened = {"parallel_mlp", "norms_route", "fused_qkv_attention", "mlp_router_gemm", "l2_prefetch",
+              "gated_gemv"}  # open_switches
     sides = {}
     for name, on in DECODE_KERNELS.items():
         if name not in CPU_ONLY_KERNELS and name not in opened:
@@ -1360,6 +1363,46 @@ def dense_gemv_cases(dev, dry: bool, out: dict) -> None:
     N, K, _, _ = projection_shapes(config_args(dry))["qkv sliding"]
     timed("gemv qkv sliding, 4 rows", lambda: benchmark_gemv(N, K, rows=4, device=dev, iters=iters), out)
     out["gemv per token"] = {k: round(v, 1) if isinstance(v, float) else v for k, v in totals.items()}
+    timed("gated_gemv_route", lambda: gated_gemv_case(dev, dry, iters), out)
+
+
+def gated_gemv_case(dev, dry: bool, iters: int) -> dict:
+    """A decoded token's dense MLP gate / up and router projections with their consumers (26B-A4B's MoE
+    layer): one launch (`gated_gemv`, kernels/triton_fused.py) against the step's default, cuBLAS's two-row
+    GEMM then gated_route, each over enough copies of the weights to stream from memory, in a CUDA graph;
+    the same ids, and act(gate) * up within bf16 rounding of each other (the GEMM sums in its own order)."""
+    torch = _torch()
+    import torch.nn.functional as F
+
+    from localrun.kernels import triton_fused
+    from localrun.kernels.triton_gemv import ROTATION_BYTES, _rotation_us
+
+    args = config_args(dry)
+    I, E, H, K = args.mlp_intermediate(0), args.num_experts, args.hidden_size, args.top_k_experts
+    g = torch.Generator(device=dev).manual_seed(0)
+    nbytes = (2 * I + E) * H * 2
+    copies = min(max(2, -(-ROTATION_BYTES // nbytes)), 64) if dev.type == "cuda" else 1
+    ws = [(torch.randn(2 * I + E, H, device=dev, generator=g) * H ** -0.5).bfloat16() for _ in range(copies)]
+    rows = torch.randn(2, H, device=dev, generator=g).bfloat16()
+    scale = torch.rand(E, device=dev, generator=g).bfloat16() + 0.5
+
+    def fused(w):
+        return triton_fused.gated_gemv_route_triton(rows, w, I, scale, K, "gelu_pytorch_tanh")
+
+    def apart(w):
+        y = F.linear(rows, w)
+        return triton_fused.gated_route_triton(y[:1, : 2 * I].reshape(1, 1, 2 * I), y[1:, 2 * I:], scale, K,
+                                               "gelu_pytorch_tanh")
+
+    (a, ids, wts), (b, ids_b, wts_b) = fused(ws[0]), apart(ws[0])
+    out = {"I": I, "E": E, "H": H, "weight_bytes": nbytes, "weight_copies": copies,
+           "ids_equal": bool(torch.equal(ids, ids_b)),
+           "max_rel_diff_activated": float((a.float() - b.float().reshape(a.shape)).abs().max() / b.float().abs().max()),
+           "config": None if dry else str(getattr(triton_fused._gated_gemv_tuned, "best_config", None))}
+    for side, fn in (("fused", fused), ("apart", apart)):
+        out[f"us_{side}"] = round(_rotation_us([lambda w=w, fn=fn: fn(w) for w in ws], dev, iters), 2)
+    out["speedup"] = round(out["us_apart"] / out["us_fused"], 3)
+    return out
 
 
 def decode_attention_case(dev, KV: int, G: int, S: int, D: int) -> dict:

@@ -240,6 +240,7 @@ def compile_cases(arch: int = 90):
                         **triton_attention.combine_tiles(G, 8, D)), triton_attention.warps_for(D))
     yield from _grouped_cases(triton_moe)
     yield from _gemv_cases(triton_gemv)
+    yield from _gated_gemv_cases(triton_fused)
     yield from prefill_attention_cases()
     yield prefetch_case()
     yield from probe_cases(arch)
@@ -359,6 +360,8 @@ def _pdl_cases():
         (triton_fused._norms_route_kernel,
          ptrs(triton_fused._norms_route_kernel, scale_ptr="*fp32", ids_ptr="*i64", w_ptr="*fp32", count_ptr="*i32"),
          dict(BLOCK=4096, BLOCK_E=128, BLOCK_K=8), 4),
+        (triton_fused._gated_gemv_route_kernel, _gated_gemv_pointers(triton_fused),
+         dict(ACT=0, BLOCK_N=4, BLOCK_K=512, TAIL=True, BLOCK_E=128, BLOCK_TOP=TOP_K), 4),
         (triton_fused._rope_rows_kernel, ptrs(triton_fused._rope_rows_kernel, pos_ptr="*i64", inv_ptr="*fp32"),
          dict(BLOCK=128), 4),
         (triton_norm._rms_norm_kernel, ptrs(triton_norm._rms_norm_kernel), dict(HAS_WEIGHT=True, BLOCK=4096), 4),
@@ -370,6 +373,7 @@ def _pdl_cases():
     for fn, pointers, consts, warps in kernels:
         # the GEMV's K and row strides: multiples of 16 at 26B-A4B's projections (its loads vectorize as there)
         divisible = DIVISIBLE | {"K", "stride_xm", "stride_ym"} if fn is triton_gemv._gemv_kernel else DIVISIBLE
+        divisible = GATED_GEMV_DIVISIBLE if fn is triton_fused._gated_gemv_route_kernel else divisible
         yield f"pdl {fn.__name__}", fn, pointers, dict(consts, PDL=True), warps, 1, divisible
 
 
@@ -444,6 +448,25 @@ def _gemv_cases(tg):
             yield (f"gemv bm={bm} bias={bias} tail={tail} n={cfg.kwargs['BLOCK_N']} k={cfg.kwargs['BLOCK_K']} "
                    f"warps={cfg.num_warps}", tg._gemv_kernel, ptrs, dict(BM=bm, HAS_BIAS=bias, TAIL=tail, **cfg.kwargs),
                    cfg.num_warps, 1, DIVISIBLE | {"K", "stride_xm", "stride_ym"})
+
+
+GATED_GEMV_DIVISIBLE = DIVISIBLE | {"K", "stride_x"}  # 26B-A4B's H and the rows' stride: multiples of 16
+
+
+def _gated_gemv_pointers(tf) -> dict:
+    return {n: {"ids_ptr": "*i64", "wts_ptr": "*fp32", "count_ptr": "*i32"}.get(n, "*bf16")
+            for n in tf._gated_gemv_route_kernel.arg_names if n.endswith("_ptr")}
+
+
+def _gated_gemv_cases(tf):
+    """Every autotune config of the dense MLP's gate / up + router kernel (kernels/triton_fused.py,
+    `gated_gemv`, opt-in) at 26B-A4B (K = 2,816: a partial last step at 512, 1,024 and 2,048 a step)."""
+    for cfg in tf.GATED_GEMV_CONFIGS:
+        n, k = cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
+        tail = 2816 > k and 2816 % k != 0
+        yield (f"gated_gemv n={n} k={k} warps={cfg.num_warps} tail={tail}", tf._gated_gemv_route_kernel,
+               _gated_gemv_pointers(tf), dict(ACT=0, TAIL=tail, BLOCK_E=128, BLOCK_TOP=TOP_K, **cfg.kwargs),
+               cfg.num_warps, 1, GATED_GEMV_DIVISIBLE)
 
 
 def row_sums(kernel) -> list[str]:

@@ -93,6 +93,9 @@ def test_dry_run_writes_a_complete_report(tmp_path):
     assert all(v["max_rel_err_triton"] < 1e-2 for v in gemv.values())
     assert kernels["gemv per token"]["weight_bytes"] > 0
     assert kernels["gemv mlp down"]["us_triton_l2"] > 0  # the same weight replayed: from the L2 on a GPU
+    gated = kernels["gated_gemv_route"]  # one launch against the two-row GEMM and gated_route: the same routing,
+    # act(gate) * up within a few bf16 ulps (gate and up each rounded once after sums in another order)
+    assert gated["ids_equal"] and gated["max_rel_diff_activated"] < 4 * 2 ** -7 and gated["us_fused"] > 0, gated
     probes = kernels["v4 probes"]  # what bounds the MoE kernels: each probe of each stage, both residencies
     assert all(probes[stage][name]["dram_us"] > 0 for stage in ("gate_up", "down") for name in ("as_is", "loads_only"))
     attention = kernels["decode attention, dry"]

@@ -92,7 +92,7 @@ def test_the_decode_steps_newer_kernels_compile_for_sm90():
     assert run.returncode == 0, run.stderr[-2000:]
     rows = json.loads(run.stdout)
     assert len(rows) >= 60 and all(row["cubin_bytes"] > 1000 and row["local_bytes"] == 0 for row in rows.values()), rows
-    assert {"grouped", "gemv", "v3", "v4", "qkv_write", "ffn_residual", "norms_route", "rope_rows", "decode_partial",
+    assert {"grouped", "gemv", "gated_gemv", "v3", "v4", "qkv_write", "ffn_residual", "norms_route", "rope_rows", "decode_partial",
             "qkv_attention", "pdl", "prefill_attention", "l2_prefetch", "probe", "down_prefetch", "early"} == {
         name.split()[0] for name in rows}
     for name, row in rows.items():  # the attention that writes q/k/v sums each head's squares as qkv_write does,
@@ -102,7 +102,7 @@ def test_the_decode_steps_newer_kernels_compile_for_sm90():
             assert row["row_sums"] == write["row_sums"] and len(row["row_sums"]) == (3 if norm_v == "norm_v=True" else 2)
             assert row["key_loop"] and row["key_loop"] == rows[f"decode_partial {x} {D} {in_place}"]["key_loop"], name
     pdl = {name.removeprefix("pdl "): row for name, row in rows.items() if name.startswith("pdl ")}
-    assert len(pdl) == 20  # every decode kernel with PDL on
+    assert len(pdl) == 21  # every decode kernel with PDL on
     for name, row in pdl.items():  # the wait is there, nothing is written before it, and only a prologue's
         least = PROLOGUE_LOADS.get(name, 0)  # loads (all of them, at least) come before it
         assert row["waits"] >= 1 and row["writes_before_wait"] == 0, (name, row)
@@ -124,6 +124,7 @@ PROLOGUE_LOADS = {
     "_attention_residual_norms_kernel": 4 * 4,  # four norm weights of 4096 bf16 (64 bytes a thread)
     "_ffn_residual_kernel": 4 * 4 + 1,  # w1, w2, w, w_next as above, and the layer scalar
     "_norms_route_kernel": 3 * 4,  # the router's row and two norm weights, 4096 bf16 each
+    "_gated_gemv_route_kernel": 4 + 4,  # the first tile and the partial last one, 8 x 512 bf16 (64 bytes a thread)
     "_rope_rows_kernel": 1,  # 128 fp32 inverse frequencies
     "_rms_norm_kernel": 4,  # the weight, 4096 bf16
     "_rms_norm_rope_kernel": 2,  # the weight (512 bf16) at the columns and at their partners
@@ -138,7 +139,7 @@ def test_pdl_variants_only_from_sm90():
     import sass_stats
 
     assert not [case[0] for case in sass_stats.compile_cases(86) if case[0].startswith("pdl ")]
-    assert len([case[0] for case in sass_stats.compile_cases(90) if case[0].startswith("pdl ")]) == 20
+    assert len([case[0] for case in sass_stats.compile_cases(90) if case[0].startswith("pdl ")]) == 21
 
 
 GROUPED_FIT = """

@@ -281,6 +281,41 @@ def test_gated_route_in_one_launch_where_cuda_would(tiny_moe, monkeypatch):
     assert len(seen) == GEN and all(shape[-1] == loaded.args.top_k_experts for shape in seen)
 
 
+def test_gated_gemv_route_in_one_launch_where_cuda_would(tiny_moe, monkeypatch):
+    """With `gated_gemv` the two-row GEMM and its two consumers are one localrun::gated_gemv_route call a
+    decoded token's layer (no gated_route, no GEMM), a hooked router still sees (ids, weights), and the
+    tokens are the step's without it."""
+    from localrun import kernels
+    from localrun.kernels import fused as fused_ops
+    from localrun.models import gemma4
+
+    loaded = load_model(tiny_moe, dtype=torch.float32, context=600)
+    model = loaded.model
+    ids = bench_prompt(30, loaded.args.vocab_size)
+    plain_tokens, plain_lp = greedy(model, ids, "static", loaded.kv)
+    monkeypatch.setattr(kernels, "attention_residual_norms", lambda *a: None)  # the op: rows of one tensor
+    monkeypatch.setattr(gemma4, "fused_on_cuda", lambda x: gemma4.use_kernel("fused_glue", x))
+    monkeypatch.setitem(gemma4.DECODE_KERNELS, "gated_gemv", True)
+    calls, seen = [], []
+    real = fused_ops.gated_gemv_route_op
+    monkeypatch.setattr(fused_ops, "gated_gemv_route_op", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(fused_ops, "gated_route_op", lambda *a: calls.append("gated_route"))
+    gemm = type(model.layers[0])._mlp_and_router
+
+    def counted(layer, rows):  # the two-row GEMM, where it ran
+        out = gemm(layer, rows)
+        if out[0] is not None:
+            calls.append("gemm")
+        return out
+
+    monkeypatch.setattr(type(model.layers[0]), "_mlp_and_router", counted)
+    model.layers[0].router.register_forward_hook(lambda module, args, out: seen.append(out[0].shape))
+    tokens, lp = greedy(model, ids, "static", loaded.kv)
+    assert tokens == plain_tokens and max(abs(a - b) for a, b in zip(lp, plain_lp)) < 1e-4
+    assert calls == [1] * ((GEN - 1) * len(model.layers))  # decoded tokens only: a prompt projects apart
+    assert len(seen) == GEN and all(shape[-1] == loaded.args.top_k_experts for shape in seen)
+
+
 class _Streams:
     """Stand-ins for torch.cuda's stream calls on the CPU: which stream is current, and every wait."""
 

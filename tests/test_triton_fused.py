@@ -152,6 +152,44 @@ def test_gated_route_is_gated_and_route(I, E, K, dtype, act):
 
 
 @needs_triton
+@pytest.mark.parametrize("H, I, E, K, dtype, act", [(2816, 2112, 128, 8, torch.bfloat16, "gelu_pytorch_tanh"),
+                                                   (40, 48, 8, 2, torch.float32, "silu"),
+                                                   (300, 300, 60, 3, torch.float32, "gelu")])
+def test_gated_gemv_route_is_the_gemvs_gated_and_route(H, I, E, K, dtype, act):
+    """A decoded token's MLP gate / up and router projections with their consumers in one launch: the very
+    bits of the GEMV kernel's two projections (the same steps) followed by `gated` and `route`'s kernels,
+    call after call (the counter is back at 0 after each); and the formula's within rounding (26B-A4B's
+    2,112-wide MLP and 128 experts first; a router tile past the last expert; a K of whole steps and not)."""
+    from interpreted import triton_module as interpreted_module
+
+    triton_gemv = interpreted_module("triton_gemv")
+    rows = rand(2, H, seed=H, dtype=dtype)
+    weight = rand(2 * I + E, H, seed=I, dtype=dtype) * H ** -0.5
+    scale = rand(E, seed=2).abs() + 0.5
+    gate_up = triton_gemv.gemv_triton(rows[:1], weight[: 2 * I])
+    logits = triton_gemv.gemv_triton(rows[1:], weight[2 * I:])
+    want_a = triton_fused.gated_triton(gate_up, act)
+    want_ids, want_w = triton_fused.route_triton(logits, scale, K)
+    for _ in range(2):
+        a, ids, w = triton_fused.gated_gemv_route_triton(rows, weight, I, scale, K, act)
+        assert torch.equal(a, want_a) and torch.equal(ids, want_ids) and torch.equal(w, want_w)
+    ref_a, ref_ids, ref_w = fused_ops.gated_gemv_route_reference(rows, weight, I, scale, K, act)
+    assert a.shape == ref_a.shape == (1, I) and torch.equal(ids, ref_ids)
+    assert rel(a, ref_a) < (1e-5 if dtype == torch.float32 else 1e-2) and rel(w, ref_w) < 1e-2
+
+
+@needs_triton
+def test_gated_gemv_route_refuses_what_it_cannot_read():
+    rows, weight, scale = rand(2, 40), rand(2 * 48 + 8, 40), rand(8).abs()
+    with pytest.raises(ValueError, match=r"two input rows"):
+        triton_fused.gated_gemv_route_triton(rows[:1], weight, 48, scale, 2, "silu")
+    with pytest.raises(ValueError, match=r"weight must be"):
+        triton_fused.gated_gemv_route_triton(rows, weight[:, :32], 48, scale, 2, "silu")
+    with pytest.raises(ValueError, match=r"weight must be"):
+        triton_fused.gated_gemv_route_triton(rows, weight[: 2 * 48], 48, scale, 2, "silu")  # no router rows
+
+
+@needs_triton
 @pytest.mark.parametrize("H,E,K,dtype", [(2816, 128, 8, torch.bfloat16), (40, 12, 3, torch.float32)])
 def test_norms_route_is_the_norms_the_router_and_route(H, E, K, dtype):
     """One decoded token's norms, router projection and routing in one launch: the norms the very bits

@@ -45,6 +45,7 @@ PROLOGUE = {
     "_attention_residual_norms_kernel": {"w_post_ptr", "w_mlp_ptr", "w_moe_ptr", "w_router_ptr"},
     "_ffn_residual_kernel": {"w1_ptr", "w2_ptr", "w_ptr", "scalar_ptr", "w_next_ptr"},
     "_norms_route_kernel": {"router_ptr", "w_post_ptr", "w_router_ptr"},
+    "_gated_gemv_route_kernel": {"w_ptr"},
     "_rope_rows_kernel": {"inv_ptr"},
     "_rms_norm_kernel": {"w_ptr"},
     "_rms_norm_rope_kernel": {"w_ptr"},
@@ -103,7 +104,7 @@ def check_routed_prologue(source: str):
 @needs_triton
 def test_every_pdl_kernel_reads_only_step_constants_before_its_wait():
     kernels = list(pdl_kernels())
-    assert len(kernels) == 20, [k.__name__ for k in kernels]  # v4 MoE: gate_up and down; norms_route; qkv_attention
+    assert len(kernels) == 21, [k.__name__ for k in kernels]  # v4 MoE; norms_route; qkv_attention; gated_gemv_route
     assert set(PROLOGUE) <= {k.__name__ for k in kernels}
     for kernel in kernels:
         try:

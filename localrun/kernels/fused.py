@@ -1,6 +1,7 @@
 """A Gemma 4 layer's glue as torch ops: `localrun::attention_residual_norms`, `localrun::ffn_residual`
 (and `localrun::ffn_residual_norm`: with the next layer's input norm), `localrun::route`,
-`localrun::gated` (with `route`, for a decoded token: `localrun::gated_route`), for a decoded token
+`localrun::gated` (with `route`, for a decoded token: `localrun::gated_route`; with the two projections
+they consume too, `localrun::gated_gemv_route`), for a decoded token
 whose router projects on its own `localrun::norms_route` (attention_residual_norms, the router's GEMV
 and `route` in one launch), and a pass's RoPE rows, `localrun::rope_rows` (what each computes:
 kernels/triton_fused.py).
@@ -221,6 +222,34 @@ def _(gate_up, logits_TE, per_expert_scale, top_k, act):
     return (gate_up.new_empty(*gate_up.shape[:-1], gate_up.shape[-1] // 2),
             torch.empty(T, top_k, dtype=torch.int64, device=logits_TE.device),
             torch.empty(T, top_k, dtype=torch.float32, device=logits_TE.device))
+
+
+def gated_gemv_route_reference(rows, weight, inter: int, per_expert_scale, top_k: int, act: str):
+    y = F.linear(rows, weight.to(rows.dtype))  # [2, 2I + E]: row 0's gate / up, row 1's logits (the rest unused)
+    return (gated_reference(y[:1, : 2 * inter], act), *route_reference(y[1:, 2 * inter:], per_expert_scale, top_k))
+
+
+@torch.library.custom_op("localrun::gated_gemv_route", mutates_args=())
+def gated_gemv_route_op(rows: torch.Tensor, weight: torch.Tensor, inter: int, per_expert_scale: torch.Tensor,
+                        top_k: int, act: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A decoded token's dense MLP gate / up and router projections with their consumers: rows [2, H] (the
+    MLP's input, the router's), weight [2 * inter + E, H] (gate, up, router rows: DecoderLayer.stacked) ->
+    (act(gate) * up [1, inter], ids [1, K], weights [1, K]); each projection rounded to the rows' dtype, as
+    `_mlp_and_router`'s GEMM and `gated_route` compute them. One launch on CUDA, where those are two."""
+    return gated_gemv_route_reference(rows, weight, inter, per_expert_scale, top_k, act)
+
+
+@gated_gemv_route_op.register_kernel("cuda")
+def _(rows, weight, inter, per_expert_scale, top_k, act):
+    from .triton_fused import gated_gemv_route_triton
+
+    return gated_gemv_route_triton(rows, weight, inter, per_expert_scale, top_k, act)
+
+
+@gated_gemv_route_op.register_fake
+def _(rows, weight, inter, per_expert_scale, top_k, act):
+    return (rows.new_empty(1, inter), torch.empty(1, top_k, dtype=torch.int64, device=rows.device),
+            torch.empty(1, top_k, dtype=torch.float32, device=rows.device))
 
 
 def rope_rows_reference(pos_T, inv_freq, dtype: torch.dtype):

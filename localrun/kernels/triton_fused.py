@@ -28,6 +28,7 @@ import triton.language as tl
 from . import counters, triton_pdl
 from .triton_pdl import pdl_start
 
+from .triton_gemv import _fast_bench, _first_tiles, _row_products, _tail, interpreted
 from .triton_moe import ACT_CODES, _act
 
 
@@ -164,6 +165,52 @@ def _gated_route_kernel(gu_ptr, out_ptr, I, logits_ptr, scale_ptr, ids_ptr, w_pt
 
 
 @triton.jit
+def _gated_gemv_route_kernel(x_ptr, w_ptr, act_ptr, logits_ptr, scale_ptr, ids_ptr, wts_ptr, count_ptr, I, E, K,
+                             stride_x, TOP_K, ACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                             TAIL: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_TOP: tl.constexpr,
+                             PDL: tl.constexpr = False):
+    """One decoded token's dense MLP gate/up and router projections with their two small consumers, w [2I + E, K]
+    (gate rows, up rows, router rows; x's rows: the MLP's input, the router's). Programs [0, cdiv(E, 2 * BLOCK_N)):
+    2 * BLOCK_N router rows each against x row 1, their logits stored (x's dtype), and the program that counts
+    itself done last routes the E logits and resets the counter (release / acquire at GPU scope, as
+    norms_route); first, so that the routing overlaps the other programs rather than trailing them. The
+    rest: gate rows j and up rows I + j against x row 0, act(gate) * up of them (each product rounded to x's
+    dtype first, as a GEMV stores it and `gated` reads it). A tile is 2 * BLOCK_N weight rows either way,
+    summed as the GEMV kernel sums them (`_row_products`)."""
+    pid = tl.program_id(0)
+    n_router = tl.cdiv(E, 2 * BLOCK_N)
+    router = pid < n_router
+    rr = tl.arange(0, 2 * BLOCK_N)
+    j = (pid - n_router) * BLOCK_N + rr % BLOCK_N  # a gate / up program's rows of the MLP's I
+    e = pid * 2 * BLOCK_N + rr  # a router program's experts
+    ok = tl.where(router, e < E, j < I)
+    row = tl.where(router, 2 * I + e, (rr // BLOCK_N) * I + j)
+    row = tl.where(ok, row, 2 * I + E - 1)  # rows past the end read the last row again: no load needs a mask
+    cols = tl.arange(0, BLOCK_K)[None, :] + 0 * rr[:, None]  # [2 * BLOCK_N, BLOCK_K]: each row's columns
+    w_tile = w_ptr + row.to(tl.int64)[:, None] * K + cols
+    w_first, w_tail, k_main = _first_tiles(w_tile, cols, K, BLOCK_K, TAIL)  # before PDL's wait: weights
+    pdl_start(PDL)
+    x_row = x_ptr + router.to(tl.int64) * stride_x
+    acc, _, _, _ = _row_products(x_row, 1, stride_x, w_tile, cols, K, w_first, w_tail, k_main, 1, BLOCK_K, TAIL,
+                                 2 * BLOCK_N)
+    s = tl.sum(acc, axis=1).to(x_ptr.dtype.element_ty).to(tl.float32)  # [2 * BLOCK_N], rounded as stored
+    if router:
+        tl.store(logits_ptr + e, s.to(logits_ptr.dtype.element_ty), mask=ok)
+        tl.debug_barrier()  # every thread's stores above come before the release below
+        done = tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu")
+        if done == n_router - 1:  # the last router program: every logit is written
+            _route_row(logits_ptr, scale_ptr, ids_ptr, wts_ptr, 0, E, TOP_K, BLOCK_E, BLOCK_TOP, ".cg")
+            tl.atomic_xchg(count_ptr, 0)  # ready for the next call
+    else:
+        gu = tl.reshape(s, [2, BLOCK_N])
+        which = tl.arange(0, 2)[:, None]
+        gate = tl.sum(tl.where(which == 0, gu, 0.0), axis=0)
+        up = tl.sum(tl.where(which == 1, gu, 0.0), axis=0)
+        jn = (pid - n_router) * BLOCK_N + tl.arange(0, BLOCK_N)
+        tl.store(act_ptr + jn, (_act(gate, ACT) * up).to(act_ptr.dtype.element_ty), mask=jn < I)
+
+
+@triton.jit
 def _norms_route_kernel(x_ptr, w_post_ptr, res_ptr, w_mlp_ptr, w_moe_ptr, w_router_ptr, router_ptr, scale_ptr,
                         y_ptr, mlp_ptr, moe_ptr, logits_ptr, ids_ptr, w_ptr, count_ptr, H, E, K, eps, router_scale,
                         BLOCK: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -290,6 +337,58 @@ def gated_route_triton(gate_up: torch.Tensor, logits_TE: torch.Tensor, per_exper
         BLOCK_E=triton.next_power_of_2(E), BLOCK_K=triton.next_power_of_2(top_k), num_warps=1,
         **triton_pdl.launch(gate_up.device))
     return out, ids, w
+
+
+def _gcfg(n: int, k: int, warps: int) -> triton.Config:
+    # num_stages 1: the kernel requests the next step itself, as the GEMV kernel (kernels/triton_gemv.py)
+    return triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=warps, num_stages=1)
+
+
+# (BLOCK_N, BLOCK_K, warps): rows a program per half (a tile of 2 * BLOCK_N rows: gate and up, or router rows),
+# 32 fp32 accumulators a thread (64 at one warp), as the GEMV's list. Programs at 26B-A4B: 2,112 / BLOCK_N + 128 /
+# (2 * BLOCK_N).
+GATED_GEMV_CONFIGS = [_gcfg(n, k, w) for n, k, w in (
+    (4, 512, 4), (2, 512, 2), (2, 1024, 4), (1, 1024, 2), (1, 2048, 4), (4, 256, 2), (8, 256, 4), (8, 512, 8),
+    (16, 256, 8), (2, 256, 1))]
+INTERPRETER_GATED_GEMV = _gcfg(64, 1024, 4)  # few large tiles: the interpreter's cost is per tile operation
+
+_gated_gemv_tailed = triton.heuristics({"TAIL": _tail})(_gated_gemv_route_kernel)
+# cache_results: the pick is kept in Triton's disk cache. Each timed run leaves the counter at 0 and
+# rewrites the outputs, so the autotuner may run the kernel as often as it likes.
+_gated_gemv_tuned = triton.autotune(GATED_GEMV_CONFIGS, key=["I", "E", "K"], do_bench=_fast_bench,
+                                    cache_results=True)(_gated_gemv_tailed)
+
+
+def gated_gemv_route_triton(rows: torch.Tensor, weight: torch.Tensor, inter: int, per_expert_scale: torch.Tensor,
+                            top_k: int, act: str, tiles: triton.Config | None = None):
+    """One decoded token's (act(gate) * up [1, I], ids [1, K], weights [1, K]) from its MLP input and
+    router input, the rows of `rows` [2, H] (the last dim contiguous), and `weight` [2I + E, H] (gate,
+    up, router rows: DecoderLayer.stacked) in one launch (`_gated_gemv_route_kernel`). tiles: None =
+    autotuned on CUDA (INTERPRETER_GATED_GEMV when interpreted)."""
+    if rows.dim() != 2 or rows.shape[0] != 2 or rows.stride(-1) != 1:
+        raise ValueError(f"gated_gemv_route takes the two input rows [2, H], got {tuple(rows.shape)}")
+    H = rows.shape[1]
+    E = weight.shape[0] - 2 * inter
+    if weight.dim() != 2 or weight.shape[1] != H or E < 1 or weight.dtype != rows.dtype or not weight.is_contiguous():
+        raise ValueError(f"gated_gemv_route: weight must be [2 * {inter} + E, {H}] of {rows.dtype}, contiguous")
+    act_out = torch.empty(1, inter, dtype=rows.dtype, device=rows.device)
+    logits = torch.empty(E, dtype=rows.dtype, device=rows.device)
+    ids = torch.empty(1, top_k, dtype=torch.int64, device=rows.device)
+    w = torch.empty(1, top_k, dtype=torch.float32, device=rows.device)
+    count = counters.held("gated_gemv_route", rows.device, 1)  # calls follow each other on the step's one stream
+    args = (rows, weight, act_out, logits, per_expert_scale, ids, w, count, inter, E, H, rows.stride(0), top_k)
+    meta = dict(ACT=ACT_CODES[act], BLOCK_E=triton.next_power_of_2(E), BLOCK_TOP=triton.next_power_of_2(top_k),
+                **triton_pdl.launch(rows.device))  # the weights are read before the wait: no copy was made here
+    if tiles is None and interpreted():
+        tiles = INTERPRETER_GATED_GEMV
+    if tiles is None:
+        _gated_gemv_tuned[lambda m: (triton.cdiv(inter, m["BLOCK_N"]) + triton.cdiv(E, 2 * m["BLOCK_N"]),)](
+            *args, **meta)
+    else:
+        n = tiles.kwargs["BLOCK_N"]
+        _gated_gemv_tailed[(triton.cdiv(inter, n) + triton.cdiv(E, 2 * n),)](
+            *args, **meta, **tiles.kwargs, num_warps=tiles.num_warps, num_stages=1)
+    return act_out, ids, w
 
 
 def rope_rows_triton(pos_T: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):

@@ -90,28 +90,26 @@ def _products(w, x_ptr, M, stride_xm, cols, k, mask, acc0, acc1, acc2, acc3,
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
-                 BM: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 TAIL: tl.constexpr, PDL: tl.constexpr = False):
-    """Grid (cdiv(N, BLOCK_N),). BM: M rounded up to 1, 2 or 4 (rows >= M compute but never store).
-    TAIL: K is whole steps and a partial one (`_tail`): that step's tile is requested with the first."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.arange(0, BLOCK_K)[None, :] + 0 * rows[:, None]  # [BLOCK_N, BLOCK_K]: each row's columns
-    # rows past N (the last program's) read row N - 1 again, so no load needs a row mask
-    w_tile = w_ptr + tl.minimum(rows, N - 1).to(tl.int64)[:, None] * K + cols
-    mask_n = rows < N
-    # the weights are no kernel's output: the first step's tile (whole or the partial one) and the bias
-    # are requested before the wait, while the kernel before still runs (triton_pdl's prologue)
+def _first_tiles(w_tile, cols, K, BLOCK_K: tl.constexpr, TAIL: tl.constexpr):
+    """(first step's tile, the partial last step's where TAIL (else the first again), k_main: K's whole
+    steps) of the weight rows at w_tile: no kernel's output, so a kernel requests them before PDL's wait,
+    while the kernel before still runs (triton_pdl's prologue)."""
     w_first = tl.load(w_tile, mask=cols < K, other=0.0, eviction_policy="evict_first")
     k_main = tl.multiple_of(K - K % BLOCK_K, BLOCK_K)  # whole steps, unmasked (said so: 16-byte tail loads)
+    w_tail = w_first
     if TAIL:  # the partial last step's tile now, not after the loop: a row of a few steps (K = 2,112 at 512
         # a step) would wait one memory latency more at its end (its registers are held through the loop,
         # hence a constexpr: none where K is whole steps)
         w_tail = tl.load(w_tile + k_main, mask=cols + k_main < K, other=0.0, eviction_policy="evict_first")
-    bias = 0.0
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + rows, mask=mask_n, other=0.0).to(tl.float32)
-    pdl_start(PDL)
+    return w_first, w_tail, k_main
+
+
+@triton.jit
+def _row_products(x_ptr, M, stride_xm, w_tile, cols, K, w_first, w_tail, k_main, BM: tl.constexpr,
+                  BLOCK_K: tl.constexpr, TAIL: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The [BLOCK_N, BLOCK_K] fp32 products of each weight row with x's rows 0..BM-1 summed over the
+    steps (acc0..acc3; a row's dot product is its sum over the tile's columns), from the tiles
+    `_first_tiles` requested: the next step's tile is requested before this step's products."""
     acc0 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     acc1 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
@@ -133,6 +131,27 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
             w = tl.load(w_tile + k_main, mask=cols + k_main < K, other=0.0, eviction_policy="evict_first")
         acc0, acc1, acc2, acc3 = _products(w, x_ptr, M, stride_xm, cols, k_main, cols + k_main < K, acc0, acc1,
                                            acc2, acc3, BM, True)
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
+                 BM: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 TAIL: tl.constexpr, PDL: tl.constexpr = False):
+    """Grid (cdiv(N, BLOCK_N),). BM: M rounded up to 1, 2 or 4 (rows >= M compute but never store).
+    TAIL: K is whole steps and a partial one (`_tail`): that step's tile is requested with the first."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_K)[None, :] + 0 * rows[:, None]  # [BLOCK_N, BLOCK_K]: each row's columns
+    # rows past N (the last program's) read row N - 1 again, so no load needs a row mask
+    w_tile = w_ptr + tl.minimum(rows, N - 1).to(tl.int64)[:, None] * K + cols
+    mask_n = rows < N
+    w_first, w_tail, k_main = _first_tiles(w_tile, cols, K, BLOCK_K, TAIL)
+    bias = 0.0
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + rows, mask=mask_n, other=0.0).to(tl.float32)
+    pdl_start(PDL)
+    acc0, acc1, acc2, acc3 = _row_products(x_ptr, M, stride_xm, w_tile, cols, K, w_first, w_tail, k_main, BM, BLOCK_K,
+                                           TAIL, BLOCK_N)
     out = y_ptr + rows
     # (M + 0 * rows): the row count as a tensor, which the interpreter's masks need
     tl.store(out, (tl.sum(acc0, axis=1) + bias).to(y_ptr.dtype.element_ty), mask=mask_n)

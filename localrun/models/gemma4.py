@@ -226,9 +226,14 @@ def apply_rope(x_BTND, cos_T1D, sin_T1D):
 # a layer asks the L2 for its o_proj's weights before its attention (L2_PREFETCH "o_proj"; "mlp": its dense
 # MLP's too) and for the next layer's q/k/v weights before its experts ("next_qkv"): latency-bound
 # kernels leave most of the bandwidth idle there, and the projections after them could then read L2.
+# gated_gemv (opt-in, where mlp_router_gemm's GEMM runs and the CUDA glue applies): that GEMM's two projections
+# as one-row GEMVs (the MLP's gate / up rows against its input, the router's rows against the router's) and
+# their two small consumers, act(gate) * up and the top-k, in one launch (localrun::gated_gemv_route), where
+# they were two: cuBLAS's two-row GEMM (each projection computed for both rows, half of it thrown away) and
+# gated_route.
 DECODE_KERNELS = {"decode_attention": True, "fused_glue": True, "decode_layer": True, "dense_gemv": True,
                   "mlp_router_gemm": True, "parallel_mlp": False, "norms_route": False,
-                  "fused_qkv_attention": True, "l2_prefetch": False}
+                  "fused_qkv_attention": True, "l2_prefetch": False, "gated_gemv": False}
 L2_PREFETCH = ("o_proj", "next_qkv")
 CPU_ONLY_KERNELS = {"decode_layer"}  # DecoderLayer.forward_decode: nothing to switch off on CUDA
 
@@ -573,17 +578,29 @@ class DecoderLayer(nn.Module):
         inputs, the rows of `mlp_router` [2, B, T, H] (as the glue op writes them); (None, None) where
         they are not one tensor or are many tokens (a prompt's rows would double the GEMM's work:
         there each projection runs on its own)."""
-        if (self.stacked is None or mlp_router is None or mlp_router[0].numel() != mlp_router.shape[-1]
-                or not DECODE_KERNELS["mlp_router_gemm"]):
+        if not self._one_gemm(mlp_router):
             return None, None
         y = linear(mlp_router.reshape(2, -1), self.stacked)
         split = self.mlp.gate_up[0].shape[0]
         return y[:1, :split].reshape(*mlp_router.shape[1:-1], split), y[1:, split:]
 
+    def _one_gemm(self, mlp_router) -> bool:
+        """Whether the dense MLP's gate / up and the router project one decoded token's rows `mlp_router`
+        as one GEMM (`_mlp_and_router`)."""
+        return (self.stacked is not None and mlp_router is not None and mlp_router[0].numel() == mlp_router.shape[-1]
+                and DECODE_KERNELS["mlp_router_gemm"])
+
     def _route_and_mlp(self, r_TH, x_mlp, mlp_router, route) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(ids, weights, the dense MLP's output) from the fused glue's norms (`route`: self.route or
         the router itself). A decoded token's two projections are one GEMM (`_mlp_and_router`), and on
-        CUDA that GEMM's two small consumers, act(gate) * up and the top-k, one launch (gated_route)."""
+        CUDA that GEMM's two small consumers, act(gate) * up and the top-k, one launch (gated_route); with
+        `gated_gemv` the projections and their consumers one launch (gated_gemv_route)."""
+        if DECODE_KERNELS["gated_gemv"] and self._one_gemm(mlp_router) and fused_on_cuda(mlp_router):
+            activated, *routed = fused_ops.gated_gemv_route_op(
+                mlp_router.reshape(2, -1), self.stacked, self.mlp.gate_up[0].shape[0] // 2,
+                self.router.per_expert_scale, self.router.top_k, self.mlp.act_name)
+            ids_TK, w_TK = route(r_TH, normed=True, routed=tuple(routed))
+            return ids_TK, w_TK, self.mlp(x_mlp, activated=activated.reshape(*x_mlp.shape[:-1], -1))
         gate_up, logits = self._mlp_and_router(mlp_router)
         if gate_up is not None and fused_on_cuda(gate_up):
             activated, *routed = fused_ops.gated_route_op(gate_up, logits, self.router.per_expert_scale,
