@@ -969,6 +969,8 @@ def open_switches(cache) -> dict:
         "with_pdl_and_early_moe": combined(pdl, lambda: setting(triton_moe, "EARLY_LOADS", True, cache)),
         # the MLP's gate / up and the router's projections as one-row GEMVs and their consumers in one launch
         "with_gated_gemv": lambda: kernel_switched("gated_gemv", True, cache),
+        # the attention that writes q/k/v asks its L1 for its raw rows and first key / value tiles after its wait
+        "with_attention_prefetch": lambda: setting(triton_attention, "L1_PREFETCH", True, cache),
     }
 
 

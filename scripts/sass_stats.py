@@ -248,6 +248,16 @@ def compile_cases(arch: int = 90):
     if arch >= 90:  # griddepcontrol (programmatic dependent launch) is sm_90's
         yield from _pdl_cases()
         yield from early_cases()
+        yield from l1_prefetch_cases()
+
+
+def l1_prefetch_cases():
+    """The decode attention that writes q/k/v with its opt-in L1 prefetch (triton_attention.L1_PREFETCH) and
+    PDL, at 26B-A4B's sliding and full layers: `compile_cases`' rows of it with PREFETCH (and PDL) on."""
+    for name, fn, ptrs, consts, *rest in compile_cases(80):
+        if name.startswith("qkv_attention bf16") and "D=128" not in name:
+            yield "l1_prefetch" + name.removeprefix("qkv_attention"), fn, ptrs, dict(consts, PREFETCH=True, PDL=True), \
+                *rest
 
 
 def prefetch_case():
@@ -507,10 +517,15 @@ def compile_row(case, arch: int) -> dict:
     kernel = compile_kernel(fn, consts, warps, arch, ptrs, *stages)
     row = {"cubin_bytes": len(kernel.asm["cubin"]), "shared_bytes": kernel.metadata.shared,
            **inspect(kernel, sass=False), **(wait_order(kernel) if consts.get("PDL") else {})}
-    if name.split()[0] in ("qkv_write", "qkv_attention"):
+    if name.split()[0] in ("qkv_write", "qkv_attention", "l1_prefetch"):
         row["row_sums"] = row_sums(kernel)
-    if name.split()[0] in ("decode_partial", "qkv_attention"):
+    if name.split()[0] in ("decode_partial", "qkv_attention", "l1_prefetch"):
         row["key_loop"] = key_loop(kernel)
+    if consts.get("PREFETCH"):  # the L1 prefetches (CCTL.E.PF1), and how many come before the wait (none may)
+        sass = instructions(disassembly(kernel))
+        waits = [i for i, text in enumerate(sass) if re.search(r"\bACQBULK\b", text)]
+        found = [i for i, text in enumerate(sass) if "CCTL.E.PF1" in text]
+        row.update(l1_prefetches=len(found), l1_prefetches_before_wait=sum(i < waits[0] for i in found) if waits else None)
     return row
 
 

@@ -93,7 +93,8 @@ def test_the_decode_steps_newer_kernels_compile_for_sm90():
     rows = json.loads(run.stdout)
     assert len(rows) >= 60 and all(row["cubin_bytes"] > 1000 and row["local_bytes"] == 0 for row in rows.values()), rows
     assert {"grouped", "gemv", "gated_gemv", "v3", "v4", "qkv_write", "ffn_residual", "norms_route", "rope_rows", "decode_partial",
-            "qkv_attention", "pdl", "prefill_attention", "l2_prefetch", "probe", "down_prefetch", "early"} == {
+            "qkv_attention", "pdl", "prefill_attention", "l2_prefetch", "probe", "down_prefetch", "early",
+            "l1_prefetch"} == {
         name.split()[0] for name in rows}
     for name, row in rows.items():  # the attention that writes q/k/v sums each head's squares as qkv_write does,
         if name.startswith("qkv_attention"):  # and walks the keys in the plain kernel's loop: the same bits
@@ -101,6 +102,12 @@ def test_the_decode_steps_newer_kernels_compile_for_sm90():
             write = rows[f"qkv_write {x} {D} ring=False" + ("" if norm_v == "norm_v=True" else f" {norm_v}")]
             assert row["row_sums"] == write["row_sums"] and len(row["row_sums"]) == (3 if norm_v == "norm_v=True" else 2)
             assert row["key_loop"] and row["key_loop"] == rows[f"decode_partial {x} {D} {in_place}"]["key_loop"], name
+    prefetching = {name: row for name, row in rows.items() if name.startswith("l1_prefetch")}
+    assert len(prefetching) == 4, list(prefetching)  # triton_attention.L1_PREFETCH: the same sums and key loop,
+    for name, row in prefetching.items():  # a line prefetch a row of each tile at least, none before the wait
+        plain = rows["qkv_attention" + name.removeprefix("l1_prefetch")]
+        assert row["row_sums"] == plain["row_sums"] and row["key_loop"] == plain["key_loop"], name
+        assert row["l1_prefetches"] >= 5 and row["l1_prefetches_before_wait"] == 0 and row["waits"] == 1, (name, row)
     pdl = {name.removeprefix("pdl "): row for name, row in rows.items() if name.startswith("pdl ")}
     assert len(pdl) == 21  # every decode kernel with PDL on
     for name, row in pdl.items():  # the wait is there, nothing is written before it, and only a prologue's

@@ -163,6 +163,16 @@ def test_one_launch_with_the_combine_kernel(triton_ops):
 
 
 @needs_triton
+def test_l1_prefetch_switch_leaves_the_interpreter_alone(triton_ops, monkeypatch):
+    """triton_attention.L1_PREFETCH asks the L1 in inline PTX: only where that compiles (an NVIDIA GPU), so
+    the switch on changes nothing interpreted (the same bits as the two launches); its SASS (the same sums
+    and key loop, the prefetches after the wait) is tests/test_sass_stats.py's."""
+    monkeypatch.setattr(triton_attention, "L1_PREFETCH", True)
+    assert not triton_attention._prefetches(torch.device("cpu"))
+    run_both("ring", 4, 2, 256, False, torch.float32, triton_ops)
+
+
+@needs_triton
 def test_the_split_holding_the_slot_writes_it(monkeypatch):
     """The program whose split holds the new slot writes it and reads it back after its barrier (the
     slot held NaN: no split reads the stale bytes), and a slot past the keys attended (no split holds

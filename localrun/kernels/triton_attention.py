@@ -58,6 +58,39 @@ PARTIAL_STAGES = 1
 
 COMBINE_IN_PLACE_MAX = 0  # partial elements (splits x G x D) the last program combines itself at most (0: never)
 
+# Opt-in (scripts/gpu_check.py's decode A/B: `with_attention_prefetch`), CUDA only (inline PTX): right after its
+# wait each `_qkv_attention_kernel` program asks its SM's L1 for every line it reads first (`_prefetch_l1`):
+# its KV head's G raw query rows, the raw key and value rows, and its split's first key and value tiles. In
+# the compiled kernel the query heads' loop waits on memory once a head (its row sum's barriers keep the next
+# head's load behind them: an L2 round trip each, 8 a full layer of 26B-A4B), and the first key tile is read
+# only after all of them; with the lines already on their way, the loop's loads hit the L1 and the keys'
+# latency overlaps the heads' arithmetic. No arithmetic changes: the same bits.
+L1_PREFETCH = False
+_LINE = tl.constexpr(128)  # bytes of a cache line: one prefetch each
+
+
+@triton.jit
+def _prefetch_l1(address):
+    """The line at `address` (int64) asked of this SM's L1 (through the L2); 0."""
+    return tl.inline_asm_elementwise("prefetch.global.L1 [$1]; mov.u32 $0, 0;", "=r,l", [address], dtype=tl.int32,
+                                     is_pure=False, pack=1)
+
+
+@triton.jit
+def _prefetch_rows(base, stride, rows, D, sink, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Every line of `rows` rows of D elements at base + r * stride asked of the L1 ([BLOCK_R, lines]
+    prefetches; rows and lines past the end repeat the first line, a prefetch of a line already asked for).
+    The asm's zeros are stored at `sink` under a mask that is never true: no prefetch is dead code, and no
+    reduction (a barrier) keeps them."""
+    PER_LINE: tl.constexpr = _LINE * 8 // base.dtype.element_ty.primitive_bitwidth  # elements a line
+    LINES: tl.constexpr = (BLOCK_D + PER_LINE - 1) // PER_LINE
+    r = tl.arange(0, BLOCK_R)[:, None]
+    j = tl.arange(0, LINES)[None, :] * PER_LINE
+    ok = (r < rows) & (j < D)
+    address = tl.where(ok, base + r.to(tl.int64) * stride + j, base)
+    zeros = _prefetch_l1(tl.cast(address, tl.int64))
+    tl.store(sink + 0 * zeros, zeros.to(sink.dtype.element_ty), mask=zeros != 0)
+
 
 @triton.jit
 def _decode_partial_kernel(q_ptr, k_ptr, v_ptr, vis_ptr, m_ptr, l_ptr, acc_ptr, count_ptr, out_ptr,
@@ -146,7 +179,8 @@ def _qkv_attention_kernel(rq_ptr, qw_ptr, rk_ptr, rv_ptr, kw_ptr, cos_ptr, sin_p
                           NORM_V: tl.constexpr, HAS_RING: tl.constexpr, HAS_MASK: tl.constexpr,
                           PRECISION: tl.constexpr, COMBINE: tl.constexpr, BLOCK_G: tl.constexpr,
                           BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr = 1,
-                          BLOCK_SPLITS: tl.constexpr = 1, CHUNK: tl.constexpr = 1, PDL: tl.constexpr = False):
+                          BLOCK_SPLITS: tl.constexpr = 1, CHUNK: tl.constexpr = 1, PDL: tl.constexpr = False,
+                          PREFETCH: tl.constexpr = False):
     """_decode_partial_kernel (one token, batch 1) that also does the q/k/v write of
     kernels/triton_qkv_write.py: program (kv, split) norms and ropes its KV head's G query heads from
     the raw projection, rounded to their dtype as qkv_write stores q. The new key and value (their
@@ -154,7 +188,8 @@ def _qkv_attention_kernel(rq_ptr, qw_ptr, rk_ptr, rv_ptr, kw_ptr, cos_ptr, sin_p
     whose split holds the slot (the last split where none does), the only program that reads the
     slot: its threads store, meet at a barrier (CTA scope: each sees the others' stores), then walk
     the keys as _decode_partial_kernel does, the same loop. The ring's position: that program of KV
-    head 0; nothing in the launch reads the table (`vis_ptr` must already show the slot visible)."""
+    head 0; nothing in the launch reads the table (`vis_ptr` must already show the slot visible). PREFETCH
+    (`L1_PREFETCH`): what the program reads first asked of its L1 right after the wait."""
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
     # q_norm's and k_norm's weights: before PDL's wait (kernels/triton_pdl.py's prologue)
@@ -164,6 +199,13 @@ def _qkv_attention_kernel(rq_ptr, qw_ptr, rk_ptr, rv_ptr, kw_ptr, cos_ptr, sin_p
     kv = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     splits = tl.num_programs(1)
+    if PREFETCH:  # after the wait: the kernel before wrote the raw rows (and earlier ones the keys)
+        first = split * keys_per_split
+        _prefetch_rows(rq_ptr + kv * G * stride_qh, stride_qh, G, D, m_ptr, BLOCK_G, BLOCK_D)
+        _prefetch_rows(rk_ptr + kv * stride_rkh, stride_rkh, 1, D, m_ptr, 1, BLOCK_D)
+        _prefetch_rows(rv_ptr + kv * stride_rvh, stride_rvh, 1, D, m_ptr, 1, BLOCK_D)
+        _prefetch_rows(k_ptr + kv * stride_kh + first * stride_ks, stride_ks, S - first, D, m_ptr, BLOCK_S, BLOCK_D)
+        _prefetch_rows(v_ptr + kv * stride_vh + first * stride_vs, stride_vs, S - first, D, m_ptr, BLOCK_S, BLOCK_D)
     g = tl.arange(0, BLOCK_G)
     g_ok = g < G
     heads = kv * G + g
@@ -391,8 +433,14 @@ def qkv_attention_triton(raw_q, q_weight, raw_k, raw_v, k_weight, cos, sin, eps:
         NORM_V=norm_v, HAS_RING=ring_pos is not None, HAS_MASK=visible_1S is not None,
         PRECISION="ieee" if raw_q.dtype == torch.float32 else "tf32", COMBINE=in_place,
         BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_S=BLOCK_S, BLOCK_D=BLOCK_D, **tiles, num_warps=warps,
-        num_stages=PARTIAL_STAGES, **triton_pdl.launch(raw_q.device))
+        num_stages=PARTIAL_STAGES, PREFETCH=L1_PREFETCH and _prefetches(raw_q.device), **triton_pdl.launch(raw_q.device))
     if not in_place:
         _decode_combine_kernel[(KV, triton.cdiv(G, tiles["BLOCK_H"]))](
             m, l, acc, out, splits, D, G, BLOCK_D=BLOCK_D, **tiles, num_warps=warps, **triton_pdl.launch(raw_q.device))
     return out
+
+
+def _prefetches(device: torch.device) -> bool:
+    """`_prefetch_l1` (inline PTX) compiles: an NVIDIA GPU, not the interpreter or ROCm."""
+    return device.type == "cuda" and torch.version.hip is None and _qkv_attention_kernel.__class__.__name__ != \
+        "InterpretedFunction"
