@@ -1053,7 +1053,9 @@ def decode_ab(model, prompts: dict[str, list[int]], n: int, dev, mode: str, cach
     others) before it is timed. Per side and prompt: every round's rate, the median, the spread
     ((max - min) / median) and the median over the baseline's median. A side that raises is reported
     (`error`) and left out of the later rounds; the baseline raising ends the rounds (`stopped`), or
-    the A/B where it has no round yet."""
+    the A/B where it has no round yet. Near the check's deadline no side starts that would end past it (the
+    longest a side has taken in this round, or in the first, where it captures): the rates so far stand
+    (`stopped`), rather than the lease ending mid-A/B with none of them written."""
     names = list(sides)
     rates: dict = {name: {p: [] for p in prompts} for name in names}
     kept: dict = {}  # graphs: a side's steps, their graphs captured in its first round, replayed in the others
@@ -1062,9 +1064,14 @@ def decode_ab(model, prompts: dict[str, list[int]], n: int, dev, mode: str, cach
     for r in range(rounds):
         if stopped:
             break
+        longest = 0.0  # seconds the slowest side of this round took so far (the first round's: with captures)
         for name in names[r % len(names):] + names[:r % len(names)]:
             if name in failed or stopped:
                 continue
+            if rates[names[0]][next(iter(prompts))] and PROGRESS.out_of_time(longest):
+                stopped = f"out of time (--deadline) in round {r + 1}"
+                break
+            began = time.time()  # the deadline's clock
             try:
                 with sides[name]():
                     if mode == "graphs" and name in kept:  # what a replay runs was fixed when it was captured
@@ -1074,6 +1081,7 @@ def decode_ab(model, prompts: dict[str, list[int]], n: int, dev, mode: str, cach
                         rates[name][prompt].append(decode_rate(model, ids, n, dev, mode, cache))
                     if mode == "graphs":
                         kept[name] = dict(cache.steps)
+                longest = max(longest, time.time() - began)
             except Exception as e:  # noqa: BLE001 - the other sides' rounds still decide
                 error = f"{type(e).__name__}: {e}"[:300]
                 if name != names[0]:
@@ -1714,13 +1722,15 @@ def ab_summary(big: dict) -> list[str]:
                 continue
             sides = {k: v for k, v in ab.items() if isinstance(v, dict)}
             prompts = [p for p in next(iter(sides.values()), {}) if p.startswith("after_")]
+            stopped = f" Stopped: {ab['stopped']}; a side's median is of the rounds it ran." if ab.get("stopped") else ""
             lines += [f"`{name}.{key}` ({ab['rounds']} alternating rounds of {ab['tokens']} tokens; "
-                      "median tok/s, x the default, spread):", "",
+                      f"median tok/s, x the default, spread):{stopped}", "",
                       "| side | " + " | ".join(p.replace("_", " ") for p in prompts) + " |",
                       "|---|" + "---|" * len(prompts)]
             for side, by_prompt in sides.items():
                 if "error" in by_prompt:
-                    lines.append(f"| {side} | " + " | ".join(["error"] * len(prompts)) + " |")
+                    cell = "not measured" if by_prompt["error"].startswith("not measured") else "error"
+                    lines.append(f"| {side} | " + " | ".join([cell] * len(prompts)) + " |")
                     continue
                 cells = [f"{r['tokens_per_s']} ({r['vs_default']}x, ±{r['spread'] * 50:.1f}%)"
                          for p, r in by_prompt.items() if p.startswith("after_")]

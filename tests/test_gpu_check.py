@@ -182,6 +182,46 @@ def test_decode_ab_alternates_the_sides_and_reports_medians(monkeypatch):
     assert "| b | 5.0 (0.25x, ±30.0%) | 1.0 (1.0x, ±0.0%) |" in table
 
 
+def test_decode_ab_near_the_deadline_keeps_the_rounds_so_far(monkeypatch):
+    """No side starts that would end past the check's deadline (the slowest side of the round so far says
+    how long one takes): the A/B stops with the rates it has, rather than the lease ending mid-A/B with
+    none of them written; a side never measured says so, and the baseline always runs first."""
+    import contextlib
+    import time
+
+    check = _script()
+    clock = {"now": 1000.0}
+    monkeypatch.setattr(time, "time", lambda: clock["now"])
+    monkeypatch.setattr(check.PROGRESS, "deadline", 1000.0 + 25)
+    ran = []
+
+    def side(name):
+        @contextlib.contextmanager
+        def within():
+            ran.append(name)
+            yield
+        return within
+
+    def rate(model, ids, n, dev, mode, cache):
+        clock["now"] += 5.0  # each side's prompt takes 5 s: a side 10 s
+        return 10.0
+
+    monkeypatch.setattr(check, "greedy", lambda *a: None)
+    monkeypatch.setattr(check, "decode_rate", rate)
+
+    class Cache:
+        steps: dict = {}
+
+    out = check.decode_ab(None, {"16": [1], "512": [2]}, 8, None, "graphs", Cache(),
+                          {"default": side("default"), "a": side("a"), "b": side("b")}, 3)
+    assert ran == ["default", "a"]  # at 1020 b would end at 1030, past 1025
+    assert out["stopped"] == "out of time (--deadline) in round 1"
+    assert out["a"]["after_16"]["rounds"] == [10.0] and out["b"] == {"error": "not measured before the A/B stopped"}
+    table = "\n".join(check.ab_summary({"resident": {"decode_ab_graphs": out}}))
+    assert "Stopped: out of time (--deadline) in round 1" in table and "| b | not measured | not measured |" in table
+    monkeypatch.setattr(check.PROGRESS, "deadline", None)
+
+
 def test_event_waits_are_counted_and_the_method_restored(monkeypatch):
     """per_token_counts counts the id's read (an event's synchronize, which torch's sync debug mode does
     not report) by wrapping the method for the measured generation only."""
