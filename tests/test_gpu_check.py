@@ -122,6 +122,17 @@ def _script():
     return module
 
 
+def _noting(name: str, log: list):
+    """An A/B side's switch (a context manager factory) that notes its name in `log` on the way in."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def within():
+        log.append(name)
+        yield
+    return within
+
+
 def test_decode_ab_alternates_the_sides_and_reports_medians(monkeypatch):
     """Each round runs every side once, starting one side later than the round before, each side's
     prompts warmed before they are timed; medians, spreads and ratios come from those rounds."""
@@ -129,15 +140,8 @@ def test_decode_ab_alternates_the_sides_and_reports_medians(monkeypatch):
 
     check = _script()
     events, rate = [], {"a": iter([10.0, 30.0, 20.0]), "b": iter([5.0, 5.0, 8.0])}
-    current = []
-
-    def side(name):
-        @contextlib.contextmanager
-        def within():
-            current.append(name)
-            yield
-            current.pop()
-        return within
+    current = []  # the sides entered, the last the one on (they never nest)
+    side = lambda name: _noting(name, current)  # noqa: E731
 
     class Cache:  # graphs: a step is captured on its first use (step.make_step), kept in cache.steps
         steps: dict = {}
@@ -186,7 +190,6 @@ def test_decode_ab_near_the_deadline_keeps_the_rounds_so_far(monkeypatch):
     """No side starts that would end past the check's deadline (the slowest side of the round so far says
     how long one takes): the A/B stops with the rates it has, rather than the lease ending mid-A/B with
     none of them written; a side never measured says so, and the baseline always runs first."""
-    import contextlib
     import time
 
     check = _script()
@@ -194,13 +197,7 @@ def test_decode_ab_near_the_deadline_keeps_the_rounds_so_far(monkeypatch):
     monkeypatch.setattr(time, "time", lambda: clock["now"])
     monkeypatch.setattr(check.PROGRESS, "deadline", 1000.0 + 25)
     ran = []
-
-    def side(name):
-        @contextlib.contextmanager
-        def within():
-            ran.append(name)
-            yield
-        return within
+    side = lambda name: _noting(name, ran)  # noqa: E731
 
     def rate(model, ids, n, dev, mode, cache):
         clock["now"] += 5.0  # each side's prompt takes 5 s: a side 10 s

@@ -257,10 +257,12 @@ def test_dense_mlp_and_router_as_one_gemm_of_two_rows(tiny_moe, monkeypatch):
     assert greedy(model, ids, "static", loaded.kv)[0] == apart_tokens and calls and not any(calls)
 
 
-def test_gated_route_in_one_launch_where_cuda_would(tiny_moe, monkeypatch):
+@pytest.mark.parametrize("gated_gemv", [False, True])
+def test_gated_route_in_one_launch_where_cuda_would(tiny_moe, monkeypatch, gated_gemv):
     """Where the two-row GEMM runs and the CUDA-only glue applies, its two small consumers (the dense
-    MLP's act(gate) * up and the router's top-k) are one localrun::gated_route call a layer, a hooked
-    router still sees (ids, weights), and the tokens are the step's without any of it."""
+    MLP's act(gate) * up and the router's top-k) are one localrun::gated_route call a layer; with
+    `gated_gemv` the GEMM and both consumers are one localrun::gated_gemv_route call instead (no GEMM, no
+    gated_route). A hooked router still sees (ids, weights), and the tokens are the step's without any of it."""
     from localrun import kernels
     from localrun.kernels import fused as fused_ops
     from localrun.models import gemma4
@@ -271,35 +273,12 @@ def test_gated_route_in_one_launch_where_cuda_would(tiny_moe, monkeypatch):
     plain_tokens, plain_lp = greedy(model, ids, "static", loaded.kv)
     monkeypatch.setattr(kernels, "attention_residual_norms", lambda *a: None)  # the op: rows of one tensor
     monkeypatch.setattr(gemma4, "fused_on_cuda", lambda x: gemma4.use_kernel("fused_glue", x))
+    monkeypatch.setitem(gemma4.DECODE_KERNELS, "gated_gemv", gated_gemv)
     calls, seen = [], []
-    real = fused_ops.gated_route_op
-    monkeypatch.setattr(fused_ops, "gated_route_op", lambda *a: calls.append(1) or real(*a))
-    model.layers[0].router.register_forward_hook(lambda module, args, out: seen.append(out[0].shape))
-    tokens, lp = greedy(model, ids, "static", loaded.kv)
-    assert tokens == plain_tokens and max(abs(a - b) for a, b in zip(lp, plain_lp)) < 1e-4
-    assert len(calls) == (GEN - 1) * len(model.layers)
-    assert len(seen) == GEN and all(shape[-1] == loaded.args.top_k_experts for shape in seen)
-
-
-def test_gated_gemv_route_in_one_launch_where_cuda_would(tiny_moe, monkeypatch):
-    """With `gated_gemv` the two-row GEMM and its two consumers are one localrun::gated_gemv_route call a
-    decoded token's layer (no gated_route, no GEMM), a hooked router still sees (ids, weights), and the
-    tokens are the step's without it."""
-    from localrun import kernels
-    from localrun.kernels import fused as fused_ops
-    from localrun.models import gemma4
-
-    loaded = load_model(tiny_moe, dtype=torch.float32, context=600)
-    model = loaded.model
-    ids = bench_prompt(30, loaded.args.vocab_size)
-    plain_tokens, plain_lp = greedy(model, ids, "static", loaded.kv)
-    monkeypatch.setattr(kernels, "attention_residual_norms", lambda *a: None)  # the op: rows of one tensor
-    monkeypatch.setattr(gemma4, "fused_on_cuda", lambda x: gemma4.use_kernel("fused_glue", x))
-    monkeypatch.setitem(gemma4.DECODE_KERNELS, "gated_gemv", True)
-    calls, seen = [], []
-    real = fused_ops.gated_gemv_route_op
-    monkeypatch.setattr(fused_ops, "gated_gemv_route_op", lambda *a: calls.append(1) or real(*a))
-    monkeypatch.setattr(fused_ops, "gated_route_op", lambda *a: calls.append("gated_route"))
+    ops = ("gated_gemv_route_op", "gated_route_op")
+    for name in ops:
+        real = getattr(fused_ops, name)
+        monkeypatch.setattr(fused_ops, name, lambda *a, name=name, real=real: calls.append(name) or real(*a))
     gemm = type(model.layers[0])._mlp_and_router
 
     def counted(layer, rows):  # the two-row GEMM, where it ran
@@ -312,7 +291,8 @@ def test_gated_gemv_route_in_one_launch_where_cuda_would(tiny_moe, monkeypatch):
     model.layers[0].router.register_forward_hook(lambda module, args, out: seen.append(out[0].shape))
     tokens, lp = greedy(model, ids, "static", loaded.kv)
     assert tokens == plain_tokens and max(abs(a - b) for a, b in zip(lp, plain_lp)) < 1e-4
-    assert calls == [1] * ((GEN - 1) * len(model.layers))  # decoded tokens only: a prompt projects apart
+    a_layer = [ops[0]] if gated_gemv else ["gemm", ops[1]]  # decoded tokens only: a prompt projects apart
+    assert calls == a_layer * ((GEN - 1) * len(model.layers))
     assert len(seen) == GEN and all(shape[-1] == loaded.args.top_k_experts for shape in seen)
 
 
