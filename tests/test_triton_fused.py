@@ -340,3 +340,30 @@ def test_ops_trace_under_compile():
     out, ids, w = torch.compile(glue, fullgraph=True)(x, res)
     ref_out, ref_ids, ref_w = glue(x, res)
     assert torch.equal(ids, ref_ids) and rel(out, ref_out) < 1e-6 and rel(w, ref_w) < 1e-6
+
+
+@needs_triton
+def test_static_step_with_the_interpreted_gated_gemv_kernel(tiny_moe, monkeypatch):
+    """`gated_gemv` in the decoder with its Triton kernel interpreted (fp32: the stored bf16 rows widened, as
+    the CPU's linear reads them): each decoded layer's call takes the decoder's own tensors (the glue's two
+    rows, DecoderLayer.stacked, the router's scale) and the tokens are the step's without it; the logprobs
+    within the GEMV's summation order."""
+    from decoding import counting, static_greedy
+
+    from localrun import kernels
+    from localrun.loader import load_model
+    from localrun.models import gemma4
+
+    loaded = load_model(tiny_moe, dtype=torch.float32, context=600)
+    plain = static_greedy(loaded, 4, prompt=30)
+    monkeypatch.setattr(kernels, "attention_residual_norms", lambda *a: None)  # the op: rows of one tensor
+    monkeypatch.setattr(gemma4, "fused_on_cuda", lambda x: gemma4.use_kernel("fused_glue", x))
+    monkeypatch.setitem(gemma4.DECODE_KERNELS, "gated_gemv", True)
+    calls = []
+    kernel = lambda rows, w, *rest: triton_fused.gated_gemv_route_triton(rows, w.to(rows.dtype), *rest)  # noqa: E731
+    monkeypatch.setattr(fused_ops, "gated_gemv_route_op", counting(kernel, calls))
+    got = static_greedy(loaded, 4, prompt=30)
+    assert [t for t, _ in got] == [t for t, _ in plain]
+    assert max(abs(a - b) for (_, a), (_, b) in zip(got, plain)) < 1e-4
+    moe_layers = [layer for layer in loaded.model.layers if layer.moe]
+    assert len(calls) == 3 * len(moe_layers) and all(args[0].shape == (2, loaded.args.hidden_size) for args in calls)
