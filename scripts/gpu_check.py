@@ -974,6 +974,44 @@ def open_switches(cache) -> dict:
     }
 
 
+# What makes each open switch's side the default: the edit a session makes once the A/B and the winners' run
+# say it holds (the report's winners table names them). Every side open_switches has but the combined ones.
+SIDE_EDITS = {
+    "with_v4_moe": "localrun/kernels/triton_moe.py: USE_V4 = True",
+    "with_v4_gate_up_moe": "localrun/kernels/triton_moe.py: USE_V4 = True, V4_DOWN = False",
+    "with_pdl": "localrun/kernels/triton_pdl.py: ENABLED = True",
+    "with_parallel_mlp": 'localrun/models/gemma4.py: DECODE_KERNELS["parallel_mlp"] = True',
+    "with_parallel_mlp_and_norms_route": 'localrun/models/gemma4.py: DECODE_KERNELS["parallel_mlp"] = True, '
+                                         'DECODE_KERNELS["norms_route"] = True',
+    "without_fused_qkv_attention": 'localrun/models/gemma4.py: DECODE_KERNELS["fused_qkv_attention"] = False',
+    "with_in_place_combine": "localrun/kernels/triton_attention.py: COMBINE_IN_PLACE_MAX = 1 << 16",
+    "without_mlp_router_gemm": 'localrun/models/gemma4.py: DECODE_KERNELS["mlp_router_gemm"] = False',
+    "with_l2_prefetch": 'localrun/models/gemma4.py: DECODE_KERNELS["l2_prefetch"] = True, '
+                        'L2_PREFETCH = ("o_proj", "next_qkv")',
+    "with_l2_prefetch_of_the_next_qkv": 'localrun/models/gemma4.py: DECODE_KERNELS["l2_prefetch"] = True, '
+                                        'L2_PREFETCH = ("next_qkv",)',
+    "with_l2_prefetch_and_the_mlp": 'localrun/models/gemma4.py: DECODE_KERNELS["l2_prefetch"] = True, '
+                                    'L2_PREFETCH = ("o_proj", "mlp", "next_qkv")',
+    "with_down_prefetch": "localrun/kernels/triton_moe.py: PREFETCH_DOWN = True",
+    "with_pdl_and_early_moe": "localrun/kernels/triton_pdl.py: ENABLED = True; localrun/kernels/triton_moe.py: "
+                              "EARLY_LOADS = True",
+    "with_gated_gemv": 'localrun/models/gemma4.py: DECODE_KERNELS["gated_gemv"] = True',
+    "with_attention_prefetch": "localrun/kernels/triton_attention.py: L1_PREFETCH = True",
+}
+
+
+def side_edit(tag: str) -> str | None:
+    """The edit that makes side `tag` the default (SIDE_EDITS; decided_switches' sides by their names)."""
+    if tag in SIDE_EDITS:
+        return SIDE_EDITS[tag]
+    if tag in ("with_v3_moe", "with_v2_moe"):
+        return f"localrun/kernels/triton_moe.py: USE_V3 = {tag == 'with_v3_moe'}"
+    for prefix, on in (("without_", False), ("with_", True)):
+        if tag.startswith(prefix):
+            return f'localrun/models/gemma4.py: DECODE_KERNELS["{tag.removeprefix(prefix)}"] = {on}'
+    return None
+
+
 # Open switches that are alternatives of one another: the winners' run takes the best of each family.
 FAMILIES = {"with_v4_moe": "moe kernels", "with_v4_gate_up_moe": "moe kernels", "with_parallel_mlp": "parallel mlp",
             "with_parallel_mlp_and_norms_route": "parallel mlp", "with_l2_prefetch": "l2 prefetch",
@@ -1737,6 +1775,11 @@ def ab_summary(big: dict) -> list[str]:
                 note = " (graphs disabled: ran uncaptured)" if by_prompt.get("graphs_disabled") else ""
                 lines.append(f"| {side}{note} | " + " | ".join(cells) + " |")
             lines.append("")
+            if ab.get("sides"):  # the winners' run: what making them the defaults takes, if their tokens hold
+                tokens = rows.get(key.replace("decode_ab_", "tokens_"), {})
+                lines += [f"The winners ({', '.join(ab['sides'])}); tokens' first divergence from the default: "
+                          f"{tokens.get('first_divergence_from_default', '?')}. As defaults:", ""]
+                lines += [f"- `{side_edit(tag) or tag}`" for tag in ab["sides"]] + [""]
     return lines
 
 

@@ -262,6 +262,33 @@ def test_winners_beat_the_default_after_every_prompt_by_more_than_the_spreads():
     assert check.winners({}) == []
 
 
+def test_every_side_names_the_edit_that_makes_it_the_default():
+    """Each open switch's A/B side (the combined one aside) and each decided one names the edit a session
+    makes once it wins (SIDE_EDITS: a new side without one fails here), and the winners' table lists them."""
+    check = _script()
+    sides = check.open_switches(None)
+    assert set(sides) - check.COMBINED_SIDES == set(check.SIDE_EDITS)
+    decided = check.decided_switches(None)
+    assert all(check.side_edit(tag) for tag in decided)
+    assert check.side_edit("without_dense_gemv") == 'localrun/models/gemma4.py: DECODE_KERNELS["dense_gemv"] = False'
+    import re
+
+    for tag, edit in check.SIDE_EDITS.items():  # each names module settings that exist (a dict's keys too)
+        for part in edit.split("; "):
+            path, _, settings = part.partition(": ")
+            text = (SCRIPT.parents[1] / path).read_text()
+            for name, key in re.findall(r'\b([A-Z][A-Z0-9_]*)(?:\["(\w+)"\])? = ', settings):
+                assert re.search(rf"^{name} = ", text, re.M), (tag, name)
+                assert not key or f'"{key}": ' in text, (tag, key)
+    winners = {"rounds": 3, "tokens": 96, "sides": ["with_gated_gemv", "with_pdl"],
+               "default": ab_row((1.0, 0.01), (1.0, 0.01)), "winners": ab_row((1.1, 0.01), (1.1, 0.01))}
+    table = "\n".join(check.ab_summary({"resident": {"decode_ab_graphs_winners": winners, "tokens_graphs_winners": {
+        "first_divergence_from_default": None}}}))
+    assert "first divergence from the default: None" in table
+    assert '- `localrun/models/gemma4.py: DECODE_KERNELS["gated_gemv"] = True`' in table
+    assert "- `localrun/kernels/triton_pdl.py: ENABLED = True`" in table
+
+
 def test_a_side_that_raises_is_reported_and_the_others_still_measured(monkeypatch):
     """A switch whose kernel fails on the GPU (none ran there before) costs its own row only; a failing
     baseline fails the A/B (nothing to compare with)."""
