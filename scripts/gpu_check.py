@@ -1446,6 +1446,7 @@ def gated_gemv_case(dev, dry: bool, iters: int) -> dict:
     out = {"I": I, "E": E, "H": H, "weight_bytes": nbytes, "weight_copies": copies,
            "ids_equal": bool(torch.equal(ids, ids_b)),
            "max_rel_diff_activated": float((a.float() - b.float().reshape(a.shape)).abs().max() / b.float().abs().max()),
+           "max_abs_diff_routing_weights": float((wts - wts_b).abs().max()),
            "config": None if dry else str(getattr(triton_fused._gated_gemv_tuned, "best_config", None))}
     for side, fn in (("fused", fused), ("apart", apart)):
         out[f"us_{side}"] = round(_rotation_us([lambda w=w, fn=fn: fn(w) for w in ws], dev, iters), 2)
