@@ -1013,10 +1013,14 @@ def side_edit(tag: str) -> str | None:
 
 
 # Open switches that are alternatives of one another: the winners' run takes the best of each family.
-FAMILIES = {"with_v4_moe": "moe kernels", "with_v4_gate_up_moe": "moe kernels", "with_parallel_mlp": "parallel mlp",
-            "with_parallel_mlp_and_norms_route": "parallel mlp", "with_l2_prefetch": "l2 prefetch",
-            "with_l2_prefetch_of_the_next_qkv": "l2 prefetch", "with_l2_prefetch_and_the_mlp": "l2 prefetch",
-            "with_pdl": "pdl", "with_pdl_and_early_moe": "pdl"}
+# The dense MLP's and the attention's paths too: `gated_gemv` applies only where the two-row GEMM runs (not with
+# parallel_mlp, not without mlp_router_gemm), the attention prefetch only where fused_qkv_attention does.
+FAMILIES = {"with_v4_moe": "moe kernels", "with_v4_gate_up_moe": "moe kernels",
+            "with_parallel_mlp": "dense mlp path", "with_parallel_mlp_and_norms_route": "dense mlp path",
+            "with_gated_gemv": "dense mlp path", "without_mlp_router_gemm": "dense mlp path",
+            "without_fused_qkv_attention": "attention launch", "with_attention_prefetch": "attention launch",
+            "with_l2_prefetch": "l2 prefetch", "with_l2_prefetch_of_the_next_qkv": "l2 prefetch",
+            "with_l2_prefetch_and_the_mlp": "l2 prefetch", "with_pdl": "pdl", "with_pdl_and_early_moe": "pdl"}
 
 
 def winners(ab: dict) -> list[str]:
@@ -1092,21 +1096,22 @@ def decode_ab(model, prompts: dict[str, list[int]], n: int, dev, mode: str, cach
     ((max - min) / median) and the median over the baseline's median. A side that raises is reported
     (`error`) and left out of the later rounds; the baseline raising ends the rounds (`stopped`), or
     the A/B where it has no round yet. Near the check's deadline no side starts that would end past it (the
-    longest a side has taken in this round, or in the first, where it captures): the rates so far stand
-    (`stopped`), rather than the lease ending mid-A/B with none of them written."""
+    longest a side has taken in this round or the one before: the first round's capture too): the rates so
+    far stand (`stopped`), rather than the lease ending mid-A/B with none of them written."""
     names = list(sides)
     rates: dict = {name: {p: [] for p in prompts} for name in names}
     kept: dict = {}  # graphs: a side's steps, their graphs captured in its first round, replayed in the others
     failed: dict = {}  # a side that raised (a kernel no GPU ran before): its error, and it runs no more rounds
     stopped = None  # the baseline raised after its first round (a sticky CUDA error): the rounds so far stand
+    longest = 0.0  # seconds the slowest side took, of the round before and this one so far
     for r in range(rounds):
         if stopped:
             break
-        longest = 0.0  # seconds the slowest side of this round took so far (the first round's: with captures)
+        before, longest = longest, 0.0
         for name in names[r % len(names):] + names[:r % len(names)]:
             if name in failed or stopped:
                 continue
-            if rates[names[0]][next(iter(prompts))] and PROGRESS.out_of_time(longest):
+            if rates[names[0]][next(iter(prompts))] and PROGRESS.out_of_time(max(longest, before)):
                 stopped = f"out of time (--deadline) in round {r + 1}"
                 break
             began = time.time()  # the deadline's clock

@@ -216,6 +216,13 @@ def test_decode_ab_near_the_deadline_keeps_the_rounds_so_far(monkeypatch):
     assert out["a"]["after_16"]["rounds"] == [10.0] and out["b"] == {"error": "not measured before the A/B stopped"}
     table = "\n".join(check.ab_summary({"resident": {"decode_ab_graphs": out}}))
     assert "Stopped: out of time (--deadline) in round 1" in table and "| b | not measured | not measured |" in table
+    # a later round's first side is held to the round before's longest: round 1 ends at 1030; round 2's first
+    # side (a, the rotation's) would end at 1040, past 1035
+    clock["now"], ran[:] = 1000.0, []
+    monkeypatch.setattr(check.PROGRESS, "deadline", 1000.0 + 35)
+    out = check.decode_ab(None, {"16": [1], "512": [2]}, 8, None, "graphs", Cache(),
+                          {"default": side("default"), "a": side("a"), "b": side("b")}, 3)
+    assert ran == ["default", "a", "b"] and out["stopped"] == "out of time (--deadline) in round 2"
     monkeypatch.setattr(check.PROGRESS, "deadline", None)
 
 
@@ -258,6 +265,9 @@ def test_winners_beat_the_default_after_every_prompt_by_more_than_the_spreads():
     assert check.winners(ab) == ["with_pdl", "with_v4_gate_up_moe"]
     ab["with_pdl_and_early_moe"] = ab_row((1.09, 0.01), (1.06, 0.01))  # PDL's family: the better of the two
     assert check.winners(ab) == ["with_pdl_and_early_moe", "with_v4_gate_up_moe"]
+    ab["with_gated_gemv"] = ab_row((1.07, 0.01), (1.07, 0.01))  # inert with parallel_mlp: one dense-MLP path
+    ab["with_parallel_mlp_and_norms_route"] = ab_row((1.08, 0.01), (1.06, 0.01))
+    assert check.winners(ab) == ["with_gated_gemv", "with_pdl_and_early_moe", "with_v4_gate_up_moe"]
     assert check.winners({"default": {"error": "x"}, "with_pdl": ab["with_pdl"]}) == []
     assert check.winners({}) == []
 
