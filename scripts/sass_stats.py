@@ -137,13 +137,17 @@ GLOBAL_LOAD = re.compile(r"^(@!?U?P\w+\s+)?LDG\.")  # LDG.E..., not LDGSTS / LDG
 GLOBAL_WRITE = re.compile(r"^(@!?U?P\w+\s+)?(STG|ST|ATOMG|ATOM|RED|REDG)\.")
 
 
-def wait_order(kernel) -> dict:
-    """Programmatic dependent launch in a kernel's SASS: how many `griddepcontrol.wait`s (ACQBULK) it
-    has, and the global loads and writes issued before the first (its prologue: kernels/triton_pdl.py)."""
-    sass = instructions(disassembly(kernel))
+def _before_wait(sass: list[str]) -> tuple[int, list[str]]:
+    """(how many `griddepcontrol.wait`s (ACQBULK) a kernel's SASS instructions have, those before the first)."""
     waits = [i for i, text in enumerate(sass) if re.search(r"\bACQBULK\b", text)]
-    before = sass[:waits[0]] if waits else []
-    return {"waits": len(waits), "loads_before_wait": sum(bool(GLOBAL_LOAD.match(t)) for t in before),
+    return len(waits), sass[:waits[0]] if waits else []
+
+
+def wait_order(sass: list[str]) -> dict:
+    """Programmatic dependent launch in a kernel's SASS instructions: how many waits it has, and the global
+    loads and writes issued before the first (its prologue: kernels/triton_pdl.py)."""
+    waits, before = _before_wait(sass)
+    return {"waits": waits, "loads_before_wait": sum(bool(GLOBAL_LOAD.match(t)) for t in before),
             "writes_before_wait": sum(bool(GLOBAL_WRITE.match(t)) for t in before)}
 
 
@@ -515,17 +519,17 @@ def compile_row(case, arch: int) -> dict:
     """compile_all()'s row of one compile_cases() case."""
     name, fn, ptrs, consts, warps, *stages = case
     kernel = compile_kernel(fn, consts, warps, arch, ptrs, *stages)
+    sass = instructions(disassembly(kernel)) if consts.get("PDL") or consts.get("PREFETCH") else []
     row = {"cubin_bytes": len(kernel.asm["cubin"]), "shared_bytes": kernel.metadata.shared,
-           **inspect(kernel, sass=False), **(wait_order(kernel) if consts.get("PDL") else {})}
+           **inspect(kernel, sass=False), **(wait_order(sass) if consts.get("PDL") else {})}
     if name.split()[0] in ("qkv_write", "qkv_attention", "l1_prefetch"):
         row["row_sums"] = row_sums(kernel)
     if name.split()[0] in ("decode_partial", "qkv_attention", "l1_prefetch"):
         row["key_loop"] = key_loop(kernel)
     if consts.get("PREFETCH"):  # the L1 prefetches (CCTL.E.PF1), and how many come before the wait (none may)
-        sass = instructions(disassembly(kernel))
-        waits = [i for i, text in enumerate(sass) if re.search(r"\bACQBULK\b", text)]
-        found = [i for i, text in enumerate(sass) if "CCTL.E.PF1" in text]
-        row.update(l1_prefetches=len(found), l1_prefetches_before_wait=sum(i < waits[0] for i in found) if waits else None)
+        waits, before = _before_wait(sass)
+        row.update(l1_prefetches=sum("CCTL.E.PF1" in t for t in sass),
+                   l1_prefetches_before_wait=sum("CCTL.E.PF1" in t for t in before) if waits else None)
     return row
 
 

@@ -168,7 +168,7 @@ def test_l1_prefetch_switch_leaves_the_interpreter_alone(triton_ops, monkeypatch
     the switch on changes nothing interpreted (the same bits as the two launches); its SASS (the same sums
     and key loop, the prefetches after the wait) is tests/test_sass_stats.py's."""
     monkeypatch.setattr(triton_attention, "L1_PREFETCH", True)
-    assert not triton_attention._prefetches(torch.device("cpu"))
+    assert not triton_attention.inline_ptx(torch.device("cpu"))
     run_both("ring", 4, 2, 256, False, torch.float32, triton_ops)
 
 

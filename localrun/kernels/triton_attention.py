@@ -45,6 +45,7 @@ import triton.language as tl
 from . import counters, triton_pdl
 from .triton_norm import head_weights, norm_rope_head
 from .triton_pdl import pdl_start
+from .triton_prefetch import LINE, inline_ptx, prefetch_l1
 
 MAX_SPLITS = 64  # programs per (batch, KV head); the combine loop reads this many partial rows at most
 
@@ -59,21 +60,14 @@ PARTIAL_STAGES = 1
 COMBINE_IN_PLACE_MAX = 0  # partial elements (splits x G x D) the last program combines itself at most (0: never)
 
 # Opt-in (scripts/gpu_check.py's decode A/B: `with_attention_prefetch`), CUDA only (inline PTX): right after its
-# wait each `_qkv_attention_kernel` program asks its SM's L1 for every line it reads first (`_prefetch_l1`):
+# wait each `_qkv_attention_kernel` program asks its SM's L1 for every line it reads first (`prefetch_l1`):
 # its KV head's G raw query rows, the raw key and value rows, and its split's first key and value tiles. In
 # the compiled kernel the query heads' loop waits on memory once a head (its row sum's barriers keep the next
 # head's load behind them: an L2 round trip each, 8 a full layer of 26B-A4B), and the first key tile is read
 # only after all of them; with the lines already on their way, the loop's loads hit the L1 and the keys'
 # latency overlaps the heads' arithmetic. No arithmetic changes: the same bits.
 L1_PREFETCH = False
-_LINE = tl.constexpr(128)  # bytes of a cache line: one prefetch each
-
-
-@triton.jit
-def _prefetch_l1(address):
-    """The line at `address` (int64) asked of this SM's L1 (through the L2); 0."""
-    return tl.inline_asm_elementwise("prefetch.global.L1 [$1]; mov.u32 $0, 0;", "=r,l", [address], dtype=tl.int32,
-                                     is_pure=False, pack=1)
+_LINE = tl.constexpr(LINE)  # bytes of a cache line: one prefetch each
 
 
 @triton.jit
@@ -88,7 +82,7 @@ def _prefetch_rows(base, stride, rows, D, sink, BLOCK_R: tl.constexpr, BLOCK_D: 
     j = tl.arange(0, LINES)[None, :] * PER_LINE
     ok = (r < rows) & (j < D)
     address = tl.where(ok, base + r.to(tl.int64) * stride + j, base)
-    zeros = _prefetch_l1(tl.cast(address, tl.int64))
+    zeros = prefetch_l1(tl.cast(address, tl.int64))
     tl.store(sink + 0 * zeros, zeros.to(sink.dtype.element_ty), mask=zeros != 0)
 
 
@@ -433,14 +427,8 @@ def qkv_attention_triton(raw_q, q_weight, raw_k, raw_v, k_weight, cos, sin, eps:
         NORM_V=norm_v, HAS_RING=ring_pos is not None, HAS_MASK=visible_1S is not None,
         PRECISION="ieee" if raw_q.dtype == torch.float32 else "tf32", COMBINE=in_place,
         BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_S=BLOCK_S, BLOCK_D=BLOCK_D, **tiles, num_warps=warps,
-        num_stages=PARTIAL_STAGES, PREFETCH=L1_PREFETCH and _prefetches(raw_q.device), **triton_pdl.launch(raw_q.device))
+        num_stages=PARTIAL_STAGES, PREFETCH=L1_PREFETCH and inline_ptx(raw_q.device), **triton_pdl.launch(raw_q.device))
     if not in_place:
         _decode_combine_kernel[(KV, triton.cdiv(G, tiles["BLOCK_H"]))](
             m, l, acc, out, splits, D, G, BLOCK_D=BLOCK_D, **tiles, num_warps=warps, **triton_pdl.launch(raw_q.device))
     return out
-
-
-def _prefetches(device: torch.device) -> bool:
-    """`_prefetch_l1` (inline PTX) compiles: an NVIDIA GPU, not the interpreter or ROCm."""
-    return device.type == "cuda" and torch.version.hip is None and _qkv_attention_kernel.__class__.__name__ != \
-        "InterpretedFunction"

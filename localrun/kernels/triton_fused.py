@@ -28,7 +28,7 @@ import triton.language as tl
 from . import counters, triton_pdl
 from .triton_pdl import pdl_start
 
-from .triton_gemv import _fast_bench, _first_tiles, _row_products, _tail, interpreted
+from .triton_gemv import _cfg, _fast_bench, _first_tiles, _row_products, _tail, interpreted
 from .triton_moe import ACT_CODES, _act
 
 
@@ -339,19 +339,15 @@ def gated_route_triton(gate_up: torch.Tensor, logits_TE: torch.Tensor, per_exper
     return out, ids, w
 
 
-def _gcfg(n: int, k: int, warps: int) -> triton.Config:
-    # num_stages 1: the kernel requests the next step itself, as the GEMV kernel (kernels/triton_gemv.py)
-    return triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=warps, num_stages=1)
-
-
 # (BLOCK_N, BLOCK_K, warps): rows a program per half (a tile of 2 * BLOCK_N rows: gate and up, or router rows),
-# 32 fp32 accumulators a thread in each, as in the GEMV's list. Programs at 26B-A4B: 2,112 / BLOCK_N + 128 /
-# (2 * BLOCK_N). The routing runs at the config's warps (route_triton's own launch takes one: 3.6 us a layer
-# at 4 on the H200), in the first programs placed, beside the rest: the autotuner times the whole launch.
-GATED_GEMV_CONFIGS = [_gcfg(n, k, w) for n, k, w in (
+# 32 fp32 accumulators a thread in each, made as the GEMV's list is (`_cfg`). Programs at 26B-A4B: 2,112 /
+# BLOCK_N + 128 / (2 * BLOCK_N). The routing runs at the config's warps (route_triton's own launch takes one:
+# 3.6 us a layer at 4 on the H200), in the first programs placed, beside the rest: the autotuner times the
+# whole launch.
+GATED_GEMV_CONFIGS = [_cfg(n, k, w) for n, k, w in (
     (4, 512, 4), (2, 512, 2), (2, 1024, 4), (1, 1024, 2), (1, 2048, 4), (4, 256, 2), (8, 256, 4), (8, 512, 8),
     (16, 256, 8), (2, 256, 1))]
-INTERPRETER_GATED_GEMV = _gcfg(64, 1024, 4)  # few large tiles: the interpreter's cost is per tile operation
+INTERPRETER_GATED_GEMV = _cfg(64, 1024, 4)  # few large tiles: the interpreter's cost is per tile operation
 
 _gated_gemv_tailed = triton.heuristics({"TAIL": _tail})(_gated_gemv_route_kernel)
 # cache_results: the pick is kept in Triton's disk cache. Each timed run leaves the counter at 0 and

@@ -35,7 +35,7 @@ import triton.language as tl
 
 from . import triton_pdl
 from .triton_pdl import pdl_start
-from .triton_prefetch import LINE, prefetch_share
+from .triton_prefetch import LINE, inline_ptx, prefetch_share
 
 NESTED_BLOCKSIZE = 256  # quant.spec.NESTED_BLOCKSIZE, a constant of the kernel
 ACT_CODES = {"gelu_pytorch_tanh": 0, "gelu": 1, "silu": 2}
@@ -1132,18 +1132,13 @@ def _down_v2(c: _Call, tiles: Tiles | None) -> None:
             *args, **meta, BLOCK_N=n, BLOCK_K=tiles.down_k, num_warps=tiles.down_warps, num_stages=tiles.num_stages)
 
 
-def _lut_shfl(device: torch.device) -> bool:
-    """v4 reads its table with a warp shuffle (inline PTX): on NVIDIA GPUs, not under the interpreter or ROCm."""
-    return device.type == "cuda" and torch.version.hip is None and not interpreted()
-
-
 def _gate_up_v4(c: _Call, tiles: V4Tiles | None) -> None:
-    _gate_up_chunks(c, tiles, _gate_up_v4_tuned, _gate_up_v4_kernel, LUT_SHFL=_lut_shfl(c.x.device), **_down_off(c),
+    _gate_up_chunks(c, tiles, _gate_up_v4_tuned, _gate_up_v4_kernel, LUT_SHFL=inline_ptx(c.x.device), **_down_off(c),
                     **_early(c))
 
 
 def _down_v4(c: _Call, tiles: V4Tiles | None) -> None:
-    _down_chunks(c, tiles, _down_v4_tuned, _down_v4_kernel, LUT_SHFL=_lut_shfl(c.x.device), **_early(c))
+    _down_chunks(c, tiles, _down_v4_tuned, _down_v4_kernel, LUT_SHFL=inline_ptx(c.x.device), **_early(c))
 
 
 def _moe_4bit_v4(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden, inter, blocksize, double_quant,

@@ -46,7 +46,7 @@ def _empty_kernel(x_ptr, PDL: tl.constexpr = False):
 
 def _stage(c: tm._Call, stage: str, tiles: tm.V4Tiles | None, probe: int) -> None:
     """One v4 stage of the call `c` (autotuned where tiles is None) with the PROBE constexpr `probe`."""
-    lut = dict(LUT_SHFL=tm._lut_shfl(c.x.device), PROBE=probe, **tm._early(c))
+    lut = dict(LUT_SHFL=tm.inline_ptx(c.x.device), PROBE=probe, **tm._early(c))
     if stage == "gate_up":
         tm._gate_up_chunks(c, tiles, tm._gate_up_v4_tuned, tm._gate_up_v4_kernel, **lut)
     else:

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-LINE = 128  # bytes of an L2 line (the unit one prefetch asks for)
+LINE = 128  # bytes of a cache line (the unit one prefetch asks for)
 BLOCK = 128  # threads a program (4 warps), a line each a step
 PROGRAMS_PER_SM = 2
 
@@ -32,6 +32,20 @@ def _prefetch(address):
     """One prefetch of the line at `address` (int64) into L2, kept ahead of evict-first lines; 0."""
     return tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1]; mov.u32 $0, 0;", "=r,l", [address],
                                      dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def prefetch_l1(address):
+    """The line at `address` (int64) asked of this SM's L1 (through the L2); 0 (triton_attention's L1_PREFETCH)."""
+    return tl.inline_asm_elementwise("prefetch.global.L1 [$1]; mov.u32 $0, 0;", "=r,l", [address], dtype=tl.int32,
+                                     is_pure=False, pack=1)
+
+
+def inline_ptx(device: torch.device) -> bool:
+    """Whether kernels on `device` may take inline PTX (these prefetches, triton_moe's lane table): an NVIDIA
+    GPU, not the interpreter or ROCm."""
+    return device.type == "cuda" and torch.version.hip is None and _prefetch.__class__.__name__ != \
+        "InterpretedFunction"
 
 
 @triton.jit
