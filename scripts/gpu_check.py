@@ -1428,13 +1428,13 @@ def gated_gemv_case(dev, dry: bool, iters: int) -> dict:
     import torch.nn.functional as F
 
     from localrun.kernels import triton_fused
-    from localrun.kernels.triton_gemv import ROTATION_BYTES, _rotation_us
+    from localrun.kernels.triton_gemv import _rotation_us, rotation_copies
 
     args = config_args(dry)
     I, E, H, K = args.mlp_intermediate(0), args.num_experts, args.hidden_size, args.top_k_experts
     g = torch.Generator(device=dev).manual_seed(0)
     nbytes = (2 * I + E) * H * 2
-    copies = min(max(2, -(-ROTATION_BYTES // nbytes)), 64) if dev.type == "cuda" else 1
+    copies = rotation_copies(nbytes, dev)
     ws = [(torch.randn(2 * I + E, H, device=dev, generator=g) * H ** -0.5).bfloat16() for _ in range(copies)]
     rows = torch.randn(2, H, device=dev, generator=g).bfloat16()
     scale = torch.rand(E, device=dev, generator=g).bfloat16() + 0.5

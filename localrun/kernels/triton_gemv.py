@@ -247,6 +247,11 @@ ROTATION_BYTES = 256 << 20  # weights cycled through per timing: several times a
 L2_PROBE_BYTES = 32 << 20
 
 
+def rotation_copies(nbytes: int, device: torch.device) -> int:
+    """Copies of a weight of `nbytes` a timing cycles through to read it from memory (one off CUDA)."""
+    return min(max(2, math.ceil(ROTATION_BYTES / nbytes)), 512) if device.type == "cuda" else 1
+
+
 def _rotation_us(calls: list, device: torch.device, iters: int) -> float:
     """Microseconds per call of `calls` (each on its own copy of the weight), replayed as one CUDA
     graph on CUDA (no launch gaps the decode step's graph doesn't have either)."""
@@ -268,7 +273,7 @@ def benchmark_gemv(N: int, K: int, rows: int = 1, dtype: torch.dtype = torch.bfl
         return {"skipped": "the Triton kernel runs on CUDA, or on the CPU with TRITON_INTERPRET=1 set before import"}
     g = torch.Generator(device=device).manual_seed(seed)
     nbytes = N * K * torch.finfo(dtype).bits // 8
-    copies = min(max(2, math.ceil(ROTATION_BYTES / nbytes)), 512) if device.type == "cuda" else 1
+    copies = rotation_copies(nbytes, device)
     ws = [(torch.randn(N, K, device=device, generator=g) * K ** -0.5).to(dtype) for _ in range(copies)]
     x = torch.randn(rows, K, device=device, generator=g).to(dtype)
     b = (torch.randn(N, device=device, generator=g) * 0.1).to(dtype) if bias else None
