@@ -951,6 +951,8 @@ def open_switches(cache) -> dict:
     return {
         "with_v4_moe": v4,  # the table in the lanes (triton_moe.USE_V4)
         "with_v4_gate_up_moe": combined(v4, lambda: setting(triton_moe, "V4_DOWN", False, cache)),  # v2's down
+        # a decoded token's experts in one launch: gate_up rows, then their down columns added atomically
+        "with_fused_moe": lambda: setting(triton_moe, "USE_FUSED", True, cache),
         "with_pdl": pdl,  # each kernel placed while the one before ends
         "with_parallel_mlp": mlp,  # the dense MLP on a second stream in the graph
         "with_parallel_mlp_and_norms_route": combined(mlp, route),
@@ -979,6 +981,7 @@ def open_switches(cache) -> dict:
 SIDE_EDITS = {
     "with_v4_moe": "localrun/kernels/triton_moe.py: USE_V4 = True",
     "with_v4_gate_up_moe": "localrun/kernels/triton_moe.py: USE_V4 = True, V4_DOWN = False",
+    "with_fused_moe": "localrun/kernels/triton_moe.py: USE_FUSED = True",
     "with_pdl": "localrun/kernels/triton_pdl.py: ENABLED = True",
     "with_parallel_mlp": 'localrun/models/gemma4.py: DECODE_KERNELS["parallel_mlp"] = True',
     "with_parallel_mlp_and_norms_route": 'localrun/models/gemma4.py: DECODE_KERNELS["parallel_mlp"] = True, '
@@ -1015,7 +1018,7 @@ def side_edit(tag: str) -> str | None:
 # Open switches that are alternatives of one another: the winners' run takes the best of each family.
 # The dense MLP's and the attention's paths too: `gated_gemv` applies only where the two-row GEMM runs (not with
 # parallel_mlp, not without mlp_router_gemm), the attention prefetch only where fused_qkv_attention does.
-FAMILIES = {"with_v4_moe": "moe kernels", "with_v4_gate_up_moe": "moe kernels",
+FAMILIES = {"with_v4_moe": "moe kernels", "with_v4_gate_up_moe": "moe kernels", "with_fused_moe": "moe kernels",
             "with_parallel_mlp": "dense mlp path", "with_parallel_mlp_and_norms_route": "dense mlp path",
             "with_gated_gemv": "dense mlp path", "without_mlp_router_gemm": "dense mlp path",
             "without_fused_qkv_attention": "attention launch", "with_attention_prefetch": "attention launch",
@@ -1317,6 +1320,9 @@ def step_kernels(dry: bool) -> dict:
     out = {}
     if os.environ.get("GPU_CHECK_KERNELS") == "probes":  # what bounds the MoE kernels and the GEMVs, first in a lease
         timed("v4 probes", lambda: v4_probes(dev, dry), out)
+        # the one-launch v5 against the two-launch v4 and v2 (the default), one token, in a graph
+        one_launch = lambda: bench(device=str(dev), configs=("v5", "v4", "v2"), baseline=False, dry=dry)  # noqa: E731
+        timed("decode nf4 bs64 one launch", one_launch, out)
         dense_gemv_cases(dev, dry, out)
         return out
     timed("zero_copy", lambda: zero_copy_probe(dry), out)

@@ -203,6 +203,8 @@ def compile_cases(arch: int = 90):
             yield (f"v3 down {x[1:]} dq={dq}", triton_moe._down_v3_kernel, ptrs,
                    dict(LOG_WPB=3, DOUBLE_QUANT=dq, KE=TOP_K, BLOCK_N=8, BLOCK_W=16), 4)
             yield from v4_cases(triton_moe, ptrs, x, dq)
+            yield from fused_cases(triton_moe, ptrs, x, dq, triton_moe.FUSED_CONFIGS if (x, dq) == ("*bf16", False)
+                                   else None)
         kv = {n: x for n in triton_qkv_write._qkv_write_kernel.arg_names if n.endswith("_ptr")}
         kv.update(pos_ptr="*i64", ring_ptr="*i64")
         for D, ring in ((256, False), (256, True), (512, False))[: 3 if x == "*bf16" else 2]:  # 26B-A4B's layers
@@ -330,6 +332,20 @@ def v4_cases(tm, ptrs: dict, x: str, dq: bool, configs: tuple | None = None):
                dict(LOG_WPB=3, DOUBLE_QUANT=dq, KE=TOP_K, LUT_SHFL=True, BLOCK_N=n, BLOCK_W=w), warps)
 
 
+FUSED_DIVISIBLE = DIVISIBLE | {"dn_codes_off", "dn_absmax_off"}  # down's offsets in an expert, as v4's
+
+
+def fused_cases(tm, ptrs: dict, x: str, dq: bool, configs: list | None = None):
+    """compile_cases() rows of the one-launch v5 MoE kernel at one x dtype and double quant: at its list's first
+    config, or at each of `configs`."""
+    for cfg in configs or tm.FUSED_CONFIGS[:1]:
+        j, w, r, warps = cfg.kwargs["BLOCK_J"], cfg.kwargs["BLOCK_W"], cfg.kwargs["BLOCK_R"], cfg.num_warps
+        yield (f"v5 {x[1:]} dq={dq} j={j} w={w} r={r} warps={warps}", tm._moe_fused_kernel,
+               dict(ptrs, acc_ptr="*fp32", count_ptr="*i32"),
+               dict(ACT=0, LOG_WPB=3, DOUBLE_QUANT=dq, LUT_SHFL=True, BLOCK_J=j, BLOCK_W=w, BLOCK_R=r), warps, 1,
+               FUSED_DIVISIBLE)
+
+
 def _pdl_cases():
     """Every decode kernel once with programmatic dependent launch (PDL=True: griddepcontrol, sm_90 on),
     bf16, at one config each (compile_all adds where its prologue's loads stand: `wait_order`)."""
@@ -384,10 +400,13 @@ def _pdl_cases():
          ptrs(triton_qkv_write._qkv_write_kernel, pos_ptr="*i64", ring_ptr="*i64"),
          dict(NORM_V=True, HAS_RING=True, BLOCK=256), 4),
     ]
+    fused = next(fused_cases(triton_moe, moe, b, False))
+    kernels.append((triton_moe._moe_fused_kernel, fused[2], fused[3], fused[4]))
     for fn, pointers, consts, warps in kernels:
         # the GEMV's K and row strides: multiples of 16 at 26B-A4B's projections (its loads vectorize as there)
         divisible = DIVISIBLE | {"K", "stride_xm", "stride_ym"} if fn is triton_gemv._gemv_kernel else DIVISIBLE
         divisible = GATED_GEMV_DIVISIBLE if fn is triton_fused._gated_gemv_route_kernel else divisible
+        divisible = FUSED_DIVISIBLE if fn is triton_moe._moe_fused_kernel else divisible
         yield f"pdl {fn.__name__}", fn, pointers, dict(consts, PDL=True), warps, 1, divisible
 
 

@@ -570,7 +570,8 @@ def test_dry_exact_step_reports_the_bf16_noise_floor_beside_the_glue_row(tmp_pat
 
 def test_probes_mode_runs_only_the_probes_and_the_gemv_rows(monkeypatch):
     """GPU_CHECK_KERNELS=probes (a lease's first call, before `big`): what bounds the MoE kernels and the
-    GEMVs, and none of the kernels step's slower rows (the MoE sweeps, attention, zero-copy)."""
+    GEMVs, the one-launch MoE kernel against the two-launch ones, and none of the kernels step's slower rows
+    (the full MoE sweeps, attention, zero-copy)."""
     check = _script()
     ran = []
     monkeypatch.setenv("GPU_CHECK_KERNELS", "probes")
@@ -579,4 +580,6 @@ def test_probes_mode_runs_only_the_probes_and_the_gemv_rows(monkeypatch):
     monkeypatch.setattr(check, "zero_copy_probe", lambda dry: ran.append("zero_copy"))
     out = check.step_kernels(dry=True)
     assert ran == ["probes", "gemv"]
-    assert set(out) == {"v4 probes", "g"}
+    assert set(out) == {"v4 probes", "decode nf4 bs64 one launch", "g"}  # v5 against v4 and v2, exact
+    assert set(out["decode nf4 bs64 one launch"]["configs"]) == {"v5 autotuned", "v4 autotuned", "v2 autotuned"}
+    assert out["decode nf4 bs64 one launch"]["max_rel_err"] < 1e-5

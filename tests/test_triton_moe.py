@@ -452,6 +452,96 @@ def test_v4_gate_up_with_v2_down(monkeypatch):
     assert stages[2:] == ["_gate_up_v4", "_down_v4"]
 
 
+# -- v5: a decoded token's experts in one launch (gate_up rows j, then down's columns j, added atomically) --
+
+# several row steps (H = 96 in 32-row steps), an intermediate block half past I (I = 96 at 64 a block)
+SMALL_V5_TILES = triton_moe.FusedTiles(block_j=64, block_w=4, block_r=32, warps=2) if triton_moe else None
+
+
+def held_left_zero(h: int) -> bool:
+    """v5's accumulator and counters back at zero, as its last programs leave them for the next call."""
+    held = triton_moe.counters._HELD
+    acc, count = held[f"moe_fused_acc_{h}", torch.device("cpu")], held["moe_fused", torch.device("cpu")]
+    return not acc.any() and not count.any()
+
+
+@needs_triton
+@pytest.mark.parametrize("spec", SPECS, ids=SPEC_IDS)
+def test_v5_matches_bnb(spec):
+    """v5 at its interpreter tiles, NF4 and FP4, with and without double quant, top-2 / 3 / 4 of 4-5 experts
+    (3 padded to no slot: the grid is K programs a column block); called again, the same bits (the accumulator
+    and counters left zero in between)."""
+    h, i, e = V3_SHAPES[SPECS.index(spec) % 2]
+    buf = make_buffer(spec, e, h, i)
+    for k in (2, 3, 4):
+        ids, w = routing(1, k, e, seed=k)
+        x = torch.randn(1, h, generator=torch.Generator().manual_seed(k))
+        args = (x, ids, w, buf.data, *buf.code_tables(), buf.offsets(), h, i, spec.blocksize, spec.double_quant,
+                "gelu_pytorch_tanh")
+        y = triton_moe.moe_4bit_triton(*args, blocks="v5")
+        assert rel_err(y, bnb_moe(buf, x, ids, w, "gelu_pytorch_tanh")) < RTOL, k
+        assert held_left_zero(h)
+        assert torch.equal(triton_moe.moe_4bit_triton(*args, blocks="v5"), y)
+
+
+@needs_triton
+@pytest.mark.parametrize("spec", [QuantSpec("nf4", 64, True), QuantSpec("fp4", 32, False)], ids=["nf4-dq", "fp4"])
+def test_v5_small_tiles_several_row_steps_and_a_partial_column_block(spec):
+    """Rows in three steps of 32 (a counter each), a 64-wide column block of which only 32 columns are I's
+    (their codes masked, their absmax 0), gate_up rows in steps of one chunk; top-8 of 10, x in bf16."""
+    h, i, e = 96, 96, 10
+    buf = make_buffer(spec, e, h, i)
+    ids, w = routing(1, 8, e, seed=4)
+    x = torch.randn(1, h, generator=torch.Generator().manual_seed(4))
+    args = (buf.data, *buf.code_tables(), buf.offsets(), h, i, spec.blocksize, spec.double_quant, "silu")
+    y = triton_moe.moe_4bit_triton(x, ids, w, *args, blocks=SMALL_V5_TILES)
+    assert rel_err(y, bnb_moe(buf, x, ids, w, "silu")) < RTOL and held_left_zero(h)
+    y16 = triton_moe.moe_4bit_triton(x.bfloat16(), ids, w, *args, blocks=SMALL_V5_TILES)
+    assert y16.dtype == torch.bfloat16 and rel_err(y16, bnb_moe(buf, x.bfloat16().float(), ids, w, "silu")) < 8e-3
+
+
+@needs_triton
+def test_v5_at_the_26b_shape():
+    """26B-A4B's rows (H = 2,816 in 11 steps of 256 rows, I = 704 in 22 column blocks), NF4 with double quant,
+    two of three experts."""
+    h, i = GEMMA_26B
+    spec = QuantSpec("nf4", 64, True)
+    buf = make_buffer(spec, 3, h, i)
+    ids, w = routing(1, 2, 3, seed=6)
+    x = torch.randn(1, h, generator=torch.Generator().manual_seed(6))
+    y = triton_moe.moe_4bit_triton(x, ids, w, buf.data, *buf.code_tables(), buf.offsets(), h, i, 64, True,
+                                   "gelu_pytorch_tanh", blocks="v5")
+    assert rel_err(y, bnb_moe(buf, x, ids, w, "gelu_pytorch_tanh")) < RTOL and held_left_zero(h)
+
+
+@needs_triton
+def test_use_fused_switches_one_token_only(monkeypatch):
+    """USE_FUSED sends a decoded token to v5 where its rows are whole chunks; two tokens, and rows v3 does not
+    take, keep their kernels; v5 asked for by name refuses what it cannot run, in one line."""
+    used = []
+    for name in ("_moe_4bit_v2", "_moe_4bit_fused"):
+        real = getattr(triton_moe, name)
+        monkeypatch.setattr(triton_moe, name,
+                            lambda *a, real=real, name=name, **kw: used.append(name) or real(*a, **kw))
+    monkeypatch.setattr(triton_moe, "USE_FUSED", True)
+    spec = QuantSpec("nf4", 64, False)
+    for t, (h, i) in ((1, (64, 32)), (2, (64, 32)), (1, (64, 48))):
+        buf = make_buffer(spec, 4, h, i)
+        ids, w = routing(t, 2, 4)
+        x = torch.randn(t, h)
+        assert rel_err(run_triton(buf, x, ids, w, "silu"), bnb_moe(buf, x, ids, w, "silu")) < RTOL
+    assert used == ["_moe_4bit_fused", "_moe_4bit_v2", "_moe_4bit_v2"]
+    buf = make_buffer(spec, 4, 64, 32)
+    args = (buf.data, *buf.code_tables(), buf.offsets(), 64, 32, 64, False, "silu")
+    ids, w = routing(2, 2, 4)
+    with pytest.raises(ValueError, match="one token"):
+        triton_moe.moe_4bit_triton(torch.randn(2, 64), ids, w, *args, blocks="v5")
+    monkeypatch.setattr(triton_moe, "FUSED_COUNTERS", 1)  # a counter a row step: 64 rows in two need two
+    with pytest.raises(ValueError, match="rows a step take H up to 32"):
+        triton_moe.moe_4bit_triton(torch.randn(1, 64), ids[:1], w[:1], *args,
+                                   blocks=triton_moe.FusedTiles(block_r=32))
+
+
 @needs_triton
 @pytest.mark.parametrize("blocks", ["v2", "v4"])
 def test_at_the_26b_shape(blocks):

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import triton_pdl
+from . import counters, triton_pdl
 from .triton_pdl import pdl_start
 from .triton_prefetch import LINE, inline_ptx, prefetch_share
 
@@ -856,6 +856,33 @@ def _absmax_or_0(buf_u8, buf_f32, base, base32, blk, mask, absmax_off, nested_of
 
 
 @triton.jit
+def _gate_up_v4_rows(words, am, codes, x_row, row_w, mask_r, buf_u8, buf_f32, base, base32, absmax_off, nested_off32,
+                     offset_off32, nested_code, code, table, H_Q, LOG_WPB: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+                     LUT_SHFL: tl.constexpr, PROBE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+    """(gate, up) fp32 [BLOCK_N] of v4's gate_up tile: `words` / `am` its first step, already requested;
+    each step requests the next one's codes and absmax before its own math."""
+    NC: tl.constexpr = BLOCK_W // 4
+    ch = tl.arange(0, NC) * 4
+    wq = tl.arange(0, BLOCK_W)
+    acc = tl.zeros([2 * BLOCK_N, NC], dtype=tl.float32)
+    for kb in range(0, H_Q, BLOCK_W):
+        c1 = kb + BLOCK_W + ch  # the next step's chunks, requested before this step's math
+        m2n = mask_r[:, None] & (c1 < H_Q)[None, :]
+        wn = kb + BLOCK_W + wq
+        words_n = tl.load(codes + wn[None, :], mask=mask_r[:, None] & (wn < H_Q)[None, :], other=0)
+        am_n = _absmax_or_0(buf_u8, buf_f32, base, base32, (row_w[:, None] + c1[None, :]) >> LOG_WPB, m2n, absmax_off,
+                            nested_off32, offset_off32, nested_code, DOUBLE_QUANT)
+        # x of the chunks past the row: the last chunk's (finite; their absmax is 0), no mask to apply
+        cw = tl.minimum(kb + ch, H_Q - 4)[None, :]  # [1, NC] first word of each chunk
+        acc += _chunk_sums_v4(tl.reshape(words, [2 * BLOCK_N, NC, 2, 2]), x_row + cw * 8, code, table,
+                              LUT_SHFL, PROBE) * am
+        words, am = words_n, am_n
+    gu = tl.reshape(tl.sum(acc, axis=1), [2, BLOCK_N])
+    which = tl.arange(0, 2)[:, None]
+    return tl.sum(tl.where(which == 0, gu, 0.0), axis=0), tl.sum(tl.where(which == 1, gu, 0.0), axis=0)
+
+
+@triton.jit
 def _gate_up_v4_kernel(x_ptr, ids_ptr, order_ptr, h_ptr, buf_i32, buf_u8, buf_f32, code, nested_code,
                        expert_bytes, codes_off, absmax_off, nested_off32, offset_off32,
                        K, H_Q, I, stride_xt, T_BUCKET, early_ids_ptr, N_EXPERTS,
@@ -903,23 +930,9 @@ def _gate_up_v4_kernel(x_ptr, ids_ptr, order_ptr, h_ptr, buf_i32, buf_u8, buf_f3
                           nested_code, DOUBLE_QUANT)
     if DOWN_OFF > 0:  # as v2's (DOWN_OFF: PREFETCH_DOWN)
         _prefetch_down(buf_u8, base, expert_bytes, h_ptr + p * I, DOWN_OFF)
-    acc = tl.zeros([2 * BLOCK_N, NC], dtype=tl.float32)
-    for kb in range(0, H_Q, BLOCK_W):
-        c1 = kb + BLOCK_W + ch  # the next step's chunks, requested before this step's math
-        m2n = mask_r[:, None] & (c1 < H_Q)[None, :]
-        wn = kb + BLOCK_W + wq
-        words_n = tl.load(codes + wn[None, :], mask=mask_r[:, None] & (wn < H_Q)[None, :], other=0)
-        am_n = _absmax_or_0(buf_u8, buf_f32, base, base32, (row_w[:, None] + c1[None, :]) >> LOG_WPB, m2n, absmax_off,
-                       nested_off32, offset_off32, nested_code, DOUBLE_QUANT)
-        # x of the chunks past the row: the last chunk's (finite; their absmax is 0), no mask to apply
-        cw = tl.minimum(kb + ch, H_Q - 4)[None, :]  # [1, NC] first word of each chunk
-        acc += _chunk_sums_v4(tl.reshape(words, [2 * BLOCK_N, NC, 2, 2]), x_row + cw * 8, code, table,
-                              LUT_SHFL, PROBE) * am
-        words, am = words_n, am_n
-    gu = tl.reshape(tl.sum(acc, axis=1), [2, BLOCK_N])
-    which = tl.arange(0, 2)[:, None]
-    gate = tl.sum(tl.where(which == 0, gu, 0.0), axis=0)
-    up = tl.sum(tl.where(which == 1, gu, 0.0), axis=0)
+    gate, up = _gate_up_v4_rows(words, am, codes, x_row, row_w, mask_r, buf_u8, buf_f32, base, base32, absmax_off,
+                                nested_off32, offset_off32, nested_code, code, table, H_Q, LOG_WPB, DOUBLE_QUANT,
+                                LUT_SHFL, PROBE, BLOCK_N, BLOCK_W)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     tl.store(h_ptr + p * I + rn, _act(gate, ACT) * up, mask=rn < I)
 
@@ -993,6 +1006,127 @@ _gate_up_v4_tuned = triton.autotune(GATE_UP_V4_CONFIGS, key=["H_Q", "I", "T_BUCK
                                     do_bench=_fast_bench, cache_results=True)(_gate_up_v4_kernel)
 _down_v4_tuned = triton.autotune(DOWN_V4_CONFIGS, key=["H", "I_Q", "T_BUCKET", "K", "LOG_WPB", "DOUBLE_QUANT"],
                                  do_bench=_fast_bench, cache_results=True)(_down_v4_kernel)
+
+
+# -- v5: one launch a decoded token ------------------------------------------------------------
+#
+# v2 / v4 run a decoded token's experts as two launches, gate_up then down: each a partial wave of
+# latency-bound programs with its own ramp and tail, and a kernel boundary between them (~1-2 us in a CUDA
+# graph), ~27 us a layer for ~24 MB on the H200 (2026-11-27 late: v4 gate_up 14.2 us, down 13.6). v5 is one
+# launch of K x I / BLOCK_J programs, program (k, j) for intermediate rows j of the token's expert k:
+#   1. gate rows j and up rows I + j against x (v4's gate_up tile and loop, `_gate_up_v4_rows`), h_j =
+#      act(gate) * up, stored (fp32, as v4) and read back by the program's own threads after a barrier;
+#   2. down's columns j of every row against h_j (v4's chunk sums, h the same for every row), times w_k,
+#      added into a held fp32 accumulator of H rows (`tl.atomic_add`), BLOCK_R rows a step; down's first
+#      step is requested before phase 1's loop, so the program's down bytes are in flight while its gate_up
+#      ones arrive;
+#   3. per step of rows a counter: the program that counts itself last for those rows (every program has
+#      added its share) rounds them into y (x's dtype), zeroes them for the next call and resets the
+#      counter (release / acquire at GPU scope, as norms_route), so no launch zeroes anything per call.
+# Down's columns of a row are BLOCK_J / 8 words (16 bytes at BLOCK_J = 32: a 32-byte sector shared with
+# the next program's, one absmax byte a row), read where the two-launch down tile read whole rows; its
+# absmax bytes stride I / blocksize apart (the neighbouring programs read the same sectors: the L2's).
+# The sum over the K experts and the I / BLOCK_J column blocks runs in the order the atomics land: fp32
+# products and sums as v4, but not bit-reproducible from run to run on a GPU (the interpreter runs the
+# programs in order). One token only (a prompt's pairs run v2 / v4 or the grouped GEMMs), rows of whole
+# chunks (`v3_fits`). Opt-in until scripts/gpu_check.py's decode A/B (`with_fused_moe`) measures it.
+USE_FUSED = False
+FUSED_COUNTERS = 64  # row steps a call at most (H / BLOCK_R)
+
+
+@dataclass(frozen=True)
+class FusedTiles:
+    """v5 tiles: intermediate rows a program (a multiple of CHUNK_WEIGHTS), gate_up code words a row a step
+    (a multiple of 4), down rows a step, warps."""
+
+    block_j: int = 32
+    block_w: int = 64
+    block_r: int = 512
+    warps: int = 4
+
+
+INTERPRETER_FUSED = FusedTiles(block_j=32, block_w=128, block_r=256, warps=4)
+
+
+def _fused_cfg(j, w, r, warps):
+    return triton.Config({"BLOCK_J": j, "BLOCK_W": w, "BLOCK_R": r}, num_warps=warps, num_stages=1)
+
+
+# Not yet measured on a GPU. Programs at 26B-A4B: 8 x 704 / BLOCK_J (176 at 32, 88 at 64); each reads
+# 2 * BLOCK_J gate_up rows (1,408 bytes each) and BLOCK_J / 2 bytes of each of down's 2,816 rows.
+FUSED_CONFIGS = [_fused_cfg(j, w, r, warps) for j, w, r, warps in (
+    (32, 64, 512, 4), (32, 128, 512, 8), (32, 64, 1024, 8), (64, 64, 512, 16), (64, 32, 512, 8), (32, 32, 256, 2))]
+
+
+@triton.jit
+def _moe_fused_kernel(x_ptr, ids_ptr, w_ptr, h_ptr, acc_ptr, count_ptr, y_ptr, buf_i32, buf_u8, buf_f32, code,
+                      nested_code, expert_bytes, codes_off, absmax_off, nested_off32, offset_off32, dn_codes_off,
+                      dn_absmax_off, dn_nested_off32, dn_offset_off32, K, H, H_Q, I, I_Q,
+                      ACT: tl.constexpr, LOG_WPB: tl.constexpr, DOUBLE_QUANT: tl.constexpr, LUT_SHFL: tl.constexpr,
+                      BLOCK_J: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr = False):
+    """One token: program (k, j) as the v5 notes above say. H_Q / I_Q: code words of a gate_up / down row;
+    acc_ptr: H fp32 zeros (left zero); count_ptr: cdiv(H, BLOCK_R) int32 zeros (left zero)."""
+    pdl_start(PDL)
+    k = tl.program_id(0)
+    jb = tl.program_id(1)
+    NJ: tl.constexpr = BLOCK_J // 32  # down chunks a row
+    e = tl.load(ids_ptr + k).to(tl.int64)
+    wk = tl.load(w_ptr + k).to(tl.float32)
+    base = e * expert_bytes
+    base32 = base // 4
+    table = 0
+    if LUT_SHFL:
+        table = _lane_table(code)
+    # down's first step of rows: its columns j (chunks past I weigh 0, their h clamped into the row)
+    rows = tl.arange(0, BLOCK_R)
+    cj = jb * (BLOCK_J // 8) + tl.arange(0, NJ) * 4  # [NJ] first word of each chunk in a down row
+    ok_c = (cj < I_Q)[None, :]
+    q = tl.arange(0, 4)[None, None, :]
+    dn_codes = (buf_i32 + base32 + dn_codes_off // 4 + cj[None, :, None]) + q  # [1, NJ, 4] at row 0
+    ok = (rows < H)[:, None] & ok_c
+    dwords = tl.load(dn_codes + (rows * I_Q)[:, None, None], mask=ok[:, :, None], other=0)
+    dam = _absmax_or_0(buf_u8, buf_f32, base, base32, ((rows * I_Q)[:, None] + cj[None, :]) >> LOG_WPB, ok,
+                       dn_absmax_off, dn_nested_off32, dn_offset_off32, nested_code, DOUBLE_QUANT)
+    # 1. gate / up rows j: v4's tile
+    rr = tl.arange(0, 2 * BLOCK_J)
+    r = jb * BLOCK_J + rr % BLOCK_J
+    mask_r = r < I
+    row_w = ((rr // BLOCK_J) * I + r) * H_Q  # [2 BLOCK_J] first word of each row
+    ch = tl.arange(0, BLOCK_W // 4) * 4
+    wq = tl.arange(0, BLOCK_W)
+    codes = buf_i32 + base32 + codes_off // 4 + row_w[:, None]
+    words = tl.load(codes + wq[None, :], mask=mask_r[:, None] & (wq < H_Q)[None, :], other=0)
+    am = _absmax_or_0(buf_u8, buf_f32, base, base32, (row_w[:, None] + ch[None, :]) >> LOG_WPB,
+                      mask_r[:, None] & (ch < H_Q)[None, :], absmax_off, nested_off32, offset_off32, nested_code,
+                      DOUBLE_QUANT)
+    gate, up = _gate_up_v4_rows(words, am, codes, x_ptr, row_w, mask_r, buf_u8, buf_f32, base, base32, absmax_off,
+                                nested_off32, offset_off32, nested_code, code, table, H_Q, LOG_WPB, DOUBLE_QUANT,
+                                LUT_SHFL, 0, BLOCK_J, BLOCK_W)
+    rn = jb * BLOCK_J + tl.arange(0, BLOCK_J)
+    tl.store(h_ptr + k * I + rn, _act(gate, ACT) * up, mask=rn < I)
+    tl.debug_barrier()  # h_j stored by the threads that summed it, read below by every thread
+    # 2. down's columns j of every row, BLOCK_R rows a step, the next step requested before this one's math
+    h_vec = h_ptr + k * I + tl.minimum(cj, I_Q - 4)[None, :] * 8  # [1, NJ]
+    n_programs = tl.num_programs(0) * tl.num_programs(1)
+    for step in range(0, tl.cdiv(H, BLOCK_R)):
+        rows_n = (step + 1) * BLOCK_R + tl.arange(0, BLOCK_R)
+        ok_n = (rows_n < H)[:, None] & ok_c
+        dwords_n = tl.load(dn_codes + (rows_n * I_Q)[:, None, None], mask=ok_n[:, :, None], other=0)
+        dam_n = _absmax_or_0(buf_u8, buf_f32, base, base32, ((rows_n * I_Q)[:, None] + cj[None, :]) >> LOG_WPB, ok_n,
+                             dn_absmax_off, dn_nested_off32, dn_offset_off32, nested_code, DOUBLE_QUANT)
+        s = tl.sum(_chunk_sums_v4(tl.reshape(dwords, [BLOCK_R, NJ, 2, 2]), h_vec, code, table, LUT_SHFL, 0) * dam,
+                   axis=1)
+        rows = step * BLOCK_R + tl.arange(0, BLOCK_R)
+        tl.atomic_add(acc_ptr + rows, s * wk, mask=rows < H, sem="relaxed", scope="gpu")
+        # 3. the last program to add to these rows rounds them into y and leaves them zero
+        tl.debug_barrier()  # every thread's additions above come before the release below
+        done = tl.atomic_add(count_ptr + step, 1, sem="acq_rel", scope="gpu")
+        if done == n_programs - 1:
+            v = tl.load(acc_ptr + rows, mask=rows < H, other=0.0, cache_modifier=".cg")
+            tl.store(y_ptr + rows, v.to(y_ptr.dtype.element_ty), mask=rows < H)
+            tl.store(acc_ptr + rows, tl.zeros_like(v), mask=rows < H)
+            tl.atomic_xchg(count_ptr + step, 0)  # ready for the next call
+        dwords, dam = dwords_n, dam_n
 
 
 def v3_fits(hidden: int, inter: int, blocksize: int) -> bool:
@@ -1155,6 +1289,40 @@ def _moe_4bit_v4(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden
     return c.y
 
 
+_moe_fused_tuned = triton.autotune(FUSED_CONFIGS, key=["H_Q", "I", "K", "LOG_WPB", "DOUBLE_QUANT"],
+                                   do_bench=_fast_bench, cache_results=True)(_moe_fused_kernel)
+
+
+def fused_fits(T: int, hidden: int, inter: int, blocksize: int) -> bool:
+    """v5 takes one token, rows of whole chunks, and H rows in FUSED_COUNTERS steps of its smallest BLOCK_R."""
+    return T == 1 and v3_fits(hidden, inter, blocksize) and triton.cdiv(hidden, 256) <= FUSED_COUNTERS
+
+
+def _moe_4bit_fused(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden, inter, blocksize, double_quant,
+                    act, tiles: FusedTiles | None) -> torch.Tensor:
+    """The v5 kernel (one token): autotuned on CUDA (tiles None), else with `tiles`."""
+    if tiles is not None and triton.cdiv(hidden, tiles.block_r) > FUSED_COUNTERS:
+        raise ValueError(f"v5 tiles of {tiles.block_r} rows a step take H up to {FUSED_COUNTERS * tiles.block_r}")
+    c = _prepare(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden, inter, blocksize, double_quant,
+                 act)
+    device = x_TH.device
+    acc = counters.held(f"moe_fused_acc_{hidden}", device, hidden, torch.float32)
+    count = counters.held("moe_fused", device, FUSED_COUNTERS)
+    e = c.experts
+    args = (c.x, c.ids, c.w, c.h, acc, count, c.y, e.view(torch.int32), e, e.view(torch.float32), c.code,
+            c.nested_code, e.shape[1], *_matrix_args(c.offsets[:4]), *_matrix_args(c.offsets[4:]), c.K, c.H, c.H // 8,
+            c.I, c.I // 8)
+    meta = dict(ACT=ACT_CODES[c.act], LOG_WPB=(c.blocksize // 8).bit_length() - 1, DOUBLE_QUANT=c.double_quant,
+                LUT_SHFL=inline_ptx(device), **triton_pdl.launch(device))
+    if tiles is None:
+        _moe_fused_tuned[lambda m: (c.K, triton.cdiv(c.I, m["BLOCK_J"]))](*args, **meta)
+    else:
+        _moe_fused_kernel[(c.K, triton.cdiv(c.I, tiles.block_j))](
+            *args, **meta, BLOCK_J=tiles.block_j, BLOCK_W=tiles.block_w, BLOCK_R=tiles.block_r, num_warps=tiles.warps,
+            num_stages=1)
+    return c.y
+
+
 STAGES = {"gate_up": {"v3": _gate_up_v3, "v2": _gate_up_v2}, "down": {"v3": _down_v3, "v2": _down_v2}}
 # (stage, _Call.key()) -> the version that ran it faster, timed on its first call (the version of
 # Triton decides: compiled for sm_90 by Triton 3.6, v3's down loop issues more instructions than v2's,
@@ -1232,17 +1400,18 @@ def _check_even_rows(hidden: int, inter: int) -> None:
 def moe_4bit_triton(x_TH: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor, experts: torch.Tensor,
                     code: torch.Tensor, nested_code: torch.Tensor, offsets: list[int], hidden: int, inter: int,
                     blocksize: int, double_quant: bool, act: str,
-                    blocks: V4Tiles | V3Tiles | Tiles | Blocks | str | None = None) -> torch.Tensor:
+                    blocks: FusedTiles | V4Tiles | V3Tiles | Tiles | Blocks | str | None = None) -> torch.Tensor:
     """y_TH = sum_k w[t,k] * expert_{ids[t,k]}(x[t]) over the [E, nbytes] uint8 expert rows (see module
     docstring; the arguments are those of the localrun::moe_4bit op). Returns x's dtype.
 
     `blocks`: None = the best kernels for the shape: from GROUPED_MIN_TOKENS tokens the grouped GEMMs
     (`moe_4bit_grouped`, the prefill path; also for rows of an odd number of weights, which the GEMV
-    kernels cannot read), else where v3 fits (`v3_fits`) v4 if USE_V4 (its down stage if V4_DOWN, else
+    kernels cannot read), else for one token the one-launch v5 if USE_FUSED (where `fused_fits`), else where v3
+    fits (`v3_fits`) v4 if USE_V4 (its down stage if V4_DOWN, else
     v2's), else (USE_V3) each stage the
     faster of v3 and v2 (`_run_stage`, on CUDA), else v2, else v1; autotuned on CUDA, fixed tiles
-    when interpreted. "v4" / "v3" / "v2" = those kernels alone, autotuned (A/B timing). A V4Tiles /
-    V3Tiles / Tiles / Blocks = the v4 / v3 / v2 / v1 kernels with those tiles."""
+    when interpreted. "v5" / "v4" / "v3" / "v2" = those kernels alone, autotuned (A/B timing). A FusedTiles /
+    V4Tiles / V3Tiles / Tiles / Blocks = the v5 / v4 / v3 / v2 / v1 kernels with those tiles."""
     if blocks is None and (ids_TK.shape[0] >= GROUPED_MIN_TOKENS or hidden % 2 or inter % 2):
         return moe_4bit_grouped(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden, inter, blocksize,
                                 double_quant, act)
@@ -1251,6 +1420,15 @@ def moe_4bit_triton(x_TH: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor
         return _moe_4bit_v1(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden, inter, blocksize,
                             double_quant, act, blocks)
     _check(x_TH, ids_TK, experts, hidden)
+    if isinstance(blocks, FusedTiles) or blocks == "v5" or (blocks is None and USE_FUSED and fused_fits(
+            ids_TK.shape[0], hidden, inter, blocksize)):
+        if not fused_fits(ids_TK.shape[0], hidden, inter, blocksize):
+            raise ValueError(f"the v5 kernel takes one token, H and I multiples of {CHUNK_WEIGHTS} and a power-of-two "
+                             f"blocksize >= {CHUNK_WEIGHTS}, got T={ids_TK.shape[0]}, H={hidden}, I={inter}, "
+                             f"blocksize {blocksize}")
+        tiles = blocks if isinstance(blocks, FusedTiles) else INTERPRETER_FUSED if interpreted() else None
+        return _moe_4bit_fused(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden, inter, blocksize,
+                               double_quant, act, tiles)
     if isinstance(blocks, V4Tiles) or blocks == "v4" or (blocks is None and USE_V4 and v3_fits(hidden, inter,
                                                                                             blocksize)):
         if not v3_fits(hidden, inter, blocksize):
@@ -1529,10 +1707,10 @@ def weighted_sum(out_PH: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
 def tuned_configs(kernels: str = "v3") -> dict:
     """The configs the autotuner picked for the last shape it ran (None before the first CUDA call),
     with every config's time where Triton kept them (`configs_timings`: ms at the 0.5/0.2/0.8 quantiles)."""
-    pair = {"v4": (_gate_up_v4_tuned, _down_v4_tuned), "v3": (_gate_up_v3_tuned, _down_v3_tuned),
-            "v2": (_gate_up_v2_tuned, _down_v2_tuned)}[kernels]
+    pair = {"v5": (_moe_fused_tuned,), "v4": (_gate_up_v4_tuned, _down_v4_tuned),
+            "v3": (_gate_up_v3_tuned, _down_v3_tuned), "v2": (_gate_up_v2_tuned, _down_v2_tuned)}[kernels]
     out = {}
-    for name, tuner in zip(("gate_up", "down"), pair):
+    for name, tuner in zip(("fused",) if kernels == "v5" else ("gate_up", "down"), pair):
         out[name] = str(getattr(tuner, "best_config", None))
         timings = getattr(tuner, "configs_timings", None) or {}
         if timings:
@@ -1568,7 +1746,7 @@ def _moe_4bit_v1(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden
 
 # benchmark_moe_4bit's default on CUDA: the default (None: per stage the faster of v3 and v2 where v3
 # fits; v4 with USE_V4), v4, v3 and v2 each alone, autotuned, and v1's best tile on the H200
-SWEEP = (None, "v4", "v3", "v2", Blocks(4, 128, 8, 64, 2))
+SWEEP = (None, "v5", "v4", "v3", "v2", Blocks(4, 128, 8, 64, 2))
 
 
 def random_buffer(num_experts: int, hidden: int, inter: int, quant_type: str = "nf4", blocksize: int = 64,
@@ -1597,10 +1775,10 @@ def random_buffer(num_experts: int, hidden: int, inter: int, quant_type: str = "
 def _config_name(blocks, v3: bool = True, v4: bool = False) -> str:
     if blocks is None:
         return "default (v4)" if v4 else "default (per stage the faster of v3 and v2)" if v3 else "v2 autotuned"
-    if blocks in ("v2", "v3", "v4"):
+    if blocks in ("v2", "v3", "v4", "v5"):
         return f"{blocks} autotuned"
     kind = ("v1" if isinstance(blocks, Blocks) else "v3" if isinstance(blocks, V3Tiles)
-            else "v4" if isinstance(blocks, V4Tiles) else "v2")
+            else "v4" if isinstance(blocks, V4Tiles) else "v5" if isinstance(blocks, FusedTiles) else "v2")
     return f"{kind} {blocks!r}"
 
 
@@ -1652,7 +1830,7 @@ def benchmark_moe_4bit(device: torch.device | str = "cuda", num_experts: int = 1
     """One MoE layer of random 4-bit experts (default: Gemma 4 26B-A4B, NF4, top-8, one token).
 
     Checks the kernel against `moe_4bit.reference` in fp32 (max_rel_err), times each tile config
-    in `configs` at `dtype` (default: SWEEP on CUDA, None, "v4" and "v2" interpreted; from
+    in `configs` at `dtype` (default: SWEEP on CUDA, None, "v5", "v4" and "v2" interpreted, v5 for one token; from
     GROUPED_MIN_TOKENS tokens the default kernels alone), eager and CUDA-graph replayed, and (baseline) the per-expert bitsandbytes backend quant.ffn.QuantizedExperts on the
     same bytes. bytes_per_call counts the distinct experts the call reads; gbps = bytes / time.
     `dry`: a scaled-down layer (scripts/gpu_check.py --dry on the CPU, where the kernels need
@@ -1674,7 +1852,8 @@ def benchmark_moe_4bit(device: torch.device | str = "cuda", num_experts: int = 1
     args = (buf.data, *buf.code_tables(), buf.offsets(), hidden, inter, blocksize, double_quant, act)
     if configs is None:  # a prefill-sized call: the grouped GEMMs alone (the GEMV kernels' A/B is a decode's)
         configs = ((None,) if tokens >= GROUPED_MIN_TOKENS else SWEEP if device.type == "cuda" and not interpreted()
-                   else (None, "v4", "v2"))
+                   else (None, "v5", "v4", "v2"))
+    configs = [b for b in configs if b != "v5" or fused_fits(tokens, hidden, inter, blocksize)]  # v5: one token
 
     ref = reference(x, ids, w, *args)
     xd = x.to(dtype)
@@ -1694,7 +1873,7 @@ def benchmark_moe_4bit(device: torch.device | str = "cuda", num_experts: int = 1
         name = _config_name(blocks, v3, v4)
         out["configs"][name] = {"us_per_call": round(us, 2), "gbps": round(out["bytes_per_call"] / us / 1e3, 1),
                                 "max_rel_err": errs[-1]}
-        if blocks in ("v2", "v3", "v4"):
+        if blocks in ("v2", "v3", "v4", "v5"):
             out.setdefault("autotuned", {})[name] = tuned_configs(blocks)
         if blocks is None:
             out["stage_picks"] = {" ".join(map(str, key)): version for key, version in _PICKS.items()}
