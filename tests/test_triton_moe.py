@@ -454,7 +454,8 @@ def test_v4_gate_up_with_v2_down(monkeypatch):
 
 # -- v5: a decoded token's experts in one launch (gate_up rows j, then down's columns j, added atomically) --
 
-# several row steps (H = 96 in 32-row steps), an intermediate block half past I (I = 96 at 64 a block)
+# several row steps (H = 96 in 32-row steps, the last program rounding out each), an intermediate block half
+# past I (I = 96 at 64 a block)
 SMALL_V5_TILES = triton_moe.FusedTiles(block_j=64, block_w=4, block_r=32, warps=2) if triton_moe else None
 
 
@@ -487,7 +488,7 @@ def test_v5_matches_bnb(spec):
 @needs_triton
 @pytest.mark.parametrize("spec", [QuantSpec("nf4", 64, True), QuantSpec("fp4", 32, False)], ids=["nf4-dq", "fp4"])
 def test_v5_small_tiles_several_row_steps_and_a_partial_column_block(spec):
-    """Rows in three steps of 32 (a counter each), a 64-wide column block of which only 32 columns are I's
+    """Rows in three steps of 32, a 64-wide column block of which only 32 columns are I's
     (their codes masked, their absmax 0), gate_up rows in steps of one chunk; top-8 of 10, x in bf16."""
     h, i, e = 96, 96, 10
     buf = make_buffer(spec, e, h, i)
@@ -536,10 +537,9 @@ def test_use_fused_switches_one_token_only(monkeypatch):
     ids, w = routing(2, 2, 4)
     with pytest.raises(ValueError, match="one token"):
         triton_moe.moe_4bit_triton(torch.randn(2, 64), ids, w, *args, blocks="v5")
-    monkeypatch.setattr(triton_moe, "FUSED_COUNTERS", 1)  # a counter a row step: 64 rows in two need two
-    with pytest.raises(ValueError, match="rows a step take H up to 32"):
-        triton_moe.moe_4bit_triton(torch.randn(1, 64), ids[:1], w[:1], *args,
-                                   blocks=triton_moe.FusedTiles(block_r=32))
+    with pytest.raises(ValueError, match="multiples of 32"):
+        triton_moe.moe_4bit_triton(torch.randn(1, 64), ids[:1], w[:1], buf.data, *buf.code_tables(), buf.offsets(),
+                                   64, 32, 16, False, "silu", blocks="v5")
 
 
 @needs_triton

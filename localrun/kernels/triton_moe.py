@@ -1020,9 +1020,11 @@ _down_v4_tuned = triton.autotune(DOWN_V4_CONFIGS, key=["H", "I_Q", "T_BUCKET", "
 #      added into a held fp32 accumulator of H rows (`tl.atomic_add`), BLOCK_R rows a step; down's first
 #      step is requested before phase 1's loop, so the program's down bytes are in flight while its gate_up
 #      ones arrive;
-#   3. per step of rows a counter: the program that counts itself last for those rows (every program has
-#      added its share) rounds them into y (x's dtype), zeroes them for the next call and resets the
-#      counter (release / acquire at GPU scope, as norms_route), so no launch zeroes anything per call.
+#   3. a counter: the program that counts itself last (every program has added its share) rounds the rows
+#      into y (x's dtype), zeroes them for the next call and resets the counter (release / acquire at GPU
+#      scope, as norms_route), so no launch zeroes anything per call. One count a program, after its last
+#      step: each release is a fence (`MEMBAR.ALL.GPU`) that waits for the program's additions to land, an
+#      L2 round trip a step had each step counted for its own rows.
 # Down's columns of a row are BLOCK_J / 8 words (16 bytes at BLOCK_J = 32: a 32-byte sector shared with
 # the next program's, one absmax byte a row), read where the two-launch down tile read whole rows; its
 # absmax bytes stride I / blocksize apart (the neighbouring programs read the same sectors: the L2's).
@@ -1031,7 +1033,6 @@ _down_v4_tuned = triton.autotune(DOWN_V4_CONFIGS, key=["H", "I_Q", "T_BUCKET", "
 # programs in order). One token only (a prompt's pairs run v2 / v4 or the grouped GEMMs), rows of whole
 # chunks (`v3_fits`). Opt-in until scripts/gpu_check.py's decode A/B (`with_fused_moe`) measures it.
 USE_FUSED = False
-FUSED_COUNTERS = 64  # row steps a call at most (H / BLOCK_R)
 
 
 @dataclass(frozen=True)
@@ -1055,7 +1056,7 @@ def _fused_cfg(j, w, r, warps):
 # Not yet measured on a GPU. Programs at 26B-A4B: 8 x 704 / BLOCK_J (176 at 32, 88 at 64); each reads
 # 2 * BLOCK_J gate_up rows (1,408 bytes each) and BLOCK_J / 2 bytes of each of down's 2,816 rows.
 FUSED_CONFIGS = [_fused_cfg(j, w, r, warps) for j, w, r, warps in (
-    (32, 64, 512, 4), (32, 128, 512, 8), (32, 64, 1024, 8), (64, 64, 512, 16), (64, 32, 512, 8), (32, 32, 256, 2))]
+    (32, 64, 512, 4), (32, 128, 1024, 16), (32, 64, 1024, 8), (64, 64, 512, 16), (64, 32, 512, 8), (32, 32, 256, 2))]
 
 
 @triton.jit
@@ -1065,7 +1066,7 @@ def _moe_fused_kernel(x_ptr, ids_ptr, w_ptr, h_ptr, acc_ptr, count_ptr, y_ptr, b
                       ACT: tl.constexpr, LOG_WPB: tl.constexpr, DOUBLE_QUANT: tl.constexpr, LUT_SHFL: tl.constexpr,
                       BLOCK_J: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr = False):
     """One token: program (k, j) as the v5 notes above say. H_Q / I_Q: code words of a gate_up / down row;
-    acc_ptr: H fp32 zeros (left zero); count_ptr: cdiv(H, BLOCK_R) int32 zeros (left zero)."""
+    acc_ptr: H fp32 zeros (left zero); count_ptr: an int32 zero (left zero)."""
     pdl_start(PDL)
     k = tl.program_id(0)
     jb = tl.program_id(1)
@@ -1107,7 +1108,6 @@ def _moe_fused_kernel(x_ptr, ids_ptr, w_ptr, h_ptr, acc_ptr, count_ptr, y_ptr, b
     tl.debug_barrier()  # h_j stored by the threads that summed it, read below by every thread
     # 2. down's columns j of every row, BLOCK_R rows a step, the next step requested before this one's math
     h_vec = h_ptr + k * I + tl.minimum(cj, I_Q - 4)[None, :] * 8  # [1, NJ]
-    n_programs = tl.num_programs(0) * tl.num_programs(1)
     for step in range(0, tl.cdiv(H, BLOCK_R)):
         rows_n = (step + 1) * BLOCK_R + tl.arange(0, BLOCK_R)
         ok_n = (rows_n < H)[:, None] & ok_c
@@ -1118,15 +1118,17 @@ def _moe_fused_kernel(x_ptr, ids_ptr, w_ptr, h_ptr, acc_ptr, count_ptr, y_ptr, b
                    axis=1)
         rows = step * BLOCK_R + tl.arange(0, BLOCK_R)
         tl.atomic_add(acc_ptr + rows, s * wk, mask=rows < H, sem="relaxed", scope="gpu")
-        # 3. the last program to add to these rows rounds them into y and leaves them zero
-        tl.debug_barrier()  # every thread's additions above come before the release below
-        done = tl.atomic_add(count_ptr + step, 1, sem="acq_rel", scope="gpu")
-        if done == n_programs - 1:
+        dwords, dam = dwords_n, dam_n
+    # 3. the last program to finish rounds the rows into y and leaves them zero
+    tl.debug_barrier()  # every thread's additions above come before the release below
+    done = tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu")
+    if done == tl.num_programs(0) * tl.num_programs(1) - 1:
+        for step in range(0, tl.cdiv(H, BLOCK_R)):
+            rows = step * BLOCK_R + tl.arange(0, BLOCK_R)
             v = tl.load(acc_ptr + rows, mask=rows < H, other=0.0, cache_modifier=".cg")
             tl.store(y_ptr + rows, v.to(y_ptr.dtype.element_ty), mask=rows < H)
             tl.store(acc_ptr + rows, tl.zeros_like(v), mask=rows < H)
-            tl.atomic_xchg(count_ptr + step, 0)  # ready for the next call
-        dwords, dam = dwords_n, dam_n
+        tl.atomic_xchg(count_ptr, 0)  # ready for the next call
 
 
 def v3_fits(hidden: int, inter: int, blocksize: int) -> bool:
@@ -1294,20 +1296,18 @@ _moe_fused_tuned = triton.autotune(FUSED_CONFIGS, key=["H_Q", "I", "K", "LOG_WPB
 
 
 def fused_fits(T: int, hidden: int, inter: int, blocksize: int) -> bool:
-    """v5 takes one token, rows of whole chunks, and H rows in FUSED_COUNTERS steps of its smallest BLOCK_R."""
-    return T == 1 and v3_fits(hidden, inter, blocksize) and triton.cdiv(hidden, 256) <= FUSED_COUNTERS
+    """v5 takes one token, rows of whole chunks."""
+    return T == 1 and v3_fits(hidden, inter, blocksize)
 
 
 def _moe_4bit_fused(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden, inter, blocksize, double_quant,
                     act, tiles: FusedTiles | None) -> torch.Tensor:
     """The v5 kernel (one token): autotuned on CUDA (tiles None), else with `tiles`."""
-    if tiles is not None and triton.cdiv(hidden, tiles.block_r) > FUSED_COUNTERS:
-        raise ValueError(f"v5 tiles of {tiles.block_r} rows a step take H up to {FUSED_COUNTERS * tiles.block_r}")
     c = _prepare(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden, inter, blocksize, double_quant,
                  act)
     device = x_TH.device
     acc = counters.held(f"moe_fused_acc_{hidden}", device, hidden, torch.float32)
-    count = counters.held("moe_fused", device, FUSED_COUNTERS)
+    count = counters.held("moe_fused", device, 1)
     e = c.experts
     args = (c.x, c.ids, c.w, c.h, acc, count, c.y, e.view(torch.int32), e, e.view(torch.float32), c.code,
             c.nested_code, e.shape[1], *_matrix_args(c.offsets[:4]), *_matrix_args(c.offsets[4:]), c.K, c.H, c.H // 8,
