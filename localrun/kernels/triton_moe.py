@@ -1021,7 +1021,8 @@ _down_v4_tuned = triton.autotune(DOWN_V4_CONFIGS, key=["H", "I_Q", "T_BUCKET", "
 #      step is requested before phase 1's loop, so the program's down bytes are in flight while its gate_up
 #      ones arrive;
 #   3. a counter: the program that counts itself last (every program has added its share) rounds the rows
-#      into y (x's dtype), zeroes them for the next call and resets the counter (release / acquire at GPU
+#      into y (x's dtype), zeroes them for the next call (an exchange with 0 reads and zeroes a row in one L2
+#      operation, FINAL_ROWS rows a request) and resets the counter (release / acquire at GPU
 #      scope, as norms_route), so no launch zeroes anything per call. One count a program, after its last
 #      step: each release is a fence (`MEMBAR.ALL.GPU`) that waits for the program's additions to land, an
 #      L2 round trip a step had each step counted for its own rows.
@@ -1033,6 +1034,8 @@ _down_v4_tuned = triton.autotune(DOWN_V4_CONFIGS, key=["H", "I_Q", "T_BUCKET", "
 # programs in order). One token only (a prompt's pairs run v2 / v4 or the grouped GEMMs), rows of whole
 # chunks (`v3_fits`). Opt-in until scripts/gpu_check.py's decode A/B (`with_fused_moe`) measures it.
 USE_FUSED = False
+FINAL_ROWS = 2048  # the last program's rows a request: 2 requests at H = 2,816 (4,096 a request held 64-bit
+# addresses enough to spill at the first config, sm_90, Triton 3.6)
 
 
 @dataclass(frozen=True)
@@ -1060,13 +1063,16 @@ FUSED_CONFIGS = [_fused_cfg(j, w, r, warps) for j, w, r, warps in (
 
 
 @triton.jit
-def _moe_fused_kernel(x_ptr, ids_ptr, w_ptr, h_ptr, acc_ptr, count_ptr, y_ptr, buf_i32, buf_u8, buf_f32, code,
+def _moe_fused_kernel(x_ptr, ids_ptr, w_ptr, h_ptr, acc_ptr, acc_bits_ptr, count_ptr, y_ptr, buf_i32, buf_u8, buf_f32, code,
                       nested_code, expert_bytes, codes_off, absmax_off, nested_off32, offset_off32, dn_codes_off,
                       dn_absmax_off, dn_nested_off32, dn_offset_off32, K, H, H_Q, I, I_Q,
                       ACT: tl.constexpr, LOG_WPB: tl.constexpr, DOUBLE_QUANT: tl.constexpr, LUT_SHFL: tl.constexpr,
-                      BLOCK_J: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr = False):
+                      BLOCK_J: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
+                      PDL: tl.constexpr = False):
     """One token: program (k, j) as the v5 notes above say. H_Q / I_Q: code words of a gate_up / down row;
-    acc_ptr: H fp32 zeros (left zero); count_ptr: an int32 zero (left zero)."""
+    BLOCK_H: rows the last program rounds out a request (H's next power of two, at most FINAL_ROWS); acc_ptr:
+    H fp32 zeros (left zero), acc_bits_ptr the same as int32 (read and zeroed by exchanges: the interpreter has
+    none of floats); count_ptr: an int32 zero (left zero)."""
     pdl_start(PDL)
     k = tl.program_id(0)
     jb = tl.program_id(1)
@@ -1123,11 +1129,12 @@ def _moe_fused_kernel(x_ptr, ids_ptr, w_ptr, h_ptr, acc_ptr, count_ptr, y_ptr, b
     tl.debug_barrier()  # every thread's additions above come before the release below
     done = tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu")
     if done == tl.num_programs(0) * tl.num_programs(1) - 1:
-        for step in range(0, tl.cdiv(H, BLOCK_R)):
-            rows = step * BLOCK_R + tl.arange(0, BLOCK_R)
-            v = tl.load(acc_ptr + rows, mask=rows < H, other=0.0, cache_modifier=".cg")
-            tl.store(y_ptr + rows, v.to(y_ptr.dtype.element_ty), mask=rows < H)
-            tl.store(acc_ptr + rows, tl.zeros_like(v), mask=rows < H)
+        for r0 in range(0, H, BLOCK_H):  # rows read and zeroed in one request each: an L2 round trip
+            every = r0 + tl.arange(0, BLOCK_H)
+            bits = tl.atomic_xchg(acc_bits_ptr + every, tl.zeros([BLOCK_H], dtype=tl.int32), mask=every < H,
+                                  sem="relaxed", scope="gpu")
+            v = bits.to(tl.float32, bitcast=True)
+            tl.store(y_ptr + every, v.to(y_ptr.dtype.element_ty), mask=every < H)
         tl.atomic_xchg(count_ptr, 0)  # ready for the next call
 
 
@@ -1309,11 +1316,12 @@ def _moe_4bit_fused(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hid
     acc = counters.held(f"moe_fused_acc_{hidden}", device, hidden, torch.float32)
     count = counters.held("moe_fused", device, 1)
     e = c.experts
-    args = (c.x, c.ids, c.w, c.h, acc, count, c.y, e.view(torch.int32), e, e.view(torch.float32), c.code,
+    args = (c.x, c.ids, c.w, c.h, acc, acc.view(torch.int32), count, c.y, e.view(torch.int32), e, e.view(torch.float32), c.code,
             c.nested_code, e.shape[1], *_matrix_args(c.offsets[:4]), *_matrix_args(c.offsets[4:]), c.K, c.H, c.H // 8,
             c.I, c.I // 8)
     meta = dict(ACT=ACT_CODES[c.act], LOG_WPB=(c.blocksize // 8).bit_length() - 1, DOUBLE_QUANT=c.double_quant,
-                LUT_SHFL=inline_ptx(device), **triton_pdl.launch(device))
+                LUT_SHFL=inline_ptx(device), BLOCK_H=min(triton.next_power_of_2(c.H), FINAL_ROWS),
+                **triton_pdl.launch(device))
     if tiles is None:
         _moe_fused_tuned[lambda m: (c.K, triton.cdiv(c.I, m["BLOCK_J"]))](*args, **meta)
     else:
