@@ -1318,10 +1318,10 @@ def step_kernels(dry: bool) -> dict:
         return {"skipped": "triton_moe has no benchmark_moe_4bit"}
     dev = device_for(dry)
     out = {}
+    # the one-launch v5 against the two-launch v4 and v2 (the default), one token, in a graph
+    one_launch = lambda: bench(device=str(dev), configs=("v5", "v4", "v2"), baseline=False, dry=dry)  # noqa: E731
     if os.environ.get("GPU_CHECK_KERNELS") == "probes":  # what bounds the MoE kernels and the GEMVs, first in a lease
         timed("v4 probes", lambda: v4_probes(dev, dry), out)
-        # the one-launch v5 against the two-launch v4 and v2 (the default), one token, in a graph
-        one_launch = lambda: bench(device=str(dev), configs=("v5", "v4", "v2"), baseline=False, dry=dry)  # noqa: E731
         timed("decode nf4 bs64 one launch", one_launch, out)
         dense_gemv_cases(dev, dry, out)
         return out
@@ -1336,6 +1336,7 @@ def step_kernels(dry: bool) -> dict:
     for name, kwargs in cases.items():
         timed(name, lambda kwargs=kwargs: bench(device=str(dev), dry=dry, **kwargs), out)
     timed("v4 probes", lambda: v4_probes(dev, dry), out)
+    timed("decode nf4 bs64 one launch", one_launch, out)
     shapes = {"sliding layer, 256 keys": (8, 2, 256, 256), "sliding layer, 1536 keys": (8, 2, 1536, 256),
               "full layer, 256 keys": (2, 8, 256, 512), "full layer, 4096 keys": (2, 8, 4096, 512),
               "full layer, 32768 keys": (2, 8, 32768, 512)} if not dry else {"dry": (2, 2, 100, 32)}

@@ -582,4 +582,6 @@ def test_probes_mode_runs_only_the_probes_and_the_gemv_rows(monkeypatch):
     assert ran == ["probes", "gemv"]
     assert set(out) == {"v4 probes", "decode nf4 bs64 one launch", "g"}  # v5 against v4 and v2, exact
     assert set(out["decode nf4 bs64 one launch"]["configs"]) == {"v5 autotuned", "v4 autotuned", "v2 autotuned"}
-    assert out["decode nf4 bs64 one launch"]["max_rel_err"] < 1e-5
+    one = out["decode nf4 bs64 one launch"]
+    assert one["max_rel_err"] < 1e-5 and one["configs"]["v5 autotuned"]["fused_left_zero"] is True
+    assert all(row["max_rel_err_dtype"] < 1e-2 for row in one["configs"].values())  # the timed bf16 calls' output

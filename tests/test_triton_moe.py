@@ -540,6 +540,9 @@ def test_use_fused_switches_one_token_only(monkeypatch):
     with pytest.raises(ValueError, match="multiples of 32"):
         triton_moe.moe_4bit_triton(torch.randn(1, 64), ids[:1], w[:1], buf.data, *buf.code_tables(), buf.offsets(),
                                    64, 32, 16, False, "silu", blocks="v5")
+    for bad in (dict(block_j=48), dict(block_j=16), dict(block_w=2), dict(block_r=96), dict(warps=3)):
+        with pytest.raises(ValueError, match="v5 tiles need"):
+            triton_moe.moe_4bit_triton(torch.randn(1, 64), ids[:1], w[:1], *args, blocks=triton_moe.FusedTiles(**bad))
 
 
 @needs_triton

@@ -1302,6 +1302,12 @@ _moe_fused_tuned = triton.autotune(FUSED_CONFIGS, key=["H_Q", "I", "K", "LOG_WPB
                                    do_bench=_fast_bench, cache_results=True)(_moe_fused_kernel)
 
 
+def _fused_tiles_ok(t: FusedTiles) -> bool:
+    pow2 = lambda n: n > 0 and n & (n - 1) == 0  # noqa: E731
+    return (t.block_j % CHUNK_WEIGHTS == 0 and pow2(t.block_j // CHUNK_WEIGHTS) and pow2(t.block_w) and t.block_w >= 4
+            and pow2(t.block_r) and pow2(t.warps))
+
+
 def fused_fits(T: int, hidden: int, inter: int, blocksize: int) -> bool:
     """v5 takes one token, rows of whole chunks."""
     return T == 1 and v3_fits(hidden, inter, blocksize)
@@ -1310,9 +1316,15 @@ def fused_fits(T: int, hidden: int, inter: int, blocksize: int) -> bool:
 def _moe_4bit_fused(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden, inter, blocksize, double_quant,
                     act, tiles: FusedTiles | None) -> torch.Tensor:
     """The v5 kernel (one token): autotuned on CUDA (tiles None), else with `tiles`."""
+    if tiles is not None and not _fused_tiles_ok(tiles):
+        raise ValueError(f"v5 tiles need block_j a power of two times {CHUNK_WEIGHTS} and block_w, block_r and "
+                         f"warps powers of two (block_w at least 4), got {tiles}")
     c = _prepare(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden, inter, blocksize, double_quant,
                  act)
     device = x_TH.device
+    # held for good, zero at rest: two v5 calls on one device must not overlap (the decode step's calls follow
+    # each other on its one stream; parallel_mlp's side stream runs no experts); if one did, the counter would
+    # never come back to zero and no later call would round its rows out (fused_left_zero says)
     acc = counters.held(f"moe_fused_acc_{hidden}", device, hidden, torch.float32)
     count = counters.held("moe_fused", device, 1)
     e = c.experts
@@ -1754,7 +1766,7 @@ def _moe_4bit_v1(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden
 
 # benchmark_moe_4bit's default on CUDA: the default (None: per stage the faster of v3 and v2 where v3
 # fits; v4 with USE_V4), v4, v3 and v2 each alone, autotuned, and v1's best tile on the H200
-SWEEP = (None, "v5", "v4", "v3", "v2", Blocks(4, 128, 8, 64, 2))
+SWEEP = (None, "v4", "v3", "v2", Blocks(4, 128, 8, 64, 2))  # v5 (opt-in) in gpu_check's "one launch" row
 
 
 def random_buffer(num_experts: int, hidden: int, inter: int, quant_type: str = "nf4", blocksize: int = 64,
@@ -1808,17 +1820,21 @@ def _time_us(fn, iters: int, device: torch.device) -> float:
     return begin.elapsed_time(end) / iters * 1e3
 
 
-def _graph_us(fn, iters: int, device: torch.device) -> float:
+def _graph_us(fn, iters: int, device: torch.device, outputs: list | None = None) -> float:
     """Microseconds per call of fn captured once as a CUDA graph and replayed: the kernels' time without
     launch gaps the decode step's graph does not have either (fn itself on the CPU). Warm fn first: what
-    it compiles or autotunes must happen outside the capture."""
+    it compiles or autotunes must happen outside the capture. `outputs`: gets fn's output in the graph (after
+    the replays: the last replay's)."""
     if device.type != "cuda":
         return _time_us(fn, iters, device)
     graph = torch.cuda.CUDAGraph()
     torch.cuda.synchronize(device)
     with torch.cuda.graph(graph):
-        fn()
-    return _time_us(graph.replay, iters, device)
+        y = fn()
+    us = _time_us(graph.replay, iters, device)
+    if outputs is not None:
+        outputs.append(y)
+    return us
 
 
 def copy_bandwidth_gbps(device: torch.device | str = "cuda", nbytes: int = 1 << 30, iters: int = 10) -> float:
@@ -1830,6 +1846,21 @@ def copy_bandwidth_gbps(device: torch.device | str = "cuda", nbytes: int = 1 << 
     return 2 * nbytes / us / 1e3
 
 
+def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |y - ref| / max |ref| (y in any dtype, ref fp32)."""
+    return ((y.float() - ref).abs().max() / ref.abs().max()).item()
+
+
+def fused_left_zero(device: torch.device, hidden: int) -> bool | None:
+    """Whether v5's held accumulator (of `hidden` rows) and counter on `device` are zero, as every call must leave
+    them (None: v5 never ran there)."""
+    acc = counters._HELD.get((f"moe_fused_acc_{hidden}", device))
+    count = counters._HELD.get(("moe_fused", device))
+    if acc is None or count is None:
+        return None
+    return not acc.any().item() and not count.any().item()
+
+
 def benchmark_moe_4bit(device: torch.device | str = "cuda", num_experts: int = 128, hidden: int = 2816,
                        inter: int = 704, top_k: int = 8, tokens: int = 1, quant_type: str = "nf4",
                        blocksize: int = 64, double_quant: bool = False, act: str = "gelu_pytorch_tanh",
@@ -1838,7 +1869,7 @@ def benchmark_moe_4bit(device: torch.device | str = "cuda", num_experts: int = 1
     """One MoE layer of random 4-bit experts (default: Gemma 4 26B-A4B, NF4, top-8, one token).
 
     Checks the kernel against `moe_4bit.reference` in fp32 (max_rel_err), times each tile config
-    in `configs` at `dtype` (default: SWEEP on CUDA, None, "v5", "v4" and "v2" interpreted, v5 for one token; from
+    in `configs` at `dtype` (default: SWEEP on CUDA, None, "v4" and "v2" interpreted; v5 for one token only; from
     GROUPED_MIN_TOKENS tokens the default kernels alone), eager and CUDA-graph replayed, and (baseline) the per-expert bitsandbytes backend quant.ffn.QuantizedExperts on the
     same bytes. bytes_per_call counts the distinct experts the call reads; gbps = bytes / time.
     `dry`: a scaled-down layer (scripts/gpu_check.py --dry on the CPU, where the kernels need
@@ -1860,7 +1891,7 @@ def benchmark_moe_4bit(device: torch.device | str = "cuda", num_experts: int = 1
     args = (buf.data, *buf.code_tables(), buf.offsets(), hidden, inter, blocksize, double_quant, act)
     if configs is None:  # a prefill-sized call: the grouped GEMMs alone (the GEMV kernels' A/B is a decode's)
         configs = ((None,) if tokens >= GROUPED_MIN_TOKENS else SWEEP if device.type == "cuda" and not interpreted()
-                   else (None, "v5", "v4", "v2"))
+                   else (None, "v4", "v2"))
     configs = [b for b in configs if b != "v5" or fused_fits(tokens, hidden, inter, blocksize)]  # v5: one token
 
     ref = reference(x, ids, w, *args)
@@ -1885,11 +1916,16 @@ def benchmark_moe_4bit(device: torch.device | str = "cuda", num_experts: int = 1
             out.setdefault("autotuned", {})[name] = tuned_configs(blocks)
         if blocks is None:
             out["stage_picks"] = {" ".join(map(str, key)): version for key, version in _PICKS.items()}
+        out["configs"][name]["max_rel_err_dtype"] = _rel_err(run(), ref)  # the timed calls' own output
         if graphs and device.type == "cuda":
-            g_us = _graph_us(run, iters, device)
+            replayed = []
+            g_us = _graph_us(run, iters, device, replayed)
             out["configs"][name].update(us_per_call_graph=round(g_us, 2),
-                                        gbps_graph=round(out["bytes_per_call"] / g_us / 1e3, 1))
+                                        gbps_graph=round(out["bytes_per_call"] / g_us / 1e3, 1),
+                                        max_rel_err_graph=_rel_err(replayed[0], ref))
             us = g_us  # the decode step replays a graph: launch overhead is not the kernels' time
+        if blocks == "v5" or isinstance(blocks, FusedTiles):  # its accumulator and counter back at zero after it all
+            out["configs"][name]["fused_left_zero"] = fused_left_zero(x.device, hidden)
         if us < best_us:
             best, best_us = blocks, us
     best_name = _config_name(best, v3, v4)
