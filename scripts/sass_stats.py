@@ -342,8 +342,8 @@ def fused_cases(tm, ptrs: dict, x: str, dq: bool, configs: list | None = None):
         j, w, r, warps = cfg.kwargs["BLOCK_J"], cfg.kwargs["BLOCK_W"], cfg.kwargs["BLOCK_R"], cfg.num_warps
         yield (f"v5 {x[1:]} dq={dq} j={j} w={w} r={r} warps={warps}", tm._moe_fused_kernel,
                dict(ptrs, acc_ptr="*fp32", acc_bits_ptr="*i32", count_ptr="*i32"),
-               dict(ACT=0, LOG_WPB=3, DOUBLE_QUANT=dq, LUT_SHFL=True, BLOCK_J=j, BLOCK_W=w, BLOCK_R=r, BLOCK_H=tm.FINAL_ROWS),
-               warps, 1, FUSED_DIVISIBLE)
+               dict(ACT=0, LOG_WPB=3, DOUBLE_QUANT=dq, LUT_SHFL=True, BLOCK_J=j, BLOCK_W=w, BLOCK_R=r,
+                    BLOCK_H=tm.FINAL_ROWS), warps, 1, FUSED_DIVISIBLE)
 
 
 def _pdl_cases():

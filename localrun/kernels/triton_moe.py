@@ -856,6 +856,21 @@ def _absmax_or_0(buf_u8, buf_f32, base, base32, blk, mask, absmax_off, nested_of
 
 
 @triton.jit
+def _gate_up_v4_first(buf_i32, buf_u8, buf_f32, base, codes_off, absmax_off, nested_off32, offset_off32, nested_code,
+                      row_w, mask_r, H_Q, LOG_WPB: tl.constexpr, DOUBLE_QUANT: tl.constexpr, BLOCK_W: tl.constexpr):
+    """(code words, absmax) of the first step of v4's gate_up tile of the expert at byte `base`: the rows whose
+    first words are row_w (where mask_r), BLOCK_W words of each; past the row, words 0 and absmax 0."""
+    ch = tl.arange(0, BLOCK_W // 4) * 4
+    wq = tl.arange(0, BLOCK_W)
+    words = tl.load(buf_i32 + base // 4 + codes_off // 4 + row_w[:, None] + wq[None, :],
+                    mask=mask_r[:, None] & (wq < H_Q)[None, :], other=0)
+    am = _absmax_or_0(buf_u8, buf_f32, base, base // 4, (row_w[:, None] + ch[None, :]) >> LOG_WPB,
+                      mask_r[:, None] & (ch < H_Q)[None, :], absmax_off, nested_off32, offset_off32, nested_code,
+                      DOUBLE_QUANT)
+    return words, am
+
+
+@triton.jit
 def _gate_up_v4_rows(words, am, codes, x_row, row_w, mask_r, buf_u8, buf_f32, base, base32, absmax_off, nested_off32,
                      offset_off32, nested_code, code, table, H_Q, LOG_WPB: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
                      LUT_SHFL: tl.constexpr, PROBE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
@@ -894,23 +909,14 @@ def _gate_up_v4_kernel(x_ptr, ids_ptr, order_ptr, h_ptr, buf_i32, buf_u8, buf_f3
     Tile [2 * BLOCK_N rows (gate rows, then the same up rows), BLOCK_W words], split in the threads into
     [rows, BLOCK_W / 4 chunks, 2, 2] (a 2-D load: Triton 3.6 puts chunks, not rows, on the lanes). EARLY: as
     v2's."""
-    NC: tl.constexpr = BLOCK_W // 4
     rr = tl.arange(0, 2 * BLOCK_N)
     r = tl.program_id(1) * BLOCK_N + rr % BLOCK_N
     mask_r = r < I
     row_w = ((rr // BLOCK_N) * I + r) * H_Q  # [2BN] first word of each row
-    ch = tl.arange(0, NC) * 4
-    wq = tl.arange(0, BLOCK_W)
-    c0 = ch
-    m2 = mask_r[:, None] & (c0 < H_Q)[None, :]
-    mw = mask_r[:, None] & (wq < H_Q)[None, :]
-    blk0 = (row_w[:, None] + c0[None, :]) >> LOG_WPB
     if EARLY:  # as v2's
         e0 = _gate_up_early_expert(early_ids_ptr, N_EXPERTS, SORTED)
-        base0 = e0 * expert_bytes
-        words = tl.load(buf_i32 + base0 // 4 + codes_off // 4 + row_w[:, None] + wq[None, :], mask=mw, other=0)
-        am = _absmax_or_0(buf_u8, buf_f32, base0, base0 // 4, blk0, m2, absmax_off, nested_off32, offset_off32,
-                          nested_code, DOUBLE_QUANT)
+        words, am = _gate_up_v4_first(buf_i32, buf_u8, buf_f32, e0 * expert_bytes, codes_off, absmax_off, nested_off32,
+                                      offset_off32, nested_code, row_w, mask_r, H_Q, LOG_WPB, DOUBLE_QUANT, BLOCK_W)
     pdl_start(PDL)
     p, t, e = _gate_up_pair(ids_ptr, order_ptr, K, SORTED, EARLY)
     base = e * expert_bytes
@@ -925,9 +931,8 @@ def _gate_up_v4_kernel(x_ptr, ids_ptr, order_ptr, h_ptr, buf_i32, buf_u8, buf_f3
     else:
         due: tl.constexpr = True
     if due:
-        words = tl.load(codes + wq[None, :], mask=mw, other=0)
-        am = _absmax_or_0(buf_u8, buf_f32, base, base32, blk0, m2, absmax_off, nested_off32, offset_off32,
-                          nested_code, DOUBLE_QUANT)
+        words, am = _gate_up_v4_first(buf_i32, buf_u8, buf_f32, base, codes_off, absmax_off, nested_off32,
+                                      offset_off32, nested_code, row_w, mask_r, H_Q, LOG_WPB, DOUBLE_QUANT, BLOCK_W)
     if DOWN_OFF > 0:  # as v2's (DOWN_OFF: PREFETCH_DOWN)
         _prefetch_down(buf_u8, base, expert_bytes, h_ptr + p * I, DOWN_OFF)
     gate, up = _gate_up_v4_rows(words, am, codes, x_row, row_w, mask_r, buf_u8, buf_f32, base, base32, absmax_off,
@@ -1063,9 +1068,22 @@ FUSED_CONFIGS = [_fused_cfg(j, w, r, warps) for j, w, r, warps in (
 
 
 @triton.jit
-def _moe_fused_kernel(x_ptr, ids_ptr, w_ptr, h_ptr, acc_ptr, acc_bits_ptr, count_ptr, y_ptr, buf_i32, buf_u8, buf_f32, code,
-                      nested_code, expert_bytes, codes_off, absmax_off, nested_off32, offset_off32, dn_codes_off,
-                      dn_absmax_off, dn_nested_off32, dn_offset_off32, K, H, H_Q, I, I_Q,
+def _down_columns(dn_codes, rows, cj, buf_u8, buf_f32, base, base32, absmax_off, nested_off32, offset_off32,
+                  nested_code, H, I_Q, LOG_WPB: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
+    """(code words [rows, chunks, 4], absmax [rows, chunks]) of a down matrix's chunks whose first words in a row
+    are cj, in each of `rows` (rows of I_Q words; dn_codes: the chunks' [1, chunks, 4] words in row 0); past H or
+    the row, words 0 and absmax 0."""
+    ok = (rows < H)[:, None] & (cj < I_Q)[None, :]
+    words = tl.load(dn_codes + (rows * I_Q)[:, None, None], mask=ok[:, :, None], other=0)
+    am = _absmax_or_0(buf_u8, buf_f32, base, base32, ((rows * I_Q)[:, None] + cj[None, :]) >> LOG_WPB, ok, absmax_off,
+                      nested_off32, offset_off32, nested_code, DOUBLE_QUANT)
+    return words, am
+
+
+@triton.jit
+def _moe_fused_kernel(x_ptr, ids_ptr, w_ptr, h_ptr, acc_ptr, acc_bits_ptr, count_ptr, y_ptr, buf_i32, buf_u8,
+                      buf_f32, code, nested_code, expert_bytes, codes_off, absmax_off, nested_off32, offset_off32,
+                      dn_codes_off, dn_absmax_off, dn_nested_off32, dn_offset_off32, K, H, H_Q, I, I_Q,
                       ACT: tl.constexpr, LOG_WPB: tl.constexpr, DOUBLE_QUANT: tl.constexpr, LUT_SHFL: tl.constexpr,
                       BLOCK_J: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
                       PDL: tl.constexpr = False):
@@ -1085,27 +1103,18 @@ def _moe_fused_kernel(x_ptr, ids_ptr, w_ptr, h_ptr, acc_ptr, acc_bits_ptr, count
     if LUT_SHFL:
         table = _lane_table(code)
     # down's first step of rows: its columns j (chunks past I weigh 0, their h clamped into the row)
-    rows = tl.arange(0, BLOCK_R)
     cj = jb * (BLOCK_J // 8) + tl.arange(0, NJ) * 4  # [NJ] first word of each chunk in a down row
-    ok_c = (cj < I_Q)[None, :]
-    q = tl.arange(0, 4)[None, None, :]
-    dn_codes = (buf_i32 + base32 + dn_codes_off // 4 + cj[None, :, None]) + q  # [1, NJ, 4] at row 0
-    ok = (rows < H)[:, None] & ok_c
-    dwords = tl.load(dn_codes + (rows * I_Q)[:, None, None], mask=ok[:, :, None], other=0)
-    dam = _absmax_or_0(buf_u8, buf_f32, base, base32, ((rows * I_Q)[:, None] + cj[None, :]) >> LOG_WPB, ok,
-                       dn_absmax_off, dn_nested_off32, dn_offset_off32, nested_code, DOUBLE_QUANT)
+    dn_codes = buf_i32 + base32 + dn_codes_off // 4 + cj[None, :, None] + tl.arange(0, 4)[None, None, :]  # row 0
+    dwords, dam = _down_columns(dn_codes, tl.arange(0, BLOCK_R), cj, buf_u8, buf_f32, base, base32, dn_absmax_off,
+                                dn_nested_off32, dn_offset_off32, nested_code, H, I_Q, LOG_WPB, DOUBLE_QUANT)
     # 1. gate / up rows j: v4's tile
     rr = tl.arange(0, 2 * BLOCK_J)
     r = jb * BLOCK_J + rr % BLOCK_J
     mask_r = r < I
     row_w = ((rr // BLOCK_J) * I + r) * H_Q  # [2 BLOCK_J] first word of each row
-    ch = tl.arange(0, BLOCK_W // 4) * 4
-    wq = tl.arange(0, BLOCK_W)
     codes = buf_i32 + base32 + codes_off // 4 + row_w[:, None]
-    words = tl.load(codes + wq[None, :], mask=mask_r[:, None] & (wq < H_Q)[None, :], other=0)
-    am = _absmax_or_0(buf_u8, buf_f32, base, base32, (row_w[:, None] + ch[None, :]) >> LOG_WPB,
-                      mask_r[:, None] & (ch < H_Q)[None, :], absmax_off, nested_off32, offset_off32, nested_code,
-                      DOUBLE_QUANT)
+    words, am = _gate_up_v4_first(buf_i32, buf_u8, buf_f32, base, codes_off, absmax_off, nested_off32, offset_off32,
+                                  nested_code, row_w, mask_r, H_Q, LOG_WPB, DOUBLE_QUANT, BLOCK_W)
     gate, up = _gate_up_v4_rows(words, am, codes, x_ptr, row_w, mask_r, buf_u8, buf_f32, base, base32, absmax_off,
                                 nested_off32, offset_off32, nested_code, code, table, H_Q, LOG_WPB, DOUBLE_QUANT,
                                 LUT_SHFL, 0, BLOCK_J, BLOCK_W)
@@ -1115,11 +1124,9 @@ def _moe_fused_kernel(x_ptr, ids_ptr, w_ptr, h_ptr, acc_ptr, acc_bits_ptr, count
     # 2. down's columns j of every row, BLOCK_R rows a step, the next step requested before this one's math
     h_vec = h_ptr + k * I + tl.minimum(cj, I_Q - 4)[None, :] * 8  # [1, NJ]
     for step in range(0, tl.cdiv(H, BLOCK_R)):
-        rows_n = (step + 1) * BLOCK_R + tl.arange(0, BLOCK_R)
-        ok_n = (rows_n < H)[:, None] & ok_c
-        dwords_n = tl.load(dn_codes + (rows_n * I_Q)[:, None, None], mask=ok_n[:, :, None], other=0)
-        dam_n = _absmax_or_0(buf_u8, buf_f32, base, base32, ((rows_n * I_Q)[:, None] + cj[None, :]) >> LOG_WPB, ok_n,
-                             dn_absmax_off, dn_nested_off32, dn_offset_off32, nested_code, DOUBLE_QUANT)
+        dwords_n, dam_n = _down_columns(dn_codes, (step + 1) * BLOCK_R + tl.arange(0, BLOCK_R), cj, buf_u8, buf_f32,
+                                        base, base32, dn_absmax_off, dn_nested_off32, dn_offset_off32, nested_code, H,
+                                        I_Q, LOG_WPB, DOUBLE_QUANT)
         s = tl.sum(_chunk_sums_v4(tl.reshape(dwords, [BLOCK_R, NJ, 2, 2]), h_vec, code, table, LUT_SHFL, 0) * dam,
                    axis=1)
         rows = step * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -1328,9 +1335,9 @@ def _moe_4bit_fused(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hid
     acc = counters.held(f"moe_fused_acc_{hidden}", device, hidden, torch.float32)
     count = counters.held("moe_fused", device, 1)
     e = c.experts
-    args = (c.x, c.ids, c.w, c.h, acc, acc.view(torch.int32), count, c.y, e.view(torch.int32), e, e.view(torch.float32), c.code,
-            c.nested_code, e.shape[1], *_matrix_args(c.offsets[:4]), *_matrix_args(c.offsets[4:]), c.K, c.H, c.H // 8,
-            c.I, c.I // 8)
+    args = (c.x, c.ids, c.w, c.h, acc, acc.view(torch.int32), count, c.y, e.view(torch.int32), e,
+            e.view(torch.float32), c.code, c.nested_code, e.shape[1], *_matrix_args(c.offsets[:4]),
+            *_matrix_args(c.offsets[4:]), c.K, c.H, c.H // 8, c.I, c.I // 8)
     meta = dict(ACT=ACT_CODES[c.act], LOG_WPB=(c.blocksize // 8).bit_length() - 1, DOUBLE_QUANT=c.double_quant,
                 LUT_SHFL=inline_ptx(device), BLOCK_H=min(triton.next_power_of_2(c.H), FINAL_ROWS),
                 **triton_pdl.launch(device))
