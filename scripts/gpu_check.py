@@ -1652,6 +1652,39 @@ STEP_FUNCTIONS = {"env": step_env, "attention": step_attention, "exact": step_ex
 
 # The driver ----------------------------------------------------------------------------------
 
+class TritonCompiles:
+    """What Triton's compiler cost a step: kernels compiled, their seconds (Triton's own timer: IR,
+    lowering, ptxas, storing), and cache hits; what precompiling for the GPU machine could save of a
+    lease. Counted through Triton's compilation listener (none under the interpreter)."""
+
+    def __init__(self) -> None:
+        self.compiled, self.seconds, self.hits = 0, 0.0, 0
+
+    def __call__(self, *, src, metadata, metadata_group, times, cache_hit: bool) -> None:
+        if cache_hit:
+            self.hits += 1
+        else:
+            self.compiled += 1
+            self.seconds += times.total / 1e6
+
+    def value(self) -> dict:
+        return {"compiled": self.compiled, "compile_s": round(self.seconds, 1), "cache_hits": self.hits}
+
+    @contextlib.contextmanager
+    def listening(self):
+        """Count while inside; the listener there before is put back after (no Triton: counts nothing)."""
+        try:
+            from triton import knobs
+        except ImportError:  # no triton, or one too old for knobs.compilation.listener
+            yield self
+            return
+        before, knobs.compilation.listener = knobs.compilation.listener, self
+        try:
+            yield self
+        finally:
+            knobs.compilation.listener = before
+
+
 def run_child(step: str, dry: bool, result: Path, on_progress=None) -> None:
     """Inside the child process (or inline): run one step and write its result as JSON; until it ends,
     the result file holds an `unfinished` error with what the step measured so far (`partial`), and
@@ -1666,15 +1699,18 @@ def run_child(step: str, dry: bool, result: Path, on_progress=None) -> None:
         if on_progress is not None:
             on_progress(value)
     PROGRESS.done, PROGRESS.flush = {}, flush
+    compiles = TritonCompiles()
     try:
-        value = STEP_FUNCTIONS[step](dry)
+        with compiles.listening():
+            value = STEP_FUNCTIONS[step](dry)
     except BaseException as e:  # noqa: BLE001 - the report records whatever stopped the step
         traceback.print_exc()
         value = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-3000:],
                  "partial": PROGRESS.done}
     finally:
         PROGRESS.flush = lambda: None
-    value = {"seconds": round(time.perf_counter() - start, 1), **value} if isinstance(value, dict) else value
+    if isinstance(value, dict):
+        value = {"seconds": round(time.perf_counter() - start, 1), "triton_compiles": compiles.value(), **value}
     result.write_text(json.dumps(value, default=str, indent=1))
 
 
@@ -1704,7 +1740,7 @@ def run_steps(steps: list[str], dry: bool, out_dir: Path, inline: bool = False,
                 result = Path(tmp) / "result.json"
                 run_child(step, dry, result, progress)
                 value = json.loads(result.read_text())
-            report["steps"][step] = value
+            report["steps"][step] = value = compile_costs(report, step, value)
             print(f"-- {step}: {'FAILED ' + value['error'] if 'error' in value else 'ok'} in {value['seconds']} s",
                   flush=True)
             write_report(report, out_dir)
@@ -1727,11 +1763,20 @@ def run_steps(steps: list[str], dry: bool, out_dir: Path, inline: bool = False,
                 partial = json.loads(result.read_text()).get("partial") if result.is_file() else None
                 value = {"error": f"timed out after {limit} s", **({"partial": partial} if partial else {})}
             value.setdefault("seconds", round(time.perf_counter() - start, 1))
-        report["steps"][step] = value
+        report["steps"][step] = value = compile_costs(report, step, value)
         print(f"-- {step}: {'FAILED ' + value['error'] if 'error' in value else 'ok'} in {value['seconds']} s",
               flush=True)
         write_report(report, out_dir)
     return report
+
+
+def compile_costs(report: dict, step: str, value: dict) -> dict:
+    """`value` without its `triton_compiles` (run_child's count), which goes to the report's own
+    `triton_compiles` under `step`: the steps' values hold measurements alone."""
+    costs = value.pop("triton_compiles", None)
+    if costs is not None:
+        report.setdefault("triton_compiles", {})[step] = costs
+    return value
 
 
 def write_report(report: dict, out_dir: Path) -> None:
@@ -1747,7 +1792,9 @@ def markdown(report: dict) -> str:
              f"(CUDA {env.get('cuda', '?')}), bitsandbytes {env.get('bitsandbytes', '?')}, triton {env.get('triton', '?')}.",
              ""]
     for step, value in report["steps"].items():
-        lines += [f"## {step} ({value.get('seconds', '?')} s)", ""]
+        costs = report.get("triton_compiles", {}).get(step, {})
+        spent = f"; Triton compiled {costs['compiled']} kernels in {costs['compile_s']} s" if costs.get("compiled") else ""
+        lines += [f"## {step} ({value.get('seconds', '?')} s{spent})", ""]
         if "error" in value:
             lines += [f"**FAILED**: `{value['error']}`", ""]
             if value.get("traceback"):

@@ -23,6 +23,8 @@ def test_dry_run_writes_a_complete_report(tmp_path):
     steps = report["steps"]
     assert report["dry"] and set(steps) == {"env", "attention", "exact", "demo", "big", "kernels", "bench", "compiled"}
     assert not [name for name, value in steps.items() if "error" in value]
+    assert set(report["triton_compiles"]) == set(steps)  # the interpreter compiles nothing
+    assert all(costs["compiled"] == 0 for costs in report["triton_compiles"].values())
     for row in steps["exact"]["tiny"].values():  # CPU stand-in: the same device on both sides
         assert "error" not in row
         assert row.get("tokens_identical", True)
@@ -585,3 +587,55 @@ def test_probes_mode_runs_only_the_probes_and_the_gemv_rows(monkeypatch):
     one = out["decode nf4 bs64 one launch"]
     assert one["max_rel_err"] < 1e-5 and one["configs"]["v5 autotuned"]["fused_left_zero"] is True
     assert all(row["max_rel_err_dtype"] < 1e-2 for row in one["configs"].values())  # the timed bf16 calls' output
+
+
+COMPILE_TWICE = """
+import json, sys, tempfile
+sys.path.insert(0, sys.argv[1])
+import triton, triton.language as tl
+from triton import knobs
+import gpu_check, sass_stats
+
+@triton.jit
+def _scaled(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    i = tl.arange(0, BLOCK)
+    tl.store(y_ptr + i, tl.load(x_ptr + i, mask=i < n) * 2.0, mask=i < n)
+
+before = object()
+knobs.compilation.listener = before
+knobs.cache.dir = tempfile.mkdtemp()
+counted = gpu_check.TritonCompiles()
+with counted.listening():
+    for _ in range(2):  # the second is a cache hit
+        sass_stats.compile_kernel(_scaled, {"BLOCK": 64}, 1, 90, {"x_ptr": "*fp32", "y_ptr": "*fp32"})
+print(json.dumps({**counted.value(), "restored": knobs.compilation.listener is before}))
+"""
+
+
+def test_triton_compiles_are_counted_with_their_seconds_and_the_listener_restored(tmp_path):
+    pytest.importorskip("triton")
+    ptxas = Path(__import__("triton").__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    if not ptxas.exists():
+        pytest.skip("triton without its NVIDIA backend tools")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile, do not interpret
+    script = tmp_path / "compile_twice.py"  # @triton.jit reads its source from a file
+    script.write_text(COMPILE_TWICE)
+    run = subprocess.run([sys.executable, str(script), str(SCRIPT.parent)], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    counted = json.loads(run.stdout.splitlines()[-1])
+    assert counted["compiled"] == 1 and counted["cache_hits"] == 1 and counted["restored"]
+    assert counted["compile_s"] > 0
+
+
+def test_the_report_names_what_triton_compiled_in_each_step():
+    check = _script()
+    report = {"dry": False, "started": "now", "steps": {}}
+    for step, compiled in (("env", 0), ("kernels", 42)):  # as run_child hands each step's value over
+        value = {"seconds": 1.0 + compiled, "triton_compiles": {"compiled": compiled, "compile_s": 0.75 * compiled,
+                                                                "cache_hits": 3}, "row": 1}
+        report["steps"][step] = check.compile_costs(report, step, value)
+    assert report["steps"]["kernels"] == {"seconds": 43.0, "row": 1}
+    assert report["triton_compiles"]["kernels"] == {"compiled": 42, "compile_s": 31.5, "cache_hits": 3}
+    text = check.markdown(report)
+    assert "## env (1.0 s)" in text and "## kernels (43.0 s; Triton compiled 42 kernels in 31.5 s)" in text
