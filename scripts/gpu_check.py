@@ -28,9 +28,9 @@ Steps:
              of three target sets, the down matrices asked of the L2 by gate_up) in alternating
              rounds (decode_ab_graphs: each side's rounds, median, spread, ratio to the default;
              GPU_CHECK_AB_ROUNDS, 3), then with GPU_CHECK_DECIDED=1 (the default; 0 for a lease's first
-             call) each default decode kernel off and each other opt-in one on and v3 where faster per
-             stage (or v2 alone) in the same rounds; then the winners together (each side that beat the
-             default after both prompts by more than the spreads, the best of each family) against the
+             call) each default decode kernel off and each other opt-in one on in the same rounds;
+             then the winners together (each side that beat the default after both prompts by more
+             than the spreads, the best of each family) against the
              default in the same rounds (decode_ab_graphs_winners, tokens_graphs_winners;
              GPU_CHECK_WINNERS=tag,tag names the sides instead); each switch's launches a token and first greedy
              divergence from the default (per_token_graphs_TAG, tokens_graphs_TAG; GPU_CHECK_SIDE_ROWS=winners:
@@ -46,7 +46,7 @@ Steps:
              capturing the decode graphs adds per span bucket (graph_memory), and at 16 GiB an
              8K-token prompt under the plan's budget: peak vs budget and workspace, out of memory or
              not, prefill tok/s (long_prompt; GPU_CHECK_LONG_PROMPT sets its tokens, 0 skips it)
-  kernels    4-bit MoE kernels vs bitsandbytes at 26B-A4B's shapes (decode: v4, v3, v2 and v1 with every
+  kernels    4-bit MoE kernels vs bitsandbytes at 26B-A4B's shapes (decode: v4, v2 and v1 with every
              autotune config's time; the grouped GEMMs at 512 tokens); split-key
              decode attention vs SDPA; a full layer's prefill attention (512 new tokens after 0 / 8192 /
              32768 keys), the flash kernel vs SDPA's math backend (time, error, peak bytes; its tile
@@ -890,15 +890,8 @@ def kernel_switched(name: str, on: bool, cache):
     return setting(gemma4.DECODE_KERNELS, name, on, cache)
 
 
-def moe_v3_switched(on: bool, cache):
-    """Within: the v3 4-bit MoE decode kernels on or off (off: v2 alone)."""
-    from localrun.kernels import triton_moe
-
-    return setting(triton_moe, "USE_V3", on, cache)
-
-
 def moe_v4_switched(on: bool, cache):
-    """Within: the v4 4-bit MoE decode kernels on or off (on: v4 wherever v3 fits, neither v3 nor v2)."""
+    """Within: the v4 4-bit MoE decode kernels on or off (on: v4 wherever `chunks_fit`, not v2)."""
     from localrun.kernels import triton_moe
 
     return setting(triton_moe, "USE_V4", on, cache)
@@ -1007,8 +1000,6 @@ def side_edit(tag: str) -> str | None:
     """The edit that makes side `tag` the default (SIDE_EDITS; decided_switches' sides by their names)."""
     if tag in SIDE_EDITS:
         return SIDE_EDITS[tag]
-    if tag in ("with_v3_moe", "with_v2_moe"):
-        return f"localrun/kernels/triton_moe.py: USE_V3 = {tag == 'with_v3_moe'}"
     for prefix, on in (("without_", False), ("with_", True)):
         if tag.startswith(prefix):
             return f'localrun/models/gemma4.py: DECODE_KERNELS["{tag.removeprefix(prefix)}"] = {on}'
@@ -1057,9 +1048,7 @@ def winners_named(sides: dict) -> list[str]:
 
 
 def decided_switches(cache) -> dict:
-    """A/B sides of the settled switches: each default decode kernel off, each other opt-in one on, the
-    v3 MoE kernels where faster per stage instead of v2 (or the reverse)."""
-    from localrun.kernels import triton_moe
+    """A/B sides of the settled switches: each default decode kernel off, each other opt-in one on."""
     from localrun.models.gemma4 import CPU_ONLY_KERNELS, DECODE_KERNELS
 
     opened = {"parallel_mlp", "norms_route", "fused_qkv_attention", "mlp_router_gemm", "l2_prefetch",
@@ -1069,8 +1058,6 @@ def decided_switches(cache) -> dict:
         if name not in CPU_ONLY_KERNELS and name not in opened:
             sides[f"{'without' if on else 'with'}_{name}"] = lambda name=name, on=on: kernel_switched(
                 name, not on, cache)
-    other = not triton_moe.USE_V3
-    sides[f"with_{'v3' if other else 'v2'}_moe"] = lambda: moe_v3_switched(other, cache)
     return sides
 
 

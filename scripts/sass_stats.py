@@ -157,16 +157,6 @@ def cases():
 
     H, I, blocksize = 2816, 704, 64
     log_wpb = (blocksize // 8).bit_length() - 1
-    for cfg in tm.GATE_UP_V3_CONFIGS:
-        n, w, warps = cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_W"], cfg.num_warps
-        yield (f"v3 gate_up n={n} w={w} warps={warps}", tm._gate_up_v3_kernel,
-               dict(ACT=0, LOG_WPB=log_wpb, DOUBLE_QUANT=False, SORTED=False, BLOCK_N=n, BLOCK_W=w),
-               warps, 2 * n * w * 8 / (32 * warps))
-    for cfg in tm.DOWN_V3_CONFIGS:
-        n, w, warps = cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_W"], cfg.num_warps
-        yield (f"v3 down n={n} w={w} warps={warps}", tm._down_v3_kernel,
-               dict(LOG_WPB=log_wpb, DOUBLE_QUANT=False, KE=TOP_K, BLOCK_N=n, BLOCK_W=w),
-               warps, TOP_K * n * w * 8 / (32 * warps))
     for cfg in tm.GATE_UP_V4_CONFIGS:
         n, w, warps = cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_W"], cfg.num_warps
         yield (f"v4 gate_up n={n} w={w} warps={warps}", tm._gate_up_v4_kernel,
@@ -188,7 +178,7 @@ def cases():
 
 def compile_cases(arch: int = 90):
     """(name, kernel, pointer types, constexprs, warps[, stages[, divisible]]): the CUDA step's Triton
-    kernels not yet run on a GPU (v3, v4, ...), in the variants it launches (dtypes, double quant, sorted
+    kernels not yet run on a GPU (v4, v5, ...), in the variants it launches (dtypes, double quant, sorted
     pairs, rings, the next norm), each autotune config of the prefill's grouped 4-bit GEMMs and of the dense GEMV
     (opt-in), and the prefill's flash attention kernel at its tiles; from sm_90 (`arch` 90) also every
     decode kernel with programmatic dependent launch on."""
@@ -197,11 +187,6 @@ def compile_cases(arch: int = 90):
     for x in ("*bf16", "*fp32"):
         ptrs = dict(POINTERS, x_ptr=x, y_ptr=x)
         for dq in (False, True):
-            for sort in (False, True):
-                yield (f"v3 gate_up {x[1:]} dq={dq} sorted={sort}", triton_moe._gate_up_v3_kernel, ptrs,
-                       dict(ACT=0, LOG_WPB=3, DOUBLE_QUANT=dq, SORTED=sort, BLOCK_N=4, BLOCK_W=32), 1)
-            yield (f"v3 down {x[1:]} dq={dq}", triton_moe._down_v3_kernel, ptrs,
-                   dict(LOG_WPB=3, DOUBLE_QUANT=dq, KE=TOP_K, BLOCK_N=8, BLOCK_W=16), 4)
             yield from v4_cases(triton_moe, ptrs, x, dq)
             yield from fused_cases(triton_moe, ptrs, x, dq, triton_moe.FUSED_CONFIGS if (x, dq) == ("*bf16", False)
                                    else None)
@@ -354,14 +339,11 @@ def _pdl_cases():
     b = "*bf16"
     ptrs = lambda fn, **types: {n: types.get(n, b) for n in fn.arg_names if n.endswith("_ptr")}  # noqa: E731
     moe = dict(POINTERS, x_ptr=b, y_ptr=b)
-    v3 = dict(LOG_WPB=3, DOUBLE_QUANT=False)
     v2 = dict(BLOCKSIZE=64, DOUBLE_QUANT=False, BB=32)
-    v4 = dict(v3, LUT_SHFL=True)
+    v4 = dict(LOG_WPB=3, DOUBLE_QUANT=False, LUT_SHFL=True)
     kernels = [
         (triton_moe._gate_up_v4_kernel, moe, dict(v4, ACT=0, SORTED=False, BLOCK_N=4, BLOCK_W=128), 1),
         (triton_moe._down_v4_kernel, moe, dict(v4, KE=TOP_K, BLOCK_N=4, BLOCK_W=32), 1),
-        (triton_moe._gate_up_v3_kernel, moe, dict(v3, ACT=0, SORTED=False, BLOCK_N=4, BLOCK_W=32), 1),
-        (triton_moe._down_v3_kernel, moe, dict(v3, KE=TOP_K, BLOCK_N=8, BLOCK_W=16), 4),
         (triton_moe._gate_up_v2_kernel, moe, dict(v2, ACT=0, SORTED=False, BLOCK_N=4, BLOCK_K=128), 1),
         (triton_moe._down_v2_kernel, moe, dict(v2, KE=TOP_K, BLOCK_N=8, BLOCK_K=64), 4),
         (triton_gemv._gemv_kernel, ptrs(triton_gemv._gemv_kernel), dict(BM=2, HAS_BIAS=True, BLOCK_N=4, BLOCK_K=512,

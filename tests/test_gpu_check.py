@@ -68,7 +68,7 @@ def test_dry_run_writes_a_complete_report(tmp_path):
     ab = resident["decode_ab_static"]  # the default and every switch, alternating (one round dry)
     assert {"default", "with_v4_moe", "with_v4_gate_up_moe", "with_pdl", "with_parallel_mlp",
             "with_parallel_mlp_and_norms_route", "without_fused_qkv_attention", "with_in_place_combine",
-            "with_every_open_switch", "without_mlp_router_gemm", "without_dense_gemv", "with_v3_moe",
+            "with_every_open_switch", "without_mlp_router_gemm", "without_dense_gemv", "with_fused_moe",
             "with_l2_prefetch", "with_l2_prefetch_of_the_next_qkv", "with_l2_prefetch_and_the_mlp",
             "with_down_prefetch", "with_pdl_and_early_moe"} <= set(ab), ab
     for side in (v for v in ab.values() if isinstance(v, dict)):
@@ -86,7 +86,7 @@ def test_dry_run_writes_a_complete_report(tmp_path):
     assert resident["tokens_static_without_fused_qkv_attention"]["first_divergence_from_default"] is None
     assert resident["tokens_static_with_parallel_mlp"]["first_divergence_from_default"] is None
     assert resident["tokens_static_with_parallel_mlp_and_norms_route"]["first_divergence_from_default"] is None
-    assert resident["tokens_static_with_v3_moe"]["first_divergence_from_default"] is None  # the other MoE kernels
+    assert resident["tokens_static_with_v4_moe"]["first_divergence_from_default"] is None  # the other MoE kernels
     kernels = steps["kernels"]
     assert all("error" not in v for k, v in kernels.items() if isinstance(v, dict))
     assert kernels["zero_copy"]["host_rows_equal"] and kernels["zero_copy"]["torch_pinned_equal"]  # rows by address
@@ -414,7 +414,7 @@ def test_fit_efficiency_reproduces_the_h200_figures_localrun_ships(monkeypatch):
     from localrun import hardware
 
     check = _script()
-    names = ["_gate_up_v2_kernel", "nvjet_sm90_tst_64x8_64x16_2x1_v_bz_splitK_TNT", "_down_v3_kernel",
+    names = ["_gate_up_v2_kernel", "nvjet_sm90_tst_64x8_64x16_2x1_v_bz_splitK_TNT", "_down_v4_kernel",
              "void cublasLt::splitKreduce_kernel<32, 16, int, float", "_gemv_kernel", "_gate_up_grouped_kernel"]
     others = ["_decode_partial_kernel", "_route_kernel", "_rms_norm_kernel", "_ffn_residual_kernel",
               "void at::native::index_elementwise_kernel<128, 4>", "_qkv_write_kernel"]

@@ -156,121 +156,29 @@ def test_benchmark_helper_runs_on_cpu():
     assert out["us_per_call"] > 0 and out["bytes_per_call"] > 0
 
 
-# -- the v3 decode kernels (rows of whole 32-weight chunks) ---------------------------------
-
-# rows of 2 / 3 chunks; blocks of 128 span rows of 64 and 96 weights
-V3_SHAPES = [(64, 32, 5), (96, 64, 4)]
-
-
-def v3_tiles(which):
-    return None if which is None else triton_moe.V3Tiles(gate_up_n=4, gate_up_w=4, gate_up_warps=1,
-                                                         down_n=4, down_w=4, down_warps=1)
-
-
-# every spec at the default tiles; the small tiles (every loop several steps: ~10 s a case interpreted)
-# at two that between them take NF4 and FP4 and double quant on and off (v3 is opt-in, USE_V3 off since
-# the 2026-11-27 H200 run: the suite's 900 s keep its default tiles at every spec)
-V3_CASES = [(spec, None) for spec in SPECS] + [(spec, "small") for spec in SPECS if SPEC_IDS[SPECS.index(spec)] in
-                                               ("nf4-bs32-dq", "fp4-bs128")]
-
-
-@needs_triton
-@pytest.mark.parametrize("spec,tiles", V3_CASES,
-                         ids=[f"{SPEC_IDS[SPECS.index(s)]}-{'small' if t else 'default'}-tiles" for s, t in V3_CASES])
-def test_v3_matches_bnb(spec, tiles):
-    h, i, e = V3_SHAPES[SPECS.index(spec) % 2]
-    assert triton_moe.v3_fits(h, i, spec.blocksize)
-    buf = make_buffer(spec, e, h, i)
-    for t, k in ((1, 2), (4, 3)):  # T > 1: the same experts again in another order
-        ids, w = routing(t, k, e, seed=t)
-        x = torch.randn(t, h, generator=torch.Generator().manual_seed(t))
-        y = triton_moe.moe_4bit_triton(x, ids, w, buf.data, *buf.code_tables(), buf.offsets(), h, i, spec.blocksize,
-                                       spec.double_quant, "gelu_pytorch_tanh", blocks=v3_tiles(tiles))
-        assert rel_err(y, bnb_moe(buf, x, ids, w, "gelu_pytorch_tanh")) < RTOL, (t, k)
-
-
 @needs_triton
 def test_default_decode_kernels_by_shape(monkeypatch):
-    """v2 where rows are whole words, else v1 (USE_V3 off, the default the H200 measured); USE_V3 on:
-    v3 where rows are whole chunks."""
+    """v2 where rows are whole words, else v1 (USE_V4 and USE_FUSED off: the default the H200 measured)."""
     used = []
-    for name in ("_moe_4bit_v1", "_moe_4bit_v2", "_moe_4bit_v3"):
+    for name in ("_moe_4bit_v1", "_moe_4bit_v2", "_moe_4bit_v4", "_moe_4bit_fused"):
         real = getattr(triton_moe, name)
         monkeypatch.setattr(triton_moe, name,
-                            lambda *a, real=real, name=name, **kw: used.append(name[-2:]) or real(*a, **kw))
+                            lambda *a, real=real, name=name, **kw: used.append(name) or real(*a, **kw))
     spec = QuantSpec("nf4", 64, False)
     for h, i in ((64, 32), (64, 48), (36, 10)):
         buf = make_buffer(spec, 4, h, i)
         ids, w = routing(1, 2, 4)
         run_triton(buf, torch.randn(1, h), ids, w, "silu")
-    assert used == ["v2", "v2", "v1"]
-    monkeypatch.setattr(triton_moe, "USE_V3", True)
-    for h, i in ((64, 32), (64, 48)):
-        buf = make_buffer(spec, 4, h, i)
-        run_triton(buf, torch.randn(1, h), *routing(1, 2, 4), "silu")
-    assert used[-2:] == ["v3", "v2"]
-    assert not triton_moe.v3_fits(64, 32, 16) and not triton_moe.v3_fits(64, 32, 96)
+    assert used == ["_moe_4bit_v2", "_moe_4bit_v2", "_moe_4bit_v1"]
+    assert triton_moe.chunks_fit(64, 32, 64) and not triton_moe.chunks_fit(64, 48, 64)
+    assert not triton_moe.chunks_fit(64, 32, 16) and not triton_moe.chunks_fit(64, 32, 96)
 
 
 @needs_triton
-def test_each_stage_runs_its_faster_version_timed_once(monkeypatch):
-    """_run_stage: the first call of a key autotunes and times both versions of the stage, then runs
-    the faster; later calls of that key run it alone; another key (here: T) is timed anew."""
-    ran, timed = [], []
-    fake = {stage: {v: (lambda c, tiles, stage=stage, v=v: ran.append((stage, v))) for v in ("v3", "v2")}
-            for stage in ("gate_up", "down")}
-    monkeypatch.setattr(triton_moe, "STAGES", fake)
-    monkeypatch.setattr(triton_moe, "_PICKS", {})
-    speed = {("gate_up", "v3"): 1.0, ("gate_up", "v2"): 2.0, ("down", "v3"): 3.0, ("down", "v2"): 2.5}
-
-    def stage_ms(launch):
-        launch()
-        timed.append(ran[-1])
-        return speed[ran[-1]]
-    monkeypatch.setattr(triton_moe, "_stage_ms", stage_ms)
-    spec = QuantSpec("nf4", 64, False)
-    buf = make_buffer(spec, 4, 64, 32)
-    ids, w = routing(1, 2, 4)
-    c = triton_moe._prepare(torch.randn(1, 64), ids, w, buf.data, *buf.code_tables(), buf.offsets(), 64, 32, 64,
-                            False, "silu")
-    assert [triton_moe._run_stage(s, c) for s in ("gate_up", "down")] == ["v3", "v2"]
-    assert sorted(timed) == sorted(speed)
-    ran.clear(), timed.clear()
-    assert [triton_moe._run_stage(s, c) for s in ("gate_up", "down")] == ["v3", "v2"]
-    assert ran == [("gate_up", "v3"), ("down", "v2")] and not timed
-    c4 = triton_moe._prepare(torch.randn(4, 64), *routing(4, 2, 4), buf.data, *buf.code_tables(), buf.offsets(), 64,
-                             32, 64, False, "silu")
-    triton_moe._run_stage("down", c4)
-    assert len(timed) == 2 and len(triton_moe._PICKS) == 3
-
-
-@needs_triton
-@pytest.mark.parametrize("gate_up,down", [("v3", "v2"), ("v2", "v3")])
-def test_stages_of_either_version_combine(gate_up, down):
-    """v3 and v2 hand over the same h (fp32 [T*K, I]), so a picked mix computes the layer."""
-    spec = QuantSpec("fp4", 64, True)
-    buf = make_buffer(spec, 5, 96, 64)
-    ids, w = routing(3, 2, 5)
-    x = torch.randn(3, 96)
-    c = triton_moe._prepare(x, ids, w, buf.data, *buf.code_tables(), buf.offsets(), 96, 64, 64, True, "silu")
-    tiles = {"v3": triton_moe.INTERPRETER_V3, "v2": triton_moe.INTERPRETER_TILES}
-    triton_moe.STAGES["gate_up"][gate_up](c, tiles[gate_up])
-    triton_moe.STAGES["down"][down](c, tiles[down])
-    assert rel_err(c.y, bnb_moe(buf, x, ids, w, "silu")) < RTOL
-
-
-@needs_triton
-def test_v3_tiles_refuse_rows_of_partial_chunks():
-    buf = make_buffer(QuantSpec("nf4", 64, False), 4, 64, 48)
-    ids, w = routing(1, 2, 4)
-    with pytest.raises(ValueError, match="multiples of 32"):
-        triton_moe.moe_4bit_triton(torch.randn(1, 64), ids, w, buf.data, *buf.code_tables(), buf.offsets(), 64, 48,
-                                   64, False, "silu", blocks=v3_tiles("small"))
-
-
-@needs_triton
-def test_v3_with_an_unaligned_code_table():
-    """The kernel ORs nibble offsets into the table's address: a table off a 64-byte boundary is copied first."""
+@pytest.mark.parametrize("blocks", ["v4", "v5"])
+def test_chunk_kernels_with_an_unaligned_code_table(blocks):
+    """The chunk kernels OR nibble offsets into the table's address (under the interpreter v4 and v5 read
+    the table from memory): a table off a 64-byte boundary is copied first."""
     spec = QuantSpec("fp4", 64, True)
     buf = make_buffer(spec, 4, 64, 32)
     code, nested = buf.code_tables()
@@ -278,14 +186,18 @@ def test_v3_with_an_unaligned_code_table():
     shifted = backing[1:]
     shifted.copy_(code)
     assert shifted.data_ptr() % triton_moe.TABLE_ALIGN
-    ids, w = routing(3, 2, 4)
-    x = torch.randn(3, 64)
-    y = triton_moe.moe_4bit_triton(x, ids, w, buf.data, shifted, nested, buf.offsets(), 64, 32, 64, True, "silu")
+    t = 1 if blocks == "v5" else 3  # v5 takes one token
+    ids, w = routing(t, 2, 4)
+    x = torch.randn(t, 64)
+    y = triton_moe.moe_4bit_triton(x, ids, w, buf.data, shifted, nested, buf.offsets(), 64, 32, 64, True, "silu",
+                                   blocks=blocks)
     assert rel_err(y, bnb_moe(buf, x, ids, w, "silu")) < RTOL
 
 
 # -- the v4 decode kernels (the table in the lanes; under the interpreter it is read from memory) ----
 
+# rows of 2 / 3 chunks; blocks of 128 span rows of 64 and 96 weights
+CHUNK_SHAPES = [(64, 32, 5), (96, 64, 4)]
 SMALL_V4_TILES = triton_moe.V4Tiles(gate_up_n=8, gate_up_w=4, gate_up_warps=1, down_n=16, down_w=4,
                                     down_warps=1) if triton_moe else None
 
@@ -295,7 +207,7 @@ SMALL_V4_TILES = triton_moe.V4Tiles(gate_up_n=8, gate_up_w=4, gate_up_warps=1, d
 def test_v4_matches_bnb(spec):
     """v4 at its interpreter tiles: steps wider than the rows (the chunks past a row weigh 0, also with
     double quant, whose masked absmax would be the nested offset), top-3 padded to 4 expert slots."""
-    h, i, e = V3_SHAPES[SPECS.index(spec) % 2]
+    h, i, e = CHUNK_SHAPES[SPECS.index(spec) % 2]
     buf = make_buffer(spec, e, h, i)
     for t, k in ((1, 2), (4, 3)):  # T > 1: the same experts again in another order
         ids, w = routing(t, k, e, seed=t)
@@ -409,10 +321,10 @@ def test_early_loads_only_for_one_token_under_pdl(monkeypatch):
 
 @needs_triton
 def test_use_v4_switches_the_default(monkeypatch):
-    """USE_V4 sends the default decode path to v4 where v3 fits, and leaves the shapes v3 does not take
-    to v2; v4 tiles refuse rows of partial chunks as v3's do."""
+    """USE_V4 sends the default decode path to v4 where `chunks_fit`, and leaves the other shapes to v2;
+    v4 tiles refuse rows of partial chunks."""
     used = []
-    for name in ("_moe_4bit_v2", "_moe_4bit_v3", "_moe_4bit_v4"):
+    for name in ("_moe_4bit_v2", "_moe_4bit_v4"):
         real = getattr(triton_moe, name)
         monkeypatch.setattr(triton_moe, name,
                             lambda *a, real=real, name=name, **kw: used.append(name[-2:]) or real(*a, **kw))
@@ -472,7 +384,7 @@ def test_v5_matches_bnb(spec):
     """v5 at its interpreter tiles, NF4 and FP4, with and without double quant, top-2 / 3 / 4 of 4-5 experts
     (3 padded to no slot: the grid is K programs a column block), I = 64 in two column blocks at every spec;
     called again, the same bits (the accumulator and counters left zero in between)."""
-    h, i, e = V3_SHAPES[1]
+    h, i, e = CHUNK_SHAPES[1]
     buf = make_buffer(spec, e, h, i)
     for k in (2, 3, 4):
         ids, w = routing(1, k, e, seed=k)
@@ -517,8 +429,8 @@ def test_v5_at_the_26b_shape():
 
 @needs_triton
 def test_use_fused_switches_one_token_only(monkeypatch):
-    """USE_FUSED sends a decoded token to v5 where its rows are whole chunks; two tokens, and rows v3 does not
-    take, keep their kernels; v5 asked for by name refuses what it cannot run, in one line."""
+    """USE_FUSED sends a decoded token to v5 where its rows are whole chunks; two tokens, and rows that are
+    not whole chunks keep their kernels; v5 asked for by name refuses what it cannot run, in one line."""
     used = []
     for name in ("_moe_4bit_v2", "_moe_4bit_fused"):
         real = getattr(triton_moe, name)
@@ -565,7 +477,7 @@ def test_at_the_26b_shape(blocks):
 @pytest.mark.parametrize("blocks", [None, "v2"])
 def test_top_8_through_v2s_tiles(blocks):
     """Eight experts a token in v2's down tile (KE x rows x weights) stays within Triton's tensor size:
-    the default path at a shape v3 does not take (H, I not multiples of 32), and v2 forced."""
+    the default path at a shape v4 does not take (H, I not multiples of 32), and v2 forced."""
     h, i, e = 200, 72, 10
     spec = QuantSpec("nf4", 64, False)
     buf = make_buffer(spec, e, h, i)
@@ -597,7 +509,7 @@ def test_rows_of_odd_length_run_grouped_or_refuse(h, i):
         ids, w = routing(t, 2, 3, seed=t)
         x = torch.randn(t, h, generator=g)
         assert rel_err(triton_moe.moe_4bit_triton(x, ids, w, *args), bnb_moe(oracle, x, ids, w, "silu")) < RTOL
-    for blocks in ("v2", "v3", triton_moe.INTERPRETER_BLOCKS, triton_moe.INTERPRETER_TILES):
+    for blocks in ("v2", "v4", triton_moe.INTERPRETER_BLOCKS, triton_moe.INTERPRETER_TILES):
         with pytest.raises(ValueError, match="even hidden and intermediate"):
             triton_moe.moe_4bit_triton(x, ids, w, *args, blocks=blocks)
 

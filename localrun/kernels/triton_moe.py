@@ -207,7 +207,7 @@ def _down_kernel(h_ptr, ids_ptr, w_ptr, y_ptr, buf_u8, buf_f32, code, nested_cod
 # before this step's table lookups and FMAs: two steps of codes in flight per thread.
 # Shapes whose rows are not whole words (H or I not a multiple of 8) run the v1 kernels.
 # Tiles, warps and stages come from triton.autotune keyed on the shape, the token bucket and the
-# quantization flags (the first call of a shape benchmarks 6 configs per kernel (v3: 12) at 5 + 20 ms each, then Triton's disk
+# quantization flags (the first call of a shape benchmarks 6 configs per kernel at 5 + 20 ms each, then Triton's disk
 # cache keeps the pick);
 # under TRITON_INTERPRET=1 there is one config (INTERPRETER_TILES).
 
@@ -242,7 +242,7 @@ def _cfg(n, k, w):
 
 # bytes per step = 2 * BLOCK_N * BLOCK_K (gate_up) / KE * BLOCK_N * BLOCK_K (down); 16 codes bytes
 # per thread per load. Programs at 26B-A4B, T=1: gate_up 704/BLOCK_N * 8, down 2816/BLOCK_N.
-# Since v3 (below) v2 is the other candidate of each stage (`_run_stage`): its lists keep the H200's
+# The lists keep the H200's
 # picks (gate_up (4, 128, 1) at 1 and 8 tokens; down (8, 64, 4) at 1, (8, 32, 2) at 8) and their
 # neighbours, so that a shape's first call compiles fewer configs (each ~0.5-1 s).
 GATE_UP_CONFIGS = [_cfg(n, k, w) for n, k, w in (
@@ -494,71 +494,33 @@ _down_v2_tuned = triton.autotune(DOWN_CONFIGS, key=["H", "I_Q", "T_BUCKET", "K",
                                  do_bench=_fast_bench, cache_results=True)(_down_v2_kernel)
 
 
-# -- v3: decode kernels shaped by their instruction count --------------------------------------
+# -- chunks: the code words v4 and v5 read ------------------------------------------------------
 #
-# How v2 compiles depends on Triton's version. For sm_90 (triton.compile with a GPUTarget runs on a
-# CPU machine; scripts/sass_stats.py prints the counts), Triton 3.6, which ran on the H200 (~920 GB/s
-# whatever the tile), gives v2's inner loops ~8-9 instructions per weight; Triton 3.9 gives them
-# 17-22: its tl.sum over the words of an absmax group crosses threads every step (SHFL + FADD, ~half
-# of it). v3 keeps every reduction inside a thread until the loop ends. A tile is [rows, NC chunks,
-# 4 words]: a thread holds 4 consecutive code words (one 16-byte load, 32 weights inside one
-# quantization block, so one absmax), and for each of the 8 nibble positions j it gathers the code
-# value, loads x[8 * word + j] once for all the rows it holds, and does one FMA into a per-word sum;
-# the absmax multiplies that sum once per word. Per weight that is a shift, a mask-and-OR into the
-# aligned table's address, the table load and an FMA (plus the copy of the address' high word that
-# ptxas makes). sm_90 instructions per weight, the best config of each:
-#
-#                  gate_up   down
-#   v3, Triton 3.9   6.9      7.2
-#   v3, Triton 3.6   6.8      9.4   (3.6 moves the down tile through shared memory every step)
-#   v2, Triton 3.9  16.5     22.5
-#   v2, Triton 3.6   8.7      8.0   (the H200's picks)
-#
-# With USE_V3 each stage runs whichever of v3 and v2 is faster where it runs: the two hand over the
-# same h, and `_run_stage` times both on the first call of a shape. Measured on an H200 (Triton 3.6,
-# docs/gpu/2026-11-27-h200-resident.md, -16gib.md) v3 lost: graphs decode 251-261 tok/s with the
-# per-stage pick against 267-276 with v2 alone, and under a 16 GiB budget the first-call timing picked
-# v3's down stage at 27 us a layer where v2's takes 12.5. So v2 alone is the default; v3 stays for A/B.
-# Needs rows of whole chunks (H and I multiples of 32) and blocksize >= 32; else v2 / v1.
-# gate_up tiles are [2 * BLOCK_N rows (gate rows, then the same up rows), NC, 4]; down tiles
-# [KE experts, BLOCK_N rows, NC, 4], all K experts of the token at once (as v2). Each loop
-# requests the next step's words and absmax before this step's math (register prefetch).
+# How v2 compiles depends on Triton's version: for sm_90 (scripts/sass_stats.py), Triton 3.6, which ran
+# on the H200, gives v2's loops ~8-9 instructions a weight, Triton 3.9 17-22 (its tl.sum over an absmax
+# group's words crosses threads every step). v4 and v5 keep every reduction inside a thread until the
+# loop ends: a thread holds 4 consecutive code words (one 16-byte load: a chunk of 32 weights inside one
+# quantization block, so one absmax), and each nibble's code value multiplies its x / h element into a
+# per-word sum that the absmax scales once. So rows must be whole chunks (H and I multiples of 32) and
+# blocksize >= 32 (`chunks_fit`); elsewhere v2 / v1 run.
+# A kernel between v2 and v4 (v3: these chunks, the table read from memory) lost on the H200: decode
+# 251-261 tok/s with a per-stage pick of v3 or v2 against 267-276 with v2 alone, and at 16 GiB the
+# first call's timing picked v3's down stage at 27 us a layer where v2's takes 12.5
+# (docs/gpu/2026-11-27-h200-resident.md, -16gib.md). It was deleted on 2026-11-28 (git show 52c3087).
 
-USE_V3 = False  # True: per stage the faster of v3 and v2 where v3 fits (gpu_check A/B-s it against v2 alone)
 CHUNK_WEIGHTS = 32  # 4 code words: one vector load, inside one quantization block
-TABLE_ALIGN = 64  # bytes: the 16-value table's address has its low 6 bits free (_chunk_sums)
-
-
-@dataclass(frozen=True)
-class V3Tiles:
-    """v3 tiles: rows per program and code words per row per step (multiples of 4), per kernel."""
-
-    gate_up_n: int = 8
-    gate_up_w: int = 32
-    gate_up_warps: int = 1
-    down_n: int = 8
-    down_w: int = 16
-    down_warps: int = 4
-
-
-INTERPRETER_V3 = V3Tiles(gate_up_n=32, gate_up_w=128, down_n=128, down_w=128)
+TABLE_ALIGN = 64  # bytes: the 16-value table's address has its low 6 bits free (_table_value)
 
 
 def _chunk_cfg(n, w, warps):
-    """A v3 / v4 config: BLOCK_N rows a program, BLOCK_W code words a row a step."""
+    """A v4 config: BLOCK_N rows a program, BLOCK_W code words a row a step."""
     return triton.Config({"BLOCK_N": n, "BLOCK_W": w}, num_warps=warps, num_stages=1)
 
 
-# Not yet measured on a GPU. A thread handles 64 weights a step (gate_up: BLOCK_N * BLOCK_W = 128 *
-# warps; down: 32 * warps) or 32: at 128 its 128 table addresses in flight spill registers at
-# sm_90 (scripts/sass_stats.py, Triton 3.9: 6.9-10.8 instructions a weight, no spills, at most 255
-# registers, for every config here). Programs at 26B-A4B, T=1: gate_up 8 x 704 / BLOCK_N, down 2816 / BLOCK_N.
-GATE_UP_V3_CONFIGS = [_chunk_cfg(n, w, warps) for n, w, warps in (
-    (4, 32, 1), (8, 16, 1), (2, 64, 1), (8, 32, 2), (16, 16, 2), (4, 64, 2), (16, 32, 4), (8, 64, 4),
-    (4, 16, 1), (2, 32, 1), (8, 16, 2), (16, 16, 4))]
-DOWN_V3_CONFIGS = [_chunk_cfg(n, w, warps) for n, w, warps in (
-    (8, 16, 4), (4, 16, 2), (8, 8, 2), (4, 32, 4), (8, 32, 8), (16, 8, 4), (16, 16, 8), (2, 16, 1),
-    (4, 8, 2), (2, 8, 1), (4, 16, 4), (8, 8, 4))]
+def chunks_fit(hidden: int, inter: int, blocksize: int) -> bool:
+    """v4 and v5 read rows as whole 32-weight chunks, each inside one quantization block."""
+    return (hidden % CHUNK_WEIGHTS == 0 and inter % CHUNK_WEIGHTS == 0 and blocksize >= CHUNK_WEIGHTS
+            and blocksize & (blocksize - 1) == 0)
 
 
 @triton.jit
@@ -573,119 +535,6 @@ def _table_value(table, words, j: tl.constexpr):
     else:
         offset = (words << 2) & 60
     return tl.load(tl.cast(table | offset.to(tl.int64), tl.pointer_type(tl.float32)))
-
-
-@triton.jit
-def _chunk_sums(words, vec_ptr, vec_mask, code):
-    """fp32 per-word sums of code[nibble j] * vec[j] over the 8 weights of each code word;
-    vec_ptr points at each word's first vector element (broadcastable to `words`). `code` is
-    TABLE_ALIGN-aligned (see _table_value)."""
-    table = tl.cast(code, tl.int64)
-    words = words.to(tl.uint32, bitcast=True)  # logical shifts; offsets zero-extend to 64 bits (no sign word)
-    s = _table_value(table, words, 0) * tl.load(vec_ptr, mask=vec_mask, other=0.0).to(tl.float32)
-    for j in tl.static_range(1, 8):
-        s += _table_value(table, words, j) * tl.load(vec_ptr + j, mask=vec_mask, other=0.0).to(tl.float32)
-    return s
-
-
-@triton.jit
-def _gate_up_v3_kernel(x_ptr, ids_ptr, order_ptr, h_ptr, buf_i32, buf_u8, buf_f32, code, nested_code,
-                       expert_bytes, codes_off, absmax_off, nested_off32, offset_off32,
-                       K, H_Q, I, stride_xt, T_BUCKET,
-                       ACT: tl.constexpr, LOG_WPB: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-                       SORTED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, PDL: tl.constexpr = False):
-    """H_Q: code words per row (H / 8); LOG_WPB: log2 of the words per quantization block.
-    Tile [2 * BLOCK_N rows, BLOCK_W / 4 chunks, 4 words]."""
-    pdl_start(PDL)
-    if SORTED:
-        p = tl.load(order_ptr + tl.program_id(0)).to(tl.int64)
-    else:
-        p = tl.program_id(0).to(tl.int64)
-    t = p // K
-    e = tl.load(ids_ptr + p).to(tl.int64)
-    base = e * expert_bytes
-    base32 = base // 4
-    NC: tl.constexpr = BLOCK_W // 4
-    rr = tl.arange(0, 2 * BLOCK_N)
-    r = tl.program_id(1) * BLOCK_N + rr % BLOCK_N
-    mask_r = r < I
-    row_w = ((rr // BLOCK_N) * I + r) * H_Q  # [2BN] first word of each row: gate rows, then up rows
-    codes = buf_i32 + base32 + codes_off // 4 + row_w[:, None, None]
-    ch = tl.arange(0, NC) * 4
-    q = tl.arange(0, 4)[None, None, :]
-    x_row = x_ptr + t * stride_xt
-    c0 = ch  # first word of each chunk in this step
-    m2 = mask_r[:, None] & (c0 < H_Q)[None, :]
-    words = tl.load(codes + c0[None, :, None] + q, mask=m2[:, :, None], other=0)
-    am = _absmax(buf_u8, buf_f32, base, base32, (row_w[:, None] + c0[None, :]) >> LOG_WPB, m2, absmax_off,
-                 nested_off32, offset_off32, nested_code, DOUBLE_QUANT)
-    acc = tl.zeros([2 * BLOCK_N, NC, 4], dtype=tl.float32)
-    for kb in range(0, H_Q, BLOCK_W):
-        c1 = kb + BLOCK_W + ch  # the next step's chunks, requested before this step's math
-        m2n = mask_r[:, None] & (c1 < H_Q)[None, :]
-        words_n = tl.load(codes + c1[None, :, None] + q, mask=m2n[:, :, None], other=0)
-        am_n = _absmax(buf_u8, buf_f32, base, base32, (row_w[:, None] + c1[None, :]) >> LOG_WPB, m2n, absmax_off,
-                       nested_off32, offset_off32, nested_code, DOUBLE_QUANT)
-        wv = (kb + ch)[None, :, None] + q  # [1, NC, 4] word index within the row
-        acc += _chunk_sums(words, x_row + wv * 8, wv < H_Q, code) * am[:, :, None]
-        words, am = words_n, am_n
-    gu = tl.reshape(tl.sum(tl.sum(acc, axis=2), axis=1), [2, BLOCK_N])
-    which = tl.arange(0, 2)[:, None]
-    gate = tl.sum(tl.where(which == 0, gu, 0.0), axis=0)
-    up = tl.sum(tl.where(which == 1, gu, 0.0), axis=0)
-    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    tl.store(h_ptr + p * I + rn, _act(gate, ACT) * up, mask=rn < I)
-
-
-@triton.jit
-def _down_v3_kernel(h_ptr, ids_ptr, w_ptr, y_ptr, buf_i32, buf_u8, buf_f32, code, nested_code,
-                    expert_bytes, codes_off, absmax_off, nested_off32, offset_off32,
-                    K, H, I, I_Q, stride_yt, T_BUCKET,
-                    LOG_WPB: tl.constexpr, DOUBLE_QUANT: tl.constexpr, KE: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, PDL: tl.constexpr = False):
-    """I_Q: code words per row (I / 8). Tile [KE experts, BLOCK_N rows, BLOCK_W / 4 chunks, 4 words]."""
-    pdl_start(PDL)
-    t = tl.program_id(1).to(tl.int64)
-    NC: tl.constexpr = BLOCK_W // 4
-    kk = tl.arange(0, KE)
-    mask_k = kk < K
-    p = t * K + kk  # [KE] pairs of this token
-    e = tl.load(ids_ptr + p, mask=mask_k, other=0).to(tl.int64)  # padded slots: expert 0, masked off
-    wk = tl.load(w_ptr + p, mask=mask_k, other=0.0).to(tl.float32)
-    base = (e * expert_bytes)[:, None, None]  # [KE, 1, 1]
-    base32 = base // 4
-    r = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_r = r < H
-    row_w = (r * I_Q)[None, :, None]  # [1, BN, 1]
-    codes = (buf_i32 + base32 + codes_off // 4 + row_w)[:, :, :, None]  # [KE, BN, 1, 1]
-    h_rows = (h_ptr + p * I)[:, None, None, None]  # [KE, 1, 1, 1]
-    m_kr = mask_k[:, None, None] & mask_r[None, :, None]
-    ch = tl.arange(0, NC) * 4
-    q = tl.arange(0, 4)[None, None, None, :]
-    c0 = ch[None, None, :]
-    m3 = m_kr & (c0 < I_Q)
-    words = tl.load(codes + c0[:, :, :, None] + q, mask=m3[:, :, :, None], other=0)
-    am = _absmax(buf_u8, buf_f32, base, base32, (row_w + c0) >> LOG_WPB, m3, absmax_off, nested_off32,
-                 offset_off32, nested_code, DOUBLE_QUANT)
-    acc = tl.zeros([KE, BLOCK_N, NC, 4], dtype=tl.float32)
-    for kb in range(0, I_Q, BLOCK_W):
-        c1 = (kb + BLOCK_W + ch)[None, None, :]
-        m3n = m_kr & (c1 < I_Q)
-        words_n = tl.load(codes + c1[:, :, :, None] + q, mask=m3n[:, :, :, None], other=0)
-        am_n = _absmax(buf_u8, buf_f32, base, base32, (row_w + c1) >> LOG_WPB, m3n, absmax_off, nested_off32,
-                       offset_off32, nested_code, DOUBLE_QUANT)
-        wv = (kb + ch)[None, None, :, None] + q  # [1, 1, NC, 4]
-        acc += _chunk_sums(words, h_rows + wv * 8, mask_k[:, None, None, None] & (wv < I_Q), code) * am[:, :, :, None]
-        words, am = words_n, am_n
-    d = tl.sum(tl.sum(acc, axis=3), axis=2)  # [KE, BN]
-    y = tl.sum(d * wk[:, None], axis=0)  # fixed-order sum over the K experts
-    tl.store(y_ptr + t * stride_yt + r, y.to(y_ptr.dtype.element_ty), mask=mask_r)
-
-
-_gate_up_v3_tuned = triton.autotune(GATE_UP_V3_CONFIGS, key=["H_Q", "I", "T_BUCKET", "K", "LOG_WPB", "DOUBLE_QUANT"],
-                                    do_bench=_fast_bench, cache_results=True)(_gate_up_v3_kernel)
-_down_v3_tuned = triton.autotune(DOWN_V3_CONFIGS, key=["H", "I_Q", "T_BUCKET", "K", "LOG_WPB", "DOUBLE_QUANT"],
-                                 do_bench=_fast_bench, cache_results=True)(_down_v3_kernel)
 
 
 # -- v4: the table in the lanes, and the whole row in flight ------------------------------------
@@ -704,14 +553,14 @@ _down_v3_tuned = triton.autotune(DOWN_V3_CONFIGS, key=["H", "I_Q", "T_BUCKET", "
 #     instructions, 9.2 us at one a clock per scheduler (1.98 GHz), down's 4.3 us, with 2.7 warps a
 #     scheduler to hide the latency of each dependent step. Loads are 128-bit, the autotune lists
 #     have whole-row configs ((2, 1024, 4)), but the pick keeps the instructions down at the cost of
-#     the bytes in flight. v3 cut the instructions to ~7 (its table address is 64-bit: ~1.5 of them
-#     a weight) with tiles that still walk rows in 6-11 steps.
+#     the bytes in flight. v3 (see the chunks above) cut the instructions to ~7 (its table address is
+#     64-bit: ~1.5 of them a weight) with tiles that still walk rows in 6-11 steps.
 # v4 changes both:
 #   - the 16-value table lives in the lanes (lane l holds code[l % 16]) and a nibble's value is a warp
 #     shuffle (shfl.sync.idx reads the low 5 bits of its index, so `words >> shift` needs no mask):
 #     a weight is a shift, a SHFL and an FFMA, 3.8 (gate_up) / 4.1 (down) instructions a weight with
 #     x / h's loads (Triton 3.6; 3.6 / 3.9 under 3.9). Inline PTX, so CUDA only; the interpreter (and
-#     ROCm) read the table from memory as v3 does (LUT_SHFL=False), the same arithmetic in the same order;
+#     ROCm) read the table from memory (`_table_value`, LUT_SHFL=False), the same arithmetic in the same order;
 #   - tiles as wide as the row: gate_up steps of up to 128 words (a warp across 512 bytes of a row,
 #     each thread 16 bytes of each of its 2 x BLOCK_N rows, x loaded once for all of them): 3 steps
 #     for H = 2816, two in flight from the start (~88 KB an SM); down tiles [BLOCK_N rows, KE experts,
@@ -719,10 +568,10 @@ _down_v3_tuned = triton.autotune(DOWN_V3_CONFIGS, key=["H", "I_Q", "T_BUCKET", "
 # Each code word is split in the thread that loaded it and a word's 8 x / h elements come as two loads
 # of 4 in that thread, so no code, x or h moves through shared memory in the loop (sm_90 and sm_89,
 # Triton 3.6 and 3.9; at most a step's absmax, one value per 32 weights). The next limit: one SHFL a weight is the shuffle pipe's 32 lanes a clock an SM, 6.4 us a
-# layer on the H200, about what its bytes take. Exact as v2 / v3: fp32 products and sums, the K
+# layer on the H200, about what its bytes take. Exact as v2: fp32 products and sums, the K
 # experts summed in a fixed order.
 
-USE_V4 = False  # True: blocks=None runs v4 (autotuned) where v3 fits, instead of v3 / v2
+USE_V4 = False  # True: blocks=None runs v4 (autotuned) where `chunks_fit`, instead of v2
 # With USE_V4, v4's down stage too (False: v2's down after v4's gate_up). On an H200 (26B-A4B, every expert
 # resident, CUDA graphs; docs/gpu/2026-11-27-h200-open-switches.md) v4's gate_up took 426 us a token against
 # v2's 467, its down 408 against v2's 356; decode 311.8 / 271.3 tok/s (after 16 / 512) against 278.8 / 275.6,
@@ -1037,7 +886,7 @@ _down_v4_tuned = triton.autotune(DOWN_V4_CONFIGS, key=["H", "I_Q", "T_BUCKET", "
 # The sum over the K experts and the I / BLOCK_J column blocks runs in the order the atomics land: fp32
 # products and sums as v4, but not bit-reproducible from run to run on a GPU (the interpreter runs the
 # programs in order). One token only (a prompt's pairs run v2 / v4 or the grouped GEMMs), rows of whole
-# chunks (`v3_fits`). Opt-in until scripts/gpu_check.py's decode A/B (`with_fused_moe`) measures it.
+# chunks (`chunks_fit`). Opt-in until scripts/gpu_check.py's decode A/B (`with_fused_moe`) measures it.
 USE_FUSED = False
 FINAL_ROWS = 2048  # the last program's rows a request: 2 requests at H = 2,816 (4,096 a request held 64-bit
 # addresses enough to spill at the first config, sm_90, Triton 3.6)
@@ -1145,15 +994,9 @@ def _moe_fused_kernel(x_ptr, ids_ptr, w_ptr, h_ptr, acc_ptr, acc_bits_ptr, count
         tl.atomic_xchg(count_ptr, 0)  # ready for the next call
 
 
-def v3_fits(hidden: int, inter: int, blocksize: int) -> bool:
-    """v3 reads rows as whole 32-weight chunks, each inside one quantization block."""
-    return (hidden % CHUNK_WEIGHTS == 0 and inter % CHUNK_WEIGHTS == 0 and blocksize >= CHUNK_WEIGHTS
-            and blocksize & (blocksize - 1) == 0)
-
-
 @dataclass
 class _Call:
-    """One layer call's arguments as the GEMV kernels (v2, v3) take them; h and y are its outputs."""
+    """One layer call's arguments as the GEMV kernels (v2, v4) take them; h and y are its outputs."""
 
     x: torch.Tensor
     ids: torch.Tensor
@@ -1223,8 +1066,8 @@ def _early(c: _Call) -> dict:
                 EARLY=on and c.T == 1)
 
 
-def _gate_up_chunks(c: _Call, tiles: V3Tiles | V4Tiles | None, tuned, kernel, **extra) -> None:
-    """The gate_up stage of the chunk kernels (v3, v4: `tuned` / `kernel`, `extra` constexprs): autotuned
+def _gate_up_chunks(c: _Call, tiles: V4Tiles | None, tuned, kernel, **extra) -> None:
+    """The gate_up stage of the chunk kernels (v4: `tuned` / `kernel`, `extra` constexprs): autotuned
     (tiles None), else with `tiles`."""
     meta = dict(ACT=ACT_CODES[c.act], LOG_WPB=(c.blocksize // 8).bit_length() - 1, DOUBLE_QUANT=c.double_quant,
                 SORTED=c.T > 1, **extra, **triton_pdl.launch(c.x.device))
@@ -1237,7 +1080,7 @@ def _gate_up_chunks(c: _Call, tiles: V3Tiles | V4Tiles | None, tuned, kernel, **
             num_stages=1)
 
 
-def _down_chunks(c: _Call, tiles: V3Tiles | V4Tiles | None, tuned, kernel, **extra) -> None:
+def _down_chunks(c: _Call, tiles: V4Tiles | None, tuned, kernel, **extra) -> None:
     """The down stage of the chunk kernels, as `_gate_up_chunks`."""
     meta = dict(LOG_WPB=(c.blocksize // 8).bit_length() - 1, DOUBLE_QUANT=c.double_quant,
                 KE=triton.next_power_of_2(c.K), **extra, **triton_pdl.launch(c.x.device))
@@ -1247,14 +1090,6 @@ def _down_chunks(c: _Call, tiles: V3Tiles | V4Tiles | None, tuned, kernel, **ext
     else:
         kernel[c.grid("down", tiles.down_n)](
             *args, **meta, BLOCK_N=tiles.down_n, BLOCK_W=tiles.down_w, num_warps=tiles.down_warps, num_stages=1)
-
-
-def _gate_up_v3(c: _Call, tiles: V3Tiles | None) -> None:
-    _gate_up_chunks(c, tiles, _gate_up_v3_tuned, _gate_up_v3_kernel)
-
-
-def _down_v3(c: _Call, tiles: V3Tiles | None) -> None:
-    _down_chunks(c, tiles, _down_v3_tuned, _down_v3_kernel)
 
 
 def _gate_up_v2(c: _Call, tiles: Tiles | None) -> None:
@@ -1317,7 +1152,7 @@ def _fused_tiles_ok(t: FusedTiles) -> bool:
 
 def fused_fits(T: int, hidden: int, inter: int, blocksize: int) -> bool:
     """v5 takes one token, rows of whole chunks."""
-    return T == 1 and v3_fits(hidden, inter, blocksize)
+    return T == 1 and chunks_fit(hidden, inter, blocksize)
 
 
 def _moe_4bit_fused(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden, inter, blocksize, double_quant,
@@ -1350,48 +1185,6 @@ def _moe_4bit_fused(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hid
     return c.y
 
 
-STAGES = {"gate_up": {"v3": _gate_up_v3, "v2": _gate_up_v2}, "down": {"v3": _down_v3, "v2": _down_v2}}
-# (stage, _Call.key()) -> the version that ran it faster, timed on its first call (the version of
-# Triton decides: compiled for sm_90 by Triton 3.6, v3's down loop issues more instructions than v2's,
-# by Triton 3.9 fewer; scripts/sass_stats.py)
-_PICKS: dict[tuple, str] = {}
-
-
-def _stage_ms(launch) -> float:
-    """Milliseconds a stage's launch takes (median; L2 flushed between runs, as the autotuner times)."""
-    return triton.testing.do_bench(launch, warmup=5, rep=20)
-
-
-def _run_stage(stage: str, c: _Call) -> str:
-    """Run `stage` with the faster of its two autotuned versions; on the first call of a key, time
-    both (each autotuned first) and keep the faster. Returns the version that ran."""
-    key = (stage, *c.key())
-    pick = _PICKS.get(key)
-    if pick is None:
-        versions = STAGES[stage]
-        for run in versions.values():
-            run(c, None)  # autotune (first of a key) and compile outside the timing
-        times = {name: _stage_ms(lambda run=run: run(c, None)) for name, run in versions.items()}
-        pick = _PICKS[key] = min(times, key=times.get)
-    STAGES[stage][pick](c, None)
-    return pick
-
-
-def _moe_4bit_v3(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden, inter, blocksize, double_quant,
-                 act, tiles: V3Tiles | None, pick: bool = False) -> torch.Tensor:
-    """The v3 kernels: with `tiles`, or autotuned (tiles None); `pick` (CUDA, autotuned): each stage
-    runs the faster of v3 and v2 instead (`_run_stage`)."""
-    c = _prepare(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden, inter, blocksize, double_quant,
-                 act)
-    if pick and tiles is None and x_TH.device.type == "cuda" and not interpreted():
-        _run_stage("gate_up", c)
-        _run_stage("down", c)
-    else:
-        _gate_up_v3(c, tiles)
-        _down_v3(c, tiles)
-    return c.y
-
-
 def v2_fits(hidden: int, inter: int) -> bool:
     """The v2 kernels read codes as 32-bit words of whole rows: rows of a multiple of 8 weights."""
     return hidden % 8 == 0 and inter % 8 == 0
@@ -1417,7 +1210,7 @@ def _check(x_TH, ids_TK, experts, hidden):
 
 
 def _check_even_rows(hidden: int, inter: int) -> None:
-    """The GEMV kernels (v1, v2, v3) read each row from its own first byte: a row of an odd number of
+    """The GEMV kernels (v1, v2, v4, v5) read each row from its own first byte: a row of an odd number of
     weights would start mid-byte (the grouped kernels index weights, and take any shape)."""
     if hidden % 2 or inter % 2:
         raise ValueError(f"the 4-bit GEMV kernels need an even hidden and intermediate size, got H={hidden}, "
@@ -1427,18 +1220,16 @@ def _check_even_rows(hidden: int, inter: int) -> None:
 def moe_4bit_triton(x_TH: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor, experts: torch.Tensor,
                     code: torch.Tensor, nested_code: torch.Tensor, offsets: list[int], hidden: int, inter: int,
                     blocksize: int, double_quant: bool, act: str,
-                    blocks: FusedTiles | V4Tiles | V3Tiles | Tiles | Blocks | str | None = None) -> torch.Tensor:
+                    blocks: FusedTiles | V4Tiles | Tiles | Blocks | str | None = None) -> torch.Tensor:
     """y_TH = sum_k w[t,k] * expert_{ids[t,k]}(x[t]) over the [E, nbytes] uint8 expert rows (see module
     docstring; the arguments are those of the localrun::moe_4bit op). Returns x's dtype.
 
     `blocks`: None = the best kernels for the shape: from GROUPED_MIN_TOKENS tokens the grouped GEMMs
     (`moe_4bit_grouped`, the prefill path; also for rows of an odd number of weights, which the GEMV
-    kernels cannot read), else for one token the one-launch v5 if USE_FUSED (where `fused_fits`), else where v3
-    fits (`v3_fits`) v4 if USE_V4 (its down stage if V4_DOWN, else
-    v2's), else (USE_V3) each stage the
-    faster of v3 and v2 (`_run_stage`, on CUDA), else v2, else v1; autotuned on CUDA, fixed tiles
-    when interpreted. "v5" / "v4" / "v3" / "v2" = those kernels alone, autotuned (A/B timing). A FusedTiles /
-    V4Tiles / V3Tiles / Tiles / Blocks = the v5 / v4 / v3 / v2 / v1 kernels with those tiles."""
+    kernels cannot read), else for one token the one-launch v5 if USE_FUSED (where `fused_fits`), else where
+    `chunks_fit` v4 if USE_V4 (its down stage if V4_DOWN, else v2's), else v2, else v1; autotuned on
+    CUDA, fixed tiles when interpreted. "v5" / "v4" / "v2" = those kernels alone, autotuned (A/B timing).
+    A FusedTiles / V4Tiles / Tiles / Blocks = the v5 / v4 / v2 / v1 kernels with those tiles."""
     if blocks is None and (ids_TK.shape[0] >= GROUPED_MIN_TOKENS or hidden % 2 or inter % 2):
         return moe_4bit_grouped(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden, inter, blocksize,
                                 double_quant, act)
@@ -1456,22 +1247,14 @@ def moe_4bit_triton(x_TH: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor
         tiles = blocks if isinstance(blocks, FusedTiles) else INTERPRETER_FUSED if interpreted() else None
         return _moe_4bit_fused(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden, inter, blocksize,
                                double_quant, act, tiles)
-    if isinstance(blocks, V4Tiles) or blocks == "v4" or (blocks is None and USE_V4 and v3_fits(hidden, inter,
+    if isinstance(blocks, V4Tiles) or blocks == "v4" or (blocks is None and USE_V4 and chunks_fit(hidden, inter,
                                                                                             blocksize)):
-        if not v3_fits(hidden, inter, blocksize):
+        if not chunks_fit(hidden, inter, blocksize):
             raise ValueError(f"the v4 kernels need H and I multiples of {CHUNK_WEIGHTS} and a power-of-two "
                              f"blocksize >= {CHUNK_WEIGHTS}, got H={hidden}, I={inter}, blocksize {blocksize}")
         tiles = blocks if isinstance(blocks, V4Tiles) else INTERPRETER_V4 if interpreted() else None
         return _moe_4bit_v4(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden, inter, blocksize,
                             double_quant, act, tiles, down=blocks is not None or V4_DOWN)
-    if isinstance(blocks, V3Tiles) or blocks == "v3" or (blocks is None and USE_V3 and v3_fits(hidden, inter,
-                                                                                            blocksize)):
-        if not v3_fits(hidden, inter, blocksize):
-            raise ValueError(f"the v3 kernels need H and I multiples of {CHUNK_WEIGHTS} and a power-of-two "
-                             f"blocksize >= {CHUNK_WEIGHTS}, got H={hidden}, I={inter}, blocksize {blocksize}")
-        tiles = blocks if isinstance(blocks, V3Tiles) else INTERPRETER_V3 if interpreted() else None
-        return _moe_4bit_v3(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden, inter, blocksize,
-                            double_quant, act, tiles, pick=blocks is None)
     if not v2_fits(hidden, inter):
         return _moe_4bit_v1(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden, inter, blocksize,
                             double_quant, act, INTERPRETER_BLOCKS if interpreted() else Blocks())
@@ -1482,8 +1265,8 @@ def moe_4bit_triton(x_TH: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor
 
 def _moe_4bit_v2(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden, inter, blocksize, double_quant,
                  act, tiles: Tiles | None) -> torch.Tensor:
-    """The v2 kernels (kept for A/B timing against v3, and for rows of whole words but not whole
-    chunks): autotuned on CUDA (tiles None), else with `tiles`."""
+    """The v2 kernels (the default; v4 and v5 need rows of whole chunks): autotuned on CUDA (tiles None),
+    else with `tiles`."""
     c = _prepare(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden, inter, blocksize, double_quant,
                  act)
     _gate_up_v2(c, tiles)
@@ -1731,11 +1514,11 @@ def weighted_sum(out_PH: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
     return y.to(out_PH.dtype)
 
 
-def tuned_configs(kernels: str = "v3") -> dict:
+def tuned_configs(kernels: str = "v2") -> dict:
     """The configs the autotuner picked for the last shape it ran (None before the first CUDA call),
     with every config's time where Triton kept them (`configs_timings`: ms at the 0.5/0.2/0.8 quantiles)."""
     pair = {"v5": (_moe_fused_tuned,), "v4": (_gate_up_v4_tuned, _down_v4_tuned),
-            "v3": (_gate_up_v3_tuned, _down_v3_tuned), "v2": (_gate_up_v2_tuned, _down_v2_tuned)}[kernels]
+            "v2": (_gate_up_v2_tuned, _down_v2_tuned)}[kernels]
     out = {}
     for name, tuner in zip(("fused",) if kernels == "v5" else ("gate_up", "down"), pair):
         out[name] = str(getattr(tuner, "best_config", None))
@@ -1771,9 +1554,9 @@ def _moe_4bit_v1(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden
 
 # -- benchmark (scripts/gpu_check.py calls this on a lent GPU) --------------------------------
 
-# benchmark_moe_4bit's default on CUDA: the default (None: per stage the faster of v3 and v2 where v3
-# fits; v4 with USE_V4), v4, v3 and v2 each alone, autotuned, and v1's best tile on the H200
-SWEEP = (None, "v4", "v3", "v2", Blocks(4, 128, 8, 64, 2))  # v5 (opt-in) in gpu_check's "one launch" row
+# benchmark_moe_4bit's default on CUDA: the default (None: v2; v4 with USE_V4, v5 with USE_FUSED), v4 and v2
+# each alone, autotuned, and v1's best tile on the H200
+SWEEP = (None, "v4", "v2", Blocks(4, 128, 8, 64, 2))  # v5 (opt-in) in gpu_check's "one launch" row
 
 
 def random_buffer(num_experts: int, hidden: int, inter: int, quant_type: str = "nf4", blocksize: int = 64,
@@ -1799,13 +1582,14 @@ def random_buffer(num_experts: int, hidden: int, inter: int, quant_type: str = "
     return buf
 
 
-def _config_name(blocks, v3: bool = True, v4: bool = False) -> str:
+def _config_name(blocks, default: str = "v2") -> str:
+    """A row's name in benchmark_moe_4bit: None is the `default` kernels (what blocks=None runs)."""
     if blocks is None:
-        return "default (v4)" if v4 else "default (per stage the faster of v3 and v2)" if v3 else "v2 autotuned"
-    if blocks in ("v2", "v3", "v4", "v5"):
+        return f"default ({default})"
+    if blocks in ("v2", "v4", "v5"):
         return f"{blocks} autotuned"
-    kind = ("v1" if isinstance(blocks, Blocks) else "v3" if isinstance(blocks, V3Tiles)
-            else "v4" if isinstance(blocks, V4Tiles) else "v5" if isinstance(blocks, FusedTiles) else "v2")
+    kind = ("v1" if isinstance(blocks, Blocks) else "v4" if isinstance(blocks, V4Tiles)
+            else "v5" if isinstance(blocks, FusedTiles) else "v2")
     return f"{kind} {blocks!r}"
 
 
@@ -1908,21 +1692,19 @@ def benchmark_moe_4bit(device: torch.device | str = "cuda", num_experts: int = 1
            "blocksize": blocksize, "double_quant": double_quant, "dtype": str(dtype).removeprefix("torch."),
            "bytes_per_call": int(torch.unique(ids).numel()) * buf.layout.nbytes, "configs": {}}
     best, best_us, errs = "unset", math.inf, []
-    v3 = USE_V3 and v3_fits(hidden, inter, blocksize)
-    v4 = USE_V4 and v3_fits(hidden, inter, blocksize)
+    default = ("v5" if USE_FUSED and fused_fits(tokens, hidden, inter, blocksize)
+               else "v4" if USE_V4 and chunks_fit(hidden, inter, blocksize) else "v2")
     for blocks in configs:
         y = moe_4bit_triton(x, ids, w, *args, blocks=blocks)  # fp32: the autotuner keys on it separately
         errs.append(((y - ref).abs().max() / ref.abs().max()).item())
         run = lambda blocks=blocks: moe_4bit_triton(xd, ids, w, *args, blocks=blocks)  # noqa: E731
         run()  # autotunes the kernels at this dtype before timing
         us = _time_us(run, iters, device)
-        name = _config_name(blocks, v3, v4)
+        name = _config_name(blocks, default)
         out["configs"][name] = {"us_per_call": round(us, 2), "gbps": round(out["bytes_per_call"] / us / 1e3, 1),
                                 "max_rel_err": errs[-1]}
-        if blocks in ("v2", "v3", "v4", "v5"):
+        if blocks in ("v2", "v4", "v5"):
             out.setdefault("autotuned", {})[name] = tuned_configs(blocks)
-        if blocks is None:
-            out["stage_picks"] = {" ".join(map(str, key)): version for key, version in _PICKS.items()}
         out["configs"][name]["max_rel_err_dtype"] = _rel_err(run(), ref)  # the timed calls' own output
         if graphs and device.type == "cuda":
             replayed = []
@@ -1935,7 +1717,7 @@ def benchmark_moe_4bit(device: torch.device | str = "cuda", num_experts: int = 1
             out["configs"][name]["fused_left_zero"] = fused_left_zero(x.device, hidden)
         if us < best_us:
             best, best_us = blocks, us
-    best_name = _config_name(best, v3, v4)
+    best_name = _config_name(best, default)
     best_us = out["configs"][best_name]["us_per_call"]
     out.update(max_rel_err=max(errs), best_config=best_name, us_per_call=best_us,
                gbps=out["bytes_per_call"] / best_us / 1e3)

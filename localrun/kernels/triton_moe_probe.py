@@ -88,7 +88,7 @@ def probe_v4(device: torch.device | str = "cuda", num_experts: int = 128, hidden
     device = torch.device(device)
     if device.type != "cuda" and not tm.interpreted():
         return {"skipped": "the Triton kernels run on CUDA, or on the CPU with TRITON_INTERPRET=1 set before import"}
-    if not tm.v3_fits(hidden, inter, 64):
+    if not tm.chunks_fit(hidden, inter, 64):
         return {"skipped": f"v4 needs H and I multiples of {tm.CHUNK_WEIGHTS}"}
     sets = min(sets, num_experts // top_k)
     buf = tm.random_buffer(num_experts, hidden, inter, "nf4", 64, double_quant, device, seed)
