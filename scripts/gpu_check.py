@@ -46,7 +46,7 @@ Steps:
              capturing the decode graphs adds per span bucket (graph_memory), and at 16 GiB an
              8K-token prompt under the plan's budget: peak vs budget and workspace, out of memory or
              not, prefill tok/s (long_prompt; GPU_CHECK_LONG_PROMPT sets its tokens, 0 skips it)
-  kernels    4-bit MoE kernels vs bitsandbytes at 26B-A4B's shapes (decode: v4, v2 and v1 with every
+  kernels    4-bit MoE kernels vs bitsandbytes at 26B-A4B's shapes (decode: v4 and v2 with every
              autotune config's time; the grouped GEMMs at 512 tokens); split-key
              decode attention vs SDPA; a full layer's prefill attention (512 new tokens after 0 / 8192 /
              32768 keys), the flash kernel vs SDPA's math backend (time, error, peak bytes; its tile

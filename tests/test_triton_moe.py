@@ -158,9 +158,10 @@ def test_benchmark_helper_runs_on_cpu():
 
 @needs_triton
 def test_default_decode_kernels_by_shape(monkeypatch):
-    """v2 where rows are whole words, else v1 (USE_V4 and USE_FUSED off: the default the H200 measured)."""
+    """v2 where rows are whole words, else the grouped kernels (USE_V4 and USE_FUSED off: the default the
+    H200 measured)."""
     used = []
-    for name in ("_moe_4bit_v1", "_moe_4bit_v2", "_moe_4bit_v4", "_moe_4bit_fused"):
+    for name in ("moe_4bit_grouped", "_moe_4bit_v2", "_moe_4bit_v4", "_moe_4bit_fused"):
         real = getattr(triton_moe, name)
         monkeypatch.setattr(triton_moe, name,
                             lambda *a, real=real, name=name, **kw: used.append(name) or real(*a, **kw))
@@ -169,7 +170,7 @@ def test_default_decode_kernels_by_shape(monkeypatch):
         buf = make_buffer(spec, 4, h, i)
         ids, w = routing(1, 2, 4)
         run_triton(buf, torch.randn(1, h), ids, w, "silu")
-    assert used == ["_moe_4bit_v2", "_moe_4bit_v2", "_moe_4bit_v1"]
+    assert used == ["_moe_4bit_v2", "_moe_4bit_v2", "moe_4bit_grouped"]
     assert triton_moe.chunks_fit(64, 32, 64) and not triton_moe.chunks_fit(64, 48, 64)
     assert not triton_moe.chunks_fit(64, 32, 16) and not triton_moe.chunks_fit(64, 32, 96)
 
@@ -489,11 +490,12 @@ def test_top_8_through_v2s_tiles(blocks):
 
 
 @needs_triton
-@pytest.mark.parametrize("h,i", [(35, 10), (36, 9), (35, 9)])
-def test_rows_of_odd_length_run_grouped_or_refuse(h, i):
+@pytest.mark.parametrize("h,i", [(35, 10), (36, 9), (35, 9), (36, 10)])
+def test_rows_of_partial_words_run_grouped_or_refuse(h, i):
     """ExpertBuffer refuses odd H / I, but the op's arguments are raw bytes: there the GEMV kernels would
-    read rows from mid-byte (a silently wrong answer), so the default runs the grouped kernels (which
-    index weights) at any T, and the GEMV kernels asked for by name refuse."""
+    read rows from mid-byte (a silently wrong answer), and rows of an even length not a multiple of 8 from
+    mid-word; so the default runs the grouped kernels (which index weights) at any T, and the GEMV
+    kernels asked for by name refuse."""
     from quant.layer import layout_offsets
     from quant.nf4 import _code_table
 
@@ -509,8 +511,8 @@ def test_rows_of_odd_length_run_grouped_or_refuse(h, i):
         ids, w = routing(t, 2, 3, seed=t)
         x = torch.randn(t, h, generator=g)
         assert rel_err(triton_moe.moe_4bit_triton(x, ids, w, *args), bnb_moe(oracle, x, ids, w, "silu")) < RTOL
-    for blocks in ("v2", "v4", triton_moe.INTERPRETER_BLOCKS, triton_moe.INTERPRETER_TILES):
-        with pytest.raises(ValueError, match="even hidden and intermediate"):
+    for blocks in ("v2", "v4", "v5", triton_moe.INTERPRETER_TILES, triton_moe.INTERPRETER_V4):
+        with pytest.raises(ValueError, match="multiples of 8"):
             triton_moe.moe_4bit_triton(x, ids, w, *args, blocks=blocks)
 
 

@@ -1,4 +1,4 @@
-"""Grouped 4-bit MoE in Triton: every top-k expert of every token of one layer in two launches.
+"""Grouped 4-bit MoE in Triton: every top-k expert of every token of one layer in one or two launches.
 
 Shape letters: T tokens, K top-k, E experts, H hidden, I expert intermediate, P = T*K pairs.
 The weights are a quant.layer.ExpertBuffer: row e of a [E, nbytes] uint8 tensor is expert e's
@@ -8,17 +8,18 @@ low nibble for odd i; its value is code[nibble] * absmax[i // blocksize] with bi
 16-value NF4/FP4 table. With double quant the absmax is itself a uint8 code:
 absmax[b] = dynamic[q[b]] * nested_absmax[b // 256] + offset.
 
-  gate_up kernel, grid (P, I / BLOCK_N):  h[p] = act(W_gate[e] x[t]) * (W_up[e] x[t])   fp32 [P, I]
-  down kernel,    grid (T, H / BLOCK_N):  y[t] = sum_k w[t,k] * W_down[ids[t,k]] h[t,k]   fp32 sum
+Decode (a GEMV per token and expert), two launches:
 
-Expert ids and routing weights are read from device memory, so nothing syncs with the host and
-the step can be graph-captured. A program owns BLOCK_N output rows and walks their contiguous
-packed bytes BLOCK_K at a time; the even and odd columns of a byte meet the even and odd
-elements of the input vector, so nibbles never need interleaving. This is the decode kernel
-(a GEMV per token and expert); with T > 1 the pairs run sorted by expert so that programs
-reading the same expert run together (L2 reuse). From GROUPED_MIN_TOKENS tokens (a prefill) a
-grouped GEMM runs instead: the pairs sorted by expert in blocks, one dequantized weight tile per
-block of pairs, tl.dot on the tensor cores (`moe_4bit_grouped`).
+  gate_up, grid (P, I / BLOCK_N):  h[p] = act(W_gate[e] x[t]) * (W_up[e] x[t])   fp32 [P, I]
+  down,    grid (T, H / BLOCK_N):  y[t] = sum_k w[t,k] * W_down[ids[t,k]] h[t,k]   fp32 sum
+
+v2 (the default) reads the codes as 32-bit words, v4 (opt-in) as 16-byte chunks with the code table in
+the warp's lanes; v5 (opt-in, one token) does both matrices in one launch. Expert ids and routing
+weights are read from device memory, so nothing syncs with the host and the step can be
+graph-captured; with T > 1 the pairs run sorted by expert so that programs reading the same expert
+run together (L2 reuse). From GROUPED_MIN_TOKENS tokens (a prefill), and for rows that are not
+whole 32-bit words, a grouped GEMM runs instead: the pairs sorted by expert in blocks, one
+dequantized weight tile per block of pairs, tl.dot on the tensor cores (`moe_4bit_grouped`).
 
 Import this module after setting TRITON_INTERPRET=1 to run it on CPU tensors (the tests do).
 """
@@ -41,23 +42,8 @@ NESTED_BLOCKSIZE = 256  # quant.spec.NESTED_BLOCKSIZE, a constant of the kernel
 ACT_CODES = {"gelu_pytorch_tanh": 0, "gelu": 1, "silu": 2}
 
 
-@dataclass(frozen=True)
-class Blocks:
-    """Tile sizes: rows per program and packed bytes per step, for each of the two kernels."""
-
-    gate_up_n: int = 16
-    gate_up_k: int = 128  # bytes, i.e. 2x as many weights
-    down_n: int = 16
-    down_k: int = 128
-    num_warps: int = 4
-
-
-# Few large tiles: the interpreter's cost is per tile operation, not per element.
-INTERPRETER_BLOCKS = Blocks(gate_up_n=64, gate_up_k=512, down_n=256, down_k=512)
-
-
 def interpreted() -> bool:
-    return _gate_up_kernel.__class__.__name__ == "InterpretedFunction"
+    return _gate_up_v2_kernel.__class__.__name__ == "InterpretedFunction"
 
 
 @triton.jit
@@ -74,58 +60,6 @@ def _absmax(buf_u8, buf_f32, base, base32, blk, mask, absmax_off, nested_off32, 
 
 
 @triton.jit
-def _rows_dot(buf_u8, buf_f32, base, base32, codes_off, absmax_off, nested_off32, offset_off32,
-              code, nested_code, rows, mask_n, v_ptr, half,
-              BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROW_BLOCKS: tl.constexpr,
-              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """fp32 [BLOCK_N]: W[rows] @ v for one 4-bit matrix W [N, 2 * half] and a vector v [2 * half].
-
-    `half` (packed bytes per row) is a kernel argument, so Triton sees that it divides by 16 and
-    loads the codes as wide vectors. ROW_BLOCKS: every row holds whole quantization blocks and a
-    step whole blocks, so the tile is [rows, blocks, bytes of a block] and each absmax is loaded
-    once per block instead of once per byte.
-    """
-    if ROW_BLOCKS:
-        BB: tl.constexpr = BLOCKSIZE // 2  # bytes per quantization block
-        NB: tl.constexpr = BLOCK_K // BB
-        blocks_per_row = half // BB
-        acc3 = tl.zeros([BLOCK_N, NB, BB], dtype=tl.float32)
-        for kb in range(0, half, BLOCK_K):
-            blk = kb // BB + tl.arange(0, NB)  # block index within the row
-            cols = blk[:, None] * BB + tl.arange(0, BB)[None, :]  # [NB, BB] byte within the row
-            mask_b = blk < blocks_per_row
-            mask2 = mask_n[:, None] & mask_b[None, :]
-            mask3 = mask2[:, :, None]
-            byte = rows[:, None, None] * half + cols[None, :, :]
-            b = tl.load(buf_u8 + base + codes_off + byte, mask=mask3, other=0).to(tl.int32)
-            am = _absmax(buf_u8, buf_f32, base, base32, rows[:, None] * blocks_per_row + blk[None, :], mask2,
-                         absmax_off, nested_off32, offset_off32, nested_code, DOUBLE_QUANT)
-            v_even = tl.load(v_ptr + 2 * cols, mask=mask_b[:, None], other=0.0).to(tl.float32)
-            v_odd = tl.load(v_ptr + 2 * cols + 1, mask=mask_b[:, None], other=0.0).to(tl.float32)
-            w_hi = tl.load(code + (b >> 4)) * am[:, :, None]
-            w_lo = tl.load(code + (b & 15)) * am[:, :, None]
-            acc3 += w_hi * v_even[None, :, :] + w_lo * v_odd[None, :, :]
-        return tl.sum(tl.sum(acc3, axis=2), axis=1)
-    else:
-        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        for kb in range(0, half, BLOCK_K):
-            cols = kb + tl.arange(0, BLOCK_K)
-            mask_k = cols < half
-            mask = mask_n[:, None] & mask_k[None, :]
-            byte = rows[:, None] * half + cols[None, :]  # byte index within the matrix
-            b = tl.load(buf_u8 + base + codes_off + byte, mask=mask, other=0).to(tl.int32)
-            # both nibbles of a byte share a block: blocksize is even and the byte's first element is even
-            am = _absmax(buf_u8, buf_f32, base, base32, byte // (BLOCKSIZE // 2), mask, absmax_off,
-                         nested_off32, offset_off32, nested_code, DOUBLE_QUANT)
-            w_hi = tl.load(code + (b >> 4)) * am
-            w_lo = tl.load(code + (b & 15)) * am
-            v_even = tl.load(v_ptr + 2 * cols, mask=mask_k, other=0.0).to(tl.float32)
-            v_odd = tl.load(v_ptr + 2 * cols + 1, mask=mask_k, other=0.0).to(tl.float32)
-            acc += w_hi * v_even[None, :] + w_lo * v_odd[None, :]
-        return tl.sum(acc, axis=1)
-
-
-@triton.jit
 def _act(g, ACT: tl.constexpr):
     if ACT == 0:  # gelu, tanh approximation (Gemma)
         inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
@@ -137,59 +71,12 @@ def _act(g, ACT: tl.constexpr):
         return g * tl.sigmoid(g)
 
 
-@triton.jit
-def _gate_up_kernel(x_ptr, ids_ptr, order_ptr, h_ptr, buf_u8, buf_f32, code, nested_code,
-                    expert_bytes, codes_off, absmax_off, nested_off32, offset_off32,
-                    K, H_HALF, I, stride_xt,
-                    ACT: tl.constexpr, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, SORTED: tl.constexpr,
-                    ROW_BLOCKS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    if SORTED:
-        p = tl.load(order_ptr + tl.program_id(0)).to(tl.int64)
-    else:
-        p = tl.program_id(0).to(tl.int64)
-    t = p // K
-    e = tl.load(ids_ptr + p).to(tl.int64)
-    base = e * expert_bytes
-    base32 = base // 4
-    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = rows < I
-    x_row = x_ptr + t * stride_xt
-    gate = _rows_dot(buf_u8, buf_f32, base, base32, codes_off, absmax_off, nested_off32, offset_off32,
-                     code, nested_code, rows, mask_n, x_row, H_HALF, BLOCKSIZE, DOUBLE_QUANT, ROW_BLOCKS, BLOCK_N,
-                     BLOCK_K)
-    up = _rows_dot(buf_u8, buf_f32, base, base32, codes_off, absmax_off, nested_off32, offset_off32,
-                   code, nested_code, rows + I, mask_n, x_row, H_HALF, BLOCKSIZE, DOUBLE_QUANT, ROW_BLOCKS, BLOCK_N,
-                     BLOCK_K)
-    tl.store(h_ptr + p * I + rows, _act(gate, ACT) * up, mask=mask_n)
-
-
-@triton.jit
-def _down_kernel(h_ptr, ids_ptr, w_ptr, y_ptr, buf_u8, buf_f32, code, nested_code,
-                 expert_bytes, codes_off, absmax_off, nested_off32, offset_off32,
-                 K, H, I, I_HALF, stride_yt,
-                 BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROW_BLOCKS: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    t = tl.program_id(0).to(tl.int64)
-    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = rows < H
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for k in range(K):
-        p = t * K + k
-        e = tl.load(ids_ptr + p).to(tl.int64)
-        weight = tl.load(w_ptr + p).to(tl.float32)
-        base = e * expert_bytes
-        d = _rows_dot(buf_u8, buf_f32, base, base // 4, codes_off, absmax_off, nested_off32, offset_off32,
-                      code, nested_code, rows, mask_n, h_ptr + p * I, I_HALF, BLOCKSIZE, DOUBLE_QUANT, ROW_BLOCKS,
-                      BLOCK_N, BLOCK_K)
-        acc += weight * d
-    tl.store(y_ptr + t * stride_yt + rows, acc.to(y_ptr.dtype.element_ty), mask=mask_n)
-
-
 # -- v2: bandwidth-shaped decode kernels ------------------------------------------------------
 #
-# The v1 kernels above stream one expert matrix per loop with a few hundred bytes per step and
-# walk the K experts of `down` one after the other, so an SM holds a few KB of loads in flight
-# (H200: ~500 GB/s). v2 keeps every program's step large and independent:
+# The first kernels here (v1, deleted on 2026-11-28) streamed one expert matrix per loop with a few
+# hundred bytes per step and walked the K experts of `down` one after the other, so an SM held a few KB
+# of loads in flight (H200: 53.7 us a 26B-A4B layer, ~500 GB/s; v2 29). v2 keeps every program's step
+# large and independent:
 #
 #   gate_up: a program owns BLOCK_N rows of gate AND the matching BLOCK_N rows of up of one
 #     (token, expert) pair: tile [2, BLOCK_N, NB, BB] bytes (NB groups of BB bytes that share one
@@ -205,7 +92,7 @@ def _down_kernel(h_ptr, ids_ptr, w_ptr, y_ptr, buf_u8, buf_f32, code, nested_cod
 # blocks, so each absmax is loaded and applied once per group. Triton's pipeliner does not touch
 # loads that feed no dot, so each loop requests the NEXT step's codes and absmax (registers)
 # before this step's table lookups and FMAs: two steps of codes in flight per thread.
-# Shapes whose rows are not whole words (H or I not a multiple of 8) run the v1 kernels.
+# Shapes whose rows are not whole words (H or I not a multiple of 8) run the grouped kernels.
 # Tiles, warps and stages come from triton.autotune keyed on the shape, the token bucket and the
 # quantization flags (the first call of a shape benchmarks 6 configs per kernel at 5 + 20 ms each, then Triton's disk
 # cache keeps the pick);
@@ -502,7 +389,7 @@ _down_v2_tuned = triton.autotune(DOWN_CONFIGS, key=["H", "I_Q", "T_BUCKET", "K",
 # loop ends: a thread holds 4 consecutive code words (one 16-byte load: a chunk of 32 weights inside one
 # quantization block, so one absmax), and each nibble's code value multiplies its x / h element into a
 # per-word sum that the absmax scales once. So rows must be whole chunks (H and I multiples of 32) and
-# blocksize >= 32 (`chunks_fit`); elsewhere v2 / v1 run.
+# blocksize >= 32 (`chunks_fit`); elsewhere v2 runs.
 # A kernel between v2 and v4 (v3: these chunks, the table read from memory) lost on the H200: decode
 # 251-261 tok/s with a per-stage pick of v3 or v2 against 267-276 with v2 alone, and at 16 GiB the
 # first call's timing picked v3's down stage at 27 us a layer where v2's takes 12.5
@@ -1196,11 +1083,6 @@ def _matrix_args(offsets: list[int]) -> tuple[int, int, int, int]:
     return codes, absmax, max(nested, 0) // 4, max(offset, 0) // 4
 
 
-def _row_blocks(row: int, blocksize: int, block_k: int) -> bool:
-    """Rows of `row` weights hold whole quantization blocks, and a step of block_k bytes too."""
-    return row % blocksize == 0 and block_k % (blocksize // 2) == 0
-
-
 def _check(x_TH, ids_TK, experts, hidden):
     T, K = ids_TK.shape
     if x_TH.shape != (T, hidden) or x_TH.stride(1) != 1:
@@ -1209,34 +1091,32 @@ def _check(x_TH, ids_TK, experts, hidden):
         raise ValueError("expert rows must be a multiple of 4 bytes")
 
 
-def _check_even_rows(hidden: int, inter: int) -> None:
-    """The GEMV kernels (v1, v2, v4, v5) read each row from its own first byte: a row of an odd number of
-    weights would start mid-byte (the grouped kernels index weights, and take any shape)."""
-    if hidden % 2 or inter % 2:
-        raise ValueError(f"the 4-bit GEMV kernels need an even hidden and intermediate size, got H={hidden}, "
-                         f"I={inter} (blocks=None runs the grouped kernels there)")
+def _check_word_rows(hidden: int, inter: int) -> None:
+    """The GEMV kernels (v2, v4, v5) read each row as whole 32-bit words from its own first byte: a row
+    of another length would start mid-word, or mid-byte (the grouped kernels index weights, and take
+    any shape)."""
+    if not v2_fits(hidden, inter):
+        raise ValueError(f"the 4-bit GEMV kernels need a hidden and intermediate size that are multiples of 8, "
+                         f"got H={hidden}, I={inter} (blocks=None runs the grouped kernels there)")
 
 
 def moe_4bit_triton(x_TH: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor, experts: torch.Tensor,
                     code: torch.Tensor, nested_code: torch.Tensor, offsets: list[int], hidden: int, inter: int,
                     blocksize: int, double_quant: bool, act: str,
-                    blocks: FusedTiles | V4Tiles | Tiles | Blocks | str | None = None) -> torch.Tensor:
+                    blocks: FusedTiles | V4Tiles | Tiles | str | None = None) -> torch.Tensor:
     """y_TH = sum_k w[t,k] * expert_{ids[t,k]}(x[t]) over the [E, nbytes] uint8 expert rows (see module
     docstring; the arguments are those of the localrun::moe_4bit op). Returns x's dtype.
 
     `blocks`: None = the best kernels for the shape: from GROUPED_MIN_TOKENS tokens the grouped GEMMs
-    (`moe_4bit_grouped`, the prefill path; also for rows of an odd number of weights, which the GEMV
+    (`moe_4bit_grouped`, the prefill path; also for rows that are not whole 32-bit words, which the GEMV
     kernels cannot read), else for one token the one-launch v5 if USE_FUSED (where `fused_fits`), else where
-    `chunks_fit` v4 if USE_V4 (its down stage if V4_DOWN, else v2's), else v2, else v1; autotuned on
-    CUDA, fixed tiles when interpreted. "v5" / "v4" / "v2" = those kernels alone, autotuned (A/B timing).
-    A FusedTiles / V4Tiles / Tiles / Blocks = the v5 / v4 / v2 / v1 kernels with those tiles."""
-    if blocks is None and (ids_TK.shape[0] >= GROUPED_MIN_TOKENS or hidden % 2 or inter % 2):
+    `chunks_fit` v4 if USE_V4 (its down stage if V4_DOWN, else v2's), else v2; autotuned on CUDA, fixed
+    tiles when interpreted. "v5" / "v4" / "v2" = those kernels alone, autotuned (A/B timing).
+    A FusedTiles / V4Tiles / Tiles = the v5 / v4 / v2 kernels with those tiles."""
+    if blocks is None and (ids_TK.shape[0] >= GROUPED_MIN_TOKENS or not v2_fits(hidden, inter)):
         return moe_4bit_grouped(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden, inter, blocksize,
                                 double_quant, act)
-    _check_even_rows(hidden, inter)
-    if isinstance(blocks, Blocks):
-        return _moe_4bit_v1(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden, inter, blocksize,
-                            double_quant, act, blocks)
+    _check_word_rows(hidden, inter)
     _check(x_TH, ids_TK, experts, hidden)
     if isinstance(blocks, FusedTiles) or blocks == "v5" or (blocks is None and USE_FUSED and fused_fits(
             ids_TK.shape[0], hidden, inter, blocksize)):
@@ -1255,9 +1135,6 @@ def moe_4bit_triton(x_TH: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor
         tiles = blocks if isinstance(blocks, V4Tiles) else INTERPRETER_V4 if interpreted() else None
         return _moe_4bit_v4(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden, inter, blocksize,
                             double_quant, act, tiles, down=blocks is not None or V4_DOWN)
-    if not v2_fits(hidden, inter):
-        return _moe_4bit_v1(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden, inter, blocksize,
-                            double_quant, act, INTERPRETER_BLOCKS if interpreted() else Blocks())
     tiles = blocks if isinstance(blocks, Tiles) else INTERPRETER_TILES if interpreted() else None
     return _moe_4bit_v2(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden, inter, blocksize,
                         double_quant, act, tiles)
@@ -1529,34 +1406,11 @@ def tuned_configs(kernels: str = "v2") -> dict:
     return out
 
 
-def _moe_4bit_v1(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden, inter, blocksize, double_quant,
-                 act, blocks: Blocks) -> torch.Tensor:
-    """The v1 kernels (kept for A/B timing in benchmark_moe_4bit)."""
-    _check(x_TH, ids_TK, experts, hidden)
-    _check_even_rows(hidden, inter)
-    c = _prepare(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden, inter, blocksize, double_quant,
-                 act)
-    T, K, H, I = c.T, c.K, c.H, c.I
-    buf_f32 = experts.view(torch.float32)
-    # pairs sorted by expert (c.order): programs reading one expert run side by side (no host sync)
-    common = dict(BLOCKSIZE=blocksize, DOUBLE_QUANT=c.double_quant, num_warps=blocks.num_warps)
-    _gate_up_kernel[(T * K, triton.cdiv(I, blocks.gate_up_n))](
-        x_TH, c.ids, c.order, c.h, experts, buf_f32, c.code, nested_code, experts.shape[1], *_matrix_args(offsets[:4]),
-        K, H // 2, I, x_TH.stride(0), ACT=ACT_CODES[act], SORTED=T > 1,
-        ROW_BLOCKS=_row_blocks(H, blocksize, blocks.gate_up_k),
-        BLOCK_N=blocks.gate_up_n, BLOCK_K=blocks.gate_up_k, **common)
-    _down_kernel[(T, triton.cdiv(H, blocks.down_n))](
-        c.h, c.ids, c.w, c.y, experts, buf_f32, c.code, nested_code, experts.shape[1], *_matrix_args(offsets[4:]),
-        K, H, I, I // 2, c.y.stride(0), ROW_BLOCKS=_row_blocks(I, blocksize, blocks.down_k), BLOCK_N=blocks.down_n,
-        BLOCK_K=blocks.down_k, **common)
-    return c.y
-
-
 # -- benchmark (scripts/gpu_check.py calls this on a lent GPU) --------------------------------
 
 # benchmark_moe_4bit's default on CUDA: the default (None: v2; v4 with USE_V4, v5 with USE_FUSED), v4 and v2
-# each alone, autotuned, and v1's best tile on the H200
-SWEEP = (None, "v4", "v2", Blocks(4, 128, 8, 64, 2))  # v5 (opt-in) in gpu_check's "one launch" row
+# each alone, autotuned
+SWEEP = (None, "v4", "v2")  # v5 (opt-in) in gpu_check's "one launch" row
 
 
 def random_buffer(num_experts: int, hidden: int, inter: int, quant_type: str = "nf4", blocksize: int = 64,
@@ -1588,8 +1442,7 @@ def _config_name(blocks, default: str = "v2") -> str:
         return f"default ({default})"
     if blocks in ("v2", "v4", "v5"):
         return f"{blocks} autotuned"
-    kind = ("v1" if isinstance(blocks, Blocks) else "v4" if isinstance(blocks, V4Tiles)
-            else "v5" if isinstance(blocks, FusedTiles) else "v2")
+    kind = "v4" if isinstance(blocks, V4Tiles) else "v5" if isinstance(blocks, FusedTiles) else "v2"
     return f"{kind} {blocks!r}"
 
 
