@@ -1297,12 +1297,9 @@ def per_token_table(three: dict, four: dict, top: int | None = 20) -> list:
 
 def step_kernels(dry: bool) -> dict:
     try:
-        from localrun.kernels import triton_moe
-    except ImportError as e:
-        return {"skipped": f"no 4-bit MoE kernel module yet ({e})"}
-    bench = getattr(triton_moe, "benchmark_moe_4bit", None)
-    if bench is None:
-        return {"skipped": "triton_moe has no benchmark_moe_4bit"}
+        from localrun.kernels.triton_moe_bench import benchmark_moe_4bit as bench
+    except ImportError as e:  # no triton
+        return {"skipped": f"the 4-bit MoE kernels need triton ({e})"}
     dev = device_for(dry)
     out = {}
     # the one-launch v5 against the two-launch v4 and v2 (the default), one token, in a graph
@@ -1487,12 +1484,12 @@ def decode_attention_case(dev, KV: int, G: int, S: int, D: int) -> dict:
 
 def graph_us(fn, dev, repeat: int = 200) -> float:
     """Microseconds of fn replayed in a CUDA graph, warmed first (called twice on the CPU)."""
-    from localrun.kernels.triton_moe import _graph_us
+    from localrun.kernels import timing
 
     if dev.type != "cuda":
-        return _graph_us(fn, 2, dev)
+        return timing.graph_us(fn, 2, dev)
     fn()
-    return _graph_us(fn, repeat, dev)
+    return timing.graph_us(fn, repeat, dev)
 
 
 def decode_attention_tiles(dev, q, k, v, visible, scale) -> dict:

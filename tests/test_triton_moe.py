@@ -150,7 +150,9 @@ def test_triton_every_token_on_one_expert_and_int32_ids():
 
 @needs_triton
 def test_benchmark_helper_runs_on_cpu():
-    out = triton_moe.benchmark_moe_4bit(device="cpu", num_experts=4, hidden=64, inter=32, top_k=2, iters=1,
+    from localrun.kernels.triton_moe_bench import benchmark_moe_4bit
+
+    out = benchmark_moe_4bit(device="cpu", num_experts=4, hidden=64, inter=32, top_k=2, iters=1,
                                         double_quant=True, baseline=False)
     assert out["max_rel_err"] < RTOL
     assert out["us_per_call"] > 0 and out["bytes_per_call"] > 0

@@ -255,11 +255,11 @@ def rotation_copies(nbytes: int, device: torch.device) -> int:
 def _rotation_us(calls: list, device: torch.device, iters: int) -> float:
     """Microseconds per call of `calls` (each on its own copy of the weight), replayed as one CUDA
     graph on CUDA (no launch gaps the decode step's graph doesn't have either)."""
-    from .triton_moe import _graph_us
+    from .timing import graph_us
 
     for call in calls:
         call()  # autotunes (first of a shape) and compiles outside the graph
-    return _graph_us(lambda: [call() for call in calls], iters, device) / len(calls)
+    return graph_us(lambda: [call() for call in calls], iters, device) / len(calls)
 
 
 def benchmark_gemv(N: int, K: int, rows: int = 1, dtype: torch.dtype = torch.bfloat16,

@@ -32,6 +32,8 @@ import triton.language as tl
 from . import triton_moe as tm
 from . import triton_pdl
 from .triton_pdl import pdl_start
+from .timing import graph_us
+from .triton_moe_bench import random_buffer
 
 PROBES = {"as_is": 0, "no_table": 1, "loads_only": 2}  # the v4 kernels' PROBE constexpr
 SETS = 16  # disjoint sets of top-k experts a dram timing walks through (16 x 8 = 26B-A4B's 128)
@@ -75,7 +77,7 @@ def _us(fns: list, iters: int, device: torch.device) -> float:
     """Microseconds a call of the calls `fns`, all of them replayed as one CUDA graph (run once first)."""
     for fn in fns:
         fn()
-    return tm._graph_us(lambda: [fn() for fn in fns], iters, device) / len(fns)
+    return graph_us(lambda: [fn() for fn in fns], iters, device) / len(fns)
 
 
 def probe_v4(device: torch.device | str = "cuda", num_experts: int = 128, hidden: int = 2816, inter: int = 704,
@@ -91,7 +93,7 @@ def probe_v4(device: torch.device | str = "cuda", num_experts: int = 128, hidden
     if not tm.chunks_fit(hidden, inter, 64):
         return {"skipped": f"v4 needs H and I multiples of {tm.CHUNK_WEIGHTS}"}
     sets = min(sets, num_experts // top_k)
-    buf = tm.random_buffer(num_experts, hidden, inter, "nf4", 64, double_quant, device, seed)
+    buf = random_buffer(num_experts, hidden, inter, "nf4", 64, double_quant, device, seed)
     g = torch.Generator(device=device).manual_seed(seed + 1)
     x = torch.randn(1, hidden, device=device, generator=g).to(dtype)
     w = torch.softmax(torch.randn(1, top_k, device=device, generator=g), dim=-1)
