@@ -1775,6 +1775,7 @@ def markdown(report: dict) -> str:
              f"Started {report['started']}; device: {env.get('device', '?')}; torch {env.get('torch', '?')} "
              f"(CUDA {env.get('cuda', '?')}), bitsandbytes {env.get('bitsandbytes', '?')}, triton {env.get('triton', '?')}.",
              ""]
+    lines += bar_summary(report)
     for step, value in report["steps"].items():
         costs = report.get("triton_compiles", {}).get(step, {})
         spent = f"; Triton compiled {costs['compiled']} kernels in {costs['compile_s']} s" if costs.get("compiled") else ""
@@ -1792,6 +1793,51 @@ def markdown(report: dict) -> str:
         if step == "big":
             lines += ab_summary(value) + memory_summary(value)
     return "\n".join(lines)
+
+
+BAR = 0.6  # issue 12: decode at 60% of the copy-bandwidth floor (bytes a token / measured device copy bandwidth)
+
+
+def bar_summary(report: dict) -> list[str]:
+    """Issue 12's bar against each all-resident placement's decode speeds in the report: the floor (the
+    measured copy bandwidth over the bytes a token reads), the default step's tok/s after each prompt
+    (`speed_graphs`, `speed_static` in a dry run), and the fastest of every other figure (a switched
+    `speed_*` row, an A/B side, the winners together), each as a fraction of the floor. Empty where the
+    report has no such figures."""
+    bandwidth = report["steps"].get("env", {}).get("bandwidth", {}).get("device_copy_bytes_per_s")
+    big = report["steps"].get("big", {})
+    lines = []
+    for name, rows in big.items():
+        if (not isinstance(rows, dict) or not bandwidth or not rows.get("bytes_read_per_decoded_token")
+                or rows.get("plan", {}).get("host_bytes")):  # the bar is every expert resident's
+            continue
+        floor = bandwidth / rows["bytes_read_per_decoded_token"]
+        default, others = [], []  # (label, "after N", tok/s)
+        for key, value in rows.items():
+            if not isinstance(value, dict):
+                continue
+            if key.startswith("speed_") and key != "speed_eager" and not key.startswith("speed_eager_"):
+                rates = [(k.removeprefix("decode_tokens_per_s_").replace("_", " "), v) for k, v in value.items()
+                         if k.startswith("decode_tokens_per_s_after_") and isinstance(v, (int, float))]
+                into = default if key in ("speed_graphs", "speed_static") else others
+                into += [(f"`{key}`", after, rate) for after, rate in rates]
+            if key.startswith("decode_ab_"):
+                others += [(f"`{key}.{tag}`", after.replace("_", " "), row[after]["tokens_per_s"])
+                           for tag, row in value.items() if isinstance(row, dict) and "error" not in row
+                           for after in row if after.startswith("after_") and tag != "default"]
+        fastest = [max((o for o in others if o[1] == after), key=lambda o: o[2])
+                   for after in sorted({o[1] for o in others}, key=lambda a: int(a.split()[-1]))]
+        if not default and not fastest:
+            continue
+        lines += [f"Issue 12's bar, `{name}`: the floor is {floor:.0f} tok/s ({bandwidth / 1e9:.0f} GB/s copy bandwidth, "
+                  f"{rows['bytes_read_per_decoded_token'] / 1e9:.2f} GB a token), the bar {BAR:.0%} of it, "
+                  f"{BAR * floor:.0f} tok/s:", ""]
+        lines += [f"- {'the default' if row in default else 'the fastest other'}, {label} {after}: {rate:.1f} tok/s, "
+                  f"{rate / floor:.1%} of the floor{' (the bar reached)' if rate >= BAR * floor else ''}"
+                  for row in sorted(default, key=lambda d: int(d[1].split()[-1])) + fastest
+                  for label, after, rate in [row]]
+        lines.append("")
+    return lines
 
 
 def ab_summary(big: dict) -> list[str]:

@@ -639,3 +639,31 @@ def test_the_report_names_what_triton_compiled_in_each_step():
     assert report["triton_compiles"]["kernels"] == {"compiled": 42, "compile_s": 31.5, "cache_hits": 3}
     text = check.markdown(report)
     assert "## env (1.0 s)" in text and "## kernels (43.0 s; Triton compiled 42 kernels in 31.5 s)" in text
+
+
+def test_the_report_opens_with_issue_12s_bar():
+    """The floor from env's copy bandwidth and big's bytes a token; the default's decode speed and the fastest
+    other figure (here an A/B side; errors and the default's own A/B row left out) as fractions of it, and
+    whether they reach 60%; eager and offloaded placements are not the bar's."""
+    check = _script()
+    ab = {"rounds": 3, "tokens": 96,
+          "default": {"after_16": {"tokens_per_s": 300.0, "vs_default": 1.0, "spread": 0.01}},
+          "with_fused_moe": {"after_16": {"tokens_per_s": 430.0, "vs_default": 1.433, "spread": 0.02}},
+          "with_pdl": {"error": "boom"}}
+    report = {"dry": False, "started": "now", "steps": {
+        "env": {"seconds": 1, "bandwidth": {"device_copy_bytes_per_s": 4.2e12}},
+        "big": {"seconds": 9, "resident": {"bytes_read_per_decoded_token": 6.0e9, "decode_ab_graphs": ab,
+                                           "speed_eager": {"decode_tokens_per_s_after_16": 20.0},
+                                           "speed_graphs": {"decode_tokens_per_s_after_16": 297.6,
+                                                            "prefill_tokens_per_s": 3500.0}},
+                "16GiB": {"bytes_read_per_decoded_token": 6.0e9, "plan": {"host_bytes": 5 << 30},
+                          "speed_segments": {"decode_tokens_per_s_after_16": 103.5}}}}}
+    lines = check.bar_summary(report)
+    assert lines[0] == ("Issue 12's bar, `resident`: the floor is 700 tok/s (4200 GB/s copy bandwidth, 6.00 GB a "
+                        "token), the bar 60% of it, 420 tok/s:")
+    assert lines[2:] == ["- the default, `speed_graphs` after 16: 297.6 tok/s, 42.5% of the floor",
+                         "- the fastest other, `decode_ab_graphs.with_fused_moe` after 16: 430.0 tok/s, 61.4% of the "
+                         "floor (the bar reached)", ""]
+    assert not any("eager" in line or "16GiB" in line for line in lines)  # eager and offloaded: not the bar's
+    assert check.markdown(report).split("\n## ")[0].endswith("\n".join(lines).rstrip() + "\n")
+    assert check.bar_summary({"dry": True, "steps": {}}) == []
