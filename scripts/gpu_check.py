@@ -1659,7 +1659,9 @@ class TritonCompiles:
         """Count while inside; the listener there before is put back after (no Triton: counts nothing)."""
         try:
             from triton import knobs
-        except ImportError:  # no triton, or one too old for knobs.compilation.listener
+        except ImportError:  # no triton, or one older than its knobs
+            knobs = None
+        if knobs is None or not hasattr(knobs.compilation, "listener"):  # counts nothing
             yield self
             return
         before, knobs.compilation.listener = knobs.compilation.listener, self
@@ -1677,13 +1679,15 @@ def run_child(step: str, dry: bool, result: Path, on_progress=None) -> None:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     start = time.perf_counter()
 
-    def flush() -> None:
-        value = {"seconds": round(time.perf_counter() - start, 1), "error": UNFINISHED, "partial": PROGRESS.done}
+    compiles = TritonCompiles()
+
+    def flush() -> None:  # what the compiler cost so far too: a step stopped from outside is where it matters
+        value = {"seconds": round(time.perf_counter() - start, 1), "error": UNFINISHED, "partial": PROGRESS.done,
+                 "triton_compiles": compiles.value()}
         result.write_text(json.dumps(value, default=str, indent=1))
         if on_progress is not None:
             on_progress(value)
     PROGRESS.done, PROGRESS.flush = {}, flush
-    compiles = TritonCompiles()
     try:
         with compiles.listening():
             value = STEP_FUNCTIONS[step](dry)
@@ -1718,7 +1722,7 @@ def run_steps(steps: list[str], dry: bool, out_dir: Path, inline: bool = False,
         print(f"== {step}" + ("" if inline else f" (limit {limit} s)"), flush=True)
         if inline:
             def progress(value, step=step) -> None:
-                report["steps"][step] = value
+                report["steps"][step] = compile_costs(report, step, dict(value))
                 write_report(report, out_dir)
             with tempfile.TemporaryDirectory() as tmp:
                 result = Path(tmp) / "result.json"
@@ -1744,8 +1748,9 @@ def run_steps(steps: list[str], dry: bool, out_dir: Path, inline: bool = False,
                 if value.get("error") == UNFINISHED:  # it died (a CUDA fault kills the process)
                     value["error"] = f"child exited {proc.returncode} before the step's end"
             except subprocess.TimeoutExpired:
-                partial = json.loads(result.read_text()).get("partial") if result.is_file() else None
-                value = {"error": f"timed out after {limit} s", **({"partial": partial} if partial else {})}
+                left = json.loads(result.read_text()) if result.is_file() else {}
+                value = {"error": f"timed out after {limit} s",
+                         **{k: left[k] for k in ("partial", "triton_compiles") if left.get(k)}}
             value.setdefault("seconds", round(time.perf_counter() - start, 1))
         report["steps"][step] = value = compile_costs(report, step, value)
         print(f"-- {step}: {'FAILED ' + value['error'] if 'error' in value else 'ok'} in {value['seconds']} s",
@@ -1775,7 +1780,10 @@ def markdown(report: dict) -> str:
              f"Started {report['started']}; device: {env.get('device', '?')}; torch {env.get('torch', '?')} "
              f"(CUDA {env.get('cuda', '?')}), bitsandbytes {env.get('bitsandbytes', '?')}, triton {env.get('triton', '?')}.",
              ""]
-    lines += bar_summary(report)
+    try:
+        lines += bar_summary(report)
+    except Exception as e:  # noqa: BLE001 - a report's odd figure must not stop the check writing it
+        lines += [f"(issue 12's bar: not summarized: {type(e).__name__}: {e})", ""]
     for step, value in report["steps"].items():
         costs = report.get("triton_compiles", {}).get(step, {})
         spent = f"; Triton compiled {costs['compiled']} kernels in {costs['compile_s']} s" if costs.get("compiled") else ""
@@ -1822,7 +1830,8 @@ def bar_summary(report: dict) -> list[str]:
                 into = default if key in ("speed_graphs", "speed_static") else others
                 into += [(f"`{key}`", after, rate) for after, rate in rates]
             if key.startswith("decode_ab_"):
-                others += [(f"`{key}.{tag}`", after.replace("_", " "), row[after]["tokens_per_s"])
+                others += [(f"`{key}.{tag}` ({row[after].get('vs_default', '?')}x its A/B's default)",
+                            after.replace("_", " "), row[after]["tokens_per_s"])
                            for tag, row in value.items() if isinstance(row, dict) and "error" not in row
                            for after in row if after.startswith("after_") and tag != "default"]
         fastest = [max((o for o in others if o[1] == after), key=lambda o: o[2])

@@ -371,12 +371,14 @@ def test_a_step_stopped_midway_keeps_what_it_measured(tmp_path):
     def step(dry):
         out: dict = {}
         check.timed("outer", lambda: check.timed("inner", lambda: 7, out) and 8, out)
-        seen_on_disk.append(json.loads((tmp_path / "gpu_check.json").read_text())["steps"]["one"])
+        on_disk = json.loads((tmp_path / "gpu_check.json").read_text())
+        seen_on_disk.append(on_disk["steps"]["one"])
+        assert on_disk["triton_compiles"]["one"] == {"compiled": 0, "compile_s": 0.0, "cache_hits": 0}
         raise KeyboardInterrupt("killed")
 
     check.STEP_FUNCTIONS = {"one": step}
     report = check.run_steps(["one"], True, tmp_path, inline=True)
-    assert seen_on_disk[0]["error"] == check.UNFINISHED
+    assert seen_on_disk[0]["error"] == check.UNFINISHED and "triton_compiles" not in seen_on_disk[0]
     assert seen_on_disk[0]["partial"] == {"outer / inner": 7, "outer": 8}
     value = report["steps"]["one"]
     assert value["error"].startswith("KeyboardInterrupt") and value["partial"] == {"outer / inner": 7, "outer": 8}
@@ -388,13 +390,15 @@ def test_a_child_over_its_time_limit_reports_its_partial_result(tmp_path, monkey
 
     def run(cmd, timeout):  # the child measured one thing, then hung
         result = Path(cmd[cmd.index("--result") + 1])
-        result.write_text(json.dumps({"error": check.UNFINISHED, "partial": {"speed": 1.5}}))
+        result.write_text(json.dumps({"error": check.UNFINISHED, "partial": {"speed": 1.5},
+                                      "triton_compiles": {"compiled": 7, "compile_s": 5.2, "cache_hits": 0}}))
         raise check.subprocess.TimeoutExpired(cmd, timeout)
 
     monkeypatch.setattr(check.subprocess, "run", run)
     report = check.run_steps(["env"], False, tmp_path)
     assert report["steps"]["env"]["error"] == f"timed out after {check.STEPS['env']} s"
     assert report["steps"]["env"]["partial"] == {"speed": 1.5}
+    assert report["triton_compiles"]["env"]["compiled"] == 7  # what compiling cost before the limit
 
 
 def test_deadline_must_be_positive(tmp_path, capsys):
@@ -662,8 +666,8 @@ def test_the_report_opens_with_issue_12s_bar():
     assert lines[0] == ("Issue 12's bar, `resident`: the floor is 700 tok/s (4200 GB/s copy bandwidth, 6.00 GB a "
                         "token), the bar 60% of it, 420 tok/s:")
     assert lines[2:] == ["- the default, `speed_graphs` after 16: 297.6 tok/s, 42.5% of the floor",
-                         "- the fastest other, `decode_ab_graphs.with_fused_moe` after 16: 430.0 tok/s, 61.4% of the "
-                         "floor (the bar reached)", ""]
+                         "- the fastest other, `decode_ab_graphs.with_fused_moe` (1.433x its A/B's default) after 16: "
+                         "430.0 tok/s, 61.4% of the floor (the bar reached)", ""]
     assert not any("eager" in line or "16GiB" in line for line in lines)  # eager and offloaded: not the bar's
     assert check.markdown(report).split("\n## ")[0].endswith("\n".join(lines).rstrip() + "\n")
     assert check.bar_summary({"dry": True, "steps": {}}) == []

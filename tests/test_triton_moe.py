@@ -77,11 +77,11 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return ((y.float() - ref).abs().max() / ref.abs().max()).item()
 
 
-def run_triton(buf: ExpertBuffer, x, ids, w, act: str) -> torch.Tensor:
+def run_triton(buf: ExpertBuffer, x, ids, w, act: str, blocks=None) -> torch.Tensor:
     spec = buf.layout.spec
     h, i = buf.layout.down.shape
     return triton_moe.moe_4bit_triton(x, ids, w, buf.data, *buf.code_tables(), buf.offsets(), h, i,
-                                      spec.blocksize, spec.double_quant, act)
+                                      spec.blocksize, spec.double_quant, act, blocks=blocks)
 
 
 SPECS = [QuantSpec(q, bs, dq) for q in ("nf4", "fp4") for dq in (False, True) for bs in (32, 64, 128)]
@@ -175,6 +175,30 @@ def test_default_decode_kernels_by_shape(monkeypatch):
     assert used == ["_moe_4bit_v2", "_moe_4bit_v2", "moe_4bit_grouped"]
     assert triton_moe.chunks_fit(64, 32, 64) and not triton_moe.chunks_fit(64, 48, 64)
     assert not triton_moe.chunks_fit(64, 32, 16) and not triton_moe.chunks_fit(64, 32, 96)
+
+
+@needs_triton
+def test_the_benchmark_names_its_default_row_by_what_runs(monkeypatch):
+    from localrun.kernels.triton_moe_bench import default_kernels
+
+    assert [default_kernels(t, h, i, 64) for t, h, i in ((1, 64, 32), (17, 64, 32), (1, 36, 10))] == \
+        ["v2", "grouped", "grouped"]
+    monkeypatch.setattr(triton_moe, "USE_V4", True)
+    assert default_kernels(2, 64, 32, 64) == "v4" and default_kernels(2, 64, 48, 64) == "v2"
+    monkeypatch.setattr(triton_moe, "V4_DOWN", False)
+    assert default_kernels(2, 64, 32, 64) == "v4 gate_up, v2 down"
+    monkeypatch.setattr(triton_moe, "USE_FUSED", True)
+    assert default_kernels(1, 64, 32, 64) == "v5" and default_kernels(2, 64, 32, 64) == "v4 gate_up, v2 down"
+
+
+@needs_triton
+@pytest.mark.parametrize("name", ["v1", "v3", "V2", ""])
+def test_kernels_asked_for_by_a_name_they_do_not_have_refuse(name):
+    """v1 and v3 were deleted (2026-11-28): a caller asking for them gets an error, not v2's answer."""
+    spec = QuantSpec("nf4", 64, False)
+    buf = make_buffer(spec, 4, 64, 32)
+    with pytest.raises(ValueError, match=f"no 4-bit MoE kernels named '{name}': the versions are v2, v4, v5"):
+        run_triton(buf, torch.randn(1, 64), *routing(1, 2, 4), "silu", blocks=name)
 
 
 @needs_triton

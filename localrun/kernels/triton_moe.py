@@ -908,10 +908,6 @@ class _Call:
     def t_bucket(self) -> int:
         return min(triton.next_power_of_2(self.T), 16)
 
-    def key(self) -> tuple:
-        """What the kernels' autotuning keys on, and the device and dtype."""
-        return (self.H, self.I, self.K, self.t_bucket, self.blocksize, self.double_quant, self.x.dtype, self.x.device)
-
     def grid(self, stage: str, block_n: int) -> tuple[int, int]:
         """A stage's grid at BLOCK_N rows a program: gate_up (pairs, tiles of I rows), down (tiles of H rows,
         tokens)."""
@@ -1100,6 +1096,9 @@ def _check(x_TH, ids_TK, experts, hidden):
         raise ValueError("expert rows must be a multiple of 4 bytes")
 
 
+VERSIONS = ("v2", "v4", "v5")  # what moe_4bit_triton's `blocks` may name
+
+
 def _check_word_rows(hidden: int, inter: int) -> None:
     """The GEMV kernels (v2, v4, v5) read each row as whole 32-bit words from its own first byte: a row
     of another length would start mid-word, or mid-byte (the grouped kernels index weights, and take
@@ -1122,6 +1121,8 @@ def moe_4bit_triton(x_TH: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor
     `chunks_fit` v4 if USE_V4 (its down stage if V4_DOWN, else v2's), else v2; autotuned on CUDA, fixed
     tiles when interpreted. "v5" / "v4" / "v2" = those kernels alone, autotuned (A/B timing).
     A FusedTiles / V4Tiles / Tiles = the v5 / v4 / v2 kernels with those tiles."""
+    if isinstance(blocks, str) and blocks not in VERSIONS:
+        raise ValueError(f"no 4-bit MoE kernels named {blocks!r}: the versions are {', '.join(VERSIONS)}")
     if blocks is None and (ids_TK.shape[0] >= GROUPED_MIN_TOKENS or not v2_fits(hidden, inter)):
         return moe_4bit_grouped(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden, inter, blocksize,
                                 double_quant, act)

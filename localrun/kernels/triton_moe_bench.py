@@ -11,7 +11,7 @@ import torch
 from . import triton_moe as tm
 from .timing import graph_us, time_us
 from .triton_moe import (GROUPED_MIN_TOKENS, FusedTiles, V4Tiles, chunks_fit, fused_fits, fused_left_zero, interpreted,
-                         moe_4bit_triton)
+                         moe_4bit_triton, v2_fits)
 
 
 def tuned_configs(kernels: str = "v2") -> dict:
@@ -57,11 +57,22 @@ def random_buffer(num_experts: int, hidden: int, inter: int, quant_type: str = "
     return buf
 
 
+def default_kernels(tokens: int, hidden: int, inter: int, blocksize: int) -> str:
+    """What moe_4bit_triton runs with blocks=None at this shape, as the benchmark names its row."""
+    if tokens >= GROUPED_MIN_TOKENS or not v2_fits(hidden, inter):
+        return "grouped"
+    if tm.USE_FUSED and fused_fits(tokens, hidden, inter, blocksize):
+        return "v5"
+    if tm.USE_V4 and chunks_fit(hidden, inter, blocksize):
+        return "v4" if tm.V4_DOWN else "v4 gate_up, v2 down"
+    return "v2"
+
+
 def _config_name(blocks, default: str = "v2") -> str:
     """A row's name in benchmark_moe_4bit: None is the `default` kernels (what blocks=None runs)."""
     if blocks is None:
         return f"default ({default})"
-    if blocks in ("v2", "v4", "v5"):
+    if blocks in tm.VERSIONS:
         return f"{blocks} autotuned"
     kind = "v4" if isinstance(blocks, V4Tiles) else "v5" if isinstance(blocks, FusedTiles) else "v2"
     return f"{kind} {blocks!r}"
@@ -121,8 +132,7 @@ def benchmark_moe_4bit(device: torch.device | str = "cuda", num_experts: int = 1
            "blocksize": blocksize, "double_quant": double_quant, "dtype": str(dtype).removeprefix("torch."),
            "bytes_per_call": int(torch.unique(ids).numel()) * buf.layout.nbytes, "configs": {}}
     best, best_us, errs = "unset", math.inf, []
-    default = ("v5" if tm.USE_FUSED and fused_fits(tokens, hidden, inter, blocksize)
-               else "v4" if tm.USE_V4 and chunks_fit(hidden, inter, blocksize) else "v2")
+    default = default_kernels(tokens, hidden, inter, blocksize)
     for blocks in configs:
         y = moe_4bit_triton(x, ids, w, *args, blocks=blocks)  # fp32: the autotuner keys on it separately
         errs.append(((y - ref).abs().max() / ref.abs().max()).item())
@@ -132,7 +142,7 @@ def benchmark_moe_4bit(device: torch.device | str = "cuda", num_experts: int = 1
         name = _config_name(blocks, default)
         out["configs"][name] = {"us_per_call": round(us, 2), "gbps": round(out["bytes_per_call"] / us / 1e3, 1),
                                 "max_rel_err": errs[-1]}
-        if blocks in ("v2", "v4", "v5"):
+        if blocks in tm.VERSIONS:
             out.setdefault("autotuned", {})[name] = tuned_configs(blocks)
         out["configs"][name]["max_rel_err_dtype"] = _rel_err(run(), ref)  # the timed calls' own output
         if graphs and device.type == "cuda":
