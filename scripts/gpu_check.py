@@ -1419,7 +1419,8 @@ def gated_gemv_case(dev, dry: bool, iters: int) -> dict:
     import torch.nn.functional as F
 
     from localrun.kernels import triton_fused
-    from localrun.kernels.triton_gemv import _rotation_us, rotation_copies
+    from localrun.kernels.timing import calls_us
+    from localrun.kernels.triton_gemv import rotation_copies
 
     args = config_args(dry)
     I, E, H, K = args.mlp_intermediate(0), args.num_experts, args.hidden_size, args.top_k_experts
@@ -1445,7 +1446,7 @@ def gated_gemv_case(dev, dry: bool, iters: int) -> dict:
            "max_abs_diff_routing_weights": float((wts - wts_b).abs().max()),
            "config": None if dry else str(getattr(triton_fused._gated_gemv_tuned, "best_config", None))}
     for side, fn in (("fused", fused), ("apart", apart)):
-        out[f"us_{side}"] = round(_rotation_us([lambda w=w, fn=fn: fn(w) for w in ws], dev, iters), 2)
+        out[f"us_{side}"] = round(calls_us([lambda w=w, fn=fn: fn(w) for w in ws], iters, dev), 2)
     out["speedup"] = round(out["us_apart"] / out["us_fused"], 3)
     return out
 
@@ -1824,7 +1825,7 @@ def bar_summary(report: dict) -> list[str]:
         for key, value in rows.items():
             if not isinstance(value, dict):
                 continue
-            if key.startswith("speed_") and key != "speed_eager" and not key.startswith("speed_eager_"):
+            if key.startswith("speed_") and not key.startswith("speed_eager"):
                 rates = [(k.removeprefix("decode_tokens_per_s_").replace("_", " "), v) for k, v in value.items()
                          if k.startswith("decode_tokens_per_s_after_") and isinstance(v, (int, float))]
                 into = default if key in ("speed_graphs", "speed_static") else others
@@ -1834,17 +1835,18 @@ def bar_summary(report: dict) -> list[str]:
                             after.replace("_", " "), row[after]["tokens_per_s"])
                            for tag, row in value.items() if isinstance(row, dict) and "error" not in row
                            for after in row if after.startswith("after_") and tag != "default"]
+        tokens = lambda after: int(after.split()[-1])  # noqa: E731 - "after 512" -> 512
         fastest = [max((o for o in others if o[1] == after), key=lambda o: o[2])
-                   for after in sorted({o[1] for o in others}, key=lambda a: int(a.split()[-1]))]
+                   for after in sorted({o[1] for o in others}, key=tokens)]
         if not default and not fastest:
             continue
         lines += [f"Issue 12's bar, `{name}`: the floor is {floor:.0f} tok/s ({bandwidth / 1e9:.0f} GB/s copy bandwidth, "
                   f"{rows['bytes_read_per_decoded_token'] / 1e9:.2f} GB a token), the bar {BAR:.0%} of it, "
                   f"{BAR * floor:.0f} tok/s:", ""]
-        lines += [f"- {'the default' if row in default else 'the fastest other'}, {label} {after}: {rate:.1f} tok/s, "
-                  f"{rate / floor:.1%} of the floor{' (the bar reached)' if rate >= BAR * floor else ''}"
-                  for row in sorted(default, key=lambda d: int(d[1].split()[-1])) + fastest
-                  for label, after, rate in [row]]
+        rows_read = ([("the default", *d) for d in sorted(default, key=lambda d: tokens(d[1]))]
+                     + [("the fastest other", *f) for f in fastest])
+        lines += [f"- {which}, {label} {after}: {rate:.1f} tok/s, {rate / floor:.1%} of the floor"
+                  f"{' (the bar reached)' if rate >= BAR * floor else ''}" for which, label, after, rate in rows_read]
         lines.append("")
     return lines
 

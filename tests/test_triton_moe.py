@@ -179,16 +179,16 @@ def test_default_decode_kernels_by_shape(monkeypatch):
 
 @needs_triton
 def test_the_benchmark_names_its_default_row_by_what_runs(monkeypatch):
-    from localrun.kernels.triton_moe_bench import default_kernels
+    from localrun.kernels.triton_moe_bench import default_name
 
-    assert [default_kernels(t, h, i, 64) for t, h, i in ((1, 64, 32), (17, 64, 32), (1, 36, 10))] == \
+    assert [default_name(t, h, i, 64) for t, h, i in ((1, 64, 32), (17, 64, 32), (1, 36, 10))] == \
         ["v2", "grouped", "grouped"]
     monkeypatch.setattr(triton_moe, "USE_V4", True)
-    assert default_kernels(2, 64, 32, 64) == "v4" and default_kernels(2, 64, 48, 64) == "v2"
+    assert default_name(2, 64, 32, 64) == "v4" and default_name(2, 64, 48, 64) == "v2"
     monkeypatch.setattr(triton_moe, "V4_DOWN", False)
-    assert default_kernels(2, 64, 32, 64) == "v4 gate_up, v2 down"
+    assert default_name(2, 64, 32, 64) == "v4 gate_up, v2 down"
     monkeypatch.setattr(triton_moe, "USE_FUSED", True)
-    assert default_kernels(1, 64, 32, 64) == "v5" and default_kernels(2, 64, 32, 64) == "v4 gate_up, v2 down"
+    assert default_name(1, 64, 32, 64) == "v5" and default_name(2, 64, 32, 64) == "v4 gate_up, v2 down"
 
 
 @needs_triton

@@ -42,3 +42,12 @@ def graph_us(fn, iters: int, device: torch.device, outputs: list | None = None) 
     if outputs is not None:
         outputs.append(y)
     return us
+
+
+def calls_us(calls: list, iters: int, device: torch.device) -> float:
+    """Microseconds a call of `calls` (say each on its own copy of a weight, so that a replay reads them
+    from memory), all replayed as one CUDA graph (graph_us); each runs once first, so that what it
+    autotunes or compiles happens outside the capture."""
+    for call in calls:
+        call()
+    return graph_us(lambda: [call() for call in calls], iters, device) / len(calls)

@@ -43,6 +43,7 @@ import triton
 import triton.language as tl
 
 from . import triton_pdl
+from .timing import calls_us
 from .triton_pdl import pdl_start
 
 MAX_ROWS = 4  # x rows per call: one fp32 accumulator tile each
@@ -252,16 +253,6 @@ def rotation_copies(nbytes: int, device: torch.device) -> int:
     return min(max(2, math.ceil(ROTATION_BYTES / nbytes)), 512) if device.type == "cuda" else 1
 
 
-def _rotation_us(calls: list, device: torch.device, iters: int) -> float:
-    """Microseconds per call of `calls` (each on its own copy of the weight), replayed as one CUDA
-    graph on CUDA (no launch gaps the decode step's graph doesn't have either)."""
-    from .timing import graph_us
-
-    for call in calls:
-        call()  # autotunes (first of a shape) and compiles outside the graph
-    return graph_us(lambda: [call() for call in calls], iters, device) / len(calls)
-
-
 def benchmark_gemv(N: int, K: int, rows: int = 1, dtype: torch.dtype = torch.bfloat16,
                    device: torch.device | str = "cuda", bias: bool = False, iters: int = 20, seed: int = 0) -> dict:
     """One projection shape: the Triton GEMV against F.linear (cuBLAS on CUDA) on the same random
@@ -288,19 +279,18 @@ def benchmark_gemv(N: int, K: int, rows: int = 1, dtype: torch.dtype = torch.bfl
     out["max_rel_err_triton"] = float((y.float() - ref).abs().max() / scale)
     out["max_rel_err_torch"] = float((F.linear(x, ws[0], b).float() - ref).abs().max() / scale)
     for side, fn in (("triton", gemv_triton), ("torch", F.linear)):
-        us = _rotation_us([lambda w=w, fn=fn: fn(x, w, b) for w in ws], device, iters)
+        us = calls_us([lambda w=w, fn=fn: fn(x, w, b) for w in ws], iters, device)
         out[f"us_{side}"] = round(us, 2)
         out[f"gbps_{side}"] = round(nbytes / us / 1e3, 1)
     out["speedup"] = round(out["us_torch"] / out["us_triton"], 3)
     if nbytes <= L2_PROBE_BYTES:  # one weight over and over: from the L2, where the memory is not the bound
-        out["us_triton_l2"] = round(_rotation_us([lambda: gemv_triton(x, ws[0], b)] * len(ws), device, iters), 2)
+        out["us_triton_l2"] = round(calls_us([lambda: gemv_triton(x, ws[0], b)] * len(ws), iters, device), 2)
     if device.type == "cuda" and triton_pdl._supported(device.index if device.index is not None
                                                        else torch.cuda.current_device()):
         # each GEMV placed while the one before ends, its first tiles requested before it waits: what PDL takes
         # off a projection in the step's chain (the rotation is a chain of GEMVs, as the step's graph is)
         with _pdl_on():
-            out["us_triton_pdl"] = round(_rotation_us([lambda w=w: gemv_triton(x, w, b) for w in ws], device,
-                                                      iters), 2)
+            out["us_triton_pdl"] = round(calls_us([lambda w=w: gemv_triton(x, w, b) for w in ws], iters, device), 2)
     return out
 
 

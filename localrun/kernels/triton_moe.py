@@ -948,29 +948,29 @@ def _early(c: _Call) -> dict:
                 EARLY=on and c.T == 1)
 
 
-def _gate_up_chunks(c: _Call, tiles: V4Tiles | None, tuned, kernel, **extra) -> None:
-    """The gate_up stage of the chunk kernels (v4: `tuned` / `kernel`, `extra` constexprs): autotuned
-    (tiles None), else with `tiles`."""
+def _gate_up_chunks(c: _Call, tiles: V4Tiles | None, **extra) -> None:
+    """v4's gate_up stage with the constexprs `extra` (the decode step's, or triton_moe_probe's PROBE):
+    autotuned (tiles None), else with `tiles`."""
     meta = dict(ACT=ACT_CODES[c.act], LOG_WPB=(c.blocksize // 8).bit_length() - 1, DOUBLE_QUANT=c.double_quant,
                 SORTED=c.T > 1, **extra, **triton_pdl.launch(c.x.device))
     args = c.common("gate_up")
     if tiles is None:
-        tuned[lambda m: c.grid("gate_up", m["BLOCK_N"])](*args, **meta)
+        _gate_up_v4_tuned[lambda m: c.grid("gate_up", m["BLOCK_N"])](*args, **meta)
     else:
-        kernel[c.grid("gate_up", tiles.gate_up_n)](
+        _gate_up_v4_kernel[c.grid("gate_up", tiles.gate_up_n)](
             *args, **meta, BLOCK_N=tiles.gate_up_n, BLOCK_W=tiles.gate_up_w, num_warps=tiles.gate_up_warps,
             num_stages=1)
 
 
-def _down_chunks(c: _Call, tiles: V4Tiles | None, tuned, kernel, **extra) -> None:
-    """The down stage of the chunk kernels, as `_gate_up_chunks`."""
+def _down_chunks(c: _Call, tiles: V4Tiles | None, **extra) -> None:
+    """v4's down stage, as `_gate_up_chunks`."""
     meta = dict(LOG_WPB=(c.blocksize // 8).bit_length() - 1, DOUBLE_QUANT=c.double_quant,
                 KE=triton.next_power_of_2(c.K), **extra, **triton_pdl.launch(c.x.device))
     args = c.common("down")
     if tiles is None:
-        tuned[lambda m: c.grid("down", m["BLOCK_N"])](*args, **meta)
+        _down_v4_tuned[lambda m: c.grid("down", m["BLOCK_N"])](*args, **meta)
     else:
-        kernel[c.grid("down", tiles.down_n)](
+        _down_v4_kernel[c.grid("down", tiles.down_n)](
             *args, **meta, BLOCK_N=tiles.down_n, BLOCK_W=tiles.down_w, num_warps=tiles.down_warps, num_stages=1)
 
 
@@ -1000,12 +1000,11 @@ def _down_v2(c: _Call, tiles: Tiles | None) -> None:
 
 
 def _gate_up_v4(c: _Call, tiles: V4Tiles | None) -> None:
-    _gate_up_chunks(c, tiles, _gate_up_v4_tuned, _gate_up_v4_kernel, LUT_SHFL=inline_ptx(c.x.device), **_down_off(c),
-                    **_early(c))
+    _gate_up_chunks(c, tiles, LUT_SHFL=inline_ptx(c.x.device), **_down_off(c), **_early(c))
 
 
 def _down_v4(c: _Call, tiles: V4Tiles | None) -> None:
-    _down_chunks(c, tiles, _down_v4_tuned, _down_v4_kernel, LUT_SHFL=inline_ptx(c.x.device), **_early(c))
+    _down_chunks(c, tiles, LUT_SHFL=inline_ptx(c.x.device), **_early(c))
 
 
 def _moe_4bit_v4(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden, inter, blocksize, double_quant,
@@ -1123,22 +1122,22 @@ def moe_4bit_triton(x_TH: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor
     A FusedTiles / V4Tiles / Tiles = the v5 / v4 / v2 kernels with those tiles."""
     if isinstance(blocks, str) and blocks not in VERSIONS:
         raise ValueError(f"no 4-bit MoE kernels named {blocks!r}: the versions are {', '.join(VERSIONS)}")
-    if blocks is None and (ids_TK.shape[0] >= GROUPED_MIN_TOKENS or not v2_fits(hidden, inter)):
+    T = ids_TK.shape[0]
+    version = (default_kernels(T, hidden, inter, blocksize) if blocks is None else blocks if isinstance(blocks, str)
+               else "v5" if isinstance(blocks, FusedTiles) else "v4" if isinstance(blocks, V4Tiles) else "v2")
+    if version == "grouped":
         return moe_4bit_grouped(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden, inter, blocksize,
                                 double_quant, act)
     _check_word_rows(hidden, inter)
     _check(x_TH, ids_TK, experts, hidden)
-    if isinstance(blocks, FusedTiles) or blocks == "v5" or (blocks is None and USE_FUSED and fused_fits(
-            ids_TK.shape[0], hidden, inter, blocksize)):
-        if not fused_fits(ids_TK.shape[0], hidden, inter, blocksize):
+    if version == "v5":
+        if not fused_fits(T, hidden, inter, blocksize):
             raise ValueError(f"the v5 kernel takes one token, H and I multiples of {CHUNK_WEIGHTS} and a power-of-two "
-                             f"blocksize >= {CHUNK_WEIGHTS}, got T={ids_TK.shape[0]}, H={hidden}, I={inter}, "
-                             f"blocksize {blocksize}")
+                             f"blocksize >= {CHUNK_WEIGHTS}, got T={T}, H={hidden}, I={inter}, blocksize {blocksize}")
         tiles = blocks if isinstance(blocks, FusedTiles) else INTERPRETER_FUSED if interpreted() else None
         return _moe_4bit_fused(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden, inter, blocksize,
                                double_quant, act, tiles)
-    if isinstance(blocks, V4Tiles) or blocks == "v4" or (blocks is None and USE_V4 and chunks_fit(hidden, inter,
-                                                                                            blocksize)):
+    if version == "v4":
         if not chunks_fit(hidden, inter, blocksize):
             raise ValueError(f"the v4 kernels need H and I multiples of {CHUNK_WEIGHTS} and a power-of-two "
                              f"blocksize >= {CHUNK_WEIGHTS}, got H={hidden}, I={inter}, blocksize {blocksize}")
@@ -1148,6 +1147,19 @@ def moe_4bit_triton(x_TH: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor
     tiles = blocks if isinstance(blocks, Tiles) else INTERPRETER_TILES if interpreted() else None
     return _moe_4bit_v2(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden, inter, blocksize,
                         double_quant, act, tiles)
+
+
+def default_kernels(tokens: int, hidden: int, inter: int, blocksize: int) -> str:
+    """The kernels moe_4bit_triton runs with blocks=None for `tokens` tokens at this shape: "grouped" (a
+    prompt's, or rows that are not whole 32-bit words), else "v5" (USE_FUSED, one token), "v4" (USE_V4; its
+    down stage only with V4_DOWN) or "v2"."""
+    if tokens >= GROUPED_MIN_TOKENS or not v2_fits(hidden, inter):
+        return "grouped"
+    if USE_FUSED and fused_fits(tokens, hidden, inter, blocksize):
+        return "v5"
+    if USE_V4 and chunks_fit(hidden, inter, blocksize):
+        return "v4"
+    return "v2"
 
 
 def _moe_4bit_v2(x_TH, ids_TK, w_TK, experts, code, nested_code, offsets, hidden, inter, blocksize, double_quant,

@@ -10,8 +10,7 @@ import torch
 
 from . import triton_moe as tm
 from .timing import graph_us, time_us
-from .triton_moe import (GROUPED_MIN_TOKENS, FusedTiles, V4Tiles, chunks_fit, fused_fits, fused_left_zero, interpreted,
-                         moe_4bit_triton, v2_fits)
+from .triton_moe import GROUPED_MIN_TOKENS, FusedTiles, V4Tiles, fused_fits, fused_left_zero, interpreted, moe_4bit_triton
 
 
 def tuned_configs(kernels: str = "v2") -> dict:
@@ -57,15 +56,11 @@ def random_buffer(num_experts: int, hidden: int, inter: int, quant_type: str = "
     return buf
 
 
-def default_kernels(tokens: int, hidden: int, inter: int, blocksize: int) -> str:
-    """What moe_4bit_triton runs with blocks=None at this shape, as the benchmark names its row."""
-    if tokens >= GROUPED_MIN_TOKENS or not v2_fits(hidden, inter):
-        return "grouped"
-    if tm.USE_FUSED and fused_fits(tokens, hidden, inter, blocksize):
-        return "v5"
-    if tm.USE_V4 and chunks_fit(hidden, inter, blocksize):
-        return "v4" if tm.V4_DOWN else "v4 gate_up, v2 down"
-    return "v2"
+def default_name(tokens: int, hidden: int, inter: int, blocksize: int) -> str:
+    """What moe_4bit_triton runs with blocks=None at this shape (`default_kernels`), as the benchmark names its
+    row: v4 without V4_DOWN runs v2's down stage."""
+    kernels = tm.default_kernels(tokens, hidden, inter, blocksize)
+    return "v4 gate_up, v2 down" if kernels == "v4" and not tm.V4_DOWN else kernels
 
 
 def _config_name(blocks, default: str = "v2") -> str:
@@ -132,7 +127,7 @@ def benchmark_moe_4bit(device: torch.device | str = "cuda", num_experts: int = 1
            "blocksize": blocksize, "double_quant": double_quant, "dtype": str(dtype).removeprefix("torch."),
            "bytes_per_call": int(torch.unique(ids).numel()) * buf.layout.nbytes, "configs": {}}
     best, best_us, errs = "unset", math.inf, []
-    default = default_kernels(tokens, hidden, inter, blocksize)
+    default = default_name(tokens, hidden, inter, blocksize)
     for blocks in configs:
         y = moe_4bit_triton(x, ids, w, *args, blocks=blocks)  # fp32: the autotuner keys on it separately
         errs.append(((y - ref).abs().max() / ref.abs().max()).item())

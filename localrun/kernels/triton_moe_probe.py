@@ -32,7 +32,7 @@ import triton.language as tl
 from . import triton_moe as tm
 from . import triton_pdl
 from .triton_pdl import pdl_start
-from .timing import graph_us
+from .timing import calls_us
 from .triton_moe_bench import random_buffer
 
 PROBES = {"as_is": 0, "no_table": 1, "loads_only": 2}  # the v4 kernels' PROBE constexpr
@@ -50,9 +50,9 @@ def _stage(c: tm._Call, stage: str, tiles: tm.V4Tiles | None, probe: int) -> Non
     """One v4 stage of the call `c` (autotuned where tiles is None) with the PROBE constexpr `probe`."""
     lut = dict(LUT_SHFL=tm.inline_ptx(c.x.device), PROBE=probe, **tm._early(c))
     if stage == "gate_up":
-        tm._gate_up_chunks(c, tiles, tm._gate_up_v4_tuned, tm._gate_up_v4_kernel, **lut)
+        tm._gate_up_chunks(c, tiles, **lut)
     else:
-        tm._down_chunks(c, tiles, tm._down_v4_tuned, tm._down_v4_kernel, **lut)
+        tm._down_chunks(c, tiles, **lut)
 
 
 def run_v4(c: tm._Call, tiles: tm.V4Tiles | None = None, probe: str = "as_is") -> torch.Tensor:
@@ -71,13 +71,6 @@ def _picked_tiles(c: tm._Call) -> tm.V4Tiles:
     gate_up, down = tm._gate_up_v4_tuned.best_config, tm._down_v4_tuned.best_config
     return tm.V4Tiles(gate_up.kwargs["BLOCK_N"], gate_up.kwargs["BLOCK_W"], gate_up.num_warps,
                       down.kwargs["BLOCK_N"], down.kwargs["BLOCK_W"], down.num_warps)
-
-
-def _us(fns: list, iters: int, device: torch.device) -> float:
-    """Microseconds a call of the calls `fns`, all of them replayed as one CUDA graph (run once first)."""
-    for fn in fns:
-        fn()
-    return graph_us(lambda: [fn() for fn in fns], iters, device) / len(fns)
 
 
 def probe_v4(device: torch.device | str = "cuda", num_experts: int = 128, hidden: int = 2816, inter: int = 704,
@@ -112,14 +105,14 @@ def probe_v4(device: torch.device | str = "cuda", num_experts: int = 128, hidden
         row: dict = {}
         for name, probe in PROBES.items():
             fns = [lambda c=c: _stage(c, stage, tiles, probe) for c in calls]
-            row[name] = {"l2_us": round(_us(fns[:1] * sets, iters, device), 2),
-                         "dram_us": round(_us(fns, iters, device), 2)}
+            row[name] = {"l2_us": round(calls_us(fns[:1] * sets, iters, device), 2),
+                         "dram_us": round(calls_us(fns, iters, device), 2)}
         n, warps = (tiles.gate_up_n, tiles.gate_up_warps) if stage == "gate_up" else (tiles.down_n, tiles.down_warps)
         grid = calls[0].grid(stage, n)
         empty = {"launch_us": lambda: _empty_kernel[grid](x, num_warps=warps)}
         if pdl:
             empty["launch_pdl_us"] = lambda: _empty_kernel[grid](x, PDL=True, launch_pdl=True, num_warps=warps)
-        row["empty"] = {key: round(_us([fn] * sets, iters, device), 2) for key, fn in empty.items()}
+        row["empty"] = {key: round(calls_us([fn] * sets, iters, device), 2) for key, fn in empty.items()}
         row["empty"]["programs"] = grid[0] * grid[1]
         row["as_is"]["dram_gbps"] = round(out["code_bytes"][stage] / row["as_is"]["dram_us"] / 1e3, 1)
         out[stage] = row
