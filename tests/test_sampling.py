@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from localrun import sampling
 from localrun.errors import UsageError
 from localrun.sampling import (SamplingParams, apply_min_p, apply_repetition_penalty, apply_top_k, apply_top_p,
                                draw, make_sampler, softmax)
@@ -176,10 +177,13 @@ class _OpRecorder(TorchDispatchMode):
                                                    repetition_penalty=1.2, seed=0),
                                     SamplingParams(temperature=1.0, top_p=1e-46, seed=1)],
                          ids=["greedy", "greedy-penalty", "every-filter", "top_p-0-in-fp32"])
-def test_a_token_is_chosen_without_an_op_that_waits_for_the_device(params):
+def test_a_token_is_chosen_without_an_op_that_waits_for_the_device(params, monkeypatch):
     """Sampler.token, greedy and with every filter, runs no op that would sync the host on CUDA (the
     2026-11-27 H200 counted 2 syncs a sampled token: apply_top_p's `drop[0] = False`), so the id's read is
-    a token's only one (scripts/gpu_check.py's per_token_graphs_sampled counts them on a GPU)."""
+    a token's only one (scripts/gpu_check.py's per_token_graphs_sampled counts them on a GPU). The CPU's
+    draw among the top candidates reads values by design and runs on the CPU only: off here, so what is
+    recorded is what CUDA runs."""
+    monkeypatch.setattr(sampling, "top_candidates", lambda *a: None)
     recorder = _OpRecorder()
     logits = torch.randn(3000, generator=torch.Generator().manual_seed(3))
     seen, sampler = torch.tensor([1, 5, 7, 5]), make_sampler(params)
@@ -188,3 +192,62 @@ def test_a_token_is_chosen_without_an_op_that_waits_for_the_device(params):
     assert token.shape == (1,)
     syncing = [op for op in recorder.ops if op.startswith(HOST_SYNCING_OPS)]
     assert not syncing and recorder.ops, syncing
+
+
+# ---------------------------------------------------------------------------------------------
+# the CPU's draw among the top candidates
+
+
+def peaked(V: int, seed: int, scale: float = 8.0) -> torch.Tensor:
+    """Shifted logits (max 0) of a row whose mass sits in a few dozen tokens, as a language model's does."""
+    logits = torch.randn(V, generator=torch.Generator().manual_seed(seed)) * scale
+    return logits - logits.max()
+
+
+CANDIDATE_CASES = [SamplingParams(temperature=1.0, top_k=64, top_p=0.95), SamplingParams(temperature=1.0, top_k=20),
+                   SamplingParams(temperature=1.0, top_p=0.9), SamplingParams(temperature=1.0, min_p=0.05),
+                   SamplingParams(temperature=1.0, top_k=300, min_p=0.01), SamplingParams(temperature=1.0, top_p=1e-46),
+                   SamplingParams(temperature=1.0, top_k=1)]
+
+
+@pytest.mark.parametrize("params", CANDIDATE_CASES, ids=lambda p: f"k{p.top_k}-p{p.top_p}-min{p.min_p}")
+@pytest.mark.parametrize("seed", range(3))
+def test_top_candidates_are_the_whole_rows_distribution(params, seed):
+    """Among the top candidates the filters keep the very tokens they keep over the whole row, with its
+    probabilities (top-p's shares of the whole row's mass, not of the candidates')."""
+    logits = peaked(50_000, seed)
+    among = sampling.top_candidates(logits, params)
+    assert among is not None
+    probs, ids = among
+    got = torch.zeros_like(logits).scatter(0, ids, probs)
+    want = sampling.filtered_probs(logits, params)
+    assert torch.equal(got > 0, want > 0)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-9)
+
+
+def test_top_candidates_give_way_to_the_whole_row():
+    flat = torch.randn(50_000, generator=torch.Generator().manual_seed(0)) * 0.1
+    flat -= flat.max()
+    assert sampling.top_candidates(flat, SamplingParams(temperature=1.0, top_p=0.9)) is None  # > 1,024 kept
+    assert sampling.top_candidates(flat, SamplingParams(temperature=1.0, min_p=0.5)) is None
+    assert sampling.top_candidates(flat, SamplingParams(temperature=1.0)) is None  # no filter: the whole row
+    assert sampling.top_candidates(flat[:1000], SamplingParams(temperature=1.0, top_p=0.5)) is None  # short row
+    tied = peaked(50_000, 1)
+    tied[torch.topk(tied, 80).indices[5:]] = tied.topk(6).values[-1]  # the 6th value's ties run past 6 + 1
+    assert sampling.top_candidates(tied, SamplingParams(temperature=1.0, top_k=6)) is None
+    assert int((sampling.filtered_probs(tied, SamplingParams(temperature=1.0, top_k=6)) > 0).sum()) == 80
+
+
+def test_the_cpu_sampler_draws_among_the_candidates_with_the_rows_distribution(monkeypatch):
+    logits = peaked(30_000, 4, scale=5.0)
+    params = SamplingParams(temperature=1.0, top_k=50, top_p=0.9, seed=0)
+    want = sampling.filtered_probs(logits, params)
+    calls = []
+    real = sampling.top_candidates
+    monkeypatch.setattr(sampling, "top_candidates", lambda *a: calls.append(1) or real(*a))
+    sampler = make_sampler(params)
+    draws = torch.tensor([sampler(logits, NONE) for _ in range(3000)])
+    assert len(calls) == 3000 and (want[draws] > 0).all()
+    top = torch.topk(want, 3).indices
+    freq = torch.stack([(draws == t).float().mean() for t in top])
+    assert torch.allclose(freq, want[top], atol=0.03), (freq, want[top])
