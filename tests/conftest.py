@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import sys
 from pathlib import Path
+
+# A suite started with SIGINT ignored (a background job of a script: `pytest ... &`) passes that on to
+# every command it starts, and Python then installs no KeyboardInterrupt handler in them: the Ctrl-C
+# tests of `run` and `chat` saw their replies run to the end. The suite takes Python's handler back, so
+# its children start with SIGINT at its default, as under a terminal.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # tests/test_triton_moe.py runs the Triton kernels under the interpreter, which triton reads when
 # it is first imported; bitsandbytes imports it, and test modules collected before that one
