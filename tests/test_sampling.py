@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -251,3 +253,32 @@ def test_the_cpu_sampler_draws_among_the_candidates_with_the_rows_distribution(m
     top = torch.topk(want, 3).indices
     freq = torch.stack([(draws == t).float().mean() for t in top])
     assert torch.allclose(freq, want[top], atol=0.03), (freq, want[top])
+
+
+@settings(max_examples=60, derandomize=True, deadline=None, database=None)
+@given(V=st.integers(1100, 6000), scale=st.sampled_from([0.5, 3.0, 8.0, 30.0]), seed=st.integers(0, 2**16),
+       top_k=st.sampled_from([0, 1, 2, 40, 64, 1000]), top_p=st.sampled_from([1.0, 0.99, 0.9, 0.5, 1e-3]),
+       min_p=st.sampled_from([0.0, 0.01, 0.2, 1.0]), tie=st.booleans())
+def test_top_candidates_agree_with_the_whole_row_or_step_aside(V, scale, seed, top_k, top_p, min_p, tie):
+    """Any row and filters: the candidates' distribution is the whole row's, or top_candidates says None.
+    Where top-p's boundary falls inside a run of equal logits, which of them it keeps follows the sort's
+    order of equals (on the whole row or on the candidates, both arbitrary): then the kept sets are
+    compared as values, the same count of tokens down to the same boundary logit."""
+    logits = torch.randn(V, generator=torch.Generator().manual_seed(seed)) * scale
+    if tie:  # a block of equal logits around the top-k boundary
+        logits[torch.topk(logits, 70).indices[:60]] = logits.max()
+    logits -= logits.max()
+    params = SamplingParams(temperature=1.0, top_k=top_k, top_p=top_p, min_p=min_p)
+    want = sampling.filtered_probs(logits, params)
+    among = sampling.top_candidates(logits, params)
+    if among is None:
+        return
+    probs, ids = among
+    got = torch.zeros_like(logits).scatter(0, ids, probs)
+    if tie:
+        assert int((got > 0).sum()) == int((want > 0).sum())
+        assert logits[got > 0].min() == logits[want > 0].min()
+        torch.testing.assert_close(got.sort().values, want.sort().values, rtol=1e-5, atol=1e-9)
+    else:
+        assert torch.equal(got > 0, want > 0)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-9)
