@@ -183,9 +183,9 @@ def test_a_token_is_chosen_without_an_op_that_waits_for_the_device(params, monke
     """Sampler.token, greedy and with every filter, runs no op that would sync the host on CUDA (the
     2026-11-27 H200 counted 2 syncs a sampled token: apply_top_p's `drop[0] = False`), so the id's read is
     a token's only one (scripts/gpu_check.py's per_token_graphs_sampled counts them on a GPU). The CPU's
-    draw among the top candidates reads values by design and runs on the CPU only: off here, so what is
-    recorded is what CUDA runs."""
-    monkeypatch.setattr(sampling, "top_candidates", lambda *a: None)
+    own draws read values by design and run where reads are free: off here, so what is recorded is what
+    CUDA runs."""
+    monkeypatch.setattr(sampling, "reads_are_free", lambda device: False)
     recorder = _OpRecorder()
     logits = torch.randn(3000, generator=torch.Generator().manual_seed(3))
     seen, sampler = torch.tensor([1, 5, 7, 5]), make_sampler(params)
@@ -282,3 +282,39 @@ def test_top_candidates_agree_with_the_whole_row_or_step_aside(V, scale, seed, t
     else:
         assert torch.equal(got > 0, want > 0)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-9)
+
+
+def test_draw_by_cdf_draws_each_token_at_its_probability_and_never_a_zero():
+    """Mass at both ends of blocks, in the first and the last (partial) block, zeros everywhere else."""
+    probs = torch.zeros(5000)
+    hot = torch.tensor([0, 511, 512, 1023, 4608, 4999])
+    probs[hot] = torch.tensor([0.1, 0.2, 0.3, 0.15, 0.05, 0.2])
+    gen = torch.Generator().manual_seed(0)
+    draws = torch.cat([sampling.draw_by_cdf(probs, gen) for _ in range(20_000)])
+    freq = torch.bincount(draws, minlength=5000) / 20_000
+    assert (freq[probs == 0] == 0).all()
+    assert torch.allclose(freq[hot], probs[hot], atol=0.012), freq[hot]
+    again = torch.Generator().manual_seed(0)
+    assert torch.equal(torch.cat([sampling.draw_by_cdf(probs, again) for _ in range(200)]), draws[:200])
+
+
+@pytest.mark.parametrize("u, want", [(0.0, 3), (1.0, 1800), (0.5, 1024)])
+def test_draw_by_cdf_at_the_ends_of_the_uniform(u, want, monkeypatch):
+    """u = 0 draws the first token with mass; u = 1 (a target the total's rounding can reach) the last
+    with mass, never a zero past it or an id past the row."""
+    probs = torch.zeros(2000)
+    probs[[3, 1024, 1800]] = torch.tensor([0.25, 0.5, 0.25])
+    real = torch.rand
+    monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.full_like(real(*a, **k), u))
+    assert sampling.draw_by_cdf(probs, None).tolist() == [want]
+
+
+def test_the_cpu_sampler_without_filters_draws_by_cdf(monkeypatch):
+    logits = peaked(20_000, 5, scale=3.0)
+    calls = []
+    real = sampling.draw_by_cdf
+    monkeypatch.setattr(sampling, "draw_by_cdf", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(sampling, "draw", lambda *a: pytest.fail("drew an exponential a token"))
+    a, b = make_sampler(SamplingParams(temperature=0.7, seed=3)), make_sampler(SamplingParams(temperature=0.7, seed=3))
+    seq = [a(logits, NONE) for _ in range(50)]
+    assert seq == [b(logits, NONE) for _ in range(50)] and len(calls) == 100
