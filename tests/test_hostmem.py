@@ -42,7 +42,9 @@ def test_a_large_tensor_comes_in_huge_pages_and_a_plain_one_does_not():
     big = hostmem.empty(64 << 20, dtype=torch.uint8).fill_(1)
     plain = torch.empty(64 << 20, dtype=torch.uint8).fill_(1)
     assert huge_bytes(big) >= 32 << 20  # most of it (the first and last partial 2 MiB stay small)
-    assert huge_bytes(plain) == 0
+    # none of it asked for; one huge page at most: in one full suite run of 2026-11-28 (an Intel Xeon VM,
+    # THP madvise) a plain 64 MiB tensor's mapping showed one 2 MiB AnonHugePage, never when run alone
+    assert huge_bytes(plain) <= 2 << 20
     zeros = hostmem.zeros(16, 1 << 20, dtype=torch.float32)
     assert huge_bytes(zeros) > 0 and not zeros.any()
 
