@@ -51,12 +51,14 @@ class SamplingParams:
         return torch.tensor(self.temperature, dtype=torch.float32).item() == 0.0
 
 
-def softmax(logits_V: torch.Tensor) -> torch.Tensor:
+def softmax(logits_V: torch.Tensor, total: torch.Tensor | None = None) -> torch.Tensor:
     """torch.softmax of one row, as reductions and element-wise ops over the whole device: CUDA's
     softmax kernel gives a row one block, ~100 us for a 262,144-token vocabulary on an H200 (three of
-    them were a tenth of a sampled token, docs/gpu/2026-11-27-h200-resident.md); these take a few."""
+    them were a tenth of a sampled token, docs/gpu/2026-11-27-h200-resident.md); these take a few.
+    total: when logits_V are the top candidates of a longer row (max included), that row's sum of
+    exp(logit - max), so each probability is a share of the whole row (default: of logits_V)."""
     e = (logits_V - logits_V.max()).exp_()
-    return e.div_(e.sum())
+    return e.div_(e.sum() if total is None else total)
 
 
 def apply_repetition_penalty(logits_V: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -78,15 +80,11 @@ def apply_top_k(logits_V: torch.Tensor, k: int) -> torch.Tensor:
 
 def apply_top_p(logits_V: torch.Tensor, p: float, total: torch.Tensor | None = None) -> torch.Tensor:
     """Keep the smallest set of most likely tokens whose probability reaches p (at least one).
-    total: when logits_V are the top candidates of a longer row, that row's sum of exp(logit - max),
-    so each token's probability is its share of the whole row (default: of logits_V)."""
+    total: as softmax's, for candidates of a longer row."""
     if p >= 1.0:
         return logits_V
     sorted_logits, order = torch.sort(logits_V, descending=True)
-    if total is None:
-        probs = softmax(sorted_logits)
-    else:
-        probs = (sorted_logits - sorted_logits.max()).exp_().div_(total)
+    probs = softmax(sorted_logits, total)
     before = torch.cumsum(probs, dim=-1) - probs  # mass strictly before each token: exactly 0 before the first
     # so the top token stays whatever p: one that is 0 in fp32 would drop every token (p >= FLT_MIN > 0 keeps
     # it, where `drop[0] = False` was a host scalar copied in, a host sync a sampled token on CUDA)

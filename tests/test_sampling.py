@@ -206,6 +206,12 @@ def peaked(V: int, seed: int, scale: float = 8.0) -> torch.Tensor:
     return logits - logits.max()
 
 
+def candidates_as_row(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor | None:
+    """top_candidates' probabilities scattered into a row of zeros (None where it steps aside)."""
+    among = sampling.top_candidates(logits, params)
+    return None if among is None else torch.zeros_like(logits).scatter(0, among[1], among[0])
+
+
 CANDIDATE_CASES = [SamplingParams(temperature=1.0, top_k=64, top_p=0.95), SamplingParams(temperature=1.0, top_k=20),
                    SamplingParams(temperature=1.0, top_p=0.9), SamplingParams(temperature=1.0, min_p=0.05),
                    SamplingParams(temperature=1.0, top_k=300, min_p=0.01), SamplingParams(temperature=1.0, top_p=1e-46),
@@ -218,10 +224,8 @@ def test_top_candidates_are_the_whole_rows_distribution(params, seed):
     """Among the top candidates the filters keep the very tokens they keep over the whole row, with its
     probabilities (top-p's shares of the whole row's mass, not of the candidates')."""
     logits = peaked(50_000, seed)
-    among = sampling.top_candidates(logits, params)
-    assert among is not None
-    probs, ids = among
-    got = torch.zeros_like(logits).scatter(0, ids, probs)
+    got = candidates_as_row(logits, params)
+    assert got is not None
     want = sampling.filtered_probs(logits, params)
     assert torch.equal(got > 0, want > 0)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-9)
@@ -270,11 +274,9 @@ def test_top_candidates_agree_with_the_whole_row_or_step_aside(V, scale, seed, t
     logits -= logits.max()
     params = SamplingParams(temperature=1.0, top_k=top_k, top_p=top_p, min_p=min_p)
     want = sampling.filtered_probs(logits, params)
-    among = sampling.top_candidates(logits, params)
-    if among is None:
+    got = candidates_as_row(logits, params)
+    if got is None:
         return
-    probs, ids = among
-    got = torch.zeros_like(logits).scatter(0, ids, probs)
     if tie:
         assert int((got > 0).sum()) == int((want > 0).sum())
         assert logits[got > 0].min() == logits[want > 0].min()
